@@ -1,0 +1,117 @@
+"""The Python API: load, quantize, evaluate, save. Orchestration only; no math here.
+
+Typical use::
+
+    import lowbit
+    src = lowbit.load_model("smollm2-135m")
+    ref = copy.deepcopy(src.model)
+    report = lowbit.quantize(src.model, "w4-rtn-g64")
+    results = lowbit.evaluate({"fp": ref, "w4": src.model}, src.tokenizer, ref=ref)
+    lowbit.save(src.model, "out/w4", report=report, source=src)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit import __version__
+from lowbit.calibration import CalibrationSet
+from lowbit.data import corpus_ids, eval_windows, load_corpus
+from lowbit.eval import EvalResult, model_size, score_models
+from lowbit.models import LoadedModel, load_model, save_folder
+from lowbit.pipeline import QuantizeReport, quantize_weights
+from lowbit.recipes import Recipe, load_recipe
+
+__all__ = ["evaluate", "load", "load_model", "load_recipe", "model_size", "quantize", "save"]
+
+
+def quantize(
+    model: nn.Module, recipe: Recipe | str | Path, progress: bool = True
+) -> QuantizeReport:
+    """Quantize ``model`` in place with a recipe (object, preset name, or YAML path)."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return quantize_weights(model, recipe, progress=progress)
+
+
+def evaluate(
+    models: nn.Module | dict[str, nn.Module],
+    tokenizer: Any,
+    corpus: str = "wiki",
+    seqlen: int = 2048,
+    tokens: int | None = 16384,
+    ref: nn.Module | None = None,
+    progress: bool = True,
+) -> dict[str, EvalResult]:
+    """Perplexity of each model on the first ``tokens`` tokens of ``corpus`` (None: all), and
+    with ``ref`` also KL(ref ‖ model) and top-1 agreement, on the same windows."""
+    if isinstance(models, nn.Module):
+        models = {"model": models}
+    text = load_corpus(corpus)
+    windows = eval_windows(corpus_ids(text, tokenizer), seqlen, tokens)
+    scores, seconds = score_models(models, windows, ref, progress)
+    n, length = windows.shape
+    return {
+        name: EvalResult(
+            model=name, corpus=corpus, corpus_sha256=text.sha256, seqlen=length, windows=n,
+            tokens=n * length, predicted=s.count, ppl=s.ppl,
+            kl=s.mean_kl if _compared(models[name], ref) else None,
+            top1=s.top1_rate if _compared(models[name], ref) else None, seconds=seconds,
+        )
+        for name, s in scores.items()
+    }  # fmt: skip
+
+
+def _compared(model: nn.Module, ref: nn.Module | None) -> bool:
+    """KL and top-1 mean something only for a model other than the reference itself."""
+    return ref is not None and model is not ref
+
+
+def save(
+    model: nn.Module,
+    folder: str | Path,
+    report: QuantizeReport,
+    source: LoadedModel | None = None,
+    calibration: CalibrationSet | None = None,
+    metrics: dict[str, Any] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write the quantized model, its tokenizer and a provenance manifest to ``folder``."""
+    size = model_size(model)
+    manifest = {
+        "lowbit_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": _transformers_version(),
+        "python_version": platform.python_version(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model": source.source, "kind": source.kind} if source else None,
+        "recipe": report.recipe.to_dict(),
+        "calibration": calibration.describe() if calibration else None,
+        "seed": seed,
+        "quantize_seconds": round(report.seconds, 3),
+        "size": size.to_dict(),
+        "metrics": metrics or {},
+        "layers": {name: layer.to_dict() for name, layer in report.layers.items()},
+    }
+    tokenizer = source.tokenizer if source else None
+    return save_folder(model, Path(folder), manifest, tokenizer, overwrite)
+
+
+def load(folder: str | Path) -> LoadedModel:
+    """A saved lowbit folder (or any model source) with its tokenizer and manifest."""
+    return load_model(str(folder))
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__

@@ -1,0 +1,325 @@
+"""The ``lowbit`` command line: thin wrappers over :mod:`lowbit.api`.
+
+Errors a user can fix print one line (``lowbit: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+
+log = logging.getLogger("lowbit")
+
+_EPILOG = """\
+examples:
+  lowbit quantize smollm2-135m --recipe w4-rtn-g64 --out out/smollm2-w4g64 --eval
+  lowbit eval out/smollm2-w4g64 --ref smollm2-135m --tokens 16384
+  lowbit inspect out/smollm2-w4g64
+  lowbit presets w4-rtn-g64            # print a preset as YAML to start your own recipe
+
+MODEL is a zoo name (see `lowbit models`), a Hugging Face folder, a .gguf file, a lowbit output
+folder, or a hub id (needs network). CORPUS is a name (see `lowbit corpora`) or a text file.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG
+        if args.verbose
+        else logging.INFO
+        if not args.quiet
+        else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+    )
+    if args.quiet:
+        _quiet_libraries()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args) or 0
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Silence the progress bars and warnings transformers prints on its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Quantize generative models to low-bit formats and measure what it cost.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    _global_options(parser, argparse.SUPPRESS)
+    parser.set_defaults(verbose=False, quiet=False, threads=0)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)  # accepted after the command too
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_quantize(sub, common)
+    _add_eval(sub, common)
+    _add_inspect(sub, common)
+    _add_listing(sub, common)
+    return parser
+
+
+def _global_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars or info logs"
+    )
+    p.add_argument(
+        "--threads", type=int, default=default, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def _eval_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}corpus", default="wiki", help="evaluation corpus (default: wiki)")
+    p.add_argument(
+        f"--{prefix}seqlen", type=int, default=2048, help="window length (default: 2048)"
+    )
+    p.add_argument(
+        f"--{prefix}tokens", type=_tokens, default=16384,
+        help="tokens to evaluate from the start of the corpus, or 'all' (default: 16384)",
+    )  # fmt: skip
+
+
+def _tokens(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of tokens or 'all', got {value!r}"
+        ) from None
+    if n < 2:
+        raise argparse.ArgumentTypeError("need at least 2 tokens")
+    return n
+
+
+def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "quantize", parents=[common], help="quantize a model with a recipe and save it",
+        description="Quantize MODEL with a recipe (preset name or YAML file) and write a lowbit "
+        "folder: packed safetensors, config, tokenizer and a lowbit.json manifest. With --eval, "
+        "also measure perplexity, KL and top-1 against the unquantized model and store them.",
+        epilog="example: lowbit quantize smollm2-135m --recipe w4-rtn-g64 --out out/w4 --eval",
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument(
+        "--recipe", required=True, help="preset name (see `lowbit presets`) or YAML file"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
+    p.add_argument(
+        "--calib-samples", type=int, default=128, help="calibration windows (default: 128)"
+    )
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--eval", action="store_true", help="evaluate against the float model after")
+    _eval_options(p, "eval-")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit import api
+
+    torch.manual_seed(args.seed)
+    if args.out.exists() and not args.overwrite:
+        raise LowbitError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    recipe = api.load_recipe(args.recipe)
+    src = api.load_model(args.model)
+    if src.kind == "lowbit":
+        raise LowbitError(f"{args.model} is already quantized; start from the float model")
+    if args.eval and args.eval_corpus == args.calib and recipe.algorithm != "rtn":
+        raise LowbitError(
+            "calibration and evaluation corpora must differ (--calib / --eval-corpus)"
+        )
+    if recipe.algorithm == "rtn":
+        log.info("rtn uses no calibration data; --calib options are ignored")
+    ref = copy.deepcopy(src.model) if args.eval else None
+    report = api.quantize(src.model, recipe, progress=not args.quiet)
+    metrics: dict[str, Any] = {}
+    if ref is not None:
+        _need_tokenizer(src)
+        name = recipe.name or Path(args.recipe).stem
+        results = api.evaluate(
+            {"float": ref, name: src.model}, src.tokenizer, args.eval_corpus, args.eval_seqlen,
+            args.eval_tokens, ref=ref, progress=not args.quiet,
+        )  # fmt: skip
+        metrics = {"eval": results[name].to_dict(), "reference_eval": results["float"].to_dict()}
+        sizes = {"float": api.model_size(ref), name: api.model_size(src.model)}
+    folder = api.save(src.model, args.out, report, source=src, metrics=metrics, seed=args.seed,
+                      overwrite=args.overwrite)  # fmt: skip
+    summary = {"out": str(folder), "recipe": recipe.to_dict(), "seconds": round(report.seconds, 2),
+               "size": api.model_size(src.model).to_dict(), **metrics}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    elif ref is not None:
+        _print_eval_table(results, sizes)
+        print(f"\nsaved to {folder}")
+    else:
+        size = api.model_size(src.model)
+        bpw = size.bits_per_weight
+        print(f"saved to {folder}: {len(report.layers)} layers, {bpw:.3f} bits/weight")
+    return 0
+
+
+def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "eval", parents=[common], help="perplexity (and KL / top-1 against --ref)",
+        description="Perplexity of MODEL on a corpus with the GPTQ protocol (non-overlapping "
+        "windows of --seqlen tokens from the start of the corpus). With --ref, also the mean "
+        "per-token KL(ref || model) and top-1 agreement on the same windows.",
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL")
+    _eval_options(p)
+    p.add_argument("--ref", metavar="MODEL", help="reference model for KL and top-1")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit import api
+
+    src = api.load_model(args.model)
+    _need_tokenizer(src)
+    calib = ((src.manifest or {}).get("calibration") or {}).get("corpus")
+    if calib is not None and calib == args.corpus:
+        raise LowbitError(f"{args.model} was calibrated on {calib}; evaluate on another --corpus")
+    models = {args.model: src.model}
+    ref = None
+    if args.ref:
+        ref = api.load_model(args.ref).model
+        models = {args.ref: ref, **models} if args.ref != args.model else models
+    results = api.evaluate(models, src.tokenizer, args.corpus, args.seqlen, args.tokens, ref=ref,
+                           progress=not args.quiet)  # fmt: skip
+    if args.json:
+        out = results[args.model].to_dict()
+        out["model"] = args.model
+        if args.ref:
+            out["ref"] = args.ref
+            out["ref_ppl"] = results[args.ref].to_dict()["ppl"]
+        print(json.dumps(out))
+        return 0
+    sizes = {name: api.model_size(m) for name, m in models.items()}
+    _print_eval_table(results, sizes)
+    return 0
+
+
+def _need_tokenizer(src: Any) -> None:
+    if src.tokenizer is None:
+        raise LowbitError(f"{src.source} has no tokenizer; text evaluation needs one")
+
+
+def _print_eval_table(results: dict, sizes: dict) -> None:
+    from lowbit.eval import format_table
+
+    first = next(iter(results.values()))
+    print(
+        f"\n{first.corpus}: {first.windows} windows x {first.seqlen} tokens = {first.tokens} "
+        f"tokens ({first.predicted} predicted), corpus sha256 {first.corpus_sha256[:12]}"
+    )
+    rows = []
+    for name, r in results.items():
+        size = sizes[name]
+        bpw = size.bits_per_weight if size.quantized_weights else None
+        rows.append([name, bpw, round(size.total_bytes / 1e6, 1), r.ppl, r.kl, r.top1])
+    print(
+        format_table(
+            ["model", "bits/w (quantized layers)", "weights MB", "ppl", "KL", "top-1"], rows
+        )
+    )
+
+
+def _add_inspect(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "inspect", parents=[common], help="formats, bytes and bits/weight of a lowbit folder",
+        description="Per-layer formats, stored bytes and bits/weight (scales and zeros included) "
+        "of a lowbit folder, read from its manifest and safetensors header (no model is loaded).",
+    )  # fmt: skip
+    p.add_argument("folder", type=Path, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lowbit.eval.inspection import inspect_folder, render_inspection
+
+    info = inspect_folder(args.folder)
+    print(json.dumps(info, indent=1) if args.json else render_inspection(info))
+    return 0
+
+
+def _add_listing(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "presets", parents=[common], help="list recipe presets, or print one as YAML"
+    )
+    p.add_argument("name", nargs="?", help="preset to print as YAML")
+    p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("models", parents=[common], help="list the offline model zoo")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("corpora", parents=[common], help="list the named corpora")
+    p.set_defaults(func=cmd_corpora)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from lowbit.recipes import load_recipe, preset_table, recipe_to_yaml
+
+    table = preset_table()
+    if args.name:
+        if args.name not in table:
+            raise LowbitError(f"unknown preset {args.name!r}; see `lowbit presets`")
+        print(recipe_to_yaml(load_recipe(args.name)), end="")
+        return 0
+    for name, (desc, _) in table.items():
+        print(f"{name:16s} {desc}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from lowbit.models import zoo
+
+    for name, entry in zoo().items():
+        print(f"{name:22s} {entry.description}")
+    return 0
+
+
+def cmd_corpora(args: argparse.Namespace) -> int:
+    from lowbit.data import corpus_sources
+
+    for name, src in corpus_sources().items():
+        print(f"{name:12s} {src.role:12s} {src.description}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

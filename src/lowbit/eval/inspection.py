@@ -1,0 +1,73 @@
+"""What a lowbit folder holds, read from its manifest and safetensors header (no model load)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lowbit.eval.size import folder_layer_bytes, safetensors_header, tensor_bytes
+from lowbit.eval.table import format_table
+from lowbit.models.checkpoint import WEIGHTS, read_manifest
+
+
+def inspect_folder(folder: Path) -> dict[str, Any]:
+    """Per-layer formats and bytes, totals, and the manifest. ``bits_per_weight`` at the top
+    level is over the quantized layers, scale and zero overhead included."""
+    manifest = read_manifest(folder)
+    header = safetensors_header(Path(folder) / WEIGHTS)
+    layers, qweights, qbytes = {}, 0, 0
+    for name, info in manifest["layers"].items():
+        b = folder_layer_bytes(header, name)
+        n = info["in_features"] * info["out_features"]
+        qweights += n
+        qbytes += b["codes"] + b["params"]
+        layers[name] = {
+            "format": info.get("format"),
+            "shape": [info["out_features"], info["in_features"]],
+            "bytes": b,
+            "bits_per_weight": round(8.0 * (b["codes"] + b["params"]) / n, 6),
+            "weight_sqnr_db": info.get("weight_sqnr_db"),
+        }
+    total = sum(tensor_bytes(e) for e in header.values())
+    return {
+        "folder": str(folder),
+        "bits_per_weight": round(8.0 * qbytes / qweights, 6) if qweights else None,
+        "quantized_layers": len(layers),
+        "quantized_weights": qweights,
+        "quantized_bytes": qbytes,
+        "float_bytes": total - qbytes,
+        "tensor_bytes": total,
+        "file_bytes": os.path.getsize(Path(folder) / WEIGHTS),
+        "layers": layers,
+        "manifest": {k: v for k, v in manifest.items() if k != "layers"},
+    }
+
+
+def render_inspection(info: dict[str, Any]) -> str:
+    """Human-readable summary: totals, the formats used, and the per-layer table."""
+    m = info["manifest"]
+    recipe = m.get("recipe", {})
+    source = (m.get("source") or {}).get("model")
+    lines = [
+        f"{info['folder']}: lowbit {m.get('lowbit_version')}, source {source}",
+        f"recipe: {recipe.get('name') or '(custom)'} algorithm={recipe.get('algorithm')}",
+        f"quantized layers: {info['quantized_layers']} ({info['quantized_weights']:,} weights), "
+        f"{info['bits_per_weight']} bits/weight incl. scales/zeros",
+        f"bytes: quantized {info['quantized_bytes']:,}  float {info['float_bytes']:,}  "
+        f"file {info['file_bytes']:,}",
+    ]
+    metrics = (m.get("metrics") or {}).get("eval")
+    if metrics:
+        lines.append(
+            f"measured: ppl {metrics['ppl']:.3f} KL {metrics.get('kl')} "
+            f"top-1 {metrics.get('top1')} "
+            f"({metrics['corpus']}, seqlen {metrics['seqlen']}, {metrics['tokens']} tokens)"
+        )
+    rows = [
+        [name, layer["format"], "x".join(map(str, layer["shape"])), layer["bits_per_weight"],
+         layer["weight_sqnr_db"]]
+        for name, layer in info["layers"].items()
+    ]  # fmt: skip
+    lines += ["", format_table(["layer", "format", "shape", "bits/w", "weight SQNR dB"], rows)]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""Perplexity, and KL / top-1 agreement against a reference model, on the same token windows.
+
+Protocol (GPTQ-style, comparable with the papers): documents joined by blank lines, tokenized
+once, cut into non-overlapping windows of ``seqlen`` tokens; each window is scored on its own
+(no carried state) and ppl = exp(mean NLL over every predicted token). KL(ref ‖ model) is the
+mean over the same predicted tokens of sum_v p_ref(v)·(log p_ref(v) − log p_model(v)); top-1 is
+the fraction of positions where both models' most likely next token agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+_CHUNK = 512  # positions per KL chunk: bounds the (positions, vocab) temporaries
+
+
+@dataclass
+class Scores:
+    """Running sums for one model over the evaluated windows."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    top1: int = 0
+    count: int = 0
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.count) if self.count else float("nan")
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / self.count if self.count else float("nan")
+
+    @property
+    def top1_rate(self) -> float:
+        return self.top1 / self.count if self.count else float("nan")
+
+
+def _log_probs(model: nn.Module, window: Tensor) -> Tensor:
+    """Next-token log-probabilities (T-1, V) for one window (T,)."""
+    out = model(window.unsqueeze(0), use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.log_softmax(logits[0, :-1].float(), dim=-1)
+
+
+def _accumulate(scores: Scores, logp: Tensor, targets: Tensor, ref_logp: Tensor | None) -> None:
+    scores.nll -= logp.gather(1, targets.unsqueeze(1)).sum().item()
+    scores.count += targets.numel()
+    if ref_logp is None:
+        return
+    for i in range(0, logp.shape[0], _CHUNK):
+        r, q = ref_logp[i : i + _CHUNK], logp[i : i + _CHUNK]
+        scores.kl += (r.exp() * (r - q)).sum().item()
+        scores.top1 += (r.argmax(-1) == q.argmax(-1)).sum().item()
+
+
+@torch.inference_mode()
+def score_models(
+    models: dict[str, nn.Module],
+    windows: Tensor,
+    ref: nn.Module | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Scores], float]:
+    """Score every model on every window (the reference's pass is shared); returns the scores
+    and the wall time. A model that *is* the reference reuses its log-probabilities."""
+    scores = {name: Scores() for name in models}
+    start = time.perf_counter()
+    bar = tqdm(windows, desc="evaluate", unit="window", disable=not progress)
+    for window in bar:
+        targets = window[1:]
+        ref_logp = _log_probs(ref, window) if ref is not None else None
+        for name, model in models.items():
+            logp = ref_logp if model is ref else _log_probs(model, window)
+            _accumulate(scores[name], logp, targets, ref_logp)
+        bar.set_postfix({n: f"{s.ppl:.2f}" for n, s in scores.items()})
+    return scores, time.perf_counter() - start
+
+
+@dataclass
+class EvalResult:
+    """One model's figures, with everything needed to read them (corpus, seqlen, tokens)."""
+
+    model: str
+    corpus: str
+    corpus_sha256: str
+    seqlen: int
+    windows: int
+    tokens: int  # tokens fed (windows x seqlen)
+    predicted: int  # tokens scored (windows x (seqlen - 1))
+    ppl: float
+    kl: float | None
+    top1: float | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        out = dict(self.__dict__)
+        for key in ("ppl", "kl", "top1", "seconds"):
+            if out[key] is not None:
+                out[key] = round(out[key], 6)
+        return out

@@ -1,0 +1,86 @@
+"""How big a model is: bits per weight of the quantized layers (overhead included), bytes of
+everything else, in memory and in a saved folder (read from the safetensors header alone)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.nn import QuantLinear
+
+
+@dataclass
+class SizeReport:
+    quantized_weights: int  # number of weights in quantized layers
+    quantized_bytes: int  # their codes + scales + zeros
+    float_bytes: int  # everything else held (embeddings, norms, biases, float layers)
+    total_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight of the quantized layers, scale and zero overhead included."""
+        if not self.quantized_weights:
+            return float("nan")
+        return 8.0 * self.quantized_bytes / self.quantized_weights
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bits_per_weight": round(self.bits_per_weight, 6)}
+
+
+def model_size(model: nn.Module) -> SizeReport:
+    """Sizes of an in-memory model (tied tensors counted once)."""
+    seen: set[int] = set()
+    qweights = qbytes = fbytes = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            b = module.storage_bytes()
+            qweights += module.in_features * module.out_features
+            qbytes += b["codes"] + b["params"]
+    quant_ids = {
+        id(t)
+        for m in model.modules()
+        if isinstance(m, QuantLinear)
+        for t in (m.qweight, m.scale, m.zero)
+        if t is not None
+    }
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if id(t) in quant_ids or ptr in seen:
+            continue
+        seen.add(ptr)
+        fbytes += t.numel() * t.element_size()
+    return SizeReport(qweights, qbytes, fbytes, qbytes + fbytes)
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as exc:
+        raise LowbitError(f"cannot read the safetensors header of {path}: {exc}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def tensor_bytes(entry: dict) -> int:
+    start, end = entry["data_offsets"]
+    return end - start
+
+
+def folder_layer_bytes(header: dict, layer: str) -> dict[str, int]:
+    """Bytes of one QuantLinear's tensors in a saved file: codes, params (scale + zero), bias."""
+
+    def get(suffix: str) -> int:
+        entry = header.get(f"{layer}.{suffix}")
+        return tensor_bytes(entry) if entry else 0
+
+    return {"codes": get("qweight"), "params": get("scale") + get("zero"), "bias": get("bias")}

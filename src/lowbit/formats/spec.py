@@ -1,0 +1,181 @@
+"""Typed, validated descriptions of one quantized tensor: its format, grid, granularity, range.
+
+These are the leaves of a recipe (``weights:`` and ``activations:``); every algorithm, module and
+writer reads them. YAML shorthands are normalised here: ``group_size: -1`` means per-channel,
+``observer: mse`` means ``observer: {name: mse}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lowbit.errors import LowbitError
+from lowbit.formats.qtype import QType, qtype_for
+from lowbit.typed import from_mapping, to_mapping
+
+ObserverName = Literal["minmax", "percentile", "mse", "entropy", "meanstd"]
+Format = Literal["int", "nf4", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
+ScaleDtype = Literal["float16", "bfloat16", "float32"]
+
+
+@dataclass(frozen=True)
+class ObserverSpec:
+    """How the range [lo, hi] of a block is chosen before the grid is laid over it.
+
+    minmax: the block's extremes. percentile: the ``percentile``-th and (100-p)-th values.
+    mse: shrink the min-max range by the factor in ``[1 - max_shrink, 1]`` (``grid`` steps) that
+    minimises the ``norm``-power error. entropy: the clipping threshold whose quantized histogram
+    (``bins`` bins) has the least KL divergence from the original (TensorRT-style).
+    meanstd: mean ± ``k`` standard deviations ("dynamic range scaling").
+    """
+
+    name: ObserverName = "minmax"
+    percentile: float = 99.9
+    k: float = 3.0
+    grid: int = 100
+    max_shrink: float = 0.8
+    norm: float = 2.4
+    bins: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise LowbitError(f"observer.percentile must be in (50, 100], got {self.percentile}")
+        if self.k <= 0:
+            raise LowbitError(f"observer.k must be positive, got {self.k}")
+        if self.grid < 1 or not 0.0 <= self.max_shrink < 1.0:
+            raise LowbitError("observer.grid must be >= 1 and observer.max_shrink in [0, 1)")
+        if self.norm <= 0 or self.bins < 16:
+            raise LowbitError("observer.norm must be positive and observer.bins >= 16")
+
+
+def _observer(value: Any, where: str) -> ObserverSpec:
+    if isinstance(value, str):
+        value = {"name": value}
+    return from_mapping(ObserverSpec, value, where)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How a weight matrix (out_features, in_features) is quantized.
+
+    ``granularity`` is ``tensor``, ``channel`` (one scale per output row) or ``group`` (one scale
+    per ``group_size`` consecutive inputs of a row). Asymmetric integer grids keep a per-block
+    zero: ``zero_point: float`` stores it as an fp16 offset (``x = u*scale + zero``, exact for
+    GGUF Q4_1-style checkpoints), ``int`` as an integer code (``x = (u - zero)*scale``, as in
+    GPTQ/AWQ checkpoints and compressed-tensors).
+    """
+
+    bits: int = 4
+    format: Format = "int"
+    symmetric: bool | None = None
+    granularity: Literal["tensor", "channel", "group"] | None = None
+    group_size: int | None = 64
+    observer: ObserverSpec = field(default_factory=ObserverSpec)
+    zero_point: Literal["float", "int"] = "float"
+    scale_dtype: ScaleDtype = "float16"
+
+    def __post_init__(self) -> None:
+        qtype = qtype_for(self.format, self.bits)
+        symmetric = self.symmetric
+        if symmetric is None:
+            symmetric = qtype.kind != "int"
+        if not symmetric and qtype.kind != "int":
+            raise LowbitError(f"format {self.format} is symmetric only; drop symmetric: false")
+        granularity, group_size = _granularity(self.granularity, self.group_size)
+        if qtype.kind == "float":
+            granularity, group_size = "tensor", None
+        object.__setattr__(self, "symmetric", symmetric)
+        object.__setattr__(self, "granularity", granularity)
+        object.__setattr__(self, "group_size", group_size)
+
+    @property
+    def qtype(self) -> QType:
+        return qtype_for(self.format, self.bits)
+
+    @property
+    def has_zero(self) -> bool:
+        """Whether a per-block zero point / offset is stored."""
+        return self.qtype.kind == "int" and not self.symmetric
+
+    @property
+    def has_scale(self) -> bool:
+        return self.qtype.kind != "float"
+
+    def short(self) -> str:
+        """Compact human name, e.g. ``int4-asym-g64`` or ``nf4-g64`` or ``int8-sym-channel``."""
+        if self.qtype.kind == "float":
+            return self.format
+        name = f"int{self.bits}" if self.format == "int" else self.format
+        if self.format == "int":
+            name += "-sym" if self.symmetric else "-asym"
+        tail = {"tensor": "tensor", "channel": "channel"}.get(self.granularity or "")
+        return f"{name}-{tail or f'g{self.group_size}'}"
+
+    def replace(self, **changes: Any) -> WeightSpec:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "weights") -> WeightSpec:
+        if isinstance(data, dict) and isinstance(data.get("observer"), (str, dict)):
+            data = {**data, "observer": _observer(data["observer"], f"{where}.observer")}
+        return from_mapping(cls, data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = to_mapping(self)
+        if self.granularity == "channel":
+            out["group_size"] = -1
+        return out
+
+
+def _granularity(granularity: str | None, group_size: int | None) -> tuple[str, int | None]:
+    """Resolve the (granularity, group_size) pair, accepting ``group_size: -1`` for channel."""
+    if granularity is None:
+        if group_size is None or group_size == 0:
+            raise LowbitError("weights: give group_size (N > 0, or -1 for per-channel)")
+        granularity = "channel" if group_size == -1 else "group"
+    if granularity == "group":
+        if group_size is None or group_size <= 0:
+            raise LowbitError(f"weights.group_size must be a positive integer, got {group_size}")
+        return "group", group_size
+    return granularity, None
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """How the inputs of a linear layer are quantized at run time.
+
+    ``granularity: token`` with ``dynamic: true`` computes one range per row (token) as the input
+    arrives (ZeroQuant); ``granularity: tensor`` with ``dynamic: false`` uses one range calibrated
+    beforehand with ``observer``.
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: Literal["token", "tensor"] = "token"
+    dynamic: bool = True
+    observer: ObserverSpec = field(default_factory=ObserverSpec)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise LowbitError(f"activations.bits must be 4 or 8, got {self.bits}")
+        if self.granularity == "token" and not self.dynamic:
+            raise LowbitError("activations: per-token ranges are dynamic; set dynamic: true")
+
+    @property
+    def qtype(self) -> QType:
+        return qtype_for("int", self.bits)
+
+    def short(self) -> str:
+        mode = "dyn" if self.dynamic else "static"
+        return f"a{self.bits}-{'sym' if self.symmetric else 'asym'}-{self.granularity}-{mode}"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "activations") -> ActivationSpec:
+        if isinstance(data, dict) and isinstance(data.get("observer"), (str, dict)):
+            data = {**data, "observer": _observer(data["observer"], f"{where}.observer")}
+        return from_mapping(cls, data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)

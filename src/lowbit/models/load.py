@@ -1,0 +1,121 @@
+"""Load a model from whatever the user names: zoo name, folder, GGUF file, lowbit folder, hub id."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.checkpoint import MANIFEST, load_folder
+from lowbit.models.convert import converted_folder
+from lowbit.models.zoo import zoo, zoo_gguf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from.
+
+    ``kind`` is one of ``zoo``, ``folder`` (HF folder), ``gguf``, ``lowbit``, ``hub``; ``folder``
+    is the local HF-style folder the model was read from (None for hub models).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    kind: str
+    folder: Path | None = None
+    manifest: dict | None = None
+
+
+def load_model(source: str) -> LoadedModel:
+    """Load ``source`` in float32 (quantized layers stay packed for lowbit folders)."""
+    entries = zoo()
+    if source in entries:
+        entry = entries[source]
+        folder = converted_folder(zoo_gguf(entry), entry.member_sha256)
+        model, tok = _from_hf_folder(folder)
+        return LoadedModel(model, tok, source, "zoo", folder)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            model, manifest = load_folder(path)
+            return LoadedModel(model, _tokenizer(path), source, "lowbit", path, manifest)
+        if (path / "config.json").is_file():
+            model, tok = _from_hf_folder(path)
+            return LoadedModel(model, tok, source, "folder", path)
+        raise LowbitError(f"{path} has neither config.json nor {MANIFEST}: not a model folder")
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise LowbitError(f"no such file: {path}")
+        if path.suffix != ".gguf":
+            raise LowbitError(f"{path} is a file but not a .gguf model")
+        folder = converted_folder(path)
+        model, tok = _from_hf_folder(folder)
+        return LoadedModel(model, tok, source, "gguf", folder)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise LowbitError(f"no such file or folder: {source}")
+    model, tok = _from_hub(source, entries)
+    return LoadedModel(model, tok, source, "hub")
+
+
+def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"cannot load the model in {folder}: {str(exc)[:300]}") from None
+    return model.eval(), _tokenizer(folder)
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        log.warning("no tokenizer in %s; text evaluation will not be possible", folder)
+        return None
+
+
+def _from_hub(repo_id: str, entries: dict) -> tuple[nn.Module, Any]:
+    """Load from the Hugging Face hub (or its local cache when the hub is unreachable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local_only = not _hub_reachable()
+    try:
+        kwargs = {"local_files_only": local_only}
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32, **kwargs)
+        tok = AutoTokenizer.from_pretrained(repo_id, **kwargs)
+    except (OSError, ValueError) as exc:
+        why = "the hub is unreachable and it is not in the local HF cache" if local_only else exc
+        raise LowbitError(
+            f"cannot load model {repo_id!r}: it is not a zoo name ({', '.join(entries)}), "
+            f"not a local path, and from the Hugging Face hub: {str(why)[:200]}"
+        ) from None
+    return model.eval(), tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint answers a TCP connect (so offline use fails fast, not after
+    a minute of retries)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,39 @@
+"""Finding the layers lowbit quantizes and swapping modules in place."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every ``nn.Linear`` in definition order."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise LowbitError(f"the model has no module named {name!r}") from None
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def untie_if_needed(model: nn.Module, quantized: set[str]) -> None:
+    """Mark input/output embeddings untied when one side of the tie is now quantized."""
+    config = getattr(model, "config", None)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    names = {k.removesuffix(".weight") for k in tied} | {
+        v.removesuffix(".weight") for v in tied.values()
+    }
+    if names & quantized:
+        config.tie_word_embeddings = False

@@ -1,0 +1,115 @@
+"""QuantLinear: a linear layer whose weight is held as packed low-bit codes plus block scales.
+
+Buffers (what is saved and what occupies RAM):
+- ``qweight``: int formats: uint8 (out, packed_length(in, bits)), codes packed along the input dim;
+  fp8 / fp16 / bf16 formats: the (out, in) tensor in that dtype;
+- ``scale``: (out/br, in/bc) in the spec's scale dtype (absent for fp16/bf16);
+- ``zero``: asymmetric int grids only: fp offsets of the same shape (``zero_point: float``) or
+  integer codes packed along the block dim (``zero_point: int``).
+The forward pass dequantizes the weight and calls ``F.linear``; the fast kernels replace exactly
+this step, with this as their reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.formats.granularity import n_blocks, weight_block
+from lowbit.formats.spec import WeightSpec
+from lowbit.packing import pack, packed_length, unpack
+from lowbit.primitives import QParams, QuantizedWeight, dequantize_weight, grid_of
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` with quantized, packed weight storage."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: WeightSpec,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        layer: str = "",
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.block = weight_block(spec, out_features, in_features, layer)
+        qt, grid = spec.qtype, grid_of(spec)
+        rows, cols = n_blocks(self.block, out_features, in_features)
+        if qt.kind == "int" or qt.kind == "nf":
+            qshape, qdtype = (out_features, packed_length(in_features, qt.bits)), torch.uint8
+        else:
+            qshape, qdtype = (out_features, in_features), qt.torch_dtype
+        self.register_buffer("qweight", torch.zeros(qshape, dtype=qdtype))
+        scale = zero = None
+        if spec.has_scale:
+            scale = torch.ones(rows, cols, dtype=grid.scale_dtype)
+        if spec.has_zero and spec.zero_point == "float":
+            zero = torch.zeros(rows, cols, dtype=grid.scale_dtype)
+        elif spec.has_zero:
+            zero = torch.zeros(rows, packed_length(cols, qt.bits), dtype=torch.uint8)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: Tensor | None = None, layer: str = ""
+    ) -> QuantLinear:
+        """Pack an algorithm's output into a new module."""
+        out_features, in_features = qw.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        mod = cls(in_features, out_features, qw.spec, bias is not None, dtype, layer)
+        bits = qw.spec.qtype.bits
+        packs = qw.spec.qtype.kind in ("int", "nf")
+        mod.qweight.copy_(pack(qw.codes, bits) if packs else qw.codes)
+        if mod.scale is not None:
+            mod.scale.copy_(qw.qparams.scale)
+        if mod.zero is not None:
+            int_zero = qw.spec.zero_point == "int"
+            mod.zero.copy_(pack(qw.qparams.zero, bits) if int_zero else qw.qparams.zero)
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        return mod
+
+    def codes(self) -> Tensor:
+        """Unpacked codes (out, in)."""
+        if self.spec.qtype.kind in ("int", "nf"):
+            return unpack(self.qweight, self.spec.qtype.bits, self.in_features)
+        return self.qweight
+
+    def qparams(self) -> QParams:
+        zero = self.zero
+        if zero is not None and self.spec.zero_point == "int":
+            zero = unpack(zero, self.spec.qtype.bits, self.scale.shape[1])
+        return QParams(self.scale, zero)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes(), self.qparams(), self.spec, self.block)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight (out, in) the stored codes stand for."""
+        w = dequantize_weight(self.codes(), self.qparams(), self.spec, self.block)
+        return w.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes held: ``codes`` (packed weight), ``params`` (scales and zeros), ``bias``."""
+        params = sum(t.numel() * t.element_size() for t in (self.scale, self.zero) if t is not None)
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        codes = self.qweight.numel() * self.qweight.element_size()
+        return {"codes": codes, "params": params, "bias": bias}
+
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight including scale and zero overhead (bias excluded)."""
+        b = self.storage_bytes()
+        return 8.0 * (b["codes"] + b["params"]) / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"{self.in_features}, {self.out_features}, {self.spec.short()}, bias={bias}"

@@ -1,0 +1,38 @@
+"""A recipe applied to one model's layers: the per-layer spec table, validated up front."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats.granularity import weight_block
+from lowbit.formats.spec import WeightSpec
+from lowbit.recipes.recipe import Override, Recipe
+
+log = logging.getLogger(__name__)
+
+
+def plan_layers(recipe: Recipe, layers: list[tuple[str, nn.Linear]]) -> dict[str, WeightSpec]:
+    """layer name -> spec for every layer the recipe quantizes (in model order).
+
+    Fails before any work is done if a spec does not fit a layer (e.g. a group size that does not
+    divide its input size), naming the layer; warns about overrides that match nothing.
+    """
+    if not layers:
+        raise LowbitError("the model has no nn.Linear layers to quantize")
+    plan = {}
+    for name, module in layers:
+        spec = recipe.spec_for(name)
+        if spec is None:
+            continue
+        weight_block(spec, module.out_features, module.in_features, name)  # raises if unfit
+        plan[name] = spec
+    names = [n for n, _ in layers]
+    for pattern in (*recipe.ignore, *(o.match for o in recipe.overrides)):
+        if not any(Override(pattern).matches(n) for n in names):
+            log.warning("recipe pattern %r matches no layer of this model", pattern)
+    if not plan:
+        raise LowbitError("the recipe leaves every layer in float; nothing to quantize")
+    return plan

@@ -1,0 +1,155 @@
+"""Recipes: which algorithm, which format, and which layers get what.
+
+Per-layer choice is data: an ordered list of overrides, each matching layer names exactly or by
+regular expression (``re:<pattern>``, full match). Precedence: ``ignore`` beats everything (the
+layer stays in float); then the first override whose exact name matches; then the first regex
+override that matches, in order; then the recipe's default ``weights``. An override's ``weights``
+is merged over the default (``{bits: 8}`` changes only the bits); ``weights: null`` leaves the
+layer in float.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lowbit.errors import LowbitError
+from lowbit.formats.spec import ActivationSpec, WeightSpec
+
+RECIPE_VERSION = 1
+Algorithm = Literal["rtn"]
+_KEYS = ("version", "name", "algorithm", "weights", "activations", "ignore", "overrides")
+
+
+@dataclass(frozen=True)
+class Override:
+    """``weights``: a partial mapping merged over the default, ``{}`` for the default itself,
+    or None to leave matching layers in float."""
+
+    match: str
+    weights: dict[str, Any] | None = field(default_factory=dict)
+
+    @property
+    def is_regex(self) -> bool:
+        return self.match.startswith("re:")
+
+    def matches(self, name: str) -> bool:
+        if self.is_regex:
+            return re.fullmatch(self.match[3:], name) is not None
+        return name == self.match
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated quantization recipe (see the module docstring for precedence)."""
+
+    algorithm: Algorithm = "rtn"
+    weights: WeightSpec | None = field(default_factory=WeightSpec)
+    activations: ActivationSpec | None = None
+    ignore: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+    name: str | None = None
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.activations is not None:
+            raise LowbitError(
+                "activation quantization is not available yet in this version of lowbit; "
+                "set activations: null"
+            )
+        for pattern in (*self.ignore, *(o.match for o in self.overrides)):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise LowbitError(f"recipe: bad regex {pattern!r}: {exc}") from None
+        for i, override in enumerate(self.overrides):
+            self._merged(override, f"overrides[{i}].weights")  # validate eagerly
+
+    def spec_for(self, name: str) -> WeightSpec | None:
+        """The weight spec of layer ``name``, or None to leave it in float."""
+        if any(_match(p, name) for p in self.ignore):
+            return None
+        exact = [o for o in self.overrides if not o.is_regex and o.matches(name)]
+        regex = [o for o in self.overrides if o.is_regex and o.matches(name)]
+        chosen = (exact or regex or [None])[0]
+        if chosen is None:
+            return self.weights
+        return self._merged(chosen, f"override {chosen.match!r}")
+
+    def _merged(self, override: Override, where: str) -> WeightSpec | None:
+        if override.weights is None:
+            return None
+        if not override.weights:
+            if self.weights is None:
+                raise LowbitError(f"{where}: no default weights to inherit; give the format")
+            return self.weights
+        base = self.weights.to_dict() if self.weights is not None else {}
+        if "group_size" in override.weights and "granularity" not in override.weights:
+            base.pop("granularity", None)  # let group_size: -1 / N decide it again
+        if "format" in override.weights:  # a new format brings its own width and symmetry
+            for key in ("bits", "symmetric", "zero_point"):
+                if key not in override.weights:
+                    base.pop(key, None)
+        return WeightSpec.from_dict({**base, **override.weights}, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version}
+        if self.name:
+            out["name"] = self.name
+        out["algorithm"] = self.algorithm
+        out["weights"] = None if self.weights is None else self.weights.to_dict()
+        out["activations"] = None if self.activations is None else self.activations.to_dict()
+        out["ignore"] = list(self.ignore)
+        out["overrides"] = [{"match": o.match, "weights": o.weights} for o in self.overrides]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise LowbitError(f"{where}: expected a mapping at the top level")
+        unknown = [k for k in data if k not in _KEYS]
+        if unknown:
+            raise LowbitError(f"{where}: unknown key {unknown[0]!r} (expected: {', '.join(_KEYS)})")
+        version = data.get("version")
+        if version != RECIPE_VERSION:
+            raise LowbitError(f"{where}: version must be {RECIPE_VERSION}, got {version!r}")
+        algorithm = data.get("algorithm", "rtn")
+        if algorithm not in Algorithm.__args__:
+            known = ", ".join(Algorithm.__args__)
+            raise LowbitError(f"{where}: unknown algorithm {algorithm!r} (known: {known})")
+        weights = data.get("weights", {})
+        acts = data.get("activations")
+        return cls(
+            algorithm=algorithm,
+            weights=None if weights is None else WeightSpec.from_dict(weights, f"{where}.weights"),
+            activations=None if acts is None else ActivationSpec.from_dict(acts),
+            ignore=tuple(_str_list(data.get("ignore", []), f"{where}.ignore")),
+            overrides=tuple(_override(o, f"{where}.overrides[{i}]")
+                            for i, o in enumerate(data.get("overrides") or [])),
+            name=data.get("name"),
+            version=version,
+        )  # fmt: skip
+
+
+def _match(pattern: str, name: str) -> bool:
+    return Override(pattern).matches(name)
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise LowbitError(f"{where}: expected a list of layer names or re: patterns")
+    return value
+
+
+def _override(data: Any, where: str) -> Override:
+    if not isinstance(data, dict) or "match" not in data:
+        raise LowbitError(f"{where}: expected a mapping with a 'match' key")
+    unknown = [k for k in data if k not in ("match", "weights")]
+    if unknown:
+        raise LowbitError(f"{where}: unknown key {unknown[0]!r} (expected: match, weights)")
+    weights = data.get("weights", {})
+    if weights is not None and not isinstance(weights, dict):
+        raise LowbitError(f"{where}.weights: expected a mapping or null")
+    return Override(str(data["match"]), weights)

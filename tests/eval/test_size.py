@@ -1,0 +1,20 @@
+import pytest
+
+from lowbit import api
+from lowbit.eval import model_size
+from lowbit.eval.inspection import inspect_folder, render_inspection
+
+
+def test_sizes_in_memory_and_on_disk_agree(tiny_folder, tmp_path):
+    src = api.load_model(str(tiny_folder))
+    fp = model_size(src.model)
+    assert fp.quantized_weights == 0
+    report = api.quantize(src.model, "w4-rtn-g64", progress=False)
+    q = model_size(src.model)
+    assert q.bits_per_weight == pytest.approx(4.5)
+    assert q.total_bytes < fp.total_bytes
+    info = inspect_folder(api.save(src.model, tmp_path / "q", report, source=src))
+    assert info["bits_per_weight"] == pytest.approx(4.5)
+    assert info["quantized_bytes"] == q.quantized_bytes
+    assert info["quantized_layers"] == len(report.layers)
+    assert "int4-asym-g64" in render_inspection(info)

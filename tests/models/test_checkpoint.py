@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.errors import LowbitError
+from lowbit.models import checkpoint as checkpoint_module
+from lowbit.models import load_folder, save_folder
+from lowbit.nn import QuantLinear
+
+
+def quantized_copy(folder, recipe):
+    src = api.load_model(str(folder))
+    report = api.quantize(src.model, recipe, progress=False)
+    return src, report
+
+
+def test_save_then_load_reproduces_outputs_exactly(tiny_folder, tmp_path):
+    src, report = quantized_copy(tiny_folder, "w4-rtn-g32")
+    out = api.save(src.model, tmp_path / "q", report, source=src)
+    loaded = api.load(out)
+    assert loaded.kind == "lowbit"
+    assert isinstance(loaded.model.model.layers[0].mlp.down_proj, QuantLinear)
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x).logits, src.model(x).logits)
+    assert loaded.tokenizer is not None
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # still tied
+
+
+def test_quantized_lm_head_unties_and_round_trips(tiny_folder, tmp_path):
+    recipe = api.load_recipe("w4-rtn-g32").__class__.from_dict(
+        {"version": 1, "weights": {"bits": 4, "group_size": 32}}
+    )
+    src, report = quantized_copy(tiny_folder, recipe)
+    assert "lm_head" in report.layers
+    assert src.model.config.tie_word_embeddings is False
+    out = api.save(src.model, tmp_path / "q", report, source=src)
+    loaded = api.load(out).model
+    x = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, src.model(x).logits)
+
+
+def test_manifest_records_provenance(tiny_folder, tmp_path):
+    src, report = quantized_copy(tiny_folder, "w3-rtn-g32")
+    manifest = load_folder(api.save(src.model, tmp_path / "q", report, source=src, seed=7))[1]
+    assert manifest["recipe"]["name"] == "w3-rtn-g32"
+    assert manifest["seed"] == 7
+    assert manifest["torch_version"] == torch.__version__
+    assert manifest["source"] == {"model": str(tiny_folder), "kind": "folder"}
+    layer = manifest["layers"]["model.layers.0.self_attn.q_proj"]
+    assert layer["format"] == "int3-asym-g32" and layer["bits_per_weight"] == 4.0
+
+
+def test_existing_output_is_not_replaced_without_overwrite(tiny_folder, tmp_path):
+    src, report = quantized_copy(tiny_folder, "w4-rtn-g32")
+    out = api.save(src.model, tmp_path / "q", report, source=src)
+    with pytest.raises(LowbitError, match="--overwrite"):
+        api.save(src.model, out, report, source=src)
+    api.save(src.model, out, report, source=src, overwrite=True)
+
+
+def test_interrupted_save_leaves_no_folder(tiny_folder, tmp_path, monkeypatch):
+    src, report = quantized_copy(tiny_folder, "w4-rtn-g32")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    with pytest.raises(OSError):
+        save_folder(src.model, tmp_path / "q", {"layers": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]  # no partial, no temp
+
+
+def test_truncated_weights_file_is_a_clear_error(tiny_folder, tmp_path):
+    src, report = quantized_copy(tiny_folder, "w4-rtn-g32")
+    out = api.save(src.model, tmp_path / "q", report, source=src)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(LowbitError, match="cannot read"):
+        api.load(out)

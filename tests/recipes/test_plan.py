@@ -1,0 +1,41 @@
+import logging
+
+import pytest
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.recipes import Recipe, plan_layers
+
+
+def layers():
+    return [
+        ("a.q", nn.Linear(576, 576)),
+        ("a.down", nn.Linear(1536, 576)),
+        ("lm_head", nn.Linear(576, 100)),
+    ]
+
+
+def test_plan_resolves_every_layer():
+    r = Recipe.from_dict(
+        {"version": 1, "weights": {"bits": 4, "group_size": 64}, "ignore": ["lm_head"]}
+    )
+    plan = plan_layers(r, layers())
+    assert list(plan) == ["a.q", "a.down"]
+
+
+def test_group_size_that_does_not_divide_fails_before_work_naming_the_layer():
+    r = Recipe.from_dict({"version": 1, "weights": {"bits": 4, "group_size": 128}})
+    with pytest.raises(LowbitError, match="layer a.q"):
+        plan_layers(r, layers())
+
+
+def test_override_matching_nothing_warns(caplog):
+    r = Recipe.from_dict({"version": 1, "overrides": [{"match": "re:.*nothing", "weights": None}]})
+    with caplog.at_level(logging.WARNING):
+        plan_layers(r, layers())
+    assert "matches no layer" in caplog.text
+
+
+def test_all_float_is_an_error():
+    with pytest.raises(LowbitError, match="nothing to quantize"):
+        plan_layers(Recipe.from_dict({"version": 1, "weights": None}), layers())

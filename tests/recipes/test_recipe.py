@@ -1,0 +1,66 @@
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.formats import WeightSpec
+from lowbit.recipes import Recipe, recipe_from_yaml, recipe_to_yaml
+
+YAML = r"""
+version: 1
+algorithm: rtn
+weights: {bits: 4, symmetric: false, group_size: 64, observer: minmax}
+activations: null
+ignore: [lm_head]
+overrides:
+  - {match: "re:.*\\.down_proj$", weights: {bits: 8}}
+  - {match: "model.layers.0.mlp.down_proj", weights: {bits: 3}}
+  - {match: "re:.*\\.(k|v)_proj$", weights: null}
+  - {match: "re:model\\.layers\\.1\\..*", weights: {group_size: -1}}
+"""
+
+
+def test_precedence_ignore_exact_regex_default():
+    r = recipe_from_yaml(YAML)
+    assert r.spec_for("lm_head") is None
+    assert r.spec_for("model.layers.0.mlp.down_proj").bits == 3  # exact beats earlier regex
+    assert r.spec_for("model.layers.5.mlp.down_proj").bits == 8  # first regex in order
+    assert r.spec_for("model.layers.1.mlp.down_proj").bits == 8  # ... even if a later one matches
+    assert r.spec_for("model.layers.2.self_attn.k_proj") is None  # weights: null = float
+    per_channel = r.spec_for("model.layers.1.mlp.up_proj")
+    assert per_channel.granularity == "channel" and per_channel.bits == 4
+    assert r.spec_for("model.layers.2.mlp.up_proj") == WeightSpec(bits=4, group_size=64)
+
+
+def test_yaml_round_trip():
+    r = recipe_from_yaml(YAML)
+    assert recipe_from_yaml(recipe_to_yaml(r)) == r
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("algorithm: rtn\n", "version must be 1"),
+        ("version: 1\nalgoritm: rtn\n", "unknown key 'algoritm'"),
+        ("version: 1\nalgorithm: magic\n", "unknown algorithm 'magic'"),
+        ("version: 1\nweights: {bits: 12}\n", "1 to 8 bits"),
+        ("version: 1\noverrides: [{match: 're:(', weights: {bits: 8}}]\n", "bad regex"),
+        ("version: 1\noverrides: [{match: x, weights: {bits: 0}}]\n", r"overrides\[0\]"),
+        ("version: 1\nignore: lm_head\n", "list of layer names"),
+        ("version: 1\nweights: {bits: 4\n", "not valid YAML"),
+        ("- 1\n- 2\n", "mapping at the top level"),
+    ],
+)
+def test_invalid_recipes_give_one_line_errors(text, message):
+    with pytest.raises(LowbitError, match=message) as info:
+        recipe_from_yaml(text)
+    assert "\n" not in str(info.value)
+
+
+def test_activation_quantization_is_refused_clearly_for_now():
+    with pytest.raises(LowbitError, match="activations: null"):
+        recipe_from_yaml("version: 1\nactivations: {bits: 8}\n")
+
+
+def test_format_override_drops_inherited_bits():
+    r = Recipe.from_dict({"version": 1, "weights": {"bits": 3, "group_size": 64},
+                          "overrides": [{"match": "a", "weights": {"format": "nf4"}}]})  # fmt: skip
+    assert r.spec_for("a").format == "nf4" and r.spec_for("a").bits == 4

@@ -1,0 +1,107 @@
+"""The command line, end to end on a tiny random model and a local text corpus."""
+
+import json
+
+import pytest
+
+from lowbit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(["-q", *argv] if argv and argv[0] not in ("--help", "--version") else list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def quantized(tmp_path, tiny_folder, text_file, capsys):
+    out = tmp_path / "q"
+    code, stdout, _ = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--out", str(out),
+        "--eval", "--eval-corpus", str(text_file), "--eval-seqlen", "32", "--eval-tokens", "256",
+    )  # fmt: skip
+    assert code == 0
+    return out, stdout
+
+
+def test_quantize_with_eval_prints_the_table_and_saves(quantized):
+    out, stdout = quantized
+    assert "float" in stdout and "w4-rtn-g64" in stdout and "4.5000" in stdout
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["metrics"]["eval"]["tokens"] == 256
+    assert manifest["metrics"]["eval"]["kl"] > 0
+
+
+def test_inspect_json_has_top_level_bits_per_weight(quantized, capsys):
+    code, stdout, _ = run(capsys, "inspect", str(quantized[0]), "--json")
+    assert code == 0
+    assert json.loads(stdout)["bits_per_weight"] == 4.5
+
+
+def test_eval_of_saved_folder_matches_what_quantize_measured(
+    quantized, tiny_folder, text_file, capsys
+):
+    out = quantized[0]
+    code, stdout, _ = run(
+        capsys, "eval", str(out), "--corpus", str(text_file), "--seqlen", "32", "--tokens", "256",
+        "--ref", str(tiny_folder), "--json",
+    )  # fmt: skip
+    assert code == 0
+    got = json.loads(stdout)
+    assert {"model", "corpus", "seqlen", "tokens", "ppl", "kl", "top1"} <= set(got)
+    measured = json.loads((out / "lowbit.json").read_text())["metrics"]["eval"]
+    assert got["ppl"] == measured["ppl"] and got["kl"] == measured["kl"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "./missing-model", "--recipe", "w4-rtn-g64"], "no such file or folder"),
+        (["quantize", "{tiny}", "--recipe", "w9-rtn"], "unknown recipe"),
+        (["quantize", "{tiny}", "--recipe", "w4-rtn-g128"], "group_size 128 does not divide"),
+        (["quantize", "{tiny}", "--recipe", "{bad_yaml}"], "unknown key 'bitz'"),
+        (["eval", "{tiny}", "--corpus", "no-such-corpus"], "unknown corpus"),
+        (["quantize", "{gguf}", "--recipe", "w4-rtn-g64"], "could not read GGUF"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_and_leaves_no_output(
+    argv, message, tmp_path, tiny_folder, capsys
+):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("version: 1\nweights: {bitz: 4}\n")
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"not a gguf at all")
+    subs = {"{tiny}": str(tiny_folder), "{bad_yaml}": str(bad_yaml), "{gguf}": str(gguf)}
+    argv = [subs.get(a, a) for a in argv]
+    out = tmp_path / "out"
+    if argv[0] == "quantize":
+        argv += ["--out", str(out)]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("lowbit: error:")
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(quantized, tiny_folder, capsys):
+    code, _, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w8-rtn", "--out", str(quantized[0])
+    )
+    assert code == 2 and "--overwrite" in err
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+    for command in ("quantize", "eval", "inspect"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "usage: lowbit " + command in capsys.readouterr().out
+
+
+def test_presets_listing_and_yaml(capsys):
+    assert run(capsys, "presets")[1].count("\n") >= 8
+    code, out, _ = run(capsys, "presets", "w4-rtn-g64")
+    assert code == 0 and "group_size: 64" in out
