@@ -2,7 +2,8 @@
 
 Every quantized model is scored against the float model on the same windows (one float pass per
 window, shared). Prints a Markdown table: bits/weight of the quantized layers (scales and zeros
-included), bytes of the saved weights file (embeddings and norms stay fp32), perplexity, KL(fp || q) per token, top-1 agreement.
+included), bytes of the saved weights file (embeddings and norms stay fp32), perplexity,
+KL(fp || q) per token, top-1 agreement.
 
     .venv/bin/python benchmarks/rtn_table.py [--tokens 16384] [--seqlen 2048]
 
