@@ -105,3 +105,34 @@ def test_presets_listing_and_yaml(capsys):
     assert run(capsys, "presets")[1].count("\n") >= 8
     code, out, _ = run(capsys, "presets", "w4-rtn-g64")
     assert code == 0 and "group_size: 64" in out
+
+
+def test_calibrated_quantize_records_calibration_and_refuses_overlapping_eval(
+    tmp_path, tiny_folder, text_file, capsys
+):
+    out = tmp_path / "gptq"
+    code, stdout, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-gptq-g64", "--out", str(out),
+        "--calib", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert (
+        summary["calibration"]["tokens"] == 128
+        and len(summary["calibration"]["token_sha256"]) == 64
+    )
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["calibration"] == summary["calibration"]
+    assert len(manifest["blocks"]) == 2
+    code, _, err = run(capsys, "eval", str(out), "--corpus", str(text_file), "--seqlen", "32")
+    assert code == 2 and "calibrated on" in err
+
+
+def test_calibration_corpus_too_short_is_a_clear_error(tmp_path, tiny_folder, text_file, capsys):
+    out = str(tmp_path / "q")
+    code, _, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-gptq-g64", "--out", out,
+        "--calib", str(text_file), "--calib-samples", "1000", "--calib-seqlen", "512",
+    )  # fmt: skip
+    assert code == 2 and "lower --calib-samples" in err
+    assert not (tmp_path / "q").exists()

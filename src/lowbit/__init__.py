@@ -9,7 +9,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API_NAMES = ("quantize", "evaluate", "save", "load", "load_model", "load_recipe")
+_API_NAMES = (
+    "quantize",
+    "evaluate",
+    "save",
+    "load",
+    "load_model",
+    "load_recipe",
+    "calibration_set",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -21,23 +21,44 @@ import torch
 from torch import nn
 
 from lowbit import __version__
-from lowbit.calibration import CalibrationSet
+from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.data import corpus_ids, eval_windows, load_corpus
 from lowbit.eval import EvalResult, model_size, score_models
 from lowbit.models import LoadedModel, load_model, save_folder
-from lowbit.pipeline import QuantizeReport, quantize_weights
+from lowbit.pipeline import CALIBRATED, QuantizeReport, quantize_weights
 from lowbit.recipes import Recipe, load_recipe
 
-__all__ = ["evaluate", "load", "load_model", "load_recipe", "model_size", "quantize", "save"]
+__all__ = [
+    "calibration_set",
+    "evaluate",
+    "load",
+    "load_model",
+    "load_recipe",
+    "model_size",
+    "needs_calibration",
+    "quantize",
+    "save",
+]
 
 
 def quantize(
-    model: nn.Module, recipe: Recipe | str | Path, progress: bool = True
+    model: nn.Module,
+    recipe: Recipe | str | Path,
+    calibration: CalibrationSet | None = None,
+    progress: bool = True,
 ) -> QuantizeReport:
-    """Quantize ``model`` in place with a recipe (object, preset name, or YAML path)."""
+    """Quantize ``model`` in place with a recipe (object, preset name, or YAML path).
+
+    Calibrated algorithms (gptq, awq, awq+gptq) need ``calibration`` windows, e.g.
+    ``lowbit.calibration_set(tokenizer, "bbc", samples=128, seqlen=512)``.
+    """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return quantize_weights(model, recipe, progress=progress)
+    return quantize_weights(model, recipe, calibration, progress=progress)
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    return recipe.algorithm in CALIBRATED
 
 
 def evaluate(
@@ -78,7 +99,6 @@ def save(
     folder: str | Path,
     report: QuantizeReport,
     source: LoadedModel | None = None,
-    calibration: CalibrationSet | None = None,
     metrics: dict[str, Any] | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -93,9 +113,12 @@ def save(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"model": source.source, "kind": source.kind} if source else None,
         "recipe": report.recipe.to_dict(),
-        "calibration": calibration.describe() if calibration else None,
+        "calibration": report.calibration.describe() if report.calibration else None,
         "seed": seed,
         "quantize_seconds": round(report.seconds, 3),
+        "quantize_peak_rss_mb": round(report.peak_rss_mb or 0, 1) or None,
+        "blocks": [b.to_dict() for b in report.blocks],
+        "awq_alpha": report.awq_alpha or None,
         "size": size.to_dict(),
         "metrics": metrics or {},
         "layers": {name: layer.to_dict() for name, layer in report.layers.items()},

@@ -159,14 +159,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     src = api.load_model(args.model)
     if src.kind == "lowbit":
         raise LowbitError(f"{args.model} is already quantized; start from the float model")
-    if args.eval and args.eval_corpus == args.calib and recipe.algorithm != "rtn":
-        raise LowbitError(
-            "calibration and evaluation corpora must differ (--calib / --eval-corpus)"
+    calibration = None
+    if api.needs_calibration(recipe):
+        if args.eval and args.eval_corpus == args.calib:
+            raise LowbitError(
+                "calibration and evaluation text must differ (--calib, --eval-corpus)"
+            )
+        _need_tokenizer(src)
+        calibration = api.calibration_set(
+            src.tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed
         )
-    if recipe.algorithm == "rtn":
-        log.info("rtn uses no calibration data; --calib options are ignored")
+    else:
+        log.info("%s uses no calibration data; --calib options are ignored", recipe.algorithm)
     ref = copy.deepcopy(src.model) if args.eval else None
-    report = api.quantize(src.model, recipe, progress=not args.quiet)
+    report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
     metrics: dict[str, Any] = {}
     if ref is not None:
         _need_tokenizer(src)
@@ -180,7 +186,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     folder = api.save(src.model, args.out, report, source=src, metrics=metrics, seed=args.seed,
                       overwrite=args.overwrite)  # fmt: skip
     summary = {"out": str(folder), "recipe": recipe.to_dict(), "seconds": round(report.seconds, 2),
-               "size": api.model_size(src.model).to_dict(), **metrics}  # fmt: skip
+               "peak_rss_mb": report.peak_rss_mb, "size": api.model_size(src.model).to_dict(),
+               "calibration": report.calibration.describe() if report.calibration else None,
+               **metrics}  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=1))
     elif ref is not None:

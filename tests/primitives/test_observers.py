@@ -5,7 +5,7 @@ from lowbit.formats import ObserverSpec, int_type
 from lowbit.primitives import Grid, fake_quantize_range, observe
 
 
-def heavy_tailed(n=65536, seed=0):
+def heavy_tailed(n=16384, seed=0):
     """Laplace(0, 1): exponential tails, max |x| about 11 sigma-units for 65k samples."""
     torch.manual_seed(seed)
     return torch.distributions.Laplace(0.0, 1.0).sample((n,)).reshape(1, 1, n)

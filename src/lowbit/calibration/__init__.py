@@ -1,5 +1,20 @@
 """Calibration: data for calibrated algorithms, statistics hooks, the sequential block runner."""
 
+from lowbit.calibration.capture import BlockCall, block_output, capture_block_inputs, module_output
 from lowbit.calibration.data import CalibrationSet, calibration_set
+from lowbit.calibration.runner import BlockContext, BlockResult, run_sequential
+from lowbit.calibration.stats import InputStats, collect_input_stats
 
-__all__ = ["CalibrationSet", "calibration_set"]
+__all__ = [
+    "BlockCall",
+    "BlockContext",
+    "BlockResult",
+    "CalibrationSet",
+    "InputStats",
+    "block_output",
+    "calibration_set",
+    "capture_block_inputs",
+    "collect_input_stats",
+    "module_output",
+    "run_sequential",
+]

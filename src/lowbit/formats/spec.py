@@ -15,7 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.qtype import QType, qtype_for
 from lowbit.typed import from_mapping, to_mapping
 
-ObserverName = Literal["minmax", "percentile", "mse", "entropy", "meanstd"]
+ObserverName = Literal["minmax", "percentile", "mse", "entropy", "meanstd", "hqq"]
 Format = Literal["int", "nf4", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
 ScaleDtype = Literal["float16", "bfloat16", "float32"]
 
@@ -29,6 +29,8 @@ class ObserverSpec:
     minimises the ``norm``-power error. entropy: the clipping threshold whose quantized histogram
     (``bins`` bins) has the least KL divergence from the original (TensorRT-style).
     meanstd: mean ± ``k`` standard deviations ("dynamic range scaling").
+    hqq: half-quadratic optimisation of scale/zero for the error sum |x - q(x)|^hqq_p
+    (``hqq_iters`` steps, penalty ``hqq_beta`` growing by ``hqq_kappa``); integer grids only.
     """
 
     name: ObserverName = "minmax"
@@ -38,6 +40,10 @@ class ObserverSpec:
     max_shrink: float = 0.8
     norm: float = 2.4
     bins: int = 2048
+    hqq_p: float = 0.7
+    hqq_beta: float = 10.0
+    hqq_kappa: float = 1.01
+    hqq_iters: int = 20
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -48,6 +54,8 @@ class ObserverSpec:
             raise LowbitError("observer.grid must be >= 1 and observer.max_shrink in [0, 1)")
         if self.norm <= 0 or self.bins < 16:
             raise LowbitError("observer.norm must be positive and observer.bins >= 16")
+        if not 0 < self.hqq_p <= 1 or self.hqq_beta <= 0 or self.hqq_iters < 1:
+            raise LowbitError("observer.hqq_p must be in (0, 1], hqq_beta > 0, hqq_iters >= 1")
 
 
 def _observer(value: Any, where: str) -> ObserverSpec:

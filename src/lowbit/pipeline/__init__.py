@@ -1,5 +1,5 @@
 """Orchestration: recipes applied to models (sits above models/ and recipes/, below api)."""
 
-from lowbit.pipeline.weights import LayerReport, QuantizeReport, quantize_weights
+from lowbit.pipeline.weights import CALIBRATED, LayerReport, QuantizeReport, quantize_weights
 
-__all__ = ["LayerReport", "QuantizeReport", "quantize_weights"]
+__all__ = ["CALIBRATED", "LayerReport", "QuantizeReport", "quantize_weights"]

@@ -1,8 +1,9 @@
 """Range observers: choose [lo, hi] for each block of a blocked tensor (..., n).
 
-All are pure functions of the values. ``minmax`` keeps every value representable; the others
-clip outliers to spend the grid's resolution where most values are, which lowers the total error
-on heavy-tailed data.
+All are pure functions of the values. ``minmax`` keeps every value representable; ``hqq``
+optimises the range for a sparse error (see :mod:`lowbit.primitives.hqq`); the others clip
+outliers to spend the grid's resolution where most values are, which lowers the total error on
+heavy-tailed data.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import math
 import torch
 from torch import Tensor
 
+from lowbit.errors import LowbitError
 from lowbit.formats.spec import ObserverSpec
+from lowbit.primitives.hqq import hqq_range
 from lowbit.primitives.qparams import Grid, fake_quantize_range
 
 
@@ -29,6 +32,12 @@ def observe(xb: Tensor, spec: ObserverSpec, grid: Grid) -> tuple[Tensor, Tensor]
         return _mse(xb, spec, grid)
     if spec.name == "entropy":
         return _entropy(xb, spec.bins, grid.qtype.mid)
+    if spec.name == "hqq":
+        if grid.qtype.kind != "int":
+            raise LowbitError(f"observer hqq needs an integer grid, not {grid.qtype.name}")
+        start = _mse(xb, spec, grid)  # HQQ refines the MSE-clipped range
+        return hqq_range(xb, grid.qtype, grid.symmetric, start, spec.hqq_p, spec.hqq_beta,
+                         spec.hqq_kappa, spec.hqq_iters)  # fmt: skip
     raise ValueError(f"unknown observer {spec.name!r}")
 
 

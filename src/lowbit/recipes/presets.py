@@ -26,8 +26,21 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
         "fp8-e4m3": ("fp8 e4m3 weights, per-channel scales", {
             "format": "fp8_e4m3", "bits": 8, "group_size": -1}),
     }  # fmt: skip
-    return {
-        name: (desc, {"version": 1, "name": name, "algorithm": "rtn", "weights": weights,
-                      "ignore": list(_KEEP_HEAD)})
-        for name, (desc, weights) in table.items()
+    calibrated = {
+        "w4-hqq-g64": ("hqq", "int4 asymmetric g64, HQQ ranges (no data)", _weights(4, 64)),
+        "w3-hqq-g32": ("hqq", "int3 asymmetric g32, HQQ ranges (no data)", _weights(3, 32)),
+        "w4-gptq-g64": ("gptq", "int4 asymmetric g64, GPTQ with act-order", _weights(4, 64)),
+        "w3-gptq-g32": ("gptq", "int3 asymmetric g32, GPTQ with act-order", _weights(3, 32)),
+        "w4-gptq-channel": ("gptq", "int4 asymmetric per-channel, GPTQ", _weights(4, -1)),
+        "w4-awq-g64": ("awq", "int4 asymmetric g64, AWQ scales and clipping", _weights(4, 64)),
+        "w3-awq-g32": ("awq", "int3 asymmetric g32, AWQ scales and clipping", _weights(3, 32)),
+        "w4-awq-gptq-g64": ("awq+gptq", "int4 asym g64, AWQ scales then GPTQ", _weights(4, 64)),
     }  # fmt: skip
+    out = {name: (desc, _recipe(name, "rtn", weights)) for name, (desc, weights) in table.items()}
+    out |= {name: (desc, _recipe(name, algo, w)) for name, (algo, desc, w) in calibrated.items()}
+    return out
+
+
+def _recipe(name: str, algorithm: str, weights: dict[str, Any]) -> dict[str, Any]:
+    return {"version": 1, "name": name, "algorithm": algorithm, "weights": weights,
+            "ignore": list(_KEEP_HEAD)}  # fmt: skip

@@ -14,12 +14,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lowbit.algorithms.awq import AWQOptions
+from lowbit.algorithms.gptq import GPTQOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, WeightSpec
+from lowbit.typed import from_mapping, to_mapping
 
 RECIPE_VERSION = 1
-Algorithm = Literal["rtn"]
-_KEYS = ("version", "name", "algorithm", "weights", "activations", "ignore", "overrides")
+Algorithm = Literal["rtn", "hqq", "gptq", "awq", "awq+gptq"]
+_KEYS = ("version", "name", "algorithm", "weights", "activations", "ignore", "overrides", "gptq",
+         "awq")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,12 @@ class Override:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A validated quantization recipe (see the module docstring for precedence)."""
+    """A validated quantization recipe (see the module docstring for precedence).
+
+    ``algorithm``: ``rtn`` (round to nearest), ``hqq`` (RTN with HQQ-optimised ranges, no data),
+    ``gptq``, ``awq`` (scales + output-error clipping + RTN), ``awq+gptq`` (AWQ scales, then
+    GPTQ); ``gptq`` and ``awq`` hold those algorithms' options.
+    """
 
     algorithm: Algorithm = "rtn"
     weights: WeightSpec | None = field(default_factory=WeightSpec)
@@ -51,6 +60,8 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     name: str | None = None
     version: int = RECIPE_VERSION
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    awq: AWQOptions = field(default_factory=AWQOptions)
 
     def __post_init__(self) -> None:
         if self.activations is not None:
@@ -103,6 +114,10 @@ class Recipe:
         out["activations"] = None if self.activations is None else self.activations.to_dict()
         out["ignore"] = list(self.ignore)
         out["overrides"] = [{"match": o.match, "weights": o.weights} for o in self.overrides]
+        if self.algorithm in ("gptq", "awq+gptq"):
+            out["gptq"] = to_mapping(self.gptq)
+        if self.algorithm.startswith("awq"):
+            out["awq"] = to_mapping(self.awq)
         return out
 
     @classmethod
@@ -130,6 +145,8 @@ class Recipe:
                             for i, o in enumerate(data.get("overrides") or [])),
             name=data.get("name"),
             version=version,
+            gptq=from_mapping(GPTQOptions, data.get("gptq") or {}, f"{where}.gptq"),
+            awq=from_mapping(AWQOptions, data.get("awq") or {}, f"{where}.awq"),
         )  # fmt: skip
 
 

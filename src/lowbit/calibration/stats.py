@@ -1,0 +1,84 @@
+"""Statistics of the inputs of linear layers, collected with forward pre-hooks.
+
+- ``hessian``: H = 2·XᵀX / n over all input rows (GPTQ's Hessian of ||WX − ŴX||²);
+- ``absmean``: mean |x| per input channel (AWQ's activation magnitude);
+Inputs shared by several linears (q, k and v read the same tensor) are reduced once. A
+non-finite input stops calibration with an error naming the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.calibration.capture import StopForward
+from lowbit.errors import LowbitError
+
+
+@dataclass
+class InputStats:
+    """Running sums for one linear layer's inputs."""
+
+    xtx: Tensor | None = None  # (in, in) sum of x xᵀ, float64
+    abs_sum: Tensor | None = None  # (in,) sum of |x|
+    rows: int = 0
+
+    def hessian(self) -> Tensor:
+        """2·XᵀX / n in float32 (zero rows: a zero matrix)."""
+        return (2.0 * self.xtx / max(self.rows, 1)).float()
+
+    def absmean(self) -> Tensor:
+        return (self.abs_sum / max(self.rows, 1)).float()
+
+
+@contextmanager
+def collect_input_stats(
+    modules: dict[str, nn.Linear],
+    hessian: bool = False,
+    absmean: bool = False,
+    stop_when_done: bool = False,
+) -> Iterator[dict[str, InputStats]]:
+    """Hook ``modules`` (name -> linear) while the block runs; yields name -> InputStats.
+
+    With ``stop_when_done`` the forward pass is aborted (``StopForward``) as soon as every hooked
+    layer has seen its input, so collecting a block's first linears costs a fraction of a pass.
+    """
+    stats = {name: InputStats() for name in modules}
+    seen: set[str] = set()
+    last: list = [None, None]  # [input tensor object, its reductions]; holding it keeps it alive
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            x2 = x.detach().reshape(-1, x.shape[-1])  # (rows, in)
+            if last[0] is not x:  # a new input (not the one q/k/v share)
+                if not torch.isfinite(x2).all():
+                    raise LowbitError(f"non-finite calibration activations entering {name}")
+                xf = x2.float()  # per-batch products in fp32 (fast), summed over batches in fp64
+                xtx = (xf.T @ xf).double() if hessian else None
+                last[:] = [x, (xtx, xf.abs().sum(0).double() if absmean else None)]
+            xtx, abs_sum = last[1]
+            s = stats[name]
+            if hessian:
+                s.xtx = xtx.clone() if s.xtx is None else s.xtx + xtx
+            if absmean:
+                s.abs_sum = abs_sum.clone() if s.abs_sum is None else s.abs_sum + abs_sum
+            s.rows += x2.shape[0]
+            seen.add(name)
+            if stop_when_done and len(seen) == len(modules):
+                seen.clear()
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        yield stats
+    finally:
+        last[:] = [None, None]
+        for h in handles:
+            h.remove()

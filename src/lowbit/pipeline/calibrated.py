@@ -1,0 +1,133 @@
+"""Block handlers for the calibrated algorithms, run by the sequential block runner.
+
+Each handler quantizes the linears of one block that the plan covers, sets each linear's weight
+to its quantized value (so the runner's next pass sees the quantized block) and records the
+:class:`QuantizedWeight` for packing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from lowbit.algorithms.awq import AWQOptions, search_scales
+from lowbit.algorithms.clip import output_error_range
+from lowbit.algorithms.gptq import GPTQOptions, gptq
+from lowbit.calibration import BlockContext, module_output
+from lowbit.formats.spec import WeightSpec
+from lowbit.models.families import Family
+from lowbit.models.fold import can_fold, fold_scales
+from lowbit.primitives import QuantizedWeight, quantize_weight
+
+log = logging.getLogger(__name__)
+
+
+def apply(linear: nn.Linear, qw: QuantizedWeight) -> None:
+    """Give ``linear`` the weight the quantized codes stand for."""
+    with torch.no_grad():
+        linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
+
+
+def gptq_block(
+    ctx: BlockContext,
+    plan: dict[str, WeightSpec],
+    groups: list[list[str]],
+    options: GPTQOptions,
+    out: dict[str, QuantizedWeight],
+) -> None:
+    """GPTQ on each group of the block's linears, re-measuring inputs after each group."""
+    for group in groups:
+        names = [n for n in group if n in plan]
+        if not names:
+            continue
+        stats = ctx.collect(names, hessian=True)
+        for name in names:
+            linear, full = ctx.linear(name), f"{ctx.name}.{name}"
+            qw = gptq(linear.weight, stats[name].hessian(), plan[name], options, full)
+            apply(linear, qw)
+            out[full] = qw
+
+
+def clipped_rtn_block(
+    ctx: BlockContext,
+    plan: dict[str, WeightSpec],
+    groups: list[list[str]],
+    options: AWQOptions,
+    out: dict[str, QuantizedWeight],
+) -> None:
+    """Round-to-nearest with (optionally) output-error clipping of each group's range."""
+    for group in groups:
+        names = [n for n in group if n in plan]
+        if not names:
+            continue
+        stats = ctx.collect(names, hessian=True) if options.clip else {}
+        for name in names:
+            linear, full, spec = ctx.linear(name), f"{ctx.name}.{name}", plan[name]
+            lo = hi = None
+            if options.clip:
+                hessian = stats[name].hessian()
+                lo, hi = output_error_range(
+                    linear.weight, hessian, spec, options.clip_steps, options.clip_max_shrink
+                )
+            qw = quantize_weight(linear.weight, spec, full, lo, hi)
+            apply(linear, qw)
+            out[full] = qw
+
+
+def awq_scale_block(
+    ctx: BlockContext,
+    plan: dict[str, WeightSpec],
+    family: Family,
+    options: AWQOptions,
+    batch_size: int,
+) -> dict[str, float | None]:
+    """Search and fold AWQ scales for every scale group of the block; returns α per group
+    (None where no scaling won)."""
+    chosen = {}
+    max_calls = max(1, math.ceil(options.search_samples / batch_size))
+    for group in family.scale_groups:
+        names = [n for n in group.linears if n in plan]
+        linears = [ctx.linear(n) for n in names]
+        prev = ctx.block.get_submodule(group.prev)
+        if len(names) != len(group.linears) or not can_fold(prev, group.prev_kind, linears):
+            log.debug("%s: no AWQ scaling for %s", ctx.name, group.linears)
+            continue
+        stats = ctx.collect(names, absmean=True)
+        inspect = ctx.block.get_submodule(group.inspect)
+        inputs = ctx.module_inputs(group.inspect, max_calls)
+        with torch.no_grad():
+            reference = [module_output(inspect, a, k) for a, k in inputs]
+        originals = [lin.weight.detach().clone() for lin in linears]
+        loss = _ModuleLoss(linears, inspect, inputs, reference)
+        specs = [plan[n] for n in names]
+        s, alpha, _ = search_scales(stats[names[0]].absmean(), originals, specs, loss, options)
+        with torch.no_grad():
+            for lin, w in zip(linears, originals, strict=True):
+                lin.weight.copy_(w)
+        fold_scales(prev, group.prev_kind, linears, s)
+        chosen[f"{ctx.name}.{group.prev}"] = alpha
+    return chosen
+
+
+class _ModuleLoss:
+    """Mean squared output error of ``inspect`` when ``linears`` hold the given weights."""
+
+    def __init__(self, linears: list[nn.Linear], inspect: nn.Module, inputs: list, reference: list):
+        self.linears, self.inspect, self.inputs, self.reference = (
+            linears,
+            inspect,
+            inputs,
+            reference,
+        )
+
+    @torch.no_grad()
+    def __call__(self, effective: list[torch.Tensor]) -> float:
+        for lin, w in zip(self.linears, effective, strict=True):
+            lin.weight.copy_(w.to(lin.weight.dtype))
+        total = 0.0
+        for (args, kwargs), ref in zip(self.inputs, self.reference, strict=True):
+            total += float((module_output(self.inspect, args, kwargs) - ref).double().pow(2).mean())
+        return total / len(self.inputs)

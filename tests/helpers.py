@@ -1,0 +1,61 @@
+"""Test helpers: tiny random models of each architecture family and a real word tokenizer."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+TEXT = (
+    "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
+    "all that glitters is not gold . the early bird catches the worm . "
+) * 40
+
+
+def make_tokenizer():
+    """A word-level tokenizer over a small vocabulary (real `tokenizers` object)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(TEXT.split())) + list(string.ascii_lowercase)
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def tiny_llama(vocab: int = 64, layers: int = 2, hidden: int = 64, tie: bool = True, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=tie,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_family_model(family: str, vocab: int = 64, seed: int = 0):
+    """A 2-block random causal LM of one architecture family (built offline from its config)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = {"vocab_size": vocab}
+    llama_like = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "max_position_embeddings": 256}  # fmt: skip
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common, **llama_like),
+        "qwen2": lambda: tf.Qwen2Config(**common, **llama_like),
+        "mistral": lambda: tf.MistralConfig(**common, **llama_like),
+        "gemma": lambda: tf.GemmaConfig(**common, **llama_like, head_dim=16),
+        "gpt2": lambda: tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+        "opt": lambda: tf.OPTConfig(**common, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=64,
+                                    max_position_embeddings=256),
+    }  # fmt: skip
+    return tf.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt2", "opt"]
