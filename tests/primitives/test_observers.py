@@ -30,7 +30,7 @@ def test_clipping_observers_beat_minmax_on_heavy_tails_at_4_bits(spec):
     """At 4 bits the resolution lost to the rare tail costs more than clipping it."""
     x = heavy_tailed()
     grid = Grid(int_type(4), symmetric=True)
-    assert mse(x, spec, grid) < 0.5 * mse(x, ObserverSpec(name="minmax"), grid)
+    assert mse(x, spec, grid) < 0.7 * mse(x, ObserverSpec(name="minmax"), grid)
 
 
 def test_mse_observer_beats_minmax_at_8_bits():
