@@ -18,7 +18,7 @@ def quantized(tmp_path, tiny_folder, text_file, capsys):
     out = tmp_path / "q"
     code, stdout, _ = run(
         capsys, "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--out", str(out),
-        "--eval", "--eval-corpus", str(text_file), "--eval-seqlen", "32", "--eval-tokens", "256",
+        "--eval", "--eval-corpus", str(text_file), "--eval-seqlen", "64", "--eval-tokens", "256",
     )  # fmt: skip
     assert code == 0
     return out, stdout
@@ -41,16 +41,19 @@ def test_inspect_json_has_top_level_bits_per_weight(quantized, capsys):
 def test_eval_of_saved_folder_matches_what_quantize_measured(
     quantized, tiny_folder, text_file, capsys
 ):
+    """The reloaded folder runs on the kernels; on windows longer than a decode batch they
+    compute with float inputs, so the figures agree up to the order of float sums."""
     out = quantized[0]
     code, stdout, _ = run(
-        capsys, "eval", str(out), "--corpus", str(text_file), "--seqlen", "32", "--tokens", "256",
+        capsys, "eval", str(out), "--corpus", str(text_file), "--seqlen", "64", "--tokens", "256",
         "--ref", str(tiny_folder), "--json",
     )  # fmt: skip
     assert code == 0
     got = json.loads(stdout)
     assert {"model", "corpus", "seqlen", "tokens", "ppl", "kl", "top1"} <= set(got)
     measured = json.loads((out / "lowbit.json").read_text())["metrics"]["eval"]
-    assert got["ppl"] == measured["ppl"] and got["kl"] == measured["kl"]
+    assert got["ppl"] == pytest.approx(measured["ppl"], rel=1e-5)
+    assert got["kl"] == pytest.approx(measured["kl"], rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.parametrize(

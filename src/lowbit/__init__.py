@@ -17,6 +17,7 @@ _API_NAMES = (
     "load_model",
     "load_recipe",
     "calibration_set",
+    "bench",
 )
 
 

@@ -24,11 +24,13 @@ from lowbit import __version__
 from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.data import corpus_ids, eval_windows, load_corpus
 from lowbit.eval import EvalResult, model_size, score_models
+from lowbit.eval.bench import BenchResult, bench_models
 from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.pipeline import CALIBRATED, QuantizeReport, quantize_weights
 from lowbit.recipes import Recipe, load_recipe
 
 __all__ = [
+    "bench",
     "calibration_set",
     "evaluate",
     "load",
@@ -127,9 +129,25 @@ def save(
     return save_folder(model, Path(folder), manifest, tokenizer, overwrite)
 
 
-def load(folder: str | Path) -> LoadedModel:
-    """A saved lowbit folder (or any model source) with its tokenizer and manifest."""
-    return load_model(str(folder))
+def load(folder: str | Path, kernels: bool = True) -> LoadedModel:
+    """A saved lowbit folder (or any model source) with its tokenizer and manifest; with
+    ``kernels``, quantized layers run on the fast kernels (inference only: do not re-save)."""
+    return load_model(str(folder), kernels)
+
+
+def bench(
+    sources: dict[str, str],
+    prompt_tokens: int = 512,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    rss: bool = True,
+    progress: bool = True,
+) -> tuple[dict[str, BenchResult], dict[str, Any]]:
+    """Load each source (name -> model source; lowbit folders on their fast kernels) and time
+    them side by side; with ``rss``, also each one's peak RSS alone in a child process."""
+    models = {name: load_model(src).model for name, src in sources.items()}
+    return bench_models(models, sources if rss else None, prompt_tokens, new_tokens, repeats,
+                        progress)  # fmt: skip
 
 
 def _transformers_version() -> str | None:

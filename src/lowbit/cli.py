@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import __version__
+from lowbit.cli_perf import add_bench, add_report
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -25,6 +26,7 @@ examples:
   lowbit eval out/smollm2-w4g64 --ref smollm2-135m --tokens 16384
   lowbit inspect out/smollm2-w4g64
   lowbit presets w4-rtn-g64            # print a preset as YAML to start your own recipe
+  lowbit bench out/smollm2-w4g64 --ref smollm2-135m
 
 MODEL is a zoo name (see `lowbit models`), a Hugging Face folder, a .gguf file, a lowbit output
 folder, or a hub id (needs network). CORPUS is a name (see `lowbit corpora`) or a text file.
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub, common)
     _add_eval(sub, common)
     _add_inspect(sub, common)
+    add_bench(sub, common)
+    add_report(sub, common)
     _add_listing(sub, common)
     return parser
 
@@ -314,9 +318,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from lowbit.models import zoo
+    from lowbit.models import random_models, zoo
 
-    for name, entry in zoo().items():
+    for name, entry in {**zoo(), **random_models()}.items():
         print(f"{name:22s} {entry.description}")
     return 0
 

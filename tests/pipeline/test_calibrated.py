@@ -48,7 +48,7 @@ def test_awq_scales_are_saved_and_reloaded_exactly(tmp_path, tiny_folder):
     report = api.quantize(src.model, recipe("awq"), calib(vocab=50))
     assert report.awq_alpha  # scales were searched and folded
     out = api.save(src.model, tmp_path / "q", report, source=src)
-    loaded = api.load(out).model
+    loaded = api.load(out, kernels=False).model
     ids = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, src.model(ids).logits)

@@ -55,9 +55,15 @@ def test_invalid_recipes_give_one_line_errors(text, message):
     assert "\n" not in str(info.value)
 
 
-def test_activation_quantization_is_refused_clearly_for_now():
-    with pytest.raises(LowbitError, match="activations: null"):
+def test_w8a8_needs_int8_symmetric_channel_weights():
+    with pytest.raises(LowbitError, match="int8 symmetric per-channel weights"):
         recipe_from_yaml("version: 1\nactivations: {bits: 8}\n")
+    with pytest.raises(LowbitError, match="only"):
+        recipe_from_yaml("version: 1\nactivations: {bits: 4}\n")
+    w8a8 = recipe_from_yaml(
+        "version: 1\nweights: {bits: 8, symmetric: true, group_size: -1}\nactivations: {bits: 8}\n"
+    )
+    assert w8a8.activations.granularity == "token"
 
 
 def test_format_override_drops_inherited_bits():

@@ -1,9 +1,10 @@
 """Models: loading from every source, the offline zoo, layer matching, lowbit folders."""
 
 from lowbit.models.checkpoint import load_folder, read_manifest, save_folder
+from lowbit.models.kernels import use_kernels
 from lowbit.models.load import LoadedModel, load_model
 from lowbit.models.modules import get_module, quantizable_layers, set_module, untie_if_needed
-from lowbit.models.zoo import zoo
+from lowbit.models.zoo import random_models, zoo
 
 __all__ = [
     "LoadedModel",
@@ -11,9 +12,11 @@ __all__ = [
     "load_folder",
     "load_model",
     "quantizable_layers",
+    "random_models",
     "read_manifest",
     "save_folder",
     "set_module",
     "untie_if_needed",
+    "use_kernels",
     "zoo",
 ]

@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit.assets import atomic_dir
 from lowbit.errors import LowbitError
-from lowbit.formats.spec import WeightSpec
+from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.models.modules import set_module
 from lowbit.nn import QuantLinear
 
@@ -98,7 +98,9 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
     model = skeleton if skeleton is not None else _hf_skeleton(folder)
     for name, info in manifest["layers"].items():
         spec = WeightSpec.from_dict(info["weights"], f"{MANIFEST}: layers.{name}.weights")
-        layer = QuantLinear(info["in_features"], info["out_features"], spec, info["bias"])
+        acts = info.get("activations")
+        act = None if acts is None else ActivationSpec.from_dict(acts, f"layers.{name}.activations")
+        layer = QuantLinear(info["in_features"], info["out_features"], spec, info["bias"], act=act)
         set_module(model, name, layer)
     try:
         state = load_file(str(folder / WEIGHTS))

@@ -15,7 +15,8 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.models.checkpoint import MANIFEST, load_folder
 from lowbit.models.convert import converted_folder
-from lowbit.models.zoo import zoo, zoo_gguf
+from lowbit.models.kernels import use_kernels
+from lowbit.models.zoo import build_random, random_models, zoo, zoo_gguf
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     """A model with its tokenizer and where it came from.
 
-    ``kind`` is one of ``zoo``, ``folder`` (HF folder), ``gguf``, ``lowbit``, ``hub``; ``folder``
+    ``kind`` is one of ``zoo``, ``random`` (zoo shape, random weights), ``folder`` (HF folder),
+    ``gguf``, ``lowbit``, ``hub``; ``folder``
     is the local HF-style folder the model was read from (None for hub models).
     """
 
@@ -36,18 +38,26 @@ class LoadedModel:
     manifest: dict | None = None
 
 
-def load_model(source: str) -> LoadedModel:
-    """Load ``source`` in float32 (quantized layers stay packed for lowbit folders)."""
+def load_model(source: str, kernels: bool = True) -> LoadedModel:
+    """Load ``source`` in float32 (quantized layers stay packed for lowbit folders; with
+    ``kernels``, those a fast kernel covers are converted to its layout, for inference only)."""
     entries = zoo()
     if source in entries:
         entry = entries[source]
         folder = converted_folder(zoo_gguf(entry), entry.member_sha256)
         model, tok = _from_hf_folder(folder)
         return LoadedModel(model, tok, source, "zoo", folder)
+    randoms = random_models()
+    if source in randoms:
+        log.info("building %s (random weights: speed and memory only)", source)
+        return LoadedModel(build_random(randoms[source]), None, source, "random")
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / MANIFEST).is_file():
             model, manifest = load_folder(path)
+            if kernels:
+                counts = use_kernels(model)
+                log.info("kernels for %s: %s", path, counts)
             return LoadedModel(model, _tokenizer(path), source, "lowbit", path, manifest)
         if (path / "config.json").is_file():
             model, tok = _from_hf_folder(path)
@@ -63,7 +73,7 @@ def load_model(source: str) -> LoadedModel:
         return LoadedModel(model, tok, source, "gguf", folder)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise LowbitError(f"no such file or folder: {source}")
-    model, tok = _from_hub(source, entries)
+    model, tok = _from_hub(source)
     return LoadedModel(model, tok, source, "hub")
 
 
@@ -87,7 +97,7 @@ def _tokenizer(folder: Path) -> Any:
         return None
 
 
-def _from_hub(repo_id: str, entries: dict) -> tuple[nn.Module, Any]:
+def _from_hub(repo_id: str) -> tuple[nn.Module, Any]:
     """Load from the Hugging Face hub (or its local cache when the hub is unreachable)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +109,7 @@ def _from_hub(repo_id: str, entries: dict) -> tuple[nn.Module, Any]:
     except (OSError, ValueError) as exc:
         why = "the hub is unreachable and it is not in the local HF cache" if local_only else exc
         raise LowbitError(
-            f"cannot load model {repo_id!r}: it is not a zoo name ({', '.join(entries)}), "
+            f"cannot load model {repo_id!r}: it is not a zoo name (see `lowbit models`), "
             f"not a local path, and from the Hugging Face hub: {str(why)[:200]}"
         ) from None
     return model.eval(), tok

@@ -1,5 +1,17 @@
 """Quantized modules."""
 
+from lowbit.nn.kernel_linear import (
+    AffineKernelLinear,
+    Int8KernelLinear,
+    kernel_module,
+    weight_bytes,
+)
 from lowbit.nn.quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = [
+    "AffineKernelLinear",
+    "Int8KernelLinear",
+    "QuantLinear",
+    "kernel_module",
+    "weight_bytes",
+]

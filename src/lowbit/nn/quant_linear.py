@@ -6,8 +6,9 @@ Buffers (what is saved and what occupies RAM):
 - ``scale``: (out/br, in/bc) in the spec's scale dtype (absent for fp16/bf16);
 - ``zero``: asymmetric int grids only: fp offsets of the same shape (``zero_point: float``) or
   integer codes packed along the block dim (``zero_point: int``).
-The forward pass dequantizes the weight and calls ``F.linear``; the fast kernels replace exactly
-this step, with this as their reference.
+The forward pass dequantizes the weight and calls ``F.linear`` (for W8A8 layers, ``act`` set:
+the int8 per-token reference of :mod:`lowbit.kernels.int8`); the fast kernels
+(:func:`lowbit.nn.use_kernels`) replace exactly this step, with this as their reference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.formats.granularity import n_blocks, weight_block
-from lowbit.formats.spec import WeightSpec
+from lowbit.formats.spec import ActivationSpec, WeightSpec
+from lowbit.kernels.int8 import Int8Weight, int8_linear_reference
 from lowbit.packing import pack, packed_length, unpack
 from lowbit.primitives import QParams, QuantizedWeight, dequantize_weight, grid_of
 
@@ -33,9 +35,11 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         layer: str = "",
+        act: ActivationSpec | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.act = act
         self.block = weight_block(spec, out_features, in_features, layer)
         qt, grid = spec.qtype, grid_of(spec)
         rows, cols = n_blocks(self.block, out_features, in_features)
@@ -57,12 +61,16 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, bias: Tensor | None = None, layer: str = ""
+        cls,
+        qw: QuantizedWeight,
+        bias: Tensor | None = None,
+        layer: str = "",
+        act: ActivationSpec | None = None,
     ) -> QuantLinear:
         """Pack an algorithm's output into a new module."""
         out_features, in_features = qw.shape
         dtype = bias.dtype if bias is not None else torch.float32
-        mod = cls(in_features, out_features, qw.spec, bias is not None, dtype, layer)
+        mod = cls(in_features, out_features, qw.spec, bias is not None, dtype, layer, act)
         bits = qw.spec.qtype.bits
         packs = qw.spec.qtype.kind in ("int", "nf")
         mod.qweight.copy_(pack(qw.codes, bits) if packs else qw.codes)
@@ -95,7 +103,15 @@ class QuantLinear(nn.Module):
         w = dequantize_weight(self.codes(), self.qparams(), self.spec, self.block)
         return w.to(dtype)
 
+    def int8_codes(self) -> Tensor:
+        """Signed int8 codes (out, in) of a symmetric 8-bit layer."""
+        return (self.codes().to(torch.int16) - self.spec.qtype.mid).to(torch.int8)
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        if self.act is not None:
+            w = Int8Weight(self.int8_codes(), self.scale.float().reshape(-1))
+            y = int8_linear_reference(x, w)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def storage_bytes(self) -> dict[str, int]:
@@ -111,5 +127,5 @@ class QuantLinear(nn.Module):
         return 8.0 * (b["codes"] + b["params"]) / (self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
-        bias = self.bias is not None
-        return f"{self.in_features}, {self.out_features}, {self.spec.short()}, bias={bias}"
+        bias, act = self.bias is not None, "" if self.act is None else f", {self.act.short()}"
+        return f"{self.in_features}, {self.out_features}, {self.spec.short()}{act}, bias={bias}"

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from lowbit.algorithms import rtn
 from lowbit.calibration import BlockContext, BlockResult, CalibrationSet, run_sequential
 from lowbit.errors import LowbitError
-from lowbit.formats.spec import WeightSpec
+from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.models.families import families, family_of, find_blocks, sequential_groups
 from lowbit.models.modules import quantizable_layers, set_module, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear
@@ -43,6 +43,7 @@ class LayerReport:
     bias: bool
     bits_per_weight: float
     weight_sqnr_db: float
+    activations: ActivationSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class LayerReport:
             "bias": self.bias,
             "bits_per_weight": round(self.bits_per_weight, 6),
             "weight_sqnr_db": round(self.weight_sqnr_db, 3),
+            "activations": None if self.activations is None else self.activations.to_dict(),
         }
 
 
@@ -118,10 +120,11 @@ def _layer_spec(recipe: Recipe, spec: WeightSpec) -> WeightSpec:
 
 
 def _swap(model, name, module, qw: QuantizedWeight, original, report: QuantizeReport) -> None:
-    new = QuantLinear.from_quantized(qw, module.bias, name)
+    act = report.recipe.activations
+    new = QuantLinear.from_quantized(qw, module.bias, name, act)
     report.layers[name] = LayerReport(
         qw.spec, module.in_features, module.out_features, module.bias is not None,
-        new.bits_per_weight(), sqnr_db(original, qw.dequantize()),
+        new.bits_per_weight(), sqnr_db(original, qw.dequantize()), act,
     )  # fmt: skip
     set_module(model, name, new.to(original.device))
 

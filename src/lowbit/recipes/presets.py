@@ -38,7 +38,29 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
     }  # fmt: skip
     out = {name: (desc, _recipe(name, "rtn", weights)) for name, (desc, weights) in table.items()}
     out |= {name: (desc, _recipe(name, algo, w)) for name, (algo, desc, w) in calibrated.items()}
+    out |= _other_presets()
     return out
+
+
+def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Half-precision storage, W8A8 and a mixed-precision example."""
+    w8a8 = _recipe("w8a8-dynamic", "rtn", _weights(8, -1, True))
+    w8a8["activations"] = {"bits": 8, "granularity": "token", "dynamic": True}
+    mixed = _recipe("w4-g64-down8", "rtn", _weights(4, 64))
+    mixed["overrides"] = [{"match": "re:.*\\.down_proj$", "weights": _weights(8, -1, True)}]
+    head8 = _recipe("w4-g64-head8", "rtn", _weights(4, 64))
+    head8["ignore"] = []
+    head8["overrides"] = [{"match": "lm_head", "weights": _weights(8, -1, True)}]
+    return {
+        "bf16": ("bfloat16 weight storage, float32 compute", _recipe(
+            "bf16", "rtn", {"format": "bf16", "bits": 16})),
+        "fp16": ("float16 weight storage, float32 compute", _recipe(
+            "fp16", "rtn", {"format": "fp16", "bits": 16})),
+        "w8a8-dynamic": ("int8 per-channel weights x int8 per-token dynamic activations", w8a8),
+        "w4-g64-down8": ("mixed: int4 asymmetric g64, down_proj int8 per-channel", mixed),
+        "w4-g64-head8": ("int4 asymmetric g64, output head int8 per-channel (llama.cpp-like)",
+                         head8),
+    }  # fmt: skip
 
 
 def _recipe(name: str, algorithm: str, weights: dict[str, Any]) -> dict[str, Any]:

@@ -65,10 +65,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.activations is not None:
-            raise LowbitError(
-                "activation quantization is not available yet in this version of lowbit; "
-                "set activations: null"
-            )
+            self._check_w8a8()
         for pattern in (*self.ignore, *(o.match for o in self.overrides)):
             if pattern.startswith("re:"):
                 try:
@@ -77,6 +74,22 @@ class Recipe:
                     raise LowbitError(f"recipe: bad regex {pattern!r}: {exc}") from None
         for i, override in enumerate(self.overrides):
             self._merged(override, f"overrides[{i}].weights")  # validate eagerly
+
+    def _check_w8a8(self) -> None:
+        """The one activation format available so far: W8A8 with int8 per-token dynamic inputs
+        (the fbgemm kernel's format; see lowbit.kernels.int8)."""
+        a, w = self.activations, self.weights
+        if not (a.bits == 8 and a.granularity == "token" and a.dynamic):
+            raise LowbitError(
+                "activations: only {bits: 8, granularity: token, dynamic: true} is available "
+                f"in this version of lowbit, not {a.short()}"
+            )
+        w8 = w is not None and w.format == "int" and w.bits == 8 and w.symmetric
+        if not (w8 and w.granularity == "channel") or self.overrides:
+            raise LowbitError(
+                "activations need int8 symmetric per-channel weights for every layer "
+                "(weights: {bits: 8, symmetric: true, group_size: -1}, no overrides)"
+            )
 
     def spec_for(self, name: str) -> WeightSpec | None:
         """The weight spec of layer ``name``, or None to leave it in float."""

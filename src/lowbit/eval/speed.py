@@ -1,0 +1,138 @@
+"""Speed of a causal LM as a user feels it: prefill, time to first token, greedy decode.
+
+One *run* feeds a ``prompt`` of random token ids (speed does not depend on the ids) through the
+model with a KV cache, takes the argmax as the first new token (time to first token), then
+decodes greedily at batch 1 until ``new_tokens`` tokens exist. Several runs of several models
+alternate (model A, model B, A, B, ...) so that a noisy shared machine slows all of them alike;
+the reported figure of each measure is the median over its runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowbit.eval.machine import EnergyMeter
+
+
+@dataclass
+class RunTimes:
+    """One run: seconds for the prompt (to the first token) and for the decode steps after it."""
+
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float
+    decode_s: float
+    decode_joules: float | None = None
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.ttft_s
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s
+
+
+@dataclass
+class SpeedResult:
+    """Medians over runs of one model."""
+
+    runs: list[RunTimes] = field(default_factory=list)
+
+    def _median(self, key: str) -> float:
+        return statistics.median(getattr(r, key) for r in self.runs)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self._median("prefill_tps")
+
+    @property
+    def decode_tps(self) -> float:
+        return self._median("decode_tps")
+
+    @property
+    def ttft_s(self) -> float:
+        return self._median("ttft_s")
+
+    @property
+    def joules_per_token(self) -> float | None:
+        values = [r.decode_joules / (r.new_tokens - 1) for r in self.runs if r.decode_joules]
+        return statistics.median(values) if values else None
+
+    def to_dict(self) -> dict:
+        return {
+            "prefill_tps": round(self.prefill_tps, 3),
+            "decode_tps": round(self.decode_tps, 3),
+            "ttft_s": round(self.ttft_s, 4),
+            "joules_per_token": None
+            if self.joules_per_token is None
+            else round(self.joules_per_token, 4),
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def timed_run(model: nn.Module, prompt: Tensor, new_tokens: int, meter: EnergyMeter) -> RunTimes:
+    """Prefill ``prompt`` (1, P), then greedy-decode to ``new_tokens`` new tokens (≥ 2)."""
+    device = prompt.device
+    _sync(device)
+    start = time.perf_counter()
+    out = model(prompt, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+    _sync(device)
+    first = time.perf_counter()
+    meter.start()
+    past = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = model(token, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    end = time.perf_counter()
+    joules = meter.stop()
+    return RunTimes(prompt.shape[1], new_tokens, first - start, end - first, joules)
+
+
+def random_prompt(vocab_size: int, length: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (1, length), generator=g)
+
+
+def measure_speed(
+    models: dict[str, nn.Module],
+    prompt_tokens: int = 512,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    progress: bool = True,
+) -> dict[str, SpeedResult]:
+    """Alternate ``repeats`` timed runs of each model (after one short warm-up run each)."""
+    if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
+        raise ValueError("need new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1")
+    first = next(iter(models.values()))
+    vocab = first.config.vocab_size
+    device = next(first.parameters()).device
+    prompt = random_prompt(vocab, prompt_tokens).to(device)
+    meter = EnergyMeter(device.type)
+    for model in models.values():  # warm-up: kernels built, caches allocated, pages touched
+        timed_run(model, prompt[:, :16], 4, meter)
+    results = {name: SpeedResult() for name in models}
+    bar = tqdm(total=repeats * len(models), desc="bench", unit="run", disable=not progress)
+    for _ in range(repeats):
+        for name, model in models.items():
+            run = timed_run(model, prompt, new_tokens, meter)
+            results[name].runs.append(run)
+            bar.set_postfix({name: f"{run.decode_tps:.1f} tok/s"})
+            bar.update()
+    bar.close()
+    return results

@@ -1,0 +1,152 @@
+"""Affine low-bit weights (4- or 8-bit codes, one scale and offset per group) times fp32 inputs.
+
+The op is ``lowbit_cpu::affine_linear`` (C++, see ``csrc/affine_gemv.cpp``); the plain-PyTorch
+:func:`affine_linear_reference` beside it defines the result and runs wherever the native op
+cannot (no AVX2, no compiler, ``LOWBIT_KERNELS=off``, tensors not on the CPU).
+
+Any integer grid is affine per block (``w = scale·u + offset``), so one kernel serves symmetric
+grids, integer zero points and float offsets. :func:`to_affine` converts lowbit's saved codes and
+block params into the kernel's layout once, at load time.
+
+Decode-sized inputs (at most ``GEMV_MAX_ROWS`` rows) of 4-bit layers take the ``act8`` path by
+default: each row of x is quantized to int8 per block of 32 inputs (scale = absmax / 127, as
+llama.cpp does for its activations) so that codes and inputs meet in integer multiply-adds;
+:func:`affine_linear_act8_reference` defines it. Larger inputs (prefill, evaluation windows) and
+8-bit layers compute with the float inputs, as :func:`affine_linear_reference` defines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowbit.kernels.build import native_ops
+
+RUN = 32  # codes per layout run; a group must be a whole number of runs
+GEMV_MAX_ROWS = 32  # above this many rows the native op dequantizes and calls torch's GEMM
+
+
+@dataclass
+class AffineWeight:
+    """Kernel layout: ``w`` uint8 (N, Kp·bits/8), ``scale``/``offset`` fp32 (N, Kp/group).
+
+    ``in_features`` is the layer's K; ``Kp`` ≥ K is K padded to a whole run (per-channel
+    layers only; padded codes are 0 and padded inputs are 0, so they add nothing)."""
+
+    w: Tensor
+    scale: Tensor
+    offset: Tensor
+    group: int
+    bits: int
+    in_features: int
+
+    @property
+    def padded_in(self) -> int:
+        return self.w.shape[1] * 8 // self.bits
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.offset))
+
+
+def supports(bits: int, block: tuple, shape: tuple) -> bool:
+    """Whether a layer with this code width, block (rows, cols) and (out, in) shape fits."""
+    n_in = shape[1]
+    if bits not in (4, 8):
+        return False
+    if block[1] == n_in:  # per-channel or per-tensor: one group per row, padded to a run
+        return True
+    return block[0] == 1 and block[1] % RUN == 0 and n_in % block[1] == 0
+
+
+def to_affine(
+    codes: Tensor, scale: Tensor, offset: Tensor, block: tuple, bits: int
+) -> AffineWeight:
+    """Kernel layout from unsigned codes (N, K) and per-block affine params (N/br, K/bc)."""
+    k = codes.shape[1]
+    scale = scale.float().repeat_interleave(block[0], dim=0).contiguous()
+    offset = offset.float().repeat_interleave(block[0], dim=0).contiguous()
+    group = block[1]
+    if group == k and k % RUN:  # pad a per-row group to a whole number of runs
+        group = -(-k // RUN) * RUN
+        codes = F.pad(codes, (0, group - k))
+    return AffineWeight(pack_runs(codes.to(torch.uint8), bits), scale, offset, group, bits, k)
+
+
+def pack_runs(codes: Tensor, bits: int) -> Tensor:
+    """(N, K) codes -> the kernel's byte layout (see the C++ source)."""
+    if bits == 8:
+        return codes.contiguous()
+    n, k = codes.shape
+    runs = codes.reshape(n, k // RUN, RUN)
+    return (runs[..., : RUN // 2] | (runs[..., RUN // 2 :] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_runs(w: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`pack_runs`."""
+    if bits == 8:
+        return w
+    n = w.shape[0]
+    runs = w.reshape(n, -1, RUN // 2)
+    return torch.cat([runs & 0x0F, runs >> 4], dim=-1).reshape(n, -1)
+
+
+def affine_dequantize_reference(aw: AffineWeight) -> Tensor:
+    """The float32 (N, Kp) weight of a kernel-layout tensor."""
+    u = unpack_runs(aw.w, aw.bits).float()
+    n, kp = u.shape
+    u = u.reshape(n, kp // aw.group, aw.group)
+    return (u * aw.scale.unsqueeze(-1) + aw.offset.unsqueeze(-1)).reshape(n, kp)
+
+
+def affine_linear_reference(x: Tensor, aw: AffineWeight) -> Tensor:
+    """y = x · Wᵀ for x (..., K) in float32."""
+    w = affine_dequantize_reference(aw)[:, : aw.in_features]
+    return F.linear(x.float(), w)
+
+
+def quantize_rows_act8(x: Tensor, block: int = RUN) -> tuple[Tensor, Tensor]:
+    """(M, Kp) float32 -> int8-valued codes (M, Kp) and scales (M, Kp/block): per block,
+    ``q = round(x · (127 / absmax))`` (half to even), ``scale = absmax / 127``."""
+    m, kp = x.shape
+    blocks = x.reshape(m, kp // block, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    return q.reshape(m, kp), (amax / 127.0).squeeze(-1)
+
+
+def affine_linear_act8_reference(x: Tensor, aw: AffineWeight) -> Tensor:
+    """The ``act8`` path of 4-bit layers: y = Σ_g scale·Σ_blocks s_x·((u − 8) · q_x)
+    + (offset + 8·scale)·Σ_g x, with x (..., K) quantized per block of 32 inputs
+    (:func:`quantize_rows_act8`) and exact float sums of x in the offset term."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = F.pad(x.reshape(-1, k).float(), (0, aw.padded_in - k))  # (M, Kp)
+    xb = RUN
+    q, qs = quantize_rows_act8(x2, xb)
+    u = unpack_runs(aw.w, aw.bits).float() - 8  # (N, Kp), centred codes
+    m, n, nb = x2.shape[0], u.shape[0], aw.padded_in // xb
+    dots = torch.einsum("mbk,nbk->mnb", q.reshape(m, nb, xb), u.reshape(n, nb, xb))
+    per_group = aw.group // xb
+    scaled = (dots * qs.unsqueeze(1)).reshape(m, n, nb // per_group, per_group).sum(-1)
+    xsum = x2.reshape(m, -1, aw.group).sum(-1)  # (M, G)
+    y = (scaled * aw.scale.unsqueeze(0)).sum(-1) + xsum @ (aw.offset + 8 * aw.scale).T
+    return y.reshape(*lead, n)
+
+
+def affine_linear(x: Tensor, aw: AffineWeight, act8: bool = True) -> Tensor:
+    """y = x · Wᵀ for x (..., K): the native op when it is available, else the reference of
+    the path the native op would take."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and native_ops()):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if act8 and aw.bits == 4 and rows <= GEMV_MAX_ROWS:
+            return affine_linear_act8_reference(x, aw).to(x.dtype)
+        return affine_linear_reference(x, aw).to(x.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if aw.padded_in != aw.in_features:
+        x2 = F.pad(x2, (0, aw.padded_in - aw.in_features))
+    y = torch.ops.lowbit_cpu.affine_linear(x2, aw.w, aw.scale, aw.offset, aw.group, aw.bits, act8)
+    return y.reshape(*lead, y.shape[-1])

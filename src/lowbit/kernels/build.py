@@ -1,0 +1,82 @@
+"""Build (once per machine) and load lowbit's C++ CPU kernels.
+
+The kernels need AVX2 + FMA, a C++ compiler and ninja; where any is missing, or the build fails,
+:func:`native_ops` returns False and every op runs its plain-PyTorch reference instead (logged
+once, never an error). ``make`` builds them at setup time (``python -m lowbit.kernels.build``);
+otherwise the first model that wants them builds them (about half a minute) into the cache.
+Set ``LOWBIT_KERNELS=off`` to force the reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from lowbit.assets import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "affine_gemv.cpp"
+# -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored
+# without it, which left the kernels on one thread.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-fopenmp"]
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU has the instructions the kernels use (AVX2 and FMA)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def build_dir() -> Path:
+    """Per source, flags and torch version, so an upgrade rebuilds instead of crashing."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
+    key.update(torch.__version__.encode())
+    return cache_dir() / "kernels" / key.hexdigest()[:16]
+
+
+@functools.cache
+def native_ops() -> bool:
+    """Build or load the extension; True when ``torch.ops.lowbit_cpu`` is usable."""
+    if os.environ.get("LOWBIT_KERNELS", "").lower() in ("off", "0", "no"):
+        log.info("LOWBIT_KERNELS=off: using the reference kernels")
+        return False
+    if not cpu_supported():
+        log.warning("this CPU lacks AVX2/FMA: lowbit uses its (slower) reference kernels")
+        return False
+    from torch.utils import cpp_extension
+
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            "lowbit_cpu_kernels",
+            [str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, build error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("lowbit's CPU kernels could not be built (%s); using the reference path", first)
+        return False
+    return True
+
+
+def main() -> int:
+    """``python -m lowbit.kernels.build``: build now and say what happened."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = native_ops()
+    print(f"lowbit kernels: {'built' if ok else 'not available'} ({build_dir()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Inference modules that run a :class:`QuantLinear` through a fast kernel, and the load-time swap.
+
+:func:`lowbit.models.use_kernels` replaces each QuantLinear the kernels cover by one of these,
+converting its saved packing into the kernel's layout once and dropping the saved copy (so RAM
+holds the low-bit form only). They are for inference: save models before the swap, not after.
+
+- ``w4a16`` / ``w8a16``: 4- or 8-bit integer weights, any grid, group-wise (groups a multiple
+  of 32) or per-channel, float32 inputs: :mod:`lowbit.kernels.affine`;
+- ``w8a8``: int8 per-channel weights with per-token int8 inputs: :mod:`lowbit.kernels.int8`.
+Everything else (nf4, fp8, 2/3-bit, odd groups) keeps QuantLinear's reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.kernels.affine import AffineWeight, affine_linear, supports, to_affine
+from lowbit.kernels.int8 import Int8Weight, int8_linear, prepare_int8
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.primitives import dequantize, grid_of
+
+
+class AffineKernelLinear(nn.Module):
+    """Low-bit integer weights in the affine kernel's layout, float inputs."""
+
+    def __init__(self, aw: AffineWeight, out_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = aw.in_features, out_features
+        self.group, self.bits = aw.group, aw.bits
+        self.register_buffer("w", aw.w)
+        self.register_buffer("scale", aw.scale)
+        self.register_buffer("offset", aw.offset)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @property
+    def kind(self) -> str:
+        return f"w{self.bits}a16"
+
+    def forward(self, x: Tensor) -> Tensor:
+        aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits, self.in_features)
+        y = affine_linear(x, aw)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.kind}, group={self.group}"
+
+
+class Int8KernelLinear(nn.Module):
+    """int8 weights × per-token dynamic int8 inputs (fbgemm's packed weight)."""
+
+    kind = "w8a8"
+
+    def __init__(self, weight: Int8Weight, out_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.in_features, out_features
+        self.weight_int8 = weight  # not a buffer: fbgemm's packed object
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = int8_linear(x, self.weight_int8)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, w8a8"
+
+
+def kernel_module(layer: QuantLinear) -> nn.Module | None:
+    """The fast module for ``layer``, or None when no kernel covers its format."""
+    spec, qt = layer.spec, layer.spec.qtype
+    if layer.act is not None:
+        weight = prepare_int8(layer.int8_codes(), layer.scale.reshape(-1))
+        return Int8KernelLinear(weight, layer.out_features, layer.bias)
+    shape = (layer.out_features, layer.in_features)
+    if qt.kind != "int" or not supports(qt.bits, layer.block, shape):
+        return None
+    qp, grid = layer.qparams(), grid_of(spec)
+    rows, cols = layer.scale.shape
+    zeros = torch.zeros(rows, cols, 1, dtype=torch.uint8)
+    offset = dequantize(zeros, qp, grid)[..., 0]  # w = scale·u + offset on every grid
+    scale = dequantize(zeros + 1, qp, grid)[..., 0] - offset
+    aw = to_affine(layer.codes(), scale, offset, layer.block, qt.bits)
+    return AffineKernelLinear(aw, layer.out_features, layer.bias)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers hold in RAM (shared tensors once), fbgemm's
+    packed int8 weights included."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    for m in model.modules():
+        if isinstance(m, Int8KernelLinear):
+            total += m.weight_int8.nbytes()
+    return total

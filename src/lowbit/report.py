@@ -1,0 +1,156 @@
+"""``lowbit report``: several variants of one model side by side, as Markdown, JSON and plots.
+
+Each variant is ``fp32`` (the model as loaded) or a recipe (preset or YAML). Every recipe variant
+is quantized from the same float model, saved as a lowbit folder under ``OUT/variants/`` (its
+disk size is that folder's), and loaded back as a user would load it (fast kernels on). Then all
+variants are scored on the same evaluation windows against fp32 (ppl, KL, top-1) and timed side by
+side (:mod:`lowbit.eval.bench`, alternating runs, medians). Orchestration only, over :mod:`api`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowbit import api
+from lowbit.assets import atomic_dir
+from lowbit.errors import LowbitError
+from lowbit.eval.bench import bench_models
+from lowbit.eval.report_render import report_markdown, write_plots
+from lowbit.models.zoo import zoo_caveat
+from lowbit.nn import weight_bytes
+from lowbit.recipes import Recipe
+
+log = logging.getLogger(__name__)
+
+FLOAT = "fp32"
+DEFAULT_VARIANTS = ["fp32", "bf16", "w8a8-dynamic", "w4-rtn-g64", "w4-g64-down8"]
+
+
+@dataclass
+class ReportOptions:
+    calib: str = "bbc"
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    corpus: str = "wiki"
+    seqlen: int = 2048
+    tokens: int | None = 16384
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    repeats: int = 3
+    quality: bool = True
+    seed: int = 0
+
+
+def build_report(
+    source: str,
+    variants: list[str],
+    out: Path,
+    options: ReportOptions,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize, save, evaluate and time every variant; write ``out``/report.md, report.json and
+    the plots; return the report's data. ``out`` appears complete or not at all."""
+    recipes = _recipes(variants)
+    if options.quality and options.corpus == options.calib:
+        raise LowbitError("calibration and evaluation text must differ (--calib, --corpus)")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+    src = api.load_model(source)
+    if src.kind == "lowbit":
+        raise LowbitError(f"{source} is already quantized; start from the float model")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        folders = {name: _quantized_folder(src, name, recipe, tmp, options, progress)
+                   for name, recipe in recipes.items() if recipe is not None}  # fmt: skip
+        models = {name: src.model if recipe is None else api.load(folders[name]).model
+                  for name, recipe in recipes.items()}  # fmt: skip
+        data = _measure(src, models, folders, options, progress)
+        data["model"] = source
+        _write(tmp, data)
+    return data
+
+
+def _recipes(variants: list[str]) -> dict[str, Recipe | None]:
+    if not variants:
+        raise LowbitError("name at least one variant (fp32 or a recipe)")
+    if len(set(variants)) != len(variants):
+        raise LowbitError("a variant is named twice")
+    out: dict[str, Recipe | None] = {}
+    for name in variants:
+        out[Path(name).stem if name.endswith((".yaml", ".yml")) else name] = (
+            None if name == FLOAT else api.load_recipe(name)
+        )
+    if FLOAT not in out:
+        out = {FLOAT: None, **out}  # the reference every ratio and KL is taken against
+    return out
+
+
+def _quantized_folder(src, name, recipe, tmp: Path, options: ReportOptions, progress) -> Path:
+    model = copy.deepcopy(src.model)
+    calibration = None
+    if api.needs_calibration(recipe):
+        if src.tokenizer is None:
+            raise LowbitError(f"{name} needs calibration text, and {src.source} has no tokenizer")
+        calibration = api.calibration_set(src.tokenizer, options.calib, options.calib_samples,
+                                          options.calib_seqlen, options.seed)  # fmt: skip
+    log.info("quantizing variant %s", name)
+    report = api.quantize(model, recipe, calibration, progress=progress)
+    folder = api.save(model, tmp / "variants" / name, report, source=src, seed=options.seed)
+    del model
+    gc.collect()
+    return folder
+
+
+def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> dict[str, Any]:
+    rows = {name: {"variant": name, "weight_mb": weight_bytes(m) / 1e6}
+            for name, m in models.items()}  # fmt: skip
+    rows[FLOAT]["disk_mb"] = weight_bytes(src.model) / 1e6  # fp32 safetensors of the same tensors
+    for name, folder in folders.items():
+        rows[name]["disk_mb"] = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+    notes = [f"{FLOAT} disk MB is the size of its float32 tensors (what a safetensors file holds)"]
+    protocol = []
+    if options.quality and src.tokenizer is not None:
+        results = api.evaluate(models, src.tokenizer, options.corpus, options.seqlen,
+                               options.tokens, ref=src.model, progress=progress)  # fmt: skip
+        for name, r in results.items():
+            rows[name] |= {"ppl": r.ppl, "kl": r.kl, "top1": r.top1}
+        r = results[FLOAT]
+        protocol.append(f"Quality: `{r.corpus}` (sha256 {r.corpus_sha256[:12]}), {r.windows} "
+                        f"windows x {r.seqlen} tokens = {r.tokens} tokens, GPTQ protocol; KL "
+                        "and top-1 against fp32 on the same windows.")  # fmt: skip
+    else:
+        notes.append("quality not measured (no tokenizer, or --no-quality)")
+    sources = {FLOAT: src.source, **{n: str(f) for n, f in folders.items()}}
+    speed, machine = bench_models(models, sources, options.prompt_tokens, options.new_tokens,
+                                  options.repeats, progress)  # fmt: skip
+    for name, b in speed.items():
+        s = b.speed
+        rows[name] |= {"prefill_tps": s.prefill_tps, "decode_tps": s.decode_tps,
+                       "ttft_s": s.ttft_s, "peak_rss_mb": b.peak_rss_mb,
+                       "joules_per_token": s.joules_per_token,
+                       "bound_fraction": b.bound_fraction}  # fmt: skip
+    protocol.append(f"Speed: prompt {options.prompt_tokens} random tokens, greedy decode to "
+                    f"{options.new_tokens} new tokens at batch 1, {options.repeats} alternating "
+                    f"runs per variant, medians; {machine['torch_threads']} threads, "
+                    f"{machine['cpu_capability']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}, "
+                    f"read bandwidth {machine['bandwidth_gbs']} GB/s.")  # fmt: skip
+    caveat = zoo_caveat(src.source)
+    if caveat:
+        notes.append(caveat)
+    return {"rows": list(rows.values()), "protocol": protocol, "notes": notes,
+            "machine": machine}  # fmt: skip
+
+
+def _write(folder: Path, data: dict[str, Any]) -> None:
+    (folder / "report.json").write_text(json.dumps(data, indent=1, default=str))
+    (folder / "report.md").write_text(report_markdown(data["rows"], data))
+    write_plots(data["rows"], folder, f"lowbit report: {data['model']}")

@@ -1,0 +1,73 @@
+"""Speed runs on a tiny model: shapes of the result, alternation, medians, and the bench data."""
+
+import pytest
+import torch
+
+from helpers import tiny_llama
+from lowbit import api
+from lowbit.eval import bench, speed
+from lowbit.eval.machine import EnergyMeter
+
+
+def test_timed_run_counts_prompt_and_new_tokens():
+    model = tiny_llama(vocab=50)
+    run = speed.timed_run(model, speed.random_prompt(50, 12), 5, EnergyMeter("none"))
+    assert run.prompt_tokens == 12 and run.new_tokens == 5
+    assert run.ttft_s > 0 and run.decode_s > 0
+    assert run.prefill_tps == pytest.approx(12 / run.ttft_s)
+    assert run.decode_tps == pytest.approx(4 / run.decode_s)
+
+
+def test_greedy_decode_matches_generate():
+    """The timed loop decodes what transformers' greedy generate decodes (the cache is used
+    correctly), so the speed measured is the speed of real generation."""
+    model = tiny_llama(vocab=50)
+    prompt = speed.random_prompt(50, 10, seed=3)
+    tokens = []
+    with torch.inference_mode():
+        out = model(prompt, use_cache=True)
+        for _ in range(6):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token.item())
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        ref = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert tokens == ref[0, 10:].tolist()
+
+
+def test_models_alternate_and_medians_are_reported():
+    models = {"a": tiny_llama(vocab=50, seed=1), "b": tiny_llama(vocab=50, seed=2)}
+    results = speed.measure_speed(models, prompt_tokens=8, new_tokens=3, repeats=3, progress=False)
+    assert set(results) == {"a", "b"}
+    for r in results.values():
+        assert len(r.runs) == 3
+        rates = sorted(x.decode_tps for x in r.runs)
+        assert r.decode_tps == rates[1]
+        assert r.to_dict()["joules_per_token"] is None
+
+
+def test_bad_speed_arguments_are_refused():
+    with pytest.raises(ValueError, match="new_tokens"):
+        speed.measure_speed({"a": tiny_llama()}, new_tokens=1)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bytes_read_per_token_skip_an_untied_embedding_table(tie):
+    model = tiny_llama(vocab=64, hidden=32, tie=tie)
+    total = bench.weight_bytes(model)
+    table = 64 * 32 * 4
+    assert bench.bytes_read_per_token(model) == (total if tie else total - table)
+
+
+def test_bench_of_a_saved_folder_reports_ratios_and_rss(tiny_folder, tmp_path):
+    src = api.load_model(str(tiny_folder))
+    report = api.quantize(src.model, "w4-rtn-g64", progress=False)
+    folder = api.save(src.model, tmp_path / "q", report, source=src)
+    results, facts = api.bench({"q": str(folder), "fp": str(tiny_folder)}, prompt_tokens=8,
+                               new_tokens=3, repeats=1, progress=False)  # fmt: skip
+    q, fp = results["q"], results["fp"]
+    assert q.weight_bytes < fp.weight_bytes
+    assert q.peak_rss_mb and q.peak_rss_mb > 10
+    assert q.bound_decode_tps == pytest.approx(facts["bandwidth_gbs"] * 1e9 / q.bytes_per_token,
+                                               rel=0.01)  # fmt: skip
+    ratios = bench.speedups(q, fp)
+    assert ratios["weight_memory_ratio"] < 1 and ratios["speedup_decode"] > 0

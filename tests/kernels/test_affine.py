@@ -1,0 +1,138 @@
+"""The native affine kernel against its plain-PyTorch reference, and the layout round trip."""
+
+import pytest
+import torch
+
+from lowbit.kernels import affine
+from lowbit.kernels.build import native_ops
+
+
+def random_affine(n: int, k: int, group: int, bits: int, seed: int = 0) -> affine.AffineWeight:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    groups = k // group if group != -1 else 1
+    scale = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
+    offset = torch.randn(n, groups, generator=g) * 0.05
+    block = (1, group if group != -1 else k)
+    return affine.to_affine(codes, scale, offset, block, bits)
+
+
+def test_run_packing_round_trips_exactly():
+    codes = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    assert torch.equal(affine.unpack_runs(affine.pack_runs(codes, 4), 4), codes)
+    assert affine.pack_runs(codes, 4).shape == (5, 48)
+
+
+def test_reference_dequantizes_per_group():
+    codes = torch.tensor([[0, 1] * 16 + [2, 3] * 16], dtype=torch.uint8)  # (1, 64)
+    scale, offset = torch.tensor([[0.5, 2.0]]), torch.tensor([[-1.0, 1.0]])
+    aw = affine.to_affine(codes, scale, offset, (1, 32), 4)
+    w = affine.affine_dequantize_reference(aw)
+    assert torch.equal(w[0, :2], torch.tensor([-1.0, -0.5]))
+    assert torch.equal(w[0, 32:34], torch.tensor([5.0, 7.0]))
+
+
+def test_per_channel_rows_pad_to_a_whole_run():
+    aw = random_affine(7, 50, -1, 4)  # 50 is not a multiple of 32
+    assert aw.padded_in == 64 and aw.in_features == 50
+    x = torch.randn(3, 50)
+    for act8, reference in ((False, affine.affine_linear_reference),
+                            (True, affine.affine_linear_act8_reference)):  # fmt: skip
+        ref = reference(x, aw)
+        assert ref.shape == (3, 7)
+        assert torch.allclose(affine.affine_linear(x, aw, act8), ref, rtol=1e-4, atol=1e-4)
+
+
+needs_native = pytest.mark.skipif(not native_ops(), reason="native kernels unavailable here")
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17, 33, 70])  # decode rows, tails, GEMM path
+@pytest.mark.parametrize("n,k,group", [(1, 32, 32), (13, 96, 32), (40, 576, 64), (33, 192, 192),
+                                       (24, 100, -1), (10, 1536, 96)])  # fmt: skip
+@pytest.mark.parametrize("act8", [True, False])
+def test_native_matches_reference(bits, m, n, k, group, act8):
+    aw = random_affine(n, k, group, bits, seed=m + n)
+    x = torch.randn(m, k)
+    int_path = act8 and bits == 4 and m <= affine.GEMV_MAX_ROWS
+    reference = affine.affine_linear_act8_reference if int_path else affine.affine_linear_reference
+    ref = reference(x, aw)
+    got = torch.ops.lowbit_cpu.affine_linear(
+        torch.nn.functional.pad(x, (0, aw.padded_in - k)), aw.w, aw.scale, aw.offset,
+        aw.group, aw.bits, act8,
+    )  # fmt: skip
+    # fp32 sums in another order: relative to the size of the output
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_act8_path_costs_far_less_than_the_4bit_weights(m):
+    """int8 inputs per block of 32 add an error an order of magnitude below the weights' own."""
+    from lowbit.formats import WeightSpec
+    from lowbit.nn import QuantLinear, kernel_module
+    from lowbit.primitives import quantize_weight
+
+    w = torch.randn(64, 576)
+    layer = QuantLinear.from_quantized(quantize_weight(w, WeightSpec(bits=4, group_size=64)))
+    fast = kernel_module(layer)
+    aw = affine.AffineWeight(fast.w, fast.scale, fast.offset, fast.group, 4, 576)
+    x = torch.randn(m, 576) * torch.linspace(0.05, 5, 576)  # channels of very different size
+    exact = affine.affine_linear_reference(x, aw)
+    act8_err = (affine.affine_linear_act8_reference(x, aw) - exact).norm()
+    weight_err = (torch.nn.functional.linear(x, w) - exact).norm()
+    assert act8_err < 0.1 * weight_err
+
+
+def test_act8_quantizer_round_trips_within_half_a_step():
+    x = torch.randn(3, 64) * 3
+    q, s = affine.quantize_rows_act8(x)
+    assert q.abs().max() <= 127
+    back = (q.reshape(3, 2, 32) * s.unsqueeze(-1)).reshape(3, 64)
+    assert ((back - x).abs().reshape(3, 2, 32) <= s.unsqueeze(-1) / 2 + 1e-6).all()
+
+
+@needs_native
+def test_native_handles_leading_dims_and_noncontiguous_input():
+    aw = random_affine(16, 64, 32, 4)
+    x = torch.randn(2, 64, 3).transpose(1, 2)  # (2, 3, 64), not contiguous
+    ref = affine.affine_linear_act8_reference(x, aw)
+    assert torch.allclose(affine.affine_linear(x, aw), ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_native_rejects_bad_shapes_with_a_message():
+    aw = random_affine(4, 64, 32, 4)
+    with pytest.raises(RuntimeError, match="weight width"):
+        torch.ops.lowbit_cpu.affine_linear(
+            torch.randn(1, 96), aw.w, aw.scale, aw.offset, 32, 4, True
+        )
+
+
+def test_fallback_without_native_ops_uses_the_reference(monkeypatch):
+    monkeypatch.setattr(affine, "native_ops", lambda: False)
+    aw = random_affine(8, 64, 32, 4)
+    x = torch.randn(2, 64)
+    assert torch.equal(affine.affine_linear(x, aw), affine.affine_linear_act8_reference(x, aw))
+    assert torch.equal(
+        affine.affine_linear(x, aw, act8=False), affine.affine_linear_reference(x, aw)
+    )
+    big = torch.randn(40, 64)  # prefill-sized: float inputs
+    assert torch.equal(affine.affine_linear(big, aw), affine.affine_linear_reference(big, aw))
+
+
+def test_non_float32_inputs_take_the_reference_path():
+    aw = random_affine(8, 64, 32, 8)
+    x = torch.randn(2, 64, dtype=torch.float64)
+    y = affine.affine_linear(x, aw)
+    assert y.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "bits,block,shape,ok",
+    [(4, (1, 64), (8, 576), True), (4, (1, 48), (8, 96), False), (3, (1, 64), (8, 64), False),
+     (8, (1, 100), (8, 100), True), (4, (8, 64), (8, 64), True), (4, (8, 32), (8, 64), False),
+     (4, (1, 32), (8, 576), True)],
+)  # fmt: skip
+def test_supports(bits, block, shape, ok):
+    assert affine.supports(bits, block, shape) is ok

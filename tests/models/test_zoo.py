@@ -1,0 +1,42 @@
+"""Zoo entries that need no download: random models of a real architecture's shape."""
+
+import torch
+
+from lowbit.models import load_model, random_models
+from lowbit.models.zoo import RandomModel, build_random, zoo_caveat
+
+
+def test_tinyllama_random_has_tinyllamas_shape():
+    entry = random_models()["tinyllama-1.1b-random"]
+    cfg = entry.config
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (
+        2048, 5632, 22)  # fmt: skip
+    assert cfg["vocab_size"] == 32000 and cfg["tie_word_embeddings"] is False
+    assert "random" in zoo_caveat("tinyllama-1.1b-random")
+
+
+def test_random_models_are_seeded_and_leave_the_global_rng_alone():
+    entry = RandomModel("tiny", "", "llama", {
+        "vocab_size": 40, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2}, seed=7)  # fmt: skip
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_random(entry)
+    after = torch.rand(1)
+    b = build_random(entry)
+    assert torch.equal(before, after)
+    for (_, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_load_model_knows_random_names(monkeypatch):
+    from lowbit.models import load as load_module
+
+    tiny = RandomModel("tinyllama-1.1b-random", "", "llama", {
+        "vocab_size": 40, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2})  # fmt: skip
+    monkeypatch.setattr(load_module, "random_models", lambda: {tiny.name: tiny})
+    loaded = load_model("tinyllama-1.1b-random")
+    assert loaded.kind == "random" and loaded.tokenizer is None
+    assert loaded.model.config.hidden_size == 32

@@ -1,0 +1,72 @@
+"""Kernel modules against the QuantLinear they replace (the reference of every format)."""
+
+import pytest
+import torch
+
+from lowbit.formats import ActivationSpec, WeightSpec
+from lowbit.kernels import affine
+from lowbit.nn import AffineKernelLinear, Int8KernelLinear, QuantLinear, kernel_module, weight_bytes
+from lowbit.primitives import quantize_weight
+
+COVERED = [
+    WeightSpec(bits=4, group_size=64),
+    WeightSpec(bits=4, group_size=32, zero_point="int"),
+    WeightSpec(bits=4, symmetric=True, group_size=96),
+    WeightSpec(bits=4, group_size=-1),
+    WeightSpec(bits=8, symmetric=True, group_size=-1),
+    WeightSpec(bits=8, group_size=64),
+    WeightSpec(bits=4, granularity="tensor"),
+]
+NOT_COVERED = [
+    WeightSpec(bits=3, group_size=32),
+    WeightSpec(format="nf4", group_size=64),
+    WeightSpec(format="fp8_e4m3", bits=8, group_size=-1),
+    WeightSpec(bits=2, group_size=64),
+]
+
+
+def layer_of(spec, n=40, k=192, bias=True, act=None):
+    w, b = torch.randn(n, k), torch.randn(n) if bias else None
+    return QuantLinear.from_quantized(quantize_weight(w, spec), b, act=act)
+
+
+@pytest.mark.parametrize("spec", COVERED, ids=lambda s: s.short())
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_covered_formats_match_quantlinear(spec, m):
+    """Float inputs: QuantLinear's numbers. Decode-sized 4-bit inputs take the act8 path: its
+    own reference exactly, and QuantLinear within the int8 input rounding."""
+    layer = layer_of(spec)
+    fast = kernel_module(layer)
+    assert isinstance(fast, AffineKernelLinear)
+    x = torch.randn(2, m, 192)
+    ref, got = layer(x), fast(x)
+    if spec.bits == 4 and 2 * m <= affine.GEMV_MAX_ROWS:
+        aw = affine.AffineWeight(fast.w, fast.scale, fast.offset, fast.group, 4, 192)
+        act8 = affine.affine_linear_act8_reference(x, aw) + fast.bias
+        assert torch.allclose(got, act8, rtol=1e-4, atol=1e-4 * act8.abs().max().item())
+        assert (got - ref).norm() / ref.norm() < 1e-2
+    else:
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("spec", NOT_COVERED, ids=lambda s: s.short())
+def test_uncovered_formats_stay_on_the_reference(spec):
+    assert kernel_module(layer_of(spec, k=128)) is None
+
+
+def test_w4_kernel_module_holds_half_a_byte_per_weight():
+    fast = kernel_module(layer_of(COVERED[0], n=64, k=576, bias=False))
+    held = sum(t.numel() * t.element_size() for t in fast.buffers())
+    assert fast.w.numel() == 64 * 576 // 2
+    assert held == 64 * 576 // 2 + 2 * 4 * 64 * (576 // 64)  # codes + fp32 scale and offset
+
+
+def test_w8a8_layer_becomes_the_int8_kernel():
+    act = ActivationSpec(bits=8, granularity="token", dynamic=True)
+    layer = layer_of(WeightSpec(bits=8, symmetric=True, group_size=-1), act=act)
+    fast = kernel_module(layer)
+    assert isinstance(fast, Int8KernelLinear)
+    x = torch.randn(3, 192)
+    ref = layer(x)
+    assert (fast(x) - ref).norm() / ref.norm() < 1e-3
+    assert weight_bytes(torch.nn.Sequential(fast)) >= 40 * 192

@@ -1,0 +1,93 @@
+"""`lowbit bench` and `lowbit report` end to end on a tiny random model and a local corpus."""
+
+import json
+
+import pytest
+
+from lowbit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def quantized(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "q"
+    code, _, _ = run(capsys, "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64",
+                     "--out", str(out))  # fmt: skip
+    assert code == 0
+    return out
+
+
+FAST = ["--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1"]
+
+
+def test_bench_json_with_ref_has_the_contract_fields(quantized, tiny_folder, capsys):
+    code, out, _ = run(capsys, "bench", str(quantized), "--ref", str(tiny_folder), "--json",
+                       "--no-rss", *FAST)  # fmt: skip
+    assert code == 0
+    got = json.loads(out)
+    assert {
+        "decode_tps",
+        "prefill_tps",
+        "peak_rss_mb",
+        "weight_bytes",
+        "speedup_decode",
+        "speedup_prefill",
+        "bound_decode_tps",
+        "bound_fraction",
+        "machine",
+    } <= set(got)
+    assert got["weight_bytes"] < got["ref"]["weight_bytes"]
+    assert got["peak_rss_mb"] is None  # --no-rss
+
+
+def test_bench_table_names_the_protocol(quantized, capsys):
+    code, out, _ = run(capsys, "bench", str(quantized), "--no-rss", *FAST)
+    assert code == 0
+    assert "prompt 8 tokens, 3 new tokens" in out and "GB/s" in out and "n/a" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "./missing"], "no such file or folder"),
+        (["bench", "{q}", "--ref", "{q}"], "--ref names the model itself"),
+        (["bench", "{q}", "--new-tokens", "1"], "at least 2"),
+        (["report", "{tiny}", "--variants", "w9-nope", "--out", "{tmp}/r"], "unknown recipe"),
+        (["report", "{tiny}", "--corpus", "bbc", "--out", "{tmp}/r"], "must differ"),
+        (["report", "{q}", "--variants", "w4-rtn-g64", "--out", "{tmp}/r"], "already quantized"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(argv, message, quantized, tiny_folder,
+                                                  tmp_path, capsys):  # fmt: skip
+    subs = {"{q}": str(quantized), "{tiny}": str(tiny_folder), "{tmp}": str(tmp_path)}
+    argv = [subs.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_writes_markdown_json_and_plots(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "report"
+    code, stdout, _ = run(
+        capsys, "report", str(tiny_folder), "--variants", "w4-rtn-g64", "bf16", "--out", str(out),
+        "--corpus", str(text_file), "--seqlen", "32", "--tokens", "128", *FAST,
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads((out / "report.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert list(rows) == ["fp32", "w4-rtn-g64", "bf16"]  # fp32 added as the reference
+    assert rows["w4-rtn-g64"]["weight_mb"] < rows["bf16"]["weight_mb"] < rows["fp32"]["weight_mb"]
+    assert rows["w4-rtn-g64"]["kl"] > 0 and rows["fp32"]["kl"] is None
+    assert rows["w4-rtn-g64"]["peak_rss_mb"] > 0 and rows["bf16"]["decode_tps"] > 0
+    assert (out / "variants" / "w4-rtn-g64" / "lowbit.json").is_file()
+    for png in ("quality_vs_size.png", "speed_vs_size.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "| w4-rtn-g64 " in md and "128 tokens" in md
+    assert "| w4-rtn-g64 " in stdout
