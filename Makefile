@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lowbit-installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench report report-speed clean
 
 # The CPU wheel of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile src/lowbit/kernels/csrc/affine_gemv.cpp
@@ -35,6 +35,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/rtn_table.py
+
+# The comparison reports in docs/ (speed figures need a quiet machine: minutes, both cores).
+REPORT_VARIANTS := fp32 bf16 w8a8-dynamic w4-rtn-g64 w4-g64-head8 w4-g64-down8
+report: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/lowbit report smollm2-135m --variants $(REPORT_VARIANTS) \
+		--out out/report-smollm2 --overwrite
+	mkdir -p docs/report-smollm2 && cp out/report-smollm2/report.* out/report-smollm2/*.png docs/report-smollm2/
+
+report-speed: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/lowbit report tinyllama-1.1b-random --no-quality \
+		--variants fp32 w4-rtn-g64 w4-g64-head8 w8a8-dynamic bf16 --out out/report-tinyllama --overwrite
+	mkdir -p docs/report-tinyllama && cp out/report-tinyllama/report.* out/report-tinyllama/*.png docs/report-tinyllama/
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

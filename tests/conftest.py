@@ -19,6 +19,14 @@ def _isolated_cache(request: pytest.FixtureRequest, tmp_path_factory, monkeypatc
         monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test draws the same random numbers on every run (no flaky tolerances)."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()

@@ -58,6 +58,25 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path) -> None:
+    """Give a file or folder made by ``mkstemp``/``mkdtemp`` (owner-only) the permissions a
+    plain ``open``/``mkdir`` would have given it, and the same to the files directly inside."""
+    mask = _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for child in path.iterdir():
+            if child.is_file():
+                os.chmod(child, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
@@ -66,6 +85,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _as_if_created(Path(tmp))
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -84,6 +104,7 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _as_if_created(tmp)
         if path.exists() and overwrite:
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

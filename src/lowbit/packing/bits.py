@@ -46,6 +46,12 @@ def pack(codes: Tensor, bits: int) -> Tensor:
         raise LowbitError(f"a code does not fit in {bits} bits")
     lead, n = codes.shape[:-1], codes.shape[-1]
     run, nbytes = _run(bits)
+    if nbytes == 1:  # 1, 2, 4 bits: a run is one byte; stay in uint8 (int64 costs 8x the memory)
+        v = F.pad(codes, (0, (-n) % run)).reshape(*lead, -1, run)  # (..., bytes, run)
+        out = v[..., 0].clone()
+        for i in range(1, run):
+            out |= v[..., i] << (bits * i)
+        return out
     v = F.pad(codes.to(torch.int64), (0, (-n) % run)).reshape(*lead, -1, run)  # (..., runs, run)
     shifts = torch.arange(run, device=codes.device, dtype=torch.int64) * bits
     word = (v << shifts).sum(-1)  # (..., runs): disjoint bit fields, so sum == or
@@ -63,6 +69,12 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
         )
     lead = packed.shape[:-1]
     run, nbytes = _run(bits)
+    if bits == 8:
+        return packed.clone()
+    if nbytes == 1:  # 1, 2, 4 bits: uint8 shifts, no int64 temporaries
+        fields = torch.arange(run, device=packed.device, dtype=torch.uint8) * bits
+        codes = (packed.unsqueeze(-1) >> fields) & ((1 << bits) - 1)  # (..., bytes, run)
+        return codes.reshape(*lead, -1)[..., :n].contiguous()
     b = packed.to(torch.int64).reshape(*lead, -1, nbytes)  # (..., runs, nbytes)
     shifts = torch.arange(nbytes, device=packed.device, dtype=torch.int64) * 8
     word = (b << shifts).sum(-1)  # (..., runs)
