@@ -16,6 +16,10 @@ from helpers import TEXT, make_tokenizer, tiny_llama
 @pytest.fixture(autouse=True)
 def _isolated_cache(request: pytest.FixtureRequest, tmp_path_factory, monkeypatch) -> None:
     if request.node.get_closest_marker("slow") is None:
+        from lowbit.kernels.build import build_dir
+
+        # the compiled kernels are shared (child processes would rebuild them, ~40 s each)
+        monkeypatch.setenv("LOWBIT_KERNEL_DIR", str(build_dir().parent))
         monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 

@@ -34,10 +34,12 @@ def cpu_supported() -> bool:
 
 
 def build_dir() -> Path:
-    """Per source, flags and torch version, so an upgrade rebuilds instead of crashing."""
+    """Per source, flags and torch version, so an upgrade rebuilds instead of crashing; under
+    ``$LOWBIT_KERNEL_DIR`` if set, else the cache folder's ``kernels/``."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
     key.update(torch.__version__.encode())
-    return cache_dir() / "kernels" / key.hexdigest()[:16]
+    root = os.environ.get("LOWBIT_KERNEL_DIR")
+    return (Path(root) if root else cache_dir() / "kernels") / key.hexdigest()[:16]
 
 
 @functools.cache
