@@ -40,8 +40,8 @@
 namespace {
 
 constexpr int64_t kMaxM = 8;      // rows of x handled per weight pass
-constexpr int64_t kXB = 32;       // inputs per activation scale on the act8 path (XB in the
-                                  // kernel; 64 was no faster from DRAM and doubled the error)
+// The act8 path has one activation scale per run of 32 inputs: blocks of 64 were no faster
+// from DRAM and doubled the error.
 constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream (one core alone does not
                                      // keep enough DRAM reads in flight without it)
 constexpr int64_t kGemvMaxM = 32;  // above this, dequantize + GEMM (GEMV_MAX_ROWS in affine.py)
@@ -142,18 +142,17 @@ void gemv_any(const float* x, int64_t M, int64_t K, const uint8_t* w, const floa
   }
 }
 
-// x (M, K) -> int8 codes (M, K) and one scale per XB inputs (M, K/XB):
+// x (M, K) -> int8 codes (M, K) and one scale per 32 inputs (M, K/32):
 // q = round(x * 127/absmax), half to even; scale = absmax / 127.
 // Also the block sums of x (xsum) and of q (qsum), for the offset correction of gemv_q8.
 void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs, float* xsum,
                       float* qsum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  constexpr int64_t per = kXB / 32;
-  for (int64_t i = 0; i < M * K / kXB; ++i) {
-    const float* src = x + kXB * i;
+  for (int64_t i = 0; i < M * K / 32; ++i) {
+    const float* src = x + 32 * i;
     __m256 amax = _mm256_setzero_ps(), fs = _mm256_setzero_ps(), qsv = _mm256_setzero_ps();
-    for (int j = 0; j < 4 * per; ++j) {
+    for (int j = 0; j < 4; ++j) {
       const __m256 v = _mm256_loadu_ps(src + 8 * j);
       amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
       fs = _mm256_add_ps(fs, v);
@@ -165,17 +164,15 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs
     const float a = _mm_cvtss_f32(m4);
     qs[i] = a / 127.f;
     const __m256 inv = _mm256_set1_ps(a > 0.f ? 127.f / a : 0.f);
-    for (int64_t h = 0; h < per; ++h) {
-      __m256i n[4];
-      for (int j = 0; j < 4; ++j) {
-        n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + 32 * h + 8 * j), inv));
-        qsv = _mm256_add_ps(qsv, _mm256_cvtepi32_ps(n[j]));
-      }
-      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
-                                           _mm256_packs_epi32(n[2], n[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + kXB * i + 32 * h),
-                          _mm256_permutevar8x32_epi32(b, order));
+    __m256i n[4];
+    for (int j = 0; j < 4; ++j) {
+      n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + 8 * j), inv));  // to even
+      qsv = _mm256_add_ps(qsv, _mm256_cvtepi32_ps(n[j]));
     }
+    const __m256i b =
+        _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * i),
+                        _mm256_permutevar8x32_epi32(b, order));
     qsum[i] = hsum(qsv);
   }
 }
@@ -200,16 +197,16 @@ inline __m256i codes_u4(const uint8_t* wb) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
 }
 
-// The 4-bit kernel on int8 inputs: y[m, n0:n1] for M (<= kMaxM) rows, XB inputs per input
-// scale. Per block of XB: the integer dot u . q (vpmaddubsw pairs cannot saturate: 15 * 127
-// * 2 * XB/32 < 2^15) is converted once and accumulated with weight (scale_g * s_x). The codes
-// stay unsigned (0..15); the row's epilogue makes the result that of the centred codes u - 8
-// (see gemv_q8). One accumulator per row: out-of-order execution overlaps consecutive rows.
-template <int M, int XB>
+// The 4-bit kernel on int8 inputs: y[m, n0:n1] for M (<= kMaxM) rows. Per run of 32: the
+// integer dot u . q (vpmaddubsw pairs cannot saturate: 2 * 15 * 127 < 2^15) is converted once
+// and accumulated with weight (scale_g * s_x). The codes stay unsigned (0..15); the row's
+// epilogue makes the result that of the centred codes u - 8 (see gemv_q8). One accumulator
+// per row: out-of-order execution overlaps consecutive rows.
+template <int M>
 void gemv_rows_q8(const int8_t* xq, const float* xqs, int64_t K, const uint8_t* w,
                   const float* scale, const float* offset, int64_t group, const float* xg,
                   const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t G = K / group, RB = K / XB, blocks = group / XB;
+  const int64_t G = K / group, R = K / 32, runs = group / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wb = w + n * (K / 2);
@@ -220,18 +217,13 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, int64_t K, const uint8_t* 
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
       const float s = sc[g];
-      for (int64_t b = 0; b < blocks; ++b, wb += XB / 2, xp += XB, ++xs) {
+      for (int64_t b = 0; b < runs; ++b, wb += 16, xp += 32, ++xs) {
         _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetch), _MM_HINT_T0);
-        const __m256i c0 = codes_u4(wb);
-        const __m256i c1 = XB == 64 ? codes_u4(wb + 16) : c0;
+        const __m256i codes = codes_u4(wb);
         for (int m = 0; m < M; ++m) {
-          const int8_t* xm = xp + m * K;
-          __m256i p = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm)));
-          if (XB == 64)
-            p = _mm256_add_epi16(
-                p, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32))));
-          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-          acc[m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(s * xs[m * RB]), acc[m]);
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + m * K));
+          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
+          acc[m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(s * xs[m * R]), acc[m]);
         }
       }
     }
@@ -317,7 +309,7 @@ void gemv_any_q8(const int8_t* xq, const float* xqs, int64_t M, int64_t K, const
   case R:                                                                                     \
     return wide ? gemv_rows_q8_512<R>(xq, xqs, K, w, scale, offset, group, xg, xc, y, N, n0, \
                                       n1)                                                     \
-                : gemv_rows_q8<R, kXB>(xq, xqs, K, w, scale, offset, group, xg, xc, y, N, n0, n1);
+                : gemv_rows_q8<R>(xq, xqs, K, w, scale, offset, group, xg, xc, y, N, n0, n1);
     LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
     LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
 #undef LOWBIT_CASE
@@ -367,8 +359,7 @@ void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
 at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                    const at::Tensor& offset, int64_t group) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
-  constexpr int64_t XB = kXB;
-  const int64_t RB = K / XB;
+  const int64_t RB = K / 32;  // activation blocks
   auto y = at::empty({M, N}, x.options());
   std::vector<int8_t> xq(M * K);
   std::vector<float> xqs(M * RB), bx(M * RB), bq(M * RB);
@@ -381,7 +372,7 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   std::vector<float> xg(M * G, 0.f), xc(M * G, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < RB; ++b) {
-      const int64_t i = m * RB + b, g = m * G + (XB * b) / group;
+      const int64_t i = m * RB + b, g = m * G + (32 * b) / group;
       xg[g] += bx[i];
       xc[g] += 8.f * (bx[i] - xqs[i] * bq[i]);
     }
