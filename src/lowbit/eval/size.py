@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.nn import QuantLinear
+from lowbit.nn import QUANTIZED_MODULES
 
 
 @dataclass
@@ -33,20 +33,20 @@ class SizeReport:
 
 
 def model_size(model: nn.Module) -> SizeReport:
-    """Sizes of an in-memory model (tied tensors counted once)."""
+    """Sizes of an in-memory model (tied tensors counted once). Models loaded on the kernels
+    count their layers in the kernels' layouts (fp32 scales: more bits/weight than on disk)."""
     seen: set[int] = set()
     qweights = qbytes = fbytes = 0
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QUANTIZED_MODULES):
             b = module.storage_bytes()
             qweights += module.in_features * module.out_features
             qbytes += b["codes"] + b["params"]
     quant_ids = {
         id(t)
         for m in model.modules()
-        if isinstance(m, QuantLinear)
-        for t in (m.qweight, m.scale, m.zero)
-        if t is not None
+        if isinstance(m, QUANTIZED_MODULES)
+        for t in m.storage_tensors()
     }
     for t in [*model.parameters(), *model.buffers()]:
         ptr = t.untyped_storage().data_ptr()

@@ -47,9 +47,6 @@ class AffineWeight:
     def padded_in(self) -> int:
         return self.w.shape[1] * 8 // self.bits
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.offset))
-
 
 def supports(bits: int, block: tuple, shape: tuple) -> bool:
     """Whether a layer with this code width, block (rows, cols) and (out, in) shape fits."""

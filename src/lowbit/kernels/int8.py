@@ -37,13 +37,6 @@ class Int8Weight:
     codes: Tensor | None
     scale: Tensor
     packed: Any = None
-
-    def nbytes(self) -> int:
-        if self.packed is not None:  # fbgemm holds its own copy; ours is dropped
-            n, k = self.scale.shape[0], self.in_features
-            return n * k + 4 * n
-        return self.codes.numel() + 4 * self.scale.numel()
-
     in_features: int = 0
 
 

@@ -1,6 +1,7 @@
 """Quantized modules."""
 
 from lowbit.nn.kernel_linear import (
+    QUANTIZED_MODULES,
     AffineKernelLinear,
     Int8KernelLinear,
     kernel_module,
@@ -9,6 +10,7 @@ from lowbit.nn.kernel_linear import (
 from lowbit.nn.quant_linear import QuantLinear
 
 __all__ = [
+    "QUANTIZED_MODULES",
     "AffineKernelLinear",
     "Int8KernelLinear",
     "QuantLinear",

@@ -37,6 +37,15 @@ class AffineKernelLinear(nn.Module):
     def kind(self) -> str:
         return f"w{self.bits}a16"
 
+    def storage_tensors(self) -> tuple[Tensor, ...]:
+        return (self.w, self.scale, self.offset)
+
+    def storage_bytes(self) -> dict[str, int]:
+        """As :meth:`QuantLinear.storage_bytes`, in this layout (fp32 scale and offset)."""
+        params = sum(t.numel() * t.element_size() for t in (self.scale, self.offset))
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return {"codes": self.w.numel() * self.w.element_size(), "params": params, "bias": bias}
+
     def forward(self, x: Tensor) -> Tensor:
         aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits, self.in_features)
         y = affine_linear(x, aw)
@@ -56,6 +65,15 @@ class Int8KernelLinear(nn.Module):
         self.in_features, self.out_features = weight.in_features, out_features
         self.weight_int8 = weight  # not a buffer: fbgemm's packed object
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def storage_tensors(self) -> tuple[Tensor, ...]:
+        return ()  # fbgemm's packed weight is not a tensor; storage_bytes counts it
+
+    def storage_bytes(self) -> dict[str, int]:
+        """int8 codes and fp32 per-row scales, as fbgemm holds them."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        n = self.out_features
+        return {"codes": n * self.in_features, "params": 4 * n, "bias": bias}
 
     def forward(self, x: Tensor) -> Tensor:
         y = int8_linear(x, self.weight_int8)
@@ -96,5 +114,9 @@ def weight_bytes(model: nn.Module) -> int:
         total += t.untyped_storage().nbytes()
     for m in model.modules():
         if isinstance(m, Int8KernelLinear):
-            total += m.weight_int8.nbytes()
+            total += sum(m.storage_bytes()[k] for k in ("codes", "params"))
     return total
+
+
+QUANTIZED_MODULES = (QuantLinear, AffineKernelLinear, Int8KernelLinear)
+"""Modules that hold a quantized weight: they have ``storage_bytes`` and ``storage_tensors``."""

@@ -114,6 +114,10 @@ class QuantLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
+    def storage_tensors(self) -> tuple[Tensor, ...]:
+        """The tensors that hold the quantized weight (codes, scales, zeros)."""
+        return tuple(t for t in (self.qweight, self.scale, self.zero) if t is not None)
+
     def storage_bytes(self) -> dict[str, int]:
         """Bytes held: ``codes`` (packed weight), ``params`` (scales and zeros), ``bias``."""
         params = sum(t.numel() * t.element_size() for t in (self.scale, self.zero) if t is not None)
