@@ -5,6 +5,7 @@ import torch
 
 from helpers import tiny_llama
 from lowbit import api
+from lowbit.errors import LowbitError
 from lowbit.eval import bench, speed
 from lowbit.eval.machine import EnergyMeter
 
@@ -46,8 +47,10 @@ def test_models_alternate_and_medians_are_reported():
 
 
 def test_bad_speed_arguments_are_refused():
-    with pytest.raises(ValueError, match="new_tokens"):
+    with pytest.raises(LowbitError, match="new_tokens"):
         speed.measure_speed({"a": tiny_llama()}, new_tokens=1)
+    with pytest.raises(LowbitError, match="exceed the model's 256 positions"):
+        speed.measure_speed({"a": tiny_llama()}, prompt_tokens=250, new_tokens=10)
 
 
 @pytest.mark.parametrize("tie", [True, False])

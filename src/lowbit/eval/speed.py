@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.eval.machine import EnergyMeter
 
 
@@ -118,9 +119,15 @@ def measure_speed(
 ) -> dict[str, SpeedResult]:
     """Alternate ``repeats`` timed runs of each model (after one short warm-up run each)."""
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
-        raise ValueError("need new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1")
+        raise LowbitError("need new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1")
     first = next(iter(models.values()))
     vocab = first.config.vocab_size
+    limit = getattr(first.config, "max_position_embeddings", None)
+    if limit and prompt_tokens + new_tokens > limit:
+        raise LowbitError(
+            f"prompt + new tokens = {prompt_tokens + new_tokens} exceed the model's "
+            f"{limit} positions; use a shorter --prompt-tokens or --new-tokens"
+        )
     device = next(first.parameters()).device
     prompt = random_prompt(vocab, prompt_tokens).to(device)
     meter = EnergyMeter(device.type)
