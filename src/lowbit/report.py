@@ -22,10 +22,10 @@ from torch import nn
 from lowbit import api
 from lowbit.assets import atomic_dir
 from lowbit.errors import LowbitError
+from lowbit.eval import model_size
 from lowbit.eval.bench import bench_models
 from lowbit.eval.report_render import report_markdown, write_plots
 from lowbit.models.zoo import zoo_caveat
-from lowbit.nn import weight_bytes
 from lowbit.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ def _quantized_folder(src, name, recipe, tmp: Path, options: ReportOptions, prog
 
 
 def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> dict[str, Any]:
-    rows = {name: {"variant": name, "weight_mb": weight_bytes(m) / 1e6}
+    rows = {name: {"variant": name, "weight_mb": model_size(m).total_bytes / 1e6}
             for name, m in models.items()}  # fmt: skip
-    rows[FLOAT]["disk_mb"] = weight_bytes(src.model) / 1e6  # fp32 safetensors of the same tensors
+    rows[FLOAT]["disk_mb"] = rows[FLOAT]["weight_mb"]  # fp32 safetensors of the same tensors
     for name, folder in folders.items():
         rows[name]["disk_mb"] = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
     notes = [f"{FLOAT} disk MB is the size of its float32 tensors (what a safetensors file holds)"]

@@ -56,7 +56,7 @@ def test_bad_speed_arguments_are_refused():
 @pytest.mark.parametrize("tie", [True, False])
 def test_bytes_read_per_token_skip_an_untied_embedding_table(tie):
     model = tiny_llama(vocab=64, hidden=32, tie=tie)
-    total = bench.weight_bytes(model)
+    total = bench.model_size(model).total_bytes
     table = 64 * 32 * 4
     assert bench.bytes_read_per_token(model) == (total if tie else total - table)
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from lowbit.eval.machine import memory_bandwidth_gbs, thread_settings
 from lowbit.eval.memprobe import probe_in_subprocess
+from lowbit.eval.size import model_size
 from lowbit.eval.speed import SpeedResult, measure_speed
-from lowbit.nn import weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class BenchResult:
 def bytes_read_per_token(model: nn.Module) -> int:
     """Weight bytes one decode step reads: all of them, except the input embedding table (one row
     per token) unless the output head shares it."""
-    total = weight_bytes(model)
+    total = model_size(model).total_bytes
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is None:
@@ -87,7 +87,7 @@ def bench_models(
         rss = None
         if sources and name in sources:
             rss = probe_in_subprocess(sources[name], prompt_tokens, 8)["peak_rss_mb"]
-        results[name] = BenchResult(name, speeds[name], weight_bytes(model),
+        results[name] = BenchResult(name, speeds[name], model_size(model).total_bytes,
                                     bytes_read_per_token(model), bandwidth, rss)  # fmt: skip
     return results, machine
 

@@ -5,7 +5,6 @@ from lowbit.nn.kernel_linear import (
     AffineKernelLinear,
     Int8KernelLinear,
     kernel_module,
-    weight_bytes,
 )
 from lowbit.nn.quant_linear import QuantLinear
 
@@ -15,5 +14,4 @@ __all__ = [
     "Int8KernelLinear",
     "QuantLinear",
     "kernel_module",
-    "weight_bytes",
 ]

@@ -101,22 +101,5 @@ def kernel_module(layer: QuantLinear) -> nn.Module | None:
     return AffineKernelLinear(aw, layer.out_features, layer.bias)
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's parameters and buffers hold in RAM (shared tensors once), fbgemm's
-    packed int8 weights included."""
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    for m in model.modules():
-        if isinstance(m, Int8KernelLinear):
-            total += sum(m.storage_bytes()[k] for k in ("codes", "params"))
-    return total
-
-
 QUANTIZED_MODULES = (QuantLinear, AffineKernelLinear, Int8KernelLinear)
 """Modules that hold a quantized weight: they have ``storage_bytes`` and ``storage_tensors``."""

@@ -8,7 +8,7 @@ Buffers (what is saved and what occupies RAM):
   integer codes packed along the block dim (``zero_point: int``).
 The forward pass dequantizes the weight and calls ``F.linear`` (for W8A8 layers, ``act`` set:
 the int8 per-token reference of :mod:`lowbit.kernels.int8`); the fast kernels
-(:func:`lowbit.nn.use_kernels`) replace exactly this step, with this as their reference.
+(:func:`lowbit.models.use_kernels`) replace exactly this step, with this as their reference.
 """
 
 from __future__ import annotations
