@@ -59,3 +59,40 @@ def tiny_family_model(family: str, vocab: int = 64, seed: int = 0):
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt2", "opt"]
+
+
+def make_recipe(weights: dict, activations: dict | None = None, ignore=("lm_head",)):
+    """A recipe object from a weights (and activations) dict."""
+    from lowbit.recipes import Recipe
+
+    body = {"version": 1, "name": "test", "weights": weights, "ignore": list(ignore)}
+    if activations is not None:
+        body["activations"] = activations
+    return Recipe.from_dict(body)
+
+
+def quantized_folder(src_folder, out, recipe):
+    """Quantize the model saved in ``src_folder`` and save it to ``out``: (folder, model)."""
+    from lowbit import api
+
+    src = api.load_model(str(src_folder))
+    report = api.quantize(src.model, recipe, progress=False)
+    return api.save(src.model, out, report, source=src), src.model
+
+
+def make_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 style: llama.cpp's `gpt2` vocabulary) trained on TEXT."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )

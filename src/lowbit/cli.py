@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import __version__
+from lowbit.cli_export import add_export
 from lowbit.cli_perf import add_bench, add_report
 from lowbit.errors import LowbitError
 
@@ -27,6 +28,7 @@ examples:
   lowbit inspect out/smollm2-w4g64
   lowbit presets w4-rtn-g64            # print a preset as YAML to start your own recipe
   lowbit bench out/smollm2-w4g64 --ref smollm2-135m
+  lowbit export out/smollm2-w4g64 --format onnx --out out/smollm2-w4g64-onnx
 
 MODEL is a zoo name (see `lowbit models`), a Hugging Face folder, a .gguf file, a lowbit output
 folder, or a hub id (needs network). CORPUS is a name (see `lowbit corpora`) or a text file.
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub, common)
     add_bench(sub, common)
     add_report(sub, common)
+    add_export(sub, common)
     _add_listing(sub, common)
     return parser
 

@@ -35,8 +35,8 @@ def observe(xb: Tensor, spec: ObserverSpec, grid: Grid) -> tuple[Tensor, Tensor]
     if spec.name == "hqq":
         if grid.qtype.kind != "int":
             raise LowbitError(f"observer hqq needs an integer grid, not {grid.qtype.name}")
-        start = _mse(xb, spec, grid)  # HQQ refines the MSE-clipped range
-        return hqq_range(xb, grid.qtype, grid.symmetric, start, spec.hqq_p, spec.hqq_beta,
+        # from min-max: clipping long rows first hurt outputs (see lowbit.primitives.hqq)
+        return hqq_range(xb, grid.qtype, grid.symmetric, None, spec.hqq_p, spec.hqq_beta,
                          spec.hqq_kappa, spec.hqq_iters)  # fmt: skip
     raise ValueError(f"unknown observer {spec.name!r}")
 

@@ -1,0 +1,160 @@
+"""Exports measured in their consumers: file size, load, and perplexity beside lowbit's own.
+
+For each (format, recipe): quantize the default model, save it, export it, load the export in
+the runtime that serves that format, and score both on the same `wiki` windows: perplexity in
+lowbit, perplexity in the consumer, and KL(lowbit || consumer) and top-1 agreement (how closely
+the consumer reproduces lowbit's distribution). Consumers:
+
+  compressed-tensors  transformers + compressed-tensors (CPU, decompressed on load)
+  gguf                llama.cpp through llama-cpp-python (`pip install llama-cpp-python`; not a
+                      lowbit dependency: it builds llama.cpp from source, ~10 min on 2 cores)
+  onnx                onnxruntime (CPUExecutionProvider)
+
+    .venv/bin/python benchmarks/export_table.py [--formats gguf onnx compressed-tensors]
+        [--tokens 8192]
+
+W4 group 32 (asymmetric) is on the default model's original grid: its GGUF row checks that the
+export is exact (llama.cpp vs lowbit), not quantization quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from lowbit import api
+from lowbit.export import export
+from lowbit.recipes import Recipe
+
+W8A8 = {"bits": 8, "granularity": "token", "dynamic": True}
+RECIPES = {
+    "compressed-tensors": {
+        "w4-sym-g64": ({"bits": 4, "group_size": 64, "symmetric": True}, None),
+        "w8-channel": ({"bits": 8, "group_size": -1, "symmetric": True}, None),
+        "w8a8-dynamic": ({"bits": 8, "group_size": -1, "symmetric": True}, W8A8),
+    },
+    "gguf": {
+        "w4-g32 (Q4_1)": ({"bits": 4, "group_size": 32}, None),
+        "w4-sym-g32 (Q4_0)": ({"bits": 4, "group_size": 32, "symmetric": True}, None),
+        "w8-sym-g32 (Q8_0)": ({"bits": 8, "group_size": 32, "symmetric": True}, None),
+    },
+    "onnx": {
+        "w4-g64": ({"bits": 4, "group_size": 64}, None),
+        "w8-channel": ({"bits": 8, "group_size": -1, "symmetric": True}, None),
+        "w8a8-dynamic": ({"bits": 8, "group_size": -1, "symmetric": True}, W8A8),
+    },
+}
+
+
+class OrtModel(nn.Module):
+    """An onnxruntime session behind the model(input_ids) -> logits interface."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(folder / "model.onnx"), opts,
+                                         providers=["CPUExecutionProvider"])  # fmt: skip
+
+    def forward(self, ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        logits = self.sess.run(None, {"input_ids": ids.numpy()})[0]
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+class LlamaCppModel(nn.Module):
+    """llama.cpp (llama-cpp-python) scoring the exact token ids it is given."""
+
+    def __init__(self, path: Path, seqlen: int, threads: int) -> None:
+        super().__init__()
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(path), n_ctx=seqlen, n_batch=512, logits_all=True,
+                         n_threads=threads, verbose=False)  # fmt: skip
+
+    def forward(self, ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        scores = self.llm.scores[: ids.shape[1]]
+        return SimpleNamespace(logits=torch.from_numpy(scores.copy()).unsqueeze(0))
+
+
+def consumer(fmt: str, path: Path, seqlen: int, threads: int) -> nn.Module:
+    if fmt == "compressed-tensors":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if fmt == "onnx":
+        return OrtModel(path, threads)
+    return LlamaCppModel(path, seqlen, threads)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--formats", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--corpus", default="wiki")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--seqlen", type=int, default=2048)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    threads = torch.get_num_threads()
+    src = api.load_model(args.model, kernels=False)
+    print(
+        f"model {args.model}; evaluation {args.corpus}: first {args.tokens} tokens in windows "
+        f"of {args.seqlen}; KL and top-1 of the consumer against lowbit on the same windows\n"
+    )
+    print(
+        "| format | recipe | export bytes | loads | ppl lowbit | ppl consumer | diff | "
+        "KL(lowbit‖consumer) | top-1 | export s |"
+    )
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in args.formats:
+            for name, (weights, acts) in RECIPES[fmt].items():
+                row = run_one(src, fmt, name, weights, acts, Path(tmp), args, threads)
+                print(row, flush=True)
+
+
+def run_one(src, fmt, name, weights, acts, tmp: Path, args, threads: int) -> str:
+    body = {"version": 1, "name": name, "weights": weights, "ignore": ["lm_head"]}
+    if acts:
+        body["activations"] = acts
+    model = copy.deepcopy(src.model)
+    report = api.quantize(model, Recipe.from_dict(body), progress=False)
+    slug = name.split()[0]
+    folder = api.save(model, tmp / f"{fmt}-{slug}", report, source=src)
+    del model
+    target = tmp / (f"{fmt}-{slug}.gguf" if fmt == "gguf" else f"{fmt}-{slug}-export")
+    t0 = time.perf_counter()
+    result = export(folder, fmt, target)
+    seconds = time.perf_counter() - t0
+    ours = api.load(folder).model
+    try:
+        theirs = consumer(fmt, result.path, args.seqlen, threads)
+        loads = "yes"
+    except Exception as exc:  # report any consumer failure in the table, then go on
+        print(f"{fmt} {name}: the consumer failed to load the export: {exc}", file=sys.stderr)
+        return f"| {fmt} | {name} | {result.bytes:,} | **no** | | | | | | {seconds:.1f} |"
+    res = api.evaluate({"lowbit": ours, "consumer": theirs}, src.tokenizer, args.corpus,
+                       args.seqlen, args.tokens, ref=ours, progress=False)  # fmt: skip
+    a, b = res["lowbit"], res["consumer"]
+    return (
+        f"| {fmt} | {name} | {result.bytes:,} | {loads} | {a.ppl:.3f} | {b.ppl:.3f} | "
+        f"{100 * (b.ppl / a.ppl - 1):+.2f}% | {b.kl:.4f} | {b.top1:.3f} | {seconds:.1f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""``lowbit export``: a lowbit folder to compressed-tensors, GGUF or ONNX."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+_EPILOG = """\
+examples:
+  lowbit quantize smollm2-135m --recipe w4-rtn-g32 --out out/w4g32
+  lowbit export out/w4g32 --format gguf --out out/w4g32.gguf          # Q4_1, exact
+  lowbit quantize smollm2-135m --recipe recipe-w4-sym-g64.yaml --out out/w4s
+  lowbit export out/w4s --format compressed-tensors --out out/w4s-ct  # transformers / vLLM
+  lowbit export out/w4g64 --format onnx --out out/w4g64-onnx          # ONNX Runtime
+
+What maps exactly (anything else is an error naming the layer, or for GGUF --requantize):
+  compressed-tensors  int2..int8 weights, symmetric or `zero_point: int`, group or channel;
+                      W8A8 with per-token dynamic activations (int-quantized)
+  gguf                int4 sym g32 -> Q4_0, int4 asym g32 -> Q4_1, int8 sym g32 -> Q8_0
+                      (float16 scales); Llama, Mistral and Qwen2 architectures
+  onnx                int4/int8 weight-only (MatMulNBits, any group size >= 16 that is a power
+                      of two); W8A8 through DynamicQuantizeLinear + MatMulInteger
+"""
+
+
+def add_export(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export", parents=[common], help="write a lowbit folder for a runtime (GGUF, ONNX, ...)",
+        description="Export a quantized lowbit folder to the format a runtime loads: "
+        "compressed-tensors (transformers, vLLM), GGUF (llama.cpp) or ONNX (ONNX Runtime). "
+        "The packed codes and scales are carried over exactly; the output appears only when "
+        "it is complete.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("folder", type=Path, metavar="DIR", help="a lowbit output folder")
+    p.add_argument("--format", required=True, choices=["compressed-tensors", "gguf", "onnx"])
+    p.add_argument("--out", required=True, type=Path, help="output folder (GGUF: a .gguf file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--float-type", choices=["f16", "f32"], default="f16",
+        help="GGUF: storage of the layers left in float (default f16, as llama.cpp's converter)",
+    )  # fmt: skip
+    p.add_argument(
+        "--requantize", choices=["q8_0", "q4_0", "q4_1", "f16"],
+        help="GGUF: re-quantize layers with no exact GGUF type to this one (lossy; logged)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.export import export
+
+    result = export(args.folder, args.format, args.out, args.overwrite, args.float_type,
+                    args.requantize)  # fmt: skip
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"exported {args.folder} as {result.format} to {result.path} "
+              f"({result.bytes / 1e6:.1f} MB)")  # fmt: skip
+    return 0

@@ -1,0 +1,82 @@
+"""Export a lowbit folder to the formats runtimes load: compressed-tensors, GGUF, ONNX.
+
+Every exporter reads the saved packed layers (never the kernels' layouts), maps them exactly to
+the target's encoding or stops with an error naming the layer and the reason, and writes into a
+temporary path that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowbit.assets import atomic_dir, atomic_file
+from lowbit.errors import LowbitError
+from lowbit.models import load_folder, read_manifest, zoo
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("compressed-tensors", "gguf", "onnx")
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: Path
+    bytes: int
+    tensor_types: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "path": str(self.path), "bytes": self.bytes}
+
+
+def export(
+    folder: str | Path,
+    fmt: str,
+    out: str | Path,
+    overwrite: bool = False,
+    float_type: str = "f16",
+    requantize: str | None = None,
+) -> ExportResult:
+    """Export the lowbit folder ``folder`` as ``fmt`` to ``out`` (a folder for
+    compressed-tensors and ONNX, a file for GGUF)."""
+    folder, out = Path(folder), Path(out)
+    if fmt not in FORMATS:
+        raise LowbitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    manifest = read_manifest(folder)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+    if requantize is not None and fmt != "gguf":
+        raise LowbitError("--requantize applies to GGUF export only")
+    model, _ = load_folder(folder)
+    if fmt == "gguf":
+        from lowbit.export.gguf_file import write_gguf
+
+        with atomic_file(out) as tmp:
+            types = write_gguf(model, folder, tmp, _source_gguf(manifest), float_type, requantize)
+        return ExportResult(fmt, out, out.stat().st_size, types)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if fmt == "compressed-tensors":
+            from lowbit.export.compressed import write_compressed_tensors
+
+            write_compressed_tensors(model, folder, tmp)
+        else:
+            from lowbit.export.onnx_file import write_onnx
+
+            write_onnx(model, folder, tmp)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return ExportResult(fmt, out, size)
+
+
+def _source_gguf(manifest: dict) -> Path | None:
+    """The GGUF the model was loaded from (its tokenizer is copied verbatim), if any."""
+    source = manifest.get("source") or {}
+    kind, name = source.get("kind"), source.get("model")
+    if kind == "zoo" and name in zoo():
+        from lowbit.models.zoo import zoo_gguf
+
+        return zoo_gguf(zoo()[name])
+    if kind == "gguf" and name and Path(name).expanduser().is_file():
+        return Path(name).expanduser()
+    return None

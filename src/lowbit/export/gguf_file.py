@@ -1,0 +1,198 @@
+"""GGUF export (llama.cpp): architecture metadata, tokenizer, and tensors in llama.cpp's layout.
+
+Uses the ``gguf`` package's writer, tensor-name map and vocabulary readers; lowbit supplies only
+the exact block encodings (:mod:`lowbit.export.gguf_blocks`) and the HF -> llama.cpp conventions
+that the package leaves to llama.cpp's converter script: the rotary row order of Llama's q/k
+projections and the architecture keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.export.gguf_blocks import encode, exact_type, requantize
+from lowbit.nn import QuantLinear
+
+log = logging.getLogger(__name__)
+
+# HF model_type -> (llama.cpp architecture, permute q/k rows for llama.cpp's rotary layout)
+ARCHS = {
+    "llama": (gguf.MODEL_ARCH.LLAMA, True),
+    "mistral": (gguf.MODEL_ARCH.LLAMA, True),
+    "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
+}
+REQUANTIZE = {n: gguf.GGMLQuantizationType[n.upper()] for n in ("q8_0", "q4_0", "q4_1", "f16")}
+
+
+def write_gguf(
+    model: nn.Module,
+    folder: Path,
+    path: Path,
+    source_gguf: Path | None = None,
+    float_type: str = "f16",
+    requantize_to: str | None = None,
+) -> dict[str, str]:
+    """Write ``model`` (a lowbit model loaded without kernels) to the GGUF file ``path``.
+
+    Returns {tensor name: GGUF type}. The tokenizer comes from ``source_gguf`` when the model was
+    loaded from one (the publisher's exact llama.cpp vocabulary), else from ``folder``'s
+    tokenizer.json (GPT-2-style BPE).
+    """
+    config = model.config
+    if config.model_type not in ARCHS:
+        raise LowbitError(f"GGUF export supports {sorted(ARCHS)} models, not "
+                          f"{config.model_type!r}")  # fmt: skip
+    arch, permute = ARCHS[config.model_type]
+    tensors = list(_tensors(model, arch, permute, float_type, requantize_to))
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    _metadata(writer, config, folder)
+    _tokenizer(writer, folder, source_gguf, config.vocab_size)
+    types = {}
+    for name, data, qtype in tensors:
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        types[name] = qtype.name
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(_file_type([t for _, d, t in tensors if d.ndim == 2]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return types
+
+
+def _file_type(types: list[gguf.GGMLQuantizationType]) -> int:
+    """llama.cpp's ``general.file_type``: the most common 2-D tensor type."""
+    names = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0",
+             "F16": "MOSTLY_F16", "F32": "ALL_F32"}  # fmt: skip
+    common = max(set(types), key=types.count) if types else gguf.GGMLQuantizationType.F32
+    return int(gguf.LlamaFileType[names[common.name]])
+
+
+def _metadata(writer: gguf.GGUFWriter, config: Any, folder: Path) -> None:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_name(folder.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", heads))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is not None:
+        writer.add_rope_freq_base(float(theta))
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise LowbitError(f"rope scaling {rope['rope_type']!r} is not exported to GGUF yet")
+
+
+def _tokenizer(writer: gguf.GGUFWriter, folder: Path, source: Path | None, n_vocab: int) -> None:
+    if source is not None:
+        _copy_tokenizer(writer, source)
+        return
+    try:
+        vocab = gguf.vocab.BpeVocab(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise LowbitError(
+            f"{folder}: GGUF export needs a GPT-2-style BPE tokenizer.json ({exc})"
+        ) from None
+    tokens, types = [], []
+    special = gguf.vocab.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
+    special_ids = set(special.special_token_ids.values())
+    for i, (text, _score, ttype) in enumerate(vocab.all_tokens()):
+        tokens.append(text)
+        types.append(gguf.TokenType.CONTROL if i in special_ids else ttype)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
+    """Copy every ``tokenizer.*`` key of the source GGUF verbatim."""
+    reader = gguf.GGUFReader(str(source))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+
+
+def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, float_type: str,
+             requantize_to: str | None):  # fmt: skip
+    """(GGUF name, data, type) for every tensor, in the model's order."""
+    config = model.config
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", heads)
+    tied = getattr(config, "tie_word_embeddings", False)
+    modules = dict(model.named_modules())
+    done = set()
+    for key, tensor in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in done or (tied and key == "lm_head.weight"):
+            continue
+        mod = modules.get(owner)
+        gname = names.get_name(f"{owner}.weight" if isinstance(mod, QuantLinear) else key,
+                               try_suffixes=(".weight", ".bias"))  # fmt: skip
+        if gname is None:
+            raise LowbitError(f"{key}: no llama.cpp tensor name for it")
+        rows_perm = None
+        if permute and owner.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            n = heads if owner.endswith("q_proj") else kv_heads
+            rows_perm = _rotary_rows(mod.out_features if hasattr(mod, "out_features") else
+                                     tensor.shape[0], n)  # fmt: skip
+        if isinstance(mod, QuantLinear):
+            done.add(owner)
+            data, qtype = _quantized(owner, mod, requantize_to)
+            if rows_perm is not None:
+                data = data[rows_perm]
+            yield gname, np.ascontiguousarray(data), qtype
+            if mod.bias is not None:
+                bias = mod.bias.detach().float()
+                bias = bias if rows_perm is None else bias[rows_perm]
+                bname = names.get_name(f"{owner}.bias", try_suffixes=(".bias",))
+                yield bname, bias.numpy(), gguf.GGMLQuantizationType.F32
+            continue
+        t = tensor.detach().float()
+        if rows_perm is not None:
+            t = t[rows_perm]
+        if t.dim() == 1 or float_type == "f32":
+            yield gname, t.numpy(), gguf.GGMLQuantizationType.F32
+        else:
+            yield gname, t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
+
+
+def _quantized(layer: str, mod: QuantLinear, requantize_to: str | None):
+    if requantize_to is None:
+        qtype = exact_type(mod, layer)
+        return encode(mod, qtype), qtype
+    qtype = REQUANTIZE[requantize_to]
+    w = mod.dequantized_weight()
+    log.warning("%s: %s re-quantized to %s (lossy: scales and codes are recomputed from the "
+                "dequantized weight)", layer, mod.spec.short(), qtype.name)  # fmt: skip
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return w.to(torch.float16).numpy(), qtype
+    return requantize(w, qtype), qtype
+
+
+def _rotary_rows(out_features: int, n_heads: int) -> torch.Tensor:
+    """Row order llama.cpp expects for a Llama q/k projection: HF stores each head's rotary
+    pairs as two halves, llama.cpp interleaves them (its converter's ``permute``)."""
+    head = out_features // n_heads
+    idx = torch.arange(out_features).reshape(n_heads, 2, head // 2)
+    return idx.transpose(1, 2).reshape(-1)

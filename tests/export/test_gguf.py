@@ -1,0 +1,87 @@
+"""GGUF export: exact block encodings (the gguf package's reader is the oracle), and a full
+round trip through transformers' GGUF loader (architecture keys, rotary row order, tokenizer)."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_bpe_tokenizer, make_recipe, quantized_folder, tiny_family_model
+from lowbit.errors import LowbitError
+from lowbit.export import export
+from lowbit.export.gguf_file import _rotary_rows
+from lowbit.nn import QuantLinear
+
+EXACT = {
+    "q4_1": ({"bits": 4, "group_size": 32}, "Q4_1"),
+    "q4_0": ({"bits": 4, "group_size": 32, "symmetric": True}, "Q4_0"),
+    "q8_0": ({"bits": 8, "group_size": 32, "symmetric": True}, "Q8_0"),
+}
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def bpe_folder(request, tmp_path):
+    tok = make_bpe_tokenizer()
+    model = tiny_family_model(request.param, vocab=len(tok))
+    folder = tmp_path / f"tiny-{request.param}"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _gguf_tensors(path):
+    reader = gguf.GGUFReader(str(path))
+    return reader, {t.name: t for t in reader.tensors}
+
+
+@pytest.mark.parametrize("kind", list(EXACT))
+def test_blocks_dequantize_to_lowbit_weights_exactly(bpe_folder, tmp_path, kind):
+    weights, type_name = EXACT[kind]
+    folder, model = quantized_folder(bpe_folder, tmp_path / "q", make_recipe(weights))
+    path = export(folder, "gguf", tmp_path / "m.gguf").path
+    reader, tensors = _gguf_tensors(path)
+    cfg = model.config
+    checked = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantLinear):
+            continue
+        block = int(name.split(".")[2])
+        short = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj":
+                 "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+                 "down_proj": "ffn_down"}[name.rsplit(".", 1)[1]]  # fmt: skip
+        t = tensors[f"blk.{block}.{short}.weight"]
+        assert t.tensor_type.name == type_name
+        ours = mod.dequantized_weight()
+        if cfg.model_type == "llama" and short in ("attn_q", "attn_k"):
+            heads = cfg.num_attention_heads if short == "attn_q" else cfg.num_key_value_heads
+            ours = ours[_rotary_rows(mod.out_features, heads)]
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type)
+        np.testing.assert_array_equal(theirs, ours.numpy())
+        checked += 1
+    assert checked == 7 * cfg.num_hidden_layers
+    arch = reader.fields["general.architecture"].contents()
+    assert reader.fields[f"{arch}.block_count"].contents() == cfg.num_hidden_layers
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == cfg.vocab_size
+
+
+def test_transformers_reads_the_file_back_with_the_same_logits(bpe_folder, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, model = quantized_folder(bpe_folder, tmp_path / "q", make_recipe(EXACT["q4_1"][0]))
+    path = export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    x = torch.tensor([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4, rtol=0)
+
+
+def test_off_grid_recipe_is_a_clear_error_unless_requantized(bpe_folder, tmp_path):
+    folder, _ = quantized_folder(bpe_folder, tmp_path / "q", "w4-rtn-g64")
+    with pytest.raises(LowbitError, match=r"q_proj: group blocks of 64 .*Q4_1"):
+        export(folder, "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".m.gguf*")) == []
+    path = export(folder, "gguf", tmp_path / "m.gguf", requantize="q8_0").path
+    _, tensors = _gguf_tensors(path)
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"
