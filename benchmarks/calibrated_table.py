@@ -1,8 +1,8 @@
 """Calibrated weight quantization on the default model: every algorithm at every format, one run.
 
 Each (algorithm, format) is quantized by a separate `lowbit quantize` process (so its wall time
-and peak RSS are its own), calibrated on `bbc`; then all the saved models are scored together
-against the float model on the same `wiki` windows. Prints a Markdown table per format:
+and peak RSS are its own), calibrated on `bbc`, then scored against the float model on the same
+`wiki` windows; each row of the Markdown table is printed as soon as it is measured:
 perplexity, ratio to float, KL(fp || q) per token, top-1 agreement, quantization wall time and
 peak RSS.
 
@@ -25,7 +25,6 @@ from pathlib import Path
 import yaml
 
 from lowbit import api
-from lowbit.eval import format_table
 
 FORMATS = {
     "w4-g64": {"bits": 4, "group_size": 64},
@@ -62,53 +61,32 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    runs: dict[str, dict] = {}
+    src = api.load_model(args.model, kernels=False)
+    fp = api.evaluate({"float": src.model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
+                      progress=False)["float"]  # fmt: skip
+    print(f"model {args.model}; calibration {args.calib}: {args.calib_samples} windows x "
+          f"{args.calib_seqlen} tokens (seed 0); evaluation {fp.corpus} (sha256 "
+          f"{fp.corpus_sha256[:12]}): {fp.windows} windows x {fp.seqlen} = {fp.tokens} tokens; "
+          f"float ppl {fp.ppl:.3f}\n", flush=True)  # fmt: skip
+    print("| format | algorithm | bits/w | ppl | x fp | KL | top-1 | quantize s | peak RSS MB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    # each row is printed as soon as it is measured: a stopped run keeps what it printed
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.formats:
             for algorithm in args.algorithms:
                 name = f"{algorithm}-{fmt}"
                 print(f"quantizing {name} ...", file=sys.stderr, flush=True)
-                runs[name] = quantize(args.model, algorithm, fmt, Path(tmp) / name, args)
-        src = api.load_model(args.model)
-        models = {"float": src.model}
-        models |= {name: api.load(run["out"]).model for name, run in runs.items()}
-        results = api.evaluate(models, src.tokenizer, args.corpus, args.seqlen, args.tokens,
-                               ref=src.model)  # fmt: skip
-    fp = results["float"]
-    print(f"\nmodel {args.model}; calibration {args.calib}: {args.calib_samples} windows x "
-          f"{args.calib_seqlen} tokens (seed 0); evaluation {fp.corpus} (sha256 "
-          f"{fp.corpus_sha256[:12]}): {fp.windows} windows x {fp.seqlen} = {fp.tokens} tokens; "
-          f"float ppl {fp.ppl:.3f}\n")  # fmt: skip
-    header = [
-        "format",
-        "algorithm",
-        "bits/w",
-        "ppl",
-        "x fp",
-        "KL",
-        "top-1",
-        "quantize s",
-        "peak RSS MB",
-    ]
-    rows = []
-    for fmt in args.formats:
-        for algorithm in args.algorithms:
-            run, r = runs[f"{algorithm}-{fmt}"], results[f"{algorithm}-{fmt}"]
-            bpw, rss = run["size"]["bits_per_weight"], round(run["peak_rss_mb"])
-            rows.append(
-                [
-                    fmt,
-                    algorithm,
-                    bpw,
-                    r.ppl,
-                    r.ppl / fp.ppl,
-                    r.kl,
-                    r.top1,
-                    round(run["seconds"], 1),
-                    rss,
-                ]
-            )
-    print(format_table(header, rows, markdown=True))
+                run = quantize(args.model, algorithm, fmt, Path(tmp) / name, args)
+                model = api.load(run["out"], kernels=False).model
+                r = api.evaluate({name: model}, src.tokenizer, args.corpus, args.seqlen,
+                                 args.tokens, ref=src.model, progress=False)[name]  # fmt: skip
+                bpw, rss = run["size"]["bits_per_weight"], round(run["peak_rss_mb"])
+                print(
+                    f"| {fmt} | {algorithm} | {bpw:.3f} | {r.ppl:.3f} | {r.ppl / fp.ppl:.3f} | "
+                    f"{r.kl:.4f} | {r.top1:.3f} | {run['seconds']:.1f} | {rss} |",
+                    flush=True,
+                )
+                del model
 
 
 if __name__ == "__main__":

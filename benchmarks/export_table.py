@@ -6,8 +6,12 @@ lowbit, perplexity in the consumer, and KL(lowbit || consumer) and top-1 agreeme
 the consumer reproduces lowbit's distribution). Consumers:
 
   compressed-tensors  transformers + compressed-tensors (CPU, decompressed on load)
-  gguf                llama.cpp through llama-cpp-python (`pip install llama-cpp-python`; not a
-                      lowbit dependency: it builds llama.cpp from source, ~10 min on 2 cores)
+  gguf                llama.cpp through llama-cpp-python (not a lowbit dependency: it builds
+                      llama.cpp from source, 10-30 min on 2 cores). On this Xeon (AVX-512, AMX)
+                      the default native build crashed in its first decode, on the publisher's
+                      own GGUF as well; a portable AVX2 build runs:
+                      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                      -DGGML_AVX512=OFF -DGGML_OPENMP=OFF" pip install llama-cpp-python
   onnx                onnxruntime (CPUExecutionProvider)
 
     .venv/bin/python benchmarks/export_table.py [--formats gguf onnx compressed-tensors]

@@ -60,7 +60,8 @@ def quantize(
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    return recipe.algorithm in CALIBRATED
+    """Whether the CLI draws calibration windows (K-means uses them, as importance weights)."""
+    return recipe.algorithm in (*CALIBRATED, "kmeans")
 
 
 def evaluate(

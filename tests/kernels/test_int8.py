@@ -17,9 +17,13 @@ needs_fbgemm = pytest.mark.skipif(not int8.fbgemm_available(), reason="no fbgemm
 
 
 @needs_fbgemm
+@pytest.mark.parametrize("levels", [int8.ACT_LEVELS_7BIT, int8.ACT_LEVELS_8BIT])
 @pytest.mark.parametrize("m", [1, 3, 16, 130])
 @pytest.mark.parametrize("n,k", [(8, 64), (37, 100), (96, 576)])
-def test_fbgemm_matches_reference(m, n, k):
+def test_fbgemm_matches_reference(m, n, k, levels, monkeypatch):
+    if levels == int8.ACT_LEVELS_8BIT and not int8._has_avx512_vnni():
+        pytest.skip("8-bit activation codes saturate fbgemm's AVX2 kernel (no VNNI here)")
+    monkeypatch.setattr(int8, "act_levels", lambda: levels)
     codes, scale = random_weight(n, k, seed=m)
     fast, slow = int8.prepare_int8(codes, scale), int8.Int8Weight(codes, scale, None, k)
     assert fast.packed is not None and fast.codes is None  # only fbgemm's copy is kept
@@ -38,13 +42,19 @@ def test_codes_come_back_from_fbgemms_copy():
     assert torch.equal(int8.int8_weight_codes(int8.prepare_int8(codes, scale)), codes)
 
 
-def test_reference_is_close_to_float_linear():
+@pytest.mark.parametrize(("levels", "bound"), [(127, 0.02), (255, 0.01)])
+def test_reference_is_close_to_float_linear(levels, bound):
     codes, scale = random_weight(32, 256)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
     w = codes.float() * scale.unsqueeze(1)
-    ref = int8.int8_linear_reference(x, int8.Int8Weight(codes, scale, None, 256))
+    ref = int8.int8_linear_reference(x, int8.Int8Weight(codes, scale, None, 256), levels)
     exact = F.linear(x, w)
-    assert (ref - exact).norm() / exact.norm() < 0.02  # 7-bit per-token activations
+    assert (ref - exact).norm() / exact.norm() < bound  # per-token activations, 7 or 8 bits
+
+
+def test_machine_grid_is_7_bit_when_avx2_is_forced(monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
+    assert not int8._has_avx512_vnni()
 
 
 def test_per_token_scaling_protects_small_rows():

@@ -83,4 +83,5 @@ def folder_layer_bytes(header: dict, layer: str) -> dict[str, int]:
         entry = header.get(f"{layer}.{suffix}")
         return tensor_bytes(entry) if entry else 0
 
-    return {"codes": get("qweight"), "params": get("scale") + get("zero"), "bias": get("bias")}
+    params = get("scale") + get("zero") + get("lorc_u") + get("lorc_v")
+    return {"codes": get("qweight"), "params": params, "bias": get("bias")}

@@ -34,6 +34,8 @@ def _pack_to_int32(codes: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
 def weight_args(spec: WeightSpec, layer: str) -> dict[str, Any]:
     """The compressed-tensors ``weights`` scheme of a lowbit weight spec, or a clear error."""
     qt = spec.qtype
+    if spec.lorc_rank:
+        raise LowbitError(f"{layer}: the LoRC correction has no compressed-tensors twin")
     if qt.kind != "int":
         raise LowbitError(f"{layer}: {qt.name} weights have no compressed-tensors integer twin "
                           "(export int2..int8 recipes)")  # fmt: skip

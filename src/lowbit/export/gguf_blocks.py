@@ -34,7 +34,9 @@ def exact_type(mod: QuantLinear, layer: str) -> T:
     """The GGUF type that holds ``mod`` exactly, or a clear error."""
     spec = mod.spec
     reason = None
-    if spec.qtype.kind != "int":
+    if spec.lorc_rank:
+        reason = "LoRC corrections"
+    elif spec.qtype.kind != "int":
         reason = f"{spec.qtype.name} weights"
     elif spec.granularity != "group" or spec.group_size != 32:
         reason = f"{spec.granularity} blocks" + (

@@ -128,7 +128,7 @@ class NBitsLinear(nn.Module):
         super().__init__()
         spec, k, n = mod.spec, mod.in_features, mod.out_features
         bits = spec.qtype.bits
-        if spec.qtype.kind != "int" or bits not in (4, 8) or mod.act is not None:
+        if spec.qtype.kind != "int" or bits not in (4, 8) or mod.act is not None or spec.lorc_rank:
             raise LowbitError(f"{layer}: {spec.short()} has no MatMulNBits twin (ONNX export "
                               "takes int4/int8 weight-only layers)")  # fmt: skip
         group = k if spec.granularity == "channel" else spec.group_size
@@ -164,8 +164,9 @@ class NBitsLinear(nn.Module):
 
 class W8A8Linear(nn.Module):
     """A W8A8 QuantLinear as int8 MatMulInteger with per-token dynamic activations (export
-    only). The exported graph computes 8-bit activation codes (amax/127 per token), what the
-    recipe asks for; lowbit's own CPU runtime uses 7-bit codes (see :mod:`lowbit.kernels.int8`)."""
+    only). The exported graph computes symmetric 8-bit activation codes (amax/127 per token), what
+    the recipe asks for; lowbit's own CPU runtime uses fbgemm's grid over row-normalised inputs,
+    8-bit with AVX-512 VNNI and 7-bit without (see :mod:`lowbit.kernels.int8`)."""
 
     def __init__(self, mod: QuantLinear, layer: str) -> None:
         super().__init__()

@@ -8,6 +8,8 @@ fixed by the kind:
   ``(u - zero) * scale`` (integer zero point) or ``u * scale + zero`` (float offset, the GGUF
   Q4_1 / tinygemm form);
 - ``nf``: a 16-entry NormalFloat codebook scaled by the block's absmax (QLoRA's nf4);
+- ``codebook``: ``book[code]`` with a learned table of ``2**bits`` fp16 values per block
+  (K-means weights, :mod:`lowbit.algorithms.kmeans`; the table is held where a scale would be);
 - ``fp8``: ``float(code) * scale`` with the code held as float8 e4m3 or e5m2;
 - ``float``: a plain cast to fp16 or bf16, no scale.
 """
@@ -21,7 +23,7 @@ import torch
 
 from lowbit.errors import LowbitError
 
-KINDS = ("int", "nf", "fp8", "float")
+KINDS = ("int", "nf", "codebook", "fp8", "float")
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,14 @@ def qtype_for(fmt: str, bits: int) -> QType:
     """The QType for a recipe's ``format`` and ``bits`` (validated)."""
     if fmt == "int":
         return int_type(bits)
+    if fmt == "kmeans":
+        if not 1 <= bits <= 8:
+            raise LowbitError(f"kmeans codebooks have 1 to 8 bits, got {bits}")
+        return QType(f"kmeans{bits}", "codebook", bits)
     fixed = {"nf4": ("nf", 4), "fp8_e4m3": ("fp8", 8), "fp8_e5m2": ("fp8", 8)}
     fixed |= {"fp16": ("float", 16), "bf16": ("float", 16)}
     if fmt not in fixed:
-        raise LowbitError(f"unknown format {fmt!r}; expected int, {', '.join(fixed)}")
+        raise LowbitError(f"unknown format {fmt!r}; expected int, kmeans, {', '.join(fixed)}")
     kind, width = fixed[fmt]
     if bits != width:
         raise LowbitError(f"format {fmt} has {width} bits, but bits: {bits} was given")

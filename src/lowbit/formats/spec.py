@@ -16,7 +16,7 @@ from lowbit.formats.qtype import QType, qtype_for
 from lowbit.typed import from_mapping, to_mapping
 
 ObserverName = Literal["minmax", "percentile", "mse", "entropy", "meanstd", "hqq"]
-Format = Literal["int", "nf4", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
+Format = Literal["int", "kmeans", "nf4", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
 ScaleDtype = Literal["float16", "bfloat16", "float32"]
 
 
@@ -72,7 +72,8 @@ class WeightSpec:
     per ``group_size`` consecutive inputs of a row). Asymmetric integer grids keep a per-block
     zero: ``zero_point: float`` stores it as an fp16 offset (``x = u*scale + zero``, exact for
     GGUF Q4_1-style checkpoints), ``int`` as an integer code (``x = (u - zero)*scale``, as in
-    GPTQ/AWQ checkpoints and compressed-tensors).
+    GPTQ/AWQ checkpoints and compressed-tensors). ``lorc_rank`` > 0 adds a low-rank fp16
+    correction of the quantization error (LoRC, :mod:`lowbit.algorithms.lorc`).
     """
 
     bits: int = 4
@@ -83,8 +84,11 @@ class WeightSpec:
     observer: ObserverSpec = field(default_factory=ObserverSpec)
     zero_point: Literal["float", "int"] = "float"
     scale_dtype: ScaleDtype = "float16"
+    lorc_rank: int = 0
 
     def __post_init__(self) -> None:
+        if self.lorc_rank < 0:
+            raise LowbitError(f"lorc_rank must be >= 0, not {self.lorc_rank}")
         qtype = qtype_for(self.format, self.bits)
         symmetric = self.symmetric
         if symmetric is None:
@@ -115,11 +119,12 @@ class WeightSpec:
         """Compact human name, e.g. ``int4-asym-g64`` or ``nf4-g64`` or ``int8-sym-channel``."""
         if self.qtype.kind == "float":
             return self.format
-        name = f"int{self.bits}" if self.format == "int" else self.format
+        name = f"{self.format}{self.bits}" if self.format in ("int", "kmeans") else self.format
         if self.format == "int":
             name += "-sym" if self.symmetric else "-asym"
         tail = {"tensor": "tensor", "channel": "channel"}.get(self.granularity or "")
-        return f"{name}-{tail or f'g{self.group_size}'}"
+        lorc = f"+lorc{self.lorc_rank}" if self.lorc_rank else ""
+        return f"{name}-{tail or f'g{self.group_size}'}{lorc}"
 
     def replace(self, **changes: Any) -> WeightSpec:
         return dataclasses.replace(self, **changes)
@@ -134,6 +139,8 @@ class WeightSpec:
         out = to_mapping(self)
         if self.granularity == "channel":
             out["group_size"] = -1
+        if not self.lorc_rank:
+            out.pop("lorc_rank")  # manifests of plain layers stay as they were
         return out
 
 

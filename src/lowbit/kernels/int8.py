@@ -5,10 +5,13 @@ only int8 GEMM in torch that is fast on AVX2 CPUs without VNNI (``torch._int_mm`
 reference there). It lives in torch's older quantization namespace, so it is isolated here.
 
 On AVX2 (no VNNI) fbgemm multiplies uint8 activations by int8 weights with ``vpmaddubsw``, whose
-int16 pair sums saturate when full-range codes meet (measured here: up to 47% output error on
-inputs with outlier channels). So activations get 7-bit codes (fbgemm's ``reduce_range``), which
-cannot saturate; the reference below uses the same 7-bit grid, and the quality cost is measured
-in the evaluation like any other.
+int16 pair sums saturate when full-range codes meet (measured: up to 47% output error on inputs
+with outlier channels). There activations get 7-bit codes (fbgemm's ``reduce_range``), which
+cannot saturate. CPUs with AVX-512 VNNI accumulate in int32 (``vpdpbusd``): there fbgemm with
+full 8-bit codes matched the exact arithmetic to 4e-7 and halved the error against float
+activations, so 8-bit codes are used. :func:`act_levels` makes that choice once per machine
+(``LOWBIT_KERNEL_ISA=avx2`` forces the 7-bit grid), and the reference below uses the same grid,
+so the packed model and its reference agree on every machine.
 
 fbgemm quantizes the whole input with one range; lowbit wants one range per token. Dividing each
 row by its absolute maximum first makes every row span [-1, 1], so the one range fits every token
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACT_LEVELS = 127  # 7-bit activation codes: see the module docstring
+ACT_LEVELS_7BIT, ACT_LEVELS_8BIT = 127, 255  # activation code steps: see the module docstring
 
 
 @dataclass
@@ -38,6 +41,26 @@ class Int8Weight:
     scale: Tensor
     packed: Any = None
     in_features: int = 0
+
+
+@functools.cache
+def act_levels() -> int:
+    """Activation code steps on this machine: 255 (8-bit) unless fbgemm would saturate."""
+    if not fbgemm_available() or _has_avx512_vnni():
+        return ACT_LEVELS_8BIT
+    return ACT_LEVELS_7BIT
+
+
+def _has_avx512_vnni() -> bool:
+    import os
+
+    if os.environ.get("LOWBIT_KERNEL_ISA", "").lower() == "avx2":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_vnni" in line for line in f)
+    except OSError:
+        return False  # unknown CPU: the 7-bit grid is safe everywhere
 
 
 @functools.cache
@@ -74,7 +97,10 @@ def int8_linear(x: Tensor, weight: Int8Weight) -> Tensor:
         return int8_linear_reference(x, weight)
     xn, amax = _row_normalise(x.float())
     lead = xn.shape[:-1]
-    y = torch.ops.quantized.linear_dynamic(xn.reshape(-1, xn.shape[-1]), weight.packed, True)
+    reduce_range = act_levels() == ACT_LEVELS_7BIT
+    y = torch.ops.quantized.linear_dynamic(
+        xn.reshape(-1, xn.shape[-1]), weight.packed, reduce_range
+    )
     return (y.reshape(*lead, -1) * amax).to(x.dtype)
 
 
@@ -86,15 +112,17 @@ def int8_weight_codes(weight: Int8Weight) -> Tensor:
     return qw.int_repr()
 
 
-def int8_linear_reference(x: Tensor, weight: Int8Weight) -> Tensor:
-    """The same arithmetic in plain PyTorch: rows scaled to [-1, 1], one asymmetric 7-bit range
-    over the batch (as fbgemm chooses it: it always contains 0), int8 weights, float rescale.
-    Codes are clamped to uint8's range as fbgemm does, not to the 7-bit grid: the rounding of the
-    top of the range may give code 128 (still safe from ``vpmaddubsw`` saturation)."""
+def int8_linear_reference(x: Tensor, weight: Int8Weight, levels: int | None = None) -> Tensor:
+    """The same arithmetic in plain PyTorch: rows scaled to [-1, 1], one asymmetric range of
+    ``levels`` steps (default :func:`act_levels`) over the batch (as fbgemm chooses it: it always
+    contains 0), int8 weights, float rescale. Codes are clamped to uint8's range as fbgemm does:
+    on the 7-bit grid the rounding of the top of the range may give code 128 (still safe from
+    ``vpmaddubsw`` saturation)."""
+    levels = levels or act_levels()
     xn, amax = _row_normalise(x.float())
     lo, hi = xn.min().clamp(max=0.0), xn.max().clamp(min=0.0)
-    step = ((hi - lo) / ACT_LEVELS).clamp_min(1e-12)
-    zero = torch.round(-lo / step).clamp(0, ACT_LEVELS)
+    step = ((hi - lo) / levels).clamp_min(1e-12)
+    zero = torch.round(-lo / step).clamp(0, levels)
     xq = (torch.round(xn * (1.0 / step)) + zero).clamp(0, 255)  # fbgemm multiplies by 1/step
     w = int8_weight_codes(weight).float() * weight.scale.unsqueeze(1)
     return (F.linear((xq - zero) * step, w) * amax).to(x.dtype)

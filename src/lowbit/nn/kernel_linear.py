@@ -7,7 +7,8 @@ holds the low-bit form only). They are for inference: save models before the swa
 - ``w4a16`` / ``w8a16``: 4- or 8-bit integer weights, any grid, group-wise (groups a multiple
   of 32) or per-channel, float32 inputs: :mod:`lowbit.kernels.affine`;
 - ``w8a8``: int8 per-channel weights with per-token int8 inputs: :mod:`lowbit.kernels.int8`.
-Everything else (nf4, fp8, 2/3-bit, odd groups) keeps QuantLinear's reference path.
+Everything else (nf4, fp8, 2/3-bit, odd groups, LoRC-corrected layers) keeps QuantLinear's
+reference path.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def kernel_module(layer: QuantLinear) -> nn.Module | None:
         weight = prepare_int8(layer.int8_codes(), layer.scale.reshape(-1))
         return Int8KernelLinear(weight, layer.out_features, layer.bias)
     shape = (layer.out_features, layer.in_features)
-    if qt.kind != "int" or not supports(qt.bits, layer.block, shape):
+    if qt.kind != "int" or spec.lorc_rank or not supports(qt.bits, layer.block, shape):
         return None
     qp, grid = layer.qparams(), grid_of(spec)
     rows, cols = layer.scale.shape

@@ -3,9 +3,12 @@
 Buffers (what is saved and what occupies RAM):
 - ``qweight``: int formats: uint8 (out, packed_length(in, bits)), codes packed along the input dim;
   fp8 / fp16 / bf16 formats: the (out, in) tensor in that dtype;
-- ``scale``: (out/br, in/bc) in the spec's scale dtype (absent for fp16/bf16);
+- ``scale``: (out/br, in/bc) in the spec's scale dtype (absent for fp16/bf16); for K-means
+  codebook formats (out/br, in/bc, 2**bits): each block's table of values;
 - ``zero``: asymmetric int grids only: fp offsets of the same shape (``zero_point: float``) or
-  integer codes packed along the block dim (``zero_point: int``).
+  integer codes packed along the block dim (``zero_point: int``);
+- ``lorc_u`` (out, r), ``lorc_v`` (r, in): fp16 low-rank error correction when the spec has
+  ``lorc_rank`` r > 0 (the layer computes with codes·scales + U·V).
 The forward pass dequantizes the weight and calls ``F.linear`` (for W8A8 layers, ``act`` set:
 the int8 per-token reference of :mod:`lowbit.kernels.int8`); the fast kernels
 (:func:`lowbit.models.use_kernels`) replace exactly this step, with this as their reference.
@@ -22,6 +25,8 @@ from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.kernels.int8 import Int8Weight, int8_linear_reference
 from lowbit.packing import pack, packed_length, unpack
 from lowbit.primitives import QParams, QuantizedWeight, dequantize_weight, grid_of
+
+PACKED_KINDS = ("int", "nf", "codebook")  # codes packed as uint8 bits (fp8/fp16 are stored as is)
 
 
 class QuantLinear(nn.Module):
@@ -43,13 +48,15 @@ class QuantLinear(nn.Module):
         self.block = weight_block(spec, out_features, in_features, layer)
         qt, grid = spec.qtype, grid_of(spec)
         rows, cols = n_blocks(self.block, out_features, in_features)
-        if qt.kind == "int" or qt.kind == "nf":
+        if qt.kind in PACKED_KINDS:
             qshape, qdtype = (out_features, packed_length(in_features, qt.bits)), torch.uint8
         else:
             qshape, qdtype = (out_features, in_features), qt.torch_dtype
         self.register_buffer("qweight", torch.zeros(qshape, dtype=qdtype))
         scale = zero = None
-        if spec.has_scale:
+        if qt.kind == "codebook":  # one table of 2**bits values per block
+            scale = torch.zeros(rows, cols, qt.levels, dtype=grid.scale_dtype)
+        elif spec.has_scale:
             scale = torch.ones(rows, cols, dtype=grid.scale_dtype)
         if spec.has_zero and spec.zero_point == "float":
             zero = torch.zeros(rows, cols, dtype=grid.scale_dtype)
@@ -57,6 +64,13 @@ class QuantLinear(nn.Module):
             zero = torch.zeros(rows, packed_length(cols, qt.bits), dtype=torch.uint8)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
+        r = min(spec.lorc_rank, in_features, out_features)
+        self.register_buffer(
+            "lorc_u", torch.zeros(out_features, r, dtype=torch.float16) if r else None
+        )
+        self.register_buffer(
+            "lorc_v", torch.zeros(r, in_features, dtype=torch.float16) if r else None
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @classmethod
@@ -72,20 +86,25 @@ class QuantLinear(nn.Module):
         dtype = bias.dtype if bias is not None else torch.float32
         mod = cls(in_features, out_features, qw.spec, bias is not None, dtype, layer, act)
         bits = qw.spec.qtype.bits
-        packs = qw.spec.qtype.kind in ("int", "nf")
+        packs = qw.spec.qtype.kind in PACKED_KINDS
         mod.qweight.copy_(pack(qw.codes, bits) if packs else qw.codes)
         if mod.scale is not None:
             mod.scale.copy_(qw.qparams.scale)
         if mod.zero is not None:
             int_zero = qw.spec.zero_point == "int"
             mod.zero.copy_(pack(qw.qparams.zero, bits) if int_zero else qw.qparams.zero)
+        if mod.lorc_u is not None:
+            if qw.lorc is None:
+                raise ValueError(f"{layer}: the spec asks for LoRC factors; fit them first")
+            mod.lorc_u.copy_(qw.lorc[0])
+            mod.lorc_v.copy_(qw.lorc[1])
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
         return mod
 
     def codes(self) -> Tensor:
         """Unpacked codes (out, in)."""
-        if self.spec.qtype.kind in ("int", "nf"):
+        if self.spec.qtype.kind in PACKED_KINDS:
             return unpack(self.qweight, self.spec.qtype.bits, self.in_features)
         return self.qweight
 
@@ -96,11 +115,15 @@ class QuantLinear(nn.Module):
         return QParams(self.scale, zero)
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes(), self.qparams(), self.spec, self.block)
+        lorc = None if self.lorc_u is None else (self.lorc_u, self.lorc_v)
+        return QuantizedWeight(self.codes(), self.qparams(), self.spec, self.block, lorc)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The float weight (out, in) the stored codes stand for."""
+        """The float weight (out, in) the layer computes with: the stored codes, plus the LoRC
+        correction U·V when it has one."""
         w = dequantize_weight(self.codes(), self.qparams(), self.spec, self.block)
+        if self.lorc_u is not None:
+            w = w + self.lorc_u.float() @ self.lorc_v.float()
         return w.to(dtype)
 
     def int8_codes(self) -> Tensor:
@@ -116,11 +139,14 @@ class QuantLinear(nn.Module):
 
     def storage_tensors(self) -> tuple[Tensor, ...]:
         """The tensors that hold the quantized weight (codes, scales, zeros)."""
-        return tuple(t for t in (self.qweight, self.scale, self.zero) if t is not None)
+        held = (self.qweight, self.scale, self.zero, self.lorc_u, self.lorc_v)
+        return tuple(t for t in held if t is not None)
 
     def storage_bytes(self) -> dict[str, int]:
-        """Bytes held: ``codes`` (packed weight), ``params`` (scales and zeros), ``bias``."""
-        params = sum(t.numel() * t.element_size() for t in (self.scale, self.zero) if t is not None)
+        """Bytes held: ``codes`` (packed weight), ``params`` (scales, zeros and LoRC factors),
+        ``bias``."""
+        extra = (self.scale, self.zero, self.lorc_u, self.lorc_v)
+        params = sum(t.numel() * t.element_size() for t in extra if t is not None)
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         codes = self.qweight.numel() * self.qweight.element_size()
         return {"codes": codes, "params": params, "bias": bias}

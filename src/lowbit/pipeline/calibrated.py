@@ -13,9 +13,11 @@ import math
 import torch
 from torch import nn
 
+from lowbit.algorithms import with_lorc
 from lowbit.algorithms.awq import AWQOptions, search_scales
 from lowbit.algorithms.clip import output_error_range
 from lowbit.algorithms.gptq import GPTQOptions, gptq
+from lowbit.algorithms.kmeans import kmeans
 from lowbit.calibration import BlockContext, module_output
 from lowbit.formats.spec import WeightSpec
 from lowbit.models.families import Family
@@ -26,8 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def apply(linear: nn.Linear, qw: QuantizedWeight) -> None:
-    """Give ``linear`` the weight the quantized codes stand for."""
+    """Fit the LoRC correction the spec asks for (against the float weight, after any AWQ
+    scaling), then give ``linear`` the weight the layer will compute with, so the next block
+    is calibrated on the outputs of the corrected layer."""
     with torch.no_grad():
+        with_lorc(qw, linear.weight)
         linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
 
 
@@ -47,6 +52,26 @@ def gptq_block(
         for name in names:
             linear, full = ctx.linear(name), f"{ctx.name}.{name}"
             qw = gptq(linear.weight, stats[name].hessian(), plan[name], options, full)
+            apply(linear, qw)
+            out[full] = qw
+
+
+def kmeans_block(
+    ctx: BlockContext,
+    plan: dict[str, WeightSpec],
+    groups: list[list[str]],
+    out: dict[str, QuantizedWeight],
+) -> None:
+    """K-means codebooks weighted by each input's mean squared activation (diag of XᵀX)."""
+    for group in groups:
+        names = [n for n in group if n in plan]
+        if not names:
+            continue
+        stats = ctx.collect(names, hessian=True)
+        for name in names:
+            linear, full = ctx.linear(name), f"{ctx.name}.{name}"
+            importance = stats[name].hessian().diagonal()  # (in,)
+            qw = kmeans(linear.weight, plan[name], importance, full)
             apply(linear, qw)
             out[full] = qw
 

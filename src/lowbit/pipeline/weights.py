@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms import rtn
+from lowbit.algorithms import rtn, with_lorc
+from lowbit.algorithms.kmeans import kmeans
 from lowbit.calibration import BlockContext, BlockResult, CalibrationSet, run_sequential
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, WeightSpec
@@ -25,7 +26,12 @@ from lowbit.models.families import families, family_of, find_blocks, sequential_
 from lowbit.models.modules import quantizable_layers, set_module, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.nn import QuantLinear
-from lowbit.pipeline.calibrated import awq_scale_block, clipped_rtn_block, gptq_block
+from lowbit.pipeline.calibrated import (
+    awq_scale_block,
+    clipped_rtn_block,
+    gptq_block,
+    kmeans_block,
+)
 from lowbit.primitives import QuantizedWeight, sqnr_db
 from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import peak_rss_mb
@@ -33,6 +39,7 @@ from lowbit.sysinfo import peak_rss_mb
 log = logging.getLogger(__name__)
 
 CALIBRATED = ("gptq", "awq", "awq+gptq")
+CALIBRATION_OPTIONAL = ("kmeans",)  # weighted by calibration data when given, else uniform
 
 
 @dataclass
@@ -86,9 +93,9 @@ def quantize_weights(
     plan = plan_layers(recipe, layers)
     originals = {name: module.weight.detach().clone() for name, module in layers if name in plan}
     report = QuantizeReport(recipe, calibration=calibration)
-    if recipe.algorithm in CALIBRATED:
-        if calibration is None:
-            raise LowbitError(f"algorithm {recipe.algorithm} needs calibration data (--calib)")
+    if recipe.algorithm in CALIBRATED and calibration is None:
+        raise LowbitError(f"algorithm {recipe.algorithm} needs calibration data (--calib)")
+    if calibration is not None and recipe.algorithm in CALIBRATED + CALIBRATION_OPTIONAL:
         results = _calibrated(model, recipe, plan, calibration, report, progress, batch_size)
     else:
         results = {}
@@ -97,7 +104,13 @@ def quantize_weights(
     bar = tqdm(rest.items(), desc=f"quantize ({_rtn_name(recipe)})", unit="layer",
                disable=not progress or not rest)  # fmt: skip
     for name, spec in bar:
-        results[name] = rtn(modules[name].weight, _layer_spec(recipe, spec), name)
+        weight, spec = modules[name].weight, _layer_spec(recipe, spec)
+        qw = (
+            kmeans(weight, spec, None, name)
+            if recipe.algorithm == "kmeans"
+            else rtn(weight, spec, name)
+        )
+        results[name] = with_lorc(qw, weight)
     for name, module in layers:
         if name in results:
             _swap(model, name, module, results[name], originals[name], report)
@@ -109,13 +122,18 @@ def quantize_weights(
 
 
 def _rtn_name(recipe: Recipe) -> str:
-    return "hqq" if recipe.algorithm == "hqq" else "rtn"
+    return recipe.algorithm if recipe.algorithm in ("hqq", "kmeans") else "rtn"
 
 
 def _layer_spec(recipe: Recipe, spec: WeightSpec) -> WeightSpec:
-    """HQQ is round-to-nearest with the HQQ range optimiser as the observer."""
+    """HQQ is round-to-nearest with the HQQ range optimiser as the observer; K-means stores a
+    codebook of the spec's width and blocks instead of a uniform grid."""
     if recipe.algorithm == "hqq":
         return spec.replace(observer=dataclasses.replace(spec.observer, name="hqq"))
+    if recipe.algorithm == "kmeans" and spec.format != "kmeans":
+        if spec.format != "int":
+            raise LowbitError(f"algorithm kmeans fits integer-width codebooks, not {spec.format}")
+        return spec.replace(format="kmeans", symmetric=True, zero_point="float")
     return spec
 
 
@@ -149,7 +167,9 @@ def _calibrated(model, recipe, plan, calibration, report, progress, batch_size):
         groups = sequential_groups(model, ctx.block, recipe.gptq.true_sequential)
         if recipe.algorithm.startswith("awq"):
             report.awq_alpha.update(awq_scale_block(ctx, local, family, recipe.awq, batch_size))
-        if recipe.algorithm in ("gptq", "awq+gptq"):
+        if recipe.algorithm == "kmeans":
+            kmeans_block(ctx, local, groups, results)
+        elif recipe.algorithm in ("gptq", "awq+gptq"):
             gptq_block(ctx, local, groups, recipe.gptq, results)
         else:
             clipped_rtn_block(ctx, local, groups, recipe.awq, results)

@@ -77,6 +77,10 @@ def quantize(xb: Tensor, qp: QParams, grid: Grid) -> Tensor:
     qt = grid.qtype
     if qt.kind == "float":
         return xb.to(qt.torch_dtype)
+    if qt.kind == "codebook":  # nearest entry of each block's ascending table (..., K)
+        book = qp.scale.float()
+        mids = (book[..., 1:] + book[..., :-1]) / 2  # (..., K-1)
+        return torch.searchsorted(mids.contiguous(), xb.contiguous()).to(torch.uint8)
     s = qp.scale.float().unsqueeze(-1)
     if qt.kind == "fp8":
         return (xb / s).clamp(-qt.float_max, qt.float_max).to(qt.torch_dtype)
@@ -98,6 +102,8 @@ def dequantize(codes: Tensor, qp: QParams, grid: Grid) -> Tensor:
     qt = grid.qtype
     if qt.kind == "float":
         return codes.float()
+    if qt.kind == "codebook":
+        return torch.gather(qp.scale.float(), -1, codes.long())  # book (..., K), codes (..., n)
     s = qp.scale.float().unsqueeze(-1)
     if qt.kind == "fp8":
         return codes.float() * s

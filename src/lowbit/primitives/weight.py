@@ -29,20 +29,27 @@ def grid_of(spec: WeightSpec) -> Grid:
 
 @dataclass
 class QuantizedWeight:
-    """Codes (out, in), per-block ``qparams`` of shape (out/br, in/bc), the spec and block."""
+    """Codes (out, in), per-block ``qparams`` of shape (out/br, in/bc), the spec and block;
+    ``lorc``: optional fp16 low-rank correction factors (U (out, r), V (r, in))."""
 
     codes: Tensor
     qparams: QParams
     spec: WeightSpec
     block: tuple
+    lorc: tuple[Tensor, Tensor] | None = None
 
     @property
     def shape(self) -> tuple:
         return tuple(self.codes.shape)
 
-    def dequantize(self) -> Tensor:
-        """The float32 weight the codes stand for, shape (out, in)."""
+    def dequantize_codes(self) -> Tensor:
+        """The float32 weight the codes alone stand for, shape (out, in)."""
         return dequantize_weight(self.codes, self.qparams, self.spec, self.block)
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight the layer computes with (codes, plus the LoRC correction)."""
+        w = self.dequantize_codes()
+        return w if self.lorc is None else w + self.lorc[0].float() @ self.lorc[1].float()
 
 
 def dequantize_weight(codes: Tensor, qp: QParams, spec: WeightSpec, block: tuple) -> Tensor:
@@ -76,6 +83,8 @@ def quantize_weight(
     grid = grid_of(spec)
     if grid.qtype.kind == "float":
         return QuantizedWeight(w.to(grid.qtype.torch_dtype), QParams(None), spec, block)
+    if grid.qtype.kind == "codebook":
+        raise LowbitError(f"{layer or 'weight'}: kmeans codebooks are fitted by algorithm: kmeans")
     xb = to_blocks(w, block)  # (nR, nC, br*bc)
     if lo is None or hi is None:
         lo, hi = observe(xb, spec.observer, grid)

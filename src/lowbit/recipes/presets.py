@@ -35,6 +35,10 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
         "w4-awq-g64": ("awq", "int4 asymmetric g64, AWQ scales and clipping", _weights(4, 64)),
         "w3-awq-g32": ("awq", "int3 asymmetric g32, AWQ scales and clipping", _weights(3, 32)),
         "w4-awq-gptq-g64": ("awq+gptq", "int4 asym g64, AWQ scales then GPTQ", _weights(4, 64)),
+        "w3-kmeans-channel": ("kmeans", "3-bit K-means codebook per row, activation-weighted",
+                              {"bits": 3, "group_size": -1}),
+        "w3-gptq-g64-lorc8": ("gptq", "int3 asym g64, GPTQ + rank-8 LoRC error correction",
+                              _weights(3, 64, lorc_rank=8)),
     }  # fmt: skip
     out = {name: (desc, _recipe(name, "rtn", weights)) for name, (desc, weights) in table.items()}
     out |= {name: (desc, _recipe(name, algo, w)) for name, (algo, desc, w) in calibrated.items()}

@@ -21,9 +21,9 @@ from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.typed import from_mapping, to_mapping
 
 RECIPE_VERSION = 1
-Algorithm = Literal["rtn", "hqq", "gptq", "awq", "awq+gptq"]
+Algorithm = Literal["rtn", "hqq", "gptq", "awq", "awq+gptq", "kmeans"]
 _KEYS = ("version", "name", "algorithm", "weights", "activations", "ignore", "overrides", "gptq",
-         "awq")  # fmt: skip
+         "awq", "lorc")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,9 @@ class Recipe:
 
     ``algorithm``: ``rtn`` (round to nearest), ``hqq`` (RTN with HQQ-optimised ranges, no data),
     ``gptq``, ``awq`` (scales + output-error clipping + RTN), ``awq+gptq`` (AWQ scales, then
-    GPTQ); ``gptq`` and ``awq`` hold those algorithms' options.
+    GPTQ), ``kmeans`` (a fitted codebook per block instead of a uniform grid; weighted by the
+    Hessian diagonal when calibration data is given); ``gptq`` and ``awq`` hold those
+    algorithms' options.
     """
 
     algorithm: Algorithm = "rtn"
@@ -147,7 +149,7 @@ class Recipe:
         if algorithm not in Algorithm.__args__:
             known = ", ".join(Algorithm.__args__)
             raise LowbitError(f"{where}: unknown algorithm {algorithm!r} (known: {known})")
-        weights = data.get("weights", {})
+        weights = _with_lorc(data.get("weights", {}), data.get("lorc"), where)
         acts = data.get("activations")
         return cls(
             algorithm=algorithm,
@@ -161,6 +163,18 @@ class Recipe:
             gptq=from_mapping(GPTQOptions, data.get("gptq") or {}, f"{where}.gptq"),
             awq=from_mapping(AWQOptions, data.get("awq") or {}, f"{where}.awq"),
         )  # fmt: skip
+
+
+def _with_lorc(weights: Any, lorc: Any, where: str) -> Any:
+    """``lorc: {rank: r}`` is shorthand for ``weights: {lorc_rank: r}`` (the default layers; an
+    override can set its own ``lorc_rank``, 0 to drop the correction)."""
+    if lorc is None:
+        return weights
+    if not isinstance(lorc, dict) or set(lorc) - {"rank"} or not isinstance(lorc.get("rank"), int):
+        raise LowbitError(f"{where}.lorc: expected {{rank: N}}")
+    if not isinstance(weights, dict):
+        raise LowbitError(f"{where}.lorc: needs default weights to correct")
+    return {**weights, "lorc_rank": lorc["rank"]}
 
 
 def _match(pattern: str, name: str) -> bool:
