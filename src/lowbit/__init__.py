@@ -18,6 +18,8 @@ _API_NAMES = (
     "load_recipe",
     "calibration_set",
     "bench",
+    "qat",
+    "QATOptions",
 )
 
 

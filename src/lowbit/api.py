@@ -27,9 +27,12 @@ from lowbit.eval import EvalResult, model_size, score_models
 from lowbit.eval.bench import BenchResult, bench_models
 from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.pipeline import CALIBRATED, QuantizeReport, quantize_weights
+from lowbit.pipeline.qat import QATOptions
+from lowbit.pipeline.qat import qat as run_qat
 from lowbit.recipes import Recipe, load_recipe
 
 __all__ = [
+    "QATOptions",
     "bench",
     "calibration_set",
     "evaluate",
@@ -38,6 +41,7 @@ __all__ = [
     "load_recipe",
     "model_size",
     "needs_calibration",
+    "qat",
     "quantize",
     "save",
 ]
@@ -57,6 +61,21 @@ def quantize(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return quantize_weights(model, recipe, calibration, progress=progress)
+
+
+def qat(
+    model: nn.Module,
+    recipe: Recipe | str | Path,
+    train: CalibrationSet,
+    options: QATOptions | None = None,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantization-aware training of ``model`` (in place) on ``train`` windows, then packing;
+    e.g. ``lowbit.qat(model, "w3-rtn-g64", lowbit.calibration_set(tok, "shakespeare", 400, 128),
+    lowbit.QATOptions(steps=200))``. Train on text that is neither calibration nor evaluation."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return run_qat(model, recipe, train, options or QATOptions(), progress)
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -117,6 +136,7 @@ def save(
         "source": {"model": source.source, "kind": source.kind} if source else None,
         "recipe": report.recipe.to_dict(),
         "calibration": report.calibration.describe() if report.calibration else None,
+        "qat": report.qat,
         "seed": seed,
         "quantize_seconds": round(report.seconds, 3),
         "quantize_peak_rss_mb": round(report.peak_rss_mb or 0, 1) or None,

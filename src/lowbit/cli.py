@@ -17,6 +17,7 @@ from typing import Any
 from lowbit import __version__
 from lowbit.cli_export import add_export
 from lowbit.cli_perf import add_bench, add_report
+from lowbit.cli_qat import add_qat
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(sub, common)
     add_report(sub, common)
     add_export(sub, common)
+    add_qat(sub, common)
     _add_listing(sub, common)
     return parser
 
@@ -180,6 +182,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         log.info("%s uses no calibration data; --calib options are ignored", recipe.algorithm)
     ref = copy.deepcopy(src.model) if args.eval else None
     report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
+    return finish_quantize(args, recipe, src, ref, report)
+
+
+def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, report: Any) -> int:
+    """Evaluate (with --eval), save and print the summary of a quantized model."""
+    from lowbit import api
+
     metrics: dict[str, Any] = {}
     if ref is not None:
         _need_tokenizer(src)

@@ -73,6 +73,7 @@ class QuantizeReport:
     layers: dict[str, LayerReport] = field(default_factory=dict)
     blocks: list[BlockResult] = field(default_factory=list)
     awq_alpha: dict[str, float | None] = field(default_factory=dict)
+    qat: dict[str, Any] | None = None  # training options and losses, for QAT-packed models
     calibration: CalibrationSet | None = None
     seconds: float = 0.0
     peak_rss_mb: float | None = None  # of the whole process, at the end of quantization
