@@ -108,6 +108,29 @@ def qat(
 ) -> QuantizeReport:
     """Train ``model``'s recipe layers on their grids with ``train`` windows, then pack them."""
     start = time.perf_counter()
+    fakes, losses = train_fake_quant(model, recipe, train, options, progress)
+    with torch.no_grad():
+        report = pack_model(model, fakes, recipe)
+    last = sum(losses[-10:]) / len(losses[-10:])
+    report.calibration = train
+    report.qat = {"steps": options.steps, "lr": options.lr, "batch_size": options.batch_size,
+                  "loss": options.loss, "learn_scales": options.learn_scales,
+                  "first_loss": losses[0], "last_loss": last}  # fmt: skip
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_mb = peak_rss_mb()
+    log.info("qat: %d steps, loss %.4f -> %.4f", options.steps, losses[0], last)
+    return report
+
+
+def train_fake_quant(
+    model: nn.Module,
+    recipe: Recipe,
+    train: CalibrationSet,
+    options: QATOptions,
+    progress: bool = True,
+) -> tuple[dict[str, FakeQuantLinear], list[float]]:
+    """The training half of :func:`qat`: ``model`` keeps its FakeQuantLinear layers (in eval
+    mode, frozen); returns them and the loss per step. :func:`pack_model` finishes the job."""
     need = options.steps * options.batch_size
     if len(train.windows) < need:
         raise LowbitError(f"qat needs {need} training windows ({options.steps} steps x batch "
@@ -135,16 +158,6 @@ def qat(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
     model.eval()
-    with torch.no_grad():
-        report = pack_model(model, fakes, recipe)
     for p in model.parameters():
         p.requires_grad_(False)
-    report.calibration = train
-    last = sum(losses[-10:]) / len(losses[-10:])
-    report.qat = {"steps": options.steps, "lr": options.lr, "batch_size": options.batch_size,
-                  "loss": options.loss, "learn_scales": options.learn_scales,
-                  "first_loss": losses[0], "last_loss": last}  # fmt: skip
-    report.seconds = time.perf_counter() - start
-    report.peak_rss_mb = peak_rss_mb()
-    log.info("qat: %d steps, loss %.4f -> %.4f", options.steps, losses[0], last)
-    return report
+    return fakes, losses
