@@ -1,5 +1,5 @@
-"""Beyond uniform grids on the default model: LoRC, K-means codebooks, NF4 and FP8 beside the
-RTN/GPTQ baselines.
+"""Beyond uniform grids on the default model: LoRC, K-means codebooks, NF4, FP8 and QAT beside
+the RTN/GPTQ baselines.
 
 Each row is quantized in this process (wall time is its own), scored against the float model on
 the same `wiki` windows, and printed as soon as it is measured: bits/weight with every overhead
@@ -21,6 +21,7 @@ import time
 
 from lowbit import api
 from lowbit.eval import model_size
+from lowbit.pipeline.qat import QATOptions, pack_model, train_fake_quant
 from lowbit.recipes import Recipe
 
 W3G64 = {"bits": 3, "group_size": 64}
@@ -34,6 +35,7 @@ ROWS = {
     "rtn-int4-asym-g64": ("rtn", {"bits": 4, "group_size": 64}),
     "rtn-nf4-g64": ("rtn", {"format": "nf4", "group_size": 64}),
     "rtn-fp8-e4m3-channel": ("rtn", {"format": "fp8_e4m3", "bits": 8, "group_size": -1}),
+    "qat-w3g64": ("qat", W3G64),  # prints the fake-quant and the packed model
 }
 
 
@@ -48,6 +50,9 @@ def main() -> None:
     p.add_argument("--calib", default="bbc")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--qat-train", default="shakespeare")
+    p.add_argument("--qat-steps", type=int, default=100)
+    p.add_argument("--qat-lr", type=float, default=5e-5)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     src = api.load_model(args.model, kernels=False)
@@ -67,22 +72,43 @@ def main() -> None:
         if calibrated and calibration is None:
             calibration = api.calibration_set(src.tokenizer, args.calib, args.calib_samples,
                                               args.calib_seqlen)  # fmt: skip
-        recipe = Recipe.from_dict({"version": 1, "name": name, "algorithm": algorithm,
-                                   "weights": weights, "ignore": ["lm_head"]})  # fmt: skip
+        body = {"version": 1, "name": name, "weights": weights, "ignore": ["lm_head"]}
+        recipe = Recipe.from_dict({**body, "algorithm": "rtn" if algorithm == "qat" else algorithm})
         model = copy.deepcopy(src.model)
         t0 = time.perf_counter()
-        api.quantize(model, recipe, calibration if calibrated else None, progress=False)
-        seconds = time.perf_counter() - t0
-        bpw = model_size(model).bits_per_weight
-        r = api.evaluate({name: model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
-                         ref=src.model, progress=False)[name]  # fmt: skip
-        spec = recipe.weights.short()
-        print(
-            f"| {name} | {algorithm} | {spec} | {bpw:.3f} | {r.ppl:.3f} | {r.ppl / fp.ppl:.3f} "
-            f"| {r.kl:.4f} | {r.top1:.3f} | {seconds:.1f} |",
-            flush=True,
-        )
+        if algorithm == "qat":  # train, score the fake-quant model, pack, score again
+            train = api.calibration_set(src.tokenizer, args.qat_train, 2 * args.qat_steps, 128)
+            options = QATOptions(args.qat_steps, args.qat_lr, 2, "kl")
+            fakes, _ = train_fake_quant(model, recipe, train, options, progress=False)
+            row(
+                f"{name} (fake-quant)",
+                "qat",
+                model,
+                recipe,
+                time.perf_counter() - t0,
+                src,
+                fp,
+                args,
+            )
+            pack_model(model, fakes, recipe)
+            name = f"{name} (packed)"
+        else:
+            api.quantize(model, recipe, calibration if calibrated else None, progress=False)
+        row(name, algorithm, model, recipe, time.perf_counter() - t0, src, fp, args)
         del model
+
+
+def row(name, algorithm, model, recipe, seconds, src, fp, args) -> None:
+    """Score ``model`` against the float model and print its table row."""
+    bpw = model_size(model).bits_per_weight  # NaN for the fake-quant model: same as packed
+    r = api.evaluate({name: model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
+                     ref=src.model, progress=False)[name]  # fmt: skip
+    bits = "–" if bpw != bpw else f"{bpw:.3f}"
+    print(
+        f"| {name} | {algorithm} | {recipe.weights.short()} | {bits} | {r.ppl:.3f} | "
+        f"{r.ppl / fp.ppl:.3f} | {r.kl:.4f} | {r.top1:.3f} | {seconds:.1f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
