@@ -35,6 +35,8 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
         "w4-awq-g64": ("awq", "int4 asymmetric g64, AWQ scales and clipping", _weights(4, 64)),
         "w3-awq-g32": ("awq", "int3 asymmetric g32, AWQ scales and clipping", _weights(3, 32)),
         "w4-awq-gptq-g64": ("awq+gptq", "int4 asym g64, AWQ scales then GPTQ", _weights(4, 64)),
+        "w4-awq-gptq-mse-g64": ("awq+gptq", "int4 asym g64, AWQ then GPTQ, MSE-clipped groups",
+                                _weights(4, 64, observer="mse")),
         "w3-kmeans-channel": ("kmeans", "3-bit K-means codebook per row, activation-weighted",
                               {"bits": 3, "group_size": -1}),
         "w3-gptq-g64-lorc8": ("gptq", "int3 asym g64, GPTQ + rank-8 LoRC error correction",
