@@ -149,11 +149,16 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
         "--calib-samples", type=int, default=128, help="calibration windows (default: 128)"
     )
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    save_options(p)
+    p.set_defaults(func=cmd_quantize)
+
+
+def save_options(p: argparse.ArgumentParser) -> None:
+    """--seed, --eval (with its corpus options) and --json: shared by quantize and qat."""
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--eval", action="store_true", help="evaluate against the float model after")
     _eval_options(p, "eval-")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

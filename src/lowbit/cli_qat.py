@@ -21,7 +21,7 @@ ordinary language. Each step trains on --batch-size windows of --seqlen tokens.
 
 
 def add_qat(sub: Any, common: argparse.ArgumentParser) -> None:
-    from lowbit.cli import _eval_options
+    from lowbit.cli import save_options
 
     p = sub.add_parser(
         "qat", parents=[common], help="quantization-aware training, then save packed",
@@ -44,10 +44,7 @@ def add_qat(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-scales", action="store_true", help="train weights only, not scales")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--eval", action="store_true", help="evaluate against the float model after")
-    _eval_options(p, "eval-")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    save_options(p)
     p.set_defaults(func=cmd_qat)
 
 

@@ -8,7 +8,7 @@ from lowbit.algorithms.gptq import GPTQOptions, gptq
 from lowbit.calibration import collect_input_stats, run_sequential
 from lowbit.formats import WeightSpec
 from lowbit.models.families import find_blocks, sequential_groups
-from lowbit.pipeline.calibrated import gptq_block
+from lowbit.pipeline.calibrated import gptq_fit, hessian_block
 
 SPEC = WeightSpec(bits=3, group_size=32)
 OPTIONS = GPTQOptions()
@@ -41,7 +41,8 @@ def test_block_runner_equals_quantizing_through_the_whole_model():
 
     def handler(ctx):
         plan = {n: SPEC for g in sequential_groups(model, ctx.block, True) for n in g}
-        gptq_block(ctx, plan, sequential_groups(model, ctx.block, True), OPTIONS, results)
+        groups = sequential_groups(model, ctx.block, True)
+        hessian_block(ctx, plan, groups, gptq_fit(OPTIONS), results)
 
     report = run_sequential(model, blocks, prefix, windows, handler, batch_size=2, progress=False)
     assert sorted(results) == sorted(reference)

@@ -7,15 +7,12 @@ temporary path that is renamed into place only when complete.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowbit.assets import atomic_dir, atomic_file
 from lowbit.errors import LowbitError
 from lowbit.models import load_folder, read_manifest, zoo
-
-log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "gguf", "onnx")
 

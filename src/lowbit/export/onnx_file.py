@@ -27,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.compressed import copy_side_files
 from lowbit.models import set_module
 from lowbit.nn import QuantLinear
+from lowbit.packing import pack
 
 OPSET = 18
 ONNX_FILE = "model.onnx"
@@ -146,8 +147,6 @@ class NBitsLinear(nn.Module):
         reps = group // block  # per-channel rows split into equal blocks sharing one scale
         scale, zero = scale.repeat_interleave(reps, 1), zero.repeat_interleave(reps, 1)
         blob = block * bits // 8
-        from lowbit.packing import pack
-
         self.register_buffer("b", pack(codes, bits).reshape(n, k // block, blob).contiguous())
         self.register_buffer("scales", scale.contiguous())
         if bits == 8:  # ORT's CPU kernel wants uint8 zero points at 8 bits, one per block

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.algorithms import with_lorc
 from lowbit.algorithms.awq import AWQOptions, search_scales
@@ -36,14 +37,15 @@ def apply(linear: nn.Linear, qw: QuantizedWeight) -> None:
         linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
 
 
-def gptq_block(
+def hessian_block(
     ctx: BlockContext,
     plan: dict[str, WeightSpec],
     groups: list[list[str]],
-    options: GPTQOptions,
+    fit: Callable[[Tensor, Tensor, WeightSpec, str], QuantizedWeight],
     out: dict[str, QuantizedWeight],
 ) -> None:
-    """GPTQ on each group of the block's linears, re-measuring inputs after each group."""
+    """Quantize each group of the block's linears with ``fit(weight, hessian, spec, name)``,
+    re-measuring the input Hessians after each group (true-sequential order)."""
     for group in groups:
         names = [n for n in group if n in plan]
         if not names:
@@ -51,29 +53,19 @@ def gptq_block(
         stats = ctx.collect(names, hessian=True)
         for name in names:
             linear, full = ctx.linear(name), f"{ctx.name}.{name}"
-            qw = gptq(linear.weight, stats[name].hessian(), plan[name], options, full)
+            qw = fit(linear.weight, stats[name].hessian(), plan[name], full)
             apply(linear, qw)
             out[full] = qw
 
 
-def kmeans_block(
-    ctx: BlockContext,
-    plan: dict[str, WeightSpec],
-    groups: list[list[str]],
-    out: dict[str, QuantizedWeight],
-) -> None:
+def gptq_fit(options: GPTQOptions) -> Callable[[Tensor, Tensor, WeightSpec, str], QuantizedWeight]:
+    """GPTQ as a ``hessian_block`` fit."""
+    return lambda w, h, spec, name: gptq(w, h, spec, options, name)
+
+
+def kmeans_fit(w: Tensor, h: Tensor, spec: WeightSpec, name: str) -> QuantizedWeight:
     """K-means codebooks weighted by each input's mean squared activation (diag of XᵀX)."""
-    for group in groups:
-        names = [n for n in group if n in plan]
-        if not names:
-            continue
-        stats = ctx.collect(names, hessian=True)
-        for name in names:
-            linear, full = ctx.linear(name), f"{ctx.name}.{name}"
-            importance = stats[name].hessian().diagonal()  # (in,)
-            qw = kmeans(linear.weight, plan[name], importance, full)
-            apply(linear, qw)
-            out[full] = qw
+    return kmeans(w, spec, h.diagonal(), name)
 
 
 def clipped_rtn_block(

@@ -29,8 +29,9 @@ from lowbit.nn import QuantLinear
 from lowbit.pipeline.calibrated import (
     awq_scale_block,
     clipped_rtn_block,
-    gptq_block,
-    kmeans_block,
+    gptq_fit,
+    hessian_block,
+    kmeans_fit,
 )
 from lowbit.primitives import QuantizedWeight, sqnr_db
 from lowbit.recipes import Recipe, plan_layers
@@ -169,9 +170,9 @@ def _calibrated(model, recipe, plan, calibration, report, progress, batch_size):
         if recipe.algorithm.startswith("awq"):
             report.awq_alpha.update(awq_scale_block(ctx, local, family, recipe.awq, batch_size))
         if recipe.algorithm == "kmeans":
-            kmeans_block(ctx, local, groups, results)
+            hessian_block(ctx, local, groups, kmeans_fit, results)
         elif recipe.algorithm in ("gptq", "awq+gptq"):
-            gptq_block(ctx, local, groups, recipe.gptq, results)
+            hessian_block(ctx, local, groups, gptq_fit(recipe.gptq), results)
         else:
             clipped_rtn_block(ctx, local, groups, recipe.awq, results)
 
