@@ -139,3 +139,31 @@ def test_calibration_corpus_too_short_is_a_clear_error(tmp_path, tiny_folder, te
     )  # fmt: skip
     assert code == 2 and "lower --calib-samples" in err
     assert not (tmp_path / "q").exists()
+
+
+LKD_YAML = """version: 1
+algorithm: rtn
+weights: {bits: 4, group_size: 32}
+activations: {bits: 8, granularity: token, dynamic: true}
+lkd: {steps: 4, lr: 1.0e-4}
+"""
+
+
+@pytest.mark.parametrize("preset", ["w8a8-static", "lkd.yaml"])
+def test_activation_recipes_quantize_and_save(tmp_path, tiny_folder, text_file, capsys, preset):
+    out = tmp_path / "q"
+    if preset.endswith(".yaml"):
+        (tmp_path / preset).write_text(LKD_YAML)
+        preset = str(tmp_path / preset)
+    code, stdout, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", preset, "--out", str(out),
+        "--calib", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "lowbit.json").read_text())
+    layer = manifest["layers"]["model.layers.0.mlp.down_proj"]
+    assert layer["activations"]["bits"] == 8
+    assert manifest["smoothquant_alpha"] if preset == "w8a8-static" else manifest["lkd"]
+    assert json.loads(stdout)["out"]
+    code, stdout, err = run(capsys, "inspect", str(out), "--json")
+    assert code == 0 and json.loads(stdout), err

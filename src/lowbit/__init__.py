@@ -20,6 +20,8 @@ _API_NAMES = (
     "bench",
     "qat",
     "QATOptions",
+    "analyze",
+    "mixed_recipe",
 )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +22,37 @@ import torch
 from torch import nn
 
 from lowbit import __version__
+from lowbit.analysis import (
+    Sensitivity,
+    allocate,
+    allocation_recipe,
+    candidate_specs,
+    measure_sensitivity,
+)
 from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.data import corpus_ids, eval_windows, load_corpus
+from lowbit.errors import LowbitError
 from lowbit.eval import EvalResult, model_size, score_models
 from lowbit.eval.bench import BenchResult, bench_models
+from lowbit.eval.size import held_bytes
 from lowbit.models import LoadedModel, load_model, save_folder
-from lowbit.pipeline import CALIBRATED, QuantizeReport, quantize_weights
+from lowbit.models.modules import quantizable_layers
+from lowbit.models.normalize import conv1d_to_linear
+from lowbit.pipeline import QuantizeReport, quantize_weights
 from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
-from lowbit.recipes import Recipe, load_recipe
+from lowbit.recipes import Recipe, load_recipe, plan_layers
 
 __all__ = [
     "QATOptions",
+    "analyze",
     "bench",
     "calibration_set",
     "evaluate",
     "load",
     "load_model",
     "load_recipe",
+    "mixed_recipe",
     "model_size",
     "needs_calibration",
     "qat",
@@ -78,9 +92,66 @@ def qat(
     return run_qat(model, recipe, train, options or QATOptions(), progress)
 
 
+def analyze(
+    model: nn.Module,
+    recipe: Recipe | str,
+    calibration: CalibrationSet,
+    candidates: Sequence[str] = ("2", "3", "4", "8", "float"),
+    progress: bool = True,
+) -> Sensitivity:
+    """Per-layer sensitivity of ``model`` to each candidate format (the recipe's grid and group
+    size at each width, or ``float``): KL alone and the Hessian proxy, on ``calibration``."""
+    if isinstance(recipe, str):
+        recipe = load_recipe(recipe)
+    if recipe.weights is None:
+        raise LowbitError("the recipe has no default weights to take the candidates' grid from")
+    conv1d_to_linear(model)
+    layers = quantizable_layers(model)
+    plan = plan_layers(recipe, layers)
+    specs = candidate_specs(recipe.weights, list(candidates))
+    chosen = {n: m for n, m in layers if n in plan}
+    return measure_sensitivity(model, chosen, specs, calibration.windows, progress=progress)
+
+
+def mixed_recipe(
+    model: nn.Module,
+    recipe: Recipe,
+    sens: Sensitivity,
+    target_bits: float | None = None,
+    target_bytes: int | None = None,
+) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe whose per-layer formats minimise the summed KL within an average of
+    ``target_bits`` bits per weight (overhead included) over the analysed layers, or within
+    ``target_bytes`` for the whole model in memory. Returns (recipe, summary)."""
+    weights = sum(sens.layers.values())
+    if (target_bits is None) == (target_bytes is None):
+        raise LowbitError("give one of --target-bits or --target-size")
+    if target_bits is not None:
+        budget = target_bits * weights
+    else:
+        budget = 8.0 * (target_bytes - _bytes_outside(model, set(sens.layers)))
+        if budget <= 0:
+            raise LowbitError(f"--target-size {target_bytes:,} B is smaller than the layers "
+                              f"that stay as they are (embeddings, norms, ...)")  # fmt: skip
+    choice = allocate(sens, budget)
+    spent = sum(sens.bits[n][c] for n, c in choice.items())
+    counts = {c: sum(1 for v in choice.values() if v == c) for c in sens.candidates}
+    summary = {"budget_bits_per_weight": budget / weights, "bits_per_weight": spent / weights,
+               "predicted_kl": sum(sens.kl[n][c] for n, c in choice.items()),
+               "layers_per_candidate": counts, "rank_correlation": sens.rank_correlation(),
+               "analysis_tokens": sens.tokens}  # fmt: skip
+    return allocation_recipe(recipe, sens, choice), summary
+
+
+def _bytes_outside(model: nn.Module, layers: set[str]) -> int:
+    """Bytes of everything but the weights of ``layers`` (tied tensors counted once)."""
+    return held_bytes(model, {id(m.weight) for n, m in model.named_modules() if n in layers})
+
+
 def needs_calibration(recipe: Recipe) -> bool:
-    """Whether the CLI draws calibration windows (K-means uses them, as importance weights)."""
-    return recipe.algorithm in (*CALIBRATED, "kmeans")
+    """Whether the CLI draws calibration windows (calibrated algorithms, SmoothQuant, LKD and
+    static activation ranges need them; K-means uses them as importance weights)."""
+    return recipe.needs_calibration or recipe.algorithm == "kmeans"
 
 
 def evaluate(
@@ -142,6 +213,9 @@ def save(
         "quantize_peak_rss_mb": round(report.peak_rss_mb or 0, 1) or None,
         "blocks": [b.to_dict() for b in report.blocks],
         "awq_alpha": report.awq_alpha or None,
+        "smoothquant_alpha": report.smooth_alpha or None,
+        "lkd": report.lkd or None,
+        "mixed_precision": report.analysis,
         "size": size.to_dict(),
         "metrics": metrics or {},
         "layers": {name: layer.to_dict() for name, layer in report.layers.items()},

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import __version__
+from lowbit.cli_analyze import add_analyze, add_candidates, add_diff
 from lowbit.cli_export import add_export
 from lowbit.cli_perf import add_bench, add_report
 from lowbit.cli_qat import add_qat
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report(sub, common)
     add_export(sub, common)
     add_qat(sub, common)
+    add_analyze(sub, common)
+    add_diff(sub, common)
     _add_listing(sub, common)
     return parser
 
@@ -136,7 +139,12 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Quantize MODEL with a recipe (preset name or YAML file) and write a lowbit "
         "folder: packed safetensors, config, tokenizer and a lowbit.json manifest. With --eval, "
         "also measure perplexity, KL and top-1 against the unquantized model and store them.",
-        epilog="example: lowbit quantize smollm2-135m --recipe w4-rtn-g64 --out out/w4 --eval",
+        epilog="examples:\n  lowbit quantize smollm2-135m --recipe w4-rtn-g64 --out out/w4 --eval\n"
+        "  lowbit quantize smollm2-135m --recipe w8a8-smoothquant --out out/w8a8 --calib bbc\n"
+        "  lowbit quantize smollm2-135m --recipe w4a8-zeroquant-lkd --out out/w4a8 --calib bbc\n"
+        "Calibrated algorithms, SmoothQuant, LKD and static activation ranges read --calib "
+        "text; `lowbit presets` lists every recipe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL")
     p.add_argument(
@@ -149,6 +157,21 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
         "--calib-samples", type=int, default=128, help="calibration windows (default: 128)"
     )
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--target-bits", type=float, metavar="B",
+        help="mixed precision: choose each layer's format from measured sensitivity so that the "
+             "quantized layers average at most B bits/weight, scales included (see analyze)",
+    )  # fmt: skip
+    budget.add_argument(
+        "--target-size", metavar="SIZE",
+        help="mixed precision within SIZE bytes for the whole model in memory (e.g. 60MB)",
+    )  # fmt: skip
+    add_candidates(p)
+    p.add_argument(
+        "--analysis-samples", type=int, default=8,
+        help="calibration windows the sensitivity analysis measures KL on (default: 8)",
+    )  # fmt: skip
     save_options(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -173,8 +196,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     src = api.load_model(args.model)
     if src.kind == "lowbit":
         raise LowbitError(f"{args.model} is already quantized; start from the float model")
+    mixed = args.target_bits is not None or args.target_size is not None
     calibration = None
-    if api.needs_calibration(recipe):
+    if api.needs_calibration(recipe) or mixed:
         if args.eval and args.eval_corpus == args.calib:
             raise LowbitError(
                 "calibration and evaluation text must differ (--calib, --eval-corpus)"
@@ -186,8 +210,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         log.info("%s uses no calibration data; --calib options are ignored", recipe.algorithm)
     ref = copy.deepcopy(src.model) if args.eval else None
+    summary = None
+    if mixed:
+        recipe, summary = _mixed(args, api, src, recipe, calibration)
     report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
+    report.analysis = summary
     return finish_quantize(args, recipe, src, ref, report)
+
+
+def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibration: Any) -> Any:
+    """Analyse sensitivity on the first calibration windows and choose per-layer formats."""
+    from lowbit.analysis import parse_size
+    from lowbit.calibration import CalibrationSet
+
+    n = min(args.analysis_samples, len(calibration.windows))
+    sample = CalibrationSet(calibration.corpus, n, calibration.seqlen, calibration.seed,
+                            calibration.windows[:n])  # fmt: skip
+    sens = api.analyze(src.model, recipe, sample, args.candidates, progress=not args.quiet)
+    target_bytes = parse_size(args.target_size) if args.target_size else None
+    mixed, summary = api.mixed_recipe(src.model, recipe, sens, args.target_bits, target_bytes)
+    counts = ", ".join(f"{c}: {k}" for c, k in summary["layers_per_candidate"].items() if k)
+    log.info("mixed precision: %.3f bits/weight (budget %.3f); layers %s",
+             summary["bits_per_weight"], summary["budget_bits_per_weight"], counts)  # fmt: skip
+    return mixed, summary
 
 
 def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, report: Any) -> int:
@@ -209,7 +254,7 @@ def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, r
     summary = {"out": str(folder), "recipe": recipe.to_dict(), "seconds": round(report.seconds, 2),
                "peak_rss_mb": report.peak_rss_mb, "size": api.model_size(src.model).to_dict(),
                "calibration": report.calibration.describe() if report.calibration else None,
-               **metrics}  # fmt: skip
+               "mixed_precision": report.analysis, **metrics}  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=1))
     elif ref is not None:
@@ -329,8 +374,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
             raise LowbitError(f"unknown preset {args.name!r}; see `lowbit presets`")
         print(recipe_to_yaml(load_recipe(args.name)), end="")
         return 0
+    width = max(map(len, table))
     for name, (desc, _) in table.items():
-        print(f"{name:16s} {desc}")
+        print(f"{name:{width}s} {desc}")
     return 0
 
 

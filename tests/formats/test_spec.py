@@ -51,3 +51,17 @@ def test_short_names():
     assert WeightSpec(bits=4, group_size=64).short() == "int4-asym-g64"
     assert WeightSpec(bits=8, symmetric=True, group_size=-1).short() == "int8-sym-channel"
     assert WeightSpec(format="fp16", bits=16).short() == "fp16"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"bits": 6}, "4 or 8"),
+        ({"granularity": "token", "dynamic": False}, "dynamic: true"),
+        ({"granularity": "channel"}, "token, tensor"),
+        ({"granularity": "tensor", "dynamic": False, "observer": "hqq"}, "weights only"),
+    ],
+)
+def test_activation_spec_errors(data, message):
+    with pytest.raises(LowbitError, match=message):
+        ActivationSpec.from_dict(data)

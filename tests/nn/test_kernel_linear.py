@@ -72,3 +72,17 @@ def test_w8a8_layer_becomes_the_int8_kernel():
     from lowbit.eval import model_size
 
     assert model_size(torch.nn.Sequential(fast)).total_bytes >= 40 * 192
+
+
+@pytest.mark.parametrize(
+    ("spec", "act"),
+    [
+        (WeightSpec(bits=4, group_size=32), ActivationSpec(bits=8)),
+        (WeightSpec(bits=8, symmetric=True, group_size=-1), ActivationSpec(bits=4)),
+        (WeightSpec(bits=8, symmetric=True, group_size=-1),
+         ActivationSpec(granularity="tensor", dynamic=False)),
+    ],
+)  # fmt: skip
+def test_other_activation_grids_keep_the_reference_path(spec, act):
+    qw = quantize_weight(torch.randn(32, 64), spec)
+    assert kernel_module(QuantLinear.from_quantized(qw, None, "l", act)) is None

@@ -62,3 +62,39 @@ def test_state_dict_round_trip_into_a_fresh_module():
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(4, 64)
     assert torch.equal(fresh(x), layer(x))
+
+
+def _act_layer(spec, act, bias=True):
+    w, b = torch.randn(24, 64), torch.randn(24)
+    qw = quantize_weight(w, spec)
+    return QuantLinear.from_quantized(qw, b if bias else None, "l", act), qw, b
+
+
+def test_w4a8_forward_rounds_inputs_per_token_then_uses_the_dequantized_weight():
+    from lowbit.formats import ActivationSpec
+    from lowbit.primitives.activations import fake_quantize_dynamic
+
+    act = ActivationSpec(bits=8)
+    layer, qw, b = _act_layer(WeightSpec(bits=4, group_size=32), act)
+    x = torch.randn(2, 3, 64)
+    expected = F.linear(fake_quantize_dynamic(x, act), qw.dequantize(), b)
+    assert torch.equal(layer(x), expected)
+    assert not torch.equal(layer(x), F.linear(x, qw.dequantize(), b))
+
+
+def test_static_layer_needs_calibration_and_then_uses_its_stored_range():
+    from lowbit.errors import LowbitError
+    from lowbit.formats import ActivationSpec
+    from lowbit.primitives import QParams
+
+    act = ActivationSpec(granularity="tensor", dynamic=False, symmetric=False)
+    layer, qw, b = _act_layer(WeightSpec(bits=8, symmetric=True, group_size=-1), act)
+    x = torch.randn(4, 64)
+    with pytest.raises(LowbitError, match="not calibrated"):
+        layer(x)
+    layer.set_static_range(QParams(torch.tensor([0.01]), torch.tensor([128], dtype=torch.uint8)))
+    y = layer(x)
+    xq = (torch.clamp(torch.round(x / 0.01) + 128, 0, 255) - 128) * 0.01  # clipped at ±1.28
+    assert torch.allclose(y, F.linear(xq, qw.dequantize(), b), atol=1e-5)
+    names = dict(layer.named_buffers())
+    assert names["act_scale"].item() == pytest.approx(0.01) and names["act_zero"].item() == 128

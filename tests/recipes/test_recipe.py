@@ -55,18 +55,34 @@ def test_invalid_recipes_give_one_line_errors(text, message):
     assert "\n" not in str(info.value)
 
 
-def test_w8a8_needs_int8_symmetric_channel_weights():
-    with pytest.raises(LowbitError, match="int8 symmetric per-channel weights"):
-        recipe_from_yaml("version: 1\nactivations: {bits: 8}\n")
-    with pytest.raises(LowbitError, match="only"):
-        recipe_from_yaml("version: 1\nactivations: {bits: 4}\n")
-    w8a8 = recipe_from_yaml(
-        "version: 1\nweights: {bits: 8, symmetric: true, group_size: -1}\nactivations: {bits: 8}\n"
+def test_activations_go_with_any_weights():
+    with pytest.raises(LowbitError, match="4 or 8"):
+        recipe_from_yaml("version: 1\nactivations: {bits: 6}\n")
+    w4a8 = recipe_from_yaml(
+        "version: 1\nweights: {bits: 4, group_size: 64}\nactivations: {bits: 8}\n"
     )
-    assert w8a8.activations.granularity == "token"
+    assert w4a8.activations.granularity == "token" and not w4a8.needs_calibration
+    static = recipe_from_yaml(
+        "version: 1\nactivations: {granularity: tensor, dynamic: false, observer: mse}\n"
+    )
+    assert static.activations.observer.name == "mse" and static.needs_calibration
 
 
 def test_format_override_drops_inherited_bits():
     r = Recipe.from_dict({"version": 1, "weights": {"bits": 3, "group_size": 64},
                           "overrides": [{"match": "a", "weights": {"format": "nf4"}}]})  # fmt: skip
     assert r.spec_for("a").format == "nf4" and r.spec_for("a").bits == 4
+
+
+def test_smoothquant_and_lkd_keys():
+    r = recipe_from_yaml("version: 1\nalgorithm: gptq\nactivations: {bits: 8}\n"
+                         "smoothquant: {}\nlkd: {steps: 10, lr: 1.0e-4}\n")  # fmt: skip
+    assert r.smoothquant.alpha is None and r.lkd.steps == 10 and r.needs_calibration
+    again = Recipe.from_dict(r.to_dict())
+    assert again == r
+    with pytest.raises(LowbitError, match="use one of them"):
+        recipe_from_yaml("version: 1\nalgorithm: awq\nsmoothquant: {alpha: 0.5}\n")
+    with pytest.raises(LowbitError, match="K-means"):
+        recipe_from_yaml("version: 1\nalgorithm: kmeans\nlkd: {}\n")
+    with pytest.raises(LowbitError, match="smoothquant"):
+        recipe_from_yaml("version: 1\nsmoothquant: {alpha: 2}\n")

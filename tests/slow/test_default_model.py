@@ -109,3 +109,16 @@ def test_kernels_reproduce_the_reference_on_the_default_model(smollm2, tmp_path)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     assert 0 < kl < 0.02, kl  # measured ~0.005-0.01; the 4-bit weights cost ~0.3-0.5 vs fp32
     assert model_size(fast).total_bytes < 0.35 * model_size(smollm2.model).total_bytes
+
+
+@pytest.mark.smoke
+def test_smoothquant_lowers_w8a8_damage_on_the_default_model(smollm2):
+    """Activation outliers are real on a trained model: SmoothQuant's folding must pay off."""
+    calib = api.calibration_set(smollm2.tokenizer, "bbc", 16, 256)
+    plain, smooth = copy.deepcopy(smollm2.model), copy.deepcopy(smollm2.model)
+    api.quantize(plain, "w8a8-dynamic", progress=False)
+    report = api.quantize(smooth, "w8a8-smoothquant", calib, progress=False)
+    assert report.smooth_alpha and any(a is not None for a in report.smooth_alpha.values())
+    results = api.evaluate({"plain": plain, "sq": smooth}, smollm2.tokenizer, "wiki", 512, 2048,
+                           ref=smollm2.model, progress=False)  # fmt: skip
+    assert results["sq"].kl < 0.8 * results["plain"].kl

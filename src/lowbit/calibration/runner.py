@@ -55,12 +55,12 @@ class BlockContext:
 
     @torch.no_grad()
     def collect(
-        self, names: list[str], hessian: bool = False, absmean: bool = False
+        self, names: list[str], hessian: bool = False, absmean: bool = False, absmax: bool = False
     ) -> dict[str, InputStats]:
         """Input statistics of the named linears over all calibration batches (each forward
         pass stops as soon as those linears have been reached)."""
         modules = {n: self.linear(n) for n in names}
-        with collect_input_stats(modules, hessian, absmean, stop_when_done=True) as stats:
+        with collect_input_stats(modules, hessian, absmean, True, absmax) as stats:
             for call in self.calls:
                 with contextlib.suppress(StopForward):
                     block_output(self.block, call)

@@ -2,6 +2,7 @@
 
 - ``hessian``: H = 2·XᵀX / n over all input rows (GPTQ's Hessian of ||WX − ŴX||²);
 - ``absmean``: mean |x| per input channel (AWQ's activation magnitude);
+- ``absmax``: max |x| per input channel (SmoothQuant's outlier measure);
 Inputs shared by several linears (q, k and v read the same tensor) are reduced once. A
 non-finite input stops calibration with an error naming the layer.
 """
@@ -25,6 +26,7 @@ class InputStats:
 
     xtx: Tensor | None = None  # (in, in) sum of x xᵀ, float64
     abs_sum: Tensor | None = None  # (in,) sum of |x|
+    abs_max: Tensor | None = None  # (in,) max of |x|
     rows: int = 0
 
     def hessian(self) -> Tensor:
@@ -34,6 +36,9 @@ class InputStats:
     def absmean(self) -> Tensor:
         return (self.abs_sum / max(self.rows, 1)).float()
 
+    def absmax(self) -> Tensor:
+        return self.abs_max.float()
+
 
 @contextmanager
 def collect_input_stats(
@@ -41,6 +46,7 @@ def collect_input_stats(
     hessian: bool = False,
     absmean: bool = False,
     stop_when_done: bool = False,
+    absmax: bool = False,
 ) -> Iterator[dict[str, InputStats]]:
     """Hook ``modules`` (name -> linear) while the block runs; yields name -> InputStats.
 
@@ -60,13 +66,16 @@ def collect_input_stats(
                     raise LowbitError(f"non-finite calibration activations entering {name}")
                 xf = x2.float()  # per-batch products in fp32 (fast), summed over batches in fp64
                 xtx = (xf.T @ xf).double() if hessian else None
-                last[:] = [x, (xtx, xf.abs().sum(0).double() if absmean else None)]
-            xtx, abs_sum = last[1]
+                amax = xf.abs().amax(0) if absmax else None
+                last[:] = [x, (xtx, xf.abs().sum(0).double() if absmean else None, amax)]
+            xtx, abs_sum, amax = last[1]
             s = stats[name]
             if hessian:
                 s.xtx = xtx.clone() if s.xtx is None else s.xtx + xtx
             if absmean:
                 s.abs_sum = abs_sum.clone() if s.abs_sum is None else s.abs_sum + abs_sum
+            if absmax:
+                s.abs_max = amax.clone() if s.abs_max is None else torch.maximum(s.abs_max, amax)
             s.rows += x2.shape[0]
             seen.add(name)
             if stop_when_done and len(seen) == len(modules):

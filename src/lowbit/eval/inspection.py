@@ -28,6 +28,7 @@ def inspect_folder(folder: Path) -> dict[str, Any]:
             "bytes": b,
             "bits_per_weight": round(8.0 * (b["codes"] + b["params"]) / n, 6),
             "weight_sqnr_db": info.get("weight_sqnr_db"),
+            "output_sqnr_db": info.get("output_sqnr_db"),
         }
     total = sum(tensor_bytes(e) for e in header.values())
     return {
@@ -66,8 +67,15 @@ def render_inspection(info: dict[str, Any]) -> str:
         )
     rows = [
         [name, layer["format"], "x".join(map(str, layer["shape"])), layer["bits_per_weight"],
-         layer["weight_sqnr_db"]]
+         layer["weight_sqnr_db"], layer.get("output_sqnr_db")]
         for name, layer in info["layers"].items()
     ]  # fmt: skip
-    lines += ["", format_table(["layer", "format", "shape", "bits/w", "weight SQNR dB"], rows)]
+    head = ["layer", "format", "shape", "bits/w", "weight SQNR dB", "output SQNR dB (calib)"]
+    lines += ["", format_table(head, rows)]
+    blocks = m.get("blocks") or []
+    if blocks:
+        worst = max(blocks, key=lambda b: b["output_rel_mse"])
+        lines.append(f"\nblock output error (relative MSE, sequential runner): "
+                     f"{len(blocks)} blocks, worst {worst['block']} "
+                     f"{worst['output_rel_mse']:.3e}")  # fmt: skip
     return "\n".join(lines)

@@ -35,8 +35,7 @@ class SizeReport:
 def model_size(model: nn.Module) -> SizeReport:
     """Sizes of an in-memory model (tied tensors counted once). Models loaded on the kernels
     count their layers in the kernels' layouts (fp32 scales: more bits/weight than on disk)."""
-    seen: set[int] = set()
-    qweights = qbytes = fbytes = 0
+    qweights = qbytes = 0
     for module in model.modules():
         if isinstance(module, QUANTIZED_MODULES):
             b = module.storage_bytes()
@@ -48,13 +47,22 @@ def model_size(model: nn.Module) -> SizeReport:
         if isinstance(m, QUANTIZED_MODULES)
         for t in m.storage_tensors()
     }
+    fbytes = held_bytes(model, quant_ids)
+    return SizeReport(qweights, qbytes, fbytes, qbytes + fbytes)
+
+
+def held_bytes(model: nn.Module, skip: set[int]) -> int:
+    """Bytes of the model's parameters and buffers other than those whose ``id`` is in
+    ``skip``, each storage counted once (tied tensors)."""
+    seen: set[int] = set()
+    total = 0
     for t in [*model.parameters(), *model.buffers()]:
         ptr = t.untyped_storage().data_ptr()
-        if id(t) in quant_ids or ptr in seen:
+        if id(t) in skip or ptr in seen:
             continue
         seen.add(ptr)
-        fbytes += t.numel() * t.element_size()
-    return SizeReport(qweights, qbytes, fbytes, qbytes + fbytes)
+        total += t.numel() * t.element_size()
+    return total
 
 
 def safetensors_header(path: Path) -> dict:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, WeightSpec
+from lowbit.kernels.int8 import int8_eligible
 from lowbit.nn import QuantLinear
 
 
@@ -95,6 +96,10 @@ def quantization_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
             continue
         scheme = {"weights": weight_args(mod.spec, name)}
         if mod.act is not None:
+            if not int8_eligible(mod.spec, mod.act):
+                raise LowbitError(f"{name}: compressed-tensors export covers W8A8 (int8 symmetric "
+                                  f"per-channel weights, 8-bit per-token dynamic inputs), not "
+                                  f"{mod.spec.short()} with {mod.act.short()}")  # fmt: skip
             scheme["input_activations"] = activation_args(mod.act, name)
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, {**scheme, "targets": []})["targets"].append(name)

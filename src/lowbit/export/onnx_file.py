@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.compressed import copy_side_files
+from lowbit.kernels.int8 import int8_eligible
 from lowbit.models import set_module
 from lowbit.nn import QuantLinear
 from lowbit.packing import pack
@@ -169,8 +170,10 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, mod: QuantLinear, layer: str) -> None:
         super().__init__()
-        if mod.act.bits != 8 or not mod.act.dynamic or mod.act.granularity != "token":
-            raise LowbitError(f"{layer}: only 8-bit per-token dynamic activations are exported")
+        if not int8_eligible(mod.spec, mod.act):
+            raise LowbitError(f"{layer}: ONNX export covers W8A8 (int8 symmetric per-channel "
+                              f"weights, 8-bit symmetric per-token dynamic inputs), not "
+                              f"{mod.spec.short()} with {mod.act.short()}")  # fmt: skip
         self.register_buffer("w_t", mod.int8_codes().t().contiguous())  # (K, N) int8
         self.register_buffer("w_scale", mod.scale.float().reshape(-1).contiguous())  # (N,)
         self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().float())

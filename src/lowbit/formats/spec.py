@@ -159,11 +159,12 @@ def _granularity(granularity: str | None, group_size: int | None) -> tuple[str, 
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """How the inputs of a linear layer are quantized at run time.
+    """How the inputs of a linear layer are quantized at run time (integer grids, 4 or 8 bits).
 
     ``granularity: token`` with ``dynamic: true`` computes one range per row (token) as the input
-    arrives (ZeroQuant); ``granularity: tensor`` with ``dynamic: false`` uses one range calibrated
-    beforehand with ``observer``.
+    arrives (ZeroQuant); ``granularity: tensor`` uses one range for the whole input: computed at
+    run time (``dynamic: true``) or calibrated once beforehand with ``observer``
+    (``dynamic: false``, static) and stored with the model. Asymmetric grids keep an integer zero.
     """
 
     bits: int = 8
@@ -174,16 +175,27 @@ class ActivationSpec:
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
-            raise LowbitError(f"activations.bits must be 4 or 8, got {self.bits}")
+            raise LowbitError(
+                f"activations.bits must be 4 or 8 (the widths with a reference and kernels), "
+                f"got {self.bits}"
+            )
         if self.granularity == "token" and not self.dynamic:
             raise LowbitError("activations: per-token ranges are dynamic; set dynamic: true")
+        if self.observer.name == "hqq":
+            raise LowbitError("activations.observer: hqq fits weights only; use minmax, "
+                              "percentile, mse, entropy or meanstd")  # fmt: skip
+
+    @property
+    def static(self) -> bool:
+        """Whether the range is calibrated once and stored (not computed per input)."""
+        return not self.dynamic
 
     @property
     def qtype(self) -> QType:
         return qtype_for("int", self.bits)
 
     def short(self) -> str:
-        mode = "dyn" if self.dynamic else "static"
+        mode = "dyn" if self.dynamic else f"static-{self.observer.name}"
         return f"a{self.bits}-{'sym' if self.symmetric else 'asym'}-{self.granularity}-{mode}"
 
     @classmethod

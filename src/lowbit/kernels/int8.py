@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lowbit.formats.spec import ActivationSpec, WeightSpec
+
 ACT_LEVELS_7BIT, ACT_LEVELS_8BIT = 127, 255  # activation code steps: see the module docstring
 
 
@@ -41,6 +43,17 @@ class Int8Weight:
     scale: Tensor
     packed: Any = None
     in_features: int = 0
+
+
+def int8_eligible(spec: WeightSpec, act: ActivationSpec | None) -> bool:
+    """Whether a layer is this module's W8A8 format: int8 symmetric per-channel weights (no
+    LoRC) with 8-bit symmetric per-token dynamic activations."""
+    if act is None or not (act.bits == 8 and act.symmetric and act.dynamic):
+        return False
+    if act.granularity != "token":
+        return False
+    return (spec.format == "int" and spec.bits == 8 and bool(spec.symmetric)
+            and spec.granularity == "channel" and not spec.lorc_rank)  # fmt: skip
 
 
 @functools.cache

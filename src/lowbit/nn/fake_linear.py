@@ -4,7 +4,8 @@ The weight stays float and trainable; every forward pass quantizes and dequantiz
 straight-through estimator for the rounding, so the loss sees the low-bit weight while the
 gradient still reaches the float one. With ``learn_scales`` the per-block scale (and offset, for
 asymmetric grids) are parameters too, trained through the same formula (LSQ, Esser et al. 2020;
-the offset as in LSQ+). The forward pass uses the scale and offset rounded to fp16, as they
+the offset as in LSQ+; or, with ``lsq`` off, the exact gradient with the codes held fixed). The
+forward pass uses the scale and offset rounded to fp16, as they
 will be stored, so :meth:`to_quantized` gives codes whose packed model computes exactly what the
 fake-quant model computed.
 """
@@ -17,8 +18,9 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.granularity import weight_block
-from lowbit.formats.spec import WeightSpec
+from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.primitives import QParams, QuantizedWeight, choose_qparams, grid_of, weight_range
+from lowbit.primitives.activations import fake_quantize_dynamic
 from lowbit.primitives.blocks import from_blocks, to_blocks
 
 
@@ -31,12 +33,12 @@ class FakeQuantLinear(nn.Module):
     """A float linear whose forward pass runs on ``spec``'s integer grid (see module docstring)."""
 
     def __init__(self, linear: nn.Linear, spec: WeightSpec, layer: str = "",
-                 learn_scales: bool = True) -> None:  # fmt: skip
+                 learn_scales: bool = True, act: ActivationSpec | None = None) -> None:  # fmt: skip
         super().__init__()
         if spec.qtype.kind != "int" or (not spec.symmetric and spec.zero_point != "float"):
             raise LowbitError(f"{layer}: QAT trains integer grids, symmetric or with float "
                               f"offsets (zero_point: float), not {spec.short()}")  # fmt: skip
-        self.spec, self.layer = spec, layer
+        self.spec, self.layer, self.act = spec, layer, act
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.block = weight_block(spec, linear.out_features, linear.in_features, layer)
         self.weight = nn.Parameter(linear.weight.detach().float().clone())
@@ -47,6 +49,28 @@ class FakeQuantLinear(nn.Module):
         self.scale = nn.Parameter(qp.scale.float(), requires_grad=learn_scales)
         offset = qp.zero.float() if qp.zero is not None else torch.zeros_like(self.scale)
         self.offset = nn.Parameter(offset, requires_grad=learn_scales and not spec.symmetric)
+        self.lsq = True
+
+    @classmethod
+    def from_quantized(cls, linear: nn.Linear, qw: QuantizedWeight, layer: str = "",
+                       act: ActivationSpec | None = None) -> FakeQuantLinear:  # fmt: skip
+        """Start from an algorithm's result (GPTQ, RTN...): the float weight is set to its
+        dequantized value and the grid to its stored scales, so training starts exactly there.
+
+        Scales and offsets then get the exact gradient of the loss with the codes held fixed
+        (``lsq`` off) rather than LSQ's estimate through the rounding: on a well-initialised
+        grid LSQ's estimate raised a layer's output error at every learning rate tried, the
+        exact one lowered it at every one (lowbit's LKD tests)."""
+        fake = cls(linear, qw.spec, layer, True, act)
+        fake.lsq = False
+        if qw.lorc is not None:
+            raise LowbitError(f"{layer}: LoRC-corrected layers cannot be trained; drop lorc_rank")
+        with torch.no_grad():
+            fake.weight.copy_(qw.dequantize().float())
+            fake.scale.copy_(qw.qparams.scale.float())
+            if not qw.spec.symmetric:
+                fake.offset.copy_(qw.qparams.zero.float())
+        return fake
 
     def _params16(self) -> tuple[Tensor, Tensor]:
         """Scale and offset as stored (fp16), with straight-through gradients."""
@@ -65,11 +89,18 @@ class FakeQuantLinear(nn.Module):
         """The (out, in) weight the layer computes with: on the grid, differentiable."""
         s, m = self._params16()
         s, m = s.unsqueeze(-1), m.unsqueeze(-1)
-        u = self._codes(to_blocks(self.weight, self.block), s, m)
+        if not self.lsq:  # codes held fixed w.r.t. the grid: the exact gradient of s and m
+            u = self._codes(to_blocks(self.weight, self.block), s.detach(), m.detach())
+        else:
+            u = self._codes(to_blocks(self.weight, self.block), s, m)
         wq = u * s if self.spec.symmetric else u * s + m
         return from_blocks(wq, self.block)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act is not None:  # rounded inputs, straight-through; static grids: per tensor
+            act = self.act if self.act.dynamic else ActivationSpec(
+                self.act.bits, self.act.symmetric, "tensor", True)  # fmt: skip
+            x = _ste(x, fake_quantize_dynamic(x.detach(), act))
         return F.linear(x, self.fake_weight().to(x.dtype), self.bias)
 
     @torch.no_grad()

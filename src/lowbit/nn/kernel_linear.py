@@ -7,8 +7,8 @@ holds the low-bit form only). They are for inference: save models before the swa
 - ``w4a16`` / ``w8a16``: 4- or 8-bit integer weights, any grid, group-wise (groups a multiple
   of 32) or per-channel, float32 inputs: :mod:`lowbit.kernels.affine`;
 - ``w8a8``: int8 per-channel weights with per-token int8 inputs: :mod:`lowbit.kernels.int8`.
-Everything else (nf4, fp8, 2/3-bit, odd groups, LoRC-corrected layers) keeps QuantLinear's
-reference path.
+Everything else (nf4, fp8, 2/3-bit, odd groups, LoRC-corrected layers, W4A8 and static or
+per-tensor activation grids) keeps QuantLinear's reference path.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.kernels.affine import AffineWeight, affine_linear, supports, to_affine
-from lowbit.kernels.int8 import Int8Weight, int8_linear, prepare_int8
+from lowbit.kernels.int8 import Int8Weight, int8_eligible, int8_linear, prepare_int8
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.primitives import dequantize, grid_of
 
@@ -87,9 +87,11 @@ class Int8KernelLinear(nn.Module):
 def kernel_module(layer: QuantLinear) -> nn.Module | None:
     """The fast module for ``layer``, or None when no kernel covers its format."""
     spec, qt = layer.spec, layer.spec.qtype
-    if layer.act is not None:
+    if int8_eligible(spec, layer.act):
         weight = prepare_int8(layer.int8_codes(), layer.scale.reshape(-1))
         return Int8KernelLinear(weight, layer.out_features, layer.bias)
+    if layer.act is not None:
+        return None  # other activation grids run on QuantLinear's reference path
     shape = (layer.out_features, layer.in_features)
     if qt.kind != "int" or spec.lorc_rank or not supports(qt.bits, layer.block, shape):
         return None

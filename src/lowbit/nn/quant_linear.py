@@ -9,8 +9,12 @@ Buffers (what is saved and what occupies RAM):
   integer codes packed along the block dim (``zero_point: int``);
 - ``lorc_u`` (out, r), ``lorc_v`` (r, in): fp16 low-rank error correction when the spec has
   ``lorc_rank`` r > 0 (the layer computes with codes·scales + U·V).
-The forward pass dequantizes the weight and calls ``F.linear`` (for W8A8 layers, ``act`` set:
-the int8 per-token reference of :mod:`lowbit.kernels.int8`); the fast kernels
+- ``act_scale`` (1,) fp32 and, for asymmetric grids, ``act_zero`` (1,) uint8: layers with static
+  activation ranges (``act`` set, ``dynamic: false``), filled by calibration.
+The forward pass rounds the inputs when ``act`` is set (per token or per tensor, dynamic or with
+the stored static range: :mod:`lowbit.primitives.activations`; int8 per-channel weights with
+8-bit symmetric per-token inputs use the int8 reference of :mod:`lowbit.kernels.int8`, whose grid
+the fbgemm kernel shares), dequantizes the weight and calls ``F.linear``; the fast kernels
 (:func:`lowbit.models.use_kernels`) replace exactly this step, with this as their reference.
 """
 
@@ -20,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.errors import LowbitError
 from lowbit.formats.granularity import n_blocks, weight_block
 from lowbit.formats.spec import ActivationSpec, WeightSpec
-from lowbit.kernels.int8 import Int8Weight, int8_linear_reference
+from lowbit.kernels.int8 import Int8Weight, int8_eligible, int8_linear_reference
 from lowbit.packing import pack, packed_length, unpack
 from lowbit.primitives import QParams, QuantizedWeight, dequantize_weight, grid_of
+from lowbit.primitives.activations import fake_quantize_dynamic, fake_quantize_static
 
 PACKED_KINDS = ("int", "nf", "codebook")  # codes packed as uint8 bits (fp8/fp16 are stored as is)
 
@@ -71,6 +77,12 @@ class QuantLinear(nn.Module):
         self.register_buffer(
             "lorc_v", torch.zeros(r, in_features, dtype=torch.float16) if r else None
         )
+        static = act is not None and act.static
+        self.register_buffer("act_scale", torch.full((1,), torch.nan) if static else None)
+        self.register_buffer(
+            "act_zero", torch.zeros(1, dtype=torch.uint8) if static and not act.symmetric else None
+        )
+        self.observing = False  # set by activation calibration: inputs pass through unrounded
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @classmethod
@@ -130,12 +142,31 @@ class QuantLinear(nn.Module):
         """Signed int8 codes (out, in) of a symmetric 8-bit layer."""
         return (self.codes().to(torch.int16) - self.spec.qtype.mid).to(torch.int8)
 
+    def set_static_range(self, qp: QParams) -> None:
+        """Store a calibrated static activation (scale, zero)."""
+        self.act_scale.copy_(qp.scale.reshape(1))
+        if self.act_zero is not None:
+            self.act_zero.copy_(qp.zero.reshape(1))
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The input as the layer computes with it (rounded to the activation grid, if any)."""
+        if self.act is None or self.observing:
+            return x
+        if self.act.dynamic:
+            return fake_quantize_dynamic(x, self.act)
+        if torch.isnan(self.act_scale).any():
+            raise LowbitError(
+                "static activation range not calibrated; quantize with "
+                "calibration data (lowbit.pipeline.calibrate_activations)"
+            )
+        return fake_quantize_static(x, QParams(self.act_scale, self.act_zero), self.act)
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        if self.act is not None:
+        if int8_eligible(self.spec, self.act) and not self.observing:
             w = Int8Weight(self.int8_codes(), self.scale.float().reshape(-1))
             y = int8_linear_reference(x, w)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), self.bias)
 
     def storage_tensors(self) -> tuple[Tensor, ...]:
         """The tensors that hold the quantized weight (codes, scales, zeros)."""

@@ -19,8 +19,9 @@ from lowbit.algorithms.awq import AWQOptions, search_scales
 from lowbit.algorithms.clip import output_error_range
 from lowbit.algorithms.gptq import GPTQOptions, gptq
 from lowbit.algorithms.kmeans import kmeans
+from lowbit.algorithms.smoothquant import SmoothQuantOptions, search_alpha
 from lowbit.calibration import BlockContext, module_output
-from lowbit.formats.spec import WeightSpec
+from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.models.families import Family
 from lowbit.models.fold import can_fold, fold_scales
 from lowbit.primitives import QuantizedWeight, quantize_weight
@@ -148,3 +149,43 @@ class _ModuleLoss:
         for (args, kwargs), ref in zip(self.inputs, self.reference, strict=True):
             total += float((module_output(self.inspect, args, kwargs) - ref).double().pow(2).mean())
         return total / len(self.inputs)
+
+
+def smooth_block(
+    ctx: BlockContext,
+    plan: dict[str, WeightSpec],
+    family: Family,
+    act: ActivationSpec | None,
+    options: SmoothQuantOptions,
+) -> dict[str, float | None]:
+    """Choose and fold SmoothQuant factors for every scale group of the block whose linears are
+    all planned and whose feeding module can absorb them; returns α per group (None: none won).
+    """
+    groups = []
+    for group in family.scale_groups:
+        names = [n for n in group.linears if n in plan]
+        prev = ctx.block.get_submodule(group.prev)
+        linears = [ctx.linear(n) for n in names]
+        if len(names) == len(group.linears) and can_fold(prev, group.prev_kind, linears):
+            groups.append((group, names, prev, linears))
+    if not groups:
+        return {}
+    # folding leaves the float block's computation unchanged, so one pass serves every group
+    stats = ctx.collect([names[0] for _, names, _, _ in groups], absmax=True)
+    chosen = {}
+    for group, names, prev, linears in groups:
+        x = _sample_rows(ctx.module_inputs(names[0], 1)[0][0][0], options.search_rows)
+        weights = [lin.weight.detach() for lin in linears]
+        specs = [plan[n] for n in names]
+        s, alpha = search_alpha(x, stats[names[0]].absmax(), weights, specs, act, options)
+        if s is not None:
+            fold_scales(prev, group.prev_kind, linears, s)
+        chosen[f"{ctx.name}.{group.prev}"] = alpha
+    return chosen
+
+
+def _sample_rows(x: Tensor, rows: int) -> Tensor:
+    """Up to ``rows`` evenly spaced rows of ``x`` (..., in), float32."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    step = max(1, flat.shape[0] // rows)
+    return flat[::step][:rows]

@@ -45,6 +45,31 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
     out = {name: (desc, _recipe(name, "rtn", weights)) for name, (desc, weights) in table.items()}
     out |= {name: (desc, _recipe(name, algo, w)) for name, (algo, desc, w) in calibrated.items()}
     out |= _other_presets()
+    out |= _activation_presets()
+    return out
+
+
+def _activation_presets() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Weights and activations: SmoothQuant, static ranges, ZeroQuant (+ LKD)."""
+    token8 = {"bits": 8, "granularity": "token", "dynamic": True}
+    static8 = {"bits": 8, "granularity": "tensor", "dynamic": False, "observer": "minmax"}
+    table = {
+        "w8a8-smoothquant": ("rtn", "W8A8 per-token dynamic, SmoothQuant alpha searched per group",
+                             _weights(8, -1, True), token8, {"smoothquant": {}}),
+        "w8a8-static": ("rtn", "int8 weights, one calibrated 8-bit range per layer (min-max), "
+                        "SmoothQuant", _weights(8, -1, True), static8, {"smoothquant": {}}),
+        "w8a8-zeroquant": ("rtn", "ZeroQuant: int8 symmetric g64 weights, per-token 8-bit inputs",
+                           _weights(8, 64, True), token8, {}),
+        "w4a8-zeroquant": ("rtn", "ZeroQuant: int4 asymmetric g64 weights, per-token 8-bit inputs",
+                           _weights(4, 64), token8, {}),
+        "w4a8-zeroquant-lkd": ("rtn", "ZeroQuant W4A8 g64 + layer-wise distillation (LKD)",
+                               _weights(4, 64), token8, {"lkd": {}}),
+        "w4a8-gptq-lkd": ("gptq", "W4A8 g64: GPTQ weights, per-token 8-bit inputs, then LKD",
+                          _weights(4, 64), token8, {"lkd": {}}),
+    }  # fmt: skip
+    out = {}
+    for name, (algorithm, desc, weights, acts, extra) in table.items():
+        out[name] = (desc, {**_recipe(name, algorithm, weights), "activations": acts, **extra})
     return out
 
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from lowbit.algorithms.awq import AWQOptions
 from lowbit.algorithms.gptq import GPTQOptions
+from lowbit.algorithms.lkd import LKDOptions
+from lowbit.algorithms.smoothquant import SmoothQuantOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.typed import from_mapping, to_mapping
@@ -23,7 +25,7 @@ from lowbit.typed import from_mapping, to_mapping
 RECIPE_VERSION = 1
 Algorithm = Literal["rtn", "hqq", "gptq", "awq", "awq+gptq", "kmeans"]
 _KEYS = ("version", "name", "algorithm", "weights", "activations", "ignore", "overrides", "gptq",
-         "awq", "lorc")  # fmt: skip
+         "awq", "lorc", "smoothquant", "lkd")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class Recipe:
     ``gptq``, ``awq`` (scales + output-error clipping + RTN), ``awq+gptq`` (AWQ scales, then
     GPTQ), ``kmeans`` (a fitted codebook per block instead of a uniform grid; weighted by the
     Hessian diagonal when calibration data is given); ``gptq`` and ``awq`` hold those
-    algorithms' options.
+    algorithms' options. ``activations`` rounds the inputs of every quantized layer at run time.
+    ``smoothquant`` (SmoothQuant scales folded in before the weights are quantized) and ``lkd``
+    (layer-wise distillation of each quantized block afterwards) compose with any algorithm
+    except that SmoothQuant and AWQ both rescale channels, so only one of them may be used.
     """
 
     algorithm: Algorithm = "rtn"
@@ -64,10 +69,15 @@ class Recipe:
     version: int = RECIPE_VERSION
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)
+    smoothquant: SmoothQuantOptions | None = None
+    lkd: LKDOptions | None = None
 
     def __post_init__(self) -> None:
-        if self.activations is not None:
-            self._check_w8a8()
+        if self.smoothquant is not None and self.algorithm.startswith("awq"):
+            raise LowbitError("smoothquant and awq both rescale input channels; use one of them "
+                              "(e.g. smoothquant with algorithm: gptq)")  # fmt: skip
+        if self.lkd is not None and self.algorithm == "kmeans":
+            raise LowbitError("lkd trains uniform integer grids; K-means codebooks are not one")
         for pattern in (*self.ignore, *(o.match for o in self.overrides)):
             if pattern.startswith("re:"):
                 try:
@@ -76,22 +86,6 @@ class Recipe:
                     raise LowbitError(f"recipe: bad regex {pattern!r}: {exc}") from None
         for i, override in enumerate(self.overrides):
             self._merged(override, f"overrides[{i}].weights")  # validate eagerly
-
-    def _check_w8a8(self) -> None:
-        """The one activation format available so far: W8A8 with int8 per-token dynamic inputs
-        (the fbgemm kernel's format; see lowbit.kernels.int8)."""
-        a, w = self.activations, self.weights
-        if not (a.bits == 8 and a.granularity == "token" and a.dynamic):
-            raise LowbitError(
-                "activations: only {bits: 8, granularity: token, dynamic: true} is available "
-                f"in this version of lowbit, not {a.short()}"
-            )
-        w8 = w is not None and w.format == "int" and w.bits == 8 and w.symmetric
-        if not (w8 and w.granularity == "channel") or self.overrides:
-            raise LowbitError(
-                "activations need int8 symmetric per-channel weights for every layer "
-                "(weights: {bits: 8, symmetric: true, group_size: -1}, no overrides)"
-            )
 
     def spec_for(self, name: str) -> WeightSpec | None:
         """The weight spec of layer ``name``, or None to leave it in float."""
@@ -133,7 +127,18 @@ class Recipe:
             out["gptq"] = to_mapping(self.gptq)
         if self.algorithm.startswith("awq"):
             out["awq"] = to_mapping(self.awq)
+        if self.smoothquant is not None:
+            out["smoothquant"] = to_mapping(self.smoothquant)
+        if self.lkd is not None:
+            out["lkd"] = to_mapping(self.lkd)
         return out
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this recipe needs calibration windows."""
+        static = self.activations is not None and self.activations.static
+        calibrated = self.algorithm in ("gptq", "awq", "awq+gptq")
+        return calibrated or static or self.smoothquant is not None or self.lkd is not None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
@@ -162,7 +167,16 @@ class Recipe:
             version=version,
             gptq=from_mapping(GPTQOptions, data.get("gptq") or {}, f"{where}.gptq"),
             awq=from_mapping(AWQOptions, data.get("awq") or {}, f"{where}.awq"),
+            smoothquant=_optional(SmoothQuantOptions, data, "smoothquant", where),
+            lkd=_optional(LKDOptions, data, "lkd", where),
         )  # fmt: skip
+
+
+def _optional(cls: type, data: dict, key: str, where: str) -> Any:
+    """An options block that switches a step on when present (``{}``: its defaults)."""
+    if key not in data or data[key] is None:
+        return None
+    return from_mapping(cls, data[key], f"{where}.{key}")
 
 
 def _with_lorc(weights: Any, lorc: Any, where: str) -> Any:

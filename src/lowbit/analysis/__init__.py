@@ -1,0 +1,16 @@
+"""Measured per-layer analysis: sensitivity to each candidate format, automatic bit allocation
+from it, and the ranking of a quantized model's layers by their share of its final KL."""
+
+from lowbit.analysis.allocate import allocate, allocation_recipe, candidate_specs, parse_size
+from lowbit.analysis.diff import layer_contributions
+from lowbit.analysis.sensitivity import Sensitivity, measure_sensitivity
+
+__all__ = [
+    "Sensitivity",
+    "allocate",
+    "allocation_recipe",
+    "candidate_specs",
+    "layer_contributions",
+    "measure_sensitivity",
+    "parse_size",
+]

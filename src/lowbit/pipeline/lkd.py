@@ -1,0 +1,64 @@
+"""The LKD block step: train each quantized block to match its float outputs, then re-pack.
+
+Run by the sequential runner after the weight algorithm has quantized the block. The block's
+planned linears are swapped for :class:`FakeQuantLinear` twins started from the algorithm's
+codes and scales (and the recipe's activation rounding), trained with
+:func:`lowbit.algorithms.lkd.distill` on the block's calibration inputs against the float
+block's outputs (recorded before quantization), and swapped back as plain linears holding the
+trained grid's weights, whose packed codes replace the algorithm's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.algorithms.lkd import LKDOptions, distill, trainable
+from lowbit.calibration import BlockContext, block_output
+from lowbit.formats.spec import ActivationSpec
+from lowbit.models.modules import set_module
+from lowbit.nn.fake_linear import FakeQuantLinear
+from lowbit.primitives import QuantizedWeight
+
+
+def lkd_block(
+    ctx: BlockContext,
+    targets: list[Tensor],
+    results: dict[str, QuantizedWeight],
+    act: ActivationSpec | None,
+    options: LKDOptions,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Distil the block's quantized linears (those in ``results``) towards ``targets`` (the
+    float block's outputs, one per calibration call); updates ``results`` and the linears.
+    Returns the relative output loss before and after."""
+    prefix = ctx.name + "."
+    local = {n[len(prefix) :]: qw for n, qw in results.items() if n.startswith(prefix)}
+    if not local:
+        return {}
+    linears: dict[str, nn.Linear] = {n: ctx.linear(n) for n in local}
+    fakes = {n: FakeQuantLinear.from_quantized(linears[n], qw, prefix + n, act)
+             for n, qw in local.items()}  # fmt: skip
+    for p in ctx.block.parameters():
+        p.requires_grad_(False)
+    for name, fake in fakes.items():
+        set_module(ctx.block, name, fake)
+    try:
+        groups = trainable(list(fakes.values()), options.train, options.lr)
+        first, last = distill(
+            groups,
+            lambda i: block_output(ctx.block, ctx.calls[i]),
+            targets,
+            options,
+            desc=f"lkd {ctx.name}",
+            progress=progress,
+        )
+    finally:
+        for name, linear in linears.items():
+            set_module(ctx.block, name, linear)
+    with torch.no_grad():
+        for name, fake in fakes.items():
+            qw = fake.to_quantized()
+            linears[name].weight.copy_(qw.dequantize().to(linears[name].weight.dtype))
+            results[prefix + name] = qw
+    return {"loss_before": first, "loss_after": last}

@@ -1,0 +1,81 @@
+import itertools
+
+import pytest
+
+from lowbit.analysis import allocate, allocation_recipe, candidate_specs, parse_size
+from lowbit.analysis.sensitivity import Sensitivity
+from lowbit.errors import LowbitError
+from lowbit.formats import WeightSpec
+from lowbit.recipes import Recipe
+
+BASE = WeightSpec(bits=4, group_size=64)
+
+
+def synthetic(n=6):
+    specs = candidate_specs(BASE, ["2", "4", "8", "float"])
+    sens = Sensitivity({f"l{i}": 1000 for i in range(n)}, specs)
+    bpw = {"int2": 2.5, "int4": 4.5, "int8": 8.5, "float": 16}
+    for i in range(n):
+        w = 1.0 + i  # later layers matter more
+        sens.kl[f"l{i}"] = {"int2": 4 * w, "int4": w / 2, "int8": w / 50, "float": 0.0}
+        sens.bits[f"l{i}"] = {c: int(1000 * b) for c, b in bpw.items()}
+        sens.proxy[f"l{i}"] = dict(sens.kl[f"l{i}"])
+    return sens
+
+
+def brute_force(sens, budget):
+    layers, cands = list(sens.layers), list(sens.candidates)
+    best = None
+    for combo in itertools.product(cands, repeat=len(layers)):
+        bits = sum(sens.bits[n][c] for n, c in zip(layers, combo, strict=True))
+        if bits <= budget:
+            dmg = sum(sens.kl[n][c] for n, c in zip(layers, combo, strict=True))
+            best = dmg if best is None else min(best, dmg)
+    return best
+
+
+@pytest.mark.parametrize("bpw", [2.5, 3.5, 4.25, 6.0, 12.0])
+def test_the_choice_respects_the_budget_and_is_optimal(bpw):
+    sens = synthetic(5)
+    budget = bpw * 5000
+    choice = allocate(sens, budget, resolution=20000)
+    assert sum(sens.bits[n][c] for n, c in choice.items()) <= budget
+    damage = sum(sens.kl[n][c] for n, c in choice.items())
+    assert damage == pytest.approx(brute_force(sens, budget), rel=1e-9, abs=1e-12)
+
+
+def test_sensitive_layers_get_the_wider_formats():
+    choice = allocate(synthetic(), 4.5 * 6000)
+    order = ["int2", "int4", "int8", "float"]
+    ranks = [order.index(choice[f"l{i}"]) for i in range(6)]
+    assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
+
+
+def test_a_budget_below_the_narrowest_mix_names_the_minimum():
+    with pytest.raises(LowbitError, match="at least 2.500 bits/weight"):
+        allocate(synthetic(), 2.0 * 6000)
+
+
+def test_the_choice_becomes_a_readable_recipe():
+    sens = synthetic(3)
+    base = Recipe.from_dict({"version": 1, "name": "w4", "weights": BASE.to_dict(),
+                             "ignore": ["lm_head"]})  # fmt: skip
+    recipe = allocation_recipe(base, sens, {"l0": "int2", "l1": "int4", "l2": "float"})
+    assert recipe.spec_for("l0").bits == 2 and recipe.spec_for("l1") == BASE
+    assert recipe.spec_for("l2").format == "fp16" and recipe.spec_for("lm_head") is None
+    assert [o.match for o in recipe.overrides] == ["l2", "l0"]  # the default layer needs none
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_sizes_and_candidates_parse_with_clear_errors():
+    assert parse_size("60MB") == 60_000_000 and parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("2048") == 2048
+    with pytest.raises(LowbitError, match="60MB"):
+        parse_size("sixty")
+    with pytest.raises(LowbitError, match="a width and group"):
+        candidate_specs(BASE, ["4", "fp"])
+    specs = candidate_specs(BASE, ["3", "4g192", "4ch", "float"])
+    assert specs["int3"].group_size == 64 and specs["int4g192"].group_size == 192
+    assert specs["int4ch"].granularity == "channel" and specs["float"].format == "fp16"
+    with pytest.raises(LowbitError, match="at least two"):
+        candidate_specs(BASE, ["4"])

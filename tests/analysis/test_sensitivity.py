@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+from helpers import tiny_llama
+from lowbit.analysis import candidate_specs, measure_sensitivity
+from lowbit.analysis.sensitivity import layer_bits, spearman
+from lowbit.formats import WeightSpec
+from lowbit.models.modules import quantizable_layers
+
+
+def measured(layers=2):
+    model = tiny_llama(layers=layers, tie=False)
+    with torch.no_grad():  # peaked output distributions, as in a trained model
+        model.lm_head.weight.mul_(50.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chosen = {n: m for n, m in quantizable_layers(model) if n != "lm_head"}
+    specs = candidate_specs(WeightSpec(bits=4, group_size=32), ["2", "4", "8", "float"])
+    windows = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+    sens = measure_sensitivity(model, chosen, specs, windows, batch_size=2, progress=False)
+    return model, before, sens
+
+
+def test_every_layer_and_format_is_measured_and_the_model_is_left_as_it_was():
+    model, before, sens = measured()
+    assert set(sens.candidates) == {"int2", "int4", "int8", "float"} and sens.tokens == 128
+    for name in sens.layers:
+        kl = sens.kl[name]
+        assert kl["int2"] > kl["int4"] > kl["int8"] >= 0.0
+        assert sens.proxy[name]["int2"] > sens.proxy[name]["int8"]
+        assert sens.bits[name]["int2"] < sens.bits[name]["int4"] < sens.bits[name]["float"]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    rho = sens.rank_correlation()
+    assert 0.3 < rho <= 1.0  # the proxy ranks (layer, format) pairs roughly as the KL does
+    json.dumps(sens.to_dict())
+
+
+def test_bits_count_codes_and_scales():
+    lin = torch.nn.Linear(64, 16)
+    assert layer_bits(lin, WeightSpec(bits=4, group_size=32), "l") == 16 * 64 * 4 + 16 * 2 * 32
+    assert layer_bits(lin, WeightSpec(format="fp16", bits=16), "l") == 16 * 64 * 16
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
+    assert spearman([1, 2], [1, 2]) != spearman([1, 2], [1, 2])  # NaN: too few pairs

@@ -1,0 +1,86 @@
+"""lowbit analyze, quantize --target-bits / --target-size, and lowbit diff on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+CALIB = ("--calib-samples", "4", "--calib-seqlen", "32")
+
+
+def test_analyze_prints_json_writes_the_plot_and_the_measurements(
+    tmp_path, tiny_folder, text_file, capsys
+):
+    plot, out = tmp_path / "sens.png", tmp_path / "sens.json"
+    code, stdout, err = run(
+        capsys, "analyze", str(tiny_folder), "--recipe", "w4-rtn-g64", "--calib", str(text_file),
+        *CALIB, "--candidates", "2", "4", "float", "--plot", str(plot), "--out", str(out), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert set(data["candidates"]) == {"int2", "int4", "float"}
+    assert len(data["layers"]) == 14 and "all" in data["rank_correlation"]
+    assert plot.read_bytes()[:4] == b"\x89PNG" and json.loads(out.read_text()) == data
+
+
+def test_target_bits_gives_a_mixed_model_within_the_budget(tmp_path, tiny_folder, text_file,
+                                                          capsys):  # fmt: skip
+    out = tmp_path / "mix"
+    code, stdout, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--out", str(out),
+        "--calib", str(text_file), *CALIB, "--target-bits", "5.5", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["size"]["bits_per_weight"] <= 5.5
+    predicted = summary["mixed_precision"]["bits_per_weight"]
+    assert predicted == pytest.approx(summary["size"]["bits_per_weight"], abs=1e-5)
+    assert summary["recipe"]["overrides"]  # the choice is an ordinary, editable recipe
+    code, stdout, _ = run(capsys, "inspect", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["bits_per_weight"] <= 5.5
+
+
+def test_a_budget_below_the_narrowest_candidates_is_a_clear_error(tmp_path, tiny_folder,
+                                                                 text_file, capsys):  # fmt: skip
+    code, _, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--out",
+        str(tmp_path / "x"), "--calib", str(text_file), *CALIB, "--target-bits", "1.0",
+    )  # fmt: skip
+    assert code == 2 and "at least 2.500 bits/weight" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_diff_names_the_planted_broken_layer(tmp_path, tiny_folder, text_file, capsys):
+    out = tmp_path / "w8"
+    code, _, err = run(capsys, "quantize", str(tiny_folder), "--recipe", "w8-rtn",
+                       "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    weights = out / "model.safetensors"
+    state = load_file(str(weights))
+    state["model.layers.0.self_attn.o_proj.scale"] = torch.zeros_like(
+        state["model.layers.0.self_attn.o_proj.scale"]
+    )
+    save_file(state, str(weights))
+    text = ("--corpus", str(text_file), "--seqlen", "32", "--tokens", "128")
+    code, stdout, err = run(capsys, "diff", str(tiny_folder), str(out), *text, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["layers"][0]["layer"] == "model.layers.0.self_attn.o_proj"
+
+
+def test_analyze_prints_a_readable_ranking(tiny_folder, text_file, capsys):
+    code, stdout, err = run(capsys, "analyze", str(tiny_folder), "--recipe", "w4-rtn-g64",
+                            "--calib", str(text_file), *CALIB, "--candidates", "2", "8",
+                            "--top", "3")  # fmt: skip
+    assert code == 0, err
+    assert "proxy rank correlation" in stdout and "int2 (int2-asym-g64" in stdout
+    assert stdout.count("model.layers.") == 6  # top 3 per format
