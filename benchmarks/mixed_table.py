@@ -25,7 +25,7 @@ from pathlib import Path
 from lowbit import api
 from lowbit.analysis.allocate import candidate_specs
 from lowbit.analysis.plot import plot_sensitivity
-from lowbit.analysis.sensitivity import layer_bits
+from lowbit.analysis.sensitivity import Sensitivity, layer_bits
 from lowbit.calibration import CalibrationSet
 from lowbit.recipes import Recipe
 
@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--plot", type=Path)
     p.add_argument("--save", type=Path, help="write the sensitivity measurements (JSON) here")
+    p.add_argument("--load", type=Path, help="reuse measurements saved by --save (or analyze)")
+    p.add_argument("--mixed-only", action="store_true", help="skip the uniform rows")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -60,7 +62,10 @@ def main() -> None:
     fp = api.evaluate({"float": src.model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
                       progress=False)["float"]  # fmt: skip
     start = time.perf_counter()
-    sens = api.analyze(src.model, base, calib, args.candidates, progress=True)
+    if args.load:
+        sens = Sensitivity.from_dict(json.loads(args.load.read_text()))
+    else:
+        sens = api.analyze(src.model, base, calib, args.candidates, progress=True)
     seconds = time.perf_counter() - start
     print(f"model {args.model}; sensitivity on {sens.tokens} {args.calib} tokens "
           f"({len(sens.layers)} layers x {len(sens.candidates)} formats, {seconds:.0f} s); "
@@ -81,6 +86,8 @@ def main() -> None:
         recipe, summary = api.mixed_recipe(src.model, base, sens, target_bits=budget)
         counts = ", ".join(f"{c} {k}" for c, k in summary["layers_per_candidate"].items() if k)
         row(src, fp, f"mixed, budget {budget}", recipe, None, counts, args)
+    if args.mixed_only:
+        return
     uniform = candidate_specs(base.weights, [*args.candidates, *UNIFORM_ONLY])
     for name, spec in uniform.items():  # every uniform format at or under the largest budget
         if layer_bits_per_weight(spec) > max(args.budgets):

@@ -169,8 +169,9 @@ def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_candidates(p)
     p.add_argument(
-        "--analysis-samples", type=int, default=8,
-        help="calibration windows the sensitivity analysis measures KL on (default: 8)",
+        "--analysis-samples", type=int, default=2,
+        help="calibration windows the sensitivity analysis measures KL on (default: 2; each "
+             "trial is one forward pass over them, per layer and candidate)",
     )  # fmt: skip
     save_options(p)
     p.set_defaults(func=cmd_quantize)

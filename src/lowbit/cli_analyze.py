@@ -48,7 +48,12 @@ def add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--recipe", required=True, help="preset or YAML: the grid and group size")
     p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
-    p.add_argument("--calib-samples", type=int, default=8, help="windows (default: 8)")
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=2,
+        help="windows; one forward pass over them per layer and format (default: 2)",
+    )
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
     add_candidates(p)
     p.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_llama
 from lowbit.analysis import candidate_specs, measure_sensitivity
-from lowbit.analysis.sensitivity import layer_bits, spearman
+from lowbit.analysis.sensitivity import Sensitivity, layer_bits, spearman
 from lowbit.formats import WeightSpec
 from lowbit.models.modules import quantizable_layers
 
@@ -33,7 +33,8 @@ def test_every_layer_and_format_is_measured_and_the_model_is_left_as_it_was():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     rho = sens.rank_correlation()
     assert 0.3 < rho <= 1.0  # the proxy ranks (layer, format) pairs roughly as the KL does
-    json.dumps(sens.to_dict())
+    again = Sensitivity.from_dict(json.loads(json.dumps(sens.to_dict())))
+    assert again.kl == sens.kl and again.bits == sens.bits and again.candidates == sens.candidates
 
 
 def test_bits_count_codes_and_scales():

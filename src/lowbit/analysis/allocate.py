@@ -2,10 +2,11 @@
 under a budget of stored bits, written as an ordinary recipe with per-layer overrides.
 
 The choice is a multiple-choice knapsack. It is solved exactly by dynamic programming over the
-budget cut into ``resolution`` units, each layer's cost rounded *up* to whole units, so the
-chosen mixture never exceeds the budget (it may leave up to one unit per layer unused). The
-damages are summed: quantizing layers together is assumed to cost roughly the sum of quantizing
-each alone, the usual first-order assumption (HAWQ, llama.cpp's importance-weighted mixes).
+budget cut into ``resolution`` units (20,000 by default), each layer's cost rounded *up* to
+whole units, so the chosen mixture never exceeds the budget (it may leave up to one unit per
+layer unused: 1% of the budget for 200 layers). The damages are summed: quantizing layers
+together is assumed to cost roughly the sum of quantizing each alone, the usual first-order
+assumption (HAWQ, llama.cpp's importance-weighted mixes).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
-def allocate(sens: Sensitivity, budget_bits: float, resolution: int = 4000) -> dict[str, str]:
+def allocate(sens: Sensitivity, budget_bits: float, resolution: int = 20000) -> dict[str, str]:
     """layer -> candidate minimising the summed KL with total stored bits <= ``budget_bits``."""
     layers, cands = list(sens.layers), list(sens.candidates)
     cost = np.array([[sens.bits[n][c] for c in cands] for n in layers], dtype=np.float64)

@@ -54,6 +54,20 @@ class Sensitivity:
                            "bits": self.bits[n]} for n, w in self.layers.items()},
         }  # fmt: skip
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sensitivity:
+        """The inverse of :meth:`to_dict` (a saved ``lowbit analyze --out`` file)."""
+        cands = {
+            c: WeightSpec.from_dict(s, f"candidates.{c}") for c, s in data["candidates"].items()
+        }
+        layers = data["layers"]
+        sens = cls({n: int(v["weights"]) for n, v in layers.items()}, cands)
+        sens.tokens = int(data.get("tokens", 0))
+        for n, v in layers.items():
+            sens.kl[n], sens.proxy[n] = dict(v["kl"]), dict(v["proxy"])
+            sens.bits[n] = {c: int(b) for c, b in v["bits"].items()}
+        return sens
+
 
 def _round(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 4)
