@@ -1,8 +1,7 @@
 """KL(fp ‖ q) of next-token distributions against stored reference log-probabilities.
 
-The reference log-probs are kept in float32 (a 49k vocabulary over 4,096 tokens is 800 MB):
-in float16 their rounding alone gave KL errors of about 1e-4, as large as the damage of one
-8-bit layer.
+The reference log-probs are kept in float32 (a 49k vocabulary over 1,024 tokens is 200 MB): in
+float16 their rounding hid small damages (a tiny test model's 4- and 8-bit layers measured 0).
 """
 
 from __future__ import annotations
