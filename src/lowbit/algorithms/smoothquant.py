@@ -64,7 +64,7 @@ def output_error(
     """Relative squared error of the linears' outputs on ``x`` (rows, in) when the inputs are
     divided by ``s``, the weights multiplied by it, and both rounded (RTN weights)."""
     xs = x if s is None else x / s
-    xq = xs if act is None else fake_quantize_dynamic(xs, _dynamic(act))
+    xq = xs if act is None else fake_quantize_dynamic(xs, act.as_dynamic())
     num = den = 0.0
     for w, spec in zip(weights, wspecs, strict=True):
         ws = w.float() if s is None else w.float() * s
@@ -73,13 +73,6 @@ def output_error(
         num += float(err.double().pow(2).sum())
         den += float(ref.double().pow(2).sum())
     return num / max(den, 1e-30)
-
-
-def _dynamic(act: ActivationSpec) -> ActivationSpec:
-    """Static grids are scored with a per-tensor range taken from the sample itself."""
-    if act.dynamic:
-        return act
-    return ActivationSpec(act.bits, act.symmetric, "tensor", True)
 
 
 def search_alpha(

@@ -10,16 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _logits(model: nn.Module, ids: Tensor) -> Tensor:
-    out = model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
-    return getattr(out, "logits", out)
+from lowbit.models.modules import forward_logits
 
 
 @torch.no_grad()
 def reference_logprobs(model: nn.Module, windows: Tensor, batch_size: int = 4) -> list[Tensor]:
     """Log-probs (B, T, V) in float32 for each batch of ``windows``."""
-    return [F.log_softmax(_logits(model, windows[i : i + batch_size]).float(), -1)
+    return [F.log_softmax(forward_logits(model, windows[i : i + batch_size]).float(), -1)
             for i in range(0, len(windows), batch_size)]  # fmt: skip
 
 
@@ -28,7 +25,7 @@ def mean_kl(model: nn.Module, windows: Tensor, ref: list[Tensor], batch_size: in
     """Mean over tokens of KL(ref ‖ model)."""
     total, count = 0.0, 0
     for i, r in zip(range(0, len(windows), batch_size), ref, strict=True):
-        logq = F.log_softmax(_logits(model, windows[i : i + batch_size]).float(), -1)
+        logq = F.log_softmax(forward_logits(model, windows[i : i + batch_size]).float(), -1)
         total += float((r.exp() * (r - logq)).sum(-1).double().sum())
         count += r.shape[0] * r.shape[1]
     return total / max(count, 1)

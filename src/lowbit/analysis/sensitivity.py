@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lowbit.analysis.kl import mean_kl, reference_logprobs
 from lowbit.calibration import collect_input_stats
 from lowbit.formats.spec import WeightSpec
+from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
 from lowbit.primitives import fake_quantize_weight
 
@@ -142,5 +143,5 @@ def _hessians(model, layers, windows, batch_size) -> dict[str, Tensor]:
     with collect_input_stats(layers, hessian=True) as stats:
         for i in range(0, len(windows), batch_size):
             ids = windows[i : i + batch_size]
-            model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
+            forward_logits(model, ids)
     return {n: s.hessian() for n, s in stats.items()}

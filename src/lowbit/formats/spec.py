@@ -190,6 +190,11 @@ class ActivationSpec:
         """Whether the range is calibrated once and stored (not computed per input)."""
         return not self.dynamic
 
+    def as_dynamic(self) -> ActivationSpec:
+        """This grid with its range taken from each input: a static spec becomes per-tensor
+        dynamic (how training and searches see static layers before calibration)."""
+        return self if self.dynamic else ActivationSpec(self.bits, self.symmetric, "tensor", True)
+
     @property
     def qtype(self) -> QType:
         return qtype_for("int", self.bits)

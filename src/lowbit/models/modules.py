@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 
@@ -37,3 +37,10 @@ def untie_if_needed(model: nn.Module, quantized: set[str]) -> None:
     }
     if names & quantized:
         config.tie_word_embeddings = False
+
+
+def forward_logits(model: nn.Module, ids: Tensor) -> Tensor:
+    """Logits of a causal LM (HF models without the KV cache) or of any module mapping ids to
+    logits."""
+    out = model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
+    return getattr(out, "logits", out)

@@ -98,9 +98,7 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act is not None:  # rounded inputs, straight-through; static grids: per tensor
-            act = self.act if self.act.dynamic else ActivationSpec(
-                self.act.bits, self.act.symmetric, "tensor", True)  # fmt: skip
-            x = _ste(x, fake_quantize_dynamic(x.detach(), act))
+            x = _ste(x, fake_quantize_dynamic(x.detach(), self.act.as_dynamic()))
         return F.linear(x, self.fake_weight().to(x.dtype), self.bias)
 
     @torch.no_grad()

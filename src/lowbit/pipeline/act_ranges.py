@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
+from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
 from lowbit.primitives.activations import static_qparams
 
@@ -56,7 +57,7 @@ def calibrate_activations(
         starts = range(0, len(windows), batch_size)
         for start in tqdm(starts, desc="activation ranges", unit="batch", disable=not progress):
             ids = windows[start : start + batch_size]
-            model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
+            forward_logits(model, ids)
     finally:
         for h in handles:
             h.remove()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
 
 
@@ -40,7 +41,7 @@ def output_sqnr(
     try:
         for i in range(0, len(windows), batch_size):
             ids = windows[i : i + batch_size]
-            model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
+            forward_logits(model, ids)
     finally:
         for h in handles:
             h.remove()
