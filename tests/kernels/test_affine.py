@@ -7,20 +7,40 @@ from lowbit.kernels import affine
 from lowbit.kernels.build import native_ops
 
 
-def random_affine(n: int, k: int, group: int, bits: int, seed: int = 0) -> affine.AffineWeight:
+def random_affine(
+    n: int, k: int, group: int, bits: int, seed: int = 0, half: bool = False
+) -> affine.AffineWeight:
+    """Random codes and params; ``half``: params that float16 holds exactly (the kernel then
+    keeps them in float16), else float32 ones it cannot."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
     groups = k // group if group != -1 else 1
     scale = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
     offset = torch.randn(n, groups, generator=g) * 0.05
+    if half:
+        scale, offset = scale.half().float(), offset.half().float()
     block = (1, group if group != -1 else k)
     return affine.to_affine(codes, scale, offset, block, bits)
 
 
-def test_run_packing_round_trips_exactly():
-    codes = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+@pytest.mark.parametrize("k", [32, 64, 96, 128])  # whole chunks of 64, and a last half chunk
+def test_run_packing_round_trips_exactly(k):
+    codes = torch.randint(0, 16, (5, k), dtype=torch.uint8)
     assert torch.equal(affine.unpack_runs(affine.pack_runs(codes, 4), 4), codes)
-    assert affine.pack_runs(codes, 4).shape == (5, 48)
+    assert affine.pack_runs(codes, 4).shape == (5, k // 2)
+
+
+def test_chunk_layout_puts_two_runs_in_the_nibbles_of_32_bytes():
+    codes = torch.arange(96).remainder(16).to(torch.uint8).reshape(1, 96)
+    packed = affine.pack_runs(codes, 4)[0]
+    assert packed[0] == codes[0, 0] | codes[0, 32] << 4  # chunk 0: codes j and 32 + j
+    assert packed[31] == codes[0, 31] | codes[0, 63] << 4
+    assert packed[32] == codes[0, 64] | codes[0, 80] << 4  # last half chunk: j and 16 + j
+
+
+def test_params_are_float16_only_when_exact():
+    assert random_affine(4, 64, 32, 4, half=True).scale.dtype == torch.float16
+    assert random_affine(4, 64, 32, 4).offset.dtype == torch.float32
 
 
 def test_reference_dequantizes_per_group():
@@ -53,10 +73,12 @@ needs_native = pytest.mark.skipif(not native_ops(), reason="native kernels unava
                                        (24, 100, -1), (10, 1536, 96)])  # fmt: skip
 @pytest.mark.parametrize("act8", [True, False])
 @pytest.mark.parametrize("isa", ["native", "avx2"])
-def test_native_matches_reference(bits, m, n, k, group, act8, isa, monkeypatch):
+@pytest.mark.parametrize("half", [True, False], ids=["f16-params", "f32-params"])
+def test_native_matches_reference(bits, m, n, k, group, act8, isa, half, monkeypatch):
     if isa == "avx2":  # the AVX2 kernel also where AVX-512 VNNI would be chosen
         monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
-    aw = random_affine(n, k, group, bits, seed=m + n)
+    aw = random_affine(n, k, group, bits, seed=m + n, half=half)
+    assert aw.scale.dtype == (torch.float16 if half else torch.float32)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
     int_path = act8 and bits == 4 and m <= affine.GEMV_MAX_ROWS
     reference = affine.affine_linear_act8_reference if int_path else affine.affine_linear_reference

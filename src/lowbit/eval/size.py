@@ -34,7 +34,8 @@ class SizeReport:
 
 def model_size(model: nn.Module) -> SizeReport:
     """Sizes of an in-memory model (tied tensors counted once). Models loaded on the kernels
-    count their layers in the kernels' layouts (fp32 scales: more bits/weight than on disk)."""
+    count their layers in the kernels' layouts (float32 scales and offsets where float16 does
+    not hold them exactly: then more bits/weight than on disk)."""
     qweights = qbytes = 0
     for module in model.modules():
         if isinstance(module, QUANTIZED_MODULES):

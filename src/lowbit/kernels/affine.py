@@ -31,7 +31,8 @@ GEMV_MAX_ROWS = 32  # above this many rows the native op dequantizes and calls t
 
 @dataclass
 class AffineWeight:
-    """Kernel layout: ``w`` uint8 (N, Kp·bits/8), ``scale``/``offset`` fp32 (N, Kp/group).
+    """Kernel layout: ``w`` uint8 (N, Kp·bits/8), ``scale``/``offset`` (N, Kp/group), both
+    float16 when that holds them exactly (lowbit's saved grids usually are), else float32.
 
     ``in_features`` is the layer's K; ``Kp`` ≥ K is K padded to a whole run (per-channel
     layers only; padded codes are 0 and padded inputs are 0, so they add nothing)."""
@@ -63,8 +64,11 @@ def to_affine(
 ) -> AffineWeight:
     """Kernel layout from unsigned codes (N, K) and per-block affine params (N/br, K/bc)."""
     k = codes.shape[1]
-    scale = scale.float().repeat_interleave(block[0], dim=0).contiguous()
-    offset = offset.float().repeat_interleave(block[0], dim=0).contiguous()
+    scale, offset = (
+        p.float().repeat_interleave(block[0], dim=0).contiguous() for p in (scale, offset)
+    )
+    if exact_in_half(scale) and exact_in_half(offset):  # half the bytes to read per group
+        scale, offset = scale.half(), offset.half()
     group = block[1]
     if group == k and k % RUN:  # pad a per-row group to a whole number of runs
         group = -(-k // RUN) * RUN
@@ -72,22 +76,40 @@ def to_affine(
     return AffineWeight(pack_runs(codes.to(torch.uint8), bits), scale, offset, group, bits, k)
 
 
+def exact_in_half(t: Tensor) -> bool:
+    """Whether float16 holds every value of ``t`` exactly (and finitely)."""
+    half = t.half()
+    return bool(torch.isfinite(half).all()) and torch.equal(half.float(), t)
+
+
 def pack_runs(codes: Tensor, bits: int) -> Tensor:
-    """(N, K) codes -> the kernel's byte layout (see the C++ source)."""
+    """(N, K) codes -> the kernel's byte layout. 4 bits: chunks of 64 codes in 32 bytes, byte j
+    holding code j (low nibble) and code 32 + j (high nibble); a last chunk of 32 codes (K not a
+    multiple of 64) holds codes j and 16 + j (see the C++ source)."""
     if bits == 8:
         return codes.contiguous()
     n, k = codes.shape
-    runs = codes.reshape(n, k // RUN, RUN)
-    return (runs[..., : RUN // 2] | (runs[..., RUN // 2 :] << 4)).reshape(n, k // 2).contiguous()
+    full = k // (2 * RUN) * 2 * RUN
+    halves = codes[:, :full].reshape(n, -1, 2, RUN)
+    parts = [(halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, -1)]
+    if full < k:
+        last = codes[:, full:]
+        parts.append(last[:, : RUN // 2] | (last[:, RUN // 2 :] << 4))
+    return torch.cat(parts, dim=1).contiguous()
 
 
 def unpack_runs(w: Tensor, bits: int) -> Tensor:
     """Inverse of :func:`pack_runs`."""
     if bits == 8:
         return w
-    n = w.shape[0]
-    runs = w.reshape(n, -1, RUN // 2)
-    return torch.cat([runs & 0x0F, runs >> 4], dim=-1).reshape(n, -1)
+    n, k = w.shape[0], w.shape[1] * 2
+    full = k // (2 * RUN) * 2 * RUN
+    chunks = w[:, : full // 2].reshape(n, -1, RUN)
+    parts = [torch.cat([chunks & 0x0F, chunks >> 4], dim=-1).reshape(n, -1)]
+    if full < k:
+        last = w[:, full // 2 :]
+        parts.append(torch.cat([last & 0x0F, last >> 4], dim=-1))
+    return torch.cat(parts, dim=1)
 
 
 def affine_dequantize_reference(aw: AffineWeight) -> Tensor:
@@ -95,7 +117,8 @@ def affine_dequantize_reference(aw: AffineWeight) -> Tensor:
     u = unpack_runs(aw.w, aw.bits).float()
     n, kp = u.shape
     u = u.reshape(n, kp // aw.group, aw.group)
-    return (u * aw.scale.unsqueeze(-1) + aw.offset.unsqueeze(-1)).reshape(n, kp)
+    scale, offset = aw.scale.float().unsqueeze(-1), aw.offset.float().unsqueeze(-1)
+    return (u * scale + offset).reshape(n, kp)
 
 
 def affine_linear_reference(x: Tensor, aw: AffineWeight) -> Tensor:
@@ -129,7 +152,8 @@ def affine_linear_act8_reference(x: Tensor, aw: AffineWeight) -> Tensor:
     per_group = aw.group // xb
     scaled = (dots * qs.unsqueeze(1)).reshape(m, n, nb // per_group, per_group).sum(-1)
     xsum = x2.reshape(m, -1, aw.group).sum(-1)  # (M, G)
-    y = (scaled * aw.scale.unsqueeze(0)).sum(-1) + xsum @ (aw.offset + 8 * aw.scale).T
+    scale, offset = aw.scale.float(), aw.offset.float()
+    y = (scaled * scale.unsqueeze(0)).sum(-1) + xsum @ (offset + 8 * scale).T
     return y.reshape(*lead, n)
 
 

@@ -1,9 +1,10 @@
 """Build (once per machine) and load lowbit's C++ CPU kernels.
 
-The kernels need AVX2 + FMA, a C++ compiler and ninja; where any is missing, or the build fails,
-:func:`native_ops` returns False and every op runs its plain-PyTorch reference instead (logged
-once, never an error). ``make`` builds them at setup time (``python -m lowbit.kernels.build``);
-otherwise the first model that wants them builds them (about half a minute) into the cache.
+The kernels need AVX2 + FMA + F16C, a C++ compiler and ninja; where any is missing, or the
+build fails, :func:`native_ops` returns False and every op runs its plain-PyTorch reference
+instead (logged once, never an error). ``make`` builds them at setup time (``python -m
+lowbit.kernels.build``); otherwise the first model that wants them builds them (about half a
+minute) into the cache.
 Set ``LOWBIT_KERNELS=off`` to force the reference path.
 """
 
@@ -25,11 +26,12 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "affine_gemv.cpp"
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored
 # without it, which left the kernels on one thread.
-FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-fopenmp"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
 
 
 def cpu_supported() -> bool:
-    """Whether this CPU has the instructions the kernels use (AVX2 and FMA)."""
+    """Whether this CPU has the instructions the kernels use (AVX2 and FMA; every CPU with
+    them also has F16C)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 

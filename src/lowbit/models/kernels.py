@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import set_module
-from lowbit.nn import QuantLinear, kernel_module
+from lowbit.nn import AffineKernelLinear, QuantLinear, kernel_module
+from lowbit.nn.shared_input import share_input
 
 
 def use_kernels(model: nn.Module) -> dict[str, int]:
     """Swap every QuantLinear a kernel covers for its fast module; counts per kind (``reference``:
-    layers left on the reference path)."""
+    layers left on the reference path; ``shared-input groups``: sibling layers that run as one
+    call, see :func:`share_inputs`)."""
     counts: dict[str, int] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
@@ -20,4 +23,23 @@ def use_kernels(model: nn.Module) -> dict[str, int]:
         counts[kind] = counts.get(kind, 0) + 1
         if fast is not None:
             set_module(model, name, fast)
+    shared = share_inputs(model)
+    if shared:
+        counts["shared-input groups"] = shared
     return counts
+
+
+def share_inputs(model: nn.Module) -> int:
+    """In each decoder block of a known family, run the kernel layers that read one input (the
+    family's q/k/v and gate/up groups) as one call; the number of groups so joined."""
+    family = family_of(model)
+    if family is None:
+        return 0
+    joined = 0
+    for block in find_blocks(model)[1]:
+        modules = dict(block.named_modules())
+        for group in family.sequential:
+            layers = [modules.get(name) for name in group]
+            if all(isinstance(m, AffineKernelLinear) for m in layers):
+                joined += share_input(layers)
+    return joined

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lowbit.kernels.affine import AffineWeight, affine_linear, supports, to_affine
 from lowbit.kernels.int8 import Int8Weight, int8_eligible, int8_linear, prepare_int8
 from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn.shared_input import SharedInput
 from lowbit.primitives import dequantize, grid_of
 
 
@@ -33,6 +34,8 @@ class AffineKernelLinear(nn.Module):
         self.register_buffer("scale", aw.scale)
         self.register_buffer("offset", aw.offset)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.shared: SharedInput | None = None  # set by share_input: one call with siblings
+        self.rows = (0, out_features)  # this layer's rows of the shared output
 
     @property
     def kind(self) -> str:
@@ -42,18 +45,23 @@ class AffineKernelLinear(nn.Module):
         return (self.w, self.scale, self.offset)
 
     def storage_bytes(self) -> dict[str, int]:
-        """As :meth:`QuantLinear.storage_bytes`, in this layout (fp32 scale and offset)."""
+        """As :meth:`QuantLinear.storage_bytes`, in this layout (scale and offset as held)."""
         params = sum(t.numel() * t.element_size() for t in (self.scale, self.offset))
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return {"codes": self.w.numel() * self.w.element_size(), "params": params, "bias": bias}
 
     def forward(self, x: Tensor) -> Tensor:
-        aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits, self.in_features)
-        y = affine_linear(x, aw)
+        if self.shared is not None:
+            y = self.shared.output(x)[..., self.rows[0] : self.rows[1]].contiguous()
+        else:
+            aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits,
+                              self.in_features)  # fmt: skip
+            y = affine_linear(x, aw)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.kind}, group={self.group}"
+        shared = ", shared input" if self.shared is not None else ""
+        return f"{self.in_features}, {self.out_features}, {self.kind}, group={self.group}{shared}"
 
 
 class Int8KernelLinear(nn.Module):

@@ -1,0 +1,40 @@
+"""The load-time swap to kernel modules, and q/k/v and gate/up run as one call each."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import tiny_family_model
+from lowbit import api
+from lowbit.models import use_kernels
+from lowbit.models.modules import set_module
+from lowbit.nn import QuantLinear, kernel_module
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biases on q/k/v
+def test_shared_inputs_keep_the_logits(family):
+    model = tiny_family_model(family)
+    api.quantize(model, "w4-rtn-g64", progress=False)
+    separate = copy.deepcopy(model)
+    for name, module in list(separate.named_modules()):
+        if isinstance(module, QuantLinear):
+            set_module(separate, name, kernel_module(module))
+    counts = use_kernels(model)
+    assert counts["shared-input groups"] == 2 * 2  # q/k/v and gate/up in each of 2 blocks
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared is not None
+    assert model.model.layers[0].self_attn.o_proj.shared is None
+    ids = torch.randint(0, 64, (1, 40))
+    with torch.inference_mode():
+        for x in (ids, ids[:, :1]):  # prefill-sized and decode-sized
+            a, b = separate(x).logits, model(x).logits
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def test_unknown_families_are_not_joined():
+    model = tiny_family_model("llama")
+    model.config.model_type = "something-else"
+    api.quantize(model, "w4-rtn-g64", progress=False)
+    counts = use_kernels(model)
+    assert "shared-input groups" not in counts and counts["w4a16"] == 14

@@ -1,0 +1,63 @@
+"""Layers that read one input run as one kernel call, with the outputs of the separate layers."""
+
+import torch
+
+from lowbit.eval.size import model_size
+from lowbit.formats import WeightSpec
+from lowbit.nn import QuantLinear, kernel_module
+from lowbit.nn.shared_input import share_input
+from lowbit.primitives import quantize_weight
+
+
+def fast_layer(n, k=128, spec=None, bias=False):
+    spec = spec or WeightSpec(bits=4, group_size=64)
+    b = torch.randn(n) if bias else None
+    return kernel_module(QuantLinear.from_quantized(quantize_weight(torch.randn(n, k), spec), b))
+
+
+def test_shared_layers_give_the_separate_outputs():
+    layers = [fast_layer(48), fast_layer(16, bias=True), fast_layer(16)]
+    xs = [torch.randn(m, 128) for m in (1, 3, 40)]  # decode rows (int8 inputs), prefill rows
+    alone = [[layer(x) for layer in layers] for x in xs]
+    assert share_input(layers)
+    for x, expected in zip(xs, alone, strict=True):
+        for layer, a in zip(layers, expected, strict=True):
+            b = layer(x)
+            assert b.shape == a.shape and b.is_contiguous()
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def test_the_stack_is_held_once_and_the_cache_is_released():
+    layers = [fast_layer(32), fast_layer(32)]
+    before = sum(layer.storage_bytes()["codes"] for layer in layers)
+    assert share_input(layers)
+    assert layers[0].w.untyped_storage().data_ptr() == layers[1].w.untyped_storage().data_ptr()
+    assert sum(layer.storage_bytes()["codes"] for layer in layers) == before
+    x = torch.randn(1, 128)
+    layers[0](x)
+    assert layers[0].shared._y is not None  # waiting for its sibling
+    layers[1](x)
+    assert layers[0].shared._y is None
+
+
+def test_a_new_input_is_computed_anew():
+    layers = [fast_layer(32), fast_layer(32)]
+    x1, x2 = torch.randn(1, 128), torch.randn(1, 128)
+    expected = layers[1](x2)
+    share_input(layers)
+    layers[0](x1)  # x1's outputs wait for layer 1, which reads x2 instead
+    assert torch.equal(layers[1](x2), expected)
+
+
+def test_mismatched_layers_are_left_alone():
+    a, b = fast_layer(32), fast_layer(32, spec=WeightSpec(bits=4, group_size=32))
+    assert not share_input([a, b])
+    assert a.shared is None and b.shared is None
+    assert not share_input([fast_layer(32)])
+
+
+def test_sharing_keeps_the_model_size():
+    layers = torch.nn.ModuleList([fast_layer(32), fast_layer(16)])
+    before = model_size(layers).to_dict()
+    share_input(list(layers))
+    assert model_size(layers).to_dict() == before
