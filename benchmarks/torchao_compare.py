@@ -4,13 +4,21 @@ For each format, the float model is quantized by lowbit (saved and loaded back o
 as a user runs it) and by torchao's ``quantize_`` with the matching config; then every model
 is timed side by side with ``lowbit bench``'s protocol (random prompt, greedy decode at batch 1,
 alternating runs, medians). A torchao path that does not run on this machine is reported with
-its error instead of a figure. With ``--llama-cpp`` and ``llama-cpp-python`` installed (it
-builds llama.cpp from source: minutes, never in CI), the default model's original GGUF (Q4_1,
-the same grid as lowbit's w4-rtn-g32) is timed too.
+its error instead of a figure.
+
+With ``--llama-cpp`` and ``llama-cpp-python`` installed, llama.cpp runs on the same codes: for
+each grid that GGUF holds exactly (Q4_0 = ``w4-sym-g32``, Q4_1 = ``w4-rtn-g32``) the model is
+quantized by lowbit, exported to GGUF, and llama.cpp and lowbit are timed on it, runs
+alternating. Build llama.cpp for this CPU (minutes, never in CI); a prebuilt wheel may lack
+the CPU's widest instructions, which the table's header shows:
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install --no-cache-dir --no-binary \
+        llama-cpp-python llama-cpp-python
 
     .venv/bin/pip install torchao
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/torchao_compare.py \\
         [--model tinyllama-1.1b-random] [--prompt-tokens 512] [--new-tokens 128] [--repeats 3]
+        [--llama-cpp] [--no-torchao]
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import torch
 
 from lowbit import api
 from lowbit.eval import format_table
-from lowbit.eval.speed import measure_speed, random_prompt
+from lowbit.eval.machine import EnergyMeter
+from lowbit.eval.speed import measure_speed, random_prompt, timed_run
 
 log = logging.getLogger("torchao_compare")
 
@@ -65,26 +74,27 @@ def torchao_model(model: torch.nn.Module, factory) -> tuple[torch.nn.Module | No
     return q, ""
 
 
-def llama_cpp_tps(gguf: Path, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
-    """Decode and prefill tokens/s of llama.cpp on a GGUF, same protocol (medians)."""
-    from llama_cpp import Llama
+def llama_cpp_run(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """One run on a llama.cpp model, same protocol as ``timed_run``: (prefill s, decode s)."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([llm.sample(temp=0.0)])
+    return first - start, time.perf_counter() - first
 
-    llm = Llama(str(gguf), n_ctx=prompt_tokens + new_tokens + 8, n_threads=torch.get_num_threads(),
-                verbose=False)  # fmt: skip
-    prompt = random_prompt(llm.n_vocab(), prompt_tokens).tolist()[0]
-    prefill, decode = [], []
-    for _ in range(repeats):
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        first = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            token = llm.sample(temp=0.0)
-            llm.eval([token])
-        end = time.perf_counter()
-        prefill.append(prompt_tokens / (first - start))
-        decode.append((new_tokens - 1) / (end - first))
-    return {"prefill_tps": statistics.median(prefill), "decode_tps": statistics.median(decode)}
+
+def placeholder_vocabulary(folder: Path, size: int) -> None:
+    """A GPT-2-style tokenizer.json of ``size`` tokens for a model that has none (the random
+    speed model): llama.cpp will not load a GGUF without a vocabulary (merges included), and
+    this benchmark feeds it token ids, so the strings are never used."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"a": 0, "b": 1, "ab": 2, **{f"t{i}": i for i in range(3, size)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
 
 
 def main() -> None:
@@ -95,9 +105,21 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (smollm2-135m)")
+    p.add_argument("--no-torchao", action="store_true", help="skip the torchao rows")
+    p.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="also time llama.cpp on lowbit's Q4_0/Q4_1-grid models exported to GGUF",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if not args.no_torchao:
+        _torchao_rows(args)
+    if args.llama_cpp:
+        _llama_cpp_rows(args)
+
+
+def _torchao_rows(args: argparse.Namespace) -> None:
     try:
         configs = torchao_configs()
     except ImportError as exc:
@@ -140,34 +162,61 @@ def main() -> None:
               "torchao prefill", "decode ratio", "prefill ratio", "torchao error"]  # fmt: skip
     print(f"fp32: decode {fp.decode_tps:.2f} tok/s, prefill {fp.prefill_tps:.1f} tok/s\n")
     print(format_table(header, rows, markdown=True))
-    if args.llama_cpp:
-        _llama_cpp_row(args)
 
 
-def _llama_cpp_row(args: argparse.Namespace) -> None:
+LLAMA_CPP_FORMATS = {"Q4_0": "w4-sym-g32", "Q4_1": "w4-rtn-g32"}  # GGUF type -> same grid
+
+
+def _llama_cpp_rows(args: argparse.Namespace) -> None:
+    """llama.cpp against lowbit on the same codes: each grid GGUF holds exactly is quantized by
+    lowbit, exported to GGUF, and both runtimes are timed on it, runs alternating."""
     try:
-        import llama_cpp  # noqa: F401
+        from llama_cpp import Llama, llama_print_system_info
     except ImportError:
         print("\nllama.cpp: llama-cpp-python is not installed; skipped")
         return
-    from lowbit.models.zoo import zoo, zoo_gguf
+    from lowbit.export import export
 
-    gguf = zoo_gguf(zoo()["smollm2-135m"])
-    ref = llama_cpp_tps(gguf, args.prompt_tokens, args.new_tokens, args.repeats)
-    src = api.load_model("smollm2-135m")
+    src = api.load_model(args.model)
+    threads = torch.get_num_threads()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        q = copy.deepcopy(src.model)
-        folder = api.save(q, Path(tmp) / "q", api.quantize(q, "w4-rtn-g32", progress=False),
-                          source=src)  # fmt: skip
-        ours = measure_speed({"lowbit": api.load(folder).model}, args.prompt_tokens,
-                             args.new_tokens, args.repeats)["lowbit"]  # fmt: skip
+        for gguf_type, recipe in LLAMA_CPP_FORMATS.items():
+            q = copy.deepcopy(src.model)
+            report = api.quantize(q, recipe, progress=False)
+            folder = api.save(q, Path(tmp) / recipe, report, source=src)
+            del q
+            if src.tokenizer is None:
+                placeholder_vocabulary(folder, src.model.config.vocab_size)
+            gguf = export(folder, "gguf", Path(tmp) / f"{recipe}.gguf").path
+            ours = api.load(folder).model
+            n_ctx = args.prompt_tokens + args.new_tokens + 8
+            llm = Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, verbose=False)
+            prompt = random_prompt(src.model.config.vocab_size, args.prompt_tokens)
+            times: dict[str, list[tuple[float, float]]] = {"llama.cpp": [], "lowbit": []}
+            timed_run(ours, prompt[:, :16], 4, EnergyMeter("cpu"))  # warm-up, as bench does
+            llama_cpp_run(llm, prompt[0, :16].tolist(), 4)
+            for _ in range(args.repeats):
+                times["llama.cpp"].append(llama_cpp_run(llm, prompt[0].tolist(), args.new_tokens))
+                run = timed_run(ours, prompt, args.new_tokens, EnergyMeter("cpu"))
+                times["lowbit"].append((run.ttft_s, run.decode_s))
+            del llm, ours
+            tps = {
+                name: (args.prompt_tokens / statistics.median(t[0] for t in runs),
+                       (args.new_tokens - 1) / statistics.median(t[1] for t in runs))
+                for name, runs in times.items()
+            }  # fmt: skip
+            (lp, ld), (cp, cd) = tps["lowbit"], tps["llama.cpp"]
+            rows.append([gguf_type, recipe, round(ld, 2), round(lp, 1), round(cd, 2),
+                         round(cp, 1), round(ld / cd, 2), round(lp / cp, 2)])  # fmt: skip
+    header = ["GGUF type", "lowbit recipe", "lowbit decode", "lowbit prefill", "llama.cpp decode",
+              "llama.cpp prefill", "decode ratio", "prefill ratio"]  # fmt: skip
+    system = llama_print_system_info().decode().strip()
     print(
-        f"\nsmollm2-135m, Q4_1 grid: llama.cpp decode {ref['decode_tps']:.1f} tok/s, prefill "
-        f"{ref['prefill_tps']:.1f}; lowbit w4-rtn-g32 decode {ours.decode_tps:.1f}, prefill "
-        f"{ours.prefill_tps:.1f} (lowbit / llama.cpp: decode "
-        f"x{ours.decode_tps / ref['decode_tps']:.2f}, prefill "
-        f"x{ours.prefill_tps / ref['prefill_tps']:.2f}; not alternated: run one after the other)"
+        f"\nllama.cpp on the same codes ({args.model}; lowbit folder exported to GGUF; "
+        f"{args.repeats} alternating runs, medians; {threads} threads; llama.cpp: {system})\n"
     )
+    print(format_table(header, rows, markdown=True))
 
 
 if __name__ == "__main__":

@@ -88,3 +88,17 @@ def test_w8a8_layer_becomes_the_int8_kernel():
 def test_other_activation_grids_keep_the_reference_path(spec, act):
     qw = quantize_weight(torch.randn(32, 64), spec)
     assert kernel_module(QuantLinear.from_quantized(qw, None, "l", act)) is None
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_16bit_float_layers_run_on_the_half_kernel_in_16_bits(fmt):
+    from lowbit.nn import HalfKernelLinear
+
+    layer = layer_of(WeightSpec(format=fmt, bits=16), n=24, k=100)
+    fast = kernel_module(layer)
+    assert isinstance(fast, HalfKernelLinear) and fast.kind == fmt
+    assert fast.storage_bytes()["codes"] == 24 * 100 * 2
+    for m in (1, 40):
+        x = torch.randn(m, 100)
+        ref = layer(x)
+        assert torch.allclose(fast(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -10,8 +10,10 @@ def test_every_preset_loads_and_round_trips(name):
     assert r.name == name
     assert recipe_from_yaml(recipe_to_yaml(r)) == r
     head = r.spec_for("lm_head")
-    if name.endswith("-head8"):  # the one family of presets that quantizes the output head
+    if name.endswith("-head8"):  # the presets that store the output head otherwise
         assert head.bits == 8 and head.symmetric
+    elif name.endswith("-head16"):
+        assert head.format == "fp16"
     else:
         assert head is None
 

@@ -23,7 +23,7 @@ from lowbit.assets import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "affine_gemv.cpp"
+SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("affine_gemv.cpp", "half_gemv.cpp"))
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored
 # without it, which left the kernels on one thread.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
@@ -38,7 +38,7 @@ def cpu_supported() -> bool:
 def build_dir() -> Path:
     """Per source, flags and torch version, so an upgrade rebuilds instead of crashing; under
     ``$LOWBIT_KERNEL_DIR`` if set, else the cache folder's ``kernels/``."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode())
     key.update(torch.__version__.encode())
     root = os.environ.get("LOWBIT_KERNEL_DIR")
     return (Path(root) if root else cache_dir() / "kernels") / key.hexdigest()[:16]
@@ -60,7 +60,7 @@ def native_ops() -> bool:
     try:
         cpp_extension.load(
             "lowbit_cpu_kernels",
-            [str(SOURCE)],
+            [str(s) for s in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),

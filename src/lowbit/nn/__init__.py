@@ -3,6 +3,7 @@
 from lowbit.nn.kernel_linear import (
     QUANTIZED_MODULES,
     AffineKernelLinear,
+    HalfKernelLinear,
     Int8KernelLinear,
     kernel_module,
 )
@@ -11,6 +12,7 @@ from lowbit.nn.quant_linear import QuantLinear
 __all__ = [
     "QUANTIZED_MODULES",
     "AffineKernelLinear",
+    "HalfKernelLinear",
     "Int8KernelLinear",
     "QuantLinear",
     "kernel_module",

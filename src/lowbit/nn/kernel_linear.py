@@ -6,7 +6,9 @@ holds the low-bit form only). They are for inference: save models before the swa
 
 - ``w4a16`` / ``w8a16``: 4- or 8-bit integer weights, any grid, group-wise (groups a multiple
   of 32) or per-channel, float32 inputs: :mod:`lowbit.kernels.affine`;
-- ``w8a8``: int8 per-channel weights with per-token int8 inputs: :mod:`lowbit.kernels.int8`.
+- ``w8a8``: int8 per-channel weights with per-token int8 inputs: :mod:`lowbit.kernels.int8`;
+- ``fp16`` / ``bf16``: 16-bit float weights (the ``fp16``/``bf16`` formats), float32 inputs:
+  :mod:`lowbit.kernels.half`.
 Everything else (nf4, fp8, 2/3-bit, odd groups, LoRC-corrected layers, W4A8 and static or
 per-tensor activation grids) keeps QuantLinear's reference path.
 """
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.kernels.affine import AffineWeight, affine_linear, supports, to_affine
+from lowbit.kernels.half import HALF_DTYPES, half_linear
 from lowbit.kernels.int8 import Int8Weight, int8_eligible, int8_linear, prepare_int8
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.nn.shared_input import SharedInput
@@ -64,6 +67,34 @@ class AffineKernelLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.kind}, group={self.group}{shared}"
 
 
+class HalfKernelLinear(nn.Module):
+    """16-bit float weights (float16 or bfloat16, as saved), float32 inputs and arithmetic."""
+
+    def __init__(self, w: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("w", w.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @property
+    def kind(self) -> str:
+        return "fp16" if self.w.dtype == torch.float16 else "bf16"
+
+    def storage_tensors(self) -> tuple[Tensor, ...]:
+        return (self.w,)
+
+    def storage_bytes(self) -> dict[str, int]:
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return {"codes": self.w.numel() * self.w.element_size(), "params": 0, "bias": bias}
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = half_linear(x, self.w)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.kind}"
+
+
 class Int8KernelLinear(nn.Module):
     """int8 weights × per-token dynamic int8 inputs (fbgemm's packed weight)."""
 
@@ -100,6 +131,8 @@ def kernel_module(layer: QuantLinear) -> nn.Module | None:
         return Int8KernelLinear(weight, layer.out_features, layer.bias)
     if layer.act is not None:
         return None  # other activation grids run on QuantLinear's reference path
+    if qt.kind == "float" and layer.qweight.dtype in HALF_DTYPES and not spec.lorc_rank:
+        return HalfKernelLinear(layer.qweight, layer.bias)
     shape = (layer.out_features, layer.in_features)
     if qt.kind != "int" or spec.lorc_rank or not supports(qt.bits, layer.block, shape):
         return None
@@ -112,5 +145,5 @@ def kernel_module(layer: QuantLinear) -> nn.Module | None:
     return AffineKernelLinear(aw, layer.out_features, layer.bias)
 
 
-QUANTIZED_MODULES = (QuantLinear, AffineKernelLinear, Int8KernelLinear)
+QUANTIZED_MODULES = (QuantLinear, AffineKernelLinear, HalfKernelLinear, Int8KernelLinear)
 """Modules that hold a quantized weight: they have ``storage_bytes`` and ``storage_tensors``."""

@@ -18,6 +18,7 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
         "w4-rtn-g128": ("int4 asymmetric, groups of 128", _weights(4, 128)),
         "w4-rtn-g64": ("int4 asymmetric, groups of 64 (the default)", _weights(4, 64)),
         "w4-rtn-g32": ("int4 asymmetric, groups of 32 (GGUF Q4_1's grid)", _weights(4, 32)),
+        "w4-sym-g32": ("int4 symmetric, groups of 32 (GGUF Q4_0's grid)", _weights(4, 32, True)),
         "w4-rtn-channel": ("int4 asymmetric per-channel", _weights(4, -1)),
         "w3-rtn-g64": ("int3 asymmetric, groups of 64", _weights(3, 64)),
         "w3-rtn-g32": ("int3 asymmetric, groups of 32", _weights(3, 32)),
@@ -82,6 +83,9 @@ def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     head8 = _recipe("w4-g64-head8", "rtn", _weights(4, 64))
     head8["ignore"] = []
     head8["overrides"] = [{"match": "lm_head", "weights": _weights(8, -1, True)}]
+    head16 = _recipe("w4-g64-head16", "rtn", _weights(4, 64))
+    head16["ignore"] = []
+    head16["overrides"] = [{"match": "lm_head", "weights": {"format": "fp16", "bits": 16}}]
     return {
         "bf16": ("bfloat16 weight storage, float32 compute", _recipe(
             "bf16", "rtn", {"format": "bf16", "bits": 16})),
@@ -91,6 +95,7 @@ def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
         "w4-g64-down8": ("mixed: int4 asymmetric g64, down_proj int8 per-channel", mixed),
         "w4-g64-head8": ("int4 asymmetric g64, output head int8 per-channel (llama.cpp-like)",
                          head8),
+        "w4-g64-head16": ("int4 asymmetric g64, output head stored in float16", head16),
     }  # fmt: skip
 
 
