@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/rtn_table.py
 
 # The comparison reports in docs/ (speed figures need a quiet machine: minutes, both cores).
-REPORT_VARIANTS := fp32 bf16 w8a8-dynamic w4-rtn-g64 w4-g64-head8 w4-g64-down8
+REPORT_VARIANTS := fp32 bf16 w8a8-dynamic w4-rtn-g64 w4-g64-head16 w4-g64-head8 w4-g64-down8
 report: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/lowbit report smollm2-135m --variants $(REPORT_VARIANTS) \
 		--out out/report-smollm2 --overwrite
@@ -45,7 +45,7 @@ report: $(STAMP)
 
 report-speed: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/lowbit report tinyllama-1.1b-random --no-quality \
-		--variants fp32 w4-rtn-g64 w4-g64-head8 w8a8-dynamic bf16 --out out/report-tinyllama --overwrite
+		--variants fp32 bf16 w8a8-dynamic w4-rtn-g64 w4-g64-head16 w4-g64-head8 --out out/report-tinyllama --overwrite
 	mkdir -p docs/report-tinyllama && cp out/report-tinyllama/report.* out/report-tinyllama/*.png docs/report-tinyllama/
 
 clean:

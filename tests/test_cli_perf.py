@@ -90,4 +90,6 @@ def test_report_writes_markdown_json_and_plots(tiny_folder, text_file, tmp_path,
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert "| w4-rtn-g64 " in md and "128 tokens" in md
+    fp32_line = next(line for line in md.splitlines() if line.startswith("| fp32 "))
+    assert "decode × fp32" in md and " 1.00 |" in fp32_line  # ratios to fp32 of the same run
     assert "| w4-rtn-g64 " in stdout

@@ -17,7 +17,10 @@ COLUMNS = [
     ("weight_mb", "weights in RAM MB"),
     ("peak_rss_mb", "peak RSS MB"),
     ("prefill_tps", "prefill tok/s"),
+    ("prefill_x", "prefill × fp32"),
     ("decode_tps", "decode tok/s"),
+    ("decode_x", "decode × fp32"),
+    ("bound_pct", "decode % of bandwidth limit"),
     ("ppl", "ppl"),
     ("kl", "KL vs fp"),
     ("top1", "top-1 vs fp"),
@@ -26,7 +29,10 @@ COLUMNS = [
 
 
 def report_markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
-    """The report as Markdown: what was measured and how, then one row per variant."""
+    """The report as Markdown: what was measured and how, then one row per variant (speeds
+    also as ratios to the ``fp32`` variant's, measured in the same alternating run)."""
+    rows = [_with_ratios(row, next((r for r in rows if r["variant"] == "fp32"), None))
+            for row in rows]  # fmt: skip
     table = format_table(
         [title for _, title in COLUMNS],
         [[_cell(row.get(key)) for key, _ in COLUMNS] for row in rows],
@@ -37,6 +43,16 @@ def report_markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         lines += [f"- {note}" for note in context["notes"]] + [""]
     lines += ["![quality vs size](quality_vs_size.png)", "", "![speed vs size](speed_vs_size.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _with_ratios(row: dict[str, Any], fp32: dict[str, Any] | None) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("prefill", "decode"):
+        ours, ref = row.get(f"{key}_tps"), fp32 and fp32.get(f"{key}_tps")
+        out[f"{key}_x"] = f"{ours / ref:.2f}" if ours and ref else None
+    fraction = row.get("bound_fraction")
+    out["bound_pct"] = None if fraction is None else f"{100 * fraction:.0f}%"
+    return out
 
 
 def _cell(value: Any) -> Any:
