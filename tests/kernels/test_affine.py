@@ -8,17 +8,19 @@ from lowbit.kernels.build import native_ops
 
 
 def random_affine(
-    n: int, k: int, group: int, bits: int, seed: int = 0, half: bool = False
+    n: int, k: int, group: int, bits: int, seed: int = 0, params: str = "f32"
 ) -> affine.AffineWeight:
-    """Random codes and params; ``half``: params that float16 holds exactly (the kernel then
-    keeps them in float16), else float32 ones it cannot."""
+    """Random codes and params: ``f32`` ones float16 cannot hold (the kernel keeps float32),
+    ``f16`` ones it holds exactly (kept in float16), ``sym`` a symmetric grid (no offsets)."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
     groups = k // group if group != -1 else 1
     scale = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
     offset = torch.randn(n, groups, generator=g) * 0.05
-    if half:
+    if params in ("f16", "sym"):
         scale, offset = scale.half().float(), offset.half().float()
+    if params == "sym":
+        offset = -(2 ** (bits - 1)) * scale
     block = (1, group if group != -1 else k)
     return affine.to_affine(codes, scale, offset, block, bits)
 
@@ -39,8 +41,18 @@ def test_chunk_layout_puts_two_runs_in_the_nibbles_of_32_bytes():
 
 
 def test_params_are_float16_only_when_exact():
-    assert random_affine(4, 64, 32, 4, half=True).scale.dtype == torch.float16
+    assert random_affine(4, 64, 32, 4, params="f16").scale.dtype == torch.float16
     assert random_affine(4, 64, 32, 4).offset.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_grids_store_no_offsets_and_mean_the_same_weight(bits):
+    sym = random_affine(6, 64, 32, bits, params="sym")
+    assert sym.offset.numel() == 0
+    w = affine.affine_dequantize_reference(sym)
+    u = affine.unpack_runs(sym.w, bits).float().reshape(6, 2, 32)
+    expected = ((u - 2 ** (bits - 1)) * sym.scale.float().unsqueeze(-1)).reshape(6, 64)
+    assert torch.equal(w, expected)
 
 
 def test_reference_dequantizes_per_group():
@@ -73,12 +85,13 @@ needs_native = pytest.mark.skipif(not native_ops(), reason="native kernels unava
                                        (24, 100, -1), (10, 1536, 96)])  # fmt: skip
 @pytest.mark.parametrize("act8", [True, False])
 @pytest.mark.parametrize("isa", ["native", "avx2"])
-@pytest.mark.parametrize("half", [True, False], ids=["f16-params", "f32-params"])
-def test_native_matches_reference(bits, m, n, k, group, act8, isa, half, monkeypatch):
+@pytest.mark.parametrize("params", ["f16", "f32", "sym"])
+def test_native_matches_reference(bits, m, n, k, group, act8, isa, params, monkeypatch):
     if isa == "avx2":  # the AVX2 kernel also where AVX-512 VNNI would be chosen
         monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
-    aw = random_affine(n, k, group, bits, seed=m + n, half=half)
-    assert aw.scale.dtype == (torch.float16 if half else torch.float32)
+    aw = random_affine(n, k, group, bits, seed=m + n, params=params)
+    assert aw.scale.dtype == (torch.float32 if params == "f32" else torch.float16)
+    assert (aw.offset.numel() == 0) == (params == "sym")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
     int_path = act8 and bits == 4 and m <= affine.GEMV_MAX_ROWS
     reference = affine.affine_linear_act8_reference if int_path else affine.affine_linear_reference

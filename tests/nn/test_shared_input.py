@@ -61,3 +61,15 @@ def test_sharing_keeps_the_model_size():
     before = model_size(layers).to_dict()
     share_input(list(layers))
     assert model_size(layers).to_dict() == before
+
+
+def test_symmetric_layers_share_without_offsets():
+    sym = WeightSpec(bits=4, group_size=64, symmetric=True)
+    layers = [fast_layer(32, spec=sym), fast_layer(16, spec=sym)]
+    assert layers[0].offset.numel() == 0  # symmetric: the kernel stores no offsets
+    x = torch.randn(1, 128)
+    alone = [layer(x) for layer in layers]
+    assert not share_input([layers[0], fast_layer(32)])  # one with offsets, one without
+    assert share_input(layers)
+    for layer, a in zip(layers, alone, strict=True):
+        assert torch.allclose(layer(x), a, rtol=1e-5, atol=1e-5 * a.abs().max().item())

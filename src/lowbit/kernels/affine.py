@@ -33,6 +33,7 @@ GEMV_MAX_ROWS = 32  # above this many rows the native op dequantizes and calls t
 class AffineWeight:
     """Kernel layout: ``w`` uint8 (N, Kp·bits/8), ``scale``/``offset`` (N, Kp/group), both
     float16 when that holds them exactly (lowbit's saved grids usually are), else float32.
+    Symmetric grids store no offsets: ``offset`` is empty and means ``-2**(bits-1)·scale``.
 
     ``in_features`` is the layer's K; ``Kp`` ≥ K is K padded to a whole run (per-channel
     layers only; padded codes are 0 and padded inputs are 0, so they add nothing)."""
@@ -67,6 +68,8 @@ def to_affine(
     scale, offset = (
         p.float().repeat_interleave(block[0], dim=0).contiguous() for p in (scale, offset)
     )
+    if torch.equal(offset, -(2 ** (bits - 1)) * scale):  # symmetric: nothing to store
+        offset = scale.new_empty(0)
     if exact_in_half(scale) and exact_in_half(offset):  # half the bytes to read per group
         scale, offset = scale.half(), offset.half()
     group = block[1]
@@ -80,6 +83,13 @@ def exact_in_half(t: Tensor) -> bool:
     """Whether float16 holds every value of ``t`` exactly (and finitely)."""
     half = t.half()
     return bool(torch.isfinite(half).all()) and torch.equal(half.float(), t)
+
+
+def offsets(aw: AffineWeight) -> Tensor:
+    """The float32 (N, Kp/group) offsets, those a symmetric grid does not store included."""
+    if aw.offset.numel():
+        return aw.offset.float()
+    return -(2 ** (aw.bits - 1)) * aw.scale.float()
 
 
 def pack_runs(codes: Tensor, bits: int) -> Tensor:
@@ -117,7 +127,7 @@ def affine_dequantize_reference(aw: AffineWeight) -> Tensor:
     u = unpack_runs(aw.w, aw.bits).float()
     n, kp = u.shape
     u = u.reshape(n, kp // aw.group, aw.group)
-    scale, offset = aw.scale.float().unsqueeze(-1), aw.offset.float().unsqueeze(-1)
+    scale, offset = aw.scale.float().unsqueeze(-1), offsets(aw).unsqueeze(-1)
     return (u * scale + offset).reshape(n, kp)
 
 
@@ -152,7 +162,7 @@ def affine_linear_act8_reference(x: Tensor, aw: AffineWeight) -> Tensor:
     per_group = aw.group // xb
     scaled = (dots * qs.unsqueeze(1)).reshape(m, n, nb // per_group, per_group).sum(-1)
     xsum = x2.reshape(m, -1, aw.group).sum(-1)  # (M, G)
-    scale, offset = aw.scale.float(), aw.offset.float()
+    scale, offset = aw.scale.float(), offsets(aw)
     y = (scaled * scale.unsqueeze(0)).sum(-1) + xsum @ (offset + 8 * scale).T
     return y.reshape(*lead, n)
 

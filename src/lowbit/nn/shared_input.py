@@ -40,24 +40,30 @@ class SharedInput:
         return y
 
 
+def _layout(m) -> tuple:
+    """What layers must have in common to run as one kernel call."""
+    return m.in_features, m.group, m.bits, m.w.shape[1], m.scale.dtype, m.offset.numel() > 0
+
+
 def share_input(layers: list) -> bool:
     """Run ``layers`` (``AffineKernelLinear`` modules that read the same input) as one call;
     False, changing nothing, unless they are at least two, none shared yet, with the same
-    input width, group and bits."""
+    input width, group, bits and parameter layout."""
     if len(layers) < 2:
         return False
-    key = (layers[0].in_features, layers[0].group, layers[0].bits, layers[0].w.shape[1])
-    for m in layers:
-        if (m.in_features, m.group, m.bits, m.w.shape[1]) != key or m.shared is not None:
-            return False
+    if any(_layout(m) != _layout(layers[0]) or m.shared is not None for m in layers):
+        return False
     w = torch.cat([m.w for m in layers])  # (sum N, Kp·bits/8)
     scale = torch.cat([m.scale for m in layers])
     offset = torch.cat([m.offset for m in layers])
-    shared = SharedInput(AffineWeight(w, scale, offset, key[1], key[2], key[0]), len(layers))
+    first = layers[0]
+    aw = AffineWeight(w, scale, offset, first.group, first.bits, first.in_features)
+    shared = SharedInput(aw, len(layers))
     row = 0
     for m in layers:
         n = m.w.shape[0]
-        m.w, m.scale, m.offset = w[row : row + n], scale[row : row + n], offset[row : row + n]
+        m.w, m.scale = w[row : row + n], scale[row : row + n]
+        m.offset = offset[row : row + n] if offset.numel() else offset
         m.shared, m.rows = shared, (row, row + n)
         row += n
     return True

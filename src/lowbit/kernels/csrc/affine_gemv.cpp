@@ -75,6 +75,13 @@ inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Symmetric grids store no offsets (offset = -mid * scale, mid = 2^(bits-1)): a null offset
+// pointer says so, and saves another 2 bytes per group to read.
+template <typename P>
+inline float offset_at(const P* offset, const P* scale, int64_t i, float mid) {
+  return offset ? load1(offset + i) : -mid * load1(scale + i);
+}
+
 // 16 bytes -> the 32 codes of a half chunk (low nibbles, then high nibbles): a row's last
 // chunk of 32 codes when K is not a multiple of 64.
 inline __m256i codes_u4(const uint8_t* wb) {
@@ -141,7 +148,7 @@ void gemv_rows(const float* x, int64_t K, const uint8_t* w, const P* scale, cons
         }
       }
       const __m256 s = _mm256_set1_ps(load1(scale + n * G + g));
-      const float o = load1(offset + n * G + g);
+      const float o = offset_at(offset, scale, n * G + g, 1 << (Bits - 1));
       for (int m = 0; m < M; ++m) {
         __m256 sum = gacc[m][0];
         for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, gacc[m][a]);
@@ -204,17 +211,24 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs
   }
 }
 
-// sum_g o_g X_g + s_g XC_g over a row's G groups (see gemv_q8), 8 groups at a time.
+// sum_g o_g X_g + s_g XC_g over a row's G groups (see gemv_q8), 8 groups at a time; with no
+// stored offsets (symmetric, o_g = -8 s_g) that is sum_g s_g (XC_g - 8 X_g).
 template <typename P>
 inline float offset_term(const P* of, const P* sc, const float* xg, const float* xc, int64_t G) {
   __m256 t = _mm256_setzero_ps();
+  const __m256 mid = _mm256_set1_ps(8.f);
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) {
-    t = _mm256_fmadd_ps(load8(of + g), _mm256_loadu_ps(xg + g), t);
-    t = _mm256_fmadd_ps(load8(sc + g), _mm256_loadu_ps(xc + g), t);
+    const __m256 x = _mm256_loadu_ps(xg + g), c = _mm256_loadu_ps(xc + g);
+    if (of) {
+      t = _mm256_fmadd_ps(load8(of + g), x, t);
+      t = _mm256_fmadd_ps(load8(sc + g), c, t);
+    } else {
+      t = _mm256_fmadd_ps(load8(sc + g), _mm256_fnmadd_ps(mid, x, c), t);
+    }
   }
   float tail = 0.f;
-  for (; g < G; ++g) tail += load1(of + g) * xg[g] + load1(sc + g) * xc[g];
+  for (; g < G; ++g) tail += offset_at(of, sc, g, 8.f) * xg[g] + load1(sc + g) * xc[g];
   return hsum(t) + tail;
 }
 
@@ -264,7 +278,7 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, int64_t K, const uint8_t* 
     }
     if (r < R) run(codes_u4(wb), r);
     for (int m = 0; m < M; ++m)
-      y[m * N + n] = hsum(acc[m]) + offset_term(offset + n * G, sc, xg + m * G, xc + m * G, G);
+      y[m * N + n] = hsum(acc[m]) + offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
   }
 }
 
@@ -345,7 +359,7 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
     }
     for (int m = 0; m < M; ++m)
       y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m] +
-                     offset_term(offset + n * G, sc, xg + m * G, xc + m * G, G);
+                     offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
   }
 }
 
@@ -392,7 +406,7 @@ void dequantize_rows(const uint8_t* w, const P* scale, const P* offset, int64_t 
     float* dst = out + (n - row0) * K;
     for (int64_t g = 0; g < G; ++g) {
       const __m256 s = _mm256_set1_ps(load1(scale + n * G + g));
-      const __m256 o = _mm256_set1_ps(load1(offset + n * G + g));
+      const __m256 o = _mm256_set1_ps(offset_at(offset, scale, n * G + g, 1 << (Bits - 1)));
       for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
         __m256 wv[4];
         load_run<Bits>(row, k0, K, wv);
@@ -418,13 +432,14 @@ void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
               "group must divide K and be a multiple of 32");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == w.size(0) && scale.size(1) == K / group,
               "bad scale shape");
-  TORCH_CHECK(offset.sizes() == scale.sizes(), "bad offset shape");
+  TORCH_CHECK(offset.numel() == 0 || offset.sizes() == scale.sizes(),
+              "bad offset shape (empty for a symmetric grid, else that of scale)");
 }
 
 // The parameters of a kernel-layout weight as P (float, or uint16_t for float16).
 template <typename P>
 const P* params(const at::Tensor& t) {
-  return reinterpret_cast<const P*>(t.data_ptr());
+  return t.numel() ? reinterpret_cast<const P*>(t.data_ptr()) : nullptr;
 }
 
 template <typename P>
