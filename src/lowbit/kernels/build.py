@@ -23,7 +23,8 @@ from lowbit.assets import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("affine_gemv.cpp", "half_gemv.cpp"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(CSRC / f for f in ("affine_gemv.cpp", "affine_q8.cpp", "half_gemv.cpp"))
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored
 # without it, which left the kernels on one thread.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
@@ -38,7 +39,8 @@ def cpu_supported() -> bool:
 def build_dir() -> Path:
     """Per source, flags and torch version, so an upgrade rebuilds instead of crashing; under
     ``$LOWBIT_KERNEL_DIR`` if set, else the cache folder's ``kernels/``."""
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode())
+    files = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))  # sources and headers
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode())
     key.update(torch.__version__.encode())
     root = os.environ.get("LOWBIT_KERNEL_DIR")
     return (Path(root) if root else cache_dir() / "kernels") / key.hexdigest()[:16]

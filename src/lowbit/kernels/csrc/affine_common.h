@@ -1,0 +1,140 @@
+// Helpers shared by lowbit's affine kernels: affine_gemv.cpp (the op, float inputs, dequantize,
+// prefill) and affine_q8.cpp (4-bit codes x int8 inputs, the decode path). The weight layout
+// is described at the top of affine_gemv.cpp.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace lowbit_kernels {
+
+constexpr int64_t kMaxM = 8;      // rows of x handled per weight pass
+// The act8 path has one activation scale per run of 32 inputs: blocks of 64 were no faster
+// from DRAM and doubled the error.
+constexpr int64_t kPrefetch = 8192;  // bytes ahead in the weight stream (one core alone does not
+                                     // keep enough DRAM reads in flight without it)
+constexpr int64_t kGemvMaxM = 32;  // above this, dequantize + GEMM (GEMV_MAX_ROWS in affine.py)
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  const __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 shuf = _mm_movehdup_ps(lo);
+  __m128 sums = _mm_add_ps(lo, shuf);
+  shuf = _mm_movehl_ps(shuf, sums);
+  sums = _mm_add_ss(sums, shuf);
+  return _mm_cvtss_f32(sums);
+}
+
+inline __m256 u8x8_to_ps(__m128i bytes) {  // low 8 bytes -> 8 floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+}
+
+// Per-group scales and offsets are float32, or float16 where that holds them exactly (lowbit's
+// saved grids usually are float16): 2 bytes instead of 4 per parameter is a ninth less to read
+// per weight of a 4-bit layer with groups of 64. P is float or uint16_t (float16 bits).
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Symmetric grids store no offsets (offset = -mid * scale, mid = 2^(bits-1)): a null offset
+// pointer says so, and saves another 2 bytes per group to read.
+template <typename P>
+inline float offset_at(const P* offset, const P* scale, int64_t i, float mid) {
+  return offset ? load1(offset + i) : -mid * load1(scale + i);
+}
+
+// 16 bytes -> the 32 codes of a half chunk (low nibbles, then high nibbles): a row's last
+// chunk of 32 codes when K is not a multiple of 64.
+inline __m256i codes_u4(const uint8_t* wb) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+
+// The 32 4-bit codes of the run starting at k0 (a multiple of 32) of a row of K, as 32 bytes
+// 0..15 in k order.
+inline __m256i run_codes(const uint8_t* row, int64_t k0, int64_t K) {
+  if ((K & 63) && k0 + 32 == K) return codes_u4(row + k0 / 2);
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k0 >> 6) * 32));
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  return (k0 & 32) ? _mm256_and_si256(_mm256_srli_epi16(b, 4), nib) : _mm256_and_si256(b, nib);
+}
+
+// The 32 codes of one run as four vectors of 8 floats, in k order.
+template <int64_t Bits>
+inline void load_run(const uint8_t* row, int64_t k0, int64_t K, __m256 w[4]) {
+  if constexpr (Bits == 4) {
+    const __m256i c = run_codes(row, k0, K);
+    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+    w[0] = u8x8_to_ps(lo);
+    w[1] = u8x8_to_ps(_mm_srli_si128(lo, 8));
+    w[2] = u8x8_to_ps(hi);
+    w[3] = u8x8_to_ps(_mm_srli_si128(hi, 8));
+  } else {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 + 16));
+    w[0] = u8x8_to_ps(a);
+    w[1] = u8x8_to_ps(_mm_srli_si128(a, 8));
+    w[2] = u8x8_to_ps(b);
+    w[3] = u8x8_to_ps(_mm_srli_si128(b, 8));
+  }
+}
+
+// sum_g o_g X_g + s_g XC_g over a row's G groups (see gemv_q8), 8 groups at a time; with no
+// stored offsets (symmetric, o_g = -8 s_g) that is sum_g s_g (XC_g - 8 X_g).
+template <typename P>
+inline float offset_term(const P* of, const P* sc, const float* xg, const float* xc, int64_t G) {
+  __m256 t = _mm256_setzero_ps();
+  const __m256 mid = _mm256_set1_ps(8.f);
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 x = _mm256_loadu_ps(xg + g), c = _mm256_loadu_ps(xc + g);
+    if (of) {
+      t = _mm256_fmadd_ps(load8(of + g), x, t);
+      t = _mm256_fmadd_ps(load8(sc + g), c, t);
+    } else {
+      t = _mm256_fmadd_ps(load8(sc + g), _mm256_fnmadd_ps(mid, x, c), t);
+    }
+  }
+  float tail = 0.f;
+  for (; g < G; ++g) tail += offset_at(of, sc, g, 8.f) * xg[g] + load1(sc + g) * xc[g];
+  return hsum(t) + tail;
+}
+
+// The group of each run of 32 codes, in order along a row, without a division per run.
+struct GroupWalk {
+  explicit GroupWalk(int64_t runs_per_group) : runs(runs_per_group), left(runs_per_group) {}
+  int64_t next() {
+    const int64_t current = g;
+    if (--left == 0) left = runs, ++g;
+    return current;
+  }
+  const int64_t runs;
+  int64_t left, g = 0;
+};
+
+// The parameters of a kernel-layout weight as P (float, or uint16_t for float16).
+template <typename P>
+const P* params(const at::Tensor& t) {
+  return t.numel() ? reinterpret_cast<const P*>(t.data_ptr()) : nullptr;
+}
+
+// Whether the AVX-512 VNNI decode kernel runs (affine_q8.cpp).
+bool use_avx512();
+
+// The 4-bit x int8-input decode path (affine_q8.cpp), for P = float and uint16_t (float16).
+template <typename P>
+at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                   const at::Tensor& offset, int64_t group);
+
+}  // namespace lowbit_kernels

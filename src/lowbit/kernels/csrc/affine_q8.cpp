@@ -1,0 +1,253 @@
+// 4-bit codes x int8 inputs: the decode path of 4-bit layers ("act8"; see the header comment of
+// affine_gemv.cpp), an AVX2 kernel and an AVX-512 VNNI one.
+#include "affine_common.h"
+
+namespace lowbit_kernels {
+namespace {
+
+// x (M, K) -> int8 codes (M, K) and one scale per 32 inputs (M, K/32):
+// q = round(x * 127/absmax), half to even; scale = absmax / 127.
+// Also the block sums of x (xsum) and of q (qsum), for the offset correction of gemv_q8.
+void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs, float* xsum,
+                      float* qsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t i = 0; i < M * K / 32; ++i) {
+    const float* src = x + 32 * i;
+    __m256 amax = _mm256_setzero_ps(), fs = _mm256_setzero_ps(), qsv = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      const __m256 v = _mm256_loadu_ps(src + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+      fs = _mm256_add_ps(fs, v);
+    }
+    xsum[i] = hsum(fs);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float a = _mm_cvtss_f32(m4);
+    qs[i] = a / 127.f;
+    const __m256 inv = _mm256_set1_ps(a > 0.f ? 127.f / a : 0.f);
+    __m256i n[4];
+    for (int j = 0; j < 4; ++j) {
+      n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + 8 * j), inv));  // to even
+      qsv = _mm256_add_ps(qsv, _mm256_cvtepi32_ps(n[j]));
+    }
+    const __m256i b =
+        _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * i),
+                        _mm256_permutevar8x32_epi32(b, order));
+    qsum[i] = hsum(qsv);
+  }
+}
+
+// The 4-bit kernel on int8 inputs: y[m, n0:n1] for M (<= kMaxM) rows. Per run of 32: the
+// integer dot u . q (vpmaddubsw pairs cannot saturate: 2 * 15 * 127 < 2^15) is converted once
+// and accumulated with weight (scale_g * s_x). The codes stay unsigned (0..15); the row's
+// epilogue makes the result that of the centred codes u - 8 (see gemv_q8). One accumulator
+// per row: out-of-order execution overlaps consecutive rows.
+template <int M, typename P>
+void gemv_rows_q8(const int8_t* xq, const float* xqs, int64_t K, const uint8_t* w,
+                  const P* scale, const P* offset, int64_t group, const float* xg,
+                  const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / group, R = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wb = w + n * (K / 2);
+    const P* sc = scale + n * G;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    GroupWalk walk(group / 32);
+    const auto run = [&](__m256i codes, int64_t r) {
+      const float s = load1(sc + walk.next());
+      for (int m = 0; m < M; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * r));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(s * xqs[m * R + r]), acc[m]);
+      }
+    };
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2, wb += 32) {  // one chunk: runs r (low nibbles) and r + 1 (high)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetch), _MM_HINT_T1);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+      run(_mm256_and_si256(b, nib), r);
+      run(_mm256_and_si256(_mm256_srli_epi16(b, 4), nib), r + 1);
+    }
+    if (r < R) run(codes_u4(wb), r);
+    for (int m = 0; m < M; ++m)
+      y[m * N + n] = hsum(acc[m]) + offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
+  }
+}
+
+// The same 4-bit x int8 kernel with AVX-512 VNNI, where the CPU has it: a whole chunk (64
+// codes, two runs) per vpdpbusd. The chunk's 32 bytes are broadcast to both halves of a
+// register and masked with 0x0F (low half: run 2c) and 0xF0 (high half: run 2c + 1, as 16 times
+// its codes; 4 * 240 * 127 fits int32 easily), so no shuffle is needed; the 1/16 is folded into
+// the input scales, which gemv_q8 lays out per chunk as [s_2c x8 | s_2c+1 / 16 x8] (xs2). Per
+// chunk and row of x that is and, vpdpbusd, convert, multiply, FMA: the AVX2 kernel issues about
+// twice as many instructions, and on this work two cores are bound by instructions, not memory.
+// Uniform: groups are a power of two of whole chunks, so one scale serves the chunk and its
+// group is c >> shift (the general walk costs four branches per chunk).
+#define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+// One chunk c of a weight row against M rows of x, into the accumulators a.
+template <int M, bool Uniform, typename P>
+LOWBIT_AVX512 inline void chunk_512(const uint8_t* wb, const P* sc, int64_t g0, int64_t g1,
+                                    const __m512i mask, const int8_t* xq, const float* xs2,
+                                    int64_t K, int64_t C, int64_t c, __m512* a) {
+  const __m512 s = Uniform ? _mm512_set1_ps(load1(sc + g0))
+                           : _mm512_mask_broadcastss_ps(_mm512_set1_ps(load1(sc + g0)), 0xFF00,
+                                                        _mm_set_ss(load1(sc + g1)));
+  const __m512i codes = _mm512_and_si512(
+      _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c))),
+      mask);
+  for (int m = 0; m < M; ++m) {
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,
+                                            _mm512_loadu_si512(xq + m * K + 64 * c));
+    const __m512 xs = _mm512_load_ps(xs2 + (m * C + c) * 16);
+    a[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs), s, a[m]);
+  }
+}
+
+template <int M, bool Uniform, typename P>
+LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const float* xs2,
+                                    int64_t K, const uint8_t* w, const P* scale, const P* offset, int64_t group, const float* xg,
+                                    const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / group, R = K / 32, C = K / 64;
+  const int shift = Uniform ? __builtin_ctzll(group / 64) : 0;
+  const __m512i mask =
+      _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8(static_cast<char>(0xF0)), 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wb = w + n * (K / 2);
+    const P* sc = scale + n * G;
+    __m512 acc[2][M];  // two chains per row of x, so FMA latency does not bind
+    for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    GroupWalk walk(group / 32);
+    const auto groups = [&](int64_t c, int64_t& g0, int64_t& g1) {
+      if constexpr (Uniform) {
+        g0 = g1 = c >> shift;
+      } else {
+        g0 = walk.next(), g1 = walk.next();
+      }
+    };
+    int64_t c = 0, g0, g1;
+    for (; c + 2 <= C; c += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 32 * c + kPrefetch), _MM_HINT_T1);
+      groups(c, g0, g1);
+      chunk_512<M, Uniform, P>(wb, sc, g0, g1, mask, xq, xs2, K, C, c, acc[0]);
+      groups(c + 1, g0, g1);
+      chunk_512<M, Uniform, P>(wb, sc, g0, g1, mask, xq, xs2, K, C, c + 1, acc[1]);
+    }
+    if (c < C) {
+      groups(c, g0, g1);
+      chunk_512<M, Uniform, P>(wb, sc, g0, g1, mask, xq, xs2, K, C, c, acc[0]);
+    }
+    float tail[M];
+    for (int m = 0; m < M; ++m) tail[m] = 0.f;
+    if (R & 1) {  // the row's last run, a half chunk: one 256-bit step
+      const int64_t r = R - 1;
+      const float s = load1(sc + r * 32 / group);
+      const __m256i codes = codes_u4(wb + 32 * C);
+      for (int m = 0; m < M; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * r));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));
+        tail[m] = s * xqs[m * R + r] * hsum(_mm256_cvtepi32_ps(dot));
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m] +
+                     offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
+  }
+}
+
+// xs2: the AVX-512 kernel's per-chunk input scales (see gemv_rows_q8_512); null for AVX2.
+template <typename P>
+void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, int64_t M, int64_t K,
+                 const uint8_t* w, const P* scale, const P* offset, int64_t group,
+                 const float* xg, const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const bool uniform = group % 64 == 0 && ((group / 64) & (group / 64 - 1)) == 0;
+  switch (M) {
+#define LOWBIT_CASE(R)                                                                          \
+  case R:                                                                                       \
+    if (!xs2)                                                                                   \
+      return gemv_rows_q8<R, P>(xq, xqs, K, w, scale, offset, group, xg, xc, y, N, n0, n1);        \
+    if (uniform)                                                                                \
+      return gemv_rows_q8_512<R, true, P>(xq, xqs, xs2, K, w, scale, offset, group, xg, xc, y, N,  \
+                                       n0, n1);                                                 \
+    return gemv_rows_q8_512<R, false, P>(xq, xqs, xs2, K, w, scale, offset, group, xg, xc, y, N,   \
+                                      n0, n1);
+    LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+    LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
+#undef LOWBIT_CASE
+    default:
+      TORCH_CHECK(false, "gemv_any_q8: M out of range");
+  }
+}
+
+}  // namespace
+
+// Whether to use the AVX-512 VNNI kernel: the CPU has it and LOWBIT_KERNEL_ISA is not "avx2".
+bool use_avx512() {
+  static const bool cpu = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  const char* isa = std::getenv("LOWBIT_KERNEL_ISA");
+  return cpu && !(isa && std::string(isa) == "avx2");
+}
+
+template <typename P>
+at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                   const at::Tensor& offset, int64_t group) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
+  const int64_t RB = K / 32;  // activation blocks
+  auto y = at::empty({M, N}, x.options());
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xqs(M * RB), bx(M * RB), bq(M * RB);
+  quantize_rows_q8(x.data_ptr<float>(), M, K, xq.data(), xqs.data(), bx.data(), bq.data());
+  // The integer loop computes sum_g s_g sum_b s_x,b (u . q_b). Written with centred codes,
+  //   y = sum_g s_g sum_b s_x,b ((u - 8) . q_b) + (o_g + 8 s_g) X_g      (X_g: float sum of x)
+  //     = integer part + sum_g o_g X_g + s_g * 8 (X_g - C_g),  C_g = sum_{b in g} s_x,b sum(q_b).
+  // Centring matters: with codes 0..15 the rounding error of x is multiplied by codes averaging
+  // 7.5 instead of about 3, which made the act8 error ~2.5x larger.
+  std::vector<float> xg(M * G, 0.f), xc(M * G, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < RB; ++b) {
+      const int64_t i = m * RB + b, g = m * G + (32 * b) / group;
+      xg[g] += bx[i];
+      xc[g] += 8.f * (bx[i] - xqs[i] * bq[i]);
+    }
+  // The AVX-512 kernel's input scales per chunk of 64: [s_2c x8 | s_2c+1 / 16 x8] (a power of
+  // two, so exact). 64-byte aligned: one aligned load per chunk.
+  const int64_t C = K / 64;
+  const bool wide = use_avx512() && C > 0;
+  std::vector<float> xs2_store;
+  float* xs2 = nullptr;
+  if (wide) {
+    xs2_store.resize(M * C * 16 + 16);
+    xs2 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs2_store.data()) + 63) & ~uintptr_t{63});
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < C; ++c) {
+        float* v = xs2 + (m * C + c) * 16;
+        for (int j = 0; j < 8; ++j) v[j] = xqs[m * RB + 2 * c], v[8 + j] = xqs[m * RB + 2 * c + 1] / 16.f;
+      }
+  }
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const P* sp = params<P>(scale);
+  const P* op = params<P>(offset);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+      const int64_t mm = std::min(kMaxM, M - m0);
+      gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs2 + m0 * C * 16 : nullptr,
+                  mm, K, wp, sp, op, group, xg.data() + m0 * G, xc.data() + m0 * G, yp + m0 * N,
+                  N, n0, n1);
+    }
+  });
+  return y;
+}
+
+template at::Tensor gemv_q8<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, int64_t);
+template at::Tensor gemv_q8<uint16_t>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, int64_t);
+
+}  // namespace lowbit_kernels
