@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lowbit.kernels.affine import AffineWeight, affine_linear, supports, to_affine
 from lowbit.kernels.half import HALF_DTYPES, half_linear
 from lowbit.kernels.int8 import Int8Weight, int8_eligible, int8_linear, prepare_int8
-from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn.quant_linear import QuantLinear, nbytes
 from lowbit.nn.shared_input import SharedInput
 from lowbit.primitives import dequantize, grid_of
 
@@ -49,9 +49,8 @@ class AffineKernelLinear(nn.Module):
 
     def storage_bytes(self) -> dict[str, int]:
         """As :meth:`QuantLinear.storage_bytes`, in this layout (scale and offset as held)."""
-        params = sum(t.numel() * t.element_size() for t in (self.scale, self.offset))
-        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return {"codes": self.w.numel() * self.w.element_size(), "params": params, "bias": bias}
+        params = nbytes(self.scale, self.offset)
+        return {"codes": nbytes(self.w), "params": params, "bias": nbytes(self.bias)}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.shared is not None:
@@ -84,8 +83,7 @@ class HalfKernelLinear(nn.Module):
         return (self.w,)
 
     def storage_bytes(self) -> dict[str, int]:
-        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return {"codes": self.w.numel() * self.w.element_size(), "params": 0, "bias": bias}
+        return {"codes": nbytes(self.w), "params": 0, "bias": nbytes(self.bias)}
 
     def forward(self, x: Tensor) -> Tensor:
         y = half_linear(x, self.w)
@@ -111,9 +109,8 @@ class Int8KernelLinear(nn.Module):
 
     def storage_bytes(self) -> dict[str, int]:
         """int8 codes and fp32 per-row scales, as fbgemm holds them."""
-        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         n = self.out_features
-        return {"codes": n * self.in_features, "params": 4 * n, "bias": bias}
+        return {"codes": n * self.in_features, "params": 4 * n, "bias": nbytes(self.bias)}
 
     def forward(self, x: Tensor) -> Tensor:
         y = int8_linear(x, self.weight_int8)

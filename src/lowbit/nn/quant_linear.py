@@ -35,6 +35,11 @@ from lowbit.primitives.activations import fake_quantize_dynamic, fake_quantize_s
 PACKED_KINDS = ("int", "nf", "codebook")  # codes packed as uint8 bits (fp8/fp16 are stored as is)
 
 
+def nbytes(*tensors: Tensor | None) -> int:
+    """Bytes held by the given tensors (None counts nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class QuantLinear(nn.Module):
     """Drop-in replacement for ``nn.Linear`` with quantized, packed weight storage."""
 
@@ -176,11 +181,8 @@ class QuantLinear(nn.Module):
     def storage_bytes(self) -> dict[str, int]:
         """Bytes held: ``codes`` (packed weight), ``params`` (scales, zeros and LoRC factors),
         ``bias``."""
-        extra = (self.scale, self.zero, self.lorc_u, self.lorc_v)
-        params = sum(t.numel() * t.element_size() for t in extra if t is not None)
-        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        codes = self.qweight.numel() * self.qweight.element_size()
-        return {"codes": codes, "params": params, "bias": bias}
+        params = nbytes(self.scale, self.zero, self.lorc_u, self.lorc_v)
+        return {"codes": nbytes(self.qweight), "params": params, "bias": nbytes(self.bias)}
 
     def bits_per_weight(self) -> float:
         """Stored bits per weight including scale and zero overhead (bias excluded)."""

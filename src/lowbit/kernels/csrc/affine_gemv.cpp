@@ -32,7 +32,7 @@
 // and beats anything written here.
 #include <torch/library.h>
 
-#include "affine_common.h"
+#include "common.h"
 
 using namespace lowbit_kernels;
 
@@ -177,40 +177,20 @@ void dequantize_into(const at::Tensor& w, const at::Tensor& scale, const at::Ten
   });
 }
 
-// A float buffer per calling thread, grown to the largest tile seen and then reused.
-at::Tensor scratch(int64_t N, int64_t K) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < N * K) buffer.resize(N * K);
-  return at::from_blob(buffer.data(), {N, K}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// Prefill: y^T tile by tile. Each tile of weight rows (about 8 MB of floats, so it stays in
-// cache) is dequantized and multiplied by torch's GEMM; dequantizing the whole weight first
-// wrote and re-read it through DRAM and made prefill slower than float32.
+// Prefill: the weight dequantized tile by tile into torch's GEMM (tiled_gemm, common.h).
 template <typename P>
 at::Tensor gemm_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                       const at::Tensor& offset, int64_t group, int64_t bits) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const int64_t T = std::max<int64_t>(16, ((int64_t{1} << 21) / K) / 16 * 16);
-  auto yt = at::empty({N, M}, x.options());
-  const at::Tensor xt = x.t();
-  at::Tensor tile = scratch(std::min(T, N), K);
+  const int64_t K = x.size(1);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
-  float* dst = tile.data_ptr<float>();
-  for (int64_t t0 = 0; t0 < N; t0 += T) {
-    const int64_t rows = std::min(T, N - t0);
-    at::parallel_for(0, rows, 8, [&](int64_t a, int64_t b) {
-      if (bits == 4)
-        dequantize_rows<4, P>(wp, sp, op, K, group, dst, t0, t0 + a, t0 + b);
-      else
-        dequantize_rows<8, P>(wp, sp, op, K, group, dst, t0, t0 + a, t0 + b);
-    });
-    at::Tensor out = yt.narrow(0, t0, rows);
-    at::mm_out(out, tile.narrow(0, 0, rows), xt);
-  }
-  return yt.t().contiguous();
+  return tiled_gemm(x, w.size(0), [&](float* out, int64_t row0, int64_t n0, int64_t n1) {
+    if (bits == 4)
+      dequantize_rows<4, P>(wp, sp, op, K, group, out, row0, n0, n1);
+    else
+      dequantize_rows<8, P>(wp, sp, op, K, group, out, row0, n0, n1);
+  });
 }
 
 }  // namespace

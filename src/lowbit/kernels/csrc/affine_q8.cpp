@@ -1,6 +1,6 @@
 // 4-bit codes x int8 inputs: the decode path of 4-bit layers ("act8"; see the header comment of
 // affine_gemv.cpp), an AVX2 kernel and an AVX-512 VNNI one.
-#include "affine_common.h"
+#include "common.h"
 
 namespace lowbit_kernels {
 namespace {

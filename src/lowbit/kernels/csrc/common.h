@@ -1,6 +1,7 @@
-// Helpers shared by lowbit's affine kernels: affine_gemv.cpp (the op, float inputs, dequantize,
-// prefill) and affine_q8.cpp (4-bit codes x int8 inputs, the decode path). The weight layout
-// is described at the top of affine_gemv.cpp.
+// Helpers shared by lowbit's CPU kernels: affine_gemv.cpp (the affine op, float inputs,
+// dequantize, prefill), affine_q8.cpp (4-bit codes x int8 inputs, the decode path) and
+// half_gemv.cpp (16-bit float weights). The affine weight layout is described at the top of
+// affine_gemv.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -127,6 +128,30 @@ struct GroupWalk {
 template <typename P>
 const P* params(const at::Tensor& t) {
   return t.numel() ? reinterpret_cast<const P*>(t.data_ptr()) : nullptr;
+}
+
+// Prefill: y = x · Wᵀ tile by tile. fill(out, row0, n0, n1) writes the float rows n0..n1 of
+// the weight to out + (n - row0) * K; each tile of rows (about 8 MB of floats, so it stays in
+// cache) is filled in parallel into the calling thread's buffer and multiplied by torch's GEMM.
+// Filling the whole weight first wrote and re-read it through DRAM and made prefill slower
+// than float32.
+template <typename Fill>
+at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, Fill fill) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t T = std::min(N, std::max<int64_t>(16, ((int64_t{1} << 21) / K) / 16 * 16));
+  thread_local std::vector<float> buffer;  // grown to the largest tile seen, then reused
+  if (static_cast<int64_t>(buffer.size()) < T * K) buffer.resize(T * K);
+  float* dst = buffer.data();
+  const at::Tensor tile = at::from_blob(dst, {T, K}, at::TensorOptions().dtype(at::kFloat));
+  auto yt = at::empty({N, M}, x.options());
+  const at::Tensor xt = x.t();
+  for (int64_t t0 = 0; t0 < N; t0 += T) {
+    const int64_t rows = std::min(T, N - t0);
+    at::parallel_for(0, rows, 8, [&](int64_t a, int64_t b) { fill(dst, t0, t0 + a, t0 + b); });
+    at::Tensor out = yt.narrow(0, t0, rows);
+    at::mm_out(out, tile.narrow(0, 0, rows), xt);
+  }
+  return yt.t().contiguous();
 }
 
 // Whether the AVX-512 VNNI decode kernel runs (affine_q8.cpp).
