@@ -13,6 +13,7 @@ Typical use::
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,25 +30,34 @@ from lowbit.analysis import (
     candidate_specs,
     measure_sensitivity,
 )
+from lowbit.assets import write_text_atomic
 from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.data import corpus_ids, eval_windows, load_corpus
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalResult, model_size, score_models
 from lowbit.eval.bench import BenchResult, bench_models
-from lowbit.eval.size import held_bytes
+from lowbit.eval.size import SizeReport, held_bytes
 from lowbit.models import LoadedModel, load_model, save_folder
+from lowbit.models.checkpoint import MANIFEST, read_manifest, write_extras, write_manifest
+from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
+from lowbit.models.source import TensorSource, skeleton
+from lowbit.models.workdir import WorkFolder
 from lowbit.pipeline import QuantizeReport, quantize_weights
+from lowbit.pipeline.estimate import estimate as estimate_run
 from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
+from lowbit.pipeline.stream import stream_quantize
 from lowbit.recipes import Recipe, load_recipe, plan_layers
 
 __all__ = [
     "QATOptions",
+    "add_metrics",
     "analyze",
     "bench",
     "calibration_set",
+    "estimate",
     "evaluate",
     "load",
     "load_model",
@@ -57,6 +67,7 @@ __all__ = [
     "needs_calibration",
     "qat",
     "quantize",
+    "quantize_to",
     "save",
 ]
 
@@ -197,14 +208,98 @@ def save(
     overwrite: bool = False,
 ) -> Path:
     """Write the quantized model, its tokenizer and a provenance manifest to ``folder``."""
-    size = model_size(model)
-    manifest = {
+    src = {"model": source.source, "kind": source.kind} if source else None
+    manifest = _manifest(report, src, model_size(model), metrics, seed)
+    tokenizer = source.tokenizer if source else None
+    return save_folder(model, Path(folder), manifest, tokenizer, overwrite)
+
+
+def quantize_to(
+    source: str,
+    recipe: Recipe | str | Path,
+    out: str | Path,
+    calibration: CalibrationSet | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+    analysis: dict[str, Any] | None = None,
+) -> tuple[Path, QuantizeReport]:
+    """Quantize the float model ``source`` (zoo name, HF folder, GGUF file, hub id) straight
+    into the lowbit folder ``out``, one decoder block in memory at a time. A killed run started
+    again with the same arguments resumes from its first unfinished block (``restart``
+    discards that work instead)."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+    folder, kind = source_folder(source)
+    model = skeleton(folder)
+    tensors = TensorSource(folder)
+    fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
+                   "calibration": calibration.describe() if calibration else None,
+                   "seed": seed, "lowbit": __version__}  # fmt: skip
+    work = WorkFolder(out, fingerprint, restart)
+    report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed)
+    report.analysis = analysis
+    size = _streamed_size(report, work.units(units))
+    manifest = _manifest(report, {"model": source, "kind": kind}, size, None, seed)
+    tokenizer = source_tokenizer(folder)
+
+    def extras(final: Path) -> None:
+        write_extras(final, model, tokenizer)
+        write_manifest(final, manifest)
+
+    return work.finish(units, overwrite, extras), report
+
+
+def estimate(
+    source: str,
+    recipe: Recipe | str | Path,
+    calibration: CalibrationSet | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """What ``quantize_to(source, recipe, ...)`` would need: the per-layer plan, output bytes,
+    estimated peak RSS (MB) and wall time (s), from the shapes and a timed probe of one block."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    folder, _ = source_folder(source)
+    return estimate_run(folder, source, recipe, calibration, progress)
+
+
+def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:
+    """Record evaluation results in a lowbit folder's manifest (rewritten atomically)."""
+    manifest = read_manifest(Path(folder))
+    manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+    write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, default=str))
+
+
+def _identity(folder: Path, tensors: TensorSource) -> dict[str, Any]:
+    """What identifies a source checkpoint without hashing its bytes: its files and sizes."""
+    files = sorted({e.path for e in tensors.entries.values()})
+    return {"folder": str(folder.resolve()), "config": (folder / "config.json").read_text(),
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}  # fmt: skip
+
+
+def _streamed_size(report: QuantizeReport, units: list[dict]) -> SizeReport:
+    """The size of a streamed model from its report and the written units' headers."""
+    layers = report.layers.values()
+    weights = sum(r.in_features * r.out_features for r in layers)
+    qbytes = sum(round(r.bits_per_weight * r.in_features * r.out_features / 8) for r in layers)
+    total = sum(e.nbytes for unit in units for e in unit.values())
+    return SizeReport(weights, qbytes, total - qbytes, total)
+
+
+def _manifest(report: QuantizeReport, source: dict[str, str] | None, size: SizeReport,
+              metrics: dict[str, Any] | None, seed: int) -> dict[str, Any]:  # fmt: skip
+    return {
         "lowbit_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": _transformers_version(),
         "python_version": platform.python_version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": source.source, "kind": source.kind} if source else None,
+        "source": source,
         "recipe": report.recipe.to_dict(),
         "calibration": report.calibration.describe() if report.calibration else None,
         "qat": report.qat,
@@ -220,8 +315,6 @@ def save(
         "metrics": metrics or {},
         "layers": {name: layer.to_dict() for name, layer in report.layers.items()},
     }
-    tokenizer = source.tokenizer if source else None
-    return save_folder(model, Path(folder), manifest, tokenizer, overwrite)
 
 
 def load(folder: str | Path, kernels: bool = True) -> LoadedModel:

@@ -6,7 +6,6 @@ Errors a user can fix print one line (``lowbit: error: ...``) and exit with stat
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -15,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import __version__
-from lowbit.cli_analyze import add_analyze, add_candidates, add_diff
+from lowbit.cli_analyze import add_analyze, add_diff
 from lowbit.cli_export import add_export
 from lowbit.cli_perf import add_bench, add_report
 from lowbit.cli_qat import add_qat
+from lowbit.cli_quantize import add_quantize
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, argparse.SUPPRESS)  # accepted after the command too
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    _add_quantize(sub, common)
+    add_quantize(sub, common)
     _add_eval(sub, common)
     _add_inspect(sub, common)
     add_bench(sub, common)
@@ -133,107 +133,12 @@ def _tokens(value: str) -> int | None:
     return n
 
 
-def _add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "quantize", parents=[common], help="quantize a model with a recipe and save it",
-        description="Quantize MODEL with a recipe (preset name or YAML file) and write a lowbit "
-        "folder: packed safetensors, config, tokenizer and a lowbit.json manifest. With --eval, "
-        "also measure perplexity, KL and top-1 against the unquantized model and store them.",
-        epilog="examples:\n  lowbit quantize smollm2-135m --recipe w4-rtn-g64 --out out/w4 --eval\n"
-        "  lowbit quantize smollm2-135m --recipe w8a8-smoothquant --out out/w8a8 --calib bbc\n"
-        "  lowbit quantize smollm2-135m --recipe w4a8-zeroquant-lkd --out out/w4a8 --calib bbc\n"
-        "Calibrated algorithms, SmoothQuant, LKD and static activation ranges read --calib "
-        "text; `lowbit presets` lists every recipe.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument(
-        "--recipe", required=True, help="preset name (see `lowbit presets`) or YAML file"
-    )
-    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
-    p.add_argument(
-        "--calib-samples", type=int, default=128, help="calibration windows (default: 128)"
-    )
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default: 512)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--target-bits", type=float, metavar="B",
-        help="mixed precision: choose each layer's format from measured sensitivity so that the "
-             "quantized layers average at most B bits/weight, scales included (see analyze)",
-    )  # fmt: skip
-    budget.add_argument(
-        "--target-size", metavar="SIZE",
-        help="mixed precision within SIZE bytes for the whole model in memory (e.g. 60MB)",
-    )  # fmt: skip
-    add_candidates(p)
-    p.add_argument(
-        "--analysis-samples", type=int, default=2,
-        help="calibration windows the sensitivity analysis measures KL on (default: 2; each "
-             "trial is one forward pass over them, per layer and candidate)",
-    )  # fmt: skip
-    save_options(p)
-    p.set_defaults(func=cmd_quantize)
-
-
 def save_options(p: argparse.ArgumentParser) -> None:
     """--seed, --eval (with its corpus options) and --json: shared by quantize and qat."""
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--eval", action="store_true", help="evaluate against the float model after")
     _eval_options(p, "eval-")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
-    from lowbit import api
-
-    torch.manual_seed(args.seed)
-    if args.out.exists() and not args.overwrite:
-        raise LowbitError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    recipe = api.load_recipe(args.recipe)
-    src = api.load_model(args.model)
-    if src.kind == "lowbit":
-        raise LowbitError(f"{args.model} is already quantized; start from the float model")
-    mixed = args.target_bits is not None or args.target_size is not None
-    calibration = None
-    if api.needs_calibration(recipe) or mixed:
-        if args.eval and args.eval_corpus == args.calib:
-            raise LowbitError(
-                "calibration and evaluation text must differ (--calib, --eval-corpus)"
-            )
-        _need_tokenizer(src)
-        calibration = api.calibration_set(
-            src.tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed
-        )
-    else:
-        log.info("%s uses no calibration data; --calib options are ignored", recipe.algorithm)
-    ref = copy.deepcopy(src.model) if args.eval else None
-    summary = None
-    if mixed:
-        recipe, summary = _mixed(args, api, src, recipe, calibration)
-    report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
-    report.analysis = summary
-    return finish_quantize(args, recipe, src, ref, report)
-
-
-def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibration: Any) -> Any:
-    """Analyse sensitivity on the first calibration windows and choose per-layer formats."""
-    from lowbit.analysis import parse_size
-    from lowbit.calibration import CalibrationSet
-
-    n = min(args.analysis_samples, len(calibration.windows))
-    sample = CalibrationSet(calibration.corpus, n, calibration.seqlen, calibration.seed,
-                            calibration.windows[:n])  # fmt: skip
-    sens = api.analyze(src.model, recipe, sample, args.candidates, progress=not args.quiet)
-    target_bytes = parse_size(args.target_size) if args.target_size else None
-    mixed, summary = api.mixed_recipe(src.model, recipe, sens, args.target_bits, target_bytes)
-    counts = ", ".join(f"{c}: {k}" for c, k in summary["layers_per_candidate"].items() if k)
-    log.info("mixed precision: %.3f bits/weight (budget %.3f); layers %s",
-             summary["bits_per_weight"], summary["budget_bits_per_weight"], counts)  # fmt: skip
-    return mixed, summary
 
 
 def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, report: Any) -> int:

@@ -23,3 +23,45 @@ def peak_rss_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB (0 where not available)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak RSS (``VmHWM``) afresh from its current RSS (Linux only)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def release_freed_memory() -> None:
+    """Make glibc give freed tensor buffers back to the OS (no-op elsewhere).
+
+    glibc raises its mmap threshold each time a large mmapped buffer is freed, so after the first
+    block later blocks' float weights come from the heap and stay resident after they are freed:
+    a streamed run would grow by about one block per block. A fixed threshold (1 MiB) keeps large
+    buffers mmapped, returned on free; ``malloc_trim`` hands back what the heap still holds.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return

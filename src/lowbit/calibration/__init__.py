@@ -2,13 +2,14 @@
 
 from lowbit.calibration.capture import BlockCall, block_output, capture_block_inputs, module_output
 from lowbit.calibration.data import CalibrationSet, calibration_set
-from lowbit.calibration.runner import BlockContext, BlockResult, run_sequential
+from lowbit.calibration.runner import BlockContext, BlockResult, BlockStore, run_sequential
 from lowbit.calibration.stats import InputStats, collect_input_stats
 
 __all__ = [
     "BlockCall",
     "BlockContext",
     "BlockResult",
+    "BlockStore",
     "CalibrationSet",
     "InputStats",
     "block_output",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +36,16 @@ from lowbit.errors import LowbitError
 class BlockResult:
     index: int
     name: str
-    output_error: float  # relative squared error of the block's outputs
+    output_error: float | None  # relative squared error of the block's outputs (None: no data)
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"block": self.name, "output_rel_mse": self.output_error,
+        return {"block": self.name, "index": self.index, "output_rel_mse": self.output_error,
                 "seconds": round(self.seconds, 3)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockResult:
+        return cls(data["index"], data["block"], data["output_rel_mse"], data["seconds"])
 
 
 class BlockContext:
@@ -95,6 +99,43 @@ class BlockContext:
 
 
 Handler = Callable[[BlockContext], None]
+Finish = Callable[[BlockContext], dict[str, Any]]
+
+
+class BlockStore:
+    """Where blocks live. This base keeps them in memory (nothing to load, nothing to write);
+    a streaming store reads each block's weights from disk before it is quantized, writes the
+    finished block and frees it, and lets a killed run start at its first unfinished block."""
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records of the blocks finished by an earlier, interrupted run, in order."""
+        return []
+
+    @contextlib.contextmanager
+    def rest(self, model: nn.Module, layers: list[str]) -> Iterator[None]:
+        """Materialise the named linears outside the blocks; persist the rest of the model after."""
+        yield
+
+    def first_block(self) -> tuple[int, list[Tensor] | None]:
+        """Index of the first unfinished block and the hidden states entering it (None: the
+        runner computes them from the start)."""
+        return 0, None
+
+    @contextlib.contextmanager
+    def outside(self, model: nn.Module) -> Iterator[None]:
+        """Materialise what the model runs before its first block (embeddings), for a while."""
+        yield
+
+    def enter(self, name: str, block: nn.Module) -> None:
+        """Materialise a block's weights."""
+
+    def leave(self, index: int, name: str, block: nn.Module, record: dict[str, Any],
+              hidden: list[Tensor] | None) -> None:  # fmt: skip
+        """The block is final: persist it (with ``record`` and the next block's inputs)."""
+
+    def status(self) -> dict[str, str]:
+        """Figures for the progress bar."""
+        return {}
 
 
 @torch.no_grad()
@@ -102,27 +143,51 @@ def run_sequential(
     model: nn.Module,
     blocks: nn.ModuleList,
     prefix: str,
-    windows: Tensor,
+    windows: Tensor | None,
     handler: Handler,
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "calibrate",
     error_batches: int = 4,
+    finish: Finish | None = None,
+    store: BlockStore | None = None,
+    seed: int = 0,
 ) -> list[BlockResult]:
-    """Run ``handler`` on every block in order, feeding each the previous quantized outputs."""
-    calls = capture_block_inputs(model, blocks[0], windows, batch_size)
+    """Run ``handler`` on every block in order, feeding each the previous quantized outputs,
+    then ``finish`` (whose record the store keeps with the block). Without ``windows`` no
+    forward pass runs (data-free algorithms). Each block starts from its own seed, so a resumed
+    run draws what an uninterrupted one did."""
+    store = store or BlockStore()
+    first, hidden = store.first_block()
+    calls: list[BlockCall] = []
+    if windows is not None and first < len(blocks):
+        with store.outside(model):
+            calls = capture_block_inputs(model, blocks[0], windows, batch_size)
+        if hidden is not None:
+            calls = [c.with_hidden(h) for c, h in zip(calls, hidden, strict=True)]
+        elif first:
+            raise LowbitError(f"no saved inputs for block {first}; rerun with --restart")
     results: list[BlockResult] = []
-    bar = tqdm(list(enumerate(blocks)), desc=desc, unit="block", disable=not progress)
-    for index, block in bar:
+    bar = tqdm(range(first, len(blocks)), desc=desc, unit="block", disable=not progress,
+               initial=first, total=len(blocks))  # fmt: skip
+    for index in bar:
         start = time.perf_counter()
+        torch.manual_seed(seed * 1_000_003 + index)
+        block = blocks[index]
+        store.enter(f"{prefix}.{index}", block)
         ctx = BlockContext(block, f"{prefix}.{index}", calls)
         reference = ctx.outputs(limit=error_batches)
         handler(ctx)
         quantized = ctx.outputs()
-        error = _relative_error(quantized[: len(reference)], reference)
+        error = _relative_error(quantized[: len(reference)], reference) if calls else None
+        record = finish(ctx) if finish is not None else {}
         calls = [c.with_hidden(y) for c, y in zip(calls, quantized, strict=True)]
-        results.append(BlockResult(index, ctx.name, error, time.perf_counter() - start))
-        bar.set_postfix(block_err=f"{error:.2e}")
+        result = BlockResult(index, ctx.name, error, time.perf_counter() - start)
+        results.append(result)
+        record["block"] = result.to_dict()
+        store.leave(index, ctx.name, block, record, [c.hidden for c in calls] if calls else None)
+        post = {"block_err": f"{error:.2e}"} if error is not None else {}
+        bar.set_postfix({**post, **store.status()})
     return results
 
 
@@ -134,4 +199,4 @@ def _relative_error(new: list[Tensor], ref: list[Tensor]) -> float:
     return num / max(den, 1e-30)
 
 
-__all__ = ["BlockContext", "BlockResult", "module_output", "run_sequential"]
+__all__ = ["BlockContext", "BlockResult", "BlockStore", "module_output", "run_sequential"]

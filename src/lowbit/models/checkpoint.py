@@ -1,7 +1,10 @@
 """lowbit output folders: packed safetensors + source config/tokenizer + ``lowbit.json``.
 
 Saving writes into a temporary folder beside the target and renames it into place, so an
-interrupted save never leaves a partial folder. Loading rebuilds the model skeleton without
+interrupted save never leaves a partial folder. Weights go in sharded safetensors as
+transformers writes them (one ``model.safetensors``, or shards with an index), one unit per
+decoder block, in the same order and bytes whether the model was quantized in memory or
+streamed from disk. Loading rebuilds the model skeleton without
 allocating float weights (accelerate's ``init_empty_weights``), swaps in :class:`QuantLinear`
 modules as the manifest lists them, and assigns the saved tensors: no pickle is ever read.
 """
@@ -9,23 +12,30 @@ modules as the manifest lists them, and assigns the saved tensors: no pickle is 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.assets import atomic_dir
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, WeightSpec
+from lowbit.models.families import find_blocks
 from lowbit.models.modules import set_module
+from lowbit.models.source import skeleton as hf_skeleton
+from lowbit.models.tensorfile import Entry, Item, read_header, write_file
 from lowbit.nn import QuantLinear
 
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 MANIFEST_VERSION = 1
+MAX_SHARD_BYTES = 2 * 1024**3  # transformers' shard size for large checkpoints is of this order
+_META = {"format": "pt", "producer": "lowbit"}
 
 
 def save_folder(
@@ -35,45 +45,99 @@ def save_folder(
     tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (with its QuantLinear layers) to ``folder`` atomically."""
+    """Write ``model`` (with its QuantLinear layers) to ``folder`` atomically: the same shards,
+    bytes and index as a streamed run of the same quantization writes."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise LowbitError(f"{folder} already exists; choose another --out or pass --overwrite")
-    state = _unique_tensors(model.state_dict())
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "lowbit"})
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            _save_config(config, tmp)
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        body = {"format": "lowbit", "manifest_version": MANIFEST_VERSION, **manifest}
-        (tmp / MANIFEST).write_text(json.dumps(body, indent=1, default=str))
+        write_shards(tmp, model_units(model))
+        write_extras(tmp, model, tokenizer)
+        write_manifest(tmp, manifest)
     return folder
 
 
-def _save_config(config: Any, folder: Path) -> None:
-    """config.json of the source model, marked so plain transformers refuses it clearly
-    (it cannot read lowbit's packed tensors; export to compressed-tensors for that)."""
-    data = config.to_dict()
-    data["quantization_config"] = {"quant_method": "lowbit", "see": MANIFEST}
-    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+def model_units(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """The model's tensors split as a streamed run writes them: one unit per decoder block, in
+    order, then everything else (a model without blocks is one unit)."""
+    state = _unique_tensors(model.state_dict())
+    try:
+        prefix, blocks = find_blocks(model)
+    except LowbitError:
+        return [state]
+    units = []
+    for i in range(len(blocks)):
+        head = f"{prefix}.{i}."
+        units.append({k: v for k, v in state.items() if k.startswith(head)})
+    inside = {k for unit in units for k in unit}
+    return [*units, {k: v for k, v in state.items() if k not in inside}]
 
 
-def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop aliases (tied weights) and make tensors contiguous for safetensors."""
-    seen: set[tuple] = set()
-    out = {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().contiguous()
-    return out
+def write_shards(
+    folder: Path, units: list[Mapping[str, Item]], max_bytes: int = MAX_SHARD_BYTES
+) -> list[str]:
+    """Group consecutive units into shards of at most ``max_bytes`` (a larger unit stands
+    alone) and write them as transformers names them: ``model.safetensors`` alone, or
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
+    groups: list[dict[str, Item]] = []
+    size = 0
+    for unit in units:
+        nbytes = sum(_nbytes(t) for t in unit.values())
+        if not groups or (size + nbytes > max_bytes and groups[-1]):
+            groups.append({})
+            size = 0
+        groups[-1].update(unit)
+        size += nbytes
+    if len(groups) == 1:
+        write_file(folder / WEIGHTS, groups[0], _META)
+        return [WEIGHTS]
+    names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map, total = {}, 0
+    for name, group in zip(names, groups, strict=True):
+        write_file(folder / name, group, _META)
+        weight_map.update({k: name for k in group})
+        total += sum(_nbytes(t) for t in group.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _nbytes(item: Item) -> int:
+    return item.nbytes if isinstance(item, Entry) else item.numel() * item.element_size()
+
+
+def write_extras(folder: Path, model: nn.Module, tokenizer: Any = None) -> None:
+    """config.json (marked as lowbit's), generation config and tokenizer files."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        _save_config(config, folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    body = {"format": "lowbit", "manifest_version": MANIFEST_VERSION, **manifest}
+    (folder / MANIFEST).write_text(json.dumps(body, indent=1, default=str))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a lowbit folder: its shards (from the index) or the one file."""
+    folder = Path(folder)
+    index = folder / INDEX
+    if not index.is_file():
+        return [folder / WEIGHTS]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LowbitError(f"{index} is not a valid shard index: {exc}") from None
+    files = [folder / n for n in sorted(set(weight_map.values()))]
+    for path in files:
+        if not path.is_file():
+            raise LowbitError(f"{index} lists shard {path.name}, which is missing")
+    return files
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -95,20 +159,29 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
     """(model, manifest) from a lowbit folder; ``skeleton`` for models that are not HF ones."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    model = skeleton if skeleton is not None else _hf_skeleton(folder)
+    model = skeleton if skeleton is not None else hf_skeleton(folder)
     for name, info in manifest["layers"].items():
         spec = WeightSpec.from_dict(info["weights"], f"{MANIFEST}: layers.{name}.weights")
         acts = info.get("activations")
         act = None if acts is None else ActivationSpec.from_dict(acts, f"layers.{name}.activations")
         layer = QuantLinear(info["in_features"], info["out_features"], spec, info["bias"], act=act)
         set_module(model, name, layer)
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except (SafetensorError, OSError) as exc:
-        raise LowbitError(f"cannot read {folder / WEIGHTS}: {exc}") from None
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise LowbitError(f"{WEIGHTS} has tensors the model lacks: {result.unexpected_keys[:3]}")
+    unexpected = []
+    for path in weight_files(folder):
+        read_header(path)  # a truncated or damaged shard is an error naming it
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise LowbitError(f"cannot read {path}: {exc}") from None
+        try:
+            result = model.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise LowbitError(f"{path.name} disagrees with {MANIFEST}: {first[:200]}") from None
+        unexpected += result.unexpected_keys
+    if unexpected:
+        raise LowbitError(f"the weights have tensors the model lacks: {unexpected[:3]}")
+    _float32_outside(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -118,15 +191,33 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
     return model.eval(), manifest
 
 
-def _hf_skeleton(folder: Path) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _float32_outside(model: nn.Module) -> None:
+    """Float tensors outside the quantized layers compute in float32 (a streamed run keeps
+    embeddings in the source's dtype on disk)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            continue
+        for key, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                module._parameters[key] = nn.Parameter(p.float(), requires_grad=False)
 
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise LowbitError(f"cannot read the model config in {folder}: {exc}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
+
+def _save_config(config: Any, folder: Path) -> None:
+    """config.json of the source model, marked so plain transformers refuses it clearly
+    (it cannot read lowbit's packed tensors; export to compressed-tensors for that)."""
+    data = config.to_dict()
+    data["quantization_config"] = {"quant_method": "lowbit", "see": MANIFEST}
+    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop aliases (tied weights) and make tensors contiguous for safetensors."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out

@@ -16,7 +16,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.checkpoint import MANIFEST, load_folder
 from lowbit.models.convert import converted_folder
 from lowbit.models.kernels import use_kernels
-from lowbit.models.zoo import build_random, random_models, zoo, zoo_gguf
+from lowbit.models.zoo import build_random, random_folder, random_models, zoo, zoo_gguf
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def load_model(source: str, kernels: bool = True) -> LoadedModel:
             if kernels:
                 counts = use_kernels(model)
                 log.info("kernels for %s: %s", path, counts)
-            return LoadedModel(model, _tokenizer(path), source, "lowbit", path, manifest)
+            return LoadedModel(model, source_tokenizer(path), source, "lowbit", path, manifest)
         if (path / "config.json").is_file():
             model, tok = _from_hf_folder(path)
             return LoadedModel(model, tok, source, "folder", path)
@@ -77,6 +77,50 @@ def load_model(source: str, kernels: bool = True) -> LoadedModel:
     return LoadedModel(model, tok, source, "hub")
 
 
+def source_folder(source: str) -> tuple[Path, str]:
+    """(HF folder with safetensors weights, kind) for a float model named as ``load_model``
+    takes it, without loading it: the folder a streamed run reads block by block."""
+    entries = zoo()
+    if source in entries:
+        entry = entries[source]
+        return converted_folder(zoo_gguf(entry), entry.member_sha256), "zoo"
+    randoms = random_models()
+    if source in randoms:
+        return random_folder(randoms[source]), "random"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            raise LowbitError(f"{source} is already quantized; start from the float model")
+        if not (path / "config.json").is_file():
+            raise LowbitError(f"{path} has neither config.json nor {MANIFEST}: not a model folder")
+        return path, "folder"
+    if path.is_file() and path.suffix == ".gguf":
+        return converted_folder(path), "gguf"
+    if path.exists():
+        raise LowbitError(f"{path} is a file but not a .gguf model")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise LowbitError(f"no such file or folder: {source}")
+    return _hub_folder(source), "hub"
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """The local snapshot of a hub model's config, safetensors shards and tokenizer (fetched
+    when the hub is reachable, else from the local HF cache)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    try:
+        path = snapshot_download(repo_id, allow_patterns=patterns,
+                                 local_files_only=not _hub_reachable())  # fmt: skip
+    except Exception as exc:  # huggingface_hub raises many types; one line for the user
+        raise LowbitError(
+            f"cannot load model {repo_id!r}: it is not a zoo name (see `lowbit models`), "
+            f"not a local path, and not on the Hugging Face hub or in its local cache: "
+            f"{str(exc)[:200]}"
+        ) from None
+    return Path(path)
+
+
 def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -84,10 +128,10 @@ def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise LowbitError(f"cannot load the model in {folder}: {str(exc)[:300]}") from None
-    return model.eval(), _tokenizer(folder)
+    return model.eval(), source_tokenizer(folder)
 
 
-def _tokenizer(folder: Path) -> Any:
+def source_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:

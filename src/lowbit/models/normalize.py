@@ -20,6 +20,7 @@ def conv1d_to_linear(model: nn.Module) -> int:
         in_features, out_features = module.weight.shape
         linear = nn.Linear(in_features, out_features, bias=module.bias is not None,
                            device=module.weight.device, dtype=module.weight.dtype)  # fmt: skip
+        linear.stored_transposed = True  # checkpoints hold this weight as (in, out)
         with torch.no_grad():
             if not module.weight.is_meta:
                 linear.weight.copy_(module.weight.t())

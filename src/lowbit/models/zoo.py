@@ -16,6 +16,8 @@ quality figures mean nothing, and it has no tokenizer.
 
 from __future__ import annotations
 
+import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ class RandomModel:
     model_type: str
     config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    dtype: str = "float32"  # of the folder written for streamed runs
 
 
 def random_models() -> dict[str, RandomModel]:
@@ -50,30 +53,102 @@ def random_models() -> dict[str, RandomModel]:
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
         "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2,
     }  # fmt: skip
-    entries = (
+    llama3 = {
+        "vocab_size": 128256, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    }  # fmt: skip
+    shapes = {  # hidden, MLP, layers, heads, tied embeddings: the published configs
+        "llama-3.2-1b-random": (2048, 8192, 16, 32, True, "bfloat16", "Llama-3.2-1B"),
+        "llama-3.2-3b-random": (3072, 8192, 28, 24, True, "bfloat16", "Llama-3.2-3B"),
+        "llama-3-8b-random": (4096, 14336, 32, 32, False, "float32", "Llama-3-8B"),
+    }
+    entries = [
         RandomModel(
             "tinyllama-1.1b-random",
             "TinyLlama-1.1B's shape, seeded random weights: for speed/memory only (no tokenizer)",
             "llama",
             tinyllama,
-        ),
-    )
+        )
+    ]
+    for name, (hidden, mlp, layers, heads, tied, dtype, real) in shapes.items():
+        config = {**llama3, "hidden_size": hidden, "intermediate_size": mlp,
+                  "num_hidden_layers": layers, "num_attention_heads": heads,
+                  "tie_word_embeddings": tied}  # fmt: skip
+        what = f"{real}'s shape, seeded random {dtype} weights on disk: for scale runs only"
+        entries.append(RandomModel(name, what, "llama", config, dtype=dtype))
     return {e.name: e for e in entries}
 
 
-def build_random(entry: RandomModel) -> Any:
-    """The seeded random float32 model of ``entry`` (deterministic for a given torch version)."""
+def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> Any:
+    """The seeded float32 value of tensor ``name``: norms 1, everything else N(0, 0.02²) (the
+    initialisation transformers uses), drawn from a generator seeded by the name."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(entry.model_type, **entry.config)
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=gen).mul_(0.02)
+
+
+def _random_config(entry: RandomModel) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(entry.model_type, **entry.config, dtype=entry.dtype)
+
+
+def build_random(entry: RandomModel) -> Any:
+    """The seeded random float32 model of ``entry`` in memory (the same weights that
+    :func:`random_folder` writes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     state = torch.random.get_rng_state()
-    torch.manual_seed(entry.seed)
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:  # transformers initialises from the global generator; leave it as it was
+        model = AutoModelForCausalLM.from_config(_random_config(entry), dtype=torch.float32)
     finally:
         torch.random.set_rng_state(state)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t.copy_(random_tensor(name, tuple(t.shape), entry.seed))
     return model.eval()
+
+
+def random_folder(entry: RandomModel) -> Path:
+    """A cached HF folder of ``entry`` in its dtype, one safetensors shard per decoder block
+    (written once, block by block, so an 8B fp32 folder never sits in RAM)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.assets import atomic_dir
+    from lowbit.models.tensorfile import write_file
+
+    folder = cache_dir() / "random" / f"{entry.name}-{entry.dtype}-seed{entry.seed}"
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    config = _random_config(entry)
+    with init_empty_weights():
+        names = AutoModelForCausalLM.from_config(config).state_dict()
+    if config.tie_word_embeddings:
+        names.pop("lm_head.weight", None)
+    units: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, t in names.items():
+        key = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else "rest"
+        units.setdefault(key, {})[name] = tuple(t.shape)
+    dtype = getattr(torch, entry.dtype)
+    weight_map, total = {}, 0
+    with atomic_dir(folder, overwrite=True) as tmp:
+        config.save_pretrained(tmp)
+        for i, unit in enumerate(units.values()):
+            shard = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
+            seed = entry.seed
+            tensors = {n: random_tensor(n, shape, seed).to(dtype) for n, shape in unit.items()}
+            total += write_file(tmp / shard, tensors, {"format": "pt"})
+            weight_map.update(dict.fromkeys(unit, shard))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return folder
 
 
 def zoo() -> dict[str, ZooModel]:

@@ -1,5 +1,6 @@
 """Orchestration: recipes applied to models (sits above models/ and recipes/, below api)."""
 
-from lowbit.pipeline.weights import CALIBRATED, LayerReport, QuantizeReport, quantize_weights
+from lowbit.pipeline.report import LayerReport, QuantizeReport
+from lowbit.pipeline.weights import CALIBRATED, quantize_weights
 
 __all__ = ["CALIBRATED", "LayerReport", "QuantizeReport", "quantize_weights"]

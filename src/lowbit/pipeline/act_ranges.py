@@ -1,6 +1,7 @@
 """Static activation ranges: calibrate one (scale, zero) per quantized layer from sampled inputs.
 
-The whole quantized model runs on the calibration windows with every static layer observing
+The quantized model (or, in the block runner, one block at a time) runs on the calibration
+windows with every static layer observing
 (inputs pass through unrounded, so each layer sees what its predecessors compute with their
 quantized weights). Each layer keeps a uniform random sample of its input values plus their
 exact minimum and maximum (sampling bounds the memory: one layer's full inputs over 128 windows
@@ -8,6 +9,8 @@ of 512 tokens would take hundreds of MB); the recipe's observer then picks the r
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +37,24 @@ def calibrate_activations(
     progress: bool = True,
 ) -> int:
     """Set every static layer's range from ``windows``; returns the number of layers set."""
-    layers = static_layers(model)
+
+    def run() -> None:
+        starts = range(0, len(windows), batch_size)
+        for start in tqdm(starts, desc="activation ranges", unit="batch", disable=not progress):
+            forward_logits(model, windows[start : start + batch_size])
+
+    return observe_ranges(static_layers(model), run, samples_per_batch, seed)
+
+
+@torch.no_grad()
+def observe_ranges(
+    layers: dict[str, QuantLinear],
+    run: Callable[[], None],
+    samples_per_batch: int = 65536,
+    seed: int = 0,
+) -> int:
+    """Set the static range of each of ``layers`` from the inputs they see while ``run()``
+    drives forward passes (the whole model, or one block on its recorded inputs)."""
     if not layers:
         return 0
     gen = torch.Generator().manual_seed(seed)
@@ -54,10 +74,7 @@ def calibrate_activations(
     for m in layers.values():
         m.observing = True
     try:
-        starts = range(0, len(windows), batch_size)
-        for start in tqdm(starts, desc="activation ranges", unit="batch", disable=not progress):
-            ids = windows[start : start + batch_size]
-            forward_logits(model, ids)
+        run()
     finally:
         for h in handles:
             h.remove()

@@ -9,6 +9,7 @@ few dB is one whose quantization destroyed its output.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,22 @@ def output_sqnr(
     model: nn.Module, originals: dict[str, Tensor], windows: Tensor, batch_size: int = 4
 ) -> dict[str, float]:
     """layer -> output SQNR in dB over ``windows`` (inf for an exact layer)."""
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, QuantLinear) and n in originals}  # fmt: skip
+
+    def run() -> None:
+        for i in range(0, len(windows), batch_size):
+            forward_logits(model, windows[i : i + batch_size])
+
+    return output_sqnr_during(layers, originals, run)
+
+
+@torch.no_grad()
+def output_sqnr_during(
+    layers: dict[str, nn.Module], originals: dict[str, Tensor], run: Callable[[], None]
+) -> dict[str, float]:
+    """Output SQNR of each of ``layers`` against its float weight in ``originals`` while
+    ``run()`` drives forward passes (the whole model, or one block on its recorded inputs)."""
     sums: dict[str, list[float]] = {}
 
     def make_hook(name: str, weight: Tensor):
@@ -35,13 +52,9 @@ def output_sqnr(
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n, originals[n]))
-               for n, m in model.named_modules()
-               if isinstance(m, QuantLinear) and n in originals]  # fmt: skip
+    handles = [m.register_forward_hook(make_hook(n, originals[n])) for n, m in layers.items()]
     try:
-        for i in range(0, len(windows), batch_size):
-            ids = windows[i : i + batch_size]
-            forward_logits(model, ids)
+        run()
     finally:
         for h in handles:
             h.remove()

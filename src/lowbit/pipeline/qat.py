@@ -27,7 +27,7 @@ from lowbit.models.modules import quantizable_layers, set_module, untie_if_neede
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.nn import QuantLinear
 from lowbit.nn.fake_linear import FakeQuantLinear
-from lowbit.pipeline.weights import LayerReport, QuantizeReport
+from lowbit.pipeline.report import LayerReport, QuantizeReport
 from lowbit.primitives import sqnr_db
 from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import peak_rss_mb

@@ -1,0 +1,205 @@
+"""``lowbit quantize``: stream a float model from disk into a lowbit folder, block by block."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lowbit.cli_analyze import add_candidates
+from lowbit.errors import LowbitError
+
+log = logging.getLogger("lowbit")
+
+
+def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "quantize", parents=[common], help="quantize a model with a recipe and save it",
+        description="Quantize MODEL with a recipe (preset name or YAML file) and write a lowbit "
+        "folder: packed safetensors, config, tokenizer and a lowbit.json manifest. With --eval, "
+        "also measure perplexity, KL and top-1 against the unquantized model and store them.",
+        epilog="examples:\n  lowbit quantize smollm2-135m --recipe w4-rtn-g64 --out out/w4 --eval\n"
+        "  lowbit quantize smollm2-135m --recipe w8a8-smoothquant --out out/w8a8 --calib bbc\n"
+        "  lowbit quantize smollm2-135m --recipe w4a8-zeroquant-lkd --out out/w4a8 --calib bbc\n"
+        "  lowbit quantize llama-3-8b-random --recipe w4-rtn-g64 --out out/8b --dry-run\n"
+        "Calibrated algorithms, SmoothQuant, LKD and static activation ranges read --calib "
+        "text; `lowbit presets` lists every recipe.\n\n"
+        "Models stream from disk: one decoder block is read, quantized, written and freed at a "
+        "time, so a model larger than RAM quantizes in about one block's memory. A killed run "
+        "resumes from its first unfinished block when the same command is run again (its work "
+        "folder lies beside --out as .NAME.lowbit-work; --restart discards it).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument(
+        "--recipe", required=True, help="preset name (see `lowbit presets`) or YAML file"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
+    p.add_argument(
+        "--calib-samples", type=int, default=128, help="calibration windows (default: 128)"
+    )
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--target-bits", type=float, metavar="B",
+        help="mixed precision: choose each layer's format from measured sensitivity so that the "
+             "quantized layers average at most B bits/weight, scales included (see analyze)",
+    )  # fmt: skip
+    budget.add_argument(
+        "--target-size", metavar="SIZE",
+        help="mixed precision within SIZE bytes for the whole model in memory (e.g. 60MB)",
+    )  # fmt: skip
+    add_candidates(p)
+    p.add_argument(
+        "--analysis-samples", type=int, default=2,
+        help="calibration windows the sensitivity analysis measures KL on (default: 2; each "
+             "trial is one forward pass over them, per layer and candidate)",
+    )  # fmt: skip
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an unfinished run's work folder instead of resuming it",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="quantize nothing: print the per-layer plan, the output size and the estimated "
+             "peak memory and time (from the shapes and a timed probe of one block)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="refuse to start a run whose estimated peak RSS exceeds SIZE (e.g. 6GB)",
+    )
+    from lowbit.cli import save_options
+
+    save_options(p)
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit import api
+    from lowbit.cli import _need_tokenizer
+    from lowbit.models.load import source_folder, source_tokenizer
+
+    torch.manual_seed(args.seed)
+    if args.out.exists() and not args.overwrite:
+        raise LowbitError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    recipe = api.load_recipe(args.recipe)
+    folder, _ = source_folder(args.model)
+    mixed = args.target_bits is not None or args.target_size is not None
+    calibration = None
+    if api.needs_calibration(recipe) or mixed:
+        if args.eval and args.eval_corpus == args.calib:
+            raise LowbitError(
+                "calibration and evaluation text must differ (--calib, --eval-corpus)"
+            )
+        tokenizer = source_tokenizer(folder)
+        if tokenizer is None:
+            raise LowbitError(f"{args.model} has no tokenizer; calibration needs one")
+        calibration = api.calibration_set(
+            tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed
+        )
+    else:
+        log.info("%s uses no calibration data; --calib options are ignored", recipe.algorithm)
+    summary = None
+    if mixed:
+        src = api.load_model(args.model)
+        recipe, summary = _mixed(args, api, src, recipe, calibration)
+        del src
+    if args.dry_run or args.max_memory:
+        plan = api.estimate(args.model, recipe, calibration, progress=not args.quiet)
+        if args.dry_run:
+            print(json.dumps(plan, indent=1) if args.json else render_plan(plan))
+            return 0
+        _check_memory(plan, args.max_memory)
+    out, report = api.quantize_to(
+        args.model, recipe, args.out, calibration, args.seed, args.overwrite, args.restart,
+        progress=not args.quiet, analysis=summary,
+    )  # fmt: skip
+    metrics, results, sizes = {}, None, None
+    if args.eval:
+        src = api.load_model(args.model)
+        _need_tokenizer(src)
+        quantized = api.load(out, kernels=False).model
+        name = recipe.name or Path(args.recipe).stem
+        results = api.evaluate(
+            {"float": src.model, name: quantized}, src.tokenizer, args.eval_corpus,
+            args.eval_seqlen, args.eval_tokens, ref=src.model, progress=not args.quiet,
+        )  # fmt: skip
+        metrics = {"eval": results[name].to_dict(), "reference_eval": results["float"].to_dict()}
+        sizes = {"float": api.model_size(src.model), name: api.model_size(quantized)}
+        api.add_metrics(out, metrics)
+    return _print_summary(args, recipe, out, report, metrics, results, sizes)
+
+
+def _print_summary(args, recipe, out, report, metrics, results, sizes) -> int:
+    from lowbit.cli import _print_eval_table
+    from lowbit.eval.inspection import inspect_folder
+
+    info = inspect_folder(out)
+    summary = {"out": str(out), "recipe": recipe.to_dict(), "seconds": round(report.seconds, 2),
+               "peak_rss_mb": report.peak_rss_mb, "size": info["manifest"]["size"],
+               "calibration": report.calibration.describe() if report.calibration else None,
+               "mixed_precision": report.analysis, **metrics}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    elif results is not None:
+        _print_eval_table(results, sizes)
+        print(f"\nsaved to {out}")
+    else:
+        bpw = info["bits_per_weight"]
+        print(f"saved to {out}: {len(report.layers)} layers, {bpw:.3f} bits/weight, "
+              f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb or 0:.0f} MB")  # fmt: skip
+    return 0
+
+
+def _check_memory(plan: dict[str, Any], limit: str) -> None:
+    from lowbit.analysis import parse_size
+
+    allowed = parse_size(limit) / 2**20
+    if plan["peak_rss_mb"] > allowed:
+        raise LowbitError(f"this run needs about {plan['peak_rss_mb']:,.0f} MB at its peak, more "
+                          f"than --max-memory {limit} ({allowed:,.0f} MB); use fewer "
+                          f"--calib-samples or a machine with more memory")  # fmt: skip
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """The dry run's plan as text: per-format totals, then the estimate."""
+    dtypes = ", ".join(plan["source_dtypes"])
+    lines = [f"{plan['model']}: {plan['params']:,} parameters, {plan['blocks']} blocks, "
+             f"source {plan['source_bytes'] / 1e9:.2f} GB ({dtypes})"]  # fmt: skip
+    for fmt, row in plan["formats"].items():
+        lines.append(f"  {fmt:24s} {row['layers']:5d} layers {row['weights']:>15,} weights "
+                     f"{row['bits_per_weight']:.3f} bits/w")  # fmt: skip
+    lines += [
+        f"quantized layers: {plan['bits_per_weight']:.3f} bits/weight",
+        f"output: {plan['output_bytes']:,} bytes",
+        f"estimated peak RSS: {plan['peak_rss_mb']:,.0f} MB",
+        f"estimated time: {plan['seconds']:,.0f} s with {plan['threads']} threads "
+        f"(probe: block 0 took {plan['probe']['block_seconds']:.2f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibration: Any) -> Any:
+    """Analyse sensitivity on the first calibration windows and choose per-layer formats
+    (the analysis holds the float model in memory)."""
+    from lowbit.analysis import parse_size
+    from lowbit.calibration import CalibrationSet
+
+    n = min(args.analysis_samples, len(calibration.windows))
+    sample = CalibrationSet(calibration.corpus, n, calibration.seqlen, calibration.seed,
+                            calibration.windows[:n])  # fmt: skip
+    sens = api.analyze(src.model, recipe, sample, args.candidates, progress=not args.quiet)
+    target_bytes = parse_size(args.target_size) if args.target_size else None
+    mixed, summary = api.mixed_recipe(src.model, recipe, sens, args.target_bits, target_bytes)
+    counts = ", ".join(f"{c}: {k}" for c, k in summary["layers_per_candidate"].items() if k)
+    log.info("mixed precision: %.3f bits/weight (budget %.3f); layers %s",
+             summary["bits_per_weight"], summary["budget_bits_per_weight"], counts)  # fmt: skip
+    return mixed, summary

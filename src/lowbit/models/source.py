@@ -1,0 +1,181 @@
+"""Float checkpoints read lazily: a meta-device skeleton from ``config.json`` and tensors read
+from the safetensors shards (memory-mapped, in their stored dtype) only when a block needs them.
+
+An HF folder holds ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
+Every header is read and checked up front (missing shard, truncated file, a tensor whose shape
+disagrees with ``config.json``), so a bad checkpoint fails in a second, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.tensorfile import Entry, read_header
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class TensorSource:
+    """The tensors of an HF checkpoint folder, by name, read one at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.entries: dict[str, Entry] = {}
+        for path in self._shards():
+            entries, _ = read_header(path)
+            self.entries.update(entries)
+        self._check_index()
+
+    def _shards(self) -> list[Path]:
+        index = self.folder / INDEX
+        if index.is_file():
+            self.weight_map = _weight_map(index)
+            files = sorted(set(self.weight_map.values()))
+            for name in files:
+                if not (self.folder / name).is_file():
+                    raise LowbitError(f"{index} lists shard {name}, which is missing")
+            return [self.folder / n for n in files]
+        self.weight_map = {}
+        if (self.folder / SINGLE).is_file():
+            return [self.folder / SINGLE]
+        found = sorted(self.folder.glob("*.safetensors"))
+        if not found:
+            raise LowbitError(f"{self.folder} has no safetensors weights (lowbit does not read "
+                              f"pickled .bin/.pt checkpoints)")  # fmt: skip
+        return found
+
+    def _check_index(self) -> None:
+        for name, shard in self.weight_map.items():
+            entry = self.entries.get(name)
+            if entry is None or entry.path.name != shard:
+                raise LowbitError(f"{self.folder / INDEX} puts tensor {name!r} in {shard}, "
+                                  f"which does not hold it")  # fmt: skip
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def load(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Tensor ``name``; floating tensors converted to ``dtype`` (None: as stored)."""
+        entry = self.entries[name]
+        try:
+            with safe_open(str(entry.path), framework="pt") as f:
+                t = f.get_tensor(name)
+        except Exception as exc:  # the reader's own error types; one line naming the file
+            raise LowbitError(f"cannot read tensor {name!r} from {entry.path}: {exc}") from None
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def check(self, model: nn.Module) -> None:
+        """Every tensor the skeleton expects is present with its shape (tied ones may be
+        absent), so that a checkpoint that disagrees with ``config.json`` fails before work."""
+        tied = tied_names(model)
+        for name, t in _tensors(model).items():
+            entry = self.entries.get(name)
+            if entry is None:
+                if name in tied:
+                    continue
+                raise LowbitError(f"{self.folder}: tensor {name!r} that config.json implies is "
+                                  f"missing from the checkpoint")  # fmt: skip
+            if tuple(t.shape) != entry.shape:
+                raise LowbitError(
+                    f"{entry.path.name}: tensor {name!r} has shape {list(entry.shape)}, "
+                    f"config.json implies {list(t.shape)}"
+                )
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LowbitError(f"{index} is not a valid shard index: {exc}") from None
+    if not isinstance(weight_map, dict):
+        raise LowbitError(f"{index}: weight_map is not an object")
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name (tied aliases listed under every name)."""
+    return dict(model.state_dict(keep_vars=True))
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """Names of the output-embedding weight when it is tied to the input embedding."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return set()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        return set()
+    return {f"{n}.weight" for n, m in model.named_modules() if m is out}
+
+
+def skeleton(folder: Path) -> nn.Module:
+    """The model of ``folder``'s config.json on the meta device (no weight allocated; buffers
+    such as rotary frequencies are real), with remote code never run."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"cannot read the model config in {folder}: {str(exc)[:300]}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except ValueError as exc:
+        raise LowbitError(f"{folder}: transformers cannot build this model: {exc}") from None
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()
+
+
+def materialize(model: nn.Module, names: list[str], source: TensorSource) -> int:
+    """Read the named tensors into ``model`` as float32 (integers as stored); tied output
+    embeddings follow the input embedding. Returns the bytes read."""
+    total = 0
+    for name in names:
+        if name not in source:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        t = source.load(name)
+        if attr == "weight" and getattr(module, "stored_transposed", False):
+            t = t.t().contiguous()
+        total += source.entries[name].nbytes
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        else:
+            module._buffers[attr] = t
+    _retie(model)
+    return total
+
+
+def _retie(model: nn.Module) -> None:
+    tied = tied_names(model)
+    if not tied:
+        return
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if not inp.weight.is_meta:
+        out.weight = inp.weight
+
+
+def release(module: nn.Module) -> None:
+    """Free a module's tensors (back to the meta device)."""
+    module.to("meta")

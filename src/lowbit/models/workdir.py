@@ -1,0 +1,121 @@
+"""The work folder of a streamed run: what survives ``kill -9`` and lets the same command resume.
+
+It lies beside ``--out`` as ``.<out>.lowbit-work`` and holds ``fingerprint.json`` (model,
+recipe, calibration token ids, seed, lowbit version), one ``units/NNNNN.safetensors`` per
+finished decoder block with its record ``units/NNNNN.json`` (written last: the commit mark), and
+``hidden.safetensors``, the calibration hidden states entering the next block. Every file is
+written to a temporary name and renamed. Finishing assembles the shards inside the work folder,
+renames the finished folder to ``--out`` and removes the work folder: nothing outside it is ever
+half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from lowbit.assets import atomic_file, publish_dir, write_text_atomic
+from lowbit.errors import LowbitError
+from lowbit.models.checkpoint import write_shards
+from lowbit.models.tensorfile import Entry, Item, read_header, write_file
+
+FINGERPRINT = "fingerprint.json"
+
+
+def work_path(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.lowbit-work"
+
+
+class WorkFolder:
+    """The resumable state of one run that writes ``out``."""
+
+    def __init__(self, out: Path, fingerprint: dict[str, Any], restart: bool = False) -> None:
+        self.out = Path(out)
+        self.path = work_path(self.out)
+        self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+        self.bytes_written = 0
+        if self.path.exists() and restart:
+            shutil.rmtree(self.path)
+        if self.path.exists():
+            self._check(fingerprint)
+        else:
+            try:
+                (self.path / "units").mkdir(parents=True)
+            except OSError as exc:
+                raise LowbitError(f"cannot create the work folder {self.path}: "
+                                  f"{exc.strerror or exc}") from None  # fmt: skip
+            body = json.dumps({"sha256": self.digest, **fingerprint}, indent=1)
+            write_text_atomic(self.path / FINGERPRINT, body)
+
+    def _check(self, fingerprint: dict[str, Any]) -> None:
+        try:
+            saved = json.loads((self.path / FINGERPRINT).read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("sha256") != self.digest:
+            differ = [k for k in fingerprint if saved.get(k) != fingerprint[k]] or ["the run"]
+            raise LowbitError(
+                f"{self.path} holds an unfinished run of another {', '.join(differ)}; "
+                f"pass --restart to discard it, or choose another --out"
+            )
+
+    def _unit(self, index: int, suffix: str) -> Path:
+        return self.path / "units" / f"{index:05d}.{suffix}"
+
+    def records(self) -> list[dict[str, Any]]:
+        """Records of the finished blocks 0, 1, ... (up to the first unfinished one)."""
+        out = []
+        while self._unit(len(out), "json").is_file():
+            try:
+                out.append(json.loads(self._unit(len(out), "json").read_text()))
+            except (OSError, ValueError):
+                break
+        return out
+
+    def write_unit(self, index: int, tensors: Mapping[str, Item], record: dict[str, Any],
+                   hidden: list[torch.Tensor] | None = None) -> None:  # fmt: skip
+        """Persist a finished block, then the next block's inputs, then the record."""
+        with atomic_file(self._unit(index, "safetensors")) as tmp:
+            self.bytes_written += write_file(tmp, tensors, {"unit": str(index)})
+        if hidden is not None:
+            with atomic_file(self.path / "hidden.safetensors") as tmp:
+                named = {f"h{i:05d}": h for i, h in enumerate(hidden)}
+                self.bytes_written += write_file(tmp, named, {"after": str(index)})
+        write_text_atomic(self._unit(index, "json"), json.dumps(record, default=str))
+
+    def hidden(self, after: int) -> list[torch.Tensor] | None:
+        """The saved hidden states leaving block ``after`` (None if they are not those)."""
+        path = self.path / "hidden.safetensors"
+        if not path.is_file():
+            return None
+        _, meta = read_header(path)
+        if meta.get("after") != str(after):
+            return None
+        state = load_file(str(path))
+        return [state[k] for k in sorted(state)]
+
+    def units(self, count: int) -> list[dict[str, Entry]]:
+        """The headers of units 0 .. count-1."""
+        return [read_header(self._unit(i, "safetensors"))[0] for i in range(count)]
+
+    def finish(self, units: int, overwrite: bool, extras: Callable[[Path], None]) -> Path:
+        """Assemble the shards from ``units`` unit files and ``extras`` (config, tokenizer,
+        manifest last) inside the work folder, publish it as ``out``, remove the work folder."""
+        final = self.path / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        final.mkdir()
+        write_shards(final, self.units(units))
+        extras(final)
+        if self.out.exists() and not overwrite:
+            raise LowbitError(f"{self.out} already exists; choose another --out or pass "
+                              f"--overwrite")  # fmt: skip
+        publish_dir(final, self.out, overwrite)
+        shutil.rmtree(self.path, ignore_errors=True)
+        return self.out

@@ -1,0 +1,215 @@
+"""What the sequential runner does to one decoder block: the recipe's steps, then packing.
+
+``handler`` runs the weight algorithm on the block's planned linears: with calibration data the
+calibrated steps (SmoothQuant, AWQ, GPTQ / K-means / clipped RTN, LKD) as before, each linear
+left holding its quantized value so the next block calibrates on quantized outputs; without
+data, RTN / HQQ / K-means layer by layer. ``finish`` swaps in the packed :class:`QuantLinear`
+modules, calibrates static activation ranges and measures each layer's output SQNR on the
+block's recorded inputs, and returns the block's record (what the manifest says of it), which a
+streaming store keeps with the finished block so that a resumed run can rebuild its report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.algorithms import rtn, with_lorc
+from lowbit.algorithms.kmeans import kmeans
+from lowbit.calibration import BlockContext, CalibrationSet, block_output
+from lowbit.errors import LowbitError
+from lowbit.formats.spec import WeightSpec
+from lowbit.models.families import Family, sequential_groups
+from lowbit.models.modules import set_module
+from lowbit.nn import QuantLinear
+from lowbit.pipeline.act_ranges import observe_ranges
+from lowbit.pipeline.calibrated import (
+    apply,
+    awq_scale_block,
+    clipped_rtn_block,
+    gptq_fit,
+    hessian_block,
+    kmeans_fit,
+    smooth_block,
+)
+from lowbit.pipeline.diagnostics import output_sqnr_during
+from lowbit.pipeline.lkd import lkd_block
+from lowbit.pipeline.report import LayerReport, QuantizeReport
+from lowbit.primitives import QuantizedWeight, sqnr_db
+from lowbit.recipes import Recipe
+
+DIAGNOSTIC_WINDOWS = 4  # calibration windows the per-layer output SQNR is measured on
+
+
+def layer_spec(recipe: Recipe, spec: WeightSpec) -> WeightSpec:
+    """HQQ is round-to-nearest with the HQQ range optimiser as the observer; K-means stores a
+    codebook of the spec's width and blocks instead of a uniform grid."""
+    if recipe.algorithm == "hqq":
+        return spec.replace(observer=dataclasses.replace(spec.observer, name="hqq"))
+    if recipe.algorithm == "kmeans" and spec.format != "kmeans":
+        if spec.format != "int":
+            raise LowbitError(f"algorithm kmeans fits integer-width codebooks, not {spec.format}")
+        return spec.replace(format="kmeans", symmetric=True, zero_point="float")
+    return spec
+
+
+def data_free(recipe: Recipe, weight: Tensor, spec: WeightSpec, name: str) -> QuantizedWeight:
+    """One layer by RTN / HQQ / K-means (uniform weights), LoRC fitted when asked."""
+    if not torch.isfinite(weight).all():
+        raise LowbitError(f"{name}: the weight holds NaN or inf values; fix or exclude the "
+                          f"layer (ignore: [{name}]) before quantizing")  # fmt: skip
+    spec = layer_spec(recipe, spec)
+    if recipe.algorithm == "kmeans":
+        return with_lorc(kmeans(weight, spec, None, name), weight)
+    qw = rtn(weight, spec, name)
+    return with_lorc(qw, weight)
+
+
+def swap(model: nn.Module, name: str, module: nn.Linear, qw: QuantizedWeight, original: Tensor,
+         report: QuantizeReport) -> QuantLinear:  # fmt: skip
+    """Replace ``module`` by its packed QuantLinear and record the layer in ``report``."""
+    act = report.recipe.activations
+    params = [t for t in (qw.qparams.scale, qw.qparams.zero) if t is not None]
+    if not all(torch.isfinite(t.float()).all() for t in params):
+        raise LowbitError(f"{name}: quantization produced NaN or inf scales or zeros")
+    new = QuantLinear.from_quantized(qw, module.bias, name, act)
+    report.layers[name] = LayerReport(
+        qw.spec, module.in_features, module.out_features, module.bias is not None,
+        new.bits_per_weight(), sqnr_db(original, qw.dequantize()), act,
+    )  # fmt: skip
+    new = new.to(original.device)
+    set_module(model, name, new)
+    return new
+
+
+@dataclasses.dataclass
+class BlockSteps:
+    """The runner's ``handler`` and ``finish`` for one quantization run."""
+
+    model: nn.Module
+    recipe: Recipe
+    plan: dict[str, WeightSpec]
+    family: Family | None
+    report: QuantizeReport
+    calibration: CalibrationSet | None
+    batch_size: int
+    progress: bool
+    results: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
+    originals: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+
+    def local(self, ctx: BlockContext) -> dict[str, WeightSpec]:
+        head = ctx.name + "."
+        return {n[len(head) :]: s for n, s in self.plan.items() if n.startswith(head)}
+
+    def handler(self, ctx: BlockContext) -> None:
+        local = self.local(ctx)
+        if not local:
+            return
+        if not ctx.calls:  # data-free: layer by layer, weights left as they are
+            for n, spec in local.items():
+                full, weight = f"{ctx.name}.{n}", ctx.linear(n).weight
+                self.results[full] = data_free(self.recipe, weight, spec, full)
+                self.originals[full] = weight
+            return
+        self._calibrated(ctx, {n: layer_spec(self.recipe, s) for n, s in local.items()})
+
+    def _calibrated(self, ctx: BlockContext, local: dict[str, WeightSpec]) -> None:
+        recipe, report = self.recipe, self.report
+        for n in local:
+            self._check_finite(ctx, n)
+        groups = sequential_groups(self.model, ctx.block, recipe.gptq.true_sequential)
+        targets = ctx.outputs() if recipe.lkd is not None else None  # the float block's outputs
+        if recipe.smoothquant is not None:
+            report.smooth_alpha.update(
+                smooth_block(ctx, local, self.family, recipe.activations, recipe.smoothquant)
+            )
+        if recipe.algorithm.startswith("awq"):
+            report.awq_alpha.update(
+                awq_scale_block(ctx, local, self.family, recipe.awq, self.batch_size)
+            )
+        for n in local:  # the float weight each quantized one stands for (after scaling)
+            self.originals[f"{ctx.name}.{n}"] = ctx.linear(n).weight.detach().clone()
+        if recipe.algorithm == "kmeans":
+            hessian_block(ctx, local, groups, kmeans_fit, self.results)
+        elif recipe.algorithm in ("gptq", "awq+gptq"):
+            hessian_block(ctx, local, groups, gptq_fit(recipe.gptq), self.results)
+        elif recipe.algorithm.startswith("awq"):
+            clipped_rtn_block(ctx, local, groups, recipe.awq, self.results)
+        elif recipe.smoothquant is not None or recipe.lkd is not None:
+            plain = dataclasses.replace(recipe.awq, clip=False)  # rtn / hqq: no clipping search
+            clipped_rtn_block(ctx, local, groups, plain, self.results)
+        else:  # data-free weights; the data serves activation ranges and diagnostics
+            for n, spec in local.items():
+                full, linear = f"{ctx.name}.{n}", ctx.linear(n)
+                qw = data_free(self.recipe, linear.weight, spec, full)
+                apply(linear, qw)
+                self.results[full] = qw
+        if recipe.lkd is not None:
+            act, opts = recipe.activations, recipe.lkd
+            report.lkd[ctx.name] = lkd_block(ctx, targets, self.results, act, opts, self.progress)
+
+    def _check_finite(self, ctx: BlockContext, name: str) -> None:
+        if not torch.isfinite(ctx.linear(name).weight).all():
+            full = f"{ctx.name}.{name}"
+            raise LowbitError(f"{full}: the weight holds NaN or inf values; fix or exclude the "
+                              f"layer (ignore: [{full}]) before quantizing")  # fmt: skip
+
+    def finish(self, ctx: BlockContext) -> dict[str, Any]:
+        """Pack the block, calibrate its static ranges, measure its layers; the record."""
+        packed: dict[str, QuantLinear] = {}
+        for n in self.local(ctx):
+            full = f"{ctx.name}.{n}"
+            qw = self.results.pop(full)
+            packed[full] = swap(self.model, full, ctx.linear(n), qw, self.originals[full],
+                                self.report)  # fmt: skip
+        if ctx.calls and packed:
+            static = {n: m for n, m in packed.items() if m.act is not None and m.act.static}
+            observe_ranges(static, _replay(ctx.block, ctx.calls))
+            first = _first_calls(ctx.calls, DIAGNOSTIC_WINDOWS)
+            originals = {n: self.originals[n] for n in packed}
+            for n, db in output_sqnr_during(packed, originals, _replay(ctx.block, first)).items():
+                self.report.layers[n].output_sqnr_db = db
+        for n in packed:
+            self.originals.pop(n, None)
+        return self.record(ctx.name, list(packed))
+
+    def record(self, block: str, layers: list[str]) -> dict[str, Any]:
+        r = self.report
+        mine = {k: v for k, v in r.smooth_alpha.items() if k.startswith(block + ".")}
+        awq = {k: v for k, v in r.awq_alpha.items() if k.startswith(block + ".")}
+        return {"layers": {n: r.layers[n].to_dict() for n in layers}, "smooth_alpha": mine,
+                "awq_alpha": awq, "lkd": r.lkd.get(block)}  # fmt: skip
+
+
+def restore(report: QuantizeReport, record: dict[str, Any]) -> None:
+    """Put a finished block's record (from a resumed run's store) back into ``report``."""
+    for name, info in record.get("layers", {}).items():
+        report.layers[name] = LayerReport.from_dict(info, name)
+    report.smooth_alpha.update(record.get("smooth_alpha") or {})
+    report.awq_alpha.update(record.get("awq_alpha") or {})
+    block = record.get("block") or {}
+    if record.get("lkd") is not None:
+        report.lkd[block.get("block", "")] = record["lkd"]
+
+
+def _replay(block: nn.Module, calls: list) -> Callable[[], None]:
+    def run() -> None:
+        for call in calls:
+            block_output(block, call)
+
+    return run
+
+
+def _first_calls(calls: list, windows: int) -> list:
+    """The first recorded calls that together hold at least ``windows`` windows."""
+    out, seen = [], 0
+    for call in calls:
+        if seen >= windows:
+            break
+        out.append(call)
+        seen += call.hidden.shape[0]
+    return out

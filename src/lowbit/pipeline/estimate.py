@@ -1,0 +1,141 @@
+"""What a streamed run will need, before it starts: the per-layer plan, the output size, peak
+memory and wall time.
+
+Sizes come from the shapes alone (each planned layer's packed buffers are built on the meta
+device). Memory and time come from a probe: the real run on block 0 (embedding the calibration
+windows when the recipe has some), timed, with the process's peak RSS reset just before it, on
+this machine and with this thread count. Every decoder block has the same shape, so the run's
+time is the probe's block time per block, plus the layers outside the blocks in proportion to
+their weights, plus writing the output at the rate the probe wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.assets import cache_dir
+from lowbit.calibration import CalibrationSet
+from lowbit.models.families import find_blocks
+from lowbit.models.modules import quantizable_layers
+from lowbit.models.normalize import conv1d_to_linear
+from lowbit.models.source import TensorSource, skeleton
+from lowbit.models.workdir import WorkFolder
+from lowbit.nn import QuantLinear
+from lowbit.pipeline.stream import StreamStore
+from lowbit.pipeline.weights import quantize_weights
+from lowbit.recipes import Recipe, plan_layers
+from lowbit.sysinfo import current_rss_mb, peak_rss_mb, reset_peak_rss
+
+
+class _Probed(Exception):
+    """Raised once the probe block has been written."""
+
+
+class _ProbeStore(StreamStore):
+    def leave(self, index, name, block, record, hidden) -> None:
+        self.block_end = time.perf_counter()
+        super().leave(index, name, block, record, hidden)
+        self.written_s = time.perf_counter() - self.block_end
+        raise _Probed
+
+    def enter(self, name: str, block: nn.Module) -> None:
+        self.block_start = time.perf_counter()
+        super().enter(name, block)
+
+
+def estimate(
+    folder: Path, name: str, recipe: Recipe, calibration: CalibrationSet | None, progress: bool
+) -> dict[str, Any]:
+    """The plan and estimate of streaming ``folder`` through ``recipe`` (see module doc)."""
+    model = skeleton(folder)
+    tensors = TensorSource(folder)
+    tensors.check(model)
+    conv1d_to_linear(model)
+    plan = plan_layers(recipe, quantizable_layers(model))
+    prefix, blocks = find_blocks(model)
+    formats, qbytes, weights = _formats(model, plan)
+    in_blocks = {n for n in tensors.entries if n.startswith(prefix + ".")}
+    planned = {f"{n}.weight" for n in plan}
+    float_bytes = sum(
+        e.numel * 4 if n in in_blocks else e.nbytes
+        for n, e in tensors.entries.items()
+        if n not in planned
+    )
+    probe = _probe(folder, recipe, calibration, prefix, len(blocks), progress)
+    block_params = sum(tensors.entries[n].numel for n in in_blocks) / len(blocks)
+    outside = [n for n in plan if not n.startswith(prefix + ".")]
+    outside_params = sum(tensors.entries[f"{n}.weight"].numel for n in outside if
+                         f"{n}.weight" in tensors.entries)  # fmt: skip
+    write_rate = probe["block_bytes"] / max(probe["write_seconds"], 1e-3)
+    output = qbytes + float_bytes
+    seconds = (probe["setup_seconds"] + len(blocks) * probe["block_seconds"]
+               + probe["block_seconds"] * outside_params / block_params
+               + 2 * output / write_rate)  # fmt: skip
+    rest_mb = probe["baseline_mb"] + 3 * outside_params * 4 / 2**20
+    return {
+        "model": name,
+        "params": sum(e.numel for e in tensors.entries.values()),
+        "blocks": len(blocks),
+        "source_bytes": tensors.nbytes,
+        "source_dtypes": sorted({e.dtype for e in tensors.entries.values()}),
+        "formats": formats,
+        "bits_per_weight": 8 * qbytes / max(weights, 1),
+        "output_bytes": output,
+        "peak_rss_mb": max(probe["peak_mb"], rest_mb),
+        "seconds": seconds,
+        "threads": torch.get_num_threads(),
+        "probe": probe,
+        "layers": {n: s.short() for n, s in plan.items()},
+    }
+
+
+def _formats(model: nn.Module, plan: dict) -> tuple[dict[str, dict], int, int]:
+    """Per-format layer counts, weights and bits/weight; total packed bytes and weights."""
+    formats: dict[str, dict] = {}
+    total = weights = 0
+    for name, spec in plan.items():
+        linear = model.get_submodule(name)
+        with torch.device("meta"):
+            q = QuantLinear(linear.in_features, linear.out_features, spec,
+                            linear.bias is not None, layer=name)  # fmt: skip
+        nbytes = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+        n = linear.in_features * linear.out_features
+        row = formats.setdefault(spec.short(), {"layers": 0, "weights": 0, "bytes": 0})
+        row["layers"] += 1
+        row["weights"] += n
+        row["bytes"] += nbytes
+        total += nbytes
+        weights += n
+    for row in formats.values():
+        row["bits_per_weight"] = 8 * row["bytes"] / row["weights"]
+    return formats, total, weights
+
+
+def _probe(folder, recipe, calibration, prefix, blocks, progress) -> dict[str, float]:
+    """Run block 0 for real into a scratch work folder; its time, bytes and peak RSS."""
+    model = skeleton(folder)
+    tensors = TensorSource(folder)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="probe-") as tmp:
+        work = WorkFolder(Path(tmp) / "out", {"probe": True})
+        store = _ProbeStore(model, tensors, work, prefix, blocks)
+        baseline = current_rss_mb()
+        reset_peak_rss()
+        start = time.perf_counter()
+        with contextlib.suppress(_Probed):
+            quantize_weights(model, recipe, calibration, progress=False, store=store)
+        peak = peak_rss_mb() or current_rss_mb()
+    return {
+        "setup_seconds": store.block_start - start,
+        "block_seconds": store.block_end - store.block_start,
+        "write_seconds": store.written_s,
+        "block_bytes": work.bytes_written,
+        "baseline_mb": baseline,
+        "peak_mb": peak,
+    }

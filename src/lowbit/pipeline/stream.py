@@ -1,0 +1,144 @@
+"""Streaming quantization: a model larger than RAM, one decoder block in memory at a time.
+
+The model is a meta-device skeleton built from ``config.json``. The :class:`StreamStore` gives
+the sequential runner each block's weights from the source's safetensors shards just before the
+block is quantized, writes the finished block into the work folder and frees it. Embeddings are
+read only while the calibration windows are embedded; tensors the recipe leaves alone outside
+the blocks are copied byte for byte into the output without ever being loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.calibration import BlockStore, CalibrationSet
+from lowbit.errors import LowbitError
+from lowbit.models.families import find_blocks
+from lowbit.models.source import TensorSource, materialize, release, tied_names
+from lowbit.models.workdir import WorkFolder
+from lowbit.pipeline.report import QuantizeReport
+from lowbit.pipeline.weights import quantize_weights
+from lowbit.recipes import Recipe
+from lowbit.sysinfo import current_rss_mb, release_freed_memory
+
+
+class StreamStore(BlockStore):
+    """Blocks read from ``source`` and written to ``work`` as they finish."""
+
+    def __init__(
+        self, model: nn.Module, source: TensorSource, work: WorkFolder, prefix: str, blocks: int
+    ) -> None:
+        self.model, self.source, self.work = model, source, work
+        self.prefix, self.blocks = prefix, blocks
+        self.bytes_read = 0
+        release_freed_memory()
+
+    def records(self) -> list[dict[str, Any]]:
+        return self.work.records()[: self.blocks]
+
+    def first_block(self) -> tuple[int, list[Tensor] | None]:
+        done = len(self.records())
+        hidden = self.work.hidden(done - 1) if 0 < done < self.blocks else None
+        return done, hidden
+
+    @contextlib.contextmanager
+    def outside(self, model: nn.Module) -> Iterator[None]:
+        head = self._outside_names(skip_output=True)
+        self.bytes_read += materialize(model, head, self.source)
+        try:
+            yield
+        finally:
+            for name in head:
+                module_name, _, attr = name.rpartition(".")
+                _to_meta(model.get_submodule(module_name) if module_name else model, attr)
+            if tied_names(model):
+                model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+    def enter(self, name: str, block: nn.Module) -> None:
+        names = [f"{name}.{k}" for k in block.state_dict()]
+        self.bytes_read += materialize(self.model, names, self.source)
+
+    def leave(self, index: int, name: str, block: nn.Module, record: dict[str, Any],
+              hidden: list[Tensor] | None) -> None:  # fmt: skip
+        tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+        self.work.write_unit(index, tensors, record, hidden)
+        release(block)
+        del tensors
+        release_freed_memory()
+
+    @contextlib.contextmanager
+    def rest(self, model: nn.Module, layers: list[str]) -> Iterator[None]:
+        names = [f"{n}.{k}" for n in layers for k in ("weight", "bias")]
+        tied = tied_names(model)
+        if tied & set(names):  # a quantized output layer tied to the input embedding
+            embed = [n for n, m in model.named_modules() if m is model.get_input_embeddings()]
+            names.append(f"{embed[0]}.weight")
+        self.bytes_read += materialize(model, names, self.source)
+        yield
+        tensors: dict[str, Any] = {}
+        for layer in layers:
+            for k, v in model.get_submodule(layer).state_dict().items():
+                tensors[f"{layer}.{k}"] = v.detach().contiguous()
+        owned = {f"{n}." for n in layers}
+        for name in self._outside_names(skip_output=False):
+            if not name.startswith(tuple(owned)) and name in self.source:
+                tensors[name] = self.source.entries[name]  # copied byte for byte
+        self.work.write_unit(self.blocks, tensors, {"rest": layers})
+
+    def _outside_names(self, skip_output: bool) -> list[str]:
+        """Names of the model's tensors outside the decoder blocks (the output embedding left
+        out with ``skip_output``, unless it is tied to the input embedding)."""
+        head = self.prefix + "."
+        names = [n for n in self.model.state_dict() if not n.startswith(head)]
+        out = self._output_prefix()
+        if skip_output and out:
+            tied = tied_names(self.model)
+            names = [n for n in names if n in tied or not n.startswith(out)]
+        return names
+
+    def _output_prefix(self) -> str | None:
+        out = getattr(self.model, "get_output_embeddings", lambda: None)()
+        found = [n for n, m in self.model.named_modules() if out is not None and m is out]
+        return f"{found[0]}." if found else None
+
+    def status(self) -> dict[str, str]:
+        return {
+            "read": f"{self.bytes_read / 1e9:.1f}GB",
+            "written": f"{self.work.bytes_written / 1e9:.2f}GB",
+            "rss": f"{current_rss_mb():.0f}MB",
+        }
+
+
+def _to_meta(module: nn.Module, attr: str) -> None:
+    if attr in module._parameters and module._parameters[attr] is not None:
+        p = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                requires_grad=False)  # fmt: skip
+    elif attr in module._buffers and module._buffers[attr] is not None:
+        module._buffers[attr] = torch.empty_like(module._buffers[attr], device="meta")
+
+
+def stream_quantize(
+    model: nn.Module,
+    source: TensorSource,
+    recipe: Recipe,
+    calibration: CalibrationSet | None,
+    work: WorkFolder,
+    progress: bool = True,
+    seed: int = 0,
+) -> tuple[QuantizeReport, int]:
+    """Quantize the meta skeleton ``model`` block by block from ``source`` into ``work``;
+    returns the report and the number of units written (blocks, then the rest)."""
+    source.check(model)
+    try:
+        prefix, blocks = find_blocks(model)
+    except LowbitError as exc:
+        raise LowbitError(f"streaming quantization goes block by block: {exc}") from None
+    store = StreamStore(model, source, work, prefix, len(blocks))
+    report = quantize_weights(model, recipe, calibration, progress, store=store, seed=seed)
+    return report, len(blocks) + 1
