@@ -74,11 +74,12 @@ def model_units(model: nn.Module) -> list[dict[str, torch.Tensor]]:
 
 
 def write_shards(
-    folder: Path, units: list[Mapping[str, Item]], max_bytes: int = MAX_SHARD_BYTES
+    folder: Path, units: list[Mapping[str, Item]], max_bytes: int | None = None
 ) -> list[str]:
     """Group consecutive units into shards of at most ``max_bytes`` (a larger unit stands
     alone) and write them as transformers names them: ``model.safetensors`` alone, or
     ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
+    max_bytes = MAX_SHARD_BYTES if max_bytes is None else max_bytes
     groups: list[dict[str, Item]] = []
     size = 0
     for unit in units:

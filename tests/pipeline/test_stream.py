@@ -1,0 +1,182 @@
+"""Streaming quantization on tiny models: same bytes as in memory, resume after a crash at any
+block, the dry-run estimate, and bad checkpoints caught before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_recipe
+from lowbit import api
+from lowbit.calibration import CalibrationSet
+from lowbit.errors import LowbitError
+from lowbit.models import tensorfile
+from lowbit.models.workdir import work_path
+from lowbit.pipeline import stream as stream_module
+
+RTN = make_recipe({"bits": 4, "group_size": 32})
+
+
+def gptq():
+    from lowbit.recipes import Recipe
+
+    weights = {"bits": 3, "group_size": 32}
+    body = {"version": 1, "name": "g", "algorithm": "gptq", "weights": weights}
+    return Recipe.from_dict({**body, "ignore": ["lm_head"]})
+
+
+def calib(vocab: int = 50) -> CalibrationSet:
+    windows = torch.randint(0, vocab, (6, 24), generator=torch.Generator().manual_seed(1))
+    return CalibrationSet("test", 6, 24, 0, windows)
+
+
+def sharded(folder: Path, out: Path) -> Path:
+    """``folder`` re-saved as 3 shards with an index (as transformers writes big models)."""
+    from lowbit.models.checkpoint import write_shards
+    from lowbit.models.source import TensorSource
+
+    shutil.copytree(folder, out)
+    (out / "model.safetensors").unlink()
+    src = TensorSource(folder)
+    items = sorted(src.entries.items())
+    units = [dict(items[i::3]) for i in range(3)]
+    write_shards(out, units, max_bytes=1)
+    return out
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("model*.safetensors*"))}
+
+
+@pytest.mark.parametrize("recipe", [RTN, gptq()], ids=["rtn", "gptq"])
+def test_streamed_output_equals_in_memory_byte_for_byte(tiny_folder, tmp_path, recipe):
+    data = calib() if recipe.algorithm == "gptq" else None
+    src = api.load_model(str(tiny_folder))
+    report = api.quantize(src.model, recipe, data, progress=False)
+    mem = api.save(src.model, tmp_path / "mem", report, source=src)
+    out, streamed = api.quantize_to(str(tiny_folder), recipe, tmp_path / "stream", data,
+                                    progress=False)  # fmt: skip
+    assert files(mem) == files(out) and files(out)
+    assert streamed.layers.keys() == report.layers.keys()
+    assert not work_path(out).exists()
+    x = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        a = api.load(mem, kernels=False).model(x).logits
+        b = api.load(out, kernels=False).model(x).logits
+    assert torch.equal(a, b)
+
+
+def test_sharded_source_and_output(tiny_folder, tmp_path, monkeypatch):
+    source = sharded(tiny_folder, tmp_path / "sharded")
+    assert (source / "model.safetensors.index.json").is_file()
+    plain, _ = api.quantize_to(str(tiny_folder), RTN, tmp_path / "a", progress=False)
+    monkeypatch.setattr("lowbit.models.checkpoint.MAX_SHARD_BYTES", 20_000)
+    out, _ = api.quantize_to(str(source), RTN, tmp_path / "b", progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    x = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        a = api.load(plain, kernels=False).model(x).logits
+        b = api.load(out, kernels=False).model(x).logits
+    assert torch.equal(a, b)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("at", [0, 1, 2])  # block 0, block 1, the rest (embeddings, head)
+def test_killed_run_resumes_to_the_same_bytes(tiny_folder, tmp_path, monkeypatch, at):
+    data = calib()
+    whole, _ = api.quantize_to(str(tiny_folder), gptq(), tmp_path / "whole", data, progress=False)
+    original = stream_module.WorkFolder.write_unit
+
+    def crashing(self, index, *args, **kwargs):
+        if index == at:
+            raise Crash
+        return original(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(stream_module.WorkFolder, "write_unit", crashing)
+    with pytest.raises(Crash):
+        api.quantize_to(str(tiny_folder), gptq(), tmp_path / "again", data, progress=False)
+    assert not (tmp_path / "again").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".again.lowbit-work",
+        "tiny-llama",
+        "whole",
+    ]
+    monkeypatch.setattr(stream_module.WorkFolder, "write_unit", original)
+    out, report = api.quantize_to(str(tiny_folder), gptq(), tmp_path / "again", data,
+                                  progress=False)  # fmt: skip
+    assert files(out) == files(whole)
+    assert len(report.blocks) == 2 and len(report.layers) == 14
+    assert not work_path(out).exists()
+
+
+def test_resume_with_another_recipe_is_an_error(tiny_folder, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise Crash
+
+    monkeypatch.setattr(stream_module.WorkFolder, "write_unit", crash)
+    with pytest.raises(Crash):
+        api.quantize_to(str(tiny_folder), RTN, tmp_path / "q", progress=False)
+    monkeypatch.undo()
+    other = make_recipe({"bits": 3, "group_size": 32})
+    with pytest.raises(LowbitError, match="another recipe.*--restart"):
+        api.quantize_to(str(tiny_folder), other, tmp_path / "q", progress=False)
+    api.quantize_to(str(tiny_folder), other, tmp_path / "q", progress=False, restart=True)
+
+
+def test_dry_run_estimate(tiny_folder):
+    plan = api.estimate(str(tiny_folder), gptq(), calib(), progress=False)
+    for key in ("peak_rss_mb", "seconds", "output_bytes", "bits_per_weight"):
+        assert plan[key] > 0
+    assert plan["blocks"] == 2 and len(plan["layers"]) == 14
+    assert plan["bits_per_weight"] == pytest.approx(4.0)  # int3 + fp16 scale and offset per 32
+
+
+def test_missing_shard_is_named(tiny_folder, tmp_path):
+    source = sharded(tiny_folder, tmp_path / "sharded")
+    (source / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(LowbitError, match="model-00002-of-00003.safetensors, which is missing"):
+        api.quantize_to(str(source), RTN, tmp_path / "q", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded", "tiny-llama"]
+
+
+def test_truncated_shard_is_named(tiny_folder, tmp_path):
+    weights = tiny_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(LowbitError, match="model.safetensors is truncated"):
+        api.quantize_to(str(tiny_folder), RTN, tmp_path / "q", progress=False)
+
+
+def test_shape_that_disagrees_with_config_is_named(tiny_folder, tmp_path):
+    config = json.loads((tiny_folder / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (tiny_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match="mlp.*has shape .* config.json implies"):
+        api.quantize_to(str(tiny_folder), RTN, tmp_path / "q", progress=False)
+
+
+def test_full_disk_is_one_error_and_leaves_nothing_outside_the_work_folder(
+    tiny_folder, tmp_path, monkeypatch
+):
+    real = tensorfile._write_item
+    calls = []
+
+    def full(f, item):
+        calls.append(1)
+        if len(calls) > 12:
+            raise OSError(28, "No space left on device")
+        real(f, item)
+
+    monkeypatch.setattr(tensorfile, "_write_item", full)
+    with pytest.raises(LowbitError, match="No space left on device"):
+        api.quantize_to(str(tiny_folder), RTN, tmp_path / "q", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".q.lowbit-work", "tiny-llama"]
+    units = list((tmp_path / ".q.lowbit-work" / "units").iterdir())
+    assert all(not p.name.startswith(".") for p in units)  # no temporary left behind
