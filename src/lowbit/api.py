@@ -77,6 +77,7 @@ def quantize(
     recipe: Recipe | str | Path,
     calibration: CalibrationSet | None = None,
     progress: bool = True,
+    hidden_dtype: str = "float32",
 ) -> QuantizeReport:
     """Quantize ``model`` in place with a recipe (object, preset name, or YAML path).
 
@@ -85,7 +86,8 @@ def quantize(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return quantize_weights(model, recipe, calibration, progress=progress)
+    return quantize_weights(model, recipe, calibration, progress=progress,
+                            hidden_dtype=_hidden_dtype(hidden_dtype))  # fmt: skip
 
 
 def qat(
@@ -224,11 +226,13 @@ def quantize_to(
     restart: bool = False,
     progress: bool = True,
     analysis: dict[str, Any] | None = None,
+    hidden_dtype: str = "float32",
 ) -> tuple[Path, QuantizeReport]:
     """Quantize the float model ``source`` (zoo name, HF folder, GGUF file, hub id) straight
     into the lowbit folder ``out``, one decoder block in memory at a time. A killed run started
     again with the same arguments resumes from its first unfinished block (``restart``
-    discards that work instead)."""
+    discards that work instead). ``hidden_dtype="bfloat16"`` halves the memory of the
+    calibration hidden states carried between blocks."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
@@ -239,9 +243,11 @@ def quantize_to(
     tensors = TensorSource(folder)
     fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
                    "calibration": calibration.describe() if calibration else None,
-                   "seed": seed, "lowbit": __version__}  # fmt: skip
+                   "seed": seed, "lowbit": __version__, "hidden_dtype": hidden_dtype}  # fmt: skip
     work = WorkFolder(out, fingerprint, restart)
-    report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed)
+    dtype = _hidden_dtype(hidden_dtype)
+    report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed,
+                                    dtype)  # fmt: skip
     report.analysis = analysis
     size = _streamed_size(report, work.units(units))
     manifest = _manifest(report, {"model": source, "kind": kind}, size, None, seed)
@@ -259,13 +265,14 @@ def estimate(
     recipe: Recipe | str | Path,
     calibration: CalibrationSet | None = None,
     progress: bool = True,
+    hidden_dtype: str = "float32",
 ) -> dict[str, Any]:
     """What ``quantize_to(source, recipe, ...)`` would need: the per-layer plan, output bytes,
     estimated peak RSS (MB) and wall time (s), from the shapes and a timed probe of one block."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     folder, _ = source_folder(source)
-    return estimate_run(folder, source, recipe, calibration, progress)
+    return estimate_run(folder, source, recipe, calibration, _hidden_dtype(hidden_dtype))
 
 
 def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:
@@ -273,6 +280,12 @@ def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:
     manifest = read_manifest(Path(folder))
     manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
     write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, default=str))
+
+
+def _hidden_dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "bfloat16"):
+        raise LowbitError(f"hidden states are kept in float32 or bfloat16, not {name!r}")
+    return getattr(torch, name)
 
 
 def _identity(folder: Path, tensors: TensorSource) -> dict[str, Any]:

@@ -70,6 +70,11 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
              "peak memory and time (from the shapes and a timed probe of one block)",
     )  # fmt: skip
     p.add_argument(
+        "--hidden-dtype", choices=["float32", "bfloat16"], default="float32",
+        help="dtype of the calibration hidden states carried from block to block (default: "
+             "float32; bfloat16 halves their memory, see the README for its cost)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-memory",
         metavar="SIZE",
         help="refuse to start a run whose estimated peak RSS exceeds SIZE (e.g. 6GB)",
@@ -91,6 +96,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise LowbitError(f"{args.out} already exists; choose another --out or pass --overwrite")
     recipe = api.load_recipe(args.recipe)
+    if args.max_memory:
+        _limit_mb(args.max_memory)  # a malformed size fails before any work
     folder, _ = source_folder(args.model)
     mixed = args.target_bits is not None or args.target_size is not None
     calibration = None
@@ -113,14 +120,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         recipe, summary = _mixed(args, api, src, recipe, calibration)
         del src
     if args.dry_run or args.max_memory:
-        plan = api.estimate(args.model, recipe, calibration, progress=not args.quiet)
+        plan = api.estimate(args.model, recipe, calibration, not args.quiet, args.hidden_dtype)
+        narrowable = calibration is not None and args.hidden_dtype == "float32"
+        if args.max_memory and narrowable and plan["peak_rss_mb"] > _limit_mb(args.max_memory):
+            narrow = api.estimate(args.model, recipe, calibration, False, "bfloat16")
+            if narrow["peak_rss_mb"] <= _limit_mb(args.max_memory):
+                log.warning("keeping calibration hidden states in bfloat16 to stay within "
+                            "--max-memory %s", args.max_memory)  # fmt: skip
+                plan, args.hidden_dtype = narrow, "bfloat16"
         if args.dry_run:
             print(json.dumps(plan, indent=1) if args.json else render_plan(plan))
             return 0
         _check_memory(plan, args.max_memory)
     out, report = api.quantize_to(
         args.model, recipe, args.out, calibration, args.seed, args.overwrite, args.restart,
-        progress=not args.quiet, analysis=summary,
+        progress=not args.quiet, analysis=summary, hidden_dtype=args.hidden_dtype,
     )  # fmt: skip
     metrics, results, sizes = {}, None, None
     if args.eval:
@@ -159,10 +173,16 @@ def _print_summary(args, recipe, out, report, metrics, results, sizes) -> int:
     return 0
 
 
-def _check_memory(plan: dict[str, Any], limit: str) -> None:
+def _limit_mb(limit: str) -> float:
     from lowbit.analysis import parse_size
 
-    allowed = parse_size(limit) / 2**20
+    return parse_size(limit, "--max-memory") / 2**20
+
+
+def _check_memory(plan: dict[str, Any], limit: str | None) -> None:
+    if limit is None:
+        return
+    allowed = _limit_mb(limit)
     if plan["peak_rss_mb"] > allowed:
         raise LowbitError(f"this run needs about {plan['peak_rss_mb']:,.0f} MB at its peak, more "
                           f"than --max-memory {limit} ({allowed:,.0f} MB); use fewer "

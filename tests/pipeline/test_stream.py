@@ -180,3 +180,31 @@ def test_full_disk_is_one_error_and_leaves_nothing_outside_the_work_folder(
     assert sorted(p.name for p in tmp_path.iterdir()) == [".q.lowbit-work", "tiny-llama"]
     units = list((tmp_path / ".q.lowbit-work" / "units").iterdir())
     assert all(not p.name.startswith(".") for p in units)  # no temporary left behind
+
+
+def test_bfloat16_hidden_states_change_little(tiny_folder, tmp_path):
+    data = calib()
+    a, ra = api.quantize_to(str(tiny_folder), gptq(), tmp_path / "a", data, progress=False)
+    b, rb = api.quantize_to(str(tiny_folder), gptq(), tmp_path / "b", data, progress=False,
+                            hidden_dtype="bfloat16")  # fmt: skip
+    assert files(a) != files(b)  # the second block was calibrated on rounded inputs
+    for x, y in zip(ra.blocks, rb.blocks, strict=True):
+        assert y.output_error == pytest.approx(x.output_error, rel=0.2)
+    with pytest.raises(LowbitError, match="float32 or bfloat16"):
+        api.quantize_to(str(tiny_folder), gptq(), tmp_path / "c", data, hidden_dtype="half")
+
+
+def test_cli_dry_run_json_and_max_memory(tiny_folder, tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_folder), "--recipe", "w4-rtn-g32", "--out", str(out)]
+    assert main([*args, "--dry-run", "--json", "-q"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {"peak_rss_mb", "seconds", "output_bytes", "bits_per_weight"} <= plan.keys()
+    assert not out.exists()
+    assert main([*args, "-q", "--max-memory", "1MB"]) == 2
+    assert "needs about" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "-q", "--max-memory", "lots"]) == 2
+    assert "--max-memory: expected a size" in capsys.readouterr().err
+    assert main([*args, "-q", "--max-memory", "20GB"]) == 0 and out.is_dir()

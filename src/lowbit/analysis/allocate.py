@@ -47,11 +47,11 @@ def candidate_specs(base: WeightSpec, choices: list[str]) -> dict[str, WeightSpe
     return out
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--target-size") -> int:
     """Bytes from '60MB', '1.5GiB', '500kB' or a plain number of bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKMGT]?i?[bB]?)\s*", text)
     if not m:
-        raise LowbitError(f"--target-size: expected a size like 60MB or 1.5GiB, got {text!r}")
+        raise LowbitError(f"{option}: expected a size like 60MB or 1.5GiB, got {text!r}")
     unit = m.group(2).upper().rstrip("B")
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
     base = 1024 if unit.endswith("I") else 1000

@@ -60,8 +60,10 @@ def capture_block_inputs(
 
 
 def block_output(block: nn.Module, call: BlockCall) -> Tensor:
-    """The hidden states a block returns for one recorded call."""
-    out = block(call.hidden, *call.args, **call.kwargs)
+    """The hidden states a block returns for one recorded call (hidden states kept in a
+    narrower dtype between blocks are computed with in float32)."""
+    hidden = call.hidden.float() if call.hidden.dtype == torch.bfloat16 else call.hidden
+    out = block(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

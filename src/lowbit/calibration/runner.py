@@ -152,11 +152,13 @@ def run_sequential(
     finish: Finish | None = None,
     store: BlockStore | None = None,
     seed: int = 0,
+    hidden_dtype: torch.dtype = torch.float32,
 ) -> list[BlockResult]:
     """Run ``handler`` on every block in order, feeding each the previous quantized outputs,
     then ``finish`` (whose record the store keeps with the block). Without ``windows`` no
     forward pass runs (data-free algorithms). Each block starts from its own seed, so a resumed
-    run draws what an uninterrupted one did."""
+    run draws what an uninterrupted one did. ``hidden_dtype`` bfloat16 halves the memory of the
+    hidden states carried between blocks (each block still computes in float32)."""
     store = store or BlockStore()
     first, hidden = store.first_block()
     calls: list[BlockCall] = []
@@ -165,7 +167,8 @@ def run_sequential(
             calls = capture_block_inputs(model, blocks[0], windows, batch_size)
         if hidden is not None:
             calls = [c.with_hidden(h) for c, h in zip(calls, hidden, strict=True)]
-        elif first:
+        calls = [c.with_hidden(c.hidden.to(hidden_dtype)) for c in calls]
+        if first and hidden is None:
             raise LowbitError(f"no saved inputs for block {first}; rerun with --restart")
     results: list[BlockResult] = []
     bar = tqdm(range(first, len(blocks)), desc=desc, unit="block", disable=not progress,
@@ -181,7 +184,7 @@ def run_sequential(
         quantized = ctx.outputs()
         error = _relative_error(quantized[: len(reference)], reference) if calls else None
         record = finish(ctx) if finish is not None else {}
-        calls = [c.with_hidden(y) for c, y in zip(calls, quantized, strict=True)]
+        calls = [c.with_hidden(y.to(hidden_dtype)) for c, y in zip(calls, quantized, strict=True)]
         result = BlockResult(index, ctx.name, error, time.perf_counter() - start)
         results.append(result)
         record["block"] = result.to_dict()

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from lowbit.assets import write_text_atomic
 from lowbit.errors import LowbitError
 from lowbit.models.checkpoint import MANIFEST, load_folder
 from lowbit.models.convert import converted_folder
@@ -86,7 +87,7 @@ def source_folder(source: str) -> tuple[Path, str]:
         return converted_folder(zoo_gguf(entry), entry.member_sha256), "zoo"
     randoms = random_models()
     if source in randoms:
-        return random_folder(randoms[source]), "random"
+        return _with_tokenizer(random_folder(randoms[source]), randoms[source].tokenizer), "random"
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / MANIFEST).is_file():
@@ -101,6 +102,18 @@ def source_folder(source: str) -> tuple[Path, str]:
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise LowbitError(f"no such file or folder: {source}")
     return _hub_folder(source), "hub"
+
+
+def _with_tokenizer(folder: Path, zoo_name: str | None) -> Path:
+    """A random model's folder with the tokenizer files of zoo model ``zoo_name`` beside its
+    weights (so that it can be calibrated on real text; its token ids fit the vocabulary)."""
+    if zoo_name is None or (folder / "tokenizer.json").is_file():
+        return folder
+    donor, _ = source_folder(zoo_name)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (donor / name).is_file():
+            write_text_atomic(folder / name, (donor / name).read_text())
+    return folder
 
 
 def _hub_folder(repo_id: str) -> Path:

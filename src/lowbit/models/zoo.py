@@ -44,6 +44,7 @@ class RandomModel:
     config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     dtype: str = "float32"  # of the folder written for streamed runs
+    tokenizer: str | None = None  # zoo model whose tokenizer calibrates it (ids < vocab)
 
 
 def random_models() -> dict[str, RandomModel]:
@@ -75,8 +76,10 @@ def random_models() -> dict[str, RandomModel]:
         config = {**llama3, "hidden_size": hidden, "intermediate_size": mlp,
                   "num_hidden_layers": layers, "num_attention_heads": heads,
                   "tie_word_embeddings": tied}  # fmt: skip
-        what = f"{real}'s shape, seeded random {dtype} weights on disk: for scale runs only"
-        entries.append(RandomModel(name, what, "llama", config, dtype=dtype))
+        what = (f"{real}'s shape, seeded random {dtype} weights on disk, SmolLM2's tokenizer "
+                f"for calibration: for scale runs only")  # fmt: skip
+        entries.append(RandomModel(name, what, "llama", config, dtype=dtype,
+                                   tokenizer="smollm2-135m"))  # fmt: skip
     return {e.name: e for e in entries}
 
 

@@ -51,7 +51,11 @@ class _ProbeStore(StreamStore):
 
 
 def estimate(
-    folder: Path, name: str, recipe: Recipe, calibration: CalibrationSet | None, progress: bool
+    folder: Path,
+    name: str,
+    recipe: Recipe,
+    calibration: CalibrationSet | None,
+    hidden_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """The plan and estimate of streaming ``folder`` through ``recipe`` (see module doc)."""
     model = skeleton(folder)
@@ -68,7 +72,7 @@ def estimate(
         for n, e in tensors.entries.items()
         if n not in planned
     )
-    probe = _probe(folder, recipe, calibration, prefix, len(blocks), progress)
+    probe = _probe(folder, recipe, calibration, prefix, len(blocks), hidden_dtype)
     block_params = sum(tensors.entries[n].numel for n in in_blocks) / len(blocks)
     outside = [n for n in plan if not n.startswith(prefix + ".")]
     outside_params = sum(tensors.entries[f"{n}.weight"].numel for n in outside if
@@ -118,7 +122,7 @@ def _formats(model: nn.Module, plan: dict) -> tuple[dict[str, dict], int, int]:
     return formats, total, weights
 
 
-def _probe(folder, recipe, calibration, prefix, blocks, progress) -> dict[str, float]:
+def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype) -> dict[str, float]:
     """Run block 0 for real into a scratch work folder; its time, bytes and peak RSS."""
     model = skeleton(folder)
     tensors = TensorSource(folder)
@@ -129,7 +133,8 @@ def _probe(folder, recipe, calibration, prefix, blocks, progress) -> dict[str, f
         reset_peak_rss()
         start = time.perf_counter()
         with contextlib.suppress(_Probed):
-            quantize_weights(model, recipe, calibration, progress=False, store=store)
+            quantize_weights(model, recipe, calibration, progress=False, store=store,
+                             hidden_dtype=hidden_dtype)  # fmt: skip
         peak = peak_rss_mb() or current_rss_mb()
     return {
         "setup_seconds": store.block_start - start,

@@ -131,6 +131,7 @@ def stream_quantize(
     work: WorkFolder,
     progress: bool = True,
     seed: int = 0,
+    hidden_dtype: torch.dtype = torch.float32,
 ) -> tuple[QuantizeReport, int]:
     """Quantize the meta skeleton ``model`` block by block from ``source`` into ``work``;
     returns the report and the number of units written (blocks, then the rest)."""
@@ -140,5 +141,6 @@ def stream_quantize(
     except LowbitError as exc:
         raise LowbitError(f"streaming quantization goes block by block: {exc}") from None
     store = StreamStore(model, source, work, prefix, len(blocks))
-    report = quantize_weights(model, recipe, calibration, progress, store=store, seed=seed)
+    report = quantize_weights(model, recipe, calibration, progress, store=store, seed=seed,
+                              hidden_dtype=hidden_dtype)  # fmt: skip
     return report, len(blocks) + 1

@@ -48,9 +48,11 @@ def quantize_weights(
     batch_size: int = 8,
     store: BlockStore | None = None,
     seed: int = 0,
+    hidden_dtype: torch.dtype = torch.float32,
 ) -> QuantizeReport:
     """Quantize ``model`` in place according to ``recipe``; returns the report. ``store``
-    (default: in memory) says where the blocks' weights come from and go to."""
+    (default: in memory) says where the blocks' weights come from and go to; ``hidden_dtype``
+    is the dtype calibration hidden states are kept in between blocks."""
     start = time.perf_counter()
     conv1d_to_linear(model)
     plan = plan_layers(recipe, quantizable_layers(model))
@@ -73,6 +75,7 @@ def quantize_weights(
         results = run_sequential(
             model, modules, prefix, windows, steps.handler, batch_size, progress,
             desc=f"quantize ({_description(recipe)})", finish=steps.finish, store=store, seed=seed,
+            hidden_dtype=hidden_dtype,
         )  # fmt: skip
         if windows is not None:
             report.blocks = [*(BlockResult.from_dict(r["block"]) for r in resumed), *results]
