@@ -202,7 +202,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"output: {plan['output_bytes']:,} bytes",
         f"estimated peak RSS: {plan['peak_rss_mb']:,.0f} MB",
         f"estimated time: {plan['seconds']:,.0f} s with {plan['threads']} threads "
-        f"(probe: block 0 took {plan['probe']['block_seconds']:.2f} s)",
+        f"(probe: a block took {plan['probe']['block_seconds']:.2f} s)",
     ]
     return "\n".join(lines)
 

@@ -6,16 +6,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lowbit.eval.size import folder_layer_bytes, safetensors_header, tensor_bytes
+from lowbit.eval.size import folder_layer_bytes, tensor_bytes
 from lowbit.eval.table import format_table
-from lowbit.models.checkpoint import WEIGHTS, read_manifest
+from lowbit.models.checkpoint import read_manifest, weight_files
+from lowbit.models.tensorfile import read_header
 
 
 def inspect_folder(folder: Path) -> dict[str, Any]:
     """Per-layer formats and bytes, totals, and the manifest. ``bits_per_weight`` at the top
     level is over the quantized layers, scale and zero overhead included."""
     manifest = read_manifest(folder)
-    header = safetensors_header(Path(folder) / WEIGHTS)
+    files = weight_files(Path(folder))
+    header = {}
+    for path in files:  # every shard's header, checked against its size (truncation)
+        entries, _ = read_header(path)
+        for n, e in entries.items():
+            header[n] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
     layers, qweights, qbytes = {}, 0, 0
     for name, info in manifest["layers"].items():
         b = folder_layer_bytes(header, name)
@@ -39,7 +45,8 @@ def inspect_folder(folder: Path) -> dict[str, Any]:
         "quantized_bytes": qbytes,
         "float_bytes": total - qbytes,
         "tensor_bytes": total,
-        "file_bytes": os.path.getsize(Path(folder) / WEIGHTS),
+        "file_bytes": sum(os.path.getsize(p) for p in files),
+        "files": [p.name for p in files],
         "layers": layers,
         "manifest": {k: v for k, v in manifest.items() if k != "layers"},
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class WorkFolder:
         self.path = work_path(self.out)
         self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
         self.bytes_written = 0
+        self.write_seconds = 0.0
         if self.path.exists() and restart:
             shutil.rmtree(self.path)
         if self.path.exists():
@@ -82,12 +84,14 @@ class WorkFolder:
     def write_unit(self, index: int, tensors: Mapping[str, Item], record: dict[str, Any],
                    hidden: list[torch.Tensor] | None = None) -> None:  # fmt: skip
         """Persist a finished block, then the next block's inputs, then the record."""
+        start = time.perf_counter()
         with atomic_file(self._unit(index, "safetensors")) as tmp:
             self.bytes_written += write_file(tmp, tensors, {"unit": str(index)})
         if hidden is not None:
             with atomic_file(self.path / "hidden.safetensors") as tmp:
                 named = {f"h{i:05d}": h for i, h in enumerate(hidden)}
                 self.bytes_written += write_file(tmp, named, {"after": str(index)})
+        self.write_seconds += time.perf_counter() - start
         write_text_atomic(self._unit(index, "json"), json.dumps(record, default=str))
 
     def hidden(self, after: int) -> list[torch.Tensor] | None:

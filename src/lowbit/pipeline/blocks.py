@@ -40,6 +40,7 @@ from lowbit.pipeline.diagnostics import output_sqnr_during
 from lowbit.pipeline.lkd import lkd_block
 from lowbit.pipeline.report import LayerReport, QuantizeReport
 from lowbit.primitives import QuantizedWeight, sqnr_db
+from lowbit.primitives.metrics import all_finite
 from lowbit.recipes import Recipe
 
 DIAGNOSTIC_WINDOWS = 4  # calibration windows the per-layer output SQNR is measured on
@@ -59,7 +60,7 @@ def layer_spec(recipe: Recipe, spec: WeightSpec) -> WeightSpec:
 
 def data_free(recipe: Recipe, weight: Tensor, spec: WeightSpec, name: str) -> QuantizedWeight:
     """One layer by RTN / HQQ / K-means (uniform weights), LoRC fitted when asked."""
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise LowbitError(f"{name}: the weight holds NaN or inf values; fix or exclude the "
                           f"layer (ignore: [{name}]) before quantizing")  # fmt: skip
     spec = layer_spec(recipe, spec)
@@ -153,7 +154,7 @@ class BlockSteps:
             report.lkd[ctx.name] = lkd_block(ctx, targets, self.results, act, opts, self.progress)
 
     def _check_finite(self, ctx: BlockContext, name: str) -> None:
-        if not torch.isfinite(ctx.linear(name).weight).all():
+        if not all_finite(ctx.linear(name).weight):
             full = f"{ctx.name}.{name}"
             raise LowbitError(f"{full}: the weight holds NaN or inf values; fix or exclude the "
                               f"layer (ignore: [{full}]) before quantizing")  # fmt: skip

@@ -2,8 +2,9 @@
 memory and wall time.
 
 Sizes come from the shapes alone (each planned layer's packed buffers are built on the meta
-device). Memory and time come from a probe: the real run on block 0 (embedding the calibration
-windows when the recipe has some), timed, with the process's peak RSS reset just before it, on
+device). Memory and time come from a probe: the real run on blocks 0 and 1 (embedding the
+calibration windows when the recipe has some), the second block timed (the first pays for
+warming up), with the process's peak RSS reset just before it, on
 this machine and with this thread count. Every decoder block has the same shape, so the run's
 time is the probe's block time per block, plus the layers outside the blocks in proportion to
 their weights, plus writing the output at the rate the probe wrote.
@@ -39,14 +40,20 @@ class _Probed(Exception):
 
 
 class _ProbeStore(StreamStore):
+    """Times the first ``probe`` blocks (the last of them is the warm one that counts)."""
+
+    probe = 2
+    block_start = block_end = first_start = 0.0
+
     def leave(self, index, name, block, record, hidden) -> None:
         self.block_end = time.perf_counter()
         super().leave(index, name, block, record, hidden)
-        self.written_s = time.perf_counter() - self.block_end
-        raise _Probed
+        if index + 1 >= min(self.probe, self.blocks):
+            raise _Probed
 
     def enter(self, name: str, block: nn.Module) -> None:
         self.block_start = time.perf_counter()
+        self.first_start = self.first_start or self.block_start
         super().enter(name, block)
 
 
@@ -77,7 +84,7 @@ def estimate(
     outside = [n for n in plan if not n.startswith(prefix + ".")]
     outside_params = sum(tensors.entries[f"{n}.weight"].numel for n in outside if
                          f"{n}.weight" in tensors.entries)  # fmt: skip
-    write_rate = probe["block_bytes"] / max(probe["write_seconds"], 1e-3)
+    write_rate = probe["bytes_written"] / max(probe["write_seconds"], 1e-3)
     output = qbytes + float_bytes
     seconds = (probe["setup_seconds"] + len(blocks) * probe["block_seconds"]
                + probe["block_seconds"] * outside_params / block_params
@@ -137,10 +144,10 @@ def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype) -> dict[st
                              hidden_dtype=hidden_dtype)  # fmt: skip
         peak = peak_rss_mb() or current_rss_mb()
     return {
-        "setup_seconds": store.block_start - start,
+        "setup_seconds": store.first_start - start,
         "block_seconds": store.block_end - store.block_start,
-        "write_seconds": store.written_s,
-        "block_bytes": work.bytes_written,
+        "write_seconds": work.write_seconds,
+        "bytes_written": work.bytes_written,
         "baseline_mb": baseline,
         "peak_mb": peak,
     }

@@ -16,6 +16,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.granularity import weight_block
 from lowbit.formats.spec import WeightSpec
 from lowbit.primitives.blocks import from_blocks, to_blocks
+from lowbit.primitives.metrics import all_finite
 from lowbit.primitives.observers import observe
 from lowbit.primitives.qparams import Grid, QParams, choose_qparams, dequantize, quantize
 
@@ -77,7 +78,7 @@ def quantize_weight(
     if w.dim() != 2:
         raise LowbitError(f"{layer or 'weight'}: expected a 2-D weight, got shape {tuple(w.shape)}")
     w = w.detach().float()
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise LowbitError(f"{layer or 'weight'}: weight contains NaN or inf")
     block = weight_block(spec, w.shape[0], w.shape[1], layer)
     grid = grid_of(spec)
