@@ -28,6 +28,7 @@ ROWS = {  # name: (model, recipe, calibration windows x tokens or None)
     "135m-gptq": ("smollm2-135m", "w4-gptq-g64", (16, 512)),
     "1b-rtn": ("llama-3.2-1b-random", "w4-rtn-g64", None),
     "3b-rtn": ("llama-3.2-3b-random", "w4-rtn-g64", None),
+    "3b-gptq": ("llama-3.2-3b-random", "w4-gptq-g64", (16, 512)),
     "8b-rtn": ("llama-3-8b-random", "w4-rtn-g64", None),
 }
 
@@ -62,11 +63,14 @@ def row(name: str, out: Path) -> list:
     wall = time.perf_counter() - start
     files = [p for p in out.glob("model*.safetensors")]
     output = sum(p.stat().st_size for p in files)
+    bench = lowbit("bench", str(out), "--prompt-tokens", "32", "--new-tokens", "16",
+                   "--repeats", "1", "--no-rss")  # the output loads and decodes  # fmt: skip
+    decode = bench.get("decode_tps")
     params = sum(e.numel for e in src.entries.values())
     return [name, model, f"{params / 1e9:.2f}B", dtypes, f"{src.nbytes / 1e9:.1f}", recipe,
             f"{wall:.0f}", f"{plan['seconds']:.0f}", f"{got['peak_rss_mb']:.0f}",
             f"{plan['peak_rss_mb']:.0f}", f"{output / 1e9:.2f}",
-            f"{plan['output_bytes'] / 1e9:.2f}"]  # fmt: skip
+            f"{plan['output_bytes'] / 1e9:.2f}", f"{decode:.2f}" if decode else "?"]  # fmt: skip
 
 
 def resume_demo(model: str, recipe: str, calib, work: Path) -> None:
@@ -110,7 +114,8 @@ def main() -> None:
             for p in (Path(tmp) / name).glob("*"):
                 p.unlink()
     print(format_table(["row", "model", "params", "source dtype", "source GB", "recipe",
-                        "wall s", "est. s", "peak RSS MB", "est. MB", "output GB", "est. GB"],
+                        "wall s", "est. s", "peak RSS MB", "est. MB", "output GB", "est. GB",
+                        "decode tok/s"],
                        rows))  # fmt: skip
 
 

@@ -208,3 +208,49 @@ def test_cli_dry_run_json_and_max_memory(tiny_folder, tmp_path, capsys):
     assert main([*args, "-q", "--max-memory", "lots"]) == 2
     assert "--max-memory: expected a size" in capsys.readouterr().err
     assert main([*args, "-q", "--max-memory", "20GB"]) == 0 and out.is_dir()
+
+
+KILLER = """
+import os, signal, sys, torch
+from lowbit import api
+from lowbit.calibration import CalibrationSet
+from lowbit.models import tensorfile
+from lowbit.recipes import Recipe
+
+real, calls = tensorfile._write_item, [0]
+def write(f, item):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[3]):
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-file, as a crash or an OOM kill would
+    real(f, item)
+tensorfile._write_item = write
+windows = torch.randint(0, 50, (6, 24), generator=torch.Generator().manual_seed(1))
+recipe = Recipe.from_dict({"version": 1, "name": "g", "algorithm": "gptq",
+                           "weights": {"bits": 3, "group_size": 32}, "ignore": ["lm_head"]})
+api.quantize_to(sys.argv[1], recipe, sys.argv[2], CalibrationSet("t", 6, 24, 0, windows),
+                progress=False)
+print(calls[0])
+"""
+
+
+def test_kill_9_at_three_points_then_resume_gives_the_same_bytes(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    def run(out, kill_at):
+        cmd = [sys.executable, "-c", KILLER, str(tiny_folder), str(out), str(kill_at)]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    whole = run(tmp_path / "whole", 0)
+    assert whole.returncode == 0, whole.stderr
+    total = int(whole.stdout.split()[-1])
+    out = tmp_path / "again"
+    for kill_at in (3, total // 2, total - 1):  # block 0, mid-run, assembling the shards
+        killed = run(out, kill_at)
+        assert killed.returncode == -9, killed.stderr
+        assert not out.exists()
+        assert run(out, 0).returncode == 0
+        assert files(out) == files(tmp_path / "whole")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "tiny-llama", "whole"]
+        shutil.rmtree(out)

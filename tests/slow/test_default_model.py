@@ -122,3 +122,28 @@ def test_smoothquant_lowers_w8a8_damage_on_the_default_model(smollm2):
     results = api.evaluate({"plain": plain, "sq": smooth}, smollm2.tokenizer, "wiki", 512, 2048,
                            ref=smollm2.model, progress=False)  # fmt: skip
     assert results["sq"].kl < 0.8 * results["plain"].kl
+
+
+def _weights(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("model*.safetensors*"))}
+
+
+@pytest.mark.smoke
+def test_streamed_rtn_equals_in_memory_byte_for_byte(smollm2, tmp_path):
+    """`lowbit quantize` streams block by block from the converted folder; the in-memory API
+    quantizes the loaded model: same shards, same bytes."""
+    model = copy.deepcopy(smollm2.model)
+    report = api.quantize(model, "w4-rtn-g64", progress=False)
+    mem = api.save(model, tmp_path / "mem", report, source=smollm2)
+    out, _ = api.quantize_to("smollm2-135m", "w4-rtn-g64", tmp_path / "stream", progress=False)
+    assert _weights(mem) == _weights(out) and _weights(out)
+
+
+def test_streamed_gptq_equals_in_memory_byte_for_byte(smollm2, tmp_path):
+    calib = api.calibration_set(smollm2.tokenizer, "bbc", 8, 256)
+    model = copy.deepcopy(smollm2.model)
+    report = api.quantize(model, "w4-gptq-g64", calib, progress=False)
+    mem = api.save(model, tmp_path / "mem", report, source=smollm2)
+    out, _ = api.quantize_to("smollm2-135m", "w4-gptq-g64", tmp_path / "stream", calib,
+                             progress=False)  # fmt: skip
+    assert _weights(mem) == _weights(out) and _weights(out)

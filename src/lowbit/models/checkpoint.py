@@ -12,7 +12,7 @@ modules as the manifest lists them, and assigns the saved tensors: no pickle is 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,30 @@ def write_shards(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
+
+
+def write_unit_shards(
+    folder: Path, units: list[list[str]], tensor: Callable[[str], torch.Tensor]
+) -> None:
+    """Write a float checkpoint one unit at a time, one shard per unit (with the index), making
+    each tensor with ``tensor(name)`` just before its unit is written: the whole model is never
+    in memory (random scale models, GGUF conversion)."""
+    weight_map, total = {}, 0
+    for i, names in enumerate(units):
+        shard = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
+        total += write_file(folder / shard, {n: tensor(n) for n in names}, {"format": "pt"})
+        weight_map.update(dict.fromkeys(names, shard))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def block_units(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """``names`` grouped as streamed runs write them: per decoder block, then the rest."""
+    prefix, blocks = find_blocks(model)
+    heads = [f"{prefix}.{i}." for i in range(len(blocks))]
+    units = [[n for n in names if n.startswith(h)] for h in heads]
+    inside = {n for unit in units for n in unit}
+    return [*units, [n for n in names if n not in inside]]
 
 
 def _nbytes(item: Item) -> int:

@@ -1,9 +1,10 @@
 """GGUF file -> Hugging Face safetensors folder, once, cached and verified.
 
-transformers (>= 5, with the ``gguf`` package) reads a GGUF file and dequantizes it to float32;
-that takes ~15 s for a 135M model, so the result is saved as a normal HF folder and loaded from
-there afterwards (~1 s). The folder records the sha256 of the GGUF it came from and of its own
-weights file; a folder that fails either check is rebuilt.
+The conversion goes tensor by tensor over the memory-mapped GGUF file with transformers' own
+GGUF tables (config, tokenizer, tensor names, un-permuting) and the ``gguf`` package's
+dequantizers, writing one shard per decoder block, so converting a model larger than RAM works.
+The folder records the sha256 of the GGUF it came from and of its own weight files; a folder
+that fails either check is rebuilt.
 """
 
 from __future__ import annotations
@@ -16,27 +17,25 @@ import torch
 
 from lowbit.assets import atomic_dir, cache_dir, sha256_file, verified
 from lowbit.errors import LowbitError
+from lowbit.models.checkpoint import block_units, write_unit_shards
 
 log = logging.getLogger(__name__)
 
 _STAMP = "lowbit-source.json"
+_CONVERTER = 2  # tensor by tensor, sharded; folders from another converter are rebuilt
 
 
 def converted_folder(gguf: Path, gguf_sha256: str | None = None) -> Path:
-    """A verified HF folder holding the float32 weights and tokenizer of ``gguf``."""
+    """A verified HF folder holding the float weights and tokenizer of ``gguf``."""
     gguf_sha256 = gguf_sha256 or sha256_file(gguf)
     folder = cache_dir() / "converted" / f"{gguf.stem}-{gguf_sha256[:12]}"
     if _folder_ok(folder, gguf_sha256):
         return folder
-    log.info("converting %s to a safetensors folder (once)", gguf.name)
-    model, tokenizer = read_gguf(gguf)
+    log.info("converting %s to a safetensors folder, tensor by tensor (once)", gguf.name)
     with atomic_dir(folder, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        stamp = {
-            "gguf_sha256": gguf_sha256,
-            "weights_sha256": sha256_file(tmp / "model.safetensors"),
-        }
+        _convert(gguf, tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
+        stamp = {"gguf_sha256": gguf_sha256, "converter": _CONVERTER, "weights_sha256": files}
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=1))
     return folder
 
@@ -46,28 +45,76 @@ def _folder_ok(folder: Path, gguf_sha256: str) -> bool:
         stamp = json.loads((folder / _STAMP).read_text())
     except (OSError, ValueError):
         return False
-    if stamp.get("gguf_sha256") != gguf_sha256:
+    if stamp.get("gguf_sha256") != gguf_sha256 or stamp.get("converter") != _CONVERTER:
         return False
-    ok = verified(folder / "model.safetensors", stamp.get("weights_sha256", ""))
+    ok = all(verified(folder / name, sha) for name, sha in stamp["weights_sha256"].items())
     if not ok:
         log.warning("cached conversion %s is corrupt or truncated; converting again", folder.name)
     return ok
 
 
-def read_gguf(gguf: Path) -> tuple[torch.nn.Module, object]:
-    """(float32 model, tokenizer) from a GGUF file, via transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert(gguf: Path, folder: Path) -> None:
+    """Write ``gguf`` as an HF folder one decoder block at a time: each tensor is read from the
+    memory-mapped file, dequantized (to float32; float16/bfloat16/float32 tensors stay as
+    stored), renamed and un-permuted by transformers' own GGUF tables, and written; the model is
+    never in memory as a whole."""
+    import numpy as np
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        reader = GGUFReader(gguf)
     except (ValueError, OSError, KeyError, RuntimeError, TypeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LowbitError(f"could not read GGUF file {gguf}: {first[:200]}") from None
-    # The dequantized model is plain float32 now; drop the GGUF quantizer so it can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+    to_hf = get_gguf_hf_weights_map(model, processor)
+    by_name = {}
+    for t in reader.tensors:
+        if t.name in to_hf:
+            by_name[to_hf[t.name]] = t
+    expected = set(model.state_dict()) - _tied(model)
+    missing = sorted(expected - set(by_name))
+    if missing:
+        raise LowbitError(f"GGUF file {gguf} lacks tensors the model needs: {missing[:3]}")
+
+    def tensor(name: str) -> torch.Tensor:
+        t = by_name[name]
+        raw = dequantize(t.data, t.tensor_type)
+        weights = processor.process(weights=raw, name=t.name, tensor_key_mapping=to_hf,
+                                    parsed_parameters={}).weights  # fmt: skip
+        out = torch.from_numpy(np.ascontiguousarray(weights))
+        return out if out.dtype in (torch.float16, torch.float32) else out.float()
+
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_unit_shards(folder, block_units(model, sorted(by_name, key=_order(model))), tensor)
+
+
+def _tied(model: torch.nn.Module) -> set[str]:
+    from lowbit.models.source import tied_names
+
+    return tied_names(model)
+
+
+def _order(model: torch.nn.Module):
+    """Sort key: the model's own tensor order."""
+    position = {n: i for i, n in enumerate(model.state_dict())}
+    return lambda name: position.get(name, len(position))

@@ -16,7 +16,6 @@ quality figures mean nothing, and it has no tokenizer.
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,32 +124,22 @@ def random_folder(entry: RandomModel) -> Path:
     from transformers import AutoModelForCausalLM
 
     from lowbit.assets import atomic_dir
-    from lowbit.models.tensorfile import write_file
+    from lowbit.models.checkpoint import INDEX, block_units, write_unit_shards
 
     folder = cache_dir() / "random" / f"{entry.name}-{entry.dtype}-seed{entry.seed}"
-    if (folder / "model.safetensors.index.json").is_file():
+    if (folder / INDEX).is_file():
         return folder
     config = _random_config(entry)
     with init_empty_weights():
-        names = AutoModelForCausalLM.from_config(config).state_dict()
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     if config.tie_word_embeddings:
-        names.pop("lm_head.weight", None)
-    units: dict[str, dict[str, tuple[int, ...]]] = {}
-    for name, t in names.items():
-        key = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else "rest"
-        units.setdefault(key, {})[name] = tuple(t.shape)
+        shapes.pop("lm_head.weight", None)
     dtype = getattr(torch, entry.dtype)
-    weight_map, total = {}, 0
     with atomic_dir(folder, overwrite=True) as tmp:
         config.save_pretrained(tmp)
-        for i, unit in enumerate(units.values()):
-            shard = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
-            seed = entry.seed
-            tensors = {n: random_tensor(n, shape, seed).to(dtype) for n, shape in unit.items()}
-            total += write_file(tmp / shard, tensors, {"format": "pt"})
-            weight_map.update(dict.fromkeys(unit, shard))
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        write_unit_shards(tmp, block_units(model, list(shapes)),
+                          lambda n: random_tensor(n, shapes[n], entry.seed).to(dtype))  # fmt: skip
     return folder
 
 

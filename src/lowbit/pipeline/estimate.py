@@ -32,7 +32,7 @@ from lowbit.nn import QuantLinear
 from lowbit.pipeline.stream import StreamStore
 from lowbit.pipeline.weights import quantize_weights
 from lowbit.recipes import Recipe, plan_layers
-from lowbit.sysinfo import current_rss_mb, peak_rss_mb, reset_peak_rss
+from lowbit.sysinfo import current_rss_mb, peak_rss_mb, process_seconds, reset_peak_rss
 
 
 class _Probed(Exception):
@@ -65,6 +65,7 @@ def estimate(
     hidden_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """The plan and estimate of streaming ``folder`` through ``recipe`` (see module doc)."""
+    startup = process_seconds()  # a run pays for the same start-up and imports
     model = skeleton(folder)
     tensors = TensorSource(folder)
     tensors.check(model)
@@ -86,7 +87,7 @@ def estimate(
                          f"{n}.weight" in tensors.entries)  # fmt: skip
     write_rate = probe["bytes_written"] / max(probe["write_seconds"], 1e-3)
     output = qbytes + float_bytes
-    seconds = (probe["setup_seconds"] + len(blocks) * probe["block_seconds"]
+    seconds = (startup + probe["setup_seconds"] + len(blocks) * probe["block_seconds"]
                + probe["block_seconds"] * outside_params / block_params
                + 2 * output / write_rate)  # fmt: skip
     rest_mb = probe["baseline_mb"] + 3 * outside_params * 4 / 2**20
