@@ -67,7 +67,9 @@ def row(name: str, out: Path) -> list:
                    "--repeats", "1", "--no-rss")  # the output loads and decodes  # fmt: skip
     decode = bench.get("decode_tps")
     params = sum(e.numel for e in src.entries.values())
-    return [name, model, f"{params / 1e9:.2f}B", dtypes, f"{src.nbytes / 1e9:.1f}", recipe,
+    block = sum(e.numel for n, e in src.entries.items() if ".layers.0." in n) * 4 / 2**20
+    return [name, model, f"{params / 1e9:.2f}B", dtypes, f"{src.nbytes / 1e9:.1f}",
+            f"{block:.0f}", recipe,
             f"{wall:.0f}", f"{plan['seconds']:.0f}", f"{got['peak_rss_mb']:.0f}",
             f"{plan['peak_rss_mb']:.0f}", f"{output / 1e9:.2f}",
             f"{plan['output_bytes'] / 1e9:.2f}", f"{decode:.2f}" if decode else "?"]  # fmt: skip
@@ -82,7 +84,7 @@ def resume_demo(model: str, recipe: str, calib, work: Path) -> None:
     again = work / "again"
     cmd = [sys.executable, "-m", "lowbit.cli", "-q", "quantize", model, "--recipe", recipe,
            "--out", str(again), *extra]  # fmt: skip
-    for delay in (20, 40, 60):
+    for delay in (15, 30, 45):
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         if child.poll() is None:
@@ -105,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         if args.resume:
-            resume_demo("smollm2-135m", "w4-gptq-g64", (128, 512), Path(tmp))
+            resume_demo("smollm2-135m", "w4-gptq-g64", (16, 512), Path(tmp))
             return
         rows = []
         for name in args.rows:
@@ -113,7 +115,8 @@ def main() -> None:
             print(" | ".join(rows[-1]), flush=True)
             for p in (Path(tmp) / name).glob("*"):
                 p.unlink()
-    print(format_table(["row", "model", "params", "source dtype", "source GB", "recipe",
+    print(format_table(["row", "model", "params", "source dtype", "source GB",
+                        "fp32 block MB", "recipe",
                         "wall s", "est. s", "peak RSS MB", "est. MB", "output GB", "est. GB",
                         "decode tok/s"],
                        rows))  # fmt: skip

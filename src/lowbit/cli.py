@@ -146,6 +146,7 @@ def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, r
     from lowbit import api
 
     metrics: dict[str, Any] = {}
+    results = sizes = None
     if ref is not None:
         _need_tokenizer(src)
         name = recipe.name or Path(args.recipe).stem
@@ -157,19 +158,27 @@ def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, r
         sizes = {"float": api.model_size(ref), name: api.model_size(src.model)}
     folder = api.save(src.model, args.out, report, source=src, metrics=metrics, seed=args.seed,
                       overwrite=args.overwrite)  # fmt: skip
-    summary = {"out": str(folder), "recipe": recipe.to_dict(), "seconds": round(report.seconds, 2),
-               "peak_rss_mb": report.peak_rss_mb, "size": api.model_size(src.model).to_dict(),
+    return print_summary(args, recipe, folder, report, metrics, results, sizes)
+
+
+def print_summary(args, recipe, out, report, metrics, results, sizes) -> int:
+    """The closing lines of quantize / qat: one JSON object, the evaluation table, or a line."""
+    from lowbit.eval.inspection import inspect_folder
+
+    info = inspect_folder(out)
+    summary = {"out": str(out), "recipe": recipe.to_dict(), "seconds": round(report.seconds, 2),
+               "peak_rss_mb": report.peak_rss_mb, "size": info["manifest"]["size"],
                "calibration": report.calibration.describe() if report.calibration else None,
                "mixed_precision": report.analysis, **metrics}  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=1))
-    elif ref is not None:
+    elif results is not None:
         _print_eval_table(results, sizes)
-        print(f"\nsaved to {folder}")
+        print(f"\nsaved to {out}")
     else:
-        size = api.model_size(src.model)
-        bpw = size.bits_per_weight
-        print(f"saved to {folder}: {len(report.layers)} layers, {bpw:.3f} bits/weight")
+        bpw = info["bits_per_weight"]
+        print(f"saved to {out}: {len(report.layers)} layers, {bpw:.3f} bits/weight, "
+              f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb or 0:.0f} MB")  # fmt: skip
     return 0
 
 

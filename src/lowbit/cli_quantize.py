@@ -149,28 +149,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         metrics = {"eval": results[name].to_dict(), "reference_eval": results["float"].to_dict()}
         sizes = {"float": api.model_size(src.model), name: api.model_size(quantized)}
         api.add_metrics(out, metrics)
-    return _print_summary(args, recipe, out, report, metrics, results, sizes)
+    from lowbit.cli import print_summary
 
-
-def _print_summary(args, recipe, out, report, metrics, results, sizes) -> int:
-    from lowbit.cli import _print_eval_table
-    from lowbit.eval.inspection import inspect_folder
-
-    info = inspect_folder(out)
-    summary = {"out": str(out), "recipe": recipe.to_dict(), "seconds": round(report.seconds, 2),
-               "peak_rss_mb": report.peak_rss_mb, "size": info["manifest"]["size"],
-               "calibration": report.calibration.describe() if report.calibration else None,
-               "mixed_precision": report.analysis, **metrics}  # fmt: skip
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    elif results is not None:
-        _print_eval_table(results, sizes)
-        print(f"\nsaved to {out}")
-    else:
-        bpw = info["bits_per_weight"]
-        print(f"saved to {out}: {len(report.layers)} layers, {bpw:.3f} bits/weight, "
-              f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb or 0:.0f} MB")  # fmt: skip
-    return 0
+    return print_summary(args, recipe, out, report, metrics, results, sizes)
 
 
 def _limit_mb(limit: str) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_recipe
+from helpers import FAMILIES, make_recipe, tiny_family_model
 from lowbit import api
 from lowbit.calibration import CalibrationSet
 from lowbit.errors import LowbitError
@@ -254,3 +254,30 @@ def test_kill_9_at_three_points_then_resume_gives_the_same_bytes(tiny_folder, tm
         assert files(out) == files(tmp_path / "whole")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "tiny-llama", "whole"]
         shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_streams_to_the_in_memory_bytes(family, tmp_path):
+    tiny_family_model(family).save_pretrained(tmp_path / "src")
+    src = api.load_model(str(tmp_path / "src"))
+    report = api.quantize(src.model, RTN, progress=False)
+    mem = api.save(src.model, tmp_path / "mem", report, source=src)
+    out, streamed = api.quantize_to(str(tmp_path / "src"), RTN, tmp_path / "q", progress=False)
+    assert files(out) == files(mem) and len(streamed.layers) == len(report.layers) > 0
+    x = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(api.load(out, kernels=False).model(x).logits,
+                           api.load(mem, kernels=False).model(x).logits)  # fmt: skip
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantized_output_head_streams_tied_or_not(tie, tmp_path):
+    from helpers import tiny_llama
+
+    tiny_llama(tie=tie).save_pretrained(tmp_path / "src")
+    recipe = make_recipe({"bits": 4, "group_size": 32}, ignore=())
+    src = api.load_model(str(tmp_path / "src"))
+    report = api.quantize(src.model, recipe, progress=False)
+    mem = api.save(src.model, tmp_path / "mem", report, source=src)
+    out, streamed = api.quantize_to(str(tmp_path / "src"), recipe, tmp_path / "q", progress=False)
+    assert "lm_head" in streamed.layers and files(out) == files(mem)

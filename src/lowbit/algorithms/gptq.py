@@ -77,9 +77,11 @@ def gptq(
         qp = _params(w, spec, block, grid)
         scales, zeros = qp.scale, qp.zero
     perm = torch.argsort(torch.diagonal(h), descending=True) if options.act_order else None
-    if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+    if perm is not None:  # one (in, in) copy at a time: 8192² float64 is 537 MB
+        w, h = w[:, perm], h[perm]
+        h = h[:, perm]
     hinv = _inverse_hessian_factor(h, options.damp, layer).float()  # upper Cholesky of H^-1
+    del h
     codes = torch.zeros(n_out, n_in, dtype=grid.qtype.torch_dtype)
     for i1 in range(0, n_in, options.block_size):
         i2 = min(i1 + options.block_size, n_in)
@@ -133,11 +135,15 @@ def _column_params(scales: Tensor, zeros: Tensor | None, g: int, block: tuple) -
 def _inverse_hessian_factor(h: Tensor, damp: float, layer: str) -> Tensor:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)^-1, raising damp until it exists."""
     mean_diag = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
     for _ in range(6):
-        low, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        damped = h.clone()  # H + damp·mean·I, without an (in, in) identity in memory
+        damped.diagonal().add_(damp * mean_diag)
+        low, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            inverse = torch.cholesky_inverse(low)
+            del low
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
         log.warning("%s: Hessian not positive definite at damp %.3g; retrying with %.3g",

@@ -54,7 +54,9 @@ def hessian_block(
         stats = ctx.collect(names, hessian=True)
         for name in names:
             linear, full = ctx.linear(name), f"{ctx.name}.{name}"
-            qw = fit(linear.weight, stats[name].hessian(), plan[name], full)
+            hessian = stats.pop(name).hessian()  # the float64 sums are freed before the fit
+            qw = fit(linear.weight, hessian, plan[name], full)
+            del hessian
             apply(linear, qw)
             out[full] = qw
 
