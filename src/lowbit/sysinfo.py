@@ -50,8 +50,9 @@ def release_freed_memory() -> None:
 
     glibc raises its mmap threshold each time a large mmapped buffer is freed, so after the first
     block later blocks' float weights come from the heap and stay resident after they are freed:
-    a streamed run would grow by about one block per block. A fixed threshold (1 MiB) keeps large
-    buffers mmapped, returned on free; ``malloc_trim`` hands back what the heap still holds.
+    a streamed run would grow by about one block per block. ``malloc_trim`` returns the heap's
+    free pages (the process-wide mmap threshold is left alone: forcing it low would make every
+    later large allocation fault in fresh pages and slow other work in the same process).
     """
     import ctypes
     import ctypes.util
@@ -61,7 +62,6 @@ def release_freed_memory() -> None:
         return
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         return

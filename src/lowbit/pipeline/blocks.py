@@ -110,11 +110,12 @@ class BlockSteps:
         local = self.local(ctx)
         if not local:
             return
-        if not ctx.calls:  # data-free: layer by layer, weights left as they are
+        if not ctx.calls:  # data-free: layer by layer, each packed (and its float freed) at once
             for n, spec in local.items():
-                full, weight = f"{ctx.name}.{n}", ctx.linear(n).weight
-                self.results[full] = data_free(self.recipe, weight, spec, full)
-                self.originals[full] = weight
+                full, linear = f"{ctx.name}.{n}", ctx.linear(n)
+                qw = data_free(self.recipe, linear.weight, spec, full)
+                swap(self.model, full, linear, qw, linear.weight, self.report)
+                del linear, qw
             return
         self._calibrated(ctx, {n: layer_spec(self.recipe, s) for n, s in local.items()})
 
@@ -164,6 +165,9 @@ class BlockSteps:
         packed: dict[str, QuantLinear] = {}
         for n in self.local(ctx):
             full = f"{ctx.name}.{n}"
+            if full not in self.results:  # packed by the data-free handler already
+                packed[full] = ctx.block.get_submodule(n)
+                continue
             qw = self.results.pop(full)
             packed[full] = swap(self.model, full, ctx.linear(n), qw, self.originals[full],
                                 self.report)  # fmt: skip
