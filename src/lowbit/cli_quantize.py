@@ -72,7 +72,7 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hidden-dtype", choices=["float32", "bfloat16"], default="float32",
         help="dtype of the calibration hidden states carried from block to block (default: "
-             "float32; bfloat16 halves their memory, see the README for its cost)",
+             "float32; bfloat16 halves their memory, rounding each block's inputs)",
     )  # fmt: skip
     p.add_argument(
         "--max-memory",
