@@ -84,14 +84,15 @@ def resume_demo(model: str, recipe: str, calib, work: Path) -> None:
     again = work / "again"
     cmd = [sys.executable, "-m", "lowbit.cli", "-q", "quantize", model, "--recipe", recipe,
            "--out", str(again), *extra]  # fmt: skip
-    for delay in (15, 30, 45):
+    units = work / ".again.lowbit-work" / "units"
+    for target in (2, 12, 24):  # SIGKILL once this many blocks are finished
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        while child.poll() is None and len(list(units.glob("*.json"))) < target:
+            time.sleep(0.2)
         if child.poll() is None:
             os.kill(child.pid, signal.SIGKILL)
             child.wait()
-            units = list((work / ".again.lowbit-work" / "units").glob("*.json"))
-            print(f"killed after {delay} s: {len(units)} blocks finished")
+            print(f"killed with {len(list(units.glob('*.json')))} blocks finished")
     subprocess.run(cmd, check=True)
     same = all(filecmp.cmp(p, again / p.name, shallow=False) for p in whole.glob("model*"))
     print(f"resumed result equals the uninterrupted one byte for byte: {same}")
