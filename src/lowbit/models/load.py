@@ -28,7 +28,8 @@ class LoadedModel:
 
     ``kind`` is one of ``zoo``, ``random`` (zoo shape, random weights), ``folder`` (HF folder),
     ``gguf``, ``lowbit``, ``hub``; ``folder``
-    is the local HF-style folder the model was read from (None for hub models).
+    is the local HF-style folder the model was read from (the hub snapshot for hub models;
+    None for random models, built in memory).
     """
 
     model: nn.Module
@@ -42,40 +43,22 @@ class LoadedModel:
 def load_model(source: str, kernels: bool = True) -> LoadedModel:
     """Load ``source`` in float32 (quantized layers stay packed for lowbit folders; with
     ``kernels``, those a fast kernel covers are converted to its layout, for inference only)."""
-    entries = zoo()
-    if source in entries:
-        entry = entries[source]
-        folder = converted_folder(zoo_gguf(entry), entry.member_sha256)
-        model, tok = _from_hf_folder(folder)
-        return LoadedModel(model, tok, source, "zoo", folder)
     randoms = random_models()
     if source in randoms:
         log.info("building %s (random weights: speed and memory only)", source)
         return LoadedModel(build_random(randoms[source]), None, source, "random")
     path = Path(source).expanduser()
-    if path.is_dir():
-        if (path / MANIFEST).is_file():
-            model, manifest = load_folder(path)
-            if kernels:
-                counts = use_kernels(model)
-                log.info("kernels for %s: %s", path, counts)
-            return LoadedModel(model, source_tokenizer(path), source, "lowbit", path, manifest)
-        if (path / "config.json").is_file():
-            model, tok = _from_hf_folder(path)
-            return LoadedModel(model, tok, source, "folder", path)
-        raise LowbitError(f"{path} has neither config.json nor {MANIFEST}: not a model folder")
-    if path.suffix == ".gguf" or path.is_file():
-        if not path.is_file():
-            raise LowbitError(f"no such file: {path}")
-        if path.suffix != ".gguf":
-            raise LowbitError(f"{path} is a file but not a .gguf model")
-        folder = converted_folder(path)
-        model, tok = _from_hf_folder(folder)
-        return LoadedModel(model, tok, source, "gguf", folder)
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise LowbitError(f"no such file or folder: {source}")
-    model, tok = _from_hub(source)
-    return LoadedModel(model, tok, source, "hub")
+    if path.is_dir() and (path / MANIFEST).is_file():
+        model, manifest = load_folder(path)
+        if kernels:
+            counts = use_kernels(model)
+            log.info("kernels for %s: %s", path, counts)
+        return LoadedModel(model, source_tokenizer(path), source, "lowbit", path, manifest)
+    if path.suffix == ".gguf" and not path.exists():
+        raise LowbitError(f"no such file: {path}")
+    folder, kind = source_folder(source)
+    model, tok = _from_hf_folder(folder)
+    return LoadedModel(model, tok, source, kind, folder)
 
 
 def source_folder(source: str) -> tuple[Path, str]:
@@ -122,14 +105,14 @@ def _hub_folder(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    local_only = not _hub_reachable()
     try:
-        path = snapshot_download(repo_id, allow_patterns=patterns,
-                                 local_files_only=not _hub_reachable())  # fmt: skip
+        path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only)
     except Exception as exc:  # huggingface_hub raises many types; one line for the user
+        why = "the hub is unreachable and it is not in the local HF cache" if local_only else exc
         raise LowbitError(
             f"cannot load model {repo_id!r}: it is not a zoo name (see `lowbit models`), "
-            f"not a local path, and not on the Hugging Face hub or in its local cache: "
-            f"{str(exc)[:200]}"
+            f"not a local path, and from the Hugging Face hub: {str(why)[:200]}"
         ) from None
     return Path(path)
 
@@ -152,24 +135,6 @@ def source_tokenizer(folder: Path) -> Any:
     except (OSError, ValueError):
         log.warning("no tokenizer in %s; text evaluation will not be possible", folder)
         return None
-
-
-def _from_hub(repo_id: str) -> tuple[nn.Module, Any]:
-    """Load from the Hugging Face hub (or its local cache when the hub is unreachable)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    local_only = not _hub_reachable()
-    try:
-        kwargs = {"local_files_only": local_only}
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32, **kwargs)
-        tok = AutoTokenizer.from_pretrained(repo_id, **kwargs)
-    except (OSError, ValueError) as exc:
-        why = "the hub is unreachable and it is not in the local HF cache" if local_only else exc
-        raise LowbitError(
-            f"cannot load model {repo_id!r}: it is not a zoo name (see `lowbit models`), "
-            f"not a local path, and from the Hugging Face hub: {str(why)[:200]}"
-        ) from None
-    return model.eval(), tok
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
