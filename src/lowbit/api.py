@@ -30,7 +30,7 @@ from lowbit.analysis import (
     candidate_specs,
     measure_sensitivity,
 )
-from lowbit.assets import write_text_atomic
+from lowbit.assets import prepare_out, write_text_atomic
 from lowbit.calibration import CalibrationSet, calibration_set
 from lowbit.data import corpus_ids, eval_windows, load_corpus
 from lowbit.errors import LowbitError
@@ -227,27 +227,31 @@ def quantize_to(
     progress: bool = True,
     analysis: dict[str, Any] | None = None,
     hidden_dtype: str = "float32",
+    spill: bool = False,
 ) -> tuple[Path, QuantizeReport]:
     """Quantize the float model ``source`` (zoo name, HF folder, GGUF file, hub id) straight
     into the lowbit folder ``out``, one decoder block in memory at a time. A killed run started
     again with the same arguments resumes from its first unfinished block (``restart``
     discards that work instead). ``hidden_dtype="bfloat16"`` halves the memory of the
-    calibration hidden states carried between blocks."""
+    calibration hidden states carried between blocks; ``spill`` keeps them on disk in the work
+    folder (exact, one batch in memory at a time)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+    prepare_out(out, overwrite)
     folder, kind = source_folder(source)
     model = skeleton(folder)
     tensors = TensorSource(folder)
+    tensors.check(model)
+    conv1d_to_linear(model)
+    plan_layers(recipe, quantizable_layers(model), warn=False)  # unfit recipe: before any work
     fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
                    "calibration": calibration.describe() if calibration else None,
                    "seed": seed, "lowbit": __version__, "hidden_dtype": hidden_dtype}  # fmt: skip
     work = WorkFolder(out, fingerprint, restart)
     dtype = _hidden_dtype(hidden_dtype)
     report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed,
-                                    dtype)  # fmt: skip
+                                    dtype, spill)  # fmt: skip
     report.analysis = analysis
     size = _streamed_size(report, work.units(units))
     manifest = _manifest(report, {"model": source, "kind": kind}, size, None, seed)
@@ -266,13 +270,14 @@ def estimate(
     calibration: CalibrationSet | None = None,
     progress: bool = True,
     hidden_dtype: str = "float32",
+    spill: bool = False,
 ) -> dict[str, Any]:
     """What ``quantize_to(source, recipe, ...)`` would need: the per-layer plan, output bytes,
     estimated peak RSS (MB) and wall time (s), from the shapes and a timed probe of one block."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     folder, _ = source_folder(source)
-    return estimate_run(folder, source, recipe, calibration, _hidden_dtype(hidden_dtype))
+    return estimate_run(folder, source, recipe, calibration, _hidden_dtype(hidden_dtype), spill)
 
 
 def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:

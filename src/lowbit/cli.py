@@ -15,6 +15,7 @@ from typing import Any
 
 from lowbit import __version__
 from lowbit.cli_analyze import add_analyze, add_diff
+from lowbit.cli_args import check_window, positive, tokens
 from lowbit.cli_export import add_export
 from lowbit.cli_perf import add_bench, add_report
 from lowbit.cli_qat import add_qat
@@ -57,7 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+        line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"lowbit: error: {line}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (name too long, no space, permission)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lowbit: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
@@ -104,33 +110,22 @@ def _global_options(p: argparse.ArgumentParser, default: object) -> None:
         "-q", "--quiet", action="store_true", default=default, help="no progress bars or info logs"
     )
     p.add_argument(
-        "--threads", type=int, default=default, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=positive,
+        default=default,
+        help="torch CPU threads (default: torch's choice)",
     )
 
 
 def _eval_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}corpus", default="wiki", help="evaluation corpus (default: wiki)")
     p.add_argument(
-        f"--{prefix}seqlen", type=int, default=2048, help="window length (default: 2048)"
+        f"--{prefix}seqlen", type=positive, default=2048, help="window length (default: 2048)"
     )
     p.add_argument(
-        f"--{prefix}tokens", type=_tokens, default=16384,
+        f"--{prefix}tokens", type=tokens, default=16384,
         help="tokens to evaluate from the start of the corpus, or 'all' (default: 16384)",
     )  # fmt: skip
-
-
-def _tokens(value: str) -> int | None:
-    if value == "all":
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of tokens or 'all', got {value!r}"
-        ) from None
-    if n < 2:
-        raise argparse.ArgumentTypeError("need at least 2 tokens")
-    return n
 
 
 def save_options(p: argparse.ArgumentParser) -> None:
@@ -199,6 +194,7 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit import api
 
+    check_window(args.tokens, args.seqlen)
     src = api.load_model(args.model)
     _need_tokenizer(src)
     calib = ((src.manifest or {}).get("calibration") or {}).get("corpus")
@@ -253,9 +249,15 @@ def _add_inspect(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "inspect", parents=[common], help="formats, bytes and bits/weight of a lowbit folder",
         description="Per-layer formats, stored bytes and bits/weight (scales and zeros included) "
-        "of a lowbit folder, read from its manifest and safetensors header (no model is loaded).",
+        "of a lowbit folder, read from its manifest and safetensors header (no model is loaded). "
+        "The folder is checked first: each shard's size against its header, each manifest layer "
+        "against its tensors' shapes and dtypes; a damaged folder exits 2 naming the problem.",
     )  # fmt: skip
     p.add_argument("folder", type=Path, metavar="DIR")
+    p.add_argument(
+        "--verify", action="store_true",
+        help="also recompute each weight file's sha256 against the one recorded at save time",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
 
@@ -263,7 +265,7 @@ def _add_inspect(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit.eval.inspection import inspect_folder, render_inspection
 
-    info = inspect_folder(args.folder)
+    info = inspect_folder(args.folder, verify=args.verify)
     print(json.dumps(info, indent=1) if args.json else render_inspection(info))
     return 0
 

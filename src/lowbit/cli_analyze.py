@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli_args import check_window, positive
 from lowbit.errors import LowbitError
 
 _ANALYZE_EPILOG = """\
@@ -50,11 +51,13 @@ def add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
     p.add_argument(
         "--calib-samples",
-        type=int,
+        type=positive,
         default=2,
         help="windows; one forward pass over them per layer and format (default: 2)",
     )
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument(
+        "--calib-seqlen", type=positive, default=512, help="tokens per window (default 512)"
+    )
     add_candidates(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, help="write the sensitivity plot (PNG) here")
@@ -67,7 +70,7 @@ def add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.analysis.plot import plot_sensitivity
-    from lowbit.assets.cache import atomic_file
+    from lowbit.assets.atomic import atomic_file
 
     src = api.load_model(args.model, kernels=False)
     if src.kind == "lowbit":
@@ -109,8 +112,8 @@ def add_diff(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("fp", metavar="FP", help="the float model")
     p.add_argument("q", metavar="Q", help="a lowbit folder quantized from FP")
     p.add_argument("--corpus", default="wiki", help="text to measure on (default: wiki)")
-    p.add_argument("--seqlen", type=int, default=512, help="window length (default: 512)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens (default: 4096)")
+    p.add_argument("--seqlen", type=positive, default=512, help="window length (default: 512)")
+    p.add_argument("--tokens", type=positive, default=4096, help="tokens (default: 4096)")
     p.add_argument("--top", type=int, default=10, help="layers to list (default: 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_diff)
@@ -121,6 +124,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from lowbit.analysis import layer_contributions
     from lowbit.data import corpus_ids, eval_windows, load_corpus
 
+    check_window(args.tokens, args.seqlen)
     fp = api.load_model(args.fp, kernels=False)
     q = api.load(args.q, kernels=False)
     if q.kind != "lowbit":

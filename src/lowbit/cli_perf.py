@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli_args import check_window, positive
 from lowbit.errors import LowbitError
 
 _BENCH_EPILOG = """\
@@ -40,20 +41,10 @@ def add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _speed_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-tokens", type=_positive, default=512, help="prompt length (512)")
-    p.add_argument("--new-tokens", type=_positive, default=128, help="tokens to generate (128)")
-    p.add_argument("--repeats", type=_positive, default=3, help="timed runs per model (3)")
+    p.add_argument("--prompt-tokens", type=positive, default=512, help="prompt length (512)")
+    p.add_argument("--new-tokens", type=positive, default=128, help="tokens to generate (128)")
+    p.add_argument("--repeats", type=positive, default=3, help="timed runs per model (3)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -135,11 +126,11 @@ def add_report(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--calib", default="bbc", help="calibration corpus for calibrated recipes")
-    p.add_argument("--calib-samples", type=_positive, default=128, help="windows (128)")
-    p.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (512)")
+    p.add_argument("--calib-samples", type=positive, default=128, help="windows (128)")
+    p.add_argument("--calib-seqlen", type=positive, default=512, help="tokens per window (512)")
     p.add_argument("--corpus", default="wiki", help="evaluation corpus (wiki)")
-    p.add_argument("--seqlen", type=_positive, default=2048, help="evaluation window (2048)")
-    p.add_argument("--tokens", type=_positive, default=16384, help="evaluation tokens (16384)")
+    p.add_argument("--seqlen", type=positive, default=2048, help="evaluation window (2048)")
+    p.add_argument("--tokens", type=positive, default=16384, help="evaluation tokens (16384)")
     p.add_argument("--no-quality", action="store_true", help="skip ppl / KL / top-1")
     _speed_options(p)
     p.set_defaults(func=cmd_report)
@@ -150,6 +141,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.new_tokens < 2:
         raise LowbitError("--new-tokens must be at least 2 (the first token ends the prefill)")
+    if not args.no_quality:
+        check_window(args.tokens, args.seqlen)
     options = ReportOptions(
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         corpus=args.corpus, seqlen=args.seqlen, tokens=args.tokens,

@@ -7,6 +7,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from lowbit.assets import prepare_out
+from lowbit.cli_args import check_window, positive
 from lowbit.errors import LowbitError
 
 _EPILOG = """\
@@ -33,10 +35,10 @@ def add_qat(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--recipe", required=True, help="RTN weight recipe: preset name or YAML file")
     p.add_argument("--train", default="shakespeare", help="training corpus (default: shakespeare)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
+    p.add_argument("--steps", type=positive, default=200, help="optimizer steps (default: 200)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
-    p.add_argument("--batch-size", type=int, default=2, help="windows per step (default: 2)")
-    p.add_argument("--seqlen", type=int, default=128, help="tokens per window (default: 128)")
+    p.add_argument("--batch-size", type=positive, default=2, help="windows per step (default: 2)")
+    p.add_argument("--seqlen", type=positive, default=128, help="tokens per window (default: 128)")
     p.add_argument(
         "--loss", choices=["kl", "ce", "ce+kl"], default="kl",
         help="kl: distil the float model (default); ce: next-token loss on the text",
@@ -55,8 +57,9 @@ def cmd_qat(args: argparse.Namespace) -> int:
     from lowbit.cli import _need_tokenizer, finish_quantize
 
     torch.manual_seed(args.seed)
-    if args.out.exists() and not args.overwrite:
-        raise LowbitError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    prepare_out(args.out, args.overwrite)
+    if args.eval:
+        check_window(args.eval_tokens, args.eval_seqlen, "eval-")
     if args.eval and args.eval_corpus == args.train:
         raise LowbitError("training and evaluation text must differ (--train, --eval-corpus)")
     recipe = api.load_recipe(args.recipe)

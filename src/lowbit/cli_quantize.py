@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lowbit.assets import prepare_out
 from lowbit.cli_analyze import add_candidates
+from lowbit.cli_args import check_window, positive
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -40,9 +42,11 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
     p.add_argument(
-        "--calib-samples", type=int, default=128, help="calibration windows (default: 128)"
+        "--calib-samples", type=positive, default=128, help="calibration windows (default: 128)"
     )
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument(
+        "--calib-seqlen", type=positive, default=512, help="tokens per window (default: 512)"
+    )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
         "--target-bits", type=float, metavar="B",
@@ -55,7 +59,7 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_candidates(p)
     p.add_argument(
-        "--analysis-samples", type=int, default=2,
+        "--analysis-samples", type=positive, default=2,
         help="calibration windows the sensitivity analysis measures KL on (default: 2; each "
              "trial is one forward pass over them, per layer and candidate)",
     )  # fmt: skip
@@ -75,9 +79,15 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
              "float32; bfloat16 halves their memory, rounding each block's inputs)",
     )  # fmt: skip
     p.add_argument(
+        "--spill-hidden", action="store_true",
+        help="keep the calibration hidden states on disk in the work folder, one batch in "
+             "memory at a time (exact; costs a write and a few reads per batch and block)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-memory",
         metavar="SIZE",
-        help="refuse to start a run whose estimated peak RSS exceeds SIZE (e.g. 6GB)",
+        help="stay within SIZE of peak RSS (e.g. 6GB): when the estimate exceeds it, keep the "
+        "hidden states in bfloat16, then on disk; refuse to start if even that needs more",
     )
     from lowbit.cli import save_options
 
@@ -93,8 +103,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.load import source_folder, source_tokenizer
 
     torch.manual_seed(args.seed)
-    if args.out.exists() and not args.overwrite:
-        raise LowbitError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    prepare_out(args.out, args.overwrite)
+    if args.eval:
+        check_window(args.eval_tokens, args.eval_seqlen, "eval-")
     recipe = api.load_recipe(args.recipe)
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work
@@ -120,14 +131,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         recipe, summary = _mixed(args, api, src, recipe, calibration)
         del src
     if args.dry_run or args.max_memory:
-        plan = api.estimate(args.model, recipe, calibration, not args.quiet, args.hidden_dtype)
-        narrowable = calibration is not None and args.hidden_dtype == "float32"
-        if args.max_memory and narrowable and plan["peak_rss_mb"] > _limit_mb(args.max_memory):
-            narrow = api.estimate(args.model, recipe, calibration, False, "bfloat16")
-            if narrow["peak_rss_mb"] <= _limit_mb(args.max_memory):
-                log.warning("keeping calibration hidden states in bfloat16 to stay within "
-                            "--max-memory %s", args.max_memory)  # fmt: skip
-                plan, args.hidden_dtype = narrow, "bfloat16"
+        plan = _fit_memory(args, api, recipe, calibration)
         if args.dry_run:
             print(json.dumps(plan, indent=1) if args.json else render_plan(plan))
             return 0
@@ -135,6 +139,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out, report = api.quantize_to(
         args.model, recipe, args.out, calibration, args.seed, args.overwrite, args.restart,
         progress=not args.quiet, analysis=summary, hidden_dtype=args.hidden_dtype,
+        spill=args.spill_hidden,
     )  # fmt: skip
     metrics, results, sizes = {}, None, None
     if args.eval:
@@ -160,14 +165,36 @@ def _limit_mb(limit: str) -> float:
     return parse_size(limit, "--max-memory") / 2**20
 
 
+def _fit_memory(args: argparse.Namespace, api: Any, recipe: Any, calibration: Any) -> dict:
+    """The estimate of the run as asked; under ``--max-memory``, of the first way of holding the
+    calibration hidden states that fits: as asked, in bfloat16, on disk (``args`` follows)."""
+    show = not args.quiet
+    plan = api.estimate(args.model, recipe, calibration, show, args.hidden_dtype, args.spill_hidden)
+    if not args.max_memory or calibration is None or args.spill_hidden:
+        return plan
+    limit = _limit_mb(args.max_memory)
+    ways = [("bfloat16", False)] if args.hidden_dtype == "float32" else []
+    for dtype, spill in [*ways, (args.hidden_dtype, True)]:
+        if plan["peak_rss_mb"] <= limit:
+            break
+        plan = api.estimate(args.model, recipe, calibration, False, dtype, spill)
+        if plan["peak_rss_mb"] <= limit:
+            how = "on disk" if spill else f"in {dtype}"
+            log.warning("keeping the calibration hidden states %s to stay within --max-memory "
+                        "%s", how, args.max_memory)  # fmt: skip
+            args.hidden_dtype, args.spill_hidden = dtype, spill
+    return plan
+
+
 def _check_memory(plan: dict[str, Any], limit: str | None) -> None:
     if limit is None:
         return
     allowed = _limit_mb(limit)
     if plan["peak_rss_mb"] > allowed:
-        raise LowbitError(f"this run needs about {plan['peak_rss_mb']:,.0f} MB at its peak, more "
-                          f"than --max-memory {limit} ({allowed:,.0f} MB); use fewer "
-                          f"--calib-samples or a machine with more memory")  # fmt: skip
+        how = " even with its hidden states on disk" if plan["hidden"]["spilled"] else ""
+        raise LowbitError(f"this run needs about {plan['peak_rss_mb']:,.0f} MB at its peak{how}, "
+                          f"more than --max-memory {limit} ({allowed:,.0f} MB); use a machine "
+                          f"with more memory")  # fmt: skip
 
 
 def render_plan(plan: dict[str, Any]) -> str:
@@ -181,7 +208,9 @@ def render_plan(plan: dict[str, Any]) -> str:
     lines += [
         f"quantized layers: {plan['bits_per_weight']:.3f} bits/weight",
         f"output: {plan['output_bytes']:,} bytes",
-        f"estimated peak RSS: {plan['peak_rss_mb']:,.0f} MB",
+        f"estimated peak RSS: {plan['peak_rss_mb']:,.0f} MB (calibration hidden states "
+        f"{'on disk' if plan['hidden']['spilled'] else 'in memory'}, "
+        f"{plan['hidden']['dtype']})",
         f"estimated time: {plan['seconds']:,.0f} s with {plan['threads']} threads "
         f"(probe: a block took {plan['probe']['block_seconds']:.2f} s)",
     ]

@@ -7,3 +7,11 @@ its traceback.
 
 class LowbitError(Exception):
     """A problem with the user's input or environment, described in one actionable sentence."""
+
+
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of another library's error message (its name if it has none), shortened:
+    what goes after the colon of a one-line lowbit error."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].strip() if text else type(exc).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from lowbit import api
-from lowbit.assets import atomic_dir
+from lowbit.assets import atomic_dir, prepare_out
 from lowbit.errors import LowbitError
 from lowbit.eval import model_size
 from lowbit.eval.bench import bench_models
@@ -63,8 +63,7 @@ def build_report(
     if options.quality and options.corpus == options.calib:
         raise LowbitError("calibration and evaluation text must differ (--calib, --corpus)")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+    prepare_out(out, overwrite)
     src = api.load_model(source)
     if src.kind == "lowbit":
         raise LowbitError(f"{source} is already quantized; start from the float model")

@@ -33,6 +33,7 @@ def test_calibration_corpus_too_short_is_a_clear_error():
 
 
 def test_corpus_ids_are_cached_per_tokenizer(text_file, tokenizer, monkeypatch):
+    monkeypatch.setattr("lowbit.data.tokens.CACHED_TOKENS", 100)  # the test text is short
     corpus = load_corpus(str(text_file))
     first = corpus_ids(corpus, tokenizer)
     assert first.dtype == torch.int64 and len(first) > 100

@@ -1,5 +1,7 @@
 """The resumable work folder beside --out."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,16 +9,33 @@ from lowbit.errors import LowbitError
 from lowbit.models.workdir import WorkFolder, work_path
 
 
+def hidden(work: WorkFolder, after: int, value: float) -> Path:
+    folder = work.hidden_folder(after)
+    (folder / "00000.safetensors").write_text(str(value))
+    return folder
+
+
+def crash(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_records_stop_at_the_first_unfinished_unit(tmp_path):
     work = WorkFolder(tmp_path / "out", {"recipe": "a"})
     assert work.path == work_path(tmp_path / "out") == tmp_path / ".out.lowbit-work"
-    work.write_unit(0, {"w": torch.ones(2)}, {"n": 0}, [torch.zeros(1, 2, 3)])
-    work.write_unit(1, {"w": torch.ones(2)}, {"n": 1}, [torch.full((1, 2, 3), 2.0)])
-    (work.path / "units" / "00001.json").unlink()  # killed before the record was written
+    work.write_unit(0, {"w": torch.ones(2)}, {"n": 0}, hidden(work, 0, 1.0))
+    state = hidden(work, 1, 2.0)
+    original = WorkFolder._hidden
+    with pytest.MonkeyPatch.context() as mp:  # killed after the states, before the record
+        mp.setattr("lowbit.models.workdir.write_text_atomic", crash)
+        with pytest.raises(KeyboardInterrupt):
+            work.write_unit(1, {"w": torch.ones(2)}, {"n": 1}, state)
     again = WorkFolder(tmp_path / "out", {"recipe": "a"})
     assert again.records() == [{"n": 0}]
-    assert again.hidden(0) is None  # the saved states are those after block 1, not block 0
-    assert torch.equal(again.hidden(1)[0], torch.full((1, 2, 3), 2.0))
+    assert original(again, 1).is_dir()  # committed, but the record says block 1 is not done
+    assert (again.hidden(0) / "00000.safetensors").read_text() == "1.0"  # kept until then
+    again.write_unit(1, {"w": torch.ones(2)}, {"n": 1}, hidden(again, 1, 3.0))
+    assert again.hidden(0) is None  # forgotten once block 1's record is written
+    assert (again.hidden(1) / "00000.safetensors").read_text() == "3.0"
 
 
 def test_another_fingerprint_is_refused_until_restart(tmp_path):

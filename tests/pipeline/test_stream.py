@@ -90,7 +90,10 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("at", [0, 1, 2])  # block 0, block 1, the rest (embeddings, head)
-def test_killed_run_resumes_to_the_same_bytes(tiny_folder, tmp_path, monkeypatch, at):
+@pytest.mark.parametrize(
+    "spill", [(False, False), (True, True), (True, False)], ids=["memory", "disk", "disk-memory"]
+)  # how the killed run, then the resumed one, held the hidden states
+def test_killed_run_resumes_to_the_same_bytes(tiny_folder, tmp_path, monkeypatch, at, spill):
     data = calib()
     whole, _ = api.quantize_to(str(tiny_folder), gptq(), tmp_path / "whole", data, progress=False)
     original = stream_module.WorkFolder.write_unit
@@ -102,7 +105,8 @@ def test_killed_run_resumes_to_the_same_bytes(tiny_folder, tmp_path, monkeypatch
 
     monkeypatch.setattr(stream_module.WorkFolder, "write_unit", crashing)
     with pytest.raises(Crash):
-        api.quantize_to(str(tiny_folder), gptq(), tmp_path / "again", data, progress=False)
+        api.quantize_to(str(tiny_folder), gptq(), tmp_path / "again", data, progress=False,
+                        spill=spill[0])  # fmt: skip
     assert not (tmp_path / "again").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".again.lowbit-work",
@@ -111,7 +115,7 @@ def test_killed_run_resumes_to_the_same_bytes(tiny_folder, tmp_path, monkeypatch
     ]
     monkeypatch.setattr(stream_module.WorkFolder, "write_unit", original)
     out, report = api.quantize_to(str(tiny_folder), gptq(), tmp_path / "again", data,
-                                  progress=False)  # fmt: skip
+                                  progress=False, spill=spill[1])  # fmt: skip
     assert files(out) == files(whole)
     assert len(report.blocks) == 2 and len(report.layers) == 14
     assert not work_path(out).exists()
@@ -180,6 +184,24 @@ def test_full_disk_is_one_error_and_leaves_nothing_outside_the_work_folder(
     assert sorted(p.name for p in tmp_path.iterdir()) == [".q.lowbit-work", "tiny-llama"]
     units = list((tmp_path / ".q.lowbit-work" / "units").iterdir())
     assert all(not p.name.startswith(".") for p in units)  # no temporary left behind
+
+
+def test_spilled_hidden_states_give_the_same_bytes(tiny_folder, tmp_path, monkeypatch):
+    from lowbit.calibration import hidden as hidden_module
+
+    data = calib()
+    a, ra = api.quantize_to(str(tiny_folder), gptq(), tmp_path / "a", data, progress=False)
+    reads = []
+    load = hidden_module.load_file
+    monkeypatch.setattr(hidden_module, "load_file", lambda p: reads.append(p) or load(p))
+    b, rb = api.quantize_to(str(tiny_folder), gptq(), tmp_path / "b", data, progress=False,
+                            spill=True)  # fmt: skip
+    assert files(a) == files(b)
+    assert [x.output_error for x in ra.blocks] == [x.output_error for x in rb.blocks]
+    assert reads and all(".lowbit-work" in str(p) for p in reads)  # read from the work folder
+    assert not work_path(b).exists()
+    plan = api.estimate(str(tiny_folder), gptq(), data, progress=False, spill=True)
+    assert plan["hidden"] == {"dtype": "float32", "spilled": True}
 
 
 def test_bfloat16_hidden_states_change_little(tiny_folder, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowbit.analysis.sensitivity import Sensitivity
-from lowbit.assets.cache import atomic_file
+from lowbit.assets.atomic import atomic_file
 
 
 def plot_sensitivity(sens: Sensitivity, path: Path, title: str = "") -> Path:

@@ -1,14 +1,14 @@
 """Offline assets: the cache, atomic writes, and pinned downloads from PyPI."""
 
-from lowbit.assets.cache import (
+from lowbit.assets.atomic import (
     atomic_dir,
     atomic_file,
-    cache_dir,
+    prepare_out,
     publish_dir,
-    sha256_file,
-    verified,
+    sweep_stale,
     write_text_atomic,
 )
+from lowbit.assets.cache import cache_dir, sha256_file, verified
 from lowbit.assets.fetch import Archive, extract_member, fetch_archive, list_members, read_member
 
 __all__ = [
@@ -19,9 +19,11 @@ __all__ = [
     "extract_member",
     "fetch_archive",
     "list_members",
+    "prepare_out",
     "publish_dir",
     "read_member",
     "sha256_file",
+    "sweep_stale",
     "verified",
     "write_text_atomic",
 ]

@@ -17,7 +17,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowbit.assets.cache import atomic_file, cache_dir, verified
+from lowbit.assets.atomic import atomic_file
+from lowbit.assets.cache import cache_dir, verified
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,7 @@
 
 from lowbit.calibration.capture import BlockCall, block_output, capture_block_inputs, module_output
 from lowbit.calibration.data import CalibrationSet, calibration_set
+from lowbit.calibration.hidden import HiddenStates, SpilledStates, saved_states
 from lowbit.calibration.runner import BlockContext, BlockResult, BlockStore, run_sequential
 from lowbit.calibration.stats import InputStats, collect_input_stats
 
@@ -11,11 +12,14 @@ __all__ = [
     "BlockResult",
     "BlockStore",
     "CalibrationSet",
+    "HiddenStates",
     "InputStats",
+    "SpilledStates",
     "block_output",
     "calibration_set",
     "capture_block_inputs",
     "collect_input_stats",
     "module_output",
     "run_sequential",
+    "saved_states",
 ]

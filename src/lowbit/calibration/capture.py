@@ -10,6 +10,7 @@ memory to one block plus the cached activations.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,20 +26,29 @@ class StopForward(Exception):
 class BlockCall:
     """One batch's call of a block: ``hidden`` (B, T, H) plus the other arguments."""
 
-    hidden: Tensor
+    hidden: Tensor | None
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def with_hidden(self, hidden: Tensor) -> BlockCall:
+    def with_hidden(self, hidden: Tensor | None) -> BlockCall:
         return BlockCall(hidden, self.args, self.kwargs)
 
 
-@torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, block: nn.Module, windows: Tensor, batch_size: int
 ) -> list[BlockCall]:
     """The calls ``block`` receives when ``model`` reads ``windows`` (N, T) in batches."""
+    return list(iter_block_inputs(model, block, windows, batch_size))
+
+
+@torch.no_grad()
+def iter_block_inputs(
+    model: nn.Module, block: nn.Module, windows: Tensor, batch_size: int
+) -> Iterator[BlockCall]:
+    """The same, one batch at a time. Keyword tensors equal to the previous batch's (the rotary
+    position embeddings of equally long batches) are shared, not held once per batch."""
     calls: list[BlockCall] = []
+    previous: dict[str, Any] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if args:
@@ -54,9 +64,24 @@ def capture_block_inputs(
         for batch in windows.split(batch_size):
             with contextlib.suppress(StopForward):
                 model(input_ids=batch, use_cache=False)
+            for call in calls:
+                call.kwargs = {k: _shared(v, previous.get(k)) for k, v in call.kwargs.items()}
+                previous = call.kwargs
+                yield call
+            calls.clear()
     finally:
         handle.remove()
-    return calls
+
+
+def _shared(value: Any, before: Any) -> Any:
+    """``before`` if it holds the same tensors as ``value`` (else ``value``)."""
+    if isinstance(value, Tensor) and isinstance(before, Tensor):
+        same = value.shape == before.shape and value.dtype == before.dtype
+        return before if same and torch.equal(value, before) else value
+    if isinstance(value, tuple) and isinstance(before, tuple) and len(value) == len(before):
+        parts = tuple(_shared(v, b) for v, b in zip(value, before, strict=True))
+        return before if all(p is b for p, b in zip(parts, before, strict=True)) else value
+    return value
 
 
 def block_output(block: nn.Module, call: BlockCall) -> Tensor:

@@ -12,8 +12,9 @@ which spares a full float pass per block.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ from lowbit.calibration.capture import (
     BlockCall,
     StopForward,
     block_output,
-    capture_block_inputs,
+    iter_block_inputs,
     module_output,
 )
+from lowbit.calibration.hidden import Calls, HiddenStates
 from lowbit.calibration.stats import InputStats, collect_input_stats
 from lowbit.errors import LowbitError
 
@@ -51,7 +53,7 @@ class BlockResult:
 class BlockContext:
     """What a handler may do with the block being quantized."""
 
-    def __init__(self, block: nn.Module, name: str, calls: list[BlockCall]) -> None:
+    def __init__(self, block: nn.Module, name: str, calls: Sequence[BlockCall]) -> None:
         self.block, self.name, self.calls = block, name, calls
 
     def linear(self, name: str) -> nn.Linear:
@@ -116,10 +118,15 @@ class BlockStore:
         """Materialise the named linears outside the blocks; persist the rest of the model after."""
         yield
 
-    def first_block(self) -> tuple[int, list[Tensor] | None]:
+    def first_block(self, dtype: torch.dtype) -> tuple[int, HiddenStates | None]:
         """Index of the first unfinished block and the hidden states entering it (None: the
         runner computes them from the start)."""
         return 0, None
+
+    def hidden_states(self, after: int, dtype: torch.dtype) -> HiddenStates:
+        """An empty holder for the hidden states leaving block ``after`` (-1: entering block
+        0); this store keeps them in memory."""
+        return HiddenStates(dtype)
 
     @contextlib.contextmanager
     def outside(self, model: nn.Module) -> Iterator[None]:
@@ -130,7 +137,7 @@ class BlockStore:
         """Materialise a block's weights."""
 
     def leave(self, index: int, name: str, block: nn.Module, record: dict[str, Any],
-              hidden: list[Tensor] | None) -> None:  # fmt: skip
+              hidden: HiddenStates | None) -> None:  # fmt: skip
         """The block is final: persist it (with ``record`` and the next block's inputs)."""
 
     def status(self) -> dict[str, str]:
@@ -160,16 +167,19 @@ def run_sequential(
     run draws what an uninterrupted one did. ``hidden_dtype`` bfloat16 halves the memory of the
     hidden states carried between blocks (each block still computes in float32)."""
     store = store or BlockStore()
-    first, hidden = store.first_block()
-    calls: list[BlockCall] = []
+    first, hidden = store.first_block(hidden_dtype)
+    calls: Sequence[BlockCall] = []
     if windows is not None and first < len(blocks):
-        with store.outside(model):
-            calls = capture_block_inputs(model, blocks[0], windows, batch_size)
-        if hidden is not None:
-            calls = [c.with_hidden(h) for c, h in zip(calls, hidden, strict=True)]
-        calls = [c.with_hidden(c.hidden.to(hidden_dtype)) for c in calls]
         if first and hidden is None:
             raise LowbitError(f"no saved inputs for block {first}; rerun with --restart")
+        frames = []
+        entering = hidden or store.hidden_states(-1, hidden_dtype)
+        with store.outside(model):
+            for call in iter_block_inputs(model, blocks[0], windows, batch_size):
+                frames.append(call.with_hidden(None))
+                if hidden is None:
+                    entering.append(call.hidden)
+        calls = Calls(frames, entering)
     results: list[BlockResult] = []
     bar = tqdm(range(first, len(blocks)), desc=desc, unit="block", disable=not progress,
                initial=first, total=len(blocks))  # fmt: skip
@@ -181,25 +191,41 @@ def run_sequential(
         ctx = BlockContext(block, f"{prefix}.{index}", calls)
         reference = ctx.outputs(limit=error_batches)
         handler(ctx)
-        quantized = ctx.outputs()
-        error = _relative_error(quantized[: len(reference)], reference) if calls else None
+        last = index + 1 == len(blocks)
+        leaving = store.hidden_states(index, hidden_dtype) if calls and not last else None
+        error = _quantized_outputs(block, calls, reference, leaving) if calls else None
         record = finish(ctx) if finish is not None else {}
-        calls = [c.with_hidden(y.to(hidden_dtype)) for c, y in zip(calls, quantized, strict=True)]
+        if leaving is not None:
+            calls = calls.with_states(leaving)
         result = BlockResult(index, ctx.name, error, time.perf_counter() - start)
         results.append(result)
         record["block"] = result.to_dict()
-        store.leave(index, ctx.name, block, record, [c.hidden for c in calls] if calls else None)
+        store.leave(index, ctx.name, block, record, leaving)
         post = {"block_err": f"{error:.2e}"} if error is not None else {}
         bar.set_postfix({**post, **store.status()})
     return results
 
 
-def _relative_error(new: list[Tensor], ref: list[Tensor]) -> float:
-    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(new, ref, strict=True))
-    den = sum(float(b.double().pow(2).sum()) for b in ref)
-    if not torch.isfinite(torch.tensor(num)):
+def _quantized_outputs(
+    block: nn.Module, calls: Sequence[BlockCall], reference: list[Tensor],
+    leaving: HiddenStates | None,
+) -> float:  # fmt: skip
+    """Run the quantized block on every batch, keep its outputs in ``leaving`` (the next
+    block's inputs) and return their relative squared error against ``reference`` (the float
+    block's outputs on the first batches)."""
+    num = den = 0.0
+    for i, call in enumerate(calls):
+        y = block_output(block, call)
+        if i < len(reference):
+            num += float((y.double() - reference[i].double()).pow(2).sum())
+            den += float(reference[i].double().pow(2).sum())
+        if leaving is not None:
+            leaving.append(y)
+        del y
+    if not math.isfinite(num):
         raise LowbitError("non-finite block outputs after quantization")
     return num / max(den, 1e-30)
 
 
-__all__ = ["BlockContext", "BlockResult", "BlockStore", "module_output", "run_sequential"]
+__all__ = ["BlockContext", "BlockResult", "BlockStore", "HiddenStates", "module_output",
+           "run_sequential"]  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 import mwparserfromhell
 
 from lowbit.assets import Archive, cache_dir, fetch_archive, list_members, read_member
-from lowbit.assets.cache import write_text_atomic
+from lowbit.assets.atomic import write_text_atomic
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)

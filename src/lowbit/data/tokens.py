@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 
 from lowbit.assets import cache_dir
-from lowbit.assets.cache import atomic_file
+from lowbit.assets.atomic import atomic_file
 from lowbit.data.corpora import Corpus
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
+
+CACHED_TOKENS = 65_536  # shorter texts tokenize in well under a second: not worth a cache file
 
 
 def tokenizer_fingerprint(tokenizer: object) -> str | None:
@@ -36,7 +38,7 @@ def corpus_ids(corpus: Corpus, tokenizer: object) -> Tensor:
             log.warning("cached token file %s is unreadable; tokenizing again", path.name)
     ids = tokenizer(corpus.text, return_attention_mask=False, verbose=False)["input_ids"]
     arr = np.asarray(ids, dtype=np.int64)
-    if fp is not None:
+    if fp is not None and len(arr) >= CACHED_TOKENS:
         with atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.save(f, arr.astype(np.uint32), allow_pickle=False)
     return torch.from_numpy(arr)

@@ -9,28 +9,35 @@ from typing import Any
 from lowbit.eval.size import folder_layer_bytes, tensor_bytes
 from lowbit.eval.table import format_table
 from lowbit.models.checkpoint import read_manifest, weight_files
-from lowbit.models.tensorfile import read_header
+from lowbit.models.tensorfile import Entry, read_header
+from lowbit.models.verify import check_tensors, manifest_layers, verify_hashes
 
 
-def inspect_folder(folder: Path) -> dict[str, Any]:
-    """Per-layer formats and bytes, totals, and the manifest. ``bits_per_weight`` at the top
+def inspect_folder(folder: Path, verify: bool = False) -> dict[str, Any]:
+    """Per-layer formats and bytes, totals, and the manifest, after checking the folder (every
+    shard's size against its header, every manifest layer against its tensors; with
+    ``verify``, every shard's sha256 against the manifest). ``bits_per_weight`` at the top
     level is over the quantized layers, scale and zero overhead included."""
     manifest = read_manifest(folder)
+    plans = manifest_layers(manifest)
     files = weight_files(Path(folder))
-    header = {}
+    entries: dict[str, Entry] = {}
     for path in files:  # every shard's header, checked against its size (truncation)
-        entries, _ = read_header(path)
-        for n, e in entries.items():
-            header[n] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
+        entries.update(read_header(path)[0])
+    check_tensors(plans, entries)
+    verified = verify_hashes(Path(folder), manifest) if verify else None
+    header = {n: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
+              for n, e in entries.items()}  # fmt: skip
     layers, qweights, qbytes = {}, 0, 0
-    for name, info in manifest["layers"].items():
+    for name, plan in plans.items():
+        info = manifest["layers"][name]
         b = folder_layer_bytes(header, name)
-        n = info["in_features"] * info["out_features"]
+        n = plan.in_features * plan.out_features
         qweights += n
         qbytes += b["codes"] + b["params"]
         layers[name] = {
             "format": info.get("format"),
-            "shape": [info["out_features"], info["in_features"]],
+            "shape": [plan.out_features, plan.in_features],
             "bytes": b,
             "bits_per_weight": round(8.0 * (b["codes"] + b["params"]) / n, 6),
             "weight_sqnr_db": info.get("weight_sqnr_db"),
@@ -47,6 +54,7 @@ def inspect_folder(folder: Path) -> dict[str, Any]:
         "tensor_bytes": total,
         "file_bytes": sum(os.path.getsize(p) for p in files),
         "files": [p.name for p in files],
+        "verified_files": verified,
         "layers": layers,
         "manifest": {k: v for k, v in manifest.items() if k != "layers"},
     }
@@ -55,8 +63,8 @@ def inspect_folder(folder: Path) -> dict[str, Any]:
 def render_inspection(info: dict[str, Any]) -> str:
     """Human-readable summary: totals, the formats used, and the per-layer table."""
     m = info["manifest"]
-    recipe = m.get("recipe", {})
-    source = (m.get("source") or {}).get("model")
+    recipe = _mapping(m.get("recipe"))
+    source = _mapping(m.get("source")).get("model")
     lines = [
         f"{info['folder']}: lowbit {m.get('lowbit_version')}, source {source}",
         f"recipe: {recipe.get('name') or '(custom)'} algorithm={recipe.get('algorithm')}",
@@ -65,8 +73,10 @@ def render_inspection(info: dict[str, Any]) -> str:
         f"bytes: quantized {info['quantized_bytes']:,}  float {info['float_bytes']:,}  "
         f"file {info['file_bytes']:,}",
     ]
-    metrics = (m.get("metrics") or {}).get("eval")
-    if metrics:
+    if info.get("verified_files"):
+        lines.append(f"verified: {info['verified_files']} weight files match their sha256")
+    metrics = _mapping(_mapping(m.get("metrics")).get("eval"))
+    if {"ppl", "corpus", "seqlen", "tokens"} <= metrics.keys():
         lines.append(
             f"measured: ppl {metrics['ppl']:.3f} KL {metrics.get('kl')} "
             f"top-1 {metrics.get('top1')} "
@@ -79,10 +89,16 @@ def render_inspection(info: dict[str, Any]) -> str:
     ]  # fmt: skip
     head = ["layer", "format", "shape", "bits/w", "weight SQNR dB", "output SQNR dB (calib)"]
     lines += ["", format_table(head, rows)]
-    blocks = m.get("blocks") or []
+    blocks = [b for b in m.get("blocks") or [] if isinstance(b, dict)
+              and isinstance(b.get("output_rel_mse"), (int, float))]  # fmt: skip
     if blocks:
         worst = max(blocks, key=lambda b: b["output_rel_mse"])
         lines.append(f"\nblock output error (relative MSE, sequential runner): "
                      f"{len(blocks)} blocks, worst {worst['block']} "
                      f"{worst['output_rel_mse']:.3e}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A manifest field that should be a mapping, or an empty one (what it holds is only shown)."""
+    return value if isinstance(value, dict) else {}

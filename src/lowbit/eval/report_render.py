@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lowbit.assets.cache import atomic_file
+from lowbit.assets.atomic import atomic_file
 from lowbit.eval.table import format_table
 
 log = logging.getLogger(__name__)

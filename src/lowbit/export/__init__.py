@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.assets import atomic_dir, atomic_file
+from lowbit.assets import atomic_dir, atomic_file, prepare_out
 from lowbit.errors import LowbitError
 from lowbit.models import load_folder, read_manifest, zoo
 
@@ -42,8 +42,7 @@ def export(
     if fmt not in FORMATS:
         raise LowbitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     manifest = read_manifest(folder)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+    prepare_out(out, overwrite)
     if requantize is not None and fmt != "gguf":
         raise LowbitError("--requantize applies to GGUF export only")
     model, _ = load_folder(folder)

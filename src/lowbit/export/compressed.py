@@ -145,6 +145,8 @@ def write_compressed_tensors(model: nn.Module, folder: Path, tmp: Path) -> None:
     config["quantization_config"] = qconfig
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     copy_side_files(folder, tmp)
+    note = {"format": "compressed-tensors", "producer": "lowbit"}  # lets --overwrite replace it
+    (tmp / "lowbit_export.json").write_text(json.dumps(note, indent=1))
 
 
 def copy_side_files(folder: Path, tmp: Path) -> None:

@@ -23,14 +23,13 @@ from torch import nn
 
 from lowbit.assets import atomic_dir
 from lowbit.errors import LowbitError
-from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.models.families import find_blocks
 from lowbit.models.modules import set_module
 from lowbit.models.source import skeleton as hf_skeleton
 from lowbit.models.tensorfile import Entry, Item, read_header, write_file
+from lowbit.models.verify import MANIFEST, check_tensors, file_hashes, manifest_layers
 from lowbit.nn import QuantLinear
 
-MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MANIFEST_VERSION = 1
@@ -48,8 +47,6 @@ def save_folder(
     """Write ``model`` (with its QuantLinear layers) to ``folder`` atomically: the same shards,
     bytes and index as a streamed run of the same quantization writes."""
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise LowbitError(f"{folder} already exists; choose another --out or pass --overwrite")
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         write_shards(tmp, model_units(model))
         write_extras(tmp, model, tokenizer)
@@ -144,7 +141,10 @@ def write_extras(folder: Path, model: nn.Module, tokenizer: Any = None) -> None:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    body = {"format": "lowbit", "manifest_version": MANIFEST_VERSION, **manifest}
+    """The manifest, last, with the size and sha256 of every weight file (``inspect --verify``
+    checks them)."""
+    files = file_hashes(folder, [p.name for p in weight_files(folder)])
+    body = {"format": "lowbit", "manifest_version": MANIFEST_VERSION, **manifest, "files": files}
     (folder / MANIFEST).write_text(json.dumps(body, indent=1, default=str))
 
 
@@ -184,16 +184,22 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
     """(model, manifest) from a lowbit folder; ``skeleton`` for models that are not HF ones."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    plans = manifest_layers(manifest)
+    files = weight_files(folder)
+    header: dict[str, Entry] = {}
+    for path in files:  # a truncated or damaged shard is an error naming it
+        header.update(read_header(path)[0])
+    check_tensors(plans, header)
     model = skeleton if skeleton is not None else hf_skeleton(folder)
-    for name, info in manifest["layers"].items():
-        spec = WeightSpec.from_dict(info["weights"], f"{MANIFEST}: layers.{name}.weights")
-        acts = info.get("activations")
-        act = None if acts is None else ActivationSpec.from_dict(acts, f"layers.{name}.activations")
-        layer = QuantLinear(info["in_features"], info["out_features"], spec, info["bias"], act=act)
-        set_module(model, name, layer)
+    for name, plan in plans.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise LowbitError(f"{MANIFEST}: layer {name} is not in the model that "
+                              f"config.json describes") from None  # fmt: skip
+        set_module(model, name, plan.build())
     unexpected = []
-    for path in weight_files(folder):
-        read_header(path)  # a truncated or damaged shard is an error naming it
+    for path in files:
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError) as exc:

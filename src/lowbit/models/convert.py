@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
 
 from lowbit.assets import atomic_dir, cache_dir, sha256_file, verified
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, reason
 from lowbit.models.checkpoint import block_units, write_unit_shards
 
 log = logging.getLogger(__name__)
@@ -71,16 +72,18 @@ def _convert(gguf: Path, folder: Path) -> None:
 
     try:
         parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                            trust_remote_code=False)  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  trust_remote_code=False)  # fmt: skip
         reader = GGUFReader(gguf)
-    except (ValueError, OSError, KeyError, RuntimeError, TypeError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LowbitError(f"could not read GGUF file {gguf}: {first[:200]}") from None
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError, IndexError, EOFError,
+            struct.error) as exc:  # what the readers raise on a damaged or cut file  # fmt: skip
+        raise LowbitError(f"could not read GGUF file {gguf}: {reason(exc)}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
     to_hf = get_gguf_hf_weights_map(model, processor)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.assets import write_text_atomic
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, reason
 from lowbit.models.checkpoint import MANIFEST, load_folder
 from lowbit.models.convert import converted_folder
 from lowbit.models.kernels import use_kernels
@@ -109,10 +109,10 @@ def _hub_folder(repo_id: str) -> Path:
     try:
         path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only)
     except Exception as exc:  # huggingface_hub raises many types; one line for the user
-        why = "the hub is unreachable and it is not in the local HF cache" if local_only else exc
+        why = "the hub is unreachable and it is not in the local HF cache"
         raise LowbitError(
             f"cannot load model {repo_id!r}: it is not a zoo name (see `lowbit models`), "
-            f"not a local path, and from the Hugging Face hub: {str(why)[:200]}"
+            f"not a local path, and from the Hugging Face hub: {why if local_only else reason(exc)}"
         ) from None
     return Path(path)
 
@@ -121,9 +121,10 @@ def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     trust_remote_code=False)  # fmt: skip
     except (OSError, ValueError) as exc:
-        raise LowbitError(f"cannot load the model in {folder}: {str(exc)[:300]}") from None
+        raise LowbitError(f"cannot load the model in {folder}: {reason(exc)}") from None
     return model.eval(), source_tokenizer(folder)
 
 
@@ -131,7 +132,7 @@ def source_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError):
         log.warning("no tokenizer in %s; text evaluation will not be possible", folder)
         return None

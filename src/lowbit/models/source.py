@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, reason
 from lowbit.models.tensorfile import Entry, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -131,7 +131,7 @@ def skeleton(folder: Path) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise LowbitError(f"cannot read the model config in {folder}: {str(exc)[:300]}") from None
+        raise LowbitError(f"cannot read the model config in {folder}: {reason(exc)}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     try:

@@ -3,10 +3,11 @@
 It lies beside ``--out`` as ``.<out>.lowbit-work`` and holds ``fingerprint.json`` (model,
 recipe, calibration token ids, seed, lowbit version), one ``units/NNNNN.safetensors`` per
 finished decoder block with its record ``units/NNNNN.json`` (written last: the commit mark), and
-``hidden.safetensors``, the calibration hidden states entering the next block. Every file is
-written to a temporary name and renamed. Finishing assembles the shards inside the work folder,
-renames the finished folder to ``--out`` and removes the work folder: nothing outside it is ever
-half-written.
+``hidden/after-NNNNN/``, the calibration hidden states entering the next block (one file per
+batch; while a block runs, a spilling run writes its outputs into ``after-NNNNN.partial``).
+Every file is written to a temporary name and renamed. Finishing assembles the shards inside the
+work folder, renames the finished folder to ``--out`` and removes the work folder: nothing
+outside it is ever half-written.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors.torch import load_file
 
 from lowbit.assets import atomic_file, publish_dir, write_text_atomic
 from lowbit.errors import LowbitError
@@ -82,28 +80,40 @@ class WorkFolder:
         return out
 
     def write_unit(self, index: int, tensors: Mapping[str, Item], record: dict[str, Any],
-                   hidden: list[torch.Tensor] | None = None) -> None:  # fmt: skip
-        """Persist a finished block, then the next block's inputs, then the record."""
+                   hidden: Path | None = None) -> Path | None:  # fmt: skip
+        """Persist a finished block, then the next block's inputs (the folder ``hidden``, from
+        :meth:`hidden_folder`, renamed into place), then the record; then forget older inputs.
+        Returns where the inputs now lie."""
         start = time.perf_counter()
         with atomic_file(self._unit(index, "safetensors")) as tmp:
             self.bytes_written += write_file(tmp, tensors, {"unit": str(index)})
         if hidden is not None:
-            with atomic_file(self.path / "hidden.safetensors") as tmp:
-                named = {f"h{i:05d}": h for i, h in enumerate(hidden)}
-                self.bytes_written += write_file(tmp, named, {"after": str(index)})
+            final = self._hidden(index)
+            shutil.rmtree(final, ignore_errors=True)  # left by a run killed before its record
+            self.bytes_written += sum(p.stat().st_size for p in hidden.iterdir())
+            hidden.rename(final)
         self.write_seconds += time.perf_counter() - start
         write_text_atomic(self._unit(index, "json"), json.dumps(record, default=str))
+        for old in (self.path / "hidden").glob("after-*"):
+            if old.name != self._hidden(index).name:
+                shutil.rmtree(old, ignore_errors=True)
+        return self._hidden(index) if hidden is not None else None
 
-    def hidden(self, after: int) -> list[torch.Tensor] | None:
-        """The saved hidden states leaving block ``after`` (None if they are not those)."""
-        path = self.path / "hidden.safetensors"
-        if not path.is_file():
-            return None
-        _, meta = read_header(path)
-        if meta.get("after") != str(after):
-            return None
-        state = load_file(str(path))
-        return [state[k] for k in sorted(state)]
+    def hidden_folder(self, after: int) -> Path:
+        """A fresh folder for the hidden states leaving block ``after`` while they are written
+        (-1: those entering block 0)."""
+        folder = self.path / "hidden" / f"after-{after:05d}.partial"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    def hidden(self, after: int) -> Path | None:
+        """The folder of the saved hidden states leaving block ``after`` (None: not saved)."""
+        folder = self._hidden(after)
+        return folder if folder.is_dir() else None
+
+    def _hidden(self, after: int) -> Path:
+        return self.path / "hidden" / f"after-{after:05d}"
 
     def units(self, count: int) -> list[dict[str, Entry]]:
         """The headers of units 0 .. count-1."""

@@ -6,8 +6,11 @@ device). Memory and time come from a probe: the real run on blocks 0 and 1 (embe
 calibration windows when the recipe has some), the second block timed (the first pays for
 warming up), with the process's peak RSS reset just before it, on
 this machine and with this thread count. Every decoder block has the same shape, so the run's
-time is the probe's block time per block, plus the layers outside the blocks in proportion to
-their weights, plus writing the output at the rate the probe wrote.
+time is the start-up and set-up the estimate itself paid, the probe's block time per block, the
+layers outside the blocks in proportion to their weights, and the output's bytes at the rates
+the probe measured for each way they are written after the blocks (whose own writes are part
+of the block time): tensors copied from the source, shards assembled, hashed, plus config and
+tokenizer.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from torch import nn
 
 from lowbit.assets import cache_dir
 from lowbit.calibration import CalibrationSet
+from lowbit.models.checkpoint import write_extras, write_shards
 from lowbit.models.families import find_blocks
+from lowbit.models.load import source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.source import TensorSource, skeleton
+from lowbit.models.tensorfile import write_file
+from lowbit.models.verify import file_hashes
 from lowbit.models.workdir import WorkFolder
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.stream import StreamStore
@@ -46,8 +53,8 @@ class _ProbeStore(StreamStore):
     block_start = block_end = first_start = 0.0
 
     def leave(self, index, name, block, record, hidden) -> None:
+        super().leave(index, name, block, record, hidden)  # its writes belong to the block
         self.block_end = time.perf_counter()
-        super().leave(index, name, block, record, hidden)
         if index + 1 >= min(self.probe, self.blocks):
             raise _Probed
 
@@ -63,9 +70,11 @@ def estimate(
     recipe: Recipe,
     calibration: CalibrationSet | None,
     hidden_dtype: torch.dtype = torch.float32,
+    spill: bool = False,
 ) -> dict[str, Any]:
     """The plan and estimate of streaming ``folder`` through ``recipe`` (see module doc)."""
     startup = process_seconds()  # a run pays for the same start-up and imports
+    begin = time.perf_counter()
     model = skeleton(folder)
     tensors = TensorSource(folder)
     tensors.check(model)
@@ -75,21 +84,22 @@ def estimate(
     formats, qbytes, weights = _formats(model, plan)
     in_blocks = {n for n in tensors.entries if n.startswith(prefix + ".")}
     planned = {f"{n}.weight" for n in plan}
-    float_bytes = sum(
-        e.numel * 4 if n in in_blocks else e.nbytes
-        for n, e in tensors.entries.items()
-        if n not in planned
-    )
-    probe = _probe(folder, recipe, calibration, prefix, len(blocks), hidden_dtype)
+    kept = [n for n in tensors.entries if n not in planned]
+    block_float = sum(tensors.entries[n].numel * 4 for n in kept if n in in_blocks)
+    copied = [n for n in kept if n not in in_blocks]  # copied byte for byte from the source
+    copied_bytes = sum(tensors.entries[n].nbytes for n in copied)
+    prelude = time.perf_counter() - begin
+    probe = _probe(folder, recipe, calibration, prefix, len(blocks), hidden_dtype, spill, copied)
     block_params = sum(tensors.entries[n].numel for n in in_blocks) / len(blocks)
     outside = [n for n in plan if not n.startswith(prefix + ".")]
     outside_params = sum(tensors.entries[f"{n}.weight"].numel for n in outside if
                          f"{n}.weight" in tensors.entries)  # fmt: skip
-    write_rate = probe["bytes_written"] / max(probe["write_seconds"], 1e-3)
-    output = qbytes + float_bytes
-    seconds = (startup + probe["setup_seconds"] + len(blocks) * probe["block_seconds"]
+    output = qbytes + block_float + copied_bytes
+    seconds = (startup + prelude + probe["setup_seconds"] + len(blocks) * probe["block_seconds"]
                + probe["block_seconds"] * outside_params / block_params
-               + 2 * output / write_rate)  # fmt: skip
+               + copied_bytes / _rate(probe, "copy")
+               + output / _rate(probe, "assemble") + output / _rate(probe, "hash")
+               + probe["extras_seconds"])  # fmt: skip
     rest_mb = probe["baseline_mb"] + 3 * outside_params * 4 / 2**20
     return {
         "model": name,
@@ -103,6 +113,7 @@ def estimate(
         "peak_rss_mb": max(probe["peak_mb"], rest_mb),
         "seconds": seconds,
         "threads": torch.get_num_threads(),
+        "hidden": {"dtype": str(hidden_dtype).removeprefix("torch."), "spilled": spill},
         "probe": probe,
         "layers": {n: s.short() for n, s in plan.items()},
     }
@@ -130,13 +141,16 @@ def _formats(model: nn.Module, plan: dict) -> tuple[dict[str, dict], int, int]:
     return formats, total, weights
 
 
-def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype) -> dict[str, float]:
-    """Run block 0 for real into a scratch work folder; its time, bytes and peak RSS."""
+def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype, spill, copied) -> dict:
+    """Run blocks 0 and 1 for real into a scratch work folder (their time, bytes and peak RSS),
+    then time what the run does after its blocks on a share of the work: assembling the units
+    into a shard, hashing it, copying untouched tensors from the source (up to 256 MB of
+    them), writing config and tokenizer."""
     model = skeleton(folder)
     tensors = TensorSource(folder)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="probe-") as tmp:
         work = WorkFolder(Path(tmp) / "out", {"probe": True})
-        store = _ProbeStore(model, tensors, work, prefix, blocks)
+        store = _ProbeStore(model, tensors, work, prefix, blocks, spill)
         baseline = current_rss_mb()
         reset_peak_rss()
         start = time.perf_counter()
@@ -144,11 +158,43 @@ def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype) -> dict[st
             quantize_weights(model, recipe, calibration, progress=False, store=store,
                              hidden_dtype=hidden_dtype)  # fmt: skip
         peak = peak_rss_mb() or current_rss_mb()
+        finishing = _finishing(work, min(store.probe, blocks), folder, model, tensors, copied)
     return {
         "setup_seconds": store.first_start - start,
         "block_seconds": store.block_end - store.block_start,
-        "write_seconds": work.write_seconds,
-        "bytes_written": work.bytes_written,
+        "write_bytes": work.bytes_written,
+        **finishing,
         "baseline_mb": baseline,
         "peak_mb": peak,
     }
+
+
+def _finishing(work, units, folder, model, tensors, copied) -> dict[str, float]:
+    final = work.path / "probe-final"
+    final.mkdir()
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    names = write_shards(final, work.units(units))
+    out["assemble_seconds"] = time.perf_counter() - start
+    out["assemble_bytes"] = out["hash_bytes"] = sum((final / n).stat().st_size for n in names)
+    start = time.perf_counter()
+    file_hashes(final, names)
+    out["hash_seconds"] = time.perf_counter() - start
+    sample, size = {}, 0
+    for name in copied:
+        if size >= 256 * 2**20:
+            break
+        sample[name] = tensors.entries[name]
+        size += tensors.entries[name].nbytes
+    start = time.perf_counter()
+    out["copy_bytes"] = write_file(final / "copied.safetensors", sample, {}) if sample else 0
+    out["copy_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    write_extras(final, model, source_tokenizer(folder))
+    out["extras_seconds"] = time.perf_counter() - start
+    return out
+
+
+def _rate(probe: dict[str, float], what: str) -> float:
+    """Bytes per second the probe measured for ``what`` (copy, assemble, hash)."""
+    return max(probe[f"{what}_bytes"], 1) / max(probe[f"{what}_seconds"], 1e-3)

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lowbit.calibration import BlockStore, CalibrationSet
+from lowbit.calibration import BlockStore, CalibrationSet, HiddenStates, SpilledStates, saved_states
 from lowbit.errors import LowbitError
 from lowbit.models.families import find_blocks
 from lowbit.models.source import TensorSource, materialize, release, tied_names
@@ -31,20 +31,27 @@ class StreamStore(BlockStore):
     """Blocks read from ``source`` and written to ``work`` as they finish."""
 
     def __init__(
-        self, model: nn.Module, source: TensorSource, work: WorkFolder, prefix: str, blocks: int
-    ) -> None:
+        self, model: nn.Module, source: TensorSource, work: WorkFolder, prefix: str, blocks: int,
+        spill: bool = False,
+    ) -> None:  # fmt: skip
         self.model, self.source, self.work = model, source, work
-        self.prefix, self.blocks = prefix, blocks
+        self.prefix, self.blocks, self.spill = prefix, blocks, spill
         self.bytes_read = 0
         release_freed_memory()
 
     def records(self) -> list[dict[str, Any]]:
         return self.work.records()[: self.blocks]
 
-    def first_block(self) -> tuple[int, list[Tensor] | None]:
+    def first_block(self, dtype: torch.dtype) -> tuple[int, HiddenStates | None]:
         done = len(self.records())
-        hidden = self.work.hidden(done - 1) if 0 < done < self.blocks else None
-        return done, hidden
+        folder = self.work.hidden(done - 1) if 0 < done < self.blocks else None
+        return done, saved_states(folder, self.spill, dtype) if folder is not None else None
+
+    def hidden_states(self, after: int, dtype: torch.dtype) -> HiddenStates:
+        """Spilled into the work folder, or in memory (and saved there as the block leaves)."""
+        if self.spill:
+            return SpilledStates(self.work.hidden_folder(after), dtype)
+        return HiddenStates(dtype)
 
     @contextlib.contextmanager
     def outside(self, model: nn.Module) -> Iterator[None]:
@@ -64,9 +71,16 @@ class StreamStore(BlockStore):
         self.bytes_read += materialize(self.model, names, self.source)
 
     def leave(self, index: int, name: str, block: nn.Module, record: dict[str, Any],
-              hidden: list[Tensor] | None) -> None:  # fmt: skip
+              hidden: HiddenStates | None) -> None:  # fmt: skip
         tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
-        self.work.write_unit(index, tensors, record, hidden)
+        spilled = isinstance(hidden, SpilledStates)
+        folder = hidden.folder if spilled else None
+        if hidden is not None and not spilled:
+            folder = self.work.hidden_folder(index)
+            hidden.save(folder)
+        committed = self.work.write_unit(index, tensors, record, folder)
+        if spilled:
+            hidden.folder = committed  # the next block reads its inputs where they now lie
         release(block)
         del tensors
         release_freed_memory()
@@ -132,15 +146,17 @@ def stream_quantize(
     progress: bool = True,
     seed: int = 0,
     hidden_dtype: torch.dtype = torch.float32,
+    spill: bool = False,
 ) -> tuple[QuantizeReport, int]:
     """Quantize the meta skeleton ``model`` block by block from ``source`` into ``work``;
-    returns the report and the number of units written (blocks, then the rest)."""
-    source.check(model)
+    returns the report and the number of units written (blocks, then the rest). ``spill``
+    keeps the calibration hidden states in the work folder, one batch in memory at a time.
+    The caller has checked ``source`` against the skeleton (:meth:`TensorSource.check`)."""
     try:
         prefix, blocks = find_blocks(model)
     except LowbitError as exc:
         raise LowbitError(f"streaming quantization goes block by block: {exc}") from None
-    store = StreamStore(model, source, work, prefix, len(blocks))
+    store = StreamStore(model, source, work, prefix, len(blocks), spill)
     report = quantize_weights(model, recipe, calibration, progress, store=store, seed=seed,
                               hidden_dtype=hidden_dtype)  # fmt: skip
     return report, len(blocks) + 1

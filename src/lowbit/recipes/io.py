@@ -22,7 +22,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             f"unknown recipe {str(name_or_path)!r}: not a preset ({', '.join(presets)}) "
             "and not a YAML file"
         )
-    return recipe_from_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LowbitError(f"{path}: not a text file; a recipe is YAML") from None
+    return recipe_from_yaml(text, str(path))
 
 
 def recipe_from_yaml(text: str, where: str = "recipe") -> Recipe:

@@ -14,11 +14,14 @@ from lowbit.recipes.recipe import Override, Recipe
 log = logging.getLogger(__name__)
 
 
-def plan_layers(recipe: Recipe, layers: list[tuple[str, nn.Linear]]) -> dict[str, WeightSpec]:
+def plan_layers(
+    recipe: Recipe, layers: list[tuple[str, nn.Linear]], warn: bool = True
+) -> dict[str, WeightSpec]:
     """layer name -> spec for every layer the recipe quantizes (in model order).
 
     Fails before any work is done if a spec does not fit a layer (e.g. a group size that does not
-    divide its input size), naming the layer; warns about overrides that match nothing.
+    divide its input size), naming the layer; warns (with ``warn``) about overrides that match
+    nothing.
     """
     if not layers:
         raise LowbitError("the model has no nn.Linear layers to quantize")
@@ -30,7 +33,7 @@ def plan_layers(recipe: Recipe, layers: list[tuple[str, nn.Linear]]) -> dict[str
         weight_block(spec, module.out_features, module.in_features, name)  # raises if unfit
         plan[name] = spec
     names = [n for n, _ in layers]
-    for pattern in (*recipe.ignore, *(o.match for o in recipe.overrides)):
+    for pattern in (*recipe.ignore, *(o.match for o in recipe.overrides)) if warn else ():
         if not any(Override(pattern).matches(n) for n in names):
             log.warning("recipe pattern %r matches no layer of this model", pattern)
     if not plan:

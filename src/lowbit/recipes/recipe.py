@@ -155,20 +155,21 @@ class Recipe:
             known = ", ".join(Algorithm.__args__)
             raise LowbitError(f"{where}: unknown algorithm {algorithm!r} (known: {known})")
         weights = _with_lorc(data.get("weights", {}), data.get("lorc"), where)
+        at = f"{where}: " if not where.endswith(":") else f"{where} "  # "recipe.yaml: gptq.damp"
         acts = data.get("activations")
         return cls(
             algorithm=algorithm,
-            weights=None if weights is None else WeightSpec.from_dict(weights, f"{where}.weights"),
+            weights=None if weights is None else WeightSpec.from_dict(weights, where),
             activations=None if acts is None else ActivationSpec.from_dict(acts),
-            ignore=tuple(_str_list(data.get("ignore", []), f"{where}.ignore")),
-            overrides=tuple(_override(o, f"{where}.overrides[{i}]")
+            ignore=tuple(_str_list(data.get("ignore", []), f"{at}ignore")),
+            overrides=tuple(_override(o, f"{at}overrides[{i}]")
                             for i, o in enumerate(data.get("overrides") or [])),
             name=data.get("name"),
             version=version,
-            gptq=from_mapping(GPTQOptions, data.get("gptq") or {}, f"{where}.gptq"),
-            awq=from_mapping(AWQOptions, data.get("awq") or {}, f"{where}.awq"),
-            smoothquant=_optional(SmoothQuantOptions, data, "smoothquant", where),
-            lkd=_optional(LKDOptions, data, "lkd", where),
+            gptq=from_mapping(GPTQOptions, data.get("gptq") or {}, f"{at}gptq"),
+            awq=from_mapping(AWQOptions, data.get("awq") or {}, f"{at}awq"),
+            smoothquant=_optional(SmoothQuantOptions, data, "smoothquant", at),
+            lkd=_optional(LKDOptions, data, "lkd", at),
         )  # fmt: skip
 
 
@@ -176,7 +177,7 @@ def _optional(cls: type, data: dict, key: str, where: str) -> Any:
     """An options block that switches a step on when present (``{}``: its defaults)."""
     if key not in data or data[key] is None:
         return None
-    return from_mapping(cls, data[key], f"{where}.{key}")
+    return from_mapping(cls, data[key], f"{where}{key}")
 
 
 def _with_lorc(weights: Any, lorc: Any, where: str) -> Any:

@@ -1,0 +1,154 @@
+"""How lowbit writes what it outputs: completely or not at all, never over a user's files.
+
+Every file and folder is first written under a temporary name beside its destination,
+``.<name>.<pid>.<random>.tmp``, and renamed into place once complete. A process killed mid-write
+(``kill -9``, out of memory) leaves only such a temporary; the next write to the same
+destination removes those whose process is gone (:func:`sweep_stale`). Replacing an existing
+folder (``--overwrite``) is allowed only for an empty folder or one lowbit wrote
+(:func:`prepare_out`), so a mistyped ``--out`` cannot delete a user's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+# The record files by which a folder is recognised as lowbit's own: a quantized model's
+# manifest, a report, the ONNX and compressed-tensors exports' notes.
+RECORDS = ("lowbit.json", "report.json", "lowbit_onnx.json", "lowbit_export.json")
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out`` cannot be written: it exists (without ``overwrite``), it
+    is a folder that is neither empty nor lowbit's (with ``overwrite``), or no folder on its
+    path can be written. Temporaries that killed writes of ``out`` left beside it are removed."""
+    out = Path(out)
+    sweep_stale(out)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+        if out.is_dir() and not out.is_symlink():
+            names = sorted(p.name for p in out.iterdir())
+            if names and not set(names) & set(RECORDS):
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                raise LowbitError(f"{out} is not a folder lowbit wrote (it holds {shown}); "
+                                  f"--overwrite replaces only lowbit outputs and empty "
+                                  f"folders: choose another --out")  # fmt: skip
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise LowbitError(f"cannot write {out}: {parent} is not a writable folder")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _as_if_created(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``, renamed to ``path`` only if the block succeeds.
+
+    With ``overwrite``, an existing ``path`` (empty, or lowbit's) is replaced after the new
+    folder is complete; an interrupted write never leaves a partial folder at ``path``.
+    """
+    path = Path(path)
+    prepare_out(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        publish_dir(tmp, path, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, path: Path, overwrite: bool = False) -> None:
+    """Rename the finished folder ``tmp`` to ``path`` (same file system); with ``overwrite``
+    an existing ``path`` (checked by :func:`prepare_out`) is moved aside first, removed after."""
+    _as_if_created(tmp)
+    if path.exists() and overwrite:
+        prepare_out(path, overwrite)
+        old = Path(f"{tmp}.old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)  # fails if path is a non-empty folder (checked by callers)
+
+
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove the temporaries that writes of ``path`` by processes now gone left beside it;
+    returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[a-z0-9_]{8}\.tmp(\.old)?$")
+    removed = []
+    with contextlib.suppress(OSError):
+        for sibling in path.parent.iterdir():
+            found = pattern.match(sibling.name)
+            if found is None or _alive(int(found.group(1))):
+                continue
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    return removed
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a number no process has): leave it
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path) -> None:
+    """Give a file or folder made by ``mkstemp``/``mkdtemp`` (owner-only) the permissions a
+    plain ``open``/``mkdir`` would have given it, and the same to the files directly inside."""
+    mask = _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for child in path.iterdir():
+            if child.is_file():
+                os.chmod(child, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)

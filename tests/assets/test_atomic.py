@@ -1,0 +1,88 @@
+"""Atomic outputs: complete or absent, ordinary permissions, stale temporaries of dead processes
+removed, and --overwrite that replaces only lowbit's own folders."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.assets.atomic import RECORDS, atomic_dir, atomic_file, prepare_out, sweep_stale
+from lowbit.errors import LowbitError
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Temporary files are owner-only; what is renamed into place is readable as usual."""
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "a.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f.bin").write_bytes(b"1")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "d" / "f.bin").stat().st_mode) == 0o644
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
+    out = tmp_path / "out"
+    dead = dead_pid()
+    stale_dir = tmp_path / f".out.{dead}.abcd1234.tmp"
+    (stale_dir / "sub").mkdir(parents=True)
+    stale_file = tmp_path / f".out.{dead}.zzzz_999.tmp"
+    stale_file.write_bytes(b"half")
+    mine = tmp_path / f".out.{os.getpid()}.abcd1234.tmp"  # a live process's: left alone
+    mine.mkdir()
+    other = tmp_path / f".out.x.{dead}.abcd1234.tmp"  # the temporary of "out.x", not of "out"
+    other.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "lowbit.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", mine.name, other.name])
+    assert sweep_stale(out) == []
+
+
+def test_overwrite_replaces_only_empty_or_lowbit_folders(tmp_path):
+    mine = tmp_path / "mine"
+    with atomic_dir(mine) as tmp:
+        (tmp / RECORDS[0]).write_text("{}")
+    with pytest.raises(LowbitError, match="already exists.*--overwrite"):
+        prepare_out(mine, overwrite=False)
+    prepare_out(mine, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    prepare_out(tmp_path / "empty", overwrite=True)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(LowbitError, match="not a folder lowbit wrote .*thesis.tex"):
+        prepare_out(user, overwrite=True)
+    with pytest.raises(LowbitError, match="not a folder lowbit wrote"), atomic_dir(user, True):
+        pass
+    assert [p.name for p in user.iterdir()] == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "user"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_destination_is_found_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(LowbitError, match="cannot write .*locked/a/b: .*locked is not a writable"):
+        prepare_out(locked / "a" / "b", overwrite=False)
+
+
+def test_a_file_in_the_way_of_the_path_is_named(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(LowbitError, match="is not a writable folder"):
+        prepare_out(tmp_path / "f" / "out", overwrite=False)
+    with atomic_file(tmp_path / "g.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "g.txt").read_text() == "x"

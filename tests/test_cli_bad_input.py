@@ -1,0 +1,183 @@
+"""Bad input, one class per row: each is one line on stderr naming what is wrong, exit 2, found
+before any work, and nothing left behind. Tiny models; seconds in all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lowbit.cli import main
+
+RTN = ["--recipe", "w4-rtn-g32"]
+
+
+@pytest.fixture
+def quantized(tiny_folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_folder), *RTN, "--out", str(out), "-q"]) == 0
+    return out
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def first_layer(manifest: dict) -> dict:
+    return next(iter(manifest["layers"].values()))
+
+
+def bad_recipe(tmp: Path, name: str, **weights) -> str:
+    path = tmp / name
+    path.write_text(json.dumps({"version": 1, "weights": {"bits": 4, **weights}}))
+    return str(path)
+
+
+def run(capsys, args: list[str]) -> str:
+    """Exit 2 with one line on stderr; returns it."""
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse refuses bad values itself, also with exit 2
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 or err.startswith("usage:"), err
+    return err.splitlines()[-1]
+
+
+def test_quantize_input_errors(tiny_folder, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    q = ["quantize", str(tiny_folder), *RTN, "--out", out, "-q"]
+    group48 = bad_recipe(tmp_path, "g48.yaml", group_size=48)
+    cases = {  # what is wrong: (arguments, what the line says)
+        "path too long": (["quantize", "x" * 300, *RTN, "--out", out], "File name too long"),
+        "group size fits no layer": (["quantize", str(tiny_folder), "--recipe", group48,
+                                      "--out", out, "-q"], "group"),
+        "--out below a file": (["quantize", str(tiny_folder), *RTN, "--out",
+                                str(tiny_folder / "config.json" / "o")], "not a writable"),
+        "--threads -1": (["--threads", "-1", *q], "positive integer"),
+        "--threads 0": (["--threads", "0", *q], "positive integer"),
+        "--calib-samples 0": ([*q[:-1], "--calib-samples", "0"], "positive integer"),
+        "--eval-tokens below a window": ([*q, "--eval", "--eval-tokens", "100",
+                                          "--eval-seqlen", "512"],
+                                         "--eval-tokens 100 is shorter than one window"),
+    }  # fmt: skip
+    negative = bad_recipe(tmp_path, "r.yaml", group_size=-2)
+    says = "r.yaml: weights.group_size must be"
+    cases["recipe key error"] = (["quantize", str(tiny_folder), "--recipe", negative,
+                                  "--out", out, "-q"], says)  # fmt: skip
+    binary = tmp_path / "r.bin"
+    binary.write_bytes(bytes(range(256)))
+    cases["binary recipe"] = (["quantize", str(tiny_folder), "--recipe", str(binary),
+                               "--out", out], "r.bin: not a text file")  # fmt: skip
+    for name, (args, says) in cases.items():
+        line = run(capsys, args)
+        assert says in line, (name, line)
+        assert not Path(out).exists(), name
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_truncated_gguf_is_one_line(tmp_path, capsys):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF" + bytes(996))
+    line = run(capsys, ["quantize", str(cut), *RTN, "--out", str(tmp_path / "o")])
+    assert "could not read GGUF file" in line and "cut.gguf" in line
+
+
+def test_overwrite_refuses_a_folder_lowbit_did_not_write(tiny_folder, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    line = run(capsys, ["quantize", str(tiny_folder), *RTN, "--out", str(mine), "--overwrite"])
+    assert "not a folder lowbit wrote (it holds notes.txt)" in line
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_stale_temporary_beside_out_is_removed_by_the_next_run(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".q.{child.pid}.abcdefgh.tmp"  # what a kill -9 during a save leaves
+    (stale / "x").mkdir(parents=True)
+    assert main(["quantize", str(tiny_folder), *RTN, "--out", str(tmp_path / "q"), "-q"]) == 0
+    assert not stale.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
+
+
+def halve(q: Path) -> None:
+    path = q / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def manifest(change):
+    return lambda q: edit_json(q / "lowbit.json", change)
+
+
+def layer(change):
+    return manifest(lambda m: change(first_layer(m)))
+
+
+DAMAGES = {  # name: (damage, what the line says)
+    "truncated shard": (halve, "model.safetensors is truncated"),
+    "layer lost": (
+        manifest(lambda m: m["layers"].pop(next(iter(m["layers"])))),
+        "holds packed codes for model.layers.0.self_attn.q_proj, which lowbit.json does not",
+    ),
+    "bits 99": (layer(lambda x: x["weights"].update(bits=99)), "formats have 1 to 8 bits, got 99"),
+    "shape": (layer(lambda x: x.update(out_features=7)), "lowbit.json implies"),
+    "zero size": (layer(lambda x: x.update(in_features=0)), "in_features: expected a positive"),
+    "no weights": (layer(lambda x: x.pop("weights")), "weights: expected a mapping"),
+    "layers not a mapping": (manifest(lambda m: m.update(layers=[1, 2])), "must be a mapping"),
+    "unknown model_type": (
+        lambda q: edit_json(q / "config.json", lambda c: c.update(model_type="nonesuch")),
+        "cannot read the model config",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGES))
+def test_a_damaged_lowbit_folder_is_refused_by_inspect_and_loaders(quantized, capsys, name):
+    damage, says = DAMAGES[name]
+    damage(quantized)
+    commands = [["inspect", str(quantized)],
+                ["eval", str(quantized), "--tokens", "64", "--seqlen", "32", "-q"]]  # fmt: skip
+    if name == "unknown model_type":
+        commands = commands[1:]  # inspect reads no config
+    for args in commands:
+        assert says in run(capsys, args), args
+
+
+def test_inspect_verify_recomputes_the_hashes(quantized, capsys):
+    assert main(["inspect", str(quantized), "--verify"]) == 0
+    assert "weight files match their sha256" in capsys.readouterr().out
+    data = bytearray((quantized / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # one flipped bit in the last tensor: the header still agrees
+    (quantized / "model.safetensors").write_bytes(bytes(data))
+    assert main(["inspect", str(quantized)]) == 0  # the structure is intact
+    line = run(capsys, ["inspect", str(quantized), "--verify"])
+    assert "model.safetensors does not match the sha256 lowbit.json recorded" in line
+
+
+def test_a_short_calibration_file_leaves_nothing_in_the_cache(tiny_folder, tmp_path, capsys):
+    import os
+
+    words = tmp_path / "three.txt"
+    words.write_text("three short words")
+    args = ["quantize", str(tiny_folder), "--recipe", "w3-gptq-g32", "--out",
+            str(tmp_path / "o"), "--calib", str(words), "-q"]  # fmt: skip
+    assert "calibration corpus has 3 tokens" in run(capsys, args)
+    tokens = Path(os.environ["LOWBIT_CACHE"]) / "tokens"
+    assert not tokens.exists() or not list(tokens.iterdir())
+
+
+def test_copying_a_folder_keeps_it_loadable(quantized, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(quantized, copy)
+    assert main(["inspect", str(copy), "--verify", "-q"]) == 0
