@@ -98,17 +98,35 @@ def test_overwrite_refuses_a_folder_lowbit_did_not_write(tiny_folder, tmp_path, 
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
-def test_a_stale_temporary_beside_out_is_removed_by_the_next_run(tiny_folder, tmp_path):
+KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from lowbit.assets import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "model.safetensors").write_bytes(bytes(1 << 20))
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-save, as an OOM kill would
+"""
+
+
+def test_kill_9_during_a_save_then_the_same_command_leaves_no_temporary(tiny_folder, tmp_path):
+    import os
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    stale = tmp_path / f".q.{child.pid}.abcdefgh.tmp"  # what a kill -9 during a save leaves
-    (stale / "x").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "q")], env=env)
+    assert done.returncode == -9
+    assert [p.name for p in tmp_path.glob(".q.*.tmp")]  # what the kill left
     assert main(["quantize", str(tiny_folder), *RTN, "--out", str(tmp_path / "q"), "-q"]) == 0
-    assert not stale.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
+
+
+def test_overwrite_never_replaces_a_file_with_a_folder(tiny_folder, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    line = run(capsys, ["quantize", str(tiny_folder), *RTN, "--out", str(notes), "--overwrite"])
+    assert "notes.txt is a file; --overwrite replaces only what lowbit writes" in line
+    assert notes.read_text() == "keep me"
 
 
 def halve(q: Path) -> None:

@@ -25,16 +25,21 @@ from lowbit.errors import LowbitError
 RECORDS = ("lowbit.json", "report.json", "lowbit_onnx.json", "lowbit_export.json")
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Fail before any work if ``out`` cannot be written: it exists (without ``overwrite``), it
-    is a folder that is neither empty nor lowbit's (with ``overwrite``), or no folder on its
-    path can be written. Temporaries that killed writes of ``out`` left beside it are removed."""
+def prepare_out(out: Path, overwrite: bool, folder: bool = True) -> None:
+    """Fail before any work if ``out`` (a folder, or a file with ``folder=False``) cannot be
+    written: it exists (without ``overwrite``), it is not what will replace it, or a folder
+    that is neither empty nor lowbit's (with ``overwrite``), or no folder on its path can be
+    written. Temporaries that killed writes of ``out`` left beside it are removed."""
     out = Path(out)
     sweep_stale(out)
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
-        if out.is_dir() and not out.is_symlink():
+        if out.is_symlink() or out.is_dir() != folder:
+            what = "a link" if out.is_symlink() else "a folder" if out.is_dir() else "a file"
+            raise LowbitError(f"{out} is {what}; --overwrite replaces only what lowbit writes "
+                              f"there: choose another --out")  # fmt: skip
+        if folder:
             names = sorted(p.name for p in out.iterdir())
             if names and not set(names) & set(RECORDS):
                 shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")

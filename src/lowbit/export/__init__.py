@@ -42,7 +42,7 @@ def export(
     if fmt not in FORMATS:
         raise LowbitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     manifest = read_manifest(folder)
-    prepare_out(out, overwrite)
+    prepare_out(out, overwrite, folder=fmt != "gguf")
     if requantize is not None and fmt != "gguf":
         raise LowbitError("--requantize applies to GGUF export only")
     model, _ = load_folder(folder)

@@ -25,6 +25,7 @@ from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.models.families import Family
 from lowbit.models.fold import can_fold, fold_scales
 from lowbit.primitives import QuantizedWeight, quantize_weight
+from lowbit.sysinfo import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def hessian_block(
             del hessian
             apply(linear, qw)
             out[full] = qw
+            release_freed_memory()  # the fit's workspace, before the next layer's
 
 
 def gptq_fit(options: GPTQOptions) -> Callable[[Tensor, Tensor, WeightSpec, str], QuantizedWeight]:
