@@ -6,7 +6,7 @@ calibration windows and quantizes the first two decoder blocks for real, so its 
 block time are measured, not modelled. With `--full`, each way also runs to the end (its own
 child process, its own peak RSS) and the outputs are compared byte for byte.
 
-    python benchmarks/hidden_memory.py                         # smollm2-135m, GPTQ, bbc 64 x 2048
+    python benchmarks/hidden_memory.py                         # smollm2-135m, GPTQ, bbc 32 x 2048
     python benchmarks/hidden_memory.py --samples 32 --seqlen 512 --full
 """
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--recipe", default="w4-gptq-g64")
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--full", action="store_true", help="also run each way to the end")
     args = parser.parse_args()

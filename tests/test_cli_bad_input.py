@@ -56,7 +56,7 @@ def test_quantize_input_errors(tiny_folder, tmp_path, capsys):
     cases = {  # what is wrong: (arguments, what the line says)
         "path too long": (["quantize", "x" * 300, *RTN, "--out", out], "File name too long"),
         "group size fits no layer": (["quantize", str(tiny_folder), "--recipe", group48,
-                                      "--out", out, "-q"], "group"),
+                                      "--out", out, "-q"], "group_size 48 does not divide"),
         "--out below a file": (["quantize", str(tiny_folder), *RTN, "--out",
                                 str(tiny_folder / "config.json" / "o")], "not a writable"),
         "--threads -1": (["--threads", "-1", *q], "positive integer"),

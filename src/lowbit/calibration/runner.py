@@ -173,7 +173,7 @@ def run_sequential(
         if first and hidden is None:
             raise LowbitError(f"no saved inputs for block {first}; rerun with --restart")
         frames = []
-        entering = hidden or store.hidden_states(-1, hidden_dtype)
+        entering = hidden if hidden is not None else store.hidden_states(-1, hidden_dtype)
         with store.outside(model):
             for call in iter_block_inputs(model, blocks[0], windows, batch_size):
                 frames.append(call.with_hidden(None))
@@ -214,6 +214,8 @@ def _quantized_outputs(
     block's inputs) and return their relative squared error against ``reference`` (the float
     block's outputs on the first batches)."""
     num = den = 0.0
+    if leaving is None:  # the last block: only the measured batches are needed
+        calls = calls[: len(reference)]
     for i, call in enumerate(calls):
         y = block_output(block, call)
         if i < len(reference):
