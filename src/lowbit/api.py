@@ -32,6 +32,7 @@ from lowbit.analysis import (
 )
 from lowbit.assets import prepare_out, write_text_atomic
 from lowbit.calibration import CalibrationSet, calibration_set
+from lowbit.calibration.group import Group
 from lowbit.data import corpus_ids, eval_windows, load_corpus
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalResult, model_size, score_models
@@ -238,6 +239,7 @@ def quantize_to(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
+    group = Group.current()
     prepare_out(out, overwrite)
     folder, kind = source_folder(source)
     model = skeleton(folder)
@@ -248,20 +250,40 @@ def quantize_to(
     fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
                    "calibration": calibration.describe() if calibration else None,
                    "seed": seed, "lowbit": __version__, "hidden_dtype": hidden_dtype}  # fmt: skip
-    work = WorkFolder(out, fingerprint, restart)
+    if group.distributed:  # a resumed job needs the same ranks holding the same batches
+        fingerprint["world_size"] = group.world
+    work = _work_folder(out, fingerprint, restart, group)
     dtype = _hidden_dtype(hidden_dtype)
     report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed,
-                                    dtype, spill)  # fmt: skip
+                                    dtype, spill, group)  # fmt: skip
     report.analysis = analysis
+    peaks = group.ordered_sum({group.rank: report.peak_rss_mb or 0.0}, group.world)
+    if not group.main:  # rank 0 writes the folder; the others drop their work once it exists
+        group.barrier()
+        work.remove()
+        return out, report
     size = _streamed_size(report, work.units(units))
     manifest = _manifest(report, {"model": source, "kind": kind}, size, None, seed)
+    manifest["processes"] = {**group.describe(), "peak_rss_mb": [round(p, 1) for p in peaks]}
     tokenizer = source_tokenizer(folder)
 
     def extras(final: Path) -> None:
         write_extras(final, model, tokenizer)
         write_manifest(final, manifest)
 
-    return work.finish(units, overwrite, extras), report
+    try:
+        return work.finish(units, overwrite, extras), report
+    finally:
+        group.barrier()
+
+
+def _work_folder(out: Path, fingerprint: dict[str, Any], restart: bool, group: Group) -> WorkFolder:
+    """Rank 0's work folder first (``restart`` clears every rank's on its host), then the
+    others' (each keeps the inputs of two blocks, see :class:`WorkFolder`)."""
+    keep = 2 if group.distributed else 1
+    work = WorkFolder(out, fingerprint, restart, keep=keep) if group.main else None
+    group.barrier()
+    return work or WorkFolder(out, fingerprint, restart, rank=group.rank, keep=keep)
 
 
 def estimate(

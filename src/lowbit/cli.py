@@ -15,7 +15,8 @@ from typing import Any
 
 from lowbit import __version__
 from lowbit.cli_analyze import add_analyze, add_diff
-from lowbit.cli_args import check_window, positive, tokens
+from lowbit.cli_args import check_window, positive, positive_float, tokens
+from lowbit.cli_dist import joined, peer_failure, rank_label
 from lowbit.cli_export import add_export
 from lowbit.cli_perf import add_bench, add_report
 from lowbit.cli_qat import add_qat
@@ -32,6 +33,7 @@ examples:
   lowbit presets w4-rtn-g64            # print a preset as YAML to start your own recipe
   lowbit bench out/smollm2-w4g64 --ref smollm2-135m
   lowbit export out/smollm2-w4g64 --format onnx --out out/smollm2-w4g64-onnx
+  torchrun --nproc-per-node 2 -m lowbit quantize smollm2-135m --recipe w4-gptq-g64 --out out/g
 
 MODEL is a zoo name (see `lowbit models`), a Hugging Face folder, a .gguf file, a lowbit output
 folder, or a hub id (needs network). CORPUS is a name (see `lowbit corpora`) or a text file.
@@ -56,15 +58,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args) or 0
+        with joined(args):
+            return args.func(args) or 0
     except LowbitError as exc:
         line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-        print(f"lowbit: error: {line}", file=sys.stderr)
+        print(f"lowbit: error{rank_label()}: {line}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system refused (name too long, no space, permission)
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"lowbit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"lowbit: error{rank_label()}: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if not peer_failure(exc):
+            raise
+        line = str(exc).splitlines()[0].split("] ", 1)[-1].split(". This is typically")[0]
+        print(f"lowbit: error{rank_label()}: another process of the job failed or stopped "
+              f"answering ({line}); fix its error above and rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 3
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
@@ -87,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     _global_options(parser, argparse.SUPPRESS)
-    parser.set_defaults(verbose=False, quiet=False, threads=0)
+    parser.set_defaults(verbose=False, quiet=False, threads=0, dist_timeout=1800.0)
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, argparse.SUPPRESS)  # accepted after the command too
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -115,6 +126,11 @@ def _global_options(p: argparse.ArgumentParser, default: object) -> None:
         default=default,
         help="torch CPU threads (default: torch's choice)",
     )
+    p.add_argument(
+        "--dist-timeout", type=positive_float, default=default, metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before it fails (default: "
+             "1800; a rank that dies fails the others at once)",
+    )  # fmt: skip
 
 
 def _eval_options(p: argparse.ArgumentParser, prefix: str = "") -> None:

@@ -71,6 +71,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.analysis.plot import plot_sensitivity
     from lowbit.assets.atomic import atomic_file
+    from lowbit.calibration.group import Group
 
     src = api.load_model(args.model, kernels=False)
     if src.kind == "lowbit":
@@ -82,6 +83,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                                 args.calib_seqlen, args.seed)  # fmt: skip
     sens = api.analyze(src.model, recipe, calib, args.candidates, progress=not args.quiet)
     data = sens.to_dict()
+    if not Group.current().main:  # under torchrun: rank 0 writes and prints
+        return 0
     if args.out:
         with atomic_file(args.out) as tmp:
             tmp.write_text(json.dumps(data, indent=1))

@@ -18,6 +18,16 @@ def positive(value: str) -> int:
     return n
 
 
+def positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return x
+
+
 def tokens(value: str) -> int | None:
     if value == "all":
         return None

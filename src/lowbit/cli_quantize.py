@@ -31,7 +31,14 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
         "Models stream from disk: one decoder block is read, quantized, written and freed at a "
         "time, so a model larger than RAM quantizes in about one block's memory. A killed run "
         "resumes from its first unfinished block when the same command is run again (its work "
-        "folder lies beside --out as .NAME.lowbit-work; --restart discards it).",
+        "folder lies beside --out as .NAME.lowbit-work; --restart discards it).\n\n"
+        "More processes or hosts: start the same command with torchrun, e.g.\n"
+        "  torchrun --nproc-per-node 2 -m lowbit quantize smollm2-135m --recipe w4-gptq-g64 "
+        "--out out/g\n"
+        "Each process takes every N-th calibration batch, statistics are summed over processes "
+        "(gloo on CPU, NCCL on GPUs) and each block's linears are split between them; rank 0 "
+        "writes --out. The result equals one process's (LKD aside). A rerun with the same "
+        "number of processes resumes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL")
@@ -99,6 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from lowbit import api
+    from lowbit.calibration.group import Group
     from lowbit.cli import _need_tokenizer
     from lowbit.models.load import source_folder, source_tokenizer
 
@@ -142,9 +150,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         spill=args.spill_hidden,
     )  # fmt: skip
     metrics, results, sizes = {}, None, None
+    if not Group.current().main and not args.eval:  # under torchrun rank 0 reports
+        return 0
     if args.eval:
         src = api.load_model(args.model)
         _need_tokenizer(src)
+        if not Path(out).is_dir():
+            raise LowbitError(f"--eval under torchrun reads {out} on every host; put --out on "
+                              f"a file system all hosts share, or evaluate afterwards")  # fmt: skip
         quantized = api.load(out, kernels=False).model
         name = recipe.name or Path(args.recipe).stem
         results = api.evaluate(
@@ -153,7 +166,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )  # fmt: skip
         metrics = {"eval": results[name].to_dict(), "reference_eval": results["float"].to_dict()}
         sizes = {"float": api.model_size(src.model), name: api.model_size(quantized)}
-        api.add_metrics(out, metrics)
+        if Group.current().main:  # under torchrun every rank evaluates, rank 0 writes
+            api.add_metrics(out, metrics)
     from lowbit.cli import print_summary
 
     return print_summary(args, recipe, out, report, metrics, results, sizes)

@@ -73,14 +73,19 @@ def distill(
     options: LKDOptions,
     desc: str = "lkd",
     progress: bool = True,
+    mean: Callable[[list[float]], float] | None = None,
+    sync: Callable[[list[Tensor]], None] | None = None,
 ) -> tuple[float, float]:
     """Minimise ||student(i) − targets[i]||² / ||targets[i]||² over the samples in turn.
 
     Returns the mean loss over all samples before and after training. If training did not
     lower it (too high a learning rate, too few steps), the parameters are put back as they
-    were, so LKD never leaves a block worse on its calibration data.
+    were, so LKD never leaves a block worse on its calibration data. Data-parallel training
+    passes ``mean`` (per-sample losses -> the mean over every worker's samples) and ``sync``
+    (averages the gradients over workers in place, before each step).
     """
-    before = _mean_loss(student, targets)
+    mean = mean or (lambda losses: sum(losses) / len(losses))
+    before = mean(_losses(student, targets))
     params = [p for g in groups for p in g["params"]]
     saved = [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(groups)
@@ -93,11 +98,13 @@ def distill(
                 raise LowbitError(f"{desc}: the loss became {loss.item()}; lower lkd.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if sync is not None:
+                sync([p.grad for p in params if p.grad is not None])
             optimizer.step()
             losses.append(loss.item())
             window = losses[-10:]
             bar.set_postfix(loss=f"{before:.3e}->{sum(window) / len(window):.3e}")
-    after = _mean_loss(student, targets)
+    after = mean(_losses(student, targets))
     if not after < before:
         with torch.no_grad():
             for p, old in zip(params, saved, strict=True):
@@ -111,5 +118,5 @@ def _loss(y: Tensor, target: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _mean_loss(student: Callable[[int], Tensor], targets: Sequence[Tensor]) -> float:
-    return sum(float(_loss(student(i), t)) for i, t in enumerate(targets)) / len(targets)
+def _losses(student: Callable[[int], Tensor], targets: Sequence[Tensor]) -> list[float]:
+    return [float(_loss(student(i), t)) for i, t in enumerate(targets)]

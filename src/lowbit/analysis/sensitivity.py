@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lowbit.analysis.kl import mean_kl, reference_logprobs
 from lowbit.calibration import collect_input_stats
+from lowbit.calibration.group import Group
 from lowbit.formats.spec import WeightSpec
 from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
@@ -113,29 +114,37 @@ def measure_sensitivity(
     windows: Tensor,
     batch_size: int = 4,
     progress: bool = True,
+    group: Group | None = None,
 ) -> Sensitivity:
-    """Measure every (layer, candidate) on ``windows``; ``model`` is left as it was."""
+    """Measure every (layer, candidate) on ``windows``; ``model`` is left as it was. Under a
+    process ``group`` (default: the initialised one, if any) each rank runs every world-th
+    trial and the figures are gathered: they equal one process's."""
+    group = group or Group.current()
     sens = Sensitivity({n: m.weight.numel() for n, m in layers.items()}, dict(candidates))
     sens.tokens = int(windows.numel())
     ref = reference_logprobs(model, windows, batch_size)
     hessians = _hessians(model, layers, windows, batch_size)
-    total = len(layers) * len(candidates)
-    bar = tqdm(total=total, desc="sensitivity", unit="trial", disable=not progress)
-    for name, module in layers.items():
+    trials = [(n, c) for n in layers for c in candidates]
+    figures = torch.zeros(len(trials), 2, dtype=torch.float64)  # (trial, [proxy, KL])
+    bar = tqdm(total=len(trials), desc="sensitivity", unit="trial", disable=not progress)
+    for k in group.mine(len(trials)):
+        name, cname = trials[k]
+        module, spec = layers[name], candidates[cname]
         original = module.weight.detach().clone()
-        h = hessians[name]
-        sens.kl[name], sens.proxy[name], sens.bits[name] = {}, {}, {}
-        for cname, spec in candidates.items():
-            q = fake_quantize_weight(original.float(), spec, name)
-            delta = (q - original.float()).double()
-            sens.proxy[name][cname] = float(((delta @ h.double()) * delta).sum())
-            sens.bits[name][cname] = layer_bits(module, spec, name)
-            module.weight.copy_(q.to(module.weight.dtype))
-            sens.kl[name][cname] = max(mean_kl(model, windows, ref, batch_size), 0.0)
-            module.weight.copy_(original)
-            bar.update(1)
+        q = fake_quantize_weight(original.float(), spec, name)
+        delta = (q - original.float()).double()
+        figures[k, 0] = float(((delta @ hessians[name].double()) * delta).sum())
+        module.weight.copy_(q.to(module.weight.dtype))
+        figures[k, 1] = max(mean_kl(model, windows, ref, batch_size), 0.0)
+        module.weight.copy_(original)
+        bar.update(group.world)
         bar.set_postfix(layer=name.rsplit(".", 2)[-2] if "." in name else name)
     bar.close()
+    group.sum(figures)  # each trial was measured by one rank; adding zeros is exact
+    for (name, cname), (proxy, kl) in zip(trials, figures.tolist(), strict=True):
+        sens.kl.setdefault(name, {})[cname] = kl
+        sens.proxy.setdefault(name, {})[cname] = proxy
+        sens.bits.setdefault(name, {})[cname] = layer_bits(layers[name], candidates[cname], name)
     return sens
 
 

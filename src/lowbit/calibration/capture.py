@@ -10,7 +10,7 @@ memory to one block plus the cached activations.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,15 +38,16 @@ def capture_block_inputs(
     model: nn.Module, block: nn.Module, windows: Tensor, batch_size: int
 ) -> list[BlockCall]:
     """The calls ``block`` receives when ``model`` reads ``windows`` (N, T) in batches."""
-    return list(iter_block_inputs(model, block, windows, batch_size))
+    return list(iter_block_inputs(model, block, windows.split(batch_size)))
 
 
 @torch.no_grad()
 def iter_block_inputs(
-    model: nn.Module, block: nn.Module, windows: Tensor, batch_size: int
+    model: nn.Module, block: nn.Module, batches: Iterable[Tensor]
 ) -> Iterator[BlockCall]:
-    """The same, one batch at a time. Keyword tensors equal to the previous batch's (the rotary
-    position embeddings of equally long batches) are shared, not held once per batch."""
+    """The calls of ``block`` for each batch of windows (B, T), one batch at a time. Keyword
+    tensors equal to the previous batch's (the rotary position embeddings of equally long
+    batches) are shared, not held once per batch."""
     calls: list[BlockCall] = []
     previous: dict[str, Any] = {}
 
@@ -61,7 +62,7 @@ def iter_block_inputs(
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in windows.split(batch_size):
+        for batch in batches:
             with contextlib.suppress(StopForward):
                 model(input_ids=batch, use_cache=False)
             for call in calls:

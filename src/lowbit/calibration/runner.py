@@ -29,8 +29,9 @@ from lowbit.calibration.capture import (
     iter_block_inputs,
     module_output,
 )
+from lowbit.calibration.group import Group, ordered_total
 from lowbit.calibration.hidden import Calls, HiddenStates
-from lowbit.calibration.stats import InputStats, collect_input_stats
+from lowbit.calibration.stats import InputStats, collect_input_stats, reduce_stats
 from lowbit.errors import LowbitError
 
 
@@ -51,25 +52,60 @@ class BlockResult:
 
 
 class BlockContext:
-    """What a handler may do with the block being quantized."""
+    """What a handler may do with the block being quantized. ``calls`` are this rank's
+    calibration batches: ``indices`` says which of the job's ``sizes`` (windows per batch)
+    they are; ``group`` reduces what the ranks collect and says who quantizes which linear
+    (one process: all of them)."""
 
-    def __init__(self, block: nn.Module, name: str, calls: Sequence[BlockCall]) -> None:
+    def __init__(self, block: nn.Module, name: str, calls: Sequence[BlockCall],
+                 group: Group | None = None, indices: Sequence[int] | None = None,
+                 sizes: Sequence[int] | None = None) -> None:  # fmt: skip
         self.block, self.name, self.calls = block, name, calls
+        self.group = group or Group()
+        self.indices = list(range(len(calls)) if indices is None else indices)
+        self.sizes = list([c.hidden.shape[0] for c in calls] if sizes is None else sizes)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the job has calibration data (a rank always holds some of it)."""
+        return len(self.sizes) > 0
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
 
+    def first(self, batches: int) -> int:
+        """How many of this rank's calls are among the job's first ``batches`` batches."""
+        return sum(1 for i in self.indices if i < batches)
+
+    def batches_for(self, windows: int) -> int:
+        """The number of leading batches that together hold at least ``windows`` windows."""
+        seen = count = 0
+        for size in self.sizes:
+            if seen >= windows:
+                break
+            seen, count = seen + size, count + 1
+        return count
+
+    def total(self, values: Sequence[float], batches: int) -> float:
+        """The sum over the job's first ``batches`` batches of per-batch ``values`` (one per
+        local call among them), added in batch order on every rank."""
+        mine = dict(zip(self.indices[: len(values)], values, strict=True))
+        return ordered_total(self.group.ordered_sum(mine, batches))
+
     @torch.no_grad()
     def collect(
-        self, names: list[str], hessian: bool = False, absmean: bool = False, absmax: bool = False
-    ) -> dict[str, InputStats]:
-        """Input statistics of the named linears over all calibration batches (each forward
-        pass stops as soon as those linears have been reached)."""
+        self, names: list[str], hessian: bool = False, absmean: bool = False, absmax: bool = False,
+        owners: dict[str, int] | None = None,
+    ) -> dict[str, InputStats]:  # fmt: skip
+        """Input statistics of the named linears over all calibration batches of every rank
+        (each forward pass stops as soon as those linears have been reached). With ``owners``
+        each Hessian is summed on its owner's rank only (others get none)."""
         modules = {n: self.linear(n) for n in names}
         with collect_input_stats(modules, hessian, absmean, True, absmax) as stats:
             for call in self.calls:
                 with contextlib.suppress(StopForward):
                     block_output(self.block, call)
+        reduce_stats(stats, self.group, owners)
         missing = [n for n, s in stats.items() if s.rows == 0]
         if missing:
             raise LowbitError(f"{self.name}: layers {missing} saw no calibration data")
@@ -77,8 +113,8 @@ class BlockContext:
 
     @torch.no_grad()
     def module_inputs(self, module_name: str, max_calls: int) -> list[tuple[tuple, dict]]:
-        """(args, kwargs) with which the block calls one of its submodules, for the first
-        ``max_calls`` batches."""
+        """(args, kwargs) with which the block calls one of its submodules, for this rank's
+        calls among the job's first ``max_calls`` batches."""
         module = self.block.get_submodule(module_name)
         seen: list[tuple[tuple, dict]] = []
 
@@ -88,7 +124,7 @@ class BlockContext:
 
         handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            for call in self.calls[:max_calls]:
+            for call in self.calls[: self.first(max_calls)]:
                 with contextlib.suppress(StopForward):
                     block_output(self.block, call)
         finally:
@@ -97,7 +133,9 @@ class BlockContext:
 
     @torch.no_grad()
     def outputs(self, limit: int | None = None) -> list[Tensor]:
-        return [block_output(self.block, call) for call in self.calls[:limit]]
+        """The block's outputs on this rank's calls among the job's first ``limit`` batches."""
+        count = None if limit is None else self.first(limit)
+        return [block_output(self.block, call) for call in self.calls[:count]]
 
 
 Handler = Callable[[BlockContext], None]
@@ -160,26 +198,35 @@ def run_sequential(
     store: BlockStore | None = None,
     seed: int = 0,
     hidden_dtype: torch.dtype = torch.float32,
+    group: Group | None = None,
 ) -> list[BlockResult]:
     """Run ``handler`` on every block in order, feeding each the previous quantized outputs,
     then ``finish`` (whose record the store keeps with the block). Without ``windows`` no
     forward pass runs (data-free algorithms). Each block starts from its own seed, so a resumed
     run draws what an uninterrupted one did. ``hidden_dtype`` bfloat16 halves the memory of the
-    hidden states carried between blocks (each block still computes in float32)."""
+    hidden states carried between blocks (each block still computes in float32). Under a
+    process ``group`` each rank takes every world-th batch and the handlers reduce over ranks."""
     store = store or BlockStore()
+    group = group or Group()
     first, hidden = store.first_block(hidden_dtype)
     calls: Sequence[BlockCall] = []
-    if windows is not None and first < len(blocks):
+    batches = list(windows.split(batch_size)) if windows is not None else []
+    mine = group.mine(len(batches))
+    if batches and len(batches) < group.world:  # every rank raises: none waits for the rest
+        raise LowbitError(f"{len(batches)} calibration batches for {group.world} processes: "
+                          f"use more windows or fewer processes")  # fmt: skip
+    if batches and first < len(blocks):
         if first and hidden is None:
             raise LowbitError(f"no saved inputs for block {first}; rerun with --restart")
         frames = []
         entering = hidden if hidden is not None else store.hidden_states(-1, hidden_dtype)
         with store.outside(model):
-            for call in iter_block_inputs(model, blocks[0], windows, batch_size):
+            for call in iter_block_inputs(model, blocks[0], [batches[i] for i in mine]):
                 frames.append(call.with_hidden(None))
                 if hidden is None:
                     entering.append(call.hidden)
         calls = Calls(frames, entering)
+    sizes = [len(b) for b in batches]
     results: list[BlockResult] = []
     bar = tqdm(range(first, len(blocks)), desc=desc, unit="block", disable=not progress,
                initial=first, total=len(blocks))  # fmt: skip
@@ -188,12 +235,12 @@ def run_sequential(
         torch.manual_seed(seed * 1_000_003 + index)
         block = blocks[index]
         store.enter(f"{prefix}.{index}", block)
-        ctx = BlockContext(block, f"{prefix}.{index}", calls)
+        ctx = BlockContext(block, f"{prefix}.{index}", calls, group, mine, sizes)
         reference = ctx.outputs(limit=error_batches)
         handler(ctx)
         last = index + 1 == len(blocks)
         leaving = store.hidden_states(index, hidden_dtype) if calls and not last else None
-        error = _quantized_outputs(block, calls, reference, leaving) if calls else None
+        error = _quantized_outputs(ctx, reference, leaving, error_batches) if calls else None
         record = finish(ctx) if finish is not None else {}
         if leaving is not None:
             calls = calls.with_states(leaving)
@@ -207,26 +254,29 @@ def run_sequential(
 
 
 def _quantized_outputs(
-    block: nn.Module, calls: Sequence[BlockCall], reference: list[Tensor],
-    leaving: HiddenStates | None,
-) -> float:  # fmt: skip
-    """Run the quantized block on every batch, keep its outputs in ``leaving`` (the next
-    block's inputs) and return their relative squared error against ``reference`` (the float
-    block's outputs on the first batches)."""
-    num = den = 0.0
+    ctx: BlockContext, reference: list[Tensor], leaving: HiddenStates | None, measured: int
+) -> float:
+    """Run the quantized block on this rank's batches, keep its outputs in ``leaving`` (the
+    next block's inputs) and return their relative squared error against ``reference`` (the
+    float block's outputs on the job's first ``measured`` batches), summed over ranks."""
+    num: list[float] = []
+    den: list[float] = []
+    calls = ctx.calls
     if leaving is None:  # the last block: only the measured batches are needed
         calls = calls[: len(reference)]
     for i, call in enumerate(calls):
-        y = block_output(block, call)
+        y = block_output(ctx.block, call)
         if i < len(reference):
-            num += float((y.double() - reference[i].double()).pow(2).sum())
-            den += float(reference[i].double().pow(2).sum())
+            num.append(float((y.double() - reference[i].double()).pow(2).sum()))
+            den.append(float(reference[i].double().pow(2).sum()))
         if leaving is not None:
             leaving.append(y)
         del y
-    if not math.isfinite(num):
+    measured = min(measured, len(ctx.sizes))
+    total, power = ctx.total(num, measured), ctx.total(den, measured)
+    if not math.isfinite(total):
         raise LowbitError("non-finite block outputs after quantization")
-    return num / max(den, 1e-30)
+    return total / max(power, 1e-30)
 
 
 __all__ = ["BlockContext", "BlockResult", "BlockStore", "HiddenStates", "module_output",

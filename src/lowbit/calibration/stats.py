@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.calibration.capture import StopForward
+from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 
 
@@ -94,3 +95,20 @@ def collect_input_stats(
         last[:] = [None, None]
         for h in handles:
             h.remove()
+
+
+def reduce_stats(
+    stats: dict[str, InputStats], group: Group, owners: dict[str, int] | None = None
+) -> None:
+    """Sum (max for ``abs_max``) each layer's statistics over the ranks of ``group``, in place.
+    With ``owners``, a Hessian sum goes to its owner's rank only; the others drop theirs."""
+    if not group.distributed:
+        return
+    for name, s in stats.items():
+        s.rows = int(group.sum(torch.tensor([s.rows], dtype=torch.int64)))
+        if s.abs_sum is not None:
+            group.sum(s.abs_sum)
+        if s.abs_max is not None:
+            group.max(s.abs_max)
+        if s.xtx is not None:
+            s.xtx = group.sum(s.xtx) if owners is None else group.reduce_to(s.xtx, owners[name])

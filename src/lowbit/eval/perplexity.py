@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit.calibration.group import Group, ordered_total
+
 _CHUNK = 512  # positions per KL chunk: bounds the (positions, vocab) temporaries
 
 
@@ -50,15 +52,22 @@ def _log_probs(model: nn.Module, window: Tensor) -> Tensor:
     return F.log_softmax(logits[0, :-1].float(), dim=-1)
 
 
-def _accumulate(scores: Scores, logp: Tensor, targets: Tensor, ref_logp: Tensor | None) -> None:
-    scores.nll -= logp.gather(1, targets.unsqueeze(1)).sum().item()
-    scores.count += targets.numel()
-    if ref_logp is None:
-        return
-    for i in range(0, logp.shape[0], _CHUNK):
-        r, q = ref_logp[i : i + _CHUNK], logp[i : i + _CHUNK]
-        scores.kl += (r.exp() * (r - q)).sum().item()
-        scores.top1 += (r.argmax(-1) == q.argmax(-1)).sum().item()
+def _window(logp: Tensor, targets: Tensor, ref_logp: Tensor | None) -> list[float]:
+    """One window's [NLL sum, KL sum, top-1 matches, predicted tokens]."""
+    nll = -logp.gather(1, targets.unsqueeze(1)).sum().item()
+    kl = top1 = 0.0
+    if ref_logp is not None:
+        for i in range(0, logp.shape[0], _CHUNK):
+            r, q = ref_logp[i : i + _CHUNK], logp[i : i + _CHUNK]
+            kl += (r.exp() * (r - q)).sum().item()
+            top1 += (r.argmax(-1) == q.argmax(-1)).sum().item()
+    return [nll, kl, top1, float(targets.numel())]
+
+
+def _scores(rows: Tensor) -> Scores:
+    """Scores from per-window rows (windows, 4), added in window order."""
+    nll, kl, top1, count = (ordered_total(col) for col in rows.T.tolist())
+    return Scores(nll, kl, int(top1), int(count))
 
 
 @torch.inference_mode()
@@ -67,19 +76,27 @@ def score_models(
     windows: Tensor,
     ref: nn.Module | None = None,
     progress: bool = True,
+    group: Group | None = None,
 ) -> tuple[dict[str, Scores], float]:
     """Score every model on every window (the reference's pass is shared); returns the scores
-    and the wall time. A model that *is* the reference reuses its log-probabilities."""
-    scores = {name: Scores() for name in models}
+    and the wall time. A model that *is* the reference reuses its log-probabilities. Under a
+    process ``group`` (default: the initialised one, if any) each rank scores every world-th
+    window and the per-window sums are gathered and added in window order: the figures equal
+    one process's."""
+    group = group or Group.current()
+    rows = {name: torch.zeros(len(windows), 4, dtype=torch.float64) for name in models}
     start = time.perf_counter()
-    bar = tqdm(windows, desc="evaluate", unit="window", disable=not progress)
-    for window in bar:
+    mine = group.mine(len(windows))
+    bar = tqdm(mine, desc="evaluate", unit="window", disable=not progress)
+    for k in bar:
+        window = windows[k]
         targets = window[1:]
         ref_logp = _log_probs(ref, window) if ref is not None else None
         for name, model in models.items():
             logp = ref_logp if model is ref else _log_probs(model, window)
-            _accumulate(scores[name], logp, targets, ref_logp)
-        bar.set_postfix({n: f"{s.ppl:.2f}" for n, s in scores.items()})
+            rows[name][k] = torch.tensor(_window(logp, targets, ref_logp), dtype=torch.float64)
+        bar.set_postfix({n: f"{_scores(r).ppl:.2f}" for n, r in rows.items()})
+    scores = {name: _scores(group.sum(r)) for name, r in rows.items()}
     return scores, time.perf_counter() - start
 
 

@@ -8,6 +8,11 @@ batch; while a block runs, a spilling run writes its outputs into ``after-NNNNN.
 Every file is written to a temporary name and renamed. Finishing assembles the shards inside the
 work folder, renames the finished folder to ``--out`` and removes the work folder: nothing
 outside it is ever half-written.
+
+In a job of several processes, rank 0 keeps this folder; every other rank keeps only its own
+hidden states and records in ``ranks/NNNNN/`` below it (on its own host's disk when the hosts
+share no file system). Ranks may then stand one block apart when the job is killed, so each keeps
+the inputs of the block before its last as well, and the rerun starts where all ranks can.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ def work_path(out: Path) -> Path:
 class WorkFolder:
     """The resumable state of one run that writes ``out``."""
 
-    def __init__(self, out: Path, fingerprint: dict[str, Any], restart: bool = False) -> None:
-        self.out = Path(out)
+    def __init__(self, out: Path, fingerprint: dict[str, Any], restart: bool = False,
+                 rank: int = 0, keep: int = 1) -> None:  # fmt: skip
+        self.out, self.keep = Path(out), keep
         self.path = work_path(self.out)
+        if rank:
+            self.path = self.path / "ranks" / f"{rank:05d}"
         self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
         self.bytes_written = 0
         self.write_seconds = 0.0
@@ -79,14 +87,16 @@ class WorkFolder:
                 break
         return out
 
-    def write_unit(self, index: int, tensors: Mapping[str, Item], record: dict[str, Any],
+    def write_unit(self, index: int, tensors: Mapping[str, Item] | None, record: dict[str, Any],
                    hidden: Path | None = None) -> Path | None:  # fmt: skip
-        """Persist a finished block, then the next block's inputs (the folder ``hidden``, from
-        :meth:`hidden_folder`, renamed into place), then the record; then forget older inputs.
-        Returns where the inputs now lie."""
+        """Persist a finished block (``tensors``; None: a rank that writes no weights), then the
+        next block's inputs (the folder ``hidden``, from :meth:`hidden_folder`, renamed into
+        place), then the record; then forget inputs older than the ``keep`` latest. Returns
+        where the inputs now lie."""
         start = time.perf_counter()
-        with atomic_file(self._unit(index, "safetensors")) as tmp:
-            self.bytes_written += write_file(tmp, tensors, {"unit": str(index)})
+        if tensors is not None:
+            with atomic_file(self._unit(index, "safetensors")) as tmp:
+                self.bytes_written += write_file(tmp, tensors, {"unit": str(index)})
         if hidden is not None:
             final = self._hidden(index)
             shutil.rmtree(final, ignore_errors=True)  # left by a run killed before its record
@@ -94,8 +104,9 @@ class WorkFolder:
             hidden.rename(final)
         self.write_seconds += time.perf_counter() - start
         write_text_atomic(self._unit(index, "json"), json.dumps(record, default=str))
+        kept = {self._hidden(index - k).name for k in range(self.keep)}
         for old in (self.path / "hidden").glob("after-*"):
-            if old.name != self._hidden(index).name:
+            if old.name not in kept:
                 shutil.rmtree(old, ignore_errors=True)
         return self._hidden(index) if hidden is not None else None
 
@@ -131,5 +142,8 @@ class WorkFolder:
             raise LowbitError(f"{self.out} already exists; choose another --out or pass "
                               f"--overwrite")  # fmt: skip
         publish_dir(final, self.out, overwrite)
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.remove()
         return self.out
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

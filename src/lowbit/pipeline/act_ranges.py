@@ -10,16 +10,20 @@ of 512 tokens would take hundreds of MB); the recipe's observer then picks the r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
 from lowbit.primitives.activations import static_qparams
+
+Step = tuple[int, Callable[[], None]]  # (calibration batch index, run the forward pass on it)
 
 
 def static_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -37,36 +41,40 @@ def calibrate_activations(
     progress: bool = True,
 ) -> int:
     """Set every static layer's range from ``windows``; returns the number of layers set."""
-
-    def run() -> None:
-        starts = range(0, len(windows), batch_size)
-        for start in tqdm(starts, desc="activation ranges", unit="batch", disable=not progress):
-            forward_logits(model, windows[start : start + batch_size])
-
-    return observe_ranges(static_layers(model), run, samples_per_batch, seed)
+    steps = [(i, functools.partial(forward_logits, model, b))
+             for i, b in enumerate(windows.split(batch_size))]  # fmt: skip
+    bar = tqdm(steps, desc="activation ranges", unit="batch", disable=not progress)
+    return observe_ranges(static_layers(model), bar, samples_per_batch, seed)
 
 
 @torch.no_grad()
 def observe_ranges(
     layers: dict[str, QuantLinear],
-    run: Callable[[], None],
+    steps: Iterable[Step],
     samples_per_batch: int = 65536,
     seed: int = 0,
+    group: Group | None = None,
 ) -> int:
-    """Set the static range of each of ``layers`` from the inputs they see while ``run()``
-    drives forward passes (the whole model, or one block on its recorded inputs)."""
+    """Set the static range of each of ``layers`` from the inputs they see while the ``steps``
+    drive forward passes (the whole model, or one block on its recorded inputs). Each batch
+    draws its sample from its own seed and, under a process ``group``, the samples of every
+    rank's batches are pooled in batch order: the ranges do not depend on the number of ranks.
+    """
     if not layers:
         return 0
-    gen = torch.Generator().manual_seed(seed)
-    seen: dict[str, list[Tensor]] = {n: [] for n in layers}
+    group = group or Group()
+    seen: dict[str, dict[int, list[Tensor]]] = {n: {} for n in layers}
+    current = [0, torch.Generator()]
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().float().reshape(-1)
             if not torch.isfinite(x).all():
                 raise LowbitError(f"non-finite calibration activations entering {name}")
-            idx = torch.randint(0, x.numel(), (min(samples_per_batch, x.numel()),), generator=gen)
-            seen[name].append(torch.cat([x[idx], x.amin().reshape(1), x.amax().reshape(1)]))
+            n = min(samples_per_batch, x.numel())
+            idx = torch.randint(0, x.numel(), (n,), generator=current[1])
+            sample = torch.cat([x[idx], x.amin().reshape(1), x.amax().reshape(1)])
+            seen[name].setdefault(current[0], []).append(sample)
 
         return hook
 
@@ -74,14 +82,29 @@ def observe_ranges(
     for m in layers.values():
         m.observing = True
     try:
-        run()
+        for index, run in steps:
+            current[:] = [index, torch.Generator().manual_seed(seed * 1_000_003 + index)]
+            run()
     finally:
         for h in handles:
             h.remove()
         for m in layers.values():
             m.observing = False
+    pooled = _pooled(seen, group)
     for name, module in layers.items():
-        if not seen[name]:
+        if not pooled[name]:
             raise LowbitError(f"{name} saw no calibration data; its static range is unset")
-        module.set_static_range(static_qparams(torch.cat(seen[name]), module.act))
+        module.set_static_range(static_qparams(torch.cat(pooled[name]), module.act))
     return len(layers)
+
+
+def _pooled(seen: dict[str, dict[int, list[Tensor]]], group: Group) -> dict[str, list[Tensor]]:
+    """Each layer's samples from every rank, in batch order."""
+    mine = {f"{index}/{name}": torch.cat(parts) for name, by in seen.items()
+            for index, parts in by.items()}  # fmt: skip
+    every: dict[str, dict[int, Tensor]] = {n: {} for n in seen}
+    for found in group.gather(mine):
+        for key, sample in found.items():
+            index, name = key.split("/", 1)
+            every[name][int(index)] = sample
+    return {n: [by[i] for i in sorted(by)] for n, by in every.items()}

@@ -12,7 +12,8 @@ streaming store keeps with the finished block so that a resumed run can rebuild 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,14 +27,16 @@ from lowbit.formats.spec import WeightSpec
 from lowbit.models.families import Family, sequential_groups
 from lowbit.models.modules import set_module
 from lowbit.nn import QuantLinear
-from lowbit.pipeline.act_ranges import observe_ranges
+from lowbit.pipeline.act_ranges import Step, observe_ranges
 from lowbit.pipeline.calibrated import (
-    apply,
     awq_scale_block,
     clipped_rtn_block,
+    fit_cost,
     gptq_fit,
     hessian_block,
     kmeans_fit,
+    owned,
+    share_weight,
     smooth_block,
 )
 from lowbit.pipeline.diagnostics import output_sqnr_during
@@ -58,16 +61,19 @@ def layer_spec(recipe: Recipe, spec: WeightSpec) -> WeightSpec:
     return spec
 
 
-def data_free(recipe: Recipe, weight: Tensor, spec: WeightSpec, name: str) -> QuantizedWeight:
-    """One layer by RTN / HQQ / K-means (uniform weights), LoRC fitted when asked."""
+def data_free(recipe: Recipe, weight: Tensor, spec: WeightSpec, name: str,
+              lorc: bool = True) -> QuantizedWeight:  # fmt: skip
+    """One layer by RTN / HQQ / K-means (uniform weights), LoRC fitted when asked (and
+    ``lorc``)."""
     if not all_finite(weight):
         raise LowbitError(f"{name}: the weight holds NaN or inf values; fix or exclude the "
                           f"layer (ignore: [{name}]) before quantizing")  # fmt: skip
     spec = layer_spec(recipe, spec)
     if recipe.algorithm == "kmeans":
-        return with_lorc(kmeans(weight, spec, None, name), weight)
-    qw = rtn(weight, spec, name)
-    return with_lorc(qw, weight)
+        qw = kmeans(weight, spec, None, name)
+    else:
+        qw = rtn(weight, spec, name)
+    return with_lorc(qw, weight) if lorc else qw
 
 
 def swap(model: nn.Module, name: str, module: nn.Linear, qw: QuantizedWeight, original: Tensor,
@@ -110,10 +116,13 @@ class BlockSteps:
         local = self.local(ctx)
         if not local:
             return
-        if not ctx.calls:  # data-free: layer by layer, each packed (and its float freed) at once
-            for n, spec in local.items():
+        if not ctx.calibrated:  # data-free: layer by layer, each packed (its float freed) at once
+            owners = ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in local})
+            mine = {n: data_free(self.recipe, ctx.linear(n).weight, spec, f"{ctx.name}.{n}")
+                    for n, spec in local.items() if owners[n] == ctx.group.rank}  # fmt: skip
+            for n in local:
                 full, linear = f"{ctx.name}.{n}", ctx.linear(n)
-                qw = data_free(self.recipe, linear.weight, spec, full)
+                qw = share_weight(ctx, mine.pop(n, None), owners[n])
                 swap(self.model, full, linear, qw, linear.weight, self.report)
                 del linear, qw
             return
@@ -145,11 +154,12 @@ class BlockSteps:
             plain = dataclasses.replace(recipe.awq, clip=False)  # rtn / hqq: no clipping search
             clipped_rtn_block(ctx, local, groups, plain, self.results)
         else:  # data-free weights; the data serves activation ranges and diagnostics
-            for n, spec in local.items():
-                full, linear = f"{ctx.name}.{n}", ctx.linear(n)
-                qw = data_free(self.recipe, linear.weight, spec, full)
-                apply(linear, qw)
-                self.results[full] = qw
+
+            def one(n: str) -> QuantizedWeight:
+                weight = ctx.linear(n).weight
+                return data_free(self.recipe, weight, local[n], f"{ctx.name}.{n}", lorc=False)
+
+            owned(ctx, list(local), one, self.results)
         if recipe.lkd is not None:
             act, opts = recipe.activations, recipe.lkd
             report.lkd[ctx.name] = lkd_block(ctx, targets, self.results, act, opts, self.progress)
@@ -171,12 +181,13 @@ class BlockSteps:
             qw = self.results.pop(full)
             packed[full] = swap(self.model, full, ctx.linear(n), qw, self.originals[full],
                                 self.report)  # fmt: skip
-        if ctx.calls and packed:
+        if ctx.calibrated and packed:
             static = {n: m for n, m in packed.items() if m.act is not None and m.act.static}
-            observe_ranges(static, _replay(ctx.block, ctx.calls))
-            first = _first_calls(ctx.calls, DIAGNOSTIC_WINDOWS)
+            observe_ranges(static, _steps(ctx.block, ctx.calls, ctx.indices), group=ctx.group)
+            first = ctx.calls[: ctx.first(ctx.batches_for(DIAGNOSTIC_WINDOWS))]
             originals = {n: self.originals[n] for n in packed}
-            for n, db in output_sqnr_during(packed, originals, _replay(ctx.block, first)).items():
+            run = _steps(ctx.block, first, ctx.indices)
+            for n, db in output_sqnr_during(packed, originals, run, ctx.group).items():
                 self.report.layers[n].output_sqnr_db = db
         for n in packed:
             self.originals.pop(n, None)
@@ -201,20 +212,11 @@ def restore(report: QuantizeReport, record: dict[str, Any]) -> None:
         report.lkd[block.get("block", "")] = record["lkd"]
 
 
-def _replay(block: nn.Module, calls: list) -> Callable[[], None]:
-    def run() -> None:
-        for call in calls:
-            block_output(block, call)
-
-    return run
+def _steps(block: nn.Module, calls: Sequence, indices: list[int]) -> list[Step]:
+    """(batch index, run the block on that batch) for each of ``calls``."""
+    mine = indices[: len(calls)]
+    return [(i, functools.partial(_replay, block, calls, k)) for k, i in enumerate(mine)]
 
 
-def _first_calls(calls: list, windows: int) -> list:
-    """The first recorded calls that together hold at least ``windows`` windows."""
-    out, seen = [], 0
-    for call in calls:
-        if seen >= windows:
-            break
-        out.append(call)
-        seen += call.hidden.shape[0]
-    return out
+def _replay(block: nn.Module, calls: Sequence, k: int) -> None:
+    block_output(block, calls[k])

@@ -7,6 +7,7 @@ to its quantized value (so the runner's next pass sees the quantized block) and 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from lowbit.calibration import BlockContext, module_output
 from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.models.families import Family
 from lowbit.models.fold import can_fold, fold_scales
-from lowbit.primitives import QuantizedWeight, quantize_weight
+from lowbit.primitives import QParams, QuantizedWeight, quantize_weight
 from lowbit.sysinfo import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,58 @@ def apply(linear: nn.Linear, qw: QuantizedWeight) -> None:
         linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
 
 
+def fit_cost(linear: nn.Linear) -> float:
+    """Relative cost of fitting one linear (GPTQ: in²·out for the updates, in³ for the
+    inverse), what the ranks split a block's linears by."""
+    n = float(linear.in_features)
+    return n * n * (n + linear.out_features)
+
+
+def owned(
+    ctx: BlockContext,
+    names: list[str],
+    fit: Callable[[str], QuantizedWeight],
+    out: dict[str, QuantizedWeight],
+) -> None:
+    """Quantize ``names`` with ``fit(name)`` (LoRC added) on their owner ranks, then give
+    every rank every result: each linear computes with its quantized weight, ``out`` keeps it."""
+    owners = ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in names})
+    done = {}
+    for name in names:
+        if owners[name] == ctx.group.rank:
+            done[name] = with_lorc(fit(name), ctx.linear(name).weight)
+            release_freed_memory()  # the fit's workspace, before the next layer's
+    for name in names:
+        qw = share_weight(ctx, done.pop(name, None), owners[name])
+        with torch.no_grad():
+            linear = ctx.linear(name)
+            linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
+        out[f"{ctx.name}.{name}"] = qw
+
+
+def share_weight(ctx: BlockContext, qw: QuantizedWeight | None, owner: int) -> QuantizedWeight:
+    """``qw`` from rank ``owner`` on every rank (its codes, scales, zeros, LoRC and spec)."""
+    if not ctx.group.distributed:
+        return qw
+    tensors = None
+    if qw is not None:
+        spec = json.dumps(qw.spec.to_dict()).encode()
+        tensors = {"codes": qw.codes, "block": torch.tensor(qw.block, dtype=torch.int64),
+                   "spec": torch.frombuffer(bytearray(spec), dtype=torch.uint8)}  # fmt: skip
+        for key, t in (("scale", qw.qparams.scale), ("zero", qw.qparams.zero)):
+            if t is not None:
+                tensors[key] = t
+        if qw.lorc is not None:
+            tensors["lorc_u"], tensors["lorc_v"] = qw.lorc
+    got = ctx.group.broadcast(tensors, owner)
+    if qw is not None:
+        return qw
+    spec = WeightSpec.from_dict(json.loads(bytes(got["spec"].tolist())))
+    lorc = (got["lorc_u"], got["lorc_v"]) if "lorc_u" in got else None
+    qp = QParams(got.get("scale"), got.get("zero"))
+    return QuantizedWeight(got["codes"], qp, spec, tuple(got["block"].tolist()), lorc)
+
+
 def hessian_block(
     ctx: BlockContext,
     plan: dict[str, WeightSpec],
@@ -47,20 +100,20 @@ def hessian_block(
     out: dict[str, QuantizedWeight],
 ) -> None:
     """Quantize each group of the block's linears with ``fit(weight, hessian, spec, name)``,
-    re-measuring the input Hessians after each group (true-sequential order)."""
+    re-measuring the input Hessians after each group (true-sequential order). Under a process
+    group each Hessian is summed on the rank that fits its linear."""
     for group in groups:
         names = [n for n in group if n in plan]
         if not names:
             continue
-        stats = ctx.collect(names, hessian=True)
-        for name in names:
-            linear, full = ctx.linear(name), f"{ctx.name}.{name}"
+        owners = ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in names})
+        stats = ctx.collect(names, hessian=True, owners=owners)
+
+        def one(name: str, stats: dict = stats) -> QuantizedWeight:
             hessian = stats.pop(name).hessian()  # the float64 sums are freed before the fit
-            qw = fit(linear.weight, hessian, plan[name], full)
-            del hessian
-            apply(linear, qw)
-            out[full] = qw
-            release_freed_memory()  # the fit's workspace, before the next layer's
+            return fit(ctx.linear(name).weight, hessian, plan[name], f"{ctx.name}.{name}")
+
+        owned(ctx, names, one, out)
 
 
 def gptq_fit(options: GPTQOptions) -> Callable[[Tensor, Tensor, WeightSpec, str], QuantizedWeight]:
@@ -85,18 +138,20 @@ def clipped_rtn_block(
         names = [n for n in group if n in plan]
         if not names:
             continue
-        stats = ctx.collect(names, hessian=True) if options.clip else {}
-        for name in names:
+        owners = ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in names})
+        stats = ctx.collect(names, hessian=True, owners=owners) if options.clip else {}
+
+        def one(name: str, stats: dict = stats) -> QuantizedWeight:
             linear, full, spec = ctx.linear(name), f"{ctx.name}.{name}", plan[name]
             lo = hi = None
             if options.clip:
-                hessian = stats[name].hessian()
+                hessian = stats.pop(name).hessian()
                 lo, hi = output_error_range(
                     linear.weight, hessian, spec, options.clip_steps, options.clip_max_shrink
                 )
-            qw = quantize_weight(linear.weight, spec, full, lo, hi)
-            apply(linear, qw)
-            out[full] = qw
+            return quantize_weight(linear.weight, spec, full, lo, hi)
+
+        owned(ctx, names, one, out)
 
 
 def awq_scale_block(
@@ -123,36 +178,50 @@ def awq_scale_block(
         with torch.no_grad():
             reference = [module_output(inspect, a, k) for a, k in inputs]
         originals = [lin.weight.detach().clone() for lin in linears]
-        loss = _ModuleLoss(linears, inspect, inputs, reference)
+        loss = _ModuleLoss(ctx, linears, inspect, inputs, reference, max_calls)
         specs = [plan[n] for n in names]
         s, alpha, _ = search_scales(stats[names[0]].absmean(), originals, specs, loss, options)
         with torch.no_grad():
             for lin, w in zip(linears, originals, strict=True):
                 lin.weight.copy_(w)
+        s, alpha = _decided(ctx, s, alpha)
         fold_scales(prev, group.prev_kind, linears, s)
         chosen[f"{ctx.name}.{group.prev}"] = alpha
     return chosen
 
 
-class _ModuleLoss:
-    """Mean squared output error of ``inspect`` when ``linears`` hold the given weights."""
+def _decided(ctx: BlockContext, s: Tensor | None, alpha: float | None):
+    """Rank 0's scales and α on every rank (all ranks searched on the same reduced figures;
+    this makes ranks on differing CPUs agree too)."""
+    if not ctx.group.distributed:
+        return s, alpha
+    mine = {"alpha": torch.tensor([math.nan if alpha is None else alpha], dtype=torch.float64)}
+    if s is not None:
+        mine["s"] = s
+    got = ctx.group.broadcast(mine, 0)
+    a = float(got["alpha"][0])
+    return got.get("s"), None if math.isnan(a) else a
 
-    def __init__(self, linears: list[nn.Linear], inspect: nn.Module, inputs: list, reference: list):
-        self.linears, self.inspect, self.inputs, self.reference = (
-            linears,
-            inspect,
-            inputs,
-            reference,
-        )
+
+class _ModuleLoss:
+    """Mean squared output error of ``inspect`` when ``linears`` hold the given weights, over
+    the job's first ``batches`` batches (this rank's share of them in ``inputs``)."""
+
+    def __init__(self, ctx: BlockContext, linears: list[nn.Linear], inspect: nn.Module,
+                 inputs: list, reference: list, batches: int) -> None:  # fmt: skip
+        self.ctx, self.linears, self.inspect = ctx, linears, inspect
+        self.inputs, self.reference = inputs, reference
+        self.batches = min(batches, len(ctx.sizes))
 
     @torch.no_grad()
     def __call__(self, effective: list[torch.Tensor]) -> float:
         for lin, w in zip(self.linears, effective, strict=True):
             lin.weight.copy_(w.to(lin.weight.dtype))
-        total = 0.0
-        for (args, kwargs), ref in zip(self.inputs, self.reference, strict=True):
-            total += float((module_output(self.inspect, args, kwargs) - ref).double().pow(2).mean())
-        return total / len(self.inputs)
+        losses = [
+            float((module_output(self.inspect, args, kwargs) - ref).double().pow(2).mean())
+            for (args, kwargs), ref in zip(self.inputs, self.reference, strict=True)
+        ]
+        return self.ctx.total(losses, self.batches) / self.batches
 
 
 def smooth_block(
@@ -178,10 +247,14 @@ def smooth_block(
     stats = ctx.collect([names[0] for _, names, _, _ in groups], absmax=True)
     chosen = {}
     for group, names, prev, linears in groups:
-        x = _sample_rows(ctx.module_inputs(names[0], 1)[0][0][0], options.search_rows)
+        first = ctx.module_inputs(names[0], 1)  # the job's first batch: rank 0's
+        x = _sample_rows(first[0][0][0], options.search_rows) if first else None
         weights = [lin.weight.detach() for lin in linears]
         specs = [plan[n] for n in names]
-        s, alpha = search_alpha(x, stats[names[0]].absmax(), weights, specs, act, options)
+        s = alpha = None
+        if ctx.group.main:
+            s, alpha = search_alpha(x, stats[names[0]].absmax(), weights, specs, act, options)
+        s, alpha = _decided(ctx, s, alpha)
         if s is not None:
             fold_scales(prev, group.prev_kind, linears, s)
         chosen[f"{ctx.name}.{group.prev}"] = alpha

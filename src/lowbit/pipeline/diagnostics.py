@@ -9,12 +9,13 @@ few dB is one whose quantization destroyed its output.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.calibration.group import Group
 from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
 
@@ -36,10 +37,14 @@ def output_sqnr(
 
 @torch.no_grad()
 def output_sqnr_during(
-    layers: dict[str, nn.Module], originals: dict[str, Tensor], run: Callable[[], None]
+    layers: dict[str, nn.Module],
+    originals: dict[str, Tensor],
+    run: Callable[[], None] | Sequence[tuple[int, Callable[[], None]]],
+    group: Group | None = None,
 ) -> dict[str, float]:
     """Output SQNR of each of ``layers`` against its float weight in ``originals`` while
-    ``run()`` drives forward passes (the whole model, or one block on its recorded inputs)."""
+    ``run()`` (or each step of a list of (batch, step)) drives forward passes (the whole model,
+    or one block on its recorded inputs); under a process ``group`` summed over ranks."""
     sums: dict[str, list[float]] = {}
 
     def make_hook(name: str, weight: Tensor):
@@ -54,10 +59,17 @@ def output_sqnr_during(
 
     handles = [m.register_forward_hook(make_hook(n, originals[n])) for n, m in layers.items()]
     try:
-        run()
+        for _, step in [(0, run)] if callable(run) else run:
+            step()
     finally:
         for h in handles:
             h.remove()
+    if group is not None and group.distributed:
+        # power, error, and whether the layer ran at all, over every rank
+        table = torch.tensor([[*sums.get(n, [0.0, 0.0]), float(n in sums)] for n in layers],
+                             dtype=torch.float64)  # fmt: skip
+        group.sum(table)
+        sums = {n: row[:2] for n, row in zip(layers, table.tolist(), strict=True) if row[2] > 0}
     return {n: _db(power, err) for n, (power, err) in sums.items()}
 
 

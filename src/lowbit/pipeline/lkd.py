@@ -10,14 +10,18 @@ trained grid's weights, whose packed codes replace the algorithm's.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.lkd import LKDOptions, distill, trainable
 from lowbit.calibration import BlockContext, block_output
+from lowbit.calibration.group import Group
 from lowbit.formats.spec import ActivationSpec
 from lowbit.models.modules import set_module
 from lowbit.nn.fake_linear import FakeQuantLinear
+from lowbit.pipeline.calibrated import share_weight
 from lowbit.primitives import QuantizedWeight
 
 
@@ -45,6 +49,7 @@ def lkd_block(
         set_module(ctx.block, name, fake)
     try:
         groups = trainable(list(fakes.values()), options.train, options.lr)
+        batches = len(ctx.sizes)
         first, last = distill(
             groups,
             lambda i: block_output(ctx.block, ctx.calls[i]),
@@ -52,13 +57,22 @@ def lkd_block(
             options,
             desc=f"lkd {ctx.name}",
             progress=progress,
+            mean=lambda losses: ctx.total(losses, batches) / batches,
+            sync=functools.partial(_average, ctx.group),
         )
     finally:
         for name, linear in linears.items():
             set_module(ctx.block, name, linear)
     with torch.no_grad():
         for name, fake in fakes.items():
-            qw = fake.to_quantized()
+            qw = share_weight(ctx, fake.to_quantized() if ctx.group.main else None, 0)
             linears[name].weight.copy_(qw.dequantize().to(linears[name].weight.dtype))
             results[prefix + name] = qw
     return {"loss_before": first, "loss_after": last}
+
+
+def _average(group: Group, grads: list[Tensor]) -> None:
+    """Data-parallel LKD: every rank steps with the mean gradient of all ranks' batches."""
+    if group.distributed:
+        for g in grads:
+            group.sum(g).div_(group.world)

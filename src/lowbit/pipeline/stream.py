@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.calibration import BlockStore, CalibrationSet, HiddenStates, SpilledStates, saved_states
+from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import find_blocks
 from lowbit.models.source import TensorSource, materialize, release, tied_names
@@ -32,10 +33,11 @@ class StreamStore(BlockStore):
 
     def __init__(
         self, model: nn.Module, source: TensorSource, work: WorkFolder, prefix: str, blocks: int,
-        spill: bool = False,
+        spill: bool = False, group: Group | None = None,
     ) -> None:  # fmt: skip
         self.model, self.source, self.work = model, source, work
         self.prefix, self.blocks, self.spill = prefix, blocks, spill
+        self.group = group or Group()
         self.bytes_read = 0
         release_freed_memory()
 
@@ -43,7 +45,11 @@ class StreamStore(BlockStore):
         return self.work.records()[: self.blocks]
 
     def first_block(self, dtype: torch.dtype) -> tuple[int, HiddenStates | None]:
-        done = len(self.records())
+        mine = len(self.records())
+        done = self.group.min_int(mine)  # where every rank can start (they stop <= 1 apart)
+        if self.group.max_int(mine) > done + 1:
+            raise LowbitError("the ranks' work folders disagree by more than one block; rerun "
+                              "with --restart")  # fmt: skip
         folder = self.work.hidden(done - 1) if 0 < done < self.blocks else None
         return done, saved_states(folder, self.spill, dtype) if folder is not None else None
 
@@ -78,7 +84,8 @@ class StreamStore(BlockStore):
         if hidden is not None and not spilled:
             folder = self.work.hidden_folder(index)
             hidden.save(folder)
-        committed = self.work.write_unit(index, tensors, record, folder)
+        mine = tensors if self.group.main else None  # rank 0 writes the weights
+        committed = self.work.write_unit(index, mine, record, folder)
         if spilled:
             hidden.folder = committed  # the next block reads its inputs where they now lie
         release(block)
@@ -102,7 +109,8 @@ class StreamStore(BlockStore):
         for name in self._outside_names(skip_output=False):
             if not name.startswith(tuple(owned)) and name in self.source:
                 tensors[name] = self.source.entries[name]  # copied byte for byte
-        self.work.write_unit(self.blocks, tensors, {"rest": layers})
+        if self.group.main:
+            self.work.write_unit(self.blocks, tensors, {"rest": layers})
 
     def _outside_names(self, skip_output: bool) -> list[str]:
         """Names of the model's tensors outside the decoder blocks (the output embedding left
@@ -147,6 +155,7 @@ def stream_quantize(
     seed: int = 0,
     hidden_dtype: torch.dtype = torch.float32,
     spill: bool = False,
+    group: Group | None = None,
 ) -> tuple[QuantizeReport, int]:
     """Quantize the meta skeleton ``model`` block by block from ``source`` into ``work``;
     returns the report and the number of units written (blocks, then the rest). ``spill``
@@ -156,7 +165,7 @@ def stream_quantize(
         prefix, blocks = find_blocks(model)
     except LowbitError as exc:
         raise LowbitError(f"streaming quantization goes block by block: {exc}") from None
-    store = StreamStore(model, source, work, prefix, len(blocks), spill)
+    store = StreamStore(model, source, work, prefix, len(blocks), spill, group)
     report = quantize_weights(model, recipe, calibration, progress, store=store, seed=seed,
-                              hidden_dtype=hidden_dtype)  # fmt: skip
+                              hidden_dtype=hidden_dtype, group=group)  # fmt: skip
     return report, len(blocks) + 1

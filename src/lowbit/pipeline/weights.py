@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration import BlockResult, BlockStore, CalibrationSet, run_sequential
+from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import families, family_of, find_blocks
 from lowbit.models.modules import get_module, quantizable_layers, untie_if_needed
@@ -49,10 +50,13 @@ def quantize_weights(
     store: BlockStore | None = None,
     seed: int = 0,
     hidden_dtype: torch.dtype = torch.float32,
+    group: Group | None = None,
 ) -> QuantizeReport:
     """Quantize ``model`` in place according to ``recipe``; returns the report. ``store``
     (default: in memory) says where the blocks' weights come from and go to; ``hidden_dtype``
-    is the dtype calibration hidden states are kept in between blocks."""
+    is the dtype calibration hidden states are kept in between blocks. Under a process
+    ``group`` (default: the initialised torch.distributed group, if any) the ranks share the
+    calibration batches and the linears; every rank ends with the whole quantized model."""
     start = time.perf_counter()
     conv1d_to_linear(model)
     plan = plan_layers(recipe, quantizable_layers(model))
@@ -75,7 +79,7 @@ def quantize_weights(
         results = run_sequential(
             model, modules, prefix, windows, steps.handler, batch_size, progress,
             desc=f"quantize ({_description(recipe)})", finish=steps.finish, store=store, seed=seed,
-            hidden_dtype=hidden_dtype,
+            hidden_dtype=hidden_dtype, group=group or Group.current(),
         )  # fmt: skip
         if windows is not None:
             report.blocks = [*(BlockResult.from_dict(r["block"]) for r in resumed), *results]

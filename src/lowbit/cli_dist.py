@@ -1,0 +1,63 @@
+"""Running a command as one rank of a ``torchrun`` job.
+
+``torchrun --nproc-per-node N -m lowbit quantize ...`` starts N copies of the command with
+RANK / WORLD_SIZE / MASTER_ADDR in their environment; each joins the process group (gloo on CPU,
+NCCL on GPUs) before its command runs and leaves it after. Rank 0 prints and writes; the other
+ranks keep quiet (no progress bars, no summary) and report only their errors, naming their rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+from lowbit.calibration.group import Group, init_from_env, shutdown
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def joined(args: argparse.Namespace) -> Iterator[Group]:
+    """The process group the environment describes, joined for the command's lifetime."""
+    if not launched():
+        yield Group()
+        return
+    group = init_from_env(timeout_s=args.dist_timeout)
+    devnull = None
+    if not group.main:
+        args.quiet = True
+        logging.getLogger().setLevel(logging.WARNING)
+        devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
+        sys.stdout = devnull
+    failed = True
+    try:
+        yield group
+        failed = False
+    finally:
+        if devnull is not None:
+            sys.stdout = sys.__stdout__
+            devnull.close()
+        if not failed:  # tearing down a group whose peer died aborts the process
+            shutdown()
+
+
+def rank_label() -> str:
+    """`` (rank R)`` in a job of several processes, for error lines."""
+    return f" (rank {os.environ.get('RANK', '?')})" if launched() else ""
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch.distributed's report of a peer that died or stopped answering
+    (NCCL: a DistError; gloo: a RuntimeError from its transport)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and launched() and "gloo" in str(exc)

@@ -1,0 +1,72 @@
+"""Data-parallel quantization: 2 gloo processes give the model 1 process gives.
+
+One torchrun job quantizes a tiny folder with every kind of recipe step (data-free, Hessian,
+K-means, AWQ search, SmoothQuant with static ranges, LoRC, LKD); the same recipes then run in
+this process. Weights must be byte-identical except LKD's, which steps on the mean gradient of
+both ranks' batches (as DistributedDataParallel does) and so trains differently.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit import api
+
+WORKER = Path(__file__).parents[1] / "dist" / "worker.py"
+RECIPES = ["w4-rtn-g64", "w4-hqq-g64", "w3-gptq-g32", "w3-kmeans-channel", "w4-awq-g64",
+           "w4-awq-gptq-mse-g64", "w8a8-static", "w3-gptq-g64-lorc8", "w4a8-gptq-lkd"]  # fmt: skip
+
+
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def single_thread():
+    """Both sides compute with one thread (LAPACK's SVD, used by LoRC, depends on the count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread):
+    sys.path.insert(0, str(WORKER.parent))
+    import worker
+
+    recipes = {}
+    for name in RECIPES:
+        body = api.load_recipe(name).to_dict()
+        if body.get("lkd"):
+            body["lkd"]["steps"] = 8
+        recipes[name] = body
+    spec = tmp_path / "recipes.json"
+    spec.write_text(json.dumps(recipes))
+    done = torchrun(str(WORKER), str(tiny_folder), str(tmp_path / "two"), str(spec))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = worker.run(tiny_folder, tmp_path / "one", recipes)
+    two = json.loads((tmp_path / "two" / "scores.json").read_text())
+    for name in RECIPES:
+        a, b = (tmp_path / side / name for side in ("one", "two"))
+        same = (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+        manifest = json.loads((b / "lowbit.json").read_text())
+        assert manifest["processes"]["world_size"] == 2
+        assert len(manifest["processes"]["peak_rss_mb"]) == 2
+        if name.endswith("lkd"):  # different training, same ballpark
+            assert not same
+            assert two[name][0] == pytest.approx(one[name][0], rel=0.05)
+        else:
+            assert same, name
+            assert two[name] == one[name], name  # the scores, gathered over ranks, too
+        blocks = [b["output_rel_mse"] for b in manifest["blocks"]]
+        mine = [b["output_rel_mse"] for b in json.loads((a / "lowbit.json").read_text())["blocks"]]
+        if not name.endswith("lkd"):
+            assert blocks == mine  # block errors are summed in batch order on every rank

@@ -1,0 +1,155 @@
+"""`torchrun ... -m lowbit`: the commands as ranks of a job of several processes (gloo, CPU).
+
+Two processes on one host and two "nodes" on localhost (c10d rendezvous) write the folder one
+process writes; `eval` under torchrun prints one process's figures; a rank killed mid-run ends
+the job within seconds and the same command then resumes from the finished blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import TEXT
+
+DIE = Path(__file__).parent / "dist" / "die.py"
+LAUNCH = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture
+def corpora(tmp_path: Path) -> tuple[Path, Path]:
+    """Calibration text and a different evaluation text."""
+    calib, held = tmp_path / "calib.txt", tmp_path / "held.txt"
+    calib.write_text(TEXT * 4)
+    held.write_text(" ".join(reversed(TEXT.split())) * 2)
+    return calib, held
+
+
+def quantize_args(folder: Path, calib: Path, out: Path, samples: int = 24) -> list[str]:
+    return ["-q", "quantize", str(folder), "--recipe", "w3-gptq-g32", "--calib", str(calib),
+            "--calib-samples", str(samples), "--calib-seqlen", "32", "--out", str(out)]  # fmt: skip
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 180):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def one_process(args: list[str]) -> subprocess.CompletedProcess:
+    done = run([sys.executable, "-m", "lowbit", "--threads", "1", *args])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def weights(folder: Path) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+def test_two_processes_write_the_folder_one_writes_and_eval_prints_its_figures(
+    tiny_folder, tmp_path, corpora
+):
+    calib, held = corpora
+    one_process(quantize_args(tiny_folder, calib, tmp_path / "one"))
+    two = run([*LAUNCH, "--standalone", "--nproc-per-node", "2", "-m", "lowbit",
+               *quantize_args(tiny_folder, calib, tmp_path / "two")])  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert weights(tmp_path / "one") == weights(tmp_path / "two")
+    manifest = json.loads((tmp_path / "two" / "lowbit.json").read_text())
+    assert manifest["processes"]["world_size"] == 2
+    assert not list(tmp_path.glob(".two*")), "the work folders are gone"
+    assert two.stdout.count("saved to") == 1  # rank 0 alone prints
+
+    ev = ["eval", str(tmp_path / "two"), "--ref", str(tiny_folder), "--corpus", str(held),
+          "--seqlen", "32", "--tokens", "320", "--json"]  # fmt: skip
+    single = json.loads(one_process(ev).stdout)
+    many = run([*LAUNCH, "--standalone", "--nproc-per-node", "2", "-m", "lowbit", "-q", *ev])
+    assert many.returncode == 0, many.stderr[-3000:]
+    lines = [json.loads(line) for line in many.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    for key in ("ppl", "kl", "top1", "predicted"):
+        assert lines[0][key] == single[key], key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_rendezvous_and_write_the_same_folder(tiny_folder, tmp_path,
+                                                                     corpora):  # fmt: skip
+    calib, _ = corpora
+    port = str(_free_port())
+    nodes = []
+    for rank in (1, 0):
+        cmd = [*LAUNCH, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+               "--master-addr", "127.0.0.1", "--master-port", port, "-m", "lowbit",
+               *quantize_args(tiny_folder, calib, tmp_path / "nodes")]  # fmt: skip
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+    outs = [p.communicate(timeout=180) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[1][1][-3000:]
+    one_process(quantize_args(tiny_folder, calib, tmp_path / "one"))
+    assert weights(tmp_path / "nodes") == weights(tmp_path / "one")
+
+
+def test_a_killed_rank_ends_the_job_quickly_and_the_rerun_resumes(tiny_folder_4, tmp_path,
+                                                                  corpora):  # fmt: skip
+    calib, _ = corpora
+    args = quantize_args(tiny_folder_4, calib, tmp_path / "out")
+    start = time.monotonic()
+    killed = run([*LAUNCH, "--standalone", "--nproc-per-node", "2", str(DIE), *args],
+                 env={"DIE_RANK": "1", "DIE_AFTER": "1"})  # fmt: skip
+    assert killed.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "SIGKILL" in killed.stderr or "another process of the job failed" in killed.stderr
+    work = tmp_path / ".out.lowbit-work"
+    assert (work / "units" / "00001.json").is_file()  # two blocks were finished
+    assert not (tmp_path / "out").exists()
+
+    resumed = run(
+        [*LAUNCH, "--standalone", "--nproc-per-node", "2", "-m", "lowbit", *args[1:]]
+    )  # without -q: the progress bar shows where it starts
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "2/4" in resumed.stderr  # the bar starts at the first unfinished block
+    one_process(quantize_args(tiny_folder_4, calib, tmp_path / "one"))
+    assert weights(tmp_path / "out") == weights(tmp_path / "one")
+    assert not work.exists()
+
+
+def test_too_few_batches_for_the_processes_is_one_clear_error(tiny_folder, tmp_path, corpora):
+    calib, _ = corpora
+    done = run([*LAUNCH, "--standalone", "--nproc-per-node", "2", "-m", "lowbit",
+                *quantize_args(tiny_folder, calib, tmp_path / "out", samples=4)])  # fmt: skip
+    assert done.returncode != 0
+    assert "1 calibration batches for 2 processes: use more windows" in done.stderr
+
+
+@pytest.fixture
+def tiny_folder_4(tmp_path: Path, tokenizer) -> Path:
+    """A tiny random Llama with 4 blocks, saved as an HF folder."""
+    from helpers import tiny_llama
+
+    folder = tmp_path / "tiny-llama-4"
+    tiny_llama(vocab=len(tokenizer), layers=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_analyze_under_torchrun_splits_the_trials_and_gathers_the_same_figures(
+    tiny_folder, tmp_path, corpora
+):
+    calib, _ = corpora
+    args = ["analyze", str(tiny_folder), "--recipe", "w4-rtn-g64", "--calib", str(calib),
+            "--calib-samples", "4", "--calib-seqlen", "32", "--json"]  # fmt: skip
+    single = json.loads(one_process(["-q", *args]).stdout)
+    many = run([*LAUNCH, "--standalone", "--nproc-per-node", "2", "-m", "lowbit", "-q", *args])
+    assert many.returncode == 0, many.stderr[-3000:]
+    assert json.loads(many.stdout) == single
