@@ -14,7 +14,7 @@ import torch
 
 from lowbit import api
 from lowbit.calibration import CalibrationSet
-from lowbit.calibration.group import init_from_env, shutdown
+from lowbit.calibration.group import Group, init_from_env, shutdown
 from lowbit.eval import score_models
 from lowbit.recipes import Recipe
 
@@ -39,7 +39,16 @@ def run(folder: Path, out: Path, recipes: dict[str, dict]) -> dict[str, list[flo
         quantized = api.load(target, kernels=False).model
         got, _ = score_models({"q": quantized}, held_out, ref=model.model, progress=False)
         scores[name] = [got["q"].ppl, got["q"].mean_kl, got["q"].top1_rate]
+    in_memory(folder, out / "memory", vocab)
     return scores
+
+
+def in_memory(folder: Path, out: Path, vocab: int) -> None:
+    """GPTQ through ``lowbit.quantize`` on a model held in memory by every rank."""
+    src = api.load_model(str(folder))
+    report = api.quantize(src.model, "w3-gptq-g32", calibration(vocab), progress=False)
+    if Group.current().main:
+        api.save(src.model, out, report, source=src)
 
 
 if __name__ == "__main__":

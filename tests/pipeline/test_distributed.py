@@ -54,6 +54,9 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
     assert done.returncode == 0, done.stderr[-3000:]
     one = worker.run(tiny_folder, tmp_path / "one", recipes)
     two = json.loads((tmp_path / "two" / "scores.json").read_text())
+    memory = [(tmp_path / side / "memory" / "model.safetensors").read_bytes()
+              for side in ("one", "two")]  # fmt: skip
+    assert memory[0] == memory[1]  # lowbit.quantize inside a process group
     for name in RECIPES:
         a, b = (tmp_path / side / name for side in ("one", "two"))
         same = (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
