@@ -50,6 +50,11 @@ def tiny_family_model(family: str, vocab: int = 64, seed: int = 0):
         "qwen2": lambda: tf.Qwen2Config(**common, **llama_like),
         "mistral": lambda: tf.MistralConfig(**common, **llama_like),
         "gemma": lambda: tf.GemmaConfig(**common, **llama_like, head_dim=16),
+        "gemma2": lambda: tf.Gemma2Config(**common, **llama_like, head_dim=16),
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, **llama_like, head_dim=16),
+        "qwen3": lambda: tf.Qwen3Config(**common, **llama_like, head_dim=16),
+        "phi3": lambda: tf.Phi3Config(**common, **llama_like, pad_token_id=0, eos_token_id=1,
+                                      bos_token_id=1),
         "gpt2": lambda: tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=256),
         "opt": lambda: tf.OPTConfig(**common, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                     num_attention_heads=4, word_embed_proj_dim=64,
@@ -59,6 +64,7 @@ def tiny_family_model(family: str, vocab: int = 64, seed: int = 0):
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt2", "opt"]
+TRACED = [*FAMILIES, "qwen3", "gemma2", "gemma3", "phi3"]  # wiring derived by tracing
 
 
 def make_recipe(weights: dict, activations: dict | None = None, ignore=("lm_head",)):

@@ -7,7 +7,7 @@ from helpers import tiny_family_model
 from lowbit.algorithms.gptq import GPTQOptions, gptq
 from lowbit.calibration import collect_input_stats, run_sequential
 from lowbit.formats import WeightSpec
-from lowbit.models.families import find_blocks, sequential_groups
+from lowbit.models.families import family_of, find_blocks, sequential_groups
 from lowbit.pipeline.calibrated import gptq_fit, hessian_block
 
 SPEC = WeightSpec(bits=3, group_size=32)
@@ -20,7 +20,7 @@ def whole_model_gptq(model, windows):
     _, blocks = find_blocks(model)
     out = {}
     for index, block in enumerate(blocks):
-        for group in sequential_groups(model, block, true_sequential=True):
+        for group in sequential_groups(block, family_of(model), true_sequential=True):
             modules = {n: block.get_submodule(n) for n in group}
             with collect_input_stats(modules, hessian=True) as stats, torch.no_grad():
                 for batch in windows.split(2):
@@ -40,8 +40,8 @@ def test_block_runner_equals_quantizing_through_the_whole_model():
     results = {}
 
     def handler(ctx):
-        plan = {n: SPEC for g in sequential_groups(model, ctx.block, True) for n in g}
-        groups = sequential_groups(model, ctx.block, True)
+        plan = {n: SPEC for g in sequential_groups(ctx.block, family_of(model), True) for n in g}
+        groups = sequential_groups(ctx.block, family_of(model), True)
         hessian_block(ctx, plan, groups, gptq_fit(OPTIONS), results)
 
     report = run_sequential(model, blocks, prefix, windows, handler, batch_size=2, progress=False)

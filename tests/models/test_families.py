@@ -38,11 +38,11 @@ def test_a_model_without_blocks_names_what_it_found():
 def test_llama_true_sequential_groups():
     model = tiny_family_model("llama")
     _, blocks = find_blocks(model)
-    groups = sequential_groups(model, blocks[0], true_sequential=True)
+    groups = sequential_groups(blocks[0], family_of(model), true_sequential=True)
     attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
     mlp = [["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert groups == [attn, ["self_attn.o_proj"], *mlp]
-    assert len(sequential_groups(model, blocks[0], true_sequential=False)) == 1
+    assert len(sequential_groups(blocks[0], family_of(model), true_sequential=False)) == 1
 
 
 def test_gpt2_conv1d_becomes_linear_with_identical_outputs():

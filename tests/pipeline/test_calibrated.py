@@ -61,11 +61,24 @@ def test_calibrated_algorithms_need_calibration():
         quantize_weights(tiny_family_model("llama"), recipe("gptq"), None, progress=False)
 
 
-def test_awq_on_an_unknown_family_is_a_clear_error():
-    model = tiny_family_model("llama")
-    model.config.model_type = "mystery"
-    with pytest.raises(LowbitError, match="not a known family"):
-        quantize_weights(model, recipe("awq"), calib(), progress=False)
+@pytest.mark.parametrize("family", ["mystery", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_awq_and_smoothquant_trace_the_wiring_of_a_family_nobody_mapped(family):
+    """AWQ and SmoothQuant on families without a hand-written mapping: the wiring is traced
+    (the attention and MLP input norms scale their linears) and the model is quantized."""
+    model = tiny_family_model("llama" if family == "mystery" else family)
+    model.config.model_type = f"unmapped-{family}"  # no hand-written mapping applies
+    report = quantize_weights(model, recipe("awq"), calib(), progress=False)
+    norms = {k.rsplit(".", 1)[-1] for k in report.awq_alpha}
+    assert {"input_layernorm"} < norms and len(report.awq_alpha) >= 4
+    smooth = Recipe.from_dict({**recipe("rtn").to_dict(), "weights": {"bits": 8, "group_size": -1},
+                               "activations": {"bits": 8, "granularity": "token", "dynamic": True},
+                               "smoothquant": {}})  # fmt: skip
+    model = tiny_family_model("llama" if family == "mystery" else family)
+    model.config.model_type = f"unmapped-{family}"
+    report = quantize_weights(model, smooth, calib(), progress=False)
+    assert len(report.smooth_alpha) >= 4
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 64, (1, 16))).logits).all()
 
 
 def test_gptq_lowers_block_output_error_versus_rtn_on_the_same_inputs():

@@ -2,8 +2,9 @@
 linears see their inputs (for true-sequential quantization), and which module feeds which
 linears (for AWQ / SmoothQuant scale folding).
 
-Names are relative to one decoder block. A family not listed here still works for RTN, HQQ and
-GPTQ: its blocks are found generically and all linears of a block form one group.
+Names are relative to one decoder block. A family not listed here is traced instead (its blocks
+found generically, its wiring derived by :mod:`lowbit.models.wiring`); these hand-written
+mappings are overrides for the families whose wiring is known.
 """
 
 from __future__ import annotations
@@ -141,20 +142,21 @@ def block_linears(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_modules() if type(m) is nn.Linear]
 
 
-def sequential_groups(model: nn.Module, block: nn.Module, true_sequential: bool) -> list[list[str]]:
+def sequential_groups(block: nn.Module, family: Family | None,
+                      true_sequential: bool) -> list[list[str]]:  # fmt: skip
     """The block's linears in the groups they are quantized in.
 
-    With ``true_sequential`` and a known family, the order in which the block reads them
-    (q/k/v, then o, then gate/up, then down); otherwise one group with every linear. Linears the
-    family does not list (or lists but the block lacks) are handled in a last group.
+    With ``true_sequential`` and a family (known, or derived by tracing the block: see
+    :mod:`lowbit.models.wiring`), the order in which the block reads them (q/k/v, then o, then
+    gate/up, then down); otherwise one group with every linear. Linears the family does not list
+    (or lists but the block lacks) are handled in a last group.
     """
     names = block_linears(block)
-    family = family_of(model)
     if not true_sequential or family is None:
         return [names]
     groups, seen = [], set()
     for group in family.sequential:
-        present = [n for n in group if n in names]
+        present = [n for n in group if n in names and n not in seen]
         if present:
             groups.append(present)
             seen.update(present)

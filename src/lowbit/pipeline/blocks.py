@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.spec import WeightSpec
 from lowbit.models.families import Family, sequential_groups
 from lowbit.models.modules import set_module
+from lowbit.models.wiring import derive_family
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.act_ranges import Step, observe_ranges
 from lowbit.pipeline.calibrated import (
@@ -45,6 +47,8 @@ from lowbit.pipeline.report import LayerReport, QuantizeReport
 from lowbit.primitives import QuantizedWeight, sqnr_db
 from lowbit.primitives.metrics import all_finite
 from lowbit.recipes import Recipe
+
+log = logging.getLogger(__name__)
 
 DIAGNOSTIC_WINDOWS = 4  # calibration windows the per-layer output SQNR is measured on
 
@@ -132,15 +136,16 @@ class BlockSteps:
         recipe, report = self.recipe, self.report
         for n in local:
             self._check_finite(ctx, n)
-        groups = sequential_groups(self.model, ctx.block, recipe.gptq.true_sequential)
+        family = self.wiring(ctx)
+        groups = sequential_groups(ctx.block, family, recipe.gptq.true_sequential)
         targets = ctx.outputs() if recipe.lkd is not None else None  # the float block's outputs
         if recipe.smoothquant is not None:
             report.smooth_alpha.update(
-                smooth_block(ctx, local, self.family, recipe.activations, recipe.smoothquant)
+                smooth_block(ctx, local, family, recipe.activations, recipe.smoothquant)
             )
         if recipe.algorithm.startswith("awq"):
             report.awq_alpha.update(
-                awq_scale_block(ctx, local, self.family, recipe.awq, self.batch_size)
+                awq_scale_block(ctx, local, family, recipe.awq, self.batch_size)
             )
         for n in local:  # the float weight each quantized one stands for (after scaling)
             self.originals[f"{ctx.name}.{n}"] = ctx.linear(n).weight.detach().clone()
@@ -163,6 +168,17 @@ class BlockSteps:
         if recipe.lkd is not None:
             act, opts = recipe.activations, recipe.lkd
             report.lkd[ctx.name] = lkd_block(ctx, targets, self.results, act, opts, self.progress)
+
+    def wiring(self, ctx: BlockContext) -> Family:
+        """The model's family mapping, or (first time, for a family not listed) the wiring
+        traced on this block's first calibration batch, kept for every later block."""
+        if self.family is None:
+            self.family = derive_family(ctx.block, lambda: block_output(ctx.block, ctx.calls[0]))
+            folds = ", ".join(
+                f"{g.prev} -> {'/'.join(g.linears)}" for g in self.family.scale_groups
+            )
+            log.info("traced the block's wiring: scale groups %s", folds or "none")
+        return self.family
 
     def _check_finite(self, ctx: BlockContext, name: str) -> None:
         if not all_finite(ctx.linear(name).weight):

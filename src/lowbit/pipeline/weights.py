@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from lowbit.calibration import BlockResult, BlockStore, CalibrationSet, run_sequential
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
-from lowbit.models.families import families, family_of, find_blocks
+from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import get_module, quantizable_layers, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.nn import QuantLinear
@@ -104,14 +104,6 @@ def _blocks(
         if calibration is not None and _sequential(recipe):
             raise
         return None
-    scaled = recipe.algorithm.startswith("awq") or recipe.smoothquant is not None
-    if scaled and calibration is not None and family_of(model) is None:
-        known = ", ".join(f.name for f in families())
-        raise LowbitError(
-            f"AWQ and SmoothQuant need to know which module feeds which linears; "
-            f"{getattr(model.config, 'model_type', type(model).__name__)} is not a known family "
-            f"({known}); use gptq or hqq"
-        )
     return prefix, blocks
 
 
