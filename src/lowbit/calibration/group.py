@@ -197,7 +197,10 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> Grou
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done (a rank that tears its connections
+    down while another still uses them makes that one fail)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
