@@ -125,14 +125,6 @@ def test_a_killed_rank_ends_the_job_quickly_and_the_rerun_resumes(tiny_folder_4,
     assert not work.exists()
 
 
-def test_too_few_batches_for_the_processes_is_one_clear_error(tiny_folder, tmp_path, corpora):
-    calib, _ = corpora
-    done = run([*LAUNCH, "--standalone", "--nproc-per-node", "2", "-m", "lowbit",
-                *quantize_args(tiny_folder, calib, tmp_path / "out", samples=4)])  # fmt: skip
-    assert done.returncode != 0
-    assert "1 calibration batches for 2 processes: use more windows" in done.stderr
-
-
 @pytest.fixture
 def tiny_folder_4(tmp_path: Path, tokenizer) -> Path:
     """A tiny random Llama with 4 blocks, saved as an HF folder."""
