@@ -126,8 +126,9 @@ def measure_sensitivity(
     hessians = _hessians(model, layers, windows, batch_size)
     trials = [(n, c) for n in layers for c in candidates]
     figures = torch.zeros(len(trials), 2, dtype=torch.float64)  # (trial, [proxy, KL])
-    bar = tqdm(total=len(trials), desc="sensitivity", unit="trial", disable=not progress)
-    for k in group.mine(len(trials)):
+    mine = group.mine(len(trials))
+    bar = tqdm(total=len(mine), desc="sensitivity", unit="trial", disable=not progress)
+    for k in mine:
         name, cname = trials[k]
         module, spec = layers[name], candidates[cname]
         original = module.weight.detach().clone()
@@ -137,7 +138,7 @@ def measure_sensitivity(
         module.weight.copy_(q.to(module.weight.dtype))
         figures[k, 1] = max(mean_kl(model, windows, ref, batch_size), 0.0)
         module.weight.copy_(original)
-        bar.update(group.world)
+        bar.update(1)
         bar.set_postfix(layer=name.rsplit(".", 2)[-2] if "." in name else name)
     bar.close()
     group.sum(figures)  # each trial was measured by one rank; adding zeros is exact

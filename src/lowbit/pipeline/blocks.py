@@ -33,12 +33,11 @@ from lowbit.pipeline.act_ranges import Step, observe_ranges
 from lowbit.pipeline.calibrated import (
     awq_scale_block,
     clipped_rtn_block,
-    fit_cost,
+    fitted,
     gptq_fit,
     hessian_block,
     kmeans_fit,
     owned,
-    share_weight,
     smooth_block,
 )
 from lowbit.pipeline.diagnostics import output_sqnr_during
@@ -121,13 +120,13 @@ class BlockSteps:
         if not local:
             return
         if not ctx.calibrated:  # data-free: layer by layer, each packed (its float freed) at once
-            owners = ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in local})
-            mine = {n: data_free(self.recipe, ctx.linear(n).weight, spec, f"{ctx.name}.{n}")
-                    for n, spec in local.items() if owners[n] == ctx.group.rank}  # fmt: skip
-            for n in local:
-                full, linear = f"{ctx.name}.{n}", ctx.linear(n)
-                qw = share_weight(ctx, mine.pop(n, None), owners[n])
-                swap(self.model, full, linear, qw, linear.weight, self.report)
+
+            def one(n: str) -> QuantizedWeight:
+                return data_free(self.recipe, ctx.linear(n).weight, local[n], f"{ctx.name}.{n}")
+
+            for n, qw in fitted(ctx, list(local), one):
+                linear = ctx.linear(n)
+                swap(self.model, f"{ctx.name}.{n}", linear, qw, linear.weight, self.report)
                 del linear, qw
             return
         self._calibrated(ctx, {n: layer_spec(self.recipe, s) for n, s in local.items()})

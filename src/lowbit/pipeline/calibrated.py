@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -31,15 +31,6 @@ from lowbit.sysinfo import release_freed_memory
 log = logging.getLogger(__name__)
 
 
-def apply(linear: nn.Linear, qw: QuantizedWeight) -> None:
-    """Fit the LoRC correction the spec asks for (against the float weight, after any AWQ
-    scaling), then give ``linear`` the weight the layer will compute with, so the next block
-    is calibrated on the outputs of the corrected layer."""
-    with torch.no_grad():
-        with_lorc(qw, linear.weight)
-        linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
-
-
 def fit_cost(linear: nn.Linear) -> float:
     """Relative cost of fitting one linear (GPTQ: in²·out for the updates, in³ for the
     inverse), what the ranks split a block's linears by."""
@@ -47,22 +38,49 @@ def fit_cost(linear: nn.Linear) -> float:
     return n * n * (n + linear.out_features)
 
 
+def owners(ctx: BlockContext, names: list[str]) -> dict[str, int]:
+    """name -> the rank that quantizes that linear (every name: rank 0 in one process)."""
+    return ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in names})
+
+
+def fitted(
+    ctx: BlockContext, names: list[str], fit: Callable[[str], QuantizedWeight],
+    by: dict[str, int] | None = None,
+) -> Iterator[tuple[str, QuantizedWeight]]:  # fmt: skip
+    """(name, ``fit(name)``) for each of ``names`` in order, on every rank: each rank fits the
+    linears it owns (``by``, default :func:`owners`) first, then the results are shared. One
+    process fits, and hands over, one linear at a time (one result held at a time)."""
+    if not ctx.group.distributed:
+        for name in names:
+            yield name, fit(name)
+            release_freed_memory()  # the fit's workspace, before the next layer's
+        return
+    by = by or owners(ctx, names)
+    done = {}
+    for name in names:
+        if by[name] == ctx.group.rank:
+            done[name] = fit(name)
+            release_freed_memory()  # the fit's workspace, before the next layer's
+    for name in names:
+        yield name, share_weight(ctx, done.pop(name, None), by[name])
+
+
 def owned(
     ctx: BlockContext,
     names: list[str],
     fit: Callable[[str], QuantizedWeight],
     out: dict[str, QuantizedWeight],
+    by: dict[str, int] | None = None,
 ) -> None:
-    """Quantize ``names`` with ``fit(name)`` (LoRC added) on their owner ranks, then give
-    every rank every result: each linear computes with its quantized weight, ``out`` keeps it."""
-    owners = ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in names})
-    done = {}
-    for name in names:
-        if owners[name] == ctx.group.rank:
-            done[name] = with_lorc(fit(name), ctx.linear(name).weight)
-            release_freed_memory()  # the fit's workspace, before the next layer's
-    for name in names:
-        qw = share_weight(ctx, done.pop(name, None), owners[name])
+    """Quantize ``names`` with ``fit(name)`` and the LoRC correction the spec asks for (fitted
+    against the float weight, after any AWQ scaling), each on its owner rank; then every
+    linear computes with its quantized weight, so the next block is calibrated on the outputs
+    of the corrected layers, and ``out`` keeps the results."""
+
+    def corrected(name: str) -> QuantizedWeight:
+        return with_lorc(fit(name), ctx.linear(name).weight)
+
+    for name, qw in fitted(ctx, names, corrected, by):
         with torch.no_grad():
             linear = ctx.linear(name)
             linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
@@ -106,14 +124,14 @@ def hessian_block(
         names = [n for n in group if n in plan]
         if not names:
             continue
-        owners = ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in names})
-        stats = ctx.collect(names, hessian=True, owners=owners)
+        by = owners(ctx, names)
+        stats = ctx.collect(names, hessian=True, owners=by)
 
         def one(name: str, stats: dict = stats) -> QuantizedWeight:
             hessian = stats.pop(name).hessian()  # the float64 sums are freed before the fit
             return fit(ctx.linear(name).weight, hessian, plan[name], f"{ctx.name}.{name}")
 
-        owned(ctx, names, one, out)
+        owned(ctx, names, one, out, by)
 
 
 def gptq_fit(options: GPTQOptions) -> Callable[[Tensor, Tensor, WeightSpec, str], QuantizedWeight]:
@@ -138,8 +156,8 @@ def clipped_rtn_block(
         names = [n for n in group if n in plan]
         if not names:
             continue
-        owners = ctx.group.owners({n: fit_cost(ctx.linear(n)) for n in names})
-        stats = ctx.collect(names, hessian=True, owners=owners) if options.clip else {}
+        by = owners(ctx, names)
+        stats = ctx.collect(names, hessian=True, owners=by) if options.clip else {}
 
         def one(name: str, stats: dict = stats) -> QuantizedWeight:
             linear, full, spec = ctx.linear(name), f"{ctx.name}.{name}", plan[name]
@@ -151,7 +169,7 @@ def clipped_rtn_block(
                 )
             return quantize_weight(linear.weight, spec, full, lo, hi)
 
-        owned(ctx, names, one, out)
+        owned(ctx, names, one, out, by)
 
 
 def awq_scale_block(

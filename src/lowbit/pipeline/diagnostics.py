@@ -8,8 +8,9 @@ few dB is one whose quantization destroyed its output.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,23 +29,21 @@ def output_sqnr(
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, QuantLinear) and n in originals}  # fmt: skip
 
-    def run() -> None:
-        for i in range(0, len(windows), batch_size):
-            forward_logits(model, windows[i : i + batch_size])
-
-    return output_sqnr_during(layers, originals, run)
+    steps = [(i, functools.partial(forward_logits, model, b))
+             for i, b in enumerate(windows.split(batch_size))]  # fmt: skip
+    return output_sqnr_during(layers, originals, steps)
 
 
 @torch.no_grad()
 def output_sqnr_during(
     layers: dict[str, nn.Module],
     originals: dict[str, Tensor],
-    run: Callable[[], None] | Sequence[tuple[int, Callable[[], None]]],
+    steps: Iterable[tuple[int, Callable[[], None]]],
     group: Group | None = None,
 ) -> dict[str, float]:
-    """Output SQNR of each of ``layers`` against its float weight in ``originals`` while
-    ``run()`` (or each step of a list of (batch, step)) drives forward passes (the whole model,
-    or one block on its recorded inputs); under a process ``group`` summed over ranks."""
+    """Output SQNR of each of ``layers`` against its float weight in ``originals`` while the
+    (batch, step) ``steps`` drive forward passes (the whole model, or one block on its recorded
+    inputs); under a process ``group`` summed over ranks."""
     sums: dict[str, list[float]] = {}
 
     def make_hook(name: str, weight: Tensor):
@@ -59,7 +58,7 @@ def output_sqnr_during(
 
     handles = [m.register_forward_hook(make_hook(n, originals[n])) for n, m in layers.items()]
     try:
-        for _, step in [(0, run)] if callable(run) else run:
+        for _, step in steps:
             step()
     finally:
         for h in handles:
