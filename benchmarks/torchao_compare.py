@@ -39,6 +39,7 @@ from lowbit import api
 from lowbit.eval import format_table
 from lowbit.eval.machine import EnergyMeter
 from lowbit.eval.speed import measure_speed, random_prompt, timed_run
+from lowbit.runtime import Runtime
 
 log = logging.getLogger("torchao_compare")
 
@@ -194,6 +195,7 @@ def _llama_cpp_rows(args: argparse.Namespace) -> None:
             llm = Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, verbose=False)
             prompt = random_prompt(src.model.config.vocab_size, args.prompt_tokens)
             times: dict[str, list[tuple[float, float]]] = {"llama.cpp": [], "lowbit": []}
+            ours = Runtime(ours)
             timed_run(ours, prompt[:, :16], 4, EnergyMeter("cpu"))  # warm-up, as bench does
             llama_cpp_run(llm, prompt[0, :16].tolist(), 4)
             for _ in range(args.repeats):

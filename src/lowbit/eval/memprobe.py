@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.eval.size import model_size
     from lowbit.eval.speed import random_prompt, timed_run
     from lowbit.models import load_model
+    from lowbit.runtime import Runtime
     from lowbit.sysinfo import peak_rss_mb
 
     p = argparse.ArgumentParser(prog="python -m lowbit.eval.memprobe", description=__doc__)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(args.source).model
     prompt = random_prompt(model.config.vocab_size, args.prompt_tokens)
-    timed_run(model, prompt, max(args.new_tokens, 2), EnergyMeter("none"))
+    timed_run(Runtime(model), prompt, max(args.new_tokens, 2), EnergyMeter("none"))
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "weight_bytes": model_size(model).total_bytes}))
     return 0
 

@@ -1,8 +1,9 @@
 """Speed of a causal LM as a user feels it: prefill, time to first token, greedy decode.
 
 One *run* feeds a ``prompt`` of random token ids (speed does not depend on the ids) through the
-model with a KV cache, takes the argmax as the first new token (time to first token), then
-decodes greedily at batch 1 until ``new_tokens`` tokens exist. Several runs of several models
+model's decode loop (:mod:`lowbit.runtime`, the loop ``lowbit generate`` uses), takes the argmax
+as the first new token (time to first token), then decodes greedily at batch 1 until
+``new_tokens`` tokens exist. Several runs of several models
 alternate (model A, model B, A, B, ...) so that a noisy shared machine slows all of them alike;
 the reported figure of each measure is the median over its runs.
 """
@@ -10,7 +11,6 @@ the reported figure of each measure is the median over its runs.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.eval.machine import EnergyMeter
+from lowbit.runtime import Runtime
 
 
 @dataclass
@@ -78,31 +79,19 @@ class SpeedResult:
         }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed_run(runtime: Runtime, prompt: Tensor, new_tokens: int, meter: EnergyMeter) -> RunTimes:
+    """Prefill ``prompt`` (1, P), then greedy-decode to ``new_tokens`` new tokens (≥ 2), on the
+    decode loop ``lowbit generate`` runs (:class:`lowbit.runtime.Runtime`)."""
+    started: list[bool] = []
 
+    def on_tokens(_: list) -> None:  # first token chosen: the decode steps start
+        if not started:
+            started.append(True)
+            meter.start()
 
-@torch.inference_mode()
-def timed_run(model: nn.Module, prompt: Tensor, new_tokens: int, meter: EnergyMeter) -> RunTimes:
-    """Prefill ``prompt`` (1, P), then greedy-decode to ``new_tokens`` new tokens (≥ 2)."""
-    device = prompt.device
-    _sync(device)
-    start = time.perf_counter()
-    out = model(prompt, use_cache=True)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-    _sync(device)
-    first = time.perf_counter()
-    meter.start()
-    past = out.past_key_values
-    for _ in range(new_tokens - 1):
-        out = model(token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    end = time.perf_counter()
+    run = runtime.generate(prompt.tolist(), new_tokens, on_tokens=on_tokens)
     joules = meter.stop()
-    return RunTimes(prompt.shape[1], new_tokens, first - start, end - first, joules)
+    return RunTimes(prompt.shape[1], new_tokens, run.prefill_s, run.decode_s, joules)
 
 
 def random_prompt(vocab_size: int, length: int, seed: int = 0) -> Tensor:
@@ -129,15 +118,16 @@ def measure_speed(
             f"{limit} positions; use a shorter --prompt-tokens or --new-tokens"
         )
     device = next(first.parameters()).device
-    prompt = random_prompt(vocab, prompt_tokens).to(device)
+    prompt = random_prompt(vocab, prompt_tokens)
     meter = EnergyMeter(device.type)
-    for model in models.values():  # warm-up: kernels built, caches allocated, pages touched
-        timed_run(model, prompt[:, :16], 4, meter)
+    runtimes = {name: Runtime(model) for name, model in models.items()}
+    for runtime in runtimes.values():  # warm-up: kernels built, caches allocated, pages touched
+        timed_run(runtime, prompt[:, :16], 4, meter)
     results = {name: SpeedResult() for name in models}
     bar = tqdm(total=repeats * len(models), desc="bench", unit="run", disable=not progress)
     for _ in range(repeats):
-        for name, model in models.items():
-            run = timed_run(model, prompt, new_tokens, meter)
+        for name in models:
+            run = timed_run(runtimes[name], prompt, new_tokens, meter)
             results[name].runs.append(run)
             bar.set_postfix({name: f"{run.decode_tps:.1f} tok/s"})
             bar.update()

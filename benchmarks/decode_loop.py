@@ -1,0 +1,249 @@
+"""Where decode time goes: the same model and codes under each decode loop, and llama.cpp.
+
+For each recipe (``fp32`` = the float model), the model is quantized by lowbit, saved and loaded
+back on its kernels (as a user runs it), then timed with ``lowbit bench``'s protocol (random
+prompt, greedy decode at batch 1, medians of alternating runs) under each loop:
+
+- ``transformers``: the model's own forward and cache (what lowbit ran before its runtime);
+- ``compact, torch ops``: lowbit's compact forward with the plain-PyTorch decode ops;
+- ``compact, fused``: the same with the fused decode ops (``lowbit generate`` / ``bench``);
+- ``compact, torch.compile`` (``--compile``): the decode step, over the whole static cache with
+  a position tensor (fixed shapes), captured by ``torch.compile`` with the lowbit kernels as
+  custom ops with fake implementations; first calls (compilation) are not timed;
+- ``llama.cpp`` (``--llama-cpp``, llama-cpp-python installed): for ``w4-sym-g32`` (Q4_0's grid)
+  and ``w4-rtn-g32`` (Q4_1's), the lowbit folder exported to GGUF and run by llama.cpp, its
+  runs alternating with the others.
+
+Every loop is compared with the transformers loop on the same recipe: the fraction of decode
+steps whose argmax is the transformers loop's next token when both are fed that loop's tokens
+(teacher-forced), and how many greedy tokens the free-running loops share before they differ.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_loop.py \\
+        [--model smollm2-135m] [--recipes fp32 w4-sym-g32] [--prompt-tokens 512] \\
+        [--new-tokens 128] [--repeats 3] [--compile] [--llama-cpp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lowbit import api
+from lowbit.eval import format_table
+from lowbit.eval.machine import EnergyMeter, thread_settings
+from lowbit.eval.speed import random_prompt, timed_run
+from lowbit.kernels import decode
+from lowbit.runtime import Runtime
+from lowbit.runtime.llama import LlamaForward, _eps
+
+LLAMA_CPP = {"w4-sym-g32": "Q4_0", "w4-rtn-g32": "Q4_1"}
+
+
+class TorchOps:
+    """The compact forward with the decode ops' plain-PyTorch references."""
+
+    def __init__(self, forward: LlamaForward) -> None:
+        self.forward, self.capacity = forward, forward.capacity
+
+    def new_cache(self, batch: int):
+        return self.forward.new_cache(batch)
+
+    def __call__(self, ids, cache, all_logits=False):
+        native = decode._native
+        decode._native = lambda *t: False
+        try:
+            return self.forward(ids, cache, all_logits)
+        finally:
+            decode._native = native
+
+
+class Compiled:
+    """The decode step with fixed shapes (attention over every slot, masked by position),
+    captured once by torch.compile; prefill runs the compact forward."""
+
+    def __init__(self, forward: LlamaForward) -> None:
+        from lowbit.kernels.build import native_ops
+
+        if native_ops():
+            fake = torch.library.register_fake("lowbit_cpu::affine_linear")
+            fake(lambda x, w, s, o, g, b, a: x.new_empty(x.shape[0], w.shape[0]))
+        self.forward, self.capacity = forward, forward.capacity
+        slots = torch.arange(forward.capacity)
+        self.causal = slots.unsqueeze(0) <= slots.unsqueeze(1)  # (T, T)
+        self.step = torch.compile(self._step, dynamic=False)
+
+    def new_cache(self, batch: int):
+        return self.forward.new_cache(batch)
+
+    def _step(self, ids, pos, kc, vc):
+        f, (b, t) = self.forward, ids.shape
+        cos, sin = f.cos[pos], f.sin[pos]  # (1, D)
+        mask = self.causal[pos].view(1, 1, 1, -1)
+        x = f.embed(ids)
+        split = [f.heads * f.head_dim] + [f.kv_heads * f.head_dim] * 2
+        for i, layer in enumerate(f.layers):
+            h = decode.rms_norm_reference(x, layer.norm1.weight, _eps(layer.norm1))
+            q, k, v = layer.qkv(h).split(split, dim=-1)
+            q = decode.rotate(q.view(b, t, f.heads, f.head_dim).transpose(1, 2), cos, sin)
+            k = decode.rotate(k.view(b, t, f.kv_heads, f.head_dim).transpose(1, 2), cos, sin)
+            kc[i].index_copy_(2, pos, k)
+            vc[i].index_copy_(2, pos, v.view(b, t, f.kv_heads, f.head_dim).transpose(1, 2))
+            a = torch.nn.functional.scaled_dot_product_attention(
+                q, kc[i], vc[i], attn_mask=mask, scale=f.scaling, enable_gqa=True)  # fmt: skip
+            x = x + layer.o_proj(a.transpose(1, 2).reshape(b, t, -1))
+            h = decode.rms_norm_reference(x, layer.norm2.weight, _eps(layer.norm2))
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(torch.nn.functional.silu(gate) * up)
+        return f.head(decode.rms_norm_reference(x, f.norm.weight, _eps(f.norm)))[:, -1]
+
+    def __call__(self, ids, cache, all_logits=False):
+        if ids.shape[1] > 1 or all_logits:
+            return self.forward(ids, cache, all_logits)
+        pos = cache.reserve(1)
+        return self.step(ids, torch.tensor([pos]), cache.k, cache.v)
+
+
+def runtimes(model, capacity: int, compile_step: bool) -> dict[str, Runtime]:
+    out = {"transformers": Runtime(model, compact=False)}
+    torch_ops = Runtime(model)
+    forward = torch_ops.forward_for(capacity)
+    if isinstance(forward, LlamaForward):
+        torch_ops._forwards["compact"] = TorchOps(forward)
+        out["compact, torch ops"] = torch_ops
+        out["compact, fused"] = Runtime(model)
+        if compile_step:
+            compiled = Runtime(model)
+            compiled._forwards["compact"] = Compiled(LlamaForward(model, capacity))
+            out["compact, torch.compile"] = compiled
+    return out
+
+
+def llama_cpp(folder: Path, float_type: str, n_ctx: int, tmp: Path):
+    """llama.cpp on the GGUF export of ``folder``, its float tensors (embeddings, output head,
+    norms) written as ``float_type``; None without llama-cpp-python."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from lowbit.export import export
+
+    path = tmp / f"{folder.name}-{float_type}.gguf"
+    gguf = export(folder, "gguf", path, float_type=float_type).path
+    return Llama(str(gguf), n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
+
+
+@torch.inference_mode()
+def forced_agreement(loop: Runtime, prompt: list[int], ref: list[int]) -> float:
+    """Fraction of decode steps whose argmax equals the transformers loop's next token when
+    both are fed the transformers loop's tokens (a flip does not derail the rest)."""
+    forward = loop.forward_for(len(prompt) + len(ref))
+    cache = forward.new_cache(1)
+    logits = forward(torch.tensor([prompt]), cache)
+    hits = 0
+    for i, tok in enumerate(ref):
+        hits += int(logits.argmax(-1).item() == tok)
+        if i + 1 < len(ref):
+            logits = forward(torch.tensor([[tok]]), cache)
+    return hits / len(ref)
+
+
+def llama_cpp_run(llm, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """Prefill, first token, then greedy steps: (prefill s, decode s, tokens)."""
+    import time
+
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    tokens = [llm.sample(temp=0.0)]
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([tokens[-1]])
+        tokens.append(llm.sample(temp=0.0))
+    return first - start, time.perf_counter() - first, tokens
+
+
+def measure(loops: dict, prompt: torch.Tensor, args) -> dict[str, dict]:
+    """Alternating runs of every loop (after one warm-up each); medians and greedy tokens."""
+    times: dict[str, list] = {name: [] for name in loops}
+    tokens: dict[str, list[int]] = {}
+    ids = prompt[0].tolist()
+    for name, loop in loops.items():  # warm-up (and compilation)
+        if isinstance(loop, Runtime):
+            tokens[name] = loop.generate([ids], args.new_tokens).tokens[0]
+        else:
+            tokens[name] = llama_cpp_run(loop, ids, args.new_tokens)[2]
+    for _ in range(args.repeats):
+        for name, loop in loops.items():
+            if isinstance(loop, Runtime):
+                run = timed_run(loop, prompt, args.new_tokens, EnergyMeter("none"))
+                times[name].append((run.ttft_s, run.decode_s))
+            else:
+                times[name].append(llama_cpp_run(loop, ids, args.new_tokens)[:2])
+    return {name: {"prefill": args.prompt_tokens / statistics.median(t[0] for t in runs),
+                   "decode": (args.new_tokens - 1) / statistics.median(t[1] for t in runs),
+                   "tokens": tokens[name]}
+            for name, runs in times.items()}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipes", nargs="+", default=["fp32", "w4-sym-g32"])
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="add the torch.compile loop")
+    p.add_argument("--llama-cpp", action="store_true", help="add llama.cpp on Q4_0/Q4_1 grids")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    src = api.load_model(args.model)
+    prompt = random_prompt(src.model.config.vocab_size, args.prompt_tokens)
+    capacity = args.prompt_tokens + args.new_tokens
+    rows, base = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes:
+            if recipe == "fp32":
+                model = src.model
+            else:
+                q = api.load_model(args.model).model
+                folder = api.save(q, Path(tmp) / recipe, api.quantize(q, recipe, progress=False),
+                                  source=src)  # fmt: skip
+                model = api.load(folder).model
+            loops = runtimes(model, capacity, args.compile)
+            if args.llama_cpp and recipe in LLAMA_CPP:
+                for float_type in ("f32", "f16"):  # f32: the head lowbit reads; f16: usual
+                    llm = llama_cpp(folder, float_type, capacity + 8, Path(tmp))
+                    if llm is not None:
+                        loops[f"llama.cpp {LLAMA_CPP[recipe]}, {float_type} floats"] = llm
+            result = measure(loops, prompt, args)
+            ref_tokens = result["transformers"]["tokens"]
+            base = base or result["transformers"]["decode"]
+            for name, r in result.items():
+                pairs = list(zip(r["tokens"], ref_tokens, strict=False))
+                first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+                loop = loops[name]
+                forced = forced_agreement(loop, prompt[0].tolist(), ref_tokens) if isinstance(
+                    loop, Runtime) else None  # fmt: skip
+                agree = "-" if forced is None else f"{100 * forced:.1f}%"
+                rows.append([recipe, name, round(r["decode"], 2), f"x{r['decode'] / base:.2f}",
+                             round(r["prefill"], 1), agree, first])  # fmt: skip
+    threads = thread_settings()
+    isa = torch.ops.lowbit_cpu.kernel_isa() if decode.native_ops() else "reference"
+    print(f"\n{args.model}: prompt {args.prompt_tokens} random tokens, {args.new_tokens} new "
+          f"tokens (greedy, batch 1), {args.repeats} alternating runs, medians; "
+          f"{threads['torch_threads']} threads ({threads['cpu_capability']}, kernels {isa}, "
+          f"OMP_WAIT_POLICY={threads['omp_wait_policy']})\n")  # fmt: skip
+    header = ["recipe", "loop", "decode tok/s", "x fp32 transformers", "prefill tok/s",
+              "top-1 = transformers loop (forced)", "greedy tokens equal before"]  # fmt: skip
+    print(format_table(header, rows, markdown=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

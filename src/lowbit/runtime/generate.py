@@ -1,0 +1,154 @@
+"""The decode loop: prefill a batch of prompts, then choose and feed one token per step.
+
+:class:`Runtime` holds a model's forward: the compact one of :mod:`lowbit.runtime.llama` over a
+static KV cache where the family allows it, else the model's own (:mod:`lowbit.runtime.hf_forward`,
+logged once). ``lowbit generate``, ``lowbit chat`` and ``lowbit bench`` all run this loop, so
+the figures bench prints are what a user of generate gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.runtime.hf_forward import HFForward
+from lowbit.runtime.llama import LlamaForward, unsupported_reason
+from lowbit.runtime.sampling import Sampling, next_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """New tokens per prompt, why each stopped (``stop``: a stop token, not kept; ``length``:
+    max_new_tokens) and the time to the first token (prefill) and for the steps after it."""
+
+    tokens: list[list[int]]
+    finish: list[str]
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    steps: int = 0
+    kv_bytes_per_token: int | None = None
+    path: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens * len(self.tokens) / self.prefill_s
+
+    @property
+    def decode_tps(self) -> float:
+        """Generated tokens per second after the first one, every row counted."""
+        return self.steps * len(self.tokens) / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runtime:
+    """A causal LM ready to generate. ``compact=False`` forces the model's own forward."""
+
+    def __init__(self, model: nn.Module, compact: bool = True) -> None:
+        self.model = model
+        self.limit = getattr(model.config, "max_position_embeddings", None)
+        self.compact = compact
+        self._forwards: dict[str, object] = {}
+
+    def forward_for(self, capacity: int) -> LlamaForward | HFForward:
+        """The forward for a context of ``capacity`` tokens (built once, grown when needed)."""
+        reason = unsupported_reason(self.model, capacity) if self.compact else "asked for"
+        kind = "hf" if reason else "compact"
+        current = self._forwards.get(kind)
+        if current is None or current.capacity < capacity:
+            if reason and "hf" not in self._forwards:
+                log.info("runtime: the model's own forward (%s)", reason)
+            make = HFForward if reason else LlamaForward
+            current = self._forwards[kind] = make(self.model, max(capacity, 256))
+        return current
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise LowbitError("the prompt is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise LowbitError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts)
+        if self.limit and longest + max_new_tokens > self.limit:
+            raise LowbitError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                f"model's context of {self.limit} tokens; shorten the prompt or ask for fewer"
+            )
+        return longest
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+        stop_ids: Sequence[int] = (),
+        on_tokens: Callable[[list[int | None]], bool | None] | None = None,
+    ) -> Generation:
+        """Generate for each prompt (lists of token ids; shorter ones are left-padded) up to
+        ``max_new_tokens`` new tokens. ``on_tokens`` gets each step's new token of every prompt
+        (None for a prompt that has finished) as soon as it is chosen; returning False stops
+        the loop (a client that went away; unfinished prompts end as ``cancelled``)."""
+        sampling = sampling or Sampling()
+        longest = self._check(prompts, max_new_tokens)
+        forward = self.forward_for(longest + max_new_tokens)
+        device = next(self.model.parameters()).device
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # (B, P)
+        cache = forward.new_cache(len(prompts))
+        for row, p in enumerate(prompts):
+            ids[row, longest - len(p) :] = torch.tensor(list(p))
+            cache.pad[row] = longest - len(p)
+        gen = None if sampling.greedy else sampling.generator()
+        stops = set(stop_ids)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        finish = ["length"] * len(prompts)
+        _sync(device)
+        start = time.perf_counter()
+        token = next_tokens(forward(ids.to(device), cache), sampling, gen)  # (B,)
+        _sync(device)
+        first = time.perf_counter()
+        steps = 0
+        while True:
+            new = self._record(token, tokens, finish, stops, max_new_tokens)
+            if on_tokens is not None and on_tokens(new) is False:
+                finish = [f if f == "stop" else "cancelled" for f in finish]
+                break
+            if all(
+                f == "stop" or len(t) >= max_new_tokens for f, t in zip(finish, tokens, strict=True)
+            ):
+                break
+            token = next_tokens(forward(token.view(-1, 1), cache), sampling, gen)
+            steps += 1
+        _sync(device)
+        end = time.perf_counter()
+        kv = cache.bytes_per_token() if hasattr(cache, "bytes_per_token") else None
+        path = "compact" if isinstance(forward, LlamaForward) else "hf"
+        return Generation(tokens, finish, longest, first - start, end - first, steps, kv, path)
+
+    @staticmethod
+    def _record(token: Tensor, tokens: list[list[int]], finish: list[str], stops: set[int],
+                limit: int) -> list[int | None]:  # fmt: skip
+        """Append each unfinished row's token; the tokens appended (None: row finished)."""
+        new: list[int | None] = []
+        for row, t in enumerate(token.tolist()):
+            if finish[row] == "stop" or len(tokens[row]) >= limit:
+                new.append(None)
+            elif t in stops:
+                finish[row] = "stop"
+                new.append(None)
+            else:
+                tokens[row].append(t)
+                new.append(t)
+        return new

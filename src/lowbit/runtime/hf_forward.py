@@ -1,0 +1,68 @@
+"""The model's own forward as a runtime, for decoders :mod:`lowbit.runtime.llama` does not cover.
+
+Same interface as :class:`lowbit.runtime.llama.LlamaForward`; transformers' dynamic cache holds
+the keys and values, padding is an attention mask and positions skip it. Slower at decode (the
+framework's per-token overhead stays), never different in its results.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+
+
+class HFCache:
+    """Transformers' cache object plus the bookkeeping :class:`StaticKVCache` also has."""
+
+    def __init__(self, batch: int, capacity: int) -> None:
+        self.past = None
+        self.capacity = capacity
+        self.length = 0
+        self.pad = torch.zeros(batch, dtype=torch.long)
+
+    @property
+    def batch(self) -> int:
+        return self.pad.shape[0]
+
+    def reserve(self, tokens: int) -> int:
+        start = self.length
+        if start + tokens > self.capacity:
+            raise LowbitError(
+                f"the context holds {self.capacity} tokens; {start + tokens} were asked for "
+                "(use a shorter prompt or fewer new tokens)"
+            )
+        self.length = start + tokens
+        return start
+
+
+class HFForward:
+    """``forward(ids, cache)`` through ``model(...)`` with transformers' cache."""
+
+    def __init__(self, model: nn.Module, capacity: int) -> None:
+        self.model, self.capacity = model, capacity
+        # transformers renamed past_key_values to cache (5.2x); older 5.x only has the former
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> HFCache:
+        return HFCache(batch, self.capacity)
+
+    def __call__(self, ids: Tensor, cache: HFCache, all_logits: bool = False) -> Tensor:
+        t = ids.shape[1]
+        start = cache.reserve(t)
+        kwargs = {self._cache_arg: cache.past, "use_cache": True}
+        if bool(cache.pad.any()):
+            slots = torch.arange(start + t)
+            real = slots.unsqueeze(0) >= cache.pad.unsqueeze(1)  # (B, S)
+            pos = (slots[start:].unsqueeze(0) - cache.pad.unsqueeze(1)).clamp_min(0)  # (B, t)
+            kwargs |= {"attention_mask": real.long(), "position_ids": pos}
+        if not all_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(ids, **kwargs)
+        past = getattr(out, "cache", None)
+        cache.past = out.past_key_values if past is None else past
+        return out.logits if all_logits else out.logits[:, -1]

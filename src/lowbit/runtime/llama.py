@@ -1,0 +1,245 @@
+"""A compact forward for Llama-like decoders (Llama, Mistral, Qwen2, Qwen3) over a static cache.
+
+Why not the model's own forward: at decode a small model spends most of each token in the
+framework around the matmuls (mask and position bookkeeping, cache objects, hundreds of small
+module calls). This forward does the same arithmetic with a few tensor ops per layer: fused
+RMSNorm, one kernel call for q/k/v and one for gate/up where the layers share a fused weight
+(:mod:`lowbit.nn.shared_input`), a cos/sin table computed once, one attention call. It calls the
+model's own linear modules (float, QuantLinear or kernel modules), so every format runs on it;
+the logits equal the model's to float32 rounding (a CI test on every family it accepts).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.kernels.build import native_ops
+from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rotate, silu_mul
+from lowbit.runtime.kv_cache import StaticKVCache
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
+    """Why this forward cannot run ``model`` up to ``capacity`` tokens, or None when it can."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        return f"model type {kind!r} is not one of {', '.join(FAMILIES)}"
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope == "dynamic":
+        return "dynamic RoPE scaling changes with the context length"
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if window and (types != {"full_attention"} or kind == "mistral") and capacity > window:
+        return f"a sliding attention window of {window} tokens is shorter than {capacity}"
+    if getattr(config, "mlp_bias", False) or getattr(config, "pretraining_tp", 1) != 1:
+        return "MLP biases or tensor-parallel slicing"
+    return None
+
+
+@dataclass
+class _Layer:
+    norm1: nn.Module
+    qkv: Callable[[Tensor], Tensor]  # (..., C) -> (..., (H + 2·Hkv)·D)
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    o_proj: nn.Module
+    norm2: nn.Module
+    gate_up: Callable[[Tensor], Tensor]  # (..., C) -> (..., 2·I)
+    act: Callable[[Tensor], Tensor] | None  # None: SiLU (the fused silu_mul)
+    down: nn.Module
+    fast: tuple = ()  # decode: (qkv, o_proj, gate_up, down) on 2-D inputs, see _direct
+
+
+def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]:
+    """The cheapest call of a layer on a (B, C) decode input: the native affine op itself for
+    kernel layers that need no padding and no bias (Python checks and reshapes cost as much
+    as a small layer's arithmetic at decode), else the module."""
+    from lowbit.nn.kernel_linear import AffineKernelLinear
+
+    plain = isinstance(module, AffineKernelLinear) and module.shared is None and module.bias is None
+    if aw is None and plain:
+        from lowbit.kernels.affine import AffineWeight
+
+        aw = AffineWeight(module.w, module.scale, module.offset, module.group, module.bits,
+                          module.in_features)  # fmt: skip
+    if aw is None or aw.padded_in != aw.in_features:
+        return module  # (or the joint call the caller passed)
+    op, args = torch.ops.lowbit_cpu.affine_linear, (aw.w, aw.scale, aw.offset, aw.group, aw.bits)
+    return lambda x: op(x, *args, True)
+
+
+def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
+    """x -> the modules' outputs side by side; one kernel call when they share a fused weight."""
+    shared = _shared(modules)
+    if shared is None:
+        return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+    from lowbit.kernels.affine import affine_linear
+
+    sizes = [m.rows[1] - m.rows[0] for m in modules]
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
+        return lambda x: affine_linear(x, shared.aw)
+    bias = torch.cat([torch.zeros(n) if b is None else b.detach()
+                      for b, n in zip(biases, sizes, strict=True)])  # fmt: skip
+    return lambda x: affine_linear(x, shared.aw) + bias
+
+
+def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor], Tensor]:
+    """:func:`_direct` for layers that run as one fused call (no biases), else ``joint``."""
+    shared = _shared(modules)
+    if shared is None or any(m.bias is not None for m in modules):
+        return joint
+    return _direct(joint, shared.aw)
+
+
+def _shared(modules: list[nn.Module]):
+    """The fused weight ``modules`` share (:mod:`lowbit.nn.shared_input`), or None."""
+    shared = getattr(modules[0], "shared", None)
+    if shared is None or any(getattr(m, "shared", None) is not shared for m in modules):
+        return None
+    return shared
+
+
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+
+
+def _rms(norm: nn.Module, x: Tensor) -> Tensor:
+    return rms_norm(x, norm.weight, _eps(norm))
+
+
+class LlamaForward:
+    """``forward(ids, cache)``: logits of the last position (or all), filling ``cache``."""
+
+    def __init__(self, model: nn.Module, capacity: int) -> None:
+        cfg = model.config
+        inner = model.model
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
+        silu = getattr(cfg, "hidden_act", None) == "silu"
+        native = native_ops() and self.embed.weight.dtype == torch.float32
+        self.layers = [self._layer(block, silu, native) for block in inner.layers]
+        self.scaling = inner.layers[0].self_attn.scaling
+        positions = torch.arange(capacity).unsqueeze(0)  # (1, T)
+        probe = torch.zeros(1, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(probe, positions)  # (1, T, D) each
+        self.cos, self.sin = cos[0].float(), sin[0].float()
+        self.capacity = capacity
+
+    @staticmethod
+    def _layer(block: nn.Module, silu: bool, native: bool) -> _Layer:
+        attn, mlp = block.self_attn, block.mlp
+        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+        layer = _Layer(
+            block.input_layernorm, _joint(qkv), getattr(attn, "q_norm", None),
+            getattr(attn, "k_norm", None), attn.o_proj, block.post_attention_layernorm,
+            _joint(gate_up), None if silu else mlp.act_fn, mlp.down_proj,
+        )  # fmt: skip
+        layer.fast = (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+        if native:
+            fast_qkv, fast_gu = (_direct_group(ms, joint) for ms, joint in
+                                 ((qkv, layer.qkv), (gate_up, layer.gate_up)))  # fmt: skip
+            layer.fast = (fast_qkv, _direct(attn.o_proj), fast_gu, _direct(mlp.down_proj))
+        return layer
+
+    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> StaticKVCache:
+        return StaticKVCache(len(self.layers), batch, self.kv_heads, self.capacity,
+                             self.head_dim, dtype)  # fmt: skip
+
+    def _positions(self, cache: StaticKVCache, start: int, t: int) -> tuple[Tensor, Tensor]:
+        """cos/sin (B or 1, 1, t, D) of the slots start..start+t (positions skip the padding)."""
+        if not bool(cache.pad.any()):
+            return self.cos[start : start + t], self.sin[start : start + t]
+        slots = torch.arange(start, start + t)
+        pos = (slots.unsqueeze(0) - cache.pad.unsqueeze(1)).clamp_min(0)  # (B, t)
+        return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+
+    def _mask(self, cache: StaticKVCache, start: int, t: int) -> Tensor | None:
+        """Boolean (B, 1, t, S) mask of the keys each query may see; None when every query sees
+        all filled slots (one query, no padding)."""
+        padded = bool(cache.pad.any())
+        if (t == 1 or start == 0) and not padded:
+            return None  # one query sees every slot; a fresh prompt is plainly causal
+        end = start + t
+        keys, queries = torch.arange(end), torch.arange(start, end)
+        allowed = keys.unsqueeze(0) <= queries.unsqueeze(1)  # (t, S) causal
+        real = keys.unsqueeze(0) >= cache.pad.unsqueeze(1)  # (B, S) not padding
+        mask = allowed.unsqueeze(0) & real.unsqueeze(1)  # (B, t, S)
+        mask |= keys.unsqueeze(0) == queries.unsqueeze(1)  # a padding query sees itself: no NaN
+        return mask.unsqueeze(1)
+
+    def __call__(self, ids: Tensor, cache: StaticKVCache, all_logits: bool = False) -> Tensor:
+        """ids (B, t) -> logits (B, vocab) of the last position ((B, t, vocab) with
+        ``all_logits``); the t new slots of ``cache`` are filled."""
+        if ids.shape[1] == 1 and not all_logits:
+            return self._decode(ids, cache)
+        b, t = ids.shape
+        start = cache.reserve(t)
+        cos, sin = self._positions(cache, start, t)
+        mask = self._mask(cache, start, t)
+        x = self.embed(ids)  # (B, t, C)
+        split = [self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(_rms(layer.norm1, x)).split(split, dim=-1)
+            q = q.reshape(b, t, self.heads, self.head_dim)
+            k = k.reshape(b, t, self.kv_heads, self.head_dim)
+            if layer.q_norm is not None:
+                q, k = _rms(layer.q_norm, q), _rms(layer.k_norm, k)
+            q = rotate(q.transpose(1, 2), cos, sin)  # (B, H, t, D)
+            k = rotate(k.transpose(1, 2), cos, sin)  # (B, Hkv, t, D)
+            v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            keys, values = cache.write(i, start, k, v)  # (B, Hkv, S, D)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                               is_causal=mask is None, scale=self.scaling,
+                                               enable_gqa=True)  # fmt: skip
+            x = x + layer.o_proj(a.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.down(self._mlp_act(layer, layer.gate_up(_rms(layer.norm2, x))))
+        x = x if all_logits else x[:, -1:]
+        logits = self.head(_rms(self.norm, x))
+        return logits if all_logits else logits[:, -1]
+
+    @staticmethod
+    def _mlp_act(layer: _Layer, gate_up: Tensor) -> Tensor:
+        if layer.act is None:
+            return silu_mul(gate_up.contiguous())
+        gate, up = gate_up.chunk(2, dim=-1)
+        return layer.act(gate) * up
+
+    def _decode(self, ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """One token per row (B, 1) -> logits (B, vocab): the fused decode ops
+        (:mod:`lowbit.kernels.decode`), the residual add folded into the next norm."""
+        pos = cache.reserve(1)
+        x = self.embed(ids[:, 0]).contiguous()  # (B, C), the residual stream (added in place)
+        h = _rms(self.layers[0].norm1, x)
+        for i, (layer, (qn, kn, eps, w2, eps2, w_next, eps_next)) in enumerate(self._plan):
+            qkv_op, o_op, gate_up_op, down_op = layer.fast
+            qkv = qkv_op(h).contiguous()  # (B, (H + 2·Hkv)·D)
+            a = decode_attention(qkv, cache.k[i], cache.v[i], self.cos, self.sin, cache.pad, pos,
+                                 self.heads, self.kv_heads, self.scaling, qn, kn, eps)  # fmt: skip
+            h = add_rms_norm(x, o_op(a), w2, eps2)  # (B, C)
+            d = down_op(self._mlp_act(layer, gate_up_op(h)))
+            h = add_rms_norm(x, d.contiguous(), w_next, eps_next)
+        return self.head(h)  # (B, vocab)
+
+    @functools.cached_property
+    def _plan(self) -> list[tuple]:
+        """Per layer, what the decode step reads besides the layers: q/k norm weights (or
+        empty) and their eps, the post-attention norm, and the next norm (the final one last)."""
+        empty, plan = torch.empty(0), []
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.norm
+            qk = (empty, empty, 1e-6) if layer.q_norm is None else (
+                layer.q_norm.weight, layer.k_norm.weight, _eps(layer.q_norm))  # fmt: skip
+            plan.append((layer, (*qk, layer.norm2.weight, _eps(layer.norm2), nxt.weight,
+                                 _eps(nxt))))  # fmt: skip
+        return plan

@@ -1,0 +1,70 @@
+"""The fused decode-step ops against their plain-PyTorch references."""
+
+import pytest
+import torch
+
+from lowbit.kernels import decode
+from lowbit.kernels.build import native_ops
+
+needs_native = pytest.mark.skipif(not native_ops(), reason="native kernels unavailable here")
+
+
+def close(got, ref, tol=1e-5):
+    return torch.allclose(got, ref, rtol=tol, atol=tol * max(ref.abs().max().item(), 1.0))
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 576), (3, 64), (2, 1, 100)])
+def test_norms_and_silu_match_reference(shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x, d = torch.randn(shape, generator=g) * 5, torch.randn(shape, generator=g)
+    w = torch.randn(shape[-1], generator=g)
+    ref = decode.rms_norm_reference(x, w, 1e-5)
+    assert close(torch.ops.lowbit_cpu.rms_norm(x, w, 1e-5), ref)
+    x_ref, x_nat = x.clone(), x.clone()
+    ref = decode.rms_norm_reference(x_ref.add_(d), w, 1e-5)
+    got = torch.ops.lowbit_cpu.add_rms_norm(x_nat, d, w, 1e-5)
+    assert close(got, ref) and close(x_nat, x_ref)  # the residual is updated in place
+    gu = torch.randn(*shape[:-1], 2 * shape[-1], generator=g)
+    gate, up = gu.chunk(2, dim=-1)
+    assert close(torch.ops.lowbit_cpu.silu_mul(gu), torch.nn.functional.silu(gate) * up)
+
+
+def _attention_case(b, heads, kv, dim, pos, qk_norm, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cap = pos + 5
+    qkv = torch.randn(b, (heads + 2 * kv) * dim, generator=g)
+    kc, vc = torch.randn(b, kv, cap, dim, generator=g), torch.randn(b, kv, cap, dim, generator=g)
+    ang = torch.arange(cap).unsqueeze(1) * torch.linspace(0.01, 1, dim).unsqueeze(0)
+    cos, sin = ang.cos(), ang.sin()
+    pad = torch.tensor([0, 3, 1][:b])
+    norms = [torch.rand(dim, generator=g) + 0.5 for _ in range(2)] if qk_norm else [
+        torch.empty(0), torch.empty(0)]  # fmt: skip
+    return [qkv, kc, vc, cos, sin, pad, pos, heads, kv, dim**-0.5, *norms, 1e-6]
+
+
+@needs_native
+@pytest.mark.parametrize("b,heads,kv,dim,pos", [(1, 9, 3, 64, 40), (3, 4, 2, 16, 7),
+                                                (2, 4, 4, 32, 300), (1, 2, 1, 8, 0)])  # fmt: skip
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_decode_attention_matches_reference(b, heads, kv, dim, pos, qk_norm):
+    """Same output and the same cache writes (GQA, left padding, Qwen3's q/k norms, a context
+    long enough for the threaded path)."""
+    args = _attention_case(b, heads, kv, dim, pos, qk_norm)
+    ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    ref = decode.decode_attention_reference(*ref_args)
+    got = torch.ops.lowbit_cpu.decode_attention(*args)
+    assert got.shape == (b, heads * dim)
+    assert close(got, ref)
+    assert close(args[1], ref_args[1]) and torch.equal(args[2], ref_args[2])
+
+
+def test_reference_path_when_native_is_off(monkeypatch):
+    """The wrappers fall back to the references (what runs without the built kernels)."""
+    monkeypatch.setattr(decode, "_native", lambda *t: False)
+    args = _attention_case(2, 4, 2, 16, 5, False)
+    expect = decode.decode_attention_reference(*[a.clone() if isinstance(a, torch.Tensor) else a
+                                                 for a in args])  # fmt: skip
+    assert torch.equal(decode.decode_attention(*args), expect)
+    x = torch.randn(2, 8)
+    assert torch.equal(decode.silu_mul(x), torch.nn.functional.silu(x[:, :4]) * x[:, 4:])

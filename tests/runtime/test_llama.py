@@ -1,0 +1,97 @@
+"""The compact Llama-like forward against the model's own, on every family it accepts."""
+
+import pytest
+import torch
+
+from helpers import tiny_family_model, tiny_llama
+from lowbit.kernels import decode
+from lowbit.runtime.hf_forward import HFForward
+from lowbit.runtime.llama import FAMILIES, LlamaForward, unsupported_reason
+
+COMPACT = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _steps(forward, prompt, follow):
+    """Logits of the prompt (every position), then of each token of ``follow`` fed one by one."""
+    cache = forward.new_cache(prompt.shape[0])
+    out = [forward(prompt, cache, all_logits=True)]
+    for tok in follow.unbind(1):
+        out.append(forward(tok.view(-1, 1), cache).unsqueeze(1))
+    return torch.cat(out, dim=1)  # (B, P + F, vocab)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("family", COMPACT)
+def test_logits_equal_the_models_own(family, native, monkeypatch):
+    """Prefill and decode logits within 1e-4 relative of transformers' forward, with the fused
+    decode ops and with their references."""
+    if not native:
+        monkeypatch.setattr(decode, "_native", lambda *t: False)
+    model = tiny_family_model(family)
+    if family == "qwen2":  # q/k/v biases: the fused call must add them
+        for m in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.v_proj):
+            torch.nn.init.normal_(m.bias)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 64, (2, 9), generator=g)
+    follow = torch.randint(0, 64, (2, 5), generator=g)
+    with torch.inference_mode():
+        ours = _steps(LlamaForward(model, 32), prompt, follow)
+        theirs = _steps(HFForward(model, 32), prompt, follow)
+        whole = model(torch.cat([prompt, follow], 1)).logits
+    assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
+
+
+def test_left_padded_rows_equal_rows_alone():
+    """Prompts of different lengths in one batch: each row's logits are those it gets alone."""
+    model = tiny_llama(vocab=64)
+    forward = LlamaForward(model, 32)
+    short, long = torch.tensor([[5, 6, 7]]), torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.inference_mode():
+        cache = forward.new_cache(2)
+        cache.pad[0] = 3
+        batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+        first = forward(batch, cache)
+        nxt = forward(torch.tensor([[9], [9]]), cache)
+        for row, p in enumerate((short, long)):
+            alone = forward.new_cache(1)
+            assert rel(first[row], forward(p, alone)[0]) < 1e-5
+            assert rel(nxt[row], forward(torch.tensor([[9]]), alone)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "phi3", "opt", "gpt2"])
+def test_other_families_say_why(family):
+    reason = unsupported_reason(tiny_family_model(family), 64)
+    assert reason and "model type" in reason
+
+
+def test_sliding_window_shorter_than_the_context_is_refused():
+    model = tiny_family_model("mistral")
+    model.config.sliding_window = 16
+    assert "sliding" in unsupported_reason(model, 64)
+    assert unsupported_reason(model, 16) is None
+    assert set(COMPACT) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_quantized_kernel_layers_run_on_the_compact_forward(native, monkeypatch):
+    """W4 layers on the kernels (fused q/k/v and gate/up calls, direct op calls at decode): the
+    same logits as the model's own forward on the same layers, within 1e-4 relative."""
+    from lowbit import api
+    from lowbit.models.kernels import use_kernels
+
+    if not native:
+        monkeypatch.setattr(decode, "_native", lambda *t: False)
+    model = tiny_llama(vocab=64, hidden=64)
+    api.quantize(model, "w4-sym-g32", progress=False)
+    counts = use_kernels(model)
+    assert counts.get("w4a16") and counts.get("shared-input groups")
+    g = torch.Generator().manual_seed(2)
+    prompt, follow = torch.randint(0, 64, (1, 7), generator=g), torch.randint(0, 64, (1, 6))
+    with torch.inference_mode():
+        ours = _steps(LlamaForward(model, 32), prompt, follow)
+        theirs = _steps(HFForward(model, 32), prompt, follow)
+    assert rel(ours, theirs) < 1e-4
