@@ -22,6 +22,7 @@ from lowbit.cli_generate import add_chat, add_generate
 from lowbit.cli_perf import add_bench, add_report
 from lowbit.cli_qat import add_qat
 from lowbit.cli_quantize import add_quantize
+from lowbit.cli_serve import add_serve
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub, common)
     add_generate(sub, common)
     add_chat(sub, common)
+    add_serve(sub, common)
     add_bench(sub, common)
     add_report(sub, common)
     add_export(sub, common)

@@ -52,15 +52,21 @@ def _log_probs(model: nn.Module, window: Tensor) -> Tensor:
     return F.log_softmax(logits[0, :-1].float(), dim=-1)
 
 
+def kl_top1(ref_logp: Tensor, logp: Tensor) -> tuple[float, float]:
+    """Sums over positions of KL(ref ‖ model) and of top-1 agreement, from (N, V) next-token
+    log-probabilities of the same N positions (the evaluation's and the server's monitor's)."""
+    kl = top1 = 0.0
+    for i in range(0, logp.shape[0], _CHUNK):
+        r, q = ref_logp[i : i + _CHUNK], logp[i : i + _CHUNK]
+        kl += (r.exp() * (r - q)).sum().item()
+        top1 += (r.argmax(-1) == q.argmax(-1)).sum().item()
+    return kl, top1
+
+
 def _window(logp: Tensor, targets: Tensor, ref_logp: Tensor | None) -> list[float]:
     """One window's [NLL sum, KL sum, top-1 matches, predicted tokens]."""
     nll = -logp.gather(1, targets.unsqueeze(1)).sum().item()
-    kl = top1 = 0.0
-    if ref_logp is not None:
-        for i in range(0, logp.shape[0], _CHUNK):
-            r, q = ref_logp[i : i + _CHUNK], logp[i : i + _CHUNK]
-            kl += (r.exp() * (r - q)).sum().item()
-            top1 += (r.argmax(-1) == q.argmax(-1)).sum().item()
+    kl, top1 = (0.0, 0.0) if ref_logp is None else kl_top1(ref_logp, logp)
     return [nll, kl, top1, float(targets.numel())]
 
 

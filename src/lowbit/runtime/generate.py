@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,6 @@ class Generation:
     steps: int = 0
     kv_bytes_per_token: int | None = None
     path: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def prefill_tps(self) -> float:
@@ -75,15 +74,15 @@ class Runtime:
             current = self._forwards[kind] = make(self.model, max(capacity, 256))
         return current
 
-    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    def _check(self, prompts: Sequence[Sequence[int]], limits: list[int]) -> int:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LowbitError("the prompt is empty: give at least one token")
-        if max_new_tokens < 1:
-            raise LowbitError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if len(limits) != len(prompts) or min(limits) < 1:
+            raise LowbitError(f"max_new_tokens must be at least 1, got {min(limits)}")
         longest = max(len(p) for p in prompts)
-        if self.limit and longest + max_new_tokens > self.limit:
+        if self.limit and longest + max(limits) > self.limit:
             raise LowbitError(
-                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                f"prompt ({longest} tokens) + max_new_tokens ({max(limits)}) exceed the "
                 f"model's context of {self.limit} tokens; shorten the prompt or ask for fewer"
             )
         return longest
@@ -92,18 +91,23 @@ class Runtime:
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         sampling: Sampling | None = None,
         stop_ids: Sequence[int] = (),
-        on_tokens: Callable[[list[int | None]], bool | None] | None = None,
+        on_tokens: Callable[[list[int | None]], object] | None = None,
+        on_logits: Callable[[Tensor], None] | None = None,
     ) -> Generation:
         """Generate for each prompt (lists of token ids; shorter ones are left-padded) up to
-        ``max_new_tokens`` new tokens. ``on_tokens`` gets each step's new token of every prompt
-        (None for a prompt that has finished) as soon as it is chosen; returning False stops
-        the loop (a client that went away; unfinished prompts end as ``cancelled``)."""
+        ``max_new_tokens`` new tokens (one limit, or one per prompt). ``on_tokens`` gets each
+        step's new token of every prompt (None for a prompt that has finished) as soon as it
+        is chosen; it may return False to stop every prompt, or the indices of prompts to stop
+        (a client that went away): those end as ``cancelled``. ``on_logits`` sees each step's
+        logits (B, vocab) before the tokens are chosen (the server's quality monitor)."""
         sampling = sampling or Sampling()
-        longest = self._check(prompts, max_new_tokens)
-        forward = self.forward_for(longest + max_new_tokens)
+        limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
+                  else list(max_new_tokens))  # fmt: skip
+        longest = self._check(prompts, limits)
+        forward = self.forward_for(longest + max(limits))
         device = next(self.model.parameters()).device
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # (B, P)
         cache = forward.new_cache(len(prompts))
@@ -111,44 +115,72 @@ class Runtime:
             ids[row, longest - len(p) :] = torch.tensor(list(p))
             cache.pad[row] = longest - len(p)
         gen = None if sampling.greedy else sampling.generator()
-        stops = set(stop_ids)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        finish = ["length"] * len(prompts)
+        rows = _Rows(limits, set(stop_ids))
         _sync(device)
         start = time.perf_counter()
-        token = next_tokens(forward(ids.to(device), cache), sampling, gen)  # (B,)
+        token = next_tokens(_seen(forward(ids.to(device), cache), on_logits), sampling, gen)  # (B,)
         _sync(device)
         first = time.perf_counter()
         steps = 0
         while True:
-            new = self._record(token, tokens, finish, stops, max_new_tokens)
-            if on_tokens is not None and on_tokens(new) is False:
-                finish = [f if f == "stop" else "cancelled" for f in finish]
+            new = rows.record(token.tolist())
+            if on_tokens is not None:
+                rows.cancel(on_tokens(new))
+            if rows.done():
                 break
-            if all(
-                f == "stop" or len(t) >= max_new_tokens for f, t in zip(finish, tokens, strict=True)
-            ):
-                break
-            token = next_tokens(forward(token.view(-1, 1), cache), sampling, gen)
+            logits = _seen(forward(token.view(-1, 1), cache), on_logits)
+            token = next_tokens(logits, sampling, gen)
             steps += 1
         _sync(device)
         end = time.perf_counter()
         kv = cache.bytes_per_token() if hasattr(cache, "bytes_per_token") else None
         path = "compact" if isinstance(forward, LlamaForward) else "hf"
-        return Generation(tokens, finish, longest, first - start, end - first, steps, kv, path)
+        return Generation(rows.tokens, rows.finished(), longest, first - start, end - first,
+                          steps, kv, path)  # fmt: skip
 
-    @staticmethod
-    def _record(token: Tensor, tokens: list[list[int]], finish: list[str], stops: set[int],
-                limit: int) -> list[int | None]:  # fmt: skip
-        """Append each unfinished row's token; the tokens appended (None: row finished)."""
+
+def _seen(logits: Tensor, hook: Callable[[Tensor], None] | None) -> Tensor:
+    if hook is not None:
+        hook(logits)
+    return logits
+
+
+class _Rows:
+    """Each prompt's new tokens and state: running, or finished by a stop token (not kept),
+    its limit, or cancellation."""
+
+    def __init__(self, limits: list[int], stops: set[int]) -> None:
+        self.limits, self.stops = limits, stops
+        self.tokens: list[list[int]] = [[] for _ in limits]
+        self.finish: list[str | None] = [None] * len(limits)
+
+    def record(self, chosen: list[int]) -> list[int | None]:
+        """Append each running row's token; the tokens appended (None: row finished)."""
         new: list[int | None] = []
-        for row, t in enumerate(token.tolist()):
-            if finish[row] == "stop" or len(tokens[row]) >= limit:
+        for row, t in enumerate(chosen):
+            if self.finish[row] is not None:
                 new.append(None)
-            elif t in stops:
-                finish[row] = "stop"
+                continue
+            if t in self.stops:
+                self.finish[row] = "stop"
                 new.append(None)
-            else:
-                tokens[row].append(t)
-                new.append(t)
+                continue
+            self.tokens[row].append(t)
+            new.append(t)
+            if len(self.tokens[row]) >= self.limits[row]:
+                self.finish[row] = "length"
         return new
+
+    def cancel(self, answer: object) -> None:
+        if answer is None or answer is True:
+            return
+        targets = range(len(self.limits)) if answer is False else answer
+        for row in targets:
+            if self.finish[row] is None:
+                self.finish[row] = "cancelled"
+
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def finished(self) -> list[str]:
+        return [f or "cancelled" for f in self.finish]

@@ -12,31 +12,15 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from lowbit.errors import LowbitError
+from lowbit.runtime.kv_cache import Slots
 
 
-class HFCache:
-    """Transformers' cache object plus the bookkeeping :class:`StaticKVCache` also has."""
+class HFCache(Slots):
+    """Transformers' cache object plus the slot bookkeeping every cache has."""
 
     def __init__(self, batch: int, capacity: int) -> None:
+        super().__init__(batch, capacity)
         self.past = None
-        self.capacity = capacity
-        self.length = 0
-        self.pad = torch.zeros(batch, dtype=torch.long)
-
-    @property
-    def batch(self) -> int:
-        return self.pad.shape[0]
-
-    def reserve(self, tokens: int) -> int:
-        start = self.length
-        if start + tokens > self.capacity:
-            raise LowbitError(
-                f"the context holds {self.capacity} tokens; {start + tokens} were asked for "
-                "(use a shorter prompt or fewer new tokens)"
-            )
-        self.length = start + tokens
-        return start
 
 
 class HFForward:

@@ -14,42 +14,48 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 
 
-class StaticKVCache:
-    """Keys and values (layers, batch, kv_heads, capacity, head_dim) and the slots filled so far.
+class Slots:
+    """The context's bookkeeping, shared by every cache: ``capacity`` slots, ``length`` filled
+    (the same for every row: padding is on the left), ``pad`` (batch,) left-padding slots per
+    row (prompts of different lengths in one batch; never attended to)."""
 
-    ``pad`` (batch,) counts the left-padding slots of each row (prompts of different lengths in
-    one batch); those slots are never attended to."""
-
-    def __init__(
-        self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-    ) -> None:  # fmt: skip
-        shape = (layers, batch, kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, batch: int, capacity: int, device: torch.device | str = "cpu") -> None:
         self.capacity = capacity
-        self.length = 0  # slots filled (the same for every row: padding is on the left)
+        self.length = 0
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
-
-    def bytes_per_token(self) -> int:
-        """Bytes one more token of context costs (every layer's key and value, every row)."""
-        layers, batch, heads, _, dim = self.k.shape
-        return 2 * layers * batch * heads * dim * self.k.element_size()
+        return self.pad.shape[0]
 
     def reserve(self, tokens: int) -> int:
         """Claim the next ``tokens`` slots; returns the first one."""
         start = self.length
         if start + tokens > self.capacity:
             raise LowbitError(
-                f"the KV cache holds {self.capacity} tokens; {start + tokens} were asked for "
+                f"the context holds {self.capacity} tokens; {start + tokens} were asked for "
                 "(use a shorter prompt or fewer new tokens)"
             )
         self.length = start + tokens
         return start
+
+
+class StaticKVCache(Slots):
+    """Keys and values (layers, batch, kv_heads, capacity, head_dim), preallocated."""
+
+    def __init__(
+        self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> None:  # fmt: skip
+        super().__init__(batch, capacity, device)
+        shape = (layers, batch, kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one more token of context costs (every layer's key and value, every row)."""
+        layers, batch, heads, _, dim = self.k.shape
+        return 2 * layers * batch * heads * dim * self.k.element_size()
 
     def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (batch, kv_heads, t, head_dim) at ``start``; the layer's filled prefix."""

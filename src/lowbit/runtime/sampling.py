@@ -14,12 +14,12 @@ from lowbit.errors import LowbitError
 class Sampling:
     """``temperature`` 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted
     to the ``top_k`` most likely tokens (0: all) and to the smallest set whose probability
-    reaches ``top_p``, drawn from a generator seeded with ``seed``."""
+    reaches ``top_p``, drawn from a generator seeded with ``seed`` (None: fresh entropy)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: int | None = 0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -34,7 +34,11 @@ class Sampling:
         return self.temperature == 0
 
     def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator()
+        if self.seed is None:
+            gen.seed()
+            return gen
+        return gen.manual_seed(self.seed)
 
 
 def next_tokens(logits: Tensor, sampling: Sampling, gen: torch.Generator | None) -> Tensor:

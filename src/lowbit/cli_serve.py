@@ -1,0 +1,123 @@
+"""``lowbit serve``: an OpenAI-compatible HTTP server for one model on this host."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from lowbit.cli_args import positive
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+_EPILOG = """\
+examples:
+  lowbit serve out/w4                       # http://127.0.0.1:8000/v1/...
+  lowbit serve out/w4 --api-key "$KEY" --max-batch 16 --port 8080
+  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true for
+server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus). Requests that wait
+together with the same sampling settings are decoded as one batch. Binds to loopback unless
+--host says otherwise; put a TLS proxy in front of a public address. For several hosts, export
+to compressed-tensors and serve with vLLM.
+"""
+
+
+def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "serve", parents=[common], help="an OpenAI-compatible HTTP server for MODEL",
+        description="Serve MODEL (a lowbit folder, zoo name, HF folder or id) over an "
+        "OpenAI-compatible HTTP API on lowbit's decode loop.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL|DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--max-batch", type=positive, default=8, help="rows decoded together (8)")
+    p.add_argument("--max-queue", type=positive, default=64,
+                   help="requests allowed to wait; more get HTTP 429 (64)")  # fmt: skip
+    p.add_argument("--max-tokens", type=positive, default=1024,
+                   help="largest max_tokens a request may ask for (1024)")  # fmt: skip
+    p.add_argument("--max-body", type=positive, default=1 << 20,
+                   help="largest request body in bytes (1 MiB)")  # fmt: skip
+    p.add_argument("--name", help="model id reported by /v1/models (default: MODEL)")
+    p.add_argument("--ref", metavar="MODEL",
+                   help="reference model (the float one) to re-score served requests against: "
+                   "KL(ref || served) and top-1 in /metrics")  # fmt: skip
+    p.add_argument("--shadow-rate", type=float, default=0.05,
+                   help="with --ref: fraction of requests re-scored (0.05)")  # fmt: skip
+    p.add_argument("--alert-kl", type=float,
+                   help="with --ref: /health says degraded (and a warning is logged) while "
+                   "the mean KL over the last --shadow-window scored requests is above "
+                   "it")  # fmt: skip
+    p.add_argument("--shadow-window", type=positive, default=50,
+                   help="requests in the rolling window (50)")  # fmt: skip
+    p.set_defaults(func=cmd_serve)
+
+
+def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The ASGI app and its engine (started), from parsed ``serve`` arguments."""
+    try:
+        from lowbit.serve.app import ServeSettings, create_app
+        from lowbit.serve.engine import Engine
+        from lowbit.serve.metrics import Metrics
+    except ImportError as exc:
+        raise LowbitError(f"lowbit serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'lowbit[serve]'") from None  # fmt: skip
+    from lowbit import api
+    from lowbit.runtime import Runtime
+    from lowbit.runtime.text import stop_ids
+
+    src = api.load_model(args.model)
+    if src.tokenizer is None:
+        raise LowbitError(f"{args.model} has no tokenizer; serving text needs one")
+    metrics = Metrics()
+
+    def on_batch(stats) -> None:
+        metrics.decode_tps.set(stats.decode_tps)
+
+    shadow = _shadow(args, metrics)
+    runtime = Runtime(src.model)
+    engine = Engine(runtime, stop_ids(src.tokenizer, src.model), args.max_batch, args.max_queue,
+                    on_batch, metrics.job_done, shadow)  # fmt: skip
+    settings = ServeSettings(args.name or args.model, args.max_tokens, args.max_body,
+                             args.api_key)  # fmt: skip
+    engine.start()
+    if shadow is not None:
+        shadow.start()
+    return create_app(engine, src.tokenizer, settings, metrics), engine
+
+
+def _shadow(args: argparse.Namespace, metrics: Any) -> Any:
+    """The quality monitor for ``--ref``, or None."""
+    if args.ref is None:
+        if args.alert_kl is not None:
+            raise LowbitError("--alert-kl needs --ref (the model to compare against)")
+        return None
+    if not 0 < args.shadow_rate <= 1:
+        raise LowbitError(f"--shadow-rate must be in (0, 1], got {args.shadow_rate}")
+    from lowbit import api
+    from lowbit.serve.shadow import Shadow
+
+    ref = api.load_model(args.ref).model
+    return Shadow(ref, args.shadow_rate, args.alert_kl, metrics, args.shadow_window)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: the server is reachable beyond this machine", args.host)
+    app, engine = build_server(args)
+    import uvicorn
+
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=5)  # fmt: skip
+    finally:
+        engine.close()
+        if engine.shadow is not None:
+            engine.shadow.close()
+    return 0

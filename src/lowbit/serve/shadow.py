@@ -1,0 +1,108 @@
+"""Quality monitoring while serving: a sampled fraction of requests re-scored against a
+reference model, off the hot path.
+
+For a shadowed request the engine keeps the logits it served at each step. After the request
+ends, a background thread runs the reference model (``--ref``: the float model or any
+higher-precision variant) once over prompt + generated tokens and compares, at the generated
+positions, KL(ref ‖ served) and top-1 agreement (:func:`lowbit.eval.perplexity.kl_top1`, the
+same measure as ``lowbit eval --ref``). Per-request figures go to histograms, the mean over the
+last ``window`` requests to gauges; past ``alert_kl`` the server reports ``degraded`` on
+/health and logs a warning. The queue is bounded: when scoring falls behind, requests are not
+shadowed rather than delayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import threading
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.eval.perplexity import kl_top1
+
+log = logging.getLogger(__name__)
+
+
+class Shadow:
+    def __init__(self, ref: nn.Module, rate: float, alert_kl: float | None, metrics,
+                 window: int = 50, seed: int = 0) -> None:  # fmt: skip
+        self.ref, self.rate, self.alert_kl, self.metrics = ref, rate, alert_kl, metrics
+        self.recent: deque[tuple[float, float]] = deque(maxlen=window)
+        self._random = random.Random(seed)
+        self._jobs: queue.Queue = queue.Queue(maxsize=8)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lowbit-shadow", daemon=True)
+        self.degraded = False
+        self.scored = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def wants(self) -> bool:
+        """Whether the next request is shadowed (its logits kept)."""
+        return self.rate > 0 and not self._jobs.full() and self._random.random() < self.rate
+
+    def offer(self, job) -> None:
+        """A finished request; scored later if it was shadowed and produced tokens."""
+        if not job.shadow or not job.tokens or job.finish not in ("stop", "length"):
+            return
+        # falling behind: skip this one rather than hold memory or the hot path
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(job)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._score(job)
+            except Exception:  # a scoring failure must never take the server down
+                log.exception("shadow scoring failed")
+            finally:
+                job.logits = []
+
+    @torch.inference_mode()
+    def _score(self, job) -> None:
+        ids = torch.tensor([job.ids + job.tokens])  # (1, P + N)
+        p, n = len(job.ids), len(job.tokens)
+        out = self.ref(ids, use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out
+        ref_logp = F.log_softmax(logits[0, p - 1 : p - 1 + n].float(), dim=-1)  # (N, V)
+        served = F.log_softmax(torch.stack(job.logits), dim=-1)  # (N, V)
+        kl, top1 = kl_top1(ref_logp, served)
+        self.record(kl / n, top1 / n)
+
+    def rolling(self) -> tuple[float | None, float | None]:
+        """Mean KL and top-1 over the last ``window`` scored requests (None before any)."""
+        recent = list(self.recent)
+        if not recent:
+            return None, None
+        return (sum(k for k, _ in recent) / len(recent), sum(t for _, t in recent) / len(recent))
+
+    def record(self, kl: float, top1: float) -> None:
+        """One request's mean KL and top-1 rate: histograms, rolling gauges, the alert."""
+        self.scored += 1
+        self.recent.append((kl, top1))
+        mean_kl, mean_top1 = self.rolling()
+        self.metrics.shadow_kl.observe(kl)
+        self.metrics.shadow_top1.observe(top1)
+        self.metrics.shadow_kl_rolling.set(mean_kl)
+        self.metrics.shadow_top1_rolling.set(mean_top1)
+        was = self.degraded
+        self.degraded = self.alert_kl is not None and mean_kl > self.alert_kl
+        if self.degraded and not was:
+            log.warning("quality alert: mean KL(ref || served) %.4f over the last %d shadowed "
+                        "requests exceeds --alert-kl %g", mean_kl, len(self.recent),
+                        self.alert_kl)  # fmt: skip

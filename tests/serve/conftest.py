@@ -1,0 +1,72 @@
+"""A real `lowbit serve` (uvicorn on loopback, in a thread) over a tiny random model."""
+
+import argparse
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="lowbit serve needs the serve extra")
+uvicorn = pytest.importorskip("uvicorn", reason="lowbit serve needs the serve extra")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, default_folder, **options) -> None:
+        folder = options.pop("folder", default_folder)
+        from lowbit.cli_serve import build_server
+
+        defaults = {"max_batch": 8, "max_queue": 64, "max_tokens": 64, "max_body": 1 << 20,
+                    "api_key": None, "name": "tiny", "ref": None, "shadow_rate": 0.05,
+                    "alert_kl": None, "shadow_window": 50}  # fmt: skip
+        args = argparse.Namespace(model=str(folder), **(defaults | options))
+        self.app, self.engine = build_server(args)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started, "server did not start"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.close()
+
+
+@pytest.fixture
+def chat_folder(tiny_folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}the"
+    tok.save_pretrained(tiny_folder)
+    # no end-of-sequence token: generations run to max_tokens, so counts are exact
+    config = json.loads((tiny_folder / "config.json").read_text())
+    (tiny_folder / "config.json").write_text(json.dumps(config | {"eos_token_id": None}))
+    (tiny_folder / "generation_config.json").unlink(missing_ok=True)
+    return tiny_folder
+
+
+@pytest.fixture
+def serve(chat_folder):
+    started = []
+
+    def start(**options) -> Served:
+        started.append(Served(chat_folder, **options))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.close()
