@@ -148,6 +148,7 @@ class Engine:
             for row, job in keep:
                 job.logits.append(logits[row].float().clone())
 
+        log.debug("batch of %d (%d waiting)", len(batch), self.depth())
         run = self.runtime.generate([j.ids for j in batch], [j.max_tokens for j in batch],
                                     batch[0].sampling, self.stop_ids, on_tokens,
                                     on_logits if keep else None)  # fmt: skip
