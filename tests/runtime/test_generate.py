@@ -72,3 +72,19 @@ def test_bad_requests_are_one_line_errors(prompts, n, match):
 def test_bad_sampling_settings(kw):
     with pytest.raises(LowbitError):
         Sampling(**kw)
+
+
+def test_per_row_limits_cancellation_and_the_logits_hook():
+    """Each prompt its own limit; the hook sees every step's logits (greedy picks their argmax);
+    returning a row index from on_tokens cancels that row only."""
+    rt = Runtime(tiny_llama(vocab=64))
+    prompts = [[5, 6, 7], [1, 2, 3, 4]]
+    seen = []
+    run = rt.generate(prompts, [3, 7], on_logits=lambda logits: seen.append(logits.clone()))
+    assert [len(t) for t in run.tokens] == [3, 7] and run.finish == ["length", "length"]
+    assert len(seen) == 7 and seen[0].shape == (2, 64)
+    assert [int(s[1].argmax()) for s in seen] == run.tokens[1]
+    assert [int(s[0].argmax()) for s in seen[:3]] == run.tokens[0]
+    cancel = rt.generate(prompts, 8, on_tokens=lambda new: [0] if new[0] is not None else None)
+    assert cancel.finish == ["cancelled", "length"]
+    assert len(cancel.tokens[0]) == 1 and cancel.tokens[1] == rt.generate([prompts[1]], 8).tokens[0]
