@@ -49,10 +49,10 @@ class TorchOps:
     """The compact forward with the decode ops' plain-PyTorch references."""
 
     def __init__(self, forward: LlamaForward) -> None:
-        self.forward, self.capacity = forward, forward.capacity
+        self.forward = forward
 
-    def new_cache(self, batch: int):
-        return self.forward.new_cache(batch)
+    def new_cache(self, batch: int, capacity: int):
+        return self.forward.new_cache(batch, capacity)
 
     def __call__(self, ids, cache, all_logits=False):
         native = decode._native
@@ -67,19 +67,21 @@ class Compiled:
     """The decode step with fixed shapes (attention over every slot, masked by position),
     captured once by torch.compile; prefill runs the compact forward."""
 
-    def __init__(self, forward: LlamaForward) -> None:
+    def __init__(self, forward: LlamaForward, capacity: int) -> None:
         from lowbit.kernels.build import native_ops
 
         if native_ops():
             fake = torch.library.register_fake("lowbit_cpu::affine_linear")
             fake(lambda x, w, s, o, g, b, a: x.new_empty(x.shape[0], w.shape[0]))
-        self.forward, self.capacity = forward, forward.capacity
-        slots = torch.arange(forward.capacity)
+        self.forward, self.capacity = forward, capacity  # every cache this size: fixed shapes
+        slots = torch.arange(capacity)
         self.causal = slots.unsqueeze(0) <= slots.unsqueeze(1)  # (T, T)
         self.step = torch.compile(self._step, dynamic=False)
 
-    def new_cache(self, batch: int):
-        return self.forward.new_cache(batch)
+    def new_cache(self, batch: int, capacity: int):
+        if capacity > self.capacity:
+            raise ValueError(f"the compiled step holds {self.capacity} slots, not {capacity}")
+        return self.forward.new_cache(batch, self.capacity)
 
     def _step(self, ids, pos, kc, vc):
         f, (b, t) = self.forward, ids.shape
@@ -119,7 +121,7 @@ def runtimes(model, capacity: int, compile_step: bool) -> dict[str, Runtime]:
         out["compact, fused"] = Runtime(model)
         if compile_step:
             compiled = Runtime(model)
-            compiled._forwards["compact"] = Compiled(LlamaForward(model, capacity))
+            compiled._forwards["compact"] = Compiled(LlamaForward(model), capacity)
             out["compact, torch.compile"] = compiled
     return out
 
@@ -143,7 +145,7 @@ def forced_agreement(loop: Runtime, prompt: list[int], ref: list[int]) -> float:
     """Fraction of decode steps whose argmax equals the transformers loop's next token when
     both are fed the transformers loop's tokens (a flip does not derail the rest)."""
     forward = loop.forward_for(len(prompt) + len(ref))
-    cache = forward.new_cache(1)
+    cache = forward.new_cache(1, len(prompt) + len(ref))
     logits = forward(torch.tensor([prompt]), cache)
     hits = 0
     for i, tok in enumerate(ref):

@@ -96,9 +96,11 @@ def _stream(runtime: Any, tokenizer: Any, ids: list[int], args: argparse.Namespa
 
 
 def _stats(run: Any) -> str:
+    kv = "" if run.kv_bytes_per_token is None else (
+        f", KV cache {run.kv_bytes_per_token / 1024:.1f} KiB per token of context")  # fmt: skip
     return (f"{run.prompt_tokens} prompt tokens, {len(run.tokens[0])} generated ({run.finish[0]}); "
             f"prefill {run.prefill_tps:.1f} tok/s, decode {run.decode_tps:.1f} tok/s "
-            f"({run.path} loop)")  # fmt: skip
+            f"({run.path} loop{kv})")  # fmt: skip
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

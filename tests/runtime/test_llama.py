@@ -17,7 +17,7 @@ def rel(a, b):
 
 def _steps(forward, prompt, follow):
     """Logits of the prompt (every position), then of each token of ``follow`` fed one by one."""
-    cache = forward.new_cache(prompt.shape[0])
+    cache = forward.new_cache(prompt.shape[0], 32)
     out = [forward(prompt, cache, all_logits=True)]
     for tok in follow.unbind(1):
         out.append(forward(tok.view(-1, 1), cache).unsqueeze(1))
@@ -39,8 +39,8 @@ def test_logits_equal_the_models_own(family, native, monkeypatch):
     prompt = torch.randint(0, 64, (2, 9), generator=g)
     follow = torch.randint(0, 64, (2, 5), generator=g)
     with torch.inference_mode():
-        ours = _steps(LlamaForward(model, 32), prompt, follow)
-        theirs = _steps(HFForward(model, 32), prompt, follow)
+        ours = _steps(LlamaForward(model), prompt, follow)
+        theirs = _steps(HFForward(model), prompt, follow)
         whole = model(torch.cat([prompt, follow], 1)).logits
     assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
 
@@ -48,16 +48,16 @@ def test_logits_equal_the_models_own(family, native, monkeypatch):
 def test_left_padded_rows_equal_rows_alone():
     """Prompts of different lengths in one batch: each row's logits are those it gets alone."""
     model = tiny_llama(vocab=64)
-    forward = LlamaForward(model, 32)
+    forward = LlamaForward(model)
     short, long = torch.tensor([[5, 6, 7]]), torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.inference_mode():
-        cache = forward.new_cache(2)
+        cache = forward.new_cache(2, 32)
         cache.pad[0] = 3
         batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
         first = forward(batch, cache)
         nxt = forward(torch.tensor([[9], [9]]), cache)
         for row, p in enumerate((short, long)):
-            alone = forward.new_cache(1)
+            alone = forward.new_cache(1, 32)
             assert rel(first[row], forward(p, alone)[0]) < 1e-5
             assert rel(nxt[row], forward(torch.tensor([[9]]), alone)[0]) < 1e-5
 
@@ -92,6 +92,6 @@ def test_quantized_kernel_layers_run_on_the_compact_forward(native, monkeypatch)
     g = torch.Generator().manual_seed(2)
     prompt, follow = torch.randint(0, 64, (1, 7), generator=g), torch.randint(0, 64, (1, 6))
     with torch.inference_mode():
-        ours = _steps(LlamaForward(model, 32), prompt, follow)
-        theirs = _steps(HFForward(model, 32), prompt, follow)
+        ours = _steps(LlamaForward(model), prompt, follow)
+        theirs = _steps(HFForward(model), prompt, follow)
     assert rel(ours, theirs) < 1e-4

@@ -58,6 +58,7 @@ def test_completion_is_the_greedy_decode(serve, chat_folder):
     (b"{not json", 400, None),
     (json.dumps({"prompt": "the", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
     (json.dumps({"prompt": "", "max_tokens": 4}).encode(), 400, None),
+    (json.dumps({"prompt": "   ", "max_tokens": 4}).encode(), 400, None),
     (json.dumps({"prompt": "the", "temperature": -1}).encode(), 400, None),
     (json.dumps({"prompt": "the " * 250, "max_tokens": 20}).encode(), 400, "context_length"),
     (b"x" * (10 << 20), 413, "body_too_large"),
@@ -88,6 +89,20 @@ def test_a_full_queue_answers_429_and_the_rest_complete(serve):
 
 def test_a_client_that_leaves_mid_stream_is_cancelled(serve):
     server = serve(max_batch=1, max_tokens=240)
+    real = server.engine.runtime.forward_for
+
+    class Slow:  # steps of 5 ms that release the GIL, as a real model's do (the tiny one's
+        def __init__(self, forward):  # are so fast that the server may not see the hang-up
+            self.forward = forward  # before the last of 240 tokens)
+
+        def new_cache(self, *args):
+            return self.forward.new_cache(*args)
+
+        def __call__(self, *args, **kwargs):
+            time.sleep(0.005)
+            return self.forward(*args, **kwargs)
+
+    server.engine.runtime.forward_for = lambda capacity: Slow(real(capacity))
     with httpx.stream("POST", f"{server.url}/v1/completions", json={
             "prompt": "the", "max_tokens": 240, "stream": True}) as r:  # fmt: skip
         next(r.iter_lines())  # the first event, then hang up

@@ -30,7 +30,7 @@ def test_generate_answers_a_chat_question():
 
 def _forced_agreement(runtime: Runtime, prompt: list[int], ref: list[int]) -> float:
     forward = runtime.forward_for(len(prompt) + len(ref))
-    cache = forward.new_cache(1)
+    cache = forward.new_cache(1, len(prompt) + len(ref))
     with torch.inference_mode():
         logits, hits = forward(torch.tensor([prompt]), cache), 0
         for tok in ref:

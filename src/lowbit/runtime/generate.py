@@ -63,16 +63,14 @@ class Runtime:
         self._forwards: dict[str, object] = {}
 
     def forward_for(self, capacity: int) -> LlamaForward | HFForward:
-        """The forward for a context of ``capacity`` tokens (built once, grown when needed)."""
+        """The forward for a context of ``capacity`` tokens (each kind built once)."""
         reason = unsupported_reason(self.model, capacity) if self.compact else "asked for"
         kind = "hf" if reason else "compact"
-        current = self._forwards.get(kind)
-        if current is None or current.capacity < capacity:
-            if reason and "hf" not in self._forwards:
+        if kind not in self._forwards:
+            if reason:
                 log.info("runtime: the model's own forward (%s)", reason)
-            make = HFForward if reason else LlamaForward
-            current = self._forwards[kind] = make(self.model, max(capacity, 256))
-        return current
+            self._forwards[kind] = (HFForward if reason else LlamaForward)(self.model)
+        return self._forwards[kind]
 
     def _check(self, prompts: Sequence[Sequence[int]], limits: list[int]) -> int:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -110,7 +108,7 @@ class Runtime:
         forward = self.forward_for(longest + max(limits))
         device = next(self.model.parameters()).device
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # (B, P)
-        cache = forward.new_cache(len(prompts))
+        cache = forward.new_cache(len(prompts), longest + max(limits))
         for row, p in enumerate(prompts):
             ids[row, longest - len(p) :] = torch.tensor(list(p))
             cache.pad[row] = longest - len(p)

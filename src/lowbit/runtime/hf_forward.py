@@ -26,14 +26,14 @@ class HFCache(Slots):
 class HFForward:
     """``forward(ids, cache)`` through ``model(...)`` with transformers' cache."""
 
-    def __init__(self, model: nn.Module, capacity: int) -> None:
-        self.model, self.capacity = model, capacity
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
         # transformers renamed past_key_values to cache (5.2x); older 5.x only has the former
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> HFCache:
-        return HFCache(batch, self.capacity)
+    def new_cache(self, batch: int, capacity: int) -> HFCache:
+        return HFCache(batch, capacity)
 
     def __call__(self, ids: Tensor, cache: HFCache, all_logits: bool = False) -> Tensor:
         t = ids.shape[1]

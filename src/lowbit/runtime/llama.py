@@ -119,9 +119,9 @@ def _rms(norm: nn.Module, x: Tensor) -> Tensor:
 class LlamaForward:
     """``forward(ids, cache)``: logits of the last position (or all), filling ``cache``."""
 
-    def __init__(self, model: nn.Module, capacity: int) -> None:
+    def __init__(self, model: nn.Module) -> None:
         cfg = model.config
-        inner = model.model
+        inner = self.inner = model.model
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
@@ -129,12 +129,7 @@ class LlamaForward:
         native = native_ops() and self.embed.weight.dtype == torch.float32
         self.layers = [self._layer(block, silu, native) for block in inner.layers]
         self.scaling = inner.layers[0].self_attn.scaling
-        positions = torch.arange(capacity).unsqueeze(0)  # (1, T)
-        probe = torch.zeros(1, dtype=torch.float32)
-        with torch.no_grad():
-            cos, sin = inner.rotary_emb(probe, positions)  # (1, T, D) each
-        self.cos, self.sin = cos[0].float(), sin[0].float()
-        self.capacity = capacity
+        self.cos = self.sin = torch.empty(0, self.head_dim)  # (T, D), grown by new_cache
 
     @staticmethod
     def _layer(block: nn.Module, silu: bool, native: bool) -> _Layer:
@@ -152,9 +147,14 @@ class LlamaForward:
             layer.fast = (fast_qkv, _direct(attn.o_proj), fast_gu, _direct(mlp.down_proj))
         return layer
 
-    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> StaticKVCache:
-        return StaticKVCache(len(self.layers), batch, self.kv_heads, self.capacity,
-                             self.head_dim, dtype)  # fmt: skip
+    def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
+        """A cache of ``capacity`` slots per row (the RoPE table grows to cover it)."""
+        if self.cos.shape[0] < capacity:
+            positions = torch.arange(capacity).unsqueeze(0)  # (1, T)
+            with torch.no_grad():  # the model's own rotary module: every RoPE variant it has
+                cos, sin = self.inner.rotary_emb(torch.zeros(1), positions)  # (1, T, D)
+            self.cos, self.sin = cos[0].float(), sin[0].float()
+        return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
 
     def _positions(self, cache: StaticKVCache, start: int, t: int) -> tuple[Tensor, Tensor]:
         """cos/sin (B or 1, 1, t, D) of the slots start..start+t (positions skip the padding)."""

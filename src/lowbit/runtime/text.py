@@ -33,7 +33,7 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 def text_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a plain-text prompt (with the tokenizer's usual special tokens)."""
     if not text.strip():
-        raise LowbitError("the prompt is empty: give some text with --prompt")
+        raise LowbitError("the prompt is empty (only white space)")
     return list(tokenizer(text)["input_ids"])
 
 
@@ -51,6 +51,3 @@ class TextStream:
             return ""
         new, self.done = text[self.done :], len(text)
         return new
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)

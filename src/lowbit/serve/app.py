@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lowbit.errors import LowbitError
 from lowbit.runtime import Sampling
-from lowbit.runtime.text import TextStream, chat_ids
+from lowbit.runtime.text import TextStream, chat_ids, text_ids
 from lowbit.serve.engine import Engine, Job, QueueFull
 from lowbit.serve.limits import Guard, error_body
 from lowbit.serve.metrics import Metrics
@@ -86,7 +86,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServeSettings,
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        ids = list(tokenizer(body.prompt)["input_ids"])
+        ids = text_ids(tokenizer, body.prompt)
         return await api.respond(request, body, ids, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -114,6 +114,8 @@ class _Api:
         if max_tokens > self.settings.max_tokens:
             return self._refuse(400, f"max_tokens is at most {self.settings.max_tokens} here",
                                 "max_tokens")  # fmt: skip
+        if not ids:
+            return self._refuse(400, "the prompt has no tokens", "empty_prompt")
         context = self.engine.runtime.limit
         if context and len(ids) + max_tokens > context:
             message = (f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceed the "
@@ -122,35 +124,35 @@ class _Api:
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
-        job = Job(ids, max_tokens, sampling,
-                  lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))  # fmt: skip
+
+        def emit(tok: int | None) -> None:  # worker thread; a whole answer needs only the end
+            if body.stream or tok is None:
+                loop.call_soon_threadsafe(tokens.put_nowait, tok)
+
+        job = Job(ids, max_tokens, sampling, emit)
         try:
             self.engine.submit(job)
         except QueueFull as exc:
             return JSONResponse(error_body(str(exc), "rate_limit_error", "queue_full"), 429,
                                 headers={"Retry-After": "1"})  # fmt: skip
-        self.metrics.prompt_tokens.inc(len(ids))
         shape = _Shape(self.settings.model_name, chat, len(ids))
         if body.stream:
-            return StreamingResponse(self._events(request, job, tokens, shape),
+            return StreamingResponse(self._events(job, tokens, shape),
                                      media_type="text/event-stream")  # fmt: skip
-        text = TextStream(self.tokenizer)
         while True:
             try:
-                tok = await asyncio.wait_for(tokens.get(), timeout=0.5)
+                await asyncio.wait_for(tokens.get(), timeout=0.5)
+                break
             except TimeoutError:
                 if await request.is_disconnected():
                     job.cancelled.set()
                     return Response(status_code=499)
-                continue
-            if tok is None:
-                break
-            text.push(tok)
         if job.finish == "error":
             return JSONResponse(error_body(job.error or "generation failed", "server_error"), 500)
-        return JSONResponse(shape.whole(text.text(), job))
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        return JSONResponse(shape.whole(text, job))
 
-    async def _events(self, request: Request, job: Job, tokens: asyncio.Queue,
+    async def _events(self, job: Job, tokens: asyncio.Queue,
                       shape: _Shape) -> AsyncIterator[str]:  # fmt: skip
         text = TextStream(self.tokenizer)
         try:

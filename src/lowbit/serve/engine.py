@@ -28,12 +28,13 @@ class QueueFull(LowbitError):
     """More requests wait than the server accepts (HTTP 429)."""
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (batches, the held list)
 class Job:
     """One request: its prompt ids, limit and sampling, and where its tokens go.
 
-    ``emit(token)`` is called from the worker thread with each new token, then ``emit(None)``
-    once with ``finish`` set. ``cancelled`` is set by the HTTP layer when the client leaves."""
+    ``emit(token)`` is called from the worker thread with each new token (also kept in
+    ``tokens``), then ``emit(None)`` once with ``finish`` set. ``cancelled`` is set by the HTTP
+    layer when the client leaves."""
 
     ids: list[int]
     max_tokens: int

@@ -56,6 +56,8 @@ class Metrics:
     def job_done(self, job) -> None:
         """Record one finished generation (:class:`lowbit.serve.engine.Job`)."""
         self.finished.labels(job.finish).inc()
+        if job.finish in ("stop", "length") or job.first_token_s is not None:  # it was prefilled
+            self.prompt_tokens.inc(len(job.ids))
         self.latency.observe(time.perf_counter() - job.created)
         if job.first_token_s is not None:
             self.ttft.observe(job.first_token_s)
