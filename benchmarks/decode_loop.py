@@ -13,6 +13,11 @@ prompt, greedy decode at batch 1, medians of alternating runs) under each loop:
 - ``llama.cpp`` (``--llama-cpp``, llama-cpp-python installed): for ``w4-sym-g32`` (Q4_0's grid)
   and ``w4-rtn-g32`` (Q4_1's), the lowbit folder exported to GGUF and run by llama.cpp, its
   runs alternating with the others.
+- ``LiteRT`` (``--litert``, ``lowbit[litert]`` installed): the lowbit folder exported with
+  ``lowbit export --format litert --kv-cache`` and run in the LiteRT interpreter (XNNPACK,
+  int8 activations on the fly) through the same decode loop (prefill/decode signatures); for
+  recipes LiteRT holds exactly (e.g. ``w4-sym-g32-bf16``, also Q4_0's grid: llama.cpp runs the
+  same codes).
 
 Every loop is compared with the transformers loop on the same recipe: the fraction of decode
 steps whose argmax is the transformers loop's next token when both are fed that loop's tokens
@@ -20,7 +25,7 @@ steps whose argmax is the transformers loop's next token when both are fed that 
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_loop.py \\
         [--model smollm2-135m] [--recipes fp32 w4-sym-g32] [--prompt-tokens 512] \\
-        [--new-tokens 128] [--repeats 3] [--compile] [--llama-cpp]
+        [--new-tokens 128] [--repeats 3] [--compile] [--llama-cpp] [--litert]
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from lowbit.kernels import decode
 from lowbit.runtime import Runtime
 from lowbit.runtime.llama import LlamaForward, _eps
 
-LLAMA_CPP = {"w4-sym-g32": "Q4_0", "w4-rtn-g32": "Q4_1"}
+LLAMA_CPP = {"w4-sym-g32": "Q4_0", "w4-rtn-g32": "Q4_1", "w4-sym-g32-bf16": "Q4_0"}
 
 
 class TorchOps:
@@ -140,6 +145,16 @@ def llama_cpp(folder: Path, float_type: str, n_ctx: int, tmp: Path):
     return Llama(str(gguf), n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
 
 
+def litert_loop(folder: Path, capacity: int, tmp: Path) -> Runtime:
+    """The decode loop over the LiteRT export of ``folder`` (prefill chunks of 128)."""
+    from lowbit.export import LiteRTOptions, export
+    from lowbit.models.litert import LiteRTModel
+
+    opts = LiteRTOptions(seqlen=128, kv_cache=True, prefill=128, cache=max(capacity, 128))
+    path = export(folder, "litert", tmp / f"{folder.name}.tflite", litert=opts).path
+    return Runtime(LiteRTModel(path))
+
+
 @torch.inference_mode()
 def forced_agreement(loop: Runtime, prompt: list[int], ref: list[int]) -> float:
     """Fraction of decode steps whose argmax equals the transformers loop's next token when
@@ -202,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add the torch.compile loop")
     p.add_argument("--llama-cpp", action="store_true", help="add llama.cpp on Q4_0/Q4_1 grids")
+    p.add_argument("--litert", action="store_true", help="add the LiteRT interpreter")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     src = api.load_model(args.model)
@@ -223,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     llm = llama_cpp(folder, float_type, capacity + 8, Path(tmp))
                     if llm is not None:
                         loops[f"llama.cpp {LLAMA_CPP[recipe]}, {float_type} floats"] = llm
+            if args.litert and recipe != "fp32":
+                loops["LiteRT (XNNPACK)"] = litert_loop(folder, capacity, Path(tmp))
             result = measure(loops, prompt, args)
             ref_tokens = result["transformers"]["tokens"]
             base = base or result["transformers"]["decode"]

@@ -13,9 +13,12 @@ the consumer reproduces lowbit's distribution). Consumers:
                       CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
                       -DGGML_AVX512=OFF -DGGML_OPENMP=OFF" pip install llama-cpp-python
   onnx                onnxruntime (CPUExecutionProvider)
+  litert              the LiteRT interpreter (ai-edge-litert, XNNPACK; `lowbit[litert]`), on the
+                      file's `forward` signature; "codes" counts the layers whose codes and
+                      scales read back from the .tflite equal lowbit's
 
     .venv/bin/python benchmarks/export_table.py [--formats gguf onnx compressed-tensors]
-        [--tokens 8192]
+        [--tokens 8192]   (litert: its rows export with a KV cache too, 3-4 min each here)
 
 W4 group 32 (asymmetric) is on the default model's original grid: its GGUF row checks that the
 export is exact (llama.cpp vs lowbit), not quantization quality.
@@ -36,10 +39,14 @@ import torch
 from torch import nn
 
 from lowbit import api
-from lowbit.export import export
+from lowbit.export import LiteRTOptions, export
+from lowbit.export.litert_codes import read_codes
 from lowbit.recipes import Recipe
 
 W8A8 = {"bits": 8, "granularity": "token", "dynamic": True}
+BF16 = {"scale_dtype": "bfloat16"}  # LiteRT's CPU runtime computes int4 blocks with bf16 scales
+W4_G32_BF16 = BF16 | {"bits": 4, "group_size": 32, "symmetric": True}
+A8_ROWS = {"bits": 8, "granularity": "token", "dynamic": True, "symmetric": False}
 RECIPES = {
     "compressed-tensors": {
         "w4-sym-g64": ({"bits": 4, "group_size": 64, "symmetric": True}, None),
@@ -50,6 +57,17 @@ RECIPES = {
         "w4-g32 (Q4_1)": ({"bits": 4, "group_size": 32}, None),
         "w4-sym-g32 (Q4_0)": ({"bits": 4, "group_size": 32, "symmetric": True}, None),
         "w8-sym-g32 (Q8_0)": ({"bits": 8, "group_size": 32, "symmetric": True}, None),
+    },
+    "litert": {  # + LiteRT's own input rounding (int8, asymmetric, per row, on the fly)
+        "w8-channel + a8": ({"bits": 8, "group_size": -1, "symmetric": True}, A8_ROWS),
+        "w4-sym-channel + a8": ({"bits": 4, "group_size": -1, "symmetric": True}, A8_ROWS),
+        "w4-sym-g32-bf16 + a8": (W4_G32_BF16, A8_ROWS),
+        "w4-gptq-sym-g64-bf16 + a8 (GPTQ)": (
+            BF16 | {"bits": 4, "group_size": 64, "symmetric": True},
+            A8_ROWS,
+            "gptq",
+        ),
+        "w4-sym-g32-bf16 (weights only)": (W4_G32_BF16, None),
     },
     "onnx": {
         "w4-g64": ({"bits": 4, "group_size": 64}, None),
@@ -100,6 +118,10 @@ def consumer(fmt: str, path: Path, seqlen: int, threads: int) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if fmt == "onnx":
         return OrtModel(path, threads)
+    if fmt == "litert":
+        from lowbit.models.litert import LiteRTModel
+
+        return LiteRTModel(path, threads)
     return LlamaCppModel(path, seqlen, threads)
 
 
@@ -111,6 +133,7 @@ def main() -> None:
     p.add_argument("--corpus", default="wiki")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--only", nargs="+", metavar="RECIPE", help="run only these recipe names")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     threads = torch.get_num_threads()
@@ -121,28 +144,36 @@ def main() -> None:
     )
     print(
         "| format | recipe | export bytes | loads | ppl lowbit | ppl consumer | diff | "
-        "KL(lowbit‖consumer) | top-1 | export s |"
+        "KL(lowbit‖consumer) | top-1 | export s | codes |"
     )
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.formats:
-            for name, (weights, acts) in RECIPES[fmt].items():
-                row = run_one(src, fmt, name, weights, acts, Path(tmp), args, threads)
+            for name, (weights, acts, *algorithm) in RECIPES[fmt].items():
+                if args.only and name not in args.only:
+                    continue
+                row = run_one(src, fmt, name, weights, acts, algorithm, Path(tmp), args, threads)
                 print(row, flush=True)
 
 
-def run_one(src, fmt, name, weights, acts, tmp: Path, args, threads: int) -> str:
-    body = {"version": 1, "name": name, "weights": weights, "ignore": ["lm_head"]}
+def run_one(src, fmt, name, weights, acts, algorithm, tmp: Path, args, threads: int) -> str:
+    body = {"version": 1, "name": name, "weights": weights, "ignore": ["lm_head"],
+            "algorithm": algorithm[0] if algorithm else "rtn"}  # fmt: skip
     if acts:
         body["activations"] = acts
+    calib = None
+    if algorithm:  # calibration text never overlaps the evaluation corpus
+        calib = api.calibration_set(src.tokenizer, "bbc", samples=64, seqlen=512)
     model = copy.deepcopy(src.model)
-    report = api.quantize(model, Recipe.from_dict(body), progress=False)
-    slug = name.split()[0]
+    report = api.quantize(model, Recipe.from_dict(body), calib, progress=False)
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)  # unique per row
     folder = api.save(model, tmp / f"{fmt}-{slug}", report, source=src)
     del model
-    target = tmp / (f"{fmt}-{slug}.gguf" if fmt == "gguf" else f"{fmt}-{slug}-export")
+    suffix = {"gguf": ".gguf", "litert": ".tflite"}.get(fmt, "-export")
+    target = tmp / f"{fmt}-{slug}{suffix}"
+    opts = LiteRTOptions(seqlen=args.seqlen, kv_cache=True)
     t0 = time.perf_counter()
-    result = export(folder, fmt, target)
+    result = export(folder, fmt, target, litert=opts)
     seconds = time.perf_counter() - t0
     ours = api.load(folder).model
     try:
@@ -150,14 +181,36 @@ def run_one(src, fmt, name, weights, acts, tmp: Path, args, threads: int) -> str
         loads = "yes"
     except Exception as exc:  # report any consumer failure in the table, then go on
         print(f"{fmt} {name}: the consumer failed to load the export: {exc}", file=sys.stderr)
-        return f"| {fmt} | {name} | {result.bytes:,} | **no** | | | | | | {seconds:.1f} |"
+        return f"| {fmt} | {name} | {result.bytes:,} | **no** | | | | | | {seconds:.1f} | |"
     res = api.evaluate({"lowbit": ours, "consumer": theirs}, src.tokenizer, args.corpus,
                        args.seqlen, args.tokens, ref=ours, progress=False)  # fmt: skip
     a, b = res["lowbit"], res["consumer"]
     return (
         f"| {fmt} | {name} | {result.bytes:,} | {loads} | {a.ppl:.3f} | {b.ppl:.3f} | "
-        f"{100 * (b.ppl / a.ppl - 1):+.2f}% | {b.kl:.4f} | {b.top1:.3f} | {seconds:.1f} |"
+        f"{100 * (b.ppl / a.ppl - 1):+.2f}% | {b.kl:.4f} | {b.top1:.3f} | {seconds:.1f} | "
+        f"{codes_read_back(fmt, folder, result.path)} |"
     )
+
+
+def codes_read_back(fmt: str, folder: Path, path: Path) -> str:
+    """LiteRT: how many quantized layers' codes and scales the file holds unchanged."""
+    if fmt != "litert":
+        return "-"
+    import numpy as np
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from lowbit.export.litert_codes import encode
+    from lowbit.nn import QuantLinear
+
+    stored = list(read_codes(flatbuffer_utils.read_model(str(path))).values())
+    model = api.load(folder, kernels=False).model  # the packed layers, not the kernels'
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    same = sum(
+        any(np.array_equal(e.codes, enc.codes) and np.array_equal(e.scales, enc.scales)
+            for e in stored)
+        for enc in (encode(m, n) for n, m in layers)
+    )  # fmt: skip
+    return f"{same}/{len(layers)}"
 
 
 if __name__ == "__main__":

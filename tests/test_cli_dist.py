@@ -83,6 +83,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # CI keeps the single-node torchrun tests; this adds a second "host"
 def test_two_nodes_on_localhost_rendezvous_and_write_the_same_folder(tiny_folder, tmp_path,
                                                                      corpora):  # fmt: skip
     calib, _ = corpora

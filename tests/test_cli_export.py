@@ -39,6 +39,8 @@ def test_export_onnx_prints_json_and_writes_the_folder(w4g32, tmp_path, capsys):
     [
         (["--format", "compressed-tensors"], "float offsets"),
         (["--format", "onnx", "--requantize", "q8_0"], "--requantize applies to GGUF"),
+        (["--format", "litert", "--requantize", "q4_0"], "not a litert choice"),
+        (["--format", "gguf", "--requantize", "int8"], "not a gguf choice"),
     ],
 )
 def test_bad_export_is_one_line_and_writes_nothing(w4g32, tmp_path, capsys, args, message):
@@ -63,3 +65,21 @@ def test_export_help_teaches(capsys):
         main(["export", "--help"])
     out = capsys.readouterr().out
     assert "usage: lowbit export" in out and "Q4_1" in out and "MatMulNBits" in out
+    assert "--kv-cache" in out and "litert" in out and "lowbit[litert]" in out
+
+
+def test_litert_refuses_asymmetric_codes_naming_the_layer(w4g32, tmp_path, capsys):
+    pytest.importorskip("litert_torch", reason="the litert extra is not installed")
+    target = tmp_path / "m.tflite"
+    code, _, err = run(capsys, "export", str(w4g32), "--format", "litert", "--out", str(target))
+    assert code == 2 and err.count("\n") == 1
+    assert "model.layers.0.self_attn.q_proj: asymmetric codes" in err and "--requantize" in err
+    assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["q", "tiny-llama"]
+
+
+def test_eval_of_a_tflite_lowbit_did_not_write_is_one_line(tmp_path, capsys):
+    pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed")
+    bad = tmp_path / "other.tflite"
+    bad.write_bytes(b"\x00" * 64)
+    code, _, err = run(capsys, "eval", str(bad), "--seqlen", "16", "--tokens", "32")
+    assert code == 2 and err.count("\n") == 1 and "other.tflite" in err

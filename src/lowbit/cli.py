@@ -38,7 +38,8 @@ examples:
   torchrun --nproc-per-node 2 -m lowbit quantize smollm2-135m --recipe w4-gptq-g64 --out out/g
 
 MODEL is a zoo name (see `lowbit models`), a Hugging Face folder, a .gguf file, a lowbit output
-folder, or a hub id (needs network). CORPUS is a name (see `lowbit corpora`) or a text file.
+folder, a .tflite lowbit exported (run in LiteRT), or a hub id (needs network). CORPUS is a
+name (see `lowbit corpora`) or a text file.
 """
 
 
@@ -55,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.quiet:
         _quiet_libraries()
+    if not args.verbose:
+        _quiet_torchao()
     if args.threads:
         import torch
 
@@ -89,6 +92,14 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def _quiet_torchao() -> None:
+    """torchao (pulled in by the litert extra; transformers imports it on every model load)
+    warns about CUDA libraries and Triton it cannot load, and torch about its Enum
+    registrations: nothing lowbit uses on CPU, so shown only with --verbose."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:

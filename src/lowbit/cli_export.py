@@ -1,4 +1,4 @@
-"""``lowbit export``: a lowbit folder to compressed-tensors, GGUF or ONNX."""
+"""``lowbit export``: a lowbit folder to compressed-tensors, GGUF, ONNX or LiteRT."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli_args import positive
+from lowbit.errors import LowbitError
+
 _EPILOG = """\
 examples:
   lowbit quantize smollm2-135m --recipe w4-rtn-g32 --out out/w4g32
@@ -14,6 +17,9 @@ examples:
   lowbit quantize smollm2-135m --recipe recipe-w4-sym-g64.yaml --out out/w4s
   lowbit export out/w4s --format compressed-tensors --out out/w4s-ct  # transformers / vLLM
   lowbit export out/w4g64 --format onnx --out out/w4g64-onnx          # ONNX Runtime
+  lowbit quantize smollm2-135m --recipe w4-sym-g32 --out out/w4s32
+  lowbit export out/w4s32 --format litert --out out/w4s32.tflite --kv-cache  # phones, edge
+  lowbit eval out/w4s32.tflite --seqlen 2048                          # scored in LiteRT
 
 What maps exactly (anything else is an error naming the layer, or for GGUF --requantize):
   compressed-tensors  int2..int8 weights, symmetric or `zero_point: int`, group or channel;
@@ -22,6 +28,12 @@ What maps exactly (anything else is an error naming the layer, or for GGUF --req
                       (float16 scales); Llama, Mistral and Qwen2 architectures
   onnx                int4/int8 weight-only (MatMulNBits, any group size >= 16 that is a power
                       of two); W8A8 through DynamicQuantizeLinear + MatMulInteger
+  litert              int8 and int4 symmetric per channel, int4 symmetric groups of 32/64/128
+                      (float16 scales); LiteRT quantizes activations to int8 on the fly
+                      (dynamic FULLY_CONNECTED, XNNPACK). One .tflite with the tokenizer inside:
+                      `forward` (scoring windows of --seqlen), with --kv-cache also `prefill`
+                      (chunks of --prefill tokens) and `decode` over a --cache-slot KV cache
+                      (Llama, Mistral, Qwen2, Qwen3). Needs pip install 'lowbit[litert]'.
 """
 
 
@@ -35,26 +47,45 @@ def add_export(sub: Any, common: argparse.ArgumentParser) -> None:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("folder", type=Path, metavar="DIR", help="a lowbit output folder")
-    p.add_argument("--format", required=True, choices=["compressed-tensors", "gguf", "onnx"])
-    p.add_argument("--out", required=True, type=Path, help="output folder (GGUF: a .gguf file)")
+    p.add_argument("--format", required=True, choices=["compressed-tensors", "gguf", "onnx",
+                                                       "litert"])  # fmt: skip
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder (GGUF: a .gguf file; LiteRT: a .tflite file)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--float-type", choices=["f16", "f32"], default="f16",
         help="GGUF: storage of the layers left in float (default f16, as llama.cpp's converter)",
     )  # fmt: skip
     p.add_argument(
-        "--requantize", choices=["q8_0", "q4_0", "q4_1", "f16"],
-        help="GGUF: re-quantize layers with no exact GGUF type to this one (lossy; logged)",
+        "--requantize", choices=["q8_0", "q4_0", "q4_1", "f16", "int8", "int4-g32", "float"],
+        help="re-quantize layers the format cannot hold exactly (lossy; each one logged): "
+        "GGUF q8_0/q4_0/q4_1/f16, LiteRT int8 (per channel)/int4-g32/float",
     )  # fmt: skip
+    lite = p.add_argument_group("LiteRT")
+    lite.add_argument("--seqlen", type=positive,
+                      help="tokens per window of the `forward` signature (2048, or the "
+                      "model's context if shorter)")  # fmt: skip
+    lite.add_argument("--kv-cache", action="store_true",
+                      help="also `prefill` and `decode` signatures over a KV cache")  # fmt: skip
+    lite.add_argument("--prefill", type=positive, default=128,
+                      help="tokens per prefill call (128; prompts are fed in chunks)")  # fmt: skip
+    lite.add_argument("--cache", type=positive,
+                      help="KV-cache slots: prompt + new tokens (1024, or the model's "
+                      "context if shorter)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lowbit.export import export
+    from lowbit.export import LiteRTOptions, export
 
+    choices = {"gguf": ("q8_0", "q4_0", "q4_1", "f16"), "litert": ("int8", "int4-g32", "float")}
+    if args.requantize and args.format in choices and args.requantize not in choices[args.format]:
+        raise LowbitError(f"--requantize {args.requantize} is not a {args.format} choice; "
+                          f"use one of {', '.join(choices[args.format])}")  # fmt: skip
+    opts = LiteRTOptions(args.seqlen, args.kv_cache, args.prefill, args.cache)
     result = export(args.folder, args.format, args.out, args.overwrite, args.float_type,
-                    args.requantize)  # fmt: skip
+                    args.requantize, litert=opts)  # fmt: skip
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

@@ -82,7 +82,11 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
 
     shadow = _shadow(args, metrics)
     runtime = Runtime(src.model)
-    engine = Engine(runtime, stop_ids(src.tokenizer, src.model), args.max_batch, args.max_queue,
+    batch = args.max_batch
+    if src.kind == "litert" and batch > 1:  # a LiteRT export's signatures take one prompt
+        log.info("serving a LiteRT export: one request at a time (--max-batch 1)")
+        batch = 1
+    engine = Engine(runtime, stop_ids(src.tokenizer, src.model), batch, args.max_queue,
                     on_batch, metrics.job_done, shadow)  # fmt: skip
     settings = ServeSettings(args.name or args.model, args.max_tokens, args.max_body,
                              args.api_key)  # fmt: skip

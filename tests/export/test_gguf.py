@@ -16,6 +16,11 @@ EXACT = {
     "q4_1": ({"bits": 4, "group_size": 32}, "Q4_1"),
     "q4_0": ({"bits": 4, "group_size": 32, "symmetric": True}, "Q4_0"),
     "q8_0": ({"bits": 8, "group_size": 32, "symmetric": True}, "Q8_0"),
+    # bfloat16-valued scales (what LiteRT's blocks need) are float16 values too: still exact
+    "q4_0-bf16": (
+        {"bits": 4, "group_size": 32, "symmetric": True, "scale_dtype": "bfloat16"},
+        "Q4_0",
+    ),
 }
 
 

@@ -256,6 +256,7 @@ print(calls[0])
 """
 
 
+@pytest.mark.slow  # a minute of child processes; CI keeps the in-process kill/resume tests above
 def test_kill_9_at_three_points_then_resume_gives_the_same_bytes(tiny_folder, tmp_path):
     import subprocess
     import sys

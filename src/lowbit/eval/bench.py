@@ -55,6 +55,13 @@ class BenchResult:
         }
 
 
+def _weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(weight bytes held, weight bytes one decode step reads)."""
+    if hasattr(model, "file_bytes"):  # a LiteRT export: the interpreter maps the whole file
+        return model.file_bytes(), model.file_bytes()
+    return model_size(model).total_bytes, bytes_read_per_token(model)
+
+
 def bytes_read_per_token(model: nn.Module) -> int:
     """Weight bytes one decode step reads: all of them, except the input embedding table (one row
     per token) unless the output head shares it."""
@@ -87,8 +94,8 @@ def bench_models(
         rss = None
         if sources and name in sources:
             rss = probe_in_subprocess(sources[name], prompt_tokens, 8)["peak_rss_mb"]
-        results[name] = BenchResult(name, speeds[name], model_size(model).total_bytes,
-                                    bytes_read_per_token(model), bandwidth, rss)  # fmt: skip
+        held, read = _weight_bytes(model)
+        results[name] = BenchResult(name, speeds[name], held, read, bandwidth, rss)
     return results, machine
 
 

@@ -1,4 +1,4 @@
-"""Export a lowbit folder to the formats runtimes load: compressed-tensors, GGUF, ONNX.
+"""Export a lowbit folder to the formats runtimes load: compressed-tensors, GGUF, ONNX, LiteRT.
 
 Every exporter reads the saved packed layers (never the kernels' layouts), maps them exactly to
 the target's encoding or stops with an error naming the layer and the reason, and writes into a
@@ -14,7 +14,20 @@ from lowbit.assets import atomic_dir, atomic_file, prepare_out
 from lowbit.errors import LowbitError
 from lowbit.models import load_folder, read_manifest, zoo
 
-FORMATS = ("compressed-tensors", "gguf", "onnx")
+FORMATS = ("compressed-tensors", "gguf", "onnx", "litert")
+FILE_FORMATS = ("gguf", "litert")  # one file; the others write a folder
+
+
+@dataclass
+class LiteRTOptions:
+    """The signatures of a LiteRT export: a ``forward`` over windows of ``seqlen`` tokens, and
+    with ``kv_cache`` ``prefill`` (chunks of ``prefill`` tokens) and ``decode`` over a cache
+    of ``cache`` slots."""
+
+    seqlen: int | None = None  # None: 2048, or the model's context if shorter
+    kv_cache: bool = False
+    prefill: int = 128
+    cache: int | None = None  # None: 1024, or the model's context if shorter
 
 
 @dataclass
@@ -35,17 +48,26 @@ def export(
     overwrite: bool = False,
     float_type: str = "f16",
     requantize: str | None = None,
+    litert: LiteRTOptions | None = None,
 ) -> ExportResult:
     """Export the lowbit folder ``folder`` as ``fmt`` to ``out`` (a folder for
-    compressed-tensors and ONNX, a file for GGUF)."""
+    compressed-tensors and ONNX, a file for GGUF and LiteRT)."""
     folder, out = Path(folder), Path(out)
     if fmt not in FORMATS:
         raise LowbitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     manifest = read_manifest(folder)
-    prepare_out(out, overwrite, folder=fmt != "gguf")
-    if requantize is not None and fmt != "gguf":
-        raise LowbitError("--requantize applies to GGUF export only")
+    prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS)
+    if requantize is not None and fmt not in FILE_FORMATS:
+        raise LowbitError("--requantize applies to GGUF and LiteRT export only")
     model, _ = load_folder(folder)
+    if fmt == "litert":
+        from lowbit.export.litert_file import write_litert
+
+        opts = litert or LiteRTOptions()
+        with atomic_file(out) as tmp:
+            types = write_litert(model, folder, tmp, opts.seqlen, opts.kv_cache, opts.prefill,
+                                 opts.cache, requantize)  # fmt: skip
+        return ExportResult(fmt, out, out.stat().st_size, types)
     if fmt == "gguf":
         from lowbit.export.gguf_file import write_gguf
 

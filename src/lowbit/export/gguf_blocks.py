@@ -42,8 +42,8 @@ def exact_type(mod: QuantLinear, layer: str) -> T:
         reason = f"{spec.granularity} blocks" + (
             f" of {spec.group_size}" if spec.granularity == "group" else ""
         )
-    elif spec.scale_dtype != "float16":
-        reason = f"{spec.scale_dtype} scales"
+    elif spec.scale_dtype != "float16" and not _fits_float16(mod):
+        reason = f"{spec.scale_dtype} scales that float16 does not hold"
     elif not spec.symmetric and spec.zero_point != "float":
         reason = "integer zero points"
     elif (spec.qtype.bits, spec.symmetric) not in EXACT:
@@ -51,6 +51,14 @@ def exact_type(mod: QuantLinear, layer: str) -> T:
     if reason is not None:
         raise LowbitError(f"{layer}: {reason} have no exact GGUF type; {LOSSLESS_HINT}")
     return EXACT[(spec.qtype.bits, spec.symmetric)]
+
+
+def _fits_float16(mod: QuantLinear) -> bool:
+    """Whether every scale (and float offset) is a float16 value: then GGUF's fp16 fields hold
+    it exactly, whatever dtype lowbit stored it in (bfloat16 scales mostly are)."""
+    held = [mod.scale] + ([mod.zero] if mod.spec.zero_point == "float" and mod.zero is not None
+                          else [])  # fmt: skip
+    return all(torch.equal(t.float().half().float(), t.float()) for t in held)
 
 
 def encode(mod: QuantLinear, qtype: T) -> np.ndarray:

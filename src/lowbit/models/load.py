@@ -27,7 +27,7 @@ class LoadedModel:
     """A model with its tokenizer and where it came from.
 
     ``kind`` is one of ``zoo``, ``random`` (zoo shape, random weights), ``folder`` (HF folder),
-    ``gguf``, ``lowbit``, ``hub``; ``folder``
+    ``gguf``, ``lowbit``, ``hub``, ``litert`` (a ``.tflite`` run in LiteRT); ``folder``
     is the local HF-style folder the model was read from (the hub snapshot for hub models;
     None for random models, built in memory).
     """
@@ -54,6 +54,13 @@ def load_model(source: str, kernels: bool = True) -> LoadedModel:
             counts = use_kernels(model)
             log.info("kernels for %s: %s", path, counts)
         return LoadedModel(model, source_tokenizer(path), source, "lowbit", path, manifest)
+    if path.suffix == ".tflite":
+        if not path.is_file():
+            raise LowbitError(f"no such file: {path}")
+        from lowbit.models.litert import LiteRTModel
+
+        model = LiteRTModel(path)
+        return LoadedModel(model, model.tokenizer(), source, "litert", None)
     if path.suffix == ".gguf" and not path.exists():
         raise LowbitError(f"no such file: {path}")
     folder, kind = source_folder(source)

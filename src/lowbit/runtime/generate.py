@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.runtime.hf_forward import HFForward
+from lowbit.runtime.litert_forward import LiteRTForward
 from lowbit.runtime.llama import LlamaForward, unsupported_reason
 from lowbit.runtime.sampling import Sampling, next_tokens
 
@@ -62,8 +63,12 @@ class Runtime:
         self.compact = compact
         self._forwards: dict[str, object] = {}
 
-    def forward_for(self, capacity: int) -> LlamaForward | HFForward:
+    def forward_for(self, capacity: int) -> LlamaForward | HFForward | LiteRTForward:
         """The forward for a context of ``capacity`` tokens (each kind built once)."""
+        if hasattr(self.model, "interpreter"):  # a LiteRT export: its own prefill/decode
+            if "litert" not in self._forwards:
+                self._forwards["litert"] = LiteRTForward(self.model)
+            return self._forwards["litert"]
         reason = unsupported_reason(self.model, capacity) if self.compact else "asked for"
         kind = "hf" if reason else "compact"
         if kind not in self._forwards:
@@ -132,7 +137,7 @@ class Runtime:
         _sync(device)
         end = time.perf_counter()
         kv = cache.bytes_per_token() if hasattr(cache, "bytes_per_token") else None
-        path = "compact" if isinstance(forward, LlamaForward) else "hf"
+        path = {LlamaForward: "compact", LiteRTForward: "litert"}.get(type(forward), "hf")
         return Generation(rows.tokens, rows.finished(), longest, first - start, end - first,
                           steps, kv, path)  # fmt: skip
 

@@ -1,0 +1,334 @@
+"""lowbit's codes and scales written into a converted LiteRT flatbuffer, exactly.
+
+The converter sees each quantized layer as a float weight (its dequantized values), so every
+FULLY_CONNECTED weight in the file is found by its bytes and replaced by the layer's own codes:
+
+  int8 symmetric, per channel    INT8, per-channel float32 scales, zero points 0
+  int4 symmetric, per channel    INT4 (two codes per byte, element 2k in the low nibble)
+  int8 / int4 per channel with   the same types with per-channel zero points, weight-only: a
+    integer zero points          DEQUANTIZE op feeds a float FULLY_CONNECTED (LiteRT takes
+                                 zero points in no other form)
+  int4 symmetric, groups of      INT4 with BlockwiseQuantization: a FLOAT16 scale tensor
+    32 / 64 / 128 along K        (out, in/group), no zero points; the scales must be
+                                 bfloat16 values (``scale_dtype: bfloat16`` in the recipe):
+                                 XNNPACK rounds block scales to bfloat16 when it loads them
+                                 (measured: its outputs match bf16-rounded scales to 2e-7)
+
+A float input with such a weight is LiteRT's dynamic FULLY_CONNECTED (int8 activations
+quantized on the fly; XNNPACK on CPU). Anything else is refused, naming the layer, unless the
+caller asks for a requantization (lossy, logged). ai-edge-quantizer can also write given codes
+(its ``dequantized_weight_recovery`` algorithm), but it re-derives scales from the weights and
+rounds block scales to bfloat16, so lowbit's float16 scales would not survive; the tensors are
+edited here with the flatbuffer helpers ai-edge-litert ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+from lowbit.nn import QuantLinear
+
+log = logging.getLogger(__name__)
+
+BLOCKS = (32, 64, 128)
+REQUANTIZE = ("int8", "int4-g32", "float")
+LOSSLESS_HINT = (
+    "layers LiteRT holds exactly: int8 or int4 symmetric per channel, int4 symmetric in groups "
+    "of 32/64/128 with bfloat16 scales, per-channel `zero_point: int` (weight-only), no LoRC; "
+    "or pass --requantize"
+)
+
+
+@dataclass
+class Encoded:
+    """One layer as the file stores it: signed codes (out, in), scales (out,) or (out, in/g)."""
+
+    bits: int
+    codes: np.ndarray  # int8 values, in [-2**(bits-1), 2**(bits-1) - 1]
+    scales: np.ndarray  # float32 per channel, float16 per block
+    group: int  # 0: per channel
+    zeros: np.ndarray | None = None  # per-channel integer zero points (weight-only), signed
+
+    @property
+    def kind(self) -> str:
+        tail = "channel" if not self.group else f"g{self.group}"
+        return f"int{self.bits}-{tail}" + ("-asym" if self.zeros is not None else "")
+
+
+def exact_reason(mod: QuantLinear) -> str | None:
+    """Why ``mod`` has no exact LiteRT encoding, or None when it has one."""
+    spec = mod.spec
+    if spec.lorc_rank:
+        return "LoRC corrections"
+    if spec.qtype.kind != "int" or spec.qtype.bits not in (4, 8):
+        return f"{spec.qtype.name} weights"
+    if not spec.symmetric:
+        if spec.granularity != "channel" or spec.zero_point != "int":
+            return (
+                "asymmetric codes other than per-channel with integer zero points (LiteRT "
+                "takes zero points only per channel, weight-only: `zero_point: int`)"
+            )
+        if mod.act is not None:
+            return "input rounding on asymmetric weights (LiteRT runs those weight-only)"
+        return None
+    if spec.granularity == "group":
+        if spec.qtype.bits != 4 or spec.group_size not in BLOCKS:
+            return f"{spec.qtype.bits}-bit groups of {spec.group_size}"
+        if mod.in_features % spec.group_size:
+            return f"in_features {mod.in_features} not a multiple of {spec.group_size}"
+    elif spec.granularity != "channel":
+        return f"{spec.granularity} blocks"
+    if spec.granularity == "group" and not _bf16_exact(mod.scale.float()):
+        return (
+            f"{spec.scale_dtype} block scales that bfloat16 does not hold (LiteRT's CPU "
+            "runtime computes int4 blocks with bfloat16 scales; quantize with "
+            "`scale_dtype: bfloat16`, e.g. preset w4-sym-g32-bf16)"
+        )
+    if spec.qtype.bits == 8 and int(mod.codes().min()) == 0:
+        return "the int8 code -128 (LiteRT's int8 weights are symmetric in [-127, 127])"
+    return None
+
+
+def _bf16_exact(scale: Tensor) -> bool:
+    """Whether every scale is a bfloat16 value that float16 (the file's type) also holds."""
+    return torch.equal(scale.bfloat16().float(), scale) and torch.equal(scale.half().float(), scale)
+
+
+def encode(mod: QuantLinear, layer: str) -> Encoded:
+    """The exact encoding of ``mod`` or a one-line error naming the layer."""
+    reason = exact_reason(mod)
+    if reason is not None:
+        raise LowbitError(f"{layer}: {reason} have no exact LiteRT form; {LOSSLESS_HINT}")
+    spec = mod.spec
+    codes = (mod.codes().to(torch.int16) - spec.qtype.mid).to(torch.int8).numpy()
+    scale = mod.scale.float().reshape(mod.out_features, -1)
+    if spec.granularity == "channel":
+        zeros = None
+        if not spec.symmetric:  # (u - z)·s = ((u - mid) - (z - mid))·s
+            z = mod.qparams().zero.reshape(-1).to(torch.int64) - spec.qtype.mid
+            zeros = z.numpy()
+        return Encoded(spec.qtype.bits, codes, scale[:, 0].numpy().astype(np.float32), 0, zeros)
+    return Encoded(4, codes, scale.half().numpy(), spec.group_size)
+
+
+def requantized(mod: QuantLinear, how: str) -> Encoded | None:
+    """The nearest LiteRT form of ``mod`` (None: keep float): an int4 symmetric block layer
+    keeps its codes with its scales rounded to bfloat16; anything else is rounded from its
+    float weight to ``how``."""
+    spec = mod.spec
+    if (
+        spec.qtype.kind == "int"
+        and spec.qtype.bits == 4
+        and spec.symmetric
+        and spec.granularity == "group"
+        and spec.group_size in BLOCKS
+        and not spec.lorc_rank
+    ):
+        codes = (mod.codes().to(torch.int16) - spec.qtype.mid).to(torch.int8).numpy()
+        scale = mod.scale.float().reshape(mod.out_features, -1).bfloat16().half()
+        return Encoded(4, codes, scale.numpy(), spec.group_size)
+    w = mod.dequantized_weight()
+    if how == "float":
+        return None
+    if how == "int8":
+        scale = (w.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)
+        q = torch.round(w / scale).clamp(-127, 127)
+        return Encoded(8, q.to(torch.int8).numpy(), scale[:, 0].numpy().astype(np.float32), 0)
+    if w.shape[1] % 32:
+        raise LowbitError(f"in_features {w.shape[1]} is not a multiple of 32 for int4-g32")
+    blocks = w.reshape(w.shape[0], -1, 32)
+    # bfloat16 scales (what XNNPACK computes with) that float16 also holds (its normal range)
+    scale = (blocks.abs().amax(-1, keepdim=True) / 7).clamp_min(2**-14).bfloat16().float()
+    q = torch.round(blocks / scale).clamp(-8, 7).reshape(w.shape)
+    return Encoded(4, q.to(torch.int8).numpy(), scale[..., 0].half().numpy(), 32)
+
+
+def dequantize(enc: Encoded) -> Tensor:
+    """The float weight an encoding means."""
+    codes = torch.from_numpy(enc.codes.astype(np.float32))
+    scales = torch.from_numpy(enc.scales.astype(np.float32))
+    if not enc.group:
+        zeros = 0 if enc.zeros is None else torch.from_numpy(enc.zeros.astype(np.float32))[:, None]
+        return (codes - zeros) * scales[:, None]
+    return (codes.reshape(codes.shape[0], -1, enc.group) * scales[..., None]).reshape(codes.shape)
+
+
+def digest(weight: Tensor | np.ndarray) -> str:
+    """The identity of a float32 weight as the converter stores it."""
+    data = weight.detach().float().contiguous().numpy() if isinstance(weight, Tensor) else weight
+    return hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8), digest_size=16).hexdigest()
+
+
+def write_codes(model, encoded: dict[str, tuple[str, Encoded]]) -> dict[str, str]:
+    """Replace, in the flatbuffer object ``model`` (``ModelT``), every FULLY_CONNECTED weight
+    whose float32 bytes have a digest in ``encoded`` (digest -> (layer, encoding)) by the
+    layer's codes; returns layer -> encoding kind. Float buffers no longer used are emptied."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    written: dict[str, str] = {}
+    codes_buffer: dict[str, int] = {}
+    scales_buffer: dict[str, int] = {}
+    replaced: set[int] = set()
+    for sg, tensor in _fc_weights(model):
+        data = model.buffers[tensor.buffer].data
+        if tensor.type != fb.TensorType.FLOAT32 or data is None or not len(data):
+            continue
+        key = digest(np.asarray(data).view(np.float32).reshape(tensor.shape))
+        if key not in encoded:
+            continue
+        layer, enc = encoded[key]
+        if layer not in codes_buffer:
+            codes_buffer[layer] = _add_buffer(model, _packed(enc))
+        replaced.add(tensor.buffer)
+        if enc.zeros is not None:  # weight-only: DEQUANTIZE(codes) feeds the float weight
+            tensor = _dequantized_input(model, sg, tensor)
+        tensor.buffer = codes_buffer[layer]
+        tensor.type = fb.TensorType.INT8 if enc.bits == 8 else fb.TensorType.INT4
+        tensor.quantization = _params(model, sg, tensor, enc, layer, scales_buffer)
+        written[layer] = enc.kind
+    used = {t.buffer for sg in model.subgraphs for t in sg.tensors}
+    for index in replaced - used:
+        model.buffers[index].data = None
+    missing = sorted({layer for layer, _ in encoded.values()} - set(written))
+    if missing:
+        raise LowbitError(
+            f"{missing[0]}: the converted graph holds this layer in a form the exporter does "
+            "not recognise (no FULLY_CONNECTED with its weight)"
+        )
+    return written
+
+
+def _packed(enc: Encoded) -> np.ndarray:
+    raw = enc.codes.reshape(-1).view(np.uint8)
+    if enc.bits == 8:
+        return raw.copy()
+    from ai_edge_quantizer.transformations.transformation_utils import pack_data
+
+    return pack_data(4, raw)  # two per byte, element 2k in the low nibble
+
+
+def _add_buffer(model, data: np.ndarray) -> int:
+    from ai_edge_litert import schema_py_generated as fb
+
+    buf = fb.BufferT()
+    buf.data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    model.buffers.append(buf)
+    return len(model.buffers) - 1
+
+
+def _params(model, sg, tensor, enc: Encoded, layer: str, scales_buffer: dict[str, int]):
+    from ai_edge_litert import schema_py_generated as fb
+
+    q = fb.QuantizationParametersT()
+    q.quantizedDimension = 0
+    if not enc.group:
+        q.scale = enc.scales.astype(np.float32)
+        zeros = np.zeros(len(enc.scales)) if enc.zeros is None else enc.zeros
+        q.zeroPoint = zeros.astype(np.int64)
+        return q
+    if layer not in scales_buffer:
+        scales_buffer[layer] = _add_buffer(model, enc.scales.astype(np.float16))
+    scales = fb.TensorT()
+    scales.name = tensor.name + b"_scales"
+    scales.shape = list(enc.scales.shape)
+    scales.type = fb.TensorType.FLOAT16
+    scales.buffer = scales_buffer[layer]
+    sg.tensors.append(scales)
+    details = fb.BlockwiseQuantizationT()
+    details.scales = len(sg.tensors) - 1
+    details.zeroPoints = -1  # none: symmetric
+    details.blockSize = enc.group
+    q.detailsType = fb.QuantizationDetails.BlockwiseQuantization
+    q.details = details
+    return q
+
+
+def read_codes(model) -> dict[bytes, Encoded]:
+    """Every quantized FULLY_CONNECTED weight of a flatbuffer object, by tensor name, decoded
+    back to signed codes and scales (the check that the file holds what lowbit wrote)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    out: dict[bytes, Encoded] = {}
+    for sg, t in _fc_weights(model):
+        t = _producer_input(model, sg, t)
+        if t.type not in (fb.TensorType.INT8, fb.TensorType.INT4):
+            continue
+        raw = np.asarray(model.buffers[t.buffer].data, dtype=np.uint8)
+        n, k = t.shape
+        if t.type == fb.TensorType.INT8:
+            bits, codes = 8, raw.view(np.int8).reshape(n, k)
+        else:
+            lo, hi = (raw & 0xF).astype(np.int8), (raw >> 4).astype(np.int8)
+            codes = np.stack([lo, hi], -1).reshape(-1)[: n * k].reshape(n, k)
+            bits, codes = 4, np.where(codes > 7, codes - 16, codes).astype(np.int8)
+        q = t.quantization
+        if q.detailsType == fb.QuantizationDetails.BlockwiseQuantization:
+            st = sg.tensors[q.details.scales]
+            scales = np.asarray(model.buffers[st.buffer].data, np.uint8).view(np.float16)
+            enc = Encoded(bits, codes, scales.reshape(st.shape), q.details.blockSize)
+        else:
+            zeros = np.asarray(q.zeroPoint, np.int64)
+            enc = Encoded(bits, codes, np.asarray(q.scale, np.float32), 0,
+                          zeros if zeros.any() else None)  # fmt: skip
+        out[t.name] = enc
+    return out
+
+
+def _dequantized_input(model, sg, weight):
+    """Turn the constant float ``weight`` into the output of a new DEQUANTIZE op placed first
+    in the subgraph; returns the new (quantized) input tensor of that op."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    codes = fb.TensorT()
+    codes.name, codes.shape = weight.name + b"_codes", list(weight.shape)
+    sg.tensors.append(codes)
+    weight.buffer = 0  # now computed: no data
+    op = fb.OperatorT()
+    op.opcodeIndex = _opcode(model, fb.BuiltinOperator.DEQUANTIZE)
+    op.inputs, op.outputs = [len(sg.tensors) - 1], [sg.tensors.index(weight)]
+    sg.operators.insert(0, op)
+    return codes
+
+
+def _producer_input(model, sg, tensor):
+    """The quantized input of the DEQUANTIZE op that computes ``tensor``, else ``tensor``."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    index = sg.tensors.index(tensor)
+    for op in sg.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if builtin == fb.BuiltinOperator.DEQUANTIZE and list(op.outputs) == [index]:
+            return sg.tensors[op.inputs[0]]
+    return tensor
+
+
+def _opcode(model, builtin: int) -> int:
+    from ai_edge_litert import schema_py_generated as fb
+
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+            return i
+    code = fb.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _fc_weights(model):
+    """(subgraph, weight tensor) of every FULLY_CONNECTED op of a flatbuffer object."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    fc = fb.BuiltinOperator.FULLY_CONNECTED
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == fc:
+                yield sg, sg.tensors[op.inputs[1]]

@@ -1,0 +1,169 @@
+"""LiteRT (TensorFlow Lite) export: one ``.tflite`` with lowbit's exact codes.
+
+Steps: each QuantLinear is encoded for LiteRT (:mod:`lowbit.export.litert_codes`) and swapped
+for a float ``nn.Linear`` holding exactly the values its codes mean; litert-torch converts the
+signatures of :mod:`lowbit.export.litert_graph`; each FULLY_CONNECTED weight is then replaced by
+its codes and scales. The tokenizer files and a ``lowbit`` JSON record (config, signatures,
+window and cache lengths, each layer's encoding) go into the file's metadata, so a ``.tflite``
+alone can be scored (``lowbit eval model.tflite``), timed and run (``lowbit generate``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.export.litert_codes import (
+    REQUANTIZE,
+    dequantize,
+    digest,
+    encode,
+    exact_reason,
+    requantized,
+    write_codes,
+)
+from lowbit.export.litert_graph import CachedStep, Forward, cache_reason
+from lowbit.models import set_module
+from lowbit.nn import QuantLinear
+
+log = logging.getLogger(__name__)
+
+INFO_KEY = b"lowbit"
+TOKENIZER_KEY = b"lowbit_tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")  # fmt: skip
+
+
+def write_litert(
+    model: nn.Module,
+    folder: Path,
+    out: Path,
+    seqlen: int | None,
+    kv_cache: bool,
+    prefill: int,
+    cache: int | None,
+    requantize: str | None,
+) -> dict[str, str]:
+    """Convert ``model`` (a lowbit folder loaded without kernels) into the file ``out``;
+    returns each quantized layer's LiteRT encoding."""
+    try:
+        import litert_torch
+        from ai_edge_litert import schema_py_generated as fb
+        from ai_edge_litert.tools import flatbuffer_utils
+    except ImportError:
+        raise LowbitError(
+            "LiteRT export needs litert-torch and ai-edge-litert: pip install 'lowbit[litert]'"
+        ) from None
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    seqlen = min(2048, context) if seqlen is None else seqlen
+    cache = min(1024, context) if cache is None else cache
+    _check_lengths(model, seqlen, kv_cache, prefill, cache)
+    encoded = _swap_layers(model, requantize)
+    converter = litert_torch.Converter()
+    signatures = {}
+    if kv_cache:  # decode first: the interpreter's primary subgraph, whose buffers the
+        step = CachedStep(model, cache).eval()  # runtime reads and writes in place
+        converter.signature("decode", step, sample_kwargs=step.sample(1))
+        converter.signature("prefill", step, sample_kwargs=step.sample(prefill))
+        signatures |= {"decode": {"cache": cache}, "prefill": {"tokens": prefill, "cache": cache}}
+    ids = torch.zeros(1, seqlen, dtype=torch.int32)
+    converter.signature("forward", Forward(model).eval(), sample_kwargs={"input_ids": ids})
+    signatures["forward"] = {"seqlen": seqlen}
+    log.info("converting %s with litert-torch (minutes for a large model)", ", ".join(signatures))
+    _quiet_litert_torch()
+    # the float flatbuffer is written beside the output (same disk), removed on any exit
+    work_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    with work_dir as work, torch.no_grad():
+        raw = Path(work) / "float.tflite"
+        converter.convert().export(str(raw))
+        flat = flatbuffer_utils.read_model(str(raw))
+    written = write_codes(flat, {k: v for k, v in encoded.items() if v[1] is not None})
+    info = {
+        "producer": "lowbit", "config": model.config.to_dict(), "signatures": signatures,
+        "layers": written, "requantize": requantize,
+    }  # fmt: skip
+    _add_metadata(flat, fb, INFO_KEY, json.dumps(info).encode())
+    _add_metadata(flat, fb, TOKENIZER_KEY, json.dumps(_tokenizer_files(folder)).encode())
+    flatbuffer_utils.write_model(flat, str(out))
+    return written
+
+
+def _check_lengths(model: nn.Module, seqlen: int, kv: bool, prefill: int, cache: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or cache
+    if seqlen < 2 or seqlen > limit:
+        raise LowbitError(f"--seqlen {seqlen} must be between 2 and the model's context {limit}")
+    if not kv:
+        return
+    if not 1 < prefill <= cache <= limit:
+        raise LowbitError(f"need 1 < --prefill ({prefill}) <= --cache ({cache}) <= the "
+                          f"model's context ({limit})")  # fmt: skip
+    reason = cache_reason(model, cache)
+    if reason is not None:
+        raise LowbitError(f"no KV-cache export for this model: {reason}; export without "
+                          "--kv-cache for scoring only")  # fmt: skip
+
+
+def _swap_layers(model: nn.Module, requantize: str | None) -> dict:
+    """Every QuantLinear becomes an nn.Linear holding what its LiteRT encoding means; returns
+    digest of that float weight -> (layer, encoding or None for a layer kept in float)."""
+    if requantize is not None and requantize not in REQUANTIZE:
+        raise LowbitError(f"--requantize for LiteRT takes one of {', '.join(REQUANTIZE)}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise LowbitError("the model has no quantized layers to export")
+    encoded = {}
+    for name, mod in layers:
+        act = mod.act
+        if act is not None and not (act.dynamic and act.granularity == "token" and act.bits == 8):
+            raise LowbitError(f"{name}: {act.short()} inputs have no LiteRT form (its dynamic "
+                              "FULLY_CONNECTED rounds each input row to 8 bits as it arrives, "
+                              "what `activations: {bits: 8, granularity: token, dynamic: true, "
+                              "symmetric: false}` computes)")  # fmt: skip
+        reason = exact_reason(mod)
+        if reason is None:
+            enc = encode(mod, name)
+            weight = dequantize(enc)
+        elif requantize is None:
+            enc = encode(mod, name)  # raises, naming the layer and the reason
+        else:
+            original = mod.dequantized_weight()
+            enc = requantized(mod, requantize)
+            weight = original if enc is None else dequantize(enc)
+            err = ((weight - original).norm() / original.norm().clamp_min(1e-12)).item()
+            log.warning("%s: %s -> %s (requantized, relative weight error %.2e)", name,
+                        reason, enc.kind if enc else "float32", err)  # fmt: skip
+        linear = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        linear.weight.data = weight.contiguous()
+        if mod.bias is not None:
+            linear.bias.data = mod.bias.detach().float()
+        set_module(model, name, linear)
+        encoded[digest(linear.weight)] = (name, enc)
+    return encoded
+
+
+def _quiet_litert_torch() -> None:
+    """litert-torch prints each conversion stage to stdout; lowbit logs its own steps."""
+    from litert_torch import progress
+
+    progress.console.quiet = True
+
+
+def _tokenizer_files(folder: Path) -> dict[str, str]:
+    return {n: (folder / n).read_text() for n in TOKENIZER_FILES if (folder / n).is_file()}
+
+
+def _add_metadata(flat, fb, name: bytes, data: bytes) -> None:
+    import numpy as np
+
+    buf = fb.BufferT()
+    buf.data = np.frombuffer(data, dtype=np.uint8).copy()
+    flat.buffers.append(buf)
+    meta = fb.MetadataT()
+    meta.name, meta.buffer = name, len(flat.buffers) - 1
+    flat.metadata = [*(flat.metadata or []), meta]
