@@ -196,7 +196,6 @@ def codes_read_back(fmt: str, folder: Path, path: Path) -> str:
     """LiteRT: how many quantized layers' codes and scales the file holds unchanged."""
     if fmt != "litert":
         return "-"
-    import numpy as np
     from ai_edge_litert.tools import flatbuffer_utils
 
     from lowbit.export.litert_codes import encode
@@ -205,11 +204,7 @@ def codes_read_back(fmt: str, folder: Path, path: Path) -> str:
     stored = list(read_codes(flatbuffer_utils.read_model(str(path))).values())
     model = api.load(folder, kernels=False).model  # the packed layers, not the kernels'
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    same = sum(
-        any(np.array_equal(e.codes, enc.codes) and np.array_equal(e.scales, enc.scales)
-            for e in stored)
-        for enc in (encode(m, n) for n, m in layers)
-    )  # fmt: skip
+    same = sum(any(e.same(encode(m, n)) for e in stored) for n, m in layers)
     return f"{same}/{len(layers)}"
 
 

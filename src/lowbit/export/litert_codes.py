@@ -56,6 +56,15 @@ class Encoded:
     group: int  # 0: per channel
     zeros: np.ndarray | None = None  # per-channel integer zero points (weight-only), signed
 
+    def same(self, other: Encoded) -> bool:
+        """Whether two encodings hold the same codes, scales, blocks and zero points."""
+        zeros = (self.zeros is None and other.zeros is None) or (
+            self.zeros is not None and other.zeros is not None
+            and np.array_equal(self.zeros, other.zeros))  # fmt: skip
+        return (self.bits == other.bits and self.group == other.group and zeros
+                and np.array_equal(self.codes, other.codes)
+                and np.array_equal(self.scales, other.scales))  # fmt: skip
+
     @property
     def kind(self) -> str:
         tail = "channel" if not self.group else f"g{self.group}"
@@ -107,7 +116,7 @@ def encode(mod: QuantLinear, layer: str) -> Encoded:
     if reason is not None:
         raise LowbitError(f"{layer}: {reason} have no exact LiteRT form; {LOSSLESS_HINT}")
     spec = mod.spec
-    codes = (mod.codes().to(torch.int16) - spec.qtype.mid).to(torch.int8).numpy()
+    codes = mod.int8_codes().numpy()
     scale = mod.scale.float().reshape(mod.out_features, -1)
     if spec.granularity == "channel":
         zeros = None
@@ -118,10 +127,10 @@ def encode(mod: QuantLinear, layer: str) -> Encoded:
     return Encoded(4, codes, scale.half().numpy(), spec.group_size)
 
 
-def requantized(mod: QuantLinear, how: str) -> Encoded | None:
+def requantized(mod: QuantLinear, w: Tensor, how: str) -> Encoded | None:
     """The nearest LiteRT form of ``mod`` (None: keep float): an int4 symmetric block layer
     keeps its codes with its scales rounded to bfloat16; anything else is rounded from its
-    float weight to ``how``."""
+    float weight ``w`` to ``how``."""
     spec = mod.spec
     if (
         spec.qtype.kind == "int"
@@ -131,10 +140,8 @@ def requantized(mod: QuantLinear, how: str) -> Encoded | None:
         and spec.group_size in BLOCKS
         and not spec.lorc_rank
     ):
-        codes = (mod.codes().to(torch.int16) - spec.qtype.mid).to(torch.int8).numpy()
         scale = mod.scale.float().reshape(mod.out_features, -1).bfloat16().half()
-        return Encoded(4, codes, scale.numpy(), spec.group_size)
-    w = mod.dequantized_weight()
+        return Encoded(4, mod.int8_codes().numpy(), scale.numpy(), spec.group_size)
     if how == "float":
         return None
     if how == "int8":
@@ -161,7 +168,7 @@ def dequantize(enc: Encoded) -> Tensor:
 
 
 def digest(weight: Tensor | np.ndarray) -> str:
-    """The identity of a float32 weight as the converter stores it."""
+    """The identity of a float32 weight by its bytes (a tensor, or a buffer's raw bytes)."""
     data = weight.detach().float().contiguous().numpy() if isinstance(weight, Tensor) else weight
     return hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8), digest_size=16).hexdigest()
 
@@ -180,7 +187,7 @@ def write_codes(model, encoded: dict[str, tuple[str, Encoded]]) -> dict[str, str
         data = model.buffers[tensor.buffer].data
         if tensor.type != fb.TensorType.FLOAT32 or data is None or not len(data):
             continue
-        key = digest(np.asarray(data).view(np.float32).reshape(tensor.shape))
+        key = digest(np.asarray(data))
         if key not in encoded:
             continue
         layer, enc = encoded[key]

@@ -63,7 +63,7 @@ def write_litert(
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     seqlen = min(2048, context) if seqlen is None else seqlen
     cache = min(1024, context) if cache is None else cache
-    _check_lengths(model, seqlen, kv_cache, prefill, cache)
+    _check_lengths(model, context, seqlen, kv_cache, prefill, cache)
     encoded = _swap_layers(model, requantize)
     converter = litert_torch.Converter()
     signatures = {}
@@ -94,8 +94,8 @@ def write_litert(
     return written
 
 
-def _check_lengths(model: nn.Module, seqlen: int, kv: bool, prefill: int, cache: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or cache
+def _check_lengths(model: nn.Module, limit: int, seqlen: int, kv: bool, prefill: int,
+                   cache: int) -> None:  # fmt: skip
     if seqlen < 2 or seqlen > limit:
         raise LowbitError(f"--seqlen {seqlen} must be between 2 and the model's context {limit}")
     if not kv:
@@ -133,7 +133,7 @@ def _swap_layers(model: nn.Module, requantize: str | None) -> dict:
             enc = encode(mod, name)  # raises, naming the layer and the reason
         else:
             original = mod.dequantized_weight()
-            enc = requantized(mod, requantize)
+            enc = requantized(mod, original, requantize)
             weight = original if enc is None else dequantize(enc)
             err = ((weight - original).norm() / original.norm().clamp_min(1e-12)).item()
             log.warning("%s: %s -> %s (requantized, relative weight error %.2e)", name,

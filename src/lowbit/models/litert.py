@@ -59,13 +59,16 @@ class LiteRTModel(nn.Module):
         from ai_edge_litert.interpreter import Interpreter
         from transformers import AutoConfig
 
-        self.info = json.loads(meta[INFO_KEY])
-        cfg = dict(self.info["config"])
-        self.config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        self.tokenizer_files: dict[str, str] = json.loads(meta.get(TOKENIZER_KEY, b"{}"))
+        try:  # the file is the user's: its metadata is data, checked, never code
+            self.info = json.loads(meta[INFO_KEY])
+            cfg = dict(self.info["config"])
+            self.config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            self.seqlen = int(self.info["signatures"]["forward"]["seqlen"])
+            self.tokenizer_files: dict[str, str] = json.loads(meta.get(TOKENIZER_KEY, b"{}"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LowbitError(f"{path}: its lowbit metadata is damaged ({exc!r})") from None
         self.interpreter = Interpreter(model_path=str(self.path),
                                        num_threads=threads or torch.get_num_threads())  # fmt: skip
-        self.seqlen = self.info["signatures"]["forward"]["seqlen"]
         # no torch weights: a zero-size parameter tells device-probing callers "cpu"
         self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 
@@ -94,4 +97,4 @@ class LiteRTModel(nn.Module):
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in self.tokenizer_files.items():
                 (Path(tmp) / name).write_text(text)
-            return AutoTokenizer.from_pretrained(tmp)
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)

@@ -144,7 +144,7 @@ class QuantLinear(nn.Module):
         return w.to(dtype)
 
     def int8_codes(self) -> Tensor:
-        """Signed int8 codes (out, in) of a symmetric 8-bit layer."""
+        """Signed codes (out, in) as int8 of a symmetric layer of up to 8 bits (u - 2**(b-1))."""
         return (self.codes().to(torch.int16) - self.spec.qtype.mid).to(torch.int8)
 
     def set_static_range(self, qp: QParams) -> None:
