@@ -137,6 +137,7 @@ def tiny_folder_4(tmp_path: Path, tokenizer) -> Path:
     return folder
 
 
+@pytest.mark.slow  # ~20 s; CI keeps the torchrun quantize + eval split and the killed-rank test
 def test_analyze_under_torchrun_splits_the_trials_and_gathers_the_same_figures(
     tiny_folder, tmp_path, corpora
 ):

@@ -32,11 +32,17 @@ from lowbit.analysis import (
 )
 from lowbit.assets import prepare_out, write_text_atomic
 from lowbit.calibration import CalibrationSet, calibration_set
+from lowbit.calibration.canary import CanaryProbe
 from lowbit.calibration.group import Group
 from lowbit.data import corpus_ids, eval_windows, load_corpus
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalResult, model_size, score_models
 from lowbit.eval.bench import BenchResult, bench_models
+from lowbit.eval.canary import WINDOW_TOKENS as CANARY_TOKENS
+from lowbit.eval.canary import WINDOWS as CANARY_WINDOWS
+from lowbit.eval.canary import Canary, canary_tokens
+from lowbit.eval.canary import measure as measure_canary
+from lowbit.eval.canary import write as write_canary
 from lowbit.eval.size import SizeReport, held_bytes
 from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.models.checkpoint import MANIFEST, read_manifest, write_extras, write_manifest
@@ -83,7 +89,8 @@ def quantize(
     """Quantize ``model`` in place with a recipe (object, preset name, or YAML path).
 
     Calibrated algorithms (gptq, awq, awq+gptq) need ``calibration`` windows, e.g.
-    ``lowbit.calibration_set(tokenizer, "bbc", samples=128, seqlen=512)``.
+    ``lowbit.calibration_set(tokenizer, "bbc", samples=128, seqlen=512)``. Canary prompts
+    (``lowbit monitor``) are recorded by :func:`quantize_to`, not here.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -229,13 +236,16 @@ def quantize_to(
     analysis: dict[str, Any] | None = None,
     hidden_dtype: str = "float32",
     spill: bool = False,
+    canary: bool = True,
 ) -> tuple[Path, QuantizeReport]:
     """Quantize the float model ``source`` (zoo name, HF folder, GGUF file, hub id) straight
     into the lowbit folder ``out``, one decoder block in memory at a time. A killed run started
     again with the same arguments resumes from its first unfinished block (``restart``
     discards that work instead). ``hidden_dtype="bfloat16"`` halves the memory of the
     calibration hidden states carried between blocks; ``spill`` keeps them on disk in the work
-    folder (exact, one batch in memory at a time)."""
+    folder (exact, one batch in memory at a time). With ``canary`` the float model's answers
+    on a few fixed windows and the quantized model's distance to them are recorded
+    (:mod:`lowbit.eval.canary`; checked later by ``lowbit monitor`` and ``lowbit serve``)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
@@ -249,13 +259,18 @@ def quantize_to(
     plan_layers(recipe, quantizable_layers(model), warn=False)  # unfit recipe: before any work
     fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
                    "calibration": calibration.describe() if calibration else None,
-                   "seed": seed, "lowbit": __version__, "hidden_dtype": hidden_dtype}  # fmt: skip
+                   "seed": seed, "lowbit": __version__, "hidden_dtype": hidden_dtype,
+                   "canary": canary}  # fmt: skip
     if group.distributed:  # a resumed job needs the same ranks holding the same batches
         fingerprint["world_size"] = group.world
     work = _work_folder(out, fingerprint, restart, group)
     dtype = _hidden_dtype(hidden_dtype)
+    tokenizer = source_tokenizer(folder)
+    probe = _canary_probe(model, tokenizer) if canary and group.main else None
     report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed,
-                                    dtype, spill, group)  # fmt: skip
+                                    dtype, spill, group, probe)  # fmt: skip
+    found = _canary_found(probe)  # reduced to top-k before the shards are assembled
+    del probe
     report.analysis = analysis
     peaks = group.ordered_sum({group.rank: report.peak_rss_mb or 0.0}, group.world)
     if not group.main:  # rank 0 writes the folder; the others drop their work once it exists
@@ -265,16 +280,29 @@ def quantize_to(
     size = _streamed_size(report, work.units(units))
     manifest = _manifest(report, {"model": source, "kind": kind}, size, None, seed)
     manifest["processes"] = {**group.describe(), "peak_rss_mb": [round(p, 1) for p in peaks]}
-    tokenizer = source_tokenizer(folder)
 
     def extras(final: Path) -> None:
         write_extras(final, model, tokenizer)
+        if found is not None:
+            manifest["canary"] = write_canary(*found, final)
         write_manifest(final, manifest)
 
     try:
         return work.finish(units, overwrite, extras), report
     finally:
         group.barrier()
+
+
+def _canary_probe(model: nn.Module, tokenizer: Any) -> CanaryProbe:
+    context = getattr(model.config, "max_position_embeddings", None) or 64
+    return CanaryProbe(canary_tokens(tokenizer, model.config.vocab_size, context))
+
+
+def _canary_found(probe: CanaryProbe | None) -> tuple[Canary, dict[str, Any]] | None:
+    if probe is None:
+        return None
+    canary = Canary.from_logits(probe.tokens, probe.float_logits)
+    return canary, measure_canary(canary, probe.quantized_logits)
 
 
 def _work_folder(out: Path, fingerprint: dict[str, Any], restart: bool, group: Group) -> WorkFolder:
@@ -293,13 +321,16 @@ def estimate(
     progress: bool = True,
     hidden_dtype: str = "float32",
     spill: bool = False,
+    canary: bool = True,
 ) -> dict[str, Any]:
     """What ``quantize_to(source, recipe, ...)`` would need: the per-layer plan, output bytes,
     estimated peak RSS (MB) and wall time (s), from the shapes and a timed probe of one block."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     folder, _ = source_folder(source)
-    return estimate_run(folder, source, recipe, calibration, _hidden_dtype(hidden_dtype), spill)
+    windows = (CANARY_WINDOWS, CANARY_TOKENS) if canary else None
+    return estimate_run(folder, source, recipe, calibration, _hidden_dtype(hidden_dtype), spill,
+                        windows)  # fmt: skip
 
 
 def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:

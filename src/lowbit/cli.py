@@ -19,6 +19,7 @@ from lowbit.cli_args import check_window, positive, positive_float, tokens
 from lowbit.cli_dist import joined, peer_failure, rank_label
 from lowbit.cli_export import add_export
 from lowbit.cli_generate import add_chat, add_generate
+from lowbit.cli_monitor import add_monitor
 from lowbit.cli_perf import add_bench, add_report
 from lowbit.cli_qat import add_qat
 from lowbit.cli_quantize import add_quantize
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub, common)
     add_chat(sub, common)
     add_serve(sub, common)
+    add_monitor(sub, common)
     add_bench(sub, common)
     add_report(sub, common)
     add_export(sub, common)

@@ -91,6 +91,12 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
              "memory at a time (exact; costs a write and a few reads per batch and block)",
     )  # fmt: skip
     p.add_argument(
+        "--no-canary", dest="canary", action="store_false",
+        help="do not record canary prompts (the float model's top-32 next-token log-probs on 4 "
+             "fixed windows, canary.safetensors) that `lowbit monitor` and `lowbit serve` check "
+             "the deployed model against",
+    )  # fmt: skip
+    p.add_argument(
         "--max-memory",
         metavar="SIZE",
         help="stay within SIZE of peak RSS (e.g. 6GB): when the estimate exceeds it, keep the "
@@ -147,7 +153,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out, report = api.quantize_to(
         args.model, recipe, args.out, calibration, args.seed, args.overwrite, args.restart,
         progress=not args.quiet, analysis=summary, hidden_dtype=args.hidden_dtype,
-        spill=args.spill_hidden,
+        spill=args.spill_hidden, canary=args.canary,
     )  # fmt: skip
     metrics, results, sizes = {}, None, None
     if not Group.current().main and not args.eval:  # under torchrun rank 0 reports
@@ -183,7 +189,8 @@ def _fit_memory(args: argparse.Namespace, api: Any, recipe: Any, calibration: An
     """The estimate of the run as asked; under ``--max-memory``, of the first way of holding the
     calibration hidden states that fits: as asked, in bfloat16, on disk (``args`` follows)."""
     show = not args.quiet
-    plan = api.estimate(args.model, recipe, calibration, show, args.hidden_dtype, args.spill_hidden)
+    plan = api.estimate(args.model, recipe, calibration, show, args.hidden_dtype, args.spill_hidden,
+                        args.canary)  # fmt: skip
     if not args.max_memory or calibration is None or args.spill_hidden:
         return plan
     limit = _limit_mb(args.max_memory)
@@ -191,7 +198,7 @@ def _fit_memory(args: argparse.Namespace, api: Any, recipe: Any, calibration: An
     for dtype, spill in [*ways, (args.hidden_dtype, True)]:
         if plan["peak_rss_mb"] <= limit:
             break
-        plan = api.estimate(args.model, recipe, calibration, False, dtype, spill)
+        plan = api.estimate(args.model, recipe, calibration, False, dtype, spill, args.canary)
         if plan["peak_rss_mb"] <= limit:
             how = "on disk" if spill else f"in {dtype}"
             log.warning("keeping the calibration hidden states %s to stay within --max-memory "

@@ -56,6 +56,14 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                    "it")  # fmt: skip
     p.add_argument("--shadow-window", type=positive, default=50,
                    help="requests in the rolling window (50)")  # fmt: skip
+    p.add_argument("--canary-every", type=float, default=10.0, metavar="MINUTES",
+                   help="check the model against the canary prompts its lowbit folder recorded "
+                   "at quantize time: at start and every MINUTES (10; 0: at start only); a KL "
+                   "above the recorded tolerance makes /health degraded")  # fmt: skip
+    p.add_argument("--canary-tolerance", type=float,
+                   help="override the canary KL tolerance recorded in the folder")  # fmt: skip
+    p.add_argument("--no-canary", dest="canary", action="store_false",
+                   help="do not check the canary prompts")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
 
@@ -87,7 +95,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
         log.info("serving a LiteRT export: one request at a time (--max-batch 1)")
         batch = 1
     engine = Engine(runtime, stop_ids(src.tokenizer, src.model), batch, args.max_queue,
-                    on_batch, metrics.job_done, shadow)  # fmt: skip
+                    on_batch, metrics.job_done, shadow, _canary(args, src, metrics))  # fmt: skip
     settings = ServeSettings(args.name or args.model, args.max_tokens, args.max_body,
                              args.api_key)  # fmt: skip
     engine.start()
@@ -109,6 +117,20 @@ def _shadow(args: argparse.Namespace, metrics: Any) -> Any:
 
     ref = api.load_model(args.ref).model
     return Shadow(ref, args.shadow_rate, args.alert_kl, metrics, args.shadow_window)
+
+
+def _canary(args: argparse.Namespace, src: Any, metrics: Any) -> Any:
+    """The canary watch for a lowbit folder that recorded canary prompts, or None."""
+    if args.canary_every < 0:
+        raise LowbitError(f"--canary-every must be 0 or more minutes, got {args.canary_every}")
+    if not args.canary or not (src.manifest or {}).get("canary"):
+        if args.canary and src.kind == "lowbit":
+            log.info("%s records no canary prompts: no canary checks", args.model)
+        return None
+    from lowbit.serve.canary_watch import CanaryWatch
+
+    return CanaryWatch(src.model, src.folder, src.manifest, metrics, 60 * args.canary_every,
+                       args.canary_tolerance)  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -118,6 +118,9 @@ def test_killed_run_resumes_to_the_same_bytes(tiny_folder, tmp_path, monkeypatch
                                   progress=False, spill=spill[1])  # fmt: skip
     assert files(out) == files(whole)
     assert len(report.blocks) == 2 and len(report.layers) == 14
+    # the resumed walk read the finished blocks again for the canary: the same file
+    canary = (out / "canary.safetensors").read_bytes()
+    assert canary == (whole / "canary.safetensors").read_bytes()
     assert not work_path(out).exists()
 
 
@@ -291,6 +294,23 @@ def test_every_family_streams_to_the_in_memory_bytes(family, tmp_path):
     with torch.no_grad():
         assert torch.equal(api.load(out, kernels=False).model(x).logits,
                            api.load(mem, kernels=False).model(x).logits)  # fmt: skip
+    assert_canary_is_the_float_models(out, tmp_path / "src")
+
+
+def assert_canary_is_the_float_models(out: Path, source: Path) -> None:
+    """The canary the streamed walk recorded is what the whole float model answers, and the
+    KL it recorded for the quantized path is what the saved folder scores."""
+    from lowbit.eval.canary import Canary, check, model_logits
+
+    canary = Canary.load(out / "canary.safetensors")
+    direct = Canary.from_logits(canary.tokens, model_logits(api.load_model(str(source)).model,
+                                                            canary.tokens))  # fmt: skip
+    assert torch.equal(direct.top_ids, canary.top_ids)
+    torch.testing.assert_close(direct.top_logp, canary.top_logp, rtol=1e-5, atol=1e-5)
+    saved = api.load(out, kernels=False)
+    again = check(saved.model, out, saved.manifest)
+    assert again.kl == pytest.approx(saved.manifest["canary"]["kl"], rel=1e-3, abs=1e-7)
+    assert again.ok
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -304,3 +324,4 @@ def test_quantized_output_head_streams_tied_or_not(tie, tmp_path):
     mem = api.save(src.model, tmp_path / "mem", report, source=src)
     out, streamed = api.quantize_to(str(tmp_path / "src"), recipe, tmp_path / "q", progress=False)
     assert "lm_head" in streamed.layers and files(out) == files(mem)
+    assert_canary_is_the_float_models(out, tmp_path / "src")  # a float head, tied or not

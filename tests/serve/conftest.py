@@ -25,7 +25,8 @@ class Served:
 
         defaults = {"max_batch": 8, "max_queue": 64, "max_tokens": 64, "max_body": 1 << 20,
                     "api_key": None, "name": "tiny", "ref": None, "shadow_rate": 0.05,
-                    "alert_kl": None, "shadow_window": 50}  # fmt: skip
+                    "alert_kl": None, "shadow_window": 50, "canary": True, "canary_every": 10.0,
+                    "canary_tolerance": None}  # fmt: skip
         args = argparse.Namespace(model=str(folder), **(defaults | options))
         self.app, self.engine = build_server(args)
         self.port = _free_port()

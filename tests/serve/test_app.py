@@ -180,7 +180,7 @@ def test_shadow_scoring_flags_a_damaged_folder(serve, chat_folder, tmp_path):
     good, bad = _quantized_and_damaged(chat_folder, tmp_path)
     # this tiny random model's residual stream is mostly its embeddings: one layer moves the
     # logits little (measured here: KL ~1.6e-4 undamaged, ~1.3e-3 damaged), hence the alert
-    watch = {"ref": str(chat_folder), "shadow_rate": 1.0, "alert_kl": 5e-4}
+    watch = {"ref": str(chat_folder), "shadow_rate": 1.0, "alert_kl": 5e-4, "canary": False}
     healthy = _health_after(serve(folder=good, **watch), 4)
     assert healthy["status"] == "ok" and healthy["shadow"]["kl_rolling"] < 5e-4
     server = serve(folder=bad, **watch)
@@ -189,3 +189,34 @@ def test_shadow_scoring_flags_a_damaged_folder(serve, chat_folder, tmp_path):
     assert damaged["shadow"]["kl_rolling"] > 5 * healthy["shadow"]["kl_rolling"]
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "lowbit_shadow_kl_rolling" in metrics and "lowbit_shadow_top1_bucket" in metrics
+
+
+def _canary_health(server) -> dict:
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the engine checks at start, between batches
+        health = httpx.get(f"{server.url}/health").json()
+        if health.get("canary"):
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"no canary check: {health}")
+
+
+def test_canary_prompts_flag_a_damaged_folder_without_a_reference(serve, chat_folder, tmp_path):
+    """No --ref: the folder's canary (recorded at quantize time) keeps the undamaged folder
+    ok and turns /health degraded for the copy with zeroed scales; the next request is still
+    served."""
+    good, bad = _quantized_and_damaged(chat_folder, tmp_path)
+    healthy = _canary_health(serve(folder=good))
+    assert healthy["status"] == "ok" and healthy["canary"]["status"] == "ok"
+    assert healthy["canary"]["kl"] <= healthy["canary"]["tolerance"]
+    server = serve(folder=bad)
+    damaged = _canary_health(server)
+    assert damaged["status"] == "degraded" and damaged["canary"]["status"] == "degraded"
+    assert damaged["canary"]["kl"] > 3 * healthy["canary"]["kl"]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'lowbit_canary_checks_total{result="degraded"} 1.0' in metrics
+    assert "lowbit_canary_kl " in metrics and "lowbit_canary_tolerance " in metrics
+    body = {"prompt": "the quick brown fox", "max_tokens": 4}
+    assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 200
+    quiet = serve(folder=bad, canary=False)  # --no-canary: no check, no verdict
+    assert httpx.get(f"{quiet.url}/health").json()["status"] == "ok"

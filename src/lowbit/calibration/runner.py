@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lowbit.calibration.canary import CanaryProbe
 from lowbit.calibration.capture import (
     BlockCall,
     StopForward,
@@ -167,16 +168,23 @@ class BlockStore:
         return HiddenStates(dtype)
 
     @contextlib.contextmanager
-    def outside(self, model: nn.Module) -> Iterator[None]:
-        """Materialise what the model runs before its first block (embeddings), for a while."""
+    def outside(self, model: nn.Module, head: bool = False) -> Iterator[None]:
+        """Materialise what the model runs outside its blocks (embeddings; with ``head`` also
+        the final norm and output layer), for a while."""
         yield
+
+    def probe_state(self, index: int) -> dict[str, Tensor]:
+        """The canary probe's state kept when block ``index`` finished (see :meth:`leave`)."""
+        raise LowbitError("this store does not resume")
 
     def enter(self, name: str, block: nn.Module) -> None:
         """Materialise a block's weights."""
 
     def leave(self, index: int, name: str, block: nn.Module, record: dict[str, Any],
-              hidden: HiddenStates | None) -> None:  # fmt: skip
-        """The block is final: persist it (with ``record`` and the next block's inputs)."""
+              hidden: HiddenStates | None,
+              probe: dict[str, Tensor] | None = None) -> None:  # fmt: skip
+        """The block is final: persist it (with ``record``, the next block's inputs and the
+        canary ``probe``'s state)."""
 
     def status(self) -> dict[str, str]:
         """Figures for the progress bar."""
@@ -199,13 +207,16 @@ def run_sequential(
     seed: int = 0,
     hidden_dtype: torch.dtype = torch.float32,
     group: Group | None = None,
+    probe: CanaryProbe | None = None,
 ) -> list[BlockResult]:
     """Run ``handler`` on every block in order, feeding each the previous quantized outputs,
     then ``finish`` (whose record the store keeps with the block). Without ``windows`` no
     forward pass runs (data-free algorithms). Each block starts from its own seed, so a resumed
     run draws what an uninterrupted one did. ``hidden_dtype`` bfloat16 halves the memory of the
     hidden states carried between blocks (each block still computes in float32). Under a
-    process ``group`` each rank takes every world-th batch and the handlers reduce over ranks."""
+    process ``group`` each rank takes every world-th batch and the handlers reduce over ranks.
+    A canary ``probe`` is carried through every block, float before it is quantized and
+    quantized after (and kept with each finished block, for a resumed run)."""
     store = store or BlockStore()
     group = group or Group()
     first, hidden = store.first_block(hidden_dtype)
@@ -215,17 +226,19 @@ def run_sequential(
     if batches and len(batches) < group.world:  # every rank raises: none waits for the rest
         raise LowbitError(f"{len(batches)} calibration batches for {group.world} processes: "
                           f"use more windows or fewer processes")  # fmt: skip
-    if batches and first < len(blocks):
-        if first and hidden is None:
-            raise LowbitError(f"no saved inputs for block {first}; rerun with --restart")
-        frames = []
-        entering = hidden if hidden is not None else store.hidden_states(-1, hidden_dtype)
+    calibrate = bool(batches) and first < len(blocks)
+    if calibrate and first and hidden is None:
+        raise LowbitError(f"no saved inputs for block {first}; rerun with --restart")
+    if calibrate or probe is not None:
         with store.outside(model):
-            for call in iter_block_inputs(model, blocks[0], [batches[i] for i in mine]):
-                frames.append(call.with_hidden(None))
-                if hidden is None:
-                    entering.append(call.hidden)
-        calls = Calls(frames, entering)
+            if probe is not None:
+                probe.begin(model, blocks[0])
+            if calibrate:
+                saved = hidden if hidden is not None else store.hidden_states(-1, hidden_dtype)
+                calls = _entering_calls(model, blocks[0], [batches[i] for i in mine], saved,
+                                        record=hidden is None)  # fmt: skip
+    if probe is not None and first:  # a resumed run: the windows after the finished blocks
+        probe.restore(store.probe_state(first - 1))
     sizes = [len(b) for b in batches]
     results: list[BlockResult] = []
     bar = tqdm(range(first, len(blocks)), desc=desc, unit="block", disable=not progress,
@@ -235,6 +248,8 @@ def run_sequential(
         torch.manual_seed(seed * 1_000_003 + index)
         block = blocks[index]
         store.enter(f"{prefix}.{index}", block)
+        if probe is not None:
+            probe.step(block, "float")
         ctx = BlockContext(block, f"{prefix}.{index}", calls, group, mine, sizes)
         reference = ctx.outputs(limit=error_batches)
         handler(ctx)
@@ -247,10 +262,25 @@ def run_sequential(
         result = BlockResult(index, ctx.name, error, time.perf_counter() - start)
         results.append(result)
         record["block"] = result.to_dict()
-        store.leave(index, ctx.name, block, record, leaving)
+        if probe is not None:
+            probe.step(block, "quantized")
+        store.leave(index, ctx.name, block, record, leaving,
+                    probe.state() if probe is not None else None)  # fmt: skip
         post = {"block_err": f"{error:.2e}"} if error is not None else {}
         bar.set_postfix({**post, **store.status()})
     return results
+
+
+def _entering_calls(model: nn.Module, first: nn.Module, batches: list[Tensor],
+                    states: HiddenStates, record: bool) -> Calls:  # fmt: skip
+    """The first block's calls on this rank's batches; their hidden states are ``states`` (a
+    resumed run's saved inputs) or, with ``record``, are appended to it now."""
+    frames = []
+    for call in iter_block_inputs(model, first, batches):
+        frames.append(call.with_hidden(None))
+        if record:
+            states.append(call.hidden)
+    return Calls(frames, states)
 
 
 def _quantized_outputs(

@@ -25,6 +25,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from lowbit.assets import atomic_file, publish_dir, write_text_atomic
 from lowbit.errors import LowbitError
 from lowbit.models.checkpoint import write_shards
@@ -88,15 +91,20 @@ class WorkFolder:
         return out
 
     def write_unit(self, index: int, tensors: Mapping[str, Item] | None, record: dict[str, Any],
-                   hidden: Path | None = None) -> Path | None:  # fmt: skip
-        """Persist a finished block (``tensors``; None: a rank that writes no weights), then the
-        next block's inputs (the folder ``hidden``, from :meth:`hidden_folder`, renamed into
-        place), then the record; then forget inputs older than the ``keep`` latest. Returns
-        where the inputs now lie."""
+                   hidden: Path | None = None,
+                   side: Mapping[str, torch.Tensor] | None = None) -> Path | None:  # fmt: skip
+        """Persist a finished block (``tensors``; None: a rank that writes no weights) and
+        small ``side`` tensors a resumed run needs (:meth:`side`), then the next block's inputs
+        (the folder ``hidden``, from :meth:`hidden_folder`, renamed into place), then the
+        record; then forget inputs older than the ``keep`` latest. Returns where the inputs
+        now lie."""
         start = time.perf_counter()
         if tensors is not None:
             with atomic_file(self._unit(index, "safetensors")) as tmp:
                 self.bytes_written += write_file(tmp, tensors, {"unit": str(index)})
+        if side is not None:
+            with atomic_file(self._unit(index, "side.safetensors")) as tmp:
+                save_file({k: v.contiguous() for k, v in side.items()}, str(tmp))
         if hidden is not None:
             final = self._hidden(index)
             shutil.rmtree(final, ignore_errors=True)  # left by a run killed before its record
@@ -109,6 +117,11 @@ class WorkFolder:
             if old.name not in kept:
                 shutil.rmtree(old, ignore_errors=True)
         return self._hidden(index) if hidden is not None else None
+
+    def side(self, index: int) -> dict[str, torch.Tensor] | None:
+        """The ``side`` tensors written with unit ``index`` (None: none)."""
+        path = self._unit(index, "side.safetensors")
+        return load_file(str(path)) if path.is_file() else None
 
     def hidden_folder(self, after: int) -> Path:
         """A fresh folder for the hidden states leaving block ``after`` while they are written

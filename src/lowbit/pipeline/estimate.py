@@ -52,8 +52,8 @@ class _ProbeStore(StreamStore):
     probe = 2
     block_start = block_end = first_start = 0.0
 
-    def leave(self, index, name, block, record, hidden) -> None:
-        super().leave(index, name, block, record, hidden)  # its writes belong to the block
+    def leave(self, index, name, block, record, hidden, probe=None) -> None:
+        super().leave(index, name, block, record, hidden, probe)  # its writes count in the block
         self.block_end = time.perf_counter()
         if index + 1 >= min(self.probe, self.blocks):
             raise _Probed
@@ -71,8 +71,10 @@ def estimate(
     calibration: CalibrationSet | None,
     hidden_dtype: torch.dtype = torch.float32,
     spill: bool = False,
+    canary: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The plan and estimate of streaming ``folder`` through ``recipe`` (see module doc)."""
+    """The plan and estimate of streaming ``folder`` through ``recipe`` (see module doc);
+    ``canary`` (windows, tokens) adds the canary's passes over the float embedding and head."""
     startup = process_seconds()  # a run pays for the same start-up and imports
     begin = time.perf_counter()
     model = skeleton(folder)
@@ -101,6 +103,7 @@ def estimate(
                + output / _rate(probe, "assemble") + output / _rate(probe, "hash")
                + probe["extras_seconds"])  # fmt: skip
     rest_mb = probe["baseline_mb"] + 3 * outside_params * 4 / 2**20
+    canary_mb = probe["baseline_mb"] + _canary_bytes(model, canary) / 2**20 if canary else 0.0
     return {
         "model": name,
         "params": sum(e.numel for e in tensors.entries.values()),
@@ -110,13 +113,22 @@ def estimate(
         "formats": formats,
         "bits_per_weight": 8 * qbytes / max(weights, 1),
         "output_bytes": output,
-        "peak_rss_mb": max(probe["peak_mb"], rest_mb),
+        "peak_rss_mb": max(probe["peak_mb"], rest_mb, canary_mb),
         "seconds": seconds,
         "threads": torch.get_num_threads(),
         "hidden": {"dtype": str(hidden_dtype).removeprefix("torch."), "spilled": spill},
         "probe": probe,
         "layers": {n: s.short() for n, s in plan.items()},
     }
+
+
+def _canary_bytes(model: nn.Module, canary: tuple[int, int]) -> int:
+    """The float32 embedding or head (the larger; once each, in turn) and three copies of
+    the canary's (windows, tokens, vocabulary) logits."""
+    tables = (model.get_input_embeddings(), model.get_output_embeddings())
+    largest = max(m.weight.numel() for m in tables if m is not None)
+    windows, tokens = canary
+    return 4 * largest + 3 * 4 * windows * tokens * model.config.vocab_size
 
 
 def _formats(model: nn.Module, plan: dict) -> tuple[dict[str, dict], int, int]:

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.calibration import BlockStore, CalibrationSet, HiddenStates, SpilledStates, saved_states
+from lowbit.calibration.canary import CanaryProbe
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import find_blocks
@@ -60,13 +61,17 @@ class StreamStore(BlockStore):
         return HiddenStates(dtype)
 
     @contextlib.contextmanager
-    def outside(self, model: nn.Module) -> Iterator[None]:
-        head = self._outside_names(skip_output=True)
-        self.bytes_read += materialize(model, head, self.source)
+    def outside(self, model: nn.Module, head: bool = False) -> Iterator[None]:
+        names = self._outside_names(skip_output=not head)
+        if head:  # the head's pass is given its input embeddings: leave that table on disk
+            held = model.state_dict(keep_vars=True)  # and what is in memory (a quantized head)
+            skip = self._input_names(model)
+            names = [n for n in names if n not in skip and n in held and held[n].is_meta]
+        self.bytes_read += materialize(model, names, self.source)
         try:
             yield
         finally:
-            for name in head:
+            for name in names:
                 module_name, _, attr = name.rpartition(".")
                 _to_meta(model.get_submodule(module_name) if module_name else model, attr)
             if tied_names(model):
@@ -77,7 +82,8 @@ class StreamStore(BlockStore):
         self.bytes_read += materialize(self.model, names, self.source)
 
     def leave(self, index: int, name: str, block: nn.Module, record: dict[str, Any],
-              hidden: HiddenStates | None) -> None:  # fmt: skip
+              hidden: HiddenStates | None,
+              probe: dict[str, Tensor] | None = None) -> None:  # fmt: skip
         tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
         spilled = isinstance(hidden, SpilledStates)
         folder = hidden.folder if spilled else None
@@ -85,7 +91,7 @@ class StreamStore(BlockStore):
             folder = self.work.hidden_folder(index)
             hidden.save(folder)
         mine = tensors if self.group.main else None  # rank 0 writes the weights
-        committed = self.work.write_unit(index, mine, record, folder)
+        committed = self.work.write_unit(index, mine, record, folder, probe)
         if spilled:
             hidden.folder = committed  # the next block reads its inputs where they now lie
         release(block)
@@ -123,10 +129,23 @@ class StreamStore(BlockStore):
             names = [n for n in names if n in tied or not n.startswith(out)]
         return names
 
+    def _input_names(self, model: nn.Module) -> set[str]:
+        """The input embedding's weight name, unless it is also the (tied) output layer."""
+        embed = model.get_input_embeddings()
+        found = {f"{n}.weight" for n, m in model.named_modules() if m is embed}
+        return set() if tied_names(model) else found
+
     def _output_prefix(self) -> str | None:
         out = getattr(self.model, "get_output_embeddings", lambda: None)()
         found = [n for n, m in self.model.named_modules() if out is not None and m is out]
         return f"{found[0]}." if found else None
+
+    def probe_state(self, index: int) -> dict[str, Tensor]:
+        state = self.work.side(index)
+        if state is None:
+            raise LowbitError(f"{self.work.path} keeps no canary state for block {index}; "
+                              f"rerun with --restart")  # fmt: skip
+        return state
 
     def status(self) -> dict[str, str]:
         return {
@@ -156,6 +175,7 @@ def stream_quantize(
     hidden_dtype: torch.dtype = torch.float32,
     spill: bool = False,
     group: Group | None = None,
+    probe: CanaryProbe | None = None,
 ) -> tuple[QuantizeReport, int]:
     """Quantize the meta skeleton ``model`` block by block from ``source`` into ``work``;
     returns the report and the number of units written (blocks, then the rest). ``spill``
@@ -167,5 +187,5 @@ def stream_quantize(
         raise LowbitError(f"streaming quantization goes block by block: {exc}") from None
     store = StreamStore(model, source, work, prefix, len(blocks), spill, group)
     report = quantize_weights(model, recipe, calibration, progress, store=store, seed=seed,
-                              hidden_dtype=hidden_dtype, group=group)  # fmt: skip
+                              hidden_dtype=hidden_dtype, group=group, probe=probe)  # fmt: skip
     return report, len(blocks) + 1

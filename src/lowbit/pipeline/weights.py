@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration import BlockResult, BlockStore, CalibrationSet, run_sequential
+from lowbit.calibration.canary import CanaryProbe
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import family_of, find_blocks
@@ -51,12 +52,15 @@ def quantize_weights(
     seed: int = 0,
     hidden_dtype: torch.dtype = torch.float32,
     group: Group | None = None,
+    probe: CanaryProbe | None = None,
 ) -> QuantizeReport:
     """Quantize ``model`` in place according to ``recipe``; returns the report. ``store``
     (default: in memory) says where the blocks' weights come from and go to; ``hidden_dtype``
     is the dtype calibration hidden states are kept in between blocks. Under a process
     ``group`` (default: the initialised torch.distributed group, if any) the ranks share the
-    calibration batches and the linears; every rank ends with the whole quantized model."""
+    calibration batches and the linears; every rank ends with the whole quantized model. A
+    canary ``probe`` (models with decoder blocks) ends with the float and the quantized
+    model's logits on its windows (``float_logits``, ``quantized_logits``)."""
     start = time.perf_counter()
     conv1d_to_linear(model)
     plan = plan_layers(recipe, quantizable_layers(model))
@@ -68,6 +72,8 @@ def quantize_weights(
     blocks = _blocks(model, recipe, calibration)
     steps = BlockSteps(model, recipe, plan, family_of(model), report, calibration, batch_size,
                        progress)  # fmt: skip
+    if blocks is None:
+        probe = None  # the canary rides along with the blocks
     if blocks is not None:
         prefix, modules = blocks
         resumed = store.records()
@@ -79,8 +85,11 @@ def quantize_weights(
         results = run_sequential(
             model, modules, prefix, windows, steps.handler, batch_size, progress,
             desc=f"quantize ({_description(recipe)})", finish=steps.finish, store=store, seed=seed,
-            hidden_dtype=hidden_dtype, group=group or Group.current(),
+            hidden_dtype=hidden_dtype, group=group or Group.current(), probe=probe,
         )  # fmt: skip
+        if probe is not None:  # the float head, before it may be quantized below
+            with store.outside(model, head=True):
+                probe.float_logits = probe.logits(model, prefix, "float")
         if windows is not None:
             report.blocks = [*(BlockResult.from_dict(r["block"]) for r in resumed), *results]
     rest = {n: s for n, s in plan.items() if blocks is None or not n.startswith(blocks[0] + ".")}
@@ -88,6 +97,9 @@ def quantize_weights(
         _quantize_rest(model, recipe, rest, report, calibration, batch_size, blocks is None,
                        progress)  # fmt: skip
         untie_if_needed(model, set(plan))
+    if probe is not None:  # the head as the folder holds it
+        with store.outside(model, head=True):
+            probe.quantized_logits = probe.logits(model, blocks[0], "quantized")
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     log.info("quantized %d layers in %.1f s", len(plan), report.seconds)

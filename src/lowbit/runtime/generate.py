@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.batch import ContinuousBatch
 from lowbit.runtime.hf_forward import HFForward
 from lowbit.runtime.litert_forward import LiteRTForward
 from lowbit.runtime.llama import LlamaForward, unsupported_reason
@@ -76,6 +77,17 @@ class Runtime:
                 log.info("runtime: the model's own forward (%s)", reason)
             self._forwards[kind] = (HFForward if reason else LlamaForward)(self.model)
         return self._forwards[kind]
+
+    def continuous(self, rows: int, sampling: Sampling, stop_ids: Sequence[int] = ()
+                   ) -> ContinuousBatch | None:  # fmt: skip
+        """A batch that prompts join and leave between steps (:mod:`lowbit.runtime.batch`),
+        or None where the forward cannot write its cache by rows (the model's own forward,
+        LiteRT): run those with :meth:`generate`."""
+        context = self.limit or 4096
+        forward = self.forward_for(context)
+        if not isinstance(forward, LlamaForward):
+            return None
+        return ContinuousBatch(forward, rows, context, sampling, stop_ids)
 
     def _check(self, prompts: Sequence[Sequence[int]], limits: list[int]) -> int:
         if not prompts or any(len(p) == 0 for p in prompts):

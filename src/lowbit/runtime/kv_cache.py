@@ -63,3 +63,57 @@ class StaticKVCache(Slots):
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CacheView(StaticKVCache):
+    """Rows ``rows`` of ``base`` (views: what is written lands in ``base``). Its length is the
+    base's, or with ``length`` its own (a prompt prefilled into one row ending at the base's
+    current length, while the other rows wait)."""
+
+    def __init__(self, base: StaticKVCache, rows: slice, length: int | None = None) -> None:
+        self.base, self.capacity, self._own = base, base.capacity, length
+        self.k, self.v, self.pad = base.k[:, rows], base.v[:, rows], base.pad[rows]
+
+    @property
+    def length(self) -> int:  # type: ignore[override]
+        return self.base.length if self._own is None else self._own
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if self._own is None:
+            self.base.length = value
+        else:
+            self._own = value
+
+
+def shift(cache: StaticKVCache, rows: int, by: int) -> None:
+    """Move the filled slots of the first ``rows`` rows ``by`` slots right (> 0, making room
+    on the left for a longer prompt) or left (< 0, dropping padding every row has); positions
+    (slot - pad) are unchanged, so the keys' rotary phases stay right."""
+    n = cache.length
+    if by > 0:
+        cache.k[:, :rows, :, by : by + n] = cache.k[:, :rows, :, :n].clone()
+        cache.v[:, :rows, :, by : by + n] = cache.v[:, :rows, :, :n].clone()
+    elif by < 0:
+        cache.k[:, :rows, :, : n + by] = cache.k[:, :rows, :, -by:n].clone()
+        cache.v[:, :rows, :, : n + by] = cache.v[:, :rows, :, -by:n].clone()
+    cache.pad[:rows] += by
+    cache.length = n + by
+
+
+def move_row(cache: StaticKVCache, source: int, target: int) -> None:
+    """Copy row ``source``'s filled slots and padding into row ``target``."""
+    n = cache.length
+    cache.k[:, target, :, :n] = cache.k[:, source, :, :n]
+    cache.v[:, target, :, :n] = cache.v[:, source, :, :n]
+    cache.pad[target] = cache.pad[source]
+
+
+def grown(cache: StaticKVCache, new: StaticKVCache) -> StaticKVCache:
+    """``new`` (more capacity, same rows) holding ``cache``'s filled slots."""
+    n = cache.length
+    new.k[:, :, :, :n] = cache.k[:, :, :, :n]
+    new.v[:, :, :, :n] = cache.v[:, :, :, :n]
+    new.pad.copy_(cache.pad)
+    new.length = n
+    return new

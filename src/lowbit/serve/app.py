@@ -64,13 +64,16 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServeSettings,
 
     @app.get("/health")
     async def health() -> dict:
-        shadow = engine.shadow
-        status = "degraded" if shadow is not None and shadow.degraded else "ok"
-        out = {"status": status, "queue": engine.depth(), "running": engine.busy}
+        shadow, canary = engine.shadow, engine.canary
+        bad = any(w is not None and w.degraded for w in (shadow, canary))
+        out = {"status": "degraded" if bad else "ok", "queue": engine.depth(),
+               "running": engine.busy}  # fmt: skip
         if shadow is not None:
             kl, top1 = shadow.rolling()
             out["shadow"] = {"scored": shadow.scored, "alert_kl": shadow.alert_kl,
                              "kl_rolling": kl, "top1_rolling": top1}  # fmt: skip
+        if canary is not None:
+            out["canary"] = canary.status()
         return out
 
     @app.get("/metrics")

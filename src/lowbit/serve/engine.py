@@ -1,10 +1,15 @@
 """The serving engine: a bounded queue of requests and one worker thread that runs them, in
 batches, on the decode loop (:class:`lowbit.runtime.Runtime`).
 
-Requests that wait together and ask for the same sampling settings are prefilled and decoded
-as one batch (each row with its own token limit); tokens reach each request's consumer as they
-are chosen; a request whose client went away is cancelled at the next step. The HTTP layer
-(:mod:`lowbit.serve.app`) never touches the model.
+Requests join a running batch between decode steps (continuous batching,
+:mod:`lowbit.runtime.batch`): each is prefilled into a free row as soon as one is free and it
+asks for the batch's sampling settings; when the oldest waiting request asks for other settings,
+no more join and the batch drains, then the next batch starts with that request. Where the
+forward cannot take rows between steps (the model's own forward, LiteRT), the requests that wait
+together with the same settings run as one whole batch. Tokens reach each request's consumer as
+they are chosen; a request whose client went away is cancelled at the next step. The canary
+check (if any) runs between steps. The HTTP layer (:mod:`lowbit.serve.app`) never touches the
+model.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.runtime import Runtime, Sampling
+from lowbit.runtime.batch import ContinuousBatch, Event
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +73,17 @@ class Engine:
         on_batch: Callable[[BatchStats], None] | None = None,
         on_end: Callable[[Job], None] | None = None,
         shadow: Any = None,
+        canary: Any = None,
     ) -> None:  # fmt: skip
         self.runtime, self.stop_ids = runtime, stop_ids
         self.max_batch, self.max_queue = max_batch, max_queue
         self.on_batch, self.on_end = on_batch, on_end
         self.shadow = shadow  # lowbit.serve.shadow.Shadow, or None
+        self.canary = canary  # lowbit.serve.canary_watch.CanaryWatch, or None
         self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self._held: list[Job] = []  # taken from the queue, waiting for a matching batch
+        self._held: list[Job] = []  # taken from the queue, not yet running
+        self._batch: ContinuousBatch | None = None  # rows join and leave between steps
+        self._running: list[Job] = []  # the jobs in _batch (or in a whole batch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lowbit-engine", daemon=True)
         self.busy = 0
@@ -96,42 +106,116 @@ class Engine:
         except queue.Full:
             raise QueueFull(f"{self.max_queue} requests are already waiting; retry later") from None
 
-    def _next_batch(self) -> list[Job]:
-        """The oldest job and up to max_batch - 1 more waiting with the same sampling."""
-        if not self._held:
+    def _take(self, wait: bool) -> None:
+        """Move the waiting jobs into ``_held`` in arrival order (with ``wait``, waiting up to
+        0.2 s for one when none is held); cancelled ones end here."""
+        if wait and not self._held:
             try:
                 self._held.append(self._waiting.get(timeout=0.2))
             except queue.Empty:
-                return []
-        while True:  # drain what is waiting now, keeping arrival order
+                return
+        while True:
             try:
                 self._held.append(self._waiting.get_nowait())
             except queue.Empty:
                 break
-        live = [j for j in self._held if not j.cancelled.is_set()]
-        for job in self._held:
-            if job.cancelled.is_set():
-                self._end(job, "cancelled")
-        key = live[0].sampling if live else None
-        batch = list(itertools.islice((j for j in live if j.sampling == key), self.max_batch))
-        self._held = [j for j in live if j not in batch]
-        return batch
+        for job in [j for j in self._held if j.cancelled.is_set()]:
+            self._held.remove(job)
+            self._end(job, "cancelled")
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            batch = self._next_batch()
-            if not batch:
-                continue
-            self.busy = len(batch)
+            if self.canary is not None:  # between steps: it never touches the batch's cache
+                self.canary.between_batches()
             try:
-                self._generate(batch)
+                if self._batch is None:
+                    self._start()
+                else:
+                    self._continue()
             except Exception as exc:  # a failed batch fails its requests, never the server
                 log.exception("generation failed")
-                for job in batch:
-                    job.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    self._end(job, "error")
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                for job in self._running:
+                    if not job.finish:
+                        job.error = reason
+                        self._end(job, "error")
+                self._batch, self._running = None, []
             finally:
-                self.busy = 0
+                self.busy = len(self._running)
+
+    def _start(self) -> None:
+        """Open a batch for the oldest job's sampling settings; a forward that cannot take
+        rows between steps runs the jobs that wait now as one whole batch instead."""
+        self._take(wait=True)
+        if not self._held:
+            return
+        key = self._held[0].sampling
+        batch = self.runtime.continuous(self.max_batch, key, self.stop_ids)
+        if batch is not None:
+            self._batch = batch
+            self._admit()
+            return
+        jobs = list(itertools.islice((j for j in self._held if j.sampling == key), self.max_batch))
+        self._held = [j for j in self._held if j not in jobs]
+        self._running, self.busy = jobs, len(jobs)
+        self._generate(jobs)
+        self._running = []
+
+    def _continue(self) -> None:
+        """Admit what waits (unless the oldest waits for other sampling settings: then the
+        batch drains), drop cancelled rows, decode one step."""
+        assert self._batch is not None
+        self._take(wait=False)
+        self._admit()
+        for job in [j for j in self._running if j.cancelled.is_set()]:
+            self._batch.leave(job)
+            self._running.remove(job)
+            self._end(job, "cancelled")
+        if self._running:
+            start = time.perf_counter()
+            events = self._batch.step(self._keep_logits)
+            seconds = time.perf_counter() - start
+            for event in events:
+                self._deliver(event)
+            if self.on_batch is not None:
+                self.on_batch(BatchStats(len(events), 0, len(events), len(events) / seconds))
+        if not self._running:
+            self._batch = None
+
+    def _admit(self) -> None:
+        """Join held jobs with the batch's sampling, oldest first, while rows are free."""
+        batch = self._batch
+        assert batch is not None
+        while self._held and self._held[0].sampling == batch.sampling:
+            job = self._held[0]
+            if len(job.ids) + job.max_tokens > batch.context:
+                self._held.pop(0)
+                job.error = f"prompt + max_tokens exceed the context of {batch.context} tokens"
+                self._end(job, "error")
+                continue
+            if not batch.fits(len(job.ids), job.max_tokens):
+                return
+            self._held.pop(0)
+            self._running.append(job)
+            log.debug("join: %d running, %d waiting", len(self._running), self.depth())
+            self._deliver(batch.join(job, job.ids, job.max_tokens, self._keep_logits))
+
+    def _deliver(self, event: Event) -> None:
+        job = event.key
+        assert isinstance(job, Job)
+        if event.token is not None:
+            job.first_token_s = job.first_token_s or time.perf_counter() - job.created
+            job.tokens.append(event.token)
+            job.emit(event.token)
+        if event.finish is not None:
+            self._running.remove(job)
+            self._end(job, event.finish)
+
+    @staticmethod
+    def _keep_logits(jobs: list, logits) -> None:  # (n, vocab), for shadowed requests
+        for row, job in enumerate(jobs):
+            if job.shadow:
+                job.logits.append(logits[row].float().clone())
 
     def _generate(self, batch: list[Job]) -> None:
         def on_tokens(new: list[int | None]) -> list[int]:
@@ -153,8 +237,6 @@ class Engine:
         run = self.runtime.generate([j.ids for j in batch], [j.max_tokens for j in batch],
                                     batch[0].sampling, self.stop_ids, on_tokens,
                                     on_logits if keep else None)  # fmt: skip
-        for _, job in keep:
-            del job.logits[len(job.tokens) :]
         for job, finish in zip(batch, run.finish, strict=True):
             self._end(job, finish)
         if self.on_batch is not None:
@@ -164,6 +246,7 @@ class Engine:
 
     def _end(self, job: Job, finish: str) -> None:
         job.finish = finish
+        del job.logits[len(job.tokens) :]  # a stop token's step is not served
         job.emit(None)
         if self.on_end is not None:
             self.on_end(job)

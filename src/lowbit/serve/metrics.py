@@ -52,6 +52,14 @@ class Metrics:
                                        "shadowed requests", registry=r)  # fmt: skip
         self.shadow_top1_rolling = Gauge("lowbit_shadow_top1_rolling", "mean top-1 over the "
                                          "last shadowed requests", registry=r)  # fmt: skip
+        self.canary_kl = Gauge("lowbit_canary_kl", "last canary check: mean KL(float || "
+                               "served) per token over top-k + rest", registry=r)  # fmt: skip
+        self.canary_top1 = Gauge("lowbit_canary_top1", "last canary check: top-1 agreement "
+                                 "with the float model", registry=r)  # fmt: skip
+        self.canary_tolerance = Gauge("lowbit_canary_tolerance", "canary KL above which the "
+                                      "model is degraded", registry=r)  # fmt: skip
+        self.canary_checks = Counter("lowbit_canary_checks", "canary checks by result: ok, "
+                                     "degraded, error", ["result"], registry=r)  # fmt: skip
 
     def job_done(self, job) -> None:
         """Record one finished generation (:class:`lowbit.serve.engine.Job`)."""
