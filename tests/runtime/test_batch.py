@@ -1,6 +1,6 @@
 """Continuous batching: rows that join and leave between steps decode what they would alone,
 through cache growth, moves right for longer prompts, moves left at the end of the context,
-row replacement, stop tokens and cancellation."""
+row replacement, stop tokens, cancellation and per-row sampling."""
 
 import pytest
 import torch
@@ -21,9 +21,9 @@ def drive(batch: ContinuousBatch, arrivals: dict[int, list], cancel: dict | None
             batch.leave(cancel[step])
             finish[cancel[step]] = "cancelled"
         while waiting and batch.fits(len(waiting[0][1]), waiting[0][2]):
-            key, prompt, limit = waiting.pop(0)
+            key, prompt, limit, *sampling = waiting.pop(0)
             tokens[key] = []
-            events = [batch.join(key, prompt, limit)]
+            events = [batch.join(key, prompt, limit, *sampling)]
             record(events, tokens, finish)
         record(batch.step(), tokens, finish)
         step += 1
@@ -56,7 +56,7 @@ def test_rows_joining_between_steps_decode_what_they_would_alone(family, monkeyp
     # 3 rows, a cache that starts at 4 slots and may hold 24: b joins longer than the
     # cursor (rows move right), d and e wait for free rows, the cursor reaches 24 (rows move
     # left), the cache grows twice
-    batch = rt.continuous(3, Sampling(), ())
+    batch = rt.continuous(3, ())
     batch.context = 24
     batch.cache = batch.forward.new_cache(3, 4)
     arrivals = {0: [("a", PROMPTS["a"], 9)], 2: [("b", PROMPTS["b"], 6), ("c", PROMPTS["c"], 20)],
@@ -72,24 +72,27 @@ def test_stop_tokens_cancellation_and_sampling():
     rt = Runtime(model)
     alone = {k: rt.generate([PROMPTS[k]], 10).tokens[0] for k in "ab"}
     stop = alone["a"][3]
-    batch = rt.continuous(2, Sampling(), [stop])
+    batch = rt.continuous(2, [stop])
     arrivals = {0: [("a", PROMPTS["a"], 10), ("b", PROMPTS["b"], 10)]}
     tokens, finish = drive(batch, arrivals, cancel={4: "b"})
     assert tokens["a"] == alone["a"][: alone["a"].index(stop)] and finish["a"] == "stop"
     assert finish["b"] == "cancelled" and tokens["b"] == alone["b"][: len(tokens["b"])]
     assert 0 < len(tokens["b"]) < 10
+    # a seeded sampled row beside a greedy one draws what it draws alone (its own generator)
     sampled = Sampling(temperature=0.8, seed=3)
-    runs = [drive(rt.continuous(2, sampled, ()), {0: [("a", PROMPTS["a"], 8)]})[0]
-            for _ in range(2)]  # fmt: skip
-    assert runs[0] == runs[1]  # seeded
+    solo = rt.generate([PROMPTS["d"]], 8, sampled).tokens[0]
+    mixed, _ = drive(rt.continuous(2, ()), {0: [("a", PROMPTS["a"], 8)],
+                                           1: [("d", PROMPTS["d"], 8, sampled)]})  # fmt: skip
+    assert mixed["d"] == solo and mixed["a"] == alone["a"][:8]
+    assert solo != rt.generate([PROMPTS["d"]], 8).tokens[0]  # it did sample
 
 
 def test_forwards_that_cannot_take_rows_say_so():
-    assert Runtime(tiny_family_model("gpt2")).continuous(2, Sampling(), ()) is None
+    assert Runtime(tiny_family_model("gpt2")).continuous(2, ()) is None
 
 
 def test_a_prompt_that_does_not_fit_is_refused():
-    batch = Runtime(tiny_llama(vocab=64)).continuous(1, Sampling(), ())
+    batch = Runtime(tiny_llama(vocab=64)).continuous(1, ())
     assert not batch.fits(batch.context, 1)
     batch.join("a", [1, 2], 4)
     assert not batch.fits(2, 4)  # no free row

@@ -44,21 +44,23 @@ class Event:
 class _Row:
     key: Hashable
     limit: int
+    sampling: Sampling
+    generator: torch.Generator | None  # its own: a seeded request draws what it would alone
     made: int = 0
     last: int = 0  # the token fed at the next step
 
 
 class ContinuousBatch:
     """Rows that join (:meth:`join`) and leave (:meth:`leave`, or by finishing) between
-    decode steps (:meth:`step`). ``context`` is the most slots the cache may grow to."""
+    decode steps (:meth:`step`). ``context`` is the most slots the cache may grow to. Each row
+    has its own sampling settings and generator (greedy rows take the argmax)."""
 
-    def __init__(self, forward: LlamaForward, rows: int, context: int, sampling: Sampling,
+    def __init__(self, forward: LlamaForward, rows: int, context: int,
                  stop_ids: Sequence[int] = (), start: int = 256) -> None:  # fmt: skip
         self.forward, self.rows, self.context = forward, rows, context
-        self.sampling, self.stops = sampling, set(stop_ids)
+        self.stops = set(stop_ids)
         self.cache: StaticKVCache = forward.new_cache(rows, min(start, context))
         self.running: list[_Row] = []
-        self._gen = None if sampling.greedy else sampling.generator()
 
     @property
     def empty(self) -> bool:
@@ -69,7 +71,7 @@ class ContinuousBatch:
         return len(self.running) < self.rows and prompt + limit <= self.context
 
     @torch.inference_mode()
-    def join(self, key: Hashable, ids: Sequence[int], limit: int,
+    def join(self, key: Hashable, ids: Sequence[int], limit: int, sampling: Sampling | None = None,
              on_logits: LogitsHook | None = None) -> Event:  # fmt: skip
         """Prefill ``ids`` into a free row; the first token's event (the row runs on unless
         that event ends it)."""
@@ -89,8 +91,9 @@ class ContinuousBatch:
         logits = self.forward(torch.tensor([list(ids)]), view)  # (1, vocab)
         if on_logits is not None:
             on_logits([key], logits)
-        row = _Row(key, limit)
-        event = self._record(row, int(next_tokens(logits, self.sampling, self._gen)[0]))
+        sampling = sampling or Sampling()
+        row = _Row(key, limit, sampling, None if sampling.greedy else sampling.generator())
+        event = self._record(row, int(next_tokens(logits, sampling, row.generator)[0]))
         if event.finish is None:
             self.running.append(row)
         return event
@@ -106,7 +109,10 @@ class ContinuousBatch:
         logits = self.forward(ids, CacheView(self.cache, slice(0, n)))  # (n, vocab)
         if on_logits is not None:
             on_logits([r.key for r in self.running], logits)
-        chosen = next_tokens(logits, self.sampling, self._gen).tolist()
+        chosen = logits.argmax(-1).tolist()
+        for i, r in enumerate(self.running):
+            if r.generator is not None:
+                chosen[i] = int(next_tokens(logits[i : i + 1], r.sampling, r.generator)[0])
         events = [self._record(r, t) for r, t in zip(self.running, chosen, strict=True)]
         for event in events:
             if event.finish is not None:

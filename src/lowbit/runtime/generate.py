@@ -78,8 +78,7 @@ class Runtime:
             self._forwards[kind] = (HFForward if reason else LlamaForward)(self.model)
         return self._forwards[kind]
 
-    def continuous(self, rows: int, sampling: Sampling, stop_ids: Sequence[int] = ()
-                   ) -> ContinuousBatch | None:  # fmt: skip
+    def continuous(self, rows: int, stop_ids: Sequence[int] = ()) -> ContinuousBatch | None:
         """A batch that prompts join and leave between steps (:mod:`lowbit.runtime.batch`),
         or None where the forward cannot write its cache by rows (the model's own forward,
         LiteRT): run those with :meth:`generate`."""
@@ -87,7 +86,7 @@ class Runtime:
         forward = self.forward_for(context)
         if not isinstance(forward, LlamaForward):
             return None
-        return ContinuousBatch(forward, rows, context, sampling, stop_ids)
+        return ContinuousBatch(forward, rows, context, stop_ids)
 
     def _check(self, prompts: Sequence[Sequence[int]], limits: list[int]) -> int:
         if not prompts or any(len(p) == 0 for p in prompts):

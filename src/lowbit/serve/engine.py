@@ -2,14 +2,13 @@
 batches, on the decode loop (:class:`lowbit.runtime.Runtime`).
 
 Requests join a running batch between decode steps (continuous batching,
-:mod:`lowbit.runtime.batch`): each is prefilled into a free row as soon as one is free and it
-asks for the batch's sampling settings; when the oldest waiting request asks for other settings,
-no more join and the batch drains, then the next batch starts with that request. Where the
-forward cannot take rows between steps (the model's own forward, LiteRT), the requests that wait
-together with the same settings run as one whole batch. Tokens reach each request's consumer as
-they are chosen; a request whose client went away is cancelled at the next step. The canary
-check (if any) runs between steps. The HTTP layer (:mod:`lowbit.serve.app`) never touches the
-model.
+:mod:`lowbit.runtime.batch`): each is prefilled into a free row as soon as one is free, in
+arrival order, with its own sampling settings and generator (a seeded request draws what it
+would alone). Where the forward cannot take rows between steps (the model's own forward,
+LiteRT), the requests that wait together with the same settings run as one whole batch.
+Tokens reach each request's consumer as they are chosen; a request whose client went away is
+cancelled at the next step. The canary check (if any) runs between steps. The HTTP layer
+(:mod:`lowbit.serve.app`) never touches the model.
 """
 
 from __future__ import annotations
@@ -149,12 +148,12 @@ class Engine:
         self._take(wait=True)
         if not self._held:
             return
-        key = self._held[0].sampling
-        batch = self.runtime.continuous(self.max_batch, key, self.stop_ids)
+        batch = self.runtime.continuous(self.max_batch, self.stop_ids)
         if batch is not None:
             self._batch = batch
             self._admit()
             return
+        key = self._held[0].sampling
         jobs = list(itertools.islice((j for j in self._held if j.sampling == key), self.max_batch))
         self._held = [j for j in self._held if j not in jobs]
         self._running, self.busy = jobs, len(jobs)
@@ -162,8 +161,7 @@ class Engine:
         self._running = []
 
     def _continue(self) -> None:
-        """Admit what waits (unless the oldest waits for other sampling settings: then the
-        batch drains), drop cancelled rows, decode one step."""
+        """Admit what waits, drop cancelled rows, decode one step."""
         assert self._batch is not None
         self._take(wait=False)
         self._admit()
@@ -183,10 +181,10 @@ class Engine:
             self._batch = None
 
     def _admit(self) -> None:
-        """Join held jobs with the batch's sampling, oldest first, while rows are free."""
+        """Join held jobs, oldest first, while rows are free."""
         batch = self._batch
         assert batch is not None
-        while self._held and self._held[0].sampling == batch.sampling:
+        while self._held:
             job = self._held[0]
             if len(job.ids) + job.max_tokens > batch.context:
                 self._held.pop(0)
@@ -198,7 +196,8 @@ class Engine:
             self._held.pop(0)
             self._running.append(job)
             log.debug("join: %d running, %d waiting", len(self._running), self.depth())
-            self._deliver(batch.join(job, job.ids, job.max_tokens, self._keep_logits))
+            self._deliver(batch.join(job, job.ids, job.max_tokens, job.sampling,
+                                     self._keep_logits))  # fmt: skip
 
     def _deliver(self, event: Event) -> None:
         job = event.key
