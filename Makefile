@@ -14,7 +14,7 @@ PYTEST := $(BIN)/python -m pytest
 $(STAMP): pyproject.toml Makefile $(wildcard src/lowbit/kernels/csrc/*.cpp src/lowbit/kernels/csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,export,serve,litert]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,export,serve,litert,image]"
 	$(BIN)/python -m lowbit.kernels.build
 	touch $(STAMP)
 

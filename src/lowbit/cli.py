@@ -227,7 +227,11 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit import api
+    from lowbit.cli_image import eval_image, image_entry
 
+    entry = image_entry(args.model)
+    if entry is not None:
+        return eval_image(args, entry)
     check_window(args.tokens, args.seqlen)
     src = api.load_model(args.model)
     _need_tokenizer(src)
@@ -333,8 +337,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from lowbit.models import random_models, zoo
+    from lowbit.models.images import image_models
 
-    for name, entry in {**zoo(), **random_models()}.items():
+    for name, entry in {**zoo(), **random_models(), **image_models()}.items():
         print(f"{name:22s} {entry.description}")
     return 0
 

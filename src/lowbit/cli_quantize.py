@@ -114,12 +114,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.calibration.group import Group
     from lowbit.cli import _need_tokenizer
+    from lowbit.cli_image import image_entry, quantize_image
     from lowbit.models.load import source_folder, source_tokenizer
 
     torch.manual_seed(args.seed)
     prepare_out(args.out, args.overwrite)
     if args.eval:
         check_window(args.eval_tokens, args.eval_seqlen, "eval-")
+    entry = image_entry(args.model)
+    if entry is not None:
+        return quantize_image(args, entry)
     recipe = api.load_recipe(args.recipe)
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work

@@ -1,18 +1,22 @@
-"""Calibration data: seeded token windows from a named corpus, with their provenance."""
+"""Calibration data: seeded token windows from a named corpus, or images, with their
+provenance."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from lowbit.data import calibration_windows, corpus_ids, ids_sha256, load_corpus
+from lowbit.errors import LowbitError
 
 
 @dataclass
 class CalibrationSet:
-    """``windows`` (samples, seqlen) of token ids and where they came from."""
+    """``windows`` (samples, seqlen) of token ids and where they came from; for an image
+    model, (samples, C, H, W) float images (``seqlen`` 0, see :func:`image_calibration`)."""
 
     corpus: str
     samples: int
@@ -25,6 +29,11 @@ class CalibrationSet:
         return ids_sha256(self.windows)
 
     def describe(self) -> dict[str, Any]:
+        if self.windows.is_floating_point():
+            data = self.windows.float().contiguous().numpy().tobytes()
+            return {"corpus": self.corpus, "samples": self.samples,
+                    "shape": list(self.windows.shape[1:]),
+                    "images_sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
         return {
             "corpus": self.corpus,
             "samples": self.samples,
@@ -47,3 +56,12 @@ def calibration_set(
     return CalibrationSet(
         corpus, samples, seqlen, seed, calibration_windows(ids, samples, seqlen, seed)
     )
+
+
+def image_calibration(images: Tensor, name: str) -> CalibrationSet:
+    """Calibration inputs for an image model: ``images`` (N, C, H, W) in the model's input
+    range, named ``name`` in manifests; never the images it is evaluated on."""
+    if images.dim() != 4 or not images.is_floating_point():
+        raise LowbitError(f"calibration images must be a float (N, C, H, W) tensor, got "
+                          f"{images.dtype} of shape {tuple(images.shape)}")  # fmt: skip
+    return CalibrationSet(name, images.shape[0], 0, 0, images)

@@ -56,6 +56,9 @@ def export(
     if fmt not in FORMATS:
         raise LowbitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     manifest = read_manifest(folder)
+    if (manifest.get("source") or {}).get("kind") == "image":
+        raise LowbitError(f"{folder} is an image model; exporting quantized convolutions is "
+                          f"not supported yet (run it through the Python API)")  # fmt: skip
     prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS)
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")

@@ -14,9 +14,11 @@ from torch import nn
 
 from lowbit.assets import write_text_atomic
 from lowbit.errors import LowbitError, reason
-from lowbit.models.checkpoint import MANIFEST, load_folder
+from lowbit.models.checkpoint import MANIFEST, load_folder, read_manifest
 from lowbit.models.convert import converted_folder
+from lowbit.models.images import image_models
 from lowbit.models.kernels import use_kernels
+from lowbit.models.normalize import fold_batchnorm
 from lowbit.models.zoo import build_random, random_folder, random_models, zoo, zoo_gguf
 
 log = logging.getLogger(__name__)
@@ -47,13 +49,18 @@ def load_model(source: str, kernels: bool = True) -> LoadedModel:
     if source in randoms:
         log.info("building %s (random weights: speed and memory only)", source)
         return LoadedModel(build_random(randoms[source]), None, source, "random")
+    images = image_models()
+    if source in images:
+        return LoadedModel(images[source].load(), None, source, "image")
     path = Path(source).expanduser()
     if path.is_dir() and (path / MANIFEST).is_file():
-        model, manifest = load_folder(path)
+        image = _image_skeleton(path)
+        model, manifest = load_folder(path, image)
         if kernels:
             counts = use_kernels(model)
             log.info("kernels for %s: %s", path, counts)
-        return LoadedModel(model, source_tokenizer(path), source, "lowbit", path, manifest)
+        tokenizer = None if image is not None else source_tokenizer(path)
+        return LoadedModel(model, tokenizer, source, "lowbit", path, manifest)
     if path.suffix == ".tflite":
         if not path.is_file():
             raise LowbitError(f"no such file: {path}")
@@ -66,6 +73,20 @@ def load_model(source: str, kernels: bool = True) -> LoadedModel:
     folder, kind = source_folder(source)
     model, tok = _from_hf_folder(folder)
     return LoadedModel(model, tok, source, kind, folder)
+
+
+def _image_skeleton(folder: Path) -> nn.Module | None:
+    """The architecture of a quantized image model's folder (None: an HF model's folder)."""
+    source = read_manifest(folder).get("source") or {}
+    if source.get("kind") != "image":
+        return None
+    images = image_models()
+    if source.get("model") not in images:
+        raise LowbitError(f"{folder}: {MANIFEST} names image model {source.get('model')!r}, "
+                          f"which this lowbit does not know ({', '.join(images)})")  # fmt: skip
+    skeleton = images[source["model"]].build().eval()
+    fold_batchnorm(skeleton)  # as quantization left it
+    return skeleton
 
 
 def source_folder(source: str) -> tuple[Path, str]:

@@ -6,10 +6,13 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 
+QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of every ``nn.Linear`` in definition order."""
-    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every ``nn.Linear``, ``nn.Conv2d`` and ``nn.ConvTranspose2d`` in
+    definition order."""
+    return [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZABLE]
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

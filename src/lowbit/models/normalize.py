@@ -30,3 +30,24 @@ def conv1d_to_linear(model: nn.Module) -> int:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
         replaced += 1
     return replaced
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` or
+    ``ConvTranspose2d`` in an ``nn.Sequential`` into that convolution (torch's
+    ``fuse_conv_bn_eval``; the BatchNorm becomes ``nn.Identity``), so its scale is quantized
+    with the weights it multiplies. Same outputs in eval mode; returns the count."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if type(conv) in (nn.Conv2d, nn.ConvTranspose2d) and type(bn) is nn.BatchNorm2d:
+                if bn.training or not bn.track_running_stats:
+                    continue  # batch statistics: nothing fixed to fold
+                transposed = isinstance(conv, nn.ConvTranspose2d)
+                seq[i] = fuse_conv_bn_eval(conv.eval(), bn, transpose=transposed)
+                seq[i + 1] = nn.Identity()
+                folded += 1
+    return folded

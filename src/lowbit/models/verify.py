@@ -17,7 +17,8 @@ from lowbit.assets import sha256_file
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.models.tensorfile import CODES, Entry
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantConv, QuantLinear
+from lowbit.nn.quant_conv import ConvGeometry
 
 MANIFEST = "lowbit.json"
 
@@ -32,9 +33,13 @@ class LayerPlan:
     bias: bool
     weights: WeightSpec
     activations: ActivationSpec | None
+    conv: ConvGeometry | None = None
 
     def build(self, device: str | torch.device | None = None) -> QuantLinear:
         with torch.device(device or "cpu"):
+            if self.conv is not None:
+                return QuantConv(self.conv, self.weights, self.bias, layer=self.name,
+                                 act=self.activations)  # fmt: skip
             return QuantLinear(self.in_features, self.out_features, self.weights, self.bias,
                                act=self.activations)  # fmt: skip
 
@@ -64,7 +69,15 @@ def manifest_layers(manifest: dict[str, Any]) -> dict[str, LayerPlan]:
         if acts is not None and not isinstance(acts, dict):
             raise LowbitError(f"{where}.activations: expected a mapping")
         act = None if acts is None else ActivationSpec.from_dict(acts, f"{where}.activations")
-        plans[name] = LayerPlan(name, sizes[0], sizes[1], info["bias"], spec, act)
+        conv = (
+            None
+            if info.get("conv") is None
+            else ConvGeometry.from_dict(info["conv"], f"{where}.conv")
+        )
+        if conv is not None and conv.shape != (sizes[1], sizes[0]):
+            raise LowbitError(f"{where}.conv: its shape {conv.shape} disagrees with "
+                              f"out_features, in_features {sizes[1], sizes[0]}")  # fmt: skip
+        plans[name] = LayerPlan(name, sizes[0], sizes[1], info["bias"], spec, act, conv)
     return plans
 
 

@@ -7,6 +7,7 @@ from lowbit.nn.kernel_linear import (
     Int8KernelLinear,
     kernel_module,
 )
+from lowbit.nn.quant_conv import QuantConv
 from lowbit.nn.quant_linear import QuantLinear
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "AffineKernelLinear",
     "HalfKernelLinear",
     "Int8KernelLinear",
+    "QuantConv",
     "QuantLinear",
     "kernel_module",
 ]

@@ -28,7 +28,8 @@ from lowbit.formats.spec import WeightSpec
 from lowbit.models.families import Family, sequential_groups
 from lowbit.models.modules import set_module
 from lowbit.models.wiring import derive_family
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantConv, QuantLinear
+from lowbit.nn.quant_conv import is_conv
 from lowbit.pipeline.act_ranges import Step, observe_ranges
 from lowbit.pipeline.calibrated import (
     awq_scale_block,
@@ -86,10 +87,14 @@ def swap(model: nn.Module, name: str, module: nn.Linear, qw: QuantizedWeight, or
     params = [t for t in (qw.qparams.scale, qw.qparams.zero) if t is not None]
     if not all(torch.isfinite(t.float()).all() for t in params):
         raise LowbitError(f"{name}: quantization produced NaN or inf scales or zeros")
-    new = QuantLinear.from_quantized(qw, module.bias, name, act)
+    if is_conv(module):
+        new = QuantConv.from_conv(module, qw, name, act)
+    else:
+        new = QuantLinear.from_quantized(qw, module.bias, name, act)
     report.layers[name] = LayerReport(
-        qw.spec, module.in_features, module.out_features, module.bias is not None,
+        qw.spec, new.in_features, new.out_features, module.bias is not None,
         new.bits_per_weight(), sqnr_db(original, qw.dequantize()), act,
+        conv=new.geometry.to_dict() if isinstance(new, QuantConv) else None,
     )  # fmt: skip
     new = new.to(original.device)
     set_module(model, name, new)

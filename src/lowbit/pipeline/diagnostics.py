@@ -48,8 +48,14 @@ def output_sqnr_during(
 
     def make_hook(name: str, weight: Tensor):
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            ref = F.linear(args[0].float(), weight.float(), None)
-            got = out.float() if module.bias is None else out.float() - module.bias.float()
+            x, bias = args[0].float(), module.bias
+            geometry = getattr(module, "geometry", None)  # a QuantConv: its matrix as a conv
+            if geometry is None:
+                ref = F.linear(x, weight.float(), None)
+            else:
+                ref = geometry.apply(x, geometry.weight(weight.float()), None)
+                bias = None if bias is None else bias.view(-1, 1, 1)  # per channel
+            got = out.float() if bias is None else out.float() - bias.float()
             s = sums.setdefault(name, [0.0, 0.0])
             s[0] += float(ref.double().pow(2).sum())
             s[1] += float((got - ref).double().pow(2).sum())

@@ -21,6 +21,7 @@ class LayerReport:
     weight_sqnr_db: float
     activations: ActivationSpec | None = None
     output_sqnr_db: float | None = None  # on calibration data, when there is some
+    conv: dict[str, Any] | None = None  # a convolution's geometry (ConvGeometry.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str) -> LayerReport:
@@ -31,7 +32,7 @@ class LayerReport:
             data["in_features"], data["out_features"], data["bias"], data["bits_per_weight"],
             _number(data["weight_sqnr_db"]),
             None if acts is None else ActivationSpec.from_dict(acts, f"layers.{name}.activations"),
-            _number(data.get("output_sqnr_db")),
+            _number(data.get("output_sqnr_db")), data.get("conv"),
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,6 +46,7 @@ class LayerReport:
             "weight_sqnr_db": round(self.weight_sqnr_db, 3),
             "output_sqnr_db": _rounded(self.output_sqnr_db),
             "activations": None if self.activations is None else self.activations.to_dict(),
+            **({} if self.conv is None else {"conv": self.conv}),
         }
 
 

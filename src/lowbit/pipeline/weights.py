@@ -25,8 +25,9 @@ from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import get_module, quantizable_layers, untie_if_needed
-from lowbit.models.normalize import conv1d_to_linear
+from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.nn import QuantLinear
+from lowbit.nn.quant_conv import weight_matrix
 from lowbit.pipeline.act_ranges import calibrate_activations
 from lowbit.pipeline.blocks import DIAGNOSTIC_WINDOWS, BlockSteps, data_free, restore, swap
 from lowbit.pipeline.diagnostics import output_sqnr
@@ -63,6 +64,7 @@ def quantize_weights(
     model's logits on its windows (``float_logits``, ``quantized_logits``)."""
     start = time.perf_counter()
     conv1d_to_linear(model)
+    fold_batchnorm(model)  # image models: a BatchNorm's scale is quantized with its conv
     plan = plan_layers(recipe, quantizable_layers(model))
     report = QuantizeReport(recipe, calibration=calibration)
     if recipe.needs_calibration and calibration is None:
@@ -127,9 +129,9 @@ def _quantize_rest(model, recipe, rest, report, calibration, batch_size, whole, 
                disable=not progress or not rest)  # fmt: skip
     for name, spec in bar:
         module = get_module(model, name)
-        swap(model, name, module, data_free(recipe, module.weight, spec, name), module.weight,
-             report)  # fmt: skip
-        originals[name] = module.weight
+        weight = weight_matrix(module)  # a convolution's as the matrix it is quantized as
+        swap(model, name, module, data_free(recipe, weight, spec, name), weight, report)
+        originals[name] = weight
     static = [n for n in rest if _static(get_module(model, n))]
     if calibration is None or not rest:
         return

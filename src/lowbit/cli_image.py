@@ -1,0 +1,100 @@
+"""``lowbit quantize`` and ``lowbit eval`` for image models (``waifu2x-upconv7``,
+``dcgan-faces``): the model is held in memory, calibrated on its built-in calibration inputs
+and scored on its built-in evaluation inputs (PSNR / SSIM against ground truth where there is
+one and against ``--ref``'s outputs, images per second)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+
+def image_entry(model: str) -> Any:
+    """The registry entry of ``model`` (an image zoo name or a quantized image folder), or
+    None for any other model."""
+    from lowbit.models.checkpoint import MANIFEST, read_manifest
+    from lowbit.models.images import image_models
+
+    images = image_models()
+    if model in images:
+        return images[model]
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        source = read_manifest(path).get("source") or {}
+        if source.get("kind") == "image":
+            return images.get(source.get("model"))
+    return None
+
+
+def quantize_image(args: argparse.Namespace, entry: Any) -> int:
+    from lowbit import api
+    from lowbit.calibration import image_calibration
+
+    unsupported = [flag for flag, on in (("--dry-run", args.dry_run),
+                   ("--max-memory", args.max_memory), ("--target-bits", args.target_bits),
+                   ("--target-size", args.target_size)) if on]  # fmt: skip
+    if unsupported:
+        raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
+                          f"model held in memory")  # fmt: skip
+    recipe = api.load_recipe(args.recipe)
+    src = api.load_model(entry.name)
+    calibration = None
+    if api.needs_calibration(recipe):
+        calibration = image_calibration(entry.calibration(), f"{entry.name} calibration inputs")
+    report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
+    out = api.save(src.model, args.out, report, source=src, overwrite=args.overwrite)
+    metrics = {}
+    if args.eval:
+        metrics = {"eval": _evaluate(api.load(out).model, entry, api.load_model(entry.name))}
+        api.add_metrics(out, metrics)
+    bits = sum(r.bits_per_weight * r.in_features * r.out_features for r in report.layers.values())
+    weights = sum(r.in_features * r.out_features for r in report.layers.values())
+    summary = {"out": str(out), "layers": len(report.layers), "bits_per_weight": bits / weights,
+               "seconds": report.seconds, **metrics}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"saved to {out}: {len(report.layers)} layers, {bits / weights:.3f} bits/weight, "
+              f"{report.seconds:.1f} s")  # fmt: skip
+        if metrics:
+            print(_line(metrics["eval"]))
+    return 0
+
+
+def eval_image(args: argparse.Namespace, entry: Any) -> int:
+    from lowbit import api
+
+    src = api.load_model(args.model)
+    ref = api.load_model(args.ref) if args.ref else None
+    result = _evaluate(src.model, entry, ref)
+    if args.json:
+        print(json.dumps({"model": args.model, **({"ref": args.ref} if args.ref else {}),
+                          **result}))  # fmt: skip
+    else:
+        print(_line(result))
+    return 0
+
+
+def _evaluate(model: Any, entry: Any, ref: Any) -> dict:
+    from lowbit.eval.image import evaluate_image
+
+    inputs, truth = entry.evaluation()
+    return evaluate_image(model, inputs, truth, None if ref is None else ref.model,
+                          entry.output_range)  # fmt: skip
+
+
+def _line(result: dict) -> str:
+    parts = [f"{result['images']} images"]
+    if "psnr" in result:
+        parts.append(f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} vs ground truth")
+    if "psnr_ref" in result:
+        parts.append(f"PSNR {result['psnr_ref']:.2f} dB, SSIM {result['ssim_ref']:.4f} vs ref")
+    parts.append(f"{result['images_per_s']:.2f} images/s at batch 1")
+    return "; ".join(parts)

@@ -1,0 +1,55 @@
+"""Generative image models: architectures ported to torch and their pinned offline weights.
+
+:func:`image_models` names them for ``load_model`` (zoo names ``waifu2x-upconv7`` and
+``dcgan-faces``) and for loading a quantized folder of one (its skeleton is built from the name
+its manifest records, with BatchNorm folded as quantization left it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from lowbit.models.images.data import latents, sr_calibration, sr_evaluation
+from lowbit.models.images.dcgan import LATENT, DCGANGenerator, dcgan_faces
+from lowbit.models.images.waifu2x import UpConv7, waifu2x_upconv7
+
+
+@dataclass(frozen=True)
+class ImageModel:
+    """An image model lowbit knows by name: how to build and load it, what it is calibrated
+    and evaluated on (inputs; ground truth where there is one) and its output range."""
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]  # the architecture, random weights
+    load: Callable[[], nn.Module]  # the pinned pretrained weights
+    calibration: Callable[[], Tensor]
+    evaluation: Callable[[], tuple[Tensor, Tensor | None]]
+    output_range: tuple[float, float] = (0.0, 1.0)
+
+
+def _gan_calibration() -> Tensor:
+    return latents(64, LATENT, seed=1)
+
+
+def _gan_evaluation() -> tuple[Tensor, None]:
+    return latents(256, LATENT, seed=0), None
+
+
+def image_models() -> dict[str, ImageModel]:
+    entries = (
+        ImageModel("waifu2x-upconv7", "waifu2x upconv7 2x super-resolution (995k params); "
+                   "calibrated on crops of 3 sample images, scored on a 4th (astronaut)",
+                   UpConv7, waifu2x_upconv7, sr_calibration, sr_evaluation),
+        ImageModel("dcgan-faces", "DCGAN face generator, 100-d latent to 64x64 RGB (3.58M "
+                   "params); calibrated on 64 latents, scored on 256 others", DCGANGenerator,
+                   dcgan_faces, _gan_calibration, _gan_evaluation, (-1.0, 1.0)),
+    )  # fmt: skip
+    return {e.name: e for e in entries}
+
+
+__all__ = ["DCGANGenerator", "ImageModel", "UpConv7", "dcgan_faces", "image_models",
+           "waifu2x_upconv7"]  # fmt: skip

@@ -1,0 +1,166 @@
+"""Quantized convolutions: the packed storage of :class:`QuantLinear`, a convolution's forward.
+
+A convolution is quantized as the matrix it multiplies im2col patches by: one row per output
+channel, its inputs (input channels of the group x kernel positions) along the row. So every
+weight format, granularity (per output channel, or groups along that row), observer, algorithm
+and packing of linears applies unchanged; :class:`ConvGeometry` maps the weight to that matrix
+and back. ``nn.ConvTranspose2d`` stores its weight (in, out, kh, kw): its matrix is the
+transpose over the first two axes (groups of 1 only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats.spec import ActivationSpec
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.primitives import QuantizedWeight
+
+CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a 2-D (transposed) convolution needs besides its weight."""
+
+    transposed: bool
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    output_padding: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def of(cls, conv: nn.Module, name: str = "") -> ConvGeometry:
+        if type(conv) not in CONVS:
+            raise LowbitError(f"{name}: {type(conv).__name__} is not a Conv2d/ConvTranspose2d")
+        if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+            mode = f"{conv.padding!r} / {conv.padding_mode!r}"
+            raise LowbitError(f"{name}: padding {mode} is not supported; pad explicitly and "
+                              f"use numeric zero padding")  # fmt: skip
+        transposed = isinstance(conv, nn.ConvTranspose2d)
+        if transposed and conv.groups != 1:
+            raise LowbitError(f"{name}: grouped transposed convolutions are not supported; add "
+                              f"the layer to ignore")  # fmt: skip
+        extra = {"output_padding": tuple(conv.output_padding)} if transposed else {}
+        return cls(transposed, conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
+                   tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
+                   **extra)  # fmt: skip
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the matrix: output channels, inputs per output channel."""
+        kh, kw = self.kernel_size
+        return self.out_channels, self.in_channels // self.groups * kh * kw
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        """The conv weight as the (out, in_per_group * kh * kw) matrix that is quantized."""
+        if self.transposed:  # (in, out, kh, kw) -> (out, in, kh, kw)
+            weight = weight.transpose(0, 1)
+        return weight.reshape(self.shape)
+
+    def weight(self, matrix: Tensor) -> Tensor:
+        """The inverse of :meth:`matrix`."""
+        kh, kw = self.kernel_size
+        w = matrix.reshape(self.out_channels, self.in_channels // self.groups, kh, kw)
+        return w.transpose(0, 1) if self.transposed else w
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.transposed:
+            return F.conv_transpose2d(x, weight, bias, self.stride, self.padding,
+                                      self.output_padding, self.groups, self.dilation)  # fmt: skip
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "conv") -> ConvGeometry:
+        """Inverse of :meth:`to_dict` (a manifest entry), checked: one error naming the key."""
+        if not isinstance(data, dict):
+            raise LowbitError(f"{where}: expected a mapping")
+        out: dict[str, Any] = {}
+        for f in fields(cls):
+            value = data.get(f.name)
+            if f.name == "transposed":
+                ok = isinstance(value, bool)
+            elif f.name in ("in_channels", "out_channels", "groups"):
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            else:
+                ok = (isinstance(value, list | tuple) and len(value) == 2 and
+                      all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                          for v in value))  # fmt: skip
+                value = tuple(value) if ok else value
+            if not ok:
+                raise LowbitError(f"{where}.{f.name}: unexpected value {value!r}")
+            out[f.name] = value
+        geometry = cls(**out)
+        if geometry.in_channels % geometry.groups or geometry.out_channels % geometry.groups:
+            raise LowbitError(f"{where}: channels not divisible by groups {geometry.groups}")
+        return geometry
+
+
+class QuantConv(QuantLinear):
+    """Drop-in replacement for ``nn.Conv2d`` / ``nn.ConvTranspose2d`` with quantized, packed
+    weights (the matrix of :class:`ConvGeometry`). Activations, if any, are rounded per tensor
+    (dynamic or static): a per-token range has no meaning for an image."""
+
+    def __init__(self, geometry: ConvGeometry, *args, **kwargs) -> None:
+        rows, cols = geometry.shape
+        super().__init__(cols, rows, *args, **kwargs)
+        self.geometry = geometry
+        if self.act is not None and self.act.granularity != "tensor":
+            layer = kwargs.get("layer", "")
+            raise LowbitError(f"{layer}: activations of a convolution are rounded per tensor; "
+                              f"set activations: {{granularity: tensor}}")  # fmt: skip
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, qw: QuantizedWeight, layer: str = "",
+                  act: ActivationSpec | None = None) -> QuantConv:  # fmt: skip
+        """Pack an algorithm's output for the matrix of ``conv``."""
+        geometry = ConvGeometry.of(conv, layer)
+        flat = QuantLinear.from_quantized(qw, conv.bias, layer, None)
+        dtype = torch.float32 if conv.bias is None else conv.bias.dtype
+        mod = cls(geometry, qw.spec, conv.bias is not None, dtype, layer, act)
+        mod.load_state_dict(flat.state_dict(), strict=False)
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C', H', W')
+        weight = self.geometry.weight(self.dequantized_weight(x.dtype))
+        return self.geometry.apply(self.quantize_input(x), weight, self.bias)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        kind = "transposed, " if g.transposed else ""
+        bias = self.bias is not None
+        return (f"{kind}{g.in_channels}, {g.out_channels}, kernel={g.kernel_size}, "
+                f"stride={g.stride}, {self.spec.short()}, bias={bias}")  # fmt: skip
+
+
+def is_conv(module: nn.Module) -> bool:
+    return type(module) in CONVS
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of the matrix a layer's weight is quantized as: a linear's own; a
+    convolution's output channels by its inputs per output channel."""
+    if is_conv(module):
+        return ConvGeometry.of(module).shape
+    return module.out_features, module.in_features
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The weight as the matrix that is quantized (a view; a linear's own weight)."""
+    return ConvGeometry.of(module).matrix(module.weight) if is_conv(module) else module.weight
+
+
+__all__ = ["CONVS", "ConvGeometry", "QuantConv", "is_conv", "layer_dims", "weight_matrix"]

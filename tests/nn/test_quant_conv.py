@@ -1,0 +1,118 @@
+"""Quantized convolutions: the matrix view of a conv weight, packed storage, the forward, and a
+whole convnet quantized through the same pipeline as linears."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import make_recipe
+from lowbit import api
+from lowbit.errors import LowbitError
+from lowbit.nn import QuantConv
+from lowbit.nn.quant_conv import ConvGeometry, layer_dims, weight_matrix
+from lowbit.primitives import sqnr_db
+
+
+def convnet() -> nn.Module:
+    """A tiny 2x upscaler of the waifu2x kind: convs, a grouped conv, a transposed conv."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.LeakyReLU(0.1),
+        nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.LeakyReLU(0.1),
+        nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1, bias=False),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("index", [0, 2, 4])
+def test_the_matrix_view_round_trips_and_computes_the_conv(index):
+    conv = convnet()[index]
+    g = ConvGeometry.of(conv)
+    m = weight_matrix(conv)
+    assert tuple(m.shape) == layer_dims(conv) == g.shape
+    assert torch.equal(g.weight(m), conv.weight)
+    x = torch.randn(2, conv.in_channels, 7, 9)
+    torch.testing.assert_close(g.apply(x, g.weight(m), conv.bias), conv(x))
+
+
+@pytest.mark.parametrize("weights", [{"bits": 8, "group_size": -1}, {"bits": 4, "group_size": 8},
+                                     {"bits": 4, "group_size": -1, "symmetric": True}])  # fmt: skip
+def test_a_convnet_quantizes_like_linears_and_computes_with_its_codes(weights):
+    model, x = convnet(), torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    grouped = weights.get("group_size", -1) > 0  # the first conv has 27 inputs: left in float
+    layers = (2, 4) if grouped else (0, 2, 4)
+    report = api.quantize(model, make_recipe(weights, ignore=("0",) if grouped else ()),
+                          progress=False)  # fmt: skip
+    assert all(isinstance(model[i], QuantConv) for i in layers)
+    assert len(report.layers) == len(layers) and isinstance(model[0], QuantConv) != grouped
+    assert report.layers["4"].out_features == 3 and report.layers["4"].in_features == 32 * 16
+    for i in layers:  # exactly the float conv holding the dequantized weight
+        q, y = model[i], torch.randn(1, model[i].geometry.in_channels, 6, 6)
+        w = q.geometry.weight(q.dequantized_weight())
+        expect = (F.conv_transpose2d(y, w, None, 2, 1) if i == 4 else
+                  F.conv2d(y, w, q.bias, 1, 1, 1, q.geometry.groups))  # fmt: skip
+        assert torch.equal(q(y), expect)
+    with torch.no_grad():
+        out = model(x)
+    assert sqnr_db(ref, out) > (35 if weights["bits"] == 8 else 15)
+    assert model[2].bits_per_weight() <= weights["bits"] + 4  # packed: scale overhead only
+
+
+def test_activations_of_a_conv_are_per_tensor():
+    per_token = {"bits": 8, "granularity": "token", "dynamic": True}
+    with pytest.raises(LowbitError, match="rounded per tensor"):
+        api.quantize(convnet(), make_recipe({"bits": 8, "group_size": -1}, per_token),
+                     progress=False)  # fmt: skip
+    model, x = convnet(), torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    per_tensor = {"bits": 8, "granularity": "tensor", "dynamic": True}
+    api.quantize(model, make_recipe({"bits": 8, "group_size": -1}, per_tensor), progress=False)
+    with torch.no_grad():
+        assert sqnr_db(ref, model(x)) > 25
+
+
+def test_unfit_groups_and_unsupported_convs_are_named():
+    with pytest.raises(LowbitError, match="0"):  # 3 * 9 = 27 inputs per channel: no group of 16
+        api.quantize(convnet(), make_recipe({"bits": 4, "group_size": 16}, ignore=()),
+                     progress=False)  # fmt: skip
+    grouped = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2))
+    with pytest.raises(LowbitError, match="grouped transposed"):
+        ConvGeometry.of(grouped[0], "0")
+    same = nn.Conv2d(3, 4, 3, padding="same")
+    with pytest.raises(LowbitError, match="padding"):
+        ConvGeometry.of(same, "c")
+
+
+def test_static_per_tensor_ranges_calibrate_on_images():
+    from lowbit.calibration import image_calibration
+
+    model, x = convnet(), torch.rand(1, 3, 10, 10)
+    with torch.no_grad():
+        ref = model(x)
+    acts = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
+    recipe = make_recipe({"bits": 8, "group_size": -1}, acts, ignore=())
+    with pytest.raises(LowbitError, match="calibration"):
+        api.quantize(model, recipe, progress=False)
+    images = image_calibration(torch.rand(4, 3, 10, 10), "noise")
+    report = api.quantize(model, recipe, images, progress=False)
+    assert all(bool(torch.isfinite(model[i].act_scale).all()) for i in (0, 2, 4))
+    assert report.calibration.describe()["shape"] == [3, 10, 10]
+    assert all(layer.output_sqnr_db > 20 for layer in report.layers.values())
+    with torch.no_grad():
+        assert sqnr_db(ref, model(x)) > 25
+    with pytest.raises(LowbitError, match="float"):
+        image_calibration(torch.zeros(2, 5, dtype=torch.long), "ids")
+
+
+def test_geometry_round_trips_through_the_manifest_and_bad_entries_are_named():
+    for conv in (convnet()[2], convnet()[4]):
+        g = ConvGeometry.of(conv)
+        assert ConvGeometry.from_dict(g.to_dict()) == g
+    bad = {**ConvGeometry.of(convnet()[0]).to_dict(), "stride": [1, -1]}
+    with pytest.raises(LowbitError, match="conv.stride"):
+        ConvGeometry.from_dict(bad)
+    with pytest.raises(LowbitError, match="groups"):
+        ConvGeometry.from_dict({**ConvGeometry.of(convnet()[0]).to_dict(), "groups": 2})

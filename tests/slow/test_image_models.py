@@ -1,0 +1,38 @@
+"""Real image models (downloaded once from PyPI): the ports reproduce the published quality and
+8-bit quantization keeps it."""
+
+import copy
+
+import pytest
+
+pytest.importorskip("torchmetrics", reason="image metrics need the image extra")
+pytest.importorskip("skimage", reason="sample images need the image extra")
+
+from helpers import make_recipe
+from lowbit import api
+from lowbit.calibration import image_calibration
+from lowbit.eval.image import evaluate_image
+from lowbit.models.images import image_models
+
+pytestmark = pytest.mark.slow
+
+
+def test_waifu2x_port_matches_the_published_quality_and_w8_keeps_it():
+    entry = image_models()["waifu2x-upconv7"]
+    model = entry.load()
+    inputs, truth = entry.evaluation()
+    base = evaluate_image(model, inputs, truth, None, entry.output_range)
+    assert 33.2 < base["psnr"] < 33.6  # bicubic is about 30.5 dB on the same protocol
+    q = copy.deepcopy(model)
+    api.quantize(q, make_recipe({"bits": 8, "group_size": -1}, ignore=()), progress=False)
+    assert evaluate_image(q, inputs, truth, None, entry.output_range)["psnr"] > base["psnr"] - 0.3
+
+
+def test_dcgan_w8a8_static_samples_stay_within_30_db_of_float():
+    entry = image_models()["dcgan-faces"]
+    model = entry.load()
+    q = copy.deepcopy(model)
+    calib = image_calibration(entry.calibration(), "latents")
+    api.quantize(q, "conv-w8a8-static", calib, progress=False)
+    inputs, _ = entry.evaluation()
+    assert evaluate_image(q, inputs, None, model, entry.output_range)["psnr_ref"] > 30
