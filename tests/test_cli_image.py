@@ -43,3 +43,5 @@ def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):
     assert main(["quantize", "dcgan-faces", "--recipe", "w8-rtn", "--out", out,
                  "--dry-run"]) == 2  # fmt: skip
     assert "--dry-run is for language models" in capsys.readouterr().err
+    assert main(["quantize", "dcgan-faces", "--recipe", "w4-gptq-g64", "--out", out]) == 2
+    assert "data-free weights" in capsys.readouterr().err

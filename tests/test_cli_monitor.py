@@ -38,7 +38,7 @@ def test_monitor_refuses_what_it_cannot_check(tiny_folder, tmp_path, capsys):
                  "--no-canary"]) == 0  # fmt: skip
     assert not (out / "canary.safetensors").exists()
     assert main(["monitor", str(out)]) == 2
-    assert "has no canary" in capsys.readouterr().err
+    assert "records no canary" in capsys.readouterr().err
     assert main(["monitor", str(tiny_folder)]) == 2
     assert "not a lowbit folder" in capsys.readouterr().err
     assert main(["monitor", str(out), "--tolerance", "-1"]) == 2

@@ -51,7 +51,7 @@ def test_file_roundtrip_and_damage_is_named(tmp_path):
     (tmp_path / FILE).write_bytes(b"garbage")
     with pytest.raises(LowbitError, match="does not match the sha256"):
         check(model, tmp_path, manifest)
-    with pytest.raises(LowbitError, match="has no canary"):
+    with pytest.raises(LowbitError, match="records no canary"):
         check(model, tmp_path, {})
     with pytest.raises(LowbitError, match="not a lowbit canary file"):
         Canary.load(tmp_path / FILE)

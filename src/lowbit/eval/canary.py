@@ -180,9 +180,10 @@ def check(model: nn.Module, folder: Path, manifest: dict[str, Any],
     """Score ``model`` (loaded from ``folder``) against the canary its manifest records."""
     entry = manifest.get("canary")
     if not entry:
-        raise LowbitError(f"{folder} has no canary (quantized before lowbit recorded them, or "
-                          f"with --no-canary); use `lowbit serve --ref` to compare against the "
-                          f"float model instead")  # fmt: skip
+        raise LowbitError(f"{folder} records no canary prompts (`lowbit quantize` records them "
+                          f"for language models unless --no-canary; not the Python API's save "
+                          f"or older lowbit versions); compare against the float model with "
+                          f"`lowbit eval --ref` or `lowbit serve --ref` instead")  # fmt: skip
     path = Path(folder) / entry.get("file", FILE)
     if not path.is_file() or sha256_file(path) != entry.get("sha256"):
         raise LowbitError(f"{path} is missing or does not match the sha256 in the manifest")

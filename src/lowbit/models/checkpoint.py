@@ -198,7 +198,7 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
             raise LowbitError(f"{MANIFEST}: layer {name} is not in the model that "
                               f"config.json describes") from None  # fmt: skip
         set_module(model, name, plan.build())
-    unexpected = []
+    unexpected, loaded = [], set()
     for path in files:
         try:
             state = load_file(str(path))
@@ -210,8 +210,13 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
             first = str(exc).strip().splitlines()[-1].strip()
             raise LowbitError(f"{path.name} disagrees with {MANIFEST}: {first[:200]}") from None
         unexpected += result.unexpected_keys
+        loaded |= set(state)
     if unexpected:
         raise LowbitError(f"the weights have tensors the model lacks: {unexpected[:3]}")
+    if skeleton is not None:  # a built (not meta) skeleton: a tensor not on disk stays random
+        missing = [k for k in model.state_dict() if k not in loaded]
+        if missing:
+            raise LowbitError(f"{WEIGHTS} is missing tensors: {missing[:3]}")
     _float32_outside(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "tie_word_embeddings", False):

@@ -9,10 +9,11 @@ from lowbit.errors import LowbitError
 QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every ``nn.Linear``, ``nn.Conv2d`` and ``nn.ConvTranspose2d`` in
-    definition order."""
-    return [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZABLE]
+def quantizable_layers(model: nn.Module, convs: bool = False) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every ``nn.Linear`` (with ``convs``, also ``nn.Conv2d`` and
+    ``nn.ConvTranspose2d``: image models, quantized whole) in definition order."""
+    kinds = QUANTIZABLE if convs else (nn.Linear,)
+    return [(n, m) for n, m in model.named_modules() if type(m) in kinds]
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

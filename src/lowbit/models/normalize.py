@@ -47,6 +47,8 @@ def fold_batchnorm(model: nn.Module) -> int:
                 if bn.training or not bn.track_running_stats:
                     continue  # batch statistics: nothing fixed to fold
                 transposed = isinstance(conv, nn.ConvTranspose2d)
+                if transposed and conv.groups != 1:
+                    continue  # torch's fusion assumes one group for a transposed conv
                 seq[i] = fuse_conv_bn_eval(conv.eval(), bn, transpose=transposed)
                 seq[i + 1] = nn.Identity()
                 folded += 1

@@ -106,6 +106,10 @@ class ConvGeometry:
         geometry = cls(**out)
         if geometry.in_channels % geometry.groups or geometry.out_channels % geometry.groups:
             raise LowbitError(f"{where}: channels not divisible by groups {geometry.groups}")
+        if geometry.transposed and geometry.groups != 1:
+            raise LowbitError(f"{where}: grouped transposed convolutions are not supported")
+        if 0 in (*geometry.kernel_size, *geometry.stride, *geometry.dilation):
+            raise LowbitError(f"{where}: kernel, stride and dilation must be at least 1")
         return geometry
 
 
@@ -130,7 +134,7 @@ class QuantConv(QuantLinear):
         geometry = ConvGeometry.of(conv, layer)
         flat = QuantLinear.from_quantized(qw, conv.bias, layer, None)
         dtype = torch.float32 if conv.bias is None else conv.bias.dtype
-        mod = cls(geometry, qw.spec, conv.bias is not None, dtype, layer, act)
+        mod = cls(geometry, qw.spec, conv.bias is not None, dtype, layer=layer, act=act)
         mod.load_state_dict(flat.state_dict(), strict=False)
         return mod
 

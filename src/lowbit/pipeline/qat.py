@@ -59,11 +59,7 @@ def fake_quantize_model(model: nn.Module, recipe: Recipe, learn_scales: bool = T
             "the training replaces the calibrated algorithms"
         )
     conv1d_to_linear(model)
-    layers = quantizable_layers(model)
-    convs = [n for n, m in layers if type(m) is not nn.Linear]
-    if convs:
-        raise LowbitError(f"qat trains linear layers only; {convs[0]} is a convolution: add the "
-                          f"convolutions to the recipe's ignore")  # fmt: skip
+    layers = quantizable_layers(model)  # linears: QAT does not train convolutions
     plan = plan_layers(recipe, layers)
     if any(spec.lorc_rank for spec in plan.values()):
         raise LowbitError("qat does not train LoRC corrections; drop lorc_rank")

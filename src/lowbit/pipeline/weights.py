@@ -64,14 +64,15 @@ def quantize_weights(
     model's logits on its windows (``float_logits``, ``quantized_logits``)."""
     start = time.perf_counter()
     conv1d_to_linear(model)
-    fold_batchnorm(model)  # image models: a BatchNorm's scale is quantized with its conv
-    plan = plan_layers(recipe, quantizable_layers(model))
+    blocks = _blocks(model, recipe, calibration)
+    if blocks is None:  # a model quantized whole (image models): convolutions too
+        fold_batchnorm(model)  # a BatchNorm's scale is quantized with its convolution
+    plan = plan_layers(recipe, quantizable_layers(model, convs=blocks is None))
     report = QuantizeReport(recipe, calibration=calibration)
     if recipe.needs_calibration and calibration is None:
         raise LowbitError(f"this recipe needs calibration data (--calib): "
                           f"{_calibration_reason(recipe)}")  # fmt: skip
     store = store or BlockStore()
-    blocks = _blocks(model, recipe, calibration)
     steps = BlockSteps(model, recipe, plan, family_of(model), report, calibration, batch_size,
                        progress)  # fmt: skip
     if blocks is None:
@@ -114,9 +115,12 @@ def _blocks(
     """The decoder blocks, or None for a model without them (then it must be data-free)."""
     try:
         prefix, blocks = find_blocks(model)
-    except LowbitError:
+    except LowbitError as exc:
         if calibration is not None and _sequential(recipe):
-            raise
+            raise LowbitError(f"calibrated algorithms (GPTQ, AWQ, SmoothQuant, LKD) run block by "
+                              f"block and {exc}; a model without decoder blocks (an image "
+                              f"model) takes data-free weights (rtn, hqq, kmeans) with static "
+                              f"activation ranges") from None  # fmt: skip
         return None
     return prefix, blocks
 

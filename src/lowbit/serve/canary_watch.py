@@ -2,10 +2,10 @@
 
 A lowbit folder records, at quantize time, the float model's answers on a few fixed windows and
 the tolerance the quantized model met (:mod:`lowbit.eval.canary`). The engine calls
-:meth:`CanaryWatch.between_batches` whenever it is about to take new work; at start and then
-every ``every_s`` seconds the watch scores the served model on those windows (on the engine's
-thread, so it never competes with a batch for the model or the cores), sets the gauges and
-turns ``/health`` to ``degraded`` while the KL is above the tolerance.
+:meth:`CanaryWatch.between_batches` before every decode step; at start and then every
+``every_s`` seconds the watch scores the served model on those windows (on the engine's thread,
+so it never competes with a step for the cores: running streams pause for one check), sets the
+gauges and turns ``/health`` to ``degraded`` while the KL is above the tolerance.
 """
 
 from __future__ import annotations

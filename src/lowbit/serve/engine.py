@@ -100,6 +100,8 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         job.shadow = self.shadow is not None and self.shadow.wants()
+        if self.depth() >= self.max_queue:  # jobs taken off the queue still wait for a row
+            raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
         try:
             self._waiting.put_nowait(job)
         except queue.Full:
@@ -133,11 +135,11 @@ class Engine:
                     self._continue()
             except Exception as exc:  # a failed batch fails its requests, never the server
                 log.exception("generation failed")
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                for job in self._running:
+                failed = self._running or self._held[:1]  # nothing ran: the oldest job failed
+                self._held = [j for j in self._held if j not in failed]
+                for job in failed:
                     if not job.finish:
-                        job.error = reason
-                        self._end(job, "error")
+                        self._fail(job, exc)
                 self._batch, self._running = None, []
             finally:
                 self.busy = len(self._running)
@@ -194,10 +196,15 @@ class Engine:
             if not batch.fits(len(job.ids), job.max_tokens):
                 return
             self._held.pop(0)
+            log.debug("join: %d running, %d waiting", len(self._running) + 1, self.depth())
+            try:  # a prompt that fails its prefill fails alone; the cache stays consistent
+                event = batch.join(job, job.ids, job.max_tokens, job.sampling, self._keep_logits)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._fail(job, exc)
+                continue
             self._running.append(job)
-            log.debug("join: %d running, %d waiting", len(self._running), self.depth())
-            self._deliver(batch.join(job, job.ids, job.max_tokens, job.sampling,
-                                     self._keep_logits))  # fmt: skip
+            self._deliver(event)
 
     def _deliver(self, event: Event) -> None:
         job = event.key
@@ -242,6 +249,10 @@ class Engine:
             generated = sum(len(t) for t in run.tokens)
             self.on_batch(BatchStats(len(batch), sum(len(j.ids) for j in batch), generated,
                                      run.decode_tps))  # fmt: skip
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        job.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self._end(job, "error")
 
     def _end(self, job: Job, finish: str) -> None:
         job.finish = finish
