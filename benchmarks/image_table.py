@@ -1,5 +1,5 @@
 """Image models with real weights quantized with lowbit's formats, in one run: waifu2x upconv7
-(2x super-resolution) and a DCGAN face generator.
+and upresnet10 (2x super-resolution) and a DCGAN face generator.
 
 Protocol: scikit-image's bundled `astronaut` (512 x 512 RGB) is downscaled 2x (bicubic,
 antialiased) and upscaled by each variant; PSNR / SSIM (torchmetrics, data range 1) against the
@@ -33,7 +33,7 @@ from lowbit import api
 from lowbit.calibration import image_calibration
 from lowbit.eval import format_table
 from lowbit.eval.image import images_per_second, psnr, ssim
-from lowbit.models.images import dcgan_faces, waifu2x_upconv7
+from lowbit.models.images import dcgan_faces, waifu2x_upconv7, waifu2x_upresnet10
 from lowbit.models.images.data import bicubic_2x, latents, sr_calibration, sr_evaluation
 from lowbit.models.images.dcgan import LATENT
 from lowbit.recipes import Recipe
@@ -87,27 +87,32 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     small, truth = sr_evaluation()  # (1, 3, 256, 256), (1, 3, 512, 512)
     calibration = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
-    float_model = waifu2x_upconv7()
+    _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), ROWS, small, truth, calibration)
+    rows = {k: ROWS[k] for k in ("w8 per-channel", "w8a8 static (minmax)", "w4 per-channel")}
+    _super_resolution("waifu2x-upresnet10", waifu2x_upresnet10(), rows, small, truth,
+                      calibration)  # fmt: skip
+    _dcgan(args.latents)
+    return 0
+
+
+def _super_resolution(title, float_model, variants, small, truth, calibration) -> None:
     with torch.inference_mode():
         reference = float_model(small)
     rows = [_row("bicubic", bicubic_2x(small), truth, reference, None, None, small)]
     rows.append(_row("float32", reference, truth, reference, float_model, 32.0, small))
     print(format_table(HEADER, rows), flush=True)
-    for name, body in ROWS.items():
+    for name, body in variants.items():
         model = copy.deepcopy(float_model)
         recipe = Recipe.from_dict({"version": 1, "name": name, **body})
         calib = calibration if recipe.needs_calibration else None
         report = api.quantize(model, recipe, calib, progress=False)
-        bits = _bits(report)
         with torch.inference_mode():
             out = model(small)
-        rows.append(_row(name, out, truth, reference, model, bits, small))
+        rows.append(_row(name, out, truth, reference, model, _bits(report), small))
         print(format_table(HEADER, rows[-1:]), flush=True)
-    print()
+    print(f"\n{title}\n")
     print(format_table(HEADER, rows, markdown=True))
     print()
-    _dcgan(args.latents)
-    return 0
 
 
 def _dcgan(count: int) -> None:

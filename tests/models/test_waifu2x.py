@@ -9,16 +9,15 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.images.waifu2x import UpConv7, load_npz
+from lowbit.models.images.waifu2x import UpConv7, UpResNet10, load_npz
 
 
-def _npz(model: UpConv7, drop: str | None = None) -> bytes:
-    convs = [m for m in model.body if isinstance(m, nn.Conv2d)] + [model.up]
+def _npz(model: nn.Module, drop: str | None = None) -> bytes:
     arrays = {}
-    for i, conv in enumerate(convs, 1):
-        arrays[f"conv{i}/W"] = torch.randn_like(conv.weight).numpy()
-        if conv.bias is not None:
-            arrays[f"conv{i}/b"] = torch.randn_like(conv.bias).numpy()
+    for prefix, layer in model.npz_layers():
+        arrays[f"{prefix}/W"] = (0.05 * torch.randn_like(layer.weight)).numpy()
+        if layer.bias is not None:
+            arrays[f"{prefix}/b"] = (0.05 * torch.randn_like(layer.bias)).numpy()
     arrays.pop(drop, None)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -36,6 +35,18 @@ def test_output_is_twice_the_input_and_weights_load_by_name():
     assert y.shape == (2, 3, 20, 28) and float(y.min()) >= 0 and float(y.max()) <= 1
     with pytest.raises(LowbitError, match="RGB images"):
         model(torch.rand(1, 1, 10, 10))
+
+
+def test_upresnet10_loads_its_arrays_by_name_and_doubles_the_size():
+    data = _npz(UpResNet10())
+    model = load_npz(UpResNet10(), data)
+    arrays = np.load(io.BytesIO(data))
+    assert torch.equal(model.res[2].fc1.weight, torch.from_numpy(arrays["res3/fc1/W"]))
+    assert torch.equal(model.conv_post.weight, torch.from_numpy(arrays["conv_post/W"]))
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 9, 12)).shape == (1, 3, 18, 24)
+    with pytest.raises(LowbitError, match="res5/fc2/b"):
+        load_npz(UpResNet10(), _npz(UpResNet10(), drop="res5/fc2/b"))
 
 
 def test_missing_or_misshapen_arrays_are_named():

@@ -36,3 +36,10 @@ def test_dcgan_w8a8_static_samples_stay_within_30_db_of_float():
     api.quantize(q, "conv-w8a8-static", calib, progress=False)
     inputs, _ = entry.evaluation()
     assert evaluate_image(q, inputs, None, model, entry.output_range)["psnr_ref"] > 30
+
+
+def test_waifu2x_upresnet10_port_matches_the_published_quality():
+    entry = image_models()["waifu2x-upresnet10"]
+    inputs, truth = entry.evaluation()
+    result = evaluate_image(entry.load(), inputs, truth, None, entry.output_range)
+    assert 33.3 < result["psnr"] < 33.7

@@ -112,7 +112,14 @@ def quantize_weights(
 def _blocks(
     model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None
 ) -> tuple[str, nn.ModuleList] | None:
-    """The decoder blocks, or None for a model without them (then it must be data-free)."""
+    """The decoder blocks, or None for a model without them (then it must be data-free) or
+    one marked ``quantized_whole`` (image models: their repeated blocks take no token ids)."""
+    if getattr(model, "quantized_whole", False):
+        if calibration is not None and _sequential(recipe):
+            raise LowbitError("calibrated algorithms (GPTQ, AWQ, SmoothQuant, LKD) run on "
+                              "decoder blocks; an image model takes data-free weights (rtn, hqq, "
+                              "kmeans) with static activation ranges")  # fmt: skip
+        return None
     try:
         prefix, blocks = find_blocks(model)
     except LowbitError as exc:

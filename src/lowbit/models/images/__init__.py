@@ -1,8 +1,10 @@
 """Generative image models: architectures ported to torch and their pinned offline weights.
 
-:func:`image_models` names them for ``load_model`` (zoo names ``waifu2x-upconv7`` and
-``dcgan-faces``) and for loading a quantized folder of one (its skeleton is built from the name
-its manifest records, with BatchNorm folded as quantization left it).
+:func:`image_models` names them for ``load_model`` (zoo names ``waifu2x-upconv7``,
+``waifu2x-upresnet10`` and ``dcgan-faces``) and for loading a quantized folder of one (its
+skeleton is built from the name its manifest records, with BatchNorm folded as quantization
+left it). Their classes set ``quantized_whole``: a repeated stack of residual blocks is not a
+decoder's, and the block runner (which feeds token ids) must not take it for one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from torch import Tensor, nn
 
 from lowbit.models.images.data import latents, sr_calibration, sr_evaluation
 from lowbit.models.images.dcgan import LATENT, DCGANGenerator, dcgan_faces
-from lowbit.models.images.waifu2x import UpConv7, waifu2x_upconv7
+from lowbit.models.images.waifu2x import (
+    UpConv7,
+    UpResNet10,
+    waifu2x_upconv7,
+    waifu2x_upresnet10,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ def image_models() -> dict[str, ImageModel]:
         ImageModel("waifu2x-upconv7", "waifu2x upconv7 2x super-resolution (995k params); "
                    "calibrated on crops of 3 sample images, scored on a 4th (astronaut)",
                    UpConv7, waifu2x_upconv7, sr_calibration, sr_evaluation),
+        ImageModel("waifu2x-upresnet10", "waifu2x upresnet10 2x super-resolution (422k "
+                   "params: residual blocks with squeeze-excitation); same inputs",
+                   UpResNet10, waifu2x_upresnet10, sr_calibration, sr_evaluation),
         ImageModel("dcgan-faces", "DCGAN face generator, 100-d latent to 64x64 RGB (3.58M "
                    "params); calibrated on 64 latents, scored on 256 others", DCGANGenerator,
                    dcgan_faces, _gan_calibration, _gan_evaluation, (-1.0, 1.0)),
@@ -51,5 +61,5 @@ def image_models() -> dict[str, ImageModel]:
     return {e.name: e for e in entries}
 
 
-__all__ = ["DCGANGenerator", "ImageModel", "UpConv7", "dcgan_faces", "image_models",
-           "waifu2x_upconv7"]  # fmt: skip
+__all__ = ["DCGANGenerator", "ImageModel", "UpConv7", "UpResNet10", "dcgan_faces",
+           "image_models", "waifu2x_upconv7", "waifu2x_upresnet10"]  # fmt: skip

@@ -32,6 +32,8 @@ LATENT = 100
 class DCGANGenerator(nn.Module):
     """(N, 100, 1, 1) latents -> (N, 3, 64, 64) images in [-1, 1]."""
 
+    quantized_whole = True  # one unit, not block by block (see lowbit.models.images)
+
     def __init__(self, nz: int = LATENT, ngf: int = 64, nc: int = 3) -> None:
         super().__init__()
         widths = [nz, ngf * 8, ngf * 4, ngf * 2, ngf]
