@@ -45,3 +45,7 @@ def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):
     assert "--dry-run is for language models" in capsys.readouterr().err
     assert main(["quantize", "dcgan-faces", "--recipe", "w4-gptq-g64", "--out", out]) == 2
     assert "data-free weights" in capsys.readouterr().err
+    for argv in (["bench", "dcgan-faces"], ["analyze", "dcgan-faces", "--recipe", "w8-rtn"],
+                 ["qat", "dcgan-faces", "--recipe", "w8-rtn", "--out", out]):  # fmt: skip
+        assert main(argv) == 2
+        assert "works on language models" in capsys.readouterr().err

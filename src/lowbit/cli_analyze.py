@@ -69,6 +69,9 @@ def add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from lowbit import api
+    from lowbit.cli_image import text_only
+
+    text_only("analyze", args.model)
     from lowbit.analysis.plot import plot_sensitivity
     from lowbit.assets.atomic import atomic_file
     from lowbit.calibration.group import Group
@@ -124,6 +127,9 @@ def add_diff(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from lowbit import api
+    from lowbit.cli_image import text_only
+
+    text_only("diff", args.fp, args.q)
     from lowbit.analysis import layer_contributions
     from lowbit.data import corpus_ids, eval_windows, load_corpus
 

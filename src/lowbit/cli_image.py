@@ -33,6 +33,17 @@ def image_entry(model: str) -> Any:
     return None
 
 
+def text_only(command: str, *models: str) -> None:
+    """A one-line error when a text-only command is given an image model."""
+    for model in models:
+        entry = image_entry(model)
+        if entry is not None:
+            raise LowbitError(
+                f"`lowbit {command}` works on language models; {model} is an "
+                f"image model (`lowbit eval` gives its quality and images/s)"
+            )
+
+
 def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
     from lowbit.calibration import image_calibration

@@ -49,6 +49,9 @@ def _speed_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from lowbit import api
+    from lowbit.cli_image import text_only
+
+    text_only("bench", args.model, *([args.ref] if args.ref else []))
 
     if args.new_tokens < 2:
         raise LowbitError("--new-tokens must be at least 2 (the first token ends the prefill)")
@@ -137,7 +140,10 @@ def add_report(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from lowbit.cli_image import text_only
     from lowbit.report import ReportOptions, build_report
+
+    text_only("report", args.model)
 
     if args.new_tokens < 2:
         raise LowbitError("--new-tokens must be at least 2 (the first token ends the prefill)")

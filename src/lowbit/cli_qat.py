@@ -54,6 +54,9 @@ def cmd_qat(args: argparse.Namespace) -> int:
     import torch
 
     from lowbit import api
+    from lowbit.cli_image import text_only
+
+    text_only("qat", args.model)
     from lowbit.cli import _need_tokenizer, finish_quantize
 
     torch.manual_seed(args.seed)
