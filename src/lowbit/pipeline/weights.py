@@ -77,7 +77,7 @@ def quantize_weights(
                        progress)  # fmt: skip
     if blocks is None:
         probe = None  # the canary rides along with the blocks
-    if blocks is not None:
+    else:
         prefix, modules = blocks
         resumed = store.records()
         for record in resumed:
@@ -114,20 +114,16 @@ def _blocks(
 ) -> tuple[str, nn.ModuleList] | None:
     """The decoder blocks, or None for a model without them (then it must be data-free) or
     one marked ``quantized_whole`` (image models: their repeated blocks take no token ids)."""
-    if getattr(model, "quantized_whole", False):
-        if calibration is not None and _sequential(recipe):
-            raise LowbitError("calibrated algorithms (GPTQ, AWQ, SmoothQuant, LKD) run on "
-                              "decoder blocks; an image model takes data-free weights (rtn, hqq, "
-                              "kmeans) with static activation ranges")  # fmt: skip
-        return None
     try:
+        if getattr(model, "quantized_whole", False):
+            raise LowbitError("it is an image model, quantized as one unit")
         prefix, blocks = find_blocks(model)
     except LowbitError as exc:
         if calibration is not None and _sequential(recipe):
             raise LowbitError(f"calibrated algorithms (GPTQ, AWQ, SmoothQuant, LKD) run block by "
-                              f"block and {exc}; a model without decoder blocks (an image "
-                              f"model) takes data-free weights (rtn, hqq, kmeans) with static "
-                              f"activation ranges") from None  # fmt: skip
+                              f"block, but {exc}; a model without decoder blocks takes "
+                              f"data-free weights (rtn, hqq, kmeans) with static activation "
+                              f"ranges") from None  # fmt: skip
         return None
     return prefix, blocks
 
