@@ -6,13 +6,15 @@ antialiased) and upscaled by each variant; PSNR / SSIM (torchmetrics, data range
 original image (ground truth) and against the float model's output; images per second on a
 256 x 256 input at batch 1 (best of 3 after a warm-up). Every quantized row starts from a fresh
 copy of the float model; RTN weights; static activation ranges are calibrated on 16 crops of
-three other sample images (coffee, chelsea, rocket), never the evaluation image. The quantized
+three other sample images (coffee, chelsea, rocket), never the evaluation image; GPTQ rows
+measure each layer's im2col Hessian on the same crops, the whole model as one block. The quantized
 rows run lowbit's reference path (codes dequantized at every call, then torch's convolution):
 no fast integer convolution exists yet, so their speed is not a target here.
 
 DCGAN faces (gan-face-generate 1.1.1): 1,000 latents (seed 0) through the float model and each
 variant; mean per-image PSNR and SSIM of the variant's samples against the float samples (images
-mapped to [0, 1]); static ranges calibrated on 64 other latents; images/s at batch 1 and 16.
+mapped to [0, 1]); static ranges and GPTQ Hessians from 64 other latents; images/s at batch 1
+and 16.
 No FID: the only offline Inception extractor has not been checked against the standard one.
 
     .venv/bin/python benchmarks/image_table.py [--threads 2]
@@ -40,39 +42,51 @@ from lowbit.recipes import Recipe
 
 CH = {"group_size": -1}
 FIRST_W8 = [{"match": "body.0", "weights": {"bits": 8, **CH}}]  # 27 inputs: no group of 16
-ACTS = {"bits": 8, "granularity": "tensor", "dynamic": True}
+FIRST_W4 = [{"match": "body.0", "weights": {"bits": 4, **CH}}]
+W8 = {"bits": 8, "symmetric": True, **CH}
+STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
+GPTQ = {"algorithm": "gptq"}
 ROWS = {
-    "w8 per-channel": {"weights": {"bits": 8, **CH}},
-    "w8a8 (dynamic per-tensor acts)": {
-        "weights": {"bits": 8, "symmetric": True, **CH},
-        "activations": ACTS,
-    },
-    "w8a8 (asymmetric acts)": {
-        "weights": {"bits": 8, "symmetric": True, **CH},
-        "activations": {**ACTS, "symmetric": False},
+    "w8 per-channel": {"weights": W8},
+    "w8 per-channel, gptq": {**GPTQ, "weights": W8},
+    "w8a8 dynamic per-tensor acts": {
+        "weights": W8,
+        "activations": {**STATIC, "dynamic": True},
     },
     **{
-        f"w8a8 static ({obs})": {
-            "weights": {"bits": 8, "symmetric": True, **CH},
-            "activations": {
-                "bits": 8,
-                "granularity": "tensor",
-                "dynamic": False,
-                "symmetric": False,
-                "observer": obs,
-            },
-        }
+        f"w8a8 static ({obs})": {"weights": W8, "activations": {**STATIC, "observer": obs}}
         for obs in ("minmax", "mse", "percentile")
     },
+    "w8a8 static (minmax), gptq": {**GPTQ, "weights": W8, "activations": STATIC},
     "w4 per-channel": {"weights": {"bits": 4, **CH}},
+    "w4 per-channel, gptq": {**GPTQ, "weights": {"bits": 4, **CH}},
     "w4 g16 (first conv w8)": {"weights": {"bits": 4, "group_size": 16}, "overrides": FIRST_W8},
-    "w3 g16 (first conv w8)": {"weights": {"bits": 3, "group_size": 16}, "overrides": FIRST_W8},
+    "w4 g16 (first conv w8), gptq": {
+        **GPTQ,
+        "weights": {"bits": 4, "group_size": 16},
+        "overrides": FIRST_W8,
+    },
+    "w4 g16 (first conv w4 per-channel), gptq": {
+        **GPTQ,
+        "weights": {"bits": 4, "group_size": 16},
+        "overrides": FIRST_W4,
+    },
+    "w3 g16 (first conv w8), gptq": {
+        **GPTQ,
+        "weights": {"bits": 3, "group_size": 16},
+        "overrides": FIRST_W8,
+    },
 }
+RESNET_ROWS = ("w8 per-channel", "w8a8 static (minmax)", "w8a8 static (minmax), gptq",
+               "w4 per-channel", "w4 per-channel, gptq")  # fmt: skip
 DCGAN_ROWS = {
     "w8 per-channel": {"weights": {"bits": 8, **CH}},
     "w8a8 static (minmax)": ROWS["w8a8 static (minmax)"],
+    "w8a8 static (minmax), gptq": ROWS["w8a8 static (minmax), gptq"],
     "w4 per-channel": {"weights": {"bits": 4, **CH}},
+    "w4 per-channel, gptq": ROWS["w4 per-channel, gptq"],
     "w4 g32": {"weights": {"bits": 4, "group_size": 32}},
+    "w4 g32, gptq": {**GPTQ, "weights": {"bits": 4, "group_size": 32}},
 }
 HEADER = ["variant", "bits/weight", "PSNR vs truth dB", "SSIM vs truth", "PSNR vs float dB",
           "images/s (256x256)"]  # fmt: skip
@@ -88,7 +102,7 @@ def main() -> int:
     small, truth = sr_evaluation()  # (1, 3, 256, 256), (1, 3, 512, 512)
     calibration = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
     _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), ROWS, small, truth, calibration)
-    rows = {k: ROWS[k] for k in ("w8 per-channel", "w8a8 static (minmax)", "w4 per-channel")}
+    rows = {k: ROWS[k] for k in RESNET_ROWS}
     _super_resolution("waifu2x-upresnet10", waifu2x_upresnet10(), rows, small, truth,
                       calibration)  # fmt: skip
     _dcgan(args.latents)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,9 +32,17 @@ def test_quantize_eval_and_reload_an_image_model(random_gan, tmp_path, capsys):
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["source"] == {"model": "dcgan-faces", "kind": "image"}
     assert manifest["calibration"]["shape"] == [100, 1, 1]
-    assert main(["eval", str(out), "--ref", "dcgan-faces", "--json"]) == 0
+    grid = tmp_path / "grid.png"
+    assert main(["eval", str(out), "--ref", "dcgan-faces", "--json", "--grid", str(grid)]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["psnr_ref"] == pytest.approx(summary["eval"]["psnr_ref"], rel=1e-6)
+    assert again["grid"] == str(grid) and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(grid) as image:  # 4 rows of 3 images: taller than wide
+        assert image.size[1] > image.size[0]
+    assert main(["eval", str(out), "--grid", str(grid)]) == 2
+    assert "give --ref" in capsys.readouterr().err
 
 
 def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):
@@ -43,9 +52,49 @@ def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):
     assert main(["quantize", "dcgan-faces", "--recipe", "w8-rtn", "--out", out,
                  "--dry-run"]) == 2  # fmt: skip
     assert "--dry-run is for language models" in capsys.readouterr().err
-    assert main(["quantize", "dcgan-faces", "--recipe", "w4-gptq-g64", "--out", out]) == 2
-    assert "data-free weights" in capsys.readouterr().err
+    assert main(["quantize", "dcgan-faces", "--recipe", "w4-awq-g64", "--out", out]) == 2
+    assert "takes GPTQ or data-free weights" in capsys.readouterr().err
     for argv in (["bench", "dcgan-faces"], ["analyze", "dcgan-faces", "--recipe", "w8-rtn"],
                  ["qat", "dcgan-faces", "--recipe", "w8-rtn", "--out", out]):  # fmt: skip
         assert main(argv) == 2
         assert "works on language models" in capsys.readouterr().err
+
+
+def test_a_super_resolution_model_calibrates_on_the_users_images(monkeypatch, tmp_path, capsys):
+    from PIL import Image
+
+    from lowbit.models.images.waifu2x import UpConv7
+
+    def build() -> UpConv7:
+        torch.manual_seed(0)
+        return UpConv7().eval()
+
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", build)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (140, 160, 3), dtype=np.uint8)).save(folder / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "sr"
+    argv = ["quantize", "waifu2x-upconv7", "--recipe", "conv-w8a8-static", "-q"]
+    assert main([*argv, "--out", str(out), "--calib-images", str(folder)]) == 0
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["calibration"]["corpus"] == f"crops of {folder}"
+    assert manifest["calibration"]["shape"] == [3, 64, 64]
+    capsys.readouterr()
+    gray, small = tmp_path / "gray.png", tmp_path / "small.png"
+    Image.fromarray(rng.integers(0, 256, (140, 160), dtype=np.uint8)).save(gray)
+    Image.fromarray(rng.integers(0, 256, (100, 160, 3), dtype=np.uint8)).save(small)
+    bad = {str(gray): "1 channel(s) (L); the model takes 3-channel",
+           str(small): "sides of at least 128", str(tmp_path / "none"): "no such image",
+           str(tmp_path): "not a readable image"}  # fmt: skip
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    for path, message in bad.items():
+        assert main([*argv, "--out", str(tmp_path / "x"), "--calib-images", path]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--out", str(tmp_path / "x"), "--calib", "wiki"]) == 2
+    assert "--calib-images" in capsys.readouterr().err
+    assert main(["quantize", "dcgan-faces", "--recipe", "conv-w8a8-static", "--out",
+                 str(tmp_path / "x"), "--calib-images", str(folder)]) == 2  # fmt: skip
+    assert "takes no images" in capsys.readouterr().err

@@ -222,6 +222,9 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     _eval_options(p)
     p.add_argument("--ref", metavar="MODEL", help="reference model for KL and top-1")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--grid", metavar="PNG", type=Path,
+                   help="image models, with --ref: save the first 4 outputs side by side (ref | "
+                   "model | difference x10) as a PNG")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
 
@@ -232,6 +235,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     entry = image_entry(args.model)
     if entry is not None:
         return eval_image(args, entry)
+    if args.grid:
+        raise LowbitError("--grid is for image models; a language model's eval is a table")
     check_window(args.tokens, args.seqlen)
     src = api.load_model(args.model)
     _need_tokenizer(src)

@@ -54,11 +54,22 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     if unsupported:
         raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
                           f"model held in memory")  # fmt: skip
+    if args.calib != "bbc":
+        raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
+                          f"your images with --calib-images)")  # fmt: skip
     recipe = api.load_recipe(args.recipe)
+    images = _user_images(entry, args.calib_images)
     src = api.load_model(entry.name)
     calibration = None
     if api.needs_calibration(recipe):
-        calibration = image_calibration(entry.calibration(), f"{entry.name} calibration inputs")
+        if images is not None:
+            calibration = image_calibration(entry.from_images(images),
+                                            f"crops of {args.calib_images}")  # fmt: skip
+        else:
+            calibration = image_calibration(entry.calibration(),
+                                            f"{entry.name} calibration inputs")  # fmt: skip
+    elif images is not None:
+        log.info("%s uses no calibration data; --calib-images is ignored", recipe.algorithm)
     report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
     out = api.save(src.model, args.out, report, source=src, overwrite=args.overwrite)
     metrics = {}
@@ -79,17 +90,37 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     return 0
 
 
+def _user_images(entry: Any, path: str | None) -> Any:
+    """The images of ``--calib-images``, checked, or None."""
+    if path is None:
+        return None
+    if entry.from_images is None:
+        raise LowbitError(f"--calib-images: {entry.name} takes no images (it is calibrated on "
+                          f"its own inputs)")  # fmt: skip
+    from lowbit.models.images.data import read_images
+
+    return read_images(path, entry.channels, min_side=128)
+
+
 def eval_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
 
+    if args.grid and not args.ref:
+        raise LowbitError("--grid shows the model beside --ref's outputs: give --ref")
     src = api.load_model(args.model)
     ref = api.load_model(args.ref) if args.ref else None
     result = _evaluate(src.model, entry, ref)
+    grid = None
+    if args.grid:
+        grid = _grid(args.grid, src.model, ref.model, entry, f"{args.model} vs {args.ref}")
     if args.json:
-        print(json.dumps({"model": args.model, **({"ref": args.ref} if args.ref else {}),
-                          **result}))  # fmt: skip
+        extra = {"ref": args.ref} if args.ref else {}
+        extra |= {"grid": str(grid)} if grid else {}
+        print(json.dumps({"model": args.model, **extra, **result}))
     else:
         print(_line(result))
+        if grid:
+            print(f"grid saved to {grid}")
     return 0
 
 
@@ -99,6 +130,15 @@ def _evaluate(model: Any, entry: Any, ref: Any) -> dict:
     inputs, truth = entry.evaluation()
     return evaluate_image(model, inputs, truth, None if ref is None else ref.model,
                           entry.output_range)  # fmt: skip
+
+
+def _grid(path: Path, model: Any, ref: Any, entry: Any, title: str) -> Path:
+    from lowbit.eval.image import outputs
+    from lowbit.eval.image_grid import save_grid
+
+    inputs = entry.evaluation()[0][:4]
+    got, want = (outputs(m, inputs, entry.output_range) for m in (model, ref))
+    return save_grid(path, want, got, title)
 
 
 def _line(result: dict) -> str:

@@ -49,6 +49,13 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
     p.add_argument(
+        "--calib-images",
+        metavar="PATH",
+        help="super-resolution image models: calibrate on crops of your own images (a PNG/JPEG "
+        "file or a folder of them, RGB, sides of 128 pixels or more) instead of the built-in "
+        "sample images",
+    )
+    p.add_argument(
         "--calib-samples", type=positive, default=128, help="calibration windows (default: 128)"
     )
     p.add_argument(
@@ -124,6 +131,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     entry = image_entry(args.model)
     if entry is not None:
         return quantize_image(args, entry)
+    if args.calib_images:
+        raise LowbitError(f"--calib-images is for image models; {args.model} is a language "
+                          f"model (--calib names its text)")  # fmt: skip
     recipe = api.load_recipe(args.recipe)
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work

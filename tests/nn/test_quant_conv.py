@@ -10,8 +10,9 @@ from helpers import make_recipe
 from lowbit import api
 from lowbit.errors import LowbitError
 from lowbit.nn import QuantConv
-from lowbit.nn.quant_conv import ConvGeometry, layer_dims, weight_matrix
+from lowbit.nn.quant_conv import ConvGeometry, input_gram, input_rows, layer_dims, weight_matrix
 from lowbit.primitives import sqnr_db
+from lowbit.recipes import Recipe
 
 
 def convnet() -> nn.Module:
@@ -116,3 +117,46 @@ def test_geometry_round_trips_through_the_manifest_and_bad_entries_are_named():
         ConvGeometry.from_dict(bad)
     with pytest.raises(LowbitError, match="groups"):
         ConvGeometry.from_dict({**ConvGeometry.of(convnet()[0]).to_dict(), "groups": 2})
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(5, 7, 3, stride=2, padding=1), nn.Conv2d(5, 7, (3, 2), padding=(2, 0), dilation=2),
+    nn.ConvTranspose2d(5, 7, 4, stride=2, padding=3, bias=False),
+    nn.ConvTranspose2d(5, 7, (5, 3), stride=(3, 2), padding=(1, 2), dilation=(2, 1),
+                       output_padding=(1, 0)),
+])  # fmt: skip
+def test_patches_times_the_matrix_is_the_conv_and_the_gram_skips_spread_zeros(conv):
+    x = torch.randn(2, 5, 9, 11)
+    g, rows = ConvGeometry.of(conv), input_rows(conv, x)
+    with torch.no_grad():
+        expect = conv(x) - (0 if conv.bias is None else conv.bias.view(1, -1, 1, 1))
+        got = rows @ g.matrix(conv.weight).T
+    torch.testing.assert_close(got, expect.permute(0, 2, 3, 1).reshape(-1, 7))
+    gram, count = input_gram(conv, x)
+    assert count == rows.shape[0]
+    torch.testing.assert_close(gram, rows.T @ rows, rtol=1e-5, atol=1e-3)
+    with pytest.raises(LowbitError, match="grouped"):
+        ConvGeometry.of(nn.Conv2d(4, 4, 3, groups=2)).patches(torch.randn(1, 4, 5, 5))
+
+
+def test_gptq_quantizes_a_convnet_whole_and_beats_rtn():
+    from lowbit.calibration import image_calibration
+
+    images = image_calibration(torch.rand(6, 3, 12, 12), "noise")
+    x = torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = convnet()(x)
+    errors = {}
+    for algorithm in ("rtn", "gptq"):
+        model = convnet()
+        body = {"version": 1, "name": algorithm, "algorithm": algorithm,
+                "weights": {"bits": 3, "group_size": -1}}  # fmt: skip
+        report = api.quantize(model, Recipe.from_dict(body), images, progress=False)
+        assert set(report.layers) == {"0", "2", "4"}  # the grouped conv: RTN inside GPTQ
+        with torch.no_grad():
+            errors[algorithm] = sqnr_db(ref, model(x))
+    assert errors["gptq"] > errors["rtn"] + 1.0
+    awq = Recipe.from_dict({"version": 1, "name": "a", "algorithm": "awq",
+                            "weights": {"bits": 4, "group_size": 8}})  # fmt: skip
+    with pytest.raises(LowbitError, match="takes GPTQ or data-free"):
+        api.quantize(convnet(), awq, images, progress=False)

@@ -1,4 +1,5 @@
-"""Statistics of the inputs of linear layers, collected with forward pre-hooks.
+"""Statistics of the inputs of linear layers (and of convolutions, as the im2col rows their
+weight matrix multiplies), collected with forward pre-hooks.
 
 - ``hessian``: H = 2·XᵀX / n over all input rows (GPTQ's Hessian of ||WX − ŴX||²);
 - ``absmean``: mean |x| per input channel (AWQ's activation magnitude);
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from lowbit.calibration.capture import StopForward
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
+from lowbit.nn.quant_conv import input_gram, input_rows, is_conv
 
 
 @dataclass
@@ -56,20 +58,27 @@ def collect_input_stats(
     """
     stats = {name: InputStats() for name in modules}
     seen: set[str] = set()
-    last: list = [None, None]  # [input tensor object, its reductions]; holding it keeps it alive
+    last: list = [None, None, None]  # [input tensor, its reductions, conv]: keeps it alive
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            x2 = x.detach().reshape(-1, x.shape[-1])  # (rows, in)
-            if last[0] is not x:  # a new input (not the one q/k/v share)
-                if not torch.isfinite(x2).all():
+            conv = module if is_conv(module) else None  # its own patches, even of a shared input
+            if last[0] is not x or conv is not last[2]:  # a new input (not the one q/k/v share)
+                xd = x.detach()
+                if not torch.isfinite(xd).all():
                     raise LowbitError(f"non-finite calibration activations entering {name}")
-                xf = x2.float()  # per-batch products in fp32 (fast), summed over batches in fp64
-                xtx = (xf.T @ xf).double() if hessian else None
-                amax = xf.abs().amax(0) if absmax else None
-                last[:] = [x, (xtx, xf.abs().sum(0).double() if absmean else None, amax)]
-            xtx, abs_sum, amax = last[1]
+                xtx = abs_sum = amax = None
+                if hessian:  # per-batch products in fp32 (fast), summed over batches in fp64
+                    xtx, rows = input_gram(module, xd)
+                    xtx = xtx.double()
+                if absmean or absmax or not hessian:
+                    xf = input_rows(module, xd).float()  # (rows, in)
+                    abs_sum = xf.abs().sum(0).double() if absmean else None
+                    amax = xf.abs().amax(0) if absmax else None
+                    rows = xf.shape[0]
+                last[:] = [x, (xtx, abs_sum, amax, rows), conv]
+            xtx, abs_sum, amax, rows = last[1]
             s = stats[name]
             if hessian:
                 if s.xtx is None:
@@ -80,7 +89,7 @@ def collect_input_stats(
                 s.abs_sum = abs_sum.clone() if s.abs_sum is None else s.abs_sum + abs_sum
             if absmax:
                 s.abs_max = amax.clone() if s.abs_max is None else torch.maximum(s.abs_max, amax)
-            s.rows += x2.shape[0]
+            s.rows += rows
             seen.add(name)
             if stop_when_done and len(seen) == len(modules):
                 seen.clear()
@@ -92,7 +101,7 @@ def collect_input_stats(
     try:
         yield stats
     finally:
-        last[:] = [None, None]
+        last[:] = [None, None, None]
         for h in handles:
             h.remove()
 

@@ -80,6 +80,70 @@ class ConvGeometry:
                                       self.output_padding, self.groups, self.dilation)  # fmt: skip
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def patches(self, x: Tensor) -> Tensor:
+        """The im2col rows (N·L, columns of :attr:`shape`) that the matrix multiplies: the
+        convolution is ``patches(x) @ matrix(w).T`` (each row one output position). Groups of 1
+        only."""
+        if self.transposed:
+            cols = self._spread_columns(x)  # (N, C, kh, kw, H', W')
+            c, kh, kw = cols.shape[1:4]
+            return cols.permute(0, 4, 5, 1, 2, 3).reshape(-1, c * kh * kw)
+        self._ungrouped()
+        kh, kw = self.kernel_size
+        cols = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.padding,
+                        stride=self.stride)  # fmt: skip
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def gram(self, x: Tensor) -> tuple[Tensor, int]:
+        """``(P.T @ P, rows)`` for ``P = patches(x)`` in float32 (GPTQ's Hessian sums). For a
+        transposed convolution with a stride, each phase of output positions reads only its own
+        kernel taps (its other columns hold the zeros spread between pixels), so the products are
+        taken per phase: at stride 2, four phases of a quarter of the columns, 4x fewer."""
+        if not self.transposed or self.stride == (1, 1):
+            rows = self.patches(x).float()
+            return rows.T @ rows, rows.shape[0]
+        cols = self._spread_columns(x.float(), flip=False)  # tap a' is column kh-1-a'
+        n, c, kh, kw, oh, ow = cols.shape
+        index = torch.arange(c * kh * kw).reshape(c, kh, kw)
+        out = x.new_zeros(c * kh * kw, c * kh * kw, dtype=torch.float32)
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        top, left = dh * (kh - 1) - self.padding[0], dw * (kw - 1) - self.padding[1]
+        for py in range(min(sh, oh)):
+            for px in range(min(sw, ow)):
+                # tap a' reads spread row oy + a'·dh - top: a pixel iff divisible by the stride
+                ta = [a for a in range(kh) if (py + a * dh - top) % sh == 0]
+                tb = [b for b in range(kw) if (px + b * dw - left) % sw == 0]
+                if not ta or not tb:
+                    continue
+                sub = cols[:, :, ta][:, :, :, tb][..., py::sh, px::sw]
+                rows = sub.permute(0, 4, 5, 1, 2, 3).reshape(-1, c * len(ta) * len(tb))
+                flipped = index[:, [kh - 1 - a for a in ta]][:, :, [kw - 1 - b for b in tb]]
+                idx = flipped.reshape(-1)
+                out[idx.unsqueeze(1), idx.unsqueeze(0)] += rows.T @ rows
+        return out, n * oh * ow
+
+    def _ungrouped(self) -> None:
+        if self.groups != 1:
+            raise LowbitError("grouped convolutions have one input matrix per group")
+
+    def _spread_columns(self, x: Tensor, flip: bool = True) -> Tensor:
+        """A transposed convolution's patches as (N, C, kh, kw, H', W'): it is a plain
+        convolution over the input spread by the stride (zeros between pixels), padded by
+        dilation·(k−1)−padding (+ output_padding at the end; a negative pad crops), with the
+        kernel flipped."""
+        kh, kw = self.kernel_size
+        n, c, h, w = x.shape
+        (sh, sw), (dh, dw), (ph, pw) = self.stride, self.dilation, self.padding
+        spread = x.new_zeros(n, c, (h - 1) * sh + 1, (w - 1) * sw + 1)
+        spread[:, :, ::sh, ::sw] = x
+        top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+        oph, opw = self.output_padding
+        spread = F.pad(spread, (left, left + opw, top, top + oph))
+        oh, ow = spread.shape[-2] - dh * (kh - 1), spread.shape[-1] - dw * (kw - 1)
+        cols = F.unfold(spread, (kh, kw), dilation=self.dilation)
+        cols = cols.reshape(n, c, kh, kw, oh, ow)
+        return cols.flip(2, 3) if flip else cols
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -162,9 +226,26 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+def input_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows a layer's weight matrix multiplies: a linear's inputs (rows, in); a
+    convolution's im2col patches (:meth:`ConvGeometry.patches`)."""
+    if is_conv(module):
+        return ConvGeometry.of(module).patches(x)
+    return x.reshape(-1, x.shape[-1])
+
+
+def input_gram(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    """``(R.T @ R, rows)`` in float32 for ``R = input_rows(module, x)``."""
+    if is_conv(module):
+        return ConvGeometry.of(module).gram(x)
+    rows = input_rows(module, x).float()
+    return rows.T @ rows, rows.shape[0]
+
+
 def weight_matrix(module: nn.Module) -> Tensor:
     """The weight as the matrix that is quantized (a view; a linear's own weight)."""
     return ConvGeometry.of(module).matrix(module.weight) if is_conv(module) else module.weight
 
 
-__all__ = ["CONVS", "ConvGeometry", "QuantConv", "is_conv", "layer_dims", "weight_matrix"]
+__all__ = ["CONVS", "ConvGeometry", "QuantConv", "input_gram", "input_rows", "is_conv",
+           "layer_dims", "weight_matrix"]  # fmt: skip

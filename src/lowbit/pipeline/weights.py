@@ -27,11 +27,12 @@ from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import get_module, quantizable_layers, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.nn import QuantLinear
-from lowbit.nn.quant_conv import weight_matrix
+from lowbit.nn.quant_conv import is_conv, weight_matrix
 from lowbit.pipeline.act_ranges import calibrate_activations
 from lowbit.pipeline.blocks import DIAGNOSTIC_WINDOWS, BlockSteps, data_free, restore, swap
 from lowbit.pipeline.diagnostics import output_sqnr
 from lowbit.pipeline.report import LayerReport, QuantizeReport
+from lowbit.pipeline.whole import gptq_whole
 from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import peak_rss_mb
 
@@ -112,33 +113,38 @@ def quantize_weights(
 def _blocks(
     model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None
 ) -> tuple[str, nn.ModuleList] | None:
-    """The decoder blocks, or None for a model without them (then it must be data-free) or
-    one marked ``quantized_whole`` (image models: their repeated blocks take no token ids)."""
+    """The decoder blocks, or None for a model quantized as one unit: one without them, one
+    marked ``quantized_whole`` (image models: their repeated blocks take no token ids) or one
+    of no known language family holding 2-D convolutions (a diffusers UNet or VAE, a CNN)."""
     try:
-        if getattr(model, "quantized_whole", False):
+        if quantized_whole(model):
             raise LowbitError("it is an image model, quantized as one unit")
         prefix, blocks = find_blocks(model)
     except LowbitError as exc:
-        if calibration is not None and _sequential(recipe):
-            raise LowbitError(f"calibrated algorithms (GPTQ, AWQ, SmoothQuant, LKD) run block by "
-                              f"block, but {exc}; a model without decoder blocks takes "
-                              f"data-free weights (rtn, hqq, kmeans) with static activation "
-                              f"ranges") from None  # fmt: skip
+        if calibration is not None and _sequential(recipe) and not _whole_gptq(recipe):
+            raise LowbitError(f"AWQ, SmoothQuant and LKD run block by block, but {exc}; a model "
+                              f"without decoder blocks takes GPTQ or data-free weights (rtn, "
+                              f"hqq, kmeans), with static activation ranges") from None  # fmt: skip
         return None
     return prefix, blocks
+
+
+def quantized_whole(model: nn.Module) -> bool:
+    """Whether ``model`` is quantized as one unit (convolutions included), not block by block:
+    marked so (``model.quantized_whole = True``), or holding 2-D convolutions without being of a
+    known language-model family."""
+    if getattr(model, "quantized_whole", False):
+        return True
+    return family_of(model) is None and any(is_conv(m) for m in model.modules())
 
 
 def _quantize_rest(model, recipe, rest, report, calibration, batch_size, whole, progress) -> None:
     """RTN for the planned linears outside the blocks; for a model without blocks (``whole``),
     static ranges and diagnostics over the whole model, as one unit."""
-    originals = {}
-    bar = tqdm(rest.items(), desc=f"quantize ({_rtn_name(recipe)})", unit="layer",
-               disable=not progress or not rest)  # fmt: skip
-    for name, spec in bar:
-        module = get_module(model, name)
-        weight = weight_matrix(module)  # a convolution's as the matrix it is quantized as
-        swap(model, name, module, data_free(recipe, weight, spec, name), weight, report)
-        originals[name] = weight
+    if whole and calibration is not None and _whole_gptq(recipe):
+        originals = gptq_whole(model, recipe, rest, calibration, batch_size, report, progress)
+    else:
+        originals = _data_free_rest(model, recipe, rest, report, progress)
     static = [n for n in rest if _static(get_module(model, n))]
     if calibration is None or not rest:
         return
@@ -151,6 +157,24 @@ def _quantize_rest(model, recipe, rest, report, calibration, batch_size, whole, 
     if whole:
         for name, db in output_sqnr(model, originals, sample, batch_size).items():
             report.layers[name].output_sqnr_db = db
+
+
+def _data_free_rest(model, recipe, rest, report, progress) -> dict:
+    originals = {}
+    bar = tqdm(rest.items(), desc=f"quantize ({_rtn_name(recipe)})", unit="layer",
+               disable=not progress or not rest)  # fmt: skip
+    for name, spec in bar:
+        module = get_module(model, name)
+        weight = weight_matrix(module)  # a convolution's as the matrix it is quantized as
+        swap(model, name, module, data_free(recipe, weight, spec, name), weight, report)
+        originals[name] = weight
+    return originals
+
+
+def _whole_gptq(recipe: Recipe) -> bool:
+    """Whether the recipe's calibrated steps are GPTQ alone (what a model quantized whole
+    supports)."""
+    return recipe.algorithm == "gptq" and recipe.smoothquant is None and recipe.lkd is None
 
 
 def _static(module: nn.Module) -> bool:

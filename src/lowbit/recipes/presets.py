@@ -57,11 +57,17 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
 
 def _image_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     """Convolutional image models: activations are rounded per tensor (no per-token range)."""
-    static = _recipe("conv-w8a8-static", "rtn", _weights(8, -1, True))
-    static["activations"] = {"bits": 8, "granularity": "tensor", "dynamic": False,
-                             "symmetric": False, "observer": "minmax"}  # fmt: skip
-    return {"conv-w8a8-static": ("image models: int8 per-channel weights, one calibrated "
-                                 "8-bit range per layer (min-max)", static)}  # fmt: skip
+    acts = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False,
+            "observer": "minmax"}  # fmt: skip
+    image = {"activations": acts, "ignore": []}  # no language-model head to keep
+    static = {**_recipe("conv-w8a8-static", "rtn", _weights(8, -1, True)), **image}
+    gptq = {**_recipe("conv-w8a8-gptq", "gptq", _weights(8, -1, True)), **image}
+    return {
+        "conv-w8a8-static": ("image models: int8 per-channel weights, one calibrated 8-bit "
+                             "range per layer (min-max)", static),
+        "conv-w8a8-gptq": ("image models: as conv-w8a8-static with GPTQ weights (im2col "
+                           "Hessians)", gptq),
+    }  # fmt: skip
 
 
 def _activation_presets() -> dict[str, tuple[str, dict[str, Any]]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from lowbit.models.images.data import latents, sr_calibration, sr_evaluation
+from lowbit.models.images.data import latents, sr_calibration, sr_crops, sr_evaluation
 from lowbit.models.images.dcgan import LATENT, DCGANGenerator, dcgan_faces
 from lowbit.models.images.waifu2x import (
     UpConv7,
@@ -36,6 +36,13 @@ class ImageModel:
     calibration: Callable[[], Tensor]
     evaluation: Callable[[], tuple[Tensor, Tensor | None]]
     output_range: tuple[float, float] = (0.0, 1.0)
+    # user images -> calibration inputs (None: the model takes no images, e.g. a generator)
+    from_images: Callable[[list[Tensor]], Tensor] | None = None
+    channels: int = 3  # of the images it takes
+
+
+def _sr_from_images(images: list[Tensor]) -> Tensor:
+    return sr_crops(images, count=max(16, len(images)))
 
 
 def _gan_calibration() -> Tensor:
@@ -50,10 +57,12 @@ def image_models() -> dict[str, ImageModel]:
     entries = (
         ImageModel("waifu2x-upconv7", "waifu2x upconv7 2x super-resolution (995k params); "
                    "calibrated on crops of 3 sample images, scored on a 4th (astronaut)",
-                   UpConv7, waifu2x_upconv7, sr_calibration, sr_evaluation),
+                   UpConv7, waifu2x_upconv7, sr_calibration, sr_evaluation,
+                   from_images=_sr_from_images),
         ImageModel("waifu2x-upresnet10", "waifu2x upresnet10 2x super-resolution (422k "
                    "params: residual blocks with squeeze-excitation); same inputs",
-                   UpResNet10, waifu2x_upresnet10, sr_calibration, sr_evaluation),
+                   UpResNet10, waifu2x_upresnet10, sr_calibration, sr_evaluation,
+                   from_images=_sr_from_images),
         ImageModel("dcgan-faces", "DCGAN face generator, 100-d latent to 64x64 RGB (3.58M "
                    "params); calibrated on 64 latents, scored on 256 others", DCGANGenerator,
                    dcgan_faces, _gan_calibration, _gan_evaluation, (-1.0, 1.0)),

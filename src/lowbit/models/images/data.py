@@ -4,6 +4,7 @@ image or a latent."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,15 +50,61 @@ def sr_evaluation() -> tuple[Tensor, Tensor]:
 def sr_calibration(count: int = 16, size: int = 64, seed: int = 0) -> Tensor:
     """``count`` seeded ``size`` x ``size`` crops of the other sample images, downscaled 2x as
     the inputs are."""
+    return sr_crops([sample_image(name) for name in CALIB_IMAGES], count, size, seed)
+
+
+def sr_crops(images: list[Tensor], count: int = 16, size: int = 64, seed: int = 0) -> Tensor:
+    """``count`` seeded ``size`` x ``size`` crops of ``images`` ((1, C, H, W) each, taken in
+    turn), downscaled 2x as a super-resolution model's inputs are."""
     g = torch.Generator().manual_seed(seed)
+    smalls = [super_resolution_pair(image)[0] for image in images]
     crops = []
-    for name in CALIB_IMAGES:
-        small, _ = super_resolution_pair(sample_image(name))
-        for _ in range(count // len(CALIB_IMAGES) + 1):
-            y = int(torch.randint(0, small.shape[-2] - size, (1,), generator=g))
-            x = int(torch.randint(0, small.shape[-1] - size, (1,), generator=g))
-            crops.append(small[0, :, y : y + size, x : x + size])
-    return torch.stack(crops[:count])
+    for i in range(count):
+        small = smalls[i % len(smalls)]
+        y = int(torch.randint(0, small.shape[-2] - size + 1, (1,), generator=g))
+        x = int(torch.randint(0, small.shape[-1] - size + 1, (1,), generator=g))
+        crops.append(small[0, :, y : y + size, x : x + size])
+    return torch.stack(crops)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_images(path: str, channels: int, min_side: int) -> list[Tensor]:
+    """The images in ``path`` (one file, or a folder's image files in name order) as
+    (1, C, H, W) in [0, 1], each checked: ``channels`` channels, sides of ``min_side`` or more."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path).expanduser()
+    if root.is_dir():
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise LowbitError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    elif root.is_file():
+        files = [root]
+    else:
+        raise LowbitError(f"{path}: no such image file or folder")
+    out = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                mode, array = image.mode, np.asarray(image)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise LowbitError(f"{file}: not a readable image ({exc})") from None
+        if array.dtype != np.uint8:
+            raise LowbitError(f"{file}: {array.dtype} pixels; 8-bit images only")
+        have = 1 if array.ndim == 2 else array.shape[2]
+        if have != channels:
+            raise LowbitError(f"{file}: {have} channel(s) ({mode}); the model takes "
+                              f"{channels}-channel images")  # fmt: skip
+        if min(array.shape[:2]) < min_side:
+            raise LowbitError(f"{file}: {array.shape[1]}x{array.shape[0]} pixels; sides of at "
+                              f"least {min_side} are needed")  # fmt: skip
+        pixels = torch.from_numpy(array.copy()).reshape(*array.shape[:2], channels)
+        out.append(pixels.permute(2, 0, 1).float().div(255).unsqueeze(0))
+    return out
 
 
 def latents(count: int, width: int, seed: int) -> Tensor:

@@ -1,0 +1,54 @@
+"""The side-by-side picture of an image model's quality: for a few inputs, the reference
+output | the quantized output | their difference (absolute, amplified so that small errors
+show), one row per input (matplotlib, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from lowbit.assets.atomic import atomic_file
+from lowbit.errors import LowbitError
+
+
+def save_grid(path: Path, ref: Tensor, got: Tensor, title: str = "", rows: int = 4,
+              gain: float = 10.0) -> Path:  # fmt: skip
+    """Write the grid of ``rows`` images from ``ref`` and ``got`` ((N, C, H, W) in [0, 1],
+    C = 1 or 3) to ``path`` atomically; the difference is ``gain`` x |got - ref|."""
+    if ref.shape != got.shape or ref.dim() != 4 or ref.shape[1] not in (1, 3):
+        raise LowbitError(f"grid: expected two (N, 1|3, H, W) batches of one shape, got "
+                          f"{tuple(ref.shape)} and {tuple(got.shape)}")  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(rows, ref.shape[0])
+    height = 2.6 * n * ref.shape[-2] / ref.shape[-1]
+    fig, axes = plt.subplots(n, 3, figsize=(7.8, max(height, 1.6)), squeeze=False)
+    heads = ("reference", "quantized", f"|difference| x {gain:g}")
+    for i in range(n):
+        diff = ((got[i] - ref[i]).abs() * gain).clamp(0, 1)
+        for j, image in enumerate((ref[i], got[i], diff)):
+            ax = axes[i][j]
+            pixels = image.detach().float().clamp(0, 1).permute(1, 2, 0).numpy()
+            ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels,
+                      cmap="gray" if pixels.shape[-1] == 1 else None, vmin=0, vmax=1)  # fmt: skip
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(heads[j], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+__all__ = ["save_grid"]
