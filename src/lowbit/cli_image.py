@@ -105,11 +105,16 @@ def _user_images(entry: Any, path: str | None) -> Any:
 def eval_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
 
-    if args.grid and not args.ref:
-        raise LowbitError("--grid shows the model beside --ref's outputs: give --ref")
+    if (args.grid or args.fd) and not args.ref:
+        raise LowbitError(f"--{'grid' if args.grid else 'fd'} compares the model with --ref's "
+                          f"outputs: give --ref")  # fmt: skip
+    if args.fd and len(entry.evaluation()[0]) < 2:
+        raise LowbitError(f"--fd compares sets of images; {entry.name} is scored on one image")
     src = api.load_model(args.model)
     ref = api.load_model(args.ref) if args.ref else None
     result = _evaluate(src.model, entry, ref)
+    if args.fd:
+        result["fd_inception_ref"] = _fd(src.model, ref.model, entry)
     grid = None
     if args.grid:
         grid = _grid(args.grid, src.model, ref.model, entry, f"{args.model} vs {args.ref}")
@@ -132,6 +137,19 @@ def _evaluate(model: Any, entry: Any, ref: Any) -> dict:
                           entry.output_range)  # fmt: skip
 
 
+def _fd(model: Any, ref: Any, entry: Any) -> float:
+    """FD-Inception between the model's and ``ref``'s outputs on the evaluation inputs."""
+    from lowbit.eval.frechet import frechet_distance
+    from lowbit.eval.image import outputs
+    from lowbit.models.images.inception import inception_extractor, inception_features
+
+    inputs = entry.evaluation()[0]
+    extractor = inception_extractor()
+    got, want = (inception_features(extractor, outputs(m, inputs, entry.output_range))
+                 for m in (model, ref))  # fmt: skip
+    return frechet_distance(want, got)
+
+
 def _grid(path: Path, model: Any, ref: Any, entry: Any, title: str) -> Path:
     from lowbit.eval.image import outputs
     from lowbit.eval.image_grid import save_grid
@@ -147,5 +165,7 @@ def _line(result: dict) -> str:
         parts.append(f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} vs ground truth")
     if "psnr_ref" in result:
         parts.append(f"PSNR {result['psnr_ref']:.2f} dB, SSIM {result['ssim_ref']:.4f} vs ref")
+    if "fd_inception_ref" in result:
+        parts.append(f"FD-Inception {result['fd_inception_ref']:.3f} vs ref")
     parts.append(f"{result['images_per_s']:.2f} images/s at batch 1")
     return "; ".join(parts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowbit.analysis.sensitivity import Sensitivity
-from lowbit.assets.atomic import atomic_file
+from lowbit.assets.atomic import write_png_atomic
 
 
 def plot_sensitivity(sens: Sensitivity, path: Path, title: str = "") -> Path:
@@ -29,10 +29,4 @@ def plot_sensitivity(sens: Sensitivity, path: Path, title: str = "") -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return write_png_atomic(fig, path)

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lowbit.errors import LowbitError
 
@@ -56,6 +57,19 @@ def prepare_out(out: Path, overwrite: bool, folder: bool = True) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_png_atomic(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as a PNG at ``path`` atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path
 
 
 @contextlib.contextmanager

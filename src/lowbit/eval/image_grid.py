@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from lowbit.assets.atomic import atomic_file
+from lowbit.assets.atomic import write_png_atomic
 from lowbit.errors import LowbitError
 
 
@@ -42,13 +42,7 @@ def save_grid(path: Path, ref: Tensor, got: Tensor, title: str = "", rows: int =
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return write_png_atomic(fig, path)
 
 
 __all__ = ["save_grid"]
