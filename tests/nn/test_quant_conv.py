@@ -160,3 +160,18 @@ def test_gptq_quantizes_a_convnet_whole_and_beats_rtn():
                             "weights": {"bits": 4, "group_size": 8}})  # fmt: skip
     with pytest.raises(LowbitError, match="takes GPTQ or data-free"):
         api.quantize(convnet(), awq, images, progress=False)
+
+
+def test_gptq_on_too_few_calibration_rows_says_so(caplog):
+    from lowbit.calibration import image_calibration
+
+    body = {
+        "version": 1,
+        "name": "g",
+        "algorithm": "gptq",
+        "weights": {"bits": 4, "group_size": -1},
+    }
+    few = image_calibration(torch.rand(1, 3, 4, 4), "one small image")  # 16 rows, 27 inputs
+    with caplog.at_level("WARNING", logger="lowbit.pipeline.whole"):
+        api.quantize(convnet(), Recipe.from_dict(body), few, progress=False)
+    assert "calibration rows for 27 inputs" in caplog.text
