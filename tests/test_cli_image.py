@@ -105,6 +105,7 @@ def test_a_super_resolution_model_calibrates_on_the_users_images(monkeypatch, tm
         assert main([*argv, "--out", str(tmp_path / "x"), "--calib-images", path]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x").exists()  # nothing half-written
     assert main([*argv, "--out", str(tmp_path / "x"), "--calib", "wiki"]) == 2
     assert "--calib-images" in capsys.readouterr().err
     assert main(["quantize", "dcgan-faces", "--recipe", "conv-w8a8-static", "--out",

@@ -54,7 +54,7 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     if unsupported:
         raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
                           f"model held in memory")  # fmt: skip
-    if args.calib != "bbc":
+    if args.calib is not None:
         raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
                           f"your images with --calib-images)")  # fmt: skip
     recipe = api.load_recipe(args.recipe)
@@ -108,16 +108,15 @@ def eval_image(args: argparse.Namespace, entry: Any) -> int:
     if (args.grid or args.fd) and not args.ref:
         raise LowbitError(f"--{'grid' if args.grid else 'fd'} compares the model with --ref's "
                           f"outputs: give --ref")  # fmt: skip
-    if args.fd and len(entry.evaluation()[0]) < 2:
+    inputs, truth = entry.evaluation()
+    if args.fd and len(inputs) < 2:
         raise LowbitError(f"--fd compares sets of images; {entry.name} is scored on one image")
     src = api.load_model(args.model)
     ref = api.load_model(args.ref) if args.ref else None
-    result = _evaluate(src.model, entry, ref)
-    if args.fd:
-        result["fd_inception_ref"] = _fd(src.model, ref.model, entry)
+    result = _evaluate(src.model, entry, ref, inputs, truth)
     grid = None
-    if args.grid:
-        grid = _grid(args.grid, src.model, ref.model, entry, f"{args.model} vs {args.ref}")
+    if args.fd or args.grid:
+        grid = _compare(args, src.model, ref.model, entry, inputs, result)
     if args.json:
         extra = {"ref": args.ref} if args.ref else {}
         extra |= {"grid": str(grid)} if grid else {}
@@ -129,34 +128,34 @@ def eval_image(args: argparse.Namespace, entry: Any) -> int:
     return 0
 
 
-def _evaluate(model: Any, entry: Any, ref: Any) -> dict:
+def _evaluate(model: Any, entry: Any, ref: Any, inputs: Any = None, truth: Any = None) -> dict:
     from lowbit.eval.image import evaluate_image
 
-    inputs, truth = entry.evaluation()
+    if inputs is None:
+        inputs, truth = entry.evaluation()
     return evaluate_image(model, inputs, truth, None if ref is None else ref.model,
                           entry.output_range)  # fmt: skip
 
 
-def _fd(model: Any, ref: Any, entry: Any) -> float:
-    """FD-Inception between the model's and ``ref``'s outputs on the evaluation inputs."""
-    from lowbit.eval.frechet import frechet_distance
-    from lowbit.eval.image import outputs
-    from lowbit.models.images.inception import inception_extractor, inception_features
-
-    inputs = entry.evaluation()[0]
-    extractor = inception_extractor()
-    got, want = (inception_features(extractor, outputs(m, inputs, entry.output_range))
-                 for m in (model, ref))  # fmt: skip
-    return frechet_distance(want, got)
-
-
-def _grid(path: Path, model: Any, ref: Any, entry: Any, title: str) -> Path:
+def _compare(args: argparse.Namespace, model: Any, ref: Any, entry: Any, inputs: Any,
+             result: dict) -> Path | None:  # fmt: skip
+    """``--fd`` (into ``result``: FD-Inception between the two sample sets) and ``--grid`` (the
+    first four outputs side by side; its path is returned)."""
     from lowbit.eval.image import outputs
     from lowbit.eval.image_grid import save_grid
 
-    inputs = entry.evaluation()[0][:4]
-    got, want = (outputs(m, inputs, entry.output_range) for m in (model, ref))
-    return save_grid(path, want, got, title)
+    count = len(inputs) if args.fd else 4
+    got, want = (outputs(m, inputs[:count], entry.output_range) for m in (model, ref))
+    if args.fd:
+        from lowbit.eval.frechet import frechet_distance
+        from lowbit.models.images.inception import inception_extractor, inception_features
+
+        extractor = inception_extractor()
+        ref_features, features = (inception_features(extractor, x) for x in (want, got))
+        result["fd_inception_ref"] = frechet_distance(ref_features, features)
+    if not args.grid:
+        return None
+    return save_grid(args.grid, want[:4], got[:4], f"{args.model} vs {args.ref}")
 
 
 def _line(result: dict) -> str:

@@ -47,7 +47,7 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
+    p.add_argument("--calib", help="calibration corpus (default: bbc)")
     p.add_argument(
         "--calib-images",
         metavar="PATH",
@@ -134,6 +134,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.calib_images:
         raise LowbitError(f"--calib-images is for image models; {args.model} is a language "
                           f"model (--calib names its text)")  # fmt: skip
+    args.calib = args.calib or "bbc"
     recipe = api.load_recipe(args.recipe)
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work

@@ -140,7 +140,8 @@ def quantized_whole(model: nn.Module) -> bool:
 
 def _quantize_rest(model, recipe, rest, report, calibration, batch_size, whole, progress) -> None:
     """RTN for the planned linears outside the blocks; for a model without blocks (``whole``),
-    static ranges and diagnostics over the whole model, as one unit."""
+    its layers (GPTQ with calibration data, else data-free), static ranges and diagnostics over
+    the whole model, as one unit."""
     if whole and calibration is not None and _whole_gptq(recipe):
         originals = gptq_whole(model, recipe, rest, calibration, batch_size, report, progress)
     else:

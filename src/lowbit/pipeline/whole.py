@@ -2,10 +2,10 @@
 
 The whole model is GPTQ's one block: layer after layer, in the plan's order, each layer's input
 Hessian is measured on the calibration inputs with every layer before it already quantized (the
-sequential order; their inputs pass unrounded, static ranges come after), then GPTQ fits it and it
-is packed at once. A convolution's Hessian is over
-the im2col rows its weight matrix multiplies (``ConvGeometry.patches``). The forward pass stops
-as soon as the layer has seen its input, so early layers cost a fraction of a pass.
+sequential order; their inputs pass unrounded, static ranges come after), then GPTQ fits it and
+it is packed at once. A convolution's Hessian is over the im2col rows its weight matrix
+multiplies (``ConvGeometry.gram``). The forward pass stops as soon as the layer has seen its
+input, so early layers cost a fraction of a pass.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def gptq_whole(
             log.info("%s: grouped convolution, round-to-nearest weights", name)
             qw = data_free(recipe, weight, spec, name)
         else:
-            hessian = _hessian(model, name, module, calibration, batch_size)
+            hessian = _hessian(model, name, module, weight.shape[1], calibration, batch_size)
             qw = gptq(weight, hessian, spec, recipe.gptq, name)
         new = swap(model, name, module, qw, weight, report)
         new.observing = True  # static input ranges are calibrated once every layer is packed
@@ -63,13 +63,13 @@ def gptq_whole(
     return originals
 
 
-def _hessian(model: nn.Module, name: str, module: nn.Module, calibration: CalibrationSet,
-             batch_size: int) -> Tensor:  # fmt: skip
+def _hessian(model: nn.Module, name: str, module: nn.Module, columns: int,
+             calibration: CalibrationSet, batch_size: int) -> Tensor:  # fmt: skip
     with collect_input_stats({name: module}, hessian=True, stop_when_done=True) as stats:
         for batch in calibration.windows.split(batch_size):
             with contextlib.suppress(StopForward):
                 forward_logits(model, batch)
-    rows, columns = stats[name].rows, weight_matrix(module).shape[1]
+    rows = stats[name].rows
     if rows == 0:
         raise LowbitError(f"{name}: the layer never ran on the calibration inputs; add it to "
                           f"ignore or give inputs that reach it")  # fmt: skip

@@ -4,6 +4,8 @@ image or a latent."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -73,8 +75,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 def read_images(path: str, channels: int, min_side: int) -> list[Tensor]:
     """The images in ``path`` (one file, or a folder's image files in name order) as
     (1, C, H, W) in [0, 1], each checked: ``channels`` channels, sides of ``min_side`` or more."""
-    from pathlib import Path
-
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path).expanduser()
