@@ -102,3 +102,18 @@ def make_bpe_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
     )
+
+
+def rel(a, b) -> float:
+    """Largest difference relative to the largest magnitude of ``b``."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def decode_steps(forward, prompt, follow, capacity: int = 32):
+    """Logits of the prompt (every position), then of each token of ``follow`` fed one by one
+    through a runtime forward; returns (logits (B, P + F, vocab), the cache)."""
+    cache = forward.new_cache(prompt.shape[0], capacity)
+    out = [forward(prompt, cache, all_logits=True)]
+    for tok in follow.unbind(1):
+        out.append(forward(tok.view(-1, 1), cache).unsqueeze(1))
+    return torch.cat(out, dim=1), cache

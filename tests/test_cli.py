@@ -65,6 +65,11 @@ def test_eval_of_saved_folder_matches_what_quantize_measured(
         (["quantize", "{tiny}", "--recipe", "{bad_yaml}"], "unknown key 'bitz'"),
         (["eval", "{tiny}", "--corpus", "no-such-corpus"], "unknown corpus"),
         (["quantize", "{gguf}", "--recipe", "w4-rtn-g64"], "could not read GGUF"),
+        (["eval", "{tiny}", "--kv-hadamard"], "need --kv-bits or --query-bits"),
+        (
+            ["quantize", "{tiny}", "--recipe", "w4-rtn-g64", "--kv-bits", "4", "--kv-group", "7"],
+            "does not divide the head",
+        ),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_leaves_no_output(
@@ -167,3 +172,24 @@ def test_activation_recipes_quantize_and_save(tmp_path, tiny_folder, text_file, 
     assert json.loads(stdout)["out"]
     code, stdout, err = run(capsys, "inspect", str(out), "--json")
     assert code == 0 and json.loads(stdout), err
+
+
+def test_kv_cache_flags_round_the_cache_and_quantize_saves_them(tiny_folder, text_file,
+                                                                tmp_path, capsys):  # fmt: skip
+    """--kv-bits at eval changes the figures; at quantize it lands in the folder's recipe, and
+    the folder evaluates as eval --kv-bits does on the same weights."""
+    window = ["--corpus", str(text_file), "--seqlen", "64", "--tokens", "256", "--json"]
+    ppl = {}
+    for extra in ([], ["--kv-bits", "2", "--kv-hadamard"]):
+        code, stdout, _ = run(capsys, "eval", str(tiny_folder), *window, *extra)
+        assert code == 0
+        ppl[len(extra)] = json.loads(stdout)["ppl"]
+    assert ppl[0] != ppl[3]
+    out = tmp_path / "kv"
+    code, _, _ = run(capsys, "quantize", str(tiny_folder), "--recipe", "kv4", "--kv-bits", "2",
+                     "--kv-hadamard", "--out", str(out))  # fmt: skip
+    assert code == 0
+    recipe = json.loads((out / "lowbit.json").read_text())["recipe"]
+    assert recipe["attention"]["kv_bits"] == 2 and recipe["weights"] is None
+    code, stdout, _ = run(capsys, "eval", str(out), *window)
+    assert json.loads(stdout)["ppl"] == pytest.approx(ppl[3], rel=1e-5)

@@ -49,6 +49,7 @@ from lowbit.models.checkpoint import MANIFEST, read_manifest, write_extras, writ
 from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
+from lowbit.models.rotate import RotatedSource, Rotator, rotate_model, untie_head
 from lowbit.models.source import TensorSource, skeleton
 from lowbit.models.workdir import WorkFolder
 from lowbit.pipeline import QuantizeReport, quantize_weights
@@ -94,6 +95,8 @@ def quantize(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if recipe.rotate is not None:  # folded into the float weights first
+        rotate_model(model, recipe.rotate)
     return quantize_weights(model, recipe, calibration, progress=progress,
                             hidden_dtype=_hidden_dtype(hidden_dtype))  # fmt: skip
 
@@ -110,6 +113,8 @@ def qat(
     lowbit.QATOptions(steps=200))``. Train on text that is neither calibration nor evaluation."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if recipe.rotate is not None:  # trained in the rotated basis, as quantize would hold it
+        rotate_model(model, recipe.rotate)
     return run_qat(model, recipe, train, options or QATOptions(), progress)
 
 
@@ -255,6 +260,10 @@ def quantize_to(
     model = skeleton(folder)
     tensors = TensorSource(folder)
     tensors.check(model)
+    if recipe.rotate is not None:  # each tensor rotated as it is read; the head untied
+        rotator = Rotator(model, recipe.rotate)
+        untie_head(model)
+        tensors = RotatedSource(tensors, rotator)
     conv1d_to_linear(model)
     plan_layers(recipe, quantizable_layers(model), warn=False)  # unfit recipe: before any work
     fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),

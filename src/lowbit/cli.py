@@ -15,7 +15,14 @@ from typing import Any
 
 from lowbit import __version__
 from lowbit.cli_analyze import add_analyze, add_diff
-from lowbit.cli_args import check_window, positive, positive_float, tokens
+from lowbit.cli_args import (
+    add_attention_options,
+    apply_attention,
+    check_window,
+    positive,
+    positive_float,
+    tokens,
+)
 from lowbit.cli_dist import joined, peer_failure, rank_label
 from lowbit.cli_export import add_export
 from lowbit.cli_generate import add_chat, add_generate
@@ -206,8 +213,9 @@ def print_summary(args, recipe, out, report, metrics, results, sizes) -> int:
         print(f"\nsaved to {out}")
     else:
         bpw = info["bits_per_weight"]
-        print(f"saved to {out}: {len(report.layers)} layers, {bpw:.3f} bits/weight, "
-              f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb or 0:.0f} MB")  # fmt: skip
+        bits = "weights in float" if bpw is None else f"{bpw:.3f} bits/weight"
+        print(f"saved to {out}: {len(report.layers)} layers, {bits}, {report.seconds:.1f} s, "
+              f"peak RSS {report.peak_rss_mb or 0:.0f} MB")  # fmt: skip
     return 0
 
 
@@ -222,6 +230,7 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     _eval_options(p)
     p.add_argument("--ref", metavar="MODEL", help="reference model for KL and top-1")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_attention_options(p)
     p.add_argument("--grid", metavar="PNG", type=Path,
                    help="image models, with --ref: save the first 4 outputs side by side (ref | "
                    "model | difference x10) as a PNG")  # fmt: skip
@@ -245,6 +254,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_window(args.tokens, args.seqlen)
     src = api.load_model(args.model)
     _need_tokenizer(src)
+    apply_attention(src.model, args)  # --kv-bits: MODEL's cache rounded (not --ref's)
     calib = ((src.manifest or {}).get("calibration") or {}).get("corpus")
     if calib is not None and calib == args.corpus:
         raise LowbitError(f"{args.model} was calibrated on {calib}; evaluate on another --corpus")

@@ -4,8 +4,10 @@ parser, before any model is loaded."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.formats.spec import AttentionSpec
 
 
 def positive(value: str) -> int:
@@ -47,3 +49,52 @@ def check_window(count: int | None, seqlen: int, prefix: str = "") -> None:
     if count is not None and count < seqlen:
         raise LowbitError(f"--{prefix}tokens {count} is shorter than one window of "
                           f"--{prefix}seqlen {seqlen}; ask for at least {seqlen}")  # fmt: skip
+
+
+def add_attention_options(p: argparse.ArgumentParser) -> None:
+    """--kv-bits and friends: round the key/value cache (and queries) of any text model."""
+    g = p.add_argument_group(
+        "key/value cache", "round attention's inputs at run time (quantize saves this with the "
+        "model; at eval / generate it overrides a folder's own), e.g. --kv-bits 4 --kv-hadamard",
+    )  # fmt: skip
+    g.add_argument("--kv-bits", type=_bits, metavar="N",
+                   help="keys and values on an N-bit asymmetric grid (2-8), one range per "
+                   "token and head (or per --kv-group channels)")  # fmt: skip
+    g.add_argument(
+        "--kv-group",
+        type=positive,
+        metavar="N",
+        help="channels per range along the head dimension (default: the whole head)",
+    )
+    g.add_argument("--query-bits", type=_bits, metavar="N",
+                   help="also round the queries to N bits (4-bit attention: --kv-bits 4 "
+                   "--query-bits 4)")  # fmt: skip
+    g.add_argument("--kv-hadamard", action="store_true",
+                   help="rotate every head by a Hadamard matrix before rounding (exact in "
+                   "float; spreads outlier channels, as QuaRot does)")  # fmt: skip
+
+
+def _bits(value: str) -> int:
+    n = positive(value)
+    if not 2 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"expected 2 to 8 bits, got {n}")
+    return n
+
+
+def attention_override(args: argparse.Namespace) -> AttentionSpec | None:
+    """The AttentionSpec the flags ask for (None: none given)."""
+    kv, q = getattr(args, "kv_bits", None), getattr(args, "query_bits", None)
+    if kv is None and q is None:
+        if getattr(args, "kv_group", None) or getattr(args, "kv_hadamard", False):
+            raise LowbitError("--kv-group and --kv-hadamard need --kv-bits or --query-bits")
+        return None
+    return AttentionSpec(kv, args.kv_group or -1, q, args.kv_hadamard)
+
+
+def apply_attention(model: Any, args: argparse.Namespace) -> None:
+    """Install the flags' AttentionSpec on ``model`` (a transformers model), if any."""
+    spec = attention_override(args)
+    if spec is not None:
+        from lowbit.nn.attention import install_attention
+
+        install_attention(model, spec)

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from lowbit.cli_args import positive
+from lowbit.cli_args import add_attention_options, apply_attention, positive
 from lowbit.errors import LowbitError
 
 _GENERATE_EPILOG = """\
@@ -51,6 +51,7 @@ def add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text ('-': read it from stdin)")
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template")
     _sampling_options(p)
+    add_attention_options(p)
     p.add_argument("--json", action="store_true",
                    help="no streaming: print one JSON object (text, tokens, speeds)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
@@ -65,6 +66,7 @@ def add_chat(sub: Any, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL|DIR")
     _sampling_options(p)
+    add_attention_options(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -76,6 +78,7 @@ def _session(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     src = api.load_model(args.model)
     if src.tokenizer is None:
         raise LowbitError(f"{args.model} has no tokenizer; text generation needs one")
+    apply_attention(src.model, args)
     return src, Runtime(src.model), sampling
 
 

@@ -90,14 +90,15 @@ def render_bench(results: dict, summary: dict, machine: dict) -> str:
         "",
     ]
     header = ["model", "prefill tok/s", "decode tok/s", "TTFT s", "weights MB", "peak RSS MB",
-              "decode bound tok/s", "of bound", "J/token"]  # fmt: skip
+              "KV KiB/token", "decode bound tok/s", "of bound", "J/token"]  # fmt: skip
     rows = []
     for name, r in results.items():
         j = r.speed.joules_per_token
         rows.append([name, round(r.speed.prefill_tps, 1), round(r.speed.decode_tps, 2),
                      round(r.speed.ttft_s, 3), round(r.weight_bytes / 1e6, 1),
                      None if r.peak_rss_mb is None else round(r.peak_rss_mb),
-                     round(r.bound_decode_tps, 1), f"{100 * r.bound_fraction:.0f}%",
+                     _kib(r.speed.kv_bytes_per_token), round(r.bound_decode_tps, 1),
+                     f"{100 * r.bound_fraction:.0f}%",
                      "n/a" if j is None else round(j, 3)])  # fmt: skip
     lines.append(format_table(header, rows))
     if "speedup_decode" in summary:
@@ -105,8 +106,13 @@ def render_bench(results: dict, summary: dict, machine: dict) -> str:
         lines.append(
             f"\nvs {s['ref']['model']}: decode x{s['speedup_decode']:.2f}, prefill "
             f"x{s['speedup_prefill']:.2f}, weight memory x{s['weight_memory_ratio']:.3f}"
+            + (f", KV cache x{s['kv_memory_ratio']:.3f}" if "kv_memory_ratio" in s else "")
         )
     return "\n".join(lines)
+
+
+def _kib(count: int | None) -> float | str:
+    return "n/a" if count is None else round(count / 1024, 2)
 
 
 def add_report(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from lowbit.assets import prepare_out
 from lowbit.cli_analyze import add_candidates
-from lowbit.cli_args import check_window, positive
+from lowbit.cli_args import add_attention_options, attention_override, check_window, positive
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -47,6 +48,7 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_attention_options(p)
     p.add_argument("--calib", help="calibration corpus (default: bbc)")
     p.add_argument(
         "--calib-images",
@@ -136,6 +138,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           f"model (--calib names its text)")  # fmt: skip
     args.calib = args.calib or "bbc"
     recipe = api.load_recipe(args.recipe)
+    attention = attention_override(args)
+    if attention is not None:  # --kv-bits: the recipe's attention block, saved with the model
+        recipe = dataclasses.replace(recipe, attention=attention)
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work
     folder, _ = source_folder(args.model)

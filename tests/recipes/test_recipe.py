@@ -47,6 +47,9 @@ def test_yaml_round_trip():
         ("version: 1\nignore: lm_head\n", "list of layer names"),
         ("version: 1\nweights: {bits: 4\n", "not valid YAML"),
         ("- 1\n- 2\n", "mapping at the top level"),
+        ("version: 1\nattention: {kv_bits: 9}\n", "attention.kv_bits must be"),
+        ("version: 1\nattention: {kv_bit: 4}\n", "unknown key 'kv_bit'"),
+        ("version: 1\nrotate: {kind: givens}\n", "rotate.kind: .givens. is not one of"),
     ],
 )
 def test_invalid_recipes_give_one_line_errors(text, message):
@@ -86,3 +89,12 @@ def test_smoothquant_and_lkd_keys():
         recipe_from_yaml("version: 1\nalgorithm: kmeans\nlkd: {}\n")
     with pytest.raises(LowbitError, match="smoothquant"):
         recipe_from_yaml("version: 1\nsmoothquant: {alpha: 2}\n")
+
+
+def test_attention_and_rotate_round_trip():
+    text = "version: 1\nrotate: {kind: random, seed: 3}\nattention: {kv_bits: 4, hadamard: true}\n"
+    r = recipe_from_yaml(text)
+    assert r.rotate.kind == "random" and r.rotate.seed == 3 and r.rotate.heads
+    assert r.attention.kv_bits == 4 and r.attention.hadamard
+    assert recipe_from_yaml(recipe_to_yaml(r)) == r
+    assert not r.needs_calibration

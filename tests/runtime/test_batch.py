@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from helpers import tiny_family_model, tiny_llama
+from lowbit.formats.spec import AttentionSpec
+from lowbit.nn.attention import install_attention
 from lowbit.runtime import Runtime, Sampling
 from lowbit.runtime.batch import ContinuousBatch
 from lowbit.runtime.kv_cache import shift
@@ -43,13 +45,16 @@ PROMPTS = {"a": [5, 6, 7], "b": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], "c": [9],
            "d": [4, 4, 2, 8, 1, 3], "e": [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9]}  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_rows_joining_between_steps_decode_what_they_would_alone(family, monkeypatch):
+@pytest.mark.parametrize(("family", "kv"), [("llama", None), ("qwen3", None), ("llama", 4)])
+def test_rows_joining_between_steps_decode_what_they_would_alone(family, kv, monkeypatch):
+    """Also with a 4-bit cache: codes, scales and minimums move with their rows."""
     import lowbit.runtime.batch as module
 
     moves = []
     monkeypatch.setattr(module, "shift", lambda c, r, by: (moves.append(by), shift(c, r, by)))
     model = tiny_family_model(family) if family != "llama" else tiny_llama(vocab=64)
+    if kv is not None:
+        install_attention(model, AttentionSpec(kv_bits=kv, hadamard=True))
     rt = Runtime(model)
     limits = {"a": 9, "b": 6, "c": 20, "d": 7, "e": 10}
     alone = {k: rt.generate([p], limits[k]).tokens[0] for k, p in PROMPTS.items()}

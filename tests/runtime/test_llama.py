@@ -3,25 +3,12 @@
 import pytest
 import torch
 
-from helpers import tiny_family_model, tiny_llama
+from helpers import decode_steps, rel, tiny_family_model, tiny_llama
 from lowbit.kernels import decode
 from lowbit.runtime.hf_forward import HFForward
 from lowbit.runtime.llama import FAMILIES, LlamaForward, unsupported_reason
 
 COMPACT = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _steps(forward, prompt, follow):
-    """Logits of the prompt (every position), then of each token of ``follow`` fed one by one."""
-    cache = forward.new_cache(prompt.shape[0], 32)
-    out = [forward(prompt, cache, all_logits=True)]
-    for tok in follow.unbind(1):
-        out.append(forward(tok.view(-1, 1), cache).unsqueeze(1))
-    return torch.cat(out, dim=1)  # (B, P + F, vocab)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -39,8 +26,8 @@ def test_logits_equal_the_models_own(family, native, monkeypatch):
     prompt = torch.randint(0, 64, (2, 9), generator=g)
     follow = torch.randint(0, 64, (2, 5), generator=g)
     with torch.inference_mode():
-        ours = _steps(LlamaForward(model), prompt, follow)
-        theirs = _steps(HFForward(model), prompt, follow)
+        ours, _ = decode_steps(LlamaForward(model), prompt, follow)
+        theirs, _ = decode_steps(HFForward(model), prompt, follow)
         whole = model(torch.cat([prompt, follow], 1)).logits
     assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
 
@@ -92,6 +79,6 @@ def test_quantized_kernel_layers_run_on_the_compact_forward(native, monkeypatch)
     g = torch.Generator().manual_seed(2)
     prompt, follow = torch.randint(0, 64, (1, 7), generator=g), torch.randint(0, 64, (1, 6))
     with torch.inference_mode():
-        ours = _steps(LlamaForward(model), prompt, follow)
-        theirs = _steps(HFForward(model), prompt, follow)
+        ours, _ = decode_steps(LlamaForward(model), prompt, follow)
+        theirs, _ = decode_steps(HFForward(model), prompt, follow)
     assert rel(ours, theirs) < 1e-4

@@ -101,8 +101,12 @@ def bench_models(
 
 def speedups(result: BenchResult, ref: BenchResult) -> dict[str, float]:
     """This model's speed and size relative to ``ref`` (> 1: faster / for memory: smaller)."""
-    return {
+    out = {
         "speedup_decode": round(result.speed.decode_tps / ref.speed.decode_tps, 3),
         "speedup_prefill": round(result.speed.prefill_tps / ref.speed.prefill_tps, 3),
         "weight_memory_ratio": round(result.weight_bytes / ref.weight_bytes, 4),
     }
+    kv, ref_kv = result.speed.kv_bytes_per_token, ref.speed.kv_bytes_per_token
+    if kv and ref_kv:
+        out["kv_memory_ratio"] = round(kv / ref_kv, 4)
+    return out

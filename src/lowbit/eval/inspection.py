@@ -73,6 +73,10 @@ def render_inspection(info: dict[str, Any]) -> str:
         f"bytes: quantized {info['quantized_bytes']:,}  float {info['float_bytes']:,}  "
         f"file {info['file_bytes']:,}",
     ]
+    for key, what in (("rotate", "rotation folded into the weights"),
+                      ("attention", "attention inputs rounded at run time")):  # fmt: skip
+        if recipe.get(key) is not None:
+            lines.append(f"{key}: {recipe[key]} ({what})")
     if info.get("verified_files"):
         lines.append(f"verified: {info['verified_files']} weight files match their sha256")
     metrics = _mapping(_mapping(m.get("metrics")).get("eval"))

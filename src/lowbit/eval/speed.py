@@ -31,6 +31,7 @@ class RunTimes:
     ttft_s: float
     decode_s: float
     decode_joules: float | None = None
+    kv_bytes_per_token: int | None = None  # the cache's bytes per token of context
 
     @property
     def prefill_tps(self) -> float:
@@ -63,6 +64,10 @@ class SpeedResult:
         return self._median("ttft_s")
 
     @property
+    def kv_bytes_per_token(self) -> int | None:
+        return self.runs[0].kv_bytes_per_token if self.runs else None
+
+    @property
     def joules_per_token(self) -> float | None:
         values = [r.decode_joules / (r.new_tokens - 1) for r in self.runs if r.decode_joules]
         return statistics.median(values) if values else None
@@ -72,6 +77,7 @@ class SpeedResult:
             "prefill_tps": round(self.prefill_tps, 3),
             "decode_tps": round(self.decode_tps, 3),
             "ttft_s": round(self.ttft_s, 4),
+            "kv_bytes_per_token": self.kv_bytes_per_token,
             "joules_per_token": None
             if self.joules_per_token is None
             else round(self.joules_per_token, 4),
@@ -91,7 +97,8 @@ def timed_run(runtime: Runtime, prompt: Tensor, new_tokens: int, meter: EnergyMe
 
     run = runtime.generate(prompt.tolist(), new_tokens, on_tokens=on_tokens)
     joules = meter.stop()
-    return RunTimes(prompt.shape[1], new_tokens, run.prefill_s, run.decode_s, joules)
+    return RunTimes(prompt.shape[1], new_tokens, run.prefill_s, run.decode_s, joules,
+                    run.kv_bytes_per_token)  # fmt: skip
 
 
 def random_prompt(vocab_size: int, length: int, seed: int = 0) -> Tensor:

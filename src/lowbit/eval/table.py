@@ -10,7 +10,7 @@ def format_table(
 ) -> str:
     """Aligned columns (first left, rest right); ``markdown`` gives a GitHub table."""
     cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
 
     def line(values: Sequence[str]) -> str:
         parts = [

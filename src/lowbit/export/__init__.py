@@ -7,12 +7,15 @@ temporary path that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowbit.assets import atomic_dir, atomic_file, prepare_out
 from lowbit.errors import LowbitError
 from lowbit.models import load_folder, read_manifest, zoo
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "gguf", "onnx", "litert")
 FILE_FORMATS = ("gguf", "litert")  # one file; the others write a folder
@@ -63,6 +66,11 @@ def export(
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")
     model, _ = load_folder(folder)
+    attention = (manifest.get("recipe") or {}).get("attention")
+    if attention is not None:  # weights only: the target's runtime keeps its own cache
+        log.warning("%s rounds its key/value cache at run time (%s); the %s file holds the "
+                    "weights only: set the target runtime's own cache type (llama.cpp: "
+                    "--cache-type-k/-v)", folder, attention, fmt)  # fmt: skip
     if fmt == "litert":
         from lowbit.export.litert_file import write_litert
 

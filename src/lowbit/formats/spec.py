@@ -211,3 +211,70 @@ class ActivationSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How attention's inputs are rounded at run time: the key/value cache and the queries.
+
+    ``kv_bits``: keys and values stored on an asymmetric integer grid (2 to 8 bits), one range
+    per token, head and ``group_size`` channels along the head dimension (``-1``: the whole
+    head), float16 scale and minimum (KIVI-style per-token ranges). ``query_bits``: queries
+    rounded the same way before the scores (4-bit attention needs both). ``hadamard``: keys,
+    queries and values are multiplied by an orthonormal Hadamard matrix over the head dimension
+    before they are rounded (the scores and the output are unchanged in exact arithmetic:
+    (qH)(kH)ᵀ = qkᵀ, and the output is rotated back); it spreads a few large channels over
+    all of them, as QuaRot does for its 4-bit KV cache.
+    """
+
+    kv_bits: int | None = None
+    group_size: int = -1
+    query_bits: int | None = None
+    hadamard: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("kv_bits", "query_bits"):
+            bits = getattr(self, key)
+            if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 8):
+                raise LowbitError(f"attention.{key} must be an integer from 2 to 8, got {bits!r}")
+        if self.kv_bits is None and self.query_bits is None:
+            raise LowbitError("attention: give kv_bits and/or query_bits")
+        if self.group_size != -1 and self.group_size < 1:
+            raise LowbitError(f"attention.group_size must be -1 or positive, got {self.group_size}")
+
+    def group(self, head_dim: int) -> int:
+        """Channels per range for heads of ``head_dim`` (checked to divide it)."""
+        g = head_dim if self.group_size == -1 else self.group_size
+        if head_dim % g:
+            raise LowbitError(f"attention.group_size {g} does not divide the head dimension "
+                              f"{head_dim}; use a divisor of it or -1")  # fmt: skip
+        return g
+
+    def bytes_per_value(self, head_dim: int) -> float:
+        """Bytes one cached key or value of one head takes (codes, float16 scale and minimum)."""
+        if self.kv_bits is None:
+            return 4.0 * head_dim
+        groups = head_dim // self.group(head_dim)
+        return head_dim * _stored_bits(self.kv_bits) / 8 + 4 * groups
+
+    def short(self) -> str:
+        parts = [f"kv{self.kv_bits}"] if self.kv_bits is not None else []
+        if self.group_size != -1:
+            parts.append(f"g{self.group_size}")
+        if self.query_bits is not None:
+            parts.append(f"q{self.query_bits}")
+        if self.hadamard:
+            parts.append("had")
+        return "-".join(parts)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "attention") -> AttentionSpec:
+        return from_mapping(cls, data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
+
+
+def _stored_bits(bits: int) -> int:
+    """Bits a cached code occupies: two codes of up to 4 bits share a byte, wider ones take one."""
+    return 4 if bits <= 4 else 8

@@ -20,6 +20,7 @@ from lowbit.models.images import image_models
 from lowbit.models.kernels import use_kernels
 from lowbit.models.normalize import fold_batchnorm
 from lowbit.models.zoo import build_random, random_folder, random_models, zoo, zoo_gguf
+from lowbit.nn.attention import attention_spec, install_attention
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def load_model(source: str, kernels: bool = True) -> LoadedModel:
     if path.is_dir() and (path / MANIFEST).is_file():
         image = _image_skeleton(path)
         model, manifest = load_folder(path, image)
+        spec = attention_spec(manifest)
+        if spec is not None:  # the key/value cache the recipe asked for
+            install_attention(model, spec)
         if kernels:
             counts = use_kernels(model)
             log.info("kernels for %s: %s", path, counts)

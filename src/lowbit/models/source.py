@@ -77,6 +77,10 @@ class TensorSource:
             t = t.to(dtype)
         return t
 
+    def item(self, name: str) -> Entry | torch.Tensor:
+        """What a writer copies for ``name``: its bytes on disk (an Entry), as stored."""
+        return self.entries[name]
+
     def check(self, model: nn.Module) -> None:
         """Every tensor the skeleton expects is present with its shape (tied ones may be
         absent), so that a checkpoint that disagrees with ``config.json`` fails before work."""

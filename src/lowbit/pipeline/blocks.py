@@ -29,6 +29,7 @@ from lowbit.models.families import Family, sequential_groups
 from lowbit.models.modules import set_module
 from lowbit.models.wiring import derive_family
 from lowbit.nn import QuantConv, QuantLinear
+from lowbit.nn.attention import set_attention
 from lowbit.nn.quant_conv import is_conv
 from lowbit.pipeline.act_ranges import Step, observe_ranges
 from lowbit.pipeline.calibrated import (
@@ -192,6 +193,8 @@ class BlockSteps:
 
     def finish(self, ctx: BlockContext) -> dict[str, Any]:
         """Pack the block, calibrate its static ranges, measure its layers; the record."""
+        if self.recipe.attention is not None:  # from here on its cache is rounded, as at run time
+            set_attention(ctx.block, self.recipe.attention)
         packed: dict[str, QuantLinear] = {}
         for n in self.local(ctx):
             full = f"{ctx.name}.{n}"

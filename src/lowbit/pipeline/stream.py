@@ -114,7 +114,7 @@ class StreamStore(BlockStore):
         owned = {f"{n}." for n in layers}
         for name in self._outside_names(skip_output=False):
             if not name.startswith(tuple(owned)) and name in self.source:
-                tensors[name] = self.source.entries[name]  # copied byte for byte
+                tensors[name] = self.source.item(name)  # copied byte for byte (or rotated)
         if self.group.main:
             self.work.write_unit(self.blocks, tensors, {"rest": layers})
 

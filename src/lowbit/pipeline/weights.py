@@ -27,6 +27,7 @@ from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import get_module, quantizable_layers, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.nn import QuantLinear
+from lowbit.nn.attention import use_attention_function
 from lowbit.nn.quant_conv import is_conv, weight_matrix
 from lowbit.pipeline.act_ranges import calibrate_activations
 from lowbit.pipeline.blocks import DIAGNOSTIC_WINDOWS, BlockSteps, data_free, restore, swap
@@ -76,6 +77,11 @@ def quantize_weights(
     store = store or BlockStore()
     steps = BlockSteps(model, recipe, plan, family_of(model), report, calibration, batch_size,
                        progress)  # fmt: skip
+    if recipe.attention is not None:  # each block's cache is rounded once it is quantized
+        if blocks is None:
+            raise LowbitError("attention: (a quantized key/value cache) is for language models; "
+                              "this model is quantized as one unit")  # fmt: skip
+        use_attention_function(model)
     if blocks is None:
         probe = None  # the canary rides along with the blocks
     else:

@@ -37,6 +37,6 @@ def plan_layers(
     for pattern in (*recipe.ignore, *(o.match for o in recipe.overrides)) if warn else ():
         if not any(Override(pattern).matches(n) for n in names):
             log.warning("recipe pattern %r matches no layer of this model", pattern)
-    if not plan:
+    if not plan and recipe.attention is None and recipe.rotate is None:
         raise LowbitError("the recipe leaves every layer in float; nothing to quantize")
     return plan

@@ -52,7 +52,21 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
     out |= _other_presets()
     out |= _activation_presets()
     out |= _image_presets()
+    out |= _attention_presets()
     return out
+
+
+def _attention_presets() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The key/value cache alone (weights stay as they are: combine with a weight recipe by
+    adding its ``attention`` block, or ``--kv-bits`` at eval / bench / generate)."""
+    kv8 = {"version": 1, "name": "kv8", "algorithm": "rtn", "weights": None,
+           "attention": {"kv_bits": 8}}  # fmt: skip
+    kv4 = {"version": 1, "name": "kv4", "algorithm": "rtn", "weights": None,
+           "attention": {"kv_bits": 4, "hadamard": True}}  # fmt: skip
+    return {
+        "kv8": ("float weights, 8-bit key/value cache (per token and head, asymmetric)", kv8),
+        "kv4": ("float weights, 4-bit key/value cache, Hadamard-rotated heads", kv4),
+    }
 
 
 def _image_presets() -> dict[str, tuple[str, dict[str, Any]]]:

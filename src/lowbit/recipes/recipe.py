@@ -17,15 +17,16 @@ from typing import Any, Literal
 from lowbit.algorithms.awq import AWQOptions
 from lowbit.algorithms.gptq import GPTQOptions
 from lowbit.algorithms.lkd import LKDOptions
+from lowbit.algorithms.rotate import RotateOptions
 from lowbit.algorithms.smoothquant import SmoothQuantOptions
 from lowbit.errors import LowbitError
-from lowbit.formats.spec import ActivationSpec, WeightSpec
+from lowbit.formats.spec import ActivationSpec, AttentionSpec, WeightSpec
 from lowbit.typed import from_mapping, to_mapping
 
 RECIPE_VERSION = 1
 Algorithm = Literal["rtn", "hqq", "gptq", "awq", "awq+gptq", "kmeans"]
-_KEYS = ("version", "name", "algorithm", "weights", "activations", "ignore", "overrides", "gptq",
-         "awq", "lorc", "smoothquant", "lkd")  # fmt: skip
+_KEYS = ("version", "name", "algorithm", "weights", "activations", "attention", "rotate",
+         "ignore", "overrides", "gptq", "awq", "lorc", "smoothquant", "lkd")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ class Recipe:
     ``gptq``, ``awq`` (scales + output-error clipping + RTN), ``awq+gptq`` (AWQ scales, then
     GPTQ), ``kmeans`` (a fitted codebook per block instead of a uniform grid; weighted by the
     Hessian diagonal when calibration data is given); ``gptq`` and ``awq`` hold those
-    algorithms' options. ``activations`` rounds the inputs of every quantized layer at run time.
+    algorithms' options. ``activations`` rounds the inputs of every quantized layer at run time;
+    ``attention`` rounds the key/value cache (and queries) at run time, saved with the model.
+    ``rotate`` folds an orthogonal rotation of the residual stream (and of each head's values)
+    into the float weights before anything else (QuaRot); the model computes the same function.
     ``smoothquant`` (SmoothQuant scales folded in before the weights are quantized) and ``lkd``
     (layer-wise distillation of each quantized block afterwards) compose with any algorithm
     except that SmoothQuant and AWQ both rescale channels, so only one of them may be used.
@@ -71,6 +75,8 @@ class Recipe:
     awq: AWQOptions = field(default_factory=AWQOptions)
     smoothquant: SmoothQuantOptions | None = None
     lkd: LKDOptions | None = None
+    attention: AttentionSpec | None = None
+    rotate: RotateOptions | None = None
 
     def __post_init__(self) -> None:
         if self.smoothquant is not None and self.algorithm.startswith("awq"):
@@ -121,6 +127,10 @@ class Recipe:
         out["algorithm"] = self.algorithm
         out["weights"] = None if self.weights is None else self.weights.to_dict()
         out["activations"] = None if self.activations is None else self.activations.to_dict()
+        if self.attention is not None:
+            out["attention"] = self.attention.to_dict()
+        if self.rotate is not None:
+            out["rotate"] = to_mapping(self.rotate)
         out["ignore"] = list(self.ignore)
         out["overrides"] = [{"match": o.match, "weights": o.weights} for o in self.overrides]
         if self.algorithm in ("gptq", "awq+gptq"):
@@ -156,7 +166,7 @@ class Recipe:
             raise LowbitError(f"{where}: unknown algorithm {algorithm!r} (known: {known})")
         weights = _with_lorc(data.get("weights", {}), data.get("lorc"), where)
         at = f"{where}: " if not where.endswith(":") else f"{where} "  # "recipe.yaml: gptq.damp"
-        acts = data.get("activations")
+        acts, attention = data.get("activations"), data.get("attention")
         return cls(
             algorithm=algorithm,
             weights=None if weights is None else WeightSpec.from_dict(weights, where),
@@ -170,6 +180,9 @@ class Recipe:
             awq=from_mapping(AWQOptions, data.get("awq") or {}, f"{at}awq"),
             smoothquant=_optional(SmoothQuantOptions, data, "smoothquant", at),
             lkd=_optional(LKDOptions, data, "lkd", at),
+            attention=None if attention is None else AttentionSpec.from_dict(
+                attention, f"{at}attention"),
+            rotate=_optional(RotateOptions, data, "rotate", at),
         )  # fmt: skip
 
 

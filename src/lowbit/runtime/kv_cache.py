@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.primitives.kv import dequantize_heads, quantize_heads
 
 
 class Slots:
@@ -41,7 +42,10 @@ class Slots:
 
 
 class StaticKVCache(Slots):
-    """Keys and values (layers, batch, kv_heads, capacity, head_dim), preallocated."""
+    """Keys and values (layers, batch, kv_heads, capacity, head_dim), preallocated.
+
+    ``tensors`` is everything the cache stores, each indexed (layer, row, head, slot, ...):
+    what moving rows and slots (:func:`shift`, :func:`move_row`, :func:`grown`) acts on."""
 
     def __init__(
         self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
@@ -49,20 +53,73 @@ class StaticKVCache(Slots):
     ) -> None:  # fmt: skip
         super().__init__(batch, capacity, device)
         shape = (layers, batch, kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+
+    @property
+    def k(self) -> Tensor:
+        return self.tensors[0]
+
+    @property
+    def v(self) -> Tensor:
+        return self.tensors[1]
 
     def bytes_per_token(self) -> int:
         """Bytes one more token of context costs (every layer's key and value, every row)."""
-        layers, batch, heads, _, dim = self.k.shape
-        return 2 * layers * batch * heads * dim * self.k.element_size()
+        return sum(t[:, :, :, 0].numel() * t.element_size() for t in self.tensors)
 
     def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (batch, kv_heads, t, head_dim) at ``start``; the layer's filled prefix."""
+        """Store k, v (batch, kv_heads, t, head_dim) at ``start``; the layer's filled prefix
+        (as attention reads it: float)."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        n = len(self.tensors) // 2  # stored tensors per side (keys first, then values)
+        out = []
+        for side, x in enumerate((k, v)):
+            stored = self.tensors[side * n : (side + 1) * n]
+            for target, value in zip(stored, self._encode(x), strict=True):
+                target[layer, :, :, start:end] = value
+            out.append(self._decode([t[layer, :, :, :end] for t in stored]))
+        return out[0], out[1]
+
+    def _encode(self, x: Tensor) -> list[Tensor]:
+        """What is stored for x (batch, kv_heads, t, head_dim)."""
+        return [x]
+
+    def _decode(self, stored: list[Tensor]) -> Tensor:
+        return stored[0]
+
+
+class QuantKVCache(StaticKVCache):
+    """Keys and values stored as ``bits``-bit codes (two per byte up to 4 bits) with a float16
+    scale and minimum per token, head and ``group`` channels (:mod:`lowbit.primitives.kv`);
+    attention reads the filled prefix dequantized to float32."""
+
+    def __init__(
+        self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+        bits: int, group: int, device: torch.device | str = "cpu",
+    ) -> None:  # fmt: skip
+        Slots.__init__(self, batch, capacity, device)
+        self.bits, self.group, self.packed = bits, group, bits <= 4
+        lead = (layers, batch, kv_heads, capacity)
+        shapes = [
+            (*lead, head_dim // 2 if self.packed else head_dim),
+            (*lead, head_dim // group),
+            (*lead, head_dim // group),
+        ]  # fmt: skip  (codes, scale, minimum)
+        dtypes = [torch.uint8, torch.float16, torch.float16]
+        pairs = list(zip(shapes, dtypes, strict=True)) * 2  # keys, then values
+        self.tensors = [torch.zeros(shape, dtype=dt, device=device) for shape, dt in pairs]
+
+    def _encode(self, x: Tensor) -> list[Tensor]:
+        codes, scale, minimum = quantize_heads(x, self.bits, self.group)
+        if self.packed:  # two codes per byte
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        return [codes, scale, minimum]
+
+    def _decode(self, stored: list[Tensor]) -> Tensor:
+        codes, scale, minimum = stored
+        if self.packed:
+            codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
+        return dequantize_heads(codes, scale, minimum, self.bits)
 
 
 class CacheView(StaticKVCache):
@@ -72,7 +129,8 @@ class CacheView(StaticKVCache):
 
     def __init__(self, base: StaticKVCache, rows: slice, length: int | None = None) -> None:
         self.base, self.capacity, self._own = base, base.capacity, length
-        self.k, self.v, self.pad = base.k[:, rows], base.v[:, rows], base.pad[rows]
+        self.tensors, self.pad = [t[:, rows] for t in base.tensors], base.pad[rows]
+        self._encode, self._decode = base._encode, base._decode  # the base's way of storing
 
     @property
     def length(self) -> int:  # type: ignore[override]
@@ -91,12 +149,11 @@ def shift(cache: StaticKVCache, rows: int, by: int) -> None:
     on the left for a longer prompt) or left (< 0, dropping padding every row has); positions
     (slot - pad) are unchanged, so the keys' rotary phases stay right."""
     n = cache.length
-    if by > 0:
-        cache.k[:, :rows, :, by : by + n] = cache.k[:, :rows, :, :n].clone()
-        cache.v[:, :rows, :, by : by + n] = cache.v[:, :rows, :, :n].clone()
-    elif by < 0:
-        cache.k[:, :rows, :, : n + by] = cache.k[:, :rows, :, -by:n].clone()
-        cache.v[:, :rows, :, : n + by] = cache.v[:, :rows, :, -by:n].clone()
+    for t in cache.tensors:
+        if by > 0:
+            t[:, :rows, :, by : by + n] = t[:, :rows, :, :n].clone()
+        elif by < 0:
+            t[:, :rows, :, : n + by] = t[:, :rows, :, -by:n].clone()
     cache.pad[:rows] += by
     cache.length = n + by
 
@@ -104,16 +161,16 @@ def shift(cache: StaticKVCache, rows: int, by: int) -> None:
 def move_row(cache: StaticKVCache, source: int, target: int) -> None:
     """Copy row ``source``'s filled slots and padding into row ``target``."""
     n = cache.length
-    cache.k[:, target, :, :n] = cache.k[:, source, :, :n]
-    cache.v[:, target, :, :n] = cache.v[:, source, :, :n]
+    for t in cache.tensors:
+        t[:, target, :, :n] = t[:, source, :, :n]
     cache.pad[target] = cache.pad[source]
 
 
 def grown(cache: StaticKVCache, new: StaticKVCache) -> StaticKVCache:
-    """``new`` (more capacity, same rows) holding ``cache``'s filled slots."""
+    """``new`` (more capacity, same rows, same kind) holding ``cache``'s filled slots."""
     n = cache.length
-    new.k[:, :, :, :n] = cache.k[:, :, :, :n]
-    new.v[:, :, :, :n] = cache.v[:, :, :, :n]
+    for old, t in zip(cache.tensors, new.tensors, strict=True):
+        t[:, :, :, :n] = old[:, :, :, :n]
     new.pad.copy_(cache.pad)
     new.length = n
     return new

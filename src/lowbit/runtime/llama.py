@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rotate, silu_mul
-from lowbit.runtime.kv_cache import StaticKVCache
+from lowbit.nn.attention import ATTRIBUTE, head_rotation, round_queries
+from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -130,6 +131,11 @@ class LlamaForward:
         self.layers = [self._layer(block, silu, native) for block in inner.layers]
         self.scaling = inner.layers[0].self_attn.scaling
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (T, D), grown by new_cache
+        # rounded attention inputs (lowbit.nn.attention): a quantized cache, rotated heads
+        self.attention = getattr(inner.layers[0].self_attn, ATTRIBUTE, None)
+        like = torch.empty(0)
+        self.rotation = None if self.attention is None else head_rotation(
+            self.attention, self.head_dim, like)  # fmt: skip
 
     @staticmethod
     def _layer(block: nn.Module, silu: bool, native: bool) -> _Layer:
@@ -154,7 +160,11 @@ class LlamaForward:
             with torch.no_grad():  # the model's own rotary module: every RoPE variant it has
                 cos, sin = self.inner.rotary_emb(torch.zeros(1), positions)  # (1, T, D)
             self.cos, self.sin = cos[0].float(), sin[0].float()
-        return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
+        shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
+        spec = self.attention
+        if spec is not None and spec.kv_bits is not None:
+            return QuantKVCache(*shape, spec.kv_bits, spec.group(self.head_dim))
+        return StaticKVCache(*shape)
 
     def _positions(self, cache: StaticKVCache, start: int, t: int) -> tuple[Tensor, Tensor]:
         """cos/sin (B or 1, 1, t, D) of the slots start..start+t (positions skip the padding)."""
@@ -181,8 +191,8 @@ class LlamaForward:
     def __call__(self, ids: Tensor, cache: StaticKVCache, all_logits: bool = False) -> Tensor:
         """ids (B, t) -> logits (B, vocab) of the last position ((B, t, vocab) with
         ``all_logits``); the t new slots of ``cache`` are filled."""
-        if ids.shape[1] == 1 and not all_logits:
-            return self._decode(ids, cache)
+        if ids.shape[1] == 1 and not all_logits and self.attention is None:
+            return self._decode(ids, cache)  # the fused ops (a float cache, plain heads)
         b, t = ids.shape
         start = cache.reserve(t)
         cos, sin = self._positions(cache, start, t)
@@ -198,10 +208,17 @@ class LlamaForward:
             q = rotate(q.transpose(1, 2), cos, sin)  # (B, H, t, D)
             k = rotate(k.transpose(1, 2), cos, sin)  # (B, Hkv, t, D)
             v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            keys, values = cache.write(i, start, k, v)  # (B, Hkv, S, D)
+            h = self.rotation
+            if h is not None:
+                q, k, v = q @ h, k @ h, v @ h
+            if self.attention is not None:
+                q = round_queries(self.attention, q)
+            keys, values = cache.write(i, start, k, v)  # (B, Hkv, S, D); a QuantKVCache rounds
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                               is_causal=mask is None, scale=self.scaling,
-                                               enable_gqa=True)  # fmt: skip
+                                               is_causal=mask is None and t > 1,
+                                               scale=self.scaling, enable_gqa=True)  # fmt: skip
+            if h is not None:
+                a = a @ h.T
             x = x + layer.o_proj(a.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.down(self._mlp_act(layer, layer.gate_up(_rms(layer.norm2, x))))
         x = x if all_logits else x[:, -1:]

@@ -1,0 +1,114 @@
+"""Rotations and a rounded key/value cache on the default model, in one run.
+
+Every row is quantized in this process from a fresh copy of the float model (calibrated rows on
+`bbc`, the same windows for every row) and scored against the float model on the same `wiki`
+windows; each Markdown row is printed as soon as it is measured: perplexity, ratio to float,
+KL(fp || q) per token, top-1 agreement, the cache's bytes per token of context relative to
+lowbit's float32 cache (codes and float16 scales / minimums included) and the quantization
+wall time (GPTQ included; folding the rotation, about a second, is not).
+
+    .venv/bin/python benchmarks/rotation_table.py [--rows NAME ...]
+
+Rows: `kv8`, `kv4` (per token and head), `kv4-g32`, `+had` (heads Hadamard-rotated before
+rounding); `w4a8` (int4 g64 weights, 8-bit per-token inputs), `w4a4-kv4` (4-bit per-token
+inputs, 4-bit cache), `w4-gptq` (weight-only), each with and without `+rot` (QuaRot's offline
+rotation folded into the weights; with a cache, also its heads rotated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+
+import torch
+
+from lowbit import api
+from lowbit.formats.spec import AttentionSpec
+from lowbit.recipes import Recipe
+
+W4 = {"bits": 4, "group_size": 64}
+TOKEN8 = {"bits": 8, "granularity": "token", "dynamic": True}
+TOKEN4 = {"bits": 4, "granularity": "token", "dynamic": True, "symmetric": False}
+
+
+def rows() -> dict[str, dict]:
+    """name -> recipe mapping (lm_head stays in float in every row)."""
+    kv = {"kv8": {"kv_bits": 8}, "kv4": {"kv_bits": 4}, "kv4+had": {"kv_bits": 4, "hadamard": True},
+          "kv4-g32": {"kv_bits": 4, "group_size": 32},
+          "kv4-g32+had": {"kv_bits": 4, "group_size": 32, "hadamard": True}}  # fmt: skip
+    table = {name: ("rtn", None, None, {"attention": a}) for name, a in kv.items()}
+    for rot in (False, True):
+        extra = {"rotate": {}} if rot else {}
+        kv4 = {"kv_bits": 4, "hadamard": rot}
+        suffix = "+rot" if rot else ""
+        table |= {
+            f"w4a8{suffix}": ("rtn", W4, TOKEN8, extra),
+            f"w4a4-kv4{suffix}": ("rtn", W4, TOKEN4, {**extra, "attention": kv4}),
+            f"w4-gptq{suffix}": ("gptq", W4, None, extra),
+            f"w4a8-gptq{suffix}": ("gptq", W4, TOKEN8, extra),
+        }
+    return {name: {"version": 1, "name": name, "algorithm": algo, "weights": w,
+                   "activations": a, "ignore": ["lm_head"], **extra}
+            for name, (algo, w, a, extra) in table.items()}  # fmt: skip
+
+
+def _cache_ratio(spec: AttentionSpec | None, head_dim: int) -> str:
+    if spec is None:
+        return "1"
+    return f"{spec.bytes_per_value(head_dim) / (4 * head_dim):.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rows", nargs="+", default=None, help="row names (default: all)")
+    p.add_argument("--calib", default="bbc")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--corpus", default="wiki")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--seqlen", type=int, default=2048)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    table = rows()
+    unknown = [r for r in args.rows or [] if r not in table]
+    if unknown:
+        sys.exit(f"unknown row {unknown[0]!r}; rows: {', '.join(table)}")
+
+    src = api.load_model(args.model, kernels=False)
+    calib = api.calibration_set(src.tokenizer, args.calib, args.calib_samples, args.calib_seqlen)
+    fp = api.evaluate({"float": src.model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
+                      progress=False)["float"]  # fmt: skip
+    cfg = src.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    print(f"model {args.model}; calibration {args.calib}: {args.calib_samples} windows x "
+          f"{args.calib_seqlen} tokens (seed 0); evaluation {fp.corpus} (sha256 "
+          f"{fp.corpus_sha256[:12]}): {fp.windows} windows x {fp.seqlen} = {fp.tokens} tokens; "
+          f"float ppl {fp.ppl:.3f}; {torch.get_num_threads()} threads\n", flush=True)  # fmt: skip
+    print("| row | weights | activations | cache | rotation | ppl | x fp | KL | top-1 | "
+          "cache bytes x fp32 | quantize s |")  # fmt: skip
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    for name in args.rows or table:  # printed as measured: a stopped run keeps its rows
+        recipe = Recipe.from_dict(table[name])
+        print(f"quantizing {name} ...", file=sys.stderr, flush=True)
+        model = copy.deepcopy(src.model)
+        data = calib if recipe.needs_calibration else None
+        report = api.quantize(model, recipe, data, progress=False)
+        r = api.evaluate({name: model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
+                         ref=src.model, progress=False)[name]  # fmt: skip
+        w = "float" if recipe.weights is None else f"{recipe.algorithm} {recipe.weights.short()}"
+        a = "-" if recipe.activations is None else recipe.activations.short()
+        cache = "-" if recipe.attention is None else recipe.attention.short()
+        rot = "-" if recipe.rotate is None else recipe.rotate.kind
+        print(f"| {name} | {w} | {a} | {cache} | {rot} | {r.ppl:.3f} | {r.ppl / fp.ppl:.4f} | "
+              f"{r.kl:.4f} | {r.top1:.3f} | {_cache_ratio(recipe.attention, head_dim)} | "
+              f"{report.seconds:.1f} |", flush=True)  # fmt: skip
+        del model
+
+
+if __name__ == "__main__":
+    main()

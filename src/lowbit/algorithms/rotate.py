@@ -1,0 +1,72 @@
+"""Rotations (QuaRot, SpinQuant): an orthogonal change of basis folded into the weights.
+
+A decoder's residual stream x can be replaced by x·Q for any orthogonal Q without changing
+what the model computes, once the RMSNorm scales are folded into the linears that read the
+norms (an RMSNorm without a scale commutes with Q: ‖xQ‖ = ‖x‖). Each linear reading the
+stream gets W·Q, each one writing to it Qᵀ·W, the embedding E·Q. A Hadamard Q spreads the
+few huge channels of the stream over all of them, so weights and activations round with
+less error. Inside attention, each head's values can be turned by a Hadamard H of the head
+size (v_proj rows Hᵀ·W, o_proj columns W·H). Pure tensor functions; the wiring is
+:mod:`lowbit.models.rotate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+from lowbit.primitives.hadamard import hadamard
+
+
+@dataclass(frozen=True)
+class RotateOptions:
+    """``kind``: ``hadamard`` (a Hadamard matrix with random column signs, QuaRot) or
+    ``random`` (a random orthogonal matrix, any width); ``heads``: also turn each attention
+    head's values and the matching o_proj columns; ``seed`` picks the signs / the matrix."""
+
+    kind: Literal["hadamard", "random"] = "hadamard"
+    heads: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hadamard", "random"):
+            raise LowbitError(f"rotate.kind must be hadamard or random, got {self.kind!r}")
+
+
+def orthogonal(n: int, options: RotateOptions) -> Tensor:
+    """An (n, n) float64 orthogonal matrix of the kind ``options`` asks for."""
+    g = torch.Generator().manual_seed(options.seed * 1_000_003 + n)
+    if options.kind == "random":
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-distributed
+    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+    return hadamard(n, torch.float64) * signs.unsqueeze(0)
+
+
+def reads(weight: Tensor, q: Tensor, scale: Tensor | None = None) -> Tensor:
+    """A linear that reads the rotated stream: (W·diag(scale))·Q (scale: a folded norm)."""
+    w = weight.double() if scale is None else weight.double() * scale.double().unsqueeze(0)
+    return (w @ q).to(weight.dtype)
+
+
+def writes(weight: Tensor, q: Tensor) -> Tensor:
+    """A linear (or a bias, 1-D) that writes to the rotated stream: Qᵀ·W."""
+    return (q.T @ weight.double()).to(weight.dtype)
+
+
+def head_rows(weight: Tensor, h: Tensor) -> Tensor:
+    """v_proj's output (weight rows or bias) per head of size len(h): Hᵀ·W_head."""
+    d = h.shape[0]
+    w = weight.double().reshape(-1, d, *weight.shape[1:])  # (heads, d, ...)
+    return torch.einsum("dj,hd...->hj...", h, w).reshape(weight.shape).to(weight.dtype)
+
+
+def head_columns(weight: Tensor, h: Tensor) -> Tensor:
+    """o_proj's input columns per head of size len(h): W_head·H."""
+    d = h.shape[0]
+    w = weight.double().reshape(weight.shape[0], -1, d)  # (out, heads, d)
+    return torch.einsum("ohd,dj->ohj", w, h).reshape(weight.shape).to(weight.dtype)

@@ -1,0 +1,171 @@
+"""Which tensors of a decoder a rotation changes, and how (:mod:`lowbit.algorithms.rotate`).
+
+A :class:`Rotator` maps each tensor name to its rotated value, computed from the float
+tensors it depends on (a linear and the norm folded into it), so the same rule serves a model
+in memory (:func:`rotate_model`) and a checkpoint streamed block by block
+(:class:`RotatedSource`, which the streaming runner reads like any source). The output head
+of a tied model becomes its own tensor: it absorbs the final norm, the embedding does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.algorithms.rotate import (
+    RotateOptions,
+    head_columns,
+    head_rows,
+    orthogonal,
+    reads,
+    writes,
+)
+from lowbit.errors import LowbitError
+from lowbit.models.families import find_blocks
+from lowbit.models.source import TensorSource, tied_names
+from lowbit.primitives.hadamard import has_hadamard
+
+ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm (x·w) before attention and MLP
+Getter = Callable[[str], Tensor]
+
+
+class Rotator:
+    """The rotated value of every tensor a rotation of ``model`` (a skeleton will do) changes."""
+
+    def __init__(self, model: nn.Module, options: RotateOptions) -> None:
+        config = getattr(model, "config", None)
+        kind = getattr(config, "model_type", None)
+        if kind not in ROTATABLE:
+            raise LowbitError(f"rotate: folding a rotation needs RMSNorm-before-linear decoders "
+                              f"({', '.join(ROTATABLE)}); {kind!r} is not one")  # fmt: skip
+        hidden = config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        for n, what in ((hidden, "hidden size"), (head_dim, "head size")):
+            if (
+                options.kind == "hadamard"
+                and not has_hadamard(n)
+                and (n == hidden or options.heads)
+            ):
+                raise LowbitError(f"rotate: no Hadamard matrix of the {what} {n}; use kind: "
+                                  f"random")  # fmt: skip
+        self.q = orthogonal(hidden, options)
+        self.h = orthogonal(head_dim, options) if options.heads else None
+        self.ops: dict[str, tuple] = {}
+        self.aliases: dict[str, str] = {}  # a tied head: read from the embedding
+        self._plan(model)
+
+    def _plan(self, model: nn.Module) -> None:
+        prefix, blocks = find_blocks(model)
+        ops = self.ops
+        for i, block in enumerate(blocks):
+            b = f"{prefix}.{i}."
+            attn, mlp = f"{b}self_attn.", f"{b}mlp."
+            n1, n2 = f"{b}input_layernorm.weight", f"{b}post_attention_layernorm.weight"
+            ops[n1] = ops[n2] = ("ones",)
+            for name in ("q_proj", "k_proj"):
+                ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, False)
+            ops[f"{attn}v_proj.weight"] = ("reads", f"{attn}v_proj.weight", n1, self.h is not None)
+            ops[f"{attn}o_proj.weight"] = ("writes", self.h is not None)
+            for name in ("gate_proj", "up_proj"):
+                ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, False)
+            ops[f"{mlp}down_proj.weight"] = ("writes", False)
+            self._biases(block, b)
+        embed = _name_of(model, model.get_input_embeddings())
+        head = _name_of(model, model.get_output_embeddings())
+        norm = _final_norm(model, prefix)
+        ops[f"{embed}.weight"] = ("reads", f"{embed}.weight", None, False)
+        ops[f"{norm}.weight"] = ("ones",)
+        source = f"{embed}.weight" if tied_names(model) else f"{head}.weight"
+        ops[f"{head}.weight"] = ("reads", source, f"{norm}.weight", False)
+        if source != f"{head}.weight":
+            self.aliases[f"{head}.weight"] = source
+
+    def _biases(self, block: nn.Module, b: str) -> None:
+        for name, module in block.named_modules():
+            bias = getattr(module, "bias", None)
+            if not isinstance(bias, Tensor) or not isinstance(module, nn.Linear):
+                continue
+            key = f"{b}{name}.bias"
+            if name.endswith(("o_proj", "down_proj")):
+                self.ops[key] = ("writes_bias",)
+            elif name.endswith("v_proj") and self.h is not None:
+                self.ops[key] = ("head_bias",)
+        for name, module in block.named_modules():
+            if name.endswith("layernorm") and isinstance(getattr(module, "bias", None), Tensor):
+                raise LowbitError(f"rotate: {b}{name} has a bias; only RMSNorm folds")
+
+    def tensor(self, name: str, get: Getter) -> Tensor:
+        """The rotated float32 value of ``name``; ``get`` reads a float32 tensor by name."""
+        op = self.ops[name]
+        if op[0] == "ones":
+            return torch.ones_like(get(name))
+        if op[0] == "reads":
+            _, source, norm, per_head = op
+            w = reads(get(source), self.q, None if norm is None else get(norm))
+            return head_rows(w, self.h) if per_head else w
+        if op[0] == "writes":
+            w = get(name)
+            return writes(head_columns(w, self.h) if op[1] else w, self.q)
+        if op[0] == "writes_bias":
+            return writes(get(name).unsqueeze(1), self.q).squeeze(1)
+        return head_rows(get(name), self.h)  # head_bias
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give a tied output head its own weight (same values; meta stays meta)."""
+    if not tied_names(model):
+        return
+    model.config.tie_word_embeddings = False
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, options: RotateOptions) -> None:
+    """Rotate a model held in memory (its tensors replaced; the function it computes kept)."""
+    rotator = Rotator(model, options)
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    new = {name: rotator.tensor(name, state.__getitem__) for name in rotator.ops}
+    untie_head(model)
+    for name, value in new.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = getattr(module, attr)
+        setattr(module, attr, nn.Parameter(value.to(old.dtype), requires_grad=False))
+
+
+class RotatedSource(TensorSource):
+    """A checkpoint read through a rotation: the tensors it changes are computed on reading
+    (float32), the others read as stored; a tied head appears as its own tensor."""
+
+    def __init__(self, base: TensorSource, rotator: Rotator) -> None:
+        self.base, self.rotator = base, rotator
+        self.folder, self.weight_map = base.folder, base.weight_map
+        self.entries = dict(base.entries)
+        for name, source in rotator.aliases.items():
+            self.entries[name] = base.entries[source]
+
+    def load(self, name: str, dtype: torch.dtype | None = torch.float32) -> Tensor:
+        if name not in self.rotator.ops:
+            return self.base.load(name, dtype)
+        t = self.rotator.tensor(name, self.base.load)
+        return t if dtype is None else t.to(dtype)
+
+    def item(self, name: str) -> Tensor | object:
+        return self.load(name).contiguous() if name in self.rotator.ops else self.base.item(name)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _final_norm(model: nn.Module, prefix: str) -> str:
+    parent = prefix.rpartition(".")[0]
+    name = f"{parent}.norm" if parent else "norm"
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise LowbitError(f"rotate: no final norm at {name}") from None
+    return name

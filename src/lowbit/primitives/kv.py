@@ -1,0 +1,39 @@
+"""Rounding of attention's inputs (keys, values, queries): per token and head, groups of
+channels along the head dimension, asymmetric, float16 scale and minimum (pure functions).
+
+The cache stores ``(codes, scale, minimum)``; :func:`fake_quantize_heads` is the same rounding
+without the storage, for evaluation through a model's own attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowbit.formats.qtype import qtype_for
+from lowbit.primitives.qparams import Grid, QParams, choose_qparams, dequantize, quantize
+
+
+def _grid(bits: int) -> Grid:
+    return Grid(qtype_for("int", bits), symmetric=False, zero_point="float",
+                scale_dtype=torch.float16)  # fmt: skip
+
+
+def quantize_heads(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x (..., D) -> codes (..., D) uint8, scale and minimum (..., D / group) float16."""
+    xb = x.float().unflatten(-1, (-1, group))  # (..., G, g)
+    grid = _grid(bits)
+    qp = choose_qparams(xb.amin(-1), xb.amax(-1), grid)
+    return quantize(xb, qp, grid).flatten(-2), qp.scale, qp.zero
+
+
+def dequantize_heads(codes: Tensor, scale: Tensor, minimum: Tensor, bits: int) -> Tensor:
+    """The float32 values of :func:`quantize_heads`' output."""
+    group = codes.shape[-1] // scale.shape[-1]
+    cb = codes.unflatten(-1, (-1, group))
+    return dequantize(cb, QParams(scale, minimum), _grid(bits)).flatten(-2)
+
+
+def fake_quantize_heads(x: Tensor, bits: int, group: int) -> Tensor:
+    """Round ``x`` (..., D) as the cache stores it; same dtype back."""
+    return dequantize_heads(*quantize_heads(x, bits, group), bits).to(x.dtype)

@@ -1,0 +1,74 @@
+"""Rotations folded into the weights leave the float model's outputs unchanged, in memory and
+when a checkpoint is streamed through :class:`RotatedSource`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import make_recipe, rel, tiny_family_model, tiny_llama
+from lowbit import api
+from lowbit.algorithms.rotate import RotateOptions, orthogonal
+from lowbit.errors import LowbitError
+from lowbit.models.rotate import rotate_model
+
+
+def _perturb_norms(model):
+    """Random norm scales (a fresh model's are all 1: folding them would prove nothing)."""
+    g = torch.Generator().manual_seed(7)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data = 1 + 0.5 * torch.rand(p.shape, generator=g)
+        elif name.endswith("bias"):
+            p.data = torch.randn(p.shape, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_rotation_leaves_the_float_model_unchanged(family, kind):
+    model = tiny_family_model(family)
+    _perturb_norms(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        rotate_model(model, RotateOptions(kind=kind))
+        after = model(ids).logits
+    assert rel(after, before) < 1e-5
+    layer = model.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+
+
+def test_a_tied_head_is_untied_and_the_embedding_keeps_no_norm():
+    model = tiny_llama(vocab=64, tie=True)
+    _perturb_norms(model)
+    rotate_model(model, RotateOptions())
+    assert not model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_orthogonal_matrices_are_seeded():
+    a, b = orthogonal(12, RotateOptions(seed=1)), orthogonal(12, RotateOptions(seed=2))
+    assert torch.allclose(a @ a.T, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(a, orthogonal(12, RotateOptions(seed=1))) and not torch.equal(a, b)
+
+
+def test_families_it_cannot_fold_are_a_clear_error():
+    with pytest.raises(LowbitError, match="RMSNorm-before-linear"):
+        rotate_model(tiny_family_model("gpt2"), RotateOptions())
+
+
+def test_streamed_rotation_equals_rotation_in_memory(tiny_folder, tmp_path):
+    recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
+                                 rotate=RotateOptions())  # fmt: skip
+    streamed, _ = api.quantize_to(str(tiny_folder), recipe, tmp_path / "s", progress=False)
+    src = api.load_model(str(tiny_folder))
+    ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        float_logits = src.model(ids).logits
+        api.quantize(src.model, recipe, progress=False)
+        mem = src.model(ids).logits
+        got = api.load(streamed, kernels=False).model(ids).logits
+    assert rel(got, mem) < 1e-5
+    assert rel(got, float_logits) < 0.05  # W8 of the rotated model: close to the float one

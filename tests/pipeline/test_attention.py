@@ -1,0 +1,39 @@
+"""A recipe's attention block: rounded caches from quantization on, saved and loaded with the
+folder, and inside the canary the folder records."""
+
+from __future__ import annotations
+
+import torch
+
+from helpers import make_recipe
+from lowbit import api
+from lowbit.eval.canary import check
+from lowbit.formats.spec import AttentionSpec
+from lowbit.nn.attention import ATTRIBUTE, attention_modules, install_attention
+
+SPEC = AttentionSpec(kv_bits=2, hadamard=True)  # coarse on purpose: its effect must show
+
+
+def recipe():
+    import dataclasses
+
+    return dataclasses.replace(make_recipe({"bits": 4, "group_size": 32}), attention=SPEC)
+
+
+def test_saved_attention_is_installed_on_load_and_counted_by_the_canary(tiny_folder, tmp_path):
+    out, _ = api.quantize_to(str(tiny_folder), recipe(), tmp_path / "q", progress=False)
+    loaded = api.load(out, kernels=False)
+    assert loaded.manifest["recipe"]["attention"] == SPEC.to_dict()
+    assert all(getattr(m, ATTRIBUTE) == SPEC for m in attention_modules(loaded.model))
+    ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(0))
+    src = api.load_model(str(tiny_folder))
+    api.quantize(src.model, make_recipe({"bits": 4, "group_size": 32}), progress=False)
+    with torch.inference_mode():
+        plain = src.model(ids).logits
+        install_attention(src.model, SPEC)
+        rounded = src.model(ids).logits
+        got = loaded.model(ids).logits
+    assert torch.allclose(got, rounded, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    # the canary's quantized side ran with the rounded cache: the folder passes its own check
+    result = check(loaded.model, out, loaded.manifest)
+    assert result.ok and abs(result.kl - loaded.manifest["canary"]["kl"]) < 1e-5

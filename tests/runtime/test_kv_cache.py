@@ -1,0 +1,60 @@
+"""The static caches: float, and quantized codes with scales (same logits as the model's own
+forward with the same rounding)."""
+
+import pytest
+import torch
+
+from helpers import decode_steps, rel, tiny_family_model
+from lowbit.formats.spec import AttentionSpec
+from lowbit.nn.attention import install_attention
+from lowbit.runtime.hf_forward import HFForward
+from lowbit.runtime.kv_cache import CacheView, QuantKVCache, StaticKVCache, grown, move_row, shift
+from lowbit.runtime.llama import LlamaForward
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize(
+    "spec",
+    [AttentionSpec(kv_bits=4, hadamard=True), AttentionSpec(kv_bits=8, group_size=8, query_bits=8),
+     AttentionSpec(query_bits=4)],
+    ids=lambda s: s.short(),
+)  # fmt: skip
+def test_compact_cache_equals_the_models_own_rounding(family, spec):
+    """Codes stored by the compact loop, token by token, give the logits transformers gives
+    with lowbit's attention function rounding the whole window at once."""
+    model = tiny_family_model(family)
+    install_attention(model, spec)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 64, (2, 9), generator=g)
+    follow = torch.randint(0, 64, (2, 5), generator=g)
+    with torch.inference_mode():
+        ours, cache = decode_steps(LlamaForward(model), prompt, follow)
+        theirs, _ = decode_steps(HFForward(model), prompt, follow)
+        whole = model(torch.cat([prompt, follow], 1)).logits
+    assert isinstance(cache, QuantKVCache) == (spec.kv_bits is not None)
+    assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
+
+
+def test_bytes_per_token_counts_codes_and_scales():
+    dims = (3, 2, 4, 16, 64)  # layers, batch, kv heads, capacity, head dim
+    full = StaticKVCache(*dims).bytes_per_token()
+    assert full == 2 * 3 * 2 * 4 * 64 * 4
+    four = QuantKVCache(*dims, bits=4, group=64).bytes_per_token()
+    assert four == 2 * 3 * 2 * 4 * (32 + 4)  # 32 bytes of codes, float16 scale and minimum
+    assert QuantKVCache(*dims, bits=8, group=32).bytes_per_token() == 2 * 3 * 2 * 4 * (64 + 8)
+
+
+def test_moving_rows_and_slots_moves_every_stored_tensor():
+    cache = QuantKVCache(2, 2, 1, 8, 16, bits=4, group=16)
+    g = torch.Generator().manual_seed(4)
+    start = cache.reserve(3)
+    k, v = torch.randn(2, 1, 3, 16, generator=g), torch.randn(2, 1, 3, 16, generator=g)
+    before = [t.clone() for t in cache.write(1, start, k, v)]
+    shift(cache, 2, 2)  # two slots of padding on the left
+    after = CacheView(cache, slice(0, 2), length=cache.length)
+    keys, values = after._decode([t[1, :, :, 2:5] for t in after.tensors[:3]]), None
+    assert torch.equal(keys, before[0])
+    move_row(cache, 1, 0)
+    bigger = grown(cache, QuantKVCache(2, 2, 1, 16, 16, bits=4, group=16))
+    assert torch.equal(bigger.tensors[3][:, 0, :, :5], bigger.tensors[3][:, 1, :, :5])
+    assert bigger.length == 5 and values is None
