@@ -21,10 +21,9 @@ import copy
 import logging
 import sys
 
-import torch
-
 from lowbit import api
 from lowbit.recipes import Recipe
+from protocol import add_protocol_options, start
 
 W8 = {"bits": 8, "symmetric": True, "group_size": -1}
 W4 = {"bits": 4, "group_size": 64}
@@ -66,27 +65,11 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", nargs="+", default=None, help="row names (default: all)")
     p.add_argument("--lkd-steps", type=int, default=100)
-    p.add_argument("--calib", default="bbc")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--corpus", default="wiki")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--seqlen", type=int, default=2048)
+    add_protocol_options(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     table = rows(args.lkd_steps)
-    unknown = [r for r in args.rows or [] if r not in table]
-    if unknown:
-        sys.exit(f"unknown row {unknown[0]!r}; rows: {', '.join(table)}")
-
-    src = api.load_model(args.model, kernels=False)
-    calib = api.calibration_set(src.tokenizer, args.calib, args.calib_samples, args.calib_seqlen)
-    fp = api.evaluate({"float": src.model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
-                      progress=False)["float"]  # fmt: skip
-    print(f"model {args.model}; calibration {args.calib}: {args.calib_samples} windows x "
-          f"{args.calib_seqlen} tokens (seed 0); evaluation {fp.corpus} (sha256 "
-          f"{fp.corpus_sha256[:12]}): {fp.windows} windows x {fp.seqlen} = {fp.tokens} tokens; "
-          f"float ppl {fp.ppl:.3f}; {torch.get_num_threads()} threads\n", flush=True)  # fmt: skip
+    src, calib, fp = start(args, table)
     print("| row | weights | activations | extra | ppl | x fp | KL | top-1 | quantize s |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|", flush=True)
     for name in args.rows or table:  # printed as measured: a stopped run keeps its rows

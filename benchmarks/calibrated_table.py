@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from lowbit import api
+from protocol import add_protocol_options
 
 FORMATS = {
     "w4-g64": {"bits": 4, "group_size": 64},
@@ -52,12 +53,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--algorithms", nargs="+", default=["rtn", "hqq", "gptq", "awq", "awq+gptq"])
-    p.add_argument("--calib", default="bbc")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--corpus", default="wiki")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--seqlen", type=int, default=2048)
+    add_protocol_options(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

@@ -10,9 +10,11 @@ wall time (GPTQ included; folding the rotation, about a second, is not).
     .venv/bin/python benchmarks/rotation_table.py [--rows NAME ...]
 
 Rows: `kv8`, `kv4` (per token and head), `kv4-g32`, `+had` (heads Hadamard-rotated before
-rounding); `w4a8` (int4 g64 weights, 8-bit per-token inputs), `w4a4-kv4` (4-bit per-token
-inputs, 4-bit cache), `w4-gptq` (weight-only), each with and without `+rot` (QuaRot's offline
-rotation folded into the weights; with a cache, also its heads rotated).
+rounding); `float+rot` (the rotation alone: must equal float); `w8a8` (int8 per-channel
+weights, 8-bit per-token inputs: 7-bit codes on AVX2-only CPUs), `w4a8` (int4 g64 weights),
+`w4a4-kv4` (4-bit per-token inputs, 4-bit cache), `w4-gptq` (weight-only), `w4a8-gptq`, each
+with and without `+rot` (QuaRot's offline rotation folded into the weights; with a cache,
+also its heads rotated).
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import copy
 import logging
 import sys
 
-import torch
-
 from lowbit import api
 from lowbit.formats.spec import AttentionSpec
 from lowbit.recipes import Recipe
+from protocol import add_protocol_options, start
 
 W4 = {"bits": 4, "group_size": 64}
+W8 = {"bits": 8, "symmetric": True, "group_size": -1}
 TOKEN8 = {"bits": 8, "granularity": "token", "dynamic": True}
 TOKEN4 = {"bits": 4, "granularity": "token", "dynamic": True, "symmetric": False}
 
@@ -39,11 +41,13 @@ def rows() -> dict[str, dict]:
           "kv4-g32": {"kv_bits": 4, "group_size": 32},
           "kv4-g32+had": {"kv_bits": 4, "group_size": 32, "hadamard": True}}  # fmt: skip
     table = {name: ("rtn", None, None, {"attention": a}) for name, a in kv.items()}
+    table["float+rot"] = ("rtn", None, None, {"rotate": {}})  # the folding alone: = float
     for rot in (False, True):
         extra = {"rotate": {}} if rot else {}
         kv4 = {"kv_bits": 4, "hadamard": rot}
         suffix = "+rot" if rot else ""
         table |= {
+            f"w8a8{suffix}": ("rtn", W8, TOKEN8, extra),
             f"w4a8{suffix}": ("rtn", W4, TOKEN8, extra),
             f"w4a4-kv4{suffix}": ("rtn", W4, TOKEN4, {**extra, "attention": kv4}),
             f"w4-gptq{suffix}": ("gptq", W4, None, extra),
@@ -66,29 +70,13 @@ def main() -> None:
     )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", nargs="+", default=None, help="row names (default: all)")
-    p.add_argument("--calib", default="bbc")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--corpus", default="wiki")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--seqlen", type=int, default=2048)
+    add_protocol_options(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     table = rows()
-    unknown = [r for r in args.rows or [] if r not in table]
-    if unknown:
-        sys.exit(f"unknown row {unknown[0]!r}; rows: {', '.join(table)}")
-
-    src = api.load_model(args.model, kernels=False)
-    calib = api.calibration_set(src.tokenizer, args.calib, args.calib_samples, args.calib_seqlen)
-    fp = api.evaluate({"float": src.model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
-                      progress=False)["float"]  # fmt: skip
+    src, calib, fp = start(args, table)
     cfg = src.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    print(f"model {args.model}; calibration {args.calib}: {args.calib_samples} windows x "
-          f"{args.calib_seqlen} tokens (seed 0); evaluation {fp.corpus} (sha256 "
-          f"{fp.corpus_sha256[:12]}): {fp.windows} windows x {fp.seqlen} = {fp.tokens} tokens; "
-          f"float ppl {fp.ppl:.3f}; {torch.get_num_threads()} threads\n", flush=True)  # fmt: skip
     print("| row | weights | activations | cache | rotation | ppl | x fp | KL | top-1 | "
           "cache bytes x fp32 | quantize s |")  # fmt: skip
     print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
