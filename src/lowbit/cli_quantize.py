@@ -267,6 +267,10 @@ def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibratio
     n = min(args.analysis_samples, len(calibration.windows))
     sample = CalibrationSet(calibration.corpus, n, calibration.seqlen, calibration.seed,
                             calibration.windows[:n])  # fmt: skip
+    if recipe.rotate is not None:  # measured in the basis the model is quantized in
+        from lowbit.models.rotate import rotate_model
+
+        rotate_model(src.model, recipe.rotate)
     sens = api.analyze(src.model, recipe, sample, args.candidates, progress=not args.quiet)
     target_bytes = parse_size(args.target_size) if args.target_size else None
     mixed, summary = api.mixed_recipe(src.model, recipe, sens, args.target_bits, target_bytes)
