@@ -93,3 +93,18 @@ def test_report_writes_markdown_json_and_plots(tiny_folder, text_file, tmp_path,
     fp32_line = next(line for line in md.splitlines() if line.startswith("| fp32 "))
     assert "decode × fp32" in md and " 1.00 |" in fp32_line  # ratios to fp32 of the same run
     assert "| w4-rtn-g64 " in stdout
+
+
+def test_bench_reports_the_cache_bytes_a_rounded_cache_saves(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "kv"
+    code, _, _ = run(capsys, "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64",
+                     "--kv-bits", "4", "--out", str(out))  # fmt: skip
+    assert code == 0
+    code, stdout, _ = run(capsys, "bench", str(out), "--ref", str(tiny_folder), "--json",
+                          "--no-rss", *FAST)  # fmt: skip
+    got = json.loads(stdout)
+    # tiny Llama: 2 layers, 2 kv heads of 16 channels; float32: 4 bytes a value; 4-bit codes:
+    # 8 bytes a head plus a float16 scale and minimum
+    assert got["ref"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert got["kv_bytes_per_token"] == 2 * 2 * 2 * (8 + 4)
+    assert got["kv_memory_ratio"] == pytest.approx(12 / 64, abs=1e-4)
