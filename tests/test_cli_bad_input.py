@@ -65,6 +65,10 @@ def test_quantize_input_errors(tiny_folder, tmp_path, capsys):
         "--eval-tokens below a window": ([*q, "--eval", "--eval-tokens", "100",
                                           "--eval-seqlen", "512"],
                                          "--eval-tokens 100 is shorter than one window"),
+        "--kv-bits 9": ([*q, "--kv-bits", "9"], "expected 2 to 8 bits"),
+        "cache flags on an image model": (["quantize", "dcgan-faces", "--recipe",
+                                           "conv-w8a8-static", "--out", out, "--kv-bits", "4"],
+                                          "dcgan-faces is an image model"),
     }  # fmt: skip
     negative = bad_recipe(tmp_path, "r.yaml", group_size=-2)
     says = "r.yaml: weights.group_size must be"

@@ -21,6 +21,7 @@ from lowbit.cli_args import (
     check_window,
     positive,
     positive_float,
+    refuse_attention,
     tokens,
 )
 from lowbit.cli_dist import joined, peer_failure, rank_label
@@ -247,6 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     entry = image_entry(args.model)
     if entry is not None:
+        refuse_attention(args, args.model)
         return eval_image(args, entry)
     if args.grid or args.fd:
         raise LowbitError(f"--{'grid' if args.grid else 'fd'} is for image models; a language "

@@ -91,6 +91,13 @@ def attention_override(args: argparse.Namespace) -> AttentionSpec | None:
     return AttentionSpec(kv, args.kv_group or -1, q, args.kv_hadamard)
 
 
+def refuse_attention(args: argparse.Namespace, model: str) -> None:
+    """The cache flags on an image model are an error, not silently ignored."""
+    if attention_override(args) is not None:
+        raise LowbitError(f"--kv-bits / --query-bits round a language model's attention; "
+                          f"{model} is an image model")  # fmt: skip
+
+
 def apply_attention(model: Any, args: argparse.Namespace) -> None:
     """Install the flags' AttentionSpec on ``model`` (a transformers model), if any."""
     spec = attention_override(args)

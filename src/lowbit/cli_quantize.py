@@ -11,7 +11,13 @@ from typing import Any
 
 from lowbit.assets import prepare_out
 from lowbit.cli_analyze import add_candidates
-from lowbit.cli_args import add_attention_options, attention_override, check_window, positive
+from lowbit.cli_args import (
+    add_attention_options,
+    attention_override,
+    check_window,
+    positive,
+    refuse_attention,
+)
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -132,6 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         check_window(args.eval_tokens, args.eval_seqlen, "eval-")
     entry = image_entry(args.model)
     if entry is not None:
+        refuse_attention(args, args.model)
         return quantize_image(args, entry)
     if args.calib_images:
         raise LowbitError(f"--calib-images is for image models; {args.model} is a language "

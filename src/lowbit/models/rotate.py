@@ -114,12 +114,13 @@ class Rotator:
 
 
 def untie_head(model: nn.Module) -> None:
-    """Give a tied output head its own weight (same values; meta stays meta)."""
+    """Give a tied output head its own weight tensor, left for the caller to fill (the
+    rotated head: in memory, or read through :class:`RotatedSource`; meta stays meta)."""
     if not tied_names(model):
         return
     model.config.tie_word_embeddings = False
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+    head.weight = nn.Parameter(torch.empty_like(embed.weight), requires_grad=False)
 
 
 @torch.no_grad()

@@ -72,12 +72,13 @@ def round_queries(spec: AttentionSpec, q: Tensor) -> Tensor:
     return fake_quantize_heads(q, spec.query_bits, spec.group(q.shape[-1]))
 
 
-def round_qkv(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor,
-              h: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(queries, keys, values) (..., D) rotated by ``h`` (when given) and rounded."""
+def round_qkv(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, h: Tensor | None,
+              keys_values: bool = True) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(queries, keys, values) (..., D) rotated by ``h`` (when given) and rounded; without
+    ``keys_values`` the keys and values are left to a cache that stores their codes."""
     if h is not None:
         q, k, v = q @ h, k @ h, v @ h
-    if spec.kv_bits is not None:
+    if spec.kv_bits is not None and keys_values:
         group = spec.group(k.shape[-1])
         k, v = (fake_quantize_heads(x, spec.kv_bits, group) for x in (k, v))
     return round_queries(spec, q), k, v

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rotate, silu_mul
-from lowbit.nn.attention import ATTRIBUTE, head_rotation, round_queries
+from lowbit.nn.attention import ATTRIBUTE, head_rotation, round_qkv
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -133,9 +133,8 @@ class LlamaForward:
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (T, D), grown by new_cache
         # rounded attention inputs (lowbit.nn.attention): a quantized cache, rotated heads
         self.attention = getattr(inner.layers[0].self_attn, ATTRIBUTE, None)
-        like = torch.empty(0)
         self.rotation = None if self.attention is None else head_rotation(
-            self.attention, self.head_dim, like)  # fmt: skip
+            self.attention, self.head_dim, torch.empty(0))  # fmt: skip
 
     @staticmethod
     def _layer(block: nn.Module, silu: bool, native: bool) -> _Layer:
@@ -209,10 +208,8 @@ class LlamaForward:
             k = rotate(k.transpose(1, 2), cos, sin)  # (B, Hkv, t, D)
             v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             h = self.rotation
-            if h is not None:
-                q, k, v = q @ h, k @ h, v @ h
-            if self.attention is not None:
-                q = round_queries(self.attention, q)
+            if self.attention is not None:  # the cache rounds the keys and values it stores
+                q, k, v = round_qkv(self.attention, q, k, v, h, keys_values=False)
             keys, values = cache.write(i, start, k, v)  # (B, Hkv, S, D); a QuantKVCache rounds
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                is_causal=mask is None and t > 1,
