@@ -49,4 +49,4 @@ report-speed: $(STAMP)
 	mkdir -p docs/report-tinyllama && cp out/report-tinyllama/report.* out/report-tinyllama/*.png docs/report-tinyllama/
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-peers out .pytest_cache .ruff_cache

@@ -7,7 +7,8 @@ perplexity, ratio to float, KL(fp || q) per token, top-1 agreement, quantization
 peak RSS.
 
     .venv/bin/python benchmarks/calibrated_table.py [--formats w4-g64 w3-g32 w4-channel]
-        [--algorithms rtn hqq gptq awq awq+gptq] [--calib-samples 128] [--calib-seqlen 512]
+        [--algorithms rtn hqq gptq awq awq+gptq autoround awq+autoround]
+        [--autoround-iters 200] [--autoround-batch 8] [--calib-samples 128] [--calib-seqlen 512]
 
 W4 group 32 is deliberately absent: the default model's weights already lie on that grid.
 """
@@ -37,6 +38,8 @@ FORMATS = {
 def quantize(model: str, algorithm: str, fmt: str, out: Path, args: argparse.Namespace) -> dict:
     recipe = {"version": 1, "name": f"{algorithm}-{fmt}", "algorithm": algorithm,
               "weights": FORMATS[fmt], "ignore": ["lm_head"]}  # fmt: skip
+    if algorithm.endswith("autoround"):
+        recipe["autoround"] = {"iters": args.autoround_iters, "batch_size": args.autoround_batch}
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "lowbit.cli", "-q", "quantize", model, "--recipe", str(path),
@@ -53,6 +56,18 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--algorithms", nargs="+", default=["rtn", "hqq", "gptq", "awq", "awq+gptq"])
+    p.add_argument(
+        "--autoround-iters",
+        type=int,
+        default=200,
+        help="AutoRound steps per block (the paper's 200 by default)",
+    )
+    p.add_argument(
+        "--autoround-batch",
+        type=int,
+        default=8,
+        help="calibration windows per AutoRound step (the paper's 8 by default)",
+    )
     add_protocol_options(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)

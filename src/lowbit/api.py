@@ -390,6 +390,7 @@ def _manifest(report: QuantizeReport, source: dict[str, str] | None, size: SizeR
         "awq_alpha": report.awq_alpha or None,
         "smoothquant_alpha": report.smooth_alpha or None,
         "lkd": report.lkd or None,
+        "autoround": report.autoround or None,
         "mixed_precision": report.analysis,
         "size": size.to_dict(),
         "metrics": metrics or {},

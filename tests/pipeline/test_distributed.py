@@ -1,9 +1,10 @@
 """Data-parallel quantization: 2 gloo processes give the model 1 process gives.
 
 One torchrun job quantizes a tiny folder with every kind of recipe step (data-free, Hessian,
-K-means, AWQ search, SmoothQuant with static ranges, LoRC, LKD); the same recipes then run in
-this process. Weights must be byte-identical except LKD's, which steps on the mean gradient of
-both ranks' batches (as DistributedDataParallel does) and so trains differently.
+K-means, AWQ search, SmoothQuant with static ranges, LoRC, LKD, AutoRound); the same recipes
+then run in this process. Weights must be byte-identical except LKD's and AutoRound's, which
+step on the mean gradient of both ranks' batches (as DistributedDataParallel does) and so train
+differently.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from lowbit import api
 
 WORKER = Path(__file__).parents[1] / "dist" / "worker.py"
 RECIPES = ["w4-rtn-g64", "w4-hqq-g64", "w3-gptq-g32", "w3-kmeans-channel", "w4-awq-g64",
-           "w4-awq-gptq-mse-g64", "w8a8-static", "w3-gptq-g64-lorc8", "w4a8-gptq-lkd"]  # fmt: skip
+           "w4-awq-gptq-mse-g64", "w8a8-static", "w3-gptq-g64-lorc8", "w4a8-gptq-lkd",
+           "w4-autoround-g64"]  # fmt: skip
+TRAINED = ("w4a8-gptq-lkd", "w4-autoround-g64")  # step on the mean gradient of both ranks
 
 
 def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -47,6 +50,8 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
         body = api.load_recipe(name).to_dict()
         if body.get("lkd"):
             body["lkd"]["steps"] = 8
+        if body.get("autoround"):
+            body["autoround"] = {"iters": 16, "batch_size": 2}
         recipes[name] = body
     spec = tmp_path / "recipes.json"
     spec.write_text(json.dumps(recipes))
@@ -63,7 +68,7 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
         manifest = json.loads((b / "lowbit.json").read_text())
         assert manifest["processes"]["world_size"] == 2
         assert len(manifest["processes"]["peak_rss_mb"]) == 2
-        if name.endswith("lkd"):  # different training, same ballpark
+        if name in TRAINED:  # different training, same ballpark
             assert not same
             assert two[name][0] == pytest.approx(one[name][0], rel=0.05)
         else:
@@ -71,5 +76,5 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
             assert two[name] == one[name], name  # the scores, gathered over ranks, too
         blocks = [b["output_rel_mse"] for b in manifest["blocks"]]
         mine = [b["output_rel_mse"] for b in json.loads((a / "lowbit.json").read_text())["blocks"]]
-        if not name.endswith("lkd"):
+        if name not in TRAINED:
             assert blocks == mine  # block errors are summed in batch order on every rank

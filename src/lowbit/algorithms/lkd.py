@@ -9,6 +9,7 @@ pipeline supplies the student forward pass and the targets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -70,47 +71,74 @@ def distill(
     groups: list[dict],
     student: Callable[[int], Tensor],
     targets: Sequence[Tensor],
-    options: LKDOptions,
+    steps: int,
     desc: str = "lkd",
     progress: bool = True,
     mean: Callable[[list[float]], float] | None = None,
     sync: Callable[[list[Tensor]], None] | None = None,
+    optimizer: Callable[[list[dict]], torch.optim.Optimizer] = torch.optim.Adam,
+    schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+    project: Callable[[], None] | None = None,
+    keep_best: bool = False,
 ) -> tuple[float, float]:
-    """Minimise ||student(i) − targets[i]||² / ||targets[i]||² over the samples in turn.
+    """Minimise ||student(i) − targets[i]||² / ||targets[i]||² over the samples in turn, for
+    ``steps`` steps of ``optimizer`` (Adam by default; ``schedule`` its learning rate, stepped
+    once a step); ``project`` puts the parameters back in their limits after each step;
+    ``keep_best`` ends on the parameters of the step with the lowest loss relative to the
+    starting loss on the same sample (AutoRound keeps its lowest-loss step; dividing by the
+    sample's starting loss compares steps made on different samples fairly: an easy sample
+    would otherwise pass for a good step).
 
     Returns the mean loss over all samples before and after training. If training did not
     lower it (too high a learning rate, too few steps), the parameters are put back as they
-    were, so LKD never leaves a block worse on its calibration data. Data-parallel training
+    were, so training never leaves a block worse on its calibration data. Data-parallel training
     passes ``mean`` (per-sample losses -> the mean over every worker's samples) and ``sync``
     (averages the gradients over workers in place, before each step).
     """
     mean = mean or (lambda losses: sum(losses) / len(losses))
-    before = mean(_losses(student, targets))
+    start = _losses(student, targets)
+    before = mean(start)
     params = [p for g in groups for p in g["params"]]
     saved = [p.detach().clone() for p in params]
-    optimizer = torch.optim.Adam(groups)
+    best, best_ratio = None, math.inf
+    opt = optimizer(groups)
+    scheduler = schedule(opt) if schedule is not None else None
     losses: list[float] = []
-    bar = tqdm(range(options.steps), desc=desc, unit="step", leave=False, disable=not progress)
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress)
     with torch.enable_grad():
         for step in bar:
-            loss = _loss(student(step % len(targets)), targets[step % len(targets)])
+            i = step % len(targets)
+            loss = _loss(student(i), targets[i])
             if not torch.isfinite(loss):
-                raise LowbitError(f"{desc}: the loss became {loss.item()}; lower lkd.lr")
-            optimizer.zero_grad(set_to_none=True)
+                raise LowbitError(f"{desc}: the loss became {loss.item()}; lower the learning rate")
+            ratio = loss.item() / max(start[i], 1e-30)
+            if keep_best and ratio < best_ratio:
+                best_ratio, best = ratio, [p.detach().clone() for p in params]
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             if sync is not None:
                 sync([p.grad for p in params if p.grad is not None])
-            optimizer.step()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            if project is not None:
+                project()
             losses.append(loss.item())
             window = losses[-10:]
             bar.set_postfix(loss=f"{before:.3e}->{sum(window) / len(window):.3e}")
+    if best is not None:
+        _restore(params, best)
     after = mean(_losses(student, targets))
     if not after < before:
-        with torch.no_grad():
-            for p, old in zip(params, saved, strict=True):
-                p.copy_(old)
+        _restore(params, saved)
         after = before
     return before, after
+
+
+@torch.no_grad()
+def _restore(params: list[Tensor], values: list[Tensor]) -> None:
+    for p, old in zip(params, values, strict=True):
+        p.copy_(old)
 
 
 def _loss(y: Tensor, target: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ from lowbit.nn import QuantConv, QuantLinear
 from lowbit.nn.attention import set_attention
 from lowbit.nn.quant_conv import is_conv
 from lowbit.pipeline.act_ranges import Step, observe_ranges
+from lowbit.pipeline.autoround import autoround_block
 from lowbit.pipeline.calibrated import (
     awq_scale_block,
     clipped_rtn_block,
@@ -143,7 +144,9 @@ class BlockSteps:
             self._check_finite(ctx, n)
         family = self.wiring(ctx)
         groups = sequential_groups(ctx.block, family, recipe.gptq.true_sequential)
-        targets = ctx.outputs() if recipe.lkd is not None else None  # the float block's outputs
+        learned = recipe.algorithm.endswith("autoround")
+        # the float block's outputs, what LKD and AutoRound train towards
+        targets = ctx.outputs() if recipe.lkd is not None or learned else None
         if recipe.smoothquant is not None:
             report.smooth_alpha.update(
                 smooth_block(ctx, local, family, recipe.activations, recipe.smoothquant)
@@ -158,6 +161,10 @@ class BlockSteps:
             hessian_block(ctx, local, groups, kmeans_fit, self.results)
         elif recipe.algorithm in ("gptq", "awq+gptq"):
             hessian_block(ctx, local, groups, gptq_fit(recipe.gptq), self.results)
+        elif learned:
+            act, opts = recipe.activations, recipe.autoround
+            report.autoround[ctx.name] = autoround_block(ctx, local, targets, self.results, act,
+                                                         opts, self.progress)  # fmt: skip
         elif recipe.algorithm.startswith("awq"):
             clipped_rtn_block(ctx, local, groups, recipe.awq, self.results)
         elif recipe.smoothquant is not None or recipe.lkd is not None:
@@ -221,7 +228,8 @@ class BlockSteps:
         mine = {k: v for k, v in r.smooth_alpha.items() if k.startswith(block + ".")}
         awq = {k: v for k, v in r.awq_alpha.items() if k.startswith(block + ".")}
         return {"layers": {n: r.layers[n].to_dict() for n in layers}, "smooth_alpha": mine,
-                "awq_alpha": awq, "lkd": r.lkd.get(block)}  # fmt: skip
+                "awq_alpha": awq, "lkd": r.lkd.get(block),
+                "autoround": r.autoround.get(block)}  # fmt: skip
 
 
 def restore(report: QuantizeReport, record: dict[str, Any]) -> None:
@@ -231,8 +239,9 @@ def restore(report: QuantizeReport, record: dict[str, Any]) -> None:
     report.smooth_alpha.update(record.get("smooth_alpha") or {})
     report.awq_alpha.update(record.get("awq_alpha") or {})
     block = record.get("block") or {}
-    if record.get("lkd") is not None:
-        report.lkd[block.get("block", "")] = record["lkd"]
+    for key in ("lkd", "autoround"):
+        if record.get(key) is not None:
+            getattr(report, key)[block.get("block", "")] = record[key]
 
 
 def _steps(block: nn.Module, calls: Sequence, indices: list[int]) -> list[Step]:

@@ -11,6 +11,7 @@ trained grid's weights, whose packed codes replace the algorithm's.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,34 +39,53 @@ def lkd_block(
     Returns the relative output loss before and after."""
     prefix = ctx.name + "."
     local = {n[len(prefix) :]: qw for n, qw in results.items() if n.startswith(prefix)}
-    if not local:
+
+    def make(name: str, linear: nn.Linear) -> FakeQuantLinear:
+        return FakeQuantLinear.from_quantized(linear, local[name], prefix + name, act)
+
+    def train(fakes: list[FakeQuantLinear], student, mean, sync) -> tuple[float, float]:
+        groups = trainable(fakes, options.train, options.lr)
+        return distill(groups, student, targets, options.steps, f"lkd {ctx.name}", progress,
+                       mean, sync)  # fmt: skip
+
+    return train_block(ctx, list(local), make, train, results)
+
+
+def train_block(
+    ctx: BlockContext,
+    names: list[str],
+    make: Callable[[str, nn.Linear], nn.Module],
+    train: Callable[..., tuple[float, float]],
+    results: dict[str, QuantizedWeight],
+) -> dict[str, float]:
+    """Swap the block's linears ``names`` for trainable twins (``make(name, linear)``), run
+    ``train(twins, student, mean, sync)`` (``student(i)``: the block's output on calibration
+    call i), put the linears back holding each twin's packed weight (``to_quantized()``,
+    rank 0's under a process group) and record it in ``results``. Returns the loss before and
+    after."""
+    if not names:
         return {}
-    linears: dict[str, nn.Linear] = {n: ctx.linear(n) for n in local}
-    fakes = {n: FakeQuantLinear.from_quantized(linears[n], qw, prefix + n, act)
-             for n, qw in local.items()}  # fmt: skip
+    prefix = ctx.name + "."
+    linears: dict[str, nn.Linear] = {n: ctx.linear(n) for n in names}
+    twins = {n: make(n, linears[n]) for n in names}
     for p in ctx.block.parameters():
         p.requires_grad_(False)
-    for name, fake in fakes.items():
-        set_module(ctx.block, name, fake)
+    for name, twin in twins.items():
+        set_module(ctx.block, name, twin)
+    batches = len(ctx.sizes)
     try:
-        groups = trainable(list(fakes.values()), options.train, options.lr)
-        batches = len(ctx.sizes)
-        first, last = distill(
-            groups,
+        first, last = train(
+            list(twins.values()),
             lambda i: block_output(ctx.block, ctx.calls[i]),
-            targets,
-            options,
-            desc=f"lkd {ctx.name}",
-            progress=progress,
-            mean=lambda losses: ctx.total(losses, batches) / batches,
-            sync=functools.partial(_average, ctx.group),
+            lambda losses: ctx.total(losses, batches) / batches,
+            functools.partial(_average, ctx.group),
         )
     finally:
         for name, linear in linears.items():
             set_module(ctx.block, name, linear)
     with torch.no_grad():
-        for name, fake in fakes.items():
-            qw = share_weight(ctx, fake.to_quantized() if ctx.group.main else None, 0)
+        for name, twin in twins.items():
+            qw = share_weight(ctx, twin.to_quantized() if ctx.group.main else None, 0)
             linears[name].weight.copy_(qw.dequantize().to(linears[name].weight.dtype))
             results[prefix + name] = qw
     return {"loss_before": first, "loss_after": last}

@@ -71,6 +71,7 @@ class QuantizeReport:
     awq_alpha: dict[str, float | None] = field(default_factory=dict)
     smooth_alpha: dict[str, float | None] = field(default_factory=dict)
     lkd: dict[str, dict[str, float]] = field(default_factory=dict)  # block -> loss before/after
+    autoround: dict[str, dict[str, float]] = field(default_factory=dict)  # block -> RTN/learned
     qat: dict[str, Any] | None = None  # training options and losses, for QAT-packed models
     analysis: dict[str, Any] | None = None  # bit allocation summary, for mixed recipes
     calibration: CalibrationSet | None = None

@@ -39,7 +39,7 @@ from lowbit.sysinfo import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
-CALIBRATED = ("gptq", "awq", "awq+gptq")
+CALIBRATED = ("gptq", "awq", "awq+gptq", "autoround", "awq+autoround")
 
 __all__ = ["CALIBRATED", "LayerReport", "QuantizeReport", "quantize_weights"]
 
@@ -91,6 +91,8 @@ def quantize_weights(
             restore(report, record)
         if recipe.lkd is not None:  # one calibration call per LKD step
             batch_size = recipe.lkd.batch_size
+        if recipe.algorithm.endswith("autoround"):  # ...and per AutoRound step
+            batch_size = recipe.autoround.batch_size
         windows = calibration.windows if calibration is not None else None
         results = run_sequential(
             model, modules, prefix, windows, steps.handler, batch_size, progress,

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lowbit.algorithms.autoround import AutoRoundOptions
 from lowbit.algorithms.awq import AWQOptions
 from lowbit.algorithms.gptq import GPTQOptions
 from lowbit.algorithms.lkd import LKDOptions
@@ -24,9 +25,12 @@ from lowbit.formats.spec import ActivationSpec, AttentionSpec, WeightSpec
 from lowbit.typed import from_mapping, to_mapping
 
 RECIPE_VERSION = 1
-Algorithm = Literal["rtn", "hqq", "gptq", "awq", "awq+gptq", "kmeans"]
+Algorithm = Literal[
+    "rtn", "hqq", "gptq", "awq", "awq+gptq", "kmeans", "autoround", "awq+autoround"
+]  # fmt: skip
 _KEYS = ("version", "name", "algorithm", "weights", "activations", "attention", "rotate",
-         "ignore", "overrides", "gptq", "awq", "lorc", "smoothquant", "lkd")  # fmt: skip
+         "ignore", "overrides", "gptq", "awq", "autoround", "lorc", "smoothquant",
+         "lkd")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,10 @@ class Recipe:
     ``algorithm``: ``rtn`` (round to nearest), ``hqq`` (RTN with HQQ-optimised ranges, no data),
     ``gptq``, ``awq`` (scales + output-error clipping + RTN), ``awq+gptq`` (AWQ scales, then
     GPTQ), ``kmeans`` (a fitted codebook per block instead of a uniform grid; weighted by the
-    Hessian diagonal when calibration data is given); ``gptq`` and ``awq`` hold those
-    algorithms' options. ``activations`` rounds the inputs of every quantized layer at run time;
+    Hessian diagonal when calibration data is given), ``autoround`` (learned rounding and
+    clipping, block by block), ``awq+autoround`` (AWQ scales, then AutoRound); ``gptq``,
+    ``awq`` and ``autoround`` hold those algorithms' options. ``activations`` rounds the
+    inputs of every quantized layer at run time;
     ``attention`` rounds the key/value cache (and queries) at run time, saved with the model.
     ``rotate`` folds an orthogonal rotation of the residual stream (and of each head's values)
     into the float weights before anything else (QuaRot); the model computes the same function.
@@ -73,6 +79,7 @@ class Recipe:
     version: int = RECIPE_VERSION
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)
+    autoround: AutoRoundOptions = field(default_factory=AutoRoundOptions)
     smoothquant: SmoothQuantOptions | None = None
     lkd: LKDOptions | None = None
     attention: AttentionSpec | None = None
@@ -84,6 +91,10 @@ class Recipe:
                               "(e.g. smoothquant with algorithm: gptq)")  # fmt: skip
         if self.lkd is not None and self.algorithm == "kmeans":
             raise LowbitError("lkd trains uniform integer grids; K-means codebooks are not one")
+        fmt = self.weights.format if self.weights is not None else "int"
+        if self.algorithm.endswith("autoround") and fmt != "int":
+            raise LowbitError(f"autoround learns rounding on integer grids, not {fmt}; "
+                              f"use format: int (2 to 8 bits)")  # fmt: skip
         for pattern in (*self.ignore, *(o.match for o in self.overrides)):
             if pattern.startswith("re:"):
                 try:
@@ -137,6 +148,8 @@ class Recipe:
             out["gptq"] = to_mapping(self.gptq)
         if self.algorithm.startswith("awq"):
             out["awq"] = to_mapping(self.awq)
+        if self.algorithm.endswith("autoround"):
+            out["autoround"] = to_mapping(self.autoround)
         if self.smoothquant is not None:
             out["smoothquant"] = to_mapping(self.smoothquant)
         if self.lkd is not None:
@@ -147,7 +160,7 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """Whether quantizing with this recipe needs calibration windows."""
         static = self.activations is not None and self.activations.static
-        calibrated = self.algorithm in ("gptq", "awq", "awq+gptq")
+        calibrated = self.algorithm in ("gptq", "awq", "awq+gptq", "autoround", "awq+autoround")
         return calibrated or static or self.smoothquant is not None or self.lkd is not None
 
     @classmethod
@@ -178,6 +191,7 @@ class Recipe:
             version=version,
             gptq=from_mapping(GPTQOptions, data.get("gptq") or {}, f"{at}gptq"),
             awq=from_mapping(AWQOptions, data.get("awq") or {}, f"{at}awq"),
+            autoround=from_mapping(AutoRoundOptions, data.get("autoround") or {}, f"{at}autoround"),
             smoothquant=_optional(SmoothQuantOptions, data, "smoothquant", at),
             lkd=_optional(LKDOptions, data, "lkd", at),
             attention=None if attention is None else AttentionSpec.from_dict(
