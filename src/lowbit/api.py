@@ -89,9 +89,9 @@ def quantize(
 ) -> QuantizeReport:
     """Quantize ``model`` in place with a recipe (object, preset name, or YAML path).
 
-    Calibrated algorithms (gptq, awq, awq+gptq) need ``calibration`` windows, e.g.
-    ``lowbit.calibration_set(tokenizer, "bbc", samples=128, seqlen=512)``. Canary prompts
-    (``lowbit monitor``) are recorded by :func:`quantize_to`, not here.
+    Calibrated algorithms (gptq, awq, awq+gptq, autoround, awq+autoround) need ``calibration``
+    windows, e.g. ``lowbit.calibration_set(tokenizer, "bbc", samples=128, seqlen=512)``.
+    Canary prompts (``lowbit monitor``) are recorded by :func:`quantize_to`, not here.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)

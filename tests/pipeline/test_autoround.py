@@ -79,6 +79,11 @@ def test_recipes_keep_the_options_and_refuse_what_cannot_learn():
     assert "autoround" not in Recipe.from_dict({"version": 1, "algorithm": "gptq"}).to_dict()
     with pytest.raises(LowbitError, match="integer grids"):
         Recipe.from_dict({"version": 1, "algorithm": "autoround", "weights": {"format": "nf4"}})
+    nf4 = {"match": "re:.*down_proj", "weights": {"format": "nf4"}}
+    with pytest.raises(LowbitError, match=r"overrides\[0\].*integer grids"):
+        Recipe.from_dict({"version": 1, "algorithm": "autoround", "overrides": [nf4]})
+    with pytest.raises(LowbitError, match="LoRC"):
+        Recipe.from_dict({"version": 1, "algorithm": "autoround", "lorc": {"rank": 4}})
     with pytest.raises(LowbitError, match="autoround.iters"):
         Recipe.from_dict({"version": 1, "algorithm": "autoround", "autoround": {"iters": "x"}})
     with pytest.raises(LowbitError, match="needs calibration data"):

@@ -15,6 +15,7 @@ The modules are :class:`lowbit.nn.learned_round.LearnedRoundLinear`; the loop is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,8 +42,10 @@ class AutoRoundOptions:
             raise LowbitError("autoround: iters and batch_size must be >= 1")
         for key in ("lr", "minmax_lr"):
             value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise LowbitError(f"autoround.{key} must be > 0 (or left out), got {value}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise LowbitError(
+                    f"autoround.{key} must be a finite number > 0 (or left out), got {value}"
+                )
 
     @property
     def offset_lr(self) -> float:

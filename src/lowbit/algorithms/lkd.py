@@ -80,6 +80,7 @@ def distill(
     schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
     project: Callable[[], None] | None = None,
     keep_best: bool = False,
+    agree: Callable[[float], float] | None = None,
 ) -> tuple[float, float]:
     """Minimise ||student(i) − targets[i]||² / ||targets[i]||² over the samples in turn, for
     ``steps`` steps of ``optimizer`` (Adam by default; ``schedule`` its learning rate, stepped
@@ -87,7 +88,8 @@ def distill(
     ``keep_best`` ends on the parameters of the step with the lowest loss relative to the
     starting loss on the same sample (AutoRound keeps its lowest-loss step; dividing by the
     sample's starting loss compares steps made on different samples fairly: an easy sample
-    would otherwise pass for a good step).
+    would otherwise pass for a good step); under data-parallel training ``agree`` turns each
+    worker's ratio into one all workers share (their mean), so that all keep the same step.
 
     Returns the mean loss over all samples before and after training. If training did not
     lower it (too high a learning rate, too few steps), the parameters are put back as they
@@ -112,6 +114,8 @@ def distill(
             if not torch.isfinite(loss):
                 raise LowbitError(f"{desc}: the loss became {loss.item()}; lower the learning rate")
             ratio = loss.item() / max(start[i], 1e-30)
+            if keep_best and agree is not None:
+                ratio = agree(ratio)
             if keep_best and ratio < best_ratio:
                 best_ratio, best = ratio, [p.detach().clone() for p in params]
             opt.zero_grad(set_to_none=True)

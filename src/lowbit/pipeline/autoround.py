@@ -37,7 +37,7 @@ def autoround_block(
     def make(name: str, linear: nn.Linear) -> LearnedRoundLinear:
         return LearnedRoundLinear(linear, plan[name], f"{ctx.name}.{name}", act)
 
-    def train(twins: list[LearnedRoundLinear], student, mean, sync) -> tuple[float, float]:
+    def train(twins: list[LearnedRoundLinear], student, mean, sync, agree) -> tuple[float, float]:
         def project() -> None:
             for twin in twins:
                 twin.project()
@@ -46,7 +46,7 @@ def autoround_block(
             parameter_groups(twins, options), student, targets, options.iters,
             f"autoround {ctx.name}", progress, mean, sync,
             optimizer=lambda groups: SignSGD(groups, options.offset_lr),
-            schedule=linear_decay(options.iters), project=project, keep_best=True,
+            schedule=linear_decay(options.iters), project=project, keep_best=True, agree=agree,
         )  # fmt: skip
 
     return train_block(ctx, list(plan), make, train, results)

@@ -43,7 +43,7 @@ def lkd_block(
     def make(name: str, linear: nn.Linear) -> FakeQuantLinear:
         return FakeQuantLinear.from_quantized(linear, local[name], prefix + name, act)
 
-    def train(fakes: list[FakeQuantLinear], student, mean, sync) -> tuple[float, float]:
+    def train(fakes: list[FakeQuantLinear], student, mean, sync, _agree) -> tuple[float, float]:
         groups = trainable(fakes, options.train, options.lr)
         return distill(groups, student, targets, options.steps, f"lkd {ctx.name}", progress,
                        mean, sync)  # fmt: skip
@@ -59,8 +59,9 @@ def train_block(
     results: dict[str, QuantizedWeight],
 ) -> dict[str, float]:
     """Swap the block's linears ``names`` for trainable twins (``make(name, linear)``), run
-    ``train(twins, student, mean, sync)`` (``student(i)``: the block's output on calibration
-    call i), put the linears back holding each twin's packed weight (``to_quantized()``,
+    ``train(twins, student, mean, sync, agree)`` (``student(i)``: the block's output on
+    calibration call i; ``mean``, ``sync``, ``agree``: what :func:`distill` takes to train on
+    every rank's data), put the linears back holding each twin's packed weight (``to_quantized()``,
     rank 0's under a process group) and record it in ``results``. Returns the loss before and
     after."""
     if not names:
@@ -79,6 +80,7 @@ def train_block(
             lambda i: block_output(ctx.block, ctx.calls[i]),
             lambda losses: ctx.total(losses, batches) / batches,
             functools.partial(_average, ctx.group),
+            functools.partial(_agree, ctx.group),
         )
     finally:
         for name, linear in linears.items():
@@ -89,6 +91,13 @@ def train_block(
             linears[name].weight.copy_(qw.dequantize().to(linears[name].weight.dtype))
             results[prefix + name] = qw
     return {"loss_before": first, "loss_after": last}
+
+
+def _agree(group: Group, value: float) -> float:
+    """The mean of ``value`` over the ranks (itself in one process)."""
+    if not group.distributed:
+        return value
+    return float(group.sum(torch.tensor([value], dtype=torch.float64))[0]) / group.world
 
 
 def _average(group: Group, grads: list[Tensor]) -> None:

@@ -75,6 +75,10 @@ def quantize_weights(
         raise LowbitError(f"this recipe needs calibration data (--calib): "
                           f"{_calibration_reason(recipe)}")  # fmt: skip
     store = store or BlockStore()
+    if blocks is not None and recipe.lkd is not None:  # one calibration call per LKD step
+        batch_size = recipe.lkd.batch_size
+    if blocks is not None and recipe.algorithm.endswith("autoround"):  # ...per AutoRound step
+        batch_size = recipe.autoround.batch_size
     steps = BlockSteps(model, recipe, plan, family_of(model), report, calibration, batch_size,
                        progress)  # fmt: skip
     if recipe.attention is not None:  # each block's cache is rounded once it is quantized
@@ -89,10 +93,6 @@ def quantize_weights(
         resumed = store.records()
         for record in resumed:
             restore(report, record)
-        if recipe.lkd is not None:  # one calibration call per LKD step
-            batch_size = recipe.lkd.batch_size
-        if recipe.algorithm.endswith("autoround"):  # ...and per AutoRound step
-            batch_size = recipe.autoround.batch_size
         windows = calibration.windows if calibration is not None else None
         results = run_sequential(
             model, modules, prefix, windows, steps.handler, batch_size, progress,

@@ -91,18 +91,19 @@ class Recipe:
                               "(e.g. smoothquant with algorithm: gptq)")  # fmt: skip
         if self.lkd is not None and self.algorithm == "kmeans":
             raise LowbitError("lkd trains uniform integer grids; K-means codebooks are not one")
-        fmt = self.weights.format if self.weights is not None else "int"
-        if self.algorithm.endswith("autoround") and fmt != "int":
-            raise LowbitError(f"autoround learns rounding on integer grids, not {fmt}; "
-                              f"use format: int (2 to 8 bits)")  # fmt: skip
         for pattern in (*self.ignore, *(o.match for o in self.overrides)):
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
                 except re.error as exc:
                     raise LowbitError(f"recipe: bad regex {pattern!r}: {exc}") from None
+        specs = [("weights", self.weights)]
         for i, override in enumerate(self.overrides):
-            self._merged(override, f"overrides[{i}].weights")  # validate eagerly
+            where = f"overrides[{i}].weights"
+            specs.append((where, self._merged(override, where)))  # validate eagerly
+        if self.algorithm.endswith("autoround"):
+            for where, spec in specs:
+                _learnable(spec, where)
 
     def spec_for(self, name: str) -> WeightSpec | None:
         """The weight spec of layer ``name``, or None to leave it in float."""
@@ -198,6 +199,18 @@ class Recipe:
                 attention, f"{at}attention"),
             rotate=_optional(RotateOptions, data, "rotate", at),
         )  # fmt: skip
+
+
+def _learnable(spec: WeightSpec | None, where: str) -> None:
+    """AutoRound learns the rounding of uniform integer grids, without LoRC factors."""
+    if spec is None:
+        return
+    if spec.format != "int":
+        raise LowbitError(f"{where}: autoround learns rounding on integer grids, not "
+                          f"{spec.format}; use format: int (2 to 8 bits)")  # fmt: skip
+    if spec.lorc_rank:
+        raise LowbitError(f"{where}: autoround does not fit LoRC factors; drop lorc_rank "
+                          f"(or use algorithm: gptq)")  # fmt: skip
 
 
 def _optional(cls: type, data: dict, key: str, where: str) -> Any:
