@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from lowbit import api
-from protocol import add_protocol_options
+from protocol import add_protocol_options, float_figures
 
 FORMATS = {
     "w4-g64": {"bits": 4, "group_size": 64},
@@ -73,12 +73,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     src = api.load_model(args.model, kernels=False)
-    fp = api.evaluate({"float": src.model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
-                      progress=False)["float"]  # fmt: skip
-    print(f"model {args.model}; calibration {args.calib}: {args.calib_samples} windows x "
-          f"{args.calib_seqlen} tokens (seed 0); evaluation {fp.corpus} (sha256 "
-          f"{fp.corpus_sha256[:12]}): {fp.windows} windows x {fp.seqlen} = {fp.tokens} tokens; "
-          f"float ppl {fp.ppl:.3f}\n", flush=True)  # fmt: skip
+    fp = float_figures(args, src)
     print("| format | algorithm | bits/w | ppl | x fp | KL | top-1 | quantize s | peak RSS MB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     # each row is printed as soon as it is measured: a stopped run keeps what it printed

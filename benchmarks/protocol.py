@@ -20,8 +20,6 @@ def start(args: argparse.Namespace, table: dict) -> tuple:
     float model's figures, and print the protocol line; (source, calibration, float result)."""
     import sys
 
-    import torch
-
     from lowbit import api
 
     unknown = [r for r in args.rows or [] if r not in table]
@@ -29,10 +27,19 @@ def start(args: argparse.Namespace, table: dict) -> tuple:
         sys.exit(f"unknown row {unknown[0]!r}; rows: {', '.join(table)}")
     src = api.load_model(args.model, kernels=False)
     calib = api.calibration_set(src.tokenizer, args.calib, args.calib_samples, args.calib_seqlen)
+    return src, calib, float_figures(args, src)
+
+
+def float_figures(args: argparse.Namespace, src):
+    """Score the float model on the protocol's windows and print the protocol line."""
+    import torch
+
+    from lowbit import api
+
     fp = api.evaluate({"float": src.model}, src.tokenizer, args.corpus, args.seqlen, args.tokens,
                       progress=False)["float"]  # fmt: skip
     print(f"model {args.model}; calibration {args.calib}: {args.calib_samples} windows x "
           f"{args.calib_seqlen} tokens (seed 0); evaluation {fp.corpus} (sha256 "
           f"{fp.corpus_sha256[:12]}): {fp.windows} windows x {fp.seqlen} = {fp.tokens} tokens; "
           f"float ppl {fp.ppl:.3f}; {torch.get_num_threads()} threads\n", flush=True)  # fmt: skip
-    return src, calib, fp
+    return fp

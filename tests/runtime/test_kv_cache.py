@@ -4,12 +4,10 @@ forward with the same rounding)."""
 import pytest
 import torch
 
-from helpers import decode_steps, rel, tiny_family_model
+from helpers import compact_and_hf, rel, tiny_family_model
 from lowbit.formats.spec import AttentionSpec
 from lowbit.nn.attention import install_attention
-from lowbit.runtime.hf_forward import HFForward
 from lowbit.runtime.kv_cache import CacheView, QuantKVCache, StaticKVCache, grown, move_row, shift
-from lowbit.runtime.llama import LlamaForward
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -24,13 +22,7 @@ def test_compact_cache_equals_the_models_own_rounding(family, spec):
     with lowbit's attention function rounding the whole window at once."""
     model = tiny_family_model(family)
     install_attention(model, spec)
-    g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(0, 64, (2, 9), generator=g)
-    follow = torch.randint(0, 64, (2, 5), generator=g)
-    with torch.inference_mode():
-        ours, cache = decode_steps(LlamaForward(model), prompt, follow)
-        theirs, _ = decode_steps(HFForward(model), prompt, follow)
-        whole = model(torch.cat([prompt, follow], 1)).logits
+    ours, theirs, whole, cache = compact_and_hf(model, seed=3)
     assert isinstance(cache, QuantKVCache) == (spec.kv_bits is not None)
     assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import decode_steps, rel, tiny_family_model, tiny_llama
+from helpers import compact_and_hf, decode_steps, rel, tiny_family_model, tiny_llama
 from lowbit.kernels import decode
 from lowbit.runtime.hf_forward import HFForward
 from lowbit.runtime.llama import FAMILIES, LlamaForward, unsupported_reason
@@ -22,13 +22,7 @@ def test_logits_equal_the_models_own(family, native, monkeypatch):
     if family == "qwen2":  # q/k/v biases: the fused call must add them
         for m in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.v_proj):
             torch.nn.init.normal_(m.bias)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 64, (2, 9), generator=g)
-    follow = torch.randint(0, 64, (2, 5), generator=g)
-    with torch.inference_mode():
-        ours, _ = decode_steps(LlamaForward(model), prompt, follow)
-        theirs, _ = decode_steps(HFForward(model), prompt, follow)
-        whole = model(torch.cat([prompt, follow], 1)).logits
+    ours, theirs, whole, _ = compact_and_hf(model, seed=1)
     assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
 
 

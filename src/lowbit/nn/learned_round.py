@@ -59,15 +59,19 @@ class LearnedRoundLinear(nn.Module):
         """The stored (fp16) scale and offset, with gradients taken in float32: a
         differentiable cast to fp16 would round the gradients to fp16 too, and the small ones
         (wide layers) to zero, freezing the range factors without a word."""
-        lo, hi = self.lo * self.low, self.hi * self.high
         with torch.no_grad():
-            stored = choose_qparams(lo, hi, self.grid)
+            stored = self._stored()
+        lo, hi = self.lo * self.low, self.hi * self.high
         exact = choose_qparams(lo, hi, dataclasses.replace(self.grid, scale_dtype=torch.float32))
         scale = exact.scale + (stored.scale.float() - exact.scale).detach()
         zero = stored.zero
         if zero is not None and zero.is_floating_point():  # a float offset (else integer codes)
             zero = exact.zero + (zero.float() - exact.zero).detach()
         return QParams(scale, zero)
+
+    def _stored(self) -> QParams:
+        """The scale and offset as they are stored (fp16)."""
+        return choose_qparams(self.lo * self.low, self.hi * self.high, self.grid)
 
     def fake_weight(self) -> Tensor:
         """The (out, in) weight the layer computes with: on the grid, differentiable."""
@@ -83,8 +87,8 @@ class LearnedRoundLinear(nn.Module):
     @torch.no_grad()
     def to_quantized(self) -> QuantizedWeight:
         """The packed form of exactly the weight :meth:`fake_weight` computes."""
-        qp = choose_qparams(self.lo * self.low, self.hi * self.high, self.grid)
-        codes = ste_codes(self.wb, self.qparams(), self.grid, self.shift).to(torch.uint8)
+        qp = self._stored()  # the forward pass's values exactly (see qparams)
+        codes = ste_codes(self.wb, qp, self.grid, self.shift).to(torch.uint8)
         return QuantizedWeight(from_blocks(codes, self.block), qp, self.spec, self.block)
 
     def extra_repr(self) -> str:
