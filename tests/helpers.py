@@ -133,3 +133,15 @@ def decode_steps(forward, prompt, follow, capacity: int = 32):
     for tok in follow.unbind(1):
         out.append(forward(tok.view(-1, 1), cache).unsqueeze(1))
     return torch.cat(out, dim=1), cache
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm2d running statistics and affine terms that are not the identity
+    (seeded by the caller), so folding them is tested; returns the model in eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()

@@ -111,3 +111,30 @@ def test_a_super_resolution_model_calibrates_on_the_users_images(monkeypatch, tm
     assert main(["quantize", "dcgan-faces", "--recipe", "conv-w8a8-static", "--out",
                  str(tmp_path / "x"), "--calib-images", str(folder)]) == 2  # fmt: skip
     assert "takes no images" in capsys.readouterr().err
+
+
+def test_the_class_conditional_generator_quantizes_and_reloads(monkeypatch, tmp_path, capsys):
+    """cdcgan-eyes takes latent + class index in one tensor; a narrow random copy stands in
+    for its 12.9M-parameter checkpoint (scored under slow in tests/models/test_cdcgan.py; no
+    --eval here: SSIM on 256 128x128 samples alone takes seconds)."""
+    from lowbit.models.images.cdcgan import CDCGANGenerator, cycling_classes
+    from lowbit.models.load import load_model
+
+    def build() -> CDCGANGenerator:
+        torch.manual_seed(3)
+        return CDCGANGenerator(ngf=4).eval()
+
+    monkeypatch.setattr("lowbit.models.images.cdcgan_eyes", build)
+    monkeypatch.setattr("lowbit.models.images.CDCGANGenerator", build)  # the reload's skeleton
+    out = tmp_path / "eyes-w8a8"
+    assert main(["quantize", "cdcgan-eyes", "--recipe", "conv-w8a8-static", "--out", str(out),
+                 "--json", "-q"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["layers"] == 6 and 8 <= summary["bits_per_weight"] < 8.1
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["source"] == {"model": "cdcgan-eyes", "kind": "image"}
+    assert manifest["calibration"]["shape"] == [101, 1, 1]
+    x = cycling_classes(torch.randn(4, 100))
+    with torch.no_grad():
+        got, want = load_model(str(out)).model(x), build()(x)
+    assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 1e-2

@@ -1,7 +1,7 @@
 """``lowbit quantize`` and ``lowbit eval`` for image models (``waifu2x-upconv7``,
-``dcgan-faces``): the model is held in memory, calibrated on its built-in calibration inputs
-and scored on its built-in evaluation inputs (PSNR / SSIM against ground truth where there is
-one and against ``--ref``'s outputs, images per second)."""
+``dcgan-faces``, ``cdcgan-eyes``): the model is held in memory, calibrated on its built-in
+calibration inputs and scored on its built-in evaluation inputs (PSNR / SSIM against ground
+truth where there is one and against ``--ref``'s outputs, images per second)."""
 
 from __future__ import annotations
 

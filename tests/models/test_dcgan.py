@@ -4,6 +4,7 @@ scored in benchmarks/image_table.py)."""
 import pytest
 import torch
 
+from helpers import randomize_batchnorm
 from lowbit import api
 from lowbit.errors import LowbitError
 from lowbit.models.images.dcgan import DCGANGenerator
@@ -13,14 +14,7 @@ from lowbit.nn import QuantConv
 
 def _generator() -> DCGANGenerator:
     torch.manual_seed(0)
-    model = DCGANGenerator(ngf=8)
-    for m in model.modules():  # running statistics that are not the identity
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return randomize_batchnorm(DCGANGenerator(ngf=8))
 
 
 def test_shapes_checkpoint_keys_and_bad_latents():
@@ -79,8 +73,8 @@ def test_a_saved_quantized_image_model_loads_and_reproduces_its_outputs(tmp_path
         assert torch.equal(loaded.model(z), model(z))
     from lowbit.export import export
 
-    with pytest.raises(LowbitError, match="image model"):
-        export(folder, "onnx", tmp_path / "onnx")
+    with pytest.raises(LowbitError, match="image model: it exports to onnx"):
+        export(folder, "gguf", tmp_path / "x.gguf")  # onnx: tests/export/test_onnx_image.py
 
 
 def _generator_full() -> DCGANGenerator:

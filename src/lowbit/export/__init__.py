@@ -60,8 +60,7 @@ def export(
         raise LowbitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     manifest = read_manifest(folder)
     if (manifest.get("source") or {}).get("kind") == "image":
-        raise LowbitError(f"{folder} is an image model; exporting quantized convolutions is "
-                          f"not supported yet (run it through the Python API)")  # fmt: skip
+        return _export_image(folder, manifest, fmt, out, overwrite)
     prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS)
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")
@@ -94,6 +93,26 @@ def export(
             from lowbit.export.onnx_file import write_onnx
 
             write_onnx(model, folder, tmp)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return ExportResult(fmt, out, size)
+
+
+def _export_image(folder: Path, manifest: dict, fmt: str, out: Path,
+                  overwrite: bool) -> ExportResult:  # fmt: skip
+    """A quantized image model: ONNX (QDQ) only."""
+    if fmt != "onnx":
+        raise LowbitError(f"{folder} is an image model: it exports to onnx (QDQ convolutions), "
+                          f"not {fmt}")  # fmt: skip
+    from lowbit.export.onnx_image import write_onnx_image
+    from lowbit.models.images import image_models
+    from lowbit.models.load import load_model
+
+    name = manifest["source"]["model"]
+    prepare_out(out, overwrite, folder=True)
+    model = load_model(str(folder), kernels=False).model
+    example, _ = image_models()[name].evaluation()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_onnx_image(model, example, name, folder, tmp)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return ExportResult(fmt, out, size)
 

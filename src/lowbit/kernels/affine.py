@@ -143,7 +143,7 @@ def quantize_rows_act8(x: Tensor, block: int = RUN) -> tuple[Tensor, Tensor]:
     m, kp = x.shape
     blocks = x.reshape(m, kp // block, block)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv)
     return q.reshape(m, kp), (amax / 127.0).squeeze(-1)
 

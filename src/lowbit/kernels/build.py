@@ -24,9 +24,8 @@ from lowbit.assets import cache_dir
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(
-    CSRC / f for f in ("affine_gemv.cpp", "affine_q8.cpp", "half_gemv.cpp", "decode_ops.cpp")
-)
+NAMES = ("affine_gemv.cpp", "affine_q8.cpp", "half_gemv.cpp", "decode_ops.cpp", "int8_gemm.cpp")
+SOURCES = tuple(CSRC / f for f in NAMES)
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored
 # without it, which left the kernels on one thread.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]

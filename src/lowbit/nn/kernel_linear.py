@@ -94,21 +94,24 @@ class HalfKernelLinear(nn.Module):
 
 
 class Int8KernelLinear(nn.Module):
-    """int8 weights × per-token dynamic int8 inputs (fbgemm's packed weight)."""
+    """int8 weights × per-token dynamic int8 inputs (lowbit's panels or fbgemm's packed weight,
+    whichever this machine runs: :func:`lowbit.kernels.int8.act_grid`)."""
 
     kind = "w8a8"
 
     def __init__(self, weight: Int8Weight, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.in_features, out_features
-        self.weight_int8 = weight  # not a buffer: fbgemm's packed object
+        self.weight_int8 = weight  # not a buffer: fbgemm's copy is not a tensor
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def storage_tensors(self) -> tuple[Tensor, ...]:
-        return ()  # fbgemm's packed weight is not a tensor; storage_bytes counts it
+        held = (self.weight_int8.panels, self.weight_int8.codes)
+        return tuple(t for t in held if t is not None)  # fbgemm's copy: storage_bytes counts it
 
     def storage_bytes(self) -> dict[str, int]:
-        """int8 codes and fp32 per-row scales, as fbgemm holds them."""
+        """int8 codes and fp32 per-row scales, as the kernels hold them (panels pad the rows to
+        a multiple of 8 and the inputs to a multiple of 4: not counted)."""
         n = self.out_features
         return {"codes": n * self.in_features, "params": 4 * n, "bias": nbytes(self.bias)}
 

@@ -1,10 +1,11 @@
 """Generative image models: architectures ported to torch and their pinned offline weights.
 
 :func:`image_models` names them for ``load_model`` (zoo names ``waifu2x-upconv7``,
-``waifu2x-upresnet10`` and ``dcgan-faces``) and for loading a quantized folder of one (its
-skeleton is built from the name its manifest records, with BatchNorm folded as quantization
-left it). Their classes set ``quantized_whole``: a repeated stack of residual blocks is not a
-decoder's, and the block runner (which feeds token ids) must not take it for one.
+``waifu2x-upresnet10``, ``dcgan-faces`` and ``cdcgan-eyes``) and for loading a quantized folder
+of one (its skeleton is built from the name its manifest records, with BatchNorm folded as
+quantization left it). Their classes set ``quantized_whole``: a repeated stack of residual
+blocks is not a decoder's, and the block runner (which feeds token ids) must not take it for
+one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from lowbit.models.images.cdcgan import LATENT as EYES_LATENT
+from lowbit.models.images.cdcgan import CDCGANGenerator, cdcgan_eyes, cycling_classes
 from lowbit.models.images.data import latents, sr_calibration, sr_crops, sr_evaluation
 from lowbit.models.images.dcgan import LATENT, DCGANGenerator, dcgan_faces
 from lowbit.models.images.waifu2x import (
@@ -53,6 +56,14 @@ def _gan_evaluation() -> tuple[Tensor, None]:
     return latents(256, LATENT, seed=0), None
 
 
+def _eyes_calibration() -> Tensor:
+    return cycling_classes(latents(512, EYES_LATENT, seed=1))  # (512, 101, 1, 1): 64 per colour
+
+
+def _eyes_evaluation() -> tuple[Tensor, None]:
+    return cycling_classes(latents(256, EYES_LATENT, seed=0)), None
+
+
 def image_models() -> dict[str, ImageModel]:
     entries = (
         ImageModel("waifu2x-upconv7", "waifu2x upconv7 2x super-resolution (995k params); "
@@ -66,9 +77,14 @@ def image_models() -> dict[str, ImageModel]:
         ImageModel("dcgan-faces", "DCGAN face generator, 100-d latent to 64x64 RGB (3.58M "
                    "params); calibrated on 512 latents, scored on 256 others", DCGANGenerator,
                    dcgan_faces, _gan_calibration, _gan_evaluation, (-1.0, 1.0)),
+        ImageModel("cdcgan-eyes", "class-conditional DCGAN eye generator, 100-d latent + one "
+                   "of 8 eye colours to 128x128 RGB (12.9M params); calibrated on 512 latents, "
+                   "scored on 256 others (colours cycling)", CDCGANGenerator, cdcgan_eyes,
+                   _eyes_calibration, _eyes_evaluation, (-1.0, 1.0)),
     )  # fmt: skip
     return {e.name: e for e in entries}
 
 
-__all__ = ["DCGANGenerator", "ImageModel", "UpConv7", "UpResNet10", "dcgan_faces",
-           "image_models", "waifu2x_upconv7", "waifu2x_upresnet10"]  # fmt: skip
+__all__ = ["CDCGANGenerator", "DCGANGenerator", "ImageModel", "UpConv7", "UpResNet10",
+           "cdcgan_eyes", "dcgan_faces", "image_models", "waifu2x_upconv7",
+           "waifu2x_upresnet10"]  # fmt: skip

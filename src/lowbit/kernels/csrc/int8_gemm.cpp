@@ -1,0 +1,177 @@
+// W8A8 on AVX2: int8 weights x symmetric int8 per-token activations, exact int32 sums.
+//
+// Why hand-written: fbgemm (torch's int8 GEMM) multiplies uint8 activations by int8 weights
+// with vpmaddubsw on CPUs without VNNI, whose int16 pair sums saturate on full 8-bit codes, so
+// there it needs 7-bit activations; torch._int_mm is a slow reference on these CPUs. llama.cpp's
+// q8_0 dot product avoids the saturation with the sign trick, done here for a whole GEMM:
+//   a . w = |w| . (sign(w) * a):  |w| <= 128 is the unsigned operand, sign(w) * a (|a| <= 127,
+//   the activation codes are symmetric) the signed one, so a pair sums to at most
+//   2 * 128 * 127 = 32512 < 2^15 and vpmaddubsw is exact whatever the codes.
+//
+// Layout (packed once at load, by lowbit.kernels.int8.pack_panels): panels of 8 weight rows
+// (output columns) x Kp inputs (K padded to a multiple of 4 with zero codes); within a panel,
+// step s holds 32 bytes: row 0's inputs 4s..4s+3, row 1's, ..., row 7's. One 32-byte load is 8
+// columns x 4 inputs, one broadcast of 4 activation bytes meets all 8 columns, and
+// vpmaddubsw + vpmaddwd(ones) leave the 8 column sums of 4 products in int32 lanes.
+#include <torch/library.h>
+
+#include "common.h"
+
+using namespace lowbit_kernels;
+
+namespace {
+
+constexpr int64_t kPanel = 8;     // weight rows per panel: one ymm of int32 sums
+// Register tile: 3 activation rows x 2 panels = 6 int32 sums, 2 weight vectors and their
+// absolute values, one broadcast, one signed copy and the ones: 13 of AVX2's 16 registers
+// (4 x 2 spilled sums to the stack and ran slower; measured).
+constexpr int64_t kRowsTile = 3;
+constexpr int kPanels = 2;
+// Activation codes per block of rows: about half of a 512 KB L2, so a block's codes stay there
+// while every panel streams past them once.
+constexpr int64_t kCodesBlock = 1 << 17;
+
+// x (M, K) -> codes q (M, Kp) int8 and per-row scales: q = round(x * (127 / absmax)) (to
+// even, as _mm256_cvtps_epi32 rounds), s = absmax / 127; padded inputs get code 0.
+void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* q, float* s) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = x + m * K;
+      __m256 amax = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+      float a = 0.f;
+      float lanes[8];
+      _mm256_storeu_ps(lanes, amax);
+      for (float v : lanes) a = std::max(a, v);
+      for (; k < K; ++k) a = std::max(a, std::abs(row[k]));
+      const float inv = a > 0.f ? 127.f / a : 0.f;
+      s[m] = a / 127.f;
+      int8_t* out = q + m * Kp;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (k = 0; k + 8 <= K; k += 8) {
+        const __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), vinv));
+        const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(w16, w16));
+      }
+      for (; k < K; ++k) out[k] = static_cast<int8_t>(std::nearbyint(row[k] * inv));
+      for (; k < Kp; ++k) out[k] = 0;
+    }
+  });
+}
+
+// Sums of R activation rows (stride Kp) against P panels (P * 8 columns), over Kp / 4 steps.
+template <int R, int P>
+inline void tile(const int8_t* q, int64_t Kp, const int8_t* panel, int64_t panel_bytes,
+                 __m256i acc[R][P]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < Kp / 4; ++s) {
+    __m256i w[P], aw[P];
+    for (int p = 0; p < P; ++p) {
+      w[p] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * panel_bytes + 32 * s));
+      aw[p] = _mm256_abs_epi8(w[p]);
+    }
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, q + r * Kp + 4 * s, 4);
+      const __m256i a = _mm256_set1_epi32(four);
+      for (int p = 0; p < P; ++p) {
+        const __m256i sa = _mm256_sign_epi8(a, w[p]);  // a where w > 0, -a where w < 0, 0 at 0
+        acc[r][p] = _mm256_add_epi32(acc[r][p], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[p], sa), ones));
+      }
+    }
+  }
+}
+
+// y[m, n] = (float(sum) * s_x[m]) * s_w[n] for the tile's rows and columns; a last panel of
+// fewer than 8 real columns (N not a multiple of 8) is written through a small buffer.
+template <int R, int P>
+inline void store(const __m256i acc[R][P], const float* sx, const float* sw, int64_t n0,
+                  int64_t N, float* y) {
+  for (int p = 0; p < P; ++p) {
+    const int64_t n = n0 + p * kPanel, cols = std::min<int64_t>(kPanel, N - n);
+    float wbuf[kPanel] = {0.f};
+    std::memcpy(wbuf, sw + n, cols * sizeof(float));
+    const __m256 ws = _mm256_loadu_ps(wbuf);
+    for (int r = 0; r < R; ++r) {
+      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][p]), _mm256_set1_ps(sx[r])), ws);
+      if (cols == kPanel) {
+        _mm256_storeu_ps(y + r * N + n, v);
+      } else {
+        float out[kPanel];
+        _mm256_storeu_ps(out, v);
+        std::memcpy(y + r * N + n, out, cols * sizeof(float));
+      }
+    }
+  }
+}
+
+template <int P>
+void rows_against_panels(const int8_t* q, const float* sx, int64_t M, int64_t Kp,
+                         const int8_t* panel, const float* sw, int64_t n0, int64_t N, float* y) {
+  const int64_t panel_bytes = kPanel * Kp;
+  int64_t m = 0;
+  for (; m + kRowsTile <= M; m += kRowsTile) {
+    __m256i acc[kRowsTile][P];
+    tile<kRowsTile, P>(q + m * Kp, Kp, panel, panel_bytes, acc);
+    store<kRowsTile, P>(acc, sx + m, sw, n0, N, y + m * N);
+  }
+  if (M - m == 2) {  // the last rows: one pass over the panels for both
+    __m256i acc[2][P];
+    tile<2, P>(q + m * Kp, Kp, panel, panel_bytes, acc);
+    store<2, P>(acc, sx + m, sw, n0, N, y + m * N);
+  } else if (M - m == 1) {
+    __m256i acc[1][P];
+    tile<1, P>(q + m * Kp, Kp, panel, panel_bytes, acc);
+    store<1, P>(acc, sx + m, sw, n0, N, y + m * N);
+  }
+}
+
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
+                       const at::Tensor& w_scale) {
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "lowbit::int8_linear: x must be 2-D float32");
+  TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kChar && panels.size(2) == kPanel * 4,
+              "lowbit::int8_linear: panels must be int8 (N/8, Kp/4, 32) as pack_panels makes them");
+  const int64_t M = x.size(0), K = x.size(1), Np = panels.size(0) * kPanel, Kp = panels.size(1) * 4;
+  const int64_t N = w_scale.numel();
+  TORCH_CHECK(Kp >= K && Kp < K + 4 && N <= Np && N > Np - kPanel && w_scale.scalar_type() == at::kFloat,
+              "lowbit::int8_linear: x, panels and scales do not fit together");
+  std::vector<int8_t> q(M * Kp);
+  std::vector<float> sx(M);
+  quantize_tokens(x.data_ptr<float>(), M, K, Kp, q.data(), sx.data());
+  auto y = at::empty({M, N}, x.options());
+  const int8_t* wp = panels.data_ptr<int8_t>();
+  const float* sw = w_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t groups = (Np / kPanel + kPanels - 1) / kPanels;
+  const int64_t block = std::max<int64_t>(8 * kRowsTile, (kCodesBlock / Kp) / kRowsTile * kRowsTile);
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t rows = std::min(block, M - m0);
+    at::parallel_for(0, groups, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = kPanels * p * kPanel;
+        const int8_t* panel = wp + n0 * Kp;
+        const int8_t* qm = q.data() + m0 * Kp;
+        const int64_t left = (Np - n0) / kPanel;
+        if (left >= kPanels)
+          rows_against_panels<kPanels>(qm, sx.data() + m0, rows, Kp, panel, sw, n0, N, yp + m0 * N);
+        else
+          rows_against_panels<1>(qm, sx.data() + m0, rows, Kp, panel, sw, n0, N, yp + m0 * N);
+      }
+    });
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
+  m.def("int8_linear(Tensor x, Tensor panels, Tensor w_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_linear", &int8_linear); }
