@@ -75,16 +75,16 @@ def test_bad_input_is_one_line_and_leaves_nothing(argv, message, quantized, tiny
 def test_report_writes_markdown_json_and_plots(tiny_folder, text_file, tmp_path, capsys):
     out = tmp_path / "report"
     code, stdout, _ = run(
-        capsys, "report", str(tiny_folder), "--variants", "w4-rtn-g64", "bf16", "--out", str(out),
+        capsys, "report", str(tiny_folder), "--variants", "w4-rtn-g64", "--out", str(out),
         "--corpus", str(text_file), "--seqlen", "32", "--tokens", "128", *FAST,
     )  # fmt: skip
     assert code == 0
     data = json.loads((out / "report.json").read_text())
     rows = {r["variant"]: r for r in data["rows"]}
-    assert list(rows) == ["fp32", "w4-rtn-g64", "bf16"]  # fp32 added as the reference
-    assert rows["w4-rtn-g64"]["weight_mb"] < rows["bf16"]["weight_mb"] < rows["fp32"]["weight_mb"]
+    assert list(rows) == ["fp32", "w4-rtn-g64"]  # fp32 added as the reference
+    assert rows["w4-rtn-g64"]["weight_mb"] < rows["fp32"]["weight_mb"]
     assert rows["w4-rtn-g64"]["kl"] > 0 and rows["fp32"]["kl"] is None
-    assert rows["w4-rtn-g64"]["peak_rss_mb"] > 0 and rows["bf16"]["decode_tps"] > 0
+    assert rows["w4-rtn-g64"]["peak_rss_mb"] > 0 and rows["w4-rtn-g64"]["decode_tps"] > 0
     assert (out / "variants" / "w4-rtn-g64" / "lowbit.json").is_file()
     for png in ("quality_vs_size.png", "speed_vs_size.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -18,30 +18,21 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 CH = {"group_size": -1}
+W8 = {"bits": 8, "symmetric": True, **CH}
+
+
+def acts(dynamic: bool, symmetric: bool) -> dict:
+    return {"bits": 8, "granularity": "tensor", "dynamic": dynamic, "symmetric": symmetric}
+
+
 RECIPES = {  # name -> (recipe body, tolerance on max |ORT - lowbit| / max |lowbit|)
-    "w8-sym-channel": ({"weights": {"bits": 8, "symmetric": True, **CH}}, 1e-5),
+    "w8-sym-channel": ({"weights": W8}, 1e-5),
     "w4-int-zero-g16": ({"weights": {"bits": 4, "group_size": 16, "zero_point": "int"}}, 1e-5),
     "w4-offsets-channel": ({"weights": {"bits": 4, **CH}}, 1e-5),
     "w3-sym-g16": ({"weights": {"bits": 3, "group_size": 16, "symmetric": True}}, 1e-5),
-    "w8a8-static": (
-        {
-            "weights": {"bits": 8, "symmetric": True, **CH},
-            "activations": {
-                "bits": 8,
-                "granularity": "tensor",
-                "dynamic": False,
-                "symmetric": False,
-            },
-        },
-        1e-3,
-    ),
-    "w8a8-dynamic-sym": (
-        {
-            "weights": {"bits": 8, "symmetric": True, **CH},
-            "activations": {"bits": 8, "granularity": "tensor", "dynamic": True, "symmetric": True},
-        },
-        1e-3,
-    ),
+    "w8a8-static": ({"weights": W8, "activations": acts(False, False)}, 1e-3),
+    "w8a8-dynamic": ({"weights": W8, "activations": acts(True, False)}, 1e-3),
+    "w8a8-dynamic-sym": ({"weights": W8, "activations": acts(True, True)}, 1e-3),
 }
 
 
@@ -63,7 +54,7 @@ def _quantized(tmp_path, name: str, body: dict):
     return out
 
 
-CI = ("w4-int-zero-g16", "w8a8-static")  # the rest under slow: each takes a few seconds
+CI = ("w4-int-zero-g16",)  # the rest under slow: each is a CLI quantize + export, seconds
 
 
 @pytest.mark.parametrize(
@@ -83,7 +74,9 @@ def test_onnx_runtime_computes_lowbits_outputs(small_gan, tmp_path, name):
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < tol
     graph = onnx.load(str(path)).graph
     ops = {n.op_type for n in graph.node}
-    assert {"DequantizeLinear", "ConvTranspose"} <= ops and "Cast" not in ops
+    assert {"DequantizeLinear", "ConvTranspose"} <= ops
+    stored = {t.name for t in graph.initializer}  # codes are stored typed, never cast at load
+    assert not [n for n in graph.node if n.op_type == "Cast" and n.input[0] in stored]
     types = {t.data_type for t in graph.initializer}
     bits = body["weights"]["bits"]
     code_type = {8: onnx.TensorProto.INT8}.get(bits, onnx.TensorProto.UINT4)

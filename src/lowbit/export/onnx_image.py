@@ -76,6 +76,9 @@ class QDQConv(nn.Module):
         else:
             codes, zero = u.to(torch.uint8), zero.to(torch.uint8)
         per_channel = scale.shape[1] == 1
+        if not per_channel and u.shape[1] % spec.group_size:
+            raise LowbitError(f"{layer}: {u.shape[1]} inputs per output channel are not whole "
+                              f"groups of {spec.group_size}")  # fmt: skip
         if per_channel:  # the 4-D weight, one scale per output channel
             codes = geo.weight(codes).contiguous()
             scale, zero, offset = scale.reshape(-1), zero.reshape(-1), offset.reshape(-1)
@@ -109,18 +112,14 @@ def _settings(meta: list[int]) -> dict[str, int]:
 def dequantized(codes: Tensor, scale: Tensor, zero: Tensor, offset: Tensor, shape: list[int],
                 m: dict[str, int]) -> Tensor:  # fmt: skip
     """The float conv weight the exported DequantizeLinear nodes compute."""
-    if m["group"] == 0:
-        axis = 1 if m["transposed"] else 0
-        view = [1] * codes.dim()
-        view[axis] = -1
-        return (codes.float() - zero.float().reshape(view)) * scale.reshape(view) + offset.reshape(
-            view
-        )
+    if m["group"] == 0:  # the 4-D weight, params along its output-channel axis
+        view = [1, -1, 1, 1] if m["transposed"] else [-1, 1, 1, 1]
+        zero, scale, offset = (t.float().reshape(view) for t in (zero, scale, offset))
+        return (codes.float() - zero) * scale + offset
     n, cols = codes.shape
     g = m["group"]
-    w = (codes.float().reshape(n, cols // g, g) - zero.float().unsqueeze(-1)) * scale.unsqueeze(
-        -1
-    ) + offset.unsqueeze(-1)
+    u = codes.float().reshape(n, cols // g, g)
+    w = (u - zero.float().unsqueeze(-1)) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
     if m["transposed"]:  # the matrix is (out, in, kh, kw); the weight (in, out, kh, kw)
         return w.reshape(shape[1], shape[0], shape[2], shape[3]).transpose(0, 1)
     return w.reshape(shape)
@@ -131,12 +130,9 @@ def round_input(x: Tensor, act_scale: Tensor, act_zero: Tensor, m: dict[str, int
     it (round half to even, saturate), with lowbit's ranges."""
     if m["acts"] == 2:  # the tensor's own range, as lowbit's dynamic per-tensor rounding
         lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
-        if m["act_sym"]:
-            act_scale, act_zero = torch.maximum(-lo, hi) / 127, torch.zeros(())
-        else:
-            act_scale = (hi - lo) / 255
-            act_zero = torch.round(-lo / act_scale).clamp(0, 255)
+        act_scale = torch.maximum(-lo, hi) / 127 if m["act_sym"] else (hi - lo) / 255
         act_scale = torch.where(act_scale > 0, act_scale, torch.ones_like(act_scale))
+        act_zero = torch.zeros(()) if m["act_sym"] else torch.round(-lo / act_scale).clamp(0, 255)
     lo, hi = (-128, 127) if m["act_sym"] else (0, 255)
     q = (torch.round(x / act_scale) + act_zero).clamp(lo, hi)
     return (q - act_zero) * act_scale
@@ -213,16 +209,16 @@ def _qdq_input(op, x, act_scale, act_zero, m: dict[str, int]):
         hi = op.Max(op.ReduceMax(x, keepdims=0), op.CastLike(op.Constant(value_float=0.0), x))
         if m["act_sym"]:
             act_scale = op.Div(op.Max(op.Neg(lo), hi), op.Constant(value_float=127.0))
-            act_zero = op.Constant(value_float=0.0)
         else:
             act_scale = op.Div(op.Sub(hi, lo), op.Constant(value_float=255.0))
-            act_zero = op.Clip(
-                op.Round(op.Div(op.Neg(lo), act_scale)),
-                op.Constant(value_float=0.0),
-                op.Constant(value_float=255.0),
-            )
         positive = op.Greater(act_scale, op.Constant(value_float=0.0))
         act_scale = op.Where(positive, act_scale, op.Constant(value_float=1.0))
+        if m["act_sym"]:
+            act_zero = op.Constant(value_float=0.0)
+        else:
+            rounded = op.Round(op.Div(op.Neg(lo), act_scale))
+            act_zero = op.Clip(rounded, op.Constant(value_float=0.0),
+                               op.Constant(value_float=255.0))  # fmt: skip
     zero = op.Cast(act_zero, to=kind)
     return op.DequantizeLinear(op.QuantizeLinear(x, act_scale, zero), act_scale, zero)
 
