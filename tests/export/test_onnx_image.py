@@ -105,3 +105,29 @@ def test_other_formats_of_an_image_model_are_one_line_errors(small_gan, tmp_path
     with pytest.raises(LowbitError, match="exports to onnx") as err:
         export(folder, "gguf", tmp_path / "x.gguf")
     assert "\n" not in str(err.value) and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_the_class_conditional_generator_exports(monkeypatch, tmp_path):
+    """cdcgan-eyes checks its class column in eager runs only: the exported graph has no
+    data-dependent branch, and ONNX Runtime gives lowbit's outputs for every colour."""
+    from lowbit.models.images.cdcgan import CDCGANGenerator, cycling_classes
+
+    def build() -> CDCGANGenerator:
+        torch.manual_seed(3)
+        return CDCGANGenerator(ngf=4).eval()
+
+    monkeypatch.setattr("lowbit.models.images.cdcgan_eyes", build)
+    monkeypatch.setattr("lowbit.models.images.CDCGANGenerator", build)
+    recipe = tmp_path / "w8.yaml"
+    recipe.write_text(json.dumps({"version": 1, "name": "w8", "weights": W8}))
+    folder = tmp_path / "eyes"
+    assert main(["quantize", "cdcgan-eyes", "--recipe", str(recipe), "--out", str(folder),
+                 "-q"]) == 0  # fmt: skip
+    path = export(folder, "onnx", tmp_path / "eyes-onnx").path / "model.onnx"
+    x = cycling_classes(torch.randn(8, 100, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        ours = load_model(str(folder), kernels=False).model(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {"input": x.numpy()})[0]
+    assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-5

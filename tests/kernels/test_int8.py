@@ -133,3 +133,19 @@ def test_without_native_kernels_the_reference_runs(monkeypatch):
     assert weight.panels is None and weight.packed is None
     x = torch.randn(3, 64)
     assert torch.equal(int8.int8_linear(x, weight), int8.int8_linear_reference(x, weight))
+
+
+@needs_native
+def test_empty_nan_and_tiny_rows_match_the_reference(monkeypatch):
+    """No rows; a row with a NaN or an infinity (its outputs are NaN, the others untouched);
+    a row too small for 127/absmax to be finite (its outputs are 0)."""
+    monkeypatch.setattr(int8, "act_grid", lambda: "token")
+    codes, scale = random_weight(13, 37)
+    fast, slow = int8.prepare_int8(codes, scale), int8.Int8Weight(codes, scale, None, 37)
+    assert int8.int8_linear(torch.randn(0, 37), fast).shape == (0, 13)
+    x = varied_input(5, 37)
+    x[1, 3], x[2, 30], x[3] = float("nan"), float("inf"), 1e-38
+    got, ref = int8.int8_linear(x, fast), int8.int8_linear_reference(x, slow)
+    assert got[1:3].isnan().all() and ref[1:3].isnan().all()
+    assert torch.equal(got[3], torch.zeros(13)) and torch.equal(ref[3], torch.zeros(13))
+    assert torch.equal(got[[0, 4]], ref[[0, 4]])

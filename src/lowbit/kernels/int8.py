@@ -127,15 +127,16 @@ def int8_linear(x: Tensor, weight: Int8Weight) -> Tensor:
     """y = Q_token(x) · Wᵀ (no bias) for float32 x (..., K)."""
     on_cpu = x.device.type == "cpu"
     lead = x.shape[:-1]
+    n = weight.scale.numel()
     if weight.panels is not None and on_cpu:
         x2 = x.reshape(-1, x.shape[-1]).float()
         y = torch.ops.lowbit_cpu.int8_linear(x2, weight.panels, weight.scale)
-        return y.reshape(*lead, -1).to(x.dtype)
+        return y.reshape(*lead, n).to(x.dtype)
     if weight.packed is None or not on_cpu:
         return int8_linear_reference(x, weight)
     xn, amax = _row_normalise(x.float())
     y = torch.ops.quantized.linear_dynamic(xn.reshape(-1, xn.shape[-1]), weight.packed, False)
-    return (y.reshape(*lead, -1) * amax).to(x.dtype)
+    return (y.reshape(*lead, n) * amax).to(x.dtype)
 
 
 def int8_weight_codes(weight: Int8Weight) -> Tensor:
@@ -159,21 +160,24 @@ def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
     amax = x.abs().amax(dim=-1, keepdim=True)
     # a true division, as the kernel's: torch computes ``127.0 / amax`` as 127 · (1 / amax),
     # which differs in the last bit and moves codes at rounding ties
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    inv = torch.full_like(amax, 127.0) / amax
+    # a row too small for 127/absmax to be finite gets codes 0; a NaN or infinite input leaves
+    # NaN codes, so its row's outputs are NaN (the kernel gives them scale NaN)
+    inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))
     return torch.round(x * inv), amax / 127.0
 
 
 def int8_linear_reference(x: Tensor, weight: Int8Weight, grid: str | None = None) -> Tensor:
     """The arithmetic of this machine's fast path (``grid``, default :func:`act_grid`) in plain
     PyTorch, equal to it bit for bit on the ``token`` grid."""
-    codes = int8_weight_codes(weight)
+    codes = int8_weight_codes(weight).to(x.device)
     if (grid or act_grid()) == "token":
         q, sx = quantize_tokens(x.float())
-        acc = torch.zeros(*q.shape[:-1], codes.shape[0], dtype=torch.float64)
+        acc = torch.zeros(*q.shape[:-1], codes.shape[0], dtype=torch.float64, device=x.device)
         for k0 in range(0, q.shape[-1], EXACT_CHUNK):  # exact int32 sums, in float arithmetic
             k1 = k0 + EXACT_CHUNK
             acc += F.linear(q[..., k0:k1], codes[:, k0:k1].float()).double()
-        return (acc.float() * sx * weight.scale).to(x.dtype)
+        return (acc.float() * sx * weight.scale.to(x.device)).to(x.dtype)
     # fbgemm's: rows scaled to [-1, 1], one asymmetric range of 255 steps over the batch (it
     # always contains 0); fbgemm multiplies by 1/step
     xn, amax = _row_normalise(x.float())
@@ -181,5 +185,5 @@ def int8_linear_reference(x: Tensor, weight: Int8Weight, grid: str | None = None
     step = ((hi - lo) / 255).clamp_min(1e-12)
     zero = torch.round(-lo / step).clamp(0, 255)
     xq = (torch.round(xn * (1.0 / step)) + zero).clamp(0, 255)
-    w = codes.float() * weight.scale.unsqueeze(1)
+    w = codes.float() * weight.scale.to(x.device).unsqueeze(1)
     return (F.linear((xq - zero) * step, w) * amax).to(x.dtype)

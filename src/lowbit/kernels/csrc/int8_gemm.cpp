@@ -15,6 +15,8 @@
 // vpmaddubsw + vpmaddwd(ones) leave the 8 column sums of 4 products in int32 lanes.
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "common.h"
 
 using namespace lowbit_kernels;
@@ -32,22 +34,33 @@ constexpr int kPanels = 2;
 constexpr int64_t kCodesBlock = 1 << 17;
 
 // x (M, K) -> codes q (M, Kp) int8 and per-row scales: q = round(x * (127 / absmax)) (to
-// even, as _mm256_cvtps_epi32 rounds), s = absmax / 127; padded inputs get code 0.
+// even, as _mm256_cvtps_epi32 rounds), s = absmax / 127; padded inputs get code 0. A row whose
+// 127 / absmax is not finite (absmax below ~4e-37) gets codes 0; a row holding a NaN or an
+// infinity gets scale NaN, so its outputs are NaN (as the reference's are).
 void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* q, float* s) {
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x + m * K;
-      __m256 amax = _mm256_setzero_ps();
+      __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
       int64_t k = 0;
-      for (; k + 8 <= K; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+      for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k));
+        amax = _mm256_max_ps(amax, v);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));  // NaN or infinite
+      }
       float a = 0.f;
       float lanes[8];
       _mm256_storeu_ps(lanes, amax);
       for (float v : lanes) a = std::max(a, v);
-      for (; k < K; ++k) a = std::max(a, std::abs(row[k]));
-      const float inv = a > 0.f ? 127.f / a : 0.f;
-      s[m] = a / 127.f;
+      bool finite = _mm256_movemask_ps(bad) == 0;
+      for (; k < K; ++k) {
+        a = std::max(a, std::abs(row[k]));
+        finite = finite && std::isfinite(row[k]);
+      }
+      float inv = a > 0.f ? 127.f / a : 0.f;
+      if (!std::isfinite(inv)) inv = 0.f;
+      s[m] = finite ? a / 127.f : NAN;
       int8_t* out = q + m * Kp;
       const __m256 vinv = _mm256_set1_ps(inv);
       for (k = 0; k + 8 <= K; k += 8) {
@@ -139,6 +152,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
               "lowbit::int8_linear: panels must be int8 (N/8, Kp/4, 32) as pack_panels makes them");
   const int64_t M = x.size(0), K = x.size(1), Np = panels.size(0) * kPanel, Kp = panels.size(1) * 4;
   const int64_t N = w_scale.numel();
+  TORCH_CHECK(K > 0, "lowbit::int8_linear: the layer has no inputs");
   TORCH_CHECK(Kp >= K && Kp < K + 4 && N <= Np && N > Np - kPanel && w_scale.scalar_type() == at::kFloat,
               "lowbit::int8_linear: x, panels and scales do not fit together");
   std::vector<int8_t> q(M * Kp);

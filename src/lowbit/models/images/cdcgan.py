@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.assets.fetch import Archive
@@ -66,11 +65,14 @@ class CDCGANGenerator(nn.Module):
                               f"inputs (latent, then class index), got "
                               f"{tuple(x.shape)}")  # fmt: skip
         z, label = x[:, :LATENT], x[:, LATENT]  # (N, 100), (N,)
-        bad = (label != label.round()) | (label < 0) | (label >= len(CLASSES))
-        if bool(bad.any()):
-            raise LowbitError(f"cdcgan-eyes: column {LATENT} is the class index, a whole number "
-                              f"0..{len(CLASSES) - 1}; got {float(label[bad][0])}")  # fmt: skip
-        onehot = F.one_hot(label.long(), len(CLASSES)).to(z.dtype)  # (N, 8)
+        if not torch.compiler.is_exporting():  # a check on values: an exported graph has none
+            bad = (label != label.round()) | (label < 0) | (label >= len(CLASSES))
+            if bool(bad.any()):
+                raise LowbitError(f"cdcgan-eyes: column {LATENT} is the class index, a whole "
+                                  f"number 0..{len(CLASSES) - 1}; got "
+                                  f"{float(label[bad][0])}")  # fmt: skip
+        # the one-hot by comparison (no data-dependent indexing, so the graph exports)
+        onehot = (label[:, None] == torch.arange(len(CLASSES), device=x.device)).to(z.dtype)
         x = torch.cat([z, onehot], 1)[:, :, None, None]  # (N, 108, 1, 1), the package's input
         return self.main(x)  # (N, 3, 128, 128)
 
