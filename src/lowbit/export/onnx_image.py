@@ -29,12 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.formats.spec import ActivationSpec
 from lowbit.models import set_module
 from lowbit.nn import QuantConv
+from lowbit.nn.quant_conv import ConvGeometry
+from lowbit.primitives.activations import fake_quantize_dynamic, fake_quantize_static
+from lowbit.primitives.qparams import QParams
 
 OPSET = 21
 ONNX_FILE = "model.onnx"
@@ -96,7 +99,7 @@ class QDQConv(nn.Module):
         acts = 0 if act is None else (2 if act.dynamic else 1)
         self.meta = [int(geo.transposed), *geo.stride, *geo.padding, *geo.dilation, geo.groups,
                      *geo.output_padding, 0 if per_channel else spec.group_size,
-                     int(bits <= 4), int(bool(offset.abs().sum())), acts,
+                     int(bits <= 4), int(not spec.symmetric and spec.zero_point == "float"), acts,
                      int(bool(act is not None and act.symmetric))]  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
@@ -109,33 +112,36 @@ def _settings(meta: list[int]) -> dict[str, int]:
     return dict(zip(META, meta, strict=True))
 
 
-def dequantized(codes: Tensor, scale: Tensor, zero: Tensor, offset: Tensor, shape: list[int],
-                m: dict[str, int]) -> Tensor:  # fmt: skip
+def _geometry(shape: list[int], m: dict[str, int]) -> ConvGeometry:
+    """The convolution a weight of ``shape`` with these settings describes."""
+    out, inner = (shape[1], shape[0]) if m["transposed"] else (shape[0], shape[1])
+    return ConvGeometry(bool(m["transposed"]), inner * m["groups"], out, (shape[2], shape[3]),
+                        (m["sh"], m["sw"]), (m["ph"], m["pw"]), (m["dh"], m["dw"]), m["groups"],
+                        (m["oph"], m["opw"]))  # fmt: skip
+
+
+def dequantized(codes: Tensor, scale: Tensor, zero: Tensor, offset: Tensor,
+                geo: ConvGeometry, group: int) -> Tensor:  # fmt: skip
     """The float conv weight the exported DequantizeLinear nodes compute."""
-    if m["group"] == 0:  # the 4-D weight, params along its output-channel axis
-        view = [1, -1, 1, 1] if m["transposed"] else [-1, 1, 1, 1]
+    if group == 0:  # the 4-D weight, params along its output-channel axis
+        view = [1, -1, 1, 1] if geo.transposed else [-1, 1, 1, 1]
         zero, scale, offset = (t.float().reshape(view) for t in (zero, scale, offset))
         return (codes.float() - zero) * scale + offset
     n, cols = codes.shape
-    g = m["group"]
-    u = codes.float().reshape(n, cols // g, g)
+    u = codes.float().reshape(n, cols // group, group)
     w = (u - zero.float().unsqueeze(-1)) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
-    if m["transposed"]:  # the matrix is (out, in, kh, kw); the weight (in, out, kh, kw)
-        return w.reshape(shape[1], shape[0], shape[2], shape[3]).transpose(0, 1)
-    return w.reshape(shape)
+    return geo.weight(w.reshape(n, cols))
 
 
-def round_input(x: Tensor, act_scale: Tensor, act_zero: Tensor, m: dict[str, int]) -> Tensor:
-    """8-bit per-tensor rounding as the exported QuantizeLinear / DequantizeLinear pair does
-    it (round half to even, saturate), with lowbit's ranges."""
-    if m["acts"] == 2:  # the tensor's own range, as lowbit's dynamic per-tensor rounding
-        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
-        act_scale = torch.maximum(-lo, hi) / 127 if m["act_sym"] else (hi - lo) / 255
-        act_scale = torch.where(act_scale > 0, act_scale, torch.ones_like(act_scale))
-        act_zero = torch.zeros(()) if m["act_sym"] else torch.round(-lo / act_scale).clamp(0, 255)
-    lo, hi = (-128, 127) if m["act_sym"] else (0, 255)
-    q = (torch.round(x / act_scale) + act_zero).clamp(lo, hi)
-    return (q - act_zero) * act_scale
+def _round_input(x: Tensor, act_scale: Tensor, act_zero: Tensor, m: dict[str, int]) -> Tensor:
+    """lowbit's own 8-bit per-tensor rounding (what the QuantizeLinear / DequantizeLinear pair
+    computes): the stored range, or for dynamic activations the tensor's own."""
+    spec = ActivationSpec(bits=8, granularity="tensor", dynamic=m["acts"] == 2,
+                          symmetric=bool(m["act_sym"]))  # fmt: skip
+    if spec.dynamic:
+        return fake_quantize_dynamic(x, spec)
+    zero = None if spec.symmetric else act_zero.reshape(1).to(torch.uint8)
+    return fake_quantize_static(x, QParams(act_scale.reshape(1), zero), spec)
 
 
 @functools.cache
@@ -147,24 +153,17 @@ def _register() -> dict:
                  bias: Tensor, act_scale: Tensor, act_zero: Tensor, shape: list[int],
                  meta: list[int]) -> Tensor:  # fmt: skip
         m = _settings(meta)
+        geo = _geometry(shape, m)
         if m["acts"]:
-            x = round_input(x, act_scale, act_zero, m)
-        return _conv(x, dequantized(codes, scale, zero, offset, shape, m), bias, m)
+            x = _round_input(x, act_scale, act_zero, m)
+        return geo.apply(x, dequantized(codes, scale, zero, offset, geo, m["group"]), bias)
 
     @qdq_conv.register_fake
     def _(x, codes, scale, zero, offset, bias, act_scale, act_zero, shape, meta):
-        return _conv(x, torch.empty(shape, dtype=x.dtype, device=x.device), bias,
-                     _settings(meta))  # fmt: skip
+        geo = _geometry(shape, _settings(meta))
+        return geo.apply(x, torch.empty(shape, dtype=x.dtype, device=x.device), bias)
 
     return {torch.ops.lowbit_onnx.qdq_conv.default: _translation}
-
-
-def _conv(x: Tensor, w: Tensor, bias: Tensor, m: dict[str, int]) -> Tensor:
-    stride, pad, dil = (m["sh"], m["sw"]), (m["ph"], m["pw"]), (m["dh"], m["dw"])
-    if m["transposed"]:
-        return F.conv_transpose2d(x, w, bias, stride, pad, (m["oph"], m["opw"]), m["groups"],
-                                  dil)  # fmt: skip
-    return F.conv2d(x, w, bias, stride, pad, dil, m["groups"])
 
 
 def _translation(x, codes, scale, zero, offset, bias, act_scale, act_zero, shape, meta):

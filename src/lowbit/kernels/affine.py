@@ -139,11 +139,15 @@ def affine_linear_reference(x: Tensor, aw: AffineWeight) -> Tensor:
 
 def quantize_rows_act8(x: Tensor, block: int = RUN) -> tuple[Tensor, Tensor]:
     """(M, Kp) float32 -> int8-valued codes (M, Kp) and scales (M, Kp/block): per block,
-    ``q = round(x · (127 / absmax))`` (half to even), ``scale = absmax / 127``."""
+    ``q = round(x · (127 / absmax))`` (half to even), ``scale = absmax / 127``. A block too
+    small for 127/absmax to be finite gets codes 0; a NaN or infinite input leaves NaN codes.
+    127/absmax is a true division, as the kernels': torch computes ``127.0 / amax`` as
+    127 · (1 / amax), which differs in the last bit and moves codes at rounding ties."""
     m, kp = x.shape
     blocks = x.reshape(m, kp // block, block)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    inv = torch.full_like(amax, 127.0) / amax
+    inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))
     q = torch.round(blocks * inv)
     return q.reshape(m, kp), (amax / 127.0).squeeze(-1)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit.formats.spec import ActivationSpec, WeightSpec
+from lowbit.kernels.affine import quantize_rows_act8
 from lowbit.kernels.build import native_ops
 
 PANEL, STEP = 8, 4  # the kernel's panels: 8 weight rows, inputs in steps of 4 (int8_gemm.cpp)
@@ -156,15 +157,11 @@ def _row_normalise(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
     """(..., K) float32 -> integer-valued codes and per-token scales (..., 1) of the ``token``
-    grid: ``q = round(x · (127 / absmax))`` (half to even), ``scale = absmax / 127``."""
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    # a true division, as the kernel's: torch computes ``127.0 / amax`` as 127 · (1 / amax),
-    # which differs in the last bit and moves codes at rounding ties
-    inv = torch.full_like(amax, 127.0) / amax
-    # a row too small for 127/absmax to be finite gets codes 0; a NaN or infinite input leaves
-    # NaN codes, so its row's outputs are NaN (the kernel gives them scale NaN)
-    inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))
-    return torch.round(x * inv), amax / 127.0
+    grid: the act8 quantizer with one block per row (a NaN or infinite input makes its row's
+    outputs NaN: the kernel gives such a row scale NaN)."""
+    k = x.shape[-1]
+    q, s = quantize_rows_act8(x.reshape(-1, k), k)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
 def int8_linear_reference(x: Tensor, weight: Int8Weight, grid: str | None = None) -> Tensor:

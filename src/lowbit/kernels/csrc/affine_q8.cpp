@@ -2,6 +2,8 @@
 // affine_gemv.cpp), an AVX2 kernel and an AVX-512 VNNI one.
 #include "common.h"
 
+#include <cmath>
+
 namespace lowbit_kernels {
 namespace {
 
@@ -26,7 +28,8 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float a = _mm_cvtss_f32(m4);
     qs[i] = a / 127.f;
-    const __m256 inv = _mm256_set1_ps(a > 0.f ? 127.f / a : 0.f);
+    const float r = a > 0.f ? 127.f / a : 0.f;  // a block too small for 127/a: codes 0
+    const __m256 inv = _mm256_set1_ps(std::isfinite(r) ? r : 0.f);
     __m256i n[4];
     for (int j = 0; j < 4; ++j) {
       n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + 8 * j), inv));  // to even
