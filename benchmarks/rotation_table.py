@@ -10,11 +10,14 @@ wall time (GPTQ included; folding the rotation, about a second, is not).
     .venv/bin/python benchmarks/rotation_table.py [--rows NAME ...]
 
 Rows: `kv8`, `kv4` (per token and head), `kv4-g32`, `+had` (heads Hadamard-rotated before
-rounding); `float+rot` (the rotation alone: must equal float); `w8a8` (int8 per-channel
+rounding), `+ctr` (keys stored minus each layer's mean key, measured on the calibration
+text); `float+rot` (the rotation alone: must equal float); `w8a8` (int8 per-channel
 weights, 8-bit per-token inputs), `w4a8` (int4 g64 weights),
 `w4a4-kv4` (4-bit per-token inputs, 4-bit cache), `w4-gptq` (weight-only), `w4a8-gptq`, each
 with and without `+rot` (QuaRot's offline rotation folded into the weights; with a cache,
-also its heads rotated).
+also its heads rotated); `+online` also turns every `down_proj` input by a Hadamard matrix at
+run time (QuaRot's online half); `kv4c`: the cache in groups of 32, rotated, keys centred;
+`w3-gptq+rot+online`: int3 g32 GPTQ weights.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ def rows() -> dict[str, dict]:
     """name -> recipe mapping (lm_head stays in float in every row)."""
     kv = {"kv8": {"kv_bits": 8}, "kv4": {"kv_bits": 4}, "kv4+had": {"kv_bits": 4, "hadamard": True},
           "kv4-g32": {"kv_bits": 4, "group_size": 32},
-          "kv4-g32+had": {"kv_bits": 4, "group_size": 32, "hadamard": True}}  # fmt: skip
+          "kv4-g32+had": {"kv_bits": 4, "group_size": 32, "hadamard": True},
+          "kv4-g32+ctr": {"kv_bits": 4, "group_size": 32, "center_keys": True},
+          "kv4-g32+had+ctr": {"kv_bits": 4, "group_size": 32, "hadamard": True,
+                              "center_keys": True}}  # fmt: skip
     table = {name: ("rtn", None, None, {"attention": a}) for name, a in kv.items()}
     table["float+rot"] = ("rtn", None, None, {"rotate": {}})  # the folding alone: = float
     for rot in (False, True):
@@ -53,6 +59,18 @@ def rows() -> dict[str, dict]:
             f"w4-gptq{suffix}": ("gptq", W4, None, extra),
             f"w4a8-gptq{suffix}": ("gptq", W4, TOKEN8, extra),
         }
+    online = {"rotate": {"online": ["down_proj"]}}  # + down_proj's input turned at run time
+    kv4c = {"kv_bits": 4, "group_size": 32, "hadamard": True, "center_keys": True}
+    table |= {
+        "w8a8+rot+online": ("rtn", W8, TOKEN8, online),
+        "w4a8+rot+online": ("rtn", W4, TOKEN8, online),
+        "w4a4-kv4+rot+online": ("rtn", W4, TOKEN4, {**online, "attention": {"kv_bits": 4,
+                                                                            "hadamard": True}}),
+        "w4a4-kv4c+rot+online": ("rtn", W4, TOKEN4, {**online, "attention": kv4c}),
+        "w4a8-gptq+rot+online": ("gptq", W4, TOKEN8, online),
+        "w4-gptq+rot+online": ("gptq", W4, None, online),
+        "w3-gptq+rot+online": ("gptq", {"bits": 3, "group_size": 32}, None, online),
+    }  # fmt: skip
     return {name: {"version": 1, "name": name, "algorithm": algo, "weights": w,
                    "activations": a, "ignore": ["lm_head"], **extra}
             for name, (algo, w, a, extra) in table.items()}  # fmt: skip
@@ -92,6 +110,8 @@ def main() -> None:
         a = "-" if recipe.activations is None else recipe.activations.short()
         cache = "-" if recipe.attention is None else recipe.attention.short()
         rot = "-" if recipe.rotate is None else recipe.rotate.kind
+        if recipe.rotate is not None and recipe.rotate.online:
+            rot += " + online " + "/".join(recipe.rotate.online)
         print(f"| {name} | {w} | {a} | {cache} | {rot} | {r.ppl:.3f} | {r.ppl / fp.ppl:.4f} | "
               f"{r.kl:.4f} | {r.top1:.3f} | {_cache_ratio(recipe.attention, head_dim)} | "
               f"{report.seconds:.1f} |", flush=True)  # fmt: skip

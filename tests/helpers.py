@@ -109,15 +109,17 @@ def rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def compact_and_hf(model, seed: int, batch: int = 2, prompt_len: int = 9, follow_len: int = 5):
-    """Random prompt and follow-up tokens (vocab 64) decoded by the compact loop and by the
-    model's own forward through the runtime: (ours, theirs, whole-window logits, our cache)."""
+def compact_and_hf(model, seed: int, batch: int = 2, prompt_len: int = 9, follow_len: int = 5,
+                   vocab: int = 64):  # fmt: skip
+    """Random prompt and follow-up tokens (ids below ``vocab``) decoded by the compact loop and
+    by the model's own forward through the runtime: (ours, theirs, whole-window logits, our
+    cache)."""
     from lowbit.runtime.hf_forward import HFForward
     from lowbit.runtime.llama import LlamaForward
 
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, 64, (batch, prompt_len), generator=g)
-    follow = torch.randint(0, 64, (batch, follow_len), generator=g)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g)
+    follow = torch.randint(0, vocab, (batch, follow_len), generator=g)
     with torch.inference_mode():
         ours, cache = decode_steps(LlamaForward(model), prompt, follow)
         theirs, _ = decode_steps(HFForward(model), prompt, follow)

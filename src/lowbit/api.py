@@ -49,7 +49,13 @@ from lowbit.models.checkpoint import MANIFEST, read_manifest, write_extras, writ
 from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
-from lowbit.models.rotate import RotatedSource, Rotator, rotate_model, untie_head
+from lowbit.models.rotate import (
+    RotatedSource,
+    Rotator,
+    install_online_rotations,
+    rotate_model,
+    untie_head,
+)
 from lowbit.models.source import TensorSource, skeleton
 from lowbit.models.workdir import WorkFolder
 from lowbit.pipeline import QuantizeReport, quantize_weights
@@ -263,6 +269,7 @@ def quantize_to(
     if recipe.rotate is not None:  # each tensor rotated as it is read; the head untied
         rotator = Rotator(model, recipe.rotate)
         untie_head(model)
+        install_online_rotations(model, recipe.rotate)
         tensors = RotatedSource(tensors, rotator)
     conv1d_to_linear(model)
     plan_layers(recipe, quantizable_layers(model), warn=False)  # unfit recipe: before any work

@@ -72,6 +72,10 @@ def add_attention_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-hadamard", action="store_true",
                    help="rotate every head by a Hadamard matrix before rounding (exact in "
                    "float; spreads outlier channels, as QuaRot does)")  # fmt: skip
+    g.add_argument("--kv-center", action="store_true",
+                   help="store the keys minus each layer's mean key, measured on the "
+                   "calibration text when quantizing (exact in float; narrows the keys' "
+                   "ranges: quantize only)")  # fmt: skip
 
 
 def _bits(value: str) -> int:
@@ -85,10 +89,13 @@ def attention_override(args: argparse.Namespace) -> AttentionSpec | None:
     """The AttentionSpec the flags ask for (None: none given)."""
     kv, q = getattr(args, "kv_bits", None), getattr(args, "query_bits", None)
     if kv is None and q is None:
-        if getattr(args, "kv_group", None) or getattr(args, "kv_hadamard", False):
-            raise LowbitError("--kv-group and --kv-hadamard need --kv-bits or --query-bits")
+        extras = ("kv_group", "kv_hadamard", "kv_center")
+        if any(getattr(args, key, None) for key in extras):
+            raise LowbitError("--kv-group, --kv-hadamard and --kv-center need --kv-bits or "
+                              "--query-bits")  # fmt: skip
         return None
-    return AttentionSpec(kv, args.kv_group or -1, q, args.kv_hadamard)
+    return AttentionSpec(kv, args.kv_group or -1, q, args.kv_hadamard,
+                         getattr(args, "kv_center", False))  # fmt: skip
 
 
 def refuse_attention(args: argparse.Namespace, model: str) -> None:
@@ -102,6 +109,10 @@ def apply_attention(model: Any, args: argparse.Namespace) -> None:
     """Install the flags' AttentionSpec on ``model`` (a transformers model), if any."""
     spec = attention_override(args)
     if spec is not None:
-        from lowbit.nn.attention import install_attention
+        from lowbit.nn.attention import has_key_centers, install_attention
 
+        if spec.center_keys and not has_key_centers(model):
+            raise LowbitError("--kv-center needs key centres measured on calibration text: "
+                              "quantize with --kv-bits N --kv-center, then use the "
+                              "folder")  # fmt: skip
         install_attention(model, spec)

@@ -72,3 +72,50 @@ def test_streamed_rotation_equals_rotation_in_memory(tiny_folder, tmp_path):
         got = api.load(streamed, kernels=False).model(ids).logits
     assert rel(got, mem) < 1e-5
     assert rel(got, float_logits) < 0.05  # W8 of the rotated model: close to the float one
+
+
+@pytest.mark.parametrize("family", ["llama48", "qwen2"])
+def test_an_online_down_proj_rotation_leaves_the_float_model_unchanged(family):
+    """down_proj's input turned at run time, its weight W·H: the same function (hidden 48:
+    widths 48 and 96 take a Paley block of 12)."""
+    from lowbit.models.fold import can_fold
+    from lowbit.nn.online import online_transform
+
+    model = tiny_llama(vocab=64, hidden=48) if family == "llama48" else tiny_family_model(family)
+    _perturb_norms(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        rotate_model(model, RotateOptions(online=("down_proj",)))
+        after = model(ids).logits
+    assert rel(after, before) < 1e-5
+    assert all(online_transform(b.mlp.down_proj) is not None for b in model.model.layers)
+    mlp = model.model.layers[0].mlp  # AWQ / SmoothQuant cannot fold across the transform
+    assert not can_fold(mlp.up_proj, "linear", [mlp.down_proj])
+    with pytest.raises(LowbitError, match="is not one of down_proj"):
+        RotateOptions(online=("up_proj",))
+
+
+def test_an_online_rotation_is_carried_saved_loaded_and_decoded(tiny_folder, tmp_path):
+    """Packed layers keep the transform, a loaded folder installs it, the compact decode loop
+    (which calls layers directly) applies it, and exporters refuse the folder."""
+    from helpers import compact_and_hf
+    from lowbit.export import export
+
+    online = RotateOptions(online=("down_proj",))
+    recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
+                                 rotate=online)  # fmt: skip
+    out, _ = api.quantize_to(str(tiny_folder), recipe, tmp_path / "s", progress=False)
+    src = api.load_model(str(tiny_folder))
+    ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    loaded = api.load(out)  # kernel layers: the decode loop's direct calls
+    with torch.no_grad():
+        float_logits = src.model(ids).logits
+        api.quantize(src.model, recipe, progress=False)
+        mem = src.model(ids).logits
+        got = loaded.model(ids).logits
+    assert rel(got, mem) < 1e-5 and rel(got, float_logits) < 0.05
+    ours, theirs, _, _ = compact_and_hf(loaded.model, seed=2, vocab=50)
+    assert rel(ours, theirs) < 1e-4
+    with pytest.raises(LowbitError, match="rotate.online"):
+        export(out, "gguf", tmp_path / "m.gguf")

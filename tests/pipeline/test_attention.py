@@ -37,3 +37,44 @@ def test_saved_attention_is_installed_on_load_and_counted_by_the_canary(tiny_fol
     # the canary's quantized side ran with the rounded cache: the folder passes its own check
     result = check(loaded.model, out, loaded.manifest)
     assert result.ok and abs(result.kl - loaded.manifest["canary"]["kl"]) < 1e-5
+
+
+def test_key_centres_are_measured_saved_and_loaded(tiny_folder, tmp_path):
+    """``center_keys``: each block's centres measured on the calibration windows (the keys its
+    quantized weights compute), the same streamed or in memory, saved with the weights and
+    loaded back; the recipe needs calibration; an export leaves them out."""
+    import dataclasses
+
+    import pytest
+
+    from lowbit.calibration import CalibrationSet
+    from lowbit.errors import LowbitError
+    from lowbit.nn.attention import CENTER
+
+    spec = AttentionSpec(kv_bits=4, group_size=16, center_keys=True)
+    weights = make_recipe({"bits": 4, "group_size": 32, "symmetric": True})  # exportable
+    rec = dataclasses.replace(weights, attention=spec)
+    assert rec.needs_calibration
+    windows = torch.randint(0, 50, (4, 24), generator=torch.Generator().manual_seed(1))
+    data = CalibrationSet("test", 4, 24, 0, windows)
+    with pytest.raises(LowbitError, match="center_keys"):
+        api.quantize_to(str(tiny_folder), rec, tmp_path / "none", progress=False)
+    out, _ = api.quantize_to(str(tiny_folder), rec, tmp_path / "q", data, progress=False)
+    loaded = api.load(out, kernels=False)
+    mem = api.load_model(str(tiny_folder))
+    api.quantize(mem.model, rec, data, progress=False)
+    centers = [getattr(m, CENTER) for m in attention_modules(loaded.model)]
+    expected = [getattr(m, CENTER) for m in attention_modules(mem.model)]
+    assert all(c.abs().max() > 0 for c in centers)
+    assert all(torch.allclose(c, e, atol=1e-6) for c, e in zip(centers, expected, strict=True))
+    ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model(ids).logits, mem.model(ids).logits, atol=1e-5)
+    result = check(loaded.model, out, loaded.manifest)  # the canary saw the centred cache
+    assert result.ok and abs(result.kl - loaded.manifest["canary"]["kl"]) < 1e-5
+    from safetensors.torch import load_file
+
+    from lowbit.export import export
+
+    exported = export(out, "compressed-tensors", tmp_path / "ct")
+    assert not any(CENTER in k for k in load_file(str(exported.path / "model.safetensors")))

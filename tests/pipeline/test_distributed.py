@@ -1,7 +1,8 @@
 """Data-parallel quantization: 2 gloo processes give the model 1 process gives.
 
 One torchrun job quantizes a tiny folder with every kind of recipe step (data-free, Hessian,
-K-means, AWQ search, SmoothQuant with static ranges, LoRC, LKD, AutoRound); the same recipes
+K-means, AWQ search, SmoothQuant with static ranges, LoRC, LKD, AutoRound, key centres of a
+4-bit cache); the same recipes
 then run in this process. Weights must be byte-identical except LKD's and AutoRound's, which
 step on the mean gradient of both ranks' batches (as DistributedDataParallel does) and so train
 differently.
@@ -22,7 +23,7 @@ from lowbit import api
 WORKER = Path(__file__).parents[1] / "dist" / "worker.py"
 RECIPES = ["w4-rtn-g64", "w4-hqq-g64", "w3-gptq-g32", "w3-kmeans-channel", "w4-awq-g64",
            "w4-awq-gptq-mse-g64", "w8a8-static", "w3-gptq-g64-lorc8", "w4a8-gptq-lkd",
-           "w4-autoround-g64"]  # fmt: skip
+           "w4-autoround-g64", "kv4"]  # fmt: skip
 TRAINED = ("w4a8-gptq-lkd", "w4-autoround-g64")  # step on the mean gradient of both ranks
 
 
@@ -52,6 +53,8 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
             body["lkd"]["steps"] = 8
         if body.get("autoround"):
             body["autoround"] = {"iters": 16, "batch_size": 2}
+        if body.get("attention"):  # heads of 16 channels
+            body["attention"]["group_size"] = 8
         recipes[name] = body
     spec = tmp_path / "recipes.json"
     spec.write_text(json.dumps(recipes))

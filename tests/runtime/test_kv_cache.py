@@ -6,7 +6,7 @@ import torch
 
 from helpers import compact_and_hf, rel, tiny_family_model
 from lowbit.formats.spec import AttentionSpec
-from lowbit.nn.attention import install_attention
+from lowbit.nn.attention import CENTER, add_key_centers, attention_modules, install_attention
 from lowbit.runtime.kv_cache import CacheView, QuantKVCache, StaticKVCache, grown, move_row, shift
 
 
@@ -14,7 +14,7 @@ from lowbit.runtime.kv_cache import CacheView, QuantKVCache, StaticKVCache, grow
 @pytest.mark.parametrize(
     "spec",
     [AttentionSpec(kv_bits=4, hadamard=True), AttentionSpec(kv_bits=8, group_size=8, query_bits=8),
-     AttentionSpec(query_bits=4)],
+     AttentionSpec(query_bits=4), AttentionSpec(kv_bits=4, group_size=8, center_keys=True)],
     ids=lambda s: s.short(),
 )  # fmt: skip
 def test_compact_cache_equals_the_models_own_rounding(family, spec):
@@ -22,6 +22,10 @@ def test_compact_cache_equals_the_models_own_rounding(family, spec):
     with lowbit's attention function rounding the whole window at once."""
     model = tiny_family_model(family)
     install_attention(model, spec)
+    if spec.center_keys:  # stand-in centres (quantization measures them)
+        add_key_centers(model)
+        for i, m in enumerate(attention_modules(model)):
+            getattr(m, CENTER).normal_(generator=torch.Generator().manual_seed(i))
     ours, theirs, whole, cache = compact_and_hf(model, seed=3)
     assert isinstance(cache, QuantKVCache) == (spec.kv_bits is not None)
     assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4

@@ -21,20 +21,33 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.primitives.hadamard import hadamard
 
+ONLINE = ("down_proj",)  # the inputs an online rotation can turn
+
 
 @dataclass(frozen=True)
 class RotateOptions:
     """``kind``: ``hadamard`` (a Hadamard matrix with random column signs, QuaRot) or
     ``random`` (a random orthogonal matrix, any width); ``heads``: also turn each attention
-    head's values and the matching o_proj columns; ``seed`` picks the signs / the matrix."""
+    head's values and the matching o_proj columns; ``seed`` picks the signs / the matrix.
+    ``online: [down_proj]`` also turns every MLP's ``down_proj`` input by a Hadamard matrix at
+    run time (a fast transform, :func:`lowbit.primitives.hadamard.online_hadamard`; its
+    transpose is folded into the weight): the product gate·up has outliers no offline
+    rotation reaches (QuaRot's online half; the keys' and queries' half is the attention
+    block's ``hadamard``)."""
 
     kind: Literal["hadamard", "random"] = "hadamard"
     heads: bool = True
     seed: int = 0
+    online: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("hadamard", "random"):
             raise LowbitError(f"rotate.kind must be hadamard or random, got {self.kind!r}")
+        unknown = [x for x in self.online if x not in ONLINE]
+        if unknown:
+            raise LowbitError(f"rotate.online: {unknown[0]!r} is not one of "
+                              f"{', '.join(ONLINE)} (queries and keys: the attention block's "
+                              f"hadamard: true)")  # fmt: skip
 
 
 def orthogonal(n: int, options: RotateOptions) -> Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from lowbit.assets import atomic_dir, atomic_file, prepare_out
 from lowbit.errors import LowbitError
 from lowbit.models import load_folder, read_manifest, zoo
+from lowbit.nn.attention import drop_key_centers
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,15 @@ def export(
     prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS)
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")
+    online = ((manifest.get("recipe") or {}).get("rotate") or {}).get("online")
+    if online:
+        raise LowbitError(f"{folder} turns the inputs of {', '.join(online)} at run time "
+                          f"(rotate.online); {fmt} files cannot hold that transform: quantize "
+                          f"without rotate.online to export")  # fmt: skip
     model, _ = load_folder(folder)
     attention = (manifest.get("recipe") or {}).get("attention")
     if attention is not None:  # weights only: the target's runtime keeps its own cache
+        drop_key_centers(model)
         log.warning("%s rounds its key/value cache at run time (%s); the %s file holds the "
                     "weights only: set the target runtime's own cache type (llama.cpp: "
                     "--cache-type-k/-v)", folder, attention, fmt)  # fmt: skip

@@ -224,13 +224,20 @@ class AttentionSpec:
     queries and values are multiplied by an orthonormal Hadamard matrix over the head dimension
     before they are rounded (the scores and the output are unchanged in exact arithmetic:
     (qH)(kH)ᵀ = qkᵀ, and the output is rotated back); it spreads a few large channels over
-    all of them, as QuaRot does for its 4-bit KV cache.
+    all of them, as QuaRot does for its 4-bit KV cache. ``center_keys``: every layer's keys
+    are stored minus a per-channel centre (one per key head, the mean of its keys on the
+    calibration text, measured when the model is quantized and saved with it): a few channels
+    with a large common offset otherwise decide every key's range. The scores are unchanged in
+    exact arithmetic (q·(k − c) differs from q·k by the same amount for every key of a query,
+    which softmax ignores), as SageAttention's key smoothing; a fixed, calibrated centre keeps
+    the cache causal and a stored key the same at every step.
     """
 
     kv_bits: int | None = None
     group_size: int = -1
     query_bits: int | None = None
     hadamard: bool = False
+    center_keys: bool = False
 
     def __post_init__(self) -> None:
         for key in ("kv_bits", "query_bits"):
@@ -241,6 +248,8 @@ class AttentionSpec:
             raise LowbitError("attention: give kv_bits and/or query_bits")
         if self.group_size != -1 and self.group_size < 1:
             raise LowbitError(f"attention.group_size must be -1 or positive, got {self.group_size}")
+        if self.center_keys and self.kv_bits is None:
+            raise LowbitError("attention.center_keys centres the cached keys; give kv_bits too")
 
     def group(self, head_dim: int) -> int:
         """Channels per range for heads of ``head_dim`` (checked to divide it)."""
@@ -265,6 +274,8 @@ class AttentionSpec:
             parts.append(f"q{self.query_bits}")
         if self.hadamard:
             parts.append("had")
+        if self.center_keys:
+            parts.append("ctr")
         return "-".join(parts)
 
     @classmethod

@@ -24,7 +24,14 @@ from lowbit.assets import cache_dir
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-NAMES = ("affine_gemv.cpp", "affine_q8.cpp", "half_gemv.cpp", "decode_ops.cpp", "int8_gemm.cpp")
+NAMES = (
+    "affine_gemv.cpp",
+    "affine_q8.cpp",
+    "half_gemv.cpp",
+    "decode_ops.cpp",
+    "int8_gemm.cpp",
+    "hadamard.cpp",
+)
 SOURCES = tuple(CSRC / f for f in NAMES)
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored
 # without it, which left the kernels on one thread.

@@ -21,14 +21,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from lowbit.algorithms.rotate import RotateOptions
 from lowbit.assets import atomic_dir
 from lowbit.errors import LowbitError
 from lowbit.models.families import find_blocks
 from lowbit.models.modules import set_module
+from lowbit.models.rotate import install_online_rotations
 from lowbit.models.source import skeleton as hf_skeleton
 from lowbit.models.tensorfile import Entry, Item, read_header, write_file
 from lowbit.models.verify import MANIFEST, check_tensors, file_hashes, manifest_layers
 from lowbit.nn import QuantLinear
+from lowbit.nn.attention import add_key_centers, attention_spec
+from lowbit.typed import from_mapping
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -198,6 +202,9 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
             raise LowbitError(f"{MANIFEST}: layer {name} is not in the model that "
                               f"config.json describes") from None  # fmt: skip
         set_module(model, name, plan.build())
+    spec = attention_spec(manifest)
+    if spec is not None and spec.center_keys:  # the measured key centres are saved tensors
+        add_key_centers(model)
     unexpected, loaded = [], set()
     for path in files:
         try:
@@ -218,6 +225,9 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
         if missing:
             raise LowbitError(f"{WEIGHTS} is missing tensors: {missing[:3]}")
     _float32_outside(model)
+    rotate = (manifest.get("recipe") or {}).get("rotate")
+    if rotate is not None:  # the inputs its weights expect turned at run time
+        install_online_rotations(model, from_mapping(RotateOptions, rotate, "recipe.rotate"))
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -12,12 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.models.families import PrevKind
+from lowbit.nn.online import online_transform
 
 
 def can_fold(prev: nn.Module, kind: PrevKind, linears: list[nn.Linear]) -> bool:
-    """Whether ``prev``'s output channels line up with the linears' inputs and can absorb 1/s."""
+    """Whether ``prev``'s output channels line up with the linears' inputs and can absorb 1/s
+    (not when an online rotation turns the inputs between them: it mixes the channels)."""
     width = {lin.in_features for lin in linears}
-    if len(width) != 1:
+    if len(width) != 1 or any(online_transform(lin) is not None for lin in linears):
         return False
     (n,) = width
     if kind == "linear":

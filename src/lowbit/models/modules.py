@@ -24,9 +24,15 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` with ``new``."""
+    """Replace the submodule at dotted path ``name`` with ``new``; the old module's forward
+    pre-hooks marked ``carried`` (an online rotation of its input) move to ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = get_module(model, parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    if isinstance(old, nn.Module) and old is not new:
+        for hook in old._forward_pre_hooks.values():
+            if getattr(hook, "carried", False) and hook not in new._forward_pre_hooks.values():
+                new.register_forward_pre_hook(hook)
     setattr(parent, child, new)
 
 

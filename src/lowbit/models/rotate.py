@@ -25,7 +25,8 @@ from lowbit.algorithms.rotate import (
 from lowbit.errors import LowbitError
 from lowbit.models.families import find_blocks
 from lowbit.models.source import TensorSource, tied_names
-from lowbit.primitives.hadamard import has_hadamard
+from lowbit.nn.online import install_online
+from lowbit.primitives.hadamard import has_hadamard, online_matrix
 
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm (x·w) before attention and MLP
 Getter = Callable[[str], Tensor]
@@ -52,6 +53,8 @@ class Rotator:
                                   f"random")  # fmt: skip
         self.q = orthogonal(hidden, options)
         self.h = orthogonal(head_dim, options) if options.heads else None
+        # down_proj's input turned at run time (install_online); its weight gets W·H
+        self.online = online_matrix(config.intermediate_size) if options.online else None
         self.ops: dict[str, tuple] = {}
         self.aliases: dict[str, str] = {}  # a tied head: read from the embedding
         self._plan(model)
@@ -67,10 +70,10 @@ class Rotator:
             for name in ("q_proj", "k_proj"):
                 ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, False)
             ops[f"{attn}v_proj.weight"] = ("reads", f"{attn}v_proj.weight", n1, self.h is not None)
-            ops[f"{attn}o_proj.weight"] = ("writes", self.h is not None)
+            ops[f"{attn}o_proj.weight"] = ("writes", self.h is not None, False)
             for name in ("gate_proj", "up_proj"):
                 ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, False)
-            ops[f"{mlp}down_proj.weight"] = ("writes", False)
+            ops[f"{mlp}down_proj.weight"] = ("writes", False, self.online is not None)
             self._biases(block, b)
         embed = _name_of(model, model.get_input_embeddings())
         head = _name_of(model, model.get_output_embeddings())
@@ -107,7 +110,8 @@ class Rotator:
             return head_rows(w, self.h) if per_head else w
         if op[0] == "writes":
             w = get(name)
-            return writes(head_columns(w, self.h) if op[1] else w, self.q)
+            w = writes(head_columns(w, self.h) if op[1] else w, self.q)
+            return reads(w, self.online) if op[2] else w
         if op[0] == "writes_bias":
             return writes(get(name).unsqueeze(1), self.q).squeeze(1)
         return head_rows(get(name), self.h)  # head_bias
@@ -123,10 +127,23 @@ def untie_head(model: nn.Module) -> None:
     head.weight = nn.Parameter(torch.empty_like(embed.weight), requires_grad=False)
 
 
+def install_online_rotations(model: nn.Module, options: RotateOptions | None) -> None:
+    """Turn the inputs ``options.online`` names at run time (every block's ``down_proj``),
+    matching weights a :class:`Rotator` folded (a loaded folder: its recipe's options)."""
+    if options is None or not options.online:
+        return
+    _, blocks = find_blocks(model)
+    width = model.config.intermediate_size
+    for block in blocks:
+        install_online(block.mlp.down_proj, width)
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, options: RotateOptions) -> None:
-    """Rotate a model held in memory (its tensors replaced; the function it computes kept)."""
+    """Rotate a model held in memory (its tensors replaced; the function it computes kept),
+    with its online rotations installed."""
     rotator = Rotator(model, options)
+    install_online_rotations(model, options)
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     new = {name: rotator.tensor(name, state.__getitem__) for name in rotator.ops}
     untie_head(model)

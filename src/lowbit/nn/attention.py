@@ -7,12 +7,18 @@ the keys and values it is given (the whole cache, after RoPE: rounding is idempo
 token's key reads the same at every step) and the queries, then calls PyTorch's SDPA path.
 Each layer's spec is an attribute of its attention module, so one process can hold models
 with different settings. :mod:`lowbit.runtime` stores the same codes in its cache instead.
+
+With ``center_keys`` each attention module also holds a buffer ``lowbit_key_center``
+(key heads, head dim): the mean of its keys (after RoPE) on the calibration text, subtracted
+before rounding. It is measured once (:func:`calibrate_key_centers`) and saved with the weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
@@ -22,6 +28,8 @@ from lowbit.primitives.kv import fake_quantize_heads
 
 NAME = "lowbit"  # the attention implementation's registered name
 ATTRIBUTE = "lowbit_attention"  # where an attention module keeps its AttentionSpec
+CENTER = "lowbit_key_center"  # the buffer holding a layer's key centres (center_keys)
+OBSERVER = "lowbit_key_observer"  # set while the key centres are measured
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -73,9 +81,13 @@ def round_queries(spec: AttentionSpec, q: Tensor) -> Tensor:
 
 
 def round_qkv(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, h: Tensor | None,
-              keys_values: bool = True) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(queries, keys, values) (..., D) rotated by ``h`` (when given) and rounded; without
-    ``keys_values`` the keys and values are left to a cache that stores their codes."""
+              center: Tensor | None = None, keys_values: bool = True,
+              ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(queries, keys, values) (B, H, T, D) with the keys minus ``center`` (Hkv, D) when given,
+    rotated by ``h`` (when given) and rounded; without ``keys_values`` the keys and values are
+    left to a cache that stores their codes."""
+    if center is not None:
+        k = k - center.to(device=k.device, dtype=k.dtype).unsqueeze(-2)
     if h is not None:
         q, k, v = q @ h, k @ h, v @ h
     if spec.kv_bits is not None and keys_values:
@@ -92,14 +104,87 @@ def quantized_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     spec: AttentionSpec | None = getattr(module, ATTRIBUTE, None)
-    if spec is None:
+    observer = getattr(module, OBSERVER, None)
+    if observer is not None:  # measuring the key centres: the keys as they arrive, unrounded
+        observer(key)
+    if spec is None or observer is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     h = head_rotation(spec, query.shape[-1], query)
-    query, key, value = round_qkv(spec, query, key, value, h)
+    query, key, value = round_qkv(spec, query, key, value, h, key_center(module, spec))
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if h is not None:
         out = out @ h.T
     return out, weights
+
+
+def key_center(module: nn.Module, spec: AttentionSpec) -> Tensor | None:
+    """The layer's key centres (Hkv, D) when ``spec.center_keys`` (None otherwise)."""
+    if not spec.center_keys:
+        return None
+    center = getattr(module, CENTER, None)
+    if center is None:
+        raise LowbitError("attention.center_keys: this model's key centres were never "
+                          "measured; quantize it with calibration text (--calib)")  # fmt: skip
+    return center
+
+
+@torch.no_grad()
+def calibrate_key_centers(
+    layers: list[nn.Module], run: Callable[[], None], sum_over: Callable[[Tensor], Tensor]
+) -> None:
+    """Set each attention module's key centres to the mean of the keys it sees while ``run``
+    drives forward passes; ``sum_over`` adds a tensor over the process group (identity for one
+    process), so every rank gets the centres of all ranks' batches."""
+    sums: dict[int, list[Tensor]] = {}
+
+    def observer_for(i: int) -> Callable[[Tensor], None]:
+        def observe(key: Tensor) -> None:  # (B, Hkv, T, D)
+            total = key.detach().double().sum((0, 2))
+            count = torch.tensor(float(key.shape[0] * key.shape[2]), dtype=torch.float64)
+            if i in sums:
+                total, count = total + sums[i][0], count + sums[i][1]
+            sums[i] = [total, count]
+
+        return observe
+
+    for i, layer in enumerate(layers):
+        setattr(layer, OBSERVER, observer_for(i))
+    try:
+        run()
+    finally:
+        for layer in layers:
+            delattr(layer, OBSERVER)
+    for i, layer in enumerate(layers):
+        if i not in sums:
+            raise LowbitError("attention.center_keys: a layer saw no calibration keys")
+        total, count = sum_over(sums[i][0]), sum_over(sums[i][1])
+        _set_center(layer, (total / count).float())
+
+
+def add_key_centers(model: nn.Module) -> None:
+    """Give every attention layer an (unmeasured, zero) key-centre buffer: the skeleton a
+    saved model's centres load into."""
+    for layer in attention_modules(model):
+        cfg = layer.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        _set_center(layer, torch.zeros(kv_heads, layer.head_dim))
+
+
+def has_key_centers(model: nn.Module) -> bool:
+    """Whether every attention layer of ``model`` holds measured key centres."""
+    layers = attention_modules(model)
+    return bool(layers) and all(CENTER in layer._buffers for layer in layers)
+
+
+def drop_key_centers(model: nn.Module) -> None:
+    """Remove the key-centre buffers (an exported file holds the weights only)."""
+    for layer in attention_modules(model):
+        if CENTER in layer._buffers:
+            del layer._buffers[CENTER]
+
+
+def _set_center(layer: nn.Module, center: Tensor) -> None:
+    layer.register_buffer(CENTER, center)
 
 
 def attention_spec(manifest: dict | None) -> AttentionSpec | None:

@@ -29,7 +29,7 @@ from lowbit.models.families import Family, sequential_groups
 from lowbit.models.modules import set_module
 from lowbit.models.wiring import derive_family
 from lowbit.nn import QuantConv, QuantLinear
-from lowbit.nn.attention import set_attention
+from lowbit.nn.attention import attention_modules, calibrate_key_centers, set_attention
 from lowbit.nn.quant_conv import is_conv
 from lowbit.pipeline.act_ranges import Step, observe_ranges
 from lowbit.pipeline.autoround import autoround_block
@@ -211,6 +211,11 @@ class BlockSteps:
             qw = self.results.pop(full)
             packed[full] = swap(self.model, full, ctx.linear(n), qw, self.originals[full],
                                 self.report)  # fmt: skip
+        attention = self.recipe.attention
+        if ctx.calibrated and attention is not None and attention.center_keys:
+            steps = _steps(ctx.block, ctx.calls, ctx.indices)
+            calibrate_key_centers(attention_modules(ctx.block),
+                                  lambda: [run() for _, run in steps], ctx.group.sum)  # fmt: skip
         if ctx.calibrated and packed:
             static = {n: m for n, m in packed.items() if m.act is not None and m.act.static}
             observe_ranges(static, _steps(ctx.block, ctx.calls, ctx.indices), group=ctx.group)

@@ -205,6 +205,8 @@ def _calibration_reason(recipe: Recipe) -> str:
     if recipe.algorithm in CALIBRATED:
         return f"algorithm {recipe.algorithm}"
     steps = [k for k in ("smoothquant", "lkd") if getattr(recipe, k) is not None]
+    if recipe.attention is not None and recipe.attention.center_keys:
+        steps.append("attention.center_keys (the keys' centres are measured on it)")
     return ", ".join(steps) or "static activation ranges"
 
 

@@ -33,6 +33,45 @@ def has_hadamard(n: int) -> bool:
     return _hadamard(n) is not None
 
 
+def online_block(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The smallest orthonormal Hadamard block A (p, p) with n = p·2^k (p = 1 for a power of
+    two): :func:`online_hadamard` turns a width-n input by kron(A, S), S Sylvester's of order
+    2^k, which costs n·(k + p) operations per row instead of n² (QuaRot's online transform)."""
+    for p in range(1, n + 1):
+        m = n // p
+        if n % p == 0 and m & (m - 1) == 0 and _hadamard(p) is not None:
+            return torch.from_numpy(_hadamard(p) / np.sqrt(p)).to(dtype)
+    raise LowbitError(f"no Hadamard matrix of order {n} can be built here; an online rotation "
+                      f"needs a width of p·2^k with a Paley order p")  # fmt: skip
+
+
+def online_matrix(n: int) -> Tensor:
+    """The dense float64 (n, n) matrix :func:`online_hadamard` multiplies by (to fold its
+    transpose into the weight that reads the turned input)."""
+    block = online_block(n, torch.float64)
+    m = n // block.shape[0]
+    return torch.kron(block, torch.from_numpy(sylvester(m) / np.sqrt(m)))
+
+
+def online_hadamard(x: Tensor, block: Tensor) -> Tensor:
+    """x (..., n) times :func:`online_matrix` (n), fast: Sylvester's part by the butterflies
+    of the fast Walsh–Hadamard transform along the last 2^k channels, then the small block."""
+    n, p = x.shape[-1], block.shape[0]
+    m = n // p
+    y = x.reshape(-1, p, m)
+    rows = y.shape[0]
+    h = 1
+    while h < m:  # [a | b] -> [a + b | a - b] on halves of every 2h-channel slice
+        pairs = y.reshape(rows, p, m // (2 * h), 2, h)
+        y = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]),
+                        dim=-2)  # fmt: skip
+        h *= 2
+    y = y.reshape(rows, p, m) * (1.0 / m**0.5)
+    if p > 1:
+        y = torch.matmul(block.to(y.dtype).T, y)  # Aᵀ·X, X (p, m) per row
+    return y.reshape(x.shape)
+
+
 @functools.lru_cache(maxsize=64)
 def _hadamard(n: int) -> np.ndarray | None:
     """±1 entries (float64), or None when this module knows no construction."""

@@ -66,10 +66,15 @@ def _attention_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     kv8 = {"version": 1, "name": "kv8", "algorithm": "rtn", "weights": None,
            "attention": {"kv_bits": 8}}  # fmt: skip
     kv4 = {"version": 1, "name": "kv4", "algorithm": "rtn", "weights": None,
-           "attention": {"kv_bits": 4, "group_size": 32, "hadamard": True}}  # fmt: skip
+           "attention": {"kv_bits": 4, "group_size": 32, "hadamard": True,
+                         "center_keys": True}}  # fmt: skip
     return {
         "kv8": ("float weights, 8-bit key/value cache (per token and head, asymmetric)", kv8),
-        "kv4": ("float weights, 4-bit key/value cache (groups of 32), Hadamard-rotated heads", kv4),
+        "kv4": (
+            "float weights, 4-bit key/value cache (groups of 32), Hadamard-rotated heads, "
+            "keys centred (measured on the calibration text)",
+            kv4,
+        ),
     }
 
 

@@ -162,7 +162,9 @@ class Recipe:
         """Whether quantizing with this recipe needs calibration windows."""
         static = self.activations is not None and self.activations.static
         calibrated = self.algorithm in ("gptq", "awq", "awq+gptq", "autoround", "awq+autoround")
-        return calibrated or static or self.smoothquant is not None or self.lkd is not None
+        centers = self.attention is not None and self.attention.center_keys
+        steps = self.smoothquant is not None or self.lkd is not None
+        return calibrated or static or centers or steps
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rotate, silu_mul
-from lowbit.nn.attention import ATTRIBUTE, head_rotation, round_qkv
+from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
+from lowbit.nn.online import online_transform
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -56,7 +57,15 @@ class _Layer:
     gate_up: Callable[[Tensor], Tensor]  # (..., C) -> (..., 2·I)
     act: Callable[[Tensor], Tensor] | None  # None: SiLU (the fused silu_mul)
     down: nn.Module
+    key_center: Tensor | None = None  # (Hkv, D) subtracted before the cache (center_keys)
     fast: tuple = ()  # decode: (qkv, o_proj, gate_up, down) on 2-D inputs, see _direct
+
+
+def _online(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """:func:`_direct`, after the online rotation of the layer's input when it has one (a
+    direct call skips the module's hooks)."""
+    direct, online = _direct(module), online_transform(module)
+    return direct if online is None else lambda x: direct(online.apply(x))
 
 
 def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]:
@@ -135,6 +144,9 @@ class LlamaForward:
         self.attention = getattr(inner.layers[0].self_attn, ATTRIBUTE, None)
         self.rotation = None if self.attention is None else head_rotation(
             self.attention, self.head_dim, torch.empty(0))  # fmt: skip
+        if self.attention is not None:
+            for layer, block in zip(self.layers, inner.layers, strict=True):
+                layer.key_center = key_center(block.self_attn, self.attention)
 
     @staticmethod
     def _layer(block: nn.Module, silu: bool, native: bool) -> _Layer:
@@ -149,7 +161,7 @@ class LlamaForward:
         if native:
             fast_qkv, fast_gu = (_direct_group(ms, joint) for ms, joint in
                                  ((qkv, layer.qkv), (gate_up, layer.gate_up)))  # fmt: skip
-            layer.fast = (fast_qkv, _direct(attn.o_proj), fast_gu, _direct(mlp.down_proj))
+            layer.fast = (fast_qkv, _direct(attn.o_proj), fast_gu, _online(mlp.down_proj))
         return layer
 
     def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
@@ -209,7 +221,8 @@ class LlamaForward:
             v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             h = self.rotation
             if self.attention is not None:  # the cache rounds the keys and values it stores
-                q, k, v = round_qkv(self.attention, q, k, v, h, keys_values=False)
+                q, k, v = round_qkv(self.attention, q, k, v, h, layer.key_center,
+                                    keys_values=False)  # fmt: skip
             keys, values = cache.write(i, start, k, v)  # (B, Hkv, S, D); a QuantKVCache rounds
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                is_causal=mask is None and t > 1,
