@@ -57,7 +57,28 @@ def preset_table() -> dict[str, tuple[str, dict[str, Any]]]:
     out |= _activation_presets()
     out |= _image_presets()
     out |= _attention_presets()
+    out |= _best_presets()
     return out
+
+
+def _best_presets() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The best recipe measured for a setting on the default model (README's tables, same
+    protocol): the name says what it is for, the description what it does."""
+    token8 = {"bits": 8, "granularity": "token", "dynamic": True}
+    online = {"rotate": {"online": ["down_proj"]}}
+    w4a8 = {**_recipe("w4a8-best", "gptq", _weights(4, 64)), "activations": token8, **online}
+    w4 = {**_recipe("w4-g64-best", "gptq", _weights(4, 64)), **online}
+    return {
+        "w4-g64-best": (
+            "int4 asym g64: Hadamard rotation folded + online before down_proj, GPTQ weights",
+            w4,
+        ),
+        "w4a8-best": (
+            "W4A8 g64: Hadamard rotation folded + online before down_proj, GPTQ "
+            "weights, per-token 8-bit inputs",
+            w4a8,
+        ),
+    }
 
 
 def _attention_presets() -> dict[str, tuple[str, dict[str, Any]]]:
