@@ -92,6 +92,10 @@ def test_an_online_down_proj_rotation_leaves_the_float_model_unchanged(family):
     assert all(online_transform(b.mlp.down_proj) is not None for b in model.model.layers)
     mlp = model.model.layers[0].mlp  # AWQ / SmoothQuant cannot fold across the transform
     assert not can_fold(mlp.up_proj, "linear", [mlp.down_proj])
+    from helpers import compact_and_hf
+
+    ours, theirs, _, _ = compact_and_hf(model, seed=3)  # float down_proj: the module's hook
+    assert rel(ours, theirs) < 1e-4
     with pytest.raises(LowbitError, match="is not one of down_proj"):
         RotateOptions(online=("up_proj",))
 
@@ -119,3 +123,4 @@ def test_an_online_rotation_is_carried_saved_loaded_and_decoded(tiny_folder, tmp
     assert rel(ours, theirs) < 1e-4
     with pytest.raises(LowbitError, match="rotate.online"):
         export(out, "gguf", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

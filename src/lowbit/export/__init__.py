@@ -62,14 +62,14 @@ def export(
     manifest = read_manifest(folder)
     if (manifest.get("source") or {}).get("kind") == "image":
         return _export_image(folder, manifest, fmt, out, overwrite)
-    prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS)
-    if requantize is not None and fmt not in FILE_FORMATS:
-        raise LowbitError("--requantize applies to GGUF and LiteRT export only")
     online = ((manifest.get("recipe") or {}).get("rotate") or {}).get("online")
     if online:
         raise LowbitError(f"{folder} turns the inputs of {', '.join(online)} at run time "
                           f"(rotate.online); {fmt} files cannot hold that transform: quantize "
                           f"without rotate.online to export")  # fmt: skip
+    prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS)
+    if requantize is not None and fmt not in FILE_FORMATS:
+        raise LowbitError("--requantize applies to GGUF and LiteRT export only")
     model, _ = load_folder(folder)
     attention = (manifest.get("recipe") or {}).get("attention")
     if attention is not None:  # weights only: the target's runtime keeps its own cache

@@ -158,7 +158,7 @@ def calibrate_key_centers(
         if i not in sums:
             raise LowbitError("attention.center_keys: a layer saw no calibration keys")
         total, count = sum_over(sums[i][0]), sum_over(sums[i][1])
-        _set_center(layer, (total / count).float())
+        layer.register_buffer(CENTER, (total / count).float())
 
 
 def add_key_centers(model: nn.Module) -> None:
@@ -167,7 +167,7 @@ def add_key_centers(model: nn.Module) -> None:
     for layer in attention_modules(model):
         cfg = layer.config
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        _set_center(layer, torch.zeros(kv_heads, layer.head_dim))
+        layer.register_buffer(CENTER, torch.zeros(kv_heads, layer.head_dim))
 
 
 def has_key_centers(model: nn.Module) -> bool:
@@ -181,10 +181,6 @@ def drop_key_centers(model: nn.Module) -> None:
     for layer in attention_modules(model):
         if CENTER in layer._buffers:
             del layer._buffers[CENTER]
-
-
-def _set_center(layer: nn.Module, center: Tensor) -> None:
-    layer.register_buffer(CENTER, center)
 
 
 def attention_spec(manifest: dict | None) -> AttentionSpec | None:

@@ -24,7 +24,6 @@ class OnlineHadamard:
     carried = True  # kept on the module that replaces the layer
 
     def __init__(self, n: int) -> None:
-        self.n = n
         self.block = online_block(n)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -62,10 +62,10 @@ class _Layer:
 
 
 def _online(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """:func:`_direct`, after the online rotation of the layer's input when it has one (a
-    direct call skips the module's hooks)."""
+    """:func:`_direct`, after the online rotation of the layer's input when it has one and the
+    call is the native op (which skips the module's hooks; calling the module runs them)."""
     direct, online = _direct(module), online_transform(module)
-    return direct if online is None else lambda x: direct(online.apply(x))
+    return direct if online is None or direct is module else lambda x: direct(online.apply(x))
 
 
 def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]:
