@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lowbit import __version__
+from lowbit.algorithms.rotate import orthogonal
 from lowbit.analysis import (
     Sensitivity,
     allocate,
@@ -62,6 +63,7 @@ from lowbit.pipeline import QuantizeReport, quantize_weights
 from lowbit.pipeline.estimate import estimate as estimate_run
 from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
+from lowbit.pipeline.spin import learned_matrix, streamed_matrix
 from lowbit.pipeline.stream import stream_quantize
 from lowbit.recipes import Recipe, load_recipe, plan_layers
 
@@ -101,8 +103,8 @@ def quantize(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    if recipe.rotate is not None:  # folded into the float weights first
-        rotate_model(model, recipe.rotate)
+    if recipe.rotate is not None:  # folded into the float weights first (learned: trained first)
+        rotate_model(model, recipe.rotate, learned_matrix(model, recipe, calibration, progress))
     return quantize_weights(model, recipe, calibration, progress=progress,
                             hidden_dtype=_hidden_dtype(hidden_dtype))  # fmt: skip
 
@@ -120,7 +122,7 @@ def qat(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if recipe.rotate is not None:  # trained in the rotated basis, as quantize would hold it
-        rotate_model(model, recipe.rotate)
+        rotate_model(model, recipe.rotate, learned_matrix(model, recipe, train, progress))
     return run_qat(model, recipe, train, options or QATOptions(), progress)
 
 
@@ -266,11 +268,11 @@ def quantize_to(
     model = skeleton(folder)
     tensors = TensorSource(folder)
     tensors.check(model)
-    if recipe.rotate is not None:  # each tensor rotated as it is read; the head untied
-        rotator = Rotator(model, recipe.rotate)
-        untie_head(model)
-        install_online_rotations(model, recipe.rotate)
-        tensors = RotatedSource(tensors, rotator)
+    rotator = None
+    if recipe.rotate is not None:  # checked before any work (a learned matrix: trained below)
+        learned = recipe.rotate.kind == "learned"
+        start = orthogonal(model.config.hidden_size, recipe.rotate) if learned else None
+        rotator = Rotator(model, recipe.rotate, start)
     conv1d_to_linear(model)
     plan_layers(recipe, quantizable_layers(model), warn=False)  # unfit recipe: before any work
     fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
@@ -280,6 +282,12 @@ def quantize_to(
     if group.distributed:  # a resumed job needs the same ranks holding the same batches
         fingerprint["world_size"] = group.world
     work = _work_folder(out, fingerprint, restart, group)
+    if rotator is not None:  # each tensor rotated as it is read; the head untied
+        learned = streamed_matrix(folder, tensors, recipe, calibration, work, group, progress)
+        rotator.q = rotator.q if learned is None else learned
+        untie_head(model)
+        install_online_rotations(model, recipe.rotate)
+        tensors = RotatedSource(tensors, rotator)
     dtype = _hidden_dtype(hidden_dtype)
     tokenizer = source_tokenizer(folder)
     probe = _canary_probe(model, tokenizer) if canary and group.main else None

@@ -264,6 +264,9 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"estimated time: {plan['seconds']:,.0f} s with {plan['threads']} threads "
         f"(probe: a block took {plan['probe']['block_seconds']:.2f} s)",
     ]
+    if plan.get("learned_rotation"):
+        lines.append("  plus the learned rotation's training (rotate.steps passes forward and "
+                     "back through the whole model; not probed; memory a rough bound)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -278,6 +281,11 @@ def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibratio
                             calibration.windows[:n])  # fmt: skip
     if recipe.rotate is not None:  # measured in the basis the model is quantized in
         from lowbit.models.rotate import rotate_model
+
+        if recipe.rotate.kind == "learned":
+            raise LowbitError("--target-bits/--target-size measure sensitivity in the rotated "
+                              "basis, which a learned rotation only has after training; use "
+                              "rotate kind hadamard with mixed precision")  # fmt: skip
 
         rotate_model(src.model, recipe.rotate)
     sens = api.analyze(src.model, recipe, sample, args.candidates, progress=not args.quiet)

@@ -69,3 +69,21 @@ def test_unsupported_layer_is_a_clear_error(tiny_folder, tmp_path):
     with pytest.raises(LowbitError, match=r"layers\.0\.self_attn\.q_proj: int3.*MatMulNBits"):
         export(folder, "onnx", tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_an_online_rotation_is_exported_as_graph_ops(tiny_folder, tmp_path):
+    """down_proj's run-time Hadamard transform (rotate.online) becomes plain ONNX ops before
+    its MatMulNBits: ONNX Runtime computes lowbit's logits (without the transform they differ
+    by far more than the tolerance: W·H is folded into the weight)."""
+    import dataclasses
+
+    from lowbit.algorithms.rotate import RotateOptions
+
+    recipe = dataclasses.replace(make_recipe({"bits": 4, "group_size": 32}),
+                                 rotate=RotateOptions(online=("down_proj",)))  # fmt: skip
+    folder, model = quantized_folder(tiny_folder, tmp_path / "q", recipe)
+    out = export(folder, "onnx", tmp_path / "onnx").path
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        ours = model(x).logits.numpy()
+    np.testing.assert_allclose(_run(out, x), ours, atol=1e-4, rtol=0)

@@ -131,3 +131,32 @@ def test_the_class_conditional_generator_exports(monkeypatch, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     theirs = session.run(None, {"input": x.numpy()})[0]
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-5
+
+
+def test_a_super_resolution_model_runs_on_any_image_size(monkeypatch, tmp_path):
+    """An image-to-image model's graph leaves height and width free (traced on the 256 x 256
+    evaluation images): ONNX Runtime upscales other sizes, odd and non-square, as lowbit does."""
+    from lowbit.models.images.waifu2x import UpConv7
+
+    def build() -> UpConv7:
+        torch.manual_seed(0)
+        return UpConv7().eval()
+
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", build)
+    recipe = tmp_path / "w8.yaml"
+    recipe.write_text(json.dumps({"version": 1, "name": "w8", "weights": W8, "ignore": []}))
+    folder = tmp_path / "sr"
+    assert main(["quantize", "waifu2x-upconv7", "--recipe", str(recipe), "--out", str(folder),
+                 "-q"]) == 0  # fmt: skip
+    out = export(folder, "onnx", tmp_path / "sr-onnx").path
+    info = json.loads((out / "lowbit_onnx.json").read_text())
+    assert info["inputs"]["input"] == "float32 (batch, 3, height, width)"
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = load_model(str(folder), kernels=False).model
+    for h, w in ((40, 72), (33, 30)):
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            ours = model(x).numpy()
+        theirs = session.run(None, {"input": x.numpy()})[0]
+        assert theirs.shape == ours.shape == (1, 3, 2 * h, 2 * w)
+        assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-5

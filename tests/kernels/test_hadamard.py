@@ -27,3 +27,16 @@ def test_bad_blocks_are_refused():
         pytest.skip("lowbit's CPU kernels are not built here")
     with pytest.raises(RuntimeError, match="power of two"):
         torch.ops.lowbit_cpu.hadamard_transform(torch.zeros(2, 36), torch.eye(3))
+
+
+def test_gradients_pass_through_the_transform():
+    """A learned rotation back-propagates through down_proj's online transform: the native op
+    has no backward, so a tensor that asks for a gradient takes the reference (H is
+    orthonormal and symmetric per block: the gradient is the transform of the upstream one)."""
+    n = 96
+    block = online_block(n)
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    up = torch.randn(3, n, generator=torch.Generator().manual_seed(1))
+    (hadamard_transform(x, block) * up).sum().backward()
+    expected = (up.double() @ online_matrix(n).T).float()
+    assert torch.allclose(x.grad, expected, atol=1e-5, rtol=1e-5)

@@ -2,7 +2,7 @@
 
 One torchrun job quantizes a tiny folder with every kind of recipe step (data-free, Hessian,
 K-means, AWQ search, SmoothQuant with static ranges, LoRC, LKD, AutoRound, key centres of a
-4-bit cache); the same recipes
+4-bit cache, a learned rotation); the same recipes
 then run in this process. Weights must be byte-identical except LKD's and AutoRound's, which
 step on the mean gradient of both ranks' batches (as DistributedDataParallel does) and so train
 differently.
@@ -56,6 +56,9 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
         if body.get("attention"):  # heads of 16 channels
             body["attention"]["group_size"] = 8
         recipes[name] = body
+    spin = api.load_recipe("w4-g64-best").to_dict()  # rank 0 learns the rotation for all
+    spin["rotate"] |= {"kind": "learned", "steps": 4}
+    recipes["w4-g64-spin"] = spin
     spec = tmp_path / "recipes.json"
     spec.write_text(json.dumps(recipes))
     done = torchrun(str(WORKER), str(tiny_folder), str(tmp_path / "two"), str(spec))
@@ -65,7 +68,7 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
     memory = [(tmp_path / side / "memory" / "model.safetensors").read_bytes()
               for side in ("one", "two")]  # fmt: skip
     assert memory[0] == memory[1]  # lowbit.quantize inside a process group
-    for name in RECIPES:
+    for name in recipes:
         a, b = (tmp_path / side / name for side in ("one", "two"))
         same = (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
         manifest = json.loads((b / "lowbit.json").read_text())

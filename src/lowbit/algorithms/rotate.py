@@ -19,30 +19,40 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.primitives.hadamard import hadamard
+from lowbit.primitives.hadamard import hadamard, has_hadamard
 
 ONLINE = ("down_proj",)  # the inputs an online rotation can turn
+KINDS = ("hadamard", "random", "learned")
 
 
 @dataclass(frozen=True)
 class RotateOptions:
-    """``kind``: ``hadamard`` (a Hadamard matrix with random column signs, QuaRot) or
-    ``random`` (a random orthogonal matrix, any width); ``heads``: also turn each attention
-    head's values and the matching o_proj columns; ``seed`` picks the signs / the matrix.
+    """``kind``: ``hadamard`` (a Hadamard matrix with random column signs, QuaRot),
+    ``random`` (a random orthogonal matrix, any width) or ``learned`` (SpinQuant: the
+    residual stream's matrix trained on the calibration text by :func:`cayley_step`, starting
+    from the Hadamard one, or a random one where no Hadamard matrix fits; ``steps`` windows,
+    step size ``lr`` decaying linearly to 0; the heads' matrices stay Hadamard); ``heads``:
+    also turn each attention head's values and the matching o_proj columns; ``seed`` picks
+    the signs / the matrix.
     ``online: [down_proj]`` also turns every MLP's ``down_proj`` input by a Hadamard matrix at
     run time (a fast transform, :func:`lowbit.primitives.hadamard.online_hadamard`; its
     transpose is folded into the weight): the product gate·up has outliers no offline
     rotation reaches (QuaRot's online half; the keys' and queries' half is the attention
     block's ``hadamard``)."""
 
-    kind: Literal["hadamard", "random"] = "hadamard"
+    kind: Literal["hadamard", "random", "learned"] = "hadamard"
     heads: bool = True
     seed: int = 0
     online: tuple[str, ...] = ()
+    steps: int = 100
+    lr: float = 1.5
 
     def __post_init__(self) -> None:
-        if self.kind not in ("hadamard", "random"):
-            raise LowbitError(f"rotate.kind must be hadamard or random, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise LowbitError(f"rotate.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.steps < 1 or not self.lr > 0:
+            raise LowbitError(f"rotate: steps must be >= 1 and lr > 0 (got steps {self.steps}, "
+                              f"lr {self.lr})")  # fmt: skip
         unknown = [x for x in self.online if x not in ONLINE]
         if unknown:
             raise LowbitError(f"rotate.online: {unknown[0]!r} is not one of "
@@ -53,7 +63,7 @@ class RotateOptions:
 def orthogonal(n: int, options: RotateOptions) -> Tensor:
     """An (n, n) float64 orthogonal matrix of the kind ``options`` asks for."""
     g = torch.Generator().manual_seed(options.seed * 1_000_003 + n)
-    if options.kind == "random":
+    if options.kind == "random" or (options.kind == "learned" and not has_hadamard(n)):
         q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-distributed
     signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
@@ -61,25 +71,41 @@ def orthogonal(n: int, options: RotateOptions) -> Tensor:
 
 
 def reads(weight: Tensor, q: Tensor, scale: Tensor | None = None) -> Tensor:
-    """A linear that reads the rotated stream: (W·diag(scale))·Q (scale: a folded norm)."""
-    w = weight.double() if scale is None else weight.double() * scale.double().unsqueeze(0)
+    """A linear that reads the rotated stream: (W·diag(scale))·Q (scale: a folded norm),
+    computed in ``q``'s dtype (float64 when folding; float32 while learning)."""
+    w = weight.to(q.dtype) if scale is None else weight.to(q.dtype) * scale.to(q.dtype)[None]
     return (w @ q).to(weight.dtype)
 
 
 def writes(weight: Tensor, q: Tensor) -> Tensor:
     """A linear (or a bias, 1-D) that writes to the rotated stream: Qᵀ·W."""
-    return (q.T @ weight.double()).to(weight.dtype)
+    return (q.T @ weight.to(q.dtype)).to(weight.dtype)
+
+
+def cayley_step(q: Tensor, grad: Tensor, lr: float) -> Tensor:
+    """One descent step of an orthogonal ``q`` along the loss gradient ``grad`` that stays
+    exactly orthogonal: Cayley SGD on the Stiefel manifold (Li, Li & Todorovic 2020, the
+    optimiser SpinQuant uses). With the skew-symmetric W = G·Qᵀ − Q·Gᵀ the step is
+    Q' = (I + a/2·W)⁻¹ (I − a/2·W) Q, whose first-order change −W·Q lowers the loss by
+    ½‖W‖²·a; a = min(lr, 1/‖W‖) keeps one step from turning the basis by more than about a
+    radian. Computed in float64."""
+    q64, g64 = q.double(), grad.double()
+    a = g64 @ q64.T
+    w = a - a.T
+    step = min(lr, 1.0 / max(float(w.norm()), 1e-12))
+    eye = torch.eye(q.shape[0], dtype=torch.float64, device=q.device)
+    return torch.linalg.solve(eye + step / 2 * w, (eye - step / 2 * w) @ q64).to(q.dtype)
 
 
 def head_rows(weight: Tensor, h: Tensor) -> Tensor:
     """v_proj's output (weight rows or bias) per head of size len(h): Hᵀ·W_head."""
     d = h.shape[0]
-    w = weight.double().reshape(-1, d, *weight.shape[1:])  # (heads, d, ...)
+    w = weight.to(h.dtype).reshape(-1, d, *weight.shape[1:])  # (heads, d, ...)
     return torch.einsum("dj,hd...->hj...", h, w).reshape(weight.shape).to(weight.dtype)
 
 
 def head_columns(weight: Tensor, h: Tensor) -> Tensor:
     """o_proj's input columns per head of size len(h): W_head·H."""
     d = h.shape[0]
-    w = weight.double().reshape(weight.shape[0], -1, d)  # (out, heads, d)
+    w = weight.to(h.dtype).reshape(weight.shape[0], -1, d)  # (out, heads, d)
     return torch.einsum("ohd,dj->ohj", w, h).reshape(weight.shape).to(weight.dtype)

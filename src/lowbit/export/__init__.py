@@ -63,10 +63,10 @@ def export(
     if (manifest.get("source") or {}).get("kind") == "image":
         return _export_image(folder, manifest, fmt, out, overwrite)
     online = ((manifest.get("recipe") or {}).get("rotate") or {}).get("online")
-    if online:
+    if online and fmt != "onnx":  # ONNX graphs hold the transform as plain ops
         raise LowbitError(f"{folder} turns the inputs of {', '.join(online)} at run time "
-                          f"(rotate.online); {fmt} files cannot hold that transform: quantize "
-                          f"without rotate.online to export")  # fmt: skip
+                          f"(rotate.online); {fmt} files cannot hold that transform: export "
+                          f"to onnx, or quantize without rotate.online")  # fmt: skip
     prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS)
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")

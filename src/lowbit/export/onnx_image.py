@@ -251,6 +251,17 @@ def _pack_uint4(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def _dynamic_dims(x: Tensor) -> dict:
+    """The input dimensions the graph leaves free: the batch, and an image's height and width
+    (an image-to-image model runs on any size; a generator's (N, latent, 1, 1) input stays
+    fixed). ``Dim.AUTO`` lets torch.export keep a side fixed or bounded where the model
+    needs it (e.g. unpadded convolutions need a minimum size)."""
+    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if x.dim() == 4 and min(x.shape[2:]) > 1:
+        dims |= {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    return dims
+
+
 def write_onnx_image(model: nn.Module, example: Tensor, name: str, folder: Path,
                      tmp: Path) -> None:  # fmt: skip
     """Export the quantized image ``model`` (loaded from ``folder`` without kernels; ``example``
@@ -267,19 +278,21 @@ def write_onnx_image(model: nn.Module, example: Tensor, name: str, folder: Path,
         raise LowbitError(f"{folder} has no quantized convolutions to export")
     for layer, mod in layers:
         set_module(model, layer, QDQConv(mod, layer))
-    batch = torch.export.Dim("batch", min=1, max=1024)
     x = example[:2].float()
     if len(x) == 1:  # a batch of 1 would be fixed to 1 by torch.export
         x = x.expand(2, *x.shape[1:]).contiguous()
+    dims = _dynamic_dims(x)
     with torch.no_grad():
         program = torch.onnx.export(
             model.eval(), (x,), dynamo=True, opset_version=OPSET, input_names=["input"],
-            output_names=["output"], dynamic_shapes=({0: batch},),
+            output_names=["output"], dynamic_shapes=(dims,),
             custom_translation_table=table, verbose=False,
         )  # fmt: skip
     program.save(str(tmp / ONNX_FILE))
     _pack_uint4(tmp / ONNX_FILE)
     (tmp / "lowbit.json").write_text((folder / "lowbit.json").read_text())
-    info = {"inputs": {"input": f"float32 (batch, {', '.join(map(str, x.shape[1:]))})"},
+    shape = ["batch", *(("height", "width")[i - 2] if i in dims else str(x.shape[i])
+                        for i in range(1, x.dim()))]  # fmt: skip
+    info = {"inputs": {"input": f"float32 ({', '.join(shape)})"},
             "outputs": {"output": "float32"}, "model": name, "producer": "lowbit"}  # fmt: skip
     (tmp / "lowbit_onnx.json").write_text(json.dumps(info, indent=1))

@@ -12,8 +12,11 @@ from lowbit.primitives.hadamard import online_hadamard
 
 def hadamard_transform(x: Tensor, block: Tensor) -> Tensor:
     """x (..., n) times ``online_matrix(n)`` given its small block (p, p): the native op for
-    float32 CPU tensors when the kernels are built, else the plain-PyTorch butterflies."""
+    float32 CPU tensors when the kernels are built, no gradient is asked for (the op has no
+    backward) and no graph is being traced (``torch.export`` / ``torch.compile``: the
+    butterflies become plain graph ops, e.g. ONNX ones), else the plain-PyTorch butterflies."""
     cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, block))
-    if cpu32 and native_ops():
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if cpu32 and not grad and not torch.compiler.is_compiling() and native_ops():
         return torch.ops.lowbit_cpu.hadamard_transform(x.contiguous(), block.contiguous())
     return online_hadamard(x, block.to(device=x.device))

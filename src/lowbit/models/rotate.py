@@ -33,9 +33,10 @@ Getter = Callable[[str], Tensor]
 
 
 class Rotator:
-    """The rotated value of every tensor a rotation of ``model`` (a skeleton will do) changes."""
+    """The rotated value of every tensor a rotation of ``model`` (a skeleton will do) changes;
+    ``q``: the residual stream's matrix when it was chosen elsewhere (a learned one)."""
 
-    def __init__(self, model: nn.Module, options: RotateOptions) -> None:
+    def __init__(self, model: nn.Module, options: RotateOptions, q: Tensor | None = None) -> None:
         config = getattr(model, "config", None)
         kind = getattr(config, "model_type", None)
         if kind not in ROTATABLE:
@@ -51,7 +52,13 @@ class Rotator:
             ):
                 raise LowbitError(f"rotate: no Hadamard matrix of the {what} {n}; use kind: "
                                   f"random")  # fmt: skip
-        self.q = orthogonal(hidden, options)
+        if options.kind == "learned" and q is None:
+            raise LowbitError("rotate: kind learned needs its trained matrix (quantize learns "
+                              "it on the calibration text first)")  # fmt: skip
+        self.q = orthogonal(hidden, options) if q is None else q.double()
+        if self.q.shape != (hidden, hidden):
+            raise LowbitError(f"rotate: the matrix is {tuple(self.q.shape)}, the hidden size "
+                              f"{hidden}")  # fmt: skip
         self.h = orthogonal(head_dim, options) if options.heads else None
         # down_proj's input turned at run time (install_online); its weight gets W·H
         self.online = online_matrix(config.intermediate_size) if options.online else None
@@ -82,6 +89,8 @@ class Rotator:
         ops[f"{norm}.weight"] = ("ones",)
         source = f"{embed}.weight" if tied_names(model) else f"{head}.weight"
         ops[f"{head}.weight"] = ("reads", source, f"{norm}.weight", False)
+        self.ends = {"embed": f"{embed}.weight", "head": f"{head}.weight",
+                     "norm": f"{norm}.weight"}  # fmt: skip
         if source != f"{head}.weight":
             self.aliases[f"{head}.weight"] = source
 
@@ -139,10 +148,10 @@ def install_online_rotations(model: nn.Module, options: RotateOptions | None) ->
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, options: RotateOptions) -> None:
+def rotate_model(model: nn.Module, options: RotateOptions, q: Tensor | None = None) -> None:
     """Rotate a model held in memory (its tensors replaced; the function it computes kept),
-    with its online rotations installed."""
-    rotator = Rotator(model, options)
+    with its online rotations installed; ``q`` as for :class:`Rotator`."""
+    rotator = Rotator(model, options, q)
     install_online_rotations(model, options)
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     new = {name: rotator.tensor(name, state.__getitem__) for name in rotator.ops}

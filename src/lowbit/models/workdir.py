@@ -123,6 +123,16 @@ class WorkFolder:
         path = self._unit(index, "side.safetensors")
         return load_file(str(path)) if path.is_file() else None
 
+    def stored(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Tensors an earlier run kept under ``name`` (:meth:`store`); None: none."""
+        path = self.path / f"{name}.safetensors"
+        return load_file(str(path)) if path.is_file() else None
+
+    def store(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Keep small tensors the whole run needs (a learned rotation) for a resumed run."""
+        with atomic_file(self.path / f"{name}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
     def hidden_folder(self, after: int) -> Path:
         """A fresh folder for the hidden states leaving block ``after`` while they are written
         (-1: those entering block 0)."""

@@ -10,7 +10,8 @@ time is the start-up and set-up the estimate itself paid, the probe's block time
 layers outside the blocks in proportion to their weights, and the output's bytes at the rates
 the probe measured for each way they are written after the blocks (whose own writes are part
 of the block time): tensors copied from the source, shards assembled, hashed, plus config and
-tokenizer.
+tokenizer. A learned rotation (``rotate.kind: learned``) trains on the whole float model
+before the blocks: its memory is a rough bound from the model's size, its time is not probed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from lowbit.pipeline.stream import StreamStore
 from lowbit.pipeline.weights import quantize_weights
 from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import current_rss_mb, peak_rss_mb, process_seconds, reset_peak_rss
+
+LEARN_COPIES = 6  # float32 model-sized tensors a learned rotation's training holds (rough)
 
 
 class _Probed(Exception):
@@ -104,17 +107,23 @@ def estimate(
                + probe["extras_seconds"])  # fmt: skip
     rest_mb = probe["baseline_mb"] + 3 * outside_params * 4 / 2**20
     canary_mb = probe["baseline_mb"] + _canary_bytes(model, canary) / 2**20 if canary else 0.0
+    params = sum(e.numel for e in tensors.entries.values())
+    learn_mb = 0.0
+    if recipe.rotate is not None and recipe.rotate.kind == "learned":  # not probed: rough
+        # the whole float32 model, its rotated and rounded copies, their gradients, activations
+        learn_mb = probe["baseline_mb"] + LEARN_COPIES * params * 4 / 2**20
     return {
         "model": name,
-        "params": sum(e.numel for e in tensors.entries.values()),
+        "params": params,
         "blocks": len(blocks),
         "source_bytes": tensors.nbytes,
         "source_dtypes": sorted({e.dtype for e in tensors.entries.values()}),
         "formats": formats,
         "bits_per_weight": 8 * qbytes / max(weights, 1),
         "output_bytes": output,
-        "peak_rss_mb": max(probe["peak_mb"], rest_mb, canary_mb),
+        "peak_rss_mb": max(probe["peak_mb"], rest_mb, canary_mb, learn_mb),
         "seconds": seconds,
+        "learned_rotation": learn_mb > 0,  # its training time is not in ``seconds``
         "threads": torch.get_num_threads(),
         "hidden": {"dtype": str(hidden_dtype).removeprefix("torch."), "spilled": spill},
         "probe": probe,

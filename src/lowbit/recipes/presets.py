@@ -68,10 +68,15 @@ def _best_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     online = {"rotate": {"online": ["down_proj"]}}
     w4a8 = {**_recipe("w4a8-best", "gptq", _weights(4, 64)), "activations": token8, **online}
     w4 = {**_recipe("w4-g64-best", "gptq", _weights(4, 64)), **online}
+    w3 = {**_recipe("w3-g32-best", "gptq", _weights(3, 32)), **online}
     return {
         "w4-g64-best": (
             "int4 asym g64: Hadamard rotation folded + online before down_proj, GPTQ weights",
             w4,
+        ),
+        "w3-g32-best": (
+            "int3 asym g32: Hadamard rotation folded + online before down_proj, GPTQ weights",
+            w3,
         ),
         "w4a8-best": (
             "W4A8 g64: Hadamard rotation folded + online before down_proj, GPTQ "

@@ -64,7 +64,8 @@ class Recipe:
     inputs of every quantized layer at run time;
     ``attention`` rounds the key/value cache (and queries) at run time, saved with the model.
     ``rotate`` folds an orthogonal rotation of the residual stream (and of each head's values)
-    into the float weights before anything else (QuaRot); the model computes the same function.
+    into the float weights before anything else (QuaRot; kind ``learned``: SpinQuant's matrix,
+    trained on the calibration text first); the model computes the same function.
     ``smoothquant`` (SmoothQuant scales folded in before the weights are quantized) and ``lkd``
     (layer-wise distillation of each quantized block afterwards) compose with any algorithm
     except that SmoothQuant and AWQ both rescale channels, so only one of them may be used.
@@ -164,7 +165,8 @@ class Recipe:
         calibrated = self.algorithm in ("gptq", "awq", "awq+gptq", "autoround", "awq+autoround")
         centers = self.attention is not None and self.attention.center_keys
         steps = self.smoothquant is not None or self.lkd is not None
-        return calibrated or static or centers or steps
+        learned = self.rotate is not None and self.rotate.kind == "learned"
+        return calibrated or static or centers or steps or learned
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
