@@ -133,15 +133,21 @@ def runtimes(model, capacity: int, compile_step: bool) -> dict[str, Runtime]:
 
 def llama_cpp(folder: Path, float_type: str, n_ctx: int, tmp: Path):
     """llama.cpp on the GGUF export of ``folder``, its float tensors (embeddings, output head,
-    norms) written as ``float_type``; None without llama-cpp-python."""
+    norms) written as ``float_type``; None without llama-cpp-python or when the folder cannot
+    be written as GGUF."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
+    from lowbit.errors import LowbitError
     from lowbit.export import export
 
     path = tmp / f"{folder.name}-{float_type}.gguf"
-    gguf = export(folder, "gguf", path, float_type=float_type).path
+    try:
+        gguf = export(folder, "gguf", path, float_type=float_type).path
+    except LowbitError as exc:  # e.g. a random-weight model without a tokenizer
+        print(f"llama.cpp skipped for {folder.name}: {exc}", file=sys.stderr)
+        return None
     return Llama(str(gguf), n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
 
 

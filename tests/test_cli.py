@@ -194,3 +194,20 @@ def test_kv_cache_flags_round_the_cache_and_quantize_saves_them(tiny_folder, tex
     assert recipe["attention"]["kv_bits"] == 2 and recipe["weights"] is None
     code, stdout, _ = run(capsys, "eval", str(out), *window)
     assert json.loads(stdout)["ppl"] == pytest.approx(ppl[3], rel=1e-5)
+
+
+def test_rotate_learned_trains_on_the_calibration_text(tmp_path, tiny_folder, text_file, capsys):
+    out = tmp_path / "spin"
+    code, _, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--rotate", "learned",
+        "--out", str(out), "--calib", str(text_file), "--calib-samples", "4",
+        "--calib-seqlen", "32",
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["recipe"]["rotate"]["kind"] == "learned"
+    assert manifest["calibration"]["tokens"] == 128  # an RTN recipe read --calib for it
+    with pytest.raises(SystemExit):  # argparse: usage and the choices, exit 2
+        main(["quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--rotate", "spin",
+              "--out", str(tmp_path / "x")])  # fmt: skip
+    assert "invalid choice: 'spin'" in capsys.readouterr().err

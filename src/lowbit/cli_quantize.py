@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lowbit.algorithms.rotate import KINDS, RotateOptions
 from lowbit.assets import prepare_out
 from lowbit.cli_analyze import add_candidates
 from lowbit.cli_args import (
@@ -33,6 +34,7 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
         "  lowbit quantize smollm2-135m --recipe w8a8-smoothquant --out out/w8a8 --calib bbc\n"
         "  lowbit quantize smollm2-135m --recipe w4a8-zeroquant-lkd --out out/w4a8 --calib bbc\n"
         "  lowbit quantize smollm2-135m --recipe w4-autoround-g64 --out out/ar --calib bbc\n"
+        "  lowbit quantize smollm2-135m --recipe w4a8-best --rotate learned --out out/spin\n"
         "  lowbit quantize llama-3-8b-random --recipe w4-rtn-g64 --out out/8b --dry-run\n"
         "Calibrated algorithms (GPTQ, AWQ, AutoRound), SmoothQuant, LKD and static activation "
         "ranges read --calib "
@@ -57,6 +59,13 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_attention_options(p)
+    p.add_argument(
+        "--rotate", choices=KINDS, metavar="KIND",
+        help="fold a rotation of the residual stream into the weights first: hadamard "
+        "(QuaRot), random, or learned (SpinQuant: trained on --calib text against the "
+        "recipe's grid, about a forward and backward pass of the model per step); keeps the "
+        "recipe's other rotate options (e.g. online: [down_proj] of w4-g64-best)",
+    )  # fmt: skip
     p.add_argument("--calib", help="calibration corpus (default: bbc)")
     p.add_argument(
         "--calib-images",
@@ -141,6 +150,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     entry = image_entry(args.model)
     if entry is not None:
         refuse_attention(args, args.model)
+        if args.rotate:
+            raise LowbitError(f"--rotate turns a decoder's residual stream; {args.model} is an "
+                              f"image model")  # fmt: skip
         return quantize_image(args, entry)
     if args.calib_images:
         raise LowbitError(f"--calib-images is for image models; {args.model} is a language "
@@ -150,6 +162,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     attention = attention_override(args)
     if attention is not None:  # --kv-bits: the recipe's attention block, saved with the model
         recipe = dataclasses.replace(recipe, attention=attention)
+    if args.rotate:  # the recipe's other rotate options kept
+        rotate = dataclasses.replace(recipe.rotate or RotateOptions(), kind=args.rotate)
+        recipe = dataclasses.replace(recipe, rotate=rotate)
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work
     folder, _ = source_folder(args.model)
