@@ -90,14 +90,15 @@ def learn_rotation(
     plan = plan_layers(recipe, quantizable_layers(model), warn=False)
     install_online_rotations(model, options)
     base = {k: v.detach().float() for k, v in model.state_dict().items()}
-    rotator.h = None if rotator.h is None else rotator.h.float()
-    rotator.online = None if rotator.online is None else rotator.online.float()
+    device = next(model.parameters()).device  # the matrices follow the model (a GPU too)
+    rotator.h = None if rotator.h is None else rotator.h.float().to(device)
+    rotator.online = None if rotator.online is None else rotator.online.float().to(device)
     ends = rotator.ends
     head_quantized = ends["head"].removesuffix(".weight") in plan
     names = [n for n in rotator.ops if n != ends["embed"]]
     if not head_quantized:  # the head keeps its float weight; the stream is turned back
         names = [n for n in names if n not in (ends["head"], ends["norm"])]
-    q = rotator.q.clone()
+    q = rotator.q.to(device)
     state: dict[str, Tensor] = {}  # the float32 matrix of the step, read by the hooks
     hooks = _hooks(model, recipe, plan, ends, head_quantized, lambda: state["q"])
     losses: list[float] = []
@@ -113,7 +114,7 @@ def learn_rotation(
                 if layer in plan and name.endswith(".weight"):
                     t = fake_quantize_weight(t, plan[layer], layer)
                 params[name] = t
-            ids = calibration.windows[step % len(calibration.windows)].unsqueeze(0)
+            ids = calibration.windows[step % len(calibration.windows)][None].to(device)
             logits = functional_call(model, params, (ids,), {"use_cache": False},
                                      tie_weights=False, strict=False).logits  # fmt: skip
             loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
@@ -131,7 +132,7 @@ def learn_rotation(
     log.info("rotate (learned): %d steps in %.1f s, loss %.4f -> %.4f (means of the first and "
              "last 10)", options.steps, time.perf_counter() - start, sum(first) / len(first),
              sum(last) / len(last))  # fmt: skip
-    return q, losses
+    return q.cpu(), losses
 
 
 def _hooks(model: nn.Module, recipe: Recipe, plan: dict, ends: dict, head_quantized: bool,
