@@ -68,7 +68,7 @@ def streamed_matrix(folder, tensors: TensorSource, recipe: Recipe,
             model = skeleton(folder)
             log.info("rotate (learned): the float model is held in memory while Q is trained")
             materialize(model, list(tensors.entries), tensors)
-            q = learn_rotation(model, recipe, calibration, progress)[0]
+            q = learned_matrix(model, recipe, calibration, progress)
             release(model)
             work.store(KEPT, {"q": q})
         else:
