@@ -8,9 +8,11 @@ original image (ground truth) and against the float model's output; images per s
 256 x 256 input at batch 1 (best of 3 after a warm-up). Every quantized row starts from a fresh
 copy of the float model; RTN weights; static activation ranges are calibrated on 16 crops of
 three other sample images (coffee, chelsea, rocket), never the evaluation image; GPTQ rows
-measure each layer's im2col Hessian on the same crops, the whole model as one block. The quantized
-rows run lowbit's reference path (codes dequantized at every call, then torch's convolution):
-no fast integer convolution exists yet, so their speed is not a target here.
+measure each layer's im2col Hessian on the same crops, the whole model as one block. Each
+quantized row then runs as `lowbit eval` runs a saved model (`use_kernels`): W8A8 layers on
+oneDNN's integer convolution where the CPU has AVX-512 VNNI, every other layer on the reference
+path (codes dequantized at every call, then torch's convolution); the path column says which.
+`benchmarks/conv_speed.py` times W8A8 against float32 side by side.
 
 DCGAN faces (gan-face-generate 1.1.1): 1,000 latents (seed 0) through the float model and each
 variant; mean per-image PSNR and SSIM of the variant's samples against the float samples (images
@@ -43,6 +45,7 @@ from lowbit.calibration import image_calibration
 from lowbit.eval import format_table
 from lowbit.eval.image import images_per_second, psnr, ssim
 from lowbit.eval.image_grid import save_grid
+from lowbit.models import use_kernels
 from lowbit.models.images import image_models, waifu2x_upconv7, waifu2x_upresnet10
 from lowbit.models.images.cdcgan import LATENT as EYES_LATENT
 from lowbit.models.images.cdcgan import cycling_classes
@@ -103,7 +106,7 @@ FD_ROWS = ("w8a8 static (minmax)", "w4 per-channel", "w4 g32")
 # latents give GPTQ a singular Hessian (lowbit warns), so its table has no GPTQ rows
 EYES_ROWS = {k: v for k, v in DCGAN_ROWS.items() if "gptq" not in k}
 HEADER = ["variant", "bits/weight", "PSNR vs truth dB", "SSIM vs truth", "PSNR vs float dB",
-          "images/s (256x256)"]  # fmt: skip
+          "images/s (256x256)", "path"]  # fmt: skip
 
 
 def main() -> int:
@@ -143,18 +146,19 @@ def _grid(grids: Path | None, title: str, name: str, ref, out) -> None:
 def _super_resolution(title, float_model, variants, small, truth, calibration, grids) -> None:
     with torch.inference_mode():
         reference = float_model(small)
-    rows = [_row("bicubic", bicubic_2x(small), truth, reference, None, None, small)]
-    rows.append(_row("float32", reference, truth, reference, float_model, 32.0, small))
+    rows = [_row("bicubic", bicubic_2x(small), truth, reference, None, None, small, "-")]
+    rows.append(_row("float32", reference, truth, reference, float_model, 32.0, small, "float"))
     print(format_table(HEADER, rows), flush=True)
     for name, body in variants.items():
         model = copy.deepcopy(float_model)
         recipe = Recipe.from_dict({"version": 1, "name": name, **body})
         calib = calibration if recipe.needs_calibration else None
         report = api.quantize(model, recipe, calib, progress=False)
+        path = _use_kernels(model)
         with torch.inference_mode():
             out = model(small)
         _grid(grids, title, name, reference.clamp(0, 1), out.clamp(0, 1))
-        rows.append(_row(name, out, truth, reference, model, _bits(report), small))
+        rows.append(_row(name, out, truth, reference, model, _bits(report), small, path))
         print(format_table(HEADER, rows[-1:]), flush=True)
     print(f"\n{title}\n")
     print(format_table(HEADER, rows, markdown=True))
@@ -186,26 +190,27 @@ def _generator(title: str, count: int, fd: bool, grids: Path | None) -> None:
     with torch.inference_mode():
         ref = float_model(z).add(1).div(2)  # [-1, 1] -> [0, 1]
     header = ["variant", "bits/weight", "mean PSNR vs float dB", "SSIM vs float",
-              "images/s batch 1", "images/s batch 16", "FD-Inception vs float"]  # fmt: skip
+              "images/s batch 1", "images/s batch 16", "FD-Inception vs float", "path"]  # fmt: skip
     distance = _fd_against(ref) if fd else None
     floor = "-"
     if distance is not None:  # float samples of other latents: what sampling alone gives
         with torch.inference_mode():
             other = float_model(inputs(count, 2)).add(1).div(2)
         floor = f"{distance(other):.2f} (other latents)"
-    rows = [["float32", "32.00", "-", "-", *_speeds(float_model, z), floor]]
+    rows = [["float32", "32.00", "-", "-", *_speeds(float_model, z), floor, "float"]]
     print(format_table(header, rows), flush=True)
     for name, body in variants.items():
         model = copy.deepcopy(float_model)
         recipe = Recipe.from_dict({"version": 1, "name": name, **body})
         report = api.quantize(model, recipe, calib if recipe.needs_calibration else None,
                               progress=False)  # fmt: skip
+        path = _use_kernels(model)
         with torch.inference_mode():
             out = model(z).add(1).div(2)
         _grid(grids, title, name, ref[:4], out[:4])
         far = f"{distance(out):.2f}" if distance is not None and name in FD_ROWS else "-"
         rows.append([name, f"{_bits(report):.2f}", round(psnr(out, ref, per_image=True), 2),
-                     round(ssim(out, ref), 4), *_speeds(model, z), far])  # fmt: skip
+                     round(ssim(out, ref), 4), *_speeds(model, z), far, path])  # fmt: skip
         print(format_table(header, rows[-1:]), flush=True)
     print(f"\n{title} ({source}), {count} latents (seed 0); BatchNorm folded into the "
           f"transposed convolutions before quantizing\n")  # fmt: skip
@@ -232,7 +237,12 @@ def _bits(report) -> float:
     return sum(r.bits_per_weight * r.in_features * r.out_features for r in layers) / weights
 
 
-def _row(name, out, truth, reference, model, bits, small) -> list:
+def _use_kernels(model) -> str:
+    """Swap in the fast modules, as loading a saved folder does; which ran, as a cell."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(use_kernels(model).items()))
+
+
+def _row(name, out, truth, reference, model, bits, small, path) -> list:
     return [
         name,
         "-" if bits is None else f"{bits:.2f}",
@@ -240,6 +250,7 @@ def _row(name, out, truth, reference, model, bits, small) -> list:
         round(ssim(out, truth), 4),
         "-" if out is reference else round(psnr(out, reference), 2),
         "-" if model is None else round(images_per_second(model, small), 2),
+        path,
     ]
 
 

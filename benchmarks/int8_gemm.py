@@ -47,7 +47,7 @@ def fbgemm_linear(codes: torch.Tensor, scale: torch.Tensor):
         zeros = torch.zeros(codes.shape[0], dtype=torch.long)
         qw = torch._make_per_channel_quantized_tensor(codes, scale.double(), zeros, 0)
         packed = torch.ops.quantized.linear_prepack(qw, None)
-    reduce_range = not int8._has_avx512_vnni()
+    reduce_range = not int8.has_avx512_vnni()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-12)
@@ -73,7 +73,7 @@ def main() -> int:
         return 1
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    vnni = int8._has_avx512_vnni()
+    vnni = int8.has_avx512_vnni()
     codes_bits = "8" if vnni else "7"
     print(f"torch {torch.__version__}, {args.threads} threads, AVX-512 VNNI: {vnni}; "
           f"fbgemm activation codes: {codes_bits}-bit; median of {args.reps} rounds\n")  # fmt: skip

@@ -76,7 +76,7 @@ def test_reference_sums_are_exact_beyond_float32s_integers():
 
 
 needs_vnni_fbgemm = pytest.mark.skipif(
-    not (int8.fbgemm_available() and int8._has_avx512_vnni()),
+    not (int8.fbgemm_available() and int8.has_avx512_vnni()),
     reason="fbgemm's 8-bit path runs only with AVX-512 VNNI (this CPU takes lowbit's kernel)",
 )
 
@@ -110,7 +110,7 @@ def test_both_grids_are_close_to_float_linear(grid):
 
 def test_forcing_avx2_picks_the_token_grid(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
-    assert not int8._has_avx512_vnni()
+    assert not int8.has_avx512_vnni()
 
 
 @pytest.mark.parametrize("grid", ["token", "fbgemm"])

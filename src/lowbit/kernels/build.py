@@ -31,6 +31,7 @@ NAMES = (
     "decode_ops.cpp",
     "int8_gemm.cpp",
     "hadamard.cpp",
+    "act_quant.cpp",
 )
 SOURCES = tuple(CSRC / f for f in NAMES)
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored

@@ -67,10 +67,10 @@ def int8_eligible(spec: WeightSpec, act: ActivationSpec | None) -> bool:
 @functools.cache
 def act_grid() -> str:
     """``fbgemm`` where fbgemm runs on AVX-512 VNNI, else ``token`` (see the module doc)."""
-    return "fbgemm" if fbgemm_available() and _has_avx512_vnni() else "token"
+    return "fbgemm" if fbgemm_available() and has_avx512_vnni() else "token"
 
 
-def _has_avx512_vnni() -> bool:
+def has_avx512_vnni() -> bool:
     if os.environ.get("LOWBIT_KERNEL_ISA", "").lower() == "avx2":
         return False
     try:

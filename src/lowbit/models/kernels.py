@@ -6,7 +6,7 @@ from torch import nn
 
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import set_module
-from lowbit.nn import AffineKernelLinear, QuantConv, QuantLinear, kernel_module
+from lowbit.nn import AffineKernelLinear, QuantConv, QuantLinear, conv_kernel_module, kernel_module
 from lowbit.nn.shared_input import share_input
 
 
@@ -18,8 +18,8 @@ def use_kernels(model: nn.Module) -> dict[str, int]:
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
             continue
-        # convolutions run on their reference path (no fast integer convolution yet)
-        fast = None if isinstance(module, QuantConv) else kernel_module(module)
+        conv = isinstance(module, QuantConv)
+        fast = conv_kernel_module(module) if conv else kernel_module(module)
         kind = "reference" if fast is None else fast.kind
         counts[kind] = counts.get(kind, 0) + 1
         if fast is not None:

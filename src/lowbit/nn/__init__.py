@@ -1,7 +1,7 @@
 """Quantized modules."""
 
+from lowbit.nn.kernel_conv import Int8KernelConv, conv_kernel_module
 from lowbit.nn.kernel_linear import (
-    QUANTIZED_MODULES,
     AffineKernelLinear,
     HalfKernelLinear,
     Int8KernelLinear,
@@ -10,12 +10,23 @@ from lowbit.nn.kernel_linear import (
 from lowbit.nn.quant_conv import QuantConv
 from lowbit.nn.quant_linear import QuantLinear
 
+QUANTIZED_MODULES = (
+    QuantLinear,
+    AffineKernelLinear,
+    HalfKernelLinear,
+    Int8KernelLinear,
+    Int8KernelConv,
+)
+"""Modules that hold a quantized weight: they have ``storage_bytes`` and ``storage_tensors``."""
+
 __all__ = [
     "QUANTIZED_MODULES",
     "AffineKernelLinear",
     "HalfKernelLinear",
+    "Int8KernelConv",
     "Int8KernelLinear",
     "QuantConv",
     "QuantLinear",
+    "conv_kernel_module",
     "kernel_module",
 ]

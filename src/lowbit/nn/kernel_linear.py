@@ -143,7 +143,3 @@ def kernel_module(layer: QuantLinear) -> nn.Module | None:
     scale = dequantize(zeros + 1, qp, grid)[..., 0] - offset
     aw = to_affine(layer.codes(), scale, offset, layer.block, qt.bits)
     return AffineKernelLinear(aw, layer.out_features, layer.bias)
-
-
-QUANTIZED_MODULES = (QuantLinear, AffineKernelLinear, HalfKernelLinear, Int8KernelLinear)
-"""Modules that hold a quantized weight: they have ``storage_bytes`` and ``storage_tensors``."""

@@ -52,6 +52,25 @@ def fake_quantize_static(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor
     return dequantize(quantize(blocks, qp, grid), qp, grid).reshape(x.shape).to(x.dtype)
 
 
+def tensor_qparams(x: Tensor, spec: ActivationSpec, static: QParams | None = None) -> QParams:
+    """The per-tensor (scale, integer zero) of ``x``'s codes, ``x ≈ (codes - zero)·scale``:
+    ``static``'s range, or ``x``'s own (dynamic); a symmetric grid's zero is its middle code."""
+    qp = static
+    if qp is None:
+        xf = x.float()
+        qp = act_qparams(xf.amin().reshape(1), xf.amax().reshape(1), spec)
+    if qp.zero is None:  # symmetric: codes = round(x / scale) + mid
+        return QParams(qp.scale, torch.full((1,), spec.qtype.mid, dtype=torch.uint8))
+    return qp
+
+
+def act_codes(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor:
+    """The integer codes (uint8, ``x``'s shape and memory layout) of a per-tensor grid with
+    :func:`tensor_qparams`'s ``qp``: what an integer kernel reads (the reference of
+    ``lowbit_cpu::quantize_u8``); the fake-quantizers above round to the same grid."""
+    return quantize(x.float(), qp, act_grid(spec))  # one (1,) range broadcast over every element
+
+
 def static_qparams(sample: Tensor, spec: ActivationSpec) -> QParams:
     """One layer's static (scale, zero), each of shape (1,), from a 1-D sample of its inputs
     chosen by ``spec.observer`` (the sample should include the exact extremes for min-max)."""

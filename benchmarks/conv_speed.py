@@ -1,0 +1,106 @@
+"""W8A8 convolutions on the integer kernel against float32, side by side: images per second of
+each image model as `lowbit eval` runs it (float32; `conv-w8a8-static` on the kernels
+`use_kernels` picks; the same quantized model on its reference path, codes dequantized at every
+call), timed in alternation (one call of each variant per round, medians over the rounds), plus
+how far the kernel's output is from the reference path's and from float32's.
+
+Inputs: waifu2x on the 256 x 256 evaluation input (the astronaut image downscaled 2x), the GANs
+on their evaluation latents at batch 1 and 16. Static ranges from each zoo entry's calibration
+inputs. The integer convolution runs on CPUs with AVX-512 VNNI only (elsewhere the kernel rows
+equal the reference rows, and say so in the path column).
+
+    .venv/bin/python benchmarks/conv_speed.py [--threads 2] [--rounds 7] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+
+from lowbit import api
+from lowbit.calibration import image_calibration
+from lowbit.eval import format_table
+from lowbit.eval.image import psnr
+from lowbit.models import use_kernels
+from lowbit.models.images import image_models
+
+BATCHES = {"waifu2x-upconv7": (1,), "waifu2x-upresnet10": (1,), "dcgan-faces": (1, 16),
+           "cdcgan-eyes": (1, 16)}  # fmt: skip
+HEADER = ["model", "batch", "variant", "path", "images/s", "x float32", "PSNR vs reference dB",
+          "PSNR vs float dB"]  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    p.add_argument("--rounds", type=int, default=7, help="alternating rounds (7)")
+    p.add_argument("--only", nargs="+", choices=sorted(BATCHES), help="these models only")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.only or BATCHES:
+        rows += _model_rows(name, args.rounds)
+        print(format_table(HEADER, rows[-3 * len(BATCHES[name]) :]), flush=True)
+    print(f"\nthreads {torch.get_num_threads()}, {args.rounds} alternating rounds, medians\n")
+    print(format_table(HEADER, rows, markdown=True))
+    return 0
+
+
+def _model_rows(name: str, rounds: int) -> list[list]:
+    entry = image_models()[name]
+    float_model = entry.load()
+    reference = copy.deepcopy(float_model)
+    calib = image_calibration(entry.calibration(), f"{name} calibration inputs")
+    api.quantize(reference, "conv-w8a8-static", calib, progress=False)
+    kernel = copy.deepcopy(reference)
+    counts = use_kernels(kernel)
+    path = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    ref_name = "w8a8 static, reference path"
+    variants = {
+        "float32": (float_model, "float"),
+        "w8a8 static": (kernel, path),
+        ref_name: (reference, f"reference {sum(counts.values())}"),
+    }
+    inputs, _ = entry.evaluation()
+    lo, hi = entry.output_range
+    rows = []
+    for batch in BATCHES[name]:
+        x = inputs[:batch]
+        with torch.inference_mode():
+            out = {k: ((m(x).float() - lo) / (hi - lo)).clamp(0, 1)
+                   for k, (m, _) in variants.items()}  # fmt: skip
+            times = _alternating({k: m for k, (m, _) in variants.items()}, x, rounds)
+        base = batch / statistics.median(times["float32"])
+        for k, (_, kind) in variants.items():
+            speed = batch / statistics.median(times[k])
+            vs_ref = "-" if k != "w8a8 static" else round(_psnr(out[k], out[ref_name]), 2)
+            vs_float = "-" if k == "float32" else round(_psnr(out[k], out["float32"]), 2)
+            rows.append([name, batch, k, kind, round(speed, 2), round(speed / base, 2), vs_ref,
+                         vs_float])  # fmt: skip
+    return rows
+
+
+def _alternating(models: dict, x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    for m in models.values():  # warm-up
+        m(x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            start = time.perf_counter()
+            m(x)
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return psnr(a, b, per_image=True) if a.shape[0] > 1 else psnr(a, b)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

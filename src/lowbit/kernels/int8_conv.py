@@ -1,0 +1,180 @@
+"""W8A8 convolutions: int8 per-output-channel weights × 8-bit per-tensor activations (a static,
+calibrated range or the tensor's own), int32 accumulation, float32 output, through oneDNN's
+quantized convolution as torch ships it (``torch.ops.onednn.qconv2d_pointwise``, the op
+torch's own x86 int8 inference lowers to).
+
+The activation codes are lowbit's (:func:`lowbit.primitives.activations.act_codes`): uint8 with
+an integer zero point (a symmetric grid is zero point 128), so the op computes exactly
+``conv((u - z)·s_x, w_int8·s_w) + bias``, what :class:`lowbit.nn.QuantConv` computes with
+dequantized tensors, up to float32 rounding.
+
+Only on CPUs with AVX-512 VNNI (:func:`lowbit.kernels.int8.has_avx512_vnni`): there oneDNN
+multiplies uint8 by int8 with ``vpdpbusd`` in int32. Without VNNI it uses ``vpmaddubsw``, whose
+int16 pair sums saturate on full-range codes (measured here with ``ONEDNN_MAX_CPU_ISA=AVX2``:
+up to 4% relative error on waifu2x's layers), so other CPUs keep the reference path. Transposed
+convolutions run as one plain convolution over their output phases
+(:func:`transposed_as_phases`: torch has no integer transposed convolution).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.formats.spec import ActivationSpec
+from lowbit.kernels.build import native_ops
+from lowbit.kernels.int8 import has_avx512_vnni
+from lowbit.primitives import QParams
+from lowbit.primitives.activations import act_codes
+
+
+@dataclass(frozen=True)
+class Phases:
+    """A transposed convolution's geometry, run as :func:`transposed_as_phases` does."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    kernel: tuple[int, int]
+    output_padding: tuple[int, int]
+
+    def taps(self, axis: int) -> int:
+        """J: taps per phase along ``axis``."""
+        return -(-self.kernel[axis] // self.stride[axis])
+
+    def out_size(self, size: int, axis: int) -> int:
+        s, p, k, op = (v[axis] for v in (self.stride, self.padding, self.kernel,
+                                          self.output_padding))  # fmt: skip
+        return (size - 1) * s - 2 * p + k + op
+
+
+@dataclass
+class Int8Conv:
+    """oneDNN's packed weight, its per-output-channel fp32 scales, bias and geometry (for a
+    transposed convolution, that of its phases: see :func:`transposed_as_phases`)."""
+
+    packed: Tensor
+    scale: Tensor
+    bias: Tensor | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    phases: Phases | None = None
+
+
+@functools.cache
+def onednn_conv_available() -> bool:
+    """Whether this torch has oneDNN's quantized convolution and the CPU multiplies exactly."""
+    if not has_avx512_vnni():
+        return False
+    try:
+        return hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.enabled
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def prepare_int8_conv(codes: Tensor, scale: Tensor, bias: Tensor | None,
+                      stride: tuple[int, int], padding: tuple[int, int],
+                      dilation: tuple[int, int], groups: int, transposed: bool = False,
+                      output_padding: tuple[int, int] = (0, 0)) -> Int8Conv:  # fmt: skip
+    """Pack int8 weight codes in the layer's own layout ((out, in/groups, kh, kw), or (in, out,
+    kh, kw) transposed) with per-output-channel scales."""
+    scale = scale.float().reshape(-1).contiguous()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    phases = None
+    if transposed:
+        codes, scale, bias, phases = transposed_as_phases(codes, scale, bias, stride, padding,
+                                                          output_padding)  # fmt: skip
+        kh, kw = codes.shape[-2:]
+        stride, padding, dilation = (1, 1), (kh - 1, kw - 1), (1, 1)
+    geometry = [list(stride), list(padding), list(dilation)]
+    # the input range given here only picks oneDNN's layout; each call passes its own
+    packed = torch.ops.onednn.qconv_prepack(codes.to(torch.int8).contiguous(), scale, 1.0, 0,
+                                            *geometry, groups, None)  # fmt: skip
+    return Int8Conv(packed, scale, bias, *geometry, groups, phases)
+
+
+def transposed_as_phases(codes: Tensor, scale: Tensor, bias: Tensor | None,
+                         stride: tuple[int, int], padding: tuple[int, int],
+                         output_padding: tuple[int, int]):  # fmt: skip
+    """A transposed convolution (groups and dilation 1) as one plain convolution (stride 1,
+    padding J-1) with ``sy·sx`` times the output channels, one per output phase, then the
+    phases interleaved and the result cropped by the padding (sub-pixel convolution; torch
+    has no integer transposed convolution). Output pixel ``o`` (plus padding) = ``q·s + r``
+    reads the taps ``a = r + j·s`` at input ``q - j``: phase ``r``'s kernel is those taps
+    reversed, ``J = ceil(k / s)`` of them (zero codes where ``a >= k``). The same codes and
+    scales, rearranged: the integer sums are the reference's."""
+    cin, cout, kh, kw = codes.shape
+    (sy, sx) = stride
+    jy, jx = -(-kh // sy), -(-kw // sx)
+    padded = torch.zeros(cin, cout, jy * sy, jx * sx, dtype=codes.dtype)
+    padded[:, :, :kh, :kw] = codes
+    ay = torch.arange(sy)[:, None] + (jy - 1 - torch.arange(jy))[None, :] * sy  # (sy, jy)
+    ax = torch.arange(sx)[:, None] + (jx - 1 - torch.arange(jx))[None, :] * sx  # (sx, jx)
+    taps = padded[:, :, ay[:, :, None, None], ax[None, None, :, :]]  # (cin, cout, sy, jy, sx, jx)
+    phased = taps.permute(1, 2, 4, 0, 3, 5).reshape(cout * sy * sx, cin, jy, jx)
+    scale = scale.repeat_interleave(sy * sx)
+    bias = None if bias is None else bias.repeat_interleave(sy * sx)
+    phases = Phases(tuple(stride), tuple(padding), (kh, kw), tuple(output_padding))
+    return phased, scale, bias, phases
+
+
+def input_codes(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor:
+    """:func:`lowbit.primitives.activations.act_codes` in one pass (lowbit's C++ op) where it
+    is built."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and native_ops():
+        return torch.ops.lowbit_cpu.quantize_u8(x, float(qp.scale), int(qp.zero))
+    return act_codes(x, qp, spec)
+
+
+def int8_conv(x: Tensor, qp: QParams, spec: ActivationSpec, weight: Int8Conv) -> Tensor:
+    """``conv((codes - zero)·scale, W) + bias`` for float32 ``x`` (N, C, H, W) rounded to the
+    per-tensor grid ``qp`` (:func:`lowbit.primitives.activations.tensor_qparams`); float32
+    out (channels-last, as oneDNN writes it)."""
+    codes = input_codes(x.float().contiguous(memory_format=_layout(x)), qp, spec)
+    zero, phases = int(qp.zero), weight.phases
+    if phases is not None and any(more := extra_inputs(phases, x.shape)):
+        codes = torch.nn.functional.pad(codes, (0, more[1], 0, more[0]), value=zero)
+    zeros = torch.zeros(weight.scale.numel(), dtype=torch.long)
+    y = torch.ops.onednn.qconv2d_pointwise(
+        codes, float(qp.scale), zero, weight.packed, weight.scale, zeros, weight.bias,
+        weight.stride, weight.padding, weight.dilation, weight.groups, 1.0, 0, torch.float32,
+        "none", [], "",
+    )  # fmt: skip
+    return y if phases is None else interleave(y, x.shape, phases)
+
+
+def extra_inputs(phases: Phases, shape: torch.Size) -> list[int]:
+    """Input rows and columns (of zeros) to append so that the phases' convolution reaches the
+    last output pixel: (size + J - 1)·s outputs must cover padding + output size (only an
+    output padding larger than the padding needs any)."""
+    out = []
+    for axis in (0, 1):
+        size, s = shape[2 + axis], phases.stride[axis]
+        short = phases.padding[axis] + phases.out_size(size, axis)
+        short -= (size + phases.taps(axis) - 1) * s
+        out.append(max(0, -(-short // s)))
+    return out
+
+
+def interleave(y: Tensor, shape: torch.Size, phases: Phases) -> Tensor:
+    """The phases' channels (N, C·sy·sx, Hq, Wq) -> the transposed convolution's output: phase
+    (ry, rx) of pixel (qy, qx) is output pixel (qy·sy + ry - py, qx·sx + rx - px)."""
+    (sy, sx), (py, px) = phases.stride, phases.padding
+    n, c, hq, wq = y.shape[0], y.shape[1] // (sy * sx), y.shape[2], y.shape[3]
+    full = y.reshape(n, c, sy, sx, hq, wq).permute(0, 1, 4, 2, 5, 3).reshape(n, c, hq * sy, -1)
+    oh, ow = phases.out_size(shape[2], 0), phases.out_size(shape[3], 1)
+    return full[:, :, py : py + oh, px : px + ow]
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """Keep a channels-last input (oneDNN's output) channels-last: no copy."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+__all__ = ["Int8Conv", "Phases", "extra_inputs", "input_codes", "int8_conv", "interleave",
+           "onednn_conv_available", "prepare_int8_conv", "transposed_as_phases"]  # fmt: skip

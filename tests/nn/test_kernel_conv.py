@@ -1,0 +1,72 @@
+"""The load-time swap of W8A8 convolutions to oneDNN's integer convolution: which layers it
+takes, and that a swapped convnet computes what its reference path computes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import make_recipe
+from lowbit import api
+from lowbit.calibration import image_calibration
+from lowbit.errors import LowbitError
+from lowbit.eval.size import model_size
+from lowbit.kernels.int8_conv import onednn_conv_available
+from lowbit.models import use_kernels
+from lowbit.nn import Int8KernelConv, QuantConv, conv_kernel_module
+from lowbit.nn.kernel_conv import conv_eligible
+
+W8 = {"bits": 8, "group_size": -1, "symmetric": True}
+STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
+
+
+def convnet() -> nn.Module:
+    """Convolutions (one grouped), LeakyReLU, a transposed convolution, as waifu2x."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.LeakyReLU(0.1),
+        nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.LeakyReLU(0.1),
+        nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1, bias=False),
+    ).eval()  # fmt: skip
+
+
+def quantized(weights: dict, acts: dict | None) -> nn.Module:
+    model = convnet()
+    images = image_calibration(torch.rand(4, 3, 10, 10), "noise")
+    api.quantize(model, make_recipe(weights, acts, ignore=()), images, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("acts", [STATIC, {**STATIC, "dynamic": True, "symmetric": True}])
+def test_w8a8_convolutions_take_the_integer_path_where_it_is_exact(acts):
+    model = quantized(W8, acts)
+    fast = copy.deepcopy(model)
+    counts = use_kernels(fast)
+    if not onednn_conv_available():  # AVX2 CPUs: oneDNN's int16 pair sums would saturate
+        assert counts == {"reference": 3}
+        return
+    assert counts == {"w8a8-conv": 3}
+    assert all(isinstance(fast[i], Int8KernelConv) for i in (0, 2, 4))
+    x = torch.rand(2, 3, 10, 12)
+    with torch.inference_mode():
+        want, got = model(x), fast(x)
+    # each layer's sums are exact: the float32 order of the sums can flip a rounded code
+    assert got.shape == want.shape
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    assert model_size(fast).quantized_weights == model_size(model).quantized_weights
+    with pytest.raises(LowbitError, match=r"expected \(N, 3, H, W\)"):
+        fast(torch.rand(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("weights", "acts"),
+    [({"bits": 4, "group_size": -1, "symmetric": True}, STATIC),  # 4-bit weights
+     ({**W8, "symmetric": False}, STATIC),  # an asymmetric weight grid
+     (W8, {**STATIC, "bits": 4}),  # 4-bit activations
+     (W8, None)],  # weight-only
+)  # fmt: skip
+def test_other_formats_keep_the_reference_path(weights, acts):
+    model = quantized(weights, acts)
+    assert not any(conv_eligible(m) for m in model if isinstance(m, QuantConv))
+    assert all(conv_kernel_module(m) is None for m in model if isinstance(m, QuantConv))
