@@ -8,9 +8,11 @@ lowbit's ``model_size`` of the module in memory (codes, scales, zeros and every 
 One denoising step = one UNet call at batch 1 on a 64 x 64 x 4 latent, timestep 500 and a
 77 x 768 text embedding (all seeded noise). Timing alternates float and each variant, best of
 ``--rounds``. "out SQNR" compares the variant's output with the float one on that input: with
-random weights it measures rounding, not image quality. Quantized layers run lowbit's reference
-path (codes dequantized at every call, then torch's convolution and matmul): their speed is the
-cost of that path, not of an integer kernel.
+random weights it measures rounding, not image quality. Each quantized copy then runs as
+`lowbit eval` runs a saved model (`use_kernels`, the counts printed): W8A8 convolutions on
+oneDNN's integer convolution where the CPU has AVX-512 VNNI, weight-only linears on lowbit's
+kernels, every other layer on the reference path (codes dequantized at every call); bytes are
+counted after that swap (the kernels' layouts, float32 scales).
 
     .venv/bin/python benchmarks/unet_memory.py [--threads 2] [--rounds 2]
 
@@ -28,6 +30,7 @@ import torch
 from lowbit import api
 from lowbit.eval import format_table
 from lowbit.eval.size import model_size
+from lowbit.models import use_kernels
 from lowbit.primitives import sqnr_db
 from lowbit.recipes import Recipe
 
@@ -70,9 +73,10 @@ def main() -> int:
         report = api.quantize(model, Recipe.from_dict({"version": 1, "name": name, **body}),
                               progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
+        counts = use_kernels(model)
         models[name] = model
         rows[name] = [_bytes(model), len(report.layers), seconds]
-        print(f"{name}: {len(report.layers)} layers in {seconds:.0f} s", flush=True)
+        print(f"{name}: {len(report.layers)} layers in {seconds:.0f} s; {counts}", flush=True)
     steps = _alternating(models, inputs, args.rounds)
     with torch.inference_mode():
         ref = unet(*inputs).sample

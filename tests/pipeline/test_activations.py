@@ -34,10 +34,15 @@ def test_static_ranges_are_calibrated_saved_and_reloaded(tmp_path, tiny_folder):
     layers = [m for m in src.model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(torch.isfinite(m.act_scale).all() and m.act_scale > 0 for m in layers)
     out = api.save(src.model, tmp_path / "q", report, source=src)
-    loaded = api.load(out, kernels=True).model  # static grids stay on the reference path
+    loaded = api.load(out, kernels=False).model
+    fast = api.load(out, kernels=True).model  # oneDNN's int8 linear on AVX-512 VNNI CPUs
     ids = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, src.model(ids).logits)
+        want = src.model(ids).logits
+        assert torch.equal(loaded(ids).logits, want)
+        # exact integer sums; the reference's float32 sums can flip a code in a later layer
+        d = (fast(ids).logits - want).abs().max()
+        assert d <= 0.01 * want.abs().max()
     assert api.load(out).manifest["layers"]["model.layers.0.mlp.down_proj"]["activations"][
         "observer"]["name"] == "percentile"  # fmt: skip
 

@@ -1,7 +1,9 @@
-"""W8A8 convolutions: int8 per-output-channel weights × 8-bit per-tensor activations (a static,
-calibrated range or the tensor's own), int32 accumulation, float32 output, through oneDNN's
-quantized convolution as torch ships it (``torch.ops.onednn.qconv2d_pointwise``, the op
-torch's own x86 int8 inference lowers to).
+"""W8A8 with per-tensor activations: int8 per-output-channel weights × 8-bit per-tensor
+activations (a static, calibrated range or the tensor's own), int32 accumulation, float32
+output, through oneDNN's quantized convolution and linear as torch ships them
+(``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``, the ops torch's own x86 int8
+inference lowers to). Convolutions of image models, and the linears beside them (a UNet's
+attention, a squeeze-excitation block), whose activations are rounded per tensor.
 
 The activation codes are lowbit's (:func:`lowbit.primitives.activations.act_codes`): uint8 with
 an integer zero point (a symmetric grid is zero point 128), so the op computes exactly
@@ -65,6 +67,15 @@ class Int8Conv:
     phases: Phases | None = None
 
 
+@dataclass
+class Int8TensorLinear:
+    """oneDNN's packed int8 weight (out, in) of a linear, its per-row fp32 scales and bias."""
+
+    packed: Tensor
+    scale: Tensor
+    bias: Tensor | None
+
+
 @functools.cache
 def onednn_conv_available() -> bool:
     """Whether this torch has oneDNN's quantized convolution and the CPU multiplies exactly."""
@@ -122,6 +133,25 @@ def transposed_as_phases(codes: Tensor, scale: Tensor, bias: Tensor | None,
     return phased, scale, bias, phases
 
 
+def prepare_int8_linear(codes: Tensor, scale: Tensor, bias: Tensor | None) -> Int8TensorLinear:
+    """Pack a linear's int8 codes (out, in) with per-row scales (oneDNN's int8 linear)."""
+    packed = torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
+    bias = None if bias is None else bias.detach().float().contiguous()
+    return Int8TensorLinear(packed, scale.float().reshape(-1).contiguous(), bias)
+
+
+def int8_tensor_linear(x: Tensor, qp: QParams, spec: ActivationSpec,
+                       weight: Int8TensorLinear) -> Tensor:  # fmt: skip
+    """``((codes - zero)·scale) @ Wᵀ + bias`` for float32 ``x`` (..., in) rounded to the
+    per-tensor grid ``qp``, as :func:`int8_conv` for a linear."""
+    codes = input_codes(x.float().contiguous(), qp, spec)
+    zeros = torch.zeros(weight.scale.numel(), dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, float(qp.scale), int(qp.zero), weight.packed, weight.scale, zeros, weight.bias,
+        1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
 def input_codes(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor:
     """:func:`lowbit.primitives.activations.act_codes` in one pass (lowbit's C++ op) where it
     is built."""
@@ -176,5 +206,6 @@ def _layout(x: Tensor) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-__all__ = ["Int8Conv", "Phases", "extra_inputs", "input_codes", "int8_conv", "interleave",
-           "onednn_conv_available", "prepare_int8_conv", "transposed_as_phases"]  # fmt: skip
+__all__ = ["Int8Conv", "Int8TensorLinear", "Phases", "extra_inputs", "input_codes",
+           "int8_conv", "int8_tensor_linear", "interleave", "onednn_conv_available",
+           "prepare_int8_conv", "prepare_int8_linear", "transposed_as_phases"]  # fmt: skip

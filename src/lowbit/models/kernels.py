@@ -6,7 +6,8 @@ from torch import nn
 
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import set_module
-from lowbit.nn import AffineKernelLinear, QuantConv, QuantLinear, conv_kernel_module, kernel_module
+from lowbit.nn import AffineKernelLinear, QuantConv, QuantLinear, kernel_module
+from lowbit.nn.kernel_tensor import tensor_kernel_module
 from lowbit.nn.shared_input import share_input
 
 
@@ -19,7 +20,7 @@ def use_kernels(model: nn.Module) -> dict[str, int]:
         if not isinstance(module, QuantLinear):
             continue
         conv = isinstance(module, QuantConv)
-        fast = conv_kernel_module(module) if conv else kernel_module(module)
+        fast = tensor_kernel_module(module) if conv else kernel_module(module)
         kind = "reference" if fast is None else fast.kind
         counts[kind] = counts.get(kind, 0) + 1
         if fast is not None:

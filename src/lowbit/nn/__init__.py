@@ -1,12 +1,12 @@
 """Quantized modules."""
 
-from lowbit.nn.kernel_conv import Int8KernelConv, conv_kernel_module
 from lowbit.nn.kernel_linear import (
     AffineKernelLinear,
     HalfKernelLinear,
     Int8KernelLinear,
     kernel_module,
 )
+from lowbit.nn.kernel_tensor import Int8TensorKernel
 from lowbit.nn.quant_conv import QuantConv
 from lowbit.nn.quant_linear import QuantLinear
 
@@ -15,7 +15,7 @@ QUANTIZED_MODULES = (
     AffineKernelLinear,
     HalfKernelLinear,
     Int8KernelLinear,
-    Int8KernelConv,
+    Int8TensorKernel,
 )
 """Modules that hold a quantized weight: they have ``storage_bytes`` and ``storage_tensors``."""
 
@@ -23,10 +23,9 @@ __all__ = [
     "QUANTIZED_MODULES",
     "AffineKernelLinear",
     "HalfKernelLinear",
-    "Int8KernelConv",
     "Int8KernelLinear",
+    "Int8TensorKernel",
     "QuantConv",
     "QuantLinear",
-    "conv_kernel_module",
     "kernel_module",
 ]

@@ -7,10 +7,12 @@ holds the low-bit form only). They are for inference: save models before the swa
 - ``w4a16`` / ``w8a16``: 4- or 8-bit integer weights, any grid, group-wise (groups a multiple
   of 32) or per-channel, float32 inputs: :mod:`lowbit.kernels.affine`;
 - ``w8a8``: int8 per-channel weights with per-token int8 inputs: :mod:`lowbit.kernels.int8`;
+- ``w8a8-linear-tensor``: the same weights with 8-bit per-tensor inputs (static or dynamic), on
+  CPUs with AVX-512 VNNI: :mod:`lowbit.nn.kernel_tensor`;
 - ``fp16`` / ``bf16``: 16-bit float weights (the ``fp16``/``bf16`` formats), float32 inputs:
   :mod:`lowbit.kernels.half`.
-Everything else (nf4, fp8, 2/3-bit, odd groups, LoRC-corrected layers, W4A8 and static or
-per-tensor activation grids) keeps QuantLinear's reference path.
+Everything else (nf4, fp8, 2/3-bit, odd groups, LoRC-corrected layers, W4A8, other
+activation grids) keeps QuantLinear's reference path.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from lowbit.kernels.affine import AffineWeight, affine_linear, supports, to_affine
 from lowbit.kernels.half import HALF_DTYPES, half_linear
 from lowbit.kernels.int8 import Int8Weight, int8_eligible, int8_linear, prepare_int8
+from lowbit.nn.kernel_tensor import tensor_kernel_module
 from lowbit.nn.quant_linear import QuantLinear, nbytes
 from lowbit.nn.shared_input import SharedInput
 from lowbit.primitives import dequantize, grid_of
@@ -129,8 +132,8 @@ def kernel_module(layer: QuantLinear) -> nn.Module | None:
     if int8_eligible(spec, layer.act):
         weight = prepare_int8(layer.int8_codes(), layer.scale.reshape(-1))
         return Int8KernelLinear(weight, layer.out_features, layer.bias)
-    if layer.act is not None:
-        return None  # other activation grids run on QuantLinear's reference path
+    if layer.act is not None:  # per-tensor grids: oneDNN where exact; others: the reference
+        return tensor_kernel_module(layer)
     if qt.kind == "float" and layer.qweight.dtype in HALF_DTYPES and not spec.lorc_rank:
         return HalfKernelLinear(layer.qweight, layer.bias)
     shape = (layer.out_features, layer.in_features)

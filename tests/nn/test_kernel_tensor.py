@@ -1,5 +1,6 @@
-"""The load-time swap of W8A8 convolutions to oneDNN's integer convolution: which layers it
-takes, and that a swapped convnet computes what its reference path computes."""
+"""The load-time swap of W8A8 layers with per-tensor activations to oneDNN's integer
+convolution and linear: which layers it takes, and that a swapped model computes what its
+reference path computes."""
 
 import copy
 
@@ -14,8 +15,8 @@ from lowbit.errors import LowbitError
 from lowbit.eval.size import model_size
 from lowbit.kernels.int8_conv import onednn_conv_available
 from lowbit.models import use_kernels
-from lowbit.nn import Int8KernelConv, QuantConv, conv_kernel_module
-from lowbit.nn.kernel_conv import conv_eligible
+from lowbit.nn import Int8TensorKernel, QuantConv, QuantLinear
+from lowbit.nn.kernel_tensor import tensor_eligible, tensor_kernel_module
 
 W8 = {"bits": 8, "group_size": -1, "symmetric": True}
 STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
@@ -47,7 +48,7 @@ def test_w8a8_convolutions_take_the_integer_path_where_it_is_exact(acts):
         assert counts == {"reference": 3}
         return
     assert counts == {"w8a8-conv": 3}
-    assert all(isinstance(fast[i], Int8KernelConv) for i in (0, 2, 4))
+    assert all(isinstance(fast[i], Int8TensorKernel) for i in (0, 2, 4))
     x = torch.rand(2, 3, 10, 12)
     with torch.inference_mode():
         want, got = model(x), fast(x)
@@ -68,5 +69,26 @@ def test_w8a8_convolutions_take_the_integer_path_where_it_is_exact(acts):
 )  # fmt: skip
 def test_other_formats_keep_the_reference_path(weights, acts):
     model = quantized(weights, acts)
-    assert not any(conv_eligible(m) for m in model if isinstance(m, QuantConv))
-    assert all(conv_kernel_module(m) is None for m in model if isinstance(m, QuantConv))
+    assert not any(tensor_eligible(m) for m in model if isinstance(m, QuantConv))
+    assert all(tensor_kernel_module(m) is None for m in model if isinstance(m, QuantConv))
+
+
+def test_linears_with_per_tensor_inputs_take_the_integer_path_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8)).eval()
+    model.quantized_whole = True
+    images = image_calibration(torch.randn(6, 2, 5, 24), "rows as a (N, C, H, W) batch")
+    api.quantize(model, make_recipe(W8, STATIC, ignore=()), images, progress=False)
+    assert all(isinstance(model[i], QuantLinear) for i in (0, 2))
+    fast = copy.deepcopy(model)
+    counts = use_kernels(fast)
+    if not onednn_conv_available():
+        assert counts == {"reference": 2}
+        return
+    assert counts == {"w8a8-linear-tensor": 2}
+    x = torch.randn(3, 2, 7, 24)
+    with torch.inference_mode():
+        want, got = model(x), fast(x)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    with pytest.raises(LowbitError, match=r"expected \(\.\.\., 24\)"):
+        fast(torch.randn(2, 25))

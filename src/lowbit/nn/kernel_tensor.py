@@ -1,0 +1,118 @@
+"""The inference module that runs a W8A8 layer with per-tensor activations on integers.
+
+:func:`lowbit.models.use_kernels` swaps each eligible QuantConv or QuantLinear for an
+:class:`Int8TensorKernel` at load time (int8 symmetric per-output-channel weights, 8-bit
+per-tensor activations, static or dynamic; a linear, a ``Conv2d``, or a ``ConvTranspose2d``
+without groups or dilation; a CPU where :mod:`lowbit.kernels.int8_conv` is exact); every other
+such layer keeps its reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats.spec import ActivationSpec
+from lowbit.kernels.int8_conv import (
+    Int8Conv,
+    Int8TensorLinear,
+    int8_conv,
+    int8_tensor_linear,
+    onednn_conv_available,
+    prepare_int8_conv,
+    prepare_int8_linear,
+)
+from lowbit.nn.quant_conv import ConvGeometry, QuantConv
+from lowbit.nn.quant_linear import QuantLinear, nbytes
+from lowbit.primitives import QParams
+from lowbit.primitives.activations import tensor_qparams
+
+
+class Int8TensorKernel(nn.Module):
+    """int8 weights × 8-bit per-tensor input codes, int32 sums, float32 output: a convolution
+    (``geometry``) or a linear (``geometry`` None)."""
+
+    def __init__(self, weight: Int8Conv | Int8TensorLinear, geometry: ConvGeometry | None,
+                 shape: tuple[int, int], act: ActivationSpec, static: QParams | None,
+                 bias: Tensor | None) -> None:  # fmt: skip
+        super().__init__()
+        self.out_features, self.in_features = shape  # the weight matrix, as the layer's
+        self.geometry, self.act = geometry, act
+        self.weight_int8 = weight  # not a buffer: oneDNN's packed copy is an opaque tensor
+        self.register_buffer("act_scale", None if static is None else static.scale.clone())
+        zero = None if static is None or static.zero is None else static.zero.clone()
+        self.register_buffer("act_zero", zero)
+        # the bias the kernel adds is in ``weight`` (repeated per phase for a transposed layer)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+
+    def storage_tensors(self) -> tuple[Tensor, ...]:
+        return ()  # oneDNN's copy is no strided tensor: storage_bytes counts it
+
+    def storage_bytes(self) -> dict[str, int]:
+        """int8 codes and fp32 per-output-channel scales (oneDNN's blocking pads: not counted)."""
+        n = self.out_features
+        return {"codes": n * self.in_features, "params": 4 * n, "bias": nbytes(self.bias)}
+
+    @property
+    def kind(self) -> str:
+        return "w8a8-linear-tensor" if self.geometry is None else "w8a8-conv"
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C', H', W'); (..., in)
+        g = self.geometry
+        static = None if self.act_scale is None else QParams(self.act_scale, self.act_zero)
+        if g is None:
+            if x.shape[-1] != self.in_features:
+                raise LowbitError(f"expected (..., {self.in_features}), got a tensor of shape "
+                                  f"{tuple(x.shape)}")  # fmt: skip
+            qp = tensor_qparams(x, self.act, static)
+            return int8_tensor_linear(x, qp, self.act, self.weight_int8).to(x.dtype)
+        if x.dim() != 4 or x.shape[1] != g.in_channels:
+            raise LowbitError(f"expected (N, {g.in_channels}, H, W), got a tensor of shape "
+                              f"{tuple(x.shape)}")  # fmt: skip
+        qp = tensor_qparams(x, self.act, static)
+        return int8_conv(x, qp, self.act, self.weight_int8).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        if g is None:
+            return f"{self.in_features}, {self.out_features}, {self.kind}"
+        return (f"{g.in_channels}, {g.out_channels}, kernel={g.kernel_size}, stride={g.stride}, "
+                f"{self.kind}")  # fmt: skip
+
+
+def tensor_eligible(layer: QuantLinear) -> bool:
+    """Whether ``layer`` (a QuantLinear or QuantConv) is the format :class:`Int8TensorKernel`
+    runs, on a CPU that runs it."""
+    spec, act = layer.spec, layer.act
+    g = getattr(layer, "geometry", None)
+    if act is None or act.bits != 8 or act.granularity != "tensor":
+        return False
+    if g is not None and g.transposed and (g.groups != 1 or g.dilation != (1, 1)):
+        return False  # the phases of transposed_as_phases need neither
+    if not act.dynamic and torch.isnan(layer.act_scale).any():
+        return False  # an uncalibrated layer raises its own error on the reference path
+    weights = (spec.format == "int" and spec.bits == 8 and bool(spec.symmetric)
+               and spec.granularity == "channel" and not spec.lorc_rank)  # fmt: skip
+    return weights and onednn_conv_available()
+
+
+def tensor_kernel_module(layer: QuantLinear) -> Int8TensorKernel | None:
+    """The integer module for a W8A8 layer with per-tensor activations, or None when it keeps
+    the reference path (any other format, or a CPU without an exact int8 product)."""
+    if not tensor_eligible(layer):
+        return None
+    g = layer.geometry if isinstance(layer, QuantConv) else None
+    scale = layer.scale.reshape(-1)
+    if g is None:
+        weight = prepare_int8_linear(layer.int8_codes(), scale, layer.bias)
+    else:
+        weight = prepare_int8_conv(g.weight(layer.int8_codes()), scale, layer.bias, g.stride,
+                                   g.padding, g.dilation, g.groups, g.transposed,
+                                   g.output_padding)  # fmt: skip
+    static = None if layer.act.dynamic else QParams(layer.act_scale, layer.act_zero)
+    shape = (layer.out_features, layer.in_features)
+    return Int8TensorKernel(weight, g, shape, layer.act, static, layer.bias)
+
+
+__all__ = ["Int8TensorKernel", "tensor_eligible", "tensor_kernel_module"]
