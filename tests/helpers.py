@@ -147,3 +147,15 @@ def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return model.eval()
+
+
+def convnet():
+    """A tiny 2x upscaler of the waifu2x kind: convs, a grouped conv, a transposed conv."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.LeakyReLU(0.1),
+        nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.LeakyReLU(0.1),
+        nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1, bias=False),
+    ).eval()  # fmt: skip

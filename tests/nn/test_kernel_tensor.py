@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import make_recipe
+from helpers import convnet, make_recipe
 from lowbit import api
 from lowbit.calibration import image_calibration
 from lowbit.errors import LowbitError
@@ -20,16 +20,6 @@ from lowbit.nn.kernel_tensor import tensor_eligible, tensor_kernel_module
 
 W8 = {"bits": 8, "group_size": -1, "symmetric": True}
 STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
-
-
-def convnet() -> nn.Module:
-    """Convolutions (one grouped), LeakyReLU, a transposed convolution, as waifu2x."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.LeakyReLU(0.1),
-        nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.LeakyReLU(0.1),
-        nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1, bias=False),
-    ).eval()  # fmt: skip
 
 
 def quantized(weights: dict, acts: dict | None) -> nn.Module:

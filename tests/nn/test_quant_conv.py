@@ -6,23 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import make_recipe
+from helpers import convnet, make_recipe
 from lowbit import api
 from lowbit.errors import LowbitError
 from lowbit.nn import QuantConv
 from lowbit.nn.quant_conv import ConvGeometry, input_gram, input_rows, layer_dims, weight_matrix
 from lowbit.primitives import sqnr_db
 from lowbit.recipes import Recipe
-
-
-def convnet() -> nn.Module:
-    """A tiny 2x upscaler of the waifu2x kind: convs, a grouped conv, a transposed conv."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.LeakyReLU(0.1),
-        nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.LeakyReLU(0.1),
-        nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1, bias=False),
-    ).eval()  # fmt: skip
 
 
 @pytest.mark.parametrize("index", [0, 2, 4])
