@@ -52,6 +52,10 @@ def test_quantize_eval_and_reload_an_image_model(random_gan, tmp_path, capsys, m
 
     with Image.open(grid) as image:  # 4 rows of 3 images: taller than wide
         assert image.size[1] > image.size[0]
+    assert main(["diff", "dcgan-faces", str(out), "--json", "-q"]) == 0
+    diff = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert diff["images"] == 256 and len(diff["layers"]) == 5 and diff["mse"] > 0
+    assert diff["psnr"] == pytest.approx(summary["eval"]["psnr_ref"], abs=3)  # batch vs mean
     assert main(["eval", str(out), "--grid", str(grid)]) == 2
     assert "give --ref" in capsys.readouterr().err
     assert main(["eval", "waifu2x-upconv7", "--ref", "waifu2x-upconv7", "--fd"]) == 2

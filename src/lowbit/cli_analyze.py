@@ -22,11 +22,14 @@ with its Spearman rank correlation against the KL.
 """
 
 _DIFF_EPILOG = """\
-example:
+examples:
   lowbit diff smollm2-135m out/w4 --top 5
+  lowbit diff waifu2x-upconv7 out/sr          # an image model: output MSE instead of KL
 
-Each quantized layer of Q is put back in float, one at a time, and the model's KL(fp || q) is
-measured again; layers are ranked by how much KL their return to float removes.
+Each quantized layer of Q is put back in float, one at a time, and the model's damage is
+measured again: KL(fp || q) on text for a language model; for an image model (FP an image zoo
+name), the mean squared error of Q's outputs against FP's on the model's evaluation inputs
+(outputs in [0, 1]). Layers are ranked by how much damage their return to float removes.
 """
 
 
@@ -110,14 +113,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def add_diff(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "diff", parents=[common], help="rank a quantized model's layers by the KL they cause",
+        "diff", parents=[common], help="rank a quantized model's layers by the damage they cause",
         description="Find the layers that broke a quantized model: rank Q's quantized layers "
-        "by how much of KL(FP || Q) disappears when each is put back in float.",
+        "by how much of KL(FP || Q) (an image model: output MSE) disappears when each is put "
+        "back in float.",
         epilog=_DIFF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("fp", metavar="FP", help="the float model")
     p.add_argument("q", metavar="Q", help="a lowbit folder quantized from FP")
-    p.add_argument("--corpus", default="wiki", help="text to measure on (default: wiki)")
+    p.add_argument("--corpus", default="wiki",
+                   help="text to measure on (default: wiki; not for image models)")  # fmt: skip
     p.add_argument("--seqlen", type=positive, default=512, help="window length (default: 512)")
     p.add_argument("--tokens", type=positive, default=4096, help="tokens (default: 4096)")
     p.add_argument("--top", type=int, default=10, help="layers to list (default: 10)")
@@ -127,8 +132,11 @@ def add_diff(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from lowbit import api
-    from lowbit.cli_image import text_only
+    from lowbit.cli_image import image_entry, text_only
 
+    entry = image_entry(args.fp)
+    if entry is not None:
+        return _image_diff(args, entry)
     text_only("diff", args.fp, args.q)
     from lowbit.analysis import layer_contributions
     from lowbit.data import corpus_ids, eval_windows, load_corpus
@@ -152,4 +160,31 @@ def cmd_diff(args: argparse.Namespace) -> int:
     print("  KL removed   KL without  format                 layer")
     for c in ranked[: args.top]:
         print(f"  {c.reduction:10.5f}  {c.kl_without:10.5f}  {c.format:22s} {c.layer}")
+    return 0
+
+
+def _image_diff(args: argparse.Namespace, entry: Any) -> int:
+    """``lowbit diff`` of an image model: output MSE against FP on its evaluation inputs."""
+    import math
+
+    from lowbit import api
+    from lowbit.analysis import image_contributions
+
+    q = api.load(args.q, kernels=False)
+    if q.kind != "lowbit":
+        raise LowbitError(f"{args.q} is not a quantized lowbit folder")
+    inputs, _ = entry.evaluation()
+    total, ranked = image_contributions(entry.load(), q.model, inputs, entry.output_range,
+                                        progress=not args.quiet)  # fmt: skip
+    psnr = 10 * math.log10(1 / total) if 0 < total < float("inf") else None
+    if args.json:
+        print(json.dumps({"mse": total, "psnr": psnr, "images": int(inputs.shape[0]),
+                          "layers": [c.to_dict() for c in ranked]}))  # fmt: skip
+        return 0
+    shown = "inf" if psnr is None else f"{psnr:.2f}"
+    print(f"MSE(fp, q) = {total:.3e} (PSNR {shown} dB) on {inputs.shape[0]} {entry.name} "
+          f"evaluation inputs")  # fmt: skip
+    print(" MSE removed  MSE without  format                 layer")
+    for c in ranked[: args.top]:
+        print(f"  {c.reduction:10.3e}  {c.kl_without:10.3e}  {c.format:22s} {c.layer}")
     return 0

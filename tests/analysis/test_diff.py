@@ -3,8 +3,9 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_llama
-from lowbit.analysis import layer_contributions
+from helpers import convnet, tiny_llama
+from lowbit import api
+from lowbit.analysis import image_contributions, layer_contributions
 from lowbit.errors import LowbitError
 from lowbit.pipeline import quantize_weights
 from lowbit.recipes import Recipe
@@ -50,3 +51,19 @@ def test_nan_weights_stop_quantization_naming_the_layer():
         model.get_submodule(BROKEN).weight[3, 5] = float("nan")
     with pytest.raises(LowbitError, match=BROKEN):
         quantize_weights(model, Recipe.from_dict(W8), None, progress=False)
+
+
+def test_diff_of_an_image_model_ranks_layers_by_output_error():
+    fp = convnet()
+    q = copy.deepcopy(fp)
+    two = {**W8, "ignore": [], "overrides": [{"match": "2", "weights": {"bits": 2}}]}
+    api.quantize(q, Recipe.from_dict(two), progress=False)
+    inputs = torch.rand(3, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+    total, ranked = image_contributions(fp, q, inputs, (-1.0, 1.0), progress=False)
+    assert ranked[0].layer == "2" and "int2" in ranked[0].format
+    assert total > ranked[0].kl_without >= 0 and len(ranked) == 3
+    assert set(ranked[0].to_dict()) == {"layer", "format", "mse_without", "mse_reduction"}
+    with pytest.raises(LowbitError, match="not a linear or convolution"):
+        image_contributions(torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity(),
+                                                torch.nn.Identity()), q, inputs, (-1.0, 1.0),
+                            progress=False)  # fmt: skip

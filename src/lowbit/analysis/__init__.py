@@ -2,7 +2,7 @@
 from it, and the ranking of a quantized model's layers by their share of its final KL."""
 
 from lowbit.analysis.allocate import allocate, allocation_recipe, candidate_specs, parse_size
-from lowbit.analysis.diff import layer_contributions
+from lowbit.analysis.diff import image_contributions, layer_contributions
 from lowbit.analysis.sensitivity import Sensitivity, measure_sensitivity
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "allocate",
     "allocation_recipe",
     "candidate_specs",
+    "image_contributions",
     "layer_contributions",
     "measure_sensitivity",
     "parse_size",

@@ -1,14 +1,17 @@
-"""Which layers broke a quantized model: each quantized layer's share of the final KL.
+"""Which layers broke a quantized model: each quantized layer's share of the final damage.
 
 Every quantized layer of Q is swapped back to the float layer of FP, one at a time, and the
-KL(fp ‖ q) of the whole model is measured again; a layer's contribution is how much the KL falls
-without its quantization. A broken layer (zero or NaN scales, a far too coarse format) is the
-one whose return to float removes most of the damage.
+damage of the whole model is measured again: KL(fp ‖ q) on text for a language model, the mean
+squared error of Q's outputs against FP's on the same inputs for an image model (outputs mapped
+to [0, 1]); a layer's contribution is how much the damage falls without its quantization. A
+broken layer (zero or NaN scales, a far too coarse format) is the one whose return to float
+removes most of it.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,18 +22,23 @@ from lowbit.analysis.kl import mean_kl, reference_logprobs
 from lowbit.errors import LowbitError
 from lowbit.models.modules import set_module
 from lowbit.nn import QUANTIZED_MODULES
+from lowbit.nn.quant_conv import CONVS
+
+FLOAT_LAYERS = (nn.Linear, *CONVS)
 
 
 @dataclass
 class Contribution:
     layer: str
     format: str
-    kl_without: float  # KL of the model with this layer back in float
-    reduction: float  # total KL minus kl_without
+    kl_without: float  # the damage (KL, or MSE) of the model with this layer back in float
+    reduction: float  # total damage minus kl_without
+    metric: str = "kl"
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "format": self.format, "kl_without": self.kl_without,
-                "kl_reduction": self.reduction}  # fmt: skip
+        m = self.metric
+        return {"layer": self.layer, "format": self.format, f"{m}_without": self.kl_without,
+                f"{m}_reduction": self.reduction}  # fmt: skip
 
 
 @torch.no_grad()
@@ -39,25 +47,48 @@ def layer_contributions(
 ) -> tuple[float, list[Contribution]]:
     """(KL of Q, contributions sorted from the most harmful layer down)."""
     ref = reference_logprobs(fp, windows, batch_size)
-    total = _finite_kl(q, windows, ref, batch_size)
+    return _contributions(fp, q, lambda m: _finite_kl(m, windows, ref, batch_size), "kl",
+                          progress)  # fmt: skip
+
+
+@torch.no_grad()
+def image_contributions(fp: nn.Module, q: nn.Module, inputs: Tensor,
+                        output_range: tuple[float, float], batch_size: int = 16,
+                        progress: bool = True) -> tuple[float, list[Contribution]]:  # fmt: skip
+    """(MSE of Q's outputs against FP's on ``inputs``, outputs mapped from ``output_range`` to
+    [0, 1]; contributions sorted from the most harmful layer down)."""
+    from lowbit.eval.image import outputs
+
+    ref = outputs(fp, inputs, output_range, batch_size)
+
+    def mse(model: nn.Module) -> float:
+        err = float((outputs(model, inputs, output_range, batch_size) - ref).pow(2).mean())
+        return err if err == err else float("inf")
+
+    return _contributions(fp, q, mse, "mse", progress)
+
+
+def _contributions(fp: nn.Module, q: nn.Module, damage: Callable[[nn.Module], float],
+                   metric: str, progress: bool) -> tuple[float, list[Contribution]]:  # fmt: skip
     float_layers = dict(fp.named_modules())
     quantized = [(n, m) for n, m in q.named_modules() if isinstance(m, QUANTIZED_MODULES)]
     if not quantized:
         raise LowbitError("the second model has no quantized layers to compare")
+    for name, _ in quantized:  # before any measurement
+        if type(float_layers.get(name)) not in FLOAT_LAYERS:
+            raise LowbitError(f"{name} is quantized in Q but is not a linear or convolution of "
+                              f"FP; are FP and Q the same model?")  # fmt: skip
+    total = damage(q)
     out = []
     for name, module in tqdm(quantized, desc="diff", unit="layer", disable=not progress):
-        original = float_layers.get(name)
-        if not isinstance(original, nn.Linear):
-            raise LowbitError(f"{name} is quantized in Q but is not a linear layer of FP; "
-                              f"are FP and Q the same model?")  # fmt: skip
-        set_module(q, name, copy.deepcopy(original))
+        set_module(q, name, copy.deepcopy(float_layers[name]))
         try:
-            without = _finite_kl(q, windows, ref, batch_size)
+            without = damage(q)
         finally:
             set_module(q, name, module)
         spec = getattr(module, "spec", None)
         fmt = spec.short() if spec is not None else getattr(module, "kind", type(module).__name__)
-        out.append(Contribution(name, fmt, without, _reduction(total, without)))
+        out.append(Contribution(name, fmt, without, _reduction(total, without), metric))
     out.sort(key=lambda c: -c.reduction)
     return total, out
 
