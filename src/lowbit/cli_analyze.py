@@ -159,7 +159,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     print(f"KL(fp || q) = {total:.5f} on {windows.numel()} {args.corpus} tokens")
     print("  KL removed   KL without  format                 layer")
     for c in ranked[: args.top]:
-        print(f"  {c.reduction:10.5f}  {c.kl_without:10.5f}  {c.format:22s} {c.layer}")
+        print(f"  {c.reduction:10.5f}  {c.without:10.5f}  {c.format:22s} {c.layer}")
     return 0
 
 
@@ -186,5 +186,5 @@ def _image_diff(args: argparse.Namespace, entry: Any) -> int:
           f"evaluation inputs")  # fmt: skip
     print(" MSE removed  MSE without  format                 layer")
     for c in ranked[: args.top]:
-        print(f"  {c.reduction:10.3e}  {c.kl_without:10.3e}  {c.format:22s} {c.layer}")
+        print(f"  {c.reduction:10.3e}  {c.without:10.3e}  {c.format:22s} {c.layer}")
     return 0

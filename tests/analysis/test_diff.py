@@ -61,7 +61,7 @@ def test_diff_of_an_image_model_ranks_layers_by_output_error():
     inputs = torch.rand(3, 3, 10, 10, generator=torch.Generator().manual_seed(2))
     total, ranked = image_contributions(fp, q, inputs, (-1.0, 1.0), progress=False)
     assert ranked[0].layer == "2" and "int2" in ranked[0].format
-    assert total > ranked[0].kl_without >= 0 and len(ranked) == 3
+    assert total > ranked[0].without >= 0 and len(ranked) == 3
     assert set(ranked[0].to_dict()) == {"layer", "format", "mse_without", "mse_reduction"}
     with pytest.raises(LowbitError, match="not a linear or convolution"):
         image_contributions(torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity(),

@@ -13,7 +13,7 @@ from lowbit.kernels.int8_conv import (
     input_codes,
     int8_conv,
     interleave,
-    onednn_conv_available,
+    onednn_int8_available,
     prepare_int8_conv,
     transposed_as_phases,
 )
@@ -21,7 +21,7 @@ from lowbit.primitives import QParams
 from lowbit.primitives.activations import act_codes, tensor_qparams
 
 needs_onednn = pytest.mark.skipif(
-    not onednn_conv_available(), reason="oneDNN's int8 convolution is exact on AVX-512 VNNI only"
+    not onednn_int8_available(), reason="oneDNN's int8 convolution is exact on AVX-512 VNNI only"
 )
 ASYM = ActivationSpec(bits=8, granularity="tensor", dynamic=False, symmetric=False)
 SYM = ActivationSpec(bits=8, granularity="tensor", dynamic=True, symmetric=True)

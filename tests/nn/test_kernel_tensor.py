@@ -13,7 +13,7 @@ from lowbit import api
 from lowbit.calibration import image_calibration
 from lowbit.errors import LowbitError
 from lowbit.eval.size import model_size
-from lowbit.kernels.int8_conv import onednn_conv_available
+from lowbit.kernels.int8_conv import onednn_int8_available
 from lowbit.models import use_kernels
 from lowbit.nn import Int8TensorKernel, QuantConv, QuantLinear
 from lowbit.nn.kernel_tensor import tensor_eligible, tensor_kernel_module
@@ -34,7 +34,7 @@ def test_w8a8_convolutions_take_the_integer_path_where_it_is_exact(acts):
     model = quantized(W8, acts)
     fast = copy.deepcopy(model)
     counts = use_kernels(fast)
-    if not onednn_conv_available():  # AVX2 CPUs: oneDNN's int16 pair sums would saturate
+    if not onednn_int8_available():  # AVX2 CPUs: oneDNN's int16 pair sums would saturate
         assert counts == {"reference": 3}
         return
     assert counts == {"w8a8-conv": 3}
@@ -72,7 +72,7 @@ def test_linears_with_per_tensor_inputs_take_the_integer_path_too():
     assert all(isinstance(model[i], QuantLinear) for i in (0, 2))
     fast = copy.deepcopy(model)
     counts = use_kernels(fast)
-    if not onednn_conv_available():
+    if not onednn_int8_available():
         assert counts == {"reference": 2}
         return
     assert counts == {"w8a8-linear-tensor": 2}

@@ -31,13 +31,13 @@ FLOAT_LAYERS = (nn.Linear, *CONVS)
 class Contribution:
     layer: str
     format: str
-    kl_without: float  # the damage (KL, or MSE) of the model with this layer back in float
-    reduction: float  # total damage minus kl_without
+    without: float  # the damage (KL, or MSE) of the model with this layer back in float
+    reduction: float  # total damage minus without
     metric: str = "kl"
 
     def to_dict(self) -> dict:
         m = self.metric
-        return {"layer": self.layer, "format": self.format, f"{m}_without": self.kl_without,
+        return {"layer": self.layer, "format": self.format, f"{m}_without": self.without,
                 f"{m}_reduction": self.reduction}  # fmt: skip
 
 

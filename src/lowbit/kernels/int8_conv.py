@@ -59,6 +59,7 @@ class Int8Conv:
 
     packed: Tensor
     scale: Tensor
+    zeros: Tensor  # the weights' zero points (all 0, symmetric): the op takes them per call
     bias: Tensor | None
     stride: list[int]
     padding: list[int]
@@ -73,12 +74,14 @@ class Int8TensorLinear:
 
     packed: Tensor
     scale: Tensor
+    zeros: Tensor
     bias: Tensor | None
 
 
 @functools.cache
-def onednn_conv_available() -> bool:
-    """Whether this torch has oneDNN's quantized convolution and the CPU multiplies exactly."""
+def onednn_int8_available() -> bool:
+    """Whether this torch has oneDNN's int8 convolution and linear and the CPU multiplies
+    exactly."""
     if not has_avx512_vnni():
         return False
     try:
@@ -105,7 +108,8 @@ def prepare_int8_conv(codes: Tensor, scale: Tensor, bias: Tensor | None,
     # the input range given here only picks oneDNN's layout; each call passes its own
     packed = torch.ops.onednn.qconv_prepack(codes.to(torch.int8).contiguous(), scale, 1.0, 0,
                                             *geometry, groups, None)  # fmt: skip
-    return Int8Conv(packed, scale, bias, *geometry, groups, phases)
+    zeros = torch.zeros(scale.numel(), dtype=torch.long)
+    return Int8Conv(packed, scale, zeros, bias, *geometry, groups, phases)
 
 
 def transposed_as_phases(codes: Tensor, scale: Tensor, bias: Tensor | None,
@@ -137,17 +141,18 @@ def prepare_int8_linear(codes: Tensor, scale: Tensor, bias: Tensor | None) -> In
     """Pack a linear's int8 codes (out, in) with per-row scales (oneDNN's int8 linear)."""
     packed = torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
     bias = None if bias is None else bias.detach().float().contiguous()
-    return Int8TensorLinear(packed, scale.float().reshape(-1).contiguous(), bias)
+    scale = scale.float().reshape(-1).contiguous()
+    return Int8TensorLinear(packed, scale, torch.zeros(scale.numel(), dtype=torch.long), bias)
 
 
 def int8_tensor_linear(x: Tensor, qp: QParams, spec: ActivationSpec,
                        weight: Int8TensorLinear) -> Tensor:  # fmt: skip
     """``((codes - zero)·scale) @ Wᵀ + bias`` for float32 ``x`` (..., in) rounded to the
     per-tensor grid ``qp``, as :func:`int8_conv` for a linear."""
-    codes = input_codes(x.float().contiguous(), qp, spec)
-    zeros = torch.zeros(weight.scale.numel(), dtype=torch.long)
+    codes = input_codes(_dense(x), qp, spec)
     return torch.ops.onednn.qlinear_pointwise(
-        codes, float(qp.scale), int(qp.zero), weight.packed, weight.scale, zeros, weight.bias,
+        codes, float(qp.scale), int(qp.zero), weight.packed, weight.scale, weight.zeros,
+        weight.bias,
         1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
 
@@ -164,13 +169,12 @@ def int8_conv(x: Tensor, qp: QParams, spec: ActivationSpec, weight: Int8Conv) ->
     """``conv((codes - zero)·scale, W) + bias`` for float32 ``x`` (N, C, H, W) rounded to the
     per-tensor grid ``qp`` (:func:`lowbit.primitives.activations.tensor_qparams`); float32
     out (channels-last, as oneDNN writes it)."""
-    codes = input_codes(x.float().contiguous(memory_format=_layout(x)), qp, spec)
+    codes = input_codes(_dense(x), qp, spec)
     zero, phases = int(qp.zero), weight.phases
     if phases is not None and any(more := extra_inputs(phases, x.shape)):
         codes = torch.nn.functional.pad(codes, (0, more[1], 0, more[0]), value=zero)
-    zeros = torch.zeros(weight.scale.numel(), dtype=torch.long)
     y = torch.ops.onednn.qconv2d_pointwise(
-        codes, float(qp.scale), zero, weight.packed, weight.scale, zeros, weight.bias,
+        codes, float(qp.scale), zero, weight.packed, weight.scale, weight.zeros, weight.bias,
         weight.stride, weight.padding, weight.dilation, weight.groups, 1.0, 0, torch.float32,
         "none", [], "",
     )  # fmt: skip
@@ -200,12 +204,13 @@ def interleave(y: Tensor, shape: torch.Size, phases: Phases) -> Tensor:
     return full[:, :, py : py + oh, px : px + ow]
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    """Keep a channels-last input (oneDNN's output) channels-last: no copy."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
+def _dense(x: Tensor) -> Tensor:
+    """float32 ``x`` contiguous, kept channels-last where it is (oneDNN's outputs: no copy)."""
+    x = x.float()
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return x if cl or x.is_contiguous() else x.contiguous()
 
 
 __all__ = ["Int8Conv", "Int8TensorLinear", "Phases", "extra_inputs", "input_codes",
-           "int8_conv", "int8_tensor_linear", "interleave", "onednn_conv_available",
+           "int8_conv", "int8_tensor_linear", "interleave", "onednn_int8_available",
            "prepare_int8_conv", "prepare_int8_linear", "transposed_as_phases"]  # fmt: skip

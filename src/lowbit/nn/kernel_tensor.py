@@ -19,7 +19,7 @@ from lowbit.kernels.int8_conv import (
     Int8TensorLinear,
     int8_conv,
     int8_tensor_linear,
-    onednn_conv_available,
+    onednn_int8_available,
     prepare_int8_conv,
     prepare_int8_linear,
 )
@@ -94,7 +94,7 @@ def tensor_eligible(layer: QuantLinear) -> bool:
         return False  # an uncalibrated layer raises its own error on the reference path
     weights = (spec.format == "int" and spec.bits == 8 and bool(spec.symmetric)
                and spec.granularity == "channel" and not spec.lorc_rank)  # fmt: skip
-    return weights and onednn_conv_available()
+    return weights and onednn_int8_available()
 
 
 def tensor_kernel_module(layer: QuantLinear) -> Int8TensorKernel | None:
