@@ -90,6 +90,10 @@ class QDQConv(nn.Module):
         self.register_buffer("bias", mod.bias.detach().float() if mod.bias is not None
                              else torch.zeros(geo.out_channels))  # fmt: skip
         static = act is not None and not act.dynamic
+        if static and mod.act_scale.numel() > 1:
+            raise LowbitError(f"{layer}: per-step activation ranges (a diffusion sampler's) "
+                              f"have no ONNX form here; quantize with step_groups: 1 to "
+                              f"export")  # fmt: skip
         self.register_buffer("act_scale", mod.act_scale.float().reshape(()) if static
                              else torch.ones(()))  # fmt: skip
         act_zero = mod.act_zero if static and mod.act_zero is not None else None
@@ -272,6 +276,9 @@ def write_onnx_image(model: nn.Module, example: Tensor, name: str, folder: Path,
         raise LowbitError(
             "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'lowbit[export]'"
         ) from None
+    if getattr(model, "repeats_layers", False):
+        raise LowbitError(f"{name} is a sampling loop (its layers run once per step); ONNX "
+                          f"export takes models that run each layer once")  # fmt: skip
     table = _register()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantConv)]
     if not layers:

@@ -165,6 +165,8 @@ class ActivationSpec:
     arrives (ZeroQuant); ``granularity: tensor`` uses one range for the whole input: computed at
     run time (``dynamic: true``) or calibrated once beforehand with ``observer``
     (``dynamic: false``, static) and stored with the model. Asymmetric grids keep an integer zero.
+    ``step_groups`` (static only): that many calibrated ranges, one per equal slice of a diffusion
+    sampler's timestep axis (see :mod:`lowbit.nn.steps`).
     """
 
     bits: int = 8
@@ -172,6 +174,7 @@ class ActivationSpec:
     granularity: Literal["token", "tensor"] = "token"
     dynamic: bool = True
     observer: ObserverSpec = field(default_factory=ObserverSpec)
+    step_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -184,6 +187,13 @@ class ActivationSpec:
         if self.observer.name == "hqq":
             raise LowbitError("activations.observer: hqq fits weights only; use minmax, "
                               "percentile, mse, entropy or meanstd")  # fmt: skip
+        groups = self.step_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= 1000:
+            raise LowbitError(f"activations.step_groups must be an integer from 1 to 1000, got "
+                              f"{groups!r}")  # fmt: skip
+        if groups > 1 and self.dynamic:
+            raise LowbitError("activations.step_groups: per-step ranges are calibrated; set "
+                              "dynamic: false")  # fmt: skip
 
     @property
     def static(self) -> bool:
@@ -201,6 +211,7 @@ class ActivationSpec:
 
     def short(self) -> str:
         mode = "dyn" if self.dynamic else f"static-{self.observer.name}"
+        mode += f"-steps{self.step_groups}" if self.step_groups > 1 else ""
         return f"a{self.bits}-{'sym' if self.symmetric else 'asym'}-{self.granularity}-{mode}"
 
     @classmethod

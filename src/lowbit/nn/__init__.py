@@ -9,6 +9,7 @@ from lowbit.nn.kernel_linear import (
 from lowbit.nn.kernel_tensor import Int8TensorKernel
 from lowbit.nn.quant_conv import QuantConv
 from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn.steps import select_step
 
 QUANTIZED_MODULES = (
     QuantLinear,
@@ -28,4 +29,5 @@ __all__ = [
     "QuantConv",
     "QuantLinear",
     "kernel_module",
+    "select_step",
 ]

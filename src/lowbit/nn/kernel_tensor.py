@@ -25,6 +25,7 @@ from lowbit.kernels.int8_conv import (
 )
 from lowbit.nn.quant_conv import ConvGeometry, QuantConv
 from lowbit.nn.quant_linear import QuantLinear, nbytes
+from lowbit.nn.steps import current_range
 from lowbit.primitives import QParams
 from lowbit.primitives.activations import tensor_qparams
 
@@ -43,6 +44,8 @@ class Int8TensorKernel(nn.Module):
         self.register_buffer("act_scale", None if static is None else static.scale.clone())
         zero = None if static is None or static.zero is None else static.zero.clone()
         self.register_buffer("act_zero", zero)
+        if static is not None and static.scale.numel() > 1:
+            self.step_position: float | None = None  # set by lowbit.nn.select_step
         # the bias the kernel adds is in ``weight`` (repeated per phase for a transposed layer)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
 
@@ -60,7 +63,10 @@ class Int8TensorKernel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C', H', W'); (..., in)
         g = self.geometry
-        static = None if self.act_scale is None else QParams(self.act_scale, self.act_zero)
+        static = None
+        if self.act_scale is not None:
+            position = getattr(self, "step_position", None)
+            static = current_range(self.act_scale, self.act_zero, position, self.kind)
         if g is None:
             if x.shape[-1] != self.in_features:
                 raise LowbitError(f"expected (..., {self.in_features}), got a tensor of shape "

@@ -9,8 +9,9 @@ Buffers (what is saved and what occupies RAM):
   integer codes packed along the block dim (``zero_point: int``);
 - ``lorc_u`` (out, r), ``lorc_v`` (r, in): fp16 low-rank error correction when the spec has
   ``lorc_rank`` r > 0 (the layer computes with codes·scales + U·V).
-- ``act_scale`` (1,) fp32 and, for asymmetric grids, ``act_zero`` (1,) uint8: layers with static
-  activation ranges (``act`` set, ``dynamic: false``), filled by calibration.
+- ``act_scale`` (G,) fp32 and, for asymmetric grids, ``act_zero`` (G,) uint8: layers with static
+  activation ranges (``act`` set, ``dynamic: false``), filled by calibration; G is 1, or the
+  number of per-step ranges of a diffusion model's layer (:mod:`lowbit.nn.steps`).
 The forward pass rounds the inputs when ``act`` is set (per token or per tensor, dynamic or with
 the stored static range: :mod:`lowbit.primitives.activations`; int8 per-channel weights with
 8-bit symmetric per-token inputs use the int8 reference of :mod:`lowbit.kernels.int8`, whose grid
@@ -28,6 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.granularity import n_blocks, weight_block
 from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.kernels.int8 import Int8Weight, int8_eligible, int8_linear_reference
+from lowbit.nn.steps import current_range
 from lowbit.packing import pack, packed_length, unpack
 from lowbit.primitives import QParams, QuantizedWeight, dequantize_weight, grid_of
 from lowbit.primitives.activations import fake_quantize_dynamic, fake_quantize_static
@@ -83,10 +85,14 @@ class QuantLinear(nn.Module):
             "lorc_v", torch.zeros(r, in_features, dtype=torch.float16) if r else None
         )
         static = act is not None and act.static
-        self.register_buffer("act_scale", torch.full((1,), torch.nan) if static else None)
+        ranges = act.step_groups if static else 1  # one per slice of a sampler's timesteps
+        self.register_buffer("act_scale", torch.full((ranges,), torch.nan) if static else None)
         self.register_buffer(
-            "act_zero", torch.zeros(1, dtype=torch.uint8) if static and not act.symmetric else None
+            "act_zero",
+            torch.zeros(ranges, dtype=torch.uint8) if static and not act.symmetric else None,
         )
+        if ranges > 1:
+            self.step_position: float | None = None  # set by lowbit.nn.select_step
         self.observing = False  # set by activation calibration: inputs pass through unrounded
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
@@ -147,11 +153,18 @@ class QuantLinear(nn.Module):
         """Signed codes (out, in) as int8 of a symmetric layer of up to 8 bits (u - 2**(b-1))."""
         return (self.codes().to(torch.int16) - self.spec.qtype.mid).to(torch.int8)
 
-    def set_static_range(self, qp: QParams) -> None:
-        """Store a calibrated static activation (scale, zero)."""
-        self.act_scale.copy_(qp.scale.reshape(1))
+    def set_static_range(self, qp: QParams, group: int = 0) -> None:
+        """Store a calibrated static activation (scale, zero), of step ``group`` for a layer
+        with per-step ranges."""
+        self.act_scale[group : group + 1].copy_(qp.scale.reshape(1))
         if self.act_zero is not None:
-            self.act_zero.copy_(qp.zero.reshape(1))
+            self.act_zero[group : group + 1].copy_(qp.zero.reshape(1))
+
+    def static_range(self) -> QParams:
+        """The calibrated (scale, zero) the layer's input is rounded with now (of the current
+        step group for a layer with per-step ranges)."""
+        return current_range(self.act_scale, self.act_zero, getattr(self, "step_position", None),
+                             type(self).__name__)  # fmt: skip
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """The input as the layer computes with it (rounded to the activation grid, if any)."""
@@ -164,7 +177,7 @@ class QuantLinear(nn.Module):
                 "static activation range not calibrated; quantize with "
                 "calibration data (lowbit.pipeline.calibrate_activations)"
             )
-        return fake_quantize_static(x, QParams(self.act_scale, self.act_zero), self.act)
+        return fake_quantize_static(x, self.static_range(), self.act)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         if int8_eligible(self.spec, self.act) and not self.observing:

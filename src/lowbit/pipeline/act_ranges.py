@@ -21,6 +21,7 @@ from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
+from lowbit.nn.steps import step_group
 from lowbit.primitives.activations import static_qparams
 
 Step = tuple[int, Callable[[], None]]  # (calibration batch index, run the forward pass on it)
@@ -63,7 +64,7 @@ def observe_ranges(
     if not layers:
         return 0
     group = group or Group()
-    seen: dict[str, dict[int, list[Tensor]]] = {n: {} for n in layers}
+    seen: dict[str, dict[tuple[int, int], list[Tensor]]] = {n: {} for n in layers}
     current = [0, torch.Generator()]
 
     def make_hook(name: str):
@@ -74,7 +75,9 @@ def observe_ranges(
             n = min(samples_per_batch, x.numel())
             idx = torch.randint(0, x.numel(), (n,), generator=current[1])
             sample = torch.cat([x[idx], x.amin().reshape(1), x.amax().reshape(1)])
-            seen[name].setdefault(current[0], []).append(sample)
+            step = step_group(getattr(module, "step_position", None),
+                              module.act_scale.numel(), name)  # fmt: skip
+            seen[name].setdefault((current[0], step), []).append(sample)
 
         return hook
 
@@ -92,19 +95,25 @@ def observe_ranges(
             m.observing = False
     pooled = _pooled(seen, group)
     for name, module in layers.items():
-        if not pooled[name]:
-            raise LowbitError(f"{name} saw no calibration data; its static range is unset")
-        module.set_static_range(static_qparams(torch.cat(pooled[name]), module.act))
+        for step in range(module.act_scale.numel()):
+            parts = [s for (_, g), s in pooled[name] if g == step]
+            if not parts:
+                what = f"step group {step} of {name}" if step or module.act_scale.numel() > 1 \
+                    else name  # fmt: skip
+                raise LowbitError(f"{what} saw no calibration data; its static range is unset")
+            module.set_static_range(static_qparams(torch.cat(parts), module.act), step)
     return len(layers)
 
 
-def _pooled(seen: dict[str, dict[int, list[Tensor]]], group: Group) -> dict[str, list[Tensor]]:
-    """Each layer's samples from every rank, in batch order."""
-    mine = {f"{index}/{name}": torch.cat(parts) for name, by in seen.items()
-            for index, parts in by.items()}  # fmt: skip
-    every: dict[str, dict[int, Tensor]] = {n: {} for n in seen}
+def _pooled(seen: dict[str, dict[tuple[int, int], list[Tensor]]],
+            group: Group) -> dict[str, list[tuple[tuple[int, int], Tensor]]]:  # fmt: skip
+    """Each layer's samples from every rank, ((batch index, step group), sample) in batch
+    order."""
+    mine = {f"{index}/{step}/{name}": torch.cat(parts) for name, by in seen.items()
+            for (index, step), parts in by.items()}  # fmt: skip
+    every: dict[str, dict[tuple[int, int], Tensor]] = {n: {} for n in seen}
     for found in group.gather(mine):
         for key, sample in found.items():
-            index, name = key.split("/", 1)
-            every[name][int(index)] = sample
-    return {n: [by[i] for i in sorted(by)] for n, by in every.items()}
+            index, step, name = key.split("/", 2)
+            every[name][int(index), int(step)] = sample
+    return {n: sorted(by.items(), key=lambda kv: kv[0]) for n, by in every.items()}

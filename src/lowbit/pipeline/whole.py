@@ -3,9 +3,10 @@
 The whole model is GPTQ's one block: layer after layer, in the plan's order, each layer's input
 Hessian is measured on the calibration inputs with every layer before it already quantized (the
 sequential order; their inputs pass unrounded, static ranges come after), then GPTQ fits it and
-it is packed at once. A convolution's Hessian is over the im2col rows its weight matrix
-multiplies (``ConvGeometry.gram``). The forward pass stops as soon as the layer has seen its
-input, so early layers cost a fraction of a pass.
+it is packed at once (a sampler that runs each layer once per step, ``repeats_layers``,
+runs whole: the Hessian covers every step). A convolution's Hessian is over the im2col rows
+its weight matrix multiplies (``ConvGeometry.gram``). The forward pass stops as soon as the
+layer has seen its input, so early layers cost a fraction of a pass.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def gptq_whole(
 
 def _hessian(model: nn.Module, name: str, module: nn.Module, columns: int,
              calibration: CalibrationSet, batch_size: int) -> Tensor:  # fmt: skip
-    with collect_input_stats({name: module}, hessian=True, stop_when_done=True) as stats:
+    # a sampler runs each layer once per step: its Hessian sums the inputs of every step
+    repeats = getattr(model, "repeats_layers", False)
+    with collect_input_stats({name: module}, hessian=True, stop_when_done=not repeats) as stats:
         for batch in calibration.windows.split(batch_size):
             with contextlib.suppress(StopForward):
                 forward_logits(model, batch)

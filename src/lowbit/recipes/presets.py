@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 _KEEP_HEAD = ["lm_head"]  # the output projection is usually tied to the embeddings and sensitive
+# conv-w8a8-steps: ranges per layer, one per fifth of the timestep axis: any sampler of 5 or more
+# steps reaches each slice (benchmarks/ddpm_table.py: 5 and 25 both beat one range)
+STEP_GROUPS = 5
 
 
 def _weights(bits: int, group: int, symmetric: bool = False, **extra: Any) -> dict[str, Any]:
@@ -111,11 +114,15 @@ def _image_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     image = {"activations": acts, "ignore": []}  # no language-model head to keep
     static = {**_recipe("conv-w8a8-static", "rtn", _weights(8, -1, True)), **image}
     gptq = {**_recipe("conv-w8a8-gptq", "gptq", _weights(8, -1, True)), **image}
+    steps = {**_recipe("conv-w8a8-steps", "rtn", _weights(8, -1, True)),
+             "activations": {**acts, "step_groups": STEP_GROUPS}, "ignore": []}  # fmt: skip
     return {
         "conv-w8a8-static": ("image models: int8 per-channel weights, one calibrated 8-bit "
                              "range per layer (min-max)", static),
         "conv-w8a8-gptq": ("image models: as conv-w8a8-static with GPTQ weights (im2col "
                            "Hessians)", gptq),
+        "conv-w8a8-steps": (f"diffusion samplers: as conv-w8a8-static with {STEP_GROUPS} "
+                            f"ranges per layer, one per slice of the timesteps", steps),
     }  # fmt: skip
 
 

@@ -1,11 +1,11 @@
 """Generative image models: architectures ported to torch and their pinned offline weights.
 
 :func:`image_models` names them for ``load_model`` (zoo names ``waifu2x-upconv7``,
-``waifu2x-upresnet10``, ``dcgan-faces`` and ``cdcgan-eyes``) and for loading a quantized folder
-of one (its skeleton is built from the name its manifest records, with BatchNorm folded as
-quantization left it). Their classes set ``quantized_whole``: a repeated stack of residual
-blocks is not a decoder's, and the block runner (which feeds token ids) must not take it for
-one.
+``waifu2x-upresnet10``, ``dcgan-faces``, ``cdcgan-eyes`` and ``ddpm-digits``) and for loading
+a quantized folder of one (its skeleton is built from the name its manifest records, with
+BatchNorm folded as quantization left it). Their classes set ``quantized_whole``: a
+repeated stack of residual blocks is not a decoder's, and the block runner (which feeds token
+ids) must not take it for one.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from lowbit.models.images.cdcgan import LATENT as EYES_LATENT
 from lowbit.models.images.cdcgan import CDCGANGenerator, cdcgan_eyes, cycling_classes
 from lowbit.models.images.data import latents, sr_calibration, sr_crops, sr_evaluation
 from lowbit.models.images.dcgan import LATENT, DCGANGenerator, dcgan_faces
+from lowbit.models.images.ddpm import DigitsDDPM, ddpm_digits, noise
 from lowbit.models.images.waifu2x import (
     UpConv7,
     UpResNet10,
@@ -64,6 +65,14 @@ def _eyes_evaluation() -> tuple[Tensor, None]:
     return cycling_classes(latents(256, EYES_LATENT, seed=0)), None
 
 
+def _ddpm_calibration() -> Tensor:
+    return noise(64, seed=1)  # 25 steps each: every layer sees 1,600 inputs per range slice
+
+
+def _ddpm_evaluation() -> tuple[Tensor, None]:
+    return noise(256, seed=0), None
+
+
 def image_models() -> dict[str, ImageModel]:
     entries = (
         ImageModel("waifu2x-upconv7", "waifu2x upconv7 2x super-resolution (995k params); "
@@ -81,10 +90,25 @@ def image_models() -> dict[str, ImageModel]:
                    "of 8 eye colours to 128x128 RGB (12.9M params); calibrated on 512 latents, "
                    "scored on 256 others (colours cycling)", CDCGANGenerator, cdcgan_eyes,
                    _eyes_calibration, _eyes_evaluation, (-1.0, 1.0)),
+        ImageModel("ddpm-digits", "DDPM (diffusers UNet2DModel, 1.1M params) trained here once "
+                   "on scikit-learn's digits at 16x16; noise to digits in 25 DDIM steps; "
+                   "calibrated on 64 noise images, scored on 256 others", DigitsDDPM,
+                   ddpm_digits, _ddpm_calibration, _ddpm_evaluation, (-1.0, 1.0), channels=1),
     )  # fmt: skip
     return {e.name: e for e in entries}
 
 
-__all__ = ["CDCGANGenerator", "DCGANGenerator", "ImageModel", "UpConv7", "UpResNet10",
-           "cdcgan_eyes", "dcgan_faces", "image_models", "waifu2x_upconv7",
-           "waifu2x_upresnet10"]  # fmt: skip
+__all__ = [
+    "CDCGANGenerator",
+    "DCGANGenerator",
+    "DigitsDDPM",
+    "ImageModel",
+    "UpConv7",
+    "UpResNet10",
+    "cdcgan_eyes",
+    "dcgan_faces",
+    "ddpm_digits",
+    "image_models",
+    "waifu2x_upconv7",
+    "waifu2x_upresnet10",
+]  # fmt: skip

@@ -44,10 +44,12 @@ def inception_extractor() -> nn.Module:
 
 @torch.inference_mode()
 def inception_features(extractor: nn.Module, images: Tensor, batch: int = 32) -> Tensor:
-    """(N, 2048) features of ``images`` (N, 3, H, W) in [0, 1]."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise LowbitError(f"Inception features need RGB images (N, 3, H, W), got "
-                          f"{tuple(images.shape)}")  # fmt: skip
+    """(N, 2048) features of ``images`` (N, 3, H, W) in [0, 1]; grayscale (N, 1, H, W) images
+    are repeated over the three channels (as FID on MNIST-like sets is taken)."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise LowbitError(f"Inception features need RGB or grayscale images (N, 3|1, H, W), "
+                          f"got {tuple(images.shape)}")  # fmt: skip
+    images = images.expand(-1, 3, -1, -1)
     lo, hi = INPUT_RANGE
     out = []
     for chunk in images.split(batch):
