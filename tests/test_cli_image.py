@@ -77,6 +77,23 @@ def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):
         assert "works on language models" in capsys.readouterr().err
 
 
+def test_mixed_precision_picks_each_convolutions_format_by_output_error(random_gan, tmp_path,
+                                                                        capsys):  # fmt: skip
+    out = tmp_path / "mixed"
+    assert main(["quantize", "dcgan-faces", "--recipe", "w4-rtn-channel", "--target-bits", "6",
+                 "--candidates", "4", "8", "--analysis-samples", "8", "--out", str(out),
+                 "--json", "-q"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    mixed = summary["mixed_precision"]
+    assert 4 < summary["bits_per_weight"] <= 6 and mixed["analysis_tokens"] == 8
+    assert mixed["layers_per_candidate"]["int4"] >= 1 and mixed["layers_per_candidate"]["int8"] >= 1
+    assert mixed["predicted_mse"] > 0
+    manifest = json.loads((out / "lowbit.json").read_text())
+    bits = {n: v["weights"]["bits"] for n, v in manifest["layers"].items()}
+    assert len(bits) == 5 and set(bits.values()) == {4, 8}
+    assert manifest["mixed_precision"]["predicted_mse"] == pytest.approx(mixed["predicted_mse"])
+
+
 def test_a_super_resolution_model_calibrates_on_the_users_images(monkeypatch, tmp_path, capsys):
     from PIL import Image
 

@@ -49,7 +49,7 @@ from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.models.checkpoint import MANIFEST, read_manifest, write_extras, write_manifest
 from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
-from lowbit.models.normalize import conv1d_to_linear
+from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import (
     RotatedSource,
     Rotator,
@@ -65,6 +65,7 @@ from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
 from lowbit.pipeline.spin import learned_matrix, streamed_matrix
 from lowbit.pipeline.stream import stream_quantize
+from lowbit.pipeline.weights import quantized_whole
 from lowbit.recipes import Recipe, load_recipe, plan_layers
 
 __all__ = [
@@ -132,19 +133,27 @@ def analyze(
     calibration: CalibrationSet,
     candidates: Sequence[str] = ("2", "3", "4", "8", "float"),
     progress: bool = True,
+    output_range: tuple[float, float] | None = None,
 ) -> Sensitivity:
     """Per-layer sensitivity of ``model`` to each candidate format (the recipe's grid and group
-    size at each width, or ``float``): KL alone and the Hessian proxy, on ``calibration``."""
+    size at each width, or ``float``): the damage of each alone (KL on text; for an image model,
+    calibrated on images, the MSE of its outputs, which span ``output_range``) and the Hessian
+    proxy, on ``calibration``. An image model's convolutions are measured as quantization will
+    see them (BatchNorm folded first)."""
     if isinstance(recipe, str):
         recipe = load_recipe(recipe)
     if recipe.weights is None:
         raise LowbitError("the recipe has no default weights to take the candidates' grid from")
     conv1d_to_linear(model)
-    layers = quantizable_layers(model)
+    whole = quantized_whole(model)
+    if whole:
+        fold_batchnorm(model)
+    layers = quantizable_layers(model, convs=whole)
     plan = plan_layers(recipe, layers)
     specs = candidate_specs(recipe.weights, list(candidates))
     chosen = {n: m for n, m in layers if n in plan}
-    return measure_sensitivity(model, chosen, specs, calibration.windows, progress=progress)
+    return measure_sensitivity(model, chosen, specs, calibration.windows, progress=progress,
+                               output_range=output_range)  # fmt: skip
 
 
 def mixed_recipe(
@@ -171,7 +180,7 @@ def mixed_recipe(
     spent = sum(sens.bits[n][c] for n, c in choice.items())
     counts = {c: sum(1 for v in choice.values() if v == c) for c in sens.candidates}
     summary = {"budget_bits_per_weight": budget / weights, "bits_per_weight": spent / weights,
-               "predicted_kl": sum(sens.kl[n][c] for n, c in choice.items()),
+               f"predicted_{sens.metric}": sum(sens.damage[n][c] for n, c in choice.items()),
                "layers_per_candidate": counts, "rank_correlation": sens.rank_correlation(),
                "analysis_tokens": sens.tokens}  # fmt: skip
     return allocation_recipe(recipe, sens, choice), summary

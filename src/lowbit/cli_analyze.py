@@ -103,11 +103,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
           f"{sens.tokens} {args.calib} tokens")  # fmt: skip
     print(f"proxy rank correlation (Spearman, all pairs): {sens.rank_correlation():.3f}")
     for cand in sens.candidates:
-        ranked = sorted(sens.layers, key=lambda n: -sens.kl[n][cand])[: args.top]
+        ranked = sorted(sens.layers, key=lambda n: -sens.damage[n][cand])[: args.top]
         rho = sens.rank_correlation(cand)
         print(f"\n{cand} ({sens.candidates[cand].short()}; proxy rank corr {rho:.3f}):")
         for name in ranked:
-            print(f"  {sens.kl[name][cand]:10.5f}  {name}")
+            print(f"  {sens.damage[name][cand]:10.5f}  {name}")
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
+IMAGE_ANALYSIS_SAMPLES = 16  # calibration inputs the mixed-precision analysis runs on
 
 
 def image_entry(model: str) -> Any:
@@ -49,8 +50,7 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit.calibration import image_calibration
 
     unsupported = [flag for flag, on in (("--dry-run", args.dry_run),
-                   ("--max-memory", args.max_memory), ("--target-bits", args.target_bits),
-                   ("--target-size", args.target_size)) if on]  # fmt: skip
+                   ("--max-memory", args.max_memory)) if on]  # fmt: skip
     if unsupported:
         raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
                           f"model held in memory")  # fmt: skip
@@ -60,8 +60,9 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     recipe = api.load_recipe(args.recipe)
     images = _user_images(entry, args.calib_images)
     src = api.load_model(entry.name)
+    mixed = args.target_bits is not None or args.target_size is not None
     calibration = None
-    if api.needs_calibration(recipe):
+    if api.needs_calibration(recipe) or mixed:
         if images is not None:
             calibration = image_calibration(entry.from_images(images),
                                             f"crops of {args.calib_images}")  # fmt: skip
@@ -70,7 +71,12 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
                                             f"{entry.name} calibration inputs")  # fmt: skip
     elif images is not None:
         log.info("%s uses no calibration data; --calib-images is ignored", recipe.algorithm)
+    analysis = None
+    if mixed:
+        recipe, analysis = _mixed(args, src.model, recipe, calibration, entry)
+        calibration = calibration if api.needs_calibration(recipe) else None
     report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
+    report.analysis = analysis  # recorded in the manifest, as for a language model
     out = api.save(src.model, args.out, report, source=src, overwrite=args.overwrite)
     metrics = {}
     if args.eval:
@@ -80,6 +86,8 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     weights = sum(r.in_features * r.out_features for r in report.layers.values())
     summary = {"out": str(out), "layers": len(report.layers), "bits_per_weight": bits / weights,
                "seconds": report.seconds, **metrics}  # fmt: skip
+    if analysis is not None:
+        summary["mixed_precision"] = analysis
     if args.json:
         print(json.dumps(summary))
     else:
@@ -88,6 +96,26 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
         if metrics:
             print(_line(metrics["eval"]))
     return 0
+
+
+def _mixed(args: argparse.Namespace, model: Any, recipe: Any, calibration: Any,
+           entry: Any) -> tuple[Any, dict]:  # fmt: skip
+    """(recipe, summary) of ``--target-bits`` / ``--target-size``: each layer's format chosen
+    from the candidates by the output MSE it causes alone on the first calibration inputs."""
+    from lowbit import api
+    from lowbit.analysis import parse_size
+    from lowbit.calibration import image_calibration
+
+    n = args.analysis_samples or IMAGE_ANALYSIS_SAMPLES
+    sample = image_calibration(calibration.windows[:n], calibration.corpus)
+    sens = api.analyze(model, recipe, sample, args.candidates, progress=not args.quiet,
+                       output_range=entry.output_range)  # fmt: skip
+    target_bytes = parse_size(args.target_size) if args.target_size else None
+    mixed, summary = api.mixed_recipe(model, recipe, sens, args.target_bits, target_bytes)
+    counts = ", ".join(f"{c}: {k}" for c, k in summary["layers_per_candidate"].items() if k)
+    log.info("mixed precision: %.3f bits/weight (budget %.3f); layers %s",
+             summary["bits_per_weight"], summary["budget_bits_per_weight"], counts)  # fmt: skip
+    return mixed, summary
 
 
 def _user_images(entry: Any, path: str | None) -> Any:

@@ -71,3 +71,11 @@ def test_indefinite_hessian_raises_dampening_and_logs(caplog):
         q = gptq(w, h, WeightSpec(bits=4, group_size=32), GPTQOptions(act_order=False), "fc")
     assert torch.isfinite(q.dequantize()).all()
     assert "fc: Hessian not positive definite" in caplog.text
+
+
+def test_a_float_storage_format_is_stored_as_is():
+    """A mixed recipe's ``float`` layers (fp16 storage) have no grid to fit."""
+    w, h = torch.randn(8, 16), torch.eye(16)
+    got = gptq(w, h, WeightSpec(format="fp16", bits=16), GPTQOptions(), "l")
+    want = rtn(w, WeightSpec(format="fp16", bits=16), "l")
+    assert torch.equal(got.codes, want.codes)

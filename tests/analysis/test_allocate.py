@@ -17,9 +17,9 @@ def synthetic(n=6):
     bpw = {"int2": 2.5, "int4": 4.5, "int8": 8.5, "float": 16}
     for i in range(n):
         w = 1.0 + i  # later layers matter more
-        sens.kl[f"l{i}"] = {"int2": 4 * w, "int4": w / 2, "int8": w / 50, "float": 0.0}
+        sens.damage[f"l{i}"] = {"int2": 4 * w, "int4": w / 2, "int8": w / 50, "float": 0.0}
         sens.bits[f"l{i}"] = {c: int(1000 * b) for c, b in bpw.items()}
-        sens.proxy[f"l{i}"] = dict(sens.kl[f"l{i}"])
+        sens.proxy[f"l{i}"] = dict(sens.damage[f"l{i}"])
     return sens
 
 
@@ -29,7 +29,7 @@ def brute_force(sens, budget):
     for combo in itertools.product(cands, repeat=len(layers)):
         bits = sum(sens.bits[n][c] for n, c in zip(layers, combo, strict=True))
         if bits <= budget:
-            dmg = sum(sens.kl[n][c] for n, c in zip(layers, combo, strict=True))
+            dmg = sum(sens.damage[n][c] for n, c in zip(layers, combo, strict=True))
             best = dmg if best is None else min(best, dmg)
     return best
 
@@ -40,7 +40,7 @@ def test_the_choice_respects_the_budget_and_is_optimal(bpw):
     budget = bpw * 5000
     choice = allocate(sens, budget, resolution=20000)
     assert sum(sens.bits[n][c] for n, c in choice.items()) <= budget
-    damage = sum(sens.kl[n][c] for n, c in choice.items())
+    damage = sum(sens.damage[n][c] for n, c in choice.items())
     assert damage == pytest.approx(brute_force(sens, budget), rel=1e-9, abs=1e-12)
 
 

@@ -33,6 +33,7 @@ from lowbit.primitives import (
     grid_of,
     observe,
     quantize,
+    quantize_weight,
     to_blocks,
 )
 
@@ -60,7 +61,10 @@ class GPTQOptions:
 def gptq(
     weight: Tensor, hessian: Tensor, spec: WeightSpec, options: GPTQOptions, layer: str = ""
 ) -> QuantizedWeight:
-    """Quantize ``weight`` (out, in) given the input Hessian (in, in)."""
+    """Quantize ``weight`` (out, in) given the input Hessian (in, in). A float storage format
+    (fp16/bf16: a mixed recipe's ``float`` layers) has no grid to fit: it is stored as is."""
+    if grid_of(spec).qtype.kind == "float" and spec.format in ("fp16", "bf16"):
+        return quantize_weight(weight, spec, layer)
     w = weight.detach().float().clone()  # (out, in)
     h = hessian.detach().double().clone()  # (in, in)
     n_out, n_in = w.shape

@@ -59,10 +59,11 @@ def parse_size(text: str, option: str = "--target-size") -> int:
 
 
 def allocate(sens: Sensitivity, budget_bits: float, resolution: int = 20000) -> dict[str, str]:
-    """layer -> candidate minimising the summed KL with total stored bits <= ``budget_bits``."""
+    """layer -> candidate minimising the summed damage (KL or MSE) with total stored bits
+    <= ``budget_bits``."""
     layers, cands = list(sens.layers), list(sens.candidates)
     cost = np.array([[sens.bits[n][c] for c in cands] for n in layers], dtype=np.float64)
-    damage = np.array([[sens.kl[n][c] for c in cands] for n in layers], dtype=np.float64)
+    damage = np.array([[sens.damage[n][c] for c in cands] for n in layers], dtype=np.float64)
     least = cost.min(1).sum()
     if budget_bits < least:
         n = sum(sens.layers.values())

@@ -57,15 +57,11 @@ def image_contributions(fp: nn.Module, q: nn.Module, inputs: Tensor,
                         progress: bool = True) -> tuple[float, list[Contribution]]:  # fmt: skip
     """(MSE of Q's outputs against FP's on ``inputs``, outputs mapped from ``output_range`` to
     [0, 1]; contributions sorted from the most harmful layer down)."""
-    from lowbit.eval.image import outputs
+    from lowbit.eval.image import output_mse, outputs
 
     ref = outputs(fp, inputs, output_range, batch_size)
-
-    def mse(model: nn.Module) -> float:
-        err = float((outputs(model, inputs, output_range, batch_size) - ref).pow(2).mean())
-        return err if err == err else float("inf")
-
-    return _contributions(fp, q, mse, "mse", progress)
+    return _contributions(fp, q, lambda m: output_mse(m, inputs, ref, output_range, batch_size),
+                          "mse", progress)  # fmt: skip
 
 
 def _contributions(fp: nn.Module, q: nn.Module, damage: Callable[[nn.Module], float],

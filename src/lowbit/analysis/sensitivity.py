@@ -1,16 +1,20 @@
 """Sensitivity analysis: the damage of quantizing one layer alone, for each candidate format.
 
 For every planned layer and candidate format, the layer's weight is replaced by its RTN
-fake-quantized value (everything else stays float), and the damage is KL(fp ‖ q) of the model's
-next-token distribution on calibration windows. A cheap proxy is measured beside it: the
-Hessian-weighted error tr(ΔW·H·ΔWᵀ) with H = 2·XᵀX/n from the same windows, i.e. the squared
-output error of the layer on its calibration inputs. How well the proxy ranks the (layer,
-format) pairs against the measured KL is reported as a Spearman rank correlation.
+fake-quantized value (everything else stays float), and the damage is measured on calibration
+inputs: KL(fp ‖ q) of a language model's next-token distribution on token windows, or for an
+image model (float image inputs) the mean squared error of its outputs against the float
+model's, mapped to [0, 1]. A convolution's weight is its im2col matrix (as it is quantized). A
+cheap proxy is measured beside it: the Hessian-weighted error tr(ΔW·H·ΔWᵀ) with H = 2·XᵀX/n from
+the same inputs, i.e. the squared output error of the layer on its calibration inputs. How well
+the proxy ranks the (layer, format) pairs against the measured damage is reported as a Spearman
+rank correlation.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,38 +25,45 @@ from tqdm.auto import tqdm
 from lowbit.analysis.kl import mean_kl, reference_logprobs
 from lowbit.calibration import collect_input_stats
 from lowbit.calibration.group import Group
+from lowbit.errors import LowbitError
 from lowbit.formats.spec import WeightSpec
 from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
+from lowbit.nn.quant_conv import ConvGeometry, is_conv, layer_dims, weight_matrix
 from lowbit.primitives import fake_quantize_weight
 
 
 @dataclass
 class Sensitivity:
-    """Per (layer, candidate): KL damage, proxy and storage bits; candidates by name."""
+    """Per (layer, candidate): damage (``metric``: ``kl`` or ``mse``), proxy and storage bits;
+    candidates by name."""
 
     layers: dict[str, int]  # layer -> number of weights
     candidates: dict[str, WeightSpec]
-    kl: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> cand -> KL
+    damage: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> cand -> damage
     proxy: dict[str, dict[str, float]] = field(default_factory=dict)
     bits: dict[str, dict[str, int]] = field(default_factory=dict)  # stored bits, overhead incl.
-    tokens: int = 0
+    tokens: int = 0  # tokens measured on (a language model); images: the number of inputs
+    metric: str = "kl"
 
     def rank_correlation(self, candidate: str | None = None) -> float:
         """Spearman correlation of proxy and KL over layers (one candidate) or all pairs."""
         cands = [candidate] if candidate else list(self.candidates)
-        pairs = [(self.proxy[n][c], self.kl[n][c]) for n in self.layers for c in cands
-                 if self.candidates[c].format not in ("fp16", "bf16")]  # fmt: skip
+        pairs = [(self.proxy[n][c], self.damage[n][c]) for n in self.layers for c in cands
+                 if self.candidates[c].format not in ("fp16", "bf16")
+                 and not math.isnan(self.proxy[n][c])]  # fmt: skip
         return spearman([p for p, _ in pairs], [k for _, k in pairs])
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "metric": self.metric,
             "tokens": self.tokens,
             "candidates": {c: s.to_dict() for c, s in self.candidates.items()},
             "rank_correlation": {"all": _round(self.rank_correlation())}
             | {c: _round(self.rank_correlation(c)) for c in self.candidates
                if self.candidates[c].format not in ("fp16", "bf16")},
-            "layers": {n: {"weights": w, "kl": self.kl[n], "proxy": self.proxy[n],
+            "layers": {n: {"weights": w, self.metric: self.damage[n],
+                           "proxy": {c: _round(p, None) for c, p in self.proxy[n].items()},
                            "bits": self.bits[n]} for n, w in self.layers.items()},
         }  # fmt: skip
 
@@ -64,15 +75,22 @@ class Sensitivity:
         }
         layers = data["layers"]
         sens = cls({n: int(v["weights"]) for n, v in layers.items()}, cands)
-        sens.tokens = int(data.get("tokens", 0))
+        sens.tokens, sens.metric = int(data.get("tokens", 0)), str(data.get("metric", "kl"))
+        if sens.metric not in ("kl", "mse"):
+            raise LowbitError(f"metric: expected kl or mse, got {sens.metric!r}")
         for n, v in layers.items():
-            sens.kl[n], sens.proxy[n] = dict(v["kl"]), dict(v["proxy"])
+            sens.damage[n] = dict(v[sens.metric])
+            sens.proxy[n] = {c: math.nan if p is None else p for c, p in v["proxy"].items()}
             sens.bits[n] = {c: int(b) for c, b in v["bits"].items()}
         return sens
 
 
-def _round(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 4)
+def _round(x: float, digits: int | None = 4) -> float | None:
+    """JSON's form of a figure: None for NaN (a proxy not measured, a correlation of too few
+    pairs)."""
+    if math.isnan(x):
+        return None
+    return x if digits is None else round(x, digits)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -99,9 +117,11 @@ def _ranks(x: Tensor) -> Tensor:
     return ranks
 
 
-def layer_bits(module: nn.Linear, spec: WeightSpec, name: str) -> int:
-    """Stored bits of ``module`` in ``spec`` (codes, scales, zeros), as QuantLinear holds them."""
-    layer = QuantLinear(module.in_features, module.out_features, spec, layer=name)
+def layer_bits(module: nn.Module, spec: WeightSpec, name: str) -> int:
+    """Stored bits of ``module`` in ``spec`` (codes, scales, zeros), as QuantLinear (or
+    QuantConv, the same buffers for its matrix) holds them."""
+    rows, cols = layer_dims(module)
+    layer = QuantLinear(cols, rows, spec, layer=name)
     b = layer.storage_bytes()
     return 8 * (b["codes"] + b["params"])
 
@@ -109,44 +129,75 @@ def layer_bits(module: nn.Linear, spec: WeightSpec, name: str) -> int:
 @torch.no_grad()
 def measure_sensitivity(
     model: nn.Module,
-    layers: dict[str, nn.Linear],
+    layers: dict[str, nn.Module],
     candidates: dict[str, WeightSpec],
     windows: Tensor,
     batch_size: int = 4,
     progress: bool = True,
     group: Group | None = None,
+    output_range: tuple[float, float] | None = None,
 ) -> Sensitivity:
-    """Measure every (layer, candidate) on ``windows``; ``model`` is left as it was. Under a
-    process ``group`` (default: the initialised one, if any) each rank runs every world-th
-    trial and the figures are gathered: they equal one process's."""
+    """Measure every (layer, candidate) on ``windows`` (token ids; or float images for an image
+    model, whose outputs span ``output_range``); ``model`` is left as it was. Under a process
+    ``group`` (default: the initialised one, if any) each rank runs every world-th trial and the
+    figures are gathered: they equal one process's."""
     group = group or Group.current()
     sens = Sensitivity({n: m.weight.numel() for n, m in layers.items()}, dict(candidates))
-    sens.tokens = int(windows.numel())
-    ref = reference_logprobs(model, windows, batch_size)
-    hessians = _hessians(model, layers, windows, batch_size)
+    damage = _damage(model, windows, batch_size, output_range, sens)
+    # a grouped convolution has one input matrix per group: no proxy (NaN; its damage is measured)
+    single = {n: m for n, m in layers.items() if not is_conv(m) or m.groups == 1}
+    hessians = _hessians(model, single, windows, batch_size)
     trials = [(n, c) for n in layers for c in candidates]
-    figures = torch.zeros(len(trials), 2, dtype=torch.float64)  # (trial, [proxy, KL])
+    figures = torch.zeros(len(trials), 2, dtype=torch.float64)  # (trial, [proxy, damage])
     mine = group.mine(len(trials))
     bar = tqdm(total=len(mine), desc="sensitivity", unit="trial", disable=not progress)
     for k in mine:
         name, cname = trials[k]
         module, spec = layers[name], candidates[cname]
         original = module.weight.detach().clone()
-        q = fake_quantize_weight(original.float(), spec, name)
-        delta = (q - original.float()).double()
-        figures[k, 0] = float(((delta @ hessians[name].double()) * delta).sum())
-        module.weight.copy_(q.to(module.weight.dtype))
-        figures[k, 1] = max(mean_kl(model, windows, ref, batch_size), 0.0)
+        matrix = weight_matrix(module).detach().float()
+        q = fake_quantize_weight(matrix, spec, name)
+        delta = (q - matrix).double()
+        hessian = hessians.get(name)
+        figures[k, 0] = (
+            math.nan if hessian is None else float(((delta @ hessian.double()) * delta).sum())
+        )
+        _set_matrix(module, q)
+        figures[k, 1] = max(damage(), 0.0)
         module.weight.copy_(original)
         bar.update(1)
         bar.set_postfix(layer=name.rsplit(".", 2)[-2] if "." in name else name)
     bar.close()
     group.sum(figures)  # each trial was measured by one rank; adding zeros is exact
-    for (name, cname), (proxy, kl) in zip(trials, figures.tolist(), strict=True):
-        sens.kl.setdefault(name, {})[cname] = kl
+    for (name, cname), (proxy, hurt) in zip(trials, figures.tolist(), strict=True):
+        sens.damage.setdefault(name, {})[cname] = hurt
         sens.proxy.setdefault(name, {})[cname] = proxy
         sens.bits.setdefault(name, {})[cname] = layer_bits(layers[name], candidates[cname], name)
     return sens
+
+
+def _damage(model: nn.Module, windows: Tensor, batch_size: int,
+            output_range: tuple[float, float] | None,
+            sens: Sensitivity) -> Callable[[], float]:  # fmt: skip
+    """The damage of ``model`` as it is now against itself as it is at this call: KL on token
+    windows, or the MSE of an image model's outputs (mapped to [0, 1])."""
+    sens.tokens = int(windows.numel())
+    if not windows.is_floating_point():
+        ref = reference_logprobs(model, windows, batch_size)
+        return lambda: mean_kl(model, windows, ref, batch_size)
+    from lowbit.eval.image import output_mse, outputs
+
+    if output_range is None:
+        raise LowbitError("image inputs need the model's output_range")
+    sens.tokens, sens.metric = len(windows), "mse"
+    ref = outputs(model, windows, output_range, batch_size)
+    return lambda: output_mse(model, windows, ref, output_range, batch_size)
+
+
+def _set_matrix(module: nn.Module, matrix: Tensor) -> None:
+    """Write a layer's weight from the matrix it is quantized as."""
+    weight = ConvGeometry.of(module).weight(matrix) if is_conv(module) else matrix
+    module.weight.copy_(weight.to(module.weight.dtype))
 
 
 def _hessians(model, layers, windows, batch_size) -> dict[str, Tensor]:

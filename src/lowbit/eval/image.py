@@ -68,6 +68,15 @@ def outputs(model: nn.Module, inputs: Tensor, output_range: tuple[float, float],
     return ((out.float() - lo) / (hi - lo)).clamp(0, 1)
 
 
+@torch.inference_mode()
+def output_mse(model: nn.Module, inputs: Tensor, ref: Tensor, output_range: tuple[float, float],
+               batch: int = 16) -> float:  # fmt: skip
+    """Mean squared error of the model's outputs (mapped to [0, 1]) against ``ref``; NaN
+    outputs (a broken scale) count as infinite damage."""
+    err = float((outputs(model, inputs, output_range, batch) - ref).pow(2).mean())
+    return err if err == err else float("inf")
+
+
 def evaluate_image(model: nn.Module, inputs: Tensor, truth: Tensor | None,
                    ref: nn.Module | None, output_range: tuple[float, float]) -> dict:  # fmt: skip
     """``psnr``/``ssim`` against ``truth`` (if any), ``psnr_ref``/``ssim_ref`` against the
