@@ -34,6 +34,11 @@ What maps exactly (anything else is an error naming the layer, or for GGUF --req
                       `forward` (scoring windows of --seqlen), with --kv-cache also `prefill`
                       (chunks of --prefill tokens) and `decode` over a --cache-slot KV cache
                       (Llama, Mistral, Qwen2, Qwen3). Needs pip install 'lowbit[litert]'.
+
+Image models (a folder of waifu2x-upconv7, dcgan-faces, ...): onnx (QDQ convolutions, W8A8
+as QLinearConv-style QDQ pairs) or litert (int8/int4 per-channel convolutions and linears,
+symmetric or `zero_point: int`, weight-only: a DEQUANTIZE op feeds each float convolution;
+fixed at the shape of the model's evaluation input).
 """
 
 

@@ -62,3 +62,6 @@ def test_a_quantized_sampler_keeps_one_range_per_step_slice_and_reloads_exactly(
     assert loaded.manifest["layers"]["unet.conv_in"]["activations"]["step_groups"] == groups
     with pytest.raises(LowbitError, match="sampling loop"):
         export(folder, "onnx", tmp_path / "onnx")
+    pytest.importorskip("litert_torch", reason="the litert extra is not installed")
+    with pytest.raises(LowbitError, match="sampling loop"):
+        export(folder, "litert", tmp_path / "x.tflite")

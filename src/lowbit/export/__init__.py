@@ -106,18 +106,25 @@ def export(
 
 def _export_image(folder: Path, manifest: dict, fmt: str, out: Path,
                   overwrite: bool) -> ExportResult:  # fmt: skip
-    """A quantized image model: ONNX (QDQ) only."""
-    if fmt != "onnx":
-        raise LowbitError(f"{folder} is an image model: it exports to onnx (QDQ convolutions), "
-                          f"not {fmt}")  # fmt: skip
+    """A quantized image model: ONNX (QDQ convolutions) or LiteRT (weight-only codes, at the
+    shape of the model's first evaluation input)."""
+    if fmt not in ("onnx", "litert"):
+        raise LowbitError(f"{folder} is an image model: it exports to onnx (QDQ convolutions) "
+                          f"or litert, not {fmt}")  # fmt: skip
     from lowbit.export.onnx_image import write_onnx_image
     from lowbit.models.images import image_models
     from lowbit.models.load import load_model
 
     name = manifest["source"]["model"]
-    prepare_out(out, overwrite, folder=True)
+    prepare_out(out, overwrite, folder=fmt == "onnx")
     model = load_model(str(folder), kernels=False).model
     example, _ = image_models()[name].evaluation()
+    if fmt == "litert":
+        from lowbit.export.litert_image import write_litert_image
+
+        with atomic_file(out) as tmp:
+            types = write_litert_image(model, example[:1], name, tmp)
+        return ExportResult(fmt, out, out.stat().st_size, types)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_onnx_image(model, example, name, folder, tmp)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

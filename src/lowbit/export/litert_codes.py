@@ -173,17 +173,21 @@ def digest(weight: Tensor | np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8), digest_size=16).hexdigest()
 
 
-def write_codes(model, encoded: dict[str, tuple[str, Encoded]]) -> dict[str, str]:
-    """Replace, in the flatbuffer object ``model`` (``ModelT``), every FULLY_CONNECTED weight
-    whose float32 bytes have a digest in ``encoded`` (digest -> (layer, encoding)) by the
-    layer's codes; returns layer -> encoding kind. Float buffers no longer used are emptied."""
+def write_codes(model, encoded: dict[str, tuple[str, Encoded]],
+                weight_only: bool = False) -> dict[str, str]:  # fmt: skip
+    """Replace, in the flatbuffer object ``model`` (``ModelT``), every FULLY_CONNECTED,
+    CONV_2D or TRANSPOSE_CONV weight whose float32 bytes have a digest in ``encoded`` (digest ->
+    (layer, encoding), the codes in the file's weight layout) by the layer's codes; returns
+    layer -> encoding kind. With ``weight_only`` every weight is a DEQUANTIZE op's output (the
+    op computes in float32 with exactly these weights), else only those with zero points.
+    Float buffers no longer used are emptied."""
     from ai_edge_litert import schema_py_generated as fb
 
     written: dict[str, str] = {}
     codes_buffer: dict[str, int] = {}
     scales_buffer: dict[str, int] = {}
     replaced: set[int] = set()
-    for sg, tensor in _fc_weights(model):
+    for sg, tensor in _weights(model):
         data = model.buffers[tensor.buffer].data
         if tensor.type != fb.TensorType.FLOAT32 or data is None or not len(data):
             continue
@@ -194,7 +198,7 @@ def write_codes(model, encoded: dict[str, tuple[str, Encoded]]) -> dict[str, str
         if layer not in codes_buffer:
             codes_buffer[layer] = _add_buffer(model, _packed(enc))
         replaced.add(tensor.buffer)
-        if enc.zeros is not None:  # weight-only: DEQUANTIZE(codes) feeds the float weight
+        if weight_only or enc.zeros is not None:  # DEQUANTIZE(codes) feeds the float weight
             tensor = _dequantized_input(model, sg, tensor)
         tensor.buffer = codes_buffer[layer]
         tensor.type = fb.TensorType.INT8 if enc.bits == 8 else fb.TensorType.INT4
@@ -207,7 +211,7 @@ def write_codes(model, encoded: dict[str, tuple[str, Encoded]]) -> dict[str, str
     if missing:
         raise LowbitError(
             f"{missing[0]}: the converted graph holds this layer in a form the exporter does "
-            "not recognise (no FULLY_CONNECTED with its weight)"
+            "not recognise (no FULLY_CONNECTED, CONV_2D or TRANSPOSE_CONV with its weight)"
         )
     return written
 
@@ -258,17 +262,18 @@ def _params(model, sg, tensor, enc: Encoded, layer: str, scales_buffer: dict[str
 
 
 def read_codes(model) -> dict[bytes, Encoded]:
-    """Every quantized FULLY_CONNECTED weight of a flatbuffer object, by tensor name, decoded
-    back to signed codes and scales (the check that the file holds what lowbit wrote)."""
+    """Every quantized weight of a flatbuffer object's FULLY_CONNECTED, CONV_2D and
+    TRANSPOSE_CONV ops, by tensor name, decoded back to signed codes (out, rest of the file's
+    layout) and scales (the check that the file holds what lowbit wrote)."""
     from ai_edge_litert import schema_py_generated as fb
 
     out: dict[bytes, Encoded] = {}
-    for sg, t in _fc_weights(model):
+    for sg, t in _weights(model):
         t = _producer_input(model, sg, t)
         if t.type not in (fb.TensorType.INT8, fb.TensorType.INT4):
             continue
         raw = np.asarray(model.buffers[t.buffer].data, dtype=np.uint8)
-        n, k = t.shape
+        n, k = t.shape[0], int(np.prod(t.shape[1:]))
         if t.type == fb.TensorType.INT8:
             bits, codes = 8, raw.view(np.int8).reshape(n, k)
         else:
@@ -329,13 +334,16 @@ def _opcode(model, builtin: int) -> int:
     return len(model.operatorCodes) - 1
 
 
-def _fc_weights(model):
-    """(subgraph, weight tensor) of every FULLY_CONNECTED op of a flatbuffer object."""
+def _weights(model):
+    """(subgraph, weight tensor) of every FULLY_CONNECTED, CONV_2D and TRANSPOSE_CONV op of a
+    flatbuffer object (the weight is input 1 of each; a copy of the list: DEQUANTIZE ops may be
+    added while it is walked)."""
     from ai_edge_litert import schema_py_generated as fb
 
-    fc = fb.BuiltinOperator.FULLY_CONNECTED
+    ops = (fb.BuiltinOperator.FULLY_CONNECTED, fb.BuiltinOperator.CONV_2D,
+           fb.BuiltinOperator.TRANSPOSE_CONV)  # fmt: skip
     for sg in model.subgraphs:
-        for op in sg.operators:
+        for op in list(sg.operators):
             code = model.operatorCodes[op.opcodeIndex]
-            if max(code.builtinCode, code.deprecatedBuiltinCode) == fc:
+            if max(code.builtinCode, code.deprecatedBuiltinCode) in ops:
                 yield sg, sg.tensors[op.inputs[1]]
