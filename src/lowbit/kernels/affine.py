@@ -131,6 +131,16 @@ def affine_dequantize_reference(aw: AffineWeight) -> Tensor:
     return (u * scale + offset).reshape(n, kp)
 
 
+def affine_dequantize(aw: AffineWeight) -> Tensor:
+    """The float32 (N, K) weight (padding dropped): one pass of the native op where it runs,
+    else :func:`affine_dequantize_reference`."""
+    if aw.w.device.type == "cpu" and native_ops():
+        w = torch.ops.lowbit_cpu.affine_dequantize(aw.w, aw.scale, aw.offset, aw.group, aw.bits)
+    else:
+        w = affine_dequantize_reference(aw)
+    return w[:, : aw.in_features]
+
+
 def affine_linear_reference(x: Tensor, aw: AffineWeight) -> Tensor:
     """y = x · Wᵀ for x (..., K) in float32."""
     w = affine_dequantize_reference(aw)[:, : aw.in_features]

@@ -7,6 +7,7 @@ from torch import nn
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import set_module
 from lowbit.nn import AffineKernelLinear, QuantConv, QuantLinear, kernel_module
+from lowbit.nn.kernel_conv import affine_conv_module
 from lowbit.nn.kernel_tensor import tensor_kernel_module
 from lowbit.nn.shared_input import share_input
 
@@ -20,7 +21,8 @@ def use_kernels(model: nn.Module) -> dict[str, int]:
         if not isinstance(module, QuantLinear):
             continue
         conv = isinstance(module, QuantConv)
-        fast = tensor_kernel_module(module) if conv else kernel_module(module)
+        fast = (tensor_kernel_module(module) or affine_conv_module(module)) if conv \
+            else kernel_module(module)  # fmt: skip
         kind = "reference" if fast is None else fast.kind
         counts[kind] = counts.get(kind, 0) + 1
         if fast is not None:

@@ -1,5 +1,6 @@
 """Quantized modules."""
 
+from lowbit.nn.kernel_conv import AffineKernelConv
 from lowbit.nn.kernel_linear import (
     AffineKernelLinear,
     HalfKernelLinear,
@@ -14,6 +15,7 @@ from lowbit.nn.steps import select_step
 QUANTIZED_MODULES = (
     QuantLinear,
     AffineKernelLinear,
+    AffineKernelConv,
     HalfKernelLinear,
     Int8KernelLinear,
     Int8TensorKernel,
@@ -22,6 +24,7 @@ QUANTIZED_MODULES = (
 
 __all__ = [
     "QUANTIZED_MODULES",
+    "AffineKernelConv",
     "AffineKernelLinear",
     "HalfKernelLinear",
     "Int8KernelLinear",

@@ -5,7 +5,8 @@ converting its saved packing into the kernel's layout once and dropping the save
 holds the low-bit form only). They are for inference: save models before the swap, not after.
 
 - ``w4a16`` / ``w8a16``: 4- or 8-bit integer weights, any grid, group-wise (groups a multiple
-  of 32) or per-channel, float32 inputs: :mod:`lowbit.kernels.affine`;
+  of 32) or per-channel, float32 inputs: :mod:`lowbit.kernels.affine` (a convolution's:
+  :mod:`lowbit.nn.kernel_conv`, ``w4a16-conv`` / ``w8a16-conv``);
 - ``w8a8``: int8 per-channel weights with per-token int8 inputs: :mod:`lowbit.kernels.int8`;
 - ``w8a8-linear-tensor``: the same weights with 8-bit per-tensor inputs (static or dynamic), on
   CPUs with AVX-512 VNNI: :mod:`lowbit.nn.kernel_tensor`;
@@ -136,13 +137,22 @@ def kernel_module(layer: QuantLinear) -> nn.Module | None:
         return tensor_kernel_module(layer)
     if qt.kind == "float" and layer.qweight.dtype in HALF_DTYPES and not spec.lorc_rank:
         return HalfKernelLinear(layer.qweight, layer.bias)
+    aw = affine_weight(layer)
+    return None if aw is None else AffineKernelLinear(aw, layer.out_features, layer.bias)
+
+
+def affine_weight(layer: QuantLinear) -> AffineWeight | None:
+    """The affine kernel's layout of a weight-only integer layer (a QuantConv's matrix too),
+    or None when the kernel does not cover its format."""
+    spec, qt = layer.spec, layer.spec.qtype
     shape = (layer.out_features, layer.in_features)
-    if qt.kind != "int" or spec.lorc_rank or not supports(qt.bits, layer.block, shape):
+    if layer.act is not None or qt.kind != "int" or spec.lorc_rank:
+        return None
+    if not supports(qt.bits, layer.block, shape):
         return None
     qp, grid = layer.qparams(), grid_of(spec)
     rows, cols = layer.scale.shape
     zeros = torch.zeros(rows, cols, 1, dtype=torch.uint8)
     offset = dequantize(zeros, qp, grid)[..., 0]  # w = scale·u + offset on every grid
     scale = dequantize(zeros + 1, qp, grid)[..., 0] - offset
-    aw = to_affine(layer.codes(), scale, offset, layer.block, qt.bits)
-    return AffineKernelLinear(aw, layer.out_features, layer.bias)
+    return to_affine(layer.codes(), scale, offset, layer.block, qt.bits)

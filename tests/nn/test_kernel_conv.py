@@ -1,0 +1,48 @@
+"""Weight-only integer convolutions on the affine kernel's layout: which layers the load-time
+swap takes, and that they compute what the reference path computes."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import convnet, make_recipe
+from lowbit import api
+from lowbit.errors import LowbitError
+from lowbit.eval.size import model_size
+from lowbit.models import use_kernels
+from lowbit.nn import AffineKernelConv
+
+
+def quantized(weights: dict) -> torch.nn.Module:
+    model = convnet()  # a conv, a grouped conv, a transposed conv
+    api.quantize(model, make_recipe(weights, ignore=()), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("weights", [
+    {"bits": 8, "group_size": -1, "symmetric": True},
+    {"bits": 4, "group_size": -1},
+    {"bits": 4, "group_size": -1, "symmetric": True, "zero_point": "int"},
+])  # fmt: skip
+def test_weight_only_convolutions_run_on_the_affine_layout_exactly(weights):
+    model = quantized(weights)
+    fast = copy.deepcopy(model)
+    bits = weights["bits"]
+    assert use_kernels(fast) == {f"w{bits}a16-conv": 3}
+    assert all(isinstance(fast[i], AffineKernelConv) for i in (0, 2, 4))
+    x = torch.rand(2, 3, 9, 11)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-6, atol=1e-6)
+    assert model_size(fast).quantized_weights <= model_size(model).quantized_weights + 64
+    with pytest.raises(LowbitError, match=r"expected \(N, 3, H, W\)"):
+        fast(torch.rand(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("weights", [
+    {"bits": 3, "group_size": -1},  # no 3-bit kernel
+    {"format": "nf4", "bits": 4, "group_size": -1},
+])  # fmt: skip
+def test_other_weight_formats_keep_the_reference_path(weights):
+    fast = quantized(weights)
+    assert use_kernels(fast) == {"reference": 3}
