@@ -118,6 +118,9 @@ def _export_image(folder: Path, manifest: dict, fmt: str, out: Path,
     name = manifest["source"]["model"]
     prepare_out(out, overwrite, folder=fmt == "onnx")
     model = load_model(str(folder), kernels=False).model
+    if getattr(model, "repeats_layers", False):
+        raise LowbitError(f"{name} is a sampling loop (its layers run once per step); {fmt} "
+                          f"export takes models that run each layer once")  # fmt: skip
     example, _ = image_models()[name].evaluation()
     if fmt == "litert":
         from lowbit.export.litert_image import write_litert_image

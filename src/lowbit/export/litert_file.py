@@ -76,7 +76,7 @@ def write_litert(
     converter.signature("forward", Forward(model).eval(), sample_kwargs={"input_ids": ids})
     signatures["forward"] = {"seqlen": seqlen}
     log.info("converting %s with litert-torch (minutes for a large model)", ", ".join(signatures))
-    _quiet_litert_torch()
+    quiet_litert_torch()
     # the float flatbuffer is written beside the output (same disk), removed on any exit
     work_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     with work_dir as work, torch.no_grad():
@@ -88,8 +88,8 @@ def write_litert(
         "producer": "lowbit", "config": model.config.to_dict(), "signatures": signatures,
         "layers": written, "requantize": requantize,
     }  # fmt: skip
-    _add_metadata(flat, fb, INFO_KEY, json.dumps(info).encode())
-    _add_metadata(flat, fb, TOKENIZER_KEY, json.dumps(_tokenizer_files(folder)).encode())
+    add_metadata(flat, fb, INFO_KEY, json.dumps(info).encode())
+    add_metadata(flat, fb, TOKENIZER_KEY, json.dumps(_tokenizer_files(folder)).encode())
     flatbuffer_utils.write_model(flat, str(out))
     return written
 
@@ -147,7 +147,7 @@ def _swap_layers(model: nn.Module, requantize: str | None) -> dict:
     return encoded
 
 
-def _quiet_litert_torch() -> None:
+def quiet_litert_torch() -> None:
     """litert-torch prints each conversion stage to stdout; lowbit logs its own steps."""
     from litert_torch import progress
 
@@ -158,7 +158,7 @@ def _tokenizer_files(folder: Path) -> dict[str, str]:
     return {n: (folder / n).read_text() for n in TOKENIZER_FILES if (folder / n).is_file()}
 
 
-def _add_metadata(flat, fb, name: bytes, data: bytes) -> None:
+def add_metadata(flat, fb, name: bytes, data: bytes) -> None:
     import numpy as np
 
     buf = fb.BufferT()

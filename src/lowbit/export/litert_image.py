@@ -72,13 +72,10 @@ def write_litert_image(model: nn.Module, example: Tensor, name: str, out: Path) 
         raise LowbitError(
             "LiteRT export needs litert-torch and ai-edge-litert: pip install 'lowbit[litert]'"
         ) from None
-    if getattr(model, "repeats_layers", False):
-        raise LowbitError(f"{name} is a sampling loop (its layers run once per step); LiteRT "
-                          f"export takes models that run each layer once")  # fmt: skip
     encoded = _swap_layers(model)
-    from lowbit.export.litert_file import _add_metadata, _quiet_litert_torch
+    from lowbit.export.litert_file import add_metadata, quiet_litert_torch
 
-    _quiet_litert_torch()
+    quiet_litert_torch()
     work_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     with work_dir as work, torch.no_grad():
         raw = Path(work) / "float.tflite"
@@ -90,7 +87,7 @@ def write_litert_image(model: nn.Module, example: Tensor, name: str, out: Path) 
     from ai_edge_litert import schema_py_generated as fb
 
     info = {"producer": "lowbit", "model": name, "input": list(example.shape), "layers": written}
-    _add_metadata(flat, fb, INFO_KEY, json.dumps(info).encode())
+    add_metadata(flat, fb, INFO_KEY, json.dumps(info).encode())
     flatbuffer_utils.write_model(flat, str(out))
     return written
 

@@ -276,9 +276,6 @@ def write_onnx_image(model: nn.Module, example: Tensor, name: str, folder: Path,
         raise LowbitError(
             "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'lowbit[export]'"
         ) from None
-    if getattr(model, "repeats_layers", False):
-        raise LowbitError(f"{name} is a sampling loop (its layers run once per step); ONNX "
-                          f"export takes models that run each layer once")  # fmt: skip
     table = _register()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantConv)]
     if not layers:
