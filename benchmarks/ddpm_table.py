@@ -33,7 +33,7 @@ from lowbit import api
 from lowbit.calibration import image_calibration
 from lowbit.eval import format_table
 from lowbit.eval.frechet import frechet_distance
-from lowbit.eval.image import psnr, ssim
+from lowbit.eval.image import images_per_second, outputs, psnr, ssim
 from lowbit.eval.image_grid import save_grid
 from lowbit.models import use_kernels
 from lowbit.models.images import image_models
@@ -105,17 +105,12 @@ def main() -> int:
     return 0
 
 
-@torch.inference_mode()
 def _samples(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(chunk) for chunk in z.split(64)]).add(1).div(2).clamp(0, 1)
+    return outputs(model, z, (-1.0, 1.0), batch=64)  # [-1, 1] -> [0, 1]
 
 
-@torch.inference_mode()
 def _speed(model: torch.nn.Module, z: torch.Tensor) -> float:
-    model(z[:16])
-    start = time.perf_counter()
-    model(z[:16])
-    return round(16 / (time.perf_counter() - start), 1)
+    return round(images_per_second(model, z[:16]), 1)  # best of 3 after a warm-up
 
 
 if __name__ == "__main__":

@@ -103,19 +103,14 @@ def _mixed(args: argparse.Namespace, model: Any, recipe: Any, calibration: Any,
     """(recipe, summary) of ``--target-bits`` / ``--target-size``: each layer's format chosen
     from the candidates by the output MSE it causes alone on the first calibration inputs."""
     from lowbit import api
-    from lowbit.analysis import parse_size
     from lowbit.calibration import image_calibration
+    from lowbit.cli_quantize import allocate_formats
 
     n = args.analysis_samples or IMAGE_ANALYSIS_SAMPLES
     sample = image_calibration(calibration.windows[:n], calibration.corpus)
     sens = api.analyze(model, recipe, sample, args.candidates, progress=not args.quiet,
                        output_range=entry.output_range)  # fmt: skip
-    target_bytes = parse_size(args.target_size) if args.target_size else None
-    mixed, summary = api.mixed_recipe(model, recipe, sens, args.target_bits, target_bytes)
-    counts = ", ".join(f"{c}: {k}" for c, k in summary["layers_per_candidate"].items() if k)
-    log.info("mixed precision: %.3f bits/weight (budget %.3f); layers %s",
-             summary["bits_per_weight"], summary["budget_bits_per_weight"], counts)  # fmt: skip
-    return mixed, summary
+    return allocate_formats(args, api, model, recipe, sens)
 
 
 def _user_images(entry: Any, path: str | None) -> Any:

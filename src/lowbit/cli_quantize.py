@@ -289,7 +289,6 @@ def render_plan(plan: dict[str, Any]) -> str:
 def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibration: Any) -> Any:
     """Analyse sensitivity on the first calibration windows and choose per-layer formats
     (the analysis holds the float model in memory)."""
-    from lowbit.analysis import parse_size
     from lowbit.calibration import CalibrationSet
 
     n = min(args.analysis_samples or 2, len(calibration.windows))
@@ -305,8 +304,17 @@ def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibratio
 
         rotate_model(src.model, recipe.rotate)
     sens = api.analyze(src.model, recipe, sample, args.candidates, progress=not args.quiet)
+    return allocate_formats(args, api, src.model, recipe, sens)
+
+
+def allocate_formats(args: argparse.Namespace, api: Any, model: Any, recipe: Any,
+                     sens: Any) -> tuple[Any, dict]:  # fmt: skip
+    """(mixed recipe, summary) within ``--target-bits`` / ``--target-size`` from a measured
+    sensitivity (language and image models alike), logged."""
+    from lowbit.analysis import parse_size
+
     target_bytes = parse_size(args.target_size) if args.target_size else None
-    mixed, summary = api.mixed_recipe(src.model, recipe, sens, args.target_bits, target_bytes)
+    mixed, summary = api.mixed_recipe(model, recipe, sens, args.target_bits, target_bytes)
     counts = ", ".join(f"{c}: {k}" for c, k in summary["layers_per_candidate"].items() if k)
     log.info("mixed precision: %.3f bits/weight (budget %.3f); layers %s",
              summary["bits_per_weight"], summary["budget_bits_per_weight"], counts)  # fmt: skip

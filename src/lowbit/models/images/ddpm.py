@@ -92,7 +92,7 @@ def train_digits_ddpm(model: DigitsDDPM, steps: int, batch: int, lr: float, seed
     train, _ = digits(holdout)
     noising = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the UNet's own initialisation was drawn before: see ddpm_digits
+    torch.manual_seed(seed)  # anything on torch's global generator (the draws above use gen)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     model.unet.train()
