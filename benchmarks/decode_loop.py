@@ -31,6 +31,7 @@ steps whose argmax is the transformers loop's next token when both are fed that 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -143,12 +144,38 @@ def llama_cpp(folder: Path, float_type: str, n_ctx: int, tmp: Path):
     from lowbit.export import export
 
     path = tmp / f"{folder.name}-{float_type}.gguf"
+    if not (folder / "tokenizer.json").exists():
+        stand_in_tokenizer(folder)
     try:
         gguf = export(folder, "gguf", path, float_type=float_type).path
     except LowbitError as exc:  # e.g. a random-weight model without a tokenizer
         print(f"llama.cpp skipped for {folder.name}: {exc}", file=sys.stderr)
         return None
     return Llama(str(gguf), n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
+
+
+def stand_in_tokenizer(folder: Path) -> None:
+    """A GPT-2-style byte-level BPE of the model's vocabulary size in ``folder``: the 256 byte
+    tokens, then two-byte tokens, each one merge. Random-weight models (``*-random``) have no
+    tokenizer and a GGUF must hold one; the timed prompts are token ids, so it encodes nothing
+    here (the benchmark folder is a temporary copy)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    n_vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte symbols
+    alphabet.sort()
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = []
+    for a in alphabet:
+        for b in alphabet:
+            if len(vocab) == n_vocab:
+                break
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
 
 
 def litert_loop(folder: Path, capacity: int, tmp: Path) -> Runtime:

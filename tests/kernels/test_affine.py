@@ -93,7 +93,7 @@ def test_native_matches_reference(bits, m, n, k, group, act8, isa, params, monke
     assert aw.scale.dtype == (torch.float32 if params == "f32" else torch.float16)
     assert (aw.offset.numel() == 0) == (params == "sym")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
-    int_path = act8 and bits == 4 and m <= affine.GEMV_MAX_ROWS
+    int_path = act8 and bits == 4  # decode rows: the GEMV; more: the integer GEMM
     reference = affine.affine_linear_act8_reference if int_path else affine.affine_linear_reference
     ref = reference(x, aw)
     got = torch.ops.lowbit_cpu.affine_linear(
@@ -156,8 +156,11 @@ def test_fallback_without_native_ops_uses_the_reference(monkeypatch):
     assert torch.equal(
         affine.affine_linear(x, aw, act8=False), affine.affine_linear_reference(x, aw)
     )
-    big = torch.randn(40, 64)  # prefill-sized: float inputs
+    big = torch.randn(40, 64)  # evaluation-sized: float inputs unless act8 is asked for
     assert torch.equal(affine.affine_linear(big, aw), affine.affine_linear_reference(big, aw))
+    assert torch.equal(
+        affine.affine_linear(big, aw, act8=True), affine.affine_linear_act8_reference(big, aw)
+    )
 
 
 def test_non_float32_inputs_take_the_reference_path():

@@ -8,11 +8,14 @@ Any integer grid is affine per block (``w = scale·u + offset``), so one kernel 
 grids, integer zero points and float offsets. :func:`to_affine` converts lowbit's saved codes and
 block params into the kernel's layout once, at load time.
 
-Decode-sized inputs (at most ``GEMV_MAX_ROWS`` rows) of 4-bit layers take the ``act8`` path by
-default: each row of x is quantized to int8 per block of 32 inputs (scale = absmax / 127, as
-llama.cpp does for its activations) so that codes and inputs meet in integer multiply-adds;
-:func:`affine_linear_act8_reference` defines it. Larger inputs (prefill, evaluation windows) and
-8-bit layers compute with the float inputs, as :func:`affine_linear_reference` defines.
+4-bit layers can take the ``act8`` path: each row of x is quantized to int8 per block of 32
+inputs (scale = absmax / 127, as llama.cpp does for its activations) so that codes and inputs
+meet in integer multiply-adds; :func:`affine_linear_act8_reference` defines it. Decode-sized
+inputs (at most ``GEMV_MAX_ROWS`` rows) take it by default, through a GEMV that streams the
+packed codes; larger ones take it when the caller asks (the decode loop's prompts), through an
+integer GEMM (``csrc/affine_q8_gemm.cpp``). Otherwise (8-bit layers, evaluation windows)
+inputs stay float, as :func:`affine_linear_reference` defines (large inputs: the codes
+dequantized tile by tile into torch's GEMM).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor
 from lowbit.kernels.build import native_ops
 
 RUN = 32  # codes per layout run; a group must be a whole number of runs
-GEMV_MAX_ROWS = 32  # above this many rows the native op dequantizes and calls torch's GEMM
+GEMV_MAX_ROWS = 32  # above this many rows the native op runs a GEMM instead of a GEMV
 
 
 @dataclass
@@ -181,16 +184,20 @@ def affine_linear_act8_reference(x: Tensor, aw: AffineWeight) -> Tensor:
     return y.reshape(*lead, n)
 
 
-def affine_linear(x: Tensor, aw: AffineWeight, act8: bool = True) -> Tensor:
+def affine_linear(x: Tensor, aw: AffineWeight, act8: bool | None = None) -> Tensor:
     """y = x · Wᵀ for x (..., K): the native op when it is available, else the reference of
-    the path the native op would take."""
+    the path the native op would take. ``act8``: whether 4-bit layers quantize the inputs to
+    int8 (:func:`affine_linear_act8_reference`); None (the layers' default) does so for
+    decode-sized inputs only, so that evaluation windows keep the reference ``QuantLinear``'s
+    numbers; the decode loop passes True for its prompts (llama.cpp's prefill arithmetic)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if act8 is None:
+        act8 = x2.shape[0] <= GEMV_MAX_ROWS
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and native_ops()):
-        rows = x.numel() // max(x.shape[-1], 1)
-        if act8 and aw.bits == 4 and rows <= GEMV_MAX_ROWS:
+        if act8 and aw.bits == 4:
             return affine_linear_act8_reference(x, aw).to(x.dtype)
         return affine_linear_reference(x, aw).to(x.dtype)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
     if aw.padded_in != aw.in_features:
         x2 = F.pad(x2, (0, aw.padded_in - aw.in_features))
     y = torch.ops.lowbit_cpu.affine_linear(x2, aw.w, aw.scale, aw.offset, aw.group, aw.bits, act8)

@@ -27,6 +27,7 @@ CSRC = Path(__file__).parent / "csrc"
 NAMES = (
     "affine_gemv.cpp",
     "affine_q8.cpp",
+    "affine_q8_gemm.cpp",
     "half_gemv.cpp",
     "decode_ops.cpp",
     "int8_gemm.cpp",

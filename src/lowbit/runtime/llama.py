@@ -52,11 +52,11 @@ class _Layer:
     qkv: Callable[[Tensor], Tensor]  # (..., C) -> (..., (H + 2·Hkv)·D)
     q_norm: nn.Module | None
     k_norm: nn.Module | None
-    o_proj: nn.Module
+    o_proj: Callable[[Tensor], Tensor]  # the module, or _prompt's call
     norm2: nn.Module
     gate_up: Callable[[Tensor], Tensor]  # (..., C) -> (..., 2·I)
     act: Callable[[Tensor], Tensor] | None  # None: SiLU (the fused silu_mul)
-    down: nn.Module
+    down: Callable[[Tensor], Tensor]
     key_center: Tensor | None = None  # (Hkv, D) subtracted before the cache (center_keys)
     fast: tuple = ()  # decode: (qkv, o_proj, gate_up, down) on 2-D inputs, see _direct
 
@@ -86,20 +86,44 @@ def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]
     return lambda x: op(x, *args, True)
 
 
+def _prompt(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A layer on (B, T, C) inputs in the loop: a 4-bit kernel layer quantizes its inputs to
+    int8 per block of 32 at every size (the integer GEMM; llama.cpp's prompt arithmetic, and
+    that of the decode steps), where the module itself keeps float inputs for evaluation
+    windows; other layers are their module."""
+    from lowbit.nn.kernel_linear import AffineKernelLinear
+
+    if not isinstance(module, AffineKernelLinear) or module.shared is not None:
+        return module
+    from lowbit.kernels.affine import AffineWeight, affine_linear
+
+    aw = AffineWeight(module.w, module.scale, module.offset, module.group, module.bits,
+                      module.in_features)  # fmt: skip
+    online, bias = online_transform(module), module.bias
+
+    def call(x: Tensor) -> Tensor:
+        y = affine_linear(x if online is None else online.apply(x), aw, act8=True)
+        return y if bias is None else y + bias
+
+    return call
+
+
 def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
-    """x -> the modules' outputs side by side; one kernel call when they share a fused weight."""
+    """x -> the modules' outputs side by side; one kernel call when they share a fused weight
+    (on int8 inputs, as :func:`_prompt`)."""
     shared = _shared(modules)
     if shared is None:
-        return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+        calls = [_prompt(m) for m in modules]
+        return lambda x: torch.cat([c(x) for c in calls], dim=-1)
     from lowbit.kernels.affine import affine_linear
 
     sizes = [m.rows[1] - m.rows[0] for m in modules]
     biases = [m.bias for m in modules]
     if all(b is None for b in biases):
-        return lambda x: affine_linear(x, shared.aw)
+        return lambda x: affine_linear(x, shared.aw, act8=True)
     bias = torch.cat([torch.zeros(n) if b is None else b.detach()
                       for b, n in zip(biases, sizes, strict=True)])  # fmt: skip
-    return lambda x: affine_linear(x, shared.aw) + bias
+    return lambda x: affine_linear(x, shared.aw, act8=True) + bias
 
 
 def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor], Tensor]:
@@ -154,8 +178,8 @@ class LlamaForward:
         qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
         layer = _Layer(
             block.input_layernorm, _joint(qkv), getattr(attn, "q_norm", None),
-            getattr(attn, "k_norm", None), attn.o_proj, block.post_attention_layernorm,
-            _joint(gate_up), None if silu else mlp.act_fn, mlp.down_proj,
+            getattr(attn, "k_norm", None), _prompt(attn.o_proj), block.post_attention_layernorm,
+            _joint(gate_up), None if silu else mlp.act_fn, _prompt(mlp.down_proj),
         )  # fmt: skip
         layer.fast = (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
         if native:

@@ -27,9 +27,10 @@
 //     Converting every code to float is what bounds the float kernel; this path avoids it. The
 //     offset term uses the exact float block sums of x.
 //   - otherwise (8-bit codes, or act8 off) codes are converted to float and FMA'd with x.
-// Larger batches (prefill) dequantize the weight tile by tile into a small per-thread float
-// buffer that stays in cache and call torch's GEMM on each tile, which is compute-bound there
-// and beats anything written here.
+// Larger batches: 4-bit layers with act8 (the decode loop's prompts) run an integer GEMM on
+// int8 inputs (gemm_q8, affine_q8_gemm.cpp); otherwise (evaluation windows, 8-bit codes) the
+// weight is dequantized tile by tile into a small per-thread float buffer that stays in cache
+// and torch's GEMM runs on each tile.
 #include <torch/library.h>
 
 #include "common.h"
@@ -198,10 +199,11 @@ at::Tensor gemm_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 template <typename P>
 at::Tensor affine_linear_as(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                             const at::Tensor& offset, int64_t group, int64_t bits, bool act8) {
-  if (x.size(0) > kGemvMaxM) return gemm_tiled<P>(x, w, scale, offset, group, bits);
-  if (bits == 4)
-    return act8 ? gemv_q8<P>(x, w, scale, offset, group) : gemv<4, P>(x, w, scale, offset, group);
-  return gemv<8, P>(x, w, scale, offset, group);
+  const bool big = x.size(0) > kGemvMaxM;
+  if (bits == 4 && act8)
+    return big ? gemm_q8<P>(x, w, scale, offset, group) : gemv_q8<P>(x, w, scale, offset, group);
+  if (big) return gemm_tiled<P>(x, w, scale, offset, group, bits);
+  return bits == 4 ? gemv<4, P>(x, w, scale, offset, group) : gemv<8, P>(x, w, scale, offset, group);
 }
 
 at::Tensor affine_dequantize(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& offset,

@@ -197,27 +197,46 @@ bool use_avx512() {
   return cpu && !(isa && std::string(isa) == "avx2");
 }
 
+Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group, RB = K / 32, per = group / 32;
+  Act8 a;
+  a.q.resize(M * K);
+  a.s.resize(M * RB);
+  a.xg.assign(M * G, 0.f);
+  a.xc.assign(M * G, 0.f);
+  const float* xp = x.data_ptr<float>();
+  // The integer loop computes sum_g s_g sum_b s_x,b (u . q_b). Written with centred codes,
+  //   y = sum_g s_g sum_b s_x,b ((u - 8) . q_b) + (o_g + 8 s_g) X_g      (X_g: float sum of x)
+  //     = integer part + sum_g o_g X_g + s_g * 8 (X_g - C_g),  C_g = sum_{b in g} s_x,b sum(q_b).
+  // Centring matters: with codes 0..15 the rounding error of x is multiplied by codes averaging
+  // 7.5 instead of about 3, which made the act8 error ~2.5x larger.
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    const int64_t rows = m1 - m0;
+    std::vector<float> bx(rows * RB), bq(rows * RB);
+    quantize_rows_q8(xp + m0 * K, rows, K, a.q.data() + m0 * K, a.s.data() + m0 * RB, bx.data(),
+                     bq.data());
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t g = 0, b = 0; g < G; ++g)
+        for (int64_t e = 0; e < per; ++e, ++b) {
+          const int64_t i = (m - m0) * RB + b;
+          a.xg[m * G + g] += bx[i];
+          a.xc[m * G + g] += 8.f * (bx[i] - a.s[m * RB + b] * bq[i]);
+        }
+    if (shifted)
+      for (int64_t i = m0 * K; i < m1 * K; ++i) a.q[i] = static_cast<int8_t>(a.q[i] ^ 0x80);
+  });
+  return a;
+}
+
 template <typename P>
 at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                    const at::Tensor& offset, int64_t group) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
   const int64_t RB = K / 32;  // activation blocks
   auto y = at::empty({M, N}, x.options());
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xqs(M * RB), bx(M * RB), bq(M * RB);
-  quantize_rows_q8(x.data_ptr<float>(), M, K, xq.data(), xqs.data(), bx.data(), bq.data());
-  // The integer loop computes sum_g s_g sum_b s_x,b (u . q_b). Written with centred codes,
-  //   y = sum_g s_g sum_b s_x,b ((u - 8) . q_b) + (o_g + 8 s_g) X_g      (X_g: float sum of x)
-  //     = integer part + sum_g o_g X_g + s_g * 8 (X_g - C_g),  C_g = sum_{b in g} s_x,b sum(q_b).
-  // Centring matters: with codes 0..15 the rounding error of x is multiplied by codes averaging
-  // 7.5 instead of about 3, which made the act8 error ~2.5x larger.
-  std::vector<float> xg(M * G, 0.f), xc(M * G, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < RB; ++b) {
-      const int64_t i = m * RB + b, g = m * G + (32 * b) / group;
-      xg[g] += bx[i];
-      xc[g] += 8.f * (bx[i] - xqs[i] * bq[i]);
-    }
+  const Act8 a = quantize_act8(x, group, false);
+  const std::vector<int8_t>& xq = a.q;
+  const std::vector<float>& xqs = a.s;
   // The AVX-512 kernel's input scales per chunk of 64: [s_2c x8 | s_2c+1 / 16 x8] (a power of
   // two, so exact). 64-byte aligned: one aligned load per chunk.
   const int64_t C = K / 64;
@@ -241,7 +260,7 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
       const int64_t mm = std::min(kMaxM, M - m0);
       gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs2 + m0 * C * 16 : nullptr,
-                  mm, K, wp, sp, op, group, xg.data() + m0 * G, xc.data() + m0 * G, yp + m0 * N,
+                  mm, K, wp, sp, op, group, a.xg.data() + m0 * G, a.xc.data() + m0 * G, yp + m0 * N,
                   N, n0, n1);
     }
   });

@@ -1,6 +1,6 @@
 // Helpers shared by lowbit's CPU kernels: affine_gemv.cpp (the affine op, float inputs,
-// dequantize, prefill), affine_q8.cpp (4-bit codes x int8 inputs, the decode path) and
-// half_gemv.cpp (16-bit float weights). The affine weight layout is described at the top of
+// dequantize, prefill), affine_q8.cpp (4-bit codes x int8 inputs, the decode path),
+// affine_q8_gemm.cpp (the same for prompts) and half_gemv.cpp (16-bit float weights). The affine weight layout is described at the top of
 // affine_gemv.cpp.
 #pragma once
 
@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -156,6 +157,21 @@ at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, Fill fill) {
 
 // Whether the AVX-512 VNNI decode kernel runs (affine_q8.cpp).
 bool use_avx512();
+
+// x (M, K) quantized per block of 32 inputs (the act8 path, affine_q8.cpp): int8 codes q (M, K),
+// scales s (M, K/32), and per group of the weight the float sums of x (xg) and the centring
+// term xc (M, K/group each; see gemv_q8). shifted: the codes stored as q + 128 (as unsigned
+// bytes), the operand the integer GEMM wants. Parallel over rows.
+struct Act8 {
+  std::vector<int8_t> q;
+  std::vector<float> s, xg, xc;
+};
+Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted);
+
+// The 4-bit x int8-input prefill path (affine_q8_gemm.cpp): the same arithmetic as gemv_q8.
+template <typename P>
+at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                   const at::Tensor& offset, int64_t group);
 
 // The 4-bit x int8-input decode path (affine_q8.cpp), for P = float and uint16_t (float16).
 template <typename P>

@@ -1,0 +1,221 @@
+// Prefill of 4-bit layers on int8 inputs (act8): an integer GEMM, AVX-512 VNNI and AVX2.
+//
+// Why hand-written: dequantizing the codes into torch's float GEMM (tiled_gemm) was slower than
+// float32 itself (the GEMM does the same work plus the dequantization); multiplying 4-bit codes
+// by int8 inputs in integer multiply-adds does 4x the work per instruction. Nothing shipped with
+// torch does it for grouped 4-bit codes (its int4 CPU kernel wants bf16 inputs; oneDNN and
+// fbgemm take int8 weights per channel, not 4-bit codes with a scale per group of 32).
+//
+// The arithmetic is the decode path's (gemv_q8, affine_q8.cpp): x quantized per block of 32
+// inputs (q, s_x per block), y = sum_g s_g sum_{b in g} s_x,b ((u - 8) . q_b) + (o_g + 8 s_g) X_g.
+// Two changes of form make it a GEMM that keeps 16 (AVX-512) or 8 (AVX2) outputs per register:
+//   - the weights are unpacked, per block of NB output columns, into a panel of centred codes
+//     c = u - 8 (signed bytes), four consecutive k of each column in one 32-bit lane, so that
+//     one vpdpbusd (or vpmaddubsw) multiplies 4 inputs of one row of x by 16 (8) columns;
+//   - the inputs are made unsigned, q + 128, as the u8 operand; the extra 128 . sum(c_b) per
+//     block and column is subtracted by starting each block's integer sum at -128 sum(c_b).
+// No sum can saturate: vpdpbusd sums in int32; on AVX2 a vpmaddubsw pair is at most
+// 2 * 255 * 8 and eight of them (one block) 32640 < 2^15, so a block is summed in int16 first.
+// The panel is rebuilt at every call (N * K bytes, against M * N * K multiply-adds).
+#include "common.h"
+
+#include <algorithm>
+
+namespace lowbit_kernels {
+namespace {
+
+#define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+// One block of NB output columns: codes, block starts and scales, laid out per block of 32 k.
+struct Panel {
+  std::vector<int32_t> codes;  // (K/4, NB) words: 4 centred codes of column j at k..k+3
+  std::vector<int32_t> start;  // (R, NB): -128 * sum of the column's centred codes in block b
+  std::vector<float> scale;    // (R, NB): the column's weight scale for block b's group
+};
+
+// Fill the panel for columns n0..n0+NB (columns beyond N: code 8, scale 0, so they add 0).
+template <typename P>
+void fill_panel(const uint8_t* w, const P* scale, int64_t K, int64_t group, int64_t N, int64_t n0,
+                int64_t NB, Panel& p, std::vector<uint8_t>& rows) {
+  const int64_t R = K / 32, G = K / group, per = group / 32;
+  p.codes.resize(K / 4 * NB);
+  p.start.resize(R * NB);
+  p.scale.resize(R * NB);
+  rows.resize(NB * K);
+  const __m256i mid = _mm256_set1_epi8(8);
+  for (int64_t j = 0; j < NB; ++j) {
+    const int64_t n = n0 + j;
+    uint8_t* dst = rows.data() + j * K;
+    for (int64_t b = 0; b < R; ++b) {
+      const __m256i u = n < N ? run_codes(w + n * (K / 2), 32 * b, K) : mid;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * b), _mm256_sub_epi8(u, mid));
+      const __m256i sad = _mm256_sad_epu8(u, _mm256_setzero_si256());  // 4 partial sums of u
+      const int64_t sum = _mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1) +
+                          _mm256_extract_epi64(sad, 2) + _mm256_extract_epi64(sad, 3);
+      p.start[b * NB + j] = static_cast<int32_t>(-128 * (sum - 8 * 32));
+      p.scale[b * NB + j] = n < N ? load1(scale + n * G + b / per) : 0.f;
+    }
+  }
+  for (int64_t j = 0; j < NB; ++j) {  // transpose the 32-bit words into the panel
+    const int32_t* src = reinterpret_cast<const int32_t*>(rows.data() + j * K);
+    for (int64_t kq = 0; kq < K / 4; ++kq) p.codes[kq * NB + j] = src[kq];
+  }
+}
+
+inline int32_t word(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// AVX-512: MR rows of x against 32 columns (two registers of 16), a whole row of K.
+constexpr int64_t kNB512 = 32;
+template <int MR>
+LOWBIT_AVX512 void tile_512(const uint8_t* xu, const float* xs, int64_t K, const Panel& p,
+                            float* y, int64_t N, int64_t n0, int64_t cols) {
+  const int64_t R = K / 32;
+  __m512 f[MR][2];
+  for (int m = 0; m < MR; ++m) f[m][0] = f[m][1] = _mm512_setzero_ps();
+  const int32_t* pc = p.codes.data();
+  for (int64_t b = 0; b < R; ++b) {
+    const __m512i s0 = _mm512_loadu_si512(p.start.data() + b * kNB512);
+    const __m512i s1 = _mm512_loadu_si512(p.start.data() + b * kNB512 + 16);
+    __m512i a[MR][2];
+    for (int m = 0; m < MR; ++m) a[m][0] = s0, a[m][1] = s1;
+    for (int s = 0; s < 8; ++s) {
+      const int32_t* wq = pc + (b * 8 + s) * kNB512;
+      const __m512i w0 = _mm512_loadu_si512(wq), w1 = _mm512_loadu_si512(wq + 16);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xb = _mm512_set1_epi32(word(xu + m * K + 32 * b + 4 * s));
+        a[m][0] = _mm512_dpbusd_epi32(a[m][0], xb, w0);
+        a[m][1] = _mm512_dpbusd_epi32(a[m][1], xb, w1);
+      }
+    }
+    const __m512 c0 = _mm512_loadu_ps(p.scale.data() + b * kNB512);
+    const __m512 c1 = _mm512_loadu_ps(p.scale.data() + b * kNB512 + 16);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 sx = _mm512_set1_ps(xs[m * R + b]);
+      f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), _mm512_mul_ps(c0, sx), f[m][0]);
+      f[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), _mm512_mul_ps(c1, sx), f[m][1]);
+    }
+  }
+  const __mmask16 k0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 k1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  for (int m = 0; m < MR; ++m) {
+    _mm512_mask_storeu_ps(y + m * N + n0, k0, f[m][0]);
+    _mm512_mask_storeu_ps(y + m * N + n0 + 16, k1, f[m][1]);
+  }
+}
+
+// AVX2: MR rows of x against NV registers of 8 columns (from column 8 * v0 of the panel's 16);
+// each block summed in int16 first. The sums use the saturating add although they cannot
+// saturate: GCC reassociates plain integer adds into a tree and spilled every product.
+constexpr int64_t kNB256 = 16;
+template <int MR, int NV>
+void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, float* y, int64_t N,
+              int64_t n0, int64_t cols, int v0) {
+  const int64_t R = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 f[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) f[m][v] = _mm256_setzero_ps();
+  const int32_t* pc = p.codes.data() + 8 * v0;
+  for (int64_t b = 0; b < R; ++b) {
+    __m256i h[MR][NV];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) h[m][v] = _mm256_setzero_si256();
+    for (int s = 0; s < 8; ++s) {
+      const int32_t* wq = pc + (b * 8 + s) * kNB256;
+      __m256i wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 8 * v));
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xb = _mm256_set1_epi32(word(xu + m * K + 32 * b + 4 * s));
+        for (int v = 0; v < NV; ++v) h[m][v] = _mm256_adds_epi16(h[m][v], _mm256_maddubs_epi16(xb, wv[v]));
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const int64_t o = b * kNB256 + 8 * (v0 + v);
+      const __m256i st = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.start.data() + o));
+      const __m256 c = _mm256_loadu_ps(p.scale.data() + o);
+      for (int m = 0; m < MR; ++m) {
+        const __m256i i = _mm256_add_epi32(_mm256_madd_epi16(h[m][v], ones), st);
+        f[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(c, _mm256_set1_ps(xs[m * R + b])), f[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      const int64_t c0 = 8 * (v0 + v), n = std::min<int64_t>(8, cols - c0);
+      if (n <= 0) continue;
+      alignas(32) float out[8];
+      _mm256_store_ps(out, f[m][v]);
+      std::copy(out, out + n, y + m * N + n0 + c0);
+    }
+}
+
+// All M rows against one panel, MR rows at a time (the last few rows one by one).
+template <int MR>
+void rows_512(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Panel& p, float* y,
+              int64_t N, int64_t n0, int64_t cols) {
+  const int64_t R = K / 32;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) tile_512<MR>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols);
+  for (; m < M; ++m) tile_512<1>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols);
+}
+
+template <int MR, int NV>
+void rows_256(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Panel& p, float* y,
+              int64_t N, int64_t n0, int64_t cols) {
+  const int64_t R = K / 32;
+  for (int v0 = 0; v0 < 2; v0 += NV) {
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR)
+      tile_256<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+    for (; m < M; ++m) tile_256<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+  }
+}
+
+}  // namespace
+
+template <typename P>
+at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                   const at::Tensor& offset, int64_t group) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
+  const Act8 a = quantize_act8(x, group, true);
+  const uint8_t* xp = reinterpret_cast<const uint8_t*>(a.q.data());  // q + 128
+  auto y = at::empty({M, N}, x.options());
+  const bool wide = use_avx512();
+  const int64_t NB = wide ? kNB512 : kNB256;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const P* sp = params<P>(scale);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t b0, int64_t b1) {
+    Panel p;
+    std::vector<uint8_t> rows;
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const int64_t n0 = nb * NB, cols = std::min(NB, N - n0);
+      fill_panel<P>(wp, sp, K, group, N, n0, NB, p, rows);
+      const float* xs = a.s.data();
+      // Rows per tile chosen by measurement (Xeon with AVX-512 VNNI, 2 threads): 6 rows x 32
+      // columns for AVX-512 (12 int32 and 12 float accumulators), 3 rows x 16 columns for
+      // AVX2 (16 registers: 6 int16 sums, 2 weight registers, one input); 4, 5, 8 and 2x2,
+      // 4x1, 6x1 were slower.
+      if (wide)
+        rows_512<6>(xp, xs, M, K, p, yp, N, n0, cols);
+      else
+        rows_256<3, 2>(xp, xs, M, K, p, yp, N, n0, cols);
+    }
+  });
+  if (offset.numel()) {  // (o_g + 8 s_g) X_g: a float GEMM of the group sums, (M, G) x (G, N)
+    const at::Tensor c = offset.to(at::kFloat) + 8 * scale.to(at::kFloat);
+    y.addmm_(at::from_blob(const_cast<float*>(a.xg.data()), {M, G}, x.options()), c.t());
+  }
+  return y;
+}
+
+template at::Tensor gemm_q8<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, int64_t);
+template at::Tensor gemm_q8<uint16_t>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, int64_t);
+
+}  // namespace lowbit_kernels
