@@ -12,7 +12,11 @@ prompt, greedy decode at batch 1, medians of alternating runs) under each loop:
   custom ops with fake implementations; first calls (compilation) are not timed;
 - ``llama.cpp`` (``--llama-cpp``, llama-cpp-python installed): for ``w4-sym-g32`` (Q4_0's grid)
   and ``w4-rtn-g32`` (Q4_1's), the lowbit folder exported to GGUF and run by llama.cpp, its
-  runs alternating with the others.
+  runs alternating with the others. A random-weight model gets a stand-in tokenizer for the
+  GGUF (:func:`stand_in_tokenizer`). On a VM that does not enable the CPU's AMX state, a
+  ``GGML_NATIVE=ON`` build crashed (SIGSEGV) in its AMX weight buffers: build it with
+  ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+  -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF ..."`` instead.
 - ``LiteRT`` (``--litert``, ``lowbit[litert]`` installed): the lowbit folder exported with
   ``lowbit export --format litert --kv-cache`` and run in the LiteRT interpreter (XNNPACK,
   int8 activations on the fly) through the same decode loop (prefill/decode signatures); for

@@ -76,3 +76,27 @@ def test_quantized_kernel_layers_run_on_the_compact_forward(native, monkeypatch)
         ours, _ = decode_steps(LlamaForward(model), prompt, follow)
         theirs, _ = decode_steps(HFForward(model), prompt, follow)
     assert rel(ours, theirs) < 1e-4
+
+
+def test_prompts_take_int8_inputs_where_evaluation_keeps_float(monkeypatch):
+    """A prompt longer than GEMV_MAX_ROWS: the loop's W4 layers quantize its inputs to int8
+    (the integer GEMM), the model's own forward (evaluation) keeps them float; with the
+    module's threshold raised, the model's forward takes int8 inputs too and the two agree."""
+    from lowbit import api
+    from lowbit.kernels import affine
+    from lowbit.models.kernels import use_kernels
+
+    model = tiny_llama(vocab=64, hidden=64)
+    api.quantize(model, "w4-sym-g32", progress=False)
+    use_kernels(model)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 64, (1, 2 * affine.GEMV_MAX_ROWS + 5), generator=g)
+    follow = torch.randint(0, 64, (1, 3), generator=g)
+    n = prompt.shape[1] + follow.shape[1]
+    with torch.inference_mode():
+        ours, _ = decode_steps(LlamaForward(model), prompt, follow, n)
+        float_inputs, _ = decode_steps(HFForward(model), prompt, follow, n)
+        monkeypatch.setattr(affine, "GEMV_MAX_ROWS", 10**6)
+        int8_inputs, _ = decode_steps(HFForward(model), prompt, follow, n)
+    assert rel(ours, int8_inputs) < 1e-4
+    assert 1e-4 < rel(ours, float_inputs) < 0.1

@@ -10,9 +10,11 @@ namespace {
 // x (M, K) -> int8 codes (M, K) and one scale per 32 inputs (M, K/32):
 // q = round(x * 127/absmax), half to even; scale = absmax / 127.
 // Also the block sums of x (xsum) and of q (qsum), for the offset correction of gemv_q8.
+// shifted: each code stored as q + 128 (q xor 0x80), the unsigned operand of gemm_q8.
 void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs, float* xsum,
-                      float* qsum) {
+                      float* qsum, bool shifted) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i flip = _mm256_set1_epi8(shifted ? static_cast<char>(0x80) : 0);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t i = 0; i < M * K / 32; ++i) {
     const float* src = x + 32 * i;
@@ -38,7 +40,7 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs
     const __m256i b =
         _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * i),
-                        _mm256_permutevar8x32_epi32(b, order));
+                        _mm256_xor_si256(_mm256_permutevar8x32_epi32(b, order), flip));
     qsum[i] = hsum(qsv);
   }
 }
@@ -214,7 +216,7 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted) {
     const int64_t rows = m1 - m0;
     std::vector<float> bx(rows * RB), bq(rows * RB);
     quantize_rows_q8(xp + m0 * K, rows, K, a.q.data() + m0 * K, a.s.data() + m0 * RB, bx.data(),
-                     bq.data());
+                     bq.data(), shifted);
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t g = 0, b = 0; g < G; ++g)
         for (int64_t e = 0; e < per; ++e, ++b) {
@@ -222,8 +224,6 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted) {
           a.xg[m * G + g] += bx[i];
           a.xc[m * G + g] += 8.f * (bx[i] - a.s[m * RB + b] * bq[i]);
         }
-    if (shifted)
-      for (int64_t i = m0 * K; i < m1 * K; ++i) a.q[i] = static_cast<int8_t>(a.q[i] ^ 0x80);
   });
   return a;
 }
