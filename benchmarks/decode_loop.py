@@ -10,11 +10,13 @@ prompt, greedy decode at batch 1, medians of alternating runs) under each loop:
 - ``compact, torch.compile`` (``--compile``): the decode step, over the whole static cache with
   a position tensor (fixed shapes), captured by ``torch.compile`` with the lowbit kernels as
   custom ops with fake implementations; first calls (compilation) are not timed;
-- ``llama.cpp`` (``--llama-cpp``, llama-cpp-python installed): for ``w4-sym-g32`` (Q4_0's grid)
-  and ``w4-rtn-g32`` (Q4_1's), the lowbit folder exported to GGUF and run by llama.cpp, its
-  runs alternating with the others. A random-weight model gets a stand-in tokenizer for the
-  GGUF (:func:`stand_in_tokenizer`). On a VM that does not enable the CPU's AMX state, a
-  ``GGML_NATIVE=ON`` build crashed (SIGSEGV) in its AMX weight buffers: build it with
+- ``llama.cpp`` (``--llama-cpp``, llama-cpp-python installed): for ``w4-sym-g32`` (Q4_0's grid),
+  ``w4-rtn-g32`` (Q4_1's) and ``w4-sym-g32-head8`` (Q4_0 with the output head in Q8_0, the
+  same codes on both sides; llama.cpp's own Q4_0 files quantize the head too, to Q6_K), the
+  lowbit folder exported to GGUF and run by llama.cpp, its runs alternating with the others.
+  A random-weight model gets a stand-in tokenizer for the GGUF (:func:`stand_in_tokenizer`).
+  On a VM that does not enable the CPU's AMX state, a ``GGML_NATIVE=ON`` build crashed
+  (SIGSEGV) in its AMX weight buffers: build it with
   ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
   -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF ..."`` instead.
 - ``LiteRT`` (``--litert``, ``lowbit[litert]`` installed): the lowbit folder exported with
@@ -52,7 +54,12 @@ from lowbit.kernels import decode
 from lowbit.runtime import Runtime
 from lowbit.runtime.llama import LlamaForward, _eps
 
-LLAMA_CPP = {"w4-sym-g32": "Q4_0", "w4-rtn-g32": "Q4_1", "w4-sym-g32-bf16": "Q4_0"}
+LLAMA_CPP = {
+    "w4-sym-g32": "Q4_0",
+    "w4-rtn-g32": "Q4_1",
+    "w4-sym-g32-bf16": "Q4_0",
+    "w4-sym-g32-head8": "Q4_0 + Q8_0 head",
+}
 
 
 class TorchOps:
@@ -272,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                 model = api.load(folder).model
             loops = runtimes(model, capacity, args.compile)
             if args.llama_cpp and recipe in LLAMA_CPP:
-                for float_type in ("f32", "f16"):  # f32: the head lowbit reads; f16: usual
+                # f32: the floats lowbit reads; f16: usual. A quantized head leaves only the
+                # embeddings (one row read per token) and norms in float: f32 alone.
+                quantized_head = recipe.endswith("-head8")
+                for float_type in ("f32",) if quantized_head else ("f32", "f16"):
                     llm = llama_cpp(folder, float_type, capacity + 8, Path(tmp))
                     if llm is not None:
                         loops[f"llama.cpp {LLAMA_CPP[recipe]}, {float_type} floats"] = llm

@@ -90,3 +90,27 @@ def test_off_grid_recipe_is_a_clear_error_unless_requantized(bpe_folder, tmp_pat
     path = export(folder, "gguf", tmp_path / "m.gguf", requantize="q8_0").path
     _, tensors = _gguf_tensors(path)
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_quantized_head_is_written_as_the_output_tensor(tmp_path, tied):
+    """``w4-sym-g32-head8``: the head's own Q8_0 codes become ``output.weight`` (which llama.cpp
+    prefers to the embeddings when present), the embeddings stay float, tied or not."""
+    tok = make_bpe_tokenizer()
+    model = tiny_family_model("llama", vocab=len(tok))
+    model.config.tie_word_embeddings = tied
+    if tied:
+        model.tie_weights()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    folder, q = quantized_folder(src, tmp_path / "q", "w4-sym-g32-head8")
+    path = export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path
+    _, tensors = _gguf_tensors(path)
+    head, embd = tensors["output.weight"], tensors["token_embd.weight"]
+    assert head.tensor_type.name == "Q8_0"
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
+    theirs = gguf.quants.dequantize(head.data, head.tensor_type)
+    np.testing.assert_array_equal(theirs, q.lm_head.dequantized_weight().numpy())
+    embedding = q.get_input_embeddings().weight.detach().numpy()
+    np.testing.assert_array_equal(gguf.quants.dequantize(embd.data, embd.tensor_type), embedding)

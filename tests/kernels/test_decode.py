@@ -45,7 +45,9 @@ def _attention_case(b, heads, kv, dim, pos, qk_norm, seed=0):
 
 @needs_native
 @pytest.mark.parametrize("b,heads,kv,dim,pos", [(1, 9, 3, 64, 40), (3, 4, 2, 16, 7),
-                                                (2, 4, 4, 32, 300), (1, 2, 1, 8, 0)])  # fmt: skip
+                                                (2, 4, 4, 32, 300), (1, 2, 1, 8, 0),
+                                                (1, 4, 2, 128, 70),
+                                                (2, 6, 2, 96, 300)])  # fmt: skip
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_decode_attention_matches_reference(b, heads, kv, dim, pos, qk_norm):
     """Same output and the same cache writes (GQA, left padding, Qwen3's q/k norms, a context
@@ -57,6 +59,24 @@ def test_decode_attention_matches_reference(b, heads, kv, dim, pos, qk_norm):
     assert got.shape == (b, heads * dim)
     assert close(got, ref)
     assert close(args[1], ref_args[1]) and torch.equal(args[2], ref_args[2])
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_long_contexts_split_over_threads_combine_exactly(threads):
+    """A long context is cut into one range of slots per thread and the ranges' softmaxes are
+    combined; a row whose padding leaves fewer slots than ranges gets empty ranges."""
+    args = _attention_case(2, 6, 2, 64, 400, False, seed=3)
+    args[5] = torch.tensor([0, 398])  # the second row attends to 3 slots only
+    ref = decode.decode_attention_reference(*[a.clone() if isinstance(a, torch.Tensor) else a
+                                              for a in args])  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.lowbit_cpu.decode_attention(*args)
+    finally:
+        torch.set_num_threads(before)
+    assert close(got, ref)
 
 
 def test_reference_path_when_native_is_off(monkeypatch):

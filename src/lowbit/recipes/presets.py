@@ -159,6 +159,9 @@ def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     head8 = _recipe("w4-g64-head8", "rtn", _weights(4, 64))
     head8["ignore"] = []
     head8["overrides"] = [{"match": "lm_head", "weights": _weights(8, -1, True)}]
+    q4head8 = _recipe("w4-sym-g32-head8", "rtn", _weights(4, 32, True))
+    q4head8["ignore"] = []
+    q4head8["overrides"] = [{"match": "lm_head", "weights": _weights(8, 32, True)}]
     head16 = _recipe("w4-g64-head16", "rtn", _weights(4, 64))
     head16["ignore"] = []
     head16["overrides"] = [{"match": "lm_head", "weights": {"format": "fp16", "bits": 16}}]
@@ -172,6 +175,8 @@ def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
         "w4-g64-head8": ("int4 asymmetric g64, output head int8 per-channel (llama.cpp-like)",
                          head8),
         "w4-g64-head16": ("int4 asymmetric g64, output head stored in float16", head16),
+        "w4-sym-g32-head8": ("GGUF Q4_0's grid, output head int8 symmetric g32 (Q8_0's grid)",
+                             q4head8),
     }  # fmt: skip
 
 

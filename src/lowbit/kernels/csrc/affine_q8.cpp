@@ -87,65 +87,99 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, int64_t K, const uint8_t* 
 // codes, two runs) per vpdpbusd. The chunk's 32 bytes are broadcast to both halves of a
 // register and masked with 0x0F (low half: run 2c) and 0xF0 (high half: run 2c + 1, as 16 times
 // its codes; 4 * 240 * 127 fits int32 easily), so no shuffle is needed; the 1/16 is folded into
-// the input scales, which gemv_q8 lays out per chunk as [s_2c x8 | s_2c+1 / 16 x8] (xs2). Per
-// chunk and row of x that is and, vpdpbusd, convert, multiply, FMA: the AVX2 kernel issues about
-// twice as many instructions, and on this work two cores are bound by instructions, not memory.
-// Uniform: groups are a power of two of whole chunks, so one scale serves the chunk and its
-// group is c >> shift (the general walk costs four branches per chunk).
+// the input scales, which gemv_q8 lays out per chunk as [s_2c x8 | s_2c+1 / 16 x8] (xs2).
+// The centring (codes u - 8, see gemv_q8) is folded into the integer dot too: vpdpbusd starts
+// from [-8 sum(q_2c), 0 x7 | -128 sum(q_2c+1), 0 x7] (corr, laid out beside xs2), so a symmetric
+// grid needs no per-group epilogue and an asymmetric one only sum_g (o_g + 8 s_g) X_g. Two cores
+// are bound by instructions here, not memory: per chunk and row of x this is and, vpdpbusd,
+// convert, multiply, FMA, and the chunk's weight scales are found without branches:
+//   Uniform: groups are a power of two of whole chunks, one scale per chunk (c >> shift);
+//   Pair:    groups of 32 (GGUF Q4_0/Q4_1's), the chunk's two scales are consecutive;
+//   Walk:    any other multiple of 32 (four branches per chunk).
 #define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
 
-// One chunk c of a weight row against M rows of x, into the accumulators a.
-template <int M, bool Uniform, typename P>
-LOWBIT_AVX512 inline void chunk_512(const uint8_t* wb, const P* sc, int64_t g0, int64_t g1,
-                                    const __m512i mask, const int8_t* xq, const float* xs2,
+enum class Groups { Uniform, Pair, Walk };
+
+template <typename P>
+LOWBIT_AVX512 inline __m128 load2(const P* p) {  // two consecutive params -> lanes 0, 1
+  if constexpr (sizeof(P) == 4) {
+    return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  } else {
+    int32_t bits;
+    std::memcpy(&bits, p, 4);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+  }
+}
+
+// Sum over groups of (o_g + 8 s_g) X_g: what the centred dots leave out of an asymmetric grid.
+template <typename P>
+inline float offset_sum(const P* of, const P* sc, const float* xg, int64_t G) {
+  __m256 t = _mm256_setzero_ps();
+  const __m256 mid = _mm256_set1_ps(8.f);
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    t = _mm256_fmadd_ps(_mm256_fmadd_ps(mid, load8(sc + g), load8(of + g)),
+                        _mm256_loadu_ps(xg + g), t);
+  float tail = 0.f;
+  for (; g < G; ++g) tail += (load1(of + g) + 8.f * load1(sc + g)) * xg[g];
+  return hsum(t) + tail;
+}
+
+// One chunk c of a weight row (scales s) against M rows of x, into the accumulators a.
+template <int M>
+LOWBIT_AVX512 inline void chunk_512(const uint8_t* wb, const __m512 s, const __m512i mask,
+                                    const int8_t* xq, const float* xs2, const int32_t* corr,
                                     int64_t K, int64_t C, int64_t c, __m512* a) {
-  const __m512 s = Uniform ? _mm512_set1_ps(load1(sc + g0))
-                           : _mm512_mask_broadcastss_ps(_mm512_set1_ps(load1(sc + g0)), 0xFF00,
-                                                        _mm_set_ss(load1(sc + g1)));
   const __m512i codes = _mm512_and_si512(
       _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c))),
       mask);
   for (int m = 0; m < M; ++m) {
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,
+    const int64_t at = (m * C + c) * 16;
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_load_si512(corr + at), codes,
                                             _mm512_loadu_si512(xq + m * K + 64 * c));
-    const __m512 xs = _mm512_load_ps(xs2 + (m * C + c) * 16);
-    a[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), xs), s, a[m]);
+    a[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(xs2 + at)), s,
+                           a[m]);
   }
 }
 
-template <int M, bool Uniform, typename P>
+// The weight scales of chunk c: [group of run 2c x8 | group of run 2c + 1 x8].
+template <Groups Mode, typename P>
+LOWBIT_AVX512 inline __m512 chunk_scales(const P* sc, int64_t c, int shift, GroupWalk& walk,
+                                         const __m512i halves) {
+  if constexpr (Mode == Groups::Uniform) {
+    return _mm512_set1_ps(load1(sc + (c >> shift)));
+  } else if constexpr (Mode == Groups::Pair) {
+    return _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(load2(sc + 2 * c)));
+  } else {
+    const float s0 = load1(sc + walk.next()), s1 = load1(sc + walk.next());
+    return _mm512_mask_broadcastss_ps(_mm512_set1_ps(s0), 0xFF00, _mm_set_ss(s1));
+  }
+}
+
+template <int M, Groups Mode, typename P>
 LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const float* xs2,
-                                    int64_t K, const uint8_t* w, const P* scale, const P* offset, int64_t group, const float* xg,
-                                    const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
+                                    const int32_t* corr, const float* qsum, int64_t K,
+                                    const uint8_t* w, const P* scale, const P* offset,
+                                    int64_t group, const float* xg, float* y, int64_t N,
+                                    int64_t n0, int64_t n1) {
   const int64_t G = K / group, R = K / 32, C = K / 64;
-  const int shift = Uniform ? __builtin_ctzll(group / 64) : 0;
+  const int shift = Mode == Groups::Uniform ? __builtin_ctzll(group / 64) : 0;
   const __m512i mask =
       _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8(static_cast<char>(0xF0)), 1);
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wb = w + n * (K / 2);
     const P* sc = scale + n * G;
     __m512 acc[2][M];  // two chains per row of x, so FMA latency does not bind
     for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
     GroupWalk walk(group / 32);
-    const auto groups = [&](int64_t c, int64_t& g0, int64_t& g1) {
-      if constexpr (Uniform) {
-        g0 = g1 = c >> shift;
-      } else {
-        g0 = walk.next(), g1 = walk.next();
-      }
-    };
-    int64_t c = 0, g0, g1;
+    int64_t c = 0;
     for (; c + 2 <= C; c += 2) {
       _mm_prefetch(reinterpret_cast<const char*>(wb + 32 * c + kPrefetch), _MM_HINT_T1);
-      groups(c, g0, g1);
-      chunk_512<M, Uniform, P>(wb, sc, g0, g1, mask, xq, xs2, K, C, c, acc[0]);
-      groups(c + 1, g0, g1);
-      chunk_512<M, Uniform, P>(wb, sc, g0, g1, mask, xq, xs2, K, C, c + 1, acc[1]);
+      chunk_512<M>(wb, chunk_scales<Mode>(sc, c, shift, walk, halves), mask, xq, xs2, corr, K, C, c, acc[0]);
+      chunk_512<M>(wb, chunk_scales<Mode>(sc, c + 1, shift, walk, halves), mask, xq, xs2, corr, K, C, c + 1, acc[1]);
     }
-    if (c < C) {
-      groups(c, g0, g1);
-      chunk_512<M, Uniform, P>(wb, sc, g0, g1, mask, xq, xs2, K, C, c, acc[0]);
-    }
+    if (c < C) chunk_512<M>(wb, chunk_scales<Mode>(sc, c, shift, walk, halves), mask, xq, xs2, corr, K, C, c, acc[0]);
     float tail[M];
     for (int m = 0; m < M; ++m) tail[m] = 0.f;
     if (R & 1) {  // the row's last run, a half chunk: one 256-bit step
@@ -155,34 +189,38 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
       for (int m = 0; m < M; ++m) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * r));
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));
-        tail[m] = s * xqs[m * R + r] * hsum(_mm256_cvtepi32_ps(dot));
+        tail[m] = s * xqs[m * R + r] * (hsum(_mm256_cvtepi32_ps(dot)) - 8.f * qsum[m * R + r]);
       }
     }
     for (int m = 0; m < M; ++m)
       y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m] +
-                     offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
+                     (offset ? offset_sum(offset + n * G, sc, xg + m * G, G) : 0.f);
   }
 }
 
-// xs2: the AVX-512 kernel's per-chunk input scales (see gemv_rows_q8_512); null for AVX2.
+// xs2 / corr: the AVX-512 kernel's per-chunk input scales and centring (see
+// gemv_rows_q8_512); null for AVX2.
 template <typename P>
-void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, int64_t M, int64_t K,
-                 const uint8_t* w, const P* scale, const P* offset, int64_t group,
-                 const float* xg, const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
+void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, const int32_t* corr,
+                 const float* qsum, int64_t M, int64_t K, const uint8_t* w, const P* scale,
+                 const P* offset, int64_t group, const float* xg, const float* xc, float* y,
+                 int64_t N, int64_t n0, int64_t n1) {
   const bool uniform = group % 64 == 0 && ((group / 64) & (group / 64 - 1)) == 0;
   switch (M) {
+#define LOWBIT_WIDE(R, MODE)                                                                    \
+  gemv_rows_q8_512<R, Groups::MODE, P>(xq, xqs, xs2, corr, qsum, K, w, scale, offset, group, xg, \
+                                       y, N, n0, n1)
 #define LOWBIT_CASE(R)                                                                          \
   case R:                                                                                       \
     if (!xs2)                                                                                   \
-      return gemv_rows_q8<R, P>(xq, xqs, K, w, scale, offset, group, xg, xc, y, N, n0, n1);        \
-    if (uniform)                                                                                \
-      return gemv_rows_q8_512<R, true, P>(xq, xqs, xs2, K, w, scale, offset, group, xg, xc, y, N,  \
-                                       n0, n1);                                                 \
-    return gemv_rows_q8_512<R, false, P>(xq, xqs, xs2, K, w, scale, offset, group, xg, xc, y, N,   \
-                                      n0, n1);
+      return gemv_rows_q8<R, P>(xq, xqs, K, w, scale, offset, group, xg, xc, y, N, n0, n1);    \
+    if (uniform) return LOWBIT_WIDE(R, Uniform);                                                \
+    if (group == 32) return LOWBIT_WIDE(R, Pair);                                               \
+    return LOWBIT_WIDE(R, Walk);
     LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
     LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
 #undef LOWBIT_CASE
+#undef LOWBIT_WIDE
     default:
       TORCH_CHECK(false, "gemv_any_q8: M out of range");
   }
@@ -206,6 +244,7 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted) {
   a.s.resize(M * RB);
   a.xg.assign(M * G, 0.f);
   a.xc.assign(M * G, 0.f);
+  a.qsum.resize(M * RB);
   const float* xp = x.data_ptr<float>();
   // The integer loop computes sum_g s_g sum_b s_x,b (u . q_b). Written with centred codes,
   //   y = sum_g s_g sum_b s_x,b ((u - 8) . q_b) + (o_g + 8 s_g) X_g      (X_g: float sum of x)
@@ -214,9 +253,10 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted) {
   // 7.5 instead of about 3, which made the act8 error ~2.5x larger.
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     const int64_t rows = m1 - m0;
-    std::vector<float> bx(rows * RB), bq(rows * RB);
+    std::vector<float> bx(rows * RB);
+    const float* bq = a.qsum.data() + m0 * RB;
     quantize_rows_q8(xp + m0 * K, rows, K, a.q.data() + m0 * K, a.s.data() + m0 * RB, bx.data(),
-                     bq.data(), shifted);
+                     a.qsum.data() + m0 * RB, shifted);
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t g = 0, b = 0; g < G; ++g)
         for (int64_t e = 0; e < per; ++e, ++b) {
@@ -241,15 +281,24 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   // two, so exact). 64-byte aligned: one aligned load per chunk.
   const int64_t C = K / 64;
   const bool wide = use_avx512() && C > 0;
+  // corr: per chunk the centring -8 sum(q) of its two runs (the high one times 16), as vpdpbusd's
+  // starting value. Both 64-byte aligned: one aligned load per chunk each.
   std::vector<float> xs2_store;
+  std::vector<int32_t> corr_store;
   float* xs2 = nullptr;
+  int32_t* corr = nullptr;
   if (wide) {
     xs2_store.resize(M * C * 16 + 16);
+    corr_store.assign(M * C * 16 + 16, 0);
     xs2 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs2_store.data()) + 63) & ~uintptr_t{63});
+    corr = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(corr_store.data()) + 63) & ~uintptr_t{63});
     for (int64_t m = 0; m < M; ++m)
       for (int64_t c = 0; c < C; ++c) {
         float* v = xs2 + (m * C + c) * 16;
         for (int j = 0; j < 8; ++j) v[j] = xqs[m * RB + 2 * c], v[8 + j] = xqs[m * RB + 2 * c + 1] / 16.f;
+        int32_t* k = corr + (m * C + c) * 16;
+        k[0] = -8 * static_cast<int32_t>(a.qsum[m * RB + 2 * c]);
+        k[8] = -128 * static_cast<int32_t>(a.qsum[m * RB + 2 * c + 1]);
       }
   }
   const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -260,8 +309,8 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
       const int64_t mm = std::min(kMaxM, M - m0);
       gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs2 + m0 * C * 16 : nullptr,
-                  mm, K, wp, sp, op, group, a.xg.data() + m0 * G, a.xc.data() + m0 * G, yp + m0 * N,
-                  N, n0, n1);
+                  wide ? corr + m0 * C * 16 : nullptr, a.qsum.data() + m0 * RB, mm, K, wp, sp, op,
+                  group, a.xg.data() + m0 * G, a.xc.data() + m0 * G, yp + m0 * N, N, n0, n1);
     }
   });
   return y;

@@ -160,11 +160,12 @@ bool use_avx512();
 
 // x (M, K) quantized per block of 32 inputs (the act8 path, affine_q8.cpp): int8 codes q (M, K),
 // scales s (M, K/32), and per group of the weight the float sums of x (xg) and the centring
-// term xc (M, K/group each; see gemv_q8). shifted: the codes stored as q + 128 (as unsigned
+// term xc (M, K/group each; see gemv_q8), and per block the sum of its codes (qsum, M x K/32:
+// the AVX-512 GEMV folds the centring into its integer dots). shifted: the codes stored as q + 128 (as unsigned
 // bytes), the operand the integer GEMM wants. Parallel over rows.
 struct Act8 {
   std::vector<int8_t> q;
-  std::vector<float> s, xg, xc;
+  std::vector<float> s, xg, xc, qsum;
 };
 Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted);
 

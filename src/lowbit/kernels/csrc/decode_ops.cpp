@@ -118,9 +118,15 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return lowbit_kernels::hsum(acc) + tail;
 }
 
-// softmax(scale · q·Kᵀ)·V for one query over the slots first..last of one head's cache.
-void attend_one(const float* q, const float* keys, const float* vals, int64_t first, int64_t last,
-                int64_t D, float scale, float* score, float* out) {
+// One query against the slots first..last of one head's cache: the unnormalized
+// out = sum_s exp(score_s - top) v_s with top = max_s score_s and total = sum_s exp(score_s - top),
+// score_s = scale · q·k_s. Ranges of one head's slots combine by their tops (decode_attention).
+struct Part {
+  float top, total;
+};
+
+Part attend_part(const float* q, const float* keys, const float* vals, int64_t first,
+                 int64_t last, int64_t D, float scale, float* score, float* out) {
   float top = -INFINITY;
   int64_t s = first;
   for (; s + 4 <= last + 1 && D % 8 == 0; s += 4) {  // four keys at once: independent chains
@@ -133,9 +139,13 @@ void attend_one(const float* q, const float* keys, const float* vals, int64_t fi
       a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + 2 * D + d), a2);
       a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + 3 * D + d), a3);
     }
-    const float d4[4] = {lowbit_kernels::hsum(a0), lowbit_kernels::hsum(a1),
-                         lowbit_kernels::hsum(a2), lowbit_kernels::hsum(a3)};
-    for (int j = 0; j < 4; ++j) top = std::max(top, score[s + j] = d4[j] * scale);
+    // the four sums at once: pairwise adds leave [a0 a1 a2 a3] in the two halves
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m128 d4 = _mm_mul_ps(
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), _mm_set1_ps(scale));
+    _mm_storeu_ps(score + s, d4);
+    top = std::max(top, std::max(std::max(score[s], score[s + 1]),
+                                 std::max(score[s + 2], score[s + 3])));
   }
   for (; s <= last; ++s) top = std::max(top, score[s] = dot(q, keys + s * D, D) * scale);
   const __m256 vtop = _mm256_set1_ps(top);
@@ -147,14 +157,27 @@ void attend_one(const float* q, const float* keys, const float* vals, int64_t fi
   }
   float total = lowbit_kernels::hsum(vsum);
   for (; s <= last; ++s) total += (score[s] = std::exp(score[s] - top));
-  const float inv = 1.f / total;
-  std::fill_n(out, D, 0.f);
-  for (s = first; s <= last; ++s) {
-    const float w = score[s] * inv;
-    const float* v = vals + s * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] += w * v[d];
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) {  // 64 outputs in eight registers while the values stream by
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (s = first; s <= last; ++s) {
+      const __m256 w = _mm256_set1_ps(score[s]);
+      const float* v = vals + s * D + d0;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
   }
+  if (d0 < D) {  // head sizes that are not a multiple of 64
+    std::fill(out + d0, out + D, 0.f);
+    for (s = first; s <= last; ++s) {
+      const float w = score[s];
+      const float* v = vals + s * D;
+#pragma omp simd
+      for (int64_t d = d0; d < D; ++d) out[d] += w * v[d];
+    }
+  }
+  return {top, total};
 }
 
 // One new token per row: qkv (B, (H + 2·Hkv)·D); caches (B, Hkv, T, D) of one layer, written
@@ -193,19 +216,60 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
     }
   auto out = at::empty({B, H * D}, qkv.options());
   float* op = out.data_ptr<float>();
-  const int64_t grain = pos < 256 ? B * H : 1;  // threads only pay on long contexts
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+  // The queries, normed and rotated once.
+  std::vector<float> qs(B * H * D);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, p = p_of(b);
+    norm_rope(in + b * row + (bh % H) * D, qn, e, cs + p * D, sn + p * D, D, qs.data() + bh * D);
+  }
+  // Work items: one (row, KV head) and a range of its slots. Long contexts are split into as
+  // many ranges as threads (flash-decoding), so two threads share three KV heads evenly and
+  // each key and value is read from memory once, by the item whose query heads all use it.
+  const int64_t threads = at::get_num_threads();
+  const int64_t S = pos >= 256 ? std::max<int64_t>(1, std::min<int64_t>(threads, pos / 64)) : 1;
+  const int64_t Q = H / Hkv;
+  std::vector<float> part_out(B * H * S * D);
+  std::vector<Part> parts(B * H * S);
+  at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score(pos + 9);
-    float q[512];
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H, g = h / (H / Hkv), p = p_of(b);
-      norm_rope(in + b * row + h * D, qn, e, cs + p * D, sn + p * D, D, q);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (Hkv * S), g = item / S % Hkv, c = item % S;
+      const int64_t first = pd[b], n = pos - first + 1;
+      const int64_t lo = first + n * c / S, hi = first + n * (c + 1) / S - 1;
       const float* keys = kp + (b * Hkv + g) * T * D;
       const float* vals = vp + (b * Hkv + g) * T * D;
-      attend_one(q, keys, vals, pd[b], pos, D, static_cast<float>(scale), score.data(),
-                 op + b * H * D + h * D);
+      for (int64_t j = 0; j < Q; ++j) {
+        const int64_t bh = b * H + g * Q + j;
+        if (hi < lo) {  // an empty range (more ranges than slots): adds nothing
+          parts[bh * S + c] = {-INFINITY, 0.f};
+          std::fill_n(part_out.data() + (bh * S + c) * D, D, 0.f);
+          continue;
+        }
+        parts[bh * S + c] = attend_part(qs.data() + bh * D, keys, vals, lo, hi, D,
+                                        static_cast<float>(scale), score.data(),
+                                        part_out.data() + (bh * S + c) * D);
+      }
     }
   });
+  for (int64_t bh = 0; bh < B * H; ++bh) {  // softmax over the ranges by their tops
+    float top = -INFINITY;
+    for (int64_t c = 0; c < S; ++c) top = std::max(top, parts[bh * S + c].top);
+    float total = 0.f;
+    float* o = op + bh * D;
+    std::fill_n(o, D, 0.f);
+    for (int64_t c = 0; c < S; ++c) {
+      const Part& pt = parts[bh * S + c];
+      if (pt.total == 0.f) continue;
+      const float w = std::exp(pt.top - top);
+      total += w * pt.total;
+      const float* src = part_out.data() + (bh * S + c) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
+    }
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  }
   return out;
 }
 
