@@ -132,7 +132,8 @@ LOWBIT_AVX512F void gemv_rows8_512(const float* x, int64_t K, const uint8_t* w, 
       const float* xs = xsum + m * G;
       int64_t g = 0;
       for (; g + 8 <= G; g += 8) {
-        const __m256 o = offset ? load8(offset + n * G + g) : _mm256_mul_ps(_mm256_set1_ps(-128.f), load8(sc + g));
+        const __m256 o = offset ? load8(offset + n * G + g)
+                                : _mm256_mul_ps(_mm256_set1_ps(-128.f), load8(sc + g));
         off = _mm256_fmadd_ps(o, _mm256_loadu_ps(xs + g), off);
       }
       for (; g < G; ++g) tail += offset_at(offset, scale, n * G + g, 128.f) * xs[g];

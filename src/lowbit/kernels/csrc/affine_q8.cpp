@@ -173,13 +173,17 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
     __m512 acc[2][M];  // two chains per row of x, so FMA latency does not bind
     for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
     GroupWalk walk(group / 32);
+    const auto chunk = [&](int64_t c, __m512* a) LOWBIT_AVX512 {
+      chunk_512<M>(wb, chunk_scales<Mode>(sc, c, shift, walk, halves), mask, xq, xs2, corr, K, C,
+                   c, a);
+    };
     int64_t c = 0;
     for (; c + 2 <= C; c += 2) {
       _mm_prefetch(reinterpret_cast<const char*>(wb + 32 * c + kPrefetch), _MM_HINT_T1);
-      chunk_512<M>(wb, chunk_scales<Mode>(sc, c, shift, walk, halves), mask, xq, xs2, corr, K, C, c, acc[0]);
-      chunk_512<M>(wb, chunk_scales<Mode>(sc, c + 1, shift, walk, halves), mask, xq, xs2, corr, K, C, c + 1, acc[1]);
+      chunk(c, acc[0]);
+      chunk(c + 1, acc[1]);
     }
-    if (c < C) chunk_512<M>(wb, chunk_scales<Mode>(sc, c, shift, walk, halves), mask, xq, xs2, corr, K, C, c, acc[0]);
+    if (c < C) chunk(c, acc[0]);
     float tail[M];
     for (int m = 0; m < M; ++m) tail[m] = 0.f;
     if (R & 1) {  // the row's last run, a half chunk: one 256-bit step
@@ -254,9 +258,9 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted) {
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     const int64_t rows = m1 - m0;
     std::vector<float> bx(rows * RB);
-    const float* bq = a.qsum.data() + m0 * RB;
+    float* bq = a.qsum.data() + m0 * RB;
     quantize_rows_q8(xp + m0 * K, rows, K, a.q.data() + m0 * K, a.s.data() + m0 * RB, bx.data(),
-                     a.qsum.data() + m0 * RB, shifted);
+                     bq, shifted);
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t g = 0, b = 0; g < G; ++g)
         for (int64_t e = 0; e < per; ++e, ++b) {

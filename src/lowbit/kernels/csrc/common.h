@@ -160,9 +160,10 @@ bool use_avx512();
 
 // x (M, K) quantized per block of 32 inputs (the act8 path, affine_q8.cpp): int8 codes q (M, K),
 // scales s (M, K/32), and per group of the weight the float sums of x (xg) and the centring
-// term xc (M, K/group each; see gemv_q8), and per block the sum of its codes (qsum, M x K/32:
-// the AVX-512 GEMV folds the centring into its integer dots). shifted: the codes stored as q + 128 (as unsigned
-// bytes), the operand the integer GEMM wants. Parallel over rows.
+// term xc (M, K/group each; see gemv_q8; only the AVX2 GEMV reads it), and per block the sum
+// of its codes (qsum, M x K/32: the AVX-512 GEMV folds the centring into its integer dots).
+// shifted: the codes stored as q + 128 (as unsigned bytes), the operand the integer GEMM wants.
+// Parallel over rows.
 struct Act8 {
   std::vector<int8_t> q;
   std::vector<float> s, xg, xc, qsum;
