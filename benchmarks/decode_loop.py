@@ -18,7 +18,10 @@ prompt, greedy decode at batch 1, medians of alternating runs) under each loop:
   On a VM that does not enable the CPU's AMX state, a ``GGML_NATIVE=ON`` build crashed
   (SIGSEGV) in its AMX weight buffers: build it with
   ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
-  -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF ..."`` instead.
+  -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF ..."`` instead. A build keeps its instruction set
+  (the table's header names it): for the AVX2 run (``LOWBIT_KERNEL_ISA=avx2``) install a
+  second build with ``-DGGML_AVX512=OFF`` into a folder (``pip install --no-deps --target DIR``)
+  and put that folder first on ``PYTHONPATH``.
 - ``LiteRT`` (``--litert``, ``lowbit[litert]`` installed): the lowbit folder exported with
   ``lowbit export --format litert --kv-cache`` and run in the LiteRT interpreter (XNNPACK,
   int8 activations on the fly) through the same decode loop (prefill/decode signatures); for
@@ -165,6 +168,19 @@ def llama_cpp(folder: Path, float_type: str, n_ctx: int, tmp: Path):
     return Llama(str(gguf), n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
 
 
+def llama_cpp_features() -> str:
+    """The instruction sets llama-cpp-python's build uses (its system info), for the table's
+    header: a build cannot switch paths at run time, so an AVX2 comparison needs an AVX2 build."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return ""
+    info = llama_cpp.llama_print_system_info().decode()
+    on = [f.split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1")]
+    isas = [f for f in on if f.startswith("AVX")]
+    return f"; llama.cpp {llama_cpp.__version__} built with {', '.join(isas) or 'no AVX'}"
+
+
 def stand_in_tokenizer(folder: Path) -> None:
     """A GPT-2-style byte-level BPE of the model's vocabulary size in ``folder``: the 256 byte
     tokens, then two-byte tokens, each one merge. Random-weight models (``*-random``) have no
@@ -305,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.model}: prompt {args.prompt_tokens} random tokens, {args.new_tokens} new "
           f"tokens (greedy, batch 1), {args.repeats} alternating runs, medians; "
           f"{threads['torch_threads']} threads ({threads['cpu_capability']}, kernels {isa}, "
-          f"OMP_WAIT_POLICY={threads['omp_wait_policy']})\n")  # fmt: skip
+          f"OMP_WAIT_POLICY={threads['omp_wait_policy']}){llama_cpp_features()}\n")  # fmt: skip
     header = ["recipe", "loop", "decode tok/s", "x fp32 transformers", "prefill tok/s",
               "top-1 = transformers loop (forced)", "greedy tokens equal before"]  # fmt: skip
     print(format_table(header, rows, markdown=True))

@@ -28,7 +28,7 @@ NAMES = (
     "affine_gemv.cpp",
     "affine_q8.cpp",
     "affine_q8_gemm.cpp",
-    "half_gemv.cpp",
+    "float_gemv.cpp",
     "decode_ops.cpp",
     "int8_gemm.cpp",
     "hadamard.cpp",

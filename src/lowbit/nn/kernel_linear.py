@@ -11,7 +11,7 @@ holds the low-bit form only). They are for inference: save models before the swa
 - ``w8a8-linear-tensor``: the same weights with 8-bit per-tensor inputs (static or dynamic), on
   CPUs with AVX-512 VNNI: :mod:`lowbit.nn.kernel_tensor`;
 - ``fp16`` / ``bf16``: 16-bit float weights (the ``fp16``/``bf16`` formats), float32 inputs:
-  :mod:`lowbit.kernels.half`.
+  :mod:`lowbit.kernels.float_linear`.
 Everything else (nf4, fp8, 2/3-bit, odd groups, LoRC-corrected layers, W4A8, other
 activation grids) keeps QuantLinear's reference path.
 """
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.kernels.affine import AffineWeight, affine_linear, supports, to_affine
-from lowbit.kernels.half import HALF_DTYPES, half_linear
+from lowbit.kernels.float_linear import HALF_DTYPES, float_linear
 from lowbit.kernels.int8 import Int8Weight, int8_eligible, int8_linear, prepare_int8
 from lowbit.nn.kernel_tensor import tensor_kernel_module
 from lowbit.nn.quant_linear import QuantLinear, nbytes
@@ -90,7 +90,7 @@ class HalfKernelLinear(nn.Module):
         return {"codes": nbytes(self.w), "params": 0, "bias": nbytes(self.bias)}
 
     def forward(self, x: Tensor) -> Tensor:
-        y = half_linear(x, self.w)
+        y = float_linear(x, self.w)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

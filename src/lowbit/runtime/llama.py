@@ -71,9 +71,13 @@ def _online(module: nn.Module) -> Callable[[Tensor], Tensor]:
 def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]:
     """The cheapest call of a layer on a (B, C) decode input: the native affine op itself for
     kernel layers that need no padding and no bias (Python checks and reshapes cost as much
-    as a small layer's arithmetic at decode), else the module."""
+    as a small layer's arithmetic at decode), the native float GEMV for plain float32 linear
+    layers without bias or hooks (torch's read float32 weights at a third of the read
+    bandwidth on some CPUs: see csrc/float_gemv.cpp), else the module."""
     from lowbit.nn.kernel_linear import AffineKernelLinear
 
+    if _plain_float(module):
+        return functools.partial(torch.ops.lowbit_cpu.float_linear, w=module.weight.detach())
     plain = isinstance(module, AffineKernelLinear) and module.shared is None and module.bias is None
     if aw is None and plain:
         from lowbit.kernels.affine import AffineWeight
@@ -84,6 +88,17 @@ def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]
         return module  # (or the joint call the caller passed)
     op, args = torch.ops.lowbit_cpu.affine_linear, (aw.w, aw.scale, aw.offset, aw.group, aw.bits)
     return lambda x: op(x, *args, True)
+
+
+def _plain_float(module: nn.Module | Callable) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` with a contiguous float32 weight, no bias or hooks."""
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and module.weight.dtype == torch.float32
+        and module.weight.is_contiguous()
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
 
 
 def _prompt(module: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -127,7 +142,11 @@ def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
 
 
 def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor], Tensor]:
-    """:func:`_direct` for layers that run as one fused call (no biases), else ``joint``."""
+    """:func:`_direct` for layers that run as one fused call (no biases) or are all plain float
+    layers (one native call each), else ``joint``."""
+    if all(_plain_float(m) for m in modules):
+        calls = [_direct(m) for m in modules]
+        return lambda x: torch.cat([c(x) for c in calls], dim=-1)
     shared = _shared(modules)
     if shared is None or any(m.bias is not None for m in modules):
         return joint
@@ -162,6 +181,7 @@ class LlamaForward:
         silu = getattr(cfg, "hidden_act", None) == "silu"
         native = native_ops() and self.embed.weight.dtype == torch.float32
         self.layers = [self._layer(block, silu, native) for block in inner.layers]
+        self.fast_head = _direct(self.head) if native else self.head
         self.scaling = inner.layers[0].self_attn.scaling
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (T, D), grown by new_cache
         # rounded attention inputs (lowbit.nn.attention): a quantized cache, rotated heads
@@ -280,7 +300,7 @@ class LlamaForward:
             h = add_rms_norm(x, o_op(a), w2, eps2)  # (B, C)
             d = down_op(self._mlp_act(layer, gate_up_op(h)))
             h = add_rms_norm(x, d.contiguous(), w_next, eps_next)
-        return self.head(h)  # (B, vocab)
+        return self.fast_head(h)  # (B, vocab)
 
     @functools.cached_property
     def _plan(self) -> list[tuple]:

@@ -40,8 +40,8 @@ using namespace lowbit_kernels;
 
 namespace {
 
-// y[m, n0:n1] for M (compile-time, <= kMaxM) rows of x (row stride K, output stride N). With
-// few rows, each row keeps A independent accumulators so the FMA latency chain does not bind.
+// y[m, n0:n1] for M (compile-time, <= kMaxM) rows of x (row stride K, output stride N), 4-bit
+// codes on float inputs (act8 off; 8-bit codes: gemv_rows8 below). With few rows, each row keeps A independent accumulators so the FMA latency chain does not bind.
 template <int64_t Bits, int M, typename P>
 void gemv_rows(const float* x, int64_t K, const uint8_t* w, const P* scale, const P* offset, int64_t group, const float* xsum, float* y, int64_t N,
                int64_t n0, int64_t n1) {
@@ -82,11 +82,68 @@ void gemv_rows(const float* x, int64_t K, const uint8_t* w, const P* scale, cons
   }
 }
 
-// The 8-bit kernel with AVX-512, where the CPU has it (the 8-bit codes are float inputs' only
-// integer layout: decode's output heads such as w4-sym-g32-head8's): 16 codes per widening
-// load and convert, per group one scale FMA, and the offsets sum_g o_g X_g once per row at the
-// end (vectorized) instead of a scalar step per group. On two cores this work is bound by
-// instructions: the AVX2 kernel issues about 2.4 times as many per weight.
+// sum_g o_g X_g over a row's G groups, vectorized, for 8-bit codes (o_g = -128 s_g where no
+// offsets are stored): the 8-bit kernels add it once per row rather than a scalar step per group.
+template <typename P>
+inline float offsets8(const P* of, const P* sc, const float* xs, int64_t G) {
+  __m256 t = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 o = of ? load8(of + g) : _mm256_mul_ps(_mm256_set1_ps(-128.f), load8(sc + g));
+    t = _mm256_fmadd_ps(o, _mm256_loadu_ps(xs + g), t);
+  }
+  float tail = 0.f;
+  for (; g < G; ++g) tail += offset_at(of, sc, g, 128.f) * xs[g];
+  return hsum(t) + tail;
+}
+
+template <typename P>
+inline __m256 broadcast8(const P* p) {
+  if constexpr (sizeof(P) == 4) {
+    return _mm256_broadcast_ss(p);
+  } else {
+    return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(*p)));
+  }
+}
+
+// The 8-bit kernels (8-bit codes are the float inputs' only integer layout: decode's output
+// heads such as w4-sym-g32-head8's). Per run of 32 codes: widening loads and converts, one FMA
+// per 8 (AVX2) or 16 (AVX-512) codes into the group's sums, split over two chains so their
+// latency does not bind at groups of 32; per group one scale FMA; the offsets once per row.
+// Two cores are bound by instructions here, not by memory: the general kernel (gemv_rows)
+// spent about half as many again per weight on its per-group scalar steps.
+template <int M, typename P>
+void gemv_rows8(const float* x, int64_t K, const uint8_t* w, const P* scale, const P* offset,
+                int64_t group, const float* xsum, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * K;
+    const P* sc = scale + n * G;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 gacc[M][2];
+      for (int m = 0; m < M; ++m) gacc[m][0] = gacc[m][1] = _mm256_setzero_ps();
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k0 + kPrefetch), _MM_HINT_T1);
+        __m256 wv[4];
+        for (int i = 0; i < 4; ++i)
+          wv[i] = u8x8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k0 + 8 * i)));
+        for (int m = 0; m < M; ++m) {
+          const float* xr = x + m * K + k0;
+          for (int i = 0; i < 4; ++i)
+            gacc[m][i & 1] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xr + 8 * i), gacc[m][i & 1]);
+        }
+      }
+      const __m256 s = broadcast8(sc + g);
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_add_ps(gacc[m][0], gacc[m][1]), s, acc[m]);
+    }
+    const P* of = offset ? offset + n * G : nullptr;
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]) + offsets8(of, sc, xsum + m * G, G);
+  }
+}
+
 #define LOWBIT_AVX512F __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 
 template <typename P>
@@ -126,19 +183,9 @@ LOWBIT_AVX512F void gemv_rows8_512(const float* x, int64_t K, const uint8_t* w, 
       const __m512 s = broadcast1(sc + g);
       for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(gacc[m], s, acc[m]);
     }
-    for (int m = 0; m < M; ++m) {
-      __m256 off = _mm256_setzero_ps();
-      float tail = 0.f;
-      const float* xs = xsum + m * G;
-      int64_t g = 0;
-      for (; g + 8 <= G; g += 8) {
-        const __m256 o = offset ? load8(offset + n * G + g)
-                                : _mm256_mul_ps(_mm256_set1_ps(-128.f), load8(sc + g));
-        off = _mm256_fmadd_ps(o, _mm256_loadu_ps(xs + g), off);
-      }
-      for (; g < G; ++g) tail += offset_at(offset, scale, n * G + g, 128.f) * xs[g];
-      y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + hsum(off) + tail;
-    }
+    const P* of = offset ? offset + n * G : nullptr;
+    for (int m = 0; m < M; ++m)
+      y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + offsets8(of, sc, xsum + m * G, G);
   }
 }
 
@@ -151,7 +198,8 @@ void gemv_any(const float* x, int64_t M, int64_t K, const uint8_t* w, const P* s
 #define LOWBIT_CASE(R)                                                                       \
   case R:                                                                                    \
     if (wide) return gemv_rows8_512<R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1); \
-    return gemv_rows<Bits, R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1);
+    if constexpr (Bits == 8) return gemv_rows8<R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1); \
+    else return gemv_rows<Bits, R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1);
     LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
     LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
 #undef LOWBIT_CASE

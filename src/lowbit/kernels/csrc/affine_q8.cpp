@@ -45,41 +45,92 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs
   }
 }
 
-// The 4-bit kernel on int8 inputs: y[m, n0:n1] for M (<= kMaxM) rows. Per run of 32: the
-// integer dot u . q (vpmaddubsw pairs cannot saturate: 2 * 15 * 127 < 2^15) is converted once
-// and accumulated with weight (scale_g * s_x). The codes stay unsigned (0..15); the row's
-// epilogue makes the result that of the centred codes u - 8 (see gemv_q8). One accumulator
-// per row: out-of-order execution overlaps consecutive rows.
-template <int M, typename P>
-void gemv_rows_q8(const int8_t* xq, const float* xqs, int64_t K, const uint8_t* w,
-                  const P* scale, const P* offset, int64_t group, const float* xg,
-                  const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t G = K / group, R = K / 32;
+// How a kernel finds the weight scales of chunk c (64 codes, runs 2c and 2c + 1) without
+// branches where it can:
+//   Uniform: groups are a power of two of whole chunks, one scale per chunk (c >> shift);
+//   Pair:    groups of 32 (GGUF Q4_0/Q4_1's), the chunk's two scales are consecutive;
+//   Walk:    any other multiple of 32 (four branches per chunk).
+enum class Groups { Uniform, Pair, Walk };
+
+template <typename P>
+inline __m128 load2(const P* p) {  // two consecutive params -> lanes 0, 1
+  if constexpr (sizeof(P) == 4) {
+    return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  } else {
+    int32_t bits;
+    std::memcpy(&bits, p, 4);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+  }
+}
+
+// The 4-bit kernel on int8 inputs (AVX2): y[m, n0:n1] for M (<= kMaxM) rows. One chunk's 32
+// bytes hold two runs of 32 codes (low and high nibbles). Per run the integer products u . q
+// in pairs (vpmaddubsw: 2 * 15 * 127 < 2^15, no saturation); the two runs' pairs are added
+// pairwise across both (vphaddw, sums of four products, still < 2^15) and summed in int32
+// (vpmaddwd), which leaves lanes [2c, 2c, 2c+1, 2c+1 | the same], each lane of one run. So one
+// convert, one multiply by the input scales (xs4, laid out per chunk in that lane order by
+// gemv_q8) and one FMA with the weight scales serve two runs. Two FMA chains per row of x (one
+// above 4 rows, where registers run out). The codes stay unsigned (0..15); the row's
+// epilogue makes the result that of the centred codes u - 8 (offset_term, with xc from
+// quantize_act8).
+template <int M, Groups Mode, typename P>
+void gemv_rows_q8(const int8_t* xq, const float* xqs, const float* xs4, int64_t K,
+                  const uint8_t* w, const P* scale, const P* offset, int64_t group,
+                  const float* xg, const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int A = M <= 4 ? 2 : 1;
+  const int64_t G = K / group, R = K / 32, C = K / 64;
+  const int shift = Mode == Groups::Uniform ? __builtin_ctzll(group / 64) : 0;
   const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
+  const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wb = w + n * (K / 2);
     const P* sc = scale + n * G;
-    __m256 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    __m256 acc[A][M];
+    for (int m = 0; m < M; ++m) acc[0][m] = acc[A - 1][m] = _mm256_setzero_ps();
     GroupWalk walk(group / 32);
-    const auto run = [&](__m256i codes, int64_t r) {
-      const float s = load1(sc + walk.next());
+    const auto chunk = [&](int64_t c, __m256* a) {
+      __m256 s;  // the weight scales in the lane order above
+      if constexpr (Mode == Groups::Uniform) {
+        s = _mm256_set1_ps(load1(sc + (c >> shift)));
+      } else if constexpr (Mode == Groups::Pair) {
+        s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(load2(sc + 2 * c)), pairs);
+      } else {
+        const __m128 s0 = _mm_set_ss(load1(sc + walk.next()));
+        const __m128 s01 = _mm_unpacklo_ps(s0, _mm_set_ss(load1(sc + walk.next())));
+        s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s01), pairs);
+      }
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c));
+      const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
       for (int m = 0; m < M; ++m) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * r));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
-        acc[m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(s * xqs[m * R + r]), acc[m]);
+        const int8_t* xr = xq + m * K + 64 * c;
+        const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
+        const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32)));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones));
+        a[m] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_load_ps(xs4 + (m * C + c) * 8)), s, a[m]);
       }
     };
-    int64_t r = 0;
-    for (; r + 2 <= R; r += 2, wb += 32) {  // one chunk: runs r (low nibbles) and r + 1 (high)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetch), _MM_HINT_T1);
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
-      run(_mm256_and_si256(b, nib), r);
-      run(_mm256_and_si256(_mm256_srli_epi16(b, 4), nib), r + 1);
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 32 * c + kPrefetch), _MM_HINT_T1);
+      chunk(c, acc[0]);
+      chunk(c + 1, acc[A - 1]);
     }
-    if (r < R) run(codes_u4(wb), r);
+    if (c < C) chunk(c, acc[0]);
+    float tail[M];
+    for (int m = 0; m < M; ++m) tail[m] = 0.f;
+    if (R & 1) {  // the row's last run, a half chunk
+      const int64_t r = R - 1;
+      const float s = load1(sc + r * 32 / group);
+      const __m256i codes = codes_u4(wb + 32 * C);
+      for (int m = 0; m < M; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * r));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
+        tail[m] = s * xqs[m * R + r] * hsum(_mm256_cvtepi32_ps(dot));
+      }
+    }
     for (int m = 0; m < M; ++m)
-      y[m * N + n] = hsum(acc[m]) + offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
+      y[m * N + n] = hsum(A == 2 ? _mm256_add_ps(acc[0][m], acc[A - 1][m]) : acc[0][m]) + tail[m] +
+                     offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
   }
 }
 
@@ -92,24 +143,8 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, int64_t K, const uint8_t* 
 // from [-8 sum(q_2c), 0 x7 | -128 sum(q_2c+1), 0 x7] (corr, laid out beside xs2), so a symmetric
 // grid needs no per-group epilogue and an asymmetric one only sum_g (o_g + 8 s_g) X_g. Two cores
 // are bound by instructions here, not memory: per chunk and row of x this is and, vpdpbusd,
-// convert, multiply, FMA, and the chunk's weight scales are found without branches:
-//   Uniform: groups are a power of two of whole chunks, one scale per chunk (c >> shift);
-//   Pair:    groups of 32 (GGUF Q4_0/Q4_1's), the chunk's two scales are consecutive;
-//   Walk:    any other multiple of 32 (four branches per chunk).
+// convert, multiply, FMA, and the chunk's weight scales are found as the Groups mode says.
 #define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
-
-enum class Groups { Uniform, Pair, Walk };
-
-template <typename P>
-LOWBIT_AVX512 inline __m128 load2(const P* p) {  // two consecutive params -> lanes 0, 1
-  if constexpr (sizeof(P) == 4) {
-    return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
-  } else {
-    int32_t bits;
-    std::memcpy(&bits, p, 4);
-    return _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-  }
-}
 
 // Sum over groups of (o_g + 8 s_g) X_g: what the centred dots leave out of an asymmetric grid.
 template <typename P>
@@ -203,9 +238,10 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
 }
 
 // xs2 / corr: the AVX-512 kernel's per-chunk input scales and centring (see
-// gemv_rows_q8_512); null for AVX2.
+// gemv_rows_q8_512), null for AVX2; xs4: the AVX2 kernel's per-chunk input scales.
 template <typename P>
 void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, const int32_t* corr,
+                 const float* xs4,
                  const float* qsum, int64_t M, int64_t K, const uint8_t* w, const P* scale,
                  const P* offset, int64_t group, const float* xg, const float* xc, float* y,
                  int64_t N, int64_t n0, int64_t n1) {
@@ -214,16 +250,22 @@ void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, const int
 #define LOWBIT_WIDE(R, MODE)                                                                    \
   gemv_rows_q8_512<R, Groups::MODE, P>(xq, xqs, xs2, corr, qsum, K, w, scale, offset, group, xg, \
                                        y, N, n0, n1)
+#define LOWBIT_NARROW(R, MODE) \
+  gemv_rows_q8<R, Groups::MODE, P>(xq, xqs, xs4, K, w, scale, offset, group, xg, xc, y, N, n0, n1)
 #define LOWBIT_CASE(R)                                                                          \
   case R:                                                                                       \
-    if (!xs2)                                                                                   \
-      return gemv_rows_q8<R, P>(xq, xqs, K, w, scale, offset, group, xg, xc, y, N, n0, n1);    \
+    if (!xs2) {                                                                                 \
+      if (uniform) return LOWBIT_NARROW(R, Uniform);                                            \
+      if (group == 32) return LOWBIT_NARROW(R, Pair);                                           \
+      return LOWBIT_NARROW(R, Walk);                                                            \
+    }                                                                                           \
     if (uniform) return LOWBIT_WIDE(R, Uniform);                                                \
     if (group == 32) return LOWBIT_WIDE(R, Pair);                                               \
     return LOWBIT_WIDE(R, Walk);
     LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
     LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
 #undef LOWBIT_CASE
+#undef LOWBIT_NARROW
 #undef LOWBIT_WIDE
     default:
       TORCH_CHECK(false, "gemv_any_q8: M out of range");
@@ -241,13 +283,13 @@ bool use_avx512() {
   return cpu && !(isa && std::string(isa) == "avx2");
 }
 
-Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted) {
+Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centring) {
   const int64_t M = x.size(0), K = x.size(1), G = K / group, RB = K / 32, per = group / 32;
   Act8 a;
   a.q.resize(M * K);
   a.s.resize(M * RB);
   a.xg.assign(M * G, 0.f);
-  a.xc.assign(M * G, 0.f);
+  if (centring) a.xc.assign(M * G, 0.f);
   a.qsum.resize(M * RB);
   const float* xp = x.data_ptr<float>();
   // The integer loop computes sum_g s_g sum_b s_x,b (u . q_b). Written with centred codes,
@@ -266,7 +308,7 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted) {
         for (int64_t e = 0; e < per; ++e, ++b) {
           const int64_t i = (m - m0) * RB + b;
           a.xg[m * G + g] += bx[i];
-          a.xc[m * G + g] += 8.f * (bx[i] - a.s[m * RB + b] * bq[i]);
+          if (centring) a.xc[m * G + g] += 8.f * (bx[i] - a.s[m * RB + b] * bq[i]);
         }
   });
   return a;
@@ -278,19 +320,32 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
   const int64_t RB = K / 32;  // activation blocks
   auto y = at::empty({M, N}, x.options());
-  const Act8 a = quantize_act8(x, group, false);
+  const int64_t C = K / 64;
+  const bool wide = use_avx512() && C > 0;
+  const Act8 a = quantize_act8(x, group, false, !wide);
   const std::vector<int8_t>& xq = a.q;
   const std::vector<float>& xqs = a.s;
   // The AVX-512 kernel's input scales per chunk of 64: [s_2c x8 | s_2c+1 / 16 x8] (a power of
   // two, so exact). 64-byte aligned: one aligned load per chunk.
-  const int64_t C = K / 64;
-  const bool wide = use_avx512() && C > 0;
   // corr: per chunk the centring -8 sum(q) of its two runs (the high one times 16), as vpdpbusd's
   // starting value. Both 64-byte aligned: one aligned load per chunk each.
   std::vector<float> xs2_store;
   std::vector<int32_t> corr_store;
   float* xs2 = nullptr;
   int32_t* corr = nullptr;
+  // The AVX2 kernel's input scales per chunk: [s_2c, s_2c, s_2c+1, s_2c+1] twice (see
+  // gemv_rows_q8), 32-byte aligned.
+  std::vector<float> xs4_store;
+  float* xs4 = nullptr;
+  if (!wide) {
+    xs4_store.resize(M * C * 8 + 8);
+    xs4 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs4_store.data()) + 31) & ~uintptr_t{31});
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < C; ++c) {
+        const float s0 = xqs[m * RB + 2 * c], s1 = xqs[m * RB + 2 * c + 1];
+        _mm256_store_ps(xs4 + (m * C + c) * 8, _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1));
+      }
+  }
   if (wide) {
     xs2_store.resize(M * C * 16 + 16);
     corr_store.assign(M * C * 16 + 16, 0);
@@ -313,8 +368,9 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
       const int64_t mm = std::min(kMaxM, M - m0);
       gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs2 + m0 * C * 16 : nullptr,
-                  wide ? corr + m0 * C * 16 : nullptr, a.qsum.data() + m0 * RB, mm, K, wp, sp, op,
-                  group, a.xg.data() + m0 * G, a.xc.data() + m0 * G, yp + m0 * N, N, n0, n1);
+                  wide ? corr + m0 * C * 16 : nullptr, wide ? nullptr : xs4 + m0 * C * 8,
+                  a.qsum.data() + m0 * RB, mm, K, wp, sp, op, group, a.xg.data() + m0 * G,
+                  wide ? nullptr : a.xc.data() + m0 * G, yp + m0 * N, N, n0, n1);
     }
   });
   return y;

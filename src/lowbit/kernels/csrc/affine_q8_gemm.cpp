@@ -181,7 +181,7 @@ template <typename P>
 at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                    const at::Tensor& offset, int64_t group) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
-  const Act8 a = quantize_act8(x, group, true);
+  const Act8 a = quantize_act8(x, group, true, false);
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(a.q.data());  // q + 128
   auto y = at::empty({M, N}, x.options());
   const bool wide = use_avx512();

@@ -1,7 +1,7 @@
 // Helpers shared by lowbit's CPU kernels: affine_gemv.cpp (the affine op, float inputs,
 // dequantize, prefill), affine_q8.cpp (4-bit codes x int8 inputs, the decode path),
-// affine_q8_gemm.cpp (the same for prompts) and half_gemv.cpp (16-bit float weights). The affine weight layout is described at the top of
-// affine_gemv.cpp.
+// affine_q8_gemm.cpp (the same for prompts) and float_gemv.cpp (float weights). The affine
+// weight layout is described at the top of affine_gemv.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -159,16 +159,16 @@ at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, Fill fill) {
 bool use_avx512();
 
 // x (M, K) quantized per block of 32 inputs (the act8 path, affine_q8.cpp): int8 codes q (M, K),
-// scales s (M, K/32), and per group of the weight the float sums of x (xg) and the centring
-// term xc (M, K/group each; see gemv_q8; only the AVX2 GEMV reads it), and per block the sum
-// of its codes (qsum, M x K/32: the AVX-512 GEMV folds the centring into its integer dots).
-// shifted: the codes stored as q + 128 (as unsigned bytes), the operand the integer GEMM wants.
-// Parallel over rows.
+// scales s (M, K/32), and per group of the weight the float sums of x (xg) and, with centring,
+// the centring term xc (M, K/group each; see gemv_q8; only the AVX2 GEMV reads it), and per
+// block the sum of its codes (qsum, M x K/32: the AVX-512 GEMV folds the centring into its
+// integer dots). shifted: the codes stored as q + 128 (as unsigned bytes), the operand the
+// integer GEMM wants. Parallel over rows.
 struct Act8 {
   std::vector<int8_t> q;
   std::vector<float> s, xg, xc, qsum;
 };
-Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted);
+Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centring);
 
 // The 4-bit x int8-input prefill path (affine_q8_gemm.cpp): the same arithmetic as gemv_q8.
 template <typename P>
