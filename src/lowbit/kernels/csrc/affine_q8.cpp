@@ -325,41 +325,34 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const Act8 a = quantize_act8(x, group, false, !wide);
   const std::vector<int8_t>& xq = a.q;
   const std::vector<float>& xqs = a.s;
-  // The AVX-512 kernel's input scales per chunk of 64: [s_2c x8 | s_2c+1 / 16 x8] (a power of
-  // two, so exact). 64-byte aligned: one aligned load per chunk.
-  // corr: per chunk the centring -8 sum(q) of its two runs (the high one times 16), as vpdpbusd's
-  // starting value. Both 64-byte aligned: one aligned load per chunk each.
-  std::vector<float> xs2_store;
+  // Per chunk of 64 inputs, laid out for the kernel that runs, 64-byte aligned (one aligned
+  // load per chunk):
+  //   AVX-512: input scales [s_2c x8 | s_2c+1 / 16 x8] (a power of two, so exact), and corr,
+  //            the centring -8 sum(q) of the two runs (the high one times 16) as vpdpbusd's
+  //            starting value;
+  //   AVX2:    input scales [s_2c, s_2c, s_2c+1, s_2c+1] twice (see gemv_rows_q8).
+  const int64_t lanes = wide ? 16 : 8;
+  std::vector<float> xs_store(M * C * lanes + 16);
   std::vector<int32_t> corr_store;
-  float* xs2 = nullptr;
+  float* xs = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs_store.data()) + 63) & ~uintptr_t{63});
   int32_t* corr = nullptr;
-  // The AVX2 kernel's input scales per chunk: [s_2c, s_2c, s_2c+1, s_2c+1] twice (see
-  // gemv_rows_q8), 32-byte aligned.
-  std::vector<float> xs4_store;
-  float* xs4 = nullptr;
-  if (!wide) {
-    xs4_store.resize(M * C * 8 + 8);
-    xs4 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs4_store.data()) + 31) & ~uintptr_t{31});
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < C; ++c) {
-        const float s0 = xqs[m * RB + 2 * c], s1 = xqs[m * RB + 2 * c + 1];
-        _mm256_store_ps(xs4 + (m * C + c) * 8, _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1));
-      }
-  }
   if (wide) {
-    xs2_store.resize(M * C * 16 + 16);
     corr_store.assign(M * C * 16 + 16, 0);
-    xs2 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs2_store.data()) + 63) & ~uintptr_t{63});
     corr = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(corr_store.data()) + 63) & ~uintptr_t{63});
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < C; ++c) {
-        float* v = xs2 + (m * C + c) * 16;
-        for (int j = 0; j < 8; ++j) v[j] = xqs[m * RB + 2 * c], v[8 + j] = xqs[m * RB + 2 * c + 1] / 16.f;
-        int32_t* k = corr + (m * C + c) * 16;
-        k[0] = -8 * static_cast<int32_t>(a.qsum[m * RB + 2 * c]);
-        k[8] = -128 * static_cast<int32_t>(a.qsum[m * RB + 2 * c + 1]);
-      }
   }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < C; ++c) {
+      const float s0 = xqs[m * RB + 2 * c], s1 = xqs[m * RB + 2 * c + 1];
+      float* v = xs + (m * C + c) * lanes;
+      if (!wide) {
+        _mm256_store_ps(v, _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1));
+        continue;
+      }
+      for (int j = 0; j < 8; ++j) v[j] = s0, v[8 + j] = s1 / 16.f;
+      int32_t* k = corr + (m * C + c) * 16;
+      k[0] = -8 * static_cast<int32_t>(a.qsum[m * RB + 2 * c]);
+      k[8] = -128 * static_cast<int32_t>(a.qsum[m * RB + 2 * c + 1]);
+    }
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
@@ -367,8 +360,9 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
       const int64_t mm = std::min(kMaxM, M - m0);
-      gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs2 + m0 * C * 16 : nullptr,
-                  wide ? corr + m0 * C * 16 : nullptr, wide ? nullptr : xs4 + m0 * C * 8,
+      const float* xs_m = xs + m0 * C * lanes;
+      gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs_m : nullptr,
+                  wide ? corr + m0 * C * 16 : nullptr, wide ? nullptr : xs_m,
                   a.qsum.data() + m0 * RB, mm, K, wp, sp, op, group, a.xg.data() + m0 * G,
                   wide ? nullptr : a.xc.data() + m0 * G, yp + m0 * N, N, n0, n1);
     }
