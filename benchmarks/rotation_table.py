@@ -20,7 +20,8 @@ run time (QuaRot's online half); `kv4c`: the cache in groups of 32, rotated, key
 `w3-gptq+rot+online`: int3 g32 GPTQ weights; `+spin` rows train the residual stream's matrix
 first (SpinQuant, ``rotate.kind: learned``, 100 calibration windows, on the row's grid with
 round to nearest), then quantize as the `+rot` row (its time is in "quantize s"); `-mse`:
-GPTQ with MSE-clipped group ranges.
+GPTQ with MSE-clipped group ranges; `+tune`: then every group's scale and offset trained end to
+end towards the float model (recipe block ``tune``, its defaults; its time is in "quantize s").
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def rows() -> dict[str, dict]:
         "w4-gptq-mse+rot+online": ("gptq", {**W4, "observer": "mse"}, None, online),
         "w4a8-gptq-mse+rot+online": ("gptq", {**W4, "observer": "mse"}, TOKEN8, online),
     }  # fmt: skip
+    tune = {**online, "tune": {}}  # + the scales tuned end to end (presets *-best)
+    table |= {
+        "w4-gptq+rot+online+tune": ("gptq", W4, None, tune),
+        "w4a8-gptq+rot+online+tune": ("gptq", W4, TOKEN8, tune),
+        "w3-gptq+rot+online+tune": ("gptq", {"bits": 3, "group_size": 32}, None, tune),
+    }
     return {name: {"version": 1, "name": name, "algorithm": algo, "weights": w,
                    "activations": a, "ignore": ["lm_head"], **extra}
             for name, (algo, w, a, extra) in table.items()}  # fmt: skip

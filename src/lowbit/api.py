@@ -12,6 +12,7 @@ Typical use::
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import platform
@@ -41,7 +42,7 @@ from lowbit.eval import EvalResult, model_size, score_models
 from lowbit.eval.bench import BenchResult, bench_models
 from lowbit.eval.canary import WINDOW_TOKENS as CANARY_TOKENS
 from lowbit.eval.canary import WINDOWS as CANARY_WINDOWS
-from lowbit.eval.canary import Canary, canary_tokens
+from lowbit.eval.canary import Canary, canary_tokens, model_logits
 from lowbit.eval.canary import measure as measure_canary
 from lowbit.eval.canary import write as write_canary
 from lowbit.eval.size import SizeReport, held_bytes
@@ -65,6 +66,7 @@ from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
 from lowbit.pipeline.spin import learned_matrix, streamed_matrix
 from lowbit.pipeline.stream import stream_quantize
+from lowbit.pipeline.tune import tune_folder, tune_model
 from lowbit.pipeline.weights import quantized_whole
 from lowbit.recipes import Recipe, load_recipe, plan_layers
 
@@ -104,10 +106,14 @@ def quantize(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None
     if recipe.rotate is not None:  # folded into the float weights first (learned: trained first)
         rotate_model(model, recipe.rotate, learned_matrix(model, recipe, calibration, progress))
-    return quantize_weights(model, recipe, calibration, progress=progress,
-                            hidden_dtype=_hidden_dtype(hidden_dtype))  # fmt: skip
+    report = quantize_weights(model, recipe, calibration, progress=progress,
+                              hidden_dtype=_hidden_dtype(hidden_dtype))  # fmt: skip
+    if teacher is not None:  # the scales, end to end, towards the float model
+        report.tune = tune_model(model, teacher, recipe.tune, calibration, progress)
+    return report
 
 
 def qat(
@@ -316,8 +322,15 @@ def quantize_to(
 
     def extras(final: Path) -> None:
         write_extras(final, model, tokenizer)
-        if found is not None:
-            manifest["canary"] = write_canary(*found, final)
+        canary = found
+        if recipe.tune is not None:  # the assembled folder, tuned before it is published
+            write_manifest(final, manifest)  # what loading it reads
+            manifest["tune"], tuned = tune_folder(final, folder, recipe.tune, calibration,
+                                                  progress)  # fmt: skip
+            if found is not None:  # the canary records the tuned model
+                canary = found[0], measure_canary(found[0], model_logits(tuned, found[0].tokens))
+        if canary is not None:
+            manifest["canary"] = write_canary(*canary, final)
         write_manifest(final, manifest)
 
     try:
@@ -407,6 +420,7 @@ def _manifest(report: QuantizeReport, source: dict[str, str] | None, size: SizeR
         "recipe": report.recipe.to_dict(),
         "calibration": report.calibration.describe() if report.calibration else None,
         "qat": report.qat,
+        "tune": report.tune,
         "seed": seed,
         "quantize_seconds": round(report.seconds, 3),
         "quantize_peak_rss_mb": round(report.peak_rss_mb or 0, 1) or None,

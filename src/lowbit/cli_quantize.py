@@ -283,6 +283,10 @@ def render_plan(plan: dict[str, Any]) -> str:
     if plan.get("learned_rotation"):
         lines.append("  plus the learned rotation's training (rotate.steps passes forward and "
                      "back through the whole model; not probed; memory a rough bound)")  # fmt: skip
+    if plan.get("tuning"):
+        lines.append("  plus the end-to-end tuning (tune.steps passes forward and back through "
+                     "the whole model and the float one forward; not probed; memory a rough "
+                     "bound)")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -40,3 +40,23 @@ def test_only_integer_grids_with_float_offsets_or_symmetric():
         FakeQuantLinear(torch.nn.Linear(64, 8), WeightSpec(format="nf4", group_size=32))
     with pytest.raises(LowbitError, match="zero_point: float"):
         FakeQuantLinear(torch.nn.Linear(64, 8), WeightSpec(bits=4, group_size=32, zero_point="int"))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fixed_codes_stay_whatever_the_scales_do(symmetric):
+    spec = WeightSpec(bits=3, group_size=32, symmetric=symmetric)
+    start = FakeQuantLinear(torch.nn.Linear(64, 8), spec).to_quantized()
+    fake = FakeQuantLinear.with_fixed_codes(torch.nn.Linear(64, 8), start)
+    x = torch.randn(4, 64)
+    fake(x).pow(2).sum().backward()
+    assert fake.weight.grad is None and fake.scale.grad.abs().sum() > 0
+    assert (fake.offset.grad is None) == symmetric
+    with torch.no_grad():  # far enough that re-rounding the float weight would change codes
+        fake.scale.mul_(1.5)
+        fake.offset.add_(0.0 if symmetric else 0.05)
+    moved = fake.to_quantized()
+    assert torch.equal(moved.codes, start.codes)
+    assert not torch.equal(moved.qparams.scale, start.qparams.scale)
+    packed = QuantLinear.from_quantized(moved, fake.bias)
+    with torch.no_grad():
+        assert torch.equal(packed(x), fake(x))

@@ -2,7 +2,7 @@
 
 One torchrun job quantizes a tiny folder with every kind of recipe step (data-free, Hessian,
 K-means, AWQ search, SmoothQuant with static ranges, LoRC, LKD, AutoRound, key centres of a
-4-bit cache, a learned rotation); the same recipes
+4-bit cache, a learned rotation, end-to-end tuning); the same recipes
 then run in this process. Weights must be byte-identical except LKD's and AutoRound's, which
 step on the mean gradient of both ranks' batches (as DistributedDataParallel does) and so train
 differently.
@@ -58,6 +58,7 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
         recipes[name] = body
     spin = api.load_recipe("w4-g64-best").to_dict()  # rank 0 learns the rotation for all
     spin["rotate"] |= {"kind": "learned", "steps": 4}
+    spin["tune"] = {"steps": 4, "batch_size": 2, "holdout": 2}  # rank 0 tunes the folder
     recipes["w4-g64-spin"] = spin
     spec = tmp_path / "recipes.json"
     spec.write_text(json.dumps(recipes))

@@ -104,6 +104,30 @@ def write_shards(
     return names
 
 
+def rewrite_tensors(folder: Path, updates: Mapping[str, torch.Tensor]) -> None:
+    """Replace the named tensors of ``folder``'s weight files by ``updates`` (same names, shapes
+    and dtypes); each changed file is written beside itself, then renamed over it."""
+    left = dict(updates)
+    for path in weight_files(folder):
+        state = load_file(str(path))
+        mine = [k for k in left if k in state]
+        for name in mine:
+            new = left.pop(name)
+            if new.shape != state[name].shape or new.dtype != state[name].dtype:
+                old = state[name]
+                raise LowbitError(
+                    f"{path.name}: {name} would change from {old.dtype} "
+                    f"{tuple(old.shape)} to {new.dtype} {tuple(new.shape)}"
+                )
+            state[name] = new.detach().contiguous()
+        if mine:
+            tmp = path.with_name(path.name + ".tmp")
+            write_file(tmp, state, _META)
+            tmp.replace(path)
+    if left:
+        raise LowbitError(f"{folder}: no weight file holds {next(iter(left))}")
+
+
 def write_unit_shards(
     folder: Path, units: list[list[str]], tensor: Callable[[str], torch.Tensor]
 ) -> None:

@@ -4,7 +4,9 @@ The weight stays float and trainable; every forward pass quantizes and dequantiz
 straight-through estimator for the rounding, so the loss sees the low-bit weight while the
 gradient still reaches the float one. With ``learn_scales`` the per-block scale (and offset, for
 asymmetric grids) are parameters too, trained through the same formula (LSQ, Esser et al. 2020;
-the offset as in LSQ+; or, with ``lsq`` off, the exact gradient with the codes held fixed). The
+the offset as in LSQ+; or, with ``lsq`` off, the exact gradient with the codes held fixed).
+:meth:`FakeQuantLinear.with_fixed_codes` keeps a packed layer's codes themselves (only its scales
+and offsets train: end-to-end tuning, :mod:`lowbit.algorithms.tune`). The
 forward pass uses the scale and offset rounded to fp16, as they
 will be stored, so :meth:`to_quantized` gives codes whose packed model computes exactly what the
 fake-quant model computed.
@@ -50,6 +52,7 @@ class FakeQuantLinear(nn.Module):
         offset = qp.zero.float() if qp.zero is not None else torch.zeros_like(self.scale)
         self.offset = nn.Parameter(offset, requires_grad=learn_scales and not spec.symmetric)
         self.lsq = True
+        self.register_buffer("fixed", None)  # blocked codes that never change (signed if sym)
 
     @classmethod
     def from_quantized(cls, linear: nn.Linear, qw: QuantizedWeight, layer: str = "",
@@ -72,6 +75,18 @@ class FakeQuantLinear(nn.Module):
                 fake.offset.copy_(qw.qparams.zero.float())
         return fake
 
+    @classmethod
+    def with_fixed_codes(cls, linear: nn.Linear, qw: QuantizedWeight, layer: str = "",
+                         act: ActivationSpec | None = None) -> FakeQuantLinear:  # fmt: skip
+        """:meth:`from_quantized` with ``qw``'s codes kept as they are whatever the scales do
+        (the float weight no longer trains or decides them); :meth:`to_quantized` returns the
+        same codes with the trained scales and offsets."""
+        fake = cls.from_quantized(linear, qw, layer, act)
+        fake.weight.requires_grad_(False)
+        codes = to_blocks(qw.codes.to(torch.int16), fake.block)
+        fake.fixed = codes - qw.spec.qtype.mid if qw.spec.symmetric else codes
+        return fake
+
     def _params16(self) -> tuple[Tensor, Tensor]:
         """Scale and offset as stored (fp16), with straight-through gradients."""
         dtype = grid_of(self.spec).scale_dtype
@@ -89,7 +104,9 @@ class FakeQuantLinear(nn.Module):
         """The (out, in) weight the layer computes with: on the grid, differentiable."""
         s, m = self._params16()
         s, m = s.unsqueeze(-1), m.unsqueeze(-1)
-        if not self.lsq:  # codes held fixed w.r.t. the grid: the exact gradient of s and m
+        if self.fixed is not None:
+            u = self.fixed.float()
+        elif not self.lsq:  # codes held fixed w.r.t. the grid: the exact gradient of s and m
             u = self._codes(to_blocks(self.weight, self.block), s.detach(), m.detach())
         else:
             u = self._codes(to_blocks(self.weight, self.block), s, m)
@@ -106,8 +123,11 @@ class FakeQuantLinear(nn.Module):
         """The packed form of exactly the weight :meth:`fake_weight` computes."""
         dtype = grid_of(self.spec).scale_dtype
         s16, m16 = self.scale.clamp_min(torch.finfo(dtype).tiny).to(dtype), self.offset.to(dtype)
-        u = self._codes(to_blocks(self.weight, self.block), s16.float().unsqueeze(-1),
-                        m16.float().unsqueeze(-1))  # fmt: skip
+        if self.fixed is not None:
+            u = self.fixed.float()
+        else:
+            u = self._codes(to_blocks(self.weight, self.block), s16.float().unsqueeze(-1),
+                            m16.float().unsqueeze(-1))  # fmt: skip
         if self.spec.symmetric:
             u, qp = u + self.spec.qtype.mid, QParams(s16)
         else:

@@ -73,6 +73,7 @@ class QuantizeReport:
     lkd: dict[str, dict[str, float]] = field(default_factory=dict)  # block -> loss before/after
     autoround: dict[str, dict[str, float]] = field(default_factory=dict)  # block -> RTN/learned
     qat: dict[str, Any] | None = None  # training options and losses, for QAT-packed models
+    tune: dict[str, Any] | None = None  # end-to-end tuning's options and held-out KL
     analysis: dict[str, Any] | None = None  # bit allocation summary, for mixed recipes
     calibration: CalibrationSet | None = None
     seconds: float = 0.0

@@ -68,24 +68,15 @@ def _best_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     """The best recipe measured for a setting on the default model (README's tables, same
     protocol): the name says what it is for, the description what it does."""
     token8 = {"bits": 8, "granularity": "token", "dynamic": True}
-    online = {"rotate": {"online": ["down_proj"]}}
+    online = {"rotate": {"online": ["down_proj"]}, "tune": {}}  # + scales tuned end to end
     w4a8 = {**_recipe("w4a8-best", "gptq", _weights(4, 64)), "activations": token8, **online}
     w4 = {**_recipe("w4-g64-best", "gptq", _weights(4, 64)), **online}
     w3 = {**_recipe("w3-g32-best", "gptq", _weights(3, 32)), **online}
+    how = "Hadamard rotation folded + online before down_proj, GPTQ weights, scales tuned"
     return {
-        "w4-g64-best": (
-            "int4 asym g64: Hadamard rotation folded + online before down_proj, GPTQ weights",
-            w4,
-        ),
-        "w3-g32-best": (
-            "int3 asym g32: Hadamard rotation folded + online before down_proj, GPTQ weights",
-            w3,
-        ),
-        "w4a8-best": (
-            "W4A8 g64: Hadamard rotation folded + online before down_proj, GPTQ "
-            "weights, per-token 8-bit inputs",
-            w4a8,
-        ),
+        "w4-g64-best": (f"int4 asym g64: {how}", w4),
+        "w3-g32-best": (f"int3 asym g32: {how}", w3),
+        "w4a8-best": (f"W4A8 g64: {how}, per-token 8-bit inputs", w4a8),
     }
 
 

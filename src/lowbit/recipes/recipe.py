@@ -20,6 +20,7 @@ from lowbit.algorithms.gptq import GPTQOptions
 from lowbit.algorithms.lkd import LKDOptions
 from lowbit.algorithms.rotate import RotateOptions
 from lowbit.algorithms.smoothquant import SmoothQuantOptions
+from lowbit.algorithms.tune import TuneOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, AttentionSpec, WeightSpec
 from lowbit.typed import from_mapping, to_mapping
@@ -30,7 +31,7 @@ Algorithm = Literal[
 ]  # fmt: skip
 _KEYS = ("version", "name", "algorithm", "weights", "activations", "attention", "rotate",
          "ignore", "overrides", "gptq", "awq", "autoround", "lorc", "smoothquant",
-         "lkd")  # fmt: skip
+         "lkd", "tune")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Recipe:
     ``smoothquant`` (SmoothQuant scales folded in before the weights are quantized) and ``lkd``
     (layer-wise distillation of each quantized block afterwards) compose with any algorithm
     except that SmoothQuant and AWQ both rescale channels, so only one of them may be used.
+    ``tune`` (end-to-end tuning of the scales and offsets towards the float model, codes fixed)
+    runs once every layer is quantized, after any algorithm.
     """
 
     algorithm: Algorithm = "rtn"
@@ -85,8 +88,14 @@ class Recipe:
     lkd: LKDOptions | None = None
     attention: AttentionSpec | None = None
     rotate: RotateOptions | None = None
+    tune: TuneOptions | None = None
 
     def __post_init__(self) -> None:
+        if self.tune is not None and self.activations is not None and self.activations.static:
+            raise LowbitError(
+                "tune trains scales under dynamic activation rounding; static "
+                "ranges would not be measured again: drop tune"
+            )
         if self.smoothquant is not None and self.algorithm.startswith("awq"):
             raise LowbitError("smoothquant and awq both rescale input channels; use one of them "
                               "(e.g. smoothquant with algorithm: gptq)")  # fmt: skip
@@ -156,6 +165,8 @@ class Recipe:
             out["smoothquant"] = to_mapping(self.smoothquant)
         if self.lkd is not None:
             out["lkd"] = to_mapping(self.lkd)
+        if self.tune is not None:
+            out["tune"] = to_mapping(self.tune)
         return out
 
     @property
@@ -166,7 +177,7 @@ class Recipe:
         centers = self.attention is not None and self.attention.center_keys
         steps = self.smoothquant is not None or self.lkd is not None
         learned = self.rotate is not None and self.rotate.kind == "learned"
-        return calibrated or static or centers or steps or learned
+        return calibrated or static or centers or steps or learned or self.tune is not None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
@@ -202,6 +213,7 @@ class Recipe:
             attention=None if attention is None else AttentionSpec.from_dict(
                 attention, f"{at}attention"),
             rotate=_optional(RotateOptions, data, "rotate", at),
+            tune=_optional(TuneOptions, data, "tune", at),
         )  # fmt: skip
 
 
