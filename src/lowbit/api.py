@@ -66,7 +66,7 @@ from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
 from lowbit.pipeline.spin import learned_matrix, streamed_matrix
 from lowbit.pipeline.stream import stream_quantize
-from lowbit.pipeline.tune import tune_folder, tune_model
+from lowbit.pipeline.tune import check_tune, tune_folder, tune_model
 from lowbit.pipeline.weights import quantized_whole
 from lowbit.recipes import Recipe, load_recipe, plan_layers
 
@@ -106,6 +106,8 @@ def quantize(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if recipe.tune is not None:  # checked before any work
+        check_tune(recipe, plan_layers(recipe, quantizable_layers(model), warn=False), calibration)
     teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None
     if recipe.rotate is not None:  # folded into the float weights first (learned: trained first)
         rotate_model(model, recipe.rotate, learned_matrix(model, recipe, calibration, progress))
@@ -113,6 +115,8 @@ def quantize(
                               hidden_dtype=_hidden_dtype(hidden_dtype))  # fmt: skip
     if teacher is not None:  # the scales, end to end, towards the float model
         report.tune = tune_model(model, teacher, recipe.tune, calibration, progress)
+        report.seconds += report.tune["seconds"]
+        report.peak_rss_mb = max(report.peak_rss_mb or 0.0, report.tune["peak_rss_mb"] or 0.0)
     return report
 
 
@@ -289,7 +293,8 @@ def quantize_to(
         start = orthogonal(model.config.hidden_size, recipe.rotate) if learned else None
         rotator = Rotator(model, recipe.rotate, start)
     conv1d_to_linear(model)
-    plan_layers(recipe, quantizable_layers(model), warn=False)  # unfit recipe: before any work
+    plan = plan_layers(recipe, quantizable_layers(model), warn=False)  # before any work
+    check_tune(recipe, plan, calibration)
     fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
                    "calibration": calibration.describe() if calibration else None,
                    "seed": seed, "lowbit": __version__, "hidden_dtype": hidden_dtype,
@@ -327,6 +332,8 @@ def quantize_to(
             write_manifest(final, manifest)  # what loading it reads
             manifest["tune"], tuned = tune_folder(final, folder, recipe.tune, calibration,
                                                   progress)  # fmt: skip
+            peak = manifest["tune"]["peak_rss_mb"] or 0.0  # this process's, tuning included
+            manifest["quantize_peak_rss_mb"] = max(manifest["quantize_peak_rss_mb"] or 0.0, peak)
             if found is not None:  # the canary records the tuned model
                 canary = found[0], measure_canary(found[0], model_logits(tuned, found[0].tokens))
         if canary is not None:

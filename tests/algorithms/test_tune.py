@@ -46,3 +46,18 @@ def test_training_lowers_held_out_kl_and_a_useless_run_is_undone():
     assert torch.equal(same[1].weight, kept)
     with pytest.raises(LowbitError, match="at least 4 calibration windows"):
         tune_end_to_end(groups, same, toy(0), windows[:3], options, progress=False)
+
+
+def test_a_run_that_ends_worse_on_the_held_out_windows_is_put_back(monkeypatch):
+    import lowbit.algorithms.tune as tune
+
+    teacher, student = toy(0), toy(1)
+    kept = student[1].weight.detach().clone()
+    scores = iter([1.0, 2.0])  # before, after: worse
+    monkeypatch.setattr(tune, "_held_out", lambda *args: next(scores))
+    windows = torch.randint(0, 16, (12, 10), generator=torch.Generator().manual_seed(0))
+    groups = [{"params": [student[1].weight], "lr": 0.05}]
+    options = TuneOptions(steps=5, batch_size=2, lr=0.05, holdout=2)
+    record = tune_end_to_end(groups, student, teacher, windows, options, progress=False)
+    assert record["held_out_kl_after"] == record["held_out_kl_before"] == 1.0
+    assert torch.equal(student[1].weight, kept)  # it did move during training: put back

@@ -54,6 +54,13 @@ class TuneOptions:
         """Calibration windows a run needs: the held-out ones and at least one batch."""
         return self.holdout + self.batch_size
 
+    def check_windows(self, n: int) -> None:
+        """A one-line error when ``n`` calibration windows are too few."""
+        if n < self.windows_needed():
+            raise LowbitError(f"tune needs at least {self.windows_needed()} calibration windows "
+                              f"({self.holdout} held out + a batch of {self.batch_size}), got "
+                              f"{n}; give more --calib-samples")  # fmt: skip
+
 
 def kl_to(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     """Mean KL(teacher ‖ student) per token over (B, T, V) logits, in float32."""
@@ -74,19 +81,32 @@ def tune_end_to_end(
     ``teacher(ids)``'s on ``windows`` (N, T); the last ``options.holdout`` windows only check
     the result. Returns the held-out KL before and after (after = before when training did not
     lower it and the parameters were put back)."""
-    if len(windows) < options.windows_needed():
-        raise LowbitError(f"tune needs at least {options.windows_needed()} calibration windows "
-                          f"({options.holdout} held out + a batch of {options.batch_size}), got "
-                          f"{len(windows)}; give more --calib-samples")  # fmt: skip
+    options.check_windows(len(windows))
     train, check = windows[: -options.holdout], windows[-options.holdout :]
     params = [p for g in groups for p in g["params"]]
     saved = [p.detach().clone() for p in params]
     before = _held_out(student, teacher, check)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / options.steps)
     losses: list[float] = []
     bar = tqdm(range(options.steps), desc="tune (end to end)", unit="step",
                disable=not progress)  # fmt: skip
+    try:
+        _train(groups, student, teacher, train, options, bar, losses)
+    except BaseException:  # a failed or interrupted run leaves the parameters as they were
+        _restore(params, saved)
+        raise
+    after = _held_out(student, teacher, check)
+    if not after < before:
+        _restore(params, saved)
+        after = before
+    return {"held_out_kl_before": before, "held_out_kl_after": after,
+            "first_loss": losses[0], "last_loss": sum(losses[-8:]) / len(losses[-8:])}  # fmt: skip
+
+
+def _train(groups: list[dict], student: Callable[[Tensor], Tensor],
+           teacher: Callable[[Tensor], Tensor], train: Tensor, options: TuneOptions, bar,
+           losses: list[float]) -> None:  # fmt: skip
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / options.steps)
     with torch.enable_grad():
         for step in bar:
             at = (step * options.batch_size + torch.arange(options.batch_size)) % len(train)
@@ -102,14 +122,12 @@ def tune_end_to_end(
             schedule.step()
             losses.append(loss.item())
             bar.set_postfix(kl=f"{sum(losses[-8:]) / len(losses[-8:]):.4f}")
-    after = _held_out(student, teacher, check)
-    if not after < before:
-        with torch.no_grad():
-            for p, old in zip(params, saved, strict=True):
-                p.copy_(old)
-        after = before
-    return {"held_out_kl_before": before, "held_out_kl_after": after,
-            "first_loss": losses[0], "last_loss": sum(losses[-8:]) / len(losses[-8:])}  # fmt: skip
+
+
+@torch.no_grad()
+def _restore(params: list[Tensor], values: list[Tensor]) -> None:
+    for p, old in zip(params, values, strict=True):
+        p.copy_(old)
 
 
 @torch.no_grad()

@@ -82,9 +82,12 @@ class FakeQuantLinear(nn.Module):
         (the float weight no longer trains or decides them); :meth:`to_quantized` returns the
         same codes with the trained scales and offsets."""
         fake = cls.from_quantized(linear, qw, layer, act)
-        fake.weight.requires_grad_(False)
+        fake.weight = nn.Parameter(fake.weight.new_empty(0), requires_grad=False)  # unused now
         codes = to_blocks(qw.codes.to(torch.int16), fake.block)
-        fake.fixed = codes - qw.spec.qtype.mid if qw.spec.symmetric else codes
+        if qw.spec.symmetric:
+            codes = codes - qw.spec.qtype.mid
+        small = qw.spec.qtype.bits < 8 or qw.spec.symmetric  # fits int8
+        fake.fixed = codes.to(torch.int8 if small else torch.int16)
         return fake
 
     def _params16(self) -> tuple[Tensor, Tensor]:

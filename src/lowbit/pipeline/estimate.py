@@ -44,7 +44,8 @@ from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import current_rss_mb, peak_rss_mb, process_seconds, reset_peak_rss
 
 LEARN_COPIES = 6  # float32 model-sized tensors a learned rotation's training holds (rough)
-TUNE_COPIES = 3  # tuning: the float32 teacher, the twins' float weights, their codes and grids
+TUNE_COPIES = 4  # tuning, per parameter: the float32 teacher, int8 codes, and the float codes
+# and weights each twin's forward keeps for the backward pass (rough; 13 bytes rounded up)
 
 
 class _Probed(Exception):
@@ -144,7 +145,7 @@ def _tune_bytes(config: Any, recipe: Recipe, params: int, seqlen: int) -> int:
     the KL and its gradient), and per block what the backward pass keeps per token (about 16
     hidden-sized and 8 MLP-sized vectors and two rows of attention weights per head). Checked
     against one run: smollm2-135m, batch 2 x 512 tokens, resident 6.4 GiB when read during
-    the training; this gives 6.1 GiB plus the process's baseline."""
+    the training; this gives 6.6 GiB plus the process's baseline."""
     tokens = recipe.tune.batch_size * seqlen
     hidden = getattr(config, "hidden_size", 0)
     mlp = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden

@@ -53,6 +53,8 @@ class QATOptions:
 
 def fake_quantize_model(model: nn.Module, recipe: Recipe, learn_scales: bool = True) -> dict:
     """Swap the recipe's layers for FakeQuantLinear (in place); {name: fake layer}."""
+    if recipe.tune is not None:
+        raise LowbitError("qat trains the weights and scales itself; drop tune from the recipe")
     if recipe.activations is not None or recipe.algorithm != "rtn":
         raise LowbitError(
             "qat starts from an RTN weight-only recipe (algorithm: rtn, no activations); "

@@ -86,6 +86,10 @@ def quantize_weights(
             raise LowbitError("attention: (a quantized key/value cache) is for language models; "
                               "this model is quantized as one unit")  # fmt: skip
         use_attention_function(model)
+    if blocks is None and recipe.tune is not None:
+        raise LowbitError("tune: (end-to-end tuning towards the float model's next-token "
+                          "distribution) is for language models; this model is quantized as "
+                          "one unit: drop tune")  # fmt: skip
     if blocks is None:
         probe = None  # the canary rides along with the blocks
     else:
@@ -204,7 +208,7 @@ def _description(recipe: Recipe) -> str:
 def _calibration_reason(recipe: Recipe) -> str:
     if recipe.algorithm in CALIBRATED:
         return f"algorithm {recipe.algorithm}"
-    steps = [k for k in ("smoothquant", "lkd") if getattr(recipe, k) is not None]
+    steps = [k for k in ("smoothquant", "lkd", "tune") if getattr(recipe, k) is not None]
     if recipe.attention is not None and recipe.attention.center_keys:
         steps.append("attention.center_keys (the keys' centres are measured on it)")
     return ", ".join(steps) or "static activation ranges"
