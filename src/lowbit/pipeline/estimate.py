@@ -142,15 +142,16 @@ def estimate(
 def _tune_bytes(config: Any, recipe: Recipe, params: int, seqlen: int) -> int:
     """End-to-end tuning's memory, roughly: ``TUNE_COPIES`` float32 model-sized tensors, six
     (batch, tokens, vocabulary) float32 logits tensors (both models' logits, their log-softmax,
-    the KL and its gradient), and per block what the backward pass keeps per token (about 16
-    hidden-sized and 8 MLP-sized vectors and two rows of attention weights per head). Checked
-    against one run: smollm2-135m, batch 2 x 512 tokens, resident 6.4 GiB when read during
-    the training; this gives 6.6 GiB plus the process's baseline."""
+    the KL and its gradient), and per block what the backward pass keeps per token (about 24
+    hidden-sized and 12 MLP-sized vectors and two rows of attention weights per head). Checked
+    against two runs on smollm2-135m, batch 2 x 512 tokens: W4 g64 (6.4 GiB resident read
+    during the training) and W4A8 (rounded inputs keep more: peak 7.8 GiB); this gives 7.9 GiB
+    plus the process's baseline."""
     tokens = recipe.tune.batch_size * seqlen
     hidden = getattr(config, "hidden_size", 0)
     mlp = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
     heads = getattr(config, "num_attention_heads", 1)
-    per_token = 16 * hidden + 8 * mlp + 2 * heads * seqlen
+    per_token = 24 * hidden + 12 * mlp + 2 * heads * seqlen
     layers = getattr(config, "num_hidden_layers", 1)
     logits = 6 * tokens * getattr(config, "vocab_size", 0)
     return 4 * (TUNE_COPIES * params + logits + layers * tokens * per_token)
