@@ -138,7 +138,7 @@ def tune_folder(
         release(teacher)
     updates = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and tunable(module):
+        if tunable(module):
             updates[f"{name}.scale"] = module.scale
             if module.zero is not None:
                 updates[f"{name}.zero"] = module.zero
