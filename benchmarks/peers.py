@@ -27,7 +27,7 @@ measured, so a stopped run keeps what it printed.
 
     .venv/bin/python benchmarks/peers.py --setup     # once: pip installs the peers
     .venv/bin/python benchmarks/peers.py [--model smollm2-135m]
-        [--lowbit w4-awq-gptq-mse-g64 w3-awq-g32] [--peers gptq awq autoround w8a8]
+        [--lowbit w4-g64-best w3-g32-best] [--peers gptq awq autoround w8a8]
         [--formats w4-g64 w3-g32] [--gptq-dampening 0.01] [--autoround-iters 200]
         [--autoround-batch 8] [--calib-samples 128] [--calib-seqlen 512]
 """
@@ -157,7 +157,7 @@ def main() -> None:
                    help=f"create --venv and pip install {' '.join(PINS)}, then exit")  # fmt: skip
     p.add_argument("--venv", type=Path, default=ROOT / ".venv-peers", help="the peers' venv")
     p.add_argument("--model", default="smollm2-135m", help="a zoo name or an HF folder")
-    p.add_argument("--lowbit", nargs="*", default=["w4-awq-gptq-mse-g64", "w3-awq-g32"],
+    p.add_argument("--lowbit", nargs="*", default=["w4-g64-best", "w3-g32-best"],
                    metavar="RECIPE", help="lowbit rows: preset names or YAML recipes")  # fmt: skip
     p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))

@@ -6,6 +6,7 @@ import torch
 
 from helpers import compact_and_hf, rel, tiny_family_model
 from lowbit.formats.spec import AttentionSpec
+from lowbit.kernels import kv_attention
 from lowbit.nn.attention import CENTER, add_key_centers, attention_modules, install_attention
 from lowbit.runtime.kv_cache import CacheView, QuantKVCache, StaticKVCache, grown, move_row, shift
 
@@ -17,9 +18,13 @@ from lowbit.runtime.kv_cache import CacheView, QuantKVCache, StaticKVCache, grow
      AttentionSpec(query_bits=4), AttentionSpec(kv_bits=4, group_size=8, center_keys=True)],
     ids=lambda s: s.short(),
 )  # fmt: skip
-def test_compact_cache_equals_the_models_own_rounding(family, spec):
+@pytest.mark.parametrize("native", [True, False])
+def test_compact_cache_equals_the_models_own_rounding(family, spec, native, monkeypatch):
     """Codes stored by the compact loop, token by token, give the logits transformers gives
-    with lowbit's attention function rounding the whole window at once."""
+    with lowbit's attention function rounding the whole window at once (decode steps attend
+    over the stored codes: the native op, and its reference)."""
+    if not native:
+        monkeypatch.setattr(kv_attention, "native_ops", lambda: False)
     model = tiny_family_model(family)
     install_attention(model, spec)
     if spec.center_keys:  # stand-in centres (quantization measures them)

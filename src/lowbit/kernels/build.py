@@ -30,6 +30,7 @@ NAMES = (
     "affine_q8_gemm.cpp",
     "float_gemv.cpp",
     "decode_ops.cpp",
+    "decode_codes.cpp",
     "int8_gemm.cpp",
     "hadamard.cpp",
     "act_quant.cpp",

@@ -34,6 +34,28 @@ def dequantize_heads(codes: Tensor, scale: Tensor, minimum: Tensor, bits: int) -
     return dequantize(cb, QParams(scale, minimum), _grid(bits)).flatten(-2)
 
 
+def encode_heads(x: Tensor, bits: int, group: int) -> list[Tensor]:
+    """What a cache of codes stores for x (..., D): codes (two per byte up to 4 bits), float16
+    scale and minimum per group."""
+    codes, scale, minimum = quantize_heads(x, bits, group)
+    return [pack_nibbles(codes) if bits <= 4 else codes, scale, minimum]
+
+
+def decode_heads(codes: Tensor, scale: Tensor, minimum: Tensor, bits: int) -> Tensor:
+    """The float32 values :func:`encode_heads` stored."""
+    return dequantize_heads(unpack_nibbles(codes) if bits <= 4 else codes, scale, minimum, bits)
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Codes below 16 (..., D), D even -> (..., D / 2) bytes, channel 2i in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """The inverse of :func:`pack_nibbles`."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
 def fake_quantize_heads(x: Tensor, bits: int, group: int) -> Tensor:
     """Round ``x`` (..., D) as the cache stores it; same dtype back."""
     return dequantize_heads(*quantize_heads(x, bits, group), bits).to(x.dtype)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.primitives.kv import dequantize_heads, quantize_heads
+from lowbit.primitives.kv import decode_heads, encode_heads
 
 
 class Slots:
@@ -80,6 +80,10 @@ class StaticKVCache(Slots):
             out.append(self._decode([t[layer, :, :, :end] for t in stored]))
         return out[0], out[1]
 
+    def layer(self, index: int) -> list[Tensor]:
+        """Every tensor the cache stores for layer ``index`` (keys' first, then values')."""
+        return [t[index] for t in self.tensors]
+
     def _encode(self, x: Tensor) -> list[Tensor]:
         """What is stored for x (batch, kv_heads, t, head_dim)."""
         return [x]
@@ -91,7 +95,8 @@ class StaticKVCache(Slots):
 class QuantKVCache(StaticKVCache):
     """Keys and values stored as ``bits``-bit codes (two per byte up to 4 bits) with a float16
     scale and minimum per token, head and ``group`` channels (:mod:`lowbit.primitives.kv`);
-    attention reads the filled prefix dequantized to float32."""
+    a prompt's attention reads the filled prefix dequantized to float32, a decode step's reads
+    the codes (:func:`lowbit.kernels.kv_attention.attend_codes`)."""
 
     def __init__(
         self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
@@ -110,16 +115,10 @@ class QuantKVCache(StaticKVCache):
         self.tensors = [torch.zeros(shape, dtype=dt, device=device) for shape, dt in pairs]
 
     def _encode(self, x: Tensor) -> list[Tensor]:
-        codes, scale, minimum = quantize_heads(x, self.bits, self.group)
-        if self.packed:  # two codes per byte
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-        return [codes, scale, minimum]
+        return encode_heads(x, self.bits, self.group)
 
     def _decode(self, stored: list[Tensor]) -> Tensor:
-        codes, scale, minimum = stored
-        if self.packed:
-            codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
-        return dequantize_heads(codes, scale, minimum, self.bits)
+        return decode_heads(*stored, self.bits)
 
 
 class CacheView(StaticKVCache):

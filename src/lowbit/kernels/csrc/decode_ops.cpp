@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common.h"
+#include "decode_part.h"
 
 namespace {
 
@@ -89,43 +90,8 @@ void norm_rope(const float* src, const float* norm, float eps, const float* cos,
   }
 }
 
-// exp of 8 floats: 2^n · e^r with |r| <= ln2/2 and Cephes' degree-6 polynomial for e^r
-// (relative error ~1e-7); inputs below -87 (scores far under the maximum) give ~0.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                       _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-inline float dot(const float* a, const float* b, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-  float tail = 0.f;
-  for (; d < D; ++d) tail += a[d] * b[d];
-  return lowbit_kernels::hsum(acc) + tail;
-}
-
-// One query against the slots first..last of one head's cache: the unnormalized
-// out = sum_s exp(score_s - top) v_s with top = max_s score_s and total = sum_s exp(score_s - top),
-// score_s = scale · q·k_s. Ranges of one head's slots combine by their tops (decode_attention).
-struct Part {
-  float top, total;
-};
-
-Part attend_part(const float* q, const float* keys, const float* vals, int64_t first,
+// One query against the slots first..last of one head's cache (see Part in decode_part.h).
+lowbit_kernels::Part attend_part(const float* q, const float* keys, const float* vals, int64_t first,
                  int64_t last, int64_t D, float scale, float* score, float* out) {
   float top = -INFINITY;
   int64_t s = first;
@@ -147,16 +113,8 @@ Part attend_part(const float* q, const float* keys, const float* vals, int64_t f
     top = std::max(top, std::max(std::max(score[s], score[s + 1]),
                                  std::max(score[s + 2], score[s + 3])));
   }
-  for (; s <= last; ++s) top = std::max(top, score[s] = dot(q, keys + s * D, D) * scale);
-  const __m256 vtop = _mm256_set1_ps(top);
-  __m256 vsum = _mm256_setzero_ps();
-  for (s = first; s + 8 <= last + 1; s += 8) {
-    const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(score + s), vtop));
-    _mm256_storeu_ps(score + s, w);
-    vsum = _mm256_add_ps(vsum, w);
-  }
-  float total = lowbit_kernels::hsum(vsum);
-  for (; s <= last; ++s) total += (score[s] = std::exp(score[s] - top));
+  for (; s <= last; ++s) top = std::max(top, score[s] = lowbit_kernels::dot(q, keys + s * D, D) * scale);
+  const float total = lowbit_kernels::exp_sum(score + first, last - first + 1, top);
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) {  // 64 outputs in eight registers while the values stream by
     __m256 acc[8];
@@ -222,20 +180,18 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
     const int64_t b = bh / H, p = p_of(b);
     norm_rope(in + b * row + (bh % H) * D, qn, e, cs + p * D, sn + p * D, D, qs.data() + bh * D);
   }
-  // Work items: one (row, KV head) and a range of its slots. Long contexts are split into as
-  // many ranges as threads (flash-decoding), so two threads share three KV heads evenly and
-  // each key and value is read from memory once, by the item whose query heads all use it.
+  // Work items: one (row, KV head) and a range of its slots (decode_part.h).
   const int64_t threads = at::get_num_threads();
-  const int64_t S = pos >= 256 ? std::max<int64_t>(1, std::min<int64_t>(threads, pos / 64)) : 1;
+  const int64_t S = lowbit_kernels::ranges_for(pos, threads);
   const int64_t Q = H / Hkv;
   std::vector<float> part_out(B * H * S * D);
-  std::vector<Part> parts(B * H * S);
+  std::vector<lowbit_kernels::Part> parts(B * H * S);
   at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score(pos + 9);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (Hkv * S), g = item / S % Hkv, c = item % S;
-      const int64_t first = pd[b], n = pos - first + 1;
-      const int64_t lo = first + n * c / S, hi = first + n * (c + 1) / S - 1;
+      int64_t lo, hi;
+      lowbit_kernels::range_of(pd[b], pos, c, S, &lo, &hi);
       const float* keys = kp + (b * Hkv + g) * T * D;
       const float* vals = vp + (b * Hkv + g) * T * D;
       for (int64_t j = 0; j < Q; ++j) {
@@ -251,25 +207,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
       }
     }
   });
-  for (int64_t bh = 0; bh < B * H; ++bh) {  // softmax over the ranges by their tops
-    float top = -INFINITY;
-    for (int64_t c = 0; c < S; ++c) top = std::max(top, parts[bh * S + c].top);
-    float total = 0.f;
-    float* o = op + bh * D;
-    std::fill_n(o, D, 0.f);
-    for (int64_t c = 0; c < S; ++c) {
-      const Part& pt = parts[bh * S + c];
-      if (pt.total == 0.f) continue;
-      const float w = std::exp(pt.top - top);
-      total += w * pt.total;
-      const float* src = part_out.data() + (bh * S + c) * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
-    }
-    const float inv = 1.f / total;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-  }
+  lowbit_kernels::combine_parts(parts.data(), part_out.data(), B * H, S, D, op);
   return out;
 }
 

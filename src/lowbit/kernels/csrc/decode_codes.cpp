@@ -1,0 +1,235 @@
+// Attention of one new token per row over a key/value cache of codes (lowbit's QuantKVCache:
+// per token, head and group of channels an unsigned code with a float16 scale and minimum,
+// value = code * scale + minimum; codes of up to 4 bits two per byte, low nibble first): the
+// new token's key and value are rounded and stored at their slot, then its queries attend.
+//
+// The rounding is lowbit.primitives.kv.quantize_heads' arithmetic step by step (float32
+// range, scale = (max - min) / code_max stored as float16, code = round-half-even((x - min) /
+// scale)), so the stored codes equal the plain-PyTorch path's.
+//
+// Each slot's key and value is dequantized once into a small buffer as it streams by and used
+// by every query head of its KV head, so the cache is read as codes (at 4 bits about a
+// quarter of a float16 cache's bytes) and no float copy of the context is made per step, which
+// is what the reference (dequantize the filled slots, then SDPA) does. Why hand-written: no
+// library op attends over grouped low-bit codes on a CPU. attend_codes_reference in
+// lowbit/kernels/kv_attention.py defines the result.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "decode_part.h"
+
+namespace {
+
+using lowbit_kernels::Part;
+
+// One side (keys or values) of one (row, KV head): per slot row_bytes of codes, and `groups`
+// float16 scales and minimums.
+struct Side {
+  const uint8_t* codes;
+  const uint16_t* scale;
+  const uint16_t* minimum;
+  int64_t row_bytes, groups;
+};
+
+// The 8 codes starting at channel d (a multiple of 8) of a slot's row, as floats.
+inline __m256 codes8(const uint8_t* row, int64_t d, bool packed) {
+  if (!packed) return lowbit_kernels::u8x8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)));
+  int32_t four;
+  std::memcpy(&four, row + d / 2, 4);  // 4 bytes: codes d..d+7, low nibble first
+  const __m128i b = _mm_cvtsi32_si128(four), nib = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+  return lowbit_kernels::u8x8_to_ps(_mm_unpacklo_epi8(lo, hi));
+}
+
+// Slot s of one side as D floats.
+void dequantize_slot(const Side& side, int64_t s, int64_t D, bool packed, float* out) {
+  const uint8_t* row = side.codes + s * side.row_bytes;
+  const uint16_t* sc = side.scale + s * side.groups;
+  const uint16_t* mn = side.minimum + s * side.groups;
+  const int64_t g = D / side.groups;
+  for (int64_t gi = 0; gi < side.groups; ++gi) {
+    const float scale = _cvtsh_ss(sc[gi]), minimum = _cvtsh_ss(mn[gi]);
+    int64_t d = gi * g;
+    const int64_t end = d + g;
+    if (g % 8 == 0) {
+      const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(minimum);
+      for (; d < end; d += 8)
+        _mm256_storeu_ps(out + d, _mm256_fmadd_ps(codes8(row, d, packed), vs, vm));
+    }
+    for (; d < end; ++d) {  // groups that are not a multiple of 8 channels
+      const int code = packed ? (row[d / 2] >> (4 * (d & 1))) & 0x0F : row[d];
+      out[d] = static_cast<float>(code) * scale + minimum;
+    }
+  }
+}
+
+// Q query heads (q: Q x D) of one KV head against its slots lo..hi: each head's Part and
+// unnormalized output (out: Q x D). score: Q x (hi - lo + 1) floats; buf: D floats.
+void attend_range(const float* q, int64_t Q, const Side& keys, const Side& vals, int64_t lo,
+                  int64_t hi, int64_t D, bool packed, float scale, float* score, float* buf,
+                  float* out, Part* parts) {
+  const int64_t n = hi - lo + 1;
+  for (int64_t s = lo; s <= hi; ++s) {
+    dequantize_slot(keys, s, D, packed, buf);
+    for (int64_t j = 0; j < Q; ++j) score[j * n + s - lo] = lowbit_kernels::dot(q + j * D, buf, D) * scale;
+  }
+  for (int64_t j = 0; j < Q; ++j) {
+    float* sj = score + j * n;
+    const float top = *std::max_element(sj, sj + n);
+    parts[j] = {top, lowbit_kernels::exp_sum(sj, n, top)};
+  }
+  std::fill_n(out, Q * D, 0.f);
+  for (int64_t s = lo; s <= hi; ++s) {
+    dequantize_slot(vals, s, D, packed, buf);
+    for (int64_t j = 0; j < Q; ++j) {
+      const float w = score[j * n + s - lo];
+      float* o = out + j * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] += w * buf[d];
+    }
+  }
+}
+
+
+// Round one head's D values (groups of g channels) into its slot: codes, scale and minimum.
+void store_slot(const float* x, int64_t D, int64_t g, int64_t bits, uint8_t* codes,
+                uint16_t* scale, uint16_t* minimum) {
+  const int code_max = (1 << bits) - 1;
+  const bool packed = bits <= 4;
+  uint8_t u[512];
+  for (int64_t gi = 0; gi < D / g; ++gi) {
+    const float* xg = x + gi * g;
+    float lo = xg[0], hi = xg[0];
+    for (int64_t i = 1; i < g; ++i) lo = std::min(lo, xg[i]), hi = std::max(hi, xg[i]);
+    float s = (hi - lo) / static_cast<float>(code_max);
+    TORCH_CHECK(std::isfinite(s), "lowbit::attend_codes: a key or value is not finite");
+    if (!(s > 0.f)) s = 1.f;  // a zero-width group: any scale is exact
+    uint16_t sh = _cvtss_sh(s, 0), mh = _cvtss_sh(lo, 0);  // round to nearest even
+    if (_cvtsh_ss(sh) == 0.f) sh = 0x0400;  // underflow: float16's smallest normal
+    TORCH_CHECK(std::isfinite(_cvtsh_ss(sh)) && std::isfinite(_cvtsh_ss(mh)),
+                "lowbit::attend_codes: a key or value overflows float16");
+    scale[gi] = sh, minimum[gi] = mh;
+    const float sf = _cvtsh_ss(sh), mf = _cvtsh_ss(mh);
+    for (int64_t i = 0; i < g; ++i) {
+      const float c = std::nearbyint((xg[i] - mf) / sf);
+      u[gi * g + i] = static_cast<uint8_t>(std::min<float>(std::max(c, 0.f), code_max));
+    }
+  }
+  if (!packed) {
+    std::copy_n(u, D, codes);
+    return;
+  }
+  for (int64_t i = 0; i < D / 2; ++i) codes[i] = u[2 * i] | (u[2 * i + 1] << 4);
+}
+
+void check_side(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum,
+                const at::Tensor& like, int64_t row_bytes) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf &&
+                  minimum.scalar_type() == at::kHalf,
+              "lowbit::attend_codes: uint8 codes, float16 scales and minimums");
+  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && minimum.is_contiguous(),
+              "lowbit::attend_codes: contiguous caches only");
+  TORCH_CHECK(codes.dim() == 4 && codes.sizes().slice(0, 3) == like.sizes().slice(0, 3) &&
+                  codes.size(3) == row_bytes && scale.sizes() == minimum.sizes() &&
+                  scale.sizes().slice(0, 3) == like.sizes().slice(0, 3),
+              "lowbit::attend_codes: cache shapes do not match");
+}
+
+// q (B, H, D), k and v (B, Hkv, D) float32: the new token's queries, key and value as
+// attention reads them; codes (B, Hkv, T, D/2 up to 4 bits, else D) uint8 and scales/minimums
+// (B, Hkv, T, D/group) float16 of one layer's keys and values. The key and value are stored at
+// slot `pos`; slots pad[b]..pos of row b are attended to. Returns (B, H, D).
+at::Tensor attend_codes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        at::Tensor& k_codes, at::Tensor& k_scale, at::Tensor& k_min,
+                        at::Tensor& v_codes, at::Tensor& v_scale, at::Tensor& v_min,
+                        const at::Tensor& pad, int64_t pos, int64_t bits, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3,
+              "lowbit::attend_codes: contiguous float32 (B, H, D) queries");
+  const int64_t length = pos + 1;
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_codes.size(1), T = k_codes.size(2), G = k_scale.size(3);
+  const bool packed = bits <= 4;
+  TORCH_CHECK(bits >= 2 && bits <= 8 && (!packed || D % 2 == 0),
+              "lowbit::attend_codes: codes of 2 to 8 bits");
+  check_side(k_codes, k_scale, k_min, k_codes, packed ? D / 2 : D);
+  check_side(v_codes, v_scale, v_min, k_codes, packed ? D / 2 : D);
+  TORCH_CHECK(k_codes.size(0) == B && Hkv > 0 && H % Hkv == 0 && G > 0 && D % G == 0,
+              "lowbit::attend_codes: queries and caches do not match");
+  TORCH_CHECK(pad.scalar_type() == at::kLong && pad.is_contiguous() && pad.numel() == B,
+              "lowbit::attend_codes: int64 (B) padding");
+  TORCH_CHECK(pos >= 0 && pos < T, "lowbit::attend_codes: slot ", pos,
+              " outside a cache of ", T);
+  for (const at::Tensor* x : {&k, &v})
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->is_contiguous() && x->dim() == 3 &&
+                    x->size(0) == B && x->size(1) == Hkv && x->size(2) == D && D <= 512,
+                "lowbit::attend_codes: contiguous float32 (B, Hkv, D) keys and values");
+  const int64_t* pd = pad.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pd[b] >= 0 && pd[b] < length, "lowbit::attend_codes: row ", b,
+                " has no slot to attend to");
+  const int64_t row_bytes = k_codes.size(3);
+  for (int64_t bg = 0; bg < B * Hkv; ++bg) {  // the new token's key and value into slot pos
+    const int64_t slot = bg * T + pos;
+    store_slot(k.data_ptr<float>() + bg * D, D, D / G, bits,
+               k_codes.data_ptr<uint8_t>() + slot * row_bytes,
+               reinterpret_cast<uint16_t*>(k_scale.data_ptr<at::Half>()) + slot * G,
+               reinterpret_cast<uint16_t*>(k_min.data_ptr<at::Half>()) + slot * G);
+    store_slot(v.data_ptr<float>() + bg * D, D, D / G, bits,
+               v_codes.data_ptr<uint8_t>() + slot * row_bytes,
+               reinterpret_cast<uint16_t*>(v_scale.data_ptr<at::Half>()) + slot * G,
+               reinterpret_cast<uint16_t*>(v_min.data_ptr<at::Half>()) + slot * G);
+  }
+  const int64_t Q = H / Hkv, S = lowbit_kernels::ranges_for(length - 1, at::get_num_threads());
+  auto side = [&](const at::Tensor& c, const at::Tensor& s, const at::Tensor& m, int64_t bg) {
+    const int64_t rb = c.size(3);
+    return Side{c.data_ptr<uint8_t>() + bg * T * rb,
+                reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()) + bg * T * G,
+                reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) + bg * T * G, rb, G};
+  };
+  std::vector<float> part_out(B * H * S * D);
+  std::vector<Part> parts(B * H * S);
+  const float* qp = q.data_ptr<float>();
+  at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(Q * (length + 8)), buf(D), out(Q * D);
+    std::vector<Part> local(Q);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (Hkv * S), g = item / S % Hkv, c = item % S, bg = b * Hkv + g;
+      int64_t lo, hi;
+      lowbit_kernels::range_of(pd[b], length - 1, c, S, &lo, &hi);
+      if (hi < lo) {  // an empty range (more ranges than slots): adds nothing
+        std::fill(local.begin(), local.end(), Part{-INFINITY, 0.f});
+        std::fill(out.begin(), out.end(), 0.f);
+      } else {
+        attend_range(qp + (b * H + g * Q) * D, Q, side(k_codes, k_scale, k_min, bg),
+                     side(v_codes, v_scale, v_min, bg), lo, hi, D, packed,
+                     static_cast<float>(scale), score.data(), buf.data(), out.data(),
+                     local.data());
+      }
+      for (int64_t j = 0; j < Q; ++j) {
+        const int64_t bh = b * H + g * Q + j;
+        parts[bh * S + c] = local[j];
+        std::copy_n(out.data() + j * D, D, part_out.data() + (bh * S + c) * D);
+      }
+    }
+  });
+  auto result = at::empty({B, H, D}, q.options());
+  lowbit_kernels::combine_parts(parts.data(), part_out.data(), B * H, S, D,
+                                result.data_ptr<float>());
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
+  m.def(
+      "attend_codes(Tensor q, Tensor k, Tensor v, Tensor(a!) k_codes, Tensor(b!) k_scale, "
+      "Tensor(c!) k_min, Tensor(d!) v_codes, Tensor(e!) v_scale, Tensor(f!) v_min, Tensor pad, "
+      "int pos, int bits, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("attend_codes", &attend_codes); }
