@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TEXT, make_tokenizer, tiny_llama
+from helpers import SMALL_IMAGE, TEXT, make_tokenizer, tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +55,19 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT)
     return path
+
+
+@pytest.fixture
+def small_sr(monkeypatch):
+    """waifu2x-upconv7's architecture with random weights (a builder), evaluated on the small
+    input ``helpers.SMALL_IMAGE``."""
+    import torch
+
+    from lowbit.models.images.waifu2x import UpConv7
+
+    def build() -> UpConv7:
+        torch.manual_seed(0)
+        return UpConv7().eval()
+
+    monkeypatch.setattr("lowbit.models.images.sr_evaluation", lambda: (SMALL_IMAGE, None))
+    return build

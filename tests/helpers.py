@@ -10,6 +10,8 @@ TEXT = (
     "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
     "all that glitters is not gold . the early bird catches the worm . "
 ) * 40
+# a small RGB input for the super-resolution models' tests (waifu2x's architectures)
+SMALL_IMAGE = torch.rand(1, 3, 24, 28, generator=torch.Generator().manual_seed(0))
 
 
 def make_tokenizer():

@@ -13,18 +13,13 @@ Typical use::
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import json
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from lowbit import __version__
-from lowbit.algorithms.rotate import orthogonal
 from lowbit.analysis import (
     Sensitivity,
     allocate,
@@ -32,41 +27,32 @@ from lowbit.analysis import (
     candidate_specs,
     measure_sensitivity,
 )
-from lowbit.assets import prepare_out, write_text_atomic
+from lowbit.assets import write_text_atomic
 from lowbit.calibration import CalibrationSet, calibration_set
-from lowbit.calibration.canary import CanaryProbe
-from lowbit.calibration.group import Group
 from lowbit.data import corpus_ids, eval_windows, load_corpus
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalResult, model_size, score_models
 from lowbit.eval.bench import BenchResult, bench_models
 from lowbit.eval.canary import WINDOW_TOKENS as CANARY_TOKENS
 from lowbit.eval.canary import WINDOWS as CANARY_WINDOWS
-from lowbit.eval.canary import Canary, canary_tokens, model_logits
-from lowbit.eval.canary import measure as measure_canary
-from lowbit.eval.canary import write as write_canary
-from lowbit.eval.size import SizeReport, held_bytes
+from lowbit.eval.size import held_bytes
 from lowbit.models import LoadedModel, load_model, save_folder
-from lowbit.models.checkpoint import MANIFEST, read_manifest, write_extras, write_manifest
-from lowbit.models.load import source_folder, source_tokenizer
+from lowbit.models.checkpoint import MANIFEST, read_manifest
+from lowbit.models.load import source_folder
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import (
-    RotatedSource,
-    Rotator,
-    install_online_rotations,
     rotate_model,
-    untie_head,
 )
-from lowbit.models.source import TensorSource, skeleton
-from lowbit.models.workdir import WorkFolder
 from lowbit.pipeline import QuantizeReport, quantize_weights
 from lowbit.pipeline.estimate import estimate as estimate_run
+from lowbit.pipeline.manifest import build_manifest
 from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
-from lowbit.pipeline.spin import learned_matrix, streamed_matrix
-from lowbit.pipeline.stream import stream_quantize
-from lowbit.pipeline.tune import check_tune, tune_folder, tune_model
+from lowbit.pipeline.spin import learned_matrix
+from lowbit.pipeline.to_folder import hidden_dtype as parse_hidden_dtype
+from lowbit.pipeline.to_folder import quantize_to
+from lowbit.pipeline.tune import check_tune, tune_model
 from lowbit.pipeline.weights import quantized_whole
 from lowbit.recipes import Recipe, load_recipe, plan_layers
 
@@ -112,7 +98,7 @@ def quantize(
     if recipe.rotate is not None:  # folded into the float weights first (learned: trained first)
         rotate_model(model, recipe.rotate, learned_matrix(model, recipe, calibration, progress))
     report = quantize_weights(model, recipe, calibration, progress=progress,
-                              hidden_dtype=_hidden_dtype(hidden_dtype))  # fmt: skip
+                              hidden_dtype=parse_hidden_dtype(hidden_dtype))  # fmt: skip
     if teacher is not None:  # the scales, end to end, towards the float model
         report.tune = tune_model(model, teacher, recipe.tune, calibration, progress)
         report.seconds += report.tune["seconds"]
@@ -251,120 +237,9 @@ def save(
 ) -> Path:
     """Write the quantized model, its tokenizer and a provenance manifest to ``folder``."""
     src = {"model": source.source, "kind": source.kind} if source else None
-    manifest = _manifest(report, src, model_size(model), metrics, seed)
+    manifest = build_manifest(report, src, model_size(model), metrics, seed)
     tokenizer = source.tokenizer if source else None
     return save_folder(model, Path(folder), manifest, tokenizer, overwrite)
-
-
-def quantize_to(
-    source: str,
-    recipe: Recipe | str | Path,
-    out: str | Path,
-    calibration: CalibrationSet | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    restart: bool = False,
-    progress: bool = True,
-    analysis: dict[str, Any] | None = None,
-    hidden_dtype: str = "float32",
-    spill: bool = False,
-    canary: bool = True,
-) -> tuple[Path, QuantizeReport]:
-    """Quantize the float model ``source`` (zoo name, HF folder, GGUF file, hub id) straight
-    into the lowbit folder ``out``, one decoder block in memory at a time. A killed run started
-    again with the same arguments resumes from its first unfinished block (``restart``
-    discards that work instead). ``hidden_dtype="bfloat16"`` halves the memory of the
-    calibration hidden states carried between blocks; ``spill`` keeps them on disk in the work
-    folder (exact, one batch in memory at a time). With ``canary`` the float model's answers
-    on a few fixed windows and the quantized model's distance to them are recorded
-    (:mod:`lowbit.eval.canary`; checked later by ``lowbit monitor`` and ``lowbit serve``)."""
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    out = Path(out)
-    group = Group.current()
-    prepare_out(out, overwrite)
-    folder, kind = source_folder(source)
-    model = skeleton(folder)
-    tensors = TensorSource(folder)
-    tensors.check(model)
-    rotator = None
-    if recipe.rotate is not None:  # checked before any work (a learned matrix: trained below)
-        learned = recipe.rotate.kind == "learned"
-        start = orthogonal(model.config.hidden_size, recipe.rotate) if learned else None
-        rotator = Rotator(model, recipe.rotate, start)
-    conv1d_to_linear(model)
-    plan = plan_layers(recipe, quantizable_layers(model), warn=False)  # before any work
-    check_tune(recipe, plan, calibration)
-    fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
-                   "calibration": calibration.describe() if calibration else None,
-                   "seed": seed, "lowbit": __version__, "hidden_dtype": hidden_dtype,
-                   "canary": canary}  # fmt: skip
-    if group.distributed:  # a resumed job needs the same ranks holding the same batches
-        fingerprint["world_size"] = group.world
-    work = _work_folder(out, fingerprint, restart, group)
-    if rotator is not None:  # each tensor rotated as it is read; the head untied
-        learned = streamed_matrix(folder, tensors, recipe, calibration, work, group, progress)
-        rotator.q = rotator.q if learned is None else learned
-        untie_head(model)
-        install_online_rotations(model, recipe.rotate)
-        tensors = RotatedSource(tensors, rotator)
-    dtype = _hidden_dtype(hidden_dtype)
-    tokenizer = source_tokenizer(folder)
-    probe = _canary_probe(model, tokenizer) if canary and group.main else None
-    report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed,
-                                    dtype, spill, group, probe)  # fmt: skip
-    found = _canary_found(probe)  # reduced to top-k before the shards are assembled
-    del probe
-    report.analysis = analysis
-    peaks = group.ordered_sum({group.rank: report.peak_rss_mb or 0.0}, group.world)
-    if not group.main:  # rank 0 writes the folder; the others drop their work once it exists
-        group.barrier()
-        work.remove()
-        return out, report
-    size = _streamed_size(report, work.units(units))
-    manifest = _manifest(report, {"model": source, "kind": kind}, size, None, seed)
-    manifest["processes"] = {**group.describe(), "peak_rss_mb": [round(p, 1) for p in peaks]}
-
-    def extras(final: Path) -> None:
-        write_extras(final, model, tokenizer)
-        canary = found
-        if recipe.tune is not None:  # the assembled folder, tuned before it is published
-            write_manifest(final, manifest)  # what loading it reads
-            manifest["tune"], tuned = tune_folder(final, folder, recipe.tune, calibration,
-                                                  progress)  # fmt: skip
-            peak = manifest["tune"]["peak_rss_mb"] or 0.0  # this process's, tuning included
-            manifest["quantize_peak_rss_mb"] = max(manifest["quantize_peak_rss_mb"] or 0.0, peak)
-            if found is not None:  # the canary records the tuned model
-                canary = found[0], measure_canary(found[0], model_logits(tuned, found[0].tokens))
-        if canary is not None:
-            manifest["canary"] = write_canary(*canary, final)
-        write_manifest(final, manifest)
-
-    try:
-        return work.finish(units, overwrite, extras), report
-    finally:
-        group.barrier()
-
-
-def _canary_probe(model: nn.Module, tokenizer: Any) -> CanaryProbe:
-    context = getattr(model.config, "max_position_embeddings", None) or 64
-    return CanaryProbe(canary_tokens(tokenizer, model.config.vocab_size, context))
-
-
-def _canary_found(probe: CanaryProbe | None) -> tuple[Canary, dict[str, Any]] | None:
-    if probe is None:
-        return None
-    canary = Canary.from_logits(probe.tokens, probe.float_logits)
-    return canary, measure_canary(canary, probe.quantized_logits)
-
-
-def _work_folder(out: Path, fingerprint: dict[str, Any], restart: bool, group: Group) -> WorkFolder:
-    """Rank 0's work folder first (``restart`` clears every rank's on its host), then the
-    others' (each keeps the inputs of two blocks, see :class:`WorkFolder`)."""
-    keep = 2 if group.distributed else 1
-    work = WorkFolder(out, fingerprint, restart, keep=keep) if group.main else None
-    group.barrier()
-    return work or WorkFolder(out, fingerprint, restart, rank=group.rank, keep=keep)
 
 
 def estimate(
@@ -382,8 +257,8 @@ def estimate(
         recipe = load_recipe(recipe)
     folder, _ = source_folder(source)
     windows = (CANARY_WINDOWS, CANARY_TOKENS) if canary else None
-    return estimate_run(folder, source, recipe, calibration, _hidden_dtype(hidden_dtype), spill,
-                        windows)  # fmt: skip
+    dtype = parse_hidden_dtype(hidden_dtype)
+    return estimate_run(folder, source, recipe, calibration, dtype, spill, windows)
 
 
 def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:
@@ -391,56 +266,6 @@ def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:
     manifest = read_manifest(Path(folder))
     manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
     write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, default=str))
-
-
-def _hidden_dtype(name: str) -> torch.dtype:
-    if name not in ("float32", "bfloat16"):
-        raise LowbitError(f"hidden states are kept in float32 or bfloat16, not {name!r}")
-    return getattr(torch, name)
-
-
-def _identity(folder: Path, tensors: TensorSource) -> dict[str, Any]:
-    """What identifies a source checkpoint without hashing its bytes: its files and sizes."""
-    files = sorted({e.path for e in tensors.entries.values()})
-    return {"folder": str(folder.resolve()), "config": (folder / "config.json").read_text(),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}  # fmt: skip
-
-
-def _streamed_size(report: QuantizeReport, units: list[dict]) -> SizeReport:
-    """The size of a streamed model from its report and the written units' headers."""
-    layers = report.layers.values()
-    weights = sum(r.in_features * r.out_features for r in layers)
-    qbytes = sum(round(r.bits_per_weight * r.in_features * r.out_features / 8) for r in layers)
-    total = sum(e.nbytes for unit in units for e in unit.values())
-    return SizeReport(weights, qbytes, total - qbytes, total)
-
-
-def _manifest(report: QuantizeReport, source: dict[str, str] | None, size: SizeReport,
-              metrics: dict[str, Any] | None, seed: int) -> dict[str, Any]:  # fmt: skip
-    return {
-        "lowbit_version": __version__,
-        "torch_version": torch.__version__,
-        "transformers_version": _transformers_version(),
-        "python_version": platform.python_version(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "recipe": report.recipe.to_dict(),
-        "calibration": report.calibration.describe() if report.calibration else None,
-        "qat": report.qat,
-        "tune": report.tune,
-        "seed": seed,
-        "quantize_seconds": round(report.seconds, 3),
-        "quantize_peak_rss_mb": round(report.peak_rss_mb or 0, 1) or None,
-        "blocks": [b.to_dict() for b in report.blocks],
-        "awq_alpha": report.awq_alpha or None,
-        "smoothquant_alpha": report.smooth_alpha or None,
-        "lkd": report.lkd or None,
-        "autoround": report.autoround or None,
-        "mixed_precision": report.analysis,
-        "size": size.to_dict(),
-        "metrics": metrics or {},
-        "layers": {name: layer.to_dict() for name, layer in report.layers.items()},
-    }
 
 
 def load(folder: str | Path, kernels: bool = True) -> LoadedModel:
@@ -462,11 +287,3 @@ def bench(
     models = {name: load_model(src).model for name, src in sources.items()}
     return bench_models(models, sources if rss else None, prompt_tokens, new_tokens, repeats,
                         progress)  # fmt: skip
-
-
-def _transformers_version() -> str | None:
-    try:
-        import transformers
-    except ImportError:
-        return None
-    return transformers.__version__

@@ -246,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.cli_image import eval_image, image_entry
 
-    entry = image_entry(args.model)
+    entry = image_entry(args.model, exported=True)
     if entry is not None:
         refuse_attention(args, args.model)
         return eval_image(args, entry)

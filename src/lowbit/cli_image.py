@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 IMAGE_ANALYSIS_SAMPLES = 16  # calibration inputs the mixed-precision analysis runs on
 
 
-def image_entry(model: str) -> Any:
-    """The registry entry of ``model`` (an image zoo name or a quantized image folder), or
-    None for any other model."""
+def image_entry(model: str, exported: bool = False) -> Any:
+    """The registry entry of ``model`` (an image zoo name or a quantized image folder; with
+    ``exported``, also an image model's ``.tflite``), or None for any other model."""
     from lowbit.models.checkpoint import MANIFEST, read_manifest
     from lowbit.models.images import image_models
 
@@ -27,6 +27,11 @@ def image_entry(model: str) -> Any:
     if model in images:
         return images[model]
     path = Path(model).expanduser()
+    if exported and path.suffix == ".tflite" and path.is_file():  # an image model's LiteRT file
+        from lowbit.models.litert_image import image_info
+
+        info = image_info(path)
+        return None if info is None else images.get(info["model"])
     if path.is_dir() and (path / MANIFEST).is_file():
         source = read_manifest(path).get("source") or {}
         if source.get("kind") == "image":

@@ -144,6 +144,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.cli_image import image_entry, quantize_image
     from lowbit.models.load import source_folder, source_tokenizer
 
+    if Path(args.model).suffix == ".tflite":
+        raise LowbitError(f"{args.model} is an exported LiteRT file; quantize the float model "
+                          f"it was exported from")  # fmt: skip
     torch.manual_seed(args.seed)
     prepare_out(args.out, args.overwrite)
     if args.eval:

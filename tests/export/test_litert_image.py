@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import SMALL_IMAGE as SMALL
 from helpers import make_recipe
 from lowbit import api
 from lowbit.errors import LowbitError
@@ -15,21 +16,6 @@ from lowbit.nn import QuantConv
 
 pytest.importorskip("litert_torch", reason="the litert extra is not installed")
 pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed")
-
-SMALL = torch.rand(1, 3, 24, 28, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
-def small_sr(monkeypatch):
-    """waifu2x-upconv7's architecture with random weights, evaluated on a small input."""
-    from lowbit.models.images.waifu2x import UpConv7
-
-    def build() -> UpConv7:
-        torch.manual_seed(0)
-        return UpConv7().eval()
-
-    monkeypatch.setattr("lowbit.models.images.sr_evaluation", lambda: (SMALL, None))
-    return build
 
 
 def _folder(tmp_path, model, name, weights, acts=None):

@@ -69,7 +69,11 @@ def load_model(source: str, kernels: bool = True) -> LoadedModel:
         if not path.is_file():
             raise LowbitError(f"no such file: {path}")
         from lowbit.models.litert import LiteRTModel
+        from lowbit.models.litert_image import LiteRTImageModel, image_info
 
+        info = image_info(path)
+        if info is not None:  # an image model's file: model(x) as its folder's
+            return LoadedModel(LiteRTImageModel(path, info), None, source, "litert", None)
         model = LiteRTModel(path)
         return LoadedModel(model, model.tokenizer(), source, "litert", None)
     if path.suffix == ".gguf" and not path.exists():
