@@ -41,11 +41,13 @@ def _both(q, stored, k, v, pad, pos, bits, scale):
     "b,heads,kv,dim,slots,pos,bits,group",
     [(1, 9, 3, 64, 700, 699, 4, 32), (2, 4, 2, 16, 40, 32, 4, 8), (3, 4, 4, 128, 600, 499, 8, 64),
      (1, 2, 1, 12, 9, 8, 4, 4), (2, 6, 2, 96, 300, 298, 3, 96), (1, 4, 2, 64, 5, 0, 4, 32),
-     (1, 4, 2, 64, 400, 399, 6, 16), (2, 4, 2, 32, 30, 20, 2, 32)],
+     (1, 4, 2, 64, 400, 399, 6, 16), (2, 4, 2, 32, 30, 20, 2, 32), (1, 8, 1, 64, 70, 66, 4, 8),
+     (2, 4, 1, 128, 45, 41, 4, 128)],
 )  # fmt: skip
 def test_native_matches_reference(b, heads, kv, dim, slots, pos, bits, group):
-    """The same codes stored and the same output: GQA, left padding, 2 to 8 bits, groups not a
-    multiple of 8, the threaded long-context split, a context of one slot."""
+    """The same codes stored and the same output: GQA (1 to 8 query heads per key head), left
+    padding, 2 to 8 bits, head sizes and groups the vector path takes and the others, the
+    threaded long-context split, a context of one slot."""
     q, stored, k, v = _case(b, heads, kv, dim, slots, bits, group)
     k[0, 0, pos, :group] = 0.5  # a group of equal values (zero width: scale 1)
     pad = torch.tensor([0, 3, 1][:b]).clamp_max(pos)

@@ -68,13 +68,111 @@ void dequantize_slot(const Side& side, int64_t s, int64_t D, bool packed, float*
   }
 }
 
+// A slot's float16 scales and minimums as floats (G <= 64: D <= 512 in groups of >= 8).
+struct SlotParams {
+  float scale[64], minimum[64];
+  void load(const Side& side, int64_t s) {
+    for (int64_t gi = 0; gi < side.groups; ++gi) {
+      scale[gi] = _cvtsh_ss(side.scale[s * side.groups + gi]);
+      minimum[gi] = _cvtsh_ss(side.minimum[s * side.groups + gi]);
+    }
+  }
+  // Channels d..d+7 of the slot's row (d a multiple of 8, in group gi) as floats.
+  template <bool Packed>
+  __m256 values8(const uint8_t* row, int64_t d, int64_t gi) const {
+    return _mm256_fmadd_ps(codes8(row, d, Packed), _mm256_set1_ps(scale[gi]),
+                           _mm256_set1_ps(minimum[gi]));
+  }
+};
+
+// The fast path (D a multiple of 32, groups of a multiple of 8 channels), QC query heads at a
+// time: scores of four slots at once (each slot's key dequantized in registers once for the
+// QC heads, the four dot products summed together), then the values 32 channels at a time
+// with the QC heads' accumulators in registers. gidx[v]: the group of channels 8v..8v+7.
+template <bool Packed, int QC>
+void scores_fast(const float* q, const Side& keys, int64_t lo, int64_t hi, int64_t D,
+                 const int64_t* gidx, float scale, float* score, int64_t n) {
+  SlotParams p[4];
+  int64_t s = lo;
+  for (; s + 4 <= hi + 1; s += 4) {
+    __m256 acc[QC][4];
+    for (int j = 0; j < QC; ++j)
+      for (int i = 0; i < 4; ++i) acc[j][i] = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) p[i].load(keys, s + i);
+    for (int64_t d = 0; d < D; d += 8) {
+      for (int i = 0; i < 4; ++i) {
+        const __m256 k = p[i].values8<Packed>(keys.codes + (s + i) * keys.row_bytes, d, gidx[d / 8]);
+        for (int j = 0; j < QC; ++j) acc[j][i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), k, acc[j][i]);
+      }
+    }
+    for (int j = 0; j < QC; ++j) {  // pairwise adds leave the four sums in the two halves
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[j][0], acc[j][1]),
+                                      _mm256_hadd_ps(acc[j][2], acc[j][3]));
+      const __m128 four = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      _mm_storeu_ps(score + j * n + s - lo, _mm_mul_ps(four, _mm_set1_ps(scale)));
+    }
+  }
+  for (; s <= hi; ++s) {  // the last slots one at a time
+    __m256 acc[QC];
+    for (int j = 0; j < QC; ++j) acc[j] = _mm256_setzero_ps();
+    p[0].load(keys, s);
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 k = p[0].values8<Packed>(keys.codes + s * keys.row_bytes, d, gidx[d / 8]);
+      for (int j = 0; j < QC; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), k, acc[j]);
+    }
+    for (int j = 0; j < QC; ++j) score[j * n + s - lo] = lowbit_kernels::hsum(acc[j]) * scale;
+  }
+}
+
+template <bool Packed, int QC>
+void values_fast(const float* w, const Side& vals, int64_t lo, int64_t hi, int64_t D,
+                 const int64_t* gidx, int64_t n, float* out) {
+  SlotParams p;
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    __m256 acc[QC][4];
+    for (int j = 0; j < QC; ++j)
+      for (int i = 0; i < 4; ++i) acc[j][i] = _mm256_setzero_ps();
+    for (int64_t s = lo; s <= hi; ++s) {
+      p.load(vals, s);
+      const uint8_t* row = vals.codes + s * vals.row_bytes;
+      __m256 ws[QC];
+      for (int j = 0; j < QC; ++j) ws[j] = _mm256_set1_ps(w[j * n + s - lo]);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t d = d0 + 8 * i;
+        const __m256 v = p.values8<Packed>(row, d, gidx[d / 8]);
+        for (int j = 0; j < QC; ++j) acc[j][i] = _mm256_fmadd_ps(ws[j], v, acc[j][i]);
+      }
+    }
+    for (int j = 0; j < QC; ++j)
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + j * D + d0 + 8 * i, acc[j][i]);
+  }
+}
+
 // Q query heads (q: Q x D) of one KV head against its slots lo..hi: each head's Part and
 // unnormalized output (out: Q x D). score: Q x (hi - lo + 1) floats; buf: D floats.
 void attend_range(const float* q, int64_t Q, const Side& keys, const Side& vals, int64_t lo,
                   int64_t hi, int64_t D, bool packed, float scale, float* score, float* buf,
                   float* out, Part* parts) {
-  const int64_t n = hi - lo + 1;
-  for (int64_t s = lo; s <= hi; ++s) {
+  const int64_t n = hi - lo + 1, g = D / keys.groups;
+  const bool fast = D % 32 == 0 && g % 8 == 0;
+  int64_t gidx[64];
+  for (int64_t v = 0; v < D / 8; ++v) gidx[v] = v * 8 / g;
+  // Scores: score[j * n + s - lo] = scale * q_j . k_s.
+  for (int64_t j0 = 0; fast && j0 < Q; j0 += 3) {
+    const int qc = static_cast<int>(std::min<int64_t>(3, Q - j0));
+    const float* qj = q + j0 * D;
+    float* sj = score + j0 * n;
+    if (packed) {
+      if (qc == 3) scores_fast<true, 3>(qj, keys, lo, hi, D, gidx, scale, sj, n);
+      else if (qc == 2) scores_fast<true, 2>(qj, keys, lo, hi, D, gidx, scale, sj, n);
+      else scores_fast<true, 1>(qj, keys, lo, hi, D, gidx, scale, sj, n);
+    } else {
+      if (qc == 3) scores_fast<false, 3>(qj, keys, lo, hi, D, gidx, scale, sj, n);
+      else if (qc == 2) scores_fast<false, 2>(qj, keys, lo, hi, D, gidx, scale, sj, n);
+      else scores_fast<false, 1>(qj, keys, lo, hi, D, gidx, scale, sj, n);
+    }
+  }
+  for (int64_t s = lo; !fast && s <= hi; ++s) {
     dequantize_slot(keys, s, D, packed, buf);
     for (int64_t j = 0; j < Q; ++j) score[j * n + s - lo] = lowbit_kernels::dot(q + j * D, buf, D) * scale;
   }
@@ -83,8 +181,24 @@ void attend_range(const float* q, int64_t Q, const Side& keys, const Side& vals,
     const float top = *std::max_element(sj, sj + n);
     parts[j] = {top, lowbit_kernels::exp_sum(sj, n, top)};
   }
+  // Values: out_j = sum_s score[j * n + s - lo] v_s.
+  for (int64_t j0 = 0; fast && j0 < Q; j0 += 3) {
+    const int qc = static_cast<int>(std::min<int64_t>(3, Q - j0));
+    const float* wj = score + j0 * n;
+    float* oj = out + j0 * D;
+    if (packed) {
+      if (qc == 3) values_fast<true, 3>(wj, vals, lo, hi, D, gidx, n, oj);
+      else if (qc == 2) values_fast<true, 2>(wj, vals, lo, hi, D, gidx, n, oj);
+      else values_fast<true, 1>(wj, vals, lo, hi, D, gidx, n, oj);
+    } else {
+      if (qc == 3) values_fast<false, 3>(wj, vals, lo, hi, D, gidx, n, oj);
+      else if (qc == 2) values_fast<false, 2>(wj, vals, lo, hi, D, gidx, n, oj);
+      else values_fast<false, 1>(wj, vals, lo, hi, D, gidx, n, oj);
+    }
+  }
+  if (fast) return;
   std::fill_n(out, Q * D, 0.f);
-  for (int64_t s = lo; s <= hi; ++s) {
+  for (int64_t s = lo; s <= hi; ++s) {  // other shapes: each slot dequantized into buf
     dequantize_slot(vals, s, D, packed, buf);
     for (int64_t j = 0; j < Q; ++j) {
       const float w = score[j * n + s - lo];
@@ -94,7 +208,6 @@ void attend_range(const float* q, int64_t Q, const Side& keys, const Side& vals,
     }
   }
 }
-
 
 // Round one head's D values (groups of g channels) into its slot: codes, scale and minimum.
 void store_slot(const float* x, int64_t D, int64_t g, int64_t bits, uint8_t* codes,
