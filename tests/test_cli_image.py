@@ -71,8 +71,8 @@ def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):
     assert "--dry-run is for language models" in capsys.readouterr().err
     assert main(["quantize", "dcgan-faces", "--recipe", "w4-awq-g64", "--out", out]) == 2
     assert "takes GPTQ or data-free weights" in capsys.readouterr().err
-    for argv in (["bench", "dcgan-faces"], ["analyze", "dcgan-faces", "--recipe", "w8-rtn"],
-                 ["qat", "dcgan-faces", "--recipe", "w8-rtn", "--out", out]):  # fmt: skip
+    for argv in (["bench", "dcgan-faces"], ["qat", "dcgan-faces", "--recipe", "w8-rtn", "--out",
+                                            out]):  # fmt: skip
         assert main(argv) == 2
         assert "works on language models" in capsys.readouterr().err
 
@@ -160,3 +160,21 @@ def test_the_class_conditional_generator_quantizes_and_reloads(monkeypatch, tmp_
     with torch.no_grad():
         got, want = load_model(str(out)).model(x), build()(x)
     assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 1e-2
+
+
+def test_analyze_measures_each_convolution_by_output_error(random_gan, tmp_path, capsys):
+    """The same measurement --target-bits allocates from, printed and saved."""
+    saved = tmp_path / "sens.json"
+    assert main(["analyze", "dcgan-faces", "--recipe", "w4-rtn-channel", "--candidates", "4",
+                 "8", "--calib-samples", "8", "--out", str(saved), "-q"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "5 layers x 2 formats, 8 calibration inputs, output MSE" in out
+    data = json.loads(saved.read_text())
+    assert data["metric"] == "mse" and data["tokens"] == 8 and len(data["layers"]) == 5
+    for layer in data["layers"].values():  # 4 bits damage each layer more than 8
+        assert layer["mse"]["int4"] > layer["mse"]["int8"] > 0
+    assert main(["analyze", "dcgan-faces", "--recipe", "w8-rtn", "--calib", "wiki"]) == 2
+    assert "--calib names a text corpus" in capsys.readouterr().err
+    assert main(["analyze", "dcgan-faces", "--recipe", "w8-rtn", "--calib-images",
+                 str(tmp_path)]) == 2  # fmt: skip
+    assert "takes no images" in capsys.readouterr().err

@@ -14,11 +14,13 @@ _ANALYZE_EPILOG = """\
 examples:
   lowbit analyze smollm2-135m --recipe w4-rtn-g64 --plot sens.png
   lowbit quantize smollm2-135m --recipe w4-rtn-g64 --target-bits 3.5 --out out/mix35
+  lowbit analyze waifu2x-upconv7 --recipe w8-rtn --candidates 4ch 8ch float
 
 For each layer the recipe quantizes and each candidate format (the recipe's grid and group size
 at 2, 3, 4 and 8 bits, and `float` = fp16 storage), the layer alone is quantized (RTN) and the
-damage is KL(fp || q) on calibration windows. The Hessian proxy tr(dW H dW^T) is measured too,
-with its Spearman rank correlation against the KL.
+damage is KL(fp || q) on calibration windows (an image model: the mean squared error of its
+outputs, in [0, 1], on its calibration inputs). The Hessian proxy tr(dW H dW^T) is measured
+too, with its Spearman rank correlation against the damage.
 """
 
 _DIFF_EPILOG = """\
@@ -51,13 +53,16 @@ def add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--recipe", required=True, help="preset or YAML: the grid and group size")
-    p.add_argument("--calib", default="bbc", help="calibration corpus (default: bbc)")
+    p.add_argument("--calib", help="calibration corpus (default: bbc; not for image models)")
     p.add_argument(
         "--calib-samples",
         type=positive,
-        default=2,
-        help="windows; one forward pass over them per layer and format (default: 2)",
+        help="windows (an image model: inputs); one forward pass over them per layer and "
+        "format (default: 2 windows, 16 images)",
     )
+    p.add_argument("--calib-images", metavar="DIR",
+                   help="an image model: measure on crops of these images (PNG/JPEG) instead "
+                   "of its own calibration inputs")  # fmt: skip
     p.add_argument(
         "--calib-seqlen", type=positive, default=512, help="tokens per window (default 512)"
     )
@@ -71,23 +76,13 @@ def add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from lowbit import api
-    from lowbit.cli_image import text_only
-
-    text_only("analyze", args.model)
     from lowbit.analysis.plot import plot_sensitivity
     from lowbit.assets.atomic import atomic_file
     from lowbit.calibration.group import Group
+    from lowbit.cli_image import analyze_image, image_entry
 
-    src = api.load_model(args.model, kernels=False)
-    if src.kind == "lowbit":
-        raise LowbitError(f"{args.model} is already quantized; analyze the float model")
-    if src.tokenizer is None:
-        raise LowbitError(f"{args.model} has no tokenizer to read calibration text with")
-    recipe = api.load_recipe(args.recipe)
-    calib = api.calibration_set(src.tokenizer, args.calib, args.calib_samples,
-                                args.calib_seqlen, args.seed)  # fmt: skip
-    sens = api.analyze(src.model, recipe, calib, args.candidates, progress=not args.quiet)
+    entry = image_entry(args.model)
+    sens = analyze_image(args, entry) if entry is not None else _analyze_text(args)
     data = sens.to_dict()
     if not Group.current().main:  # under torchrun: rank 0 writes and prints
         return 0
@@ -99,8 +94,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data))
         return 0
+    measured = (f"{sens.tokens} {args.calib or 'bbc'} tokens, KL" if entry is None else
+                f"{sens.tokens} calibration inputs, output MSE")  # fmt: skip
     print(f"{args.model}: {len(sens.layers)} layers x {len(sens.candidates)} formats, "
-          f"{sens.tokens} {args.calib} tokens")  # fmt: skip
+          f"{measured}")  # fmt: skip
     print(f"proxy rank correlation (Spearman, all pairs): {sens.rank_correlation():.3f}")
     for cand in sens.candidates:
         ranked = sorted(sens.layers, key=lambda n: -sens.damage[n][cand])[: args.top]
@@ -109,6 +106,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for name in ranked:
             print(f"  {sens.damage[name][cand]:10.5f}  {name}")
     return 0
+
+
+def _analyze_text(args: argparse.Namespace) -> Any:
+    from lowbit import api
+
+    if args.calib_images:
+        raise LowbitError(f"--calib-images is for image models; {args.model} is a language "
+                          f"model (--calib names its text)")  # fmt: skip
+    src = api.load_model(args.model, kernels=False)
+    if src.kind == "lowbit":
+        raise LowbitError(f"{args.model} is already quantized; analyze the float model")
+    if src.tokenizer is None:
+        raise LowbitError(f"{args.model} has no tokenizer to read calibration text with")
+    recipe = api.load_recipe(args.recipe)
+    calib = api.calibration_set(src.tokenizer, args.calib or "bbc", args.calib_samples or 2,
+                                args.calib_seqlen, args.seed)  # fmt: skip
+    return api.analyze(src.model, recipe, calib, args.candidates, progress=not args.quiet)
 
 
 def add_diff(sub: Any, common: argparse.ArgumentParser) -> None:

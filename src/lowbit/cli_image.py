@@ -52,7 +52,6 @@ def text_only(command: str, *models: str) -> None:
 
 def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
-    from lowbit.calibration import image_calibration
 
     unsupported = [flag for flag, on in (("--dry-run", args.dry_run),
                    ("--max-memory", args.max_memory)) if on]  # fmt: skip
@@ -63,18 +62,13 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
         raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
                           f"your images with --calib-images)")  # fmt: skip
     recipe = api.load_recipe(args.recipe)
-    images = _user_images(entry, args.calib_images)
     src = api.load_model(entry.name)
     mixed = args.target_bits is not None or args.target_size is not None
     calibration = None
     if api.needs_calibration(recipe) or mixed:
-        if images is not None:
-            calibration = image_calibration(entry.from_images(images),
-                                            f"crops of {args.calib_images}")  # fmt: skip
-        else:
-            calibration = image_calibration(entry.calibration(),
-                                            f"{entry.name} calibration inputs")  # fmt: skip
-    elif images is not None:
+        calibration = _calibration(entry, args.calib_images)
+    elif args.calib_images is not None:
+        _user_images(entry, args.calib_images)  # checked all the same
         log.info("%s uses no calibration data; --calib-images is ignored", recipe.algorithm)
     analysis = None
     if mixed:
@@ -116,6 +110,36 @@ def _mixed(args: argparse.Namespace, model: Any, recipe: Any, calibration: Any,
     sens = api.analyze(model, recipe, sample, args.candidates, progress=not args.quiet,
                        output_range=entry.output_range)  # fmt: skip
     return allocate_formats(args, api, model, recipe, sens)
+
+
+def analyze_image(args: argparse.Namespace, entry: Any) -> Any:
+    """``lowbit analyze`` of an image model: each layer's damage (output MSE, outputs in
+    [0, 1]) in each candidate format, on the first ``--calib-samples`` calibration inputs."""
+    from lowbit import api
+    from lowbit.calibration import image_calibration
+
+    if args.model != entry.name:
+        raise LowbitError(f"{args.model} is already quantized; analyze the float model "
+                          f"({entry.name})")  # fmt: skip
+    if args.calib is not None:
+        raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
+                          f"your images with --calib-images)")  # fmt: skip
+    recipe = api.load_recipe(args.recipe)
+    calibration = _calibration(entry, args.calib_images)
+    n = args.calib_samples or IMAGE_ANALYSIS_SAMPLES
+    sample = image_calibration(calibration.windows[:n], calibration.corpus)
+    return api.analyze(entry.load(), recipe, sample, args.candidates, progress=not args.quiet,
+                       output_range=entry.output_range)  # fmt: skip
+
+
+def _calibration(entry: Any, images_path: str | None) -> Any:
+    """The calibration inputs: crops of ``--calib-images`` where given, else the model's own."""
+    from lowbit.calibration import image_calibration
+
+    images = _user_images(entry, images_path)
+    if images is not None:
+        return image_calibration(entry.from_images(images), f"crops of {images_path}")
+    return image_calibration(entry.calibration(), f"{entry.name} calibration inputs")
 
 
 def _user_images(entry: Any, path: str | None) -> Any:
