@@ -6,10 +6,12 @@ caches: float32 (the fused decode attention), 8-bit and 4-bit codes (per token a
 of ``--group`` channels, heads Hadamard-rotated; no key centres, which need calibration and
 cost one subtraction). Each quantized cache runs two decode loops on the same stored codes:
 
-- ``dequantize + SDPA``: every step dequantizes the layer's filled slots to float32 and calls
-  PyTorch's SDPA (the path every decode step took before ``attend_codes``; prompts still take it);
-- ``attention on codes``: ``lowbit.kernels.kv_attention.attend_codes``, which reads each slot's
-  codes once and never makes a float copy of the context (what ``lowbit generate`` runs).
+- ``dequantize + SDPA``: every step prepares the heads in torch ops, dequantizes the layer's
+  filled slots to float32 and calls PyTorch's SDPA (what every decode step did before
+  ``decode_attention_codes``; prompts still take this path);
+- ``attention on codes``: ``lowbit.kernels.kv_attention.decode_attention_codes``, one call per
+  layer that prepares the heads, stores the new codes and attends over the stored codes
+  without a float copy of the context (what ``lowbit generate`` runs).
 
 Protocol: random prompt of each ``--prompt-tokens`` length, ``--new-tokens`` greedy tokens at
 batch 1, one warm-up and ``--repeats`` alternating runs of every loop, medians. "cache bytes" is

@@ -50,8 +50,7 @@ from lowbit.pipeline.manifest import build_manifest
 from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
 from lowbit.pipeline.spin import learned_matrix
-from lowbit.pipeline.to_folder import hidden_dtype as parse_hidden_dtype
-from lowbit.pipeline.to_folder import quantize_to
+from lowbit.pipeline.to_folder import parse_hidden_dtype, quantize_to
 from lowbit.pipeline.tune import check_tune, tune_model
 from lowbit.pipeline.weights import quantized_whole
 from lowbit.recipes import Recipe, load_recipe, plan_layers

@@ -6,34 +6,54 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.build import native_ops
-from lowbit.kernels.kv_attention import attend_codes, attend_codes_reference
+from lowbit.kernels.kv_attention import decode_attention_codes, decode_attention_codes_reference
+from lowbit.primitives.hadamard import hadamard
 from lowbit.primitives.kv import encode_heads
 
 needs_native = pytest.mark.skipif(not native_ops(), reason="native kernels unavailable here")
+EMPTY = torch.empty(0)
 
 
 def _case(b, heads, kv, dim, slots, bits, group, seed=0):
-    """Queries, the new key/value, one layer's cache holding codes of random keys/values in
-    every slot (the new token's slot is overwritten), and all keys/values in float."""
+    """Projections of the new token, one layer's cache holding the codes of random keys/values
+    in every slot, RoPE tables, and all keys/values in float (the new slot's: the projections')."""
     g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, (heads + 2 * kv) * dim, generator=g) * 2
     k = torch.randn(b, kv, slots, dim, generator=g) * 3 + 1  # an offset, as real keys have
     v = torch.randn(b, kv, slots, dim, generator=g)
     stored = [t for x in (k, v) for t in encode_heads(x, bits, group)]
-    return torch.randn(b, heads, dim, generator=g), stored, k, v
+    ang = torch.arange(slots).unsqueeze(1) * torch.linspace(0.01, 1, dim).unsqueeze(0)
+    return qkv, stored, ang.cos(), ang.sin(), k, v
+
+
+def _options(kind, kv, dim, seed=1):
+    """(q_norm, k_norm, center, rotation, query_bits) of each kind of prepared heads."""
+    g = torch.Generator().manual_seed(seed)
+    norms = [torch.rand(dim, generator=g) + 0.5 for _ in range(2)]
+    center = torch.randn(kv, dim, generator=g)
+    return {
+        "plain": (EMPTY, EMPTY, EMPTY, EMPTY, 0),
+        "norms": (*norms, EMPTY, EMPTY, 0),
+        "kv4-preset": (EMPTY, EMPTY, center, hadamard(dim, torch.float32), 0),
+        "everything": (*norms, center, hadamard(dim, torch.float32), 8),
+        "queries": (EMPTY, EMPTY, EMPTY, EMPTY, 4),
+    }[kind]
+
+
+def _both(case, heads, kv, pad, pos, bits, kind):
+    """(native output, reference output, native cache, reference cache)."""
+    qkv, stored, cos, sin, _, _ = case
+    qn, kn, center, rotation, qbits = _options(kind, kv, cos.shape[-1])
+    mine, theirs = [t.clone() for t in stored], [t.clone() for t in stored]
+    rest = (cos, sin, pad, pos, heads, kv, cos.shape[-1] ** -0.5, qn, kn, 1e-6, center, rotation,
+            bits, qbits)  # fmt: skip
+    got = torch.ops.lowbit_cpu.decode_attention_codes(qkv, *mine, *rest)
+    ref = decode_attention_codes_reference(qkv, *theirs, *rest)
+    return got, ref, mine, theirs
 
 
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _both(q, stored, k, v, pad, pos, bits, scale):
-    """(native output, reference output, native cache, reference cache); the new key/value are
-    the float ones at ``pos``."""
-    new = (k[:, :, pos].contiguous(), v[:, :, pos].contiguous())
-    mine, theirs = [t.clone() for t in stored], [t.clone() for t in stored]
-    got = torch.ops.lowbit_cpu.attend_codes(q, *new, *mine, pad, pos, bits, scale)
-    ref = attend_codes_reference(q, *new, *theirs, pad, pos, bits, scale)
-    return got, ref, mine, theirs
 
 
 @needs_native
@@ -44,59 +64,72 @@ def _both(q, stored, k, v, pad, pos, bits, scale):
      (1, 4, 2, 64, 400, 399, 6, 16), (2, 4, 2, 32, 30, 20, 2, 32), (1, 8, 1, 64, 70, 66, 4, 8),
      (2, 4, 1, 128, 45, 41, 4, 128)],
 )  # fmt: skip
-def test_native_matches_reference(b, heads, kv, dim, slots, pos, bits, group):
+@pytest.mark.parametrize("kind", ["plain", "kv4-preset", "everything"])
+def test_native_matches_reference(b, heads, kv, dim, slots, pos, bits, group, kind):
     """The same codes stored and the same output: GQA (1 to 8 query heads per key head), left
     padding, 2 to 8 bits, head sizes and groups the vector path takes and the others, the
-    threaded long-context split, a context of one slot."""
-    q, stored, k, v = _case(b, heads, kv, dim, slots, bits, group)
-    k[0, 0, pos, :group] = 0.5  # a group of equal values (zero width: scale 1)
+    threaded long-context split, a context of one slot; plain heads, centred and turned keys
+    (the kv4 preset), and with per-head norms and rounded queries as well."""
+    if kind != "plain" and dim & (dim - 1):
+        pytest.skip("the Hadamard turn needs a power-of-two head size")
+    case = _case(b, heads, kv, dim, slots, bits, group)
     pad = torch.tensor([0, 3, 1][:b]).clamp_max(pos)
-    got, ref, mine, theirs = _both(q, stored, k, v, pad, pos, bits, dim**-0.5)
-    assert got.shape == (b, heads, dim)
+    got, ref, mine, theirs = _both(case, heads, kv, pad, pos, bits, kind)
+    assert got.shape == (b, heads * dim)
     assert all(torch.equal(m, t) for m, t in zip(mine, theirs, strict=True))
     assert _rel(got, ref) < 1e-5
 
 
-@pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.25)])
-def test_attention_over_codes_follows_the_float_values(bits, tol):
-    """Codes of 8 bits give nearly the float attention, 4 bits a rougher one (the wrapper:
-    native where built, else the reference)."""
-    q, stored, k, v = _case(2, 6, 2, 32, 50, bits, 32, seed=1)
-    pad = torch.tensor([0, 4])
-    got = attend_codes(q, k[:, :, 49].contiguous(), v[:, :, 49].contiguous(), *stored, pad, 49,
-                       bits, 32**-0.5)  # fmt: skip
-    mask = (torch.arange(50).unsqueeze(0) >= pad.unsqueeze(1))[:, None, None]
-    ref = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask,
-                                         scale=32**-0.5, enable_gqa=True).squeeze(2)  # fmt: skip
-    assert _rel(got, ref) < tol
+def test_attention_over_codes_follows_the_float_values():
+    """8-bit codes give nearly the float attention, 4-bit a rougher one (the wrapper: native
+    where built, else the reference), plain heads."""
+    for bits, tol in ((8, 0.02), (4, 0.25)):
+        qkv, stored, cos, sin, k, v = _case(2, 6, 2, 32, 50, bits, 32, seed=1)
+        pad, dim = torch.tensor([0, 4]), 32
+        got = decode_attention_codes(qkv, *stored, cos, sin, pad, 49, 6, 2, dim**-0.5, EMPTY,
+                                     EMPTY, 1e-6, EMPTY, EMPTY, bits, 0)  # fmt: skip
+        q, kn, vn = qkv.view(2, 10, 1, dim).split([6, 2, 2], dim=1)
+        c, s = cos[[49, 45]][:, None, None], sin[[49, 45]][:, None, None]
+        from lowbit.kernels.decode import rotate
+
+        k, v = k.clone(), v.clone()
+        k[:, :, 49:], v[:, :, 49:] = rotate(kn, c, s), vn
+        mask = (torch.arange(50).unsqueeze(0) >= pad.unsqueeze(1))[:, None, None]
+        ref = F.scaled_dot_product_attention(rotate(q, c, s), k, v, attn_mask=mask,
+                                             scale=dim**-0.5, enable_gqa=True)  # fmt: skip
+        assert _rel(got, ref.reshape(2, -1)) < tol
 
 
 def test_a_strided_cache_takes_the_reference():
     """Rows of a larger cache (a view that is not contiguous) are written through the view and
     give the result the same rows give alone."""
-    q, stored, k, v = _case(3, 4, 2, 16, 20, 4, 16)
-    new = (k[::2, :, 19], v[::2, :, 19])
-    pad = torch.tensor([0, 2])
+    qkv, stored, cos, sin, _, _ = _case(3, 4, 2, 16, 20, 4, 16)
     views = [t[::2] for t in stored]  # rows 0 and 2 of every tensor
     assert not views[0].is_contiguous()
     alone = [t.clone().contiguous() for t in views]
-    got = attend_codes(q[::2], *new, *views, pad, 19, 4, 0.25)
-    ref = attend_codes(q[::2].contiguous(), *(x.contiguous() for x in new), *alone, pad, 19, 4,
-                       0.25)  # fmt: skip
+    rest = (cos, sin, torch.tensor([0, 2]), 19, 4, 2, 0.25, EMPTY, EMPTY, 1e-6, EMPTY, EMPTY, 4, 0)
+    got = decode_attention_codes(qkv[::2], *views, *rest)
+    ref = decode_attention_codes(qkv[::2].contiguous(), *alone, *rest)
     assert _rel(got, ref) < 1e-5
     assert all(torch.equal(t[::2], a) for t, a in zip(stored, alone, strict=True))
 
 
 @needs_native
 def test_bad_calls_are_refused():
-    q, stored, k, v = _case(1, 2, 1, 16, 8, 4, 16)
-    new = (k[:, :, 0].contiguous(), v[:, :, 0].contiguous())
-    op = torch.ops.lowbit_cpu.attend_codes
+    qkv, stored, cos, sin, _, _ = _case(1, 2, 1, 16, 8, 4, 16)
+    op = torch.ops.lowbit_cpu.decode_attention_codes
+
+    def call(qkv=qkv, stored=stored, pad=(0,), pos=4, center=EMPTY):
+        return op(qkv, *stored, cos, sin, torch.tensor(pad), pos, 2, 1, 0.25, EMPTY, EMPTY,
+                  1e-6, center, EMPTY, 4, 0)  # fmt: skip
+
     with pytest.raises(RuntimeError, match="outside a cache"):
-        op(q, *new, *stored, torch.tensor([0]), 8, 4, 0.25)
+        call(pos=8)
     with pytest.raises(RuntimeError, match="no slot"):
-        op(q, *new, *stored, torch.tensor([5]), 4, 4, 0.25)
+        call(pad=(5,))
     with pytest.raises(RuntimeError, match="float16"):
-        op(q, *new, stored[0], stored[1].float(), *stored[2:], torch.tensor([0]), 4, 4, 0.25)
+        call(stored=[stored[0], stored[1].float(), *stored[2:]])
     with pytest.raises(RuntimeError, match="not finite"):
-        op(q, torch.full_like(new[0], float("nan")), new[1], *stored, torch.tensor([0]), 4, 4, 0.25)
+        call(qkv=torch.full_like(qkv, float("nan")))
+    with pytest.raises(RuntimeError, match="centres"):
+        call(center=torch.zeros(3, 16))

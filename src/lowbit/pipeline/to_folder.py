@@ -88,7 +88,7 @@ def quantize_to(
         untie_head(model)
         install_online_rotations(model, recipe.rotate)
         tensors = RotatedSource(tensors, rotator)
-    dtype = hidden_dtype(hidden_dtype)
+    dtype = parse_hidden_dtype(hidden_dtype)
     tokenizer = source_tokenizer(folder)
     probe = _canary_probe(model, tokenizer) if canary and group.main else None
     report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed,
@@ -147,7 +147,7 @@ def _work_folder(out: Path, fingerprint: dict[str, Any], restart: bool, group: G
     return work or WorkFolder(out, fingerprint, restart, rank=group.rank, keep=keep)
 
 
-def hidden_dtype(name: str) -> torch.dtype:
+def parse_hidden_dtype(name: str) -> torch.dtype:
     if name not in ("float32", "bfloat16"):
         raise LowbitError(f"hidden states are kept in float32 or bfloat16, not {name!r}")
     return getattr(torch, name)

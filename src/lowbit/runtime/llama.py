@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rotate, silu_mul
-from lowbit.kernels.kv_attention import attend_codes
+from lowbit.kernels.kv_attention import decode_attention_codes
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
 from lowbit.nn.online import online_transform
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
@@ -189,6 +189,7 @@ class LlamaForward:
         self.attention = getattr(inner.layers[0].self_attn, ATTRIBUTE, None)
         self.rotation = None if self.attention is None else head_rotation(
             self.attention, self.head_dim, torch.empty(0))  # fmt: skip
+        self.turn = torch.empty(0) if self.rotation is None else self.rotation.contiguous()
         if self.attention is not None:
             for layer, block in zip(self.layers, inner.layers, strict=True):
                 layer.key_center = key_center(block.self_attn, self.attention)
@@ -293,9 +294,6 @@ class LlamaForward:
         (:mod:`lowbit.kernels.decode`), the residual add folded into the next norm."""
         pos = cache.reserve(1)
         x = self.embed(ids[:, 0]).contiguous()  # (B, C), the residual stream (added in place)
-        if self.attention is not None:  # a cache of codes: RoPE in torch ops (see _attend_codes)
-            p = (pos - cache.pad).clamp_min(0)  # (B,) positions skip the left padding
-            rope = self.cos[p][:, None, None], self.sin[p][:, None, None]  # (B, 1, 1, D)
         h = _rms(self.layers[0].norm1, x)
         for i, (layer, (qn, kn, eps, w2, eps2, w_next, eps_next)) in enumerate(self._plan):
             qkv_op, o_op, gate_up_op, down_op = layer.fast
@@ -306,32 +304,17 @@ class LlamaForward:
                     self.heads, self.kv_heads, self.scaling, qn, kn, eps,
                 )  # fmt: skip
             else:
-                a = self._attend_codes(i, layer, qkv, cache, pos, rope)
+                spec, empty = self.attention, qkv.new_empty(0)
+                center = empty if layer.key_center is None else layer.key_center
+                a = decode_attention_codes(
+                    qkv, *cache.layer(i), self.cos, self.sin, cache.pad, pos, self.heads,
+                    self.kv_heads, self.scaling, qn, kn, eps, center, self.turn,
+                    spec.kv_bits, spec.query_bits or 0,
+                )  # fmt: skip
             h = add_rms_norm(x, o_op(a), w2, eps2)  # (B, C)
             d = down_op(self._mlp_act(layer, gate_up_op(h)))
             h = add_rms_norm(x, d.contiguous(), w_next, eps_next)
         return self.fast_head(h)  # (B, vocab)
-
-    def _attend_codes(self, i: int, layer: _Layer, qkv: Tensor, cache: StaticKVCache, pos: int,
-                      rope: tuple[Tensor, Tensor]) -> Tensor:  # fmt: skip
-        """Decode attention over a cache of codes: the new token's queries, keys and values
-        as the prompt path makes them (q/k norms, RoPE, key centres, head rotation, query bits),
-        then :func:`attend_codes` stores the key/value codes at ``pos`` and attends over the
-        stored codes (no float copy of the context). ``rope``: cos/sin (B, 1, 1, D) of the
-        step's positions. Returns (B, H·D)."""
-        b, n = qkv.shape[0], [self.heads, self.kv_heads, self.kv_heads]
-        q, k, v = qkv.view(b, -1, 1, self.head_dim).split(n, dim=1)  # (B, heads, 1, D)
-        if layer.q_norm is not None:
-            q, k = _rms(layer.q_norm, q), _rms(layer.k_norm, k)
-        cos, sin = rope
-        q, k, v = round_qkv(self.attention, rotate(q, cos, sin), rotate(k, cos, sin), v,
-                            self.rotation, layer.key_center, keys_values=False)  # fmt: skip
-        q, k, v = (t[:, :, 0].contiguous() for t in (q, k, v))  # (B, heads, D)
-        a = attend_codes(q, k, v, *cache.layer(i), cache.pad, pos, self.attention.kv_bits,
-                         self.scaling)  # fmt: skip  # (B, H, D)
-        if self.rotation is not None:
-            a = a @ self.rotation.T
-        return a.reshape(b, -1)
 
     @functools.cached_property
     def _plan(self) -> list[tuple]:

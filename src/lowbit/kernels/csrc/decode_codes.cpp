@@ -1,17 +1,18 @@
 // Attention of one new token per row over a key/value cache of codes (lowbit's QuantKVCache:
 // per token, head and group of channels an unsigned code with a float16 scale and minimum,
-// value = code * scale + minimum; codes of up to 4 bits two per byte, low nibble first): the
-// new token's key and value are rounded and stored at their slot, then its queries attend.
+// value = code * scale + minimum; codes of up to 4 bits two per byte, low nibble first), in
+// one call per layer as decode_ops.cpp's decode_attention does for a float cache: the heads
+// prepared as lowbit's attention function prepares them (norms, RoPE, key centres, the
+// Hadamard turn of every head, rounded queries), the new key and value rounded into their slot,
+// softmax(q·Kᵀ)·V over the stored codes, the output turned back.
 //
 // The rounding is lowbit.primitives.kv.quantize_heads' arithmetic step by step (float32
 // range, scale = (max - min) / code_max stored as float16, code = round-half-even((x - min) /
-// scale)), so the stored codes equal the plain-PyTorch path's.
-//
-// Each slot's key and value is dequantized once into a small buffer as it streams by and used
-// by every query head of its KV head, so the cache is read as codes (at 4 bits about a
-// quarter of a float16 cache's bytes) and no float copy of the context is made per step, which
-// is what the reference (dequantize the filled slots, then SDPA) does. Why hand-written: no
-// library op attends over grouped low-bit codes on a CPU. attend_codes_reference in
+// scale)). Each slot's key and value is dequantized once as it streams by and used by every
+// query head of its KV head, so the cache is read as codes (at 4 bits about a quarter of a
+// float16 cache's bytes) and no float copy of the context is made per step, which is what the
+// reference (dequantize the filled slots, then SDPA) does. Why hand-written: no library op
+// attends over grouped low-bit codes on a CPU. decode_attention_codes_reference in
 // lowbit/kernels/kv_attention.py defines the result.
 #include <torch/library.h>
 
@@ -209,104 +210,165 @@ void attend_range(const float* q, int64_t Q, const Side& keys, const Side& vals,
   }
 }
 
+// One group of g values rounded as lowbit.primitives.kv.quantize_heads does: float16 scale and
+// minimum into *sh, *mh, codes into u.
+void quantize_group(const float* x, int64_t g, int code_max, uint16_t* sh, uint16_t* mh,
+                    uint8_t* u) {
+  float lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < g; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+  float s = (hi - lo) / static_cast<float>(code_max);
+  TORCH_CHECK(std::isfinite(s), "lowbit::decode_attention_codes: a key, value or query is not finite");
+  if (!(s > 0.f)) s = 1.f;  // a zero-width group: any scale is exact
+  *sh = _cvtss_sh(s, 0), *mh = _cvtss_sh(lo, 0);  // round to nearest even
+  if (_cvtsh_ss(*sh) == 0.f) *sh = 0x0400;  // underflow: float16's smallest normal
+  TORCH_CHECK(std::isfinite(_cvtsh_ss(*sh)) && std::isfinite(_cvtsh_ss(*mh)),
+              "lowbit::decode_attention_codes: a key, value or query overflows float16");
+  const float sf = _cvtsh_ss(*sh), mf = _cvtsh_ss(*mh);
+  for (int64_t i = 0; i < g; ++i) {
+    const float c = std::nearbyint((x[i] - mf) / sf);
+    u[i] = static_cast<uint8_t>(std::min<float>(std::max(c, 0.f), code_max));
+  }
+}
+
 // Round one head's D values (groups of g channels) into its slot: codes, scale and minimum.
 void store_slot(const float* x, int64_t D, int64_t g, int64_t bits, uint8_t* codes,
                 uint16_t* scale, uint16_t* minimum) {
-  const int code_max = (1 << bits) - 1;
-  const bool packed = bits <= 4;
   uint8_t u[512];
-  for (int64_t gi = 0; gi < D / g; ++gi) {
-    const float* xg = x + gi * g;
-    float lo = xg[0], hi = xg[0];
-    for (int64_t i = 1; i < g; ++i) lo = std::min(lo, xg[i]), hi = std::max(hi, xg[i]);
-    float s = (hi - lo) / static_cast<float>(code_max);
-    TORCH_CHECK(std::isfinite(s), "lowbit::attend_codes: a key or value is not finite");
-    if (!(s > 0.f)) s = 1.f;  // a zero-width group: any scale is exact
-    uint16_t sh = _cvtss_sh(s, 0), mh = _cvtss_sh(lo, 0);  // round to nearest even
-    if (_cvtsh_ss(sh) == 0.f) sh = 0x0400;  // underflow: float16's smallest normal
-    TORCH_CHECK(std::isfinite(_cvtsh_ss(sh)) && std::isfinite(_cvtsh_ss(mh)),
-                "lowbit::attend_codes: a key or value overflows float16");
-    scale[gi] = sh, minimum[gi] = mh;
-    const float sf = _cvtsh_ss(sh), mf = _cvtsh_ss(mh);
-    for (int64_t i = 0; i < g; ++i) {
-      const float c = std::nearbyint((xg[i] - mf) / sf);
-      u[gi * g + i] = static_cast<uint8_t>(std::min<float>(std::max(c, 0.f), code_max));
-    }
-  }
-  if (!packed) {
+  for (int64_t gi = 0; gi < D / g; ++gi)
+    quantize_group(x + gi * g, g, (1 << bits) - 1, scale + gi, minimum + gi, u + gi * g);
+  if (bits > 4) {
     std::copy_n(u, D, codes);
     return;
   }
   for (int64_t i = 0; i < D / 2; ++i) codes[i] = u[2 * i] | (u[2 * i + 1] << 4);
 }
 
+// A query rounded in place to bits-bit codes per group and back (fake_quantize_heads).
+void round_query(float* x, int64_t D, int64_t g, int64_t bits) {
+  uint8_t u[512];
+  for (int64_t gi = 0; gi < D / g; ++gi) {
+    uint16_t sh, mh;
+    quantize_group(x + gi * g, g, (1 << bits) - 1, &sh, &mh, u);
+    const float sf = _cvtsh_ss(sh), mf = _cvtsh_ss(mh);
+    for (int64_t i = 0; i < g; ++i) x[gi * g + i] = static_cast<float>(u[i]) * sf + mf;
+  }
+}
+
+// x (D) times the orthonormal h (D x D, row-major): out = x h; with `back`, out = x hᵀ.
+void turn(const float* x, const float* h, int64_t D, bool back, float* out) {
+  if (back) {
+    for (int64_t i = 0; i < D; ++i) out[i] = lowbit_kernels::dot(x, h + i * D, D);
+    return;
+  }
+  std::fill_n(out, D, 0.f);
+  for (int64_t i = 0; i < D; ++i) {
+    const float xi = x[i];
+    const float* hi = h + i * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) out[j] += xi * hi[j];
+  }
+}
+
 void check_side(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum,
                 const at::Tensor& like, int64_t row_bytes) {
   TORCH_CHECK(codes.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf &&
                   minimum.scalar_type() == at::kHalf,
-              "lowbit::attend_codes: uint8 codes, float16 scales and minimums");
+              "lowbit::decode_attention_codes: uint8 codes, float16 scales and minimums");
   TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && minimum.is_contiguous(),
-              "lowbit::attend_codes: contiguous caches only");
+              "lowbit::decode_attention_codes: contiguous caches only");
   TORCH_CHECK(codes.dim() == 4 && codes.sizes().slice(0, 3) == like.sizes().slice(0, 3) &&
                   codes.size(3) == row_bytes && scale.sizes() == minimum.sizes() &&
                   scale.sizes().slice(0, 3) == like.sizes().slice(0, 3),
-              "lowbit::attend_codes: cache shapes do not match");
+              "lowbit::decode_attention_codes: cache shapes do not match");
 }
 
-// q (B, H, D), k and v (B, Hkv, D) float32: the new token's queries, key and value as
-// attention reads them; codes (B, Hkv, T, D/2 up to 4 bits, else D) uint8 and scales/minimums
-// (B, Hkv, T, D/group) float16 of one layer's keys and values. The key and value are stored at
-// slot `pos`; slots pad[b]..pos of row b are attended to. Returns (B, H, D).
-at::Tensor attend_codes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        at::Tensor& k_codes, at::Tensor& k_scale, at::Tensor& k_min,
-                        at::Tensor& v_codes, at::Tensor& v_scale, at::Tensor& v_min,
-                        const at::Tensor& pad, int64_t pos, int64_t bits, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3,
-              "lowbit::attend_codes: contiguous float32 (B, H, D) queries");
-  const int64_t length = pos + 1;
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t Hkv = k_codes.size(1), T = k_codes.size(2), G = k_scale.size(3);
+// One new token per row: qkv (B, (H + 2·Hkv)·D) as the projections give it; one layer's cache of
+// codes (B, Hkv, T, D/2 up to 4 bits, else D) uint8 and scales/minimums (B, Hkv, T, D/group)
+// float16, keys then values; cos/sin (T, D) by position (slot minus the row's left padding).
+// The queries and keys get the optional per-head norms and RoPE, the keys minus `center`
+// (Hkv, D) when given, all three turned by `rotation` (D, D) when given, the queries rounded to
+// `query_bits` (0: not); the key and value are rounded into slot `pos`, slots pad[b]..pos of row
+// b attended to, and the output turned back. Returns (B, H·D).
+at::Tensor decode_attention_codes(
+    const at::Tensor& qkv, at::Tensor& k_codes, at::Tensor& k_scale, at::Tensor& k_min,
+    at::Tensor& v_codes, at::Tensor& v_scale, at::Tensor& v_min, const at::Tensor& cos,
+    const at::Tensor& sin, const at::Tensor& pad, int64_t pos, int64_t H, int64_t Hkv,
+    double scale, const at::Tensor& q_norm, const at::Tensor& k_norm, double eps,
+    const at::Tensor& center, const at::Tensor& rotation, int64_t bits, int64_t query_bits) {
+  const char* op = "lowbit::decode_attention_codes";
+  const int64_t B = qkv.size(0), D = cos.size(-1), length = pos + 1;
+  const int64_t T = k_codes.size(2), G = k_scale.size(3);
   const bool packed = bits <= 4;
-  TORCH_CHECK(bits >= 2 && bits <= 8 && (!packed || D % 2 == 0),
-              "lowbit::attend_codes: codes of 2 to 8 bits");
+  for (const at::Tensor* t : {&qkv, &cos, &sin, &q_norm, &k_norm, &center, &rotation})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), op,
+                ": contiguous float32 projections, tables, norms, centres and rotation");
+  TORCH_CHECK(qkv.dim() == 2 && Hkv > 0 && H % Hkv == 0 && qkv.size(1) == (H + 2 * Hkv) * D &&
+                  D % 2 == 0 && D <= 512 && cos.sizes() == sin.sizes() && cos.size(0) >= T,
+              op, ": shapes do not match");
+  TORCH_CHECK(bits >= 2 && bits <= 8 && (query_bits == 0 || (query_bits >= 2 && query_bits <= 8)),
+              op, ": codes of 2 to 8 bits");
   check_side(k_codes, k_scale, k_min, k_codes, packed ? D / 2 : D);
   check_side(v_codes, v_scale, v_min, k_codes, packed ? D / 2 : D);
-  TORCH_CHECK(k_codes.size(0) == B && Hkv > 0 && H % Hkv == 0 && G > 0 && D % G == 0,
-              "lowbit::attend_codes: queries and caches do not match");
-  TORCH_CHECK(pad.scalar_type() == at::kLong && pad.is_contiguous() && pad.numel() == B,
-              "lowbit::attend_codes: int64 (B) padding");
-  TORCH_CHECK(pos >= 0 && pos < T, "lowbit::attend_codes: slot ", pos,
-              " outside a cache of ", T);
-  for (const at::Tensor* x : {&k, &v})
-    TORCH_CHECK(x->scalar_type() == at::kFloat && x->is_contiguous() && x->dim() == 3 &&
-                    x->size(0) == B && x->size(1) == Hkv && x->size(2) == D && D <= 512,
-                "lowbit::attend_codes: contiguous float32 (B, Hkv, D) keys and values");
+  TORCH_CHECK(k_codes.size(0) == B && k_codes.size(1) == Hkv && G > 0 && D % G == 0, op,
+              ": the cache does not match the projections");
+  TORCH_CHECK((q_norm.numel() == 0 || q_norm.numel() == D) && k_norm.numel() == q_norm.numel() &&
+                  (center.numel() == 0 || center.numel() == Hkv * D) &&
+                  (rotation.numel() == 0 || rotation.numel() == D * D),
+              op, ": norms (D), centres (Hkv, D) and rotation (D, D), or empty");
+  TORCH_CHECK(pad.scalar_type() == at::kLong && pad.is_contiguous() && pad.numel() == B, op,
+              ": int64 (B) padding");
+  TORCH_CHECK(pos >= 0 && pos < T, op, ": slot ", pos, " outside a cache of ", T);
   const int64_t* pd = pad.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pd[b] >= 0 && pd[b] < length, "lowbit::attend_codes: row ", b,
-                " has no slot to attend to");
-  const int64_t row_bytes = k_codes.size(3);
-  for (int64_t bg = 0; bg < B * Hkv; ++bg) {  // the new token's key and value into slot pos
-    const int64_t slot = bg * T + pos;
-    store_slot(k.data_ptr<float>() + bg * D, D, D / G, bits,
-               k_codes.data_ptr<uint8_t>() + slot * row_bytes,
-               reinterpret_cast<uint16_t*>(k_scale.data_ptr<at::Half>()) + slot * G,
-               reinterpret_cast<uint16_t*>(k_min.data_ptr<at::Half>()) + slot * G);
-    store_slot(v.data_ptr<float>() + bg * D, D, D / G, bits,
-               v_codes.data_ptr<uint8_t>() + slot * row_bytes,
-               reinterpret_cast<uint16_t*>(v_scale.data_ptr<at::Half>()) + slot * G,
-               reinterpret_cast<uint16_t*>(v_min.data_ptr<at::Half>()) + slot * G);
+    TORCH_CHECK(pd[b] >= 0 && pd[b] < length, op, ": row ", b, " has no slot to attend to");
+  const float* in = qkv.data_ptr<float>();
+  const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
+  const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
+  const float* ctr = center.numel() ? center.data_ptr<float>() : nullptr;
+  const float* rot = rotation.numel() ? rotation.data_ptr<float>() : nullptr;
+  const int64_t row = (H + 2 * Hkv) * D, row_bytes = k_codes.size(3);
+  const float e = static_cast<float>(eps);
+  float tmp[512];
+  // Each head as attention reads it: x -> (normed, RoPE'd) -> (centred) -> (turned) -> dst.
+  auto prepare = [&](const float* x, bool rope, const float* norm, int64_t p, const float* c,
+                     float* dst) {
+    if (rope) lowbit_kernels::norm_rope(x, norm, e, cs + p * D, sn + p * D, D, tmp);
+    else std::copy_n(x, D, tmp);
+    if (c != nullptr)
+      for (int64_t d = 0; d < D; ++d) tmp[d] -= c[d];
+    if (rot != nullptr) turn(tmp, rot, D, false, dst);
+    else std::copy_n(tmp, D, dst);
+  };
+  std::vector<float> qs(B * H * D), kv(2 * D);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = std::max<int64_t>(pos - pd[b], 0);
+    for (int64_t h = 0; h < H; ++h) {
+      float* q = qs.data() + (b * H + h) * D;
+      prepare(in + b * row + h * D, true, qn, p, nullptr, q);
+      if (query_bits) round_query(q, D, D / G, query_bits);
+    }
+    for (int64_t g = 0; g < Hkv; ++g) {  // the new token's key and value into slot pos
+      prepare(in + b * row + (H + g) * D, true, kn, p, ctr ? ctr + g * D : nullptr, kv.data());
+      prepare(in + b * row + (H + Hkv + g) * D, false, nullptr, p, nullptr, kv.data() + D);
+      const int64_t slot = (b * Hkv + g) * T + pos;
+      store_slot(kv.data(), D, D / G, bits, k_codes.data_ptr<uint8_t>() + slot * row_bytes,
+                 reinterpret_cast<uint16_t*>(k_scale.data_ptr<at::Half>()) + slot * G,
+                 reinterpret_cast<uint16_t*>(k_min.data_ptr<at::Half>()) + slot * G);
+      store_slot(kv.data() + D, D, D / G, bits, v_codes.data_ptr<uint8_t>() + slot * row_bytes,
+                 reinterpret_cast<uint16_t*>(v_scale.data_ptr<at::Half>()) + slot * G,
+                 reinterpret_cast<uint16_t*>(v_min.data_ptr<at::Half>()) + slot * G);
+    }
   }
   const int64_t Q = H / Hkv, S = lowbit_kernels::ranges_for(length - 1, at::get_num_threads());
   auto side = [&](const at::Tensor& c, const at::Tensor& s, const at::Tensor& m, int64_t bg) {
-    const int64_t rb = c.size(3);
-    return Side{c.data_ptr<uint8_t>() + bg * T * rb,
+    return Side{c.data_ptr<uint8_t>() + bg * T * row_bytes,
                 reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()) + bg * T * G,
-                reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) + bg * T * G, rb, G};
+                reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) + bg * T * G,
+                row_bytes, G};
   };
   std::vector<float> part_out(B * H * S * D);
   std::vector<Part> parts(B * H * S);
-  const float* qp = q.data_ptr<float>();
   at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score(Q * (length + 8)), buf(D), out(Q * D);
     std::vector<Part> local(Q);
@@ -318,7 +380,7 @@ at::Tensor attend_codes(const at::Tensor& q, const at::Tensor& k, const at::Tens
         std::fill(local.begin(), local.end(), Part{-INFINITY, 0.f});
         std::fill(out.begin(), out.end(), 0.f);
       } else {
-        attend_range(qp + (b * H + g * Q) * D, Q, side(k_codes, k_scale, k_min, bg),
+        attend_range(qs.data() + (b * H + g * Q) * D, Q, side(k_codes, k_scale, k_min, bg),
                      side(v_codes, v_scale, v_min, bg), lo, hi, D, packed,
                      static_cast<float>(scale), score.data(), buf.data(), out.data(),
                      local.data());
@@ -330,9 +392,15 @@ at::Tensor attend_codes(const at::Tensor& q, const at::Tensor& k, const at::Tens
       }
     }
   });
-  auto result = at::empty({B, H, D}, q.options());
-  lowbit_kernels::combine_parts(parts.data(), part_out.data(), B * H, S, D,
-                                result.data_ptr<float>());
+  auto result = at::empty({B, H * D}, qkv.options());
+  float* res = result.data_ptr<float>();
+  if (rot == nullptr) {
+    lowbit_kernels::combine_parts(parts.data(), part_out.data(), B * H, S, D, res);
+    return result;
+  }
+  std::vector<float> turned(B * H * D);
+  lowbit_kernels::combine_parts(parts.data(), part_out.data(), B * H, S, D, turned.data());
+  for (int64_t bh = 0; bh < B * H; ++bh) turn(turned.data() + bh * D, rot, D, true, res + bh * D);
   return result;
 }
 
@@ -340,9 +408,13 @@ at::Tensor attend_codes(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def(
-      "attend_codes(Tensor q, Tensor k, Tensor v, Tensor(a!) k_codes, Tensor(b!) k_scale, "
-      "Tensor(c!) k_min, Tensor(d!) v_codes, Tensor(e!) v_scale, Tensor(f!) v_min, Tensor pad, "
-      "int pos, int bits, float scale) -> Tensor");
+      "decode_attention_codes(Tensor qkv, Tensor(a!) k_codes, Tensor(b!) k_scale, "
+      "Tensor(c!) k_min, Tensor(d!) v_codes, Tensor(e!) v_scale, Tensor(f!) v_min, Tensor cos, "
+      "Tensor sin, Tensor pad, int pos, int heads, int kv_heads, float scale, Tensor q_norm, "
+      "Tensor k_norm, float eps, Tensor center, Tensor rotation, int bits, int query_bits) "
+      "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("attend_codes", &attend_codes); }
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
+  m.impl("decode_attention_codes", &decode_attention_codes);
+}

@@ -18,15 +18,6 @@
 
 namespace {
 
-void rms_row(const float* x, const float* w, float eps, int64_t C, float* y) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) y[c] = w[c] * (x[c] * r);
-}
-
 void check_rows(const at::Tensor& x, const at::Tensor& w, const char* op) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, op,
               ": float32 tensors only");
@@ -39,7 +30,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   auto y = at::empty_like(x);
   const int64_t C = w.numel(), M = x.numel() / C;
   for (int64_t m = 0; m < M; ++m)
-    rms_row(x.data_ptr<float>() + m * C, w.data_ptr<float>(), static_cast<float>(eps), C,
+    lowbit_kernels::rms_row(x.data_ptr<float>() + m * C, w.data_ptr<float>(), static_cast<float>(eps), C,
             y.data_ptr<float>() + m * C);
   return y;
 }
@@ -72,22 +63,6 @@ at::Tensor silu_mul(const at::Tensor& gu) {
       yp[m * n + i] = a / (1.f + std::exp(-a)) * g[m * 2 * n + n + i];
     }
   return y;
-}
-
-// Optional per-head RMSNorm (Qwen3's q_norm / k_norm), then RoPE in the rotate-half layout.
-void norm_rope(const float* src, const float* norm, float eps, const float* cos, const float* sin,
-               int64_t D, float* dst) {
-  float tmp[512];
-  const float* x = src;
-  if (norm != nullptr) {
-    rms_row(src, norm, eps, D, tmp);
-    x = tmp;
-  }
-  const int64_t h = D / 2;
-  for (int64_t i = 0; i < h; ++i) {
-    dst[i] = x[i] * cos[i] - x[i + h] * sin[i];
-    dst[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
-  }
 }
 
 // One query against the slots first..last of one head's cache (see Part in decode_part.h).
@@ -169,7 +144,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < Hkv; ++g) {
       const int64_t slot = ((b * Hkv + g) * T + pos) * D, p = p_of(b);
-      norm_rope(in + b * row + (H + g) * D, kn, e, cs + p * D, sn + p * D, D, kp + slot);
+      lowbit_kernels::norm_rope(in + b * row + (H + g) * D, kn, e, cs + p * D, sn + p * D, D, kp + slot);
       std::copy_n(in + b * row + (H + Hkv + g) * D, D, vp + slot);
     }
   auto out = at::empty({B, H * D}, qkv.options());
@@ -178,7 +153,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
   std::vector<float> qs(B * H * D);
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H, p = p_of(b);
-    norm_rope(in + b * row + (bh % H) * D, qn, e, cs + p * D, sn + p * D, D, qs.data() + bh * D);
+    lowbit_kernels::norm_rope(in + b * row + (bh % H) * D, qn, e, cs + p * D, sn + p * D, D, qs.data() + bh * D);
   }
   // Work items: one (row, KV head) and a range of its slots (decode_part.h).
   const int64_t threads = at::get_num_threads();

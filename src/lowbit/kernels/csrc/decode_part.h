@@ -1,5 +1,5 @@
 // What the two decode attention ops share (decode_ops.cpp on a float cache, decode_codes.cpp on
-// a cache of codes): the exponential, and flash-decoding's split of one head's slots into
+// a cache of codes): RMSNorm and RoPE of a head, the exponential, and flash-decoding's split of one head's slots into
 // ranges that threads attend to separately and that are then combined by their maxima.
 #pragma once
 
@@ -12,6 +12,31 @@
 #include "common.h"
 
 namespace lowbit_kernels {
+
+inline void rms_row(const float* x, const float* w, float eps, int64_t C, float* y) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) y[c] = w[c] * (x[c] * r);
+}
+
+// Optional per-head RMSNorm (Qwen3's q_norm / k_norm), then RoPE in the rotate-half layout.
+inline void norm_rope(const float* src, const float* norm, float eps, const float* cos, const float* sin,
+               int64_t D, float* dst) {
+  float tmp[512];
+  const float* x = src;
+  if (norm != nullptr) {
+    rms_row(src, norm, eps, D, tmp);
+    x = tmp;
+  }
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    dst[i] = x[i] * cos[i] - x[i + h] * sin[i];
+    dst[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
+  }
+}
 
 // exp of 8 floats: 2^n · e^r with |r| <= ln2/2 and Cephes' degree-6 polynomial for e^r
 // (relative error ~1e-7); inputs below -87 (scores far under the maximum) give ~0.
