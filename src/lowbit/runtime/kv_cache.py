@@ -96,7 +96,7 @@ class QuantKVCache(StaticKVCache):
     """Keys and values stored as ``bits``-bit codes (two per byte up to 4 bits) with a float16
     scale and minimum per token, head and ``group`` channels (:mod:`lowbit.primitives.kv`);
     a prompt's attention reads the filled prefix dequantized to float32, a decode step's reads
-    the codes (:func:`lowbit.kernels.kv_attention.attend_codes`)."""
+    the codes (:func:`lowbit.kernels.kv_attention.decode_attention_codes`)."""
 
     def __init__(
         self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
