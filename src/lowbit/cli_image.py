@@ -58,9 +58,7 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     if unsupported:
         raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
                           f"model held in memory")  # fmt: skip
-    if args.calib is not None:
-        raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
-                          f"your images with --calib-images)")  # fmt: skip
+    _no_text(args, entry)
     recipe = api.load_recipe(args.recipe)
     src = api.load_model(entry.name)
     mixed = args.target_bits is not None or args.target_size is not None
@@ -121,15 +119,19 @@ def analyze_image(args: argparse.Namespace, entry: Any) -> Any:
     if args.model != entry.name:
         raise LowbitError(f"{args.model} is already quantized; analyze the float model "
                           f"({entry.name})")  # fmt: skip
-    if args.calib is not None:
-        raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
-                          f"your images with --calib-images)")  # fmt: skip
+    _no_text(args, entry)
     recipe = api.load_recipe(args.recipe)
     calibration = _calibration(entry, args.calib_images)
     n = args.calib_samples or IMAGE_ANALYSIS_SAMPLES
     sample = image_calibration(calibration.windows[:n], calibration.corpus)
     return api.analyze(entry.load(), recipe, sample, args.candidates, progress=not args.quiet,
                        output_range=entry.output_range)  # fmt: skip
+
+
+def _no_text(args: argparse.Namespace, entry: Any) -> None:
+    if args.calib is not None:
+        raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
+                          f"your images with --calib-images)")  # fmt: skip
 
 
 def _calibration(entry: Any, images_path: str | None) -> Any:
