@@ -104,7 +104,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         rho = sens.rank_correlation(cand)
         print(f"\n{cand} ({sens.candidates[cand].short()}; proxy rank corr {rho:.3f}):")
         for name in ranked:
-            print(f"  {sens.damage[name][cand]:10.5f}  {name}")
+            print(f"  {sens.damage[name][cand]:10.4g}  {name}")
     return 0
 
 
