@@ -91,11 +91,13 @@ def test_streamed_equals_in_memory(tiny_folder, tmp_path, cache):
 
 def test_the_folder_records_the_tuned_model(tiny_folder, tmp_path):
     data = calib(vocab=50)
-    out, _ = api.quantize_to(str(tiny_folder), recipe(), tmp_path / "stream", data,
-                             progress=False)  # fmt: skip
+    out, report = api.quantize_to(str(tiny_folder), recipe(), tmp_path / "stream", data,
+                                  progress=False)  # fmt: skip
     manifest = json.loads((out / "lowbit.json").read_text())
     tune = manifest["tune"]
     assert tune["held_out_kl_after"] < tune["held_out_kl_before"] and tune["layers"] == 14
+    assert report.seconds > tune["seconds"] > 0  # the run's time includes the tuning
+    assert manifest["quantize_seconds"] == round(report.seconds, 3)
     assert manifest["recipe"]["tune"]["steps"] == TUNE["steps"]
     untuned, _ = api.quantize_to(str(tiny_folder), recipe(None), tmp_path / "plain", data,
                                  progress=False)  # fmt: skip

@@ -114,6 +114,8 @@ def quantize_to(
                                                   progress)  # fmt: skip
             peak = manifest["tune"]["peak_rss_mb"] or 0.0  # this process's, tuning included
             manifest["quantize_peak_rss_mb"] = max(manifest["quantize_peak_rss_mb"] or 0.0, peak)
+            report.seconds += manifest["tune"]["seconds"]  # as lowbit.quantize counts it
+            manifest["quantize_seconds"] = round(report.seconds, 3)
             if found is not None:  # the canary records the tuned model
                 canary = found[0], measure_canary(found[0], model_logits(tuned, found[0].tokens))
         if canary is not None:
