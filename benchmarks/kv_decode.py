@@ -19,14 +19,22 @@ the cache's bytes per token of context relative to the float32 cache (codes and 
 scales/minimums). "same tokens" is whether a loop's greedy tokens equal the other loop's on the
 same cache (they should: the same codes, attention in another order of summation).
 
+With ``--op``: the attention op alone, one layer of the model's shape at each context
+(``--contexts``), random cache contents, each called through its Python wrapper as the decode
+loop calls it: the fused float op (``decode_attention``) against ``decode_attention_codes`` at
+8 and 4 bits (keys centred and heads Hadamard-turned, as the
+``kv4`` preset stores them), µs per call, median of 7 rounds of 50 calls.
+
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/kv_decode.py [--model smollm2-135m]
         [--recipe RECIPE] [--prompt-tokens 512 1920] [--new-tokens 128] [--repeats 3]
+    .venv/bin/python benchmarks/kv_decode.py --op [--contexts 512 2048 8192]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 
@@ -80,6 +88,47 @@ def measure(loops: dict[str, Runtime], prompt: torch.Tensor, args) -> dict[str, 
             for name, rs in runs.items()}  # fmt: skip
 
 
+def op_table(config, contexts: list[int]) -> list[list]:
+    """µs per call of one layer's decode attention, float cache against codes."""
+    import time
+
+    from lowbit.kernels.decode import decode_attention
+    from lowbit.kernels.kv_attention import decode_attention_codes
+    from lowbit.primitives.hadamard import hadamard
+    from lowbit.primitives.kv import encode_heads
+
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    g, empty, rows = torch.Generator().manual_seed(0), torch.empty(0), []
+    for n in contexts:
+        k, v = (torch.randn(1, kv, n, dim, generator=g) for _ in range(2))
+        qkv = torch.randn(1, (heads + 2 * kv) * dim, generator=g)
+        ang = torch.arange(n).unsqueeze(1) * torch.linspace(0.01, 1, dim).unsqueeze(0)
+        cos, sin, pad, rest = ang.cos(), ang.sin(), torch.zeros(1, dtype=torch.long), (n - 1,)
+        calls = {"float32 cache": functools.partial(
+            decode_attention, qkv, k, v, cos, sin, pad, *rest, heads, kv, dim**-0.5, empty,
+            empty, 1e-6)}  # fmt: skip
+        turn, center = hadamard(dim, torch.float32), torch.randn(kv, dim, generator=g)
+        for bits in (8, 4):
+            stored = [t for x in (k, v) for t in encode_heads(x, bits, 32)]
+            calls[f"{bits}-bit codes"] = functools.partial(
+                decode_attention_codes, qkv, *stored, cos, sin, pad, *rest, heads, kv,
+                dim**-0.5, empty, empty, 1e-6, center, turn, bits, 0)  # fmt: skip
+        times = {}
+        for name, call in calls.items():
+            call()
+            rounds = []
+            for _ in range(7):
+                start = time.perf_counter()
+                for _ in range(50):
+                    call()
+                rounds.append((time.perf_counter() - start) / 50 * 1e6)
+            times[name] = statistics.median(rounds)
+        base = times["float32 cache"]
+        rows += [[n, name, round(t, 1), f"x{t / base:.2f}"] for name, t in times.items()]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -88,8 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[512, 1920])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--op", action="store_true", help="time the attention op alone")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     args = p.parse_args(argv)
     model = api.load_model(args.model).model
+    if args.op:
+        if not native_ops():
+            sys.exit("--op times the native ops: they are not built here")
+        threads = thread_settings()
+        print(f"\n{args.model}: one layer's decode attention, {threads['torch_threads']} "
+              f"threads ({threads['cpu_capability']})\n")  # fmt: skip
+        header = ["context", "cache", "us per call", "x float cache"]
+        print(format_table(header, op_table(model.config, args.contexts), markdown=True))
+        return 0
     if args.recipe:
         api.quantize(model, args.recipe, progress=False)
     caches = {"float32": None}
