@@ -70,8 +70,8 @@ def test_native_matches_reference(b, heads, kv, dim, slots, pos, bits, group, ki
     padding, 2 to 8 bits, head sizes and groups the vector path takes and the others, the
     threaded long-context split, a context of one slot; plain heads, centred and turned keys
     (the kv4 preset), and with per-head norms and rounded queries as well."""
-    if kind != "plain" and dim & (dim - 1):
-        pytest.skip("the Hadamard turn needs a power-of-two head size")
+    if kind != "plain" and dim & (dim - 1):  # no Hadamard turn of this size: the rest
+        kind = {"kv4-preset": "norms", "everything": "queries"}[kind]
     case = _case(b, heads, kv, dim, slots, bits, group)
     pad = torch.tensor([0, 3, 1][:b]).clamp_max(pos)
     got, ref, mine, theirs = _both(case, heads, kv, pad, pos, bits, kind)
