@@ -124,11 +124,17 @@ def load_peer(folder: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
 
 
-def run_lowbit(model: str, recipe: str, out: Path, args: argparse.Namespace) -> dict:
+def run_lowbit(model: str, recipe: str, out: Path, args: argparse.Namespace) -> dict | str:
+    """``lowbit quantize``'s JSON summary, or why it failed (its stderr's last lines printed)."""
     cmd = [sys.executable, "-m", "lowbit.cli", "-q", "quantize", model, "--recipe", recipe,
            "--out", str(out), "--calib", args.calib, "--calib-samples", str(args.calib_samples),
            "--calib-seqlen", str(args.calib_seqlen), "--overwrite", "--json"]  # fmt: skip
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+        print("\n".join(lines[-20:]), file=sys.stderr, flush=True)
+        return f"failed (exit {done.returncode}): {lines[-1] if lines else 'no output'}"
+    return json.loads(done.stdout)
 
 
 def recipe_format(recipe: dict) -> str:
@@ -199,6 +205,10 @@ def main() -> None:
         for recipe in args.lowbit:
             print(f"quantizing lowbit {recipe} ...", file=sys.stderr, flush=True)
             run = run_lowbit(args.model, recipe, work / f"lowbit-{Path(recipe).stem}", args)
+            if isinstance(run, str):  # the other rows still run
+                print(f"| lowbit | {Path(recipe).stem} | - | - | - | - | - | - | {run} |",
+                      flush=True)  # fmt: skip
+                continue
             if run["calibration"]["token_sha256"] != calib.token_sha256:
                 sys.exit(f"lowbit {recipe} calibrated on other windows than the peers get")
             model = api.load(run["out"], kernels=False).model
