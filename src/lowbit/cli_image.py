@@ -100,13 +100,9 @@ def _mixed(args: argparse.Namespace, model: Any, recipe: Any, calibration: Any,
     """(recipe, summary) of ``--target-bits`` / ``--target-size``: each layer's format chosen
     from the candidates by the output MSE it causes alone on the first calibration inputs."""
     from lowbit import api
-    from lowbit.calibration import image_calibration
     from lowbit.cli_quantize import allocate_formats
 
-    n = args.analysis_samples or IMAGE_ANALYSIS_SAMPLES
-    sample = image_calibration(calibration.windows[:n], calibration.corpus)
-    sens = api.analyze(model, recipe, sample, args.candidates, progress=not args.quiet,
-                       output_range=entry.output_range)  # fmt: skip
+    sens = _sensitivity(args, entry, model, recipe, calibration, args.analysis_samples)
     return allocate_formats(args, api, model, recipe, sens)
 
 
@@ -114,7 +110,6 @@ def analyze_image(args: argparse.Namespace, entry: Any) -> Any:
     """``lowbit analyze`` of an image model: each layer's damage (output MSE, outputs in
     [0, 1]) in each candidate format, on the first ``--calib-samples`` calibration inputs."""
     from lowbit import api
-    from lowbit.calibration import image_calibration
 
     if args.model != entry.name:
         raise LowbitError(f"{args.model} is already quantized; analyze the float model "
@@ -122,9 +117,19 @@ def analyze_image(args: argparse.Namespace, entry: Any) -> Any:
     _no_text(args, entry)
     recipe = api.load_recipe(args.recipe)
     calibration = _calibration(entry, args.calib_images)
-    n = args.calib_samples or IMAGE_ANALYSIS_SAMPLES
+    return _sensitivity(args, entry, entry.load(), recipe, calibration, args.calib_samples)
+
+
+def _sensitivity(args: argparse.Namespace, entry: Any, model: Any, recipe: Any,
+                 calibration: Any, samples: int | None) -> Any:  # fmt: skip
+    """Each layer's output MSE in each ``--candidates`` format on the first ``samples``
+    calibration inputs (default IMAGE_ANALYSIS_SAMPLES)."""
+    from lowbit import api
+    from lowbit.calibration import image_calibration
+
+    n = samples or IMAGE_ANALYSIS_SAMPLES
     sample = image_calibration(calibration.windows[:n], calibration.corpus)
-    return api.analyze(entry.load(), recipe, sample, args.candidates, progress=not args.quiet,
+    return api.analyze(model, recipe, sample, args.candidates, progress=not args.quiet,
                        output_range=entry.output_range)  # fmt: skip
 
 

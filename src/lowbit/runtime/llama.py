@@ -189,7 +189,7 @@ class LlamaForward:
         self.attention = getattr(inner.layers[0].self_attn, ATTRIBUTE, None)
         self.rotation = None if self.attention is None else head_rotation(
             self.attention, self.head_dim, torch.empty(0))  # fmt: skip
-        self.turn = torch.empty(0) if self.rotation is None else self.rotation.contiguous()
+        self.turn = torch.empty(0) if self.rotation is None else self.rotation  # (D, D) or none
         if self.attention is not None:
             for layer, block in zip(self.layers, inner.layers, strict=True):
                 layer.key_center = key_center(block.self_attn, self.attention)
@@ -304,17 +304,22 @@ class LlamaForward:
                     self.heads, self.kv_heads, self.scaling, qn, kn, eps,
                 )  # fmt: skip
             else:
-                spec, empty = self.attention, qkv.new_empty(0)
-                center = empty if layer.key_center is None else layer.key_center
+                spec = self.attention
                 a = decode_attention_codes(
                     qkv, *cache.layer(i), self.cos, self.sin, cache.pad, pos, self.heads,
-                    self.kv_heads, self.scaling, qn, kn, eps, center, self.turn,
+                    self.kv_heads, self.scaling, qn, kn, eps, self._centers[i], self.turn,
                     spec.kv_bits, spec.query_bits or 0,
                 )  # fmt: skip
             h = add_rms_norm(x, o_op(a), w2, eps2)  # (B, C)
             d = down_op(self._mlp_act(layer, gate_up_op(h)))
             h = add_rms_norm(x, d.contiguous(), w_next, eps_next)
         return self.fast_head(h)  # (B, vocab)
+
+    @functools.cached_property
+    def _centers(self) -> list[Tensor]:
+        """Per layer, the key centres a decode step over codes subtracts (empty: none)."""
+        empty = torch.empty(0)
+        return [empty if layer.key_center is None else layer.key_center for layer in self.layers]
 
     @functools.cached_property
     def _plan(self) -> list[tuple]:
