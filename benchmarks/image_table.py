@@ -59,6 +59,7 @@ FIRST_W4 = [{"match": "body.0", "weights": {"bits": 4, **CH}}]
 W8 = {"bits": 8, "symmetric": True, **CH}
 STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
 GPTQ = {"algorithm": "gptq"}
+SMOOTH = {"smoothquant": {}}  # α searched per pair of convolutions
 ROWS = {
     "w8 per-channel": {"weights": W8},
     "w8 per-channel, gptq": {**GPTQ, "weights": W8},
@@ -71,6 +72,13 @@ ROWS = {
         for obs in ("minmax", "mse", "percentile")
     },
     "w8a8 static (minmax), gptq": {**GPTQ, "weights": W8, "activations": STATIC},
+    "w8a8 static (minmax), smoothquant": {"weights": W8, "activations": STATIC, **SMOOTH},
+    "w8a8 static (minmax), smoothquant, gptq": {
+        **GPTQ,
+        **SMOOTH,
+        "weights": W8,
+        "activations": STATIC,
+    },
     "w4 per-channel": {"weights": {"bits": 4, **CH}},
     "w4 per-channel, gptq": {**GPTQ, "weights": {"bits": 4, **CH}},
     "w4 g16 (first conv w8)": {"weights": {"bits": 4, "group_size": 16}, "overrides": FIRST_W8},
@@ -91,11 +99,14 @@ ROWS = {
     },
 }
 RESNET_ROWS = ("w8 per-channel", "w8a8 static (minmax)", "w8a8 static (minmax), gptq",
+               "w8a8 static (minmax), smoothquant, gptq",
                "w4 per-channel", "w4 per-channel, gptq")  # fmt: skip
 DCGAN_ROWS = {
     "w8 per-channel": {"weights": {"bits": 8, **CH}},
     "w8a8 static (minmax)": ROWS["w8a8 static (minmax)"],
     "w8a8 static (minmax), gptq": ROWS["w8a8 static (minmax), gptq"],
+    "w8a8 static (minmax), smoothquant": ROWS["w8a8 static (minmax), smoothquant"],
+    "w8a8 static (minmax), smoothquant, gptq": ROWS["w8a8 static (minmax), smoothquant, gptq"],
     "w4 per-channel": {"weights": {"bits": 4, **CH}},
     "w4 per-channel, gptq": ROWS["w4 per-channel, gptq"],
     "w4 g32": {"weights": {"bits": 4, "group_size": 32}},
@@ -117,23 +128,30 @@ def main() -> int:
                    help="also FD-Inception of the DCGAN rows in FD_ROWS (3 min per 1,000 images "
                    "on 2 cores)")  # fmt: skip
     p.add_argument("--only", choices=("sr", "dcgan", "eyes"), help="run one part")
+    p.add_argument("--rows", metavar="TEXT",
+                   help="only the quantized rows whose name contains TEXT (float32 and bicubic "
+                   "always run)")  # fmt: skip
     p.add_argument("--grids", type=Path, metavar="DIR",
                    help="save each variant beside float32 in DIR (PNG)")  # fmt: skip
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    def keep(table: dict) -> dict:
+        return {k: v for k, v in table.items() if not args.rows or args.rows in k}
+
     if args.only in (None, "sr"):
         small, truth = sr_evaluation()  # (1, 3, 256, 256), (1, 3, 512, 512)
         calibration = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
-        _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), ROWS, small, truth, calibration,
-                          args.grids)  # fmt: skip
-        rows = {k: ROWS[k] for k in RESNET_ROWS}
+        _super_resolution("waifu2x-upconv7", waifu2x_upconv7(), keep(ROWS), small, truth,
+                          calibration, args.grids)  # fmt: skip
+        rows = keep({k: ROWS[k] for k in RESNET_ROWS})
         _super_resolution("waifu2x-upresnet10", waifu2x_upresnet10(), rows, small, truth,
                           calibration, args.grids)  # fmt: skip
     if args.only in (None, "dcgan"):
-        _generator("dcgan-faces", args.latents, args.fd, args.grids)
+        _generator("dcgan-faces", args.latents, args.fd, args.grids, keep)
     if args.only in (None, "eyes"):
-        _generator("cdcgan-eyes", args.latents, args.fd, args.grids)
+        _generator("cdcgan-eyes", args.latents, args.fd, args.grids, keep)
     return 0
 
 
@@ -180,9 +198,11 @@ GENERATORS = {
 }
 
 
-def _generator(title: str, count: int, fd: bool, grids: Path | None) -> None:
-    """A generator: each variant's samples against the float model's from the same inputs."""
+def _generator(title: str, count: int, fd: bool, grids: Path | None, keep) -> None:
+    """A generator: each variant's samples against the float model's from the same inputs
+    (the variants ``keep`` keeps)."""
     source, inputs, variants = GENERATORS[title]
+    variants = keep(variants)
     entry = image_models()[title]
     z = inputs(count, 0)
     calib = image_calibration(entry.calibration(), "512 other latents (seed 1)")

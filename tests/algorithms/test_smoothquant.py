@@ -65,7 +65,8 @@ def test_the_search_never_does_worse_than_no_smoothing():
     for seed in range(3):
         x = outlier_inputs(seed=seed) if seed else torch.randn(256, 64)  # seed 0: no outliers
         w = [torch.randn(32, 64)]
-        s, alpha = search_alpha(x, x.abs().amax(0), w, [W8], A8, SmoothQuantOptions())
+        error = lambda s, x=x, w=w: output_error(x, w, [W8], A8, s)  # noqa: E731
+        s, alpha = search_alpha(x.abs().amax(0), w, SmoothQuantOptions(), error)
         chosen = output_error(x, w, [W8], A8, s)
         assert chosen <= output_error(x, w, [W8], A8, None)
         assert (s is None) == (alpha is None)
@@ -74,7 +75,7 @@ def test_the_search_never_does_worse_than_no_smoothing():
 def test_fixed_alpha_is_used_as_given():
     x = outlier_inputs()
     w = [torch.randn(8, 64)]
-    s, alpha = search_alpha(x, x.abs().amax(0), w, [W8], A8, SmoothQuantOptions(alpha=0.8))
+    s, alpha = search_alpha(x.abs().amax(0), w, SmoothQuantOptions(alpha=0.8), pytest.fail)
     assert alpha == 0.8 and torch.equal(s, smoothing_factors(x.abs().amax(0), w, 0.8))
 
 

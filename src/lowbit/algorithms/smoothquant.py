@@ -14,7 +14,7 @@ candidates include "no smoothing", so a search never makes a group worse on its 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,21 +76,21 @@ def output_error(
 
 
 def search_alpha(
-    x: Tensor,
     act_absmax: Tensor,
     weights: Sequence[Tensor],
-    wspecs: Sequence[WeightSpec],
-    act: ActivationSpec | None,
     options: SmoothQuantOptions,
+    error: Callable[[Tensor | None], float],
 ) -> tuple[Tensor | None, float | None]:
-    """(s, α) with the least :func:`output_error` on ``x``; (None, None) when no smoothing wins
-    (or with a fixed ``options.alpha``: its factors, without scoring)."""
+    """(s, α) with the least ``error(s)`` (``error(None)``: without smoothing; for linears,
+    :func:`output_error` on sampled inputs); (None, None) when no smoothing wins (or with a
+    fixed ``options.alpha``: its factors, without scoring). ``weights``: (rows, in) matrices
+    whose columns are the smoothed input channels."""
     if options.alpha is not None:
         return smoothing_factors(act_absmax, weights, options.alpha), options.alpha
-    best = (output_error(x, weights, wspecs, act, None), None, None)
+    best = (error(None), None, None)
     for alpha in options.grid:
         s = smoothing_factors(act_absmax, weights, alpha)
-        err = output_error(x, weights, wspecs, act, s)
+        err = error(s)
         if err < best[0]:
             best = (err, s, alpha)
     return best[1], best[2]

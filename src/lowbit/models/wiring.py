@@ -7,6 +7,8 @@ traced on one calibration batch instead:
 
 1. Hooks record each linear's input tensor and which module produced each tensor. Linears that
    read the very same tensor form a group (q/k/v, gate/up), in the order the block uses them.
+   Ungrouped convolutions count as linears (an image model traced whole: a convolution feeds
+   the next through a LeakyReLU).
 2. For each group the candidate feeders are the module that produced its input when it holds a
    per-channel weight of the group's width (a norm: ``weight / s`` or Gemma's ``(1 + weight) /
    s``), else the linears run before it whose output width matches (``up_proj`` before
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.models.families import Family, PrevKind, ScaleGroup
-from lowbit.models.fold import can_fold, fold_scales
+from lowbit.models.fold import can_fold, fold_scales, in_width, out_width
 
 TOLERANCE = 1e-4  # relative max error of the block's output after folding random scales
 
@@ -74,7 +76,7 @@ def _trace(block: nn.Module, run: Callable[[], Tensor]):
     for name, module in block.named_modules():
         if name:
             handles.append(module.register_forward_hook(after(name)))
-        if type(module) is nn.Linear:
+        if in_width(module) is not None:  # a linear or an ungrouped convolution
             handles.append(module.register_forward_pre_hook(before(name)))
     try:
         run()
@@ -97,7 +99,7 @@ def _candidates(block: nn.Module, group: list[str], source: str | None,
     out: list[tuple[str, PrevKind]] = []
     if source is not None and source not in group:
         module = block.get_submodule(source)
-        if type(module) is not nn.Linear and can_fold(module, "norm", linears):
+        if out_width(module) is None and can_fold(module, "norm", linears):
             out += [(source, "norm"), (source, "norm_plus_one")]
     earlier = order[: order.index(group[0])]
     for name in reversed(earlier):
@@ -113,7 +115,7 @@ def _folds_exactly(block: nn.Module, run: Callable[[], Tensor], reference: Tenso
     feeder = block.get_submodule(prev)
     linears = [block.get_submodule(n) for n in group]
     saved = [t.detach().clone() for m in (feeder, *linears) for t in _params(m)]
-    width = linears[0].in_features
+    width = in_width(linears[0])
     s = torch.empty(width).uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(width))
     try:
         fold_scales(feeder, kind, linears, s)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from lowbit.algorithms.awq import AWQOptions, search_scales
 from lowbit.algorithms.clip import output_error_range
 from lowbit.algorithms.gptq import GPTQOptions, gptq
 from lowbit.algorithms.kmeans import kmeans
-from lowbit.algorithms.smoothquant import SmoothQuantOptions, search_alpha
+from lowbit.algorithms.smoothquant import SmoothQuantOptions, output_error, search_alpha
 from lowbit.calibration import BlockContext, module_output
 from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.models.families import Family
@@ -271,7 +272,8 @@ def smooth_block(
         specs = [plan[n] for n in names]
         s = alpha = None
         if ctx.group.main:
-            s, alpha = search_alpha(x, stats[names[0]].absmax(), weights, specs, act, options)
+            error = partial(output_error, x, weights, specs, act)  # error(s)
+            s, alpha = search_alpha(stats[names[0]].absmax(), weights, options, error)
         s, alpha = _decided(ctx, s, alpha)
         if s is not None:
             fold_scales(prev, group.prev_kind, linears, s)

@@ -33,6 +33,7 @@ from lowbit.pipeline.act_ranges import calibrate_activations
 from lowbit.pipeline.blocks import DIAGNOSTIC_WINDOWS, BlockSteps, data_free, restore, swap
 from lowbit.pipeline.diagnostics import output_sqnr
 from lowbit.pipeline.report import LayerReport, QuantizeReport
+from lowbit.pipeline.smooth_whole import smooth_whole
 from lowbit.pipeline.whole import gptq_whole
 from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import peak_rss_mb
@@ -92,6 +93,12 @@ def quantize_weights(
                           "one unit: drop tune")  # fmt: skip
     if blocks is None:
         probe = None  # the canary rides along with the blocks
+        if recipe.smoothquant is not None:  # before any layer is quantized
+            report.smooth_alpha.update(
+                smooth_whole(
+                    model, plan, recipe.activations, recipe.smoothquant, calibration, batch_size
+                )
+            )
     else:
         prefix, modules = blocks
         resumed = store.records()
@@ -133,10 +140,11 @@ def _blocks(
             raise LowbitError("it is an image model, quantized as one unit")
         prefix, blocks = find_blocks(model)
     except LowbitError as exc:
-        if calibration is not None and _sequential(recipe) and not _whole_gptq(recipe):
-            raise LowbitError(f"AWQ, SmoothQuant and LKD run block by block, but {exc}; a model "
+        if calibration is not None and not _whole_supported(recipe):
+            raise LowbitError(f"AWQ, AutoRound and LKD run block by block, but {exc}; a model "
                               f"without decoder blocks takes GPTQ or data-free weights (rtn, "
-                              f"hqq, kmeans), with static activation ranges") from None  # fmt: skip
+                              f"hqq, kmeans), SmoothQuant and static activation ranges"
+                              ) from None  # fmt: skip
         return None
     return prefix, blocks
 
@@ -154,7 +162,7 @@ def _quantize_rest(model, recipe, rest, report, calibration, batch_size, whole, 
     """RTN for the planned linears outside the blocks; for a model without blocks (``whole``),
     its layers (GPTQ with calibration data, else data-free), static ranges and diagnostics over
     the whole model, as one unit."""
-    if whole and calibration is not None and _whole_gptq(recipe):
+    if whole and calibration is not None and recipe.algorithm == "gptq":
         originals = gptq_whole(model, recipe, rest, calibration, batch_size, report, progress)
     else:
         originals = _data_free_rest(model, recipe, rest, report, progress)
@@ -184,20 +192,14 @@ def _data_free_rest(model, recipe, rest, report, progress) -> dict:
     return originals
 
 
-def _whole_gptq(recipe: Recipe) -> bool:
-    """Whether the recipe's calibrated steps are GPTQ alone (what a model quantized whole
-    supports)."""
-    return recipe.algorithm == "gptq" and recipe.smoothquant is None and recipe.lkd is None
+def _whole_supported(recipe: Recipe) -> bool:
+    """Whether a model quantized whole can run the recipe's calibrated steps: GPTQ or
+    data-free weights, SmoothQuant, static ranges (not AWQ, AutoRound or LKD)."""
+    return recipe.lkd is None and (recipe.algorithm == "gptq" or recipe.algorithm not in CALIBRATED)
 
 
 def _static(module: nn.Module) -> bool:
     return isinstance(module, QuantLinear) and module.act is not None and module.act.static
-
-
-def _sequential(recipe: Recipe) -> bool:
-    """Whether the recipe needs calibrated block steps (not only data-free weights)."""
-    steps = recipe.smoothquant is not None or recipe.lkd is not None
-    return steps or recipe.algorithm in CALIBRATED
 
 
 def _description(recipe: Recipe) -> str:
