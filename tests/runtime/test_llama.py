@@ -26,6 +26,17 @@ def test_logits_equal_the_models_own(family, native, monkeypatch):
     assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_runs_in_its_own_dtype(dtype):
+    """RoPE and the cache in the model's dtype, as transformers computes them: logits within
+    16-bit rounding of the model's own and the same greedy tokens."""
+    model = tiny_llama(vocab=64).to(dtype)
+    ours, theirs, whole, cache = compact_and_hf(model, seed=2)
+    assert ours.dtype == dtype and cache.tensors[0].dtype == dtype
+    assert rel(ours.float(), theirs.float()) < 2e-2 and rel(ours.float(), whole.float()) < 2e-2
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
 def test_left_padded_rows_equal_rows_alone():
     """Prompts of different lengths in one batch: each row's logits are those it gets alone."""
     model = tiny_llama(vocab=64)

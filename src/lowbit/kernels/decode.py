@@ -52,8 +52,10 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE in transformers' rotate-half layout."""
+    """RoPE in transformers' rotate-half layout, in ``x``'s dtype (the float32 tables are
+    rounded to it first, as transformers does)."""
     half = x.shape[-1] // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 

@@ -221,7 +221,7 @@ class LlamaForward:
         spec = self.attention
         if spec is not None and spec.kv_bits is not None:
             return QuantKVCache(*shape, spec.kv_bits, spec.group(self.head_dim))
-        return StaticKVCache(*shape)
+        return StaticKVCache(*shape, dtype=self.embed.weight.dtype)  # the model's, as HF's
 
     def _positions(self, cache: StaticKVCache, start: int, t: int) -> tuple[Tensor, Tensor]:
         """cos/sin (B or 1, 1, t, D) of the slots start..start+t (positions skip the padding)."""
