@@ -7,7 +7,9 @@ algorithm, LKD), then its static activation ranges and output-SQNR diagnostics. 
 live is the ``store``'s business: in memory (``lowbit.quantize`` on an ``nn.Module``) or read
 from disk and written back block by block (the CLI's streaming runs), with one code path.
 Linears outside the decoder blocks (an untied ``lm_head`` the recipe asks for) are quantized
-last, with RTN. A model without repeated blocks is quantized as one unit.
+last, with RTN. A model without repeated blocks is quantized as one unit: SmoothQuant factors
+folded first (:mod:`lowbit.pipeline.smooth_whole`), then GPTQ (:mod:`lowbit.pipeline.whole`) or
+data-free weights, then static ranges.
 """
 
 from __future__ import annotations
