@@ -75,6 +75,12 @@ def input_columns(layer: nn.Module) -> Tensor:
     return w
 
 
+def folded_tensors(prev: nn.Module, linears: list[nn.Module]) -> list[Tensor]:
+    """The tensors :func:`fold_scales` changes (to save and put back around a trial fold)."""
+    own = [getattr(prev, "weight", None), getattr(prev, "bias", None)]
+    return [t for t in own if isinstance(t, Tensor)] + [lin.weight for lin in linears]
+
+
 @torch.no_grad()
 def fold_scales(prev: nn.Module, kind: PrevKind, linears: list[nn.Module], s: Tensor) -> None:
     """Divide ``prev``'s output channels by ``s`` and multiply the linears' inputs by ``s``."""

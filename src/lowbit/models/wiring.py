@@ -12,7 +12,7 @@ traced on one calibration batch instead:
 2. For each group the candidate feeders are the module that produced its input when it holds a
    per-channel weight of the group's width (a norm: ``weight / s`` or Gemma's ``(1 + weight) /
    s``), else the linears run before it whose output width matches (``up_proj`` before
-   ``down_proj``, ``v_proj`` before ``o_proj``), latest first.
+   ``down_proj``, ``v_proj`` before ``o_proj``), the latest two.
 3. A candidate is kept only if folding random scales into it leaves the block's output unchanged
    (relative error below 1e-4): a norm whose output also feeds something else, a GELU between
    two linears, or a feeder of the wrong kind fails that test and is never used.
@@ -26,9 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.models.families import Family, PrevKind, ScaleGroup
-from lowbit.models.fold import can_fold, fold_scales, in_width, out_width
+from lowbit.models.fold import can_fold, fold_scales, folded_tensors, in_width, out_width
 
 TOLERANCE = 1e-4  # relative max error of the block's output after folding random scales
+# earlier linears tested as a group's feeder, nearest first: each test is a forward pass, and a
+# model traced whole (a UNet: hundreds of convolutions, none foldable through GroupNorm + SiLU)
+# would otherwise run one per earlier layer of the same width for every group
+NEAREST_FEEDERS = 2
 
 
 @torch.no_grad()
@@ -102,10 +106,8 @@ def _candidates(block: nn.Module, group: list[str], source: str | None,
         if out_width(module) is None and can_fold(module, "norm", linears):
             out += [(source, "norm"), (source, "norm_plus_one")]
     earlier = order[: order.index(group[0])]
-    for name in reversed(earlier):
-        if can_fold(block.get_submodule(name), "linear", linears):
-            out.append((name, "linear"))
-    return out
+    feeders = [n for n in reversed(earlier) if can_fold(block.get_submodule(n), "linear", linears)]
+    return out + [(name, "linear") for name in feeders[:NEAREST_FEEDERS]]
 
 
 def _folds_exactly(block: nn.Module, run: Callable[[], Tensor], reference: Tensor, prev: str,
@@ -114,24 +116,19 @@ def _folds_exactly(block: nn.Module, run: Callable[[], Tensor], reference: Tenso
     block's output as it was (the weights are put back either way)."""
     feeder = block.get_submodule(prev)
     linears = [block.get_submodule(n) for n in group]
-    saved = [t.detach().clone() for m in (feeder, *linears) for t in _params(m)]
+    saved = [t.detach().clone() for t in folded_tensors(feeder, linears)]
     width = in_width(linears[0])
     s = torch.empty(width).uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(width))
     try:
         fold_scales(feeder, kind, linears, s)
         got = run().float()
     finally:
-        for t, old in zip([t for m in (feeder, *linears) for t in _params(m)], saved, strict=True):
+        for t, old in zip(folded_tensors(feeder, linears), saved, strict=True):
             t.copy_(old)
     scale = reference.abs().max().clamp_min(1e-12)
     return (
         bool(torch.isfinite(got).all()) and float((got - reference).abs().max() / scale) < TOLERANCE
     )
-
-
-def _params(module: nn.Module) -> list[Tensor]:
-    return [t for t in (getattr(module, "weight", None), getattr(module, "bias", None))
-            if isinstance(t, Tensor)]  # fmt: skip
 
 
 def _inspect(group: list[str]) -> str:

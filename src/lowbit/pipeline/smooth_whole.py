@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.smoothquant import SmoothQuantOptions, search_alpha
 from lowbit.calibration import CalibrationSet
 from lowbit.formats.spec import ActivationSpec, WeightSpec
-from lowbit.models.fold import can_fold, fold_scales, input_columns
+from lowbit.models.fold import can_fold, fold_scales, folded_tensors, input_columns
 from lowbit.models.modules import forward_logits
 from lowbit.models.wiring import derive_family
 from lowbit.nn.quant_conv import ConvGeometry, is_conv
@@ -75,12 +75,12 @@ def smooth_whole(
                   changed=changed) -> float:  # fmt: skip
             if s is None:
                 return objective()
-            saved = [t.detach().clone() for t in _folded(prev, layers)]
+            saved = [t.detach().clone() for t in folded_tensors(prev, layers)]
             fold_scales(prev, kind, layers, s)
             try:
                 return objective(fresh=changed)
             finally:
-                for t, old in zip(_folded(prev, layers), saved, strict=True):
+                for t, old in zip(folded_tensors(prev, layers), saved, strict=True):
                     t.copy_(old)
 
         columns = [input_columns(layer) for layer in layers]
@@ -152,17 +152,12 @@ def _weights_as(layers: dict[str, nn.Module], weights: dict[str, Tensor]):
             layers[name].weight.data = w
 
 
-def _folded(prev: nn.Module, layers: list[nn.Module]) -> list[Tensor]:
-    """The tensors :func:`fold_scales` changes."""
-    out = [t for t in (getattr(prev, "weight", None), getattr(prev, "bias", None))
-           if isinstance(t, Tensor)]  # fmt: skip
-    return out + [layer.weight for layer in layers]
-
-
 def _input_absmax(
     model: nn.Module, readers: dict[str, nn.Module], batches: tuple[Tensor, ...]
 ) -> dict[str, Tensor]:
-    """Per-channel max |input| of each reader over every batch."""
+    """Per-channel max |input| of each reader over every batch (the input itself, reduced:
+    ``collect_input_stats``' absmax is per im2col column, which for a 3x3 convolution builds
+    patches 9x the input's size)."""
     absmax: dict[str, Tensor] = {}
 
     def hook(name: str, layer: nn.Module):

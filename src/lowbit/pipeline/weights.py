@@ -96,11 +96,9 @@ def quantize_weights(
     if blocks is None:
         probe = None  # the canary rides along with the blocks
         if recipe.smoothquant is not None:  # before any layer is quantized
-            report.smooth_alpha.update(
-                smooth_whole(
-                    model, plan, recipe.activations, recipe.smoothquant, calibration, batch_size
-                )
-            )
+            alphas = smooth_whole(model, plan, recipe.activations, recipe.smoothquant,
+                                  calibration, batch_size, progress)  # fmt: skip
+            report.smooth_alpha.update(alphas)
     else:
         prefix, modules = blocks
         resumed = store.records()
