@@ -60,6 +60,8 @@ W8 = {"bits": 8, "symmetric": True, **CH}
 STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
 GPTQ = {"algorithm": "gptq"}
 SMOOTH = {"smoothquant": {}}  # α searched per pair of convolutions
+AWQ = {"algorithm": "awq"}  # scales searched per pair of convolutions, then RTN
+AWQ_GPTQ = {"algorithm": "awq+gptq"}
 ROWS = {
     "w8 per-channel": {"weights": W8},
     "w8 per-channel, gptq": {**GPTQ, "weights": W8},
@@ -81,9 +83,16 @@ ROWS = {
     },
     "w4 per-channel": {"weights": {"bits": 4, **CH}},
     "w4 per-channel, gptq": {**GPTQ, "weights": {"bits": 4, **CH}},
+    "w4 per-channel, awq": {**AWQ, "weights": {"bits": 4, **CH}},
+    "w4 per-channel, awq+gptq": {**AWQ_GPTQ, "weights": {"bits": 4, **CH}},
     "w4 g16 (first conv w8)": {"weights": {"bits": 4, "group_size": 16}, "overrides": FIRST_W8},
     "w4 g16 (first conv w8), gptq": {
         **GPTQ,
+        "weights": {"bits": 4, "group_size": 16},
+        "overrides": FIRST_W8,
+    },
+    "w4 g16 (first conv w8), awq+gptq": {
+        **AWQ_GPTQ,
         "weights": {"bits": 4, "group_size": 16},
         "overrides": FIRST_W8,
     },
@@ -100,7 +109,7 @@ ROWS = {
 }
 RESNET_ROWS = ("w8 per-channel", "w8a8 static (minmax)", "w8a8 static (minmax), gptq",
                "w8a8 static (minmax), smoothquant, gptq",
-               "w4 per-channel", "w4 per-channel, gptq")  # fmt: skip
+               "w4 per-channel", "w4 per-channel, gptq", "w4 per-channel, awq+gptq")  # fmt: skip
 DCGAN_ROWS = {
     "w8 per-channel": {"weights": {"bits": 8, **CH}},
     "w8a8 static (minmax)": ROWS["w8a8 static (minmax)"],
@@ -109,8 +118,12 @@ DCGAN_ROWS = {
     "w8a8 static (minmax), smoothquant, gptq": ROWS["w8a8 static (minmax), smoothquant, gptq"],
     "w4 per-channel": {"weights": {"bits": 4, **CH}},
     "w4 per-channel, gptq": ROWS["w4 per-channel, gptq"],
+    "w4 per-channel, awq": ROWS["w4 per-channel, awq"],
+    "w4 per-channel, awq+gptq": ROWS["w4 per-channel, awq+gptq"],
     "w4 g32": {"weights": {"bits": 4, "group_size": 32}},
     "w4 g32, gptq": {**GPTQ, "weights": {"bits": 4, "group_size": 32}},
+    "w4 g32, awq": {**AWQ, "weights": {"bits": 4, "group_size": 32}},
+    "w4 g32, awq+gptq": {**AWQ_GPTQ, "weights": {"bits": 4, "group_size": 32}},
 }
 FD_ROWS = ("w8a8 static (minmax)", "w4 per-channel", "w4 g32")
 # the eye generator's middle layers have 16,384 inputs per output channel: its 512 calibration

@@ -6,7 +6,9 @@ The scales are s = mean|x|^α (with ``duo`` scaling, divided by mean|w|^(1−α)
 normalised to a geometric mean of 1; α is searched on a grid by the output error of the module
 the scaled linears feed, with "no scaling" as a candidate too, so the chosen scales are never
 worse than plain RTN on the search data. This file holds the pure parts: scales for one α and
-the search loop over a loss the caller evaluates.
+the search loops over a loss the caller evaluates: :func:`search_scales` scores the effective
+weights of one module's linears (language-model blocks), :func:`choose_scales` scores the
+candidate scales themselves (a model quantized whole folds them and measures its own output).
 """
 
 from __future__ import annotations
@@ -83,6 +85,25 @@ def search_scales(
     if best[0] is None:
         raise LowbitError("awq: every scale candidate gave a non-finite loss")
     return best[0], best[1], losses
+
+
+def choose_scales(
+    x_absmean: Tensor,
+    weights: list[Tensor],
+    options: AWQOptions,
+    error: Callable[[Tensor | None], float],
+) -> tuple[Tensor | None, float | None]:
+    """(s, α) with the least ``error(s)`` over α = 0, 1/grid, ..., (grid-1)/grid; (None, None)
+    when no scaling (``error(None)``) is as good or better. ``weights``: (rows, in) matrices
+    whose columns are the scaled input channels."""
+    best: tuple[float, Tensor | None, float | None] = (error(None), None, None)
+    for i in range(options.grid):
+        alpha = i / options.grid
+        s = awq_scales(x_absmean, weights, alpha, options.duo)
+        value = error(s)
+        if value < best[0]:
+            best = (value, s, alpha)
+    return best[1], best[2]
 
 
 def _minmax(spec: WeightSpec) -> WeightSpec:

@@ -1,7 +1,12 @@
 """Calibration: data for calibrated algorithms, statistics hooks, the sequential block runner."""
 
 from lowbit.calibration.capture import BlockCall, block_output, capture_block_inputs, module_output
-from lowbit.calibration.data import CalibrationSet, calibration_set, image_calibration
+from lowbit.calibration.data import (
+    CalibrationSet,
+    calibration_set,
+    image_calibration,
+    input_calibration,
+)
 from lowbit.calibration.hidden import HiddenStates, SpilledStates, saved_states
 from lowbit.calibration.runner import BlockContext, BlockResult, BlockStore, run_sequential
 from lowbit.calibration.stats import InputStats, collect_input_stats
@@ -20,6 +25,7 @@ __all__ = [
     "capture_block_inputs",
     "collect_input_stats",
     "image_calibration",
+    "input_calibration",
     "module_output",
     "run_sequential",
     "saved_states",

@@ -1,5 +1,5 @@
-"""Calibration data: seeded token windows from a named corpus, or images, with their
-provenance."""
+"""Calibration data: seeded token windows from a named corpus, images, or the several tensors
+of a multi-input forward, with their provenance."""
 
 from __future__ import annotations
 
@@ -9,26 +9,36 @@ from typing import Any
 
 from torch import Tensor
 
-from lowbit.data import calibration_windows, corpus_ids, ids_sha256, load_corpus
+from lowbit.data import ModelInputs, calibration_windows, corpus_ids, ids_sha256, load_corpus
 from lowbit.errors import LowbitError
 
 
 @dataclass
 class CalibrationSet:
     """``windows`` (samples, seqlen) of token ids and where they came from; for an image
-    model, (samples, C, H, W) float images (``seqlen`` 0, see :func:`image_calibration`)."""
+    model, (samples, C, H, W) float images (``seqlen`` 0, see :func:`image_calibration`); for
+    a forward of several tensors, :class:`ModelInputs` (see :func:`input_calibration`)."""
 
     corpus: str
     samples: int
     seqlen: int
     seed: int
-    windows: Tensor
+    windows: Tensor | ModelInputs
 
     @property
     def token_sha256(self) -> str:
+        if isinstance(self.windows, ModelInputs):
+            return self.windows.sha256()
         return ids_sha256(self.windows)
 
     def describe(self) -> dict[str, Any]:
+        if isinstance(self.windows, ModelInputs):
+            return {
+                "corpus": self.corpus,
+                "samples": self.samples,
+                "inputs": self.windows.shapes(),
+                "inputs_sha256": self.windows.sha256(),
+            }
         if self.windows.is_floating_point():
             data = self.windows.float().contiguous().numpy().tobytes()
             return {"corpus": self.corpus, "samples": self.samples,
@@ -65,3 +75,14 @@ def image_calibration(images: Tensor, name: str) -> CalibrationSet:
         raise LowbitError(f"calibration images must be a float (N, C, H, W) tensor, got "
                           f"{images.dtype} of shape {tuple(images.shape)}")  # fmt: skip
     return CalibrationSet(name, images.shape[0], 0, 0, images)
+
+
+def input_calibration(inputs: ModelInputs, name: str) -> CalibrationSet:
+    """Calibration inputs for a model whose forward takes several tensors (a bare UNet's noisy
+    sample, timestep and text embedding): each of ``inputs`` with the samples along dim 0, named
+    ``name`` in manifests; never the inputs it is evaluated on. With ``positions`` the samples
+    are ordered by position, so that calibration batches hold one step each."""
+    if not isinstance(inputs, ModelInputs):
+        raise LowbitError(f"input_calibration takes lowbit.data.ModelInputs(args=(...), "
+                          f"kwargs={{...}}), got {type(inputs).__name__}")  # fmt: skip
+    return CalibrationSet(name, len(inputs), 0, 0, inputs.sorted_by_position())

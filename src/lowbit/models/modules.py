@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
+from lowbit.data.inputs import ModelInputs
 from lowbit.errors import LowbitError
+from lowbit.nn.steps import select_step
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
@@ -49,8 +55,37 @@ def untie_if_needed(model: nn.Module, quantized: set[str]) -> None:
         config.tie_word_embeddings = False
 
 
-def forward_logits(model: nn.Module, ids: Tensor) -> Tensor:
-    """Logits of a causal LM (HF models without the KV cache) or of any module mapping ids to
-    logits."""
-    out = model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
-    return getattr(out, "logits", out)
+def forward_logits(model: nn.Module, ids: Tensor | ModelInputs) -> Tensor:
+    """Logits of a causal LM (HF models without the KV cache), or the main output of any other
+    module called on ``ids`` (a tensor) or on :class:`ModelInputs` (a forward of several
+    tensors): ``.logits``, a diffusers model's ``.sample``, or a tuple's first element. Inputs
+    with timestep positions run one call per distinct position, each after ``select_step``."""
+    if isinstance(ids, ModelInputs):
+        parts = []
+        for position, index, part in ids.by_position():
+            if position is not None:
+                select_step(model, position)
+            parts.append((index, _main_output(part.call(model))))
+        if len(parts) == 1:
+            return parts[0][1]
+        out = torch.cat([o for _, o in parts])
+        return out[torch.argsort(torch.cat([i for i, _ in parts]))]
+    if _takes_use_cache(model):
+        return _main_output(model(ids, use_cache=False))
+    return _main_output(model(ids))
+
+
+def _main_output(out: Any) -> Tensor:
+    for attr in ("logits", "sample"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """An HF language model (it has a ``config`` and its forward takes ``use_cache``); a
+    diffusers model has a ``config`` too, but no cache."""
+    if not hasattr(model, "config"):
+        return False
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)

@@ -7,9 +7,9 @@ algorithm, LKD), then its static activation ranges and output-SQNR diagnostics. 
 live is the ``store``'s business: in memory (``lowbit.quantize`` on an ``nn.Module``) or read
 from disk and written back block by block (the CLI's streaming runs), with one code path.
 Linears outside the decoder blocks (an untied ``lm_head`` the recipe asks for) are quantized
-last, with RTN. A model without repeated blocks is quantized as one unit: SmoothQuant factors
-folded first (:mod:`lowbit.pipeline.smooth_whole`), then GPTQ (:mod:`lowbit.pipeline.whole`) or
-data-free weights, then static ranges.
+last, with RTN. A model without repeated blocks is quantized as one unit: SmoothQuant or AWQ
+factors folded first (:mod:`lowbit.pipeline.scales_whole`), then GPTQ
+(:mod:`lowbit.pipeline.whole`) or data-free weights, then static ranges.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from lowbit.pipeline.act_ranges import calibrate_activations
 from lowbit.pipeline.blocks import DIAGNOSTIC_WINDOWS, BlockSteps, data_free, restore, swap
 from lowbit.pipeline.diagnostics import output_sqnr
 from lowbit.pipeline.report import LayerReport, QuantizeReport
-from lowbit.pipeline.smooth_whole import smooth_whole
+from lowbit.pipeline.scales_whole import awq_whole, smooth_whole
 from lowbit.pipeline.whole import gptq_whole
 from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import peak_rss_mb
@@ -99,6 +99,10 @@ def quantize_weights(
             alphas = smooth_whole(model, plan, recipe.activations, recipe.smoothquant,
                                   calibration, batch_size, progress)  # fmt: skip
             report.smooth_alpha.update(alphas)
+        if recipe.algorithm.startswith("awq"):
+            alphas = awq_whole(model, plan, recipe.activations, recipe.awq, calibration,
+                               batch_size, progress)  # fmt: skip
+            report.awq_alpha.update(alphas)
     else:
         prefix, modules = blocks
         resumed = store.records()
@@ -141,10 +145,10 @@ def _blocks(
         prefix, blocks = find_blocks(model)
     except LowbitError as exc:
         if calibration is not None and not _whole_supported(recipe):
-            raise LowbitError(f"AWQ, AutoRound and LKD run block by block, but {exc}; a model "
-                              f"without decoder blocks takes GPTQ or data-free weights (rtn, "
-                              f"hqq, kmeans), SmoothQuant and static activation ranges"
-                              ) from None  # fmt: skip
+            raise LowbitError(f"AutoRound and LKD run block by block, but {exc}; a model "
+                              f"without decoder blocks takes GPTQ, AWQ (awq, awq+gptq) or "
+                              f"data-free weights (rtn, hqq, kmeans), SmoothQuant and static "
+                              f"activation ranges") from None  # fmt: skip
         return None
     return prefix, blocks
 
@@ -162,7 +166,7 @@ def _quantize_rest(model, recipe, rest, report, calibration, batch_size, whole, 
     """RTN for the planned linears outside the blocks; for a model without blocks (``whole``),
     its layers (GPTQ with calibration data, else data-free), static ranges and diagnostics over
     the whole model, as one unit."""
-    if whole and calibration is not None and recipe.algorithm == "gptq":
+    if whole and calibration is not None and recipe.algorithm in ("gptq", "awq+gptq"):
         originals = gptq_whole(model, recipe, rest, calibration, batch_size, report, progress)
     else:
         originals = _data_free_rest(model, recipe, rest, report, progress)
@@ -193,9 +197,10 @@ def _data_free_rest(model, recipe, rest, report, progress) -> dict:
 
 
 def _whole_supported(recipe: Recipe) -> bool:
-    """Whether a model quantized whole can run the recipe's calibrated steps: GPTQ or
-    data-free weights, SmoothQuant, static ranges (not AWQ, AutoRound or LKD)."""
-    return recipe.lkd is None and (recipe.algorithm == "gptq" or recipe.algorithm not in CALIBRATED)
+    """Whether a model quantized whole can run the recipe's calibrated steps: GPTQ, AWQ
+    (scales, then RTN or GPTQ) or data-free weights, SmoothQuant, static ranges (not AutoRound
+    or LKD)."""
+    return recipe.lkd is None and "autoround" not in recipe.algorithm
 
 
 def _static(module: nn.Module) -> bool:

@@ -1,6 +1,7 @@
-"""SmoothQuant on a model quantized whole: the convolution pairs found by tracing, folding that
-leaves the float model unchanged, smoothing that lowers the W8A8 error where channels differ in
-range, and the recipes a model without decoder blocks refuses."""
+"""SmoothQuant and AWQ on a model quantized whole: the convolution pairs found by tracing,
+folding that leaves the float model unchanged, factors that lower the W8A8 (SmoothQuant) and
+W4 (AWQ) error where channels differ in range, and the recipes a model without decoder blocks
+refuses."""
 
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ def upscaler(seed: int = 0) -> nn.Sequential:
     ).eval()  # fmt: skip
 
 
-def recipe(algorithm: str = "rtn", smooth: dict | None = None) -> Recipe:
-    weights = {"bits": 8, "symmetric": True, "group_size": -1}
-    body = {"version": 1, "name": "t", "algorithm": algorithm, "ignore": [], "weights": weights,
-            "activations": STATIC}  # fmt: skip
+def recipe(algorithm: str = "rtn", smooth: dict | None = None, bits: int = 8) -> Recipe:
+    weights = {"bits": bits, "symmetric": bits == 8, "group_size": -1}
+    body = {"version": 1, "name": "t", "algorithm": algorithm, "ignore": [], "weights": weights}
+    if bits == 8:
+        body["activations"] = STATIC
     if smooth is not None:
         body["smoothquant"] = smooth
     return Recipe.from_dict(body)
@@ -85,15 +87,21 @@ def outlier_model() -> nn.Sequential:
     return model
 
 
-def w8a8_error(smooth: dict | None, algorithm: str = "rtn") -> tuple[float, dict]:
+def quantized_error(r: Recipe) -> tuple[float, object]:
+    """Output SQNR (dB) of the outlier model quantized by ``r`` on held-out inputs; the report."""
     model, x = outlier_model(), torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(3))
     calib = image_calibration(torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(4)),
                               "random")  # fmt: skip
     with torch.no_grad():
         ref = model(x)
-    report = api.quantize(model, recipe(algorithm, smooth), calib, progress=False)
+    report = api.quantize(model, r, calib, progress=False)
     with torch.no_grad():
-        return sqnr_db(ref, model(x)), report.smooth_alpha
+        return sqnr_db(ref, model(x)), report
+
+
+def w8a8_error(smooth: dict | None, algorithm: str = "rtn") -> tuple[float, dict]:
+    db, report = quantized_error(recipe(algorithm, smooth))
+    return db, report.smooth_alpha
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
@@ -110,21 +118,38 @@ def test_a_fixed_alpha_is_folded_as_given_and_reported():
     assert alphas == {"4": 0.5, "6": 0.5, "8": 0.5}
 
 
-@pytest.mark.parametrize("body", [{"algorithm": "awq"}, {"algorithm": "gptq", "lkd": {}}])
-def test_a_model_without_blocks_refuses_block_steps_but_not_smoothquant(body):
+@pytest.mark.parametrize("algorithm", ["awq", "awq+gptq"])
+def test_awq_lowers_the_w4_error_of_a_convnet_with_an_outlier_channel(algorithm):
+    """The wide channel's small weights lose most to 4-bit per-channel rounding; AWQ's scales
+    give them finer steps."""
+    plain, report = quantized_error(recipe(algorithm.replace("awq+", "").replace("awq", "rtn"),
+                                           bits=4))  # fmt: skip
+    assert report.awq_alpha == {}
+    scaled, report = quantized_error(recipe(algorithm, bits=4))
+    assert set(report.awq_alpha) == {"4", "6", "8"} and report.awq_alpha["4"] is not None
+    assert scaled > plain + 3  # dB
+
+
+@pytest.mark.parametrize("body", [{"algorithm": "autoround"}, {"algorithm": "gptq", "lkd": {}}])
+def test_a_model_without_blocks_refuses_block_steps_but_not_scales(body):
     calib = image_calibration(torch.rand(4, 3, 8, 8), "random")
     full = {"version": 1, "name": "t", "ignore": [], "weights": {"bits": 8, "group_size": -1},
             **body}  # fmt: skip
-    with pytest.raises(LowbitError, match="AWQ, AutoRound and LKD run block by block"):
+    with pytest.raises(LowbitError, match="AutoRound and LKD run block by block"):
         api.quantize(upscaler(), Recipe.from_dict(full), calib, progress=False)
     api.quantize(upscaler(), recipe("rtn", {}), calib, progress=False)
+    api.quantize(upscaler(), recipe("awq", bits=4), calib, progress=False)
 
 
-def test_the_search_never_raises_the_rounded_models_output_error_on_its_batch():
-    from lowbit.pipeline.smooth_whole import _OutputError, smooth_whole
+@pytest.mark.parametrize("method", ["smoothquant", "awq"])
+def test_the_search_never_raises_the_rounded_models_output_error_on_its_batch(method):
+    from lowbit.pipeline.scales_whole import _OutputError, awq_whole, smooth_whole
 
     for seed in range(3):
-        model, r = upscaler(seed), recipe("rtn", {})
+        if method == "smoothquant":
+            model, r = upscaler(seed), recipe("rtn", {})
+        else:
+            model, r = upscaler(seed), recipe("awq", bits=4)
         images = torch.rand(8, 3, 10, 10, generator=torch.Generator().manual_seed(seed))
         calib = image_calibration(images, "random")
         plan = {
@@ -133,5 +158,8 @@ def test_the_search_never_raises_the_rounded_models_output_error_on_its_batch():
             if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
         }
         before = _OutputError(model, plan, r.activations, calib.windows)()
-        smooth_whole(model, plan, r.activations, r.smoothquant, calib, batch_size=8)
+        if method == "smoothquant":
+            smooth_whole(model, plan, r.activations, r.smoothquant, calib, batch_size=8)
+        else:
+            awq_whole(model, plan, r.activations, r.awq, calib, batch_size=8)
         assert _OutputError(model, plan, r.activations, calib.windows)() <= before
