@@ -4,12 +4,13 @@ size, and time per image beside lowbit's float32 model and the same folder in lo
 
 Protocol: each recipe quantizes the pinned model (GPTQ rows calibrate on the scikit-image crops,
 never the evaluation image), the folder is saved and exported with `lowbit.export.export(...,
-"litert")` (weight-only codes: DEQUANTIZE feeds each float convolution); the 256x256
+"litert")` (weight-only codes: DEQUANTIZE feeds each float convolution; W8A8 presets: full
+integer, int8 tensors between the layers, lowbit's ranges and codes); the 256x256
 astronaut input (downscaled 2x) is upscaled by lowbit's float32 model, by the folder in lowbit
 (as `lowbit eval` loads it) and by the .tflite in ai-edge-litert's interpreter with
 `--threads` threads. Timing: ROUNDS rounds, one call of each per round in turn, medians.
 
-    .venv/bin/python benchmarks/litert_image.py [--threads 2] [--rounds 5]
+    .venv/bin/python benchmarks/litert_image.py [--threads 2] [--rounds 5] [--rows TEXT]
 
 Needs the litert and image extras (`pip install 'lowbit[litert,image]'`).
 """
@@ -32,7 +33,7 @@ from lowbit.eval.image import psnr, ssim
 from lowbit.export import export
 from lowbit.models.images import image_models
 from lowbit.models.images.data import sr_calibration, sr_evaluation
-from lowbit.recipes import Recipe
+from lowbit.recipes import Recipe, load_recipe
 
 CH = {"group_size": -1, "symmetric": True}
 RECIPES = {
@@ -42,9 +43,11 @@ RECIPES = {
         "algorithm": "gptq",
         "weights": {"bits": 4, "group_size": -1, "zero_point": "int"},
     },
+    "w8a8 static (conv-w8a8-static)": "conv-w8a8-static",
+    "w8a8 static, smoothquant, gptq (conv-w8a8-best)": "conv-w8a8-best",
 }
 HEADER = ["variant", "file MB", "PSNR vs truth (LiteRT)", "SSIM (LiteRT)",
-          "max |LiteRT - lowbit|", "ms/image LiteRT", "ms/image lowbit",
+          "max |LiteRT - lowbit|", "PSNR LiteRT vs lowbit", "ms/image LiteRT", "ms/image lowbit",
           "ms/image float32"]  # fmt: skip
 
 
@@ -52,6 +55,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2, help="threads for torch and LiteRT")
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (medians)")
+    p.add_argument("--rows", metavar="TEXT", help="only the variants whose name contains TEXT")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     entry = image_models()["waifu2x-upconv7"]
@@ -61,7 +65,12 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name, body in RECIPES.items():
-            recipe = Recipe.from_dict({"version": 1, "name": "r", "ignore": [], **body})
+            if args.rows and args.rows not in name:
+                continue
+            if isinstance(body, str):
+                recipe = load_recipe(body)
+            else:
+                recipe = Recipe.from_dict({"version": 1, "name": "r", "ignore": [], **body})
             model = entry.load()
             report = api.quantize(model, recipe, calib if recipe.needs_calibration else None,
                                   progress=False)  # fmt: skip
@@ -101,7 +110,12 @@ def _row(name, result, lowbit_model, float_model, small, truth, args) -> list:
     got = outs["litert"].clamp(0, 1)
     diff = float((outs["litert"] - outs["lowbit"]).abs().max())
     ms = {k: round(statistics.median(v), 1) for k, v in times.items()}
-    quality = [round(psnr(got, truth), 2), round(ssim(got, truth), 4), f"{diff:.1e}"]
+    quality = [
+        round(psnr(got, truth), 2),
+        round(ssim(got, truth), 4),
+        f"{diff:.1e}",
+        round(psnr(got, outs["lowbit"].clamp(0, 1)), 2),
+    ]
     return [name, round(result.bytes / 1e6, 2), *quality, ms["litert"], ms["lowbit"], ms["float"]]
 
 

@@ -69,8 +69,8 @@ def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):
     assert main(["quantize", "dcgan-faces", "--recipe", "w8-rtn", "--out", out,
                  "--dry-run"]) == 2  # fmt: skip
     assert "--dry-run is for language models" in capsys.readouterr().err
-    assert main(["quantize", "dcgan-faces", "--recipe", "w4-awq-g64", "--out", out]) == 2
-    assert "takes GPTQ or data-free weights" in capsys.readouterr().err
+    assert main(["quantize", "dcgan-faces", "--recipe", "w4-autoround-g64", "--out", out]) == 2
+    assert "AutoRound and LKD run block by block" in capsys.readouterr().err
     for argv in (["bench", "dcgan-faces"], ["qat", "dcgan-faces", "--recipe", "w8-rtn", "--out",
                                             out]):  # fmt: skip
         assert main(argv) == 2

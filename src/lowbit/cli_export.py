@@ -36,9 +36,11 @@ What maps exactly (anything else is an error naming the layer, or for GGUF --req
                       (Llama, Mistral, Qwen2, Qwen3). Needs pip install 'lowbit[litert]'.
 
 Image models (a folder of waifu2x-upconv7, dcgan-faces, ...): onnx (QDQ convolutions, W8A8
-as QLinearConv-style QDQ pairs) or litert (int8/int4 per-channel convolutions and linears,
-symmetric or `zero_point: int`, weight-only: a DEQUANTIZE op feeds each float convolution;
-fixed at the shape of the model's evaluation input).
+as QLinearConv-style QDQ pairs) or litert, fixed at the shape of the model's evaluation
+input: weight-only folders as int8/int4 per-channel codes (symmetric or `zero_point: int`) each
+feeding a DEQUANTIZE before a float convolution; W8A8 folders (conv-w8a8-static/-gptq/-best) as
+full integer: int8 tensors between the layers with lowbit's ranges, codes and int32 biases
+(chains of convolutions and ReLU / LeakyReLU; residual adds and gates are refused).
 """
 
 

@@ -68,23 +68,27 @@ def test_forward_logits_calls_with_every_input_and_takes_the_main_output():
     assert torch.equal(out, x.args[0] * x.kwargs["t"][:, None, None])
 
 
-def test_batches_never_span_two_positions_and_calls_select_each_step():
+def test_mixed_positions_run_one_call_each_in_sample_order_and_leave_no_step_set():
     x = torch.arange(6.0)[:, None]
     inputs = ModelInputs((x,), positions=torch.tensor([0.9, 0.1, 0.9, 0.1, 0.5, 0.9]))
-    ordered = input_calibration(inputs, "steps").windows
-    assert ordered.positions.tolist() == pytest.approx([0.1, 0.1, 0.5, 0.9, 0.9, 0.9])
-    assert torch.equal(ordered.args[0].flatten(), torch.tensor([1.0, 3, 4, 0, 2, 5]))  # stable
-    assert [len(b) for b in ordered.split(2)] == [2, 1, 2, 1]
-    assert [float(b.positions[0]) for b in ordered.split(2)] == pytest.approx([0.1, 0.5, 0.9, 0.9])
+    batches = input_calibration(inputs, "steps").windows.split(4)  # the order given
+    assert [len(b) for b in batches] == [4, 2]
+    assert torch.cat([b.positions for b in batches]).tolist() == pytest.approx(
+        [0.9, 0.1, 0.9, 0.1, 0.5, 0.9]
+    )
 
     class Stepped(nn.Module):
         step_position = None
+        calls = 0
 
         def forward(self, x):
+            self.calls += 1
             return x * 0 + self.step_position
 
-    out = forward_logits(Stepped(), inputs)  # mixed positions: one call each, in sample order
+    model = Stepped()
+    out = forward_logits(model, inputs)
     assert out.flatten().tolist() == pytest.approx(inputs.positions.tolist())
+    assert model.calls == 3 and model.step_position is None  # reset after the call
     with pytest.raises(LowbitError, match=r"\[0, 1\]"):
         ModelInputs((x,), positions=torch.full((6,), 2.0))
     with pytest.raises(LowbitError, match="one per sample"):

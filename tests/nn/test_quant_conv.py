@@ -146,10 +146,10 @@ def test_gptq_quantizes_a_convnet_whole_and_beats_rtn():
         with torch.no_grad():
             errors[algorithm] = sqnr_db(ref, model(x))
     assert errors["gptq"] > errors["rtn"] + 1.0
-    awq = Recipe.from_dict({"version": 1, "name": "a", "algorithm": "awq",
-                            "weights": {"bits": 4, "group_size": 8}})  # fmt: skip
-    with pytest.raises(LowbitError, match="takes GPTQ or data-free"):
-        api.quantize(convnet(), awq, images, progress=False)
+    learned = Recipe.from_dict({"version": 1, "name": "a", "algorithm": "autoround",
+                                "weights": {"bits": 4, "group_size": -1}})  # fmt: skip
+    with pytest.raises(LowbitError, match="takes GPTQ, AWQ .awq, awq.gptq. or data-free"):
+        api.quantize(convnet(), learned, images, progress=False)
 
 
 def test_gptq_on_too_few_calibration_rows_says_so(caplog):

@@ -29,7 +29,8 @@ class AWQOptions:
     """``grid``: α steps in [0, 1); ``duo``: weight-magnitude term in the scales;
     ``clip``: output-error clipping search of group ranges after scaling (``clip_steps`` factors
     down to ``1 − clip_max_shrink``); ``search_samples``: calibration windows used for the α
-    search (the statistics use them all)."""
+    search (the statistics use them all; a model quantized whole scores its first calibration
+    batch)."""
 
     grid: int = 20
     duo: bool = True

@@ -80,9 +80,8 @@ def image_calibration(images: Tensor, name: str) -> CalibrationSet:
 def input_calibration(inputs: ModelInputs, name: str) -> CalibrationSet:
     """Calibration inputs for a model whose forward takes several tensors (a bare UNet's noisy
     sample, timestep and text embedding): each of ``inputs`` with the samples along dim 0, named
-    ``name`` in manifests; never the inputs it is evaluated on. With ``positions`` the samples
-    are ordered by position, so that calibration batches hold one step each."""
+    ``name`` in manifests; never the inputs it is evaluated on."""
     if not isinstance(inputs, ModelInputs):
         raise LowbitError(f"input_calibration takes lowbit.data.ModelInputs(args=(...), "
                           f"kwargs={{...}}), got {type(inputs).__name__}")  # fmt: skip
-    return CalibrationSet(name, len(inputs), 0, 0, inputs.sorted_by_position())
+    return CalibrationSet(name, len(inputs), 0, 0, inputs)

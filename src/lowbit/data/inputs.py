@@ -7,15 +7,15 @@ a tensor of token windows or images is split into calibration batches, so every 
 (GPTQ Hessians, SmoothQuant/AWQ statistics, static ranges, diagnostics) takes them unchanged.
 
 For a diffusion model's per-step activation ranges (``activations.step_groups``), ``positions``
-gives each sample's place on the timestep axis (``t / num_train_timesteps``): batches are then
-split so that each holds one position, and the model is told it (``select_step``) before each
-call, as a sampler does.
+gives each sample's place on the timestep axis (``t / num_train_timesteps``): the model is told
+it (``select_step``) before it runs those samples, as a sampler does, one call per distinct
+position in a batch (so a batch may mix timesteps, and the first batch, which the SmoothQuant
+and AWQ searches score on, spans them as the samples are given).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,7 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: no value equality, hashed by identity
 class ModelInputs:
     """``args`` and ``kwargs`` of the model's forward, every tensor with the same number of
     samples along dim 0 (a timestep per sample: shape (N,), not a scalar); ``positions`` (N,)
@@ -75,15 +75,8 @@ class ModelInputs:
                            None if self.positions is None else self.positions[index])  # fmt: skip
 
     def split(self, size: int) -> tuple[ModelInputs, ...]:
-        """Consecutive batches of ``size`` samples (the last may be smaller), as Tensor.split;
-        with ``positions``, a batch never spans two positions (each run of equal positions is
-        split on its own)."""
-        if self.positions is None:
-            return tuple(self[i : i + size] for i in range(0, len(self), size))
-        changes = (self.positions[1:] != self.positions[:-1]).nonzero().flatten() + 1
-        bounds = [0, *changes.tolist(), len(self)]
-        return tuple(self[i : min(i + size, end)] for start, end in itertools.pairwise(bounds)
-                     for i in range(start, end, size))  # fmt: skip
+        """Consecutive batches of ``size`` samples (the last may be smaller), as Tensor.split."""
+        return tuple(self[i : i + size] for i in range(0, len(self), size))
 
     def by_position(self) -> list[tuple[float | None, Tensor, ModelInputs]]:
         """(position, sample indices, those samples) for each distinct position, ascending;
@@ -96,14 +89,8 @@ class ModelInputs:
             out.append((p, index, self._take(index)))
         return out
 
-    def sorted_by_position(self) -> ModelInputs:
-        """The samples in ascending position (stable); unchanged without ``positions``."""
-        if self.positions is None:
-            return self
-        return self._take(torch.sort(self.positions, stable=True).indices)
-
-    def call(self, model: Any) -> Any:
-        return model(*self.args, **self.kwargs)
+    def call(self, model: Any, **extra: Any) -> Any:
+        return model(*self.args, **self.kwargs, **extra)
 
     def sha256(self) -> str:
         """Digest of every tensor's name, dtype, shape and bytes, in order."""

@@ -106,8 +106,8 @@ def export(
 
 def _export_image(folder: Path, manifest: dict, fmt: str, out: Path,
                   overwrite: bool) -> ExportResult:  # fmt: skip
-    """A quantized image model: ONNX (QDQ convolutions) or LiteRT (weight-only codes, at the
-    shape of the model's first evaluation input)."""
+    """A quantized image model: ONNX (QDQ convolutions) or LiteRT (weight-only codes, or full
+    integer for a W8A8 model, at the shape of the model's first evaluation input)."""
     if fmt not in ("onnx", "litert"):
         raise LowbitError(f"{folder} is an image model: it exports to onnx (QDQ convolutions) "
                           f"or litert, not {fmt}")  # fmt: skip
@@ -121,12 +121,19 @@ def _export_image(folder: Path, manifest: dict, fmt: str, out: Path,
     if getattr(model, "repeats_layers", False):
         raise LowbitError(f"{name} is a sampling loop (its layers run once per step); {fmt} "
                           f"export takes models that run each layer once")  # fmt: skip
-    example, _ = image_models()[name].evaluation()
+    entry = image_models()[name]
+    example, _ = entry.evaluation()
     if fmt == "litert":
         from lowbit.export.litert_image import write_litert_image
+        from lowbit.export.litert_int8 import write_litert_int8
+        from lowbit.nn import QuantLinear
 
+        rounded = any(isinstance(m, QuantLinear) and m.act is not None for m in model.modules())
         with atomic_file(out) as tmp:
-            types = write_litert_image(model, example[:1], name, tmp)
+            if rounded:  # W8A8: int8 tensors between the layers
+                types = write_litert_int8(model, example[:1], entry.calibration(), name, tmp)
+            else:
+                types = write_litert_image(model, example[:1], name, tmp)
         return ExportResult(fmt, out, out.stat().st_size, types)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_onnx_image(model, example, name, folder, tmp)

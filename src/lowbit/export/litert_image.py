@@ -14,9 +14,9 @@ convolution's too, in TRANSPOSE_CONV; one of stride 1 becomes PAD and CONV_2D wi
 flipped), so the codes are written in that order, for a transposed layer in both forms (the
 one found in the file is written). It legalizes no transposed
 convolution whose padding crops the output (waifu2x's last layer): such a layer is converted
-unpadded and followed by the crop, the same values. Not exported: grouped convolutions, layers
-that round their inputs (W8A8: the file would need every activation's range), and samplers
-that run their layers once per step.
+unpadded and followed by the crop, the same values. Not exported: grouped convolutions and
+samplers that run their layers once per step; W8A8 models take the full-integer export
+(:mod:`lowbit.export.litert_int8`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ class Cropped(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
         top, left, bottom, right = self.crop
-        return y[:, :, top : y.shape[2] - bottom, left : y.shape[3] - right]
+        # a copy, not a view: an in-place ReLU after it (DCGAN) would otherwise be exported as
+        # writes into the uncropped tensor (PAD and SELECT ops)
+        return y[:, :, top : y.shape[2] - bottom, left : y.shape[3] - right].clone()
 
 
 def write_litert_image(model: nn.Module, example: Tensor, name: str, out: Path) -> dict[str, str]:
@@ -100,22 +102,26 @@ def _swap_layers(model: nn.Module) -> dict[str, tuple[str, Encoded]]:
         raise LowbitError("the model has no quantized layers to export")
     encoded = {}
     for name, mod in layers:
-        if mod.act is not None:
-            raise LowbitError(f"{name}: {mod.act.short()} inputs have no LiteRT form here (a "
-                              f"file of rounded activations needs every tensor's range); "
-                              f"export a weight-only folder (w8-rtn, w4-rtn-channel)")  # fmt: skip
-        if isinstance(mod, QuantConv):
-            layer, forms = _conv(name, mod)
-        else:
-            enc = encode(mod, name)
-            layer = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            layer.weight.data = dequantize(enc).contiguous()
-            forms = [(layer.weight, enc)]
-            if mod.bias is not None:
-                layer.bias.data = mod.bias.detach().float()
+        if mod.act is not None:  # W8A8 models take lowbit.export.litert_int8
+            raise LowbitError(f"{name}: {mod.act.short()} inputs: a weight-only export takes "
+                              f"layers without rounded inputs")  # fmt: skip
+        layer, forms = float_layer(name, mod)
         set_module(model, name, layer)
         encoded |= {digest(weight): (name, enc) for weight, enc in forms}
     return encoded
+
+
+def float_layer(name: str, mod: QuantLinear) -> tuple[nn.Module, list[tuple[Tensor, Encoded]]]:
+    """The float module holding what ``mod``'s codes mean, and [(its weight as the file may
+    hold it, the encoding in that order)]."""
+    if isinstance(mod, QuantConv):
+        return _conv(name, mod)
+    enc = encode(mod, name)
+    layer = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+    layer.weight.data = dequantize(enc).contiguous()
+    if mod.bias is not None:
+        layer.bias.data = mod.bias.detach().float()
+    return layer, [(layer.weight, enc)]
 
 
 def _conv(name: str, mod: QuantConv) -> tuple[nn.Module, list[tuple[Tensor, Encoded]]]:
@@ -161,4 +167,4 @@ def _conv(name: str, mod: QuantConv) -> tuple[nn.Module, list[tuple[Tensor, Enco
     return layer, forms
 
 
-__all__ = ["Cropped", "write_litert_image"]
+__all__ = ["Cropped", "float_layer", "write_litert_image"]

@@ -59,13 +59,21 @@ def forward_logits(model: nn.Module, ids: Tensor | ModelInputs) -> Tensor:
     """Logits of a causal LM (HF models without the KV cache), or the main output of any other
     module called on ``ids`` (a tensor) or on :class:`ModelInputs` (a forward of several
     tensors): ``.logits``, a diffusers model's ``.sample``, or a tuple's first element. Inputs
-    with timestep positions run one call per distinct position, each after ``select_step``."""
+    with timestep positions run one call per distinct position, each after ``select_step``
+    (the layers' step is reset afterwards)."""
     if isinstance(ids, ModelInputs):
+        extra = {"use_cache": False} if _takes_use_cache(model) else {}
         parts = []
-        for position, index, part in ids.by_position():
-            if position is not None:
-                select_step(model, position)
-            parts.append((index, _main_output(part.call(model))))
+        try:
+            for position, index, part in ids.by_position():
+                if position is not None:
+                    select_step(model, position)
+                parts.append((index, _main_output(part.call(model, **extra))))
+        finally:
+            if ids.positions is not None:
+                for module in model.modules():
+                    if hasattr(module, "step_position"):
+                        module.step_position = None
         if len(parts) == 1:
             return parts[0][1]
         out = torch.cat([o for _, o in parts])

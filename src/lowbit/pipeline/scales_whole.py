@@ -132,8 +132,8 @@ def _fold_search(
             if s is None:
                 return objective()
             saved = [t.detach().clone() for t in folded_tensors(prev, layers)]
-            fold_scales(prev, kind, layers, s)
             try:
+                fold_scales(prev, kind, layers, s)
                 return objective(fresh=changed)
             finally:
                 for t, old in zip(folded_tensors(prev, layers), saved, strict=True):

@@ -83,7 +83,8 @@ def learn_rotation(
     the float ``model`` (held in memory, left with its online transforms installed and its
     weights unchanged) and the loss of each step."""
     options = recipe.rotate
-    if calibration is None or calibration.windows.is_floating_point():
+    windows = None if calibration is None else calibration.windows
+    if not isinstance(windows, Tensor) or windows.is_floating_point():
         raise LowbitError("rotate: kind learned trains on calibration text (pass --calib)")
     hidden = model.config.hidden_size
     rotator = Rotator(model, options, orthogonal(hidden, options))

@@ -66,10 +66,13 @@ def gptq_whole(
 
 def _hessian(model: nn.Module, name: str, module: nn.Module, columns: int,
              calibration: CalibrationSet, batch_size: int) -> Tensor:  # fmt: skip
-    # a sampler runs each layer once per step: its Hessian sums the inputs of every step
-    repeats = getattr(model, "repeats_layers", False)
+    # a sampler runs each layer once per step, and inputs with timestep positions once per
+    # position of a batch: the Hessian sums the inputs of every call
+    windows = calibration.windows
+    positions = getattr(windows, "positions", None) is not None
+    repeats = getattr(model, "repeats_layers", False) or positions
     with collect_input_stats({name: module}, hessian=True, stop_when_done=not repeats) as stats:
-        for batch in calibration.windows.split(batch_size):
+        for batch in windows.split(batch_size):
             with contextlib.suppress(StopForward):
                 forward_logits(model, batch)
     rows = stats[name].rows
