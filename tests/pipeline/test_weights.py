@@ -63,14 +63,19 @@ def test_a_model_with_convolutions_and_no_language_family_is_quantized_whole():
         assert sqnr_db(ref, model(x)) > 30
 
 
-def test_a_diffusers_unet_quantizes_whole():
+def _tiny_unet():
+    """A seeded two-level conditional diffusers UNet (skips without the image extra)."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is in the image extra")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=16,
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
     ).eval()  # fmt: skip
+
+
+def test_a_diffusers_unet_quantizes_whole():
+    unet = _tiny_unet()
     inputs = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 16)
     with torch.no_grad():
         ref = unet(*inputs).sample
@@ -94,16 +99,10 @@ def _unet_inputs(n: int, seed: int):
 
 
 def test_a_bare_unet_calibrates_static_ranges_on_its_three_inputs():
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is in the image extra")
     from lowbit.calibration import input_calibration
     from lowbit.models.modules import forward_logits
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=16,
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
-    ).eval()  # fmt: skip
+    unet = _tiny_unet()
     calib, held = input_calibration(_unet_inputs(8, 1), "noise"), _unet_inputs(4, 2)
     with torch.no_grad():
         ref = forward_logits(unet, held)
