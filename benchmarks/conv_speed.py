@@ -10,6 +10,12 @@ inputs. The integer convolution runs on CPUs with AVX-512 VNNI only (elsewhere t
 equal the reference rows, and say so in the path column).
 
     .venv/bin/python benchmarks/conv_speed.py [--threads 2] [--rounds 7] [--only NAME ...]
+
+With ``--layers``: weight-only 3x3 convolutions of a Stable-Diffusion-1.5 UNet's shapes (random
+weights, batch 1), ms per call in alternation: float32, the W8 / W4 kernel module as loaded
+(``w8a16-conv`` / ``w4a16-conv``, the path it picks in the last column) and each of its two
+paths forced (the codes dequantized into torch's convolution; im2col rows through the affine
+GEMM).
 """
 
 from __future__ import annotations
@@ -40,9 +46,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds (7)")
     p.add_argument("--only", nargs="+", choices=sorted(BATCHES), help="these models only")
+    p.add_argument(
+        "--layers",
+        action="store_true",
+        help="weight-only convolution layers of UNet shapes instead of the models",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layers:
+        return _layers(args.rounds)
     rows = []
     for name in args.only or BATCHES:
         rows += _model_rows(name, args.rounds)
@@ -84,6 +97,57 @@ def _model_rows(name: str, rounds: int) -> list[list]:
             rows.append([name, batch, k, kind, round(speed, 2), round(speed / base, 2), vs_ref,
                          vs_float])  # fmt: skip
     return rows
+
+
+LAYERS = (
+    (1280, 1280, 8),
+    (1280, 1280, 16),
+    (640, 640, 8),
+    (640, 640, 16),
+    (640, 640, 32),
+    (320, 320, 16),
+    (320, 320, 64),
+)
+LAYER_HEADER = ["conv 3x3", "bits", "float32 ms", "kernel ms", "x float32", "dequantize + conv ms",
+                "im2col + GEMM ms", "kernel path"]  # fmt: skip
+
+
+@torch.inference_mode()
+def _layers(rounds: int) -> int:
+    from torch import nn
+
+    from lowbit.recipes import Recipe
+
+    rows = []
+    for cin, cout, size in LAYERS:
+        torch.manual_seed(0)
+        conv, x = nn.Conv2d(cin, cout, 3, padding=1).eval(), torch.randn(1, cin, size, size)
+        for bits in (8, 4):
+            model = nn.Sequential(copy.deepcopy(conv))
+            model.quantized_whole = True
+            body = {"version": 1, "name": "w", "algorithm": "rtn", "ignore": [],
+                    "weights": {"bits": bits, "group_size": -1}}  # fmt: skip
+            api.quantize(model, Recipe.from_dict(body), progress=False)
+            use_kernels(model)
+            kernel = model[0]
+            forced = {"conv": _forced(kernel, False), "im2col": _forced(kernel, True)}
+            times = _alternating({"float": conv, "kernel": kernel, **forced}, x, rounds)
+            ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+            path = "im2col + GEMM" if kernel.weight_bound(x) else "dequantize + conv"
+            rows.append([f"{cin}->{cout} at {size}x{size}", bits, f"{ms['float']:.1f}",
+                         f"{ms['kernel']:.1f}", f"{ms['float'] / ms['kernel']:.2f}",
+                         f"{ms['conv']:.1f}", f"{ms['im2col']:.1f}", path])  # fmt: skip
+            print(format_table(LAYER_HEADER, rows[-1:]), flush=True)
+    print(f"\nthreads {torch.get_num_threads()}, {rounds} alternating rounds, medians\n")
+    print(format_table(LAYER_HEADER, rows, markdown=True))
+    return 0
+
+
+def _forced(kernel, im2col: bool):
+    """The kernel module with its path fixed."""
+    forced = copy.copy(kernel)
+    forced.weight_bound = lambda x: im2col
+    return forced
 
 
 def _alternating(models: dict, x: torch.Tensor, rounds: int) -> dict[str, list[float]]:

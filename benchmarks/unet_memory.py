@@ -12,7 +12,8 @@ random weights it measures rounding, not image quality. Each quantized copy then
 `lowbit eval` runs a saved model (`use_kernels`, the counts printed): W8A8 convolutions on
 oneDNN's integer convolution where the CPU has AVX-512 VNNI, weight-only linears on lowbit's
 kernels, weight-only convolutions dequantized in one native pass per call into torch's float
-convolution (``w8a16-conv`` / ``w4a16-conv``), every other layer on the reference path; bytes
+convolution (``w8a16-conv`` / ``w4a16-conv``; im2col + GEMM where few output positions share
+the weight, see lowbit.nn.kernel_conv), every other layer on the reference path; bytes
 are counted after that swap (the kernels' layouts, float32 scales).
 
     .venv/bin/python benchmarks/unet_memory.py [--threads 2] [--rounds 2]

@@ -46,3 +46,20 @@ def test_weight_only_convolutions_run_on_the_affine_layout_exactly(weights):
 def test_other_weight_formats_keep_the_reference_path(weights):
     fast = quantized(weights)
     assert use_kernels(fast) == {"reference": 3}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_convolution_with_few_outputs_for_its_weight_takes_the_im2col_gemm(bits):
+    """Few output positions per weight: im2col rows through the affine GEMM (the codes read
+    once); many: the dequantized weight into torch's convolution. Both equal the reference."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 256, 3, stride=2, padding=2, dilation=2))
+    model.quantized_whole = True
+    api.quantize(model, make_recipe({"bits": bits, "group_size": 32}, ignore=()), progress=False)
+    fast = copy.deepcopy(model)
+    assert use_kernels(fast) == {f"w{bits}a16-conv": 1}
+    small, large = torch.rand(2, 32, 9, 9), torch.rand(2, 32, 24, 24)  # 2x25 / 2x144 outputs
+    assert fast[0].weight_bound(small) and not fast[0].weight_bound(large)
+    with torch.inference_mode():
+        for x in (small, large):
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)

@@ -3,20 +3,34 @@
 A weight-only QuantConv's reference path dequantizes its packed codes with the general
 primitives (several passes over the weight) at every call. This module holds the weight in the
 affine kernel's layout (:mod:`lowbit.kernels.affine`, as a ``w4a16`` / ``w8a16`` linear does),
-dequantizes it in one native pass per call and hands it to torch's float convolution, so RAM
-holds the low-bit form only. The float convolution does the arithmetic: an image model's
-convolutions are bound by their arithmetic, not by reading the weight.
+so RAM holds the low-bit form only, and takes one of two paths per call:
+
+- most convolutions are bound by their arithmetic: the weight is dequantized in one native pass
+  and torch's float convolution does the work;
+- a convolution with few output positions for its weight (a UNet's 1280-channel layers at 8x8
+  and 16x16) is bound by reading the weight, which that path writes out as float32 and reads
+  again: there the input's im2col rows go through the affine kernel's GEMM instead (float
+  inputs and sums, the codes read once). Chosen when the rows (batch x output positions) are
+  at most ``out_channels / WEIGHT_BOUND``, a fixed rule (so a model computes the same on every
+  call, whichever path is faster that minute). ``benchmarks/conv_speed.py --layers`` on a 2-core
+  AVX-512 VM (2 threads, batch 1, 3x3, ms: float32 / dequantize + conv / im2col + GEMM, W8):
+  1280->1280 at 8x8 41.4 / 65.3 / 22.1, at 16x16 67.2 / 91.7 / 62.2; 640->640 at 8x8
+  4.5 / 5.3 / 5.5, at 16x16 10.8 / 12.0 / 16.8; 320->320 at 64x64 35.4 / 36.5 / 125.8: the rule
+  picked the faster path (or one within 4%) for every shape and width there.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.affine import AffineWeight, affine_dequantize
+from lowbit.kernels.affine import AffineWeight, affine_dequantize, affine_linear
 from lowbit.nn.kernel_linear import affine_weight
 from lowbit.nn.quant_conv import ConvGeometry, QuantConv
 from lowbit.nn.quant_linear import nbytes
+
+WEIGHT_BOUND = 4  # im2col + GEMM when rows <= out_channels / WEIGHT_BOUND (see above)
 
 
 class AffineKernelConv(nn.Module):
@@ -50,8 +64,31 @@ class AffineKernelConv(nn.Module):
                               f"{tuple(x.shape)}")  # fmt: skip
         aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits,
                           self.in_features)  # fmt: skip
-        weight = g.weight(affine_dequantize(aw)).to(x.dtype)
-        return g.apply(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.weight_bound(x):
+            return self._im2col(x, aw, bias)
+        return g.apply(x, g.weight(affine_dequantize(aw)).to(x.dtype), bias)
+
+    def weight_bound(self, x: Tensor) -> bool:
+        """Whether this call takes the im2col path (few output positions for the weight)."""
+        g = self.geometry
+        if g.transposed or g.groups != 1 or x.dtype != torch.float32:
+            return False
+        h, w = self._out_size(x)
+        return x.shape[0] * h * w * WEIGHT_BOUND <= g.out_channels
+
+    def _out_size(self, x: Tensor) -> tuple[int, int]:
+        g = self.geometry
+        sizes = zip(x.shape[2:], g.kernel_size, g.stride, g.padding, g.dilation, strict=True)
+        h, w = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in sizes)
+        return h, w
+
+    def _im2col(self, x: Tensor, aw: AffineWeight, bias: Tensor | None) -> Tensor:
+        g = self.geometry
+        n, (h, w) = x.shape[0], self._out_size(x)
+        y = affine_linear(g.patches(x), aw, act8=False)  # (N·H'·W', out): float inputs
+        y = y.reshape(n, h, w, g.out_channels).permute(0, 3, 1, 2)
+        return y if bias is None else y + bias[None, :, None, None]
 
     def extra_repr(self) -> str:
         g = self.geometry
