@@ -123,9 +123,7 @@ def write_litert_int8(model: nn.Module, example: Tensor, calibration: Tensor, na
         except Exception as exc:  # the quantizer's own errors name tensors, not layers
             raise LowbitError(f"ai-edge-quantizer could not quantize {name} with lowbit's "
                               f"ranges: {str(exc).splitlines()[0]}") from None  # fmt: skip
-        quantized = Path(work) / "int8.tflite"
-        quantized.write_bytes(result.quantized_model)
-        flat = _Graph(flatbuffer_utils.read_model(str(quantized)), fb)
+        flat = _Graph(flatbuffer_utils.read_model_from_bytearray(result.quantized_model), fb)
         written = flat.write_layers(found, inputs)
         flat.integer_activations()
         info = {"producer": "lowbit", "model": name, "input": list(example.shape),
@@ -222,8 +220,10 @@ class _Graph:
         self.names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
 
     def op_name(self, op) -> str:
+        from ai_edge_litert.tools.flatbuffer_utils import get_builtin_code_from_operator_code
+
         code = self.model.operatorCodes[op.opcodeIndex]
-        return self.names[max(code.builtinCode, code.deprecatedBuiltinCode)]
+        return self.names[get_builtin_code_from_operator_code(code)]
 
     def tensor_name(self, index: int) -> str:
         return self.sg.tensors[index].name.decode()

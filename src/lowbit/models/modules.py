@@ -71,9 +71,7 @@ def forward_logits(model: nn.Module, ids: Tensor | ModelInputs) -> Tensor:
                 parts.append((index, _main_output(part.call(model, **extra))))
         finally:
             if ids.positions is not None:
-                for module in model.modules():
-                    if hasattr(module, "step_position"):
-                        module.step_position = None
+                select_step(model, None)
         if len(parts) == 1:
             return parts[0][1]
         out = torch.cat([o for _, o in parts])

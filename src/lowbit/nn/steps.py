@@ -15,10 +15,11 @@ from lowbit.errors import LowbitError
 from lowbit.primitives import QParams
 
 
-def select_step(model: nn.Module, position: float) -> None:
+def select_step(model: nn.Module, position: float | None) -> None:
     """Tell every layer of ``model`` with per-step ranges that the next forward is at
-    ``position`` in [0, 1] of the timestep axis (``t / num_train_timesteps``)."""
-    if not 0.0 <= position <= 1.0:
+    ``position`` in [0, 1] of the timestep axis (``t / num_train_timesteps``); None: at no
+    step (a layer with several ranges then refuses to run)."""
+    if position is not None and not 0.0 <= position <= 1.0:
         raise LowbitError(f"select_step: position must be in [0, 1] (t / timesteps), got "
                           f"{position}")  # fmt: skip
     for module in model.modules():
