@@ -111,3 +111,57 @@ def test_prompts_take_int8_inputs_where_evaluation_keeps_float(monkeypatch):
         int8_inputs, _ = decode_steps(HFForward(model), prompt, follow, n)
     assert rel(ours, int8_inputs) < 1e-4
     assert 1e-4 < rel(ours, float_inputs) < 0.1
+
+
+@pytest.mark.parametrize("recipe", [None, "w4-sym-g32", "w8-rtn"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_one_call_step_equals_the_per_op_loop(family, recipe):
+    """The whole decode step as one native call (``lowbit_cpu::decode_step``) runs the loop's
+    ops in the loop's order: the same logits to the bit, left-padded rows included."""
+    from lowbit import api
+    from lowbit.kernels.build import native_ops
+    from lowbit.models.kernels import use_kernels
+
+    if not native_ops():
+        pytest.skip("native kernels unavailable here")
+    model = tiny_family_model(family)
+    if recipe:
+        api.quantize(model, recipe, progress=False)
+        use_kernels(model)
+    stepped, looped = LlamaForward(model), LlamaForward(model)
+    assert stepped._step is not None
+    looped.__dict__["_step"] = None  # the cached property: the per-op loop
+    g = torch.Generator().manual_seed(4)
+    prompt, follow = torch.randint(0, 64, (2, 6), generator=g), torch.randint(0, 64, (2, 4))
+    with torch.inference_mode():
+        outs = []
+        for forward in (stepped, looped):
+            cache = forward.new_cache(2, 16)
+            cache.pad[0] = 2
+            steps = [forward(prompt, cache)] + [forward(t.view(-1, 1), cache) for t in follow.T]
+            outs.append(torch.stack(steps))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_one_call_step_only_where_every_layer_is_native():
+    model = tiny_family_model("qwen2")  # q/k/v biases: the joint call, not a native part
+    assert LlamaForward(model)._step is None
+
+
+def test_one_call_step_refuses_a_layout_that_does_not_fit():
+    from lowbit.kernels.build import native_ops
+
+    if not native_ops():
+        pytest.skip("native kernels unavailable here")
+    forward = LlamaForward(tiny_llama(vocab=64))
+    weights, layout, norms, eps = forward._step
+    cache = forward.new_cache(1, 8)
+    x = torch.randn(1, 64)
+    args = (cache.k, cache.v, forward.cos, forward.sin, cache.pad, 0, 4, 2, 0.25)
+    with pytest.raises(RuntimeError, match="layout ends"):
+        torch.ops.lowbit_cpu.decode_step(x, x.clone(), weights, layout[:-3], norms, eps, *args)
+    with pytest.raises(RuntimeError, match="more weights"):
+        torch.ops.lowbit_cpu.decode_step(x, x.clone(), weights + weights[:1], layout, norms, eps,
+                                         *args)  # fmt: skip
+    with pytest.raises(RuntimeError, match="4 norms"):
+        torch.ops.lowbit_cpu.decode_step(x, x.clone(), weights, layout, norms[:-1], eps, *args)

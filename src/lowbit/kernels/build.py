@@ -31,6 +31,7 @@ NAMES = (
     "float_gemv.cpp",
     "decode_ops.cpp",
     "decode_codes.cpp",
+    "decode_step.cpp",
     "int8_gemm.cpp",
     "hadamard.cpp",
     "act_quant.cpp",

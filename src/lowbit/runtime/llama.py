@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.kernels import decode as decode_ops
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rotate, silu_mul
 from lowbit.kernels.kv_attention import decode_attention_codes
@@ -69,16 +70,35 @@ def _online(module: nn.Module) -> Callable[[Tensor], Tensor]:
     return direct if online is None or direct is module else lambda x: direct(online.apply(x))
 
 
+class _Native:
+    """A layer's decode call on the native ops: ``parts`` side by side, each ``(kind, group,
+    bits, tensors)``: float weights (kind 0, ``(w,)``) or affine codes (kind 1, ``(codes,
+    scale, offset)``, 4-bit inputs rounded to int8). Callable on a (B, C) input, and what the
+    one-call step (``lowbit_cpu::decode_step``, :attr:`LlamaForward._step`) reads."""
+
+    def __init__(self, parts: list[tuple[int, int, int, tuple[Tensor, ...]]]) -> None:
+        self.parts = parts
+        affine, dense = torch.ops.lowbit_cpu.affine_linear, torch.ops.lowbit_cpu.float_linear
+        self.calls = [functools.partial(dense, w=ts[0]) if kind == 0 else
+                      (lambda x, args=(*ts, group, bits, True): affine(x, *args))
+                      for kind, group, bits, ts in parts]  # fmt: skip
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if len(self.calls) == 1:
+            return self.calls[0](x)
+        return torch.cat([call(x) for call in self.calls], dim=-1)
+
+
 def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]:
-    """The cheapest call of a layer on a (B, C) decode input: the native affine op itself for
-    kernel layers that need no padding and no bias (Python checks and reshapes cost as much
-    as a small layer's arithmetic at decode), the native float GEMV for plain float32 linear
-    layers without bias or hooks (torch's read float32 weights at a third of the read
-    bandwidth on some CPUs: see csrc/float_gemv.cpp), else the module."""
+    """The cheapest call of a layer on a (B, C) decode input: a :class:`_Native` of the affine
+    op itself for kernel layers that need no padding and no bias (Python checks and reshapes
+    cost as much as a small layer's arithmetic at decode) or of the native float GEMV for
+    plain float32 linear layers without bias or hooks (torch's read float32 weights at a
+    third of the read bandwidth on some CPUs: see csrc/float_gemv.cpp), else the module."""
     from lowbit.nn.kernel_linear import AffineKernelLinear
 
     if _plain_float(module):
-        return functools.partial(torch.ops.lowbit_cpu.float_linear, w=module.weight.detach())
+        return _Native([(0, 0, 0, (module.weight.detach(),))])
     plain = isinstance(module, AffineKernelLinear) and module.shared is None and module.bias is None
     if aw is None and plain:
         from lowbit.kernels.affine import AffineWeight
@@ -87,8 +107,7 @@ def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]
                           module.in_features)  # fmt: skip
     if aw is None or aw.padded_in != aw.in_features:
         return module  # (or the joint call the caller passed)
-    op, args = torch.ops.lowbit_cpu.affine_linear, (aw.w, aw.scale, aw.offset, aw.group, aw.bits)
-    return lambda x: op(x, *args, True)
+    return _Native([(1, aw.group, aw.bits, (aw.w, aw.scale, aw.offset))])
 
 
 def _plain_float(module: nn.Module | Callable) -> bool:
@@ -146,8 +165,7 @@ def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor
     """:func:`_direct` for layers that run as one fused call (no biases) or are all plain float
     layers (one native call each), else ``joint``."""
     if all(_plain_float(m) for m in modules):
-        calls = [_direct(m) for m in modules]
-        return lambda x: torch.cat([c(x) for c in calls], dim=-1)
+        return _Native([part for m in modules for part in _direct(m).parts])
     shared = _shared(modules)
     if shared is None or any(m.bias is not None for m in modules):
         return joint
@@ -295,6 +313,14 @@ class LlamaForward:
         pos = cache.reserve(1)
         x = self.embed(ids[:, 0]).contiguous()  # (B, C), the residual stream (added in place)
         h = _rms(self.layers[0].norm1, x)
+        step = self._step
+        contiguous = cache.k.is_contiguous() and cache.v.is_contiguous()
+        if step is not None and contiguous and decode_ops._native(x):  # one call, every layer
+            h = torch.ops.lowbit_cpu.decode_step(
+                x, h, *step, cache.k, cache.v, self.cos, self.sin, cache.pad, pos, self.heads,
+                self.kv_heads, self.scaling,
+            )  # fmt: skip
+            return self.fast_head(h)
         for i, (layer, (qn, kn, eps, w2, eps2, w_next, eps_next)) in enumerate(self._plan):
             qkv_op, o_op, gate_up_op, down_op = layer.fast
             qkv = qkv_op(h).contiguous()  # (B, (H + 2·Hkv)·D)
@@ -314,6 +340,26 @@ class LlamaForward:
             d = down_op(self._mlp_act(layer, gate_up_op(h)))
             h = add_rms_norm(x, d.contiguous(), w_next, eps_next)
         return self.fast_head(h)  # (B, vocab)
+
+    @functools.cached_property
+    def _step(self) -> tuple[list[Tensor], list[int], list[Tensor], list[float]] | None:
+        """The fixed arguments of ``lowbit_cpu::decode_step`` (weights, layout, norms, eps): the
+        same ops as :meth:`_decode`'s loop in one call. None where a layer is not all native
+        parts (a module, an online rotation), the MLP is not SiLU or the cache holds codes."""
+        if self.attention is not None or any(layer.act is not None for layer in self.layers):
+            return None
+        if not all(isinstance(call, _Native) for layer in self.layers for call in layer.fast):
+            return None
+        weights, layout, norms, eps = [], [], [], []
+        for layer, (qn, kn, e, w2, e2, w_next, e_next) in self._plan:
+            for slot in layer.fast:
+                layout.append(len(slot.parts))
+                for kind, group, bits, tensors in slot.parts:
+                    layout += [kind, group, bits]
+                    weights += tensors
+            norms += [qn, kn, w2, w_next]
+            eps += [e, e2, e_next]
+        return weights, layout, norms, eps
 
     @functools.cached_property
     def _centers(self) -> list[Tensor]:

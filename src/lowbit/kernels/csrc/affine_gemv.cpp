@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "decode_api.h"
 
 using namespace lowbit_kernels;
 
@@ -263,7 +264,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
       const int64_t mm = std::min(kMaxM, M - m0);
       gemv_any<Bits, P>(xp + m0 * K, mm, K, wp, sp, op, group, xs + m0 * G, yp + m0 * N, N, n0, n1);
@@ -334,8 +335,9 @@ at::Tensor affine_dequantize(const at::Tensor& w, const at::Tensor& scale, const
   return out;
 }
 
-at::Tensor affine_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
-                         const at::Tensor& offset, int64_t group, int64_t bits, bool act8) {
+at::Tensor lowbit_kernels::affine_linear(const at::Tensor& x_in, const at::Tensor& w,
+                                         const at::Tensor& scale, const at::Tensor& offset,
+                                         int64_t group, int64_t bits, bool act8) {
   const at::Tensor x = x_in.contiguous();
   check(x, w, scale, offset, group, bits);
   return scale.scalar_type() == at::kHalf
@@ -354,6 +356,6 @@ TORCH_LIBRARY(lowbit_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
-  m.impl("affine_linear", &affine_linear);
+  m.impl("affine_linear", &lowbit_kernels::affine_linear);
   m.impl("affine_dequantize", &affine_dequantize);
 }

@@ -357,7 +357,7 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
       const int64_t mm = std::min(kMaxM, M - m0);
       const float* xs_m = xs + m0 * C * lanes;

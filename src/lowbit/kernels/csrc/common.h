@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "pool.h"
+
 namespace lowbit_kernels {
 
 constexpr int64_t kMaxM = 8;      // rows of x handled per weight pass

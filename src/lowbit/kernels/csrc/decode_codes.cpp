@@ -369,7 +369,7 @@ at::Tensor decode_attention_codes(
   };
   std::vector<float> part_out(B * H * S * D);
   std::vector<Part> parts(B * H * S);
-  at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
+  lowbit_kernels::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score(Q * (length + 8)), buf(D), out(Q * D);
     std::vector<Part> local(Q);
     for (int64_t item = begin; item < end; ++item) {

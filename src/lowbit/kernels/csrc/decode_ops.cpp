@@ -14,11 +14,12 @@
 #include <vector>
 
 #include "common.h"
+#include "decode_api.h"
 #include "decode_part.h"
 
-namespace {
+namespace lowbit_kernels {
 
-void check_rows(const at::Tensor& x, const at::Tensor& w, const char* op) {
+static void check_rows(const at::Tensor& x, const at::Tensor& w, const char* op) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, op,
               ": float32 tensors only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(-1) == w.numel(), op,
@@ -66,7 +67,7 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 }
 
 // One query against the slots first..last of one head's cache (see Part in decode_part.h).
-lowbit_kernels::Part attend_part(const float* q, const float* keys, const float* vals, int64_t first,
+static Part attend_part(const float* q, const float* keys, const float* vals, int64_t first,
                  int64_t last, int64_t D, float scale, float* score, float* out) {
   float top = -INFINITY;
   int64_t s = first;
@@ -161,7 +162,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
   const int64_t Q = H / Hkv;
   std::vector<float> part_out(B * H * S * D);
   std::vector<lowbit_kernels::Part> parts(B * H * S);
-  at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
+  lowbit_kernels::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score(pos + 9);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (Hkv * S), g = item / S % Hkv, c = item % S;
@@ -186,7 +187,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
   return out;
 }
 
-}  // namespace
+}  // namespace lowbit_kernels
 
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -199,8 +200,8 @@ TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &lowbit_kernels::rms_norm);
+  m.impl("add_rms_norm", &lowbit_kernels::add_rms_norm);
+  m.impl("silu_mul", &lowbit_kernels::silu_mul);
+  m.impl("decode_attention", &lowbit_kernels::decode_attention);
 }

@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "decode_api.h"
 
 using lowbit_kernels::hsum;
 using lowbit_kernels::kGemvMaxM;
@@ -110,14 +111,16 @@ at::Tensor float_linear_as(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = x.data_ptr<float>();
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM)
       rows_any<S>(xp + m0 * K, std::min(kMaxM, M - m0), K, wp, yp + m0 * N, N, n0, n1);
   });
   return y;
 }
 
-at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& w) {
+}  // namespace
+
+at::Tensor lowbit_kernels::float_linear(const at::Tensor& x_in, const at::Tensor& w) {
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a float32 matrix");
   const auto t = w.scalar_type();
@@ -129,12 +132,10 @@ at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& w) {
   return t == at::kBFloat16 ? float_linear_as<Store::BF16>(x, w) : float_linear_as<Store::F16>(x, w);
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def("float_linear(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
-  m.impl("float_linear", &float_linear);
+  m.impl("float_linear", &lowbit_kernels::float_linear);
 }

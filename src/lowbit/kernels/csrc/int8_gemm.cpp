@@ -166,7 +166,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
   const int64_t block = std::max<int64_t>(8 * kRowsTile, (kCodesBlock / Kp) / kRowsTile * kRowsTile);
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
-    at::parallel_for(0, groups, 1, [&](int64_t p0, int64_t p1) {
+    const auto panels_of = [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = kPanels * p * kPanel;
         const int8_t* panel = wp + n0 * Kp;
@@ -177,7 +177,11 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
         else
           rows_against_panels<1>(qm, sx.data() + m0, rows, Kp, panel, sw, n0, N, yp + m0 * N);
       }
-    });
+    };
+    if (M <= kGemvMaxM)  // decode-sized: the spinning pool (pool.h)
+      lowbit_kernels::parallel_for(0, groups, 1, panels_of);
+    else
+      at::parallel_for(0, groups, 1, panels_of);
   }
   return y;
 }

@@ -1,0 +1,23 @@
+// The ops a decode step is made of, callable from C++ (decode_step.cpp runs a whole step
+// without going back to Python between them). Each is also registered as a torch op.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace lowbit_kernels {
+
+// affine_gemv.cpp: codes w with per-group scale/offset; act8 rounds 4-bit layers' inputs.
+at::Tensor affine_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                         const at::Tensor& offset, int64_t group, int64_t bits, bool act8);
+// float_gemv.cpp: x (M, K) times a float32/16 weight (N, K).
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w);
+// decode_ops.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& d, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& gu);
+at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc,
+                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pad,
+                            int64_t pos, int64_t H, int64_t Hkv, double scale,
+                            const at::Tensor& q_norm, const at::Tensor& k_norm, double eps);
+
+}  // namespace lowbit_kernels

@@ -1,0 +1,227 @@
+// The decode-sized kernels' threads: a small pool whose workers spin for a while after each
+// task before they sleep, used instead of at::parallel_for (an OpenMP parallel region) for
+// work that takes microseconds.
+//
+// Why by hand: a one-token decode step of a small model is ~150 kernel calls of 10-50 us each,
+// and every OpenMP region wakes its threads again. With OMP_WAIT_POLICY=PASSIVE (what shared
+// machines use) libgomp puts them to sleep at once, and on a 2-core VM waking one cost more
+// than the call's arithmetic: smollm2-135m W4 decoded at 26-44 tok/s with PASSIVE and 102-137
+// with ACTIVE (which spins forever, burning a core whenever the process idles). torch has no
+// pool with a bounded spin; llama.cpp keeps its own threadpool for the same reason. Here the
+// workers spin (pausing, yielding now and then to other runnable threads) for spin_us
+// (LOWBIT_SPIN_US, default 1000) after their last task, so the calls of one decode step and
+// the steps of one generation find them awake, and an idle process sleeps.
+//
+// Semantics are at::parallel_for's: [begin, end) cut into at most get_num_threads() chunks of
+// at least `grain`; each chunk is run by whichever thread claims it first (the caller too), and
+// every output element is computed within one chunk, so results do not depend on which thread
+// ran what. Claiming (not a fixed chunk per thread) matters beside another spinning thread:
+// with OpenMP's default wait policy the transformers decode loop (torch ops between the
+// kernels) fell to 3.3 tok/s when the caller waited for a worker that was not on a core.
+// Nested calls (from a worker, inside an OpenMP region) and calls while another thread uses
+// the pool run inline or on at::parallel_for. After fork() the child starts a fresh pool (the
+// parent's threads do not exist there).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sched.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace lowbit_kernels {
+
+class SpinPool {
+ public:
+  explicit SpinPool(int workers) : pid_(getpid()), spin_ns_(spin_ns()) {
+    for (int t = 0; t < workers; ++t) threads_.emplace_back([this] { work(); });
+  }
+
+  ~SpinPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_.store(true);
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  int workers() const { return static_cast<int>(threads_.size()); }
+  bool forked() const { return getpid() != pid_; }
+
+  // fn(ctx, c) for every chunk c in 0..chunks-1, each run once by whichever thread claims it
+  // first (the caller claims too); returns when all have run. A worker that is not on a core
+  // (another process's or OpenMP's spinning thread holds it) claims nothing, so the caller
+  // never waits for it to be scheduled: at worst it runs every chunk itself.
+  void run(void (*fn)(void*, int64_t), void* ctx, int64_t chunks) {
+    fn_.store(fn, std::memory_order_relaxed);
+    ctx_.store(ctx, std::memory_order_relaxed);
+    chunks_.store(chunks, std::memory_order_relaxed);
+    completed_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(gen << 32, std::memory_order_seq_cst);  // publishes the task
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);  // a sleeper re-checks under it: no lost wake
+      wake_.notify_all();
+    }
+    drain(gen);
+    while (completed_.load(std::memory_order_acquire) < chunks) _mm_pause();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  static int64_t spin_ns() {
+    const char* env = std::getenv("LOWBIT_SPIN_US");
+    const long us = env ? std::strtol(env, nullptr, 10) : 1000;
+    return static_cast<int64_t>(us < 0 ? 0 : us) * 1000;
+  }
+
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
+  // Claims and runs chunks of task `gen` until none is left. state_ holds the task's
+  // generation (high 32 bits) and its next unclaimed chunk: a claim is one compare-exchange,
+  // and a late worker whose task has ended sees another generation and claims nothing.
+  void drain(uint64_t gen) {
+    for (;;) {
+      uint64_t v = state_.load(std::memory_order_acquire);
+      if ((v >> 32) != gen) return;
+      const int64_t c = static_cast<int64_t>(v & 0xffffffffu);
+      if (c >= chunks_.load(std::memory_order_relaxed)) return;
+      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+      // chunk c of task gen is ours: the task cannot end (nor fn_/ctx_ change) before it is done
+      try {
+        fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), c);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      completed_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void work() {
+    in_worker() = true;
+    uint64_t seen = 0;
+    auto generation = [&] { return state_.load(std::memory_order_seq_cst) >> 32; };
+    for (;;) {
+      const int64_t since = now_ns();
+      uint64_t g;
+      for (int64_t i = 1; (g = generation()) == seen; ++i) {
+        if (stop_.load(std::memory_order_relaxed)) return;
+        _mm_pause();
+        if (i % 64 == 0) sched_yield();  // let an OpenMP or other thread on this core run
+        if (i % 256 == 0 && now_ns() - since > spin_ns_) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return generation() != seen || stop_.load(); });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+          i = 0;
+        }
+      }
+      seen = g;
+      drain(g);
+    }
+  }
+
+ public:
+  static bool& in_worker() {
+    thread_local bool flag = false;
+    return flag;
+  }
+
+ private:
+  const pid_t pid_;
+  const int64_t spin_ns_;
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> state_{0};  // generation << 32 | next unclaimed chunk
+  std::atomic<int64_t> chunks_{0};
+  std::atomic<int64_t> completed_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<void (*)(void*, int64_t)> fn_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::exception_ptr error_;  // written under mutex_, read after every chunk completed
+};
+
+// Held by the thread submitting work (one for every instantiation of parallel_for).
+inline std::mutex& pool_guard() {
+  static std::mutex guard;
+  return guard;
+}
+
+// The process's pool for `threads` threads (threads - 1 workers), rebuilt when the thread count
+// changes. After fork() the old pool is dropped without joining (its threads are not in the
+// child) and deliberately leaked.
+inline SpinPool& spin_pool(int threads) {
+  static SpinPool* pool = nullptr;
+  if (pool && pool->forked()) pool = nullptr;
+  if (!pool || pool->workers() != threads - 1) {
+    delete pool;
+    pool = new SpinPool(threads - 1);
+  }
+  return *pool;
+}
+
+// Whether OpenMP's threads never sleep (OMP_WAIT_POLICY=active, GOMP_SPINCOUNT=infinite): they
+// are awake for every region then, and a spinning pool beside them would share their cores
+// (smollm2 W4 decode fell from ~100 to 3 tok/s on 2 cores), so OpenMP runs everything.
+inline bool openmp_spins() {
+  static const bool spins = [] {
+    auto is = [](const char* name, const char* value) {
+      const char* env = std::getenv(name);
+      return env && strcasecmp(env, value) == 0;
+    };
+    return is("OMP_WAIT_POLICY", "active") || is("GOMP_SPINCOUNT", "infinite") ||
+           is("GOMP_SPINCOUNT", "infinity");
+  }();
+  return spins;
+}
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::min<int64_t>(threads, (n + grain - 1) / std::max<int64_t>(grain, 1));
+  if (chunks <= 1 || SpinPool::in_worker() || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  std::unique_lock<std::mutex> lock(pool_guard(), std::try_to_lock);
+  if (!lock.owns_lock() || openmp_spins()) {  // another thread's decode is using it
+    at::parallel_for(begin, end, grain, f);
+    return;
+  }
+  SpinPool& pool = spin_pool(static_cast<int>(threads));
+  const int64_t step = (n + chunks - 1) / chunks;
+  struct Ctx {
+    const F* f;
+    int64_t begin, end, step;
+  } ctx{&f, begin, end, step};
+  pool.run(
+      [](void* p, int64_t c) {
+        const Ctx& x = *static_cast<const Ctx*>(p);
+        const int64_t lo = x.begin + c * x.step, hi = std::min(x.end, lo + x.step);
+        if (lo < hi) (*x.f)(lo, hi);
+      },
+      &ctx, chunks);
+}
+
+}  // namespace lowbit_kernels
