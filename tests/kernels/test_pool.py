@@ -37,6 +37,24 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @needs_native
+def test_tasks_of_different_chunk_counts_back_to_back():
+    """Calls cut into 1, 2, 3 and 4 chunks in turn, many times, on 4 threads (more than this
+    machine's cores, so workers lose theirs mid-task): each result equals its first."""
+    cases = [_gemv(10 + n, n=n) for n in (16, 32, 48, 64, 1000)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        expected = [torch.ops.lowbit_cpu.float_linear(x, w) for x, w in cases]
+        for _ in range(400):
+            for (x, w), want in zip(cases, expected, strict=True):
+                assert torch.equal(torch.ops.lowbit_cpu.float_linear(x, w), want)
+    finally:
+        torch.set_num_threads(before)
+    for (x, w), want in zip(cases, expected, strict=True):
+        assert torch.allclose(want, x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
 def test_two_threads_calling_at_once_get_their_own_results():
     cases = [_gemv(seed) for seed in (1, 2)]
     expected = [torch.ops.lowbit_cpu.float_linear(x, w) for x, w in cases]

@@ -133,17 +133,26 @@ def test_one_call_step_equals_the_per_op_loop(family, recipe):
     looped.__dict__["_step"] = None  # the cached property: the per-op loop
     g = torch.Generator().manual_seed(4)
     prompt, follow = torch.randint(0, 64, (2, 6), generator=g), torch.randint(0, 64, (2, 4))
+    outs, calls = [], []
     with torch.inference_mode():
-        outs = []
         for forward in (stepped, looped):
             cache = forward.new_cache(2, 16)
             cache.pad[0] = 2
-            steps = [forward(prompt, cache)] + [forward(t.view(-1, 1), cache) for t in follow.T]
+            with torch.profiler.profile() as prof:
+                steps = [forward(prompt, cache)]
+                steps += [forward(t.view(-1, 1), cache) for t in follow.T]
             outs.append(torch.stack(steps))
+            calls.append(sum(e.name == "lowbit_cpu::decode_step" for e in prof.events()))
+    assert calls == [follow.shape[1], 0]  # the step ran at every decode step, the loop never
     assert torch.equal(outs[0], outs[1])
 
 
 def test_one_call_step_only_where_every_layer_is_native():
+    from lowbit.kernels.build import native_ops
+
+    if not native_ops():
+        pytest.skip("native kernels unavailable here")
+    assert LlamaForward(tiny_family_model("llama"))._step is not None
     model = tiny_family_model("qwen2")  # q/k/v biases: the joint call, not a native part
     assert LlamaForward(model)._step is None
 

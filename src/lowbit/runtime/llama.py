@@ -314,8 +314,10 @@ class LlamaForward:
         x = self.embed(ids[:, 0]).contiguous()  # (B, C), the residual stream (added in place)
         h = _rms(self.layers[0].norm1, x)
         step = self._step
+        # one call for every layer; over PROMPT_ROWS rows the loop's silu_mul takes torch's ops
         contiguous = cache.k.is_contiguous() and cache.v.is_contiguous()
-        if step is not None and contiguous and decode_ops._native(x):  # one call, every layer
+        rows = x.shape[0] <= decode_ops.PROMPT_ROWS
+        if step is not None and contiguous and rows and decode_ops._native(x):
             h = torch.ops.lowbit_cpu.decode_step(
                 x, h, *step, cache.k, cache.v, self.cos, self.sin, cache.pad, pos, self.heads,
                 self.kv_heads, self.scaling,

@@ -5,7 +5,7 @@
 // Why by hand: a one-token decode step of a small model is ~150 kernel calls of 10-50 us each,
 // and every OpenMP region wakes its threads again. With OMP_WAIT_POLICY=PASSIVE (what shared
 // machines use) libgomp puts them to sleep at once, and on a 2-core VM waking one cost more
-// than the call's arithmetic: smollm2-135m W4 decoded at 26-44 tok/s with PASSIVE and 102-137
+// than the call's arithmetic: smollm2-135m W4 decoded at 26-44 tok/s with PASSIVE and 97-137
 // with ACTIVE (which spins forever, burning a core whenever the process idles). torch has no
 // pool with a bounded spin; llama.cpp keeps its own threadpool for the same reason. Here the
 // workers spin (pausing, yielding now and then to other runnable threads) for spin_us
@@ -44,17 +44,15 @@ namespace lowbit_kernels {
 class SpinPool {
  public:
   explicit SpinPool(int workers) : pid_(getpid()), spin_ns_(spin_ns()) {
-    for (int t = 0; t < workers; ++t) threads_.emplace_back([this] { work(); });
+    try {
+      for (int t = 0; t < workers; ++t) threads_.emplace_back([this] { work(); });
+    } catch (...) {  // a thread could not start: stop those that did before unwinding
+      stop();
+      throw;
+    }
   }
 
-  ~SpinPool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_.store(true);
-    }
-    wake_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
+  ~SpinPool() { stop(); }
 
   int workers() const { return static_cast<int>(threads_.size()); }
   bool forked() const { return getpid() != pid_; }
@@ -63,22 +61,32 @@ class SpinPool {
   // first (the caller claims too); returns when all have run. A worker that is not on a core
   // (another process's or OpenMP's spinning thread holds it) claims nothing, so the caller
   // never waits for it to be scheduled: at worst it runs every chunk itself.
+  // chunks <= kMaxChunks.
   void run(void (*fn)(void*, int64_t), void* ctx, int64_t chunks) {
     fn_.store(fn, std::memory_order_relaxed);
     ctx_.store(ctx, std::memory_order_relaxed);
-    chunks_.store(chunks, std::memory_order_relaxed);
     completed_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
-    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
-    state_.store(gen << 32, std::memory_order_seq_cst);  // publishes the task
+    const uint64_t gen = ((state_.load(std::memory_order_relaxed) >> 32) + 1) & 0xffffffffu;
+    const uint64_t task = gen << 32 | static_cast<uint64_t>(chunks) << 16;
+    state_.store(task, std::memory_order_seq_cst);  // publishes the task (fn_, ctx_ above)
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(mutex_);  // a sleeper re-checks under it: no lost wake
       wake_.notify_all();
     }
-    drain(gen);
-    while (completed_.load(std::memory_order_acquire) < chunks) _mm_pause();
+    in_worker() = true;  // a nested call from a chunk runs inline
+    drain(task >> 16);
+    in_worker() = false;
+    // A worker that claimed a chunk and then lost its core is waited for; yield now and then
+    // so that it can get it back.
+    for (int64_t i = 1; completed_.load(std::memory_order_acquire) < chunks; ++i) {
+      _mm_pause();
+      if (i % 64 == 0) sched_yield();
+    }
     if (error_) std::rethrow_exception(error_);
   }
+
+  static constexpr int64_t kMaxChunks = 0xffff;
 
  private:
   static int64_t spin_ns() {
@@ -93,15 +101,26 @@ class SpinPool {
         .count();
   }
 
-  // Claims and runs chunks of task `gen` until none is left. state_ holds the task's
-  // generation (high 32 bits) and its next unclaimed chunk: a claim is one compare-exchange,
-  // and a late worker whose task has ended sees another generation and claims nothing.
-  void drain(uint64_t gen) {
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_.store(true);
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  // Claims and runs chunks of one task until none is left; `task` = generation << 16 | chunks.
+  // state_ holds the task's generation (32 bits), its chunk count and its next unclaimed
+  // chunk (16 bits each) in one word: a claim is one compare-exchange against it, so a late
+  // worker whose task has ended sees another task in that word and claims nothing.
+  void drain(uint64_t task) {
+    const int64_t chunks = static_cast<int64_t>(task & 0xffffu);
     for (;;) {
       uint64_t v = state_.load(std::memory_order_acquire);
-      if ((v >> 32) != gen) return;
-      const int64_t c = static_cast<int64_t>(v & 0xffffffffu);
-      if (c >= chunks_.load(std::memory_order_relaxed)) return;
+      if ((v >> 16) != task) return;
+      const int64_t c = static_cast<int64_t>(v & 0xffffu);
+      if (c >= chunks) return;
       if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
       // chunk c of task gen is ours: the task cannot end (nor fn_/ctx_ change) before it is done
       try {
@@ -117,18 +136,18 @@ class SpinPool {
   void work() {
     in_worker() = true;
     uint64_t seen = 0;
-    auto generation = [&] { return state_.load(std::memory_order_seq_cst) >> 32; };
+    auto current = [&] { return state_.load(std::memory_order_seq_cst) >> 16; };
     for (;;) {
       const int64_t since = now_ns();
       uint64_t g;
-      for (int64_t i = 1; (g = generation()) == seen; ++i) {
+      for (int64_t i = 1; (g = current()) == seen; ++i) {
         if (stop_.load(std::memory_order_relaxed)) return;
         _mm_pause();
         if (i % 64 == 0) sched_yield();  // let an OpenMP or other thread on this core run
         if (i % 256 == 0 && now_ns() - since > spin_ns_) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
-          wake_.wait(lock, [&] { return generation() != seen || stop_.load(); });
+          wake_.wait(lock, [&] { return current() != seen || stop_.load(); });
           sleepers_.fetch_sub(1, std::memory_order_relaxed);
           i = 0;
         }
@@ -150,8 +169,7 @@ class SpinPool {
   std::vector<std::thread> threads_;
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::atomic<uint64_t> state_{0};  // generation << 32 | next unclaimed chunk
-  std::atomic<int64_t> chunks_{0};
+  std::atomic<uint64_t> state_{0};  // generation << 32 | chunks << 16 | next unclaimed chunk
   std::atomic<int64_t> completed_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
@@ -173,7 +191,9 @@ inline SpinPool& spin_pool(int threads) {
   static SpinPool* pool = nullptr;
   if (pool && pool->forked()) pool = nullptr;
   if (!pool || pool->workers() != threads - 1) {
-    delete pool;
+    SpinPool* old = pool;
+    pool = nullptr;  // (if the new pool fails to start, the next call tries again)
+    delete old;
     pool = new SpinPool(threads - 1);
   }
   return *pool;
@@ -198,7 +218,7 @@ template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), SpinPool::kMaxChunks);
   const int64_t chunks = std::min<int64_t>(threads, (n + grain - 1) / std::max<int64_t>(grain, 1));
   if (chunks <= 1 || SpinPool::in_worker() || at::in_parallel_region()) {
     f(begin, end);
