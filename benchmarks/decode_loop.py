@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.model}: prompt {args.prompt_tokens} random tokens, {args.new_tokens} new "
           f"tokens (greedy, batch 1), {args.repeats} alternating runs, medians; "
           f"{threads['torch_threads']} threads ({threads['cpu_capability']}, kernels {isa}, "
-          f"OMP_WAIT_POLICY={threads['omp_wait_policy']}){llama_cpp_features()}\n")  # fmt: skip
+          f"OMP_WAIT_POLICY={threads['omp_wait_policy']}, "
+          f"LOWBIT_SPIN_US={threads['lowbit_spin_us']}){llama_cpp_features()}\n")  # fmt: skip
     header = ["recipe", "loop", "decode tok/s", "x fp32 transformers", "prefill tok/s",
               "top-1 = transformers loop (forced)", "greedy tokens equal before"]  # fmt: skip
     print(format_table(header, rows, markdown=True))

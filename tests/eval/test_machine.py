@@ -1,5 +1,7 @@
 """Bandwidth and energy counters, with a fake powercap tree for RAPL."""
 
+import os
+
 import torch
 
 from lowbit.eval import machine
@@ -43,3 +45,4 @@ def test_thread_settings_are_reported():
     facts = machine.thread_settings()
     assert facts["torch_threads"] == torch.get_num_threads()
     assert "omp_wait_policy" in facts
+    assert facts["lowbit_spin_us"] == os.environ.get("LOWBIT_SPIN_US", "1000")

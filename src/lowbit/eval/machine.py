@@ -34,10 +34,12 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def thread_settings() -> dict[str, object]:
-    """What decides CPU speed besides the code: torch's threads and OpenMP's wait policy."""
+    """What decides CPU speed besides the code: torch's threads, OpenMP's wait policy and how
+    long the decode kernels' threads spin before they sleep (``kernels/csrc/pool.h``)."""
     return {
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "lowbit_spin_us": os.environ.get("LOWBIT_SPIN_US", "1000"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
