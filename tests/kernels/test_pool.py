@@ -111,7 +111,9 @@ print("ok")
 
 
 @needs_native
-@pytest.mark.parametrize("env", [{"LOWBIT_SPIN_US": "0"}, {"OMP_WAIT_POLICY": "active"}])
+@pytest.mark.parametrize(
+    "env", [{"LOWBIT_SPIN_US": "0"}, {"LOWBIT_SPIN_US": "soon"}, {"OMP_WAIT_POLICY": "active"}]
+)
 def test_sleeping_workers_and_spinning_openmp(env):
     run = subprocess.run([sys.executable, "-c", SCRIPT], env={**os.environ, **env},
                          capture_output=True, text=True, timeout=300)  # fmt: skip

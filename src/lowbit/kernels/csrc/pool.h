@@ -91,8 +91,10 @@ class SpinPool {
  private:
   static int64_t spin_ns() {
     const char* env = std::getenv("LOWBIT_SPIN_US");
-    const long us = env ? std::strtol(env, nullptr, 10) : 1000;
-    return static_cast<int64_t>(us < 0 ? 0 : us) * 1000;
+    char* end = nullptr;
+    const long us = env ? std::strtol(env, &end, 10) : -1;
+    const bool whole = env && end != env && *end == '\0' && us >= 0 && us <= 10000000;
+    return static_cast<int64_t>(whole ? us : 1000) * 1000;  // not a whole number: the default
   }
 
   static int64_t now_ns() {
@@ -201,7 +203,8 @@ inline SpinPool& spin_pool(int threads) {
 
 // Whether OpenMP's threads never sleep (OMP_WAIT_POLICY=active, GOMP_SPINCOUNT=infinite): they
 // are awake for every region then, and a spinning pool beside them would share their cores
-// (smollm2 W4 decode fell from ~100 to 3 tok/s on 2 cores), so OpenMP runs everything.
+// (smollm2 W4 decode fell from ~100 to 3 tok/s on 2 cores, measured with fixed chunks per
+// thread before chunks were claimed), so OpenMP runs everything.
 inline bool openmp_spins() {
   static const bool spins = [] {
     auto is = [](const char* name, const char* value) {
