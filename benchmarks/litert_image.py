@@ -1,16 +1,19 @@
-"""Quantized waifu2x-upconv7 exported to LiteRT and run in the LiteRT interpreter (XNNPACK), in
-one run: quality against the astronaut's ground truth and against lowbit's own outputs, file
-size, and time per image beside lowbit's float32 model and the same folder in lowbit.
+"""Quantized waifu2x (upconv7, or upresnet10 with --model) exported to LiteRT and run in the
+LiteRT interpreter (XNNPACK), in one run: quality against the astronaut's ground truth and
+against lowbit's own outputs, file size, and time per image beside lowbit's float32 model and
+the same folder in lowbit.
 
 Protocol: each recipe quantizes the pinned model (GPTQ rows calibrate on the scikit-image crops,
 never the evaluation image), the folder is saved and exported with `lowbit.export.export(...,
 "litert")` (weight-only codes: DEQUANTIZE feeds each float convolution; W8A8 presets: full
-integer, int8 tensors between the layers, lowbit's ranges and codes); the 256x256
+integer, int8 tensors between the layers, lowbit's ranges and codes; upresnet10's residual
+adds and squeeze-excitation gates on int8 too); the 256x256
 astronaut input (downscaled 2x) is upscaled by lowbit's float32 model, by the folder in lowbit
 (as `lowbit eval` loads it) and by the .tflite in ai-edge-litert's interpreter with
 `--threads` threads. Timing: ROUNDS rounds, one call of each per round in turn, medians.
 
-    .venv/bin/python benchmarks/litert_image.py [--threads 2] [--rounds 5] [--rows TEXT]
+    .venv/bin/python benchmarks/litert_image.py [--model waifu2x-upconv7] [--threads 2]
+        [--rounds 5] [--rows TEXT]
 
 Needs the litert and image extras (`pip install 'lowbit[litert,image]'`).
 """
@@ -53,12 +56,14 @@ HEADER = ["variant", "file MB", "PSNR vs truth (LiteRT)", "SSIM (LiteRT)",
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="waifu2x-upconv7",
+                   choices=["waifu2x-upconv7", "waifu2x-upresnet10"])  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="threads for torch and LiteRT")
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (medians)")
     p.add_argument("--rows", metavar="TEXT", help="only the variants whose name contains TEXT")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    entry = image_models()["waifu2x-upconv7"]
+    entry = image_models()[args.model]
     small, truth = sr_evaluation()
     calib = image_calibration(sr_calibration(), "skimage coffee/chelsea/rocket crops")
     float_model = entry.load()
@@ -74,13 +79,13 @@ def main() -> int:
             model = entry.load()
             report = api.quantize(model, recipe, calib if recipe.needs_calibration else None,
                                   progress=False)  # fmt: skip
-            src = api.load_model("waifu2x-upconv7")
+            src = api.load_model(args.model)
             folder = api.save(model, Path(work) / name.replace(" ", "_"), report, source=src)
             result = export(folder, "litert", Path(work) / f"{folder.name}.tflite")
             rows.append(_row(name, result, api.load(folder).model, float_model, small, truth,
                              args))  # fmt: skip
             print(format_table(HEADER, rows[-1:]), flush=True)
-    print(f"\nwaifu2x-upconv7 in LiteRT (ai-edge-litert, XNNPACK, {args.threads} threads), "
+    print(f"\n{args.model} in LiteRT (ai-edge-litert, XNNPACK, {args.threads} threads), "
           f"256x256 astronaut input, {args.rounds} alternating rounds\n")  # fmt: skip
     print(format_table(HEADER, rows, markdown=True))
     return 0

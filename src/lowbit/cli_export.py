@@ -40,7 +40,8 @@ as QLinearConv-style QDQ pairs) or litert, fixed at the shape of the model's eva
 input: weight-only folders as int8/int4 per-channel codes (symmetric or `zero_point: int`) each
 feeding a DEQUANTIZE before a float convolution; W8A8 folders (conv-w8a8-static/-gptq/-best) as
 full integer: int8 tensors between the layers with lowbit's ranges, codes and int32 biases
-(chains of convolutions and ReLU / LeakyReLU; residual adds and gates are refused).
+(convolutions, ReLU / LeakyReLU, residual adds, squeeze-excitation gates, pooling; an
+operator LiteRT's quantizer leaves in float is refused).
 """
 
 

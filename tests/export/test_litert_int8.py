@@ -82,17 +82,64 @@ def test_a_w8a8_upscaler_runs_on_int8_tensors_with_lowbits_numbers(small_sr, tmp
     assert db > 45, db
 
 
-def test_what_has_no_full_integer_form_is_refused(tmp_path, monkeypatch):
+def test_a_residual_network_with_gates_runs_on_int8_tensors(tmp_path, monkeypatch):
+    """upresnet10's graph (residual adds, squeeze-excitation: mean, sigmoid gates, products):
+    every operator on int8 but the output's clamp; the ranges no layer holds are measured on
+    the calibration inputs (another shape than the example's); a tensor that feeds a layer and
+    the skip connection keeps its own range, and the layer reads a copy requantized onto its
+    static range, as lowbit rounds only the layer's input."""
     from lowbit.models.images.waifu2x import UpResNet10
+    from lowbit.models.litert_image import LiteRTImageModel, image_info
 
     calib = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr("lowbit.models.images.sr_evaluation", lambda: (SMALL, None))
     monkeypatch.setattr("lowbit.models.images.sr_calibration", lambda: calib)
     torch.manual_seed(0)
     folder = _w8a8(tmp_path, UpResNet10().eval(), "waifu2x-upresnet10", calib)
-    with pytest.raises(LowbitError, match="the full-integer LiteRT export takes chains"):
-        export(folder, "litert", tmp_path / "x.tflite")  # residual adds, squeeze-excitation
-    assert not (tmp_path / "x.tflite").exists()
+    result = export(folder, "litert", tmp_path / "x.tflite")
+    assert set(result.tensor_types.values()) == {"int8-channel-a8"}
+    assert len(result.tensor_types) == 23
+    model = load_model(str(folder), kernels=False).model
+    want = {(int(m.act_zero[0]) - 128, round(float(m.act_scale[0]), 6))
+            for n, m in model.named_modules() if n in result.tensor_types}  # fmt: skip
+    kinds, seen, requantized = [], set(), 0
+    for kind, op, sg, _ in _ops(result.path):
+        kinds.append(kind)
+        if kind in ("CONV_2D", "FULLY_CONNECTED"):
+            q = sg.tensors[op.inputs[0]].quantization
+            seen.add((int(q.zeroPoint[0]), round(float(q.scale[0]), 6)))
+        if kind == "QUANTIZE" and sg.tensors[op.inputs[0]].type == 9:  # int8 to int8
+            requantized += 1
+    assert seen <= want and len(seen) >= len(want) - 1  # the transposed layer's is not read here
+    assert requantized >= 1
+    for kind in ("ADD", "MUL", "MEAN", "LOGISTIC"):
+        assert kinds.count(kind) == (6 if kind == "ADD" else 5), kind
+    first_float = kinds.index("DEQUANTIZE")
+    assert first_float > kinds.index("TRANSPOSE_CONV"), kinds
+    with torch.no_grad():
+        folder_out = model(SMALL)
+    file_out = LiteRTImageModel(result.path, image_info(result.path))(SMALL)
+    db = psnr(file_out, folder_out)
+    assert db > 30, db
+
+
+def test_an_operator_the_quantizer_leaves_in_float_is_refused(tmp_path):
+    from lowbit.export.litert_int8 import write_litert_int8
+
+    class Sine(torch.nn.Module):
+        def forward(self, x):
+            return torch.sin(x)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), Sine(), torch.nn.Conv2d(4, 3, 3)).eval()
+    calib = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    body = {"version": 1, "name": "t", "algorithm": "rtn", "ignore": [], "activations": STATIC,
+            "weights": {"bits": 8, "symmetric": True, "group_size": -1}}  # fmt: skip
+    api.quantize(model, Recipe.from_dict(body), image_calibration(calib, "c"), progress=False)
+    out = tmp_path / "x.tflite"
+    with pytest.raises(LowbitError, match="SIN .*leaves this operator in float"):
+        write_litert_int8(model, calib[:1], calib, "toy", out)
+    assert not out.exists()
 
 
 def test_a_w8a8_generator_exports_full_integer(tmp_path, monkeypatch):
