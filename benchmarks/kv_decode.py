@@ -9,15 +9,18 @@ cost one subtraction). Each quantized cache runs two decode loops on the same st
 - ``dequantize + SDPA``: every step prepares the heads in torch ops, dequantizes the layer's
   filled slots to float32 and calls PyTorch's SDPA (what every decode step did before
   ``decode_attention_codes``; prompts still take this path);
-- ``attention on codes``: ``lowbit.kernels.kv_attention.decode_attention_codes``, one call per
+- ``codes, per-op loop``: ``lowbit.kernels.kv_attention.decode_attention_codes``, one call per
   layer that prepares the heads, stores the new codes and attends over the stored codes
-  without a float copy of the context (what ``lowbit generate`` runs).
+  without a float copy of the context, between the layers' other ops called one by one from
+  Python;
+- ``attention on codes``: the same ops in one native call per decode step
+  (``lowbit_cpu::decode_step``, what ``lowbit generate`` runs).
 
 Protocol: random prompt of each ``--prompt-tokens`` length, ``--new-tokens`` greedy tokens at
 batch 1, one warm-up and ``--repeats`` alternating runs of every loop, medians. "cache bytes" is
 the cache's bytes per token of context relative to the float32 cache (codes and float16
-scales/minimums). "same tokens" is whether a loop's greedy tokens equal the other loop's on the
-same cache (they should: the same codes, attention in another order of summation).
+scales/minimums). "same tokens" is whether the loops' greedy tokens on the same cache are equal
+(they should: the same codes, attention in another order of summation).
 
 With ``--op``: the attention op alone, one layer of the model's shape at each context
 (``--contexts``), random cache contents, each called through its Python wrapper as the decode
@@ -27,6 +30,7 @@ loop calls it: the fused float op (``decode_attention``) against ``decode_attent
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/kv_decode.py [--model smollm2-135m]
         [--recipe RECIPE] [--prompt-tokens 512 1920] [--new-tokens 128] [--repeats 3]
+        [--no-dequantize]
     .venv/bin/python benchmarks/kv_decode.py --op [--contexts 512 2048 8192]
 """
 
@@ -46,6 +50,7 @@ from lowbit.eval.machine import EnergyMeter, thread_settings
 from lowbit.eval.speed import random_prompt, timed_run
 from lowbit.formats.spec import AttentionSpec
 from lowbit.kernels.build import native_ops
+from lowbit.models.kernels import use_kernels
 from lowbit.nn.attention import install_attention
 from lowbit.runtime import Runtime
 
@@ -66,14 +71,20 @@ class Dequantizing:
         return self.forward(ids, cache, all_logits)
 
 
-def loops_for(model, spec: AttentionSpec | None, capacity: int) -> dict[str, Runtime]:
+def loops_for(model, spec: AttentionSpec | None, capacity: int,
+              dequantize: bool = True) -> dict[str, Runtime]:  # fmt: skip
     if spec is None:
         return {"fused float attention": Runtime(model)}
     model = copy.deepcopy(model)
     install_attention(model, spec)
-    slow = Runtime(model)
-    slow._forwards["compact"] = Dequantizing(slow.forward_for(capacity))
-    return {"dequantize + SDPA": slow, "attention on codes": Runtime(model)}
+    loops = {}
+    if dequantize:
+        slow = loops["dequantize + SDPA"] = Runtime(model)
+        slow._forwards["compact"] = Dequantizing(slow.forward_for(capacity))
+    looped = loops["codes, per-op loop"] = Runtime(model)
+    looped.forward_for(capacity).__dict__["_step"] = None  # the cached property: no one call
+    loops["attention on codes"] = Runtime(model)
+    return loops
 
 
 def measure(loops: dict[str, Runtime], prompt: torch.Tensor, args) -> dict[str, dict]:
@@ -137,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[512, 1920])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-dequantize", action="store_true",
+                   help="leave out the dequantize + SDPA loop (the slowest)")  # fmt: skip
     p.add_argument("--op", action="store_true", help="time the attention op alone")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     args = p.parse_args(argv)
@@ -152,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.recipe:
         api.quantize(model, args.recipe, progress=False)
+        use_kernels(model)  # the packed layers' kernels, as a loaded folder runs them
     caches = {"float32": None}
     for bits in (8, 4):
         caches[f"{bits}-bit"] = AttentionSpec(kv_bits=bits, group_size=args.group, hadamard=True)
@@ -161,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         capacity = length + args.new_tokens
         base = None
         for cache, spec in caches.items():
-            result = measure(loops_for(model, spec, capacity), prompt, args)
+            result = measure(loops_for(model, spec, capacity, not args.no_dequantize), prompt,
+                             args)  # fmt: skip
             float_bytes = base["bytes"] if base else result["fused float attention"]["bytes"]
             tokens = [r["tokens"] for r in result.values()]
             for name, r in result.items():
@@ -169,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([capacity, cache, name, round(r["decode"], 2),
                              f"x{r['decode'] / base['decode']:.2f}",
                              f"{r['bytes'] / float_bytes:.3f}",
-                             "-" if len(tokens) == 1 else str(tokens[0] == tokens[1])])  # fmt: skip
+                             "-" if len(tokens) == 1 else
+                             str(all(t == tokens[0] for t in tokens))])  # fmt: skip
     threads = thread_settings()
     isa = torch.ops.lowbit_cpu.kernel_isa() if native_ops() else "reference"
     print(f"\n{args.model} ({args.recipe or 'float weights'}): random prompts, "

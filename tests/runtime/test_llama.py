@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import compact_and_hf, decode_steps, rel, tiny_family_model, tiny_llama
+from lowbit.formats.spec import AttentionSpec
 from lowbit.kernels import decode
 from lowbit.runtime.hf_forward import HFForward
 from lowbit.runtime.llama import FAMILIES, LlamaForward, unsupported_reason
@@ -147,6 +148,51 @@ def test_one_call_step_equals_the_per_op_loop(family, recipe):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [AttentionSpec(kv_bits=4, hadamard=True), AttentionSpec(kv_bits=8, group_size=8, query_bits=8),
+     AttentionSpec(kv_bits=4, group_size=8, center_keys=True)],
+    ids=lambda s: s.short(),
+)  # fmt: skip
+def test_one_call_step_over_a_cache_of_codes_equals_the_per_op_loop(spec):
+    """A cache of low-bit codes: the step calls decode_attention_codes where the loop does,
+    with the same key centres, turn and query rounding (the same logits to the bit)."""
+    from lowbit import api
+    from lowbit.kernels.build import native_ops
+    from lowbit.models.kernels import use_kernels
+    from lowbit.nn.attention import CENTER, add_key_centers, attention_modules, install_attention
+
+    if not native_ops():
+        pytest.skip("native kernels unavailable here")
+    model = tiny_family_model("qwen3")  # per-head q/k norms too
+    api.quantize(model, "w4-sym-g32", progress=False)
+    use_kernels(model)
+    install_attention(model, spec)
+    if spec.center_keys:  # stand-in centres (quantization measures them)
+        add_key_centers(model)
+        for i, m in enumerate(attention_modules(model)):
+            getattr(m, CENTER).normal_(generator=torch.Generator().manual_seed(i))
+    stepped, looped = LlamaForward(model), LlamaForward(model)
+    assert stepped._step is not None
+    looped.__dict__["_step"] = None
+    g = torch.Generator().manual_seed(5)
+    prompt, follow = torch.randint(0, 64, (2, 5), generator=g), torch.randint(0, 64, (2, 4))
+    outs, calls = [], []
+    with torch.inference_mode():
+        for forward in (stepped, looped):
+            cache = forward.new_cache(2, 16)
+            cache.pad[1] = 1
+            with torch.profiler.profile() as prof:
+                steps = [forward(prompt, cache)]
+                steps += [forward(t.view(-1, 1), cache) for t in follow.T]
+            outs.append(torch.stack(steps))
+            calls.append(sum(e.name == "lowbit_cpu::decode_step" for e in prof.events()))
+            outs.append(torch.cat([t.flatten() for t in cache.tensors]))
+    assert calls == [follow.shape[1], 0]
+    assert torch.equal(outs[0], outs[2])  # logits
+    assert torch.equal(outs[1], outs[3])  # the stored codes, scales and minimums
+
+
 def test_one_call_step_only_where_every_layer_is_native():
     from lowbit.kernels.build import native_ops
 
@@ -166,7 +212,8 @@ def test_one_call_step_refuses_a_layout_that_does_not_fit():
     weights, layout, norms, eps = forward._step
     cache = forward.new_cache(1, 8)
     x = torch.randn(1, 64)
-    args = (cache.k, cache.v, forward.cos, forward.sin, cache.pad, 0, 4, 2, 0.25)
+    args = (cache.tensors, [], torch.empty(0), forward.cos, forward.sin, cache.pad, 0, 4, 2, 0.25,
+            0, 0)  # fmt: skip
     with pytest.raises(RuntimeError, match="layout ends"):
         torch.ops.lowbit_cpu.decode_step(x, x.clone(), weights, layout[:-3], norms, eps, *args)
     with pytest.raises(RuntimeError, match="more weights"):

@@ -315,12 +315,15 @@ class LlamaForward:
         h = _rms(self.layers[0].norm1, x)
         step = self._step
         # one call for every layer; over PROMPT_ROWS rows the loop's silu_mul takes torch's ops
-        contiguous = cache.k.is_contiguous() and cache.v.is_contiguous()
+        contiguous = all(t.is_contiguous() for t in cache.tensors)
         rows = x.shape[0] <= decode_ops.PROMPT_ROWS
         if step is not None and contiguous and rows and decode_ops._native(x):
+            spec = self.attention
+            bits, query_bits = (0, 0) if spec is None else (spec.kv_bits, spec.query_bits or 0)
             h = torch.ops.lowbit_cpu.decode_step(
-                x, h, *step, cache.k, cache.v, self.cos, self.sin, cache.pad, pos, self.heads,
-                self.kv_heads, self.scaling,
+                x, h, *step, cache.tensors, self._centers if bits else [], self.turn, self.cos,
+                self.sin, cache.pad, pos, self.heads, self.kv_heads, self.scaling, bits,
+                query_bits,
             )  # fmt: skip
             return self.fast_head(h)
         for i, (layer, (qn, kn, eps, w2, eps2, w_next, eps_next)) in enumerate(self._plan):
@@ -347,8 +350,14 @@ class LlamaForward:
     def _step(self) -> tuple[list[Tensor], list[int], list[Tensor], list[float]] | None:
         """The fixed arguments of ``lowbit_cpu::decode_step`` (weights, layout, norms, eps): the
         same ops as :meth:`_decode`'s loop in one call. None where a layer is not all native
-        parts (a module, an online rotation), the MLP is not SiLU or the cache holds codes."""
-        if self.attention is not None or any(layer.act is not None for layer in self.layers):
+        parts (a module, an online rotation), the MLP is not SiLU, attention inputs are rounded
+        without a cache of codes, or a key centre or the heads' turn is not float32."""
+        spec = self.attention
+        if spec is not None and (spec.kv_bits is None or any(
+                t.dtype != torch.float32 or not t.is_contiguous()
+                for t in (self.turn, *self._centers))):  # fmt: skip
+            return None
+        if any(layer.act is not None for layer in self.layers):
             return None
         if not all(isinstance(call, _Native) for layer in self.layers for call in layer.fast):
             return None

@@ -19,5 +19,12 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
                             const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pad,
                             int64_t pos, int64_t H, int64_t Hkv, double scale,
                             const at::Tensor& q_norm, const at::Tensor& k_norm, double eps);
+// decode_codes.cpp: the same over a cache of codes (lowbit's QuantKVCache).
+at::Tensor decode_attention_codes(
+    const at::Tensor& qkv, at::Tensor& k_codes, at::Tensor& k_scale, at::Tensor& k_min,
+    at::Tensor& v_codes, at::Tensor& v_scale, at::Tensor& v_min, const at::Tensor& cos,
+    const at::Tensor& sin, const at::Tensor& pad, int64_t pos, int64_t H, int64_t Hkv,
+    double scale, const at::Tensor& q_norm, const at::Tensor& k_norm, double eps,
+    const at::Tensor& center, const at::Tensor& rotation, int64_t bits, int64_t query_bits);
 
 }  // namespace lowbit_kernels

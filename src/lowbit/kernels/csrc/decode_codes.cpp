@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "decode_api.h"
 #include "decode_part.h"
 
 namespace {
@@ -282,6 +283,10 @@ void check_side(const at::Tensor& codes, const at::Tensor& scale, const at::Tens
               "lowbit::decode_attention_codes: cache shapes do not match");
 }
 
+}  // namespace
+
+namespace lowbit_kernels {
+
 // One new token per row: qkv (B, (H + 2·Hkv)·D) as the projections give it; one layer's cache of
 // codes (B, Hkv, T, D/2 up to 4 bits, else D) uint8 and scales/minimums (B, Hkv, T, D/group)
 // float16, keys then values; cos/sin (T, D) by position (slot minus the row's left padding).
@@ -404,7 +409,7 @@ at::Tensor decode_attention_codes(
   return result;
 }
 
-}  // namespace
+}  // namespace lowbit_kernels
 
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def(
@@ -416,5 +421,5 @@ TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
-  m.impl("decode_attention_codes", &decode_attention_codes);
+  m.impl("decode_attention_codes", &lowbit_kernels::decode_attention_codes);
 }

@@ -3,7 +3,8 @@
 // to back (the same functions in the same order, so the result is the same to the bit).
 //
 // Why: on a 135M model each op takes 10-50 us and the Python around it (the wrapper's checks,
-// the dispatcher) another ~5 us, for 8 ops per layer. A layer's linear layers come as "slots"
+// the dispatcher) another ~5 us, for 8 ops per layer. A cache of low-bit codes (QuantKVCache)
+// takes decode_attention_codes in place of decode_attention. A layer's linear layers come as "slots"
 // (q/k/v, o, gate/up, down), each one or more parts side by side; a part is float weights or
 // affine codes (the ops' own arguments), so the step runs every format the loop runs natively.
 #include <torch/library.h>
@@ -53,16 +54,28 @@ struct Slots {
 // x (B, C): the residual stream after the embedding, added to in place; h (B, C): the first
 // layer's normed input. norms: per layer q_norm, k_norm (empty: none), the post-attention
 // norm and the next one (the final norm last); eps: per layer that of q/k, of the
-// post-attention norm, of the next. Caches (layers, B, Hkv, T, D). Returns the final normed
-// hidden state (B, C).
+// post-attention norm, of the next. cache: what the KV cache stores, each (layers, B, Hkv, T,
+// ...): keys and values (kv_bits 0), or codes, scales and minimums of keys, then of values
+// (kv_bits 2-8: decode_attention_codes, with per layer the key centres `centers` (empty:
+// none), the heads' turn `rotation` (empty: none) and the queries' `query_bits`). Returns the
+// final normed hidden state (B, C).
 at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0, at::TensorList weights,
                        at::IntArrayRef layout, at::TensorList norms, at::ArrayRef<double> eps,
-                       at::Tensor& kc, at::Tensor& vc, const at::Tensor& cos,
-                       const at::Tensor& sin, const at::Tensor& pad, int64_t pos, int64_t H,
-                       int64_t Hkv, double scale) {
-  const int64_t L = kc.dim() == 5 ? kc.size(0) : -1;
-  TORCH_CHECK(L >= 1 && vc.sizes() == kc.sizes() && kc.is_contiguous() && vc.is_contiguous(),
-              "lowbit::decode_step: caches must be contiguous (layers, B, Hkv, T, D)");
+                       at::TensorList cache, at::TensorList centers, const at::Tensor& rotation,
+                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pad,
+                       int64_t pos, int64_t H, int64_t Hkv, double scale, int64_t kv_bits,
+                       int64_t query_bits) {
+  const size_t stored = kv_bits == 0 ? 2 : 6;
+  TORCH_CHECK(cache.size() == stored, "lowbit::decode_step: a cache of ",
+              kv_bits == 0 ? "keys and values" : "codes, scales and minimums per side", " (",
+              stored, " tensors), not ", cache.size());
+  const int64_t L = cache[0].dim() >= 4 ? cache[0].size(0) : -1;
+  bool contiguous = true;
+  for (const at::Tensor& t : cache) contiguous = contiguous && t.is_contiguous() && t.size(0) == L;
+  TORCH_CHECK(L >= 1 && contiguous,
+              "lowbit::decode_step: the cache's tensors must be contiguous (layers, B, Hkv, T, ...)");
+  TORCH_CHECK(kv_bits == 0 || static_cast<int64_t>(centers.size()) == L,
+              "lowbit::decode_step: one key centre tensor (or an empty one) per layer");
   TORCH_CHECK(static_cast<int64_t>(norms.size()) == 4 * L &&
                   static_cast<int64_t>(eps.size()) == 3 * L,
               "lowbit::decode_step: 4 norms and 3 eps per layer");
@@ -72,11 +85,19 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0, at::TensorList weigh
   Slots slots{weights, layout};
   at::Tensor h = h0;
   for (int64_t i = 0; i < L; ++i) {
-    at::Tensor k = kc.select(0, i), v = vc.select(0, i);
+    std::vector<at::Tensor> c;  // this layer's part of every stored tensor
+    for (const at::Tensor& t : cache) c.push_back(t.select(0, i));
     const at::Tensor qkv = slots.linear(h);
-    const at::Tensor a = lowbit_kernels::decode_attention(qkv, k, v, cos, sin, pad, pos, H, Hkv,
-                                                          scale, norms[4 * i], norms[4 * i + 1],
-                                                          eps[3 * i]);
+    const at::Tensor& qn = norms[4 * i];
+    const at::Tensor& kn = norms[4 * i + 1];
+    const at::Tensor a =
+        kv_bits == 0
+            ? lowbit_kernels::decode_attention(qkv, c[0], c[1], cos, sin, pad, pos, H, Hkv, scale,
+                                               qn, kn, eps[3 * i])
+            : lowbit_kernels::decode_attention_codes(qkv, c[0], c[1], c[2], c[3], c[4], c[5], cos,
+                                                     sin, pad, pos, H, Hkv, scale, qn, kn,
+                                                     eps[3 * i], centers[i], rotation, kv_bits,
+                                                     query_bits);
     const at::Tensor o = slots.linear(a);
     h = lowbit_kernels::add_rms_norm(x, o, norms[4 * i + 2], eps[3 * i + 1]);
     const at::Tensor gate_up = slots.linear(h);
@@ -93,8 +114,9 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0, at::TensorList weigh
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def(
       "decode_step(Tensor(a!) x, Tensor h, Tensor[] weights, int[] layout, Tensor[] norms, "
-      "float[] eps, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor cos, Tensor sin, Tensor pad, "
-      "int pos, int heads, int kv_heads, float scale) -> Tensor");
+      "float[] eps, Tensor(b!)[] cache, Tensor[] centers, Tensor rotation, Tensor cos, "
+      "Tensor sin, Tensor pad, int pos, int heads, int kv_heads, float scale, int kv_bits, "
+      "int query_bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("decode_step", &decode_step); }
