@@ -46,3 +46,4 @@ def test_thread_settings_are_reported():
     assert facts["torch_threads"] == torch.get_num_threads()
     assert "omp_wait_policy" in facts
     assert facts["lowbit_spin_us"] == os.environ.get("LOWBIT_SPIN_US", "1000")
+    assert facts["decode_threads"] in ("spin pool", "openmp", "reference")

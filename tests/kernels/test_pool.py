@@ -119,3 +119,46 @@ def test_sleeping_workers_and_spinning_openmp(env):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "ok"
+
+
+WAKE = """
+import torch
+from lowbit.kernels.build import native_ops
+assert native_ops()
+torch.set_num_threads(4)
+g = torch.Generator().manual_seed(5)
+cases = [(torch.randn(1, 256, generator=g), torch.randn(n, 256, generator=g)) for n in (16, 32)]
+first = [torch.ops.lowbit_cpu.float_linear(x, w) for x, w in cases]
+for _ in range(300):  # 2- and 3-chunk tasks wake one or two of three sleeping workers
+    for (x, w), want in zip(cases, first):
+        assert torch.equal(torch.ops.lowbit_cpu.float_linear(x, w), want)
+print("ok")
+"""
+
+
+@needs_native
+def test_tasks_of_fewer_chunks_than_sleeping_workers_give_the_same_results():
+    run = subprocess.run([sys.executable, "-c", WAKE], env={**os.environ, "LOWBIT_SPIN_US": "0"},
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "ok"
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("env", "runner"),
+    [({}, "spin pool"), ({"OMP_WAIT_POLICY": "active"}, "openmp"),
+     ({"GOMP_SPINCOUNT": "300000"}, "spin pool"), ({"GOMP_SPINCOUNT": "40G"}, "openmp"),
+     ({"GOMP_SPINCOUNT": "30000000000"}, "openmp"), ({"KMP_BLOCKTIME": "infinite"}, "openmp")],
+)  # fmt: skip
+def test_openmp_runs_the_decode_threads_only_where_its_threads_never_sleep(env, runner):
+    """libgomp spins 30 billion times for ACTIVE: a GOMP_SPINCOUNT that large (suffixes too)
+    is the same; LLVM OpenMP's KMP_BLOCKTIME=infinite as well."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}  # fmt: skip
+    code = "import torch; from lowbit.kernels.build import native_ops; assert native_ops(); "
+    code += "print(torch.ops.lowbit_cpu.decode_threads())"
+    run = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == runner

@@ -34,12 +34,16 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def thread_settings() -> dict[str, object]:
-    """What decides CPU speed besides the code: torch's threads, OpenMP's wait policy and how
-    long the decode kernels' threads spin before they sleep (``kernels/csrc/pool.h``)."""
+    """What decides CPU speed besides the code: torch's threads, OpenMP's wait policy, how
+    long the decode kernels' threads spin before they sleep and who runs those threads (the
+    spinning pool, or OpenMP where its threads never sleep: ``kernels/csrc/pool.h``)."""
+    from lowbit.kernels.build import native_ops
+
     return {
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "lowbit_spin_us": os.environ.get("LOWBIT_SPIN_US", "1000"),
+        "decode_threads": torch.ops.lowbit_cpu.decode_threads() if native_ops() else "reference",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 

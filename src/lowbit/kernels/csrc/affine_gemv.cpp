@@ -347,8 +347,13 @@ at::Tensor lowbit_kernels::affine_linear(const at::Tensor& x_in, const at::Tenso
 
 std::string kernel_isa() { return use_avx512() ? "avx512-vnni" : "avx2"; }
 
+// Who runs the decode-sized kernels' threads: lowbit's spinning pool, or OpenMP where its own
+// threads never sleep (pool.h, openmp_spins).
+std::string decode_threads() { return lowbit_kernels::openmp_spins() ? "openmp" : "spin pool"; }
+
 TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("kernel_isa() -> str", &kernel_isa);
+  m.def("decode_threads() -> str", &decode_threads);
   m.def(
       "affine_linear(Tensor x, Tensor w, Tensor scale, Tensor offset, int group, int bits, "
       "bool act8) -> Tensor");

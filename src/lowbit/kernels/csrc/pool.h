@@ -25,11 +25,13 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <pthread.h>
 #include <sched.h>
 #include <strings.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -43,7 +45,7 @@ namespace lowbit_kernels {
 
 class SpinPool {
  public:
-  explicit SpinPool(int workers) : pid_(getpid()), spin_ns_(spin_ns()) {
+  explicit SpinPool(int workers) : forks_(fork_count().load()), spin_ns_(spin_ns()) {
     try {
       for (int t = 0; t < workers; ++t) threads_.emplace_back([this] { work(); });
     } catch (...) {  // a thread could not start: stop those that did before unwinding
@@ -55,7 +57,17 @@ class SpinPool {
   ~SpinPool() { stop(); }
 
   int workers() const { return static_cast<int>(threads_.size()); }
-  bool forked() const { return getpid() != pid_; }
+  // (a count that a pthread_atfork handler raises in the child: no getpid() system call per
+  // kernel call)
+  bool forked() const { return fork_count().load(std::memory_order_relaxed) != forks_; }
+
+  static std::atomic<uint64_t>& fork_count() {
+    static std::atomic<uint64_t> forks{0};
+    static const int registered = pthread_atfork(
+        nullptr, nullptr, [] { fork_count().fetch_add(1, std::memory_order_relaxed); });
+    (void)registered;
+    return forks;
+  }
 
   // fn(ctx, c) for every chunk c in 0..chunks-1, each run once by whichever thread claims it
   // first (the caller claims too); returns when all have run. A worker that is not on a core
@@ -70,9 +82,13 @@ class SpinPool {
     const uint64_t gen = ((state_.load(std::memory_order_relaxed) >> 32) + 1) & 0xffffffffu;
     const uint64_t task = gen << 32 | static_cast<uint64_t>(chunks) << 16;
     state_.store(task, std::memory_order_seq_cst);  // publishes the task (fn_, ctx_ above)
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    const int asleep = sleepers_.load(std::memory_order_seq_cst);
+    if (asleep > 0) {  // as many as the chunks the caller leaves (the awake ones claim too)
       std::lock_guard<std::mutex> lock(mutex_);  // a sleeper re-checks under it: no lost wake
-      wake_.notify_all();
+      const int64_t wanted = std::min<int64_t>(asleep, chunks - 1);
+      if (wanted >= asleep) wake_.notify_all();
+      else
+        for (int64_t i = 0; i < wanted; ++i) wake_.notify_one();
     }
     in_worker() = true;  // a nested call from a chunk runs inline
     drain(task >> 16);
@@ -166,7 +182,7 @@ class SpinPool {
   }
 
  private:
-  const pid_t pid_;
+  const uint64_t forks_;
   const int64_t spin_ns_;
   std::vector<std::thread> threads_;
   std::mutex mutex_;
@@ -201,18 +217,34 @@ inline SpinPool& spin_pool(int threads) {
   return *pool;
 }
 
-// Whether OpenMP's threads never sleep (OMP_WAIT_POLICY=active, GOMP_SPINCOUNT=infinite): they
-// are awake for every region then, and a spinning pool beside them would share their cores
-// (smollm2 W4 decode fell from ~100 to 3 tok/s on 2 cores, measured with fixed chunks per
-// thread before chunks were claimed), so OpenMP runs everything.
+// Whether OpenMP's threads never sleep: OMP_WAIT_POLICY=active; libgomp's GOMP_SPINCOUNT
+// infinite or at least the 30 billion spins it uses itself for ACTIVE (a number may carry a
+// k/M/G/T suffix); LLVM/Intel OpenMP's KMP_BLOCKTIME=infinite. They are awake for every
+// region then, and a spinning pool beside them would share their cores (smollm2 W4 decode
+// fell from ~100 to 3 tok/s on 2 cores, measured with fixed chunks per thread before chunks
+// were claimed), so OpenMP runs everything.
 inline bool openmp_spins() {
   static const bool spins = [] {
     auto is = [](const char* name, const char* value) {
       const char* env = std::getenv(name);
       return env && strcasecmp(env, value) == 0;
     };
+    const char* count = std::getenv("GOMP_SPINCOUNT");
+    bool long_count = false;
+    if (count != nullptr) {
+      char* end = nullptr;
+      double n = std::strtod(count, &end);
+      if (end != count) {
+        const char unit = static_cast<char>(tolower(static_cast<unsigned char>(*end)));
+        if (unit == 'k') n *= 1e3;
+        if (unit == 'm') n *= 1e6;
+        if (unit == 'g') n *= 1e9;
+        if (unit == 't') n *= 1e12;
+        long_count = n >= 3e10;
+      }
+    }
     return is("OMP_WAIT_POLICY", "active") || is("GOMP_SPINCOUNT", "infinite") ||
-           is("GOMP_SPINCOUNT", "infinity");
+           is("GOMP_SPINCOUNT", "infinity") || long_count || is("KMP_BLOCKTIME", "infinite");
   }();
   return spins;
 }
