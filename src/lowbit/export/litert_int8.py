@@ -31,12 +31,12 @@ static range: lowbit rounds only the layer's input, never the skip.
 
 How: litert-torch converts the model with float weights that equal the codes' values;
 ai-edge-quantizer's static int8 recipe is handed these ranges as its calibration result;
-the codes, scales and biases are then written into the flatbuffer, and ReLU / LeakyReLU
-between two int8 tensors run on int8 (the quantizer leaves them in float between a DEQUANTIZE
-and a QUANTIZE). The file takes and returns float32 (a QUANTIZE op first, a DEQUANTIZE after
-the last layer; the output's clamp or squashing may run in float after it). An operator that
-the quantizer leaves in float anywhere else (a sine, say) is refused: export such a model
-weight-only.
+the codes, scales and biases are then written into the flatbuffer, and ReLU / LeakyReLU and
+the output's clamp between two int8 tensors run on int8 (the quantizer leaves them in float
+between a DEQUANTIZE and a QUANTIZE). The file takes and returns float32: a QUANTIZE op first,
+a DEQUANTIZE last, int8 in between (where the quantizer leaves an output squashing in float
+after the last layer, that tail is allowed). Any other operator the quantizer leaves in float
+(a sine, say) is refused: export such a model weight-only.
 """
 
 from __future__ import annotations

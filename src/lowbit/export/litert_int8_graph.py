@@ -15,7 +15,10 @@ from lowbit.errors import LowbitError
 from lowbit.export.litert_codes import _add_buffer, digest
 
 LAYER_OPS = ("CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED")
-ACTIVATION_OPS = ("RELU", "LEAKY_RELU")  # made int8 in place
+ACTIVATION_OPS = ("RELU", "LEAKY_RELU")
+# left in float by the quantizer, made int8 in place: op -> the version of its int8 kernel
+# (the output clamp RELU_0_TO_1 has one version, for every type)
+INT8_IN_PLACE = {"RELU": 2, "LEAKY_RELU": 2, "RELU_0_TO_1": 1}
 SHAPE_OPS = ("TRANSPOSE", "RESHAPE", "SLICE", "STRIDED_SLICE", "PAD", "GATHER_ND")  # same values
 # a layer output read by one of these needs no int8 range beyond where the function is flat:
 # ReLU and the clamp (0, 1) lose nothing below 0 / outside [0, 1]; tanh and the sigmoid are within
@@ -258,10 +261,12 @@ class Int8Graph:
         return written
 
     def integer_activations(self) -> None:
-        """ReLU / LeakyReLU between a DEQUANTIZE and a QUANTIZE read and write int8 instead."""
+        """ReLU, LeakyReLU and the output clamp between a DEQUANTIZE and a QUANTIZE read and
+        write int8 instead."""
         ops = self.sg.operators
         for op in list(ops):
-            if self.op_name(op) not in ACTIVATION_OPS:
+            kind = self.op_name(op)
+            if kind not in INT8_IN_PLACE:
                 continue
             deq = [o for o in ops if list(o.outputs) == [op.inputs[0]]]
             readers = [o for o in ops if op.outputs[0] in o.inputs]
@@ -272,7 +277,7 @@ class Int8Graph:
             op.inputs, op.outputs = [deq[0].inputs[0]], [readers[0].outputs[0]]
             ops.remove(deq[0])
             ops.remove(readers[0])
-            self.model.operatorCodes[op.opcodeIndex].version = 2  # the int8 kernel
+            self.model.operatorCodes[op.opcodeIndex].version = INT8_IN_PLACE[kind]
 
     def check_integer(self) -> None:
         """Every operator reads and writes integers but the first QUANTIZE and the float tail
