@@ -114,6 +114,28 @@ def test_prompts_take_int8_inputs_where_evaluation_keeps_float(monkeypatch):
     assert 1e-4 < rel(ours, float_inputs) < 0.1
 
 
+def _stepped_and_looped(model, seed: int, pad_row: int, pad: int) -> list[tuple]:
+    """(logits of a prompt and 4 decode steps, the cache's stored tensors, decode_step calls)
+    with the one-call step and with the per-op loop, 2 rows, one of them left-padded."""
+    stepped, looped = LlamaForward(model), LlamaForward(model)
+    assert stepped._step is not None
+    looped.__dict__["_step"] = None  # the cached property: the per-op loop
+    g = torch.Generator().manual_seed(seed)
+    prompt, follow = torch.randint(0, 64, (2, 6), generator=g), torch.randint(0, 64, (2, 4))
+    runs = []
+    with torch.inference_mode():
+        for forward in (stepped, looped):
+            cache = forward.new_cache(2, 16)
+            cache.pad[pad_row] = pad
+            with torch.profiler.profile() as prof:
+                steps = [forward(prompt, cache)]
+                steps += [forward(t.view(-1, 1), cache) for t in follow.T]
+            calls = sum(e.name == "lowbit_cpu::decode_step" for e in prof.events())
+            runs.append((torch.stack(steps), torch.cat([t.flatten() for t in cache.tensors]),
+                         calls))  # fmt: skip
+    return runs
+
+
 @pytest.mark.parametrize("recipe", [None, "w4-sym-g32", "w8-rtn"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_one_call_step_equals_the_per_op_loop(family, recipe):
@@ -129,23 +151,9 @@ def test_one_call_step_equals_the_per_op_loop(family, recipe):
     if recipe:
         api.quantize(model, recipe, progress=False)
         use_kernels(model)
-    stepped, looped = LlamaForward(model), LlamaForward(model)
-    assert stepped._step is not None
-    looped.__dict__["_step"] = None  # the cached property: the per-op loop
-    g = torch.Generator().manual_seed(4)
-    prompt, follow = torch.randint(0, 64, (2, 6), generator=g), torch.randint(0, 64, (2, 4))
-    outs, calls = [], []
-    with torch.inference_mode():
-        for forward in (stepped, looped):
-            cache = forward.new_cache(2, 16)
-            cache.pad[0] = 2
-            with torch.profiler.profile() as prof:
-                steps = [forward(prompt, cache)]
-                steps += [forward(t.view(-1, 1), cache) for t in follow.T]
-            outs.append(torch.stack(steps))
-            calls.append(sum(e.name == "lowbit_cpu::decode_step" for e in prof.events()))
-    assert calls == [follow.shape[1], 0]  # the step ran at every decode step, the loop never
-    assert torch.equal(outs[0], outs[1])
+    (logits, _, calls), (want, _, looped_calls) = _stepped_and_looped(model, 4, 0, 2)
+    assert (calls, looped_calls) == (4, 0)  # the step ran at every decode step, the loop never
+    assert torch.equal(logits, want)
 
 
 @pytest.mark.parametrize(
@@ -156,7 +164,8 @@ def test_one_call_step_equals_the_per_op_loop(family, recipe):
 )  # fmt: skip
 def test_one_call_step_over_a_cache_of_codes_equals_the_per_op_loop(spec):
     """A cache of low-bit codes: the step calls decode_attention_codes where the loop does,
-    with the same key centres, turn and query rounding (the same logits to the bit)."""
+    with the same key centres, turn and query rounding (the same logits and stored codes to
+    the bit)."""
     from lowbit import api
     from lowbit.kernels.build import native_ops
     from lowbit.models.kernels import use_kernels
@@ -172,25 +181,9 @@ def test_one_call_step_over_a_cache_of_codes_equals_the_per_op_loop(spec):
         add_key_centers(model)
         for i, m in enumerate(attention_modules(model)):
             getattr(m, CENTER).normal_(generator=torch.Generator().manual_seed(i))
-    stepped, looped = LlamaForward(model), LlamaForward(model)
-    assert stepped._step is not None
-    looped.__dict__["_step"] = None
-    g = torch.Generator().manual_seed(5)
-    prompt, follow = torch.randint(0, 64, (2, 5), generator=g), torch.randint(0, 64, (2, 4))
-    outs, calls = [], []
-    with torch.inference_mode():
-        for forward in (stepped, looped):
-            cache = forward.new_cache(2, 16)
-            cache.pad[1] = 1
-            with torch.profiler.profile() as prof:
-                steps = [forward(prompt, cache)]
-                steps += [forward(t.view(-1, 1), cache) for t in follow.T]
-            outs.append(torch.stack(steps))
-            calls.append(sum(e.name == "lowbit_cpu::decode_step" for e in prof.events()))
-            outs.append(torch.cat([t.flatten() for t in cache.tensors]))
-    assert calls == [follow.shape[1], 0]
-    assert torch.equal(outs[0], outs[2])  # logits
-    assert torch.equal(outs[1], outs[3])  # the stored codes, scales and minimums
+    (logits, stored, calls), (want, want_stored, looped_calls) = _stepped_and_looped(model, 5, 1, 1)
+    assert (calls, looped_calls) == (4, 0)
+    assert torch.equal(logits, want) and torch.equal(stored, want_stored)
 
 
 def test_one_call_step_only_where_every_layer_is_native():
