@@ -37,7 +37,7 @@ def qsv_range(lo: float, hi: float) -> dict[str, np.ndarray]:
             "max": np.full((1, 1, 1, 1), hi, np.float32)}  # fmt: skip
 
 
-def _exactqsv_range(scale: float, zero: int) -> dict[str, np.ndarray]:
+def exact_range(scale: float, zero: int) -> dict[str, np.ndarray]:
     """The range from which the quantizer derives exactly (scale, zero) for int8."""
     return qsv_range((-128 - zero) * scale, (127 - zero) * scale)
 
@@ -109,9 +109,9 @@ class Int8Graph:
         ops = list(zip(self.layer_ops(), found, strict=True))
         for op, (lname, _, _) in ops:
             x = self.io(self.op_name(op), op)[0]
-            if sum(x in o.inputs for o in self.sg.operators) > 1:
+            if self.shared(x):
                 continue  # see widen()
-            qsv[self.tensor_name(x)] = _exactqsv_range(*inputs[lname])
+            qsv[self.tensor_name(x)] = exact_range(*inputs[lname])
         self._spread(qsv, backward=True)
         for op, (lname, _, _) in ops:
             out = self.tensor_name(op.outputs[0])
@@ -130,20 +130,20 @@ class Int8Graph:
         qsv = dict(qsv)
         for op, (lname, _, _) in zip(self.layer_ops(), found, strict=True):
             x = self.io(self.op_name(op), op)[0]
-            if sum(x in o.inputs for o in self.sg.operators) == 1:
+            if not self.shared(x):
                 continue
             name = self.tensor_name(x)
-            exact = _exactqsv_range(*inputs[lname])
+            exact = exact_range(*inputs[lname])
             have = qsv.get(name, exact)
-            qsv[name] = qsv_range(min(float(have["min"].min()), float(exact["min"].min())),
-                             max(float(have["max"].max()), float(exact["max"].max())))  # fmt: skip
+            lo = min(float(have["min"].min()), float(exact["min"].min()))
+            qsv[name] = qsv_range(lo, max(float(have["max"].max()), float(exact["max"].max())))
         return qsv
 
     def requantize(self, found: list, inputs: dict) -> int:
         """A QUANTIZE (int8 to int8) before each layer whose input tensor holds another range
         than the layer's static one, onto the layer's range; returns how many."""
         ops = self.sg.operators
-        (quant,) = {op.opcodeIndex for op in ops if self.op_name(op) == "QUANTIZE"} or {None}
+        quant = next((op.opcodeIndex for op in ops if self.op_name(op) == "QUANTIZE"), None)
         count = 0
         for op, (lname, _, _) in zip(self.layer_ops(), found, strict=True):
             kind = self.op_name(op)
@@ -214,6 +214,10 @@ class Int8Graph:
 
     def tensor(self, index: int):
         return self.sg.tensors[index]
+
+    def shared(self, tensor: int) -> bool:
+        """Whether more than one operator reads ``tensor``."""
+        return sum(tensor in o.inputs for o in self.sg.operators) > 1
 
     def write_layers(self, found: list, inputs: dict) -> dict[str, str]:
         """lowbit's codes, scales and int32 biases in place of the quantizer's (the layer ops
@@ -304,9 +308,9 @@ class Int8Graph:
         if bad:  # name the float operator, not the DEQUANTIZE before it
             _, kind, op = min(bad, key=lambda b: b[0])
             raise LowbitError(f"{kind} ({self.tensor_name(op.outputs[0])}): ai-edge-quantizer "
-                                  f"leaves this operator in float, so the model has no "
-                                  f"full-integer LiteRT form; quantize it with a weight-only "
-                                  f"recipe (w8-rtn) and export that folder")  # fmt: skip
+                              f"leaves this operator in float, so the model has no full-integer "
+                              f"LiteRT form; quantize it with a weight-only recipe (w8-rtn) and "
+                              f"export that folder")  # fmt: skip
 
     def _params(self, scales: np.ndarray):
         q = self.fb.QuantizationParametersT()
