@@ -22,8 +22,10 @@ quantizes in a subprocess (benchmarks/peers_worker.py) and saves an HF folder, w
 process loads with transformers: compressed-tensors folders dequantized on load (W8A8 keeps
 its per-token activation quantization), auto-round's saved with its ``fake`` format (the
 tuned weights, dequantized: its packed formats need auto-round's or GPTQ kernels to load, and
-its llm_compressor export rejects asymmetric schemes). Each row is printed as soon as it is
-measured, so a stopped run keeps what it printed.
+its llm_compressor export rejects asymmetric schemes). On a machine with a GPU the peers
+quantize on it, as their users run them (llm-compressor finds it itself; auto-round is given
+device 0); the scoring stays on the CPU. Each row is printed as soon as it is measured, so a
+stopped run keeps what it printed.
 
     .venv/bin/python benchmarks/peers.py --setup     # once: pip installs the peers
     .venv/bin/python benchmarks/peers.py [--model smollm2-135m]

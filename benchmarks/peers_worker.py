@@ -72,7 +72,7 @@ def autoround(args: argparse.Namespace, windows: torch.Tensor) -> float:
     rounder = AutoRound(
         model, tokenizer, scheme=scheme, alg_configs=SignRoundConfig(iters=args.iters),
         dataset=calib, nsamples=len(windows), seqlen=windows.shape[1], batch_size=args.batch,
-        device_map="cpu", enable_torch_compile=args.compile,
+        device_map=0 if torch.cuda.is_available() else "cpu", enable_torch_compile=args.compile,
     )  # fmt: skip
     rounder.quantize()
     seconds = time.perf_counter() - start

@@ -18,8 +18,10 @@ with and without `+rot` (QuaRot's offline rotation folded into the weights; with
 also its heads rotated); `+online` also turns every `down_proj` input by a Hadamard matrix at
 run time (QuaRot's online half); `kv4c`: the cache in groups of 32, rotated, keys centred;
 `w3-gptq+rot+online`: int3 g32 GPTQ weights; `+spin` rows train the residual stream's matrix
-first (SpinQuant, ``rotate.kind: learned``, 100 calibration windows, on the row's grid with
-round to nearest), then quantize as the `+rot` row (its time is in "quantize s"); `-mse`:
+first (SpinQuant's R1, ``rotate.kind: learned``, 100 calibration windows, on the row's grid
+with round to nearest; the heads keep the Hadamard matrix), then quantize as the `+rot` row
+(its time is in "quantize s"); `+spin2` also trains each block's head matrix (R2,
+``learn_heads: true``); `-mse`:
 GPTQ with MSE-clipped group ranges; `+tune`: then every group's scale and offset trained end to
 end towards the float model (recipe block ``tune``, its defaults; its time is in "quantize s").
 """
@@ -76,9 +78,12 @@ def rows() -> dict[str, dict]:
         "w4-gptq+rot+online": ("gptq", W4, None, online),
         "w3-gptq+rot+online": ("gptq", {"bits": 3, "group_size": 32}, None, online),
     }  # fmt: skip
-    spin = {"rotate": {"kind": "learned", "online": ["down_proj"]}}  # SpinQuant's Q, then as above
+    spin = {"rotate": {"kind": "learned", "online": ["down_proj"]}}  # SpinQuant's R1
+    spin2 = {"rotate": {**spin["rotate"], "learn_heads": True}}  # R1 and each block's R2
     table |= {
         "w4a4-kv4c+spin+online": ("rtn", W4, TOKEN4, {**spin, "attention": kv4c}),
+        "w4a4-kv4c+spin2+online": ("rtn", W4, TOKEN4, {**spin2, "attention": kv4c}),
+        "w4-gptq+spin2+online": ("gptq", W4, None, spin2),
         "w4-gptq+spin+online": ("gptq", W4, None, spin),
         "w4a8-gptq+spin+online": ("gptq", W4, TOKEN8, spin),
         "w3-gptq+spin+online": ("gptq", {"bits": 3, "group_size": 32}, None, spin),

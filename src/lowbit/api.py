@@ -95,7 +95,9 @@ def quantize(
         check_tune(recipe, plan_layers(recipe, quantizable_layers(model), warn=False), calibration)
     teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None
     if recipe.rotate is not None:  # folded into the float weights first (learned: trained first)
-        rotate_model(model, recipe.rotate, learned_matrix(model, recipe, calibration, progress))
+        rotate_model(
+            model, recipe.rotate, *(learned_matrix(model, recipe, calibration, progress) or ())
+        )
     report = quantize_weights(model, recipe, calibration, progress=progress,
                               hidden_dtype=parse_hidden_dtype(hidden_dtype))  # fmt: skip
     if teacher is not None:  # the scales, end to end, towards the float model
@@ -118,7 +120,7 @@ def qat(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if recipe.rotate is not None:  # trained in the rotated basis, as quantize would hold it
-        rotate_model(model, recipe.rotate, learned_matrix(model, recipe, train, progress))
+        rotate_model(model, recipe.rotate, *(learned_matrix(model, recipe, train, progress) or ()))
     return run_qat(model, recipe, train, options or QATOptions(), progress)
 
 

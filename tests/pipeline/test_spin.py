@@ -38,27 +38,55 @@ def _calib(vocab=64):
     return CalibrationSet("random", 8, 32, 0, torch.randint(0, vocab, (8, 32), generator=g))
 
 
-def _recipe(kind="learned", steps=30, acts=4):
+def _recipe(kind="learned", steps=30, acts=4, heads=True):
     data = {"version": 1, "algorithm": "rtn", "ignore": ["lm_head"],
             "weights": {"bits": 3, "group_size": 32},
-            "rotate": {"kind": kind, "steps": steps, "online": ["down_proj"]}}  # fmt: skip
+            "rotate": {"kind": kind, "steps": steps, "online": ["down_proj"],
+                       "learn_heads": heads}}  # fmt: skip
     if acts:
         data["activations"] = {"bits": acts, "granularity": "token", "dynamic": True}
     return Recipe.from_dict(data)
 
 
-def test_the_learned_matrix_is_orthogonal_seeded_and_folds_without_changing_the_model():
+def test_the_learned_matrices_are_orthogonal_seeded_and_fold_without_changing_the_model():
+    """R1 (the stream's Q) and R2 (one head matrix per block) are trained together."""
     model, calib = _model(), _calib()
-    q1, losses = spin.learn_rotation(copy.deepcopy(model), _recipe(steps=5), calib, False)
-    q2, _ = spin.learn_rotation(copy.deepcopy(model), _recipe(steps=5), calib, False)
-    assert torch.equal(q1, q2) and len(losses) == 5
+    q1, h1, losses = spin.learn_rotation(copy.deepcopy(model), _recipe(steps=5), calib, False)
+    q2, h2, _ = spin.learn_rotation(copy.deepcopy(model), _recipe(steps=5), calib, False)
+    assert torch.equal(q1, q2) and torch.equal(h1, h2) and len(losses) == 5
     assert torch.allclose(q1 @ q1.T, torch.eye(64, dtype=torch.float64), atol=1e-10)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    assert h1.shape == (model.config.num_hidden_layers, d, d)
+    eye = torch.eye(d, dtype=torch.float64).expand_as(h1)
+    assert torch.allclose(h1 @ h1.transpose(1, 2), eye, atol=1e-10)
     start = orthogonal(64, _recipe().rotate)
     assert (q1 - start).abs().max() > 1e-3  # it moved
+    moved = (h1 - orthogonal(d, _recipe().rotate)).abs().amax(dim=(1, 2))
+    assert (moved > 1e-4).all() and (h1[0] - h1[1]).abs().max() > 1e-4  # each block its own
     with torch.no_grad():
         before = model(calib.windows).logits
-        rotate_model(model, _recipe().rotate, q1)
+        rotate_model(model, _recipe().rotate, q1, h1)
         assert rel(model(calib.windows).logits, before) < 1e-5
+
+
+@pytest.mark.parametrize("change", [{"heads": False}, {"learn_heads": False}])
+def test_the_stream_matrix_can_be_learned_alone(change):
+    """Without head rotations, or with ``learn_heads: false`` (the default: the heads keep the
+    Hadamard matrix), only Q is trained, and the model still folds exactly."""
+    assert not RotateOptions(kind="learned").learn_heads
+    recipe = _recipe(steps=2)
+    recipe = dataclasses.replace(recipe, rotate=dataclasses.replace(recipe.rotate, **change))
+    model, calib = _model(), _calib()
+    q, heads, _ = spin.learn_rotation(copy.deepcopy(model), recipe, calib, False)
+    assert heads is None and q.shape == (64, 64)
+    with torch.no_grad():
+        before = model(calib.windows).logits
+        rotate_model(model, recipe.rotate, q)
+        assert rel(model(calib.windows).logits, before) < 1e-5
+    if "heads" in change:
+        with pytest.raises(LowbitError, match="heads: true"):
+            eye = torch.eye(16, dtype=torch.float64).expand(2, 16, 16)
+            Rotator(_model(), recipe.rotate, q, eye)
 
 
 def test_a_learned_rotation_rounds_better_than_its_hadamard_start():
@@ -108,7 +136,7 @@ def test_a_resumed_run_folds_the_kept_matrix_without_training(tiny_folder, tmp_p
     monkeypatch.setattr(spin, "learn_rotation", train)
     got = spin.streamed_matrix(tiny_folder, TensorSource(tiny_folder), _recipe(), calib, work,
                                Group(), progress=False)  # fmt: skip
-    assert torch.equal(got, kept)
+    assert torch.equal(got[0], kept) and got[1] is None  # kept without head matrices: shared
 
 
 def test_the_estimate_bounds_the_training_memory(tiny_folder):

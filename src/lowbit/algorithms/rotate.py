@@ -31,9 +31,11 @@ class RotateOptions:
     ``random`` (a random orthogonal matrix, any width) or ``learned`` (SpinQuant: the
     residual stream's matrix trained on the calibration text by :func:`cayley_step`, starting
     from the Hadamard one, or a random one where no Hadamard matrix fits; ``steps`` windows,
-    step size ``lr`` decaying linearly to 0; the heads' matrices stay Hadamard); ``heads``:
-    also turn each attention head's values and the matching o_proj columns; ``seed`` picks
-    the signs / the matrix.
+    step size ``lr`` decaying linearly to 0; with ``heads`` and ``learn_heads``, each block's
+    head matrix is trained with it, SpinQuant's R2; by default they stay the Hadamard one,
+    which measured the lower perplexity on the default model);
+    ``heads``: also turn each attention head's values and the matching o_proj columns;
+    ``seed`` picks the signs / the matrix.
     ``online: [down_proj]`` also turns every MLP's ``down_proj`` input by a Hadamard matrix at
     run time (a fast transform, :func:`lowbit.primitives.hadamard.online_hadamard`; its
     transpose is folded into the weight): the product gate·up has outliers no offline
@@ -46,6 +48,7 @@ class RotateOptions:
     online: tuple[str, ...] = ()
     steps: int = 100
     lr: float = 1.5
+    learn_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -34,9 +34,12 @@ Getter = Callable[[str], Tensor]
 
 class Rotator:
     """The rotated value of every tensor a rotation of ``model`` (a skeleton will do) changes;
-    ``q``: the residual stream's matrix when it was chosen elsewhere (a learned one)."""
+    ``q``: the residual stream's matrix when it was chosen elsewhere (a learned one);
+    ``heads``: one head-size matrix per block for the values and o_proj (learned ones,
+    SpinQuant's R2; (blocks, head size, head size)) in place of the one shared matrix."""
 
-    def __init__(self, model: nn.Module, options: RotateOptions, q: Tensor | None = None) -> None:
+    def __init__(self, model: nn.Module, options: RotateOptions, q: Tensor | None = None,
+                 heads: Tensor | None = None) -> None:  # fmt: skip
         config = getattr(model, "config", None)
         kind = getattr(config, "model_type", None)
         if kind not in ROTATABLE:
@@ -60,6 +63,13 @@ class Rotator:
             raise LowbitError(f"rotate: the matrix is {tuple(self.q.shape)}, the hidden size "
                               f"{hidden}")  # fmt: skip
         self.h = orthogonal(head_dim, options) if options.heads else None
+        self.heads = None if heads is None else heads.double()
+        blocks = len(find_blocks(model)[1])
+        if self.heads is not None and (
+            self.h is None or self.heads.shape != (blocks, head_dim, head_dim)
+        ):
+            raise LowbitError(f"rotate: per-block head matrices {tuple(self.heads.shape)} need "
+                              f"heads: true and shape {(blocks, head_dim, head_dim)}")  # fmt: skip
         # down_proj's input turned at run time (install_online); its weight gets W·H
         self.online = online_matrix(config.intermediate_size) if options.online else None
         self.ops: dict[str, tuple] = {}
@@ -75,26 +85,27 @@ class Rotator:
             n1, n2 = f"{b}input_layernorm.weight", f"{b}post_attention_layernorm.weight"
             ops[n1] = ops[n2] = ("ones",)
             for name in ("q_proj", "k_proj"):
-                ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, False)
-            ops[f"{attn}v_proj.weight"] = ("reads", f"{attn}v_proj.weight", n1, self.h is not None)
-            ops[f"{attn}o_proj.weight"] = ("writes", self.h is not None, False)
+                ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, None)
+            head = i if self.h is not None else None  # which block's head matrix, if any
+            ops[f"{attn}v_proj.weight"] = ("reads", f"{attn}v_proj.weight", n1, head)
+            ops[f"{attn}o_proj.weight"] = ("writes", head, False)
             for name in ("gate_proj", "up_proj"):
-                ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, False)
-            ops[f"{mlp}down_proj.weight"] = ("writes", False, self.online is not None)
-            self._biases(block, b)
+                ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, None)
+            ops[f"{mlp}down_proj.weight"] = ("writes", None, self.online is not None)
+            self._biases(block, b, i)
         embed = _name_of(model, model.get_input_embeddings())
         head = _name_of(model, model.get_output_embeddings())
         norm = _final_norm(model, prefix)
-        ops[f"{embed}.weight"] = ("reads", f"{embed}.weight", None, False)
+        ops[f"{embed}.weight"] = ("reads", f"{embed}.weight", None, None)
         ops[f"{norm}.weight"] = ("ones",)
         source = f"{embed}.weight" if tied_names(model) else f"{head}.weight"
-        ops[f"{head}.weight"] = ("reads", source, f"{norm}.weight", False)
+        ops[f"{head}.weight"] = ("reads", source, f"{norm}.weight", None)
         self.ends = {"embed": f"{embed}.weight", "head": f"{head}.weight",
                      "norm": f"{norm}.weight"}  # fmt: skip
         if source != f"{head}.weight":
             self.aliases[f"{head}.weight"] = source
 
-    def _biases(self, block: nn.Module, b: str) -> None:
+    def _biases(self, block: nn.Module, b: str, i: int) -> None:
         for name, module in block.named_modules():
             bias = getattr(module, "bias", None)
             if not isinstance(bias, Tensor) or not isinstance(module, nn.Linear):
@@ -103,10 +114,14 @@ class Rotator:
             if name.endswith(("o_proj", "down_proj")):
                 self.ops[key] = ("writes_bias",)
             elif name.endswith("v_proj") and self.h is not None:
-                self.ops[key] = ("head_bias",)
+                self.ops[key] = ("head_bias", i)
         for name, module in block.named_modules():
             if name.endswith("layernorm") and isinstance(getattr(module, "bias", None), Tensor):
                 raise LowbitError(f"rotate: {b}{name} has a bias; only RMSNorm folds")
+
+    def head(self, block: int) -> Tensor:
+        """The head-size matrix of block ``block``'s values and o_proj."""
+        return self.h if self.heads is None else self.heads[block]
 
     def tensor(self, name: str, get: Getter) -> Tensor:
         """The rotated float32 value of ``name``; ``get`` reads a float32 tensor by name."""
@@ -114,16 +129,16 @@ class Rotator:
         if op[0] == "ones":
             return torch.ones_like(get(name))
         if op[0] == "reads":
-            _, source, norm, per_head = op
+            _, source, norm, block = op
             w = reads(get(source), self.q, None if norm is None else get(norm))
-            return head_rows(w, self.h) if per_head else w
+            return w if block is None else head_rows(w, self.head(block))
         if op[0] == "writes":
             w = get(name)
-            w = writes(head_columns(w, self.h) if op[1] else w, self.q)
+            w = writes(w if op[1] is None else head_columns(w, self.head(op[1])), self.q)
             return reads(w, self.online) if op[2] else w
         if op[0] == "writes_bias":
             return writes(get(name).unsqueeze(1), self.q).squeeze(1)
-        return head_rows(get(name), self.h)  # head_bias
+        return head_rows(get(name), self.head(op[1]))  # head_bias
 
 
 def untie_head(model: nn.Module) -> None:
@@ -148,10 +163,11 @@ def install_online_rotations(model: nn.Module, options: RotateOptions | None) ->
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, options: RotateOptions, q: Tensor | None = None) -> None:
+def rotate_model(model: nn.Module, options: RotateOptions, q: Tensor | None = None,
+                 heads: Tensor | None = None) -> None:  # fmt: skip
     """Rotate a model held in memory (its tensors replaced; the function it computes kept),
-    with its online rotations installed; ``q`` as for :class:`Rotator`."""
-    rotator = Rotator(model, options, q)
+    with its online rotations installed; ``q`` and ``heads`` as for :class:`Rotator`."""
+    rotator = Rotator(model, options, q, heads)
     install_online_rotations(model, options)
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     new = {name: rotator.tensor(name, state.__getitem__) for name in rotator.ops}

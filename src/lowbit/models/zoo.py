@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.assets import Archive, cache_dir, extract_member, fetch_archive
+from lowbit.assets import Archive, cache_dir, extract_member, fetch_archive, verified
 
 
 @dataclass(frozen=True)
@@ -175,5 +175,7 @@ def zoo_caveat(name: str) -> str | None:
 def zoo_gguf(entry: ZooModel) -> Path:
     """The verified GGUF file of a zoo model (downloaded and extracted on first use)."""
     dest = cache_dir() / "gguf" / Path(entry.member).name
+    if verified(dest, entry.member_sha256):  # the archive is needed only to extract it
+        return dest
     archive = fetch_archive(entry.archive)
     return extract_member(archive, entry.member, dest, entry.member_sha256)

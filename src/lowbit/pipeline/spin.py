@@ -1,18 +1,20 @@
 """SpinQuant's learned rotation (Liu et al. 2024): the residual stream's orthogonal matrix Q
-trained so that the *quantized* model predicts the calibration text well.
+(R1) and, with ``heads`` (and ``learn_heads``), each block's head-size matrix of the values
+and o_proj (R2), trained so that the *quantized* model predicts the calibration text well.
 
-Starting from the Hadamard matrix QuaRot would fold (:func:`lowbit.algorithms.rotate.orthogonal`),
-each step runs one calibration window through the model with every planned linear's weight
-replaced by its rotated value (:class:`lowbit.models.rotate.Rotator`, differentiable in Q) on
-the recipe's grid (round-to-nearest with a straight-through gradient, as SpinQuant trains; a
-calibrated algorithm such as GPTQ then runs on the rotated model), the planned linears' inputs
-rounded as the recipe's activations are (dynamic ranges, straight through), and the online
-transforms in place. The next-token cross-entropy's gradient with respect to Q moves Q by one
-Cayley step (:func:`lowbit.algorithms.rotate.cayley_step`), so Q stays exactly orthogonal and
-the float model's function is unchanged once it is folded. The embedding and an unquantized
-head are not recomputed: the stream is turned by Q after the embedding and back before the
-final norm, which is the same function at a fraction of the cost. Each head's value/output
-matrix stays the Hadamard one, and the key/value cache is not rounded in the loss.
+Starting from the Hadamard matrices QuaRot would fold
+(:func:`lowbit.algorithms.rotate.orthogonal`), each step runs one calibration window through
+the model with every planned linear's weight replaced by its rotated value
+(:class:`lowbit.models.rotate.Rotator`, differentiable in the matrices) on the recipe's grid
+(round-to-nearest with a straight-through gradient, as SpinQuant trains; a calibrated algorithm
+such as GPTQ then runs on the rotated model), the planned linears' inputs rounded as the
+recipe's activations are (dynamic ranges, straight through), and the online transforms in
+place. The next-token cross-entropy's gradient with respect to each matrix moves it by one
+Cayley step (:func:`lowbit.algorithms.rotate.cayley_step`), so every matrix stays exactly
+orthogonal and the float model's function is unchanged once they are folded. The embedding and
+an unquantized head are not recomputed: the stream is turned by Q after the embedding and back
+before the final norm, which is the same function at a fraction of the cost. The key/value
+cache is not rounded in the loss.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lowbit.algorithms.rotate import cayley_step, orthogonal
 from lowbit.calibration import CalibrationSet
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
+from lowbit.models.families import find_blocks
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.rotate import Rotator, install_online_rotations
 from lowbit.models.source import TensorSource, materialize, release, skeleton
@@ -40,48 +43,52 @@ from lowbit.primitives.fake import fake_quantize_weight
 from lowbit.recipes import Recipe, plan_layers
 
 log = logging.getLogger(__name__)
-KEPT = "rotation"  # the work folder's name for the learned matrix
+KEPT = "rotation"  # the work folder's name for the learned matrices
+Learned = tuple[Tensor, Tensor | None]  # Q, and the per-block head matrices (or None)
 
 
 def learned_matrix(model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None,
-                   progress: bool = True) -> Tensor | None:  # fmt: skip
-    """The matrix to fold for ``recipe.rotate`` into the float ``model`` held in memory:
-    learned for kind ``learned``, None (the options say it all) otherwise."""
+                   progress: bool = True) -> Learned | None:  # fmt: skip
+    """The matrices to fold for ``recipe.rotate`` into the float ``model`` held in memory:
+    (Q, heads) learned for kind ``learned``, None (the options say it all) otherwise."""
     if recipe.rotate is None or recipe.rotate.kind != "learned":
         return None
-    return learn_rotation(model, recipe, calibration, progress)[0]
+    q, heads, _ = learn_rotation(model, recipe, calibration, progress)
+    return q, heads
 
 
 def streamed_matrix(folder, tensors: TensorSource, recipe: Recipe,
                     calibration: CalibrationSet | None, work: WorkFolder, group: Group,
-                    progress: bool = True) -> Tensor | None:  # fmt: skip
+                    progress: bool = True) -> Learned | None:  # fmt: skip
     """:func:`learned_matrix` for a run that streams ``folder``: the float model is read
     whole into memory for the training (a learned rotation back-propagates through every
     block), then freed. Rank 0 trains and every rank folds its matrix; a resumed run reads
     it from the work folder instead of training again."""
     if recipe.rotate is None or recipe.rotate.kind != "learned":
         return None
-    q = None
+    kept = None
     if group.main:
         kept = work.stored(KEPT)
         if kept is None:
             model = skeleton(folder)
-            log.info("rotate (learned): the float model is held in memory while Q is trained")
+            log.info("rotate (learned): the float model is held in memory while it is trained")
             materialize(model, list(tensors.entries), tensors)
-            q = learned_matrix(model, recipe, calibration, progress)
+            q, heads = learned_matrix(model, recipe, calibration, progress)
             release(model)
-            work.store(KEPT, {"q": q})
-        else:
-            q = kept["q"]
-    return group.broadcast({"q": q} if q is not None else None, 0)["q"].double()
+            kept = {"q": q} if heads is None else {"q": q, "heads": heads}
+            work.store(KEPT, kept)
+    kept = group.broadcast(kept, 0)
+    heads = kept.get("heads")  # a run kept before heads were learned: the shared matrix
+    return kept["q"].double(), None if heads is None else heads.double()
 
 
 def learn_rotation(
     model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None, progress: bool = True
-) -> tuple[Tensor, list[float]]:
+) -> tuple[Tensor, Tensor | None, list[float]]:
     """The trained (hidden, hidden) float64 matrix for ``recipe.rotate`` (kind ``learned``) of
     the float ``model`` (held in memory, left with its online transforms installed and its
-    weights unchanged) and the loss of each step."""
+    weights unchanged), with ``heads`` the trained (blocks, head size, head size) ones (else
+    None), and the loss of each step."""
     options = recipe.rotate
     windows = None if calibration is None else calibration.windows
     if not isinstance(windows, Tensor) or windows.is_floating_point():
@@ -92,6 +99,10 @@ def learn_rotation(
     install_online_rotations(model, options)
     base = {k: v.detach().float() for k, v in model.state_dict().items()}
     device = next(model.parameters()).device  # the matrices follow the model (a GPU too)
+    blocks = len(find_blocks(model)[1])
+    heads = None  # the shared Hadamard head matrix stays, unless each block learns its own
+    if rotator.h is not None and options.learn_heads:
+        heads = rotator.h.to(device).expand(blocks, -1, -1).clone()
     rotator.h = None if rotator.h is None else rotator.h.float().to(device)
     rotator.online = None if rotator.online is None else rotator.online.float().to(device)
     ends = rotator.ends
@@ -108,6 +119,10 @@ def learn_rotation(
     try:
         for step in bar:
             current = state["q"] = rotator.q = q.float().requires_grad_(True)
+            trained = [current]
+            if heads is not None:
+                rotator.heads = heads.float().requires_grad_(True)
+                trained.append(rotator.heads)
             params = {}
             for name in names:
                 t = rotator.tensor(name, base.__getitem__)
@@ -122,8 +137,13 @@ def learn_rotation(
             if not torch.isfinite(loss):
                 raise LowbitError(f"rotate: the loss became {loss.item()} at step {step}; lower "
                                   f"rotate.lr")  # fmt: skip
-            (grad,) = torch.autograd.grad(loss, current)
-            q = cayley_step(q, grad, options.lr * (1 - step / options.steps))
+            grads = torch.autograd.grad(loss, trained)
+            lr = options.lr * (1 - step / options.steps)
+            q = cayley_step(q, grads[0], lr)
+            if heads is not None:
+                heads = torch.stack(
+                    [cayley_step(h, g, lr) for h, g in zip(heads, grads[1], strict=True)]
+                )
             losses.append(loss.item())
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
     finally:
@@ -133,7 +153,7 @@ def learn_rotation(
     log.info("rotate (learned): %d steps in %.1f s, loss %.4f -> %.4f (means of the first and "
              "last 10)", options.steps, time.perf_counter() - start, sum(first) / len(first),
              sum(last) / len(last))  # fmt: skip
-    return q.cpu(), losses
+    return q.cpu(), None if heads is None else heads.cpu(), losses
 
 
 def _hooks(model: nn.Module, recipe: Recipe, plan: dict, ends: dict, head_quantized: bool,

@@ -84,7 +84,8 @@ def quantize_to(
     work = _work_folder(out, fingerprint, restart, group)
     if rotator is not None:  # each tensor rotated as it is read; the head untied
         learned = streamed_matrix(folder, tensors, recipe, calibration, work, group, progress)
-        rotator.q = rotator.q if learned is None else learned
+        if learned is not None:
+            rotator.q, rotator.heads = learned
         untie_head(model)
         install_online_rotations(model, recipe.rotate)
         tensors = RotatedSource(tensors, rotator)
