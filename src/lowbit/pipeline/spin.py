@@ -78,7 +78,7 @@ def streamed_matrix(folder, tensors: TensorSource, recipe: Recipe,
             kept = {"q": q} if heads is None else {"q": q, "heads": heads}
             work.store(KEPT, kept)
     kept = group.broadcast(kept, 0)
-    heads = kept.get("heads")  # a run kept before heads were learned: the shared matrix
+    heads = kept.get("heads")  # none kept (learn_heads off): the shared head matrix
     return kept["q"].double(), None if heads is None else heads.double()
 
 
