@@ -42,7 +42,7 @@ def _recipe(kind="learned", steps=30, acts=4, heads=True):
     data = {"version": 1, "algorithm": "rtn", "ignore": ["lm_head"],
             "weights": {"bits": 3, "group_size": 32},
             "rotate": {"kind": kind, "steps": steps, "online": ["down_proj"],
-                       "learn_heads": heads}}  # fmt: skip
+                       "learn_heads": heads and kind == "learned"}}  # fmt: skip
     if acts:
         data["activations"] = {"bits": acts, "granularity": "token", "dynamic": True}
     return Recipe.from_dict(data)
@@ -69,7 +69,7 @@ def test_the_learned_matrices_are_orthogonal_seeded_and_fold_without_changing_th
         assert rel(model(calib.windows).logits, before) < 1e-5
 
 
-@pytest.mark.parametrize("change", [{"heads": False}, {"learn_heads": False}])
+@pytest.mark.parametrize("change", [{"heads": False, "learn_heads": False}, {"learn_heads": False}])
 def test_the_stream_matrix_can_be_learned_alone(change):
     """Without head rotations, or with ``learn_heads: false`` (the default: the heads keep the
     Hadamard matrix), only Q is trained, and the model still folds exactly."""
@@ -87,6 +87,12 @@ def test_the_stream_matrix_can_be_learned_alone(change):
         with pytest.raises(LowbitError, match="heads: true"):
             eye = torch.eye(16, dtype=torch.float64).expand(2, 16, 16)
             Rotator(_model(), recipe.rotate, q, eye)
+
+
+@pytest.mark.parametrize("options", [{"kind": "hadamard"}, {"kind": "learned", "heads": False}])
+def test_learn_heads_without_learned_head_matrices_is_an_error(options):
+    with pytest.raises(LowbitError, match="learn_heads"):
+        RotateOptions(learn_heads=True, **options)
 
 
 def test_a_learned_rotation_rounds_better_than_its_hadamard_start():

@@ -56,6 +56,9 @@ class RotateOptions:
         if self.steps < 1 or not self.lr > 0:
             raise LowbitError(f"rotate: steps must be >= 1 and lr > 0 (got steps {self.steps}, "
                               f"lr {self.lr})")  # fmt: skip
+        if self.learn_heads and (self.kind != "learned" or not self.heads):
+            raise LowbitError("rotate.learn_heads trains the head matrices: it needs kind: "
+                              "learned and heads: true")  # fmt: skip
         unknown = [x for x in self.online if x not in ONLINE]
         if unknown:
             raise LowbitError(f"rotate.online: {unknown[0]!r} is not one of "

@@ -64,12 +64,11 @@ class Rotator:
                               f"{hidden}")  # fmt: skip
         self.h = orthogonal(head_dim, options) if options.heads else None
         self.heads = None if heads is None else heads.double()
-        blocks = len(find_blocks(model)[1])
-        if self.heads is not None and (
-            self.h is None or self.heads.shape != (blocks, head_dim, head_dim)
-        ):
-            raise LowbitError(f"rotate: per-block head matrices {tuple(self.heads.shape)} need "
-                              f"heads: true and shape {(blocks, head_dim, head_dim)}")  # fmt: skip
+        if self.heads is not None:
+            shape = (len(find_blocks(model)[1]), head_dim, head_dim)
+            if self.h is None or self.heads.shape != shape:
+                raise LowbitError(f"rotate: per-block head matrices {tuple(self.heads.shape)} "
+                                  f"need heads: true and shape {shape}")  # fmt: skip
         # down_proj's input turned at run time (install_online); its weight gets W·H
         self.online = online_matrix(config.intermediate_size) if options.online else None
         self.ops: dict[str, tuple] = {}
