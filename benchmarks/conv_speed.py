@@ -1,8 +1,11 @@
 """W8A8 convolutions on the integer kernel against float32, side by side: images per second of
 each image model as `lowbit eval` runs it (float32; `conv-w8a8-static` on the kernels
 `use_kernels` picks; the same quantized model on its reference path, codes dequantized at every
-call), timed in alternation (one call of each variant per round, medians over the rounds), plus
-how far the kernel's output is from the reference path's and from float32's.
+call; its weights alone, `w8-rtn`, on the weight-only kernel), float32 in both layouts (torch's
+default NCHW, and channels-last, which oneDNN's float convolutions run faster on some shapes
+and CPUs; "x float32" is against the faster of the two), timed in alternation (one call of each
+variant per round, medians over the rounds), plus how far the kernel's output is from the
+reference path's and from float32's.
 
 Inputs: waifu2x on the 256 x 256 evaluation input (the astronaut image downscaled 2x), the GANs
 on their evaluation latents at batch 1 and 16. Static ranges from each zoo entry's calibration
@@ -58,14 +61,16 @@ def main() -> int:
         return _layers(args.rounds)
     rows = []
     for name in args.only or BATCHES:
-        rows += _model_rows(name, args.rounds)
-        print(format_table(HEADER, rows[-3 * len(BATCHES[name]) :]), flush=True)
+        more, variants = _model_rows(name, args.rounds)
+        rows += more
+        print(format_table(HEADER, rows[-variants * len(BATCHES[name]) :]), flush=True)
     print(f"\nthreads {torch.get_num_threads()}, {args.rounds} alternating rounds, medians\n")
     print(format_table(HEADER, rows, markdown=True))
     return 0
 
 
-def _model_rows(name: str, rounds: int) -> list[list]:
+def _model_rows(name: str, rounds: int) -> tuple[list[list], int]:
+    """The model's rows (each batch x each variant) and its number of variants."""
     entry = image_models()[name]
     float_model = entry.load()
     reference = copy.deepcopy(float_model)
@@ -75,10 +80,15 @@ def _model_rows(name: str, rounds: int) -> list[list]:
     counts = use_kernels(kernel)
     path = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     ref_name = "w8a8 static, reference path"
+    weight_only = copy.deepcopy(float_model)
+    api.quantize(weight_only, "w8-rtn", progress=False)
+    wo_path = ", ".join(f"{k} {v}" for k, v in sorted(use_kernels(weight_only).items()))
     variants = {
         "float32": (float_model, "float"),
+        "float32, channels-last": (_ChannelsLast(float_model), "float"),
         "w8a8 static": (kernel, path),
         ref_name: (reference, f"reference {sum(counts.values())}"),
+        "w8 weight-only (w8-rtn)": (weight_only, wo_path),
     }
     inputs, _ = entry.evaluation()
     lo, hi = entry.output_range
@@ -89,14 +99,16 @@ def _model_rows(name: str, rounds: int) -> list[list]:
             out = {k: ((m(x).float() - lo) / (hi - lo)).clamp(0, 1)
                    for k, (m, _) in variants.items()}  # fmt: skip
             times = _alternating({k: m for k, (m, _) in variants.items()}, x, rounds)
-        base = batch / statistics.median(times["float32"])
+        # the faster float32 layout is the baseline (torch's default NCHW, or channels-last,
+        # which oneDNN's float convolutions prefer on some CPUs)
+        base = batch / min(statistics.median(times[k]) for k in variants if k.startswith("float"))
         for k, (_, kind) in variants.items():
             speed = batch / statistics.median(times[k])
             vs_ref = "-" if k != "w8a8 static" else round(_psnr(out[k], out[ref_name]), 2)
-            vs_float = "-" if k == "float32" else round(_psnr(out[k], out["float32"]), 2)
+            vs_float = "-" if k.startswith("float32") else round(_psnr(out[k], out["float32"]), 2)
             rows.append([name, batch, k, kind, round(speed, 2), round(speed / base, 2), vs_ref,
                          vs_float])  # fmt: skip
-    return rows
+    return rows, len(variants)
 
 
 LAYERS = (
@@ -141,6 +153,19 @@ def _layers(rounds: int) -> int:
     print(f"\nthreads {torch.get_num_threads()}, {rounds} alternating rounds, medians\n")
     print(format_table(LAYER_HEADER, rows, markdown=True))
     return 0
+
+
+class _ChannelsLast(torch.nn.Module):
+    """A float model with its weights and input in channels-last layout (NHWC)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
 
 
 def _forced(kernel, im2col: bool):

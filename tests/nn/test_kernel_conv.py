@@ -63,3 +63,73 @@ def test_a_convolution_with_few_outputs_for_its_weight_takes_the_im2col_gemm(bit
     with torch.inference_mode():
         for x in (small, large):
             torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_convolutions_run_channels_last_and_transposed_ones_keep_the_default_layout():
+    """The dequantize + conv path gives torch's convolution a channels-last input (oneDNN's
+    faster layout for it); a transposed convolution's input is left as it comes."""
+    fast = quantized({"bits": 8, "group_size": -1, "symmetric": True})
+    use_kernels(fast)
+    x = torch.rand(1, 3, 16, 16)
+    channels_last = torch.channels_last
+    with torch.inference_mode():
+        assert not fast[0].weight_bound(x)
+        assert fast[0](x).is_contiguous(memory_format=channels_last)
+        y = torch.rand(1, 32, 8, 8)  # into the transposed layer, NCHW
+        out = fast[4](y)
+    assert fast[4].geometry.transposed and out.is_contiguous()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("geometry", [
+    {"kernel_size": 4, "stride": 2, "padding": 1},
+    {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1},
+    {"kernel_size": 4, "stride": 1, "padding": 0},
+    {"kernel_size": 3, "stride": 2, "padding": 2, "dilation": 2},
+])  # fmt: skip
+def test_a_transposed_convolution_with_few_inputs_takes_one_gemm_and_an_overlap_add(bits, geometry):
+    """A per-channel transposed convolution holds its codes as its (out·kh·kw, in) column
+    matrix: few input pixels (a generator's first layers) take one GEMM and F.fold, many the
+    dequantized weight into torch's transposed convolution. Both equal the reference."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(64, 32, **geometry))
+    model.quantized_whole = True
+    api.quantize(model, make_recipe({"bits": bits, "group_size": -1}, ignore=()), progress=False)
+    fast = copy.deepcopy(model)
+    assert use_kernels(fast) == {f"w{bits}a16-conv": 1}
+    assert fast[0].columns
+    small, large = torch.rand(2, 64, 3, 5), torch.rand(2, 64, 20, 20)
+    assert fast[0].weight_bound(small) and not fast[0].weight_bound(large)
+    with torch.inference_mode():
+        for x in (small, large):
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    assert model_size(fast).quantized_weights <= model_size(model).quantized_weights + 64
+
+
+def test_a_transposed_convolution_in_groups_along_its_rows_keeps_the_row_layout():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1))
+    model.quantized_whole = True
+    api.quantize(model, make_recipe({"bits": 4, "group_size": 32}, ignore=()), progress=False)
+    fast = copy.deepcopy(model)
+    assert use_kernels(fast) == {"w4a16-conv": 1}
+    x = torch.rand(1, 64, 3, 3)
+    assert not fast[0].columns and not fast[0].weight_bound(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_columns_of_a_width_not_a_whole_run_are_padded_on_both_paths(bits):
+    """A DCGAN's first layer reads a 100-d latent: columns of 100 codes, padded to 128."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(100, 16, 4, stride=1, padding=0))
+    model.quantized_whole = True
+    api.quantize(model, make_recipe({"bits": bits, "group_size": -1}, ignore=()), progress=False)
+    fast = copy.deepcopy(model)
+    use_kernels(fast)
+    small, large = torch.rand(3, 100, 1, 1), torch.rand(2, 100, 12, 12)
+    assert fast[0].columns and fast[0].weight_bound(small) and not fast[0].weight_bound(large)
+    with torch.inference_mode():
+        for x in (small, large):
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)

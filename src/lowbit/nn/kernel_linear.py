@@ -144,6 +144,13 @@ def kernel_module(layer: QuantLinear) -> nn.Module | None:
 def affine_weight(layer: QuantLinear) -> AffineWeight | None:
     """The affine kernel's layout of a weight-only integer layer (a QuantConv's matrix too),
     or None when the kernel does not cover its format."""
+    parts = affine_parts(layer)
+    return None if parts is None else to_affine(*parts)
+
+
+def affine_parts(layer: QuantLinear) -> tuple[Tensor, Tensor, Tensor, tuple, int] | None:
+    """(unsigned codes (N, K), per-block scale and offset with w = scale·u + offset, block,
+    bits) of a weight-only integer layer the affine kernel covers, else None."""
     spec, qt = layer.spec, layer.spec.qtype
     shape = (layer.out_features, layer.in_features)
     if layer.act is not None or qt.kind != "int" or spec.lorc_rank:
@@ -155,4 +162,4 @@ def affine_weight(layer: QuantLinear) -> AffineWeight | None:
     zeros = torch.zeros(rows, cols, 1, dtype=torch.uint8)
     offset = dequantize(zeros, qp, grid)[..., 0]  # w = scale·u + offset on every grid
     scale = dequantize(zeros + 1, qp, grid)[..., 0] - offset
-    return to_affine(layer.codes(), scale, offset, layer.block, qt.bits)
+    return layer.codes(), scale, offset, layer.block, qt.bits
