@@ -92,13 +92,13 @@ def test_a_transposed_convolution_with_few_inputs_takes_one_gemm_and_an_overlap_
     matrix: few input pixels (a generator's first layers) take one GEMM and F.fold, many the
     dequantized weight into torch's transposed convolution. Both equal the reference."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(64, 32, **geometry))
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(256, 128, **geometry))
     model.quantized_whole = True
     api.quantize(model, make_recipe({"bits": bits, "group_size": -1}, ignore=()), progress=False)
     fast = copy.deepcopy(model)
     assert use_kernels(fast) == {f"w{bits}a16-conv": 1}
     assert fast[0].columns
-    small, large = torch.rand(2, 64, 3, 5), torch.rand(2, 64, 20, 20)
+    small, large = torch.rand(1, 256, 2, 3), torch.rand(2, 256, 12, 12)  # 6 / 288 pixels
     assert fast[0].weight_bound(small) and not fast[0].weight_bound(large)
     with torch.inference_mode():
         for x in (small, large):
@@ -123,7 +123,7 @@ def test_a_transposed_convolution_in_groups_along_its_rows_keeps_the_row_layout(
 def test_columns_of_a_width_not_a_whole_run_are_padded_on_both_paths(bits):
     """A DCGAN's first layer reads a 100-d latent: columns of 100 codes, padded to 128."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(100, 16, 4, stride=1, padding=0))
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(100, 512, 4, stride=1, padding=0))
     model.quantized_whole = True
     api.quantize(model, make_recipe({"bits": bits, "group_size": -1}, ignore=()), progress=False)
     fast = copy.deepcopy(model)

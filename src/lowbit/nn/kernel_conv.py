@@ -29,15 +29,21 @@ channels-last.
 A transposed convolution with one group per output channel (a generator's layers) holds its
 codes as its column matrix, (out·kh·kw, in): the same codes and bytes, rows reordered. Its
 first layers see few input pixels (a 1x1 latent, then 4x4) against a large weight, which the
-float path dequantizes at every call and oneDNN's deconvolution handled slowly there; with
-``batch x input pixels x WEIGHT_BOUND <= out·kh·kw`` (the rule above, counted in the GEMM's
-rows and outputs) the pixels' channels go through the affine GEMM (codes read once) and
-``F.fold`` adds the kh x kw patches into place (:meth:`AffineKernelConv._col2im`). Otherwise
-the codes are dequantized and transposed into torch's transposed convolution (one float copy
-more than the row layout needed). One alternating comparison, the same process, W8 per
-channel, 2 threads, images/s, row layout -> columns (AVX-512 run; AVX2 run): dcgan-faces batch
-1 63.3 -> 137.4 (55.7 -> 183.6), batch 16 367.4 -> 340.5 (322.6 -> 400.8); cdcgan-eyes batch 1
-12.7 -> 45.8 (12.1 -> 44.8), batch 16 78.0 -> 71.2 (66.9 -> 78.9).
+float path dequantizes at every call and oneDNN's deconvolution handled slowly there. When the
+layer has at least ``COLUMN_WEIGHT`` (32,768) weights per input pixel of the call (batch x
+height x width) the pixels' channels go through the affine GEMM (codes read once) and
+``F.fold`` adds the kh x kw patches into place (:meth:`AffineKernelConv._col2im`); otherwise
+the codes are dequantized into torch's transposed convolution, reordered from columns on the
+way (one float copy more than the row layout needed, up to ~1.5x that layer's time on the
+DCGAN's 4x4 layer at batch 16). Per layer of the DCGAN and the eye generator (W8, batch 1 and
+16, alternating, ms), the GEMM won by up to 13x where a layer had >= 32K weights per pixel
+(the eye generator's 1024->512 layer at 4x4, batch 1: 3.9 against 49.4 ms) and lost where it
+had fewer (its 512->256 layer at 8x8, batch 16, 2K per pixel: 72.6 against 30.5); the rule
+``batch x output positions x WEIGHT_BOUND <= out·kh·kw`` of plain convolutions sent such
+layers to the GEMM. One alternating comparison of whole models, the same process, W8 per
+channel, 2 threads, images/s, row layout -> columns (AVX-512 run; AVX2 run): dcgan-faces
+batch 1 83.2 -> 240.7 (49.4 -> 173.3), batch 16 409.1 -> 351.5 (381.7 -> 356.0);
+cdcgan-eyes batch 1 16.0 -> 69.2 (20.0 -> 65.5), batch 16 81.5 -> 95.6 (82.5 -> 105.1).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from lowbit.nn.quant_conv import ConvGeometry, QuantConv
 from lowbit.nn.quant_linear import nbytes
 
 WEIGHT_BOUND = 4  # im2col + GEMM when rows <= out_channels / WEIGHT_BOUND (see above)
+COLUMN_WEIGHT = 1 << 15  # a transposed convolution's GEMM: weights per input pixel, at least
 
 
 class AffineKernelConv(nn.Module):
@@ -92,10 +99,11 @@ class AffineKernelConv(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.weight_bound(x):
             return self._col2im(x, aw, bias) if self.columns else self._im2col(x, aw, bias)
-        if self.columns:  # (out·kh·kw, in) -> the transposed convolution's (in, out, kh, kw)
+        if self.columns:  # (out·kh·kw, in) -> (out, in, kh, kw), read as (in, out, kh, kw)
             kh, kw = g.kernel_size
-            w = affine_dequantize(aw).reshape(g.out_channels, kh, kw, g.in_channels)
-            return g.apply(x, w.permute(3, 0, 1, 2).contiguous().to(x.dtype), bias)
+            w = affine_dequantize(aw).reshape(g.out_channels, kh * kw, g.in_channels)
+            w = w.transpose(1, 2).contiguous().view(g.out_channels, g.in_channels, kh, kw)
+            return g.apply(x, w.transpose(0, 1).to(x.dtype), bias)
         if not g.transposed:  # oneDNN's float convolution runs channels-last faster (see above)
             x = x.contiguous(memory_format=torch.channels_last)
         return g.apply(x, g.weight(affine_dequantize(aw)).to(x.dtype), bias)
@@ -106,9 +114,10 @@ class AffineKernelConv(nn.Module):
         g = self.geometry
         if g.groups != 1 or x.dtype != torch.float32 or x.dim() != 4:
             return False
-        if self.columns:  # the GEMM's rows are input pixels, its outputs out·kh·kw
+        if self.columns:  # the GEMM's rows are input pixels (see COLUMN_WEIGHT)
             kh, kw = g.kernel_size
-            return x.shape[0] * x.shape[2] * x.shape[3] * WEIGHT_BOUND <= g.out_channels * kh * kw
+            weights = g.in_channels * g.out_channels * kh * kw
+            return x.shape[0] * x.shape[2] * x.shape[3] * COLUMN_WEIGHT <= weights
         if g.transposed:
             return False
         h, w = self._out_size(x)
