@@ -186,3 +186,32 @@ def test_kernel_isa_is_reported_and_can_be_forced(monkeypatch):
     assert torch.ops.lowbit_cpu.kernel_isa() in ("avx2", "avx512-vnni")
     monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
     assert torch.ops.lowbit_cpu.kernel_isa() == "avx2"
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,group,taps", [(32, 64, -1, 16), (48, 100, -1, 16), (27, 96, 32, 9),
+                                            (4, 32, 32, 1)])  # fmt: skip
+@pytest.mark.parametrize("params", ["f16", "f32", "sym"])
+def test_column_dequantize_is_the_transposed_blocks_to_the_bit(bits, n, k, group, taps, params,
+                                                               monkeypatch):  # fmt: skip
+    """Rows b·taps + t of a column matrix land at out[b, k·taps + t]: the native pass equals
+    the native dequantize, transposed, to the bit (the run padding dropped), and the plain-
+    PyTorch fallback up to its separate multiply and add."""
+    aw = random_affine(n, k, group, bits, seed=n + k, params=params)
+    got = affine.affine_dequantize_columns(aw, taps)
+    rows = affine.affine_dequantize(aw)  # (n, k), native
+    assert got.shape == (n // taps, k * taps)
+    assert torch.equal(got, rows.reshape(n // taps, taps, k).transpose(1, 2).reshape(n // taps, -1))
+    assert torch.equal(got[-1].reshape(k, taps)[:, 0], rows[n - taps])
+    monkeypatch.setattr(affine, "native_ops", lambda: False)
+    torch.testing.assert_close(affine.affine_dequantize_columns(aw, taps), got, rtol=1e-6,
+                               atol=1e-7)  # fmt: skip
+
+
+@needs_native
+def test_column_dequantize_rejects_taps_that_do_not_divide_the_rows():
+    aw = random_affine(30, 64, -1, 8)
+    with pytest.raises(RuntimeError, match="taps must divide"):
+        torch.ops.lowbit_cpu.affine_dequantize_columns(aw.w, aw.scale, aw.offset, aw.group, 8,
+                                                       16, 64)  # fmt: skip

@@ -144,6 +144,19 @@ def affine_dequantize(aw: AffineWeight) -> Tensor:
     return w[:, : aw.in_features]
 
 
+def affine_dequantize_columns(aw: AffineWeight, taps: int) -> Tensor:
+    """A column matrix's float32 weight in its layer's order: rows ``b·taps + t`` of ``aw``
+    (N, K) become ``out[b, k·taps + t]``, (N/taps, K·taps) (:mod:`lowbit.nn.kernel_conv`'s
+    transposed convolutions: (out·kh·kw, in) -> (out, in·kh·kw)). One native pass where it
+    runs, else :func:`affine_dequantize` and a transpose."""
+    n, k = aw.w.shape[0], aw.in_features
+    if aw.w.device.type == "cpu" and native_ops():
+        return torch.ops.lowbit_cpu.affine_dequantize_columns(aw.w, aw.scale, aw.offset, aw.group,
+                                                              aw.bits, taps, k)  # fmt: skip
+    w = affine_dequantize(aw).reshape(n // taps, taps, k)
+    return w.transpose(1, 2).reshape(n // taps, k * taps)
+
+
 def affine_linear_reference(x: Tensor, aw: AffineWeight) -> Tensor:
     """y = x · Wᵀ for x (..., K) in float32."""
     w = affine_dequantize_reference(aw)[:, : aw.in_features]

@@ -33,17 +33,17 @@ float path dequantizes at every call and oneDNN's deconvolution handled slowly t
 layer has at least ``COLUMN_WEIGHT`` (32,768) weights per input pixel of the call (batch x
 height x width) the pixels' channels go through the affine GEMM (codes read once) and
 ``F.fold`` adds the kh x kw patches into place (:meth:`AffineKernelConv._col2im`); otherwise
-the codes are dequantized into torch's transposed convolution, reordered from columns on the
-way (one float copy more than the row layout needed, up to ~1.5x that layer's time on the
-DCGAN's 4x4 layer at batch 16). Per layer of the DCGAN and the eye generator (W8, batch 1 and
-16, alternating, ms), the GEMM won by up to 13x where a layer had >= 32K weights per pixel
-(the eye generator's 1024->512 layer at 4x4, batch 1: 3.9 against 49.4 ms) and lost where it
-had fewer (its 512->256 layer at 8x8, batch 16, 2K per pixel: 72.6 against 30.5); the rule
+the codes are dequantized straight into the layer's (out, in, kh, kw) order
+(``affine_dequantize_columns``: one native pass, as the row layout's) for torch's transposed
+convolution. Per layer of the DCGAN and the eye generator (W8, batch 1 and 16, alternating,
+ms), the GEMM won by up to 13x where a layer had >= 32K weights per pixel (the eye generator's
+1024->512 layer at 4x4, batch 1: 3.9 against 49.4 ms) and lost where it had fewer (its
+512->256 layer at 8x8, batch 16, 2K per pixel: 72.6 against 30.5); the rule
 ``batch x output positions x WEIGHT_BOUND <= out·kh·kw`` of plain convolutions sent such
 layers to the GEMM. One alternating comparison of whole models, the same process, W8 per
 channel, 2 threads, images/s, row layout -> columns (AVX-512 run; AVX2 run): dcgan-faces
-batch 1 83.2 -> 240.7 (49.4 -> 173.3), batch 16 409.1 -> 351.5 (381.7 -> 356.0);
-cdcgan-eyes batch 1 16.0 -> 69.2 (20.0 -> 65.5), batch 16 81.5 -> 95.6 (82.5 -> 105.1).
+batch 1 69.5 -> 239.8 (56.5 -> 202.4), batch 16 359.0 -> 355.8 (365.4 -> 344.1);
+cdcgan-eyes batch 1 13.9 -> 56.4 (15.5 -> 58.5), batch 16 81.4 -> 98.0 (64.2 -> 78.7).
 """
 
 from __future__ import annotations
@@ -53,7 +53,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.affine import AffineWeight, affine_dequantize, affine_linear, to_affine
+from lowbit.kernels.affine import (
+    AffineWeight,
+    affine_dequantize,
+    affine_dequantize_columns,
+    affine_linear,
+    to_affine,
+)
 from lowbit.nn.kernel_linear import affine_parts
 from lowbit.nn.quant_conv import ConvGeometry, QuantConv
 from lowbit.nn.quant_linear import nbytes
@@ -101,9 +107,9 @@ class AffineKernelConv(nn.Module):
             return self._col2im(x, aw, bias) if self.columns else self._im2col(x, aw, bias)
         if self.columns:  # (out·kh·kw, in) -> (out, in, kh, kw), read as (in, out, kh, kw)
             kh, kw = g.kernel_size
-            w = affine_dequantize(aw).reshape(g.out_channels, kh * kw, g.in_channels)
-            w = w.transpose(1, 2).contiguous().view(g.out_channels, g.in_channels, kh, kw)
-            return g.apply(x, w.transpose(0, 1).to(x.dtype), bias)
+            w = affine_dequantize_columns(aw, kh * kw)
+            w = w.view(g.out_channels, g.in_channels, kh, kw).transpose(0, 1)
+            return g.apply(x, w.to(x.dtype), bias)
         if not g.transposed:  # oneDNN's float convolution runs channels-last faster (see above)
             x = x.contiguous(memory_format=torch.channels_last)
         return g.apply(x, g.weight(affine_dequantize(aw)).to(x.dtype), bias)

@@ -335,6 +335,49 @@ at::Tensor affine_dequantize(const at::Tensor& w, const at::Tensor& scale, const
   return out;
 }
 
+// A transposed convolution's column matrix (lowbit.nn.kernel_conv) back in its layer's
+// (out, in, kh, kw) order: code rows b * taps + t hold tap t of output channel b, so
+// out[b, k * taps + t] = W[b * taps + t, k] for k < in_features (the run padding dropped).
+// Each block of taps rows is dequantized into a per-thread buffer (taps x K floats, in cache)
+// and written out transposed: one pass over the codes and the output, where dequantizing and
+// then transposing in torch wrote and read the float weight twice.
+at::Tensor affine_dequantize_columns(const at::Tensor& w, const at::Tensor& scale,
+                                     const at::Tensor& offset, int64_t group, int64_t bits,
+                                     int64_t taps, int64_t in_features) {
+  TORCH_CHECK(bits == 4 || bits == 8, "lowbit::affine_dequantize_columns: bits must be 4 or 8");
+  const int64_t N = w.size(0), K = w.size(1) * 8 / bits;
+  TORCH_CHECK(taps >= 1 && N % taps == 0 && in_features >= 1 && in_features <= K,
+              "lowbit::affine_dequantize_columns: taps must divide the rows and in_features "
+              "be at most the row's codes");
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  check(at::empty({1, K}, f32), w, scale, offset, group, bits);
+  auto out = at::empty({N / taps, in_features * taps}, f32);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  const bool half = scale.scalar_type() == at::kHalf;
+  at::parallel_for(0, N / taps, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(taps * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * taps;
+      if (half) {
+        const uint16_t* sp = params<uint16_t>(scale);
+        const uint16_t* op = params<uint16_t>(offset);
+        if (bits == 4) dequantize_rows<4, uint16_t>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
+        else dequantize_rows<8, uint16_t>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
+      } else {
+        const float* sp = params<float>(scale);
+        const float* op = params<float>(offset);
+        if (bits == 4) dequantize_rows<4, float>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
+        else dequantize_rows<8, float>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
+      }
+      float* o = dst + b * in_features * taps;
+      for (int64_t k = 0; k < in_features; ++k)
+        for (int64_t t = 0; t < taps; ++t) o[k * taps + t] = buf[t * K + k];
+    }
+  });
+  return out;
+}
+
 at::Tensor lowbit_kernels::affine_linear(const at::Tensor& x_in, const at::Tensor& w,
                                          const at::Tensor& scale, const at::Tensor& offset,
                                          int64_t group, int64_t bits, bool act8) {
@@ -358,9 +401,13 @@ TORCH_LIBRARY(lowbit_cpu, m) {
       "affine_linear(Tensor x, Tensor w, Tensor scale, Tensor offset, int group, int bits, "
       "bool act8) -> Tensor");
   m.def("affine_dequantize(Tensor w, Tensor scale, Tensor offset, int group, int bits) -> Tensor");
+  m.def(
+      "affine_dequantize_columns(Tensor w, Tensor scale, Tensor offset, int group, int bits, "
+      "int taps, int in_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("affine_linear", &lowbit_kernels::affine_linear);
   m.impl("affine_dequantize", &affine_dequantize);
+  m.impl("affine_dequantize_columns", &affine_dequantize_columns);
 }
