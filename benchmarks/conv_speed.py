@@ -61,16 +61,15 @@ def main() -> int:
         return _layers(args.rounds)
     rows = []
     for name in args.only or BATCHES:
-        more, variants = _model_rows(name, args.rounds)
+        more = _model_rows(name, args.rounds)
         rows += more
-        print(format_table(HEADER, rows[-variants * len(BATCHES[name]) :]), flush=True)
+        print(format_table(HEADER, more), flush=True)
     print(f"\nthreads {torch.get_num_threads()}, {args.rounds} alternating rounds, medians\n")
     print(format_table(HEADER, rows, markdown=True))
     return 0
 
 
-def _model_rows(name: str, rounds: int) -> tuple[list[list], int]:
-    """The model's rows (each batch x each variant) and its number of variants."""
+def _model_rows(name: str, rounds: int) -> list[list]:
     entry = image_models()[name]
     float_model = entry.load()
     reference = copy.deepcopy(float_model)
@@ -108,7 +107,7 @@ def _model_rows(name: str, rounds: int) -> tuple[list[list], int]:
             vs_float = "-" if k.startswith("float32") else round(_psnr(out[k], out["float32"]), 2)
             rows.append([name, batch, k, kind, round(speed, 2), round(speed / base, 2), vs_ref,
                          vs_float])  # fmt: skip
-    return rows, len(variants)
+    return rows
 
 
 LAYERS = (

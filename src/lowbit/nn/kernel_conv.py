@@ -77,8 +77,7 @@ class AffineKernelConv(nn.Module):
         super().__init__()
         self.geometry, self.group, self.bits = geometry, aw.group, aw.bits
         self.out_features, self.in_features = geometry.shape
-        # a transposed convolution's codes as its column matrix (see _col2im): K is its inputs
-        self.columns, self.codes_in = columns, aw.in_features
+        self.columns = columns  # a transposed convolution's codes as its column matrix
         self.register_buffer("w", aw.w)
         self.register_buffer("scale", aw.scale)
         self.register_buffer("offset", aw.offset)
@@ -100,8 +99,8 @@ class AffineKernelConv(nn.Module):
         if x.dim() != 4 or x.shape[1] != g.in_channels:
             raise LowbitError(f"expected (N, {g.in_channels}, H, W), got a tensor of shape "
                               f"{tuple(x.shape)}")  # fmt: skip
-        aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits,
-                          self.codes_in)  # fmt: skip
+        width = g.in_channels if self.columns else self.in_features  # codes per row
+        aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits, width)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.weight_bound(x):
             return self._col2im(x, aw, bias) if self.columns else self._im2col(x, aw, bias)
@@ -118,7 +117,7 @@ class AffineKernelConv(nn.Module):
         """Whether this call takes the GEMM path (few positions for the weight): im2col rows,
         or for a transposed convolution held as columns, its input pixels."""
         g = self.geometry
-        if g.groups != 1 or x.dtype != torch.float32 or x.dim() != 4:
+        if g.groups != 1 or x.dtype != torch.float32:
             return False
         if self.columns:  # the GEMM's rows are input pixels (see COLUMN_WEIGHT)
             kh, kw = g.kernel_size

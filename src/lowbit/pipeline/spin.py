@@ -99,9 +99,9 @@ def learn_rotation(
     install_online_rotations(model, options)
     base = {k: v.detach().float() for k, v in model.state_dict().items()}
     device = next(model.parameters()).device  # the matrices follow the model (a GPU too)
-    blocks = len(find_blocks(model)[1])
     heads = None  # the shared Hadamard head matrix stays, unless each block learns its own
     if rotator.h is not None and options.learn_heads:
+        blocks = len(find_blocks(model)[1])
         heads = rotator.h.to(device).expand(blocks, -1, -1).clone()
     rotator.h = None if rotator.h is None else rotator.h.float().to(device)
     rotator.online = None if rotator.online is None else rotator.online.float().to(device)

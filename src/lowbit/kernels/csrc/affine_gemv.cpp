@@ -341,6 +341,29 @@ at::Tensor affine_dequantize(const at::Tensor& w, const at::Tensor& scale, const
 // Each block of taps rows is dequantized into a per-thread buffer (taps x K floats, in cache)
 // and written out transposed: one pass over the codes and the output, where dequantizing and
 // then transposing in torch wrote and read the float weight twice.
+template <typename P>
+void columns_into(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& offset,
+                  int64_t group, int64_t bits, int64_t taps, at::Tensor& out) {
+  const int64_t N = w.size(0), K = w.size(1) * 8 / bits, in_features = out.size(1) / taps;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const P* sp = params<P>(scale);
+  const P* op = params<P>(offset);
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, N / taps, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(taps * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * taps;
+      if (bits == 4)
+        dequantize_rows<4, P>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
+      else
+        dequantize_rows<8, P>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
+      float* o = dst + b * in_features * taps;
+      for (int64_t k = 0; k < in_features; ++k)
+        for (int64_t t = 0; t < taps; ++t) o[k * taps + t] = buf[t * K + k];
+    }
+  });
+}
+
 at::Tensor affine_dequantize_columns(const at::Tensor& w, const at::Tensor& scale,
                                      const at::Tensor& offset, int64_t group, int64_t bits,
                                      int64_t taps, int64_t in_features) {
@@ -352,29 +375,10 @@ at::Tensor affine_dequantize_columns(const at::Tensor& w, const at::Tensor& scal
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   check(at::empty({1, K}, f32), w, scale, offset, group, bits);
   auto out = at::empty({N / taps, in_features * taps}, f32);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* dst = out.data_ptr<float>();
-  const bool half = scale.scalar_type() == at::kHalf;
-  at::parallel_for(0, N / taps, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(taps * K);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * taps;
-      if (half) {
-        const uint16_t* sp = params<uint16_t>(scale);
-        const uint16_t* op = params<uint16_t>(offset);
-        if (bits == 4) dequantize_rows<4, uint16_t>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
-        else dequantize_rows<8, uint16_t>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
-      } else {
-        const float* sp = params<float>(scale);
-        const float* op = params<float>(offset);
-        if (bits == 4) dequantize_rows<4, float>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
-        else dequantize_rows<8, float>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
-      }
-      float* o = dst + b * in_features * taps;
-      for (int64_t k = 0; k < in_features; ++k)
-        for (int64_t t = 0; t < taps; ++t) o[k * taps + t] = buf[t * K + k];
-    }
-  });
+  if (scale.scalar_type() == at::kHalf)
+    columns_into<uint16_t>(w, scale, offset, group, bits, taps, out);
+  else
+    columns_into<float>(w, scale, offset, group, bits, taps, out);
   return out;
 }
 
