@@ -1,9 +1,10 @@
 """Running a command as one rank of a ``torchrun`` job.
 
 ``torchrun --nproc-per-node N -m lowbit quantize ...`` starts N copies of the command with
-RANK / WORLD_SIZE / MASTER_ADDR in their environment; each joins the process group (gloo on CPU,
-NCCL on GPUs) before its command runs and leaves it after. Rank 0 prints and writes; the other
-ranks keep quiet (no progress bars, no summary) and report only their errors, naming their rank.
+RANK / WORLD_SIZE / MASTER_ADDR in their environment; each joins the process group
+(:func:`lowbit.calibration.group.default_backend`) before its command runs and leaves it
+after. Rank 0 prints and writes; the other ranks keep quiet (no progress bars, no summary) and
+report only their errors, naming their rank.
 """
 
 from __future__ import annotations

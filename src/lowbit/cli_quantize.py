@@ -47,9 +47,9 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
         "  torchrun --nproc-per-node 2 -m lowbit quantize smollm2-135m --recipe w4-gptq-g64 "
         "--out out/g\n"
         "Each process takes every N-th calibration batch, statistics are summed over processes "
-        "(gloo on CPU, NCCL on GPUs) and each block's linears are split between them; rank 0 "
-        "writes --out. The result equals one process's (LKD aside). A rerun with the same "
-        "number of processes resumes.",
+        "(gloo; NCCL too for CUDA tensors where each process has a GPU) and each block's linears "
+        "are split between them; rank 0 writes --out. The result equals one process's (LKD "
+        "aside). A rerun with the same number of processes resumes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL")

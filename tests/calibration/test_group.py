@@ -10,7 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lowbit.calibration.group import Group, _decode, _encode, ordered_total
+from lowbit.calibration.group import (
+    Group,
+    _decode,
+    _encode,
+    default_backend,
+    init_from_env,
+    ordered_total,
+)
 
 
 def test_one_process_keeps_everything_and_changes_nothing():
@@ -115,3 +122,50 @@ def test_a_job_with_fewer_batches_than_processes_is_refused_on_every_rank():
         run_sequential(torch.nn.Linear(2, 2), torch.nn.ModuleList(), "layers",
                        torch.zeros(3, 4, dtype=torch.long), lambda ctx: None, batch_size=8,
                        progress=False, group=Group(1, 2))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("gpus", "local", "expected"),
+    [(0, 2, "gloo"), (1, 1, "cpu:gloo,cuda:nccl"), (1, 2, "gloo"), (2, 2, "cpu:gloo,cuda:nccl")],
+)
+def test_nccl_only_where_every_process_of_the_host_has_a_gpu(monkeypatch, gpus, local, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    assert default_backend() == expected
+
+
+def _joined(rank: int, world: int, port: int, results) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    g = init_from_env(timeout_s=60)
+    try:
+        device = "cuda" if "nccl" in g.backend else "cpu"
+        on = {"cpu": torch.tensor([1.0 + rank])}
+        if device == "cuda":  # CUDA tensors go over NCCL, CPU ones over gloo, in one group
+            on["cuda"] = torch.tensor([1.0 + rank], device="cuda")
+        out = {k: (g.sum(t).item(), t.device.type) for k, t in on.items()}
+        out["backend"] = g.backend
+        out["bcast"] = g.broadcast({"c": torch.tensor([rank + 7])} if rank else None, 1)[
+            "c"
+        ].tolist()
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_job_joined_from_the_environment_sums_where_its_tensors_are():
+    """gloo on a CPU machine or where processes share a GPU; with a GPU per process, CUDA
+    tensors are summed over NCCL in the same group (only on a machine with two GPUs)."""
+    results = mp.Manager().dict()
+    mp.spawn(_joined, args=(2, _free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["cpu"] == (3.0, "cpu") and r["bcast"] == [8]
+        if torch.cuda.device_count() >= 2:
+            assert r["backend"] == "cpu:gloo,cuda:nccl" and r["cuda"] == (3.0, "cuda")
+        else:
+            assert r["backend"] == "gloo" and "cuda" not in r

@@ -3,7 +3,8 @@
 The runner and the evaluators ask this object a few questions: which calibration batches are
 mine, who owns (quantizes) a linear, and "reduce these statistics / broadcast this result".
 Without a process group every answer is the identity, so one code path serves both. With one
-(``torchrun ... -m lowbit quantize``: gloo on CPU, NCCL on GPUs) they are collectives.
+(``torchrun ... -m lowbit quantize``) they are collectives on the tensors where they are: gloo
+for CPU tensors, NCCL for CUDA ones where each process has its own GPU.
 
 Sums that decide results are made independent of the number of ranks where that is cheap:
 scalars (losses, errors) are gathered per batch and added in batch order on every rank, so 1
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
@@ -24,6 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
 
 
 class Group:
@@ -90,9 +94,8 @@ class Group:
         """``t`` summed over ranks on rank ``dst`` (other ranks: None)."""
         if not self.distributed:
             return t
-        buf = self._comm(t)
-        dist.reduce(buf, dst, dist.ReduceOp.SUM)
-        return self._back(buf, t) if self.rank == dst else None
+        dist.reduce(t, dst, dist.ReduceOp.SUM)
+        return t if self.rank == dst else None
 
     def ordered_sum(self, values: Mapping[int, float], count: int) -> list[float]:
         """Scalars of items 0..count-1, each held by one rank (``values``: mine), gathered so
@@ -134,24 +137,11 @@ class Group:
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp) -> Tensor:
         if not self.distributed:
             return t
-        buf = self._comm(t)
-        dist.all_reduce(buf, op)
-        return self._back(buf, t)
-
-    def _broadcast(self, t: Tensor, src: int) -> Tensor:
-        buf = self._comm(t)
-        dist.broadcast(buf, src)
-        return self._back(buf, t)
-
-    def _comm(self, t: Tensor) -> Tensor:
-        """The tensor the backend sends: on the GPU for NCCL, as it is for gloo."""
-        if self.backend == "nccl":
-            return t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t, op)
         return t
 
-    def _back(self, buf: Tensor, t: Tensor) -> Tensor:
-        if buf is not t:
-            t.copy_(buf.to(t.device))
+    def _broadcast(self, t: Tensor, src: int) -> Tensor:
+        dist.broadcast(t, src)
         return t
 
 
@@ -178,16 +168,31 @@ def _decode(buf: Tensor, header_len: int) -> dict[str, Tensor]:
     return out
 
 
+def default_backend() -> str:
+    """The process group's backend: gloo for CPU tensors (where lowbit calibrates), and NCCL
+    beside it for CUDA tensors when every process on this host has a GPU of its own (NCCL
+    refuses two ranks on one GPU); gloo alone otherwise, logged once."""
+    if not torch.cuda.is_available():
+        return "gloo"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()
+    if local > gpus:
+        log.info("%d processes on this host share %d GPU(s): collectives over gloo only",
+                 local, gpus)  # fmt: skip
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
+
+
 def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> Group:
     """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...), if any; one process otherwise. ``backend`` defaults to NCCL when this
-    process has a GPU, gloo otherwise. A rank that dies makes the others' collectives fail."""
+    MASTER_ADDR, ...), if any; one process otherwise. ``backend`` defaults to
+    :func:`default_backend`. A rank that dies makes the others' collectives fail."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
         return Group()
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
+        backend = backend or default_backend()
+        if "nccl" in backend:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

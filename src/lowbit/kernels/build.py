@@ -39,7 +39,14 @@ NAMES = (
 SOURCES = tuple(CSRC / f for f in NAMES)
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored
 # without it, which left the kernels on one thread.
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp")
+# -z now: every symbol bound when the library loads, none lazily later. On a 16-core Intel Xeon
+# with AMX (Ubuntu 24.04, gcc 13.3, torch 2.11), after oneDNN's int8 kernels had run, the first
+# lazily bound call from this library (libstdc++ formatting an integer into an error message)
+# died with SIGSEGV in its PLT stub. glibc's lazy resolver saves the vector registers' state on
+# the stack, and AMX tile state in use enlarges it; that cause was not confirmed there, but
+# binding at load time never enters the resolver.
+LDFLAGS = ("-fopenmp", "-Wl,-z,now")
 
 
 def cpu_supported() -> bool:
@@ -52,7 +59,9 @@ def build_dir() -> Path:
     """Per source, flags and torch version, so an upgrade rebuilds instead of crashing; under
     ``$LOWBIT_KERNEL_DIR`` if set, else the cache folder's ``kernels/``."""
     files = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))  # sources and headers
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode())
+    key = hashlib.sha256(
+        b"".join(f.read_bytes() for f in files) + " ".join(FLAGS + LDFLAGS).encode()
+    )
     key.update(torch.__version__.encode())
     root = os.environ.get("LOWBIT_KERNEL_DIR")
     return (Path(root) if root else cache_dir() / "kernels") / key.hexdigest()[:16]
@@ -75,8 +84,8 @@ def native_ops() -> bool:
         cpp_extension.load(
             "lowbit_cpu_kernels",
             [str(s) for s in SOURCES],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=list(FLAGS),  # copies: the loader appends to its lists
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(folder),
             is_python_module=False,
             verbose=False,
