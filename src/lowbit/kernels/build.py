@@ -40,13 +40,7 @@ SOURCES = tuple(CSRC / f for f in NAMES)
 # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is silently ignored
 # without it, which left the kernels on one thread.
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp")
-# -z now: every symbol bound when the library loads, none lazily later. On a 16-core Intel Xeon
-# with AMX (Ubuntu 24.04, gcc 13.3, torch 2.11), after oneDNN's int8 kernels had run, the first
-# lazily bound call from this library (libstdc++ formatting an integer into an error message)
-# died with SIGSEGV in its PLT stub. glibc's lazy resolver saves the vector registers' state on
-# the stack, and AMX tile state in use enlarges it; that cause was not confirmed there, but
-# binding at load time never enters the resolver.
-LDFLAGS = ("-fopenmp", "-Wl,-z,now")
+LDFLAGS = ("-fopenmp",)
 
 
 def cpu_supported() -> bool:
@@ -84,7 +78,7 @@ def native_ops() -> bool:
         cpp_extension.load(
             "lowbit_cpu_kernels",
             [str(s) for s in SOURCES],
-            extra_cflags=list(FLAGS),  # copies: the loader appends to its lists
+            extra_cflags=list(FLAGS),  # copies: the loader appends to ldflags
             extra_ldflags=list(LDFLAGS),
             build_directory=str(folder),
             is_python_module=False,
