@@ -171,7 +171,7 @@ def _decode(buf: Tensor, header_len: int) -> dict[str, Tensor]:
 def default_backend() -> str:
     """The process group's backend: gloo for CPU tensors (where lowbit calibrates), and NCCL
     beside it for CUDA tensors when every process on this host has a GPU of its own (NCCL
-    refuses two ranks on one GPU); gloo alone otherwise, logged once."""
+    refuses two ranks on one GPU); gloo alone otherwise (logged)."""
     if not torch.cuda.is_available():
         return "gloo"
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
