@@ -133,3 +133,44 @@ def test_columns_of_a_width_not_a_whole_run_are_padded_on_both_paths(bits):
     with torch.inference_mode():
         for x in (small, large):
             torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
+
+
+def static_inputs(weights: dict, acts: dict) -> torch.nn.Module:
+    from lowbit.calibration import image_calibration
+
+    model = convnet()
+    images = image_calibration(torch.rand(4, 3, 10, 10), "noise")
+    api.quantize(model, make_recipe(weights, acts, ignore=()), images, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("acts", [STATIC, {**STATIC, "symmetric": True}])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_convolutions_with_one_static_input_range_round_it_as_the_reference_does(acts, bits):
+    """Where the integer convolution does not take a layer (a CPU without VNNI; or 4-bit
+    weights), the affine module rounds its input to the calibrated 8-bit range itself."""
+    from lowbit.nn.kernel_conv import affine_conv_module
+
+    model = static_inputs({"bits": bits, "group_size": -1, "symmetric": True}, acts)
+    x = torch.rand(2, 3, 9, 11) * 1.5  # beyond the calibrated range too: clipped alike
+    with torch.inference_mode():
+        ref = model(x)
+        for i in (0, 2, 4):
+            fast = affine_conv_module(model[i])
+            assert fast is not None and fast.kind == f"w{bits}a8-float-conv"
+            model[i] = fast
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_per_step_input_ranges_and_dynamic_inputs_keep_the_reference_path():
+    from lowbit.nn.kernel_conv import affine_conv_module
+
+    w8 = {"bits": 8, "group_size": -1, "symmetric": True}
+    dynamic = static_inputs(w8, {**STATIC, "dynamic": True})
+    assert affine_conv_module(dynamic[0]) is None
+    stepped = static_inputs(w8, STATIC)
+    stepped[0].act_scale = torch.ones(2)  # two ranges, one per slice of a sampler's steps
+    assert affine_conv_module(stepped[0]) is None

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.formats.spec import ActivationSpec
 from lowbit.kernels.affine import (
     AffineWeight,
     affine_dequantize,
@@ -60,9 +61,12 @@ from lowbit.kernels.affine import (
     affine_linear,
     to_affine,
 )
+from lowbit.kernels.int8_conv import input_codes
 from lowbit.nn.kernel_linear import affine_parts
 from lowbit.nn.quant_conv import ConvGeometry, QuantConv
 from lowbit.nn.quant_linear import nbytes
+from lowbit.primitives import QParams
+from lowbit.primitives.activations import tensor_qparams
 
 WEIGHT_BOUND = 4  # im2col + GEMM when rows <= out_channels / WEIGHT_BOUND (see above)
 COLUMN_WEIGHT = 1 << 15  # a transposed convolution's GEMM: weights per input pixel, at least
@@ -70,10 +74,13 @@ COLUMN_WEIGHT = 1 << 15  # a transposed convolution's GEMM: weights per input pi
 
 class AffineKernelConv(nn.Module):
     """4- or 8-bit integer convolution weights (any grid, per channel or in groups of 32
-    along the im2col row), float inputs and arithmetic."""
+    along the im2col row), float arithmetic; float inputs, or (``act``, ``act_range``) inputs
+    rounded to one static 8-bit range as the reference path rounds them: a W8A8 layer on a
+    CPU without the integer convolution (see :func:`affine_conv_module`)."""
 
     def __init__(self, aw: AffineWeight, geometry: ConvGeometry, bias: Tensor | None,
-                 columns: bool = False) -> None:  # fmt: skip
+                 columns: bool = False, act: ActivationSpec | None = None,
+                 act_range: QParams | None = None) -> None:  # fmt: skip
         super().__init__()
         self.geometry, self.group, self.bits = geometry, aw.group, aw.bits
         self.out_features, self.in_features = geometry.shape
@@ -82,10 +89,15 @@ class AffineKernelConv(nn.Module):
         self.register_buffer("scale", aw.scale)
         self.register_buffer("offset", aw.offset)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.act = act
+        rounded = act is not None and act_range is not None
+        self.register_buffer("act_scale", act_range.scale.clone() if rounded else None)
+        zero = act_range.zero if rounded else None
+        self.register_buffer("act_zero", None if zero is None else zero.clone())
 
     @property
     def kind(self) -> str:
-        return f"w{self.bits}a16-conv"
+        return f"w{self.bits}a{'8-float' if self.act is not None else '16'}-conv"
 
     def storage_tensors(self) -> tuple[Tensor, ...]:
         return (self.w, self.scale, self.offset)
@@ -99,6 +111,8 @@ class AffineKernelConv(nn.Module):
         if x.dim() != 4 or x.shape[1] != g.in_channels:
             raise LowbitError(f"expected (N, {g.in_channels}, H, W), got a tensor of shape "
                               f"{tuple(x.shape)}")  # fmt: skip
+        if self.act is not None:
+            x = self._rounded(x)
         width = g.in_channels if self.columns else self.in_features  # codes per row
         aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits, width)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -112,6 +126,16 @@ class AffineKernelConv(nn.Module):
         if not g.transposed:  # oneDNN's float convolution runs channels-last faster (see above)
             x = x.contiguous(memory_format=torch.channels_last)
         return g.apply(x, g.weight(affine_dequantize(aw)).to(x.dtype), bias)
+
+    def _rounded(self, x: Tensor) -> Tensor:
+        """The input on its static 8-bit grid, the reference's numbers (``fake_quantize_static``):
+        codes in one native pass, then (codes - zero)·scale, in the layout the convolution reads
+        (channels-last for a plain one)."""
+        if not self.geometry.transposed:
+            x = x.contiguous(memory_format=torch.channels_last)
+        qp = tensor_qparams(x, self.act, QParams(self.act_scale, self.act_zero))
+        codes = input_codes(x.float(), qp, self.act)
+        return ((codes.float() - qp.zero.float()) * qp.scale.float()).to(x.dtype)
 
     def weight_bound(self, x: Tensor) -> bool:
         """Whether this call takes the GEMM path (few positions for the weight): im2col rows,
@@ -166,20 +190,31 @@ class AffineKernelConv(nn.Module):
 def affine_conv_module(layer: QuantConv) -> AffineKernelConv | None:
     """The fast module of a weight-only integer convolution, or None. A transposed one with one
     group per output channel holds its codes as its column matrix (out·kh·kw, in): the same
-    codes and bytes, rows reordered, so that few input pixels take one GEMM (:meth:`_col2im`)."""
-    parts = affine_parts(layer)
+    codes and bytes, rows reordered, so that few input pixels take one GEMM (:meth:`_col2im`).
+
+    A W8A8 convolution (one static 8-bit input range) that the integer convolution does not
+    take (a CPU without AVX-512 VNNI) runs here too, its input rounded as the reference rounds
+    it (codes in one native pass; the reference rounds in several torch passes and
+    dequantizes the weight with the general primitives). ``benchmarks/conv_speed.py`` on the
+    AVX2 path of a 2-core AMD EPYC (2 threads, 5 alternating rounds, x the faster float32):
+    upconv7 at 256x256 x0.57 on the reference path -> x0.82 here, the DCGAN x0.42 -> x0.79
+    (batch 1) and x0.71 -> x0.76 (16)."""
+    parts = affine_parts(layer, inputs=True)
     if parts is None:
         return None
     codes, scale, offset, block, bits = parts
     g = layer.geometry
+    rounding = {}
+    if layer.act is not None:
+        rounding = {"act": layer.act, "act_range": QParams(layer.act_scale, layer.act_zero)}
     if not (g.transposed and g.groups == 1 and block[1] == codes.shape[1]):
-        return AffineKernelConv(to_affine(*parts), g, layer.bias)
+        return AffineKernelConv(to_affine(*parts), g, layer.bias, **rounding)
     taps = g.kernel_size[0] * g.kernel_size[1]
     columns = codes.reshape(g.out_channels, g.in_channels, taps).transpose(1, 2)
     per_row = [p.repeat_interleave(block[0], 0).repeat_interleave(taps, 0)
                for p in (scale, offset)]  # fmt: skip
     aw = to_affine(columns.reshape(-1, g.in_channels), *per_row, (1, g.in_channels), bits)
-    return AffineKernelConv(aw, g, layer.bias, columns=True)
+    return AffineKernelConv(aw, g, layer.bias, columns=True, **rounding)
 
 
 __all__ = ["AffineKernelConv", "affine_conv_module"]

@@ -148,12 +148,27 @@ def affine_weight(layer: QuantLinear) -> AffineWeight | None:
     return None if parts is None else to_affine(*parts)
 
 
-def affine_parts(layer: QuantLinear) -> tuple[Tensor, Tensor, Tensor, tuple, int] | None:
+def one_input_range(layer: QuantLinear) -> bool:
+    """Whether the layer's inputs are rounded to one calibrated static per-tensor range of an
+    8-bit integer grid (not dynamic, not one range per step slice)."""
+    act = layer.act
+    return (act is not None and not act.dynamic and act.granularity == "tensor"
+            and act.qtype.kind == "int" and act.qtype.bits == 8
+            and layer.act_scale is not None and layer.act_scale.numel() == 1
+            and not bool(torch.isnan(layer.act_scale).any()))  # fmt: skip
+
+
+def affine_parts(layer: QuantLinear, inputs: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor, tuple, int] | None:  # fmt: skip
     """(unsigned codes (N, K), per-block scale and offset with w = scale·u + offset, block,
-    bits) of a weight-only integer layer the affine kernel covers, else None."""
+    bits) of a weight-only integer layer the affine kernel covers, else None. ``inputs``: also
+    of a layer whose inputs are rounded to one static 8-bit range (:func:`one_input_range`;
+    the caller rounds them)."""
     spec, qt = layer.spec, layer.spec.qtype
     shape = (layer.out_features, layer.in_features)
-    if layer.act is not None or qt.kind != "int" or spec.lorc_rank:
+    if layer.act is not None and not (inputs and one_input_range(layer)):
+        return None
+    if qt.kind != "int" or spec.lorc_rank:
         return None
     if not supports(qt.bits, layer.block, shape):
         return None
