@@ -15,10 +15,11 @@ from lowbit.kernels.int8_conv import (
     interleave,
     onednn_int8_available,
     prepare_int8_conv,
+    rounded_input,
     transposed_as_phases,
 )
 from lowbit.primitives import QParams
-from lowbit.primitives.activations import act_codes, tensor_qparams
+from lowbit.primitives.activations import act_codes, fake_quantize_static, tensor_qparams
 
 needs_onednn = pytest.mark.skipif(
     not onednn_int8_available(), reason="oneDNN's int8 convolution is exact on AVX-512 VNNI only"
@@ -46,6 +47,23 @@ def test_one_pass_codes_equal_the_reference(spec):
         assert got.dtype == torch.uint8 and got.stride() == xl.stride()
         assert torch.equal(got, act_codes(xl, qp, spec))
     assert {0, 255} <= set(input_codes(x * 100, qp, spec).unique().tolist())
+
+
+@pytest.mark.skipif(not native_ops(), reason="lowbit's C++ kernels are not built on this machine")
+@pytest.mark.parametrize("spec", [ASYM, SYM])
+def test_one_pass_rounded_inputs_equal_the_reference_to_the_bit(spec):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 7) * 3
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -0.5, 2.5])  # ties round to even
+    x[1, 1, 1, :3] = torch.tensor([1e6, -1e6, 0.0])  # clamped at both ends
+    static = QParams(torch.tensor([0.37]), torch.tensor([100], dtype=torch.uint8))
+    qp = tensor_qparams(x, spec, None if spec.dynamic else static)
+    want = fake_quantize_static(x, qp, spec)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        got = rounded_input(xl, qp, spec)
+        assert got.dtype == torch.float32 and got.stride() == xl.stride()
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("case", TRANSPOSED)

@@ -30,7 +30,7 @@ from lowbit.formats.spec import ActivationSpec
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.int8 import has_avx512_vnni
 from lowbit.primitives import QParams
-from lowbit.primitives.activations import act_codes
+from lowbit.primitives.activations import act_codes, fake_quantize_static
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,15 @@ def input_codes(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor:
     if x.dtype == torch.float32 and x.device.type == "cpu" and native_ops():
         return torch.ops.lowbit_cpu.quantize_u8(x, float(qp.scale), int(qp.zero))
     return act_codes(x, qp, spec)
+
+
+def rounded_input(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor:
+    """``x`` on the per-tensor grid ``qp`` (:func:`lowbit.primitives.activations.tensor_qparams`)
+    back in float, ``(codes - zero)·scale``: :func:`fake_quantize_static`'s numbers, in one pass
+    (lowbit's C++ op) and ``x``'s memory layout where it is built."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and native_ops():
+        return torch.ops.lowbit_cpu.fake_quantize_u8(x, float(qp.scale), int(qp.zero))
+    return fake_quantize_static(x, qp, spec)
 
 
 def int8_conv(x: Tensor, qp: QParams, spec: ActivationSpec, weight: Int8Conv) -> Tensor:

@@ -61,7 +61,7 @@ from lowbit.kernels.affine import (
     affine_linear,
     to_affine,
 )
-from lowbit.kernels.int8_conv import input_codes
+from lowbit.kernels.int8_conv import rounded_input
 from lowbit.nn.kernel_linear import affine_parts
 from lowbit.nn.quant_conv import ConvGeometry, QuantConv
 from lowbit.nn.quant_linear import nbytes
@@ -128,14 +128,12 @@ class AffineKernelConv(nn.Module):
         return g.apply(x, g.weight(affine_dequantize(aw)).to(x.dtype), bias)
 
     def _rounded(self, x: Tensor) -> Tensor:
-        """The input on its static 8-bit grid, the reference's numbers (``fake_quantize_static``):
-        codes in one native pass, then (codes - zero)·scale, in the layout the convolution reads
-        (channels-last for a plain one)."""
+        """The input on its static 8-bit grid, the reference's numbers, in one native pass and
+        the layout the convolution reads (channels-last for a plain one)."""
         if not self.geometry.transposed:
             x = x.contiguous(memory_format=torch.channels_last)
         qp = tensor_qparams(x, self.act, QParams(self.act_scale, self.act_zero))
-        codes = input_codes(x.float(), qp, self.act)
-        return ((codes.float() - qp.zero.float()) * qp.scale.float()).to(x.dtype)
+        return rounded_input(x.float(), qp, self.act).to(x.dtype)
 
     def weight_bound(self, x: Tensor) -> bool:
         """Whether this call takes the GEMM path (few positions for the weight): im2col rows,
@@ -194,11 +192,12 @@ def affine_conv_module(layer: QuantConv) -> AffineKernelConv | None:
 
     A W8A8 convolution (one static 8-bit input range) that the integer convolution does not
     take (a CPU without AVX-512 VNNI) runs here too, its input rounded as the reference rounds
-    it (codes in one native pass; the reference rounds in several torch passes and
-    dequantizes the weight with the general primitives). ``benchmarks/conv_speed.py`` on the
-    AVX2 path of a 2-core AMD EPYC (2 threads, 5 alternating rounds, x the faster float32):
-    upconv7 at 256x256 x0.57 on the reference path -> x0.82 here, the DCGAN x0.42 -> x0.79
-    (batch 1) and x0.71 -> x0.76 (16)."""
+    it (one native pass, ``lowbit_cpu::fake_quantize_u8``; the reference rounds in seven
+    torch passes and dequantizes the weight with the general primitives).
+    ``benchmarks/conv_speed.py`` on the AVX2 path of a 2-core AMD EPYC (2 threads, 5
+    alternating rounds, x the faster float32): upconv7 at 256x256 x0.55 on the reference path,
+    x0.92 here (W8 weight-only x1.00); the DCGAN x0.39 -> x0.79 (batch 1), x0.72 -> x0.78 (16).
+    """
     parts = affine_parts(layer, inputs=True)
     if parts is None:
         return None

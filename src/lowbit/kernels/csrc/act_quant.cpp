@@ -46,10 +46,46 @@ at::Tensor quantize_u8(const at::Tensor& x, double scale, int64_t zero) {
   return out;
 }
 
+// The same codes back in float32, (u - zero)·scale, in x's memory layout: the input a W8A8
+// convolution computes with where no integer convolution takes it (lowbit/nn/kernel_conv.py).
+// One pass where PyTorch takes seven (the five above, then subtract and multiply); the
+// reference is lowbit.primitives.activations.fake_quantize_static.
+at::Tensor fake_quantize_u8(const at::Tensor& x, double scale, int64_t zero) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "lowbit::fake_quantize_u8: float32 input only");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "lowbit::fake_quantize_u8: a dense input");
+  TORCH_CHECK(zero >= 0 && zero <= 255, "lowbit::fake_quantize_u8: zero point outside 0..255");
+  auto out = at::empty_like(x);  // same strides
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero);
+  const int64_t n = x.numel();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+    const __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(255.f);
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+      __m256 v = _mm256_div_ps(_mm256_loadu_ps(xp + i), vs);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vz), lo), hi);  // NaN -> 0
+      _mm256_storeu_ps(op + i, _mm256_mul_ps(_mm256_sub_ps(v, vz), vs));
+    }
+    for (; i < end; ++i) {
+      float v = std::nearbyint(xp[i] / s) + z;
+      v = v >= 0.f ? std::min(v, 255.f) : 0.f;
+      op[i] = (v - z) * s;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def("quantize_u8(Tensor x, float scale, int zero) -> Tensor");
+  m.def("fake_quantize_u8(Tensor x, float scale, int zero) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("quantize_u8", &quantize_u8); }
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
+  m.impl("quantize_u8", &quantize_u8);
+  m.impl("fake_quantize_u8", &fake_quantize_u8);
+}
