@@ -74,13 +74,14 @@ COLUMN_WEIGHT = 1 << 15  # a transposed convolution's GEMM: weights per input pi
 
 class AffineKernelConv(nn.Module):
     """4- or 8-bit integer convolution weights (any grid, per channel or in groups of 32
-    along the im2col row), float arithmetic; float inputs, or (``act``, ``act_range``) inputs
-    rounded to one static 8-bit range as the reference path rounds them: a W8A8 layer on a
-    CPU without the integer convolution (see :func:`affine_conv_module`)."""
+    along the im2col row), float arithmetic; float inputs, or with ``rounding`` (the input's
+    spec and its per-tensor (scale, integer zero) from :func:`tensor_qparams`) inputs rounded
+    to one static 8-bit range as the reference path rounds them: a W8A8 layer on a CPU without
+    the integer convolution (see :func:`affine_conv_module`)."""
 
     def __init__(self, aw: AffineWeight, geometry: ConvGeometry, bias: Tensor | None,
-                 columns: bool = False, act: ActivationSpec | None = None,
-                 act_range: QParams | None = None) -> None:  # fmt: skip
+                 columns: bool = False,
+                 rounding: tuple[ActivationSpec, QParams] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.geometry, self.group, self.bits = geometry, aw.group, aw.bits
         self.out_features, self.in_features = geometry.shape
@@ -89,11 +90,9 @@ class AffineKernelConv(nn.Module):
         self.register_buffer("scale", aw.scale)
         self.register_buffer("offset", aw.offset)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self.act = act
-        rounded = act is not None and act_range is not None
-        self.register_buffer("act_scale", act_range.scale.clone() if rounded else None)
-        zero = act_range.zero if rounded else None
-        self.register_buffer("act_zero", None if zero is None else zero.clone())
+        self.act, qp = rounding or (None, None)
+        self.register_buffer("act_scale", None if qp is None else qp.scale.clone())
+        self.register_buffer("act_zero", None if qp is None else qp.zero.clone())
 
     @property
     def kind(self) -> str:
@@ -132,7 +131,7 @@ class AffineKernelConv(nn.Module):
         the layout the convolution reads (channels-last for a plain one)."""
         if not self.geometry.transposed:
             x = x.contiguous(memory_format=torch.channels_last)
-        qp = tensor_qparams(x, self.act, QParams(self.act_scale, self.act_zero))
+        qp = QParams(self.act_scale, self.act_zero)
         return rounded_input(x.float(), qp, self.act).to(x.dtype)
 
     def weight_bound(self, x: Tensor) -> bool:
@@ -203,17 +202,18 @@ def affine_conv_module(layer: QuantConv) -> AffineKernelConv | None:
         return None
     codes, scale, offset, block, bits = parts
     g = layer.geometry
-    rounding = {}
-    if layer.act is not None:
-        rounding = {"act": layer.act, "act_range": QParams(layer.act_scale, layer.act_zero)}
+    rounding = None
+    if layer.act is not None:  # one static range (affine_parts checked), resolved once here
+        static = QParams(layer.act_scale, layer.act_zero)  # (tensor_qparams reads no input then)
+        rounding = (layer.act, tensor_qparams(layer.act_scale, layer.act, static))
     if not (g.transposed and g.groups == 1 and block[1] == codes.shape[1]):
-        return AffineKernelConv(to_affine(*parts), g, layer.bias, **rounding)
+        return AffineKernelConv(to_affine(*parts), g, layer.bias, rounding=rounding)
     taps = g.kernel_size[0] * g.kernel_size[1]
     columns = codes.reshape(g.out_channels, g.in_channels, taps).transpose(1, 2)
     per_row = [p.repeat_interleave(block[0], 0).repeat_interleave(taps, 0)
                for p in (scale, offset)]  # fmt: skip
     aw = to_affine(columns.reshape(-1, g.in_channels), *per_row, (1, g.in_channels), bits)
-    return AffineKernelConv(aw, g, layer.bias, columns=True, **rounding)
+    return AffineKernelConv(aw, g, layer.bias, columns=True, rounding=rounding)
 
 
 __all__ = ["AffineKernelConv", "affine_conv_module"]
