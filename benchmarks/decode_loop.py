@@ -33,7 +33,7 @@ steps whose argmax is the transformers loop's next token when both are fed that 
 (teacher-forced), and how many greedy tokens the free-running loops share before they differ.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_loop.py \\
-        [--model smollm2-135m] [--recipes fp32 w4-sym-g32] [--prompt-tokens 512] \\
+        [--model smollm2-135m] [--recipes fp32 w4-sym-g32 w4-sym-g32+kv16] [--prompt-tokens 512] \\
         [--new-tokens 128] [--repeats 3] [--compile] [--llama-cpp] [--litert]
 """
 
@@ -53,7 +53,9 @@ from lowbit import api
 from lowbit.eval import format_table
 from lowbit.eval.machine import EnergyMeter, thread_settings
 from lowbit.eval.speed import random_prompt, timed_run
+from lowbit.formats.spec import AttentionSpec
 from lowbit.kernels import decode
+from lowbit.nn.attention import install_attention
 from lowbit.runtime import Runtime
 from lowbit.runtime.llama import LlamaForward, _eps
 
@@ -268,10 +270,24 @@ def measure(loops: dict, prompt: torch.Tensor, args) -> dict[str, dict]:
             for name, runs in times.items()}  # fmt: skip
 
 
+def cache_option(name: str) -> tuple[str, AttentionSpec | None]:
+    """``RECIPE`` or ``RECIPE+kvN``: the recipe, and the key/value cache that ``--kv-bits N``
+    gives at ``lowbit generate`` / ``bench`` (e.g. ``w4-sym-g32-head8+kv16``: a float16
+    cache, as llama.cpp keeps by default)."""
+    recipe, _, cache = name.partition("+")
+    if not cache:
+        return recipe, None
+    if not (cache.startswith("kv") and cache[2:].isdigit()):
+        raise SystemExit(f"{name}: expected RECIPE+kvN (N: 2-8, or 16 for float16)")
+    return recipe, AttentionSpec(kv_bits=int(cache[2:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--recipes", nargs="+", default=["fp32", "w4-sym-g32"])
+    p.add_argument("--recipes", nargs="+", default=["fp32", "w4-sym-g32"],
+                   help="recipes (fp32: the float model); RECIPE+kvN adds --kv-bits N's cache "
+                   "(e.g. w4-sym-g32-head8+kv16)")  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -285,16 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     capacity = args.prompt_tokens + args.new_tokens
     rows, base = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe in args.recipes:
+        for name in args.recipes:
+            recipe, cache = cache_option(name)
             if recipe == "fp32":
-                model = src.model
+                model = src.model if cache is None else api.load_model(args.model).model
             else:
                 q = api.load_model(args.model).model
-                folder = api.save(q, Path(tmp) / recipe, api.quantize(q, recipe, progress=False),
-                                  source=src)  # fmt: skip
+                folder = Path(tmp) / recipe
+                if not folder.exists():  # the same folder with and without a cache option
+                    api.save(q, folder, api.quantize(q, recipe, progress=False), source=src)
                 model = api.load(folder).model
+            if cache is not None:
+                install_attention(model, cache)
             loops = runtimes(model, capacity, args.compile)
-            if args.llama_cpp and recipe in LLAMA_CPP:
+            twice = cache is not None and recipe in args.recipes  # llama.cpp's row once
+            if args.llama_cpp and recipe in LLAMA_CPP and not twice:
                 # f32: the floats lowbit reads; f16: usual. A quantized head leaves only the
                 # embeddings (one row read per token) and norms in float: f32 alone.
                 quantized_head = recipe.endswith("-head8")
@@ -307,15 +328,16 @@ def main(argv: list[str] | None = None) -> int:
             result = measure(loops, prompt, args)
             ref_tokens = result["transformers"]["tokens"]
             base = base or result["transformers"]["decode"]
-            for name, r in result.items():
+            for loop_name, r in result.items():
                 pairs = list(zip(r["tokens"], ref_tokens, strict=False))
                 first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
-                loop = loops[name]
+                loop = loops[loop_name]
                 forced = forced_agreement(loop, prompt[0].tolist(), ref_tokens) if isinstance(
                     loop, Runtime) else None  # fmt: skip
                 agree = "-" if forced is None else f"{100 * forced:.1f}%"
-                rows.append([recipe, name, round(r["decode"], 2), f"x{r['decode'] / base:.2f}",
-                             round(r["prefill"], 1), agree, first])  # fmt: skip
+                rows.append([name, loop_name, round(r["decode"], 2),
+                             f"x{r['decode'] / base:.2f}", round(r["prefill"], 1), agree,
+                             first])  # fmt: skip
     threads = thread_settings()
     isa = torch.ops.lowbit_cpu.kernel_isa() if decode.native_ops() else "reference"
     print(f"\n{args.model}: prompt {args.prompt_tokens} random tokens, {args.new_tokens} new "

@@ -67,6 +67,7 @@ def test_eval_of_saved_folder_matches_what_quantize_measured(
         (["quantize", "{gguf}", "--recipe", "w4-rtn-g64"], "could not read GGUF"),
         (["eval", "{tiny}", "--kv-hadamard"], "need --kv-bits or --query-bits"),
         (["eval", "{tiny}", "--kv-bits", "4", "--kv-center"], "needs key centres measured"),
+        (["eval", "{tiny}", "--kv-bits", "16", "--kv-hadamard"], "kv_bits 16 stores float16"),
         (
             ["quantize", "{tiny}", "--recipe", "w4-rtn-g64", "--kv-bits", "4", "--kv-group", "7"],
             "does not divide the head",

@@ -57,9 +57,10 @@ def add_attention_options(p: argparse.ArgumentParser) -> None:
         "key/value cache", "round attention's inputs at run time (quantize saves this with the "
         "model; at eval / generate it overrides a folder's own), e.g. --kv-bits 4 --kv-hadamard",
     )  # fmt: skip
-    g.add_argument("--kv-bits", type=_bits, metavar="N",
+    g.add_argument("--kv-bits", type=_kv_bits, metavar="N",
                    help="keys and values on an N-bit asymmetric grid (2-8), one range per "
-                   "token and head (or per --kv-group channels)")  # fmt: skip
+                   "token and head (or per --kv-group channels); 16: stored as float16 "
+                   "(llama.cpp's default cache: half the bytes of float32)")  # fmt: skip
     g.add_argument(
         "--kv-group",
         type=positive,
@@ -82,6 +83,13 @@ def _bits(value: str) -> int:
     n = positive(value)
     if not 2 <= n <= 8:
         raise argparse.ArgumentTypeError(f"expected 2 to 8 bits, got {n}")
+    return n
+
+
+def _kv_bits(value: str) -> int:
+    n = positive(value)
+    if n != 16 and not 2 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"expected 2 to 8 bits, or 16 (float16), got {n}")
     return n
 
 

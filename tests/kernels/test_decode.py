@@ -30,6 +30,18 @@ def test_norms_and_silu_match_reference(shape):
     assert close(torch.ops.lowbit_cpu.silu_mul(gu), torch.nn.functional.silu(gate) * up)
 
 
+@needs_native
+def test_silu_mul_at_extreme_gates():
+    """Gates far past exp's range (either sign), zero and NaN, 8 at a time and in the tail."""
+    gate = torch.tensor([-1e4, -100, -88, -87.5, -20, -1, 0, 1, 20, 88, 100, 1e4, float("nan"),
+                         3, -3, 0.5, 7])  # fmt: skip
+    up = torch.linspace(-2, 2, gate.numel())
+    got = torch.ops.lowbit_cpu.silu_mul(torch.cat([gate, up]).view(1, -1))[0]
+    want = torch.nn.functional.silu(gate) * up
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.allclose(got.nan_to_num(), want.nan_to_num(), rtol=1e-6, atol=1e-30)
+
+
 def _attention_case(b, heads, kv, dim, pos, qk_norm, seed=0):
     g = torch.Generator().manual_seed(seed)
     cap = pos + 5
@@ -49,16 +61,39 @@ def _attention_case(b, heads, kv, dim, pos, qk_norm, seed=0):
                                                 (1, 4, 2, 128, 70),
                                                 (2, 6, 2, 96, 300)])  # fmt: skip
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_decode_attention_matches_reference(b, heads, kv, dim, pos, qk_norm):
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16])
+def test_decode_attention_matches_reference(b, heads, kv, dim, pos, qk_norm, stored):
     """Same output and the same cache writes (GQA, left padding, Qwen3's q/k norms, a context
-    long enough for the threaded path)."""
+    long enough for the threaded path), over a float32 cache and a float16 one (kv_bits 16)."""
     args = _attention_case(b, heads, kv, dim, pos, qk_norm)
+    args[1], args[2] = args[1].to(stored), args[2].to(stored)
     ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     ref = decode.decode_attention_reference(*ref_args)
     got = torch.ops.lowbit_cpu.decode_attention(*args)
     assert got.shape == (b, heads * dim)
     assert close(got, ref)
-    assert close(args[1], ref_args[1]) and torch.equal(args[2], ref_args[2])
+    # keys: RoPE's float32 sums may differ in the last bit, then rounded to float16 or not
+    key_tol = 1e-3 if stored == torch.float16 else 1e-5
+    assert close(args[1].float(), ref_args[1].float(), key_tol)
+    assert torch.equal(args[2], ref_args[2])
+
+
+@needs_native
+def test_a_float16_cache_is_written_clamped_as_the_reference_writes_it():
+    """Keys and values beyond float16's range are stored as ±65504 (not infinity), NaN as NaN,
+    by the native op and its reference alike."""
+    args = _attention_case(1, 2, 1, 16, 3, False)
+    args[1], args[2] = args[1].half(), args[2].half()
+    args[3], args[4] = torch.ones_like(args[3]), torch.zeros_like(args[4])  # RoPE: identity
+    args[0][0, 32:48] = torch.tensor([1e6, -1e6, float("nan"), 2.0] * 4)  # the key
+    args[0][0, 48:64] = torch.tensor([-1e6, 1e6, 0.5, float("nan")] * 4)  # the value
+    ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    decode.decode_attention_reference(*ref_args)
+    torch.ops.lowbit_cpu.decode_attention(*args)
+    for got, want in ((args[1], ref_args[1]), (args[2], ref_args[2])):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert args[1][0, 0, 3, :4].tolist()[:2] == [65504.0, -65504.0]
 
 
 @needs_native

@@ -35,11 +35,12 @@ def test_fewer_bits_move_the_logits_more():
         ref = model(ids).logits
         errors = []
         for spec in (AttentionSpec(kv_bits=8), AttentionSpec(kv_bits=4),
-                     AttentionSpec(query_bits=4)):  # fmt: skip
+                     AttentionSpec(query_bits=4), AttentionSpec(kv_bits=16)):  # fmt: skip
             assert install_attention(model, spec) == len(model.model.layers)
             errors.append(float((model(ids).logits - ref).abs().mean()))
     assert 0 < errors[0] < errors[1] / 4  # 8-bit keys and values: far closer than 4-bit
     assert errors[2] > 0  # the queries are rounded too
+    assert 0 < errors[3] < errors[0] / 8  # float16 keys and values: closer still
 
 
 def test_layers_without_a_spec_run_plain_sdpa():
@@ -58,6 +59,11 @@ def test_bad_settings_are_clear_errors():
         AttentionSpec(kv_bits=9)
     with pytest.raises(LowbitError, match="kv_bits and/or query_bits"):
         AttentionSpec(hadamard=True)
+    with pytest.raises(LowbitError, match="or 16"):
+        AttentionSpec(kv_bits=12)
+    for other in ({"group_size": 32}, {"query_bits": 8}, {"hadamard": True}):
+        with pytest.raises(LowbitError, match="kv_bits 16 stores float16"):
+            AttentionSpec(kv_bits=16, **other)
     with pytest.raises(LowbitError, match="does not divide"):
         install_attention(tiny_llama(vocab=64), AttentionSpec(kv_bits=4, group_size=7))
     with pytest.raises(LowbitError, match="transformers model"):

@@ -159,13 +159,13 @@ def test_one_call_step_equals_the_per_op_loop(family, recipe):
 @pytest.mark.parametrize(
     "spec",
     [AttentionSpec(kv_bits=4, hadamard=True), AttentionSpec(kv_bits=8, group_size=8, query_bits=8),
-     AttentionSpec(kv_bits=4, group_size=8, center_keys=True)],
+     AttentionSpec(kv_bits=4, group_size=8, center_keys=True), AttentionSpec(kv_bits=16)],
     ids=lambda s: s.short(),
 )  # fmt: skip
 def test_one_call_step_over_a_cache_of_codes_equals_the_per_op_loop(spec):
     """A cache of low-bit codes: the step calls decode_attention_codes where the loop does,
     with the same key centres, turn and query rounding (the same logits and stored codes to
-    the bit)."""
+    the bit); a float16 cache (kv16), decode_attention over its float16 keys and values."""
     from lowbit import api
     from lowbit.kernels.build import native_ops
     from lowbit.models.kernels import use_kernels

@@ -230,7 +230,9 @@ class AttentionSpec:
 
     ``kv_bits``: keys and values stored on an asymmetric integer grid (2 to 8 bits), one range
     per token, head and ``group_size`` channels along the head dimension (``-1``: the whole
-    head), float16 scale and minimum (KIVI-style per-token ranges). ``query_bits``: queries
+    head), float16 scale and minimum (KIVI-style per-token ranges); or ``16``: stored as
+    float16 (llama.cpp's default cache, half a float32 cache's bytes), which takes none of
+    the other options. ``query_bits``: queries
     rounded the same way before the scores (4-bit attention needs both). ``hadamard``: keys,
     queries and values are multiplied by an orthonormal Hadamard matrix over the head dimension
     before they are rounded (the scores and the output are unchanged in exact arithmetic:
@@ -253,14 +255,33 @@ class AttentionSpec:
     def __post_init__(self) -> None:
         for key in ("kv_bits", "query_bits"):
             bits = getattr(self, key)
-            if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 8):
-                raise LowbitError(f"attention.{key} must be an integer from 2 to 8, got {bits!r}")
+            if bits is None or (isinstance(bits, int) and 2 <= bits <= 8):
+                continue
+            if key == "kv_bits" and bits == 16 and isinstance(bits, int):
+                continue
+            also = " (or 16: float16)" if key == "kv_bits" else ""
+            raise LowbitError(f"attention.{key} must be an integer from 2 to 8{also}, got {bits!r}")
+        others = self.group_size != -1 or self.query_bits is not None or self.hadamard
+        if self.float16 and (others or self.center_keys):
+            raise LowbitError("attention.kv_bits 16 stores float16 keys and values as they are; "
+                              "group_size, query_bits, hadamard and center_keys round to "
+                              "integer codes (kv_bits 2 to 8)")  # fmt: skip
         if self.kv_bits is None and self.query_bits is None:
             raise LowbitError("attention: give kv_bits and/or query_bits")
         if self.group_size != -1 and self.group_size < 1:
             raise LowbitError(f"attention.group_size must be -1 or positive, got {self.group_size}")
         if self.center_keys and self.kv_bits is None:
             raise LowbitError("attention.center_keys centres the cached keys; give kv_bits too")
+
+    @property
+    def float16(self) -> bool:
+        """Whether the cache stores float16 keys and values (``kv_bits`` 16) rather than codes."""
+        return self.kv_bits == 16
+
+    @property
+    def codes(self) -> bool:
+        """Whether the cache stores integer codes (``kv_bits`` 2 to 8)."""
+        return self.kv_bits is not None and not self.float16
 
     def group(self, head_dim: int) -> int:
         """Channels per range for heads of ``head_dim`` (checked to divide it)."""
@@ -274,6 +295,8 @@ class AttentionSpec:
         """Bytes one cached key or value of one head takes (codes, float16 scale and minimum)."""
         if self.kv_bits is None:
             return 4.0 * head_dim
+        if self.float16:
+            return 2.0 * head_dim
         groups = head_dim // self.group(head_dim)
         return head_dim * _stored_bits(self.kv_bits) / 8 + 4 * groups
 

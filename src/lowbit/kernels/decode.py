@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit.kernels.build import native_ops
+from lowbit.primitives.kv import cache_values
 
 PROMPT_ROWS = 32  # above this many rows silu_mul takes torch's ops instead of the native loop
 
@@ -70,12 +71,13 @@ def decode_attention_reference(
         q, k = rms_norm_reference(q, q_norm, eps), rms_norm_reference(k, k_norm, eps)
     p = (pos - pad).clamp_min(0)  # (B,) positions skip the left padding
     c, s = cos[p].unsqueeze(1), sin[p].unsqueeze(1)  # (B, 1, D)
-    kc[:, :, pos] = rotate(k, c, s)
-    vc[:, :, pos] = v
+    kc[:, :, pos] = cache_values(rotate(k, c, s), kc.dtype)
+    vc[:, :, pos] = cache_values(v, vc.dtype)
     real = torch.arange(pos + 1).unsqueeze(0) >= pad.unsqueeze(1)  # (B, S)
+    keys, values = (t[:, :, : pos + 1].to(q.dtype) for t in (kc, vc))  # a float16 cache: read
     a = F.scaled_dot_product_attention(
-        rotate(q, c, s).unsqueeze(2), kc[:, :, : pos + 1], vc[:, :, : pos + 1],
-        attn_mask=real.view(b, 1, 1, -1), scale=scale, enable_gqa=True,
+        rotate(q, c, s).unsqueeze(2), keys, values, attn_mask=real.view(b, 1, 1, -1),
+        scale=scale, enable_gqa=True,
     )  # fmt: skip  # (B, H, 1, D)
     return a.reshape(b, heads * dim)
 
@@ -85,10 +87,12 @@ def decode_attention(
     heads: int, kv_heads: int, scale: float, q_norm: Tensor, k_norm: Tensor, eps: float,
 ) -> Tensor:  # fmt: skip
     """Attention of one new token per row. qkv (B, (H + 2·Hkv)·D) as the projections give it;
-    kc/vc (B, Hkv, T, D) one layer's cache, written at slot ``pos``; cos/sin (T, D) tables by
+    kc/vc (B, Hkv, T, D) one layer's cache (float32, or float16 for float32 inputs: see
+    :func:`~lowbit.primitives.kv.cache_values`), written at slot ``pos``; cos/sin (T, D) tables by
     position; pad (B,) left-padding slots per row (never attended). Optional per-head norms
     (``q_norm``/``k_norm`` (D) or empty). Returns (B, H·D)."""
     args = (qkv, kc, vc, cos, sin, pad, pos, heads, kv_heads, scale, q_norm, k_norm, eps)
-    if _native(qkv, kc, vc, cos, sin) and kc.is_contiguous() and vc.is_contiguous():
+    stored = kc.dtype in (torch.float32, torch.float16) and vc.dtype == kc.dtype
+    if _native(qkv, cos, sin) and stored and kc.is_contiguous() and vc.is_contiguous():
         return torch.ops.lowbit_cpu.decode_attention(*args)
     return decode_attention_reference(*args)

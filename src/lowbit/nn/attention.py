@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import AttentionSpec
 from lowbit.primitives.hadamard import hadamard
-from lowbit.primitives.kv import fake_quantize_heads
+from lowbit.primitives.kv import cache_values, fake_quantize_heads
 
 NAME = "lowbit"  # the attention implementation's registered name
 ATTRIBUTE = "lowbit_attention"  # where an attention module keeps its AttentionSpec
@@ -90,7 +90,9 @@ def round_qkv(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, h: Tensor | 
         k = k - center.to(device=k.device, dtype=k.dtype).unsqueeze(-2)
     if h is not None:
         q, k, v = q @ h, k @ h, v @ h
-    if spec.kv_bits is not None and keys_values:
+    if spec.float16 and keys_values:  # what a float16 cache holds, read back
+        k, v = (cache_values(x, torch.float16).to(x.dtype) for x in (k, v))
+    elif spec.kv_bits is not None and keys_values:
         group = spec.group(k.shape[-1])
         k, v = (fake_quantize_heads(x, spec.kv_bits, group) for x in (k, v))
     return round_queries(spec, q), k, v

@@ -1,5 +1,6 @@
 """Rounding of attention's inputs (keys, values, queries): per token and head, groups of
-channels along the head dimension, asymmetric, float16 scale and minimum (pure functions).
+channels along the head dimension, asymmetric, float16 scale and minimum (pure functions);
+and a float16 cache's rounding (:func:`cache_values`).
 
 The cache stores ``(codes, scale, minimum)``; :func:`fake_quantize_heads` is the same rounding
 without the storage, for evaluation through a model's own attention.
@@ -12,6 +13,17 @@ from torch import Tensor
 
 from lowbit.formats.qtype import qtype_for
 from lowbit.primitives.qparams import Grid, QParams, choose_qparams, dequantize, quantize
+
+F16_MAX = 65504.0  # the largest finite float16
+
+
+def cache_values(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x as a float cache of ``dtype`` stores it: a float16 cache (``kv_bits`` 16) clamps to
+    float16's range first (a key beyond ±65504 is stored as the largest float16, not as
+    infinity; NaN stays NaN), then rounds to nearest even; other dtypes are a plain cast."""
+    if dtype == torch.float16 and x.dtype != dtype:
+        x = x.clamp(-F16_MAX, F16_MAX)
+    return x.to(dtype)
 
 
 def _grid(bits: int) -> Grid:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.primitives.kv import decode_heads, encode_heads
+from lowbit.primitives.kv import cache_values, decode_heads, encode_heads
 
 
 class Slots:
@@ -50,10 +50,12 @@ class StaticKVCache(Slots):
     def __init__(
         self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        read_as: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         super().__init__(batch, capacity, device)
         shape = (layers, batch, kv_heads, capacity, head_dim)
         self.tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+        self.read_as = read_as or dtype  # what attention reads (a float16 cache of a float32 model)
 
     @property
     def k(self) -> Tensor:
@@ -86,10 +88,10 @@ class StaticKVCache(Slots):
 
     def _encode(self, x: Tensor) -> list[Tensor]:
         """What is stored for x (batch, kv_heads, t, head_dim)."""
-        return [x]
+        return [cache_values(x, self.tensors[0].dtype)]
 
     def _decode(self, stored: list[Tensor]) -> Tensor:
-        return stored[0]
+        return stored[0].to(self.read_as)
 
 
 class QuantKVCache(StaticKVCache):

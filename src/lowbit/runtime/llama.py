@@ -236,10 +236,11 @@ class LlamaForward:
                 cos, sin = self.inner.rotary_emb(torch.zeros(1), positions)  # (1, T, D)
             self.cos, self.sin = cos[0].float(), sin[0].float()
         shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
-        spec = self.attention
-        if spec is not None and spec.kv_bits is not None:
+        spec, dtype = self.attention, self.embed.weight.dtype
+        if spec is not None and spec.codes:
             return QuantKVCache(*shape, spec.kv_bits, spec.group(self.head_dim))
-        return StaticKVCache(*shape, dtype=self.embed.weight.dtype)  # the model's, as HF's
+        stored = torch.float16 if spec is not None and spec.float16 else dtype  # else as HF's
+        return StaticKVCache(*shape, dtype=stored, read_as=dtype)
 
     def _positions(self, cache: StaticKVCache, start: int, t: int) -> tuple[Tensor, Tensor]:
         """cos/sin (B or 1, 1, t, D) of the slots start..start+t (positions skip the padding)."""
@@ -311,6 +312,7 @@ class LlamaForward:
         """One token per row (B, 1) -> logits (B, vocab): the fused decode ops
         (:mod:`lowbit.kernels.decode`), the residual add folded into the next norm."""
         pos = cache.reserve(1)
+        codes = self.attention is not None and self.attention.codes  # else a float cache
         x = self.embed(ids[:, 0]).contiguous()  # (B, C), the residual stream (added in place)
         h = _rms(self.layers[0].norm1, x)
         step = self._step
@@ -319,7 +321,7 @@ class LlamaForward:
         rows = x.shape[0] <= decode_ops.PROMPT_ROWS
         if step is not None and contiguous and rows and decode_ops._native(x):
             spec = self.attention
-            bits, query_bits = (0, 0) if spec is None else (spec.kv_bits, spec.query_bits or 0)
+            bits, query_bits = (spec.kv_bits, spec.query_bits or 0) if codes else (0, 0)
             h = torch.ops.lowbit_cpu.decode_step(
                 x, h, *step, cache.tensors, self._centers if bits else [], self.turn, self.cos,
                 self.sin, cache.pad, pos, self.heads, self.kv_heads, self.scaling, bits,
@@ -329,7 +331,7 @@ class LlamaForward:
         for i, (layer, (qn, kn, eps, w2, eps2, w_next, eps_next)) in enumerate(self._plan):
             qkv_op, o_op, gate_up_op, down_op = layer.fast
             qkv = qkv_op(h).contiguous()  # (B, (H + 2·Hkv)·D)
-            if self.attention is None:
+            if not codes:
                 a = decode_attention(
                     qkv, cache.k[i], cache.v[i], self.cos, self.sin, cache.pad, pos,
                     self.heads, self.kv_heads, self.scaling, qn, kn, eps,
@@ -351,7 +353,8 @@ class LlamaForward:
         """The fixed arguments of ``lowbit_cpu::decode_step`` (weights, layout, norms, eps): the
         same ops as :meth:`_decode`'s loop in one call. None where a layer is not all native
         parts (a module, an online rotation), the MLP is not SiLU, attention inputs are rounded
-        without a cache of codes, or a key centre or the heads' turn is not float32."""
+        without a cache that stores them (queries alone), or a key centre or the heads' turn
+        is not float32. A float16 cache (kv_bits 16) runs decode_attention, as a float32 one."""
         spec = self.attention
         if spec is not None and (spec.kv_bits is None or any(
                 t.dtype != torch.float32 or not t.is_contiguous()

@@ -1,6 +1,7 @@
 // The small operations of one decode step of a Llama-like block, each fused into one call:
 // RMSNorm (with the residual add before it), SiLU(gate)·up, and attention of one new token
-// (q/k norms, RoPE, the KV-cache write and softmax(q·Kᵀ)·V over the cached slots).
+// (q/k norms, RoPE, the KV-cache write and softmax(q·Kᵀ)·V over the cached slots) over a
+// float32 cache or a float16 one (kv_bits 16: half the bytes to read per step).
 //
 // Why hand-written: at decode these are tensors of a few hundred floats, and each aten op
 // costs 2-10 µs of dispatch on the CPUs measured here, so a block's ~35 small ops cost more
@@ -58,28 +59,42 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   auto y = at::empty(sizes, gu.options());
   const float* g = gu.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < n; ++i) {
-      const float a = g[m * 2 * n + i];
-      yp[m * n + i] = a / (1.f + std::exp(-a)) * g[m * 2 * n + n + i];
+  // exp8 (decode_part.h) 8 at a time: a libm call per element cost more than the rest of the
+  // op. Its input is kept under 88 (e^88 is finite): there gate / (1 + e^-gate) is ~0 anyway.
+  const __m256 one = _mm256_set1_ps(1.f), cap = _mm256_set1_ps(88.f), sign = _mm256_set1_ps(-0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float *gate = g + m * 2 * n, *up = gate + n;
+    float* out = yp + m * n;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 a = _mm256_loadu_ps(gate + i);
+      const __m256 e = lowbit_kernels::exp8(_mm256_min_ps(cap, _mm256_xor_ps(a, sign)));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)),
+                                              _mm256_loadu_ps(up + i)));
     }
+    for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  }
   return y;
 }
 
-// One query against the slots first..last of one head's cache (see Part in decode_part.h).
-static Part attend_part(const float* q, const float* keys, const float* vals, int64_t first,
-                 int64_t last, int64_t D, float scale, float* score, float* out) {
+// One query against the slots first..last of one head's cache (see Part in decode_part.h);
+// T: float32 keys and values, or float16 ones (uint16_t bits, a float16 cache: each load
+// converts 8 at a time, so the cache is read at half the bytes).
+template <typename T>
+static Part attend_part(const float* q, const T* keys, const T* vals, int64_t first,
+                        int64_t last, int64_t D, float scale, float* score, float* out) {
+  using lowbit_kernels::load8;
   float top = -INFINITY;
   int64_t s = first;
   for (; s + 4 <= last + 1 && D % 8 == 0; s += 4) {  // four keys at once: independent chains
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const float* k = keys + s * D;
+    const T* k = keys + s * D;
     for (int64_t d = 0; d < D; d += 8) {
       const __m256 qd = _mm256_loadu_ps(q + d);
-      a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + d), a0);
-      a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + D + d), a1);
-      a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + 2 * D + d), a2);
-      a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + 3 * D + d), a3);
+      a0 = _mm256_fmadd_ps(qd, load8(k + d), a0);
+      a1 = _mm256_fmadd_ps(qd, load8(k + D + d), a1);
+      a2 = _mm256_fmadd_ps(qd, load8(k + 2 * D + d), a2);
+      a3 = _mm256_fmadd_ps(qd, load8(k + 3 * D + d), a3);
     }
     // the four sums at once: pairwise adds leave [a0 a1 a2 a3] in the two halves
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -97,8 +112,8 @@ static Part attend_part(const float* q, const float* keys, const float* vals, in
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
     for (s = first; s <= last; ++s) {
       const __m256 w = _mm256_set1_ps(score[s]);
-      const float* v = vals + s * D + d0;
-      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+      const T* v = vals + s * D + d0;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), acc[i]);
     }
     for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
   }
@@ -106,35 +121,41 @@ static Part attend_part(const float* q, const float* keys, const float* vals, in
     std::fill(out + d0, out + D, 0.f);
     for (s = first; s <= last; ++s) {
       const float w = score[s];
-      const float* v = vals + s * D;
-#pragma omp simd
-      for (int64_t d = d0; d < D; ++d) out[d] += w * v[d];
+      const T* v = vals + s * D;
+      for (int64_t d = d0; d < D; ++d) out[d] += w * lowbit_kernels::load1(v + d);
     }
   }
   return {top, total};
 }
 
-// One new token per row: qkv (B, (H + 2·Hkv)·D); caches (B, Hkv, T, D) of one layer, written
-// at slot `pos`; cos/sin (T, D) tables indexed by position (slot minus the row's left padding);
-// keys of slots pad[b]..pos are attended to. Returns (B, H·D).
-at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc,
-                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pad,
-                            int64_t pos, int64_t H, int64_t Hkv, double scale,
-                            const at::Tensor& q_norm, const at::Tensor& k_norm, double eps) {
-  const int64_t B = qkv.size(0), T = kc.size(2), D = kc.size(3);
-  TORCH_CHECK(qkv.is_contiguous() && kc.is_contiguous() && vc.is_contiguous() &&
-                  cos.is_contiguous() && sin.is_contiguous() && pad.is_contiguous(),
-              "lowbit::decode_attention: contiguous tensors only");
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat && kc.scalar_type() == at::kFloat &&
-                  vc.scalar_type() == at::kFloat && pad.scalar_type() == at::kLong,
-              "lowbit::decode_attention: float32 q/k/v and caches, int64 padding");
-  TORCH_CHECK(qkv.size(-1) == (H + 2 * Hkv) * D && kc.size(0) == B && kc.size(1) == Hkv &&
-                  vc.sizes() == kc.sizes() && D % 2 == 0 && D <= 512 && H % Hkv == 0,
-              "lowbit::decode_attention: shapes do not match");
-  TORCH_CHECK(pos >= 0 && pos < T && cos.size(0) >= T, "lowbit::decode_attention: slot ", pos,
-              " outside the cache");
+// Stores a head's D floats in the cache: as they are, or as float16 rounded to nearest even
+// after clamping to float16's range (+-65504, NaN kept), as the cache's Python writer stores them.
+static void store_row(const float* src, int64_t D, float* dst) { std::copy_n(src, D, dst); }
+static void store_row(const float* src, int64_t D, uint16_t* dst) {
+  const __m256 hi = _mm256_set1_ps(65504.f), lo = _mm256_set1_ps(-65504.f);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 x = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_loadu_ps(src + d)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d),
+                     _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; d < D; ++d) {
+    const float x = std::isnan(src[d]) ? src[d] : std::min(65504.f, std::max(-65504.f, src[d]));
+    dst[d] = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+
+// One new token per row: qkv (B, (H + 2·Hkv)·D); caches (B, Hkv, T, D) of one layer (float32,
+// or float16 as T = uint16_t), written at slot `pos`; cos/sin (T, D) tables indexed by position
+// (slot minus the row's left padding); keys of slots pad[b]..pos are attended to. Returns (B, H·D).
+template <typename T>
+static at::Tensor attention_over(const at::Tensor& qkv, T* kp, T* vp, int64_t T_, int64_t D,
+                                 const at::Tensor& cos, const at::Tensor& sin,
+                                 const at::Tensor& pad, int64_t pos, int64_t H, int64_t Hkv,
+                                 double scale, const at::Tensor& q_norm, const at::Tensor& k_norm,
+                                 double eps) {
+  const int64_t B = qkv.size(0);
   const float* in = qkv.data_ptr<float>();
-  float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
   const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
   const int64_t* pd = pad.data_ptr<int64_t>();
   const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
@@ -142,11 +163,13 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
   const int64_t row = (H + 2 * Hkv) * D;
   const float e = static_cast<float>(eps);
   auto p_of = [&](int64_t b) { return std::max<int64_t>(pos - pd[b], 0); };
+  float key[512];
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < Hkv; ++g) {
-      const int64_t slot = ((b * Hkv + g) * T + pos) * D, p = p_of(b);
-      lowbit_kernels::norm_rope(in + b * row + (H + g) * D, kn, e, cs + p * D, sn + p * D, D, kp + slot);
-      std::copy_n(in + b * row + (H + Hkv + g) * D, D, vp + slot);
+      const int64_t slot = ((b * Hkv + g) * T_ + pos) * D, p = p_of(b);
+      lowbit_kernels::norm_rope(in + b * row + (H + g) * D, kn, e, cs + p * D, sn + p * D, D, key);
+      store_row(key, D, kp + slot);
+      store_row(in + b * row + (H + Hkv + g) * D, D, vp + slot);
     }
   auto out = at::empty({B, H * D}, qkv.options());
   float* op = out.data_ptr<float>();
@@ -168,8 +191,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
       const int64_t b = item / (Hkv * S), g = item / S % Hkv, c = item % S;
       int64_t lo, hi;
       lowbit_kernels::range_of(pd[b], pos, c, S, &lo, &hi);
-      const float* keys = kp + (b * Hkv + g) * T * D;
-      const float* vals = vp + (b * Hkv + g) * T * D;
+      const T* keys = kp + (b * Hkv + g) * T_ * D;
+      const T* vals = vp + (b * Hkv + g) * T_ * D;
       for (int64_t j = 0; j < Q; ++j) {
         const int64_t bh = b * H + g * Q + j;
         if (hi < lo) {  // an empty range (more ranges than slots): adds nothing
@@ -185,6 +208,31 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
   });
   lowbit_kernels::combine_parts(parts.data(), part_out.data(), B * H, S, D, op);
   return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc,
+                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pad,
+                            int64_t pos, int64_t H, int64_t Hkv, double scale,
+                            const at::Tensor& q_norm, const at::Tensor& k_norm, double eps) {
+  const int64_t B = qkv.size(0), T = kc.size(2), D = kc.size(3);
+  TORCH_CHECK(qkv.is_contiguous() && kc.is_contiguous() && vc.is_contiguous() &&
+                  cos.is_contiguous() && sin.is_contiguous() && pad.is_contiguous(),
+              "lowbit::decode_attention: contiguous tensors only");
+  const bool half = kc.scalar_type() == at::kHalf;
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && (half || kc.scalar_type() == at::kFloat) &&
+                  vc.scalar_type() == kc.scalar_type() && pad.scalar_type() == at::kLong,
+              "lowbit::decode_attention: float32 q/k/v, float32 or float16 caches, int64 padding");
+  TORCH_CHECK(qkv.size(-1) == (H + 2 * Hkv) * D && kc.size(0) == B && kc.size(1) == Hkv &&
+                  vc.sizes() == kc.sizes() && D % 2 == 0 && D <= 512 && H % Hkv == 0,
+              "lowbit::decode_attention: shapes do not match");
+  TORCH_CHECK(pos >= 0 && pos < T && cos.size(0) >= T, "lowbit::decode_attention: slot ", pos,
+              " outside the cache");
+  if (half)
+    return attention_over(qkv, reinterpret_cast<uint16_t*>(kc.data_ptr<at::Half>()),
+                          reinterpret_cast<uint16_t*>(vc.data_ptr<at::Half>()), T, D, cos, sin,
+                          pad, pos, H, Hkv, scale, q_norm, k_norm, eps);
+  return attention_over(qkv, kc.data_ptr<float>(), vc.data_ptr<float>(), T, D, cos, sin, pad,
+                        pos, H, Hkv, scale, q_norm, k_norm, eps);
 }
 
 }  // namespace lowbit_kernels

@@ -58,12 +58,14 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-inline float dot(const float* a, const float* b, int64_t D) {
+// a . b over D floats; b float32 or float16 bits (load8 / load1, common.h).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), acc);
   float tail = 0.f;
-  for (; d < D; ++d) tail += a[d] * b[d];
+  for (; d < D; ++d) tail += a[d] * load1(b + d);
   return hsum(acc) + tail;
 }
 
