@@ -28,7 +28,11 @@ prompt, greedy decode at batch 1, medians of alternating runs) under each loop:
   recipes LiteRT holds exactly (e.g. ``w4-sym-g32-bf16``, also Q4_0's grid: llama.cpp runs the
   same codes).
 
-Every loop is compared with the transformers loop on the same recipe: the fraction of decode
+Every loop of every recipe runs in one alternation (the speed ratios between recipes, e.g. W4
+against float32, are measured side by side), and decode speed is given as a ratio to the
+first recipe's transformers loop and to its compact fused one (lowbit's own loop; with
+``fp32`` first: lowbit float32). Every loop is compared with the transformers loop on the
+same recipe: the fraction of decode
 steps whose argmax is the transformers loop's next token when both are fed that loop's tokens
 (teacher-forced), and how many greedy tokens the free-running loops share before they differ.
 
@@ -247,8 +251,9 @@ def llama_cpp_run(llm, prompt: list[int], new_tokens: int) -> tuple[float, float
     return first - start, time.perf_counter() - first, tokens
 
 
-def measure(loops: dict, prompt: torch.Tensor, args) -> dict[str, dict]:
-    """Alternating runs of every loop (after one warm-up each); medians and greedy tokens."""
+def measure(loops: dict, prompt: torch.Tensor, args) -> dict:
+    """Alternating runs of every loop (after one warm-up each); medians and greedy tokens,
+    by the loops' keys."""
     times: dict[str, list] = {name: [] for name in loops}
     tokens: dict[str, list[int]] = {}
     ids = prompt[0].tolist()
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     src = api.load_model(args.model)
     prompt = random_prompt(src.model.config.vocab_size, args.prompt_tokens)
     capacity = args.prompt_tokens + args.new_tokens
-    rows, base = [], None
+    rows, recipes = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes:
             recipe, cache = cache_option(name)
@@ -313,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = api.load(folder).model
             if cache is not None:
                 install_attention(model, cache)
-            loops = runtimes(model, capacity, args.compile)
+            loops = recipes[name] = runtimes(model, capacity, args.compile)
             twice = cache is not None and recipe in args.recipes  # llama.cpp's row once
             if args.llama_cpp and recipe in LLAMA_CPP and not twice:
                 # f32: the floats lowbit reads; f16: usual. A quantized head leaves only the
@@ -325,19 +330,25 @@ def main(argv: list[str] | None = None) -> int:
                         loops[f"llama.cpp {LLAMA_CPP[recipe]}, {float_type} floats"] = llm
             if args.litert and recipe != "fp32":
                 loops["LiteRT (XNNPACK)"] = litert_loop(folder, capacity, Path(tmp))
-            result = measure(loops, prompt, args)
-            ref_tokens = result["transformers"]["tokens"]
-            base = base or result["transformers"]["decode"]
-            for loop_name, r in result.items():
+        # every loop of every recipe in one alternation: the ratios between recipes are
+        # measured side by side too (this VM's speed drifts between minutes)
+        result = measure({(n, k): loop for n, ls in recipes.items() for k, loop in ls.items()},
+                         prompt, args)  # fmt: skip
+        first = args.recipes[0]
+        base = result[(first, "transformers")]["decode"]
+        fused = result.get((first, "compact, fused"), {}).get("decode")
+        for name, loops in recipes.items():
+            ref_tokens = result[(name, "transformers")]["tokens"]
+            for loop_name, loop in loops.items():
+                r = result[(name, loop_name)]
                 pairs = list(zip(r["tokens"], ref_tokens, strict=False))
-                first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
-                loop = loops[loop_name]
+                same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
                 forced = forced_agreement(loop, prompt[0].tolist(), ref_tokens) if isinstance(
                     loop, Runtime) else None  # fmt: skip
                 agree = "-" if forced is None else f"{100 * forced:.1f}%"
-                rows.append([name, loop_name, round(r["decode"], 2),
-                             f"x{r['decode'] / base:.2f}", round(r["prefill"], 1), agree,
-                             first])  # fmt: skip
+                rows.append([name, loop_name, round(r["decode"], 2), f"x{r['decode'] / base:.2f}",
+                             "-" if fused is None else f"x{r['decode'] / fused:.2f}",
+                             round(r["prefill"], 1), agree, same])  # fmt: skip
     threads = thread_settings()
     isa = torch.ops.lowbit_cpu.kernel_isa() if decode.native_ops() else "reference"
     print(f"\n{args.model}: prompt {args.prompt_tokens} random tokens, {args.new_tokens} new "
@@ -345,8 +356,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{threads['torch_threads']} threads ({threads['cpu_capability']}, kernels {isa}, "
           f"OMP_WAIT_POLICY={threads['omp_wait_policy']}, "
           f"LOWBIT_SPIN_US={threads['lowbit_spin_us']}){llama_cpp_features()}\n")  # fmt: skip
-    header = ["recipe", "loop", "decode tok/s", "x fp32 transformers", "prefill tok/s",
-              "top-1 = transformers loop (forced)", "greedy tokens equal before"]  # fmt: skip
+    first = args.recipes[0]
+    header = ["recipe", "loop", "decode tok/s", f"x {first} transformers",
+              f"x {first} compact fused", "prefill tok/s", "top-1 = transformers loop (forced)",
+              "greedy tokens equal before"]  # fmt: skip
     print(format_table(header, rows, markdown=True))
     return 0
 
