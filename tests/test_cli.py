@@ -187,6 +187,10 @@ def test_kv_cache_flags_round_the_cache_and_quantize_saves_them(tiny_folder, tex
         assert code == 0
         ppl[len(extra)] = json.loads(stdout)["ppl"]
     assert ppl[0] != ppl[3]
+    code, stdout, _ = run(capsys, "eval", str(tiny_folder), *window, "--kv-bits", "4", "--ref",
+                          str(tiny_folder))  # fmt: skip
+    got = json.loads(stdout)  # the reference is the model without the flag: its own figures
+    assert code == 0 and got["ref_ppl"] == pytest.approx(ppl[0], rel=1e-6) and got["kl"] > 0
     out = tmp_path / "kv"
     code, _, _ = run(capsys, "quantize", str(tiny_folder), "--recipe", "kv4", "--kv-bits", "2",
                      "--kv-hadamard", "--out", str(out))  # fmt: skip

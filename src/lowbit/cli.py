@@ -261,10 +261,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if calib is not None and calib == args.corpus:
         raise LowbitError(f"{args.model} was calibrated on {calib}; evaluate on another --corpus")
     models = {args.model: src.model}
-    ref = None
+    ref, ref_name = None, args.ref
     if args.ref:
         ref = api.load_model(args.ref).model
-        models = {args.ref: ref, **models} if args.ref != args.model else models
+        if ref_name == args.model:  # the same model without the cache flags: its own row
+            ref_name = f"{args.ref} (--ref)"
+        models = {ref_name: ref, **models}
     results = api.evaluate(models, src.tokenizer, args.corpus, args.seqlen, args.tokens, ref=ref,
                            progress=not args.quiet)  # fmt: skip
     if args.json:
@@ -272,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out["model"] = args.model
         if args.ref:
             out["ref"] = args.ref
-            out["ref_ppl"] = results[args.ref].to_dict()["ppl"]
+            out["ref_ppl"] = results[ref_name].to_dict()["ppl"]
         print(json.dumps(out))
         return 0
     sizes = {name: api.model_size(m) for name, m in models.items()}
