@@ -2,7 +2,12 @@
 
 import torch
 
-from lowbit.primitives.kv import dequantize_heads, fake_quantize_heads, quantize_heads
+from lowbit.primitives.kv import (
+    cache_values,
+    dequantize_heads,
+    fake_quantize_heads,
+    quantize_heads,
+)
 
 
 def test_round_trip_within_half_a_step_per_group():
@@ -27,3 +32,16 @@ def test_more_bits_less_error():
     x = torch.randn(1, 2, 50, 64, generator=torch.Generator().manual_seed(2))
     errors = [(fake_quantize_heads(x, b, 64) - x).pow(2).mean() for b in (2, 4, 8)]
     assert errors[0] > errors[1] > errors[2]
+
+
+def test_a_float16_cache_rounds_to_nearest_and_clamps_to_its_range():
+    """kv_bits 16: the nearest float16 (ties to even), ±65504 beyond its range, NaN kept;
+    rounding twice changes nothing; a float32 cache stores the values as they are."""
+    x = torch.tensor([1 / 3, 2049.0, 2051.0, 1e6, -1e6, 65519.0, float("nan"), -0.0, 1e-9])
+    got = cache_values(x, torch.float16)
+    want = torch.tensor([1 / 3, 2048.0, 2052.0, 65504, -65504, 65504, float("nan"), -0.0, 1e-9])
+    assert got.dtype == torch.float16
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.half().nan_to_num())
+    assert torch.equal(cache_values(got.float(), torch.float16).nan_to_num(), got.nan_to_num())
+    assert torch.equal(cache_values(x, torch.float32).nan_to_num(), x.nan_to_num())
