@@ -11,8 +11,9 @@ prompt, greedy decode at batch 1, medians of alternating runs) under each loop:
   a position tensor (fixed shapes), captured by ``torch.compile`` with the lowbit kernels as
   custom ops with fake implementations; first calls (compilation) are not timed;
 - ``llama.cpp`` (``--llama-cpp``, llama-cpp-python installed): for ``w4-sym-g32`` (Q4_0's grid),
-  ``w4-rtn-g32`` (Q4_1's) and ``w4-sym-g32-head8`` (Q4_0 with the output head in Q8_0, the
-  same codes on both sides; llama.cpp's own Q4_0 files quantize the head too, to Q6_K), the
+  ``w4-rtn-g32`` (Q4_1's), ``w4-sym-g32-head8`` (Q4_0 with the output head in Q8_0, the
+  same codes on both sides; llama.cpp's own Q4_0 files quantize the head too, to Q6_K) and
+  ``w4-sym-g32-head16`` (Q4_0 with a float16 head, as a Q4_0 file with float16 floats), the
   lowbit folder exported to GGUF and run by llama.cpp, its runs alternating with the others.
   A random-weight model gets a stand-in tokenizer for the GGUF (:func:`stand_in_tokenizer`).
   On a VM that does not enable the CPU's AMX state, a ``GGML_NATIVE=ON`` build crashed
@@ -68,6 +69,7 @@ LLAMA_CPP = {
     "w4-rtn-g32": "Q4_1",
     "w4-sym-g32-bf16": "Q4_0",
     "w4-sym-g32-head8": "Q4_0 + Q8_0 head",
+    "w4-sym-g32-head16": "Q4_0 + F16 head",
 }
 
 
@@ -321,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             loops = recipes[name] = runtimes(model, capacity, args.compile)
             twice = cache is not None and recipe in args.recipes  # llama.cpp's row once
             if args.llama_cpp and recipe in LLAMA_CPP and not twice:
-                # f32: the floats lowbit reads; f16: usual. A quantized head leaves only the
-                # embeddings (one row read per token) and norms in float: f32 alone.
-                quantized_head = recipe.endswith("-head8")
+                # f32: the floats lowbit reads; f16: usual. A head the recipe stores (Q8_0,
+                # float16) leaves only the embeddings (one row read per token) and norms in
+                # float: f32 alone.
+                quantized_head = recipe.endswith(("-head8", "-head16"))
                 for float_type in ("f32",) if quantized_head else ("f32", "f16"):
                     llm = llama_cpp(folder, float_type, capacity + 8, Path(tmp))
                     if llm is not None:

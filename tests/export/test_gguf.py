@@ -21,6 +21,9 @@ EXACT = {
         {"bits": 4, "group_size": 32, "symmetric": True, "scale_dtype": "bfloat16"},
         "Q4_0",
     ),
+    # 16-bit float layers: their values as they are
+    "f16": ({"format": "fp16", "bits": 16}, "F16"),
+    "bf16": ({"format": "bf16", "bits": 16}, "BF16"),
 }
 
 
@@ -92,10 +95,14 @@ def test_off_grid_recipe_is_a_clear_error_unless_requantized(bpe_folder, tmp_pat
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"
 
 
+@pytest.mark.parametrize(
+    ("recipe", "head_type"), [("w4-sym-g32-head8", "Q8_0"), ("w4-sym-g32-head16", "F16")]
+)
 @pytest.mark.parametrize("tied", [True, False])
-def test_a_quantized_head_is_written_as_the_output_tensor(tmp_path, tied):
+def test_a_quantized_head_is_written_as_the_output_tensor(tmp_path, tied, recipe, head_type):
     """``w4-sym-g32-head8``: the head's own Q8_0 codes become ``output.weight`` (which llama.cpp
-    prefers to the embeddings when present), the embeddings stay float, tied or not."""
+    prefers to the embeddings when present), the embeddings stay float, tied or not;
+    ``w4-sym-g32-head16``: its float16 values, as F16."""
     tok = make_bpe_tokenizer()
     model = tiny_family_model("llama", vocab=len(tok))
     model.config.tie_word_embeddings = tied
@@ -104,11 +111,11 @@ def test_a_quantized_head_is_written_as_the_output_tensor(tmp_path, tied):
     src = tmp_path / "src"
     model.save_pretrained(src)
     tok.save_pretrained(src)
-    folder, q = quantized_folder(src, tmp_path / "q", "w4-sym-g32-head8")
+    folder, q = quantized_folder(src, tmp_path / "q", recipe)
     path = export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path
     _, tensors = _gguf_tensors(path)
     head, embd = tensors["output.weight"], tensors["token_embd.weight"]
-    assert head.tensor_type.name == "Q8_0"
+    assert head.tensor_type.name == head_type
     assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
     theirs = gguf.quants.dequantize(head.data, head.tensor_type)
     np.testing.assert_array_equal(theirs, q.lm_head.dequantized_weight().numpy())

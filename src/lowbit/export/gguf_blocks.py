@@ -24,9 +24,11 @@ EXACT = {
     (4, False): T.Q4_1,
     (8, True): T.Q8_0,
 }
+FLOATS = {"fp16": T.F16, "bf16": T.BF16}  # 16-bit float layers (e.g. a float16 output head)
 LOSSLESS_HINT = (
     "recipes that export losslessly: int4 symmetric group 32 (Q4_0), int4 asymmetric group 32 "
-    "(Q4_1), int8 symmetric group 32 (Q8_0), all with float16 scales; or pass --requantize"
+    "(Q4_1), int8 symmetric group 32 (Q8_0), all with float16 scales, and fp16 / bf16 layers; "
+    "or pass --requantize"
 )
 
 
@@ -34,6 +36,8 @@ def exact_type(mod: QuantLinear, layer: str) -> T:
     """The GGUF type that holds ``mod`` exactly, or a clear error."""
     spec = mod.spec
     reason = None
+    if spec.qtype.name in FLOATS and not spec.lorc_rank:  # the stored values as they are
+        return FLOATS[spec.qtype.name]
     if spec.lorc_rank:
         reason = "LoRC corrections"
     elif spec.qtype.kind != "int":
@@ -62,7 +66,12 @@ def _fits_float16(mod: QuantLinear) -> bool:
 
 
 def encode(mod: QuantLinear, qtype: T) -> np.ndarray:
-    """Raw GGUF bytes (out, in/32 * block_bytes) of a layer whose spec maps exactly to ``qtype``."""
+    """Raw GGUF bytes (out, in/32 * block_bytes) of a layer whose spec maps exactly to ``qtype``
+    (a 16-bit float layer: its (out, in) float16 / bfloat16 values)."""
+    if qtype in (T.F16, T.BF16):
+        dtype = torch.float16 if qtype == T.F16 else torch.bfloat16
+        values = mod.dequantized_weight().to(dtype)  # exact: the layer holds these values
+        return values.view(torch.int16).numpy().view(np.uint16 if qtype == T.BF16 else np.float16)
     out, k = mod.out_features, mod.in_features
     codes = mod.codes().numpy().reshape(out, k // 32, 32)  # (out, nb, 32) unsigned
     d = mod.scale.to(torch.float16).numpy().reshape(out, k // 32, 1).view(np.uint8)  # (.., 2)

@@ -71,7 +71,7 @@ def write_gguf(
 def _file_type(types: list[gguf.GGMLQuantizationType]) -> int:
     """llama.cpp's ``general.file_type``: the most common 2-D tensor type."""
     names = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0",
-             "F16": "MOSTLY_F16", "F32": "ALL_F32"}  # fmt: skip
+             "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}  # fmt: skip
     common = max(set(types), key=types.count) if types else gguf.GGMLQuantizationType.F32
     return int(gguf.LlamaFileType[names[common.name]])
 

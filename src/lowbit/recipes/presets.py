@@ -160,6 +160,9 @@ def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     head16 = _recipe("w4-g64-head16", "rtn", _weights(4, 64))
     head16["ignore"] = []
     head16["overrides"] = [{"match": "lm_head", "weights": {"format": "fp16", "bits": 16}}]
+    q4head16 = _recipe("w4-sym-g32-head16", "rtn", _weights(4, 32, True))
+    q4head16["ignore"] = []
+    q4head16["overrides"] = head16["overrides"]
     return {
         "bf16": ("bfloat16 weight storage, float32 compute", _recipe(
             "bf16", "rtn", {"format": "bf16", "bits": 16})),
@@ -172,6 +175,8 @@ def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
         "w4-g64-head16": ("int4 asymmetric g64, output head stored in float16", head16),
         "w4-sym-g32-head8": ("GGUF Q4_0's grid, output head int8 symmetric g32 (Q8_0's grid)",
                              q4head8),
+        "w4-sym-g32-head16": ("GGUF Q4_0's grid, output head stored in float16 (what a "
+                              "llama.cpp Q4_0 file with float16 floats reads)", q4head16),
     }  # fmt: skip
 
 
