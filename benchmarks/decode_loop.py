@@ -306,16 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     src = api.load_model(args.model)
     prompt = random_prompt(src.model.config.vocab_size, args.prompt_tokens)
     capacity = args.prompt_tokens + args.new_tokens
-    rows, recipes = [], {}
+    rows, recipes, first = [], {}, args.recipes[0]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes:
             recipe, cache = cache_option(name)
             if recipe == "fp32":
                 model = src.model if cache is None else api.load_model(args.model).model
             else:
-                q = api.load_model(args.model).model
                 folder = Path(tmp) / recipe
                 if not folder.exists():  # the same folder with and without a cache option
+                    q = api.load_model(args.model).model
                     api.save(q, folder, api.quantize(q, recipe, progress=False), source=src)
                 model = api.load(folder).model
             if cache is not None:
@@ -337,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         # measured side by side too (this VM's speed drifts between minutes)
         result = measure({(n, k): loop for n, ls in recipes.items() for k, loop in ls.items()},
                          prompt, args)  # fmt: skip
-        first = args.recipes[0]
         base = result[(first, "transformers")]["decode"]
         fused = result.get((first, "compact, fused"), {}).get("decode")
         for name, loops in recipes.items():
@@ -359,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{threads['torch_threads']} threads ({threads['cpu_capability']}, kernels {isa}, "
           f"OMP_WAIT_POLICY={threads['omp_wait_policy']}, "
           f"LOWBIT_SPIN_US={threads['lowbit_spin_us']}){llama_cpp_features()}\n")  # fmt: skip
-    first = args.recipes[0]
     header = ["recipe", "loop", "decode tok/s", f"x {first} transformers",
               f"x {first} compact fused", "prefill tok/s", "top-1 = transformers loop (forced)",
               "greedy tokens equal before"]  # fmt: skip

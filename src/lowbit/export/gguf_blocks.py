@@ -68,10 +68,10 @@ def _fits_float16(mod: QuantLinear) -> bool:
 def encode(mod: QuantLinear, qtype: T) -> np.ndarray:
     """Raw GGUF bytes (out, in/32 * block_bytes) of a layer whose spec maps exactly to ``qtype``
     (a 16-bit float layer: its (out, in) float16 / bfloat16 values)."""
-    if qtype in (T.F16, T.BF16):
-        dtype = torch.float16 if qtype == T.F16 else torch.bfloat16
-        values = mod.dequantized_weight().to(dtype)  # exact: the layer holds these values
-        return values.view(torch.int16).numpy().view(np.uint16 if qtype == T.BF16 else np.float16)
+    if qtype == T.F16:  # exact: the layer holds these values
+        return mod.dequantized_weight().to(torch.float16).numpy()
+    if qtype == T.BF16:  # numpy has no bfloat16: its bits
+        return mod.dequantized_weight().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     out, k = mod.out_features, mod.in_features
     codes = mod.codes().numpy().reshape(out, k // 32, 32)  # (out, nb, 32) unsigned
     d = mod.scale.to(torch.float16).numpy().reshape(out, k // 32, 1).view(np.uint8)  # (.., 2)

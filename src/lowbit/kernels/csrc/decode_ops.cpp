@@ -122,6 +122,7 @@ static Part attend_part(const float* q, const T* keys, const T* vals, int64_t fi
     for (s = first; s <= last; ++s) {
       const float w = score[s];
       const T* v = vals + s * D;
+#pragma omp simd
       for (int64_t d = d0; d < D; ++d) out[d] += w * lowbit_kernels::load1(v + d);
     }
   }
