@@ -83,7 +83,8 @@ needs_native = pytest.mark.skipif(not native_ops(), reason="native kernels unava
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17, 33, 70])  # decode rows, tails, GEMM path
 @pytest.mark.parametrize("n,k,group", [(1, 32, 32), (13, 96, 32), (7, 576, 32), (40, 576, 64),
                                        (33, 192, 192), (24, 100, -1), (10, 1536, 96),
-                                       (5, 288, 96)])  # fmt: skip
+                                       (5, 288, 96), (9, 1056, 32), (6, 448, 32),
+                                       (11, 416, 32)])  # fmt: skip
 @pytest.mark.parametrize("act8", [True, False])
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("params", ["f16", "f32", "sym"])
