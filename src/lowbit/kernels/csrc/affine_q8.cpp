@@ -122,11 +122,8 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, const float* xs4, int64_t 
       const int64_t r = R - 1;
       const float s = load1(sc + r * 32 / group);
       const __m256i codes = codes_u4(wb + 32 * C);
-      for (int m = 0; m < M; ++m) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * r));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
-        tail[m] = s * xqs[m * R + r] * hsum(_mm256_cvtepi32_ps(dot));
-      }
+      for (int m = 0; m < M; ++m)
+        tail[m] = s * xqs[m * R + r] * half_chunk_dot(codes, xq + m * K + 32 * r);
     }
     for (int m = 0; m < M; ++m)
       y[m * N + n] = hsum(A == 2 ? _mm256_add_ps(acc[0][m], acc[A - 1][m]) : acc[0][m]) + tail[m] +
@@ -202,9 +199,8 @@ void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const fl
     if (R & 1) {  // the row's last run, a half chunk
       const int64_t r = R - 1;
       const float s = load1(sc + r);
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * r));
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes_u4(wb + 32 * C), xv), ones);
-      tail = s * xqs[r] * hsum(_mm256_cvtepi32_ps(dot)) + s * U[r] + (of ? load1(of + r) * V[r] : 0.f);
+      tail = s * xqs[r] * half_chunk_dot(codes_u4(wb + 32 * C), xq + 32 * r) + s * U[r] +
+             (of ? load1(of + r) * V[r] : 0.f);
     }
     y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), z)) + tail;
   }
@@ -302,11 +298,9 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
       const int64_t r = R - 1;
       const float s = load1(sc + r * 32 / group);
       const __m256i codes = codes_u4(wb + 32 * C);
-      for (int m = 0; m < M; ++m) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + 32 * r));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));
-        tail[m] = s * xqs[m * R + r] * (hsum(_mm256_cvtepi32_ps(dot)) - 8.f * qsum[m * R + r]);
-      }
+      for (int m = 0; m < M; ++m)
+        tail[m] = s * xqs[m * R + r] *
+                  (half_chunk_dot(codes, xq + m * K + 32 * r) - 8.f * qsum[m * R + r]);
     }
     for (int m = 0; m < M; ++m)
       y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m] +
@@ -384,11 +378,8 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
     if (R & 1) {  // the row's last run, a half chunk: one 256-bit step
       const int64_t r = R - 1;
       const float s = load1(sc + r);
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * r));
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes_u4(wb + 32 * C), xv),
-                                            _mm256_set1_epi16(1));
-      tail = s * xqs[r] * (hsum(_mm256_cvtepi32_ps(dot)) - 8.f * qsum[r]) + (U ? s * U[r] : 0.f) +
-             (of ? load1(of + r) * V[r] : 0.f);
+      tail = s * xqs[r] * (half_chunk_dot(codes_u4(wb + 32 * C), xq + 32 * r) - 8.f * qsum[r]) +
+             (U ? s * U[r] : 0.f) + (of ? load1(of + r) * V[r] : 0.f);
     }
     y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), z)) + tail;
   }
@@ -490,7 +481,8 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   //            starting value;
   //   AVX2:    input scales [s_2c, s_2c, s_2c+1, s_2c+1] twice (see gemv_rows_q8).
   const int64_t lanes = wide ? 16 : 8;
-  std::vector<float> xs_store(M * C * lanes + 16);
+  const bool row1 = M == 1 && group == 32 && C > 0;  // gemv_row1_pair(_512)
+  std::vector<float> xs_store(row1 ? 0 : M * C * lanes + 16);
   std::vector<int32_t> corr_store;
   float* xs = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs_store.data()) + 63) & ~uintptr_t{63});
   int32_t* corr = nullptr;
@@ -501,21 +493,23 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < C; ++c) {
       const float s0 = xqs[m * RB + 2 * c], s1 = xqs[m * RB + 2 * c + 1];
-      float* v = xs + (m * C + c) * lanes;
-      if (!wide) {
-        _mm256_store_ps(v, _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1));
-        continue;
+      if (wide) {
+        int32_t* k = corr + (m * C + c) * 16;
+        k[0] = -8 * static_cast<int32_t>(a.qsum[m * RB + 2 * c]);
+        k[8] = -128 * static_cast<int32_t>(a.qsum[m * RB + 2 * c + 1]);
       }
-      for (int j = 0; j < 8; ++j) v[j] = s0, v[8 + j] = s1 / 16.f;
-      int32_t* k = corr + (m * C + c) * 16;
-      k[0] = -8 * static_cast<int32_t>(a.qsum[m * RB + 2 * c]);
-      k[8] = -128 * static_cast<int32_t>(a.qsum[m * RB + 2 * c + 1]);
+      if (row1) continue;  // (the one-row kernels read per-run scales, laid out below)
+      float* v = xs + (m * C + c) * lanes;
+      if (wide)
+        for (int j = 0; j < 8; ++j) v[j] = s0, v[8 + j] = s1 / 16.f;
+      else
+        _mm256_store_ps(v, _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1));
     }
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
   float* yp = y.data_ptr<float>();
-  if (M == 1 && group == 32 && C > 0) {  // a decode step on Q4_0's grid: gemv_row1_pair(_512)
+  if (row1) {  // a decode step on Q4_0's grid
     // Per run r (lanes past the row's runs 0): the input scales (odd runs / 16 for AVX-512,
     // as in xs2) and the epilogue's U, V (sum_r s_r U_r + o_r V_r): AVX2 folds its centring
     // there (U = xc - 8 X, or xc and V = X with offsets), AVX-512 only the offsets' term

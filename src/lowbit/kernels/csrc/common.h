@@ -73,6 +73,14 @@ inline __m256i codes_u4(const uint8_t* wb) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
 }
 
+// The integer dot of 32 codes 0..15 (codes_u4) with 32 int8 inputs: the act8 kernels' last
+// run of a row when K is not a multiple of 64.
+inline float half_chunk_dot(__m256i codes, const int8_t* x) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));
+  return hsum(_mm256_cvtepi32_ps(dot));
+}
+
 // The 32 4-bit codes of the run starting at k0 (a multiple of 32) of a row of K, as 32 bytes
 // 0..15 in k order.
 inline __m256i run_codes(const uint8_t* row, int64_t k0, int64_t K) {
