@@ -1,4 +1,4 @@
-"""W8A8 linear layers on this CPU: lowbit's int8 kernel against float32 and fbgemm, one run.
+"""W8A8 linear layers on this CPU: lowbit's int8 kernels against float32 and fbgemm, one run.
 
 For each layer shape (the default model's and TinyLlama-1.1B's) and number of input rows,
 the candidates run in turn, `--reps` times, and the median time of each is printed with its
@@ -6,10 +6,14 @@ speed relative to float32 `F.linear` measured in the same rounds, and its error 
 float32 arithmetic on the same int8 weights (relative Frobenius norm; the inputs have
 outlier channels, as a transformer's do):
 
-- `lowbit int8`: ``lowbit_cpu::int8_linear``, full 8-bit symmetric codes per token (the path
-  W8A8 layers take on CPUs without AVX-512 VNNI);
+- `lowbit panels`: ``lowbit_cpu::int8_linear``, full 8-bit symmetric codes per token, lowbit's
+  own GEMM (the path W8A8 layers take on CPUs without AVX-512 VNNI);
+- `lowbit mm`: ``lowbit_cpu::int8_linear_mm``, the same codes and sums through oneDNN's int8
+  matmul (``torch._int_mm``; the path W8A8 layers take where it is exact: VNNI or AMX; absent
+  elsewhere);
 - `fbgemm`: torch's dynamic int8 linear on row-normalised inputs, with 7-bit activation codes
-  on CPUs without VNNI (where 8-bit ones saturate) and 8-bit with it.
+  on CPUs without VNNI (where 8-bit ones saturate) and 8-bit with it (what lowbit ran on VNNI
+  CPUs before its ``mm`` path).
 
     .venv/bin/python benchmarks/int8_gemm.py [--rows 1 16 128 512] [--threads 2] [--reps 7]
 """
@@ -73,24 +77,27 @@ def main() -> int:
         return 1
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    vnni = int8.has_avx512_vnni()
+    vnni, mm = int8.has_avx512_vnni(), int8.onednn_int8_exact()
     codes_bits = "8" if vnni else "7"
     print(f"torch {torch.__version__}, {args.threads} threads, AVX-512 VNNI: {vnni}; "
-          f"fbgemm activation codes: {codes_bits}-bit; median of {args.reps} rounds\n")  # fmt: skip
-    print(
-        "| layer | rows | float32 ms | lowbit int8 ms | × fp32 | err | fbgemm ms | × fp32 | err |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"oneDNN int8 exact: {mm}; fbgemm activation codes: {codes_bits}-bit; median of "
+          f"{args.reps} rounds\n")  # fmt: skip
+    kernels = ["panels", "mm", "fbgemm"] if mm else ["panels", "fbgemm"]
+    print("| layer | rows | float32 ms | " + " | ".join(f"{c} ms | × fp32 | err" for c in kernels)
+          + " |")  # fmt: skip
+    print("|---|---:|---:|" + "---:|---:|---:|" * len(kernels))
     for name, (n, k) in SHAPES.items():
         codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
         scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
         w = codes.float() * scale.unsqueeze(1)
-        ours = int8.Int8Weight(None, scale, None, k, int8.pack_panels(codes))
+        ours = int8.Int8Weight(None, scale, k, int8.pack_panels(codes))
         candidates = {
             "float": lambda x, w=w: F.linear(x, w),
-            "lowbit": lambda x, o=ours: torch.ops.lowbit_cpu.int8_linear(x, o.panels, o.scale),
+            "panels": lambda x, o=ours: torch.ops.lowbit_cpu.int8_linear(x, o.panels, o.scale),
+            "mm": lambda x, c=codes, s=scale: torch.ops.lowbit_cpu.int8_linear_mm(x, c, s),
             "fbgemm": fbgemm_linear(codes, scale),
         }
+        candidates = {c: f for c, f in candidates.items() if c == "float" or c in kernels}
         for m in args.rows:
             x = torch.randn(m, k, generator=gen) * (1 + 20 * (torch.rand(k, generator=gen) > 0.99))
             exact = F.linear(x, w)
@@ -101,7 +108,7 @@ def main() -> int:
                     times[c].append(timed(f, x))
             med = {c: statistics.median(t) for c, t in times.items()}
             cells = [f"{med['float'] * 1e3:.3f}"]
-            for c in ("lowbit", "fbgemm"):
+            for c in kernels:
                 cells += [f"{med[c] * 1e3:.3f}", f"{med['float'] / med[c]:.2f}", f"{err[c]:.4f}"]
             print(f"| {name} | {m} | " + " | ".join(cells) + " |", flush=True)
     return 0

@@ -53,8 +53,8 @@ def test_w8a8_export_declares_per_token_activations(tiny_folder, tmp_path):
     with torch.no_grad():
         ours = model(x).logits
     theirs = _transformers_logits(out, x)
-    # transformers runs symmetric 8-bit activation codes per token, as lowbit does without VNNI
-    # (with it, fbgemm's 8-bit grid over row-normalised inputs; see kernels.int8): close
+    # transformers runs symmetric 8-bit activation codes per token, as lowbit does (its float
+    # arithmetic differs): close
     err = (theirs - ours).abs().max() / ours.abs().max()
     assert err < 0.02
 

@@ -165,8 +165,7 @@ class NBitsLinear(nn.Module):
 class W8A8Linear(nn.Module):
     """A W8A8 QuantLinear as int8 MatMulInteger with per-token dynamic activations (export
     only). The exported graph computes symmetric 8-bit activation codes (amax/127 per token), what
-    the recipe asks for and lowbit's own CPU runtime computes without AVX-512 VNNI (with it,
-    fbgemm's 8-bit grid over row-normalised inputs; see :mod:`lowbit.kernels.int8`)."""
+    the recipe asks for and lowbit's own CPU runtime computes (:mod:`lowbit.kernels.int8`)."""
 
     def __init__(self, mod: QuantLinear, layer: str) -> None:
         super().__init__()

@@ -98,20 +98,20 @@ class HalfKernelLinear(nn.Module):
 
 
 class Int8KernelLinear(nn.Module):
-    """int8 weights × per-token dynamic int8 inputs (lowbit's panels or fbgemm's packed weight,
-    whichever this machine runs: :func:`lowbit.kernels.int8.act_grid`)."""
+    """int8 weights × per-token dynamic int8 inputs, held in the layout of this machine's kernel
+    (:func:`lowbit.kernels.int8.prepare_int8`)."""
 
     kind = "w8a8"
 
     def __init__(self, weight: Int8Weight, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.in_features, out_features
-        self.weight_int8 = weight  # not a buffer: fbgemm's copy is not a tensor
+        self.weight_int8 = weight  # codes or panels, whichever the kernel reads
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def storage_tensors(self) -> tuple[Tensor, ...]:
         held = (self.weight_int8.panels, self.weight_int8.codes)
-        return tuple(t for t in held if t is not None)  # fbgemm's copy: storage_bytes counts it
+        return tuple(t for t in held if t is not None)
 
     def storage_bytes(self) -> dict[str, int]:
         """int8 codes and fp32 per-row scales, as the kernels hold them (panels pad the rows to

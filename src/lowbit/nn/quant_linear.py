@@ -14,8 +14,8 @@ Buffers (what is saved and what occupies RAM):
   number of per-step ranges of a diffusion model's layer (:mod:`lowbit.nn.steps`).
 The forward pass rounds the inputs when ``act`` is set (per token or per tensor, dynamic or with
 the stored static range: :mod:`lowbit.primitives.activations`; int8 per-channel weights with
-8-bit symmetric per-token inputs use the int8 reference of :mod:`lowbit.kernels.int8`, whose grid
-the fbgemm kernel shares), dequantizes the weight and calls ``F.linear``; the fast kernels
+8-bit symmetric per-token inputs use the int8 reference of :mod:`lowbit.kernels.int8`, equal to
+its kernels bit for bit), dequantizes the weight and calls ``F.linear``; the fast kernels
 (:func:`lowbit.models.use_kernels`) replace exactly this step, with this as their reference.
 """
 

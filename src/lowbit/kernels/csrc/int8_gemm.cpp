@@ -186,10 +186,129 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
   return y;
 }
 
+// Decode-sized inputs (up to kMmGemvRows rows) on the row-major codes of int8_linear_mm: a call
+// of oneDNN's matmul costs ~20 us before any work, more than a small layer's whole product.
+// VNNI's vpdpbusd multiplies unsigned by signed bytes into int32 without saturating, so the
+// activation codes go in shifted, u = q + 128, and q . w = u . w - 128 * sum(w); the weight sums
+// come from a second vpdpbusd of ones against the same loaded bytes (no extra memory traffic:
+// decode is bound by reading the weights). Chunks of 64 inputs, the last one masked.
+constexpr int64_t kMmGemvRows = 4;
+
+#define LOWBIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+// One chunk of 64 inputs (lanes m) for R activation rows and B weight rows: each activation
+// chunk is loaded once for the B rows, each weight chunk once for the R rows.
+template <int R, int B>
+LOWBIT_VNNI inline void gemv_chunk_vnni(const uint8_t* u, int64_t K, const int8_t* w, int64_t at,
+                                        __mmask64 m, __m512i acc[R][B], __m512i wsum[B]) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i wv[B];
+  for (int b = 0; b < B; ++b) {
+    // the same line of the rows a block ahead (past the last row: a harmless prefetch)
+    _mm_prefetch(reinterpret_cast<const char*>(w + (b + 2 * B) * K + at), _MM_HINT_T0);
+    wv[b] = _mm512_maskz_loadu_epi8(m, w + b * K + at);
+    wsum[b] = _mm512_dpbusd_epi32(wsum[b], ones, wv[b]);
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512i uv = _mm512_maskz_loadu_epi8(m, u + r * K + at);
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], uv, wv[b]);
+  }
+}
+
+// R activation rows against B weight rows (independent vpdpbusd chains).
+template <int R, int B>
+LOWBIT_VNNI void gemv_block_vnni(const uint8_t* u, int64_t K, const int8_t* w, int64_t n,
+                                 int32_t* sums, int64_t N) {
+  const int64_t full = K / 64, rest = K % 64;
+  __m512i acc[R][B], wsum[B];
+  for (int b = 0; b < B; ++b) {
+    wsum[b] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) acc[r][b] = _mm512_setzero_si512();
+  }
+  for (int64_t c = 0; c < full; ++c) gemv_chunk_vnni<R, B>(u, K, w, 64 * c, ~0ULL, acc, wsum);
+  if (rest) gemv_chunk_vnni<R, B>(u, K, w, 64 * full, ~0ULL >> (64 - rest), acc, wsum);
+  for (int b = 0; b < B; ++b) {
+    const int32_t shift = 128 * _mm512_reduce_add_epi32(wsum[b]);
+    for (int r = 0; r < R; ++r) sums[r * N + n + b] = _mm512_reduce_add_epi32(acc[r][b]) - shift;
+  }
+}
+
+template <int R>
+void gemv_rows_vnni(const uint8_t* u, int64_t K, const int8_t* codes, int64_t n0, int64_t n1,
+                    int32_t* sums, int64_t N) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) gemv_block_vnni<R, 4>(u, K, codes + n * K, n, sums, N);
+  for (; n < n1; ++n) gemv_block_vnni<R, 1>(u, K, codes + n * K, n, sums, N);
+}
+
+void gemv_rows(const uint8_t* u, int64_t M, int64_t K, const int8_t* codes, int64_t N,
+               int32_t* sums) {
+  lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+      case 1: gemv_rows_vnni<1>(u, K, codes, n0, n1, sums, N); break;
+      case 2: gemv_rows_vnni<2>(u, K, codes, n0, n1, sums, N); break;
+      case 3: gemv_rows_vnni<3>(u, K, codes, n0, n1, sums, N); break;
+      default: gemv_rows_vnni<4>(u, K, codes, n0, n1, sums, N); break;
+    }
+  });
+}
+
+// The same arithmetic through oneDNN's integer matmul (torch._int_mm) on weight codes kept
+// row-major (N, K): on CPUs where oneDNN multiplies int8 by int8 exactly (VNNI's vpdpbusd,
+// AMX's tile products; lowbit.kernels.int8 checks it once) it is far faster than the panels
+// above for prompt-sized inputs (AMX) and as fast as fbgemm at decode sizes. The codes, the
+// int32 sums and the epilogue ((float(sum) * s_x) * s_w) are int8_linear's: equal bit for bit.
+at::Tensor int8_linear_mm(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& w_scale) {
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "lowbit::int8_linear_mm: x must be 2-D float32");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "lowbit::int8_linear_mm: codes must be contiguous int8 (N, K)");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  TORCH_CHECK(K > 0 && codes.size(1) == K && w_scale.numel() == N && w_scale.scalar_type() == at::kFloat,
+              "lowbit::int8_linear_mm: x, codes and scales do not fit together");
+  if (M == 0) return at::empty({0, N}, x.options());
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  std::vector<float> sx(M);
+  quantize_tokens(x.data_ptr<float>(), M, K, K, q.data_ptr<int8_t>(), sx.data());
+  at::Tensor sums;  // (M, N) int32, exact
+  // u . w stays below 255 * 128 * K in int32 up to K = 65,793
+  if (M <= kMmGemvRows && K <= 65536 && lowbit_kernels::use_avx512()) {
+    sums = at::empty({M, N}, x.options().dtype(at::kInt));
+    const at::Tensor u = q.view(at::kByte).bitwise_xor(128);  // q + 128 as unsigned bytes
+    gemv_rows(u.data_ptr<uint8_t>(), M, K, codes.data_ptr<int8_t>(), N, sums.data_ptr<int32_t>());
+  } else {
+    sums = at::_int_mm(q, codes.t()).contiguous();
+  }
+  // the float outputs overwrite their own sums (one buffer: a second would be new pages to
+  // fault in at every prompt-sized call)
+  int32_t* acc = sums.data_ptr<int32_t>();
+  const float* sw = w_scale.contiguous().data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int32_t* row = acc + m * N;
+      const __m256 s = _mm256_set1_ps(sx[m]);
+      int64_t n = 0;
+      for (; n + 8 <= N; n += 8) {  // the float's bits in place of its sum
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + n)));
+        _mm256_storeu_ps(reinterpret_cast<float*>(row + n), _mm256_mul_ps(_mm256_mul_ps(v, s), _mm256_loadu_ps(sw + n)));
+      }
+      for (; n < N; ++n) {
+        const float v = (static_cast<float>(row[n]) * sx[m]) * sw[n];
+        std::memcpy(row + n, &v, sizeof v);
+      }
+    }
+  });
+  return sums.view(at::kFloat);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor panels, Tensor w_scale) -> Tensor");
+  m.def("int8_linear_mm(Tensor x, Tensor codes, Tensor w_scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("int8_linear", &int8_linear); }
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int8_linear_mm", &int8_linear_mm);
+}
