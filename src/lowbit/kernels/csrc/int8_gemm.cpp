@@ -204,7 +204,7 @@ LOWBIT_VNNI inline void gemv_chunk_vnni(const uint8_t* u, int64_t K, const int8_
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i wv[B];
   for (int b = 0; b < B; ++b) {
-    // the same line of the rows a block ahead (past the last row: a harmless prefetch)
+    // the same line of the rows two blocks ahead (past the last row: prefetches never fault)
     _mm_prefetch(reinterpret_cast<const char*>(w + (b + 2 * B) * K + at), _MM_HINT_T0);
     wv[b] = _mm512_maskz_loadu_epi8(m, w + b * K + at);
     wsum[b] = _mm512_dpbusd_epi32(wsum[b], ones, wv[b]);
@@ -282,7 +282,8 @@ at::Tensor int8_linear_mm(const at::Tensor& x_in, const at::Tensor& codes, const
   // the float outputs overwrite their own sums (one buffer: a second would be new pages to
   // fault in at every prompt-sized call)
   int32_t* acc = sums.data_ptr<int32_t>();
-  const float* sw = w_scale.contiguous().data_ptr<float>();
+  const at::Tensor scales = w_scale.contiguous();
+  const float* sw = scales.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       int32_t* row = acc + m * N;
