@@ -216,8 +216,6 @@ void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const fl
 // grid needs no per-group epilogue and an asymmetric one only sum_g (o_g + 8 s_g) X_g. Two cores
 // are bound by instructions here, not memory: per chunk and row of x this is and, vpdpbusd,
 // convert, multiply, FMA, and the chunk's weight scales are found as the Groups mode says.
-#define LOWBIT_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 // Sum over groups of (o_g + 8 s_g) X_g: what the centred dots leave out of an asymmetric grid.
 template <typename P>

@@ -26,6 +26,10 @@ constexpr int64_t kPrefetch = 8192;  // bytes ahead in the weight stream (one co
                                      // keep enough DRAM reads in flight without it)
 constexpr int64_t kGemvMaxM = 32;  // above this, dequantize + GEMM (GEMV_MAX_ROWS in affine.py)
 
+// Functions that use AVX-512 VNNI in a library built for AVX2 (called only where use_avx512()).
+#define LOWBIT_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
 // Prefetches every cache line of the `bytes` at p (a weight row kPrefetch ahead of the one being
 // read). Rows of 4-bit codes are rarely a whole number of lines (K = 576: 288 bytes), so one
 // prefetch per 64 bytes read left about one line in nine to a demand miss.

@@ -194,17 +194,16 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
 // decode is bound by reading the weights). Chunks of 64 inputs, the last one masked.
 constexpr int64_t kMmGemvRows = 4;
 
-#define LOWBIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-
 // One chunk of 64 inputs (lanes m) for R activation rows and B weight rows: each activation
 // chunk is loaded once for the B rows, each weight chunk once for the R rows.
 template <int R, int B>
-LOWBIT_VNNI inline void gemv_chunk_vnni(const uint8_t* u, int64_t K, const int8_t* w, int64_t at,
+LOWBIT_AVX512 inline void gemv_chunk_vnni(const uint8_t* u, int64_t K, const int8_t* w, int64_t at,
                                         __mmask64 m, __m512i acc[R][B], __m512i wsum[B]) {
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i wv[B];
   for (int b = 0; b < B; ++b) {
-    // the same line of the rows two blocks ahead (past the last row: prefetches never fault)
+    // the same line of the rows two blocks ahead (past the last row: prefetches never fault);
+    // spread over the chunks, not prefetch_row's whole row at once: that measured slower here
     _mm_prefetch(reinterpret_cast<const char*>(w + (b + 2 * B) * K + at), _MM_HINT_T0);
     wv[b] = _mm512_maskz_loadu_epi8(m, w + b * K + at);
     wsum[b] = _mm512_dpbusd_epi32(wsum[b], ones, wv[b]);
@@ -217,7 +216,7 @@ LOWBIT_VNNI inline void gemv_chunk_vnni(const uint8_t* u, int64_t K, const int8_
 
 // R activation rows against B weight rows (independent vpdpbusd chains).
 template <int R, int B>
-LOWBIT_VNNI void gemv_block_vnni(const uint8_t* u, int64_t K, const int8_t* w, int64_t n,
+LOWBIT_AVX512 void gemv_block_vnni(const uint8_t* u, int64_t K, const int8_t* w, int64_t n,
                                  int32_t* sums, int64_t N) {
   const int64_t full = K / 64, rest = K % 64;
   __m512i acc[R][B], wsum[B];
