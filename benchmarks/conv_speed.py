@@ -9,8 +9,10 @@ reference path's and from float32's.
 
 Inputs: waifu2x on the 256 x 256 evaluation input (the astronaut image downscaled 2x), the GANs
 on their evaluation latents at batch 1 and 16. Static ranges from each zoo entry's calibration
-inputs. The integer convolution runs on CPUs with AVX-512 VNNI only (elsewhere the kernel rows
-equal the reference rows, and say so in the path column).
+inputs. The integer convolution runs on CPUs with VNNI only, AVX-512 VNNI or AVX-VNNI
+(elsewhere the kernel rows equal the reference rows, and say so in the path column); to time an
+AVX-VNNI CPU without AVX-512 on one that has both, run with ``LOWBIT_KERNEL_ISA=avx2
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2_VNNI MKL_ENABLE_INSTRUCTIONS=AVX2``.
 
     .venv/bin/python benchmarks/conv_speed.py [--threads 2] [--rounds 7] [--only NAME ...]
 

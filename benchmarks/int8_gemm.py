@@ -9,11 +9,16 @@ outlier channels, as a transformer's do):
 - `lowbit panels`: ``lowbit_cpu::int8_linear``, full 8-bit symmetric codes per token, lowbit's
   own GEMM (the path W8A8 layers take on CPUs without AVX-512 VNNI);
 - `lowbit mm`: ``lowbit_cpu::int8_linear_mm``, the same codes and sums through oneDNN's int8
-  matmul (``torch._int_mm``; the path W8A8 layers take where it is exact: VNNI or AMX; absent
-  elsewhere);
+  matmul (``torch._int_mm``), or lowbit's VNNI GEMV for up to 4 rows (the path W8A8 layers take
+  where oneDNN's product is exact: AVX-512 VNNI, AVX-VNNI or AMX; absent elsewhere);
 - `fbgemm`: torch's dynamic int8 linear on row-normalised inputs, with 7-bit activation codes
-  on CPUs without VNNI (where 8-bit ones saturate) and 8-bit with it (what lowbit ran on VNNI
-  CPUs before its ``mm`` path).
+  on CPUs without AVX-512 VNNI (where 8-bit ones saturate) and 8-bit with it (what lowbit ran
+  on VNNI CPUs before its ``mm`` path). fbgemm picks its instruction set itself: the
+  environment variables that hold torch and oneDNN to AVX2 do not hold it.
+
+To time an AVX-VNNI CPU without AVX-512 (Intel's client CPUs, AMD Zen 5) on one that has both:
+``LOWBIT_KERNEL_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2_VNNI
+MKL_ENABLE_INSTRUCTIONS=AVX2``; one without any VNNI: ``ONEDNN_MAX_CPU_ISA=AVX2`` instead.
 
     .venv/bin/python benchmarks/int8_gemm.py [--rows 1 16 128 512] [--threads 2] [--reps 7]
 """
@@ -79,7 +84,9 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     vnni, mm = int8.has_avx512_vnni(), int8.onednn_int8_exact()
     codes_bits = "8" if vnni else "7"
-    print(f"torch {torch.__version__}, {args.threads} threads, AVX-512 VNNI: {vnni}; "
+    avx_vnni = "avx_vnni" in int8.cpu_flags()
+    print(f"torch {torch.__version__}, {args.threads} threads, AVX-512 VNNI: {vnni}, AVX-VNNI: "
+          f"{avx_vnni}; "
           f"oneDNN int8 exact: {mm}; fbgemm activation codes: {codes_bits}-bit; median of "
           f"{args.reps} rounds\n")  # fmt: skip
     kernels = ["panels", "mm", "fbgemm"] if mm else ["panels", "fbgemm"]

@@ -14,12 +14,15 @@ _BENCH_EPILOG = """\
 examples:
   lowbit bench out/w4 --ref smollm2-135m
   lowbit quantize tinyllama-1.1b-random --recipe w4-rtn-g64 --out out/tl-w4
-  OMP_WAIT_POLICY=PASSIVE lowbit bench out/tl-w4 --ref tinyllama-1.1b-random --json
+  lowbit bench out/tl-w4 --ref tinyllama-1.1b-random --threads 2 --json
 
 Runs alternate between the models (A, B, A, B, ...) and each figure is the median over runs, so
 a busy machine slows both alike; set the thread count with --threads and keep other heavy jobs
-off the machine. `tinyllama-1.1b-random` has TinyLlama-1.1B's shape with random weights: its
-speed and memory are real, its text is noise.
+off the machine. Leave OMP_WAIT_POLICY unset (or ACTIVE) when timing: PASSIVE puts OpenMP's
+threads to sleep between the many small parallel regions of a decode step and a prompt, which
+slowed W4 decode and W8A8 prefill on the VMs measured (see the README).
+`tinyllama-1.1b-random` has TinyLlama-1.1B's shape with random weights: its speed and memory
+are real, its text is noise.
 """
 
 

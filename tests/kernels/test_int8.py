@@ -8,7 +8,8 @@ from lowbit.kernels import int8
 from lowbit.kernels.build import native_ops
 
 needs_native = pytest.mark.skipif(not native_ops(), reason="lowbit's CPU kernels not built here")
-KERNELS = ["panels", "mm"]
+# mm-avx2: the mm path under LOWBIT_KERNEL_ISA=avx2, its GEMV (up to 4 rows) on AVX-VNNI
+KERNELS = ["panels", "mm", "mm-avx2"]
 
 
 def random_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,7 +18,8 @@ def random_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return codes, torch.rand(n, generator=g) * 0.01 + 1e-4
 
 
-def kernel_weight(kernel: str, codes: torch.Tensor, scale: torch.Tensor) -> int8.Int8Weight:
+def kernel_weight(kernel: str, codes: torch.Tensor, scale: torch.Tensor,
+                  monkeypatch: pytest.MonkeyPatch) -> int8.Int8Weight:  # fmt: skip
     """``codes`` held as ``kernel`` holds them (skips where that kernel cannot run)."""
     if not native_ops():
         pytest.skip("lowbit's CPU kernels not built here")
@@ -25,7 +27,11 @@ def kernel_weight(kernel: str, codes: torch.Tensor, scale: torch.Tensor) -> int8
     if kernel == "panels":
         return int8.Int8Weight(None, scale, k, int8.pack_panels(codes))
     if not int8.onednn_int8_exact():
-        pytest.skip("oneDNN's int8 matmul is exact only with AVX-512 VNNI or AMX")
+        pytest.skip("oneDNN's int8 matmul is exact only with VNNI or AMX")
+    if kernel == "mm-avx2":
+        if "avx_vnni" not in int8.cpu_flags():
+            pytest.skip("the CPU has no AVX-VNNI")
+        monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")  # read by the kernel at every call
     return int8.Int8Weight(codes, scale, k, mm=True)
 
 
@@ -45,9 +51,9 @@ def test_panels_round_trip(n, k):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 130])
 @pytest.mark.parametrize(("n", "k"), [(8, 64), (37, 101), (24, 576), (17, 2100)])
-def test_kernel_equals_reference_bit_for_bit(kernel, m, n, k):
+def test_kernel_equals_reference_bit_for_bit(kernel, m, n, k, monkeypatch):
     codes, scale = random_weight(n, k, seed=m)
-    fast = kernel_weight(kernel, codes, scale)
+    fast = kernel_weight(kernel, codes, scale, monkeypatch)
     x = varied_input(2, m, k, seed=m + k)
     x[0, 0] = 0.0  # a row of zeros: scale 0, codes 0
     got = int8.int8_linear(x, fast)
@@ -67,7 +73,7 @@ def test_prepare_keeps_one_copy_for_this_cpus_kernel():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_full_range_codes_do_not_saturate(kernel):
+def test_full_range_codes_do_not_saturate(kernel, monkeypatch):
     """-128 weights against ±127 activations: pair sums beyond int16 stay exact."""
     k = 256
     codes = torch.full((16, k), -128, dtype=torch.int8)
@@ -75,7 +81,7 @@ def test_full_range_codes_do_not_saturate(kernel):
     x = torch.ones(3, k)
     x[1] = -1.0
     x[2, ::2] = -1.0
-    y = int8.int8_linear(x, kernel_weight(kernel, codes, torch.ones(16)))
+    y = int8.int8_linear(x, kernel_weight(kernel, codes, torch.ones(16), monkeypatch))
     exact = (torch.round(x * 127) @ codes.float().T) * (torch.ones(()) / 127.0)  # sums < 2^24
     assert torch.equal(y, exact)
 
@@ -104,9 +110,15 @@ def test_reference_is_close_to_float_linear():
     assert (ref - exact).norm() / exact.norm() < 0.01  # 8-bit per-token activations
 
 
-def test_forcing_avx2_turns_onednn_off(monkeypatch):
+def test_forcing_avx2_leaves_only_avx_vnni(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
-    assert not int8.has_avx512_vnni()
+    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    assert not int8.has_avx512_vnni() and not int8.has_vnni()
+    assert not int8.onednn_int8_exact.__wrapped__()
+    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "avx_vnni"})
+    assert int8.has_vnni()
+    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2"})
+    assert not int8.has_vnni()
     assert not int8.onednn_int8_exact.__wrapped__()
 
 
@@ -131,11 +143,12 @@ def test_without_native_kernels_the_reference_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_empty_nan_and_tiny_rows_match_the_reference(kernel):
+def test_empty_nan_and_tiny_rows_match_the_reference(kernel, monkeypatch):
     """No rows; a row with a NaN or an infinity (its outputs are NaN, the others untouched);
     a row too small for 127/absmax to be finite (its outputs are 0)."""
     codes, scale = random_weight(13, 37)
-    fast, slow = kernel_weight(kernel, codes, scale), int8.Int8Weight(codes, scale, 37)
+    fast = kernel_weight(kernel, codes, scale, monkeypatch)
+    slow = int8.Int8Weight(codes, scale, 37)
     assert int8.int8_linear(torch.randn(0, 37), fast).shape == (0, 13)
     x = varied_input(5, 37)
     x[1, 3], x[2, 30], x[3] = float("nan"), float("inf"), 1e-38

@@ -1,12 +1,13 @@
 """W8A8 convolutions: the one-pass activation codes, the transposed convolution as phases (on
 every CPU, through a float convolution), and oneDNN's integer convolution against the
-reference (only where it runs: AVX-512 VNNI)."""
+reference (only where it runs: VNNI, AVX-512's or AVX-VNNI)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lowbit.formats.spec import ActivationSpec
+from lowbit.kernels import int8_conv as int8_conv_module
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.int8_conv import (
     extra_inputs,
@@ -22,7 +23,7 @@ from lowbit.primitives import QParams
 from lowbit.primitives.activations import act_codes, fake_quantize_static, tensor_qparams
 
 needs_onednn = pytest.mark.skipif(
-    not onednn_int8_available(), reason="oneDNN's int8 convolution is exact on AVX-512 VNNI only"
+    not onednn_int8_available(), reason="oneDNN's int8 convolution is exact with VNNI only"
 )
 ASYM = ActivationSpec(bits=8, granularity="tensor", dynamic=False, symmetric=False)
 SYM = ActivationSpec(bits=8, granularity="tensor", dynamic=True, symmetric=True)
@@ -124,3 +125,8 @@ def test_onednn_convolution_matches_the_reference(geometry):
                                (g["dilation"],) * 2, g["groups"])  # fmt: skip
     want = _reference(x, codes, scale, bias, qp, False, **geometry)
     torch.testing.assert_close(int8_conv(x, qp, ASYM, weight), want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_vnni_no_integer_convolution(monkeypatch):
+    monkeypatch.setattr(int8_conv_module, "has_vnni", lambda: False)
+    assert not onednn_int8_available.__wrapped__()

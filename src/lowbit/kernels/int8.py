@@ -5,11 +5,11 @@ multiplied by the int8 weights exactly in int32, then ``(sum · s_x) · s_w`` in
 model scores the same wherever it runs. Two kernels compute it, equal bit for bit, each
 holding the weight codes in its own layout (one copy):
 
-- ``mm`` (CPUs whose oneDNN multiplies int8 by int8 exactly: AVX-512 VNNI's ``vpdpbusd``, AMX's
-  tile products; checked once by :func:`onednn_int8_exact`): the codes row-major (N, K), the
-  activations quantized by lowbit's op and multiplied by ``torch._int_mm`` (oneDNN), the fastest
-  GEMM there for prompt-sized inputs (on AMX several times float32's) and as fast as fbgemm's
-  dynamic linear at decode sizes.
+- ``mm`` (CPUs whose oneDNN multiplies int8 by int8 exactly: VNNI's ``vpdpbusd``, AVX-512's or
+  the 256-bit AVX-VNNI of CPUs without AVX-512, AMX's tile products; checked once by
+  :func:`onednn_int8_exact`): the codes row-major (N, K), the activations quantized by lowbit's
+  op and multiplied by ``torch._int_mm`` (oneDNN), the fastest GEMM there for prompt-sized
+  inputs (several times float32's), or for up to 4 rows by lowbit's VNNI GEMV.
 - ``panels`` (every other CPU): lowbit's own kernel (``csrc/int8_gemm.cpp``). oneDNN and fbgemm
   multiply uint8 by int8 there with ``vpmaddubsw``, whose int16 pair sums saturate on
   full-range codes (fbgemm needed 7-bit activations: a held-out model lost ×1.085 of float
@@ -17,7 +17,9 @@ holding the weight codes in its own layout (one copy):
   sign trick instead and cannot saturate.
 
 :func:`int8_linear_reference` computes the same codes and sums in plain PyTorch.
-``LOWBIT_KERNEL_ISA=avx2`` forces the panels.
+``LOWBIT_KERNEL_ISA=avx2`` keeps lowbit's kernels off AVX-512 (AVX-VNNI stays where the CPU
+has it: an AVX2-class extension); with ``ONEDNN_MAX_CPU_ISA=AVX2`` as well, oneDNN's product is
+inexact and the W8A8 layers take the panels, as on a CPU without VNNI.
 """
 
 from __future__ import annotations
@@ -62,23 +64,37 @@ def int8_eligible(spec: WeightSpec, act: ActivationSpec | None) -> bool:
             and spec.granularity == "channel" and not spec.lorc_rank)  # fmt: skip
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()  # unknown CPU: the token grid runs everywhere
+
+
 def has_avx512_vnni() -> bool:
     if os.environ.get("LOWBIT_KERNEL_ISA", "").lower() == "avx2":
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512_vnni" in line for line in f)
-    except OSError:
-        return False  # unknown CPU: the token grid runs everywhere
+    return "avx512_vnni" in cpu_flags()
+
+
+def has_vnni() -> bool:
+    """AVX-512 VNNI (not under ``LOWBIT_KERNEL_ISA=avx2``) or AVX-VNNI (its 256-bit form on CPUs
+    without AVX-512: Intel's client CPUs from Alder Lake, AMD's from Zen 5)."""
+    return has_avx512_vnni() or "avx_vnni" in cpu_flags()
 
 
 @functools.cache
 def onednn_int8_exact() -> bool:
     """Whether ``torch._int_mm`` (oneDNN) multiplies full-range int8 codes exactly on this CPU:
     it needs VNNI or AMX (``vpmaddubsw``'s int16 pair sums saturate without them), so the CPU
-    must have AVX-512 VNNI and a probe of the worst case (codes ±127 against -128, whose
-    pair sums overflow int16) must match int64 arithmetic."""
-    if not has_avx512_vnni():
+    must have VNNI (:func:`has_vnni`) and a probe of the worst case (codes ±127 against -128,
+    whose pair sums overflow int16) must match int64 arithmetic."""
+    if not has_vnni():
         return False
     q = torch.full((2, 64), 127, dtype=torch.int8)
     q[1, ::2] = -127

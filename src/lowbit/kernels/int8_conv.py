@@ -10,10 +10,11 @@ an integer zero point (a symmetric grid is zero point 128), so the op computes e
 ``conv((u - z)·s_x, w_int8·s_w) + bias``, what :class:`lowbit.nn.QuantConv` computes with
 dequantized tensors, up to float32 rounding.
 
-Only on CPUs with AVX-512 VNNI (:func:`lowbit.kernels.int8.has_avx512_vnni`): there oneDNN
+Only on CPUs with VNNI (:func:`lowbit.kernels.int8.has_vnni`: AVX-512 VNNI or AVX-VNNI) where
+a probe of the worst case (255 against -128 over 288 products) is exact: there oneDNN
 multiplies uint8 by int8 with ``vpdpbusd`` in int32. Without VNNI it uses ``vpmaddubsw``, whose
-int16 pair sums saturate on full-range codes (measured here with ``ONEDNN_MAX_CPU_ISA=AVX2``:
-up to 4% relative error on waifu2x's layers), so other CPUs keep the reference path. Transposed
+int16 pair sums saturate on full-range codes (measured with ``ONEDNN_MAX_CPU_ISA=AVX2``: up to
+4% relative error on waifu2x's layers), so other CPUs keep the reference path. Transposed
 convolutions run as one plain convolution over their output phases
 (:func:`transposed_as_phases`: torch has no integer transposed convolution).
 """
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from lowbit.formats.spec import ActivationSpec
 from lowbit.kernels.build import native_ops
-from lowbit.kernels.int8 import has_avx512_vnni
+from lowbit.kernels.int8 import has_vnni
 from lowbit.primitives import QParams
 from lowbit.primitives.activations import act_codes, fake_quantize_static
 
@@ -81,13 +82,33 @@ class Int8TensorLinear:
 @functools.cache
 def onednn_int8_available() -> bool:
     """Whether this torch has oneDNN's int8 convolution and linear and the CPU multiplies
-    exactly."""
-    if not has_avx512_vnni():
+    exactly (VNNI, and the probe of :func:`_exact_on_worst_case`)."""
+    if not has_vnni():
         return False
     try:
-        return hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.enabled
+        ops = hasattr(torch.ops.onednn, "qconv2d_pointwise") and torch.backends.mkldnn.enabled
+        return ops and _exact_on_worst_case()
     except (AttributeError, RuntimeError):
         return False
+
+
+def _exact_on_worst_case() -> bool:
+    """Codes 255 (zero point 0) against weights -128 and 127 over 32 channels x 3 x 3: each pair
+    of products overflows int16, so a saturating product (``vpmaddubsw``) shows, while every
+    sum (at most 288 · 255 · 128 < 2^24) is exact in the float32 output; both ops."""
+    spec = ActivationSpec(bits=8, granularity="tensor", dynamic=False, symmetric=False)
+    qp = QParams(torch.ones(1), torch.zeros(1, dtype=torch.uint8))
+    codes = torch.full((16, 32, 3, 3), -128, dtype=torch.int8)
+    codes[8:] = 127
+    x = torch.full((1, 32, 4, 4), 255.0)
+    conv = int8_conv(x, qp, spec, prepare_int8_conv(codes, torch.ones(16), None, (1, 1),
+                                                    (1, 1), (1, 1), 1))  # fmt: skip
+    exact = torch.nn.functional.conv2d(x.double(), codes.double(), padding=1)
+    rows, xs = codes.reshape(16, -1), torch.full((2, 288), 255.0)
+    linear = int8_tensor_linear(xs, qp, spec, prepare_int8_linear(rows, torch.ones(16), None))
+    return torch.equal(conv.double(), exact) and torch.equal(
+        linear.double(), xs.double() @ rows.double().T
+    )
 
 
 def prepare_int8_conv(codes: Tensor, scale: Tensor, bias: Tensor | None,

@@ -9,7 +9,7 @@ holds the low-bit form only). They are for inference: save models before the swa
   :mod:`lowbit.nn.kernel_conv`, ``w4a16-conv`` / ``w8a16-conv``);
 - ``w8a8``: int8 per-channel weights with per-token int8 inputs: :mod:`lowbit.kernels.int8`;
 - ``w8a8-linear-tensor``: the same weights with 8-bit per-tensor inputs (static or dynamic), on
-  CPUs with AVX-512 VNNI: :mod:`lowbit.nn.kernel_tensor`;
+  CPUs with VNNI (AVX-512 VNNI or AVX-VNNI): :mod:`lowbit.nn.kernel_tensor`;
 - ``fp16`` / ``bf16``: 16-bit float weights (the ``fp16``/``bf16`` formats), float32 inputs:
   :mod:`lowbit.kernels.float_linear`.
 Everything else (nf4, fp8, 2/3-bit, odd groups, LoRC-corrected layers, W4A8, other

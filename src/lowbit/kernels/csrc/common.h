@@ -29,6 +29,8 @@ constexpr int64_t kGemvMaxM = 32;  // above this, dequantize + GEMM (GEMV_MAX_RO
 // Functions that use AVX-512 VNNI in a library built for AVX2 (called only where use_avx512()).
 #define LOWBIT_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+// ...and AVX-VNNI, the 256-bit vpdpbusd of CPUs without AVX-512 (called only where the CPU has it).
+#define LOWBIT_AVXVNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
 
 // Prefetches every cache line of the `bytes` at p (a weight row kPrefetch ahead of the one being
 // read). Rows of 4-bit codes are rarely a whole number of lines (K = 576: 288 bytes), so one

@@ -232,24 +232,83 @@ LOWBIT_AVX512 void gemv_block_vnni(const uint8_t* u, int64_t K, const int8_t* w,
   }
 }
 
-template <int R>
-void gemv_rows_vnni(const uint8_t* u, int64_t K, const int8_t* codes, int64_t n0, int64_t n1,
-                    int32_t* sums, int64_t N) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) gemv_block_vnni<R, 4>(u, K, codes + n * K, n, sums, N);
-  for (; n < n1; ++n) gemv_block_vnni<R, 1>(u, K, codes + n * K, n, sums, N);
+// The same GEMV with AVX-VNNI's 256-bit vpdpbusd (VNNI without AVX-512: Intel's client CPUs
+// from Alder Lake, AMD's from Zen 5): chunks of 32 inputs, the last partial chunk in scalar code.
+// AVX2 has 16 vector registers: 4 weight rows per block for one activation row, 2 for more.
+LOWBIT_AVXVNNI inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
+template <int R, int B>
+LOWBIT_AVXVNNI void gemv_block_avxvnni(const uint8_t* u, int64_t K, const int8_t* w, int64_t n,
+                                       int32_t* sums, int64_t N) {
+  const int64_t full = K / 32 * 32;
+  const __m256i ones = _mm256_set1_epi8(1);
+  __m256i acc[R][B], wsum[B];
+  for (int b = 0; b < B; ++b) {
+    wsum[b] = _mm256_setzero_si256();
+    for (int r = 0; r < R; ++r) acc[r][b] = _mm256_setzero_si256();
+  }
+  for (int64_t at = 0; at < full; at += 32) {
+    __m256i wv[B];
+    for (int b = 0; b < B; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (b + 2 * B) * K + at), _MM_HINT_T0);
+      wv[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * K + at));
+      wsum[b] = _mm256_dpbusd_avx_epi32(wsum[b], ones, wv[b]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i uv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + r * K + at));
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm256_dpbusd_avx_epi32(acc[r][b], uv, wv[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    const int8_t* row = w + b * K;
+    int32_t ws = hsum_epi32(wsum[b]);
+    for (int64_t k = full; k < K; ++k) ws += row[k];
+    for (int r = 0; r < R; ++r) {
+      int32_t dot = hsum_epi32(acc[r][b]);
+      for (int64_t k = full; k < K; ++k) dot += static_cast<int32_t>(u[r * K + k]) * row[k];
+      sums[r * N + n + b] = dot - 128 * ws;
+    }
+  }
+}
+
+template <int R>
+void gemv_rows_of(const uint8_t* u, int64_t K, const int8_t* codes, int64_t n0, int64_t n1,
+                  int32_t* sums, int64_t N, bool avx512) {
+  int64_t n = n0;
+  if (avx512) {
+    for (; n + 4 <= n1; n += 4) gemv_block_vnni<R, 4>(u, K, codes + n * K, n, sums, N);
+    for (; n < n1; ++n) gemv_block_vnni<R, 1>(u, K, codes + n * K, n, sums, N);
+    return;
+  }
+  constexpr int B = R == 1 ? 4 : 2;
+  for (; n + B <= n1; n += B) gemv_block_avxvnni<R, B>(u, K, codes + n * K, n, sums, N);
+  for (; n < n1; ++n) gemv_block_avxvnni<R, 1>(u, K, codes + n * K, n, sums, N);
+}
+
+// avx512: AVX-512 VNNI's kernel, else AVX-VNNI's.
 void gemv_rows(const uint8_t* u, int64_t M, int64_t K, const int8_t* codes, int64_t N,
-               int32_t* sums) {
+               int32_t* sums, bool avx512) {
   lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     switch (M) {
-      case 1: gemv_rows_vnni<1>(u, K, codes, n0, n1, sums, N); break;
-      case 2: gemv_rows_vnni<2>(u, K, codes, n0, n1, sums, N); break;
-      case 3: gemv_rows_vnni<3>(u, K, codes, n0, n1, sums, N); break;
-      default: gemv_rows_vnni<4>(u, K, codes, n0, n1, sums, N); break;
+      case 1: gemv_rows_of<1>(u, K, codes, n0, n1, sums, N, avx512); break;
+      case 2: gemv_rows_of<2>(u, K, codes, n0, n1, sums, N, avx512); break;
+      case 3: gemv_rows_of<3>(u, K, codes, n0, n1, sums, N, avx512); break;
+      default: gemv_rows_of<4>(u, K, codes, n0, n1, sums, N, avx512); break;
     }
   });
+}
+
+// Whether the CPU has AVX-VNNI (LOWBIT_KERNEL_ISA=avx2 leaves it on: it is an AVX2-class
+// extension; to run as a CPU without it, limit oneDNN too, ONEDNN_MAX_CPU_ISA=AVX2, and the
+// W8A8 layers take the panels).
+bool use_avxvnni() {
+  static const bool cpu = __builtin_cpu_supports("avxvnni");
+  return cpu;
 }
 
 // The same arithmetic through oneDNN's integer matmul (torch._int_mm) on weight codes kept
@@ -271,10 +330,12 @@ at::Tensor int8_linear_mm(const at::Tensor& x_in, const at::Tensor& codes, const
   quantize_tokens(x.data_ptr<float>(), M, K, K, q.data_ptr<int8_t>(), sx.data());
   at::Tensor sums;  // (M, N) int32, exact
   // u . w stays below 255 * 128 * K in int32 up to K = 65,793
-  if (M <= kMmGemvRows && K <= 65536 && lowbit_kernels::use_avx512()) {
+  const bool avx512 = lowbit_kernels::use_avx512();
+  if (M <= kMmGemvRows && K <= 65536 && (avx512 || use_avxvnni())) {
     sums = at::empty({M, N}, x.options().dtype(at::kInt));
-    const at::Tensor u = q.view(at::kByte).bitwise_xor(128);  // q + 128 as unsigned bytes
-    gemv_rows(u.data_ptr<uint8_t>(), M, K, codes.data_ptr<int8_t>(), N, sums.data_ptr<int32_t>());
+    uint8_t* u = reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>());
+    for (int64_t i = 0; i < M * K; ++i) u[i] ^= 0x80;  // q + 128 as unsigned bytes, in place
+    gemv_rows(u, M, K, codes.data_ptr<int8_t>(), N, sums.data_ptr<int32_t>(), avx512);
   } else {
     sums = at::_int_mm(q, codes.t()).contiguous();
   }
