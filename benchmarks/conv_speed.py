@@ -11,7 +11,7 @@ Inputs: waifu2x on the 256 x 256 evaluation input (the astronaut image downscale
 on their evaluation latents at batch 1 and 16. Static ranges from each zoo entry's calibration
 inputs. The integer convolution runs on CPUs with VNNI only, AVX-512 VNNI or AVX-VNNI
 (elsewhere the kernel rows equal the reference rows, and say so in the path column); to time an
-AVX-VNNI CPU without AVX-512 on one that has both, run with ``LOWBIT_KERNEL_ISA=avx2
+AVX-VNNI CPU without AVX-512 on one that has both, run with ``LOWBIT_KERNEL_ISA=avxvnni
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2_VNNI MKL_ENABLE_INSTRUCTIONS=AVX2``.
 
     .venv/bin/python benchmarks/conv_speed.py [--threads 2] [--rounds 7] [--only NAME ...]

@@ -17,8 +17,9 @@ outlier channels, as a transformer's do):
   environment variables that hold torch and oneDNN to AVX2 do not hold it.
 
 To time an AVX-VNNI CPU without AVX-512 (Intel's client CPUs, AMD Zen 5) on one that has both:
-``LOWBIT_KERNEL_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2_VNNI
-MKL_ENABLE_INSTRUCTIONS=AVX2``; one without any VNNI: ``ONEDNN_MAX_CPU_ISA=AVX2`` instead.
+``LOWBIT_KERNEL_ISA=avxvnni ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2_VNNI
+MKL_ENABLE_INSTRUCTIONS=AVX2``; one without any VNNI: ``LOWBIT_KERNEL_ISA=avx2`` (and
+``ONEDNN_MAX_CPU_ISA=AVX2``).
 
     .venv/bin/python benchmarks/int8_gemm.py [--rows 1 16 128 512] [--threads 2] [--reps 7]
 """

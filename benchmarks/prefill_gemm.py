@@ -6,7 +6,8 @@ grid), and a prompt of M rows: float32 ``F.linear`` on the dequantized weight, t
 on int8 inputs (``act8=True``, the decode loop's prompts) and the float path (``act8=False``:
 codes dequantized tile by tile into torch's GEMM, what evaluation windows run), alternating
 (one call each per round), medians. Run once as is and once with ``LOWBIT_KERNEL_ISA=avx2``
-(add ``MKL_ENABLE_INSTRUCTIONS=AVX2`` to hold float32 to AVX2 as well).
+(AVX2 alone) or ``avxvnni`` (AVX2 with AVX-VNNI, as Intel's client CPUs), adding
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` to hold float32 to AVX2 as well.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/prefill_gemm.py [--rows 512] \\
         [--shapes smollm2|tinyllama] [--rounds 15] [--threads 2]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.kernels import affine
+from lowbit.kernels import affine, int8
 from lowbit.kernels.build import native_ops
 
 
@@ -184,9 +184,32 @@ def test_supports(bits, block, shape, ok):
 
 @needs_native
 def test_kernel_isa_is_reported_and_can_be_forced(monkeypatch):
-    assert torch.ops.lowbit_cpu.kernel_isa() in ("avx2", "avx512-vnni")
+    assert torch.ops.lowbit_cpu.kernel_isa() in ("avx2", "avx2+avx-vnni", "avx512-vnni")
     monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
     assert torch.ops.lowbit_cpu.kernel_isa() == "avx2"
+    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avxvnni")
+    vnni = "avx_vnni" in int8.cpu_flags()
+    assert torch.ops.lowbit_cpu.kernel_isa() == ("avx2+avx-vnni" if vnni else "avx2")
+
+
+@needs_native
+@pytest.mark.parametrize("m", [33, 35, 70])  # above kGemvMaxM: the GEMM; row tails
+@pytest.mark.parametrize(("n", "k", "group"), [(13, 96, 32), (40, 576, 64), (10, 1536, 96)])
+@pytest.mark.parametrize("params", ["f16", "sym"])
+def test_avx_vnni_integer_gemm_equals_avx2s_to_the_bit(m, n, k, group, params, monkeypatch):
+    """The 4-bit prefill GEMM's AVX-VNNI tile sums each block with vpdpbusd where the AVX2 tile
+    takes vpmaddubsw + int16 adds: the same integers, the same float epilogue."""
+    if "avx_vnni" not in int8.cpu_flags():
+        pytest.skip("the CPU has no AVX-VNNI")
+    aw = random_affine(n, k, group, 4, seed=m + n, params=params)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
+    x = torch.nn.functional.pad(x, (0, aw.padded_in - k))
+    out = {}
+    for isa in ("avx2", "avxvnni"):
+        monkeypatch.setenv("LOWBIT_KERNEL_ISA", isa)
+        out[isa] = torch.ops.lowbit_cpu.affine_linear(x, aw.w, aw.scale, aw.offset, aw.group,
+                                                      aw.bits, True)  # fmt: skip
+    assert torch.equal(out["avx2"], out["avxvnni"])
 
 
 @needs_native

@@ -8,8 +8,8 @@ from lowbit.kernels import int8
 from lowbit.kernels.build import native_ops
 
 needs_native = pytest.mark.skipif(not native_ops(), reason="lowbit's CPU kernels not built here")
-# mm-avx2: the mm path under LOWBIT_KERNEL_ISA=avx2, its GEMV (up to 4 rows) on AVX-VNNI
-KERNELS = ["panels", "mm", "mm-avx2"]
+# mm-avxvnni: the mm path under LOWBIT_KERNEL_ISA=avxvnni, its GEMV (up to 4 rows) on AVX-VNNI
+KERNELS = ["panels", "mm", "mm-avxvnni"]
 
 
 def random_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,10 +28,10 @@ def kernel_weight(kernel: str, codes: torch.Tensor, scale: torch.Tensor,
         return int8.Int8Weight(None, scale, k, int8.pack_panels(codes))
     if not int8.onednn_int8_exact():
         pytest.skip("oneDNN's int8 matmul is exact only with VNNI or AMX")
-    if kernel == "mm-avx2":
+    if kernel == "mm-avxvnni":
         if "avx_vnni" not in int8.cpu_flags():
             pytest.skip("the CPU has no AVX-VNNI")
-        monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")  # read by the kernel at every call
+        monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avxvnni")  # read by the kernel at every call
     return int8.Int8Weight(codes, scale, k, mm=True)
 
 
@@ -110,15 +110,16 @@ def test_reference_is_close_to_float_linear():
     assert (ref - exact).norm() / exact.norm() < 0.01  # 8-bit per-token activations
 
 
-def test_forcing_avx2_leaves_only_avx_vnni(monkeypatch):
-    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
+def test_kernel_isa_holds_the_vnni_choice(monkeypatch):
+    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "avx512_vnni", "avx_vnni"})
+    assert int8.has_avx512_vnni() and int8.has_vnni()
+    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avxvnni")  # AVX2 + AVX-VNNI: no AVX-512
+    assert not int8.has_avx512_vnni() and int8.has_vnni()
     monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "avx512_vnni"})
-    assert not int8.has_avx512_vnni() and not int8.has_vnni()
-    assert not int8.onednn_int8_exact.__wrapped__()
-    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "avx_vnni"})
-    assert int8.has_vnni()
-    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2"})
     assert not int8.has_vnni()
+    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")  # no VNNI of any kind: the panels
+    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "avx512_vnni", "avx_vnni"})
+    assert not int8.has_avx512_vnni() and not int8.has_vnni()
     assert not int8.onednn_int8_exact.__wrapped__()
 
 

@@ -17,9 +17,9 @@ holding the weight codes in its own layout (one copy):
   sign trick instead and cannot saturate.
 
 :func:`int8_linear_reference` computes the same codes and sums in plain PyTorch.
-``LOWBIT_KERNEL_ISA=avx2`` keeps lowbit's kernels off AVX-512 (AVX-VNNI stays where the CPU
-has it: an AVX2-class extension); with ``ONEDNN_MAX_CPU_ISA=AVX2`` as well, oneDNN's product is
-inexact and the W8A8 layers take the panels, as on a CPU without VNNI.
+``LOWBIT_KERNEL_ISA=avx2`` forces the panels (no VNNI of any kind); ``LOWBIT_KERNEL_ISA=avxvnni``
+keeps lowbit's kernels to AVX2 and AVX-VNNI, as on Intel's client CPUs (add
+``ONEDNN_MAX_CPU_ISA=AVX2_VNNI`` to hold oneDNN there too).
 """
 
 from __future__ import annotations
@@ -76,15 +76,20 @@ def cpu_flags() -> set[str]:
     return set()  # unknown CPU: the token grid runs everywhere
 
 
+def kernel_isa_env() -> str:
+    """``LOWBIT_KERNEL_ISA``: "" (the CPU's best), "avxvnni" (AVX2 and AVX-VNNI) or "avx2"."""
+    return os.environ.get("LOWBIT_KERNEL_ISA", "").lower()
+
+
 def has_avx512_vnni() -> bool:
-    if os.environ.get("LOWBIT_KERNEL_ISA", "").lower() == "avx2":
-        return False
-    return "avx512_vnni" in cpu_flags()
+    return kernel_isa_env() not in ("avx2", "avxvnni") and "avx512_vnni" in cpu_flags()
 
 
 def has_vnni() -> bool:
-    """AVX-512 VNNI (not under ``LOWBIT_KERNEL_ISA=avx2``) or AVX-VNNI (its 256-bit form on CPUs
-    without AVX-512: Intel's client CPUs from Alder Lake, AMD's from Zen 5)."""
+    """AVX-512 VNNI or AVX-VNNI (VNNI's 256-bit form on CPUs without AVX-512: Intel's client
+    CPUs from Alder Lake, AMD's from Zen 5), as ``LOWBIT_KERNEL_ISA`` allows."""
+    if kernel_isa_env() == "avx2":
+        return False
     return has_avx512_vnni() or "avx_vnni" in cpu_flags()
 
 

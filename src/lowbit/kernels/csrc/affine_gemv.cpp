@@ -392,7 +392,9 @@ at::Tensor lowbit_kernels::affine_linear(const at::Tensor& x_in, const at::Tenso
              : affine_linear_as<float>(x, w, scale, offset, group, bits, act8);
 }
 
-std::string kernel_isa() { return use_avx512() ? "avx512-vnni" : "avx2"; }
+std::string kernel_isa() {
+  return use_avx512() ? "avx512-vnni" : use_avxvnni() ? "avx2+avx-vnni" : "avx2";
+}
 
 // Who runs the decode-sized kernels' threads: lowbit's spinning pool, or OpenMP where its own
 // threads never sleep (pool.h, openmp_spins).

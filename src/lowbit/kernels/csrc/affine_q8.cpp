@@ -420,14 +420,29 @@ void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, const int
 
 }  // namespace
 
-// Whether to use the AVX-512 VNNI kernel: the CPU has it and LOWBIT_KERNEL_ISA is not "avx2".
+// LOWBIT_KERNEL_ISA holds lowbit's kernels below the CPU's best (read at every call, so tests
+// can switch it): "avxvnni" = AVX2 with AVX-VNNI (as Intel's client CPUs), "avx2" = AVX2 alone.
+static std::string kernel_isa_env() {
+  const char* isa = std::getenv("LOWBIT_KERNEL_ISA");
+  return isa ? std::string(isa) : std::string();
+}
+
+// Whether to use the AVX-512 VNNI kernels: the CPU has them and LOWBIT_KERNEL_ISA allows them.
 bool use_avx512() {
   static const bool cpu = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512vnni");
-  const char* isa = std::getenv("LOWBIT_KERNEL_ISA");
-  return cpu && !(isa && std::string(isa) == "avx2");
+  if (!cpu) return false;
+  const std::string isa = kernel_isa_env();
+  return isa != "avx2" && isa != "avxvnni";
+}
+
+// Whether to use the AVX-VNNI kernels (where AVX-512 is not used): the CPU has AVX-VNNI and
+// LOWBIT_KERNEL_ISA is not "avx2".
+bool use_avxvnni() {
+  static const bool cpu = __builtin_cpu_supports("avxvnni");
+  return cpu && kernel_isa_env() != "avx2";
 }
 
 Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centring) {

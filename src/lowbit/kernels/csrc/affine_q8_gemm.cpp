@@ -1,4 +1,4 @@
-// Prefill of 4-bit layers on int8 inputs (act8): an integer GEMM, AVX-512 VNNI and AVX2.
+// Prefill of 4-bit layers on int8 inputs (act8): an integer GEMM, AVX-512 VNNI, AVX-VNNI and AVX2.
 //
 // Why hand-written: dequantizing the codes into torch's float GEMM (tiled_gemm) was slower than
 // float32 itself (the GEMM does the same work plus the dequantization); multiplying 4-bit codes
@@ -11,7 +11,8 @@
 // Two changes of form make it a GEMM that keeps 16 (AVX-512) or 8 (AVX2) outputs per register:
 //   - the weights are unpacked, per block of NB output columns, into a panel of centred codes
 //     c = u - 8 (signed bytes), four consecutive k of each column in one 32-bit lane, so that
-//     one vpdpbusd (or vpmaddubsw) multiplies 4 inputs of one row of x by 16 (8) columns;
+//     one vpdpbusd (or vpmaddubsw) multiplies 4 inputs of one row of x by 16 (8) columns
+//     (AVX-VNNI, the 256-bit vpdpbusd of CPUs without AVX-512: 8 columns, the AVX2 tile's shape);
 //   - the inputs are made unsigned, q + 128, as the u8 operand; the extra 128 . sum(c_b) per
 //     block and column is subtracted by starting each block's integer sum at -128 sum(c_b).
 // No sum can saturate: vpdpbusd sums in int32; on AVX2 a vpmaddubsw pair is at most
@@ -23,8 +24,6 @@
 
 namespace lowbit_kernels {
 namespace {
-
-#define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
 
 // One block of NB output columns: codes, block starts and scales, laid out per block of 32 k.
 struct Panel {
@@ -153,6 +152,47 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
     }
 }
 
+// AVX-VNNI: the AVX2 tile with vpdpbusd summing each block in int32 from its start (as the
+// AVX-512 tile), one instruction where AVX2 takes vpmaddubsw + an int16 add, and no vpmaddwd.
+template <int MR, int NV>
+LOWBIT_AVXVNNI void tile_256_vnni(const uint8_t* xu, const float* xs, int64_t K, const Panel& p,
+                                  float* y, int64_t N, int64_t n0, int64_t cols, int v0) {
+  const int64_t R = K / 32;
+  __m256 f[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) f[m][v] = _mm256_setzero_ps();
+  const int32_t* pc = p.codes.data() + 8 * v0;
+  for (int64_t b = 0; b < R; ++b) {
+    __m256i a[MR][NV];
+    for (int v = 0; v < NV; ++v) {
+      const __m256i st = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.start.data() + b * kNB256 + 8 * (v0 + v)));
+      for (int m = 0; m < MR; ++m) a[m][v] = st;
+    }
+    for (int s = 0; s < 8; ++s) {
+      const int32_t* wq = pc + (b * 8 + s) * kNB256;
+      __m256i wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 8 * v));
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xb = _mm256_set1_epi32(word(xu + m * K + 32 * b + 4 * s));
+        for (int v = 0; v < NV; ++v) a[m][v] = _mm256_dpbusd_avx_epi32(a[m][v], xb, wv[v]);
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const __m256 c = _mm256_loadu_ps(p.scale.data() + b * kNB256 + 8 * (v0 + v));
+      for (int m = 0; m < MR; ++m)
+        f[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][v]), _mm256_mul_ps(c, _mm256_set1_ps(xs[m * R + b])), f[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      const int64_t c0 = 8 * (v0 + v), n = std::min<int64_t>(8, cols - c0);
+      if (n <= 0) continue;
+      alignas(32) float out[8];
+      _mm256_store_ps(out, f[m][v]);
+      std::copy(out, out + n, y + m * N + n0 + c0);
+    }
+}
+
 // All M rows against one panel, MR rows at a time (the last few rows one by one).
 template <int MR>
 void rows_512(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Panel& p, float* y,
@@ -165,13 +205,22 @@ void rows_512(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Pa
 
 template <int MR, int NV>
 void rows_256(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Panel& p, float* y,
-              int64_t N, int64_t n0, int64_t cols) {
+              int64_t N, int64_t n0, int64_t cols, bool vnni) {
   const int64_t R = K / 32;
   for (int v0 = 0; v0 < 2; v0 += NV) {
     int64_t m = 0;
-    for (; m + MR <= M; m += MR)
-      tile_256<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
-    for (; m < M; ++m) tile_256<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+    for (; m + MR <= M; m += MR) {
+      if (vnni)
+        tile_256_vnni<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+      else
+        tile_256<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+    }
+    for (; m < M; ++m) {
+      if (vnni)
+        tile_256_vnni<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+      else
+        tile_256<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+    }
   }
 }
 
@@ -184,7 +233,7 @@ at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const Act8 a = quantize_act8(x, group, true, false);
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(a.q.data());  // q + 128
   auto y = at::empty({M, N}, x.options());
-  const bool wide = use_avx512();
+  const bool wide = use_avx512(), vnni = !wide && use_avxvnni();
   const int64_t NB = wide ? kNB512 : kNB256;
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const P* sp = params<P>(scale);
@@ -203,7 +252,7 @@ at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       if (wide)
         rows_512<6>(xp, xs, M, K, p, yp, N, n0, cols);
       else
-        rows_256<3, 2>(xp, xs, M, K, p, yp, N, n0, cols);
+        rows_256<3, 2>(xp, xs, M, K, p, yp, N, n0, cols, vnni);
     }
   });
   if (offset.numel()) {  // (o_g + 8 s_g) X_g: a float GEMM of the group sums, (M, G) x (G, N)

@@ -179,8 +179,10 @@ at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, Fill fill) {
   return yt.t().contiguous();
 }
 
-// Whether the AVX-512 VNNI decode kernel runs (affine_q8.cpp).
+// Whether lowbit's AVX-512 VNNI kernels run, and (where they do not) its AVX-VNNI ones: the CPU
+// has them and LOWBIT_KERNEL_ISA allows them (affine_q8.cpp).
 bool use_avx512();
+bool use_avxvnni();
 
 // x (M, K) quantized per block of 32 inputs (the act8 path, affine_q8.cpp): int8 codes q (M, K),
 // scales s (M, K/32), and per group of the weight the float sums of x (xg) and, with centring,

@@ -303,14 +303,6 @@ void gemv_rows(const uint8_t* u, int64_t M, int64_t K, const int8_t* codes, int6
   });
 }
 
-// Whether the CPU has AVX-VNNI (LOWBIT_KERNEL_ISA=avx2 leaves it on: it is an AVX2-class
-// extension; to run as a CPU without it, limit oneDNN too, ONEDNN_MAX_CPU_ISA=AVX2, and the
-// W8A8 layers take the panels).
-bool use_avxvnni() {
-  static const bool cpu = __builtin_cpu_supports("avxvnni");
-  return cpu;
-}
-
 // The same arithmetic through oneDNN's integer matmul (torch._int_mm) on weight codes kept
 // row-major (N, K): on CPUs where oneDNN multiplies int8 by int8 exactly (VNNI's vpdpbusd,
 // AMX's tile products; lowbit.kernels.int8 checks it once) it is far faster than the panels
@@ -331,7 +323,7 @@ at::Tensor int8_linear_mm(const at::Tensor& x_in, const at::Tensor& codes, const
   at::Tensor sums;  // (M, N) int32, exact
   // u . w stays below 255 * 128 * K in int32 up to K = 65,793
   const bool avx512 = lowbit_kernels::use_avx512();
-  if (M <= kMmGemvRows && K <= 65536 && (avx512 || use_avxvnni())) {
+  if (M <= kMmGemvRows && K <= 65536 && (avx512 || lowbit_kernels::use_avxvnni())) {
     sums = at::empty({M, N}, x.options().dtype(at::kInt));
     uint8_t* u = reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>());
     for (int64_t i = 0; i < M * K; ++i) u[i] ^= 0x80;  // q + 128 as unsigned bytes, in place
