@@ -10,9 +10,9 @@ copy of the float model; RTN weights; static activation ranges are calibrated on
 three other sample images (coffee, chelsea, rocket), never the evaluation image; GPTQ rows
 measure each layer's im2col Hessian on the same crops, the whole model as one block. Each
 quantized row then runs as `lowbit eval` runs a saved model (`use_kernels`): W8A8 layers on
-oneDNN's integer convolution where the CPU has AVX-512 VNNI, every other layer on the reference
-path (codes dequantized at every call, then torch's convolution); the path column says which.
-`benchmarks/conv_speed.py` times W8A8 against float32 side by side.
+oneDNN's integer convolution where the CPU has VNNI (AVX-512's or AVX-VNNI), every other
+layer on the reference path (codes dequantized at every call, then torch's convolution); the
+path column says which. `benchmarks/conv_speed.py` times W8A8 against float32 side by side.
 
 DCGAN faces (gan-face-generate 1.1.1): 1,000 latents (seed 0) through the float model and each
 variant; mean per-image PSNR and SSIM of the variant's samples against the float samples (images

@@ -7,7 +7,7 @@ float32 arithmetic on the same int8 weights (relative Frobenius norm; the inputs
 outlier channels, as a transformer's do):
 
 - `lowbit panels`: ``lowbit_cpu::int8_linear``, full 8-bit symmetric codes per token, lowbit's
-  own GEMM (the path W8A8 layers take on CPUs without AVX-512 VNNI);
+  own GEMM (the path W8A8 layers take on CPUs without VNNI, or under LOWBIT_KERNEL_ISA=avx2);
 - `lowbit mm`: ``lowbit_cpu::int8_linear_mm``, the same codes and sums through oneDNN's int8
   matmul (``torch._int_mm``), or lowbit's VNNI GEMV for up to 4 rows (the path W8A8 layers take
   where oneDNN's product is exact: AVX-512 VNNI, AVX-VNNI or AMX; absent elsewhere);

@@ -10,11 +10,11 @@ One denoising step = one UNet call at batch 1 on a 64 x 64 x 4 latent, timestep 
 ``--rounds``. "out SQNR" compares the variant's output with the float one on that input: with
 random weights it measures rounding, not image quality. Each quantized copy then runs as
 `lowbit eval` runs a saved model (`use_kernels`, the counts printed): W8A8 convolutions on
-oneDNN's integer convolution where the CPU has AVX-512 VNNI, weight-only linears on lowbit's
-kernels, weight-only convolutions dequantized in one native pass per call into torch's float
-convolution (``w8a16-conv`` / ``w4a16-conv``; im2col + GEMM where few output positions share
-the weight, see lowbit.nn.kernel_conv), every other layer on the reference path; bytes
-are counted after that swap (the kernels' layouts, float32 scales).
+oneDNN's integer convolution where the CPU has VNNI (AVX-512's or AVX-VNNI), weight-only
+linears on lowbit's kernels, weight-only convolutions dequantized in one native pass per call
+into torch's float convolution (``w8a16-conv`` / ``w4a16-conv``; im2col + GEMM where few output
+positions share the weight, see lowbit.nn.kernel_conv), every other layer on the reference
+path; bytes are counted after that swap (the kernels' layouts, float32 scales).
 
     .venv/bin/python benchmarks/unet_memory.py [--threads 2] [--rounds 2]
 

@@ -111,6 +111,7 @@ def test_reference_is_close_to_float_linear():
 
 
 def test_kernel_isa_holds_the_vnni_choice(monkeypatch):
+    monkeypatch.delenv("LOWBIT_KERNEL_ISA", raising=False)
     monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "avx512_vnni", "avx_vnni"})
     assert int8.has_avx512_vnni() and int8.has_vnni()
     monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avxvnni")  # AVX2 + AVX-VNNI: no AVX-512

@@ -98,18 +98,22 @@ def onednn_int8_exact() -> bool:
     """Whether ``torch._int_mm`` (oneDNN) multiplies full-range int8 codes exactly on this CPU:
     it needs VNNI or AMX (``vpmaddubsw``'s int16 pair sums saturate without them), so the CPU
     must have VNNI (:func:`has_vnni`) and a probe of the worst case (codes ±127 against -128,
-    whose pair sums overflow int16) must match int64 arithmetic."""
+    whose pair sums overflow int16) must match int64 arithmetic, at a decode size and at a
+    prompt size (oneDNN may pick another kernel for each; lowbit sends it 5 rows or more)."""
     if not has_vnni():
         return False
-    q = torch.full((2, 64), 127, dtype=torch.int8)
-    q[1, ::2] = -127
-    w = torch.full((16, 64), -128, dtype=torch.int8)
-    w[8:] = 127
-    try:
-        sums = torch._int_mm(q, w.t())
-    except RuntimeError:
-        return False
-    return torch.equal(sums.long(), q.long() @ w.long().T)
+    for m, k in ((2, 64), (130, 544)):
+        q = torch.full((m, k), 127, dtype=torch.int8)
+        q[1::2, ::2] = -127
+        w = torch.full((48, k), -128, dtype=torch.int8)
+        w[24:] = 127
+        try:
+            sums = torch._int_mm(q, w.t())
+        except RuntimeError:
+            return False
+        if not torch.equal(sums.long(), q.long() @ w.long().T):
+            return False
+    return True
 
 
 def pack_panels(codes: Tensor) -> Tensor:

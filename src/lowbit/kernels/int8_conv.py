@@ -11,7 +11,7 @@ an integer zero point (a symmetric grid is zero point 128), so the op computes e
 dequantized tensors, up to float32 rounding.
 
 Only on CPUs with VNNI (:func:`lowbit.kernels.int8.has_vnni`: AVX-512 VNNI or AVX-VNNI) where
-a probe of the worst case (255 against -128 over 288 products) is exact: there oneDNN
+probes of the worst case (255 against -128 over 288 products) are exact: there oneDNN
 multiplies uint8 by int8 with ``vpdpbusd`` in int32. Without VNNI it uses ``vpmaddubsw``, whose
 int16 pair sums saturate on full-range codes (measured with ``ONEDNN_MAX_CPU_ISA=AVX2``: up to
 4% relative error on waifu2x's layers), so other CPUs keep the reference path. Transposed
@@ -93,22 +93,28 @@ def onednn_int8_available() -> bool:
 
 
 def _exact_on_worst_case() -> bool:
-    """Codes 255 (zero point 0) against weights -128 and 127 over 32 channels x 3 x 3: each pair
-    of products overflows int16, so a saturating product (``vpmaddubsw``) shows, while every
-    sum (at most 288 · 255 · 128 < 2^24) is exact in the float32 output; both ops."""
+    """Codes 255 (zero point 0) against weights -128 and 127 over 32 channels: each pair of
+    products overflows int16, so a saturating product (``vpmaddubsw``) shows, while every sum
+    (at most 288 · 255 · 128 < 2^24) is exact in the float32 output. 3x3, 1x1 and grouped
+    convolutions (oneDNN may pick another kernel for each) and the linear."""
     spec = ActivationSpec(bits=8, granularity="tensor", dynamic=False, symmetric=False)
     qp = QParams(torch.ones(1), torch.zeros(1, dtype=torch.uint8))
+    x = torch.full((1, 32, 6, 6), 255.0)
+    for size, groups in ((3, 1), (1, 1), (3, 2)):
+        codes = torch.full((16, 32 // groups, size, size), -128, dtype=torch.int8)
+        codes[8:] = 127
+        pad = size // 2
+        got = int8_conv(x, qp, spec, prepare_int8_conv(codes, torch.ones(16), None, (1, 1),
+                                                       (pad, pad), (1, 1), groups))  # fmt: skip
+        exact = torch.nn.functional.conv2d(x.double(), codes.double(), padding=pad,
+                                           groups=groups)  # fmt: skip
+        if not torch.equal(got.double(), exact):
+            return False
     codes = torch.full((16, 32, 3, 3), -128, dtype=torch.int8)
     codes[8:] = 127
-    x = torch.full((1, 32, 4, 4), 255.0)
-    conv = int8_conv(x, qp, spec, prepare_int8_conv(codes, torch.ones(16), None, (1, 1),
-                                                    (1, 1), (1, 1), 1))  # fmt: skip
-    exact = torch.nn.functional.conv2d(x.double(), codes.double(), padding=1)
     rows, xs = codes.reshape(16, -1), torch.full((2, 288), 255.0)
     linear = int8_tensor_linear(xs, qp, spec, prepare_int8_linear(rows, torch.ones(16), None))
-    return torch.equal(conv.double(), exact) and torch.equal(
-        linear.double(), xs.double() @ rows.double().T
-    )
+    return torch.equal(linear.double(), xs.double() @ rows.double().T)
 
 
 def prepare_int8_conv(codes: Tensor, scale: Tensor, bias: Tensor | None,

@@ -2,6 +2,7 @@
 // affine_gemv.cpp), an AVX2 kernel and an AVX-512 VNNI one.
 #include "common.h"
 
+#include <cctype>
 #include <cmath>
 
 namespace lowbit_kernels {
@@ -422,9 +423,11 @@ void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, const int
 
 // LOWBIT_KERNEL_ISA holds lowbit's kernels below the CPU's best (read at every call, so tests
 // can switch it): "avxvnni" = AVX2 with AVX-VNNI (as Intel's client CPUs), "avx2" = AVX2 alone.
-static std::string kernel_isa_env() {
+static std::string kernel_isa_env() {  // lower case, as lowbit.kernels.int8 reads it
   const char* isa = std::getenv("LOWBIT_KERNEL_ISA");
-  return isa ? std::string(isa) : std::string();
+  std::string value = isa ? std::string(isa) : std::string();
+  for (char& c : value) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return value;
 }
 
 // Whether to use the AVX-512 VNNI kernels: the CPU has them and LOWBIT_KERNEL_ISA allows them.

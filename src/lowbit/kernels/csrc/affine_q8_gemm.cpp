@@ -106,6 +106,20 @@ LOWBIT_AVX512 void tile_512(const uint8_t* xu, const float* xs, int64_t K, const
   }
 }
 
+// The AVX2 and AVX-VNNI tiles' float sums to y (columns beyond `cols`: not written).
+template <int MR, int NV>
+inline void store_256(const __m256 (&f)[MR][NV], float* y, int64_t N, int64_t n0, int64_t cols,
+                      int v0) {
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      const int64_t c0 = 8 * (v0 + v), n = std::min<int64_t>(8, cols - c0);
+      if (n <= 0) continue;
+      alignas(32) float out[8];
+      _mm256_store_ps(out, f[m][v]);
+      std::copy(out, out + n, y + m * N + n0 + c0);
+    }
+}
+
 // AVX2: MR rows of x against NV registers of 8 columns (from column 8 * v0 of the panel's 16);
 // each block summed in int16 first. The sums use the saturating add although they cannot
 // saturate: GCC reassociates plain integer adds into a tree and spilled every product.
@@ -142,14 +156,7 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
       }
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) {
-      const int64_t c0 = 8 * (v0 + v), n = std::min<int64_t>(8, cols - c0);
-      if (n <= 0) continue;
-      alignas(32) float out[8];
-      _mm256_store_ps(out, f[m][v]);
-      std::copy(out, out + n, y + m * N + n0 + c0);
-    }
+  store_256<MR, NV>(f, y, N, n0, cols, v0);
 }
 
 // AVX-VNNI: the AVX2 tile with vpdpbusd summing each block in int32 from its start (as the
@@ -183,14 +190,7 @@ LOWBIT_AVXVNNI void tile_256_vnni(const uint8_t* xu, const float* xs, int64_t K,
         f[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][v]), _mm256_mul_ps(c, _mm256_set1_ps(xs[m * R + b])), f[m][v]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) {
-      const int64_t c0 = 8 * (v0 + v), n = std::min<int64_t>(8, cols - c0);
-      if (n <= 0) continue;
-      alignas(32) float out[8];
-      _mm256_store_ps(out, f[m][v]);
-      std::copy(out, out + n, y + m * N + n0 + c0);
-    }
+  store_256<MR, NV>(f, y, N, n0, cols, v0);
 }
 
 // All M rows against one panel, MR rows at a time (the last few rows one by one).

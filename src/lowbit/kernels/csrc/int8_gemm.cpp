@@ -191,7 +191,8 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
 // VNNI's vpdpbusd multiplies unsigned by signed bytes into int32 without saturating, so the
 // activation codes go in shifted, u = q + 128, and q . w = u . w - 128 * sum(w); the weight sums
 // come from a second vpdpbusd of ones against the same loaded bytes (no extra memory traffic:
-// decode is bound by reading the weights). Chunks of 64 inputs, the last one masked.
+// decode is bound by reading the weights). AVX-512: chunks of 64 inputs, the last one masked;
+// AVX-VNNI (below): chunks of 32, the rest in scalar code.
 constexpr int64_t kMmGemvRows = 4;
 
 // One chunk of 64 inputs (lanes m) for R activation rows and B weight rows: each activation
