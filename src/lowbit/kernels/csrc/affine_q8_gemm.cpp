@@ -159,6 +159,7 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
   store_256<MR, NV>(f, y, N, n0, cols, v0);
 }
 
+#if LOWBIT_HAS_AVXVNNI
 // AVX-VNNI: the AVX2 tile with vpdpbusd summing each block in int32 from its start (as the
 // AVX-512 tile), one instruction where AVX2 takes vpmaddubsw + an int16 add, and no vpmaddwd.
 template <int MR, int NV>
@@ -192,6 +193,7 @@ LOWBIT_AVXVNNI void tile_256_vnni(const uint8_t* xu, const float* xs, int64_t K,
   }
   store_256<MR, NV>(f, y, N, n0, cols, v0);
 }
+#endif
 
 // All M rows against one panel, MR rows at a time (the last few rows one by one).
 template <int MR>
@@ -209,18 +211,18 @@ void rows_256(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Pa
   const int64_t R = K / 32;
   for (int v0 = 0; v0 < 2; v0 += NV) {
     int64_t m = 0;
-    for (; m + MR <= M; m += MR) {
-      if (vnni)
+#if LOWBIT_HAS_AVXVNNI
+    if (vnni) {
+      for (; m + MR <= M; m += MR)
         tile_256_vnni<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
-      else
-        tile_256<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
-    }
-    for (; m < M; ++m) {
-      if (vnni)
+      for (; m < M; ++m)
         tile_256_vnni<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
-      else
-        tile_256<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+      continue;
     }
+#endif
+    for (; m + MR <= M; m += MR)
+      tile_256<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+    for (; m < M; ++m) tile_256<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
   }
 }
 

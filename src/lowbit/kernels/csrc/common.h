@@ -29,8 +29,22 @@ constexpr int64_t kGemvMaxM = 32;  // above this, dequantize + GEMM (GEMV_MAX_RO
 // Functions that use AVX-512 VNNI in a library built for AVX2 (called only where use_avx512()).
 #define LOWBIT_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-// ...and AVX-VNNI, the 256-bit vpdpbusd of CPUs without AVX-512 (called only where the CPU has it).
+// ...and AVX-VNNI, the 256-bit vpdpbusd of CPUs without AVX-512 (called only where the CPU has
+// it). Compilers before GCC 11 / Clang 12 do not know it: the library is then built without
+// those kernels (use_avxvnni() is false) and such CPUs run the AVX2 ones.
+#ifndef LOWBIT_HAS_AVXVNNI  // -DLOWBIT_HAS_AVXVNNI=0 builds without them on any compiler
+#if defined(__has_include)
+#if __has_include(<avxvnniintrin.h>)
+#define LOWBIT_HAS_AVXVNNI 1
+#endif
+#endif
+#endif
+#ifndef LOWBIT_HAS_AVXVNNI
+#define LOWBIT_HAS_AVXVNNI 0
+#endif
+#if LOWBIT_HAS_AVXVNNI
 #define LOWBIT_AVXVNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
+#endif
 
 // Prefetches every cache line of the `bytes` at p (a weight row kPrefetch ahead of the one being
 // read). Rows of 4-bit codes are rarely a whole number of lines (K = 576: 288 bytes), so one

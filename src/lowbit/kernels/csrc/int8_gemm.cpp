@@ -236,6 +236,7 @@ LOWBIT_AVX512 void gemv_block_vnni(const uint8_t* u, int64_t K, const int8_t* w,
 // The same GEMV with AVX-VNNI's 256-bit vpdpbusd (VNNI without AVX-512: Intel's client CPUs
 // from Alder Lake, AMD's from Zen 5): chunks of 32 inputs, the last partial chunk in scalar code.
 // AVX2 has 16 vector registers: 4 weight rows per block for one activation row, 2 for more.
+#if LOWBIT_HAS_AVXVNNI
 LOWBIT_AVXVNNI inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -277,6 +278,8 @@ LOWBIT_AVXVNNI void gemv_block_avxvnni(const uint8_t* u, int64_t K, const int8_t
   }
 }
 
+#endif
+
 template <int R>
 void gemv_rows_of(const uint8_t* u, int64_t K, const int8_t* codes, int64_t n0, int64_t n1,
                   int32_t* sums, int64_t N, bool avx512) {
@@ -286,9 +289,11 @@ void gemv_rows_of(const uint8_t* u, int64_t K, const int8_t* codes, int64_t n0, 
     for (; n < n1; ++n) gemv_block_vnni<R, 1>(u, K, codes + n * K, n, sums, N);
     return;
   }
+#if LOWBIT_HAS_AVXVNNI  // else never called: use_avxvnni() is false
   constexpr int B = R == 1 ? 4 : 2;
   for (; n + B <= n1; n += B) gemv_block_avxvnni<R, B>(u, K, codes + n * K, n, sums, N);
   for (; n < n1; ++n) gemv_block_avxvnni<R, 1>(u, K, codes + n * K, n, sums, N);
+#endif
 }
 
 // avx512: AVX-512 VNNI's kernel, else AVX-VNNI's.
