@@ -142,8 +142,9 @@ def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> d
                     f"runs per variant, medians; {machine['torch_threads']} threads, "
                     f"{machine['cpu_capability']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}, "
                     f"LOWBIT_SPIN_US={machine['lowbit_spin_us']}, decode threads: "
-                    f"{machine.get('decode_threads', 'not recorded')}, "
-                    f"read bandwidth {machine['bandwidth_gbs']} GB/s.")  # fmt: skip
+                    f"{machine.get('decode_threads', 'not recorded')}, kernels: "
+                    f"{machine.get('kernels', 'not recorded')}, read bandwidth "
+                    f"{machine['bandwidth_gbs']} GB/s.")  # fmt: skip
     caveat = zoo_caveat(src.source)
     if caveat:
         notes.append(caveat)

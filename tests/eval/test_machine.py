@@ -47,3 +47,4 @@ def test_thread_settings_are_reported():
     assert "omp_wait_policy" in facts
     assert facts["lowbit_spin_us"] == os.environ.get("LOWBIT_SPIN_US", "1000")
     assert facts["decode_threads"] in ("spin pool", "openmp", "reference")
+    assert facts["kernels"] in ("avx512-vnni", "avx2+avx-vnni", "avx2", "reference")

@@ -35,15 +35,19 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 def thread_settings() -> dict[str, object]:
     """What decides CPU speed besides the code: torch's threads, OpenMP's wait policy, how
-    long the decode kernels' threads spin before they sleep and who runs those threads (the
-    spinning pool, or OpenMP where its threads never sleep: ``kernels/csrc/pool.h``)."""
+    long the decode kernels' threads spin before they sleep, who runs those threads (the
+    spinning pool, or OpenMP where its threads never sleep: ``kernels/csrc/pool.h``) and the
+    instruction set lowbit's kernels run on (``avx512-vnni``, ``avx2+avx-vnni``, ``avx2``, as
+    the CPU and ``LOWBIT_KERNEL_ISA`` allow)."""
     from lowbit.kernels.build import native_ops
 
+    native = native_ops()
     return {
+        "kernels": torch.ops.lowbit_cpu.kernel_isa() if native else "reference",
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "lowbit_spin_us": os.environ.get("LOWBIT_SPIN_US", "1000"),
-        "decode_threads": torch.ops.lowbit_cpu.decode_threads() if native_ops() else "reference",
+        "decode_threads": torch.ops.lowbit_cpu.decode_threads() if native else "reference",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
