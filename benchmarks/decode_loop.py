@@ -37,11 +37,12 @@ same recipe: the fraction of decode
 steps whose argmax is the transformers loop's next token when both are fed that loop's tokens
 (teacher-forced), and how many greedy tokens the free-running loops share before they differ.
 
-(Most README runs set ``OMP_WAIT_POLICY=PASSIVE``; on some VMs it slows llama.cpp's decode, its
-OpenMP threads sleeping between barriers: 27 against 95 tok/s on a 2-core Intel Xeon VM, where
-lowbit's decode moved by 1%. Compare with llama.cpp under the default policy there.)
+(Many earlier README runs set ``OMP_WAIT_POLICY=PASSIVE``; on some VMs it slows llama.cpp's
+decode, its OpenMP threads sleeping between barriers: 27 against 95 tok/s on a 2-core Intel
+Xeon VM, where lowbit's decode moved by 1%, and it lowered lowbit's W8A8 prefill there. Leave
+it unset.)
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_loop.py \\
+    .venv/bin/python benchmarks/decode_loop.py \\
         [--model smollm2-135m] [--recipes fp32 w4-sym-g32 w4-sym-g32+kv16] [--prompt-tokens 512] \\
         [--new-tokens 128] [--repeats 3] [--compile] [--llama-cpp] [--litert]
 """

@@ -28,7 +28,7 @@ loop calls it: the fused float op (``decode_attention``) against ``decode_attent
 8 and 4 bits (keys centred and heads Hadamard-turned, as the
 ``kv4`` preset stores them), µs per call, median of 7 rounds of 50 calls.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/kv_decode.py [--model smollm2-135m]
+    .venv/bin/python benchmarks/kv_decode.py [--model smollm2-135m]
         [--recipe RECIPE] [--prompt-tokens 512 1920] [--new-tokens 128] [--repeats 3]
         [--no-dequantize]
     .venv/bin/python benchmarks/kv_decode.py --op [--contexts 512 2048 8192]

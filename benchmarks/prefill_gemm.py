@@ -9,7 +9,7 @@ codes dequantized tile by tile into torch's GEMM, what evaluation windows run), 
 (AVX2 alone) or ``avxvnni`` (AVX2 with AVX-VNNI, as Intel's client CPUs), adding
 ``MKL_ENABLE_INSTRUCTIONS=AVX2`` to hold float32 to AVX2 as well.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/prefill_gemm.py [--rows 512] \\
+    .venv/bin/python benchmarks/prefill_gemm.py [--rows 512] \\
         [--shapes smollm2|tinyllama] [--rounds 15] [--threads 2]
 """
 

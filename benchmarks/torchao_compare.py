@@ -16,7 +16,7 @@ the CPU's widest instructions, which the table's header shows:
         llama-cpp-python llama-cpp-python
 
     .venv/bin/pip install torchao
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/torchao_compare.py \\
+    .venv/bin/python benchmarks/torchao_compare.py \\
         [--model tinyllama-1.1b-random] [--prompt-tokens 512] [--new-tokens 128] [--repeats 3]
         [--llama-cpp] [--no-torchao]
 """

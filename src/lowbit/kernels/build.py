@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lowbit.assets import cache_dir
+from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,20 @@ def build_dir() -> Path:
     return (Path(root) if root else cache_dir() / "kernels") / key.hexdigest()[:16]
 
 
+def kernel_isa_env() -> str:
+    """``LOWBIT_KERNEL_ISA`` in lower case: "" (the CPU's best), "avxvnni" (AVX2 and AVX-VNNI,
+    no AVX-512) or "avx2" (AVX2 alone); the C++ kernels read it the same way at every call."""
+    value = os.environ.get("LOWBIT_KERNEL_ISA", "")
+    if value.lower() not in ("", "avxvnni", "avx2"):
+        raise LowbitError(f"LOWBIT_KERNEL_ISA={value!r}: expected avx2 or avxvnni, or unset for "
+                          f"the CPU's best")  # fmt: skip
+    return value.lower()
+
+
 @functools.cache
 def native_ops() -> bool:
     """Build or load the extension; True when ``torch.ops.lowbit_cpu`` is usable."""
+    kernel_isa_env()  # a misspelt value fails here, before any kernel runs
     if os.environ.get("LOWBIT_KERNELS", "").lower() in ("off", "0", "no"):
         log.info("LOWBIT_KERNELS=off: using the reference kernels")
         return False

@@ -25,7 +25,6 @@ keeps lowbit's kernels to AVX2 and AVX-VNNI, as on Intel's client CPUs (add
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.kernels.affine import quantize_rows_act8
-from lowbit.kernels.build import native_ops
+from lowbit.kernels.build import kernel_isa_env, native_ops
 
 PANEL, STEP = 8, 4  # the kernel's panels: 8 weight rows, inputs in steps of 4 (int8_gemm.cpp)
 # Inputs per exact float32 partial sum in the reference: 1024 · 127 · 128 < 2^24.
@@ -64,21 +63,17 @@ def int8_eligible(spec: WeightSpec, act: ActivationSpec | None) -> bool:
             and spec.granularity == "channel" and not spec.lorc_rank)  # fmt: skip
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo, read once (empty where it cannot be)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()  # unknown CPU: the token grid runs everywhere
-
-
-def kernel_isa_env() -> str:
-    """``LOWBIT_KERNEL_ISA``: "" (the CPU's best), "avxvnni" (AVX2 and AVX-VNNI) or "avx2"."""
-    return os.environ.get("LOWBIT_KERNEL_ISA", "").lower()
+    return frozenset()  # unknown CPU: the token grid runs everywhere
 
 
 def has_avx512_vnni() -> bool:

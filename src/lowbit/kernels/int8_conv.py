@@ -100,19 +100,21 @@ def _exact_on_worst_case() -> bool:
     spec = ActivationSpec(bits=8, granularity="tensor", dynamic=False, symmetric=False)
     qp = QParams(torch.ones(1), torch.zeros(1, dtype=torch.uint8))
     x = torch.full((1, 32, 6, 6), 255.0)
-    for size, groups in ((3, 1), (1, 1), (3, 2)):
-        codes = torch.full((16, 32 // groups, size, size), -128, dtype=torch.int8)
+
+    def worst(*shape: int) -> Tensor:  # 16 output channels: 8 of -128, 8 of 127
+        codes = torch.full((16, *shape), -128, dtype=torch.int8)
         codes[8:] = 127
-        pad = size // 2
+        return codes
+
+    for size, groups in ((3, 1), (1, 1), (3, 2)):
+        codes, pad = worst(32 // groups, size, size), size // 2
         got = int8_conv(x, qp, spec, prepare_int8_conv(codes, torch.ones(16), None, (1, 1),
                                                        (pad, pad), (1, 1), groups))  # fmt: skip
         exact = torch.nn.functional.conv2d(x.double(), codes.double(), padding=pad,
                                            groups=groups)  # fmt: skip
         if not torch.equal(got.double(), exact):
             return False
-    codes = torch.full((16, 32, 3, 3), -128, dtype=torch.int8)
-    codes[8:] = 127
-    rows, xs = codes.reshape(16, -1), torch.full((2, 288), 255.0)
+    rows, xs = worst(288), torch.full((2, 288), 255.0)
     linear = int8_tensor_linear(xs, qp, spec, prepare_int8_linear(rows, torch.ones(16), None))
     return torch.equal(linear.double(), xs.double() @ rows.double().T)
 

@@ -162,6 +162,8 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
 #if LOWBIT_HAS_AVXVNNI
 // AVX-VNNI: the AVX2 tile with vpdpbusd summing each block in int32 from its start (as the
 // AVX-512 tile), one instruction where AVX2 takes vpmaddubsw + an int16 add, and no vpmaddwd.
+// A function of its own: the AVX2 tile must be compiled without the AVX-VNNI target, which
+// would let the compiler use AVX-VNNI instructions anywhere in it.
 template <int MR, int NV>
 LOWBIT_AVXVNNI void tile_256_vnni(const uint8_t* xu, const float* xs, int64_t K, const Panel& p,
                                   float* y, int64_t N, int64_t n0, int64_t cols, int v0) {
