@@ -12,10 +12,11 @@ from lowbit.models.modules import set_module
 from lowbit.nn import QuantLinear, kernel_module
 
 
+@pytest.mark.parametrize("recipe", ["w4-rtn-g64", "w8a8-dynamic"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biases on q/k/v
-def test_shared_inputs_keep_the_logits(family):
+def test_shared_inputs_keep_the_logits(family, recipe):
     model = tiny_family_model(family)
-    api.quantize(model, "w4-rtn-g64", progress=False)
+    api.quantize(model, recipe, progress=False)
     separate = copy.deepcopy(model)
     for name, module in list(separate.named_modules()):
         if isinstance(module, QuantLinear):

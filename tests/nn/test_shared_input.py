@@ -1,5 +1,6 @@
 """Layers that read one input run as one kernel call, with the outputs of the separate layers."""
 
+import pytest
 import torch
 
 from lowbit.eval.size import model_size
@@ -73,3 +74,42 @@ def test_symmetric_layers_share_without_offsets():
     assert share_input(layers)
     for layer, a in zip(layers, alone, strict=True):
         assert torch.allclose(layer(x), a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def int8_layers(layout: str, sizes: list[int], k: int = 96) -> list:
+    """W8A8 kernel layers of ``sizes`` rows holding their codes as ``layout`` does."""
+    from lowbit.kernels import int8
+    from lowbit.nn import Int8KernelLinear
+
+    if layout != "reference" and not int8.native_ops():
+        pytest.skip("lowbit's CPU kernels not built here")
+    if layout == "mm" and not int8.onednn_int8_exact():
+        pytest.skip("oneDNN's int8 matmul is exact only with VNNI or AMX")
+    g, out = torch.Generator().manual_seed(len(sizes)), []
+    for n in sizes:
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+        weight = (int8.Int8Weight(None, scale, k, int8.pack_panels(codes)) if layout == "panels"
+                  else int8.Int8Weight(codes, scale, k, mm=layout == "mm"))  # fmt: skip
+        out.append(Int8KernelLinear(weight, n, torch.randn(n, generator=g) if n == 16 else None))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["panels", "mm", "reference"])
+def test_w8a8_layers_share_their_input_with_the_same_outputs(layout):
+    layers = int8_layers(layout, [48, 16, 24])
+    xs = [torch.randn(m, 96) * 3 for m in (1, 3, 40)]  # decode rows, prompt rows
+    alone = [[layer(x) for layer in layers] for x in xs]
+    assert share_input(layers)
+    assert all(layer.shared is layers[0].shared for layer in layers)
+    for x, expected in zip(xs, alone, strict=True):
+        for layer, a in zip(layers, expected, strict=True):
+            b = layer(x)
+            assert b.is_contiguous() and torch.equal(a, b)
+
+
+def test_w8a8_panels_of_two_layers_are_not_shared():
+    layers = int8_layers("panels", [20, 16])  # 20 rows: the third panel would hold both
+    assert not share_input(layers)
+    assert all(layer.shared is None for layer in layers)
+    assert not share_input([int8_layers("reference", [16], k=128)[0], fast_layer(16)])  # two kinds

@@ -69,19 +69,21 @@ def test_sliding_window_shorter_than_the_context_is_refused():
     assert set(COMPACT) == set(FAMILIES)
 
 
+@pytest.mark.parametrize(("recipe", "kind"), [("w4-sym-g32", "w4a16"), ("w8a8-dynamic", "w8a8")])
 @pytest.mark.parametrize("native", [True, False])
-def test_quantized_kernel_layers_run_on_the_compact_forward(native, monkeypatch):
-    """W4 layers on the kernels (fused q/k/v and gate/up calls, direct op calls at decode): the
-    same logits as the model's own forward on the same layers, within 1e-4 relative."""
+def test_quantized_kernel_layers_run_on_the_compact_forward(native, recipe, kind, monkeypatch):
+    """W4 and W8A8 layers on the kernels (fused q/k/v and gate/up calls, direct op calls at
+    decode): the same logits as the model's own forward on the same layers, within 1e-4
+    relative."""
     from lowbit import api
     from lowbit.models.kernels import use_kernels
 
     if not native:
         monkeypatch.setattr(decode, "_native", lambda *t: False)
     model = tiny_llama(vocab=64, hidden=64)
-    api.quantize(model, "w4-sym-g32", progress=False)
+    api.quantize(model, recipe, progress=False)
     counts = use_kernels(model)
-    assert counts.get("w4a16") and counts.get("shared-input groups")
+    assert counts.get(kind) and counts.get("shared-input groups")
     g = torch.Generator().manual_seed(2)
     prompt, follow = torch.randint(0, 64, (1, 7), generator=g), torch.randint(0, 64, (1, 6))
     with torch.inference_mode():

@@ -6,7 +6,7 @@ from torch import nn
 
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import set_module
-from lowbit.nn import AffineKernelLinear, QuantConv, QuantLinear, kernel_module
+from lowbit.nn import AffineKernelLinear, Int8KernelLinear, QuantConv, QuantLinear, kernel_module
 from lowbit.nn.kernel_conv import affine_conv_module
 from lowbit.nn.kernel_tensor import tensor_kernel_module
 from lowbit.nn.shared_input import share_input
@@ -44,6 +44,6 @@ def share_inputs(model: nn.Module) -> int:
         modules = dict(block.named_modules())
         for group in family.sequential:
             layers = [modules.get(name) for name in group]
-            if all(isinstance(m, AffineKernelLinear) for m in layers):
+            if all(isinstance(m, (AffineKernelLinear, Int8KernelLinear)) for m in layers):
                 joined += share_input(layers)
     return joined

@@ -108,6 +108,8 @@ class Int8KernelLinear(nn.Module):
         self.in_features, self.out_features = weight.in_features, out_features
         self.weight_int8 = weight  # codes or panels, whichever the kernel reads
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.shared: SharedInput | None = None  # set by share_input: one call with siblings
+        self.rows = (0, out_features)  # this layer's rows of the shared output
 
     def storage_tensors(self) -> tuple[Tensor, ...]:
         held = (self.weight_int8.panels, self.weight_int8.codes)
@@ -120,11 +122,15 @@ class Int8KernelLinear(nn.Module):
         return {"codes": n * self.in_features, "params": 4 * n, "bias": nbytes(self.bias)}
 
     def forward(self, x: Tensor) -> Tensor:
-        y = int8_linear(x, self.weight_int8)
+        if self.shared is not None:
+            y = self.shared.output(x)[..., self.rows[0] : self.rows[1]].contiguous()
+        else:
+            y = int8_linear(x, self.weight_int8)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, w8a8"
+        shared = ", shared input" if self.shared is not None else ""
+        return f"{self.in_features}, {self.out_features}, w8a8{shared}"
 
 
 def kernel_module(layer: QuantLinear) -> nn.Module | None:

@@ -150,15 +150,18 @@ def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
     if shared is None:
         calls = [_prompt(m) for m in modules]
         return lambda x: torch.cat([c(x) for c in calls], dim=-1)
-    from lowbit.kernels.affine import affine_linear
+    from lowbit.kernels.affine import AffineWeight, affine_linear
 
+    call = shared  # W8A8: per-token int8 inputs at every size already
+    if isinstance(shared.weight, AffineWeight):
+        call = functools.partial(affine_linear, aw=shared.weight, act8=True)
     sizes = [m.rows[1] - m.rows[0] for m in modules]
     biases = [m.bias for m in modules]
     if all(b is None for b in biases):
-        return lambda x: affine_linear(x, shared.aw, act8=True)
+        return call
     bias = torch.cat([torch.zeros(n) if b is None else b.detach()
                       for b, n in zip(biases, sizes, strict=True)])  # fmt: skip
-    return lambda x: affine_linear(x, shared.aw, act8=True) + bias
+    return lambda x: call(x) + bias
 
 
 def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor], Tensor]:
@@ -166,10 +169,14 @@ def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor
     layers (one native call each), else ``joint``."""
     if all(_plain_float(m) for m in modules):
         return _Native([part for m in modules for part in _direct(m).parts])
+    from lowbit.kernels.affine import AffineWeight
+
     shared = _shared(modules)
     if shared is None or any(m.bias is not None for m in modules):
         return joint
-    return _direct(joint, shared.aw)
+    if not isinstance(shared.weight, AffineWeight):
+        return joint  # W8A8: no native decode part
+    return _direct(joint, shared.weight)
 
 
 def _shared(modules: list[nn.Module]):
