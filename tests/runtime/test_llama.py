@@ -138,7 +138,7 @@ def _stepped_and_looped(model, seed: int, pad_row: int, pad: int) -> list[tuple]
     return runs
 
 
-@pytest.mark.parametrize("recipe", [None, "w4-sym-g32", "w8-rtn"])
+@pytest.mark.parametrize("recipe", [None, "w4-sym-g32", "w8-rtn", "w8a8-dynamic"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_one_call_step_equals_the_per_op_loop(family, recipe):
     """The whole decode step as one native call (``lowbit_cpu::decode_step``) runs the loop's

@@ -72,16 +72,24 @@ def _online(module: nn.Module) -> Callable[[Tensor], Tensor]:
 
 class _Native:
     """A layer's decode call on the native ops: ``parts`` side by side, each ``(kind, group,
-    bits, tensors)``: float weights (kind 0, ``(w,)``) or affine codes (kind 1, ``(codes,
-    scale, offset)``, 4-bit inputs rounded to int8). Callable on a (B, C) input, and what the
+    bits, tensors)``: float weights (kind 0, ``(w,)``), affine codes (kind 1, ``(codes,
+    scale, offset)``, 4-bit inputs rounded to int8) or W8A8 codes (kind 2, ``(panels or
+    codes, scale)``, inputs rounded per row). Callable on a (B, C) input, and what the
     one-call step (``lowbit_cpu::decode_step``, :attr:`LlamaForward._step`) reads."""
 
     def __init__(self, parts: list[tuple[int, int, int, tuple[Tensor, ...]]]) -> None:
         self.parts = parts
-        affine, dense = torch.ops.lowbit_cpu.affine_linear, torch.ops.lowbit_cpu.float_linear
-        self.calls = [functools.partial(dense, w=ts[0]) if kind == 0 else
-                      (lambda x, args=(*ts, group, bits, True): affine(x, *args))
-                      for kind, group, bits, ts in parts]  # fmt: skip
+        self.calls = [self._call(*part) for part in parts]
+
+    @staticmethod
+    def _call(kind: int, group: int, bits: int, ts: tuple[Tensor, ...]) -> Callable:
+        ops = torch.ops.lowbit_cpu
+        if kind == 0:
+            return functools.partial(ops.float_linear, w=ts[0])
+        if kind == 2:
+            op = ops.int8_linear if ts[0].dim() == 3 else ops.int8_linear_mm
+            return lambda x: op(x, *ts)
+        return lambda x: ops.affine_linear(x, *ts, group, bits, True)
 
     def __call__(self, x: Tensor) -> Tensor:
         if len(self.calls) == 1:
@@ -91,14 +99,21 @@ class _Native:
 
 def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]:
     """The cheapest call of a layer on a (B, C) decode input: a :class:`_Native` of the affine
-    op itself for kernel layers that need no padding and no bias (Python checks and reshapes
-    cost as much as a small layer's arithmetic at decode) or of the native float GEMV for
-    plain float32 linear layers without bias or hooks (torch's read float32 weights at a
-    third of the read bandwidth on some CPUs: see csrc/float_gemv.cpp), else the module."""
-    from lowbit.nn.kernel_linear import AffineKernelLinear
+    or W8A8 op itself for kernel layers that need no padding and no bias (Python checks and
+    reshapes cost as much as a small layer's arithmetic at decode) or of the native float
+    GEMV for plain float32 linear layers without bias or hooks (torch's read float32 weights
+    at a third of the read bandwidth on some CPUs: see csrc/float_gemv.cpp), else the module.
+    ``aw``: the weight of a joint call (an ``AffineWeight`` or an ``Int8Weight``)."""
+    from lowbit.kernels.int8 import Int8Weight
+    from lowbit.nn.kernel_linear import AffineKernelLinear, Int8KernelLinear
 
     if _plain_float(module):
         return _Native([(0, 0, 0, (module.weight.detach(),))])
+    if isinstance(module, Int8KernelLinear) and module.shared is None and module.bias is None:
+        aw = module.weight_int8
+    if isinstance(aw, Int8Weight):
+        held = aw.panels if aw.panels is not None else aw.codes if aw.mm else None
+        return module if held is None else _Native([(2, 0, 8, (held, aw.scale))])
     plain = isinstance(module, AffineKernelLinear) and module.shared is None and module.bias is None
     if aw is None and plain:
         from lowbit.kernels.affine import AffineWeight
@@ -169,13 +184,9 @@ def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor
     layers (one native call each), else ``joint``."""
     if all(_plain_float(m) for m in modules):
         return _Native([part for m in modules for part in _direct(m).parts])
-    from lowbit.kernels.affine import AffineWeight
-
     shared = _shared(modules)
     if shared is None or any(m.bias is not None for m in modules):
         return joint
-    if not isinstance(shared.weight, AffineWeight):
-        return joint  # W8A8: no native decode part
     return _direct(joint, shared.weight)
 
 

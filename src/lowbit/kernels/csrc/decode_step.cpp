@@ -5,8 +5,9 @@
 // Why: on a 135M model each op takes 10-50 us and the Python around it (the wrapper's checks,
 // the dispatcher) another ~5 us, for 8 ops per layer. A cache of low-bit codes (QuantKVCache)
 // takes decode_attention_codes in place of decode_attention. A layer's linear layers come as "slots"
-// (q/k/v, o, gate/up, down), each one or more parts side by side; a part is float weights or
-// affine codes (the ops' own arguments), so the step runs every format the loop runs natively.
+// (q/k/v, o, gate/up, down), each one or more parts side by side; a part is float weights,
+// affine codes or W8A8 codes (the ops' own arguments), so the step runs every format the loop
+// runs natively.
 #include <torch/library.h>
 
 #include <vector>
@@ -30,7 +31,8 @@ struct Slots {
     return weights[t++];
   }
   // The next slot on x: per part (kind, group, bits); kind 0 = float weights (one tensor),
-  // 1 = affine codes (codes, scale, offset; 4-bit parts round their inputs to int8).
+  // 1 = affine codes (codes, scale, offset; 4-bit parts round their inputs to int8), 2 = W8A8
+  // (int8 panels (3-D) or row-major codes (2-D), per-row scales; inputs rounded per row).
   at::Tensor linear(const at::Tensor& x) {
     const int64_t parts = next_int();
     TORCH_CHECK(parts >= 1, "lowbit::decode_step: a slot needs at least one part");
@@ -39,8 +41,13 @@ struct Slots {
       const int64_t kind = next_int(), group = next_int(), bits = next_int();
       if (kind == 0) {
         outs.push_back(lowbit_kernels::float_linear(x, next_tensor()));
+      } else if (kind == 2) {
+        const at::Tensor& w = next_tensor();
+        const at::Tensor& scale = next_tensor();
+        outs.push_back(w.dim() == 3 ? lowbit_kernels::int8_linear(x, w, scale)
+                                    : lowbit_kernels::int8_linear_mm(x, w, scale));
       } else {
-        TORCH_CHECK(kind == 1, "lowbit::decode_step: part kind ", kind, " is not 0 or 1");
+        TORCH_CHECK(kind == 1, "lowbit::decode_step: part kind ", kind, " is not 0, 1 or 2");
         const at::Tensor& w = next_tensor();
         const at::Tensor& scale = next_tensor();
         const at::Tensor& offset = next_tensor();

@@ -144,6 +144,10 @@ void rows_against_panels(const int8_t* q, const float* sx, int64_t M, int64_t Kp
 }
 
 
+}  // namespace
+
+namespace lowbit_kernels {
+
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
                        const at::Tensor& w_scale) {
   const at::Tensor x = x_in.contiguous();
@@ -185,6 +189,10 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
   }
   return y;
 }
+
+}  // namespace lowbit_kernels
+
+namespace {
 
 // Decode-sized inputs (up to kMmGemvRows rows) on the row-major codes of int8_linear_mm: a call
 // of oneDNN's matmul costs ~20 us before any work, more than a small layer's whole product.
@@ -314,6 +322,10 @@ void gemv_rows(const uint8_t* u, int64_t M, int64_t K, const int8_t* codes, int6
 // AMX's tile products; lowbit.kernels.int8 checks it once) it is far faster than the panels
 // above for prompt-sized inputs; decode-sized ones take the GEMV above. The codes, the
 // int32 sums and the epilogue ((float(sum) * s_x) * s_w) are int8_linear's: equal bit for bit.
+}  // namespace
+
+namespace lowbit_kernels {
+
 at::Tensor int8_linear_mm(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& w_scale) {
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "lowbit::int8_linear_mm: x must be 2-D float32");
@@ -360,7 +372,7 @@ at::Tensor int8_linear_mm(const at::Tensor& x_in, const at::Tensor& codes, const
   return sums.view(at::kFloat);
 }
 
-}  // namespace
+}  // namespace lowbit_kernels
 
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor panels, Tensor w_scale) -> Tensor");
@@ -368,6 +380,6 @@ TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
-  m.impl("int8_linear", &int8_linear);
-  m.impl("int8_linear_mm", &int8_linear_mm);
+  m.impl("int8_linear", &lowbit_kernels::int8_linear);
+  m.impl("int8_linear_mm", &lowbit_kernels::int8_linear_mm);
 }
