@@ -14,8 +14,8 @@ def close(got, ref, tol=1e-5):
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(1, 576), (3, 64), (2, 1, 100)])
-def test_norms_and_silu_match_reference(shape):
+@pytest.mark.parametrize("shape", [(1, 576), (3, 64), (2, 1, 100), (2, 300, 576)])
+def test_norms_and_silu_match_reference(shape):  # the last: a prompt's rows over threads
     g = torch.Generator().manual_seed(shape[-1])
     x, d = torch.randn(shape, generator=g) * 5, torch.randn(shape, generator=g)
     w = torch.randn(shape[-1], generator=g)
@@ -40,6 +40,45 @@ def test_silu_mul_at_extreme_gates():
     want = torch.nn.functional.silu(gate) * up
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.allclose(got.nan_to_num(), want.nan_to_num(), rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize(("b", "t", "heads", "kv", "dim"), [(1, 300, 9, 3, 64), (2, 5, 4, 2, 16)])
+def test_prompt_rope_matches_the_reference(b, t, heads, kv, dim, qk_norm, native, monkeypatch):
+    """rope_qk: q and k heads normed and rotated in place by the native op (over threads for a
+    prompt's rows) as rms_norm + rotate do; v untouched."""
+    if native and not native_ops():
+        pytest.skip("native kernels unavailable here")
+    if not native:
+        monkeypatch.setattr(decode, "_native", lambda *t: False)
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(b, t, (heads + 2 * kv) * dim, generator=g)
+    ang = torch.arange(t).unsqueeze(1) * torch.linspace(0.01, 1, dim).unsqueeze(0)
+    cos, sin = ang.cos(), ang.sin()
+    qn, kn = (torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g)) if qk_norm else (
+        None, None)  # fmt: skip
+    q, k, v = qkv.split([heads * dim, kv * dim, kv * dim], dim=-1)
+    q, k = q.reshape(b, t, heads, dim), k.reshape(b, t, kv, dim)
+    if qk_norm:
+        q, k = decode.rms_norm_reference(q, qn, 1e-6), decode.rms_norm_reference(k, kn, 1e-6)
+    want = (decode.rotate(q.transpose(1, 2), cos, sin), decode.rotate(k.transpose(1, 2), cos, sin),
+            v.reshape(b, t, kv, dim).transpose(1, 2).clone())  # fmt: skip
+    got = decode.rope_qk(qkv, cos, sin, heads, kv, qn, kn, 1e-6)
+    for a, e in zip(got, want, strict=True):
+        assert a.shape == e.shape and close(a, e)
+    assert torch.equal(got[2], want[2])
+
+
+@needs_native
+def test_prompt_rope_refuses_rows_that_are_not_heads():
+    qkv = torch.randn(1, 4, 7 * 16 + 1)
+    cos = sin = torch.ones(4, 16)
+    with pytest.raises(RuntimeError, match="heads of an even size"):
+        torch.ops.lowbit_cpu.rope_qk(qkv, cos, sin, 3, 2, torch.empty(0), torch.empty(0), 1e-6)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        torch.ops.lowbit_cpu.rope_qk(qkv[..., :-1].contiguous(), cos[:3], sin[:3], 3, 2,
+                                     torch.empty(0), torch.empty(0), 1e-6)  # fmt: skip
 
 
 def _attention_case(b, heads, kv, dim, pos, qk_norm, seed=0):

@@ -14,7 +14,7 @@ from torch import Tensor
 from lowbit.kernels.build import native_ops
 from lowbit.primitives.kv import cache_values
 
-PROMPT_ROWS = 32  # above this many rows silu_mul takes torch's ops instead of the native loop
+PROMPT_ROWS = 32  # above this many rows the decode loop leaves the one-call step (llama.py)
 
 
 def _native(*tensors: Tensor) -> bool:
@@ -42,14 +42,39 @@ def add_rms_norm(x: Tensor, d: Tensor, w: Tensor, eps: float) -> Tensor:
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
-    """(..., 2n) [gate | up] -> (..., n) silu(gate)·up. The native op is one plain loop, for
-    decode rows; a prompt's rows take torch's vectorized, threaded ops (the loop took 12% of
-    a 512-token prefill of smollm2-135m)."""
-    rows = gate_up.numel() // max(gate_up.shape[-1], 1)
-    if _native(gate_up) and gate_up.is_contiguous() and rows <= PROMPT_ROWS:
+    """(..., 2n) [gate | up] -> (..., n) silu(gate)·up: the native op (a decode step's rows in
+    one loop, a prompt's split over torch's threads) or torch's ops."""
+    if _native(gate_up) and gate_up.is_contiguous():
         return torch.ops.lowbit_cpu.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rope_qk(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int,
+            q_norm: Tensor | None, k_norm: Tensor | None, eps: float
+            ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """A prompt's q/k/v rows (B, t, (H + 2·Hkv)·D) -> q (B, H, t, D), k and v (B, Hkv, t, D):
+    query and key heads normed by ``q_norm`` / ``k_norm`` (weights, or None) and rotated by
+    ``cos``/``sin`` (t, D, or (B, 1, t, D) for left-padded rows). The native op rotates them
+    in place in ``qkv`` (one threaded pass for ~10 small torch ops per layer); the reference,
+    :func:`rms_norm` and :func:`rotate`, defines the result."""
+    b, t, w = qkv.shape
+    d = w // (heads + 2 * kv_heads)
+    norms = [n for n in (q_norm, k_norm) if n is not None]
+    if (_native(qkv, cos, sin, *norms) and qkv.is_contiguous() and cos.dim() == 2
+            and d % 2 == 0 and d <= 512):  # fmt: skip
+        qn, kn = (qkv.new_empty(0) if n is None else n.contiguous() for n in (q_norm, k_norm))
+        torch.ops.lowbit_cpu.rope_qk(qkv, cos.contiguous(), sin.contiguous(), heads, kv_heads,
+                                     qn, kn, eps)  # fmt: skip
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q, k = q.view(b, t, heads, d).transpose(1, 2), k.view(b, t, kv_heads, d).transpose(1, 2)
+        return q, k, v.view(b, t, kv_heads, d).transpose(1, 2)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = q.reshape(b, t, heads, d), k.reshape(b, t, kv_heads, d)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
+    return q, k, v.reshape(b, t, kv_heads, d).transpose(1, 2)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

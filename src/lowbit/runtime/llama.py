@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lowbit.kernels import decode as decode_ops
 from lowbit.kernels.build import native_ops
-from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rotate, silu_mul
+from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rope_qk, silu_mul
 from lowbit.kernels.kv_attention import decode_attention_codes
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
 from lowbit.nn.online import online_transform
@@ -293,16 +293,13 @@ class LlamaForward:
         cos, sin = self._positions(cache, start, t)
         mask = self._mask(cache, start, t)
         x = self.embed(ids)  # (B, t, C)
-        split = [self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(_rms(layer.norm1, x)).split(split, dim=-1)
-            q = q.reshape(b, t, self.heads, self.head_dim)
-            k = k.reshape(b, t, self.kv_heads, self.head_dim)
-            if layer.q_norm is not None:
-                q, k = _rms(layer.q_norm, q), _rms(layer.k_norm, k)
-            q = rotate(q.transpose(1, 2), cos, sin)  # (B, H, t, D)
-            k = rotate(k.transpose(1, 2), cos, sin)  # (B, Hkv, t, D)
-            v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            qn, kn = layer.q_norm, layer.k_norm
+            q, k, v = rope_qk(  # (B, H, t, D), (B, Hkv, t, D) twice
+                layer.qkv(_rms(layer.norm1, x)), cos, sin, self.heads, self.kv_heads,
+                None if qn is None else qn.weight, None if kn is None else kn.weight,
+                1e-6 if qn is None else _eps(qn),
+            )  # fmt: skip
             h = self.rotation
             if self.attention is not None:  # the cache rounds the keys and values it stores
                 q, k, v = round_qkv(self.attention, q, k, v, h, layer.key_center,
@@ -334,7 +331,7 @@ class LlamaForward:
         x = self.embed(ids[:, 0]).contiguous()  # (B, C), the residual stream (added in place)
         h = _rms(self.layers[0].norm1, x)
         step = self._step
-        # one call for every layer; over PROMPT_ROWS rows the loop's silu_mul takes torch's ops
+        # one call for every layer, up to PROMPT_ROWS rows (a batch of more: the per-op loop)
         contiguous = all(t.is_contiguous() for t in cache.tensors)
         rows = x.shape[0] <= decode_ops.PROMPT_ROWS
         if step is not None and contiguous and rows and decode_ops._native(x):

@@ -27,13 +27,22 @@ static void check_rows(const at::Tensor& x, const at::Tensor& w, const char* op)
               ": contiguous (..., C) input and a (C) weight");
 }
 
+// Rows per task of the row-wise ops: one task for a decode step's few rows (no thread
+// handoff), a prompt's rows split over torch's threads.
+static int64_t row_grain(int64_t floats_per_row) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, floats_per_row));
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_rows(x, w, "lowbit::rms_norm");
   auto y = at::empty_like(x);
   const int64_t C = w.numel(), M = x.numel() / C;
-  for (int64_t m = 0; m < M; ++m)
-    lowbit_kernels::rms_row(x.data_ptr<float>() + m * C, w.data_ptr<float>(), static_cast<float>(eps), C,
-            y.data_ptr<float>() + m * C);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, row_grain(C), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      lowbit_kernels::rms_row(xp + m * C, wp, static_cast<float>(eps), C, yp + m * C);
+  });
   return y;
 }
 
@@ -61,20 +70,58 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   float* yp = y.data_ptr<float>();
   // exp8 (decode_part.h) 8 at a time: a libm call per element cost more than the rest of the
   // op. Its input is kept under 88 (e^88 is finite): there gate / (1 + e^-gate) is ~0 anyway.
-  const __m256 one = _mm256_set1_ps(1.f), cap = _mm256_set1_ps(88.f), sign = _mm256_set1_ps(-0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    const float *gate = g + m * 2 * n, *up = gate + n;
-    float* out = yp + m * n;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256 a = _mm256_loadu_ps(gate + i);
-      const __m256 e = lowbit_kernels::exp8(_mm256_min_ps(cap, _mm256_xor_ps(a, sign)));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)),
-                                              _mm256_loadu_ps(up + i)));
+  at::parallel_for(0, M, row_grain(2 * n), [&](int64_t m0, int64_t m1) {
+    const __m256 one = _mm256_set1_ps(1.f), cap = _mm256_set1_ps(88.f), sign = _mm256_set1_ps(-0.f);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float *gate = g + m * 2 * n, *up = gate + n;
+      float* out = yp + m * n;
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        const __m256 a = _mm256_loadu_ps(gate + i);
+        const __m256 e = lowbit_kernels::exp8(_mm256_min_ps(cap, _mm256_xor_ps(a, sign)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)),
+                                                _mm256_loadu_ps(up + i)));
+      }
+      for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
     }
-    for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-  }
+  });
   return y;
+}
+
+// A prompt's q/k/v rows (B, T, (H + 2·Hkv)·D): each query and key head normed (Qwen3's q_norm /
+// k_norm, when given) and rotated (RoPE, rotate-half) in place, position t taking row t of
+// cos/sin (T, D). The decode attention's norm_rope per head (decode_part.h), over threads.
+void rope_qk(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
+             int64_t Hkv, const at::Tensor& q_norm, const at::Tensor& k_norm, double eps) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && qkv.scalar_type() == at::kFloat,
+              "lowbit::rope_qk: contiguous float32 (B, T, (H + 2 Hkv) D) q/k/v rows");
+  const int64_t T = qkv.size(1), W = qkv.size(2), D = W / std::max<int64_t>(1, H + 2 * Hkv);
+  TORCH_CHECK(H >= 1 && Hkv >= 1 && D * (H + 2 * Hkv) == W && D % 2 == 0 && D <= 512,
+              "lowbit::rope_qk: the rows are not H + 2 Hkv heads of an even size up to 512");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == T && t->size(1) == D && t->is_contiguous() &&
+                    t->scalar_type() == at::kFloat,
+                "lowbit::rope_qk: cos and sin must be contiguous float32 (T, D)");
+  for (const at::Tensor* t : {&q_norm, &k_norm})
+    TORCH_CHECK(t->numel() == 0 || (t->numel() == D && t->is_contiguous() &&
+                                    t->scalar_type() == at::kFloat),
+                "lowbit::rope_qk: a q/k norm weight is (D) float32, or empty");
+  float* base = qkv.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const float* qn = q_norm.numel() ? q_norm.data_ptr<float>() : nullptr;
+  const float* kn = k_norm.numel() ? k_norm.data_ptr<float>() : nullptr;
+  at::parallel_for(0, qkv.size(0) * T, row_grain(W), [&](int64_t r0, int64_t r1) {
+    float head[512];  // norm_rope reads its source while it writes: rotate a copy
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r % T;
+      for (int64_t h = 0; h < H + Hkv; ++h) {
+        float* x = base + r * W + h * D;
+        std::copy(x, x + D, head);
+        lowbit_kernels::norm_rope(head, h < H ? qn : kn, static_cast<float>(eps), cp + t * D,
+                                  sp + t * D, D, x);
+      }
+    }
+  });
 }
 
 // One query against the slots first..last of one head's cache (see Part in decode_part.h);
@@ -243,6 +290,9 @@ TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor d, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def(
+      "rope_qk(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int kv_heads, Tensor q_norm, "
+      "Tensor k_norm, float eps) -> ()");
+  m.def(
       "decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
       "Tensor sin, Tensor pad, int pos, int heads, int kv_heads, float scale, Tensor q_norm, "
       "Tensor k_norm, float eps) -> Tensor");
@@ -252,5 +302,6 @@ TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("rms_norm", &lowbit_kernels::rms_norm);
   m.impl("add_rms_norm", &lowbit_kernels::add_rms_norm);
   m.impl("silu_mul", &lowbit_kernels::silu_mul);
+  m.impl("rope_qk", &lowbit_kernels::rope_qk);
   m.impl("decode_attention", &lowbit_kernels::decode_attention);
 }
