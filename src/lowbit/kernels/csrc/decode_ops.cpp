@@ -1,7 +1,8 @@
 // The small operations of one decode step of a Llama-like block, each fused into one call:
 // RMSNorm (with the residual add before it), SiLU(gate)·up, and attention of one new token
 // (q/k norms, RoPE, the KV-cache write and softmax(q·Kᵀ)·V over the cached slots) over a
-// float32 cache or a float16 one (kv_bits 16: half the bytes to read per step).
+// float32 cache or a float16 one (kv_bits 16: half the bytes to read per step). A prompt's
+// rows take the same RMSNorm and SiLU·up over threads, and its q/k norms + RoPE (rope_qk).
 //
 // Why hand-written: at decode these are tensors of a few hundred floats, and each aten op
 // costs 2-10 µs of dispatch on the CPUs measured here, so a block's ~35 small ops cost more

@@ -317,15 +317,15 @@ void gemv_rows(const uint8_t* u, int64_t M, int64_t K, const int8_t* codes, int6
   });
 }
 
+}  // namespace
+
+namespace lowbit_kernels {
+
 // The same arithmetic through oneDNN's integer matmul (torch._int_mm) on weight codes kept
 // row-major (N, K): on CPUs where oneDNN multiplies int8 by int8 exactly (VNNI's vpdpbusd,
 // AMX's tile products; lowbit.kernels.int8 checks it once) it is far faster than the panels
 // above for prompt-sized inputs; decode-sized ones take the GEMV above. The codes, the
 // int32 sums and the epilogue ((float(sum) * s_x) * s_w) are int8_linear's: equal bit for bit.
-}  // namespace
-
-namespace lowbit_kernels {
-
 at::Tensor int8_linear_mm(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& w_scale) {
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "lowbit::int8_linear_mm: x must be 2-D float32");
