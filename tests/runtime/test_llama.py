@@ -69,7 +69,10 @@ def test_sliding_window_shorter_than_the_context_is_refused():
     assert set(COMPACT) == set(FAMILIES)
 
 
-@pytest.mark.parametrize(("recipe", "kind"), [("w4-sym-g32", "w4a16"), ("w8a8-dynamic", "w8a8")])
+@pytest.mark.parametrize(
+    ("recipe", "kind"),
+    [("w4-sym-g32", "w4a16"), ("w8a8-dynamic", "w8a8"), ("w8a8-dynamic-head8", "w8a8")],
+)
 @pytest.mark.parametrize("native", [True, False])
 def test_quantized_kernel_layers_run_on_the_compact_forward(native, recipe, kind, monkeypatch):
     """W4 and W8A8 layers on the kernels (fused q/k/v and gate/up calls, direct op calls at

@@ -149,6 +149,7 @@ def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     """Half-precision storage, W8A8 and a mixed-precision example."""
     w8a8 = _recipe("w8a8-dynamic", "rtn", _weights(8, -1, True))
     w8a8["activations"] = {"bits": 8, "granularity": "token", "dynamic": True}
+    w8a8head = {**w8a8, "name": "w8a8-dynamic-head8", "ignore": []}  # the head W8A8 too
     mixed = _recipe("w4-g64-down8", "rtn", _weights(4, 64))
     mixed["overrides"] = [{"match": "re:.*\\.down_proj$", "weights": _weights(8, -1, True)}]
     head8 = _recipe("w4-g64-head8", "rtn", _weights(4, 64))
@@ -169,6 +170,8 @@ def _other_presets() -> dict[str, tuple[str, dict[str, Any]]]:
         "fp16": ("float16 weight storage, float32 compute", _recipe(
             "fp16", "rtn", {"format": "fp16", "bits": 16})),
         "w8a8-dynamic": ("int8 per-channel weights x int8 per-token dynamic activations", w8a8),
+        "w8a8-dynamic-head8": ("w8a8-dynamic with the output head W8A8 too (a quarter of a "
+                               "float32 head's bytes per decoded token)", w8a8head),
         "w4-g64-down8": ("mixed: int4 asymmetric g64, down_proj int8 per-channel", mixed),
         "w4-g64-head8": ("int4 asymmetric g64, output head int8 per-channel (llama.cpp-like)",
                          head8),
