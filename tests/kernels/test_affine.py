@@ -219,15 +219,16 @@ def test_avx_vnni_integer_gemm_equals_avx2s_to_the_bit(m, n, k, group, params, m
 @pytest.mark.parametrize("params", ["f16", "f32", "sym"])
 def test_column_dequantize_is_the_transposed_blocks_to_the_bit(bits, n, k, group, taps, params,
                                                                monkeypatch):  # fmt: skip
-    """Rows b·taps + t of a column matrix land at out[b, k·taps + t]: the native pass equals
-    the native dequantize, transposed, to the bit (the run padding dropped), and the plain-
-    PyTorch fallback up to its separate multiply and add."""
+    """Rows b·taps + t of a column matrix land at out[k, b·taps + t] (a transposed
+    convolution's (in, out, kh, kw) weight, contiguous): the native pass equals the native
+    dequantize, transposed, to the bit (the run padding dropped), and the plain-PyTorch
+    fallback up to its separate multiply and add."""
     aw = random_affine(n, k, group, bits, seed=n + k, params=params)
     got = affine.affine_dequantize_columns(aw, taps)
     rows = affine.affine_dequantize(aw)  # (n, k), native
-    assert got.shape == (n // taps, k * taps)
-    assert torch.equal(got, rows.reshape(n // taps, taps, k).transpose(1, 2).reshape(n // taps, -1))
-    assert torch.equal(got[-1].reshape(k, taps)[:, 0], rows[n - taps])
+    assert got.shape == (k, n) and got.is_contiguous()
+    assert torch.equal(got, rows.t())
+    assert torch.equal(got.view(k, n // taps, taps)[:, -1, 0], rows[n - taps])
     monkeypatch.setattr(affine, "native_ops", lambda: False)
     torch.testing.assert_close(affine.affine_dequantize_columns(aw, taps), got, rtol=1e-6,
                                atol=1e-7)  # fmt: skip

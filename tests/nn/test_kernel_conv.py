@@ -89,8 +89,9 @@ def test_plain_convolutions_run_channels_last_and_transposed_ones_keep_the_defau
 ])  # fmt: skip
 def test_a_transposed_convolution_with_few_inputs_takes_one_gemm_and_an_overlap_add(bits, geometry):
     """A per-channel transposed convolution holds its codes as its (out·kh·kw, in) column
-    matrix: few input pixels (a generator's first layers) take one GEMM and F.fold, many the
-    dequantized weight into torch's transposed convolution. Both equal the reference."""
+    matrix: few input pixels (a generator's first layers) take one GEMM and F.fold (one pixel:
+    the GEMM's patch itself, cropped), many the dequantized weight into torch's transposed
+    convolution. All equal the reference."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.ConvTranspose2d(256, 128, **geometry))
     model.quantized_whole = True
@@ -99,9 +100,11 @@ def test_a_transposed_convolution_with_few_inputs_takes_one_gemm_and_an_overlap_
     assert use_kernels(fast) == {f"w{bits}a16-conv": 1}
     assert fast[0].columns
     small, large = torch.rand(1, 256, 2, 3), torch.rand(2, 256, 12, 12)  # 6 / 288 pixels
+    latent = torch.rand(3, 256, 1, 1)  # one pixel each: the patch is the output (no F.fold)
     assert fast[0].weight_bound(small) and not fast[0].weight_bound(large)
+    assert fast[0].weight_bound(latent)
     with torch.inference_mode():
-        for x in (small, large):
+        for x in (latent, small, large):
             torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
     assert model_size(fast).quantized_weights <= model_size(model).quantized_weights + 64
 

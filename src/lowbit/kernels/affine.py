@@ -145,16 +145,15 @@ def affine_dequantize(aw: AffineWeight) -> Tensor:
 
 
 def affine_dequantize_columns(aw: AffineWeight, taps: int) -> Tensor:
-    """A column matrix's float32 weight in its layer's order: rows ``b·taps + t`` of ``aw``
-    (N, K) become ``out[b, k·taps + t]``, (N/taps, K·taps) (:mod:`lowbit.nn.kernel_conv`'s
-    transposed convolutions: (out·kh·kw, in) -> (out, in·kh·kw)). One native pass where it
-    runs, else :func:`affine_dequantize` and a transpose."""
-    n, k = aw.w.shape[0], aw.in_features
+    """A column matrix's float32 weight in its layer's layout: ``aw`` (N, K) transposed,
+    (K, N), which is a transposed convolution's (in, out, kh, kw) weight when the code rows
+    ``b·taps + t`` hold tap t of output channel b (:mod:`lowbit.nn.kernel_conv`). One native
+    pass (blocks of ``taps`` rows) where it runs, else :func:`affine_dequantize` and a
+    transpose."""
     if aw.w.device.type == "cpu" and native_ops():
-        return torch.ops.lowbit_cpu.affine_dequantize_columns(aw.w, aw.scale, aw.offset, aw.group,
-                                                              aw.bits, taps, k)  # fmt: skip
-    w = affine_dequantize(aw).reshape(n // taps, taps, k)
-    return w.transpose(1, 2).reshape(n // taps, k * taps)
+        op = torch.ops.lowbit_cpu.affine_dequantize_columns
+        return op(aw.w, aw.scale, aw.offset, aw.group, aw.bits, taps, aw.in_features)
+    return affine_dequantize(aw)[:, : aw.in_features].t().contiguous()
 
 
 def affine_linear_reference(x: Tensor, aw: AffineWeight) -> Tensor:

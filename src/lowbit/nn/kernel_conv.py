@@ -33,7 +33,7 @@ float path dequantizes at every call and oneDNN's deconvolution handled slowly t
 layer has at least ``COLUMN_WEIGHT`` (32,768) weights per input pixel of the call (batch x
 height x width) the pixels' channels go through the affine GEMM (codes read once) and
 ``F.fold`` adds the kh x kw patches into place (:meth:`AffineKernelConv._col2im`); otherwise
-the codes are dequantized straight into the layer's (out, in, kh, kw) order
+the codes are dequantized straight into the layer's contiguous (in, out, kh, kw) weight
 (``affine_dequantize_columns``: one native pass, as the row layout's) for torch's transposed
 convolution. Per layer of the DCGAN and the eye generator (W8, batch 1 and 16, alternating,
 ms), the GEMM won by up to 13x where a layer had >= 32K weights per pixel (the eye generator's
@@ -117,10 +117,10 @@ class AffineKernelConv(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.weight_bound(x):
             return self._col2im(x, aw, bias) if self.columns else self._im2col(x, aw, bias)
-        if self.columns:  # (out·kh·kw, in) -> (out, in, kh, kw), read as (in, out, kh, kw)
+        if self.columns:  # (out·kh·kw, in) -> (in, out·kh·kw): the layer's (in, out, kh, kw)
             kh, kw = g.kernel_size
             w = affine_dequantize_columns(aw, kh * kw)
-            w = w.view(g.out_channels, g.in_channels, kh, kw).transpose(0, 1)
+            w = w.view(g.in_channels, g.out_channels, kh, kw)
             return g.apply(x, w.to(x.dtype), bias)
         if not g.transposed:  # oneDNN's float convolution runs channels-last faster (see above)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -169,6 +169,12 @@ class AffineKernelConv(nn.Module):
         g = self.geometry
         (kh, kw), (n, c, h, w) = g.kernel_size, x.shape
         cols = affine_linear(x.permute(0, 2, 3, 1).reshape(-1, c), aw, act8=False)
+        if (h, w) == (1, 1) and g.dilation == (1, 1) and g.output_padding == (0, 0):
+            # one input pixel (a generator's latent): its patch is the output, nothing overlaps
+            # (F.fold's loop took longer than the GEMM here); the padding is cropped
+            (ph, pw), patch = g.padding, cols.view(n, g.out_channels, kh, kw)
+            y = patch[:, :, ph : kh - ph, pw : kw - pw]
+            return y if bias is None else y + bias[None, :, None, None]
         cols = cols.reshape(n, h * w, -1).transpose(1, 2)  # (N, out·kh·kw, H·W)
         size = [(n_in - 1) * s - 2 * p + d * (k - 1) + op + 1 for n_in, s, p, d, k, op in zip(
             (h, w), g.stride, g.padding, g.dilation, g.kernel_size, g.output_padding,

@@ -336,15 +336,17 @@ at::Tensor affine_dequantize(const at::Tensor& w, const at::Tensor& scale, const
 }
 
 // A transposed convolution's column matrix (lowbit.nn.kernel_conv) back in its layer's
-// (out, in, kh, kw) order: code rows b * taps + t hold tap t of output channel b, so
-// out[b, k * taps + t] = W[b * taps + t, k] for k < in_features (the run padding dropped).
-// Each block of taps rows is dequantized into a per-thread buffer (taps x K floats, in cache)
-// and written out transposed: one pass over the codes and the output, where dequantizing and
-// then transposing in torch wrote and read the float weight twice.
+// weight layout, (in, out, kh, kw) contiguous: code rows b * taps + t hold tap t of output
+// channel b, so out[k, b * taps + t] = W[b * taps + t, k] for k < in_features (the run padding
+// dropped), the codes' matrix transposed. Each block of taps rows is dequantized into a
+// per-thread buffer (taps x K floats, in cache) and written out transposed: one pass over the
+// codes and the output, where dequantizing and then transposing in torch wrote and read the
+// float weight twice. (An (out, in, kh, kw) tensor viewed as (in, out, kh, kw) made torch's
+// transposed convolution take 11.0 ms instead of 6.4 on a 512->256 layer at 4x4, batch 16.)
 template <typename P>
 void columns_into(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& offset,
                   int64_t group, int64_t bits, int64_t taps, at::Tensor& out) {
-  const int64_t N = w.size(0), K = w.size(1) * 8 / bits, in_features = out.size(1) / taps;
+  const int64_t N = w.size(0), K = w.size(1) * 8 / bits, in_features = out.size(0);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
@@ -357,9 +359,8 @@ void columns_into(const at::Tensor& w, const at::Tensor& scale, const at::Tensor
         dequantize_rows<4, P>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
       else
         dequantize_rows<8, P>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
-      float* o = dst + b * in_features * taps;
-      for (int64_t k = 0; k < in_features; ++k)
-        for (int64_t t = 0; t < taps; ++t) o[k * taps + t] = buf[t * K + k];
+      for (int64_t k = 0; k < in_features; ++k)  // input k's row: this block's taps rows
+        for (int64_t t = 0; t < taps; ++t) dst[k * N + r0 + t] = buf[t * K + k];
     }
   });
 }
@@ -374,7 +375,7 @@ at::Tensor affine_dequantize_columns(const at::Tensor& w, const at::Tensor& scal
               "be at most the row's codes");
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   check(at::empty({1, K}, f32), w, scale, offset, group, bits);
-  auto out = at::empty({N / taps, in_features * taps}, f32);
+  auto out = at::empty({in_features, N}, f32);
   if (scale.scalar_type() == at::kHalf)
     columns_into<uint16_t>(w, scale, offset, group, bits, taps, out);
   else
