@@ -65,9 +65,9 @@ def test_a_convolution_with_few_outputs_for_its_weight_takes_the_im2col_gemm(bit
             torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_plain_convolutions_run_channels_last_and_transposed_ones_keep_the_default_layout():
+def test_the_dequantize_path_runs_channels_last():
     """The dequantize + conv path gives torch's convolution a channels-last input (oneDNN's
-    faster layout for it); a transposed convolution's input is left as it comes."""
+    faster layout for it), a plain one and a transposed one held as columns alike."""
     fast = quantized({"bits": 8, "group_size": -1, "symmetric": True})
     use_kernels(fast)
     x = torch.rand(1, 3, 16, 16)
@@ -76,8 +76,9 @@ def test_plain_convolutions_run_channels_last_and_transposed_ones_keep_the_defau
         assert not fast[0].weight_bound(x)
         assert fast[0](x).is_contiguous(memory_format=channels_last)
         y = torch.rand(1, 32, 8, 8)  # into the transposed layer, NCHW
+        assert fast[4].columns and not fast[4].weight_bound(y)
         out = fast[4](y)
-    assert fast[4].geometry.transposed and out.is_contiguous()
+    assert fast[4].geometry.transposed and out.is_contiguous(memory_format=channels_last)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

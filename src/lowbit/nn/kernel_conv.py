@@ -35,10 +35,12 @@ height x width) the pixels' channels go through the affine GEMM (codes read once
 ``F.fold`` adds the kh x kw patches into place (:meth:`AffineKernelConv._col2im`); otherwise
 the codes are dequantized straight into the layer's contiguous (in, out, kh, kw) weight
 (``affine_dequantize_columns``: one native pass, as the row layout's) for torch's transposed
-convolution. Per layer of the DCGAN and the eye generator (W8, batch 1 and 16, alternating,
-ms), the GEMM won by up to 13x where a layer had >= 32K weights per pixel (the eye generator's
-1024->512 layer at 4x4, batch 1: 3.9 against 49.4 ms) and lost where it had fewer (its
-512->256 layer at 8x8, batch 16, 2K per pixel: 72.6 against 30.5); the rule
+convolution, on a channels-last input (with the contiguous weight, the generators' batch-16
+calls ran 1.1-1.2x faster so; see README). Per layer of the DCGAN and the eye generator (W8,
+batch 1 and 16, alternating, ms), the GEMM won by up to 13x where a layer had >= 32K weights
+per pixel (the eye generator's 1024->512 layer at 4x4, batch 1: 3.9 against 49.4 ms) and
+lost where it had fewer (its 512->256 layer at 8x8, batch 16, 2K per pixel: 72.6 against
+30.5); the rule
 ``batch x output positions x WEIGHT_BOUND <= out·kh·kw`` of plain convolutions sent such
 layers to the GEMM. One alternating comparison of whole models, the same process, W8 per
 channel, 2 threads, images/s, row layout -> columns (AVX-512 run; AVX2 run): dcgan-faces
@@ -121,6 +123,7 @@ class AffineKernelConv(nn.Module):
             kh, kw = g.kernel_size
             w = affine_dequantize_columns(aw, kh * kw)
             w = w.view(g.in_channels, g.out_channels, kh, kw)
+            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's faster layout here
             return g.apply(x, w.to(x.dtype), bias)
         if not g.transposed:  # oneDNN's float convolution runs channels-last faster (see above)
             x = x.contiguous(memory_format=torch.channels_last)
