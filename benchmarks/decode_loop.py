@@ -35,7 +35,10 @@ first recipe's transformers loop and to its compact fused one (lowbit's own loop
 ``fp32`` first: lowbit float32). Every loop is compared with the transformers loop on the
 same recipe: the fraction of decode
 steps whose argmax is the transformers loop's next token when both are fed that loop's tokens
-(teacher-forced), and how many greedy tokens the free-running loops share before they differ.
+(teacher-forced), and how many greedy tokens the free-running loops share before they differ;
+and how many they share with the compact loop run op by op in eager PyTorch (``compact, torch
+ops``: the same arithmetic as the fused and compiled loops, prompt inputs of 4-bit layers
+rounded to int8 included, where transformers' loop keeps a prompt's inputs float).
 
 (Many earlier README runs set ``OMP_WAIT_POLICY=PASSIVE``; on some VMs it slows llama.cpp's
 decode, its OpenMP threads sleeping between barriers: 27 against 95 tok/s on a 2-core Intel
@@ -44,7 +47,8 @@ it unset.)
 
     .venv/bin/python benchmarks/decode_loop.py \\
         [--model smollm2-135m] [--recipes fp32 w4-sym-g32 w4-sym-g32+kv16] [--prompt-tokens 512] \\
-        [--new-tokens 128] [--repeats 3] [--compile] [--llama-cpp] [--litert]
+        [--prompt-corpus wiki] [--new-tokens 128] [--repeats 3] [--compile] [--llama-cpp] \\
+        [--litert]
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from lowbit.nn.attention import install_attention
 from lowbit.runtime import Runtime
 from lowbit.runtime.llama import LlamaForward, _eps
 
+EAGER = "compact, torch ops"  # lowbit's loop, op by op: what the one-call step replaces
 LLAMA_CPP = {
     "w4-sym-g32": "Q4_0",
     "w4-rtn-g32": "Q4_1",
@@ -150,7 +155,7 @@ def runtimes(model, capacity: int, compile_step: bool) -> dict[str, Runtime]:
     forward = torch_ops.forward_for(capacity)
     if isinstance(forward, LlamaForward):
         torch_ops._forwards["compact"] = TorchOps(forward)
-        out["compact, torch ops"] = torch_ops
+        out[EAGER] = torch_ops
         out["compact, fused"] = Runtime(model)
         if compile_step:
             compiled = Runtime(model)
@@ -243,6 +248,26 @@ def forced_agreement(loop: Runtime, prompt: list[int], ref: list[int]) -> float:
     return hits / len(ref)
 
 
+def corpus_prompt(src, args) -> torch.Tensor:
+    """The first ``--prompt-tokens`` tokens of ``--prompt-corpus``'s text, (1, T)."""
+    from lowbit.data.corpora import load_corpus
+    from lowbit.data.tokens import corpus_ids
+
+    if src.tokenizer is None:
+        raise SystemExit(f"{args.model}: no tokenizer to encode --prompt-corpus with")
+    ids = corpus_ids(load_corpus(args.prompt_corpus), src.tokenizer)
+    if ids.numel() < args.prompt_tokens:
+        raise SystemExit(f"{args.prompt_corpus}: {ids.numel()} tokens, fewer than "
+                         f"--prompt-tokens {args.prompt_tokens}")  # fmt: skip
+    return ids[: args.prompt_tokens].reshape(1, -1)
+
+
+def equal_before(tokens: list[int], ref: list[int]) -> int:
+    """How many greedy tokens two loops share before their first difference."""
+    pairs = list(zip(tokens, ref, strict=False))
+    return next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+
+
 def llama_cpp_run(llm, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
     """Prefill, first token, then greedy steps: (prefill s, decode s, tokens)."""
     import time
@@ -301,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="recipes (fp32: the float model); RECIPE+kvN adds --kv-bits N's cache "
                    "(e.g. w4-sym-g32-head8+kv16)")  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--prompt-corpus", metavar="NAME",
+                   help="take the prompt from a corpus's text (e.g. wiki: its first tokens) "
+                   "instead of random token ids")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add the torch.compile loop")
@@ -309,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     src = api.load_model(args.model)
-    prompt = random_prompt(src.model.config.vocab_size, args.prompt_tokens)
+    prompt = corpus_prompt(src, args) if args.prompt_corpus else random_prompt(
+        src.model.config.vocab_size, args.prompt_tokens)  # fmt: skip
     capacity = args.prompt_tokens + args.new_tokens
     rows, recipes, first = [], {}, args.recipes[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,24 +377,26 @@ def main(argv: list[str] | None = None) -> int:
             ref_tokens = result[(name, "transformers")]["tokens"]
             for loop_name, loop in loops.items():
                 r = result[(name, loop_name)]
-                pairs = list(zip(r["tokens"], ref_tokens, strict=False))
-                same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+                same = equal_before(r["tokens"], ref_tokens)
+                eager = result.get((name, EAGER), {}).get("tokens")
+                same_eager = "-" if eager is None else equal_before(r["tokens"], eager)
                 forced = forced_agreement(loop, prompt[0].tolist(), ref_tokens) if isinstance(
                     loop, Runtime) else None  # fmt: skip
                 agree = "-" if forced is None else f"{100 * forced:.1f}%"
                 rows.append([name, loop_name, round(r["decode"], 2), f"x{r['decode'] / base:.2f}",
                              "-" if fused is None else f"x{r['decode'] / fused:.2f}",
-                             round(r["prefill"], 1), agree, same])  # fmt: skip
+                             round(r["prefill"], 1), agree, same, same_eager])  # fmt: skip
     threads = thread_settings()
     isa = torch.ops.lowbit_cpu.kernel_isa() if decode.native_ops() else "reference"
-    print(f"\n{args.model}: prompt {args.prompt_tokens} random tokens, {args.new_tokens} new "
+    kind = f"tokens of {args.prompt_corpus}" if args.prompt_corpus else "random tokens"
+    print(f"\n{args.model}: prompt {args.prompt_tokens} {kind}, {args.new_tokens} new "
           f"tokens (greedy, batch 1), {args.repeats} alternating runs, medians; "
           f"{threads['torch_threads']} threads ({threads['cpu_capability']}, kernels {isa}, "
           f"OMP_WAIT_POLICY={threads['omp_wait_policy']}, "
           f"LOWBIT_SPIN_US={threads['lowbit_spin_us']}){llama_cpp_features()}\n")  # fmt: skip
     header = ["recipe", "loop", "decode tok/s", f"x {first} transformers",
               f"x {first} compact fused", "prefill tok/s", "top-1 = transformers loop (forced)",
-              "greedy tokens equal before"]  # fmt: skip
+              "greedy tokens = transformers loop", f"greedy tokens = {EAGER}"]  # fmt: skip
     print(format_table(header, rows, markdown=True))
     return 0
 

@@ -1,7 +1,8 @@
-"""Prefill-sized products of 4-bit layers: float32 against the two paths of the affine op.
+"""Prefill-sized products of 4- and 8-bit layers: float32 against the two paths of the affine op.
 
 For each weight shape (out, in) of a model's linear layers (q/k/v and gate/up fused as the
 decode loop runs them), random symmetric 4-bit codes with float16 scales per group of 32 (Q4_0's
+grid; ``--bits 8``: symmetric 8-bit codes with one scale per output channel, ``w8-rtn``'s
 grid), and a prompt of M rows: float32 ``F.linear`` on the dequantized weight, the integer GEMM
 on int8 inputs (``act8=True``, the decode loop's prompts) and the float path (``act8=False``:
 codes dequantized tile by tile into torch's GEMM, what evaluation windows run), alternating
@@ -10,7 +11,7 @@ codes dequantized tile by tile into torch's GEMM, what evaluation windows run), 
 ``MKL_ENABLE_INSTRUCTIONS=AVX2`` to hold float32 to AVX2 as well.
 
     .venv/bin/python benchmarks/prefill_gemm.py [--rows 512] \\
-        [--shapes smollm2|tinyllama] [--rounds 15] [--threads 2]
+        [--shapes smollm2|tinyllama] [--bits 4|8] [--rounds 15] [--threads 2]
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ SHAPES = {  # (out, in) per call of one block: qkv, o_proj, gate_up, down
 }
 
 
-def weight(n: int, k: int, seed: int) -> affine.AffineWeight:
+def weight(n: int, k: int, seed: int, bits: int) -> affine.AffineWeight:
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-    scale = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half().float()
-    return affine.to_affine(codes, scale, -8 * scale, (1, 32), 4)
+    group = 32 if bits == 4 else k
+    codes = torch.randint(1, 2**bits, (n, k), dtype=torch.uint8, generator=g)  # symmetric
+    scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).half().float()
+    return affine.to_affine(codes, scale, -(2 ** (bits - 1)) * scale, (1, group), bits)
 
 
 def medians(calls: dict, rounds: int) -> dict[str, float]:
@@ -52,8 +54,8 @@ def medians(calls: dict, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def row(n: int, k: int, m: int, rounds: int, seed: int) -> list[str]:
-    aw = weight(n, k, seed)
+def row(n: int, k: int, m: int, rounds: int, seed: int, bits: int) -> list[str]:
+    aw = weight(n, k, seed, bits)
     w = affine.affine_dequantize_reference(aw)[:, :k].contiguous()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + seed))
     ms = medians({"fp32": lambda: F.linear(x, w),
@@ -70,14 +72,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2")
+    ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [row(n, k, args.rows, args.rounds, i) for i, (n, k) in enumerate(SHAPES[args.shapes])]
+    shapes = SHAPES[args.shapes]
+    rows = [row(n, k, args.rows, args.rounds, i, args.bits) for i, (n, k) in enumerate(shapes)]
     isa = torch.ops.lowbit_cpu.kernel_isa() if native_ops() else "reference (no native kernels)"
-    print(f"{args.rows} rows, {args.threads} threads, lowbit kernels: {isa}, "
-          f"{args.rounds} alternating rounds, medians")  # fmt: skip
+    print(f"{args.bits}-bit codes, {args.rows} rows, {args.threads} threads, lowbit kernels: "
+          f"{isa}, {args.rounds} alternating rounds, medians")  # fmt: skip
     header = ["out x in", "fp32 ms", "int8-input GEMM ms", "speed-up", "float tiles ms",
               "speed-up", "rel. error, int8 inputs"]  # fmt: skip
     print(format_table(header, rows))

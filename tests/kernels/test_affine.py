@@ -95,7 +95,8 @@ def test_native_matches_reference(bits, m, n, k, group, act8, isa, params, monke
     assert aw.scale.dtype == (torch.float32 if params == "f32" else torch.float16)
     assert (aw.offset.numel() == 0) == (params == "sym")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
-    int_path = act8 and bits == 4  # decode rows: the GEMV; more: the integer GEMM
+    # 4-bit decode rows: the GEMV; more rows, 4- or 8-bit: the integer GEMM
+    int_path = act8 and (bits == 4 or m > affine.GEMV_MAX_ROWS)
     reference = affine.affine_linear_act8_reference if int_path else affine.affine_linear_reference
     ref = reference(x, aw)
     got = torch.ops.lowbit_cpu.affine_linear(
@@ -193,15 +194,18 @@ def test_kernel_isa_is_reported_and_can_be_forced(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [33, 35, 70])  # above kGemvMaxM: the GEMM; row tails
 @pytest.mark.parametrize(("n", "k", "group"), [(13, 96, 32), (40, 576, 64), (10, 1536, 96)])
 @pytest.mark.parametrize("params", ["f16", "sym"])
-def test_avx_vnni_integer_gemm_equals_avx2s_to_the_bit(m, n, k, group, params, monkeypatch):
-    """The 4-bit prefill GEMM's AVX-VNNI tile sums each block with vpdpbusd where the AVX2 tile
-    takes vpmaddubsw + int16 adds: the same integers, the same float epilogue."""
+def test_avx_vnni_integer_gemm_equals_avx2s_to_the_bit(bits, m, n, k, group, params,
+                                                       monkeypatch):  # fmt: skip
+    """The prefill GEMM's AVX-VNNI tile sums each block with vpdpbusd where the AVX2 tile
+    takes vpmaddubsw + int16 adds (4-bit codes) or llama.cpp's signed products (8-bit codes):
+    the same integers, the same float epilogue."""
     if "avx_vnni" not in int8.cpu_flags():
         pytest.skip("the CPU has no AVX-VNNI")
-    aw = random_affine(n, k, group, 4, seed=m + n, params=params)
+    aw = random_affine(n, k, group, bits, seed=m + n, params=params)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
     x = torch.nn.functional.pad(x, (0, aw.padded_in - k))
     out = {}

@@ -8,14 +8,16 @@ Any integer grid is affine per block (``w = scale·u + offset``), so one kernel 
 grids, integer zero points and float offsets. :func:`to_affine` converts lowbit's saved codes and
 block params into the kernel's layout once, at load time.
 
-4-bit layers can take the ``act8`` path: each row of x is quantized to int8 per block of 32
+Layers can take the ``act8`` path: each row of x is quantized to int8 per block of 32
 inputs (scale = absmax / 127, as llama.cpp does for its activations) so that codes and inputs
 meet in integer multiply-adds; :func:`affine_linear_act8_reference` defines it. Decode-sized
-inputs (at most ``GEMV_MAX_ROWS`` rows) take it by default, through a GEMV that streams the
-packed codes; larger ones take it when the caller asks (the decode loop's prompts), through an
-integer GEMM (``csrc/affine_q8_gemm.cpp``). Otherwise (8-bit layers, evaluation windows)
-inputs stay float, as :func:`affine_linear_reference` defines (large inputs: the codes
-dequantized tile by tile into torch's GEMM).
+inputs (at most ``GEMV_MAX_ROWS`` rows) of 4-bit layers take it by default, through a GEMV that
+streams the packed codes; larger inputs of 4- and 8-bit layers take it when the caller asks
+(the decode loop's prompts), through an integer GEMM (``csrc/affine_q8_gemm.cpp``; for 8-bit
+codes 1.8–2.2x float32 with VNNI and 0.93–0.99x on AVX2 alone, where the float tiles ran
+0.63–0.90x: README, "8-bit weight-only prompts"). Otherwise (evaluation windows, 8-bit
+layers at decode) inputs stay float, as :func:`affine_linear_reference` defines (large inputs:
+the codes dequantized tile by tile into torch's GEMM).
 """
 
 from __future__ import annotations
@@ -178,36 +180,39 @@ def quantize_rows_act8(x: Tensor, block: int = RUN) -> tuple[Tensor, Tensor]:
 
 
 def affine_linear_act8_reference(x: Tensor, aw: AffineWeight) -> Tensor:
-    """The ``act8`` path of 4-bit layers: y = Σ_g scale·Σ_blocks s_x·((u − 8) · q_x)
-    + (offset + 8·scale)·Σ_g x, with x (..., K) quantized per block of 32 inputs
-    (:func:`quantize_rows_act8`) and exact float sums of x in the offset term."""
+    """The ``act8`` path: y = Σ_g scale·Σ_blocks s_x·((u − mid) · q_x)
+    + (offset + mid·scale)·Σ_g x, with x (..., K) quantized per block of 32 inputs
+    (:func:`quantize_rows_act8`), exact float sums of x in the offset term, and mid the centre
+    code (8 for 4-bit codes, 128 for 8-bit ones)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = F.pad(x.reshape(-1, k).float(), (0, aw.padded_in - k))  # (M, Kp)
-    xb = RUN
+    xb, mid = RUN, 1 << (aw.bits - 1)
     q, qs = quantize_rows_act8(x2, xb)
-    u = unpack_runs(aw.w, aw.bits).float() - 8  # (N, Kp), centred codes
+    u = unpack_runs(aw.w, aw.bits).float() - mid  # (N, Kp), centred codes
     m, n, nb = x2.shape[0], u.shape[0], aw.padded_in // xb
     dots = torch.einsum("mbk,nbk->mnb", q.reshape(m, nb, xb), u.reshape(n, nb, xb))
     per_group = aw.group // xb
     scaled = (dots * qs.unsqueeze(1)).reshape(m, n, nb // per_group, per_group).sum(-1)
     xsum = x2.reshape(m, -1, aw.group).sum(-1)  # (M, G)
     scale, offset = aw.scale.float(), offsets(aw)
-    y = (scaled * scale.unsqueeze(0)).sum(-1) + xsum @ (offset + 8 * scale).T
+    y = (scaled * scale.unsqueeze(0)).sum(-1) + xsum @ (offset + mid * scale).T
     return y.reshape(*lead, n)
 
 
 def affine_linear(x: Tensor, aw: AffineWeight, act8: bool | None = None) -> Tensor:
     """y = x · Wᵀ for x (..., K): the native op when it is available, else the reference of
-    the path the native op would take. ``act8``: whether 4-bit layers quantize the inputs to
-    int8 (:func:`affine_linear_act8_reference`); None (the layers' default) does so for
-    decode-sized inputs only, so that evaluation windows keep the reference ``QuantLinear``'s
-    numbers; the decode loop passes True for its prompts (llama.cpp's prefill arithmetic)."""
+    the path the native op would take. ``act8``: whether the inputs are quantized to int8
+    (:func:`affine_linear_act8_reference`): 4-bit layers at every size, 8-bit layers above
+    ``GEMV_MAX_ROWS`` rows (their decode GEMV reads float inputs); None (the layers' default)
+    asks it for decode-sized inputs only, so that evaluation windows keep the reference
+    ``QuantLinear``'s numbers; the decode loop passes True for its prompts (llama.cpp's
+    prefill arithmetic)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if act8 is None:
         act8 = x2.shape[0] <= GEMV_MAX_ROWS
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and native_ops()):
-        if act8 and aw.bits == 4:
+        if act8 and (aw.bits == 4 or x2.shape[0] > GEMV_MAX_ROWS):
             return affine_linear_act8_reference(x, aw).to(x.dtype)
         return affine_linear_reference(x, aw).to(x.dtype)
     if aw.padded_in != aw.in_features:

@@ -137,10 +137,10 @@ def _plain_float(module: nn.Module | Callable) -> bool:
 
 
 def _prompt(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A layer on (B, T, C) inputs in the loop: a 4-bit kernel layer quantizes its inputs to
-    int8 per block of 32 at every size (the integer GEMM; llama.cpp's prompt arithmetic, and
-    that of the decode steps), where the module itself keeps float inputs for evaluation
-    windows; other layers are their module."""
+    """A layer on (B, T, C) inputs in the loop: a 4- or 8-bit kernel layer quantizes a
+    prompt's inputs to int8 per block of 32 (the integer GEMM; llama.cpp's prompt arithmetic,
+    and that of a 4-bit layer's decode steps), where the module itself keeps float inputs for
+    evaluation windows; other layers are their module."""
     from lowbit.nn.kernel_linear import AffineKernelLinear
 
     if not isinstance(module, AffineKernelLinear) or module.shared is not None:

@@ -28,8 +28,8 @@
 //     offset term uses the exact float block sums of x.
 //   - otherwise (8-bit codes, or act8 off) codes are converted to float and FMA'd with x
 //     (8-bit codes 16 at a time with AVX-512 where the CPU has it: gemv_rows8_512).
-// Larger batches: 4-bit layers with act8 (the decode loop's prompts) run an integer GEMM on
-// int8 inputs (gemm_q8, affine_q8_gemm.cpp); otherwise (evaluation windows, 8-bit codes) the
+// Larger batches: 4- and 8-bit layers with act8 (the decode loop's prompts) run an integer GEMM
+// on int8 inputs (gemm_q8, affine_q8_gemm.cpp); otherwise (evaluation windows) the
 // weight is dequantized tile by tile into a small per-thread float buffer that stays in cache
 // and torch's GEMM runs on each tile.
 #include <torch/library.h>
@@ -315,8 +315,8 @@ template <typename P>
 at::Tensor affine_linear_as(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                             const at::Tensor& offset, int64_t group, int64_t bits, bool act8) {
   const bool big = x.size(0) > kGemvMaxM;
-  if (bits == 4 && act8)
-    return big ? gemm_q8<P>(x, w, scale, offset, group) : gemv_q8<P>(x, w, scale, offset, group);
+  if (act8 && big) return gemm_q8<P>(x, w, scale, offset, group, bits);
+  if (bits == 4 && act8) return gemv_q8<P>(x, w, scale, offset, group);
   if (big) return gemm_tiled<P>(x, w, scale, offset, group, bits);
   return bits == 4 ? gemv<4, P>(x, w, scale, offset, group) : gemv<8, P>(x, w, scale, offset, group);
 }

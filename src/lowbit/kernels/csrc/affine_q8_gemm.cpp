@@ -1,22 +1,27 @@
-// Prefill of 4-bit layers on int8 inputs (act8): an integer GEMM, AVX-512 VNNI, AVX-VNNI and AVX2.
+// Prefill of 4- and 8-bit layers on int8 inputs (act8): an integer GEMM, AVX-512 VNNI, AVX-VNNI
+// and AVX2.
 //
 // Why hand-written: dequantizing the codes into torch's float GEMM (tiled_gemm) was slower than
-// float32 itself (the GEMM does the same work plus the dequantization); multiplying 4-bit codes
+// float32 itself (the GEMM does the same work plus the dequantization); multiplying the codes
 // by int8 inputs in integer multiply-adds does 4x the work per instruction. Nothing shipped with
 // torch does it for grouped 4-bit codes (its int4 CPU kernel wants bf16 inputs; oneDNN and
-// fbgemm take int8 weights per channel, not 4-bit codes with a scale per group of 32).
+// fbgemm take int8 weights per channel, not codes with a scale and offset per group).
 //
 // The arithmetic is the decode path's (gemv_q8, affine_q8.cpp): x quantized per block of 32
-// inputs (q, s_x per block), y = sum_g s_g sum_{b in g} s_x,b ((u - 8) . q_b) + (o_g + 8 s_g) X_g.
+// inputs (q, s_x per block), y = sum_g s_g sum_{b in g} s_x,b ((u - mid) . q_b) + (o_g + mid s_g) X_g
+// with mid = 8 (4-bit codes) or 128 (8-bit codes).
 // Two changes of form make it a GEMM that keeps 16 (AVX-512) or 8 (AVX2) outputs per register:
 //   - the weights are unpacked, per block of NB output columns, into a panel of centred codes
-//     c = u - 8 (signed bytes), four consecutive k of each column in one 32-bit lane, so that
+//     c = u - mid (signed bytes), four consecutive k of each column in one 32-bit lane, so that
 //     one vpdpbusd (or vpmaddubsw) multiplies 4 inputs of one row of x by 16 (8) columns
 //     (AVX-VNNI, the 256-bit vpdpbusd of CPUs without AVX-512: 8 columns, the AVX2 tile's shape);
 //   - the inputs are made unsigned, q + 128, as the u8 operand; the extra 128 . sum(c_b) per
 //     block and column is subtracted by starting each block's integer sum at -128 sum(c_b).
-// No sum can saturate: vpdpbusd sums in int32; on AVX2 a vpmaddubsw pair is at most
-// 2 * 255 * 8 and eight of them (one block) 32640 < 2^15, so a block is summed in int16 first.
+// No sum can saturate: vpdpbusd sums in int32; on AVX2 a vpmaddubsw pair of 4-bit codes is at
+// most 2 * 255 * 8 and eight of them (one block) 32640 < 2^15, so a block is summed in int16
+// first. 8-bit codes on AVX2 would saturate that pair (2 * 255 * 128), so there the signed
+// inputs meet the codes as llama.cpp's q8_0 dot does: |c| (u8, at most 128) times q with c's
+// sign (s8, |q| <= 127), a pair at most 2 * 128 * 127 < 2^15, widened to int32 at every step.
 // The panel is rebuilt at every call (N * K bytes, against M * N * K multiply-adds).
 #include "common.h"
 
@@ -32,8 +37,12 @@ struct Panel {
   std::vector<float> scale;    // (R, NB): the column's weight scale for block b's group
 };
 
-// Fill the panel for columns n0..n0+NB (columns beyond N: code 8, scale 0, so they add 0).
-template <typename P>
+// The code that stands for 0 once centred: 8 for 4-bit codes, 128 for 8-bit ones.
+template <int Bits>
+constexpr int kMid = 1 << (Bits - 1);
+
+// Fill the panel for columns n0..n0+NB (columns beyond N: code mid, scale 0, so they add 0).
+template <int Bits, typename P>
 void fill_panel(const uint8_t* w, const P* scale, int64_t K, int64_t group, int64_t N, int64_t n0,
                 int64_t NB, Panel& p, std::vector<uint8_t>& rows) {
   const int64_t R = K / 32, G = K / group, per = group / 32;
@@ -41,17 +50,19 @@ void fill_panel(const uint8_t* w, const P* scale, int64_t K, int64_t group, int6
   p.start.resize(R * NB);
   p.scale.resize(R * NB);
   rows.resize(NB * K);
-  const __m256i mid = _mm256_set1_epi8(8);
+  const __m256i mid = _mm256_set1_epi8(static_cast<char>(kMid<Bits>));
   for (int64_t j = 0; j < NB; ++j) {
     const int64_t n = n0 + j;
     uint8_t* dst = rows.data() + j * K;
     for (int64_t b = 0; b < R; ++b) {
-      const __m256i u = n < N ? run_codes(w + n * (K / 2), 32 * b, K) : mid;
+      __m256i u = mid;
+      if (n < N && Bits == 4) u = run_codes(w + n * (K / 2), 32 * b, K);
+      if (n < N && Bits == 8) u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + 32 * b));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * b), _mm256_sub_epi8(u, mid));
       const __m256i sad = _mm256_sad_epu8(u, _mm256_setzero_si256());  // 4 partial sums of u
       const int64_t sum = _mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1) +
                           _mm256_extract_epi64(sad, 2) + _mm256_extract_epi64(sad, 3);
-      p.start[b * NB + j] = static_cast<int32_t>(-128 * (sum - 8 * 32));
+      p.start[b * NB + j] = static_cast<int32_t>(-128 * (sum - kMid<Bits> * 32));
       p.scale[b * NB + j] = n < N ? load1(scale + n * G + b / per) : 0.f;
     }
   }
@@ -159,6 +170,45 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
   store_256<MR, NV>(f, y, N, n0, cols, v0);
 }
 
+// AVX2, 8-bit codes: the signed inputs (the stored q + 128, flipped back) meet the codes as
+// |c| (unsigned) times q with c's sign, each pair widened to int32 at once (see the top).
+template <int MR, int NV>
+void tile_256_s8(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, float* y,
+                 int64_t N, int64_t n0, int64_t cols, int v0) {
+  const int64_t R = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 f[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) f[m][v] = _mm256_setzero_ps();
+  const int32_t* pc = p.codes.data() + 8 * v0;
+  for (int64_t b = 0; b < R; ++b) {
+    __m256i a[MR][NV];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) a[m][v] = _mm256_setzero_si256();
+    for (int s = 0; s < 8; ++s) {
+      const int32_t* wq = pc + (b * 8 + s) * kNB256;
+      __m256i wv[NV], wa[NV];
+      for (int v = 0; v < NV; ++v) {
+        wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 8 * v));
+        wa[v] = _mm256_abs_epi8(wv[v]);  // -128 -> 0x80: 128 as the unsigned operand
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xb = _mm256_xor_si256(_mm256_set1_epi32(word(xu + m * K + 32 * b + 4 * s)), flip);
+        for (int v = 0; v < NV; ++v) {
+          const __m256i pr = _mm256_maddubs_epi16(wa[v], _mm256_sign_epi8(xb, wv[v]));
+          a[m][v] = _mm256_add_epi32(a[m][v], _mm256_madd_epi16(pr, ones));
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const __m256 c = _mm256_loadu_ps(p.scale.data() + b * kNB256 + 8 * (v0 + v));
+      for (int m = 0; m < MR; ++m)
+        f[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][v]), _mm256_mul_ps(c, _mm256_set1_ps(xs[m * R + b])), f[m][v]);
+    }
+  }
+  store_256<MR, NV>(f, y, N, n0, cols, v0);
+}
+
 #if LOWBIT_HAS_AVXVNNI
 // AVX-VNNI: the AVX2 tile with vpdpbusd summing each block in int32 from its start (as the
 // AVX-512 tile), one instruction where AVX2 takes vpmaddubsw + an int16 add, and no vpmaddwd.
@@ -209,10 +259,16 @@ void rows_512(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Pa
 
 template <int MR, int NV>
 void rows_256(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Panel& p, float* y,
-              int64_t N, int64_t n0, int64_t cols, bool vnni) {
+              int64_t N, int64_t n0, int64_t cols, bool vnni, bool wide_codes) {
   const int64_t R = K / 32;
   for (int v0 = 0; v0 < 2; v0 += NV) {
     int64_t m = 0;
+    if (wide_codes && !vnni) {  // 8-bit codes on AVX2 (see tile_256_s8)
+      for (; m + MR <= M; m += MR)
+        tile_256_s8<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+      for (; m < M; ++m) tile_256_s8<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+      continue;
+    }
 #if LOWBIT_HAS_AVXVNNI
     if (vnni) {
       for (; m + MR <= M; m += MR)
@@ -232,7 +288,7 @@ void rows_256(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Pa
 
 template <typename P>
 at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                   const at::Tensor& offset, int64_t group) {
+                   const at::Tensor& offset, int64_t group, int64_t bits) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
   const Act8 a = quantize_act8(x, group, true, false);
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(a.q.data());  // q + 128
@@ -247,28 +303,35 @@ at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
     std::vector<uint8_t> rows;
     for (int64_t nb = b0; nb < b1; ++nb) {
       const int64_t n0 = nb * NB, cols = std::min(NB, N - n0);
-      fill_panel<P>(wp, sp, K, group, N, n0, NB, p, rows);
+      if (bits == 8)
+        fill_panel<8, P>(wp, sp, K, group, N, n0, NB, p, rows);
+      else
+        fill_panel<4, P>(wp, sp, K, group, N, n0, NB, p, rows);
       const float* xs = a.s.data();
       // Rows per tile chosen by measurement (Xeon with AVX-512 VNNI, 2 threads): 6 rows x 32
       // columns for AVX-512 (12 int32 and 12 float accumulators), 3 rows x 16 columns for
       // AVX2 (16 registers: 6 int16 sums, 2 weight registers, one input); 4, 5, 8 and 2x2,
-      // 4x1, 6x1 were slower.
+      // 4x1, 6x1 were slower. 8-bit codes on AVX2: 4 rows x 8 columns (its sums are int32 and
+      // each weight register has its absolute value beside it; 3 x 16 ran alike, 0.92-0.98x
+      // float32 against 0.93-0.99x on the small model's shapes).
       if (wide)
         rows_512<6>(xp, xs, M, K, p, yp, N, n0, cols);
+      else if (bits == 8 && !vnni)
+        rows_256<4, 1>(xp, xs, M, K, p, yp, N, n0, cols, false, true);
       else
-        rows_256<3, 2>(xp, xs, M, K, p, yp, N, n0, cols, vnni);
+        rows_256<3, 2>(xp, xs, M, K, p, yp, N, n0, cols, vnni, false);
     }
   });
-  if (offset.numel()) {  // (o_g + 8 s_g) X_g: a float GEMM of the group sums, (M, G) x (G, N)
-    const at::Tensor c = offset.to(at::kFloat) + 8 * scale.to(at::kFloat);
+  if (offset.numel()) {  // (o_g + mid s_g) X_g: a float GEMM of the group sums, (M, G) x (G, N)
+    const at::Tensor c = offset.to(at::kFloat) + (bits == 8 ? 128 : 8) * scale.to(at::kFloat);
     y.addmm_(at::from_blob(const_cast<float*>(a.xg.data()), {M, G}, x.options()), c.t());
   }
   return y;
 }
 
 template at::Tensor gemm_q8<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, int64_t);
+                                   const at::Tensor&, int64_t, int64_t);
 template at::Tensor gemm_q8<uint16_t>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, int64_t);
+                                      const at::Tensor&, int64_t, int64_t);
 
 }  // namespace lowbit_kernels

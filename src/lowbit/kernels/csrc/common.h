@@ -210,10 +210,11 @@ struct Act8 {
 };
 Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centring);
 
-// The 4-bit x int8-input prefill path (affine_q8_gemm.cpp): the same arithmetic as gemv_q8.
+// The 4- or 8-bit x int8-input prefill path (affine_q8_gemm.cpp): the same arithmetic as
+// gemv_q8 (4-bit), with codes centred on 128 for 8-bit ones.
 template <typename P>
 at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                   const at::Tensor& offset, int64_t group);
+                   const at::Tensor& offset, int64_t group, int64_t bits);
 
 // The 4-bit x int8-input decode path (affine_q8.cpp), for P = float and uint16_t (float16).
 template <typename P>
