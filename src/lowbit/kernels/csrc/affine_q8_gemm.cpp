@@ -131,15 +131,38 @@ inline void store_256(const __m256 (&f)[MR][NV], float* y, int64_t N, int64_t n0
     }
 }
 
-// AVX2: MR rows of x against NV registers of 8 columns (from column 8 * v0 of the panel's 16);
-// each block summed in int16 first. The sums use the saturating add although they cannot
-// saturate: GCC reassociates plain integer adds into a tree and spilled every product.
+// How the AVX2 tile sums one block of 32 k of a row of x (stored as q + 128) against 8 columns
+// of centred codes c (see the top):
+//   - SumU4, 4-bit codes: (q + 128) . c in int16 (it cannot saturate there), widened to int32
+//     once per block, plus the block's start (-128 sum(c));
+//   - SumS8, 8-bit codes: |c| (unsigned) times q carrying c's sign, widened at every step (q
+//     itself, so no start).
+// SumU4's int16 sums use the saturating add although they cannot saturate: GCC reassociated
+// plain integer adds into a tree and spilled every product.
+struct SumU4 {
+  static __m256i step(__m256i h, __m256i xu, __m256i c) {
+    return _mm256_adds_epi16(h, _mm256_maddubs_epi16(xu, c));
+  }
+  static __m256i total(__m256i h, __m256i start) {
+    return _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(1)), start);
+  }
+};
+struct SumS8 {
+  static __m256i step(__m256i a, __m256i xu, __m256i c) {
+    const __m256i q = _mm256_xor_si256(xu, _mm256_set1_epi8(static_cast<char>(0x80)));
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(q, c));
+    return _mm256_add_epi32(a, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  static __m256i total(__m256i a, __m256i) { return a; }
+};
+
+// AVX2: MR rows of x against NV registers of 8 columns (from column 8 * v0 of the panel's 16),
+// each block summed as Sum says.
 constexpr int64_t kNB256 = 16;
-template <int MR, int NV>
+template <class Sum, int MR, int NV>
 void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, float* y, int64_t N,
               int64_t n0, int64_t cols, int v0) {
   const int64_t R = K / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 f[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) f[m][v] = _mm256_setzero_ps();
@@ -154,7 +177,7 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
       for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 8 * v));
       for (int m = 0; m < MR; ++m) {
         const __m256i xb = _mm256_set1_epi32(word(xu + m * K + 32 * b + 4 * s));
-        for (int v = 0; v < NV; ++v) h[m][v] = _mm256_adds_epi16(h[m][v], _mm256_maddubs_epi16(xb, wv[v]));
+        for (int v = 0; v < NV; ++v) h[m][v] = Sum::step(h[m][v], xb, wv[v]);
       }
     }
     for (int v = 0; v < NV; ++v) {
@@ -162,48 +185,9 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
       const __m256i st = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.start.data() + o));
       const __m256 c = _mm256_loadu_ps(p.scale.data() + o);
       for (int m = 0; m < MR; ++m) {
-        const __m256i i = _mm256_add_epi32(_mm256_madd_epi16(h[m][v], ones), st);
+        const __m256i i = Sum::total(h[m][v], st);
         f[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(c, _mm256_set1_ps(xs[m * R + b])), f[m][v]);
       }
-    }
-  }
-  store_256<MR, NV>(f, y, N, n0, cols, v0);
-}
-
-// AVX2, 8-bit codes: the signed inputs (the stored q + 128, flipped back) meet the codes as
-// |c| (unsigned) times q with c's sign, each pair widened to int32 at once (see the top).
-template <int MR, int NV>
-void tile_256_s8(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, float* y,
-                 int64_t N, int64_t n0, int64_t cols, int v0) {
-  const int64_t R = K / 32;
-  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  __m256 f[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) f[m][v] = _mm256_setzero_ps();
-  const int32_t* pc = p.codes.data() + 8 * v0;
-  for (int64_t b = 0; b < R; ++b) {
-    __m256i a[MR][NV];
-    for (int m = 0; m < MR; ++m)
-      for (int v = 0; v < NV; ++v) a[m][v] = _mm256_setzero_si256();
-    for (int s = 0; s < 8; ++s) {
-      const int32_t* wq = pc + (b * 8 + s) * kNB256;
-      __m256i wv[NV], wa[NV];
-      for (int v = 0; v < NV; ++v) {
-        wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 8 * v));
-        wa[v] = _mm256_abs_epi8(wv[v]);  // -128 -> 0x80: 128 as the unsigned operand
-      }
-      for (int m = 0; m < MR; ++m) {
-        const __m256i xb = _mm256_xor_si256(_mm256_set1_epi32(word(xu + m * K + 32 * b + 4 * s)), flip);
-        for (int v = 0; v < NV; ++v) {
-          const __m256i pr = _mm256_maddubs_epi16(wa[v], _mm256_sign_epi8(xb, wv[v]));
-          a[m][v] = _mm256_add_epi32(a[m][v], _mm256_madd_epi16(pr, ones));
-        }
-      }
-    }
-    for (int v = 0; v < NV; ++v) {
-      const __m256 c = _mm256_loadu_ps(p.scale.data() + b * kNB256 + 8 * (v0 + v));
-      for (int m = 0; m < MR; ++m)
-        f[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][v]), _mm256_mul_ps(c, _mm256_set1_ps(xs[m * R + b])), f[m][v]);
     }
   }
   store_256<MR, NV>(f, y, N, n0, cols, v0);
@@ -257,18 +241,12 @@ void rows_512(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Pa
   for (; m < M; ++m) tile_512<1>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols);
 }
 
-template <int MR, int NV>
+template <class Sum, int MR, int NV>
 void rows_256(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Panel& p, float* y,
-              int64_t N, int64_t n0, int64_t cols, bool vnni, bool wide_codes) {
+              int64_t N, int64_t n0, int64_t cols, bool vnni) {
   const int64_t R = K / 32;
   for (int v0 = 0; v0 < 2; v0 += NV) {
     int64_t m = 0;
-    if (wide_codes && !vnni) {  // 8-bit codes on AVX2 (see tile_256_s8)
-      for (; m + MR <= M; m += MR)
-        tile_256_s8<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
-      for (; m < M; ++m) tile_256_s8<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
-      continue;
-    }
 #if LOWBIT_HAS_AVXVNNI
     if (vnni) {
       for (; m + MR <= M; m += MR)
@@ -279,8 +257,8 @@ void rows_256(const uint8_t* xu, const float* xs, int64_t M, int64_t K, const Pa
     }
 #endif
     for (; m + MR <= M; m += MR)
-      tile_256<MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
-    for (; m < M; ++m) tile_256<1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+      tile_256<Sum, MR, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
+    for (; m < M; ++m) tile_256<Sum, 1, NV>(xu + m * K, xs + m * R, K, p, y + m * N, N, n0, cols, v0);
   }
 }
 
@@ -317,9 +295,9 @@ at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       if (wide)
         rows_512<6>(xp, xs, M, K, p, yp, N, n0, cols);
       else if (bits == 8 && !vnni)
-        rows_256<4, 1>(xp, xs, M, K, p, yp, N, n0, cols, false, true);
+        rows_256<SumS8, 4, 1>(xp, xs, M, K, p, yp, N, n0, cols, false);
       else
-        rows_256<3, 2>(xp, xs, M, K, p, yp, N, n0, cols, vnni, false);
+        rows_256<SumU4, 3, 2>(xp, xs, M, K, p, yp, N, n0, cols, vnni);
     }
   });
   if (offset.numel()) {  // (o_g + mid s_g) X_g: a float GEMM of the group sums, (M, G) x (G, N)
