@@ -24,7 +24,7 @@ constexpr int64_t kMaxM = 8;      // rows of x handled per weight pass
 // from DRAM and doubled the error.
 constexpr int64_t kPrefetch = 8192;  // bytes ahead in the weight stream (one core alone does not
                                      // keep enough DRAM reads in flight without it)
-constexpr int64_t kGemvMaxM = 32;  // above this, dequantize + GEMM (GEMV_MAX_ROWS in affine.py)
+constexpr int64_t kGemvMaxM = 32;  // above this, a GEMM (GEMV_MAX_ROWS in affine.py)
 
 // Functions that use AVX-512 VNNI in a library built for AVX2 (called only where use_avx512()).
 #define LOWBIT_AVX512 \
