@@ -37,8 +37,8 @@ same recipe: the fraction of decode
 steps whose argmax is the transformers loop's next token when both are fed that loop's tokens
 (teacher-forced), and how many greedy tokens the free-running loops share before they differ;
 and how many they share with the compact loop run op by op in eager PyTorch (``compact, torch
-ops``: the same arithmetic as the fused and compiled loops, prompt inputs of 4-bit layers
-rounded to int8 included, where transformers' loop keeps a prompt's inputs float).
+ops``: the same arithmetic as the fused and compiled loops, prompt inputs of 4- and 8-bit
+layers rounded to int8 included, where transformers' loop keeps a prompt's inputs float).
 
 (Many earlier README runs set ``OMP_WAIT_POLICY=PASSIVE``; on some VMs it slows llama.cpp's
 decode, its OpenMP threads sleeping between barriers: 27 against 95 tok/s on a 2-core Intel

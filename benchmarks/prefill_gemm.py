@@ -36,7 +36,8 @@ SHAPES = {  # (out, in) per call of one block: qkv, o_proj, gate_up, down
 def weight(n: int, k: int, seed: int, bits: int) -> affine.AffineWeight:
     g = torch.Generator().manual_seed(seed)
     group = 32 if bits == 4 else k
-    codes = torch.randint(1, 2**bits, (n, k), dtype=torch.uint8, generator=g)  # symmetric
+    low = 0 if bits == 4 else 1  # Q4_0's codes -8..7; a symmetric int8 grid's -127..127
+    codes = torch.randint(low, 2**bits, (n, k), dtype=torch.uint8, generator=g)
     scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).half().float()
     return affine.to_affine(codes, scale, -(2 ** (bits - 1)) * scale, (1, group), bits)
 

@@ -123,6 +123,36 @@ def test_prompts_take_int8_inputs_where_evaluation_keeps_float(recipe, monkeypat
     assert 1e-4 < rel(ours, float_inputs) < 0.1
 
 
+@pytest.mark.parametrize("recipe", ["w4-sym-g32", "w8-rtn"])
+def test_decode_calls_keep_their_inputs_past_32_rows(recipe):
+    """A continuous batch of more than PROMPT_ROWS rows runs the per-op decode loop on the
+    layers' native calls: an 8-bit layer keeps float inputs there (as at fewer rows, and as
+    its module), a 4-bit one rounds them to int8 (its decode arithmetic at every size)."""
+    from lowbit import api
+    from lowbit.kernels import affine
+    from lowbit.kernels.build import native_ops
+    from lowbit.models.kernels import use_kernels
+
+    if not native_ops():
+        pytest.skip("the layers' native calls need the native kernels")
+    model = tiny_llama(vocab=64, hidden=64)
+    api.quantize(model, recipe, progress=False)
+    use_kernels(model)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    layer = LlamaForward(model).layers[0]
+    x = torch.randn(decode.PROMPT_ROWS + 8, 64, generator=torch.Generator().manual_seed(0))
+    aw = affine.AffineWeight(o_proj.w, o_proj.scale, o_proj.offset, o_proj.group, o_proj.bits,
+                             o_proj.in_features)  # fmt: skip
+    with torch.inference_mode():
+        want = affine.affine_linear(x, aw, act8=recipe == "w4-sym-g32")
+        assert rel(layer.fast[1](x), want) < 1e-6  # the per-op decode loop's call
+        # one position per row through the prompt path (e.g. every logit asked for)
+        assert rel(layer.o_proj(x.unsqueeze(1)).squeeze(1), want) < 1e-6
+        prompt = x.view(2, -1, 64)  # a prompt's rows: int8 inputs for 4- and 8-bit layers
+        got = layer.o_proj(prompt).reshape(x.shape[0], -1)
+        assert rel(got, affine.affine_linear(x, aw, act8=True)) < 1e-6
+
+
 def _stepped_and_looped(model, seed: int, pad_row: int, pad: int) -> list[tuple]:
     """(logits of a prompt and 4 decode steps, the cache's stored tensors, decode_step calls)
     with the one-call step and with the per-op loop, 2 rows, one of them left-padded."""

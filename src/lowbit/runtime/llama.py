@@ -73,9 +73,10 @@ def _online(module: nn.Module) -> Callable[[Tensor], Tensor]:
 class _Native:
     """A layer's decode call on the native ops: ``parts`` side by side, each ``(kind, group,
     bits, tensors)``: float weights (kind 0, ``(w,)``), affine codes (kind 1, ``(codes,
-    scale, offset)``, 4-bit inputs rounded to int8) or W8A8 codes (kind 2, ``(panels or
-    codes, scale)``, inputs rounded per row). Callable on a (B, C) input, and what the
-    one-call step (``lowbit_cpu::decode_step``, :attr:`LlamaForward._step`) reads."""
+    scale, offset)``, 4-bit layers' inputs rounded to int8, 8-bit layers' float at every
+    batch size) or W8A8 codes (kind 2, ``(panels or codes, scale)``, inputs rounded per row).
+    Callable on a (B, C) input, and what the one-call step (``lowbit_cpu::decode_step``,
+    :attr:`LlamaForward._step`) reads."""
 
     def __init__(self, parts: list[tuple[int, int, int, tuple[Tensor, ...]]]) -> None:
         self.parts = parts
@@ -89,7 +90,9 @@ class _Native:
         if kind == 2:
             op = ops.int8_linear if ts[0].dim() == 3 else ops.int8_linear_mm
             return lambda x: op(x, *ts)
-        return lambda x: ops.affine_linear(x, *ts, group, bits, True)
+        # act8 for 4-bit codes only: past 32 rows (a batch too big for the one-call step)
+        # 8-bit codes would take the prompts' int8 GEMM
+        return lambda x: ops.affine_linear(x, *ts, group, bits, bits == 4)
 
     def __call__(self, x: Tensor) -> Tensor:
         if len(self.calls) == 1:
@@ -152,10 +155,17 @@ def _prompt(module: nn.Module) -> Callable[[Tensor], Tensor]:
     online, bias = online_transform(module), module.bias
 
     def call(x: Tensor) -> Tensor:
-        y = affine_linear(x if online is None else online.apply(x), aw, act8=True)
+        y = affine_linear(x if online is None else online.apply(x), aw, act8=_act8(aw.bits, x))
         return y if bias is None else y + bias
 
     return call
+
+
+def _act8(bits: int, x: Tensor) -> bool:
+    """Whether the loop rounds a kernel layer's inputs ``x`` to int8: a 4-bit layer's always
+    (its decode arithmetic too), an 8-bit layer's on a prompt's (B, T > 1, C) only: its decode
+    rows, (B, C) or (B, 1, C), keep float inputs at any batch size."""
+    return bits == 4 or (x.dim() == 3 and x.shape[1] > 1)
 
 
 def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
@@ -169,7 +179,11 @@ def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
 
     call = shared  # W8A8: per-token int8 inputs at every size already
     if isinstance(shared.weight, AffineWeight):
-        call = functools.partial(affine_linear, aw=shared.weight, act8=True)
+        aw = shared.weight
+
+        def call(x: Tensor) -> Tensor:
+            return affine_linear(x, aw, act8=_act8(aw.bits, x))
+
     sizes = [m.rows[1] - m.rows[0] for m in modules]
     biases = [m.bias for m in modules]
     if all(b is None for b in biases):

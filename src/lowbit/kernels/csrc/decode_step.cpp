@@ -51,7 +51,7 @@ struct Slots {
         const at::Tensor& w = next_tensor();
         const at::Tensor& scale = next_tensor();
         const at::Tensor& offset = next_tensor();
-        outs.push_back(lowbit_kernels::affine_linear(x, w, scale, offset, group, bits, true));
+        outs.push_back(lowbit_kernels::affine_linear(x, w, scale, offset, group, bits, bits == 4));
       }
     }
     return parts == 1 ? outs[0] : at::cat(outs, 1);
