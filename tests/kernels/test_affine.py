@@ -194,6 +194,26 @@ def test_kernel_isa_is_reported_and_can_be_forced(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("code", [0, 255])  # centred -128 and 127: the widest products
+def test_8bit_prompt_gemm_holds_the_extreme_products(isa, code, monkeypatch):
+    """Every input at ±absmax (codes ±127) against 8-bit codes 0 or 255: each vpmaddubsw pair
+    of the AVX2 tile is 2·128·127 = 32512 or 2·127·127, the largest there is, and the sums
+    equal the reference's (no saturation, -128 handled by |c| and the inputs' sign)."""
+    if isa == "avx2":
+        monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
+    n, k = 24, 256
+    codes = torch.full((n, k), code, dtype=torch.uint8)
+    scale = torch.full((n, 1), 2.0**-10)
+    aw = affine.to_affine(codes, scale, -128 * scale, (1, k), 8)
+    x = torch.tensor([1.0, -1.0]).repeat(40 * k // 2).reshape(40, k)  # mixed signs
+    x[14:27], x[27:] = -1.0, 1.0  # rows of one sign
+    x = x * torch.arange(1, 41).unsqueeze(1)  # a different absmax per row
+    got = affine.affine_linear(x, aw, act8=True)
+    assert torch.allclose(got, affine.affine_linear_act8_reference(x, aw), rtol=1e-6, atol=1e-6)
+
+
+@needs_native
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [33, 35, 70])  # above kGemvMaxM: the GEMM; row tails
 @pytest.mark.parametrize(("n", "k", "group"), [(13, 96, 32), (40, 576, 64), (10, 1536, 96)])
