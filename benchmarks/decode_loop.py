@@ -252,10 +252,14 @@ def corpus_prompt(src, args) -> torch.Tensor:
     """The first ``--prompt-tokens`` tokens of ``--prompt-corpus``'s text, (1, T)."""
     from lowbit.data.corpora import load_corpus
     from lowbit.data.tokens import corpus_ids
+    from lowbit.errors import LowbitError
 
     if src.tokenizer is None:
         raise SystemExit(f"{args.model}: no tokenizer to encode --prompt-corpus with")
-    ids = corpus_ids(load_corpus(args.prompt_corpus), src.tokenizer)
+    try:
+        ids = corpus_ids(load_corpus(args.prompt_corpus), src.tokenizer)
+    except LowbitError as exc:
+        raise SystemExit(f"--prompt-corpus: {exc}") from None
     if ids.numel() < args.prompt_tokens:
         raise SystemExit(f"{args.prompt_corpus}: {ids.numel()} tokens, fewer than "
                          f"--prompt-tokens {args.prompt_tokens}")  # fmt: skip

@@ -177,12 +177,14 @@ def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
         return lambda x: torch.cat([c(x) for c in calls], dim=-1)
     from lowbit.kernels.affine import AffineWeight, affine_linear
 
-    call = shared  # W8A8: per-token int8 inputs at every size already
-    if isinstance(shared.weight, AffineWeight):
-        aw = shared.weight
+    aw = shared.weight
+    if isinstance(aw, AffineWeight):
 
         def call(x: Tensor) -> Tensor:
             return affine_linear(x, aw, act8=_act8(aw.bits, x))
+
+    else:
+        call = shared  # W8A8: per-token int8 inputs at every size already
 
     sizes = [m.rows[1] - m.rows[0] for m in modules]
     biases = [m.bias for m in modules]
