@@ -110,12 +110,13 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, const float* xs4, int64_t 
         a[m] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_load_ps(xs4 + (m * C + c) * 8)), s, a[m]);
       }
     };
-    prefetch_row(wb + kPrefetch, K / 2);
     int64_t c = 0;
     for (; c + 2 <= C; c += 2) {
+      prefetch_lines<1>(wb + 32 * c);
       chunk(c, acc[0]);
       chunk(c + 1, acc[A - 1]);
     }
+    prefetch_rest(wb + 32 * c, K / 2 - 32 * c);
     if (c < C) chunk(c, acc[0]);
     float tail[M];
     for (int m = 0; m < M; ++m) tail[m] = 0.f;
@@ -182,14 +183,15 @@ void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const fl
     const P* sc = scale + n * R;
     const P* of = offset ? offset + n * R : nullptr;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), z = _mm256_setzero_ps();
-    prefetch_row(wb + kPrefetch, K / 2);
     for (int64_t b = 0; b < B; ++b) {
+      prefetch_lines<2>(wb + 128 * b);
       const __m256 S = block(8 * b, load8(sc + 8 * b), of ? load8(of + 8 * b) : __m256{}, z);
       chunk(wb, 4 * b, idx[0], S, a0);
       chunk(wb, 4 * b + 1, idx[1], S, a1);
       chunk(wb, 4 * b + 2, idx[2], S, a0);
       chunk(wb, 4 * b + 3, idx[3], S, a1);
     }
+    prefetch_rest(wb + 128 * B, K / 2 - 128 * B);
     if (left) {
       const __m256 S = block(8 * B, load8_part(sc + 8 * B, left),
                              of ? load8_part(of + 8 * B, left) : __m256{}, z);
@@ -284,12 +286,13 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
       chunk_512<M>(wb, chunk_scales<Mode>(sc, c, shift, walk, halves), mask, xq, xs2, corr, K, C,
                    c, a);
     };
-    prefetch_row(wb + kPrefetch, K / 2);
     int64_t c = 0;
     for (; c + 2 <= C; c += 2) {
+      prefetch_lines<1>(wb + 32 * c);
       chunk(c, acc[0]);
       chunk(c + 1, acc[1]);
     }
+    prefetch_rest(wb + 32 * c, K / 2 - 32 * c);
     if (c < C) chunk(c, acc[0]);
     float tail[M];
     for (int m = 0; m < M; ++m) tail[m] = 0.f;
@@ -360,14 +363,15 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
     const P* sc = scale + n * R;
     const P* of = offset ? offset + n * R : nullptr;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), z = _mm512_setzero_ps();
-    prefetch_row(wb + kPrefetch, K / 2);
     for (int64_t b = 0; b < B; ++b) {
+      prefetch_lines<4>(wb + 256 * b);
       const __m512 S = block(sc, of, 16 * b, all, z);
       for (int j = 0; j < 8; j += 2) {
         chunk(wb, 8 * b + j, idx[j], S, a0);
         chunk(wb, 8 * b + j + 1, idx[j + 1], S, a1);
       }
     }
+    prefetch_rest(wb + 256 * B, K / 2 - 256 * B);
     if (left) {  // fewer than 8 chunks: their parameters by a masked load
       const __m512 S = block(sc, of, 16 * B, rest, z);
       for (int64_t j = 0; j < left; ++j)

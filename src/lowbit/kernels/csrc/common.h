@@ -46,12 +46,27 @@ constexpr int64_t kGemvMaxM = 32;  // above this, a GEMM (GEMV_MAX_ROWS in affin
 #define LOWBIT_AVXVNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
 #endif
 
-// Prefetches every cache line of the `bytes` at p (a weight row kPrefetch ahead of the one being
-// read). Rows of 4-bit codes are rarely a whole number of lines (K = 576: 288 bytes), so one
-// prefetch per 64 bytes read left about one line in nine to a demand miss.
+// Prefetches every cache line of the `bytes` at p. Rows of 4-bit codes are rarely a whole
+// number of lines (K = 576: 288 bytes), so one prefetch per 64 bytes read would leave about one
+// line in nine to a demand miss: a row's last bytes take this, its whole lines prefetch_lines.
 inline void prefetch_row(const uint8_t* p, int64_t bytes) {
   for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + l), _MM_HINT_T1);
   _mm_prefetch(reinterpret_cast<const char*>(p + bytes - 1), _MM_HINT_T1);
+}
+
+// The 4-bit GEMVs prefetch kPrefetch ahead of what they read, Lines lines (64 bytes each) at a
+// time, spread through the row as the other kernels here do. A whole row at the row's start
+// (16 prefetches at once for K = 2048) kept fewer reads in flight: a 5632x2048 GEMV on 2 Xeon
+// cores read 18.3-19.5 GB/s so and 21.6-21.9 spread, where torch's float32 sum read 23-24.
+template <int Lines>
+inline void prefetch_lines(const uint8_t* p) {
+  for (int l = 0; l < Lines; ++l)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch + 64 * l), _MM_HINT_T1);
+}
+
+// The rest of a row from p on (bytes < a loop step, may be 0), kPrefetch ahead.
+inline void prefetch_rest(const uint8_t* p, int64_t bytes) {
+  if (bytes > 0) prefetch_row(p + kPrefetch, bytes);
 }
 
 inline float hsum(__m256 v) {

@@ -1,0 +1,102 @@
+"""Decode-sized products (one row of x) of 4- and 8-bit layers: the bytes they read per second
+against what a plain read of memory gives on this machine.
+
+A decode step reads every weight once, so its GEMVs should stream at the memory's pace. For each
+weight shape of a model's decode step (q/k/v and gate/up fused as the decode loop runs them,
+and the output head), enough random codes to hold ``--megabytes`` (more than the last-level
+cache, so each call reads from memory) are called in turn, one row of x each: 4-bit symmetric
+codes with float16 scales per group of 32 on int8 inputs (Q4_0's grid, the decode loop's
+call), 8-bit codes per output channel on float inputs (``w8-rtn``'s, and the int8 head's
+layout). Each round times one pass over the copies and, beside it, torch's float32 sum of a
+buffer of the same size (``lowbit.eval.machine.memory_bandwidth_gbs``, ``lowbit bench``'s
+bound); medians over the rounds. The native op is called as the fused decode step calls it
+(from C++, no Python wrapper: ``affine_linear``'s adds ~30 us per call). Run once as is and
+once with ``LOWBIT_KERNEL_ISA=avx2``.
+
+    .venv/bin/python benchmarks/decode_gemv.py [--shapes tinyllama|smollm2] \\
+        [--megabytes 768] [--rounds 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from lowbit.eval import format_table
+from lowbit.eval.machine import memory_bandwidth_gbs
+from lowbit.kernels import affine
+from lowbit.kernels.build import native_ops
+from prefill_gemm import SHAPES, weight
+
+HEADS = {"smollm2": (49152, 576), "tinyllama": (32000, 2048)}  # (vocabulary, hidden)
+
+
+def nbytes(aw: affine.AffineWeight) -> int:
+    return sum(t.numel() * t.element_size() for t in (aw.w, aw.scale, aw.offset))
+
+
+def row(n: int, k: int, bits: int, megabytes: int, rounds: int, seed: int) -> list[str]:
+    first = weight(n, k, seed, bits)
+    copies = max(2, -(-megabytes * 2**20 // nbytes(first)))
+    # the copies share the grid and differ in memory only: clones of one random weight
+    weights = [first] + [
+        dataclasses.replace(first, w=first.w.clone(), scale=first.scale.clone(),
+                            offset=first.offset.clone())
+        for _ in range(copies - 1)
+    ]  # fmt: skip
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(100 + seed))
+    op, act8 = torch.ops.lowbit_cpu.affine_linear, bits == 4
+
+    def call(aw: affine.AffineWeight) -> None:
+        op(x, aw.w, aw.scale, aw.offset, aw.group, aw.bits, act8)
+
+    for aw in weights:  # fault the pages in
+        call(aw)
+    total = nbytes(first) * copies
+    rates, probes = [], []
+    for _ in range(rounds):
+        probes.append(memory_bandwidth_gbs(megabytes, repeats=1))
+        t0 = time.perf_counter()
+        for aw in weights:
+            call(aw)
+        rates.append(total / (time.perf_counter() - t0) / 1e9)
+    gbs, probe = statistics.median(rates), statistics.median(probes)
+    us = nbytes(first) / gbs / 1e3
+    return [f"{n}x{k}", str(bits), f"{nbytes(first) / 1e6:.2f}", f"{us:.0f}", f"{gbs:.1f}",
+            f"{probe:.1f}", f"{gbs / probe:.0%}"]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument(
+        "--megabytes",
+        type=int,
+        default=768,
+        help="weights read per pass (more than the last-level cache)",
+    )
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.megabytes < 1 or args.rounds < 1 or args.threads < 1:
+        raise SystemExit("--megabytes, --rounds and --threads must be at least 1")
+    torch.set_num_threads(args.threads)
+    if not native_ops():
+        raise SystemExit("lowbit's native kernels are not available here: nothing to measure")
+    isa = torch.ops.lowbit_cpu.kernel_isa()
+    shapes = [(n, k, 4) for n, k in SHAPES[args.shapes]] + [(*HEADS[args.shapes], 8)]
+    shapes += [(n, k, 8) for n, k in SHAPES[args.shapes][:1]]
+    rows = [row(n, k, b, args.megabytes, args.rounds, i) for i, (n, k, b) in enumerate(shapes)]
+    print(f"one row of x, {args.threads} threads, lowbit kernels: {isa}, {args.megabytes} MB of "
+          f"weights per pass, {args.rounds} rounds (pass, then plain read), medians")  # fmt: skip
+    header = ["out x in", "bits", "MB per call", "us per call", "GEMV GB/s", "plain read GB/s",
+              "of plain read"]  # fmt: skip
+    print(format_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
