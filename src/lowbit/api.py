@@ -91,6 +91,7 @@ def quantize(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    conv1d_to_linear(model)  # GPT-2's layers become the linears that the checks below plan
     if recipe.tune is not None:  # checked before any work
         check_tune(recipe, plan_layers(recipe, quantizable_layers(model), warn=False), calibration)
     teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None

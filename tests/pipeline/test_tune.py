@@ -60,6 +60,16 @@ def test_tuning_keeps_the_codes_and_brings_held_out_text_closer_to_float():
     assert any(not torch.equal(a[n].scale, b[n].scale) for n in a)
 
 
+def test_gpt2_layers_are_tuned_in_memory():
+    """GPT-2's Conv1D layers become linears before the tuning check plans them (it once saw
+    none and refused the recipe; the folder path converted them first)."""
+    from helpers import tiny_family_model
+
+    model = tiny_family_model("gpt2")
+    report = api.quantize(model, recipe({**TUNE, "steps": 4}), calib(), progress=False)
+    assert report.tune is not None and len(layers(model)) == 8  # 4 per block
+
+
 def test_a_run_that_cannot_improve_puts_the_scales_back():
     model = tiny_llama()
     api.quantize(model, recipe(None), calib(), progress=False)

@@ -15,6 +15,7 @@ from typing import Literal
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.nn.quant_linear import QuantLinear
 
 # How a feeding module's output can absorb a per-channel division by s:
 # "norm": weight (and bias) / s; "norm_plus_one": Gemma's (1 + weight) / s;
@@ -108,7 +109,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(dotted path, ModuleList) of the model's repeated decoder blocks.
 
     Known families name the path; otherwise the largest ``nn.ModuleList`` of two or more modules
-    of one class that contain linear layers is taken.
+    of one class that contain linear layers (float, or a loaded folder's quantized ones) is
+    taken.
     """
     family = family_of(model)
     if family is not None:
@@ -123,7 +125,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
             continue
         kinds = {type(child) for child in module}
-        has_linear = any(isinstance(m, nn.Linear) for m in module[0].modules())
+        has_linear = any(isinstance(m, (nn.Linear, QuantLinear)) for m in module[0].modules())
         if len(kinds) == 1 and has_linear:
             size = sum(p.numel() for p in module.parameters())
             candidates.append((size, name, module))

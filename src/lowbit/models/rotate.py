@@ -28,7 +28,14 @@ from lowbit.models.source import TensorSource, tied_names
 from lowbit.nn.online import install_online
 from lowbit.primitives.hadamard import has_hadamard, online_matrix
 
-ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm (x·w) before attention and MLP
+# Decoders whose blocks normalise the stream only before attention and before the MLP, with an
+# RMSNorm (no mean, no bias) whose scale folds into the linears that read it: x·w, or Gemma's
+# x·(1 + w) (NORM_OFFSET). Phi-3's fused q/k/v and gate/up projections read the stream as the
+# separate ones do. Gemma 2/3 (and OLMo 2) also normalise each sub-block's output before it is
+# added to the stream: a norm's per-channel scale after the rotation does not commute with it,
+# so no folded rotation keeps their function; LayerNorm models (OPT, GPT-2) subtract the mean.
+ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+NORM_OFFSET = {"gemma": 1.0}  # the norm's scale is offset + w
 Getter = Callable[[str], Tensor]
 
 
@@ -44,7 +51,9 @@ class Rotator:
         kind = getattr(config, "model_type", None)
         if kind not in ROTATABLE:
             raise LowbitError(f"rotate: folding a rotation needs RMSNorm-before-linear decoders "
-                              f"({', '.join(ROTATABLE)}); {kind!r} is not one")  # fmt: skip
+                              f"({', '.join(ROTATABLE)}); {kind!r} is not one{_why_not(model)}; "
+                              f"quantize it without rotate")  # fmt: skip
+        self.offset = NORM_OFFSET.get(kind, 0.0)
         hidden = config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
         for n, what in ((hidden, "hidden size"), (head_dim, "head size")):
@@ -63,6 +72,8 @@ class Rotator:
             raise LowbitError(f"rotate: the matrix is {tuple(self.q.shape)}, the hidden size "
                               f"{hidden}")  # fmt: skip
         self.h = orthogonal(head_dim, options) if options.heads else None
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.kv_rows = kv_heads * head_dim  # v_proj's rows (inside a fused qkv_proj)
         self.heads = None if heads is None else heads.double()
         if self.heads is not None:
             shape = (len(find_blocks(model)[1]), head_dim, head_dim)
@@ -82,13 +93,21 @@ class Rotator:
             b = f"{prefix}.{i}."
             attn, mlp = f"{b}self_attn.", f"{b}mlp."
             n1, n2 = f"{b}input_layernorm.weight", f"{b}post_attention_layernorm.weight"
-            ops[n1] = ops[n2] = ("ones",)
-            for name in ("q_proj", "k_proj"):
-                ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, None)
+            ops[n1] = ops[n2] = ("unit",)
             head = i if self.h is not None else None  # which block's head matrix, if any
-            ops[f"{attn}v_proj.weight"] = ("reads", f"{attn}v_proj.weight", n1, head)
+            if hasattr(block.self_attn, "qkv_proj"):  # Phi-3: q, k, v rows in one weight
+                ops[f"{attn}qkv_proj.weight"] = ("reads", f"{attn}qkv_proj.weight", n1, head)
+            else:
+                for name in ("q_proj", "k_proj"):
+                    ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, None)
+                ops[f"{attn}v_proj.weight"] = ("reads", f"{attn}v_proj.weight", n1, head)
             ops[f"{attn}o_proj.weight"] = ("writes", head, False)
-            for name in ("gate_proj", "up_proj"):
+            readers = (
+                ("gate_up_proj",)
+                if hasattr(block.mlp, "gate_up_proj")
+                else ("gate_proj", "up_proj")
+            )
+            for name in readers:
                 ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, None)
             ops[f"{mlp}down_proj.weight"] = ("writes", None, self.online is not None)
             self._biases(block, b, i)
@@ -96,7 +115,7 @@ class Rotator:
         head = _name_of(model, model.get_output_embeddings())
         norm = _final_norm(model, prefix)
         ops[f"{embed}.weight"] = ("reads", f"{embed}.weight", None, None)
-        ops[f"{norm}.weight"] = ("ones",)
+        ops[f"{norm}.weight"] = ("unit",)
         source = f"{embed}.weight" if tied_names(model) else f"{head}.weight"
         ops[f"{head}.weight"] = ("reads", source, f"{norm}.weight", None)
         self.ends = {"embed": f"{embed}.weight", "head": f"{head}.weight",
@@ -125,12 +144,17 @@ class Rotator:
     def tensor(self, name: str, get: Getter) -> Tensor:
         """The rotated float32 value of ``name``; ``get`` reads a float32 tensor by name."""
         op = self.ops[name]
-        if op[0] == "ones":
-            return torch.ones_like(get(name))
+        if op[0] == "unit":  # a norm whose scale was folded: 1 (Gemma's w = 0)
+            return torch.full_like(get(name), 1.0 - self.offset)
         if op[0] == "reads":
             _, source, norm, block = op
-            w = reads(get(source), self.q, None if norm is None else get(norm))
-            return w if block is None else head_rows(w, self.head(block))
+            w = reads(get(source), self.q, None if norm is None else get(norm) + self.offset)
+            if block is None:
+                return w
+            if not source.endswith("qkv_proj.weight"):
+                return head_rows(w, self.head(block))
+            v = w.shape[0] - self.kv_rows  # Phi-3: the values are the last kv_rows rows
+            return torch.cat([w[:v], head_rows(w[v:], self.head(block))])
         if op[0] == "writes":
             w = get(name)
             w = writes(w if op[1] is None else head_columns(w, self.head(op[1])), self.q)
@@ -197,6 +221,20 @@ class RotatedSource(TensorSource):
 
     def item(self, name: str) -> Tensor | object:
         return self.load(name).contiguous() if name in self.rotator.ops else self.base.item(name)
+
+
+def _why_not(model: nn.Module) -> str:
+    """What in the model's blocks a folded rotation cannot keep (or "")."""
+    try:
+        block = find_blocks(model)[1][0]
+    except (LowbitError, IndexError):
+        return ""
+    names = [n for n, m in block.named_children() if "norm" in type(m).__name__.lower()]
+    if any(isinstance(m, nn.LayerNorm) for m in block.modules()):
+        return " (its LayerNorms subtract the mean and add a bias)"
+    if len(names) > 2:
+        return f" (its blocks also normalise sub-block outputs: {', '.join(names)})"
+    return ""
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
