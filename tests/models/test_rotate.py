@@ -19,7 +19,7 @@ def _perturb_norms(model):
     """Random norm scales (a fresh model's are all 1: folding them would prove nothing)."""
     g = torch.Generator().manual_seed(7)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
             p.data = 1 + 0.5 * torch.rand(p.shape, generator=g)
         elif name.endswith("bias"):
             p.data = torch.randn(p.shape, generator=g)
@@ -27,10 +27,14 @@ def _perturb_norms(model):
 
 @pytest.mark.parametrize("heads", [False, True])
 @pytest.mark.parametrize("kind", ["hadamard", "random"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma"])
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "opt", "gpt2"]
+)
 def test_rotation_leaves_the_float_model_unchanged(family, kind, heads):
     """Phi-3: fused q/k/v and gate/up weights (the values' head rotation on qkv_proj's last
-    rows); Gemma: norms that scale by 1 + w, so a folded norm keeps w = 0."""
+    rows); Gemma: norms that scale by 1 + w, so a folded norm keeps w = 0; OPT and GPT-2:
+    LayerNorms (random scales and biases) whose mean the rotation keeps, their biases folded
+    into the readers' biases and, for the head, into the final norm's."""
     model = tiny_family_model(family)
     _perturb_norms(model)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -39,10 +43,13 @@ def test_rotation_leaves_the_float_model_unchanged(family, kind, heads):
         rotate_model(model, RotateOptions(kind=kind, heads=heads))
         after = model(ids).logits
     assert rel(after, before) < 1e-5
-    layer = model.model.layers[0]
+    first = {"opt": "model.decoder.layers.0.self_attn_layer_norm",
+             "gpt2": "transformer.h.0.ln_1"}  # fmt: skip
+    norm = model.get_submodule(first.get(family, "model.layers.0.input_layernorm"))
     unit = 0.0 if family == "gemma" else 1.0
-    assert torch.equal(layer.input_layernorm.weight,
-                       torch.full_like(layer.input_layernorm.weight, unit))  # fmt: skip
+    assert torch.equal(norm.weight, torch.full_like(norm.weight, unit))
+    if family in ("opt", "gpt2"):
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
 
 
 def test_a_tied_head_is_untied_and_the_embedding_keeps_no_norm():
@@ -60,16 +67,19 @@ def test_orthogonal_matrices_are_seeded():
 
 
 @pytest.mark.parametrize(
-    ("family", "why"),
-    [("gpt2", "LayerNorms subtract the mean"), ("opt", "LayerNorms subtract the mean"),
-     ("gemma2", "post_feedforward_layernorm"), ("gemma3", "post_feedforward_layernorm")],
+    ("family", "options", "why"),
+    [("gemma2", {}, "normalise the stream only before.*post_feedforward_layernorm.*without rotate"),
+     ("gemma3", {}, "normalise the stream only before.*post_feedforward_layernorm.*without rotate"),
+     ("opt", {"online": ("down_proj",)}, "LayerNorm.*no online rotation"),
+     ("gpt2", {"kind": "learned"}, "LayerNorm.*kind hadamard or random")],
 )  # fmt: skip
-def test_families_it_cannot_fold_are_a_clear_error(family, why):
+def test_rotations_it_cannot_fold_are_a_clear_error(family, options, why):
     model = tiny_family_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LowbitError, match=f"RMSNorm-before-linear.*{why}.*without rotate"):
-        rotate_model(model, RotateOptions())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    with pytest.raises(LowbitError, match=why):
+        rotate_model(model, RotateOptions(**options))
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if k in after)  # untouched
 
 
 def test_streamed_rotation_equals_rotation_in_memory(tiny_folder, tmp_path):
@@ -142,14 +152,16 @@ def test_an_online_rotation_is_carried_saved_loaded_and_decoded(tiny_folder, tmp
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma"])
+@pytest.mark.parametrize("family", ["phi3", "gemma", "opt", "gpt2"])
 def test_families_outside_the_named_ones_save_and_load_their_rotation(family, tmp_path):
     """A loaded folder finds its blocks among quantized layers (Phi-3 is no family that
-    lowbit names) to install the online rotations its weights expect."""
+    lowbit names) to install the online rotations its weights expect; a LayerNorm model's
+    folded biases (the final norm's included) are saved and loaded."""
     model = tiny_family_model(family)
     _perturb_norms(model)
+    online = () if family in ("opt", "gpt2") else ("down_proj",)
     recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
-                                 rotate=RotateOptions(online=("down_proj",)))  # fmt: skip
+                                 rotate=RotateOptions(online=online))  # fmt: skip
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         before = model(ids).logits
@@ -158,3 +170,24 @@ def test_families_outside_the_named_ones_save_and_load_their_rotation(family, tm
         folder = api.save(model, tmp_path / "q", report)
         got = api.load(folder, kernels=False).model(ids).logits
     assert rel(got, mem) < 1e-5 and rel(mem, before) < 0.05
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "phi3", "gemma"])
+def test_streamed_rotation_equals_rotation_in_memory_on_other_families(family, tmp_path):
+    """GPT-2's checkpoint holds its Conv1D weights as (in, out): the streamed rotation reads
+    and writes them so, the in-memory one on the linears made from them."""
+    from helpers import make_tokenizer
+
+    model = tiny_family_model(family)
+    _perturb_norms(model)
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
+                                 rotate=RotateOptions(heads=True))  # fmt: skip
+    streamed, _ = api.quantize_to(str(tmp_path / "src"), recipe, tmp_path / "s", progress=False)
+    ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        api.quantize(model, recipe, progress=False)
+        mem = model(ids).logits
+        got = api.load(streamed, kernels=False).model(ids).logits
+    assert rel(got, mem) < 1e-5

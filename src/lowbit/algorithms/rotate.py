@@ -6,8 +6,9 @@ norms (an RMSNorm without a scale commutes with Q: ‖xQ‖ = ‖x‖). Each lin
 stream gets W·Q, each one writing to it Qᵀ·W, the embedding E·Q. A Hadamard Q spreads the
 few huge channels of the stream over all of them, so weights and activations round with
 less error. Inside attention, each head's values can be turned by a Hadamard H of the head
-size (v_proj rows Hᵀ·W, o_proj columns W·H). Pure tensor functions; the wiring is
-:mod:`lowbit.models.rotate`.
+size (v_proj rows Hᵀ·W, o_proj columns W·H). A LayerNorm also subtracts the mean: it
+commutes with a Q that keeps the mean direction (:func:`keep_mean`). Pure tensor functions;
+the wiring is :mod:`lowbit.models.rotate`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,20 @@ def orthogonal(n: int, options: RotateOptions) -> Tensor:
         return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-distributed
     signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
     return hadamard(n, torch.float64) * signs.unsqueeze(0)
+
+
+def keep_mean(q: Tensor) -> Tensor:
+    """``q`` times the reflection that maps the mean direction u = 1/√n (after ``q``) back to
+    u, so that u·Q = u: then Q also keeps the subspace of zero-mean vectors, and a LayerNorm
+    without its scale and bias commutes with it (its mean and its norm of x·Q are x's).
+    For a Hadamard q the reflection swaps ±e1 and u: Q mixes the channels as q does."""
+    n = q.shape[0]
+    u = torch.full((n,), n**-0.5, dtype=q.dtype)
+    v = u @ q - u
+    if v.norm() < 1e-12:
+        return q
+    v = v / v.norm()
+    return q - 2 * (q @ v)[:, None] * v[None]  # q · (I − 2 v vᵀ)
 
 
 def reads(weight: Tensor, q: Tensor, scale: Tensor | None = None) -> Tensor:

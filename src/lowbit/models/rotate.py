@@ -18,12 +18,14 @@ from lowbit.algorithms.rotate import (
     RotateOptions,
     head_columns,
     head_rows,
+    keep_mean,
     orthogonal,
     reads,
     writes,
 )
 from lowbit.errors import LowbitError
 from lowbit.models.families import find_blocks
+from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.source import TensorSource, tied_names
 from lowbit.nn.online import install_online
 from lowbit.primitives.hadamard import has_hadamard, online_matrix
@@ -33,9 +35,22 @@ from lowbit.primitives.hadamard import has_hadamard, online_matrix
 # x·(1 + w) (NORM_OFFSET). Phi-3's fused q/k/v and gate/up projections read the stream as the
 # separate ones do. Gemma 2/3 (and OLMo 2) also normalise each sub-block's output before it is
 # added to the stream: a norm's per-channel scale after the rotation does not commute with it,
-# so no folded rotation keeps their function; LayerNorm models (OPT, GPT-2) subtract the mean.
+# so no folded rotation keeps their function.
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 NORM_OFFSET = {"gemma": 1.0}  # the norm's scale is offset + w
+# LayerNorm decoders (pre-norm): the stream turns by a Q that keeps the mean direction
+# (keep_mean), so a LayerNorm without scale and bias commutes with it; its scale folds into
+# the readers' weights and its bias into their biases (b + W·β); the final norm keeps a bias
+# (β/g)·Q for the head, which has none. Names relative to a block, and to the blocks' parent.
+LAYERNORM = {
+    "opt": {"norms": ("self_attn_layer_norm", "final_layer_norm"),
+            "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "values": "self_attn.v_proj", "attn_out": "self_attn.out_proj", "mlp": ("fc1",),
+            "mlp_out": "fc2", "positions": "embed_positions", "final": "final_layer_norm"},
+    "gpt2": {"norms": ("ln_1", "ln_2"), "attn": ("attn.c_attn",), "values": "attn.c_attn",
+             "attn_out": "attn.c_proj", "mlp": ("mlp.c_fc",), "mlp_out": "mlp.c_proj",
+             "positions": "wpe", "final": "ln_f"},
+}  # fmt: skip
 Getter = Callable[[str], Tensor]
 
 
@@ -49,11 +64,15 @@ class Rotator:
                  heads: Tensor | None = None) -> None:  # fmt: skip
         config = getattr(model, "config", None)
         kind = getattr(config, "model_type", None)
-        if kind not in ROTATABLE:
-            raise LowbitError(f"rotate: folding a rotation needs RMSNorm-before-linear decoders "
-                              f"({', '.join(ROTATABLE)}); {kind!r} is not one{_why_not(model)}; "
-                              f"quantize it without rotate")  # fmt: skip
+        if kind not in ROTATABLE and kind not in LAYERNORM:
+            names = ", ".join((*ROTATABLE, *LAYERNORM))
+            raise LowbitError(f"rotate: folding a rotation needs decoders that normalise the "
+                              f"stream only before their linears ({names}); {kind!r} is not "
+                              f"one{_why_not(model)}; quantize it without rotate")  # fmt: skip
         self.offset = NORM_OFFSET.get(kind, 0.0)
+        self.layernorm = LAYERNORM.get(kind)
+        if self.layernorm is not None:
+            _check_layernorm(config, options)
         hidden = config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
         for n, what in ((hidden, "hidden size"), (head_dim, "head size")):
@@ -68,6 +87,8 @@ class Rotator:
             raise LowbitError("rotate: kind learned needs its trained matrix (quantize learns "
                               "it on the calibration text first)")  # fmt: skip
         self.q = orthogonal(hidden, options) if q is None else q.double()
+        if self.layernorm is not None:
+            self.q = keep_mean(self.q)
         if self.q.shape != (hidden, hidden):
             raise LowbitError(f"rotate: the matrix is {tuple(self.q.shape)}, the hidden size "
                               f"{hidden}")  # fmt: skip
@@ -84,11 +105,16 @@ class Rotator:
         self.online = online_matrix(config.intermediate_size) if options.online else None
         self.ops: dict[str, tuple] = {}
         self.aliases: dict[str, str] = {}  # a tied head: read from the embedding
+        self.stored_t = _stored_transposed(model)  # GPT-2's Conv1D weights: (in, out) on disk
         self._plan(model)
 
     def _plan(self, model: nn.Module) -> None:
         prefix, blocks = find_blocks(model)
         ops = self.ops
+        if self.layernorm is not None:
+            self._plan_layernorm(prefix, blocks)
+            self._plan_ends(model, prefix, f"{prefix.rpartition('.')[0]}.{self.layernorm['final']}")
+            return
         for i, block in enumerate(blocks):
             b = f"{prefix}.{i}."
             attn, mlp = f"{b}self_attn.", f"{b}mlp."
@@ -111,11 +137,41 @@ class Rotator:
                 ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, None)
             ops[f"{mlp}down_proj.weight"] = ("writes", None, self.online is not None)
             self._biases(block, b, i)
+        self._plan_ends(model, prefix, _final_norm(model, prefix))
+
+    def _plan_layernorm(self, prefix: str, blocks: nn.ModuleList) -> None:
+        f, ops = self.layernorm, self.ops
+        for i, block in enumerate(blocks):
+            b = f"{prefix}.{i}."
+
+            def has_bias(layer: str, block: nn.Module = block) -> bool:
+                return isinstance(getattr(block.get_submodule(layer), "bias", None), Tensor)
+
+            head = i if self.h is not None else None
+            for norm, readers in zip(f["norms"], (f["attn"], f["mlp"]), strict=True):
+                w, beta = f"{b}{norm}.weight", f"{b}{norm}.bias"
+                ops[w], ops[beta] = ("unit",), ("zero",)
+                for r in readers:
+                    turn = head if r == f["values"] else None
+                    ops[f"{b}{r}.weight"] = ("reads", f"{b}{r}.weight", w, turn)
+                    if not has_bias(r):
+                        raise LowbitError(f"rotate: {b}{r} has no bias to take {norm}'s")
+                    ops[f"{b}{r}.bias"] = ("reads_bias", f"{b}{r}", beta, turn)
+            for out, turn in ((f["attn_out"], head), (f["mlp_out"], None)):
+                ops[f"{b}{out}.weight"] = ("writes", turn, False)
+                if has_bias(out):
+                    ops[f"{b}{out}.bias"] = ("writes_bias",)
+        positions = f"{prefix.rpartition('.')[0]}.{f['positions']}.weight"
+        ops[positions] = ("reads", positions, None, None)
+
+    def _plan_ends(self, model: nn.Module, prefix: str, norm: str) -> None:
+        ops = self.ops
         embed = _name_of(model, model.get_input_embeddings())
         head = _name_of(model, model.get_output_embeddings())
-        norm = _final_norm(model, prefix)
         ops[f"{embed}.weight"] = ("reads", f"{embed}.weight", None, None)
         ops[f"{norm}.weight"] = ("unit",)
+        if self.layernorm is not None:
+            ops[f"{norm}.bias"] = ("final_bias", norm)
         source = f"{embed}.weight" if tied_names(model) else f"{head}.weight"
         ops[f"{head}.weight"] = ("reads", source, f"{norm}.weight", None)
         self.ends = {"embed": f"{embed}.weight", "head": f"{head}.weight",
@@ -137,6 +193,14 @@ class Rotator:
             if name.endswith("layernorm") and isinstance(getattr(module, "bias", None), Tensor):
                 raise LowbitError(f"rotate: {b}{name} has a bias; only RMSNorm folds")
 
+    def _head_rows(self, t: Tensor, block: int, layer: str) -> Tensor:
+        """The values' rows (or bias) of ``t`` turned by the block's head matrix: all of
+        v_proj's, the last kv_rows of a fused q/k/v layer's (Phi-3, GPT-2)."""
+        if layer.removesuffix(".weight").rpartition(".")[2] == "v_proj":
+            return head_rows(t, self.head(block))
+        v = t.shape[0] - self.kv_rows
+        return torch.cat([t[:v], head_rows(t[v:], self.head(block))])
+
     def head(self, block: int) -> Tensor:
         """The head-size matrix of block ``block``'s values and o_proj."""
         return self.h if self.heads is None else self.heads[block]
@@ -146,15 +210,23 @@ class Rotator:
         op = self.ops[name]
         if op[0] == "unit":  # a norm whose scale was folded: 1 (Gemma's w = 0)
             return torch.full_like(get(name), 1.0 - self.offset)
+        if op[0] == "zero":  # a LayerNorm's bias, folded into its readers' biases
+            return torch.zeros_like(get(name))
+        if op[0] == "reads_bias":  # b + W·β, in the head order of the weight's rows
+            _, layer, beta, block = op
+            w = get(f"{layer}.weight").double()
+            b = (get(name).double() + w @ get(beta).double()).float()
+            return b if block is None else self._head_rows(b, block, layer)
+        if op[0] == "final_bias":  # the head's share of the final norm's bias: (β/g)·Q
+            g, beta = get(f"{op[1]}.weight").double(), get(name).double()
+            if bool((g == 0).any()):
+                raise LowbitError(f"rotate: {op[1]} has a zero scale; its bias cannot be kept "
+                                  f"for the head")  # fmt: skip
+            return ((beta / g) @ self.q).float()
         if op[0] == "reads":
             _, source, norm, block = op
             w = reads(get(source), self.q, None if norm is None else get(norm) + self.offset)
-            if block is None:
-                return w
-            if not source.endswith("qkv_proj.weight"):
-                return head_rows(w, self.head(block))
-            v = w.shape[0] - self.kv_rows  # Phi-3: the values are the last kv_rows rows
-            return torch.cat([w[:v], head_rows(w[v:], self.head(block))])
+            return w if block is None else self._head_rows(w, block, source)
         if op[0] == "writes":
             w = get(name)
             w = writes(w if op[1] is None else head_columns(w, self.head(op[1])), self.q)
@@ -190,7 +262,8 @@ def rotate_model(model: nn.Module, options: RotateOptions, q: Tensor | None = No
                  heads: Tensor | None = None) -> None:  # fmt: skip
     """Rotate a model held in memory (its tensors replaced; the function it computes kept),
     with its online rotations installed; ``q`` and ``heads`` as for :class:`Rotator`."""
-    rotator = Rotator(model, options, q, heads)
+    rotator = Rotator(model, options, q, heads)  # checks before anything changes
+    conv1d_to_linear(model)  # (out, in) weights, as the rotation reads them
     install_online_rotations(model, options)
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     new = {name: rotator.tensor(name, state.__getitem__) for name in rotator.ops}
@@ -216,11 +289,42 @@ class RotatedSource(TensorSource):
     def load(self, name: str, dtype: torch.dtype | None = torch.float32) -> Tensor:
         if name not in self.rotator.ops:
             return self.base.load(name, dtype)
-        t = self.rotator.tensor(name, self.base.load)
+        t = self.rotator.tensor(name, self._as_linear)
+        if name in self.rotator.stored_t:  # back to the checkpoint's (in, out)
+            t = t.T.contiguous()
         return t if dtype is None else t.to(dtype)
+
+    def _as_linear(self, name: str) -> Tensor:
+        """A tensor as the rotation reads it: (out, in) weights, whatever the checkpoint."""
+        t = self.base.load(name)
+        return t.T if name in self.rotator.stored_t else t
 
     def item(self, name: str) -> Tensor | object:
         return self.load(name).contiguous() if name in self.rotator.ops else self.base.item(name)
+
+
+def _check_layernorm(config, options: RotateOptions) -> None:
+    """What a LayerNorm decoder's rotation cannot do, before any work."""
+    if options.kind == "learned" or options.online:
+        raise LowbitError(f"rotate: {config.model_type} (LayerNorm) takes kind hadamard or "
+                          f"random and no online rotation")  # fmt: skip
+    hidden = config.hidden_size
+    if (
+        not getattr(config, "do_layer_norm_before", True)
+        or getattr(config, "word_embed_proj_dim", hidden) != hidden
+    ):
+        raise LowbitError(f"rotate: this {config.model_type} normalises after its sub-blocks "
+                          f"or projects its embeddings; quantize it without rotate")  # fmt: skip
+
+
+def _stored_transposed(model: nn.Module) -> set[str]:
+    """Weights a checkpoint holds as (in, out): transformers' Conv1D (GPT-2), or the linears
+    made from them (:func:`lowbit.models.normalize.conv1d_to_linear`)."""
+    out = set()
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Conv1D" or getattr(module, "stored_transposed", False):
+            out.add(f"{name}.weight")
+    return out
 
 
 def _why_not(model: nn.Module) -> str:
