@@ -13,6 +13,7 @@ Typical use::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,9 +42,7 @@ from lowbit.models.checkpoint import MANIFEST, read_manifest
 from lowbit.models.load import source_folder
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
-from lowbit.models.rotate import (
-    rotate_model,
-)
+from lowbit.models.rotate import fitted_rotation, rotate_model
 from lowbit.pipeline import QuantizeReport, quantize_weights
 from lowbit.pipeline.estimate import estimate as estimate_run
 from lowbit.pipeline.manifest import build_manifest
@@ -92,6 +91,7 @@ def quantize(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     conv1d_to_linear(model)  # GPT-2's layers become the linears that the checks below plan
+    recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     if recipe.tune is not None:  # checked before any work
         check_tune(recipe, plan_layers(recipe, quantizable_layers(model), warn=False), calibration)
     teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None
@@ -120,6 +120,7 @@ def qat(
     lowbit.QATOptions(steps=200))``. Train on text that is neither calibration nor evaluation."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     if recipe.rotate is not None:  # trained in the rotated basis, as quantize would hold it
         rotate_model(model, recipe.rotate, *(learned_matrix(model, recipe, train, progress) or ()))
     return run_qat(model, recipe, train, options or QATOptions(), progress)

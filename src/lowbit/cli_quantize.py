@@ -301,9 +301,10 @@ def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibratio
     n = min(args.analysis_samples or 2, len(calibration.windows))
     sample = CalibrationSet(calibration.corpus, n, calibration.seqlen, calibration.seed,
                             calibration.windows[:n])  # fmt: skip
-    if recipe.rotate is not None:  # measured in the basis the model is quantized in
-        from lowbit.models.rotate import rotate_model
+    from lowbit.models.rotate import fitted_rotation, rotate_model
 
+    recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, src.model))
+    if recipe.rotate is not None:  # measured in the basis the model is quantized in
         if recipe.rotate.kind == "learned":
             raise LowbitError("--target-bits/--target-size measure sensitivity in the rotated "
                               "basis, which a learned rotation only has after training; use "

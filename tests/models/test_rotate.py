@@ -191,3 +191,36 @@ def test_streamed_rotation_equals_rotation_in_memory_on_other_families(family, t
         mem = model(ids).logits
         got = api.load(streamed, kernels=False).model(ids).logits
     assert rel(got, mem) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("family", "applied"), [("gemma3", None), ("opt", ()), ("qwen2", ("down_proj",))]
+)
+def test_if_possible_drops_what_a_model_cannot_take(family, applied, tmp_path, caplog):
+    """The *-best presets' rotate block (online down_proj, if_possible): Gemma 3 goes without
+    a rotation, OPT without the online part, Qwen2 takes it all; the folder's recipe (in
+    memory and streamed) records what was applied, and the warning says why."""
+    from helpers import make_tokenizer
+    from lowbit.models.checkpoint import read_manifest
+
+    options = RotateOptions(online=("down_proj",), if_possible=True)
+    recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
+                                 rotate=options)  # fmt: skip
+    model = tiny_family_model(family)
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    with caplog.at_level("WARNING"):
+        report = api.quantize(model, recipe, progress=False)
+        folder, _ = api.quantize_to(str(tmp_path / "src"), recipe, tmp_path / "s", progress=False)
+    rotate = read_manifest(folder)["recipe"].get("rotate")
+    if applied is None:
+        assert report.recipe.rotate is None and rotate is None
+        assert "rotate skipped" in caplog.text and "post_feedforward_layernorm" in caplog.text
+    else:
+        assert report.recipe.rotate.online == applied and tuple(rotate["online"]) == applied
+        assert ("without its online part" in caplog.text) == (applied == ())
+    if applied != options.online:  # without if_possible, what it cannot take is an error
+        strict = dataclasses.replace(options, if_possible=False)
+        with pytest.raises(LowbitError, match="rotate"):
+            api.quantize(tiny_family_model(family), dataclasses.replace(recipe, rotate=strict),
+                         progress=False)  # fmt: skip

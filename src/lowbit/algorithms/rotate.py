@@ -41,7 +41,10 @@ class RotateOptions:
     run time (a fast transform, :func:`lowbit.primitives.hadamard.online_hadamard`; its
     transpose is folded into the weight): the product gate·up has outliers no offline
     rotation reaches (QuaRot's online half; the keys' and queries' half is the attention
-    block's ``hadamard``)."""
+    block's ``hadamard``).
+    ``if_possible`` (the ``*-best`` presets): a model that cannot take the rotation, or only
+    without its online part, is quantized without what it cannot take, with a warning (the
+    folder's recipe records what was applied); otherwise such a model is an error."""
 
     kind: Literal["hadamard", "random", "learned"] = "hadamard"
     heads: bool = True
@@ -50,6 +53,7 @@ class RotateOptions:
     steps: int = 100
     lr: float = 1.5
     learn_heads: bool = False
+    if_possible: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

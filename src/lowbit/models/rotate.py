@@ -9,6 +9,8 @@ of a tied model becomes its own tensor: it absorbs the final norm, the embedding
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 
 import torch
@@ -52,6 +54,7 @@ LAYERNORM = {
              "positions": "wpe", "final": "ln_f"},
 }  # fmt: skip
 Getter = Callable[[str], Tensor]
+log = logging.getLogger(__name__)
 
 
 class Rotator:
@@ -234,6 +237,28 @@ class Rotator:
         if op[0] == "writes_bias":
             return writes(get(name).unsqueeze(1), self.q).squeeze(1)
         return head_rows(get(name), self.head(op[1]))  # head_bias
+
+
+def fitted_rotation(options: RotateOptions | None, model: nn.Module) -> RotateOptions | None:
+    """``options`` as ``model`` can take them: with ``if_possible``, without the online part
+    or without any rotation where those are in the way (logged); else unchanged (a rotation
+    the model cannot take stays an error, raised where it is applied)."""
+    if options is None or not options.if_possible:
+        return options
+    tries = [options] + ([dataclasses.replace(options, online=())] if options.online else [])
+    reason = ""
+    for fit in tries:
+        try:
+            start = orthogonal(model.config.hidden_size, fit) if fit.kind == "learned" else None
+            Rotator(model, fit, start)
+        except LowbitError as exc:
+            reason = reason or str(exc)
+            continue
+        if fit is not options:
+            log.warning("rotate without its online part (the recipe's if_possible): %s", reason)
+        return fit
+    log.warning("rotate skipped (the recipe's if_possible): %s", reason)
+    return None
 
 
 def untie_head(model: nn.Module) -> None:

@@ -4,6 +4,7 @@ the manifest; under torchrun every rank calibrates and rank 0 writes."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from lowbit.models.checkpoint import write_extras, write_manifest
 from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
-from lowbit.models.rotate import RotatedSource, Rotator, install_online_rotations, untie_head
+from lowbit.models.rotate import (
+    RotatedSource,
+    Rotator,
+    fitted_rotation,
+    install_online_rotations,
+    untie_head,
+)
 from lowbit.models.source import TensorSource, skeleton
 from lowbit.models.workdir import WorkFolder
 from lowbit.pipeline.manifest import build_manifest
@@ -67,6 +74,7 @@ def quantize_to(
     model = skeleton(folder)
     tensors = TensorSource(folder)
     tensors.check(model)
+    recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     rotator = None
     if recipe.rotate is not None:  # checked before any work (a learned matrix: trained below)
         learned = recipe.rotate.kind == "learned"

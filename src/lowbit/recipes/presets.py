@@ -68,11 +68,14 @@ def _best_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     """The best recipe measured for a setting on the default model (README's tables, same
     protocol): the name says what it is for, the description what it does."""
     token8 = {"bits": 8, "granularity": "token", "dynamic": True}
-    online = {"rotate": {"online": ["down_proj"]}, "tune": {}}  # + scales tuned end to end
+    # + scales tuned end to end; a model that cannot take the rotation (or its online part)
+    # goes without it, with a warning
+    online = {"rotate": {"online": ["down_proj"], "if_possible": True}, "tune": {}}
     w4a8 = {**_recipe("w4a8-best", "gptq", _weights(4, 64)), "activations": token8, **online}
     w4 = {**_recipe("w4-g64-best", "gptq", _weights(4, 64)), **online}
     w3 = {**_recipe("w3-g32-best", "gptq", _weights(3, 32)), **online}
-    how = "Hadamard rotation folded + online before down_proj, GPTQ weights, scales tuned"
+    how = ("Hadamard rotation folded + online before down_proj (where the model takes them), "
+           "GPTQ weights, scales tuned")  # fmt: skip
     return {
         "w4-g64-best": (f"int4 asym g64: {how}", w4),
         "w3-g32-best": (f"int3 asym g32: {how}", w3),
