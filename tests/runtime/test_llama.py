@@ -9,7 +9,7 @@ from lowbit.kernels import decode
 from lowbit.runtime.hf_forward import HFForward
 from lowbit.runtime.llama import FAMILIES, LlamaForward, unsupported_reason
 
-COMPACT = ("llama", "mistral", "qwen2", "qwen3")
+COMPACT = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -55,10 +55,27 @@ def test_left_padded_rows_equal_rows_alone():
             assert rel(nxt[row], forward(torch.tensor([[9]]), alone)[0]) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "phi3", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "opt", "gpt2"])
 def test_other_families_say_why(family):
     reason = unsupported_reason(tiny_family_model(family), 64)
     assert reason and "model type" in reason
+
+
+def test_rope_it_cannot_tabulate_is_refused():
+    """Phi-3's LongRoPE switches its factors past the original context (fine below it);
+    Phi-4-mini's RoPE on part of each head; Phi-3's sliding window (every layer)."""
+    model = tiny_family_model("phi3")
+    assert unsupported_reason(model, 64) is None
+    model.config.rope_parameters = {**model.config.rope_parameters, "rope_type": "longrope",
+                                    "original_max_position_embeddings": 32}  # fmt: skip
+    assert "LongRoPE" in unsupported_reason(model, 64)
+    assert unsupported_reason(model, 32) is None
+    model = tiny_family_model("phi3")
+    model.config.rope_parameters = {**model.config.rope_parameters, "partial_rotary_factor": 0.75}
+    assert "part of each head" in unsupported_reason(model, 64)
+    model = tiny_family_model("phi3")
+    model.config.sliding_window = 16
+    assert "sliding" in unsupported_reason(model, 64)
 
 
 def test_sliding_window_shorter_than_the_context_is_refused():
@@ -88,6 +105,24 @@ def test_quantized_kernel_layers_run_on_the_compact_forward(native, recipe, kind
     counts = use_kernels(model)
     assert counts.get(kind) and counts.get("shared-input groups")
     g = torch.Generator().manual_seed(2)
+    prompt, follow = torch.randint(0, 64, (1, 7), generator=g), torch.randint(0, 64, (1, 6))
+    with torch.inference_mode():
+        ours, _ = decode_steps(LlamaForward(model), prompt, follow)
+        theirs, _ = decode_steps(HFForward(model), prompt, follow)
+    assert rel(ours, theirs) < 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["w4-sym-g32", "w8a8-dynamic"])
+def test_a_quantized_phi3_runs_on_the_compact_forward(recipe):
+    """Phi-3's fused qkv_proj and gate_up_proj as kernel layers: one call each, the same logits
+    as the model's own forward on the same layers within 1e-4."""
+    from lowbit import api
+    from lowbit.models.kernels import use_kernels
+
+    model = tiny_family_model("phi3")
+    api.quantize(model, recipe, progress=False)
+    use_kernels(model)
+    g = torch.Generator().manual_seed(3)
     prompt, follow = torch.randint(0, 64, (1, 7), generator=g), torch.randint(0, 64, (1, 6))
     with torch.inference_mode():
         ours, _ = decode_steps(LlamaForward(model), prompt, follow)
@@ -176,7 +211,7 @@ def _stepped_and_looped(model, seed: int, pad_row: int, pad: int) -> list[tuple]
 
 
 @pytest.mark.parametrize("recipe", [None, "w4-sym-g32", "w8-rtn", "w8a8-dynamic"])
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
 def test_one_call_step_equals_the_per_op_loop(family, recipe):
     """The whole decode step as one native call (``lowbit_cpu::decode_step``) runs the loop's
     ops in the loop's order: the same logits to the bit, left-padded rows included."""

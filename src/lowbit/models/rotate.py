@@ -252,7 +252,7 @@ def fitted_rotation(options: RotateOptions | None, model: nn.Module) -> RotateOp
             start = orthogonal(model.config.hidden_size, fit) if fit.kind == "learned" else None
             Rotator(model, fit, start)
         except LowbitError as exc:
-            reason = reason or str(exc)
+            reason = reason or str(exc).removesuffix("; quantize it without rotate")
             continue
         if fit is not options:
             log.warning("rotate without its online part (the recipe's if_possible): %s", reason)

@@ -27,7 +27,7 @@ from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
 from lowbit.nn.online import online_transform
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # Phi-3: fused q/k/v and gate/up
 
 
 def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
@@ -36,12 +36,20 @@ def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES:
         return f"model type {kind!r} is not one of {', '.join(FAMILIES)}"
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    rope = rope_parameters.get("rope_type", "default")
     if rope == "dynamic":
         return "dynamic RoPE scaling changes with the context length"
+    original = rope_parameters.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None) or 0  # fmt: skip
+    if rope == "longrope" and capacity > original:  # its factors switch past `original`
+        return f"LongRoPE changes its factors past {original} tokens"
+    if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+        return "RoPE on part of each head"
     window = getattr(config, "sliding_window", None)
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if window and (types != {"full_attention"} or kind == "mistral") and capacity > window:
+    every = kind in ("mistral", "phi3")  # a window on every layer without layer_types
+    if window and (types != {"full_attention"} or every) and capacity > window:
         return f"a sliding attention window of {window} tokens is shorter than {capacity}"
     if getattr(config, "mlp_bias", False) or getattr(config, "pretraining_tp", 1) != 1:
         return "MLP biases or tensor-parallel slicing"
@@ -171,6 +179,8 @@ def _act8(bits: int, x: Tensor) -> bool:
 def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
     """x -> the modules' outputs side by side; one kernel call when they share a fused weight
     (on int8 inputs, as :func:`_prompt`)."""
+    if len(modules) == 1:  # a fused weight of the checkpoint's own (Phi-3's qkv_proj)
+        return _prompt(modules[0])
     shared = _shared(modules)
     if shared is None:
         calls = [_prompt(m) for m in modules]
@@ -198,6 +208,8 @@ def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
 def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor], Tensor]:
     """:func:`_direct` for layers that run as one fused call (no biases) or are all plain float
     layers (one native call each), else ``joint``."""
+    if len(modules) == 1:
+        return _direct(modules[0])
     if all(_plain_float(m) for m in modules):
         return _Native([part for m in modules for part in _direct(m).parts])
     shared = _shared(modules)
@@ -249,11 +261,19 @@ class LlamaForward:
     @staticmethod
     def _layer(block: nn.Module, silu: bool, native: bool) -> _Layer:
         attn, mlp = block.self_attn, block.mlp
-        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+        qkv = (
+            [attn.qkv_proj]
+            if hasattr(attn, "qkv_proj")
+            else [attn.q_proj, attn.k_proj, attn.v_proj]
+        )
+        gate_up = (
+            [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+        )
         layer = _Layer(
             block.input_layernorm, _joint(qkv), getattr(attn, "q_norm", None),
             getattr(attn, "k_norm", None), _prompt(attn.o_proj), block.post_attention_layernorm,
-            _joint(gate_up), None if silu else mlp.act_fn, _prompt(mlp.down_proj),
+            _joint(gate_up), None if silu else getattr(mlp, "act_fn", None) or mlp.activation_fn,
+            _prompt(mlp.down_proj),
         )  # fmt: skip
         layer.fast = (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
         if native:
