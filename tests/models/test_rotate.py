@@ -224,3 +224,13 @@ def test_if_possible_drops_what_a_model_cannot_take(family, applied, tmp_path, c
         with pytest.raises(LowbitError, match="rotate"):
             api.quantize(tiny_family_model(family), dataclasses.replace(recipe, rotate=strict),
                          progress=False)  # fmt: skip
+
+
+def test_an_opt_without_layernorm_scales_is_a_clear_error():
+    import transformers as tf
+
+    config = tf.OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                          num_attention_heads=4, word_embed_proj_dim=64,
+                          layer_norm_elementwise_affine=False)  # fmt: skip
+    with pytest.raises(LowbitError, match="no scale and bias"):
+        rotate_model(tf.AutoModelForCausalLM.from_config(config), RotateOptions())

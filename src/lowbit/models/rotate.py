@@ -333,6 +333,9 @@ def _check_layernorm(config, options: RotateOptions) -> None:
     if options.kind == "learned" or options.online:
         raise LowbitError(f"rotate: {config.model_type} (LayerNorm) takes kind hadamard or "
                           f"random and no online rotation")  # fmt: skip
+    if not getattr(config, "layer_norm_elementwise_affine", True):
+        raise LowbitError(f"rotate: this {config.model_type}'s LayerNorms have no scale and bias "
+                          f"to fold; quantize it without rotate")  # fmt: skip
     hidden = config.hidden_size
     if (
         not getattr(config, "do_layer_norm_before", True)
