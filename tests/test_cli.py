@@ -212,6 +212,15 @@ def test_rotate_learned_trains_on_the_calibration_text(tmp_path, tiny_folder, te
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["recipe"]["rotate"]["kind"] == "learned"
     assert manifest["calibration"]["tokens"] == 128  # an RTN recipe read --calib for it
+    out = tmp_path / "asked"  # --rotate on a preset whose rotation is if_possible: asked for
+    code, _, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-g64-best", "--rotate", "hadamard",
+        "--out", str(out), "--calib", str(text_file), "--calib-samples", "6",
+        "--calib-seqlen", "32",
+    )  # fmt: skip
+    assert code == 0, err
+    rotate = json.loads((out / "lowbit.json").read_text())["recipe"]["rotate"]
+    assert rotate["kind"] == "hadamard" and rotate["if_possible"] is False
     with pytest.raises(SystemExit):  # argparse: usage and the choices, exit 2
         main(["quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--rotate", "spin",
               "--out", str(tmp_path / "x")])  # fmt: skip

@@ -166,8 +166,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     attention = attention_override(args)
     if attention is not None:  # --kv-bits: the recipe's attention block, saved with the model
         recipe = dataclasses.replace(recipe, attention=attention)
-    if args.rotate:  # the recipe's other rotate options kept
-        rotate = dataclasses.replace(recipe.rotate or RotateOptions(), kind=args.rotate)
+    if args.rotate:  # the recipe's other rotate options kept; asked for, so not if_possible
+        rotate = dataclasses.replace(recipe.rotate or RotateOptions(), kind=args.rotate,
+                                     if_possible=False)  # fmt: skip
         recipe = dataclasses.replace(recipe, rotate=rotate)
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work

@@ -226,11 +226,22 @@ def test_if_possible_drops_what_a_model_cannot_take(family, applied, tmp_path, c
                          progress=False)  # fmt: skip
 
 
-def test_an_opt_without_layernorm_scales_is_a_clear_error():
+@pytest.mark.parametrize(
+    ("family", "flag", "why"),
+    [("opt", {"layer_norm_elementwise_affine": False}, "no scale and bias"),
+     ("opt", {"_remove_final_layer_norm": True}, "no final norm"),
+     ("gpt2", {"add_cross_attention": True}, "cross-attention reads the stream")],
+)  # fmt: skip
+def test_layernorm_variants_it_cannot_fold_are_a_clear_error(family, flag, why):
+    """Configs whose weights a LayerNorm rotation would miss: an error, also for if_possible
+    (which then quantizes without the rotation), never a wrong model or a KeyError."""
     import transformers as tf
 
-    config = tf.OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                          num_attention_heads=4, word_embed_proj_dim=64,
-                          layer_norm_elementwise_affine=False)  # fmt: skip
-    with pytest.raises(LowbitError, match="no scale and bias"):
-        rotate_model(tf.AutoModelForCausalLM.from_config(config), RotateOptions())
+    from lowbit.models.rotate import fitted_rotation
+
+    base = tiny_family_model(family).config.to_dict()
+    config = type(tiny_family_model(family).config).from_dict({**base, **flag})
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(LowbitError, match=why):
+        rotate_model(model, RotateOptions())
+    assert fitted_rotation(RotateOptions(if_possible=True), model) is None

@@ -10,6 +10,7 @@ of a tied model becomes its own tensor: it absorbs the final norm, the embedding
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
@@ -30,7 +31,7 @@ from lowbit.models.families import find_blocks
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.source import TensorSource, tied_names
 from lowbit.nn.online import install_online
-from lowbit.primitives.hadamard import has_hadamard, online_matrix
+from lowbit.primitives.hadamard import has_hadamard, online_block, online_matrix
 
 # Decoders whose blocks normalise the stream only before attention and before the MLP, with an
 # RMSNorm (no mean, no bias) whose scale folds into the linears that read it: x·w, or Gemma's
@@ -105,7 +106,11 @@ class Rotator:
                 raise LowbitError(f"rotate: per-block head matrices {tuple(self.heads.shape)} "
                                   f"need heads: true and shape {shape}")  # fmt: skip
         # down_proj's input turned at run time (install_online); its weight gets W·H
-        self.online = online_matrix(config.intermediate_size) if options.online else None
+        # the online transform's width; its dense matrix is built on first use (it is large:
+        # 1.6 GB of float64 at width 14336), so a fit check (fitted_rotation) costs nothing
+        self.online_width = config.intermediate_size if options.online else None
+        if self.online_width is not None:
+            online_block(self.online_width)  # no transform of that width: an error here
         self.ops: dict[str, tuple] = {}
         self.aliases: dict[str, str] = {}  # a tied head: read from the embedding
         self.stored_t = _stored_transposed(model)  # GPT-2's Conv1D weights: (in, out) on disk
@@ -138,7 +143,7 @@ class Rotator:
             )
             for name in readers:
                 ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, None)
-            ops[f"{mlp}down_proj.weight"] = ("writes", None, self.online is not None)
+            ops[f"{mlp}down_proj.weight"] = ("writes", None, self.online_width is not None)
             self._biases(block, b, i)
         self._plan_ends(model, prefix, _final_norm(model, prefix))
 
@@ -195,6 +200,11 @@ class Rotator:
         for name, module in block.named_modules():
             if name.endswith("layernorm") and isinstance(getattr(module, "bias", None), Tensor):
                 raise LowbitError(f"rotate: {b}{name} has a bias; only RMSNorm folds")
+
+    @functools.cached_property
+    def online(self) -> Tensor | None:
+        """The dense float64 matrix of down_proj's online transform (its weight gets W·H)."""
+        return None if self.online_width is None else online_matrix(self.online_width)
 
     def _head_rows(self, t: Tensor, block: int, layer: str) -> Tensor:
         """The values' rows (or bias) of ``t`` turned by the block's head matrix: all of
@@ -333,6 +343,12 @@ def _check_layernorm(config, options: RotateOptions) -> None:
     if options.kind == "learned" or options.online:
         raise LowbitError(f"rotate: {config.model_type} (LayerNorm) takes kind hadamard or "
                           f"random and no online rotation")  # fmt: skip
+    if getattr(config, "add_cross_attention", False):
+        raise LowbitError(f"rotate: this {config.model_type}'s cross-attention reads the stream "
+                          f"too; quantize it without rotate")  # fmt: skip
+    if getattr(config, "_remove_final_layer_norm", False):
+        raise LowbitError(f"rotate: this {config.model_type} has no final norm to keep the "
+                          f"head's share of the rotation; quantize it without rotate")  # fmt: skip
     if not getattr(config, "layer_norm_elementwise_affine", True):
         raise LowbitError(f"rotate: this {config.model_type}'s LayerNorms have no scale and bias "
                           f"to fold; quantize it without rotate")  # fmt: skip
