@@ -1,5 +1,6 @@
 """Lazy checkpoint sources: a meta skeleton, tensors read one block at a time."""
 
+import pytest
 import torch
 
 from lowbit.models.source import TensorSource, materialize, release, skeleton
@@ -28,3 +29,35 @@ def test_tied_output_embedding_follows_the_input_embedding(tiny_folder):
     materialize(model, ["model.embed_tokens.weight", "lm_head.weight"], source)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not model.lm_head.weight.is_meta
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_checkpoints_saved_without_the_models_prefix_stream(family, tmp_path):
+    """GPT-2's and OPT's own hub checkpoints name their tensors from the base model
+    (``h.0.attn.c_attn.weight``, ``decoder.layers.0...``), as transformers loads them with its
+    prefix added: the streamed run reads them so, and equals the run on the loaded model."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from helpers import make_recipe, make_tokenizer, rel, tiny_family_model
+    from lowbit import api
+    from lowbit.algorithms.rotate import RotateOptions
+
+    model = tiny_family_model(family)
+    folder = tmp_path / "src"
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    head = f"{model.base_model_prefix}."
+    state = load_file(str(folder / "model.safetensors"))
+    assert any(k.startswith(head) for k in state)
+    bare = {k.removeprefix(head): v for k, v in state.items()}
+    save_file(bare, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
+                                 rotate=RotateOptions())  # fmt: skip
+    out, _ = api.quantize_to(str(folder), recipe, tmp_path / "q", progress=False)
+    src = api.load_model(str(folder))  # transformers adds the prefix
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        api.quantize(src.model, recipe, progress=False)
+        assert rel(api.load(out, kernels=False).model(ids).logits, src.model(ids).logits) < 1e-5

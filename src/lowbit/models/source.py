@@ -70,7 +70,7 @@ class TensorSource:
         entry = self.entries[name]
         try:
             with safe_open(str(entry.path), framework="pt") as f:
-                t = f.get_tensor(name)
+                t = f.get_tensor(entry.name)  # (the stored name: see _adopt_prefix)
         except Exception as exc:  # the reader's own error types; one line naming the file
             raise LowbitError(f"cannot read tensor {name!r} from {entry.path}: {exc}") from None
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
@@ -83,7 +83,9 @@ class TensorSource:
 
     def check(self, model: nn.Module) -> None:
         """Every tensor the skeleton expects is present with its shape (tied ones may be
-        absent), so that a checkpoint that disagrees with ``config.json`` fails before work."""
+        absent), so that a checkpoint that disagrees with ``config.json`` fails before work.
+        Names saved without the model's prefix are read under the model's names from then on."""
+        self._adopt_prefix(model)
         tied = tied_names(model)
         for name, t in _tensors(model).items():
             entry = self.entries.get(name)
@@ -97,6 +99,21 @@ class TensorSource:
                     f"{entry.path.name}: tensor {name!r} has shape {list(entry.shape)}, "
                     f"config.json implies {list(t.shape)}"
                 )
+
+    def _adopt_prefix(self, model: nn.Module) -> None:
+        """GPT-2's and OPT's own checkpoints were saved from the base model, so their names
+        lack the causal LM's prefix (``transformer.h.0...`` stored as ``h.0...``), which
+        transformers adds when it loads them; so does this: such entries are keyed by the
+        model's names (each Entry keeps its stored name for reading)."""
+        head = f"{getattr(model, 'base_model_prefix', '')}."
+        if head == "." or any(n.startswith(head) for n in self.entries):
+            return
+        for name in _tensors(model):
+            bare = name[len(head) :]
+            if name.startswith(head) and bare in self.entries:
+                self.entries[name] = self.entries.pop(bare)
+                if bare in self.weight_map:
+                    self.weight_map[name] = self.weight_map.pop(bare)
 
 
 def _weight_map(index: Path) -> dict[str, str]:

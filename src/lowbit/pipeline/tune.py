@@ -129,8 +129,9 @@ def tune_folder(
         install_attention(model, spec)
     teacher = skeleton(source)
     tensors = TensorSource(source)
+    tensors.check(teacher)  # (and reads names saved without the model's prefix)
     log.info("tune: the float model is held in memory while the scales are trained")
-    materialize(teacher, list(tensors.entries), tensors)
+    materialize(teacher, list(teacher.state_dict()), tensors)  # what the model has
     teacher.eval()
     try:
         record = tune_model(model, teacher, options, calibration, progress)
