@@ -95,39 +95,35 @@ def test_quantized_kernel_layers_run_on_the_compact_forward(native, recipe, kind
     """W4 and W8A8 layers on the kernels (fused q/k/v and gate/up calls, direct op calls at
     decode): the same logits as the model's own forward on the same layers, within 1e-4
     relative."""
-    from lowbit import api
-    from lowbit.models.kernels import use_kernels
-
     if not native:
         monkeypatch.setattr(decode, "_native", lambda *t: False)
-    model = tiny_llama(vocab=64, hidden=64)
-    api.quantize(model, recipe, progress=False)
-    counts = use_kernels(model)
+    counts, error = _quantized_compact_against_hf(tiny_llama(vocab=64, hidden=64), recipe, 2)
     assert counts.get(kind) and counts.get("shared-input groups")
-    g = torch.Generator().manual_seed(2)
-    prompt, follow = torch.randint(0, 64, (1, 7), generator=g), torch.randint(0, 64, (1, 6))
-    with torch.inference_mode():
-        ours, _ = decode_steps(LlamaForward(model), prompt, follow)
-        theirs, _ = decode_steps(HFForward(model), prompt, follow)
-    assert rel(ours, theirs) < 1e-4
+    assert error < 1e-4
 
 
 @pytest.mark.parametrize("recipe", ["w4-sym-g32", "w8a8-dynamic"])
 def test_a_quantized_phi3_runs_on_the_compact_forward(recipe):
     """Phi-3's fused qkv_proj and gate_up_proj as kernel layers: one call each, the same logits
     as the model's own forward on the same layers within 1e-4."""
+    counts, error = _quantized_compact_against_hf(tiny_family_model("phi3"), recipe, 3)
+    assert counts and error < 1e-4
+
+
+def _quantized_compact_against_hf(model, recipe: str, seed: int) -> tuple[dict, float]:
+    """Quantize ``model`` onto the kernels; (the kernels' counts, the largest relative
+    difference between the compact loop's and the model's own prefill and decode logits)."""
     from lowbit import api
     from lowbit.models.kernels import use_kernels
 
-    model = tiny_family_model("phi3")
     api.quantize(model, recipe, progress=False)
-    use_kernels(model)
-    g = torch.Generator().manual_seed(3)
+    counts = use_kernels(model)
+    g = torch.Generator().manual_seed(seed)
     prompt, follow = torch.randint(0, 64, (1, 7), generator=g), torch.randint(0, 64, (1, 6))
     with torch.inference_mode():
         ours, _ = decode_steps(LlamaForward(model), prompt, follow)
         theirs, _ = decode_steps(HFForward(model), prompt, follow)
-    assert rel(ours, theirs) < 1e-4
+    return counts, rel(ours, theirs)
 
 
 @pytest.mark.parametrize("recipe", ["w4-sym-g32", "w8-rtn"])
