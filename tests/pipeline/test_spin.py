@@ -116,7 +116,12 @@ def test_learning_needs_calibration_text_and_the_folding_needs_the_matrix():
     with pytest.raises(LowbitError, match="calibration text"):
         api.quantize(_model(), _recipe(), None, progress=False)
     with pytest.raises(LowbitError, match="trained matrix"):
-        Rotator(_model(), RotateOptions(kind="learned"))
+        Rotator(_model(), RotateOptions(kind="learned")).q  # noqa: B018 - the folding's
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LowbitError, match="trained matrix"):
+        rotate_model(model, RotateOptions(kind="learned"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_streamed_learning_equals_learning_in_memory(tiny_folder, tmp_path):

@@ -27,7 +27,7 @@ from lowbit.algorithms.rotate import (
     writes,
 )
 from lowbit.errors import LowbitError
-from lowbit.models.families import find_blocks
+from lowbit.models.families import family_of, find_blocks
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.source import TensorSource, tied_names
 from lowbit.nn.online import install_online
@@ -35,25 +35,19 @@ from lowbit.primitives.hadamard import has_hadamard, online_block, online_matrix
 
 # Decoders whose blocks normalise the stream only before attention and before the MLP, with an
 # RMSNorm (no mean, no bias) whose scale folds into the linears that read it: x·w, or Gemma's
-# x·(1 + w) (NORM_OFFSET). Phi-3's fused q/k/v and gate/up projections read the stream as the
-# separate ones do. Gemma 2/3 (and OLMo 2) also normalise each sub-block's output before it is
-# added to the stream: a norm's per-channel scale after the rotation does not commute with it,
-# so no folded rotation keeps their function.
+# x·(1 + w) (its Family's "norm_plus_one" feeders, lowbit.models.families). Phi-3's fused
+# q/k/v and gate/up projections read the stream as the separate ones do. Gemma 2/3 (and
+# OLMo 2) also normalise each sub-block's output before it is added to the stream: a norm's
+# per-channel scale after the rotation does not commute with it, so no folded rotation keeps
+# their function.
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-NORM_OFFSET = {"gemma": 1.0}  # the norm's scale is offset + w
 # LayerNorm decoders (pre-norm): the stream turns by a Q that keeps the mean direction
 # (keep_mean), so a LayerNorm without scale and bias commutes with it; its scale folds into
 # the readers' weights and its bias into their biases (b + W·β); the final norm keeps a bias
-# (β/g)·Q for the head, which has none. Names relative to a block, and to the blocks' parent.
-LAYERNORM = {
-    "opt": {"norms": ("self_attn_layer_norm", "final_layer_norm"),
-            "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            "values": "self_attn.v_proj", "attn_out": "self_attn.out_proj", "mlp": ("fc1",),
-            "mlp_out": "fc2", "positions": "embed_positions", "final": "final_layer_norm"},
-    "gpt2": {"norms": ("ln_1", "ln_2"), "attn": ("attn.c_attn",), "values": "attn.c_attn",
-             "attn_out": "attn.c_proj", "mlp": ("mlp.c_fc",), "mlp_out": "mlp.c_proj",
-             "positions": "wpe", "final": "ln_f"},
-}  # fmt: skip
+# (β/g)·Q for the head, which has none. The blocks' wiring (each norm and the linears that
+# read it, then the sub-blocks' output linears) is their Family's in lowbit.models.families;
+# here only the position embedding and the final norm, beside the blocks.
+LAYERNORM = {"opt": ("embed_positions", "final_layer_norm"), "gpt2": ("wpe", "ln_f")}
 Getter = Callable[[str], Tensor]
 log = logging.getLogger(__name__)
 
@@ -73,7 +67,10 @@ class Rotator:
             raise LowbitError(f"rotate: folding a rotation needs decoders that normalise the "
                               f"stream only before their linears ({names}); {kind!r} is not "
                               f"one{_why_not(model)}; quantize it without rotate")  # fmt: skip
-        self.offset = NORM_OFFSET.get(kind, 0.0)
+        family = family_of(model)
+        groups = family.scale_groups if family is not None else ()
+        plus_one = any(g.prev_kind == "norm_plus_one" for g in groups)
+        self.offset = 1.0 if plus_one else 0.0  # the norm's scale is offset + w
         self.layernorm = LAYERNORM.get(kind)
         if self.layernorm is not None:
             _check_layernorm(config, options)
@@ -87,15 +84,10 @@ class Rotator:
             ):
                 raise LowbitError(f"rotate: no Hadamard matrix of the {what} {n}; use kind: "
                                   f"random")  # fmt: skip
-        if options.kind == "learned" and q is None:
-            raise LowbitError("rotate: kind learned needs its trained matrix (quantize learns "
-                              "it on the calibration text first)")  # fmt: skip
-        self.q = orthogonal(hidden, options) if q is None else q.double()
-        if self.layernorm is not None:
-            self.q = keep_mean(self.q)
-        if self.q.shape != (hidden, hidden):
-            raise LowbitError(f"rotate: the matrix is {tuple(self.q.shape)}, the hidden size "
+        if q is not None and q.shape != (hidden, hidden):
+            raise LowbitError(f"rotate: the matrix is {tuple(q.shape)}, the hidden size "
                               f"{hidden}")  # fmt: skip
+        self._given, self._options, self._hidden = q, options, hidden
         self.h = orthogonal(head_dim, options) if options.heads else None
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.kv_rows = kv_heads * head_dim  # v_proj's rows (inside a fused qkv_proj)
@@ -120,8 +112,8 @@ class Rotator:
         prefix, blocks = find_blocks(model)
         ops = self.ops
         if self.layernorm is not None:
-            self._plan_layernorm(prefix, blocks)
-            self._plan_ends(model, prefix, f"{prefix.rpartition('.')[0]}.{self.layernorm['final']}")
+            self._plan_layernorm(model, prefix, blocks)
+            self._plan_ends(model, prefix, f"{prefix.rpartition('.')[0]}.{self.layernorm[1]}")
             return
         for i, block in enumerate(blocks):
             b = f"{prefix}.{i}."
@@ -147,8 +139,11 @@ class Rotator:
             self._biases(block, b, i)
         self._plan_ends(model, prefix, _final_norm(model, prefix))
 
-    def _plan_layernorm(self, prefix: str, blocks: nn.ModuleList) -> None:
-        f, ops = self.layernorm, self.ops
+    def _plan_layernorm(self, model: nn.Module, prefix: str, blocks: nn.ModuleList) -> None:
+        family, ops = family_of(model), self.ops
+        norms = [(g.prev, g.linears) for g in family.scale_groups if g.prev_kind == "norm"]
+        values = norms[0][1][-1]  # v_proj, or the fused q/k/v layer
+        outs = (family.sequential[1][0], family.sequential[3][0])  # attention's, the MLP's
         for i, block in enumerate(blocks):
             b = f"{prefix}.{i}."
 
@@ -156,20 +151,20 @@ class Rotator:
                 return isinstance(getattr(block.get_submodule(layer), "bias", None), Tensor)
 
             head = i if self.h is not None else None
-            for norm, readers in zip(f["norms"], (f["attn"], f["mlp"]), strict=True):
+            for norm, readers in norms:
                 w, beta = f"{b}{norm}.weight", f"{b}{norm}.bias"
                 ops[w], ops[beta] = ("unit",), ("zero",)
                 for r in readers:
-                    turn = head if r == f["values"] else None
+                    turn = head if r == values else None
                     ops[f"{b}{r}.weight"] = ("reads", f"{b}{r}.weight", w, turn)
                     if not has_bias(r):
                         raise LowbitError(f"rotate: {b}{r} has no bias to take {norm}'s")
                     ops[f"{b}{r}.bias"] = ("reads_bias", f"{b}{r}", beta, turn)
-            for out, turn in ((f["attn_out"], head), (f["mlp_out"], None)):
+            for out, turn in zip(outs, (head, None), strict=True):
                 ops[f"{b}{out}.weight"] = ("writes", turn, False)
                 if has_bias(out):
                     ops[f"{b}{out}.bias"] = ("writes_bias",)
-        positions = f"{prefix.rpartition('.')[0]}.{f['positions']}.weight"
+        positions = f"{prefix.rpartition('.')[0]}.{self.layernorm[0]}.weight"
         ops[positions] = ("reads", positions, None, None)
 
     def _plan_ends(self, model: nn.Module, prefix: str, norm: str) -> None:
@@ -200,6 +195,17 @@ class Rotator:
         for name, module in block.named_modules():
             if name.endswith("layernorm") and isinstance(getattr(module, "bias", None), Tensor):
                 raise LowbitError(f"rotate: {b}{name} has a bias; only RMSNorm folds")
+
+    @functools.cached_property
+    def q(self) -> Tensor:
+        """The residual stream's (hidden, hidden) float64 matrix, built on first use (a fit
+        check, :func:`fitted_rotation`, builds none): the given one, or ``orthogonal``'s."""
+        if self._given is None and self._options.kind == "learned":
+            raise LowbitError("rotate: kind learned needs its trained matrix (quantize learns "
+                              "it on the calibration text first)")  # fmt: skip
+        given = self._given
+        q = orthogonal(self._hidden, self._options) if given is None else given.double()
+        return keep_mean(q) if self.layernorm is not None else q
 
     @functools.cached_property
     def online(self) -> Tensor | None:
@@ -259,8 +265,7 @@ def fitted_rotation(options: RotateOptions | None, model: nn.Module) -> RotateOp
     reason = ""
     for fit in tries:
         try:
-            start = orthogonal(model.config.hidden_size, fit) if fit.kind == "learned" else None
-            Rotator(model, fit, start)
+            Rotator(model, fit)  # checks and plans; builds no matrix
         except LowbitError as exc:
             reason = reason or str(exc).removesuffix("; quantize it without rotate")
             continue
@@ -298,6 +303,7 @@ def rotate_model(model: nn.Module, options: RotateOptions, q: Tensor | None = No
     """Rotate a model held in memory (its tensors replaced; the function it computes kept),
     with its online rotations installed; ``q`` and ``heads`` as for :class:`Rotator`."""
     rotator = Rotator(model, options, q, heads)  # checks before anything changes
+    rotator.q  # noqa: B018 - built now: a learned kind without its matrix fails here
     conv1d_to_linear(model)  # (out, in) weights, as the rotation reads them
     install_online_rotations(model, options)
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
@@ -364,11 +370,13 @@ def _check_layernorm(config, options: RotateOptions) -> None:
 def _stored_transposed(model: nn.Module) -> set[str]:
     """Weights a checkpoint holds as (in, out): transformers' Conv1D (GPT-2), or the linears
     made from them (:func:`lowbit.models.normalize.conv1d_to_linear`)."""
-    out = set()
-    for name, module in model.named_modules():
-        if type(module).__name__ == "Conv1D" or getattr(module, "stored_transposed", False):
-            out.add(f"{name}.weight")
-    return out
+    from transformers.pytorch_utils import Conv1D
+
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, Conv1D) or getattr(module, "stored_transposed", False)
+    }
 
 
 def _why_not(model: nn.Module) -> str:

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from lowbit import __version__
-from lowbit.algorithms.rotate import orthogonal
 from lowbit.assets import prepare_out
 from lowbit.calibration import CalibrationSet
 from lowbit.calibration.canary import CanaryProbe
@@ -77,9 +76,7 @@ def quantize_to(
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     rotator = None
     if recipe.rotate is not None:  # checked before any work (a learned matrix: trained below)
-        learned = recipe.rotate.kind == "learned"
-        start = orthogonal(model.config.hidden_size, recipe.rotate) if learned else None
-        rotator = Rotator(model, recipe.rotate, start)
+        rotator = Rotator(model, recipe.rotate)
     conv1d_to_linear(model)
     plan = plan_layers(recipe, quantizable_layers(model), warn=False)  # before any work
     check_tune(recipe, plan, calibration)
