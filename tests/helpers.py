@@ -57,6 +57,10 @@ def tiny_family_model(family: str, vocab: int = 64, seed: int = 0):
         "qwen3": lambda: tf.Qwen3Config(**common, **llama_like, head_dim=16),
         "phi3": lambda: tf.Phi3Config(**common, **llama_like, pad_token_id=0, eos_token_id=1,
                                       bos_token_id=1),
+        # outside the families lowbit names: Granite scales the stream, Arcee's MLP has no gate
+        "granite": lambda: tf.GraniteConfig(**common, **llama_like, embedding_multiplier=2.0,
+                                            residual_multiplier=0.5, logits_scaling=3.0),
+        "arcee": lambda: tf.ArceeConfig(**common, **llama_like),
         "gpt2": lambda: tf.GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=256),
         "opt": lambda: tf.OPTConfig(**common, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                     num_attention_heads=4, word_embed_proj_dim=64,

@@ -28,13 +28,15 @@ def _perturb_norms(model):
 @pytest.mark.parametrize("heads", [False, True])
 @pytest.mark.parametrize("kind", ["hadamard", "random"])
 @pytest.mark.parametrize(
-    "family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "opt", "gpt2"]
+    "family",
+    ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "opt", "gpt2", "granite", "arcee"],
 )
 def test_rotation_leaves_the_float_model_unchanged(family, kind, heads):
     """Phi-3: fused q/k/v and gate/up weights (the values' head rotation on qkv_proj's last
     rows); Gemma: norms that scale by 1 + w, so a folded norm keeps w = 0; OPT and GPT-2:
     LayerNorms (random scales and biases) whose mean the rotation keeps, their biases folded
-    into the readers' biases and, for the head, into the final norm's."""
+    into the readers' biases and, for the head, into the final norm's; Granite (multipliers)
+    and Arcee (an MLP without a gate): families lowbit does not name, checked on a twin."""
     model = tiny_family_model(family)
     _perturb_norms(model)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -245,3 +247,71 @@ def test_layernorm_variants_it_cannot_fold_are_a_clear_error(family, flag, why):
     with pytest.raises(LowbitError, match=why):
         rotate_model(model, RotateOptions())
     assert fitted_rotation(RotateOptions(if_possible=True), model) is None
+
+
+def _renamed(model, model_type: str):
+    """``model`` under a model type lowbit does not name (its twin: the same class)."""
+    model.config.model_type = model_type
+    return model
+
+
+class _TanhEmbeddings:
+    """A Llama whose embeddings pass through tanh: Llama's parts, but a stream a rotation
+    does not commute with."""
+
+    @staticmethod
+    def build():
+        import transformers as tf
+
+        class TanhLlama(tf.LlamaForCausalLM):
+            def __init__(self, config):
+                super().__init__(config)
+                self.model.embed_tokens.register_forward_hook(lambda m, a, out: torch.tanh(out))
+
+        model = TanhLlama(tiny_family_model("llama").config)
+        return _renamed(model, "tanh-llama")
+
+
+def test_an_unnamed_family_finds_its_norm_offset_on_the_twin():
+    """A Gemma under another name: the twin shows its norms scale by 1 + w."""
+    model = _renamed(tiny_family_model("gemma"), "gemma-like")
+    _perturb_norms(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        rotate_model(model, RotateOptions(heads=True, online=("down_proj",)))
+        after = model(ids).logits
+    assert rel(after, before) < 1e-5
+    norm = model.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm, torch.zeros_like(norm))
+
+
+def test_a_model_of_llama_parts_that_computes_more_is_refused_before_any_change():
+    from lowbit.models.rotate import fitted_rotation
+
+    model = _TanhEmbeddings.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LowbitError, match="small 'tanh-llama' changed its logits"):
+        rotate_model(model, RotateOptions())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert fitted_rotation(RotateOptions(if_possible=True), model) is None
+
+
+def test_an_unnamed_family_rotates_streamed_as_in_memory(tmp_path):
+    from helpers import make_tokenizer
+
+    model = tiny_family_model("granite")
+    _perturb_norms(model)
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    rotate = RotateOptions(heads=True, online=("down_proj",))
+    recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
+                                 rotate=rotate)  # fmt: skip
+    streamed, _ = api.quantize_to(str(tmp_path / "src"), recipe, tmp_path / "s", progress=False)
+    ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        float_logits = model(ids).logits
+        api.quantize(model, recipe, progress=False)
+        mem = model(ids).logits
+        got = api.load(streamed, kernels=False).model(ids).logits
+    assert rel(got, mem) < 1e-5 and rel(mem, float_logits) < 0.05

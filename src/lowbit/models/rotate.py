@@ -30,6 +30,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.source import TensorSource, tied_names
+from lowbit.models.twin import tiny_twin, twin_logits
 from lowbit.nn.online import install_online
 from lowbit.primitives.hadamard import has_hadamard, online_block, online_matrix
 
@@ -41,6 +42,16 @@ from lowbit.primitives.hadamard import has_hadamard, online_block, online_matrix
 # per-channel scale after the rotation does not commute with it, so no folded rotation keeps
 # their function.
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+# Any other decoder whose blocks hold a Llama block's parts and nothing else (below) is rotated
+# by the same plan when a tiny random twin of it (lowbit.models.twin: its class and config,
+# width 64) computes the same logits after the rotation, with its norms scaling by w or by
+# 1 + w (whichever keeps them): Granite's multipliers, Arcee's MLP without a gate and the
+# like pass; a block that computes something else there fails the twin, before any real weight
+# changes. The twin's verdict is the rule, the parts' names only its precondition.
+ATTENTION = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
+MLP = (("gate_proj", "up_proj"), ("gate_up_proj",), ("up_proj",))
+PER_HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3's: untouched
+TWIN_TOLERANCE = 1e-5  # relative max change of the twin's logits (the rotation is float32)
 # LayerNorm decoders (pre-norm): the stream turns by a Q that keeps the mean direction
 # (keep_mean), so a LayerNorm without scale and bias commutes with it; its scale folds into
 # the readers' weights and its bias into their biases (b + W·β); the final norm keeps a bias
@@ -59,18 +70,22 @@ class Rotator:
     SpinQuant's R2; (blocks, head size, head size)) in place of the one shared matrix."""
 
     def __init__(self, model: nn.Module, options: RotateOptions, q: Tensor | None = None,
-                 heads: Tensor | None = None) -> None:  # fmt: skip
+                 heads: Tensor | None = None, offset: float | None = None) -> None:  # fmt: skip
         config = getattr(model, "config", None)
         kind = getattr(config, "model_type", None)
-        if kind not in ROTATABLE and kind not in LAYERNORM:
+        known = kind in ROTATABLE or kind in LAYERNORM
+        why = "" if known else _llama_shape(model)
+        if why:
             names = ", ".join((*ROTATABLE, *LAYERNORM))
             raise LowbitError(f"rotate: folding a rotation needs decoders that normalise the "
-                              f"stream only before their linears ({names}); {kind!r} is not "
-                              f"one{_why_not(model)}; quantize it without rotate")  # fmt: skip
+                              f"stream only before their linears ({names}, or blocks of a "
+                              f"Llama's parts); {kind!r} is not one{why}; quantize it without "
+                              f"rotate")  # fmt: skip
         family = family_of(model)
         groups = family.scale_groups if family is not None else ()
         plus_one = any(g.prev_kind == "norm_plus_one" for g in groups)
-        self.offset = 1.0 if plus_one else 0.0  # the norm's scale is offset + w
+        # the norm's scale is offset + w; for a family lowbit does not name, the twin finds it
+        self.offset = offset if offset is not None else 1.0 if plus_one else 0.0
         self.layernorm = LAYERNORM.get(kind)
         if self.layernorm is not None:
             _check_layernorm(config, options)
@@ -107,6 +122,8 @@ class Rotator:
         self.aliases: dict[str, str] = {}  # a tied head: read from the embedding
         self.stored_t = _stored_transposed(model)  # GPT-2's Conv1D weights: (in, out) on disk
         self._plan(model)
+        if not known and offset is None:
+            self.offset = _twin_offset(model, options)
 
     def _plan(self, model: nn.Module) -> None:
         prefix, blocks = find_blocks(model)
@@ -128,12 +145,7 @@ class Rotator:
                     ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, None)
                 ops[f"{attn}v_proj.weight"] = ("reads", f"{attn}v_proj.weight", n1, head)
             ops[f"{attn}o_proj.weight"] = ("writes", head, False)
-            readers = (
-                ("gate_up_proj",)
-                if hasattr(block.mlp, "gate_up_proj")
-                else ("gate_proj", "up_proj")
-            )
-            for name in readers:
+            for name in next(g for g in MLP if all(hasattr(block.mlp, n) for n in g)):
                 ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, None)
             ops[f"{mlp}down_proj.weight"] = ("writes", None, self.online_width is not None)
             self._biases(block, b, i)
@@ -302,7 +314,11 @@ def rotate_model(model: nn.Module, options: RotateOptions, q: Tensor | None = No
                  heads: Tensor | None = None) -> None:  # fmt: skip
     """Rotate a model held in memory (its tensors replaced; the function it computes kept),
     with its online rotations installed; ``q`` and ``heads`` as for :class:`Rotator`."""
-    rotator = Rotator(model, options, q, heads)  # checks before anything changes
+    _apply(model, Rotator(model, options, q, heads), options)  # checks before anything changes
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, rotator: Rotator, options: RotateOptions) -> None:
     rotator.q  # noqa: B018 - built now: a learned kind without its matrix fails here
     conv1d_to_linear(model)  # (out, in) weights, as the rotation reads them
     install_online_rotations(model, options)
@@ -391,6 +407,68 @@ def _why_not(model: nn.Module) -> str:
     if len(names) > 2:
         return f" (its blocks also normalise sub-block outputs: {', '.join(names)})"
     return ""
+
+
+def _llama_shape(model: nn.Module) -> str:
+    """ "" when every block holds a Llama block's parts (two RMSNorm scales, q/k/v or a fused
+    qkv, o_proj, an MLP of ``MLP``'s readers and down_proj, their biases, per-head q/k norms)
+    and nothing else, and the model nothing beside them but the embedding, the final ``norm``
+    and the head; else what is in the way, for the error."""
+    why = _why_not(model)
+    if why:
+        return why
+    try:
+        prefix, blocks = find_blocks(model)
+    except LowbitError:
+        return " (no repeated decoder blocks)"
+    for block in blocks:
+        have = {n for n, _ in block.named_parameters()}
+        attn = next((g for g in ATTENTION if all(f"self_attn.{n}.weight" in have for n in g)), ())
+        mlp = next((g for g in MLP if all(f"mlp.{n}.weight" in have for n in g)), ())
+        needed = {"input_layernorm.weight", "post_attention_layernorm.weight",
+                  "self_attn.o_proj.weight", "mlp.down_proj.weight"}  # fmt: skip
+        if not attn or not mlp or not needed <= have:
+            return " (its blocks lack a Llama block's norms and projections)"
+        linears = [f"self_attn.{n}" for n in (*attn, "o_proj")]
+        linears += [f"mlp.{n}" for n in (*mlp, "down_proj")]
+        parts = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
+        extra = sorted(have - parts - needed - set(PER_HEAD_NORMS))
+        if extra:
+            return f" (its blocks also hold {', '.join(extra[:3])})"
+    ends = [model.get_input_embeddings(), model.get_output_embeddings()]
+    known = {_name_of(model, m) for m in ends} | {f"{prefix.rpartition('.')[0]}.norm".lstrip(".")}
+    outside = sorted(
+        n
+        for n, _ in model.named_parameters()
+        if not n.startswith(f"{prefix}.") and n.rpartition(".")[0] not in known
+    )
+    return f" (it also holds {', '.join(outside[:3])} outside its blocks)" if outside else ""
+
+
+def _twin_offset(model: nn.Module, options: RotateOptions) -> float:
+    """The norms' scale offset (0: x·w, 1: x·(1 + w)) with which ``options``' rotation leaves a
+    tiny random twin of ``model`` computing the same logits; an error when neither does."""
+    kind = model.config.model_type
+    kind_ = "random" if options.kind == "learned" else options.kind  # the plan is the same
+    probe = dataclasses.replace(options, kind=kind_)
+    worst = float("inf")
+    try:
+        for offset in (0.0, 1.0):
+            twin = tiny_twin(model)
+            before = twin_logits(twin)
+            _apply(twin, Rotator(twin, probe, offset=offset), probe)
+            after = twin_logits(twin)
+            change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
+            if change < TWIN_TOLERANCE:
+                return offset
+            worst = min(worst, change)
+    except LowbitError as exc:
+        raise LowbitError(f"rotate: {kind!r} is not a family lowbit names, and the rotation "
+                          f"could not be checked on a small model of it: {exc}; quantize it "
+                          f"without rotate") from None  # fmt: skip
+    raise LowbitError(f"rotate: folding the rotation into a small {kind!r} changed its logits "
+                      f"({worst:.1e} relative): its blocks compute more than a Llama's; "
+                      f"quantize it without rotate")  # fmt: skip
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
