@@ -1,11 +1,13 @@
-"""A tiny random twin of a causal LM: the same transformers class and config, two blocks of width
-64, to test a transformation on what the architecture computes before it touches the real
-weights (which may be 70B parameters, or still on disk).
+"""A tiny random twin of a causal LM: the same transformers class and config at width 64, to
+test a transformation on what the architecture computes before it touches the real weights
+(which may be 70B parameters, or still on disk).
 
-Only the sizes change: every other setting (multipliers, biases, norms' kind, rope kind, tied
-head) stays the config's. A setting tied to the sizes (a per-dimension rope table, say) may
-make the twin unbuildable or unrunnable: :func:`tiny_twin` then says so, and the caller treats
-the architecture as untested.
+Only the widths change: every other setting (multipliers, biases, norms' kind, rope kind, tied
+head) stays the config's, and so does the depth, so that settings that differ from block to
+block (layers without RoPE every fourth block, a sliding window on some) are all in the twin
+(80 blocks of width 64 are 3M parameters). A setting tied to the widths (a per-dimension rope
+table, say) may make the twin unbuildable or unrunnable: :func:`tiny_twin` then says so, and
+the caller treats the architecture as untested.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-         "head_dim": 16, "vocab_size": 128, "num_hidden_layers": 2}  # fmt: skip
+         "head_dim": 16, "vocab_size": 128}  # fmt: skip
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
@@ -27,44 +29,52 @@ def tiny_twin(model: nn.Module, seed: int = 0) -> nn.Module:
     weights (norm scales near 1, biases nonzero: values that folding would not hide)."""
     config = model.config
     small = copy.deepcopy(config)
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    heads = config.num_attention_heads
     for key, value in SIZES.items():
         if getattr(small, key, None) is not None:
             setattr(small, key, value)
     kv = getattr(config, "num_key_value_heads", None)
     if kv is not None:  # keep the kind of attention: multi-head, grouped or one key/value head
         small.num_key_value_heads = SIZES["num_attention_heads"] if kv == heads else min(kv, 2)
-    for key, value in vars(config).items():  # per-block settings (sliding or full attention)
-        if isinstance(value, list) and len(value) == layers:
-            setattr(small, key, value[: SIZES["num_hidden_layers"]])
     small._attn_implementation = "eager"  # float64 on any CPU, whatever the config asked for
     for key in TOKEN_IDS:  # ids past the small vocabulary (an embedding's padding row)
         value = getattr(small, key, None)
         if isinstance(value, int) and value >= SIZES["vocab_size"]:
             setattr(small, key, 0)
-    try:
-        with torch.device("cpu"):
+    try:  # the global random state is left as it was (seeded runs stay reproducible)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             twin = type(model)(small)
+            _randomise(twin, seed)
     except Exception as exc:  # any failure: the architecture stays untested
         raise LowbitError(f"no small {type(model).__name__} can be built from its config "
                           f"({type(exc).__name__}: {exc})") from None  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in twin.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p.shape[-1] ** 0.5)
     return twin.double().eval()
 
 
-def twin_logits(twin: nn.Module, seed: int = 0) -> torch.Tensor:
-    """The twin's logits on seeded random ids (2 x 12); a failure is a LowbitError."""
+@torch.no_grad()
+def _randomise(twin: nn.Module, seed: int) -> None:
+    """Seeded weights: norm scales near 1 (and scalars: multipliers), biases small but
+    nonzero, matrices of unit gain."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, SIZES["vocab_size"], (2, 12), generator=g)
+    for name, p in twin.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if p.dim() == 0 or (p.dim() == 1 and "norm" in name and name.endswith("weight")):
+            p.copy_(1 + 0.3 * noise)
+        elif p.dim() == 1:
+            p.copy_(0.1 * noise)
+        else:
+            p.copy_(noise / p.shape[-1] ** 0.5)
+
+
+def twin_ids(seed: int = 0) -> torch.Tensor:
+    """Seeded random ids (2 x 12) within the twin's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SIZES["vocab_size"], (2, 12), generator=g)
+
+
+def twin_logits(twin: nn.Module, seed: int = 0) -> torch.Tensor:
+    """The twin's logits (2, 12, vocab) on :func:`twin_ids`; a failure is a LowbitError."""
+    ids = twin_ids(seed)
     try:
         with torch.no_grad():
             return twin(ids).logits

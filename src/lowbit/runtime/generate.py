@@ -8,6 +8,7 @@ the figures bench prints are what a user of generate gets.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,8 @@ from lowbit.errors import LowbitError
 from lowbit.runtime.batch import ContinuousBatch
 from lowbit.runtime.hf_forward import HFForward
 from lowbit.runtime.litert_forward import LiteRTForward
-from lowbit.runtime.llama import LlamaForward, unsupported_reason
+from lowbit.runtime.llama import LlamaForward, capacity_reason
+from lowbit.runtime.llama_twin import family_reason
 from lowbit.runtime.sampling import Sampling, next_tokens
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,21 @@ class Runtime:
         self.compact = compact
         self._forwards: dict[str, object] = {}
 
+    @functools.cached_property
+    def _family_reason(self) -> str | None:  # a family it does not name: its twin, once
+        return family_reason(self.model)
+
     def forward_for(self, capacity: int) -> LlamaForward | HFForward | LiteRTForward:
         """The forward for a context of ``capacity`` tokens (each kind built once)."""
         if hasattr(self.model, "interpreter"):  # a LiteRT export: its own prefill/decode
             if "litert" not in self._forwards:
                 self._forwards["litert"] = LiteRTForward(self.model)
             return self._forwards["litert"]
-        reason = unsupported_reason(self.model, capacity) if self.compact else "asked for"
+        reason = (
+            self._family_reason or capacity_reason(self.model, capacity)
+            if self.compact
+            else "asked for"
+        )
         kind = "hf" if reason else "compact"
         if kind not in self._forwards:
             if reason:

@@ -1,4 +1,5 @@
-"""A compact forward for Llama-like decoders (Llama, Mistral, Qwen2, Qwen3) over a static cache.
+"""A compact forward for Llama-like decoders (Llama, Mistral, Qwen2, Qwen3, Phi-3, and others
+whose tiny twin shows the same arithmetic: :mod:`lowbit.runtime.llama_twin`) over a static cache.
 
 Why not the model's own forward: at decode a small model spends most of each token in the
 framework around the matmuls (mask and position bookkeeping, cache objects, hundreds of small
@@ -31,11 +32,19 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # Phi-3: fused q/k/v 
 
 
 def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
-    """Why this forward cannot run ``model`` up to ``capacity`` tokens, or None when it can."""
-    config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", None)
+    """Why this forward cannot run ``model`` up to ``capacity`` tokens, or None when it can,
+    for the families it names (another one may pass :mod:`lowbit.runtime.llama_twin`)."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in FAMILIES:
         return f"model type {kind!r} is not one of {', '.join(FAMILIES)}"
+    return capacity_reason(model, capacity)
+
+
+def capacity_reason(model: nn.Module, capacity: int) -> str | None:
+    """Why this forward cannot run a Llama-like ``model`` up to ``capacity`` tokens: the
+    settings of its config that it does not follow (or follows only so far)."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
     rope_parameters = getattr(config, "rope_parameters", None) or {}
     rope = rope_parameters.get("rope_type", "default")
     if rope == "dynamic":
@@ -48,7 +57,8 @@ def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
         return "RoPE on part of each head"
     window = getattr(config, "sliding_window", None)
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    every = kind in ("mistral", "phi3")  # a window on every layer without layer_types
+    # a window on every layer without layer_types (a family it does not name: assumed so)
+    every = kind in ("mistral", "phi3") or kind not in FAMILIES
     if window and (types != {"full_attention"} or every) and capacity > window:
         return f"a sliding attention window of {window} tokens is shorter than {capacity}"
     if getattr(config, "mlp_bias", False) or getattr(config, "pretraining_tp", 1) != 1:

@@ -1,0 +1,78 @@
+"""Whether the compact forward (:class:`lowbit.runtime.llama.LlamaForward`) computes what a
+decoder of a family it does not name computes: checked once per model on a tiny random twin
+(:mod:`lowbit.models.twin`: the model's own transformers class and config at width
+64, float64), whose logits from the compact forward must equal its own forward's.
+
+Many decoders are Llama's arithmetic under another name (InternLM3, Helium, EXAONE, Seed-OSS
+and the like): they get the compact loop's speed. One that adds anything (Granite's
+multipliers, an MLP without a gate, layers without RoPE) differs on the twin and keeps the
+model's own forward. The twin sees 12 tokens, so the settings that matter only at longer
+contexts (sliding windows, RoPE scaling) stay with :func:`lowbit.runtime.llama.capacity_reason`,
+and a RoPE setting that acts beyond the cos/sin table (which the compact forward takes from the
+model's own rotary module) is refused by name: Ministral 3's ``llama_4_scaling_beta`` scales the
+queries only past ``original_max_position_embeddings`` (16,384) tokens, where no twin looks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.models.twin import tiny_twin, twin_ids, twin_logits
+from lowbit.runtime.llama import FAMILIES, LlamaForward
+
+TOLERANCE = 1e-4  # relative max difference of the twin's logits (its RoPE table is float32)
+PARTS = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
+# what transformers' rotary modules read to build the cos/sin table (every RoPE kind)
+ROPE_TABLE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
+                   "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                   "attention_factor", "mscale", "mscale_all_dim", "short_factor", "long_factor",
+                   "truncate", "partial_rotary_factor", "max_position_embeddings"}  # fmt: skip
+BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj",
+               "mlp.down_proj")  # fmt: skip
+
+
+def family_reason(model: nn.Module) -> str | None:
+    """None when the compact forward computes ``model``'s function (a family it names, or one
+    whose twin agrees); else why not, for the log line of the fallback."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in FAMILIES:
+        return None
+    why = _parts_missing(model)
+    if why:
+        return f"model type {kind!r} is not one of {', '.join(FAMILIES)}, and {why}"
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    beyond = sorted(set(rope) - ROPE_TABLE_KEYS)
+    if beyond:
+        return (f"model type {kind!r}: its RoPE settings {', '.join(beyond)} act beyond the "
+                f"cos/sin table")  # fmt: skip
+    try:
+        twin = tiny_twin(model)
+        expected = twin_logits(twin)
+        forward = LlamaForward(twin)
+        with torch.no_grad():
+            got = forward(twin_ids(), forward.new_cache(2, 12), all_logits=True)
+    except Exception as exc:  # whatever fails, the model keeps its own forward
+        return (f"model type {kind!r}: the compact forward could not be checked on a small "
+                f"model of it ({exc})")  # fmt: skip
+    change = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    if change > TOLERANCE:
+        return (f"model type {kind!r} computes more than a Llama (the compact forward's logits "
+                f"differ by {change:.1e} on a small model of it)")  # fmt: skip
+    return None
+
+
+def _parts_missing(model: nn.Module) -> str:
+    """What of a Llama's layout ``model`` lacks (or "")."""
+    names = {n for n, _ in model.named_modules()}
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(p in names for p in PARTS):
+        return "it is not laid out as a Llama (model.layers, embed_tokens, norm, rotary_emb)"
+    for block in layers:
+        inner = {n for n, _ in block.named_modules()}
+        qkv = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= inner or (
+            "self_attn.qkv_proj" in inner)  # fmt: skip
+        gate_up = {"mlp.gate_proj", "mlp.up_proj"} <= inner or "mlp.gate_up_proj" in inner
+        if not (qkv and gate_up and all(p in inner for p in BLOCK_PARTS)):
+            return "its blocks lack a Llama block's norms and projections"
+    return ""

@@ -1,0 +1,97 @@
+"""Families the compact forward does not name: it runs them only where a tiny random twin of
+the model computes the same logits on it as on the model's own forward."""
+
+import logging
+
+import torch
+
+from helpers import compact_and_hf, rel, tiny_family_model
+from lowbit.runtime import Runtime
+from lowbit.runtime.llama_twin import family_reason
+
+
+def _renamed(model, model_type: str):
+    model.config.model_type = model_type
+    return model
+
+
+def test_a_llama_under_another_name_runs_compact():
+    model = _renamed(tiny_family_model("llama"), "llama-clone")
+    assert family_reason(model) is None
+    ours, theirs, whole, _ = compact_and_hf(model, seed=1)
+    assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
+    ids = [[3, 9, 4, 1, 5]]
+    compact, own = Runtime(model).generate(ids, 6), Runtime(model, compact=False).generate(ids, 6)
+    assert compact.path == "compact" and own.path == "hf" and compact.tokens == own.tokens
+
+
+def test_granite_multipliers_keep_the_models_own_forward(caplog):
+    import transformers as tf
+
+    base = tiny_family_model("granite").config.to_dict()  # multipliers 2, 0.5 and 3
+    model = tf.AutoModelForCausalLM.from_config(tf.GraniteConfig.from_dict(base)).eval()
+    assert "computes more than a Llama" in family_reason(model)
+    with caplog.at_level(logging.INFO, logger="lowbit.runtime.generate"):
+        result = Runtime(model).generate([[3, 9, 4]], 3)
+    assert result.path == "hf" and "computes more than a Llama" in caplog.text
+
+
+def test_the_twin_keeps_the_depth_where_blocks_differ():
+    """SmolLM3 leaves RoPE out of every fourth block: a two-block twin would not see it."""
+    import transformers as tf
+
+    config = tf.SmolLM3Config(vocab_size=64, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    assert 0 in config.no_rope_layers[2:]  # the layer without RoPE is past the first two
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    assert "computes more than a Llama" in family_reason(model)
+    config.no_rope_layers = [1] * 4  # RoPE on every block: the same config passes
+    assert family_reason(tf.AutoModelForCausalLM.from_config(config).eval()) is None
+
+
+def test_rope_settings_beyond_the_table_keep_the_models_own_forward():
+    """Ministral 3 scales its queries past 16,384 positions (llama_4_scaling_beta): the twin
+    sees 12, so that setting is refused by name."""
+    import transformers as tf
+
+    config = tf.Ministral3Config(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16)  # fmt: skip
+    assert config.rope_parameters.get("llama_4_scaling_beta")
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    assert "llama_4_scaling_beta" in family_reason(model)
+
+
+def test_a_twin_that_cannot_be_checked_falls_back_and_leaves_the_seed_alone():
+    """A renamed Llama with a scalar parameter its forward uses: the twin differs (or cannot
+    be built), the runtime falls back instead of failing, and the global random state is the
+    one the caller seeded."""
+    import transformers as tf
+
+    class Tempered(tf.LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.temperature = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits / self.temperature
+            return out
+
+    model = _renamed(Tempered(tiny_family_model("llama").config).eval(), "tempered")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert family_reason(model) is not None
+    assert torch.equal(torch.rand(3), expected)
+    assert Runtime(model).generate([[3, 9, 4]], 2).path == "hf"
+
+
+def test_an_unnamed_family_takes_a_sliding_window_as_on_every_layer():
+    from lowbit.runtime.llama import capacity_reason
+
+    model = tiny_family_model("llama")
+    model.config.sliding_window = 8
+    assert capacity_reason(model, 64) is None  # Llama: no window without layer_types
+    assert "sliding" in capacity_reason(_renamed(model, "llama-clone"), 64)
