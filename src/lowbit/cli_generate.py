@@ -18,8 +18,9 @@ examples:
   echo "Summarise: ..." | lowbit generate out/w4 --chat --prompt -
 
 Greedy by default (--temperature 0); with -v, prefill and decode tokens/s go to stderr at the
-end. Llama, Mistral, Qwen2 and Qwen3 models run on lowbit's compact decode loop (static KV
-cache, fused decode ops); other families on the model's own forward.
+end. Llama, Mistral, Qwen2, Qwen3 and Phi-3 models run on lowbit's compact decode loop (static
+KV cache, fused decode ops), and so does another family whose tiny random twin shows Llama's
+arithmetic (checked once, logged); other families on the model's own forward.
 """
 
 

@@ -27,14 +27,37 @@ EXACT = {
 }
 
 
-@pytest.fixture(params=["llama", "qwen2"])
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
 def bpe_folder(request, tmp_path):
-    tok = make_bpe_tokenizer()
-    model = tiny_family_model(request.param, vocab=len(tok))
-    folder = tmp_path / f"tiny-{request.param}"
+    if request.param == "qwen3":  # transformers' GGUF reader takes Qwen3's default head size
+        from transformers import Qwen3Config
+
+        model = _tiny(Qwen3Config, head_dim=128)  # q/k norms; heads x 128 is not the width
+    else:
+        model = tiny_family_model(request.param, vocab=len(make_bpe_tokenizer()))
+    return _bpe_folder(model, tmp_path / f"tiny-{request.param}")
+
+
+def _bpe_folder(model, folder):
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    make_bpe_tokenizer().save_pretrained(folder)
     return folder
+
+
+def _tiny(config_class, **extra):
+    """A 2-block random model of a family lowbit does not name, its norms perturbed."""
+    from transformers import AutoModelForCausalLM
+
+    config = config_class(vocab_size=len(make_bpe_tokenizer()), hidden_size=64,
+                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, **extra)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
 
 
 def _gguf_tensors(path):
@@ -121,3 +144,32 @@ def test_a_quantized_head_is_written_as_the_output_tensor(tmp_path, tied, recipe
     np.testing.assert_array_equal(theirs, q.lm_head.dequantized_weight().numpy())
     embedding = q.get_input_embeddings().weight.detach().numpy()
     np.testing.assert_array_equal(gguf.quants.dequantize(embd.data, embd.tensor_type), embedding)
+
+
+def test_a_family_with_llamas_arithmetic_goes_out_as_llama(tmp_path):
+    """InternLM3 (a name llama.cpp's LLAMA graph does not know, the arithmetic it has: its tiny
+    twin shows it): written as ``llama``, read back by transformers with the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, InternLM3Config
+
+    src = _bpe_folder(_tiny(InternLM3Config), tmp_path / "src")
+    folder, model = quantized_folder(src, tmp_path / "q", make_recipe(EXACT["q4_0"][0]))
+    path = export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path
+    reader, _ = _gguf_tensors(path)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    x = torch.tensor([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4, rtol=0)
+
+
+def test_a_family_that_computes_more_than_llama_is_a_clear_error(tmp_path):
+    from transformers import GraniteConfig
+
+    granite = _tiny(GraniteConfig, embedding_multiplier=2.0, logits_scaling=3.0)
+    folder, _ = quantized_folder(_bpe_folder(granite, tmp_path / "src"), tmp_path / "q",
+                                 make_recipe(EXACT["q4_0"][0]))  # fmt: skip
+    with pytest.raises(LowbitError, match="'granite' is not one: .*computes more than a Llama"):
+        export(folder, "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.glob("*.gguf*")) == []

@@ -20,14 +20,20 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_blocks import encode, exact_type, requantize
 from lowbit.nn import QuantLinear
+from lowbit.runtime.llama_twin import family_reason
 
 log = logging.getLogger(__name__)
 
-# HF model_type -> (llama.cpp architecture, permute q/k rows for llama.cpp's rotary layout)
+# HF model_type -> (llama.cpp architecture, permute q/k rows for llama.cpp's rotary layout).
+# A family not listed goes out as LLAMA when it computes Llama's arithmetic: its tiny twin
+# gets the same logits from lowbit's compact Llama forward as from its own
+# (lowbit.runtime.llama_twin), and it has no per-head q/k norms and no sliding window, which
+# llama.cpp's LLAMA graph does not have (biases it has).
 ARCHS = {
     "llama": (gguf.MODEL_ARCH.LLAMA, True),
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
+    "qwen3": (gguf.MODEL_ARCH.QWEN3, False),  # q/k norms: attn_q_norm, attn_k_norm
 }
 REQUANTIZE = {n: gguf.GGMLQuantizationType[n.upper()] for n in ("q8_0", "q4_0", "q4_1", "f16")}
 
@@ -47,10 +53,7 @@ def write_gguf(
     tokenizer.json (GPT-2-style BPE).
     """
     config = model.config
-    if config.model_type not in ARCHS:
-        raise LowbitError(f"GGUF export supports {sorted(ARCHS)} models, not "
-                          f"{config.model_type!r}")  # fmt: skip
-    arch, permute = ARCHS[config.model_type]
+    arch, permute = _arch(model)
     tensors = list(_tensors(model, arch, permute, float_type, requantize_to))
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     _metadata(writer, config, folder)
@@ -66,6 +69,23 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return types
+
+
+def _arch(model: nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
+    """(llama.cpp architecture, permute q/k rows) for ``model``, or a one-line error."""
+    kind = model.config.model_type
+    if kind in ARCHS:
+        return ARCHS[kind]
+    why = family_reason(model)
+    names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    if why is None and names & {"q_norm", "k_norm"}:
+        why = "its attention normalises queries and keys"
+    if why is None and getattr(model.config, "sliding_window", None):
+        why = f"it attends through a sliding window of {model.config.sliding_window} tokens"
+    if why is not None:
+        raise LowbitError(f"GGUF export supports {sorted(ARCHS)} models and others with "
+                          f"Llama's arithmetic; {kind!r} is not one: {why}")  # fmt: skip
+    return gguf.MODEL_ARCH.LLAMA, True
 
 
 def _file_type(types: list[gguf.GGMLQuantizationType]) -> int:
@@ -88,6 +108,9 @@ def _metadata(writer: gguf.GGUFWriter, config: Any, folder: Path) -> None:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", heads))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:  # Qwen3's, e.g.: llama.cpp reads it here
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
