@@ -34,7 +34,8 @@ What maps exactly (anything else is an error naming the layer, or for GGUF --req
                       (dynamic FULLY_CONNECTED, XNNPACK). One .tflite with the tokenizer inside:
                       `forward` (scoring windows of --seqlen), with --kv-cache also `prefill`
                       (chunks of --prefill tokens) and `decode` over a --cache-slot KV cache
-                      (Llama, Mistral, Qwen2, Qwen3). Needs pip install 'lowbit[litert]'.
+                      (Llama, Mistral, Qwen2, Qwen3, Phi-3, and families with Llama's
+                      arithmetic). Needs pip install 'lowbit[litert]'.
 
 Image models (a folder of waifu2x-upconv7, dcgan-faces, ...): onnx (QDQ convolutions, W8A8
 as QLinearConv-style QDQ pairs) or litert, fixed at the shape of the model's evaluation

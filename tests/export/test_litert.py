@@ -83,9 +83,42 @@ def test_codes_in_the_file_are_lowbits(cached_export):
 
 
 def test_forward_and_cached_steps_match_lowbit(cached_export):
+    _forward_and_steps_match(*cached_export)
+
+
+def test_phi3s_fused_projections_export_with_a_kv_cache(tmp_path):
+    """Phi-3's q/k/v rows in one weight: the cached steps split them as its attention does."""
+    from helpers import make_tokenizer
+
+    src = tmp_path / "phi3"
+    tiny_family_model("phi3", vocab=64).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    folder, qmodel = quantized_folder(src, tmp_path / "q", make_recipe(W4_G32))
+    _forward_and_steps_match(export(folder, "litert", tmp_path / "m.tflite", litert=CACHED),
+                             qmodel)  # fmt: skip
+
+
+def test_a_family_with_llamas_arithmetic_exports_with_a_kv_cache(tmp_path):
+    """InternLM3, a family lowbit does not name: its tiny twin shows Llama's arithmetic, so it
+    gets the cached steps too."""
+    import transformers as tf
+
+    from helpers import make_tokenizer
+
+    config = tf.InternLM3Config(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    src = tmp_path / "internlm3"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    folder, qmodel = quantized_folder(src, tmp_path / "q", make_recipe(W4_G32))
+    _forward_and_steps_match(export(folder, "litert", tmp_path / "m.tflite", litert=CACHED),
+                             qmodel)  # fmt: skip
+
+
+def _forward_and_steps_match(result, model):
     from lowbit.models.litert import LiteRTModel
 
-    result, model = cached_export
     lite = LiteRTModel(result.path)
     ids = torch.randint(1, 64, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -7,7 +7,8 @@ from helpers import compact_and_hf, decode_steps, rel, tiny_family_model, tiny_l
 from lowbit.formats.spec import AttentionSpec
 from lowbit.kernels import decode
 from lowbit.runtime.hf_forward import HFForward
-from lowbit.runtime.llama import FAMILIES, LlamaForward, unsupported_reason
+from lowbit.runtime.llama import FAMILIES, LlamaForward
+from lowbit.runtime.llama_twin import unsupported_reason
 
 COMPACT = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.kernels.decode import rotate
-from lowbit.runtime.llama import FAMILIES, unsupported_reason
+from lowbit.runtime.llama import FAMILIES
+from lowbit.runtime.llama_twin import unsupported_reason
 
 
 class Forward(nn.Module):
@@ -40,11 +41,13 @@ class Forward(nn.Module):
 
 
 def cache_reason(model: nn.Module, capacity: int) -> str | None:
-    """Why ``model`` gets no KV-cache signatures, or None."""
+    """Why ``model`` gets no KV-cache signatures, or None: the compact forward's rule (the
+    steps below compute what it does), a family it names or one whose tiny twin shows it."""
     reason = unsupported_reason(model, capacity)
     if reason is None:
         return None
-    return f"{reason} (KV-cache export covers {', '.join(FAMILIES)})"
+    return (f"{reason} (KV-cache export covers {', '.join(FAMILIES)} and families with "
+            f"Llama's arithmetic)")  # fmt: skip
 
 
 class CachedStep(nn.Module):
@@ -87,10 +90,9 @@ class CachedStep(nn.Module):
         out: dict[str, Tensor] = {}
         for i, block in enumerate(inner.layers):
             attn = block.self_attn
-            hin = block.input_layernorm(x)
-            q = attn.q_proj(hin).view(1, t, h, d)
-            k = attn.k_proj(hin).view(1, t, kv, d)
-            v = attn.v_proj(hin).view(1, t, kv, d).transpose(1, 2)  # (1, Hkv, T, D)
+            q, k, v = _qkv(attn, block.input_layernorm(x), h * d, kv * d)
+            q, k = q.view(1, t, h, d), k.view(1, t, kv, d)
+            v = v.view(1, t, kv, d).transpose(1, 2)  # (1, Hkv, T, D)
             if getattr(attn, "q_norm", None) is not None:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = rotate(q, cos, sin).transpose(1, 2)  # (1, H, T, D)
@@ -109,3 +111,11 @@ class CachedStep(nn.Module):
         x = torch.index_select(x, 1, last)  # (1, 1, C)
         out["logits"] = self.model.lm_head(inner.norm(x))[:, 0]  # (1, vocab)
         return out
+
+
+def _qkv(attn: nn.Module, x: Tensor, q_width: int, kv_width: int) -> tuple[Tensor, ...]:
+    """Queries, keys and values: three projections, or Phi-3's fused ``qkv_proj`` (rows in
+    that order)."""
+    if hasattr(attn, "qkv_proj"):
+        return attn.qkv_proj(x).split([q_width, kv_width, kv_width], dim=-1)
+    return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)

@@ -31,15 +31,6 @@ from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # Phi-3: fused q/k/v and gate/up
 
 
-def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
-    """Why this forward cannot run ``model`` up to ``capacity`` tokens, or None when it can,
-    for the families it names (another one may pass :mod:`lowbit.runtime.llama_twin`)."""
-    kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind not in FAMILIES:
-        return f"model type {kind!r} is not one of {', '.join(FAMILIES)}"
-    return capacity_reason(model, capacity)
-
-
 def capacity_reason(model: nn.Module, capacity: int) -> str | None:
     """Why this forward cannot run a Llama-like ``model`` up to ``capacity`` tokens: the
     settings of its config that it does not follow (or follows only so far)."""

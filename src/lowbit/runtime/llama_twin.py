@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lowbit.models.twin import tiny_twin, twin_ids, twin_logits
-from lowbit.runtime.llama import FAMILIES, LlamaForward
+from lowbit.runtime.llama import FAMILIES, LlamaForward, capacity_reason
 
 TOLERANCE = 1e-4  # relative max difference of the twin's logits (its RoPE table is float32)
 PARTS = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
@@ -30,6 +30,12 @@ ROPE_TABLE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_po
                    "truncate", "partial_rotary_factor", "max_position_embeddings"}  # fmt: skip
 BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj",
                "mlp.down_proj")  # fmt: skip
+
+
+def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
+    """Why the compact forward cannot run ``model`` up to ``capacity`` tokens, or None when it
+    can (:class:`lowbit.runtime.generate.Runtime` keeps the family's part once per model)."""
+    return family_reason(model) or capacity_reason(model, capacity)
 
 
 def family_reason(model: nn.Module) -> str | None:
