@@ -164,10 +164,36 @@ def test_a_family_with_llamas_arithmetic_goes_out_as_llama(tmp_path):
         assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4, rtol=0)
 
 
+def test_qwen3_records_its_head_size_for_llama_cpp(tmp_path):
+    """heads x head size (4 x 128) is not the width (64): llama.cpp reads the head size from
+    ``key_length`` / ``value_length`` (transformers' reader does not, so it cannot tell)."""
+    from transformers import Qwen3Config
+
+    src = _bpe_folder(_tiny(Qwen3Config, head_dim=128), tmp_path / "src")
+    folder, _ = quantized_folder(src, tmp_path / "q", make_recipe(EXACT["q4_0"][0]))
+    reader, _ = _gguf_tensors(export(folder, "gguf", tmp_path / "m.gguf").path)
+    assert reader.fields["qwen3.attention.key_length"].contents() == 128
+    assert reader.fields["qwen3.attention.value_length"].contents() == 128
+
+
+def test_settings_llama_cpps_graph_does_not_follow_are_a_clear_error(tmp_path):
+    """llama.cpp's Llama graph gates with SiLU and scales attention by 1/sqrt(head size)."""
+    from transformers import LlamaConfig
+
+    model = _tiny(LlamaConfig, hidden_act="gelu_pytorch_tanh")
+    folder, _ = quantized_folder(_bpe_folder(model, tmp_path / "src"), tmp_path / "q",
+                                 make_recipe(EXACT["q4_0"][0]))  # fmt: skip
+    with pytest.raises(LowbitError, match="SiLU; this model uses gelu_pytorch_tanh"):
+        export(folder, "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.glob("*.gguf*")) == []
+
+
 def test_a_family_that_computes_more_than_llama_is_a_clear_error(tmp_path):
     from transformers import GraniteConfig
 
-    granite = _tiny(GraniteConfig, embedding_multiplier=2.0, logits_scaling=3.0)
+    granite = _tiny(
+        GraniteConfig, embedding_multiplier=2.0, logits_scaling=3.0, attention_multiplier=0.25
+    )  # 1/sqrt(16): only the multipliers differ
     folder, _ = quantized_folder(_bpe_folder(granite, tmp_path / "src"), tmp_path / "q",
                                  make_recipe(EXACT["q4_0"][0]))  # fmt: skip
     with pytest.raises(LowbitError, match="'granite' is not one: .*computes more than a Llama"):

@@ -19,6 +19,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_blocks import encode, exact_type, requantize
+from lowbit.models.families import find_blocks
 from lowbit.nn import QuantLinear
 from lowbit.runtime.llama_twin import family_reason
 
@@ -73,7 +74,17 @@ def write_gguf(
 
 def _arch(model: nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
     """(llama.cpp architecture, permute q/k rows) for ``model``, or a one-line error."""
-    kind = model.config.model_type
+    kind, config = model.config.model_type, model.config
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":  # llama.cpp's graphs for these architectures: SiLU, 1/sqrt(head size)
+        raise LowbitError(f"GGUF export: llama.cpp's {kind} graph gates the MLP with SiLU; this "
+                          f"model uses {act}")  # fmt: skip
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scaling = getattr(getattr(find_blocks(model)[1][0], "self_attn", None), "scaling", None)
+    if scaling is not None and abs(scaling * head_dim**0.5 - 1) > 1e-6:
+        raise LowbitError(f"GGUF export: llama.cpp scales attention by 1/sqrt({head_dim}); this "
+                          f"model by {scaling:g}")  # fmt: skip
     if kind in ARCHS:
         return ARCHS[kind]
     why = family_reason(model)

@@ -32,7 +32,7 @@ from lowbit.models.checkpoint import write_extras, write_shards
 from lowbit.models.families import find_blocks
 from lowbit.models.load import source_tokenizer
 from lowbit.models.modules import quantizable_layers
-from lowbit.models.normalize import conv1d_to_linear
+from lowbit.models.normalize import conv1d_to_linear, refuse_fused_experts
 from lowbit.models.source import TensorSource, skeleton
 from lowbit.models.tensorfile import write_file
 from lowbit.models.verify import file_hashes
@@ -84,6 +84,7 @@ def estimate(
     startup = process_seconds()  # a run pays for the same start-up and imports
     begin = time.perf_counter()
     model = skeleton(folder)
+    refuse_fused_experts(model)  # before the checkpoint's names are checked
     tensors = TensorSource(folder)
     tensors.check(model)
     conv1d_to_linear(model)
