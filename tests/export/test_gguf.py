@@ -199,3 +199,46 @@ def test_a_family_that_computes_more_than_llama_is_a_clear_error(tmp_path):
     with pytest.raises(LowbitError, match="'granite' is not one: .*computes more than a Llama"):
         export(folder, "gguf", tmp_path / "m.gguf")
     assert list(tmp_path.glob("*.gguf*")) == []
+
+
+def _sentencepiece_folder(folder):
+    """A tiny Llama with a SentencePiece BPE tokenizer (byte fallback), as Llama 2 ships one."""
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    from helpers import TEXT
+
+    folder.mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT.split(" . ")), model_prefix=str(folder / "tokenizer"),
+        vocab_size=320, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)  # fmt: skip
+    tok = LlamaTokenizer.from_pretrained(str(folder))
+    tiny_family_model("llama", vocab=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def test_a_sentencepiece_tokenizer_goes_out_as_llamas(tmp_path):
+    """Tokens in id order scored by their merge order (minus the id: what llama.cpp's
+    SentencePiece tokenizer merges by), bytes and controls typed, read back by transformers
+    with the same ids (bytes included) and logits."""
+    from transformers import AutoTokenizer
+
+    tok = _sentencepiece_folder(tmp_path / "src")
+    folder, model = quantized_folder(tmp_path / "src", tmp_path / "q",
+                                     make_recipe(EXACT["q4_0"][0]))  # fmt: skip
+    path = export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path
+    reader, _ = _gguf_tensors(path)
+    fields = {k: reader.fields[f"tokenizer.ggml.{k}"].contents()
+              for k in ("model", "tokens", "scores", "token_type")}  # fmt: skip
+    assert fields["model"] == "llama" and fields["tokens"][:3] == ["<unk>", "<s>", "</s>"]
+    types = [gguf.TokenType(t) for t in fields["token_type"]]
+    normal = [i for i, t in enumerate(types) if t == gguf.TokenType.NORMAL]
+    assert len(normal) > 30 and all(fields["scores"][i] == -i for i in normal)
+    assert types[tok.get_vocab()["<0x0A>"]] == gguf.TokenType.BYTE
+    assert types[1] == gguf.TokenType.CONTROL and types[0] == gguf.TokenType.UNKNOWN
+    back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in ("the quick brown fox", "héllo wörld ✓ 42", "glittersnine"):
+        assert back(text)["input_ids"] == tok(text)["input_ids"]
+    _reads_back_the_same(path, model)

@@ -19,6 +19,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_blocks import encode, exact_type, requantize
+from lowbit.export.gguf_vocab import is_sentencepiece_bpe, write_sentencepiece_vocab
 from lowbit.models.families import find_blocks
 from lowbit.nn import QuantLinear
 from lowbit.runtime.llama_twin import family_reason
@@ -135,11 +136,15 @@ def _tokenizer(writer: gguf.GGUFWriter, folder: Path, source: Path | None, n_voc
     if source is not None:
         _copy_tokenizer(writer, source)
         return
+    if is_sentencepiece_bpe(folder):
+        write_sentencepiece_vocab(writer, folder, n_vocab)
+        return
     try:
         vocab = gguf.vocab.BpeVocab(folder)
     except (FileNotFoundError, ValueError) as exc:
         raise LowbitError(
-            f"{folder}: GGUF export needs a GPT-2-style BPE tokenizer.json ({exc})"
+            f"{folder}: GGUF export needs a BPE tokenizer.json (GPT-2-style, or SentencePiece's "
+            f"with byte fallback) ({exc})"
         ) from None
     tokens, types = [], []
     special = gguf.vocab.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
