@@ -95,3 +95,5 @@ def test_an_unnamed_family_takes_a_sliding_window_as_on_every_layer():
     model.config.sliding_window = 8
     assert capacity_reason(model, 64) is None  # Llama: no window without layer_types
     assert "sliding" in capacity_reason(_renamed(model, "llama-clone"), 64)
+    model.config.use_sliding_window = False  # a window the config switches off
+    assert capacity_reason(model, 64) is None

@@ -47,6 +47,8 @@ def capacity_reason(model: nn.Module, capacity: int) -> str | None:
     if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
         return "RoPE on part of each head"
     window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2's switch: set but unused
+        window = None
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
     # a window on every layer without layer_types (a family it does not name: assumed so)
     every = kind in ("mistral", "phi3") or kind not in FAMILIES
