@@ -25,7 +25,7 @@ What maps exactly (anything else is an error naming the layer, or for GGUF --req
   compressed-tensors  int2..int8 weights, symmetric or `zero_point: int`, group or channel;
                       W8A8 with per-token dynamic activations (int-quantized)
   gguf                int4 sym g32 -> Q4_0, int4 asym g32 -> Q4_1, int8 sym g32 -> Q8_0
-                      (float16 scales); Llama, Mistral, Qwen2 and Qwen3 architectures, and
+                      (float16 scales); Llama, Mistral, Qwen2, Qwen3 and Phi-3 architectures, and
                       others with Llama's arithmetic (written as llama); the tokenizer from
                       tokenizer.json (GPT-2 BPE, or SentencePiece BPE with byte fallback)
   onnx                int4/int8 weight-only (MatMulNBits, any group size >= 16 that is a power

@@ -201,8 +201,9 @@ def test_a_family_that_computes_more_than_llama_is_a_clear_error(tmp_path):
     assert list(tmp_path.glob("*.gguf*")) == []
 
 
-def _sentencepiece_folder(folder):
-    """A tiny Llama with a SentencePiece BPE tokenizer (byte fallback), as Llama 2 ships one."""
+def _sentencepiece_folder(folder, family="llama", specials=()):
+    """A tiny model with a SentencePiece BPE tokenizer (byte fallback), as Llama 2 and Phi-3
+    ship one; ``specials``: added special tokens (Phi-3's, which llama.cpp looks up)."""
     import sentencepiece
     from transformers import LlamaTokenizer
 
@@ -214,7 +215,8 @@ def _sentencepiece_folder(folder):
         vocab_size=320, model_type="bpe", byte_fallback=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)  # fmt: skip
     tok = LlamaTokenizer.from_pretrained(str(folder))
-    tiny_family_model("llama", vocab=len(tok)).save_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    tiny_family_model(family, vocab=len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return tok
 
@@ -242,3 +244,24 @@ def test_a_sentencepiece_tokenizer_goes_out_as_llamas(tmp_path):
     for text in ("the quick brown fox", "héllo wörld ✓ 42", "glittersnine"):
         assert back(text)["input_ids"] == tok(text)["input_ids"]
     _reads_back_the_same(path, model)
+
+
+def test_phi3_goes_out_with_its_fused_projections(tmp_path, caplog):
+    """Phi-3's fused q/k/v and gate/up weights as llama.cpp's attn_qkv and ffn_up, read back by
+    transformers with the same logits; a sliding window is recorded, with a warning that
+    llama.cpp runs Phi-3 without it."""
+    specials = ("<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>")
+    _sentencepiece_folder(tmp_path / "src", "phi3", specials)
+    folder, model = quantized_folder(tmp_path / "src", tmp_path / "q",
+                                     make_recipe(EXACT["q4_1"][0]))  # fmt: skip
+    path = export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path
+    reader, tensors = _gguf_tensors(path)
+    assert reader.fields["general.architecture"].contents() == "phi3"
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(tensors)
+    _reads_back_the_same(path, model)
+    model.config.sliding_window = 8
+    model.config.save_pretrained(folder)
+    with caplog.at_level("WARNING"):
+        path = export(folder, "gguf", tmp_path / "w.gguf", float_type="f32").path
+    assert gguf.GGUFReader(str(path)).fields["phi3.attention.sliding_window"].contents() == 8
+    assert "without its sliding window" in caplog.text

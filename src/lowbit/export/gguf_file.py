@@ -36,6 +36,7 @@ ARCHS = {
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, False),  # q/k norms: attn_q_norm, attn_k_norm
+    "phi3": (gguf.MODEL_ARCH.PHI3, False),  # fused qkv_proj, gate_up_proj: attn_qkv, ffn_up
 }
 REQUANTIZE = {n: gguf.GGMLQuantizationType[n.upper()] for n in ("q8_0", "q4_0", "q4_1", "f16")}
 
@@ -58,7 +59,7 @@ def write_gguf(
     arch, permute = _arch(model)
     tensors = list(_tensors(model, arch, permute, float_type, requantize_to))
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    _metadata(writer, config, folder)
+    _metadata(writer, config, folder, arch)
     _tokenizer(writer, folder, source_gguf, config.vocab_size)
     types = {}
     for name, data, qtype in tensors:
@@ -108,7 +109,7 @@ def _file_type(types: list[gguf.GGMLQuantizationType]) -> int:
     return int(gguf.LlamaFileType[names[common.name]])
 
 
-def _metadata(writer: gguf.GGUFWriter, config: Any, folder: Path) -> None:
+def _metadata(writer: gguf.GGUFWriter, config: Any, folder: Path, arch: gguf.MODEL_ARCH) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_name(folder.name)
@@ -124,7 +125,16 @@ def _metadata(writer: gguf.GGUFWriter, config: Any, folder: Path) -> None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    window = getattr(config, "sliding_window", None)
+    if arch == gguf.MODEL_ARCH.PHI3 and window:  # on every layer, as llama.cpp's converter
+        writer.add_sliding_window(window)
+        if window < config.max_position_embeddings:
+            log.warning("llama.cpp runs Phi-3 without its sliding window: past %d tokens of "
+                        "context its outputs differ from the model's", window)  # fmt: skip
     rope = getattr(config, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if partial not in (None, 1, 1.0):
+        raise LowbitError(f"RoPE on part of each head ({partial}) is not exported to GGUF yet")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is not None:
         writer.add_rope_freq_base(float(theta))
