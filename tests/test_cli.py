@@ -202,24 +202,20 @@ def test_kv_cache_flags_round_the_cache_and_quantize_saves_them(tiny_folder, tex
 
 
 def test_rotate_learned_trains_on_the_calibration_text(tmp_path, tiny_folder, text_file, capsys):
-    out = tmp_path / "spin"
-    code, _, err = run(
-        capsys, "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--rotate", "learned",
-        "--out", str(out), "--calib", str(text_file), "--calib-samples", "4",
-        "--calib-seqlen", "32",
-    )  # fmt: skip
-    assert code == 0, err
-    manifest = json.loads((out / "lowbit.json").read_text())
+    def quantize(out, recipe, rotate, samples):
+        code, _, err = run(
+            capsys, "quantize", str(tiny_folder), "--recipe", recipe, "--rotate", rotate,
+            "--out", str(out), "--calib", str(text_file), "--calib-samples", str(samples),
+            "--calib-seqlen", "32",
+        )  # fmt: skip
+        assert code == 0, err
+        return json.loads((out / "lowbit.json").read_text())
+
+    manifest = quantize(tmp_path / "spin", "w4-rtn-g64", "learned", 4)
     assert manifest["recipe"]["rotate"]["kind"] == "learned"
     assert manifest["calibration"]["tokens"] == 128  # an RTN recipe read --calib for it
-    out = tmp_path / "asked"  # --rotate on a preset whose rotation is if_possible: asked for
-    code, _, err = run(
-        capsys, "quantize", str(tiny_folder), "--recipe", "w4-g64-best", "--rotate", "hadamard",
-        "--out", str(out), "--calib", str(text_file), "--calib-samples", "6",
-        "--calib-seqlen", "32",
-    )  # fmt: skip
-    assert code == 0, err
-    rotate = json.loads((out / "lowbit.json").read_text())["recipe"]["rotate"]
+    # --rotate on a preset whose rotation is if_possible: asked for
+    rotate = quantize(tmp_path / "asked", "w4-g64-best", "hadamard", 6)["recipe"]["rotate"]
     assert rotate["kind"] == "hadamard" and rotate["if_possible"] is False
     with pytest.raises(SystemExit):  # argparse: usage and the choices, exit 2
         main(["quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--rotate", "spin",

@@ -29,36 +29,20 @@ from lowbit.algorithms.rotate import (
 from lowbit.errors import LowbitError
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.normalize import conv1d_to_linear
+from lowbit.models.rotate_fit import (
+    LAYERNORM,
+    MLP,
+    ROTATABLE,
+    check_layernorm,
+    llama_shape,
+    name_of,
+)
 from lowbit.models.source import TensorSource, tied_names
 from lowbit.models.twin import tiny_twin, twin_logits
 from lowbit.nn.online import install_online
 from lowbit.primitives.hadamard import has_hadamard, online_block, online_matrix
 
-# Decoders whose blocks normalise the stream only before attention and before the MLP, with an
-# RMSNorm (no mean, no bias) whose scale folds into the linears that read it: x·w, or Gemma's
-# x·(1 + w) (its Family's "norm_plus_one" feeders, lowbit.models.families). Phi-3's fused
-# q/k/v and gate/up projections read the stream as the separate ones do. Gemma 2/3 (and
-# OLMo 2) also normalise each sub-block's output before it is added to the stream: a norm's
-# per-channel scale after the rotation does not commute with it, so no folded rotation keeps
-# their function.
-ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-# Any other decoder whose blocks hold a Llama block's parts and nothing else (below) is rotated
-# by the same plan when a tiny random twin of it (lowbit.models.twin: its class and config,
-# width 64) computes the same logits after the rotation, with its norms scaling by w or by
-# 1 + w (whichever keeps them): Granite's multipliers, Arcee's MLP without a gate and the
-# like pass; a block that computes something else there fails the twin, before any real weight
-# changes. The twin's verdict is the rule, the parts' names only its precondition.
-ATTENTION = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
-MLP = (("gate_proj", "up_proj"), ("gate_up_proj",), ("up_proj",))
-PER_HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3's: untouched
 TWIN_TOLERANCE = 1e-4  # relative max change of the twin's logits (rotated in float32)
-# LayerNorm decoders (pre-norm): the stream turns by a Q that keeps the mean direction
-# (keep_mean), so a LayerNorm without scale and bias commutes with it; its scale folds into
-# the readers' weights and its bias into their biases (b + W·β); the final norm keeps a bias
-# (β/g)·Q for the head, which has none. The blocks' wiring (each norm and the linears that
-# read it, then the sub-blocks' output linears) is their Family's in lowbit.models.families;
-# here only the position embedding and the final norm, beside the blocks.
-LAYERNORM = {"opt": ("embed_positions", "final_layer_norm"), "gpt2": ("wpe", "ln_f")}
 Getter = Callable[[str], Tensor]
 log = logging.getLogger(__name__)
 
@@ -74,7 +58,7 @@ class Rotator:
         config = getattr(model, "config", None)
         kind = getattr(config, "model_type", None)
         known = kind in ROTATABLE or kind in LAYERNORM
-        why = "" if known else _llama_shape(model)
+        why = "" if known else llama_shape(model)
         if why:
             names = ", ".join((*ROTATABLE, *LAYERNORM))
             raise LowbitError(f"rotate: folding a rotation needs decoders that normalise the "
@@ -88,7 +72,7 @@ class Rotator:
         self.offset = offset if offset is not None else 1.0 if plus_one else 0.0
         self.layernorm = LAYERNORM.get(kind)
         if self.layernorm is not None:
-            _check_layernorm(config, options)
+            check_layernorm(config, options)
         hidden = config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
         for n, what in ((hidden, "hidden size"), (head_dim, "head size")):
@@ -181,8 +165,8 @@ class Rotator:
 
     def _plan_ends(self, model: nn.Module, prefix: str, norm: str) -> None:
         ops = self.ops
-        embed = _name_of(model, model.get_input_embeddings())
-        head = _name_of(model, model.get_output_embeddings())
+        embed = name_of(model, model.get_input_embeddings())
+        head = name_of(model, model.get_output_embeddings())
         ops[f"{embed}.weight"] = ("reads", f"{embed}.weight", None, None)
         ops[f"{norm}.weight"] = ("unit",)
         if self.layernorm is not None:
@@ -360,29 +344,6 @@ class RotatedSource(TensorSource):
         return self.load(name).contiguous() if name in self.rotator.ops else self.base.item(name)
 
 
-def _check_layernorm(config, options: RotateOptions) -> None:
-    """What a LayerNorm decoder's rotation cannot do, before any work."""
-    if options.kind == "learned" or options.online:
-        raise LowbitError(f"rotate: {config.model_type} (LayerNorm) takes kind hadamard or "
-                          f"random and no online rotation")  # fmt: skip
-    if getattr(config, "add_cross_attention", False):
-        raise LowbitError(f"rotate: this {config.model_type}'s cross-attention reads the stream "
-                          f"too; quantize it without rotate")  # fmt: skip
-    if getattr(config, "_remove_final_layer_norm", False):
-        raise LowbitError(f"rotate: this {config.model_type} has no final norm to keep the "
-                          f"head's share of the rotation; quantize it without rotate")  # fmt: skip
-    if not getattr(config, "layer_norm_elementwise_affine", True):
-        raise LowbitError(f"rotate: this {config.model_type}'s LayerNorms have no scale and bias "
-                          f"to fold; quantize it without rotate")  # fmt: skip
-    hidden = config.hidden_size
-    if (
-        not getattr(config, "do_layer_norm_before", True)
-        or getattr(config, "word_embed_proj_dim", hidden) != hidden
-    ):
-        raise LowbitError(f"rotate: this {config.model_type} normalises after its sub-blocks "
-                          f"or projects its embeddings; quantize it without rotate")  # fmt: skip
-
-
 def _stored_transposed(model: nn.Module) -> set[str]:
     """Weights a checkpoint holds as (in, out): transformers' Conv1D (GPT-2), or the linears
     made from them (:func:`lowbit.models.normalize.conv1d_to_linear`)."""
@@ -393,56 +354,6 @@ def _stored_transposed(model: nn.Module) -> set[str]:
         for name, module in model.named_modules()
         if isinstance(module, Conv1D) or getattr(module, "stored_transposed", False)
     }
-
-
-def _why_not(model: nn.Module) -> str:
-    """What in the model's blocks a folded rotation cannot keep (or "")."""
-    try:
-        block = find_blocks(model)[1][0]
-    except (LowbitError, IndexError):
-        return ""
-    names = [n for n, m in block.named_children() if "norm" in type(m).__name__.lower()]
-    if any(isinstance(m, nn.LayerNorm) for m in block.modules()):
-        return " (its LayerNorms subtract the mean and add a bias)"
-    if len(names) > 2:
-        return f" (its blocks also normalise sub-block outputs: {', '.join(names)})"
-    return ""
-
-
-def _llama_shape(model: nn.Module) -> str:
-    """ "" when every block holds a Llama block's parts (two RMSNorm scales, q/k/v or a fused
-    qkv, o_proj, an MLP of ``MLP``'s readers and down_proj, their biases, per-head q/k norms)
-    and nothing else, and the model nothing beside them but the embedding, the final ``norm``
-    and the head; else what is in the way, for the error."""
-    why = _why_not(model)
-    if why:
-        return why
-    try:
-        prefix, blocks = find_blocks(model)
-    except LowbitError:
-        return " (no repeated decoder blocks)"
-    for block in blocks:
-        have = {n for n, _ in block.named_parameters()}
-        attn = next((g for g in ATTENTION if all(f"self_attn.{n}.weight" in have for n in g)), ())
-        mlp = next((g for g in MLP if all(f"mlp.{n}.weight" in have for n in g)), ())
-        needed = {"input_layernorm.weight", "post_attention_layernorm.weight",
-                  "self_attn.o_proj.weight", "mlp.down_proj.weight"}  # fmt: skip
-        if not attn or not mlp or not needed <= have:
-            return " (its blocks lack a Llama block's norms and projections)"
-        linears = [f"self_attn.{n}" for n in (*attn, "o_proj")]
-        linears += [f"mlp.{n}" for n in (*mlp, "down_proj")]
-        parts = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
-        extra = sorted(have - parts - needed - set(PER_HEAD_NORMS))
-        if extra:
-            return f" (its blocks also hold {', '.join(extra[:3])})"
-    ends = [model.get_input_embeddings(), model.get_output_embeddings()]
-    known = {_name_of(model, m) for m in ends} | {f"{prefix.rpartition('.')[0]}.norm".lstrip(".")}
-    outside = sorted(
-        n
-        for n, _ in model.named_parameters()
-        if not n.startswith(f"{prefix}.") and n.rpartition(".")[0] not in known
-    )
-    return f" (it also holds {', '.join(outside[:3])} outside its blocks)" if outside else ""
 
 
 def _twin_offset(model: nn.Module, options: RotateOptions) -> float:
@@ -469,10 +380,6 @@ def _twin_offset(model: nn.Module, options: RotateOptions) -> float:
     raise LowbitError(f"rotate: folding the rotation into a small {kind!r} changed its logits "
                       f"({worst:.1e} relative): its blocks compute more than a Llama's; "
                       f"quantize it without rotate")  # fmt: skip
-
-
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
 
 
 def _final_norm(model: nn.Module, prefix: str) -> str:

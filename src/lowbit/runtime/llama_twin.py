@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.models.rotate_fit import ATTENTION, MLP
 from lowbit.models.twin import tiny_twin, twin_ids, twin_logits
 from lowbit.runtime.llama import FAMILIES, LlamaForward, capacity_reason
 
@@ -28,6 +29,7 @@ ROPE_TABLE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_po
                    "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
                    "attention_factor", "mscale", "mscale_all_dim", "short_factor", "long_factor",
                    "truncate", "partial_rotary_factor", "max_position_embeddings"}  # fmt: skip
+GATED_MLP = MLP[:2]  # the compact forward's SiLU·up takes gate and up (apart or fused)
 BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj",
                "mlp.down_proj")  # fmt: skip
 
@@ -76,9 +78,8 @@ def _parts_missing(model: nn.Module) -> str:
         return "it is not laid out as a Llama (model.layers, embed_tokens, norm, rotary_emb)"
     for block in layers:
         inner = {n for n, _ in block.named_modules()}
-        qkv = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= inner or (
-            "self_attn.qkv_proj" in inner)  # fmt: skip
-        gate_up = {"mlp.gate_proj", "mlp.up_proj"} <= inner or "mlp.gate_up_proj" in inner
+        qkv = any(all(f"self_attn.{n}" in inner for n in g) for g in ATTENTION)
+        gate_up = any(all(f"mlp.{n}" in inner for n in g) for g in GATED_MLP)
         if not (qkv and gate_up and all(p in inner for p in BLOCK_PARTS)):
             return "its blocks lack a Llama block's norms and projections"
     return ""
