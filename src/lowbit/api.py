@@ -39,9 +39,10 @@ from lowbit.eval.canary import WINDOWS as CANARY_WINDOWS
 from lowbit.eval.size import held_bytes
 from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.models.checkpoint import MANIFEST, read_manifest
+from lowbit.models.experts import experts_to_linears
 from lowbit.models.load import source_folder
 from lowbit.models.modules import quantizable_layers
-from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm, refuse_fused_experts
+from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import fitted_rotation, rotate_model
 from lowbit.pipeline import QuantizeReport, quantize_weights
 from lowbit.pipeline.estimate import estimate as estimate_run
@@ -91,7 +92,7 @@ def quantize(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     conv1d_to_linear(model)  # GPT-2's layers become the linears that the checks below plan
-    refuse_fused_experts(model)
+    experts_to_linears(model)
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     if recipe.tune is not None:  # checked before any work
         check_tune(recipe, plan_layers(recipe, quantizable_layers(model), warn=False), calibration)
@@ -121,7 +122,7 @@ def qat(
     lowbit.QATOptions(steps=200))``. Train on text that is neither calibration nor evaluation."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    refuse_fused_experts(model)
+    experts_to_linears(model)
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     if recipe.rotate is not None:  # trained in the rotated basis, as quantize would hold it
         rotate_model(model, recipe.rotate, *(learned_matrix(model, recipe, train, progress) or ()))
@@ -146,7 +147,7 @@ def analyze(
     if recipe.weights is None:
         raise LowbitError("the recipe has no default weights to take the candidates' grid from")
     conv1d_to_linear(model)
-    refuse_fused_experts(model)
+    experts_to_linears(model)
     whole = quantized_whole(model)
     if whole:
         fold_batchnorm(model)

@@ -85,3 +85,31 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
         mine = [b["output_rel_mse"] for b in json.loads((a / "lowbit.json").read_text())["blocks"]]
         if name not in TRAINED:
             assert blocks == mine  # block errors are summed in batch order on every rank
+
+
+def test_two_processes_quantize_a_mixture_of_experts_as_one_does(tmp_path, single_thread):
+    """64 experts, one per token: the ranks' batches reach different experts (some none), and
+    their wiring, statistics and folds must still agree to the byte."""
+    import transformers as tf
+
+    from helpers import make_tokenizer
+
+    sys.path.insert(0, str(WORKER.parent))
+    import worker
+
+    config = tf.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              num_local_experts=64, num_experts_per_tok=1)  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "mixtral"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    recipes = {"w4-awq-gptq-g64": api.load_recipe("w4-awq-gptq-g64").to_dict()}
+    spec = tmp_path / "recipes.json"
+    spec.write_text(json.dumps(recipes))
+    done = torchrun(str(WORKER), str(folder), str(tmp_path / "two"), str(spec))
+    assert done.returncode == 0, done.stderr[-3000:]
+    worker.run(folder, tmp_path / "one", recipes)
+    for name in [*recipes, "memory"]:
+        one, two = (tmp_path / side / name / "model.safetensors" for side in ("one", "two"))
+        assert one.read_bytes() == two.read_bytes(), name

@@ -205,4 +205,7 @@ def _hessians(model, layers, windows, batch_size) -> dict[str, Tensor]:
         for i in range(0, len(windows), batch_size):
             ids = windows[i : i + batch_size]
             forward_logits(model, ids)
+    for name, s in stats.items():
+        if s.rows == 0:  # an expert the router sent no token: its weights alone (identity)
+            s.empty(layers[name].in_features, hessian=True, absmean=False, absmax=False)
     return {n: s.hessian() for n, s in stats.items()}

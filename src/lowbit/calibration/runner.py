@@ -12,6 +12,7 @@ which spares a full float pass per block.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,8 @@ from lowbit.calibration.group import Group, ordered_total
 from lowbit.calibration.hidden import Calls, HiddenStates
 from lowbit.calibration.stats import InputStats, collect_input_stats, reduce_stats
 from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,8 +109,21 @@ class BlockContext:
             for call in self.calls:
                 with contextlib.suppress(StopForward):
                     block_output(self.block, call)
+        for name, s in stats.items():  # every rank sums the same tensors (zeros: no token)
+            if s.rows == 0 and getattr(modules[name], "lowbit_routed", False):
+                s.empty(modules[name].in_features, hessian, absmean, absmax)
         reduce_stats(stats, self.group, owners)
         missing = [n for n, s in stats.items() if s.rows == 0]
+        routed = [n for n in missing if getattr(modules[n], "lowbit_routed", False)]
+        if routed:  # a mixture's experts that the router sent no calibration token
+            log.info(
+                "%s: %d linears of experts saw no calibration token (%s, ...): rounded "
+                "as if every input weighed the same",
+                self.name,
+                len(routed),
+                routed[0],
+            )
+            missing = [n for n in missing if n not in routed]
         if missing:
             raise LowbitError(f"{self.name}: layers {missing} saw no calibration data")
         return stats

@@ -33,8 +33,20 @@ class InputStats:
     rows: int = 0
 
     def hessian(self) -> Tensor:
-        """2·XᵀX / n in float32 (zero rows: a zero matrix)."""
-        return (2.0 * self.xtx / max(self.rows, 1)).float()
+        """2·XᵀX / n in float32 (zero rows: the identity, no input weighing more than another:
+        GPTQ then rounds to nearest)."""
+        if self.rows == 0:
+            return torch.eye(self.xtx.shape[0])
+        return (2.0 * self.xtx / self.rows).float()
+
+    def empty(self, width: int, hessian: bool, absmean: bool, absmax: bool) -> None:
+        """Zero sums for a layer that saw no rows (an expert no token was routed to)."""
+        if hessian:
+            self.xtx = torch.zeros(width, width, dtype=torch.float64)
+        if absmean:
+            self.abs_sum = torch.zeros(width, dtype=torch.float64)
+        if absmax:
+            self.abs_max = torch.zeros(width)
 
     def absmean(self) -> Tensor:
         return (self.abs_sum / max(self.rows, 1)).float()

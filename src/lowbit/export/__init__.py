@@ -14,6 +14,7 @@ from pathlib import Path
 from lowbit.assets import atomic_dir, atomic_file, prepare_out
 from lowbit.errors import LowbitError
 from lowbit.models import load_folder, read_manifest, zoo
+from lowbit.models.experts import LinearExperts
 from lowbit.nn.attention import drop_key_centers
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ def export(
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")
     model, _ = load_folder(folder)
+    if fmt in ("onnx", "litert") and any(isinstance(m, LinearExperts) for m in model.modules()):
+        raise LowbitError(f"{folder} is a mixture of experts, whose routing picks the weights "
+                          f"each token reads: lowbit's {fmt} graphs do not hold that; export "
+                          f"compressed-tensors (vLLM, transformers)")  # fmt: skip
     attention = (manifest.get("recipe") or {}).get("attention")
     if attention is not None:  # weights only: the target's runtime keeps its own cache
         drop_key_centers(model)

@@ -1,16 +1,12 @@
 """Make every model look the same to lowbit: GPT-2-style ``Conv1D`` layers (a linear layer with
 its weight stored transposed) become ``nn.Linear`` with identical outputs; BatchNorm folds into
-the convolution before it; weights lowbit cannot quantize yet are an error, not a silent float."""
+the convolution before it. (A mixture of experts' fused weights become linears in
+:mod:`lowbit.models.experts`.)"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from lowbit.errors import LowbitError
-
-# modules whose weights lowbit quantizes, or keeps whole (an embedding)
-KNOWN_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
 
 def conv1d_to_linear(model: nn.Module) -> int:
@@ -59,29 +55,3 @@ def fold_batchnorm(model: nn.Module) -> int:
                 seq[i + 1] = nn.Identity()
                 folded += 1
     return folded
-
-
-def refuse_fused_experts(model: nn.Module) -> None:
-    """A one-line error for mixture-of-experts weights that are not linear layers: experts held
-    as one 3-D tensor per projection (transformers 5's Mixtral, Qwen-MoE, OLMoE, GPT-OSS, ...)
-    or as 2-D matrices of stacked experts (DBRX). lowbit quantizes linear layers, so those
-    weights (most of such a model) would stay float while the report counted the linears
-    only. A weight counts as an expert's when its path or its module's class names experts
-    and no linear, convolution or embedding module holds it (a ViT's 3-D class token is none)."""
-    fused = []
-    for name, module in model.named_modules():
-        if isinstance(module, KNOWN_LAYERS):
-            continue
-        for p_name, p in module.named_parameters(recurse=False):
-            path = f"{name}.{p_name}" if name else p_name
-            expert = "expert" in type(module).__name__.lower() or any(
-                "expert" in part for part in path.split("."))  # fmt: skip
-            if p.dim() >= 2 and expert:
-                fused.append((path, p.numel()))
-    if not fused:
-        return
-    share = sum(n for _, n in fused) / sum(p.numel() for p in model.parameters())
-    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise LowbitError(f"{kind}: {len(fused)} expert weights are not linear layers "
-                      f"({fused[0][0]}, ...: {share:.0%} of the parameters); lowbit quantizes "
-                      f"linear layers and does not take mixture-of-experts models yet")  # fmt: skip

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lowbit.errors import LowbitError, reason
+from lowbit.models.experts import checkpoint_renames, experts_to_linears
 from lowbit.models.tensorfile import Entry, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -86,6 +87,7 @@ class TensorSource:
         absent), so that a checkpoint that disagrees with ``config.json`` fails before work.
         Names saved without the model's prefix are read under the model's names from then on."""
         self._adopt_prefix(model)
+        self._adopt_renamed(model)
         tied = tied_names(model)
         for name, t in _tensors(model).items():
             entry = self.entries.get(name)
@@ -114,6 +116,22 @@ class TensorSource:
                 self.entries[name] = self.entries.pop(bare)
                 if bare in self.weight_map:
                     self.weight_map[name] = self.weight_map.pop(bare)
+
+    def _adopt_renamed(self, model: nn.Module) -> None:
+        """Checkpoints of some families store tensors under older names that transformers
+        renames when it loads them (Mixtral's ``block_sparse_moe.experts.3.w1.weight`` is
+        lowbit's ``mlp.experts.3.gate_proj.weight``): such entries are keyed by the model's
+        names too (:func:`lowbit.models.experts.checkpoint_renames`)."""
+        wanted = _tensors(model)
+        if all(n in self.entries for n in wanted):
+            return
+        rename = checkpoint_renames(getattr(getattr(model, "config", None), "model_type", ""))
+        for stored in list(self.entries):
+            name = rename(stored)
+            if name != stored and name in wanted and name not in self.entries:
+                self.entries[name] = self.entries.pop(stored)
+                if stored in self.weight_map:
+                    self.weight_map[name] = self.weight_map.pop(stored)
 
 
 def _weight_map(index: Path) -> dict[str, str]:
@@ -145,7 +163,8 @@ def tied_names(model: nn.Module) -> set[str]:
 
 def skeleton(folder: Path) -> nn.Module:
     """The model of ``folder``'s config.json on the meta device (no weight allocated; buffers
-    such as rotary frequencies are real), with remote code never run."""
+    such as rotary frequencies are real), with remote code never run; fused experts become
+    linears (:func:`lowbit.models.experts.experts_to_linears`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -164,6 +183,7 @@ def skeleton(folder: Path) -> nn.Module:
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
+    experts_to_linears(model)  # a mixture of experts as per-expert linears, as lowbit holds it
     return model.eval()
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lowbit.models.experts import ExpertMLP
 from lowbit.models.families import Family, PrevKind, ScaleGroup
 from lowbit.models.fold import can_fold, fold_scales, folded_tensors, in_width, out_width
 
@@ -42,14 +43,32 @@ def derive_family(block: nn.Module, run: Callable[[], Tensor], blocks: str = "")
     exactly."""
     groups, producers, order = _trace(block, run)
     reference = run().float()
+    experts = [n for n, m in block.named_modules() if isinstance(m, ExpertMLP)]
+    routed = {f"{e}.{part}" for e in experts for part in ("gate_proj", "up_proj", "down_proj")}
     scale_groups = []
+    sequential: list[tuple[str, ...]] = []
     for group, source in zip(groups, producers, strict=True):
-        for prev, kind in _candidates(block, group, source, order):
+        if routed.intersection(group):  # a mixture's experts: wired below, all of them
+            if not any(routed.intersection(g) for g in sequential):
+                sequential += _expert_groups(experts)
+            continue
+        sequential.append(tuple(group))
+        for prev, kind in _candidates(block, group, source, order, routed):
             if _folds_exactly(block, run, reference, prev, kind, group):
                 scale_groups.append(ScaleGroup(prev, tuple(group), _inspect(group), kind))
                 break
-    sequential = tuple(tuple(g) for g in groups)
-    return Family("derived", (), blocks, sequential, tuple(scale_groups))
+    if experts and not any(routed.intersection(g) for g in sequential):
+        sequential += _expert_groups(experts)  # none was reached by the traced batch
+    scale_groups += [ScaleGroup(f"{e}.up_proj", (f"{e}.down_proj",), e, "linear") for e in experts]
+    return Family("derived", (), blocks, tuple(sequential), tuple(scale_groups))
+
+
+def _expert_groups(experts: list[str]) -> list[tuple[str, ...]]:
+    """Each expert's linears in reading order. They are not traced: which experts a batch
+    reaches depends on the batch (and differs between the ranks of a distributed run), while
+    their wiring is fixed: gate and up read the routed tokens, down reads their product, and
+    scales fold exactly from up into down (``down(act(gate) * up)``)."""
+    return [g for e in experts for g in ((f"{e}.gate_proj", f"{e}.up_proj"), (f"{e}.down_proj",))]
 
 
 def _trace(block: nn.Module, run: Callable[[], Tensor]):
@@ -96,9 +115,10 @@ def _trace(block: nn.Module, run: Callable[[], Tensor]):
     return list(groups.values()), [made.get(t) for t in groups], order
 
 
-def _candidates(block: nn.Module, group: list[str], source: str | None,
-                order: list[str]) -> list[tuple[str, PrevKind]]:  # fmt: skip
-    """Feeders worth testing for ``group``, most likely first."""
+def _candidates(block: nn.Module, group: list[str], source: str | None, order: list[str],
+                routed: set[str]) -> list[tuple[str, PrevKind]]:  # fmt: skip
+    """Feeders worth testing for ``group``, most likely first (never an expert's linear: its
+    output reaches the block scaled by the router's weights)."""
     linears = [block.get_submodule(n) for n in group]
     out: list[tuple[str, PrevKind]] = []
     if source is not None and source not in group:
@@ -106,7 +126,10 @@ def _candidates(block: nn.Module, group: list[str], source: str | None,
         if out_width(module) is None and can_fold(module, "norm", linears):
             out += [(source, "norm"), (source, "norm_plus_one")]
     earlier = order[: order.index(group[0])]
-    feeders = [n for n in reversed(earlier) if can_fold(block.get_submodule(n), "linear", linears)]
+    feeders = [
+        n for n in reversed(earlier)
+        if n not in routed and can_fold(block.get_submodule(n), "linear", linears)
+    ]  # fmt: skip
     return out + [(name, "linear") for name in feeders[:NEAREST_FEEDERS]]
 
 

@@ -100,7 +100,12 @@ def observe_ranges(
             if not parts:
                 what = f"step group {step} of {name}" if step or module.act_scale.numel() > 1 \
                     else name  # fmt: skip
-                raise LowbitError(f"{what} saw no calibration data; its static range is unset")
+                hint = ""
+                if ".experts." in name:  # lowbit.models.experts: a mixture's expert
+                    hint = (" (an expert that the router sent no calibration token: calibrate "
+                            "on more windows)")  # fmt: skip
+                raise LowbitError(f"{what} saw no calibration data{hint}; its static range is "
+                                  f"unset")  # fmt: skip
             module.set_static_range(static_qparams(torch.cat(parts), module.act), step)
     return len(layers)
 

@@ -117,6 +117,7 @@ class BlockSteps:
     progress: bool
     results: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
     originals: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    traced: dict[tuple, Family] = dataclasses.field(default_factory=dict)
 
     def local(self, ctx: BlockContext) -> dict[str, WeightSpec]:
         head = ctx.name + "."
@@ -182,15 +183,20 @@ class BlockSteps:
             report.lkd[ctx.name] = lkd_block(ctx, targets, self.results, act, opts, self.progress)
 
     def wiring(self, ctx: BlockContext) -> Family:
-        """The model's family mapping, or (first time, for a family not listed) the wiring
-        traced on this block's first calibration batch, kept for every later block."""
-        if self.family is None:
-            self.family = derive_family(ctx.block, lambda: block_output(ctx.block, ctx.calls[0]))
-            folds = ", ".join(
-                f"{g.prev} -> {'/'.join(g.linears)}" for g in self.family.scale_groups
-            )
-            log.info("traced the block's wiring: scale groups %s", folds or "none")
-        return self.family
+        """The model's family mapping, or (for a family not listed) the wiring traced on the
+        first calibration batch of the first block of each structure (a DeepSeek's dense
+        first blocks and its mixtures of experts differ), kept for the later ones."""
+        if self.family is not None:
+            return self.family
+        shape = tuple((n, type(m).__name__) for n, m in ctx.block.named_modules())
+        if shape not in self.traced:
+            family = derive_family(ctx.block, lambda: block_output(ctx.block, ctx.calls[0]))
+            self.traced[shape] = family
+            folds = [f"{g.prev} -> {'/'.join(g.linears)}" for g in family.scale_groups]
+            more = f", ... ({len(folds)} in all)" if len(folds) > 8 else ""
+            shown = ", ".join(folds[:8]) + more
+            log.info("traced %s's wiring: scale groups %s", ctx.name, shown or "none")
+        return self.traced[shape]
 
     def _check_finite(self, ctx: BlockContext, name: str) -> None:
         if not all_finite(ctx.linear(name).weight):

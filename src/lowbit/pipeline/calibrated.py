@@ -192,6 +192,8 @@ def awq_scale_block(
             log.debug("%s: no AWQ scaling for %s", ctx.name, group.linears)
             continue
         stats = ctx.collect(names, absmean=True)
+        if stats[names[0]].rows == 0:  # an expert no calibration token reached, on any rank
+            continue
         inspect = ctx.block.get_submodule(group.inspect)
         inputs = ctx.module_inputs(group.inspect, max_calls)
         with torch.no_grad():
@@ -266,12 +268,14 @@ def smooth_block(
     stats = ctx.collect([names[0] for _, names, _, _ in groups], absmax=True)
     chosen = {}
     for group, names, prev, linears in groups:
+        if stats[names[0]].rows == 0:  # an expert no calibration token reached
+            continue
         first = ctx.module_inputs(names[0], 1)  # the job's first batch: rank 0's
         x = _sample_rows(first[0][0][0], options.search_rows) if first else None
         weights = [lin.weight.detach() for lin in linears]
         specs = [plan[n] for n in names]
         s = alpha = None
-        if ctx.group.main:
+        if ctx.group.main and x is not None:  # (an expert the first batch does not reach: none)
             error = partial(output_error, x, weights, specs, act)  # error(s)
             s, alpha = search_alpha(stats[names[0]].absmax(), weights, options, error)
         s, alpha = _decided(ctx, s, alpha)

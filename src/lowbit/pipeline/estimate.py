@@ -32,7 +32,7 @@ from lowbit.models.checkpoint import write_extras, write_shards
 from lowbit.models.families import find_blocks
 from lowbit.models.load import source_tokenizer
 from lowbit.models.modules import quantizable_layers
-from lowbit.models.normalize import conv1d_to_linear, refuse_fused_experts
+from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.source import TensorSource, skeleton
 from lowbit.models.tensorfile import write_file
 from lowbit.models.verify import file_hashes
@@ -84,7 +84,6 @@ def estimate(
     startup = process_seconds()  # a run pays for the same start-up and imports
     begin = time.perf_counter()
     model = skeleton(folder)
-    refuse_fused_experts(model)  # before the checkpoint's names are checked
     tensors = TensorSource(folder)
     tensors.check(model)
     conv1d_to_linear(model)
@@ -196,6 +195,7 @@ def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype, spill, cop
     them), writing config and tokenizer."""
     model = skeleton(folder)
     tensors = TensorSource(folder)
+    tensors.check(model)  # (reads renamed and unprefixed names under the model's)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="probe-") as tmp:
         work = WorkFolder(Path(tmp) / "out", {"probe": True})
         store = _ProbeStore(model, tensors, work, prefix, blocks, spill)

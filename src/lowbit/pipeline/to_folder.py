@@ -24,7 +24,7 @@ from lowbit.eval.size import SizeReport
 from lowbit.models.checkpoint import write_extras, write_manifest
 from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
-from lowbit.models.normalize import conv1d_to_linear, refuse_fused_experts
+from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.rotate import (
     RotatedSource,
     Rotator,
@@ -71,7 +71,6 @@ def quantize_to(
     prepare_out(out, overwrite)
     folder, kind = source_folder(source)
     model = skeleton(folder)
-    refuse_fused_experts(model)  # before the checkpoint's names are checked
     tensors = TensorSource(folder)
     tensors.check(model)
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
