@@ -30,6 +30,7 @@ ROWS = {  # name: (model, recipe, calibration windows x tokens or None)
     "3b-rtn": ("llama-3.2-3b-random", "w4-rtn-g64", None),
     "3b-gptq": ("llama-3.2-3b-random", "w4-gptq-g64", (16, 512)),
     "8b-rtn": ("llama-3-8b-random", "w4-rtn-g64", None),
+    "7b-moe-rtn": ("olmoe-1b-7b-random", "w4-rtn-g64", None),
 }
 
 

@@ -66,3 +66,23 @@ def test_bad_options_are_clear_errors():
         LKDOptions(train="bias")
     with pytest.raises(LowbitError, match="steps"):
         LKDOptions(steps=0)
+
+
+def test_every_worker_averages_the_same_list_of_gradients():
+    """A parameter this worker did not reach (an expert no token was routed to) sends zeros,
+    so every worker's list has the same tensors in the same order; one that no worker reached
+    takes no step."""
+    from lowbit.algorithms.lkd import _sync_all
+
+    reached, here_only, nowhere = (nn.Parameter(torch.ones(3)) for _ in range(3))
+    reached.grad = torch.full((3,), 2.0)
+    sent = []
+
+    def sync(grads):  # the other worker reached ``here_only`` (its mean gradient: 0.5)
+        sent.append([g.clone() for g in grads])
+        grads[1].add_(1.0).div_(2.0)
+
+    _sync_all([reached, here_only, nowhere], sync)
+    assert [g.tolist() for g in sent[0]] == [[2.0] * 3, [0.0] * 3, [0.0] * 3]
+    assert here_only.grad.tolist() == [0.5] * 3
+    assert nowhere.grad is None

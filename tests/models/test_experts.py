@@ -243,3 +243,62 @@ def test_other_3d_parameters_are_not_experts():
     model.experts.w = nn.Parameter(torch.zeros(2, 4, 4))
     with pytest.raises(LowbitError, match=r"experts\.w"):
         refuse_fused_experts(model)
+
+
+def test_every_routed_token_is_counted():
+    """A calibration pass that reaches only some experts runs to the block's end, so every
+    expert's statistics hold all of its tokens (8 experts, one per token)."""
+    from lowbit.calibration.capture import BlockCall
+    from lowbit.calibration.runner import BlockContext
+
+    model = moe("mixtral", num_local_experts=8, num_experts_per_tok=1)
+    experts_to_linears(model)
+    block = model.model.layers[0]
+    hidden = torch.randn(6, 4, 64, generator=torch.Generator().manual_seed(0))
+    position = torch.arange(4)[None].expand(6, -1)
+    cos_sin = model.model.rotary_emb(hidden, position)
+    calls = []
+    for i in range(6):
+        kwargs = {"position_embeddings": tuple(t[i : i + 1] for t in cos_sin),
+                  "position_ids": position[i : i + 1]}  # fmt: skip
+        calls.append(BlockCall(hidden[i : i + 1], (), kwargs))
+    ctx = BlockContext(block, "model.layers.0", calls)
+    names = [f"mlp.experts.{e}.gate_proj" for e in range(8)]
+    stats = ctx.collect(names, hessian=True)
+    assert sum(s.rows for s in stats.values()) == 24  # 6 calls x 4 tokens, one expert each
+
+
+def test_a_checkpoint_with_fused_experts_is_refused_when_streamed(tmp_path):
+    """GraniteMoE stores its experts fused on disk (``input_linear.weight``): in memory it
+    quantizes (its routers float), streamed it is a clear error."""
+    import transformers as tf
+
+    config = tf.GraniteMoeConfig(**SMALL, intermediate_size=32, num_local_experts=4,
+                                 num_experts_per_tok=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    api.quantize(model, make_recipe({"bits": 4, "group_size": 32}), progress=False)
+    routers = [m for n, m in model.named_modules() if n.endswith("router")]
+    assert routers and not any(isinstance(m, QuantLinear) for r in routers for m in r.modules())
+    with pytest.raises(LowbitError, match=r"does not hold each expert's matrices apart"):
+        api.quantize_to(str(tmp_path / "src"), "w4-rtn-g32", tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_compressed_tensors_of_a_mixture_load_in_transformers(tmp_path, kind):
+    """Written under the family's stored expert names (Mixtral's w1/w3/w2), which transformers
+    fuses on load; it decompresses the experts into float16, hence the tolerance."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    moe(kind).save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    api.quantize_to(str(tmp_path / "src"), "w4-sym-g32", tmp_path / "q", progress=False)
+    out = export(tmp_path / "q", "compressed-tensors", tmp_path / "ct").path
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = api.load(tmp_path / "q", kernels=False).model(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    assert float((theirs - ours).abs().max() / ours.abs().max()) < 1e-3

@@ -121,7 +121,7 @@ def distill(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if sync is not None:
-                sync([p.grad for p in params if p.grad is not None])
+                _sync_all(params, sync)
             opt.step()
             if scheduler is not None:
                 scheduler.step()
@@ -137,6 +137,21 @@ def distill(
         _restore(params, saved)
         after = before
     return before, after
+
+
+@torch.no_grad()
+def _sync_all(params: list[Tensor], sync: Callable[[list[Tensor]], None]) -> None:
+    """Average every parameter's gradient over the workers, the same list on each: a
+    parameter this worker's batch did not reach (an expert no token was routed to) sends
+    zeros; one that no worker reached (its mean gradient all zero) takes no optimizer step on
+    any worker, as a single process would leave it."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    sync([p.grad for p in params])
+    for p in params:
+        if not p.grad.any():
+            p.grad = None
 
 
 @torch.no_grad()

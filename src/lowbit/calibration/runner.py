@@ -102,10 +102,13 @@ class BlockContext:
         owners: dict[str, int] | None = None,
     ) -> dict[str, InputStats]:  # fmt: skip
         """Input statistics of the named linears over all calibration batches of every rank
-        (each forward pass stops as soon as those linears have been reached). With ``owners``
+        (each forward pass stops as soon as those linears have been reached, unless some are
+        experts). With ``owners``
         each Hessian is summed on its owner's rank only (others get none)."""
         modules = {n: self.linear(n) for n in names}
-        with collect_input_stats(modules, hessian, absmean, True, absmax) as stats:
+        # a pass may reach only some of a mixture's experts: it then runs to the block's end
+        stop = not any(getattr(m, "lowbit_routed", False) for m in modules.values())
+        with collect_input_stats(modules, hessian, absmean, stop, absmax) as stats:
             for call in self.calls:
                 with contextlib.suppress(StopForward):
                     block_output(self.block, call)

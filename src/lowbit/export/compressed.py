@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.kernels.int8 import int8_eligible
+from lowbit.models.experts import stored_expert_names
 from lowbit.nn import QuantLinear
 
 
@@ -140,6 +141,12 @@ def write_compressed_tensors(model: nn.Module, folder: Path, tmp: Path) -> None:
         if owner in quantized or (tied and key == "lm_head.weight"):
             continue
         state[key] = t.detach().contiguous()
+    # a mixture's experts under the family's stored names, which transformers fuses on load
+    stored = stored_expert_names(getattr(getattr(model, "config", None), "model_type", ""))
+    state = {stored(k): t for k, t in state.items()}
+    for group in qconfig["config_groups"].values():
+        group["targets"] = [stored(n) for n in group["targets"]]
+    qconfig["ignore"] = [stored(n) for n in qconfig["ignore"]]
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = qconfig

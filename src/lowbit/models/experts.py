@@ -9,9 +9,10 @@ module by :class:`LinearExperts`: one :class:`ExpertMLP` per expert, with ``gate
 transformers writes on disk (``mlp.experts.3.gate_proj.weight``), so a checkpoint streams
 into them as it is. Each expert's linears then see only the tokens routed to them: GPTQ's
 Hessians, AWQ's scales and the activation ranges are the expert's own, as in GPTQModel and
-llm-compressor. Routers stay float: a linear of the block that scores the experts (``gate``
-or ``shared_expert_gate``, no wider than the expert count) becomes a :class:`RouterLinear`,
-which the quantizer skips (a rounding error there changes which experts run).
+llm-compressor. Routers stay float: a linear of the block that scores the experts (``gate``,
+``router.layer``; one output per expert) or the shared expert (``shared_expert_gate``, one
+output) becomes a :class:`RouterLinear`, which the quantizer skips (a rounding error there
+changes which experts run).
 
 The replacement is checked on the model's tiny random twin (:mod:`lowbit.models.twin`): its
 logits with the linears must equal its own to 1e-9 (float64), else the model is refused with
@@ -127,8 +128,8 @@ def _replace(model: nn.Module, name: str) -> None:
             expert.down_proj.weight = nn.Parameter(down.data[i], requires_grad=grad)
         experts.append(expert)
     setattr(parent, child, LinearExperts(experts))
-    for router in parent.children():  # the block's scores of the experts stay float
-        if type(router) is nn.Linear and router.out_features <= e:
+    for router in parent.modules():  # the block's scores of the experts (or of a shared one)
+        if type(router) is nn.Linear and router.out_features in (e, 1):
             router.__class__ = RouterLinear  # same parameters and hooks, a type the plan skips
 
 
@@ -152,36 +153,50 @@ def _check_on_twin(model: nn.Module) -> None:
                           f"lowbit does not quantize this mixture-of-experts model")  # fmt: skip
 
 
-def checkpoint_renames(model_type: str) -> Callable[[str], str]:
-    """The name under which lowbit's model holds a tensor that a checkpoint of ``model_type``
-    stores as ``name``: transformers' own renaming rules for the family (Mixtral's
-    ``block_sparse_moe.`` is ``mlp.``), and its experts' per-expert names (Mixtral's
-    ``experts.3.w1.weight``) as :class:`ExpertMLP` names them (``experts.3.gate_proj.weight``),
-    read off the rules that fuse them in transformers (gate before up, as it concatenates)."""
+def _rules(model_type: str) -> list:
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-        rules = get_checkpoint_conversion_mapping(model_type) or []
+        return get_checkpoint_conversion_mapping(model_type) or []
     except ImportError:  # pragma: no cover - an older transformers: names as stored
-        rules = []
-    renames: list[tuple[re.Pattern, str]] = []
-    experts: list[tuple[re.Pattern, str]] = []
+        return []
+
+
+def _stored_parts(rules: list) -> list[tuple[str, str, str]]:
+    """(head, tail, part) per expert matrix of the rules that fuse experts in transformers:
+    the stored name is head + index + tail (``.experts.`` 3 ``.w1.weight``), lowbit's part
+    ``gate_proj`` (gate before up, as transformers concatenates them)."""
+    out = []
+    parts = {"experts.gate_up_proj": ("gate_proj", "up_proj"), "experts.down_proj": ("down_proj",)}
     for rule in rules:
         sources = list(getattr(rule, "source_patterns", None) or [])
         targets = list(getattr(rule, "target_patterns", None) or [])
-        if type(rule).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1:
-            renames.append((re.compile(sources[0]), targets[0]))
+        if len(targets) != 1 or not sources or not all(s.count("*") == 1 for s in sources):
             continue
-        if len(targets) != 1 or not all(s.count("*") == 1 for s in sources):
-            continue
-        parts = {"experts.gate_up_proj": ("gate_proj", "up_proj"),
-                 "experts.down_proj": ("down_proj",)}  # fmt: skip
         for suffix, names in parts.items():
             if targets[0].endswith(suffix) and len(sources) == len(names):
                 for source, part in zip(sources, names, strict=True):
                     head, tail = source.split("*")
-                    pattern = re.escape(head) + r"(\d+)" + re.escape(tail) + "$"
-                    experts.append((re.compile(pattern), head + r"\1." + part + ".weight"))
+                    out.append((head, tail, part))
+    return out
+
+
+def checkpoint_renames(model_type: str) -> Callable[[str], str]:
+    """The name under which lowbit's model holds a tensor that a checkpoint of ``model_type``
+    stores as ``name``: transformers' own renaming rules for the family (Mixtral's
+    ``block_sparse_moe.`` is ``mlp.``), and its experts' per-expert names (Mixtral's
+    ``experts.3.w1.weight``) as :class:`ExpertMLP` names them (``experts.3.gate_proj.weight``)."""
+    rules = _rules(model_type)
+    renames = [
+        (re.compile(r.source_patterns[0]), r.target_patterns[0])
+        for r in rules
+        if type(r).__name__ == "WeightRenaming"
+        and len(r.source_patterns) == len(r.target_patterns) == 1
+    ]
+    experts = [
+        (re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + "$"), f"{head}\\1.{part}.weight")
+        for head, tail, part in _stored_parts(rules)
+    ]
 
     def rename(name: str) -> str:
         for pattern, new in renames:
@@ -189,6 +204,20 @@ def checkpoint_renames(model_type: str) -> Callable[[str], str]:
         for pattern, new in experts:
             name = pattern.sub(new, name)
         return name
+
+    return rename
+
+
+def stored_expert_names(model_type: str) -> Callable[[str], str]:
+    """The other way, for writers of checkpoints that transformers loads: lowbit's expert
+    linear ``mlp.experts.3.gate_proj`` (a module or tensor name) under the family's stored
+    matrix name (Mixtral: ``mlp.experts.3.w1``, which transformers fuses on load)."""
+    mapping = {part: tail.split(".")[1] for _, tail, part in _stored_parts(_rules(model_type))
+               if tail.startswith(".") and tail.endswith(".weight")}  # fmt: skip
+    pattern = re.compile(r"(\.experts\.\d+\.)(gate_proj|up_proj|down_proj)(?=\.|$)")
+
+    def rename(name: str) -> str:
+        return pattern.sub(lambda m: m.group(1) + mapping.get(m.group(2), m.group(2)), name)
 
     return rename
 

@@ -94,6 +94,11 @@ class TensorSource:
             if entry is None:
                 if name in tied:
                     continue
+                if ".experts." in name:  # lowbit.models.experts: one expert's linear
+                    raise LowbitError(f"{self.folder}: the checkpoint does not hold each "
+                                      f"expert's matrices apart ({name!r} is missing; Mixtral's "
+                                      f"and Qwen-MoE's do); lowbit streams only those: quantize "
+                                      f"this model in memory (lowbit.quantize)")  # fmt: skip
                 raise LowbitError(f"{self.folder}: tensor {name!r} that config.json implies is "
                                   f"missing from the checkpoint")  # fmt: skip
             if tuple(t.shape) != entry.shape:

@@ -64,11 +64,13 @@ def derive_family(block: nn.Module, run: Callable[[], Tensor], blocks: str = "")
 
 
 def _expert_groups(experts: list[str]) -> list[tuple[str, ...]]:
-    """Each expert's linears in reading order. They are not traced: which experts a batch
-    reaches depends on the batch (and differs between the ranks of a distributed run), while
-    their wiring is fixed: gate and up read the routed tokens, down reads their product, and
-    scales fold exactly from up into down (``down(act(gate) * up)``)."""
-    return [g for e in experts for g in ((f"{e}.gate_proj", f"{e}.up_proj"), (f"{e}.down_proj",))]
+    """The experts' linears in reading order: every expert's gate and up, then every down
+    (one calibration pass per group, however many experts). They are not traced: which experts
+    a batch reaches depends on the batch (and differs between the ranks of a distributed run),
+    while their wiring is fixed: gate and up read the routed tokens, down reads their product,
+    and scales fold exactly from up into down (``down(act(gate) * up)``)."""
+    first = tuple(f"{e}.{part}" for e in experts for part in ("gate_proj", "up_proj"))
+    return [first, tuple(f"{e}.down_proj" for e in experts)]
 
 
 def _trace(block: nn.Module, run: Callable[[], Tensor]):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.assets import Archive, cache_dir, extract_member, fetch_archive, verified
+from lowbit.models.experts import experts_to_linears
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,18 @@ def random_models() -> dict[str, RandomModel]:
                 f"for calibration: for scale runs only")  # fmt: skip
         entries.append(RandomModel(name, what, "llama", config, dtype=dtype,
                                    tokenizer="smollm2-135m"))  # fmt: skip
+    olmoe = {  # OLMoE-1B-7B (allenai): 64 experts of width 1024, 8 per token
+        "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "num_experts": 64, "num_experts_per_tok": 8, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "pad_token_id": 1, "eos_token_id": 50279,
+    }  # fmt: skip
+    entries.append(RandomModel(
+        "olmoe-1b-7b-random",
+        "OLMoE-1B-7B's shape (a mixture of 64 experts, 6.9B parameters), seeded random bfloat16 "
+        "weights on disk, SmolLM2's tokenizer for calibration: for scale runs only",
+        "olmoe", olmoe, dtype="bfloat16", tokenizer="smollm2-135m"))  # fmt: skip
     return {e.name: e for e in entries}
 
 
@@ -110,6 +123,7 @@ def build_random(entry: RandomModel) -> Any:
         model = AutoModelForCausalLM.from_config(_random_config(entry), dtype=torch.float32)
     finally:
         torch.random.set_rng_state(state)
+    experts_to_linears(model)  # the names a checkpoint (and the folder below) holds
     with torch.no_grad():
         for name, t in model.state_dict().items():
             t.copy_(random_tensor(name, tuple(t.shape), entry.seed))
@@ -132,6 +146,7 @@ def random_folder(entry: RandomModel) -> Path:
     config = _random_config(entry)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    experts_to_linears(model)  # a mixture's experts stored one by one, as transformers saves
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
