@@ -144,6 +144,21 @@ def test_the_twin_of_a_latent_attention_mixture_is_small():
     assert twin_logits(twin).isfinite().all()
 
 
+def test_experts_groups_keep_their_hessians_within_the_budget(monkeypatch):
+    """Experts go to GPTQ in as many groups as keep one group's Hessians within the budget."""
+    from lowbit.models import wiring
+
+    model = moe("mixtral")  # hidden 64, experts' width 64: 32 KiB per Hessian
+    experts_to_linears(model)
+    block = model.model.layers[0]
+    names = [f"mlp.experts.{e}" for e in range(4)]
+    monkeypatch.setattr(wiring, "HESSIAN_BUDGET", 4 * 64 * 64 * 8)  # 2 experts' gate and up
+    groups = wiring._expert_groups(block, names)
+    assert [len(g) for g in groups] == [4, 4, 4]
+    assert groups[0] == ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj",
+                         "mlp.experts.1.gate_proj", "mlp.experts.1.up_proj")  # fmt: skip
+
+
 def test_experts_wiring_is_fixed_and_never_crosses_experts():
     """Every expert's up -> down fold, whichever experts the traced batch reached, and no
     expert's output feeds another expert's scales."""
@@ -162,6 +177,8 @@ def test_experts_wiring_is_fixed_and_never_crosses_experts():
     assert folds == {(f"mlp.experts.{e}.up_proj", (f"mlp.experts.{e}.down_proj",))
                      for e in range(4)}  # fmt: skip
     flat = [n for g in family.sequential for n in g]
+    experts_groups = [g for g in family.sequential if "experts" in g[0]]
+    assert len(experts_groups) == 2  # all gate/up, then all down: one pass each
     assert all(
         f"mlp.experts.{e}.{p}_proj" in flat for e in range(4) for p in ("gate", "up", "down")
     )

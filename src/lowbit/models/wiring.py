@@ -34,6 +34,9 @@ TOLERANCE = 1e-4  # relative max error of the block's output after folding rando
 # model traced whole (a UNet: hundreds of convolutions, none foldable through GroupNorm + SiLU)
 # would otherwise run one per earlier layer of the same width for every group
 NEAREST_FEEDERS = 2
+# the float64 input sums that one group of a mixture's experts may hold at once (GPTQ's
+# Hessians: 33.5 MB per linear of width 2048, 411 MB at DeepSeek-V3's 7168)
+HESSIAN_BUDGET = 1 << 30
 
 
 @torch.no_grad()
@@ -50,7 +53,7 @@ def derive_family(block: nn.Module, run: Callable[[], Tensor], blocks: str = "")
     for group, source in zip(groups, producers, strict=True):
         if routed.intersection(group):  # a mixture's experts: wired below, all of them
             if not any(routed.intersection(g) for g in sequential):
-                sequential += _expert_groups(experts)
+                sequential += _expert_groups(block, experts)
             continue
         sequential.append(tuple(group))
         for prev, kind in _candidates(block, group, source, order, routed):
@@ -58,19 +61,27 @@ def derive_family(block: nn.Module, run: Callable[[], Tensor], blocks: str = "")
                 scale_groups.append(ScaleGroup(prev, tuple(group), _inspect(group), kind))
                 break
     if experts and not any(routed.intersection(g) for g in sequential):
-        sequential += _expert_groups(experts)  # none was reached by the traced batch
+        sequential += _expert_groups(block, experts)  # none was reached by the traced batch
     scale_groups += [ScaleGroup(f"{e}.up_proj", (f"{e}.down_proj",), e, "linear") for e in experts]
     return Family("derived", (), blocks, tuple(sequential), tuple(scale_groups))
 
 
-def _expert_groups(experts: list[str]) -> list[tuple[str, ...]]:
-    """The experts' linears in reading order: every expert's gate and up, then every down
-    (one calibration pass per group, however many experts). They are not traced: which experts
-    a batch reaches depends on the batch (and differs between the ranks of a distributed run),
-    while their wiring is fixed: gate and up read the routed tokens, down reads their product,
-    and scales fold exactly from up into down (``down(act(gate) * up)``)."""
-    first = tuple(f"{e}.{part}" for e in experts for part in ("gate_proj", "up_proj"))
-    return [first, tuple(f"{e}.down_proj" for e in experts)]
+def _expert_groups(block: nn.Module, experts: list[str]) -> list[tuple[str, ...]]:
+    """The experts' linears in reading order: experts' gate and up, then their down, in as few
+    groups (calibration passes) as keep one group's float64 input sums (GPTQ's Hessians)
+    within :data:`HESSIAN_BUDGET`. They are not traced: which experts a batch reaches depends
+    on the batch (and differs between the ranks of a distributed run), while their wiring is
+    fixed: gate and up read the routed tokens, down reads their product, and scales fold
+    exactly from up into down (``down(act(gate) * up)``)."""
+
+    def chunks(parts: tuple[str, ...]) -> list[tuple[str, ...]]:
+        # (a linear, or already its quantized module when LKD traces: in_features either way)
+        width = block.get_submodule(f"{experts[0]}.{parts[0]}").in_features
+        per = max(1, HESSIAN_BUDGET // (len(parts) * width * width * 8))
+        return [tuple(f"{e}.{p}" for e in experts[i : i + per] for p in parts)
+                for i in range(0, len(experts), per)]  # fmt: skip
+
+    return chunks(("gate_proj", "up_proj")) + chunks(("down_proj",))
 
 
 def _trace(block: nn.Module, run: Callable[[], Tensor]):
