@@ -131,24 +131,38 @@ class BlockContext:
             raise LowbitError(f"{self.name}: layers {missing} saw no calibration data")
         return stats
 
-    @torch.no_grad()
     def module_inputs(self, module_name: str, max_calls: int) -> list[tuple[tuple, dict]]:
         """(args, kwargs) with which the block calls one of its submodules, for this rank's
         calls among the job's first ``max_calls`` batches."""
-        module = self.block.get_submodule(module_name)
-        seen: list[tuple[tuple, dict]] = []
+        return self.modules_inputs([module_name], max_calls)[module_name]
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen.append((tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs))
-            raise StopForward
+    @torch.no_grad()
+    def modules_inputs(self, names: Sequence[str], max_calls: int) -> dict[str, list]:
+        """:meth:`module_inputs` of several submodules in one pass per call (a mixture's
+        experts): a call stops once it has reached them all, else runs to the block's end."""
+        seen: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in names}
+        reached: set[str] = set()
 
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        def hook(name: str):
+            def record(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                kept = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+                seen[name].append((kept, kwargs))
+                reached.add(name)
+                if len(reached) == len(seen):
+                    raise StopForward
+
+            return record
+
+        handles = [self.block.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True)
+                   for n in names]  # fmt: skip
         try:
             for call in self.calls[: self.first(max_calls)]:
+                reached.clear()
                 with contextlib.suppress(StopForward):
                     block_output(self.block, call)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return seen
 
     @torch.no_grad()

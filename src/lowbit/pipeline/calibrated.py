@@ -184,6 +184,7 @@ def awq_scale_block(
     (None where no scaling won)."""
     chosen = {}
     max_calls = max(1, math.ceil(options.search_samples / batch_size))
+    experts: tuple[dict, dict] | None = None  # statistics and inputs of every expert's group
     for group in family.scale_groups:
         names = [n for n in group.linears if n in plan]
         linears = [ctx.linear(n) for n in names]
@@ -191,11 +192,16 @@ def awq_scale_block(
         if len(names) != len(group.linears) or not can_fold(prev, group.prev_kind, linears):
             log.debug("%s: no AWQ scaling for %s", ctx.name, group.linears)
             continue
-        stats = ctx.collect(names, absmean=True)
+        if _routed(linears):  # a mixture's experts: one pass for all (folding one expert's
+            if experts is None:  # scales changes no other expert's inputs)
+                experts = _experts_inputs(ctx, family, plan, max_calls)
+            stats, inputs = experts[0], experts[1][group.inspect]
+        else:
+            stats = ctx.collect(names, absmean=True)
+            inputs = ctx.module_inputs(group.inspect, max_calls)
         if stats[names[0]].rows == 0:  # an expert no calibration token reached, on any rank
             continue
         inspect = ctx.block.get_submodule(group.inspect)
-        inputs = ctx.module_inputs(group.inspect, max_calls)
         with torch.no_grad():
             reference = [module_output(inspect, a, k) for a, k in inputs]
         originals = [lin.weight.detach().clone() for lin in linears]
@@ -209,6 +215,22 @@ def awq_scale_block(
         fold_scales(prev, group.prev_kind, linears, s)
         chosen[f"{ctx.name}.{group.prev}"] = alpha
     return chosen
+
+
+def _routed(linears: list[nn.Module]) -> bool:
+    return all(getattr(lin, "lowbit_routed", False) for lin in linears)
+
+
+def _experts_inputs(ctx: BlockContext, family: Family, plan: dict[str, WeightSpec],
+                    max_calls: int) -> tuple[dict, dict]:  # fmt: skip
+    """The input statistics of every expert's AWQ group and its inspected module's inputs,
+    each in one calibration pass."""
+    groups = [
+        g for g in family.scale_groups
+        if all(n in plan for n in g.linears) and _routed([ctx.linear(n) for n in g.linears])
+    ]  # fmt: skip
+    stats = ctx.collect([n for g in groups for n in g.linears], absmean=True)
+    return stats, ctx.modules_inputs([g.inspect for g in groups], max_calls)
 
 
 def _decided(ctx: BlockContext, s: Tensor | None, alpha: float | None):
