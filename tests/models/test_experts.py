@@ -115,6 +115,16 @@ def test_routers_stay_float():
     assert isinstance(model.model.layers[0].mlp.shared_expert.up_proj, QuantLinear)
 
 
+def test_only_routers_stay_float_when_the_width_equals_the_expert_count():
+    """64 experts of a 64-wide model: every expert's down_proj (64 outputs) is quantized."""
+    model = moe("mixtral", num_local_experts=64, num_experts_per_tok=1)
+    experts_to_linears(model)
+    assert not any(isinstance(m, RouterLinear) for m in model.modules())  # (its router: no linear)
+    api.quantize(model, make_recipe({"bits": 4, "group_size": 32}), progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert all(isinstance(m, QuantLinear) for m in experts.modules() if isinstance(m, nn.Linear))
+
+
 def test_a_twin_that_disagrees_refuses_the_model(monkeypatch):
     """An experts module whose arithmetic is not transformers' eager loop (here: gate and up
     swapped) is refused before any weight changes."""

@@ -102,31 +102,25 @@ class BlockContext:
         owners: dict[str, int] | None = None,
     ) -> dict[str, InputStats]:  # fmt: skip
         """Input statistics of the named linears over all calibration batches of every rank
-        (each forward pass stops as soon as those linears have been reached, unless some are
-        experts). With ``owners``
-        each Hessian is summed on its owner's rank only (others get none)."""
+        (each forward pass stops as soon as those linears have been reached; with a mixture's
+        experts among them, which a pass may reach only some of, it runs to the block's end).
+        With ``owners`` each Hessian is summed on its owner's rank only (others get none)."""
         modules = {n: self.linear(n) for n in names}
-        # a pass may reach only some of a mixture's experts: it then runs to the block's end
-        stop = not any(getattr(m, "lowbit_routed", False) for m in modules.values())
-        with collect_input_stats(modules, hessian, absmean, stop, absmax) as stats:
+        routed = {n for n, m in modules.items() if getattr(m, "lowbit_routed", False)}
+        with collect_input_stats(modules, hessian, absmean, not routed, absmax) as stats:
             for call in self.calls:
                 with contextlib.suppress(StopForward):
                     block_output(self.block, call)
-        for name, s in stats.items():  # every rank sums the same tensors (zeros: no token)
-            if s.rows == 0 and getattr(modules[name], "lowbit_routed", False):
-                s.empty(modules[name].in_features, hessian, absmean, absmax)
+        for name in routed:  # every rank sums the same tensors (zeros where no token came)
+            if stats[name].rows == 0:
+                stats[name].empty(modules[name].in_features, hessian, absmean, absmax)
         reduce_stats(stats, self.group, owners)
-        missing = [n for n, s in stats.items() if s.rows == 0]
-        routed = [n for n in missing if getattr(modules[n], "lowbit_routed", False)]
-        if routed:  # a mixture's experts that the router sent no calibration token
-            log.info(
-                "%s: %d linears of experts saw no calibration token (%s, ...): rounded "
-                "as if every input weighed the same",
-                self.name,
-                len(routed),
-                routed[0],
-            )
-            missing = [n for n in missing if n not in routed]
+        missing = [n for n, s in stats.items() if s.rows == 0 and n not in routed]
+        unreached = [n for n in stats if n in routed and stats[n].rows == 0]
+        if unreached:
+            log.info("%s: %d linears of experts saw no calibration token (%s, ...): rounded "
+                     "as if every input weighed the same", self.name, len(unreached),
+                     unreached[0])  # fmt: skip
         if missing:
             raise LowbitError(f"{self.name}: layers {missing} saw no calibration data")
         return stats

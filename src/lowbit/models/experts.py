@@ -119,17 +119,21 @@ def _replace(model: nn.Module, name: str) -> None:
     e, two_i, h = gate_up.shape
     width = two_i // 2
     experts = []
-    for i in range(e):
-        expert = ExpertMLP(h, width, fused.act_fn, gate_up.device, gate_up.dtype)
-        if not gate_up.is_meta:  # views of the 3-D weights (contiguous rows): no copy
+    for i in range(e):  # built empty (meta), then given views of the 3-D weights if real
+        expert = ExpertMLP(h, width, fused.act_fn, torch.device("meta"), gate_up.dtype)
+        if not gate_up.is_meta:  # contiguous rows: no copy
             grad = gate_up.requires_grad
             expert.gate_proj.weight = nn.Parameter(gate_up.data[i, :width], requires_grad=grad)
             expert.up_proj.weight = nn.Parameter(gate_up.data[i, width:], requires_grad=grad)
             expert.down_proj.weight = nn.Parameter(down.data[i], requires_grad=grad)
         experts.append(expert)
-    setattr(parent, child, LinearExperts(experts))
-    for router in parent.modules():  # the block's scores of the experts (or of a shared one)
-        if type(router) is nn.Linear and router.out_features in (e, 1):
+    linears = LinearExperts(experts)
+    setattr(parent, child, linears)
+    inside = set(map(id, linears.modules()))
+    for router in parent.modules():  # what scores the experts (or a shared one) from the input
+        if id(router) in inside or type(router) is not nn.Linear:
+            continue
+        if router.in_features == h and router.out_features in (e, 1):
             router.__class__ = RouterLinear  # same parameters and hooks, a type the plan skips
 
 
