@@ -165,3 +165,36 @@ def convnet():
         nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.LeakyReLU(0.1),
         nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1, bias=False),
     ).eval()  # fmt: skip
+
+
+MOE_SMALL = {"vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+
+
+def tiny_moe(kind: str, **extra):
+    """A random mixture-of-experts causal LM (fused experts, as transformers builds it)."""
+    import transformers as tf
+
+    configs = {
+        "mixtral": lambda: tf.MixtralConfig(**MOE_SMALL, intermediate_size=64,
+                                            num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**MOE_SMALL, intermediate_size=128, head_dim=16,
+                                               moe_intermediate_size=32, num_experts=8,
+                                               num_experts_per_tok=2),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**MOE_SMALL, intermediate_size=128, num_experts=8,
+                                               moe_intermediate_size=32, num_experts_per_tok=2,
+                                               shared_expert_intermediate_size=64),
+        "olmoe": lambda: tf.OlmoeConfig(**MOE_SMALL, intermediate_size=32, num_experts=8,
+                                        num_experts_per_tok=2),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(
+            **{**MOE_SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4},
+            intermediate_size=128,
+            moe_intermediate_size=32, first_k_dense_replace=1, n_routed_experts=8,
+            num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    }  # fmt: skip
+    config = configs[kind]()
+    for key, value in extra.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from helpers import make_recipe, make_tokenizer
+from helpers import MOE_SMALL, make_recipe, make_tokenizer, tiny_moe
 from lowbit import api
 from lowbit.calibration import CalibrationSet
 from lowbit.errors import LowbitError
@@ -22,46 +22,16 @@ from lowbit.models.twin import tiny_twin, twin_logits
 from lowbit.models.wiring import derive_family
 from lowbit.nn import QuantLinear
 
-SMALL = {"vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
-
-
-def moe(kind: str, **extra) -> nn.Module:
-    import transformers as tf
-
-    configs = {
-        "mixtral": lambda: tf.MixtralConfig(**SMALL, intermediate_size=64, num_local_experts=4,
-                                            num_experts_per_tok=2),
-        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**SMALL, intermediate_size=128, head_dim=16,
-                                               moe_intermediate_size=32, num_experts=8,
-                                               num_experts_per_tok=2),
-        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**SMALL, intermediate_size=128, num_experts=8,
-                                               moe_intermediate_size=32, num_experts_per_tok=2,
-                                               shared_expert_intermediate_size=64),
-        "olmoe": lambda: tf.OlmoeConfig(**SMALL, intermediate_size=32, num_experts=8,
-                                        num_experts_per_tok=2),
-        "deepseek_v3": lambda: tf.DeepseekV3Config(
-            **{**SMALL, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=128,
-            moe_intermediate_size=32, first_k_dense_replace=1, n_routed_experts=8,
-            num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
-            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
-    }  # fmt: skip
-    config = configs[kind]()
-    for key, value in extra.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config).eval()
-
 
 def windows(count: int = 16, length: int = 16, seed: int = 1) -> CalibrationSet:
-    ids = torch.randint(0, SMALL["vocab_size"], (count, length),
+    ids = torch.randint(0, MOE_SMALL["vocab_size"], (count, length),
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
     return CalibrationSet("test", count, length, 0, ids)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"])
 def test_fused_experts_become_linears_that_compute_the_same(kind):
-    model = moe(kind)
+    model = tiny_moe(kind)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits
@@ -77,7 +47,7 @@ def test_fused_experts_become_linears_that_compute_the_same(kind):
 
 def test_expert_linears_are_views_and_the_names_transformers_saves(tmp_path):
     """No copy of the experts' weights; the state dict's names are the checkpoint's."""
-    model = moe("qwen3_moe")
+    model = tiny_moe("qwen3_moe")
     fused = model.model.layers[0].mlp.experts.gate_up_proj
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
@@ -105,7 +75,7 @@ def test_mixtral_checkpoint_names_are_renamed_as_transformers_does():
 
 
 def test_routers_stay_float():
-    model = moe("qwen2_moe")
+    model = tiny_moe("qwen2_moe")
     experts_to_linears(model)
     gate = model.model.layers[0].mlp.shared_expert_gate
     assert type(gate) is RouterLinear
@@ -117,7 +87,7 @@ def test_routers_stay_float():
 
 def test_only_routers_stay_float_when_the_width_equals_the_expert_count():
     """64 experts of a 64-wide model: every expert's down_proj (64 outputs) is quantized."""
-    model = moe("mixtral", num_local_experts=64, num_experts_per_tok=1)
+    model = tiny_moe("mixtral", num_local_experts=64, num_experts_per_tok=1)
     experts_to_linears(model)
     assert not any(isinstance(m, RouterLinear) for m in model.modules())  # (its router: no linear)
     api.quantize(model, make_recipe({"bits": 4, "group_size": 32}), progress=False)
@@ -139,7 +109,7 @@ def test_a_twin_that_disagrees_refuses_the_model(monkeypatch):
             out.index_add_(0, token, y * top_k_weights[token, slot, None])
         return out
 
-    model = moe("mixtral")
+    model = tiny_moe("mixtral")
     monkeypatch.setattr(mm.MixtralExperts, "forward", swapped)
     with pytest.raises(LowbitError, match=r"mixtral: its experts do not compute what"):
         experts_to_linears(model)
@@ -148,7 +118,7 @@ def test_a_twin_that_disagrees_refuses_the_model(monkeypatch):
 
 def test_the_twin_of_a_latent_attention_mixture_is_small():
     """DeepSeek's twin: 4 experts of width 32 and its latent attention's ranks shrunk."""
-    twin = tiny_twin(moe("deepseek_v3", n_routed_experts=64, moe_intermediate_size=512,
+    twin = tiny_twin(tiny_moe("deepseek_v3", n_routed_experts=64, moe_intermediate_size=512,
                          kv_lora_rank=128, q_lora_rank=256))  # fmt: skip
     assert sum(p.numel() for p in twin.parameters()) < 200_000
     assert twin_logits(twin).isfinite().all()
@@ -158,7 +128,7 @@ def test_experts_groups_keep_their_hessians_within_the_budget(monkeypatch):
     """Experts go to GPTQ in as many groups as keep one group's Hessians within the budget."""
     from lowbit.models import wiring
 
-    model = moe("mixtral")  # hidden 64, experts' width 64: 32 KiB per Hessian
+    model = tiny_moe("mixtral")  # hidden 64, experts' width 64: 32 KiB per Hessian
     experts_to_linears(model)
     block = model.model.layers[0]
     names = [f"mlp.experts.{e}" for e in range(4)]
@@ -172,7 +142,7 @@ def test_experts_groups_keep_their_hessians_within_the_budget(monkeypatch):
 def test_experts_wiring_is_fixed_and_never_crosses_experts():
     """Every expert's up -> down fold, whichever experts the traced batch reached, and no
     expert's output feeds another expert's scales."""
-    model = moe("mixtral")
+    model = tiny_moe("mixtral")
     experts_to_linears(model)
     block = model.model.layers[0]
     hidden = torch.randn(1, 3, 64)  # 3 tokens, 2 experts each: some experts unreached
@@ -198,7 +168,7 @@ def test_a_streamed_mixtral_is_quantized_as_in_memory(tmp_path, caplog):
     """Mixtral's checkpoint keeps older names (block_sparse_moe, w1/w3/w2): streamed GPTQ reads
     them into the per-expert linears and gives the in-memory model's codes; an expert that no
     calibration token reaches is rounded without data."""
-    model = moe("mixtral")
+    model = tiny_moe("mixtral")
     model.save_pretrained(tmp_path / "src")
     make_tokenizer().save_pretrained(tmp_path / "src")
     with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
@@ -217,7 +187,7 @@ def test_a_streamed_mixtral_is_quantized_as_in_memory(tmp_path, caplog):
 
 
 def test_onnx_and_litert_refuse_a_mixture(tmp_path):
-    model = moe("qwen3_moe")
+    model = tiny_moe("qwen3_moe")
     model.save_pretrained(tmp_path / "src")
     make_tokenizer().save_pretrained(tmp_path / "src")
     api.quantize_to(str(tmp_path / "src"), "w4-sym-g32", tmp_path / "q", progress=False)
@@ -232,7 +202,7 @@ def test_experts_of_other_layouts_are_refused(tmp_path):
     streamed, before any work."""
     import transformers as tf
 
-    config = tf.GptOssConfig(**SMALL, intermediate_size=32, head_dim=16, num_local_experts=4,
+    config = tf.GptOssConfig(**MOE_SMALL, intermediate_size=32, head_dim=16, num_local_experts=4,
                              num_experts_per_tok=2)  # fmt: skip
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     recipe = make_recipe({"bits": 4, "group_size": 32})
@@ -278,7 +248,7 @@ def test_every_routed_token_is_counted():
     from lowbit.calibration.capture import BlockCall
     from lowbit.calibration.runner import BlockContext
 
-    model = moe("mixtral", num_local_experts=8, num_experts_per_tok=1)
+    model = tiny_moe("mixtral", num_local_experts=8, num_experts_per_tok=1)
     experts_to_linears(model)
     block = model.model.layers[0]
     hidden = torch.randn(6, 4, 64, generator=torch.Generator().manual_seed(0))
@@ -300,7 +270,7 @@ def test_a_checkpoint_with_fused_experts_is_refused_when_streamed(tmp_path):
     quantizes (its routers float), streamed it is a clear error."""
     import transformers as tf
 
-    config = tf.GraniteMoeConfig(**SMALL, intermediate_size=32, num_local_experts=4,
+    config = tf.GraniteMoeConfig(**MOE_SMALL, intermediate_size=32, num_local_experts=4,
                                  num_experts_per_tok=2)  # fmt: skip
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config).eval()
@@ -320,7 +290,7 @@ def test_compressed_tensors_of_a_mixture_load_in_transformers(tmp_path, kind):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
-    moe(kind).save_pretrained(tmp_path / "src")
+    tiny_moe(kind).save_pretrained(tmp_path / "src")
     make_tokenizer().save_pretrained(tmp_path / "src")
     api.quantize_to(str(tmp_path / "src"), "w4-sym-g32", tmp_path / "q", progress=False)
     out = export(tmp_path / "q", "compressed-tensors", tmp_path / "ct").path

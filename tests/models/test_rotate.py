@@ -70,8 +70,8 @@ def test_orthogonal_matrices_are_seeded():
 
 @pytest.mark.parametrize(
     ("family", "options", "why"),
-    [("gemma2", {}, "normalise the stream only before.*post_feedforward_layernorm.*without rotate"),
-     ("gemma3", {}, "normalise the stream only before.*post_feedforward_layernorm.*without rotate"),
+    [("gemma2", {"kind": "random"}, "'gemma2' normalises its sub-blocks' outputs.*not random"),
+     ("gemma3", {"kind": "learned"}, "'gemma3_text' normalises its sub-blocks'.*not learned"),
      ("opt", {"online": ("down_proj",)}, "LayerNorm.*no online rotation"),
      ("gpt2", {"kind": "learned"}, "LayerNorm.*kind hadamard or random")],
 )  # fmt: skip
@@ -154,7 +154,7 @@ def test_an_online_rotation_is_carried_saved_loaded_and_decoded(tiny_folder, tmp
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["phi3", "gemma", "opt", "gpt2", "gemma2"])
 def test_families_outside_the_named_ones_save_and_load_their_rotation(family, tmp_path):
     """A loaded folder finds its blocks among quantized layers (Phi-3 is no family that
     lowbit names) to install the online rotations its weights expect; a LayerNorm model's
@@ -174,7 +174,7 @@ def test_families_outside_the_named_ones_save_and_load_their_rotation(family, tm
     assert rel(got, mem) < 1e-5 and rel(mem, before) < 0.05
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "phi3", "gemma"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "phi3", "gemma", "gemma3"])
 def test_streamed_rotation_equals_rotation_in_memory_on_other_families(family, tmp_path):
     """GPT-2's checkpoint holds its Conv1D weights as (in, out): the streamed rotation reads
     and writes them so, the in-memory one on the linears made from them."""
@@ -196,19 +196,22 @@ def test_streamed_rotation_equals_rotation_in_memory_on_other_families(family, t
 
 
 @pytest.mark.parametrize(
-    ("family", "applied"), [("gemma3", None), ("opt", ()), ("qwen2", ("down_proj",))]
+    ("family", "applied"),
+    [("deepseek_v3", None), ("opt", ()), ("qwen2", ("down_proj",)), ("gemma3", ("down_proj",))],
 )
 def test_if_possible_drops_what_a_model_cannot_take(family, applied, tmp_path, caplog):
-    """The *-best presets' rotate block (online down_proj, if_possible): Gemma 3 goes without
-    a rotation, OPT without the online part, Qwen2 takes it all; the folder's recipe (in
-    memory and streamed) records what was applied, and the warning says why."""
-    from helpers import make_tokenizer
+    """The *-best presets' rotate block (online down_proj, if_possible): DeepSeek V3 (latent
+    attention) goes without a rotation, OPT without the online part, Qwen2 and Gemma 3 take it
+    all; the folder's recipe (in memory and streamed) records what was applied, and the
+    warning says why."""
+    from helpers import make_tokenizer, tiny_moe
     from lowbit.models.checkpoint import read_manifest
 
     options = RotateOptions(online=("down_proj",), if_possible=True)
     recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
                                  rotate=options)  # fmt: skip
-    model = tiny_family_model(family)
+    build = tiny_moe if family == "deepseek_v3" else tiny_family_model
+    model = build(family)
     model.save_pretrained(tmp_path / "src")
     make_tokenizer().save_pretrained(tmp_path / "src")
     with caplog.at_level("WARNING"):
@@ -217,14 +220,14 @@ def test_if_possible_drops_what_a_model_cannot_take(family, applied, tmp_path, c
     rotate = read_manifest(folder)["recipe"].get("rotate")
     if applied is None:
         assert report.recipe.rotate is None and rotate is None
-        assert "rotate skipped" in caplog.text and "post_feedforward_layernorm" in caplog.text
+        assert "rotate skipped" in caplog.text and "'deepseek_v3' is not one" in caplog.text
     else:
         assert report.recipe.rotate.online == applied and tuple(rotate["online"]) == applied
         assert ("without its online part" in caplog.text) == (applied == ())
     if applied != options.online:  # without if_possible, what it cannot take is an error
         strict = dataclasses.replace(options, if_possible=False)
         with pytest.raises(LowbitError, match="rotate"):
-            api.quantize(tiny_family_model(family), dataclasses.replace(recipe, rotate=strict),
+            api.quantize(build(family), dataclasses.replace(recipe, rotate=strict),
                          progress=False)  # fmt: skip
 
 
@@ -315,3 +318,107 @@ def test_an_unnamed_family_rotates_streamed_as_in_memory(tmp_path):
         mem = model(ids).logits
         got = api.load(streamed, kernels=False).model(ids).logits
     assert rel(got, mem) < 1e-5 and rel(mem, float_logits) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_a_mixture_rotates_with_its_experts_and_routers(kind):
+    """Each expert's gate/up read the turned stream and its down_proj writes to it, turned
+    online at the experts' width (Qwen2-MoE's shared expert at its own: 64 against 32); the
+    routers and the shared expert's gate are turned too, so the same experts run."""
+    from helpers import tiny_moe
+    from lowbit.nn.online import online_transform
+
+    model = tiny_moe(kind)
+    _perturb_norms(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        router = model.model.layers[1].mlp.gate.weight.clone()
+        rotate_model(model, RotateOptions(online=("down_proj",)))
+        after = model(ids).logits
+    assert rel(after, before) < 1e-5
+    mlp = model.model.layers[1].mlp
+    downs = [m for n, m in mlp.named_modules() if n.endswith("down_proj")]
+    assert len(downs) == mlp.experts.num_experts + (kind == "qwen2_moe")
+    assert all(online_transform(m) is not None for m in downs)
+    assert (mlp.gate.weight - router).abs().max() > 1e-3  # the router reads the turned stream
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "learned"])
+def test_a_streamed_mixture_rotates_as_in_memory(kind, tmp_path):
+    """Mixtral's checkpoint names (block_sparse_moe, w1/w3/w2) read through the rotation, its
+    experts' GPTQ with online transforms: the same model streamed as in memory."""
+    from helpers import make_tokenizer, tiny_moe
+    from lowbit.calibration import CalibrationSet
+
+    model = tiny_moe("mixtral")
+    _perturb_norms(model)
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    calibration = CalibrationSet("test", 8, 16, 0, ids)
+    rotate = RotateOptions(kind=kind, steps=2, online=("down_proj",))
+    recipe = dataclasses.replace(make_recipe({"bits": 4, "group_size": 32, "symmetric": True}),
+                                 rotate=rotate, algorithm="gptq")  # fmt: skip
+    streamed, _ = api.quantize_to(str(tmp_path / "src"), recipe, tmp_path / "s",
+                                  calibration=calibration, progress=False)  # fmt: skip
+    api.quantize(model, recipe, calibration=calibration, progress=False)
+    with torch.no_grad():
+        mem = model(ids[:2]).logits
+        got = api.load(streamed, kernels=False).model(ids[:2]).logits
+    assert rel(got, mem) < 1e-5
+
+
+def test_a_mixture_with_latent_attention_is_refused_before_any_change():
+    """DeepSeek V3's attention (latent q/kv projections) is not a Llama block's: an error
+    naming the rotation, and with if_possible no rotation."""
+    from helpers import tiny_moe
+    from lowbit.models.rotate import fitted_rotation
+
+    model = tiny_moe("deepseek_v3")
+    with pytest.raises(LowbitError, match="'deepseek_v3' is not one.*quantize it without rotate"):
+        rotate_model(model, RotateOptions())
+    assert fitted_rotation(RotateOptions(if_possible=True), model) is None
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("options", [{}, {"heads": False}, {"online": ("down_proj",)}])
+def test_a_decoder_with_post_norms_turns_their_outputs_at_run_time(family, options, tmp_path):
+    """Gemma 2/3 normalise each sub-block's output before the residual add: those norms keep
+    their scales and turn their outputs by the stream's Hadamard matrix at run time, the
+    pre-norms fold into their readers; the model computes the same function, a saved folder
+    reinstalls the transform, and exporters refuse it."""
+    from lowbit.export import export
+    from lowbit.nn.online import stream_transform
+
+    model = tiny_family_model(family)
+    _perturb_norms(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        rotate_model(model, RotateOptions(**options))
+        after = model(ids).logits
+    assert rel(after, before) < 1e-5
+    block = model.model.layers[0]
+    for name in ("input_layernorm", "pre_feedforward_layernorm"):  # folded: w = 0 (1 + w)
+        assert torch.equal(
+            getattr(block, name).weight, torch.zeros_like(block.input_layernorm.weight)
+        )
+    for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+        norm = getattr(block, name)
+        assert stream_transform(norm) is not None and norm.weight.abs().min() > 0
+    if options:
+        return
+    recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
+                                 rotate=RotateOptions())  # fmt: skip
+    model = tiny_family_model(family)
+    _perturb_norms(model)
+    with torch.no_grad():
+        report = api.quantize(model, recipe, progress=False)
+        folder = api.save(model, tmp_path / "q", report)
+        loaded = api.load(folder, kernels=False).model
+        assert rel(loaded(ids).logits, model(ids).logits) < 1e-5
+    assert stream_transform(loaded.model.layers[1].post_feedforward_layernorm) is not None
+    with pytest.raises(LowbitError, match="turns its post-norms' outputs at run time"):
+        export(folder, "compressed-tensors", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

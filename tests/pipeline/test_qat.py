@@ -72,3 +72,11 @@ def test_cli_trains_saves_and_refuses_training_text_for_evaluation(
     assert manifest["qat"]["steps"] == 3 and manifest["calibration"]["samples"] == 6
     assert main([*argv[:-1], str(tmp_path / "r"), "--eval", "--eval-corpus", str(text_file)]) == 2
     assert "must differ" in capsys.readouterr().err
+
+
+def test_training_inside_a_callers_no_grad_block(tiny_model):
+    """A caller's ``torch.no_grad()`` (an evaluation script's) does not stop the training."""
+    with torch.no_grad():
+        report = api.qat(tiny_model, make_recipe({"bits": 2, "group_size": 32}), windows(4),
+                         QATOptions(steps=4, lr=1e-4, batch_size=1), progress=False)  # fmt: skip
+    assert report.qat["last_loss"] > 0

@@ -161,3 +161,11 @@ def test_the_estimate_bounds_the_training_memory(tiny_folder):
         learned["peak_rss_mb"]
         >= learned["probe"]["baseline_mb"] + 6 * learned["params"] * 4 / 2**20 - 1e-6
     )
+
+
+def test_learning_inside_a_callers_no_grad_block():
+    """A caller's ``torch.no_grad()`` (an evaluation script's) does not stop the training."""
+    model, calib = _model(), _calib()
+    with torch.no_grad():
+        q, _, losses = spin.learn_rotation(model, _recipe(steps=2), calib, False)
+    assert len(losses) == 2 and (q - orthogonal(64, _recipe().rotate)).abs().max() > 1e-6

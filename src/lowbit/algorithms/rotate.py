@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.primitives.hadamard import hadamard, has_hadamard
+from lowbit.primitives.hadamard import hadamard, has_hadamard, online_matrix
 
 ONLINE = ("down_proj",)  # the inputs an online rotation can turn
 KINDS = ("hadamard", "random", "learned")
@@ -71,14 +71,22 @@ class RotateOptions:
                               f"hadamard: true)")  # fmt: skip
 
 
-def orthogonal(n: int, options: RotateOptions) -> Tensor:
-    """An (n, n) float64 orthogonal matrix of the kind ``options`` asks for."""
+def orthogonal(n: int, options: RotateOptions, fast: bool = False) -> Tensor:
+    """An (n, n) float64 orthogonal matrix of the kind ``options`` asks for; ``fast``: the
+    Hadamard matrix that the online transform computes (:func:`online_matrix`, with the same
+    column signs), for a stream that is also turned at run time (kind hadamard only)."""
     g = torch.Generator().manual_seed(options.seed * 1_000_003 + n)
     if options.kind == "random" or (options.kind == "learned" and not has_hadamard(n)):
         q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-distributed
-    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-    return hadamard(n, torch.float64) * signs.unsqueeze(0)
+    h = online_matrix(n) if fast else hadamard(n, torch.float64)
+    return h * stream_signs(n, options).unsqueeze(0)
+
+
+def stream_signs(n: int, options: RotateOptions) -> Tensor:
+    """The seeded ±1 column signs of :func:`orthogonal`'s Hadamard matrices (float64)."""
+    g = torch.Generator().manual_seed(options.seed * 1_000_003 + n)
+    return torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
 
 
 def keep_mean(q: Tensor) -> Tensor:

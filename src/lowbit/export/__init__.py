@@ -16,6 +16,7 @@ from lowbit.errors import LowbitError
 from lowbit.models import load_folder, read_manifest, zoo
 from lowbit.models.experts import LinearExperts
 from lowbit.nn.attention import drop_key_centers
+from lowbit.nn.online import stream_transform
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ def export(
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")
     model, _ = load_folder(folder)
+    if any(stream_transform(m) is not None for m in model.modules()):
+        raise LowbitError(f"{folder} turns its post-norms' outputs at run time (a rotation of "
+                          f"a model that normalises its sub-blocks' outputs); {fmt} files "
+                          f"cannot hold that transform: quantize it without rotate to "
+                          f"export it")  # fmt: skip
     if fmt in ("onnx", "litert") and any(isinstance(m, LinearExperts) for m in model.modules()):
         raise LowbitError(f"{folder} is a mixture of experts, whose routing picks the weights "
                           f"each token reads: lowbit's {fmt} graphs do not hold that; export "

@@ -24,22 +24,26 @@ from lowbit.algorithms.rotate import (
     keep_mean,
     orthogonal,
     reads,
+    stream_signs,
     writes,
 )
 from lowbit.errors import LowbitError
+from lowbit.models.experts import experts_to_linears
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.rotate_fit import (
     LAYERNORM,
-    MLP,
+    POST_NORMS,
     ROTATABLE,
     check_layernorm,
     llama_shape,
+    mlp_parts,
     name_of,
+    post_normed,
 )
 from lowbit.models.source import TensorSource, tied_names
 from lowbit.models.twin import tiny_twin, twin_logits
-from lowbit.nn.online import install_online
+from lowbit.nn.online import install_online, install_stream
 from lowbit.primitives.hadamard import has_hadamard, online_block, online_matrix
 
 TWIN_TOLERANCE = 1e-4  # relative max change of the twin's logits (rotated in float32)
@@ -65,6 +69,12 @@ class Rotator:
                               f"stream only before their linears ({names}, or blocks of a "
                               f"Llama's parts); {kind!r} is not one{why}; quantize it without "
                               f"rotate")  # fmt: skip
+        # Gemma 2/3: the stream's matrix also turns the post-norms' outputs at run time
+        self.post = post_normed(find_blocks(model)[1][0])
+        if self.post and options.kind != "hadamard":
+            raise LowbitError(f"rotate: {kind!r} normalises its sub-blocks' outputs, so the "
+                              f"stream's matrix turns them at run time, fast for a Hadamard "
+                              f"matrix only: use kind hadamard, not {options.kind}")  # fmt: skip
         family = family_of(model)
         groups = family.scale_groups if family is not None else ()
         plus_one = any(g.prev_kind == "norm_plus_one" for g in groups)
@@ -75,6 +85,8 @@ class Rotator:
             check_layernorm(config, options)
         hidden = config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        if self.post:
+            online_block(hidden)  # no transform of that width: an error here
         for n, what in ((hidden, "hidden size"), (head_dim, "head size")):
             if (
                 options.kind == "hadamard"
@@ -96,16 +108,17 @@ class Rotator:
             if self.h is None or self.heads.shape != shape:
                 raise LowbitError(f"rotate: per-block head matrices {tuple(self.heads.shape)} "
                                   f"need heads: true and shape {shape}")  # fmt: skip
-        # down_proj's input turned at run time (install_online); its weight gets W·H
-        # the online transform's width; its dense matrix is built on first use (it is large:
-        # 1.6 GB of float64 at width 14336), so a fit check (fitted_rotation) costs nothing
-        self.online_width = config.intermediate_size if options.online else None
-        if self.online_width is not None:
-            online_block(self.online_width)  # no transform of that width: an error here
+        # every down_proj's input turned at run time (install_online); its weight gets W·H.
+        # The dense matrix of each width is built on first use (they are large: 1.6 GB of
+        # float64 at width 14336), so a fit check (fitted_rotation) costs nothing
+        self._online: dict[int, Tensor] = {}
+        self.online_dtype, self.online_device = torch.float64, torch.device("cpu")
         self.ops: dict[str, tuple] = {}
         self.aliases: dict[str, str] = {}  # a tied head: read from the embedding
         self.stored_t = _stored_transposed(model)  # GPT-2's Conv1D weights: (in, out) on disk
         self._plan(model)
+        for width in sorted({op[2] for op in self.ops.values() if op[0] == "writes" and op[2]}):
+            online_block(width)  # no transform of that width: an error here
         if not known and offset is None:
             self.offset = _twin_offset(model, options)
 
@@ -116,10 +129,12 @@ class Rotator:
             self._plan_layernorm(model, prefix, blocks)
             self._plan_ends(model, prefix, f"{prefix.rpartition('.')[0]}.{self.layernorm[1]}")
             return
+        stream = not self.post  # o_proj and down_proj write to the turned stream
+        mlp_norm = "pre_feedforward_layernorm" if self.post else "post_attention_layernorm"
         for i, block in enumerate(blocks):
             b = f"{prefix}.{i}."
             attn, mlp = f"{b}self_attn.", f"{b}mlp."
-            n1, n2 = f"{b}input_layernorm.weight", f"{b}post_attention_layernorm.weight"
+            n1, n2 = f"{b}input_layernorm.weight", f"{b}{mlp_norm}.weight"
             ops[n1] = ops[n2] = ("unit",)
             head = i if self.h is not None else None  # which block's head matrix, if any
             if hasattr(block.self_attn, "qkv_proj"):  # Phi-3: q, k, v rows in one weight
@@ -128,11 +143,16 @@ class Rotator:
                 for name in ("q_proj", "k_proj"):
                     ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, None)
                 ops[f"{attn}v_proj.weight"] = ("reads", f"{attn}v_proj.weight", n1, head)
-            ops[f"{attn}o_proj.weight"] = ("writes", head, False)
-            for name in next(g for g in MLP if all(hasattr(block.mlp, n) for n in g)):
-                ops[f"{mlp}{name}.weight"] = ("reads", f"{mlp}{name}.weight", n2, None)
-            ops[f"{mlp}down_proj.weight"] = ("writes", None, self.online_width is not None)
-            self._biases(block, b, i)
+            if stream or head is not None:
+                ops[f"{attn}o_proj.weight"] = ("writes", head, None, stream)
+            readers, writers = mlp_parts(block.mlp)  # a mixture's experts and routers too
+            for name in readers:
+                ops[f"{mlp}{name}"] = ("reads", f"{mlp}{name}", n2, None)
+            for name, width in writers:
+                if stream or self._options.online:
+                    online = width if self._options.online else None
+                    ops[f"{mlp}{name}"] = ("writes", None, online, stream)
+            self._biases(block, b, i, stream)
         self._plan_ends(model, prefix, _final_norm(model, prefix))
 
     def _plan_layernorm(self, model: nn.Module, prefix: str, blocks: nn.ModuleList) -> None:
@@ -157,7 +177,7 @@ class Rotator:
                         raise LowbitError(f"rotate: {b}{r} has no bias to take {norm}'s")
                     ops[f"{b}{r}.bias"] = ("reads_bias", f"{b}{r}", beta, turn)
             for out, turn in zip(outs, (head, None), strict=True):
-                ops[f"{b}{out}.weight"] = ("writes", turn, False)
+                ops[f"{b}{out}.weight"] = ("writes", turn, None, True)
                 if has_bias(out):
                     ops[f"{b}{out}.bias"] = ("writes_bias",)
         positions = f"{prefix.rpartition('.')[0]}.{self.layernorm[0]}.weight"
@@ -178,14 +198,15 @@ class Rotator:
         if source != f"{head}.weight":
             self.aliases[f"{head}.weight"] = source
 
-    def _biases(self, block: nn.Module, b: str, i: int) -> None:
+    def _biases(self, block: nn.Module, b: str, i: int, stream: bool) -> None:
         for name, module in block.named_modules():
             bias = getattr(module, "bias", None)
             if not isinstance(bias, Tensor) or not isinstance(module, nn.Linear):
                 continue
             key = f"{b}{name}.bias"
             if name.endswith(("o_proj", "down_proj")):
-                self.ops[key] = ("writes_bias",)
+                if stream:
+                    self.ops[key] = ("writes_bias",)
             elif name.endswith("v_proj") and self.h is not None:
                 self.ops[key] = ("head_bias", i)
         for name, module in block.named_modules():
@@ -200,13 +221,16 @@ class Rotator:
             raise LowbitError("rotate: kind learned needs its trained matrix (quantize learns "
                               "it on the calibration text first)")  # fmt: skip
         given = self._given
-        q = orthogonal(self._hidden, self._options) if given is None else given.double()
+        q = orthogonal(self._hidden, self._options, self.post) if given is None else given.double()
         return keep_mean(q) if self.layernorm is not None else q
 
-    @functools.cached_property
-    def online(self) -> Tensor | None:
-        """The dense float64 matrix of down_proj's online transform (its weight gets W·H)."""
-        return None if self.online_width is None else online_matrix(self.online_width)
+    def online(self, width: int) -> Tensor:
+        """The dense matrix of a ``width``-wide down_proj input's online transform (its weight
+        gets W·H), in ``online_dtype`` on ``online_device`` (float64 on the CPU when folding)."""
+        if width not in self._online:
+            m = online_matrix(width)
+            self._online[width] = m.to(self.online_device, self.online_dtype)
+        return self._online[width]
 
     def _head_rows(self, t: Tensor, block: int, layer: str) -> Tensor:
         """The values' rows (or bias) of ``t`` turned by the block's head matrix: all of
@@ -242,10 +266,11 @@ class Rotator:
             _, source, norm, block = op
             w = reads(get(source), self.q, None if norm is None else get(norm) + self.offset)
             return w if block is None else self._head_rows(w, block, source)
-        if op[0] == "writes":
+        if op[0] == "writes":  # (its head matrix, its online width, the stream turned)
             w = get(name)
-            w = writes(w if op[1] is None else head_columns(w, self.head(op[1])), self.q)
-            return reads(w, self.online) if op[2] else w
+            w = w if op[1] is None else head_columns(w, self.head(op[1]))
+            w = writes(w, self.q) if op[3] else w
+            return reads(w, self.online(op[2])) if op[2] else w
         if op[0] == "writes_bias":
             return writes(get(name).unsqueeze(1), self.q).squeeze(1)
         return head_rows(get(name), self.head(op[1]))  # head_bias
@@ -285,12 +310,20 @@ def untie_head(model: nn.Module) -> None:
 def install_online_rotations(model: nn.Module, options: RotateOptions | None) -> None:
     """Turn the inputs ``options.online`` names at run time (every block's ``down_proj``),
     matching weights a :class:`Rotator` folded (a loaded folder: its recipe's options)."""
-    if options is None or not options.online:
+    if options is None:
         return
     _, blocks = find_blocks(model)
-    width = model.config.intermediate_size
-    for block in blocks:
-        install_online(block.mlp.down_proj, width)
+    if post_normed(blocks[0]):  # Gemma 2/3: the post-norms' outputs, by the stream's matrix
+        signs = stream_signs(model.config.hidden_size, options)
+        for block in blocks:
+            for norm in POST_NORMS:
+                install_stream(getattr(block, norm), signs)
+    if not options.online:
+        return
+    for block in blocks:  # a dense MLP's down_proj, or every expert's and the shared one's
+        for name, module in block.mlp.named_modules():
+            if name.rpartition(".")[2] == "down_proj":
+                install_online(module, module.in_features)
 
 
 @torch.no_grad()
@@ -298,6 +331,7 @@ def rotate_model(model: nn.Module, options: RotateOptions, q: Tensor | None = No
                  heads: Tensor | None = None) -> None:  # fmt: skip
     """Rotate a model held in memory (its tensors replaced; the function it computes kept),
     with its online rotations installed; ``q`` and ``heads`` as for :class:`Rotator`."""
+    experts_to_linears(model)  # a mixture's experts: linears the plan turns one by one
     _apply(model, Rotator(model, options, q, heads), options)  # checks before anything changes
 
 
@@ -366,6 +400,7 @@ def _twin_offset(model: nn.Module, options: RotateOptions) -> float:
     try:
         for offset in (0.0, 1.0):
             twin = tiny_twin(model)
+            experts_to_linears(twin)  # as the model's (the same function, checked there)
             before = twin_logits(twin)
             _apply(twin, Rotator(twin, probe, offset=offset), probe)
             after = twin_logits(twin)

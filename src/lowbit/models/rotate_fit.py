@@ -5,6 +5,8 @@ candidates a tiny twin then confirms, in :mod:`lowbit.models.rotate`)."""
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from lowbit.algorithms.rotate import RotateOptions
@@ -14,11 +16,17 @@ from lowbit.models.families import find_blocks
 # Decoders whose blocks normalise the stream only before attention and before the MLP, with an
 # RMSNorm (no mean, no bias) whose scale folds into the linears that read it: x·w, or Gemma's
 # x·(1 + w) (its Family's "norm_plus_one" feeders, lowbit.models.families). Phi-3's fused
-# q/k/v and gate/up projections read the stream as the separate ones do. Gemma 2/3 (and
-# OLMo 2) also normalise each sub-block's output before it is added to the stream: a norm's
-# per-channel scale after the rotation does not commute with it, so no folded rotation keeps
-# their function.
+# q/k/v and gate/up projections read the stream as the separate ones do.
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+# Gemma 2 and 3 also normalise each sub-block's output before adding it to the stream
+# (post_attention_layernorm after attention, post_feedforward_layernorm after the MLP, whose
+# input norm is pre_feedforward_layernorm). Such a norm's per-channel scale after the rotation
+# does not commute with it, so no folded matrix keeps their function: the stream's matrix is
+# applied to those norms' outputs at run time instead (lowbit.nn.online.OnlineStream, a fast
+# Hadamard transform: kind hadamard only), and folded everywhere else (embedding, the linears
+# that read the pre-norms, the head); o_proj and down_proj write to the stream unturned.
+POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+POST_NORMED = ("input_layernorm", "pre_feedforward_layernorm", *POST_NORMS)
 # Any other decoder whose blocks hold a Llama block's parts and nothing else (below) is rotated
 # by the same plan when a tiny random twin of it (lowbit.models.twin: its class and config,
 # width 64) computes the same logits after the rotation, with its norms scaling by w or by
@@ -27,6 +35,16 @@ ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 # changes. The twin's verdict is the rule, the parts' names only its precondition.
 ATTENTION = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
 MLP = (("gate_proj", "up_proj"), ("gate_up_proj",), ("up_proj",))
+# A mixture of experts' MLP (after lowbit.models.experts): each expert's gate_proj and up_proj
+# read the stream and its down_proj writes to it, as a dense MLP's do; the router (one score
+# per expert) and a shared expert's gate (one output) read it too (they stay float: turned
+# exactly); a shared expert is a dense MLP. A router's own vectors (Ernie 4.5's correction bias
+# of the scores) do not read the stream. A mixture's other parts are not a Llama block's, and
+# stop the rotation.
+EXPERT = re.compile(r"mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight")
+MIXTURE_PARTS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight",
+                 *(f"mlp.{e}.{n}.weight" for e in ("shared_expert", "shared_experts")
+                   for n in ("gate_proj", "up_proj", "down_proj")))  # fmt: skip
 PER_HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3's: untouched
 # LayerNorm decoders (pre-norm): the stream turns by a Q that keeps the mean direction
 # (keep_mean), so a LayerNorm without scale and bias commutes with it; its scale folds into
@@ -69,7 +87,7 @@ def why_not(model: nn.Module) -> str:
     names = [n for n, m in block.named_children() if "norm" in type(m).__name__.lower()]
     if any(isinstance(m, nn.LayerNorm) for m in block.modules()):
         return " (its LayerNorms subtract the mean and add a bias)"
-    if len(names) > 2:
+    if len(names) > 2 and sorted(names) != sorted(POST_NORMED):
         return f" (its blocks also normalise sub-block outputs: {', '.join(names)})"
     return ""
 
@@ -90,13 +108,22 @@ def llama_shape(model: nn.Module) -> str:
         have = {n for n, _ in block.named_parameters()}
         attn = next((g for g in ATTENTION if all(f"self_attn.{n}.weight" in have for n in g)), ())
         mlp = next((g for g in MLP if all(f"mlp.{n}.weight" in have for n in g)), ())
-        needed = {"input_layernorm.weight", "post_attention_layernorm.weight",
-                  "self_attn.o_proj.weight", "mlp.down_proj.weight"}  # fmt: skip
-        if not attn or not mlp or not needed <= have:
+        experts = {n for n in have if EXPERT.fullmatch(n)}
+        pre = ("input_layernorm", "post_attention_layernorm")  # a Llama block's two norms
+        norms = POST_NORMED if post_normed(block) else pre
+        needed = {f"{n}.weight" for n in norms} | {"self_attn.o_proj.weight"}
+        if not experts:
+            needed.add("mlp.down_proj.weight")
+        elif "mlp.gate.weight" not in have:
+            return " (its mixture of experts has no router at mlp.gate)"
+        if not attn or not (mlp or experts) or not needed <= have:
             return " (its blocks lack a Llama block's norms and projections)"
         linears = [f"self_attn.{n}" for n in (*attn, "o_proj")]
-        linears += [f"mlp.{n}" for n in (*mlp, "down_proj")]
+        linears += [f"mlp.{n}" for n in (*mlp, "down_proj")] if mlp else []
         parts = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
+        if experts:
+            parts |= experts | set(MIXTURE_PARTS)
+            parts |= {n for n in have if n.startswith("mlp.gate.") and n.count(".") > 2}
         extra = sorted(have - parts - needed - set(PER_HEAD_NORMS))
         if extra:
             return f" (its blocks also hold {', '.join(extra[:3])})"
@@ -112,3 +139,24 @@ def llama_shape(model: nn.Module) -> str:
 
 def name_of(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
+
+
+def mlp_parts(mlp: nn.Module) -> tuple[list[str], list[tuple[str, int]]]:
+    """The weights (names under ``mlp``) of a block's MLP that read the stream (a dense MLP's
+    gate/up; a mixture's router, experts' gate/up, shared expert and its gate) and those that
+    write to it (every ``down_proj``), the latter with their input widths (an online rotation's
+    width: a mixture's experts and its shared expert may differ from the config's)."""
+    reads, writes = [], []
+    for name, p in mlp.named_parameters():
+        if p.dim() != 2 or not name.endswith(".weight"):
+            continue
+        if name.removesuffix(".weight").rpartition(".")[2] == "down_proj":
+            writes.append((name, p.shape[1]))
+        else:
+            reads.append(name)
+    return reads, writes
+
+
+def post_normed(block: nn.Module) -> bool:
+    """Whether ``block`` normalises its sub-blocks' outputs too (Gemma 2/3: ``POST_NORMED``)."""
+    return all(isinstance(getattr(block, n, None), nn.Module) for n in POST_NORMED)

@@ -44,3 +44,29 @@ def online_transform(module: nn.Module) -> OnlineHadamard | None:
     """The online rotation ``module`` applies to its input, if any."""
     found = [h for h in module._forward_pre_hooks.values() if isinstance(h, OnlineHadamard)]
     return found[0] if found else None
+
+
+class OnlineStream:
+    """A forward hook turning the module's output (..., n) by the rotated stream's matrix
+    ``online_matrix(n)·diag(signs)`` (:func:`lowbit.algorithms.rotate.orthogonal`, ``fast``):
+    for a norm whose output is added to the stream (Gemma 2/3's post-norms), whose scale does
+    not commute with the rotation, so the matrix cannot be folded into the weights before it."""
+
+    def __init__(self, signs: Tensor) -> None:
+        self.block = online_block(signs.shape[0])
+        self.signs = signs.float()
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
+        return hadamard_transform(out, self.block) * self.signs.to(out.device, out.dtype)
+
+
+def install_stream(module: nn.Module, signs: Tensor) -> None:
+    """Turn ``module``'s output by the stream's matrix at run time (once)."""
+    if stream_transform(module) is None:
+        module.register_forward_hook(OnlineStream(signs))
+
+
+def stream_transform(module: nn.Module) -> OnlineStream | None:
+    """The stream rotation ``module`` applies to its output, if any."""
+    found = [h for h in module._forward_hooks.values() if isinstance(h, OnlineStream)]
+    return found[0] if found else None

@@ -124,6 +124,7 @@ def qat(
     return report
 
 
+@torch.enable_grad()  # a caller's no_grad block would stop the training
 def train_fake_quant(
     model: nn.Module,
     recipe: Recipe,

@@ -82,6 +82,7 @@ def streamed_matrix(folder, tensors: TensorSource, recipe: Recipe,
     return kept["q"].double(), None if heads is None else heads.double()
 
 
+@torch.enable_grad()  # a caller's no_grad block would stop the training
 def learn_rotation(
     model: nn.Module, recipe: Recipe, calibration: CalibrationSet | None, progress: bool = True
 ) -> tuple[Tensor, Tensor | None, list[float]]:
@@ -104,7 +105,7 @@ def learn_rotation(
         blocks = len(find_blocks(model)[1])
         heads = rotator.h.to(device).expand(blocks, -1, -1).clone()
     rotator.h = None if rotator.h is None else rotator.h.float().to(device)
-    rotator.online = None if rotator.online is None else rotator.online.float().to(device)
+    rotator.online_dtype, rotator.online_device = torch.float32, device
     ends = rotator.ends
     head_quantized = ends["head"].removesuffix(".weight") in plan
     names = [n for n in rotator.ops if n != ends["embed"]]
