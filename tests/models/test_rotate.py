@@ -381,14 +381,16 @@ def test_a_mixture_with_latent_attention_is_refused_before_any_change():
     assert fitted_rotation(RotateOptions(if_possible=True), model) is None
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2", "glm4"])
 @pytest.mark.parametrize("options", [{}, {"heads": False}, {"online": ("down_proj",)}])
 def test_a_decoder_with_post_norms_turns_their_outputs_at_run_time(family, options, tmp_path):
-    """Gemma 2/3 normalise each sub-block's output before the residual add: those norms keep
-    their scales and turn their outputs by the stream's Hadamard matrix at run time, the
-    pre-norms fold into their readers; the model computes the same function, a saved folder
-    reinstalls the transform, and exporters refuse it."""
+    """Gemma 2/3, OLMo 2 and GLM-4 normalise each sub-block's output before the residual add:
+    those norms keep their scales and turn their outputs by the stream's Hadamard matrix at run
+    time, the pre-norms fold into their readers (OLMo 2's read the stream itself); the
+    model computes the same function, a saved folder reinstalls the transform, and exporters
+    refuse it."""
     from lowbit.export import export
+    from lowbit.models.rotate_fit import norm_layout
     from lowbit.nn.online import stream_transform
 
     model = tiny_family_model(family)
@@ -400,11 +402,12 @@ def test_a_decoder_with_post_norms_turns_their_outputs_at_run_time(family, optio
         after = model(ids).logits
     assert rel(after, before) < 1e-5
     block = model.model.layers[0]
-    for name in ("input_layernorm", "pre_feedforward_layernorm"):  # folded: w = 0 (1 + w)
-        assert torch.equal(
-            getattr(block, name).weight, torch.zeros_like(block.input_layernorm.weight)
-        )
-    for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+    pre, post = norm_layout(block)
+    assert bool(pre) == (family != "olmo2") and len(post) == 2
+    for name in pre:  # folded: w (Gemma: 1 + w, so w = 0)
+        weight = getattr(block, name).weight
+        assert torch.equal(weight, torch.full_like(weight, 0.0 if "gemma" in family else 1.0))
+    for name in post:
         norm = getattr(block, name)
         assert stream_transform(norm) is not None and norm.weight.abs().min() > 0
     if options:
@@ -418,7 +421,8 @@ def test_a_decoder_with_post_norms_turns_their_outputs_at_run_time(family, optio
         folder = api.save(model, tmp_path / "q", report)
         loaded = api.load(folder, kernels=False).model
         assert rel(loaded(ids).logits, model(ids).logits) < 1e-5
-    assert stream_transform(loaded.model.layers[1].post_feedforward_layernorm) is not None
+    last = loaded.model.layers[1]
+    assert stream_transform(getattr(last, norm_layout(last)[1][1])) is not None
     with pytest.raises(LowbitError, match="turns its post-norms' outputs at run time"):
         export(folder, "compressed-tensors", tmp_path / "ct")
     assert not (tmp_path / "ct").exists()

@@ -5,6 +5,9 @@ tensors it depends on (a linear and the norm folded into it), so the same rule s
 in memory (:func:`rotate_model`) and a checkpoint streamed block by block
 (:class:`RotatedSource`, which the streaming runner reads like any source). The output head
 of a tied model becomes its own tensor: it absorbs the final norm, the embedding does not.
+Decoders that also normalise their sub-blocks' outputs (Gemma 2/3, GLM-4, OLMo 2) keep those
+norms and turn their outputs at run time (:func:`install_online_rotations`); a mixture's
+experts, routers and shared experts are turned as a dense MLP's linears are.
 """
 
 from __future__ import annotations
@@ -33,13 +36,12 @@ from lowbit.models.families import family_of, find_blocks
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.rotate_fit import (
     LAYERNORM,
-    POST_NORMS,
     ROTATABLE,
     check_layernorm,
     llama_shape,
     mlp_parts,
     name_of,
-    post_normed,
+    norm_layout,
 )
 from lowbit.models.source import TensorSource, tied_names
 from lowbit.models.twin import tiny_twin, twin_logits
@@ -70,7 +72,7 @@ class Rotator:
                               f"Llama's parts); {kind!r} is not one{why}; quantize it without "
                               f"rotate")  # fmt: skip
         # Gemma 2/3: the stream's matrix also turns the post-norms' outputs at run time
-        self.post = post_normed(find_blocks(model)[1][0])
+        self.post = bool(norm_layout(find_blocks(model)[1][0])[1])
         if self.post and options.kind != "hadamard":
             raise LowbitError(f"rotate: {kind!r} normalises its sub-blocks' outputs, so the "
                               f"stream's matrix turns them at run time, fast for a Hadamard "
@@ -130,12 +132,14 @@ class Rotator:
             self._plan_ends(model, prefix, f"{prefix.rpartition('.')[0]}.{self.layernorm[1]}")
             return
         stream = not self.post  # o_proj and down_proj write to the turned stream
-        mlp_norm = "pre_feedforward_layernorm" if self.post else "post_attention_layernorm"
         for i, block in enumerate(blocks):
             b = f"{prefix}.{i}."
             attn, mlp = f"{b}self_attn.", f"{b}mlp."
-            n1, n2 = f"{b}input_layernorm.weight", f"{b}{mlp_norm}.weight"
-            ops[n1] = ops[n2] = ("unit",)
+            pre = norm_layout(block)[0] or (None, None)  # none: the stream itself is read
+            n1, n2 = (None if n is None else f"{b}{n}.weight" for n in pre)
+            for norm in (n1, n2):
+                if norm is not None:
+                    ops[norm] = ("unit",)
             head = i if self.h is not None else None  # which block's head matrix, if any
             if hasattr(block.self_attn, "qkv_proj"):  # Phi-3: q, k, v rows in one weight
                 ops[f"{attn}qkv_proj.weight"] = ("reads", f"{attn}qkv_proj.weight", n1, head)
@@ -313,10 +317,10 @@ def install_online_rotations(model: nn.Module, options: RotateOptions | None) ->
     if options is None:
         return
     _, blocks = find_blocks(model)
-    if post_normed(blocks[0]):  # Gemma 2/3: the post-norms' outputs, by the stream's matrix
+    if norm_layout(blocks[0])[1]:  # the post-norms' outputs, by the stream's matrix
         signs = stream_signs(model.config.hidden_size, options)
         for block in blocks:
-            for norm in POST_NORMS:
+            for norm in norm_layout(block)[1]:
                 install_stream(getattr(block, norm), signs)
     if not options.online:
         return

@@ -18,15 +18,23 @@ from lowbit.models.families import find_blocks
 # x·(1 + w) (its Family's "norm_plus_one" feeders, lowbit.models.families). Phi-3's fused
 # q/k/v and gate/up projections read the stream as the separate ones do.
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-# Gemma 2 and 3 also normalise each sub-block's output before adding it to the stream
-# (post_attention_layernorm after attention, post_feedforward_layernorm after the MLP, whose
-# input norm is pre_feedforward_layernorm). Such a norm's per-channel scale after the rotation
+# Gemma 2/3, GLM-4, OLMo 2/3 and EXAONE 4 also normalise each sub-block's output before
+# adding it to the stream ("sandwich" norms; OLMo 2's and EXAONE 4's attention and MLP read the
+# stream itself, with no norm before them). Such a norm's per-channel scale after the rotation
 # does not commute with it, so no folded matrix keeps their function: the stream's matrix is
 # applied to those norms' outputs at run time instead (lowbit.nn.online.OnlineStream, a fast
 # Hadamard transform: kind hadamard only), and folded everywhere else (embedding, the linears
 # that read the pre-norms, the head); o_proj and down_proj write to the stream unturned.
-POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
-POST_NORMED = ("input_layernorm", "pre_feedforward_layernorm", *POST_NORMS)
+# Per layout, by name: (the norms before attention and the MLP, the norms after them); a
+# block's layout is the first whose names it holds all of, and its norms must be those only.
+LAYOUTS = (
+    (("input_layernorm", "pre_feedforward_layernorm"),
+     ("post_attention_layernorm", "post_feedforward_layernorm")),  # Gemma 2/3
+    (("input_layernorm", "post_attention_layernorm"),
+     ("post_self_attn_layernorm", "post_mlp_layernorm")),  # GLM-4
+    ((), ("post_attention_layernorm", "post_feedforward_layernorm")),  # OLMo 2/3, EXAONE 4
+    (("input_layernorm", "post_attention_layernorm"), ()),  # Llama: before them only
+)  # fmt: skip
 # Any other decoder whose blocks hold a Llama block's parts and nothing else (below) is rotated
 # by the same plan when a tiny random twin of it (lowbit.models.twin: its class and config,
 # width 64) computes the same logits after the rotation, with its norms scaling by w or by
@@ -87,7 +95,8 @@ def why_not(model: nn.Module) -> str:
     names = [n for n, m in block.named_children() if "norm" in type(m).__name__.lower()]
     if any(isinstance(m, nn.LayerNorm) for m in block.modules()):
         return " (its LayerNorms subtract the mean and add a bias)"
-    if len(names) > 2 and sorted(names) != sorted(POST_NORMED):
+    pre, post = norm_layout(block)
+    if len(names) > 2 and sorted(names) != sorted(pre + post):
         return f" (its blocks also normalise sub-block outputs: {', '.join(names)})"
     return ""
 
@@ -109,9 +118,8 @@ def llama_shape(model: nn.Module) -> str:
         attn = next((g for g in ATTENTION if all(f"self_attn.{n}.weight" in have for n in g)), ())
         mlp = next((g for g in MLP if all(f"mlp.{n}.weight" in have for n in g)), ())
         experts = {n for n in have if EXPERT.fullmatch(n)}
-        pre = ("input_layernorm", "post_attention_layernorm")  # a Llama block's two norms
-        norms = POST_NORMED if post_normed(block) else pre
-        needed = {f"{n}.weight" for n in norms} | {"self_attn.o_proj.weight"}
+        pre, post = norm_layout(block)
+        needed = {f"{n}.weight" for n in pre + post} | {"self_attn.o_proj.weight"}
         if not experts:
             needed.add("mlp.down_proj.weight")
         elif "mlp.gate.weight" not in have:
@@ -157,6 +165,10 @@ def mlp_parts(mlp: nn.Module) -> tuple[list[str], list[tuple[str, int]]]:
     return reads, writes
 
 
-def post_normed(block: nn.Module) -> bool:
-    """Whether ``block`` normalises its sub-blocks' outputs too (Gemma 2/3: ``POST_NORMED``)."""
-    return all(isinstance(getattr(block, n, None), nn.Module) for n in POST_NORMED)
+def norm_layout(block: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of ``block``'s norms before its sub-blocks and after them (``LAYOUTS``); a
+    block of none of them is taken as a Llama's (what is missing then stops the rotation)."""
+    for pre, post in LAYOUTS:
+        if all(isinstance(getattr(block, n, None), nn.Module) for n in pre + post):
+            return pre, post
+    return LAYOUTS[-1]
