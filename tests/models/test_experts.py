@@ -299,3 +299,18 @@ def test_compressed_tensors_of_a_mixture_load_in_transformers(tmp_path, kind):
         ours = api.load(tmp_path / "q", kernels=False).model(ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
     assert float((theirs - ours).abs().max() / ours.abs().max()) < 1e-3
+
+
+def test_smoothquant_reads_every_experts_first_inputs_in_one_pass():
+    """SmoothQuant's search inputs of every expert's up_proj -> down_proj pair come from one
+    pass over the first batch, not one pass per expert."""
+    from lowbit.recipes import load_recipe
+
+    model = tiny_moe("mixtral", num_local_experts=16, num_experts_per_tok=2)
+    calls = []
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda m, a: calls.append(m))
+    api.quantize(model, load_recipe("w8a8-smoothquant"), calibration=windows(4),
+                 progress=False)  # fmt: skip
+    per_block = len(calls) / len(model.model.layers)
+    assert per_block < 16  # the block's passes, whatever the number of experts

@@ -288,11 +288,13 @@ def smooth_block(
         return {}
     # folding leaves the float block's computation unchanged, so one pass serves every group
     stats = ctx.collect([names[0] for _, names, _, _ in groups], absmax=True)
+    routed = [names[0] for _, names, _, linears in groups if _routed(linears)]
+    firsts = ctx.modules_inputs(routed, 1) if routed else {}  # the first batch, one pass
     chosen = {}
     for group, names, prev, linears in groups:
         if stats[names[0]].rows == 0:  # an expert no calibration token reached
             continue
-        first = ctx.module_inputs(names[0], 1)  # the job's first batch: rank 0's
+        first = firsts[names[0]] if names[0] in firsts else ctx.module_inputs(names[0], 1)
         x = _sample_rows(first[0][0][0], options.search_rows) if first else None
         weights = [lin.weight.detach() for lin in linears]
         specs = [plan[n] for n in names]
