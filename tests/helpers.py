@@ -61,6 +61,8 @@ def tiny_family_model(family: str, vocab: int = 64, seed: int = 0):
         "granite": lambda: tf.GraniteConfig(**common, **llama_like, embedding_multiplier=2.0,
                                             residual_multiplier=0.5, logits_scaling=3.0),
         "arcee": lambda: tf.ArceeConfig(**common, **llama_like),
+        "cohere": lambda: tf.CohereConfig(**common, **llama_like, pad_token_id=0, bos_token_id=1,
+                                          eos_token_id=1),  # attention beside the MLP
         "olmo2": lambda: tf.Olmo2Config(**common, **llama_like, pad_token_id=0, eos_token_id=1),
         "glm4": lambda: tf.Glm4Config(**common, **llama_like, head_dim=16, pad_token_id=0,
                                       eos_token_id=1),

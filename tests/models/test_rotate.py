@@ -197,21 +197,20 @@ def test_streamed_rotation_equals_rotation_in_memory_on_other_families(family, t
 
 @pytest.mark.parametrize(
     ("family", "applied"),
-    [("deepseek_v3", None), ("opt", ()), ("qwen2", ("down_proj",)), ("gemma3", ("down_proj",))],
+    [("cohere", None), ("opt", ()), ("qwen2", ("down_proj",)), ("gemma3", ("down_proj",))],
 )
 def test_if_possible_drops_what_a_model_cannot_take(family, applied, tmp_path, caplog):
-    """The *-best presets' rotate block (online down_proj, if_possible): DeepSeek V3 (latent
-    attention) goes without a rotation, OPT without the online part, Qwen2 and Gemma 3 take it
-    all; the folder's recipe (in memory and streamed) records what was applied, and the
-    warning says why."""
-    from helpers import make_tokenizer, tiny_moe
+    """The *-best presets' rotate block (online down_proj, if_possible): Cohere (attention
+    beside the MLP, after one norm) goes without a rotation, OPT without the online part,
+    Qwen2 and Gemma 3 take it all; the folder's recipe (in memory and streamed) records what
+    was applied, and the warning says why."""
+    from helpers import make_tokenizer
     from lowbit.models.checkpoint import read_manifest
 
     options = RotateOptions(online=("down_proj",), if_possible=True)
     recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
                                  rotate=options)  # fmt: skip
-    build = tiny_moe if family == "deepseek_v3" else tiny_family_model
-    model = build(family)
+    model = tiny_family_model(family)
     model.save_pretrained(tmp_path / "src")
     make_tokenizer().save_pretrained(tmp_path / "src")
     with caplog.at_level("WARNING"):
@@ -220,14 +219,14 @@ def test_if_possible_drops_what_a_model_cannot_take(family, applied, tmp_path, c
     rotate = read_manifest(folder)["recipe"].get("rotate")
     if applied is None:
         assert report.recipe.rotate is None and rotate is None
-        assert "rotate skipped" in caplog.text and "'deepseek_v3' is not one" in caplog.text
+        assert "rotate skipped" in caplog.text and "'cohere' is not one" in caplog.text
     else:
         assert report.recipe.rotate.online == applied and tuple(rotate["online"]) == applied
         assert ("without its online part" in caplog.text) == (applied == ())
     if applied != options.online:  # without if_possible, what it cannot take is an error
         strict = dataclasses.replace(options, if_possible=False)
         with pytest.raises(LowbitError, match="rotate"):
-            api.quantize(build(family), dataclasses.replace(recipe, rotate=strict),
+            api.quantize(tiny_family_model(family), dataclasses.replace(recipe, rotate=strict),
                          progress=False)  # fmt: skip
 
 
@@ -320,11 +319,13 @@ def test_an_unnamed_family_rotates_streamed_as_in_memory(tmp_path):
     assert rel(got, mem) < 1e-5 and rel(mem, float_logits) < 0.05
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_a_mixture_rotates_with_its_experts_and_routers(kind):
     """Each expert's gate/up read the turned stream and its down_proj writes to it, turned
     online at the experts' width (Qwen2-MoE's shared expert at its own: 64 against 32); the
-    routers and the shared expert's gate are turned too, so the same experts run."""
+    routers and the shared expert's gate are turned too, so the same experts run. DeepSeek
+    V3's latent attention reads the stream through q_a_proj and kv_a_proj_with_mqa, and its
+    values (kv_b_proj's rows after each head's key part) turn by the head matrix."""
     from helpers import tiny_moe
     from lowbit.nn.online import online_transform
 
@@ -334,14 +335,19 @@ def test_a_mixture_rotates_with_its_experts_and_routers(kind):
     with torch.no_grad():
         before = model(ids).logits
         router = model.model.layers[1].mlp.gate.weight.clone()
+        values = model.model.layers[1].self_attn.get_parameter(
+            "kv_b_proj.weight" if kind == "deepseek_v3" else "v_proj.weight").clone()  # fmt: skip
         rotate_model(model, RotateOptions(online=("down_proj",)))
         after = model(ids).logits
     assert rel(after, before) < 1e-5
     mlp = model.model.layers[1].mlp
     downs = [m for n, m in mlp.named_modules() if n.endswith("down_proj")]
-    assert len(downs) == mlp.experts.num_experts + (kind == "qwen2_moe")
+    assert len(downs) == mlp.experts.num_experts + (kind in ("qwen2_moe", "deepseek_v3"))
     assert all(online_transform(m) is not None for m in downs)
     assert (mlp.gate.weight - router).abs().max() > 1e-3  # the router reads the turned stream
+    attn = model.model.layers[1].self_attn
+    turned = attn.kv_b_proj.weight if kind == "deepseek_v3" else attn.v_proj.weight
+    assert (turned - values).abs().max() > 1e-3  # the values, by the head matrix
 
 
 @pytest.mark.parametrize("kind", ["hadamard", "learned"])
@@ -367,18 +373,6 @@ def test_a_streamed_mixture_rotates_as_in_memory(kind, tmp_path):
         mem = model(ids[:2]).logits
         got = api.load(streamed, kernels=False).model(ids[:2]).logits
     assert rel(got, mem) < 1e-5
-
-
-def test_a_mixture_with_latent_attention_is_refused_before_any_change():
-    """DeepSeek V3's attention (latent q/kv projections) is not a Llama block's: an error
-    naming the rotation, and with if_possible no rotation."""
-    from helpers import tiny_moe
-    from lowbit.models.rotate import fitted_rotation
-
-    model = tiny_moe("deepseek_v3")
-    with pytest.raises(LowbitError, match="'deepseek_v3' is not one.*quantize it without rotate"):
-        rotate_model(model, RotateOptions())
-    assert fitted_rotation(RotateOptions(if_possible=True), model) is None
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2", "glm4"])

@@ -87,6 +87,9 @@ class Rotator:
             check_layernorm(config, options)
         hidden = config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        self.latent = getattr(config, "kv_lora_rank", None) is not None  # DeepSeek's attention
+        if self.latent:  # the values' head size (head_dim is the rotary part's)
+            head_dim = config.v_head_dim
         if self.post:
             online_block(hidden)  # no transform of that width: an error here
         for n, what in ((hidden, "hidden size"), (head_dim, "head size")):
@@ -100,7 +103,7 @@ class Rotator:
         if q is not None and q.shape != (hidden, hidden):
             raise LowbitError(f"rotate: the matrix is {tuple(q.shape)}, the hidden size "
                               f"{hidden}")  # fmt: skip
-        self._given, self._options, self._hidden = q, options, hidden
+        self._given, self._options, self._hidden, self._config = q, options, hidden, config
         self.h = orthogonal(head_dim, options) if options.heads else None
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.kv_rows = kv_heads * head_dim  # v_proj's rows (inside a fused qkv_proj)
@@ -143,6 +146,12 @@ class Rotator:
             head = i if self.h is not None else None  # which block's head matrix, if any
             if hasattr(block.self_attn, "qkv_proj"):  # Phi-3: q, k, v rows in one weight
                 ops[f"{attn}qkv_proj.weight"] = ("reads", f"{attn}qkv_proj.weight", n1, head)
+            elif self.latent:  # the values come out of kv_b_proj, which reads no stream
+                for name in ("q_a_proj", "q_proj", "kv_a_proj_with_mqa"):
+                    if isinstance(getattr(block.self_attn, name, None), nn.Module):
+                        ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, None)
+                if head is not None:
+                    ops[f"{attn}kv_b_proj.weight"] = ("latent_values", head)
             else:
                 for name in ("q_proj", "k_proj"):
                     ops[f"{attn}{name}.weight"] = ("reads", f"{attn}{name}.weight", n1, None)
@@ -244,6 +253,16 @@ class Rotator:
         v = t.shape[0] - self.kv_rows
         return torch.cat([t[:v], head_rows(t[v:], self.head(block))])
 
+    def _latent_values(self, w: Tensor, block: int) -> Tensor:
+        """kv_b_proj's weight with each head's value rows (after its qk_nope_head_dim key
+        rows) turned by the block's head matrix, as v_proj's are."""
+        heads = self._config.num_attention_heads
+        nope = self._config.qk_nope_head_dim
+        per = w.reshape(heads, -1, w.shape[-1])  # (heads, nope + v, rank)
+        values = head_rows(per[:, nope:].reshape(-1, w.shape[-1]), self.head(block))
+        values = values.reshape(heads, -1, w.shape[-1])
+        return torch.cat([per[:, :nope], values], 1).reshape(w.shape)
+
     def head(self, block: int) -> Tensor:
         """The head-size matrix of block ``block``'s values and o_proj."""
         return self.h if self.heads is None else self.heads[block]
@@ -277,6 +296,8 @@ class Rotator:
             return reads(w, self.online(op[2])) if op[2] else w
         if op[0] == "writes_bias":
             return writes(get(name).unsqueeze(1), self.q).squeeze(1)
+        if op[0] == "latent_values":  # kv_b_proj's rows per head: the keys' part, the values'
+            return self._latent_values(get(name), op[1])
         return head_rows(get(name), self.head(op[1]))  # head_bias
 
 

@@ -41,7 +41,13 @@ LAYOUTS = (
 # 1 + w (whichever keeps them): Granite's multipliers, Arcee's MLP without a gate and the
 # like pass; a block that computes something else there fails the twin, before any real weight
 # changes. The twin's verdict is the rule, the parts' names only its precondition.
-ATTENTION = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
+# (the linears of attention that read the stream): q/k/v, Phi-3's fused qkv, or a latent
+# attention's (DeepSeek V2/V3: the query through q_a_proj or q_proj, keys and values through
+# kv_a_proj_with_mqa; the values come out of kv_b_proj, inside, per head after the keys' part)
+ATTENTION = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",), ("q_a_proj", "kv_a_proj_with_mqa"),
+             ("q_proj", "kv_a_proj_with_mqa"))  # fmt: skip
+LATENT_INSIDE = ("q_a_layernorm.weight", "q_b_proj.weight", "kv_a_layernorm.weight",
+                 "kv_b_proj.weight")  # fmt: skip
 MLP = (("gate_proj", "up_proj"), ("gate_up_proj",), ("up_proj",))
 # A mixture of experts' MLP (after lowbit.models.experts): each expert's gate_proj and up_proj
 # read the stream and its down_proj writes to it, as a dense MLP's do; the router (one score
@@ -129,6 +135,8 @@ def llama_shape(model: nn.Module) -> str:
         linears = [f"self_attn.{n}" for n in (*attn, "o_proj")]
         linears += [f"mlp.{n}" for n in (*mlp, "down_proj")] if mlp else []
         parts = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
+        if "kv_a_proj_with_mqa" in attn:
+            parts |= {f"self_attn.{n}" for n in LATENT_INSIDE}
         if experts:
             parts |= experts | set(MIXTURE_PARTS)
             parts |= {n for n in have if n.startswith("mlp.gate.") and n.count(".") > 2}
