@@ -82,3 +82,30 @@ def test_an_image_model_is_measured_by_its_output_error_convolutions_included():
     assert again.proxy["0"] == sens.proxy["0"] and nan != nan  # NaN kept (null in JSON)
     with pytest.raises(Exception, match="output_range"):
         measure_sensitivity(model, layers, specs, images, progress=False)
+
+
+def test_an_expert_no_analysis_token_reaches_takes_its_siblings_mean_damage():
+    """Unreached experts would measure no damage and get the fewest bits; they take the mean
+    of the same linear in the block's reached experts instead."""
+    from helpers import tiny_moe
+    from lowbit.models.experts import experts_to_linears
+
+    model = tiny_moe("mixtral", num_local_experts=8, num_experts_per_tok=1)
+    experts_to_linears(model)
+    chosen = {n: m for n, m in quantizable_layers(model) if ".layers.1.mlp.experts." in n}
+    specs = candidate_specs(WeightSpec(bits=4, group_size=32), ["2", "8"])
+    windows = torch.randint(0, 64, (1, 3), generator=torch.Generator().manual_seed(0))
+    sens = measure_sensitivity(model, chosen, specs, windows, progress=False)
+    downs = [f"model.layers.1.mlp.experts.{i}.down_proj" for i in range(8)]
+    reached = set()
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: reached.add(n)) for n in downs]  # fmt: skip
+    with torch.no_grad():
+        model(windows)
+    for h in hooks:
+        h.remove()
+    assert 0 < len(reached) < 8  # 3 tokens, one expert each: some experts see none
+    mean = {c: sum(sens.damage[n][c] for n in reached) / len(reached) for c in specs}
+    assert mean["int2"] > 0
+    for n in set(downs) - reached:
+        assert sens.damage[n] == pytest.approx(mean)

@@ -13,7 +13,9 @@ rank correlation.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,9 @@ from lowbit.models.modules import forward_logits
 from lowbit.nn import QuantLinear
 from lowbit.nn.quant_conv import ConvGeometry, is_conv, layer_dims, weight_matrix
 from lowbit.primitives import fake_quantize_weight
+
+EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")  # a mixture's expert linears, by index
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -146,7 +151,7 @@ def measure_sensitivity(
     damage = _damage(model, windows, batch_size, output_range, sens)
     # a grouped convolution has one input matrix per group: no proxy (NaN; its damage is measured)
     single = {n: m for n, m in layers.items() if not is_conv(m) or m.groups == 1}
-    hessians = _hessians(model, single, windows, batch_size)
+    hessians, unreached = _hessians(model, single, windows, batch_size)
     trials = [(n, c) for n in layers for c in candidates]
     figures = torch.zeros(len(trials), 2, dtype=torch.float64)  # (trial, [proxy, damage])
     mine = group.mine(len(trials))
@@ -173,7 +178,29 @@ def measure_sensitivity(
         sens.damage.setdefault(name, {})[cname] = hurt
         sens.proxy.setdefault(name, {})[cname] = proxy
         sens.bits.setdefault(name, {})[cname] = layer_bits(layers[name], candidates[cname], name)
+    _like_their_siblings(sens, unreached)
     return sens
+
+
+def _like_their_siblings(sens: Sensitivity, unreached: set[str]) -> None:
+    """An expert that no analysis token reached measures no damage, which would give it the
+    fewest bits although later text will reach it: it gets the mean damage of its reached
+    siblings (the same linear of the block's other experts) instead, since experts are alike
+    until the router picks among them."""
+    siblings: dict[str, list[str]] = {}
+    for name in sens.layers:
+        siblings.setdefault(EXPERT_INDEX.sub(".experts.*.", name), []).append(name)
+    moved = 0
+    for name in unreached:
+        seen = [n for n in siblings[EXPERT_INDEX.sub(".experts.*.", name)] if n not in unreached]
+        if seen:
+            sens.damage[name] = {c: sum(sens.damage[n][c] for n in seen) / len(seen)
+                                 for c in sens.candidates}  # fmt: skip
+            moved += 1
+    if unreached:
+        log.info("sensitivity: %d expert layers saw no analysis token; %d take their reached "
+                 "siblings' mean damage (analyse on more text to measure them)",
+                 len(unreached), moved)  # fmt: skip
 
 
 def _damage(model: nn.Module, windows: Tensor, batch_size: int,
@@ -200,12 +227,14 @@ def _set_matrix(module: nn.Module, matrix: Tensor) -> None:
     module.weight.copy_(weight.to(module.weight.dtype))
 
 
-def _hessians(model, layers, windows, batch_size) -> dict[str, Tensor]:
+def _hessians(model, layers, windows, batch_size) -> tuple[dict[str, Tensor], set[str]]:
+    """Each layer's input Hessian on ``windows``, and the layers that saw no input (experts
+    the router sent no token)."""
     with collect_input_stats(layers, hessian=True) as stats:
         for i in range(0, len(windows), batch_size):
             ids = windows[i : i + batch_size]
             forward_logits(model, ids)
-    for name, s in stats.items():
-        if s.rows == 0:  # an expert the router sent no token: its weights alone (identity)
-            s.empty(layers[name].in_features, hessian=True, absmean=False, absmax=False)
-    return {n: s.hessian() for n, s in stats.items()}
+    unreached = {name for name, s in stats.items() if s.rows == 0}
+    for name in unreached:  # its weights alone (identity)
+        stats[name].empty(layers[name].in_features, hessian=True, absmean=False, absmax=False)
+    return {n: s.hessian() for n, s in stats.items()}, unreached
