@@ -84,3 +84,25 @@ def test_analyze_prints_a_readable_ranking(tiny_folder, text_file, capsys):
     assert code == 0, err
     assert "proxy rank correlation" in stdout and "int2 (int2-asym-g64" in stdout
     assert stdout.count("model.layers.") == 6  # top 3 per format
+
+
+def test_target_bits_keeps_the_rotation_of_a_mixture(tmp_path, text_file, capsys):
+    """The *-best presets' rotate block (if_possible) on a mixture of experts: the analysis
+    measures the rotated model and the folder's recipe keeps the rotation."""
+    import yaml
+
+    from helpers import make_tokenizer, tiny_moe
+
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    recipe = {"version": 1, "name": "rot", "algorithm": "rtn", "ignore": ["lm_head"],
+              "weights": {"bits": 4, "group_size": 32},
+              "rotate": {"online": ["down_proj"], "if_possible": True}}  # fmt: skip
+    (tmp_path / "rot.yaml").write_text(yaml.safe_dump(recipe))
+    code, stdout, err = run(
+        capsys, "quantize", str(tmp_path / "src"), "--recipe", str(tmp_path / "rot.yaml"),
+        "--out", str(tmp_path / "mix"), "--calib", str(text_file), *CALIB,
+        "--target-bits", "6", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(stdout)["recipe"]["rotate"]["online"] == ["down_proj"]

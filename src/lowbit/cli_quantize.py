@@ -302,8 +302,10 @@ def _mixed(args: argparse.Namespace, api: Any, src: Any, recipe: Any, calibratio
     n = min(args.analysis_samples or 2, len(calibration.windows))
     sample = CalibrationSet(calibration.corpus, n, calibration.seqlen, calibration.seed,
                             calibration.windows[:n])  # fmt: skip
+    from lowbit.models.experts import experts_to_linears
     from lowbit.models.rotate import fitted_rotation, rotate_model
 
+    experts_to_linears(src.model)  # a mixture's experts as the rotation plans them
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, src.model))
     if recipe.rotate is not None:  # measured in the basis the model is quantized in
         if recipe.rotate.kind == "learned":

@@ -406,6 +406,8 @@ def test_a_decoder_with_post_norms_turns_their_outputs_at_run_time(family, optio
         assert stream_transform(norm) is not None and norm.weight.abs().min() > 0
     if options:
         return
+    with pytest.raises(LowbitError, match="not a given matrix"):  # its hooks turn by their own
+        rotate_model(tiny_family_model(family), RotateOptions(), orthogonal(64, RotateOptions()))
     recipe = dataclasses.replace(make_recipe({"bits": 8, "group_size": -1, "symmetric": True}),
                                  rotate=RotateOptions())  # fmt: skip
     model = tiny_family_model(family)

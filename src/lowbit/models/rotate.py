@@ -73,10 +73,11 @@ class Rotator:
                               f"rotate")  # fmt: skip
         # Gemma 2/3: the stream's matrix also turns the post-norms' outputs at run time
         self.post = bool(norm_layout(find_blocks(model)[1][0])[1])
-        if self.post and options.kind != "hadamard":
+        if self.post and (options.kind != "hadamard" or q is not None):
             raise LowbitError(f"rotate: {kind!r} normalises its sub-blocks' outputs, so the "
                               f"stream's matrix turns them at run time, fast for a Hadamard "
-                              f"matrix only: use kind hadamard, not {options.kind}")  # fmt: skip
+                              f"matrix only: use kind hadamard (its own seeded matrix), not "
+                              f"{'a given matrix' if q is not None else options.kind}")  # fmt: skip
         family = family_of(model)
         groups = family.scale_groups if family is not None else ()
         plus_one = any(g.prev_kind == "norm_plus_one" for g in groups)

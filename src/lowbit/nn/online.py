@@ -55,9 +55,14 @@ class OnlineStream:
     def __init__(self, signs: Tensor) -> None:
         self.block = online_block(signs.shape[0])
         self.signs = signs.float()
+        self._on: dict[tuple, tuple[Tensor, Tensor]] = {}  # (device, dtype) -> block, signs
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
-        return hadamard_transform(out, self.block) * self.signs.to(out.device, out.dtype)
+        key = (out.device, out.dtype)
+        if key not in self._on:  # copied once per device, not at every call
+            self._on[key] = (self.block.to(out.device), self.signs.to(out.device, out.dtype))
+        block, signs = self._on[key]
+        return hadamard_transform(out, block) * signs
 
 
 def install_stream(module: nn.Module, signs: Tensor) -> None:
