@@ -45,6 +45,20 @@ def test_bytes_read_per_token_skip_an_untied_embedding_table(tie):
     assert bench.bytes_read_per_token(model) == (total if tie else total - table)
 
 
+def test_a_decoded_token_reads_only_the_experts_it_is_routed_to():
+    """Mixtral with 8 experts of which 2 run per token: 6/8 of the experts' bytes unread."""
+    from helpers import tiny_moe
+    from lowbit.models.experts import LinearExperts, experts_to_linears
+
+    model = tiny_moe("mixtral", num_local_experts=8, num_experts_per_tok=2)
+    experts_to_linears(model)
+    experts = sum(bench.model_size(m).total_bytes for m in model.modules()
+                  if isinstance(m, LinearExperts))  # fmt: skip
+    table = model.get_input_embeddings().weight.numel() * 4
+    total = bench.model_size(model).total_bytes
+    assert bench.bytes_read_per_token(model) == total - table - experts * 6 // 8
+
+
 def test_bench_of_a_saved_folder_reports_ratios_and_rss(tiny_folder, tmp_path):
     src = api.load_model(str(tiny_folder))
     report = api.quantize(src.model, "w4-rtn-g64", progress=False)

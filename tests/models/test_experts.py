@@ -45,6 +45,30 @@ def test_fused_experts_become_linears_that_compute_the_same(kind):
     assert experts_to_linears(model) == 0  # done once
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_a_decoded_token_takes_the_one_token_path_to_the_same_logits(kind, monkeypatch):
+    """One token (a decode step) calls its experts directly, in the loop's order: the same
+    logits as transformers' fused experts (float64), and the masked loop is not entered."""
+    import copy
+
+    model = tiny_moe(kind, _experts_implementation="eager").double()
+    ours = copy.deepcopy(model)
+    experts_to_linears(ours)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+    calls = []
+    direct = LinearExperts._one_token
+    monkeypatch.setattr(LinearExperts, "_one_token",
+                        lambda self, *a: calls.append(self) or direct(self, *a))  # fmt: skip
+    with torch.no_grad():
+        want = model(ids[:, :5], use_cache=True)
+        want = model(ids[:, 5:], past_key_values=want.past_key_values).logits
+        got = ours(ids[:, :5], use_cache=True)
+        assert not calls  # a prompt: the loop
+        got = ours(ids[:, 5:], past_key_values=got.past_key_values).logits
+    assert len(calls) == sum(isinstance(m, LinearExperts) for m in ours.modules())
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-12
+
+
 def test_expert_linears_are_views_and_the_names_transformers_saves(tmp_path):
     """No copy of the experts' weights; the state dict's names are the checkpoint's."""
     model = tiny_moe("qwen3_moe")

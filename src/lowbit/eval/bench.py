@@ -20,6 +20,7 @@ from lowbit.eval.machine import memory_bandwidth_gbs, thread_settings
 from lowbit.eval.memprobe import probe_in_subprocess
 from lowbit.eval.size import model_size
 from lowbit.eval.speed import SpeedResult, measure_speed
+from lowbit.models.experts import LinearExperts
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def _weight_bytes(model: nn.Module) -> tuple[int, int]:
 
 def bytes_read_per_token(model: nn.Module) -> int:
     """Weight bytes one decode step reads: all of them, except the input embedding table (one row
-    per token) unless the output head shares it."""
-    total = model_size(model).total_bytes
+    per token) unless the output head shares it, and a mixture's experts that the token is not
+    routed to (k of each block's n experts are read: ``num_experts_per_tok``)."""
+    total = model_size(model).total_bytes - _unrouted_bytes(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is None:
@@ -110,3 +112,13 @@ def speedups(result: BenchResult, ref: BenchResult) -> dict[str, float]:
     if kv and ref_kv:
         out["kv_memory_ratio"] = round(kv / ref_kv, 4)
     return out
+
+
+def _unrouted_bytes(model: nn.Module) -> int:
+    """Bytes of the experts a decoded token does not run: (n - k) / n of each block's experts."""
+    k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    blocks = [m for m in model.modules() if isinstance(m, LinearExperts)]
+    if not isinstance(k, int) or not blocks:
+        return 0
+    return sum(model_size(b).total_bytes * max(b.num_experts - k, 0) // b.num_experts
+               for b in blocks)  # fmt: skip

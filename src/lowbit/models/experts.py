@@ -72,6 +72,8 @@ class LinearExperts(nn.Module):
             self.add_module(str(i), expert)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        if hidden_states.shape[0] == 1:  # a decoded token: its experts called directly
+            return self._one_token(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():  # (experts + 1, top-k, tokens); index n marks a dropped slot
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -82,6 +84,18 @@ class LinearExperts(nn.Module):
             slot, token = torch.where(mask[index])
             y = self._modules[str(index)](hidden_states[token])
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+    def _one_token(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """``forward`` for one token without the masks: its (expert, slot) pairs in ascending
+        order, the order in which the loop above adds them (so the sum is bit-identical), the
+        dropped index n skipped as there."""
+        out = torch.zeros_like(x)
+        for index, slot in sorted((e, k) for k, e in enumerate(top_k_index[0].tolist())):
+            if index == self.num_experts:
+                continue
+            y = self._modules[str(index)](x)
+            out += (y * top_k_weights[:, slot, None]).to(out.dtype)
         return out
 
 
