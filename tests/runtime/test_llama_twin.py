@@ -3,6 +3,7 @@ the model computes the same logits on it as on the model's own forward."""
 
 import logging
 
+import pytest
 import torch
 
 from helpers import compact_and_hf, rel, tiny_family_model
@@ -97,3 +98,35 @@ def test_an_unnamed_family_takes_a_sliding_window_as_on_every_layer():
     assert "sliding" in capacity_reason(_renamed(model, "llama-clone"), 64)
     model.config.use_sliding_window = False  # a window the config switches off
     assert capacity_reason(model, 64) is None
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
+def test_a_mixture_runs_compact_with_its_own_mixture_block(kind):
+    """Mixtral, Qwen2-MoE (a shared expert) and OLMoE (q/k norms over all heads) pass the
+    twin: the compact loop calls each block's mixture as it is; the same logits as the
+    model's own forward, prompt and decoded tokens, and the same greedy tokens."""
+    from helpers import tiny_moe
+    from lowbit.models.experts import experts_to_linears
+
+    model = tiny_moe(kind)
+    experts_to_linears(model)
+    assert family_reason(model) is None
+    ours, theirs, whole, _ = compact_and_hf(model, seed=2)
+    assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
+    ids = [[3, 9, 4, 1, 5]]
+    compact, own = Runtime(model).generate(ids, 6), Runtime(model, compact=False).generate(ids, 6)
+    assert compact.path == "compact" and own.path == "hf" and compact.tokens == own.tokens
+
+
+def test_a_latent_attention_or_clipped_qkv_keeps_the_models_own_forward():
+    from helpers import tiny_moe
+    from lowbit.models.experts import experts_to_linears
+
+    model = tiny_moe("deepseek_v3")
+    experts_to_linears(model)
+    assert "lack a Llama block's norms and projections" in family_reason(model)
+    clipped = tiny_moe("olmoe", clip_qkv=8.0)
+    experts_to_linears(clipped)
+    from lowbit.runtime.llama import capacity_reason
+
+    assert "clipped" in capacity_reason(clipped, 32)

@@ -7,7 +7,9 @@ module calls). This forward does the same arithmetic with a few tensor ops per l
 RMSNorm, one kernel call for q/k/v and one for gate/up where the layers share a fused weight
 (:mod:`lowbit.nn.shared_input`), a cos/sin table computed once, one attention call. It calls the
 model's own linear modules (float, QuantLinear or kernel modules), so every format runs on it;
-the logits equal the model's to float32 rounding (a CI test on every family it accepts).
+the logits equal the model's to float32 rounding (a CI test on every family it accepts). A
+mixture of experts' block (its experts as linears) is called as the model's own module, inside
+the compact attention and norms.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lowbit.kernels import decode as decode_ops
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rope_qk, silu_mul
 from lowbit.kernels.kv_attention import decode_attention_codes
+from lowbit.models.experts import LinearExperts
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
 from lowbit.nn.online import online_transform
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
@@ -56,6 +59,8 @@ def capacity_reason(model: nn.Module, capacity: int) -> str | None:
         return f"a sliding attention window of {window} tokens is shorter than {capacity}"
     if getattr(config, "mlp_bias", False) or getattr(config, "pretraining_tp", 1) != 1:
         return "MLP biases or tensor-parallel slicing"
+    if getattr(config, "clip_qkv", None) is not None:  # (a twin's small values never reach it)
+        return "queries, keys and values clipped"
     return None
 
 
@@ -72,6 +77,8 @@ class _Layer:
     down: Callable[[Tensor], Tensor]
     key_center: Tensor | None = None  # (Hkv, D) subtracted before the cache (center_keys)
     fast: tuple = ()  # decode: (qkv, o_proj, gate_up, down) on 2-D inputs, see _direct
+    moe: Callable[[Tensor], Tensor] | None = None  # a mixture's MLP, in place of gate_up/down
+    whole: tuple[nn.Module, nn.Module] | None = None  # q/k norms over all heads (OLMoE's)
 
 
 def _online(module: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -249,6 +256,9 @@ class LlamaForward:
         silu = getattr(cfg, "hidden_act", None) == "silu"
         native = native_ops() and self.embed.weight.dtype == torch.float32
         self.layers = [self._layer(block, silu, native) for block in inner.layers]
+        for layer in self.layers:  # q/k norms over all heads at once: applied before RoPE
+            if layer.q_norm is not None and layer.q_norm.weight.numel() != self.head_dim:
+                layer.whole, layer.q_norm, layer.k_norm = (layer.q_norm, layer.k_norm), None, None
         self.fast_head = _online(self.head) if native else self.head
         self.scaling = inner.layers[0].self_attn.scaling
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (T, D), grown by new_cache
@@ -269,6 +279,15 @@ class LlamaForward:
             if hasattr(attn, "qkv_proj")
             else [attn.q_proj, attn.k_proj, attn.v_proj]
         )
+        if is_mixture(mlp):  # the model's own mixture block: router, experts, shared expert
+            layer = _Layer(
+                block.input_layernorm, _joint(qkv), getattr(attn, "q_norm", None),
+                getattr(attn, "k_norm", None), _prompt(attn.o_proj), block.post_attention_layernorm,
+                None, None, None, moe=functools.partial(_mixture, mlp),
+            )  # fmt: skip
+            direct = (_direct_group(qkv, layer.qkv), _direct(attn.o_proj)) if native else None
+            layer.fast = (*(direct or (layer.qkv, layer.o_proj)), None, None)
+            return layer
         gate_up = (
             [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
         )
@@ -335,7 +354,8 @@ class LlamaForward:
         for i, layer in enumerate(self.layers):
             qn, kn = layer.q_norm, layer.k_norm
             q, k, v = rope_qk(  # (B, H, t, D), (B, Hkv, t, D) twice
-                layer.qkv(_rms(layer.norm1, x)), cos, sin, self.heads, self.kv_heads,
+                self._whole(layer, layer.qkv(_rms(layer.norm1, x))), cos, sin, self.heads,
+                self.kv_heads,
                 None if qn is None else qn.weight, None if kn is None else kn.weight,
                 1e-6 if qn is None else _eps(qn),
             )  # fmt: skip
@@ -350,10 +370,23 @@ class LlamaForward:
             if h is not None:
                 a = a @ h.T
             x = x + layer.o_proj(a.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.down(self._mlp_act(layer, layer.gate_up(_rms(layer.norm2, x))))
+            x = x + self._mlp(layer, _rms(layer.norm2, x))
         x = x if all_logits else x[:, -1:]
         logits = self.head(_rms(self.norm, x))
         return logits if all_logits else logits[:, -1]
+
+    def _whole(self, layer: _Layer, qkv: Tensor) -> Tensor:
+        """q/k/v with the queries and keys normalised over all heads at once (OLMoE), if so."""
+        if layer.whole is None:
+            return qkv
+        hq, hk = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = qkv.split([hq, hk, qkv.shape[-1] - hq - hk], dim=-1)
+        return torch.cat([_rms(layer.whole[0], q), _rms(layer.whole[1], k), v], dim=-1)
+
+    def _mlp(self, layer: _Layer, h: Tensor) -> Tensor:
+        if layer.moe is not None:
+            return layer.moe(h)
+        return layer.down(self._mlp_act(layer, layer.gate_up(h)))
 
     @staticmethod
     def _mlp_act(layer: _Layer, gate_up: Tensor) -> Tensor:
@@ -384,7 +417,7 @@ class LlamaForward:
             return self.fast_head(h)
         for i, (layer, (qn, kn, eps, w2, eps2, w_next, eps_next)) in enumerate(self._plan):
             qkv_op, o_op, gate_up_op, down_op = layer.fast
-            qkv = qkv_op(h).contiguous()  # (B, (H + 2·Hkv)·D)
+            qkv = self._whole(layer, qkv_op(h)).contiguous()  # (B, (H + 2·Hkv)·D)
             if not codes:
                 a = decode_attention(
                     qkv, cache.k[i], cache.v[i], self.cos, self.sin, cache.pad, pos,
@@ -398,7 +431,7 @@ class LlamaForward:
                     spec.kv_bits, spec.query_bits or 0,
                 )  # fmt: skip
             h = add_rms_norm(x, o_op(a), w2, eps2)  # (B, C)
-            d = down_op(self._mlp_act(layer, gate_up_op(h)))
+            d = layer.moe(h) if layer.moe else down_op(self._mlp_act(layer, gate_up_op(h)))
             h = add_rms_norm(x, d.contiguous(), w_next, eps_next)
         return self.fast_head(h)  # (B, vocab)
 
@@ -414,7 +447,7 @@ class LlamaForward:
                 t.dtype != torch.float32 or not t.is_contiguous()
                 for t in (self.turn, *self._centers))):  # fmt: skip
             return None
-        if any(layer.act is not None for layer in self.layers):
+        if any(layer.act or layer.moe or layer.whole for layer in self.layers):
             return None
         if not all(isinstance(call, _Native) for layer in self.layers for call in layer.fast):
             return None
@@ -447,3 +480,14 @@ class LlamaForward:
             plan.append((layer, (*qk, layer.norm2.weight, _eps(layer.norm2), nxt.weight,
                                  _eps(nxt))))  # fmt: skip
         return plan
+
+
+def is_mixture(mlp: nn.Module) -> bool:
+    """Whether a block's MLP is a mixture of experts (its experts as linears)."""
+    return any(isinstance(m, LinearExperts) for m in mlp.modules())
+
+
+def _mixture(mlp: nn.Module, h: Tensor) -> Tensor:
+    """The mixture block on (..., C): transformers' blocks take (B, T, C)."""
+    out = mlp(h.reshape(-1, 1, h.shape[-1]) if h.dim() == 2 else h)
+    return out.reshape(h.shape)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.models.experts import experts_to_linears
 from lowbit.models.rotate_fit import ATTENTION, MLP
 from lowbit.models.twin import tiny_twin, twin_ids, twin_logits
-from lowbit.runtime.llama import FAMILIES, LlamaForward, capacity_reason
+from lowbit.runtime.llama import FAMILIES, LlamaForward, capacity_reason, is_mixture
 
 TOLERANCE = 1e-4  # relative max difference of the twin's logits (its RoPE table is float32)
 PARTS = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
@@ -30,8 +31,8 @@ ROPE_TABLE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_po
                    "attention_factor", "mscale", "mscale_all_dim", "short_factor", "long_factor",
                    "truncate", "partial_rotary_factor", "max_position_embeddings"}  # fmt: skip
 GATED_MLP = MLP[:2]  # the compact forward's SiLU·up takes gate and up (apart or fused)
-BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj",
-               "mlp.down_proj")  # fmt: skip
+QKV = ATTENTION[:2]  # q/k/v apart or fused (not a latent attention's)
+BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj")
 
 
 def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
@@ -56,6 +57,7 @@ def family_reason(model: nn.Module) -> str | None:
                 f"cos/sin table")  # fmt: skip
     try:
         twin = tiny_twin(model)
+        experts_to_linears(twin)  # a mixture's experts as the model holds them
         expected = twin_logits(twin)
         forward = LlamaForward(twin)
         with torch.no_grad():
@@ -78,8 +80,11 @@ def _parts_missing(model: nn.Module) -> str:
         return "it is not laid out as a Llama (model.layers, embed_tokens, norm, rotary_emb)"
     for block in layers:
         inner = {n for n, _ in block.named_modules()}
-        qkv = any(all(f"self_attn.{n}" in inner for n in g) for g in ATTENTION)
-        gate_up = any(all(f"mlp.{n}" in inner for n in g) for g in GATED_MLP)
-        if not (qkv and gate_up and all(p in inner for p in BLOCK_PARTS)):
+        qkv = any(all(f"self_attn.{n}" in inner for n in g) for g in QKV)
+        mlp = getattr(block, "mlp", None)  # a gated MLP, or a mixture (called as it is)
+        gate_up = "mlp.down_proj" in inner and any(
+            all(f"mlp.{n}" in inner for n in g) for g in GATED_MLP)  # fmt: skip
+        mixture = isinstance(mlp, nn.Module) and is_mixture(mlp)
+        if not (qkv and (gate_up or mixture) and all(p in inner for p in BLOCK_PARTS)):
             return "its blocks lack a Llama block's norms and projections"
     return ""
