@@ -16,14 +16,19 @@ def _renamed(model, model_type: str):
     return model
 
 
-def test_a_llama_under_another_name_runs_compact():
-    model = _renamed(tiny_family_model("llama"), "llama-clone")
+def _runs_compact_as_its_own(model, seed: int) -> None:
+    """The twin agrees; the compact loop's logits (prompt, decoded tokens) and greedy tokens
+    are the model's own forward's."""
     assert family_reason(model) is None
-    ours, theirs, whole, _ = compact_and_hf(model, seed=1)
+    ours, theirs, whole, _ = compact_and_hf(model, seed=seed)
     assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
     ids = [[3, 9, 4, 1, 5]]
     compact, own = Runtime(model).generate(ids, 6), Runtime(model, compact=False).generate(ids, 6)
     assert compact.path == "compact" and own.path == "hf" and compact.tokens == own.tokens
+
+
+def test_a_llama_under_another_name_runs_compact():
+    _runs_compact_as_its_own(_renamed(tiny_family_model("llama"), "llama-clone"), seed=1)
 
 
 def test_granite_multipliers_keep_the_models_own_forward(caplog):
@@ -110,12 +115,7 @@ def test_a_mixture_runs_compact_with_its_own_mixture_block(kind):
 
     model = tiny_moe(kind)
     experts_to_linears(model)
-    assert family_reason(model) is None
-    ours, theirs, whole, _ = compact_and_hf(model, seed=2)
-    assert rel(ours, theirs) < 1e-4 and rel(ours, whole) < 1e-4
-    ids = [[3, 9, 4, 1, 5]]
-    compact, own = Runtime(model).generate(ids, 6), Runtime(model, compact=False).generate(ids, 6)
-    assert compact.path == "compact" and own.path == "hf" and compact.tokens == own.tokens
+    _runs_compact_as_its_own(model, seed=2)
 
 
 def test_a_latent_attention_or_clipped_qkv_keeps_the_models_own_forward():
