@@ -19,7 +19,16 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_blocks import encode, exact_type, requantize
+from lowbit.export.gguf_experts import (
+    EXPERT,
+    ROUTERS,
+    check_mixture,
+    experts_of,
+    mixture_metadata,
+    stacked,
+)
 from lowbit.export.gguf_vocab import is_sentencepiece_bpe, write_sentencepiece_vocab
+from lowbit.models.experts import LinearExperts
 from lowbit.models.families import find_blocks
 from lowbit.nn import QuantLinear
 from lowbit.runtime.llama_twin import family_reason
@@ -37,6 +46,10 @@ ARCHS = {
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, False),  # q/k norms: attn_q_norm, attn_k_norm
     "phi3": (gguf.MODEL_ARCH.PHI3, False),  # fused qkv_proj, gate_up_proj: attn_qkv, ffn_up
+    # mixtures of experts (lowbit.export.gguf_experts): Mixtral is a Llama with experts
+    "mixtral": (gguf.MODEL_ARCH.LLAMA, True),
+    "qwen2_moe": (gguf.MODEL_ARCH.QWEN2MOE, False),  # a shared expert and its gate
+    "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, False),
 }
 REQUANTIZE = {n: gguf.GGMLQuantizationType[n.upper()] for n in ("q8_0", "q4_0", "q4_1", "f16")}
 
@@ -66,7 +79,7 @@ def write_gguf(
         writer.add_tensor(name, data, raw_dtype=qtype)
         types[name] = qtype.name
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_file_type(_file_type([t for _, d, t in tensors if d.ndim == 2]))
+    writer.add_file_type(_file_type([t for _, d, t in tensors if d.ndim >= 2]))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -88,7 +101,12 @@ def _arch(model: nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
         raise LowbitError(f"GGUF export: llama.cpp scales attention by 1/sqrt({head_dim}); this "
                           f"model by {scaling:g}")  # fmt: skip
     if kind in ARCHS:
-        return ARCHS[kind]
+        arch, permute = ARCHS[kind]
+        if experts_of(config) is not None:
+            blocks = find_blocks(model)[1]
+            mixtures = sum(any(isinstance(m, LinearExperts) for m in b.modules()) for b in blocks)
+            check_mixture(config, arch, len(blocks), mixtures)
+        return arch, permute
     why = family_reason(model)
     names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
     if why is None and names & {"q_norm", "k_norm"}:
@@ -125,6 +143,8 @@ def _metadata(writer: gguf.GGUFWriter, config: Any, folder: Path, arch: gguf.MOD
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    if experts_of(config) is not None:
+        mixture_metadata(writer, config)
     window = getattr(config, "sliding_window", None)
     if arch == gguf.MODEL_ARCH.PHI3 and window:  # on every layer, as llama.cpp's converter
         writer.add_sliding_window(window)
@@ -191,11 +211,19 @@ def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, float_type:
     tied = getattr(config, "tie_word_embeddings", False)
     modules = dict(model.named_modules())
     done = set()
+    experts: dict[str, dict[int, tuple]] = {}  # stacked name -> expert -> (data, type)
     for key, tensor in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
         if owner in done or (tied and key == "lm_head.weight"):
             continue
         mod = modules.get(owner)
+        expert = EXPERT.match(owner)
+        if expert is not None:  # stacked with the block's other experts below
+            done.add(owner)
+            part = _quantized(owner, mod, requantize_to) if isinstance(mod, QuantLinear) else (
+                _float(tensor.detach().float(), float_type))  # fmt: skip
+            experts.setdefault(f"{expert[1]}.{expert[3]}", {})[int(expert[2])] = part
+            continue
         gname = names.get_name(f"{owner}.weight" if isinstance(mod, QuantLinear) else key,
                                try_suffixes=(".weight", ".bias"))  # fmt: skip
         if gname is None:
@@ -220,10 +248,19 @@ def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, float_type:
         t = tensor.detach().float()
         if rows_perm is not None:
             t = t[rows_perm]
-        if t.dim() == 1 or float_type == "f32":
-            yield gname, t.numpy(), gguf.GGMLQuantizationType.F32
-        else:
-            yield gname, t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
+        yield gname, *_float(t, "f32" if gname.endswith(ROUTERS) else float_type)
+    for name, parts in experts.items():
+        gname = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
+        if gname is None:
+            raise LowbitError(f"{name}: no llama.cpp tensor name for it")
+        yield gname, *stacked(name, parts)
+
+
+def _float(t: torch.Tensor, float_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A float tensor as written: vectors and ``f32`` in float32, else float16."""
+    if t.dim() == 1 or float_type == "f32":
+        return t.numpy(), gguf.GGMLQuantizationType.F32
+    return t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
 
 
 def _quantized(layer: str, mod: QuantLinear, requantize_to: str | None):
