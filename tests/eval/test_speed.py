@@ -45,17 +45,21 @@ def test_bytes_read_per_token_skip_an_untied_embedding_table(tie):
     assert bench.bytes_read_per_token(model) == (total if tie else total - table)
 
 
-def test_a_decoded_token_reads_only_the_experts_it_is_routed_to():
-    """Mixtral with 8 experts of which 2 run per token: 6/8 of the experts' bytes unread."""
+@pytest.mark.parametrize("linears", [False, True])
+def test_a_decoded_token_reads_only_the_experts_it_is_routed_to(linears):
+    """Mixtral with 8 experts of which 2 run per token: 6/8 of the experts' bytes unread, the
+    experts counted whole whether fused (transformers') or as linear views of those weights."""
     from helpers import tiny_moe
-    from lowbit.models.experts import LinearExperts, experts_to_linears
+    from lowbit.models.experts import experts_to_linears
 
     model = tiny_moe("mixtral", num_local_experts=8, num_experts_per_tok=2)
-    experts_to_linears(model)
-    experts = sum(bench.model_size(m).total_bytes for m in model.modules()
-                  if isinstance(m, LinearExperts))  # fmt: skip
+    held = [*model.parameters(), *model.buffers()]  # untied: nothing shared
+    total = sum(t.numel() * t.element_size() for t in held)
+    experts = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
+    if linears:
+        experts_to_linears(model)
     table = model.get_input_embeddings().weight.numel() * 4
-    total = bench.model_size(model).total_bytes
+    assert bench.model_size(model).total_bytes == total
     assert bench.bytes_read_per_token(model) == total - table - experts * 6 // 8
 
 

@@ -24,6 +24,8 @@ def _mixture(kind: str, **extra):
     configs = {  # Qwen3-MoE at its default expert width: transformers' GGUF reader assumes it
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, head_dim=16, num_experts=4,
                                                num_experts_per_tok=2, norm_topk_prob=True),
+        "olmoe": lambda: tf.OlmoeConfig(**common, intermediate_size=64, num_experts=4,
+                                        num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
         "mixtral": lambda: tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=4,
                                             num_experts_per_tok=2),
     }  # fmt: skip
@@ -86,6 +88,12 @@ def test_mixtures_llama_cpp_would_compute_otherwise_are_a_clear_error(tmp_path, 
     with pytest.raises(LowbitError, match=why):
         export(folder, "gguf", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_an_olmoe_with_grouped_keys_is_a_clear_error(tmp_path):
+    folder, _ = _folder(_mixture("olmoe"), tmp_path)  # 2 key/value heads for 4 heads
+    with pytest.raises(LowbitError, match="olmoe graph normalises the keys over 4 heads"):
+        export(folder, "gguf", tmp_path / "m.gguf")
 
 
 def test_a_block_of_experts_in_two_formats_is_a_clear_error(tmp_path):

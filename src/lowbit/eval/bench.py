@@ -20,7 +20,7 @@ from lowbit.eval.machine import memory_bandwidth_gbs, thread_settings
 from lowbit.eval.memprobe import probe_in_subprocess
 from lowbit.eval.size import model_size
 from lowbit.eval.speed import SpeedResult, measure_speed
-from lowbit.models.experts import LinearExperts
+from lowbit.models.experts import LinearExperts, is_fused_experts
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,21 @@ def speedups(result: BenchResult, ref: BenchResult) -> dict[str, float]:
 
 
 def _unrouted_bytes(model: nn.Module) -> int:
-    """Bytes of the experts a decoded token does not run: (n - k) / n of each block's experts."""
-    k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
-    blocks = [m for m in model.modules() if isinstance(m, LinearExperts)]
-    if not isinstance(k, int) or not blocks:
+    """Bytes of the experts a decoded token does not run: (n - k) / n of each block's experts,
+    as linears (lowbit's) or fused 3-D weights (transformers')."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    k = getattr(config, "num_experts_per_tok", None)
+    if not isinstance(k, int):
         return 0
-    return sum(model_size(b).total_bytes * max(b.num_experts - k, 0) // b.num_experts
-               for b in blocks)  # fmt: skip
+    total = 0
+    for m in model.modules():
+        if isinstance(m, LinearExperts):
+            n, held = m.num_experts, model_size(m).total_bytes
+        elif is_fused_experts(m):
+            n = m.gate_up_proj.shape[0]
+            held = sum(p.numel() * p.element_size() for p in (m.gate_up_proj, m.down_proj))
+        else:
+            continue
+        total += held * max(n - k, 0) // n
+    return total

@@ -54,14 +54,15 @@ def model_size(model: nn.Module) -> SizeReport:
 
 def held_bytes(model: nn.Module, skip: set[int]) -> int:
     """Bytes of the model's parameters and buffers other than those whose ``id`` is in
-    ``skip``, each storage counted once (tied tensors)."""
-    seen: set[int] = set()
+    ``skip``, each tensor counted once (tied tensors are one), views of one storage each by
+    their own size (a mixture's float experts are views of one 3-D weight)."""
+    seen: set[tuple] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:
-        ptr = t.untyped_storage().data_ptr()
-        if id(t) in skip or ptr in seen:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if id(t) in skip or (key in seen and not t.is_meta):
             continue
-        seen.add(ptr)
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 

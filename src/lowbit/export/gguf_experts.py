@@ -4,7 +4,8 @@ converter writes), the routers in float32, and the experts' counts and widths in
 lowbit holds the experts as one linear each (:mod:`lowbit.models.experts`), so their exact
 blocks are encoded one by one and stacked here. Only what llama.cpp's graphs compute is let
 through: every block a mixture, and the top-k weights renormalised as its graph for the
-architecture does (Mixtral and Qwen3-MoE: yes; Qwen2-MoE: no)."""
+architecture does (Mixtral and Qwen3-MoE: yes; Qwen2-MoE and OLMoE: no); OLMoE without grouped
+keys (its graph's key norm spans every head)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 ROUTERS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # kept float32, as llama.cpp's
 # llama.cpp architecture -> whether its graph renormalises the top-k routing weights
 RENORMALISES = {gguf.MODEL_ARCH.LLAMA: True, gguf.MODEL_ARCH.QWEN3MOE: True,
-                gguf.MODEL_ARCH.QWEN2MOE: False}  # fmt: skip
+                gguf.MODEL_ARCH.QWEN2MOE: False, gguf.MODEL_ARCH.OLMOE: False}  # fmt: skip
 
 
 def experts_of(config: Any) -> tuple[int, int] | None:
@@ -37,6 +38,11 @@ def check_mixture(config: Any, arch: gguf.MODEL_ARCH, blocks: int, mixtures: int
     if mixtures != blocks:
         raise LowbitError(f"GGUF export: llama.cpp's {kind} graph makes every block a mixture; "
                           f"this model has {blocks - mixtures} dense blocks")  # fmt: skip
+    heads = config.num_attention_heads
+    if arch == gguf.MODEL_ARCH.OLMOE and getattr(config, "num_key_value_heads", heads) != heads:
+        raise LowbitError(f"GGUF export: llama.cpp's olmoe graph normalises the keys over "
+                          f"{heads} heads; this model has {config.num_key_value_heads} key/value "
+                          f"heads")  # fmt: skip
     renorm = getattr(config, "norm_topk_prob", kind == "mixtral")
     if arch not in RENORMALISES or bool(renorm) != RENORMALISES[arch]:
         raise LowbitError(f"GGUF export: llama.cpp's {kind} graph "

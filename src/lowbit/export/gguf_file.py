@@ -50,6 +50,7 @@ ARCHS = {
     "mixtral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2_moe": (gguf.MODEL_ARCH.QWEN2MOE, False),  # a shared expert and its gate
     "qwen3_moe": (gguf.MODEL_ARCH.QWEN3MOE, False),
+    "olmoe": (gguf.MODEL_ARCH.OLMOE, False),  # q/k norms over all heads: attn_q_norm
 }
 REQUANTIZE = {n: gguf.GGMLQuantizationType[n.upper()] for n in ("q8_0", "q4_0", "q4_1", "f16")}
 
