@@ -265,3 +265,14 @@ def test_phi3_goes_out_with_its_fused_projections(tmp_path, caplog):
         path = export(folder, "gguf", tmp_path / "w.gguf", float_type="f32").path
     assert gguf.GGUFReader(str(path)).fields["phi3.attention.sliding_window"].contents() == 8
     assert "without its sliding window" in caplog.text
+
+
+def test_embedding_rows_past_the_tokenizer_are_padding_tokens(tmp_path):
+    """A model whose embeddings have more rows than its tokenizer has tokens (Qwen2's 151,936
+    for 151,665): llama.cpp counts the vocabulary by the token list, so it is padded."""
+    n = len(make_bpe_tokenizer())
+    folder = _bpe_folder(tiny_family_model("llama", vocab=n + 5), tmp_path / "src")
+    folder, _ = quantized_folder(folder, tmp_path / "q", make_recipe(EXACT["q4_0"][0]))
+    reader, _ = _gguf_tensors(export(folder, "gguf", tmp_path / "m.gguf").path)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == n + 5 and tokens[-5:] == [f"[PAD{i}]" for i in range(5)]

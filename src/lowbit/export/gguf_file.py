@@ -183,6 +183,12 @@ def _tokenizer(writer: gguf.GGUFWriter, folder: Path, source: Path | None, n_voc
     for i, (text, _score, ttype) in enumerate(vocab.all_tokens()):
         tokens.append(text)
         types.append(gguf.TokenType.CONTROL if i in special_ids else ttype)
+    if len(tokens) > n_vocab:
+        raise LowbitError(f"{folder}: the tokenizer has {len(tokens)} tokens, the model's "
+                          f"embeddings {n_vocab} rows")  # fmt: skip
+    for i in range(n_vocab - len(tokens)):  # embedding rows past the tokenizer (Qwen2's, e.g.):
+        tokens.append(f"[PAD{i}]")  # llama.cpp counts the vocabulary by this list
+        types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
