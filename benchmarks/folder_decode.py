@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,17 +27,7 @@ from lowbit.eval import format_table
 from lowbit.eval.machine import EnergyMeter
 from lowbit.eval.speed import random_prompt, timed_run
 from lowbit.runtime import Runtime
-
-
-def llama_cpp_run(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """Prefill, then greedy steps to ``new_tokens`` tokens: (prefill s, decode s)."""
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    first = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        llm.eval([llm.sample(temp=0.0)])
-    return first - start, time.perf_counter() - first
+from torchao_compare import llama_cpp_run  # (this folder: run as a script)
 
 
 def main() -> None:

@@ -203,3 +203,15 @@ def tiny_moe(kind: str, **extra):
         setattr(config, key, value)
     torch.manual_seed(0)
     return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def gguf_reads_back_the_same(path, model):
+    """transformers' GGUF loader reads ``path`` back to ``model``'s logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    x = torch.tensor([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4, rtol=0)

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_bpe_tokenizer, make_recipe, quantized_folder, tiny_family_model
+from helpers import (
+    gguf_reads_back_the_same,
+    make_bpe_tokenizer,
+    make_recipe,
+    quantized_folder,
+    tiny_family_model,
+)
 from lowbit.errors import LowbitError
 from lowbit.export import export
 from lowbit.export.gguf_file import _rotary_rows
@@ -97,20 +103,8 @@ def test_blocks_dequantize_to_lowbit_weights_exactly(bpe_folder, tmp_path, kind)
 
 def test_transformers_reads_the_file_back_with_the_same_logits(bpe_folder, tmp_path):
     folder, model = quantized_folder(bpe_folder, tmp_path / "q", make_recipe(EXACT["q4_1"][0]))
-    _reads_back_the_same(export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path,
+    gguf_reads_back_the_same(export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path,
                          model)  # fmt: skip
-
-
-def _reads_back_the_same(path, model):
-    """transformers' GGUF loader reads ``path`` back to ``model``'s logits."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                dtype=torch.float32).eval()  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    x = torch.tensor([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
-    with torch.no_grad():
-        assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4, rtol=0)
 
 
 def test_off_grid_recipe_is_a_clear_error_unless_requantized(bpe_folder, tmp_path):
@@ -161,7 +155,7 @@ def test_a_family_with_llamas_arithmetic_goes_out_as_llama(tmp_path):
     path = export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path
     reader, _ = _gguf_tensors(path)
     assert reader.fields["general.architecture"].contents() == "llama"
-    _reads_back_the_same(path, model)
+    gguf_reads_back_the_same(path, model)
 
 
 def test_qwen3_records_its_head_size_for_llama_cpp(tmp_path):
@@ -243,7 +237,7 @@ def test_a_sentencepiece_tokenizer_goes_out_as_llamas(tmp_path):
     back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in ("the quick brown fox", "héllo wörld ✓ 42", "glittersnine"):
         assert back(text)["input_ids"] == tok(text)["input_ids"]
-    _reads_back_the_same(path, model)
+    gguf_reads_back_the_same(path, model)
 
 
 def test_phi3_goes_out_with_its_fused_projections(tmp_path, caplog):
@@ -258,7 +252,7 @@ def test_phi3_goes_out_with_its_fused_projections(tmp_path, caplog):
     reader, tensors = _gguf_tensors(path)
     assert reader.fields["general.architecture"].contents() == "phi3"
     assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(tensors)
-    _reads_back_the_same(path, model)
+    gguf_reads_back_the_same(path, model)
     model.config.sliding_window = 8
     model.config.save_pretrained(folder)
     with caplog.at_level("WARNING"):

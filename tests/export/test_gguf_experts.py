@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_bpe_tokenizer, make_recipe, quantized_folder
+from helpers import gguf_reads_back_the_same, make_bpe_tokenizer, make_recipe, quantized_folder
 from lowbit.errors import LowbitError
 from lowbit.export import export
 
@@ -66,16 +66,9 @@ def test_experts_are_stacked_in_their_exact_blocks(tmp_path):
 
 
 def test_transformers_reads_a_qwen3_mixture_back_with_the_same_logits(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, model = _folder(_mixture("qwen3_moe"), tmp_path)
-    path = export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path
-    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                dtype=torch.float32).eval()  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    x = torch.tensor([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
-    with torch.no_grad():
-        assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4, rtol=0)
+    gguf_reads_back_the_same(export(folder, "gguf", tmp_path / "m.gguf", float_type="f32").path,
+                             model)  # fmt: skip
 
 
 @pytest.mark.parametrize(
