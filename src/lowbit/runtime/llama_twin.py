@@ -1,7 +1,8 @@
 """Whether the compact forward (:class:`lowbit.runtime.llama.LlamaForward`) computes what a
 decoder of a family it does not name computes: checked once per model on a tiny random twin
 (:mod:`lowbit.models.twin`: the model's own transformers class and config at width
-64, float64), whose logits from the compact forward must equal its own forward's.
+64, float64), whose logits from the compact forward (a prompt, then two decode steps, which
+run other code) must equal its own forward's.
 
 Many decoders are Llama's arithmetic under another name (InternLM3, Helium, EXAONE, Seed-OSS
 and the like): they get the compact loop's speed. One that adds anything (Granite's
@@ -58,10 +59,13 @@ def family_reason(model: nn.Module) -> str | None:
     try:
         twin = tiny_twin(model)
         experts_to_linears(twin)  # a mixture's experts as the model holds them
-        expected = twin_logits(twin)
-        forward = LlamaForward(twin)
-        with torch.no_grad():
-            got = forward(twin_ids(), forward.new_cache(2, 12), all_logits=True)
+        expected = twin_logits(twin)  # (2, 12, vocab)
+        forward, ids = LlamaForward(twin), twin_ids()
+        with torch.no_grad():  # a prompt of 10, then 2 decode steps (each path its own code)
+            cache = forward.new_cache(2, 12)
+            got = [forward(ids[:, :10], cache, all_logits=True)]
+            got += [forward(ids[:, i : i + 1], cache).unsqueeze(1) for i in (10, 11)]
+            got = torch.cat(got, dim=1)
     except Exception as exc:  # whatever fails, the model keeps its own forward
         return (f"model type {kind!r}: the compact forward could not be checked on a small "
                 f"model of it ({exc})")  # fmt: skip
