@@ -1,5 +1,5 @@
 """Rotations folded into the weights leave the float model's outputs unchanged, in memory and
-when a checkpoint is streamed through :class:`RotatedSource`."""
+when a checkpoint is streamed through :class:`lowbit.models.rotate_source.RotatedSource`."""
 
 from __future__ import annotations
 

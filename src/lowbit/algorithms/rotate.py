@@ -75,8 +75,8 @@ def orthogonal(n: int, options: RotateOptions, fast: bool = False) -> Tensor:
     """An (n, n) float64 orthogonal matrix of the kind ``options`` asks for; ``fast``: the
     Hadamard matrix that the online transform computes (:func:`online_matrix`, with the same
     column signs), for a stream that is also turned at run time (kind hadamard only)."""
-    g = torch.Generator().manual_seed(options.seed * 1_000_003 + n)
     if options.kind == "random" or (options.kind == "learned" and not has_hadamard(n)):
+        g = torch.Generator().manual_seed(options.seed * 1_000_003 + n)
         q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-distributed
     h = online_matrix(n) if fast else hadamard(n, torch.float64)

@@ -64,11 +64,6 @@ def export(
     if (manifest.get("source") or {}).get("kind") == "image":
         return _export_image(folder, manifest, fmt, out, overwrite)
     rotate = (manifest.get("recipe") or {}).get("rotate")
-    if rotate is not None and _turns_post_norms(folder):
-        raise LowbitError(f"{folder} turns its post-norms' outputs at run time (a rotation of "
-                          f"a model that normalises its sub-blocks' outputs); {fmt} files "
-                          f"cannot hold that transform: quantize it without rotate to "
-                          f"export it")  # fmt: skip
     online = (rotate or {}).get("online")
     if online and fmt != "onnx":  # ONNX graphs hold the transform as plain ops
         raise LowbitError(f"{folder} turns the inputs of {', '.join(online)} at run time "
@@ -78,6 +73,11 @@ def export(
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")
     model, _ = load_folder(folder)
+    if rotate is not None and _turns_post_norms(model):
+        raise LowbitError(f"{folder} turns its post-norms' outputs at run time (a rotation of "
+                          f"a model that normalises its sub-blocks' outputs); {fmt} files "
+                          f"cannot hold that transform: quantize it without rotate to "
+                          f"export it")  # fmt: skip
     if fmt in ("onnx", "litert") and any(isinstance(m, LinearExperts) for m in model.modules()):
         raise LowbitError(f"{folder} is a mixture of experts, whose routing picks the weights "
                           f"each token reads: lowbit's {fmt} graphs do not hold that; export "
@@ -165,12 +165,10 @@ def _source_gguf(manifest: dict) -> Path | None:
     return None
 
 
-def _turns_post_norms(folder: Path) -> bool:
-    """Whether a rotated folder's model turns its post-norms' outputs at run time (its blocks
-    normalise their sub-blocks' outputs: :func:`lowbit.models.rotate.install_online_rotations`),
-    decided from its config on the meta device, before any weight is read."""
+def _turns_post_norms(model) -> bool:
+    """Whether a rotated model turns its post-norms' outputs at run time (its blocks normalise
+    their sub-blocks' outputs: :func:`lowbit.models.rotate.install_online_rotations`)."""
     from lowbit.models.families import find_blocks
     from lowbit.models.rotate_fit import norm_layout
-    from lowbit.models.source import skeleton
 
-    return bool(norm_layout(find_blocks(skeleton(folder))[1][0])[1])
+    return bool(norm_layout(find_blocks(model)[1][0])[1])

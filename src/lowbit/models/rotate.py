@@ -3,7 +3,8 @@
 A :class:`Rotator` maps each tensor name to its rotated value, computed from the float
 tensors it depends on (a linear and the norm folded into it), so the same rule serves a model
 in memory (:func:`rotate_model`) and a checkpoint streamed block by block
-(:class:`RotatedSource`, which the streaming runner reads like any source). The output head
+(:class:`lowbit.models.rotate_source.RotatedSource`, which the streaming runner reads
+like any source). The output head
 of a tied model becomes its own tensor: it absorbs the final norm, the embedding does not.
 Decoders that also normalise their sub-blocks' outputs (Gemma 2/3, GLM-4, OLMo 2) keep those
 norms and turn their outputs at run time (:func:`install_online_rotations`); a mixture's
@@ -43,7 +44,7 @@ from lowbit.models.rotate_fit import (
     name_of,
     norm_layout,
 )
-from lowbit.models.source import TensorSource, tied_names
+from lowbit.models.source import tied_names
 from lowbit.models.twin import tiny_twin, twin_logits
 from lowbit.nn.online import install_online, install_stream
 from lowbit.primitives.hadamard import has_hadamard, online_block, online_matrix
@@ -374,34 +375,6 @@ def _apply(model: nn.Module, rotator: Rotator, options: RotateOptions) -> None:
         module = model.get_submodule(module_name)
         old = getattr(module, attr)
         setattr(module, attr, nn.Parameter(value.to(old.dtype), requires_grad=False))
-
-
-class RotatedSource(TensorSource):
-    """A checkpoint read through a rotation: the tensors it changes are computed on reading
-    (float32), the others read as stored; a tied head appears as its own tensor."""
-
-    def __init__(self, base: TensorSource, rotator: Rotator) -> None:
-        self.base, self.rotator = base, rotator
-        self.folder, self.weight_map = base.folder, base.weight_map
-        self.entries = dict(base.entries)
-        for name, source in rotator.aliases.items():
-            self.entries[name] = base.entries[source]
-
-    def load(self, name: str, dtype: torch.dtype | None = torch.float32) -> Tensor:
-        if name not in self.rotator.ops:
-            return self.base.load(name, dtype)
-        t = self.rotator.tensor(name, self._as_linear)
-        if name in self.rotator.stored_t:  # back to the checkpoint's (in, out)
-            t = t.T.contiguous()
-        return t if dtype is None else t.to(dtype)
-
-    def _as_linear(self, name: str) -> Tensor:
-        """A tensor as the rotation reads it: (out, in) weights, whatever the checkpoint."""
-        t = self.base.load(name)
-        return t.T if name in self.rotator.stored_t else t
-
-    def item(self, name: str) -> Tensor | object:
-        return self.load(name).contiguous() if name in self.rotator.ops else self.base.item(name)
 
 
 def _stored_transposed(model: nn.Module) -> set[str]:

@@ -26,12 +26,12 @@ from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.rotate import (
-    RotatedSource,
     Rotator,
     fitted_rotation,
     install_online_rotations,
     untie_head,
 )
+from lowbit.models.rotate_source import RotatedSource
 from lowbit.models.source import TensorSource, skeleton
 from lowbit.models.workdir import WorkFolder
 from lowbit.pipeline.manifest import build_manifest

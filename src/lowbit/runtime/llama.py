@@ -28,8 +28,15 @@ from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rope
 from lowbit.kernels.kv_attention import decode_attention_codes
 from lowbit.models.experts import LinearExperts
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
-from lowbit.nn.online import online_transform
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
+from lowbit.runtime.layer_calls import (
+    Native,
+    direct,
+    direct_group,
+    joint,
+    online_call,
+    prompt_call,
+)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # Phi-3: fused q/k/v and gate/up
 
@@ -70,170 +77,15 @@ class _Layer:
     qkv: Callable[[Tensor], Tensor]  # (..., C) -> (..., (H + 2·Hkv)·D)
     q_norm: nn.Module | None
     k_norm: nn.Module | None
-    o_proj: Callable[[Tensor], Tensor]  # the module, or _prompt's call
+    o_proj: Callable[[Tensor], Tensor]  # the module, or prompt_call's call
     norm2: nn.Module
     gate_up: Callable[[Tensor], Tensor]  # (..., C) -> (..., 2·I)
     act: Callable[[Tensor], Tensor] | None  # None: SiLU (the fused silu_mul)
     down: Callable[[Tensor], Tensor]
     key_center: Tensor | None = None  # (Hkv, D) subtracted before the cache (center_keys)
-    fast: tuple = ()  # decode: (qkv, o_proj, gate_up, down) on 2-D inputs, see _direct
+    fast: tuple = ()  # decode: (qkv, o_proj, gate_up, down) on 2-D inputs, see direct
     moe: Callable[[Tensor], Tensor] | None = None  # a mixture's MLP, in place of gate_up/down
     whole: tuple[nn.Module, nn.Module] | None = None  # q/k norms over all heads (OLMoE's)
-
-
-def _online(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """:func:`_direct`, after the online rotation of the layer's input when it has one and the
-    call is the native op (which skips the module's hooks; calling the module runs them)."""
-    direct, online = _direct(module), online_transform(module)
-    return direct if online is None or direct is module else lambda x: direct(online.apply(x))
-
-
-class _Native:
-    """A layer's decode call on the native ops: ``parts`` side by side, each ``(kind, group,
-    bits, tensors)``: float weights (kind 0, ``(w,)``), affine codes (kind 1, ``(codes,
-    scale, offset)``, 4-bit layers' inputs rounded to int8, 8-bit layers' float at every
-    batch size) or W8A8 codes (kind 2, ``(panels or codes, scale)``, inputs rounded per row).
-    Callable on a (B, C) input, and what the one-call step (``lowbit_cpu::decode_step``,
-    :attr:`LlamaForward._step`) reads."""
-
-    def __init__(self, parts: list[tuple[int, int, int, tuple[Tensor, ...]]]) -> None:
-        self.parts = parts
-        self.calls = [self._call(*part) for part in parts]
-
-    @staticmethod
-    def _call(kind: int, group: int, bits: int, ts: tuple[Tensor, ...]) -> Callable:
-        ops = torch.ops.lowbit_cpu
-        if kind == 0:
-            return functools.partial(ops.float_linear, w=ts[0])
-        if kind == 2:
-            op = ops.int8_linear if ts[0].dim() == 3 else ops.int8_linear_mm
-            return lambda x: op(x, *ts)
-        # act8 for 4-bit codes only: past 32 rows (a batch too big for the one-call step)
-        # 8-bit codes would take the prompts' int8 GEMM
-        return lambda x: ops.affine_linear(x, *ts, group, bits, bits == 4)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if len(self.calls) == 1:
-            return self.calls[0](x)
-        return torch.cat([call(x) for call in self.calls], dim=-1)
-
-
-def _direct(module: nn.Module | Callable, aw=None) -> Callable[[Tensor], Tensor]:
-    """The cheapest call of a layer on a (B, C) decode input: a :class:`_Native` of the affine
-    or W8A8 op itself for kernel layers that need no padding and no bias (Python checks and
-    reshapes cost as much as a small layer's arithmetic at decode) or of the native float
-    GEMV for plain float32 linear layers without bias or hooks (torch's read float32 weights
-    at a third of the read bandwidth on some CPUs: see csrc/float_gemv.cpp), else the module.
-    ``aw``: the weight of a joint call (an ``AffineWeight`` or an ``Int8Weight``)."""
-    from lowbit.kernels.int8 import Int8Weight
-    from lowbit.nn.kernel_linear import AffineKernelLinear, Int8KernelLinear
-
-    if _plain_float(module):
-        return _Native([(0, 0, 0, (module.weight.detach(),))])
-    if isinstance(module, Int8KernelLinear) and module.shared is None and module.bias is None:
-        aw = module.weight_int8
-    if isinstance(aw, Int8Weight):
-        held = aw.panels if aw.panels is not None else aw.codes if aw.mm else None
-        return module if held is None else _Native([(2, 0, 8, (held, aw.scale))])
-    plain = isinstance(module, AffineKernelLinear) and module.shared is None and module.bias is None
-    if aw is None and plain:
-        from lowbit.kernels.affine import AffineWeight
-
-        aw = AffineWeight(module.w, module.scale, module.offset, module.group, module.bits,
-                          module.in_features)  # fmt: skip
-    if aw is None or aw.padded_in != aw.in_features:
-        return module  # (or the joint call the caller passed)
-    return _Native([(1, aw.group, aw.bits, (aw.w, aw.scale, aw.offset))])
-
-
-def _plain_float(module: nn.Module | Callable) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` with a contiguous float32 weight, no bias or hooks."""
-    return (
-        type(module) is nn.Linear
-        and module.bias is None
-        and module.weight.dtype == torch.float32
-        and module.weight.is_contiguous()
-        and not (module._forward_hooks or module._forward_pre_hooks)
-    )
-
-
-def _prompt(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A layer on (B, T, C) inputs in the loop: a 4- or 8-bit kernel layer quantizes a
-    prompt's inputs to int8 per block of 32 (the integer GEMM; llama.cpp's prompt arithmetic,
-    and that of a 4-bit layer's decode steps), where the module itself keeps float inputs for
-    evaluation windows; other layers are their module."""
-    from lowbit.nn.kernel_linear import AffineKernelLinear
-
-    if not isinstance(module, AffineKernelLinear) or module.shared is not None:
-        return module
-    from lowbit.kernels.affine import AffineWeight, affine_linear
-
-    aw = AffineWeight(module.w, module.scale, module.offset, module.group, module.bits,
-                      module.in_features)  # fmt: skip
-    online, bias = online_transform(module), module.bias
-
-    def call(x: Tensor) -> Tensor:
-        y = affine_linear(x if online is None else online.apply(x), aw, act8=_act8(aw.bits, x))
-        return y if bias is None else y + bias
-
-    return call
-
-
-def _act8(bits: int, x: Tensor) -> bool:
-    """Whether the loop rounds a kernel layer's inputs ``x`` to int8: a 4-bit layer's always
-    (its decode arithmetic too), an 8-bit layer's on a prompt's (B, T > 1, C) only: its decode
-    rows, (B, C) or (B, 1, C), keep float inputs at any batch size."""
-    return bits == 4 or (x.dim() == 3 and x.shape[1] > 1)
-
-
-def _joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
-    """x -> the modules' outputs side by side; one kernel call when they share a fused weight
-    (on int8 inputs, as :func:`_prompt`)."""
-    if len(modules) == 1:  # a fused weight of the checkpoint's own (Phi-3's qkv_proj)
-        return _prompt(modules[0])
-    shared = _shared(modules)
-    if shared is None:
-        calls = [_prompt(m) for m in modules]
-        return lambda x: torch.cat([c(x) for c in calls], dim=-1)
-    from lowbit.kernels.affine import AffineWeight, affine_linear
-
-    aw = shared.weight
-    if isinstance(aw, AffineWeight):
-
-        def call(x: Tensor) -> Tensor:
-            return affine_linear(x, aw, act8=_act8(aw.bits, x))
-
-    else:
-        call = shared  # W8A8: per-token int8 inputs at every size already
-
-    sizes = [m.rows[1] - m.rows[0] for m in modules]
-    biases = [m.bias for m in modules]
-    if all(b is None for b in biases):
-        return call
-    bias = torch.cat([torch.zeros(n) if b is None else b.detach()
-                      for b, n in zip(biases, sizes, strict=True)])  # fmt: skip
-    return lambda x: call(x) + bias
-
-
-def _direct_group(modules: list[nn.Module], joint: Callable) -> Callable[[Tensor], Tensor]:
-    """:func:`_direct` for layers that run as one fused call (no biases) or are all plain float
-    layers (one native call each), else ``joint``."""
-    if len(modules) == 1:
-        return _direct(modules[0])
-    if all(_plain_float(m) for m in modules):
-        return _Native([part for m in modules for part in _direct(m).parts])
-    shared = _shared(modules)
-    if shared is None or any(m.bias is not None for m in modules):
-        return joint
-    return _direct(joint, shared.weight)
-
-
-def _shared(modules: list[nn.Module]):
-    """The fused weight ``modules`` share (:mod:`lowbit.nn.shared_input`), or None."""
-    shared = getattr(modules[0], "shared", None)
-    if shared is None or any(getattr(m, "shared", None) is not shared for m in modules):
-        return None
-    return shared
 
 
 def _eps(norm: nn.Module) -> float:
@@ -259,7 +111,7 @@ class LlamaForward:
         for layer in self.layers:  # q/k norms over all heads at once: applied before RoPE
             if layer.q_norm is not None and layer.q_norm.weight.numel() != self.head_dim:
                 layer.whole, layer.q_norm, layer.k_norm = (layer.q_norm, layer.k_norm), None, None
-        self.fast_head = _online(self.head) if native else self.head
+        self.fast_head = online_call(self.head) if native else self.head
         self.scaling = inner.layers[0].self_attn.scaling
         self.cos = self.sin = torch.empty(0, self.head_dim)  # (T, D), grown by new_cache
         # rounded attention inputs (lowbit.nn.attention): a quantized cache, rotated heads
@@ -281,27 +133,28 @@ class LlamaForward:
         )
         if is_mixture(mlp):  # the model's own mixture block: router, experts, shared expert
             layer = _Layer(
-                block.input_layernorm, _joint(qkv), getattr(attn, "q_norm", None),
-                getattr(attn, "k_norm", None), _prompt(attn.o_proj), block.post_attention_layernorm,
-                None, None, None, moe=functools.partial(_mixture, mlp),
+                block.input_layernorm, joint(qkv), getattr(attn, "q_norm", None),
+                getattr(attn, "k_norm", None), prompt_call(attn.o_proj),
+                block.post_attention_layernorm, None, None, None,
+                moe=functools.partial(_mixture, mlp),
             )  # fmt: skip
-            direct = (_direct_group(qkv, layer.qkv), _direct(attn.o_proj)) if native else None
-            layer.fast = (*(direct or (layer.qkv, layer.o_proj)), None, None)
+            fast = (direct_group(qkv, layer.qkv), direct(attn.o_proj)) if native else None
+            layer.fast = (*(fast or (layer.qkv, layer.o_proj)), None, None)
             return layer
         gate_up = (
             [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
         )
         layer = _Layer(
-            block.input_layernorm, _joint(qkv), getattr(attn, "q_norm", None),
-            getattr(attn, "k_norm", None), _prompt(attn.o_proj), block.post_attention_layernorm,
-            _joint(gate_up), None if silu else getattr(mlp, "act_fn", None) or mlp.activation_fn,
-            _prompt(mlp.down_proj),
+            block.input_layernorm, joint(qkv), getattr(attn, "q_norm", None),
+            getattr(attn, "k_norm", None), prompt_call(attn.o_proj), block.post_attention_layernorm,
+            joint(gate_up), None if silu else getattr(mlp, "act_fn", None) or mlp.activation_fn,
+            prompt_call(mlp.down_proj),
         )  # fmt: skip
         layer.fast = (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
         if native:
-            fast_qkv, fast_gu = (_direct_group(ms, joint) for ms, joint in
+            fast_qkv, fast_gu = (direct_group(ms, joint) for ms, joint in
                                  ((qkv, layer.qkv), (gate_up, layer.gate_up)))  # fmt: skip
-            layer.fast = (fast_qkv, _direct(attn.o_proj), fast_gu, _online(mlp.down_proj))
+            layer.fast = (fast_qkv, direct(attn.o_proj), fast_gu, online_call(mlp.down_proj))
         return layer
 
     def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
@@ -449,7 +302,7 @@ class LlamaForward:
             return None
         if any(layer.act or layer.moe or layer.whole for layer in self.layers):
             return None
-        if not all(isinstance(call, _Native) for layer in self.layers for call in layer.fast):
+        if not all(isinstance(call, Native) for layer in self.layers for call in layer.fast):
             return None
         weights, layout, norms, eps = [], [], [], []
         for layer, (qn, kn, e, w2, e2, w_next, e_next) in self._plan:
