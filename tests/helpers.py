@@ -6,6 +6,8 @@ import string
 
 import torch
 
+from lowbit.kernels.affine import AffineWeight, to_affine
+
 TEXT = (
     "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
     "all that glitters is not gold . the early bird catches the worm . "
@@ -215,3 +217,22 @@ def gguf_reads_back_the_same(path, model):
     x = torch.tensor([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(back(x).logits, model(x).logits, atol=1e-4, rtol=0)
+
+
+def random_affine(
+    n: int, k: int, group: int, bits: int, seed: int = 0, params: str = "f32"
+) -> AffineWeight:
+    """Random kernel weights: random codes and params, ``f32`` ones float16 cannot hold (the
+    kernel keeps float32), ``f16`` ones it holds exactly (kept in float16), ``sym`` a
+    symmetric grid (no offsets)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    groups = k // group if group != -1 else 1
+    scale = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
+    offset = torch.randn(n, groups, generator=g) * 0.05
+    if params in ("f16", "sym"):
+        scale, offset = scale.half().float(), offset.half().float()
+    if params == "sym":
+        offset = -(2 ** (bits - 1)) * scale
+    block = (1, group if group != -1 else k)
+    return to_affine(codes, scale, offset, block, bits)

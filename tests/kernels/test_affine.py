@@ -3,26 +3,9 @@
 import pytest
 import torch
 
+from helpers import random_affine
 from lowbit.kernels import affine, int8
 from lowbit.kernels.build import native_ops
-
-
-def random_affine(
-    n: int, k: int, group: int, bits: int, seed: int = 0, params: str = "f32"
-) -> affine.AffineWeight:
-    """Random codes and params: ``f32`` ones float16 cannot hold (the kernel keeps float32),
-    ``f16`` ones it holds exactly (kept in float16), ``sym`` a symmetric grid (no offsets)."""
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
-    groups = k // group if group != -1 else 1
-    scale = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
-    offset = torch.randn(n, groups, generator=g) * 0.05
-    if params in ("f16", "sym"):
-        scale, offset = scale.half().float(), offset.half().float()
-    if params == "sym":
-        offset = -(2 ** (bits - 1)) * scale
-    block = (1, group if group != -1 else k)
-    return affine.to_affine(codes, scale, offset, block, bits)
 
 
 @pytest.mark.parametrize("k", [32, 64, 96, 128])  # whole chunks of 64, and a last half chunk

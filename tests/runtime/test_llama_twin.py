@@ -118,6 +118,43 @@ def test_a_mixture_runs_compact_with_its_own_mixture_block(kind):
     _runs_compact_as_its_own(model, seed=2)
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "olmoe"])
+def test_a_quantized_mixture_decodes_its_experts_in_two_calls(kind, monkeypatch):
+    """4-bit experts on the compact loop: a decoded token's gate/up and down projections are
+    two native calls per block (torch's ops on one thread meanwhile), with the logits of the
+    per-expert loop to the bit."""
+    from helpers import decode_steps, tiny_moe
+    from lowbit import api
+    from lowbit.kernels.build import native_ops
+    from lowbit.models import experts
+    from lowbit.models.kernels import use_kernels
+    from lowbit.nn import kernel_experts
+    from lowbit.runtime.llama import LlamaForward, pooled_mixture
+
+    if not native_ops():
+        pytest.skip("native kernels unavailable here")
+    model = tiny_moe(kind)
+    experts.experts_to_linears(model)
+    assert not pooled_mixture(model.model.layers[0].mlp)  # float experts: torch's threads
+    api.quantize(model, "w4-sym-g32", progress=False)
+    use_kernels(model)
+    assert pooled_mixture(model.model.layers[0].mlp)
+    threads, real = [], kernel_experts.affine_experts
+    monkeypatch.setattr(kernel_experts, "affine_experts",
+                        lambda *a: threads.append(torch.get_num_threads()) or real(*a))  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    prompt, follow = (
+        torch.randint(0, 64, (1, 9), generator=g),
+        torch.randint(0, 64, (1, 5), generator=g),
+    )
+    with torch.inference_mode():
+        fused, _ = decode_steps(LlamaForward(model), prompt, follow)
+        assert len(threads) == 2 * 2 * 5 and set(threads) == {1}  # 2 blocks, 5 decoded tokens
+        monkeypatch.setattr(experts, "one_token_experts", lambda *a: None)
+        looped, _ = decode_steps(LlamaForward(model), prompt, follow)
+    assert len(threads) == 20 and torch.equal(fused, looped)
+
+
 def test_a_latent_attention_or_clipped_qkv_keeps_the_models_own_forward():
     from helpers import tiny_moe
     from lowbit.models.experts import experts_to_linears

@@ -219,3 +219,50 @@ def affine_linear(x: Tensor, aw: AffineWeight, act8: bool | None = None) -> Tens
         x2 = F.pad(x2, (0, aw.padded_in - aw.in_features))
     y = torch.ops.lowbit_cpu.affine_linear(x2, aw.w, aw.scale, aw.offset, aw.group, aw.bits, act8)
     return y.reshape(*lead, y.shape[-1])
+
+
+def experts_fit(aws: list[AffineWeight], in_features: int) -> bool:
+    """Whether :func:`affine_experts` takes these weights: at least one, 4-bit codes on whole
+    runs (no padding), one shape, group, params dtype and offset layout, ``in_features``
+    wide."""
+    first = aws[0] if aws else None
+    return first is not None and all(
+        aw.bits == 4
+        and aw.w.shape == first.w.shape
+        and aw.group == first.group
+        and aw.in_features == aw.padded_in == in_features
+        and aw.scale.dtype == first.scale.dtype
+        and bool(aw.offset.numel()) == bool(first.offset.numel())
+        for aw in aws
+    )
+
+
+def affine_experts_reference(x: Tensor, aws: list[AffineWeight], route: Tensor | None) -> Tensor:
+    """What :func:`affine_experts` computes, one :func:`affine_linear` per matrix (on int8
+    inputs, as decode rows are), the routed sum added in order."""
+    ys = [affine_linear(x[0 if x.shape[0] == 1 else e][None], aw, True) for e, aw in enumerate(aws)]
+    if route is None:
+        return torch.cat(ys)
+    out = torch.zeros_like(ys[0])
+    for e, y in enumerate(ys):
+        out += y * route[e]
+    return out
+
+
+def affine_experts(x: Tensor, aws: list[AffineWeight], route: Tensor | None = None) -> Tensor:
+    """Several 4-bit matrices of one shape on decode rows, in one native call
+    (``csrc/affine_experts.cpp``: a token's experts, as llama.cpp's ``mul_mat_id``): x (1, K)
+    for every matrix or (E, K), row e for matrix e; returns their (E, N) outputs, or with
+    ``route`` (E weights) the (1, N) sum of ``route[e]·y_e`` added in order. Equal to the bit to
+    one :func:`affine_linear` per matrix on int8 inputs; the weights must pass
+    :func:`experts_fit`."""
+    if x.dim() != 2 or not experts_fit(aws, x.shape[1]):
+        raise ValueError("affine_experts: no weights, or weights of other shapes or layouts")
+    if x.shape[0] not in (1, len(aws)) or (route is not None and route.shape != (len(aws),)):
+        raise ValueError("affine_experts: x needs 1 or E rows and route E weights")
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and native_ops()):
+        return affine_experts_reference(x, aws, route)
+    op = torch.ops.lowbit_cpu.affine_experts
+    empty = x.new_empty(0)
+    return op(x, [aw.w for aw in aws], [aw.scale for aw in aws], [aw.offset for aw in aws],
+              aws[0].group, 4, empty if route is None else route.float())  # fmt: skip

@@ -29,6 +29,7 @@ NAMES = (
     "affine_gemv.cpp",
     "affine_q8.cpp",
     "affine_q8_gemm.cpp",
+    "affine_experts.cpp",
     "float_gemv.cpp",
     "decode_ops.cpp",
     "decode_codes.cpp",

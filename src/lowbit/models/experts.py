@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.twin import tiny_twin, twin_logits
+from lowbit.nn.kernel_experts import one_token_experts
 
 TOLERANCE = 1e-9  # relative max error of the float64 twin's logits (the same products)
 # modules whose weights lowbit quantizes, or keeps whole (an embedding)
@@ -89,13 +90,19 @@ class LinearExperts(nn.Module):
     def _one_token(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """``forward`` for one token without the masks: its (expert, slot) pairs in ascending
         order, the order in which the loop above adds them (so the sum is bit-identical), the
-        dropped index n skipped as there."""
+        dropped index n skipped as there. 4-bit kernel experts take two native calls
+        (:func:`lowbit.nn.kernel_experts.one_token_experts`, the same sum to the bit)."""
+        picked = sorted((e, k) for k, e in enumerate(top_k_index[0].tolist()))
+        picked = [(e, k) for e, k in picked if e != self.num_experts]
+        experts = [self._modules[str(e)] for e, _ in picked]
+        if picked and all(type(e) is ExpertMLP for e in experts):  # (their forward, vouched)
+            route = top_k_weights[0, [k for _, k in picked]]
+            fused = one_token_experts(experts, x, route)
+            if fused is not None:
+                return fused
         out = torch.zeros_like(x)
-        for index, slot in sorted((e, k) for k, e in enumerate(top_k_index[0].tolist())):
-            if index == self.num_experts:
-                continue
-            y = self._modules[str(index)](x)
-            out += (y * top_k_weights[:, slot, None]).to(out.dtype)
+        for expert, (_, slot) in zip(experts, picked, strict=True):
+            out += (expert(x) * top_k_weights[:, slot, None]).to(out.dtype)
         return out
 
 

@@ -26,8 +26,11 @@ from lowbit.kernels import decode as decode_ops
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rope_qk, silu_mul
 from lowbit.kernels.kv_attention import decode_attention_codes
-from lowbit.models.experts import LinearExperts
+from lowbit.kernels.threads import torch_ops_on_one_thread
+from lowbit.models.experts import LinearExperts, RouterLinear
+from lowbit.nn import QuantLinear
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
+from lowbit.nn.kernel_linear import AffineKernelLinear, HalfKernelLinear
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 from lowbit.runtime.layer_calls import (
     Native,
@@ -136,7 +139,7 @@ class LlamaForward:
                 block.input_layernorm, joint(qkv), getattr(attn, "q_norm", None),
                 getattr(attn, "k_norm", None), prompt_call(attn.o_proj),
                 block.post_attention_layernorm, None, None, None,
-                moe=functools.partial(_mixture, mlp),
+                moe=functools.partial(_mixture, mlp, pooled_mixture(mlp)),
             )  # fmt: skip
             fast = (direct_group(qkv, layer.qkv), direct(attn.o_proj)) if native else None
             layer.fast = (*(fast or (layer.qkv, layer.o_proj)), None, None)
@@ -340,7 +343,26 @@ def is_mixture(mlp: nn.Module) -> bool:
     return any(isinstance(m, LinearExperts) for m in mlp.modules())
 
 
-def _mixture(mlp: nn.Module, h: Tensor) -> Tensor:
-    """The mixture block on (..., C): transformers' blocks take (B, T, C)."""
-    out = mlp(h.reshape(-1, 1, h.shape[-1]) if h.dim() == 2 else h)
-    return out.reshape(h.shape)
+def pooled_mixture(mlp: nn.Module) -> bool:
+    """Whether every layer of a mixture block, its routers aside, runs on lowbit's pooled
+    kernels (4/8-bit affine or 16-bit float kernel layers): then nothing in its decode step
+    needs torch's threads."""
+    for m in mlp.modules():
+        if isinstance(m, (RouterLinear, AffineKernelLinear, HalfKernelLinear)):
+            continue
+        if isinstance(m, (nn.Linear, QuantLinear)) or hasattr(m, "storage_tensors"):
+            return False
+    return True
+
+
+def _mixture(mlp: nn.Module, pooled: bool, h: Tensor) -> Tensor:
+    """The mixture block on (..., C): transformers' blocks take (B, T, C). At decode ((B, C))
+    of a ``pooled`` block, the block's torch ops (its router) run on one thread and its
+    layers' kernels on the pool: OpenMP's spinning threads would take the pool's cores
+    (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`)."""
+    if h.dim() != 2:
+        return mlp(h).reshape(h.shape)
+    if not pooled:
+        return mlp(h.reshape(-1, 1, h.shape[-1])).reshape(h.shape)
+    with torch_ops_on_one_thread():
+        return mlp(h.reshape(-1, 1, h.shape[-1])).reshape(h.shape)

@@ -311,6 +311,12 @@ at::Tensor gemm_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 
 }  // namespace
 
+void lowbit_kernels::check_affine(const at::Tensor& x, const at::Tensor& w,
+                                  const at::Tensor& scale, const at::Tensor& offset,
+                                  int64_t group, int64_t bits) {
+  check(x, w, scale, offset, group, bits);
+}
+
 template <typename P>
 at::Tensor affine_linear_as(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                             const at::Tensor& offset, int64_t group, int64_t bits, bool act8) {
@@ -401,9 +407,20 @@ std::string kernel_isa() {
 // threads never sleep (pool.h, openmp_spins).
 std::string decode_threads() { return lowbit_kernels::openmp_spins() ? "openmp" : "spin pool"; }
 
+// Sets the pool's thread count for this thread's calls apart from torch's (0: follow torch's);
+// returns the previous.
+int64_t set_kernel_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0, "lowbit::set_kernel_threads: a count of at least 0");
+  int& held = lowbit_kernels::kernel_threads();  // (this thread's)
+  const int64_t before = held;
+  held = static_cast<int>(threads);
+  return before;
+}
+
 TORCH_LIBRARY(lowbit_cpu, m) {
   m.def("kernel_isa() -> str", &kernel_isa);
   m.def("decode_threads() -> str", &decode_threads);
+  m.def("set_kernel_threads(int threads) -> int", &set_kernel_threads);
   m.def(
       "affine_linear(Tensor x, Tensor w, Tensor scale, Tensor offset, int group, int bits, "
       "bool act8) -> Tensor");

@@ -487,16 +487,12 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
   return a;
 }
 
-template <typename P>
-at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                   const at::Tensor& offset, int64_t group) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
+Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, bool offsets)
+    : M(x.size(0)), K(x.size(1)), group(group), C(K / 64), offsets(offsets),
+      wide(use_avx512() && C > 0),
+      row1(M == 1 && group == 32 && C > 0), use_u(!wide || offsets),
+      a(quantize_act8(x, group, false, !wide)) {
   const int64_t RB = K / 32;  // activation blocks
-  auto y = at::empty({M, N}, x.options());
-  const int64_t C = K / 64;
-  const bool wide = use_avx512() && C > 0;
-  const Act8 a = quantize_act8(x, group, false, !wide);
-  const std::vector<int8_t>& xq = a.q;
   const std::vector<float>& xqs = a.s;
   // Per chunk of 64 inputs, laid out for the kernel that runs, 64-byte aligned (one aligned
   // load per chunk):
@@ -505,11 +501,8 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   //            starting value;
   //   AVX2:    input scales [s_2c, s_2c, s_2c+1, s_2c+1] twice (see gemv_rows_q8).
   const int64_t lanes = wide ? 16 : 8;
-  const bool row1 = M == 1 && group == 32 && C > 0;  // gemv_row1_pair(_512)
-  std::vector<float> xs_store(row1 ? 0 : M * C * lanes + 16);
-  std::vector<int32_t> corr_store;
-  float* xs = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs_store.data()) + 63) & ~uintptr_t{63});
-  int32_t* corr = nullptr;
+  xs_store.resize(row1 ? 0 : M * C * lanes + 16);
+  xs = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs_store.data()) + 63) & ~uintptr_t{63});
   if (wide) {
     corr_store.assign(M * C * 16 + 16, 0);
     corr = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(corr_store.data()) + 63) & ~uintptr_t{63});
@@ -529,41 +522,64 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       else
         _mm256_store_ps(v, _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1));
     }
+  if (!row1) return;
+  // A decode step on Q4_0's grid. Per run r (lanes past the row's runs 0): the input scales
+  // (odd runs / 16 for AVX-512, as in xs2) and the epilogue's U, V (sum_r s_r U_r + o_r V_r):
+  // AVX2 folds its centring there (U = xc - 8 X, or xc and V = X with offsets), AVX-512 only the
+  // offsets' term (o_r + 8 s_r) X_r (U = 8 X, V = X).
+  const int64_t pad = (C + 7) / 8 * 16 + 1;
+  xsr.assign(pad, 0.f);
+  U.assign(pad, 0.f);
+  V.assign(pad, 0.f);
+  for (int64_t r = 0; r < RB; ++r) {
+    xsr[r] = wide && (r & 1) ? xqs[r] / 16.f : xqs[r];
+    V[r] = a.xg[r];
+    U[r] = wide ? 8.f * a.xg[r] : (offsets ? a.xc[r] : a.xc[r] - 8.f * a.xg[r]);
+  }
+}
+
+template <typename P>
+void Q8Inputs::rows(const uint8_t* wp, const P* sp, const P* op, float* yp, int64_t N,
+                    int64_t n0, int64_t n1) const {
+  TORCH_CHECK(offsets == (op != nullptr), "lowbit: inputs prepared for another offset layout");
+  const std::vector<int8_t>& xq = a.q;
+  const std::vector<float>& xqs = a.s;
+  if (row1) {
+    if (wide)
+      gemv_row1_pair_512(xq.data(), xqs.data(), xsr.data(), use_u ? U.data() : nullptr,
+                         V.data(), corr, a.qsum.data(), K, wp, sp, op, yp, n0, n1);
+    else
+      gemv_row1_pair(xq.data(), xsr.data(), U.data(), V.data(), K, wp, sp, op, yp, n0, n1);
+    return;
+  }
+  const int64_t RB = K / 32, G = K / group, lanes = wide ? 16 : 8;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+    const int64_t mm = std::min(kMaxM, M - m0);
+    const float* xs_m = xs + m0 * C * lanes;
+    gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs_m : nullptr,
+                wide ? corr + m0 * C * 16 : nullptr, wide ? nullptr : xs_m,
+                a.qsum.data() + m0 * RB, mm, K, wp, sp, op, group, a.xg.data() + m0 * G,
+                wide ? nullptr : a.xc.data() + m0 * G, yp + m0 * N, N, n0, n1);
+  }
+}
+
+template void Q8Inputs::rows<float>(const uint8_t*, const float*, const float*, float*, int64_t,
+                                    int64_t, int64_t) const;
+template void Q8Inputs::rows<uint16_t>(const uint8_t*, const uint16_t*, const uint16_t*, float*,
+                                       int64_t, int64_t, int64_t) const;
+
+template <typename P>
+at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                   const at::Tensor& offset, int64_t group) {
+  const int64_t N = w.size(0);
+  auto y = at::empty({x.size(0), N}, x.options());
+  const Q8Inputs in(x, group, offset.numel() > 0);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
   float* yp = y.data_ptr<float>();
-  if (row1) {  // a decode step on Q4_0's grid
-    // Per run r (lanes past the row's runs 0): the input scales (odd runs / 16 for AVX-512,
-    // as in xs2) and the epilogue's U, V (sum_r s_r U_r + o_r V_r): AVX2 folds its centring
-    // there (U = xc - 8 X, or xc and V = X with offsets), AVX-512 only the offsets' term
-    // (o_r + 8 s_r) X_r (U = 8 X, V = X).
-    const int64_t pad = (C + 7) / 8 * 16 + 1;
-    std::vector<float> xsr(pad, 0.f), U(pad, 0.f), V(pad, 0.f);
-    for (int64_t r = 0; r < RB; ++r) {
-      xsr[r] = wide && (r & 1) ? xqs[r] / 16.f : xqs[r];
-      V[r] = a.xg[r];
-      U[r] = wide ? 8.f * a.xg[r] : (op ? a.xc[r] : a.xc[r] - 8.f * a.xg[r]);
-    }
-    const bool use_u = !wide || op;
-    lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      if (wide)
-        gemv_row1_pair_512(xq.data(), xqs.data(), xsr.data(), use_u ? U.data() : nullptr,
-                           V.data(), corr, a.qsum.data(), K, wp, sp, op, yp, n0, n1);
-      else
-        gemv_row1_pair(xq.data(), xsr.data(), U.data(), V.data(), K, wp, sp, op, yp, n0, n1);
-    });
-    return y;
-  }
   lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
-      const int64_t mm = std::min(kMaxM, M - m0);
-      const float* xs_m = xs + m0 * C * lanes;
-      gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs_m : nullptr,
-                  wide ? corr + m0 * C * 16 : nullptr, wide ? nullptr : xs_m,
-                  a.qsum.data() + m0 * RB, mm, K, wp, sp, op, group, a.xg.data() + m0 * G,
-                  wide ? nullptr : a.xc.data() + m0 * G, yp + m0 * N, N, n0, n1);
-    }
+    in.rows(wp, sp, op, yp, N, n0, n1);
   });
   return y;
 }

@@ -236,4 +236,31 @@ template <typename P>
 at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                    const at::Tensor& offset, int64_t group);
 
+// gemv_q8 in two halves: x (M <= kGemvMaxM, K) quantized and laid out once for the kernel
+// that runs (offsets: whether the weights it meets store offsets), then rows(...) computes
+// y[m * N + n] for the weight rows n0..n1 (any thread, any split: every output element is
+// computed within one call, so the result does not depend on the split). affine_experts
+// prepares one input for many weights this way.
+struct Q8Inputs {
+  Q8Inputs(const at::Tensor& x, int64_t group, bool offsets);
+  Q8Inputs(const Q8Inputs&) = delete;
+  Q8Inputs& operator=(const Q8Inputs&) = delete;
+  template <typename P>
+  void rows(const uint8_t* w, const P* scale, const P* offset, float* y, int64_t N, int64_t n0,
+            int64_t n1) const;
+
+  const int64_t M, K, group, C;
+  const bool offsets, wide, row1, use_u;  // weights with offsets; AVX-512 kernels; one row on
+                                          // groups of 32; U read
+  const Act8 a;
+  std::vector<float> xs_store, xsr, U, V;
+  std::vector<int32_t> corr_store;
+  float* xs = nullptr;       // per-chunk input scales (64-byte aligned, in xs_store)
+  int32_t* corr = nullptr;  // AVX-512: per-chunk centring (in corr_store)
+};
+
+// Checks the affine op's arguments (affine_gemv.cpp).
+void check_affine(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                  const at::Tensor& offset, int64_t group, int64_t bits);
+
 }  // namespace lowbit_kernels

@@ -249,11 +249,24 @@ inline bool openmp_spins() {
   return spins;
 }
 
+// Threads for the pool's work while torch's own ops are held to one (0: torch's count). Set
+// by lowbit.kernels.threads around a decode step's torch ops (a mixture block's): a torch op that opens an OpenMP
+// region (a mixture's router, a float GEMV through MKL) leaves OpenMP's threads spinning for a
+// while after it, on the cores the pool's workers need; on 2 cores that halved the speed of
+// the GEMVs that followed (OLMoE's shape: 21 tok/s with the router on one thread, 14 without).
+// Per calling thread: the Python thread that set it is the one whose calls it changes.
+inline int& kernel_threads() {
+  static thread_local int threads = 0;
+  return threads;
+}
+
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), SpinPool::kMaxChunks);
+  const int held = kernel_threads();
+  const int64_t threads =
+      std::min<int64_t>(held > 0 ? held : at::get_num_threads(), SpinPool::kMaxChunks);
   const int64_t chunks = std::min<int64_t>(threads, (n + grain - 1) / std::max<int64_t>(grain, 1));
   if (chunks <= 1 || SpinPool::in_worker() || at::in_parallel_region()) {
     f(begin, end);
