@@ -39,3 +39,24 @@ def test_unknown_families_are_not_joined():
     api.quantize(model, "w4-rtn-g64", progress=False)
     counts = use_kernels(model)
     assert "shared-input groups" not in counts and counts["w4a16"] == 14
+
+
+@pytest.mark.parametrize(
+    ("recipe", "pooled", "block_pooled"),
+    [("w4-sym-g32-head8", True, True), ("w4-g64-head16", True, True),
+     ("w4-sym-g32", False, True), ("w8a8-dynamic-head8", False, False)],
+)  # fmt: skip
+def test_pooled_layers_are_the_kernel_layers_of_the_decode_pool(recipe, pooled, block_pooled):
+    """4/8-bit affine and 16-bit float kernel layers run on lowbit's pool; a float32 head
+    (``w4-sym-g32`` keeps it) and W8A8 layers do not."""
+    from lowbit.kernels.build import native_ops
+    from lowbit.models.kernels import pooled_layers
+
+    if not native_ops():
+        pytest.skip("native kernels unavailable here")
+    model = tiny_family_model("llama")
+    assert not pooled_layers(model)  # float
+    api.quantize(model, recipe, progress=False)
+    use_kernels(model)
+    assert pooled_layers(model) is pooled
+    assert pooled_layers(model.model.layers[0].mlp) is block_pooled

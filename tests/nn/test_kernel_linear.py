@@ -102,3 +102,15 @@ def test_16bit_float_layers_run_on_the_half_kernel_in_16_bits(fmt):
         x = torch.randn(m, 100)
         ref = layer(x)
         assert torch.allclose(fast(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_the_kernel_weight_is_held_while_the_buffers_stay():
+    from helpers import random_affine
+
+    layer = AffineKernelLinear(random_affine(16, 64, 32, 4), 16, None)
+    held = layer.affine_weight()
+    assert layer.affine_weight() is held and held.w is layer.w
+    layer.w = layer.w.clone()  # a buffer replaced (as .to() does): the weight follows
+    assert layer.affine_weight() is not held and layer.affine_weight().w is layer.w
+    x = torch.randn(2, 64)
+    assert torch.equal(layer(x), affine.affine_linear(x, layer.affine_weight()))

@@ -127,18 +127,18 @@ def test_a_quantized_mixture_decodes_its_experts_in_two_calls(kind, monkeypatch)
     from lowbit import api
     from lowbit.kernels.build import native_ops
     from lowbit.models import experts
-    from lowbit.models.kernels import use_kernels
+    from lowbit.models.kernels import pooled_layers, use_kernels
     from lowbit.nn import kernel_experts
-    from lowbit.runtime.llama import LlamaForward, pooled_mixture
+    from lowbit.runtime.llama import LlamaForward
 
     if not native_ops():
         pytest.skip("native kernels unavailable here")
     model = tiny_moe(kind)
     experts.experts_to_linears(model)
-    assert not pooled_mixture(model.model.layers[0].mlp)  # float experts: torch's threads
+    assert not pooled_layers(model.model.layers[0].mlp)  # float experts: torch's threads
     api.quantize(model, "w4-sym-g32", progress=False)
     use_kernels(model)
-    assert pooled_mixture(model.model.layers[0].mlp)
+    assert pooled_layers(model.model.layers[0].mlp)
     threads, real = [], kernel_experts.affine_experts
     monkeypatch.setattr(kernel_experts, "affine_experts",
                         lambda *a: threads.append(torch.get_num_threads()) or real(*a))  # fmt: skip

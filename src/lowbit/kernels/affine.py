@@ -22,6 +22,7 @@ the codes dequantized tile by tile into torch's GEMM).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,13 @@ class AffineWeight:
     @property
     def padded_in(self) -> int:
         return self.w.shape[1] * 8 // self.bits
+
+    @functools.cached_property
+    def layout(self) -> tuple:
+        """What :func:`experts_fit` compares: shape, group, bits, K, padded K, params dtype,
+        whether offsets are stored (the tensors' metadata, fixed for this object)."""
+        return (tuple(self.w.shape), self.group, self.bits, self.in_features, self.padded_in,
+                self.scale.dtype, bool(self.offset.numel()))  # fmt: skip
 
 
 def supports(bits: int, block: tuple, shape: tuple) -> bool:
@@ -225,16 +233,11 @@ def experts_fit(aws: list[AffineWeight], in_features: int) -> bool:
     """Whether :func:`affine_experts` takes these weights: at least one, 4-bit codes on whole
     runs (no padding), one shape, group, params dtype and offset layout, ``in_features``
     wide."""
-    first = aws[0] if aws else None
-    return first is not None and all(
-        aw.bits == 4
-        and aw.w.shape == first.w.shape
-        and aw.group == first.group
-        and aw.in_features == aw.padded_in == in_features
-        and aw.scale.dtype == first.scale.dtype
-        and bool(aw.offset.numel()) == bool(first.offset.numel())
-        for aw in aws
-    )
+    if not aws:
+        return False
+    layout = aws[0].layout
+    bits, k, padded = layout[2:5]
+    return bits == 4 and k == padded == in_features and all(aw.layout == layout for aw in aws)
 
 
 def affine_experts_reference(x: Tensor, aws: list[AffineWeight], route: Tensor | None) -> Tensor:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from lowbit.models.experts import RouterLinear
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import set_module
 from lowbit.nn import AffineKernelLinear, Int8KernelLinear, QuantConv, QuantLinear, kernel_module
 from lowbit.nn.kernel_conv import affine_conv_module
+from lowbit.nn.kernel_linear import HalfKernelLinear
 from lowbit.nn.kernel_tensor import tensor_kernel_module
 from lowbit.nn.shared_input import share_input
 
@@ -47,3 +49,18 @@ def share_inputs(model: nn.Module) -> int:
             if all(isinstance(m, (AffineKernelLinear, Int8KernelLinear)) for m in layers):
                 joined += share_input(layers)
     return joined
+
+
+def pooled_layers(module: nn.Module) -> bool:
+    """Whether every layer under ``module``, routers aside, runs on lowbit's pooled decode
+    kernels (4/8-bit affine or 16-bit float kernel layers; not float32 ``nn.Linear``, the
+    reference path, W8A8 or convolutions): then a decode step needs no torch threads
+    (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`)."""
+    for m in module.modules():
+        if isinstance(m, (RouterLinear, AffineKernelLinear, HalfKernelLinear)):
+            continue
+        if isinstance(m, (nn.Linear, QuantLinear, nn.modules.conv._ConvNd)):
+            return False
+        if hasattr(m, "storage_tensors"):  # another kernel module
+            return False
+    return True

@@ -58,8 +58,7 @@ def _affine(layer: nn.Module, no_pre_hooks: bool) -> AffineWeight | None:
     if not (isinstance(layer, AffineKernelLinear) and layer.bits == 4 and layer.bias is None
             and layer.shared is None and not _hooked(layer, pre=no_pre_hooks)):  # fmt: skip
         return None
-    return AffineWeight(layer.w, layer.scale, layer.offset, layer.group, layer.bits,
-                        layer.in_features)  # fmt: skip
+    return layer.affine_weight()
 
 
 def _hooked(module: nn.Module, pre: bool) -> bool:

@@ -43,10 +43,20 @@ class AffineKernelLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.shared: SharedInput | None = None  # set by share_input: one call with siblings
         self.rows = (0, out_features)  # this layer's rows of the shared output
+        self._held: AffineWeight | None = None  # affine_weight()'s, while the buffers stay
 
     @property
     def kind(self) -> str:
         return f"w{self.bits}a16"
+
+    def affine_weight(self) -> AffineWeight:
+        """The layer's weight as the kernels take it (one object while its buffers stay)."""
+        buffers = self._buffers  # (not through nn.Module's __getattr__: a decode hot path)
+        held, w, scale, offset = self._held, buffers["w"], buffers["scale"], buffers["offset"]
+        if held is None or held.w is not w or held.scale is not scale or held.offset is not offset:
+            held = self._held = AffineWeight(w, scale, offset, self.group, self.bits,
+                                             self.in_features)  # fmt: skip
+        return held
 
     def storage_tensors(self) -> tuple[Tensor, ...]:
         return (self.w, self.scale, self.offset)
@@ -60,9 +70,7 @@ class AffineKernelLinear(nn.Module):
         if self.shared is not None:
             y = self.shared.output(x)[..., self.rows[0] : self.rows[1]].contiguous()
         else:
-            aw = AffineWeight(self.w, self.scale, self.offset, self.group, self.bits,
-                              self.in_features)  # fmt: skip
-            y = affine_linear(x, aw)
+            y = affine_linear(x, self.affine_weight())
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

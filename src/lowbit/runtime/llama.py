@@ -27,10 +27,9 @@ from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rope_qk, silu_mul
 from lowbit.kernels.kv_attention import decode_attention_codes
 from lowbit.kernels.threads import torch_ops_on_one_thread
-from lowbit.models.experts import LinearExperts, RouterLinear
-from lowbit.nn import QuantLinear
+from lowbit.models.experts import LinearExperts
+from lowbit.models.kernels import pooled_layers
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
-from lowbit.nn.kernel_linear import AffineKernelLinear, HalfKernelLinear
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 from lowbit.runtime.layer_calls import (
     Native,
@@ -139,7 +138,7 @@ class LlamaForward:
                 block.input_layernorm, joint(qkv), getattr(attn, "q_norm", None),
                 getattr(attn, "k_norm", None), prompt_call(attn.o_proj),
                 block.post_attention_layernorm, None, None, None,
-                moe=functools.partial(_mixture, mlp, pooled_mixture(mlp)),
+                moe=functools.partial(_mixture, mlp, pooled_layers(mlp)),
             )  # fmt: skip
             fast = (direct_group(qkv, layer.qkv), direct(attn.o_proj)) if native else None
             layer.fast = (*(fast or (layer.qkv, layer.o_proj)), None, None)
@@ -341,18 +340,6 @@ class LlamaForward:
 def is_mixture(mlp: nn.Module) -> bool:
     """Whether a block's MLP is a mixture of experts (its experts as linears)."""
     return any(isinstance(m, LinearExperts) for m in mlp.modules())
-
-
-def pooled_mixture(mlp: nn.Module) -> bool:
-    """Whether every layer of a mixture block, its routers aside, runs on lowbit's pooled
-    kernels (4/8-bit affine or 16-bit float kernel layers): then nothing in its decode step
-    needs torch's threads."""
-    for m in mlp.modules():
-        if isinstance(m, (RouterLinear, AffineKernelLinear, HalfKernelLinear)):
-            continue
-        if isinstance(m, (nn.Linear, QuantLinear)) or hasattr(m, "storage_tensors"):
-            return False
-    return True
 
 
 def _mixture(mlp: nn.Module, pooled: bool, h: Tensor) -> Tensor:
