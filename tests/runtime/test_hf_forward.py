@@ -21,19 +21,23 @@ def test_decode_steps_of_a_pooled_model_hold_torch_to_one_thread():
     model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
     g = torch.Generator().manual_seed(5)
     prompt, follow = (
-        torch.randint(0, 64, (1, 7), generator=g),
+        torch.randint(0, 64, (1, 40), generator=g),
         torch.randint(0, 64, (1, 3), generator=g),
     )
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         with torch.inference_mode():
-            held, _ = decode_steps(HFForward(model), prompt, follow)
-            assert seen == [2, 1, 1, 1]  # the prompt on torch's threads, each step on one
+            held, _ = decode_steps(HFForward(model), prompt, follow, 48)
+            assert seen == [2, 1, 1, 1]  # a 40-token prompt on torch's threads, each step on one
             plain = HFForward(model)
             plain._pooled = False
-            free, _ = decode_steps(plain, prompt, follow)
+            free, _ = decode_steps(plain, prompt, follow, 48)
         assert seen[4:] == [2, 2, 2, 2]
     finally:
         torch.set_num_threads(before)
     assert rel(held, free) < 1e-5
+    seen.clear()
+    with torch.inference_mode():
+        HFForward(model)(prompt[:, :32], HFForward(model).new_cache(1, 48))
+    assert seen == [1]  # up to 32 tokens: the layers' GEMVs, on the pool

@@ -285,3 +285,35 @@ def test_one_call_step_refuses_a_layout_that_does_not_fit():
                                          *args)  # fmt: skip
     with pytest.raises(RuntimeError, match="4 norms"):
         torch.ops.lowbit_cpu.decode_step(x, x.clone(), weights, layout, norms[:-1], eps, *args)
+
+
+def test_short_prompts_of_a_pooled_model_hold_torch_to_one_thread(monkeypatch):
+    """Up to 32 tokens every layer call of a model on pooled kernels is a pooled GEMV: torch's
+    own ops (attention, norms) run on one thread meanwhile; the same logits within float
+    rounding as on torch's threads."""
+    from lowbit import api
+    from lowbit.kernels.build import native_ops
+    from lowbit.models.kernels import use_kernels
+
+    if not native_ops():
+        pytest.skip("native kernels unavailable here")
+    model = tiny_family_model("llama")
+    api.quantize(model, "w4-sym-g32-head8", progress=False)
+    use_kernels(model)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    probe = lambda *a, **k: seen.append(torch.get_num_threads()) or sdpa(*a, **k)  # noqa: E731
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", probe)
+    ids = torch.randint(0, 64, (1, 33), generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            forward = LlamaForward(model)
+            assert forward._pooled
+            held = forward(ids[:, :32], forward.new_cache(1, 40), all_logits=True)
+            free = forward._forward(ids[:, :32], forward.new_cache(1, 40), True)
+            forward(ids, forward.new_cache(1, 40))
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0] == 1 and seen[-1] == 2
+    assert rel(held, free) < 1e-5

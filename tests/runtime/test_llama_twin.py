@@ -153,6 +153,20 @@ def test_a_quantized_mixture_decodes_its_experts_in_two_calls(kind, monkeypatch)
         monkeypatch.setattr(experts, "one_token_experts", lambda *a: None)
         looped, _ = decode_steps(LlamaForward(model), prompt, follow)
     assert len(threads) == 20 and torch.equal(fused, looped)
+    blocks = []  # a prompt of up to 32 tokens holds torch to one thread too, a longer one not
+    model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda m, a: blocks.append(torch.get_num_threads())
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            forward = LlamaForward(model)
+            for length in (32, 33):
+                forward(torch.randint(0, 64, (1, length), generator=g), forward.new_cache(1, 40))
+    finally:
+        torch.set_num_threads(before)
+    assert blocks == [1, 2]
 
 
 def test_a_latent_attention_or_clipped_qkv_keeps_the_models_own_forward():

@@ -2,8 +2,9 @@
 
 Same interface as :class:`lowbit.runtime.llama.LlamaForward`; transformers' dynamic cache holds
 the keys and values, padding is an attention mask and positions skip it. Slower at decode (the
-framework's per-token overhead stays), never different in its results. A decode step of a
-model whose layers all run on lowbit's pooled kernels holds torch's own ops to one thread
+framework's per-token overhead stays), never different in its results. A decode step (or a
+prompt of up to ``GEMV_MAX_ROWS`` tokens: the layers' GEMVs) of a model whose layers all run
+on lowbit's pooled kernels holds torch's own ops to one thread
 (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`): OpenMP's threads, spinning after
 each of torch's parallel regions, took the kernels' cores (OLMoE's shape, W4, 2 cores: 11.4
 tok/s as it was, 17.5 so).
@@ -16,6 +17,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from lowbit.kernels.affine import GEMV_MAX_ROWS
 from lowbit.kernels.threads import torch_ops_on_one_thread
 from lowbit.models.kernels import pooled_layers
 from lowbit.runtime.kv_cache import Slots
@@ -53,7 +55,7 @@ class HFForward:
             kwargs |= {"attention_mask": real.long(), "position_ids": pos}
         if not all_logits:
             kwargs["logits_to_keep"] = 1
-        if t == 1 and self._pooled:  # a decode step
+        if self._pooled and ids.numel() <= GEMV_MAX_ROWS:  # a decode step, a short prompt
             with torch_ops_on_one_thread():
                 out = self.model(ids, **kwargs)
         else:

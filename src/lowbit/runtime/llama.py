@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.kernels import decode as decode_ops
+from lowbit.kernels.affine import GEMV_MAX_ROWS
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.decode import add_rms_norm, decode_attention, rms_norm, rope_qk, silu_mul
 from lowbit.kernels.kv_attention import decode_attention_codes
@@ -110,6 +111,7 @@ class LlamaForward:
         silu = getattr(cfg, "hidden_act", None) == "silu"
         native = native_ops() and self.embed.weight.dtype == torch.float32
         self.layers = [self._layer(block, silu, native) for block in inner.layers]
+        self._pooled = pooled_layers(model)
         for layer in self.layers:  # q/k norms over all heads at once: applied before RoPE
             if layer.q_norm is not None and layer.q_norm.weight.numel() != self.head_dim:
                 layer.whole, layer.q_norm, layer.k_norm = (layer.q_norm, layer.k_norm), None, None
@@ -197,7 +199,16 @@ class LlamaForward:
 
     def __call__(self, ids: Tensor, cache: StaticKVCache, all_logits: bool = False) -> Tensor:
         """ids (B, t) -> logits (B, vocab) of the last position ((B, t, vocab) with
-        ``all_logits``); the t new slots of ``cache`` are filled."""
+        ``all_logits``); the t new slots of ``cache`` are filled. Up to ``GEMV_MAX_ROWS``
+        tokens of a model whose layers all run on lowbit's pooled kernels (every layer call a
+        pooled GEMV) hold torch's own ops to one thread meanwhile
+        (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`)."""
+        if ids.numel() > GEMV_MAX_ROWS or not self._pooled:
+            return self._forward(ids, cache, all_logits)
+        with torch_ops_on_one_thread():
+            return self._forward(ids, cache, all_logits)
+
+    def _forward(self, ids: Tensor, cache: StaticKVCache, all_logits: bool) -> Tensor:
         spec = self.attention
         if ids.shape[1] == 1 and not all_logits and (spec is None or spec.kv_bits is not None):
             return self._decode(ids, cache)  # the fused ops (a float cache, or one of codes)
@@ -343,13 +354,15 @@ def is_mixture(mlp: nn.Module) -> bool:
 
 
 def _mixture(mlp: nn.Module, pooled: bool, h: Tensor) -> Tensor:
-    """The mixture block on (..., C): transformers' blocks take (B, T, C). At decode ((B, C))
-    of a ``pooled`` block, the block's torch ops (its router) run on one thread and its
-    layers' kernels on the pool: OpenMP's spinning threads would take the pool's cores
-    (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`)."""
-    if h.dim() != 2:
-        return mlp(h).reshape(h.shape)
-    if not pooled:
-        return mlp(h.reshape(-1, 1, h.shape[-1])).reshape(h.shape)
+    """The mixture block on (..., C): transformers' blocks take (B, T, C), a decode step's
+    (B, C) as (B, 1, C). In a ``pooled`` block, on up to ``GEMV_MAX_ROWS`` tokens (so that
+    every expert's kernel is a pooled GEMV, not a prompt GEMM on torch's threads), the block's
+    torch ops (its router, the routing) run on one thread and its layers' kernels on the
+    pool: OpenMP's spinning threads would take the pool's cores
+    (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`; OLMoE's shape, W4, 2 cores:
+    a 32-token prompt 39.8 -> 55.3 tok/s)."""
+    x = h.reshape(-1, 1, h.shape[-1]) if h.dim() == 2 else h
+    if not pooled or x.shape[0] * x.shape[1] > GEMV_MAX_ROWS:
+        return mlp(x).reshape(h.shape)
     with torch_ops_on_one_thread():
-        return mlp(h.reshape(-1, 1, h.shape[-1])).reshape(h.shape)
+        return mlp(x).reshape(h.shape)
