@@ -92,6 +92,7 @@ def _share_affine(layers: list) -> None:
     for m in layers:
         n = m.w.shape[0]
         m.w, m.scale = w[row : row + n], scale[row : row + n]
+        m._held = None  # (its kernel weight was the unstacked copy)
         m.offset = offset[row : row + n] if offset.numel() else offset
         m.shared, m.rows = shared, (row, row + n)
         row += n

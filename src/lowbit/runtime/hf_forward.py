@@ -2,12 +2,13 @@
 
 Same interface as :class:`lowbit.runtime.llama.LlamaForward`; transformers' dynamic cache holds
 the keys and values, padding is an attention mask and positions skip it. Slower at decode (the
-framework's per-token overhead stays), never different in its results. A decode step (or a
-prompt of up to ``GEMV_MAX_ROWS`` tokens: the layers' GEMVs) of a model whose layers all run
-on lowbit's pooled kernels holds torch's own ops to one thread
+framework's per-token overhead stays), never different in its results. A prompt of up to
+``GEMV_MAX_ROWS`` tokens into an empty cache (every layer call a GEMV) of a model whose layers
+all run on lowbit's pooled kernels holds torch's own ops to one thread
 (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`): OpenMP's threads, spinning after
-each of torch's parallel regions, took the kernels' cores (OLMoE's shape, W4, 2 cores: 11.4
-tok/s as it was, 17.5 so).
+each of torch's parallel regions, took the kernels' cores. Decode steps do not: transformers'
+attention over the whole cache runs in torch (holding them took OLMoE's shape from 11.4 to
+17.5 tok/s at a short context, and would put a long context's attention on one thread).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.kernels.affine import GEMV_MAX_ROWS
+from lowbit.kernels.build import native_ops
 from lowbit.kernels.threads import torch_ops_on_one_thread
 from lowbit.models.kernels import pooled_layers
 from lowbit.runtime.kv_cache import Slots
@@ -39,7 +41,7 @@ class HFForward:
         # transformers renamed past_key_values to cache (5.2x); older 5.x only has the former
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._pooled = pooled_layers(model)
+        self._pooled = native_ops() and pooled_layers(model)
 
     def new_cache(self, batch: int, capacity: int) -> HFCache:
         return HFCache(batch, capacity)
@@ -55,7 +57,7 @@ class HFForward:
             kwargs |= {"attention_mask": real.long(), "position_ids": pos}
         if not all_logits:
             kwargs["logits_to_keep"] = 1
-        if self._pooled and ids.numel() <= GEMV_MAX_ROWS:  # a decode step, a short prompt
+        if self._pooled and ids.numel() <= GEMV_MAX_ROWS and start == 0:  # a short prompt
             with torch_ops_on_one_thread():
                 out = self.model(ids, **kwargs)
         else:

@@ -111,7 +111,7 @@ class LlamaForward:
         silu = getattr(cfg, "hidden_act", None) == "silu"
         native = native_ops() and self.embed.weight.dtype == torch.float32
         self.layers = [self._layer(block, silu, native) for block in inner.layers]
-        self._pooled = pooled_layers(model)
+        self._pooled = native and pooled_layers(model)
         for layer in self.layers:  # q/k norms over all heads at once: applied before RoPE
             if layer.q_norm is not None and layer.q_norm.weight.numel() != self.head_dim:
                 layer.whole, layer.q_norm, layer.k_norm = (layer.q_norm, layer.k_norm), None, None
@@ -199,18 +199,21 @@ class LlamaForward:
 
     def __call__(self, ids: Tensor, cache: StaticKVCache, all_logits: bool = False) -> Tensor:
         """ids (B, t) -> logits (B, vocab) of the last position ((B, t, vocab) with
-        ``all_logits``); the t new slots of ``cache`` are filled. Up to ``GEMV_MAX_ROWS``
-        tokens of a model whose layers all run on lowbit's pooled kernels (every layer call a
-        pooled GEMV) hold torch's own ops to one thread meanwhile
+        ``all_logits``); the t new slots of ``cache`` are filled. A decode step on the native
+        ops, or a prompt of up to ``GEMV_MAX_ROWS`` tokens into an empty cache, of a model whose
+        layers all run on lowbit's pooled kernels (every layer call a pooled GEMV, no attention
+        over a long cache in torch) holds torch's own ops to one thread meanwhile
         (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`)."""
-        if ids.numel() > GEMV_MAX_ROWS or not self._pooled:
-            return self._forward(ids, cache, all_logits)
-        with torch_ops_on_one_thread():
-            return self._forward(ids, cache, all_logits)
-
-    def _forward(self, ids: Tensor, cache: StaticKVCache, all_logits: bool) -> Tensor:
         spec = self.attention
-        if ids.shape[1] == 1 and not all_logits and (spec is None or spec.kv_bits is not None):
+        fused = ids.shape[1] == 1 and not all_logits and (spec is None or spec.kv_bits is not None)
+        short = ids.numel() <= GEMV_MAX_ROWS and (fused or cache.length == 0)
+        if not (short and self._pooled):
+            return self._forward(ids, cache, all_logits, fused)
+        with torch_ops_on_one_thread():
+            return self._forward(ids, cache, all_logits, fused)
+
+    def _forward(self, ids: Tensor, cache: StaticKVCache, all_logits: bool, fused: bool) -> Tensor:
+        if fused:
             return self._decode(ids, cache)  # the fused ops (a float cache, or one of codes)
         b, t = ids.shape
         start = cache.reserve(t)

@@ -37,6 +37,9 @@ class Shadow:
         self._random = random.Random(seed)
         self._jobs: queue.Queue = queue.Queue(maxsize=8)
         self._stop = threading.Event()
+        # torch's count now: a thread takes the process's count at its first parallel op, which
+        # the engine may be holding at one then (lowbit.kernels.threads)
+        self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="lowbit-shadow", daemon=True)
         self.degraded = False
         self.scored = 0
@@ -61,6 +64,7 @@ class Shadow:
             self._jobs.put_nowait(job)
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         while not self._stop.is_set():
             try:
                 job = self._jobs.get(timeout=0.2)
