@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import string
 
 import torch
@@ -236,3 +237,14 @@ def random_affine(
         offset = -(2 ** (bits - 1)) * scale
     block = (1, group if group != -1 else k)
     return to_affine(codes, scale, offset, block, bits)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch on ``n`` threads within the block, its former count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import torch_threads
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.threads import torch_ops_on_one_thread
 
@@ -19,9 +20,7 @@ def _pool_threads() -> int:
 def test_torch_takes_one_thread_and_the_pool_keeps_the_count():
     if torch.ops.lowbit_cpu.decode_threads() != "spin pool":
         pytest.skip("OpenMP runs the kernels here (its threads set never to sleep)")
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         assert _pool_threads() == 0  # follows torch's count
         with torch_ops_on_one_thread():
             assert torch.get_num_threads() == 1
@@ -33,16 +32,11 @@ def test_torch_takes_one_thread_and_the_pool_keeps_the_count():
         with pytest.raises(RuntimeError, match="boom"), torch_ops_on_one_thread():
             raise RuntimeError("boom")
         assert torch.get_num_threads() == 2 and _pool_threads() == 0  # restored on errors
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_native
 def test_on_one_thread_nothing_changes():
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with torch_ops_on_one_thread():
-            assert torch.get_num_threads() == 1 and _pool_threads() == 0
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(1), torch_ops_on_one_thread():
+        assert torch.get_num_threads() == 1 and _pool_threads() == 0
+    with torch_threads(2), torch_ops_on_one_thread(when=False):
+        assert torch.get_num_threads() == 2 and _pool_threads() == 0

@@ -5,7 +5,7 @@ does (decode steps attend over the whole cache in torch)."""
 import pytest
 import torch
 
-from helpers import rel, tiny_family_model
+from helpers import rel, tiny_family_model, torch_threads
 from lowbit import api
 from lowbit.kernels.build import native_ops
 from lowbit.models import use_kernels
@@ -21,20 +21,15 @@ def test_only_short_prompts_into_an_empty_cache_hold_torch_to_one_thread():
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
     ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(5))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with torch.inference_mode():
-            forward = HFForward(model)
-            cache = forward.new_cache(1, 48)
-            held = forward(ids[:, :32], cache, all_logits=True)  # held
-            forward(ids[:, 32:33], cache)  # a decode step: not held
-            forward(ids[:, 33:40], forward.new_cache(1, 48))  # short, empty cache: held
-            forward(ids, forward.new_cache(1, 48))  # 40 tokens: not held
-            plain = HFForward(model)
-            plain._pooled = False
-            free = plain(ids[:, :32], plain.new_cache(1, 48), all_logits=True)
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(2), torch.inference_mode():
+        forward = HFForward(model)
+        cache = forward.new_cache(1, 48)
+        held = forward(ids[:, :32], cache, all_logits=True)  # held
+        forward(ids[:, 32:33], cache)  # a decode step: not held
+        forward(ids[:, 33:40], forward.new_cache(1, 48))  # short, empty cache: held
+        forward(ids, forward.new_cache(1, 48))  # 40 tokens: not held
+        plain = HFForward(model)
+        plain._pooled = False
+        free = plain(ids[:, :32], plain.new_cache(1, 48), all_logits=True)
     assert seen == [1, 2, 1, 2, 2]
     assert rel(held, free) < 1e-5

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import compact_and_hf, decode_steps, rel, tiny_family_model, tiny_llama
+from helpers import compact_and_hf, decode_steps, rel, tiny_family_model, tiny_llama, torch_threads
 from lowbit.formats.spec import AttentionSpec
 from lowbit.kernels import decode
 from lowbit.runtime.hf_forward import HFForward
@@ -305,19 +305,14 @@ def test_short_prompts_of_a_pooled_model_hold_torch_to_one_thread(monkeypatch):
     probe = lambda *a, **k: seen.append(torch.get_num_threads()) or sdpa(*a, **k)  # noqa: E731
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", probe)
     ids = torch.randint(0, 64, (1, 33), generator=torch.Generator().manual_seed(6))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with torch.inference_mode():
-            forward = LlamaForward(model)
-            assert forward._pooled
-            cache = forward.new_cache(1, 40)
-            held = forward(ids[:, :32], cache, all_logits=True)
-            layers = len(seen)
-            forward(ids[:, 32:], cache, all_logits=True)  # onto a filled cache
-            free = forward._forward(ids[:, :32], forward.new_cache(1, 40), True, False)
-            forward(ids, forward.new_cache(1, 40))  # 33 tokens
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(2), torch.inference_mode():
+        forward = LlamaForward(model)
+        assert forward._pooled
+        cache = forward.new_cache(1, 40)
+        held = forward(ids[:, :32], cache, all_logits=True)
+        layers = len(seen)
+        forward(ids[:, 32:], cache, all_logits=True)  # onto a filled cache
+        free = forward._forward(ids[:, :32], forward.new_cache(1, 40), True, False)
+        forward(ids, forward.new_cache(1, 40))  # 33 tokens
     assert set(seen[:layers]) == {1} and set(seen[layers:]) == {2}
     assert rel(held, free) < 1e-5

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from helpers import compact_and_hf, rel, tiny_family_model
+from helpers import compact_and_hf, rel, tiny_family_model, torch_threads
 from lowbit.runtime import Runtime
 from lowbit.runtime.llama_twin import family_reason
 
@@ -157,15 +157,10 @@ def test_a_quantized_mixture_decodes_its_experts_in_two_calls(kind, monkeypatch)
     model.model.layers[0].mlp.register_forward_pre_hook(
         lambda m, a: blocks.append(torch.get_num_threads())
     )
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with torch.inference_mode():
-            forward = LlamaForward(model)
-            for length in (32, 33):
-                forward(torch.randint(0, 64, (1, length), generator=g), forward.new_cache(1, 40))
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(2), torch.inference_mode():
+        forward = LlamaForward(model)
+        for length in (32, 33):
+            forward(torch.randint(0, 64, (1, length), generator=g), forward.new_cache(1, 40))
     assert blocks == [1, 2]
 
 

@@ -20,12 +20,13 @@ from lowbit.kernels.build import native_ops
 
 
 @contextmanager
-def torch_ops_on_one_thread() -> Iterator[None]:
+def torch_ops_on_one_thread(when: bool = True) -> Iterator[None]:
     """Within the block, torch's ops run on one thread and lowbit's pooled kernels on as many
-    as torch had. A no-op on one thread, without the native kernels, or where OpenMP runs the
-    kernels too (its threads set never to sleep: ``lowbit_cpu.decode_threads()``)."""
+    as torch had. A no-op unless ``when``, on one thread, without the native kernels, or where
+    OpenMP runs the kernels too (its threads set never to sleep: ``decode_threads()``)."""
     threads = torch.get_num_threads()
-    if threads == 1 or not native_ops() or torch.ops.lowbit_cpu.decode_threads() != "spin pool":
+    if not when or threads == 1 or not native_ops() or \
+            torch.ops.lowbit_cpu.decode_threads() != "spin pool":  # fmt: skip
         yield
         return
     before = torch.ops.lowbit_cpu.set_kernel_threads(threads)  # (this thread's calls only)

@@ -57,10 +57,8 @@ class HFForward:
             kwargs |= {"attention_mask": real.long(), "position_ids": pos}
         if not all_logits:
             kwargs["logits_to_keep"] = 1
-        if self._pooled and ids.numel() <= GEMV_MAX_ROWS and start == 0:  # a short prompt
-            with torch_ops_on_one_thread():
-                out = self.model(ids, **kwargs)
-        else:
+        short = ids.numel() <= GEMV_MAX_ROWS and start == 0  # a short prompt, an empty cache
+        with torch_ops_on_one_thread(self._pooled and short):
             out = self.model(ids, **kwargs)
         past = getattr(out, "cache", None)
         cache.past = out.past_key_values if past is None else past

@@ -207,9 +207,7 @@ class LlamaForward:
         spec = self.attention
         fused = ids.shape[1] == 1 and not all_logits and (spec is None or spec.kv_bits is not None)
         short = ids.numel() <= GEMV_MAX_ROWS and (fused or cache.length == 0)
-        if not (short and self._pooled):
-            return self._forward(ids, cache, all_logits, fused)
-        with torch_ops_on_one_thread():
+        with torch_ops_on_one_thread(short and self._pooled):
             return self._forward(ids, cache, all_logits, fused)
 
     def _forward(self, ids: Tensor, cache: StaticKVCache, all_logits: bool, fused: bool) -> Tensor:
@@ -365,7 +363,5 @@ def _mixture(mlp: nn.Module, pooled: bool, h: Tensor) -> Tensor:
     (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`; OLMoE's shape, W4, 2 cores:
     a 32-token prompt 39.8 -> 55.3 tok/s)."""
     x = h.reshape(-1, 1, h.shape[-1]) if h.dim() == 2 else h
-    if not pooled or x.shape[0] * x.shape[1] > GEMV_MAX_ROWS:
-        return mlp(x).reshape(h.shape)
-    with torch_ops_on_one_thread():
+    with torch_ops_on_one_thread(pooled and x.shape[0] * x.shape[1] <= GEMV_MAX_ROWS):
         return mlp(x).reshape(h.shape)

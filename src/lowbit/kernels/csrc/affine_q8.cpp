@@ -490,7 +490,7 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
 Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, bool offsets)
     : M(x.size(0)), K(x.size(1)), group(group), C(K / 64), offsets(offsets),
       wide(use_avx512() && C > 0),
-      row1(M == 1 && group == 32 && C > 0), use_u(!wide || offsets),
+      row1(M == 1 && group == 32 && C > 0),
       a(quantize_act8(x, group, false, !wide)) {
   const int64_t RB = K / 32;  // activation blocks
   const std::vector<float>& xqs = a.s;
@@ -546,7 +546,7 @@ void Q8Inputs::rows(const uint8_t* wp, const P* sp, const P* op, float* yp, int6
   const std::vector<float>& xqs = a.s;
   if (row1) {
     if (wide)
-      gemv_row1_pair_512(xq.data(), xqs.data(), xsr.data(), use_u ? U.data() : nullptr,
+      gemv_row1_pair_512(xq.data(), xqs.data(), xsr.data(), offsets ? U.data() : nullptr,
                          V.data(), corr, a.qsum.data(), K, wp, sp, op, yp, n0, n1);
     else
       gemv_row1_pair(xq.data(), xsr.data(), U.data(), V.data(), K, wp, sp, op, yp, n0, n1);

@@ -250,8 +250,8 @@ struct Q8Inputs {
             int64_t n1) const;
 
   const int64_t M, K, group, C;
-  const bool offsets, wide, row1, use_u;  // weights with offsets; AVX-512 kernels; one row on
-                                          // groups of 32; U read
+  const bool offsets, wide, row1;  // weights with offsets; AVX-512 kernels; one row on
+                                   // groups of 32
   const Act8 a;
   std::vector<float> xs_store, xsr, U, V;
   std::vector<int32_t> corr_store;

@@ -250,10 +250,11 @@ inline bool openmp_spins() {
 }
 
 // Threads for the pool's work while torch's own ops are held to one (0: torch's count). Set
-// by lowbit.kernels.threads around a decode step's torch ops (a mixture block's): a torch op that opens an OpenMP
-// region (a mixture's router, a float GEMV through MKL) leaves OpenMP's threads spinning for a
-// while after it, on the cores the pool's workers need; on 2 cores that halved the speed of
-// the GEMVs that followed (OLMoE's shape: 21 tok/s with the router on one thread, 14 without).
+// by lowbit.kernels.threads around calls whose layers are all pooled GEMVs: a torch op that
+// opens an OpenMP region (a mixture's router, a float GEMV through MKL) leaves OpenMP's
+// threads spinning for a while after it, on the cores the pool's workers need; on 2 cores
+// that halved the speed of the GEMVs that followed (OLMoE's shape: 21 tok/s with the router
+// on one thread, 14 without).
 // Per calling thread: the Python thread that set it is the one whose calls it changes.
 inline int& kernel_threads() {
   static thread_local int threads = 0;
