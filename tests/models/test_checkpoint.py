@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from lowbit import api
 from lowbit.errors import LowbitError
 from lowbit.models import checkpoint as checkpoint_module
 from lowbit.models import load_folder, save_folder
+from lowbit.models.kernels import use_kernels
 from lowbit.nn import QuantLinear
 
 
@@ -94,3 +97,21 @@ def test_load_with_kernels_matches_reference(tiny_folder, tmp_path):
     with torch.no_grad():
         ref, got = src.model(x).logits, fast(x).logits
     assert 0 < (got - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc maps")
+@pytest.mark.parametrize("kernels", [True, False])
+def test_a_loaded_folder_lets_go_of_its_file_maps(tiny_folder, tmp_path, kernels):
+    # A tensor left reading a shard's memory map (a norm, a layer no kernel converts) kept the
+    # whole map, every page read through it, resident beside the converted copies.
+    src, report = quantized_copy(tiny_folder, "w4-sym-g32")
+    out = api.save(src.model, tmp_path / "q", report, source=src)
+    loaded = api.load(out, kernels=kernels).model
+    assert str(out / "model.safetensors") not in Path("/proc/self/maps").read_text()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    reading_the_map = load_folder(out)[0]  # no prepare: its tensors keep reading the map
+    if kernels:
+        use_kernels(reading_the_map)
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, reading_the_map(x).logits)

@@ -208,8 +208,20 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Module, dict]:
-    """(model, manifest) from a lowbit folder; ``skeleton`` for models that are not HF ones."""
+def load_folder(
+    folder: Path,
+    skeleton: nn.Module | None = None,
+    prepare: Callable[[nn.Module, dict], None] | None = None,
+) -> tuple[nn.Module, dict]:
+    """(model, manifest) from a lowbit folder; ``skeleton`` for models that are not HF ones.
+
+    The saved tensors are read from the shards' memory maps without a copy. ``prepare(model,
+    manifest)`` runs while they are (the conversion to kernel layouts, which copies what it
+    keeps); after it, the tensors still read from a map are copied out, so that the maps are
+    let go: a map holds every page read through it for as long as one tensor reads it, which
+    kept a second copy of the converted weights resident. Without ``prepare`` the model keeps
+    reading the maps (one copy, in the page cache).
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     plans = manifest_layers(manifest)
@@ -229,7 +241,7 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
     spec = attention_spec(manifest)
     if spec is not None and spec.center_keys:  # the measured key centres are saved tensors
         add_key_centers(model)
-    unexpected, loaded = [], set()
+    unexpected, loaded, maps = [], set(), []
     for path in files:
         try:
             state = load_file(str(path))
@@ -242,6 +254,7 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
             raise LowbitError(f"{path.name} disagrees with {MANIFEST}: {first[:200]}") from None
         unexpected += result.unexpected_keys
         loaded |= set(state)
+        maps.append(_span(state.values()))
     if unexpected:
         raise LowbitError(f"the weights have tensors the model lacks: {unexpected[:3]}")
     if skeleton is not None:  # a built (not meta) skeleton: a tensor not on disk stays random
@@ -258,7 +271,41 @@ def load_folder(folder: Path, skeleton: nn.Module | None = None) -> tuple[nn.Mod
     empty = [n for n, p in model.named_parameters() if p.is_meta]
     if empty:
         raise LowbitError(f"{WEIGHTS} is missing tensors: {empty[:3]}")
+    if prepare is not None:
+        prepare(model, manifest)
+        _copy_out_of(model, maps)
     return model.eval(), manifest
+
+
+def _span(tensors: Any) -> tuple[int, int]:
+    """The address range of one shard's memory map, from the tensors read through it."""
+    ends = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
+            if t.numel()]  # fmt: skip
+    return (min(a for a, _ in ends), max(b for _, b in ends)) if ends else (0, 0)
+
+
+def _copy_out_of(model: nn.Module, maps: list[tuple[int, int]]) -> None:
+    """Give every tensor of ``model`` that lies in one of ``maps`` memory of its own (tied
+    tensors stay tied: one copy per original)."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if not any(lo <= t.data_ptr() < hi for lo, hi in maps):
+            return t
+        if id(t) not in copies:
+            data = t.detach().clone()
+            copies[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) \
+                else data  # fmt: skip
+        return copies[id(t)]
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    table[key] = own(t)
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(module, key, own(value))
 
 
 def _float32_outside(model: nn.Module) -> None:

@@ -56,13 +56,15 @@ def load_model(source: str, kernels: bool = True) -> LoadedModel:
     path = Path(source).expanduser()
     if path.is_dir() and (path / MANIFEST).is_file():
         image = _image_skeleton(path)
-        model, manifest = load_folder(path, image)
-        spec = attention_spec(manifest)
-        if spec is not None:  # the key/value cache the recipe asked for
-            install_attention(model, spec)
-        if kernels:
-            counts = use_kernels(model)
-            log.info("kernels for %s: %s", path, counts)
+
+        def prepare(model: nn.Module, manifest: dict) -> None:
+            spec = attention_spec(manifest)
+            if spec is not None:  # the key/value cache the recipe asked for
+                install_attention(model, spec)
+            if kernels:
+                log.info("kernels for %s: %s", path, use_kernels(model))
+
+        model, manifest = load_folder(path, image, prepare)
         tokenizer = None if image is not None else source_tokenizer(path)
         return LoadedModel(model, tokenizer, source, "lowbit", path, manifest)
     if path.suffix == ".tflite":
