@@ -119,16 +119,17 @@ def test_a_mixture_runs_compact_with_its_own_mixture_block(kind):
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "olmoe"])
-def test_a_quantized_mixture_decodes_its_experts_in_two_calls(kind, monkeypatch):
-    """4-bit experts on the compact loop: a decoded token's gate/up and down projections are
-    two native calls per block (torch's ops on one thread meanwhile), with the logits of the
-    per-expert loop to the bit."""
+def test_a_quantized_mixture_decodes_each_block_in_one_call(kind, monkeypatch):
+    """4-bit experts on the compact loop: a decoded token's mixture block, router included,
+    is one native call (torch's ops on one thread meanwhile), with the logits of the block's
+    own forward (its experts in two native calls) and of the per-expert loop, to the bit."""
     from helpers import decode_steps, tiny_moe
     from lowbit import api
     from lowbit.kernels.build import native_ops
     from lowbit.models import experts
+    from lowbit.models import mixture_step as mixture_step_module
     from lowbit.models.kernels import pooled_layers, use_kernels
-    from lowbit.nn import kernel_experts
+    from lowbit.runtime import llama
     from lowbit.runtime.llama import LlamaForward
 
     if not native_ops() or torch.ops.lowbit_cpu.decode_threads() != "spin pool":
@@ -139,20 +140,28 @@ def test_a_quantized_mixture_decodes_its_experts_in_two_calls(kind, monkeypatch)
     api.quantize(model, "w4-sym-g32", progress=False)
     use_kernels(model)
     assert pooled_layers(model.model.layers[0].mlp)
-    threads, real = [], kernel_experts.affine_experts
-    monkeypatch.setattr(kernel_experts, "affine_experts",
-                        lambda *a: threads.append(torch.get_num_threads()) or real(*a))  # fmt: skip
+    threads, real = [], mixture_step_module._step
+
+    def counted(*args):
+        step = real(*args)
+        return lambda h: threads.append(torch.get_num_threads()) or step(h)
+
+    monkeypatch.setattr(mixture_step_module, "_step", counted)
     g = torch.Generator().manual_seed(4)
     prompt, follow = (
         torch.randint(0, 64, (1, 9), generator=g),
         torch.randint(0, 64, (1, 5), generator=g),
     )
     with torch.inference_mode():
-        fused, _ = decode_steps(LlamaForward(model), prompt, follow)
-        assert len(threads) == 2 * 2 * 5 and set(threads) == {1}  # 2 blocks, 5 decoded tokens
+        forward = LlamaForward(model)
+        threads.clear()  # (each block's step was checked against the block once)
+        native, _ = decode_steps(forward, prompt, follow)
+        assert len(threads) == 2 * 5 and set(threads) == {1}  # 2 blocks, 5 decoded tokens
+        monkeypatch.setattr(llama, "mixture_step", lambda block: None)
+        two_calls, _ = decode_steps(LlamaForward(model), prompt, follow)
         monkeypatch.setattr(experts, "one_token_experts", lambda *a: None)
         looped, _ = decode_steps(LlamaForward(model), prompt, follow)
-    assert len(threads) == 20 and torch.equal(fused, looped)
+    assert len(threads) == 10 and torch.equal(native, two_calls) and torch.equal(native, looped)
     blocks = []  # a prompt of up to 32 tokens holds torch to one thread too, a longer one not
     model.model.layers[0].mlp.register_forward_pre_hook(
         lambda m, a: blocks.append(torch.get_num_threads())

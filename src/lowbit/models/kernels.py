@@ -35,16 +35,28 @@ def use_kernels(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+# Mixture families whose attention is a llama block's (q/k/v read the normed input, which
+# nothing writes in between); their MLPs are experts, so only q/k/v are joined.
+MIXTURE_ATTENTION = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
+
+
 def share_inputs(model: nn.Module) -> int:
     """In each decoder block of a known family, run the kernel layers that read one input (the
-    family's q/k/v and gate/up groups) as one call; the number of groups so joined."""
+    family's q/k/v and gate/up groups; q/k/v in :data:`MIXTURE_ATTENTION`'s) as one call; the
+    number of groups so joined."""
     family = family_of(model)
-    if family is None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if family is not None:
+        groups, blocks = family.sequential, find_blocks(model)[1]
+    elif model_type in MIXTURE_ATTENTION:
+        groups = (tuple(f"self_attn.{p}_proj" for p in "qkv"),)
+        blocks = model.get_submodule("model.layers")
+    else:
         return 0
     joined = 0
-    for block in find_blocks(model)[1]:
+    for block in blocks:
         modules = dict(block.named_modules())
-        for group in family.sequential:
+        for group in groups:
             layers = [modules.get(name) for name in group]
             if all(isinstance(m, (AffineKernelLinear, Int8KernelLinear)) for m in layers):
                 joined += share_input(layers)

@@ -35,8 +35,8 @@ def one_token_experts(experts: Sequence[nn.Module], x: Tensor, route: Tensor) ->
     act = experts[0].act_fn
     if any(e.act_fn is not act or _hooked(e, pre=True) for e in experts) or _global_hooks():
         return None
-    up = [_affine(e.gate_proj, True) for e in experts] + [_affine(e.up_proj, True) for e in experts]
-    down = [_affine(e.down_proj, False) for e in experts]
+    up = [affine_only(e.gate_proj) for e in experts] + [affine_only(e.up_proj) for e in experts]
+    down = [affine_only(e.down_proj, False) for e in experts]
     if None in up or None in down or not experts_fit(up, x.shape[-1]):
         return None
     if not experts_fit(down, up[0].w.shape[0]):
@@ -52,7 +52,7 @@ def one_token_experts(experts: Sequence[nn.Module], x: Tensor, route: Tensor) ->
     return affine_experts(h, down, route.reshape(-1))
 
 
-def _affine(layer: nn.Module, no_pre_hooks: bool) -> AffineWeight | None:
+def affine_only(layer: nn.Module, no_pre_hooks: bool = True) -> AffineWeight | None:
     """A 4-bit kernel layer's weight, if calling it computes x · Wᵀ alone (no bias, no shared
     call, no output hooks; input hooks only where ``no_pre_hooks`` is False)."""
     if not (isinstance(layer, AffineKernelLinear) and layer.bits == 4 and layer.bias is None

@@ -30,6 +30,7 @@ from lowbit.kernels.kv_attention import decode_attention_codes
 from lowbit.kernels.threads import torch_ops_on_one_thread
 from lowbit.models.experts import LinearExperts
 from lowbit.models.kernels import pooled_layers
+from lowbit.models.mixture_step import mixture_step
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 from lowbit.runtime.layer_calls import (
@@ -140,7 +141,8 @@ class LlamaForward:
                 block.input_layernorm, joint(qkv), getattr(attn, "q_norm", None),
                 getattr(attn, "k_norm", None), prompt_call(attn.o_proj),
                 block.post_attention_layernorm, None, None, None,
-                moe=functools.partial(_mixture, mlp, pooled_layers(mlp)),
+                moe=functools.partial(_mixture, mlp, pooled_layers(mlp),
+                                      mixture_step(mlp) if native else None),
             )  # fmt: skip
             fast = (direct_group(qkv, layer.qkv), direct(attn.o_proj)) if native else None
             layer.fast = (*(fast or (layer.qkv, layer.o_proj)), None, None)
@@ -354,14 +356,18 @@ def is_mixture(mlp: nn.Module) -> bool:
     return any(isinstance(m, LinearExperts) for m in mlp.modules())
 
 
-def _mixture(mlp: nn.Module, pooled: bool, h: Tensor) -> Tensor:
+def _mixture(mlp: nn.Module, pooled: bool, step: Callable[[Tensor], Tensor] | None,
+             h: Tensor) -> Tensor:  # fmt: skip
     """The mixture block on (..., C): transformers' blocks take (B, T, C), a decode step's
-    (B, C) as (B, 1, C). In a ``pooled`` block, on up to ``GEMV_MAX_ROWS`` tokens (so that
-    every expert's kernel is a pooled GEMV, not a prompt GEMM on torch's threads), the block's
-    torch ops (its router, the routing) run on one thread and its layers' kernels on the
-    pool: OpenMP's spinning threads would take the pool's cores
+    (B, C) as (B, 1, C); one token's (1, C) goes to ``step`` where there is one (the native
+    call, :func:`lowbit.models.mixture_step.mixture_step`). In a ``pooled`` block, on up to
+    ``GEMV_MAX_ROWS`` tokens (so that every expert's kernel is a pooled GEMV, not a prompt GEMM
+    on torch's threads), the block's torch ops (its router, the routing) run on one thread and
+    its layers' kernels on the pool: OpenMP's spinning threads would take the pool's cores
     (:func:`lowbit.kernels.threads.torch_ops_on_one_thread`; OLMoE's shape, W4, 2 cores:
     a 32-token prompt 39.8 -> 55.3 tok/s)."""
     x = h.reshape(-1, 1, h.shape[-1]) if h.dim() == 2 else h
     with torch_ops_on_one_thread(pooled and x.shape[0] * x.shape[1] <= GEMV_MAX_ROWS):
+        if step is not None and h.dim() == 2 and h.shape[0] == 1:
+            return step(h)
         return mlp(x).reshape(h.shape)

@@ -1,0 +1,88 @@
+"""A decoded token's mixture block in one native call, router included.
+
+For a block of a family whose forward is its top-k router, then its experts
+(transformers' ``OlmoeSparseMoeBlock``, ``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``:
+logits = h·Wᵀ, softmax, top k, renormalised where the router says so), with SiLU experts on
+4-bit kernel layers (:func:`lowbit.nn.kernel_experts.one_token_experts`' conditions),
+:func:`mixture_step` returns a function of one token's hidden state that runs
+``lowbit_cpu::mixture_step``: the router's ATen ops and both expert calls without going back to
+Python (OLMoE's shape: ~270 us of Python per block, a seventh of a decode step). Before it is
+used it is checked on a random token against the block itself, to the bit; a block it cannot
+take, or that disagrees, keeps its own forward (None).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.kernels.affine import AffineWeight, experts_fit
+from lowbit.kernels.build import native_ops
+from lowbit.models.experts import ExpertMLP, LinearExperts
+from lowbit.nn.kernel_experts import affine_only
+
+log = logging.getLogger(__name__)
+
+# block -> its router's class, whose forward is softmax top-k (renormalised where its
+# ``norm_topk_prob`` is true, always for Mixtral's)
+ROUTERS = {
+    "OlmoeSparseMoeBlock": "OlmoeTopKRouter",
+    "MixtralSparseMoeBlock": "MixtralTopKRouter",
+    "Qwen3MoeSparseMoeBlock": "Qwen3MoeTopKRouter",
+}
+
+
+def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """``step(h)`` for h (1, hidden) float32: the block's output for that token, as calling
+    the block computes it to the bit; None where the native call does not apply."""
+    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    router = None if gate is None else getattr(gate, "weight", None)
+    if not (native_ops() and ROUTERS.get(type(block).__name__) == type(gate).__name__
+            and isinstance(experts, LinearExperts) and isinstance(router, Tensor)
+            and router.dtype == torch.float32 and router.dim() == 2
+            and router.shape[0] == experts.num_experts):  # fmt: skip
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (block, gate, experts)):
+        return None
+    mlps = [experts._modules[str(e)] for e in range(experts.num_experts)]
+    if not all(type(e) is ExpertMLP and _silu(e.act_fn) for e in mlps):
+        return None
+    weights = [[affine_only(getattr(e, name)) for e in mlps]
+               for name in ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
+    if any(aw is None for part in weights for aw in part):
+        return None
+    ups, downs = weights[0] + weights[1], weights[2]
+    if not (experts_fit(ups, router.shape[1]) and experts_fit(downs, ups[0].w.shape[0])):
+        return None
+    step = _step(router, gate.top_k, _renormalises(gate), ups + downs, downs[0].group)
+    probe = torch.randn(1, router.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        agrees = torch.equal(step(probe), block(probe[None]).reshape(1, -1))
+    if not agrees:
+        log.info("%s: the native mixture step disagrees with the block; the block runs it",
+                 type(block).__name__)  # fmt: skip
+        return None
+    return step
+
+
+def _silu(act: nn.Module) -> bool:
+    """torch's SiLU module or transformers' (``F.silu``), unhooked."""
+    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and not (act._forward_hooks or act._forward_pre_hooks)
+
+
+def _renormalises(gate: nn.Module) -> bool:
+    return type(gate).__name__ == "MixtralTopKRouter" or bool(gate.norm_topk_prob)
+
+
+def _step(router: Tensor, top_k: int, norm: bool, aws: list[AffineWeight], group_down: int):
+    w, scale, offset = ([getattr(aw, k) for aw in aws] for k in ("w", "scale", "offset"))
+    op, group_up = torch.ops.lowbit_cpu.mixture_step, aws[0].group
+
+    def step(h: Tensor) -> Tensor:
+        return op(h, router, top_k, norm, w, scale, offset, group_up, group_down)
+
+    return step
