@@ -100,11 +100,14 @@ def test_load_with_kernels_matches_reference(tiny_folder, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc maps")
-@pytest.mark.parametrize("kernels", [True, False])
-def test_a_loaded_folder_lets_go_of_its_file_maps(tiny_folder, tmp_path, kernels):
-    # A tensor left reading a shard's memory map (a norm, a layer no kernel converts) kept the
-    # whole map, every page read through it, resident beside the converted copies.
-    src, report = quantized_copy(tiny_folder, "w4-sym-g32")
+@pytest.mark.parametrize(
+    ("recipe", "kernels"), [("w4-sym-g32", True), ("w4-sym-g32", False), ("w8a8-dynamic", True)]
+)
+def test_a_loaded_folder_lets_go_of_its_file_maps(tiny_folder, tmp_path, recipe, kernels):
+    # A tensor left reading a shard's memory map (a norm, a layer no kernel converts, a W8A8
+    # kernel's scales) kept the whole map, every page read through it, resident beside the
+    # converted copies.
+    src, report = quantized_copy(tiny_folder, recipe)
     out = api.save(src.model, tmp_path / "q", report, source=src)
     loaded = api.load(out, kernels=kernels).model
     assert str(out / "model.safetensors") not in Path("/proc/self/maps").read_text()

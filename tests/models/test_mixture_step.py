@@ -54,6 +54,9 @@ def test_blocks_it_cannot_take_keep_their_forward(monkeypatch, caplog):
     handle = block.experts.register_forward_hook(lambda m, a, out: None)
     assert mixture_step(block) is None  # calling the block would run the hook
     handle.remove()
+    handle = block.experts._modules["1"].register_forward_pre_hook(lambda m, a: None)
+    assert mixture_step(block) is None  # an expert's hook: the block's loop would run it
+    handle.remove()
     assert mixture_step(block) is not None
     # a step that disagrees with the block (here: the other renormalisation) is not used
     monkeypatch.setattr(mixture_step_module, "_renormalises", lambda gate: True)
@@ -67,3 +70,16 @@ def test_a_mixtures_attention_runs_q_k_v_as_one_call():
     model = _quantized("olmoe")
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.shared is not None and attn.q_proj.shared is attn.v_proj.shared
+
+
+@needs_native
+def test_hooks_added_later_send_the_token_through_the_block():
+    model = _quantized("mixtral")
+    block = model.model.layers[1].mlp
+    step = mixture_step(block)
+    seen = []
+    block.gate.register_forward_hook(lambda m, a, out: seen.append(out[2]))
+    h = torch.randn(1, 64)
+    with torch.inference_mode():
+        assert torch.equal(step(h), block(h[None]).reshape(1, -1))
+    assert len(seen) == 2  # the step ran the block (and its router's hook), as the check did

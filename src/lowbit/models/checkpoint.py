@@ -11,6 +11,7 @@ modules as the manifest lists them, and assigns the saved tensors: no pickle is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -241,7 +242,7 @@ def load_folder(
     spec = attention_spec(manifest)
     if spec is not None and spec.center_keys:  # the measured key centres are saved tensors
         add_key_centers(model)
-    unexpected, loaded, maps = [], set(), []
+    unexpected, loaded, maps, held = [], set(), [], []
     for path in files:
         try:
             state = load_file(str(path))
@@ -255,6 +256,7 @@ def load_folder(
         unexpected += result.unexpected_keys
         loaded |= set(state)
         maps.append(_span(state.values()))
+        held += list(state.values())[:1]  # keeps the map, so no new tensor takes its addresses
     if unexpected:
         raise LowbitError(f"the weights have tensors the model lacks: {unexpected[:3]}")
     if skeleton is not None:  # a built (not meta) skeleton: a tensor not on disk stays random
@@ -274,6 +276,7 @@ def load_folder(
     if prepare is not None:
         prepare(model, manifest)
         _copy_out_of(model, maps)
+    del held
     return model.eval(), manifest
 
 
@@ -285,11 +288,15 @@ def _span(tensors: Any) -> tuple[int, int]:
 
 
 def _copy_out_of(model: nn.Module, maps: list[tuple[int, int]]) -> None:
-    """Give every tensor of ``model`` that lies in one of ``maps`` memory of its own (tied
-    tensors stay tied: one copy per original)."""
+    """Give every tensor of ``model`` that lies in one of ``maps`` memory of its own: its
+    parameters, buffers, tensor attributes and the tensor fields of dataclass attributes (a
+    kernel's weight, e.g. :class:`lowbit.kernels.int8.Int8Weight`); tied tensors stay tied (one
+    copy per original)."""
     copies: dict[int, torch.Tensor] = {}
 
     def own(t: torch.Tensor) -> torch.Tensor:
+        if t.layout != torch.strided or t.device.type != "cpu":  # (oneDNN's packed weights)
+            return t
         if not any(lo <= t.data_ptr() < hi for lo, hi in maps):
             return t
         if id(t) not in copies:
@@ -306,6 +313,11 @@ def _copy_out_of(model: nn.Module, maps: list[tuple[int, int]]) -> None:
         for key, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor):
                 setattr(module, key, own(value))
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+                moved = {k: own(t) for k, t in fields.items() if isinstance(t, torch.Tensor)}
+                if any(moved[k] is not fields[k] for k in moved):
+                    setattr(module, key, dataclasses.replace(value, **moved))
 
 
 def _float32_outside(model: nn.Module) -> None:

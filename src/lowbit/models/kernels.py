@@ -50,7 +50,10 @@ def share_inputs(model: nn.Module) -> int:
         groups, blocks = family.sequential, find_blocks(model)[1]
     elif model_type in MIXTURE_ATTENTION:
         groups = (tuple(f"self_attn.{p}_proj" for p in "qkv"),)
-        blocks = model.get_submodule("model.layers")
+        try:
+            blocks = model.get_submodule("model.layers")
+        except AttributeError:  # not a causal LM's usual layout
+            return 0
     else:
         return 0
     joined = 0

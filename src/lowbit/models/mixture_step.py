@@ -8,7 +8,10 @@ logits = h·Wᵀ, softmax, top k, renormalised where the router says so), with S
 ``lowbit_cpu::mixture_step``: the router's ATen ops and both expert calls without going back to
 Python (OLMoE's shape: ~270 us of Python per block, a seventh of a decode step). Before it is
 used it is checked on a random token against the block itself, to the bit; a block it cannot
-take, or that disagrees, keeps its own forward (None).
+take, or that disagrees, keeps its own forward (None). Like the decode loop's other native
+calls it reads the weights it found when it was built; hooks registered on the block, its
+router or its experts module later, global hooks, or training mode send the token through the
+block's forward instead.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from lowbit.kernels.affine import AffineWeight, experts_fit
 from lowbit.kernels.build import native_ops
@@ -45,9 +49,9 @@ def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
             and router.dtype == torch.float32 and router.dim() == 2
             and router.shape[0] == experts.num_experts):  # fmt: skip
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (block, gate, experts)):
-        return None
     mlps = [experts._modules[str(e)] for e in range(experts.num_experts)]
+    if _hooked(block, gate, experts, *mlps) or block.training:
+        return None
     if not all(type(e) is ExpertMLP and _silu(e.act_fn) for e in mlps):
         return None
     weights = [[affine_only(getattr(e, name)) for e in mlps]
@@ -57,7 +61,13 @@ def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
     ups, downs = weights[0] + weights[1], weights[2]
     if not (experts_fit(ups, router.shape[1]) and experts_fit(downs, ups[0].w.shape[0])):
         return None
-    step = _step(router, gate.top_k, _renormalises(gate), ups + downs, downs[0].group)
+    native = _step(router, gate.top_k, _renormalises(gate), ups + downs, downs[0].group)
+
+    def step(h: Tensor) -> Tensor:  # hooks added later, or training: the block's forward
+        if _hooked(block, gate, experts) or block.training:
+            return block(h[None]).reshape(h.shape)
+        return native(h)
+
     probe = torch.randn(1, router.shape[1], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         agrees = torch.equal(step(probe), block(probe[None]).reshape(1, -1))
@@ -66,6 +76,12 @@ def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
                  type(block).__name__)  # fmt: skip
         return None
     return step
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether calling these modules runs hooks of their own or global ones."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))  # fmt: skip
 
 
 def _silu(act: nn.Module) -> bool:
