@@ -101,6 +101,11 @@ def native_ops() -> bool:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("lowbit's CPU kernels could not be built (%s); using the reference path", first)
         return False
+    from lowbit.kernels.int8 import has_avx512_vnni
+    from lowbit.kernels.rows_kernel import choose_rows_kernel
+
+    if has_avx512_vnni():  # which form runs inputs of several rows, timed once per machine
+        choose_rows_kernel(folder)
     return True
 
 

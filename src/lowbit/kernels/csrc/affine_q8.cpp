@@ -445,6 +445,15 @@ bool use_avx512() {
   return isa != "avx2" && isa != "avxvnni";
 }
 
+// Whether inputs of two rows or more run the AVX-512 kernels too: not where LOWBIT_KERNEL_ROWS
+// is "avx2" (set by lowbit.kernels.rows_kernel from a measurement once per machine: on a CPU
+// that splits 512-bit instructions in two, AMD's Zen 4, the AVX2 kernel ran 8-32 rows ~1.6x
+// faster; on Intel's the AVX-512 one is faster).
+static bool wide_rows() {
+  const char* rows = std::getenv("LOWBIT_KERNEL_ROWS");
+  return !(rows && std::string(rows) == "avx2");
+}
+
 // Whether to use the AVX-VNNI kernels (where AVX-512 is not used): the CPU has AVX-VNNI and
 // LOWBIT_KERNEL_ISA is not "avx2".
 bool use_avxvnni() {
@@ -489,7 +498,7 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
 
 Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, bool offsets)
     : M(x.size(0)), K(x.size(1)), group(group), C(K / 64), offsets(offsets),
-      wide(use_avx512() && C > 0),
+      wide(use_avx512() && C > 0 && (M == 1 || wide_rows())),
       row1(M == 1 && group == 32 && C > 0),
       a(quantize_act8(x, group, false, !wide)) {
   const int64_t RB = K / 32;  // activation blocks

@@ -1,0 +1,67 @@
+"""The kernel for inputs of several rows: measured once per machine, recorded, reused."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import random_affine
+from lowbit.kernels import rows_kernel
+from lowbit.kernels.affine import affine_linear
+from lowbit.kernels.build import native_ops
+from lowbit.kernels.int8 import has_avx512_vnni
+
+ENV = rows_kernel.ENV
+
+
+def _never(choice):
+    raise AssertionError("measured again")
+
+
+def test_the_faster_form_is_chosen_recorded_and_reused(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    calls = []
+
+    def measure(choice):
+        calls.append(choice)
+        return {"": 2.0, "avx2": 1.0}[choice]
+
+    assert rows_kernel.choose_rows_kernel(tmp_path, measure) == "avx2"
+    assert sorted(set(calls)) == ["", "avx2"] and len(calls) == 14  # alternating rounds
+    record = json.loads((tmp_path / rows_kernel.FILE).read_text())
+    assert record["cpu"] == rows_kernel.cpu_model() and record["choice"] == "avx2"
+    assert os.environ[ENV] == "avx2"  # what the C++ reads
+    monkeypatch.delenv(ENV)
+    assert rows_kernel.choose_rows_kernel(tmp_path, _never) == "avx2"  # from the record
+
+
+def test_another_cpus_record_or_a_damaged_one_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    path = tmp_path / rows_kernel.FILE
+    for text in (json.dumps({"cpu": "some other CPU", "choice": "avx2"}), "{not json",
+                 json.dumps({"cpu": rows_kernel.cpu_model(), "choice": "sse"})):  # fmt: skip
+        path.write_text(text)
+        monkeypatch.delenv(ENV, raising=False)
+        assert rows_kernel.choose_rows_kernel(tmp_path, lambda c: 1.0 if c == "" else 2.0) == ""
+        assert json.loads(path.read_text())["choice"] == ""
+
+
+def test_a_value_the_user_set_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, "avx2")
+    assert rows_kernel.choose_rows_kernel(tmp_path, _never) == "avx2"
+    assert not (tmp_path / rows_kernel.FILE).exists()
+
+
+@pytest.mark.skipif(not (native_ops() and has_avx512_vnni()), reason="needs AVX-512 VNNI kernels")
+def test_both_forms_agree_and_one_row_keeps_its_kernel(monkeypatch):
+    aw = random_affine(96, 256, 32, 4, 3, "f16")
+    g = torch.Generator().manual_seed(1)
+    rows, row = torch.randn(8, 256, generator=g), torch.randn(1, 256, generator=g)
+    out = {}
+    for choice in rows_kernel.CHOICES:
+        monkeypatch.setenv(ENV, choice)
+        out[choice] = (affine_linear(rows, aw), affine_linear(row, aw))
+    assert torch.allclose(out[""][0], out["avx2"][0], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out[""][0], out["avx2"][0])  # two kernels ran (other float sums)
+    assert torch.equal(out[""][1], out["avx2"][1])  # one row: the AVX-512 kernel either way
