@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import random_affine
+from lowbit.errors import LowbitError
 from lowbit.kernels import rows_kernel
 from lowbit.kernels.affine import affine_linear
 from lowbit.kernels.build import native_ops
@@ -51,6 +52,9 @@ def test_a_value_the_user_set_is_kept(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV, "avx2")
     assert rows_kernel.choose_rows_kernel(tmp_path, _never) == "avx2"
     assert not (tmp_path / rows_kernel.FILE).exists()
+    monkeypatch.setenv(ENV, "avx-2")
+    with pytest.raises(LowbitError, match="LOWBIT_KERNEL_ROWS='avx-2': expected avx2"):
+        rows_kernel.choose_rows_kernel(tmp_path, _never)
 
 
 @pytest.mark.skipif(not (native_ops() and has_avx512_vnni()), reason="needs AVX-512 VNNI kernels")

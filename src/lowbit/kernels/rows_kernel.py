@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lowbit.assets import write_text_atomic
+from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ def choose_rows_kernel(folder: Path, measure: Callable[[str], float] | None = No
     from a measurement (``measure(choice)``: seconds, lower is better) recorded there; a value
     the user set is kept. Returns the choice."""
     if ENV in os.environ:
+        if os.environ[ENV] not in CHOICES:
+            raise LowbitError(f"{ENV}={os.environ[ENV]!r}: expected avx2, or empty for the "
+                              f"AVX-512 form")  # fmt: skip
         return os.environ[ENV]
     path, model = Path(folder) / FILE, cpu_model()
     try:
