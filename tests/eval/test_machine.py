@@ -48,3 +48,5 @@ def test_thread_settings_are_reported():
     assert facts["lowbit_spin_us"] == os.environ.get("LOWBIT_SPIN_US", "1000")
     assert facts["decode_threads"] in ("spin pool", "openmp", "reference")
     assert facts["kernels"] in ("avx512-vnni", "avx2+avx-vnni", "avx2", "reference")
+    # the multi-row 4-bit form: the ISA's own, or AVX2's where it ran faster on an AVX-512 CPU
+    assert facts["kernel_rows"] in (facts["kernels"], "avx2")

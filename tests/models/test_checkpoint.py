@@ -113,8 +113,31 @@ def test_a_loaded_folder_lets_go_of_its_file_maps(tiny_folder, tmp_path, recipe,
     assert str(out / "model.safetensors") not in Path("/proc/self/maps").read_text()
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
     reading_the_map = load_folder(out)[0]  # no prepare: its tensors keep reading the map
+    assert str(out / "model.safetensors") in Path("/proc/self/maps").read_text()  # (it maps)
     if kernels:
         use_kernels(reading_the_map)
     x = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, reading_the_map(x).logits)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc maps")
+def test_an_empty_tensor_or_a_second_view_is_copied_out_too(tmp_path):
+    # an empty tensor's address is 0, yet it held its shard's map; two objects viewing the same
+    # bytes stay one tensor
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.models.checkpoint import _copy_out_of, _span
+
+    path = tmp_path / "t.safetensors"
+    save_file({"w": torch.randn(8, 8), "e": torch.zeros(0)}, str(path))
+    state = load_file(str(path))
+    module = torch.nn.Module()
+    module.register_buffer("w", state["w"])
+    module.register_buffer("e", state["e"])
+    module.view = state["w"][:]  # another object over the same bytes
+    maps = [_span(state.values())]
+    del state
+    _copy_out_of(module, maps)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert module.view.data_ptr() == module.w.data_ptr()

@@ -83,3 +83,27 @@ def test_hooks_added_later_send_the_token_through_the_block():
     with torch.inference_mode():
         assert torch.equal(step(h), block(h[None]).reshape(1, -1))
     assert len(seen) == 2  # the step ran the block (and its router's hook), as the check did
+
+
+@needs_native
+def test_a_hook_added_later_inside_an_expert_is_run():
+    model = _quantized("olmoe")
+    block = model.model.layers[0].mlp
+    step = mixture_step(block)
+    h = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        before = step(h)
+        for e in range(block.experts.num_experts):  # every expert's output projection silenced
+            block.experts._modules[str(e)].down_proj.register_forward_hook(
+                lambda m, a, out: torch.zeros_like(out))  # fmt: skip
+        after = step(h)
+    assert before.abs().sum() > 0 and torch.equal(after, torch.zeros_like(after))
+
+
+@needs_native
+def test_a_router_the_op_cannot_take_keeps_the_block():
+    model = _quantized("olmoe")
+    block = model.model.layers[0].mlp
+    for top_k in (0, block.experts.num_experts + 1):
+        block.gate.top_k = top_k
+        assert mixture_step(block) is None

@@ -38,12 +38,18 @@ def thread_settings() -> dict[str, object]:
     long the decode kernels' threads spin before they sleep, who runs those threads (the
     spinning pool, or OpenMP where its threads never sleep: ``kernels/csrc/pool.h``) and the
     instruction set lowbit's kernels run on (``avx512-vnni``, ``avx2+avx-vnni``, ``avx2``, as
-    the CPU and ``LOWBIT_KERNEL_ISA`` allow)."""
+    the CPU and ``LOWBIT_KERNEL_ISA`` allow), and the form that runs a 4-bit layer's inputs of
+    several rows (``kernel_rows``: on an AVX-512 CPU, the one measured faster there:
+    ``lowbit.kernels.rows_kernel``)."""
     from lowbit.kernels.build import native_ops
+    from lowbit.kernels.rows_kernel import ENV as ROWS
 
     native = native_ops()
+    isa = torch.ops.lowbit_cpu.kernel_isa() if native else "reference"
+    rows = "avx2" if isa == "avx512-vnni" and os.environ.get(ROWS) == "avx2" else isa
     return {
-        "kernels": torch.ops.lowbit_cpu.kernel_isa() if native else "reference",
+        "kernels": isa,
+        "kernel_rows": rows,
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "lowbit_spin_us": os.environ.get("LOWBIT_SPIN_US", "1000"),

@@ -77,6 +77,9 @@ def kernel_isa_env() -> str:
 def native_ops() -> bool:
     """Build or load the extension; True when ``torch.ops.lowbit_cpu`` is usable."""
     kernel_isa_env()  # a misspelt value fails here, before any kernel runs
+    from lowbit.kernels.rows_kernel import user_setting
+
+    user_setting()  # (so does LOWBIT_KERNEL_ROWS's, on any CPU)
     if os.environ.get("LOWBIT_KERNELS", "").lower() in ("off", "0", "no"):
         log.info("LOWBIT_KERNELS=off: using the reference kernels")
         return False

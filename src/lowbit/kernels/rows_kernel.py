@@ -7,13 +7,16 @@ batched decode) it depends on the CPU: on Intel's it is faster, on AMD's Zen 4, 
 512-bit instruction as two 256-bit halves, the AVX2 form ran 8-32 rows ~1.6x faster
 (25.5 against 40 us per row of a 1024x2048 matrix). So the first time the kernels load on an
 AVX-512 CPU both are timed on that shape and the faster one is kept, in a small file beside the
-built kernels keyed by the CPU's model name, so that a machine keeps one arithmetic from run to
-run (the two forms' outputs differ in the last bits). The C++ reads the choice from
-``LOWBIT_KERNEL_ROWS`` ("avx2", or "" for the AVX-512 form), which a user may also set.
+built kernels keyed by the CPU (vendor, family, model, stepping, name) and torch's thread count,
+so that a machine keeps one arithmetic from run to run (the two forms' outputs differ in the
+last bits). Processes that start together take turns on a lock beside the record, so they
+measure once and agree. The C++ reads the choice from ``LOWBIT_KERNEL_ROWS`` ("avx2", or "" for
+the AVX-512 form) at every call, which a user may also set.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -34,42 +37,92 @@ FILE = "rows_kernel.json"
 CHOICES = ("", "avx2")
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (empty where it cannot be read)."""
+def cpu_key() -> str:
+    """The CPU as /proc/cpuinfo names it (vendor, family, model, stepping and model name: a
+    cloud VM's model name alone, e.g. "AMD EPYC", covers several generations), with torch's
+    thread count, which moves the balance between arithmetic and memory."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            name, _, value = line.partition(":")
+            if name.strip() in ("vendor_id", "cpu family", "model", "stepping", "model name"):
+                fields.setdefault(name.strip(), value.strip())
+            if not line.strip() and fields:
+                break  # the first processor's block is enough
     except OSError:
         pass
-    return ""
+    cpu = " ".join(f"{k}={fields[k]}" for k in ("vendor_id", "cpu family", "model", "stepping")
+                   if k in fields)  # fmt: skip
+    return f"{cpu} ({fields.get('model name', '')}), {torch.get_num_threads()} threads"
+
+
+def user_setting() -> str | None:
+    """``LOWBIT_KERNEL_ROWS`` as the user set it (None: unset); a value other than "avx2" or
+    "" is a one-line error, on any CPU."""
+    value = os.environ.get(ENV)
+    if value is not None and value not in CHOICES:
+        raise LowbitError(f"{ENV}={value!r}: expected avx2, or empty for the AVX-512 form")
+    return value
 
 
 def choose_rows_kernel(folder: Path, measure: Callable[[str], float] | None = None) -> str:
-    """Set ``LOWBIT_KERNEL_ROWS`` for this process from ``folder``'s record for this CPU, or
-    from a measurement (``measure(choice)``: seconds, lower is better) recorded there; a value
-    the user set is kept. Returns the choice."""
-    if ENV in os.environ:
-        if os.environ[ENV] not in CHOICES:
-            raise LowbitError(f"{ENV}={os.environ[ENV]!r}: expected avx2, or empty for the "
-                              f"AVX-512 form")  # fmt: skip
-        return os.environ[ENV]
-    path, model = Path(folder) / FILE, cpu_model()
+    """Set ``LOWBIT_KERNEL_ROWS`` for this process from ``folder``'s record for this CPU and
+    thread count, or from a measurement (``measure(choice)``: seconds, lower is better)
+    recorded there; a value the user set is kept. Returns the choice."""
+    user = user_setting()
+    if user is not None:
+        return user
+    path, key = Path(folder) / FILE, cpu_key()
     try:
-        record = json.loads(path.read_text())
-        choice = record["choice"] if record.get("cpu") == model else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        choice = None
-    if choice not in CHOICES:
+        with _locked(Path(folder) / (FILE + ".lock")):
+            records = _records(path)  # again under the lock: another process may have written
+            choice = records.get(key, {}).get("choice")
+            if choice not in CHOICES:
+                choice = _measure_and_record(path, key, records, measure or _time_rows)
+    except OSError as exc:  # no lock file here (a read-only folder): measure for this run only
+        log.warning("4-bit rows kernel: cannot lock %s (%s); measuring for this run", folder, exc)
         times = _timings(measure or _time_rows)
         choice = min(CHOICES, key=lambda c: statistics.median(times[c]))
-        write_text_atomic(path, json.dumps({"cpu": model, "choice": choice,
-                                            "seconds": times}))  # fmt: skip
-        medians = {c or "avx512": round(statistics.median(t), 6) for c, t in times.items()}
-        log.info("4-bit rows kernel for %s: %s (median s: %s)", model, choice or "avx512",
-                 medians)  # fmt: skip
     os.environ[ENV] = choice
     return choice
+
+
+def _measure_and_record(path: Path, key: str, records: dict, measure) -> str:
+    times = _timings(measure)
+    choice = min(CHOICES, key=lambda c: statistics.median(times[c]))
+    records[key] = {"choice": choice, "seconds": times}
+    try:
+        write_text_atomic(path, json.dumps({"version": 2, "machines": records}))
+    except OSError as exc:  # a full disk: the choice holds for this run, measured again next
+        log.warning("4-bit rows kernel: could not record the choice in %s (%s)", path, exc)
+    medians = {c or "avx512": round(statistics.median(t), 6) for c, t in times.items()}
+    log.info("4-bit rows kernel for %s: %s (median s: %s)", key, choice or "avx512", medians)
+    return choice
+
+
+def _records(path: Path) -> dict:
+    """The recorded choices by CPU key (empty for a missing, damaged or older file)."""
+    try:
+        data = json.loads(path.read_text())
+        machines = data["machines"] if data.get("version") == 2 else {}
+        return {k: v for k, v in machines.items() if isinstance(v, dict)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+class _locked:
+    """An exclusive lock on ``path`` (created if missing) for the ``with`` block."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def _timings(measure: Callable[[str], float], rounds: int = 7) -> dict[str, list[float]]:

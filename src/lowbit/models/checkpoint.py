@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from lowbit.models.verify import MANIFEST, check_tensors, file_hashes, manifest_
 from lowbit.nn import QuantLinear
 from lowbit.nn.attention import add_key_centers, attention_spec
 from lowbit.typed import from_mapping
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -243,6 +246,7 @@ def load_folder(
     if spec is not None and spec.center_keys:  # the measured key centres are saved tensors
         add_key_centers(model)
     unexpected, loaded, maps, held = [], set(), [], []
+    state = result = None
     for path in files:
         try:
             state = load_file(str(path))
@@ -276,8 +280,22 @@ def load_folder(
     if prepare is not None:
         prepare(model, manifest)
         _copy_out_of(model, maps)
-    del held
+        del held, state, result
+        _check_let_go(files)
     return model.eval(), manifest
+
+
+def _check_let_go(files: list[Path]) -> None:
+    """Warn where a shard is still mapped after the copy-out (a tensor it missed, held where
+    it does not look: its pages would stay counted against the process). Linux only."""
+    try:
+        mapped = Path("/proc/self/maps").read_text()
+    except OSError:
+        return
+    kept = [p.name for p in files if str(p.resolve()) in mapped]
+    if kept:
+        log.warning("%s still mapped after loading: a tensor read from it is held somewhere "
+                    "the copy-out does not look", ", ".join(kept))  # fmt: skip
 
 
 def _span(tensors: Any) -> tuple[int, int]:
@@ -292,18 +310,29 @@ def _copy_out_of(model: nn.Module, maps: list[tuple[int, int]]) -> None:
     parameters, buffers, tensor attributes and the tensor fields of dataclass attributes (a
     kernel's weight, e.g. :class:`lowbit.kernels.int8.Int8Weight`); tied tensors stay tied (one
     copy per original)."""
-    copies: dict[int, torch.Tensor] = {}
+    copies: dict[tuple, torch.Tensor] = {}
 
     def own(t: torch.Tensor) -> torch.Tensor:
         if t.layout != torch.strided or t.device.type != "cpu":  # (oneDNN's packed weights)
             return t
-        if not any(lo <= t.data_ptr() < hi for lo, hi in maps):
+        # (an empty tensor's address is 0, yet it may still hold its shard's map: copied too)
+        if t.numel() and not any(lo <= t.data_ptr() < hi for lo, hi in maps):
             return t
-        if id(t) not in copies:
+        # one copy per object, and per view of the same bytes: tensors that are one tensor
+        # (tied weights, the same view taken twice) stay one
+        key = (
+            type(t),
+            t.data_ptr(),
+            t.dtype,
+            tuple(t.shape),
+            t.stride(),
+            0 if t.numel() else id(t),
+        )
+        if key not in copies:
             data = t.detach().clone()
-            copies[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) \
+            copies[key] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) \
                 else data  # fmt: skip
-        return copies[id(t)]
+        return copies[key]
 
     for module in model.modules():
         for table in (module._parameters, module._buffers):
