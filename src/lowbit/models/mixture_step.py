@@ -21,12 +21,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 
 from lowbit.kernels.affine import AffineWeight, experts_fit
 from lowbit.kernels.build import native_ops
 from lowbit.models.experts import ExpertMLP, LinearExperts
-from lowbit.nn.kernel_experts import affine_only
+from lowbit.nn.kernel_experts import affine_only, global_hooks
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +49,20 @@ def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
             and router.shape[0] == experts.num_experts):  # fmt: skip
         return None
     mlps = [experts._modules[str(e)] for e in range(experts.num_experts)]
-    if _hooked(block, gate, experts, *mlps) or block.training:
-        return None
     if not all(type(e) is ExpertMLP and _silu(e.act_fn) for e in mlps):
         return None
     if not 1 <= gate.top_k <= experts.num_experts:
+        return None
+    # every module the block's forward calls: a hook on any of them, now or added later (their
+    # dicts, checked at every token in ~10 us for OLMoE's 64 experts), sends the token there
+    parts = [m for e in mlps for m in (e, e.gate_proj, e.up_proj, e.down_proj, e.act_fn)]
+    hooks = tuple(d for m in (block, gate, experts, *parts)
+                  for d in (m._forward_hooks, m._forward_pre_hooks))  # fmt: skip
+
+    def unplain() -> bool:  # hooks, or training: the block's own forward
+        return global_hooks() or any(map(bool, hooks)) or block.training
+
+    if unplain():
         return None
     weights = [[affine_only(getattr(e, name)) for e in mlps]
                for name in ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
@@ -64,17 +72,9 @@ def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
     if not (experts_fit(ups, router.shape[1]) and experts_fit(downs, ups[0].w.shape[0])):
         return None
     native = _step(router, gate.top_k, _renormalises(gate), ups + downs, downs[0].group)
-    # every module the block's forward would call: a hook added to any of them later (their
-    # dicts, checked at every token in ~10 us for OLMoE's 64 experts) sends the token there
-    parts = [m for e in mlps for m in (e, e.gate_proj, e.up_proj, e.down_proj, e.act_fn)]
-    hooks = tuple(d for m in (block, gate, experts, *parts)
-                  for d in (m._forward_hooks, m._forward_pre_hooks))  # fmt: skip
 
-    def step(h: Tensor) -> Tensor:  # hooks added later, or training: the block's forward
-        if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                or any(map(bool, hooks)) or block.training):  # fmt: skip
-            return block(h[None]).reshape(h.shape)
-        return native(h)
+    def step(h: Tensor) -> Tensor:
+        return block(h[None]).reshape(h.shape) if unplain() else native(h)
 
     probe = torch.randn(1, router.shape[1], generator=torch.Generator().manual_seed(0))
     try:
@@ -92,16 +92,9 @@ def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
     return step
 
 
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether calling these modules runs hooks of their own or global ones."""
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))  # fmt: skip
-
-
 def _silu(act: nn.Module) -> bool:
-    """torch's SiLU module or transformers' (``F.silu``), unhooked."""
-    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-    return silu and not (act._forward_hooks or act._forward_pre_hooks)
+    """torch's SiLU module or transformers' (``F.silu``)."""
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 def _renormalises(gate: nn.Module) -> bool:

@@ -33,7 +33,7 @@ def one_token_experts(experts: Sequence[nn.Module], x: Tensor, route: Tensor) ->
     if not (experts and one_row and x.dtype == route.dtype == torch.float32 and native_ops()):
         return None
     act = experts[0].act_fn
-    if any(e.act_fn is not act or _hooked(e, pre=True) for e in experts) or _global_hooks():
+    if any(e.act_fn is not act or _hooked(e, pre=True) for e in experts) or global_hooks():
         return None
     up = [affine_only(e.gate_proj) for e in experts] + [affine_only(e.up_proj) for e in experts]
     down = [affine_only(e.down_proj, False) for e in experts]
@@ -68,7 +68,8 @@ def _hooked(module: nn.Module, pre: bool) -> bool:
                 or (pre and module._forward_pre_hooks))  # fmt: skip
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
+    """Whether global forward hooks (``register_module_forward_hook``) are set."""
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
