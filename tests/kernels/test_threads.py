@@ -40,3 +40,32 @@ def test_on_one_thread_nothing_changes():
         assert torch.get_num_threads() == 1 and _pool_threads() == 0
     with torch_threads(2), torch_ops_on_one_thread(when=False):
         assert torch.get_num_threads() == 2 and _pool_threads() == 0
+
+
+def _attend(args: list) -> torch.Tensor:
+    cache = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]  # (written to)
+    return torch.ops.lowbit_cpu.decode_attention(*cache)
+
+
+@needs_native
+def test_attention_splits_a_long_context_over_the_pools_threads():
+    """While torch is held to one thread, decode attention cuts a long context into as many
+    ranges as the pool has threads (not torch's one, which left two threads to share three KV
+    heads 2:1): bit for bit what it computes with torch on those threads."""
+    if torch.ops.lowbit_cpu.decode_threads() != "spin pool":
+        pytest.skip("OpenMP runs the kernels here (its threads set never to sleep)")
+    g = torch.Generator().manual_seed(0)
+    heads, kv, dim, pos = 9, 3, 64, 400
+    cache = [torch.randn(1, kv, pos + 1, dim, generator=g) for _ in range(2)]
+    ang = torch.arange(pos + 1).unsqueeze(1) * torch.linspace(0.01, 1, dim).unsqueeze(0)
+    qkv, none = torch.randn(1, (heads + 2 * kv) * dim, generator=g), torch.empty(0)
+    args = [qkv, *cache, ang.cos(), ang.sin(), torch.tensor([0]), pos, heads, kv, dim**-0.5]
+    args += [none, none, 1e-6]  # no q/k norms; eps
+    with torch_threads(1):
+        one = _attend(args)
+    with torch_threads(2):
+        two = _attend(args)
+        with torch_ops_on_one_thread():
+            held = _attend(args)
+    assert not torch.equal(one, two)  # one range and two sum in different orders
+    assert torch.equal(held, two)

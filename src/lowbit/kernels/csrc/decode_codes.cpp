@@ -365,7 +365,7 @@ at::Tensor decode_attention_codes(
                  reinterpret_cast<uint16_t*>(v_min.data_ptr<at::Half>()) + slot * G);
     }
   }
-  const int64_t Q = H / Hkv, S = lowbit_kernels::ranges_for(length - 1, at::get_num_threads());
+  const int64_t Q = H / Hkv, S = lowbit_kernels::ranges_for(length - 1, lowbit_kernels::pool_threads());
   auto side = [&](const at::Tensor& c, const at::Tensor& s, const at::Tensor& m, int64_t bg) {
     return Side{c.data_ptr<uint8_t>() + bg * T * row_bytes,
                 reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()) + bg * T * G,

@@ -229,7 +229,7 @@ static at::Tensor attention_over(const at::Tensor& qkv, T* kp, T* vp, int64_t T_
     lowbit_kernels::norm_rope(in + b * row + (bh % H) * D, qn, e, cs + p * D, sn + p * D, D, qs.data() + bh * D);
   }
   // Work items: one (row, KV head) and a range of its slots (decode_part.h).
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = lowbit_kernels::pool_threads();
   const int64_t S = lowbit_kernels::ranges_for(pos, threads);
   const int64_t Q = H / Hkv;
   std::vector<float> part_out(B * H * S * D);

@@ -261,13 +261,19 @@ inline int& kernel_threads() {
   return threads;
 }
 
+// The threads parallel_for below splits work between: the held count, else torch's. Work
+// that is cut by thread count before it reaches parallel_for (decode attention's ranges of
+// slots) asks here, not at::get_num_threads(), which is 1 while torch is held.
+inline int64_t pool_threads() {
+  const int held = kernel_threads();
+  return std::min<int64_t>(held > 0 ? held : at::get_num_threads(), SpinPool::kMaxChunks);
+}
+
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int held = kernel_threads();
-  const int64_t threads =
-      std::min<int64_t>(held > 0 ? held : at::get_num_threads(), SpinPool::kMaxChunks);
+  const int64_t threads = pool_threads();
   const int64_t chunks = std::min<int64_t>(threads, (n + grain - 1) / std::max<int64_t>(grain, 1));
   if (chunks <= 1 || SpinPool::in_worker() || at::in_parallel_region()) {
     f(begin, end);
