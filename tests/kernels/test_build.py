@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from lowbit.errors import LowbitError
@@ -23,3 +25,30 @@ def test_a_misspelt_kernel_isa_is_a_clear_error(monkeypatch):
         build.kernel_isa_env()
     monkeypatch.setenv("LOWBIT_KERNEL_ISA", "AVXVNNI")  # case does not matter
     assert build.kernel_isa_env() == "avxvnni"
+
+
+def test_threads_that_ask_together_share_one_load(monkeypatch):
+    """The first load (build, load, rows-kernel timing) runs once when several threads ask at
+    the same time: the others wait for its answer instead of loading and timing too."""
+    import threading
+    import time
+
+    calls = []
+
+    def slow_load() -> bool:
+        calls.append(threading.get_ident())
+        time.sleep(0.2)  # every thread has asked by now
+        return True
+
+    monkeypatch.setattr(build, "_load", functools.cache(slow_load))
+    build.native_ops.cache_clear()
+    try:
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(native_ops())) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers == [True] * 4 and len(calls) == 1
+    finally:
+        build.native_ops.cache_clear()  # (answered again by the real, cached load)

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -73,9 +74,21 @@ def kernel_isa_env() -> str:
     return value.lower()
 
 
+# One thread builds, loads and times the kernels; threads that ask meanwhile wait for its answer
+# (functools.cache alone would run the body in each of them: two builds, and the rows-kernel
+# timing's setting of LOWBIT_KERNEL_ROWS while the other thread's kernels read it).
+_FIRST_LOAD = threading.Lock()
+
+
 @functools.cache
 def native_ops() -> bool:
     """Build or load the extension; True when ``torch.ops.lowbit_cpu`` is usable."""
+    with _FIRST_LOAD:
+        return _load()
+
+
+@functools.cache
+def _load() -> bool:
     kernel_isa_env()  # a misspelt value fails here, before any kernel runs
     from lowbit.kernels.rows_kernel import user_setting
 
