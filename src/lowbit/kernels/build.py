@@ -76,7 +76,8 @@ def kernel_isa_env() -> str:
 
 # One thread builds, loads and times the kernels; threads that ask meanwhile wait for its answer
 # (functools.cache alone would run the body in each of them: two builds, and the rows-kernel
-# timing's setting of LOWBIT_KERNEL_ROWS while the other thread's kernels read it).
+# timing's setting of LOWBIT_KERNEL_ROWS while the other thread's kernels read it). Nothing
+# _load() calls or imports may call native_ops() (the lock is not re-entrant).
 _FIRST_LOAD = threading.Lock()
 
 
