@@ -22,7 +22,8 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -110,19 +111,15 @@ def _records(path: Path) -> dict:
         return {}
 
 
-class _locked:
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` (created if missing) for the ``with`` block."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # (closing the file releases the lock, also where flock itself failed)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _timings(measure: Callable[[str], float], rounds: int = 7) -> dict[str, list[float]]:
