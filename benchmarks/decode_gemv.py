@@ -5,12 +5,14 @@ A decode step reads every weight once, so its GEMVs should stream at the memory'
 weight shape of a model's decode step (q/k/v and gate/up fused as the decode loop runs them,
 and the output head), enough random codes to hold ``--megabytes`` (more than the last-level
 cache, so each call reads from memory) are called in turn, one row of x each: 4-bit symmetric
-codes with float16 scales per group of 32 on int8 inputs (Q4_0's grid, the decode loop's
-call), 8-bit codes per output channel on float inputs (``w8-rtn``'s, and the int8 head's
-layout). Each round times one pass over the copies and, beside it, torch's float32 sum of a
-buffer of the same size (``lowbit.eval.machine.memory_bandwidth_gbs``, ``lowbit bench``'s
-bound); medians over the rounds. The native op is called as the fused decode step calls it
-(from C++, no Python wrapper: ``affine_linear``'s adds ~30 us per call). Run once as is and
+codes with float16 scales per group of 32 (Q4_0's grid), 8-bit codes per output channel
+(``w8-rtn``'s) and per group of 32 (the int8 head's, Q8_0's grid), on int8 inputs per block
+of 32 as the decode loop calls them, and the 8-bit ones again on float inputs (the op's
+``act8`` off, which lowbit's convolutions take). Each round times one pass over the copies
+and, beside it, torch's float32 sum of a buffer of the same size
+(``lowbit.eval.machine.memory_bandwidth_gbs``, ``lowbit bench``'s bound); medians over the
+rounds. The native op is called without ``affine_linear``'s Python wrapper (it adds ~30 us
+per call), though through torch's dispatcher, which the fused decode step skips. Run once as is and
 once with ``LOWBIT_KERNEL_ISA=avx2``.
 
     .venv/bin/python benchmarks/decode_gemv.py [--shapes tinyllama|smollm2] \\
@@ -39,8 +41,9 @@ def nbytes(aw: affine.AffineWeight) -> int:
     return sum(t.numel() * t.element_size() for t in (aw.w, aw.scale, aw.offset))
 
 
-def row(n: int, k: int, bits: int, megabytes: int, rounds: int, seed: int) -> list[str]:
-    first = weight(n, k, seed, bits)
+def row(n: int, k: int, bits: int, group: int, act8: bool, megabytes: int, rounds: int,
+        seed: int) -> list[str]:  # fmt: skip
+    first = weight(n, k, seed, bits, group)
     copies = max(2, -(-megabytes * 2**20 // nbytes(first)))
     # the copies share the grid and differ in memory only: clones of one random weight
     weights = [first] + [
@@ -49,7 +52,7 @@ def row(n: int, k: int, bits: int, megabytes: int, rounds: int, seed: int) -> li
         for _ in range(copies - 1)
     ]  # fmt: skip
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(100 + seed))
-    op, act8 = torch.ops.lowbit_cpu.affine_linear, bits == 4
+    op = torch.ops.lowbit_cpu.affine_linear
 
     def call(aw: affine.AffineWeight) -> None:
         op(x, aw.w, aw.scale, aw.offset, aw.group, aw.bits, act8)
@@ -66,8 +69,9 @@ def row(n: int, k: int, bits: int, megabytes: int, rounds: int, seed: int) -> li
         rates.append(total / (time.perf_counter() - t0) / 1e9)
     gbs, probe = statistics.median(rates), statistics.median(probes)
     us = nbytes(first) / gbs / 1e3
-    return [f"{n}x{k}", str(bits), f"{nbytes(first) / 1e6:.2f}", f"{us:.0f}", f"{gbs:.1f}",
-            f"{probe:.1f}", f"{gbs / probe:.0%}"]  # fmt: skip
+    return [f"{n}x{k}", str(bits), str(first.group), "int8" if act8 else "float",
+            f"{nbytes(first) / 1e6:.2f}", f"{us:.0f}", f"{gbs:.1f}", f"{probe:.1f}",
+            f"{gbs / probe:.0%}"]  # fmt: skip
 
 
 def main() -> None:
@@ -88,13 +92,16 @@ def main() -> None:
     if not native_ops():
         raise SystemExit("lowbit's native kernels are not available here: nothing to measure")
     isa = torch.ops.lowbit_cpu.kernel_isa()
-    shapes = [(n, k, 4) for n, k in SHAPES[args.shapes]] + [(*HEADS[args.shapes], 8)]
-    shapes += [(n, k, 8) for n, k in SHAPES[args.shapes][:1]]
-    rows = [row(n, k, b, args.megabytes, args.rounds, i) for i, (n, k, b) in enumerate(shapes)]
+    # (out, in, bits, group (0: per row), int8 inputs)
+    shapes = [(n, k, 4, 32, True) for n, k in SHAPES[args.shapes]]
+    first, head = SHAPES[args.shapes][0], HEADS[args.shapes]
+    shapes += [(*head, 8, 32, True), (*head, 8, 32, False), (*first, 8, 0, True),
+               (*first, 8, 0, False)]  # fmt: skip
+    rows = [row(*shape, args.megabytes, args.rounds, i) for i, shape in enumerate(shapes)]
     print(f"one row of x, {args.threads} threads, lowbit kernels: {isa}, {args.megabytes} MB of "
           f"weights per pass, {args.rounds} rounds (pass, then plain read), medians")  # fmt: skip
-    header = ["out x in", "bits", "MB per call", "us per call", "GEMV GB/s", "plain read GB/s",
-              "of plain read"]  # fmt: skip
+    header = ["out x in", "bits", "group", "inputs", "MB per call", "us per call", "GEMV GB/s",
+              "plain read GB/s", "of plain read"]  # fmt: skip
     print(format_table(header, rows))
 
 

@@ -33,9 +33,10 @@ SHAPES = {  # (out, in) per call of one block: qkv, o_proj, gate_up, down
 }
 
 
-def weight(n: int, k: int, seed: int, bits: int) -> affine.AffineWeight:
+def weight(n: int, k: int, seed: int, bits: int, group: int = 0) -> affine.AffineWeight:
+    """Random symmetric codes; ``group`` 0: Q4_0's 32 for 4-bit codes, one per row for 8-bit."""
     g = torch.Generator().manual_seed(seed)
-    group = 32 if bits == 4 else k
+    group = group or (32 if bits == 4 else k)
     low = 0 if bits == 4 else 1  # Q4_0's codes -8..7; a symmetric int8 grid's -127..127
     codes = torch.randint(low, 2**bits, (n, k), dtype=torch.uint8, generator=g)
     scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).half().float()

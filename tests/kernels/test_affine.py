@@ -80,9 +80,8 @@ def test_native_matches_reference(bits, m, n, k, group, act8, isa, params, monke
     assert aw.scale.dtype == (torch.float32 if params == "f32" else torch.float16)
     assert (aw.offset.numel() == 0) == (params == "sym")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
-    # 4-bit decode rows: the GEMV; more rows, 4- or 8-bit: the integer GEMM
-    int_path = act8 and (bits == 4 or m > affine.GEMV_MAX_ROWS)
-    reference = affine.affine_linear_act8_reference if int_path else affine.affine_linear_reference
+    # act8: decode rows the integer GEMV, more rows the integer GEMM
+    reference = affine.affine_linear_act8_reference if act8 else affine.affine_linear_reference
     ref = reference(x, aw)
     got = torch.ops.lowbit_cpu.affine_linear(
         torch.nn.functional.pad(x, (0, aw.padded_in - k)), aw.w, aw.scale, aw.offset,
@@ -181,19 +180,22 @@ def test_kernel_isa_is_reported_and_can_be_forced(monkeypatch):
 @needs_native
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("code", [0, 255])  # centred -128 and 127: the widest products
-def test_8bit_prompt_gemm_holds_the_extreme_products(isa, code, monkeypatch):
+@pytest.mark.parametrize("rows", [slice(0, 40), slice(13, 14), slice(10, 16), slice(0, 32)])
+@pytest.mark.parametrize("k", [256, 288])  # (288: a row ending in a half chunk)
+def test_8bit_int8_input_paths_hold_the_extreme_products(isa, code, rows, k, monkeypatch):
     """Every input at ±absmax (codes ±127) against 8-bit codes 0 or 255: each vpmaddubsw pair
-    of the AVX2 tile is 2·128·127 = 32512 or 2·127·127, the largest there is, and the sums
-    equal the reference's (no saturation, -128 handled by |c| and the inputs' sign)."""
+    of the AVX2 kernels is 2·128·127 = 32512 or 2·127·127, the largest there is, and the sums
+    equal the reference's (no saturation, -128 handled by |c| and the inputs' sign), in the
+    prompt GEMM (40 rows) and the decode GEMV (one row, its several-row kernels)."""
     if isa == "avx2":
         monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2")
-    n, k = 24, 256
+    n = 24
     codes = torch.full((n, k), code, dtype=torch.uint8)
-    scale = torch.full((n, 1), 2.0**-10)
-    aw = affine.to_affine(codes, scale, -128 * scale, (1, k), 8)
+    scale = torch.full((n, k // 32), 2.0**-10)  # groups of 32: the one-row decode kernels
+    aw = affine.to_affine(codes, scale, -128 * scale, (1, 32), 8)
     x = torch.tensor([1.0, -1.0]).repeat(40 * k // 2).reshape(40, k)  # mixed signs
     x[14:27], x[27:] = -1.0, 1.0  # rows of one sign
-    x = x * torch.arange(1, 41).unsqueeze(1)  # a different absmax per row
+    x = (x * torch.arange(1, 41).unsqueeze(1))[rows]  # a different absmax per row
     got = affine.affine_linear(x, aw, act8=True)
     assert torch.allclose(got, affine.affine_linear_act8_reference(x, aw), rtol=1e-6, atol=1e-6)
 

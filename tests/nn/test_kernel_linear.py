@@ -33,15 +33,15 @@ def layer_of(spec, n=40, k=192, bias=True, act=None):
 @pytest.mark.parametrize("spec", COVERED, ids=lambda s: s.short())
 @pytest.mark.parametrize("m", [1, 7, 64])
 def test_covered_formats_match_quantlinear(spec, m):
-    """Float inputs: QuantLinear's numbers. Decode-sized 4-bit inputs take the act8 path: its
-    own reference exactly, and QuantLinear within the int8 input rounding."""
+    """Float inputs: QuantLinear's numbers. Decode-sized inputs (4- and 8-bit) take the act8
+    path: its own reference exactly, and QuantLinear within the int8 input rounding."""
     layer = layer_of(spec)
     fast = kernel_module(layer)
     assert isinstance(fast, AffineKernelLinear)
     x = torch.randn(2, m, 192)
     ref, got = layer(x), fast(x)
-    if spec.bits == 4 and 2 * m <= affine.GEMV_MAX_ROWS:
-        aw = affine.AffineWeight(fast.w, fast.scale, fast.offset, fast.group, 4, 192)
+    if 2 * m <= affine.GEMV_MAX_ROWS:
+        aw = affine.AffineWeight(fast.w, fast.scale, fast.offset, fast.group, spec.bits, 192)
         act8 = affine.affine_linear_act8_reference(x, aw) + fast.bias
         assert torch.allclose(got, act8, rtol=1e-4, atol=1e-4 * act8.abs().max().item())
         assert (got - ref).norm() / ref.norm() < 1e-2

@@ -158,8 +158,9 @@ def test_prompts_take_int8_inputs_where_evaluation_keeps_float(recipe, monkeypat
 @pytest.mark.parametrize("recipe", ["w4-sym-g32", "w8-rtn"])
 def test_decode_calls_keep_their_inputs_past_32_rows(recipe):
     """A continuous batch of more than PROMPT_ROWS rows runs the per-op decode loop on the
-    layers' native calls: an 8-bit layer keeps float inputs there (as at fewer rows, and as
-    its module), a 4-bit one rounds them to int8 (its decode arithmetic at every size)."""
+    layers' native calls: 4- and 8-bit layers round their inputs to int8 there, as at fewer
+    rows (their decode arithmetic at every size), where the module keeps an evaluation
+    window's float inputs."""
     from lowbit import api
     from lowbit.kernels import affine
     from lowbit.kernels.build import native_ops
@@ -176,13 +177,15 @@ def test_decode_calls_keep_their_inputs_past_32_rows(recipe):
     aw = affine.AffineWeight(o_proj.w, o_proj.scale, o_proj.offset, o_proj.group, o_proj.bits,
                              o_proj.in_features)  # fmt: skip
     with torch.inference_mode():
-        want = affine.affine_linear(x, aw, act8=recipe == "w4-sym-g32")
+        want = affine.affine_linear(x, aw, act8=True)
         assert rel(layer.fast[1](x), want) < 1e-6  # the per-op decode loop's call
         # one position per row through the prompt path (e.g. every logit asked for)
         assert rel(layer.o_proj(x.unsqueeze(1)).squeeze(1), want) < 1e-6
         prompt = x.view(2, -1, 64)  # a prompt's rows: int8 inputs for 4- and 8-bit layers
         got = layer.o_proj(prompt).reshape(x.shape[0], -1)
         assert rel(got, affine.affine_linear(x, aw, act8=True)) < 1e-6
+        window = affine.affine_linear(x, aw, act8=False)  # the module's own: float inputs
+        assert rel(o_proj(x), window) < 1e-6 and rel(window, want) > 1e-5
 
 
 def _stepped_and_looped(model, seed: int, pad_row: int, pad: int) -> list[tuple]:

@@ -11,12 +11,14 @@ block params into the kernel's layout once, at load time.
 Layers can take the ``act8`` path: each row of x is quantized to int8 per block of 32
 inputs (scale = absmax / 127, as llama.cpp does for its activations) so that codes and inputs
 meet in integer multiply-adds; :func:`affine_linear_act8_reference` defines it. Decode-sized
-inputs (at most ``GEMV_MAX_ROWS`` rows) of 4-bit layers take it by default, through a GEMV that
-streams the packed codes; larger inputs of 4- and 8-bit layers take it when the caller asks
+inputs (at most ``GEMV_MAX_ROWS`` rows) take it by default, through a GEMV that streams the
+packed codes (as llama.cpp's decode does for Q4_0 and Q8_0 weights; the 8-bit heads of
+``w4-...-head8`` models read 29 MB per token on smollm2-135m, which the float-input GEMV read
+at 22-26 GB/s); larger inputs take it when the caller asks
 (the decode loop's prompts), through an integer GEMM (``csrc/affine_q8_gemm.cpp``; for 8-bit
 codes 1.8–2.2x float32 with VNNI and 0.93–0.99x on AVX2 alone, where the float tiles ran
-0.63–0.90x: README, "8-bit weight-only prompts"). Otherwise (evaluation windows, 8-bit
-layers at decode) inputs stay float, as :func:`affine_linear_reference` defines (large inputs:
+0.63–0.90x: README, "8-bit weight-only prompts"). Otherwise (evaluation windows) inputs
+stay float, as :func:`affine_linear_reference` defines (large inputs:
 the codes dequantized tile by tile into torch's GEMM).
 """
 
@@ -210,9 +212,8 @@ def affine_linear_act8_reference(x: Tensor, aw: AffineWeight) -> Tensor:
 def affine_linear(x: Tensor, aw: AffineWeight, act8: bool | None = None) -> Tensor:
     """y = x · Wᵀ for x (..., K): the native op when it is available, else the reference of
     the path the native op would take. ``act8``: whether the inputs are quantized to int8
-    (:func:`affine_linear_act8_reference`): 4-bit layers at every size, 8-bit layers above
-    ``GEMV_MAX_ROWS`` rows (their decode GEMV reads float inputs); None (the layers' default)
-    asks it for decode-sized inputs only, so that evaluation windows keep the reference
+    (:func:`affine_linear_act8_reference`); None (the layers' default) asks it for
+    decode-sized inputs only, so that evaluation windows keep the reference
     ``QuantLinear``'s numbers; the decode loop passes True for its prompts (llama.cpp's
     prefill arithmetic)."""
     lead, k = x.shape[:-1], x.shape[-1]
@@ -220,7 +221,7 @@ def affine_linear(x: Tensor, aw: AffineWeight, act8: bool | None = None) -> Tens
     if act8 is None:
         act8 = x2.shape[0] <= GEMV_MAX_ROWS
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and native_ops()):
-        if act8 and (aw.bits == 4 or x2.shape[0] > GEMV_MAX_ROWS):
+        if act8:
             return affine_linear_act8_reference(x, aw).to(x.dtype)
         return affine_linear_reference(x, aw).to(x.dtype)
     if aw.padded_in != aw.in_features:

@@ -42,9 +42,9 @@ class Native:
         if kind == 2:
             op = ops.int8_linear if ts[0].dim() == 3 else ops.int8_linear_mm
             return lambda x: op(x, *ts)
-        # act8 for 4-bit codes only: past 32 rows (a batch too big for the one-call step)
-        # 8-bit codes would take the prompts' int8 GEMM
-        return lambda x: ops.affine_linear(x, *ts, group, bits, bits == 4)
+        # int8 inputs at every size (past 32 rows, a batch too big for the one-call step, the
+        # prompts' integer GEMM)
+        return lambda x: ops.affine_linear(x, *ts, group, bits, True)
 
     def __call__(self, x: Tensor) -> Tensor:
         if len(self.calls) == 1:
@@ -92,10 +92,10 @@ def plain_float(module: nn.Module | Callable) -> bool:
 
 
 def prompt_call(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A layer on (B, T, C) inputs in the loop: a 4- or 8-bit kernel layer quantizes a
-    prompt's inputs to int8 per block of 32 (the integer GEMM; llama.cpp's prompt arithmetic,
-    and that of a 4-bit layer's decode steps), where the module itself keeps float inputs for
-    evaluation windows; other layers are their module."""
+    """A layer on (B, T, C) inputs in the loop: a 4- or 8-bit kernel layer quantizes its
+    inputs to int8 per block of 32 at every size (a prompt's: the integer GEMM, llama.cpp's
+    prompt arithmetic; a decode step's: the integer GEMV), where the module itself keeps float
+    inputs for evaluation windows; other layers are their module."""
     from lowbit.nn.kernel_linear import AffineKernelLinear
 
     if not isinstance(module, AffineKernelLinear) or module.shared is not None:
@@ -107,17 +107,10 @@ def prompt_call(module: nn.Module) -> Callable[[Tensor], Tensor]:
     online, bias = online_transform(module), module.bias
 
     def call(x: Tensor) -> Tensor:
-        y = affine_linear(x if online is None else online.apply(x), aw, act8=act8(aw.bits, x))
+        y = affine_linear(x if online is None else online.apply(x), aw, act8=True)
         return y if bias is None else y + bias
 
     return call
-
-
-def act8(bits: int, x: Tensor) -> bool:
-    """Whether the loop rounds a kernel layer's inputs ``x`` to int8: a 4-bit layer's always
-    (its decode arithmetic too), an 8-bit layer's on a prompt's (B, T > 1, C) only: its decode
-    rows, (B, C) or (B, 1, C), keep float inputs at any batch size."""
-    return bits == 4 or (x.dim() == 3 and x.shape[1] > 1)
 
 
 def joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
@@ -135,7 +128,7 @@ def joint(modules: list[nn.Module]) -> Callable[[Tensor], Tensor]:
     if isinstance(aw, AffineWeight):
 
         def call(x: Tensor) -> Tensor:
-            return affine_linear(x, aw, act8=act8(aw.bits, x))
+            return affine_linear(x, aw, act8=True)
 
     else:
         call = shared  # W8A8: per-token int8 inputs at every size already

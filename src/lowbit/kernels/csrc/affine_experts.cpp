@@ -91,7 +91,7 @@ at::Tensor affine_experts(const at::Tensor& x_in, at::TensorList w, at::TensorLi
               "lowbit::affine_experts: route must be empty or E float32 weights");
   std::vector<std::unique_ptr<Q8Inputs>> ins;
   for (int64_t r = 0; r < x.size(0); ++r)
-    ins.push_back(std::make_unique<Q8Inputs>(x.narrow(0, r, 1), group, offsets));
+    ins.push_back(std::make_unique<Q8Inputs>(x.narrow(0, r, 1), group, 4, offsets));
   at::Tensor y = at::empty({E, N}, x.options());
   if (half)
     run_experts<uint16_t>(ins, w, scale, offset, N, y.data_ptr<float>());

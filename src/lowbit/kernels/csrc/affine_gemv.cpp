@@ -20,14 +20,15 @@
 //   bits 8: per row, K bytes, one code each.
 //
 // Small batches (decode) run fused kernels, up to 8 rows of x per pass over the weights:
-//   - 4-bit with act8 (the default): each row of x is first quantized to int8 per block of 32
-//     inputs (scale = absmax / 127, as llama.cpp quantizes activations), and the 4-bit codes meet
-//     the int8 inputs in integer multiply-adds (vpmaddubsw: u4 x s8 pairs cannot saturate);
-//     the result is corrected to that of the centred codes u - 8 (gemv_q8, affine_q8.cpp).
-//     Converting every code to float is what bounds the float kernel; this path avoids it. The
-//     offset term uses the exact float block sums of x.
-//   - otherwise (8-bit codes, or act8 off) codes are converted to float and FMA'd with x
-//     (8-bit codes 16 at a time with AVX-512 where the CPU has it: gemv_rows8_512).
+//   - with act8 (the default): each row of x is first quantized to int8 per block of 32
+//     inputs (scale = absmax / 127, as llama.cpp quantizes activations), and the codes meet
+//     the int8 inputs in integer multiply-adds (4-bit: vpmaddubsw, u4 x s8 pairs cannot
+//     saturate, the result corrected to that of the centred codes u - 8; 8-bit: the centred
+//     codes u - 128 in llama.cpp's signed products; AVX-512 VNNI: vpdpbusd for both; gemv_q8,
+//     affine_q8.cpp). Converting every code to float is what bounds the float kernel; this
+//     path avoids it. The offset term uses the exact float block sums of x.
+//   - with act8 off, codes are converted to float and FMA'd with x (8-bit codes 16 at a time
+//     with AVX-512 where the CPU has it: gemv_rows8_512).
 // Larger batches: 4- and 8-bit layers with act8 (the decode loop's prompts) run an integer GEMM
 // on int8 inputs (gemm_q8, affine_q8_gemm.cpp); otherwise (evaluation windows) the
 // weight is dequantized tile by tile into a small per-thread float buffer that stays in cache
@@ -108,8 +109,7 @@ inline __m256 broadcast8(const P* p) {
   }
 }
 
-// The 8-bit kernels (8-bit codes are the float inputs' only integer layout: decode's output
-// heads such as w4-sym-g32-head8's). Per run of 32 codes: widening loads and converts, one FMA
+// The 8-bit kernels on float inputs (act8 off). Per run of 32 codes: widening loads and converts, one FMA
 // per 8 (AVX2) or 16 (AVX-512) codes into the group's sums, split over two chains so their
 // latency does not bind at groups of 32; per group one scale FMA; the offsets once per row.
 // Bound by instructions, not memory, on two cores: with the general kernel's per-group scalar
@@ -321,8 +321,8 @@ template <typename P>
 at::Tensor affine_linear_as(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                             const at::Tensor& offset, int64_t group, int64_t bits, bool act8) {
   const bool big = x.size(0) > kGemvMaxM;
-  if (act8 && big) return gemm_q8<P>(x, w, scale, offset, group, bits);
-  if (bits == 4 && act8) return gemv_q8<P>(x, w, scale, offset, group);
+  if (act8) return big ? gemm_q8<P>(x, w, scale, offset, group, bits)
+                      : gemv_q8<P>(x, w, scale, offset, group, bits);
   if (big) return gemm_tiled<P>(x, w, scale, offset, group, bits);
   return bits == 4 ? gemv<4, P>(x, w, scale, offset, group) : gemv<8, P>(x, w, scale, offset, group);
 }

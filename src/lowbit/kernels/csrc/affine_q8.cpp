@@ -1,4 +1,4 @@
-// 4-bit codes x int8 inputs: the decode path of 4-bit layers ("act8"; see the header comment of
+// 4- or 8-bit codes x int8 inputs: the decode path of 4- and 8-bit layers ("act8"; see the header comment of
 // affine_gemv.cpp), an AVX2 kernel and an AVX-512 VNNI one.
 #include "common.h"
 
@@ -64,6 +64,38 @@ inline __m128 load2(const P* p) {  // two consecutive params -> lanes 0, 1
   }
 }
 
+// Sum over groups of (o_g + mid s_g) X_g (mid = 2^(Bits - 1)): what the centred dots leave
+// out of an asymmetric grid.
+template <int Bits, typename P>
+inline float offset_sum(const P* of, const P* sc, const float* xg, int64_t G) {
+  constexpr float kMid = 1 << (Bits - 1);
+  __m256 t = _mm256_setzero_ps();
+  const __m256 mid = _mm256_set1_ps(kMid);
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    t = _mm256_fmadd_ps(_mm256_fmadd_ps(mid, load8(sc + g), load8(of + g)),
+                        _mm256_loadu_ps(xg + g), t);
+  float tail = 0.f;
+  for (; g < G; ++g) tail += (load1(of + g) + kMid * load1(sc + g)) * xg[g];
+  return hsum(t) + tail;
+}
+
+// The integer dot of a row's last run, a half chunk (K not a multiple of 64), with x: of the
+// codes 0..15 as they are for 4-bit codes (the caller centres), of u - 128 for 8-bit ones.
+template <int Bits>
+inline float run_dot(const uint8_t* wb, int64_t C, const int8_t* x) {
+  if constexpr (Bits == 4)
+    return half_chunk_dot(codes_u4(wb + 32 * C), x);
+  else
+    return half_chunk_dot8(wb + 64 * C, x);
+}
+
+// run_dot of the centred codes (qsum: the sum of the run's inputs x).
+template <int Bits>
+inline float run_dot_centred(const uint8_t* wb, int64_t C, const int8_t* x, float qsum) {
+  return Bits == 4 ? run_dot<4>(wb, C, x) - 8.f * qsum : run_dot<8>(wb, C, x);
+}
+
 // The 4-bit kernel on int8 inputs (AVX2): y[m, n0:n1] for M (<= kMaxM) rows. One chunk's 32
 // bytes hold two runs of 32 codes (low and high nibbles). Per run the integer products u . q
 // in pairs (vpmaddubsw: 2 * 15 * 127 < 2^15, no saturation); the two runs' pairs are added
@@ -73,8 +105,11 @@ inline __m128 load2(const P* p) {  // two consecutive params -> lanes 0, 1
 // gemv_q8) and one FMA with the weight scales serve two runs. Two FMA chains per row of x (one
 // above 4 rows, where registers run out). The codes stay unsigned (0..15); the row's
 // epilogue makes the result that of the centred codes u - 8 (offset_term, with xc from
-// quantize_act8).
-template <int M, Groups Mode, typename P>
+// quantize_act8). 8-bit codes (Bits = 8, a chunk's 64 bytes) are centred in the products
+// instead (centred_u8_products: vpmaddubsw's pairs would saturate on codes up to 255), each
+// run summed in int32 before the runs' lanes are paired (vphaddd), so only an asymmetric
+// grid's term sum_g (o_g + 128 s_g) X_g is left to the epilogue.
+template <int M, Groups Mode, typename P, int Bits>
 void gemv_rows_q8(const int8_t* xq, const float* xqs, const float* xs4, int64_t K,
                   const uint8_t* w, const P* scale, const P* offset, int64_t group,
                   const float* xg, const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
@@ -83,8 +118,10 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, const float* xs4, int64_t 
   const int shift = Mode == Groups::Uniform ? __builtin_ctzll(group / 64) : 0;
   const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
   const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+  constexpr int64_t chunk_bytes = 8 * Bits;
+  const int64_t row_bytes = K * Bits / 8;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wb = w + n * (K / 2);
+    const uint8_t* wb = w + n * row_bytes;
     const P* sc = scale + n * G;
     __m256 acc[A][M];
     for (int m = 0; m < M; ++m) acc[0][m] = acc[A - 1][m] = _mm256_setzero_ps();
@@ -100,36 +137,52 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, const float* xs4, int64_t 
         const __m128 s01 = _mm_unpacklo_ps(s0, _mm_set_ss(load1(sc + walk.next())));
         s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s01), pairs);
       }
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c));
-      const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + chunk_bytes * c));
+      __m256i lo = b, hi = b;
+      if constexpr (Bits == 4) {
+        lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+      } else {
+        hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + chunk_bytes * c + 32));
+      }
       for (int m = 0; m < M; ++m) {
         const int8_t* xr = xq + m * K + 64 * c;
-        const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
-        const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32)));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones));
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
+        __m256i sums;
+        if constexpr (Bits == 4) {
+          sums = _mm256_madd_epi16(
+              _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)), ones);
+        } else {
+          sums = _mm256_hadd_epi32(centred_u8_products(lo, x0), centred_u8_products(hi, x1));
+        }
+        const __m256 dot = _mm256_cvtepi32_ps(sums);
         a[m] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_load_ps(xs4 + (m * C + c) * 8)), s, a[m]);
       }
     };
     int64_t c = 0;
     for (; c + 2 <= C; c += 2) {
-      prefetch_lines<1>(wb + 32 * c);
+      prefetch_lines<Bits / 4>(wb + chunk_bytes * c);
       chunk(c, acc[0]);
       chunk(c + 1, acc[A - 1]);
     }
-    prefetch_rest(wb + 32 * c, K / 2 - 32 * c);
+    prefetch_rest(wb + chunk_bytes * c, row_bytes - chunk_bytes * c);
     if (c < C) chunk(c, acc[0]);
     float tail[M];
     for (int m = 0; m < M; ++m) tail[m] = 0.f;
     if (R & 1) {  // the row's last run, a half chunk
       const int64_t r = R - 1;
       const float s = load1(sc + r * 32 / group);
-      const __m256i codes = codes_u4(wb + 32 * C);
       for (int m = 0; m < M; ++m)
-        tail[m] = s * xqs[m * R + r] * half_chunk_dot(codes, xq + m * K + 32 * r);
+        tail[m] = s * xqs[m * R + r] * run_dot<Bits>(wb, C, xq + m * K + 32 * r);
     }
-    for (int m = 0; m < M; ++m)
-      y[m * N + n] = hsum(A == 2 ? _mm256_add_ps(acc[0][m], acc[A - 1][m]) : acc[0][m]) + tail[m] +
-                     offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
+    for (int m = 0; m < M; ++m) {
+      float end;  // what the integer dots leave out (see above)
+      if constexpr (Bits == 4)
+        end = offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
+      else
+        end = offset ? offset_sum<Bits>(offset + n * G, sc, xg + m * G, G) : 0.f;
+      y[m * N + n] = hsum(A == 2 ? _mm256_add_ps(acc[0][m], acc[A - 1][m]) : acc[0][m]) + tail[m] + end;
+    }
   }
 }
 
@@ -153,24 +206,34 @@ inline __m256 load8_part(const P* p, int64_t chunks) {
 // (offset_term) is folded in the same way: sum_r s_r U_r + o_r V_r, one or two FMAs per 8 runs,
 // with U, V per run (see gemv_q8). The last chunks short of 4 read their parameters by a
 // masked load; a half chunk takes the general kernel's step. (Pairing two chunks' sums once
-// more, so that one convert and FMA serve four runs, measured no faster.)
-template <typename P>
+// more, so that one convert and FMA serve four runs, measured no faster.) 8-bit codes: each
+// chunk's runs as in gemv_rows_q8.
+template <typename P, int Bits>
 void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const float* V,
                     int64_t K, const uint8_t* w, const P* scale, const P* offset, float* y,
                     int64_t n0, int64_t n1) {
   const int64_t R = K / 32, C = K / 64, B = C / 4, left = C - 4 * B;
+  constexpr int64_t chunk_bytes = 8 * Bits;
+  const int64_t row_bytes = K * Bits / 8;
   const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
   const __m256i base = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
   __m256i idx[4];
   for (int j = 0; j < 4; ++j) idx[j] = _mm256_add_epi32(base, _mm256_set1_epi32(2 * j));
   const auto chunk = [&](const uint8_t* wb, int64_t c, __m256i ix, __m256 S, __m256& a) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c));
-    const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + chunk_bytes * c));
     const int8_t* xr = xq + 64 * c;
-    const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
-    const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32)));
-    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones));
-    a = _mm256_fmadd_ps(dot, _mm256_permutevar8x32_ps(S, ix), a);
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
+    __m256i sums;
+    if constexpr (Bits == 4) {
+      const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+      sums = _mm256_madd_epi16(
+          _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)), ones);
+    } else {
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + chunk_bytes * c + 32));
+      sums = _mm256_hadd_epi32(centred_u8_products(b, x0), centred_u8_products(hi, x1));
+    }
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_permutevar8x32_ps(S, ix), a);
   };
   // S for the 8 runs from r0 (weight scales sw, offsets ov), and the epilogue's share into z
   const auto block = [&](int64_t r0, __m256 sw, __m256 ov, __m256& z) {
@@ -179,19 +242,19 @@ void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const fl
     return _mm256_mul_ps(sw, _mm256_loadu_ps(xqs + r0));
   };
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wb = w + n * (K / 2);
+    const uint8_t* wb = w + n * row_bytes;
     const P* sc = scale + n * R;
     const P* of = offset ? offset + n * R : nullptr;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), z = _mm256_setzero_ps();
     for (int64_t b = 0; b < B; ++b) {
-      prefetch_lines<2>(wb + 128 * b);
+      prefetch_lines<Bits / 2>(wb + 4 * chunk_bytes * b);
       const __m256 S = block(8 * b, load8(sc + 8 * b), of ? load8(of + 8 * b) : __m256{}, z);
       chunk(wb, 4 * b, idx[0], S, a0);
       chunk(wb, 4 * b + 1, idx[1], S, a1);
       chunk(wb, 4 * b + 2, idx[2], S, a0);
       chunk(wb, 4 * b + 3, idx[3], S, a1);
     }
-    prefetch_rest(wb + 128 * B, K / 2 - 128 * B);
+    prefetch_rest(wb + 4 * chunk_bytes * B, row_bytes - 4 * chunk_bytes * B);
     if (left) {
       const __m256 S = block(8 * B, load8_part(sc + 8 * B, left),
                              of ? load8_part(of + 8 * B, left) : __m256{}, z);
@@ -202,7 +265,7 @@ void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const fl
     if (R & 1) {  // the row's last run, a half chunk
       const int64_t r = R - 1;
       const float s = load1(sc + r);
-      tail = s * xqs[r] * half_chunk_dot(codes_u4(wb + 32 * C), xq + 32 * r) + s * U[r] +
+      tail = s * xqs[r] * run_dot<Bits>(wb, C, xq + 32 * r) + s * U[r] +
              (of ? load1(of + r) * V[r] : 0.f);
     }
     y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), z)) + tail;
@@ -219,29 +282,26 @@ void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const fl
 // grid needs no per-group epilogue and an asymmetric one only sum_g (o_g + 8 s_g) X_g. Two cores
 // are bound by instructions here, not memory: per chunk and row of x this is and, vpdpbusd,
 // convert, multiply, FMA, and the chunk's weight scales are found as the Groups mode says.
+// 8-bit codes (Bits = 8): the chunk's 64 bytes as they are (no mask, no 1/16), centred on 128
+// by corr = [-128 sum(q_2c), 0 x7 | -128 sum(q_2c+1), 0 x7] (4 * 255 * 127 per lane fits too).
 
-// Sum over groups of (o_g + 8 s_g) X_g: what the centred dots leave out of an asymmetric grid.
-template <typename P>
-inline float offset_sum(const P* of, const P* sc, const float* xg, int64_t G) {
-  __m256 t = _mm256_setzero_ps();
-  const __m256 mid = _mm256_set1_ps(8.f);
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8)
-    t = _mm256_fmadd_ps(_mm256_fmadd_ps(mid, load8(sc + g), load8(of + g)),
-                        _mm256_loadu_ps(xg + g), t);
-  float tail = 0.f;
-  for (; g < G; ++g) tail += (load1(of + g) + 8.f * load1(sc + g)) * xg[g];
-  return hsum(t) + tail;
+// A chunk's codes as vpdpbusd's unsigned operand (see above).
+template <int Bits>
+LOWBIT_AVX512 inline __m512i chunk_codes_512(const uint8_t* wb, int64_t c, const __m512i mask) {
+  if constexpr (Bits == 4)
+    return _mm512_and_si512(
+        _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c))),
+        mask);
+  else
+    return _mm512_loadu_si512(wb + 64 * c);
 }
 
 // One chunk c of a weight row (scales s) against M rows of x, into the accumulators a.
-template <int M>
+template <int M, int Bits>
 LOWBIT_AVX512 inline void chunk_512(const uint8_t* wb, const __m512 s, const __m512i mask,
                                     const int8_t* xq, const float* xs2, const int32_t* corr,
                                     int64_t K, int64_t C, int64_t c, __m512* a) {
-  const __m512i codes = _mm512_and_si512(
-      _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c))),
-      mask);
+  const __m512i codes = chunk_codes_512<Bits>(wb, c, mask);
   for (int m = 0; m < M; ++m) {
     const int64_t at = (m * C + c) * 16;
     const __m512i dot = _mm512_dpbusd_epi32(_mm512_load_si512(corr + at), codes,
@@ -265,7 +325,7 @@ LOWBIT_AVX512 inline __m512 chunk_scales(const P* sc, int64_t c, int shift, Grou
   }
 }
 
-template <int M, Groups Mode, typename P>
+template <int M, Groups Mode, typename P, int Bits>
 LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const float* xs2,
                                     const int32_t* corr, const float* qsum, int64_t K,
                                     const uint8_t* w, const P* scale, const P* offset,
@@ -276,37 +336,37 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
   const __m512i mask =
       _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8(static_cast<char>(0xF0)), 1);
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  constexpr int64_t chunk_bytes = 8 * Bits;
+  const int64_t row_bytes = K * Bits / 8;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wb = w + n * (K / 2);
+    const uint8_t* wb = w + n * row_bytes;
     const P* sc = scale + n * G;
     __m512 acc[2][M];  // two chains per row of x, so FMA latency does not bind
     for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
     GroupWalk walk(group / 32);
     const auto chunk = [&](int64_t c, __m512* a) LOWBIT_AVX512 {
-      chunk_512<M>(wb, chunk_scales<Mode>(sc, c, shift, walk, halves), mask, xq, xs2, corr, K, C,
-                   c, a);
+      chunk_512<M, Bits>(wb, chunk_scales<Mode>(sc, c, shift, walk, halves), mask, xq, xs2,
+                         corr, K, C, c, a);
     };
     int64_t c = 0;
     for (; c + 2 <= C; c += 2) {
-      prefetch_lines<1>(wb + 32 * c);
+      prefetch_lines<Bits / 4>(wb + chunk_bytes * c);
       chunk(c, acc[0]);
       chunk(c + 1, acc[1]);
     }
-    prefetch_rest(wb + 32 * c, K / 2 - 32 * c);
+    prefetch_rest(wb + chunk_bytes * c, row_bytes - chunk_bytes * c);
     if (c < C) chunk(c, acc[0]);
     float tail[M];
     for (int m = 0; m < M; ++m) tail[m] = 0.f;
     if (R & 1) {  // the row's last run, a half chunk: one 256-bit step
       const int64_t r = R - 1;
       const float s = load1(sc + r * 32 / group);
-      const __m256i codes = codes_u4(wb + 32 * C);
       for (int m = 0; m < M; ++m)
-        tail[m] = s * xqs[m * R + r] *
-                  (half_chunk_dot(codes, xq + m * K + 32 * r) - 8.f * qsum[m * R + r]);
+        tail[m] = s * xqs[m * R + r] * run_dot_centred<Bits>(wb, C, xq + m * K + 32 * r, qsum[m * R + r]);
     }
     for (int m = 0; m < M; ++m)
       y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m] +
-                     (offset ? offset_sum(offset + n * G, sc, xg + m * G, G) : 0.f);
+                     (offset ? offset_sum<Bits>(offset + n * G, sc, xg + m * G, G) : 0.f);
   }
 }
 
@@ -327,7 +387,7 @@ LOWBIT_AVX512 inline __m512 load16_masked(const P* p, __mmask16 k) {  // lanes b
   }
 }
 
-template <typename P>
+template <typename P, int Bits>
 LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const float* xs16,
                                       const float* U, const float* V, const int32_t* corr,
                                       const float* qsum, int64_t K, const uint8_t* w,
@@ -343,9 +403,7 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
   // chunk c's dot times its lanes of S, into a
   const auto chunk = [&](const uint8_t* wb, int64_t c, __m512i ix, __m512 S, __m512& a)
                          LOWBIT_AVX512 {
-    const __m512i codes = _mm512_and_si512(
-        _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c))),
-        mask);
+    const __m512i codes = chunk_codes_512<Bits>(wb, c, mask);
     const __m512i dot = _mm512_dpbusd_epi32(_mm512_load_si512(corr + 16 * c), codes,
                                             _mm512_loadu_si512(xq + 64 * c));
     a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, S), a);
@@ -358,20 +416,22 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
     if (of) z = _mm512_fmadd_ps(load16_masked(of + r0, k), _mm512_loadu_ps(V + r0), z);
     return _mm512_mul_ps(sw, _mm512_loadu_ps(xs16 + r0));
   };
+  constexpr int64_t chunk_bytes = 8 * Bits;
+  const int64_t row_bytes = K * Bits / 8;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wb = w + n * (K / 2);
+    const uint8_t* wb = w + n * row_bytes;
     const P* sc = scale + n * R;
     const P* of = offset ? offset + n * R : nullptr;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), z = _mm512_setzero_ps();
     for (int64_t b = 0; b < B; ++b) {
-      prefetch_lines<4>(wb + 256 * b);
+      prefetch_lines<Bits>(wb + 8 * chunk_bytes * b);
       const __m512 S = block(sc, of, 16 * b, all, z);
       for (int j = 0; j < 8; j += 2) {
         chunk(wb, 8 * b + j, idx[j], S, a0);
         chunk(wb, 8 * b + j + 1, idx[j + 1], S, a1);
       }
     }
-    prefetch_rest(wb + 256 * B, K / 2 - 256 * B);
+    prefetch_rest(wb + 8 * chunk_bytes * B, row_bytes - 8 * chunk_bytes * B);
     if (left) {  // fewer than 8 chunks: their parameters by a masked load
       const __m512 S = block(sc, of, 16 * B, rest, z);
       for (int64_t j = 0; j < left; ++j)
@@ -381,7 +441,7 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
     if (R & 1) {  // the row's last run, a half chunk: one 256-bit step
       const int64_t r = R - 1;
       const float s = load1(sc + r);
-      tail = s * xqs[r] * (half_chunk_dot(codes_u4(wb + 32 * C), xq + 32 * r) - 8.f * qsum[r]) +
+      tail = s * xqs[r] * run_dot_centred<Bits>(wb, C, xq + 32 * r, qsum[r]) +
              (U ? s * U[r] : 0.f) + (of ? load1(of + r) * V[r] : 0.f);
     }
     y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), z)) + tail;
@@ -390,7 +450,7 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
 
 // xs2 / corr: the AVX-512 kernel's per-chunk input scales and centring (see
 // gemv_rows_q8_512), null for AVX2; xs4: the AVX2 kernel's per-chunk input scales.
-template <typename P>
+template <typename P, int Bits>
 void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, const int32_t* corr,
                  const float* xs4,
                  const float* qsum, int64_t M, int64_t K, const uint8_t* w, const P* scale,
@@ -399,10 +459,10 @@ void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, const int
   const bool uniform = group % 64 == 0 && ((group / 64) & (group / 64 - 1)) == 0;
   switch (M) {
 #define LOWBIT_WIDE(R, MODE)                                                                    \
-  gemv_rows_q8_512<R, Groups::MODE, P>(xq, xqs, xs2, corr, qsum, K, w, scale, offset, group, xg, \
+  gemv_rows_q8_512<R, Groups::MODE, P, Bits>(xq, xqs, xs2, corr, qsum, K, w, scale, offset, group, xg, \
                                        y, N, n0, n1)
 #define LOWBIT_NARROW(R, MODE) \
-  gemv_rows_q8<R, Groups::MODE, P>(xq, xqs, xs4, K, w, scale, offset, group, xg, xc, y, N, n0, n1)
+  gemv_rows_q8<R, Groups::MODE, P, Bits>(xq, xqs, xs4, K, w, scale, offset, group, xg, xc, y, N, n0, n1)
 #define LOWBIT_CASE(R)                                                                          \
   case R:                                                                                       \
     if (!xs2) {                                                                                 \
@@ -496,19 +556,22 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
   return a;
 }
 
-Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, bool offsets)
-    : M(x.size(0)), K(x.size(1)), group(group), C(K / 64), offsets(offsets),
+Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, int64_t bits, bool offsets)
+    : M(x.size(0)), K(x.size(1)), group(group), bits(bits), C(K / 64), offsets(offsets),
       wide(use_avx512() && C > 0 && (M == 1 || wide_rows())),
       row1(M == 1 && group == 32 && C > 0),
-      a(quantize_act8(x, group, false, !wide)) {
+      a(quantize_act8(x, group, false, bits == 4 && !wide)) {
+  TORCH_CHECK(bits == 4 || bits == 8, "lowbit: int8-input GEMV of ", bits, "-bit codes");
   const int64_t RB = K / 32;  // activation blocks
   const std::vector<float>& xqs = a.s;
   // Per chunk of 64 inputs, laid out for the kernel that runs, 64-byte aligned (one aligned
   // load per chunk):
   //   AVX-512: input scales [s_2c x8 | s_2c+1 / 16 x8] (a power of two, so exact), and corr,
   //            the centring -8 sum(q) of the two runs (the high one times 16) as vpdpbusd's
-  //            starting value;
+  //            starting value (8-bit codes: [s_2c x8 | s_2c+1 x8] and -128 sum(q) for both);
   //   AVX2:    input scales [s_2c, s_2c, s_2c+1, s_2c+1] twice (see gemv_rows_q8).
+  const bool four = bits == 4;
+  const float high = four ? 16.f : 1.f;  // the high run's codes as stored: times 16 or as they are
   const int64_t lanes = wide ? 16 : 8;
   xs_store.resize(row1 ? 0 : M * C * lanes + 16);
   xs = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xs_store.data()) + 63) & ~uintptr_t{63});
@@ -521,13 +584,13 @@ Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, bool offsets)
       const float s0 = xqs[m * RB + 2 * c], s1 = xqs[m * RB + 2 * c + 1];
       if (wide) {
         int32_t* k = corr + (m * C + c) * 16;
-        k[0] = -8 * static_cast<int32_t>(a.qsum[m * RB + 2 * c]);
+        k[0] = (four ? -8 : -128) * static_cast<int32_t>(a.qsum[m * RB + 2 * c]);
         k[8] = -128 * static_cast<int32_t>(a.qsum[m * RB + 2 * c + 1]);
       }
       if (row1) continue;  // (the one-row kernels read per-run scales, laid out below)
       float* v = xs + (m * C + c) * lanes;
       if (wide)
-        for (int j = 0; j < 8; ++j) v[j] = s0, v[8 + j] = s1 / 16.f;
+        for (int j = 0; j < 8; ++j) v[j] = s0, v[8 + j] = s1 / high;
       else
         _mm256_store_ps(v, _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1));
     }
@@ -535,41 +598,64 @@ Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, bool offsets)
   // A decode step on Q4_0's grid. Per run r (lanes past the row's runs 0): the input scales
   // (odd runs / 16 for AVX-512, as in xs2) and the epilogue's U, V (sum_r s_r U_r + o_r V_r):
   // AVX2 folds its centring there (U = xc - 8 X, or xc and V = X with offsets), AVX-512 only the
-  // offsets' term (o_r + 8 s_r) X_r (U = 8 X, V = X).
+  // offsets' term (o_r + 8 s_r) X_r (U = 8 X, V = X). 8-bit codes, centred in the integer dots
+  // on both ISAs: only the offsets' term (U = 128 X, V = X; U = 0 without offsets).
   const int64_t pad = (C + 7) / 8 * 16 + 1;
   xsr.assign(pad, 0.f);
   U.assign(pad, 0.f);
   V.assign(pad, 0.f);
   for (int64_t r = 0; r < RB; ++r) {
-    xsr[r] = wide && (r & 1) ? xqs[r] / 16.f : xqs[r];
+    xsr[r] = wide && (r & 1) ? xqs[r] / high : xqs[r];
     V[r] = a.xg[r];
-    U[r] = wide ? 8.f * a.xg[r] : (offsets ? a.xc[r] : a.xc[r] - 8.f * a.xg[r]);
+    if (!four)
+      U[r] = offsets ? 128.f * a.xg[r] : 0.f;
+    else
+      U[r] = wide ? 8.f * a.xg[r] : (offsets ? a.xc[r] : a.xc[r] - 8.f * a.xg[r]);
   }
 }
+
+namespace {
+
+template <typename P, int Bits>
+void rows_of(const Q8Inputs& in, const uint8_t* wp, const P* sp, const P* op, float* yp,
+             int64_t N, int64_t n0, int64_t n1) {
+  const int64_t M = in.M, K = in.K, C = in.C, group = in.group;
+  const bool wide = in.wide;
+  const int8_t* xq = in.a.q.data();
+  const float* xqs = in.a.s.data();
+  if (in.row1) {
+    if (wide)
+      gemv_row1_pair_512<P, Bits>(xq, xqs, in.xsr.data(), in.offsets ? in.U.data() : nullptr,
+                                  in.V.data(), in.corr, in.a.qsum.data(), K, wp, sp, op, yp, n0,
+                                  n1);
+    else
+      gemv_row1_pair<P, Bits>(xq, in.xsr.data(), in.U.data(), in.V.data(), K, wp, sp, op, yp, n0,
+                              n1);
+    return;
+  }
+  const int64_t RB = K / 32, G = K / group, lanes = wide ? 16 : 8;
+  const bool centring = !in.a.xc.empty();  // (4-bit codes on AVX2 only)
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+    const int64_t mm = std::min(kMaxM, M - m0);
+    const float* xs_m = in.xs + m0 * C * lanes;
+    gemv_any_q8<P, Bits>(xq + m0 * K, xqs + m0 * RB, wide ? xs_m : nullptr,
+                         wide ? in.corr + m0 * C * 16 : nullptr, wide ? nullptr : xs_m,
+                         in.a.qsum.data() + m0 * RB, mm, K, wp, sp, op, group,
+                         in.a.xg.data() + m0 * G, centring ? in.a.xc.data() + m0 * G : nullptr,
+                         yp + m0 * N, N, n0, n1);
+  }
+}
+
+}  // namespace
 
 template <typename P>
 void Q8Inputs::rows(const uint8_t* wp, const P* sp, const P* op, float* yp, int64_t N,
                     int64_t n0, int64_t n1) const {
   TORCH_CHECK(offsets == (op != nullptr), "lowbit: inputs prepared for another offset layout");
-  const std::vector<int8_t>& xq = a.q;
-  const std::vector<float>& xqs = a.s;
-  if (row1) {
-    if (wide)
-      gemv_row1_pair_512(xq.data(), xqs.data(), xsr.data(), offsets ? U.data() : nullptr,
-                         V.data(), corr, a.qsum.data(), K, wp, sp, op, yp, n0, n1);
-    else
-      gemv_row1_pair(xq.data(), xsr.data(), U.data(), V.data(), K, wp, sp, op, yp, n0, n1);
-    return;
-  }
-  const int64_t RB = K / 32, G = K / group, lanes = wide ? 16 : 8;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
-    const int64_t mm = std::min(kMaxM, M - m0);
-    const float* xs_m = xs + m0 * C * lanes;
-    gemv_any_q8(xq.data() + m0 * K, xqs.data() + m0 * RB, wide ? xs_m : nullptr,
-                wide ? corr + m0 * C * 16 : nullptr, wide ? nullptr : xs_m,
-                a.qsum.data() + m0 * RB, mm, K, wp, sp, op, group, a.xg.data() + m0 * G,
-                wide ? nullptr : a.xc.data() + m0 * G, yp + m0 * N, N, n0, n1);
-  }
+  if (bits == 8)
+    rows_of<P, 8>(*this, wp, sp, op, yp, N, n0, n1);
+  else
+    rows_of<P, 4>(*this, wp, sp, op, yp, N, n0, n1);
 }
 
 template void Q8Inputs::rows<float>(const uint8_t*, const float*, const float*, float*, int64_t,
@@ -579,10 +665,10 @@ template void Q8Inputs::rows<uint16_t>(const uint8_t*, const uint16_t*, const ui
 
 template <typename P>
 at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                   const at::Tensor& offset, int64_t group) {
+                   const at::Tensor& offset, int64_t group, int64_t bits) {
   const int64_t N = w.size(0);
   auto y = at::empty({x.size(0), N}, x.options());
-  const Q8Inputs in(x, group, offset.numel() > 0);
+  const Q8Inputs in(x, group, bits, offset.numel() > 0);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
@@ -594,8 +680,8 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 }
 
 template at::Tensor gemv_q8<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, int64_t);
+                                   const at::Tensor&, int64_t, int64_t);
 template at::Tensor gemv_q8<uint16_t>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, int64_t);
+                                      const at::Tensor&, int64_t, int64_t);
 
 }  // namespace lowbit_kernels

@@ -122,6 +122,20 @@ inline float half_chunk_dot(__m256i codes, const int8_t* x) {
   return hsum(_mm256_cvtepi32_ps(dot));
 }
 
+// The integer dot of 32 8-bit codes u (0..255, centred on 128) with 32 int8 inputs q:
+// sum (u - 128) q, as llama.cpp's q8_0 dot on AVX2: |u - 128| (as u8, 128 included) times q
+// with the sign of u - 128, so each vpmaddubsw pair is at most 2 * 128 * 127 < 2^15.
+inline __m256i centred_u8_products(__m256i codes, __m256i x) {
+  const __m256i w = _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)),
+                           _mm256_set1_epi16(1));
+}
+inline float half_chunk_dot8(const uint8_t* codes, const int8_t* x) {
+  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return hsum(_mm256_cvtepi32_ps(centred_u8_products(c, xv)));
+}
+
 // The 32 4-bit codes of the run starting at k0 (a multiple of 32) of a row of K, as 32 bytes
 // 0..15 in k order.
 inline __m256i run_codes(const uint8_t* row, int64_t k0, int64_t K) {
@@ -237,25 +251,27 @@ template <typename P>
 at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                    const at::Tensor& offset, int64_t group, int64_t bits);
 
-// The 4-bit x int8-input decode path (affine_q8.cpp), for P = float and uint16_t (float16).
+// The 4- or 8-bit x int8-input decode path (affine_q8.cpp), for P = float and uint16_t
+// (float16).
 template <typename P>
 at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                   const at::Tensor& offset, int64_t group);
+                   const at::Tensor& offset, int64_t group, int64_t bits);
 
 // gemv_q8 in two halves: x (M <= kGemvMaxM, K) quantized and laid out once for the kernel
-// that runs (offsets: whether the weights it meets store offsets), then rows(...) computes
+// that runs on `bits`-bit codes (offsets: whether the weights it meets store offsets), then
+// rows(...) computes
 // y[m * N + n] for the weight rows n0..n1 (any thread, any split: every output element is
 // computed within one call, so the result does not depend on the split). affine_experts
 // prepares one input for many weights this way.
 struct Q8Inputs {
-  Q8Inputs(const at::Tensor& x, int64_t group, bool offsets);
+  Q8Inputs(const at::Tensor& x, int64_t group, int64_t bits, bool offsets);
   Q8Inputs(const Q8Inputs&) = delete;
   Q8Inputs& operator=(const Q8Inputs&) = delete;
   template <typename P>
   void rows(const uint8_t* w, const P* scale, const P* offset, float* y, int64_t N, int64_t n0,
             int64_t n1) const;
 
-  const int64_t M, K, group, C;
+  const int64_t M, K, group, bits, C;
   const bool offsets, wide, row1;  // weights with offsets; AVX-512 kernels; one row on
                                    // groups of 32
   const Act8 a;

@@ -31,7 +31,7 @@ struct Slots {
     return weights[t++];
   }
   // The next slot on x: per part (kind, group, bits); kind 0 = float weights (one tensor),
-  // 1 = affine codes (codes, scale, offset; 4-bit parts round their inputs to int8), 2 = W8A8
+  // 1 = affine codes (codes, scale, offset; inputs rounded to int8 per block of 32), 2 = W8A8
   // (int8 panels (3-D) or row-major codes (2-D), per-row scales; inputs rounded per row).
   at::Tensor linear(const at::Tensor& x) {
     const int64_t parts = next_int();
@@ -51,7 +51,7 @@ struct Slots {
         const at::Tensor& w = next_tensor();
         const at::Tensor& scale = next_tensor();
         const at::Tensor& offset = next_tensor();
-        outs.push_back(lowbit_kernels::affine_linear(x, w, scale, offset, group, bits, bits == 4));
+        outs.push_back(lowbit_kernels::affine_linear(x, w, scale, offset, group, bits, true));
       }
     }
     return parts == 1 ? outs[0] : at::cat(outs, 1);
