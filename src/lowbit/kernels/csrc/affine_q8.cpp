@@ -385,7 +385,9 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
 // vectors held in registers) and needs one FMA, where the general kernel multiplies and FMAs
 // per chunk. An asymmetric grid's epilogue is folded in as in gemv_row1_pair. The last chunks
 // short of 8 read their parameters by a masked load; a half chunk takes the general kernel's
-// step. On a 2-core EPYC this took a smollm2-135m W4 decode step from 5.5 to 4.6 ms.
+// step. On a 2-core EPYC this took a smollm2-135m W4 decode step from 5.5 to 4.6 ms. Groups of
+// 2^ps runs (64, 128, ... codes), or one per row, take it too: a block's parameters are then
+// (up to) 16 >> ps group values spread over its runs by one permute.
 template <typename P>
 LOWBIT_AVX512 inline __m512 load16_masked(const P* p, __mmask16 k) {  // lanes beyond k: 0
   if constexpr (sizeof(P) == 4) {
@@ -398,10 +400,16 @@ LOWBIT_AVX512 inline __m512 load16_masked(const P* p, __mmask16 k) {  // lanes b
 template <typename P, int Bits>
 LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const float* xs16,
                                       const float* U, const float* V, const int32_t* corr,
-                                      const float* qsum, int64_t K, const uint8_t* w,
+                                      const float* qsum, int64_t K, int ps, const uint8_t* w,
                                       const P* scale, const P* offset, float* y, int64_t n0,
                                       int64_t n1) {
   const int64_t R = K / 32, C = K / 64, B = C / 8, left = C - 8 * B;
+  const int64_t G = ps >= 40 ? 1 : R >> ps;  // groups per row (2^ps runs each, or the row)
+  // A block's 16 runs take their groups' parameters, (up to) 16 >> ps of them from group
+  // r0 >> ps, spread by one permute (ps = 0, groups of 32: one load as they are).
+  __m512i spread = _mm512_setzero_si512();
+  for (int i = 0; i < 16; ++i)
+    spread = _mm512_mask_set1_epi32(spread, static_cast<__mmask16>(1u << i), i >> std::min(ps, 4));
   const __m512i mask =
       _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8(static_cast<char>(0xF0)), 1);
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -416,20 +424,31 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
                                             _mm512_loadu_si512(xq + 64 * c));
     a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(ix, S), a);
   };
+  // the groups a block reads: a whole block's, the last short one's (the same for every row)
+  const auto group_mask = [&](int64_t runs) {
+    return static_cast<__mmask16>((1u << (((runs - 1) >> std::min(ps, 4)) + 1)) - 1);
+  };
+  const __mmask16 whole = group_mask(16), last = group_mask(std::max<int64_t>(1, 2 * left));
+  // the parameters of the 16 runs from r0 (runs in k; their groups' from p)
+  const auto params16 = [&](const P* p, int64_t r0, __mmask16 k) LOWBIT_AVX512 {
+    if (ps == 0) return load16_masked(p + r0, k);
+    const __m512 g = load16_masked(p + (r0 >> ps), k == all ? whole : last);
+    return _mm512_maskz_permutexvar_ps(k, spread, g);  // (runs past k: 0, as ps = 0's load)
+  };
   // S for the 16 runs from r0 (parameters of the lanes in k), and the epilogue's share into z
   const auto block = [&](const P* sc, const P* of, int64_t r0, __mmask16 k, __m512& z)
                          LOWBIT_AVX512 {
-    const __m512 sw = load16_masked(sc + r0, k);
+    const __m512 sw = params16(sc, r0, k);
     if (U) z = _mm512_fmadd_ps(sw, _mm512_loadu_ps(U + r0), z);
-    if (of) z = _mm512_fmadd_ps(load16_masked(of + r0, k), _mm512_loadu_ps(V + r0), z);
+    if (of) z = _mm512_fmadd_ps(params16(of, r0, k), _mm512_loadu_ps(V + r0), z);
     return _mm512_mul_ps(sw, _mm512_loadu_ps(xs16 + r0));
   };
   constexpr int64_t chunk_bytes = 8 * Bits;
   const int64_t row_bytes = K * Bits / 8;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wb = w + n * row_bytes;
-    const P* sc = scale + n * R;
-    const P* of = offset ? offset + n * R : nullptr;
+    const P* sc = scale + n * G;
+    const P* of = offset ? offset + n * G : nullptr;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), z = _mm512_setzero_ps();
     for (int64_t b = 0; b < B; ++b) {
       prefetch_lines<Bits>(wb + 8 * chunk_bytes * b);
@@ -448,9 +467,9 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
     float tail = 0.f;
     if (R & 1) {  // the row's last run, a half chunk: one 256-bit step
       const int64_t r = R - 1;
-      const float s = load1(sc + r);
+      const float s = load1(sc + (r >> ps));
       tail = s * xqs[r] * run_dot_centred<Bits>(wb, C, xq + 32 * r, qsum[r]) +
-             (U ? s * U[r] : 0.f) + (of ? load1(of + r) * V[r] : 0.f);
+             (U ? s * U[r] : 0.f) + (of ? load1(of + (r >> ps)) * V[r] : 0.f);
     }
     y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), z)) + tail;
   }
@@ -542,6 +561,7 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
   a.xg.assign(M * G, 0.f);
   if (centring) a.xc.assign(M * G, 0.f);
   a.qsum.resize(M * RB);
+  a.xr.resize(M * RB);
   const float* xp = x.data_ptr<float>();
   // The integer loop computes sum_g s_g sum_b s_x,b (u . q_b). Written with centred codes,
   //   y = sum_g s_g sum_b s_x,b ((u - 8) . q_b) + (o_g + 8 s_g) X_g      (X_g: float sum of x)
@@ -550,10 +570,10 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
   // 7.5 instead of about 3, which made the act8 error ~2.5x larger.
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     const int64_t rows = m1 - m0;
-    std::vector<float> bx(rows * RB);
+    float* bx = a.xr.data() + m0 * RB;
     float* bq = a.qsum.data() + m0 * RB;
-    quantize_rows_q8(xp + m0 * K, rows, K, a.q.data() + m0 * K, a.s.data() + m0 * RB, bx.data(),
-                     bq, shifted);
+    quantize_rows_q8(xp + m0 * K, rows, K, a.q.data() + m0 * K, a.s.data() + m0 * RB, bx, bq,
+                     shifted);
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t g = 0, b = 0; g < G; ++g)
         for (int64_t e = 0; e < per; ++e, ++b) {
@@ -568,7 +588,8 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
 Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, int64_t bits, bool offsets)
     : M(x.size(0)), K(x.size(1)), group(group), bits(bits), C(K / 64), offsets(offsets),
       wide(use_avx512() && C > 0 && (M == 1 || wide_rows())),
-      row1(M == 1 && group == 32 && C > 0),
+      ps(group == K ? 40 : ((group / 32) & (group / 32 - 1)) == 0 ? __builtin_ctzll(group / 32) : -1),
+      row1(M == 1 && C > 0 && (group == 32 || (wide && ps >= 0))),
       a(quantize_act8(x, group, false, bits == 4 && !wide)) {
   TORCH_CHECK(bits == 4 || bits == 8, "lowbit: int8-input GEMV of ", bits, "-bit codes");
   const int64_t RB = K / 32;  // activation blocks
@@ -604,22 +625,29 @@ Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, int64_t bits, bool offset
         _mm256_store_ps(v, _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1));
     }
   if (!row1) return;
-  // A decode step on Q4_0's grid. Per run r (lanes past the row's runs 0): the input scales
-  // (odd runs / 16 for AVX-512, as in xs2) and the epilogue's U, V (sum_r s_r U_r + o_r V_r):
-  // AVX2 folds its centring there (U = xc - 8 X, or xc and V = X with offsets), AVX-512 only the
-  // offsets' term (o_r + 8 s_r) X_r (U = 8 X, V = X). 8-bit codes, centred in the integer dots
-  // on both ISAs: only the offsets' term (U = 128 X, V = X; U = 0 without offsets).
+  // A decode step on Q4_0's grid (AVX-512: any power of two of runs per group, or one group per
+  // row). Per run r (lanes past the row's runs 0): the input scales (odd runs / 16 for
+  // AVX-512, as in xs2) and the epilogue's U, V (sum_r s_g(r) U_r + o_g(r) V_r, X_r the run's
+  // float sum): AVX2 folds its centring there (U = 8 (X_r - s_x,r sum(q_r)) - 8 X_r, or without
+  // the - 8 X_r and V = X with offsets), AVX-512 only the offsets' term (o + 8 s) X_r (U = 8 X,
+  // V = X). 8-bit codes, centred in the integer dots on both ISAs: only the offsets' term
+  // (U = 128 X, V = X; U = 0 without offsets).
   const int64_t pad = (C + 7) / 8 * 16 + 1;
   xsr.assign(pad, 0.f);
   U.assign(pad, 0.f);
   V.assign(pad, 0.f);
   for (int64_t r = 0; r < RB; ++r) {
+    const float X = a.xr[r];
     xsr[r] = wide && (r & 1) ? xqs[r] / high : xqs[r];
-    V[r] = a.xg[r];
-    if (!four)
-      U[r] = offsets ? 128.f * a.xg[r] : 0.f;
-    else
-      U[r] = wide ? 8.f * a.xg[r] : (offsets ? a.xc[r] : a.xc[r] - 8.f * a.xg[r]);
+    V[r] = X;
+    if (!four) {
+      U[r] = offsets ? 128.f * X : 0.f;
+    } else if (wide) {
+      U[r] = 8.f * X;
+    } else {
+      const float xc = 8.f * (X - xqs[r] * a.qsum[r]);
+      U[r] = offsets ? xc : xc - 8.f * X;
+    }
   }
 }
 
@@ -635,8 +663,8 @@ void rows_of(const Q8Inputs& in, const uint8_t* wp, const P* sp, const P* op, fl
   if (in.row1) {
     if (wide)
       gemv_row1_pair_512<P, Bits>(xq, xqs, in.xsr.data(), in.offsets ? in.U.data() : nullptr,
-                                  in.V.data(), in.corr, in.a.qsum.data(), K, wp, sp, op, yp, n0,
-                                  n1);
+                                  in.V.data(), in.corr, in.a.qsum.data(), K, in.ps, wp, sp, op,
+                                  yp, n0, n1);
     else
       gemv_row1_pair<P, Bits>(xq, in.xsr.data(), in.U.data(), in.V.data(), K, wp, sp, op, yp, n0,
                               n1);

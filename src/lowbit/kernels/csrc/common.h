@@ -241,7 +241,7 @@ bool use_avxvnni();
 // integer GEMM wants. Parallel over rows.
 struct Act8 {
   std::vector<int8_t> q;
-  std::vector<float> s, xg, xc, qsum;
+  std::vector<float> s, xg, xc, qsum, xr;  // xr: per block, the float sum of x
 };
 Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centring);
 
@@ -272,8 +272,9 @@ struct Q8Inputs {
             int64_t n1) const;
 
   const int64_t M, K, group, bits, C;
-  const bool offsets, wide, row1;  // weights with offsets; AVX-512 kernels; one row on
-                                   // groups of 32
+  const bool offsets, wide;  // weights with offsets; AVX-512 kernels
+  const int ps;  // log2 of the runs per group (40: one group per row; -1: neither)
+  const bool row1;  // one row on groups of 32 (AVX-512: of any power of two of runs, or rows)
   const Act8 a;
   std::vector<float> xs_store, xsr, U, V;
   std::vector<int32_t> corr_store;
