@@ -79,14 +79,16 @@ def test_native_matches_reference(bits, m, n, k, group, act8, isa, params, monke
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 2])  # the one-row decode kernel, the general one
 @pytest.mark.parametrize("n,k,group", [(12, 2048, 128), (16, 1024, 512), (6, 1088, 64),
-                                       (7, 288, -1)])  # fmt: skip
+                                       (7, 288, -1), (5, 640, 64), (4, 896, 128),
+                                       (3, 2048, 1024)])  # fmt: skip
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("params", ["f16", "f32", "sym"])
 def test_decode_kernels_take_any_power_of_two_group_and_per_channel_grids(
     bits, m, n, k, group, isa, params, monkeypatch
 ):
     """Groups of 2^j runs and one group per row, in whole and short blocks of 16 runs (1088:
-    34 runs) and with a row's last half chunk (288 per channel: 9 runs)."""
+    34 runs; 640 and 896: a short block of several groups; 2048 / 1024: two groups of 32 runs
+    per row) and with a row's last half chunk (288 per channel: 9 runs)."""
     check_native(bits, m, n, k, group, True, isa, params, monkeypatch)
 
 

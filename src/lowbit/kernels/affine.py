@@ -214,8 +214,8 @@ def affine_linear(x: Tensor, aw: AffineWeight, act8: bool | None = None) -> Tens
     the path the native op would take. ``act8``: whether the inputs are quantized to int8
     (:func:`affine_linear_act8_reference`); None (the layers' default) asks it for
     decode-sized inputs only, so that evaluation windows keep the reference
-    ``QuantLinear``'s numbers; the decode loop passes True for its prompts (llama.cpp's
-    prefill arithmetic)."""
+    ``QuantLinear``'s numbers; the decode loop passes True for its prompts and steps
+    (llama.cpp's arithmetic)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if act8 is None:

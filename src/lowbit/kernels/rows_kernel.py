@@ -1,5 +1,5 @@
-"""Which kernel runs a 4-bit layer's inputs of several rows on an AVX-512 CPU, measured once per
-machine.
+"""Which kernel runs a 4- or 8-bit layer's int8 inputs of several rows on an AVX-512 CPU,
+measured once per machine (on a 4-bit shape; 8-bit layers follow the same choice, untimed).
 
 lowbit's 4-bit GEMV has an AVX-512 VNNI and an AVX2 form. For one row the AVX-512 one is the
 faster or level everywhere it was timed; for 2-32 rows (short prompts, a prompt's experts,

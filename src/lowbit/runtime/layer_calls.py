@@ -25,8 +25,8 @@ def online_call(module: nn.Module) -> Callable[[Tensor], Tensor]:
 class Native:
     """A layer's decode call on the native ops: ``parts`` side by side, each ``(kind, group,
     bits, tensors)``: float weights (kind 0, ``(w,)``), affine codes (kind 1, ``(codes,
-    scale, offset)``, 4-bit layers' inputs rounded to int8, 8-bit layers' float at every
-    batch size) or W8A8 codes (kind 2, ``(panels or codes, scale)``, inputs rounded per row).
+    scale, offset)``, inputs rounded to int8 per block of 32 at every batch size) or W8A8
+    codes (kind 2, ``(panels or codes, scale)``, inputs rounded per row).
     Callable on a (B, C) input, and what the one-call step (``lowbit_cpu::decode_step``,
     :attr:`LlamaForward._step`) reads."""
 

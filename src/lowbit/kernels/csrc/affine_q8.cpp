@@ -1,5 +1,5 @@
-// 4- or 8-bit codes x int8 inputs: the decode path of 4- and 8-bit layers ("act8"; see the header comment of
-// affine_gemv.cpp), an AVX2 kernel and an AVX-512 VNNI one.
+// 4- or 8-bit codes x int8 inputs: the decode path of 4- and 8-bit layers ("act8"; see the
+// header comment of affine_gemv.cpp), an AVX2 kernel and an AVX-512 VNNI one.
 #include "common.h"
 
 #include <cctype>
@@ -98,7 +98,7 @@ inline float run_dot(const uint8_t* wb, int64_t C, const int8_t* x) {
     return half_chunk_dot8(wb + 64 * C, x);
 }
 
-// run_dot of the centred codes (qsum: the sum of the run's inputs x).
+// run_dot of the centred codes (qsum: the sum of the run's int8 input codes q).
 template <int Bits>
 inline float run_dot_centred(const uint8_t* wb, int64_t C, const int8_t* x, float qsum) {
   return Bits == 4 ? run_dot<4>(wb, C, x) - 8.f * qsum : run_dot<8>(wb, C, x);
@@ -189,7 +189,8 @@ void gemv_rows_q8(const int8_t* xq, const float* xqs, const float* xs4, int64_t 
         end = offset_term(offset ? offset + n * G : nullptr, sc, xg + m * G, xc + m * G, G);
       else
         end = offset ? offset_sum<Bits>(offset + n * G, sc, xg + m * G, G) : 0.f;
-      y[m * N + n] = hsum(A == 2 ? _mm256_add_ps(acc[0][m], acc[A - 1][m]) : acc[0][m]) + tail[m] + end;
+      const __m256 sum = A == 2 ? _mm256_add_ps(acc[0][m], acc[A - 1][m]) : acc[0][m];
+      y[m * N + n] = hsum(sum) + tail[m] + end;
     }
   }
 }
@@ -238,7 +239,8 @@ void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const fl
       sums = _mm256_madd_epi16(
           _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)), ones);
     } else {
-      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + chunk_bytes * c + 32));
+      const uint8_t* high = wb + chunk_bytes * c + 32;
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high));
       sums = _mm256_hadd_epi32(centred_u8_products(b, x0), centred_u8_products(hi, x1));
     }
     a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_permutevar8x32_ps(S, ix), a);
@@ -370,7 +372,8 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
       const int64_t r = R - 1;
       const float s = load1(sc + r * 32 / group);
       for (int m = 0; m < M; ++m)
-        tail[m] = s * xqs[m * R + r] * run_dot_centred<Bits>(wb, C, xq + m * K + 32 * r, qsum[m * R + r]);
+        tail[m] = s * xqs[m * R + r] *
+                  run_dot_centred<Bits>(wb, C, xq + m * K + 32 * r, qsum[m * R + r]);
     }
     for (int m = 0; m < M; ++m)
       y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m] +
@@ -378,8 +381,8 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
   }
 }
 
-// One row of x on Q4_0's groups of 32 (the decode step's case), AVX-512: as gemv_rows_q8_512,
-// with the scale products found 16 runs at a time. Per 8 chunks one convert of the row's 16
+// One row of x (the decode step's case; written for Q4_0's groups of 32), AVX-512: as
+// gemv_rows_q8_512, with the scale products found 16 runs at a time. Per 8 chunks one convert of the row's 16
 // weight scales and one multiply by the 16 input scales (xs16: s_r, odd runs / 16, as in xs2)
 // give S; each chunk then takes its two runs' lanes of S with one permute (per-chunk index
 // vectors held in registers) and needs one FMA, where the general kernel multiplies and FMAs
@@ -588,7 +591,9 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
 Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, int64_t bits, bool offsets)
     : M(x.size(0)), K(x.size(1)), group(group), bits(bits), C(K / 64), offsets(offsets),
       wide(use_avx512() && C > 0 && (M == 1 || wide_rows())),
-      ps(group == K ? 40 : ((group / 32) & (group / 32 - 1)) == 0 ? __builtin_ctzll(group / 32) : -1),
+      ps(group == K                                 ? 40
+         : ((group / 32) & (group / 32 - 1)) == 0 ? __builtin_ctzll(group / 32)
+                                                  : -1),
       row1(M == 1 && C > 0 && (group == 32 || (wide && ps >= 0))),
       a(quantize_act8(x, group, false, bits == 4 && !wide)) {
   TORCH_CHECK(bits == 4 || bits == 8, "lowbit: int8-input GEMV of ", bits, "-bit codes");

@@ -6,7 +6,8 @@
 
 namespace lowbit_kernels {
 
-// affine_gemv.cpp: codes w with per-group scale/offset; act8 rounds 4-bit layers' inputs.
+// affine_gemv.cpp: codes w with per-group scale/offset; act8 rounds the inputs to int8 per
+// block of 32 (4- and 8-bit codes).
 at::Tensor affine_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                          const at::Tensor& offset, int64_t group, int64_t bits, bool act8);
 // int8_gemm.cpp: W8A8, x rounded to int8 per row, times int8 weights with per-row scales held
