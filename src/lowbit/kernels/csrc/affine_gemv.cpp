@@ -109,11 +109,11 @@ inline __m256 broadcast8(const P* p) {
   }
 }
 
-// The 8-bit kernels on float inputs (act8 off). Per run of 32 codes: widening loads and converts, one FMA
-// per 8 (AVX2) or 16 (AVX-512) codes into the group's sums, split over two chains so their
-// latency does not bind at groups of 32; per group one scale FMA; the offsets once per row.
-// Bound by instructions, not memory, on two cores: with the general kernel's per-group scalar
-// steps (gemv_rows) a 32000x2048 int8 head took 6.9 ms on one thread, with this one 5.1.
+// The 8-bit kernels on float inputs (act8 off). Per run of 32 codes: widening loads and converts,
+// one FMA per 8 (AVX2) or 16 (AVX-512) codes into the group's sums, split over two chains so their
+// latency does not bind at groups of 32; per group one scale FMA; the offsets once per row. Bound
+// by instructions, not memory, on two cores: with the general kernel's per-group scalar steps
+// (gemv_rows) a 32000x2048 int8 head took 6.9 ms on one thread, with this one 5.1.
 template <int M, typename P>
 void gemv_rows8(const float* x, int64_t K, const uint8_t* w, const P* scale, const P* offset,
                 int64_t group, const float* xsum, float* y, int64_t N, int64_t n0, int64_t n1) {

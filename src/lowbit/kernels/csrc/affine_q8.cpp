@@ -47,19 +47,13 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs
 }
 
 // How a kernel finds the weight scales of chunk c (64 codes, runs 2c and 2c + 1) without
-// branches where it can:
+// branches where it can, by ps = group_shift(group, K):
 //   Uniform: groups are a power of two of whole chunks, or one group spans the row (per-channel
-//            grids: w8-rtn's), one scale per chunk (c >> shift);
-//   Pair:    groups of 32 (GGUF Q4_0/Q4_1's), the chunk's two scales are consecutive;
-//   Walk:    any other multiple of 32 (four branches per chunk).
+//            grids: w8-rtn's; they took the Walk's branches before, 3072x576 8-bit on one
+//            thread 63.8 us against 55.7 at groups of 64), one scale per chunk (c >> (ps - 1));
+//   Pair:    groups of 32 (GGUF Q4_0/Q4_1's, ps = 0), the chunk's two scales are consecutive;
+//   Walk:    any other multiple of 32 (ps < 0; four branches per chunk).
 enum class Groups { Uniform, Pair, Walk };
-
-// Uniform's shift from a chunk to its group: log2 of the chunks per group, or past every chunk
-// index where one group spans the row (a per-channel grid of 576 inputs took the Walk's four
-// branches per chunk before: 3072x576 8-bit on one thread 63.8 us against 55.7 at groups of 64).
-inline int uniform_shift(int64_t group, int64_t K) {
-  return group == K ? 62 : __builtin_ctzll(group / 64);
-}
 
 template <typename P>
 inline __m128 load2(const P* p) {  // two consecutive params -> lanes 0, 1
@@ -119,11 +113,11 @@ inline float run_dot_centred(const uint8_t* wb, int64_t C, const int8_t* x, floa
 // grid's term sum_g (o_g + 128 s_g) X_g is left to the epilogue.
 template <int M, Groups Mode, typename P, int Bits>
 void gemv_rows_q8(const int8_t* xq, const float* xqs, const float* xs4, int64_t K,
-                  const uint8_t* w, const P* scale, const P* offset, int64_t group,
+                  const uint8_t* w, const P* scale, const P* offset, int64_t group, int ps,
                   const float* xg, const float* xc, float* y, int64_t N, int64_t n0, int64_t n1) {
   constexpr int A = M <= 4 ? 2 : 1;
   const int64_t G = K / group, R = K / 32, C = K / 64;
-  const int shift = Mode == Groups::Uniform ? uniform_shift(group, K) : 0;
+  const int shift = Mode == Groups::Uniform ? ps - 1 : 0;
   const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
   const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
   constexpr int64_t chunk_bytes = 8 * Bits;
@@ -235,7 +229,8 @@ void gemv_row1_pair(const int8_t* xq, const float* xqs, const float* U, const fl
     const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
     __m256i sums;
     if constexpr (Bits == 4) {
-      const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+      const __m256i lo = _mm256_and_si256(b, nib);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
       sums = _mm256_madd_epi16(
           _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)), ones);
     } else {
@@ -339,10 +334,10 @@ template <int M, Groups Mode, typename P, int Bits>
 LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const float* xs2,
                                     const int32_t* corr, const float* qsum, int64_t K,
                                     const uint8_t* w, const P* scale, const P* offset,
-                                    int64_t group, const float* xg, float* y, int64_t N,
+                                    int64_t group, int ps, const float* xg, float* y, int64_t N,
                                     int64_t n0, int64_t n1) {
   const int64_t G = K / group, R = K / 32, C = K / 64;
-  const int shift = Mode == Groups::Uniform ? uniform_shift(group, K) : 0;
+  const int shift = Mode == Groups::Uniform ? ps - 1 : 0;
   const __m512i mask =
       _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8(static_cast<char>(0xF0)), 1);
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -382,15 +377,15 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
 }
 
 // One row of x (the decode step's case; written for Q4_0's groups of 32), AVX-512: as
-// gemv_rows_q8_512, with the scale products found 16 runs at a time. Per 8 chunks one convert of the row's 16
-// weight scales and one multiply by the 16 input scales (xs16: s_r, odd runs / 16, as in xs2)
-// give S; each chunk then takes its two runs' lanes of S with one permute (per-chunk index
-// vectors held in registers) and needs one FMA, where the general kernel multiplies and FMAs
-// per chunk. An asymmetric grid's epilogue is folded in as in gemv_row1_pair. The last chunks
-// short of 8 read their parameters by a masked load; a half chunk takes the general kernel's
-// step. On a 2-core EPYC this took a smollm2-135m W4 decode step from 5.5 to 4.6 ms. Groups of
-// 2^ps runs (64, 128, ... codes), or one per row, take it too: a block's parameters are then
-// (up to) 16 >> ps group values spread over its runs by one permute.
+// gemv_rows_q8_512, with the scale products found 16 runs at a time. Per 8 chunks one convert of
+// the row's 16 weight scales and one multiply by the 16 input scales (xs16: s_r, odd runs / 16, as
+// in xs2) give S; each chunk then takes its two runs' lanes of S with one permute (per-chunk index
+// vectors held in registers) and needs one FMA, where the general kernel multiplies and FMAs per
+// chunk. An asymmetric grid's epilogue is folded in as in gemv_row1_pair. The last chunks short of
+// 8 read their parameters by a masked load; a half chunk takes the general kernel's step. On a
+// 2-core EPYC this took a smollm2-135m W4 decode step from 5.5 to 4.6 ms. Groups of 2^ps runs (64,
+// 128, ... codes), or one per row, take it too: a block's parameters are then (up to) 16 >> ps
+// group values spread over its runs by one permute.
 template <typename P>
 LOWBIT_AVX512 inline __m512 load16_masked(const P* p, __mmask16 k) {  // lanes beyond k: 0
   if constexpr (sizeof(P) == 4) {
@@ -410,9 +405,8 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
   const int64_t G = ps >= 40 ? 1 : R >> ps;  // groups per row (2^ps runs each, or the row)
   // A block's 16 runs take their groups' parameters, (up to) 16 >> ps of them from group
   // r0 >> ps, spread by one permute (ps = 0, groups of 32: one load as they are).
-  __m512i spread = _mm512_setzero_si512();
-  for (int i = 0; i < 16; ++i)
-    spread = _mm512_mask_set1_epi32(spread, static_cast<__mmask16>(1u << i), i >> std::min(ps, 4));
+  const __m512i spread = _mm512_srli_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), std::min(ps, 4));
   const __m512i mask =
       _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8(static_cast<char>(0xF0)), 1);
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -484,16 +478,16 @@ template <typename P, int Bits>
 void gemv_any_q8(const int8_t* xq, const float* xqs, const float* xs2, const int32_t* corr,
                  const float* xs4,
                  const float* qsum, int64_t M, int64_t K, const uint8_t* w, const P* scale,
-                 const P* offset, int64_t group, const float* xg, const float* xc, float* y,
-                 int64_t N, int64_t n0, int64_t n1) {
-  const bool uniform =
-      group == K || (group % 64 == 0 && ((group / 64) & (group / 64 - 1)) == 0);
+                 const P* offset, int64_t group, int ps, const float* xg, const float* xc,
+                 float* y, int64_t N, int64_t n0, int64_t n1) {
+  const bool uniform = ps >= 1;
   switch (M) {
-#define LOWBIT_WIDE(R, MODE)                                                                    \
-  gemv_rows_q8_512<R, Groups::MODE, P, Bits>(xq, xqs, xs2, corr, qsum, K, w, scale, offset, group, xg, \
-                                       y, N, n0, n1)
-#define LOWBIT_NARROW(R, MODE) \
-  gemv_rows_q8<R, Groups::MODE, P, Bits>(xq, xqs, xs4, K, w, scale, offset, group, xg, xc, y, N, n0, n1)
+#define LOWBIT_WIDE(R, MODE)                                                               \
+  gemv_rows_q8_512<R, Groups::MODE, P, Bits>(xq, xqs, xs2, corr, qsum, K, w, scale, offset, \
+                                             group, ps, xg, y, N, n0, n1)
+#define LOWBIT_NARROW(R, MODE)                                                                  \
+  gemv_rows_q8<R, Groups::MODE, P, Bits>(xq, xqs, xs4, K, w, scale, offset, group, ps, xg, xc, y, \
+                                         N, n0, n1)
 #define LOWBIT_CASE(R)                                                                          \
   case R:                                                                                       \
     if (!xs2) {                                                                                 \
@@ -588,12 +582,17 @@ Act8 quantize_act8(const at::Tensor& x, int64_t group, bool shifted, bool centri
   return a;
 }
 
+// log2 of the runs of 32 per group where that is a power of two, 40 where one group spans the
+// row (shifts of a run or chunk index by it give 0), else -1.
+static int group_shift(int64_t group, int64_t K) {
+  if (group == K) return 40;
+  return ((group / 32) & (group / 32 - 1)) == 0 ? __builtin_ctzll(group / 32) : -1;
+}
+
 Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, int64_t bits, bool offsets)
     : M(x.size(0)), K(x.size(1)), group(group), bits(bits), C(K / 64), offsets(offsets),
       wide(use_avx512() && C > 0 && (M == 1 || wide_rows())),
-      ps(group == K                                 ? 40
-         : ((group / 32) & (group / 32 - 1)) == 0 ? __builtin_ctzll(group / 32)
-                                                  : -1),
+      ps(group_shift(group, K)),
       row1(M == 1 && C > 0 && (group == 32 || (wide && ps >= 0))),
       a(quantize_act8(x, group, false, bits == 4 && !wide)) {
   TORCH_CHECK(bits == 4 || bits == 8, "lowbit: int8-input GEMV of ", bits, "-bit codes");
@@ -682,7 +681,7 @@ void rows_of(const Q8Inputs& in, const uint8_t* wp, const P* sp, const P* op, fl
     const float* xs_m = in.xs + m0 * C * lanes;
     gemv_any_q8<P, Bits>(xq + m0 * K, xqs + m0 * RB, wide ? xs_m : nullptr,
                          wide ? in.corr + m0 * C * 16 : nullptr, wide ? nullptr : xs_m,
-                         in.a.qsum.data() + m0 * RB, mm, K, wp, sp, op, group,
+                         in.a.qsum.data() + m0 * RB, mm, K, wp, sp, op, group, in.ps,
                          in.a.xg.data() + m0 * G, centring ? in.a.xc.data() + m0 * G : nullptr,
                          yp + m0 * N, N, n0, n1);
   }

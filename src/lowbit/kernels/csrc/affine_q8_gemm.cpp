@@ -150,8 +150,7 @@ struct SumU4 {
 struct SumS8 {
   static __m256i step(__m256i a, __m256i xu, __m256i c) {
     const __m256i q = _mm256_xor_si256(xu, _mm256_set1_epi8(static_cast<char>(0x80)));
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(q, c));
-    return _mm256_add_epi32(a, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(a, signed_products(c, q));
   }
   static __m256i total(__m256i a, __m256i) { return a; }
 };

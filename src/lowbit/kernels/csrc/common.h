@@ -122,13 +122,16 @@ inline float half_chunk_dot(__m256i codes, const int8_t* x) {
   return hsum(_mm256_cvtepi32_ps(dot));
 }
 
-// The integer dot of 32 8-bit codes u (0..255, centred on 128) with 32 int8 inputs q:
-// sum (u - 128) q, as llama.cpp's q8_0 dot on AVX2: |u - 128| (as u8, 128 included) times q
-// with the sign of u - 128, so each vpmaddubsw pair is at most 2 * 128 * 127 < 2^15.
-inline __m256i centred_u8_products(__m256i codes, __m256i x) {
-  const __m256i w = _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)),
+// Signed bytes c times int8 inputs q (|q| <= 127), 4 products summed per int32 lane, as
+// llama.cpp's q8_0 dot on AVX2: |c| (as u8, 128 included) times q with the sign of c, so each
+// vpmaddubsw pair is at most 2 * 128 * 127 < 2^15 whatever c is.
+inline __m256i signed_products(__m256i c, __m256i q) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(q, c)),
                            _mm256_set1_epi16(1));
+}
+// The same for 8-bit codes u (0..255, centred on 128): sum (u - 128) q per lane.
+inline __m256i centred_u8_products(__m256i codes, __m256i x) {
+  return signed_products(_mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80))), x);
 }
 inline float half_chunk_dot8(const uint8_t* codes, const int8_t* x) {
   const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
