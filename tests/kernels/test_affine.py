@@ -3,16 +3,36 @@
 import pytest
 import torch
 
-from helpers import random_affine
+from helpers import random_affine, torch_threads
 from lowbit.kernels import affine, int8
 from lowbit.kernels.build import native_ops
+from lowbit.kernels.int8 import has_avx512_vnni
 
 
+@pytest.mark.parametrize("n", [5, 16, 37])  # rows one by one, whole blocks of 16, both
 @pytest.mark.parametrize("k", [32, 64, 96, 128])  # whole chunks of 64, and a last half chunk
-def test_run_packing_round_trips_exactly(k):
-    codes = torch.randint(0, 16, (5, k), dtype=torch.uint8)
+def test_run_packing_round_trips_exactly(n, k):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     assert torch.equal(affine.unpack_runs(affine.pack_runs(codes, 4), 4), codes)
-    assert affine.pack_runs(codes, 4).shape == (5, k // 2)
+    assert affine.pack_runs(codes, 4).shape == (n, k // 2)
+    params = torch.randn(n, k // 32)
+    assert torch.equal(affine.row_params(affine.interleave_params(params), 4), params)
+
+
+def test_block_layout_puts_16_rows_in_the_lanes_of_64_bytes():
+    codes = torch.zeros(18, 64, dtype=torch.uint8)
+    codes[3, 13] = 5  # run 0, part j = 1, high nibble of byte t = 1, lane (row) 3
+    codes[4, 32 + 2] = 7  # run 1, part 0, low nibble of byte 2, lane 4
+    codes[17, 40] = 9  # past the last whole block: row by row, chunk 0, byte 8 high
+    packed = affine.pack_runs(codes, 4)
+    block = packed[:16].flatten()
+    assert block[64 + 4 * 3 + 1] == 5 << 4 and block[256 + 4 * 4 + 2] == 7
+    assert int((block != 0).sum()) == 2
+    assert packed[17, 8] == 9 << 4 and int((packed[16:] != 0).sum()) == 1
+    scale = torch.arange(18 * 2, dtype=torch.float32).reshape(18, 2)
+    held = affine.interleave_params(scale)
+    assert held[:16].flatten()[16 * 1 + 3] == scale[3, 1]  # group-major within the block
+    assert torch.equal(held[16:], scale[16:])
 
 
 def test_chunk_layout_puts_two_runs_in_the_nibbles_of_32_bytes():
@@ -77,10 +97,11 @@ def test_native_matches_reference(bits, m, n, k, group, act8, isa, params, monke
 
 @needs_native
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 2])  # the one-row decode kernel, the general one
+@pytest.mark.parametrize("m", [1, 2, 6])  # one row, several (4-bit: blocks, 4 rows a pass)
 @pytest.mark.parametrize("n,k,group", [(12, 2048, 128), (16, 1024, 512), (6, 1088, 64),
                                        (7, 288, -1), (5, 640, 64), (4, 896, 128),
-                                       (3, 2048, 1024)])  # fmt: skip
+                                       (3, 2048, 1024), (50, 2048, 128), (32, 288, -1),
+                                       (17, 1024, 512)])  # fmt: skip
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("params", ["f16", "f32", "sym"])
 def test_decode_kernels_take_any_power_of_two_group_and_per_channel_grids(
@@ -272,3 +293,27 @@ def test_column_dequantize_rejects_taps_that_do_not_divide_the_rows():
     with pytest.raises(RuntimeError, match="taps must divide"):
         torch.ops.lowbit_cpu.affine_dequantize_columns(aw.w, aw.scale, aw.offset, aw.group, 8,
                                                        16, 64)  # fmt: skip
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("params", ["f16", "f32", "sym"])
+def test_4bit_block_rows_are_the_same_on_both_isas_and_any_split(m, params, monkeypatch):
+    """The block kernels sum a run exactly in int32 and then take the same float steps on
+    AVX-512 and AVX2, so a block's rows agree to the bit; rows cut from their block by a
+    thread's split (the experts op splits its matrices' rows as one range) are computed whole."""
+    if not has_avx512_vnni():
+        pytest.skip("needs the AVX-512 VNNI kernels beside the AVX2 ones")
+    aw = random_affine(40, 576, 64, 4, seed=m, params=params)
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m))
+    out = {}
+    for isa in ("", "avx2"):
+        monkeypatch.setenv("LOWBIT_KERNEL_ISA", isa)
+        out[isa] = affine.affine_linear(x, aw, True)
+    assert torch.equal(out[""][:, :32], out["avx2"][:, :32])
+    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "")
+    with torch_threads(2):
+        three = affine.affine_experts(x[:1], [aw, aw, aw])  # 120 rows as one: split at 60
+    # (60: row 20 of block 1; rows 32..39, past the blocks, take the row kernels, whose one-row
+    # and several-row forms sum in other orders)
+    assert all(torch.equal(three[e, :32], out[""][0, :32]) for e in range(3))

@@ -113,3 +113,15 @@ def test_w8a8_panels_of_two_layers_are_not_shared():
     assert not share_input(layers)
     assert all(layer.shared is None for layer in layers)
     assert not share_input([int8_layers("reference", [16], k=128)[0], fast_layer(16)])  # two kinds
+
+
+def test_4bit_layers_share_only_on_whole_blocks_of_16_rows():
+    split = [fast_layer(20), fast_layer(16)]  # rows 16..19 and 20..35 would share a block
+    assert not share_input(split)
+    assert all(layer.shared is None for layer in split)
+    layers = [fast_layer(16), fast_layer(20)]  # the last layer's tail is the stack's tail
+    x = torch.randn(1, 128)
+    alone = [layer(x) for layer in layers]
+    assert share_input(layers)
+    for layer, a in zip(layers, alone, strict=True):
+        assert torch.equal(layer(x), a)

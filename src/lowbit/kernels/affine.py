@@ -34,6 +34,7 @@ from torch import Tensor
 from lowbit.kernels.build import native_ops
 
 RUN = 32  # codes per layout run; a group must be a whole number of runs
+BLOCK = 16  # rows of 4-bit codes stored interleaved (csrc/affine_blocks.h)
 GEMV_MAX_ROWS = 32  # above this many rows the native op runs a GEMM instead of a GEMV
 
 
@@ -42,6 +43,9 @@ class AffineWeight:
     """Kernel layout: ``w`` uint8 (N, Kp·bits/8), ``scale``/``offset`` (N, Kp/group), both
     float16 when that holds them exactly (lowbit's saved grids usually are), else float32.
     Symmetric grids store no offsets: ``offset`` is empty and means ``-2**(bits-1)·scale``.
+    4-bit weights keep each whole block of ``BLOCK`` rows interleaved, codes and params
+    (:func:`pack_runs`, :func:`interleave_params`): tensor rows 16b..16b+15 hold that block,
+    and rows past the last whole block are stored one after another.
 
     ``in_features`` is the layer's K; ``Kp`` ≥ K is K padded to a whole run (per-channel
     layers only; padded codes are 0 and padded inputs are 0, so they add nothing)."""
@@ -91,6 +95,8 @@ def to_affine(
     if group == k and k % RUN:  # pad a per-row group to a whole number of runs
         group = -(-k // RUN) * RUN
         codes = F.pad(codes, (0, group - k))
+    if bits == 4:
+        scale, offset = interleave_params(scale), interleave_params(offset)
     return AffineWeight(pack_runs(codes.to(torch.uint8), bits), scale, offset, group, bits, k)
 
 
@@ -101,40 +107,82 @@ def exact_in_half(t: Tensor) -> bool:
 
 
 def offsets(aw: AffineWeight) -> Tensor:
-    """The float32 (N, Kp/group) offsets, those a symmetric grid does not store included."""
+    """The float32 (N, Kp/group) offsets, those a symmetric grid does not store included, one
+    row per weight row (:func:`row_params`)."""
     if aw.offset.numel():
-        return aw.offset.float()
-    return -(2 ** (aw.bits - 1)) * aw.scale.float()
+        return row_params(aw.offset, aw.bits).float()
+    return -(2 ** (aw.bits - 1)) * row_params(aw.scale, aw.bits).float()
 
 
 def pack_runs(codes: Tensor, bits: int) -> Tensor:
-    """(N, K) codes -> the kernel's byte layout. 4 bits: chunks of 64 codes in 32 bytes, byte j
-    holding code j (low nibble) and code 32 + j (high nibble); a last chunk of 32 codes (K not a
-    multiple of 64) holds codes j and 16 + j (see the C++ source)."""
+    """(N, K) codes -> the kernel's byte layout. 8 bits: as they are. 4 bits, rows one after
+    another: chunks of 64 codes in 32 bytes, byte j holding code j (low nibble) and code 32 + j
+    (high nibble); a last chunk of 32 codes (K not a multiple of 64) holds codes j and 16 + j.
+    4 bits, each whole block of ``BLOCK`` rows (what the decode kernels read, 16 rows per 64
+    bytes so that one int8 multiply-add serves 16 rows): per run r (codes 32r..32r+31), 256
+    bytes in four parts j of 64; in part j, bytes 4i..4i+3 belong to row i of the block, byte
+    t holding code 8j + t (low nibble) and 8j + 4 + t (high nibble) of the run."""
     if bits == 8:
         return codes.contiguous()
     n, k = codes.shape
+    whole = n // BLOCK * BLOCK
+    blocks = codes[:whole].reshape(-1, BLOCK, k // RUN, 4, 2, 4)  # (b, i, r, j, hi, t)
+    blocks = (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)
+    return torch.cat([blocks.reshape(whole, k // 2), _pack_rows(codes[whole:])]).contiguous()
+
+
+def _pack_rows(codes: Tensor) -> Tensor:
+    """4-bit codes, rows one after another (see :func:`pack_runs`)."""
+    n, k = codes.shape
     full = k // (2 * RUN) * 2 * RUN
-    halves = codes[:, :full].reshape(n, -1, 2, RUN)
-    parts = [(halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, -1)]
+    halves = codes[:, :full].reshape(n, full // (2 * RUN), 2, RUN)
+    parts = [(halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, full // 2)]
     if full < k:
         last = codes[:, full:]
         parts.append(last[:, : RUN // 2] | (last[:, RUN // 2 :] << 4))
-    return torch.cat(parts, dim=1).contiguous()
+    return torch.cat(parts, dim=1)
 
 
 def unpack_runs(w: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`pack_runs`."""
+    """Inverse of :func:`pack_runs`: the (N, Kp) codes."""
     if bits == 8:
         return w
     n, k = w.shape[0], w.shape[1] * 2
+    whole = n // BLOCK * BLOCK
+    blocks = w[:whole].reshape(-1, k // RUN, 4, BLOCK, 4).permute(0, 3, 1, 2, 4)  # (b,i,r,j,t)
+    blocks = torch.stack([blocks & 0x0F, blocks >> 4], dim=-2)  # (b, i, r, j, hi, t)
+    return torch.cat([blocks.reshape(whole, k), _unpack_rows(w[whole:])])
+
+
+def _unpack_rows(w: Tensor) -> Tensor:
+    n, k = w.shape[0], w.shape[1] * 2
     full = k // (2 * RUN) * 2 * RUN
-    chunks = w[:, : full // 2].reshape(n, -1, RUN)
-    parts = [torch.cat([chunks & 0x0F, chunks >> 4], dim=-1).reshape(n, -1)]
+    chunks = w[:, : full // 2].reshape(n, full // (2 * RUN), RUN)
+    parts = [torch.cat([chunks & 0x0F, chunks >> 4], dim=-1).reshape(n, full)]
     if full < k:
         last = w[:, full // 2 :]
         parts.append(torch.cat([last & 0x0F, last >> 4], dim=-1))
     return torch.cat(parts, dim=1)
+
+
+def interleave_params(p: Tensor) -> Tensor:
+    """(N, G) per-row params of 4-bit codes -> their layout: each whole block of ``BLOCK`` rows
+    stored group-major, (G, 16), so the decode kernels load one group's 16 rows at once; an
+    empty tensor (a symmetric grid's offsets) stays empty."""
+    if p.numel() == 0:
+        return p
+    whole = p.shape[0] // BLOCK * BLOCK
+    head = p[:whole].reshape(-1, BLOCK, p.shape[1]).transpose(1, 2).reshape(whole, p.shape[1])
+    return torch.cat([head, p[whole:]]).contiguous()
+
+
+def row_params(p: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`interleave_params` (8-bit weights' params as they are)."""
+    if bits == 8 or p.numel() == 0:
+        return p
+    whole = p.shape[0] // BLOCK * BLOCK
+    head = p[:whole].reshape(-1, p.shape[1], BLOCK).transpose(1, 2).reshape(whole, p.shape[1])
+    return torch.cat([head, p[whole:]])
 
 
 def affine_dequantize_reference(aw: AffineWeight) -> Tensor:
@@ -142,8 +190,8 @@ def affine_dequantize_reference(aw: AffineWeight) -> Tensor:
     u = unpack_runs(aw.w, aw.bits).float()
     n, kp = u.shape
     u = u.reshape(n, kp // aw.group, aw.group)
-    scale, offset = aw.scale.float().unsqueeze(-1), offsets(aw).unsqueeze(-1)
-    return (u * scale + offset).reshape(n, kp)
+    scale = row_params(aw.scale, aw.bits).float().unsqueeze(-1)
+    return (u * scale + offsets(aw).unsqueeze(-1)).reshape(n, kp)
 
 
 def affine_dequantize(aw: AffineWeight) -> Tensor:
@@ -204,7 +252,7 @@ def affine_linear_act8_reference(x: Tensor, aw: AffineWeight) -> Tensor:
     per_group = aw.group // xb
     scaled = (dots * qs.unsqueeze(1)).reshape(m, n, nb // per_group, per_group).sum(-1)
     xsum = x2.reshape(m, -1, aw.group).sum(-1)  # (M, G)
-    scale, offset = aw.scale.float(), offsets(aw)
+    scale, offset = row_params(aw.scale, aw.bits).float(), offsets(aw)
     y = (scaled * scale.unsqueeze(0)).sum(-1) + xsum @ (offset + mid * scale).T
     return y.reshape(*lead, n)
 

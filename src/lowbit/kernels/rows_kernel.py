@@ -1,17 +1,19 @@
-"""Which kernel runs a 4- or 8-bit layer's int8 inputs of several rows on an AVX-512 CPU,
-measured once per machine (on a 4-bit shape; 8-bit layers follow the same choice, untimed).
+"""Which kernel runs an 8-bit layer's int8 inputs of several rows on an AVX-512 CPU,
+measured once per machine.
 
-lowbit's 4-bit GEMV has an AVX-512 VNNI and an AVX2 form. For one row the AVX-512 one is the
-faster or level everywhere it was timed; for 2-32 rows (short prompts, a prompt's experts,
+lowbit's 8-bit GEMV on int8 inputs has an AVX-512 VNNI and an AVX2 form. For one row the
+AVX-512 one is the faster or level everywhere it was timed; for 2-32 rows (short prompts,
 batched decode) it depends on the CPU: on Intel's it is faster, on AMD's Zen 4, which runs a
-512-bit instruction as two 256-bit halves, the AVX2 form ran 8-32 rows ~1.6x faster
-(25.5 against 40 us per row of a 1024x2048 matrix). So the first time the kernels load on an
-AVX-512 CPU both are timed on that shape and the faster one is kept, in a small file beside the
-built kernels keyed by the CPU (vendor, family, model, stepping, name) and torch's thread count,
-so that a machine keeps one arithmetic from run to run (the two forms' outputs differ in the
-last bits). Processes that start together take turns on a lock beside the record, so they
-measure once and agree. The C++ reads the choice from ``LOWBIT_KERNEL_ROWS`` ("avx2", or "" for
-the AVX-512 form) at every call, which a user may also set.
+512-bit instruction as two 256-bit halves, the AVX2 form of the earlier row-by-row 4-bit kernel
+ran 8-32 rows ~1.6x faster. (4-bit codes, stored in blocks of 16 interleaved rows, take the
+AVX-512 block kernel for any number of rows: on Zen 4 it ran 4 and 8 rows 2.2x faster than its
+AVX2 form.) So the first time the kernels load on an AVX-512 CPU both are timed on an 8-bit
+shape and the faster one is kept, in a small file beside the built kernels keyed by the CPU
+(vendor, family, model, stepping, name) and torch's thread count, so that a machine keeps one
+arithmetic from run to run (the two forms' outputs differ in the last bits). Processes that
+start together take turns on a lock beside the record, so they measure once and agree. The C++
+reads the choice from ``LOWBIT_KERNEL_ROWS`` ("avx2", or "" for the AVX-512 form) at every
+call, which a user may also set.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def choose_rows_kernel(folder: Path, measure: Callable[[str], float] | None = No
             if choice not in CHOICES:
                 choice = _measure_and_record(path, key, records, measure or _time_rows)
     except OSError as exc:  # no lock file here (a read-only folder): measure for this run only
-        log.warning("4-bit rows kernel: cannot lock %s (%s); measuring for this run", folder, exc)
+        log.warning("8-bit rows kernel: cannot lock %s (%s); measuring for this run", folder, exc)
         times = _timings(measure or _time_rows)
         choice = min(CHOICES, key=lambda c: statistics.median(times[c]))
     os.environ[ENV] = choice
@@ -93,11 +95,11 @@ def _measure_and_record(path: Path, key: str, records: dict, measure) -> str:
     choice = min(CHOICES, key=lambda c: statistics.median(times[c]))
     records[key] = {"choice": choice, "seconds": times}
     try:
-        write_text_atomic(path, json.dumps({"version": 2, "machines": records}))
+        write_text_atomic(path, json.dumps({"version": 3, "machines": records}))
     except OSError as exc:  # a full disk: the choice holds for this run, measured again next
-        log.warning("4-bit rows kernel: could not record the choice in %s (%s)", path, exc)
+        log.warning("8-bit rows kernel: could not record the choice in %s (%s)", path, exc)
     medians = {c or "avx512": round(statistics.median(t), 6) for c, t in times.items()}
-    log.info("4-bit rows kernel for %s: %s (median s: %s)", key, choice or "avx512", medians)
+    log.info("8-bit rows kernel for %s: %s (median s: %s)", key, choice or "avx512", medians)
     return choice
 
 
@@ -105,7 +107,7 @@ def _records(path: Path) -> dict:
     """The recorded choices by CPU key (empty for a missing, damaged or older file)."""
     try:
         data = json.loads(path.read_text())
-        machines = data["machines"] if data.get("version") == 2 else {}
+        machines = data["machines"] if data.get("version") == 3 else {}
         return {k: v for k, v in machines.items() if isinstance(v, dict)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
@@ -130,22 +132,22 @@ def _timings(measure: Callable[[str], float], rounds: int = 7) -> dict[str, list
     return times
 
 
-def _time_rows(choice: str, rows: int = 8, copies: int = 16) -> float:
-    """Seconds for ``rows`` rows of x through ``copies`` random 1024x2048 4-bit matrices (16 MB,
+def _time_rows(choice: str, rows: int = 8, copies: int = 8) -> float:
+    """Seconds for ``rows`` rows of x through ``copies`` random 1024x2048 8-bit matrices (16 MB,
     beyond most L2 caches), groups of 32, float16 scales: the prompt-sized case."""
     before = os.environ.get(ENV)
     os.environ[ENV] = choice
     try:
         g = torch.Generator().manual_seed(0)
-        ws = [torch.randint(0, 256, (1024, 1024), dtype=torch.uint8, generator=g)
+        ws = [torch.randint(0, 256, (1024, 2048), dtype=torch.uint8, generator=g)
               for _ in range(copies)]  # fmt: skip
         scale = torch.rand(1024, 64, generator=g).half()
         x, empty = torch.randn(rows, 2048, generator=g), torch.empty(0, dtype=torch.half)
         op = torch.ops.lowbit_cpu.affine_linear
-        op(x, ws[0], scale, empty, 32, 4, True)  # warm
+        op(x, ws[0], scale, empty, 32, 8, True)  # warm
         start = time.perf_counter()
         for w in ws:
-            op(x, w, scale, empty, 32, 4, True)
+            op(x, w, scale, empty, 32, 8, True)
         return time.perf_counter() - start
     finally:
         if before is None:

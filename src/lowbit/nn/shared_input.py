@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from lowbit.kernels.affine import AffineWeight, affine_linear
+from lowbit.kernels.affine import BLOCK, AffineWeight, affine_linear
 from lowbit.kernels.int8 import PANEL, Int8Weight, int8_linear
 
 
@@ -64,14 +64,17 @@ def _layout(m) -> tuple:
 def share_input(layers: list) -> bool:
     """Run ``layers`` (``AffineKernelLinear`` or ``Int8KernelLinear`` modules that read the
     same input) as one call; False, changing nothing, unless they are at least two of one
-    kind, none shared yet, with the same input width and parameter layout (and, for W8A8
-    panels, whole panels of rows each)."""
+    kind, none shared yet, with the same input width and parameter layout (and whole blocks
+    of rows each but the last: for W8A8 panels, panels of 8; for 4-bit codes, the kernels'
+    interleaved blocks of 16)."""
     if len(layers) < 2:
         return False
     first = _layout(layers[0])
     if any(_layout(m) != first or m.shared is not None for m in layers):
         return False
     if not hasattr(layers[0], "weight_int8"):
+        if layers[0].bits == 4 and any(m.out_features % BLOCK for m in layers[:-1]):
+            return False  # a block of 16 rows would hold rows of two layers
         _share_affine(layers)
     elif layers[0].weight_int8.panels is not None and any(m.out_features % PANEL for m in layers):
         return False  # a panel of 8 rows would hold rows of two layers

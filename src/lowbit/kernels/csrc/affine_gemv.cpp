@@ -12,7 +12,10 @@
 // (offset = -zero * scale) and float offsets (GGUF Q4_1 style) alike.
 //
 // Layouts (built once from lowbit's plain packing when a model is loaded; K a multiple of 32):
-//   bits 4: per row, chunks of 64 codes in 32 bytes: byte j of a chunk holds code 64c + j in its
+//   bits 4: each whole block of 16 rows interleaved, its params group-major (affine_blocks.h:
+//           the decode kernels take rows as vector lanes); the rows past the last whole block
+//           (and every block once a reader has taken it back to rows, rows_of_block) row by
+//           row: chunks of 64 codes in 32 bytes, byte j of a chunk holding code 64c + j in its
 //           low nibble and code 64c + 32 + j in its high nibble. When K is not a multiple of 64
 //           the row ends with one chunk of 32 codes in 16 bytes (byte j: codes j and 16 + j).
 //           One 32-byte load thus holds two whole runs of 32 in k order, one per nibble, which
@@ -35,6 +38,7 @@
 // and torch's GEMM runs on each tile.
 #include <torch/library.h>
 
+#include "affine_blocks.h"
 #include "common.h"
 #include "decode_api.h"
 
@@ -232,6 +236,19 @@ void dequantize_rows(const uint8_t* w, const P* scale, const P* offset, int64_t 
   }
 }
 
+// dequantize_rows of a weight as stored (4-bit: blocks of interleaved rows, affine_blocks.h).
+template <typename P>
+void dequantize_stored(const uint8_t* w, const P* scale, const P* offset, int64_t N, int64_t K,
+                       int64_t group, int64_t bits, float* out, int64_t row0, int64_t n0,
+                       int64_t n1) {
+  if (bits == 8) return dequantize_rows<8, P>(w, scale, offset, K, group, out, row0, n0, n1);
+  over_rows(w, scale, offset, N, K, K / group, n0, n1,
+            [&](const uint8_t* w2, const P* s2, const P* o2, int64_t first, int64_t lo,
+                int64_t hi) {
+              dequantize_rows<4, P>(w2, s2, o2, K, group, out, row0 - first, lo, hi);
+            });
+}
+
 void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
            const at::Tensor& offset, int64_t group, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "lowbit::affine_linear: bits must be 4 or 8");
@@ -265,10 +282,14 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   const P* op = params<P>(offset);
   float* yp = y.data_ptr<float>();
   lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
-      const int64_t mm = std::min(kMaxM, M - m0);
-      gemv_any<Bits, P>(xp + m0 * K, mm, K, wp, sp, op, group, xs + m0 * G, yp + m0 * N, N, n0, n1);
-    }
+    for_rows<Bits>(wp, sp, op, N, K, G, n0, n1, [&](const uint8_t* w2, const P* s2, const P* o2,
+                                                     int64_t first, int64_t lo, int64_t hi) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+        const int64_t mm = std::min(kMaxM, M - m0);
+        gemv_any<Bits, P>(xp + m0 * K, mm, K, w2, s2, o2, group, xs + m0 * G, yp + m0 * N + first,
+                          N, lo, hi);
+      }
+    });
   });
   return y;
 }
@@ -286,10 +307,7 @@ void dequantize_into(const at::Tensor& w, const at::Tensor& scale, const at::Ten
   const P* op = params<P>(offset);
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (bits == 4)
-      dequantize_rows<4, P>(wp, sp, op, K, group, dst, 0, n0, n1);
-    else
-      dequantize_rows<8, P>(wp, sp, op, K, group, dst, 0, n0, n1);
+    dequantize_stored<P>(wp, sp, op, N, K, group, bits, dst, 0, n0, n1);
   });
 }
 
@@ -301,11 +319,9 @@ at::Tensor gemm_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
-  return tiled_gemm(x, w.size(0), [&](float* out, int64_t row0, int64_t n0, int64_t n1) {
-    if (bits == 4)
-      dequantize_rows<4, P>(wp, sp, op, K, group, out, row0, n0, n1);
-    else
-      dequantize_rows<8, P>(wp, sp, op, K, group, out, row0, n0, n1);
+  const int64_t N = w.size(0);
+  return tiled_gemm(x, N, [&](float* out, int64_t row0, int64_t n0, int64_t n1) {
+    dequantize_stored<P>(wp, sp, op, N, K, group, bits, out, row0, n0, n1);
   });
 }
 
@@ -361,10 +377,7 @@ void columns_into(const at::Tensor& w, const at::Tensor& scale, const at::Tensor
     std::vector<float> buf(taps * K);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * taps;
-      if (bits == 4)
-        dequantize_rows<4, P>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
-      else
-        dequantize_rows<8, P>(wp, sp, op, K, group, buf.data(), r0, r0, r0 + taps);
+      dequantize_stored<P>(wp, sp, op, N, K, group, bits, buf.data(), r0, r0, r0 + taps);
       for (int64_t k = 0; k < in_features; ++k)  // input k's row: this block's taps rows
         for (int64_t t = 0; t < taps; ++t) dst[k * N + r0 + t] = buf[t * K + k];
     }

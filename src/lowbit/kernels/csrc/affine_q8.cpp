@@ -1,5 +1,6 @@
 // 4- or 8-bit codes x int8 inputs: the decode path of 4- and 8-bit layers ("act8"; see the
 // header comment of affine_gemv.cpp), an AVX2 kernel and an AVX-512 VNNI one.
+#include "affine_blocks.h"
 #include "common.h"
 
 #include <cctype>
@@ -472,6 +473,146 @@ LOWBIT_AVX512 void gemv_row1_pair_512(const int8_t* xq, const float* xqs, const 
   }
 }
 
+// M (<= 4) rows of x against whole blocks b0..b1 of 16 interleaved rows of 4-bit codes
+// (affine_blocks.h), any group of whole runs, AVX-512 VNNI. Lanes are weight rows: per run,
+// each of its 4 parts of 64 bytes is split into nibbles once and meets every row of x's
+// broadcast inputs 8j..8j+3 (low nibbles) and 8j+4..8j+7 (high) in one vpdpbusd each, from the
+// centring -8 sum(q) of the run; per run and row of x one convert and one FMA by the run's
+// input scale, then per group one FMA by the 16 weight rows' scales (and with offsets one more
+// for (o + 8 s) X_g). Inputs of row m: xq + m K, xs and qsum + m K/32, xg + m G; its
+// outputs y + m N.
+LOWBIT_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LOWBIT_AVX512 inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int M, typename P>
+LOWBIT_AVX512 void gemv_blocks_512(const int8_t* xq, const float* xs, const float* qsum,
+                                   const float* xg, int64_t K, int64_t group, const uint8_t* w,
+                                   const P* scale, const P* offset, float* y, int64_t N,
+                                   int64_t b0, int64_t b1) {
+  const int64_t G = K / group, R = K / 32, per = group / 32, slab = kBlockRows * K / 2;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const int32_t* x4 = reinterpret_cast<const int32_t*>(xq);
+  prefetch_start(w + b0 * slab, (b1 - b0) * slab);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* wb = w + b * slab;
+    const P* sb = scale + b * kBlockRows * G;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 ga[M];
+      for (int m = 0; m < M; ++m) ga[m] = _mm512_setzero_ps();
+      for (int64_t r = g * per; r < (g + 1) * per; ++r) {
+        const uint8_t* p = wb + 256 * r;
+        prefetch_lines<4>(p);
+        __m512i da[M], db[M];
+        for (int m = 0; m < M; ++m) {
+          da[m] = _mm512_set1_epi32(-8 * static_cast<int32_t>(qsum[m * R + r]));
+          db[m] = _mm512_setzero_si512();
+        }
+        for (int j = 0; j < 4; ++j) {
+          const __m512i v = _mm512_loadu_si512(p + 64 * j);
+          const __m512i lo = _mm512_and_si512(v, nib);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+          for (int m = 0; m < M; ++m) {
+            const int32_t* xm = x4 + m * K / 4 + 8 * r + 2 * j;
+            da[m] = _mm512_dpbusd_epi32(da[m], lo, _mm512_set1_epi32(xm[0]));
+            db[m] = _mm512_dpbusd_epi32(db[m], hi, _mm512_set1_epi32(xm[1]));
+          }
+        }
+        for (int m = 0; m < M; ++m)
+          ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(da[m], db[m])),
+                                  _mm512_set1_ps(xs[m * R + r]), ga[m]);
+      }
+      const __m512 s = load16(sb + kBlockRows * g);
+      const __m512 c = offset ? _mm512_fmadd_ps(_mm512_set1_ps(8.f), s,
+                                                load16(offset + b * kBlockRows * G + kBlockRows * g))
+                              : _mm512_setzero_ps();
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_fmadd_ps(ga[m], s, acc[m]);
+        if (offset) acc[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(xg[m * G + g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + kBlockRows * b, acc[m]);
+  }
+}
+
+// gemv_blocks_512 on AVX2 alone: each block's 64-byte parts as two halves of 8 weight rows,
+// one after the other, meeting the inputs in vpmaddubsw (codes 0..15 times int8: pairs of at
+// most 2 * 15 * 127, and the 8 products of a run summed in int16 stay below 2^15), one
+// vpmaddwd per run to int32, then as gemv_blocks_512.
+template <int M, typename P>
+void gemv_blocks_256(const int8_t* xq, const float* xs, const float* qsum, const float* xg,
+                     int64_t K, int64_t group, const uint8_t* w, const P* scale, const P* offset,
+                     float* y, int64_t N, int64_t b0, int64_t b1) {
+  const int64_t G = K / group, R = K / 32, per = group / 32, slab = kBlockRows * K / 2;
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int32_t* x4 = reinterpret_cast<const int32_t*>(xq);
+  prefetch_start(w + b0 * slab, (b1 - b0) * slab);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* wb = w + b * slab;
+    const P* sb = scale + b * kBlockRows * G;
+    for (int h = 0; h < 2; ++h) {  // weight rows 8h..8h+7
+      __m256 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 ga[M];
+        for (int m = 0; m < M; ++m) ga[m] = _mm256_setzero_ps();
+        for (int64_t r = g * per; r < (g + 1) * per; ++r) {
+          const uint8_t* p = wb + 256 * r + 32 * h;
+          if (h == 0) prefetch_lines<4>(p);
+          __m256i sum[M];
+          for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
+          for (int j = 0; j < 4; ++j) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * j));
+            const __m256i lo = _mm256_and_si256(v, nib);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+            for (int m = 0; m < M; ++m) {
+              const int32_t* xm = x4 + m * K / 4 + 8 * r + 2 * j;
+              sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xm[0])));
+              sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xm[1])));
+            }
+          }
+          for (int m = 0; m < M; ++m) {
+            const __m256i d = _mm256_add_epi32(
+                _mm256_madd_epi16(sum[m], ones),
+                _mm256_set1_epi32(-8 * static_cast<int32_t>(qsum[m * R + r])));
+            ga[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[m * R + r]), ga[m]);
+          }
+        }
+        const __m256 s = load8(sb + kBlockRows * g + 8 * h);
+        const __m256 c = offset ? _mm256_fmadd_ps(_mm256_set1_ps(8.f), s,
+                                                  load8(offset + b * kBlockRows * G + kBlockRows * g + 8 * h))
+                                : _mm256_setzero_ps();
+        for (int m = 0; m < M; ++m) {
+          acc[m] = _mm256_fmadd_ps(ga[m], s, acc[m]);
+          if (offset) acc[m] = _mm256_fmadd_ps(c, _mm256_set1_ps(xg[m * G + g]), acc[m]);
+        }
+      }
+      for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * N + kBlockRows * b + 8 * h, acc[m]);
+    }
+  }
+}
+
+// The block kernel of the ISA that runs for M (1..4) rows of x.
+template <typename P>
+void gemv_blocks(bool wide, int64_t M, const int8_t* xq, const float* xs, const float* qsum,
+                 const float* xg, int64_t K, int64_t group, const uint8_t* w, const P* scale,
+                 const P* offset, float* y, int64_t N, int64_t b0, int64_t b1) {
+  switch (M) {
+#define LOWBIT_CASE(R)                                                                           \
+  case R:                                                                                        \
+    if (wide)                                                                                    \
+      return gemv_blocks_512<R, P>(xq, xs, qsum, xg, K, group, w, scale, offset, y, N, b0, b1); \
+    return gemv_blocks_256<R, P>(xq, xs, qsum, xg, K, group, w, scale, offset, y, N, b0, b1);
+    LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+#undef LOWBIT_CASE
+    default:
+      TORCH_CHECK(false, "gemv_blocks: M out of range");
+  }
+}
+
 // xs2 / corr: the AVX-512 kernel's per-chunk input scales and centring (see
 // gemv_rows_q8_512), null for AVX2; xs4: the AVX2 kernel's per-chunk input scales.
 template <typename P, int Bits>
@@ -530,10 +671,11 @@ bool use_avx512() {
   return isa != "avx2" && isa != "avxvnni";
 }
 
-// Whether inputs of two rows or more run the AVX-512 kernels too: not where LOWBIT_KERNEL_ROWS
-// is "avx2" (set by lowbit.kernels.rows_kernel from a measurement once per machine: on a CPU
-// that splits 512-bit instructions in two, AMD's Zen 4, the AVX2 kernel ran 8-32 rows ~1.6x
-// faster; on Intel's the AVX-512 one is faster).
+// Whether inputs of two rows or more run the AVX-512 kernels on 8-bit codes too: not where
+// LOWBIT_KERNEL_ROWS is "avx2" (set by lowbit.kernels.rows_kernel from a measurement once per
+// machine: on a CPU that splits 512-bit instructions in two, AMD's Zen 4, the AVX2 form of the
+// row-by-row kernels ran 8-32 rows ~1.6x faster; on Intel's the AVX-512 one is faster). 4-bit
+// codes take the AVX-512 block kernel for any rows (2.2x its AVX2 form on Zen 4).
 static bool wide_rows() {
   const char* rows = std::getenv("LOWBIT_KERNEL_ROWS");
   return !(rows && std::string(rows) == "avx2");
@@ -591,7 +733,7 @@ static int group_shift(int64_t group, int64_t K) {
 
 Q8Inputs::Q8Inputs(const at::Tensor& x, int64_t group, int64_t bits, bool offsets)
     : M(x.size(0)), K(x.size(1)), group(group), bits(bits), C(K / 64), offsets(offsets),
-      wide(use_avx512() && C > 0 && (M == 1 || wide_rows())),
+      wide(use_avx512() && C > 0 && (M == 1 || bits == 4 || wide_rows())),
       ps(group_shift(group, K)),
       row1(M == 1 && C > 0 && (group == 32 || (wide && ps >= 0))),
       a(quantize_act8(x, group, false, bits == 4 && !wide)) {
@@ -689,14 +831,49 @@ void rows_of(const Q8Inputs& in, const uint8_t* wp, const P* sp, const P* op, fl
 
 }  // namespace
 
+// x on 4-bit codes (affine_blocks.h): the whole blocks of rows n0..n1 by the block kernels, 4
+// rows of x at a time (a block cut by the split computed whole into a buffer), rows past the
+// last whole block by rows_of.
+template <typename P>
+void blocks_of(const Q8Inputs& in, const uint8_t* wp, const P* sp, const P* op, float* yp,
+               int64_t N, int64_t n0, int64_t n1) {
+  const int64_t M = in.M, K = in.K, G = K / in.group, R = K / 32, rb = K / 2;
+  const int64_t whole = N / kBlockRows * kBlockRows;
+  const auto blocks = [&](const uint8_t* w, const P* s, const P* o, float* y, int64_t ys,
+                          int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4)
+      gemv_blocks<P>(in.wide, std::min<int64_t>(4, M - m0), in.a.q.data() + m0 * K,
+                     in.a.s.data() + m0 * R, in.a.qsum.data() + m0 * R, in.a.xg.data() + m0 * G,
+                     K, in.group, w, s, o, y + m0 * ys, ys, b0, b1);
+  };
+  int64_t n = n0;
+  while (n < std::min(n1, whole)) {
+    const int64_t first = n / kBlockRows * kBlockRows;
+    if (n == first && first + kBlockRows <= n1) {  // whole blocks
+      const int64_t b1 = std::min(n1, whole) / kBlockRows;
+      blocks(wp, sp, op, yp, N, first / kBlockRows, b1);
+      n = b1 * kBlockRows;
+      continue;
+    }
+    std::vector<float> part(M * kBlockRows);  // (M, 16)
+    blocks(wp + first * rb, sp + first * G, op ? op + first * G : nullptr, part.data(), kBlockRows, 0, 1);
+    const int64_t hi = std::min(n1, first + kBlockRows);
+    for (int64_t m = 0; m < M; ++m)
+      std::copy(part.begin() + m * kBlockRows + (n - first), part.begin() + m * kBlockRows + (hi - first),
+                yp + m * N + n);
+    n = hi;
+  }
+  if (n < n1)
+    rows_of<P, 4>(in, wp + whole * rb, sp + whole * G, op ? op + whole * G : nullptr, yp + whole,
+                  N, n - whole, n1 - whole);
+}
+
 template <typename P>
 void Q8Inputs::rows(const uint8_t* wp, const P* sp, const P* op, float* yp, int64_t N,
                     int64_t n0, int64_t n1) const {
   TORCH_CHECK(offsets == (op != nullptr), "lowbit: inputs prepared for another offset layout");
-  if (bits == 8)
-    rows_of<P, 8>(*this, wp, sp, op, yp, N, n0, n1);
-  else
-    rows_of<P, 4>(*this, wp, sp, op, yp, N, n0, n1);
+  if (bits == 8) return rows_of<P, 8>(*this, wp, sp, op, yp, N, n0, n1);
+  blocks_of<P>(*this, wp, sp, op, yp, N, n0, n1);
 }
 
 template void Q8Inputs::rows<float>(const uint8_t*, const float*, const float*, float*, int64_t,
@@ -714,8 +891,9 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
   float* yp = y.data_ptr<float>();
-  lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    in.rows(wp, sp, op, yp, N, n0, n1);
+  // split at whole blocks of 16 rows (4-bit codes are stored so, affine_blocks.h)
+  lowbit_kernels::parallel_for(0, (N + kBlockRows - 1) / kBlockRows, 1, [&](int64_t b0, int64_t b1) {
+    in.rows(wp, sp, op, yp, N, b0 * kBlockRows, std::min(N, b1 * kBlockRows));
   });
   return y;
 }

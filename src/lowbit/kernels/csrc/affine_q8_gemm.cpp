@@ -23,6 +23,7 @@
 // inputs meet the codes as llama.cpp's q8_0 dot does: |c| (u8, at most 128) times q with c's
 // sign (s8, |q| <= 127), a pair at most 2 * 128 * 127 < 2^15, widened to int32 at every step.
 // The panel is rebuilt at every call (N * K bytes, against M * N * K multiply-adds).
+#include "affine_blocks.h"
 #include "common.h"
 
 #include <algorithm>
@@ -51,21 +52,28 @@ void fill_panel(const uint8_t* w, const P* scale, int64_t K, int64_t group, int6
   p.scale.resize(R * NB);
   rows.resize(NB * K);
   const __m256i mid = _mm256_set1_epi8(static_cast<char>(kMid<Bits>));
-  for (int64_t j = 0; j < NB; ++j) {
-    const int64_t n = n0 + j;
+  // column j from `row` (row-by-row codes, its params at s; null: past N)
+  auto fill = [&](int64_t j, const uint8_t* row, const P* s) {
     uint8_t* dst = rows.data() + j * K;
     for (int64_t b = 0; b < R; ++b) {
       __m256i u = mid;
-      if (n < N && Bits == 4) u = run_codes(w + n * (K / 2), 32 * b, K);
-      if (n < N && Bits == 8) u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + 32 * b));
+      if (row && Bits == 4) u = run_codes(row, 32 * b, K);
+      if (row && Bits == 8) u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * b), _mm256_sub_epi8(u, mid));
       const __m256i sad = _mm256_sad_epu8(u, _mm256_setzero_si256());  // 4 partial sums of u
       const int64_t sum = _mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1) +
                           _mm256_extract_epi64(sad, 2) + _mm256_extract_epi64(sad, 3);
       p.start[b * NB + j] = static_cast<int32_t>(-128 * (sum - kMid<Bits> * 32));
-      p.scale[b * NB + j] = n < N ? load1(scale + n * G + b / per) : 0.f;
+      p.scale[b * NB + j] = row ? load1(s + b / per) : 0.f;
     }
-  }
+  };
+  const int64_t n1 = std::min(N, n0 + NB), rb = K * Bits / 8;
+  for_rows<Bits, P>(w, scale, static_cast<const P*>(nullptr), N, K, G, n0, n1,
+                    [&](const uint8_t* w2, const P* s2, const P*, int64_t first, int64_t lo,
+                        int64_t hi) {
+                      for (int64_t r = lo; r < hi; ++r) fill(first + r - n0, w2 + r * rb, s2 + r * G);
+                    });
+  for (int64_t j = n1 - n0; j < NB; ++j) fill(j, nullptr, nullptr);
   for (int64_t j = 0; j < NB; ++j) {  // transpose the 32-bit words into the panel
     const int32_t* src = reinterpret_cast<const int32_t*>(rows.data() + j * K);
     for (int64_t kq = 0; kq < K / 4; ++kq) p.codes[kq * NB + j] = src[kq];
@@ -300,7 +308,8 @@ at::Tensor gemm_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
     }
   });
   if (offset.numel()) {  // (o_g + mid s_g) X_g: a float GEMM of the group sums, (M, G) x (G, N)
-    const at::Tensor c = offset.to(at::kFloat) + (bits == 8 ? 128 : 8) * scale.to(at::kFloat);
+    at::Tensor c = offset.to(at::kFloat) + (bits == 8 ? 128 : 8) * scale.to(at::kFloat);
+    if (bits == 4) c = row_params(c);  // (4-bit params are stored in blocks of rows)
     y.addmm_(at::from_blob(const_cast<float*>(a.xg.data()), {M, G}, x.options()), c.t());
   }
   return y;
