@@ -91,7 +91,7 @@ def render_bench(results: dict, summary: dict, machine: dict) -> str:
         f"{machine['torch_threads']} threads ({machine['cpu_capability']}, OMP_WAIT_POLICY="
         f"{machine['omp_wait_policy']}, LOWBIT_SPIN_US={machine['lowbit_spin_us']}, decode "
         f"threads: {machine.get('decode_threads', 'not recorded')}, kernels: "
-        f"{machine.get('kernels', 'not recorded')}, rows of 4-bit inputs: "
+        f"{machine.get('kernels', 'not recorded')}, rows of 8-bit inputs: "
         f"{machine.get('kernel_rows', 'not recorded')}); "
         f"read bandwidth {machine['bandwidth_gbs']:.1f} GB/s",
         "",

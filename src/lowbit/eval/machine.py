@@ -38,7 +38,7 @@ def thread_settings() -> dict[str, object]:
     long the decode kernels' threads spin before they sleep, who runs those threads (the
     spinning pool, or OpenMP where its threads never sleep: ``kernels/csrc/pool.h``) and the
     instruction set lowbit's kernels run on (``avx512-vnni``, ``avx2+avx-vnni``, ``avx2``, as
-    the CPU and ``LOWBIT_KERNEL_ISA`` allow), and the form that runs a 4- or 8-bit layer's int8
+    the CPU and ``LOWBIT_KERNEL_ISA`` allow), and the form that runs an 8-bit layer's int8
     inputs of several rows (``kernel_rows``: on an AVX-512 CPU, the one measured faster there:
     ``lowbit.kernels.rows_kernel``)."""
     from lowbit.kernels.build import native_ops

@@ -89,6 +89,38 @@ void over_rows(const uint8_t* w, const P* scale, const P* offset, int64_t N, int
       n1 - whole);
 }
 
+// Rows n0..n1 of a 4-bit weight for M rows of x into y (M, N): whole blocks by
+// blocks(w, s, o, y, y_stride, b0, b1), which writes y[m * y_stride + 16 b + i] for its blocks
+// b0..b1 of the weight (w, s, o); a block cut by the range is computed whole into a buffer
+// (M, 16); rows past the last whole block by tail(w, s, o, y, lo, hi) on the row-by-row part,
+// its row 0 being weight row N / 16 * 16 (y likewise offset).
+template <typename P, typename B, typename T>
+void over_blocks(const uint8_t* w, const P* scale, const P* offset, float* y, int64_t M,
+                 int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1, B&& blocks, T&& tail) {
+  const int64_t whole = N / kBlockRows * kBlockRows, rb = K / 2;
+  int64_t n = n0;
+  while (n < std::min(n1, whole)) {
+    const int64_t first = n / kBlockRows * kBlockRows;
+    if (n == first && first + kBlockRows <= n1) {  // whole blocks
+      const int64_t b1 = std::min(n1, whole) / kBlockRows;
+      blocks(w, scale, offset, y, N, first / kBlockRows, b1);
+      n = b1 * kBlockRows;
+      continue;
+    }
+    std::vector<float> part(M * kBlockRows);
+    blocks(w + first * rb, scale + first * G, offset ? offset + first * G : nullptr, part.data(),
+           kBlockRows, int64_t{0}, int64_t{1});
+    const int64_t hi = std::min(n1, first + kBlockRows);
+    for (int64_t m = 0; m < M; ++m)
+      std::copy(part.begin() + m * kBlockRows + (n - first),
+                part.begin() + m * kBlockRows + (hi - first), y + m * N + n);
+    n = hi;
+  }
+  if (n < n1)
+    tail(w + whole * rb, scale + whole * G, offset ? offset + whole * G : nullptr, y + whole,
+         n - whole, n1 - whole);
+}
+
 // over_rows for Bits-bit codes: 8-bit weights are stored row by row, one piece.
 template <int64_t Bits, typename P, typename F>
 void for_rows(const uint8_t* w, const P* scale, const P* offset, int64_t N, int64_t K, int64_t G,

@@ -22,7 +22,8 @@
 //           the AVX-512 kernel multiplies without shuffling (gemv_rows_q8_512, affine_q8.cpp).
 //   bits 8: per row, K bytes, one code each.
 //
-// Small batches (decode) run fused kernels, up to 8 rows of x per pass over the weights:
+// Small batches (decode) run fused kernels, up to 8 rows of x per pass over the weights (4-bit
+// codes: up to 4 per pass over a block of 16 rows):
 //   - with act8 (the default): each row of x is first quantized to int8 per block of 32
 //     inputs (scale = absmax / 127, as llama.cpp quantizes activations), and the codes meet
 //     the int8 inputs in integer multiply-adds (4-bit: vpmaddubsw, u4 x s8 pairs cannot
@@ -31,7 +32,7 @@
 //     affine_q8.cpp). Converting every code to float is what bounds the float kernel; this
 //     path avoids it. The offset term uses the exact float block sums of x.
 //   - with act8 off, codes are converted to float and FMA'd with x (8-bit codes 16 at a time
-//     with AVX-512 where the CPU has it: gemv_rows8_512).
+//     with AVX-512 where the CPU has it: gemv_rows8_512; 4-bit blocks: gemv_blocks_f32).
 // Larger batches: 4- and 8-bit layers with act8 (the decode loop's prompts) run an integer GEMM
 // on int8 inputs (gemm_q8, affine_q8_gemm.cpp); otherwise (evaluation windows) the
 // weight is dequantized tile by tile into a small per-thread float buffer that stays in cache
@@ -269,6 +270,77 @@ void check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
               "bad offset shape (empty for a symmetric grid, else that of scale)");
 }
 
+// M (<= 4) rows of x on float inputs against whole blocks b0..b1 of 16 interleaved rows of
+// 4-bit codes (affine_blocks.h), 8 rows a pass: per 32 bytes (4 codes of a run's part for each
+// of 8 rows), each code shifted out of its lane and converted once, then FMA'd with every row
+// of x's broadcast input; A accumulators per row of x so that the FMA latency does not bind.
+// y[m * ys + 16 b + i]; the offsets' term uses the float group sums of x (xsum, M x G).
+template <int M, typename P>
+void gemv_blocks_f32(const float* x, int64_t K, const uint8_t* w, const P* scale,
+                     const P* offset, int64_t group, const float* xsum, float* y, int64_t ys,
+                     int64_t b0, int64_t b1) {
+  constexpr int A = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  const int64_t G = K / group, per = group / 32, slab = kBlockRows * K / 2;
+  const __m256i nib = _mm256_set1_epi32(0x0F);
+  prefetch_start(w + b0 * slab, (b1 - b0) * slab);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* wb = w + b * slab;
+    const P* sb = scale + b * kBlockRows * G;
+    const P* ob = offset ? offset + b * kBlockRows * G : nullptr;
+    for (int h = 0; h < 2; ++h) {  // weight rows 8h..8h+7
+      __m256 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 ga[M][A];
+        for (int m = 0; m < M; ++m)
+          for (int a = 0; a < A; ++a) ga[m][a] = _mm256_setzero_ps();
+        for (int64_t r = g * per; r < (g + 1) * per; ++r) {
+          const uint8_t* p = wb + 256 * r + 32 * h;
+          if (h == 0) prefetch_lines<4>(p);
+          for (int j = 0; j < 4; ++j) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * j));
+            for (int t = 0; t < 4; ++t) {
+              const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8 * t), nib));
+              const __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8 * t + 4), nib));
+              for (int m = 0; m < M; ++m) {
+                const float* xm = x + m * K + 32 * r + 8 * j;
+                __m256& a = ga[m][t % A];
+                a = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(xm + t), a);
+                a = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(xm + 4 + t), a);
+              }
+            }
+          }
+        }
+        const __m256 s = load8(sb + kBlockRows * g + 8 * h);
+        const __m256 o = ob ? load8(ob + kBlockRows * g + 8 * h)
+                            : _mm256_mul_ps(_mm256_set1_ps(-8.f), s);
+        for (int m = 0; m < M; ++m) {
+          __m256 sum = ga[m][0];
+          for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, ga[m][a]);
+          acc[m] = _mm256_fmadd_ps(sum, s, acc[m]);
+          acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[m * G + g]), acc[m]);
+        }
+      }
+      for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ys + kBlockRows * b + 8 * h, acc[m]);
+    }
+  }
+}
+
+template <typename P>
+void gemv_blocks_f32_any(int64_t M, const float* x, int64_t K, const uint8_t* w, const P* scale,
+                         const P* offset, int64_t group, const float* xsum, float* y, int64_t ys,
+                         int64_t b0, int64_t b1) {
+  switch (M) {
+#define LOWBIT_CASE(R) \
+  case R:              \
+    return gemv_blocks_f32<R, P>(x, K, w, scale, offset, group, xsum, y, ys, b0, b1);
+    LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+#undef LOWBIT_CASE
+    default:
+      TORCH_CHECK(false, "gemv_blocks_f32: M out of range");
+  }
+}
+
 template <int64_t Bits, typename P>
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                 const at::Tensor& offset, int64_t group) {
@@ -281,15 +353,29 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
   float* yp = y.data_ptr<float>();
-  lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for_rows<Bits>(wp, sp, op, N, K, G, n0, n1, [&](const uint8_t* w2, const P* s2, const P* o2,
-                                                     int64_t first, int64_t lo, int64_t hi) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
-        const int64_t mm = std::min(kMaxM, M - m0);
-        gemv_any<Bits, P>(xp + m0 * K, mm, K, w2, s2, o2, group, xs + m0 * G, yp + m0 * N + first,
-                          N, lo, hi);
-      }
+  if constexpr (Bits == 8) {
+    lowbit_kernels::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM)
+        gemv_any<8, P>(xp + m0 * K, std::min(kMaxM, M - m0), K, wp, sp, op, group, xs + m0 * G,
+                       yp + m0 * N, N, n0, n1);
     });
+    return y;
+  }
+  // 4-bit: split at whole blocks of 16 rows; 4 rows of x a pass over them
+  lowbit_kernels::parallel_for(0, (N + kBlockRows - 1) / kBlockRows, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * kBlockRows, n1 = std::min(N, b1 * kBlockRows);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mm = std::min<int64_t>(4, M - m0);
+      const float* xm = xp + m0 * K;
+      const float* xsm = xs + m0 * G;
+      over_blocks(
+          wp, sp, op, yp + m0 * N, mm, N, K, G, n0, n1,
+          [&](const uint8_t* w2, const P* s2, const P* o2, float* y2, int64_t ys, int64_t c0,
+              int64_t c1) { gemv_blocks_f32_any<P>(mm, xm, K, w2, s2, o2, group, xsm, y2, ys, c0, c1); },
+          [&](const uint8_t* w2, const P* s2, const P* o2, float* y2, int64_t lo, int64_t hi) {
+            gemv_any<4, P>(xm, mm, K, w2, s2, o2, group, xsm, y2, N, lo, hi);
+          });
+    }
   });
   return y;
 }

@@ -540,8 +540,8 @@ LOWBIT_AVX512 void gemv_blocks_512(const int8_t* xq, const float* xs, const floa
 
 // gemv_blocks_512 on AVX2 alone: each block's 64-byte parts as two halves of 8 weight rows,
 // one after the other, meeting the inputs in vpmaddubsw (codes 0..15 times int8: pairs of at
-// most 2 * 15 * 127, and the 8 products of a run summed in int16 stay below 2^15), one
-// vpmaddwd per run to int32, then as gemv_blocks_512.
+// most 2 * 15 * 127; a run's 8 pairs, 16 products, summed in int16 stay below 2^15 even for an
+// input code of -128), one vpmaddwd per run to int32, then as gemv_blocks_512.
 template <int M, typename P>
 void gemv_blocks_256(const int8_t* xq, const float* xs, const float* qsum, const float* xg,
                      int64_t K, int64_t group, const uint8_t* w, const P* scale, const P* offset,
@@ -837,35 +837,19 @@ void rows_of(const Q8Inputs& in, const uint8_t* wp, const P* sp, const P* op, fl
 template <typename P>
 void blocks_of(const Q8Inputs& in, const uint8_t* wp, const P* sp, const P* op, float* yp,
                int64_t N, int64_t n0, int64_t n1) {
-  const int64_t M = in.M, K = in.K, G = K / in.group, R = K / 32, rb = K / 2;
-  const int64_t whole = N / kBlockRows * kBlockRows;
-  const auto blocks = [&](const uint8_t* w, const P* s, const P* o, float* y, int64_t ys,
-                          int64_t b0, int64_t b1) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4)
-      gemv_blocks<P>(in.wide, std::min<int64_t>(4, M - m0), in.a.q.data() + m0 * K,
-                     in.a.s.data() + m0 * R, in.a.qsum.data() + m0 * R, in.a.xg.data() + m0 * G,
-                     K, in.group, w, s, o, y + m0 * ys, ys, b0, b1);
-  };
-  int64_t n = n0;
-  while (n < std::min(n1, whole)) {
-    const int64_t first = n / kBlockRows * kBlockRows;
-    if (n == first && first + kBlockRows <= n1) {  // whole blocks
-      const int64_t b1 = std::min(n1, whole) / kBlockRows;
-      blocks(wp, sp, op, yp, N, first / kBlockRows, b1);
-      n = b1 * kBlockRows;
-      continue;
-    }
-    std::vector<float> part(M * kBlockRows);  // (M, 16)
-    blocks(wp + first * rb, sp + first * G, op ? op + first * G : nullptr, part.data(), kBlockRows, 0, 1);
-    const int64_t hi = std::min(n1, first + kBlockRows);
-    for (int64_t m = 0; m < M; ++m)
-      std::copy(part.begin() + m * kBlockRows + (n - first), part.begin() + m * kBlockRows + (hi - first),
-                yp + m * N + n);
-    n = hi;
-  }
-  if (n < n1)
-    rows_of<P, 4>(in, wp + whole * rb, sp + whole * G, op ? op + whole * G : nullptr, yp + whole,
-                  N, n - whole, n1 - whole);
+  const int64_t M = in.M, K = in.K, G = K / in.group, R = K / 32;
+  over_blocks(
+      wp, sp, op, yp, M, N, K, G, n0, n1,
+      [&](const uint8_t* w, const P* s, const P* o, float* y, int64_t ys, int64_t b0,
+          int64_t b1) {
+        for (int64_t m0 = 0; m0 < M; m0 += 4)
+          gemv_blocks<P>(in.wide, std::min<int64_t>(4, M - m0), in.a.q.data() + m0 * K,
+                         in.a.s.data() + m0 * R, in.a.qsum.data() + m0 * R,
+                         in.a.xg.data() + m0 * G, K, in.group, w, s, o, y + m0 * ys, ys, b0, b1);
+      },
+      [&](const uint8_t* w, const P* s, const P* o, float* y, int64_t lo, int64_t hi) {
+        rows_of<P, 4>(in, w, s, o, y, N, lo, hi);
+      });
 }
 
 template <typename P>
