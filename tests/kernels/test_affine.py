@@ -245,7 +245,10 @@ def test_8bit_int8_input_paths_hold_the_extreme_products(isa, code, rows, k, mon
 @needs_native
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [33, 35, 70])  # above kGemvMaxM: the GEMM; row tails
-@pytest.mark.parametrize(("n", "k", "group"), [(13, 96, 32), (40, 576, 64), (10, 1536, 96)])
+@pytest.mark.parametrize(
+    ("n", "k", "group"),
+    [(13, 96, 32), (40, 576, 64), (10, 1536, 96), (48, 1536, 96), (36, 288, -1)],
+)
 @pytest.mark.parametrize("params", ["f16", "sym"])
 def test_avx_vnni_integer_gemm_equals_avx2s_to_the_bit(bits, m, n, k, group, params,
                                                        monkeypatch):  # fmt: skip

@@ -42,6 +42,37 @@ struct Panel {
 template <int Bits>
 constexpr int kMid = 1 << (Bits - 1);
 
+// Panel columns c0..c0+16 from a whole block of 16 interleaved rows of 4-bit codes (wb, its
+// params sb; affine_blocks.h): a run's part j holds, per row, the 4 codes of the panel's word
+// 8r + 2j in its low nibbles and of word 8r + 2j + 1 in its high ones, so each part gives two
+// words of 16 columns at once, centred by a byte subtraction, with no transposing.
+template <typename P>
+void fill_block(const uint8_t* wb, const P* sb, int64_t K, int64_t per, int64_t NB, int64_t c0,
+                Panel& p) {
+  const int64_t R = K / 32;
+  const __m256i nib = _mm256_set1_epi8(0x0F), mid = _mm256_set1_epi8(8);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7 of the block
+      __m256i sum = _mm256_setzero_si256();  // per row, int16 pairs of the run's codes
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 * r + 64 * j + 32 * h));
+        const __m256i lo = _mm256_and_si256(v, nib);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        int32_t* dst = p.codes.data() + (8 * r + 2 * j) * NB + c0 + 8 * h;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_sub_epi8(lo, mid));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + NB), _mm256_sub_epi8(hi, mid));
+        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_add_epi8(lo, hi), ones8));
+      }
+      const __m256i u = _mm256_madd_epi16(sum, ones16);  // per row, the sum of its 32 codes
+      const __m256i start = _mm256_mullo_epi32(_mm256_set1_epi32(-128),
+                                               _mm256_sub_epi32(u, _mm256_set1_epi32(8 * 32)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.start.data() + r * NB + c0 + 8 * h), start);
+      _mm256_storeu_ps(p.scale.data() + r * NB + c0 + 8 * h, load8(sb + (r / per) * kBlockRows + 8 * h));
+    }
+  }
+}
+
 // Fill the panel for columns n0..n0+NB (columns beyond N: code mid, scale 0, so they add 0).
 template <int Bits, typename P>
 void fill_panel(const uint8_t* w, const P* scale, int64_t K, int64_t group, int64_t N, int64_t n0,
@@ -68,13 +99,22 @@ void fill_panel(const uint8_t* w, const P* scale, int64_t K, int64_t group, int6
     }
   };
   const int64_t n1 = std::min(N, n0 + NB), rb = K * Bits / 8;
-  for_rows<Bits, P>(w, scale, static_cast<const P*>(nullptr), N, K, G, n0, n1,
-                    [&](const uint8_t* w2, const P* s2, const P*, int64_t first, int64_t lo,
-                        int64_t hi) {
-                      for (int64_t r = lo; r < hi; ++r) fill(first + r - n0, w2 + r * rb, s2 + r * G);
-                    });
+  int64_t direct = 0;  // columns 0..direct filled straight from whole blocks of 16 rows
+  if constexpr (Bits == 4) {
+    const int64_t whole = N / kBlockRows * kBlockRows;
+    for (; n0 + direct + kBlockRows <= std::min(n1, whole) && (n0 + direct) % kBlockRows == 0;
+         direct += kBlockRows)
+      fill_block(w + (n0 + direct) * rb, scale + (n0 + direct) * G, K, per, NB, direct, p);
+  }
+  if (n0 + direct < n1)  // the rest as rows (a block cut by N's panels taken back to rows)
+    for_rows<Bits, P>(w, scale, static_cast<const P*>(nullptr), N, K, G, n0 + direct, n1,
+                      [&](const uint8_t* w2, const P* s2, const P*, int64_t first, int64_t lo,
+                          int64_t hi) {
+                        for (int64_t r = lo; r < hi; ++r)
+                          fill(first + r - n0, w2 + r * rb, s2 + r * G);
+                      });
   for (int64_t j = n1 - n0; j < NB; ++j) fill(j, nullptr, nullptr);
-  for (int64_t j = 0; j < NB; ++j) {  // transpose the 32-bit words into the panel
+  for (int64_t j = direct; j < NB; ++j) {  // transpose the 32-bit words into the panel
     const int32_t* src = reinterpret_cast<const int32_t*>(rows.data() + j * K);
     for (int64_t kq = 0; kq < K / 4; ++kq) p.codes[kq * NB + j] = src[kq];
   }
