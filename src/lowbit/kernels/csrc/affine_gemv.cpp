@@ -392,8 +392,9 @@ void dequantize_into(const at::Tensor& w, const at::Tensor& scale, const at::Ten
   const P* sp = params<P>(scale);
   const P* op = params<P>(offset);
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    dequantize_stored<P>(wp, sp, op, N, K, group, bits, dst, 0, n0, n1);
+  at::parallel_for(0, (N + kBlockRows - 1) / kBlockRows, 1, [&](int64_t b0, int64_t b1) {
+    dequantize_stored<P>(wp, sp, op, N, K, group, bits, dst, 0, b0 * kBlockRows,
+                         std::min(N, b1 * kBlockRows));
   });
 }
 

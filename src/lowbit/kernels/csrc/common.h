@@ -231,7 +231,10 @@ at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, Fill fill) {
   const at::Tensor xt = x.t();
   for (int64_t t0 = 0; t0 < N; t0 += T) {
     const int64_t rows = std::min(T, N - t0);
-    at::parallel_for(0, rows, 8, [&](int64_t a, int64_t b) { fill(dst, t0, t0 + a, t0 + b); });
+    // in pieces of whole 16-row blocks (4-bit codes are stored so: affine_blocks.h)
+    at::parallel_for(0, (rows + 15) / 16, 1, [&](int64_t a, int64_t b) {
+      fill(dst, t0, t0 + 16 * a, t0 + std::min(rows, 16 * b));
+    });
     at::Tensor out = yt.narrow(0, t0, rows);
     at::mm_out(out, tile.narrow(0, 0, rows), xt);
   }
