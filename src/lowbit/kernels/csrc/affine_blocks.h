@@ -9,10 +9,11 @@
 // a horizontal sum), 36-58% of the plain read's bytes per second from memory. With rows as the
 // vector lanes, one vpdpbusd multiplies 4 codes of each of 16 rows by 4 broadcast inputs, and
 // per run one convert and one FMA serve 16 rows: no shuffles and no horizontal sums
-// (gemv_blocks_512 / gemv_blocks_256 in affine_q8.cpp). The other readers (several rows of x,
-// float inputs, dequantizing, the prompt GEMM's panels) take a block back to rows in cache
-// (rows_of_block) and run their row kernels on it: a pass over 16 rows' codes in L1 beside
-// work per code that is many times larger for them.
+// (gemv_blocks_512 / gemv_blocks_256 in affine_q8.cpp, 1-4 rows of x a pass; float inputs:
+// gemv_blocks_f32 in affine_gemv.cpp). The prompt GEMM builds its panels straight from blocks
+// (fill_block, affine_q8_gemm.cpp). The dequantizing readers (evaluation tiles,
+// affine_dequantize, convolution columns) take a block back to rows in cache (rows_of_block)
+// and run their row code on it: a pass over 16 rows' codes in L1 beside the GEMM it feeds.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -203,7 +203,8 @@ inline __m256 load8_part(const P* p, int64_t chunks) {
   }
 }
 
-// One row of x on Q4_0's groups of 32 (the decode step's case), AVX2: as gemv_rows_q8, with
+// One row of x on groups of 32 (8-bit codes at decode; 4-bit codes only in the rows past a
+// weight's last whole block of 16, the rest taking gemv_blocks_256), AVX2: as gemv_rows_q8, with
 // the scale products found 8 runs at a time. Per 4 chunks one convert of the row's 8 weight
 // scales and one multiply by the 8 input scales give S; each chunk then takes its lanes of S
 // ([2c, 2c, 2c+1, 2c+1] twice) with one permute and needs one FMA. The per-group epilogue
@@ -377,7 +378,8 @@ LOWBIT_AVX512 void gemv_rows_q8_512(const int8_t* xq, const float* xqs, const fl
   }
 }
 
-// One row of x (the decode step's case; written for Q4_0's groups of 32), AVX-512: as
+// One row of x (8-bit codes at decode; 4-bit codes only in the rows past a weight's last whole
+// block of 16, the rest taking gemv_blocks_512; written for Q4_0's groups of 32), AVX-512: as
 // gemv_rows_q8_512, with the scale products found 16 runs at a time. Per 8 chunks one convert of
 // the row's 16 weight scales and one multiply by the 16 input scales (xs16: s_r, odd runs / 16, as
 // in xs2) give S; each chunk then takes its two runs' lanes of S with one permute (per-chunk index
