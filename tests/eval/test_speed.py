@@ -7,6 +7,7 @@ from lowbit import api
 from lowbit.errors import LowbitError
 from lowbit.eval import bench, speed
 from lowbit.eval.machine import EnergyMeter
+from lowbit.models.arena import move_into_arena
 from lowbit.runtime import Runtime
 
 
@@ -37,9 +38,12 @@ def test_bad_speed_arguments_are_refused():
         speed.measure_speed({"a": tiny_llama()}, prompt_tokens=250, new_tokens=10)
 
 
+@pytest.mark.parametrize("moved", [False, True])
 @pytest.mark.parametrize("tie", [True, False])
-def test_bytes_read_per_token_skip_an_untied_embedding_table(tie):
+def test_bytes_read_per_token_skip_an_untied_embedding_table(tie, moved):
     model = tiny_llama(vocab=64, hidden=32, tie=tie)
+    if moved:  # as a loaded model's: every tensor in one block (one storage)
+        move_into_arena(model)
     total = bench.model_size(model).total_bytes
     table = 64 * 32 * 4
     assert bench.bytes_read_per_token(model) == (total if tie else total - table)

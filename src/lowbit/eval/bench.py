@@ -74,7 +74,8 @@ def bytes_read_per_token(model: nn.Module) -> int:
         return total
     table = emb.weight
     tied = head is not None and getattr(head, "weight", None) is not None
-    tied = tied and head.weight.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+    # the same bytes (not the same storage: a loaded model's tensors all share one block)
+    tied = tied and (head.weight.data_ptr(), head.weight.shape) == (table.data_ptr(), table.shape)
     return total if tied else total - table.numel() * table.element_size()
 
 

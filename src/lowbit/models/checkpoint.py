@@ -11,7 +11,6 @@ modules as the manifest lists them, and assigns the saved tensors: no pickle is 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from torch import nn
 from lowbit.algorithms.rotate import RotateOptions
 from lowbit.assets import atomic_dir
 from lowbit.errors import LowbitError
+from lowbit.models.arena import move_into_arena
 from lowbit.models.families import find_blocks
 from lowbit.models.modules import set_module
 from lowbit.models.rotate import install_online_rotations
@@ -221,10 +221,11 @@ def load_folder(
 
     The saved tensors are read from the shards' memory maps without a copy. ``prepare(model,
     manifest)`` runs while they are (the conversion to kernel layouts, which copies what it
-    keeps); after it, the tensors still read from a map are copied out, so that the maps are
-    let go: a map holds every page read through it for as long as one tensor reads it, which
-    kept a second copy of the converted weights resident. Without ``prepare`` the model keeps
-    reading the maps (one copy, in the page cache).
+    keeps); after it, every tensor of the model is moved into one block of memory on huge pages
+    (:func:`lowbit.models.arena.move_into_arena`, faster to stream at decode), which also lets
+    the maps go: a map holds every page read through it for as long as one tensor reads it,
+    which kept a second copy of the converted weights resident. Without ``prepare`` the model
+    keeps reading the maps (one copy, in the page cache).
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -245,7 +246,7 @@ def load_folder(
     spec = attention_spec(manifest)
     if spec is not None and spec.center_keys:  # the measured key centres are saved tensors
         add_key_centers(model)
-    unexpected, loaded, maps, held = [], set(), [], []
+    unexpected, loaded = [], set()
     state = result = None
     for path in files:
         try:
@@ -259,8 +260,6 @@ def load_folder(
             raise LowbitError(f"{path.name} disagrees with {MANIFEST}: {first[:200]}") from None
         unexpected += result.unexpected_keys
         loaded |= set(state)
-        maps.append(_span(state.values()))
-        held += list(state.values())[:1]  # keeps the map, so no new tensor takes its addresses
     if unexpected:
         raise LowbitError(f"the weights have tensors the model lacks: {unexpected[:3]}")
     if skeleton is not None:  # a built (not meta) skeleton: a tensor not on disk stays random
@@ -279,15 +278,15 @@ def load_folder(
         raise LowbitError(f"{WEIGHTS} is missing tensors: {empty[:3]}")
     if prepare is not None:
         prepare(model, manifest)
-        _copy_out_of(model, maps)
-        del held, state, result
+        del state, result  # (the last shard's tensors, as read)
+        move_into_arena(model)
         _check_let_go(files)
     return model.eval(), manifest
 
 
 def _check_let_go(files: list[Path]) -> None:
-    """Warn where a shard is still mapped after the copy-out (a tensor it missed, held where
-    it does not look: its pages would stay counted against the process). Linux only."""
+    """Warn where a shard is still mapped after the move into the arena (a tensor it missed, held
+    where it does not look: its pages would stay counted against the process). Linux only."""
     try:
         mapped = Path("/proc/self/maps").read_text()
     except OSError:
@@ -295,58 +294,7 @@ def _check_let_go(files: list[Path]) -> None:
     kept = [p.name for p in files if str(p.resolve()) in mapped]
     if kept:
         log.warning("%s still mapped after loading: a tensor read from it is held somewhere "
-                    "the copy-out does not look", ", ".join(kept))  # fmt: skip
-
-
-def _span(tensors: Any) -> tuple[int, int]:
-    """The address range of one shard's memory map, from the tensors read through it."""
-    ends = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
-            if t.numel()]  # fmt: skip
-    return (min(a for a, _ in ends), max(b for _, b in ends)) if ends else (0, 0)
-
-
-def _copy_out_of(model: nn.Module, maps: list[tuple[int, int]]) -> None:
-    """Give every tensor of ``model`` that lies in one of ``maps`` memory of its own: its
-    parameters, buffers, tensor attributes and the tensor fields of dataclass attributes (a
-    kernel's weight, e.g. :class:`lowbit.kernels.int8.Int8Weight`); tied tensors stay tied (one
-    copy per original)."""
-    copies: dict[tuple, torch.Tensor] = {}
-
-    def own(t: torch.Tensor) -> torch.Tensor:
-        if t.layout != torch.strided or t.device.type != "cpu":  # (oneDNN's packed weights)
-            return t
-        # (an empty tensor's address is 0, yet it may still hold its shard's map: copied too)
-        if t.numel() and not any(lo <= t.data_ptr() < hi for lo, hi in maps):
-            return t
-        # one copy per object, and per view of the same bytes: tensors that are one tensor
-        # (tied weights, the same view taken twice) stay one
-        key = (
-            type(t),
-            t.data_ptr(),
-            t.dtype,
-            tuple(t.shape),
-            t.stride(),
-            0 if t.numel() else id(t),
-        )
-        if key not in copies:
-            data = t.detach().clone()
-            copies[key] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) \
-                else data  # fmt: skip
-        return copies[key]
-
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for key, t in table.items():
-                if t is not None:
-                    table[key] = own(t)
-        for key, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(module, key, own(value))
-            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-                fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-                moved = {k: own(t) for k, t in fields.items() if isinstance(t, torch.Tensor)}
-                if any(moved[k] is not fields[k] for k in moved):
-                    setattr(module, key, dataclasses.replace(value, **moved))
+                    "the move into one block does not look", ", ".join(kept))  # fmt: skip
 
 
 def _float32_outside(model: nn.Module) -> None:
