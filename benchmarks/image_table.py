@@ -81,6 +81,22 @@ ROWS = {
         "weights": W8,
         "activations": STATIC,
     },
+    # the super-resolution literature's usual split (e.g. PAMS, DAQ): the first and last
+    # layers kept in float, the body W8A8 (upconv7's `up`: ~2% of its multiply-adds)
+    "w8a8 static (minmax), smoothquant, gptq; output conv float": {
+        **GPTQ,
+        **SMOOTH,
+        "weights": W8,
+        "activations": STATIC,
+        "ignore": ["up"],
+    },
+    "w8a8 static (minmax), smoothquant, gptq; first and output conv float": {
+        **GPTQ,
+        **SMOOTH,
+        "weights": W8,
+        "activations": STATIC,
+        "ignore": ["body.0", "up"],
+    },
     "w4 per-channel": {"weights": {"bits": 4, **CH}},
     "w4 per-channel, gptq": {**GPTQ, "weights": {"bits": 4, **CH}},
     "w4 per-channel, awq": {**AWQ, "weights": {"bits": 4, **CH}},

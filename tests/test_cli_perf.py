@@ -108,3 +108,18 @@ def test_bench_reports_the_cache_bytes_a_rounded_cache_saves(tiny_folder, tmp_pa
     assert got["ref"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert got["kv_bytes_per_token"] == 2 * 2 * 2 * (8 + 4)
     assert got["kv_memory_ratio"] == pytest.approx(12 / 64, abs=1e-4)
+
+
+def test_bench_kv_bits_rounds_the_model_cache_only(quantized, tiny_folder, capsys):
+    code, stdout, _ = run(capsys, "bench", str(quantized), "--ref", str(tiny_folder),
+                          "--kv-bits", "16", "--json", "--no-rss", *FAST)  # fmt: skip
+    assert code == 0
+    got = json.loads(stdout)
+    # float16 keys and values for MODEL (2 bytes a value), float32 for --ref
+    assert got["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2
+    assert got["ref"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+
+
+def test_bench_kv_bits_refuses_an_image_model(capsys):
+    code, _, err = run(capsys, "bench", "waifu2x-upconv7", "--kv-bits", "8")
+    assert code != 0 and err.strip()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli_args import check_window, positive
+from lowbit.cli_args import add_attention_options, apply_attention, check_window, positive
 from lowbit.errors import LowbitError
 
 _BENCH_EPILOG = """\
@@ -40,6 +40,7 @@ def add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", metavar="MODEL", help="reference model to compare against")
     _speed_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_attention_options(p)  # MODEL's cache (not --ref's); the peak-RSS probe runs without
     p.set_defaults(func=cmd_bench)
 
 
@@ -63,8 +64,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.ref == args.model:
             raise LowbitError("--ref names the model itself; compare with another model")
         sources[args.ref] = args.ref
-    results, machine = api.bench(sources, args.prompt_tokens, args.new_tokens, args.repeats,
-                                 rss=not args.no_rss, progress=not args.quiet)  # fmt: skip
+    from lowbit.eval.bench import bench_models
+
+    models = {name: api.load_model(src).model for name, src in sources.items()}
+    apply_attention(models[args.model], args)  # --kv-bits: MODEL's cache rounded
+    results, machine = bench_models(models, None if args.no_rss else sources, args.prompt_tokens,
+                                    args.new_tokens, args.repeats, not args.quiet)  # fmt: skip
     out = bench_summary(results, args.model, args.ref, machine)
     print(json.dumps(out, indent=1) if args.json else render_bench(results, out, machine))
     return 0
