@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from lowbit.cli_args import positive
+from lowbit.cli_args import add_attention_options, apply_attention, positive
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL|DIR")
+    add_attention_options(p)  # e.g. --kv-bits 16: a float16 cache, as llama.cpp's server keeps
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
@@ -83,6 +84,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     src = api.load_model(args.model)
     if src.tokenizer is None:
         raise LowbitError(f"{args.model} has no tokenizer; serving text needs one")
+    apply_attention(src.model, args)  # --kv-bits: the served model's cache rounded
     metrics = Metrics()
 
     def on_batch(stats) -> None:

@@ -220,3 +220,15 @@ def test_canary_prompts_flag_a_damaged_folder_without_a_reference(serve, chat_fo
     assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 200
     quiet = serve(folder=bad, canary=False)  # --no-canary: no check, no verdict
     assert httpx.get(f"{quiet.url}/health").json()["status"] == "ok"
+
+
+def test_kv_bits_rounds_the_served_model_cache(serve, chat_folder):
+    from lowbit.nn.attention import ATTRIBUTE
+
+    server = serve(kv_bits=16, query_bits=None, kv_group=None, kv_hadamard=False,
+                   kv_center=False)  # fmt: skip
+    model = server.engine.runtime.model
+    assert all(getattr(layer.self_attn, ATTRIBUTE).kv_bits == 16 for layer in model.model.layers)
+    r = httpx.post(f"{server.url}/v1/completions", json={
+        "prompt": "a stitch in time", "max_tokens": 6, "temperature": 0})  # fmt: skip
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
