@@ -120,6 +120,7 @@ def test_bench_kv_bits_rounds_the_model_cache_only(quantized, tiny_folder, capsy
     assert got["ref"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
 
 
-def test_bench_kv_bits_refuses_an_image_model(capsys):
-    code, _, err = run(capsys, "bench", "waifu2x-upconv7", "--kv-bits", "8")
-    assert code != 0 and err.strip()
+def test_bench_kv_center_without_measured_centres_is_an_error(quantized, capsys):
+    code, _, err = run(capsys, "bench", str(quantized), "--kv-bits", "4", "--kv-center",
+                       "--no-rss", *FAST)  # fmt: skip
+    assert code != 0 and "--kv-center needs key centres" in err
