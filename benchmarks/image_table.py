@@ -62,6 +62,7 @@ GPTQ = {"algorithm": "gptq"}
 SMOOTH = {"smoothquant": {}}  # α searched per pair of convolutions
 AWQ = {"algorithm": "awq"}  # scales searched per pair of convolutions, then RTN
 AWQ_GPTQ = {"algorithm": "awq+gptq"}
+BEST = {**GPTQ, **SMOOTH, "weights": W8, "activations": STATIC}  # conv-w8a8-best
 ROWS = {
     "w8 per-channel": {"weights": W8},
     "w8 per-channel, gptq": {**GPTQ, "weights": W8},
@@ -75,26 +76,12 @@ ROWS = {
     },
     "w8a8 static (minmax), gptq": {**GPTQ, "weights": W8, "activations": STATIC},
     "w8a8 static (minmax), smoothquant": {"weights": W8, "activations": STATIC, **SMOOTH},
-    "w8a8 static (minmax), smoothquant, gptq": {
-        **GPTQ,
-        **SMOOTH,
-        "weights": W8,
-        "activations": STATIC,
-    },
+    "w8a8 static (minmax), smoothquant, gptq": BEST,
     # the super-resolution literature's usual split (e.g. PAMS, DAQ): the first and last
     # layers kept in float, the body W8A8 (upconv7's `up`: ~2% of its multiply-adds)
-    "w8a8 static (minmax), smoothquant, gptq; output conv float": {
-        **GPTQ,
-        **SMOOTH,
-        "weights": W8,
-        "activations": STATIC,
-        "ignore": ["up"],
-    },
+    "w8a8 static (minmax), smoothquant, gptq; output conv float": {**BEST, "ignore": ["up"]},
     "w8a8 static (minmax), smoothquant, gptq; first and output conv float": {
-        **GPTQ,
-        **SMOOTH,
-        "weights": W8,
-        "activations": STATIC,
+        **BEST,
         "ignore": ["body.0", "up"],
     },
     "w4 per-channel": {"weights": {"bits": 4, **CH}},
