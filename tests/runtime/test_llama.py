@@ -273,18 +273,22 @@ def test_one_call_step_refuses_a_layout_that_does_not_fit():
     if not native_ops():
         pytest.skip("native kernels unavailable here")
     forward = LlamaForward(tiny_llama(vocab=64))
-    weights, layout, norms, eps = forward._step
+    weights, layout, norms, eps = forward._step_lists()
     cache = forward.new_cache(1, 8)
     x = torch.randn(1, 64)
     args = (cache.tensors, [], torch.empty(0), forward.cos, forward.sin, cache.pad, 0, 4, 2, 0.25,
             0, 0)  # fmt: skip
+    plan = torch.classes.lowbit_cpu.DecodePlan
     with pytest.raises(RuntimeError, match="layout ends"):
-        torch.ops.lowbit_cpu.decode_step(x, x.clone(), weights, layout[:-3], norms, eps, *args)
-    with pytest.raises(RuntimeError, match="more weights"):
-        torch.ops.lowbit_cpu.decode_step(x, x.clone(), weights + weights[:1], layout, norms, eps,
+        torch.ops.lowbit_cpu.decode_step(x, x.clone(), plan(weights, layout[:-3], norms, eps),
                                          *args)  # fmt: skip
+    with pytest.raises(RuntimeError, match="more weights"):
+        torch.ops.lowbit_cpu.decode_step(x, x.clone(), plan(weights + weights[:1], layout, norms,
+                                                             eps), *args)  # fmt: skip
     with pytest.raises(RuntimeError, match="4 norms"):
-        torch.ops.lowbit_cpu.decode_step(x, x.clone(), weights, layout, norms[:-1], eps, *args)
+        plan(weights, layout, norms[:-1], eps)
+    with pytest.raises(RuntimeError, match="no layer 2"):
+        plan(weights, layout, norms, eps).set_whole(2, norms[0], norms[1], 1e-6, 1e-6)
 
 
 def test_short_prompts_of_a_pooled_model_hold_torch_to_one_thread(monkeypatch):

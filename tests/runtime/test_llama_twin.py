@@ -119,15 +119,17 @@ def test_a_mixture_runs_compact_with_its_own_mixture_block(kind):
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "olmoe"])
-def test_a_quantized_mixture_decodes_each_block_in_one_call(kind, monkeypatch):
-    """4-bit experts on the compact loop: a decoded token's mixture block, router included,
-    is one native call (torch's ops on one thread meanwhile), with the logits of the block's
-    own forward (its experts in two native calls) and of the per-expert loop, to the bit."""
+def test_a_quantized_mixture_decodes_each_token_in_one_call(kind, monkeypatch):
+    """4-bit experts on the compact loop: a decoded token of batch 1 is one native call
+    (``lowbit_cpu::decode_step``, its mixture blocks' routers included; OLMoE's q/k norms over
+    all heads too), torch's ops on one thread meanwhile, with the logits of the per-op loop
+    (each block one native call), of the block's own forward (its experts in two native calls)
+    and of the per-expert loop, to the bit. A hook on a block, or two rows, take the per-op
+    loop, where the hook runs."""
     from helpers import decode_steps, tiny_moe
     from lowbit import api
     from lowbit.kernels.build import native_ops
     from lowbit.models import experts
-    from lowbit.models import mixture_step as mixture_step_module
     from lowbit.models.kernels import pooled_layers, use_kernels
     from lowbit.runtime import llama
     from lowbit.runtime.llama import LlamaForward
@@ -140,28 +142,46 @@ def test_a_quantized_mixture_decodes_each_block_in_one_call(kind, monkeypatch):
     api.quantize(model, "w4-sym-g32", progress=False)
     use_kernels(model)
     assert pooled_layers(model.model.layers[0].mlp)
-    threads, real = [], mixture_step_module._step
+    threads, real = [], torch.ops.lowbit_cpu.decode_step
 
     def counted(*args):
-        step = real(*args)
-        return lambda h: threads.append(torch.get_num_threads()) or step(h)
+        threads.append(torch.get_num_threads())
+        return real(*args)
 
-    monkeypatch.setattr(mixture_step_module, "_step", counted)
+    monkeypatch.setattr(torch.ops.lowbit_cpu, "decode_step", counted)
     g = torch.Generator().manual_seed(4)
     prompt, follow = (
         torch.randint(0, 64, (1, 9), generator=g),
         torch.randint(0, 64, (1, 5), generator=g),
     )
-    with torch.inference_mode():
+    with torch_threads(2), torch.inference_mode():
         forward = LlamaForward(model)
-        threads.clear()  # (each block's step was checked against the block once)
+        assert forward._step is not None and (kind == "olmoe") == bool(forward.layers[0].whole)
         native, _ = decode_steps(forward, prompt, follow)
-        assert len(threads) == 2 * 5 and set(threads) == {1}  # 2 blocks, 5 decoded tokens
+        assert threads == [1] * 5  # 5 decoded tokens
+        per_op = LlamaForward(model)
+        per_op.__dict__["_step"] = None  # the cached property: the per-op loop
+        looped_blocks, _ = decode_steps(per_op, prompt, follow)
         monkeypatch.setattr(llama, "mixture_step", lambda block: None)
         two_calls, _ = decode_steps(LlamaForward(model), prompt, follow)
         monkeypatch.setattr(experts, "one_token_experts", lambda *a: None)
         looped, _ = decode_steps(LlamaForward(model), prompt, follow)
-    assert len(threads) == 10 and torch.equal(native, two_calls) and torch.equal(native, looped)
+    assert len(threads) == 5
+    for other in (looped_blocks, two_calls, looped):
+        assert torch.equal(native, other)
+    monkeypatch.undo()
+    seen = []  # a hook on a block sends the token through the per-op loop and the block
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(1))
+    with torch.inference_mode():
+        hooked, _ = decode_steps(LlamaForward(model), prompt, follow)
+        assert len(seen) == 1 + 5 and torch.equal(hooked, native)  # the prompt, each token
+        hook.remove()
+        monkeypatch.setattr(torch.ops.lowbit_cpu, "decode_step", counted)
+        threads.clear()
+        rows = torch.cat([prompt, prompt.flip(1)])
+        both, _ = decode_steps(LlamaForward(model), rows, torch.cat([follow, follow]))
+    assert threads == [] and rel(both[:1], native) < 1e-4  # the blocks' own batched forward
+    monkeypatch.undo()
     blocks = []  # a prompt of up to 32 tokens holds torch to one thread too, a longer one not
     model.model.layers[0].mlp.register_forward_pre_hook(
         lambda m, a: blocks.append(torch.get_num_threads())

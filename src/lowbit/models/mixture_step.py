@@ -4,20 +4,23 @@ For a block of a family whose forward is its top-k router, then its experts
 (transformers' ``OlmoeSparseMoeBlock``, ``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``:
 logits = h·Wᵀ, softmax, top k, renormalised where the router says so), with SiLU experts on
 4-bit kernel layers (:func:`lowbit.nn.kernel_experts.one_token_experts`' conditions),
-:func:`mixture_step` returns a function of one token's hidden state that runs
-``lowbit_cpu::mixture_step``: the router's ATen ops and both expert calls without going back to
-Python (OLMoE's shape: ~270 us of Python per block, a seventh of a decode step). Before it is
-used it is checked on a random token against the block itself, to the bit; a block it cannot
-take, or that disagrees, keeps its own forward (None). Like the decode loop's other native
-calls it reads the weights it found when it was built; hooks registered later on the block, its
-router, its experts or their layers and activations, global hooks, or training mode send the
-token through the block's forward instead.
+:func:`mixture_step` returns a :class:`NativeMixture`, a function of one token's hidden state
+that runs ``lowbit_cpu::mixture_step``: the router's ATen ops and both expert calls without
+going back to Python (OLMoE's shape: ~270 us of Python per block, a seventh of a decode step),
+on the block's tensors held once in C++ (``held``, which the one-call decode step
+``lowbit_cpu::decode_step`` takes too). Before it is used it is checked on a random token
+against the block itself, to the bit; a block it cannot take, or that disagrees, keeps its own
+forward (None). Like the decode loop's other native calls it reads the weights it found when it
+was built; hooks registered later on the block, its router, its experts or their layers and
+activations, global hooks, or training mode (``unplain()``) send the token through the block's
+forward instead.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +41,23 @@ ROUTERS = {
 }
 
 
-def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """``step(h)`` for h (1, hidden) float32: the block's output for that token, as calling
-    the block computes it to the bit; None where the native call does not apply."""
+@dataclass(frozen=True)
+class NativeMixture:
+    """``step(h)`` for h (1, hidden) float32: the block's output for that token."""
+
+    held: torch.ScriptObject  # lowbit_cpu.MixtureBlock: the router, top k, experts
+    block: nn.Module
+    unplain: Callable[[], bool]  # hooks or training: the block's own forward
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if self.unplain():
+            return self.block(h[None]).reshape(h.shape)
+        return torch.ops.lowbit_cpu.mixture_step(h, self.held)
+
+
+def mixture_step(block: nn.Module) -> NativeMixture | None:
+    """The block's native step, equal to calling the block to the bit; None where the native
+    call does not apply."""
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     router = None if gate is None else getattr(gate, "weight", None)
     if not (native_ops() and ROUTERS.get(type(block).__name__) == type(gate).__name__
@@ -54,13 +71,13 @@ def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
     if not 1 <= gate.top_k <= experts.num_experts:
         return None
     # every module the block's forward calls: a hook on any of them, now or added later (their
-    # dicts, checked at every token in ~10 us for OLMoE's 64 experts), sends the token there
+    # dicts, checked at every token in ~4 us for OLMoE's 64 experts), sends the token there
     parts = [m for e in mlps for m in (e, e.gate_proj, e.up_proj, e.down_proj, e.act_fn)]
     hooks = tuple(d for m in (block, gate, experts, *parts)
                   for d in (m._forward_hooks, m._forward_pre_hooks))  # fmt: skip
 
     def unplain() -> bool:  # hooks, or training: the block's own forward
-        return global_hooks() or any(map(bool, hooks)) or block.training
+        return global_hooks() or any(hooks) or block.training
 
     if unplain():
         return None
@@ -71,11 +88,8 @@ def mixture_step(block: nn.Module) -> Callable[[Tensor], Tensor] | None:
     ups, downs = weights[0] + weights[1], weights[2]
     if not (experts_fit(ups, router.shape[1]) and experts_fit(downs, ups[0].w.shape[0])):
         return None
-    native = _step(router, gate.top_k, _renormalises(gate), ups + downs, downs[0].group)
-
-    def step(h: Tensor) -> Tensor:
-        return block(h[None]).reshape(h.shape) if unplain() else native(h)
-
+    held = _held(router, gate.top_k, _renormalises(gate), ups + downs, downs[0].group)
+    step = NativeMixture(held, block, unplain)
     probe = torch.randn(1, router.shape[1], generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
@@ -101,11 +115,10 @@ def _renormalises(gate: nn.Module) -> bool:
     return type(gate).__name__ == "MixtralTopKRouter" or bool(gate.norm_topk_prob)
 
 
-def _step(router: Tensor, top_k: int, norm: bool, aws: list[AffineWeight], group_down: int):
+def _held(router: Tensor, top_k: int, norm: bool, aws: list[AffineWeight], group_down: int):
+    """The block's tensors held once in C++ (converting its 9E tensors at every call cost ~6%
+    of an OLMoE decode step)."""
     w, scale, offset = ([getattr(aw, k) for aw in aws] for k in ("w", "scale", "offset"))
-    op, group_up = torch.ops.lowbit_cpu.mixture_step, aws[0].group
-
-    def step(h: Tensor) -> Tensor:
-        return op(h, router, top_k, norm, w, scale, offset, group_up, group_down)
-
-    return step
+    return torch.classes.lowbit_cpu.MixtureBlock(
+        router, top_k, norm, w, scale, offset, aws[0].group, group_down
+    )

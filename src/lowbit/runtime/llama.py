@@ -30,7 +30,7 @@ from lowbit.kernels.kv_attention import decode_attention_codes
 from lowbit.kernels.threads import torch_ops_on_one_thread
 from lowbit.models.experts import LinearExperts
 from lowbit.models.kernels import pooled_layers
-from lowbit.models.mixture_step import mixture_step
+from lowbit.models.mixture_step import NativeMixture, mixture_step
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 from lowbit.runtime.layer_calls import (
@@ -90,6 +90,7 @@ class _Layer:
     fast: tuple = ()  # decode: (qkv, o_proj, gate_up, down) on 2-D inputs, see direct
     moe: Callable[[Tensor], Tensor] | None = None  # a mixture's MLP, in place of gate_up/down
     whole: tuple[nn.Module, nn.Module] | None = None  # q/k norms over all heads (OLMoE's)
+    mixture: NativeMixture | None = None  # moe's one-token native call, where there is one
 
 
 def _eps(norm: nn.Module) -> float:
@@ -137,12 +138,12 @@ class LlamaForward:
             else [attn.q_proj, attn.k_proj, attn.v_proj]
         )
         if is_mixture(mlp):  # the model's own mixture block: router, experts, shared expert
+            step = mixture_step(mlp) if native else None
             layer = _Layer(
                 block.input_layernorm, joint(qkv), getattr(attn, "q_norm", None),
                 getattr(attn, "k_norm", None), prompt_call(attn.o_proj),
                 block.post_attention_layernorm, None, None, None,
-                moe=functools.partial(_mixture, mlp, pooled_layers(mlp),
-                                      mixture_step(mlp) if native else None),
+                moe=functools.partial(_mixture, mlp, pooled_layers(mlp), step), mixture=step,
             )  # fmt: skip
             fast = (direct_group(qkv, layer.qkv), direct(attn.o_proj)) if native else None
             layer.fast = (*(fast or (layer.qkv, layer.o_proj)), None, None)
@@ -250,7 +251,8 @@ class LlamaForward:
             return qkv
         hq, hk = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split([hq, hk, qkv.shape[-1] - hq - hk], dim=-1)
-        return torch.cat([_rms(layer.whole[0], q), _rms(layer.whole[1], k), v], dim=-1)
+        q, k = (_rms(norm, t.contiguous()) for norm, t in zip(layer.whole, (q, k), strict=True))
+        return torch.cat([q, k, v], dim=-1)  # (the one-call step's whole_norms)
 
     def _mlp(self, layer: _Layer, h: Tensor) -> Tensor:
         if layer.moe is not None:
@@ -271,18 +273,22 @@ class LlamaForward:
         codes = self.attention is not None and self.attention.codes  # else a float cache
         x = self.embed(ids[:, 0]).contiguous()  # (B, C), the residual stream (added in place)
         h = _rms(self.layers[0].norm1, x)
-        step = self._step
-        # one call for every layer, up to PROMPT_ROWS rows (a batch of more: the per-op loop)
+        plan = self._step
+        # one call for every layer, up to PROMPT_ROWS rows (a batch of more: the per-op loop);
+        # mixture blocks decode one row at a time, without hooks
         contiguous = all(t.is_contiguous() for t in cache.tensors)
         rows = x.shape[0] <= decode_ops.PROMPT_ROWS
-        if step is not None and contiguous and rows and decode_ops._native(x):
+        mixtures = self._mixtures
+        plain = not mixtures or (x.shape[0] == 1 and not any(m.unplain() for m in mixtures))
+        if plan is not None and contiguous and rows and plain and decode_ops._native(x):
             spec = self.attention
             bits, query_bits = (spec.kv_bits, spec.query_bits or 0) if codes else (0, 0)
-            h = torch.ops.lowbit_cpu.decode_step(
-                x, h, *step, cache.tensors, self._centers if bits else [], self.turn, self.cos,
-                self.sin, cache.pad, pos, self.heads, self.kv_heads, self.scaling, bits,
-                query_bits,
-            )  # fmt: skip
+            with torch_ops_on_one_thread(self._mixtures_pooled):  # (a router is a torch op)
+                h = torch.ops.lowbit_cpu.decode_step(
+                    x, h, plan, cache.tensors, self._centers if bits else [], self.turn,
+                    self.cos, self.sin, cache.pad, pos, self.heads, self.kv_heads, self.scaling,
+                    bits, query_bits,
+                )  # fmt: skip
             return self.fast_head(h)
         for i, (layer, (qn, kn, eps, w2, eps2, w_next, eps_next)) in enumerate(self._plan):
             qkv_op, o_op, gate_up_op, down_op = layer.fast
@@ -305,24 +311,44 @@ class LlamaForward:
         return self.fast_head(h)  # (B, vocab)
 
     @functools.cached_property
-    def _step(self) -> tuple[list[Tensor], list[int], list[Tensor], list[float]] | None:
-        """The fixed arguments of ``lowbit_cpu::decode_step`` (weights, layout, norms, eps): the
-        same ops as :meth:`_decode`'s loop in one call. None where a layer is not all native
-        parts (a module, an online rotation), the MLP is not SiLU, attention inputs are rounded
-        without a cache that stores them (queries alone), or a key centre or the heads' turn
-        is not float32. A float16 cache (kv_bits 16) runs decode_attention, as a float32 one."""
+    def _step(self) -> torch.ScriptObject | None:
+        """The fixed arguments of ``lowbit_cpu::decode_step``, held once in C++ (a
+        ``lowbit_cpu.DecodePlan``: the slots' weights and layout, norms, eps, and per layer
+        q/k norms over all heads and a mixture block's native step): the same ops as
+        :meth:`_decode`'s loop in one call. None where a layer is not all native parts (a
+        module, an online rotation), the MLP is neither SiLU nor a mixture with its native
+        step, a norm over all heads is not float32, attention inputs are rounded without a
+        cache that stores them (queries alone), or a key centre or the heads' turn is not
+        float32. A float16 cache (kv_bits 16) runs decode_attention, as a float32 one."""
         spec = self.attention
         if spec is not None and (spec.kv_bits is None or any(
                 t.dtype != torch.float32 or not t.is_contiguous()
                 for t in (self.turn, *self._centers))):  # fmt: skip
             return None
-        if any(layer.act or layer.moe or layer.whole for layer in self.layers):
+        if any(layer.act or (layer.moe and layer.mixture is None) for layer in self.layers):
             return None
-        if not all(isinstance(call, Native) for layer in self.layers for call in layer.fast):
+        if any(layer.whole and any(n.weight.dtype != torch.float32 for n in layer.whole)
+               for layer in self.layers):  # fmt: skip
             return None
+        slots = [call for layer in self.layers for call in layer.fast if call is not None]
+        if not all(isinstance(call, Native) for call in slots):
+            return None
+        plan = torch.classes.lowbit_cpu.DecodePlan(*self._step_lists())
+        for i, layer in enumerate(self.layers):
+            if layer.whole:
+                wq, wk = layer.whole
+                plan.set_whole(i, wq.weight.contiguous(), wk.weight.contiguous(), _eps(wq),
+                               _eps(wk))  # fmt: skip
+            if layer.mixture is not None:
+                plan.set_mixture(i, layer.mixture.held)
+        return plan
+
+    def _step_lists(self) -> tuple[list[Tensor], list[int], list[Tensor], list[float]]:
+        """The plan's weights and layout of the slots, norms and eps (as ``DecodePlan`` takes
+        them), of layers whose slots are all native calls."""
         weights, layout, norms, eps = [], [], [], []
         for layer, (qn, kn, e, w2, e2, w_next, e_next) in self._plan:
-            for slot in layer.fast:
+            for slot in (s for s in layer.fast if s is not None):  # (a mixture has 2 slots)
                 layout.append(len(slot.parts))
                 for kind, group, bits, tensors in slot.parts:
                     layout += [kind, group, bits]
@@ -330,6 +356,17 @@ class LlamaForward:
             norms += [qn, kn, w2, w_next]
             eps += [e, e2, e_next]
         return weights, layout, norms, eps
+
+    @functools.cached_property
+    def _mixtures(self) -> list[NativeMixture]:
+        """The mixture blocks' native steps, for the one-call step's hook checks."""
+        return [layer.mixture for layer in self.layers if layer.mixture is not None]
+
+    @functools.cached_property
+    def _mixtures_pooled(self) -> bool:
+        """Whether a mixture block's kernels run on the pool (its torch ops then on one
+        thread, as :func:`_mixture` holds them)."""
+        return any(pooled_layers(m.block) for m in self._mixtures)
 
     @functools.cached_property
     def _centers(self) -> list[Tensor]:

@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "common.h"
+#include "decode_api.h"
 
 using namespace lowbit_kernels;
 
@@ -103,6 +104,24 @@ at::Tensor affine_experts(const at::Tensor& x_in, at::TensorList w, at::TensorLi
   return out;
 }
 
+}  // namespace
+
+namespace lowbit_kernels {
+
+MixtureBlock::MixtureBlock(at::Tensor router_, int64_t top_k_, bool norm_,
+                           std::vector<at::Tensor> w_, std::vector<at::Tensor> scale_,
+                           std::vector<at::Tensor> offset_, int64_t group_up_, int64_t group_down_)
+    : router(std::move(router_)), top_k(top_k_), norm(norm_), w(std::move(w_)),
+      scale(std::move(scale_)), offset(std::move(offset_)), group_up(group_up_),
+      group_down(group_down_) {
+  TORCH_CHECK(router.dim() == 2 && router.scalar_type() == at::kFloat && top_k >= 1 &&
+                  top_k <= router.size(0),
+              "lowbit::MixtureBlock: router must be (E, C) float32, 1 <= top_k <= E");
+  const auto E = static_cast<size_t>(router.size(0));
+  TORCH_CHECK(w.size() == 3 * E && scale.size() == 3 * E && offset.size() == 3 * E,
+              "lowbit::MixtureBlock: 3 matrices per expert (gates, ups, downs)");
+}
+
 // A decoded token's mixture block, router included: transformers' top-k router of OLMoE,
 // Mixtral and Qwen3-MoE (logits = h·Wᵀ, softmax in float32, the top k, renormalised where
 // `norm`), then the chosen experts in ascending order: gate and up projections, SiLU(gate)·up,
@@ -110,22 +129,15 @@ at::Tensor affine_experts(const at::Tensor& x_in, at::TensorList w, at::TensorLi
 // router, routing and the checks around the two expert calls cost ~270 us per block on
 // OLMoE's shape (a seventh of a decode step). The router, softmax, top-k and activation are
 // ATen's own ops, as the modules call them, so the experts and the bits are the same.
-// h (1, C) float32; router (E, C) float32; w, scale, offset: the 3E expert matrices, every
-// expert's gate, then every up, then every down (4-bit kernel layout); the groups of the
-// gate/up and of the down matrices.
-at::Tensor mixture_step(const at::Tensor& h, const at::Tensor& router, int64_t top_k, bool norm,
-                        at::TensorList w, at::TensorList scale, at::TensorList offset,
-                        int64_t group_up, int64_t group_down) {
-  const int64_t E = router.size(0);
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == 1 && router.dim() == 2 && top_k >= 1 && top_k <= E,
-              "lowbit::mixture_step: h must be (1, C), router (E, C), 1 <= top_k <= E");
-  TORCH_CHECK(static_cast<int64_t>(w.size()) == 3 * E &&
-                  static_cast<int64_t>(scale.size()) == 3 * E &&
-                  static_cast<int64_t>(offset.size()) == 3 * E,
-              "lowbit::mixture_step: 3 matrices per expert (gates, ups, downs)");
-  const at::Tensor logits = at::mm(h, router.t());  // F.linear(h, W) without a bias
+// h (1, C) float32.
+at::Tensor mixture_step(const at::Tensor& h, const c10::intrusive_ptr<MixtureBlock>& block) {
+  const MixtureBlock& b = *block;
+  const int64_t E = b.router.size(0), top_k = b.top_k;
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == 1 && h.size(1) == b.router.size(1),
+              "lowbit::mixture_step: h must be (1, C), C the router's inputs");
+  const at::Tensor logits = at::mm(h, b.router.t());  // F.linear(h, W) without a bias
   auto [top, index] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);
-  if (norm) top.div_(top.sum(-1, true));
+  if (b.norm) top.div_(top.sum(-1, true));
   const float* values = top.data_ptr<float>();
   const int64_t* ids = index.data_ptr<int64_t>();
   std::vector<std::pair<int64_t, int64_t>> picked;  // (expert, slot), ascending
@@ -135,34 +147,31 @@ at::Tensor mixture_step(const at::Tensor& h, const at::Tensor& router, int64_t t
   at::Tensor route = at::empty({top_k}, h.options());
   for (int part = 0; part < 2; ++part)
     for (const auto& [e, k] : picked) {
-      uw.push_back(w[part * E + e]);
-      us.push_back(scale[part * E + e]);
-      uo.push_back(offset[part * E + e]);
+      uw.push_back(b.w[part * E + e]);
+      us.push_back(b.scale[part * E + e]);
+      uo.push_back(b.offset[part * E + e]);
     }
   int64_t i = 0;
   for (const auto& [e, k] : picked) {
-    dw.push_back(w[2 * E + e]);
-    ds.push_back(scale[2 * E + e]);
-    dof.push_back(offset[2 * E + e]);
+    dw.push_back(b.w[2 * E + e]);
+    ds.push_back(b.scale[2 * E + e]);
+    dof.push_back(b.offset[2 * E + e]);
     route.data_ptr<float>()[i++] = values[k];
   }
-  const at::Tensor gate_up = affine_experts(h, uw, us, uo, group_up, 4, at::empty({0}, h.options()));
+  const at::Tensor gate_up =
+      affine_experts(h, uw, us, uo, b.group_up, 4, at::empty({0}, h.options()));
   const at::Tensor mid = at::silu(gate_up.narrow(0, 0, top_k)) * gate_up.narrow(0, top_k, top_k);
-  return affine_experts(mid, dw, ds, dof, group_down, 4, route);
+  return affine_experts(mid, dw, ds, dof, b.group_down, 4, route);
 }
 
-}  // namespace
+}  // namespace lowbit_kernels
 
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def(
       "affine_experts(Tensor x, Tensor[] w, Tensor[] scale, Tensor[] offset, int group, "
       "int bits, Tensor route) -> Tensor");
-  m.def(
-      "mixture_step(Tensor h, Tensor router, int top_k, bool norm, Tensor[] w, Tensor[] scale, "
-      "Tensor[] offset, int group_up, int group_down) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
   m.impl("affine_experts", &affine_experts);
-  m.impl("mixture_step", &mixture_step);
 }

@@ -3,6 +3,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <vector>
 
 namespace lowbit_kernels {
 
@@ -31,5 +34,24 @@ at::Tensor decode_attention_codes(
     const at::Tensor& sin, const at::Tensor& pad, int64_t pos, int64_t H, int64_t Hkv,
     double scale, const at::Tensor& q_norm, const at::Tensor& k_norm, double eps,
     const at::Tensor& center, const at::Tensor& rotation, int64_t bits, int64_t query_bits);
+
+// affine_experts.cpp: a mixture block's fixed arguments, held once (torch class
+// lowbit_cpu.MixtureBlock): the router (E, C) float32, its top k and whether it renormalises,
+// the 3E expert matrices (every expert's gate, then every up, then every down; 4-bit kernel
+// layout) and the groups of the gate/up and of the down matrices. Why a class: passed as lists
+// at every call, the 9E tensors (OLMoE: 576 a block) cost ~0.12 us each to convert from
+// Python, ~6% of a decode step on OLMoE's shape (perf).
+struct MixtureBlock : torch::CustomClassHolder {
+  MixtureBlock(at::Tensor router, int64_t top_k, bool norm, std::vector<at::Tensor> w,
+               std::vector<at::Tensor> scale, std::vector<at::Tensor> offset, int64_t group_up,
+               int64_t group_down);
+  at::Tensor router;
+  int64_t top_k;
+  bool norm;
+  std::vector<at::Tensor> w, scale, offset;
+  int64_t group_up, group_down;
+};
+// A decoded token's block output (1, C) for its input h (1, C).
+at::Tensor mixture_step(const at::Tensor& h, const c10::intrusive_ptr<MixtureBlock>& block);
 
 }  // namespace lowbit_kernels

@@ -7,7 +7,9 @@
 // takes decode_attention_codes in place of decode_attention. A layer's linear layers come as "slots"
 // (q/k/v, o, gate/up, down), each one or more parts side by side; a part is float weights,
 // affine codes or W8A8 codes (the ops' own arguments), so the step runs every format the loop
-// runs natively.
+// runs natively. A layer's MLP may instead be a mixture block (MixtureBlock, one
+// mixture_step call), and its q/k norms may span all heads (OLMoE's).
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -58,17 +60,69 @@ struct Slots {
   }
 };
 
+// A model's fixed decode arguments, held once (torch class lowbit_cpu.DecodePlan): the slots'
+// weights and layout, per layer 4 norms and 3 eps (below), and optional per-layer parts set
+// after construction: q/k norms over all heads at once (set_whole) and a mixture block in
+// place of the gate/up and down slots (set_mixture). Why a class: as lists, the ~500 tensors
+// of a 30-layer model were converted from Python at every token.
+struct DecodePlan : torch::CustomClassHolder {
+  DecodePlan(std::vector<at::Tensor> weights_, std::vector<int64_t> layout_,
+             std::vector<at::Tensor> norms_, std::vector<double> eps_)
+      : weights(std::move(weights_)), layout(std::move(layout_)), norms(std::move(norms_)),
+        eps(std::move(eps_)) {
+    TORCH_CHECK(norms.size() % 4 == 0 && eps.size() == norms.size() / 4 * 3,
+                "lowbit::decode_step: 4 norms and 3 eps per layer");
+    const size_t L = norms.size() / 4;
+    whole.resize(2 * L);
+    whole_eps.resize(2 * L);
+    mixtures.resize(L);
+  }
+  // Layer i's queries and keys are RMS-normed over all heads (weights (H·D), (Hkv·D)) before
+  // RoPE, as the per-op loop's LlamaForward._whole does.
+  void set_whole(int64_t i, at::Tensor q, at::Tensor k, double eps_q, double eps_k) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(mixtures.size()),
+                "lowbit::DecodePlan: no layer ", i);
+    whole[2 * i] = std::move(q);
+    whole[2 * i + 1] = std::move(k);
+    whole_eps[2 * i] = eps_q;
+    whole_eps[2 * i + 1] = eps_k;
+  }
+  // Layer i's MLP is this mixture block (batch 1 only): the layout has no gate/up or down slot.
+  void set_mixture(int64_t i, c10::intrusive_ptr<lowbit_kernels::MixtureBlock> block) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(mixtures.size()),
+                "lowbit::DecodePlan: no layer ", i);
+    mixtures[i] = std::move(block);
+  }
+
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> layout;
+  std::vector<at::Tensor> norms;
+  std::vector<double> eps;
+  std::vector<at::Tensor> whole;  // per layer q then k weight (undefined: per-head norms only)
+  std::vector<double> whole_eps;
+  std::vector<c10::intrusive_ptr<lowbit_kernels::MixtureBlock>> mixtures;  // per layer or null
+};
+
+// qkv (B, (H + 2·Hkv)·D) with the queries and keys RMS-normed over all heads.
+at::Tensor whole_norms(const at::Tensor& qkv, const at::Tensor& wq, const at::Tensor& wk,
+                       double eps_q, double eps_k) {
+  const int64_t hq = wq.numel(), hk = wk.numel();
+  const auto parts = qkv.split_with_sizes({hq, hk, qkv.size(1) - hq - hk}, 1);
+  return at::cat({lowbit_kernels::rms_norm(parts[0].contiguous(), wq, eps_q),
+                  lowbit_kernels::rms_norm(parts[1].contiguous(), wk, eps_k), parts[2]},
+                 1);
+}
+
 // x (B, C): the residual stream after the embedding, added to in place; h (B, C): the first
-// layer's normed input. norms: per layer q_norm, k_norm (empty: none), the post-attention
-// norm and the next one (the final norm last); eps: per layer that of q/k, of the
-// post-attention norm, of the next. cache: what the KV cache stores, each (layers, B, Hkv, T,
+// layer's normed input. The plan's norms: per layer q_norm, k_norm (per head; empty: none),
+// the post-attention norm and the next one (the final norm last); eps: per layer that of
+// q/k, of the post-attention norm, of the next. cache: what the KV cache stores, each (layers, B, Hkv, T,
 // ...): keys and values (kv_bits 0), or codes, scales and minimums of keys, then of values
 // (kv_bits 2-8: decode_attention_codes, with per layer the key centres `centers` (empty:
 // none), the heads' turn `rotation` (empty: none) and the queries' `query_bits`). Returns the
 // final normed hidden state (B, C).
-at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0, at::TensorList weights,
-                       at::IntArrayRef layout, at::TensorList norms, at::ArrayRef<double> eps,
-                       at::TensorList cache, at::TensorList centers, const at::Tensor& rotation,
+at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0,
+                       const c10::intrusive_ptr<DecodePlan>& plan, at::TensorList cache, at::TensorList centers, const at::Tensor& rotation,
                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pad,
                        int64_t pos, int64_t H, int64_t Hkv, double scale, int64_t kv_bits,
                        int64_t query_bits) {
@@ -83,18 +137,25 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0, at::TensorList weigh
               "lowbit::decode_step: the cache's tensors must be contiguous (layers, B, Hkv, T, ...)");
   TORCH_CHECK(kv_bits == 0 || static_cast<int64_t>(centers.size()) == L,
               "lowbit::decode_step: one key centre tensor (or an empty one) per layer");
-  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 4 * L &&
-                  static_cast<int64_t>(eps.size()) == 3 * L,
+  const std::vector<at::Tensor>& norms = plan->norms;
+  const std::vector<double>& eps = plan->eps;
+  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 4 * L,
               "lowbit::decode_step: 4 norms and 3 eps per layer");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat &&
                   h0.sizes() == x.sizes(),
               "lowbit::decode_step: x and h must be contiguous float32 (B, C)");
-  Slots slots{weights, layout};
+  for (int64_t i = 0; i < L; ++i)
+    TORCH_CHECK(!plan->mixtures[i] || x.size(0) == 1,
+                "lowbit::decode_step: a mixture block decodes one row at a time");
+  Slots slots{plan->weights, plan->layout};
   at::Tensor h = h0;
   for (int64_t i = 0; i < L; ++i) {
     std::vector<at::Tensor> c;  // this layer's part of every stored tensor
     for (const at::Tensor& t : cache) c.push_back(t.select(0, i));
-    const at::Tensor qkv = slots.linear(h);
+    at::Tensor qkv = slots.linear(h);
+    if (plan->whole[2 * i].defined())
+      qkv = whole_norms(qkv, plan->whole[2 * i], plan->whole[2 * i + 1], plan->whole_eps[2 * i],
+                        plan->whole_eps[2 * i + 1]);
     const at::Tensor& qn = norms[4 * i];
     const at::Tensor& kn = norms[4 * i + 1];
     const at::Tensor a =
@@ -107,11 +168,16 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0, at::TensorList weigh
                                                      query_bits);
     const at::Tensor o = slots.linear(a);
     h = lowbit_kernels::add_rms_norm(x, o, norms[4 * i + 2], eps[3 * i + 1]);
-    const at::Tensor gate_up = slots.linear(h);
-    const at::Tensor d = slots.linear(lowbit_kernels::silu_mul(gate_up));
+    at::Tensor d;
+    if (plan->mixtures[i]) {
+      d = lowbit_kernels::mixture_step(h, plan->mixtures[i]);
+    } else {
+      const at::Tensor gate_up = slots.linear(h);
+      d = slots.linear(lowbit_kernels::silu_mul(gate_up));
+    }
     h = lowbit_kernels::add_rms_norm(x, d, norms[4 * i + 3], eps[3 * i + 2]);
   }
-  TORCH_CHECK(slots.t == weights.size() && slots.l == layout.size(),
+  TORCH_CHECK(slots.t == plan->weights.size() && slots.l == plan->layout.size(),
               "lowbit::decode_step: more weights or layout than the layers use");
   return h;
 }
@@ -119,11 +185,24 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0, at::TensorList weigh
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
+  // (the classes here, before the schemas and methods that name them: one file, in order)
+  m.class_<lowbit_kernels::MixtureBlock>("MixtureBlock")
+      .def(torch::init<at::Tensor, int64_t, bool, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, int64_t, int64_t>());
+  m.def("mixture_step(Tensor h, __torch__.torch.classes.lowbit_cpu.MixtureBlock block) -> Tensor");
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
+                       std::vector<double>>())
+      .def("set_whole", &DecodePlan::set_whole)
+      .def("set_mixture", &DecodePlan::set_mixture);
   m.def(
-      "decode_step(Tensor(a!) x, Tensor h, Tensor[] weights, int[] layout, Tensor[] norms, "
-      "float[] eps, Tensor(b!)[] cache, Tensor[] centers, Tensor rotation, Tensor cos, "
+      "decode_step(Tensor(a!) x, Tensor h, __torch__.torch.classes.lowbit_cpu.DecodePlan plan, "
+      "Tensor(b!)[] cache, Tensor[] centers, Tensor rotation, Tensor cos, "
       "Tensor sin, Tensor pad, int pos, int heads, int kv_heads, float scale, int kv_bits, "
       "int query_bits) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) { m.impl("decode_step", &decode_step); }
+TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {
+  m.impl("decode_step", &decode_step);
+  m.impl("mixture_step", &lowbit_kernels::mixture_step);
+}
