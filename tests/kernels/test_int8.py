@@ -59,6 +59,7 @@ def test_kernel_equals_reference_bit_for_bit(kernel, m, n, k, monkeypatch):
     got = int8.int8_linear(x, fast)
     ref = int8.int8_linear_reference(x, int8.Int8Weight(codes, scale, k))
     assert torch.equal(got, ref)
+    assert torch.equal(int8.int8_linear(x[1], fast), ref[1])  # m rows: odd ones too (tiles' tails)
     assert torch.equal(int8.int8_weight_codes(fast), codes)
 
 
