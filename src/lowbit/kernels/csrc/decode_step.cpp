@@ -116,16 +116,16 @@ at::Tensor whole_norms(const at::Tensor& qkv, const at::Tensor& wq, const at::Te
 // x (B, C): the residual stream after the embedding, added to in place; h (B, C): the first
 // layer's normed input. The plan's norms: per layer q_norm, k_norm (per head; empty: none),
 // the post-attention norm and the next one (the final norm last); eps: per layer that of
-// q/k, of the post-attention norm, of the next. cache: what the KV cache stores, each (layers, B, Hkv, T,
-// ...): keys and values (kv_bits 0), or codes, scales and minimums of keys, then of values
-// (kv_bits 2-8: decode_attention_codes, with per layer the key centres `centers` (empty:
-// none), the heads' turn `rotation` (empty: none) and the queries' `query_bits`). Returns the
-// final normed hidden state (B, C).
+// q/k, of the post-attention norm, of the next. cache: what the KV cache stores, each
+// (layers, B, Hkv, T, ...): keys and values (kv_bits 0), or codes, scales and minimums of
+// keys, then of values (kv_bits 2-8: decode_attention_codes, with per layer the key centres
+// `centers` (empty: none), the heads' turn `rotation` (empty: none) and the queries'
+// `query_bits`). Returns the final normed hidden state (B, C).
 at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0,
-                       const c10::intrusive_ptr<DecodePlan>& plan, at::TensorList cache, at::TensorList centers, const at::Tensor& rotation,
-                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pad,
-                       int64_t pos, int64_t H, int64_t Hkv, double scale, int64_t kv_bits,
-                       int64_t query_bits) {
+                       const c10::intrusive_ptr<DecodePlan>& plan, at::TensorList cache,
+                       at::TensorList centers, const at::Tensor& rotation, const at::Tensor& cos,
+                       const at::Tensor& sin, const at::Tensor& pad, int64_t pos, int64_t H,
+                       int64_t Hkv, double scale, int64_t kv_bits, int64_t query_bits) {
   const size_t stored = kv_bits == 0 ? 2 : 6;
   TORCH_CHECK(cache.size() == stored, "lowbit::decode_step: a cache of ",
               kv_bits == 0 ? "keys and values" : "codes, scales and minimums per side", " (",
