@@ -41,7 +41,7 @@ ROUTERS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (compared and hashed as itself)
 class NativeMixture:
     """``step(h)`` for h (1, hidden) float32: the block's output for that token."""
 
