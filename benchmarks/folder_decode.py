@@ -11,7 +11,7 @@ llama.cpp, each on a random prompt of ``--prompt-tokens`` and greedy decode to
 
     lowbit quantize olmoe-1b-7b-random --recipe w4-sym-g32 --out out/olmoe-q40
     .venv/bin/python benchmarks/folder_decode.py out/olmoe-q40 [--prompt-tokens 32]
-        [--new-tokens 64] [--repeats 3] [--gguf out/olmoe-q40.gguf]
+        [--new-tokens 64] [--repeats 3] [--gguf out/olmoe-q40.gguf] [--kv-bits 16]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from lowbit import api
 from lowbit.eval import format_table
 from lowbit.eval.machine import EnergyMeter
 from lowbit.eval.speed import random_prompt, timed_run
+from lowbit.formats.spec import AttentionSpec
+from lowbit.nn.attention import install_attention
 from lowbit.runtime import Runtime
 from torchao_compare import llama_cpp_run  # (this folder: run as a script)
 
@@ -38,8 +40,13 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="lowbit's rows with the cache rounded as `lowbit generate --kv-bits N` "
+                        "does (16: float16, as llama.cpp keeps it by default)")  # fmt: skip
     args = p.parse_args()
     model = api.load(args.folder).model
+    if args.kv_bits is not None:
+        install_attention(model, AttentionSpec(kv_bits=args.kv_bits))
     prompt = random_prompt(model.config.vocab_size, args.prompt_tokens)
     runs = {"lowbit compact": Runtime(model), "lowbit transformers": Runtime(model, False)}
     try:
@@ -76,9 +83,10 @@ def main() -> None:
     for row in rows:
         row.append(round(row[2] / base, 2))
     system = llama_print_system_info().decode().strip() if Llama is not None else "-"
+    cache = "float32" if args.kv_bits is None else f"--kv-bits {args.kv_bits}"
     print(f"\n{args.folder}: prompt {args.prompt_tokens} random tokens, {args.new_tokens} new "
           f"tokens, {args.repeats} alternating runs, medians; {torch.get_num_threads()} "
-          f"threads; llama.cpp: {system}\n")  # fmt: skip
+          f"threads; lowbit's cache {cache}; llama.cpp: {system}\n")  # fmt: skip
     print(format_table(["runtime", "prefill tok/s", "decode tok/s", "decode / compact"], rows,
                        markdown=True))  # fmt: skip
 
