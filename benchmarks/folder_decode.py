@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lowbit import api
+from lowbit.errors import LowbitError
 from lowbit.eval import format_table
 from lowbit.eval.machine import EnergyMeter
 from lowbit.eval.speed import random_prompt, timed_run
@@ -44,9 +45,13 @@ def main() -> None:
                    help="lowbit's rows with the cache rounded as `lowbit generate --kv-bits N` "
                         "does (16: float16, as llama.cpp keeps it by default)")  # fmt: skip
     args = p.parse_args()
+    try:  # checked before the (large) folder loads
+        cache = None if args.kv_bits is None else AttentionSpec(kv_bits=args.kv_bits)
+    except LowbitError as exc:
+        p.error(str(exc))
     model = api.load(args.folder).model
-    if args.kv_bits is not None:
-        install_attention(model, AttentionSpec(kv_bits=args.kv_bits))
+    if cache is not None:
+        install_attention(model, cache)
     prompt = random_prompt(model.config.vocab_size, args.prompt_tokens)
     runs = {"lowbit compact": Runtime(model), "lowbit transformers": Runtime(model, False)}
     try:
@@ -83,10 +88,10 @@ def main() -> None:
     for row in rows:
         row.append(round(row[2] / base, 2))
     system = llama_print_system_info().decode().strip() if Llama is not None else "-"
-    cache = "float32" if args.kv_bits is None else f"--kv-bits {args.kv_bits}"
+    cached = "float32" if args.kv_bits is None else f"--kv-bits {args.kv_bits}"
     print(f"\n{args.folder}: prompt {args.prompt_tokens} random tokens, {args.new_tokens} new "
           f"tokens, {args.repeats} alternating runs, medians; {torch.get_num_threads()} "
-          f"threads; lowbit's cache {cache}; llama.cpp: {system}\n")  # fmt: skip
+          f"threads; lowbit's cache {cached}; llama.cpp: {system}\n")  # fmt: skip
     print(format_table(["runtime", "prefill tok/s", "decode tok/s", "decode / compact"], rows,
                        markdown=True))  # fmt: skip
 
