@@ -49,7 +49,7 @@ int main() {
   const long loops = 100000000;
   const double q = 6.0 * 32 * loops / seconds(true, loops);
   const double f = 12.0 * 8 * loops / seconds(false, loops);
-  std::printf("one core, AVX2: float32 FMA %.1f GMAC/s, exact int8 %.1f GMAC/s, int8 / float32 x%.2f\n",
-              f / 1e9, q / 1e9, q / f);
+  std::printf("one core, AVX2: float32 FMA %.1f GMAC/s, exact int8 %.1f GMAC/s, "
+              "int8 / float32 x%.2f\n", f / 1e9, q / 1e9, q / f);
   return 0;
 }
