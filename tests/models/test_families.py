@@ -56,9 +56,10 @@ def test_gpt2_conv1d_becomes_linear_with_identical_outputs():
     assert type(model.transformer.h[0].attn.c_attn) is nn.Linear
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "olmo2"])
 def test_folding_scales_leaves_the_float_model_unchanged(family):
-    """What AWQ folds into norms and feeding linears must not change any output."""
+    """What AWQ folds into norms and feeding linears must not change any output (OLMo 2's
+    norms follow its sub-blocks: only its linear pairs fold)."""
     model = tiny_family_model(family)
     conv1d_to_linear(model)
     ids = torch.randint(0, 64, (2, 16))
@@ -77,5 +78,5 @@ def test_folding_scales_leaves_the_float_model_unchanged(family):
                 folded += 1
     with torch.no_grad():
         after = model(ids).logits
-    assert folded >= 4
+    assert folded >= (2 if family == "olmo2" else 4)
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)

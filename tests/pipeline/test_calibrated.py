@@ -27,6 +27,7 @@ def recipe(algorithm, **weights):
 CASES = [(f, a) for f in FAMILIES for a in ("gptq", "awq")] + [
     ("llama", "awq+gptq"),
     ("opt", "hqq"),
+    ("olmo2", "awq"),  # post-norm blocks: no norm feeds q/k/v or gate/up
 ]
 
 

@@ -43,8 +43,21 @@ class Family:
     scale_groups: tuple[ScaleGroup, ...]
 
 
-def _llama_like(name: str, types: tuple[str, ...], norm: PrevKind = "norm") -> Family:
+def _llama_like(name: str, types: tuple[str, ...], norm: PrevKind | None = "norm") -> Family:
+    """Llama's block; ``norm=None`` for post-norm blocks (OLMo 2: the norms follow the
+    attention and the MLP, so q/k/v and gate/up read the residual stream itself and only the
+    linear pairs can absorb a scale)."""
     attn, mlp = "self_attn", "mlp"
+    pairs = (
+        ScaleGroup(f"{attn}.v_proj", (f"{attn}.o_proj",), f"{attn}.o_proj", "linear"),
+        ScaleGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",), f"{mlp}.down_proj", "linear"),
+    )
+    norms = () if norm is None else (
+        ScaleGroup("input_layernorm", (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"),
+                   attn, norm),
+        ScaleGroup("post_attention_layernorm", (f"{mlp}.gate_proj", f"{mlp}.up_proj"), mlp,
+                   norm),
+    )  # fmt: skip
     return Family(
         name,
         types,
@@ -55,21 +68,15 @@ def _llama_like(name: str, types: tuple[str, ...], norm: PrevKind = "norm") -> F
             (f"{mlp}.gate_proj", f"{mlp}.up_proj"),
             (f"{mlp}.down_proj",),
         ),
-        (
-            ScaleGroup("input_layernorm", (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"),
-                       attn, norm),
-            ScaleGroup(f"{attn}.v_proj", (f"{attn}.o_proj",), f"{attn}.o_proj", "linear"),
-            ScaleGroup("post_attention_layernorm", (f"{mlp}.gate_proj", f"{mlp}.up_proj"),
-                       mlp, norm),
-            ScaleGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",), f"{mlp}.down_proj", "linear"),
-        ),
-    )  # fmt: skip
+        (*norms[:1], pairs[0], *norms[1:], pairs[1]),
+    )
 
 
 def families() -> tuple[Family, ...]:
     opt_attn = "self_attn"
     return (
-        _llama_like("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2")),
+        _llama_like("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3")),
+        _llama_like("olmo2", ("olmo2",), norm=None),
         _llama_like("gemma", ("gemma",), norm="norm_plus_one"),
         Family(
             "opt",
