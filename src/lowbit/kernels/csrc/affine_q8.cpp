@@ -540,11 +540,14 @@ LOWBIT_AVX512 void gemv_blocks_512(const int8_t* xq, const float* xs, const floa
   }
 }
 
-// gemv_blocks_512 on AVX2 alone, 2-4 rows of x (one row: gemv_block1_256 below): each block's
-// 64-byte parts as two halves of 8 weight rows, one after the other, meeting the inputs in
-// vpmaddubsw (codes 0..15 times int8: pairs of at most 2 * 15 * 127; a run's 8 pairs, 16
-// products, summed in int16 stay below 2^15 even for an input code of -128), one vpmaddwd per
-// run to int32, then as gemv_blocks_512.
+// gemv_blocks_512 on AVX2 alone: each block's 64-byte parts as two halves of 8 weight rows
+// (lanes), both halves in the same pass, so the weights are read once, in order, meeting the
+// inputs in vpmaddubsw (codes 0..15 times int8: pairs of at most 2 * 15 * 127; a run's 8 pairs,
+// 16 products, summed in int16 stay below 2^15 even for an input code of -128), one vpmaddwd per
+// run and half to int32, then as gemv_blocks_512 (the same float steps: the same bits). (The
+// halves one after the other, as before, read each line twice, the second time from cache, and
+// left the memory idle meanwhile: a 4-bit 11264x2048 GEMV of one row on two Zen 4 cores read 33
+// GB/s so and 45 in one pass, where the cores' plain read gave ~46.)
 template <int M, typename P>
 void gemv_blocks_256(const int8_t* xq, const float* xs, const float* qsum, const float* xg,
                      int64_t K, int64_t group, const uint8_t* w, const P* scale, const P* offset,
@@ -556,102 +559,53 @@ void gemv_blocks_256(const int8_t* xq, const float* xs, const float* qsum, const
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* wb = w + b * slab;
     const P* sb = scale + b * kBlockRows * G;
-    for (int h = 0; h < 2; ++h) {  // weight rows 8h..8h+7
-      __m256 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 ga[M];
-        for (int m = 0; m < M; ++m) ga[m] = _mm256_setzero_ps();
-        for (int64_t r = g * per; r < (g + 1) * per; ++r) {
-          const uint8_t* p = wb + 256 * r + 32 * h;
-          if (h == 0) prefetch_lines<4>(p);
-          __m256i sum[M];
-          for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
-          for (int j = 0; j < 4; ++j) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * j));
+    __m256 acc[2][M];  // [half][row of x]
+    for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 ga[2][M];
+      for (int m = 0; m < M; ++m) ga[0][m] = ga[1][m] = _mm256_setzero_ps();
+      for (int64_t r = g * per; r < (g + 1) * per; ++r) {
+        const uint8_t* p = wb + 256 * r;
+        prefetch_lines<4>(p);
+        __m256i sum[2][M];
+        for (int m = 0; m < M; ++m) sum[0][m] = sum[1][m] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * j + 32 * h));
             const __m256i lo = _mm256_and_si256(v, nib);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
             for (int m = 0; m < M; ++m) {
               const int32_t* xm = x4 + m * K / 4 + 8 * r + 2 * j;
-              sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xm[0])));
-              sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xm[1])));
+              __m256i& s = sum[h][m];
+              s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xm[0])));
+              s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xm[1])));
             }
           }
-          for (int m = 0; m < M; ++m) {
-            const __m256i d = _mm256_add_epi32(
-                _mm256_madd_epi16(sum[m], ones),
-                _mm256_set1_epi32(-8 * static_cast<int32_t>(qsum[m * R + r])));
-            ga[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[m * R + r]), ga[m]);
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m256i c = _mm256_set1_epi32(-8 * static_cast<int32_t>(qsum[m * R + r]));
+          const __m256 x = _mm256_set1_ps(xs[m * R + r]);
+          for (int h = 0; h < 2; ++h) {
+            const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(sum[h][m], ones), c);
+            ga[h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), x, ga[h][m]);
           }
         }
+      }
+      for (int h = 0; h < 2; ++h) {  // weight rows 8h..8h+7
         const __m256 s = load8(sb + kBlockRows * g + 8 * h);
-        const __m256 c = offset ? _mm256_fmadd_ps(_mm256_set1_ps(8.f), s,
-                                                  load8(offset + b * kBlockRows * G + kBlockRows * g + 8 * h))
-                                : _mm256_setzero_ps();
+        const __m256 c =
+            offset ? _mm256_fmadd_ps(_mm256_set1_ps(8.f), s,
+                                     load8(offset + b * kBlockRows * G + kBlockRows * g + 8 * h))
+                   : _mm256_setzero_ps();
         for (int m = 0; m < M; ++m) {
-          acc[m] = _mm256_fmadd_ps(ga[m], s, acc[m]);
-          if (offset) acc[m] = _mm256_fmadd_ps(c, _mm256_set1_ps(xg[m * G + g]), acc[m]);
+          acc[h][m] = _mm256_fmadd_ps(ga[h][m], s, acc[h][m]);
+          if (offset) acc[h][m] = _mm256_fmadd_ps(c, _mm256_set1_ps(xg[m * G + g]), acc[h][m]);
         }
       }
-      for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * N + kBlockRows * b + 8 * h, acc[m]);
     }
-  }
-}
-
-// gemv_blocks_256 for one row of x: both halves of each 64-byte part in the same pass, so the
-// weights are read once, in order (the halves one after the other read each line twice, the
-// second time from cache, and left the memory idle meanwhile: a 4-bit 11264x2048 GEMV on two
-// Zen 4 cores read 33 GB/s so and 45 in one pass, where the cores' plain read was ~46). Two
-// rows of x or more keep the two halves apart (registers: 6 accumulators per row of x).
-template <typename P>
-void gemv_block1_256(const int8_t* xq, const float* xs, const float* qsum, const float* xg,
-                     int64_t K, int64_t group, const uint8_t* w, const P* scale, const P* offset,
-                     float* y, int64_t b0, int64_t b1) {
-  const int64_t G = K / group, per = group / 32, slab = kBlockRows * K / 2;
-  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int32_t* x4 = reinterpret_cast<const int32_t*>(xq);
-  prefetch_start(w + b0 * slab, (b1 - b0) * slab);
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* wb = w + b * slab;
-    const P* sb = scale + b * kBlockRows * G;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 ga0 = _mm256_setzero_ps(), ga1 = _mm256_setzero_ps();
-      for (int64_t r = g * per; r < (g + 1) * per; ++r) {
-        const uint8_t* p = wb + 256 * r;
-        prefetch_lines<4>(p);
-        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-        for (int j = 0; j < 4; ++j) {
-          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * j));
-          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * j + 32));
-          const __m256i xa = _mm256_set1_epi32(x4[8 * r + 2 * j]);
-          const __m256i xb = _mm256_set1_epi32(x4[8 * r + 2 * j + 1]);
-          s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, nib), xa));
-          s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(v1, nib), xa));
-          s0 = _mm256_add_epi16(
-              s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), nib), xb));
-          s1 = _mm256_add_epi16(
-              s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), nib), xb));
-        }
-        const __m256i c = _mm256_set1_epi32(-8 * static_cast<int32_t>(qsum[r]));
-        const __m256 x = _mm256_set1_ps(xs[r]);
-        ga0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(s0, ones), c)),
-                              x, ga0);
-        ga1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(s1, ones), c)),
-                              x, ga1);
-      }
-      const __m256 sa = load8(sb + kBlockRows * g), sc = load8(sb + kBlockRows * g + 8);
-      acc0 = _mm256_fmadd_ps(ga0, sa, acc0);
-      acc1 = _mm256_fmadd_ps(ga1, sc, acc1);
-      if (offset) {
-        const P* ob = offset + b * kBlockRows * G + kBlockRows * g;
-        const __m256 eight = _mm256_set1_ps(8.f), X = _mm256_set1_ps(xg[g]);
-        acc0 = _mm256_fmadd_ps(_mm256_fmadd_ps(eight, sa, load8(ob)), X, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_fmadd_ps(eight, sc, load8(ob + 8)), X, acc1);
-      }
-    }
-    _mm256_storeu_ps(y + kBlockRows * b, acc0);
-    _mm256_storeu_ps(y + kBlockRows * b + 8, acc1);
+    for (int h = 0; h < 2; ++h)
+      for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * N + kBlockRows * b + 8 * h, acc[h][m]);
   }
 }
 
@@ -665,8 +619,6 @@ void gemv_blocks(bool wide, int64_t M, const int8_t* xq, const float* xs, const 
   case R:                                                                                        \
     if (wide)                                                                                    \
       return gemv_blocks_512<R, P>(xq, xs, qsum, xg, K, group, w, scale, offset, y, N, b0, b1); \
-    if (R == 1)                                                                                  \
-      return gemv_block1_256<P>(xq, xs, qsum, xg, K, group, w, scale, offset, y, b0, b1);       \
     return gemv_blocks_256<R, P>(xq, xs, qsum, xg, K, group, w, scale, offset, y, N, b0, b1);
     LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
 #undef LOWBIT_CASE
