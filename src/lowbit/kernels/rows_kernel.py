@@ -7,8 +7,9 @@ batched decode) it depends on the CPU: on Intel's it is faster, on AMD's Zen 4, 
 512-bit instruction as two 256-bit halves, the AVX2 form of the earlier row-by-row 4-bit kernel
 ran 8-32 rows ~1.6x faster. (4-bit codes, stored in blocks of 16 interleaved rows, take the
 AVX-512 block kernel for any number of rows: on Zen 4 it ran 4 and 8 rows 2.2x faster than its
-AVX2 form.) So the first time the kernels load on an AVX-512 CPU both are timed on an 8-bit
-shape and the faster one is kept, in a small file beside the built kernels keyed by the CPU
+AVX2 form did then, before that form read each block in one pass.) So the first time the
+kernels load on an AVX-512 CPU both are timed on an 8-bit shape and the faster one is kept, in
+a small file beside the built kernels keyed by the CPU
 (vendor, family, model, stepping, name) and torch's thread count, so that a machine keeps one
 arithmetic from run to run (the two forms' outputs differ in the last bits). Processes that
 start together take turns on a lock beside the record, so they measure once and agree. The C++
