@@ -48,15 +48,15 @@ def _llama_like(name: str, types: tuple[str, ...], norm: PrevKind | None = "norm
     attention and the MLP, so q/k/v and gate/up read the residual stream itself and only the
     linear pairs can absorb a scale)."""
     attn, mlp = "self_attn", "mlp"
-    pairs = (
-        ScaleGroup(f"{attn}.v_proj", (f"{attn}.o_proj",), f"{attn}.o_proj", "linear"),
-        ScaleGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",), f"{mlp}.down_proj", "linear"),
-    )
-    norms = () if norm is None else (
+    v_o = ScaleGroup(f"{attn}.v_proj", (f"{attn}.o_proj",), f"{attn}.o_proj", "linear")
+    up_down = ScaleGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",), f"{mlp}.down_proj", "linear")
+    groups = (v_o, up_down) if norm is None else (
         ScaleGroup("input_layernorm", (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"),
                    attn, norm),
+        v_o,
         ScaleGroup("post_attention_layernorm", (f"{mlp}.gate_proj", f"{mlp}.up_proj"), mlp,
                    norm),
+        up_down,
     )  # fmt: skip
     return Family(
         name,
@@ -68,7 +68,7 @@ def _llama_like(name: str, types: tuple[str, ...], norm: PrevKind | None = "norm
             (f"{mlp}.gate_proj", f"{mlp}.up_proj"),
             (f"{mlp}.down_proj",),
         ),
-        (*norms[:1], pairs[0], *norms[1:], pairs[1]),
+        groups,
     )
 
 
