@@ -13,8 +13,8 @@ holding the weight codes in its own layout (one copy):
 - ``panels`` (every other CPU): lowbit's own kernel (``csrc/int8_gemm.cpp``). oneDNN and fbgemm
   multiply uint8 by int8 there with ``vpmaddubsw``, whose int16 pair sums saturate on
   full-range codes (fbgemm needed 7-bit activations: a held-out model lost ×1.085 of float
-  perplexity to them against ×0.997 for its W8 weight-only model); the kernel uses llama.cpp's
-  sign trick instead and cannot saturate.
+  perplexity to them against ×0.997 for its W8 weight-only model); the kernel's product cannot
+  saturate (a cheaper form of llama.cpp's sign trick, with a per-column correction).
 
 :func:`int8_linear_reference` computes the same codes and sums in plain PyTorch.
 ``LOWBIT_KERNEL_ISA=avx2`` forces the panels (no VNNI of any kind); ``LOWBIT_KERNEL_ISA=avxvnni``
@@ -112,21 +112,25 @@ def onednn_int8_exact() -> bool:
 
 
 def pack_panels(codes: Tensor) -> Tensor:
-    """(N, K) int8 codes -> the kernel's (N/8, Kp/4, 32) panels: rows padded to a multiple of 8,
-    inputs to a multiple of 4 (zero codes add nothing); within a panel, step s holds inputs
-    4s..4s+3 of each of its 8 rows."""
+    """(N, K) int8 codes -> the kernel's (N/8, Kp/4 + 1, 32) panels: rows padded to a multiple
+    of 8, inputs to a multiple of 4 (zero codes add nothing); within a panel, step s holds inputs
+    4s..4s+3 of each of its 8 rows, and the last step the 8 rows' int32 corrections, the sum of
+    |w| over their negative codes (the kernel's product leaves each sum short by it)."""
     n, k = codes.shape
     n_pad, k_pad = -(-n // PANEL) * PANEL, -(-k // STEP) * STEP
     padded = F.pad(codes, (0, k_pad - k, 0, n_pad - n))
     panels = padded.reshape(n_pad // PANEL, PANEL, k_pad // STEP, STEP).permute(0, 2, 1, 3)
-    return panels.reshape(n_pad // PANEL, k_pad // STEP, PANEL * STEP).contiguous()
+    panels = panels.reshape(n_pad // PANEL, k_pad // STEP, PANEL * STEP)
+    correction = padded.int().clamp(max=0).sum(1).neg().to(torch.int32)  # (N_pad,)
+    last = correction.reshape(n_pad // PANEL, 1, PANEL).view(torch.int8)  # little-endian bytes
+    return torch.cat([panels, last], dim=1).contiguous()
 
 
 def unpack_panels(panels: Tensor, n: int, k: int) -> Tensor:
     """Inverse of :func:`pack_panels`."""
     groups, steps, _ = panels.shape
-    codes = panels.reshape(groups, steps, PANEL, STEP).permute(0, 2, 1, 3)
-    return codes.reshape(groups * PANEL, steps * STEP)[:n, :k].contiguous()
+    codes = panels[:, : steps - 1].reshape(groups, steps - 1, PANEL, STEP).permute(0, 2, 1, 3)
+    return codes.reshape(groups * PANEL, (steps - 1) * STEP)[:n, :k].contiguous()
 
 
 def prepare_int8(codes: Tensor, scale: Tensor) -> Int8Weight:

@@ -14,7 +14,7 @@ namespace lowbit_kernels {
 at::Tensor affine_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                          const at::Tensor& offset, int64_t group, int64_t bits, bool act8);
 // int8_gemm.cpp: W8A8, x rounded to int8 per row, times int8 weights with per-row scales held
-// as lowbit's panels (N/8, Kp/4, 32) or as row-major codes (N, K) for oneDNN's matmul.
+// as lowbit's panels (N/8, Kp/4 + 1, 32) or as row-major codes (N, K) for oneDNN's matmul.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& w_scale);
 at::Tensor int8_linear_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& w_scale);
 // float_gemv.cpp: x (M, K) times a float32/16 weight (N, K).

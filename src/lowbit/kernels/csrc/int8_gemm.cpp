@@ -2,16 +2,23 @@
 //
 // Why hand-written: fbgemm (torch's int8 GEMM) multiplies uint8 activations by int8 weights
 // with vpmaddubsw on CPUs without VNNI, whose int16 pair sums saturate on full 8-bit codes, so
-// there it needs 7-bit activations; torch._int_mm is a slow reference on these CPUs. llama.cpp's
-// q8_0 dot product avoids the saturation with the sign trick, done here for a whole GEMM:
-//   a . w = |w| . (sign(w) * a):  |w| <= 128 is the unsigned operand, sign(w) * a (|a| <= 127,
-//   the activation codes are symmetric) the signed one, so a pair sums to at most
-//   2 * 128 * 127 = 32512 < 2^15 and vpmaddubsw is exact whatever the codes.
+// there it needs 7-bit activations; torch._int_mm is a slow reference on these CPUs. The
+// product here cannot saturate, and costs one cheap instruction per 32 products beyond
+// vpmaddubsw + vpmaddwd + vpaddd:
+//   the unsigned operand is |w| (<= 128), the signed one a ^ neg(w), neg(w) = 0xFF where w < 0:
+//   a where w >= 0, -a - 1 where w < 0, so |w| * (a ^ neg(w)) = w * a - [w < 0] * |w|, and a
+//   column's sum comes out short by its negative weights' |w| summed, a constant stored with
+//   the panel and added back. With a in [-127, 127] every product lies in [-16384, 16129], a
+//   pair's sum in [-32768, 32258]: vpmaddubsw is exact whatever the codes.
+// llama.cpp's q8_0 dot product flips the activations' signs instead (vpsignb by w, a = sign(w)
+// * a): the same exact sums, but vpsignb shares the multiply pipes on the CPUs measured, and
+// the GEMM ran at 73 GMAC/s per core against 115 with the xor (benchmarks/avx2_int8_peak.cpp).
 //
 // Layout (packed once at load, by lowbit.kernels.int8.pack_panels): panels of 8 weight rows
-// (output columns) x Kp inputs (K padded to a multiple of 4 with zero codes); within a panel,
-// step s holds 32 bytes: row 0's inputs 4s..4s+3, row 1's, ..., row 7's. One 32-byte load is 8
-// columns x 4 inputs, one broadcast of 4 activation bytes meets all 8 columns, and
+// (output columns) x Kp inputs (K padded to a multiple of 4 with zero codes) and one more step;
+// within a panel, step s < Kp / 4 holds 32 bytes: row 0's inputs 4s..4s+3, row 1's, ..., row
+// 7's; the last step holds the 8 rows' corrections (int32, sum of |w| over w < 0). One 32-byte
+// load is 8 columns x 4 inputs, one broadcast of 4 activation bytes meets all 8 columns, and
 // vpmaddubsw + vpmaddwd(ones) leave the 8 column sums of 4 products in int32 lanes.
 #include <torch/library.h>
 
@@ -24,9 +31,9 @@ using namespace lowbit_kernels;
 namespace {
 
 constexpr int64_t kPanel = 8;     // weight rows per panel: one ymm of int32 sums
-// Register tile: 3 activation rows x 2 panels = 6 int32 sums, 2 weight vectors and their
-// absolute values, one broadcast, one signed copy and the ones: 13 of AVX2's 16 registers
-// (4 x 2 spilled sums to the stack and ran slower; measured).
+// Register tile: 3 activation rows x 2 panels = 6 int32 sums, 2 weights' absolute values and
+// 2 sign masks, one broadcast, one signed copy, the ones and a zero: 14 of AVX2's 16 registers
+// (4 x 2 spills sums to the stack, which ran slower; measured).
 constexpr int64_t kRowsTile = 3;
 constexpr int kPanels = 2;
 // Activation codes per block of rows: about half of a 512 KB L2, so a block's codes stay there
@@ -74,28 +81,36 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* q
   });
 }
 
-// Sums of R activation rows (stride Kp) against P panels (P * 8 columns), over Kp / 4 steps.
+// Sums of R activation rows (stride Kp) against P panels (P * 8 columns), over Kp / 4 steps,
+// in out. Not inlined, and the sums local: inlined into its caller, g++ 12 kept one of the 6
+// sums on the stack (a store-forwarding chain at every step: slower than the vpsignb form).
 template <int R, int P>
-inline void tile(const int8_t* q, int64_t Kp, const int8_t* panel, int64_t panel_bytes,
-                 __m256i acc[R][P]) {
-  const __m256i ones = _mm256_set1_epi16(1);
+__attribute__((noinline)) void tile(const int8_t* q, int64_t Kp, const int8_t* panel,
+                                    int64_t panel_bytes, __m256i out[R][P]) {
+  const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
+  __m256i acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_si256();
   for (int64_t s = 0; s < Kp / 4; ++s) {
-    __m256i w[P], aw[P];
+    __m256i aw[P], neg[P];
     for (int p = 0; p < P; ++p) {
-      w[p] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * panel_bytes + 32 * s));
-      aw[p] = _mm256_abs_epi8(w[p]);
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * panel_bytes + 32 * s));
+      aw[p] = _mm256_abs_epi8(w);
+      neg[p] = _mm256_cmpgt_epi8(zero, w);
     }
     for (int r = 0; r < R; ++r) {
       int32_t four;
       std::memcpy(&four, q + r * Kp + 4 * s, 4);
       const __m256i a = _mm256_set1_epi32(four);
       for (int p = 0; p < P; ++p) {
-        const __m256i sa = _mm256_sign_epi8(a, w[p]);  // a where w > 0, -a where w < 0, 0 at 0
+        const __m256i sa = _mm256_xor_si256(a, neg[p]);  // a where w >= 0, -a - 1 where w < 0
         acc[r][p] = _mm256_add_epi32(acc[r][p], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[p], sa), ones));
       }
     }
+  }
+  for (int p = 0; p < P; ++p) {  // the corrections: the exact sums
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * panel_bytes + 8 * Kp));
+    for (int r = 0; r < R; ++r) out[r][p] = _mm256_add_epi32(acc[r][p], c);
   }
 }
 
@@ -125,7 +140,7 @@ inline void store(const __m256i acc[R][P], const float* sx, const float* sw, int
 template <int P>
 void rows_against_panels(const int8_t* q, const float* sx, int64_t M, int64_t Kp,
                          const int8_t* panel, const float* sw, int64_t n0, int64_t N, float* y) {
-  const int64_t panel_bytes = kPanel * Kp;
+  const int64_t panel_bytes = kPanel * Kp + 32;
   int64_t m = 0;
   for (; m + kRowsTile <= M; m += kRowsTile) {
     __m256i acc[kRowsTile][P];
@@ -153,8 +168,8 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "lowbit::int8_linear: x must be 2-D float32");
   TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kChar && panels.size(2) == kPanel * 4,
-              "lowbit::int8_linear: panels must be int8 (N/8, Kp/4, 32) as pack_panels makes them");
-  const int64_t M = x.size(0), K = x.size(1), Np = panels.size(0) * kPanel, Kp = panels.size(1) * 4;
+              "lowbit::int8_linear: panels must be int8 (N/8, Kp/4 + 1, 32) as pack_panels makes them");
+  const int64_t M = x.size(0), K = x.size(1), Np = panels.size(0) * kPanel, Kp = (panels.size(1) - 1) * 4;
   const int64_t N = w_scale.numel();
   TORCH_CHECK(K > 0, "lowbit::int8_linear: the layer has no inputs");
   TORCH_CHECK(Kp >= K && Kp < K + 4 && N <= Np && N > Np - kPanel && w_scale.scalar_type() == at::kFloat,
@@ -173,7 +188,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
     const auto panels_of = [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = kPanels * p * kPanel;
-        const int8_t* panel = wp + n0 * Kp;
+        const int8_t* panel = wp + (n0 / kPanel) * (kPanel * Kp + 32);
         const int8_t* qm = q.data() + m0 * Kp;
         const int64_t left = (Np - n0) / kPanel;
         if (left >= kPanels)
