@@ -134,6 +134,29 @@ def check_native(bits, m, n, k, group, act8, isa, params, monkeypatch):
     assert torch.allclose(got, ref, rtol=1e-4, atol=2e-4 * ref.abs().max().item())
 
 
+@needs_native
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("m", [2, 70])  # the GEMV and the prompt GEMM
+def test_8bit_codes_at_the_grid_ends_do_not_saturate(isa, m, monkeypatch):
+    """Codes 0 and 255 (centred -128 and 127) against int8 inputs of ±127: every vpmaddubsw
+    pair of the AVX2 forms sits at the int16 limits; the sums must stay exact."""
+    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2" if isa == "avx2" else "")
+    n, k = 24, 576
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    codes[::2] = 255
+    codes[1::3, ::5] = 255
+    codes[:, 7::11] = 128  # centred zeros between them
+    scale = torch.full((n, 1), 0.5)
+    aw = affine.to_affine(codes, scale, -128 * scale, (1, k), 8)
+    x = torch.ones(m, k)
+    x[1::2, ::2] = -1.0  # rows of ±1: codes ±127, one scale per block of 32
+    got = affine.affine_linear(x, aw, act8=True)
+    ref = affine.affine_linear_act8_reference(x, aw)
+    exact = x @ ((codes.float() - 128) * 0.5).T  # the inputs are on the act8 grid exactly
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-3)
+    assert torch.allclose(got, exact, rtol=1e-5, atol=1e-2)
+
+
 @pytest.mark.parametrize("m", [1, 4])
 def test_act8_path_costs_far_less_than_the_4bit_weights(m):
     """int8 inputs per block of 32 add an error an order of magnitude below the weights' own."""

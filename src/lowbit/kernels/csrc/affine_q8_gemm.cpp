@@ -20,8 +20,10 @@
 // No sum can saturate: vpdpbusd sums in int32; on AVX2 a vpmaddubsw pair of 4-bit codes is at
 // most 2 * 255 * 8 and eight of them (one block) 32640 < 2^15, so a block is summed in int16
 // first. 8-bit codes on AVX2 would saturate that pair (2 * 255 * 128), so there the signed
-// inputs meet the codes as llama.cpp's q8_0 dot does: |c| (u8, at most 128) times q with c's
-// sign (s8, |q| <= 127), a pair at most 2 * 128 * 127 < 2^15, widened to int32 at every step.
+// inputs meet the codes as in int8_gemm.cpp: |c| (u8, at most 128) times q ^ neg(c) (neg(c) =
+// 0xFF where c < 0: q where c >= 0, -q - 1 where c < 0; |q| <= 127), each product in
+// [-16384, 16129] and a pair within int16, widened to int32 at every step; each block's sum is
+// short by its negative codes' |c| summed, which the panel holds (Panel::neg) and adds back.
 // The panel is rebuilt at every call (N * K bytes, against M * N * K multiply-adds).
 #include "affine_blocks.h"
 #include "common.h"
@@ -36,6 +38,7 @@ struct Panel {
   std::vector<int32_t> codes;  // (K/4, NB) words: 4 centred codes of column j at k..k+3
   std::vector<int32_t> start;  // (R, NB): -128 * sum of the column's centred codes in block b
   std::vector<float> scale;    // (R, NB): the column's weight scale for block b's group
+  std::vector<int32_t> neg;    // (R, NB), 8-bit codes: the sum of |c| over block b's c < 0
 };
 
 // The code that stands for 0 once centred: 8 for 4-bit codes, 128 for 8-bit ones.
@@ -81,6 +84,7 @@ void fill_panel(const uint8_t* w, const P* scale, int64_t K, int64_t group, int6
   p.codes.resize(K / 4 * NB);
   p.start.resize(R * NB);
   p.scale.resize(R * NB);
+  if (Bits == 8) p.neg.resize(R * NB);
   rows.resize(NB * K);
   const __m256i mid = _mm256_set1_epi8(static_cast<char>(kMid<Bits>));
   // column j from `row` (row-by-row codes, its params at s; null: past N)
@@ -95,6 +99,12 @@ void fill_panel(const uint8_t* w, const P* scale, int64_t K, int64_t group, int6
       const int64_t sum = _mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1) +
                           _mm256_extract_epi64(sad, 2) + _mm256_extract_epi64(sad, 3);
       p.start[b * NB + j] = static_cast<int32_t>(-128 * (sum - kMid<Bits> * 32));
+      if constexpr (Bits == 8) {  // sum over u < 128 of 128 - u = 32 * 128 - sum min(u, 128)
+        const __m256i low = _mm256_sad_epu8(_mm256_min_epu8(u, mid), _mm256_setzero_si256());
+        p.neg[b * NB + j] = static_cast<int32_t>(
+            32 * 128 - (_mm256_extract_epi64(low, 0) + _mm256_extract_epi64(low, 1) +
+                        _mm256_extract_epi64(low, 2) + _mm256_extract_epi64(low, 3)));
+      }
       p.scale[b * NB + j] = row ? load1(s + b / per) : 0.f;
     }
   };
@@ -180,27 +190,42 @@ inline void store_256(const __m256 (&f)[MR][NV], float* y, int64_t N, int64_t n0
 }
 
 // How the AVX2 tile sums one block of 32 k of a row of x (stored as q + 128) against 8 columns
-// of centred codes c (see the top):
+// of centred codes c (see the top); W is what a step keeps of a loaded weight register:
 //   - SumU4, 4-bit codes: (q + 128) . c in int16 (it cannot saturate there), widened to int32
 //     once per block, plus the block's start (-128 sum(c));
-//   - SumS8, 8-bit codes: |c| (unsigned) times q carrying c's sign, widened at every step (q
-//     itself, so no start).
+//   - SumS8, 8-bit codes: |c| (unsigned) times q ^ neg(c) (the input's stored q ^ 0x80 xored
+//     with neg(c) ^ 0x80), widened at every step, plus the block's Panel::neg.
 // SumU4's int16 sums use the saturating add although they cannot saturate: GCC reassociated
-// plain integer adds into a tree and spilled every product.
+// plain integer adds into a tree and spilled every product. SumS8's int32 sums (no saturating
+// form) pass through an empty asm statement instead, which GCC cannot reassociate across.
 struct SumU4 {
-  static __m256i step(__m256i h, __m256i xu, __m256i c) {
+  using W = __m256i;
+  static W load(const int32_t* wq) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq)); }
+  static __m256i step(__m256i h, __m256i xu, const W& c) {
     return _mm256_adds_epi16(h, _mm256_maddubs_epi16(xu, c));
   }
+  static const int32_t* base(const Panel& p) { return p.start.data(); }
   static __m256i total(__m256i h, __m256i start) {
     return _mm256_add_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(1)), start);
   }
 };
 struct SumS8 {
-  static __m256i step(__m256i a, __m256i xu, __m256i c) {
-    const __m256i q = _mm256_xor_si256(xu, _mm256_set1_epi8(static_cast<char>(0x80)));
-    return _mm256_add_epi32(a, signed_products(c, q));
+  struct W {
+    __m256i abs, flip;  // |c|; neg(c) ^ 0x80
+  };
+  static W load(const int32_t* wq) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
+    const __m256i neg = _mm256_cmpgt_epi8(_mm256_setzero_si256(), c);
+    return {_mm256_abs_epi8(c), _mm256_xor_si256(neg, _mm256_set1_epi8(static_cast<char>(0x80)))};
   }
-  static __m256i total(__m256i a, __m256i) { return a; }
+  static __m256i step(__m256i a, __m256i xu, const W& w) {
+    const __m256i p = _mm256_maddubs_epi16(w.abs, _mm256_xor_si256(xu, w.flip));
+    __m256i sum = _mm256_add_epi32(a, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    asm("" : "+x"(sum));  // opaque to GCC: no add tree over the unrolled steps (see above)
+    return sum;
+  }
+  static const int32_t* base(const Panel& p) { return p.neg.data(); }
+  static __m256i total(__m256i a, __m256i neg) { return _mm256_add_epi32(a, neg); }
 };
 
 // AVX2: MR rows of x against NV registers of 8 columns (from column 8 * v0 of the panel's 16),
@@ -220,8 +245,8 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
       for (int v = 0; v < NV; ++v) h[m][v] = _mm256_setzero_si256();
     for (int s = 0; s < 8; ++s) {
       const int32_t* wq = pc + (b * 8 + s) * kNB256;
-      __m256i wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 8 * v));
+      typename Sum::W wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Sum::load(wq + 8 * v);
       for (int m = 0; m < MR; ++m) {
         const __m256i xb = _mm256_set1_epi32(word(xu + m * K + 32 * b + 4 * s));
         for (int v = 0; v < NV; ++v) h[m][v] = Sum::step(h[m][v], xb, wv[v]);
@@ -229,7 +254,7 @@ void tile_256(const uint8_t* xu, const float* xs, int64_t K, const Panel& p, flo
     }
     for (int v = 0; v < NV; ++v) {
       const int64_t o = b * kNB256 + 8 * (v0 + v);
-      const __m256i st = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.start.data() + o));
+      const __m256i st = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Sum::base(p) + o));
       const __m256 c = _mm256_loadu_ps(p.scale.data() + o);
       for (int m = 0; m < MR; ++m) {
         const __m256i i = Sum::total(h[m][v], st);
