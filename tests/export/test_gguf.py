@@ -270,3 +270,12 @@ def test_embedding_rows_past_the_tokenizer_are_padding_tokens(tmp_path):
     reader, _ = _gguf_tensors(export(folder, "gguf", tmp_path / "m.gguf").path)
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     assert len(tokens) == n + 5 and tokens[-5:] == [f"[PAD{i}]" for i in range(5)]
+
+
+def test_post_norm_blocks_are_a_clear_error():
+    """OLMo 2 runs on the compact forward (its twin agrees) but its blocks are post-norm,
+    which llama.cpp's LLAMA graph is not."""
+    from lowbit.export.gguf_file import _arch
+
+    with pytest.raises(LowbitError, match="'olmo2' is not one: its blocks are post-norm"):
+        _arch(tiny_family_model("olmo2"))

@@ -116,6 +116,13 @@ def test_a_family_with_llamas_arithmetic_exports_with_a_kv_cache(tmp_path):
                              qmodel)  # fmt: skip
 
 
+def test_post_norm_blocks_get_no_cached_steps():
+    """OLMo 2 runs on the compact forward, but the cached steps are Llama's pre-norm blocks."""
+    from lowbit.export.litert_graph import cache_reason
+
+    assert "post-norm" in cache_reason(tiny_family_model("olmo2"), 64)
+
+
 def _forward_and_steps_match(result, model):
     from lowbit.models.litert import LiteRTModel
 

@@ -111,6 +111,14 @@ def test_a_quantized_phi3_runs_on_the_compact_forward(recipe):
     assert counts and error < 1e-4
 
 
+@pytest.mark.parametrize("recipe", ["w4-sym-g32", "w8a8-dynamic"])
+def test_a_quantized_post_norm_model_runs_on_the_compact_forward(recipe):
+    """OLMo 2's post-norm blocks on kernel layers (the per-op decode loop): the same logits as
+    the model's own forward on the same layers within 1e-4."""
+    counts, error = _quantized_compact_against_hf(tiny_family_model("olmo2"), recipe, 4)
+    assert counts and error < 1e-4
+
+
 def _quantized_compact_against_hf(model, recipe: str, seed: int) -> tuple[dict, float]:
     """Quantize ``model`` onto the kernels; (the kernels' counts, the largest relative
     difference between the compact loop's and the model's own prefill and decode logits)."""

@@ -31,7 +31,7 @@ from lowbit.export.gguf_vocab import is_sentencepiece_bpe, write_sentencepiece_v
 from lowbit.models.experts import LinearExperts
 from lowbit.models.families import find_blocks
 from lowbit.nn import QuantLinear
-from lowbit.runtime.llama_twin import family_reason
+from lowbit.runtime.llama_twin import family_reason, post_norm
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ def _arch(model: nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
         return arch, permute
     why = family_reason(model)
     names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    if why is None and post_norm(model):
+        why = "its blocks are post-norm (llama.cpp's LLAMA graph norms each block's inputs)"
     if why is None and names & {"q_norm", "k_norm"}:
         why = "its attention normalises queries and keys"
     if why is None and getattr(model.config, "sliding_window", None):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lowbit.kernels.decode import rotate
 from lowbit.runtime.llama import FAMILIES
-from lowbit.runtime.llama_twin import unsupported_reason
+from lowbit.runtime.llama_twin import post_norm, unsupported_reason
 
 
 class Forward(nn.Module):
@@ -44,6 +44,8 @@ def cache_reason(model: nn.Module, capacity: int) -> str | None:
     """Why ``model`` gets no KV-cache signatures, or None: the compact forward's rule (the
     steps below compute what it does), a family it names or one whose tiny twin shows it."""
     reason = unsupported_reason(model, capacity)
+    if reason is None and post_norm(model):
+        reason = "its blocks are post-norm (the cached steps are Llama's pre-norm blocks)"
     if reason is None:
         return None
     return (f"{reason} (KV-cache export covers {', '.join(FAMILIES)} and families with "

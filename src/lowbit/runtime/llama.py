@@ -1,5 +1,6 @@
 """A compact forward for Llama-like decoders (Llama, Mistral, Qwen2, Qwen3, Phi-3, and others
-whose tiny twin shows the same arithmetic: :mod:`lowbit.runtime.llama_twin`) over a static cache.
+whose tiny twin shows the same arithmetic: :mod:`lowbit.runtime.llama_twin`, post-norm blocks
+such as OLMo 2's included) over a static cache.
 
 Why not the model's own forward: at decode a small model spends most of each token in the
 framework around the matmuls (mask and position bookkeeping, cache objects, hundreds of small
@@ -77,12 +78,12 @@ def capacity_reason(model: nn.Module, capacity: int) -> str | None:
 
 @dataclass
 class _Layer:
-    norm1: nn.Module
+    norm1: nn.Module | None  # None: a post-norm block (see post)
     qkv: Callable[[Tensor], Tensor]  # (..., C) -> (..., (H + 2·Hkv)·D)
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     o_proj: Callable[[Tensor], Tensor]  # the module, or prompt_call's call
-    norm2: nn.Module
+    norm2: nn.Module | None
     gate_up: Callable[[Tensor], Tensor]  # (..., C) -> (..., 2·I)
     act: Callable[[Tensor], Tensor] | None  # None: SiLU (the fused silu_mul)
     down: Callable[[Tensor], Tensor]
@@ -91,6 +92,9 @@ class _Layer:
     moe: Callable[[Tensor], Tensor] | None = None  # a mixture's MLP, in place of gate_up/down
     whole: tuple[nn.Module, nn.Module] | None = None  # q/k norms over all heads (OLMoE's)
     mixture: NativeMixture | None = None  # moe's one-token native call, where there is one
+    # a post-norm block (OLMo 2): the norms of the attention's and the MLP's outputs, each
+    # applied before its residual add, in place of norm1 and norm2 on their inputs
+    post: tuple[nn.Module, nn.Module] | None = None
 
 
 def _eps(norm: nn.Module) -> float:
@@ -99,6 +103,24 @@ def _eps(norm: nn.Module) -> float:
 
 def _rms(norm: nn.Module, x: Tensor) -> Tensor:
     return rms_norm(x, norm.weight, _eps(norm))
+
+
+def _pre(norm: nn.Module | None, x: Tensor) -> Tensor:
+    """A pre-norm block's input norm (a post-norm block has none)."""
+    return x if norm is None else _rms(norm, x)
+
+
+def _post(layer: _Layer, i: int, y: Tensor) -> Tensor:
+    """A post-norm block's norm of its attention's (i = 0) or MLP's (i = 1) output."""
+    return y if layer.post is None else _rms(layer.post[i], y.contiguous())
+
+
+def _norms(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None, tuple | None]:
+    """(input norm, MLP's input norm, post norms) of a pre-norm (Llama) or post-norm (OLMo 2:
+    no input_layernorm, its post_attention_layernorm acting on the attention's output) block."""
+    if not hasattr(block, "input_layernorm") and hasattr(block, "post_feedforward_layernorm"):
+        return None, None, (block.post_attention_layernorm, block.post_feedforward_layernorm)
+    return block.input_layernorm, block.post_attention_layernorm, None
 
 
 class LlamaForward:
@@ -137,13 +159,14 @@ class LlamaForward:
             if hasattr(attn, "qkv_proj")
             else [attn.q_proj, attn.k_proj, attn.v_proj]
         )
+        norm1, norm2, post = _norms(block)
         if is_mixture(mlp):  # the model's own mixture block: router, experts, shared expert
             step = mixture_step(mlp) if native else None
             layer = _Layer(
-                block.input_layernorm, joint(qkv), getattr(attn, "q_norm", None),
-                getattr(attn, "k_norm", None), prompt_call(attn.o_proj),
-                block.post_attention_layernorm, None, None, None,
+                norm1, joint(qkv), getattr(attn, "q_norm", None), getattr(attn, "k_norm", None),
+                prompt_call(attn.o_proj), norm2, None, None, None,
                 moe=functools.partial(_mixture, mlp, pooled_layers(mlp), step), mixture=step,
+                post=post,
             )  # fmt: skip
             fast = (direct_group(qkv, layer.qkv), direct(attn.o_proj)) if native else None
             layer.fast = (*(fast or (layer.qkv, layer.o_proj)), None, None)
@@ -152,10 +175,10 @@ class LlamaForward:
             [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
         )
         layer = _Layer(
-            block.input_layernorm, joint(qkv), getattr(attn, "q_norm", None),
-            getattr(attn, "k_norm", None), prompt_call(attn.o_proj), block.post_attention_layernorm,
-            joint(gate_up), None if silu else getattr(mlp, "act_fn", None) or mlp.activation_fn,
-            prompt_call(mlp.down_proj),
+            norm1, joint(qkv), getattr(attn, "q_norm", None), getattr(attn, "k_norm", None),
+            prompt_call(attn.o_proj), norm2, joint(gate_up),
+            None if silu else getattr(mlp, "act_fn", None) or mlp.activation_fn,
+            prompt_call(mlp.down_proj), post=post,
         )  # fmt: skip
         layer.fast = (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
         if native:
@@ -224,7 +247,7 @@ class LlamaForward:
         for i, layer in enumerate(self.layers):
             qn, kn = layer.q_norm, layer.k_norm
             q, k, v = rope_qk(  # (B, H, t, D), (B, Hkv, t, D) twice
-                self._whole(layer, layer.qkv(_rms(layer.norm1, x))), cos, sin, self.heads,
+                self._whole(layer, layer.qkv(_pre(layer.norm1, x))), cos, sin, self.heads,
                 self.kv_heads,
                 None if qn is None else qn.weight, None if kn is None else kn.weight,
                 1e-6 if qn is None else _eps(qn),
@@ -239,8 +262,8 @@ class LlamaForward:
                                                scale=self.scaling, enable_gqa=True)  # fmt: skip
             if h is not None:
                 a = a @ h.T
-            x = x + layer.o_proj(a.transpose(1, 2).reshape(b, t, -1))
-            x = x + self._mlp(layer, _rms(layer.norm2, x))
+            x = x + _post(layer, 0, layer.o_proj(a.transpose(1, 2).reshape(b, t, -1)))
+            x = x + _post(layer, 1, self._mlp(layer, _pre(layer.norm2, x)))
         x = x if all_logits else x[:, -1:]
         logits = self.head(_rms(self.norm, x))
         return logits if all_logits else logits[:, -1]
@@ -272,7 +295,7 @@ class LlamaForward:
         pos = cache.reserve(1)
         codes = self.attention is not None and self.attention.codes  # else a float cache
         x = self.embed(ids[:, 0]).contiguous()  # (B, C), the residual stream (added in place)
-        h = _rms(self.layers[0].norm1, x)
+        h = _pre(self.layers[0].norm1, x)
         plan = self._step
         # one call for every layer, up to PROMPT_ROWS rows (a batch of more: the per-op loop);
         # mixture blocks decode one row at a time, without hooks
@@ -305,6 +328,12 @@ class LlamaForward:
                     self.kv_heads, self.scaling, qn, kn, eps, self._centers[i], self.turn,
                     spec.kv_bits, spec.query_bits or 0,
                 )  # fmt: skip
+            if layer.post is not None:  # post-norm: each output normed, then added
+                x = x + _post(layer, 0, o_op(a))
+                d = layer.moe(x) if layer.moe else down_op(self._mlp_act(layer, gate_up_op(x)))
+                x = x + _post(layer, 1, d)
+                h = x if i + 1 < len(self.layers) else _rms(self.norm, x)
+                continue
             h = add_rms_norm(x, o_op(a), w2, eps2)  # (B, C)
             d = layer.moe(h) if layer.moe else down_op(self._mlp_act(layer, gate_up_op(h)))
             h = add_rms_norm(x, d.contiguous(), w_next, eps_next)
@@ -319,7 +348,10 @@ class LlamaForward:
         module, an online rotation), the MLP is neither SiLU nor a mixture with its native
         step, a norm over all heads is not float32, attention inputs are rounded without a
         cache that stores them (queries alone), or a key centre or the heads' turn is not
-        float32. A float16 cache (kv_bits 16) runs decode_attention, as a float32 one."""
+        float32, or the blocks are post-norm (its fused adds take pre-norm blocks). A float16
+        cache (kv_bits 16) runs decode_attention, as a float32 one."""
+        if any(layer.post is not None for layer in self.layers):
+            return None
         spec = self.attention
         if spec is not None and (spec.kv_bits is None or any(
                 t.dtype != torch.float32 or not t.is_contiguous()
@@ -383,8 +415,9 @@ class LlamaForward:
             nxt = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.norm
             qk = (empty, empty, 1e-6) if layer.q_norm is None else (
                 layer.q_norm.weight, layer.k_norm.weight, _eps(layer.q_norm))  # fmt: skip
-            plan.append((layer, (*qk, layer.norm2.weight, _eps(layer.norm2), nxt.weight,
-                                 _eps(nxt))))  # fmt: skip
+            norms = [(empty, 1e-6) if n is None else (n.weight, _eps(n))  # (post-norm: none)
+                     for n in (layer.norm2, nxt)]  # fmt: skip
+            plan.append((layer, (*qk, *norms[0], *norms[1])))
         return plan
 
 

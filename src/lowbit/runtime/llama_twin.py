@@ -33,7 +33,9 @@ ROPE_TABLE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_po
                    "truncate", "partial_rotary_factor", "max_position_embeddings"}  # fmt: skip
 GATED_MLP = MLP[:2]  # the compact forward's SiLU·up takes gate and up (apart or fused)
 QKV = ATTENTION[:2]  # q/k/v apart or fused (not a latent attention's)
-BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj")
+# a pre-norm block's norms, or a post-norm one's (OLMo 2: the outputs of attention and MLP)
+BLOCK_PARTS = ("post_attention_layernorm", "self_attn.o_proj")
+INPUT_NORMS = ("input_layernorm", "post_feedforward_layernorm")
 
 
 def unsupported_reason(model: nn.Module, capacity: int) -> str | None:
@@ -76,6 +78,14 @@ def family_reason(model: nn.Module) -> str | None:
     return None
 
 
+def post_norm(model: nn.Module) -> bool:
+    """Whether ``model``'s blocks are post-norm (OLMo 2's: no input norm, the sublayers'
+    outputs normed): the compact forward runs them, graphs written as Llama's pre-norm blocks
+    (the GGUF ``llama`` architecture, LiteRT's cached steps) do not."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    return any(not hasattr(block, "input_layernorm") for block in layers)
+
+
 def _parts_missing(model: nn.Module) -> str:
     """What of a Llama's layout ``model`` lacks (or "")."""
     names = {n for n, _ in model.named_modules()}
@@ -89,6 +99,7 @@ def _parts_missing(model: nn.Module) -> str:
         gate_up = "mlp.down_proj" in inner and any(
             all(f"mlp.{n}" in inner for n in g) for g in GATED_MLP)  # fmt: skip
         mixture = isinstance(mlp, nn.Module) and is_mixture(mlp)
-        if not (qkv and (gate_up or mixture) and all(p in inner for p in BLOCK_PARTS)):
+        norms = all(p in inner for p in BLOCK_PARTS) and any(p in inner for p in INPUT_NORMS)
+        if not (qkv and (gate_up or mixture) and norms):
             return "its blocks lack a Llama block's norms and projections"
     return ""
