@@ -14,7 +14,7 @@ COMPACT = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("family", COMPACT)
+@pytest.mark.parametrize("family", [*COMPACT, "olmo2"])  # olmo2: post-norm, by its twin
 def test_logits_equal_the_models_own(family, native, monkeypatch):
     """Prefill and decode logits within 1e-4 relative of transformers' forward, with the fused
     decode ops and with their references."""
@@ -216,7 +216,7 @@ def _stepped_and_looped(model, seed: int, pad_row: int, pad: int) -> list[tuple]
 
 
 @pytest.mark.parametrize("recipe", [None, "w4-sym-g32", "w8-rtn", "w8a8-dynamic"])
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "olmo2"])  # olmo2: post-norm
 def test_one_call_step_equals_the_per_op_loop(family, recipe):
     """The whole decode step as one native call (``lowbit_cpu::decode_step``) runs the loop's
     ops in the loop's order: the same logits to the bit, left-padded rows included."""

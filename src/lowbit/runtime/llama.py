@@ -343,15 +343,13 @@ class LlamaForward:
     def _step(self) -> torch.ScriptObject | None:
         """The fixed arguments of ``lowbit_cpu::decode_step``, held once in C++ (a
         ``lowbit_cpu.DecodePlan``: the slots' weights and layout, norms, eps, and per layer
-        q/k norms over all heads and a mixture block's native step): the same ops as
-        :meth:`_decode`'s loop in one call. None where a layer is not all native parts (a
-        module, an online rotation), the MLP is neither SiLU nor a mixture with its native
-        step, a norm over all heads is not float32, attention inputs are rounded without a
-        cache that stores them (queries alone), or a key centre or the heads' turn is not
-        float32, or the blocks are post-norm (its fused adds take pre-norm blocks). A float16
-        cache (kv_bits 16) runs decode_attention, as a float32 one."""
-        if any(layer.post is not None for layer in self.layers):
-            return None
+        q/k norms over all heads, a post-norm block's norms and a mixture block's native
+        step): the same ops as :meth:`_decode`'s loop in one call. None where a layer is not
+        all native parts (a module, an online rotation), the MLP is neither SiLU nor a mixture
+        with its native step, a norm over all heads or a post-norm is not float32, attention
+        inputs are rounded without a cache that stores them (queries alone), or a key centre
+        or the heads' turn is not float32. A float16 cache (kv_bits 16) runs
+        decode_attention, as a float32 one."""
         spec = self.attention
         if spec is not None and (spec.kv_bits is None or any(
                 t.dtype != torch.float32 or not t.is_contiguous()
@@ -359,8 +357,8 @@ class LlamaForward:
             return None
         if any(layer.act or (layer.moe and layer.mixture is None) for layer in self.layers):
             return None
-        if any(layer.whole and any(n.weight.dtype != torch.float32 for n in layer.whole)
-               for layer in self.layers):  # fmt: skip
+        if any(norms and any(n.weight.dtype != torch.float32 for n in norms)
+               for layer in self.layers for norms in (layer.whole, layer.post)):  # fmt: skip
             return None
         slots = [call for layer in self.layers for call in layer.fast if call is not None]
         if not all(isinstance(call, Native) for call in slots):
@@ -371,6 +369,10 @@ class LlamaForward:
                 wq, wk = layer.whole
                 plan.set_whole(i, wq.weight.contiguous(), wk.weight.contiguous(), _eps(wq),
                                _eps(wk))  # fmt: skip
+            if layer.post is not None:
+                wa, wm = layer.post
+                plan.set_post(i, wa.weight.contiguous(), wm.weight.contiguous(), _eps(wa),
+                              _eps(wm))  # fmt: skip
             if layer.mixture is not None:
                 plan.set_mixture(i, layer.mixture.held)
         return plan

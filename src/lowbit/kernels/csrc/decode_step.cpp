@@ -8,7 +8,8 @@
 // (q/k/v, o, gate/up, down), each one or more parts side by side; a part is float weights,
 // affine codes or W8A8 codes (the ops' own arguments), so the step runs every format the loop
 // runs natively. A layer's MLP may instead be a mixture block (MixtureBlock, one
-// mixture_step call), and its q/k norms may span all heads (OLMoE's).
+// mixture_step call), its q/k norms may span all heads (OLMoE's), and its block may be
+// post-norm (OLMo 2's: the attention's and the MLP's outputs normed before their residual adds).
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -75,6 +76,8 @@ struct DecodePlan : torch::CustomClassHolder {
     const size_t L = norms.size() / 4;
     whole.resize(2 * L);
     whole_eps.resize(2 * L);
+    post.resize(2 * L);
+    post_eps.resize(2 * L);
     mixtures.resize(L);
   }
   // Layer i's queries and keys are RMS-normed over all heads (weights (H·D), (Hkv·D)) before
@@ -86,6 +89,17 @@ struct DecodePlan : torch::CustomClassHolder {
     whole[2 * i + 1] = std::move(k);
     whole_eps[2 * i] = eps_q;
     whole_eps[2 * i + 1] = eps_k;
+  }
+  // Layer i is post-norm: x += rms(attention's output, wa); x += rms(MLP's output, wm); the
+  // next layer reads x itself (its plan norms: the post-attention one unused, the next one
+  // empty but the last layer's, the final norm).
+  void set_post(int64_t i, at::Tensor wa, at::Tensor wm, double eps_a, double eps_m) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(mixtures.size()),
+                "lowbit::DecodePlan: no layer ", i);
+    post[2 * i] = std::move(wa);
+    post[2 * i + 1] = std::move(wm);
+    post_eps[2 * i] = eps_a;
+    post_eps[2 * i + 1] = eps_m;
   }
   // Layer i's MLP is this mixture block (batch 1 only): the layout has no gate/up or down slot.
   void set_mixture(int64_t i, c10::intrusive_ptr<lowbit_kernels::MixtureBlock> block) {
@@ -100,6 +114,8 @@ struct DecodePlan : torch::CustomClassHolder {
   std::vector<double> eps;
   std::vector<at::Tensor> whole;  // per layer q then k weight (undefined: per-head norms only)
   std::vector<double> whole_eps;
+  std::vector<at::Tensor> post;  // per layer attention then MLP output norm (undefined: pre-norm)
+  std::vector<double> post_eps;
   std::vector<c10::intrusive_ptr<lowbit_kernels::MixtureBlock>> mixtures;  // per layer or null
 };
 
@@ -114,7 +130,7 @@ at::Tensor whole_norms(const at::Tensor& qkv, const at::Tensor& wq, const at::Te
 }
 
 // x (B, C): the residual stream after the embedding, added to in place; h (B, C): the first
-// layer's normed input. The plan's norms: per layer q_norm, k_norm (per head; empty: none),
+// layer's normed input (a post-norm first layer reads x). The plan's norms: per layer q_norm, k_norm (per head; empty: none),
 // the post-attention norm and the next one (the final norm last); eps: per layer that of
 // q/k, of the post-attention norm, of the next. cache: what the KV cache stores, each
 // (layers, B, Hkv, T, ...): keys and values (kv_bits 0), or codes, scales and minimums of
@@ -148,7 +164,7 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0,
     TORCH_CHECK(!plan->mixtures[i] || x.size(0) == 1,
                 "lowbit::decode_step: a mixture block decodes one row at a time");
   Slots slots{plan->weights, plan->layout};
-  at::Tensor h = h0;
+  at::Tensor h = plan->post[0].defined() ? x : h0;
   for (int64_t i = 0; i < L; ++i) {
     std::vector<at::Tensor> c;  // this layer's part of every stored tensor
     for (const at::Tensor& t : cache) c.push_back(t.select(0, i));
@@ -167,7 +183,13 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0,
                                                      eps[3 * i], centers[i], rotation, kv_bits,
                                                      query_bits);
     const at::Tensor o = slots.linear(a);
-    h = lowbit_kernels::add_rms_norm(x, o, norms[4 * i + 2], eps[3 * i + 1]);
+    const bool post = plan->post[2 * i].defined();
+    if (post) {  // (the per-op loop's x + rms(...), in place: the same float adds)
+      x.add_(lowbit_kernels::rms_norm(o, plan->post[2 * i], plan->post_eps[2 * i]));
+      h = x;
+    } else {
+      h = lowbit_kernels::add_rms_norm(x, o, norms[4 * i + 2], eps[3 * i + 1]);
+    }
     at::Tensor d;
     if (plan->mixtures[i]) {
       d = lowbit_kernels::mixture_step(h, plan->mixtures[i]);
@@ -175,7 +197,12 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0,
       const at::Tensor gate_up = slots.linear(h);
       d = slots.linear(lowbit_kernels::silu_mul(gate_up));
     }
-    h = lowbit_kernels::add_rms_norm(x, d, norms[4 * i + 3], eps[3 * i + 2]);
+    if (!post) {
+      h = lowbit_kernels::add_rms_norm(x, d, norms[4 * i + 3], eps[3 * i + 2]);
+      continue;
+    }
+    x.add_(lowbit_kernels::rms_norm(d.contiguous(), plan->post[2 * i + 1], plan->post_eps[2 * i + 1]));
+    h = i + 1 < L ? x : lowbit_kernels::rms_norm(x, norms[4 * i + 3], eps[3 * i + 2]);
   }
   TORCH_CHECK(slots.t == plan->weights.size() && slots.l == plan->layout.size(),
               "lowbit::decode_step: more weights or layout than the layers use");
@@ -194,6 +221,7 @@ TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
                        std::vector<double>>())
       .def("set_whole", &DecodePlan::set_whole)
+      .def("set_post", &DecodePlan::set_post)
       .def("set_mixture", &DecodePlan::set_mixture);
   m.def(
       "decode_step(Tensor(a!) x, Tensor h, __torch__.torch.classes.lowbit_cpu.DecodePlan plan, "
