@@ -124,8 +124,9 @@ def test_a_quantized_mixture_decodes_each_token_in_one_call(kind, monkeypatch):
     (``lowbit_cpu::decode_step``, its mixture blocks' routers included; OLMoE's q/k norms over
     all heads too), torch's ops on one thread meanwhile, with the logits of the per-op loop
     (each block one native call), of the block's own forward (its experts in two native calls)
-    and of the per-expert loop, to the bit. A hook on a block, or two rows, take the per-op
-    loop, where the hook runs."""
+    and of the per-expert loop, to the bit. A hook on a block takes the per-op loop, where the
+    hook runs; two rows take one call per token too, each row's experts as alone, and more
+    rows than the experts over the picks per token (E // k) the per-op loop's batched block."""
     from helpers import decode_steps, tiny_moe
     from lowbit import api
     from lowbit.kernels.build import native_ops
@@ -180,7 +181,13 @@ def test_a_quantized_mixture_decodes_each_token_in_one_call(kind, monkeypatch):
         threads.clear()
         rows = torch.cat([prompt, prompt.flip(1)])
         both, _ = decode_steps(LlamaForward(model), rows, torch.cat([follow, follow]))
-    assert threads == [] and rel(both[:1], native) < 1e-4  # the blocks' own batched forward
+        per_op = LlamaForward(model)
+        per_op.__dict__["_step"] = None
+        both_looped, _ = decode_steps(per_op, rows, torch.cat([follow, follow]))
+        many = forward._mixtures[0].rows + 1  # more rows than the blocks' native step takes
+        decode_steps(LlamaForward(model), prompt.repeat(many, 1), follow.repeat(many, 1))
+    assert threads == [1] * 5 and torch.equal(both, both_looped)
+    assert rel(both[:1], native) < 1e-4  # (2-row kernels: other sums than 1 row's)
     monkeypatch.undo()
     blocks = []  # a prompt of up to 32 tokens holds torch to one thread too, a longer one not
     model.model.layers[0].mlp.register_forward_pre_hook(

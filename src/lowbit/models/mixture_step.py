@@ -43,11 +43,18 @@ ROUTERS = {
 
 @dataclass(frozen=True, eq=False)  # (compared and hashed as itself)
 class NativeMixture:
-    """``step(h)`` for h (1, hidden) float32: the block's output for that token."""
+    """``step(h)`` for h (B, hidden) float32 decode rows: the block's output for each token
+    (the native call takes the rows one by one, each as it would alone). Callers send it up
+    to ``rows`` rows: while the rows' picks (B·k) do not outnumber the experts (E), reading
+    each row's experts reads no more than their union might, without the block's Python loop
+    over experts; past that the block's own batched forward, which reads each picked expert
+    once. (OLMoE's shape, 64 experts, 8 a token, W4, 2 cores, tokens/s of the batch against
+    the batched block's: 2, 4 and 8 rows x1.84, x1.32, x1.50; 16 x1.28, 32 x0.71.)"""
 
     held: torch.ScriptObject  # lowbit_cpu.MixtureBlock: the router, top k, experts
     block: nn.Module
     unplain: Callable[[], bool]  # hooks or training: the block's own forward
+    rows: int = 1  # E // k, at least 1
 
     def __call__(self, h: Tensor) -> Tensor:
         if self.unplain():
@@ -89,7 +96,7 @@ def mixture_step(block: nn.Module) -> NativeMixture | None:
     if not (experts_fit(ups, router.shape[1]) and experts_fit(downs, ups[0].w.shape[0])):
         return None
     held = _held(router, gate.top_k, _renormalises(gate), ups + downs, downs[0].group)
-    step = NativeMixture(held, block, unplain)
+    step = NativeMixture(held, block, unplain, max(1, experts.num_experts // gate.top_k))
     probe = torch.randn(1, router.shape[1], generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():

@@ -298,11 +298,10 @@ class LlamaForward:
         h = _pre(self.layers[0].norm1, x)
         plan = self._step
         # one call for every layer, up to PROMPT_ROWS rows (a batch of more: the per-op loop);
-        # mixture blocks decode one row at a time, without hooks
+        # mixture blocks without hooks, up to their native step's rows (NativeMixture)
         contiguous = all(t.is_contiguous() for t in cache.tensors)
         rows = x.shape[0] <= decode_ops.PROMPT_ROWS
-        mixtures = self._mixtures
-        plain = not mixtures or (x.shape[0] == 1 and not any(m.unplain() for m in mixtures))
+        plain = not any(m.unplain() or x.shape[0] > m.rows for m in self._mixtures)
         if plan is not None and contiguous and rows and plain and decode_ops._native(x):
             spec = self.attention
             bits, query_bits = (spec.kv_bits, spec.query_bits or 0) if codes else (0, 0)
@@ -431,8 +430,9 @@ def is_mixture(mlp: nn.Module) -> bool:
 def _mixture(mlp: nn.Module, pooled: bool, step: Callable[[Tensor], Tensor] | None,
              h: Tensor) -> Tensor:  # fmt: skip
     """The mixture block on (..., C): transformers' blocks take (B, T, C), a decode step's
-    (B, C) as (B, 1, C); one token's (1, C) goes to ``step`` where there is one (the native
-    call, :func:`lowbit.models.mixture_step.mixture_step`). In a ``pooled`` block, on up to
+    (B, C) as (B, 1, C); a decode step's rows go to ``step`` where there is one and it takes
+    that many (the native call, :func:`lowbit.models.mixture_step.mixture_step`, each row as
+    alone). In a ``pooled`` block, on up to
     ``GEMV_MAX_ROWS`` tokens (so that every expert's kernel is a pooled GEMV, not a prompt GEMM
     on torch's threads), the block's torch ops (its router, the routing) run on one thread and
     its layers' kernels on the pool: OpenMP's spinning threads would take the pool's cores
@@ -440,6 +440,6 @@ def _mixture(mlp: nn.Module, pooled: bool, step: Callable[[Tensor], Tensor] | No
     a 32-token prompt 39.8 -> 55.3 tok/s)."""
     x = h.reshape(-1, 1, h.shape[-1]) if h.dim() == 2 else h
     with torch_ops_on_one_thread(pooled and x.shape[0] * x.shape[1] <= GEMV_MAX_ROWS):
-        if step is not None and h.dim() == 2 and h.shape[0] == 1:
+        if step is not None and h.dim() == 2 and h.shape[0] <= step.rows:  # decode rows
             return step(h)
         return mlp(x).reshape(h.shape)

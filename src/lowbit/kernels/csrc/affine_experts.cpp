@@ -130,11 +130,11 @@ MixtureBlock::MixtureBlock(at::Tensor router_, int64_t top_k_, bool norm_,
 // OLMoE's shape (a seventh of a decode step). The router, softmax, top-k and activation are
 // ATen's own ops, as the modules call them, so the experts and the bits are the same.
 // h (1, C) float32.
-at::Tensor mixture_step(const at::Tensor& h, const c10::intrusive_ptr<MixtureBlock>& block) {
-  const MixtureBlock& b = *block;
+namespace {
+
+// One token's block output (h (1, C)).
+at::Tensor mixture_row(const at::Tensor& h, const MixtureBlock& b) {
   const int64_t E = b.router.size(0), top_k = b.top_k;
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == 1 && h.size(1) == b.router.size(1),
-              "lowbit::mixture_step: h must be (1, C), C the router's inputs");
   const at::Tensor logits = at::mm(h, b.router.t());  // F.linear(h, W) without a bias
   auto [top, index] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);
   if (b.norm) top.div_(top.sum(-1, true));
@@ -162,6 +162,21 @@ at::Tensor mixture_step(const at::Tensor& h, const c10::intrusive_ptr<MixtureBlo
       affine_experts(h, uw, us, uo, b.group_up, 4, at::empty({0}, h.options()));
   const at::Tensor mid = at::silu(gate_up.narrow(0, 0, top_k)) * gate_up.narrow(0, top_k, top_k);
   return affine_experts(mid, dw, ds, dof, b.group_down, 4, route);
+}
+
+}  // namespace
+
+// Tokens are independent in a mixture block: each row of h (B, C) takes its own experts, one
+// row after another (a row's result does not depend on the others': the same bits as alone).
+at::Tensor mixture_step(const at::Tensor& h, const c10::intrusive_ptr<MixtureBlock>& block) {
+  const MixtureBlock& b = *block;
+  TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1 && h.size(1) == b.router.size(1),
+              "lowbit::mixture_step: h must be (B, C), C the router's inputs");
+  const at::Tensor x = h.contiguous();
+  if (x.size(0) == 1) return mixture_row(x, b);
+  std::vector<at::Tensor> rows;
+  for (int64_t r = 0; r < x.size(0); ++r) rows.push_back(mixture_row(x.narrow(0, r, 1), b));
+  return at::cat(rows, 0);
 }
 
 }  // namespace lowbit_kernels

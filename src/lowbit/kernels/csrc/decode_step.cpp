@@ -8,7 +8,7 @@
 // (q/k/v, o, gate/up, down), each one or more parts side by side; a part is float weights,
 // affine codes or W8A8 codes (the ops' own arguments), so the step runs every format the loop
 // runs natively. A layer's MLP may instead be a mixture block (MixtureBlock, one
-// mixture_step call), its q/k norms may span all heads (OLMoE's), and its block may be
+// mixture_step call, its rows one by one), its q/k norms may span all heads (OLMoE's), and its block may be
 // post-norm (OLMo 2's: the attention's and the MLP's outputs normed before their residual adds).
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -101,7 +101,7 @@ struct DecodePlan : torch::CustomClassHolder {
     post_eps[2 * i] = eps_a;
     post_eps[2 * i + 1] = eps_m;
   }
-  // Layer i's MLP is this mixture block (batch 1 only): the layout has no gate/up or down slot.
+  // Layer i's MLP is this mixture block: the layout has no gate/up or down slot.
   void set_mixture(int64_t i, c10::intrusive_ptr<lowbit_kernels::MixtureBlock> block) {
     TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(mixtures.size()),
                 "lowbit::DecodePlan: no layer ", i);
@@ -160,9 +160,6 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0,
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat &&
                   h0.sizes() == x.sizes(),
               "lowbit::decode_step: x and h must be contiguous float32 (B, C)");
-  for (int64_t i = 0; i < L; ++i)
-    TORCH_CHECK(!plan->mixtures[i] || x.size(0) == 1,
-                "lowbit::decode_step: a mixture block decodes one row at a time");
   Slots slots{plan->weights, plan->layout};
   at::Tensor h = plan->post[0].defined() ? x : h0;
   for (int64_t i = 0; i < L; ++i) {
