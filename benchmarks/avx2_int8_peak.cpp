@@ -27,6 +27,12 @@ namespace {
 #define LOWBIT_I8X(A, T, W)                                                                  \
   "vpxor %%ymm" #W ", %%ymm12, %%ymm" #T "\n vpmaddubsw %%ymm" #T ", %%ymm" #W ", %%ymm" #T \
   "\n vpmaddwd %%ymm13, %%ymm" #T ", %%ymm" #T "\n vpaddd %%ymm" #T ", %%ymm" #A ", %%ymm" #A "\n"
+// 6 steps of 32 products per loop, each step one of the forms above
+#define LOWBIT_I8_LOOP(STEP)                                                                 \
+  "vpxor %%ymm12, %%ymm12, %%ymm12\n vpxor %%ymm13, %%ymm13, %%ymm13\n"                     \
+  "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"                     \
+  "1:\n" STEP(0, 6, 14) STEP(1, 7, 15) STEP(2, 8, 14) STEP(3, 9, 15) STEP(4, 10, 14)        \
+      STEP(5, 11, 15) "dec %0\n jnz 1b\n vzeroupper\n"
 // 12 FMA chains: latency 4 on two pipes needs 8 in flight
 #define LOWBIT_FMA(A, B) \
   "vfmadd231ps %%ymm12, %%ymm14, %%ymm" #A "\n vfmadd231ps %%ymm12, %%ymm15, %%ymm" #B "\n"
@@ -38,27 +44,12 @@ enum class Kind { fma, int8, int8_sign, int8_xor };
 
 double seconds(Kind kind, long steps) {
   const auto t0 = std::chrono::steady_clock::now();
-  if (kind == Kind::int8_sign) {  // 6 steps of 32 products per loop
-    asm volatile(
-        "vpxor %%ymm12, %%ymm12, %%ymm12\n vpxor %%ymm13, %%ymm13, %%ymm13\n"
-        "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
-        "1:\n" LOWBIT_I8S(0, 6, 14) LOWBIT_I8S(1, 7, 15) LOWBIT_I8S(2, 8, 14) LOWBIT_I8S(3, 9, 15)
-            LOWBIT_I8S(4, 10, 14) LOWBIT_I8S(5, 11, 15) "dec %0\n jnz 1b\n vzeroupper\n"
-        : "+r"(steps)::LOWBIT_CLOBBER);
+  if (kind == Kind::int8_sign) {
+    asm volatile(LOWBIT_I8_LOOP(LOWBIT_I8S) : "+r"(steps)::LOWBIT_CLOBBER);
   } else if (kind == Kind::int8_xor) {
-    asm volatile(
-        "vpxor %%ymm12, %%ymm12, %%ymm12\n vpxor %%ymm13, %%ymm13, %%ymm13\n"
-        "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
-        "1:\n" LOWBIT_I8X(0, 6, 14) LOWBIT_I8X(1, 7, 15) LOWBIT_I8X(2, 8, 14) LOWBIT_I8X(3, 9, 15)
-            LOWBIT_I8X(4, 10, 14) LOWBIT_I8X(5, 11, 15) "dec %0\n jnz 1b\n vzeroupper\n"
-        : "+r"(steps)::LOWBIT_CLOBBER);
-  } else if (kind == Kind::int8) {  // 6 steps of 32 products per loop
-    asm volatile(
-        "vpxor %%ymm12, %%ymm12, %%ymm12\n vpxor %%ymm13, %%ymm13, %%ymm13\n"
-        "vpxor %%ymm14, %%ymm14, %%ymm14\n vpxor %%ymm15, %%ymm15, %%ymm15\n"
-        "1:\n" LOWBIT_I8(0, 6, 14) LOWBIT_I8(1, 7, 15) LOWBIT_I8(2, 8, 14) LOWBIT_I8(3, 9, 15)
-            LOWBIT_I8(4, 10, 14) LOWBIT_I8(5, 11, 15) "dec %0\n jnz 1b\n vzeroupper\n"
-        : "+r"(steps)::LOWBIT_CLOBBER);
+    asm volatile(LOWBIT_I8_LOOP(LOWBIT_I8X) : "+r"(steps)::LOWBIT_CLOBBER);
+  } else if (kind == Kind::int8) {
+    asm volatile(LOWBIT_I8_LOOP(LOWBIT_I8) : "+r"(steps)::LOWBIT_CLOBBER);
   } else {  // 12 FMAs of 8 products per loop
     asm volatile(
         "vxorps %%ymm12, %%ymm12, %%ymm12\n vxorps %%ymm14, %%ymm14, %%ymm14\n"

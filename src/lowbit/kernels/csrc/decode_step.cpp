@@ -83,23 +83,13 @@ struct DecodePlan : torch::CustomClassHolder {
   // Layer i's queries and keys are RMS-normed over all heads (weights (H·D), (Hkv·D)) before
   // RoPE, as the per-op loop's LlamaForward._whole does.
   void set_whole(int64_t i, at::Tensor q, at::Tensor k, double eps_q, double eps_k) {
-    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(mixtures.size()),
-                "lowbit::DecodePlan: no layer ", i);
-    whole[2 * i] = std::move(q);
-    whole[2 * i + 1] = std::move(k);
-    whole_eps[2 * i] = eps_q;
-    whole_eps[2 * i + 1] = eps_k;
+    set_pair(whole, whole_eps, i, std::move(q), std::move(k), eps_q, eps_k);
   }
   // Layer i is post-norm: x += rms(attention's output, wa); x += rms(MLP's output, wm); the
   // next layer reads x itself (its plan norms: the post-attention one unused, the next one
   // empty but the last layer's, the final norm).
   void set_post(int64_t i, at::Tensor wa, at::Tensor wm, double eps_a, double eps_m) {
-    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(mixtures.size()),
-                "lowbit::DecodePlan: no layer ", i);
-    post[2 * i] = std::move(wa);
-    post[2 * i + 1] = std::move(wm);
-    post_eps[2 * i] = eps_a;
-    post_eps[2 * i + 1] = eps_m;
+    set_pair(post, post_eps, i, std::move(wa), std::move(wm), eps_a, eps_m);
   }
   // Layer i's MLP is this mixture block: the layout has no gate/up or down slot.
   void set_mixture(int64_t i, c10::intrusive_ptr<lowbit_kernels::MixtureBlock> block) {
@@ -117,6 +107,18 @@ struct DecodePlan : torch::CustomClassHolder {
   std::vector<at::Tensor> post;  // per layer attention then MLP output norm (undefined: pre-norm)
   std::vector<double> post_eps;
   std::vector<c10::intrusive_ptr<lowbit_kernels::MixtureBlock>> mixtures;  // per layer or null
+
+ private:
+  // Layer i's two norm weights and eps in one of the per-layer pairs above.
+  void set_pair(std::vector<at::Tensor>& w, std::vector<double>& e, int64_t i, at::Tensor a,
+                at::Tensor b, double eps_a, double eps_b) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(mixtures.size()),
+                "lowbit::DecodePlan: no layer ", i);
+    w[2 * i] = std::move(a);
+    w[2 * i + 1] = std::move(b);
+    e[2 * i] = eps_a;
+    e[2 * i + 1] = eps_b;
+  }
 };
 
 // qkv (B, (H + 2·Hkv)·D) with the queries and keys RMS-normed over all heads.
