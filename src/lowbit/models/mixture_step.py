@@ -54,7 +54,7 @@ class NativeMixture:
     held: torch.ScriptObject  # lowbit_cpu.MixtureBlock: the router, top k, experts
     block: nn.Module
     unplain: Callable[[], bool]  # hooks or training: the block's own forward
-    rows: int = 1  # E // k, at least 1
+    rows: int  # E // k, at least 1
 
     def __call__(self, h: Tensor) -> Tensor:
         if self.unplain():

@@ -115,10 +115,15 @@ def _post(layer: _Layer, i: int, y: Tensor) -> Tensor:
     return y if layer.post is None else _rms(layer.post[i], y.contiguous())
 
 
+def is_post_norm(block: nn.Module) -> bool:
+    """Whether a decoder block is post-norm (OLMo 2's: no input_layernorm; its
+    post_attention_layernorm and post_feedforward_layernorm norm the sublayers' outputs)."""
+    return not hasattr(block, "input_layernorm") and hasattr(block, "post_feedforward_layernorm")
+
+
 def _norms(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None, tuple | None]:
-    """(input norm, MLP's input norm, post norms) of a pre-norm (Llama) or post-norm (OLMo 2:
-    no input_layernorm, its post_attention_layernorm acting on the attention's output) block."""
-    if not hasattr(block, "input_layernorm") and hasattr(block, "post_feedforward_layernorm"):
+    """(input norm, MLP's input norm, post norms) of a pre-norm (Llama) or post-norm block."""
+    if is_post_norm(block):
         return None, None, (block.post_attention_layernorm, block.post_feedforward_layernorm)
     return block.input_layernorm, block.post_attention_layernorm, None
 

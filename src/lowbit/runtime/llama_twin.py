@@ -22,7 +22,13 @@ from torch import nn
 from lowbit.models.experts import experts_to_linears
 from lowbit.models.rotate_fit import ATTENTION, MLP
 from lowbit.models.twin import tiny_twin, twin_ids, twin_logits
-from lowbit.runtime.llama import FAMILIES, LlamaForward, capacity_reason, is_mixture
+from lowbit.runtime.llama import (
+    FAMILIES,
+    LlamaForward,
+    capacity_reason,
+    is_mixture,
+    is_post_norm,
+)
 
 TOLERANCE = 1e-4  # relative max difference of the twin's logits (its RoPE table is float32)
 PARTS = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
@@ -83,7 +89,7 @@ def post_norm(model: nn.Module) -> bool:
     outputs normed): the compact forward runs them, graphs written as Llama's pre-norm blocks
     (the GGUF ``llama`` architecture, LiteRT's cached steps) do not."""
     layers = getattr(getattr(model, "model", None), "layers", None) or []
-    return any(not hasattr(block, "input_layernorm") for block in layers)
+    return any(is_post_norm(block) for block in layers)
 
 
 def _parts_missing(model: nn.Module) -> str:

@@ -132,7 +132,7 @@ at::Tensor whole_norms(const at::Tensor& qkv, const at::Tensor& wq, const at::Te
 }
 
 // x (B, C): the residual stream after the embedding, added to in place; h (B, C): the first
-// layer's normed input (a post-norm first layer reads x). The plan's norms: per layer q_norm, k_norm (per head; empty: none),
+// layer's normed input (x itself for a post-norm first layer). The plan's norms: per layer q_norm, k_norm (per head; empty: none),
 // the post-attention norm and the next one (the final norm last); eps: per layer that of
 // q/k, of the post-attention norm, of the next. cache: what the KV cache stores, each
 // (layers, B, Hkv, T, ...): keys and values (kv_bits 0), or codes, scales and minimums of
@@ -163,7 +163,7 @@ at::Tensor decode_step(at::Tensor& x, const at::Tensor& h0,
                   h0.sizes() == x.sizes(),
               "lowbit::decode_step: x and h must be contiguous float32 (B, C)");
   Slots slots{plan->weights, plan->layout};
-  at::Tensor h = plan->post[0].defined() ? x : h0;
+  at::Tensor h = h0;
   for (int64_t i = 0; i < L; ++i) {
     std::vector<at::Tensor> c;  // this layer's part of every stored tensor
     for (const at::Tensor& t : cache) c.push_back(t.select(0, i));
