@@ -9,10 +9,14 @@ reference path's and from float32's.
 
 Inputs: waifu2x on the 256 x 256 evaluation input (the astronaut image downscaled 2x), the GANs
 on their evaluation latents at batch 1 and 16. Static ranges from each zoo entry's calibration
-inputs. The integer convolution runs on CPUs with VNNI only, AVX-512 VNNI or AVX-VNNI
-(elsewhere the kernel rows equal the reference rows, and say so in the path column); to time an
-AVX-VNNI CPU without AVX-512 on one that has both, run with ``LOWBIT_KERNEL_ISA=avxvnni
-ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2_VNNI MKL_ENABLE_INSTRUCTIONS=AVX2``.
+inputs. The integer convolution is oneDNN's on CPUs with VNNI (AVX-512 VNNI or AVX-VNNI) and
+lowbit's AVX2 kernel elsewhere (``w8a8-conv-avx2`` in the path column); there a further row,
+"w8a8 static, float convolution", times what such a CPU ran before that kernel: each layer's
+input rounded to its range, then torch's float convolution (``w8a8-float-conv``, the weight-only
+module's path). To time an AVX-VNNI CPU without AVX-512 on one that has both, run with
+``LOWBIT_KERNEL_ISA=avxvnni ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2_VNNI
+MKL_ENABLE_INSTRUCTIONS=AVX2``; an AVX2 CPU, with ``LOWBIT_KERNEL_ISA=avx2
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
 
     .venv/bin/python benchmarks/conv_speed.py [--threads 2] [--rounds 7] [--only NAME ...]
 
@@ -39,6 +43,9 @@ from lowbit.eval import format_table
 from lowbit.eval.image import psnr
 from lowbit.models import use_kernels
 from lowbit.models.images import image_models
+from lowbit.models.modules import set_module
+from lowbit.nn import QuantConv, QuantLinear
+from lowbit.nn.kernel_conv import affine_conv_module
 
 BATCHES = {"waifu2x-upconv7": (1,), "waifu2x-upresnet10": (1,), "dcgan-faces": (1, 16),
            "cdcgan-eyes": (1, 16)}  # fmt: skip
@@ -91,6 +98,10 @@ def _model_rows(name: str, rounds: int) -> list[list]:
         ref_name: (reference, f"reference {sum(counts.values())}"),
         "w8 weight-only (w8-rtn)": (weight_only, wo_path),
     }
+    if any(k.endswith("-avx2") for k in counts):
+        rounding = copy.deepcopy(reference)
+        kinds = _float_convolutions(rounding)
+        variants["w8a8 static, float convolution"] = (rounding, kinds)
     inputs, _ = entry.evaluation()
     lo, hi = entry.output_range
     rows = []
@@ -105,7 +116,8 @@ def _model_rows(name: str, rounds: int) -> list[list]:
         base = batch / min(statistics.median(times[k]) for k in variants if k.startswith("float"))
         for k, (_, kind) in variants.items():
             speed = batch / statistics.median(times[k])
-            vs_ref = "-" if k != "w8a8 static" else round(_psnr(out[k], out[ref_name]), 2)
+            integer = k in ("w8a8 static", "w8a8 static, float convolution")
+            vs_ref = round(_psnr(out[k], out[ref_name]), 2) if integer else "-"
             vs_float = "-" if k.startswith("float32") else round(_psnr(out[k], out["float32"]), 2)
             rows.append([name, batch, k, kind, round(speed, 2), round(speed / base, 2), vs_ref,
                          vs_float])  # fmt: skip
@@ -167,6 +179,21 @@ class _ChannelsLast(torch.nn.Module):
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
+
+
+def _float_convolutions(model: torch.nn.Module) -> str:
+    """Each W8A8 convolution on the weight-only module (input rounded, float convolution), as
+    ``use_kernels`` ran them on CPUs without VNNI before lowbit's AVX2 integer convolution."""
+    counts: dict[str, int] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantLinear):
+            continue
+        fast = affine_conv_module(module) if isinstance(module, QuantConv) else None
+        kind = "reference" if fast is None else fast.kind
+        counts[kind] = counts.get(kind, 0) + 1
+        if fast is not None:
+            set_module(model, name, fast)
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
 def _forced(kernel, im2col: bool):

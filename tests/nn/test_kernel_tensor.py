@@ -1,6 +1,6 @@
-"""The load-time swap of W8A8 layers with per-tensor activations to oneDNN's integer
-convolution and linear: which layers it takes, and that a swapped model computes what its
-reference path computes."""
+"""The load-time swap of W8A8 layers with per-tensor activations to an integer convolution and
+linear (oneDNN's on VNNI CPUs, lowbit's AVX2 kernel elsewhere, both run here where they can):
+which layers it takes, and that a swapped model computes what its reference path computes."""
 
 import copy
 
@@ -13,7 +13,6 @@ from lowbit import api
 from lowbit.calibration import image_calibration
 from lowbit.errors import LowbitError
 from lowbit.eval.size import model_size
-from lowbit.kernels.int8_conv import onednn_int8_available
 from lowbit.models import use_kernels
 from lowbit.nn import Int8TensorKernel, QuantConv, QuantLinear
 from lowbit.nn.kernel_tensor import tensor_eligible, tensor_kernel_module
@@ -30,16 +29,18 @@ def quantized(weights: dict, acts: dict | None) -> nn.Module:
 
 
 @pytest.mark.parametrize("acts", [STATIC, {**STATIC, "dynamic": True, "symmetric": True}])
-def test_w8a8_convolutions_take_the_integer_path_where_it_is_exact(acts):
+def test_w8a8_convolutions_take_the_integer_path(acts, suffix):
     model = quantized(W8, acts)
     fast = copy.deepcopy(model)
     counts = use_kernels(fast)
-    if not onednn_int8_available():  # AVX2 CPUs: oneDNN's int16 pair sums would saturate
-        # static inputs: rounded by the weight-only module (tests/nn/test_kernel_conv.py)
-        assert counts == ({"reference": 3} if acts["dynamic"] else {"w8a8-float-conv": 3})
-        return
-    assert counts == {"w8a8-conv": 3}
-    assert all(isinstance(fast[i], Int8TensorKernel) for i in (0, 2, 4))
+    if suffix:  # lowbit's AVX2 kernel takes one group only: the grouped convolution (the
+        # second) runs on the weight-only module with its static input range rounded as the
+        # reference rounds it, or (dynamic ranges) on the reference path
+        grouped = "reference" if acts["dynamic"] else "w8a8-float-conv"
+        assert counts == {"w8a8-conv-avx2": 2, grouped: 1}
+    else:
+        assert counts == {"w8a8-conv": 3}
+    assert all(isinstance(fast[i], Int8TensorKernel) for i in ((0, 4) if suffix else (0, 2, 4)))
     x = torch.rand(2, 3, 10, 12)
     with torch.inference_mode():
         want, got = model(x), fast(x)
@@ -64,7 +65,7 @@ def test_other_formats_keep_the_reference_path(weights, acts):
     assert all(tensor_kernel_module(m) is None for m in model if isinstance(m, QuantConv))
 
 
-def test_linears_with_per_tensor_inputs_take_the_integer_path_too():
+def test_linears_with_per_tensor_inputs_take_the_integer_path_too(suffix):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8)).eval()
     model.quantized_whole = True
@@ -72,11 +73,7 @@ def test_linears_with_per_tensor_inputs_take_the_integer_path_too():
     api.quantize(model, make_recipe(W8, STATIC, ignore=()), images, progress=False)
     assert all(isinstance(model[i], QuantLinear) for i in (0, 2))
     fast = copy.deepcopy(model)
-    counts = use_kernels(fast)
-    if not onednn_int8_available():
-        assert counts == {"reference": 2}
-        return
-    assert counts == {"w8a8-linear-tensor": 2}
+    assert use_kernels(fast) == {f"w8a8-linear-tensor{suffix}": 2}
     x = torch.randn(3, 2, 7, 24)
     with torch.inference_mode():
         want, got = model(x), fast(x)

@@ -36,6 +36,7 @@ NAMES = (
     "decode_codes.cpp",
     "decode_step.cpp",
     "int8_gemm.cpp",
+    "int8_conv.cpp",
     "hadamard.cpp",
     "act_quant.cpp",
 )

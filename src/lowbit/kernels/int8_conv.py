@@ -14,7 +14,9 @@ Only on CPUs with VNNI (:func:`lowbit.kernels.int8.has_vnni`: AVX-512 VNNI or AV
 probes of the worst case (255 against -128 over 288 products) are exact: there oneDNN
 multiplies uint8 by int8 with ``vpdpbusd`` in int32. Without VNNI it uses ``vpmaddubsw``, whose
 int16 pair sums saturate on full-range codes (measured with ``ONEDNN_MAX_CPU_ISA=AVX2``: up to
-4% relative error on waifu2x's layers), so other CPUs keep the reference path. Transposed
+4% relative error on waifu2x's layers), so other CPUs run lowbit's AVX2 kernel instead
+(:mod:`lowbit.kernels.int8_conv_avx2`, the same arithmetic; this module's input codes,
+transposed phases and interleave). Transposed
 convolutions run as one plain convolution over their output phases
 (:func:`transposed_as_phases`: torch has no integer transposed convolution).
 """
@@ -125,20 +127,30 @@ def prepare_int8_conv(codes: Tensor, scale: Tensor, bias: Tensor | None,
                       output_padding: tuple[int, int] = (0, 0)) -> Int8Conv:  # fmt: skip
     """Pack int8 weight codes in the layer's own layout ((out, in/groups, kh, kw), or (in, out,
     kh, kw) transposed) with per-output-channel scales."""
-    scale = scale.float().reshape(-1).contiguous()
-    bias = None if bias is None else bias.detach().float().contiguous()
-    phases = None
-    if transposed:
-        codes, scale, bias, phases = transposed_as_phases(codes, scale, bias, stride, padding,
-                                                          output_padding)  # fmt: skip
-        kh, kw = codes.shape[-2:]
-        stride, padding, dilation = (1, 1), (kh - 1, kw - 1), (1, 1)
+    codes, scale, bias, stride, padding, dilation, phases = as_plain(
+        codes, scale, bias, stride, padding, dilation, transposed, output_padding)  # fmt: skip
     geometry = [list(stride), list(padding), list(dilation)]
     # the input range given here only picks oneDNN's layout; each call passes its own
     packed = torch.ops.onednn.qconv_prepack(codes.to(torch.int8).contiguous(), scale, 1.0, 0,
                                             *geometry, groups, None)  # fmt: skip
     zeros = torch.zeros(scale.numel(), dtype=torch.long)
     return Int8Conv(packed, scale, zeros, bias, *geometry, groups, phases)
+
+
+def as_plain(codes: Tensor, scale: Tensor, bias: Tensor | None, stride: tuple[int, int],
+             padding: tuple[int, int], dilation: tuple[int, int], transposed: bool,
+             output_padding: tuple[int, int]):  # fmt: skip
+    """A layer's codes, fp32 scales and bias and its geometry as a plain convolution's: a
+    transposed one as its phases' (:func:`transposed_as_phases`, stride 1, padding J - 1),
+    with the :class:`Phases` to interleave its output (else None)."""
+    scale = scale.float().reshape(-1).contiguous()
+    bias = None if bias is None else bias.detach().float().reshape(-1).contiguous()
+    if not transposed:
+        return codes, scale, bias, stride, padding, dilation, None
+    codes, scale, bias, phases = transposed_as_phases(codes, scale, bias, stride, padding,
+                                                      output_padding)  # fmt: skip
+    kh, kw = codes.shape[-2:]
+    return codes, scale, bias, (1, 1), (kh - 1, kw - 1), (1, 1), phases
 
 
 def transposed_as_phases(codes: Tensor, scale: Tensor, bias: Tensor | None,
@@ -249,6 +261,6 @@ def _dense(x: Tensor) -> Tensor:
     return x if cl or x.is_contiguous() else x.contiguous()
 
 
-__all__ = ["Int8Conv", "Int8TensorLinear", "Phases", "extra_inputs", "input_codes",
+__all__ = ["Int8Conv", "Int8TensorLinear", "Phases", "as_plain", "extra_inputs", "input_codes",
            "int8_conv", "int8_tensor_linear", "interleave", "onednn_int8_available",
            "prepare_int8_conv", "prepare_int8_linear", "transposed_as_phases"]  # fmt: skip

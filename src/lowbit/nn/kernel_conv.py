@@ -198,13 +198,15 @@ def affine_conv_module(layer: QuantConv) -> AffineKernelConv | None:
     group per output channel holds its codes as its column matrix (out·kh·kw, in): the same
     codes and bytes, rows reordered, so that few input pixels take one GEMM (:meth:`_col2im`).
 
-    A W8A8 convolution (one static 8-bit input range) that the integer convolution does not
-    take (a CPU without VNNI) runs here too, its input rounded as the reference rounds
-    it (one native pass, ``lowbit_cpu::fake_quantize_u8``; the reference rounds in seven
-    torch passes and dequantizes the weight with the general primitives).
-    ``benchmarks/conv_speed.py`` on the AVX2 path of a 2-core AMD EPYC (2 threads, 5
-    alternating rounds, x the faster float32): upconv7 at 256x256 x0.55 on the reference path,
-    x0.92 here (W8 weight-only x1.00); the DCGAN x0.39 -> x0.79 (batch 1), x0.72 -> x0.78 (16).
+    A W8A8 convolution (one static 8-bit input range) that no integer convolution takes (a
+    grouped one on a CPU without VNNI: :func:`lowbit.nn.kernel_tensor.tensor_eligible`) runs
+    here too, its input rounded as the reference rounds it (one native pass,
+    ``lowbit_cpu::fake_quantize_u8``; the reference rounds in seven torch passes and
+    dequantizes the weight with the general primitives). ``benchmarks/conv_speed.py`` on the
+    AVX2 path of a 2-core AMD EPYC (2 threads, 5 alternating rounds, x the faster float32):
+    upconv7 at 256x256 x0.55 on the reference path, x0.92 here (W8 weight-only x1.00); the
+    DCGAN x0.39 -> x0.79 (batch 1), x0.72 -> x0.78 (16). (Before lowbit's AVX2 integer
+    convolution, every W8A8 convolution ran here on such CPUs.)
     """
     parts = affine_parts(layer, inputs=True)
     if parts is None:

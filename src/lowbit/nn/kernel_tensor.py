@@ -3,8 +3,12 @@
 :func:`lowbit.models.use_kernels` swaps each eligible QuantConv or QuantLinear for an
 :class:`Int8TensorKernel` at load time (int8 symmetric per-output-channel weights, 8-bit
 per-tensor activations, static or dynamic; a linear, a ``Conv2d``, or a ``ConvTranspose2d``
-without groups or dilation; a CPU where :mod:`lowbit.kernels.int8_conv` is exact); every other
-such layer keeps its reference path.
+without groups or dilation) at load time. Two kernels compute it, with the same integer sums:
+oneDNN's (:mod:`lowbit.kernels.int8_conv`) on CPUs with VNNI, where it is exact; lowbit's AVX2
+kernel (:mod:`lowbit.kernels.int8_conv_avx2`) on the others (one group only: a grouped
+convolution there takes the weight-only module's float path, see
+:func:`lowbit.nn.kernel_conv.affine_conv_module`). Every other such layer keeps its reference
+path.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec
+from lowbit.kernels.build import native_ops
 from lowbit.kernels.int8_conv import (
     Int8Conv,
     Int8TensorLinear,
@@ -22,6 +27,13 @@ from lowbit.kernels.int8_conv import (
     onednn_int8_available,
     prepare_int8_conv,
     prepare_int8_linear,
+)
+from lowbit.kernels.int8_conv_avx2 import (
+    PanelConv,
+    panel_conv,
+    panel_linear,
+    prepare_panel_conv,
+    prepare_panel_linear,
 )
 from lowbit.nn.quant_conv import ConvGeometry, QuantConv
 from lowbit.nn.quant_linear import QuantLinear, nbytes
@@ -34,13 +46,15 @@ class Int8TensorKernel(nn.Module):
     """int8 weights × 8-bit per-tensor input codes, int32 sums, float32 output: a convolution
     (``geometry``) or a linear (``geometry`` None)."""
 
-    def __init__(self, weight: Int8Conv | Int8TensorLinear, geometry: ConvGeometry | None,
+    def __init__(self, weight: Int8Conv | Int8TensorLinear | PanelConv,
+                 geometry: ConvGeometry | None,
                  shape: tuple[int, int], act: ActivationSpec, static: QParams | None,
                  bias: Tensor | None) -> None:  # fmt: skip
         super().__init__()
         self.out_features, self.in_features = shape  # the weight matrix, as the layer's
         self.geometry, self.act = geometry, act
         self.weight_int8 = weight  # not a buffer: oneDNN's packed copy is an opaque tensor
+        self.panels = isinstance(weight, PanelConv)
         self.register_buffer("act_scale", None if static is None else static.scale.clone())
         zero = None if static is None or static.zero is None else static.zero.clone()
         self.register_buffer("act_zero", zero)
@@ -50,16 +64,23 @@ class Int8TensorKernel(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
 
     def storage_tensors(self) -> tuple[Tensor, ...]:
-        return ()  # oneDNN's copy is no strided tensor: storage_bytes counts it
+        w = self.weight_int8
+        return (w.panels, w.scale, w.sums) if self.panels else ()  # oneDNN's: opaque
 
     def storage_bytes(self) -> dict[str, int]:
-        """int8 codes and fp32 per-output-channel scales (oneDNN's blocking pads: not counted)."""
-        n = self.out_features
+        """int8 codes and fp32 per-output-channel scales (oneDNN's blocking pads: not counted;
+        the AVX2 panels: their padding, one int32 correction and one code sum per channel)."""
+        n, w = self.out_features, self.weight_int8
+        if self.panels:
+            params = w.scale.numel() * 4 + (w.sums.numel() + w.panels.shape[0] * 8) * 4
+            return {"codes": w.panels.numel() - w.panels.shape[0] * 32, "params": params,
+                    "bias": nbytes(self.bias)}  # fmt: skip
         return {"codes": n * self.in_features, "params": 4 * n, "bias": nbytes(self.bias)}
 
     @property
     def kind(self) -> str:
-        return "w8a8-linear-tensor" if self.geometry is None else "w8a8-conv"
+        kind = "w8a8-linear-tensor" if self.geometry is None else "w8a8-conv"
+        return f"{kind}-avx2" if self.panels else kind
 
     def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C', H', W'); (..., in)
         g = self.geometry
@@ -72,12 +93,14 @@ class Int8TensorKernel(nn.Module):
                 raise LowbitError(f"expected (..., {self.in_features}), got a tensor of shape "
                                   f"{tuple(x.shape)}")  # fmt: skip
             qp = tensor_qparams(x, self.act, static)
-            return int8_tensor_linear(x, qp, self.act, self.weight_int8).to(x.dtype)
+            linear = panel_linear if self.panels else int8_tensor_linear
+            return linear(x, qp, self.act, self.weight_int8).to(x.dtype)
         if x.dim() != 4 or x.shape[1] != g.in_channels:
             raise LowbitError(f"expected (N, {g.in_channels}, H, W), got a tensor of shape "
                               f"{tuple(x.shape)}")  # fmt: skip
         qp = tensor_qparams(x, self.act, static)
-        return int8_conv(x, qp, self.act, self.weight_int8).to(x.dtype)
+        conv = panel_conv if self.panels else int8_conv
+        return conv(x, qp, self.act, self.weight_int8).to(x.dtype)
 
     def extra_repr(self) -> str:
         g = self.geometry
@@ -100,7 +123,9 @@ def tensor_eligible(layer: QuantLinear) -> bool:
         return False  # an uncalibrated layer raises its own error on the reference path
     weights = (spec.format == "int" and spec.bits == 8 and bool(spec.symmetric)
                and spec.granularity == "channel" and not spec.lorc_rank)  # fmt: skip
-    return weights and onednn_int8_available()
+    if not weights:
+        return False
+    return onednn_int8_available() or (native_ops() and (g is None or g.groups == 1))
 
 
 def tensor_kernel_module(layer: QuantLinear) -> Int8TensorKernel | None:
@@ -111,11 +136,16 @@ def tensor_kernel_module(layer: QuantLinear) -> Int8TensorKernel | None:
     g = layer.geometry if isinstance(layer, QuantConv) else None
     scale = layer.scale.reshape(-1)
     if g is None:
-        weight = prepare_int8_linear(layer.int8_codes(), scale, layer.bias)
-    else:
+        prepare = prepare_int8_linear if onednn_int8_available() else prepare_panel_linear
+        weight = prepare(layer.int8_codes(), scale, layer.bias)
+    elif onednn_int8_available():
         weight = prepare_int8_conv(g.weight(layer.int8_codes()), scale, layer.bias, g.stride,
                                    g.padding, g.dilation, g.groups, g.transposed,
                                    g.output_padding)  # fmt: skip
+    else:
+        weight = prepare_panel_conv(g.weight(layer.int8_codes()), scale, layer.bias, g.stride,
+                                    g.padding, g.dilation, g.transposed,
+                                    g.output_padding)  # fmt: skip
     static = None if layer.act.dynamic else QParams(layer.act_scale, layer.act_zero)
     shape = (layer.out_features, layer.in_features)
     return Int8TensorKernel(weight, g, shape, layer.act, static, layer.bias)

@@ -1,4 +1,6 @@
-// W8A8 on AVX2: int8 weights x symmetric int8 per-token activations, exact int32 sums.
+// W8A8 on AVX2: int8 weights x symmetric int8 per-token activations, exact int32 sums. The
+// product itself (tile, epilogue) is in int8_panels.h, shared with the convolutions of
+// int8_conv.cpp.
 //
 // Why hand-written: fbgemm (torch's int8 GEMM) multiplies uint8 activations by int8 weights
 // with vpmaddubsw on CPUs without VNNI, whose int16 pair sums saturate on full 8-bit codes, so
@@ -20,25 +22,20 @@
 // 7's; the last step holds the 8 rows' corrections (int32, sum of |w| over w < 0). One 32-byte
 // load is 8 columns x 4 inputs, one broadcast of 4 activation bytes meets all 8 columns, and
 // vpmaddubsw + vpmaddwd(ones) leave the 8 column sums of 4 products in int32 lanes.
+// A call of kWideRows rows or more first widens each group of panels into |w| and the sign
+// mask side by side (int8_panels.h: no vpabsb / vpcmpgtb in the tile's steps).
 #include <torch/library.h>
 
 #include <cmath>
 
 #include "common.h"
+#include "int8_panels.h"
 
 using namespace lowbit_kernels;
 
 namespace {
 
-constexpr int64_t kPanel = 8;     // weight rows per panel: one ymm of int32 sums
-// Register tile: 3 activation rows x 2 panels = 6 int32 sums, 2 weights' absolute values and
-// 2 sign masks, one broadcast, one signed copy, the ones and a zero: 14 of AVX2's 16 registers
-// (4 x 2 spills sums to the stack, which ran slower; measured).
-constexpr int64_t kRowsTile = 3;
-constexpr int kPanels = 2;
-// Activation codes per block of rows: about half of a 512 KB L2, so a block's codes stay there
-// while every panel streams past them once.
-constexpr int64_t kCodesBlock = 1 << 17;
+using namespace lowbit_kernels::panels;
 
 // x (M, K) -> codes q (M, Kp) int8 and per-row scales: q = round(x * (127 / absmax)) (to
 // even, as _mm256_cvtps_epi32 rounds), s = absmax / 127; padded inputs get code 0. A row whose
@@ -81,84 +78,6 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* q
   });
 }
 
-// Sums of R activation rows (stride Kp) against P panels (P * 8 columns), over Kp / 4 steps,
-// in out. Not inlined, and the sums local: inlined into its caller, g++ 12 kept one of the 6
-// sums on the stack (a store-forwarding chain at every step: slower than the vpsignb form).
-template <int R, int P>
-__attribute__((noinline)) void tile(const int8_t* q, int64_t Kp, const int8_t* panel,
-                                    int64_t panel_bytes, __m256i out[R][P]) {
-  const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();
-  __m256i acc[R][P];
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_si256();
-  for (int64_t s = 0; s < Kp / 4; ++s) {
-    __m256i aw[P], neg[P];
-    for (int p = 0; p < P; ++p) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * panel_bytes + 32 * s));
-      aw[p] = _mm256_abs_epi8(w);
-      neg[p] = _mm256_cmpgt_epi8(zero, w);
-    }
-    for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, q + r * Kp + 4 * s, 4);
-      const __m256i a = _mm256_set1_epi32(four);
-      for (int p = 0; p < P; ++p) {
-        const __m256i sa = _mm256_xor_si256(a, neg[p]);  // a where w >= 0, -a - 1 where w < 0
-        acc[r][p] = _mm256_add_epi32(acc[r][p], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[p], sa), ones));
-      }
-    }
-  }
-  for (int p = 0; p < P; ++p) {  // the corrections: the exact sums
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * panel_bytes + 8 * Kp));
-    for (int r = 0; r < R; ++r) out[r][p] = _mm256_add_epi32(acc[r][p], c);
-  }
-}
-
-// y[m, n] = (float(sum) * s_x[m]) * s_w[n] for the tile's rows and columns; a last panel of
-// fewer than 8 real columns (N not a multiple of 8) is written through a small buffer.
-template <int R, int P>
-inline void store(const __m256i acc[R][P], const float* sx, const float* sw, int64_t n0,
-                  int64_t N, float* y) {
-  for (int p = 0; p < P; ++p) {
-    const int64_t n = n0 + p * kPanel, cols = std::min<int64_t>(kPanel, N - n);
-    float wbuf[kPanel] = {0.f};
-    std::memcpy(wbuf, sw + n, cols * sizeof(float));
-    const __m256 ws = _mm256_loadu_ps(wbuf);
-    for (int r = 0; r < R; ++r) {
-      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][p]), _mm256_set1_ps(sx[r])), ws);
-      if (cols == kPanel) {
-        _mm256_storeu_ps(y + r * N + n, v);
-      } else {
-        float out[kPanel];
-        _mm256_storeu_ps(out, v);
-        std::memcpy(y + r * N + n, out, cols * sizeof(float));
-      }
-    }
-  }
-}
-
-template <int P>
-void rows_against_panels(const int8_t* q, const float* sx, int64_t M, int64_t Kp,
-                         const int8_t* panel, const float* sw, int64_t n0, int64_t N, float* y) {
-  const int64_t panel_bytes = kPanel * Kp + 32;
-  int64_t m = 0;
-  for (; m + kRowsTile <= M; m += kRowsTile) {
-    __m256i acc[kRowsTile][P];
-    tile<kRowsTile, P>(q + m * Kp, Kp, panel, panel_bytes, acc);
-    store<kRowsTile, P>(acc, sx + m, sw, n0, N, y + m * N);
-  }
-  if (M - m == 2) {  // the last rows: one pass over the panels for both
-    __m256i acc[2][P];
-    tile<2, P>(q + m * Kp, Kp, panel, panel_bytes, acc);
-    store<2, P>(acc, sx + m, sw, n0, N, y + m * N);
-  } else if (M - m == 1) {
-    __m256i acc[1][P];
-    tile<1, P>(q + m * Kp, Kp, panel, panel_bytes, acc);
-    store<1, P>(acc, sx + m, sw, n0, N, y + m * N);
-  }
-}
-
-
 }  // namespace
 
 namespace lowbit_kernels {
@@ -185,17 +104,9 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
   const int64_t block = std::max<int64_t>(8 * kRowsTile, (kCodesBlock / Kp) / kRowsTile * kRowsTile);
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
-    const auto panels_of = [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = kPanels * p * kPanel;
-        const int8_t* panel = wp + (n0 / kPanel) * (kPanel * Kp + 32);
-        const int8_t* qm = q.data() + m0 * Kp;
-        const int64_t left = (Np - n0) / kPanel;
-        if (left >= kPanels)
-          rows_against_panels<kPanels>(qm, sx.data() + m0, rows, Kp, panel, sw, n0, N, yp + m0 * N);
-        else
-          rows_against_panels<1>(qm, sx.data() + m0, rows, Kp, panel, sw, n0, N, yp + m0 * N);
-      }
+    const Epilogue e{sx.data(), true, sw, nullptr, nullptr};
+    const auto panels_of = [&](int64_t g0, int64_t g1) {
+      rows_against_all(q.data() + m0 * Kp, rows, Kp, wp, Np, e, m0, g0, g1, N, yp + m0 * N);
     };
     if (M <= kGemvMaxM)  // decode-sized: the spinning pool (pool.h)
       lowbit_kernels::parallel_for(0, groups, 1, panels_of);

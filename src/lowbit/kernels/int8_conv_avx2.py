@@ -1,0 +1,91 @@
+"""W8A8 with per-tensor activations on CPUs without VNNI: int8 per-output-channel weights ×
+8-bit per-tensor input codes, exact int32 sums, float32 output, through lowbit's AVX2 kernel
+(``csrc/int8_conv.cpp``: im2col rows a block at a time against the weight panels of
+``csrc/int8_gemm.cpp``, whose product cannot saturate).
+
+The same arithmetic as :mod:`lowbit.kernels.int8_conv` (oneDNN's, on VNNI CPUs): the input's
+codes from :func:`lowbit.kernels.int8_conv.input_codes`, ``conv((u - z)·s_x, w·s_w) + bias``
+with the integer sums exact, so a model's outputs agree with its reference path up to float32
+rounding on either CPU. Plain convolutions with one group (any stride, padding, dilation);
+transposed ones as one plain convolution over their output phases
+(:func:`lowbit.kernels.int8_conv.transposed_as_phases`); a linear as a 1x1 convolution of its
+rows. Grouped convolutions keep the weight-only module's float path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.formats.spec import ActivationSpec
+from lowbit.kernels.int8 import pack_panels
+from lowbit.kernels.int8_conv import Phases, as_plain, extra_inputs, input_codes, interleave
+from lowbit.primitives import QParams
+
+
+@dataclass
+class PanelConv:
+    """The weight codes as AVX2 panels (inputs ordered (ky, kx, channel)), per-output-channel
+    fp32 scales, each output channel's code sum (int32), the bias and the geometry (for a
+    transposed convolution, that of its phases)."""
+
+    panels: Tensor
+    scale: Tensor
+    sums: Tensor
+    bias: Tensor | None
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    phases: Phases | None = None
+
+
+def prepare_panel_conv(codes: Tensor, scale: Tensor, bias: Tensor | None,
+                       stride: tuple[int, int], padding: tuple[int, int],
+                       dilation: tuple[int, int], transposed: bool = False,
+                       output_padding: tuple[int, int] = (0, 0)) -> PanelConv:  # fmt: skip
+    """Pack int8 weight codes in the layer's own layout ((out, in, kh, kw), or (in, out, kh, kw)
+    transposed; one group) with per-output-channel scales."""
+    codes, scale, bias, stride, padding, dilation, phases = as_plain(
+        codes, scale, bias, stride, padding, dilation, transposed, output_padding)  # fmt: skip
+    codes = codes.to(torch.int8)
+    rows = codes.permute(0, 2, 3, 1).reshape(codes.shape[0], -1)  # (out, kh·kw·in)
+    sums = rows.int().sum(1, dtype=torch.int32)
+    return PanelConv(pack_panels(rows.contiguous()), scale, sums, bias,
+                     tuple(codes.shape[-2:]), tuple(stride), tuple(padding),
+                     tuple(dilation), phases)  # fmt: skip
+
+
+def prepare_panel_linear(codes: Tensor, scale: Tensor, bias: Tensor | None) -> PanelConv:
+    """A linear's int8 codes (out, in) as a 1x1 convolution's."""
+    return prepare_panel_conv(codes[:, :, None, None], scale, bias, (1, 1), (0, 0), (1, 1))
+
+
+def panel_conv(x: Tensor, qp: QParams, spec: ActivationSpec, weight: PanelConv) -> Tensor:
+    """``conv((codes - zero)·scale, W) + bias`` for float32 ``x`` (N, C, H, W) rounded to the
+    per-tensor grid ``qp``; float32 out, channels-last."""
+    codes = input_codes(x.float().contiguous(memory_format=torch.channels_last), qp, spec)
+    zero, phases = int(qp.zero), weight.phases
+    if phases is not None and any(more := extra_inputs(phases, x.shape)):
+        codes = torch.nn.functional.pad(codes, (0, more[1], 0, more[0]), value=zero)
+    y = torch.ops.lowbit_cpu.int8_conv_panels(
+        codes, weight.kernel, weight.stride, weight.padding, weight.dilation, zero,
+        float(qp.scale), weight.panels, weight.scale, weight.sums, weight.bias,
+    )  # fmt: skip
+    return y if phases is None else interleave(y, x.shape, phases)
+
+
+def panel_linear(x: Tensor, qp: QParams, spec: ActivationSpec, weight: PanelConv) -> Tensor:
+    """``((codes - zero)·scale) @ Wᵀ + bias`` for float32 ``x`` (..., in): its rows as the
+    pixels of a 1x1 convolution (a channels-last (M, in, 1, 1) view of the same memory)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.float().reshape(-1, k).contiguous()
+    pixels = rows.view(-1, 1, 1, k).permute(0, 3, 1, 2)
+    y = panel_conv(pixels, qp, spec, weight)  # (M, out, 1, 1) channels-last: (M, out) memory
+    return y.permute(0, 2, 3, 1).reshape(*lead, -1)
+
+
+__all__ = ["PanelConv", "panel_conv", "panel_linear", "prepare_panel_conv",
+           "prepare_panel_linear"]  # fmt: skip
