@@ -10,7 +10,9 @@ One denoising step = one UNet call at batch 1 on a 64 x 64 x 4 latent, timestep 
 ``--rounds``. "out SQNR" compares the variant's output with the float one on that input: with
 random weights it measures rounding, not image quality. Each quantized copy then runs as
 `lowbit eval` runs a saved model (`use_kernels`, the counts printed): W8A8 convolutions on
-oneDNN's integer convolution where the CPU has VNNI (AVX-512's or AVX-VNNI), weight-only
+oneDNN's integer convolution where the CPU has VNNI (AVX-512's or AVX-VNNI), on lowbit's AVX2
+integer convolution elsewhere (``w8a8-conv-avx2``; ``LOWBIT_KERNEL_ISA=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` holds a VNNI CPU to that path), weight-only
 linears on lowbit's kernels, weight-only convolutions dequantized in one native pass per call
 into torch's float convolution (``w8a16-conv`` / ``w4a16-conv``; im2col + GEMM where few output
 positions share the weight, see lowbit.nn.kernel_conv), every other layer on the reference
