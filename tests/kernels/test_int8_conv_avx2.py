@@ -34,18 +34,20 @@ def _exact(x, qp, codes, scale, bias, transposed=False, **geometry):
 
 
 @pytest.mark.parametrize(
-    ("cin", "cout", "k", "stride", "padding", "dilation"),
-    [(3, 16, 3, 1, 0, 1),  # the first layer of an image model: 27 inputs per output
-     (32, 13, 3, 1, 1, 1),  # a last panel of 5 real columns
-     (17, 40, 3, 2, 1, 1),
-     (8, 24, 5, 2, 3, 2),  # dilated, padded wider than the taps reach
-     (5, 7, 1, 1, 0, 1)],
+    ("cin", "cout", "k", "stride", "padding", "dilation", "groups"),
+    [(3, 16, 3, 1, 0, 1, 1),  # the first layer of an image model: 27 inputs per output
+     (32, 13, 3, 1, 1, 1, 1),  # a last panel of 5 real columns
+     (17, 40, 3, 2, 1, 1, 1),
+     (8, 24, 5, 2, 3, 2, 1),  # dilated, padded wider than the taps reach
+     (5, 7, 1, 1, 0, 1, 1),
+     (16, 32, 3, 1, 1, 1, 2),  # two groups of 16 outputs
+     (12, 36, 3, 2, 1, 1, 3)],  # three groups of 12: each group's last panel 4 columns short
 )  # fmt: skip
 @pytest.mark.parametrize("zero", [0, 128, 255])
-def test_convolution_equals_the_exact_sums(cin, cout, k, stride, padding, dilation, zero):
+def test_convolution_equals_the_exact_sums(cin, cout, k, stride, padding, dilation, groups, zero):
     g = torch.Generator().manual_seed(cin * cout + zero)
     # the worst case for a saturating product: codes at both ends of the grid
-    codes = torch.randint(-128, 128, (cout, cin, k, k), generator=g, dtype=torch.int8)
+    codes = torch.randint(-128, 128, (cout, cin // groups, k, k), generator=g, dtype=torch.int8)
     codes[0] = -128
     codes[1:2] = 127
     scale, bias = torch.rand(cout, generator=g) / 50 + 1e-3, torch.randn(cout, generator=g)
@@ -53,8 +55,9 @@ def test_convolution_equals_the_exact_sums(cin, cout, k, stride, padding, dilati
     x[0, :, :4] = 1e3  # inputs clipped to code 255 and to 0
     x[1, :, :4] = -1e3
     qp = _qp(0.03, zero)
-    geometry = dict(stride=stride, padding=padding, dilation=dilation)
-    weight = prepare_panel_conv(codes, scale, bias, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    weight = prepare_panel_conv(codes, scale, bias, (stride,) * 2, (padding,) * 2, (dilation,) * 2,
+                                groups=groups)  # fmt: skip
     got = panel_conv(x, qp, ASYM, weight)
     want = _exact(x, qp, codes, scale, bias, **geometry)
     assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
@@ -93,19 +96,11 @@ def test_bad_calls_get_clear_errors():
     codes = torch.randint(-128, 128, (8, 4, 3, 3), dtype=torch.int8)
     weight = prepare_panel_conv(codes, torch.ones(8), None, (1, 1), (0, 0), (1, 1))
     u = torch.zeros(1, 5, 6, 6, dtype=torch.uint8)  # 5 channels against a 4-channel kernel
+    args = (weight.panels, weight.scale, weight.sums, None)
+    geometry = ([3, 3], [1, 1], [0, 0], [1, 1])
     with pytest.raises(RuntimeError, match="do not fit together"):
-        torch.ops.lowbit_cpu.int8_conv_panels(
-            u,
-            [3, 3],
-            [1, 1],
-            [0, 0],
-            [1, 1],
-            0,
-            1.0,
-            weight.panels,
-            weight.scale,
-            weight.sums,
-            None,
-        )
+        torch.ops.lowbit_cpu.int8_conv_panels(u, *geometry, 1, 0, 1.0, *args)
+    with pytest.raises(RuntimeError, match="divide into the groups"):
+        torch.ops.lowbit_cpu.int8_conv_panels(u, *geometry, 2, 0, 1.0, *args)
     with pytest.raises(RuntimeError, match="smaller than the kernel"):
         panel_conv(torch.zeros(1, 4, 2, 2), _qp(1.0, 0), ASYM, weight)

@@ -18,4 +18,6 @@ def suffix(request, monkeypatch) -> str:
     if not native_ops():
         pytest.skip("lowbit's C++ kernels are not built on this machine")
     monkeypatch.setattr(kernel_tensor, "onednn_int8_available", lambda: False)
+    # the tests' layers are small: each takes the kernel (the rule is tested on its own)
+    monkeypatch.setattr(kernel_tensor, "PANEL_MIN_INPUTS", 1)
     return "-avx2"

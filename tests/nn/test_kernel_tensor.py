@@ -14,15 +14,15 @@ from lowbit.calibration import image_calibration
 from lowbit.errors import LowbitError
 from lowbit.eval.size import model_size
 from lowbit.models import use_kernels
-from lowbit.nn import Int8TensorKernel, QuantConv, QuantLinear
+from lowbit.nn import Int8TensorKernel, QuantConv, QuantLinear, kernel_tensor
 from lowbit.nn.kernel_tensor import tensor_eligible, tensor_kernel_module
 
 W8 = {"bits": 8, "group_size": -1, "symmetric": True}
 STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
 
 
-def quantized(weights: dict, acts: dict | None) -> nn.Module:
-    model = convnet()
+def quantized(weights: dict, acts: dict | None, model: nn.Module | None = None) -> nn.Module:
+    model = convnet() if model is None else model
     images = image_calibration(torch.rand(4, 3, 10, 10), "noise")
     api.quantize(model, make_recipe(weights, acts, ignore=()), images, progress=False)
     return model
@@ -32,15 +32,8 @@ def quantized(weights: dict, acts: dict | None) -> nn.Module:
 def test_w8a8_convolutions_take_the_integer_path(acts, suffix):
     model = quantized(W8, acts)
     fast = copy.deepcopy(model)
-    counts = use_kernels(fast)
-    if suffix:  # lowbit's AVX2 kernel takes one group only: the grouped convolution (the
-        # second) runs on the weight-only module with its static input range rounded as the
-        # reference rounds it, or (dynamic ranges) on the reference path
-        grouped = "reference" if acts["dynamic"] else "w8a8-float-conv"
-        assert counts == {"w8a8-conv-avx2": 2, grouped: 1}
-    else:
-        assert counts == {"w8a8-conv": 3}
-    assert all(isinstance(fast[i], Int8TensorKernel) for i in ((0, 4) if suffix else (0, 2, 4)))
+    assert use_kernels(fast) == {f"w8a8-conv{suffix}": 3}  # a plain, a grouped, a transposed
+    assert all(isinstance(fast[i], Int8TensorKernel) for i in (0, 2, 4))
     x = torch.rand(2, 3, 10, 12)
     with torch.inference_mode():
         want, got = model(x), fast(x)
@@ -50,6 +43,60 @@ def test_w8a8_convolutions_take_the_integer_path(acts, suffix):
     assert model_size(fast).quantized_weights == model_size(model).quantized_weights
     with pytest.raises(LowbitError, match=r"expected \(N, 3, H, W\)"):
         fast(torch.rand(1, 4, 8, 8))
+
+
+def test_layers_with_too_many_inputs_keep_the_float_path(suffix, monkeypatch):
+    """lowbit's AVX2 kernel keeps its int32 sums exact up to PANEL_MAX_INPUTS inputs per output
+    (the op refuses more): a wider layer takes the weight-only module's float path instead of
+    failing mid-run. Checked with the limit lowered between the grouped layer's 72 inputs and
+    the transposed one's 512."""
+    if not suffix:
+        pytest.skip("oneDNN's kernel has no such limit here")
+    monkeypatch.setattr(kernel_tensor, "PANEL_MAX_INPUTS", 100)
+    model = quantized(W8, STATIC)
+    fast = copy.deepcopy(model)
+    assert use_kernels(fast) == {"w8a8-float-conv": 1, "w8a8-conv-avx2": 2}
+    x = torch.rand(2, 3, 10, 12)
+    with torch.inference_mode():
+        want, got = model(x), fast(x)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_without_vnni_a_depthwise_convolution_keeps_the_float_path(suffix, dynamic):
+    """A panel holds 8 outputs: a layer with fewer per group would compute 8x its products on
+    lowbit's AVX2 kernel, so there it keeps the weight-only module's float path (its static
+    input rounded as the reference rounds it), or with dynamic inputs the reference path."""
+    if not suffix:
+        pytest.skip("oneDNN's kernel takes depthwise layers")
+    torch.manual_seed(0)
+    depthwise = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(8, 16, 3, padding=1, groups=4)).eval()  # fmt: skip
+    acts = {**STATIC, "dynamic": True, "symmetric": True} if dynamic else STATIC
+    model = quantized(W8, acts, depthwise)
+    fast = copy.deepcopy(model)
+    other = "reference" if dynamic else "w8a8-float-conv"
+    assert use_kernels(fast) == {"w8a8-conv-avx2": 1, other: 1}
+    x = torch.rand(2, 3, 9, 7)
+    with torch.inference_mode():
+        want, got = model(x), fast(x)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_without_vnni_layers_with_few_inputs_keep_the_float_path(suffix, monkeypatch):
+    """With a static range, a convolution with fewer than PANEL_MIN_INPUTS inputs per output
+    (the phases' for a transposed one: 32 x 2 x 2 = 128 here) runs on the weight-only module's
+    float path, as fast or faster there; with dynamic ranges, which that path does not take, on
+    the kernel."""
+    if not suffix:
+        pytest.skip("oneDNN's kernel takes every layer")
+    monkeypatch.setattr(kernel_tensor, "PANEL_MIN_INPUTS", 128)  # the real limit: 256
+    model = quantized(W8, STATIC)  # 27, 72 and 128 inputs per output
+    assert use_kernels(copy.deepcopy(model)) == {"w8a8-float-conv": 2, "w8a8-conv-avx2": 1}
+    dynamic = quantized(W8, {**STATIC, "dynamic": True, "symmetric": True})
+    assert use_kernels(dynamic) == {"w8a8-conv-avx2": 3}
+    monkeypatch.setattr(kernel_tensor, "PANEL_MIN_INPUTS", 256)
+    assert use_kernels(model) == {"w8a8-float-conv": 3}
 
 
 @pytest.mark.parametrize(

@@ -199,7 +199,7 @@ def affine_conv_module(layer: QuantConv) -> AffineKernelConv | None:
     codes and bytes, rows reordered, so that few input pixels take one GEMM (:meth:`_col2im`).
 
     A W8A8 convolution (one static 8-bit input range) that no integer convolution takes (a
-    grouped one on a CPU without VNNI: :func:`lowbit.nn.kernel_tensor.tensor_eligible`) runs
+    depthwise one on a CPU without VNNI: :func:`lowbit.nn.kernel_tensor.tensor_eligible`) runs
     here too, its input rounded as the reference rounds it (one native pass,
     ``lowbit_cpu::fake_quantize_u8``; the reference rounds in seven torch passes and
     dequantizes the weight with the general primitives). ``benchmarks/conv_speed.py`` on the

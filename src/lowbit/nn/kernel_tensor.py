@@ -3,12 +3,13 @@
 :func:`lowbit.models.use_kernels` swaps each eligible QuantConv or QuantLinear for an
 :class:`Int8TensorKernel` at load time (int8 symmetric per-output-channel weights, 8-bit
 per-tensor activations, static or dynamic; a linear, a ``Conv2d``, or a ``ConvTranspose2d``
-without groups or dilation) at load time. Two kernels compute it, with the same integer sums:
-oneDNN's (:mod:`lowbit.kernels.int8_conv`) on CPUs with VNNI, where it is exact; lowbit's AVX2
-kernel (:mod:`lowbit.kernels.int8_conv_avx2`) on the others (one group only: a grouped
-convolution there takes the weight-only module's float path, see
-:func:`lowbit.nn.kernel_conv.affine_conv_module`). Every other such layer keeps its reference
-path.
+without groups or dilation). Two kernels compute it, with the same integer sums: oneDNN's
+(:mod:`lowbit.kernels.int8_conv`) on CPUs with VNNI, where it is exact; lowbit's AVX2 kernel
+(:mod:`lowbit.kernels.int8_conv_avx2`) on the others, except for layers with fewer than 8
+outputs per group (depthwise), more than 65,536 inputs per output, or a static range and fewer
+than 256 inputs per output (:func:`panels_pay`), which there take the weight-only module's
+float path (:func:`lowbit.nn.kernel_conv.affine_conv_module`). Every other such layer keeps
+its reference path.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from lowbit.kernels.int8_conv import (
     prepare_int8_linear,
 )
 from lowbit.kernels.int8_conv_avx2 import (
+    PANEL_MAX_INPUTS,
+    PANEL_MIN_GROUP_OUTPUTS,
+    PANEL_MIN_INPUTS,
     PanelConv,
     panel_conv,
+    panel_inputs,
     panel_linear,
     prepare_panel_conv,
     prepare_panel_linear,
@@ -125,7 +130,23 @@ def tensor_eligible(layer: QuantLinear) -> bool:
                and spec.granularity == "channel" and not spec.lorc_rank)  # fmt: skip
     if not weights:
         return False
-    return onednn_int8_available() or (native_ops() and (g is None or g.groups == 1))
+    if onednn_int8_available():
+        return True
+    return native_ops() and layer.in_features <= PANEL_MAX_INPUTS and panels_pay(layer, g)
+
+
+def panels_pay(layer: QuantLinear, g: ConvGeometry | None) -> bool:
+    """Whether lowbit's AVX2 kernel is worth taking for this layer (see
+    :mod:`lowbit.kernels.int8_conv_avx2`): a convolution with fewer than 8 outputs per group
+    (depthwise) never; one with few inputs per output only where no float path takes it (a
+    dynamic or per-timestep input range)."""
+    if g is None:
+        return True
+    if g.groups > 1 and g.out_channels // g.groups < PANEL_MIN_GROUP_OUTPUTS:
+        return False
+    inputs = panel_inputs(g.in_channels, g.kernel_size, g.stride, g.groups, g.transposed)
+    static = not layer.act.dynamic and layer.act_scale.numel() == 1
+    return inputs >= PANEL_MIN_INPUTS or not static
 
 
 def tensor_kernel_module(layer: QuantLinear) -> Int8TensorKernel | None:
@@ -144,8 +165,8 @@ def tensor_kernel_module(layer: QuantLinear) -> Int8TensorKernel | None:
                                    g.output_padding)  # fmt: skip
     else:
         weight = prepare_panel_conv(g.weight(layer.int8_codes()), scale, layer.bias, g.stride,
-                                    g.padding, g.dilation, g.transposed,
-                                    g.output_padding)  # fmt: skip
+                                    g.padding, g.dilation, g.transposed, g.output_padding,
+                                    g.groups)  # fmt: skip
     static = None if layer.act.dynamic else QParams(layer.act_scale, layer.act_zero)
     shape = (layer.out_features, layer.in_features)
     return Int8TensorKernel(weight, g, shape, layer.act, static, layer.bias)

@@ -104,7 +104,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& panels,
   const int64_t block = std::max<int64_t>(8 * kRowsTile, (kCodesBlock / Kp) / kRowsTile * kRowsTile);
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
-    const Epilogue e{sx.data(), true, sw, nullptr, nullptr};
+    const Epilogue e{sx.data(), true, sw, nullptr, nullptr, N};
     const auto panels_of = [&](int64_t g0, int64_t g1) {
       rows_against_all(q.data() + m0 * Kp, rows, Kp, wp, Np, e, m0, g0, g1, N, yp + m0 * N);
     };

@@ -18,13 +18,15 @@ constexpr int kPanels = 2;
 constexpr int64_t kCodesBlock = 1 << 17;
 
 // What the tile's int32 sums become: y[m, n] = float(sum + add[n]) * sx * sw[n] (+ bias[n]);
-// sx per row (per-token codes) or one for all (per-tensor codes); add and bias may be null.
+// sx per row (per-token codes) or one for all (per-tensor codes); add and bias may be null;
+// ldy: y's row stride (N, or more where y is one group's columns of a wider output).
 struct Epilogue {
   const float* sx;
   bool sx_per_row;
   const float* sw;
   const int32_t* add;
   const float* bias;
+  int64_t ldy;
 };
 
 // Sums of R activation rows (stride Kp) against P panels (P * 8 columns), over Kp / 4 steps,
@@ -117,18 +119,18 @@ inline void store(const __m256i acc[R][P], const Epilogue& e, int64_t m0, int64_
       __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), sx), ws);
       if (e.bias) v = _mm256_add_ps(v, bias);
       if (cols == kPanel) {
-        _mm256_storeu_ps(y + r * N + n, v);
+        _mm256_storeu_ps(y + r * e.ldy + n, v);
       } else {
         float out[kPanel];
         _mm256_storeu_ps(out, v);
-        std::memcpy(y + r * N + n, out, cols * sizeof(float));
+        std::memcpy(y + r * e.ldy + n, out, cols * sizeof(float));
       }
     }
   }
 }
 
 // Rows m0.. m0 + M of the codes q (M rows at stride Kp, row m0 first) against P panels from
-// column n0 (stored, or widened), into y (row m0 first, N columns).
+// column n0 (stored, or widened), into y (row m0 first, N columns at stride e.ldy).
 template <int P, bool Wide>
 void rows_against_panels(const int8_t* q, int64_t M, int64_t Kp, const int8_t* panel,
                          const Epilogue& e, int64_t m0, int64_t n0, int64_t N, float* y) {
@@ -137,21 +139,22 @@ void rows_against_panels(const int8_t* q, int64_t M, int64_t Kp, const int8_t* p
   for (; m + kRowsTile <= M; m += kRowsTile) {
     __m256i acc[kRowsTile][P];
     tile<kRowsTile, P, Wide>(q + m * Kp, Kp, panel, panel_bytes, acc);
-    store<kRowsTile, P>(acc, e, m0 + m, n0, N, y + m * N);
+    store<kRowsTile, P>(acc, e, m0 + m, n0, N, y + m * e.ldy);
   }
   if (M - m == 2) {  // the last rows: one pass over the panels for both
     __m256i acc[2][P];
     tile<2, P, Wide>(q + m * Kp, Kp, panel, panel_bytes, acc);
-    store<2, P>(acc, e, m0 + m, n0, N, y + m * N);
+    store<2, P>(acc, e, m0 + m, n0, N, y + m * e.ldy);
   } else if (M - m == 1) {
     __m256i acc[1][P];
     tile<1, P, Wide>(q + m * Kp, Kp, panel, panel_bytes, acc);
-    store<1, P>(acc, e, m0 + m, n0, N, y + m * N);
+    store<1, P>(acc, e, m0 + m, n0, N, y + m * e.ldy);
   }
 }
 
 // Rows of q (M at stride Kp) against the groups g0..g1 of kPanels panels (Np / 8 panels in all,
-// Np >= N), into y (M, N); with kWideRows rows or more, each group widened first.
+// Np >= N), into y (M rows of N columns at stride e.ldy); with kWideRows rows or more, each
+// group widened first.
 inline void rows_against_all(const int8_t* q, int64_t M, int64_t Kp, const int8_t* panels,
                              int64_t Np, const Epilogue& e, int64_t m0, int64_t g0, int64_t g1,
                              int64_t N, float* y) {
