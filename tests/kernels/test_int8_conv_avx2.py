@@ -92,6 +92,19 @@ def test_a_linear_is_a_one_by_one_convolution(lead):
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("slope", [0.0, 0.1, 1.0])
+def test_a_fused_leaky_relu_equals_the_activation_after(slope):
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-128, 128, (24, 8, 3, 3), generator=g, dtype=torch.int8)
+    scale, bias = torch.rand(24, generator=g) / 50, torch.randn(24, generator=g)
+    weight = prepare_panel_conv(codes, scale, bias, (1, 1), (1, 1), (1, 1))
+    x = torch.randn(2, 8, 7, 9, generator=g)
+    plain = panel_conv(x, _qp(0.02, 128), ASYM, weight)
+    assert plain.min() < 0
+    fused = panel_conv(x, _qp(0.02, 128), ASYM, weight, slope)
+    assert torch.equal(fused, torch.where(plain > 0, plain, plain * slope))
+
+
 def test_bad_calls_get_clear_errors():
     codes = torch.randint(-128, 128, (8, 4, 3, 3), dtype=torch.int8)
     weight = prepare_panel_conv(codes, torch.ones(8), None, (1, 1), (0, 0), (1, 1))
@@ -102,5 +115,7 @@ def test_bad_calls_get_clear_errors():
         torch.ops.lowbit_cpu.int8_conv_panels(u, *geometry, 1, 0, 1.0, *args)
     with pytest.raises(RuntimeError, match="divide into the groups"):
         torch.ops.lowbit_cpu.int8_conv_panels(u, *geometry, 2, 0, 1.0, *args)
+    with pytest.raises(RuntimeError, match="slope outside"):
+        torch.ops.lowbit_cpu.int8_conv_panels(u[:, :4], *geometry, 1, 0, 1.0, *args, 1.5)
     with pytest.raises(RuntimeError, match="smaller than the kernel"):
         panel_conv(torch.zeros(1, 4, 2, 2), _qp(1.0, 0), ASYM, weight)

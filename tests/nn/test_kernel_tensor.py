@@ -32,7 +32,10 @@ def quantized(weights: dict, acts: dict | None, model: nn.Module | None = None) 
 def test_w8a8_convolutions_take_the_integer_path(acts, suffix):
     model = quantized(W8, acts)
     fast = copy.deepcopy(model)
-    assert use_kernels(fast) == {f"w8a8-conv{suffix}": 3}  # a plain, a grouped, a transposed
+    counts = use_kernels(fast)  # a plain, a grouped, a transposed convolution
+    # lowbit's kernel runs the LeakyReLUs after the first two in its epilogue
+    fused = {"fused activations": 2} if suffix else {}
+    assert counts == {f"w8a8-conv{suffix}": 3, **fused}
     assert all(isinstance(fast[i], Int8TensorKernel) for i in (0, 2, 4))
     x = torch.rand(2, 3, 10, 12)
     with torch.inference_mode():
@@ -55,7 +58,8 @@ def test_layers_with_too_many_inputs_keep_the_float_path(suffix, monkeypatch):
     monkeypatch.setattr(kernel_tensor, "PANEL_MAX_INPUTS", 100)
     model = quantized(W8, STATIC)
     fast = copy.deepcopy(model)
-    assert use_kernels(fast) == {"w8a8-float-conv": 1, "w8a8-conv-avx2": 2}
+    counts = use_kernels(fast)
+    assert counts == {"w8a8-float-conv": 1, "w8a8-conv-avx2": 2, "fused activations": 2}
     x = torch.rand(2, 3, 10, 12)
     with torch.inference_mode():
         want, got = model(x), fast(x)
@@ -76,7 +80,7 @@ def test_without_vnni_a_depthwise_convolution_keeps_the_float_path(suffix, dynam
     model = quantized(W8, acts, depthwise)
     fast = copy.deepcopy(model)
     other = "reference" if dynamic else "w8a8-float-conv"
-    assert use_kernels(fast) == {"w8a8-conv-avx2": 1, other: 1}
+    assert use_kernels(fast) == {"w8a8-conv-avx2": 1, other: 1, "fused activations": 1}
     x = torch.rand(2, 3, 9, 7)
     with torch.inference_mode():
         want, got = model(x), fast(x)
@@ -94,9 +98,32 @@ def test_without_vnni_layers_with_few_inputs_keep_the_float_path(suffix, monkeyp
     model = quantized(W8, STATIC)  # 27, 72 and 128 inputs per output
     assert use_kernels(copy.deepcopy(model)) == {"w8a8-float-conv": 2, "w8a8-conv-avx2": 1}
     dynamic = quantized(W8, {**STATIC, "dynamic": True, "symmetric": True})
-    assert use_kernels(dynamic) == {"w8a8-conv-avx2": 3}
+    assert use_kernels(dynamic) == {"w8a8-conv-avx2": 3, "fused activations": 2}
     monkeypatch.setattr(kernel_tensor, "PANEL_MIN_INPUTS", 256)
     assert use_kernels(model) == {"w8a8-float-conv": 3}
+
+
+def test_activations_after_the_avx2_kernel_run_in_its_epilogue(suffix):
+    """A ReLU or LeakyReLU (slope 0 to 1) right after a layer on lowbit's AVX2 kernel, in an
+    nn.Sequential, runs in the kernel's epilogue; any other activation stays a module."""
+    if not suffix:
+        pytest.skip("oneDNN's path fuses nothing")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.LeakyReLU(0.2),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.Identity(), nn.ReLU(),  # past it
+                        nn.Conv2d(16, 16, 3, padding=1), nn.LeakyReLU(2.0),  # slope > 1: kept
+                        nn.Conv2d(16, 8, 3, padding=1), nn.GELU()).eval()  # fmt: skip
+    model = quantized(W8, STATIC, net)
+    fast = copy.deepcopy(model)
+    assert use_kernels(fast) == {"w8a8-conv-avx2": 4, "fused activations": 2}
+    assert isinstance(fast[1], nn.Identity) and isinstance(fast[4], nn.Identity)
+    assert isinstance(fast[6], nn.LeakyReLU) and isinstance(fast[8], nn.GELU)
+    assert (fast[0].slope, fast[2].slope, fast[5].slope) == (0.2, 0.0, None)
+    assert "then leaky_relu(0.2)" in repr(fast[0])
+    x = torch.rand(2, 3, 9, 11)
+    with torch.inference_mode():
+        want, got = model(x), fast(x)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 
 @pytest.mark.parametrize(

@@ -95,27 +95,30 @@ def prepare_panel_linear(codes: Tensor, scale: Tensor, bias: Tensor | None) -> P
     return prepare_panel_conv(codes[:, :, None, None], scale, bias, (1, 1), (0, 0), (1, 1))
 
 
-def panel_conv(x: Tensor, qp: QParams, spec: ActivationSpec, weight: PanelConv) -> Tensor:
+def panel_conv(x: Tensor, qp: QParams, spec: ActivationSpec, weight: PanelConv,
+               slope: float | None = None) -> Tensor:  # fmt: skip
     """``conv((codes - zero)·scale, W) + bias`` for float32 ``x`` (N, C, H, W) rounded to the
-    per-tensor grid ``qp``; float32 out, channels-last."""
+    per-tensor grid ``qp``; float32 out, channels-last; with ``slope`` (0 to 1), a LeakyReLU
+    of that slope (0: a ReLU) applied to it in the same pass."""
     codes = input_codes(x.float().contiguous(memory_format=torch.channels_last), qp, spec)
     zero, phases = int(qp.zero), weight.phases
     if phases is not None and any(more := extra_inputs(phases, x.shape)):
         codes = torch.nn.functional.pad(codes, (0, more[1], 0, more[0]), value=zero)
     y = torch.ops.lowbit_cpu.int8_conv_panels(
         codes, weight.kernel, weight.stride, weight.padding, weight.dilation, weight.groups,
-        zero, float(qp.scale), weight.panels, weight.scale, weight.sums, weight.bias,
+        zero, float(qp.scale), weight.panels, weight.scale, weight.sums, weight.bias, slope,
     )  # fmt: skip
     return y if phases is None else interleave(y, x.shape, phases)
 
 
-def panel_linear(x: Tensor, qp: QParams, spec: ActivationSpec, weight: PanelConv) -> Tensor:
+def panel_linear(x: Tensor, qp: QParams, spec: ActivationSpec, weight: PanelConv,
+                 slope: float | None = None) -> Tensor:  # fmt: skip
     """``((codes - zero)·scale) @ Wᵀ + bias`` for float32 ``x`` (..., in): its rows as the
     pixels of a 1x1 convolution (a channels-last (M, in, 1, 1) view of the same memory)."""
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.float().reshape(-1, k).contiguous()
     pixels = rows.view(-1, 1, 1, k).permute(0, 3, 1, 2)
-    y = panel_conv(pixels, qp, spec, weight)  # (M, out, 1, 1) channels-last: (M, out) memory
+    y = panel_conv(pixels, qp, spec, weight, slope)  # (M, out, 1, 1) channels-last: (M, out)
     return y.permute(0, 2, 3, 1).reshape(*lead, -1)
 
 

@@ -60,6 +60,9 @@ class Int8TensorKernel(nn.Module):
         self.geometry, self.act = geometry, act
         self.weight_int8 = weight  # not a buffer: oneDNN's packed copy is an opaque tensor
         self.panels = isinstance(weight, PanelConv)
+        # a following LeakyReLU's slope (0: ReLU) applied in the kernel's epilogue, set by
+        # lowbit.models.kernels.fuse_activations (the AVX2 kernel only)
+        self.slope: float | None = None
         self.register_buffer("act_scale", None if static is None else static.scale.clone())
         zero = None if static is None or static.zero is None else static.zero.clone()
         self.register_buffer("act_zero", zero)
@@ -98,21 +101,24 @@ class Int8TensorKernel(nn.Module):
                 raise LowbitError(f"expected (..., {self.in_features}), got a tensor of shape "
                                   f"{tuple(x.shape)}")  # fmt: skip
             qp = tensor_qparams(x, self.act, static)
-            linear = panel_linear if self.panels else int8_tensor_linear
-            return linear(x, qp, self.act, self.weight_int8).to(x.dtype)
+            if self.panels:
+                return panel_linear(x, qp, self.act, self.weight_int8, self.slope).to(x.dtype)
+            return int8_tensor_linear(x, qp, self.act, self.weight_int8).to(x.dtype)
         if x.dim() != 4 or x.shape[1] != g.in_channels:
             raise LowbitError(f"expected (N, {g.in_channels}, H, W), got a tensor of shape "
                               f"{tuple(x.shape)}")  # fmt: skip
         qp = tensor_qparams(x, self.act, static)
-        conv = panel_conv if self.panels else int8_conv
-        return conv(x, qp, self.act, self.weight_int8).to(x.dtype)
+        if self.panels:
+            return panel_conv(x, qp, self.act, self.weight_int8, self.slope).to(x.dtype)
+        return int8_conv(x, qp, self.act, self.weight_int8).to(x.dtype)
 
     def extra_repr(self) -> str:
         g = self.geometry
+        fused = "" if self.slope is None else f", then leaky_relu({self.slope:g})"
         if g is None:
-            return f"{self.in_features}, {self.out_features}, {self.kind}"
+            return f"{self.in_features}, {self.out_features}, {self.kind}{fused}"
         return (f"{g.in_channels}, {g.out_channels}, kernel={g.kernel_size}, stride={g.stride}, "
-                f"{self.kind}")  # fmt: skip
+                f"{self.kind}{fused}")  # fmt: skip
 
 
 def tensor_eligible(layer: QuantLinear) -> bool:

@@ -92,13 +92,15 @@ namespace lowbit_kernels {
 
 // u: uint8 (N, C, H, W) codes; panels: each group's pack_panels of its weight codes
 // (out / groups, kh, kw, C / groups), concatenated; w_sum: int32 (out,) each output channel's
-// sum of codes; bias: float32 (out,) or none. Returns float32 (N, out, OH, OW), channels-last.
+// sum of codes; bias: float32 (out,) or none; slope: a LeakyReLU's (0: a ReLU) applied to the
+// outputs, or none. Returns float32 (N, out, OH, OW), channels-last.
 at::Tensor int8_conv_panels(const at::Tensor& u_in, at::IntArrayRef kernel, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             int64_t zero, double x_scale, const at::Tensor& panels,
                             const at::Tensor& w_scale, const at::Tensor& w_sum,
-                            const std::optional<at::Tensor>& bias) {
+                            const std::optional<at::Tensor>& bias, std::optional<double> slope) {
   const char* op = "lowbit::int8_conv_panels";
+  TORCH_CHECK(!slope.has_value() || (*slope >= 0.0 && *slope <= 1.0), op, ": slope outside 0..1");
   TORCH_CHECK(u_in.dim() == 4 && u_in.scalar_type() == at::kByte, op, ": codes must be uint8 (N, C, H, W)");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               op, ": kernel, stride, padding and dilation take two values");
@@ -158,7 +160,8 @@ at::Tensor int8_conv_panels(const at::Tensor& u_in, at::IntArrayRef kernel, at::
       const int64_t m0 = bg / groups * block, m1 = std::min(M, m0 + block), n0 = G * Ng;
       if (bg != have) im2col_rows(up, g, G * g.Cg, m0, m1, Kp, pad, q.data());
       have = bg;
-      const Epilogue e{&sx, false, sw + n0, add.data() + n0, bp ? bp + n0 : nullptr, N};
+      const Epilogue e{&sx, false, sw + n0, add.data() + n0, bp ? bp + n0 : nullptr, N,
+                       slope.has_value(), static_cast<float>(slope.value_or(0.0))};
       rows_against_all(q.data(), m1 - m0, Kp, wp + G * (Np / kPanel) * panel_size(Kp, false), Np, e,
                        m0, pairs * c / chunks, pairs * (c + 1) / chunks, Ng, yp + m0 * N + n0);
     }
@@ -171,7 +174,7 @@ at::Tensor int8_conv_panels(const at::Tensor& u_in, at::IntArrayRef kernel, at::
 TORCH_LIBRARY_FRAGMENT(lowbit_cpu, m) {
   m.def("int8_conv_panels(Tensor u, int[] kernel, int[] stride, int[] padding, int[] dilation, "
         "int groups, int zero, float x_scale, Tensor panels, Tensor w_scale, Tensor w_sum, "
-        "Tensor? bias) -> Tensor");
+        "Tensor? bias, float? slope=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_cpu, CPU, m) {

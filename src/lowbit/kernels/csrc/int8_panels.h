@@ -19,7 +19,9 @@ constexpr int64_t kCodesBlock = 1 << 17;
 
 // What the tile's int32 sums become: y[m, n] = float(sum + add[n]) * sx * sw[n] (+ bias[n]);
 // sx per row (per-token codes) or one for all (per-tensor codes); add and bias may be null;
-// ldy: y's row stride (N, or more where y is one group's columns of a wider output).
+// ldy: y's row stride (N, or more where y is one group's columns of a wider output); with
+// leaky, then y = max(y, slope * y) (a LeakyReLU or, slope 0, a ReLU after the layer, fused:
+// 0 <= slope <= 1).
 struct Epilogue {
   const float* sx;
   bool sx_per_row;
@@ -27,6 +29,8 @@ struct Epilogue {
   const int32_t* add;
   const float* bias;
   int64_t ldy;
+  bool leaky = false;
+  float slope = 0.f;
 };
 
 // Sums of R activation rows (stride Kp) against P panels (P * 8 columns), over Kp / 4 steps,
@@ -118,6 +122,7 @@ inline void store(const __m256i acc[R][P], const Epilogue& e, int64_t m0, int64_
       const __m256i sum = e.add ? _mm256_add_epi32(acc[r][p], add) : acc[r][p];
       __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), sx), ws);
       if (e.bias) v = _mm256_add_ps(v, bias);
+      if (e.leaky) v = _mm256_max_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(e.slope)));
       if (cols == kPanel) {
         _mm256_storeu_ps(y + r * e.ldy + n, v);
       } else {
