@@ -126,6 +126,28 @@ def test_activations_after_the_avx2_kernel_run_in_its_epilogue(suffix):
     assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 
+def test_a_transposed_layer_on_the_kernel_feeds_one_on_the_float_path(suffix, monkeypatch):
+    """A transposed convolution's output is a cropped view of its phases; a transposed layer
+    on the weight-only float path (fewer inputs per output than PANEL_MIN_INPUTS, lowered here
+    between the two layers' 128 and 32) reads it as any input."""
+    if not suffix:
+        pytest.skip("oneDNN's kernel takes both layers")
+    monkeypatch.setattr(kernel_tensor, "PANEL_MIN_INPUTS", 64)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(32, 8, 4, stride=2, padding=1), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)).eval()  # fmt: skip
+    net.quantized_whole = True
+    images = image_calibration(torch.rand(4, 32, 5, 6), "noise")
+    api.quantize(net, make_recipe(W8, STATIC, ignore=()), images, progress=False)
+    fast = copy.deepcopy(net)
+    counts = use_kernels(fast)
+    assert counts == {"w8a8-conv-avx2": 1, "w8a8-float-conv": 1, "fused activations": 1}
+    x = torch.rand(2, 32, 5, 6)
+    with torch.inference_mode():
+        want, got = net(x), fast(x)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
 @pytest.mark.parametrize(
     ("weights", "acts"),
     [({"bits": 4, "group_size": -1, "symmetric": True}, STATIC),  # 4-bit weights

@@ -211,7 +211,8 @@ def rounded_input(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor:
     back in float, ``(codes - zero)·scale``: :func:`fake_quantize_static`'s numbers, in one pass
     (lowbit's C++ op) and ``x``'s memory layout where it is built."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and native_ops():
-        return torch.ops.lowbit_cpu.fake_quantize_u8(x, float(qp.scale), int(qp.zero))
+        # a cropped view (a transposed layer's interleaved phases) is copied first
+        return torch.ops.lowbit_cpu.fake_quantize_u8(_dense(x), float(qp.scale), int(qp.zero))
     return fake_quantize_static(x, qp, spec)
 
 
