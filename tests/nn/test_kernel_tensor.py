@@ -21,11 +21,22 @@ W8 = {"bits": 8, "group_size": -1, "symmetric": True}
 STATIC = {"bits": 8, "granularity": "tensor", "dynamic": False, "symmetric": False}
 
 
-def quantized(weights: dict, acts: dict | None, model: nn.Module | None = None) -> nn.Module:
+def quantized(weights: dict, acts: dict | None, model: nn.Module | None = None,
+              channels: int = 3) -> nn.Module:  # fmt: skip
     model = convnet() if model is None else model
-    images = image_calibration(torch.rand(4, 3, 10, 10), "noise")
+    model.quantized_whole = True
+    images = image_calibration(torch.rand(4, channels, 10, 10), "noise")
     api.quantize(model, make_recipe(weights, acts, ignore=()), images, progress=False)
     return model
+
+
+def swap_matches(model: nn.Module, counts: dict, x: torch.Tensor) -> None:
+    """``use_kernels`` on a copy swaps ``counts``, and the copy computes what the model does."""
+    fast = copy.deepcopy(model)
+    assert use_kernels(fast) == counts
+    with torch.inference_mode():
+        want, got = model(x), fast(x)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 
 @pytest.mark.parametrize("acts", [STATIC, {**STATIC, "dynamic": True, "symmetric": True}])
@@ -56,14 +67,8 @@ def test_layers_with_too_many_inputs_keep_the_float_path(suffix, monkeypatch):
     if not suffix:
         pytest.skip("oneDNN's kernel has no such limit here")
     monkeypatch.setattr(kernel_tensor, "PANEL_MAX_INPUTS", 100)
-    model = quantized(W8, STATIC)
-    fast = copy.deepcopy(model)
-    counts = use_kernels(fast)
-    assert counts == {"w8a8-float-conv": 1, "w8a8-conv-avx2": 2, "fused activations": 2}
-    x = torch.rand(2, 3, 10, 12)
-    with torch.inference_mode():
-        want, got = model(x), fast(x)
-    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    counts = {"w8a8-float-conv": 1, "w8a8-conv-avx2": 2, "fused activations": 2}
+    swap_matches(quantized(W8, STATIC), counts, torch.rand(2, 3, 10, 12))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -136,16 +141,8 @@ def test_a_transposed_layer_on_the_kernel_feeds_one_on_the_float_path(suffix, mo
     torch.manual_seed(0)
     net = nn.Sequential(nn.ConvTranspose2d(32, 8, 4, stride=2, padding=1), nn.ReLU(),
                         nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)).eval()  # fmt: skip
-    net.quantized_whole = True
-    images = image_calibration(torch.rand(4, 32, 5, 6), "noise")
-    api.quantize(net, make_recipe(W8, STATIC, ignore=()), images, progress=False)
-    fast = copy.deepcopy(net)
-    counts = use_kernels(fast)
-    assert counts == {"w8a8-conv-avx2": 1, "w8a8-float-conv": 1, "fused activations": 1}
-    x = torch.rand(2, 32, 5, 6)
-    with torch.inference_mode():
-        want, got = net(x), fast(x)
-    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    counts = {"w8a8-conv-avx2": 1, "w8a8-float-conv": 1, "fused activations": 1}
+    swap_matches(quantized(W8, STATIC, net, channels=32), counts, torch.rand(2, 32, 5, 6))
 
 
 @pytest.mark.parametrize(
