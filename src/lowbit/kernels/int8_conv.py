@@ -190,7 +190,7 @@ def int8_tensor_linear(x: Tensor, qp: QParams, spec: ActivationSpec,
                        weight: Int8TensorLinear) -> Tensor:  # fmt: skip
     """``((codes - zero)·scale) @ Wᵀ + bias`` for float32 ``x`` (..., in) rounded to the
     per-tensor grid ``qp``, as :func:`int8_conv` for a linear."""
-    codes = input_codes(_dense(x), qp, spec)
+    codes = input_codes(x, qp, spec)
     return torch.ops.onednn.qlinear_pointwise(
         codes, float(qp.scale), int(qp.zero), weight.packed, weight.scale, weight.zeros,
         weight.bias,
@@ -202,7 +202,7 @@ def input_codes(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor:
     """:func:`lowbit.primitives.activations.act_codes` in one pass (lowbit's C++ op) where it
     is built."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and native_ops():
-        return torch.ops.lowbit_cpu.quantize_u8(x, float(qp.scale), int(qp.zero))
+        return torch.ops.lowbit_cpu.quantize_u8(_dense(x), float(qp.scale), int(qp.zero))
     return act_codes(x, qp, spec)
 
 
@@ -211,7 +211,6 @@ def rounded_input(x: Tensor, qp: QParams, spec: ActivationSpec) -> Tensor:
     back in float, ``(codes - zero)·scale``: :func:`fake_quantize_static`'s numbers, in one pass
     (lowbit's C++ op) and ``x``'s memory layout where it is built."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and native_ops():
-        # a cropped view (a transposed layer's interleaved phases) is copied first
         return torch.ops.lowbit_cpu.fake_quantize_u8(_dense(x), float(qp.scale), int(qp.zero))
     return fake_quantize_static(x, qp, spec)
 
@@ -220,7 +219,7 @@ def int8_conv(x: Tensor, qp: QParams, spec: ActivationSpec, weight: Int8Conv) ->
     """``conv((codes - zero)·scale, W) + bias`` for float32 ``x`` (N, C, H, W) rounded to the
     per-tensor grid ``qp`` (:func:`lowbit.primitives.activations.tensor_qparams`); float32
     out (channels-last, as oneDNN writes it)."""
-    codes = input_codes(_dense(x), qp, spec)
+    codes = input_codes(x, qp, spec)
     zero, phases = int(qp.zero), weight.phases
     if phases is not None and any(more := extra_inputs(phases, x.shape)):
         codes = torch.nn.functional.pad(codes, (0, more[1], 0, more[0]), value=zero)
@@ -256,7 +255,9 @@ def interleave(y: Tensor, shape: torch.Size, phases: Phases) -> Tensor:
 
 
 def _dense(x: Tensor) -> Tensor:
-    """float32 ``x`` contiguous, kept channels-last where it is (oneDNN's outputs: no copy)."""
+    """float32 ``x`` contiguous, kept channels-last where it is (oneDNN's outputs: no copy); a
+    cropped view (a transposed layer's interleaved phases) is copied: the C++ ops read dense
+    tensors."""
     x = x.float()
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     return x if cl or x.is_contiguous() else x.contiguous()

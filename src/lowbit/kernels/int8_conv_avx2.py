@@ -6,7 +6,7 @@
 The same arithmetic as :mod:`lowbit.kernels.int8_conv` (oneDNN's, on VNNI CPUs): the input's
 codes from :func:`lowbit.kernels.int8_conv.input_codes`, ``conv((u - z)·s_x, w·s_w) + bias``
 with the integer sums exact, so a model's outputs agree with its reference path up to float32
-rounding on either CPU. Plain convolutions with one group (any stride, padding, dilation);
+rounding on either CPU. Plain convolutions (any stride, padding, dilation);
 transposed ones as one plain convolution over their output phases
 (:func:`lowbit.kernels.int8_conv.transposed_as_phases`); a linear as a 1x1 convolution of its
 rows. A grouped convolution runs one such product per group (its channels' rows against its

@@ -163,12 +163,16 @@ void rows_against_panels(const int8_t* q, int64_t M, int64_t Kp, const int8_t* p
 inline void rows_against_all(const int8_t* q, int64_t M, int64_t Kp, const int8_t* panels,
                              int64_t Np, const Epilogue& e, int64_t m0, int64_t g0, int64_t g1,
                              int64_t N, float* y) {
-  std::vector<int8_t> wide(M >= kWideRows ? kPanels * panel_size(Kp, true) : 0);
+  // one buffer per thread, kept between calls (no allocation or zeroing on this path)
+  thread_local std::vector<int8_t> wide;
+  const bool widen_first = M >= kWideRows;
+  if (widen_first && wide.size() < static_cast<size_t>(kPanels * panel_size(Kp, true)))
+    wide.resize(kPanels * panel_size(Kp, true));
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t n0 = kPanels * g * kPanel;
     const int8_t* panel = panels + (n0 / kPanel) * panel_size(Kp, false);
     const int count = (Np - n0) / kPanel >= kPanels ? kPanels : 1;
-    if (wide.empty()) {
+    if (!widen_first) {
       if (count == kPanels)
         rows_against_panels<kPanels, false>(q, M, Kp, panel, e, m0, n0, N, y);
       else
