@@ -135,6 +135,102 @@ def test_a_super_resolution_model_calibrates_on_the_users_images(monkeypatch, tm
     assert "takes no images" in capsys.readouterr().err
 
 
+def test_a_super_resolution_model_is_scored_on_the_users_images(small_sr, monkeypatch,
+                                                                 tmp_path, capsys):  # fmt: skip
+    """--images: each image's centre, downscaled 2x, upscaled by the model and compared with
+    the image (and with --ref's upscale); images of different sizes, one line each."""
+    from PIL import Image
+
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", small_sr)
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, shape in (("b.png", (48, 64, 3)), ("a.jpg", (90, 70, 3))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "sr"
+    assert main(["quantize", "waifu2x-upconv7", "--recipe", "conv-w8a8-static", "--out",
+                 str(out), "-q"]) == 0  # fmt: skip
+    capsys.readouterr()
+    grid = tmp_path / "grid.png"
+    argv = ["eval", str(out), "--images", str(folder), "--ref", "waifu2x-upconv7"]
+    assert main([*argv, "--crop", "64", "--json", "--grid", str(grid)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = result["per_image"]
+    assert result["images"] == 2 and [r["image"] for r in rows] == ["a.jpg", "b.png"]
+    assert result["psnr"] == pytest.approx((rows[0]["psnr"] + rows[1]["psnr"]) / 2)
+    assert all(r["psnr_ref"] > 20 and 0 < r["ref_psnr"] < 60 for r in rows)
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv, "--crop", "0"]) == 0  # whole images: other figures for a.jpg
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("a.jpg: PSNR") and "vs ground truth" in lines[0]
+    assert lines[2].startswith("2 images; PSNR") and "images/s" in lines[2]
+    assert f"{rows[1]['psnr']:.2f} dB" in lines[1]  # b.png is under 64 x 64: the same
+    bad = {("--crop", "5"): "--crop 5: give 32 or more", ("--fd",): "--fd compares"}
+    for extra, message in bad.items():
+        assert main([*argv, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["eval", "dcgan-faces", "--images", str(folder)]) == 2
+    assert "dcgan-faces takes no images" in capsys.readouterr().err
+    assert main(["eval", "smollm2-135m", "--images", str(folder)]) == 2
+    assert "--images is for image models" in capsys.readouterr().err
+
+
+def test_generate_writes_a_generators_samples_and_an_upscale(
+    random_gan, small_sr, monkeypatch, tmp_path, capsys
+):
+    """`lowbit generate` on image models: the PNGs hold the model's outputs, rounded to 8 bits
+    (a grid in one file, or a folder with its record); what does not apply is refused."""
+    from PIL import Image
+
+    from lowbit.eval.image import outputs
+    from lowbit.models import images
+
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", small_sr)
+    entry = images.image_models()["dcgan-faces"]
+    grid = tmp_path / "faces.png"
+    assert main(["generate", "dcgan-faces", "--count", "3", "--seed", "5", "--out", str(grid),
+                 "--json"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 3 and summary["size"] == [64, 64]
+    want = outputs(images.dcgan_faces(), entry.sample(3, 5), entry.output_range)
+    with Image.open(grid) as image:  # 2 x 2 cells, the last one empty
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    assert pixels.shape == (3, 128, 128) and int(pixels[:, 64:, 64:].max()) == 0
+    assert torch.equal(pixels[:, 64:, :64], want[2].mul(255).round().to(torch.uint8))
+    folder = tmp_path / "faces"
+    argv = ["generate", "dcgan-faces", "--count", "2", "--out", str(folder)]
+    assert main(argv) == 0
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["lowbit_images.json", "sample_0000.png", "sample_0001.png"]
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's file")
+    assert main(["generate", "dcgan-faces", "--out", str(mine), "--overwrite"]) == 2
+    assert "not a folder lowbit wrote" in capsys.readouterr().err
+    photo = mine / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)).save(photo)
+    big = tmp_path / "photo-2x.png"
+    assert main(["generate", "waifu2x-upconv7", "--image", str(photo), "--out", str(big)]) == 0
+    with Image.open(big) as image:
+        assert image.size == (60, 40)
+    bad = {("dcgan-faces", "--out", str(tmp_path / "x.png"), "--image", str(photo)):
+           "dcgan-faces takes no images",
+           ("dcgan-faces", "--prompt", "a face"): "it takes no prompt",
+           ("dcgan-faces",): "give --out",
+           ("waifu2x-upconv7", "--out", str(tmp_path / "y.png")): "give --image",
+           ("waifu2x-upconv7", "--image", str(mine), "--out", str(tmp_path / "y.png"),
+            "--count", "2"): "--count is for generators",
+           ("smollm2-135m", "--out", "x.png"): "--out is for image models",
+           ("dcgan-faces", "--out", str(tmp_path / "z.png"), "--kv-bits", "4"):
+           "--kv-bits"}  # fmt: skip
+    for extra, message in bad.items():
+        assert main(["generate", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
 def test_the_class_conditional_generator_quantizes_and_reloads(monkeypatch, tmp_path, capsys):
     """cdcgan-eyes takes latent + class index in one tensor; a narrow random copy stands in
     for its 12.9M-parameter checkpoint (scored under slow in tests/models/test_cdcgan.py; no

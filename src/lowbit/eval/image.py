@@ -80,16 +80,42 @@ def output_mse(model: nn.Module, inputs: Tensor, ref: Tensor, output_range: tupl
 def evaluate_image(model: nn.Module, inputs: Tensor, truth: Tensor | None,
                    ref: nn.Module | None, output_range: tuple[float, float]) -> dict:  # fmt: skip
     """``psnr``/``ssim`` against ``truth`` (if any), ``psnr_ref``/``ssim_ref`` against the
-    outputs of ``ref`` on the same inputs (if given; PSNR averaged per image),
-    ``images_per_s`` at batch 1 (and 16 when there are as many inputs)."""
+    outputs of ``ref`` on the same inputs (if given; PSNR averaged per image), ``ref``'s own
+    ``ref_psnr``/``ref_ssim`` against ``truth`` (if both), ``images_per_s`` at batch 1 (and
+    16 when there are as many inputs)."""
+    result = {"images": inputs.shape[0], **_quality(model, inputs, truth, ref, output_range)}
+    result["images_per_s"] = images_per_second(model, inputs[:1])
+    if inputs.shape[0] >= 16:
+        result["images_per_s_batch16"] = images_per_second(model, inputs[:16])
+    return result
+
+
+def evaluate_pairs(model: nn.Module, pairs: list[tuple[str, Tensor, Tensor]],
+                   ref: nn.Module | None, output_range: tuple[float, float]) -> dict:  # fmt: skip
+    """:func:`evaluate_image`'s figures on images of different sizes, ``pairs`` of (name,
+    input (1, C, h, w), ground truth): each image's under ``per_image``, their means at the
+    top; ``images_per_s`` on the first input."""
+    if not pairs:
+        raise LowbitError("no images to evaluate on")
+    per_image = [{"image": name, **_quality(model, x, truth, ref, output_range)}
+                 for name, x, truth in pairs]  # fmt: skip
+    keys = [k for k in per_image[0] if k != "image"]
+    result: dict = {"images": len(pairs)}
+    result |= {k: sum(row[k] for row in per_image) / len(per_image) for k in keys}
+    result["images_per_s"] = images_per_second(model, pairs[0][1])
+    result["per_image"] = per_image
+    return result
+
+
+def _quality(model: nn.Module, inputs: Tensor, truth: Tensor | None, ref: nn.Module | None,
+             output_range: tuple[float, float]) -> dict:  # fmt: skip
     got = outputs(model, inputs, output_range)
-    result: dict = {"images": inputs.shape[0]}
+    result: dict = {}
     if truth is not None:
         result |= {"psnr": psnr(got, truth), "ssim": ssim(got, truth)}
     if ref is not None:
         want = outputs(ref, inputs, output_range)
         result |= {"psnr_ref": psnr(got, want, per_image=True), "ssim_ref": ssim(got, want)}
-    result["images_per_s"] = images_per_second(model, inputs[:1])
-    if inputs.shape[0] >= 16:
-        result["images_per_s_batch16"] = images_per_second(model, inputs[:16])
+        if truth is not None:
+            result |= {"ref_psnr": psnr(want, truth), "ref_ssim": ssim(want, truth)}
     return result

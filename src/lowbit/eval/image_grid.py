@@ -4,6 +4,7 @@ show), one row per input (matplotlib, PNG)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
@@ -12,20 +13,25 @@ from lowbit.assets.atomic import write_png_atomic
 from lowbit.errors import LowbitError
 
 
-def save_grid(path: Path, ref: Tensor, got: Tensor, title: str = "", rows: int = 4,
-              gain: float = 10.0) -> Path:  # fmt: skip
+def save_grid(path: Path, ref: Tensor | Sequence[Tensor], got: Tensor | Sequence[Tensor],
+              title: str = "", rows: int = 4, gain: float = 10.0) -> Path:  # fmt: skip
     """Write the grid of ``rows`` images from ``ref`` and ``got`` ((N, C, H, W) in [0, 1],
-    C = 1 or 3) to ``path`` atomically; the difference is ``gain`` x |got - ref|."""
-    if ref.shape != got.shape or ref.dim() != 4 or ref.shape[1] not in (1, 3):
-        raise LowbitError(f"grid: expected two (N, 1|3, H, W) batches of one shape, got "
-                          f"{tuple(ref.shape)} and {tuple(got.shape)}")  # fmt: skip
+    C = 1 or 3, or sequences of (C, H, W) images of any sizes, the i-th of each alike) to
+    ``path`` atomically; the difference is ``gain`` x |got - ref|. Rows are as tall as the
+    first image's aspect asks."""
+    ref, got = list(ref), list(got)
+    alike = len(ref) == len(got) and all(a.shape == b.shape for a, b in zip(ref, got, strict=True))
+    if not ref or not alike or any(a.dim() != 3 or a.shape[0] not in (1, 3) for a in ref):
+        raise LowbitError("grid: expected two sets of (1|3, H, W) images, alike pair by pair, "
+                          f"got {[tuple(a.shape) for a in ref[:4]]} and "
+                          f"{[tuple(b.shape) for b in got[:4]]}")  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = min(rows, ref.shape[0])
-    height = 2.6 * n * ref.shape[-2] / ref.shape[-1]
+    n = min(rows, len(ref))
+    height = 2.6 * n * ref[0].shape[-2] / ref[0].shape[-1]
     fig, axes = plt.subplots(n, 3, figsize=(7.8, max(height, 1.6)), squeeze=False)
     heads = ("reference", "quantized", f"|difference| x {gain:g}")
     for i in range(n):

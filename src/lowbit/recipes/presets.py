@@ -108,6 +108,7 @@ def _image_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     image = {"activations": acts, "ignore": []}  # no language-model head to keep
     static = {**_recipe("conv-w8a8-static", "rtn", _weights(8, -1, True)), **image}
     gptq = {**_recipe("conv-w8a8-gptq", "gptq", _weights(8, -1, True)), **image}
+    weight_only = {**_recipe("conv-w8-gptq", "gptq", _weights(8, -1, True)), "ignore": []}
     best = {**_recipe("conv-w8a8-best", "gptq", _weights(8, -1, True)), **image,
             "smoothquant": {}}  # fmt: skip
     steps = {**_recipe("conv-w8a8-steps", "rtn", _weights(8, -1, True)),
@@ -119,6 +120,8 @@ def _image_presets() -> dict[str, tuple[str, dict[str, Any]]]:
                            "Hessians)", gptq),
         "conv-w8a8-best": ("image models: as conv-w8a8-gptq after SmoothQuant factors (each "
                            "pair's α chosen on the model's output)", best),
+        "conv-w8-gptq": ("image models: int8 per-channel GPTQ weights, float activations (the "
+                         "closest to float, where 8-bit activations cost too much)", weight_only),
         "conv-w8a8-steps": (f"diffusion samplers: as conv-w8a8-static with {STEP_GROUPS} "
                             f"ranges per layer, one per slice of the timesteps", steps),
     }  # fmt: skip

@@ -38,6 +38,16 @@ def super_resolution_pair(image: Tensor) -> tuple[Tensor, Tensor]:
     return small.clamp(0, 1), truth
 
 
+def sr_scoring_pair(image: Tensor, side: int = 512) -> tuple[Tensor, Tensor]:
+    """(input, ground truth) of a user's image for scoring: its centre, at most ``side`` x
+    ``side`` pixels (0: the whole image), as :func:`super_resolution_pair` makes them."""
+    h, w = image.shape[-2:]
+    if side > 0:
+        top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+        image = image[..., top : top + side, left : left + side]
+    return super_resolution_pair(image.contiguous())
+
+
 def bicubic_2x(image: Tensor) -> Tensor:
     """The baseline a super-resolution model must beat."""
     size = (image.shape[-2] * 2, image.shape[-1] * 2)
@@ -75,6 +85,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 def read_images(path: str, channels: int, min_side: int) -> list[Tensor]:
     """The images in ``path`` (one file, or a folder's image files in name order) as
     (1, C, H, W) in [0, 1], each checked: ``channels`` channels, sides of ``min_side`` or more."""
+    return [image for _, image in named_images(path, channels, min_side)]
+
+
+def named_images(path: str, channels: int, min_side: int) -> list[tuple[str, Tensor]]:
+    """:func:`read_images` with each image's file name."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path).expanduser()
@@ -103,7 +118,7 @@ def read_images(path: str, channels: int, min_side: int) -> list[Tensor]:
             raise LowbitError(f"{file}: {array.shape[1]}x{array.shape[0]} pixels; sides of at "
                               f"least {min_side} are needed")  # fmt: skip
         pixels = torch.from_numpy(array.copy()).reshape(*array.shape[:2], channels)
-        out.append(pixels.permute(2, 0, 1).float().div(255).unsqueeze(0))
+        out.append((file.name, pixels.permute(2, 0, 1).float().div(255).unsqueeze(0)))
     return out
 
 
