@@ -215,6 +215,12 @@ def test_generate_writes_a_generators_samples_and_an_upscale(
     assert main(["generate", "waifu2x-upconv7", "--image", str(photo), "--out", str(big)]) == 0
     with Image.open(big) as image:
         assert image.size == (60, 40)
+        whole = np.asarray(image).copy()
+    tiled = tmp_path / "tiled.png"  # windows of 16 x 16 inputs: the same pixels
+    assert main(["generate", "waifu2x-upconv7", "--image", str(photo), "--out", str(tiled),
+                 "--tile", "16"]) == 0  # fmt: skip
+    with Image.open(tiled) as image:
+        assert np.array_equal(np.asarray(image), whole)
     bad = {("dcgan-faces", "--out", str(tmp_path / "x.png"), "--image", str(photo)):
            "dcgan-faces takes no images",
            ("dcgan-faces", "--prompt", "a face"): "it takes no prompt",
@@ -223,6 +229,11 @@ def test_generate_writes_a_generators_samples_and_an_upscale(
            ("waifu2x-upconv7", "--image", str(mine), "--out", str(tmp_path / "y.png"),
             "--count", "2"): "--count is for generators",
            ("smollm2-135m", "--out", "x.png"): "--out is for image models",
+           ("smollm2-135m", "--tile", "64"): "--tile is for image models",
+           ("dcgan-faces", "--out", str(tmp_path / "x.png"), "--tile", "64"):
+           "--tile: dcgan-faces takes no images",
+           ("waifu2x-upconv7", "--image", str(photo), "--out", str(tmp_path / "y.png"),
+            "--tile", "14"): "give more than 14 pixels",
            ("dcgan-faces", "--out", str(tmp_path / "z.png"), "--kv-bits", "4"):
            "--kv-bits"}  # fmt: skip
     for extra, message in bad.items():

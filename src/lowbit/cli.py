@@ -248,7 +248,8 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--crop", metavar="N", type=int, default=512,
                    help="with --images: score each image's centre N x N pixels (default 512; "
-                   "0: the whole image, which needs memory in proportion)")  # fmt: skip
+                   "0: the whole image; either is upscaled as `lowbit generate` does, in "
+                   "windows)")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
 

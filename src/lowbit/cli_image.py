@@ -188,6 +188,7 @@ def _eval_on_images(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
     from lowbit.eval.image import evaluate_pairs, outputs
     from lowbit.models.images.data import named_images
+    from lowbit.models.images.tiles import upscaler
 
     if entry.scoring_pair is None:
         raise LowbitError(f"--images: {entry.name} takes no images (it is scored on its own "
@@ -199,14 +200,14 @@ def _eval_on_images(args: argparse.Namespace, entry: Any) -> int:
         raise LowbitError(f"--crop {args.crop}: give 32 or more pixels, or 0 for whole images")
     images = named_images(args.images, entry.channels, min_side=32)
     pairs = [(name, *entry.scoring_pair(image, args.crop)) for name, image in images]
-    src = api.load_model(args.model)
-    ref = api.load_model(args.ref) if args.ref else None
-    result = evaluate_pairs(src.model, pairs, None if ref is None else ref.model,
-                            entry.output_range)  # fmt: skip
+    # a window at a time, as `lowbit generate` upscales (the same pixels; any image size)
+    model = upscaler(api.load_model(args.model).model, entry.halo)
+    ref = upscaler(api.load_model(args.ref).model, entry.halo) if args.ref else None
+    result = evaluate_pairs(model, pairs, ref, entry.output_range)
     grid = None
     if args.grid:
         got, want = ([outputs(m, x, entry.output_range)[0] for _, x, _ in pairs[:4]]
-                     for m in (src.model, ref.model))  # fmt: skip
+                     for m in (model, ref))  # fmt: skip
         grid = save_grid_of(args, want, got)
     _print_result(args, result, grid)
     return 0

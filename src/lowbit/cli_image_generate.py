@@ -36,6 +36,11 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--count", type=positive, default=None,
                    help="generators: how many samples (default 16)")  # fmt: skip
+    g.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="super-resolution models: upscale windows of N x N input pixels, each "
+                   "with the model's margin, so memory stays bounded on large images "
+                   "(default 256; 0: the whole image at once; a .tflite uses its own input "
+                   "size)")  # fmt: skip
     g.add_argument("--overwrite", action="store_true",
                    help="replace --out if lowbit wrote it (a folder only if it holds "
                    f"{RECORD})")  # fmt: skip
@@ -43,8 +48,9 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
 
 def refuse_image_options(args: argparse.Namespace, model: str) -> None:
     """A one-line error when a language model is given an image model's options."""
-    given = [f for f, on in (("--out", args.out), ("--image", args.image),
-                             ("--count", args.count)) if on is not None]  # fmt: skip
+    options = (("--out", args.out), ("--image", args.image), ("--count", args.count),
+               ("--tile", args.tile))  # fmt: skip
+    given = [flag for flag, value in options if value is not None]
     if given:
         raise LowbitError(f"{given[0]} is for image models; {model} generates text (streamed "
                           f"to stdout)")  # fmt: skip
@@ -54,6 +60,7 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
     from lowbit.assets.atomic import prepare_out
     from lowbit.eval.image import outputs
+    from lowbit.models.images.tiles import DEFAULT_TILE, upscaler
 
     if args.prompt is not None or args.chat:
         raise LowbitError(f"{entry.name} is an image model: it takes no prompt ("
@@ -67,8 +74,14 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
     start = time.perf_counter()
     if isinstance(inputs, Tensor):  # a generator's batch
         images = list(outputs(model, inputs, entry.output_range))
-    else:  # the user's images, of any sizes: one at a time
-        images = [outputs(model, x, entry.output_range)[0] for x in inputs]
+    else:  # the user's images, of any sizes: one at a time, a window at a time
+        upscale = upscaler(model, entry.halo, DEFAULT_TILE if args.tile is None else args.tile)
+        images = []
+        for name, x in zip(names, inputs, strict=True):
+            try:
+                images.append(outputs(upscale, x, entry.output_range)[0])
+            except LowbitError as exc:  # e.g. an image smaller than a .tflite's input
+                raise LowbitError(f"{name}: {exc}") from None
     seconds = time.perf_counter() - start
     if grid:
         _write_png(args.out, images[0] if len(images) == 1 else _tile(images))
@@ -99,8 +112,9 @@ def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str]
     from lowbit.models.images.data import named_images
 
     if entry.sample is not None:
-        if args.image is not None:
-            raise LowbitError(f"--image: {entry.name} takes no images ({_what(entry)})")
+        for flag, value in (("--image", args.image), ("--tile", args.tile)):
+            if value is not None:
+                raise LowbitError(f"{flag}: {entry.name} takes no images ({_what(entry)})")
         count = args.count or 16
         return [f"sample_{i:04d}.png" for i in range(count)], entry.sample(count, args.seed)
     if args.image is None:

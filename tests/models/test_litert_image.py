@@ -50,3 +50,28 @@ def test_eval_scores_the_file_against_its_folder(exported, capsys):
     assert result["images"] == 1 and result["images_per_s"] > 0
     assert main(["quantize", str(path), "--recipe", "w8-rtn", "--out", str(path) + ".q"]) == 2
     assert "exported LiteRT file" in capsys.readouterr().err
+
+
+def test_the_file_upscales_a_larger_image_a_window_at_a_time(exported, tmp_path, capsys):
+    """Its one input size (24 x 28) covers a 40 x 50 image in shifted windows: the folder's
+    whole-image upscale."""
+    import numpy as np
+    from PIL import Image
+
+    folder, path = exported
+    image = tmp_path / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
+    outs = {}
+    for name, model in (("file", path), ("folder", folder)):
+        outs[name] = tmp_path / f"{name}.png"
+        argv = ["generate", str(model), "--image", str(image), "--out", str(outs[name])]
+        assert main([*argv, "--tile", "0"] if name == "folder" else argv) == 0
+    with Image.open(outs["file"]) as a, Image.open(outs["folder"]) as b:
+        got, want = np.asarray(a).astype(int), np.asarray(b).astype(int)
+    assert got.shape == (80, 100, 3) and np.abs(got - want).max() <= 1  # 8-bit rounding
+    small = tmp_path / "small.png"
+    Image.fromarray(pixels[:20]).save(small)
+    argv = ["generate", str(path), "--image", str(small), "--out", str(tmp_path / "s.png")]
+    assert main(argv) == 2
+    assert "small.png: the model takes 28x24 inputs; the image is 50x20" in capsys.readouterr().err

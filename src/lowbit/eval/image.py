@@ -97,8 +97,12 @@ def evaluate_pairs(model: nn.Module, pairs: list[tuple[str, Tensor, Tensor]],
     top; ``images_per_s`` on the first input."""
     if not pairs:
         raise LowbitError("no images to evaluate on")
-    per_image = [{"image": name, **_quality(model, x, truth, ref, output_range)}
-                 for name, x, truth in pairs]  # fmt: skip
+    per_image = []
+    for name, x, truth in pairs:
+        try:
+            per_image.append({"image": name, **_quality(model, x, truth, ref, output_range)})
+        except LowbitError as exc:  # e.g. an image smaller than a .tflite's input
+            raise LowbitError(f"{name}: {exc}") from None
     keys = [k for k in per_image[0] if k != "image"]
     result: dict = {"images": len(pairs)}
     result |= {k: sum(row[k] for row in per_image) / len(per_image) for k in keys}

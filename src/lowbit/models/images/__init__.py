@@ -53,6 +53,7 @@ class ImageModel:
     scoring_pair: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None = None
     # a generator's inputs: (count, seed) -> seeded latents or noise; None: it takes images
     sample: Callable[[int, int], Tensor] | None = None
+    halo: int = 0  # a super-resolution model's reach: input pixels a tile needs around it
 
 
 def _sr_from_images(images: list[Tensor]) -> Tensor:
@@ -96,11 +97,13 @@ def image_models() -> dict[str, ImageModel]:
         ImageModel("waifu2x-upconv7", "waifu2x upconv7 2x super-resolution (995k params); "
                    "calibrated on crops of 3 sample images, scored on a 4th (astronaut)",
                    UpConv7, waifu2x_upconv7, sr_calibration, sr_evaluation,
-                   from_images=_sr_from_images, scoring_pair=sr_scoring_pair),
+                   from_images=_sr_from_images, scoring_pair=sr_scoring_pair,
+                   halo=UpConv7.pad),
         ImageModel("waifu2x-upresnet10", "waifu2x upresnet10 2x super-resolution (422k "
                    "params: residual blocks with squeeze-excitation); same inputs",
                    UpResNet10, waifu2x_upresnet10, sr_calibration, sr_evaluation,
-                   from_images=_sr_from_images, scoring_pair=sr_scoring_pair),
+                   from_images=_sr_from_images, scoring_pair=sr_scoring_pair,
+                   halo=UpResNet10.pad),
         ImageModel("dcgan-faces", "DCGAN face generator, 100-d latent to 64x64 RGB (3.58M "
                    "params); calibrated on 512 latents, scored on 256 others", DCGANGenerator,
                    dcgan_faces, _gan_calibration, _gan_evaluation, (-1.0, 1.0),
