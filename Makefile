@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lowbit-installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: demo test test-slow lint bench report report-speed clean
+.PHONY: demo test test-slow lint bench report report-speed report-image clean
 
 # The CPU wheel of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile $(wildcard src/lowbit/kernels/csrc/*.cpp src/lowbit/kernels/csrc/*.h)
@@ -47,6 +47,10 @@ report-speed: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/lowbit report tinyllama-1.1b-random --no-quality \
 		--variants fp32 bf16 w8a8-dynamic w4-rtn-g64 w4-g64-head16 w4-g64-head8 --out out/report-tinyllama --overwrite
 	mkdir -p docs/report-tinyllama && cp out/report-tinyllama/report.* out/report-tinyllama/*.png docs/report-tinyllama/
+
+report-image: $(STAMP)
+	$(BIN)/lowbit report waifu2x-upconv7 --out out/report-waifu2x --overwrite
+	mkdir -p docs/report-waifu2x && cp out/report-waifu2x/report.* out/report-waifu2x/*.png docs/report-waifu2x/
 
 clean:
 	rm -rf $(VENV) .venv-peers out .pytest_cache .ruff_cache

@@ -242,6 +242,52 @@ def test_generate_writes_a_generators_samples_and_an_upscale(
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
+def test_report_puts_an_image_models_variants_side_by_side(random_gan, small_sr, monkeypatch,
+                                                            tmp_path, capsys):  # fmt: skip
+    """`lowbit report` of an image model: each variant quantized, saved, reloaded and scored
+    against fp32 on the same inputs, with a grid per variant; --images for super-resolution."""
+    from PIL import Image
+
+    out = tmp_path / "report"
+    argv = ["report", "dcgan-faces", "--variants", "conv-w8a8-static", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    data = json.loads((out / "report.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert list(rows) == ["fp32", "conv-w8a8-static"]  # fp32 added as the reference
+    q = rows["conv-w8a8-static"]
+    assert q["psnr_ref"] > 30 and q["images"] == 256 and q["images_per_s_batch16"] > 0
+    assert q["weight_mb"] < rows["fp32"]["weight_mb"] / 3 and "psnr_ref" not in rows["fp32"]
+    assert q["ms_per_image"] == pytest.approx(1000 / q["images_per_s"])
+    assert (out / "grid_conv-w8a8-static.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "variants" / "conv-w8a8-static" / "lowbit.json").is_file()
+    md = (out / "report.md").read_text()
+    assert "![conv-w8a8-static](grid_conv-w8a8-static.png)" in md and "| PSNR vs fp32 dB |" in md
+    assert "PSNR vs truth" not in md  # a generator has no ground truth: no empty column
+    assert "| conv-w8a8-static " in capsys.readouterr().out
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", small_sr)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        pixels = np.random.default_rng(len(name)).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    sr = tmp_path / "sr"
+    assert main(["report", "waifu2x-upconv7", "--variants", "w8-rtn", "--images", str(folder),
+                 "--out", str(sr), "-q"]) == 0  # fmt: skip
+    rows = {r["variant"]: r for r in json.loads((sr / "report.json").read_text())["rows"]}
+    assert rows["w8-rtn"]["images"] == 2 and rows["w8-rtn"]["ref_psnr"] == rows["fp32"]["psnr"]
+    assert [r["image"] for r in rows["w8-rtn"]["per_image"]] == ["a.png", "b.png"]
+    capsys.readouterr()
+    bad = {("dcgan-faces", "--calib", "wiki"): "--calib names a text corpus",
+           (str(out / "variants" / "conv-w8a8-static"),): "already quantized",
+           ("dcgan-faces", "--images", str(folder)): "dcgan-faces takes no images",
+           ("waifu2x-upconv7", "--crop", "3"): "--crop 3",
+           ("smollm2-135m", "--images", str(folder)): "--images is for image models"}  # fmt: skip
+    for extra, message in bad.items():
+        assert main(["report", *extra, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+
 def test_the_class_conditional_generator_quantizes_and_reloads(monkeypatch, tmp_path, capsys):
     """cdcgan-eyes takes latent + class index in one tensor; a narrow random copy stands in
     for its 12.9M-parameter checkpoint (scored under slow in tests/models/test_cdcgan.py; no

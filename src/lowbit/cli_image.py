@@ -53,6 +53,7 @@ def text_only(command: str, *models: str) -> None:
 
 def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
+    from lowbit.models.images.data import image_calibration_of, user_images
 
     unsupported = [flag for flag, on in (("--dry-run", args.dry_run),
                    ("--max-memory", args.max_memory)) if on]  # fmt: skip
@@ -65,9 +66,9 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     mixed = args.target_bits is not None or args.target_size is not None
     calibration = None
     if api.needs_calibration(recipe) or mixed:
-        calibration = _calibration(entry, args.calib_images)
+        calibration = image_calibration_of(entry, args.calib_images)
     elif args.calib_images is not None:
-        _user_images(entry, args.calib_images)  # checked all the same
+        user_images(entry, args.calib_images)  # checked all the same
         log.info("%s uses no calibration data; --calib-images is ignored", recipe.algorithm)
     analysis = None
     if mixed:
@@ -111,13 +112,14 @@ def analyze_image(args: argparse.Namespace, entry: Any) -> Any:
     """``lowbit analyze`` of an image model: each layer's damage (output MSE, outputs in
     [0, 1]) in each candidate format, on the first ``--calib-samples`` calibration inputs."""
     from lowbit import api
+    from lowbit.models.images.data import image_calibration_of
 
     if args.model != entry.name:
         raise LowbitError(f"{args.model} is already quantized; analyze the float model "
                           f"({entry.name})")  # fmt: skip
     _no_text(args, entry)
     recipe = api.load_recipe(args.recipe)
-    calibration = _calibration(entry, args.calib_images)
+    calibration = image_calibration_of(entry, args.calib_images)
     return _sensitivity(args, entry, entry.load(), recipe, calibration, args.calib_samples)
 
 
@@ -138,28 +140,6 @@ def _no_text(args: argparse.Namespace, entry: Any) -> None:
     if args.calib is not None:
         raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
                           f"your images with --calib-images)")  # fmt: skip
-
-
-def _calibration(entry: Any, images_path: str | None) -> Any:
-    """The calibration inputs: crops of ``--calib-images`` where given, else the model's own."""
-    from lowbit.calibration import image_calibration
-
-    images = _user_images(entry, images_path)
-    if images is not None:
-        return image_calibration(entry.from_images(images), f"crops of {images_path}")
-    return image_calibration(entry.calibration(), f"{entry.name} calibration inputs")
-
-
-def _user_images(entry: Any, path: str | None) -> Any:
-    """The images of ``--calib-images``, checked, or None."""
-    if path is None:
-        return None
-    if entry.from_images is None:
-        raise LowbitError(f"--calib-images: {entry.name} takes no images (it is calibrated on "
-                          f"its own inputs)")  # fmt: skip
-    from lowbit.models.images.data import read_images
-
-    return read_images(path, entry.channels, min_side=128)
 
 
 def eval_image(args: argparse.Namespace, entry: Any) -> int:

@@ -129,6 +129,7 @@ def _kib(count: int | None) -> float | str:
 
 def add_report(sub: Any, common: argparse.ArgumentParser) -> None:
     from lowbit.report import DEFAULT_VARIANTS
+    from lowbit.report_image import DEFAULT_IMAGE_VARIANTS
 
     p = sub.add_parser(
         "report", parents=[common], help="variants of one model side by side (Markdown + plots)",
@@ -141,12 +142,13 @@ def add_report(sub: Any, common: argparse.ArgumentParser) -> None:
         f"--variants {' '.join(DEFAULT_VARIANTS)}",
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="VARIANT",
+    p.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="fp32 and/or recipes (presets or YAML files); default: "
-                   f"{' '.join(DEFAULT_VARIANTS)}")  # fmt: skip
+                   f"{' '.join(DEFAULT_VARIANTS)} (an image model: "
+                   f"{' '.join(DEFAULT_IMAGE_VARIANTS)})")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--calib", default="bbc", help="calibration corpus for calibrated recipes")
+    p.add_argument("--calib", help="calibration corpus for calibrated recipes (default bbc)")
     p.add_argument("--calib-samples", type=positive, default=128, help="windows (128)")
     p.add_argument("--calib-seqlen", type=positive, default=512, help="tokens per window (512)")
     p.add_argument("--corpus", default="wiki", help="evaluation corpus (wiki)")
@@ -154,14 +156,42 @@ def add_report(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=positive, default=16384, help="evaluation tokens (16384)")
     p.add_argument("--no-quality", action="store_true", help="skip ppl / KL / top-1")
     _speed_options(p)
+    g = p.add_argument_group(
+        "image models",
+        "an image model's report scores each variant on its built-in inputs (or --images) "
+        "against the ground truth and fp32's outputs, times it, and saves fp32 | variant | "
+        "difference grids beside report.md",
+    )  # fmt: skip
+    g.add_argument(
+        "--calib-images",
+        metavar="DIR",
+        help="calibrate on crops of these images instead of the model's own inputs",
+    )
+    g.add_argument("--images", metavar="PATH",
+                   help="super-resolution models: score on these images (as `lowbit eval "
+                   "--images`)")  # fmt: skip
+    g.add_argument(
+        "--crop",
+        metavar="N",
+        type=int,
+        default=512,
+        help="with --images: each image's centre N x N pixels (512; 0: whole)",
+    )
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lowbit.cli_image import text_only
-    from lowbit.report import ReportOptions, build_report
+    from lowbit.cli_image import image_entry
+    from lowbit.report import DEFAULT_VARIANTS, ReportOptions, build_report
 
-    text_only("report", args.model)
+    entry = image_entry(args.model)
+    if entry is not None:
+        return _image_report(args, entry)
+    for flag, value in (("--calib-images", args.calib_images), ("--images", args.images)):
+        if value is not None:
+            raise LowbitError(f"{flag} is for image models; {args.model} is a language model")
+    args.calib = args.calib or "bbc"
+    args.variants = args.variants or DEFAULT_VARIANTS
 
     if args.new_tokens < 2:
         raise LowbitError("--new-tokens must be at least 2 (the first token ends the prefill)")
@@ -180,4 +210,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(report_markdown(data["rows"], data), end="")
     print(f"\nwritten to {args.out}/report.md (+ report.json, quality_vs_size.png, "
           "speed_vs_size.png)")  # fmt: skip
+    return 0
+
+
+def _image_report(args: argparse.Namespace, entry: Any) -> int:
+    from lowbit.eval.report_render import IMAGE_COLUMNS, IMAGE_PANELS, report_markdown
+    from lowbit.report_image import DEFAULT_IMAGE_VARIANTS, ImageReportOptions, build_image_report
+
+    if args.model != entry.name:
+        raise LowbitError(f"{args.model} is already quantized; report on the float model "
+                          f"({entry.name})")  # fmt: skip
+    if args.calib is not None:
+        raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
+                          f"your images with --calib-images)")  # fmt: skip
+    if args.crop < 0 or 0 < args.crop < 32:
+        raise LowbitError(f"--crop {args.crop}: give 32 or more pixels, or 0 for whole images")
+    options = ImageReportOptions(args.calib_images, args.images, args.crop)
+    data = build_image_report(entry, args.variants or DEFAULT_IMAGE_VARIANTS, args.out, options,
+                              args.overwrite, progress=not args.quiet)  # fmt: skip
+    print(report_markdown(data["rows"], data, IMAGE_COLUMNS, IMAGE_PANELS), end="")
+    print(f"\nwritten to {args.out}/report.md (+ report.json, the plots and a grid per "
+          f"variant)")  # fmt: skip
     return 0

@@ -59,7 +59,7 @@ def build_report(
 ) -> dict[str, Any]:
     """Quantize, save, evaluate and time every variant; write ``out``/report.md, report.json and
     the plots; return the report's data. ``out`` appears complete or not at all."""
-    recipes = _recipes(variants)
+    recipes = recipe_variants(variants)
     if options.quality and options.corpus == options.calib:
         raise LowbitError("calibration and evaluation text must differ (--calib, --corpus)")
     out = Path(out)
@@ -78,7 +78,9 @@ def build_report(
     return data
 
 
-def _recipes(variants: list[str]) -> dict[str, Recipe | None]:
+def recipe_variants(variants: list[str]) -> dict[str, Recipe | None]:
+    """Each variant's recipe by its name (a YAML file's stem), ``fp32`` (None) first if not
+    named: the reference every ratio is taken against."""
     if not variants:
         raise LowbitError("name at least one variant (fp32 or a recipe)")
     if len(set(variants)) != len(variants):

@@ -5,6 +5,7 @@ image or a latent."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,27 @@ def sr_crops(images: list[Tensor], count: int = 16, size: int = 64, seed: int = 
         x = int(torch.randint(0, small.shape[-1] - size + 1, (1,), generator=g))
         crops.append(small[0, :, y : y + size, x : x + size])
     return torch.stack(crops)
+
+
+def image_calibration_of(entry: Any, images_path: str | None) -> Any:
+    """The calibration set of the image model ``entry`` (an ``ImageModel``): crops of the
+    images at ``images_path`` where given, else the model's own calibration inputs."""
+    from lowbit.calibration import image_calibration
+
+    images = user_images(entry, images_path)
+    if images is not None:
+        return image_calibration(entry.from_images(images), f"crops of {images_path}")
+    return image_calibration(entry.calibration(), f"{entry.name} calibration inputs")
+
+
+def user_images(entry: Any, path: str | None) -> list[Tensor] | None:
+    """The calibration images at ``path`` for ``entry``, checked, or None without a path."""
+    if path is None:
+        return None
+    if entry.from_images is None:
+        raise LowbitError(f"--calib-images: {entry.name} takes no images (it is calibrated on "
+                          f"its own inputs)")  # fmt: skip
+    return read_images(path, entry.channels, min_side=128)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
