@@ -13,6 +13,7 @@ import copy
 import gc
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,8 @@ def build_report(
     if src.kind == "lowbit":
         raise LowbitError(f"{source} is already quantized; start from the float model")
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        folders = {name: _quantized_folder(src, name, recipe, tmp, options, progress)
-                   for name, recipe in recipes.items() if recipe is not None}  # fmt: skip
-        models = {name: src.model if recipe is None else api.load(folders[name]).model
-                  for name, recipe in recipes.items()}  # fmt: skip
+        folders, models = quantize_variants(src, recipes, tmp, _text(src, options), progress,
+                                            options.seed)  # fmt: skip
         data = _measure(src, models, folders, options, progress)
         data["model"] = source
         _write(tmp, data)
@@ -95,20 +94,39 @@ def recipe_variants(variants: list[str]) -> dict[str, Recipe | None]:
     return out
 
 
-def _quantized_folder(src, name, recipe, tmp: Path, options: ReportOptions, progress) -> Path:
-    model = copy.deepcopy(src.model)
-    calibration = None
-    if api.needs_calibration(recipe):
+def quantize_variants(src: Any, recipes: dict[str, Recipe | None], tmp: Path,
+                      calibration: Callable[[str], Any], progress: bool,
+                      seed: int = 0) -> tuple[dict[str, Path], dict[str, nn.Module]]:  # fmt: skip
+    """Each recipe variant quantized from a copy of ``src``'s float model (``calibration(name)``
+    where the recipe needs data), saved under ``tmp/variants/``, then every variant loaded back
+    as a user loads it (``fp32``: the float model itself): (folders, models)."""
+    folders = {}
+    for name, recipe in recipes.items():
+        if recipe is None:
+            continue
+        model = copy.deepcopy(src.model)
+        log.info("quantizing variant %s", name)
+        calib = calibration(name) if api.needs_calibration(recipe) else None
+        report = api.quantize(model, recipe, calib, progress=progress)
+        folders[name] = api.save(model, tmp / "variants" / name, report, source=src, seed=seed)
+        del model
+        gc.collect()
+    models = {name: src.model if recipe is None else api.load(folders[name]).model
+              for name, recipe in recipes.items()}  # fmt: skip
+    return folders, models
+
+
+def _text(src: Any, options: ReportOptions) -> Callable[[str], Any]:
+    """The calibration windows of a language model's variant, by the variant's name."""
+
+    def windows(name: str) -> Any:
         if src.tokenizer is None:
-            raise LowbitError(f"{name} needs calibration text, and {src.source} has no tokenizer")
-        calibration = api.calibration_set(src.tokenizer, options.calib, options.calib_samples,
-                                          options.calib_seqlen, options.seed)  # fmt: skip
-    log.info("quantizing variant %s", name)
-    report = api.quantize(model, recipe, calibration, progress=progress)
-    folder = api.save(model, tmp / "variants" / name, report, source=src, seed=options.seed)
-    del model
-    gc.collect()
-    return folder
+            raise LowbitError(f"{name} needs calibration text, and {src.source} has no "
+                              f"tokenizer")  # fmt: skip
+        return api.calibration_set(src.tokenizer, options.calib, options.calib_samples,
+                                   options.calib_seqlen, options.seed)  # fmt: skip
+
+    return windows
 
 
 def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> dict[str, Any]:

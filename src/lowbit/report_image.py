@@ -10,8 +10,6 @@ scored on the same inputs. Orchestration only, over :mod:`api`.
 
 from __future__ import annotations
 
-import copy
-import gc
 import json
 import logging
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from lowbit.eval.machine import thread_settings
 from lowbit.eval.report_render import IMAGE_COLUMNS, IMAGE_PANELS, report_markdown, write_plots
 from lowbit.models.images.data import image_calibration_of, named_images
 from lowbit.models.images.tiles import upscaler
-from lowbit.report import FLOAT, recipe_variants
+from lowbit.report import FLOAT, quantize_variants, recipe_variants
 
 log = logging.getLogger(__name__)
 DEFAULT_IMAGE_VARIANTS = ["fp32", "conv-w8a8-static", "conv-w8a8-best", "conv-w8-gptq"]
@@ -56,10 +54,7 @@ def build_image_report(entry: Any, variants: list[str], out: Path,
     inputs = _inputs(entry, options)
     src = api.load_model(entry.name)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        folders = {name: _quantized_folder(src, name, recipe, calibration, tmp, progress)
-                   for name, recipe in recipes.items() if recipe is not None}  # fmt: skip
-        models = {name: src.model if recipe is None else api.load(folders[name]).model
-                  for name, recipe in recipes.items()}  # fmt: skip
+        folders, models = quantize_variants(src, recipes, tmp, lambda _: calibration, progress)
         data = _measure(entry, models, folders, inputs, tmp)
         data |= {"model": entry.name, "notes": _notes(entry, calibration, options)}
         _write(tmp, data)
@@ -75,17 +70,6 @@ def _inputs(entry: Any, options: ImageReportOptions) -> Any:
                           f"inputs)")  # fmt: skip
     images = named_images(options.images, entry.channels, min_side=32)
     return [(name, *entry.scoring_pair(image, options.crop)) for name, image in images]
-
-
-def _quantized_folder(src, name, recipe, calibration, tmp: Path, progress: bool) -> Path:
-    model = copy.deepcopy(src.model)
-    log.info("quantizing variant %s", name)
-    calib = calibration if api.needs_calibration(recipe) else None
-    report = api.quantize(model, recipe, calib, progress=progress)
-    folder = api.save(model, tmp / "variants" / name, report, source=src)
-    del model
-    gc.collect()
-    return folder
 
 
 def _measure(entry: Any, models: dict, folders: dict, inputs: Any, tmp: Path) -> dict[str, Any]:
