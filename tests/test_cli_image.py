@@ -116,10 +116,10 @@ def test_a_super_resolution_model_calibrates_on_the_users_images(monkeypatch, tm
     assert manifest["calibration"]["corpus"] == f"crops of {folder}"
     assert manifest["calibration"]["shape"] == [3, 64, 64]
     capsys.readouterr()
-    gray, small = tmp_path / "gray.png", tmp_path / "small.png"
-    Image.fromarray(rng.integers(0, 256, (140, 160), dtype=np.uint8)).save(gray)
+    deep, small = tmp_path / "deep.png", tmp_path / "small.png"
+    Image.fromarray(rng.integers(0, 2**16, (140, 160), dtype=np.uint16)).save(deep)
     Image.fromarray(rng.integers(0, 256, (100, 160, 3), dtype=np.uint8)).save(small)
-    bad = {str(gray): "1 channel(s) (L); the model takes 3-channel",
+    bad = {str(deep): "8-bit images only",
            str(small): "sides of at least 128", str(tmp_path / "none"): "no such image",
            str(tmp_path): "not a readable image"}  # fmt: skip
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -216,6 +216,12 @@ def test_generate_writes_a_generators_samples_and_an_upscale(
     with Image.open(big) as image:
         assert image.size == (60, 40)
         whole = np.asarray(image).copy()
+    grey = tmp_path / "grey.png"  # a grey image in, a grey image out
+    Image.fromarray(np.asarray(Image.open(photo).convert("L"))).save(grey)
+    assert main(["generate", "waifu2x-upconv7", "--image", str(grey), "--out",
+                 str(tmp_path / "grey-2x.png")]) == 0  # fmt: skip
+    with Image.open(tmp_path / "grey-2x.png") as image:
+        assert image.mode == "L" and image.size == (60, 40)
     tiled = tmp_path / "tiled.png"  # windows of 16 x 16 inputs: the same pixels
     assert main(["generate", "waifu2x-upconv7", "--image", str(photo), "--out", str(tiled),
                  "--tile", "16"]) == 0  # fmt: skip

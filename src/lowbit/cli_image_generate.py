@@ -79,9 +79,10 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
         images = []
         for name, x in zip(names, inputs, strict=True):
             try:
-                images.append(outputs(upscale, x, entry.output_range)[0])
+                image = outputs(upscale, x, entry.output_range)[0]
             except LowbitError as exc:  # e.g. an image smaller than a .tflite's input
                 raise LowbitError(f"{name}: {exc}") from None
+            images.append(image.mean(0, keepdim=True) if _grey(x) else image)
     seconds = time.perf_counter() - start
     if grid:
         _write_png(args.out, images[0] if len(images) == 1 else _tile(images))
@@ -130,6 +131,11 @@ def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str]
         raise LowbitError(f"{args.image}: two images share a name before their suffix; their "
                           f"PNGs would collide")  # fmt: skip
     return names, [x for _, x in images]
+
+
+def _grey(x: Tensor) -> bool:
+    """Whether an RGB input is grey (read from a grey file): its upscale is written grey."""
+    return x.shape[1] == 3 and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
 
 
 def _tile(images: list[Tensor]) -> Tensor:

@@ -84,3 +84,24 @@ def test_a_grid_takes_images_of_different_sizes(tmp_path):
     with pytest.raises(LowbitError, match="alike pair by pair"):
         save_grid(tmp_path / "h.png", [a, b], [a, a])
     assert not (tmp_path / "h.png").exists()
+
+
+def test_an_rgb_model_reads_grey_palette_and_alpha_images_as_rgb(tmp_path):
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+
+    from lowbit.models.images.data import named_images
+
+    grey = np.arange(40 * 50, dtype=np.uint8).reshape(40, 50)
+    Image.fromarray(grey).save(tmp_path / "a_grey.png")
+    rgba = np.dstack([np.full((40, 50), v, np.uint8) for v in (10, 20, 30, 128)])
+    Image.fromarray(rgba).save(tmp_path / "b_rgba.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "c_palette.png")
+    (a, x), (_, y), (_, z) = named_images(str(tmp_path), channels=3, min_side=32)
+    assert a == "a_grey.png" and x.shape == y.shape == z.shape == (1, 3, 40, 50)
+    for image in (x, z):  # grey replicated into R, G and B
+        assert torch.equal(image[0, 0], torch.from_numpy(grey).float() / 255)
+        assert torch.equal(image[0, 0], image[0, 1]) and torch.equal(image[0, 1], image[0, 2])
+    assert torch.equal(y[0, :, 0, 0] * 255, torch.tensor([10.0, 20.0, 30.0]))  # alpha dropped
+    with pytest.raises(LowbitError, match="4 channel.*takes 1-channel"):  # no conversion to grey
+        named_images(str(tmp_path / "b_rgba.png"), channels=1, min_side=32)

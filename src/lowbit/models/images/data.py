@@ -4,6 +4,7 @@ image or a latent."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 
+log = logging.getLogger(__name__)
 EVAL_IMAGE = "astronaut"  # super-resolution is scored on this one only
 CALIB_IMAGES = ("coffee", "chelsea", "rocket")
 
@@ -127,7 +129,8 @@ def named_images(path: str, channels: int, min_side: int) -> list[tuple[str, Ten
     for file in files:
         try:
             with Image.open(file) as image:
-                mode, array = image.mode, np.asarray(image)
+                mode, array = image.mode, np.asarray(_as_rgb(image, file) if channels == 3
+                                                     else image)  # fmt: skip
         except (UnidentifiedImageError, OSError) as exc:
             raise LowbitError(f"{file}: not a readable image ({exc})") from None
         if array.dtype != np.uint8:
@@ -142,6 +145,19 @@ def named_images(path: str, channels: int, min_side: int) -> list[tuple[str, Ten
         pixels = torch.from_numpy(array.copy()).reshape(*array.shape[:2], channels)
         out.append((file.name, pixels.permute(2, 0, 1).float().div(255).unsqueeze(0)))
     return out
+
+
+# 8-bit modes an RGB model reads after PIL's conversion (grey replicated, a palette looked up,
+# alpha and CMYK converted); 16-bit and float modes keep their one-line error
+TO_RGB = ("L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr")
+
+
+def _as_rgb(image: Any, file: Path) -> Any:
+    if image.mode == "RGB" or image.mode not in TO_RGB:
+        return image
+    dropped = " (its alpha channel dropped)" if image.mode.endswith("A") else ""
+    log.info("%s: %s image read as RGB%s", file.name, image.mode, dropped)
+    return image.convert("RGB")
 
 
 def latents(count: int, width: int, seed: int) -> Tensor:
