@@ -116,10 +116,10 @@ def test_a_super_resolution_model_calibrates_on_the_users_images(monkeypatch, tm
     assert manifest["calibration"]["corpus"] == f"crops of {folder}"
     assert manifest["calibration"]["shape"] == [3, 64, 64]
     capsys.readouterr()
-    deep, small = tmp_path / "deep.png", tmp_path / "small.png"
-    Image.fromarray(rng.integers(0, 2**16, (140, 160), dtype=np.uint16)).save(deep)
+    deep, small = tmp_path / "deep.tiff", tmp_path / "small.png"
+    Image.fromarray(rng.random((140, 160), dtype=np.float32)).save(deep)
     Image.fromarray(rng.integers(0, 256, (100, 160, 3), dtype=np.uint8)).save(small)
-    bad = {str(deep): "8-bit images only",
+    bad = {str(deep): "8-bit images or 16-bit grey ones only",
            str(small): "sides of at least 128", str(tmp_path / "none"): "no such image",
            str(tmp_path): "not a readable image"}  # fmt: skip
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -216,6 +216,12 @@ def test_generate_writes_a_generators_samples_and_an_upscale(
     with Image.open(big) as image:
         assert image.size == (60, 40)
         whole = np.asarray(image).copy()
+    scan = tmp_path / "scan.png"  # 16-bit grey in, 16-bit grey out
+    Image.fromarray(np.asarray(Image.open(photo).convert("L")).astype(np.uint16) * 257).save(scan)
+    assert main(["generate", "waifu2x-upconv7", "--image", str(scan), "--out",
+                 str(tmp_path / "scan-2x.png")]) == 0  # fmt: skip
+    with Image.open(tmp_path / "scan-2x.png") as image:
+        assert image.mode.startswith("I;16") and image.size == (60, 40)
     grey = tmp_path / "grey.png"  # a grey image in, a grey image out
     Image.fromarray(np.asarray(Image.open(photo).convert("L"))).save(grey)
     assert main(["generate", "waifu2x-upconv7", "--image", str(grey), "--out",

@@ -179,7 +179,7 @@ def _eval_on_images(args: argparse.Namespace, entry: Any) -> int:
     if args.crop < 0 or 0 < args.crop < 32:
         raise LowbitError(f"--crop {args.crop}: give 32 or more pixels, or 0 for whole images")
     images = named_images(args.images, entry.channels, min_side=32)
-    pairs = [(name, *entry.scoring_pair(image, args.crop)) for name, image in images]
+    pairs = [(image.name, *entry.scoring_pair(image.pixels, args.crop)) for image in images]
     # a window at a time, as `lowbit generate` upscales (the same pixels; any image size)
     model = upscaler(api.load_model(args.model).model, entry.halo)
     ref = upscaler(api.load_model(args.ref).model, entry.halo) if args.ref else None

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -68,7 +69,7 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
     if args.out is None:
         raise LowbitError(f"give --out: a .png file or a folder for the images ({_what(entry)})")
     grid = args.out.suffix.lower() == ".png"
-    names, inputs = _inputs(args, entry, grid)
+    names, inputs, bits = _inputs(args, entry, grid)
     prepare_out(args.out, args.overwrite, folder=not grid)
     model = api.load_model(args.model).model
     start = time.perf_counter()
@@ -84,10 +85,12 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
                 raise LowbitError(f"{name}: {exc}") from None
             images.append(image.mean(0, keepdim=True) if _grey(x) else image)
     seconds = time.perf_counter() - start
-    if grid:
-        _write_png(args.out, images[0] if len(images) == 1 else _tile(images))
+    if grid and len(images) == 1:
+        _write_png(args.out, images[0], bits[0])
+    elif grid:
+        _write_png(args.out, _tile(images))
     else:
-        _write_folder(args, names, images)
+        _write_folder(args, names, images, bits)
     summary = {"out": str(args.out), "images": len(images),
                "size": list(images[0].shape[-2:]), "seconds": round(seconds, 3),
                "images_per_s": round(len(images) / seconds, 2)}  # fmt: skip
@@ -107,9 +110,10 @@ def _what(entry: Any) -> str:
     return "it draws --count samples from seed --seed"
 
 
-def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str], Any]:
-    """The output file names, and the inputs: a batch of a generator's seeded latents or
-    noise, or the user's images (a list: their sizes differ)."""
+def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str], Any, list]:
+    """The output file names, the inputs (a batch of a generator's seeded latents or noise,
+    or the user's images: a list, their sizes differ) and each output's bit depth (16 for a
+    16-bit grey file's upscale)."""
     from lowbit.models.images.data import named_images
 
     if entry.sample is not None:
@@ -117,7 +121,8 @@ def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str]
             if value is not None:
                 raise LowbitError(f"{flag}: {entry.name} takes no images ({_what(entry)})")
         count = args.count or 16
-        return [f"sample_{i:04d}.png" for i in range(count)], entry.sample(count, args.seed)
+        names = [f"sample_{i:04d}.png" for i in range(count)]
+        return names, entry.sample(count, args.seed), [8] * count
     if args.image is None:
         raise LowbitError(f"give --image: the image (or folder of images) {entry.name} upscales")
     if args.count is not None:
@@ -126,11 +131,11 @@ def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str]
     if grid and len(images) > 1:
         raise LowbitError(f"--out {args.out} is one file and {args.image} holds {len(images)} "
                           f"images: give a folder")  # fmt: skip
-    names = [f"{Path(name).stem}.png" for name, _ in images]
+    names = [f"{Path(image.name).stem}.png" for image in images]
     if len(set(names)) < len(names):
         raise LowbitError(f"{args.image}: two images share a name before their suffix; their "
                           f"PNGs would collide")  # fmt: skip
-    return names, [x for _, x in images]
+    return names, [image.pixels for image in images], [image.bits for image in images]
 
 
 def _grey(x: Tensor) -> bool:
@@ -150,24 +155,27 @@ def _tile(images: list[Tensor]) -> Tensor:
     return grid
 
 
-def _write_png(path: Path, image: Tensor) -> None:
-    """One (C, H, W) image in [0, 1] as an 8-bit PNG, written atomically."""
+def _write_png(path: Path, image: Tensor, bits: int = 8) -> None:
+    """One (C, H, W) image in [0, 1] as a PNG, written atomically: 8-bit, or 16-bit for a grey
+    image with ``bits`` 16 (PIL writes no 16-bit colour PNG)."""
     from PIL import Image
 
     from lowbit.assets.atomic import atomic_file
 
-    pixels = image.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
-    array = pixels.numpy()
+    wide = bits == 16 and image.shape[0] == 1
+    top, dtype = (65535, np.uint16) if wide else (255, np.uint8)
+    array = image.float().clamp(0, 1).mul(top).round().permute(1, 2, 0).numpy().astype(dtype)
     with atomic_file(path) as tmp:
         Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
 
 
-def _write_folder(args: argparse.Namespace, names: list[str], images: list[Tensor]) -> None:
+def _write_folder(args: argparse.Namespace, names: list[str], images: list[Tensor],
+                  bits: list[int]) -> None:  # fmt: skip
     from lowbit.assets.atomic import atomic_dir
 
     with atomic_dir(args.out, args.overwrite) as tmp:
-        for name, image in zip(names, images, strict=True):
-            _write_png(tmp / name, image)
+        for name, image, depth in zip(names, images, bits, strict=True):
+            _write_png(tmp / name, image, depth)
         record = {"model": args.model, "images": names}
         record |= {"input": args.image} if args.image else {"seed": args.seed}
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")

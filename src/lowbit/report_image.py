@@ -69,7 +69,7 @@ def _inputs(entry: Any, options: ImageReportOptions) -> Any:
         raise LowbitError(f"--images: {entry.name} takes no images (it is scored on its own "
                           f"inputs)")  # fmt: skip
     images = named_images(options.images, entry.channels, min_side=32)
-    return [(name, *entry.scoring_pair(image, options.crop)) for name, image in images]
+    return [(image.name, *entry.scoring_pair(image.pixels, options.crop)) for image in images]
 
 
 def _measure(entry: Any, models: dict, folders: dict, inputs: Any, tmp: Path) -> dict[str, Any]:

@@ -97,11 +97,27 @@ def test_an_rgb_model_reads_grey_palette_and_alpha_images_as_rgb(tmp_path):
     rgba = np.dstack([np.full((40, 50), v, np.uint8) for v in (10, 20, 30, 128)])
     Image.fromarray(rgba).save(tmp_path / "b_rgba.png")
     Image.fromarray(grey).convert("P").save(tmp_path / "c_palette.png")
-    (a, x), (_, y), (_, z) = named_images(str(tmp_path), channels=3, min_side=32)
-    assert a == "a_grey.png" and x.shape == y.shape == z.shape == (1, 3, 40, 50)
+    (a, x, bits), (_, y, _), (_, z, _) = named_images(str(tmp_path), channels=3, min_side=32)
+    assert a == "a_grey.png" and bits == 8 and x.shape == y.shape == z.shape == (1, 3, 40, 50)
     for image in (x, z):  # grey replicated into R, G and B
         assert torch.equal(image[0, 0], torch.from_numpy(grey).float() / 255)
         assert torch.equal(image[0, 0], image[0, 1]) and torch.equal(image[0, 1], image[0, 2])
     assert torch.equal(y[0, :, 0, 0] * 255, torch.tensor([10.0, 20.0, 30.0]))  # alpha dropped
     with pytest.raises(LowbitError, match="4 channel.*takes 1-channel"):  # no conversion to grey
         named_images(str(tmp_path / "b_rgba.png"), channels=1, min_side=32)
+
+
+def test_a_16_bit_grey_file_keeps_its_precision(tmp_path):
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+
+    from lowbit.models.images.data import named_images
+
+    deep = (np.arange(40 * 50).reshape(40, 50) * 31).astype(np.uint16)  # not multiples of 257
+    Image.fromarray(deep).save(tmp_path / "scan.png")
+    ((name, x, bits),) = named_images(str(tmp_path / "scan.png"), channels=3, min_side=32)
+    assert name == "scan.png" and bits == 16 and x.shape == (1, 3, 40, 50)
+    torch.testing.assert_close(x[0, 2], torch.from_numpy(deep.astype("float32")) / 65535)
+    Image.fromarray(np.zeros((40, 50, 3), np.float32)[..., 0]).save(tmp_path / "f.tiff")
+    with pytest.raises(LowbitError, match="8-bit images or 16-bit grey ones only"):
+        named_images(str(tmp_path / "f.tiff"), channels=3, min_side=32)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -109,11 +109,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 def read_images(path: str, channels: int, min_side: int) -> list[Tensor]:
     """The images in ``path`` (one file, or a folder's image files in name order) as
     (1, C, H, W) in [0, 1], each checked: ``channels`` channels, sides of ``min_side`` or more."""
-    return [image for _, image in named_images(path, channels, min_side)]
+    return [image.pixels for image in named_images(path, channels, min_side)]
 
 
-def named_images(path: str, channels: int, min_side: int) -> list[tuple[str, Tensor]]:
-    """:func:`read_images` with each image's file name."""
+class UserImage(NamedTuple):
+    name: str  # the file's name
+    pixels: Tensor  # (1, C, H, W) in [0, 1]
+    bits: int  # 8, or 16 for a 16-bit grey file
+
+
+def named_images(path: str, channels: int, min_side: int) -> list[UserImage]:
+    """:func:`read_images` with each image's file name and bit depth (8-bit files of any mode
+    PIL converts to RGB, and 16-bit grey ones, for an RGB model)."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path).expanduser()
@@ -133,8 +140,10 @@ def named_images(path: str, channels: int, min_side: int) -> list[tuple[str, Ten
                                                      else image)  # fmt: skip
         except (UnidentifiedImageError, OSError) as exc:
             raise LowbitError(f"{file}: not a readable image ({exc})") from None
-        if array.dtype != np.uint8:
-            raise LowbitError(f"{file}: {array.dtype} pixels; 8-bit images only")
+        bits = _bits(array, mode, file)
+        if bits == 16 and channels == 3:
+            log.info("%s: 16-bit grey image read as RGB", file.name)
+            array = np.repeat(array[..., None], 3, axis=2)
         have = 1 if array.ndim == 2 else array.shape[2]
         if have != channels:
             raise LowbitError(f"{file}: {have} channel(s) ({mode}); the model takes "
@@ -142,9 +151,23 @@ def named_images(path: str, channels: int, min_side: int) -> list[tuple[str, Ten
         if min(array.shape[:2]) < min_side:
             raise LowbitError(f"{file}: {array.shape[1]}x{array.shape[0]} pixels; sides of at "
                               f"least {min_side} are needed")  # fmt: skip
-        pixels = torch.from_numpy(array.copy()).reshape(*array.shape[:2], channels)
-        out.append((file.name, pixels.permute(2, 0, 1).float().div(255).unsqueeze(0)))
+        pixels = torch.from_numpy(array.astype(np.float32)).reshape(*array.shape[:2], channels)
+        pixels = pixels.permute(2, 0, 1).div(2**bits - 1).unsqueeze(0)
+        out.append(UserImage(file.name, pixels, bits))
     return out
+
+
+def _bits(array: np.ndarray, mode: str, file: Path) -> int:
+    """8, or 16 for a 16-bit grey file (PIL's "I;16" modes, or "I" holding 16-bit values)."""
+    if array.dtype == np.uint8:
+        return 8
+    wide = array.dtype.kind == "u" and array.dtype.itemsize == 2  # "I;16", "I;16B", ...
+    fits = mode == "I" and array.dtype.kind == "i" and array.min() >= 0 and array.max() < 2**16
+    grey16 = array.ndim == 2 and (wide or fits)
+    if not grey16:
+        raise LowbitError(f"{file}: {array.dtype} pixels ({mode}); 8-bit images or 16-bit grey "
+                          f"ones only")  # fmt: skip
+    return 16
 
 
 # 8-bit modes an RGB model reads after PIL's conversion (grey replicated, a palette looked up,
