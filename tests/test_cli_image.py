@@ -228,9 +228,9 @@ def test_generate_writes_a_generators_samples_and_an_upscale(
                  str(tmp_path / "grey-2x.png")]) == 0  # fmt: skip
     with Image.open(tmp_path / "grey-2x.png") as image:
         assert image.mode == "L" and image.size == (60, 40)
-    tiled = tmp_path / "tiled.png"  # windows of 16 x 16 inputs: the same pixels
+    tiled = tmp_path / "tiled.png"  # windows of 20 x 20 inputs: the same pixels
     assert main(["generate", "waifu2x-upconv7", "--image", str(photo), "--out", str(tiled),
-                 "--tile", "16"]) == 0  # fmt: skip
+                 "--tile", "20"]) == 0  # fmt: skip
     with Image.open(tiled) as image:
         assert np.array_equal(np.asarray(image), whole)
     bad = {("dcgan-faces", "--out", str(tmp_path / "x.png"), "--image", str(photo)):

@@ -14,7 +14,7 @@ def sr():
     return UpConv7().eval()
 
 
-@pytest.mark.parametrize("window", [16, 23, 40, (30, 50), 200])
+@pytest.mark.parametrize("window", [20, 29, (30, 50), 200])
 def test_windows_give_the_whole_images_upscale(sr, window):
     x = torch.rand(2, 3, 45, 61, generator=torch.Generator().manual_seed(1))
     calls = []
