@@ -44,8 +44,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         image = args.image or _retina(Path(tmp) / "retina.png")
         rows, first = [], None
-        for tile in args.tiles:
-            out = Path(tmp) / f"tile{tile}.png"
+        for i, tile in enumerate(args.tiles):
+            out = Path(tmp) / f"row{i}-tile{tile}.png"
             result, seconds, peak = _run(args, image, tile, out)
             with Image.open(out) as png:
                 pixels = np.asarray(png).astype(np.int16)

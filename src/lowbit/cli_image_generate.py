@@ -38,8 +38,8 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--count", type=positive, default=None,
                    help="generators: how many samples (default 16)")  # fmt: skip
     g.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="super-resolution models: upscale windows of N x N input pixels, each "
-                   "with the model's margin, so memory stays bounded on large images "
+                   help="super-resolution models: upscale windows of at most N x N input "
+                   "pixels, each with the model's margin, so memory stays bounded on large images "
                    "(default 256; 0: the whole image at once; a .tflite uses its own input "
                    "size)")  # fmt: skip
     g.add_argument("--overwrite", action="store_true",

@@ -12,6 +12,7 @@ runs do. Windows keep the size ``window`` where the image allows, shifted inward
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from torch import Tensor
@@ -32,9 +33,9 @@ def upscale_tiled(model: Callable[[Tensor], Tensor], x: Tensor, window: int | tu
     if fixed and (h < wh or w < ww):
         raise LowbitError(f"the model takes {ww}x{wh} inputs; the image is {w}x{h}")
     out = None
-    for y0, y1, a in _spans(h, wh, halo):
-        for x0, x1, b in _spans(w, ww, halo):
-            part = model(x[..., a : a + min(wh, h), b : b + min(ww, w)])
+    for y0, y1, a, ah in _spans(h, wh, halo, fixed):
+        for x0, x1, b, bw in _spans(w, ww, halo, fixed):
+            part = model(x[..., a : a + ah, b : b + bw])
             if out is None:
                 out = part.new_empty(*part.shape[:2], h * scale, w * scale)
             out[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale] = part[
@@ -62,15 +63,17 @@ def upscaler(model: Callable[[Tensor], Tensor], halo: int,
     return lambda x: upscale_tiled(model, x, tile, halo)
 
 
-def _spans(size: int, window: int, halo: int) -> list[tuple[int, int, int]]:
-    """(start, end, window start) of each tile along one side."""
-    window = min(window, size)
-    tile = window - 2 * halo if window < size else size
-    spans = []
-    for start in range(0, size, tile):
-        end = min(start + tile, size)
-        spans.append((start, end, min(max(start - halo, 0), size - window)))
-    return spans
+def _spans(size: int, window: int, halo: int, fixed: bool) -> list[tuple[int, int, int, int]]:
+    """(start, end, window start, window size) of each tile along one side. Free windows share
+    the side evenly (as few as ``window`` allows: no thin last tile run at full size); a fixed
+    window keeps its size, the last one shifted inward."""
+    if window >= size and not fixed:
+        return [(0, size, 0, size)]
+    count = math.ceil(size / (window - 2 * halo))
+    tile = window - 2 * halo if fixed else math.ceil(size / count)
+    window = window if fixed else min(tile + 2 * halo, size)
+    return [(start, min(start + tile, size), min(max(start - halo, 0), size - window), window)
+            for start in range(0, size, tile)]  # fmt: skip
 
 
 __all__ = ["DEFAULT_TILE", "upscale_tiled", "upscaler"]
