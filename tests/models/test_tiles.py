@@ -14,15 +14,21 @@ def sr():
     return UpConv7().eval()
 
 
-@pytest.mark.parametrize("window", [20, 29, (30, 50), 200])
-def test_windows_give_the_whole_images_upscale(sr, window):
-    x = torch.rand(2, 3, 45, 61, generator=torch.Generator().manual_seed(1))
+def _recording(sr):
+    """``sr`` as a function that records the size of each window it is given."""
     calls = []
 
     def model(part):
         calls.append(tuple(part.shape[-2:]))
         return sr(part)
 
+    return model, calls
+
+
+@pytest.mark.parametrize("window", [20, 29, (30, 50), 200])
+def test_windows_give_the_whole_images_upscale(sr, window):
+    x = torch.rand(2, 3, 45, 61, generator=torch.Generator().manual_seed(1))
+    model, calls = _recording(sr)
     with torch.inference_mode():
         whole, tiled = sr(x), upscale_tiled(model, x, window, UpConv7.pad)
     assert tiled.shape == whole.shape == (2, 3, 90, 122)
@@ -35,12 +41,7 @@ def test_windows_give_the_whole_images_upscale(sr, window):
 
 def test_a_fixed_window_shifts_inward_and_needs_a_large_enough_image(sr):
     x = torch.rand(1, 3, 33, 50, generator=torch.Generator().manual_seed(2))
-    calls = []
-
-    def model(part):
-        calls.append(tuple(part.shape[-2:]))
-        return sr(part)
-
+    model, calls = _recording(sr)
     with torch.inference_mode():
         tiled = upscale_tiled(model, x, 30, UpConv7.pad, fixed=True)
         torch.testing.assert_close(tiled, sr(x), rtol=0, atol=1e-5)
