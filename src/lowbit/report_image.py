@@ -56,7 +56,7 @@ def build_image_report(entry: Any, variants: list[str], out: Path,
     with atomic_dir(out, overwrite=overwrite) as tmp:
         folders, models = quantize_variants(src, recipes, tmp, lambda _: calibration, progress)
         data = _measure(entry, models, folders, inputs, tmp)
-        data |= {"model": entry.name, "notes": _notes(entry, calibration, options)}
+        data |= {"model": entry.name, "notes": _notes(calibration)}
         _write(tmp, data)
     return data
 
@@ -119,7 +119,7 @@ def _protocol(entry: Any, inputs: Any, first: dict, machine: dict) -> str:
             f"lowbit kernels: {machine['kernels']}.")  # fmt: skip
 
 
-def _notes(entry: Any, calibration: Any, options: ImageReportOptions) -> list[str]:
+def _notes(calibration: Any) -> list[str]:
     notes = ["fp32 disk MB is the size of its float32 tensors (what a safetensors file holds)"]
     if calibration is not None:
         notes.append(f"calibrated on {calibration.corpus} ({calibration.samples} inputs)")

@@ -46,6 +46,9 @@ def test_a_fixed_window_shifts_inward_and_needs_a_large_enough_image(sr):
         tiled = upscale_tiled(model, x, 30, UpConv7.pad, fixed=True)
         torch.testing.assert_close(tiled, sr(x), rtol=0, atol=1e-5)
         assert set(calls) == {(30, 30)}  # the one size the file takes
+        calls.clear()
+        upscale_tiled(model, x[..., :30, :30], 30, UpConv7.pad, fixed=True)
+        assert calls == [(30, 30)]  # an image of exactly that size: one call
         with pytest.raises(LowbitError, match="takes 40x40 inputs; the image is 50x33"):
             upscale_tiled(sr, x, 40, UpConv7.pad, fixed=True)
     with pytest.raises(LowbitError, match="give more than 14"):

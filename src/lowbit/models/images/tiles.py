@@ -7,7 +7,8 @@ every side the image has them (the model's reach: waifu2x pads its input by as m
 the tile's part of the output is kept. A model whose outputs depend on input pixels within
 ``halo`` only (upconv7) gives the whole-image result this way; one that pools over its whole
 input (upresnet10's squeeze-excitation) sees its window's statistics, as waifu2x's own tiled
-runs do. Windows keep the size ``window`` where the image allows, shifted inward at its edges.
+runs do. The tiles share each side evenly, so no thin last tile is run in a full window; a
+fixed-size window (a ``.tflite``'s) keeps its size, the last one shifted inward.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _spans(size: int, window: int, halo: int, fixed: bool) -> list[tuple[int, in
     """(start, end, window start, window size) of each tile along one side. Free windows share
     the side evenly (as few as ``window`` allows: no thin last tile run at full size); a fixed
     window keeps its size, the last one shifted inward."""
-    if window >= size and not fixed:
+    if window >= size:  # one window (a fixed one is then exactly the image's size)
         return [(0, size, 0, size)]
     count = math.ceil(size / (window - 2 * halo))
     tile = window - 2 * halo if fixed else math.ceil(size / count)
