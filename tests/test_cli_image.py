@@ -173,6 +173,8 @@ def test_a_super_resolution_model_is_scored_on_the_users_images(small_sr, monkey
     assert "dcgan-faces takes no images" in capsys.readouterr().err
     assert main(["eval", "smollm2-135m", "--images", str(folder)]) == 2
     assert "--images is for image models" in capsys.readouterr().err
+    assert main(["eval", "waifu2x-upconv7", "--crop", "64"]) == 2  # scored whole without --images
+    assert "--crop is for --images" in capsys.readouterr().err
 
 
 def test_generate_writes_a_generators_samples_and_an_upscale(
@@ -292,7 +294,8 @@ def test_report_puts_an_image_models_variants_side_by_side(random_gan, small_sr,
     bad = {("dcgan-faces", "--calib", "wiki"): "--calib names a text corpus",
            (str(out / "variants" / "conv-w8a8-static"),): "already quantized",
            ("dcgan-faces", "--images", str(folder)): "dcgan-faces takes no images",
-           ("waifu2x-upconv7", "--crop", "3"): "--crop 3",
+           ("waifu2x-upconv7", "--images", str(folder), "--crop", "3"): "--crop 3",
+           ("waifu2x-upconv7", "--crop", "64"): "--crop is for --images",
            ("smollm2-135m", "--images", str(folder)): "--images is for image models"}  # fmt: skip
     for extra, message in bad.items():
         assert main(["report", *extra, "--out", str(tmp_path / "x")]) == 2

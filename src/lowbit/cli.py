@@ -246,7 +246,7 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
         "8-bit PNG/JPEG/...) instead of the built-in one; each is downscaled 2x and "
         "the model's upscale compared with it (PSNR/SSIM per image, their mean)",
     )
-    p.add_argument("--crop", metavar="N", type=int, default=512,
+    p.add_argument("--crop", metavar="N", type=int, default=None,
                    help="with --images: score each image's centre N x N pixels (default 512; "
                    "0: the whole image; either is upscaled as `lowbit generate` does, in "
                    "windows)")  # fmt: skip
@@ -262,7 +262,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         refuse_attention(args, args.model)
         return eval_image(args, entry)
     flag = next((f for f, on in (("--grid", args.grid), ("--fd", args.fd),
-                                 ("--images", args.images)) if on), None)  # fmt: skip
+                                 ("--images", args.images),
+                                 ("--crop", args.crop is not None)) if on), None)  # fmt: skip
     if flag:
         raise LowbitError(f"{flag} is for image models; a language model's eval is perplexity, "
                           f"KL and top-1")  # fmt: skip

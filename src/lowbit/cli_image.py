@@ -16,6 +16,7 @@ from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
 IMAGE_ANALYSIS_SAMPLES = 16  # calibration inputs the mixed-precision analysis runs on
+DEFAULT_CROP = 512  # --images: each image's centre, at most this many pixels a side
 
 
 def image_entry(model: str, exported: bool = False) -> Any:
@@ -38,6 +39,18 @@ def image_entry(model: str, exported: bool = False) -> Any:
         if source.get("kind") == "image":
             return images.get(source.get("model"))
     return None
+
+
+def image_crop(crop: int | None, images: str | None) -> int:
+    """``--crop`` checked: only with ``--images``, 32 or more pixels, or 0 for whole images."""
+    if crop is None:
+        return DEFAULT_CROP
+    if images is None:
+        raise LowbitError("--crop is for --images (the built-in evaluation image is scored as "
+                          "it is)")  # fmt: skip
+    if crop < 0 or 0 < crop < 32:
+        raise LowbitError(f"--crop {crop}: give 32 or more pixels, or 0 for whole images")
+    return crop
 
 
 def text_only(command: str, *models: str) -> None:
@@ -148,8 +161,9 @@ def eval_image(args: argparse.Namespace, entry: Any) -> int:
     if (args.grid or args.fd) and not args.ref:
         raise LowbitError(f"--{'grid' if args.grid else 'fd'} compares the model with --ref's "
                           f"outputs: give --ref")  # fmt: skip
+    crop = image_crop(args.crop, args.images)
     if args.images is not None:
-        return _eval_on_images(args, entry)
+        return _eval_on_images(args, entry, crop)
     inputs, truth = entry.evaluation()
     if args.fd and len(inputs) < 2:
         raise LowbitError(f"--fd compares sets of images; {entry.name} is scored on one image")
@@ -163,7 +177,7 @@ def eval_image(args: argparse.Namespace, entry: Any) -> int:
     return 0
 
 
-def _eval_on_images(args: argparse.Namespace, entry: Any) -> int:
+def _eval_on_images(args: argparse.Namespace, entry: Any, crop: int) -> int:
     """``--images``: the super-resolution protocol on the user's images, each scored alone."""
     from lowbit import api
     from lowbit.eval.image import evaluate_pairs, outputs
@@ -176,10 +190,8 @@ def _eval_on_images(args: argparse.Namespace, entry: Any) -> int:
     if args.fd:
         raise LowbitError("--fd compares generators' sample sets; --images scores each "
                           "upscaled image against the image itself")  # fmt: skip
-    if args.crop < 0 or 0 < args.crop < 32:
-        raise LowbitError(f"--crop {args.crop}: give 32 or more pixels, or 0 for whole images")
     images = named_images(args.images, entry.channels, min_side=32)
-    pairs = [(image.name, *entry.scoring_pair(image.pixels, args.crop)) for image in images]
+    pairs = [(image.name, *entry.scoring_pair(image.pixels, crop)) for image in images]
     # a window at a time, as `lowbit generate` upscales (the same pixels; any image size)
     model = upscaler(api.load_model(args.model).model, entry.halo)
     ref = upscaler(api.load_model(args.ref).model, entry.halo) if args.ref else None

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,6 +60,7 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
     from lowbit.assets.atomic import prepare_out
     from lowbit.eval.image import outputs
+    from lowbit.models.images.run import upscale_image
     from lowbit.models.images.tiles import DEFAULT_TILE, upscaler
 
     if args.prompt is not None or args.chat:
@@ -80,10 +80,9 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
         images = []
         for name, x in zip(names, inputs, strict=True):
             try:
-                image = outputs(upscale, x, entry.output_range)[0]
+                images.append(upscale_image(upscale, x, entry.output_range))
             except LowbitError as exc:  # e.g. an image smaller than a .tflite's input
                 raise LowbitError(f"{name}: {exc}") from None
-            images.append(image.mean(0, keepdim=True) if _grey(x) else image)
     seconds = time.perf_counter() - start
     if grid and len(images) == 1:
         _write_png(args.out, images[0], bits[0])
@@ -138,11 +137,6 @@ def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str]
     return names, [image.pixels for image in images], [image.bits for image in images]
 
 
-def _grey(x: Tensor) -> bool:
-    """Whether an RGB input is grey (read from a grey file): its upscale is written grey."""
-    return x.shape[1] == 3 and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
-
-
 def _tile(images: list[Tensor]) -> Tensor:
     """Images (C, H, W) of one size side by side, as square a grid as fits them."""
     cols = math.ceil(math.sqrt(len(images)))
@@ -156,17 +150,12 @@ def _tile(images: list[Tensor]) -> Tensor:
 
 
 def _write_png(path: Path, image: Tensor, bits: int = 8) -> None:
-    """One (C, H, W) image in [0, 1] as a PNG, written atomically: 8-bit, or 16-bit for a grey
-    image with ``bits`` 16 (PIL writes no 16-bit colour PNG)."""
-    from PIL import Image
-
+    """One (C, H, W) image in [0, 1] as a PNG file, written atomically."""
     from lowbit.assets.atomic import atomic_file
+    from lowbit.models.images.run import png_bytes
 
-    wide = bits == 16 and image.shape[0] == 1
-    top, dtype = (65535, np.uint16) if wide else (255, np.uint8)
-    array = image.float().clamp(0, 1).mul(top).round().permute(1, 2, 0).numpy().astype(dtype)
     with atomic_file(path) as tmp:
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
+        tmp.write_bytes(png_bytes(image, bits))
 
 
 def _write_folder(args: argparse.Namespace, names: list[str], images: list[Tensor],

@@ -174,7 +174,7 @@ def add_report(sub: Any, common: argparse.ArgumentParser) -> None:
         "--crop",
         metavar="N",
         type=int,
-        default=512,
+        default=None,
         help="with --images: each image's centre N x N pixels (512; 0: whole)",
     )
     p.set_defaults(func=cmd_report)
@@ -187,7 +187,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     entry = image_entry(args.model)
     if entry is not None:
         return _image_report(args, entry)
-    for flag, value in (("--calib-images", args.calib_images), ("--images", args.images)):
+    for flag, value in (("--calib-images", args.calib_images), ("--images", args.images),
+                        ("--crop", args.crop)):  # fmt: skip
         if value is not None:
             raise LowbitError(f"{flag} is for image models; {args.model} is a language model")
     args.calib = args.calib or "bbc"
@@ -214,6 +215,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _image_report(args: argparse.Namespace, entry: Any) -> int:
+    from lowbit.cli_image import image_crop
     from lowbit.eval.report_render import IMAGE_COLUMNS, IMAGE_PANELS, report_markdown
     from lowbit.report_image import DEFAULT_IMAGE_VARIANTS, ImageReportOptions, build_image_report
 
@@ -223,9 +225,8 @@ def _image_report(args: argparse.Namespace, entry: Any) -> int:
     if args.calib is not None:
         raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
                           f"your images with --calib-images)")  # fmt: skip
-    if args.crop < 0 or 0 < args.crop < 32:
-        raise LowbitError(f"--crop {args.crop}: give 32 or more pixels, or 0 for whole images")
-    options = ImageReportOptions(args.calib_images, args.images, args.crop)
+    options = ImageReportOptions(args.calib_images, args.images,
+                                 image_crop(args.crop, args.images))  # fmt: skip
     data = build_image_report(entry, args.variants or DEFAULT_IMAGE_VARIANTS, args.out, options,
                               args.overwrite, progress=not args.quiet)  # fmt: skip
     print(report_markdown(data["rows"], data, IMAGE_COLUMNS, IMAGE_PANELS), end="")

@@ -18,11 +18,21 @@ examples:
   curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
 
+  lowbit serve out/faces-w8a8                # an image generator
+  curl -s localhost:8000/v1/images/generations -H 'Content-Type: application/json' \\
+      -d '{"n": 4, "seed": 7}'                  # {"data": [{"b64_json": PNG}, ...], ...}
+  lowbit serve out/sr-w8a8                   # a super-resolution model
+  { printf '{"image": "'; base64 -w0 photo.jpg; printf '"}'; } | \\
+      curl -s localhost:8000/v1/images/upscale -H 'Content-Type: application/json' -d @-
+
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true for
 server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus). Requests that wait
-together with the same sampling settings are decoded as one batch. Binds to loopback unless
---host says otherwise; put a TLS proxy in front of a public address. For several hosts, export
-to compressed-tensors and serve with vLLM.
+together with the same sampling settings are decoded as one batch. An image model (a zoo name,
+its lowbit folder or .tflite) answers POST /v1/images/generations (a generator: OpenAI's body
+with an empty prompt, plus "seed") or POST /v1/images/upscale (super-resolution: {"image":
+base64 file}), with base64 PNGs, one request at a time. Binds to loopback unless --host says
+otherwise; put a TLS proxy in front of a public address. For several hosts, export to
+compressed-tensors and serve with vLLM.
 """
 
 
@@ -43,8 +53,14 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="requests allowed to wait; more get HTTP 429 (64)")  # fmt: skip
     p.add_argument("--max-tokens", type=positive, default=1024,
                    help="largest max_tokens a request may ask for (1024)")  # fmt: skip
-    p.add_argument("--max-body", type=positive, default=1 << 20,
-                   help="largest request body in bytes (1 MiB)")  # fmt: skip
+    p.add_argument("--max-body", type=positive, default=None,
+                   help="largest request body in bytes (1 MiB; 32 MiB for an image "
+                   "model)")  # fmt: skip
+    p.add_argument("--max-images", type=positive, default=16,
+                   help="image generators: largest n a request may ask for (16)")  # fmt: skip
+    p.add_argument("--max-pixels", type=positive, default=2048 * 2048,
+                   help="super-resolution models: largest image to upscale, in pixels "
+                   "(2048 x 2048)")  # fmt: skip
     p.add_argument("--name", help="model id reported by /v1/models (default: MODEL)")
     p.add_argument("--ref", metavar="MODEL",
                    help="reference model (the float one) to re-score served requests against: "
@@ -71,13 +87,19 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
 def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     """The ASGI app and its engine (started), from parsed ``serve`` arguments."""
     try:
-        from lowbit.serve.app import ServeSettings, create_app
+        from lowbit.serve.app import create_app
+        from lowbit.serve.base import ServeSettings
         from lowbit.serve.engine import Engine
         from lowbit.serve.metrics import Metrics
     except ImportError as exc:
         raise LowbitError(f"lowbit serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'lowbit[serve]'") from None  # fmt: skip
     from lowbit import api
+    from lowbit.cli_image import image_entry
+
+    entry = image_entry(args.model, exported=True)
+    if entry is not None:
+        return _image_server(args, entry)
     from lowbit.runtime import Runtime
     from lowbit.runtime.text import stop_ids
 
@@ -98,12 +120,31 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
         batch = 1
     engine = Engine(runtime, stop_ids(src.tokenizer, src.model), batch, args.max_queue,
                     on_batch, metrics.job_done, shadow, _canary(args, src, metrics))  # fmt: skip
-    settings = ServeSettings(args.name or args.model, args.max_tokens, args.max_body,
+    settings = ServeSettings(args.name or args.model, args.max_tokens, args.max_body or 1 << 20,
                              args.api_key)  # fmt: skip
     engine.start()
     if shadow is not None:
         shadow.start()
     return create_app(engine, src.tokenizer, settings, metrics), engine
+
+
+def _image_server(args: argparse.Namespace, entry: Any) -> tuple[Any, Any]:
+    """The ASGI app and its worker for the image model ``entry``."""
+    from lowbit import api
+    from lowbit.serve.base import ServeSettings
+    from lowbit.serve.images import ImageWorker, create_image_app
+    from lowbit.serve.metrics import Metrics
+
+    for flag, given in (("--ref", args.ref), ("--alert-kl", args.alert_kl),
+                        ("--kv-bits", getattr(args, "kv_bits", None))):  # fmt: skip
+        if given is not None:
+            raise LowbitError(f"{flag} is for language models; {args.model} is an image model")
+    model = api.load_model(args.model).model
+    settings = ServeSettings(args.name or args.model, max_body=args.max_body or 32 << 20,
+                             api_key=args.api_key, max_images=args.max_images,
+                             max_pixels=args.max_pixels)  # fmt: skip
+    worker = ImageWorker(args.max_queue)
+    return create_image_app(entry, model, worker, settings, Metrics()), worker
 
 
 def _shadow(args: argparse.Namespace, metrics: Any) -> Any:
@@ -145,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=5)  # fmt: skip
     finally:
-        engine.close()
-        if engine.shadow is not None:
+        engine.close()  # an Engine, or an image model's ImageWorker (no quality monitor)
+        if getattr(engine, "shadow", None) is not None:
             engine.shadow.close()
     return 0

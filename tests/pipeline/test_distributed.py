@@ -87,6 +87,7 @@ def test_two_processes_quantize_as_one_does(tiny_folder, tmp_path, single_thread
             assert blocks == mine  # block errors are summed in batch order on every rank
 
 
+@pytest.mark.slow  # ~60 s; CI keeps the dense two-process test above
 def test_two_processes_quantize_a_mixture_of_experts_as_one_does(tmp_path, single_thread):
     """64 experts, one per token: the ranks' batches reach different experts (some none), and
     their wiring, statistics and folds must still agree to the byte; LKD and AutoRound, which

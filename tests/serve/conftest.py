@@ -26,7 +26,8 @@ class Served:
         defaults = {"max_batch": 8, "max_queue": 64, "max_tokens": 64, "max_body": 1 << 20,
                     "api_key": None, "name": "tiny", "ref": None, "shadow_rate": 0.05,
                     "alert_kl": None, "shadow_window": 50, "canary": True, "canary_every": 10.0,
-                    "canary_tolerance": None}  # fmt: skip
+                    "canary_tolerance": None, "max_images": 16,
+                    "max_pixels": 2048 * 2048}  # fmt: skip
         args = argparse.Namespace(model=str(folder), **(defaults | options))
         self.app, self.engine = build_server(args)
         self.port = _free_port()
@@ -66,6 +67,31 @@ def serve(chat_folder):
 
     def start(**options) -> Served:
         started.append(Served(chat_folder, **options))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.close()
+
+
+@pytest.fixture
+def served(monkeypatch, small_sr):
+    """Starts servers of image zoo names, with random weights (small generator and upscaler)."""
+    import torch
+
+    from lowbit.models.images.dcgan import DCGANGenerator
+
+    def gan() -> DCGANGenerator:
+        torch.manual_seed(3)
+        return DCGANGenerator(ngf=16).eval()
+
+    monkeypatch.setattr("lowbit.models.images.dcgan_faces", gan)
+    monkeypatch.setattr("lowbit.models.images.DCGANGenerator", gan)
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", small_sr)
+    started = []
+
+    def start(model: str, **options) -> Served:
+        started.append(Served(None, folder=model, **({"name": None} | options)))
         return started[-1]
 
     yield start

@@ -80,7 +80,7 @@ def test_a_full_queue_answers_429_and_the_rest_complete(serve):
         async with httpx.AsyncClient(timeout=60) as client:
             body = {"prompt": "the lazy dog", "max_tokens": 16, "temperature": 0}
             return await asyncio.gather(*[client.post(f"{server.url}/v1/completions", json=body)
-                                          for _ in range(500)])  # fmt: skip
+                                          for _ in range(120)])  # fmt: skip
 
     codes = [r.status_code for r in asyncio.run(flood())]
     assert set(codes) == {200, 429} and codes.count(200) >= 4

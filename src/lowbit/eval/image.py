@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.images.run import to_unit
 
 
 def _functional():
@@ -63,9 +64,8 @@ def images_per_second(model: nn.Module, x: Tensor, repeats: int = 3) -> float:
 def outputs(model: nn.Module, inputs: Tensor, output_range: tuple[float, float],
             batch: int = 16) -> Tensor:  # fmt: skip
     """The model's outputs on ``inputs`` in batches, mapped from ``output_range`` to [0, 1]."""
-    lo, hi = output_range
     out = torch.cat([model(inputs[i : i + batch]) for i in range(0, inputs.shape[0], batch)])
-    return ((out.float() - lo) / (hi - lo)).clamp(0, 1)
+    return to_unit(out, output_range)
 
 
 @torch.inference_mode()

@@ -14,56 +14,27 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lowbit.errors import LowbitError
 from lowbit.runtime import Sampling
 from lowbit.runtime.text import TextStream, chat_ids, text_ids
+from lowbit.serve.base import ServeSettings, base_app
 from lowbit.serve.engine import Engine, Job, QueueFull
 from lowbit.serve.limits import Guard, error_body
 from lowbit.serve.metrics import Metrics
 from lowbit.serve.schemas import ChatRequest, CompletionRequest
 
 
-@dataclass
-class ServeSettings:
-    model_name: str
-    max_tokens: int = 1024  # per request; more is a 400
-    max_body: int = 1 << 20  # bytes
-    api_key: str | None = None
-
-
 def create_app(engine: Engine, tokenizer: Any, settings: ServeSettings,
                metrics: Metrics | None = None) -> Any:  # fmt: skip
     """The ASGI app (FastAPI behind the body-size / API-key guard)."""
     metrics = metrics or Metrics()
-    app = FastAPI(title="lowbit", docs_url=None, redoc_url=None, openapi_url=None)
     api = _Api(engine, tokenizer, settings, metrics)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}"
-        return JSONResponse(error_body(message, "invalid_request_error", param=where), 400)
-
-    @app.exception_handler(LowbitError)
-    async def refused(_: Request, exc: LowbitError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "invalid_request_error"), 400)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
-
-    @app.get("/health")
-    async def health() -> dict:
+    def health() -> dict:
         shadow, canary = engine.shadow, engine.canary
         bad = any(w is not None and w.degraded for w in (shadow, canary))
         out = {"status": "degraded" if bad else "ok", "queue": engine.depth(),
@@ -76,16 +47,11 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServeSettings,
             out["canary"] = canary.status()
         return out
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
+    def gauges() -> None:
         metrics.queue_depth.set(engine.depth())
         metrics.running.set(engine.busy)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
-                                            "created": 0, "owned_by": "lowbit"}]}  # fmt: skip
+    app = base_app(settings, metrics, health, gauges)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

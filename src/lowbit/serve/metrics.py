@@ -18,7 +18,8 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 class Metrics:
     """Request counts by endpoint and status, latency and time-to-first-token histograms,
-    prompt / generated tokens, decode tokens/s of the last batch, queue depth, running rows,
+    prompt / generated tokens, images made and the last image request's images/s, decode
+    tokens/s of the last batch, queue depth, running rows,
     and the process's RSS / CPU (``process_*``, prometheus-client's process collector)."""
 
     def __init__(self) -> None:
@@ -26,7 +27,8 @@ class Metrics:
         ProcessCollector(registry=r)
         self.requests = Counter("lowbit_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)  # fmt: skip
-        self.latency = Histogram("lowbit_request_latency_seconds", "request to last token",
+        self.latency = Histogram("lowbit_request_latency_seconds", "request to its last token "
+                                 "(or its images)",
                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.finished = Counter("lowbit_finished_requests", "generations by how they ended: "
                                 "stop, length, cancelled, error", ["reason"],
@@ -39,6 +41,9 @@ class Metrics:
                                         registry=r)  # fmt: skip
         self.decode_tps = Gauge("lowbit_decode_tokens_per_second", "decode tokens/s of the "
                                 "last batch (all rows)", registry=r)  # fmt: skip
+        self.images = Counter("lowbit_images", "images generated or upscaled", registry=r)
+        self.images_per_s = Gauge("lowbit_images_per_second", "images/s of the last image "
+                                  "request (the model's time only)", registry=r)  # fmt: skip
         self.queue_depth = Gauge("lowbit_queue_depth", "requests waiting", registry=r)
         self.running = Gauge("lowbit_running_requests", "requests being decoded", registry=r)
         kl_buckets = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10)

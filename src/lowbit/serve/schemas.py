@@ -1,4 +1,5 @@
-"""The OpenAI-compatible request bodies lowbit serves, validated (bad fields: HTTP 400)."""
+"""The OpenAI-compatible request bodies lowbit serves, and the image upscale's, validated
+(bad fields: HTTP 400)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,27 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's ``images/generations`` body for a generator (no text conditioning: the prompt
+    must be empty), plus ``seed`` (lowbit's: the samples ``lowbit generate --seed`` draws)."""
+
+    model_config = ConfigDict(extra="ignore")  # quality, style, user, ...
+
+    model: str | None = None
+    prompt: str = ""
+    n: int = Field(default=1, ge=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    size: str | None = None
+    response_format: Literal["b64_json"] = "b64_json"  # no "url": the server keeps no files
+
+
+class UpscaleRequest(BaseModel):
+    """lowbit's ``images/upscale`` body (OpenAI has no upscale): the image file, base64."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    image: str = Field(min_length=1)
+    response_format: Literal["b64_json"] = "b64_json"

@@ -121,8 +121,6 @@ class UserImage(NamedTuple):
 def named_images(path: str, channels: int, min_side: int) -> list[UserImage]:
     """:func:`read_images` with each image's file name and bit depth (8-bit files of any mode
     PIL converts to RGB, and 16-bit grey ones, for an RGB model)."""
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(path).expanduser()
     if root.is_dir():
         files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -132,32 +130,50 @@ def named_images(path: str, channels: int, min_side: int) -> list[UserImage]:
         files = [root]
     else:
         raise LowbitError(f"{path}: no such image file or folder")
-    out = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                mode, array = image.mode, np.asarray(_as_rgb(image, file) if channels == 3
-                                                     else image)  # fmt: skip
-        except (UnidentifiedImageError, OSError) as exc:
-            raise LowbitError(f"{file}: not a readable image ({exc})") from None
-        bits = _bits(array, mode, file)
-        if bits == 16 and channels == 3:
-            log.info("%s: 16-bit grey image read as RGB", file.name)
-            array = np.repeat(array[..., None], 3, axis=2)
-        have = 1 if array.ndim == 2 else array.shape[2]
-        if have != channels:
-            raise LowbitError(f"{file}: {have} channel(s) ({mode}); the model takes "
-                              f"{channels}-channel images")  # fmt: skip
-        if min(array.shape[:2]) < min_side:
-            raise LowbitError(f"{file}: {array.shape[1]}x{array.shape[0]} pixels; sides of at "
-                              f"least {min_side} are needed")  # fmt: skip
-        pixels = torch.from_numpy(array.astype(np.float32)).reshape(*array.shape[:2], channels)
-        pixels = pixels.permute(2, 0, 1).div(2**bits - 1).unsqueeze(0)
-        out.append(UserImage(file.name, pixels, bits))
-    return out
+    return [_read_one(file, file.name, channels, min_side) for file in files]
 
 
-def _bits(array: np.ndarray, mode: str, file: Path) -> int:
+def image_from_bytes(data: bytes, channels: int, max_pixels: int) -> UserImage:
+    """An image file's bytes (a client's upload) read as :func:`named_images` reads a file;
+    one of more than ``max_pixels`` pixels is refused before it is decoded."""
+    import io
+
+    return _read_one(io.BytesIO(data), "the image", channels, 1, max_pixels)
+
+
+def _read_one(file: Any, label: str, channels: int, min_side: int,
+              max_pixels: int | None = None) -> UserImage:  # fmt: skip
+    """One image (a path or a binary file object; ``label`` names it in errors)."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = file if isinstance(file, Path) else label
+    try:
+        with Image.open(file) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise LowbitError(f"{where}: {image.width}x{image.height} pixels; at most "
+                                  f"{max_pixels} are taken here")  # fmt: skip
+            mode, array = image.mode, np.asarray(_as_rgb(image, label) if channels == 3
+                                                 else image)  # fmt: skip
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        why = exc if isinstance(file, Path) else "PNG, JPEG, WebP, TIFF, BMP, ..."
+        raise LowbitError(f"{where}: not a readable image ({why})") from None
+    bits = _bits(array, mode, where)
+    if bits == 16 and channels == 3:
+        log.info("%s: 16-bit grey image read as RGB", label)
+        array = np.repeat(array[..., None], 3, axis=2)
+    have = 1 if array.ndim == 2 else array.shape[2]
+    if have != channels:
+        raise LowbitError(f"{where}: {have} channel(s) ({mode}); the model takes "
+                          f"{channels}-channel images")  # fmt: skip
+    if min(array.shape[:2]) < min_side:
+        raise LowbitError(f"{where}: {array.shape[1]}x{array.shape[0]} pixels; sides of at "
+                          f"least {min_side} are needed")  # fmt: skip
+    pixels = torch.from_numpy(array.astype(np.float32)).reshape(*array.shape[:2], channels)
+    pixels = pixels.permute(2, 0, 1).div(2**bits - 1).unsqueeze(0)
+    return UserImage(label, pixels, bits)
+
+
+def _bits(array: np.ndarray, mode: str, file: Path | str) -> int:
     """8, or 16 for a 16-bit grey file (PIL's "I;16" modes, or "I" holding 16-bit values)."""
     if array.dtype == np.uint8:
         return 8
@@ -175,11 +191,11 @@ def _bits(array: np.ndarray, mode: str, file: Path) -> int:
 TO_RGB = ("L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr")
 
 
-def _as_rgb(image: Any, file: Path) -> Any:
+def _as_rgb(image: Any, label: str) -> Any:
     if image.mode == "RGB" or image.mode not in TO_RGB:
         return image
     dropped = " (its alpha channel dropped)" if image.mode.endswith("A") else ""
-    log.info("%s: %s image read as RGB%s", file.name, image.mode, dropped)
+    log.info("%s: %s image read as RGB%s", label, image.mode, dropped)
     return image.convert("RGB")
 
 

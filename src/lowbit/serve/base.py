@@ -1,0 +1,66 @@
+"""What every ``lowbit serve`` app shares, text or image: OpenAI-style errors for invalid
+bodies and refused requests, request counts, ``/health``, ``/metrics`` and ``/v1/models``,
+behind the body-size / API-key guard (:class:`lowbit.serve.limits.Guard`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from lowbit.errors import LowbitError
+from lowbit.serve.limits import error_body
+from lowbit.serve.metrics import Metrics
+
+
+@dataclass
+class ServeSettings:
+    model_name: str
+    max_tokens: int = 1024  # per request; more is a 400
+    max_body: int = 1 << 20  # bytes
+    api_key: str | None = None
+    max_images: int = 16  # images per generation request
+    max_pixels: int = 2048 * 2048  # of an image to upscale
+
+
+def base_app(settings: ServeSettings, metrics: Metrics, health: Callable[[], dict],
+             gauges: Callable[[], None]) -> FastAPI:  # fmt: skip
+    """The FastAPI app with the shared routes; ``health()`` gives /health's body and
+    ``gauges()`` sets the queue gauges before /metrics is rendered."""
+    app = FastAPI(title="lowbit", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}"
+        return JSONResponse(error_body(message, "invalid_request_error", param=where), 400)
+
+    @app.exception_handler(LowbitError)
+    async def refused(_: Request, exc: LowbitError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "invalid_request_error"), 400)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health_route() -> dict:
+        return health()
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        gauges()
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
+                                            "created": 0, "owned_by": "lowbit"}]}  # fmt: skip
+
+    return app

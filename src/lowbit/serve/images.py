@@ -1,0 +1,165 @@
+"""``lowbit serve`` for an image model: a generator answers OpenAI's
+``POST /v1/images/generations`` and a super-resolution model ``POST /v1/images/upscale``
+(lowbit's own: OpenAI has no upscale), both with base64 PNGs, beside the shared routes
+(:mod:`lowbit.serve.base`).
+
+One worker thread runs the model, one request at a time (a forward already uses every core);
+at most ``max_queue`` requests wait (more: HTTP 429), and one whose client left before it
+started is dropped. The model runs as ``lowbit generate`` runs it
+(:mod:`lowbit.models.images.run`): a generator's samples from a seed (random unless given),
+an upscale a window at a time (bounded memory) of an image of at most ``max_pixels`` pixels,
+grey in, grey out, a 16-bit grey file answered with a 16-bit PNG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.eval.image import outputs
+from lowbit.models.images.data import image_from_bytes
+from lowbit.models.images.run import png_bytes, upscale_image
+from lowbit.models.images.tiles import DEFAULT_TILE, upscaler
+from lowbit.serve.base import ServeSettings, base_app
+from lowbit.serve.engine import QueueFull
+from lowbit.serve.limits import Guard, error_body
+from lowbit.serve.metrics import Metrics
+from lowbit.serve.schemas import ImageGenerationRequest, UpscaleRequest
+
+
+class ImageWorker:
+    """``submit(fn)`` from the event loop; one thread runs the functions in order."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowbit-images")
+        self._lock = threading.Lock()
+        self.waiting = self.busy = 0
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        with self._lock:
+            if self.waiting >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
+            self.waiting += 1
+
+        def run() -> Any:
+            with self._lock:
+                self.waiting, self.busy = self.waiting - 1, 1
+            try:
+                with torch.inference_mode():
+                    return fn()
+            finally:
+                with self._lock:
+                    self.busy = 0
+
+        future = self._pool.submit(run)
+        future.add_done_callback(self._dropped)
+        return future
+
+    def _dropped(self, future: Future) -> None:
+        if future.cancelled():  # cancelled while it waited: ``run`` never started
+            with self._lock:
+                self.waiting -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
+                     settings: ServeSettings, metrics: Metrics) -> Any:  # fmt: skip
+    """The ASGI app for the image model ``entry`` (a :class:`lowbit.models.images.ImageModel`)
+    loaded as ``model``."""
+
+    def health() -> dict:
+        return {"status": "ok", "queue": worker.waiting, "running": worker.busy}
+
+    def gauges() -> None:
+        metrics.queue_depth.set(worker.waiting)
+        metrics.running.set(worker.busy)
+
+    app = base_app(settings, metrics, health, gauges)
+    side = _sample_size(entry, model)
+
+    async def answer(request: Request, work: Callable[[], list[bytes]], extra: dict) -> Response:
+        created = time.perf_counter()
+        try:
+            future = worker.submit(work)
+        except QueueFull as exc:
+            return JSONResponse(error_body(str(exc), "rate_limit_error", "queue_full"), 429,
+                                headers={"Retry-After": "1"})  # fmt: skip
+        waiting = asyncio.wrap_future(future)
+        while True:
+            try:
+                images, seconds = await asyncio.wait_for(asyncio.shield(waiting), timeout=0.5)
+                break
+            except TimeoutError:
+                if await request.is_disconnected() and future.cancel():
+                    return Response(status_code=499)
+        metrics.images.inc(len(images))
+        metrics.images_per_s.set(len(images) / max(seconds, 1e-9))
+        metrics.latency.observe(time.perf_counter() - created)
+        data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in images]
+        return JSONResponse({"created": int(time.time()), "data": data, **extra})
+
+    @app.post("/v1/images/generations")
+    async def generations(body: ImageGenerationRequest, request: Request) -> Response:
+        if entry.sample is None:
+            raise LowbitError(f"{entry.name} upscales images: POST /v1/images/upscale")
+        if body.prompt.strip():
+            raise LowbitError(f"{entry.name} takes no prompt (it draws samples from a seed): "
+                              f"send an empty prompt")  # fmt: skip
+        if body.n > settings.max_images:
+            raise LowbitError(f"n is at most {settings.max_images} here")
+        if body.size is not None and body.size != side:
+            raise LowbitError(f"size: {entry.name} draws {side} images")
+        seed = secrets.randbelow(2**31) if body.seed is None else body.seed
+
+        def work() -> tuple[list[bytes], float]:
+            start = time.perf_counter()
+            images = outputs(model, entry.sample(body.n, seed), entry.output_range)
+            return [png_bytes(image) for image in images], time.perf_counter() - start
+
+        return await answer(request, work, {"seed": seed, "size": side})
+
+    @app.post("/v1/images/upscale")
+    async def upscale(body: UpscaleRequest, request: Request) -> Response:
+        if entry.sample is not None:
+            raise LowbitError(f"{entry.name} is a generator: POST /v1/images/generations")
+        try:
+            data = base64.b64decode(body.image, validate=True)
+        except (binascii.Error, ValueError):
+            raise LowbitError("image: not base64 (send the file's bytes, base64-encoded)") from None
+        image = image_from_bytes(data, entry.channels, settings.max_pixels)
+        run = upscaler(model, entry.halo, DEFAULT_TILE)
+
+        def work() -> tuple[list[bytes], float]:
+            start = time.perf_counter()
+            out = upscale_image(run, image.pixels, entry.output_range)
+            return [png_bytes(out, image.bits)], time.perf_counter() - start
+
+        h, w = image.pixels.shape[-2:]
+        return await answer(request, work, {"size": f"{2 * w}x{2 * h}"})
+
+    return Guard(app, settings.max_body, settings.api_key)
+
+
+def _sample_size(entry: Any, model: nn.Module) -> str | None:
+    """A generator's image size, "WxH", from one sample (which also warms the model up)."""
+    if entry.sample is None:
+        return None
+    with torch.inference_mode():
+        h, w = model(entry.sample(1, 0)).shape[-2:]
+    return f"{w}x{h}"

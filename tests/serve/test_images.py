@@ -1,0 +1,117 @@
+"""`lowbit serve` on an image model: a generator's samples and a super-resolution model's
+upscales over HTTP, equal to what `lowbit generate` writes; bad requests get 4xx errors."""
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+
+httpx = pytest.importorskip("httpx", reason="lowbit serve needs the serve extra")
+pytest.importorskip("fastapi", reason="lowbit serve needs the serve extra")
+from lowbit.serve.engine import QueueFull  # noqa: E402
+from lowbit.serve.images import ImageWorker  # noqa: E402
+
+
+def _pixels(b64: str) -> tuple[np.ndarray, str]:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+        return np.asarray(image), image.mode
+
+
+def _png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_generator_serves_the_samples_generate_writes(served, tmp_path):
+    server = served("dcgan-faces", max_images=4)
+    url = f"{server.url}/v1/images/generations"
+    r = httpx.post(url, json={"prompt": "", "n": 3, "seed": 5, "size": "64x64"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seed"] == 5 and body["size"] == "64x64" and len(body["data"]) == 3
+    assert main(["generate", "dcgan-faces", "--count", "3", "--seed", "5", "--out",
+                 str(tmp_path / "cli")]) == 0  # fmt: skip
+    for i, item in enumerate(body["data"]):
+        got, mode = _pixels(item["b64_json"])
+        want = np.asarray(Image.open(tmp_path / "cli" / f"sample_{i:04d}.png"))
+        assert mode == "RGB" and np.array_equal(got, want)
+    unseeded = [httpx.post(url, json={"n": 1}, timeout=60).json() for _ in range(2)]
+    assert unseeded[0]["seed"] != unseeded[1]["seed"]  # a fresh seed each time, reported
+    bad = [
+        ("prompt", "a cat", "takes no prompt"),
+        ("n", 5, "n is at most 4"),
+        ("size", "128x128", "draws 64x64 images"),
+        ("response_format", "url", "b64_json"),
+    ]
+    for field, value, message in bad:
+        r = httpx.post(url, json={field: value}, timeout=60)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (field, r.text)
+    r = httpx.post(f"{server.url}/v1/images/upscale", json={"image": "aGk="}, timeout=60)
+    assert r.status_code == 400 and "/v1/images/generations" in r.text
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "lowbit_images_total 5.0" in metrics
+    assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == "dcgan-faces"
+
+
+def test_a_super_resolution_model_serves_the_upscale_generate_writes(served, tmp_path):
+    server = served("waifu2x-upconv7", max_pixels=40 * 40, max_body=20_000)
+    url = f"{server.url}/v1/images/upscale"
+    rng = np.random.default_rng(0)
+    photo, grey = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((30, 36, 3), (20, 24)))
+    wide = rng.integers(0, 65536, (20, 24), dtype=np.uint16)
+    for name, array in (("photo", photo), ("grey", grey), ("wide", wide)):
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+        upload = base64.b64encode((tmp_path / f"{name}.png").read_bytes()).decode()
+        r = httpx.post(url, json={"image": upload}, timeout=60)
+        assert r.status_code == 200, r.text
+        h, w = array.shape[:2]
+        assert r.json()["size"] == f"{2 * w}x{2 * h}"
+        got, mode = _pixels(r.json()["data"][0]["b64_json"])
+        out = tmp_path / f"{name}-2x.png"
+        assert main(["generate", "waifu2x-upconv7", "--image", str(tmp_path / f"{name}.png"),
+                     "--out", str(out)]) == 0  # fmt: skip
+        want = Image.open(out)
+        assert mode == want.mode and np.array_equal(got, np.asarray(want)), name
+    big = _png(rng.integers(0, 256, (41, 40, 3), dtype=np.uint8))
+    huge = base64.b64encode(bytes(20_000)).decode()
+    cases = [
+        ({"image": "not base64!"}, 400, "not base64"),
+        ({"image": base64.b64encode(b"hello").decode()}, 400, "not a readable image"),
+        ({"image": big}, 400, "at most 1600"),
+        ({"image": huge}, 413, "body over"),
+        ({"image": _png(np.zeros((8, 8, 4), np.uint8)).upper()}, 400, "not a readable"),
+    ]
+    for body, status, message in cases:
+        r = httpx.post(url, json=body, timeout=60)
+        assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{server.url}/v1/images/generations", json={"n": 1}, timeout=60)
+    assert r.status_code == 400 and "/v1/images/upscale" in r.text
+
+
+def test_the_worker_bounds_its_queue_and_forgets_requests_dropped_while_waiting():
+    worker = ImageWorker(max_queue=2)
+    gate = threading.Event()
+    first = worker.submit(gate.wait)
+    while not worker.busy:
+        pass
+    waiting = [worker.submit(lambda: 1), worker.submit(lambda: 2)]
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        worker.submit(lambda: 3)
+    assert waiting[0].cancel() and worker.waiting == 1  # its client left: the slot is free
+    third = worker.submit(lambda: 3)
+    gate.set()
+    assert first.result(10) and waiting[1].result(10) == 2 and third.result(10) == 3
+    assert worker.waiting == 0
+    worker.close()
+
+
+def test_options_for_language_models_are_refused_for_an_image_model(served):
+    with pytest.raises(LowbitError, match="--ref is for language models"):
+        served("dcgan-faces", ref="dcgan-faces")
