@@ -64,13 +64,17 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="model id reported by /v1/models (default: MODEL)")
     p.add_argument("--ref", metavar="MODEL",
                    help="reference model (the float one) to re-score served requests against: "
-                   "KL(ref || served) and top-1 in /metrics")  # fmt: skip
+                   "KL(ref || served) and top-1 in /metrics (an image model: the PSNR of the "
+                   "served images against the reference's)")  # fmt: skip
     p.add_argument("--shadow-rate", type=float, default=0.05,
                    help="with --ref: fraction of requests re-scored (0.05)")  # fmt: skip
     p.add_argument("--alert-kl", type=float,
                    help="with --ref: /health says degraded (and a warning is logged) while "
                    "the mean KL over the last --shadow-window scored requests is above "
                    "it")  # fmt: skip
+    p.add_argument("--alert-psnr", type=float, metavar="DB",
+                   help="image models, with --ref: /health says degraded while the mean PSNR "
+                   "over the last --shadow-window scored requests is below DB")  # fmt: skip
     p.add_argument("--shadow-window", type=positive, default=50,
                    help="requests in the rolling window (50)")  # fmt: skip
     p.add_argument("--canary-every", type=float, default=10.0, metavar="MINUTES",
@@ -135,26 +139,58 @@ def _image_server(args: argparse.Namespace, entry: Any) -> tuple[Any, Any]:
     from lowbit.serve.images import ImageWorker, create_image_app
     from lowbit.serve.metrics import Metrics
 
-    for flag, given in (("--ref", args.ref), ("--alert-kl", args.alert_kl),
+    for flag, given in (("--alert-kl", args.alert_kl),
                         ("--kv-bits", getattr(args, "kv_bits", None))):  # fmt: skip
         if given is not None:
-            raise LowbitError(f"{flag} is for language models; {args.model} is an image model")
+            raise LowbitError(f"{flag} is for language models; {args.model} is an image model "
+                              f"(--alert-psnr watches its quality)")  # fmt: skip
+    metrics = Metrics()
+    shadow = _image_shadow(args, entry, metrics)
     model = api.load_model(args.model).model
     settings = ServeSettings(args.name or args.model, max_body=args.max_body or 32 << 20,
                              api_key=args.api_key, max_images=args.max_images,
                              max_pixels=args.max_pixels)  # fmt: skip
-    worker = ImageWorker(args.max_queue)
-    return create_image_app(entry, model, worker, settings, Metrics()), worker
+    worker = ImageWorker(args.max_queue, shadow)
+    if shadow is not None:
+        shadow.start()
+    return create_image_app(entry, model, worker, settings, metrics, shadow), worker
+
+
+def _image_shadow(args: argparse.Namespace, entry: Any, metrics: Any) -> Any:
+    """The image model's quality monitor for ``--ref`` (the same architecture), or None."""
+    from lowbit.cli_image import image_entry
+
+    if not _wants_shadow(args, args.alert_psnr, "--alert-psnr"):
+        return None
+    ref_entry = image_entry(args.ref, exported=True)
+    if ref_entry is None or ref_entry.name != entry.name:
+        raise LowbitError(f"--ref {args.ref}: not a form of {entry.name} (the float zoo model "
+                          f"{entry.name}, or a folder or .tflite made from it)")  # fmt: skip
+    from lowbit import api
+    from lowbit.serve.image_shadow import ImageShadow
+
+    ref = api.load_model(args.ref).model
+    return ImageShadow(ref, args.shadow_rate, args.alert_psnr, metrics, args.shadow_window)
+
+
+def _wants_shadow(args: argparse.Namespace, alert: float | None, flag: str) -> bool:
+    """Whether ``--ref`` asks for a monitor (its options checked)."""
+    if args.ref is None:
+        if alert is not None:
+            raise LowbitError(f"{flag} needs --ref (the model to compare against)")
+        return False
+    if not 0 < args.shadow_rate <= 1:
+        raise LowbitError(f"--shadow-rate must be in (0, 1], got {args.shadow_rate}")
+    return True
 
 
 def _shadow(args: argparse.Namespace, metrics: Any) -> Any:
     """The quality monitor for ``--ref``, or None."""
-    if args.ref is None:
-        if args.alert_kl is not None:
-            raise LowbitError("--alert-kl needs --ref (the model to compare against)")
+    if args.alert_psnr is not None:
+        raise LowbitError(f"--alert-psnr is for image models; {args.model} is a language model "
+                          f"(--alert-kl watches its quality)")  # fmt: skip
+    if not _wants_shadow(args, args.alert_kl, "--alert-kl"):
         return None
-    if not 0 < args.shadow_rate <= 1:
-        raise LowbitError(f"--shadow-rate must be in (0, 1], got {args.shadow_rate}")
     from lowbit import api
     from lowbit.serve.shadow import Shadow
 
@@ -186,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=5)  # fmt: skip
     finally:
-        engine.close()  # an Engine, or an image model's ImageWorker (no quality monitor)
-        if getattr(engine, "shadow", None) is not None:
+        engine.close()  # an Engine, or an image model's ImageWorker
+        if engine.shadow is not None:
             engine.shadow.close()
     return 0

@@ -25,8 +25,8 @@ class Served:
 
         defaults = {"max_batch": 8, "max_queue": 64, "max_tokens": 64, "max_body": 1 << 20,
                     "api_key": None, "name": "tiny", "ref": None, "shadow_rate": 0.05,
-                    "alert_kl": None, "shadow_window": 50, "canary": True, "canary_every": 10.0,
-                    "canary_tolerance": None, "max_images": 16,
+                    "alert_kl": None, "alert_psnr": None, "shadow_window": 50, "canary": True,
+                    "canary_every": 10.0, "canary_tolerance": None, "max_images": 16,
                     "max_pixels": 2048 * 2048}  # fmt: skip
         args = argparse.Namespace(model=str(folder), **(defaults | options))
         self.app, self.engine = build_server(args)
@@ -45,6 +45,8 @@ class Served:
         self.server.should_exit = True
         self.thread.join(10)
         self.engine.close()
+        if self.engine.shadow is not None:
+            self.engine.shadow.close()
 
 
 @pytest.fixture

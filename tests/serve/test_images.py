@@ -4,6 +4,7 @@ upscales over HTTP, equal to what `lowbit generate` writes; bad requests get 4xx
 import base64
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -112,6 +113,42 @@ def test_the_worker_bounds_its_queue_and_forgets_requests_dropped_while_waiting(
     worker.close()
 
 
-def test_options_for_language_models_are_refused_for_an_image_model(served):
-    with pytest.raises(LowbitError, match="--ref is for language models"):
-        served("dcgan-faces", ref="dcgan-faces")
+def _scored(server, count: int) -> dict:
+    for _ in range(200):
+        health = httpx.get(f"{server.url}/health").json()
+        if health["shadow"]["scored"] >= count:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"shadow scoring did not catch up: {health}")
+
+
+def test_shadow_scoring_measures_psnr_against_the_reference(served, tmp_path):
+    """Every request re-run on the float model: a W4 folder's samples score below identity, an
+    alert above it makes /health degraded, the float model against itself is identical."""
+    folder = tmp_path / "w4"
+    assert main(["quantize", "dcgan-faces", "--recipe", "w4-rtn-g32", "--out", str(folder),
+                 "-q"]) == 0  # fmt: skip
+    watch = {"ref": "dcgan-faces", "shadow_rate": 1.0}
+    ok = served(str(folder), alert_psnr=10.0, **watch)
+    bad = served(str(folder), alert_psnr=99.5, **watch)
+    same = served("dcgan-faces", **watch)
+    for server in (ok, bad, same):
+        for seed in (1, 2):
+            url = f"{server.url}/v1/images/generations"
+            assert httpx.post(url, json={"n": 2, "seed": seed}, timeout=60).status_code == 200
+    healthy, degraded, identical = (_scored(s, 2) for s in (ok, bad, same))
+    db = healthy["shadow"]["psnr_rolling"]
+    assert 10 < db < 99 and healthy["status"] == "ok", healthy  # the outputs differ
+    assert degraded["status"] == "degraded" and degraded["shadow"]["psnr_rolling"] == db
+    assert identical["shadow"]["psnr_rolling"] == 100.0 and identical["status"] == "ok"
+    metrics = httpx.get(f"{bad.url}/metrics").text
+    assert "lowbit_shadow_psnr_rolling" in metrics and "lowbit_shadow_psnr_count 2.0" in metrics
+
+
+def test_options_for_the_other_kind_of_model_are_refused(served, tmp_path):
+    with pytest.raises(LowbitError, match="--alert-kl is for language models"):
+        served("dcgan-faces", ref="dcgan-faces", alert_kl=0.1)
+    with pytest.raises(LowbitError, match="not a form of dcgan-faces"):
+        served("dcgan-faces", ref="waifu2x-upconv7")
+    with pytest.raises(LowbitError, match="--alert-psnr needs --ref"):
+        served("dcgan-faces", alert_psnr=30.0)

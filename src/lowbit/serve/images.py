@@ -8,7 +8,9 @@ at most ``max_queue`` requests wait (more: HTTP 429), and one whose client left 
 started is dropped. The model runs as ``lowbit generate`` runs it
 (:mod:`lowbit.models.images.run`): a generator's samples from a seed (random unless given),
 an upscale a window at a time (bounded memory) of an image of at most ``max_pixels`` pixels,
-grey in, grey out, a 16-bit grey file answered with a 16-bit PNG.
+grey in, grey out, a 16-bit grey file answered with a 16-bit PNG. With a monitor (``--ref``),
+a sampled fraction of requests is re-run on the reference model in the background
+(:mod:`lowbit.serve.image_shadow`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.eval.image import outputs
@@ -35,6 +37,7 @@ from lowbit.models.images.run import png_bytes, upscale_image
 from lowbit.models.images.tiles import DEFAULT_TILE, upscaler
 from lowbit.serve.base import ServeSettings, base_app
 from lowbit.serve.engine import QueueFull
+from lowbit.serve.image_shadow import ImageShadow, ImageShadowJob
 from lowbit.serve.limits import Guard, error_body
 from lowbit.serve.metrics import Metrics
 from lowbit.serve.schemas import ImageGenerationRequest, UpscaleRequest
@@ -43,8 +46,9 @@ from lowbit.serve.schemas import ImageGenerationRequest, UpscaleRequest
 class ImageWorker:
     """``submit(fn)`` from the event loop; one thread runs the functions in order."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, shadow: ImageShadow | None = None) -> None:
         self.max_queue = max_queue
+        self.shadow = shadow  # the quality monitor, closed by whoever closes the worker
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowbit-images")
         self._lock = threading.Lock()
         self.waiting = self.busy = 0
@@ -79,12 +83,20 @@ class ImageWorker:
 
 
 def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
-                     settings: ServeSettings, metrics: Metrics) -> Any:  # fmt: skip
+                     settings: ServeSettings, metrics: Metrics,
+                     shadow: ImageShadow | None = None) -> Any:  # fmt: skip
     """The ASGI app for the image model ``entry`` (a :class:`lowbit.models.images.ImageModel`)
-    loaded as ``model``."""
+    loaded as ``model``; ``shadow`` (started) re-scores some requests against a reference."""
 
     def health() -> dict:
-        return {"status": "ok", "queue": worker.waiting, "running": worker.busy}
+        bad = shadow is not None and shadow.degraded
+        out = {"status": "degraded" if bad else "ok", "queue": worker.waiting,
+               "running": worker.busy}  # fmt: skip
+        return out if shadow is None else {**out, "shadow": shadow.status()}
+
+    def watch(reference: Callable[[nn.Module], Tensor], served: Tensor) -> None:
+        if shadow is not None and shadow.wants():
+            shadow.submit(ImageShadowJob(reference, served))
 
     def gauges() -> None:
         metrics.queue_depth.set(worker.waiting)
@@ -129,8 +141,11 @@ def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
 
         def work() -> tuple[list[bytes], float]:
             start = time.perf_counter()
-            images = outputs(model, entry.sample(body.n, seed), entry.output_range)
-            return [png_bytes(image) for image in images], time.perf_counter() - start
+            inputs = entry.sample(body.n, seed)
+            images = outputs(model, inputs, entry.output_range)
+            seconds = time.perf_counter() - start
+            watch(lambda ref: outputs(ref, inputs, entry.output_range), images)
+            return [png_bytes(image) for image in images], seconds
 
         return await answer(request, work, {"seed": seed, "size": side})
 
@@ -143,12 +158,13 @@ def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
         except (binascii.Error, ValueError):
             raise LowbitError("image: not base64 (send the file's bytes, base64-encoded)") from None
         image = image_from_bytes(data, entry.channels, settings.max_pixels)
-        run = upscaler(model, entry.halo, DEFAULT_TILE)
 
         def work() -> tuple[list[bytes], float]:
             start = time.perf_counter()
-            out = upscale_image(run, image.pixels, entry.output_range)
-            return [png_bytes(out, image.bits)], time.perf_counter() - start
+            out = _upscale(model, entry, image.pixels)
+            seconds = time.perf_counter() - start
+            watch(lambda ref: _upscale(ref, entry, image.pixels)[None], out[None])
+            return [png_bytes(out, image.bits)], seconds
 
         h, w = image.pixels.shape[-2:]
         return await answer(request, work, {"size": f"{2 * w}x{2 * h}"})
@@ -163,3 +179,7 @@ def _sample_size(entry: Any, model: nn.Module) -> str | None:
     with torch.inference_mode():
         h, w = model(entry.sample(1, 0)).shape[-2:]
     return f"{w}x{h}"
+
+
+def _upscale(model: nn.Module, entry: Any, x: Tensor) -> Tensor:
+    return upscale_image(upscaler(model, entry.halo, DEFAULT_TILE), x, entry.output_range)

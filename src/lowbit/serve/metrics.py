@@ -57,6 +57,12 @@ class Metrics:
                                        "shadowed requests", registry=r)  # fmt: skip
         self.shadow_top1_rolling = Gauge("lowbit_shadow_top1_rolling", "mean top-1 over the "
                                          "last shadowed requests", registry=r)  # fmt: skip
+        self.shadow_psnr = Histogram("lowbit_shadow_psnr", "image models, per shadowed "
+                                     "request: PSNR (dB) of the served images against the "
+                                     "reference's", buckets=(20, 25, 30, 35, 40, 45, 50, 60, 80,
+                                     100), registry=r)  # fmt: skip
+        self.shadow_psnr_rolling = Gauge("lowbit_shadow_psnr_rolling", "mean PSNR over the last "
+                                         "shadowed requests", registry=r)  # fmt: skip
         self.canary_kl = Gauge("lowbit_canary_kl", "last canary check: mean KL(float || "
                                "served) per token over top-k + rest", registry=r)  # fmt: skip
         self.canary_top1 = Gauge("lowbit_canary_top1", "last canary check: top-1 agreement "

@@ -1,5 +1,5 @@
 """Quality monitoring while serving: a sampled fraction of requests re-scored against a
-reference model, off the hot path.
+reference model, off the hot path (an image model's monitor: :mod:`lowbit.serve.image_shadow`).
 
 For a shadowed request the engine keeps the logits it served at each step. After the request
 ends, a background thread runs the reference model (``--ref``: the float model or any
@@ -29,11 +29,14 @@ from lowbit.eval.perplexity import kl_top1
 log = logging.getLogger(__name__)
 
 
-class Shadow:
-    def __init__(self, ref: nn.Module, rate: float, alert_kl: float | None, metrics,
-                 window: int = 50, seed: int = 0) -> None:  # fmt: skip
-        self.ref, self.rate, self.alert_kl, self.metrics = ref, rate, alert_kl, metrics
-        self.recent: deque[tuple[float, float]] = deque(maxlen=window)
+class Sampler:
+    """What both monitors share: a sampled fraction of requests (``wants``), handed over when
+    they end (``submit``) into a bounded queue that one background thread drains through
+    ``_score`` (a failure is logged, never raised), the last ``window`` results kept."""
+
+    def __init__(self, rate: float, window: int, seed: int = 0) -> None:
+        self.rate = rate
+        self.recent: deque = deque(maxlen=window)
         self._random = random.Random(seed)
         self._jobs: queue.Queue = queue.Queue(maxsize=8)
         self._stop = threading.Event()
@@ -52,13 +55,10 @@ class Shadow:
         self._thread.join(5)
 
     def wants(self) -> bool:
-        """Whether the next request is shadowed (its logits kept)."""
+        """Whether the next request is shadowed."""
         return self.rate > 0 and not self._jobs.full() and self._random.random() < self.rate
 
-    def offer(self, job) -> None:
-        """A finished request; scored later if it was shadowed and produced tokens."""
-        if not job.shadow or not job.tokens or job.finish not in ("stop", "length"):
-            return
+    def submit(self, job) -> None:
         # falling behind: skip this one rather than hold memory or the hot path
         with contextlib.suppress(queue.Full):
             self._jobs.put_nowait(job)
@@ -75,7 +75,31 @@ class Shadow:
             except Exception:  # a scoring failure must never take the server down
                 log.exception("shadow scoring failed")
             finally:
-                job.logits = []
+                self._done(job)
+
+    def _score(self, job) -> None:
+        raise NotImplementedError
+
+    def _done(self, job) -> None:
+        """Called after each job is scored (or failed): drop what it held."""
+
+
+class Shadow(Sampler):
+    """The language-model monitor: KL(ref || served) and top-1 per shadowed request."""
+
+    def __init__(self, ref: nn.Module, rate: float, alert_kl: float | None, metrics,
+                 window: int = 50, seed: int = 0) -> None:  # fmt: skip
+        super().__init__(rate, window, seed)
+        self.ref, self.alert_kl, self.metrics = ref, alert_kl, metrics
+
+    def offer(self, job) -> None:
+        """A finished request; scored later if it was shadowed and produced tokens."""
+        if not job.shadow or not job.tokens or job.finish not in ("stop", "length"):
+            return
+        self.submit(job)
+
+    def _done(self, job) -> None:
+        job.logits = []
 
     @torch.inference_mode()
     def _score(self, job) -> None:
