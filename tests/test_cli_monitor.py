@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -42,3 +44,31 @@ def test_monitor_refuses_what_it_cannot_check(tiny_folder, tmp_path, capsys):
     assert main(["monitor", str(tiny_folder)]) == 2
     assert "not a lowbit folder" in capsys.readouterr().err
     assert main(["monitor", str(out), "--tolerance", "-1"]) == 2
+
+
+def test_an_image_models_folder_is_checked_by_psnr_against_its_float_outputs(
+    small_sr, monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", small_sr)
+    good, bad, bare = tmp_path / "w8a8", tmp_path / "bad", tmp_path / "bare"
+    argv = ["-q", "quantize", "waifu2x-upconv7", "--recipe", "conv-w8a8-static", "--out"]
+    assert main([*argv, str(good)]) == 0
+    canary = json.loads((good / "lowbit.json").read_text())["canary"]
+    assert canary["kind"] == "image" and canary["images"] == 2
+    mse = 10 ** (-canary["psnr"] / 10)  # tolerated: 1.5 x its squared error + 1e-8
+    assert canary["tolerance_psnr"] == pytest.approx(-10 * math.log10(1.5 * mse + 1e-8))
+    capsys.readouterr()
+    assert main(["monitor", str(good), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "ok" and report["psnr"] == pytest.approx(canary["psnr"], abs=1e-3)
+    assert main(["monitor", str(good), "--tolerance", str(canary["psnr"] + 1)]) == 1
+    assert "DEGRADED" in capsys.readouterr().out
+    shutil.copytree(good, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["body.6.scale"] = tensors["body.6.scale"] * 1.5  # a layer's weights x1.5
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    assert main(["monitor", str(bad), "--json"]) == 1
+    damaged = json.loads(capsys.readouterr().out)
+    assert damaged["status"] == "degraded" and damaged["psnr"] < damaged["tolerance_psnr"]
+    assert main([*argv, str(bare), "--no-canary"]) == 0
+    assert not (bare / "canary.safetensors").exists()

@@ -271,7 +271,22 @@ def estimate(
 def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:
     """Record evaluation results in a lowbit folder's manifest (rewritten atomically)."""
     manifest = read_manifest(Path(folder))
-    manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+    _rewrite_manifest(folder, {"metrics": {**manifest.get("metrics", {}), **metrics}})
+
+
+def add_image_canary(folder: str | Path, float_model: nn.Module, entry: Any) -> dict[str, Any]:
+    """Record the canary of the image model saved in ``folder`` (quantized from
+    ``float_model``, the image model ``entry``), loaded as a user loads it; returns the
+    manifest's ``canary`` entry (:mod:`lowbit.eval.canary_image`)."""
+    from lowbit.eval.canary_image import record
+
+    canary = record(float_model, load(folder).model, entry, Path(folder))
+    _rewrite_manifest(folder, {"canary": canary})
+    return canary
+
+
+def _rewrite_manifest(folder: str | Path, fields: dict[str, Any]) -> None:
+    manifest = {**read_manifest(Path(folder)), **fields}
     write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, default=str))
 
 

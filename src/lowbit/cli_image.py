@@ -90,6 +90,10 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
     report.analysis = analysis  # recorded in the manifest, as for a language model
     out = api.save(src.model, args.out, report, source=src, overwrite=args.overwrite)
+    if args.canary:  # what `lowbit monitor` and `lowbit serve` check the folder against
+        canary = api.add_image_canary(out, api.load_model(entry.name).model, entry)
+        log.info("canary: %d images, PSNR %.2f dB against float32 (tolerance %.2f)",
+                 canary["images"], canary["psnr"], canary["tolerance_psnr"])  # fmt: skip
     metrics = {}
     if args.eval:
         metrics = {"eval": _evaluate(api.load(out).model, entry, api.load_model(entry.name))}

@@ -20,6 +20,11 @@ This command loads the folder as `lowbit serve` does, on this machine's kernels,
 again: a KL above the recorded tolerance (1.5 x the KL at quantize time + 1e-4) means the
 weights, the kernels or the runtime no longer compute what was validated. `lowbit serve` runs
 the same check at start and every --canary-every minutes (/health, lowbit_canary_* metrics).
+
+An image model's folder records the float model's outputs on a few fixed inputs (a
+generator's seeded latents, a super-resolution model's calibration crops) and is scored by
+PSNR against them: below the recorded tolerance (the PSNR of 1.5 x the squared error at
+quantize time + 1e-8) it is degraded.
 """
 
 
@@ -31,7 +36,9 @@ def add_monitor(sub: Any, common: argparse.ArgumentParser) -> None:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("folder", metavar="DIR")
-    p.add_argument("--tolerance", type=float, help="override the recorded KL tolerance")
+    p.add_argument("--tolerance", type=float,
+                   help="override the recorded KL tolerance (an image model's folder: the least "
+                   "PSNR in dB)")  # fmt: skip
     p.add_argument("--reference", action="store_true",
                    help="run the plain-PyTorch reference layers, not the fast kernels")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")

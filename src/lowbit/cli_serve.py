@@ -82,7 +82,8 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                    "at quantize time: at start and every MINUTES (10; 0: at start only); a KL "
                    "above the recorded tolerance makes /health degraded")  # fmt: skip
     p.add_argument("--canary-tolerance", type=float,
-                   help="override the canary KL tolerance recorded in the folder")  # fmt: skip
+                   help="override the canary KL tolerance recorded in the folder (an image "
+                   "model's: the least PSNR in dB)")  # fmt: skip
     p.add_argument("--no-canary", dest="canary", action="store_false",
                    help="do not check the canary prompts")  # fmt: skip
     p.set_defaults(func=cmd_serve)
@@ -146,14 +147,16 @@ def _image_server(args: argparse.Namespace, entry: Any) -> tuple[Any, Any]:
                               f"(--alert-psnr watches its quality)")  # fmt: skip
     metrics = Metrics()
     shadow = _image_shadow(args, entry, metrics)
-    model = api.load_model(args.model).model
+    src = api.load_model(args.model)
     settings = ServeSettings(args.name or args.model, max_body=args.max_body or 32 << 20,
                              api_key=args.api_key, max_images=args.max_images,
                              max_pixels=args.max_pixels)  # fmt: skip
-    worker = ImageWorker(args.max_queue, shadow)
+    worker = ImageWorker(args.max_queue, shadow, _canary(args, src, metrics))
     if shadow is not None:
         shadow.start()
-    return create_image_app(entry, model, worker, settings, metrics, shadow), worker
+    if worker.canary is not None:
+        worker.submit(lambda: None)  # the check at start
+    return create_image_app(entry, src.model, worker, settings, metrics, shadow), worker
 
 
 def _image_shadow(args: argparse.Namespace, entry: Any, metrics: Any) -> Any:

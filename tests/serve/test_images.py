@@ -3,6 +3,7 @@ upscales over HTTP, equal to what `lowbit generate` writes; bad requests get 4xx
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -152,3 +153,27 @@ def test_options_for_the_other_kind_of_model_are_refused(served, tmp_path):
         served("dcgan-faces", ref="waifu2x-upconv7")
     with pytest.raises(LowbitError, match="--alert-psnr needs --ref"):
         served("dcgan-faces", alert_psnr=30.0)
+
+
+def test_an_image_folders_canary_is_checked_at_start_and_flags_a_stricter_tolerance(
+    served, tmp_path
+):
+    folder = tmp_path / "w8a8"
+    assert main(["-q", "quantize", "waifu2x-upconv7", "--recipe", "conv-w8a8-static", "--out",
+                 str(folder)]) == 0  # fmt: skip
+    recorded = json.loads((folder / "lowbit.json").read_text())["canary"]["psnr"]
+    ok = served(str(folder))
+    strict = served(str(folder), canary_tolerance=recorded + 1)
+    healthy, degraded = (_checked(s) for s in (ok, strict))
+    assert healthy["status"] == "ok" and healthy["canary"]["psnr"] == pytest.approx(recorded)
+    assert degraded["status"] == "degraded" and degraded["canary"]["status"] == "degraded"
+    assert "lowbit_canary_psnr" in httpx.get(f"{ok.url}/metrics").text
+
+
+def _checked(server) -> dict:
+    for _ in range(200):
+        health = httpx.get(f"{server.url}/health").json()
+        if health.get("canary"):
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"no canary check: {health}")

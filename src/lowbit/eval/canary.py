@@ -176,17 +176,23 @@ def write(canary: Canary, entry: dict[str, Any], folder: Path) -> dict[str, Any]
 
 
 def check(model: nn.Module, folder: Path, manifest: dict[str, Any],
-          tol: float | None = None) -> CanaryCheck:  # fmt: skip
-    """Score ``model`` (loaded from ``folder``) against the canary its manifest records."""
+          tol: float | None = None) -> Any:  # fmt: skip
+    """Score ``model`` (loaded from ``folder``) against the canary its manifest records: a
+    :class:`CanaryCheck`, or an image model's ``ImageCanaryCheck`` (``tol`` then the least
+    PSNR in dB)."""
     entry = manifest.get("canary")
     if not entry:
         raise LowbitError(f"{folder} records no canary prompts (`lowbit quantize` records them "
-                          f"for language models unless --no-canary; not the Python API's save "
+                          f"unless --no-canary; not the Python API's save "
                           f"or older lowbit versions); compare against the float model with "
                           f"`lowbit eval --ref` or `lowbit serve --ref` instead")  # fmt: skip
     path = Path(folder) / entry.get("file", FILE)
     if not path.is_file() or sha256_file(path) != entry.get("sha256"):
         raise LowbitError(f"{path} is missing or does not match the sha256 in the manifest")
+    if entry.get("kind") == "image":  # an image model's (lowbit.eval.canary_image)
+        from lowbit.eval.canary_image import check_image
+
+        return check_image(model, path, entry, tol)
     canary = Canary.load(path)
     kl, top1 = canary.score(model_logits(model, canary.tokens))
     limit = float(entry["tolerance"]) if tol is None else tol

@@ -47,12 +47,15 @@ class CanaryWatch:
             log.exception("canary check failed")
             self.metrics.canary_checks.labels("error").inc()
 
-    def run(self) -> CanaryCheck:
+    def run(self) -> Any:
         was = self.degraded
         result = check(self.model, self.folder, self.manifest, self.tolerance)
         self.last, self.checked_at = result, time.time()
-        self.metrics.canary_kl.set(result.kl)
-        self.metrics.canary_top1.set(result.top1)
+        if isinstance(result, CanaryCheck):
+            self.metrics.canary_kl.set(result.kl)
+            self.metrics.canary_top1.set(result.top1)
+        else:  # an image model's (lowbit.eval.canary_image)
+            self.metrics.canary_psnr.set(result.psnr)
         self.metrics.canary_tolerance.set(result.tolerance)
         self.metrics.canary_checks.labels("ok" if result.ok else "degraded").inc()
         if self.degraded and not was:

@@ -46,9 +46,13 @@ from lowbit.serve.schemas import ImageGenerationRequest, UpscaleRequest
 class ImageWorker:
     """``submit(fn)`` from the event loop; one thread runs the functions in order."""
 
-    def __init__(self, max_queue: int, shadow: ImageShadow | None = None) -> None:
+    def __init__(self, max_queue: int, shadow: ImageShadow | None = None,
+                 canary: Any = None) -> None:  # fmt: skip
         self.max_queue = max_queue
         self.shadow = shadow  # the quality monitor, closed by whoever closes the worker
+        # lowbit.serve.canary_watch.CanaryWatch: checked on this thread before a request when
+        # one is due (never beside a forward), and once at start
+        self.canary = canary
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowbit-images")
         self._lock = threading.Lock()
         self.waiting = self.busy = 0
@@ -63,6 +67,8 @@ class ImageWorker:
             with self._lock:
                 self.waiting, self.busy = self.waiting - 1, 1
             try:
+                if self.canary is not None:
+                    self.canary.between_batches()
                 with torch.inference_mode():
                     return fn()
             finally:
@@ -89,10 +95,15 @@ def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
     loaded as ``model``; ``shadow`` (started) re-scores some requests against a reference."""
 
     def health() -> dict:
-        bad = shadow is not None and shadow.degraded
+        canary = worker.canary
+        bad = any(w is not None and w.degraded for w in (shadow, canary))
         out = {"status": "degraded" if bad else "ok", "queue": worker.waiting,
                "running": worker.busy}  # fmt: skip
-        return out if shadow is None else {**out, "shadow": shadow.status()}
+        if shadow is not None:
+            out["shadow"] = shadow.status()
+        if canary is not None:
+            out["canary"] = canary.status()
+        return out
 
     def watch(reference: Callable[[nn.Module], Tensor], served: Tensor) -> None:
         if shadow is not None and shadow.wants():

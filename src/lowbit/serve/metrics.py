@@ -67,8 +67,11 @@ class Metrics:
                                "served) per token over top-k + rest", registry=r)  # fmt: skip
         self.canary_top1 = Gauge("lowbit_canary_top1", "last canary check: top-1 agreement "
                                  "with the float model", registry=r)  # fmt: skip
+        self.canary_psnr = Gauge("lowbit_canary_psnr", "image models, last canary check: PSNR "
+                                 "(dB) against the float model's outputs", registry=r)  # fmt: skip
         self.canary_tolerance = Gauge("lowbit_canary_tolerance", "canary KL above which the "
-                                      "model is degraded", registry=r)  # fmt: skip
+                                      "model is degraded (an image model: the PSNR below "
+                                      "which)", registry=r)  # fmt: skip
         self.canary_checks = Counter("lowbit_canary_checks", "canary checks by result: ok, "
                                      "degraded, error", ["result"], registry=r)  # fmt: skip
 
