@@ -120,8 +120,9 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-canary", dest="canary", action="store_false",
         help="do not record canary prompts (the float model's top-32 next-token log-probs on 4 "
-             "fixed windows, canary.safetensors) that `lowbit monitor` and `lowbit serve` check "
-             "the deployed model against",
+             "fixed windows, canary.safetensors; an image model's: its outputs on a few fixed "
+             "inputs) that `lowbit monitor` and `lowbit serve` check the deployed model "
+             "against",
     )  # fmt: skip
     p.add_argument(
         "--max-memory",

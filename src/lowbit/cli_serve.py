@@ -49,8 +49,9 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--max-batch", type=positive, default=8, help="rows decoded together (8)")
-    p.add_argument("--max-queue", type=positive, default=64,
-                   help="requests allowed to wait; more get HTTP 429 (64)")  # fmt: skip
+    p.add_argument("--max-queue", type=positive, default=None,
+                   help="requests allowed to wait; more get HTTP 429 (64; 8 for an image model, "
+                   "whose waiting uploads are held in memory)")  # fmt: skip
     p.add_argument("--max-tokens", type=positive, default=1024,
                    help="largest max_tokens a request may ask for (1024)")  # fmt: skip
     p.add_argument("--max-body", type=positive, default=None,
@@ -123,7 +124,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     if src.kind == "litert" and batch > 1:  # a LiteRT export's signatures take one prompt
         log.info("serving a LiteRT export: one request at a time (--max-batch 1)")
         batch = 1
-    engine = Engine(runtime, stop_ids(src.tokenizer, src.model), batch, args.max_queue,
+    engine = Engine(runtime, stop_ids(src.tokenizer, src.model), batch, args.max_queue or 64,
                     on_batch, metrics.job_done, shadow, _canary(args, src, metrics))  # fmt: skip
     settings = ServeSettings(args.name or args.model, args.max_tokens, args.max_body or 1 << 20,
                              args.api_key)  # fmt: skip
@@ -151,7 +152,7 @@ def _image_server(args: argparse.Namespace, entry: Any) -> tuple[Any, Any]:
     settings = ServeSettings(args.name or args.model, max_body=args.max_body or 32 << 20,
                              api_key=args.api_key, max_images=args.max_images,
                              max_pixels=args.max_pixels)  # fmt: skip
-    worker = ImageWorker(args.max_queue, shadow, _canary(args, src, metrics))
+    worker = ImageWorker(args.max_queue or 8, shadow, _canary(args, src, metrics))
     if shadow is not None:
         shadow.start()
     if worker.canary is not None:

@@ -1,6 +1,7 @@
 """`lowbit serve` on an image model: a generator's samples and a super-resolution model's
 upscales over HTTP, equal to what `lowbit generate` writes; bad requests get 4xx errors."""
 
+import asyncio
 import base64
 import io
 import json
@@ -9,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lowbit.cli import main
@@ -177,3 +179,44 @@ def _checked(server) -> dict:
             return health
         time.sleep(0.05)
     raise AssertionError(f"no canary check: {health}")
+
+
+def test_a_failing_or_slow_model_gets_openai_errors_and_a_full_queue_429(served, monkeypatch,
+                                                                         small_sr):  # fmt: skip
+    """The worker decodes and runs the model: the model's failure is a JSON 500, a full queue a
+    429; an upload over --max-pixels is refused from its header, before Pillow decodes it."""
+
+    class Moody(torch.nn.Module):
+        halo, pad = 7, 7
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = small_sr()
+
+        def forward(self, x):
+            if x.shape[-1] == 33:  # the one image this model fails on
+                raise RuntimeError("out of memory (pretend)")
+            time.sleep(0.3)
+            return self.inner(x)
+
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", Moody)
+    server = served("waifu2x-upconv7", max_queue=1, max_pixels=40 * 40)
+    url = f"{server.url}/v1/images/upscale"
+    rng = np.random.default_rng(0)
+    failing = _png(rng.integers(0, 256, (20, 33, 3), dtype=np.uint8))
+    r = httpx.post(url, json={"image": failing}, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "out of memory" not in r.text  # logged, not sent
+    fine = _png(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[client.post(url, json={"image": fine})
+                                          for _ in range(4)])  # fmt: skip
+
+    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    assert codes[0] == 200 and codes[-1] == 429, codes
+    big = _png(rng.integers(0, 256, (41, 40, 3), dtype=np.uint8))
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    r = httpx.post(url, json={"image": big}, timeout=60)
+    assert r.status_code == 400 and "at most 1600" in r.text

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lowbit.assets import sha256_file
 from lowbit.assets.atomic import atomic_file
 from lowbit.errors import LowbitError
-from lowbit.eval.image import outputs
+from lowbit.eval.image import IDENTICAL_DB, outputs
 
 FILE = "canary.safetensors"
 SAMPLES = 4  # a generator's canary images
@@ -49,8 +49,8 @@ def _db(mse: float) -> float:
 
 def _psnr(got: Tensor, want: Tensor) -> float:
     """PSNR (data range 1) of the mean squared error over all images; identical images count
-    as 100 dB (JSON has no infinity)."""
-    return min(_db(float((got.float() - want.float()).pow(2).mean())), 100.0)
+    as :data:`~lowbit.eval.image.IDENTICAL_DB`."""
+    return min(_db(float((got.float() - want.float()).pow(2).mean())), IDENTICAL_DB)
 
 
 def record(float_model: nn.Module, quantized: nn.Module, entry: Any, folder: Path) -> dict:

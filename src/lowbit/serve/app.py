@@ -112,7 +112,7 @@ class _Api:
             try:
                 await asyncio.wait_for(tokens.get(), timeout=0.5)
                 break
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin's alias before Python 3.11
                 if await request.is_disconnected():
                     job.cancelled.set()
                     return Response(status_code=499)

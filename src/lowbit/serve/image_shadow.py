@@ -8,7 +8,6 @@ a logged warning) while that mean is below ``alert_psnr``. Identical images coun
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowbit.eval.image import psnr
+from lowbit.eval.image import IDENTICAL_DB, psnr
 from lowbit.serve.shadow import Sampler
-
-log = logging.getLogger(__name__)
-IDENTICAL_DB = 100.0  # what PSNR an exact match records (its true value is infinite)
 
 
 @dataclass
@@ -51,12 +47,10 @@ class ImageShadow(Sampler):
         mean = self.rolling()
         self.metrics.shadow_psnr.observe(db)
         self.metrics.shadow_psnr_rolling.set(mean)
-        was = self.degraded
-        self.degraded = self.alert_psnr is not None and mean < self.alert_psnr
-        if self.degraded and not was:
-            log.warning("quality alert: mean PSNR against the reference %.2f dB over the last "
-                        "%d shadowed requests is below --alert-psnr %g", mean, len(self.recent),
-                        self.alert_psnr)  # fmt: skip
+        self._alert(self.alert_psnr is not None and mean < self.alert_psnr,
+                    "quality alert: mean PSNR against the reference %.2f dB over the last %d "
+                    "shadowed requests is below --alert-psnr %g", mean, len(self.recent),
+                    self.alert_psnr)  # fmt: skip
 
     def status(self) -> dict:
         return {"scored": self.scored, "alert_psnr": self.alert_psnr,

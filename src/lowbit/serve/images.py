@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from fastapi import Request
@@ -41,6 +42,8 @@ from lowbit.serve.image_shadow import ImageShadow, ImageShadowJob
 from lowbit.serve.limits import Guard, error_body
 from lowbit.serve.metrics import Metrics
 from lowbit.serve.schemas import ImageGenerationRequest, UpscaleRequest
+
+log = logging.getLogger(__name__)
 
 
 class ImageWorker:
@@ -116,7 +119,9 @@ def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
     app = base_app(settings, metrics, health, gauges)
     side = _sample_size(entry, model)
 
-    async def answer(request: Request, work: Callable[[], list[bytes]], extra: dict) -> Response:
+    async def answer(request: Request, work: Callable[[], Answer]) -> Response:
+        """Queue ``work`` (run on the worker: decoding, the model, encoding) and answer with
+        its images; its LowbitError is the client's 400, anything else a logged 500."""
         created = time.perf_counter()
         try:
             future = worker.submit(work)
@@ -124,18 +129,25 @@ def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
             return JSONResponse(error_body(str(exc), "rate_limit_error", "queue_full"), 429,
                                 headers={"Retry-After": "1"})  # fmt: skip
         waiting = asyncio.wrap_future(future)
-        while True:
-            try:
-                images, seconds = await asyncio.wait_for(asyncio.shield(waiting), timeout=0.5)
-                break
-            except TimeoutError:
-                if await request.is_disconnected() and future.cancel():
-                    return Response(status_code=499)
-        metrics.images.inc(len(images))
-        metrics.images_per_s.set(len(images) / max(seconds, 1e-9))
+        try:
+            while True:
+                try:
+                    done = await asyncio.wait_for(asyncio.shield(waiting), timeout=0.5)
+                    break
+                except asyncio.TimeoutError:  # not the builtin's alias before Python 3.11
+                    if await request.is_disconnected() and future.cancel():
+                        return Response(status_code=499)
+        except LowbitError as exc:
+            return JSONResponse(error_body(str(exc), "invalid_request_error"), 400)
+        except Exception:
+            log.exception("an image request failed")
+            return JSONResponse(error_body("the model failed on this request (the server logged "
+                                           "why)", "server_error"), 500)  # fmt: skip
+        metrics.images.inc(len(done.images))
+        metrics.images_per_s.set(len(done.images) / max(done.seconds, 1e-9))
         metrics.latency.observe(time.perf_counter() - created)
-        data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in images]
-        return JSONResponse({"created": int(time.time()), "data": data, **extra})
+        data = [{"b64_json": image} for image in done.images]
+        return JSONResponse({"created": int(time.time()), "data": data, **done.extra})
 
     @app.post("/v1/images/generations")
     async def generations(body: ImageGenerationRequest, request: Request) -> Response:
@@ -148,39 +160,53 @@ def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
             raise LowbitError(f"n is at most {settings.max_images} here")
         if body.size is not None and body.size != side:
             raise LowbitError(f"size: {entry.name} draws {side} images")
-        seed = secrets.randbelow(2**31) if body.seed is None else body.seed
+        n, seed = body.n, secrets.randbelow(2**31) if body.seed is None else body.seed
 
-        def work() -> tuple[list[bytes], float]:
+        def work() -> Answer:
             start = time.perf_counter()
-            inputs = entry.sample(body.n, seed)
+            inputs = entry.sample(n, seed)
             images = outputs(model, inputs, entry.output_range)
             seconds = time.perf_counter() - start
             watch(lambda ref: outputs(ref, inputs, entry.output_range), images)
-            return [png_bytes(image) for image in images], seconds
+            return Answer([_b64(png_bytes(image)) for image in images], seconds,
+                          {"seed": seed, "size": side})  # fmt: skip
 
-        return await answer(request, work, {"seed": seed, "size": side})
+        return await answer(request, work)
 
     @app.post("/v1/images/upscale")
     async def upscale(body: UpscaleRequest, request: Request) -> Response:
         if entry.sample is not None:
             raise LowbitError(f"{entry.name} is a generator: POST /v1/images/generations")
-        try:
-            data = base64.b64decode(body.image, validate=True)
-        except (binascii.Error, ValueError):
-            raise LowbitError("image: not base64 (send the file's bytes, base64-encoded)") from None
-        image = image_from_bytes(data, entry.channels, settings.max_pixels)
+        encoded = body.image  # decoded on the worker: a queued request holds only this
 
-        def work() -> tuple[list[bytes], float]:
+        def work() -> Answer:
+            try:
+                data = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise LowbitError("image: not base64 (send the file's bytes, "
+                                  "base64-encoded)") from None  # fmt: skip
+            image = image_from_bytes(data, entry.channels, settings.max_pixels)
+            del data
             start = time.perf_counter()
             out = _upscale(model, entry, image.pixels)
             seconds = time.perf_counter() - start
             watch(lambda ref: _upscale(ref, entry, image.pixels)[None], out[None])
-            return [png_bytes(out, image.bits)], seconds
+            h, w = out.shape[-2:]
+            return Answer([_b64(png_bytes(out, image.bits))], seconds, {"size": f"{w}x{h}"})
 
-        h, w = image.pixels.shape[-2:]
-        return await answer(request, work, {"size": f"{2 * w}x{2 * h}"})
+        return await answer(request, work)
 
     return Guard(app, settings.max_body, settings.api_key)
+
+
+class Answer(NamedTuple):
+    images: list[str]  # base64 PNGs
+    seconds: float  # the model's time
+    extra: dict  # more fields of the response
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def _sample_size(entry: Any, model: nn.Module) -> str | None:

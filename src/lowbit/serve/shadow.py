@@ -83,6 +83,12 @@ class Sampler:
     def _done(self, job) -> None:
         """Called after each job is scored (or failed): drop what it held."""
 
+    def _alert(self, bad: bool, message: str, *args) -> None:
+        """Set ``degraded``; log ``message % args`` as a warning when it turns on."""
+        was, self.degraded = self.degraded, bad
+        if bad and not was:
+            log.warning(message, *args)
+
 
 class Shadow(Sampler):
     """The language-model monitor: KL(ref || served) and top-1 per shadowed request."""
@@ -128,9 +134,7 @@ class Shadow(Sampler):
         self.metrics.shadow_top1.observe(top1)
         self.metrics.shadow_kl_rolling.set(mean_kl)
         self.metrics.shadow_top1_rolling.set(mean_top1)
-        was = self.degraded
-        self.degraded = self.alert_kl is not None and mean_kl > self.alert_kl
-        if self.degraded and not was:
-            log.warning("quality alert: mean KL(ref || served) %.4f over the last %d shadowed "
-                        "requests exceeds --alert-kl %g", mean_kl, len(self.recent),
-                        self.alert_kl)  # fmt: skip
+        self._alert(self.alert_kl is not None and mean_kl > self.alert_kl,
+                    "quality alert: mean KL(ref || served) %.4f over the last %d shadowed "
+                    "requests exceeds --alert-kl %g", mean_kl, len(self.recent),
+                    self.alert_kl)  # fmt: skip

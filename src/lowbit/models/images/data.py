@@ -104,6 +104,7 @@ def user_images(entry: Any, path: str | None) -> list[Tensor] | None:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+UPLOADS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")  # what a server decodes (Pillow's names)
 
 
 def read_images(path: str, channels: int, min_side: int) -> list[Tensor]:
@@ -143,19 +144,23 @@ def image_from_bytes(data: bytes, channels: int, max_pixels: int) -> UserImage:
 
 def _read_one(file: Any, label: str, channels: int, min_side: int,
               max_pixels: int | None = None) -> UserImage:  # fmt: skip
-    """One image (a path or a binary file object; ``label`` names it in errors)."""
-    from PIL import Image, UnidentifiedImageError
+    """One image (a path, or a binary file object from a client: only :data:`UPLOADS`
+    formats; ``label`` names it in errors)."""
+    from PIL import Image
 
-    where = file if isinstance(file, Path) else label
+    local = isinstance(file, Path)
+    where = file if local else label
     try:
-        with Image.open(file) as image:
+        with Image.open(file, formats=None if local else UPLOADS) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise LowbitError(f"{where}: {image.width}x{image.height} pixels; at most "
                                   f"{max_pixels} are taken here")  # fmt: skip
             mode, array = image.mode, np.asarray(_as_rgb(image, label) if channels == 3
                                                  else image)  # fmt: skip
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        why = exc if isinstance(file, Path) else "PNG, JPEG, WebP, TIFF, BMP, ..."
+    except LowbitError:
+        raise
+    except Exception as exc:  # crafted files reach many of Pillow's decoders' errors
+        why = exc if local else ", ".join(UPLOADS)
         raise LowbitError(f"{where}: not a readable image ({why})") from None
     bits = _bits(array, mode, where)
     if bits == 16 and channels == 3:
