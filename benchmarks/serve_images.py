@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ import httpx
 import torch
 
 from lowbit.eval import format_table
+from served import lowbit_server
 
 
 def _direct(model, entry, job, seconds: float) -> float:
@@ -119,23 +118,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model = api.load_model(args.model).model
     job, path, body, what = _job(entry, args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "lowbit.cli", "-q", "--threads", str(args.threads), "serve",
-           args.model, "--port", str(port), "--no-canary"]  # fmt: skip
-    server = subprocess.Popen(cmd)
     rates: dict[str, list[float]] = {"in-process": [], "HTTP, 1 client": [], "HTTP, 2 clients": []}
     latency: dict[str, list[float]] = {k: [] for k in rates}
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    serve = ["--threads", str(args.threads), "serve", args.model, "--no-canary"]
+    with lowbit_server(serve) as (url, _):
         _direct(model, entry, job, 1.0)  # warm-up, both sides
         _http(url, path, body, 1, 1.0, [])
         with torch.inference_mode():
@@ -144,9 +130,6 @@ def main() -> int:
                 for clients in (1, 2):
                     key = f"HTTP, {clients} client{'s' if clients > 1 else ''}"
                     rates[key].append(_http(url, path, body, clients, args.seconds, latency[key]))
-    finally:
-        server.terminate()
-        server.wait(30)
 
     def pct(values: list[float], q: float) -> str:
         v = sorted(values)

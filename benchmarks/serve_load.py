@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from lowbit.eval import format_table
+from served import lowbit_server
 
 QUESTIONS = [
     "What is the capital of France?", "Name three uses of a paperclip.",
@@ -96,21 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "lowbit.cli", "-q", "serve", args.model, "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-queue", "256"]  # fmt: skip
-    server = subprocess.Popen(cmd)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    serve = ["serve", args.model, "--max-batch", str(args.max_batch), "--max-queue", "256"]
+    with lowbit_server(serve) as (url, server):
         _level(url, 1, 3, 8)  # warm-up
         rows = []
         for clients in args.clients:
@@ -127,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
                          round(pct(lat, 0.99), 2), round(statistics.median(ttft), 3),
                          round(pct(ttft, 0.99), 3), r["failed"], round(rss0),
                          round(_rss_mb(server.pid))])  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(30)
     print(f"\n{args.model} served by lowbit on localhost: chat completions, greedy, "
           f"max_tokens {args.max_tokens}, --max-batch {args.max_batch}, {args.seconds:.0f} s per "
           f"level; tokens/s from the server's lowbit_generated_tokens_total\n")  # fmt: skip
