@@ -220,3 +220,18 @@ def test_a_failing_or_slow_model_gets_openai_errors_and_a_full_queue_429(served,
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
     r = httpx.post(url, json={"image": big}, timeout=60)
     assert r.status_code == 400 and "at most 1600" in r.text
+
+
+def test_the_openai_client_generates_images(served):
+    openai = pytest.importorskip("openai")
+    server = served("dcgan-faces", api_key="sekret")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret")
+    result = client.images.generate(model="dcgan-faces", prompt="", n=2, size="64x64",
+                                    response_format="b64_json")  # fmt: skip
+    assert len(result.data) == 2
+    pixels, mode = _pixels(result.data[0].b64_json)
+    assert pixels.shape == (64, 64, 3) and mode == "RGB"
+    with pytest.raises(openai.BadRequestError, match="takes no prompt"):
+        client.images.generate(model="dcgan-faces", prompt="a face", n=1)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong").images.generate(prompt="")
