@@ -135,6 +135,42 @@ def test_a_super_resolution_model_calibrates_on_the_users_images(monkeypatch, tm
     assert "takes no images" in capsys.readouterr().err
 
 
+def test_quantize_scores_the_folder_on_held_out_images(small_sr, monkeypatch, tmp_path, capsys):
+    """--eval-images: the quantized folder scored as `lowbit eval --images` scores it, recorded
+    in the manifest; calibration and evaluation images may not share a file."""
+    from PIL import Image
+
+    monkeypatch.setattr("lowbit.models.images.waifu2x_upconv7", small_sr)
+    rng = np.random.default_rng(2)
+    calib, held = tmp_path / "calib", tmp_path / "held"
+    for folder, names in ((calib, ("c.png",)), (held, ("h1.png", "h2.png"))):
+        folder.mkdir()
+        for name in names:
+            array = rng.integers(0, 256, (130, 140, 3), dtype=np.uint8)
+            Image.fromarray(array).save(folder / name)
+    out = tmp_path / "sr"
+    argv = ["quantize", "waifu2x-upconv7", "--recipe", "conv-w8a8-static", "--calib-images",
+            str(calib), "--out", str(out), "-q"]  # fmt: skip
+    assert main([*argv, "--eval-images", str(held)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("h1.png: PSNR") and lines[-1].startswith("2 images; PSNR")
+    recorded = json.loads((out / "lowbit.json").read_text())["metrics"]["eval"]
+    assert recorded["images"] == 2 and recorded["images_path"] == str(held)
+    assert main(["eval", str(out), "--images", str(held), "--ref", "waifu2x-upconv7",
+                 "--json"]) == 0  # fmt: skip
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["psnr"] == pytest.approx(recorded["psnr"])
+    assert again["ref_psnr"] == pytest.approx(recorded["ref_psnr"])
+    bad = {("--eval-images", str(calib / "c.png")): "c.png is in both",
+           ("--eval-images", str(tmp_path / "none")): "no such image"}  # fmt: skip
+    for extra, message in bad.items():
+        assert main([*argv, "--overwrite", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["quantize", "dcgan-faces", "--recipe", "w8-rtn", "--out", str(tmp_path / "g"),
+                 "--eval-images", str(held)]) == 2  # fmt: skip
+    assert "dcgan-faces takes no images" in capsys.readouterr().err
+
+
 def test_a_super_resolution_model_is_scored_on_the_users_images(small_sr, monkeypatch,
                                                                  tmp_path, capsys):  # fmt: skip
     """--images: each image's centre, downscaled 2x, upscaled by the model and compared with

@@ -74,6 +74,13 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
         raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
                           f"model held in memory")  # fmt: skip
     _no_text(args, entry)
+    if args.eval_images is not None:
+        from lowbit.models.images.data import disjoint_images
+
+        if entry.scoring_pair is None:
+            raise LowbitError(f"--eval-images: {entry.name} takes no images (it is scored on "
+                              f"its own inputs: --eval)")  # fmt: skip
+        disjoint_images(args.calib_images, args.eval_images)
     recipe = api.load_recipe(args.recipe)
     src = api.load_model(entry.name)
     mixed = args.target_bits is not None or args.target_size is not None
@@ -95,8 +102,14 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
         log.info("canary: %d images, PSNR %.2f dB against float32 (tolerance %.2f)",
                  canary["images"], canary["psnr"], canary["tolerance_psnr"])  # fmt: skip
     metrics = {}
-    if args.eval:
+    if args.eval_images is not None:  # the user's held-out images, as `lowbit eval --images`
+        ref = api.load_model(entry.name).model
+        result = score_on_images(api.load(out).model, ref, entry, args.eval_images,
+                                 DEFAULT_CROP)[0]  # fmt: skip
+        metrics = {"eval": {**result, "images_path": args.eval_images}}
+    elif args.eval:
         metrics = {"eval": _evaluate(api.load(out).model, entry, api.load_model(entry.name))}
+    if metrics:
         api.add_metrics(out, metrics)
     bits = sum(r.bits_per_weight * r.in_features * r.out_features for r in report.layers.values())
     weights = sum(r.in_features * r.out_features for r in report.layers.values())
@@ -110,6 +123,8 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
         print(f"saved to {out}: {len(report.layers)} layers, {bits / weights:.3f} bits/weight, "
               f"{report.seconds:.1f} s")  # fmt: skip
         if metrics:
+            for row in metrics["eval"].get("per_image", ()):
+                print(f"{row['image']}: {_line(row)}")
             print(_line(metrics["eval"]))
     return 0
 
@@ -184,22 +199,14 @@ def eval_image(args: argparse.Namespace, entry: Any) -> int:
 def _eval_on_images(args: argparse.Namespace, entry: Any, crop: int) -> int:
     """``--images``: the super-resolution protocol on the user's images, each scored alone."""
     from lowbit import api
-    from lowbit.eval.image import evaluate_pairs, outputs
-    from lowbit.models.images.data import named_images
-    from lowbit.models.images.tiles import upscaler
+    from lowbit.eval.image import outputs
 
-    if entry.scoring_pair is None:
-        raise LowbitError(f"--images: {entry.name} takes no images (it is scored on its own "
-                          f"inputs)")  # fmt: skip
     if args.fd:
         raise LowbitError("--fd compares generators' sample sets; --images scores each "
                           "upscaled image against the image itself")  # fmt: skip
-    images = named_images(args.images, entry.channels, min_side=32)
-    pairs = [(image.name, *entry.scoring_pair(image.pixels, crop)) for image in images]
-    # a window at a time, as `lowbit generate` upscales (the same pixels; any image size)
-    model = upscaler(api.load_model(args.model).model, entry.halo)
-    ref = upscaler(api.load_model(args.ref).model, entry.halo) if args.ref else None
-    result = evaluate_pairs(model, pairs, ref, entry.output_range)
+    model = api.load_model(args.model).model
+    ref = api.load_model(args.ref).model if args.ref else None
+    result, pairs, (model, ref) = score_on_images(model, ref, entry, args.images, crop)
     grid = None
     if args.grid:
         got, want = ([outputs(m, x, entry.output_range)[0] for _, x, _ in pairs[:4]]
@@ -207,6 +214,23 @@ def _eval_on_images(args: argparse.Namespace, entry: Any, crop: int) -> int:
         grid = save_grid_of(args, want, got)
     _print_result(args, result, grid)
     return 0
+
+
+def score_on_images(model: Any, ref: Any, entry: Any, path: str, crop: int) -> tuple:
+    """(result, the scored (name, input, truth) pairs, (model, ref) as run: a window at a
+    time, as `lowbit generate` upscales: the same pixels, any image size)."""
+    from lowbit.eval.image import evaluate_pairs
+    from lowbit.models.images.data import named_images
+    from lowbit.models.images.tiles import upscaler
+
+    if entry.scoring_pair is None:
+        raise LowbitError(f"--images: {entry.name} takes no images (it is scored on its own "
+                          f"inputs)")  # fmt: skip
+    images = named_images(path, entry.channels, min_side=32)
+    pairs = [(image.name, *entry.scoring_pair(image.pixels, crop)) for image in images]
+    model = upscaler(model, entry.halo)
+    ref = upscaler(ref, entry.halo) if ref is not None else None
+    return evaluate_pairs(model, pairs, ref, entry.output_range), pairs, (model, ref)
 
 
 def save_grid_of(args: argparse.Namespace, want: Any, got: Any) -> Path:

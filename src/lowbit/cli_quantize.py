@@ -75,6 +75,12 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
         "sample images",
     )
     p.add_argument(
+        "--eval-images", metavar="PATH",
+        help="super-resolution image models: after quantizing, score the folder on your own "
+        "held-out images as `lowbit eval --images` does (each centre 512 x 512, against "
+        "float32 too) and record it in the manifest; none may be a --calib-images file",
+    )  # fmt: skip
+    p.add_argument(
         "--calib-samples", type=positive, default=128, help="calibration windows (default: 128)"
     )
     p.add_argument(
@@ -159,9 +165,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise LowbitError(f"--rotate turns a decoder's residual stream; {args.model} is an "
                               f"image model")  # fmt: skip
         return quantize_image(args, entry)
-    if args.calib_images:
-        raise LowbitError(f"--calib-images is for image models; {args.model} is a language "
-                          f"model (--calib names its text)")  # fmt: skip
+    for flag, given in (("--calib-images", args.calib_images), ("--eval-images",
+                                                                 args.eval_images)):  # fmt: skip
+        if given:
+            raise LowbitError(f"{flag} is for image models; {args.model} is a language model "
+                              f"(--calib and --eval-corpus name its text)")  # fmt: skip
     args.calib = args.calib or "bbc"
     recipe = api.load_recipe(args.recipe)
     attention = attention_override(args)

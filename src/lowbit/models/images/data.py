@@ -122,16 +122,32 @@ class UserImage(NamedTuple):
 def named_images(path: str, channels: int, min_side: int) -> list[UserImage]:
     """:func:`read_images` with each image's file name and bit depth (8-bit files of any mode
     PIL converts to RGB, and 16-bit grey ones, for an RGB model)."""
+    return [_read_one(file, file.name, channels, min_side) for file in image_files(path)]
+
+
+def image_files(path: str) -> list[Path]:
+    """The files :func:`named_images` reads: ``path`` itself, or its folder's image files
+    (by suffix) in name order."""
     root = Path(path).expanduser()
     if root.is_dir():
         files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise LowbitError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    elif root.is_file():
-        files = [root]
-    else:
-        raise LowbitError(f"{path}: no such image file or folder")
-    return [_read_one(file, file.name, channels, min_side) for file in files]
+        return files
+    if root.is_file():
+        return [root]
+    raise LowbitError(f"{path}: no such image file or folder")
+
+
+def disjoint_images(calib: str | None, evaluation: str | None) -> None:
+    """A one-line error when calibration and evaluation images share a file."""
+    if calib is None or evaluation is None:
+        return
+    shared = {p.resolve() for p in image_files(calib)} & {p.resolve() for p in
+                                                          image_files(evaluation)}  # fmt: skip
+    if shared:
+        raise LowbitError(f"calibration and evaluation images must differ: {min(shared).name} "
+                          f"is in both")  # fmt: skip
 
 
 def image_from_bytes(data: bytes, channels: int, max_pixels: int) -> UserImage:
