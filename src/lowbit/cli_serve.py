@@ -155,8 +155,7 @@ def _image_server(args: argparse.Namespace, entry: Any) -> tuple[Any, Any]:
     worker = ImageWorker(args.max_queue or 8, shadow, _canary(args, src, metrics))
     if shadow is not None:
         shadow.start()
-    if worker.canary is not None:
-        worker.submit(lambda: None)  # the check at start
+    worker.watch_canary()
     return create_image_app(entry, src.model, worker, settings, metrics, shadow), worker
 
 

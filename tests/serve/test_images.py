@@ -170,6 +170,16 @@ def test_an_image_folders_canary_is_checked_at_start_and_flags_a_stricter_tolera
     assert healthy["status"] == "ok" and healthy["canary"]["psnr"] == pytest.approx(recorded)
     assert degraded["status"] == "degraded" and degraded["canary"]["status"] == "degraded"
     assert "lowbit_canary_psnr" in httpx.get(f"{ok.url}/metrics").text
+    idle = served(str(folder), canary_every=0.5 / 60)  # every half second, no request sent
+    for _ in range(200):
+        lines = httpx.get(f"{idle.url}/metrics").text.splitlines()
+        ok_checks = [float(x.split()[-1]) for x in lines
+                     if x.startswith('lowbit_canary_checks_total{result="ok"}')]  # fmt: skip
+        if ok_checks and ok_checks[0] >= 3:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the idle server's canary was not checked again")
 
 
 def _checked(server) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import secrets
 import threading
@@ -53,12 +54,29 @@ class ImageWorker:
                  canary: Any = None) -> None:  # fmt: skip
         self.max_queue = max_queue
         self.shadow = shadow  # the quality monitor, closed by whoever closes the worker
-        # lowbit.serve.canary_watch.CanaryWatch: checked on this thread before a request when
-        # one is due (never beside a forward), and once at start
+        # lowbit.serve.canary_watch.CanaryWatch: checked on this thread (never beside a
+        # forward) before a job when one is due; see watch_canary
         self.canary = canary
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowbit-images")
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self.waiting = self.busy = 0
+
+    def watch_canary(self) -> None:
+        """Check the canary now and, every ``every_s`` seconds, also while no request comes: a
+        timer queues an empty job, before which the due check runs."""
+        if self.canary is None:
+            return
+        self.submit(lambda: None)
+        if self.canary.every_s <= 0:
+            return
+
+        def tick() -> None:
+            while not self._stop.wait(self.canary.every_s):
+                with contextlib.suppress(QueueFull):  # busy: a request's job checks it
+                    self.submit(lambda: None)
+
+        threading.Thread(target=tick, name="lowbit-canary-timer", daemon=True).start()
 
     def submit(self, fn: Callable[[], Any]) -> Future:
         with self._lock:
@@ -88,6 +106,7 @@ class ImageWorker:
                 self.waiting -= 1
 
     def close(self) -> None:
+        self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
