@@ -48,18 +48,19 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
-    p.add_argument("--max-batch", type=positive, default=8, help="rows decoded together (8)")
+    p.add_argument("--max-batch", type=positive, default=None,
+                   help="rows decoded together (8)")  # fmt: skip
     p.add_argument("--max-queue", type=positive, default=None,
                    help="requests allowed to wait; more get HTTP 429 (64; 8 for an image model, "
                    "whose waiting uploads are held in memory)")  # fmt: skip
-    p.add_argument("--max-tokens", type=positive, default=1024,
+    p.add_argument("--max-tokens", type=positive, default=None,
                    help="largest max_tokens a request may ask for (1024)")  # fmt: skip
     p.add_argument("--max-body", type=positive, default=None,
                    help="largest request body in bytes (1 MiB; 32 MiB for an image "
                    "model)")  # fmt: skip
-    p.add_argument("--max-images", type=positive, default=16,
+    p.add_argument("--max-images", type=positive, default=None,
                    help="image generators: largest n a request may ask for (16)")  # fmt: skip
-    p.add_argument("--max-pixels", type=positive, default=2048 * 2048,
+    p.add_argument("--max-pixels", type=positive, default=None,
                    help="super-resolution models: largest image to upscale, in pixels "
                    "(2048 x 2048)")  # fmt: skip
     p.add_argument("--name", help="model id reported by /v1/models (default: MODEL)")
@@ -106,6 +107,9 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     entry = image_entry(args.model, exported=True)
     if entry is not None:
         return _image_server(args, entry)
+    for flag, given in (("--max-images", args.max_images), ("--max-pixels", args.max_pixels)):
+        if given is not None:
+            raise LowbitError(f"{flag} is for image models; {args.model} is a language model")
     from lowbit.runtime import Runtime
     from lowbit.runtime.text import stop_ids
 
@@ -120,13 +124,14 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
 
     shadow = _shadow(args, metrics)
     runtime = Runtime(src.model)
-    batch = args.max_batch
+    batch = args.max_batch or 8
     if src.kind == "litert" and batch > 1:  # a LiteRT export's signatures take one prompt
         log.info("serving a LiteRT export: one request at a time (--max-batch 1)")
         batch = 1
     engine = Engine(runtime, stop_ids(src.tokenizer, src.model), batch, args.max_queue or 64,
                     on_batch, metrics.job_done, shadow, _canary(args, src, metrics))  # fmt: skip
-    settings = ServeSettings(args.name or args.model, args.max_tokens, args.max_body or 1 << 20,
+    settings = ServeSettings(args.name or args.model, args.max_tokens or 1024,
+                             args.max_body or 1 << 20,
                              args.api_key)  # fmt: skip
     engine.start()
     if shadow is not None:
@@ -141,17 +146,18 @@ def _image_server(args: argparse.Namespace, entry: Any) -> tuple[Any, Any]:
     from lowbit.serve.images import ImageWorker, create_image_app
     from lowbit.serve.metrics import Metrics
 
-    for flag, given in (("--alert-kl", args.alert_kl),
+    for flag, given in (("--alert-kl", args.alert_kl), ("--max-batch", args.max_batch),
+                        ("--max-tokens", args.max_tokens),
                         ("--kv-bits", getattr(args, "kv_bits", None))):  # fmt: skip
         if given is not None:
             raise LowbitError(f"{flag} is for language models; {args.model} is an image model "
-                              f"(--alert-psnr watches its quality)")  # fmt: skip
+                              f"(see --max-images, --max-pixels, --alert-psnr)")  # fmt: skip
     metrics = Metrics()
     shadow = _image_shadow(args, entry, metrics)
     src = api.load_model(args.model)
     settings = ServeSettings(args.name or args.model, max_body=args.max_body or 32 << 20,
-                             api_key=args.api_key, max_images=args.max_images,
-                             max_pixels=args.max_pixels)  # fmt: skip
+                             api_key=args.api_key, max_images=args.max_images or 16,
+                             max_pixels=args.max_pixels or 2048 * 2048)  # fmt: skip
     worker = ImageWorker(args.max_queue or 8, shadow, _canary(args, src, metrics))
     if shadow is not None:
         shadow.start()

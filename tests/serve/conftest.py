@@ -26,8 +26,8 @@ class Served:
         defaults = {"max_batch": 8, "max_queue": 64, "max_tokens": 64, "max_body": 1 << 20,
                     "api_key": None, "name": "tiny", "ref": None, "shadow_rate": 0.05,
                     "alert_kl": None, "alert_psnr": None, "shadow_window": 50, "canary": True,
-                    "canary_every": 10.0, "canary_tolerance": None, "max_images": 16,
-                    "max_pixels": 2048 * 2048}  # fmt: skip
+                    "canary_every": 10.0, "canary_tolerance": None, "max_images": None,
+                    "max_pixels": None}  # fmt: skip
         args = argparse.Namespace(model=str(folder), **(defaults | options))
         self.app, self.engine = build_server(args)
         self.port = _free_port()
@@ -93,7 +93,8 @@ def served(monkeypatch, small_sr):
     started = []
 
     def start(model: str, **options) -> Served:
-        started.append(Served(None, folder=model, **({"name": None} | options)))
+        text_only = {"name": None, "max_batch": None, "max_tokens": None}
+        started.append(Served(None, folder=model, **(text_only | options)))
         return started[-1]
 
     yield start

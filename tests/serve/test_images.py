@@ -148,9 +148,13 @@ def test_shadow_scoring_measures_psnr_against_the_reference(served, tmp_path):
     assert "lowbit_shadow_psnr_rolling" in metrics and "lowbit_shadow_psnr_count 2.0" in metrics
 
 
-def test_options_for_the_other_kind_of_model_are_refused(served, tmp_path):
+def test_options_for_the_other_kind_of_model_are_refused(served, serve, tmp_path):
     with pytest.raises(LowbitError, match="--alert-kl is for language models"):
         served("dcgan-faces", ref="dcgan-faces", alert_kl=0.1)
+    with pytest.raises(LowbitError, match="--max-batch is for language models"):
+        served("dcgan-faces", max_batch=4)
+    with pytest.raises(LowbitError, match="--max-pixels is for image models"):
+        serve(max_pixels=100)
     with pytest.raises(LowbitError, match="not a form of dcgan-faces"):
         served("dcgan-faces", ref="waifu2x-upconv7")
     with pytest.raises(LowbitError, match="--alert-psnr needs --ref"):
