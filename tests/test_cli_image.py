@@ -166,6 +166,11 @@ def test_quantize_scores_the_folder_on_held_out_images(small_sr, monkeypatch, tm
     for extra, message in bad.items():
         assert main([*argv, "--overwrite", *extra]) == 2
         assert message in capsys.readouterr().err
+    (held / "broken.png").write_bytes(b"not a png")  # refused before anything is written
+    fresh = ["quantize", "waifu2x-upconv7", "--recipe", "w8-rtn", "--out", str(tmp_path / "n")]
+    assert main([*fresh, "--eval-images", str(held)]) == 2
+    assert "broken.png: not a readable image" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
     assert main(["quantize", "dcgan-faces", "--recipe", "w8-rtn", "--out", str(tmp_path / "g"),
                  "--eval-images", str(held)]) == 2  # fmt: skip
     assert "dcgan-faces takes no images" in capsys.readouterr().err

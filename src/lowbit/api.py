@@ -274,13 +274,14 @@ def add_metrics(folder: str | Path, metrics: dict[str, Any]) -> None:
     _rewrite_manifest(folder, {"metrics": {**manifest.get("metrics", {}), **metrics}})
 
 
-def add_image_canary(folder: str | Path, float_model: nn.Module, entry: Any) -> dict[str, Any]:
-    """Record the canary of the image model saved in ``folder`` (quantized from
-    ``float_model``, the image model ``entry``), loaded as a user loads it; returns the
-    manifest's ``canary`` entry (:mod:`lowbit.eval.canary_image`)."""
+def add_image_canary(folder: str | Path, float_model: nn.Module, saved: nn.Module,
+                     entry: Any) -> dict[str, Any]:  # fmt: skip
+    """Record the canary of the image model ``saved`` (loaded from ``folder`` as a user loads
+    it; quantized from ``float_model``, the image model ``entry``); returns the manifest's
+    ``canary`` entry (:mod:`lowbit.eval.canary_image`)."""
     from lowbit.eval.canary_image import record
 
-    canary = record(float_model, load(folder).model, entry, Path(folder))
+    canary = record(float_model, saved, entry, Path(folder))
     _rewrite_manifest(folder, {"canary": canary})
     return canary
 

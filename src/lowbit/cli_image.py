@@ -74,13 +74,15 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
         raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
                           f"model held in memory")  # fmt: skip
     _no_text(args, entry)
+    held = None  # --eval-images, read before anything is quantized or written
     if args.eval_images is not None:
-        from lowbit.models.images.data import disjoint_images
+        from lowbit.models.images.data import disjoint_images, named_images
 
         if entry.scoring_pair is None:
             raise LowbitError(f"--eval-images: {entry.name} takes no images (it is scored on "
                               f"its own inputs: --eval)")  # fmt: skip
         disjoint_images(args.calib_images, args.eval_images)
+        held = named_images(args.eval_images, entry.channels, min_side=32)
     recipe = api.load_recipe(args.recipe)
     src = api.load_model(entry.name)
     mixed = args.target_bits is not None or args.target_size is not None
@@ -97,18 +99,19 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     report = api.quantize(src.model, recipe, calibration, progress=not args.quiet)
     report.analysis = analysis  # recorded in the manifest, as for a language model
     out = api.save(src.model, args.out, report, source=src, overwrite=args.overwrite)
-    if args.canary:  # what `lowbit monitor` and `lowbit serve` check the folder against
-        canary = api.add_image_canary(out, api.load_model(entry.name).model, entry)
-        log.info("canary: %d images, PSNR %.2f dB against float32 (tolerance %.2f)",
-                 canary["images"], canary["psnr"], canary["tolerance_psnr"])  # fmt: skip
     metrics = {}
-    if args.eval_images is not None:  # the user's held-out images, as `lowbit eval --images`
-        ref = api.load_model(entry.name).model
-        result = score_on_images(api.load(out).model, ref, entry, args.eval_images,
-                                 DEFAULT_CROP)[0]  # fmt: skip
-        metrics = {"eval": {**result, "images_path": args.eval_images}}
-    elif args.eval:
-        metrics = {"eval": _evaluate(api.load(out).model, entry, api.load_model(entry.name))}
+    if args.canary or args.eval or held is not None:
+        # the folder as a user loads it, and the float model it is compared with (once each)
+        saved, ref = api.load(out), api.load_model(entry.name)
+        if args.canary:  # what `lowbit monitor` and `lowbit serve` check the folder against
+            canary = api.add_image_canary(out, ref.model, saved.model, entry)
+            log.info("canary: %d images, PSNR %.2f dB against float32 (tolerance %.2f)",
+                     canary["images"], canary["psnr"], canary["tolerance_psnr"])  # fmt: skip
+        if held is not None:  # held-out images, as `lowbit eval --images --ref`
+            result = score_on_images(saved.model, ref.model, entry, held, DEFAULT_CROP)[0]
+            metrics = {"eval": {**result, "images_path": args.eval_images}}
+        elif args.eval:
+            metrics = {"eval": _evaluate(saved.model, entry, ref)}
     if metrics:
         api.add_metrics(out, metrics)
     bits = sum(r.bits_per_weight * r.in_features * r.out_features for r in report.layers.values())
@@ -204,9 +207,15 @@ def _eval_on_images(args: argparse.Namespace, entry: Any, crop: int) -> int:
     if args.fd:
         raise LowbitError("--fd compares generators' sample sets; --images scores each "
                           "upscaled image against the image itself")  # fmt: skip
+    from lowbit.models.images.data import named_images
+
+    if entry.scoring_pair is None:
+        raise LowbitError(f"--images: {entry.name} takes no images (it is scored on its own "
+                          f"inputs)")  # fmt: skip
+    images = named_images(args.images, entry.channels, min_side=32)
     model = api.load_model(args.model).model
     ref = api.load_model(args.ref).model if args.ref else None
-    result, pairs, (model, ref) = score_on_images(model, ref, entry, args.images, crop)
+    result, pairs, (model, ref) = score_on_images(model, ref, entry, images, crop)
     grid = None
     if args.grid:
         got, want = ([outputs(m, x, entry.output_range)[0] for _, x, _ in pairs[:4]]
@@ -216,17 +225,13 @@ def _eval_on_images(args: argparse.Namespace, entry: Any, crop: int) -> int:
     return 0
 
 
-def score_on_images(model: Any, ref: Any, entry: Any, path: str, crop: int) -> tuple:
-    """(result, the scored (name, input, truth) pairs, (model, ref) as run: a window at a
-    time, as `lowbit generate` upscales: the same pixels, any image size)."""
+def score_on_images(model: Any, ref: Any, entry: Any, images: list, crop: int) -> tuple:
+    """The super-resolution protocol on ``images`` (``UserImage``s): (result, the scored
+    (name, input, truth) pairs, (model, ref) as run: a window at a time, as `lowbit generate`
+    upscales: the same pixels, any image size)."""
     from lowbit.eval.image import evaluate_pairs
-    from lowbit.models.images.data import named_images
     from lowbit.models.images.tiles import upscaler
 
-    if entry.scoring_pair is None:
-        raise LowbitError(f"--images: {entry.name} takes no images (it is scored on its own "
-                          f"inputs)")  # fmt: skip
-    images = named_images(path, entry.channels, min_side=32)
     pairs = [(image.name, *entry.scoring_pair(image.pixels, crop)) for image in images]
     model = upscaler(model, entry.halo)
     ref = upscaler(ref, entry.halo) if ref is not None else None

@@ -162,7 +162,7 @@ def _image_server(args: argparse.Namespace, entry: Any) -> tuple[Any, Any]:
     if shadow is not None:
         shadow.start()
     worker.watch_canary()
-    return create_image_app(entry, src.model, worker, settings, metrics, shadow), worker
+    return create_image_app(entry, src.model, worker, settings, metrics), worker
 
 
 def _image_shadow(args: argparse.Namespace, entry: Any, metrics: Any) -> Any:

@@ -34,24 +34,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: ServeSettings,
     metrics = metrics or Metrics()
     api = _Api(engine, tokenizer, settings, metrics)
 
-    def health() -> dict:
-        shadow, canary = engine.shadow, engine.canary
-        bad = any(w is not None and w.degraded for w in (shadow, canary))
-        out = {"status": "degraded" if bad else "ok", "queue": engine.depth(),
-               "running": engine.busy}  # fmt: skip
-        if shadow is not None:
-            kl, top1 = shadow.rolling()
-            out["shadow"] = {"scored": shadow.scored, "alert_kl": shadow.alert_kl,
-                             "kl_rolling": kl, "top1_rolling": top1}  # fmt: skip
-        if canary is not None:
-            out["canary"] = canary.status()
-        return out
-
-    def gauges() -> None:
-        metrics.queue_depth.set(engine.depth())
-        metrics.running.set(engine.busy)
-
-    app = base_app(settings, metrics, health, gauges)
+    app = base_app(settings, metrics, engine)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -4,8 +4,8 @@ behind the body-size / API-key guard (:class:`lowbit.serve.limits.Guard`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,10 +26,11 @@ class ServeSettings:
     max_pixels: int = 2048 * 2048  # of an image to upscale
 
 
-def base_app(settings: ServeSettings, metrics: Metrics, health: Callable[[], dict],
-             gauges: Callable[[], None]) -> FastAPI:  # fmt: skip
-    """The FastAPI app with the shared routes; ``health()`` gives /health's body and
-    ``gauges()`` sets the queue gauges before /metrics is rendered."""
+def base_app(settings: ServeSettings, metrics: Metrics, engine: Any) -> FastAPI:
+    """The FastAPI app with the shared routes over ``engine`` (the text server's
+    :class:`~lowbit.serve.engine.Engine` or an image model's ``ImageWorker``: ``depth()``,
+    ``busy``, and its ``shadow`` and ``canary`` monitors, each None or with ``degraded`` and
+    ``status()``)."""
     app = FastAPI(title="lowbit", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestValidationError)
@@ -50,12 +51,17 @@ def base_app(settings: ServeSettings, metrics: Metrics, health: Callable[[], dic
         return response
 
     @app.get("/health")
-    async def health_route() -> dict:
-        return health()
+    async def health() -> dict:
+        monitors = {"shadow": engine.shadow, "canary": engine.canary}
+        bad = any(m is not None and m.degraded for m in monitors.values())
+        out = {"status": "degraded" if bad else "ok", "queue": engine.depth(),
+               "running": engine.busy}  # fmt: skip
+        return out | {k: m.status() for k, m in monitors.items() if m is not None}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        gauges()
+        metrics.queue_depth.set(engine.depth())
+        metrics.running.set(engine.busy)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -8,7 +8,6 @@ a logged warning) while that mean is below ``alert_psnr``. Identical images coun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ class ImageShadow(Sampler):
     @torch.inference_mode()
     def _score(self, job: ImageShadowJob) -> None:
         db = psnr(job.served, job.reference(self.ref), per_image=True)
-        self.record(IDENTICAL_DB if math.isinf(db) else min(db, IDENTICAL_DB))
+        self.record(min(db, IDENTICAL_DB))  # identical images: infinite
 
     def rolling(self) -> float | None:
         """Mean PSNR over the last ``window`` scored requests (None before any)."""

@@ -105,37 +105,27 @@ class ImageWorker:
             with self._lock:
                 self.waiting -= 1
 
+    def depth(self) -> int:
+        """Jobs waiting (not yet running)."""
+        return self.waiting
+
     def close(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
-                     settings: ServeSettings, metrics: Metrics,
-                     shadow: ImageShadow | None = None) -> Any:  # fmt: skip
+                     settings: ServeSettings, metrics: Metrics) -> Any:  # fmt: skip
     """The ASGI app for the image model ``entry`` (a :class:`lowbit.models.images.ImageModel`)
-    loaded as ``model``; ``shadow`` (started) re-scores some requests against a reference."""
-
-    def health() -> dict:
-        canary = worker.canary
-        bad = any(w is not None and w.degraded for w in (shadow, canary))
-        out = {"status": "degraded" if bad else "ok", "queue": worker.waiting,
-               "running": worker.busy}  # fmt: skip
-        if shadow is not None:
-            out["shadow"] = shadow.status()
-        if canary is not None:
-            out["canary"] = canary.status()
-        return out
+    loaded as ``model``; the worker's ``shadow`` (started) re-scores some requests against a
+    reference."""
+    shadow = worker.shadow
 
     def watch(reference: Callable[[nn.Module], Tensor], served: Tensor) -> None:
         if shadow is not None and shadow.wants():
             shadow.submit(ImageShadowJob(reference, served))
 
-    def gauges() -> None:
-        metrics.queue_depth.set(worker.waiting)
-        metrics.running.set(worker.busy)
-
-    app = base_app(settings, metrics, health, gauges)
+    app = base_app(settings, metrics, worker)
     side = _sample_size(entry, model)
 
     async def answer(request: Request, work: Callable[[], Answer]) -> Response:

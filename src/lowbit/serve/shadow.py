@@ -125,6 +125,12 @@ class Shadow(Sampler):
             return None, None
         return (sum(k for k, _ in recent) / len(recent), sum(t for _, t in recent) / len(recent))
 
+    def status(self) -> dict:
+        """For /health."""
+        kl, top1 = self.rolling()
+        return {"scored": self.scored, "alert_kl": self.alert_kl, "kl_rolling": kl,
+                "top1_rolling": top1}  # fmt: skip
+
     def record(self, kl: float, top1: float) -> None:
         """One request's mean KL and top-1 rate: histograms, rolling gauges, the alert."""
         self.scored += 1
