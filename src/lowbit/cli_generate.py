@@ -104,6 +104,8 @@ def _stream(runtime: Any, tokenizer: Any, ids: list[int], args: argparse.Namespa
 
     run = runtime.generate([ids], args.max_new_tokens, sampling,
                            stop_ids(tokenizer, runtime.model), show)  # fmt: skip
+    if out is not None:
+        out.write(stream.flush())
     return run
 
 

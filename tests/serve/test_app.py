@@ -62,6 +62,12 @@ def test_completion_is_the_greedy_decode(serve, chat_folder):
     (json.dumps({"prompt": "the", "temperature": -1}).encode(), 400, None),
     (json.dumps({"prompt": "the " * 250, "max_tokens": 20}).encode(), 400, "context_length"),
     (b"x" * (10 << 20), 413, "body_too_large"),
+    (json.dumps({"prompt": "the", "seed": 2**64}).encode(), 400, None),
+    (json.dumps({"prompt": "the", "seed": -1}).encode(), 400, None),
+    (json.dumps({"prompt": "the", "max_tokens": True}).encode(), 400, None),
+    (json.dumps({"prompt": "the", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, None),
+    (json.dumps({"prompt": "the", "stop": ""}).encode(), 400, None),
+    (b"[" * 100_000, 400, None),
 ])  # fmt: skip
 def test_bad_requests_get_openai_errors_and_the_server_stays_up(serve, payload, status, code):
     server = serve()
@@ -89,11 +95,37 @@ def test_a_full_queue_answers_429_and_the_rest_complete(serve):
 
 def test_a_client_that_leaves_mid_stream_is_cancelled(serve):
     server = serve(max_batch=1, max_tokens=240)
+    _slow_steps(server)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={
+            "prompt": "the", "max_tokens": 240, "stream": True}) as r:  # fmt: skip
+        next(r.iter_lines())  # the first event, then hang up
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "the dog", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'lowbit_finished_requests_total{reason="cancelled"} 1.0' in metrics
+
+
+def test_a_client_that_leaves_a_whole_answer_is_cancelled(serve):
+    server = serve(max_batch=1, max_tokens=240)
+    _slow_steps(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={"prompt": "the", "max_tokens": 240},
+                   timeout=0.3)  # fmt: skip
+    deadline = time.time() + 20
+    while time.time() < deadline and server.engine.busy + server.engine.depth():
+        time.sleep(0.05)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'lowbit_finished_requests_total{reason="cancelled"} 1.0' in metrics
+
+
+def _slow_steps(server) -> None:
+    """Steps of 5 ms that release the GIL, as a real model's do (the tiny one's are so fast
+    that the server may not see a hang-up before the last of 240 tokens)."""
     real = server.engine.runtime.forward_for
 
-    class Slow:  # steps of 5 ms that release the GIL, as a real model's do (the tiny one's
-        def __init__(self, forward):  # are so fast that the server may not see the hang-up
-            self.forward = forward  # before the last of 240 tokens)
+    class Slow:
+        def __init__(self, forward):
+            self.forward = forward
 
         def new_cache(self, *args):
             return self.forward.new_cache(*args)
@@ -103,13 +135,84 @@ def test_a_client_that_leaves_mid_stream_is_cancelled(serve):
             return self.forward(*args, **kwargs)
 
     server.engine.runtime.forward_for = lambda capacity: Slow(real(capacity))
-    with httpx.stream("POST", f"{server.url}/v1/completions", json={
-            "prompt": "the", "max_tokens": 240, "stream": True}) as r:  # fmt: skip
-        next(r.iter_lines())  # the first event, then hang up
-    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "the dog", "max_tokens": 4})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_texts_end_the_answer_before_them(serve, chat_folder, stream):
+    server = serve()
+    prompt = "a stitch in time"
+    whole = greedy_text(chat_folder, prompt, 24)
+    words = whole.split()
+    stop = f" {words[3]}" if whole.startswith(" ") else words[3]
+    cut = whole[: whole.index(stop)] if stop in whole else None
+    body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [stop, "never"],
+            "stream": stream}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]  # fmt: skip
+        text = "".join(e["choices"][0]["text"] for e in events)
+        finish = events[-1]["choices"][0]["finish_reason"]
+    else:
+        text, finish = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+    assert cut is not None and text == cut and finish == "stop"
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'lowbit_finished_requests_total{reason="cancelled"} 1.0' in metrics
+    assert 'lowbit_finished_requests_total{reason="stop"} 1.0' in metrics
+
+
+def test_chat_without_max_tokens_gets_what_the_context_leaves(serve):
+    server = serve(max_tokens=1024)  # more than the tiny model's context of 256
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "the quick brown fox"}]})  # fmt: skip
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 256
+
+
+def test_chat_messages_the_template_refuses_are_a_400(serve, chat_folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_folder)
+    tok.chat_template = ("{% if messages|length > 1 %}{{ raise_exception('roles must "
+                         "alternate') }}{% endif %}{{ messages[0]['content'] }}")  # fmt: skip
+    tok.save_pretrained(chat_folder)
+    server = serve()
+    two = [{"role": "user", "content": "the"}, {"role": "user", "content": "dog"}]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": two, "max_tokens": 2})
+    assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"]
+    surrogate = b'{"messages": [{"role": "user", "content": "the \\udfff"}], "max_tokens": 2}'
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=surrogate,
+                   headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_a_generation_that_fails_mid_stream_ends_with_an_error_event(serve):
+    openai = pytest.importorskip("openai")
+    server = serve(max_batch=1)
+    real = server.engine.runtime.forward_for
+
+    class Failing:
+        calls = 0
+
+        def __init__(self, forward):
+            self.forward = forward
+
+        def new_cache(self, *args):
+            return self.forward.new_cache(*args)
+
+        def __call__(self, *args, **kwargs):
+            Failing.calls += 1
+            if Failing.calls > 3:
+                raise RuntimeError("out of memory")
+            return self.forward(*args, **kwargs)
+
+    server.engine.runtime.forward_for = lambda capacity: Failing(real(capacity))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    with pytest.raises(openai.APIError, match="out of memory"):
+        list(client.completions.create(model="tiny", prompt="the", max_tokens=20, stream=True))
+    server.engine.runtime.forward_for = real
+    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "the", "max_tokens": 3})
+    assert ok.status_code == 200
 
 
 def test_concurrent_requests_share_a_batch_and_get_their_own_tokens(serve, chat_folder):
@@ -139,6 +242,12 @@ def test_metrics_are_prometheus_text(serve):
                  "lowbit_generated_tokens_total", "lowbit_queue_depth",
                  "process_resident_memory_bytes"):  # fmt: skip
         assert name in text, name
+    for path in ("/nope-1", "/nope-2"):
+        assert httpx.get(f"{server.url}{path}").json()["error"]["message"]  # OpenAI's shape
+    assert httpx.get(f"{server.url}/v1/completions").status_code == 405
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "nope" not in text  # no series per path a client makes up
+    assert 'lowbit_requests_total{endpoint="other",status="404"} 2.0' in text
 
 
 def _quantized_and_damaged(chat_folder, tmp_path):

@@ -66,6 +66,12 @@ class Runtime:
         self.compact = compact
         self._forwards: dict[str, object] = {}
 
+    @property
+    def context(self) -> int:
+        """The most tokens a sequence may hold: the model's ``max_position_embeddings``, or
+        4,096 for a model that names none."""
+        return self.limit or 4096
+
     @functools.cached_property
     def _family_reason(self) -> str | None:  # a family it does not name: its twin, once
         return family_reason(self.model)
@@ -92,7 +98,7 @@ class Runtime:
         """A batch that prompts join and leave between steps (:mod:`lowbit.runtime.batch`),
         or None where the forward cannot write its cache by rows (the model's own forward,
         LiteRT): run those with :meth:`generate`."""
-        context = self.limit or 4096
+        context = self.context
         forward = self.forward_for(context)
         if not isinstance(forward, LlamaForward):
             return None

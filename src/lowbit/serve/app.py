@@ -10,46 +10,53 @@ queue is full).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lowbit.runtime import Sampling
-from lowbit.runtime.text import TextStream, chat_ids, text_ids
-from lowbit.serve.base import ServeSettings, base_app
+from lowbit.runtime.text import StopText, chat_ids, text_ids
+from lowbit.serve.base import ServeSettings, base_app, guarded
 from lowbit.serve.engine import Engine, Job, QueueFull
-from lowbit.serve.limits import Guard, error_body
+from lowbit.serve.limits import error_body
 from lowbit.serve.metrics import Metrics
 from lowbit.serve.schemas import ChatRequest, CompletionRequest
 
 
 def create_app(engine: Engine, tokenizer: Any, settings: ServeSettings,
                metrics: Metrics | None = None) -> Any:  # fmt: skip
-    """The ASGI app (FastAPI behind the body-size / API-key guard)."""
+    """The ASGI app (FastAPI behind the request counter and the body-size / API-key guard)."""
     metrics = metrics or Metrics()
     api = _Api(engine, tokenizer, settings, metrics)
+    # Tokenizing a 1 MiB prompt takes a while: off the event loop, one request at a time (a
+    # fast tokenizer may refuse concurrent calls from several threads)
+    encoder = ThreadPoolExecutor(1, thread_name_prefix="lowbit-tokenize")
 
     app = base_app(settings, metrics, engine)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        ids = text_ids(tokenizer, body.prompt)
+        ids = await asyncio.get_running_loop().run_in_executor(encoder, text_ids, tokenizer,
+                                                                body.prompt)  # fmt: skip
         return await api.respond(request, body, ids, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in body.messages]  # fmt: skip
-        ids = chat_ids(tokenizer, messages)
-        limit = body.max_completion_tokens or body.max_tokens or settings.max_tokens
+        ids = await asyncio.get_running_loop().run_in_executor(encoder, chat_ids, tokenizer,
+                                                                messages)  # fmt: skip
+        limit = body.max_completion_tokens or body.max_tokens or api.room(len(ids))
         return await api.respond(request, body, ids, limit, chat=True)
 
-    return Guard(app, settings.max_body, settings.api_key)
+    return guarded(app, settings, metrics)
 
 
 class _Api:
@@ -57,6 +64,15 @@ class _Api:
                  metrics: Metrics) -> None:  # fmt: skip
         self.engine, self.tokenizer, self.settings, self.metrics = (engine, tokenizer, settings,
                                                                     metrics)  # fmt: skip
+
+    def context(self) -> int:
+        """The most tokens a request may hold, prompt and answer (the decode loop's)."""
+        return self.engine.runtime.context
+
+    def room(self, prompt: int) -> int:
+        """A chat's max_tokens when it names none (OpenAI's: what the context leaves, here
+        at most --max-tokens)."""
+        return max(1, min(self.settings.max_tokens, self.context() - prompt))
 
     def _refuse(self, status: int, message: str, code: str | None = None) -> JSONResponse:
         return JSONResponse(error_body(message, "invalid_request_error", code), status)
@@ -68,17 +84,16 @@ class _Api:
                                 "max_tokens")  # fmt: skip
         if not ids:
             return self._refuse(400, "the prompt has no tokens", "empty_prompt")
-        context = self.engine.runtime.limit
-        if context and len(ids) + max_tokens > context:
+        if len(ids) + max_tokens > self.context():
             message = (f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceed the "
-                       f"context of {context} tokens")  # fmt: skip
+                       f"context of {self.context()} tokens")  # fmt: skip
             return self._refuse(400, message, "context_length")
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
 
-        def emit(tok: int | None) -> None:  # worker thread; a whole answer needs only the end
-            if body.stream or tok is None:
+        def emit(tok: int | None) -> None:  # on the engine's thread
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server is ending
                 loop.call_soon_threadsafe(tokens.put_nowait, tok)
 
         job = Job(ids, max_tokens, sampling, emit)
@@ -88,38 +103,67 @@ class _Api:
             return JSONResponse(error_body(str(exc), "rate_limit_error", "queue_full"), 429,
                                 headers={"Retry-After": "1"})  # fmt: skip
         shape = _Shape(self.settings.model_name, chat, len(ids))
+        pieces = self._pieces(job, tokens, StopText(self.tokenizer, body.stops()))
         if body.stream:
-            return StreamingResponse(self._events(job, tokens, shape),
+            return StreamingResponse(self._events(job, pieces, shape),
                                      media_type="text/event-stream")  # fmt: skip
-        while True:
-            try:
-                await asyncio.wait_for(tokens.get(), timeout=0.5)
-                break
-            except asyncio.TimeoutError:  # not the builtin's alias before Python 3.11
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return Response(status_code=499)
+        text = []
+        async for piece in _watching(pieces, request, job):
+            text.append(piece)
+        if job.cancelled.is_set() and job.cancel_as == "cancelled":
+            return Response(status_code=499)  # the client left
         if job.finish == "error":
             return JSONResponse(error_body(job.error or "generation failed", "server_error"), 500)
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        return JSONResponse(shape.whole(text, job))
+        return JSONResponse(shape.whole("".join(text), job))
 
-    async def _events(self, job: Job, tokens: asyncio.Queue,
+    async def _pieces(self, job: Job, tokens: asyncio.Queue,
+                      text: StopText) -> AsyncIterator[str]:  # fmt: skip
+        """The answer's text as it becomes final, up to a stop text (which ends the job)."""
+        while True:
+            tok = await tokens.get()
+            piece = text.flush() if tok is None else text.push(tok)
+            if piece:
+                yield piece
+            if tok is None:
+                return
+            if text.stopped and not job.cancelled.is_set():
+                job.cancel("stop")
+
+    async def _events(self, job: Job, pieces: AsyncIterator[str],
                       shape: _Shape) -> AsyncIterator[str]:  # fmt: skip
-        text = TextStream(self.tokenizer)
         try:
             yield shape.sse(shape.chunk("", first=True))
-            while True:
-                tok = await tokens.get()
-                if tok is None:
-                    break
-                piece = text.push(tok)
-                if piece:
-                    yield shape.sse(shape.chunk(piece))
+            async for piece in pieces:
+                yield shape.sse(shape.chunk(piece))
+            if job.finish == "error":  # the client raises on an error event (no [DONE])
+                yield shape.sse(error_body(job.error or "generation failed", "server_error"))
+                return
             yield shape.sse(shape.chunk("", finish=_reason(job)))
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled.set()  # a client that left stops its row at the next step
+            if not job.cancelled.is_set():
+                job.cancel()  # a client that left stops its row at the next step
+
+
+async def _watching(pieces: AsyncIterator[str], request: Request,
+                    job: Job) -> AsyncIterator[str]:  # fmt: skip
+    """``pieces`` while the client waits for a whole answer; every half second, a client
+    that left cancels the job (which then ends its pieces)."""
+    pending = asyncio.ensure_future(anext(pieces, None))
+    checked = time.monotonic()
+    while True:
+        done, _ = await asyncio.wait({pending}, timeout=0.5)
+        if time.monotonic() - checked >= 0.5 and not job.cancelled.is_set():
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                job.cancel()
+        if not done:
+            continue
+        piece = pending.result()
+        if piece is None:
+            return
+        yield piece
+        pending = asyncio.ensure_future(anext(pieces, None))
 
 
 def _reason(job: Job) -> str:

@@ -1,6 +1,7 @@
 """What every ``lowbit serve`` app shares, text or image: OpenAI-style errors for invalid
-bodies and refused requests, request counts, ``/health``, ``/metrics`` and ``/v1/models``,
-behind the body-size / API-key guard (:class:`lowbit.serve.limits.Guard`)."""
+bodies, unknown routes and refused requests, ``/health``, ``/metrics`` and ``/v1/models``,
+and :func:`guarded`: the app behind the request counter and the body-size / API-key guard
+(:mod:`lowbit.serve.limits`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from lowbit.errors import LowbitError
-from lowbit.serve.limits import error_body
+from lowbit.serve.limits import Counted, Guard, error_body
 from lowbit.serve.metrics import Metrics
 
 
@@ -44,11 +46,16 @@ def base_app(settings: ServeSettings, metrics: Metrics, engine: Any) -> FastAPI:
     async def refused(_: Request, exc: LowbitError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "invalid_request_error"), 400)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    @app.exception_handler(Exception)
+    async def failed(_: Request, exc: Exception) -> JSONResponse:  # logged by the server
+        return JSONResponse(error_body("the server failed on this request", "server_error"), 500)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # unknown routes (404), wrong methods (405), bodies FastAPI cannot parse (400)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), kind), exc.status_code,
+                            headers=getattr(exc, "headers", None))  # fmt: skip
 
     @app.get("/health")
     async def health() -> dict:
@@ -70,3 +77,14 @@ def base_app(settings: ServeSettings, metrics: Metrics, engine: Any) -> FastAPI:
                                             "created": 0, "owned_by": "lowbit"}]}  # fmt: skip
 
     return app
+
+
+def guarded(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> Counted:
+    """``app`` (all its routes added) behind the guard, every request counted by route."""
+    routes = {getattr(r, "path", "") for r in app.routes}
+    guard = Guard(app, settings.max_body, settings.api_key)
+    return Counted(
+        guard,
+        lambda: routes,
+        lambda route, status: metrics.requests.labels(route, str(status)).inc(),
+    )

@@ -38,8 +38,8 @@ class Job:
     """One request: its prompt ids, limit and sampling, and where its tokens go.
 
     ``emit(token)`` is called from the worker thread with each new token (also kept in
-    ``tokens``), then ``emit(None)`` once with ``finish`` set. ``cancelled`` is set by the HTTP
-    layer when the client leaves."""
+    ``tokens``), then ``emit(None)`` once with ``finish`` set. :meth:`cancel` (the HTTP layer:
+    the client left, or the answer reached a stop text) ends it at the next step."""
 
     ids: list[int]
     max_tokens: int
@@ -53,6 +53,13 @@ class Job:
     error: str | None = None
     shadow: bool = False  # keep the logits of each step for the quality monitor
     logits: list = field(default_factory=list)  # (vocab,) per step, while ``shadow``
+    cancel_as: str = "cancelled"  # the finish a cancelled job ends with
+
+    def cancel(self, finish: str = "cancelled") -> None:
+        """End the job at the next step, with ``finish``: "cancelled" (the client left) or
+        "stop" (the answer is complete)."""
+        self.cancel_as = finish
+        self.cancelled.set()
 
 
 @dataclass
@@ -255,7 +262,7 @@ class Engine:
         self._end(job, "error")
 
     def _end(self, job: Job, finish: str) -> None:
-        job.finish = finish
+        job.finish = job.cancel_as if finish == "cancelled" else finish
         del job.logits[len(job.tokens) :]  # a stop token's step is not served
         job.emit(None)
         if self.on_end is not None:

@@ -46,7 +46,7 @@ class ImageShadow(Sampler):
         mean = self.rolling()
         self.metrics.shadow_psnr.observe(db)
         self.metrics.shadow_psnr_rolling.set(mean)
-        self._alert(self.alert_psnr is not None and mean < self.alert_psnr,
+        self._alert(self.alert_psnr is not None and not mean >= self.alert_psnr,  # NaN too
                     "quality alert: mean PSNR against the reference %.2f dB over the last %d "
                     "shadowed requests is below --alert-psnr %g", mean, len(self.recent),
                     self.alert_psnr)  # fmt: skip

@@ -37,10 +37,10 @@ from lowbit.eval.image import outputs
 from lowbit.models.images.data import image_from_bytes
 from lowbit.models.images.run import png_bytes, upscale_image
 from lowbit.models.images.tiles import DEFAULT_TILE, upscaler
-from lowbit.serve.base import ServeSettings, base_app
+from lowbit.serve.base import ServeSettings, base_app, guarded
 from lowbit.serve.engine import QueueFull
 from lowbit.serve.image_shadow import ImageShadow, ImageShadowJob
-from lowbit.serve.limits import Guard, error_body
+from lowbit.serve.limits import error_body
 from lowbit.serve.metrics import Metrics
 from lowbit.serve.schemas import ImageGenerationRequest, UpscaleRequest
 
@@ -205,7 +205,7 @@ def create_image_app(entry: Any, model: nn.Module, worker: ImageWorker,
 
         return await answer(request, work)
 
-    return Guard(app, settings.max_body, settings.api_key)
+    return guarded(app, settings, metrics)
 
 
 class Answer(NamedTuple):

@@ -1,8 +1,12 @@
-"""ASGI guards in front of the routes: request body size and the bearer API key."""
+"""ASGI layers in front of the routes: request counts, the request body size and the bearer
+API key. Plain ASGI rather than FastAPI middleware: Starlette's ``BaseHTTPMiddleware`` hides a
+client's hang-up from ``request.is_disconnected()``, and the server drops the work of clients
+that left."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 
@@ -12,14 +16,37 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class _TooLarge(Exception):
-    pass
+class Counted:
+    """Counts every answered request by route and status (``count(route, status)``), those
+    refused by the guard included; a path that names no route counts as ``other``, so clients
+    cannot add series."""
+
+    def __init__(self, app, routes: Callable[[], set[str]], count: Callable[[str, int], None]):
+        self.app, self.routes, self.count = app, routes, count
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # an exception before any answer: the server's error
+
+        async def counting_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            path = scope["path"]
+            self.count(path if path in self.routes() else "other", status)
 
 
 class Guard:
-    """Refuses bodies over ``max_body`` bytes (413, counted as they arrive, so a missing or
-    false Content-Length does not help) and, with ``api_key``, requests to /v1/ without
-    ``Authorization: Bearer <key>`` (401)."""
+    """Refuses bodies over ``max_body`` bytes (413: the body is read, up to that size, before
+    the routes see it, so a missing or false Content-Length or a chunked upload does not help)
+    and, with ``api_key``, requests to /v1/ without ``Authorization: Bearer <key>`` (401)."""
 
     def __init__(self, app, max_body: int, api_key: str | None) -> None:
         self.app, self.max_body, self.api_key = app, max_body, api_key
@@ -40,28 +67,28 @@ class Guard:
         if not length.isdigit() or int(length) > self.max_body:
             await self._too_large(scope, receive, send)
             return
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _TooLarge
-            return message
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracked_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_body:
                 await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():  # the body once, then the client's own messages (its hang-up)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send) -> None:
         body = error_body(f"request body over {self.max_body} bytes", "invalid_request_error",

@@ -140,7 +140,7 @@ class Shadow(Sampler):
         self.metrics.shadow_top1.observe(top1)
         self.metrics.shadow_kl_rolling.set(mean_kl)
         self.metrics.shadow_top1_rolling.set(mean_top1)
-        self._alert(self.alert_kl is not None and mean_kl > self.alert_kl,
+        self._alert(self.alert_kl is not None and not mean_kl <= self.alert_kl,  # NaN too
                     "quality alert: mean KL(ref || served) %.4f over the last %d shadowed "
                     "requests exceeds --alert-kl %g", mean_kl, len(self.recent),
                     self.alert_kl)  # fmt: skip
