@@ -160,11 +160,11 @@ def _write_png(path: Path, image: Tensor, bits: int = 8) -> None:
 
 def _write_folder(args: argparse.Namespace, names: list[str], images: list[Tensor],
                   bits: list[int]) -> None:  # fmt: skip
-    from lowbit.assets.atomic import atomic_dir
+    from lowbit.assets.atomic import PRODUCER, atomic_dir
 
     with atomic_dir(args.out, args.overwrite) as tmp:
         for name, image, depth in zip(names, images, bits, strict=True):
             _write_png(tmp / name, image, depth)
-        record = {"model": args.model, "images": names}
+        record = PRODUCER | {"model": args.model, "images": names}
         record |= {"input": args.image} if args.image else {"seed": args.seed}
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")

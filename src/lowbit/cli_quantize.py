@@ -286,7 +286,8 @@ def render_plan(plan: dict[str, Any]) -> str:
                      f"{row['bits_per_weight']:.3f} bits/w")  # fmt: skip
     lines += [
         f"quantized layers: {plan['bits_per_weight']:.3f} bits/weight",
-        f"output: {plan['output_bytes']:,} bytes",
+        f"output: {plan['output_bytes']:,} bytes; disk beside --out at the end: about "
+        f"{plan['disk_bytes'] / 1e9:,.2f} GB (work folder + the assembled folder)",
         f"estimated peak RSS: {plan['peak_rss_mb']:,.0f} MB (calibration hidden states "
         f"{'on disk' if plan['hidden']['spilled'] else 'in memory'}, "
         f"{plan['hidden']['dtype']})",

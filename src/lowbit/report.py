@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from lowbit import api
-from lowbit.assets import atomic_dir, prepare_out
+from lowbit.assets import PRODUCER, atomic_dir, prepare_out
 from lowbit.errors import LowbitError
 from lowbit.eval import model_size
 from lowbit.eval.bench import bench_models
@@ -173,6 +173,6 @@ def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> d
 
 
 def _write(folder: Path, data: dict[str, Any]) -> None:
-    (folder / "report.json").write_text(json.dumps(data, indent=1, default=str))
+    (folder / "report.json").write_text(json.dumps(PRODUCER | data, indent=1, default=str))
     (folder / "report.md").write_text(report_markdown(data["rows"], data))
     write_plots(data["rows"], folder, f"lowbit report: {data['model']}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import api
-from lowbit.assets import atomic_dir, prepare_out
+from lowbit.assets import PRODUCER, atomic_dir, prepare_out
 from lowbit.errors import LowbitError
 from lowbit.eval import model_size
 from lowbit.eval.image import evaluate_image, evaluate_pairs, outputs
@@ -127,7 +127,7 @@ def _notes(calibration: Any) -> list[str]:
 
 
 def _write(folder: Path, data: dict[str, Any]) -> None:
-    (folder / "report.json").write_text(json.dumps(data, indent=1, default=str))
+    (folder / "report.json").write_text(json.dumps(PRODUCER | data, indent=1, default=str))
     md = report_markdown(data["rows"], data, IMAGE_COLUMNS, IMAGE_PANELS)
     grids = [f"![{r['variant']}]({r['grid']})" for r in data["rows"] if "grid" in r]
     (folder / "report.md").write_text(md + "\n" + "\n\n".join(grids) + "\n")

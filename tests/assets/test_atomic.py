@@ -4,6 +4,7 @@ removed, and --overwrite that replaces only lowbit's own folders."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
     other = tmp_path / f".out.x.{dead}.abcd1234.tmp"  # the temporary of "out.x", not of "out"
     other.mkdir()
     with atomic_dir(out) as tmp:
-        (tmp / "lowbit.json").write_text("{}")
+        (tmp / "lowbit.json").write_text('{"lowbit_version": "0.1"}')
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", mine.name, other.name])
     assert sweep_stale(out) == []
 
@@ -54,7 +55,7 @@ def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
 def test_overwrite_replaces_only_empty_or_lowbit_folders(tmp_path):
     mine = tmp_path / "mine"
     with atomic_dir(mine) as tmp:
-        (tmp / RECORDS[0]).write_text("{}")
+        (tmp / RECORDS[0]).write_text('{"lowbit_version": "0.1"}')
     with pytest.raises(LowbitError, match="already exists.*--overwrite"):
         prepare_out(mine, overwrite=False)
     prepare_out(mine, overwrite=True)
@@ -68,7 +69,19 @@ def test_overwrite_replaces_only_empty_or_lowbit_folders(tmp_path):
     with pytest.raises(LowbitError, match="not a folder lowbit wrote"), atomic_dir(user, True):
         pass
     assert [p.name for p in user.iterdir()] == ["thesis.tex"]
+    for name in RECORDS:  # a record's name alone does not make a folder lowbit's
+        (user / name).write_text("{}")
+    with pytest.raises(LowbitError, match="not a folder lowbit wrote"):
+        prepare_out(user, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "user"]
+
+
+def test_the_current_folder_or_one_holding_it_is_never_an_out(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (Path("."), tmp_path / "here", Path("..")):
+        with pytest.raises(LowbitError, match="current folder"):
+            prepare_out(out, overwrite=True)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")

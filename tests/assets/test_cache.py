@@ -20,7 +20,9 @@ def test_atomic_dir_leaves_nothing_when_interrupted(tmp_path):
 def test_atomic_dir_overwrite_replaces_only_when_complete(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    (target / "lowbit.json").write_text("old")  # a lowbit output: --overwrite may replace it
+    (target / "lowbit.json").write_text(
+        '{"lowbit_version": "old"}'
+    )  # a lowbit output: --overwrite may replace it
     with pytest.raises(RuntimeError), atomic_dir(target, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
         raise RuntimeError

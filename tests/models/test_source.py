@@ -61,3 +61,60 @@ def test_checkpoints_saved_without_the_models_prefix_stream(family, tmp_path):
     with torch.no_grad():
         api.quantize(src.model, recipe, progress=False)
         assert rel(api.load(out, kernels=False).model(ids).logits, src.model(ids).logits) < 1e-5
+
+
+def _block_fp8(folder, out, block: int = 32):
+    """``folder`` re-saved as block-scaled FP8 (DeepSeek-V3's layout: each projection in
+    float8_e4m3fn with a ``weight_scale_inv`` per block); and the float folder of exactly the
+    weights it stands for."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out)
+    shutil.copytree(folder, out.with_name(out.name + "-float"))
+    tensors, fp8, exact = load_file(folder / "model.safetensors"), {}, {}
+    for name, w in tensors.items():
+        if name.endswith("proj.weight"):
+            rows, cols = w.shape
+            blocks = w.reshape(rows // block, block, cols // block, block)
+            scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+            q = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+            fp8[name], fp8[f"{name}_scale_inv"] = q, scale.contiguous()
+            full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+            exact[name] = q.float() * full
+        else:
+            fp8[name] = exact[name] = w
+    save_file(fp8, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(exact, str(out.with_name(out.name + "-float") / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "weight_block_size": [block, block]}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    return out, out.with_name(out.name + "-float")
+
+
+def test_a_block_fp8_checkpoint_streams_as_the_float_weights_it_stands_for(tiny_folder, tmp_path):
+    from helpers import make_recipe
+    from lowbit import api
+
+    fp8, exact = _block_fp8(tiny_folder, tmp_path / "fp8")
+    recipe = make_recipe({"bits": 4, "group_size": 32})
+    a, _ = api.quantize_to(str(fp8), recipe, tmp_path / "a", progress=False, canary=False)
+    b, _ = api.quantize_to(str(exact), recipe, tmp_path / "b", progress=False, canary=False)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert not any(n.endswith("_scale_inv") for n in TensorSource(fp8).entries)
+
+
+def test_a_checkpoint_quantized_another_way_is_refused(tiny_folder):
+    import json
+
+    from lowbit.errors import LowbitError
+
+    config = json.loads((tiny_folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tiny_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match="already quantized .*'gptq'.*original model"):
+        TensorSource(tiny_folder)

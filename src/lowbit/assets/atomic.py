@@ -11,6 +11,7 @@ folder (``--overwrite``) is allowed only for an empty folder or one lowbit wrote
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -23,8 +24,27 @@ from lowbit.errors import LowbitError
 
 # The record files by which a folder is recognised as lowbit's own: a quantized model's
 # manifest, a report, the ONNX and compressed-tensors exports' notes, generated images' note.
+# Each is a JSON object that names lowbit ("producer": "lowbit", or the manifest's
+# "lowbit_version"); a file of the same name written by anything else does not count.
 RECORDS = ("lowbit.json", "report.json", "lowbit_onnx.json", "lowbit_export.json",
            "lowbit_images.json")  # fmt: skip
+PRODUCER = {"producer": "lowbit"}  # what every record but the manifest holds
+
+
+def lowbit_record(path: Path) -> bool:
+    """Whether ``path`` is one of lowbit's record files (by its name and content)."""
+    if path.name not in RECORDS or not path.is_file() or path.stat().st_size > 64 << 20:
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    # reports and image notes written before they carried "producer" have these keys
+    legacy = {"report.json": {"rows", "protocol", "machine"},
+              "lowbit_images.json": {"model", "images"}}.get(path.name)  # fmt: skip
+    return isinstance(data, dict) and (
+        data.get("producer") == "lowbit" or "lowbit_version" in data
+        or (legacy is not None and legacy <= data.keys()))  # fmt: skip
 
 
 def prepare_out(out: Path, overwrite: bool, folder: bool = True) -> None:
@@ -33,6 +53,10 @@ def prepare_out(out: Path, overwrite: bool, folder: bool = True) -> None:
     that is neither empty nor lowbit's (with ``overwrite``), or no folder on its path can be
     written. Temporaries that killed writes of ``out`` left beside it are removed."""
     out = Path(out)
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise LowbitError(f"--out {out} is the current folder or holds it, which a finished "
+                          f"run would replace: choose another --out")  # fmt: skip
     sweep_stale(out)
     if out.exists() or out.is_symlink():
         if not overwrite:
@@ -43,7 +67,7 @@ def prepare_out(out: Path, overwrite: bool, folder: bool = True) -> None:
                               f"there: choose another --out")  # fmt: skip
         if folder:
             names = sorted(p.name for p in out.iterdir())
-            if names and not set(names) & set(RECORDS):
+            if names and not any(lowbit_record(out / n) for n in RECORDS):
                 shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
                 raise LowbitError(f"{out} is not a folder lowbit wrote (it holds {shown}); "
                                   f"--overwrite replaces only lowbit outputs and empty "

@@ -4,6 +4,10 @@ from the safetensors shards (memory-mapped, in their stored dtype) only when a b
 An HF folder holds ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
 Every header is read and checked up front (missing shard, truncated file, a tensor whose shape
 disagrees with ``config.json``), so a bad checkpoint fails in a second, not an hour into a run.
+A checkpoint published in block-scaled FP8 (``quant_method: fp8`` with ``weight_block_size``,
+as DeepSeek-V3 and Qwen3's FP8 releases are) is read as float: each weight times its
+``weight_scale_inv`` per block, as transformers dequantizes it; one already quantized any
+other way is refused (lowbit starts from the float weights).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class TensorSource:
             entries, _ = read_header(path)
             self.entries.update(entries)
         self._check_index()
+        self.scales = _block_scales(self.folder, self.entries)
 
     def _shards(self) -> list[Path]:
         index = self.folder / INDEX
@@ -68,19 +73,18 @@ class TensorSource:
 
     def load(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """Tensor ``name``; floating tensors converted to ``dtype`` (None: as stored)."""
-        entry = self.entries[name]
-        try:
-            with safe_open(str(entry.path), framework="pt") as f:
-                t = f.get_tensor(entry.name)  # (the stored name: see _adopt_prefix)
-        except Exception as exc:  # the reader's own error types; one line naming the file
-            raise LowbitError(f"cannot read tensor {name!r} from {entry.path}: {exc}") from None
+        t = _read(self.entries[name], name)
+        if name in self.scales:  # block-scaled FP8: the float weight it stands for
+            scale, block = self.scales[name]
+            t = _dequantize(t, _read(scale, f"{name}_scale_inv").float(), block)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         return t
 
     def item(self, name: str) -> Entry | torch.Tensor:
-        """What a writer copies for ``name``: its bytes on disk (an Entry), as stored."""
-        return self.entries[name]
+        """What a writer copies for ``name``: its bytes on disk (an Entry), as stored (a
+        block-scaled FP8 weight: dequantized, float32)."""
+        return self.load(name) if name in self.scales else self.entries[name]
 
     def check(self, model: nn.Module) -> None:
         """Every tensor the skeleton expects is present with its shape (tied ones may be
@@ -137,6 +141,46 @@ class TensorSource:
                 self.entries[name] = self.entries.pop(stored)
                 if stored in self.weight_map:
                     self.weight_map[name] = self.weight_map.pop(stored)
+
+
+def _read(entry: Entry, name: str) -> torch.Tensor:
+    try:
+        with safe_open(str(entry.path), framework="pt") as f:
+            return f.get_tensor(entry.name)  # (the stored name: see _adopt_prefix)
+    except Exception as exc:  # the reader's own error types; one line naming the file
+        raise LowbitError(f"cannot read tensor {name!r} from {entry.path}: {exc}") from None
+
+
+def _block_scales(folder: Path, entries: dict[str, Entry]) -> dict[str, tuple[Entry, list[int]]]:
+    """For a block-scaled FP8 checkpoint, each weight's scale tensor and block shape (the
+    scales leave ``entries``: they are read with their weights); else nothing. A checkpoint
+    quantized another way is a LowbitError."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # (skeleton() names what is wrong with config.json)
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    if method is None or method == "lowbit":
+        return {}
+    block = qconfig.get("weight_block_size")
+    if method != "fp8" or not (isinstance(block, list) and len(block) == 2):
+        raise LowbitError(f"{folder} holds a model already quantized (quant_method {method!r}); "
+                          f"lowbit quantizes float checkpoints (float32, bfloat16, float16 or "
+                          f"block-scaled FP8): give it the original model")  # fmt: skip
+    scales = {}
+    for name in [n for n in entries if n.endswith("_scale_inv")]:
+        weight = name.removesuffix("_scale_inv")
+        if weight in entries:
+            scales[weight] = (entries.pop(name), [int(b) for b in block])
+    return scales
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """An FP8 weight (out, in) times its per-block ``scale`` (ceil(out / b0), ceil(in / b1))."""
+    rows, cols = q.shape
+    full = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return q.to(torch.float32) * full[:rows, :cols]
 
 
 def _weight_map(index: Path) -> dict[str, str]:

@@ -17,6 +17,7 @@ the inputs of the block before its last as well, and the rerun starts where all 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -34,6 +35,7 @@ from lowbit.models.checkpoint import write_shards
 from lowbit.models.tensorfile import Entry, Item, read_header, write_file
 
 FINGERPRINT = "fingerprint.json"
+LOCK = "lock"
 
 
 def work_path(out: Path) -> Path:
@@ -52,18 +54,35 @@ class WorkFolder:
         self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
         self.bytes_written = 0
         self.write_seconds = 0.0
-        if self.path.exists() and restart:
-            shutil.rmtree(self.path)
-        if self.path.exists():
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LowbitError(f"cannot create the work folder {self.path}: "
+                              f"{exc.strerror or exc}") from None  # fmt: skip
+        self._lock = self._hold()
+        if (self.path / FINGERPRINT).is_file() and not restart:
             self._check(fingerprint)
-        else:
-            try:
-                (self.path / "units").mkdir(parents=True)
-            except OSError as exc:
-                raise LowbitError(f"cannot create the work folder {self.path}: "
-                                  f"{exc.strerror or exc}") from None  # fmt: skip
+        else:  # new, restarted, or killed before its fingerprint: nothing in it to reuse
+            for entry in self.path.iterdir():
+                if entry.name != LOCK:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            (self.path / "units").mkdir()
             body = json.dumps({"sha256": self.digest, **fingerprint}, indent=1)
             write_text_atomic(self.path / FINGERPRINT, body)
+
+    def _hold(self) -> Any:
+        """The work folder's lock, held while this process lives (two runs writing the same
+        ``out`` would resume each other's blocks and race to publish it). A POSIX record lock:
+        the process's own, so a run retried in the same process (a notebook) takes it again."""
+        handle = open(self.path / LOCK, "a+")  # noqa: SIM115 (held open: it is the lock)
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise LowbitError(f"another lowbit run is writing {self.out} (its work folder "
+                              f"{self.path} is locked); wait for it to end or choose another "
+                              f"--out") from None  # fmt: skip
+        return handle
 
     def _check(self, fingerprint: dict[str, Any]) -> None:
         try:
@@ -170,3 +189,4 @@ class WorkFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self._lock.close()

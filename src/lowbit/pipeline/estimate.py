@@ -1,18 +1,23 @@
 """What a streamed run will need, before it starts: the per-layer plan, the output size, peak
-memory and wall time.
+memory, disk and wall time.
 
 Sizes come from the shapes alone (each planned layer's packed buffers are built on the meta
-device). Memory and time come from a probe: the real run on blocks 0 and 1 (embedding the
-calibration windows when the recipe has some), the second block timed (the first pays for
-warming up), with the process's peak RSS reset just before it, on
-this machine and with this thread count. Every decoder block has the same shape, so the run's
-time is the start-up and set-up the estimate itself paid, the probe's block time per block, the
-layers outside the blocks in proportion to their weights, and the output's bytes at the rates
-the probe measured for each way they are written after the blocks (whose own writes are part
-of the block time): tensors copied from the source, shards assembled, hashed, plus config and
-tokenizer. A learned rotation (``rotate.kind: learned``) trains on the whole float model
-before the blocks, and end-to-end tuning (``tune``) on the quantized and the float model after
-them: their memory is a rough bound from the model's size, their time is not probed.
+device; with a rotation, the tensors it changes are written in float32 and a tied head as its
+own table). Memory and time come from a probe: the real run on the first blocks (embedding the
+calibration windows when the recipe has some), with the process's peak RSS reset just before
+it, on this machine and with this thread count: blocks 0 and 1, and on up to the first block
+of each shape (a mixture whose first blocks are dense: up to its first mixture block). Each
+block of the run takes the time of the last probed block of its shape (block 0 pays for warming
+up, so a later one where there is one); the run's time adds the start-up and set-up the estimate
+itself paid, the layers outside the blocks in proportion to their weights, and the output's
+bytes at the rates the probe measured for each way they are written after the blocks (whose own
+writes are part of the block time): tensors copied from the source, shards assembled, hashed,
+plus config and tokenizer. Disk: the work folder's units and
+calibration hidden states beside ``--out``, plus the assembled folder (the units are copied
+into its shards before the work folder goes). A learned rotation (``rotate.kind: learned``)
+trains on the whole float model before the blocks, and end-to-end tuning (``tune``) on the
+quantized and the float model after them: their memory is a rough bound from the model's size,
+their time is not probed.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lowbit.models.families import find_blocks
 from lowbit.models.load import source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
+from lowbit.models.rotate import Rotator, fitted_rotation
 from lowbit.models.source import TensorSource, skeleton
 from lowbit.models.tensorfile import write_file
 from lowbit.models.verify import file_hashes
@@ -53,14 +59,15 @@ class _Probed(Exception):
 
 
 class _ProbeStore(StreamStore):
-    """Times the first ``probe`` blocks (the last of them is the warm one that counts)."""
+    """Times each of the first ``probe`` blocks (``seconds``, by index)."""
 
     probe = 2
-    block_start = block_end = first_start = 0.0
+    block_start = first_start = 0.0
+    seconds: dict[int, float]
 
     def leave(self, index, name, block, record, hidden, probe=None) -> None:
         super().leave(index, name, block, record, hidden, probe)  # its writes count in the block
-        self.block_end = time.perf_counter()
+        self.seconds[index] = time.perf_counter() - self.block_start
         if index + 1 >= min(self.probe, self.blocks):
             raise _Probed
 
@@ -90,21 +97,20 @@ def estimate(
     plan = plan_layers(recipe, quantizable_layers(model))
     prefix, blocks = find_blocks(model)
     formats, qbytes, weights = _formats(model, plan)
-    in_blocks = {n for n in tensors.entries if n.startswith(prefix + ".")}
-    planned = {f"{n}.weight" for n in plan}
-    kept = [n for n in tensors.entries if n not in planned]
-    block_float = sum(tensors.entries[n].numel * 4 for n in kept if n in in_blocks)
-    copied = [n for n in kept if n not in in_blocks]  # copied byte for byte from the source
-    copied_bytes = sum(tensors.entries[n].nbytes for n in copied)
+    copied, copied_bytes, output = _output(folder, tensors, recipe, plan, prefix, qbytes)
     prelude = time.perf_counter() - begin
-    probe = _probe(folder, recipe, calibration, prefix, len(blocks), hidden_dtype, spill, copied)
-    block_params = sum(tensors.entries[n].numel for n in in_blocks) / len(blocks)
+    shapes = _block_shapes(tensors, prefix, len(blocks))
+    firsts = {shape: i for i, shape in reversed(list(enumerate(shapes)))}
+    probed = max(min(2, len(blocks)), max(firsts.values()) + 1)  # blocks the probe runs
+    probe = _probe(folder, recipe, calibration, prefix, probed, len(blocks), hidden_dtype, spill,
+                   copied)  # fmt: skip
+    last = {shapes[i]: t for i, t in sorted(probe.pop("block_times").items())}  # warm where can
     outside = [n for n in plan if not n.startswith(prefix + ".")]
-    outside_params = sum(tensors.entries[f"{n}.weight"].numel for n in outside if
-                         f"{n}.weight" in tensors.entries)  # fmt: skip
-    output = qbytes + block_float + copied_bytes
-    seconds = (startup + prelude + probe["setup_seconds"] + len(blocks) * probe["block_seconds"]
-               + probe["block_seconds"] * outside_params / block_params
+    # from the model's shapes: a tied head has no tensor of its own in the source
+    outside_params = sum(model.get_submodule(n).weight.numel() for n in outside)
+    timed = max(sum(numel for _, numel in shapes[probed - 1]), 1)  # the last probed block's
+    seconds = (startup + prelude + probe["setup_seconds"] + sum(last[s] for s in shapes)
+               + probe["block_seconds"] * outside_params / timed
                + copied_bytes / _rate(probe, "copy")
                + output / _rate(probe, "assemble") + output / _rate(probe, "hash")
                + probe["extras_seconds"])  # fmt: skip
@@ -128,6 +134,7 @@ def estimate(
         "formats": formats,
         "bits_per_weight": 8 * qbytes / max(weights, 1),
         "output_bytes": output,
+        "disk_bytes": 2 * output + _hidden_bytes(model, calibration, hidden_dtype),
         "peak_rss_mb": max(probe["peak_mb"], rest_mb, canary_mb, learn_mb, tune_mb),
         "seconds": seconds,
         "learned_rotation": learn_mb > 0,  # its training time is not in ``seconds``
@@ -137,6 +144,59 @@ def estimate(
         "probe": probe,
         "layers": {n: s.short() for n, s in plan.items()},
     }
+
+
+def disk_bytes(
+    folder: Path,
+    model: nn.Module,
+    tensors: TensorSource,
+    recipe: Recipe,
+    plan: dict,
+    calibration: CalibrationSet | None,
+    hidden_dtype: torch.dtype,
+) -> int:
+    """The disk a streamed run of ``model`` (its skeleton, linears as planned) needs beside
+    ``--out`` at its end: the work folder's units and hidden states and the assembled folder."""
+    prefix, _ = find_blocks(model)
+    output = _output(folder, tensors, recipe, plan, prefix, _formats(model, plan)[1])[2]
+    return 2 * output + _hidden_bytes(model, calibration, hidden_dtype)
+
+
+def _output(folder: Path, tensors: TensorSource, recipe: Recipe, plan: dict, prefix: str,
+            qbytes: int) -> tuple[list[str], int, int]:  # fmt: skip
+    """The tensors copied from the source, their bytes, and the output's bytes."""
+    in_blocks = {n for n in tensors.entries if n.startswith(prefix + ".")}
+    planned = {f"{n}.weight" for n in plan}
+    kept = [n for n in tensors.entries if n not in planned]
+    block_float = sum(tensors.entries[n].numel * 4 for n in kept if n in in_blocks)
+    copied = [n for n in kept if n not in in_blocks]  # copied byte for byte from the source
+    copied_bytes = _copied_bytes(folder, tensors, recipe, copied, planned)
+    return copied, copied_bytes, qbytes + block_float + copied_bytes
+
+
+def _copied_bytes(folder: Path, tensors: TensorSource, recipe: Recipe, copied: list[str],
+                  planned: set[str]) -> int:  # fmt: skip
+    """Bytes of the tensors written as read from the source: as stored, or in float32 where a
+    rotation changes them (a tied head, unless quantized, then written as its own table)."""
+    if recipe.rotate is None:
+        return sum(tensors.entries[n].nbytes for n in copied)
+    model = skeleton(folder)
+    rotator = Rotator(model, fitted_rotation(recipe.rotate, model))
+    extra = [n for n, source in rotator.aliases.items() if n not in planned]
+    names = {n: rotator.aliases.get(n, n) for n in [*copied, *extra]}
+    return sum(tensors.entries[s].numel * 4 if n in rotator.ops else tensors.entries[s].nbytes
+               for n, s in names.items() if s in tensors.entries)  # fmt: skip
+
+
+def _hidden_bytes(model: nn.Module, calibration: CalibrationSet | None,
+                  dtype: torch.dtype) -> int:  # fmt: skip
+    """The calibration hidden states the work folder holds: those entering the running block
+    and those it writes (the resumable run's copy, whether or not spilled)."""
+    if calibration is None:
+        return 0
+    tokens = calibration.samples * calibration.seqlen
+    width = getattr(model.config, "hidden_size", 0) or 0
+    return 2 * tokens * width * torch.tensor([], dtype=dtype).element_size()
 
 
 def _tune_bytes(config: Any, recipe: Recipe, params: int, seqlen: int) -> int:
@@ -188,9 +248,22 @@ def _formats(model: nn.Module, plan: dict) -> tuple[dict[str, dict], int, int]:
     return formats, total, weights
 
 
-def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype, spill, copied) -> dict:
-    """Run blocks 0 and 1 for real into a scratch work folder (their time, bytes and peak RSS),
-    then time what the run does after its blocks on a share of the work: assembling the units
+def _block_shapes(tensors: TensorSource, prefix: str, blocks: int) -> list[tuple]:
+    """Each block's tensors (names within the block, numbers of elements): equal for blocks of
+    one shape."""
+    shapes: list[list] = [[] for _ in range(blocks)]
+    for name, entry in tensors.entries.items():
+        index, _, rest = name.removeprefix(prefix + ".").partition(".")
+        if name.startswith(prefix + ".") and index.isdigit() and int(index) < blocks:
+            shapes[int(index)].append((rest, entry.numel))
+    return [tuple(sorted(s)) for s in shapes]
+
+
+def _probe(folder, recipe, calibration, prefix, probed, blocks, hidden_dtype, spill,
+           copied) -> dict:  # fmt: skip
+    """Run the first ``probed`` blocks for real into a scratch work folder (each one's time,
+    their bytes and peak RSS), then time what the run does after its blocks on a share of the
+    work: assembling the units
     into a shard, hashing it, copying untouched tensors from the source (up to 256 MB of
     them), writing config and tokenizer."""
     model = skeleton(folder)
@@ -199,6 +272,7 @@ def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype, spill, cop
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="probe-") as tmp:
         work = WorkFolder(Path(tmp) / "out", {"probe": True})
         store = _ProbeStore(model, tensors, work, prefix, blocks, spill)
+        store.probe, store.seconds = probed, {}
         baseline = current_rss_mb()
         reset_peak_rss()
         start = time.perf_counter()
@@ -209,7 +283,9 @@ def _probe(folder, recipe, calibration, prefix, blocks, hidden_dtype, spill, cop
         finishing = _finishing(work, min(store.probe, blocks), folder, model, tensors, copied)
     return {
         "setup_seconds": store.first_start - start,
-        "block_seconds": store.block_end - store.block_start,
+        "blocks": probed,
+        "block_seconds": store.seconds[probed - 1],  # the last probed block's
+        "block_times": store.seconds,
         "write_bytes": work.bytes_written,
         **finishing,
         "baseline_mb": baseline,

@@ -5,6 +5,7 @@ the manifest; under torchrun every rank calibrates and rank 0 writes."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ from lowbit.models.rotate import (
 )
 from lowbit.models.rotate_source import RotatedSource
 from lowbit.models.source import TensorSource, skeleton
-from lowbit.models.workdir import WorkFolder
+from lowbit.models.workdir import WorkFolder, work_path
+from lowbit.pipeline.estimate import disk_bytes
 from lowbit.pipeline.manifest import build_manifest
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.pipeline.spin import streamed_matrix
@@ -86,6 +88,9 @@ def quantize_to(
                    "canary": canary}  # fmt: skip
     if group.distributed:  # a resumed job needs the same ranks holding the same batches
         fingerprint["world_size"] = group.world
+    if group.main:
+        _check_disk(out, disk_bytes(folder, model, tensors, recipe, plan, calibration,
+                                    parse_hidden_dtype(hidden_dtype)))  # fmt: skip
     work = _work_folder(out, fingerprint, restart, group)
     if rotator is not None:  # each tensor rotated as it is read; the head untied
         learned = streamed_matrix(folder, tensors, recipe, calibration, work, group, progress)
@@ -153,6 +158,22 @@ def _work_folder(out: Path, fingerprint: dict[str, Any], restart: bool, group: G
     work = WorkFolder(out, fingerprint, restart, keep=keep) if group.main else None
     group.barrier()
     return work or WorkFolder(out, fingerprint, restart, rank=group.rank, keep=keep)
+
+
+def _check_disk(out: Path, needed: int) -> None:
+    """Refuse, before any work, a run whose work folder and output will not fit on the disk
+    beside ``out`` (what a resumed run's work folder already holds counts as written)."""
+    work = work_path(out)
+    held = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) if work.is_dir() else 0
+    where = out.absolute().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed - held > free:
+        raise LowbitError(f"this run needs about {(needed - held) / 1e9:,.1f} GB more disk beside "
+                          f"--out (its work folder, then the assembled folder), and "
+                          f"{free / 1e9:,.1f} GB are free there: free some space or choose "
+                          f"--out on a larger disk")  # fmt: skip
 
 
 def parse_hidden_dtype(name: str) -> torch.dtype:
