@@ -129,8 +129,9 @@ def image_files(path: str) -> list[Path]:
     """The files :func:`named_images` reads: ``path`` itself, or its folder's image files
     (by suffix) in name order."""
     root = Path(path).expanduser()
-    if root.is_dir():
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if root.is_dir():  # hidden files (macOS's "._x.png"), folders and broken links skipped
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                       and p.is_file() and not p.name.startswith("."))  # fmt: skip
         if not files:
             raise LowbitError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         return files
@@ -162,23 +163,34 @@ def _read_one(file: Any, label: str, channels: int, min_side: int,
               max_pixels: int | None = None) -> UserImage:  # fmt: skip
     """One image (a path, or a binary file object from a client: only :data:`UPLOADS`
     formats; ``label`` names it in errors)."""
-    from PIL import Image
+    import warnings
+
+    from PIL import Image, ImageOps
 
     local = isinstance(file, Path)
     where = file if local else label
     try:
-        with Image.open(file, formats=None if local else UPLOADS) as image:
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                raise LowbitError(f"{where}: {image.width}x{image.height} pixels; at most "
-                                  f"{max_pixels} are taken here")  # fmt: skip
-            mode, array = image.mode, np.asarray(_as_rgb(image, label) if channels == 3
-                                                 else image)  # fmt: skip
+        with warnings.catch_warnings():  # the size is checked here, below Pillow's own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file, formats=None if local else UPLOADS) as image:
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise LowbitError(f"{where}: {image.width}x{image.height} pixels; at most "
+                                      f"{max_pixels} are taken here")  # fmt: skip
+                if getattr(image, "n_frames", 1) > 1:
+                    log.info("%s: the first of its %d frames is read", label, image.n_frames)
+                upright = ImageOps.exif_transpose(image)  # as a viewer shows it (EXIF)
+                kind, mode = image.format, upright.mode
+                array = np.asarray(_as_rgb(upright, label) if channels == 3 else upright)
     except LowbitError:
         raise
+    except Image.DecompressionBombError as exc:  # past Pillow's own limit, before any check
+        size = str(exc).split(",")[0]
+        limit = f"; at most {max_pixels} are taken here" if max_pixels is not None else ""
+        raise LowbitError(f"{where}: too many pixels ({size}){limit}") from None
     except Exception as exc:  # crafted files reach many of Pillow's decoders' errors
         why = exc if local else ", ".join(UPLOADS)
         raise LowbitError(f"{where}: not a readable image ({why})") from None
-    bits = _bits(array, mode, where)
+    bits = _bits(array, mode, kind, where)
     if bits == 16 and channels == 3:
         log.info("%s: 16-bit grey image read as RGB", label)
         array = np.repeat(array[..., None], 3, axis=2)
@@ -194,29 +206,34 @@ def _read_one(file: Any, label: str, channels: int, min_side: int,
     return UserImage(label, pixels, bits)
 
 
-def _bits(array: np.ndarray, mode: str, file: Path | str) -> int:
-    """8, or 16 for a 16-bit grey file (PIL's "I;16" modes, or "I" holding 16-bit values)."""
+def _bits(array: np.ndarray, mode: str, kind: str | None, file: Path | str) -> int:
+    """8, or 16 for a 16-bit grey file (PIL's "I;16" modes, or a PNG's "I": PNG stores at most
+    16 bits; a TIFF's "I" holds 32-bit integers, refused as float pixels are)."""
     if array.dtype == np.uint8:
         return 8
     wide = array.dtype.kind == "u" and array.dtype.itemsize == 2  # "I;16", "I;16B", ...
-    fits = mode == "I" and array.dtype.kind == "i" and array.min() >= 0 and array.max() < 2**16
-    grey16 = array.ndim == 2 and (wide or fits)
-    if not grey16:
+    png = mode == "I" and kind == "PNG" and array.min() >= 0 and array.max() < 2**16
+    if not (array.ndim == 2 and (wide or png)):
         raise LowbitError(f"{file}: {array.dtype} pixels ({mode}); 8-bit images or 16-bit grey "
                           f"ones only")  # fmt: skip
     return 16
 
 
-# 8-bit modes an RGB model reads after PIL's conversion (grey replicated, a palette looked up,
-# alpha and CMYK converted); 16-bit and float modes keep their one-line error
-TO_RGB = ("L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr")
+# 8-bit modes an RGB model reads after PIL's conversion (grey and black-and-white replicated, a
+# palette looked up, alpha and CMYK converted); 16-bit and float modes keep their one-line error
+TO_RGB = ("1", "L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr")
+WIDE = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # read as they are, or refused by _bits
 
 
 def _as_rgb(image: Any, label: str) -> Any:
-    if image.mode == "RGB" or image.mode not in TO_RGB:
+    if image.mode == "RGB" or image.mode in WIDE:
         return image
+    if image.mode not in TO_RGB:  # LAB, HSV, ...: colours Pillow cannot give as RGB
+        raise LowbitError(f"{label}: {image.mode} pixels; RGB, grey, palette or CMYK images "
+                          f"(8-bit), or 16-bit grey ones only")  # fmt: skip
     dropped = " (its alpha channel dropped)" if image.mode.endswith("A") else ""
-    log.info("%s: %s image read as RGB%s", label, image.mode, dropped)
+    name = "1-bit" if image.mode == "1" else image.mode
+    log.info("%s: %s image read as RGB%s", label, name, dropped)
     return image.convert("RGB")
 
 
