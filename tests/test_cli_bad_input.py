@@ -53,12 +53,13 @@ def test_quantize_input_errors(tiny_folder, tmp_path, capsys):
     out = str(tmp_path / "out")
     q = ["quantize", str(tiny_folder), *RTN, "--out", out, "-q"]
     group48 = bad_recipe(tmp_path, "g48.yaml", group_size=48)
+    (tmp_path / "a-file").write_text("")
     cases = {  # what is wrong: (arguments, what the line says)
         "path too long": (["quantize", "x" * 300, *RTN, "--out", out], "File name too long"),
         "group size fits no layer": (["quantize", str(tiny_folder), "--recipe", group48,
                                       "--out", out, "-q"], "group_size 48 does not divide"),
         "--out below a file": (["quantize", str(tiny_folder), *RTN, "--out",
-                                str(tiny_folder / "config.json" / "o")], "not a writable"),
+                                str(tmp_path / "a-file" / "o")], "not a writable"),
         "--threads -1": (["--threads", "-1", *q], "positive integer"),
         "--threads 0": (["--threads", "0", *q], "positive integer"),
         "--calib-samples 0": ([*q[:-1], "--calib-samples", "0"], "positive integer"),
@@ -69,6 +70,19 @@ def test_quantize_input_errors(tiny_folder, tmp_path, capsys):
         "cache flags on an image model": (["quantize", "dcgan-faces", "--recipe",
                                            "conv-w8a8-static", "--out", out, "--kv-bits", "4"],
                                           "dcgan-faces is an image model"),
+        "--seed past 2**63": ([*q, "--seed", str(2**64)], "a seed is in [0, 2**63)"),
+        "--target-bits nan": ([*q, "--target-bits", "nan"], "expected a positive number"),
+        "--out inside the model": (["quantize", str(tiny_folder), *RTN, "--out",
+                                    str(tiny_folder / "q")], "lies inside the input"),
+        "unknown --eval-corpus": ([*q, "--eval", "--eval-corpus", "nosuch",
+                                   "--eval-seqlen", "32", "--eval-tokens", "64"],
+                                  "--eval-corpus: unknown corpus 'nosuch'"),
+        "a cache group the heads refuse": ([*q, "--kv-bits", "4", "--kv-group", "7"],
+                                           "does not divide the head dimension"),
+        "static ranges for the head": (["quantize", str(tiny_folder), "--recipe",
+                                        "conv-w8a8-static", "--out", out, "-q",
+                                        "--calib-samples", "2", "--calib-seqlen", "32"],
+                                       "outside the decoder blocks (lm_head)"),
     }  # fmt: skip
     negative = bad_recipe(tmp_path, "r.yaml", group_size=-2)
     says = "r.yaml: weights.group_size must be"
@@ -157,6 +171,7 @@ DAMAGES = {  # name: (damage, what the line says)
     "zero size": (layer(lambda x: x.update(in_features=0)), "in_features: expected a positive"),
     "no weights": (layer(lambda x: x.pop("weights")), "weights: expected a mapping"),
     "layers not a mapping": (manifest(lambda m: m.update(layers=[1, 2])), "must be a mapping"),
+    "manifest a list": (lambda q: (q / "lowbit.json").write_text("[]"), "not a lowbit manifest"),
     "unknown model_type": (
         lambda q: edit_json(q / "config.json", lambda c: c.update(model_type="nonesuch")),
         "cannot read the model config",
@@ -203,3 +218,34 @@ def test_copying_a_folder_keeps_it_loadable(quantized, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(quantized, copy)
     assert main(["inspect", str(copy), "--verify", "-q"]) == 0
+
+
+def test_other_commands_refuse_what_they_cannot_use(quantized, tiny_folder, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    cases = {
+        "export over its own input": (["export", str(quantized), "--format",
+                                       "compressed-tensors", "--out", str(quantized),
+                                       "--overwrite"], "is, holds or lies inside the input"),
+        "LiteRT options for ONNX": (["export", str(quantized), "--format", "onnx", "--out", out,
+                                     "--kv-cache"], "--kv-cache is for litert export"),
+        "--system without --chat": (["generate", str(quantized), "--prompt", "a", "--system",
+                                     "be brief"], "--system goes with --chat"),
+        "--seed past 2**63": (["generate", str(quantized), "--prompt", "a", "--seed",
+                               str(2**64)], "a seed is in [0, 2**63)"),
+        "a port past 65535": (["serve", str(quantized), "--port", "99999"], "a port is in"),
+        "an empty --api-key": (["serve", str(quantized), "--api-key", ""], "--api-key is empty"),
+        "analyze over a file": (["analyze", str(tiny_folder), *RTN, "--out",
+                                 str(quantized / "lowbit.json")], "already exists"),
+        "diff --top -3": (["diff", str(tiny_folder), str(quantized), "--top", "-3"],
+                          "positive integer"),
+    }  # fmt: skip
+    for name, (args, says) in cases.items():
+        assert says in run(capsys, args), name
+    assert (quantized / "lowbit.json").is_file() and not Path(out).exists()
+
+
+def test_chat_needs_a_chat_template(quantized, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert "has no chat template" in run(capsys, ["chat", str(quantized)])

@@ -22,6 +22,7 @@ from lowbit.cli_args import (
     positive,
     positive_float,
     refuse_attention,
+    seed,
     tokens,
 )
 from lowbit.cli_dist import joined, peer_failure, rank_label
@@ -172,7 +173,7 @@ def _eval_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def save_options(p: argparse.ArgumentParser) -> None:
     """--seed, --eval (with its corpus options) and --json: shared by quantize and qat."""
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
     p.add_argument("--eval", action="store_true", help="evaluate against the float model after")
     _eval_options(p, "eval-")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli_args import check_window, positive
+from lowbit.cli_args import check_window, positive, seed
 from lowbit.errors import LowbitError
 
 _ANALYZE_EPILOG = """\
@@ -67,20 +67,24 @@ def add_analyze(sub: Any, common: argparse.ArgumentParser) -> None:
         "--calib-seqlen", type=positive, default=512, help="tokens per window (default 512)"
     )
     add_candidates(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="seed of the calibration windows (0)")
     p.add_argument("--plot", type=Path, help="write the sensitivity plot (PNG) here")
     p.add_argument("--out", type=Path, help="write the full measurements (JSON) here")
-    p.add_argument("--top", type=int, default=10, help="layers listed per format (default 10)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot")
+    p.add_argument("--top", type=positive, default=10, help="layers listed per format (default 10)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     p.set_defaults(func=cmd_analyze)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from lowbit.analysis.plot import plot_sensitivity
-    from lowbit.assets.atomic import atomic_file
+    from lowbit.assets.atomic import atomic_file, prepare_out
     from lowbit.calibration.group import Group
     from lowbit.cli_image import analyze_image, image_entry
 
+    for path in (args.out, args.plot):  # checked before hours of measuring
+        if path is not None:
+            prepare_out(path, args.overwrite, folder=False)
     entry = image_entry(args.model)
     sens = analyze_image(args, entry) if entry is not None else _analyze_text(args)
     data = sens.to_dict()
@@ -139,7 +143,7 @@ def add_diff(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="text to measure on (default: wiki; not for image models)")  # fmt: skip
     p.add_argument("--seqlen", type=positive, default=512, help="window length (default: 512)")
     p.add_argument("--tokens", type=positive, default=4096, help="tokens (default: 4096)")
-    p.add_argument("--top", type=int, default=10, help="layers to list (default: 10)")
+    p.add_argument("--top", type=positive, default=10, help="layers to list (default: 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_diff)
 

@@ -30,6 +30,27 @@ def positive_float(value: str) -> float:
     return x
 
 
+def seed(value: str) -> int:
+    """A seed torch's generators take: 0 <= seed < 2**63."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {value!r}") from None
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is in [0, 2**63), got {n}")
+    return n
+
+
+def port(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {n}")
+    return n
+
+
 def tokens(value: str) -> int | None:
     if value == "all":
         return None

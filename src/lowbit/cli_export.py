@@ -64,7 +64,7 @@ def add_export(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="output folder (GGUF: a .gguf file; LiteRT: a .tflite file)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
-        "--float-type", choices=["f16", "f32"], default="f16",
+        "--float-type", choices=["f16", "f32"], default=None,
         help="GGUF: storage of the layers left in float (default f16, as llama.cpp's converter)",
     )  # fmt: skip
     p.add_argument(
@@ -78,7 +78,7 @@ def add_export(sub: Any, common: argparse.ArgumentParser) -> None:
                       "model's context if shorter)")  # fmt: skip
     lite.add_argument("--kv-cache", action="store_true",
                       help="also `prefill` and `decode` signatures over a KV cache")  # fmt: skip
-    lite.add_argument("--prefill", type=positive, default=128,
+    lite.add_argument("--prefill", type=positive, default=None,
                       help="tokens per prefill call (128; prompts are fed in chunks)")  # fmt: skip
     lite.add_argument("--cache", type=positive,
                       help="KV-cache slots: prompt + new tokens (1024, or the model's "
@@ -94,8 +94,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.requantize and args.format in choices and args.requantize not in choices[args.format]:
         raise LowbitError(f"--requantize {args.requantize} is not a {args.format} choice; "
                           f"use one of {', '.join(choices[args.format])}")  # fmt: skip
-    opts = LiteRTOptions(args.seqlen, args.kv_cache, args.prefill, args.cache)
-    result = export(args.folder, args.format, args.out, args.overwrite, args.float_type,
+    given = {"--float-type": (args.float_type is not None, "gguf"),
+             **{flag: (value, "litert") for flag, value in (
+                 ("--seqlen", args.seqlen is not None), ("--kv-cache", args.kv_cache),
+                 ("--prefill", args.prefill is not None), ("--cache", args.cache is not None))},
+             }  # fmt: skip
+    for flag, (set_, only) in given.items():
+        if set_ and args.format != only:
+            raise LowbitError(f"{flag} is for {only} export, not {args.format}")
+    opts = LiteRTOptions(args.seqlen, args.kv_cache, args.prefill or 128, args.cache)
+    result = export(args.folder, args.format, args.out, args.overwrite, args.float_type or "f16",
                     args.requantize, litert=opts)  # fmt: skip
     if args.json:
         print(json.dumps(result.to_dict()))

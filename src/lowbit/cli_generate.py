@@ -7,7 +7,13 @@ import json
 import sys
 from typing import Any
 
-from lowbit.cli_args import add_attention_options, apply_attention, positive, refuse_attention
+from lowbit.cli_args import (
+    add_attention_options,
+    apply_attention,
+    positive,
+    refuse_attention,
+    seed,
+)
 from lowbit.cli_image_generate import add_image_options, generate_images, refuse_image_options
 from lowbit.errors import LowbitError
 
@@ -41,8 +47,9 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
-    p.add_argument("--system", help="with --chat: a system message before the prompt")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed (0)")
+    p.add_argument("--system", help="a system message before the conversation (generate: "
+                   "with --chat)")  # fmt: skip
 
 
 def add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -71,7 +78,10 @@ def add_chat(sub: Any, common: argparse.ArgumentParser) -> None:
         "chat", parents=[common], help="an interactive chat with a model",
         description="Chat with MODEL in the terminal: each line you type is a user message, "
         "the reply streams back; the conversation is kept (oldest turns dropped when it "
-        "outgrows the context). /reset forgets it, /exit or Ctrl-D leaves.",
+        "outgrows the context). /reset forgets it, /exit or Ctrl-D leaves. The model's "
+        "tokenizer needs a chat template.",
+        epilog="example:\n  lowbit chat out/w4 --system 'Answer briefly.' --temperature 0.7",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL|DIR")
     _sampling_options(p)
@@ -128,6 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refuse_image_options(args, args.model)
     if args.prompt is None:
         raise LowbitError("give --prompt: the text to continue (or, with --chat, to answer)")
+    if args.system is not None and not args.chat:
+        raise LowbitError("--system goes with --chat (a system message before the prompt)")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise LowbitError("the prompt is empty: give some text with --prompt")
@@ -172,6 +184,9 @@ def _fit(runtime: Any, tok: Any, messages: list[dict], max_new: int) -> list[int
 def cmd_chat(args: argparse.Namespace) -> int:
     src, runtime, sampling = _session(args)
     tok = src.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise LowbitError(f"{args.model}'s tokenizer has no chat template; lowbit chat needs "
+                          f"one (lowbit generate --prompt continues plain text)")  # fmt: skip
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

@@ -17,6 +17,7 @@ from lowbit.cli_args import (
     attention_override,
     check_window,
     positive,
+    positive_float,
     refuse_attention,
 )
 from lowbit.errors import LowbitError
@@ -88,7 +89,7 @@ def add_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
-        "--target-bits", type=float, metavar="B",
+        "--target-bits", type=positive_float, metavar="B",
         help="mixed precision: choose each layer's format from measured sensitivity so that the "
              "quantized layers average at most B bits/weight, scales included (see analyze)",
     )  # fmt: skip
@@ -155,7 +156,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise LowbitError(f"{args.model} is an exported LiteRT file; quantize the float model "
                           f"it was exported from")  # fmt: skip
     torch.manual_seed(args.seed)
-    prepare_out(args.out, args.overwrite)
+    prepare_out(args.out, args.overwrite, inputs=(args.model,))
     if args.eval:
         check_window(args.eval_tokens, args.eval_seqlen, "eval-")
     entry = image_entry(args.model)
@@ -182,6 +183,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work
     folder, _ = source_folder(args.model)
+    if args.eval:
+        _check_eval_text(args, folder)
     mixed = args.target_bits is not None or args.target_size is not None
     calibration = None
     if api.needs_calibration(recipe) or mixed:
@@ -235,6 +238,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.cli import print_summary
 
     return print_summary(args, recipe, out, report, metrics, results, sizes)
+
+
+def _check_eval_text(args: argparse.Namespace, folder: Path) -> None:
+    """--eval's text read and cut into windows before any work (a wrong corpus found after
+    the run left a folder without its figures)."""
+    from lowbit.data import corpus_ids, eval_windows, load_corpus
+    from lowbit.models.load import source_tokenizer
+
+    tokenizer = source_tokenizer(folder)
+    if tokenizer is None:
+        raise LowbitError(f"{args.model} has no tokenizer; --eval needs one")
+    try:
+        eval_windows(corpus_ids(load_corpus(args.eval_corpus), tokenizer), args.eval_seqlen,
+                     args.eval_tokens)  # fmt: skip
+    except LowbitError as exc:
+        raise LowbitError(f"--eval-corpus: {str(exc).replace('--seqlen', '--eval-seqlen')}"
+                          ) from None  # fmt: skip
 
 
 def _limit_mb(limit: str) -> float:

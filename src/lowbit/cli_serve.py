@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from lowbit.cli_args import add_attention_options, apply_attention, positive
+from lowbit.cli_args import add_attention_options, apply_attention, port, positive
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL|DIR")
     add_attention_options(p)  # e.g. --kv-bits 16: a float16 cache, as llama.cpp's server keeps
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--port", type=port, default=8000, help="port (8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--max-batch", type=positive, default=None,
                    help="rows decoded together (8)")  # fmt: skip
@@ -104,6 +104,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     from lowbit import api
     from lowbit.cli_image import image_entry
 
+    check_serve_options(args)
     entry = image_entry(args.model, exported=True)
     if entry is not None:
         return _image_server(args, entry)
@@ -191,6 +192,16 @@ def _wants_shadow(args: argparse.Namespace, alert: float | None, flag: str) -> b
     if not 0 < args.shadow_rate <= 1:
         raise LowbitError(f"--shadow-rate must be in (0, 1], got {args.shadow_rate}")
     return True
+
+
+def check_serve_options(args: argparse.Namespace) -> None:
+    """What the parser's types cannot say: an empty --api-key (an unset variable in
+    --api-key "$KEY" would serve without one), a canary period that is not a number."""
+    if args.api_key is not None and not args.api_key.strip():
+        raise LowbitError("--api-key is empty (an unset variable?); give a key, or leave the "
+                          "option out to serve without one")  # fmt: skip
+    if not args.canary_every >= 0 or args.canary_every == float("inf"):
+        raise LowbitError(f"--canary-every is a number of minutes >= 0, got {args.canary_every}")
 
 
 def _shadow(args: argparse.Namespace, metrics: Any) -> Any:

@@ -47,3 +47,16 @@ def test_nll_matches_cross_entropy_of_a_real_model(tiny_model):
         logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)
     )
     assert scores["m"].ppl == pytest.approx(math.exp(ce.item()), rel=1e-4)
+
+
+def test_a_reference_with_another_vocabulary_is_one_line():
+    from helpers import tiny_llama
+    from lowbit.analysis.kl import mean_kl, reference_logprobs
+    from lowbit.errors import LowbitError
+
+    model, ref = tiny_llama(vocab=64), tiny_llama(vocab=96)
+    windows = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LowbitError, match="scores 64 tokens and the reference 96"):
+        score_models({"q": model}, windows, ref=ref, progress=False)
+    with pytest.raises(LowbitError, match="do not share a vocabulary"):
+        mean_kl(model, windows, reference_logprobs(ref, windows))

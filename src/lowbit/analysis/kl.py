@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.errors import LowbitError
 from lowbit.models.modules import forward_logits
 
 
@@ -26,6 +27,10 @@ def mean_kl(model: nn.Module, windows: Tensor, ref: list[Tensor], batch_size: in
     total, count = 0.0, 0
     for i, r in zip(range(0, len(windows), batch_size), ref, strict=True):
         logq = F.log_softmax(forward_logits(model, windows[i : i + batch_size]).float(), -1)
+        if logq.shape[-1] != r.shape[-1]:
+            raise LowbitError(f"the model scores {logq.shape[-1]} tokens and the reference "
+                              f"{r.shape[-1]}: they do not share a vocabulary (is it a "
+                              f"quantized form of the reference?)")  # fmt: skip
         total += float((r.exp() * (r - logq)).sum(-1).double().sum())
         count += r.shape[0] * r.shape[1]
     return total / max(count, 1)

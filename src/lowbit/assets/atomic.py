@@ -47,16 +47,25 @@ def lowbit_record(path: Path) -> bool:
         or (legacy is not None and legacy <= data.keys()))  # fmt: skip
 
 
-def prepare_out(out: Path, overwrite: bool, folder: bool = True) -> None:
+def prepare_out(out: Path, overwrite: bool, folder: bool = True,
+                inputs: tuple[str | Path, ...] = ()) -> None:  # fmt: skip
     """Fail before any work if ``out`` (a folder, or a file with ``folder=False``) cannot be
-    written: it exists (without ``overwrite``), it is not what will replace it, or a folder
+    written: it is, holds or lies inside the current folder's path or one of the run's
+    ``inputs``, it exists (without ``overwrite``), it is not what will replace it, or a folder
     that is neither empty nor lowbit's (with ``overwrite``), or no folder on its path can be
     written. Temporaries that killed writes of ``out`` left beside it are removed."""
     out = Path(out)
+    target = out.resolve()
     here = Path.cwd().resolve()
-    if out.resolve() == here or out.resolve() in here.parents:
+    if target == here or target in here.parents:
         raise LowbitError(f"--out {out} is the current folder or holds it, which a finished "
                           f"run would replace: choose another --out")  # fmt: skip
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if source.exists() and (target == source or target in source.parents
+                                or source in target.parents):  # fmt: skip
+            raise LowbitError(f"--out {out} is, holds or lies inside the input {given}: "
+                              f"choose an --out beside it")  # fmt: skip
     sweep_stale(out)
     if out.exists() or out.is_symlink():
         if not overwrite:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration.group import Group, ordered_total
+from lowbit.errors import LowbitError
 
 _CHUNK = 512  # positions per KL chunk: bounds the (positions, vocab) temporaries
 
@@ -100,6 +101,10 @@ def score_models(
         ref_logp = _log_probs(ref, window) if ref is not None else None
         for name, model in models.items():
             logp = ref_logp if model is ref else _log_probs(model, window)
+            if ref_logp is not None and logp.shape[-1] != ref_logp.shape[-1]:
+                raise LowbitError(f"{name} scores {logp.shape[-1]} tokens and the reference "
+                                  f"{ref_logp.shape[-1]}: they do not share a vocabulary (is "
+                                  f"it a quantized form of the reference?)")  # fmt: skip
             rows[name][k] = torch.tensor(_window(logp, targets, ref_logp), dtype=torch.float64)
         bar.set_postfix({n: f"{_scores(r).ppl:.2f}" for n, r in rows.items()})
     scores = {name: _scores(group.sum(r)) for name, r in rows.items()}

@@ -69,7 +69,7 @@ def export(
         raise LowbitError(f"{folder} turns the inputs of {', '.join(online)} at run time "
                           f"(rotate.online); {fmt} files cannot hold that transform: export "
                           f"to onnx, or quantize without rotate.online")  # fmt: skip
-    prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS)
+    prepare_out(out, overwrite, folder=fmt not in FILE_FORMATS, inputs=(folder,))
     if requantize is not None and fmt not in FILE_FORMATS:
         raise LowbitError("--requantize applies to GGUF and LiteRT export only")
     model, _ = load_folder(folder)
@@ -127,7 +127,7 @@ def _export_image(folder: Path, manifest: dict, fmt: str, out: Path,
     from lowbit.models.load import load_model
 
     name = manifest["source"]["model"]
-    prepare_out(out, overwrite, folder=fmt == "onnx")
+    prepare_out(out, overwrite, folder=fmt == "onnx", inputs=(folder,))
     model = load_model(str(folder), kernels=False).model
     if getattr(model, "repeats_layers", False):
         raise LowbitError(f"{name} is a sampling loop (its layers run once per step); {fmt} "

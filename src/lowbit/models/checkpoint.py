@@ -205,7 +205,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise LowbitError(f"{folder} is not a lowbit folder (no {MANIFEST})") from None
     except ValueError as exc:
         raise LowbitError(f"{path} is not valid JSON: {exc}") from None
-    if manifest.get("format") != "lowbit" or "layers" not in manifest:
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != "lowbit"
+        or ("layers" not in manifest or not isinstance(manifest.get("manifest_version", 0), int))
+    ):
         raise LowbitError(f"{path} is not a lowbit manifest")
     if manifest.get("manifest_version", 0) > MANIFEST_VERSION:
         raise LowbitError(f"{path} was written by a newer lowbit; upgrade lowbit to read it")

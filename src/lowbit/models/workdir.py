@@ -54,6 +54,7 @@ class WorkFolder:
         self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
         self.bytes_written = 0
         self.write_seconds = 0.0
+        self.started = False  # a finished block is being written (set by the runner)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -186,6 +187,14 @@ class WorkFolder:
         publish_dir(final, self.out, overwrite)
         self.remove()
         return self.out
+
+    def discard_if_unused(self) -> None:
+        """Remove the folder of a run that failed before it finished a block (``started``: the
+        runner began writing one) and keeps no tensors (a learned rotation): a recipe the model
+        refuses leaves nothing a rerun could resume from, and that would refuse another
+        recipe."""
+        if not self.started and not self.records() and not any(self.path.glob("*.safetensors")):
+            self.remove()
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

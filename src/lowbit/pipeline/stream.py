@@ -84,6 +84,7 @@ class StreamStore(BlockStore):
     def leave(self, index: int, name: str, block: nn.Module, record: dict[str, Any],
               hidden: HiddenStates | None,
               probe: dict[str, Tensor] | None = None) -> None:  # fmt: skip
+        self.work.started = True  # a block is done (see WorkFolder.discard_if_unused)
         tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
         spilled = isinstance(hidden, SpilledStates)
         folder = hidden.folder if spilled else None

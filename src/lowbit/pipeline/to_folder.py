@@ -23,6 +23,7 @@ from lowbit.eval.canary import measure as measure_canary
 from lowbit.eval.canary import write as write_canary
 from lowbit.eval.size import SizeReport
 from lowbit.models.checkpoint import write_extras, write_manifest
+from lowbit.models.families import find_blocks
 from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
@@ -88,22 +89,32 @@ def quantize_to(
                    "canary": canary}  # fmt: skip
     if group.distributed:  # a resumed job needs the same ranks holding the same batches
         fingerprint["world_size"] = group.world
+    static = recipe.activations is not None and recipe.activations.static
+    outside = [n for n in plan if not n.startswith(find_blocks(model)[0] + ".")]
+    if calibration is not None and static and outside:  # found after the blocks otherwise
+        raise LowbitError(f"static activation ranges for layers outside the decoder blocks "
+                          f"({outside[0]}) are not supported; add them to ignore")  # fmt: skip
     if group.main:
         _check_disk(out, disk_bytes(folder, model, tensors, recipe, plan, calibration,
                                     parse_hidden_dtype(hidden_dtype)))  # fmt: skip
     work = _work_folder(out, fingerprint, restart, group)
-    if rotator is not None:  # each tensor rotated as it is read; the head untied
-        learned = streamed_matrix(folder, tensors, recipe, calibration, work, group, progress)
-        if learned is not None:
-            rotator.q, rotator.heads = learned
-        untie_head(model)
-        install_online_rotations(model, recipe.rotate)
-        tensors = RotatedSource(tensors, rotator)
-    dtype = parse_hidden_dtype(hidden_dtype)
-    tokenizer = source_tokenizer(folder)
-    probe = _canary_probe(model, tokenizer) if canary and group.main else None
-    report, units = stream_quantize(model, tensors, recipe, calibration, work, progress, seed,
-                                    dtype, spill, group, probe)  # fmt: skip
+    try:
+        if rotator is not None:  # each tensor rotated as it is read; the head untied
+            learned = streamed_matrix(folder, tensors, recipe, calibration, work, group,
+                                      progress)  # fmt: skip
+            if learned is not None:
+                rotator.q, rotator.heads = learned
+            untie_head(model)
+            install_online_rotations(model, recipe.rotate)
+            tensors = RotatedSource(tensors, rotator)
+        dtype = parse_hidden_dtype(hidden_dtype)
+        tokenizer = source_tokenizer(folder)
+        probe = _canary_probe(model, tokenizer) if canary and group.main else None
+        report, units = stream_quantize(model, tensors, recipe, calibration, work, progress,
+                                        seed, dtype, spill, group, probe)  # fmt: skip
+    except BaseException:
+        work.discard_if_unused()  # a run refused before its first block leaves nothing behind
+        raise
     found = _canary_found(probe)  # reduced to top-k before the shards are assembled
     del probe
     report.analysis = analysis
