@@ -57,7 +57,7 @@ def test_not_a_lowbit_folder_and_existing_output(w4g32, tiny_folder, tmp_path, c
     )
     assert code == 2 and "not a lowbit folder" in err
     code, _, err = run(capsys, "export", str(w4g32), "--format", "onnx", "--out", str(w4g32))
-    assert code == 2 and "--overwrite" in err
+    assert code == 2 and "lies inside the input" in err  # with or without --overwrite
 
 
 def test_export_help_teaches(capsys):
