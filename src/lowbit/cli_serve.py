@@ -55,6 +55,10 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                    "whose waiting uploads are held in memory)")  # fmt: skip
     p.add_argument("--max-tokens", type=positive, default=None,
                    help="largest max_tokens a request may ask for (1024)")  # fmt: skip
+    p.add_argument("--max-context", type=positive, default=None, metavar="TOKENS",
+                   help="most tokens a request may hold, prompt and answer (the model's "
+                   "context): bounds the key/value cache, which grows to the longest context "
+                   "in use on each of --max-batch rows")  # fmt: skip
     p.add_argument("--max-body", type=positive, default=None,
                    help="largest request body in bytes (1 MiB; 32 MiB for an image "
                    "model)")  # fmt: skip
@@ -125,6 +129,8 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
 
     shadow = _shadow(args, metrics)
     runtime = Runtime(src.model)
+    if args.max_context is not None:  # a 128k-token model's cache, rows x 128k, is bounded
+        runtime.limit = min(args.max_context, runtime.limit or args.max_context)
     batch = args.max_batch or 8
     if src.kind == "litert" and batch > 1:  # a LiteRT export's signatures take one prompt
         log.info("serving a LiteRT export: one request at a time (--max-batch 1)")
@@ -148,7 +154,7 @@ def _image_server(args: argparse.Namespace, entry: Any) -> tuple[Any, Any]:
     from lowbit.serve.metrics import Metrics
 
     for flag, given in (("--alert-kl", args.alert_kl), ("--max-batch", args.max_batch),
-                        ("--max-tokens", args.max_tokens),
+                        ("--max-tokens", args.max_tokens), ("--max-context", args.max_context),
                         ("--kv-bits", getattr(args, "kv_bits", None))):  # fmt: skip
         if given is not None:
             raise LowbitError(f"{flag} is for language models; {args.model} is an image model "

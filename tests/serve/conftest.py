@@ -27,7 +27,7 @@ class Served:
                     "api_key": None, "name": "tiny", "ref": None, "shadow_rate": 0.05,
                     "alert_kl": None, "alert_psnr": None, "shadow_window": 50, "canary": True,
                     "canary_every": 10.0, "canary_tolerance": None, "max_images": None,
-                    "max_pixels": None}  # fmt: skip
+                    "max_pixels": None, "max_context": None}  # fmt: skip
         args = argparse.Namespace(model=str(folder), **(defaults | options))
         self.app, self.engine = build_server(args)
         self.port = _free_port()

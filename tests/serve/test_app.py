@@ -169,6 +169,16 @@ def test_chat_without_max_tokens_gets_what_the_context_leaves(serve):
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 256
 
 
+def test_max_context_bounds_prompt_and_answer(serve):
+    server = serve(max_context=40)
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "the " * 30, "max_tokens": 20})
+    assert r.status_code == 400 and "context of 40 tokens" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "the quick brown fox"}]})  # fmt: skip
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 40  # what the context leaves
+
+
 def test_chat_messages_the_template_refuses_are_a_400(serve, chat_folder):
     from transformers import AutoTokenizer
 
