@@ -10,14 +10,19 @@ from lowbit.errors import LowbitError
 from lowbit.formats.spec import AttentionSpec
 
 
-def positive(value: str) -> int:
+def _integer(value: str, low: int, high: int | None, what: str, expected: str) -> int:
+    """``value`` as an integer in [low, high] (high None: no bound), else argparse's error."""
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if n < low or (high is not None and n > high):
+        raise argparse.ArgumentTypeError(f"{what}, got {n}")
     return n
+
+
+def positive(value: str) -> int:
+    return _integer(value, 1, None, "expected a positive integer", "a positive integer")
 
 
 def positive_float(value: str) -> float:
@@ -32,23 +37,11 @@ def positive_float(value: str) -> float:
 
 def seed(value: str) -> int:
     """A seed torch's generators take: 0 <= seed < 2**63."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {value!r}") from None
-    if not 0 <= n < 2**63:
-        raise argparse.ArgumentTypeError(f"a seed is in [0, 2**63), got {n}")
-    return n
+    return _integer(value, 0, 2**63 - 1, "a seed is in [0, 2**63)", "an integer seed")
 
 
 def port(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {n}")
-    return n
+    return _integer(value, 0, 65535, "a port is in [0, 65535]", "a port number")
 
 
 def tokens(value: str) -> int | None:
