@@ -226,7 +226,12 @@ def _add_eval(sub: Any, common: argparse.ArgumentParser) -> None:
         "eval", parents=[common], help="perplexity (and KL / top-1 against --ref)",
         description="Perplexity of MODEL on a corpus with the GPTQ protocol (non-overlapping "
         "windows of --seqlen tokens from the start of the corpus). With --ref, also the mean "
-        "per-token KL(ref || model) and top-1 agreement on the same windows.",
+        "per-token KL(ref || model) and top-1 agreement on the same windows. --corpus takes a "
+        "corpus name (lowbit corpora) or a text file.",
+        epilog="examples:\n  lowbit eval out/w4 --ref smollm2-135m --corpus wiki --seqlen 2048 "
+        "--tokens 16384\n  lowbit eval out/w4 --corpus notes.txt --json\n  lowbit eval "
+        "out/sr8 --images photos/ --ref waifu2x-upconv7   # an image model: PSNR/SSIM",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL")
     _eval_options(p)
@@ -329,6 +334,9 @@ def _add_inspect(sub: Any, common: argparse.ArgumentParser) -> None:
         "of a lowbit folder, read from its manifest and safetensors header (no model is loaded). "
         "The folder is checked first: each shard's size against its header, each manifest layer "
         "against its tensors' shapes and dtypes; a damaged folder exits 2 naming the problem.",
+        epilog="examples:\n  lowbit inspect out/w4\n  lowbit inspect out/w4 --verify   # "
+        "also recompute the files' hashes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("folder", type=Path, metavar="DIR")
     p.add_argument(
