@@ -136,6 +136,16 @@ def test_calibrated_quantize_records_calibration_and_refuses_overlapping_eval(
     assert len(manifest["blocks"]) == 2
     code, _, err = run(capsys, "eval", str(out), "--corpus", str(text_file), "--seqlen", "32")
     assert code == 2 and "calibrated on" in err
+    copy = tmp_path / "same-text.txt"  # another name for the same text: still refused
+    copy.write_text(text_file.read_text())
+    code, _, err = run(capsys, "eval", str(out), "--corpus", str(copy), "--seqlen", "32")
+    assert code == 2 and "calibrated on this text" in err
+    code, _, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-gptq-g64", "--out",
+        str(tmp_path / "g2"), "--calib", str(text_file), "--eval", "--eval-corpus", str(copy),
+        "--eval-seqlen", "32", "--eval-tokens", "64",
+    )  # fmt: skip
+    assert code == 2 and "the same text" in err
 
 
 def test_calibration_corpus_too_short_is_a_clear_error(tmp_path, tiny_folder, text_file, capsys):

@@ -277,9 +277,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     src = api.load_model(args.model)
     _need_tokenizer(src)
     apply_attention(src.model, args)  # --kv-bits: MODEL's cache rounded (not --ref's)
-    calib = ((src.manifest or {}).get("calibration") or {}).get("corpus")
-    if calib is not None and calib == args.corpus:
-        raise LowbitError(f"{args.model} was calibrated on {calib}; evaluate on another --corpus")
+    from lowbit.data import load_corpus
+
+    calib = (src.manifest or {}).get("calibration") or {}
+    same = calib.get("corpus") == args.corpus or (  # older folders: the name only
+        "text_sha256" in calib and calib["text_sha256"] == load_corpus(args.corpus).sha256
+    )
+    if same:
+        raise LowbitError(f"{args.model} was calibrated on this text ({calib['corpus']}); "
+                          f"evaluate on another --corpus")  # fmt: skip
     models = {args.model: src.model}
     ref, ref_name = None, args.ref
     if args.ref:

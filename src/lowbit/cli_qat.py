@@ -63,8 +63,10 @@ def cmd_qat(args: argparse.Namespace) -> int:
     prepare_out(args.out, args.overwrite)
     if args.eval:
         check_window(args.eval_tokens, args.eval_seqlen, "eval-")
-    if args.eval and args.eval_corpus == args.train:
-        raise LowbitError("training and evaluation text must differ (--train, --eval-corpus)")
+    if args.eval:
+        from lowbit.data import disjoint_texts
+
+        disjoint_texts(args.train, args.eval_corpus, "--train, --eval-corpus")
     recipe = api.load_recipe(args.recipe)
     options = api.QATOptions(args.steps, args.lr, args.batch_size, args.loss,
                              not args.fixed_scales)  # fmt: skip

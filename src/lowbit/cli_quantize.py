@@ -188,10 +188,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     mixed = args.target_bits is not None or args.target_size is not None
     calibration = None
     if api.needs_calibration(recipe) or mixed:
-        if args.eval and args.eval_corpus == args.calib:
-            raise LowbitError(
-                "calibration and evaluation text must differ (--calib, --eval-corpus)"
-            )
+        if args.eval:
+            from lowbit.data import disjoint_texts
+
+            disjoint_texts(args.calib, args.eval_corpus, "--calib, --eval-corpus")
         tokenizer = source_tokenizer(folder)
         if tokenizer is None:
             raise LowbitError(f"{args.model} has no tokenizer; calibration needs one")

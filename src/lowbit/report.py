@@ -22,6 +22,7 @@ from torch import nn
 
 from lowbit import api
 from lowbit.assets import PRODUCER, atomic_dir, prepare_out
+from lowbit.data import disjoint_texts
 from lowbit.errors import LowbitError
 from lowbit.eval import model_size
 from lowbit.eval.bench import bench_models
@@ -61,8 +62,8 @@ def build_report(
     """Quantize, save, evaluate and time every variant; write ``out``/report.md, report.json and
     the plots; return the report's data. ``out`` appears complete or not at all."""
     recipes = recipe_variants(variants)
-    if options.quality and options.corpus == options.calib:
-        raise LowbitError("calibration and evaluation text must differ (--calib, --corpus)")
+    if options.quality:
+        disjoint_texts(options.calib, options.corpus, "--calib, --corpus")
     out = Path(out)
     prepare_out(out, overwrite)
     src = api.load_model(source)

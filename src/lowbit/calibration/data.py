@@ -24,6 +24,7 @@ class CalibrationSet:
     seqlen: int
     seed: int
     windows: Tensor | ModelInputs
+    text_sha256: str | None = None  # of the corpus the windows were drawn from
 
     @property
     def token_sha256(self) -> str:
@@ -51,6 +52,7 @@ class CalibrationSet:
             "seed": self.seed,
             "tokens": self.samples * self.seqlen,
             "token_sha256": self.token_sha256,
+            **({"text_sha256": self.text_sha256} if self.text_sha256 else {}),
         }
 
 
@@ -62,10 +64,10 @@ def calibration_set(
     The defaults (128 x 512 = 65,536 tokens of BBC news) calibrate a 135M model in minutes on
     two CPU cores.
     """
-    ids = corpus_ids(load_corpus(corpus), tokenizer)
-    return CalibrationSet(
-        corpus, samples, seqlen, seed, calibration_windows(ids, samples, seqlen, seed)
-    )
+    text = load_corpus(corpus)
+    ids = corpus_ids(text, tokenizer)
+    return CalibrationSet(corpus, samples, seqlen, seed,
+                          calibration_windows(ids, samples, seqlen, seed), text.sha256)  # fmt: skip
 
 
 def image_calibration(images: Tensor, name: str) -> CalibrationSet:

@@ -149,6 +149,14 @@ def corpus_sources() -> dict[str, CorpusSource]:
     }
 
 
+def disjoint_texts(first: str, second: str, flags: str) -> None:
+    """A one-line error when two corpus names or files (``flags`` names the options) hold the
+    same text: compared by content, so "calib.txt" and "./calib.txt" are one text."""
+    if first == second or load_corpus(first).sha256 == load_corpus(second).sha256:
+        raise LowbitError(f"{flags}: the same text; calibration (or training) and evaluation "
+                          f"text must differ")  # fmt: skip
+
+
 def load_corpus(name: str) -> Corpus:
     """A named corpus, or the text file at path ``name``."""
     sources = corpus_sources()
