@@ -279,3 +279,24 @@ def test_post_norm_blocks_are_a_clear_error():
 
     with pytest.raises(LowbitError, match="'olmo2' is not one: its blocks are post-norm"):
         _arch(tiny_family_model("olmo2"))
+
+
+def test_requantize_touches_only_the_layers_gguf_cannot_hold(bpe_folder, tmp_path):
+    from lowbit.recipes import Recipe
+
+    wider = [{"match": "re:.*down_proj", "weights": {"bits": 4, "group_size": 64}}]
+    recipe = Recipe.from_dict({"version": 1, "weights": EXACT["q4_1"][0], "ignore": ["lm_head"],
+                               "overrides": wider})  # fmt: skip
+    folder, _ = quantized_folder(bpe_folder, tmp_path / "q", recipe)
+    _, tensors = _gguf_tensors(export(folder, "gguf", tmp_path / "m.gguf", requantize="q8_0").path)
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_1"  # exact: kept
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"  # re-quantized
+
+
+def test_quantized_activations_are_refused(bpe_folder, tmp_path):
+    acts = {"bits": 8, "granularity": "token", "dynamic": True}
+    folder, _ = quantized_folder(bpe_folder, tmp_path / "q",
+                                 make_recipe(EXACT["q8_0"][0], acts))  # fmt: skip
+    with pytest.raises(LowbitError, match="8-bit activations have no GGUF form"):
+        export(folder, "gguf", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

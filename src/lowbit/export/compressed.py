@@ -14,6 +14,7 @@ has no compressed-tensors twin, and exporting it is an error that names the laye
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from lowbit.formats.spec import ActivationSpec, WeightSpec
 from lowbit.kernels.int8 import int8_eligible
 from lowbit.models.experts import stored_expert_names
 from lowbit.nn import QuantLinear
+
+log = logging.getLogger("lowbit")
 
 
 def _pack_to_int32(codes: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
@@ -132,6 +135,13 @@ def write_compressed_tensors(model: nn.Module, folder: Path, tmp: Path) -> None:
     qconfig, names = quantization_config(model)
     state: dict[str, Tensor] = {}
     quantized = set(names)
+    if any(not model.get_submodule(n).spec.symmetric for n in names):
+        # checked: compressed-tensors' own decompressor reads such a file back to lowbit's
+        # weights, but transformers 5.25's loader (with compressed-tensors 0.20) refuses the
+        # packed zero points' shape
+        log.warning("asymmetric layers with integer zero points: compressed-tensors reads them, "
+                    "but transformers (5.25, compressed-tensors 0.20) cannot load them yet; "
+                    "for transformers, export a symmetric recipe")  # fmt: skip
     for name, mod in model.named_modules():
         if name in quantized:
             state |= layer_tensors(name, mod)

@@ -151,9 +151,10 @@ def _metadata(writer: gguf.GGUFWriter, config: Any, folder: Path, arch: gguf.MOD
     window = getattr(config, "sliding_window", None)
     if arch == gguf.MODEL_ARCH.PHI3 and window:  # on every layer, as llama.cpp's converter
         writer.add_sliding_window(window)
-        if window < config.max_position_embeddings:
-            log.warning("llama.cpp runs Phi-3 without its sliding window: past %d tokens of "
-                        "context its outputs differ from the model's", window)  # fmt: skip
+    active = window and getattr(config, "use_sliding_window", True)  # Qwen2's is off unless set
+    if active and window < config.max_position_embeddings:  # Mistral 7B v0.1, Phi-3, ...
+        log.warning("llama.cpp runs %s without its sliding window: past %d tokens of context "
+                    "its outputs differ from the model's", config.model_type, window)  # fmt: skip
     rope = getattr(config, "rope_parameters", None) or {}
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     if partial not in (None, 1, 1.0):
@@ -273,9 +274,18 @@ def _float(t: torch.Tensor, float_type: str) -> tuple[np.ndarray, gguf.GGMLQuant
 
 
 def _quantized(layer: str, mod: QuantLinear, requantize_to: str | None):
-    if requantize_to is None:
+    """A layer's GGUF data: exact where a GGUF type holds it; else, with ``requantize_to``,
+    re-quantized (only such layers: "layers the format cannot hold exactly")."""
+    if mod.act is not None:  # llama.cpp computes on its own activations
+        raise LowbitError(f"{layer}: {mod.act.bits}-bit activations have no GGUF form (llama.cpp "
+                          f"rounds activations its own way); export a weight-only recipe, or "
+                          f"to onnx, which keeps them")  # fmt: skip
+    try:
         qtype = exact_type(mod, layer)
         return encode(mod, qtype), qtype
+    except LowbitError:
+        if requantize_to is None:
+            raise
     qtype = REQUANTIZE[requantize_to]
     w = mod.dequantized_weight()
     log.warning("%s: %s re-quantized to %s (lossy: scales and codes are recomputed from the "

@@ -128,10 +128,13 @@ def encode(mod: QuantLinear, layer: str) -> Encoded:
 
 
 def requantized(mod: QuantLinear, w: Tensor, how: str) -> Encoded | None:
-    """The nearest LiteRT form of ``mod`` (None: keep float): an int4 symmetric block layer
-    keeps its codes with its scales rounded to bfloat16; anything else is rounded from its
-    float weight ``w`` to ``how``."""
+    """The nearest LiteRT form of ``mod`` (None: keep float, what ``how="float"`` asks for
+    every layer the file cannot hold exactly): otherwise an int4 symmetric block layer keeps its
+    codes with its scales rounded to bfloat16, and anything else is rounded from its float
+    weight ``w`` to ``how``."""
     spec = mod.spec
+    if how == "float":
+        return None
     if (
         spec.qtype.kind == "int"
         and spec.qtype.bits == 4
@@ -142,8 +145,6 @@ def requantized(mod: QuantLinear, w: Tensor, how: str) -> Encoded | None:
     ):
         scale = mod.scale.float().reshape(mod.out_features, -1).bfloat16().half()
         return Encoded(4, mod.int8_codes().numpy(), scale.numpy(), spec.group_size)
-    if how == "float":
-        return None
     if how == "int8":
         scale = (w.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)
         q = torch.round(w / scale).clamp(-127, 127)
