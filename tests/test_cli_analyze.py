@@ -77,6 +77,19 @@ def test_diff_names_the_planted_broken_layer(tmp_path, tiny_folder, text_file, c
     assert json.loads(stdout)["layers"][0]["layer"] == "model.layers.0.self_attn.o_proj"
 
 
+def test_diff_refuses_a_folder_in_another_basis(tmp_path, tiny_folder, text_file, capsys):
+    """AWQ scales (like a rotation or SmoothQuant factors) are folded into the neighbouring
+    weights: swapping one float layer back into such a folder measures nothing."""
+    out = tmp_path / "awq"
+    code, _, err = run(capsys, "quantize", str(tiny_folder), "--recipe", "w4-awq-g64", "--out",
+                       str(out), "--calib", str(text_file), "--calib-samples", "2",
+                       "--calib-seqlen", "32")  # fmt: skip
+    assert code == 0, err
+    text = ("--corpus", str(text_file), "--seqlen", "32", "--tokens", "64")
+    code, _, err = run(capsys, "diff", str(tiny_folder), str(out), *text)
+    assert code == 2 and "folded AWQ scales into its weights" in err
+
+
 def test_analyze_prints_a_readable_ranking(tiny_folder, text_file, capsys):
     code, stdout, err = run(capsys, "analyze", str(tiny_folder), "--recipe", "w4-rtn-g64",
                             "--calib", str(text_file), *CALIB, "--candidates", "2", "8",

@@ -238,6 +238,8 @@ def test_other_commands_refuse_what_they_cannot_use(quantized, tiny_folder, tmp_
                                  str(quantized / "lowbit.json")], "already exists"),
         "diff --top -3": (["diff", str(tiny_folder), str(quantized), "--top", "-3"],
                           "positive integer"),
+        "windows past the context": (["eval", str(quantized), "--seqlen", "1000", "--tokens",
+                                      "2000", "-q"], "q's context of 256 positions"),
     }  # fmt: skip
     for name, (args, says) in cases.items():
         assert says in run(capsys, args), name

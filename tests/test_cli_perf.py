@@ -86,6 +86,8 @@ def test_report_writes_markdown_json_and_plots(tiny_folder, text_file, tmp_path,
     assert rows["w4-rtn-g64"]["kl"] > 0 and rows["fp32"]["kl"] is None
     assert rows["w4-rtn-g64"]["peak_rss_mb"] > 0 and rows["w4-rtn-g64"]["decode_tps"] > 0
     assert (out / "variants" / "w4-rtn-g64" / "lowbit.json").is_file()
+    weights = sum(f.stat().st_size for f in (out / "variants" / "w4-rtn-g64").glob("*.safetensors"))
+    assert rows["w4-rtn-g64"]["disk_mb"] == pytest.approx(weights / 1e6)  # as fp32's: weights
     for png in ("quality_vs_size.png", "speed_vs_size.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
@@ -124,3 +126,17 @@ def test_bench_kv_center_without_measured_centres_is_an_error(quantized, capsys)
     code, _, err = run(capsys, "bench", str(quantized), "--kv-bits", "4", "--kv-center",
                        "--no-rss", *FAST)  # fmt: skip
     assert code != 0 and "--kv-center needs key centres" in err
+
+
+def test_report_no_rss_runs_no_child_processes(tiny_folder, text_file, tmp_path, capsys,
+                                               monkeypatch):  # fmt: skip
+    seen = []
+
+    def bench(models, sources, *args, **kwargs):
+        seen.append(sources)
+        raise KeyboardInterrupt  # enough: what the report asked of the bench
+
+    monkeypatch.setattr("lowbit.report.bench_models", bench)
+    code = main(["report", str(tiny_folder), "--variants", "w4-rtn-g64", "--out",
+                 str(tmp_path / "r"), "--no-quality", "--no-rss", *FAST])  # fmt: skip
+    assert code != 0 and seen == [None]  # (the interruption's exit code)

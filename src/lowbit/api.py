@@ -213,6 +213,11 @@ def evaluate(
     with ``ref`` also KL(ref ‖ model) and top-1 agreement, on the same windows."""
     if isinstance(models, nn.Module):
         models = {"model": models}
+    for name, model in [*models.items(), *([("--ref", ref)] if ref is not None else [])]:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and seqlen > limit:  # positions past it: meaningless figures
+            raise LowbitError(f"windows of {seqlen} tokens exceed {name}'s context of {limit} "
+                              f"positions; lower --seqlen")  # fmt: skip
     text = load_corpus(corpus)
     windows = eval_windows(corpus_ids(text, tokenizer), seqlen, tokens)
     scores, seconds = score_models(models, windows, ref, progress)

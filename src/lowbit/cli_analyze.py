@@ -164,6 +164,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
     q = api.load(args.q, kernels=False)
     if q.kind != "lowbit":
         raise LowbitError(f"{args.q} is not a quantized lowbit folder")
+    recipe = (q.manifest or {}).get("recipe") or {}
+    folded = [name for name, on in (("a rotation", recipe.get("rotate")),
+                                    ("SmoothQuant factors", recipe.get("smoothquant")),
+                                    ("AWQ scales", "awq" in str(recipe.get("algorithm"))))
+              if on]  # fmt: skip
+    if folded:
+        raise LowbitError(f"{args.q} folded {' and '.join(folded)} into its weights: its layers "
+                          f"are in another basis than {args.fp}'s, so swapping one back "
+                          f"measures nothing; diff a folder quantized without them, or use "
+                          f"lowbit analyze (before quantizing)")  # fmt: skip
     tokenizer = fp.tokenizer or q.tokenizer
     if tokenizer is None:
         raise LowbitError("neither model has a tokenizer to read the text with")

@@ -202,7 +202,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         corpus=args.corpus, seqlen=args.seqlen, tokens=args.tokens,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
-        quality=not args.no_quality,
+        quality=not args.no_quality, rss=not args.no_rss,
     )  # fmt: skip
     data = build_report(args.model, args.variants, args.out, options, args.overwrite,
                         progress=not args.quiet)  # fmt: skip

@@ -49,6 +49,7 @@ class ReportOptions:
     repeats: int = 3
     quality: bool = True
     seed: int = 0
+    rss: bool = True  # peak RSS of each variant in a child process
 
 
 def build_report(
@@ -135,7 +136,8 @@ def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> d
             for name, m in models.items()}  # fmt: skip
     rows[FLOAT]["disk_mb"] = rows[FLOAT]["weight_mb"]  # fp32 safetensors of the same tensors
     for name, folder in folders.items():
-        rows[name]["disk_mb"] = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+        # the weight files, as fp32's figure (config, tokenizer and manifest left out)
+        rows[name]["disk_mb"] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
     notes = [f"{FLOAT} disk MB is the size of its float32 tensors (what a safetensors file holds)"]
     protocol = []
     if options.quality and src.tokenizer is not None:
@@ -150,7 +152,8 @@ def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> d
     else:
         notes.append("quality not measured (no tokenizer, or --no-quality)")
     sources = {FLOAT: src.source, **{n: str(f) for n, f in folders.items()}}
-    speed, machine = bench_models(models, sources, options.prompt_tokens, options.new_tokens,
+    speed, machine = bench_models(models, sources if options.rss else None,
+                                  options.prompt_tokens, options.new_tokens,
                                   options.repeats, progress)  # fmt: skip
     for name, b in speed.items():
         s = b.speed

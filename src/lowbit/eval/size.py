@@ -49,6 +49,8 @@ def model_size(model: nn.Module) -> SizeReport:
         for t in m.storage_tensors()
     }
     fbytes = held_bytes(model, quant_ids)
+    if hasattr(model, "file_bytes") and not qweights and not fbytes:  # a LiteRT export: its file
+        return SizeReport(0, 0, model.file_bytes(), model.file_bytes())
     return SizeReport(qweights, qbytes, fbytes, qbytes + fbytes)
 
 
