@@ -387,3 +387,15 @@ def test_analyze_measures_each_convolution_by_output_error(random_gan, tmp_path,
     assert main(["analyze", "dcgan-faces", "--recipe", "w8-rtn", "--calib-images",
                  str(tmp_path)]) == 2  # fmt: skip
     assert "takes no images" in capsys.readouterr().err
+
+
+def test_an_image_model_is_not_quantized_by_several_processes(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from lowbit.calibration.group import Group
+
+    monkeypatch.setattr(Group, "current", staticmethod(lambda: SimpleNamespace(distributed=True)))
+    code = main(["quantize", "dcgan-faces", "--recipe", "conv-w8a8-static", "--out",
+                 str(tmp_path / "q")])  # fmt: skip
+    assert code == 2 and "quantized in one process" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

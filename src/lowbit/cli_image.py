@@ -73,6 +73,11 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     if unsupported:
         raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
                           f"model held in memory")  # fmt: skip
+    from lowbit.calibration.group import Group
+
+    if Group.current().distributed:  # every process would write --out
+        raise LowbitError(f"{entry.name} is an image model: it is quantized in one process "
+                          f"(run it without torchrun)")  # fmt: skip
     _no_text(args, entry)
     held = None  # --eval-images, read before anything is quantized or written
     if args.eval_images is not None:
