@@ -63,7 +63,7 @@ def test_eval_of_saved_folder_matches_what_quantize_measured(
         (["quantize", "{tiny}", "--recipe", "w9-rtn"], "unknown recipe"),
         (["quantize", "{tiny}", "--recipe", "w4-rtn-g128"], "group_size 128 does not divide"),
         (["quantize", "{tiny}", "--recipe", "{bad_yaml}"], "unknown key 'bitz'"),
-        (["eval", "{tiny}", "--corpus", "no-such-corpus"], "unknown corpus"),
+        (["eval", "{tiny}", "--corpus", "no-such-corpus", "--seqlen", "32"], "unknown corpus"),
         (["quantize", "{gguf}", "--recipe", "w4-rtn-g64"], "could not read GGUF"),
         (["eval", "{tiny}", "--kv-hadamard"], "need --kv-bits or --query-bits"),
         (["eval", "{tiny}", "--kv-bits", "4", "--kv-center"], "needs key centres measured"),
