@@ -121,3 +121,14 @@ def test_a_16_bit_grey_file_keeps_its_precision(tmp_path):
     Image.fromarray(np.zeros((40, 50, 3), np.float32)[..., 0]).save(tmp_path / "f.tiff")
     with pytest.raises(LowbitError, match="8-bit images or 16-bit grey ones only"):
         named_images(str(tmp_path / "f.tiff"), channels=3, min_side=32)
+
+
+def test_a_model_against_itself_scores_the_identical_cap_not_infinity():
+    import json
+
+    from lowbit.eval.image import IDENTICAL_DB, _quality
+
+    model = torch.nn.Conv2d(3, 3, 1)
+    result = _quality(model, torch.rand(2, 3, 8, 8), None, model, (0.0, 1.0))
+    assert result["psnr_ref"] == IDENTICAL_DB
+    json.loads(json.dumps(result), parse_constant=lambda c: pytest.fail(f"JSON holds {c}"))

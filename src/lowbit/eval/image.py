@@ -121,7 +121,8 @@ def _quality(model: nn.Module, inputs: Tensor, truth: Tensor | None, ref: nn.Mod
         result |= {"psnr": psnr(got, truth), "ssim": ssim(got, truth)}
     if ref is not None:
         want = outputs(ref, inputs, output_range)
-        result |= {"psnr_ref": psnr(got, want, per_image=True), "ssim_ref": ssim(got, want)}
+        db = min(psnr(got, want, per_image=True), IDENTICAL_DB)  # identical: JSON has no inf
+        result |= {"psnr_ref": db, "ssim_ref": ssim(got, want)}
         if truth is not None:
             result |= {"ref_psnr": psnr(want, truth), "ref_ssim": ssim(want, truth)}
     return result
