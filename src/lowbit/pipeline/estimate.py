@@ -134,7 +134,7 @@ def estimate(
         "formats": formats,
         "bits_per_weight": 8 * qbytes / max(weights, 1),
         "output_bytes": output,
-        "disk_bytes": 2 * output + _hidden_bytes(model, calibration, hidden_dtype),
+        "disk_bytes": _disk(output, model, calibration, hidden_dtype),
         "peak_rss_mb": max(probe["peak_mb"], rest_mb, canary_mb, learn_mb, tune_mb),
         "seconds": seconds,
         "learned_rotation": learn_mb > 0,  # its training time is not in ``seconds``
@@ -159,7 +159,13 @@ def disk_bytes(
     ``--out`` at its end: the work folder's units and hidden states and the assembled folder."""
     prefix, _ = find_blocks(model)
     output = _output(folder, tensors, recipe, plan, prefix, _formats(model, plan)[1])[2]
-    return 2 * output + _hidden_bytes(model, calibration, hidden_dtype)
+    return _disk(output, model, calibration, hidden_dtype)
+
+
+def _disk(output: int, model: nn.Module, calibration: CalibrationSet | None,
+          dtype: torch.dtype) -> int:  # fmt: skip
+    """Units and assembled shards (the output twice) and the work folder's hidden states."""
+    return 2 * output + _hidden_bytes(model, calibration, dtype)
 
 
 def _output(folder: Path, tensors: TensorSource, recipe: Recipe, plan: dict, prefix: str,

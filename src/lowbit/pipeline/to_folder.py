@@ -90,7 +90,8 @@ def quantize_to(
     if group.distributed:  # a resumed job needs the same ranks holding the same batches
         fingerprint["world_size"] = group.world
     static = recipe.activations is not None and recipe.activations.static
-    outside = [n for n in plan if not n.startswith(find_blocks(model)[0] + ".")]
+    prefix = find_blocks(model)[0] + "."
+    outside = [n for n in plan if not n.startswith(prefix)]
     if calibration is not None and static and outside:  # found after the blocks otherwise
         raise LowbitError(f"static activation ranges for layers outside the decoder blocks "
                           f"({outside[0]}) are not supported; add them to ignore")  # fmt: skip

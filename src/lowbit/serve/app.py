@@ -110,7 +110,7 @@ class _Api:
         text = []
         async for piece in _watching(pieces, request, job):
             text.append(piece)
-        if job.cancelled.is_set() and job.cancel_as == "cancelled":
+        if job.finish == "cancelled":
             return Response(status_code=499)  # the client left
         if job.finish == "error":
             return JSONResponse(error_body(job.error or "generation failed", "server_error"), 500)

@@ -85,6 +85,6 @@ def guarded(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> Counted:
     guard = Guard(app, settings.max_body, settings.api_key)
     return Counted(
         guard,
-        lambda: routes,
+        routes,
         lambda route, status: metrics.requests.labels(route, str(status)).inc(),
     )

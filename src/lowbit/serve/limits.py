@@ -21,7 +21,7 @@ class Counted:
     refused by the guard included; a path that names no route counts as ``other``, so clients
     cannot add series."""
 
-    def __init__(self, app, routes: Callable[[], set[str]], count: Callable[[str, int], None]):
+    def __init__(self, app, routes: set[str], count: Callable[[str, int], None]):
         self.app, self.routes, self.count = app, routes, count
 
     async def __call__(self, scope, receive, send) -> None:
@@ -40,7 +40,7 @@ class Counted:
             await self.app(scope, receive, counting_send)
         finally:
             path = scope["path"]
-            self.count(path if path in self.routes() else "other", status)
+            self.count(path if path in self.routes else "other", status)
 
 
 class Guard:
