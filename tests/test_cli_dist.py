@@ -101,6 +101,29 @@ def test_two_nodes_on_localhost_rendezvous_and_write_the_same_folder(tiny_folder
     assert weights(tmp_path / "nodes") == weights(tmp_path / "one")
 
 
+def test_ranks_started_with_different_arguments_are_refused_at_once(tiny_folder, tmp_path,
+                                                                   corpora):  # fmt: skip
+    """Not a wait on mismatched collectives until the timeout: every rank says which."""
+    calib, _ = corpora
+    port = str(_free_port())
+    nodes = []
+    for rank in (1, 0):
+        seed = ["--seed", "7"] if rank else []
+        cmd = [*LAUNCH, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+               "--master-addr", "127.0.0.1", "--master-port", port, "-m", "lowbit",
+               *quantize_args(tiny_folder, calib, tmp_path / "nodes"), *seed]  # fmt: skip
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+    start = time.monotonic()
+    outs = [p.communicate(timeout=180) for p in nodes]
+    assert time.monotonic() - start < 60
+    assert all(p.returncode != 0 for p in nodes)
+    said = "rank 1 started with other arguments than rank 0 (calibration, seed)"
+    assert said in outs[0][1] and said in outs[1][1], outs[1][1][-3000:]
+    assert not (tmp_path / "nodes").exists()
+    assert not (tmp_path / ".nodes.lowbit-work").exists()
+
+
 def test_a_killed_rank_ends_the_job_quickly_and_the_rerun_resumes(tiny_folder_4, tmp_path,
                                                                   corpora):  # fmt: skip
     calib, _ = corpora
@@ -124,6 +147,24 @@ def test_a_killed_rank_ends_the_job_quickly_and_the_rerun_resumes(tiny_folder_4,
     one_process(quantize_args(tiny_folder_4, calib, tmp_path / "one"))
     assert weights(tmp_path / "out") == weights(tmp_path / "one")
     assert not work.exists()
+
+
+@pytest.mark.slow  # ~20 s; the group's agreement is tested in tests/calibration/test_group.py
+def test_a_rank_0_that_cannot_write_the_folder_fails_every_rank(tiny_folder, tmp_path, corpora):
+    """The other ranks do not report success (and drop their work) for a folder that was not
+    written; the same command then writes it."""
+    calib, _ = corpora
+    args = quantize_args(tiny_folder, calib, tmp_path / "out")
+    failed = run([*LAUNCH, "--standalone", "--nproc-per-node", "2", str(DIE), *args],
+                 env={"FAIL_FINISH": "1"})  # fmt: skip
+    assert failed.returncode != 0 and not (tmp_path / "out").exists()
+    assert "no space left on device (simulated)" in failed.stderr
+    assert "rank 0 could not write the folder" in failed.stderr
+    assert (tmp_path / ".out.lowbit-work" / "ranks" / "00001").is_dir()
+    again = run([*LAUNCH, "--standalone", "--nproc-per-node", "2", "-m", "lowbit", *args])
+    assert again.returncode == 0, again.stderr[-3000:]
+    one_process(quantize_args(tiny_folder, calib, tmp_path / "one"))
+    assert weights(tmp_path / "out") == weights(tmp_path / "one")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from lowbit.calibration.group import (
     init_from_env,
     ordered_total,
 )
+from lowbit.errors import LowbitError
 
 
 def test_one_process_keeps_everything_and_changes_nothing():
@@ -94,6 +95,11 @@ def _collectives(rank: int, world: int, port: int, results) -> None:
         out["bcast"] = g.broadcast(sent if rank == 1 else None, 1)["codes"].tolist()
         out["gather"] = [d["codes"].tolist() for d in g.gather(sent)]
         out["nothing"] = g.broadcast(None, 0)
+        g.check_same({"recipe": "w4", "seed": 1})  # the same everywhere: passes
+        try:
+            g.check_same({"recipe": "w4", "seed": rank, "model": {"config": "{}"}})
+        except LowbitError as exc:
+            out["differ"] = str(exc)
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -111,6 +117,10 @@ def test_two_processes_reduce_broadcast_and_gather():
         assert r["bcast"] == [[0, 2, 4], [6, 8, 10]]
         assert r["gather"] == [[[0, 1, 2], [3, 4, 5]], [[0, 2, 4], [6, 8, 10]]]
         assert r["nothing"] == {}
+        assert r["differ"] == (
+            "rank 1 started with other arguments than rank 0 (seed): start "
+            "every rank with the same command and inputs"
+        )
     assert r0["reduce"] is None and r1["reduce"] == [3.0, 3.0]
 
 

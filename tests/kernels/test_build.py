@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,39 @@ def test_threads_that_ask_together_share_one_load(monkeypatch):
         assert answers == [True] * 4 and len(calls) == 1
     finally:
         build.native_ops.cache_clear()  # (answered again by the real, cached load)
+
+
+def _fake_loader(monkeypatch, seen: list) -> None:
+    from torch.utils import cpp_extension
+
+    def load(name, sources, build_directory, **kwargs):  # what torch's loader would meet
+        seen.append((Path(build_directory) / "lock").exists())
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path, monkeypatch, caplog):
+    """torch's loader waits forever on a "lock" file a killed build left; lowbit removes it
+    under its own (kernel-released) lock before loading, and says it builds when it must."""
+    (tmp_path / "lock").write_text("")
+    seen: list = []
+    _fake_loader(monkeypatch, seen)
+    monkeypatch.setattr(build, "build_dir", lambda: tmp_path)
+    monkeypatch.setattr(build, "cpu_supported", lambda: True)
+    monkeypatch.setattr("lowbit.kernels.int8.has_avx512_vnni", lambda: False)
+    monkeypatch.delenv("LOWBIT_KERNELS", raising=False)
+    with caplog.at_level(logging.INFO, logger="lowbit.kernels.build"):
+        assert build._load.__wrapped__() is True
+    assert seen == [False] and not (tmp_path / "lock").exists()
+    assert "left by a kernel build that was stopped" in caplog.text
+    assert "building lowbit's CPU kernels" in caplog.text
+
+
+def test_without_the_build_lock_a_lock_file_is_left_alone(tmp_path, monkeypatch):
+    """A folder lowbit cannot lock (read-only, built elsewhere) keeps torch's lock file: it
+    may belong to a build running now."""
+    (tmp_path / "lock").write_text("")
+    seen: list = []
+    _fake_loader(monkeypatch, seen)
+    build._build(tmp_path, held=False)
+    assert seen == [True] and (tmp_path / "lock").exists()

@@ -16,6 +16,7 @@ they differ at most in their last bits. Results are sent as one byte buffer with
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -127,6 +128,31 @@ class Group:
     def gather(self, tensors: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
         """Every rank's named tensors, by rank, on every rank."""
         return [self.broadcast(tensors if r == self.rank else None, r) for r in range(self.world)]
+
+    def check_same(self, parts: Mapping[str, object], what: str = "arguments") -> None:
+        """Refuse, on every rank at once, a job whose ranks were started differently: ``parts``
+        (JSON-able, e.g. recipe, seed, calibration tokens) must be equal on all of them. Ranks
+        that disagree would otherwise wait on each other's mismatched collectives until the
+        timeout. Only hashes cross between ranks."""
+        if not self.distributed:
+            return
+        names = sorted(parts)
+        if self.min_int(len(names)) != self.max_int(len(names)):
+            raise LowbitError("the ranks run different lowbit versions: install the same one "
+                              "on every host")  # fmt: skip
+        rows = [hashlib.sha256(json.dumps(parts[n], sort_keys=True, default=str).encode()).digest()
+                for n in names]  # fmt: skip
+        mine = torch.tensor([list(r) for r in rows], dtype=torch.uint8).reshape(len(names), 32)
+        differs = (self._broadcast(mine.clone(), 0) != mine).any(dim=1)
+        keys = self.sum(differs.to(torch.int64))
+        ranks = torch.zeros(self.world, dtype=torch.int64)
+        ranks[self.rank] = int(differs.any())
+        ranks = self.sum(ranks)
+        if keys.any():
+            bad = ", ".join(str(r) for r in ranks.nonzero().flatten().tolist())
+            fields = ", ".join(n for n, k in zip(names, keys.tolist(), strict=True) if k)
+            raise LowbitError(f"rank {bad} started with other {what} than rank 0 ({fields}): "
+                              f"start every rank with the same command and inputs")  # fmt: skip
 
     def barrier(self) -> None:
         if self.distributed:

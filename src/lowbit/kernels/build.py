@@ -16,12 +16,14 @@ import logging
 import os
 import sys
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from lowbit.assets import cache_dir
 from lowbit.errors import LowbitError
+from lowbit.kernels.rows_kernel import choose_rows_kernel, locked, user_setting
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ SOURCES = tuple(CSRC / f for f in NAMES)
 # without it, which left the kernels on one thread.
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+BUILD_LOCK = "build.lock"  # held by the process that builds or loads (see _build)
 
 
 def cpu_supported() -> bool:
@@ -92,8 +95,6 @@ def native_ops() -> bool:
 @functools.cache
 def _load() -> bool:
     kernel_isa_env()  # a misspelt value fails here, before any kernel runs
-    from lowbit.kernels.rows_kernel import user_setting
-
     user_setting()  # (so does LOWBIT_KERNEL_ROWS's, on any CPU)
     if os.environ.get("LOWBIT_KERNELS", "").lower() in ("off", "0", "no"):
         log.info("LOWBIT_KERNELS=off: using the reference kernels")
@@ -101,30 +102,51 @@ def _load() -> bool:
     if not cpu_supported():
         log.warning("this CPU lacks AVX2/FMA: lowbit uses its (slower) reference kernels")
         return False
-    from torch.utils import cpp_extension
-
     folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(
-            "lowbit_cpu_kernels",
-            [str(s) for s in SOURCES],
-            extra_cflags=list(FLAGS),  # copies: the loader appends to ldflags
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(folder),
-            is_python_module=False,
-            verbose=False,
-        )
+        folder.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(locked(folder / BUILD_LOCK))
+                held = True
+            except OSError:  # a read-only folder of kernels built elsewhere: nothing to build
+                held = False
+            _build(folder, held)
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, no ninja, build error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("lowbit's CPU kernels could not be built (%s); using the reference path", first)
         return False
     from lowbit.kernels.int8 import has_avx512_vnni
-    from lowbit.kernels.rows_kernel import choose_rows_kernel
 
     if has_avx512_vnni():  # which form runs inputs of several rows, timed once per machine
         choose_rows_kernel(folder)
     return True
+
+
+def _build(folder: Path, held: bool) -> None:
+    """Compile (if needed) and load the extension from ``folder``; ``held``: whether this
+    process holds the folder's build lock."""
+    from torch.utils import cpp_extension
+
+    # torch's loader guards a build with a file that only exists while it builds ("lock"), so a
+    # build killed midway (Ctrl-C on the first command) leaves it behind and every later load
+    # waits for it forever, silently. lowbit's builds take a kernel-released lock first, so a
+    # "lock" file seen while holding that lock is such a leftover.
+    stale = folder / "lock"
+    if held and stale.exists():
+        log.info("removing %s, left by a kernel build that was stopped", stale)
+        stale.unlink(missing_ok=True)
+    if not (folder / "lowbit_cpu_kernels.so").exists():
+        log.warning("building lowbit's CPU kernels in %s (once per machine, a few minutes)", folder)
+    cpp_extension.load(
+        "lowbit_cpu_kernels",
+        [str(s) for s in SOURCES],
+        extra_cflags=list(FLAGS),  # copies: the loader appends to ldflags
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(folder),
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def main() -> int:

@@ -78,7 +78,7 @@ def choose_rows_kernel(folder: Path, measure: Callable[[str], float] | None = No
         return user
     path, key = Path(folder) / FILE, cpu_key()
     try:
-        with _locked(Path(folder) / (FILE + ".lock")):
+        with locked(Path(folder) / (FILE + ".lock")):
             records = _records(path)  # again under the lock: another process may have written
             choice = records.get(key, {}).get("choice")
             if choice not in CHOICES:
@@ -115,7 +115,7 @@ def _records(path: Path) -> dict:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` (created if missing) for the ``with`` block."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:  # (closing the file releases the lock, also where flock itself failed)

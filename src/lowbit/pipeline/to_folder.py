@@ -89,6 +89,8 @@ def quantize_to(
                    "canary": canary}  # fmt: skip
     if group.distributed:  # a resumed job needs the same ranks holding the same batches
         fingerprint["world_size"] = group.world
+    # every rank must run the same job; where each host keeps the model may differ
+    group.check_same({**fingerprint, "model": _content(fingerprint["model"])})
     static = recipe.activations is not None and recipe.activations.static
     prefix = find_blocks(model)[0] + "."
     outside = [n for n in plan if not n.startswith(prefix)]
@@ -121,7 +123,9 @@ def quantize_to(
     report.analysis = analysis
     peaks = group.ordered_sum({group.rank: report.peak_rss_mb or 0.0}, group.world)
     if not group.main:  # rank 0 writes the folder; the others drop their work once it exists
-        group.barrier()
+        if not group.min_int(1):
+            raise LowbitError("rank 0 could not write the folder (see its error); this rank's "
+                              "work is kept: the same command resumes")  # fmt: skip
         work.remove()
         return out, report
     size = _streamed_size(report, work.units(units))
@@ -145,10 +149,13 @@ def quantize_to(
             manifest["canary"] = write_canary(*canary, final)
         write_manifest(final, manifest)
 
+    written = False
     try:
-        return work.finish(units, overwrite, extras), report
+        final = work.finish(units, overwrite, extras)
+        written = True
+        return final, report
     finally:
-        group.barrier()
+        group.min_int(int(written))  # tells the other ranks whether to drop their work
 
 
 def _canary_probe(model: nn.Module, tokenizer: Any) -> CanaryProbe:
@@ -199,6 +206,11 @@ def _identity(folder: Path, tensors: TensorSource) -> dict[str, Any]:
     files = sorted({e.path for e in tensors.entries.values()})
     return {"folder": str(folder.resolve()), "config": (folder / "config.json").read_text(),
             "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}  # fmt: skip
+
+
+def _content(identity: dict[str, Any]) -> dict[str, Any]:
+    """What of a source's identity names its content, not where a host keeps it."""
+    return {"config": identity["config"], "files": [f[:2] for f in identity["files"]]}
 
 
 def _streamed_size(report: QuantizeReport, units: list[dict]) -> SizeReport:
