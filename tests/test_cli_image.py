@@ -60,6 +60,30 @@ def test_quantize_eval_and_reload_an_image_model(random_gan, tmp_path, capsys, m
     assert "give --ref" in capsys.readouterr().err
     assert main(["eval", "waifu2x-upconv7", "--ref", "waifu2x-upconv7", "--fd"]) == 2
     assert "scored on one image" in capsys.readouterr().err
+    refused = {  # options and inputs that would do nothing, or something else than asked
+        ("quantize", str(out), "--recipe", "conv-w8a8-static", "--out", str(tmp_path / "q")):
+            "already quantized; quantize the float model (dcgan-faces)",
+        ("quantize", "dcgan-faces", "--recipe", "conv-w8a8-static", "--out",
+         str(tmp_path / "q"), "--calib-samples", "16"): "--calib-samples is for language models",
+        ("quantize", "dcgan-faces", "--recipe", "conv-w8a8-steps", "--out", str(tmp_path / "q")):
+            "keeps one range per slice of a diffusion sampler's timesteps",
+        ("eval", str(out), "--ref", "waifu2x-upconv7"):
+            "--ref waifu2x-upconv7 is a waifu2x-upconv7 model; it must be dcgan-faces",
+        ("eval", str(out), "--ref", str(tmp_path)): "is not an image model",
+        ("eval", str(out), "--corpus", "bbc"): "--corpus is for language models",
+        ("eval", "some-text-model", "--ref", str(out)): "is an image model; some-text-model is",
+        ("diff", str(out), str(out)): "already quantized; give the float model (dcgan-faces)",
+        ("diff", "dcgan-faces", str(out), "--seqlen", "64"): "--seqlen is for language models",
+        ("diff", "dcgan-faces", "waifu2x-upconv7"): "Q waifu2x-upconv7 is a waifu2x-upconv7",
+        ("generate", str(out), "--out", str(tmp_path / "s.png"), "--temperature", "0.7"):
+            "--temperature is for language models",
+        ("generate", "waifu2x-upconv7", "--image", "x.png", "--seed", "3", "--out",
+         str(tmp_path / "u.png")): "--seed is for generators",
+    }  # fmt: skip
+    for argv, said in refused.items():
+        assert main(list(argv)) == 2, argv
+        assert said in capsys.readouterr().err, argv
+    assert not (tmp_path / "q").exists() and not (tmp_path / "s.png").exists()
 
 
 def test_image_models_refuse_what_does_not_apply(random_gan, tmp_path, capsys):

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze(sub, common)
     add_diff(sub, common)
     _add_listing(sub, common)
+    for command in sub.choices.values():  # what cli_args.given compares options with
+        command.set_defaults(parser=command)
     return parser
 
 
@@ -273,6 +275,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if flag:
         raise LowbitError(f"{flag} is for image models; a language model's eval is perplexity, "
                           f"KL and top-1")  # fmt: skip
+    if args.ref is not None and image_entry(args.ref, exported=True) is not None:
+        raise LowbitError(f"--ref {args.ref} is an image model; {args.model} is a language "
+                          f"model")  # fmt: skip
     check_window(args.tokens, args.seqlen)
     src = api.load_model(args.model)
     _need_tokenizer(src)

@@ -138,3 +138,11 @@ def apply_attention(model: Any, args: argparse.Namespace) -> None:
                               "quantize with --kv-bits N --kv-center, then use the "
                               "folder")  # fmt: skip
         install_attention(model, spec)
+
+
+def given(args: argparse.Namespace, *dests: str) -> list[str]:
+    """Those of the options ``dests`` this command line set to other than their default, spelt
+    as flags (``calib_samples`` -> ``--calib-samples``): how a command refuses options that
+    would do nothing for the model it was given. The command's parser is ``args.parser``."""
+    parser = args.parser
+    return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) != parser.get_default(d)]

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli_args import given
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,15 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
     from lowbit.models.images.data import image_calibration_of, user_images
 
-    unsupported = [flag for flag, on in (("--dry-run", args.dry_run),
-                   ("--max-memory", args.max_memory)) if on]  # fmt: skip
+    unsupported = given(args, "dry_run", "max_memory", "restart", "hidden_dtype", "spill_hidden",
+                        "calib_samples", "calib_seqlen", "eval_corpus", "eval_seqlen",
+                        "eval_tokens")  # fmt: skip
     if unsupported:
         raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
                           f"model held in memory")  # fmt: skip
+    if args.model != entry.name:
+        raise LowbitError(f"{args.model} is already quantized; quantize the float model "
+                          f"({entry.name})")  # fmt: skip
     from lowbit.calibration.group import Group
 
     if Group.current().distributed:  # every process would write --out
@@ -176,6 +181,16 @@ def _sensitivity(args: argparse.Namespace, entry: Any, model: Any, recipe: Any,
                        output_range=entry.output_range)  # fmt: skip
 
 
+def same_model(entry: Any, other: str, role: str) -> None:
+    """A one-line error unless ``other`` is ``entry``'s model: its zoo name, or a folder or
+    ``.tflite`` made from it."""
+    found = image_entry(other, exported=True)
+    if found is None or found.name != entry.name:
+        what = "not an image model" if found is None else f"a {found.name} model"
+        raise LowbitError(f"{role} {other} is {what}; it must be {entry.name} or a model "
+                          f"quantized from it")  # fmt: skip
+
+
 def _no_text(args: argparse.Namespace, entry: Any) -> None:
     if args.calib is not None:
         raise LowbitError(f"--calib names a text corpus; {entry.name} is an image model (give "
@@ -185,6 +200,12 @@ def _no_text(args: argparse.Namespace, entry: Any) -> None:
 def eval_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
 
+    text = given(args, "corpus", "seqlen", "tokens")
+    if text:
+        raise LowbitError(f"{text[0]} is for language models; {args.model} is an image model "
+                          f"(scored on its evaluation inputs, or --images)")  # fmt: skip
+    if args.ref is not None:
+        same_model(entry, args.ref, "--ref")
     if (args.grid or args.fd) and not args.ref:
         raise LowbitError(f"--{'grid' if args.grid else 'fd'} compares the model with --ref's "
                           f"outputs: give --ref")  # fmt: skip

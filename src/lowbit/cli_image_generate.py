@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowbit.cli_args import positive
+from lowbit.cli_args import given, positive
 from lowbit.errors import LowbitError
 
 RECORD = "lowbit_images.json"  # what made a folder of images (lowbit.assets.atomic.RECORDS)
@@ -66,6 +66,10 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
     if args.prompt is not None or args.chat:
         raise LowbitError(f"{entry.name} is an image model: it takes no prompt ("
                           f"{_what(entry)})")  # fmt: skip
+    text = given(args, "max_new_tokens", "temperature", "top_p", "top_k", "system")
+    if text:
+        raise LowbitError(f"{text[0]} is for language models; {entry.name} is an image model "
+                          f"({_what(entry)})")  # fmt: skip
     if args.out is None:
         raise LowbitError(f"give --out: a .png file or a folder for the images ({_what(entry)})")
     grid = args.out.suffix.lower() == ".png"
@@ -124,8 +128,8 @@ def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str]
         return names, entry.sample(count, args.seed), [8] * count
     if args.image is None:
         raise LowbitError(f"give --image: the image (or folder of images) {entry.name} upscales")
-    if args.count is not None:
-        raise LowbitError(f"--count is for generators; {entry.name} upscales --image")
+    for flag in (["--count"] if args.count is not None else []) + given(args, "seed"):
+        raise LowbitError(f"{flag} is for generators; {entry.name} upscales --image")
     images = named_images(args.image, entry.channels, min_side=1)
     if grid and len(images) > 1:
         raise LowbitError(f"--out {args.out} is one file and {args.image} holds {len(images)} "

@@ -15,3 +15,5 @@ def test_group_that_does_not_divide_names_the_layer_and_the_options():
         LowbitError, match=r"576 of layer model\.q_proj.*\[16, 32, 48, 64, 96, 192\]"
     ):
         weight_block(WeightSpec(bits=4, group_size=128), 576, 576, "model.q_proj")
+    with pytest.raises(LowbitError, match=r"in_features 27 of layer body\.0; use -1 \(per-ch"):
+        weight_block(WeightSpec(bits=4, group_size=64), 64, 27, "body.0")  # no group size fits

@@ -61,3 +61,15 @@ def test_a_folder_skips_hidden_files_and_folders_and_reads_a_first_frame(tmp_pat
     (tmp_path / "b.png").mkdir()
     ((name, x, _),) = named_images(str(tmp_path), channels=3, min_side=1)
     assert name == "a.tif" and torch.all(x * 255 == 10)
+
+
+def test_a_generators_first_samples_do_not_depend_on_how_many_are_drawn():
+    """`generate --count 5` draws the first 5 of `--count 16`'s latents (torch's sampler
+    draws a tail that is not a multiple of 16 values differently)."""
+    from lowbit.models.images.data import latents
+
+    every = latents(64, 100, seed=3)
+    for count in (1, 5, 16, 17, 63):
+        assert torch.equal(latents(count, 100, seed=3), every[:count])
+    plain = torch.randn(256, 100, 1, 1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(latents(256, 100, seed=0), plain)  # the evaluation latents, unchanged

@@ -20,10 +20,9 @@ def weight_block(spec: WeightSpec, out_features: int, in_features: int, layer: s
     if in_features % group:
         fits = [d for d in (16, 32, 48, 64, 96, 128, 192, 256) if in_features % d == 0]
         where = f" of layer {layer}" if layer else ""
-        raise LowbitError(
-            f"group_size {group} does not divide in_features {in_features}{where}; "
-            f"use one of {fits or '(none)'} or -1 (per-channel), or exclude the layer"
-        )
+        sizes = f"use one of {fits} or -1 (per-channel)" if fits else "use -1 (per-channel)"
+        raise LowbitError(f"group_size {group} does not divide in_features {in_features}{where}; "
+                          f"{sizes}, or exclude the layer")  # fmt: skip
     return (1, group)
 
 

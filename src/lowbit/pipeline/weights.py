@@ -77,6 +77,7 @@ def quantize_weights(
     if recipe.needs_calibration and calibration is None:
         raise LowbitError(f"this recipe needs calibration data (--calib): "
                           f"{_calibration_reason(recipe)}")  # fmt: skip
+    _check_step_ranges(model, recipe, calibration)
     store = store or BlockStore()
     if blocks is not None and recipe.lkd is not None:  # one calibration call per LKD step
         batch_size = recipe.lkd.batch_size
@@ -201,6 +202,22 @@ def _whole_supported(recipe: Recipe) -> bool:
     (scales, then RTN or GPTQ) or data-free weights, SmoothQuant, static ranges (not AutoRound
     or LKD)."""
     return recipe.lkd is None and "autoround" not in recipe.algorithm
+
+
+def _check_step_ranges(model: nn.Module, recipe: Recipe,
+                       calibration: CalibrationSet | None) -> None:  # fmt: skip
+    """Per-step ranges (``activations.step_groups``) need a sampler (a model that runs its
+    layers once per step, ``repeats_layers``, telling them the step) or calibration inputs that
+    say where on the timestep axis each one is; refused before any work otherwise."""
+    act = recipe.activations
+    if act is None or not act.static or act.step_groups == 1 or calibration is None:
+        return
+    sampler = getattr(model, "repeats_layers", False)
+    if not sampler and getattr(calibration.windows, "positions", None) is None:
+        raise LowbitError(f"activations.step_groups: {act.step_groups} keeps one range per slice "
+                          f"of a diffusion sampler's timesteps, and this model's calibration "
+                          f"inputs have none (it runs once per input): use step_groups: 1 "
+                          f"(e.g. conv-w8a8-static)")  # fmt: skip
 
 
 def _static(module: nn.Module) -> bool:

@@ -238,5 +238,10 @@ def _as_rgb(image: Any, label: str) -> Any:
 
 
 def latents(count: int, width: int, seed: int) -> Tensor:
-    """``count`` seeded standard-normal latents (N, width, 1, 1)."""
-    return torch.randn(count, width, 1, 1, generator=torch.Generator().manual_seed(seed))
+    """``count`` seeded standard-normal latents (N, width, 1, 1): the first rows of the same
+    draw for every count (``--count 5`` gives the first 5 of ``--count 16``'s samples)."""
+    # torch's CPU normal sampler makes its values 16 at a time and draws a tail that is not a
+    # multiple of 16 differently, so whole blocks of 16 rows are drawn and the rest dropped
+    rows = -(-count // 16) * 16
+    draw = torch.randn(rows, width, 1, 1, generator=torch.Generator().manual_seed(seed))
+    return draw[:count].clone()
