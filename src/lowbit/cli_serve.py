@@ -73,7 +73,8 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                    "KL(ref || served) and top-1 in /metrics (an image model: the PSNR of the "
                    "served images against the reference's)")  # fmt: skip
     p.add_argument("--shadow-rate", type=float, default=0.05,
-                   help="with --ref: fraction of requests re-scored (0.05)")  # fmt: skip
+                   help="with --ref: fraction of requests re-scored (0.05), each on its "
+                   "first steps (its served logits kept up to 32 MiB)")  # fmt: skip
     p.add_argument("--alert-kl", type=float,
                    help="with --ref: /health says degraded (and a warning is logged) while "
                    "the mean KL over the last --shadow-window scored requests is above "

@@ -22,11 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from lowbit.errors import LowbitError
 from lowbit.runtime import Runtime, Sampling
 from lowbit.runtime.batch import ContinuousBatch, Event
 
 log = logging.getLogger(__name__)
+# served logits one shadowed request keeps (float32): 170 steps of a 49,152-token vocabulary,
+# 55 of a 151,936-token one; with the monitor's queue of 8, a bounded few hundred MB at most
+SHADOW_BYTES = 32 << 20
 
 
 class QueueFull(LowbitError):
@@ -51,9 +56,16 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
-    shadow: bool = False  # keep the logits of each step for the quality monitor
-    logits: list = field(default_factory=list)  # (vocab,) per step, while ``shadow``
+    shadow: bool = False  # keep the logits of the first steps for the quality monitor
+    logits: list = field(default_factory=list)  # (vocab,) float32 per step, while ``shadow``
     cancel_as: str = "cancelled"  # the finish a cancelled job ends with
+
+    def keep_logits(self, logits: Tensor) -> None:
+        """A step's served logits (vocab,), kept for the quality monitor while the kept ones
+        stay under SHADOW_BYTES: a long answer is scored on its first steps, so a shadowed
+        request holds a bounded amount of memory whatever its length and vocabulary."""
+        if self.shadow and (len(self.logits) + 1) * logits.numel() * 4 <= SHADOW_BYTES:
+            self.logits.append(logits.float().clone())
 
     def cancel(self, finish: str = "cancelled") -> None:
         """End the job at the next step, with ``finish``: "cancelled" (the client left) or
@@ -227,8 +239,7 @@ class Engine:
     @staticmethod
     def _keep_logits(jobs: list, logits) -> None:  # (n, vocab), for shadowed requests
         for row, job in enumerate(jobs):
-            if job.shadow:
-                job.logits.append(logits[row].float().clone())
+            job.keep_logits(logits[row])
 
     def _generate(self, batch: list[Job]) -> None:
         def on_tokens(new: list[int | None]) -> list[int]:
@@ -244,7 +255,7 @@ class Engine:
 
         def on_logits(logits) -> None:  # (B, vocab); rows past their end are cut off below
             for row, job in keep:
-                job.logits.append(logits[row].float().clone())
+                job.keep_logits(logits[row])
 
         log.debug("batch of %d (%d waiting)", len(batch), self.depth())
         run = self.runtime.generate([j.ids for j in batch], [j.max_tokens for j in batch],

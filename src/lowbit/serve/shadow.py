@@ -1,14 +1,15 @@
 """Quality monitoring while serving: a sampled fraction of requests re-scored against a
 reference model, off the hot path (an image model's monitor: :mod:`lowbit.serve.image_shadow`).
 
-For a shadowed request the engine keeps the logits it served at each step. After the request
-ends, a background thread runs the reference model (``--ref``: the float model or any
-higher-precision variant) once over prompt + generated tokens and compares, at the generated
-positions, KL(ref ‖ served) and top-1 agreement (:func:`lowbit.eval.perplexity.kl_top1`, the
-same measure as ``lowbit eval --ref``). Per-request figures go to histograms, the mean over the
-last ``window`` requests to gauges; past ``alert_kl`` the server reports ``degraded`` on
-/health and logs a warning. The queue is bounded: when scoring falls behind, requests are not
-shadowed rather than delayed.
+For a shadowed request the engine keeps the logits it served at each step, up to
+:data:`lowbit.serve.engine.SHADOW_BYTES` of them (a long answer is scored on its first steps).
+After the request ends, a background thread runs the reference model (``--ref``: the float
+model or any higher-precision variant) once over the prompt and those steps' tokens and
+compares, at the generated positions, KL(ref ‖ served) and top-1 agreement
+(:func:`lowbit.eval.perplexity.kl_top1`, the same measure as ``lowbit eval --ref``).
+Per-request figures go to histograms, the mean over the last ``window`` requests to gauges;
+past ``alert_kl`` the server reports ``degraded`` on /health and logs a warning. The queue is
+bounded: when scoring falls behind, requests are not shadowed rather than delayed.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Shadow(Sampler):
 
     def offer(self, job) -> None:
         """A finished request; scored later if it was shadowed and produced tokens."""
-        if not job.shadow or not job.tokens or job.finish not in ("stop", "length"):
+        if not job.shadow or not job.logits or job.finish not in ("stop", "length"):
             return
         self.submit(job)
 
@@ -109,8 +110,8 @@ class Shadow(Sampler):
 
     @torch.inference_mode()
     def _score(self, job) -> None:
-        ids = torch.tensor([job.ids + job.tokens])  # (1, P + N)
-        p, n = len(job.ids), len(job.tokens)
+        p, n = len(job.ids), len(job.logits)  # the first n generated tokens were kept
+        ids = torch.tensor([job.ids + job.tokens[:n]])  # (1, P + N)
         out = self.ref(ids, use_cache=False)
         logits = out.logits if hasattr(out, "logits") else out
         ref_logp = F.log_softmax(logits[0, p - 1 : p - 1 + n].float(), dim=-1)  # (N, V)
