@@ -151,11 +151,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.cli import _need_tokenizer
     from lowbit.cli_image import image_entry, quantize_image
     from lowbit.models.load import source_folder, source_tokenizer
+    from lowbit.models.workdir import drop_published
 
     if Path(args.model).suffix == ".tflite":
         raise LowbitError(f"{args.model} is an exported LiteRT file; quantize the float model "
                           f"it was exported from")  # fmt: skip
     torch.manual_seed(args.seed)
+    if Group.current().main:
+        drop_published(args.out)  # a run stopped right after it published --out
     prepare_out(args.out, args.overwrite, inputs=(args.model,))
     if args.eval:
         check_window(args.eval_tokens, args.eval_seqlen, "eval-")

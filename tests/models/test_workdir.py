@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.models.workdir import WorkFolder, work_path
+from lowbit.models.workdir import WorkFolder, drop_published, work_path
 
 
 def hidden(work: WorkFolder, after: int, value: float) -> Path:
@@ -54,6 +54,32 @@ def test_finish_publishes_shards_and_removes_the_work_folder(tmp_path):
     )
     assert sorted(p.name for p in out.iterdir()) == ["lowbit.json", "model.safetensors"]
     assert not work.path.exists()
+
+
+def test_a_run_stopped_after_it_published_leaves_nothing_a_rerun_keeps(tmp_path):
+    """Killed between publishing --out and removing its work folder: the next run on that out
+    removes the folder (its units repeat out's weights); a run stopped before it published
+    keeps its work, also when publishing itself failed."""
+    manifest = lambda folder: (folder / "lowbit.json").write_text("{}")  # noqa: E731
+    out = tmp_path / "out"
+    work = WorkFolder(out, {})
+    work.write_unit(0, {"a": torch.ones(3)}, {})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WorkFolder, "remove", crash)
+        with pytest.raises(KeyboardInterrupt):
+            work.finish(1, False, manifest)
+    work._lock.close()  # (the stopped process's lock ends with it)
+    assert out.is_dir() and work.path.is_dir()
+    assert drop_published(out) and not work.path.exists() and out.is_dir()
+
+    again = WorkFolder(tmp_path / "other", {})
+    again.write_unit(0, {"a": torch.ones(3)}, {})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("lowbit.models.workdir.publish_dir", crash)
+        with pytest.raises(KeyboardInterrupt):
+            again.finish(1, False, manifest)
+    (tmp_path / "other").mkdir()  # another run's folder appeared meanwhile
+    assert not drop_published(tmp_path / "other") and again.records() == [{}]
 
 
 def test_a_second_process_writing_the_same_out_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -34,12 +35,26 @@ from lowbit.errors import LowbitError
 from lowbit.models.checkpoint import write_shards
 from lowbit.models.tensorfile import Entry, Item, read_header, write_file
 
+log = logging.getLogger(__name__)
 FINGERPRINT = "fingerprint.json"
 LOCK = "lock"
+PUBLISHED = "published"  # written just before the finished folder is renamed to --out
 
 
 def work_path(out: Path) -> Path:
     return Path(out).parent / f".{Path(out).name}.lowbit-work"
+
+
+def drop_published(out: Path) -> bool:
+    """Remove the work folder of a run that published ``out`` but was stopped before it removed
+    its work folder (whose units repeat ``out``'s weights); True if it did. Its finished folder
+    was renamed away, so what is left is only that copy."""
+    work = work_path(out)
+    if not ((work / PUBLISHED).is_file() and not (work / "final").exists() and Path(out).exists()):
+        return False
+    log.info("removing %s, left by a run that published %s and was stopped", work, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return True
 
 
 class WorkFolder:
@@ -184,7 +199,12 @@ class WorkFolder:
         if self.out.exists() and not overwrite:
             raise LowbitError(f"{self.out} already exists; choose another --out or pass "
                               f"--overwrite")  # fmt: skip
-        publish_dir(final, self.out, overwrite)
+        (self.path / PUBLISHED).write_text(str(self.out))
+        try:
+            publish_dir(final, self.out, overwrite)
+        except BaseException:
+            (self.path / PUBLISHED).unlink(missing_ok=True)  # not published: resumable
+            raise
         self.remove()
         return self.out
 

@@ -35,7 +35,7 @@ from lowbit.models.rotate import (
 )
 from lowbit.models.rotate_source import RotatedSource
 from lowbit.models.source import TensorSource, skeleton
-from lowbit.models.workdir import WorkFolder, work_path
+from lowbit.models.workdir import WorkFolder, drop_published, work_path
 from lowbit.pipeline.estimate import disk_bytes
 from lowbit.pipeline.manifest import build_manifest
 from lowbit.pipeline.report import QuantizeReport
@@ -71,6 +71,8 @@ def quantize_to(
         recipe = load_recipe(recipe)
     out = Path(out)
     group = Group.current()
+    if group.main:
+        drop_published(out)  # a run stopped right after it published out
     prepare_out(out, overwrite)
     folder, kind = source_folder(source)
     model = skeleton(folder)
