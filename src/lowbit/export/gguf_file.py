@@ -27,7 +27,7 @@ from lowbit.export.gguf_experts import (
     mixture_metadata,
     stacked,
 )
-from lowbit.export.gguf_vocab import is_sentencepiece_bpe, write_sentencepiece_vocab
+from lowbit.export.gguf_vocab import bpe_pre, is_sentencepiece_bpe, write_sentencepiece_vocab
 from lowbit.models.experts import LinearExperts
 from lowbit.models.families import find_blocks
 from lowbit.nn import QuantLinear
@@ -193,7 +193,12 @@ def _tokenizer(writer: gguf.GGUFWriter, folder: Path, source: Path | None, n_voc
         tokens.append(f"[PAD{i}]")  # llama.cpp counts the vocabulary by this list
         types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    pre = bpe_pre(folder)
+    if pre is None:
+        log.warning("%s: llama.cpp has no pre-tokenizer known to split text as this tokenizer "
+                    "does; the GGUF names its 'default', which may tokenize some text "
+                    "differently", folder)  # fmt: skip
+    writer.add_tokenizer_pre(pre or "default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)

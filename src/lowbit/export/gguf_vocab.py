@@ -1,5 +1,6 @@
 """A SentencePiece-style ``tokenizer.json`` (BPE with byte fallback: Llama 1/2, Mistral,
-TinyLlama, ...) as llama.cpp's ``llama`` tokenizer reads it.
+TinyLlama, ...) as llama.cpp's ``llama`` tokenizer reads it, and the name of a GPT-2-style
+tokenizer's pre-tokenizer as llama.cpp knows it (:func:`bpe_pre`).
 
 Written by hand because gguf's ``LlamaHfVocab`` gives every token the placeholder score -1000,
 while llama.cpp's SentencePiece tokenizer merges the adjacent pair whose merged token scores
@@ -20,6 +21,11 @@ import gguf
 from lowbit.errors import LowbitError
 
 BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# The split patterns of the tokenizer.json files of Qwen2 (digits one at a time) and Llama 3
+# (digits in threes), which llama.cpp's "qwen2" and "llama-bpe" pre-tokenizers apply
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLITS = {_WORDS + r"\p{N}|" + _REST: "qwen2", _WORDS + r"\p{N}{1,3}|" + _REST: "llama-bpe"}
 
 
 def is_sentencepiece_bpe(folder: Path) -> bool:
@@ -87,3 +93,48 @@ def _space_prefix(data: dict) -> bool:
         return True
     metaspace = re.search(r'"type": "Metaspace"[^}]*"prepend_scheme": "(\w+)"', text)
     return metaspace is not None and metaspace.group(1) != "never"
+
+
+def bpe_pre(folder: Path) -> str | None:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for the pre-tokenizer of ``folder``'s GPT-2-style
+    tokenizer.json, or None where none of the names below splits text as it does.
+
+    llama.cpp does not read a tokenizer.json's pre-tokenizer: a GGUF names one of the split rules
+    it has built in, and an unknown or missing name gets its "default" rule, which splits runs of
+    punctuation and digits otherwise than these tokenizers. The names here are those whose rules
+    are the tokenizer's: GPT-2's byte-level regex alone ("gpt-2"); digits one at a time before it
+    ("smollm", or "starcoder" where decoding cleans up spaces); Qwen2's and Llama 3's patterns.
+    llama.cpp's own converter recognises tokenizers by hashing their output on a fixed text
+    against a list of known models; matching the rules themselves also names fine-tunes and
+    re-uploads of those tokenizers."""
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    last = steps[-1] if steps else {}
+    if kinds == ["ByteLevel"] and last.get("use_regex", True):
+        return "gpt-2"
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and last.get("use_regex", True)
+    ):
+        return "starcoder" if _cleans_spaces(folder) else "smollm"
+    if kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True):
+        name = SPLITS.get((steps[0].get("pattern") or {}).get("Regex"))
+        if name == "llama-bpe" and not data.get("model", {}).get("ignore_merges"):
+            return None  # llama.cpp's llama-bpe also skips merges for whole-token words
+        return name
+    return None
+
+
+def _cleans_spaces(folder: Path) -> bool:
+    """tokenizer_config.json's ``clean_up_tokenization_spaces`` (transformers' default: off)."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("clean_up_tokenization_spaces", False))
