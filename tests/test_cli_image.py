@@ -72,7 +72,7 @@ def test_quantize_eval_and_reload_an_image_model(random_gan, tmp_path, capsys, m
         ("eval", str(out), "--ref", str(tmp_path)): "is not an image model",
         ("eval", str(out), "--corpus", "bbc"): "--corpus is for language models",
         ("eval", "some-text-model", "--ref", str(out)): "is an image model; some-text-model is",
-        ("diff", str(out), str(out)): "already quantized; give the float model (dcgan-faces)",
+        ("diff", str(out), str(out)): "quantized; diff against the float model (dcgan-faces)",
         ("diff", "dcgan-faces", str(out), "--seqlen", "64"): "--seqlen is for language models",
         ("diff", "dcgan-faces", "waifu2x-upconv7"): "Q waifu2x-upconv7 is a waifu2x-upconv7",
         ("generate", str(out), "--out", str(tmp_path / "s.png"), "--temperature", "0.7"):
@@ -418,7 +418,8 @@ def test_an_image_model_is_not_quantized_by_several_processes(tmp_path, monkeypa
 
     from lowbit.calibration.group import Group
 
-    monkeypatch.setattr(Group, "current", staticmethod(lambda: SimpleNamespace(distributed=True)))
+    job = SimpleNamespace(distributed=True, main=True)
+    monkeypatch.setattr(Group, "current", staticmethod(lambda: job))
     code = main(["quantize", "dcgan-faces", "--recipe", "conv-w8a8-static", "--out",
                  str(tmp_path / "q")])  # fmt: skip
     assert code == 2 and "quantized in one process" in capsys.readouterr().err

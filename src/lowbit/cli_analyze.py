@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli_args import check_window, given, positive, seed
+from lowbit.cli_args import check_window, positive, seed
 from lowbit.errors import LowbitError
 
 _ANALYZE_EPILOG = """\
@@ -197,15 +197,11 @@ def _image_diff(args: argparse.Namespace, entry: Any) -> int:
 
     from lowbit import api
     from lowbit.analysis import image_contributions
-    from lowbit.cli_image import same_model
+    from lowbit.cli_image import float_model, refuse_text_options, same_model
 
-    text = given(args, "corpus", "seqlen", "tokens")
-    if text:
-        raise LowbitError(f"{text[0]} is for language models; {entry.name} is an image model "
-                          f"(measured on its evaluation inputs)")  # fmt: skip
-    if args.fp != entry.name:
-        raise LowbitError(f"{args.fp} is already quantized; give the float model "
-                          f"({entry.name}) as FP")  # fmt: skip
+    refuse_text_options(args, entry, ("corpus", "seqlen", "tokens"),
+                        "measured on its evaluation inputs")  # fmt: skip
+    float_model(entry, args.fp, "diff against")
     same_model(entry, args.q, "Q")
     q = api.load(args.q, kernels=False)
     if q.kind != "lowbit":

@@ -69,15 +69,11 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
     from lowbit.models.images.data import image_calibration_of, user_images
 
-    unsupported = given(args, "dry_run", "max_memory", "restart", "hidden_dtype", "spill_hidden",
-                        "calib_samples", "calib_seqlen", "eval_corpus", "eval_seqlen",
-                        "eval_tokens")  # fmt: skip
-    if unsupported:
-        raise LowbitError(f"{unsupported[0]} is for language models; {entry.name} is an image "
-                          f"model held in memory")  # fmt: skip
-    if args.model != entry.name:
-        raise LowbitError(f"{args.model} is already quantized; quantize the float model "
-                          f"({entry.name})")  # fmt: skip
+    refuse_text_options(args, entry, ("dry_run", "max_memory", "restart", "hidden_dtype",
+                                      "spill_hidden", "calib_samples", "calib_seqlen",
+                                      "eval_corpus", "eval_seqlen", "eval_tokens"),
+                        "held in memory, calibrated on its inputs or --calib-images")  # fmt: skip
+    float_model(entry, args.model, "quantize")
     from lowbit.calibration.group import Group
 
     if Group.current().distributed:  # every process would write --out
@@ -159,9 +155,7 @@ def analyze_image(args: argparse.Namespace, entry: Any) -> Any:
     from lowbit import api
     from lowbit.models.images.data import image_calibration_of
 
-    if args.model != entry.name:
-        raise LowbitError(f"{args.model} is already quantized; analyze the float model "
-                          f"({entry.name})")  # fmt: skip
+    float_model(entry, args.model, "analyze")
     _no_text(args, entry)
     recipe = api.load_recipe(args.recipe)
     calibration = image_calibration_of(entry, args.calib_images)
@@ -179,6 +173,23 @@ def _sensitivity(args: argparse.Namespace, entry: Any, model: Any, recipe: Any,
     sample = image_calibration(calibration.windows[:n], calibration.corpus)
     return api.analyze(model, recipe, sample, args.candidates, progress=not args.quiet,
                        output_range=entry.output_range)  # fmt: skip
+
+
+def refuse_text_options(args: argparse.Namespace, entry: Any, dests: tuple[str, ...],
+                        how: str) -> None:  # fmt: skip
+    """A one-line error when the command line set one of the language-model options ``dests``
+    for the image model ``entry`` (``how``: what the command does with it instead)."""
+    text = given(args, *dests)
+    if text:
+        raise LowbitError(f"{text[0]} is for language models; {entry.name} is an image model "
+                          f"({how})")  # fmt: skip
+
+
+def float_model(entry: Any, model: str, what: str) -> None:
+    """A one-line error unless ``model`` is ``entry``'s float model (its zoo name)."""
+    if model != entry.name:
+        raise LowbitError(f"{model} is already quantized; {what} the float model "
+                          f"({entry.name})")  # fmt: skip
 
 
 def same_model(entry: Any, other: str, role: str) -> None:
@@ -200,10 +211,8 @@ def _no_text(args: argparse.Namespace, entry: Any) -> None:
 def eval_image(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
 
-    text = given(args, "corpus", "seqlen", "tokens")
-    if text:
-        raise LowbitError(f"{text[0]} is for language models; {args.model} is an image model "
-                          f"(scored on its evaluation inputs, or --images)")  # fmt: skip
+    refuse_text_options(args, entry, ("corpus", "seqlen", "tokens"),
+                        "scored on its evaluation inputs, or --images")  # fmt: skip
     if args.ref is not None:
         same_model(entry, args.ref, "--ref")
     if (args.grid or args.fd) and not args.ref:

@@ -59,6 +59,7 @@ def refuse_image_options(args: argparse.Namespace, model: str) -> None:
 def generate_images(args: argparse.Namespace, entry: Any) -> int:
     from lowbit import api
     from lowbit.assets.atomic import prepare_out
+    from lowbit.cli_image import refuse_text_options
     from lowbit.eval.image import outputs
     from lowbit.models.images.run import upscale_image
     from lowbit.models.images.tiles import DEFAULT_TILE, upscaler
@@ -66,10 +67,8 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
     if args.prompt is not None or args.chat:
         raise LowbitError(f"{entry.name} is an image model: it takes no prompt ("
                           f"{_what(entry)})")  # fmt: skip
-    text = given(args, "max_new_tokens", "temperature", "top_p", "top_k", "system")
-    if text:
-        raise LowbitError(f"{text[0]} is for language models; {entry.name} is an image model "
-                          f"({_what(entry)})")  # fmt: skip
+    refuse_text_options(args, entry, ("max_new_tokens", "temperature", "top_p", "top_k",
+                                      "system"), _what(entry))  # fmt: skip
     if args.out is None:
         raise LowbitError(f"give --out: a .png file or a folder for the images ({_what(entry)})")
     grid = args.out.suffix.lower() == ".png"
