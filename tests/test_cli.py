@@ -231,3 +231,16 @@ def test_rotate_learned_trains_on_the_calibration_text(tmp_path, tiny_folder, te
         main(["quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--rotate", "spin",
               "--out", str(tmp_path / "x")])  # fmt: skip
     assert "invalid choice: 'spin'" in capsys.readouterr().err
+
+
+def test_the_quantized_row_is_never_named_as_the_float_reference():
+    """A recipe named "float" (or a file float.yaml) must not replace --eval's reference row."""
+    import argparse
+
+    from lowbit.cli import row_name
+    from lowbit.recipes import Recipe
+
+    args = argparse.Namespace(recipe="recipes/float.yaml")
+    assert row_name(args, Recipe()) == "float (quantized)"
+    assert row_name(args, Recipe(name="float")) == "float (quantized)"
+    assert row_name(args, Recipe(name="w4")) == "w4"

@@ -31,6 +31,10 @@ def test_analyze_prints_json_writes_the_plot_and_the_measurements(
     assert set(data["candidates"]) == {"int2", "int4", "float"}
     assert len(data["layers"]) == 14 and "all" in data["rank_correlation"]
     assert plot.read_bytes()[:4] == b"\x89PNG" and json.loads(out.read_text()) == data
+    same = tmp_path / "both"
+    code, _, err = run(capsys, "analyze", str(tiny_folder), "--recipe", "w4-rtn-g64",
+                       "--plot", str(same), "--out", str(same))  # fmt: skip
+    assert code == 2 and "--out and --plot are the same file" in err and not same.exists()
 
 
 def test_target_bits_gives_a_mixed_model_within_the_budget(tmp_path, tiny_folder, text_file,

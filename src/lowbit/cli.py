@@ -189,7 +189,7 @@ def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, r
     results = sizes = None
     if ref is not None:
         _need_tokenizer(src)
-        name = recipe.name or Path(args.recipe).stem
+        name = row_name(args, recipe)
         results = api.evaluate(
             {"float": ref, name: src.model}, src.tokenizer, args.eval_corpus, args.eval_seqlen,
             args.eval_tokens, ref=ref, progress=not args.quiet,
@@ -199,6 +199,13 @@ def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, r
     folder = api.save(src.model, args.out, report, source=src, metrics=metrics, seed=args.seed,
                       overwrite=args.overwrite)  # fmt: skip
     return print_summary(args, recipe, folder, report, metrics, results, sizes)
+
+
+def row_name(args: argparse.Namespace, recipe: Any) -> str:
+    """The quantized model's row in --eval's table: the recipe's name (or file name), never
+    the float reference's ("float")."""
+    name = str(recipe.name or Path(args.recipe).stem)
+    return f"{name} (quantized)" if name == "float" else name
 
 
 def print_summary(args, recipe, out, report, metrics, results, sizes) -> int:
@@ -313,9 +320,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _need_tokenizer(src: Any) -> None:
+def _need_tokenizer(src: Any, what: str = "text evaluation") -> None:
     if src.tokenizer is None:
-        raise LowbitError(f"{src.source} has no tokenizer; text evaluation needs one")
+        raise LowbitError(f"{src.source} has no tokenizer; {what} needs one")
 
 
 def _print_eval_table(results: dict, sizes: dict) -> None:

@@ -82,6 +82,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from lowbit.calibration.group import Group
     from lowbit.cli_image import analyze_image, image_entry
 
+    if args.out is not None and args.plot is not None and args.out.resolve() == args.plot.resolve():
+        raise LowbitError(f"--out and --plot are the same file ({args.out}): the plot would "
+                          f"replace the measurements")  # fmt: skip
     for path in (args.out, args.plot):  # checked before hours of measuring
         if path is not None:
             prepare_out(path, args.overwrite, folder=False)

@@ -73,9 +73,10 @@ def cmd_qat(args: argparse.Namespace) -> int:
     src = api.load_model(args.model, kernels=False)
     if src.kind == "lowbit":
         raise LowbitError(f"{args.model} is already quantized; start from the float model")
-    _need_tokenizer(src)
+    _need_tokenizer(src, "training on --train text")
     train = api.calibration_set(src.tokenizer, args.train, args.steps * args.batch_size,
-                                args.seqlen, args.seed)  # fmt: skip
+                                args.seqlen, args.seed,
+                                "--steps x --batch-size or --seqlen")  # fmt: skip
     ref = copy.deepcopy(src.model) if args.eval else None
     report = api.qat(src.model, recipe, train, options, progress=not args.quiet)
     return finish_quantize(args, recipe, src, ref, report)

@@ -148,7 +148,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from lowbit import api
     from lowbit.calibration.group import Group
-    from lowbit.cli import _need_tokenizer
+    from lowbit.cli import _need_tokenizer, row_name
     from lowbit.cli_image import image_entry, quantize_image
     from lowbit.models.load import source_folder, source_tokenizer
     from lowbit.models.workdir import drop_published
@@ -229,7 +229,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise LowbitError(f"--eval under torchrun reads {out} on every host; put --out on "
                               f"a file system all hosts share, or evaluate afterwards")  # fmt: skip
         quantized = api.load(out, kernels=False).model
-        name = recipe.name or Path(args.recipe).stem
+        name = row_name(args, recipe)
         results = api.evaluate(
             {"float": src.model, name: quantized}, src.tokenizer, args.eval_corpus,
             args.eval_seqlen, args.eval_tokens, ref=src.model, progress=not args.quiet,

@@ -14,6 +14,7 @@ from lowbit.errors import LowbitError
 from lowbit.nn import QuantLinear
 from lowbit.nn.fake_linear import FakeQuantLinear
 from lowbit.pipeline.qat import QATOptions, _loss, fake_quantize_model, pack_model
+from lowbit.recipes import Recipe
 
 
 def windows(n, seqlen=24, vocab=50, seed=0):
@@ -59,6 +60,15 @@ def test_calibrated_recipes_and_short_training_text_are_clear_errors(tiny_model)
         api.qat(tiny_model, rec, windows(4), QATOptions(steps=2), progress=False)
     with pytest.raises(LowbitError, match="needs 10 training windows"):
         api.qat(tiny_model, "w3-rtn-g32", windows(4), QATOptions(steps=5), progress=False)
+    with pytest.raises(LowbitError, match="does not run the recipe's attention: step"):
+        api.qat(tiny_model, "kv8", windows(4), QATOptions(steps=2), progress=False)
+    nothing = Recipe.from_dict({"version": 1, "weights": None})
+    with pytest.raises(LowbitError, match="leaves every layer in float"):
+        api.qat(tiny_model, nothing, windows(4), QATOptions(steps=2), progress=False)
+    lkd = make_recipe({"bits": 3, "group_size": 32}).to_dict() | {"lkd": {}}
+    with pytest.raises(LowbitError, match="does not run the recipe's lkd: step"):
+        api.qat(tiny_model, Recipe.from_dict(lkd), windows(4), QATOptions(steps=2),
+                progress=False)  # fmt: skip
 
 
 def test_cli_trains_saves_and_refuses_training_text_for_evaluation(

@@ -50,6 +50,17 @@ def test_yaml_round_trip():
         ("version: 1\nattention: {kv_bits: 9}\n", "attention.kv_bits must be"),
         ("version: 1\nattention: {kv_bit: 4}\n", "unknown key 'kv_bit'"),
         ("version: 1\nrotate: {kind: givens}\n", "rotate.kind: .givens. is not one of"),
+        ("version: true\n", "version must be 1, got True"),
+        ("version: 1\nname: 2024-01-01\n", "name: expected a string"),
+        ("version: 1\nweights: {bits: 1, symmetric: true, group_size: 32}\n", "no level but"),
+        (
+            "version: 1\nweights: {group_size: 32, observer: {name: meanstd, k: .nan}}\n",
+            "observer.k must be a finite number",
+        ),
+        (
+            "version: 1\nweights: {group_size: 32, observer: {name: hqq, hqq_kappa: 1}}\n",
+            "hqq_kappa must be above 1",
+        ),
     ],
 )
 def test_invalid_recipes_give_one_line_errors(text, message):
@@ -75,6 +86,34 @@ def test_format_override_drops_inherited_bits():
     r = Recipe.from_dict({"version": 1, "weights": {"bits": 3, "group_size": 64},
                           "overrides": [{"match": "a", "weights": {"format": "nf4"}}]})  # fmt: skip
     assert r.spec_for("a").format == "nf4" and r.spec_for("a").bits == 4
+
+
+def test_a_format_alone_brings_its_width():
+    """`format: fp16` (or nf4, fp8) without bits is that format's width, at the top level and in
+    an override."""
+    head = {"match": "lm_head", "weights": {"format": "fp16"}}
+    r = Recipe.from_dict({"version": 1, "weights": {"bits": 4, "group_size": 32},
+                          "overrides": [head]})  # fmt: skip
+    assert r.spec_for("lm_head").bits == 16 and r.spec_for("x").bits == 4
+    assert Recipe.from_dict({"version": 1, "weights": {"format": "fp8_e4m3"}}).weights.bits == 8
+
+
+def test_an_override_changes_only_the_observer_keys_it_gives():
+    overrides = [{"match": "x", "weights": {"observer": {"grid": 7}}},
+                 {"match": "y", "weights": {"observer": "hqq"}}]  # fmt: skip
+    r = Recipe.from_dict({"version": 1, "overrides": overrides,
+                          "weights": {"bits": 4, "group_size": 64, "observer": "mse"}})  # fmt: skip
+    assert (r.spec_for("x").observer.name, r.spec_for("x").observer.grid) == ("mse", 7)
+    assert r.spec_for("y").observer.name == "hqq"
+
+
+def test_another_algorithms_options_are_named_as_ignored(caplog):
+    Recipe.from_dict({"version": 1, "algorithm": "rtn", "gptq": {"damp": 0.5}}, "r.yaml")
+    assert "r.yaml: gptq: options for another algorithm (gptq)" in caplog.text
+    caplog.clear()
+    Recipe.from_dict({"version": 1, "algorithm": "awq+gptq", "gptq": {"damp": 0.5}})
+    Recipe.from_dict({"version": 1, "algorithm": "rtn", "awq": {"grid": 10}, "lkd": {}})
+    assert "options for another algorithm" not in caplog.text  # read by those
 
 
 def test_smoothquant_and_lkd_keys():

@@ -57,9 +57,15 @@ class CalibrationSet:
 
 
 def calibration_set(
-    tokenizer: Any, corpus: str = "bbc", samples: int = 128, seqlen: int = 512, seed: int = 0
+    tokenizer: Any,
+    corpus: str = "bbc",
+    samples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    options: str = "--calib-samples or --calib-seqlen",
 ) -> CalibrationSet:
-    """``samples`` windows of ``seqlen`` tokens drawn from ``corpus`` with ``seed``.
+    """``samples`` windows of ``seqlen`` tokens drawn from ``corpus`` with ``seed`` (``options``:
+    what a corpus too short for them tells the user to lower).
 
     The defaults (128 x 512 = 65,536 tokens of BBC news) calibrate a 135M model in minutes on
     two CPU cores.
@@ -67,7 +73,8 @@ def calibration_set(
     text = load_corpus(corpus)
     ids = corpus_ids(text, tokenizer)
     return CalibrationSet(corpus, samples, seqlen, seed,
-                          calibration_windows(ids, samples, seqlen, seed), text.sha256)  # fmt: skip
+                          calibration_windows(ids, samples, seqlen, seed, options),
+                          text.sha256)  # fmt: skip
 
 
 def image_calibration(images: Tensor, name: str) -> CalibrationSet:

@@ -57,14 +57,16 @@ def eval_windows(ids: Tensor, seqlen: int, max_tokens: int | None = None) -> Ten
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
-def calibration_windows(ids: Tensor, n: int, seqlen: int, seed: int) -> Tensor:
-    """``n`` windows of ``seqlen`` tokens at seeded random offsets (GPTQ-style sampling)."""
+def calibration_windows(ids: Tensor, n: int, seqlen: int, seed: int,
+                        options: str = "--calib-samples or --calib-seqlen") -> Tensor:  # fmt: skip
+    """``n`` windows of ``seqlen`` tokens at seeded random offsets (GPTQ-style sampling);
+    ``options``: what the caller lowers to ask for fewer tokens (named in the error)."""
     if n < 1 or seqlen < 2:
         raise LowbitError(f"calibration needs samples >= 1 and seqlen >= 2, got {n} x {seqlen}")
     if len(ids) < n * seqlen:
         raise LowbitError(
             f"calibration corpus has {len(ids)} tokens, fewer than the {n} x {seqlen} = "
-            f"{n * seqlen} requested; lower --calib-samples or --calib-seqlen, "
+            f"{n * seqlen} requested; lower {options}, "
             "or use a larger corpus"
         )
     gen = torch.Generator().manual_seed(seed)

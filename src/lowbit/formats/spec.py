@@ -8,6 +8,7 @@ writer reads them. YAML shorthands are normalised here: ``group_size: -1`` means
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from lowbit.typed import from_mapping, to_mapping
 ObserverName = Literal["minmax", "percentile", "mse", "entropy", "meanstd", "hqq"]
 Format = Literal["int", "kmeans", "nf4", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
 ScaleDtype = Literal["float16", "bfloat16", "float32"]
+FIXED_WIDTH = {"nf4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "fp16": 16, "bf16": 16}  # bits they are
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class ObserverSpec:
     hqq_iters: int = 20
 
     def __post_init__(self) -> None:
+        for key, value in to_mapping(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LowbitError(f"observer.{key} must be a finite number, got {value}")
         if not 50.0 < self.percentile <= 100.0:
             raise LowbitError(f"observer.percentile must be in (50, 100], got {self.percentile}")
         if self.k <= 0:
@@ -56,6 +61,9 @@ class ObserverSpec:
             raise LowbitError("observer.norm must be positive and observer.bins >= 16")
         if not 0 < self.hqq_p <= 1 or self.hqq_beta <= 0 or self.hqq_iters < 1:
             raise LowbitError("observer.hqq_p must be in (0, 1], hqq_beta > 0, hqq_iters >= 1")
+        if self.hqq_kappa <= 1:
+            raise LowbitError(f"observer.hqq_kappa must be above 1 (the penalty's growth per "
+                              f"step), got {self.hqq_kappa}")  # fmt: skip
 
 
 def _observer(value: Any, where: str) -> ObserverSpec:
@@ -95,6 +103,9 @@ class WeightSpec:
             symmetric = qtype.kind != "int"
         if not symmetric and qtype.kind != "int":
             raise LowbitError(f"format {self.format} is symmetric only; drop symmetric: false")
+        if symmetric and qtype.kind == "int" and self.bits < 2:
+            raise LowbitError("a symmetric 1-bit integer grid has no level but zero; use bits: 2 "
+                              "or more, or symmetric: false")  # fmt: skip
         granularity, group_size = _granularity(self.granularity, self.group_size)
         if qtype.kind == "float":
             granularity, group_size = "tensor", None
@@ -131,6 +142,8 @@ class WeightSpec:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "weights") -> WeightSpec:
+        if isinstance(data, dict) and "bits" not in data and data.get("format") in FIXED_WIDTH:
+            data = {**data, "bits": FIXED_WIDTH[data["format"]]}  # fp16, nf4, ...: its width
         if isinstance(data, dict) and isinstance(data.get("observer"), (str, dict)):
             data = {**data, "observer": _observer(data["observer"], f"{where}.observer")}
         return from_mapping(cls, data, where)

@@ -60,6 +60,10 @@ def fake_quantize_model(model: nn.Module, recipe: Recipe, learn_scales: bool = T
             "qat starts from an RTN weight-only recipe (algorithm: rtn, no activations); "
             "the training replaces the calibrated algorithms"
         )
+    other = [key for key in ("lkd", "smoothquant", "attention") if getattr(recipe, key) is not None]
+    if other:  # steps only the quantize pipeline runs: not silently skipped
+        raise LowbitError(f"qat does not run the recipe's {other[0]}: step; drop it, or use "
+                          f"lowbit quantize")  # fmt: skip
     conv1d_to_linear(model)
     layers = quantizable_layers(model)  # linears: QAT does not train convolutions
     plan = plan_layers(recipe, layers)

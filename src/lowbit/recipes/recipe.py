@@ -10,6 +10,7 @@ layer in float.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.spec import ActivationSpec, AttentionSpec, WeightSpec
 from lowbit.typed import from_mapping, to_mapping
 
+log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
 Algorithm = Literal[
     "rtn", "hqq", "gptq", "awq", "awq+gptq", "kmeans", "autoround", "awq+autoround"
@@ -134,6 +136,13 @@ class Recipe:
                 raise LowbitError(f"{where}: no default weights to inherit; give the format")
             return self.weights
         base = self.weights.to_dict() if self.weights is not None else {}
+        given = override.weights.get("observer")
+        if isinstance(given, (str, dict)) and isinstance(base.get("observer"), dict):
+            # an override changes only the observer keys it gives, as for the other keys
+            given = {"name": given} if isinstance(given, str) else given
+            override = Override(
+                override.match, {**override.weights, "observer": {**base["observer"], **given}}
+            )
         if "group_size" in override.weights and "granularity" not in override.weights:
             base.pop("granularity", None)  # let group_size: -1 / N decide it again
         if "format" in override.weights:  # a new format brings its own width and symmetry
@@ -187,12 +196,16 @@ class Recipe:
         if unknown:
             raise LowbitError(f"{where}: unknown key {unknown[0]!r} (expected: {', '.join(_KEYS)})")
         version = data.get("version")
-        if version != RECIPE_VERSION:
+        if type(version) is not int or version != RECIPE_VERSION:  # (True == 1 in Python)
             raise LowbitError(f"{where}: version must be {RECIPE_VERSION}, got {version!r}")
+        name = data.get("name")
+        if name is not None and not isinstance(name, str):
+            raise LowbitError(f"{where}: name: expected a string, got {name!r} (quote it)")
         algorithm = data.get("algorithm", "rtn")
         if algorithm not in Algorithm.__args__:
             known = ", ".join(Algorithm.__args__)
             raise LowbitError(f"{where}: unknown algorithm {algorithm!r} (known: {known})")
+        _unused_options(data, algorithm, where)
         weights = _with_lorc(data.get("weights", {}), data.get("lorc"), where)
         at = f"{where}: " if not where.endswith(":") else f"{where} "  # "recipe.yaml: gptq.damp"
         acts, attention = data.get("activations"), data.get("attention")
@@ -203,7 +216,7 @@ class Recipe:
             ignore=tuple(_str_list(data.get("ignore", []), f"{at}ignore")),
             overrides=tuple(_override(o, f"{at}overrides[{i}]")
                             for i, o in enumerate(data.get("overrides") or [])),
-            name=data.get("name"),
+            name=name,
             version=version,
             gptq=from_mapping(GPTQOptions, data.get("gptq") or {}, f"{at}gptq"),
             awq=from_mapping(AWQOptions, data.get("awq") or {}, f"{at}awq"),
@@ -215,6 +228,23 @@ class Recipe:
             rotate=_optional(RotateOptions, data, "rotate", at),
             tune=_optional(TuneOptions, data, "tune", at),
         )  # fmt: skip
+
+
+def _unused_options(data: dict, algorithm: str, where: str) -> None:
+    """Warn about an algorithm's options block that this recipe's algorithm does not read (it
+    would be dropped from the saved recipe without a word)."""
+    steps = data.get("smoothquant") is not None or data.get("lkd") is not None
+    readers = {
+        "gptq": ("gptq", "awq+gptq", "kmeans", "autoround", "awq+autoround", "awq")
+        + (("rtn", "hqq") if steps else ()),  # (its true_sequential groups every block's layers)
+        "awq": ("awq", "awq+gptq", "awq+autoround") + (("rtn", "hqq") if steps else ()),
+        "autoround": ("autoround", "awq+autoround"),
+    }
+    for key, algorithms in readers.items():
+        if data.get(key) and algorithm not in algorithms:
+            log.warning("%s: %s: options for another algorithm (%s); this recipe's algorithm "
+                        "is %s, so they are ignored", where, key, algorithms[0],
+                        algorithm)  # fmt: skip
 
 
 def _learnable(spec: WeightSpec | None, where: str) -> None:
