@@ -6,7 +6,6 @@ Errors a user can fix print one line (``lowbit: error: ...``) and exit with stat
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from lowbit.cli_qat import add_qat
 from lowbit.cli_quantize import add_quantize
 from lowbit.cli_serve import add_serve
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 log = logging.getLogger("lowbit")
 
@@ -218,7 +218,7 @@ def print_summary(args, recipe, out, report, metrics, results, sizes) -> int:
                "calibration": report.calibration.describe() if report.calibration else None,
                "mixed_precision": report.analysis, **metrics}  # fmt: skip
     if args.json:
-        print(json.dumps(summary, indent=1))
+        print(json_text(summary, indent=1))
     elif results is not None:
         _print_eval_table(results, sizes)
         print(f"\nsaved to {out}")
@@ -313,7 +313,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.ref:
             out["ref"] = args.ref
             out["ref_ppl"] = results[ref_name].to_dict()["ppl"]
-        print(json.dumps(out))
+        print(json_text(out))
         return 0
     sizes = {name: api.model_size(m) for name, m in models.items()}
     _print_eval_table(results, sizes)
@@ -369,7 +369,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit.eval.inspection import inspect_folder, render_inspection
 
     info = inspect_folder(args.folder, verify=args.verify)
-    print(json.dumps(info, indent=1) if args.json else render_inspection(info))
+    print(json_text(info, indent=1) if args.json else render_inspection(info))
     return 0
 
 

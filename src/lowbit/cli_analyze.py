@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from lowbit.cli_args import check_window, positive, seed
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 _ANALYZE_EPILOG = """\
 examples:
@@ -95,11 +95,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return 0
     if args.out:
         with atomic_file(args.out) as tmp:
-            tmp.write_text(json.dumps(data, indent=1))
+            tmp.write_text(json_text(data, indent=1))
     if args.plot:
         plot_sensitivity(sens, args.plot, title=str(args.model))
     if args.json:
-        print(json.dumps(data))
+        print(json_text(data))
         return 0
     measured = (f"{sens.tokens} {args.calib or 'bbc'} tokens, KL" if entry is None else
                 f"{sens.tokens} calibration inputs, output MSE")  # fmt: skip
@@ -184,7 +184,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
                            args.tokens)  # fmt: skip
     total, ranked = layer_contributions(fp.model, q.model, windows, progress=not args.quiet)
     if args.json:
-        print(json.dumps({"kl": total, "tokens": int(windows.numel()),
+        print(json_text({"kl": total, "tokens": int(windows.numel()),
                           "layers": [c.to_dict() for c in ranked]}))  # fmt: skip
         return 0
     print(f"KL(fp || q) = {total:.5f} on {windows.numel()} {args.corpus} tokens")
@@ -214,7 +214,7 @@ def _image_diff(args: argparse.Namespace, entry: Any) -> int:
                                         progress=not args.quiet)  # fmt: skip
     psnr = 10 * math.log10(1 / total) if 0 < total < float("inf") else None
     if args.json:
-        print(json.dumps({"mse": total, "psnr": psnr, "images": int(inputs.shape[0]),
+        print(json_text({"mse": total, "psnr": psnr, "images": int(inputs.shape[0]),
                           "layers": [c.to_dict() for c in ranked]}))  # fmt: skip
         return 0
     shown = "inf" if psnr is None else f"{psnr:.2f}"

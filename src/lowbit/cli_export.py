@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from lowbit.cli_args import positive
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 _EPILOG = """\
 examples:
@@ -106,7 +106,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export(args.folder, args.format, args.out, args.overwrite, args.float_type or "f16",
                     args.requantize, litert=opts)  # fmt: skip
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json_text(result.to_dict()))
     else:
         print(f"exported {args.folder} as {result.format} to {result.path} "
               f"({result.bytes / 1e6:.1f} MB)")  # fmt: skip

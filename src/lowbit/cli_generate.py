@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -16,6 +15,7 @@ from lowbit.cli_args import (
 )
 from lowbit.cli_image_generate import add_image_options, generate_images, refuse_image_options
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 _GENERATE_EPILOG = """\
 examples:
@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = text_ids(tok, prompt)
     run = _stream(runtime, tok, ids, args, sampling, None if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({"text": tok.decode(run.tokens[0], skip_special_tokens=True),
+        print(json_text({"text": tok.decode(run.tokens[0], skip_special_tokens=True),
                           "tokens": run.tokens[0], "finish": run.finish[0],
                           "prompt_tokens": run.prompt_tokens,
                           "prefill_tps": round(run.prefill_tps, 2),

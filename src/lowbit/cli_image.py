@@ -7,13 +7,13 @@ and against ``--ref``'s outputs, images per second)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from lowbit.cli_args import given
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 log = logging.getLogger(__name__)
 IMAGE_ANALYSIS_SAMPLES = 16  # calibration inputs the mixed-precision analysis runs on
@@ -127,7 +127,7 @@ def quantize_image(args: argparse.Namespace, entry: Any) -> int:
     if analysis is not None:
         summary["mixed_precision"] = analysis
     if args.json:
-        print(json.dumps(summary))
+        print(json_text(summary))
     else:
         print(f"saved to {out}: {len(report.layers)} layers, {bits / weights:.3f} bits/weight, "
               f"{report.seconds:.1f} s")  # fmt: skip
@@ -284,7 +284,7 @@ def _print_result(args: argparse.Namespace, result: dict, grid: Path | None) -> 
     if args.json:
         extra = {"ref": args.ref} if args.ref else {}
         extra |= {"grid": str(grid)} if grid else {}
-        print(json.dumps({"model": args.model, **extra, **result}))
+        print(json_text({"model": args.model, **extra, **result}))
         return
     for row in result.get("per_image", ()):
         print(f"{row['image']}: {_line(row)}")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lowbit.cli_args import given, positive
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 RECORD = "lowbit_images.json"  # what made a folder of images (lowbit.assets.atomic.RECORDS)
 
@@ -97,7 +98,7 @@ def generate_images(args: argparse.Namespace, entry: Any) -> int:
                "size": list(images[0].shape[-2:]), "seconds": round(seconds, 3),
                "images_per_s": round(len(images) / seconds, 2)}  # fmt: skip
     if args.json:
-        print(json.dumps(summary))
+        print(json_text(summary))
     else:
         h, w = summary["size"]
         what = "a grid of " if grid and len(images) > 1 else ""

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 _EPILOG = """\
 examples:
@@ -57,7 +57,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                           f"by `lowbit quantize`)")  # fmt: skip
     result = check(src.model, src.folder, src.manifest or {}, args.tolerance)
     if args.json:
-        print(json.dumps({"folder": str(src.folder), **result.to_dict()}))
+        print(json_text({"folder": str(src.folder), **result.to_dict()}))
     else:
         print(result.line())
     return 0 if result.ok else 1

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from lowbit.cli_args import add_attention_options, apply_attention, check_window, positive
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 _BENCH_EPILOG = """\
 examples:
@@ -71,7 +71,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results, machine = bench_models(models, None if args.no_rss else sources, args.prompt_tokens,
                                     args.new_tokens, args.repeats, not args.quiet)  # fmt: skip
     out = bench_summary(results, args.model, args.ref, machine)
-    print(json.dumps(out, indent=1) if args.json else render_bench(results, out, machine))
+    print(json_text(out, indent=1) if args.json else render_bench(results, out, machine))
     return 0
 
 

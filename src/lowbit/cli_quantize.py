@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from lowbit.cli_args import (
     refuse_attention,
 )
 from lowbit.errors import LowbitError
+from lowbit.json_out import json_text
 
 log = logging.getLogger("lowbit")
 
@@ -211,7 +211,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.dry_run or args.max_memory:
         plan = _fit_memory(args, api, recipe, calibration)
         if args.dry_run:
-            print(json.dumps(plan, indent=1) if args.json else render_plan(plan))
+            print(json_text(plan, indent=1) if args.json else render_plan(plan))
             return 0
         _check_memory(plan, args.max_memory)
     out, report = api.quantize_to(

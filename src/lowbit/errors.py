@@ -13,5 +13,8 @@ def reason(exc: BaseException, limit: int = 200) -> str:
     """The first line of another library's error message (its name if it has none), shortened:
     what goes after the colon of a one-line lowbit error."""
     text = str(exc).strip()
-    first = text.splitlines()[0].strip() if text else type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if first.endswith(":") and len(lines) > 1:  # a heading ("... validation error:"): add why
+        first = f"{first} {lines[1]}"
     return first if len(first) <= limit else first[: limit - 3] + "..."

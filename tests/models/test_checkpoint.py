@@ -86,6 +86,34 @@ def test_truncated_weights_file_is_a_clear_error(tiny_folder, tmp_path):
         api.load(out)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("files", {"model.safetensors": [1]}, "files.model.safetensors must be a mapping"),
+        ("blocks", [{"output_rel_mse": 0.1}], "blocks.0. must be a mapping with its block"),
+        ("metrics", {"eval": {"ppl": "abc"}}, "metrics.eval.ppl must be a number"),
+        ("canary", {"kl": 0.1}, "canary.tolerance must be present"),
+        ("canary", {"tolerance": "x"}, "canary.tolerance must be a number"),
+        ("canary", "yes", "canary must be a mapping"),
+        ("source", "abc", "source must be a mapping"),
+        ("recipe", "x", "recipe must be a mapping"),
+    ],
+)
+def test_an_edited_manifest_is_one_line_naming_the_field(tiny_folder, tmp_path, field, value,
+                                                         said):  # fmt: skip
+    import json
+
+    from lowbit.models.checkpoint import read_manifest
+
+    src, report = quantized_copy(tiny_folder, "w4-rtn-g32")
+    out = api.save(src.model, tmp_path / "q", report, source=src)
+    manifest = json.loads((out / "lowbit.json").read_text())
+    read_manifest(out)  # as saved: fine
+    (out / "lowbit.json").write_text(json.dumps(manifest | {field: value}))
+    with pytest.raises(LowbitError, match=said):
+        read_manifest(out)
+
+
 def test_load_with_kernels_matches_reference(tiny_folder, tmp_path):
     src, report = quantized_copy(tiny_folder, "w4-rtn-g32")
     out = api.save(src.model, tmp_path / "q", report, source=src)

@@ -213,7 +213,47 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise LowbitError(f"{path} is not a lowbit manifest")
     if manifest.get("manifest_version", 0) > MANIFEST_VERSION:
         raise LowbitError(f"{path} was written by a newer lowbit; upgrade lowbit to read it")
+    _check_fields(manifest, path)
     return manifest
+
+
+_FIELD_TYPES = {"layers": dict, "files": dict, "blocks": list, "metrics": dict, "canary": dict,
+                "source": dict, "recipe": dict}  # fmt: skip
+_NUMBERS = ("kl", "top1", "tolerance", "tolerance_psnr", "psnr", "ppl", "mean_kl", "top1_rate")
+
+
+def _check_fields(manifest: dict[str, Any], path: Path) -> None:
+    """The fields lowbit reads are of the types it reads them as; a manifest edited by hand (or
+    damaged) is one line naming the field, not a traceback where it is used."""
+
+    def bad(field: str, expected: str) -> LowbitError:
+        return LowbitError(f"{path}: {field} must be {expected}; the manifest was edited or "
+                           f"damaged (quantize again, or restore it)")  # fmt: skip
+
+    for key, kind in _FIELD_TYPES.items():
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            raise bad(key, "a mapping" if kind is dict else "a list")
+    for name, info in (manifest.get("files") or {}).items():
+        if not isinstance(info, dict):
+            raise bad(f"files.{name}", "a mapping of bytes and sha256")
+    for i, block in enumerate(manifest.get("blocks") or []):
+        if not isinstance(block, dict) or "block" not in block:
+            raise bad(f"blocks[{i}]", "a mapping with its block's name")
+    sections = {"canary": manifest.get("canary") or {}}
+    sections |= {f"metrics.{k}": v for k, v in (manifest.get("metrics") or {}).items()
+                 if isinstance(v, dict)}  # fmt: skip
+    for where, section in sections.items():
+        for key in _NUMBERS:
+            value = section.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise bad(f"{where}.{key}", "a number")
+    canary = sections["canary"]
+    needed = ("tolerance_psnr", "output_range") if canary.get("kind") == "image" else ("tolerance",)
+    missing = [key for key in needed if canary and key not in canary]
+    if missing:
+        raise bad(f"canary.{missing[0]}", "present")
 
 
 def load_folder(

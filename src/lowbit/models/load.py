@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from lowbit.models.convert import converted_folder
 from lowbit.models.images import image_models
 from lowbit.models.kernels import use_kernels
 from lowbit.models.normalize import fold_batchnorm
+from lowbit.models.source import CONFIG_ERRORS, TensorSource, skeleton
 from lowbit.models.zoo import build_random, random_folder, random_models, zoo, zoo_gguf
 from lowbit.nn.attention import attention_spec, install_attention
 
@@ -156,14 +158,29 @@ def _hub_folder(repo_id: str) -> Path:
 
 
 def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
+    """The float model of an HF folder, its checkpoint checked first as a streamed run checks it
+    (safetensors only: never a pickle; no tensor missing, truncated or of another shape), so a
+    broken folder is one line, not a traceback or a model with random weights."""
     from transformers import AutoModelForCausalLM
 
+    model = skeleton(folder)  # config.json readable and buildable
+    if not _quantized_config(folder):  # (transformers reads quantized checkpoints itself)
+        TensorSource(folder).check(model)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                     trust_remote_code=False)  # fmt: skip
-    except (OSError, ValueError) as exc:
+                                                     trust_remote_code=False,
+                                                     use_safetensors=True)  # fmt: skip
+    except CONFIG_ERRORS as exc:
         raise LowbitError(f"cannot load the model in {folder}: {reason(exc)}") from None
     return model.eval(), source_tokenizer(folder)
+
+
+def _quantized_config(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("quantization_config") is not None
 
 
 def source_tokenizer(folder: Path) -> Any:

@@ -13,15 +13,22 @@ other way is refused (lowbit starts from the float weights).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from torch import nn
 
 from lowbit.errors import LowbitError, reason
 from lowbit.models.experts import checkpoint_renames, experts_to_linears
 from lowbit.models.tensorfile import Entry, read_header
+
+log = logging.getLogger(__name__)
+# what transformers raises for a config.json it cannot read or build (a field of the wrong type,
+# sizes that do not fit: huggingface_hub's strict dataclasses)
+CONFIG_ERRORS = (OSError, ValueError, TypeError, StrictDataclassError)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -110,6 +117,12 @@ class TensorSource:
                     f"{entry.path.name}: tensor {name!r} has shape {list(entry.shape)}, "
                     f"config.json implies {list(t.shape)}"
                 )
+        known = set(_tensors(model)) | set(self.scales)
+        extra = [n for n in self.entries if n not in known and not n.endswith(".inv_freq")]
+        if extra:  # e.g. num_hidden_layers lowered by hand: the rest would silently go missing
+            log.warning("%s: %d tensor(s) of the checkpoint are not in the model config.json "
+                        "describes (%s, ...); they are left out", self.folder, len(extra),
+                        extra[0])  # fmt: skip
 
     def _adopt_prefix(self, model: nn.Module) -> None:
         """GPT-2's and OPT's own checkpoints were saved from the base model, so their names
@@ -217,23 +230,41 @@ def skeleton(folder: Path) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    _check_model_type(folder)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
+    except CONFIG_ERRORS as exc:
         raise LowbitError(f"cannot read the model config in {folder}: {reason(exc)}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except ValueError as exc:
-        raise LowbitError(f"{folder}: transformers cannot build this model: {exc}") from None
+    except CONFIG_ERRORS as exc:
+        raise LowbitError(f"{folder}: transformers cannot build this model: "
+                          f"{reason(exc)}") from None  # fmt: skip
     if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
     experts_to_linears(model)  # a mixture of experts as per-expert linears, as lowbit holds it
     return model.eval()
+
+
+def _check_model_type(folder: Path) -> None:
+    """An architecture this transformers does not know, named in one line (transformers' own
+    message runs long and is cut)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # no or unreadable config.json: AutoConfig says so
+    if isinstance(kind, str) and kind not in CONFIG_MAPPING:
+        raise LowbitError(f"{folder}: model_type {kind!r} is not an architecture transformers "
+                          f"{transformers.__version__} knows (a newer release may; lowbit never "
+                          f"runs a model's own code)")  # fmt: skip
 
 
 def materialize(model: nn.Module, names: list[str], source: TensorSource) -> int:
