@@ -79,7 +79,8 @@ def _convert(gguf: Path, folder: Path) -> None:
         reader = GGUFReader(gguf)
     except (ValueError, OSError, KeyError, RuntimeError, TypeError, IndexError, EOFError,
             struct.error) as exc:  # what the readers raise on a damaged or cut file  # fmt: skip
-        raise LowbitError(f"could not read GGUF file {gguf}: {reason(exc)}") from None
+        raise LowbitError(f"could not read GGUF file {gguf} (damaged, or cut short by an "
+                          f"interrupted download?): {reason(exc)}") from None  # fmt: skip
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with init_empty_weights():
