@@ -29,13 +29,33 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return recipe_from_yaml(text, str(path))
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last silently: a recipe with two ``weights:`` blocks would quantize with one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool | None):
+                continue  # an unhashable key: PyYAML's own error follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def recipe_from_yaml(text: str, where: str = "recipe") -> Recipe:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: no python tags
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise LowbitError(f"{where}: not valid YAML{at}") from None
+        problem = getattr(exc, "problem", None) or ""
+        said = f": {problem}" if "twice" in problem else ""
+        raise LowbitError(f"{where}: not valid YAML{at}{said}") from None
     return Recipe.from_dict(data, where)
 
 
