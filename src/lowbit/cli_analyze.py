@@ -108,8 +108,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(f"proxy rank correlation (Spearman, all pairs): {sens.rank_correlation():.3f}")
     for cand in sens.candidates:
         ranked = sorted(sens.layers, key=lambda n: -sens.damage[n][cand])[: args.top]
-        rho = sens.rank_correlation(cand)
-        print(f"\n{cand} ({sens.candidates[cand].short()}; proxy rank corr {rho:.3f}):")
+        spec = sens.candidates[cand]
+        # (float storage has no quantization error for the Hessian proxy to rank)
+        corr = "" if spec.format in ("fp16", "bf16") else (
+            f"; proxy rank corr {sens.rank_correlation(cand):.3f}")  # fmt: skip
+        print(f"\n{cand} ({spec.short()}{corr}):")
         for name in ranked:
             print(f"  {sens.damage[name][cand]:10.4g}  {name}")
     return 0

@@ -51,6 +51,7 @@ def test_yaml_round_trip():
         ("version: 1\nattention: {kv_bit: 4}\n", "unknown key 'kv_bit'"),
         ("version: 1\nrotate: {kind: givens}\n", "rotate.kind: .givens. is not one of"),
         ("version: true\n", "version must be 1, got True"),
+        ("version: 1\nweights: {granularity: channel, group_size: 64}\n", "contradict each"),
         ("version: 1\nweights: {bits: 4}\nweights: {bits: 8}\n", "key 'weights' given twice"),
         ("version: 1\nname: 2024-01-01\n", "name: expected a string"),
         ("version: 1\nweights: {bits: 1, symmetric: true, group_size: 32}\n", "no level but"),

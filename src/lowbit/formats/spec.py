@@ -142,6 +142,11 @@ class WeightSpec:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "weights") -> WeightSpec:
+        whole = isinstance(data, dict) and data.get("granularity") in ("tensor", "channel")
+        if whole and data.get("group_size") not in (None, -1):
+            raise LowbitError(f"{where}: group_size {data['group_size']} and granularity "
+                              f"{data['granularity']} contradict each other; give one of "
+                              f"them")  # fmt: skip
         if isinstance(data, dict) and "bits" not in data and data.get("format") in FIXED_WIDTH:
             data = {**data, "bits": FIXED_WIDTH[data["format"]]}  # fp16, nf4, ...: its width
         if isinstance(data, dict) and isinstance(data.get("observer"), (str, dict)):

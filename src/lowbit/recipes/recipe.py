@@ -145,6 +145,8 @@ class Recipe:
             )
         if "group_size" in override.weights and "granularity" not in override.weights:
             base.pop("granularity", None)  # let group_size: -1 / N decide it again
+        if "granularity" in override.weights and "group_size" not in override.weights:
+            base.pop("group_size", None)  # (channel / tensor: the default's groups go)
         if "format" in override.weights:  # a new format brings its own width and symmetry
             for key in ("bits", "symmetric", "zero_point"):
                 if key not in override.weights:
