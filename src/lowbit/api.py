@@ -26,6 +26,7 @@ from lowbit.analysis import (
     allocate,
     allocation_recipe,
     candidate_specs,
+    check_candidates,
     measure_sensitivity,
 )
 from lowbit.assets import write_text_atomic
@@ -155,6 +156,7 @@ def analyze(
     plan = plan_layers(recipe, layers)
     specs = candidate_specs(recipe.weights, list(candidates))
     chosen = {n: m for n, m in layers if n in plan}
+    check_candidates(chosen, specs, recipe)
     return measure_sensitivity(model, chosen, specs, calibration.windows, progress=progress,
                                output_range=output_range)  # fmt: skip
 

@@ -79,3 +79,22 @@ def test_sizes_and_candidates_parse_with_clear_errors():
     assert specs["int4ch"].granularity == "channel" and specs["float"].format == "fp16"
     with pytest.raises(LowbitError, match="at least two"):
         candidate_specs(BASE, ["4"])
+
+
+def test_a_default_grid_that_does_not_fit_an_overridden_layer_is_named_before_measuring():
+    """The candidates take the recipe's default grid; where an override gave a layer a grid
+    that fits and the default's does not, the error names the override, not only the layer."""
+    from torch import nn
+
+    from lowbit.analysis import check_candidates
+
+    q32 = {"match": "q", "weights": {"group_size": 32}}
+    recipe = Recipe.from_dict({"version": 1, "weights": {"bits": 4, "group_size": 128},
+                               "overrides": [q32]})  # fmt: skip
+    specs = candidate_specs(recipe.weights, ["2", "4", "float"])
+    check_candidates({"wide": nn.Linear(256, 8)}, specs, recipe)  # 128 divides 256: fine
+    with pytest.raises(LowbitError, match=r"not q's override \(int4-asym-g32\)"):
+        check_candidates({"q": nn.Linear(64, 8)}, specs, recipe)
+    with pytest.raises(LowbitError, match="does not divide in_features 64 of layer k") as info:
+        check_candidates({"k": nn.Linear(64, 8)}, specs, recipe)
+    assert "override" not in str(info.value)

@@ -15,10 +15,13 @@ import math
 import re
 
 import numpy as np
+from torch import nn
 
 from lowbit.analysis.sensitivity import Sensitivity
 from lowbit.errors import LowbitError
+from lowbit.formats.granularity import weight_block
 from lowbit.formats.spec import WeightSpec
+from lowbit.nn.quant_conv import weight_matrix
 from lowbit.recipes import Recipe
 
 FLOAT = "float"  # the "leave in float" candidate, stored as fp16 so that it counts in the budget
@@ -45,6 +48,26 @@ def candidate_specs(base: WeightSpec, choices: list[str]) -> dict[str, WeightSpe
     if len(out) < 2:
         raise LowbitError("--candidates: give at least two formats to choose between")
     return out
+
+
+def check_candidates(layers: dict[str, nn.Module], specs: dict[str, WeightSpec],
+                     recipe: Recipe) -> None:  # fmt: skip
+    """Every candidate's grid fits every layer, checked before any measuring. The candidates
+    are the recipe's default grid at each width, so where a layer's own override gives it a grid
+    the default's groups do not fit, the error says so (not only "exclude the layer")."""
+    for name, module in layers.items():
+        out_features, in_features = weight_matrix(module).shape[:2]
+        for spec in specs.values():
+            try:
+                weight_block(spec, out_features, in_features, name)
+            except LowbitError as exc:
+                own = recipe.spec_for(name)
+                if own is not None and own.replace(bits=spec.bits) != spec:
+                    raise LowbitError(f"{exc}; the candidates take the recipe's default grid "
+                                      f"({recipe.weights.short()}), not {name}'s override "
+                                      f"({own.short()}): give a default that fits every "
+                                      f"layer") from None  # fmt: skip
+                raise
 
 
 def parse_size(text: str, option: str = "--target-size") -> int:
