@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 _API_NAMES = (
     "quantize",
+    "quantize_to",
     "evaluate",
     "save",
     "load",

@@ -192,7 +192,7 @@ def _block_size(group: int, k: int, layer: str) -> int:
         raise LowbitError(f"{layer}: in_features {k} is not a multiple of 16 (MatMulNBits)")
     if group < 16 or group & (group - 1):
         raise LowbitError(f"{layer}: group size {group} is not a power of two >= 16, which "
-                          "MatMulNBits needs; use groups of 16, 32, 64 or 128")  # fmt: skip
+                          "MatMulNBits needs; use e.g. groups of 32, 64 or 128")  # fmt: skip
     return group
 
 
