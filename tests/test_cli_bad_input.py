@@ -174,7 +174,7 @@ DAMAGES = {  # name: (damage, what the line says)
     "manifest a list": (lambda q: (q / "lowbit.json").write_text("[]"), "not a lowbit manifest"),
     "unknown model_type": (
         lambda q: edit_json(q / "config.json", lambda c: c.update(model_type="nonesuch")),
-        "cannot read the model config",
+        "model_type 'nonesuch' is not an architecture transformers",
     ),
 }
 
