@@ -152,10 +152,16 @@ def test_calibration_corpus_too_short_is_a_clear_error(tmp_path, tiny_folder, te
     out = str(tmp_path / "q")
     code, _, err = run(
         capsys, "quantize", str(tiny_folder), "--recipe", "w4-gptq-g64", "--out", out,
-        "--calib", str(text_file), "--calib-samples", "1000", "--calib-seqlen", "512",
+        "--calib", str(text_file), "--calib-samples", "1000", "--calib-seqlen", "128",
     )  # fmt: skip
     assert code == 2 and "lower --calib-samples" in err
     assert not (tmp_path / "q").exists()
+    # windows longer than the tiny model's 256 positions
+    code, _, err = run(
+        capsys, "quantize", str(tiny_folder), "--recipe", "w4-gptq-g64", "--out", out,
+        "--calib", str(text_file), "--calib-samples", "2", "--calib-seqlen", "512",
+    )  # fmt: skip
+    assert code == 2 and "--calib-seqlen 512 exceeds the model's context of 256" in err
 
 
 LKD_YAML = """version: 1

@@ -208,7 +208,7 @@ def test_a_short_calibration_file_leaves_nothing_in_the_cache(tiny_folder, tmp_p
     words = tmp_path / "three.txt"
     words.write_text("three short words")
     args = ["quantize", str(tiny_folder), "--recipe", "w3-gptq-g32", "--out",
-            str(tmp_path / "o"), "--calib", str(words), "-q"]  # fmt: skip
+            str(tmp_path / "o"), "--calib", str(words), "--calib-seqlen", "64", "-q"]  # fmt: skip
     assert "calibration corpus has 3 tokens" in run(capsys, args)
     tokens = Path(os.environ["LOWBIT_CACHE"]) / "tokens"
     assert not tokens.exists() or not list(tokens.iterdir())

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli_args import check_window, positive, seed
+from lowbit.cli_args import check_context, check_window, positive, seed
 from lowbit.errors import LowbitError
 from lowbit.json_out import json_text
 
@@ -130,6 +130,7 @@ def _analyze_text(args: argparse.Namespace) -> Any:
     if src.tokenizer is None:
         raise LowbitError(f"{args.model} has no tokenizer to read calibration text with")
     recipe = api.load_recipe(args.recipe)
+    check_context(args.calib_seqlen, src.model.config, "--calib-seqlen")
     calib = api.calibration_set(src.tokenizer, args.calib or "bbc", args.calib_samples or 2,
                                 args.calib_seqlen, args.seed)  # fmt: skip
     return api.analyze(src.model, recipe, calib, args.candidates, progress=not args.quiet)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.assets import prepare_out
-from lowbit.cli_args import check_window, positive
+from lowbit.cli_args import check_context, check_window, positive
 from lowbit.errors import LowbitError
 
 _EPILOG = """\
@@ -74,6 +74,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     if src.kind == "lowbit":
         raise LowbitError(f"{args.model} is already quantized; start from the float model")
     _need_tokenizer(src, "training on --train text")
+    check_context(args.seqlen, src.model.config, "--seqlen")
     train = api.calibration_set(src.tokenizer, args.train, args.steps * args.batch_size,
                                 args.seqlen, args.seed,
                                 "--steps x --batch-size or --seqlen")  # fmt: skip

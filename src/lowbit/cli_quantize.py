@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from lowbit.cli_analyze import add_candidates
 from lowbit.cli_args import (
     add_attention_options,
     attention_override,
+    check_context,
     check_window,
     positive,
     positive_float,
@@ -198,6 +200,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tokenizer = source_tokenizer(folder)
         if tokenizer is None:
             raise LowbitError(f"{args.model} has no tokenizer; calibration needs one")
+        check_context(args.calib_seqlen, _config(folder), "--calib-seqlen")
         calibration = api.calibration_set(
             tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed
         )
@@ -241,6 +244,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.cli import print_summary
 
     return print_summary(args, recipe, out, report, metrics, results, sizes)
+
+
+def _config(folder: Path) -> dict:
+    """``folder``'s config.json as a mapping ({} where it cannot be read: loading says why)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _check_eval_text(args: argparse.Namespace, folder: Path) -> None:
