@@ -33,3 +33,38 @@ def test_only_short_prompts_into_an_empty_cache_hold_torch_to_one_thread():
         free = plain(ids[:, :32], plain.new_cache(1, 48), all_logits=True)
     assert seen == [1, 2, 1, 2, 2]
     assert rel(held, free) < 1e-5
+
+
+def test_a_longrope_model_reads_its_sequence_again_when_it_outgrows_the_original_context():
+    """Phi-3's LongRoPE rotates every position with its long factors once the sequence passes
+    original_max_position_embeddings; transformers' generate then reads the sequence again, and
+    so does lowbit's loop: the same tokens and logits across the switch (at 64 here)."""
+    import transformers
+
+    from lowbit.runtime import Runtime
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [2.0 + 0.3 * i for i in range(8)],
+            "original_max_position_embeddings": 64}  # fmt: skip
+    config = transformers.Phi3Config(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=128,
+                                     original_max_position_embeddings=64, pad_token_id=0,
+                                     eos_token_id=None, rope_parameters=rope)  # fmt: skip
+    model = transformers.Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    prompt, n = [71, 12, 40, 95, 33, 8, 54, 27], 80
+    seen = []
+    run = Runtime(model).generate([prompt], n, on_logits=lambda logits: seen.append(logits[0]))
+    with torch.inference_mode():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True)  # fmt: skip
+    assert run.path == "hf" and run.tokens[0] == want.sequences[0, len(prompt) :].tolist()
+    for got, ref in zip(seen, want.logits, strict=True):
+        assert (got - ref[0]).abs().max() <= 1e-4 * ref[0].abs().max()

@@ -26,11 +26,13 @@ from lowbit.runtime.kv_cache import Slots
 
 
 class HFCache(Slots):
-    """Transformers' cache object plus the slot bookkeeping every cache has."""
+    """Transformers' cache object plus the slot bookkeeping every cache has, and the ids fed so
+    far (a LongRoPE model reads them again, see :class:`HFForward`)."""
 
     def __init__(self, batch: int, capacity: int) -> None:
         super().__init__(batch, capacity)
         self.past = None
+        self.ids: Tensor | None = None
 
 
 class HFForward:
@@ -42,13 +44,20 @@ class HFForward:
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._pooled = native_ops() and pooled_layers(model)
+        self._switch = _longrope_switch(model.config)
 
     def new_cache(self, batch: int, capacity: int) -> HFCache:
         return HFCache(batch, capacity)
 
     def __call__(self, ids: Tensor, cache: HFCache, all_logits: bool = False) -> Tensor:
-        t = ids.shape[1]
+        t = new = ids.shape[1]
         start = cache.reserve(t)
+        cache.ids = ids if start == 0 else torch.cat([cache.ids, ids], dim=1)
+        if self._switch is not None and 0 < start <= self._switch < start + t:
+            # LongRoPE rotates every position with its long factors once the sequence outgrows
+            # the original context, and the cached keys were rotated with the short ones: the
+            # whole sequence is read again, as transformers' generate does for Phi-3
+            cache.past, ids, start, t = None, cache.ids, 0, start + t
         kwargs = {self._cache_arg: cache.past, "use_cache": True}
         if bool(cache.pad.any()):
             slots = torch.arange(start + t)
@@ -62,4 +71,15 @@ class HFForward:
             out = self.model(ids, **kwargs)
         past = getattr(out, "cache", None)
         cache.past = out.past_key_values if past is None else past
-        return out.logits if all_logits else out.logits[:, -1]
+        return out.logits[:, -new:] if all_logits else out.logits[:, -1]
+
+
+def _longrope_switch(config: object) -> int | None:
+    """The length past which a LongRoPE model switches to its long factors (None: not one)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    params = params if isinstance(params, dict) else {}
+    if params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    original = params.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None)  # fmt: skip
+    return original if isinstance(original, int) else None
