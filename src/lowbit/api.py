@@ -46,6 +46,14 @@ from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import fitted_rotation, rotate_model
 from lowbit.pipeline import QuantizeReport, quantize_weights
+from lowbit.pipeline.arguments import (
+    check_float,
+    check_model,
+    check_qat_options,
+    check_report,
+    check_vocabulary,
+    check_windows,
+)
 from lowbit.pipeline.estimate import estimate as estimate_run
 from lowbit.pipeline.manifest import build_manifest
 from lowbit.pipeline.qat import QATOptions
@@ -53,8 +61,8 @@ from lowbit.pipeline.qat import qat as run_qat
 from lowbit.pipeline.spin import learned_matrix
 from lowbit.pipeline.to_folder import parse_hidden_dtype, quantize_to
 from lowbit.pipeline.tune import check_tune, tune_model
-from lowbit.pipeline.weights import quantized_whole
-from lowbit.recipes import Recipe, load_recipe, plan_layers
+from lowbit.pipeline.weights import check_calibration_given, quantized_whole
+from lowbit.recipes import Recipe, as_recipe, load_recipe, plan_layers
 
 __all__ = [
     "QATOptions",
@@ -90,8 +98,11 @@ def quantize(
     windows, e.g. ``lowbit.calibration_set(tokenizer, "bbc", samples=128, seqlen=512)``.
     Canary prompts (``lowbit monitor``) are recorded by :func:`quantize_to`, not here.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+    check_model(model)
+    recipe = as_recipe(recipe)
+    check_windows(calibration, "calibration", needed=False)
+    check_float(model)
+    check_calibration_given(recipe, calibration)  # before a rotation changes the model
     conv1d_to_linear(model)  # GPT-2's layers become the linears that the checks below plan
     experts_to_linears(model)
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
@@ -121,13 +132,16 @@ def qat(
     """Quantization-aware training of ``model`` (in place) on ``train`` windows, then packing;
     e.g. ``lowbit.qat(model, "w3-rtn-g64", lowbit.calibration_set(tok, "shakespeare", 400, 128),
     lowbit.QATOptions(steps=200))``. Train on text that is neither calibration nor evaluation."""
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    experts_to_linears(model)
+    check_model(model)
+    recipe = as_recipe(recipe)
+    experts_to_linears(model)  # (the same function; a layout it cannot split is an error here)
+    check_windows(train, "train", needed=True)
+    options = check_qat_options(options, train)  # before a rotation changes the model
+    check_float(model)
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     if recipe.rotate is not None:  # trained in the rotated basis, as quantize would hold it
         rotate_model(model, recipe.rotate, *(learned_matrix(model, recipe, train, progress) or ()))
-    return run_qat(model, recipe, train, options or QATOptions(), progress)
+    return run_qat(model, recipe, train, options, progress)
 
 
 def analyze(
@@ -143,8 +157,10 @@ def analyze(
     calibrated on images, the MSE of its outputs, which span ``output_range``) and the Hessian
     proxy, on ``calibration``. An image model's convolutions are measured as quantization will
     see them (BatchNorm folded first)."""
-    if isinstance(recipe, str):
-        recipe = load_recipe(recipe)
+    check_model(model)
+    recipe = as_recipe(recipe)
+    check_windows(calibration, "calibration", needed=True)
+    check_float(model)
     if recipe.weights is None:
         raise LowbitError("the recipe has no default weights to take the candidates' grid from")
     conv1d_to_linear(model)
@@ -215,6 +231,16 @@ def evaluate(
     with ``ref`` also KL(ref ‖ model) and top-1 agreement, on the same windows."""
     if isinstance(models, nn.Module):
         models = {"model": models}
+    if not isinstance(models, dict):
+        raise LowbitError(f"models: expected a model or a mapping name -> model, got "
+                          f"{type(models).__name__}")  # fmt: skip
+    for name, model in models.items():
+        check_model(model, f"models[{name!r}]")
+    if ref is not None:
+        check_model(ref, "ref")
+    if not callable(tokenizer):
+        raise LowbitError(f"tokenizer: expected the model's tokenizer (LoadedModel.tokenizer), "
+                          f"got {type(tokenizer).__name__}")  # fmt: skip
     for name, model in [*models.items(), *([("--ref", ref)] if ref is not None else [])]:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if isinstance(limit, int) and seqlen > limit:  # positions past it: meaningless figures
@@ -222,6 +248,7 @@ def evaluate(
                               f"positions; lower --seqlen")  # fmt: skip
     text = load_corpus(corpus)
     windows = eval_windows(corpus_ids(text, tokenizer), seqlen, tokens)
+    check_vocabulary(models, windows)
     scores, seconds = score_models(models, windows, ref, progress)
     n, length = windows.shape
     return {
@@ -250,6 +277,11 @@ def save(
     overwrite: bool = False,
 ) -> Path:
     """Write the quantized model, its tokenizer and a provenance manifest to ``folder``."""
+    check_model(model)
+    check_report(model, report)
+    if source is not None and not isinstance(source, LoadedModel):
+        raise LowbitError(f"source: expected the LoadedModel lowbit.load_model returned, got "
+                          f"{type(source).__name__}")  # fmt: skip
     src = {"model": source.source, "kind": source.kind} if source else None
     manifest = build_manifest(report, src, model_size(model), metrics, seed)
     tokenizer = source.tokenizer if source else None
@@ -267,8 +299,7 @@ def estimate(
 ) -> dict[str, Any]:
     """What ``quantize_to(source, recipe, ...)`` would need: the per-layer plan, output bytes,
     estimated peak RSS (MB) and wall time (s), from the shapes and a timed probe of one block."""
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+    recipe = as_recipe(recipe)
     folder, _ = source_folder(source)
     windows = (CANARY_WINDOWS, CANARY_TOKENS) if canary else None
     dtype = parse_hidden_dtype(hidden_dtype)

@@ -23,7 +23,6 @@ from lowbit.eval.canary import measure as measure_canary
 from lowbit.eval.canary import write as write_canary
 from lowbit.eval.size import SizeReport
 from lowbit.models.checkpoint import write_extras, write_manifest
-from lowbit.models.families import find_blocks
 from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.modules import quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
@@ -93,12 +92,6 @@ def quantize_to(
         fingerprint["world_size"] = group.world
     # every rank must run the same job; where each host keeps the model may differ
     group.check_same({**fingerprint, "model": _content(fingerprint["model"])})
-    static = recipe.activations is not None and recipe.activations.static
-    prefix = find_blocks(model)[0] + "."
-    outside = [n for n in plan if not n.startswith(prefix)]
-    if calibration is not None and static and outside:  # found after the blocks otherwise
-        raise LowbitError(f"static activation ranges for layers outside the decoder blocks "
-                          f"({outside[0]}) are not supported; add them to ignore")  # fmt: skip
     if group.main:
         _check_disk(out, disk_bytes(folder, model, tensors, recipe, plan, calibration,
                                     parse_hidden_dtype(hidden_dtype)))  # fmt: skip

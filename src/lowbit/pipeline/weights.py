@@ -37,6 +37,7 @@ from lowbit.pipeline.diagnostics import output_sqnr
 from lowbit.pipeline.report import LayerReport, QuantizeReport
 from lowbit.pipeline.scales_whole import awq_whole, smooth_whole
 from lowbit.pipeline.whole import gptq_whole
+from lowbit.primitives.metrics import all_finite
 from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import peak_rss_mb
 
@@ -74,10 +75,9 @@ def quantize_weights(
         fold_batchnorm(model)  # a BatchNorm's scale is quantized with its convolution
     plan = plan_layers(recipe, quantizable_layers(model, convs=blocks is None))
     report = QuantizeReport(recipe, calibration=calibration)
-    if recipe.needs_calibration and calibration is None:
-        raise LowbitError(f"this recipe needs calibration data (--calib): "
-                          f"{_calibration_reason(recipe)}")  # fmt: skip
+    check_calibration_given(recipe, calibration)
     _check_step_ranges(model, recipe, calibration)
+    _check_before_work(model, recipe, plan, blocks, calibration)
     store = store or BlockStore()
     if blocks is not None and recipe.lkd is not None:  # one calibration call per LKD step
         batch_size = recipe.lkd.batch_size
@@ -174,10 +174,7 @@ def _quantize_rest(model, recipe, rest, report, calibration, batch_size, whole, 
     static = [n for n in rest if _static(get_module(model, n))]
     if calibration is None or not rest:
         return
-    if not whole and static:
-        raise LowbitError(f"static activation ranges for layers outside the decoder blocks "
-                          f"({static[0]}) are not supported; add them to ignore")  # fmt: skip
-    if static:
+    if static:  # (outside the blocks only for a model quantized whole: checked before any work)
         calibrate_activations(model, calibration.windows, batch_size, progress=progress)
     sample = calibration.windows[:DIAGNOSTIC_WINDOWS]
     if whole:
@@ -202,6 +199,29 @@ def _whole_supported(recipe: Recipe) -> bool:
     (scales, then RTN or GPTQ) or data-free weights, SmoothQuant, static ranges (not AutoRound
     or LKD)."""
     return recipe.lkd is None and "autoround" not in recipe.algorithm
+
+
+def _check_before_work(model: nn.Module, recipe: Recipe, plan: dict, blocks: tuple | None,
+                       calibration: CalibrationSet | None) -> None:  # fmt: skip
+    """What would otherwise fail after some layers were already replaced, leaving the caller's
+    model half quantized: checked before the first one is. (A streamed run's weights are read
+    block by block, so there only the recipe is checked here; its work folder resumes.)"""
+    outside = [n for n in plan if blocks is not None and not n.startswith(blocks[0] + ".")]
+    static = recipe.activations is not None and recipe.activations.static
+    if calibration is not None and static and outside:
+        raise LowbitError(f"static activation ranges for layers outside the decoder blocks "
+                          f"({outside[0]}) are not supported; add them to ignore")  # fmt: skip
+    weights = {n: get_module(model, n).weight for n in plan}
+    real = {n: w for n, w in weights.items() if not w.is_meta}
+    for name, weight in real.items():
+        if not all_finite(weight):
+            raise LowbitError(f"{name}: the weight holds NaN or inf values; fix or exclude the "
+                              f"layer (ignore: [{name}]) before quantizing")  # fmt: skip
+    half = {w.dtype for w in real.values()} & {torch.float16, torch.bfloat16}
+    if half and calibration is not None and blocks is not None:
+        raise LowbitError(f"calibration runs the model in float32, and it is in "
+                          f"{str(half.pop()).removeprefix('torch.')}: convert it first "
+                          f"(model.float()), or load it with lowbit.load_model")  # fmt: skip
 
 
 def _check_step_ranges(model: nn.Module, recipe: Recipe,
@@ -229,13 +249,23 @@ def _description(recipe: Recipe) -> str:
     return f"{recipe.algorithm}{'+' + steps if steps else ''}"
 
 
+def check_calibration_given(recipe: Recipe, calibration: CalibrationSet | None) -> None:
+    """A recipe that calibrates has calibration windows (checked before any work)."""
+    if recipe.needs_calibration and calibration is None:
+        raise LowbitError(f"this recipe needs calibration data (--calib): "
+                          f"{_calibration_reason(recipe)}")  # fmt: skip
+
+
 def _calibration_reason(recipe: Recipe) -> str:
     if recipe.algorithm in CALIBRATED:
         return f"algorithm {recipe.algorithm}"
     steps = [k for k in ("smoothquant", "lkd", "tune") if getattr(recipe, k) is not None]
     if recipe.attention is not None and recipe.attention.center_keys:
         steps.append("attention.center_keys (the keys' centres are measured on it)")
-    return ", ".join(steps) or "static activation ranges"
+    if recipe.rotate is not None and recipe.rotate.kind == "learned":
+        steps.append("rotate: kind learned (trained on calibration text)")
+    static = recipe.activations is not None and recipe.activations.static
+    return ", ".join(steps + (["static activation ranges"] if static else []))
 
 
 def _rtn_name(recipe: Recipe) -> str:

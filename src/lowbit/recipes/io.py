@@ -47,6 +47,19 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
+    """A Recipe, a preset name, a YAML path or a recipe mapping (as its YAML would read), as a
+    Recipe; anything else is a one-line error."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    raise LowbitError(f"recipe: expected a preset name, a YAML path, a mapping or a Recipe, got "
+                      f"{type(recipe).__name__}")  # fmt: skip
+
+
 def recipe_from_yaml(text: str, where: str = "recipe") -> Recipe:
     try:
         data = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: no python tags
