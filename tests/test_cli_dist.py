@@ -83,20 +83,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # CI keeps the single-node torchrun tests; this adds a second "host"
-def test_two_nodes_on_localhost_rendezvous_and_write_the_same_folder(tiny_folder, tmp_path,
-                                                                     corpora):  # fmt: skip
-    calib, _ = corpora
+def two_nodes(args: list[str], node_1: list[str] = ()) -> tuple[list[int], list[tuple]]:
+    """``lowbit ARGS`` as a job of two "nodes" on localhost (node 1 also given ``node_1``):
+    their exit codes and (stdout, stderr), node 1's first."""
     port = str(_free_port())
     nodes = []
     for rank in (1, 0):
         cmd = [*LAUNCH, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-               "--master-addr", "127.0.0.1", "--master-port", port, "-m", "lowbit",
-               *quantize_args(tiny_folder, calib, tmp_path / "nodes")]  # fmt: skip
+               "--master-addr", "127.0.0.1", "--master-port", port, "-m", "lowbit", *args,
+               *(node_1 if rank else [])]  # fmt: skip
         nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))  # fmt: skip
     outs = [p.communicate(timeout=180) for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outs[1][1][-3000:]
+    return [p.returncode for p in nodes], outs
+
+
+@pytest.mark.slow  # CI keeps the single-node torchrun tests; this adds a second "host"
+def test_two_nodes_on_localhost_rendezvous_and_write_the_same_folder(tiny_folder, tmp_path,
+                                                                     corpora):  # fmt: skip
+    calib, _ = corpora
+    codes, outs = two_nodes(quantize_args(tiny_folder, calib, tmp_path / "nodes"))
+    assert codes == [0, 0], outs[1][1][-3000:]
     one_process(quantize_args(tiny_folder, calib, tmp_path / "one"))
     assert weights(tmp_path / "nodes") == weights(tmp_path / "one")
 
@@ -105,19 +112,11 @@ def test_ranks_started_with_different_arguments_are_refused_at_once(tiny_folder,
                                                                    corpora):  # fmt: skip
     """Not a wait on mismatched collectives until the timeout: every rank says which."""
     calib, _ = corpora
-    port = str(_free_port())
-    nodes = []
-    for rank in (1, 0):
-        seed = ["--seed", "7"] if rank else []
-        cmd = [*LAUNCH, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-               "--master-addr", "127.0.0.1", "--master-port", port, "-m", "lowbit",
-               *quantize_args(tiny_folder, calib, tmp_path / "nodes"), *seed]  # fmt: skip
-        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))  # fmt: skip
     start = time.monotonic()
-    outs = [p.communicate(timeout=180) for p in nodes]
+    codes, outs = two_nodes(quantize_args(tiny_folder, calib, tmp_path / "nodes"),
+                            node_1=["--seed", "7"])  # fmt: skip
     assert time.monotonic() - start < 60
-    assert all(p.returncode != 0 for p in nodes)
+    assert all(code != 0 for code in codes)
     said = "rank 1 started with other arguments than rank 0 (calibration, seed)"
     assert said in outs[0][1] and said in outs[1][1], outs[1][1][-3000:]
     assert not (tmp_path / "nodes").exists()
