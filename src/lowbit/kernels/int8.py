@@ -141,7 +141,9 @@ def prepare_int8(codes: Tensor, scale: Tensor) -> Int8Weight:
     k = codes.shape[1]
     if not native_ops():
         return Int8Weight(codes, scale, k)
-    if onednn_int8_exact():
+    # oneDNN's int8 matmul misreads a weight of one input (its transpose then looks contiguous:
+    # results change from call to call, torch 2.13); layers that narrow take the panels
+    if onednn_int8_exact() and k >= PANEL:
         return Int8Weight(codes, scale, k, mm=True)
     return Int8Weight(None, scale, k, pack_panels(codes))
 
