@@ -39,3 +39,13 @@ def test_override_matching_nothing_warns(caplog):
 def test_all_float_is_an_error():
     with pytest.raises(LowbitError, match="nothing to quantize"):
         plan_layers(Recipe.from_dict({"version": 1, "weights": None}), layers())
+
+
+def test_a_lorc_rank_as_large_as_the_layer_is_refused():
+    big = Recipe.from_dict({"version": 1, "weights": {"bits": 4, "group_size": 64},
+                            "lorc": {"rank": 100}, "ignore": ["lm_head"]})  # fmt: skip
+    assert list(plan_layers(big, layers())) == ["a.q", "a.down"]  # 100 < 576
+    huge = Recipe.from_dict({"version": 1, "weights": {"bits": 4, "group_size": 64},
+                             "lorc": {"rank": 576}})  # fmt: skip
+    with pytest.raises(LowbitError, match="a.q: lorc_rank 576 is not below the layer's smaller"):
+        plan_layers(huge, layers())

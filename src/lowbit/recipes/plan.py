@@ -31,7 +31,12 @@ def plan_layers(
         spec = recipe.spec_for(name)
         if spec is None:
             continue
-        weight_block(spec, *layer_dims(module), name)  # raises if unfit
+        dims = layer_dims(module)
+        weight_block(spec, *dims, name)  # raises if unfit
+        if spec.lorc_rank >= min(dims):
+            raise LowbitError(f"{name}: lorc_rank {spec.lorc_rank} is not below the layer's "
+                              f"smaller side ({min(dims)}): its factors would hold more than "
+                              f"the weight; lower the rank")  # fmt: skip
         plan[name] = spec
     names = [n for n, _ in layers]
     for pattern in (*recipe.ignore, *(o.match for o in recipe.overrides)) if warn else ():
