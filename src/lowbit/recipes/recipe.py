@@ -214,7 +214,7 @@ class Recipe:
         return cls(
             algorithm=algorithm,
             weights=None if weights is None else WeightSpec.from_dict(weights, where),
-            activations=None if acts is None else ActivationSpec.from_dict(acts),
+            activations=None if acts is None else ActivationSpec.from_dict(acts, where),
             ignore=tuple(_str_list(data.get("ignore", []), f"{at}ignore")),
             overrides=tuple(_override(o, f"{at}overrides[{i}]")
                             for i, o in enumerate(data.get("overrides") or [])),
