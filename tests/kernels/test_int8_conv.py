@@ -127,6 +127,34 @@ def test_onednn_convolution_matches_the_reference(geometry):
     torch.testing.assert_close(int8_conv(x, qp, ASYM, weight), want, rtol=1e-5, atol=1e-5)
 
 
+# geometries oneDNN (torch 2.13) got wrong or crashed on, found by fuzzing: (in, out, kernel,
+# stride, padding, dilation, groups, input size, zero point) — an output of one pixel along a
+# stride-2 axis, padding as wide as the kernel (with groups, channels-last), and a dilated
+# axis of one tap (a segfault)
+ODD = [(1, 4, 3, (1, 2), (2, 0), (1, 1), 1, (8, 4), 128),
+       (8, 16, 3, (1, 2), (1, 0), (1, 1), 8, (13, 4), 210),
+       (8, 16, 3, (2, 2), (3, 2), (1, 1), 8, (13, 11), 255),
+       (16, 16, 1, (1, 1), (1, 0), (1, 1), 16, (3, 2), 255),
+       (2, 1, 1, (2, 2), (1, 1), (2, 2), 1, (8, 1), 128)]  # fmt: skip
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ODD)
+def test_geometries_onednn_gets_wrong_take_another_path(case):
+    cin, cout, k, stride, padding, dilation, groups, (h, w), zero = case
+    torch.manual_seed(4)
+    codes = torch.randint(-127, 128, (cout, cin // groups, k, k), dtype=torch.int8)
+    scale, bias = torch.rand(cout) / 100 + 1e-3, torch.randn(cout)
+    x = torch.randn(2, cin, h, w).contiguous(memory_format=torch.channels_last)
+    qp = QParams(torch.tensor([0.03]), torch.tensor([zero], dtype=torch.uint8))
+    weight = prepare_int8_conv(codes, scale, bias, stride, padding, dilation, groups)
+    # the exact sums in float64 (torch's float32 convolution also crashed on the last case)
+    u = act_codes(x, qp, ASYM).double() - zero
+    sums = F.conv2d(u, codes.double(), None, stride, padding, dilation, groups)
+    want = sums * scale.double().reshape(1, -1, 1, 1) * 0.03 + bias.double().reshape(1, -1, 1, 1)
+    torch.testing.assert_close(int8_conv(x, qp, ASYM, weight), want.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_no_vnni_no_integer_convolution(monkeypatch):
     monkeypatch.setattr(int8_conv_module, "has_vnni", lambda: False)
     assert not onednn_int8_available.__wrapped__()

@@ -69,6 +69,7 @@ class Int8Conv:
     dilation: list[int]
     groups: int
     phases: Phases | None = None
+    codes: Tensor | None = None  # the int8 codes as packed, for the shapes oneDNN gets wrong
 
 
 @dataclass
@@ -129,12 +130,15 @@ def prepare_int8_conv(codes: Tensor, scale: Tensor, bias: Tensor | None,
     kh, kw) transposed) with per-output-channel scales."""
     codes, scale, bias, stride, padding, dilation, phases = as_plain(
         codes, scale, bias, stride, padding, dilation, transposed, output_padding)  # fmt: skip
+    # a dilation along an axis of one tap changes nothing, and crashed oneDNN (torch 2.13)
+    dilation = tuple(1 if codes.shape[2 + axis] == 1 else d for axis, d in enumerate(dilation))
     geometry = [list(stride), list(padding), list(dilation)]
     # the input range given here only picks oneDNN's layout; each call passes its own
     packed = torch.ops.onednn.qconv_prepack(codes.to(torch.int8).contiguous(), scale, 1.0, 0,
                                             *geometry, groups, None)  # fmt: skip
     zeros = torch.zeros(scale.numel(), dtype=torch.long)
-    return Int8Conv(packed, scale, zeros, bias, *geometry, groups, phases)
+    return Int8Conv(packed, scale, zeros, bias, *geometry, groups, phases,
+                    codes.to(torch.int8).contiguous())  # fmt: skip
 
 
 def as_plain(codes: Tensor, scale: Tensor, bias: Tensor | None, stride: tuple[int, int],
@@ -223,12 +227,50 @@ def int8_conv(x: Tensor, qp: QParams, spec: ActivationSpec, weight: Int8Conv) ->
     zero, phases = int(qp.zero), weight.phases
     if phases is not None and any(more := extra_inputs(phases, x.shape)):
         codes = torch.nn.functional.pad(codes, (0, more[1], 0, more[0]), value=zero)
+    padding = weight.padding
+    if any(padding[a] >= _extent(weight, a) for a in (0, 1)):
+        # oneDNN (torch 2.13) pads otherwise than with the zero point where the padding is as
+        # wide as the kernel (errors of 4e6 found by fuzzing): the codes are padded here
+        codes = torch.nn.functional.pad(codes, (padding[1],) * 2 + (padding[0],) * 2, value=zero)
+        padding = [0, 0]
+    if _onednn_wrong(codes.shape, weight, padding):
+        return _exact_conv(codes, qp, weight, padding)
     y = torch.ops.onednn.qconv2d_pointwise(
         codes, float(qp.scale), zero, weight.packed, weight.scale, weight.zeros, weight.bias,
-        weight.stride, weight.padding, weight.dilation, weight.groups, 1.0, 0, torch.float32,
+        weight.stride, padding, weight.dilation, weight.groups, 1.0, 0, torch.float32,
         "none", [], "",
     )  # fmt: skip
     return y if phases is None else interleave(y, x.shape, phases)
+
+
+def _extent(weight: Int8Conv, axis: int) -> int:
+    """Input pixels one output reads along ``axis`` (the dilated kernel)."""
+    return (weight.codes.shape[2 + axis] - 1) * weight.dilation[axis] + 1
+
+
+def _onednn_wrong(shape: torch.Size, weight: Int8Conv, padding: list[int]) -> bool:
+    """Whether oneDNN's int8 convolution (torch 2.13) gets this call wrong: an output of one
+    pixel along an axis with stride 2 or more (found by fuzzing against exact sums: stride
+    (1, 2) with an output width of 1 gave errors of 40 on outputs of 29)."""
+    for axis in (0, 1):
+        size = shape[2 + axis] + 2 * padding[axis] - _extent(weight, axis)
+        if size // weight.stride[axis] == 0 and weight.stride[axis] > 1:
+            return True
+    return False
+
+
+def _exact_conv(codes: Tensor, qp: QParams, weight: Int8Conv, padding: list[int]) -> Tensor:
+    """The integer convolution of input codes with the weight codes in float64 (exact sums),
+    scaled as oneDNN's output is: the path for the few shapes :func:`_onednn_wrong` names."""
+    u = torch.nn.functional.pad(
+        codes.double() - int(qp.zero), (padding[1],) * 2 + (padding[0],) * 2
+    )
+    sums = torch.nn.functional.conv2d(u, weight.codes.double(), None, weight.stride, 0,
+                                      weight.dilation, weight.groups)  # fmt: skip
+    y = sums * weight.scale.double().reshape(1, -1, 1, 1) * float(qp.scale)
+    if weight.bias is not None:
+        y = y + weight.bias.double().reshape(1, -1, 1, 1)
+    return y.float()
 
 
 def extra_inputs(phases: Phases, shape: torch.Size) -> list[int]:
