@@ -22,12 +22,6 @@ using namespace lowbit_kernels;
 
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__)
-#define LOWBIT_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
-#else  // (clang contracts within one expression only: the product is a statement of its own)
-#define LOWBIT_NO_CONTRACT
-#endif
-
 // out[n] = sum_e route[e] * y[e, n], added in order from 0, each product rounded on its own:
 // what a loop of `out += y_e * route[e]` in torch computes (no fused multiply-add).
 LOWBIT_NO_CONTRACT void route_sum(const float* y, const float* route, int64_t E, int64_t N,

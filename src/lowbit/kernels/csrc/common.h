@@ -46,6 +46,14 @@ constexpr int64_t kGemvMaxM = 32;  // above this, a GEMM (GEMV_MAX_ROWS in affin
 #define LOWBIT_AVXVNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
 #endif
 
+// Arithmetic that must round as torch's elementwise reference does: each product rounded on its
+// own, no fused multiply-add (GCC contracts a*b + c*d across a statement at -O3 -mfma).
+#if defined(__GNUC__) && !defined(__clang__)
+#define LOWBIT_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else  // (clang contracts within one expression only: the product is a statement of its own)
+#define LOWBIT_NO_CONTRACT
+#endif
+
 // The prefetch helpers are always inlined: a function whose only work is prefetches has no
 // side effects in GCC's eyes, and GCC 12 at -O3 found prefetch_rest "const" and deleted every
 // call to it before inlining (no prefetch of a row's last bytes in any kernel: a 4-bit

@@ -22,8 +22,10 @@ inline void rms_row(const float* x, const float* w, float eps, int64_t C, float*
   for (int64_t c = 0; c < C; ++c) y[c] = w[c] * (x[c] * r);
 }
 
-// Optional per-head RMSNorm (Qwen3's q_norm / k_norm), then RoPE in the rotate-half layout.
-inline void norm_rope(const float* src, const float* norm, float eps, const float* cos, const float* sin,
+// Optional per-head RMSNorm (Qwen3's q_norm / k_norm), then RoPE in the rotate-half layout,
+// rounded as the reference's x·cos + rotate_half(x)·sin is (no fused multiply-add: a key one
+// ulp apart can round to another cache code).
+LOWBIT_NO_CONTRACT inline void norm_rope(const float* src, const float* norm, float eps, const float* cos, const float* sin,
                int64_t D, float* dst) {
   float tmp[512];
   const float* x = src;
