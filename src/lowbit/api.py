@@ -42,7 +42,7 @@ from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.models.checkpoint import MANIFEST, read_manifest
 from lowbit.models.experts import experts_to_linears
 from lowbit.models.load import source_folder
-from lowbit.models.modules import quantizable_layers
+from lowbit.models.modules import context_limit, quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import fitted_rotation, rotate_model
 from lowbit.pipeline import QuantizeReport, quantize_weights
@@ -242,8 +242,8 @@ def evaluate(
         raise LowbitError(f"tokenizer: expected the model's tokenizer (LoadedModel.tokenizer), "
                           f"got {type(tokenizer).__name__}")  # fmt: skip
     for name, model in [*models.items(), *([("--ref", ref)] if ref is not None else [])]:
-        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if isinstance(limit, int) and seqlen > limit:  # positions past it: meaningless figures
+        limit = context_limit(getattr(model, "config", None))
+        if limit is not None and seqlen > limit:  # positions past it: meaningless figures
             raise LowbitError(f"windows of {seqlen} tokens exceed {name}'s context of {limit} "
                               f"positions; lower --seqlen")  # fmt: skip
     text = load_corpus(corpus)

@@ -151,8 +151,9 @@ def given(args: argparse.Namespace, *dests: str) -> list[str]:
 def check_context(seqlen: int, config: Any, flag: str) -> None:
     """Refuse windows longer than the model's context (``config``: its config object or
     config.json as a mapping): positions past it were never trained, and such a run is slow."""
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    limit = get("max_position_embeddings") or get("n_positions")
-    if isinstance(limit, int) and not isinstance(limit, bool) and seqlen > limit:
+    from lowbit.models.modules import context_limit
+
+    limit = context_limit(config)
+    if limit is not None and seqlen > limit:
         raise LowbitError(f"{flag} {seqlen} exceeds the model's context of {limit} positions; "
                           f"lower {flag}")  # fmt: skip

@@ -128,8 +128,9 @@ def _inputs(args: argparse.Namespace, entry: Any, grid: bool) -> tuple[list[str]
         return names, entry.sample(count, args.seed), [8] * count
     if args.image is None:
         raise LowbitError(f"give --image: the image (or folder of images) {entry.name} upscales")
-    for flag in (["--count"] if args.count is not None else []) + given(args, "seed"):
-        raise LowbitError(f"{flag} is for generators; {entry.name} upscales --image")
+    wrong = given(args, "count", "seed")
+    if wrong:
+        raise LowbitError(f"{wrong[0]} is for generators; {entry.name} upscales --image")
     images = named_images(args.image, entry.channels, min_side=1)
     if grid and len(images) > 1:
         raise LowbitError(f"--out {args.out} is one file and {args.image} holds {len(images)} "

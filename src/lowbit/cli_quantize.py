@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -153,6 +152,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.cli import _need_tokenizer, row_name
     from lowbit.cli_image import image_entry, quantize_image
     from lowbit.models.load import source_folder, source_tokenizer
+    from lowbit.models.source import config_json
     from lowbit.models.workdir import drop_published
 
     if Path(args.model).suffix == ".tflite":
@@ -200,7 +200,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tokenizer = source_tokenizer(folder)
         if tokenizer is None:
             raise LowbitError(f"{args.model} has no tokenizer; calibration needs one")
-        check_context(args.calib_seqlen, _config(folder), "--calib-seqlen")
+        check_context(args.calib_seqlen, config_json(folder), "--calib-seqlen")
         calibration = api.calibration_set(
             tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed
         )
@@ -244,15 +244,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.cli import print_summary
 
     return print_summary(args, recipe, out, report, metrics, results, sizes)
-
-
-def _config(folder: Path) -> dict:
-    """``folder``'s config.json as a mapping ({} where it cannot be read: loading says why)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _check_eval_text(args: argparse.Namespace, folder: Path) -> None:

@@ -84,6 +84,11 @@ def int_type(bits: int) -> QType:
     return QType(f"int{bits}", "int", bits)
 
 
+# the formats of one width: name -> (kind, bits)
+FIXED_FORMATS = {"nf4": ("nf", 4), "fp8_e4m3": ("fp8", 8), "fp8_e5m2": ("fp8", 8),
+                 "fp16": ("float", 16), "bf16": ("float", 16)}  # fmt: skip
+
+
 def qtype_for(fmt: str, bits: int) -> QType:
     """The QType for a recipe's ``format`` and ``bits`` (validated)."""
     if fmt == "int":
@@ -92,11 +97,10 @@ def qtype_for(fmt: str, bits: int) -> QType:
         if not 1 <= bits <= 8:
             raise LowbitError(f"kmeans codebooks have 1 to 8 bits, got {bits}")
         return QType(f"kmeans{bits}", "codebook", bits)
-    fixed = {"nf4": ("nf", 4), "fp8_e4m3": ("fp8", 8), "fp8_e5m2": ("fp8", 8)}
-    fixed |= {"fp16": ("float", 16), "bf16": ("float", 16)}
-    if fmt not in fixed:
-        raise LowbitError(f"unknown format {fmt!r}; expected int, kmeans, {', '.join(fixed)}")
-    kind, width = fixed[fmt]
+    if fmt not in FIXED_FORMATS:
+        raise LowbitError(f"unknown format {fmt!r}; expected int, kmeans, "
+                          f"{', '.join(FIXED_FORMATS)}")  # fmt: skip
+    kind, width = FIXED_FORMATS[fmt]
     if bits != width:
         raise LowbitError(f"format {fmt} has {width} bits, but bits: {bits} was given")
     return QType(fmt, kind, width)

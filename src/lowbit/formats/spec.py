@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lowbit.errors import LowbitError
-from lowbit.formats.qtype import QType, qtype_for
+from lowbit.formats.qtype import FIXED_FORMATS, QType, qtype_for
 from lowbit.typed import from_mapping, to_mapping
 
 ObserverName = Literal["minmax", "percentile", "mse", "entropy", "meanstd", "hqq"]
 Format = Literal["int", "kmeans", "nf4", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
 ScaleDtype = Literal["float16", "bfloat16", "float32"]
-FIXED_WIDTH = {"nf4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8, "fp16": 16, "bf16": 16}  # bits they are
 
 
 @dataclass(frozen=True)
@@ -147,8 +146,8 @@ class WeightSpec:
             raise LowbitError(f"{where}: group_size {data['group_size']} and granularity "
                               f"{data['granularity']} contradict each other; give one of "
                               f"them")  # fmt: skip
-        if isinstance(data, dict) and "bits" not in data and data.get("format") in FIXED_WIDTH:
-            data = {**data, "bits": FIXED_WIDTH[data["format"]]}  # fp16, nf4, ...: its width
+        if isinstance(data, dict) and "bits" not in data and data.get("format") in FIXED_FORMATS:
+            data = {**data, "bits": FIXED_FORMATS[data["format"]][1]}  # fp16, nf4, ...: its width
         if isinstance(data, dict) and isinstance(data.get("observer"), (str, dict)):
             data = {**data, "observer": _observer(data["observer"], f"{where}.observer")}
         return from_mapping(cls, data, where)

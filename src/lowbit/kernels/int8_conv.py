@@ -69,7 +69,8 @@ class Int8Conv:
     dilation: list[int]
     groups: int
     phases: Phases | None = None
-    codes: Tensor | None = None  # the int8 codes as packed, for the shapes oneDNN gets wrong
+    codes: Tensor | None = None  # the int8 codes packed (always set by prepare_int8_conv), for
+    # the shapes oneDNN gets wrong
 
 
 @dataclass
@@ -133,12 +134,11 @@ def prepare_int8_conv(codes: Tensor, scale: Tensor, bias: Tensor | None,
     # a dilation along an axis of one tap changes nothing, and crashed oneDNN (torch 2.13)
     dilation = tuple(1 if codes.shape[2 + axis] == 1 else d for axis, d in enumerate(dilation))
     geometry = [list(stride), list(padding), list(dilation)]
+    codes = codes.to(torch.int8).contiguous()
     # the input range given here only picks oneDNN's layout; each call passes its own
-    packed = torch.ops.onednn.qconv_prepack(codes.to(torch.int8).contiguous(), scale, 1.0, 0,
-                                            *geometry, groups, None)  # fmt: skip
+    packed = torch.ops.onednn.qconv_prepack(codes, scale, 1.0, 0, *geometry, groups, None)
     zeros = torch.zeros(scale.numel(), dtype=torch.long)
-    return Int8Conv(packed, scale, zeros, bias, *geometry, groups, phases,
-                    codes.to(torch.int8).contiguous())  # fmt: skip
+    return Int8Conv(packed, scale, zeros, bias, *geometry, groups, phases, codes)
 
 
 def as_plain(codes: Tensor, scale: Tensor, bias: Tensor | None, stride: tuple[int, int],
@@ -262,10 +262,8 @@ def _onednn_wrong(shape: torch.Size, weight: Int8Conv, padding: list[int]) -> bo
 def _exact_conv(codes: Tensor, qp: QParams, weight: Int8Conv, padding: list[int]) -> Tensor:
     """The integer convolution of input codes with the weight codes in float64 (exact sums),
     scaled as oneDNN's output is: the path for the few shapes :func:`_onednn_wrong` names."""
-    u = torch.nn.functional.pad(
-        codes.double() - int(qp.zero), (padding[1],) * 2 + (padding[0],) * 2
-    )
-    sums = torch.nn.functional.conv2d(u, weight.codes.double(), None, weight.stride, 0,
+    u = codes.double() - int(qp.zero)  # (padded with zeros below: the zero point's code)
+    sums = torch.nn.functional.conv2d(u, weight.codes.double(), None, weight.stride, padding,
                                       weight.dilation, weight.groups)  # fmt: skip
     y = sums * weight.scale.double().reshape(1, -1, 1, 1) * float(qp.scale)
     if weight.bias is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from lowbit.models.convert import converted_folder
 from lowbit.models.images import image_models
 from lowbit.models.kernels import use_kernels
 from lowbit.models.normalize import fold_batchnorm
-from lowbit.models.source import CONFIG_ERRORS, TensorSource, skeleton
+from lowbit.models.source import CONFIG_ERRORS, TensorSource, quantization_config, skeleton
 from lowbit.models.zoo import build_random, random_folder, random_models, zoo, zoo_gguf
 from lowbit.nn.attention import attention_spec, install_attention
 
@@ -164,7 +163,7 @@ def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
 
     model = skeleton(folder)  # config.json readable and buildable
-    if not _quantized_config(folder):  # (transformers reads quantized checkpoints itself)
+    if not quantization_config(folder):  # (transformers reads quantized checkpoints itself)
         TensorSource(folder).check(model)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
@@ -173,14 +172,6 @@ def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
     except CONFIG_ERRORS as exc:
         raise LowbitError(f"cannot load the model in {folder}: {reason(exc)}") from None
     return model.eval(), source_tokenizer(folder)
-
-
-def _quantized_config(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("quantization_config") is not None
 
 
 def source_tokenizer(folder: Path) -> Any:

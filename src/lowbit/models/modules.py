@@ -22,6 +22,14 @@ def quantizable_layers(model: nn.Module, convs: bool = False) -> list[tuple[str,
     return [(n, m) for n, m in model.named_modules() if type(m) in kinds]
 
 
+def context_limit(config: Any) -> int | None:
+    """The most positions a model was made for (``config``: its config object, or config.json
+    as a mapping): ``max_position_embeddings``, GPT-2's ``n_positions``; None where unknown."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    limit = get("max_position_embeddings") or get("n_positions")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)

@@ -164,16 +164,28 @@ def _read(entry: Entry, name: str) -> torch.Tensor:
         raise LowbitError(f"cannot read tensor {name!r} from {entry.path}: {exc}") from None
 
 
+def config_json(folder: Path) -> dict:
+    """``folder``'s config.json as a mapping ({} where it cannot be read: skeleton() names what
+    is wrong with it)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def quantization_config(folder: Path) -> dict:
+    """config.json's ``quantization_config`` ({} for a float checkpoint)."""
+    qconfig = config_json(folder).get("quantization_config")
+    return qconfig if isinstance(qconfig, dict) else {}
+
+
 def _block_scales(folder: Path, entries: dict[str, Entry]) -> dict[str, tuple[Entry, list[int]]]:
     """For a block-scaled FP8 checkpoint, each weight's scale tensor and block shape (the
     scales leave ``entries``: they are read with their weights); else nothing. A checkpoint
     quantized another way is a LowbitError."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}  # (skeleton() names what is wrong with config.json)
-    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
-    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    qconfig = quantization_config(folder)
+    method = qconfig.get("quant_method")
     if method is None or method == "lowbit":
         return {}
     block = qconfig.get("weight_block_size")
@@ -257,10 +269,7 @@ def _check_model_type(folder: Path) -> None:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    try:
-        kind = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return  # no or unreadable config.json: AutoConfig says so
+    kind = config_json(folder).get("model_type")  # (none: AutoConfig says what is wrong)
     if isinstance(kind, str) and kind not in CONFIG_MAPPING:
         raise LowbitError(f"{folder}: model_type {kind!r} is not an architecture transformers "
                           f"{transformers.__version__} knows (a newer release may; lowbit never "

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from lowbit.calibration import CalibrationSet
 from lowbit.errors import LowbitError
 from lowbit.nn import QUANTIZED_MODULES
-from lowbit.pipeline.qat import QATOptions
+from lowbit.pipeline.qat import QATOptions, require_windows
+from lowbit.pipeline.report import QuantizeReport
 
 
 def check_model(model: Any, what: str = "model") -> None:
@@ -49,18 +50,13 @@ def check_qat_options(options: Any, train: CalibrationSet) -> QATOptions:
     if not isinstance(options, QATOptions):
         raise LowbitError(f"options: expected lowbit.QATOptions(steps=..., lr=...), got "
                           f"{type(options).__name__}")  # fmt: skip
-    need = options.steps * options.batch_size
-    if len(train.windows) < need:
-        raise LowbitError(f"qat needs {need} training windows ({options.steps} steps x batch "
-                          f"{options.batch_size}), got {len(train.windows)}")  # fmt: skip
+    require_windows(options, train)
     return options
 
 
 def check_report(model: nn.Module, report: Any) -> None:
     """``report`` is the QuantizeReport of ``model`` as it is now: every layer it names is one
     of the model's quantized layers, in that format (else the folder written would not load)."""
-    from lowbit.pipeline.report import QuantizeReport
-
     if not isinstance(report, QuantizeReport):
         raise LowbitError(f"report: expected the QuantizeReport lowbit.quantize returned, got "
                           f"{type(report).__name__}")  # fmt: skip

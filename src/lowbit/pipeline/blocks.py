@@ -67,13 +67,18 @@ def layer_spec(recipe: Recipe, spec: WeightSpec) -> WeightSpec:
     return spec
 
 
+def require_finite(weight: Tensor, name: str) -> None:
+    """A weight with NaN or inf values is refused, naming the layer to fix or exclude."""
+    if not all_finite(weight):
+        raise LowbitError(f"{name}: the weight holds NaN or inf values; fix or exclude the "
+                          f"layer (ignore: [{name}]) before quantizing")  # fmt: skip
+
+
 def data_free(recipe: Recipe, weight: Tensor, spec: WeightSpec, name: str,
               lorc: bool = True) -> QuantizedWeight:  # fmt: skip
     """One layer by RTN / HQQ / K-means (uniform weights), LoRC fitted when asked (and
     ``lorc``)."""
-    if not all_finite(weight):
-        raise LowbitError(f"{name}: the weight holds NaN or inf values; fix or exclude the "
-                          f"layer (ignore: [{name}]) before quantizing")  # fmt: skip
+    require_finite(weight, name)
     spec = layer_spec(recipe, spec)
     if recipe.algorithm == "kmeans":
         qw = kmeans(weight, spec, None, name)
@@ -199,10 +204,7 @@ class BlockSteps:
         return self.traced[shape]
 
     def _check_finite(self, ctx: BlockContext, name: str) -> None:
-        if not all_finite(ctx.linear(name).weight):
-            full = f"{ctx.name}.{name}"
-            raise LowbitError(f"{full}: the weight holds NaN or inf values; fix or exclude the "
-                              f"layer (ignore: [{full}]) before quantizing")  # fmt: skip
+        require_finite(ctx.linear(name).weight, f"{ctx.name}.{name}")
 
     def finish(self, ctx: BlockContext) -> dict[str, Any]:
         """Pack the block, calibrate its static ranges, measure its layers; the record."""

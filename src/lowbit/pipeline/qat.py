@@ -128,6 +128,14 @@ def qat(
     return report
 
 
+def require_windows(options: QATOptions, train: CalibrationSet) -> None:
+    """Training holds ``steps`` x ``batch_size`` windows (checked before any work)."""
+    need = options.steps * options.batch_size
+    if len(train.windows) < need:
+        raise LowbitError(f"qat needs {need} training windows ({options.steps} steps x batch "
+                          f"{options.batch_size}), got {len(train.windows)}")  # fmt: skip
+
+
 @torch.enable_grad()  # a caller's no_grad block would stop the training
 def train_fake_quant(
     model: nn.Module,
@@ -138,6 +146,7 @@ def train_fake_quant(
 ) -> tuple[dict[str, FakeQuantLinear], list[float]]:
     """The training half of :func:`qat`: ``model`` keeps its FakeQuantLinear layers (in eval
     mode, frozen); returns them and the loss per step. :func:`pack_model` finishes the job."""
+    require_windows(options, train)
     teacher = copy.deepcopy(model).eval() if "kl" in options.loss else None
     fakes = fake_quantize_model(model, recipe, options.learn_scales)
     params = [p for fake in fakes.values() for p in fake.parameters() if p.requires_grad]

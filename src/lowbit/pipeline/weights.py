@@ -32,12 +32,18 @@ from lowbit.nn import QuantLinear
 from lowbit.nn.attention import use_attention_function
 from lowbit.nn.quant_conv import is_conv, weight_matrix
 from lowbit.pipeline.act_ranges import calibrate_activations
-from lowbit.pipeline.blocks import DIAGNOSTIC_WINDOWS, BlockSteps, data_free, restore, swap
+from lowbit.pipeline.blocks import (
+    DIAGNOSTIC_WINDOWS,
+    BlockSteps,
+    data_free,
+    require_finite,
+    restore,
+    swap,
+)
 from lowbit.pipeline.diagnostics import output_sqnr
 from lowbit.pipeline.report import LayerReport, QuantizeReport
 from lowbit.pipeline.scales_whole import awq_whole, smooth_whole
 from lowbit.pipeline.whole import gptq_whole
-from lowbit.primitives.metrics import all_finite
 from lowbit.recipes import Recipe, plan_layers
 from lowbit.sysinfo import peak_rss_mb
 
@@ -214,9 +220,7 @@ def _check_before_work(model: nn.Module, recipe: Recipe, plan: dict, blocks: tup
     weights = {n: get_module(model, n).weight for n in plan}
     real = {n: w for n, w in weights.items() if not w.is_meta}
     for name, weight in real.items():
-        if not all_finite(weight):
-            raise LowbitError(f"{name}: the weight holds NaN or inf values; fix or exclude the "
-                              f"layer (ignore: [{name}]) before quantizing")  # fmt: skip
+        require_finite(weight, name)
     half = {w.dtype for w in real.values()} & {torch.float16, torch.bfloat16}
     if half and calibration is not None and blocks is not None:
         raise LowbitError(f"calibration runs the model in float32, and it is in "

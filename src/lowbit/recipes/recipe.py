@@ -136,22 +136,21 @@ class Recipe:
                 raise LowbitError(f"{where}: no default weights to inherit; give the format")
             return self.weights
         base = self.weights.to_dict() if self.weights is not None else {}
-        given = override.weights.get("observer")
-        if isinstance(given, (str, dict)) and isinstance(base.get("observer"), dict):
+        given = dict(override.weights)
+        observer = given.get("observer")
+        if isinstance(observer, (str, dict)) and isinstance(base.get("observer"), dict):
             # an override changes only the observer keys it gives, as for the other keys
-            given = {"name": given} if isinstance(given, str) else given
-            override = Override(
-                override.match, {**override.weights, "observer": {**base["observer"], **given}}
-            )
-        if "group_size" in override.weights and "granularity" not in override.weights:
+            observer = {"name": observer} if isinstance(observer, str) else observer
+            given["observer"] = {**base["observer"], **observer}
+        if "group_size" in given and "granularity" not in given:
             base.pop("granularity", None)  # let group_size: -1 / N decide it again
-        if "granularity" in override.weights and "group_size" not in override.weights:
+        if "granularity" in given and "group_size" not in given:
             base.pop("group_size", None)  # (channel / tensor: the default's groups go)
-        if "format" in override.weights:  # a new format brings its own width and symmetry
+        if "format" in given:  # a new format brings its own width and symmetry
             for key in ("bits", "symmetric", "zero_point"):
-                if key not in override.weights:
+                if key not in given:
                     base.pop(key, None)
-        return WeightSpec.from_dict({**base, **override.weights}, where)
+        return WeightSpec.from_dict({**base, **given}, where)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version}

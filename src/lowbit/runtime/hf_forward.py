@@ -44,7 +44,7 @@ class HFForward:
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._pooled = native_ops() and pooled_layers(model)
-        self._switch = _longrope_switch(model.config)
+        self._switch = longrope_switch(model.config)
 
     def new_cache(self, batch: int, capacity: int) -> HFCache:
         return HFCache(batch, capacity)
@@ -52,7 +52,8 @@ class HFForward:
     def __call__(self, ids: Tensor, cache: HFCache, all_logits: bool = False) -> Tensor:
         t = new = ids.shape[1]
         start = cache.reserve(t)
-        cache.ids = ids if start == 0 else torch.cat([cache.ids, ids], dim=1)
+        if self._switch is not None:  # (only a LongRoPE model needs its ids again)
+            cache.ids = ids if start == 0 else torch.cat([cache.ids, ids], dim=1)
         if self._switch is not None and 0 < start <= self._switch < start + t:
             # LongRoPE rotates every position with its long factors once the sequence outgrows
             # the original context, and the cached keys were rotated with the short ones: the
@@ -74,7 +75,7 @@ class HFForward:
         return out.logits[:, -new:] if all_logits else out.logits[:, -1]
 
 
-def _longrope_switch(config: object) -> int | None:
+def longrope_switch(config: object) -> int | None:
     """The length past which a LongRoPE model switches to its long factors (None: not one)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     params = params if isinstance(params, dict) else {}

@@ -33,6 +33,7 @@ from lowbit.models.experts import LinearExperts
 from lowbit.models.kernels import pooled_layers
 from lowbit.models.mixture_step import NativeMixture, mixture_step
 from lowbit.nn.attention import ATTRIBUTE, head_rotation, key_center, round_qkv
+from lowbit.runtime.hf_forward import longrope_switch
 from lowbit.runtime.kv_cache import QuantKVCache, StaticKVCache
 from lowbit.runtime.layer_calls import (
     Native,
@@ -55,8 +56,7 @@ def capacity_reason(model: nn.Module, capacity: int) -> str | None:
     rope = rope_parameters.get("rope_type", "default")
     if rope == "dynamic":
         return "dynamic RoPE scaling changes with the context length"
-    original = rope_parameters.get("original_max_position_embeddings") or getattr(
-        config, "original_max_position_embeddings", None) or 0  # fmt: skip
+    original = longrope_switch(config) or 0  # (0: LongRoPE without its original length)
     if rope == "longrope" and capacity > original:  # its factors switch past `original`
         return f"LongRoPE changes its factors past {original} tokens"
     if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
