@@ -83,9 +83,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(args: list[str], node_1: list[str] = ()) -> tuple[list[int], list[tuple]]:
-    """``lowbit ARGS`` as a job of two "nodes" on localhost (node 1 also given ``node_1``):
-    their exit codes and (stdout, stderr), node 1's first."""
+def two_nodes(args: list[str], node_1: list[str] = (),
+              cwds: tuple[Path, Path] | None = None) -> tuple[list[int], list[tuple]]:  # fmt: skip
+    """``lowbit ARGS`` as a job of two "nodes" on localhost (node 1 also given ``node_1``; node
+    0 and 1 started in ``cwds``): their exit codes and (stdout, stderr), node 1's first."""
     port = str(_free_port())
     nodes = []
     for rank in (1, 0):
@@ -93,7 +94,7 @@ def two_nodes(args: list[str], node_1: list[str] = ()) -> tuple[list[int], list[
                "--master-addr", "127.0.0.1", "--master-port", port, "-m", "lowbit", *args,
                *(node_1 if rank else [])]  # fmt: skip
         nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))  # fmt: skip
+                                      text=True, cwd=cwds and cwds[rank]))  # fmt: skip
     outs = [p.communicate(timeout=180) for p in nodes]
     return [p.returncode for p in nodes], outs
 
@@ -121,6 +122,24 @@ def test_ranks_started_with_different_arguments_are_refused_at_once(tiny_folder,
     assert said in outs[0][1] and said in outs[1][1], outs[1][1][-3000:]
     assert not (tmp_path / "nodes").exists()
     assert not (tmp_path / ".nodes.lowbit-work").exists()
+
+
+def test_eval_with_an_out_folder_the_hosts_do_not_share_is_refused_before_any_work(
+    tiny_folder, tmp_path, corpora
+):
+    """Each "host" starts in its own folder, so a relative --out names two different folders:
+    every rank evaluates what rank 0 wrote, so all refuse before quantizing."""
+    calib, held = corpora
+    hosts = (tmp_path / "host0", tmp_path / "host1")
+    for host in hosts:
+        host.mkdir()
+    args = [*quantize_args(tiny_folder, calib, Path("out")), "--eval", "--eval-corpus",
+            str(held), "--eval-seqlen", "32", "--eval-tokens", "320"]  # fmt: skip
+    codes, outs = two_nodes(args, cwds=hosts)
+    assert all(code != 0 for code in codes)
+    said = "--eval under torchrun reads out on every host, and not every rank sees rank 0's"
+    assert said in outs[0][1] and said in outs[1][1], outs[1][1][-3000:]
+    assert [p.name for p in tmp_path.rglob("*") if "out" in p.name] == []
 
 
 def test_a_killed_rank_ends_the_job_quickly_and_the_rerun_resumes(tiny_folder_4, tmp_path,

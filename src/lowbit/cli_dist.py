@@ -13,10 +13,15 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+
+import torch
 
 from lowbit.calibration.group import Group, init_from_env, shutdown
+from lowbit.errors import LowbitError
 
 
 def launched() -> bool:
@@ -62,3 +67,35 @@ def peer_failure(exc: BaseException) -> bool:
     if isinstance(exc, dist.DistError):
         return True
     return isinstance(exc, RuntimeError) and launched() and "gloo" in str(exc)
+
+
+def require_shared(folder: Path, why: str) -> None:
+    """Refuse, on every rank before any work, a ``folder`` that the ranks do not all see: rank 0
+    writes a probe file with a random token beside it and every rank reads it back (``why``: the
+    flag that needs the folder shared, for the error line)."""
+    group = Group.current()
+    if not group.distributed:
+        return
+    probe = folder.parent / f".{folder.name}.lowbit-probe"
+    token = secrets.randbits(62)  # not torch's generator: seeded runs stay as they were
+    if group.main:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text(str(token))
+        except OSError:
+            token = -1
+    sent = group.broadcast({"token": torch.tensor([token])} if group.main else None, 0)
+    token = int(sent["token"])
+    if token < 0:
+        raise LowbitError(f"rank 0 cannot write beside {folder}: choose another folder")
+    try:
+        seen = probe.read_text() == str(token)
+    except OSError:
+        seen = False
+    everywhere = group.min_int(int(seen))
+    if group.main:
+        probe.unlink(missing_ok=True)
+    if not everywhere:
+        raise LowbitError(f"{why} under torchrun reads {folder} on every host, and not every "
+                          f"rank sees rank 0's files there: put it on a file system all hosts "
+                          f"share, or drop {why} and evaluate afterwards")  # fmt: skip

@@ -150,6 +150,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.calibration.group import Group
     from lowbit.cli import _need_tokenizer, row_name
+    from lowbit.cli_dist import require_shared
     from lowbit.cli_image import image_entry, quantize_image
     from lowbit.models.load import source_folder, source_tokenizer
     from lowbit.models.source import config_json
@@ -190,6 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     folder, _ = source_folder(args.model)
     if args.eval:
         _check_eval_text(args, folder)
+        require_shared(Path(args.out), "--eval")  # every rank evaluates the written folder
     mixed = args.target_bits is not None or args.target_size is not None
     calibration = None
     if api.needs_calibration(recipe) or mixed:
@@ -228,9 +230,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.eval:
         src = api.load_model(args.model)
         _need_tokenizer(src)
-        if not Path(out).is_dir():
-            raise LowbitError(f"--eval under torchrun reads {out} on every host; put --out on "
-                              f"a file system all hosts share, or evaluate afterwards")  # fmt: skip
         quantized = api.load(out, kernels=False).model
         name = row_name(args, recipe)
         results = api.evaluate(

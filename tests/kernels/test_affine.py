@@ -157,6 +157,25 @@ def test_8bit_codes_at_the_grid_ends_do_not_saturate(isa, m, monkeypatch):
     assert torch.allclose(got, exact, rtol=1e-5, atol=1e-2)
 
 
+@needs_native
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("params", ["sym", "f16"])
+@pytest.mark.parametrize("m", [1, 3, 70])  # the GEMV, rows in a pass, the prompt GEMM
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_input_row_holding_nan_or_infinity_gives_nan_outputs(isa, bits, params, m, bad,
+                                                                 monkeypatch):  # fmt: skip
+    """As the reference does: the int8 inputs' block maxima dropped a NaN, and a symmetric
+    grid never read the block sums where it stayed, so a NaN came out as finite numbers."""
+    monkeypatch.setenv("LOWBIT_KERNEL_ISA", "avx2" if isa == "avx2" else "")
+    aw = random_affine(24, 192, 32, bits, params=params)
+    x = torch.randn(m, 192, generator=torch.Generator().manual_seed(m))
+    x[0, 0] = bad
+    for got in (affine.affine_linear(x, aw, act8=True), affine.affine_linear_act8_reference(x, aw)):
+        assert got[0].isnan().all()
+        assert torch.isfinite(got[1:]).all()
+
+
 @pytest.mark.parametrize("m", [1, 4])
 def test_act8_path_costs_far_less_than_the_4bit_weights(m):
     """int8 inputs per block of 32 add an error an order of magnitude below the weights' own."""

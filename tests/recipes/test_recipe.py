@@ -71,6 +71,24 @@ def test_invalid_recipes_give_one_line_errors(text, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("version: 1\nweights: {bits: four}\n", "r.yaml: weights.bits: expected int, got 'four'"),
+        ("version: 1\nlorc: 3\nweights: {bits: 4}\n", "r.yaml: lorc: expected {rank: N}"),
+        (
+            "version: 1\nweights: {bits: 8}\nactivations: {bits: 9}\n",
+            "r.yaml: activations: bits must be 4 or 8",
+        ),
+    ],
+)
+def test_errors_name_the_file_then_the_key(text, message):
+    """ "r.yaml: weights.bits", not "r.yaml.bits" (the file name joined to the key)."""
+    with pytest.raises(LowbitError) as info:
+        recipe_from_yaml(text, "r.yaml")
+    assert str(info.value).startswith(message), str(info.value)
+
+
 def test_activations_go_with_any_weights():
     with pytest.raises(LowbitError, match="4 or 8"):
         recipe_from_yaml("version: 1\nactivations: {bits: 6}\n")

@@ -196,20 +196,19 @@ class ActivationSpec:
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise LowbitError(
-                f"activations.bits must be 4 or 8 (the widths with a reference and kernels), "
-                f"got {self.bits}"
+                f"bits must be 4 or 8 (the widths with a reference and kernels), got {self.bits}"
             )
         if self.granularity == "token" and not self.dynamic:
-            raise LowbitError("activations: per-token ranges are dynamic; set dynamic: true")
+            raise LowbitError("per-token ranges are dynamic; set dynamic: true")
         if self.observer.name == "hqq":
-            raise LowbitError("activations.observer: hqq fits weights only; use minmax, "
+            raise LowbitError("observer: hqq fits weights only; use minmax, "
                               "percentile, mse, entropy or meanstd")  # fmt: skip
         groups = self.step_groups
         if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= 1000:
-            raise LowbitError(f"activations.step_groups must be an integer from 1 to 1000, got "
+            raise LowbitError(f"step_groups must be an integer from 1 to 1000, got "
                               f"{groups!r}")  # fmt: skip
         if groups > 1 and self.dynamic:
-            raise LowbitError("activations.step_groups: per-step ranges are calibrated; set "
+            raise LowbitError("step_groups: per-step ranges are calibrated; set "
                               "dynamic: false")  # fmt: skip
 
     @property

@@ -207,13 +207,14 @@ class Recipe:
             known = ", ".join(Algorithm.__args__)
             raise LowbitError(f"{where}: unknown algorithm {algorithm!r} (known: {known})")
         _unused_options(data, algorithm, where)
-        weights = _with_lorc(data.get("weights", {}), data.get("lorc"), where)
         at = f"{where}: " if not where.endswith(":") else f"{where} "  # "recipe.yaml: gptq.damp"
+        weights = _with_lorc(data.get("weights", {}), data.get("lorc"), at)
         acts, attention = data.get("activations"), data.get("attention")
         return cls(
             algorithm=algorithm,
-            weights=None if weights is None else WeightSpec.from_dict(weights, where),
-            activations=None if acts is None else ActivationSpec.from_dict(acts, where),
+            weights=None if weights is None else WeightSpec.from_dict(weights, f"{at}weights"),
+            activations=None if acts is None else ActivationSpec.from_dict(
+                acts, f"{at}activations"),
             ignore=tuple(_str_list(data.get("ignore", []), f"{at}ignore")),
             overrides=tuple(_override(o, f"{at}overrides[{i}]")
                             for i, o in enumerate(data.get("overrides") or [])),
@@ -267,15 +268,15 @@ def _optional(cls: type, data: dict, key: str, where: str) -> Any:
     return from_mapping(cls, data[key], f"{where}{key}")
 
 
-def _with_lorc(weights: Any, lorc: Any, where: str) -> Any:
+def _with_lorc(weights: Any, lorc: Any, at: str) -> Any:
     """``lorc: {rank: r}`` is shorthand for ``weights: {lorc_rank: r}`` (the default layers; an
     override can set its own ``lorc_rank``, 0 to drop the correction)."""
     if lorc is None:
         return weights
     if not isinstance(lorc, dict) or set(lorc) - {"rank"} or not isinstance(lorc.get("rank"), int):
-        raise LowbitError(f"{where}.lorc: expected {{rank: N}}")
+        raise LowbitError(f"{at}lorc: expected {{rank: N}}")
     if not isinstance(weights, dict):
-        raise LowbitError(f"{where}.lorc: needs default weights to correct")
+        raise LowbitError(f"{at}lorc: needs default weights to correct")
     return {**weights, "lorc_rank": lorc["rank"]}
 
 

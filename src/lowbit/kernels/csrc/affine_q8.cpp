@@ -13,17 +13,23 @@ namespace {
 // q = round(x * 127/absmax), half to even; scale = absmax / 127.
 // Also the block sums of x (xsum) and of q (qsum), for the offset correction of gemv_q8.
 // shifted: each code stored as q + 128 (q xor 0x80), the unsigned operand of gemm_q8.
+// A block holding a NaN or an infinity gets scale NaN, so every output of its row is NaN as
+// the reference's are (max_ps drops a NaN operand, and a symmetric grid's kernels never read
+// xsum, where it would have stayed).
 void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs, float* xsum,
                       float* qsum, bool shifted) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i flip = _mm256_set1_epi8(shifted ? static_cast<char>(0x80) : 0);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256 inf = _mm256_set1_ps(INFINITY);
   for (int64_t i = 0; i < M * K / 32; ++i) {
     const float* src = x + 32 * i;
     __m256 amax = _mm256_setzero_ps(), fs = _mm256_setzero_ps(), qsv = _mm256_setzero_ps();
+    __m256 bad = _mm256_setzero_ps();
     for (int j = 0; j < 4; ++j) {
-      const __m256 v = _mm256_loadu_ps(src + 8 * j);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+      const __m256 v = _mm256_loadu_ps(src + 8 * j), m = _mm256_andnot_ps(sign, v);
+      amax = _mm256_max_ps(amax, m);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(m, inf, _CMP_NLT_UQ));  // NaN or infinite
       fs = _mm256_add_ps(fs, v);
     }
     xsum[i] = hsum(fs);
@@ -31,7 +37,7 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* qs
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float a = _mm_cvtss_f32(m4);
-    qs[i] = a / 127.f;
+    qs[i] = _mm256_movemask_ps(bad) == 0 ? a / 127.f : NAN;
     const float r = a > 0.f ? 127.f / a : 0.f;  // a block too small for 127/a: codes 0
     const __m256 inv = _mm256_set1_ps(std::isfinite(r) ? r : 0.f);
     __m256i n[4];
