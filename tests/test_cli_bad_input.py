@@ -85,7 +85,7 @@ def test_quantize_input_errors(tiny_folder, tmp_path, capsys):
                                        "outside the decoder blocks (lm_head)"),
     }  # fmt: skip
     negative = bad_recipe(tmp_path, "r.yaml", group_size=-2)
-    says = "r.yaml: weights.group_size must be"
+    says = "r.yaml: weights: group_size must be"
     cases["recipe key error"] = (["quantize", str(tiny_folder), "--recipe", negative,
                                   "--out", out, "-q"], says)  # fmt: skip
     binary = tmp_path / "r.bin"

@@ -73,8 +73,9 @@ def add_attention_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--kv-bits", type=_kv_bits, metavar="N",
                    help="keys and values on an N-bit asymmetric grid (2-8), one range per "
-                   "token and head (or per --kv-group channels); 16: stored as float16 "
-                   "(llama.cpp's default cache: half the bytes of float32)")  # fmt: skip
+                   "token and head (or per --kv-group channels); a stored code takes 4 bits "
+                   "(N <= 4) or 8 (N > 4); 16: stored as float16 (llama.cpp's default cache: "
+                   "half the bytes of float32)")  # fmt: skip
     g.add_argument(
         "--kv-group",
         type=positive,

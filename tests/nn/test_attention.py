@@ -70,6 +70,14 @@ def test_bad_settings_are_clear_errors():
         install_attention(torch.nn.Linear(4, 4), AttentionSpec(kv_bits=4))
 
 
+def test_capped_attention_logits_are_refused_not_a_traceback_from_sdpa():
+    """Gemma 2 caps its attention logits, which transformers' SDPA function refuses mid-run."""
+    model = tiny_family_model("gemma2")
+    assert model.config.attn_logit_softcapping
+    with pytest.raises(LowbitError, match="gemma2 caps its attention logits"):
+        install_attention(model, AttentionSpec(kv_bits=16))
+
+
 def test_a_common_key_offset_leaves_attention_unchanged():
     """q·(k − c) = q·k − q·c: the same shift for every key of a query, which softmax ignores."""
     g = torch.Generator().manual_seed(0)

@@ -78,3 +78,23 @@ def test_key_centres_are_measured_saved_and_loaded(tiny_folder, tmp_path):
 
     exported = export(out, "compressed-tensors", tmp_path / "ct")
     assert not any(CENTER in k for k in load_file(str(exported.path / "model.safetensors")))
+
+
+def test_a_cache_group_the_heads_refuse_is_found_before_the_work_folder(tiny_folder, tmp_path):
+    """Not per block, after a learned rotation has trained and left its work folder."""
+    import dataclasses
+
+    import pytest
+
+    from lowbit.algorithms.rotate import RotateOptions
+    from lowbit.calibration import CalibrationSet
+    from lowbit.errors import LowbitError
+
+    head = attention_modules(api.load_model(str(tiny_folder)).model)[0].head_dim
+    rec = dataclasses.replace(recipe(), attention=AttentionSpec(kv_bits=4, group_size=2 * head),
+                              rotate=RotateOptions(kind="learned", steps=2))  # fmt: skip
+    windows = torch.randint(0, 50, (4, 24), generator=torch.Generator().manual_seed(1))
+    data = CalibrationSet("test", 4, 24, 0, windows)
+    with pytest.raises(LowbitError, match="does not divide the head dimension"):
+        api.quantize_to(str(tiny_folder), rec, tmp_path / "q", data, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [tiny_folder.name]  # no work folder

@@ -165,11 +165,11 @@ def _granularity(granularity: str | None, group_size: int | None) -> tuple[str, 
     """Resolve the (granularity, group_size) pair, accepting ``group_size: -1`` for channel."""
     if granularity is None:
         if group_size is None or group_size == 0:
-            raise LowbitError("weights: give group_size (N > 0, or -1 for per-channel)")
+            raise LowbitError("give group_size (N > 0, or -1 for per-channel)")
         granularity = "channel" if group_size == -1 else "group"
     if granularity == "group":
         if group_size is None or group_size <= 0:
-            raise LowbitError(f"weights.group_size must be a positive integer, got {group_size}")
+            raise LowbitError(f"group_size must be a positive integer, got {group_size}")
         return "group", group_size
     return granularity, None
 

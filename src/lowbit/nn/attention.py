@@ -51,12 +51,30 @@ def use_attention_function(model: nn.Module) -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    if not attention_modules(model) or getattr(model, "config", None) is None:
-        raise LowbitError("attention: a quantized key/value cache needs a transformers model "
-                          "whose attention layers call its attention functions")  # fmt: skip
+    _check_routable(model)
     AttentionInterface.register(NAME, quantized_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
+
+
+def check_attention(model: nn.Module, spec: AttentionSpec) -> None:
+    """What :func:`install_attention` would refuse, without changing ``model`` (a skeleton
+    will do): checked before a run's work (a learned rotation trains first)."""
+    _check_routable(model)
+    for layer in attention_modules(model):
+        spec.group(layer.head_dim)
+
+
+def _check_routable(model: nn.Module) -> None:
+    if not attention_modules(model) or getattr(model, "config", None) is None:
+        raise LowbitError("attention: a quantized key/value cache needs a transformers model "
+                          "whose attention layers call its attention functions")  # fmt: skip
+    config = model.config.get_text_config()
+    if getattr(config, "attn_logit_softcapping", None):  # Gemma 2's, which SDPA cannot do
+        raise LowbitError(f"attention: {config.model_type} caps its attention logits "
+                          f"(attn_logit_softcapping), which lowbit's rounded attention does not "
+                          f"do yet; drop --kv-bits / --kv-hadamard and the recipe's attention "
+                          f"block for this model")  # fmt: skip
 
 
 def set_attention(module: nn.Module, spec: AttentionSpec) -> int:

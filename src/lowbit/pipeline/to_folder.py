@@ -35,6 +35,7 @@ from lowbit.models.rotate import (
 from lowbit.models.rotate_source import RotatedSource
 from lowbit.models.source import TensorSource, skeleton
 from lowbit.models.workdir import WorkFolder, drop_published, work_path
+from lowbit.nn.attention import check_attention
 from lowbit.pipeline.estimate import disk_bytes
 from lowbit.pipeline.manifest import build_manifest
 from lowbit.pipeline.report import QuantizeReport
@@ -84,6 +85,8 @@ def quantize_to(
     conv1d_to_linear(model)
     plan = plan_layers(recipe, quantizable_layers(model), warn=False)  # before any work
     check_tune(recipe, plan, calibration)
+    if recipe.attention is not None:  # not only once a learned rotation has trained
+        check_attention(model, recipe.attention)
     fingerprint = {"model": _identity(folder, tensors), "recipe": recipe.to_dict(),
                    "calibration": calibration.describe() if calibration else None,
                    "seed": seed, "lowbit": __version__, "hidden_dtype": hidden_dtype,
