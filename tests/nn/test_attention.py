@@ -68,6 +68,12 @@ def test_bad_settings_are_clear_errors():
         install_attention(tiny_llama(vocab=64), AttentionSpec(kv_bits=4, group_size=7))
     with pytest.raises(LowbitError, match="transformers model"):
         install_attention(torch.nn.Linear(4, 4), AttentionSpec(kv_bits=4))
+    odd = tiny_llama(vocab=64)
+    odd.config.head_dim = 18  # no Hadamard matrix of order 18
+    for layer in attention_modules(odd):
+        layer.head_dim = 18
+    with pytest.raises(LowbitError, match="head size 18 can be built here; drop --kv-hadamard"):
+        install_attention(odd, AttentionSpec(kv_bits=4, hadamard=True))
 
 
 def test_capped_attention_logits_are_refused_not_a_traceback_from_sdpa():

@@ -169,3 +169,15 @@ def test_learning_inside_a_callers_no_grad_block():
     with torch.no_grad():
         q, _, losses = spin.learn_rotation(model, _recipe(steps=2), calib, False)
     assert len(losses) == 2 and (q - orthogonal(64, _recipe().rotate)).abs().max() > 1e-6
+
+
+def test_learning_with_nothing_rounded_says_the_matrix_cannot_move(caplog):
+    data = {"version": 1, "weights": None, "attention": {"kv_bits": 4},
+            "rotate": {"kind": "learned", "steps": 1}}  # fmt: skip
+    with caplog.at_level("WARNING"):
+        spin.learn_rotation(_model(), Recipe.from_dict(data), _calib(), False)
+    assert "rounds no weights or activations" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        spin.learn_rotation(_model(), _recipe(steps=1), _calib(), False)
+    assert "rounds no weights" not in caplog.text

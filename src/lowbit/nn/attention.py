@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.spec import AttentionSpec
-from lowbit.primitives.hadamard import hadamard
+from lowbit.primitives.hadamard import hadamard, has_hadamard
 from lowbit.primitives.kv import cache_values, fake_quantize_heads
 
 NAME = "lowbit"  # the attention implementation's registered name
@@ -62,7 +62,7 @@ def check_attention(model: nn.Module, spec: AttentionSpec) -> None:
     will do): checked before a run's work (a learned rotation trains first)."""
     _check_routable(model)
     for layer in attention_modules(model):
-        spec.group(layer.head_dim)
+        _check_head(spec, layer.head_dim)
 
 
 def _check_routable(model: nn.Module) -> None:
@@ -81,9 +81,16 @@ def set_attention(module: nn.Module, spec: AttentionSpec) -> int:
     """Give every attention layer inside ``module`` the spec; returns how many."""
     layers = attention_modules(module)
     for layer in layers:
-        spec.group(layer.head_dim)  # a group size that does not divide the head is an error
+        _check_head(spec, layer.head_dim)
         setattr(layer, ATTRIBUTE, spec)
     return len(layers)
+
+
+def _check_head(spec: AttentionSpec, head_dim: int) -> None:
+    spec.group(head_dim)  # a group size that does not divide the head is an error
+    if spec.hadamard and not has_hadamard(head_dim):
+        raise LowbitError(f"attention.hadamard: no Hadamard matrix of the head size {head_dim} "
+                          f"can be built here; drop --kv-hadamard (hadamard: false)")  # fmt: skip
 
 
 def head_rotation(spec: AttentionSpec, head_dim: int, like: Tensor) -> Tensor | None:

@@ -98,6 +98,10 @@ def learn_rotation(
     rotator = Rotator(model, options, orthogonal(hidden, options))
     plan = plan_layers(recipe, quantizable_layers(model), warn=False)
     install_online_rotations(model, options)
+    if not plan and recipe.activations is None:
+        log.warning("rotate (learned): the recipe rounds no weights or activations, which is "
+                    "what the training looks at; the matrix stays at its start (use kind: "
+                    "hadamard, or give the recipe weights)")  # fmt: skip
     base = {k: v.detach().float() for k, v in model.state_dict().items()}
     device = next(model.parameters()).device  # the matrices follow the model (a GPU too)
     heads = None  # the shared Hadamard head matrix stays, unless each block learns its own
