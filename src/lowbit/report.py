@@ -27,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval import model_size
 from lowbit.eval.bench import bench_models
 from lowbit.eval.report_render import report_markdown, write_plots
+from lowbit.models.load import source_folder
 from lowbit.models.zoo import zoo_caveat
 from lowbit.recipes import Recipe
 
@@ -63,13 +64,12 @@ def build_report(
     """Quantize, save, evaluate and time every variant; write ``out``/report.md, report.json and
     the plots; return the report's data. ``out`` appears complete or not at all."""
     recipes = recipe_variants(variants)
+    source_folder(source)  # a quantized folder is refused before the texts are read
     if options.quality:
         disjoint_texts(options.calib, options.corpus, "--calib, --corpus")
     out = Path(out)
     prepare_out(out, overwrite)
     src = api.load_model(source)
-    if src.kind == "lowbit":
-        raise LowbitError(f"{source} is already quantized; start from the float model")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         folders, models = quantize_variants(src, recipes, tmp, _text(src, options), progress,
                                             options.seed)  # fmt: skip
