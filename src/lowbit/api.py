@@ -45,6 +45,7 @@ from lowbit.models.load import source_folder
 from lowbit.models.modules import context_limit, quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import fitted_rotation, rotate_model
+from lowbit.nn.attention import check_attention
 from lowbit.pipeline import QuantizeReport, quantize_weights
 from lowbit.pipeline.arguments import (
     check_float,
@@ -108,6 +109,8 @@ def quantize(
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     if recipe.tune is not None:  # checked before any work
         check_tune(recipe, plan_layers(recipe, quantizable_layers(model), warn=False), calibration)
+    if recipe.attention is not None:  # not only per block, after a learned rotation trained
+        check_attention(model, recipe.attention)
     teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None
     if recipe.rotate is not None:  # folded into the float weights first (learned: trained first)
         rotate_model(

@@ -98,3 +98,26 @@ def test_a_cache_group_the_heads_refuse_is_found_before_the_work_folder(tiny_fol
     with pytest.raises(LowbitError, match="does not divide the head dimension"):
         api.quantize_to(str(tiny_folder), rec, tmp_path / "q", data, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [tiny_folder.name]  # no work folder
+
+
+def test_the_api_refuses_a_cache_group_before_a_learned_rotation_trains(tiny_folder):
+    """api.quantize (in memory) checks the heads first too: the model is left as it was."""
+    import dataclasses
+
+    import pytest
+
+    from lowbit.algorithms.rotate import RotateOptions
+    from lowbit.calibration import CalibrationSet
+    from lowbit.errors import LowbitError
+
+    model = api.load_model(str(tiny_folder)).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head = attention_modules(model)[0].head_dim
+    rec = dataclasses.replace(recipe(), attention=AttentionSpec(kv_bits=4, group_size=2 * head),
+                              rotate=RotateOptions(kind="learned", steps=2))  # fmt: skip
+    windows = torch.randint(0, 50, (4, 24), generator=torch.Generator().manual_seed(1))
+    data = CalibrationSet("test", 4, 24, 0, windows)
+    with pytest.raises(LowbitError, match="does not divide the head dimension"):
+        api.quantize(model, rec, data, progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
