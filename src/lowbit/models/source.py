@@ -147,7 +147,8 @@ class TensorSource:
         wanted = _tensors(model)
         if all(n in self.entries for n in wanted):
             return
-        rename = checkpoint_renames(getattr(getattr(model, "config", None), "model_type", ""))
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        rename = checkpoint_renames(type(model).__name__, model_type)
         for stored in list(self.entries):
             name = rename(stored)
             if name != stored and name in wanted and name not in self.entries:
