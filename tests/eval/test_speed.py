@@ -20,9 +20,18 @@ def test_timed_run_counts_prompt_and_new_tokens():
     assert run.decode_tps == pytest.approx(4 / run.decode_s)
 
 
-def test_models_alternate_and_medians_are_reported():
+def test_models_alternate_and_medians_are_reported(monkeypatch):
     models = {"a": tiny_llama(vocab=50, seed=1), "b": tiny_llama(vocab=50, seed=2)}
+    names = {id(m): n for n, m in models.items()}
+    order, timed = [], speed.timed_run
+
+    def recorded(runtime, prompt, new_tokens, meter):
+        order.append((names[id(runtime.model)], new_tokens))
+        return timed(runtime, prompt, new_tokens, meter)
+
+    monkeypatch.setattr(speed, "timed_run", recorded)
     results = speed.measure_speed(models, prompt_tokens=8, new_tokens=3, repeats=3, progress=False)
+    assert order == [("a", 4), ("b", 4)] + [("a", 3), ("b", 3)] * 3  # warm-ups, then rounds
     assert set(results) == {"a", "b"}
     for r in results.values():
         assert len(r.runs) == 3

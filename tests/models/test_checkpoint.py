@@ -72,7 +72,7 @@ def test_interrupted_save_leaves_no_folder(tiny_folder, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module, "write_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         save_folder(src.model, tmp_path / "q", {"layers": {}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]  # no partial, no temp
 

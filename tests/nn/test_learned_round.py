@@ -52,7 +52,14 @@ def test_gradients_reach_offsets_and_range_factors_and_project_clamps():
 
 
 def test_inputs_are_rounded_as_the_packed_layer_rounds_them():
-    twin = LearnedRoundLinear(layer(), SPECS[0], act=ActivationSpec(bits=4))
+    from lowbit.nn import QuantLinear
+
+    act = ActivationSpec(bits=4)
+    linear = layer()
+    twin = LearnedRoundLinear(linear, SPECS[0], act=act)
     x = torch.randn(3, 64)
     plain = LearnedRoundLinear(layer(), SPECS[0])
-    assert not torch.allclose(twin(x), plain(x))
+    packed = QuantLinear.from_quantized(twin.to_quantized(), linear.bias, "l", act)
+    with torch.no_grad():
+        assert not torch.allclose(twin(x), plain(x))
+        assert torch.allclose(twin(x), packed(x), rtol=0, atol=1e-6)

@@ -86,8 +86,11 @@ def test_constant_and_zero_blocks_are_exact():
 
 def test_tiny_scales_do_not_underflow_fp16():
     w = gaussian() * 1e-9
-    out = quantize_weight(w, WeightSpec(bits=4, symmetric=True, group_size=64)).dequantize()
-    assert torch.isfinite(out).all()
+    qw = quantize_weight(w, WeightSpec(bits=4, symmetric=True, group_size=64))
+    scale = qw.qparams.scale
+    assert scale.dtype == torch.float16  # 1e-9 / 7 underflows it: held at its smallest normal
+    assert (scale == torch.finfo(torch.float16).smallest_normal).all()
+    assert torch.isfinite(qw.dequantize()).all()
 
 
 def test_non_finite_weights_are_an_error_naming_the_layer():
