@@ -73,6 +73,7 @@ def tiny_family_model(family: str, vocab: int = 64, seed: int = 0):
         "opt": lambda: tf.OPTConfig(**common, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                     num_attention_heads=4, word_embed_proj_dim=64,
                                     max_position_embeddings=256),
+        "bloom": lambda: tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4),  # ALiBi
         # Pythia's: its checkpoints store the head as embed_out, which transformers renames
         "gpt_neox": lambda: tf.GPTNeoXConfig(**common, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4,

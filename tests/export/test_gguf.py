@@ -182,6 +182,17 @@ def test_settings_llama_cpps_graph_does_not_follow_are_a_clear_error(tmp_path):
     assert list(tmp_path.glob("*.gguf*")) == []
 
 
+def test_a_family_llama_cpp_has_no_graph_for_is_refused_as_that(tmp_path):
+    """Not as if llama.cpp's own graph for the family gated with SiLU."""
+    from transformers import GraniteConfig
+
+    granite = _tiny(GraniteConfig, hidden_act="gelu")
+    folder, _ = quantized_folder(_bpe_folder(granite, tmp_path / "src"), tmp_path / "q",
+                                 make_recipe(EXACT["q4_0"][0]))  # fmt: skip
+    with pytest.raises(LowbitError, match="'granite' is not one: its MLP uses gelu, not SiLU"):
+        export(folder, "gguf", tmp_path / "m.gguf")
+
+
 def test_a_family_that_computes_more_than_llama_is_a_clear_error(tmp_path):
     from transformers import GraniteConfig
 

@@ -46,6 +46,23 @@ def test_onnxruntime_matches_lowbit(tiny_folder, tmp_path, weights):
     np.testing.assert_allclose(_run(out, x), ours, atol=1e-4, rtol=0)
 
 
+def test_a_model_without_a_position_limit_exports(tmp_path):
+    """BLOOM's config has no max_position_embeddings (ALiBi): the sequence is left unbounded."""
+    from helpers import make_tokenizer, tiny_family_model
+
+    src = tmp_path / "bloom"
+    tiny_family_model("bloom").save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    folder, model = quantized_folder(
+        src, tmp_path / "q", make_recipe({"bits": 4, "group_size": 32})
+    )
+    out = export(folder, "onnx", tmp_path / "onnx").path
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        ours = model(x).logits.numpy()
+    np.testing.assert_allclose(_run(out, x), ours, atol=1e-4, rtol=0)
+
+
 def test_w8a8_runs_int8_matmul_with_per_token_activations(tiny_folder, tmp_path, monkeypatch):
     acts = {"bits": 8, "granularity": "token", "dynamic": True}
     rec = make_recipe({"bits": 8, "group_size": -1, "symmetric": True}, acts)

@@ -68,3 +68,19 @@ def test_a_longrope_model_reads_its_sequence_again_when_it_outgrows_the_original
     assert run.path == "hf" and run.tokens[0] == want.sequences[0, len(prompt) :].tolist()
     for got, ref in zip(seen, want.logits, strict=True):
         assert (got - ref[0]).abs().max() <= 1e-4 * ref[0].abs().max()
+
+
+def test_a_model_that_returns_no_cache_is_a_clear_error():
+    """RecurrentGemma keeps its own recurrent state and hands no cache back."""
+    import transformers as tf
+
+    from lowbit.errors import LowbitError
+
+    config = tf.RecurrentGemmaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=3, num_attention_heads=4, lru_width=64,
+                                     attention_window_size=32, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    forward = HFForward(model)
+    with torch.inference_mode(), pytest.raises(LowbitError, match="recurrent_gemma returns no"):
+        forward(torch.randint(0, 64, (1, 5)), forward.new_cache(1, 16))

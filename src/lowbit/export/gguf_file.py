@@ -93,12 +93,16 @@ def _arch(model: nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
     kind, config = model.config.model_type, model.config
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":  # llama.cpp's graphs for these architectures: SiLU, 1/sqrt(head size)
+        if kind not in ARCHS:  # (not a claim about llama.cpp's own graph for the family)
+            raise _not_llama(kind, f"its MLP uses {act}, not SiLU")
         raise LowbitError(f"GGUF export: llama.cpp's {kind} graph gates the MLP with SiLU; this "
                           f"model uses {act}")  # fmt: skip
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     scaling = getattr(getattr(find_blocks(model)[1][0], "self_attn", None), "scaling", None)
     if scaling is not None and abs(scaling * head_dim**0.5 - 1) > 1e-6:
+        if kind not in ARCHS:
+            raise _not_llama(kind, f"it scales attention by {scaling:g}, not 1/sqrt({head_dim})")
         raise LowbitError(f"GGUF export: llama.cpp scales attention by 1/sqrt({head_dim}); this "
                           f"model by {scaling:g}")  # fmt: skip
     if kind in ARCHS:
@@ -117,9 +121,13 @@ def _arch(model: nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
     if why is None and getattr(model.config, "sliding_window", None):
         why = f"it attends through a sliding window of {model.config.sliding_window} tokens"
     if why is not None:
-        raise LowbitError(f"GGUF export supports {sorted(ARCHS)} models and others with "
-                          f"Llama's arithmetic; {kind!r} is not one: {why}")  # fmt: skip
+        raise _not_llama(kind, why)
     return gguf.MODEL_ARCH.LLAMA, True
+
+
+def _not_llama(kind: str, why: str) -> LowbitError:
+    return LowbitError(f"GGUF export supports {sorted(ARCHS)} models and others with Llama's "
+                       f"arithmetic; {kind!r} is not one: {why}")  # fmt: skip
 
 
 def _file_type(types: list[gguf.GGMLQuantizationType]) -> int:

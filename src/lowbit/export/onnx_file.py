@@ -27,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.compressed import copy_side_files
 from lowbit.kernels.int8 import int8_eligible
 from lowbit.models import set_module
+from lowbit.models.modules import context_limit
 from lowbit.nn import QuantLinear
 from lowbit.packing import pack
 
@@ -242,7 +243,8 @@ def write_onnx(model: nn.Module, folder: Path, tmp: Path) -> None:
     _register_schema()
     wrapper = prepare(model)
     ids = torch.zeros(2, 8, dtype=torch.long)  # not 1: torch.export would fix a size-1 dim
-    seq = torch.export.Dim("sequence", min=2, max=model.config.max_position_embeddings)
+    limit = context_limit(model.config)  # None for ALiBi models (BLOOM, MPT): no bound
+    seq = torch.export.Dim("sequence", min=2, **({"max": limit} if limit else {}))
     batch = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
         program = torch.onnx.export(

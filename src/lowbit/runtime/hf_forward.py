@@ -18,6 +18,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from lowbit.errors import LowbitError
 from lowbit.kernels.affine import GEMV_MAX_ROWS
 from lowbit.kernels.build import native_ops
 from lowbit.kernels.threads import torch_ops_on_one_thread
@@ -71,7 +72,12 @@ class HFForward:
         with torch_ops_on_one_thread(self._pooled and short):
             out = self.model(ids, **kwargs)
         past = getattr(out, "cache", None)
-        cache.past = out.past_key_values if past is None else past
+        cache.past = getattr(out, "past_key_values", None) if past is None else past
+        if cache.past is None:  # e.g. RecurrentGemma, whose output holds no cache to pass back
+            kind = getattr(self.model.config, "model_type", type(self.model).__name__)
+            raise LowbitError(f"{kind} returns no key/value cache to decode from (it keeps its "
+                              f"own state), which lowbit's decode loop needs: generation is not "
+                              f"supported for this model")  # fmt: skip
         return out.logits[:, -new:] if all_logits else out.logits[:, -1]
 
 
