@@ -182,26 +182,22 @@ def test_settings_llama_cpps_graph_does_not_follow_are_a_clear_error(tmp_path):
     assert list(tmp_path.glob("*.gguf*")) == []
 
 
-def test_a_family_llama_cpp_has_no_graph_for_is_refused_as_that(tmp_path):
-    """Not as if llama.cpp's own graph for the family gated with SiLU."""
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [  # 1/sqrt(16) attention scale: only the multipliers differ from a Llama's
+        ({"embedding_multiplier": 2.0, "logits_scaling": 3.0, "attention_multiplier": 0.25},
+         "computes more than a Llama"),
+        # not as if llama.cpp's own graph for the family gated with SiLU
+        ({"hidden_act": "gelu"}, "its MLP uses gelu, not SiLU"),
+    ],
+)  # fmt: skip
+def test_a_family_without_llamas_arithmetic_is_a_clear_error(tmp_path, settings, says):
     from transformers import GraniteConfig
 
-    granite = _tiny(GraniteConfig, hidden_act="gelu")
+    granite = _tiny(GraniteConfig, **settings)
     folder, _ = quantized_folder(_bpe_folder(granite, tmp_path / "src"), tmp_path / "q",
                                  make_recipe(EXACT["q4_0"][0]))  # fmt: skip
-    with pytest.raises(LowbitError, match="'granite' is not one: its MLP uses gelu, not SiLU"):
-        export(folder, "gguf", tmp_path / "m.gguf")
-
-
-def test_a_family_that_computes_more_than_llama_is_a_clear_error(tmp_path):
-    from transformers import GraniteConfig
-
-    granite = _tiny(
-        GraniteConfig, embedding_multiplier=2.0, logits_scaling=3.0, attention_multiplier=0.25
-    )  # 1/sqrt(16): only the multipliers differ
-    folder, _ = quantized_folder(_bpe_folder(granite, tmp_path / "src"), tmp_path / "q",
-                                 make_recipe(EXACT["q4_0"][0]))  # fmt: skip
-    with pytest.raises(LowbitError, match="'granite' is not one: .*computes more than a Llama"):
+    with pytest.raises(LowbitError, match=f"'granite' is not one: .*{says}"):
         export(folder, "gguf", tmp_path / "m.gguf")
     assert list(tmp_path.glob("*.gguf*")) == []
 
