@@ -74,6 +74,9 @@ def tiny_family_model(family: str, vocab: int = 64, seed: int = 0):
                                     num_attention_heads=4, word_embed_proj_dim=64,
                                     max_position_embeddings=256),
         "bloom": lambda: tf.BloomConfig(**common, hidden_size=64, n_layer=2, n_head=4),  # ALiBi
+        # Falcon's linears are a subclass of nn.Linear (FalconLinear)
+        "falcon": lambda: tf.FalconConfig(**common, hidden_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, bias=False),
         # Pythia's: its checkpoints store the head as embed_out, which transformers renames
         "gpt_neox": lambda: tf.GPTNeoXConfig(**common, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4,

@@ -97,3 +97,18 @@ def test_interrupted_export_leaves_no_partial_folder(tiny_folder, tmp_path, monk
         export(folder, "compressed-tensors", tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ct")]
+
+
+def test_gpt2_conv1d_layers_are_refused_not_left_random(tmp_path):
+    """transformers decompresses into nn.Linear only: GPT-2's Conv1D layers would load with
+    random weights and no warning."""
+    from helpers import make_tokenizer, tiny_family_model
+
+    src = tmp_path / "gpt2"
+    tiny_family_model("gpt2").save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    rec = make_recipe({"bits": 4, "group_size": 32, "symmetric": True})
+    folder, _ = quantized_folder(src, tmp_path / "q", rec)
+    with pytest.raises(LowbitError, match=r"c_attn is a GPT-2-style Conv1D.*ONNX"):
+        export(folder, "compressed-tensors", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

@@ -35,6 +35,24 @@ def test_a_model_without_blocks_names_what_it_found():
         find_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
 
 
+def test_subclassed_linears_are_quantized_like_plain_ones():
+    from helpers import make_recipe
+    from lowbit import api
+    from lowbit.nn import QuantLinear
+
+    model = tiny_family_model("falcon")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    api.quantize(model, make_recipe({"bits": 8, "group_size": -1}), progress=False)
+    _, blocks = find_blocks(model)
+    linears = [m for m in blocks.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    assert len(linears) == 8 and all(isinstance(m, QuantLinear) for m in linears)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 def test_llama_true_sequential_groups():
     model = tiny_family_model("llama")
     _, blocks = find_blocks(model)

@@ -98,6 +98,12 @@ def quantization_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
     for name, mod in model.named_modules():
         if not isinstance(mod, QuantLinear):
             continue
+        if getattr(mod, "stored_transposed", False):
+            # transformers and vLLM decompress into nn.Linear layers only: a loader finds no
+            # nn.Linear here and silently leaves the layer's weight random
+            raise LowbitError(f"{name} is a GPT-2-style Conv1D layer (its weight stored as "
+                              "(in, out)), which compressed-tensors loaders do not decompress; "
+                              "export this model to ONNX instead")  # fmt: skip
         scheme = {"weights": weight_args(mod.spec, name)}
         if mod.act is not None:
             if not int8_eligible(mod.spec, mod.act):

@@ -39,8 +39,10 @@ KNOWN_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
 
 class RouterLinear(nn.Linear):
-    """A router's linear (scores of the experts): kept float by the quantizer, which takes
-    plain ``nn.Linear`` modules only."""
+    """A router's linear (scores of the experts): kept float by the quantizer (``keeps_float``:
+    see :func:`lowbit.nn.linear_like.is_linear`)."""
+
+    keeps_float = True
 
 
 class ExpertMLP(nn.Module):

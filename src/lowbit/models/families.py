@@ -15,6 +15,7 @@ from typing import Literal
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.nn.linear_like import is_linear
 from lowbit.nn.quant_linear import QuantLinear
 
 # How a feeding module's output can absorb a per-channel division by s:
@@ -147,8 +148,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def block_linears(block: nn.Module) -> list[str]:
-    """Names (relative to the block) of its nn.Linear layers, in definition order."""
-    return [n for n, m in block.named_modules() if type(m) is nn.Linear]
+    """Names (relative to the block) of its linear layers (:func:`is_linear`), in definition
+    order."""
+    return [n for n, m in block.named_modules() if is_linear(m)]
 
 
 def sequential_groups(block: nn.Module, family: Family | None,

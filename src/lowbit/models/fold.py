@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.models.families import PrevKind
+from lowbit.nn.linear_like import is_linear
 from lowbit.nn.online import online_transform
 from lowbit.nn.quant_conv import is_conv
 
@@ -21,7 +22,7 @@ from lowbit.nn.quant_conv import is_conv
 def in_width(layer: nn.Module) -> int | None:
     """The input channels a linear or an ungrouped convolution reads (None for anything else:
     a grouped convolution's channels do not all meet the same weights)."""
-    if type(layer) is nn.Linear:
+    if is_linear(layer):
         return layer.in_features
     if is_conv(layer) and layer.groups == 1:
         return layer.in_channels
@@ -30,7 +31,7 @@ def in_width(layer: nn.Module) -> int | None:
 
 def out_width(layer: nn.Module) -> int | None:
     """The output channels of a linear or an ungrouped convolution (None otherwise)."""
-    if type(layer) is nn.Linear:
+    if is_linear(layer):
         return layer.out_features
     if is_conv(layer) and layer.groups == 1:
         return layer.out_channels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -10,16 +11,34 @@ from torch import Tensor, nn
 
 from lowbit.data.inputs import ModelInputs
 from lowbit.errors import LowbitError
+from lowbit.models.tensor_reads import TensorReads
+from lowbit.nn.linear_like import is_linear
 from lowbit.nn.steps import select_step
 
-QUANTIZABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+log = logging.getLogger("lowbit")
 
 
 def quantizable_layers(model: nn.Module, convs: bool = False) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every ``nn.Linear`` (with ``convs``, also ``nn.Conv2d`` and
-    ``nn.ConvTranspose2d``: image models, quantized whole) in definition order."""
-    kinds = QUANTIZABLE if convs else (nn.Linear,)
-    return [(n, m) for n, m in model.named_modules() if type(m) in kinds]
+    """(name, module) of every linear layer (``nn.Linear``, or a subclass that computes the
+    same map: :func:`~lowbit.nn.linear_like.is_linear`; with ``convs``, also ``nn.Conv2d`` and
+    ``nn.ConvTranspose2d``: image models, quantized whole) in definition order. A layer whose
+    parent's code reads its ``.weight`` or ``.bias`` as a tensor instead of calling it (Mamba's
+    ``dt_proj``) stays float: a quantized layer holds codes, not a weight."""
+    found = [
+        (n, m) for n, m in model.named_modules() if is_linear(m) or (convs and type(m) in CONVS)
+    ]
+    reads = TensorReads()
+    kept = [(n, m) for n, m in found if not _read_as_tensor(model, n, reads)]
+    if len(kept) < len(found):
+        left = sorted({n for n, _ in found} - {n for n, _ in kept})
+        log.debug("kept float (their parents read the weight as a tensor): %s", ", ".join(left))
+    return kept
+
+
+def _read_as_tensor(model: nn.Module, name: str, reads: TensorReads) -> bool:
+    parent_name, _, child = name.rpartition(".")
+    return reads.reads(model.get_submodule(parent_name) if parent_name else model, child)
 
 
 def context_limit(config: Any) -> int | None:
@@ -39,11 +58,15 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted path ``name`` with ``new``; the old module's forward
-    pre-hooks marked ``carried`` (an online rotation of its input) move to ``new``."""
+    pre-hooks marked ``carried`` (an online rotation of its input) move to ``new``, and so does
+    the mark of a layer whose checkpoints hold its weight as (in, out) (transformers' Conv1D,
+    or a linear made from one: ``stored_transposed``)."""
     parent_name, _, child = name.rpartition(".")
     parent = get_module(model, parent_name) if parent_name else model
     old = getattr(parent, child, None)
     if isinstance(old, nn.Module) and old is not new:
+        if getattr(old, "stored_transposed", False) or type(old).__name__ == "Conv1D":
+            new.stored_transposed = True
         for hook in old._forward_pre_hooks.values():
             if getattr(hook, "carried", False) and hook not in new._forward_pre_hooks.values():
                 new.register_forward_pre_hook(hook)
