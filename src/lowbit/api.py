@@ -42,7 +42,7 @@ from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.models.checkpoint import MANIFEST, read_manifest
 from lowbit.models.experts import experts_to_linears
 from lowbit.models.load import source_folder
-from lowbit.models.modules import context_limit, quantizable_layers
+from lowbit.models.modules import context_limit, output_head, quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import fitted_rotation, rotate_model
 from lowbit.nn.attention import check_attention
@@ -108,7 +108,11 @@ def quantize(
     experts_to_linears(model)
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     if recipe.tune is not None:  # checked before any work
-        check_tune(recipe, plan_layers(recipe, quantizable_layers(model), warn=False), calibration)
+        check_tune(
+            recipe,
+            plan_layers(recipe, quantizable_layers(model), warn=False, head=output_head(model)),
+            calibration,
+        )
     if recipe.attention is not None:  # not only per block, after a learned rotation trained
         check_attention(model, recipe.attention)
     teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None
@@ -172,7 +176,7 @@ def analyze(
     if whole:
         fold_batchnorm(model)
     layers = quantizable_layers(model, convs=whole)
-    plan = plan_layers(recipe, layers)
+    plan = plan_layers(recipe, layers, head=output_head(model))
     specs = candidate_specs(recipe.weights, list(candidates))
     chosen = {n: m for n, m in layers if n in plan}
     check_candidates(chosen, specs, recipe)

@@ -23,6 +23,24 @@ def test_plan_resolves_every_layer():
     assert list(plan) == ["a.q", "a.down"]
 
 
+def test_lm_head_patterns_match_a_head_under_another_name(caplog):
+    """BioGPT's head is ``output_projection``: presets that keep ``lm_head`` float keep it
+    float, and an override of ``lm_head`` reaches it."""
+    named = [*layers()[:2], ("output_projection", nn.Linear(576, 100))]
+    keep = Recipe.from_dict(
+        {"version": 1, "weights": {"bits": 4, "group_size": 64}, "ignore": ["lm_head"]}
+    )
+    with caplog.at_level(logging.WARNING):
+        assert list(plan_layers(keep, named, head="output_projection")) == ["a.q", "a.down"]
+    assert "matches no layer" not in caplog.text
+    assert "output_projection" in plan_layers(keep, named)  # (not known as the head)
+    head8 = Recipe.from_dict(
+        {"version": 1, "weights": {"bits": 4, "group_size": 64},
+         "overrides": [{"match": "lm_head", "weights": {"bits": 8}}]}
+    )  # fmt: skip
+    assert plan_layers(head8, named, head="output_projection")["output_projection"].bits == 8
+
+
 def test_group_size_that_does_not_divide_fails_before_work_naming_the_layer():
     r = Recipe.from_dict({"version": 1, "weights": {"bits": 4, "group_size": 128}})
     with pytest.raises(LowbitError, match="layer a.q"):

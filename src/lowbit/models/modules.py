@@ -41,6 +41,19 @@ def _read_as_tensor(model: nn.Module, name: str, reads: TensorReads) -> bool:
     return reads.reads(model.get_submodule(parent_name) if parent_name else model, child)
 
 
+def output_head(model: nn.Module) -> str | None:
+    """The name of the model's output head (``get_output_embeddings()``: ``lm_head``, BioGPT's
+    ``output_projection``, GPT-NeoX's ``embed_out``), or None where it has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):  # a base model without a head
+        return None
+    if not isinstance(head, nn.Module):
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
 def context_limit(config: Any) -> int | None:
     """The most positions a model was made for (``config``: its config object, or config.json
     as a mapping): ``max_position_embeddings``, GPT-2's ``n_positions``; None where unknown."""

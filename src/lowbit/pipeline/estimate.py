@@ -36,7 +36,7 @@ from lowbit.calibration import CalibrationSet
 from lowbit.models.checkpoint import write_extras, write_shards
 from lowbit.models.families import find_blocks
 from lowbit.models.load import source_tokenizer
-from lowbit.models.modules import quantizable_layers
+from lowbit.models.modules import output_head, quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.rotate import Rotator, fitted_rotation
 from lowbit.models.source import TensorSource, skeleton
@@ -94,7 +94,7 @@ def estimate(
     tensors = TensorSource(folder)
     tensors.check(model)
     conv1d_to_linear(model)
-    plan = plan_layers(recipe, quantizable_layers(model))
+    plan = plan_layers(recipe, quantizable_layers(model), head=output_head(model))
     prefix, blocks = find_blocks(model)
     formats, qbytes, weights = _formats(model, plan)
     copied, copied_bytes, output = _output(folder, tensors, recipe, plan, prefix, qbytes)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import CalibrationSet
 from lowbit.errors import LowbitError
-from lowbit.models.modules import quantizable_layers, set_module, untie_if_needed
+from lowbit.models.modules import output_head, quantizable_layers, set_module, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.nn import QuantLinear
 from lowbit.nn.fake_linear import FakeQuantLinear
@@ -66,7 +66,7 @@ def fake_quantize_model(model: nn.Module, recipe: Recipe, learn_scales: bool = T
                           f"lowbit quantize")  # fmt: skip
     conv1d_to_linear(model)
     layers = quantizable_layers(model)  # linears: QAT does not train convolutions
-    plan = plan_layers(recipe, layers)
+    plan = plan_layers(recipe, layers, head=output_head(model))
     if any(spec.lorc_rank for spec in plan.values()):
         raise LowbitError("qat does not train LoRC corrections; drop lorc_rank")
     fakes = {}

@@ -24,7 +24,7 @@ from lowbit.eval.canary import write as write_canary
 from lowbit.eval.size import SizeReport
 from lowbit.models.checkpoint import write_extras, write_manifest
 from lowbit.models.load import source_folder, source_tokenizer
-from lowbit.models.modules import quantizable_layers
+from lowbit.models.modules import output_head, quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.rotate import (
     Rotator,
@@ -83,7 +83,7 @@ def quantize_to(
     if recipe.rotate is not None:  # checked before any work (a learned matrix: trained below)
         rotator = Rotator(model, recipe.rotate)
     conv1d_to_linear(model)
-    plan = plan_layers(recipe, quantizable_layers(model), warn=False)  # before any work
+    plan = plan_layers(recipe, quantizable_layers(model), warn=False, head=output_head(model))
     check_tune(recipe, plan, calibration)
     if recipe.attention is not None:  # not only once a learned rotation has trained
         check_attention(model, recipe.attention)

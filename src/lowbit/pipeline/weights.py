@@ -26,7 +26,7 @@ from lowbit.calibration.canary import CanaryProbe
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import family_of, find_blocks
-from lowbit.models.modules import get_module, quantizable_layers, untie_if_needed
+from lowbit.models.modules import get_module, output_head, quantizable_layers, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.nn import QuantLinear
 from lowbit.nn.attention import use_attention_function
@@ -79,7 +79,9 @@ def quantize_weights(
     blocks = _blocks(model, recipe, calibration)
     if blocks is None:  # a model quantized whole (image models): convolutions too
         fold_batchnorm(model)  # a BatchNorm's scale is quantized with its convolution
-    plan = plan_layers(recipe, quantizable_layers(model, convs=blocks is None))
+    plan = plan_layers(
+        recipe, quantizable_layers(model, convs=blocks is None), head=output_head(model)
+    )
     report = QuantizeReport(recipe, calibration=calibration)
     check_calibration_given(recipe, calibration)
     _check_step_ranges(model, recipe, calibration)

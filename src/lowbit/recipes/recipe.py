@@ -117,12 +117,15 @@ class Recipe:
             for where, spec in specs:
                 _learnable(spec, where)
 
-    def spec_for(self, name: str) -> WeightSpec | None:
-        """The weight spec of layer ``name``, or None to leave it in float."""
-        if any(_match(p, name) for p in self.ignore):
+    def spec_for(self, name: str, alias: str | None = None) -> WeightSpec | None:
+        """The weight spec of layer ``name``, or None to leave it in float. ``alias``: a second
+        name the layer answers to (``lm_head`` for a model's output head under another name,
+        such as BioGPT's ``output_projection``)."""
+        names = (name,) if alias is None else (name, alias)
+        if any(_match(p, n) for p in self.ignore for n in names):
             return None
-        exact = [o for o in self.overrides if not o.is_regex and o.matches(name)]
-        regex = [o for o in self.overrides if o.is_regex and o.matches(name)]
+        exact = [o for o in self.overrides if not o.is_regex and any(map(o.matches, names))]
+        regex = [o for o in self.overrides if o.is_regex and any(map(o.matches, names))]
         chosen = (exact or regex or [None])[0]
         if chosen is None:
             return self.weights
