@@ -202,6 +202,18 @@ def test_a_family_without_llamas_arithmetic_is_a_clear_error(tmp_path, settings,
     assert list(tmp_path.glob("*.gguf*")) == []
 
 
+def test_latent_attention_is_refused_for_its_layout_not_its_head_size(tmp_path):
+    """DeepSeek's latent attention has no q/k/v projections; its config's head_dim is the
+    rotary part, which a scale check would misreport."""
+    from helpers import tiny_moe
+
+    folder, _ = quantized_folder(_bpe_folder(tiny_moe("deepseek_v3"), tmp_path / "src"),
+                                 tmp_path / "q", make_recipe(EXACT["q4_0"][0]))  # fmt: skip
+    with pytest.raises(LowbitError, match="'deepseek_v3' is not one: its blocks lack a Llama"):
+        export(folder, "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.glob("*.gguf*")) == []
+
+
 def _sentencepiece_folder(folder, family="llama", specials=()):
     """A tiny model with a SentencePiece BPE tokenizer (byte fallback), as Llama 2 and Phi-3
     ship one; ``specials``: added special tokens (Phi-3's, which llama.cpp looks up)."""

@@ -31,7 +31,7 @@ from lowbit.export.gguf_vocab import bpe_pre, is_sentencepiece_bpe, write_senten
 from lowbit.models.experts import LinearExperts
 from lowbit.models.families import find_blocks
 from lowbit.nn import QuantLinear
-from lowbit.runtime.llama_twin import family_reason, post_norm
+from lowbit.runtime.llama_twin import family_reason, parts_missing, post_norm
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ def write_gguf(
 def _arch(model: nn.Module) -> tuple[gguf.MODEL_ARCH, bool]:
     """(llama.cpp architecture, permute q/k rows) for ``model``, or a one-line error."""
     kind, config = model.config.model_type, model.config
+    missing = parts_missing(model) if kind not in ARCHS else ""
+    if missing:  # (first: a model without Llama's parts has no Llama head size to speak of)
+        raise _not_llama(kind, missing)
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":  # llama.cpp's graphs for these architectures: SiLU, 1/sqrt(head size)
         if kind not in ARCHS:  # (not a claim about llama.cpp's own graph for the family)

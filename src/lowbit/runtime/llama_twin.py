@@ -56,7 +56,7 @@ def family_reason(model: nn.Module) -> str | None:
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind in FAMILIES:
         return None
-    why = _parts_missing(model)
+    why = parts_missing(model)
     if why:
         return f"model type {kind!r} is not one of {', '.join(FAMILIES)}, and {why}"
     rope = getattr(model.config, "rope_parameters", None) or {}
@@ -92,7 +92,7 @@ def post_norm(model: nn.Module) -> bool:
     return any(is_post_norm(block) for block in layers)
 
 
-def _parts_missing(model: nn.Module) -> str:
+def parts_missing(model: nn.Module) -> str:
     """What of a Llama's layout ``model`` lacks (or "")."""
     names = {n for n, _ in model.named_modules()}
     layers = getattr(getattr(model, "model", None), "layers", None)
