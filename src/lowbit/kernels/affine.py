@@ -17,8 +17,8 @@ packed codes (as llama.cpp's decode does for Q4_0 and Q8_0 weights; the 8-bit he
 at 22-26 GB/s); larger inputs take it when the caller asks
 (the decode loop's prompts), through an integer GEMM (``csrc/affine_q8_gemm.cpp``; for 8-bit
 codes 1.8–2.2x float32 with VNNI and 0.93–0.99x on AVX2 alone, where the float tiles ran
-0.63–0.90x: README, "8-bit weight-only prompts"). Otherwise (evaluation windows) inputs
-stay float, as :func:`affine_linear_reference` defines (large inputs:
+0.63–0.90x: README, "8-bit weight-only prompts"). Otherwise (evaluation windows longer than
+``GEMV_MAX_ROWS``) inputs stay float, as :func:`affine_linear_reference` defines (large inputs:
 the codes dequantized tile by tile into torch's GEMM).
 """
 
@@ -260,10 +260,11 @@ def affine_linear_act8_reference(x: Tensor, aw: AffineWeight) -> Tensor:
 def affine_linear(x: Tensor, aw: AffineWeight, act8: bool | None = None) -> Tensor:
     """y = x · Wᵀ for x (..., K): the native op when it is available, else the reference of
     the path the native op would take. ``act8``: whether the inputs are quantized to int8
-    (:func:`affine_linear_act8_reference`); None (the layers' default) asks it for
-    decode-sized inputs only, so that evaluation windows keep the reference
-    ``QuantLinear``'s numbers; the decode loop passes True for its prompts and steps
-    (llama.cpp's arithmetic)."""
+    (:func:`affine_linear_act8_reference`); None (the layers' default) asks it for calls of at
+    most ``GEMV_MAX_ROWS`` rows only: decode steps, but also an evaluation window that short
+    and a mixture's expert on the few tokens routed to it, whose numbers then differ slightly
+    from the reference ``QuantLinear``'s (longer windows of a dense model keep them exactly);
+    the decode loop passes True for its prompts and steps (llama.cpp's arithmetic)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if act8 is None:
