@@ -112,3 +112,18 @@ def test_gpt2_conv1d_layers_are_refused_not_left_random(tmp_path):
     with pytest.raises(LowbitError, match=r"c_attn is a GPT-2-style Conv1D.*ONNX"):
         export(folder, "compressed-tensors", tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+def test_linear_subclasses_are_exported_with_a_warning_that_transformers_cannot_load_them(
+    tmp_path, caplog
+):
+    from helpers import make_tokenizer, tiny_family_model
+
+    src = tmp_path / "falcon"
+    tiny_family_model("falcon").save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    rec = make_recipe({"bits": 4, "group_size": 32, "symmetric": True})
+    folder, _ = quantized_folder(src, tmp_path / "q", rec)
+    with caplog.at_level("WARNING"):
+        export(folder, "compressed-tensors", tmp_path / "ct")
+    assert "were FalconLinear" in caplog.text and (tmp_path / "ct" / "config.json").exists()

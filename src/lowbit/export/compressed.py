@@ -148,6 +148,15 @@ def write_compressed_tensors(model: nn.Module, folder: Path, tmp: Path) -> None:
         log.warning("asymmetric layers with integer zero points: compressed-tensors reads them, "
                     "but transformers (5.25, compressed-tensors 0.20) cannot load them yet; "
                     "for transformers, export a symmetric recipe")  # fmt: skip
+    subclasses = sorted(
+        {getattr(model.get_submodule(n), "linear_class", None) for n in names} - {None}
+    )
+    if subclasses:
+        # checked: transformers 5.25 swaps the tensors of a FalconLinear but keeps its forward,
+        # which reads .weight: loading fails (an AttributeError), it does not run wrong
+        log.warning("the quantized layers were %s (nn.Linear subclasses with their own forward): "
+                    "transformers (5.25) keeps their forward, which reads a float weight, and "
+                    "cannot load this export", ", ".join(subclasses))  # fmt: skip
     for name, mod in model.named_modules():
         if name in quantized:
             state |= layer_tensors(name, mod)
