@@ -43,3 +43,15 @@ def test_library_layers_that_are_not_plain_linears_are_left_alone():
 def test_quantizable_layers_finds_subclassed_linears():
     model = nn.Sequential(FalconLinear(4, 8), nn.ReLU(), _Scaled(8, 8), _Unchanged(8, 2))
     assert [n for n, _ in quantizable_layers(model)] == ["0", "3"]
+
+
+def test_asking_leaves_the_layer_as_it_was():
+    """A QAT layer's fake-quantizer observes its input: the stand-in must not update it."""
+    from torch.ao.nn.qat import Linear as QATLinear
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    layer = QATLinear(8, 4, qconfig=get_default_qat_qconfig("fbgemm"))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert not is_linear(layer)  # (fake-quantized weights)
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
