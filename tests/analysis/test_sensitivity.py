@@ -6,6 +6,7 @@ import torch
 from helpers import tiny_llama
 from lowbit.analysis import candidate_specs, measure_sensitivity
 from lowbit.analysis.sensitivity import Sensitivity, layer_bits, spearman
+from lowbit.errors import LowbitError
 from lowbit.formats import WeightSpec
 from lowbit.models.modules import quantizable_layers
 
@@ -80,7 +81,7 @@ def test_an_image_model_is_measured_by_its_output_error_convolutions_included():
     assert again.metric == "mse" and again.damage == sens.damage
     nan = again.proxy["2"]["int4"]
     assert again.proxy["0"] == sens.proxy["0"] and nan != nan  # NaN kept (null in JSON)
-    with pytest.raises(Exception, match="output_range"):
+    with pytest.raises(LowbitError, match="output_range"):
         measure_sensitivity(model, layers, specs, images, progress=False)
 
 
