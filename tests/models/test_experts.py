@@ -109,6 +109,23 @@ def test_routers_stay_float():
     assert isinstance(model.model.layers[0].mlp.shared_expert.up_proj, QuantLinear)
 
 
+def test_a_router_of_an_nn_linear_subclass_stays_float_with_its_forward():
+    from lowbit.models import quantizable_layers
+
+    class Gate(nn.Linear):  # (as Ergo's router: its own forward, a linear map)
+        def forward(self, x):
+            return x @ self.weight.T
+
+    model = tiny_moe("qwen2_moe")
+    model.model.layers[0].mlp.shared_expert_gate.__class__ = Gate
+    experts_to_linears(model)
+    gate = model.model.layers[0].mlp.shared_expert_gate
+    assert type(gate) is Gate and gate.keeps_float
+    names = [n for n, _ in quantizable_layers(model)]
+    assert "model.layers.0.mlp.shared_expert_gate" not in names
+    assert "model.layers.0.mlp.shared_expert.up_proj" in names
+
+
 def test_only_routers_stay_float_when_the_width_equals_the_expert_count():
     """64 experts of a 64-wide model: every expert's down_proj (64 outputs) is quantized."""
     model = tiny_moe("mixtral", num_local_experts=64, num_experts_per_tok=1)

@@ -154,10 +154,13 @@ def _replace(model: nn.Module, name: str) -> None:
     setattr(parent, child, linears)
     inside = set(map(id, linears.modules()))
     for router in parent.modules():  # what scores the experts (or a shared one) from the input
-        if id(router) in inside or type(router) is not nn.Linear:
+        if id(router) in inside or not isinstance(router, nn.Linear):
             continue
         if router.in_features == h and router.out_features in (e, 1):
-            router.__class__ = RouterLinear  # same parameters and hooks, a type the plan skips
+            if type(router) is nn.Linear:
+                router.__class__ = RouterLinear  # same parameters and hooks, a type the plan skips
+            else:  # a subclass keeps its own forward (Ergo's float32 logits), marked
+                router.keeps_float = True
 
 
 def _check_on_twin(model: nn.Module) -> None:

@@ -5,7 +5,7 @@ only rewrites ``x @ W.T + b``) and for layers that are not (MoE routers that ret
 choices, BitNet's layer that quantizes its own inputs, LoRA-carrying layers). No library says
 which is which, so a subclass that overrides ``forward`` is asked once: run its forward on a
 small random weight and input and compare with ``F.linear``. A subclass that sets the class
-attribute ``keeps_float`` (lowbit's router linears) is never a layer to quantize.
+or instance attribute ``keeps_float`` (lowbit's routers) is never a layer to quantize.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` or a subclass whose forward computes the same map
     (decided on a stand-in with a small random weight: the module's own weight may be on the
     meta device or large)."""
+    if not isinstance(module, nn.Linear) or getattr(module, "keeps_float", False):
+        return False
     if type(module) is nn.Linear:
         return True
-    if not isinstance(module, nn.Linear) or getattr(type(module), "keeps_float", False):
-        return False
     if type(module).forward is nn.Linear.forward:
         return True
     return _computes_linear(module)
