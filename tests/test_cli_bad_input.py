@@ -246,6 +246,19 @@ def test_other_commands_refuse_what_they_cannot_use(quantized, tiny_folder, tmp_
     assert (quantized / "lowbit.json").is_file() and not Path(out).exists()
 
 
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(quantized, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        number = busy.getsockname()[1]
+        says = run(capsys, ["serve", str(quantized), "--port", str(number)])
+    assert f"cannot listen on 127.0.0.1:{number} (Address already in use)" in says
+    says = run(capsys, ["serve", str(quantized), "--host", "203.0.113.9", "--port", "8000"])
+    assert "cannot listen on 203.0.113.9:8000" in says  # (a documentation address: not ours)
+
+
 def test_chat_needs_a_chat_template(quantized, capsys, monkeypatch):
     import io
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from typing import Any
 
 from lowbit.cli_args import add_attention_options, apply_attention, port, positive
@@ -239,9 +240,25 @@ def _canary(args: argparse.Namespace, src: Any, metrics: Any) -> Any:
                        args.canary_tolerance)  # fmt: skip
 
 
+def check_port(host: str, number: int) -> None:
+    """A one-line error where ``host:number`` cannot be listened on (in use, or not an address
+    of this machine), with the options uvicorn sets (``SO_REUSEADDR``)."""
+    try:
+        infos = socket.getaddrinfo(host, number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise LowbitError(f"cannot listen on {host}:{number} ({why}); choose another --port or "
+                          f"--host") from None  # fmt: skip
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the server is reachable beyond this machine", args.host)
+    check_port(args.host, args.port)  # before the model loads (uvicorn's own error: exit 3)
     app, engine = build_server(args)
     import uvicorn
 
