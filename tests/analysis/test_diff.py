@@ -45,6 +45,19 @@ def test_diff_names_a_layer_quantized_to_two_bits():
     assert ranked[0].layer == BROKEN and "int2" in ranked[0].format
 
 
+@pytest.mark.parametrize("family", ["gpt2", "falcon", "qwen2_moe"])
+def test_diff_takes_the_float_model_as_it_was_loaded(family):
+    """GPT-2's Conv1D, Falcon's nn.Linear subclass and a mixture's fused experts are the
+    layers Q was quantized from once FP is turned as quantization turned it."""
+    from helpers import tiny_family_model, tiny_moe
+
+    fp = tiny_moe(family) if family.endswith("moe") else tiny_family_model(family)
+    q = copy.deepcopy(fp)
+    api.quantize(q, Recipe.from_dict(W8), progress=False)
+    total, ranked = layer_contributions(fp, q, WINDOWS, batch_size=2, progress=False)
+    assert total > 0 and ranked and all(c.without <= total * 1.5 for c in ranked)
+
+
 def test_nan_weights_stop_quantization_naming_the_layer():
     model = tiny_llama(layers=2)
     with torch.no_grad():

@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 
 from lowbit.analysis.kl import mean_kl, reference_logprobs
 from lowbit.errors import LowbitError
+from lowbit.models.experts import experts_to_linears
 from lowbit.models.modules import set_module
+from lowbit.models.normalize import conv1d_to_linear
 from lowbit.nn import QUANTIZED_MODULES
+from lowbit.nn.linear_like import is_linear
 from lowbit.nn.quant_conv import CONVS
-
-FLOAT_LAYERS = (nn.Linear, *CONVS)
 
 
 @dataclass
@@ -45,7 +46,11 @@ class Contribution:
 def layer_contributions(
     fp: nn.Module, q: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = True
 ) -> tuple[float, list[Contribution]]:
-    """(KL of Q, contributions sorted from the most harmful layer down)."""
+    """(KL of Q, contributions sorted from the most harmful layer down). FP's layers are first
+    made the ones Q was quantized from (GPT-2's Conv1D as linears, a mixture's fused experts
+    as one linear each): the same function, the same names."""
+    conv1d_to_linear(fp)
+    experts_to_linears(fp)
     ref = reference_logprobs(fp, windows, batch_size)
     return _contributions(fp, q, lambda m: _finite_kl(m, windows, ref, batch_size), "kl",
                           progress)  # fmt: skip
@@ -71,7 +76,8 @@ def _contributions(fp: nn.Module, q: nn.Module, damage: Callable[[nn.Module], fl
     if not quantized:
         raise LowbitError("the second model has no quantized layers to compare")
     for name, _ in quantized:  # before any measurement
-        if type(float_layers.get(name)) not in FLOAT_LAYERS:
+        layer = float_layers.get(name)
+        if not (is_linear(layer) or type(layer) in CONVS):
             raise LowbitError(f"{name} is quantized in Q but is not a linear or convolution of "
                               f"FP; are FP and Q the same model?")  # fmt: skip
     total = damage(q)
