@@ -123,6 +123,10 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     src = api.load_model(args.model)
     if src.tokenizer is None:
         raise LowbitError(f"{args.model} has no tokenizer; serving text needs one")
+    if src.kind == "litert":  # a scoring-only export: refused now, not at every request
+        from lowbit.runtime.litert_forward import require_decode
+
+        require_decode(src.model)
     apply_attention(src.model, args)  # --kv-bits: the served model's cache rounded
     metrics = Metrics()
 

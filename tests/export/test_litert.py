@@ -187,7 +187,9 @@ def test_kv_cache_refused_for_a_family_it_does_not_cover(tmp_path):
     assert not (tmp_path / "m.tflite").exists()
 
 
-def test_float16_block_scales_are_refused_or_rounded_to_bfloat16(tiny_folder, tmp_path, caplog):
+def test_float16_block_scales_are_refused_or_rounded_to_bfloat16(
+    tiny_folder, tmp_path, caplog, capsys
+):
     """XNNPACK computes int4 blocks with bfloat16 scales: float16 ones would not run as
     stored, so they are an error, or with --requantize the codes stay and the scales round."""
     weights = {"bits": 4, "group_size": 32, "symmetric": True}  # float16 scales
@@ -201,3 +203,14 @@ def test_float16_block_scales_are_refused_or_rounded_to_bfloat16(tiny_folder, tm
     for name, mod in _lowbit_layers(model).items():
         assert any(np.array_equal(e.codes, mod.int8_codes().numpy()) for e in stored), name
     assert caplog.text.count("requantized") == len(_lowbit_layers(model))
+    # a scoring-only export cannot generate: serve refuses it before listening
+    import socket
+
+    from lowbit.cli import main
+
+    with socket.socket() as free:  # a port free a moment ago
+        free.bind(("127.0.0.1", 0))
+        number = free.getsockname()[1]
+    capsys.readouterr()
+    assert main(["serve", str(result.path), "--port", str(number)]) == 2
+    assert "has no KV-cache signatures; re-export it with --kv-cache" in capsys.readouterr().err

@@ -33,15 +33,20 @@ class LiteRTCache(Slots):
         return self._bytes_per_token
 
 
+def require_decode(model) -> None:
+    """A one-line error unless the LiteRT export ``model`` can generate (KV-cache signatures)."""
+    if "decode" not in model.info["signatures"]:
+        raise LowbitError(f"{model.path.name} has no KV-cache signatures; re-export it "
+                          "with --kv-cache to generate with it")  # fmt: skip
+
+
 class LiteRTForward:
     """``forward(ids, cache)`` through a :class:`lowbit.models.litert.LiteRTModel`'s
     interpreter."""
 
     def __init__(self, model) -> None:
+        require_decode(model)
         sigs = model.info["signatures"]
-        if "decode" not in sigs:
-            raise LowbitError(f"{model.path.name} has no KV-cache signatures; re-export it "
-                              "with --kv-cache to generate with it")  # fmt: skip
         self.interp = model.interpreter
         self.chunk, self.capacity = sigs["prefill"]["tokens"], sigs["prefill"]["cache"]
         decode = self.interp.get_signature_runner("decode")
