@@ -214,3 +214,17 @@ def test_float16_block_scales_are_refused_or_rounded_to_bfloat16(
     capsys.readouterr()
     assert main(["serve", str(result.path), "--port", str(number)]) == 2
     assert "has no KV-cache signatures; re-export it with --kv-cache" in capsys.readouterr().err
+
+
+def test_a_graph_the_converter_gets_wrong_is_refused(tmp_path):
+    """Falcon's single key/value head: the converted graph's logits past position 0 differ
+    from the model's, so no file is written."""
+    from helpers import make_tokenizer
+
+    src = tmp_path / "falcon"
+    tiny_family_model("falcon").save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    folder, _ = quantized_folder(src, tmp_path / "q", make_recipe(W4_G32))
+    with pytest.raises(LowbitError, match="computes this falcon model differently.*ONNX"):
+        export(folder, "litert", tmp_path / "m.tflite", litert=SHORT)
+    assert not (tmp_path / "m.tflite").exists()

@@ -33,6 +33,7 @@ from lowbit.models import set_module
 from lowbit.nn import QuantLinear
 
 log = logging.getLogger(__name__)
+CHECK_TOLERANCE = 1e-3  # of the logits' range: float32 against float32, same weights
 
 INFO_KEY = b"lowbit"
 TOKENIZER_KEY = b"lowbit_tokenizer"
@@ -82,6 +83,7 @@ def write_litert(
     with work_dir as work, torch.no_grad():
         raw = Path(work) / "float.tflite"
         converter.convert().export(str(raw))
+        _check_forward(raw, Forward(model).eval(), seqlen, model.config)
         flat = flatbuffer_utils.read_model(str(raw))
     written = write_codes(flat, {k: v for k, v in encoded.items() if v[1] is not None})
     info = {
@@ -145,6 +147,30 @@ def _swap_layers(model: nn.Module, requantize: str | None) -> dict:
         set_module(model, name, linear)
         encoded[digest(linear.weight)] = (name, enc)
     return encoded
+
+
+def _check_forward(raw: Path, forward: nn.Module, seqlen: int, config) -> None:
+    """The converted float graph's logits against the model's own on one random window: the
+    converter has computed some architectures differently (Falcon's and GPTBigCode's single
+    key/value head: every position after the first wrong), and such a file must not be
+    written. Both are float32 with the same weights, so they agree to ~1e-5."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, seqlen), generator=gen, dtype=torch.int32)
+    runner = Interpreter(model_path=str(raw)).get_signature_runner("forward")
+    got = torch.from_numpy(runner(input_ids=ids.numpy())["logits"]).float()
+    with torch.no_grad():
+        want = forward(ids)["logits"].float()
+    scale = want.abs().max().clamp_min(1e-12)
+    change = ((got - want).abs().amax(-1) / scale)[0]  # per position
+    log.debug("the converted graph's logits against the model's: %.1e", float(change.max()))
+    if float(change.max()) > CHECK_TOLERANCE:
+        worst = int(change.argmax())
+        raise LowbitError(f"LiteRT's converter computes this {config.model_type} model "
+                          f"differently from transformers (logits off by {float(change.max()):.1e} "
+                          f"of their range at position {worst} of a random window): no file "
+                          "written; export it to ONNX instead")  # fmt: skip
 
 
 def quiet_litert_torch() -> None:
