@@ -34,6 +34,19 @@ def brute_force(sens, budget):
     return best
 
 
+@pytest.mark.parametrize("above", [0, 1, 7])
+def test_a_budget_at_the_cheapest_mix_is_met_whatever_the_rounding(above):
+    """Costs that are no multiple of the grid's step: the cheapest mix (the budget's floor)
+    is still found, and a few bits more pick nothing that breaks the budget."""
+    sens = synthetic(5)
+    for i, name in enumerate(sens.layers):
+        sens.bits[name] = {c: b + 3 * i + 1 for c, b in sens.bits[name].items()}
+    least = sum(sens.bits[n]["int2"] for n in sens.layers)
+    choice = allocate(sens, least + above)
+    assert sum(sens.bits[n][c] for n, c in choice.items()) <= least + above
+    assert set(choice.values()) == {"int2"}
+
+
 @pytest.mark.parametrize("bpw", [2.5, 3.5, 4.25, 6.0, 12.0])
 def test_the_choice_respects_the_budget_and_is_optimal(bpw):
     sens = synthetic(5)

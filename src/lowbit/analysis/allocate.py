@@ -83,7 +83,8 @@ def parse_size(text: str, option: str = "--target-size") -> int:
 
 def allocate(sens: Sensitivity, budget_bits: float, resolution: int = 20000) -> dict[str, str]:
     """layer -> candidate minimising the summed damage (KL or MSE) with total stored bits
-    <= ``budget_bits``."""
+    <= ``budget_bits`` (found on a grid of ``resolution`` steps of the bits the budget leaves
+    above the cheapest mix)."""
     layers, cands = list(sens.layers), list(sens.candidates)
     cost = np.array([[sens.bits[n][c] for c in cands] for n in layers], dtype=np.float64)
     damage = np.array([[sens.damage[n][c] for c in cands] for n in layers], dtype=np.float64)
@@ -95,8 +96,12 @@ def allocate(sens: Sensitivity, budget_bits: float, resolution: int = 20000) -> 
             f"bits/weight ({least / 8 / 1e6:.2f} MB for these layers); raise it or add a "
             f"narrower candidate"
         )
-    unit = budget_bits / resolution
-    units = np.ceil(cost / unit - 1e-9).astype(np.int64)
+    # the knapsack runs on each layer's bits above its cheapest candidate, rounded up to
+    # units of the budget left above the cheapest mix: that mix (excess 0) always fits, and a
+    # mix it picks fits the budget whatever the rounding
+    excess = cost - cost.min(1, keepdims=True)
+    unit = max(budget_bits - least, 1e-9 * budget_bits) / resolution
+    units = np.ceil(excess / unit - 1e-9).astype(np.int64)
     best = np.zeros(resolution + 1)  # best[b]: least damage of the layers so far within b units
     picks = np.zeros((len(layers), resolution + 1), dtype=np.int16)
     for i in range(len(layers)):
