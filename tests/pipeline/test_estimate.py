@@ -32,6 +32,21 @@ def test_output_bytes_are_what_the_run_writes(tiny_folder, tmp_path, rotate):
     assert plan["disk_bytes"] >= 2 * plan["output_bytes"]
 
 
+def test_bits_per_weight_are_counted_as_the_run_counts_them(tmp_path):
+    """BLOOM's layers have biases: they are written, but not part of bits/weight."""
+    from helpers import tiny_family_model
+    from lowbit.eval.size import model_size
+
+    tiny_family_model("bloom").save_pretrained(tmp_path / "bloom")
+    make_tokenizer().save_pretrained(tmp_path / "bloom")
+    plan = api.estimate(str(tmp_path / "bloom"), RTN, None, progress=False, canary=False)
+    out, _ = api.quantize_to(str(tmp_path / "bloom"), RTN, tmp_path / "q", progress=False,
+                             canary=False)  # fmt: skip
+    saved = model_size(api.load(str(out), kernels=False).model).bits_per_weight
+    assert plan["bits_per_weight"] == pytest.approx(saved) == pytest.approx(5.0)
+    assert plan["output_bytes"] == written_bytes(out)
+
+
 def test_the_probe_reaches_the_first_block_of_each_shape(tmp_path):
     """A mixture whose first blocks are dense: the probe runs up to its first mixture block."""
     import torch

@@ -132,7 +132,7 @@ def estimate(
         "source_bytes": tensors.nbytes,
         "source_dtypes": sorted({e.dtype for e in tensors.entries.values()}),
         "formats": formats,
-        "bits_per_weight": 8 * qbytes / max(weights, 1),
+        "bits_per_weight": 8 * sum(r["bytes"] for r in formats.values()) / max(weights, 1),
         "output_bytes": output,
         "disk_bytes": _disk(output, model, calibration, hidden_dtype),
         "peak_rss_mb": max(probe["peak_mb"], rest_mb, canary_mb, learn_mb, tune_mb),
@@ -172,8 +172,8 @@ def _output(folder: Path, tensors: TensorSource, recipe: Recipe, plan: dict, pre
             qbytes: int) -> tuple[list[str], int, int]:  # fmt: skip
     """The tensors copied from the source, their bytes, and the output's bytes."""
     in_blocks = {n for n in tensors.entries if n.startswith(prefix + ".")}
-    planned = {f"{n}.weight" for n in plan}
-    kept = [n for n in tensors.entries if n not in planned]
+    planned = {f"{n}.{part}" for n in plan for part in ("weight", "bias")}  # a quantized
+    kept = [n for n in tensors.entries if n not in planned]  # layer's file holds its bias
     block_float = sum(tensors.entries[n].numel * 4 for n in kept if n in in_blocks)
     copied = [n for n in kept if n not in in_blocks]  # copied byte for byte from the source
     copied_bytes = _copied_bytes(folder, tensors, recipe, copied, planned)
@@ -233,7 +233,8 @@ def _canary_bytes(model: nn.Module, canary: tuple[int, int]) -> int:
 
 
 def _formats(model: nn.Module, plan: dict) -> tuple[dict[str, dict], int, int]:
-    """Per-format layer counts, weights and bits/weight; total packed bytes and weights."""
+    """Per-format layer counts, weights and bits/weight (codes and block parameters); total
+    packed bytes (biases too: they are written) and weights."""
     formats: dict[str, dict] = {}
     total = weights = 0
     for name, spec in plan.items():
@@ -242,11 +243,12 @@ def _formats(model: nn.Module, plan: dict) -> tuple[dict[str, dict], int, int]:
             q = QuantLinear(linear.in_features, linear.out_features, spec,
                             linear.bias is not None, layer=name)  # fmt: skip
         nbytes = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+        held = q.storage_bytes()  # bits/weight as quantize and inspect count them: no bias
         n = linear.in_features * linear.out_features
         row = formats.setdefault(spec.short(), {"layers": 0, "weights": 0, "bytes": 0})
         row["layers"] += 1
         row["weights"] += n
-        row["bytes"] += nbytes
+        row["bytes"] += held["codes"] + held["params"]
         total += nbytes
         weights += n
     for row in formats.values():
