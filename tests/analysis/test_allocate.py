@@ -110,4 +110,11 @@ def test_a_default_grid_that_does_not_fit_an_overridden_layer_is_named_before_me
         check_candidates({"q": nn.Linear(64, 8)}, specs, recipe)
     with pytest.raises(LowbitError, match="does not divide in_features 64 of layer k") as info:
         check_candidates({"k": nn.Linear(64, 8)}, specs, recipe)
+    said = str(info.value)
+    assert "override" not in said and "candidate int2 (int2-asym-g128)" in said
+    # a candidate of its own group size, no override: the candidate is named, not an override
+    plain = Recipe.from_dict({"version": 1, "weights": {"bits": 4, "group_size": 32}})
+    wide = candidate_specs(plain.weights, ["4g192", "float"])
+    with pytest.raises(LowbitError, match=r"candidate int4g192 \(int4-asym-g192\)") as info:
+        check_candidates({"k": nn.Linear(64, 8)}, wide, plain)
     assert "override" not in str(info.value)

@@ -57,17 +57,18 @@ def check_candidates(layers: dict[str, nn.Module], specs: dict[str, WeightSpec],
     the default's groups do not fit, the error says so (not only "exclude the layer")."""
     for name, module in layers.items():
         out_features, in_features = weight_matrix(module).shape[:2]
-        for spec in specs.values():
+        for cname, spec in specs.items():
             try:
                 weight_block(spec, out_features, in_features, name)
             except LowbitError as exc:
                 own = recipe.spec_for(name)
-                if own is not None and own.replace(bits=spec.bits) != spec:
+                if own is not None and own != recipe.weights:  # the layer has an override
                     raise LowbitError(f"{exc}; the candidates take the recipe's default grid "
                                       f"({recipe.weights.short()}), not {name}'s override "
                                       f"({own.short()}): give a default that fits every "
                                       f"layer") from None  # fmt: skip
-                raise
+                raise LowbitError(f"candidate {cname} ({spec.short()}): {exc}; choose "
+                                  "candidates that fit every layer") from None  # fmt: skip
 
 
 def parse_size(text: str, option: str = "--target-size") -> int:
