@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.analysis import (
@@ -329,6 +330,30 @@ def add_image_canary(folder: str | Path, float_model: nn.Module, saved: nn.Modul
     canary = record(float_model, saved, entry, Path(folder))
     _rewrite_manifest(folder, {"canary": canary})
     return canary
+
+
+def text_canary(model: nn.Module, tokenizer: Any) -> Any:
+    """The float language model's answers on the canary windows (:mod:`lowbit.eval.canary`),
+    to record with :func:`add_text_canary` once the model is quantized in place."""
+    from lowbit.eval.canary import Canary, canary_tokens, model_logits
+
+    context = context_limit(model.config) or 64
+    tokens = canary_tokens(tokenizer, model.config.vocab_size, context)
+    with torch.no_grad():
+        return Canary.from_logits(tokens, model_logits(model, tokens))
+
+
+def add_text_canary(folder: str | Path, canary: Any, quantized: nn.Module) -> dict[str, Any]:
+    """Record ``canary`` (:func:`text_canary` of the float model) and the ``quantized`` model's
+    score on it in the saved ``folder`` (what ``lowbit quantize`` records; ``lowbit monitor``
+    and ``lowbit serve`` check it); returns the manifest's ``canary`` entry."""
+    from lowbit.eval.canary import measure, model_logits, write
+
+    with torch.no_grad():
+        entry = measure(canary, model_logits(quantized, canary.tokens))
+    entry = write(canary, entry, Path(folder))
+    _rewrite_manifest(folder, {"canary": entry})
+    return entry
 
 
 def _rewrite_manifest(folder: str | Path, fields: dict[str, Any]) -> None:

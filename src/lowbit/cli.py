@@ -181,8 +181,10 @@ def save_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
-def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, report: Any) -> int:
-    """Evaluate (with --eval), save and print the summary of a quantized model."""
+def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, report: Any,
+                    canary: Any = None) -> int:  # fmt: skip
+    """Evaluate (with --eval), save (with ``canary``, :func:`lowbit.api.text_canary` of the
+    float model, recorded) and print the summary of a quantized model."""
     from lowbit import api
 
     metrics: dict[str, Any] = {}
@@ -198,6 +200,8 @@ def finish_quantize(args: argparse.Namespace, recipe: Any, src: Any, ref: Any, r
         sizes = {"float": api.model_size(ref), name: api.model_size(src.model)}
     folder = api.save(src.model, args.out, report, source=src, metrics=metrics, seed=args.seed,
                       overwrite=args.overwrite)  # fmt: skip
+    if canary is not None:
+        api.add_text_canary(folder, canary, src.model)
     return print_summary(args, recipe, folder, report, metrics, results, sizes)
 
 

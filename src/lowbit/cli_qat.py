@@ -79,5 +79,6 @@ def cmd_qat(args: argparse.Namespace) -> int:
                                 args.seqlen, args.seed,
                                 "--steps x --batch-size or --seqlen")  # fmt: skip
     ref = copy.deepcopy(src.model) if args.eval else None
+    canary = api.text_canary(src.model, src.tokenizer)  # the float model's, as quantize records
     report = api.qat(src.model, recipe, train, options, progress=not args.quiet)
-    return finish_quantize(args, recipe, src, ref, report)
+    return finish_quantize(args, recipe, src, ref, report, canary)

@@ -80,6 +80,8 @@ def test_cli_trains_saves_and_refuses_training_text_for_evaluation(
     assert main(argv) == 0
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["qat"]["steps"] == 3 and manifest["calibration"]["samples"] == 6
+    assert manifest["canary"]["windows"] > 0  # recorded as quantize records it: monitor checks it
+    assert main(["-q", "monitor", str(out)]) == 0
     assert main([*argv[:-1], str(tmp_path / "r"), "--eval", "--eval-corpus", str(text_file)]) == 2
     assert "must differ" in capsys.readouterr().err
 

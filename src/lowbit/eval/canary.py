@@ -183,7 +183,7 @@ def check(model: nn.Module, folder: Path, manifest: dict[str, Any],
     entry = manifest.get("canary")
     if not entry:
         raise LowbitError(f"{folder} records no canary prompts (`lowbit quantize` records them "
-                          f"unless --no-canary; not the Python API's save "
+                          f"unless --no-canary, and `lowbit qat`; not the Python API's save "
                           f"or older lowbit versions); compare against the float model with "
                           f"`lowbit eval --ref` or `lowbit serve --ref` instead")  # fmt: skip
     path = Path(folder) / entry.get("file", FILE)
