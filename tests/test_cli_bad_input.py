@@ -209,7 +209,7 @@ def test_a_short_calibration_file_leaves_nothing_in_the_cache(tiny_folder, tmp_p
     words.write_text("three short words")
     args = ["quantize", str(tiny_folder), "--recipe", "w3-gptq-g32", "--out",
             str(tmp_path / "o"), "--calib", str(words), "--calib-seqlen", "64", "-q"]  # fmt: skip
-    assert "calibration corpus has 3 tokens" in run(capsys, args)
+    assert "the corpus has 3 tokens" in run(capsys, args)
     tokens = Path(os.environ["LOWBIT_CACHE"]) / "tokens"
     assert not tokens.exists() or not list(tokens.iterdir())
 
@@ -236,6 +236,8 @@ def test_other_commands_refuse_what_they_cannot_use(quantized, tiny_folder, tmp_
         "an empty --api-key": (["serve", str(quantized), "--api-key", ""], "--api-key is empty"),
         "analyze over a file": (["analyze", str(tiny_folder), *RTN, "--out",
                                  str(quantized / "lowbit.json")], "already exists"),
+        "a plot over a file": (["analyze", str(tiny_folder), *RTN, "--plot",
+                                str(quantized / "lowbit.json")], "choose another --plot"),
         "diff --top -3": (["diff", str(tiny_folder), str(quantized), "--top", "-3"],
                           "positive integer"),
         "windows past the context": (["eval", str(quantized), "--seqlen", "1000", "--tokens",

@@ -85,9 +85,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.out is not None and args.plot is not None and args.out.resolve() == args.plot.resolve():
         raise LowbitError(f"--out and --plot are the same file ({args.out}): the plot would "
                           f"replace the measurements")  # fmt: skip
-    for path in (args.out, args.plot):  # checked before hours of measuring
-        if path is not None:
-            prepare_out(path, args.overwrite, folder=False)
+    for path, option in ((args.out, "--out"), (args.plot, "--plot")):  # checked before hours
+        if path is not None:  # of measuring
+            prepare_out(path, args.overwrite, folder=False, option=option)
     entry = image_entry(args.model)
     sens = analyze_image(args, entry) if entry is not None else _analyze_text(args)
     data = sens.to_dict()

@@ -17,7 +17,7 @@ examples:
   lowbit quantize smollm2-135m --recipe recipe-w4-sym-g64.yaml --out out/w4s
   lowbit export out/w4s --format compressed-tensors --out out/w4s-ct  # transformers / vLLM
   lowbit export out/w4g64 --format onnx --out out/w4g64-onnx          # ONNX Runtime
-  lowbit quantize smollm2-135m --recipe w4-sym-g32 --out out/w4s32
+  lowbit quantize smollm2-135m --recipe w4-sym-g32-bf16 --out out/w4s32
   lowbit export out/w4s32 --format litert --out out/w4s32.tflite --kv-cache  # phones, edge
   lowbit eval out/w4s32.tflite --seqlen 2048                          # scored in LiteRT
 

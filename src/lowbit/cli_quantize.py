@@ -16,6 +16,7 @@ from lowbit.cli_args import (
     attention_override,
     check_context,
     check_window,
+    given,
     positive,
     positive_float,
     refuse_attention,
@@ -172,11 +173,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise LowbitError(f"--rotate turns a decoder's residual stream; {args.model} is an "
                               f"image model")  # fmt: skip
         return quantize_image(args, entry)
-    for flag, given in (("--calib-images", args.calib_images), ("--eval-images",
+    for flag, value in (("--calib-images", args.calib_images), ("--eval-images",
                                                                  args.eval_images)):  # fmt: skip
-        if given:
+        if value:
             raise LowbitError(f"{flag} is for image models; {args.model} is a language model "
                               f"(--calib and --eval-corpus name its text)")  # fmt: skip
+    calib_flags = ["--calib"] if args.calib is not None else []  # (its default is set here)
     args.calib = args.calib or "bbc"
     recipe = api.load_recipe(args.recipe)
     attention = attention_override(args)
@@ -206,8 +208,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibration = api.calibration_set(
             tokenizer, args.calib, args.calib_samples, args.calib_seqlen, args.seed
         )
-    else:
-        log.info("%s uses no calibration data; --calib options are ignored", recipe.algorithm)
+    elif ignored := calib_flags + given(args, "calib_samples", "calib_seqlen"):
+        log.info("%s uses no calibration data; %s ignored", recipe.algorithm, ", ".join(ignored))
     summary = None
     if mixed:
         src = api.load_model(args.model)

@@ -48,7 +48,7 @@ def lowbit_record(path: Path) -> bool:
 
 
 def prepare_out(out: Path, overwrite: bool, folder: bool = True,
-                inputs: tuple[str | Path, ...] = ()) -> None:  # fmt: skip
+                inputs: tuple[str | Path, ...] = (), option: str = "--out") -> None:  # fmt: skip
     """Fail before any work if ``out`` (a folder, or a file with ``folder=False``) cannot be
     written: it is, holds or lies inside the current folder's path or one of the run's
     ``inputs``, it exists (without ``overwrite``), it is not what will replace it, or a folder
@@ -58,29 +58,29 @@ def prepare_out(out: Path, overwrite: bool, folder: bool = True,
     target = out.resolve()
     here = Path.cwd().resolve()
     if target == here or target in here.parents:
-        raise LowbitError(f"--out {out} is the current folder or holds it, which a finished "
-                          f"run would replace: choose another --out")  # fmt: skip
+        raise LowbitError(f"{option} {out} is the current folder or holds it, which a finished "
+                          f"run would replace: choose another {option}")  # fmt: skip
     for given in inputs:
         source = Path(given).expanduser().resolve()
         if source.exists() and (target == source or target in source.parents
                                 or source in target.parents):  # fmt: skip
-            raise LowbitError(f"--out {out} is, holds or lies inside the input {given}: "
-                              f"choose an --out beside it")  # fmt: skip
+            raise LowbitError(f"{option} {out} is, holds or lies inside the input {given}: "
+                              f"choose an {option} beside it")  # fmt: skip
     sweep_stale(out)
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise LowbitError(f"{out} already exists; choose another --out or pass --overwrite")
+            raise LowbitError(f"{out} already exists; choose another {option} or pass --overwrite")
         if out.is_symlink() or out.is_dir() != folder:
             what = "a link" if out.is_symlink() else "a folder" if out.is_dir() else "a file"
             raise LowbitError(f"{out} is {what}; --overwrite replaces only what lowbit writes "
-                              f"there: choose another --out")  # fmt: skip
+                              f"there: choose another {option}")  # fmt: skip
         if folder:
             names = sorted(p.name for p in out.iterdir())
             if names and not any(lowbit_record(out / n) for n in RECORDS):
                 shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
                 raise LowbitError(f"{out} is not a folder lowbit wrote (it holds {shown}); "
                                   f"--overwrite replaces only lowbit outputs and empty "
-                                  f"folders: choose another --out")  # fmt: skip
+                                  f"folders: choose another {option}")  # fmt: skip
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent

@@ -65,7 +65,7 @@ def calibration_windows(ids: Tensor, n: int, seqlen: int, seed: int,
         raise LowbitError(f"calibration needs samples >= 1 and seqlen >= 2, got {n} x {seqlen}")
     if len(ids) < n * seqlen:
         raise LowbitError(
-            f"calibration corpus has {len(ids)} tokens, fewer than the {n} x {seqlen} = "
+            f"the corpus has {len(ids)} tokens, fewer than the {n} x {seqlen} = "
             f"{n * seqlen} requested; lower {options}, "
             "or use a larger corpus"
         )

@@ -303,8 +303,8 @@ class AttentionSpec:
         """Channels per range for heads of ``head_dim`` (checked to divide it)."""
         g = head_dim if self.group_size == -1 else self.group_size
         if head_dim % g:
-            raise LowbitError(f"attention.group_size {g} does not divide the head dimension "
-                              f"{head_dim}; use a divisor of it or -1")  # fmt: skip
+            raise LowbitError(f"attention.group_size (--kv-group) {g} does not divide the head "
+                              f"dimension {head_dim}; use a divisor of it or -1")  # fmt: skip
         return g
 
     def bytes_per_value(self, head_dim: int) -> float:

@@ -67,8 +67,11 @@ def check_attention(model: nn.Module, spec: AttentionSpec) -> None:
 
 def _check_routable(model: nn.Module) -> None:
     if not attention_modules(model) or getattr(model, "config", None) is None:
-        raise LowbitError("attention: a quantized key/value cache needs a transformers model "
-                          "whose attention layers call its attention functions")  # fmt: skip
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise LowbitError(f"attention: a quantized key/value cache needs a transformers model "
+                          f"whose attention layers call its attention functions; {kind}'s do "
+                          f"not (or it has no attention): drop --kv-bits and the recipe's "
+                          f"attention block for this model")  # fmt: skip
     config = model.config.get_text_config()
     if getattr(config, "attn_logit_softcapping", None):  # Gemma 2's, which SDPA cannot do
         raise LowbitError(f"attention: {config.model_type} caps its attention logits "
