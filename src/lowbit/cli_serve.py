@@ -246,13 +246,12 @@ def _canary(args: argparse.Namespace, src: Any, metrics: Any) -> Any:
 
 def check_port(host: str, number: int) -> None:
     """A one-line error where ``host:number`` cannot be listened on (in use, or not an address
-    of this machine), with the options uvicorn sets (``SO_REUSEADDR``)."""
+    of this machine), bound as uvicorn binds (its address family, ``SO_REUSEADDR``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
     try:
-        infos = socket.getaddrinfo(host, number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as sock:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
+            sock.bind((host, number))
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise LowbitError(f"cannot listen on {host}:{number} ({why}); choose another --port or "

@@ -54,3 +54,22 @@ def test_mamba_keeps_the_layer_its_mixer_reads_as_a_tensor_float():
 def test_bloom_exact_tensor_parallel_branch_is_not_reached():
     model = tiny_family_model("bloom")  # pretraining_tp 1: the branch reading dense.weight is off
     assert len(quantizable_layers(model)) == 9
+
+
+def test_a_test_on_a_property_that_raises_is_unknown_not_an_error():
+    class Fast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        @property
+        def fused(self):
+            raise RuntimeError("no kernels here")
+
+        def forward(self, x):
+            if self.fused:
+                return x @ self.proj.weight
+            return self.proj(x)
+
+    assert TensorReads().reads(Fast(), "proj")  # (reachable for all we know)
+    assert quantizable_layers(nn.Sequential(Fast())) == []

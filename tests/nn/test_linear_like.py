@@ -55,3 +55,17 @@ def test_asking_leaves_the_layer_as_it_was():
     assert not is_linear(layer)  # (fake-quantized weights)
     after = layer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_forward_that_counts_its_calls_is_not_counted_by_asking():
+    class Counted(nn.Linear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.calls = [0]
+
+        def forward(self, x):
+            self.calls[0] += 1
+            return super().forward(x)
+
+    layer = Counted(8, 4)
+    assert is_linear(layer) and layer.calls == [0]

@@ -34,6 +34,9 @@ def test_lm_head_patterns_match_a_head_under_another_name(caplog):
         assert list(plan_layers(keep, named, head="output_projection")) == ["a.q", "a.down"]
     assert "matches no layer" not in caplog.text
     assert "output_projection" in plan_layers(keep, named)  # (not known as the head)
+    with caplog.at_level(logging.WARNING):  # a head kept out of the layers (Mamba's): warned
+        plan_layers(keep, named[:2], head="output_projection")
+    assert "'lm_head' matches no layer" in caplog.text
     head8 = Recipe.from_dict(
         {"version": 1, "weights": {"bits": 4, "group_size": 64},
          "overrides": [{"match": "lm_head", "weights": {"bits": 8}}]}

@@ -7,7 +7,9 @@ forward reaches, so the class's code is parsed (``ast``) and a read counts unles
 the methods it calls as ``self.<method>(...)``, not helpers such as diffusers' projection
 fusing): a test made of ``self`` flags, constants and comparisons
 (BLOOM's ``if self.pretraining_tp > 1 and self.slow_but_exact``, Mamba's training-only fused
-path behind ``if self.training and ...``) is evaluated, and anything else counts as reachable.
+path behind ``if self.training and ...``) is evaluated, and anything else counts as reachable. Not followed: bases defined in other files, ``super()``
+calls, functions outside the class that are handed ``self``, reads through an index
+(``self.x[0].weight``); a read missed there fails at the canary as it did before.
 """
 
 from __future__ import annotations
@@ -117,7 +119,10 @@ def _value(node: ast.AST, module: nn.Module) -> object:
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
         if node.value.id != "self":
             return _UNKNOWN
-        value = getattr(module, node.attr, _UNKNOWN)
+        try:
+            value = getattr(module, node.attr, _UNKNOWN)
+        except Exception:  # a property that raises: its value is unknown here
+            return _UNKNOWN
         return value if isinstance(value, _PLAIN) else _UNKNOWN
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         value = _value(node.operand, module)

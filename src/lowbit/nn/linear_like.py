@@ -36,11 +36,10 @@ def _computes_linear(module: nn.Linear) -> bool:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(_OUT, _IN, generator=gen, device="cpu")  # even under a meta context
     bias = torch.randn(_OUT, generator=gen, device="cpu") if module.bias is not None else None
-    probe = copy.copy(module)  # the module's flags; copies of its buffers and submodules, which
-    probe.__dict__["_modules"] = copy.deepcopy(module._modules)  # a forward may update in place
-    probe.__dict__["_buffers"] = {
-        k: None if b is None else b.clone() for k, b in module._buffers.items()
-    }
+    probe = copy.copy(module)  # with copies of all its state but its weights: a forward may
+    for key, value in module.__dict__.items():  # update its buffers, submodules or counters
+        if key != "_parameters":
+            probe.__dict__[key] = copy.deepcopy(value)
     probe.__dict__["_parameters"] = {
         "weight": nn.Parameter(weight, requires_grad=False),
         "bias": None if bias is None else nn.Parameter(bias, requires_grad=False),

@@ -65,7 +65,12 @@ def fake_quantize_model(model: nn.Module, recipe: Recipe, learn_scales: bool = T
         raise LowbitError(f"qat does not run the recipe's {other[0]}: step; drop it, or use "
                           f"lowbit quantize")  # fmt: skip
     conv1d_to_linear(model)
-    layers = quantizable_layers(model)  # linears: QAT does not train convolutions
+    was = model.training
+    model.train()  # the layers a training forward reads as tensors stay float (Mamba's fused
+    try:  # path reads x_proj's and out_proj's weights when training)
+        layers = quantizable_layers(model)  # linears: QAT does not train convolutions
+    finally:
+        model.train(was)
     plan = plan_layers(recipe, layers, head=output_head(model))
     if any(spec.lorc_rank for spec in plan.values()):
         raise LowbitError("qat does not train LoRC corrections; drop lorc_rank")

@@ -43,7 +43,8 @@ def plan_layers(
                               f"smaller side ({min(dims)}): its factors would hold more than "
                               f"the weight; lower the rank")  # fmt: skip
         plan[name] = spec
-    names = [n for n, _ in layers] + ([HEAD] if head is not None else [])
+    names = [n for n, _ in layers]
+    names += [HEAD] if head in names else []
     for pattern in (*recipe.ignore, *(o.match for o in recipe.overrides)) if warn else ():
         if not any(Override(pattern).matches(n) for n in names):
             log.warning("recipe pattern %r matches no layer of this model", pattern)
