@@ -5,11 +5,12 @@ weight, so such a layer must stay float. Python has no tool that says which attr
 forward reaches, so the class's code is parsed (``ast``) and a read counts unless an enclosing
 ``if`` rules it out on this instance (only code that ``forward`` runs counts: ``forward`` and
 the methods it calls as ``self.<method>(...)``, not helpers such as diffusers' projection
-fusing): a test made of ``self`` flags, constants and comparisons
-(BLOOM's ``if self.pretraining_tp > 1 and self.slow_but_exact``, Mamba's training-only fused
-path behind ``if self.training and ...``) is evaluated, and anything else counts as reachable. Not followed: bases defined in other files, ``super()``
-calls, functions outside the class that are handed ``self``, reads through an index
-(``self.x[0].weight``); a read missed there fails at the canary as it did before.
+fusing): a test made of ``self`` flags, constants and comparisons (BLOOM's ``if
+self.pretraining_tp > 1 and self.slow_but_exact``, Mamba's training-only fused path behind
+``if self.training and ...``) is evaluated, and anything else counts as reachable. Not
+followed: bases defined in other files, ``super()`` calls, functions outside the class that
+are handed ``self``, reads through an index (``self.x[0].weight``); a read missed there fails
+at the canary as it did before.
 """
 
 from __future__ import annotations
