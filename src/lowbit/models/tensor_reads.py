@@ -16,6 +16,7 @@ at the canary as it did before.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import operator
 import textwrap
@@ -30,44 +31,15 @@ _PLAIN = (bool, int, float, str, type(None))
 
 
 class TensorReads:
-    """Which children of a module its class's code reads ``.weight``/``.bias`` of; each class's
-    parse is kept for the next module of the same class."""
-
-    def __init__(self) -> None:
-        self._trees: dict[type, tuple[list[ast.AST], set[str]]] = {}
+    """Which children of a module its class's code reads ``.weight``/``.bias`` of."""
 
     def reads(self, parent: nn.Module, child: str) -> bool:
         """Whether ``parent``'s code (its class, or a base in the same file) reaches a read of
         ``self.<child>.weight`` or ``self.<child>.bias``."""
-        trees, mentioned = self._parsed(type(parent))
+        trees, mentioned = _forward_code(type(parent))
         if child not in mentioned:  # (most layers: no walk)
             return False
         return any(self._reaches(tree, parent, child) for tree in trees)
-
-    def _parsed(self, cls: type) -> tuple[list[ast.AST], set[str]]:
-        """The methods ``forward`` runs in ``cls`` (its own, or a base's in the same file),
-        parsed, and the children they read a tensor of anywhere."""
-        if cls not in self._trees:
-            methods: dict[str, ast.AST] = {}
-            for base in cls.__mro__:  # bases in other files (a library's shared base
-                if base.__module__ != cls.__module__:  # classes) hold no children of their own
-                    continue
-                try:
-                    tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
-                except (OSError, TypeError, SyntaxError):  # no code to read (built in, a REPL)
-                    continue
-                for node in tree.body[0].body if tree.body else ():
-                    if isinstance(node, ast.FunctionDef):
-                        methods.setdefault(node.name, node)  # the subclass's wins
-            trees = _run_by_forward(methods)
-            mentioned = {
-                n.value.attr
-                for tree in trees
-                for n in ast.walk(tree)
-                if isinstance(n, ast.Attribute) and _is_read(n, getattr(n.value, "attr", ""))
-            }
-            self._trees[cls] = trees, mentioned
-        return self._trees[cls]
 
     def _reaches(self, node: ast.AST, parent: nn.Module, child: str) -> bool:
         if isinstance(node, ast.If | ast.IfExp):
@@ -81,6 +53,31 @@ class TensorReads:
         if _is_read(node, child):
             return True
         return any(self._reaches(n, parent, child) for n in ast.iter_child_nodes(node))
+
+
+@functools.lru_cache(maxsize=1024)  # a function of the class's code, asked several times per
+def _forward_code(cls: type) -> tuple[tuple[ast.AST, ...], frozenset[str]]:  # run (40 ms each)
+    """The methods ``forward`` runs in ``cls`` (its own, or a base's in the same file),
+    parsed, and the children they read a tensor of anywhere."""
+    methods: dict[str, ast.AST] = {}
+    for base in cls.__mro__:  # bases in other files (a library's shared base classes) hold
+        if base.__module__ != cls.__module__:  # no children of their own
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
+        except (OSError, TypeError, SyntaxError):  # no code to read (built in, a REPL)
+            continue
+        for node in tree.body[0].body if tree.body else ():
+            if isinstance(node, ast.FunctionDef):
+                methods.setdefault(node.name, node)  # the subclass's wins
+    trees = tuple(_run_by_forward(methods))
+    mentioned = frozenset(
+        n.value.attr
+        for tree in trees
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and _is_read(n, getattr(n.value, "attr", ""))
+    )
+    return trees, mentioned
 
 
 def _run_by_forward(methods: dict[str, ast.AST]) -> list[ast.AST]:
