@@ -90,11 +90,20 @@ class _Api:
             return self._refuse(400, message, "context_length")
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
         loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        pieces_out: asyncio.Queue[str | None] = asyncio.Queue()
+        stop = StopText(self.tokenizer, body.stops())
 
-        def emit(tok: int | None) -> None:  # on the engine's thread
+        def emit(tok: int | None) -> None:  # on the engine's thread, so that a stop text ends
+            piece = stop.flush() if tok is None else stop.push(tok)  # the job at this step
+            if stop.stopped and tok is not None:  # (whatever the HTTP side has read by then)
+                job.cancel("stop")
+            elif stop.stopped and job.finish == "length":  # (found in the last, held text)
+                job.finish = "stop"
             with contextlib.suppress(RuntimeError):  # a closed loop: the server is ending
-                loop.call_soon_threadsafe(tokens.put_nowait, tok)
+                if piece:
+                    loop.call_soon_threadsafe(pieces_out.put_nowait, piece)
+                if tok is None:
+                    loop.call_soon_threadsafe(pieces_out.put_nowait, None)
 
         job = Job(ids, max_tokens, sampling, emit)
         try:
@@ -103,7 +112,7 @@ class _Api:
             return JSONResponse(error_body(str(exc), "rate_limit_error", "queue_full"), 429,
                                 headers={"Retry-After": "1"})  # fmt: skip
         shape = _Shape(self.settings.model_name, chat, len(ids))
-        pieces = self._pieces(job, tokens, StopText(self.tokenizer, body.stops()))
+        pieces = self._pieces(pieces_out)
         if body.stream:
             return StreamingResponse(self._events(job, pieces, shape),
                                      media_type="text/event-stream")  # fmt: skip
@@ -116,18 +125,11 @@ class _Api:
             return JSONResponse(error_body(job.error or "generation failed", "server_error"), 500)
         return JSONResponse(shape.whole("".join(text), job))
 
-    async def _pieces(self, job: Job, tokens: asyncio.Queue,
-                      text: StopText) -> AsyncIterator[str]:  # fmt: skip
-        """The answer's text as it becomes final, up to a stop text (which ends the job)."""
-        while True:
-            tok = await tokens.get()
-            piece = text.flush() if tok is None else text.push(tok)
-            if piece:
-                yield piece
-            if tok is None:
-                return
-            if text.stopped and not job.cancelled.is_set():
-                job.cancel("stop")
+    async def _pieces(self, queue: asyncio.Queue) -> AsyncIterator[str]:
+        """The answer's text as it becomes final, up to a stop text (cut on the engine's
+        thread: :meth:`respond`'s ``emit``)."""
+        while (piece := await queue.get()) is not None:
+            yield piece
 
     async def _events(self, job: Job, pieces: AsyncIterator[str],
                       shape: _Shape) -> AsyncIterator[str]:  # fmt: skip

@@ -273,7 +273,9 @@ class Engine:
         self._end(job, "error")
 
     def _end(self, job: Job, finish: str) -> None:
-        job.finish = job.cancel_as if finish == "cancelled" else finish
+        stopped = job.cancelled.is_set() and job.cancel_as == "stop"  # at its last step too
+        late = stopped and finish == "length"
+        job.finish = job.cancel_as if finish == "cancelled" or late else finish
         del job.logits[len(job.tokens) :]  # a stop token's step is not served
         job.emit(None)
         if self.on_end is not None:
