@@ -175,15 +175,22 @@ def test_a_format_litert_cannot_hold_is_refused_whole(tiny_folder, tmp_path):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["q", "tiny-llama"]
 
 
-def test_kv_cache_refused_for_a_family_it_does_not_cover(tmp_path):
+@pytest.mark.parametrize(
+    ("family", "options", "says"),
+    [("gpt2", CACHED, "no KV-cache export.*gpt2"),
+     # Falcon's single key/value head: the converted graph's logits past position 0 differ
+     # from the model's, so no file is written
+     ("falcon", SHORT, "computes this falcon model differently.*ONNX")],
+)  # fmt: skip
+def test_a_family_the_export_cannot_carry_is_refused(tmp_path, family, options, says):
     from helpers import make_tokenizer
 
-    src = tmp_path / "gpt2"
-    tiny_family_model("gpt2").save_pretrained(src)
+    src = tmp_path / family
+    tiny_family_model(family).save_pretrained(src)
     make_tokenizer().save_pretrained(src)
     folder, _ = quantized_folder(src, tmp_path / "q", make_recipe(W4_G32))
-    with pytest.raises(LowbitError, match="no KV-cache export.*gpt2"):
-        export(folder, "litert", tmp_path / "m.tflite", litert=CACHED)
+    with pytest.raises(LowbitError, match=says):
+        export(folder, "litert", tmp_path / "m.tflite", litert=options)
     assert not (tmp_path / "m.tflite").exists()
 
 
@@ -214,17 +221,3 @@ def test_float16_block_scales_are_refused_or_rounded_to_bfloat16(
     capsys.readouterr()
     assert main(["serve", str(result.path), "--port", str(number)]) == 2
     assert "has no KV-cache signatures; re-export it with --kv-cache" in capsys.readouterr().err
-
-
-def test_a_graph_the_converter_gets_wrong_is_refused(tmp_path):
-    """Falcon's single key/value head: the converted graph's logits past position 0 differ
-    from the model's, so no file is written."""
-    from helpers import make_tokenizer
-
-    src = tmp_path / "falcon"
-    tiny_family_model("falcon").save_pretrained(src)
-    make_tokenizer().save_pretrained(src)
-    folder, _ = quantized_folder(src, tmp_path / "q", make_recipe(W4_G32))
-    with pytest.raises(LowbitError, match="computes this falcon model differently.*ONNX"):
-        export(folder, "litert", tmp_path / "m.tflite", litert=SHORT)
-    assert not (tmp_path / "m.tflite").exists()
