@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowbit.analysis import (
@@ -43,7 +42,7 @@ from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.models.checkpoint import MANIFEST, read_manifest
 from lowbit.models.experts import experts_to_linears
 from lowbit.models.load import source_folder
-from lowbit.models.modules import context_limit, output_head, quantizable_layers
+from lowbit.models.modules import context_limit
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import fitted_rotation, rotate_model
 from lowbit.nn.attention import check_attention
@@ -58,13 +57,14 @@ from lowbit.pipeline.arguments import (
 )
 from lowbit.pipeline.estimate import estimate as estimate_run
 from lowbit.pipeline.manifest import build_manifest
+from lowbit.pipeline.plan import plan_model
 from lowbit.pipeline.qat import QATOptions
 from lowbit.pipeline.qat import qat as run_qat
 from lowbit.pipeline.spin import learned_matrix
 from lowbit.pipeline.to_folder import parse_hidden_dtype, quantize_to
 from lowbit.pipeline.tune import check_tune, tune_model
 from lowbit.pipeline.weights import check_calibration_given, quantized_whole
-from lowbit.recipes import Recipe, as_recipe, load_recipe, plan_layers
+from lowbit.recipes import Recipe, as_recipe, load_recipe
 
 __all__ = [
     "QATOptions",
@@ -109,11 +109,7 @@ def quantize(
     experts_to_linears(model)
     recipe = dataclasses.replace(recipe, rotate=fitted_rotation(recipe.rotate, model))
     if recipe.tune is not None:  # checked before any work
-        check_tune(
-            recipe,
-            plan_layers(recipe, quantizable_layers(model), warn=False, head=output_head(model)),
-            calibration,
-        )
+        check_tune(recipe, plan_model(recipe, model, warn=False)[1], calibration)
     if recipe.attention is not None:  # not only per block, after a learned rotation trained
         check_attention(model, recipe.attention)
     teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None
@@ -176,8 +172,7 @@ def analyze(
     whole = quantized_whole(model)
     if whole:
         fold_batchnorm(model)
-    layers = quantizable_layers(model, convs=whole)
-    plan = plan_layers(recipe, layers, head=output_head(model))
+    layers, plan = plan_model(recipe, model, convs=whole)
     specs = candidate_specs(recipe.weights, list(candidates))
     chosen = {n: m for n, m in layers if n in plan}
     check_candidates(chosen, specs, recipe)
@@ -335,12 +330,10 @@ def add_image_canary(folder: str | Path, float_model: nn.Module, saved: nn.Modul
 def text_canary(model: nn.Module, tokenizer: Any) -> Any:
     """The float language model's answers on the canary windows (:mod:`lowbit.eval.canary`),
     to record with :func:`add_text_canary` once the model is quantized in place."""
-    from lowbit.eval.canary import Canary, canary_tokens, model_logits
+    from lowbit.eval.canary import Canary, model_canary_tokens, model_logits
 
-    context = context_limit(model.config) or 64
-    tokens = canary_tokens(tokenizer, model.config.vocab_size, context)
-    with torch.no_grad():
-        return Canary.from_logits(tokens, model_logits(model, tokens))
+    tokens = model_canary_tokens(model, tokenizer)
+    return Canary.from_logits(tokens, model_logits(model, tokens))
 
 
 def add_text_canary(folder: str | Path, canary: Any, quantized: nn.Module) -> dict[str, Any]:
@@ -349,8 +342,7 @@ def add_text_canary(folder: str | Path, canary: Any, quantized: nn.Module) -> di
     and ``lowbit serve`` check it); returns the manifest's ``canary`` entry."""
     from lowbit.eval.canary import measure, model_logits, write
 
-    with torch.no_grad():
-        entry = measure(canary, model_logits(quantized, canary.tokens))
+    entry = measure(canary, model_logits(quantized, canary.tokens))
     entry = write(canary, entry, Path(folder))
     _rewrite_manifest(folder, {"canary": entry})
     return entry

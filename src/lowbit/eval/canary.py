@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lowbit.assets import sha256_file
 from lowbit.assets.atomic import atomic_file
 from lowbit.errors import LowbitError
+from lowbit.models.modules import context_limit
 
 FILE = "canary.safetensors"
 TOP_K = 32
@@ -145,6 +146,11 @@ def canary_tokens(tokenizer: Any, vocab: int, context: int, seed: int = 0) -> Te
     while len(rows) < WINDOWS:
         rows.append(torch.randint(0, vocab, (length,), generator=generator))
     return torch.stack(rows)
+
+
+def model_canary_tokens(model: nn.Module, tokenizer: Any) -> Tensor:
+    """:func:`canary_tokens` for a language model's vocabulary and context."""
+    return canary_tokens(tokenizer, model.config.vocab_size, context_limit(model.config) or 64)
 
 
 @torch.inference_mode()

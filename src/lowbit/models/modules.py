@@ -74,14 +74,14 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     pre-hooks marked ``carried`` (an online rotation of its input) move to ``new``, and so does
     the mark of a layer whose checkpoints hold its weight as (in, out) (transformers' Conv1D,
     or a linear made from one: ``stored_transposed``), and the name of the ``nn.Linear``
-    subclass a layer was (Falcon's ``FalconLinear``: ``linear_class``)."""
+    subclass with its own forward a layer was (Falcon's ``FalconLinear``: ``linear_class``)."""
     parent_name, _, child = name.rpartition(".")
     parent = get_module(model, parent_name) if parent_name else model
     old = getattr(parent, child, None)
     if isinstance(old, nn.Module) and old is not new:
         if getattr(old, "stored_transposed", False) or type(old).__name__ == "Conv1D":
             new.stored_transposed = True
-        subclass = type(old) is not nn.Linear and isinstance(old, nn.Linear)
+        subclass = isinstance(old, nn.Linear) and type(old).forward is not nn.Linear.forward
         if subclass or getattr(old, "linear_class", None):
             new.linear_class = getattr(old, "linear_class", None) or type(old).__name__
         for hook in old._forward_pre_hooks.values():

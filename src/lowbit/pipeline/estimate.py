@@ -36,7 +36,6 @@ from lowbit.calibration import CalibrationSet
 from lowbit.models.checkpoint import write_extras, write_shards
 from lowbit.models.families import find_blocks
 from lowbit.models.load import source_tokenizer
-from lowbit.models.modules import output_head, quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.rotate import Rotator, fitted_rotation
 from lowbit.models.source import TensorSource, skeleton
@@ -44,9 +43,10 @@ from lowbit.models.tensorfile import write_file
 from lowbit.models.verify import file_hashes
 from lowbit.models.workdir import WorkFolder
 from lowbit.nn import QuantLinear
+from lowbit.pipeline.plan import plan_model
 from lowbit.pipeline.stream import StreamStore
 from lowbit.pipeline.weights import quantize_weights
-from lowbit.recipes import Recipe, plan_layers
+from lowbit.recipes import Recipe
 from lowbit.sysinfo import current_rss_mb, peak_rss_mb, process_seconds, reset_peak_rss
 
 LEARN_COPIES = 6  # float32 model-sized tensors a learned rotation's training holds (rough)
@@ -94,7 +94,7 @@ def estimate(
     tensors = TensorSource(folder)
     tensors.check(model)
     conv1d_to_linear(model)
-    plan = plan_layers(recipe, quantizable_layers(model), head=output_head(model))
+    plan = plan_model(recipe, model)[1]
     prefix, blocks = find_blocks(model)
     formats, qbytes, weights = _formats(model, plan)
     copied, copied_bytes, output = _output(folder, tensors, recipe, plan, prefix, qbytes)

@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import CalibrationSet
 from lowbit.errors import LowbitError
-from lowbit.models.modules import output_head, quantizable_layers, set_module, untie_if_needed
+from lowbit.models.modules import set_module, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.nn import QuantLinear
 from lowbit.nn.fake_linear import FakeQuantLinear
+from lowbit.pipeline.plan import plan_model
 from lowbit.pipeline.report import LayerReport, QuantizeReport
 from lowbit.primitives import sqnr_db
-from lowbit.recipes import Recipe, plan_layers
+from lowbit.recipes import Recipe
 from lowbit.sysinfo import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,9 @@ def fake_quantize_model(model: nn.Module, recipe: Recipe, learn_scales: bool = T
     was = model.training
     model.train()  # the layers a training forward reads as tensors stay float (Mamba's fused
     try:  # path reads x_proj's and out_proj's weights when training)
-        layers = quantizable_layers(model)  # linears: QAT does not train convolutions
+        layers, plan = plan_model(recipe, model)  # linears: QAT does not train convolutions
     finally:
         model.train(was)
-    plan = plan_layers(recipe, layers, head=output_head(model))
     if any(spec.lorc_rank for spec in plan.values()):
         raise LowbitError("qat does not train LoRC corrections; drop lorc_rank")
     fakes = {}

@@ -34,13 +34,13 @@ from lowbit.calibration import CalibrationSet
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import find_blocks
-from lowbit.models.modules import output_head, quantizable_layers
 from lowbit.models.rotate import Rotator, install_online_rotations
 from lowbit.models.source import TensorSource, materialize, release, skeleton
 from lowbit.models.workdir import WorkFolder
+from lowbit.pipeline.plan import plan_model
 from lowbit.primitives.activations import fake_quantize_dynamic
 from lowbit.primitives.fake import fake_quantize_weight
-from lowbit.recipes import Recipe, plan_layers
+from lowbit.recipes import Recipe
 
 log = logging.getLogger(__name__)
 KEPT = "rotation"  # the work folder's name for the learned matrices
@@ -96,7 +96,7 @@ def learn_rotation(
         raise LowbitError("rotate: kind learned trains on calibration text (pass --calib)")
     hidden = model.config.hidden_size
     rotator = Rotator(model, options, orthogonal(hidden, options))
-    plan = plan_layers(recipe, quantizable_layers(model), warn=False, head=output_head(model))
+    plan = plan_model(recipe, model, warn=False)[1]
     install_online_rotations(model, options)
     if not plan and recipe.activations is None:
         log.warning("rotate (learned): the recipe rounds no weights or activations, which is "

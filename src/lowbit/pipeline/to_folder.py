@@ -18,13 +18,12 @@ from lowbit.calibration import CalibrationSet
 from lowbit.calibration.canary import CanaryProbe
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
-from lowbit.eval.canary import Canary, canary_tokens, model_logits
+from lowbit.eval.canary import Canary, model_canary_tokens, model_logits
 from lowbit.eval.canary import measure as measure_canary
 from lowbit.eval.canary import write as write_canary
 from lowbit.eval.size import SizeReport
 from lowbit.models.checkpoint import write_extras, write_manifest
 from lowbit.models.load import source_folder, source_tokenizer
-from lowbit.models.modules import output_head, quantizable_layers
 from lowbit.models.normalize import conv1d_to_linear
 from lowbit.models.rotate import (
     Rotator,
@@ -38,11 +37,12 @@ from lowbit.models.workdir import WorkFolder, drop_published, work_path
 from lowbit.nn.attention import check_attention
 from lowbit.pipeline.estimate import disk_bytes
 from lowbit.pipeline.manifest import build_manifest
+from lowbit.pipeline.plan import plan_model
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.pipeline.spin import streamed_matrix
 from lowbit.pipeline.stream import stream_quantize
 from lowbit.pipeline.tune import check_tune, tune_folder
-from lowbit.recipes import Recipe, load_recipe, plan_layers
+from lowbit.recipes import Recipe, load_recipe
 
 
 def quantize_to(
@@ -83,7 +83,7 @@ def quantize_to(
     if recipe.rotate is not None:  # checked before any work (a learned matrix: trained below)
         rotator = Rotator(model, recipe.rotate)
     conv1d_to_linear(model)
-    plan = plan_layers(recipe, quantizable_layers(model), warn=False, head=output_head(model))
+    plan = plan_model(recipe, model, warn=False)[1]  # before any work
     check_tune(recipe, plan, calibration)
     if recipe.attention is not None:  # not only once a learned rotation has trained
         check_attention(model, recipe.attention)
@@ -157,8 +157,7 @@ def quantize_to(
 
 
 def _canary_probe(model: nn.Module, tokenizer: Any) -> CanaryProbe:
-    context = getattr(model.config, "max_position_embeddings", None) or 64
-    return CanaryProbe(canary_tokens(tokenizer, model.config.vocab_size, context))
+    return CanaryProbe(model_canary_tokens(model, tokenizer))
 
 
 def _canary_found(probe: CanaryProbe | None) -> tuple[Canary, dict[str, Any]] | None:

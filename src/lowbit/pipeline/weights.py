@@ -26,7 +26,7 @@ from lowbit.calibration.canary import CanaryProbe
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import family_of, find_blocks
-from lowbit.models.modules import get_module, output_head, quantizable_layers, untie_if_needed
+from lowbit.models.modules import get_module, untie_if_needed
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.nn import QuantLinear
 from lowbit.nn.attention import use_attention_function
@@ -41,10 +41,11 @@ from lowbit.pipeline.blocks import (
     swap,
 )
 from lowbit.pipeline.diagnostics import output_sqnr
+from lowbit.pipeline.plan import plan_model
 from lowbit.pipeline.report import LayerReport, QuantizeReport
 from lowbit.pipeline.scales_whole import awq_whole, smooth_whole
 from lowbit.pipeline.whole import gptq_whole
-from lowbit.recipes import Recipe, plan_layers
+from lowbit.recipes import Recipe
 from lowbit.sysinfo import peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,7 @@ def quantize_weights(
     blocks = _blocks(model, recipe, calibration)
     if blocks is None:  # a model quantized whole (image models): convolutions too
         fold_batchnorm(model)  # a BatchNorm's scale is quantized with its convolution
-    plan = plan_layers(
-        recipe, quantizable_layers(model, convs=blocks is None), head=output_head(model)
-    )
+    plan = plan_model(recipe, model, convs=blocks is None)[1]
     report = QuantizeReport(recipe, calibration=calibration)
     check_calibration_given(recipe, calibration)
     _check_step_ranges(model, recipe, calibration)
