@@ -98,18 +98,31 @@ def test_phi3s_fused_projections_export_with_a_kv_cache(tmp_path):
                              qmodel)  # fmt: skip
 
 
-def test_a_family_with_llamas_arithmetic_exports_with_a_kv_cache(tmp_path):
-    """InternLM3, a family lowbit does not name: its tiny twin shows Llama's arithmetic, so it
-    gets the cached steps too."""
+def _internlm3():
+    """InternLM3, a family lowbit does not name, at random init."""
     import transformers as tf
-
-    from helpers import make_tokenizer
 
     config = tf.InternLM3Config(vocab_size=64, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    return tf.AutoModelForCausalLM.from_config(config)
+
+
+def test_a_family_with_llamas_arithmetic_gets_cached_steps():
+    """InternLM3's tiny twin shows Llama's arithmetic, so it gets the cached steps too (the
+    export itself is checked in the slow test below)."""
+    from lowbit.export.litert_graph import cache_reason
+
+    assert cache_reason(_internlm3(), 64) is None
+
+
+@pytest.mark.slow  # ~17 s; CI exports Llama and Phi-3 with a KV cache
+def test_a_family_with_llamas_arithmetic_exports_with_a_kv_cache(tmp_path):
+    """InternLM3's export runs its cached steps as its forward does."""
+    from helpers import make_tokenizer
+
     src = tmp_path / "internlm3"
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    _internlm3().save_pretrained(src)
     make_tokenizer().save_pretrained(src)
     folder, qmodel = quantized_folder(src, tmp_path / "q", make_recipe(W4_G32))
     _forward_and_steps_match(export(folder, "litert", tmp_path / "m.tflite", litert=CACHED),

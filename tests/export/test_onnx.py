@@ -26,18 +26,26 @@ def _op_types(folder):
     return {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
 
 
-@pytest.mark.parametrize(
-    "weights",
-    [
-        {"bits": 4, "group_size": 32},
-        {"bits": 4, "group_size": 64, "zero_point": "int"},
-        {"bits": 4, "group_size": -1},
-        {"bits": 8, "group_size": -1, "symmetric": True},
-    ],
-    ids=["w4-g32-offset", "w4-g64-intzero", "w4-channel", "w8-channel"],
-)
-def test_onnxruntime_matches_lowbit(tiny_folder, tmp_path, weights):
-    folder, model = quantized_folder(tiny_folder, tmp_path / "q", make_recipe(weights))
+def test_onnxruntime_matches_lowbit(tiny_folder, tmp_path):
+    """Every weight form in one graph (an export takes seconds): 4-bit groups of 32 with an
+    offset, groups of 64 with integer zero points, 4-bit and 8-bit per channel."""
+    from lowbit.recipes import Recipe
+
+    recipe = Recipe.from_dict({
+        "version": 1, "name": "mixed", "ignore": ["lm_head"],
+        "weights": {"bits": 4, "group_size": 32},
+        "overrides": [
+            {"match": "re:.*\\.o_proj$", "weights": {"bits": 4, "group_size": 64,
+                                                      "zero_point": "int"}},
+            {"match": "re:.*\\.gate_proj$", "weights": {"bits": 4, "group_size": -1}},
+            {"match": "re:.*\\.down_proj$", "weights": {"bits": 8, "group_size": -1,
+                                                        "symmetric": True}},
+        ],
+    })  # fmt: skip
+    folder, model = quantized_folder(tiny_folder, tmp_path / "q", recipe)
+    forms = {(m.spec.bits, m.spec.group_size, m.spec.zero_point) for m in model.modules()
+             if isinstance(m, QuantLinear)}  # fmt: skip
+    assert len(forms) == 4, forms
     out = export(folder, "onnx", tmp_path / "onnx").path
     assert "MatMulNBits" in _op_types(out)
     x = torch.randint(0, 50, (2, 16))  # batch and length differ from the export's example

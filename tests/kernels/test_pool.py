@@ -144,21 +144,25 @@ def test_tasks_of_fewer_chunks_than_sleeping_workers_give_the_same_results():
     assert run.stdout.strip() == "ok"
 
 
+DECIDES = [({}, "spin pool"), ({"OMP_WAIT_POLICY": "active"}, "openmp"),
+           ({"GOMP_SPINCOUNT": "300000"}, "spin pool"), ({"GOMP_SPINCOUNT": "40G"}, "openmp"),
+           ({"GOMP_SPINCOUNT": "30000000000"}, "openmp"),
+           ({"KMP_BLOCKTIME": "infinite"}, "openmp")]  # fmt: skip
+
+
 @needs_native
-@pytest.mark.parametrize(
-    ("env", "runner"),
-    [({}, "spin pool"), ({"OMP_WAIT_POLICY": "active"}, "openmp"),
-     ({"GOMP_SPINCOUNT": "300000"}, "spin pool"), ({"GOMP_SPINCOUNT": "40G"}, "openmp"),
-     ({"GOMP_SPINCOUNT": "30000000000"}, "openmp"), ({"KMP_BLOCKTIME": "infinite"}, "openmp")],
-)  # fmt: skip
-def test_openmp_runs_the_decode_threads_only_where_its_threads_never_sleep(env, runner):
+def test_openmp_runs_the_decode_threads_only_where_its_threads_never_sleep():
     """libgomp spins 30 billion times for ACTIVE: a GOMP_SPINCOUNT that large (suffixes too)
-    is the same; LLVM OpenMP's KMP_BLOCKTIME=infinite as well."""
+    is the same; LLVM OpenMP's KMP_BLOCKTIME=infinite as well. (The choice is read once per
+    process: one child per setting, started together.)"""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}  # fmt: skip
     code = "import torch; from lowbit.kernels.build import native_ops; assert native_ops(); "
     code += "print(torch.ops.lowbit_cpu.decode_threads())"
-    run = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == runner
+    children = [subprocess.Popen([sys.executable, "-c", code], env={**clean, **env},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for env, _ in DECIDES]  # fmt: skip
+    for child, (env, runner) in zip(children, DECIDES, strict=True):
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-2000:]
+        assert out.strip() == runner, env

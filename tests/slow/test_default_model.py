@@ -54,8 +54,8 @@ def lowbit_json(*args: str) -> dict:
 @pytest.mark.smoke
 def test_cli_quantize_eval_inspect_on_the_default_model(tmp_path):
     out = str(tmp_path / "w3")
-    window = ["--seqlen", "512", "--tokens", "1024"]
-    eval_window = ["--eval-seqlen", "512", "--eval-tokens", "1024"]
+    window = ["--seqlen", "512", "--tokens", "512"]
+    eval_window = ["--eval-seqlen", "512", "--eval-tokens", "512"]
     summary = lowbit_json(
         "quantize", "smollm2-135m", "--recipe", "w3-rtn-g64", "--out", out, "--eval", *eval_window,
         "--json",
