@@ -54,8 +54,9 @@ def weights(folder: Path) -> bytes:
 
 def test_eval_under_torchrun_prints_one_processs_figures(tiny_folder, tmp_path, corpora):
     """(Two processes writing the folder one process writes: the killed-rank test below.)"""
-    calib, held = corpora
-    one_process(quantize_args(tiny_folder, calib, tmp_path / "one"))
+    _, held = corpora
+    one_process(["-q", "quantize", str(tiny_folder), "--recipe", "w4-rtn-g64", "--out",
+                 str(tmp_path / "one")])  # fmt: skip
     ev = ["eval", str(tmp_path / "one"), "--ref", str(tiny_folder), "--corpus", str(held),
           "--seqlen", "32", "--tokens", "320", "--json"]  # fmt: skip
     single = json.loads(one_process(ev).stdout)
@@ -189,7 +190,7 @@ def tiny_folder_4(tmp_path: Path, tokenizer) -> Path:
     return folder
 
 
-@pytest.mark.slow  # ~20 s; CI keeps the torchrun quantize + eval split and the killed-rank test
+@pytest.mark.slow  # ~20 s; CI has eval under torchrun and the killed-rank test (quantize, resume)
 def test_analyze_under_torchrun_splits_the_trials_and_gathers_the_same_figures(
     tiny_folder, tmp_path, corpora
 ):

@@ -90,3 +90,35 @@ def test_without_the_build_lock_a_lock_file_is_left_alone(tmp_path, monkeypatch)
     _fake_loader(monkeypatch, seen)
     build._build(tmp_path, held=False)
     assert seen == [True] and (tmp_path / "lock").exists()
+
+
+def test_the_loader_runs_the_ninja_package_whatever_path_holds(tmp_path, monkeypatch):
+    """torch's loader runs ``ninja`` from PATH: the ``ninja`` package's comes first while it
+    runs (so an environment used without activating it finds one, and one ninja version
+    keeps the build log), and PATH is as it was afterwards."""
+    import os
+
+    import ninja
+    from torch.utils import cpp_extension
+
+    seen: list[str] = []
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: seen.append(os.environ["PATH"]))
+    monkeypatch.setenv("PATH", "/nowhere")
+    build._build(tmp_path, held=True)
+    assert seen == [f"{ninja.BIN_DIR}{os.pathsep}/nowhere"]
+    assert os.environ["PATH"] == "/nowhere"
+
+
+@pytest.mark.skipif(not native_ops(), reason="native kernels unavailable here")
+def test_built_kernels_load_with_no_ninja_or_compiler_on_path(tmp_path):
+    """``.venv/bin/lowbit`` started from a shell whose PATH has no ninja (nor a compiler: the
+    kernels are built already) still runs on them."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from lowbit.kernels.build import native_ops; assert native_ops()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PATH": str(tmp_path)}, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "could not be built" not in done.stderr

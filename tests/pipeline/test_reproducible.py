@@ -26,14 +26,17 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def test_two_processes_write_identical_weight_files(tiny_folder, tmp_path):
-    runs = []
-    for hash_seed in ("1", "2"):
+    children = []
+    for hash_seed in ("1", "2"):  # started together: most of each run is its imports
         out = tmp_path / f"run{hash_seed}"
         out.mkdir()
         env = {**os.environ, "PYTHONHASHSEED": hash_seed,
                "PYTHONPATH": os.pathsep.join(sys.path)}  # fmt: skip
-        subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_folder), str(out)], check=True,
-                       env=env, timeout=300)  # fmt: skip
+        children.append((subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_folder),
+                                           str(out)], env=env), out))  # fmt: skip
+    runs = []
+    for child, out in children:
+        assert child.wait(timeout=300) == 0
         runs.append(digests(out))
     assert runs[0] == runs[1]
     assert {"rtn/model.safetensors", "gptq/model.safetensors"} <= runs[0].keys()

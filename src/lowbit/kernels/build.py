@@ -16,7 +16,8 @@ import logging
 import os
 import sys
 import threading
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -138,15 +139,40 @@ def _build(folder: Path, held: bool) -> None:
         stale.unlink(missing_ok=True)
     if not (folder / "lowbit_cpu_kernels.so").exists():
         log.warning("building lowbit's CPU kernels in %s (once per machine, a few minutes)", folder)
-    cpp_extension.load(
-        "lowbit_cpu_kernels",
-        [str(s) for s in SOURCES],
-        extra_cflags=list(FLAGS),  # copies: the loader appends to ldflags
-        extra_ldflags=list(LDFLAGS),
-        build_directory=str(folder),
-        is_python_module=False,
-        verbose=False,
-    )
+    with _ninja_on_path():
+        cpp_extension.load(
+            "lowbit_cpu_kernels",
+            [str(s) for s in SOURCES],
+            extra_cflags=list(FLAGS),  # copies: the loader appends to ldflags
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+
+
+@contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """The ``ninja`` package's binary first on PATH while torch's loader runs (it runs
+    ``ninja`` from PATH, even to find the kernels up to date). Without this, ``.venv/bin/lowbit``
+    run from outside the activated environment found no ninja on a machine without a system
+    one (no kernels: the slow reference path), and where the system has its own version, runs
+    inside and outside the environment took turns rebuilding every kernel (ninja 1.11 and
+    1.13 each read the other's build log as stale: about 3 minutes on 2 cores each time)."""
+    try:
+        import ninja
+    except ImportError:  # (a dependency; without it, whatever ninja PATH has)
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, before) if p)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 def main() -> int:
