@@ -11,7 +11,7 @@ PYTEST := $(BIN)/python -m pytest
 .PHONY: demo test test-slow lint bench report report-speed report-image clean
 
 # The CPU wheel of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml Makefile $(wildcard src/lowbit/kernels/csrc/*.cpp src/lowbit/kernels/csrc/*.h)
+$(STAMP): pyproject.toml Makefile src/lowbit/kernels/build.py $(wildcard src/lowbit/kernels/csrc/*.cpp src/lowbit/kernels/csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,export,serve,litert,image]"
