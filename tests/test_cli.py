@@ -250,3 +250,36 @@ def test_the_quantized_row_is_never_named_as_the_float_reference():
     assert row_name(args, Recipe()) == "float (quantized)"
     assert row_name(args, Recipe(name="float")) == "float (quantized)"
     assert row_name(args, Recipe(name="w4")) == "w4"
+
+
+def test_an_ascii_locale_reads_and_writes_the_folders_as_utf8(tmp_path, tiny_folder, text_file):
+    """Python under a non-UTF-8 locale (LC_ALL=C without its UTF-8 coercion: ASCII) reads and
+    writes text in that encoding unless told otherwise: a config with non-ASCII text, as
+    checkpoints from the hub have, must quantize, export and report all the same."""
+    import os
+    import subprocess
+    import sys
+
+    config = json.loads((tiny_folder / "config.json").read_text(encoding="utf-8"))
+    config["model_card_note"] = "modèle → ×4"
+    (tiny_folder / "config.json").write_text(json.dumps(config, ensure_ascii=False),
+                                             encoding="utf-8")  # fmt: skip
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    lowbit = [sys.executable, "-X", "utf8=0", "-m", "lowbit", "-q"]
+    check = [sys.executable, "-X", "utf8=0", "-c",
+             "import locale; print(locale.getpreferredencoding(False))"]  # fmt: skip
+    encoding = subprocess.run(check, env=env, capture_output=True, text=True).stdout
+    assert "utf" not in encoding.lower(), encoding  # (the locale this test is about)
+    out = tmp_path / "q"
+    for args in (["quantize", str(tiny_folder), "--recipe", "w4-sym-g32", "--out", str(out)],
+                 ["export", str(out), "--format", "compressed-tensors", "--out",
+                  str(tmp_path / "ct")],
+                 ["report", str(tiny_folder), "--variants", "w4-rtn-g64", "--out",
+                  str(tmp_path / "r"), "--corpus", str(text_file), "--seqlen", "32", "--tokens",
+                  "64", "--no-rss", "--prompt-tokens", "8", "--new-tokens", "3", "--repeats",
+                  "1"]):  # fmt: skip
+        done = subprocess.run([*lowbit, *args], env=env, capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
+    exported = json.loads((tmp_path / "ct" / "config.json").read_text(encoding="utf-8"))
+    assert exported["model_card_note"] == "modèle → ×4"
+    assert "×" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")

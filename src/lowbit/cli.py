@@ -54,6 +54,7 @@ name (see `lowbit corpora`) or a text file.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _printable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -94,6 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+
+
+def _printable_output() -> None:
+    """Under a locale whose encoding is not UTF-8 (LC_ALL=C where Python does not coerce it:
+    ASCII), characters the terminal cannot show (the tables' ×, →) print as "?" instead of
+    ending the command with a traceback; files are written as UTF-8 regardless."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if hasattr(stream, "reconfigure") and not encoding.startswith("utf"):
+            stream.reconfigure(errors="replace")
 
 
 def _quiet_libraries() -> None:

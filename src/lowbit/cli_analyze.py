@@ -95,7 +95,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return 0
     if args.out:
         with atomic_file(args.out) as tmp:
-            tmp.write_text(json_text(data, indent=1))
+            tmp.write_text(json_text(data, indent=1), encoding="utf-8")
     if args.plot:
         plot_sensitivity(sens, args.plot, title=str(args.model))
     if args.json:

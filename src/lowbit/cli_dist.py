@@ -81,7 +81,7 @@ def require_shared(folder: Path, why: str) -> None:
     if group.main:
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
-            probe.write_text(str(token))
+            probe.write_text(str(token), encoding="utf-8")
         except OSError:
             token = -1
     sent = group.broadcast({"token": torch.tensor([token])} if group.main else None, 0)
@@ -89,7 +89,7 @@ def require_shared(folder: Path, why: str) -> None:
     if token < 0:
         raise LowbitError(f"rank 0 cannot write beside {folder}: choose another folder")
     try:
-        seen = probe.read_text() == str(token)
+        seen = probe.read_text(encoding="utf-8") == str(token)
     except OSError:
         seen = False
     everywhere = group.min_int(int(seen))

@@ -172,4 +172,4 @@ def _write_folder(args: argparse.Namespace, names: list[str], images: list[Tenso
             _write_png(tmp / name, image, depth)
         record = PRODUCER | {"model": args.model, "images": names}
         record |= {"input": args.image} if args.image else {"seed": args.seed}
-        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

@@ -177,6 +177,8 @@ def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> d
 
 
 def _write(folder: Path, data: dict[str, Any]) -> None:
-    (folder / "report.json").write_text(json.dumps(PRODUCER | data, indent=1, default=str))
-    (folder / "report.md").write_text(report_markdown(data["rows"], data))
+    (folder / "report.json").write_text(
+        json.dumps(PRODUCER | data, indent=1, default=str), encoding="utf-8"
+    )
+    (folder / "report.md").write_text(report_markdown(data["rows"], data), encoding="utf-8")
     write_plots(data["rows"], folder, f"lowbit report: {data['model']}")

@@ -127,8 +127,10 @@ def _notes(calibration: Any) -> list[str]:
 
 
 def _write(folder: Path, data: dict[str, Any]) -> None:
-    (folder / "report.json").write_text(json.dumps(PRODUCER | data, indent=1, default=str))
+    (folder / "report.json").write_text(
+        json.dumps(PRODUCER | data, indent=1, default=str), encoding="utf-8"
+    )
     md = report_markdown(data["rows"], data, IMAGE_COLUMNS, IMAGE_PANELS)
     grids = [f"![{r['variant']}]({r['grid']})" for r in data["rows"] if "grid" in r]
-    (folder / "report.md").write_text(md + "\n" + "\n\n".join(grids) + "\n")
+    (folder / "report.md").write_text(md + "\n" + "\n\n".join(grids) + "\n", encoding="utf-8")
     write_plots(data["rows"], folder, f"lowbit report: {data['model']}", IMAGE_PANELS)

@@ -43,7 +43,7 @@ def verified(path: Path, sha256: str) -> bool:
     stamp = {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     sidecar = path.with_name(path.name + ".verified")
     with contextlib.suppress(OSError, ValueError):
-        if json.loads(sidecar.read_text()) == stamp:
+        if json.loads(sidecar.read_text(encoding="utf-8")) == stamp:
             return True
     if sha256_file(path) != sha256:
         return False

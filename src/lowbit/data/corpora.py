@@ -87,7 +87,8 @@ def _wiki() -> tuple[str, ...]:
     stamp = cached.with_suffix(".sha256")
     if cached.is_file() and stamp.is_file():
         text = cached.read_text(encoding="utf-8")
-        if hashlib.sha256(text.encode("utf-8")).hexdigest() == stamp.read_text().strip():
+        want = stamp.read_text(encoding="utf-8").strip()
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() == want:
             return tuple(text.split("\n\n"))
     log.info("cleaning the wiki corpus (once; cached after)")
     raw = read_member(fetch_archive(_GENSIM), _WIKI_MEMBER)

@@ -173,12 +173,12 @@ def write_compressed_tensors(model: nn.Module, folder: Path, tmp: Path) -> None:
         group["targets"] = [stored(n) for n in group["targets"]]
     qconfig["ignore"] = [stored(n) for n in qconfig["ignore"]]
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["quantization_config"] = qconfig
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     copy_side_files(folder, tmp)
     note = {"format": "compressed-tensors", "producer": "lowbit"}  # lets --overwrite replace it
-    (tmp / "lowbit_export.json").write_text(json.dumps(note, indent=1))
+    (tmp / "lowbit_export.json").write_text(json.dumps(note, indent=1), encoding="utf-8")
 
 
 def copy_side_files(folder: Path, tmp: Path) -> None:

@@ -186,7 +186,11 @@ def quiet_litert_torch() -> None:
 
 
 def _tokenizer_files(folder: Path) -> dict[str, str]:
-    return {n: (folder / n).read_text() for n in TOKENIZER_FILES if (folder / n).is_file()}
+    return {
+        n: (folder / n).read_text(encoding="utf-8")
+        for n in TOKENIZER_FILES
+        if (folder / n).is_file()
+    }
 
 
 def add_metadata(flat, fb, name: bytes, data: bytes) -> None:

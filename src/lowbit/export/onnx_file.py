@@ -254,11 +254,13 @@ def write_onnx(model: nn.Module, folder: Path, tmp: Path) -> None:
         )  # fmt: skip
     program.save(str(tmp / ONNX_FILE), external_data=_large(model))
     copy_side_files(folder, tmp)
-    (tmp / "config.json").write_text((folder / "config.json").read_text())
+    (tmp / "config.json").write_text(
+        (folder / "config.json").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     info = {"inputs": {"input_ids": "int64 (batch, sequence)"},
             "outputs": {"logits": "float32 (batch, sequence, vocab)"},
             "kv_cache": False, "producer": "lowbit"}  # fmt: skip
-    (tmp / "lowbit_onnx.json").write_text(json.dumps(info, indent=1))
+    (tmp / "lowbit_onnx.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
 
 
 def _large(model: nn.Module) -> bool:

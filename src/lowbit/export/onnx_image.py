@@ -294,9 +294,11 @@ def write_onnx_image(model: nn.Module, example: Tensor, name: str, folder: Path,
         )  # fmt: skip
     program.save(str(tmp / ONNX_FILE))
     _pack_uint4(tmp / ONNX_FILE)
-    (tmp / "lowbit.json").write_text((folder / "lowbit.json").read_text())
+    (tmp / "lowbit.json").write_text(
+        (folder / "lowbit.json").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     shape = ["batch", *(("height", "width")[i - 2] if i in dims else str(x.shape[i])
                         for i in range(1, x.dim()))]  # fmt: skip
     info = {"inputs": {"input": f"float32 ({', '.join(shape)})"},
             "outputs": {"output": "float32"}, "model": name, "producer": "lowbit"}  # fmt: skip
-    (tmp / "lowbit_onnx.json").write_text(json.dumps(info, indent=1))
+    (tmp / "lowbit_onnx.json").write_text(json.dumps(info, indent=1), encoding="utf-8")

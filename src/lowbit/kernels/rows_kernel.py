@@ -107,7 +107,7 @@ def _measure_and_record(path: Path, key: str, records: dict, measure) -> str:
 def _records(path: Path) -> dict:
     """The recorded choices by CPU key (empty for a missing, damaged or older file)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         machines = data["machines"] if data.get("version") == 3 else {}
         return {k: v for k, v in machines.items() if isinstance(v, dict)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

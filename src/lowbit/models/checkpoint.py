@@ -104,7 +104,7 @@ def write_shards(
         weight_map.update({k: name for k in group})
         total += sum(_nbytes(t) for t in group.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return names
 
 
@@ -144,7 +144,7 @@ def write_unit_shards(
         total += write_file(folder / shard, {n: tensor(n) for n in names}, {"format": "pt"})
         weight_map.update(dict.fromkeys(names, shard))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def block_units(model: nn.Module, names: list[str]) -> list[list[str]]:
@@ -177,7 +177,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     checks them)."""
     files = file_hashes(folder, [p.name for p in weight_files(folder)])
     body = {"format": "lowbit", "manifest_version": MANIFEST_VERSION, **manifest, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(body, indent=1, default=str))
+    (folder / MANIFEST).write_text(json.dumps(body, indent=1, default=str), encoding="utf-8")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -187,7 +187,7 @@ def weight_files(folder: Path) -> list[Path]:
     if not index.is_file():
         return [folder / WEIGHTS]
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LowbitError(f"{index} is not a valid shard index: {exc}") from None
     files = [folder / n for n in sorted(set(weight_map.values()))]
@@ -200,7 +200,7 @@ def weight_files(folder: Path) -> list[Path]:
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LowbitError(f"{folder} is not a lowbit folder (no {MANIFEST})") from None
     except ValueError as exc:
@@ -357,7 +357,9 @@ def _save_config(config: Any, folder: Path) -> None:
     (it cannot read lowbit's packed tensors; export to compressed-tensors for that)."""
     data = config.to_dict()
     data["quantization_config"] = {"quant_method": "lowbit", "see": MANIFEST}
-    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    (folder / "config.json").write_text(
+        json.dumps(data, indent=2, sort_keys=True), encoding="utf-8"
+    )
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -37,13 +37,13 @@ def converted_folder(gguf: Path, gguf_sha256: str | None = None) -> Path:
         _convert(gguf, tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         stamp = {"gguf_sha256": gguf_sha256, "converter": _CONVERTER, "weights_sha256": files}
-        (tmp / _STAMP).write_text(json.dumps(stamp, indent=1))
+        (tmp / _STAMP).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
     return folder
 
 
 def _folder_ok(folder: Path, gguf_sha256: str) -> bool:
     try:
-        stamp = json.loads((folder / _STAMP).read_text())
+        stamp = json.loads((folder / _STAMP).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if stamp.get("gguf_sha256") != gguf_sha256 or stamp.get("converter") != _CONVERTER:

@@ -96,5 +96,5 @@ class LiteRTModel(nn.Module):
 
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in self.tokenizer_files.items():
-                (Path(tmp) / name).write_text(text)
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
             return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)

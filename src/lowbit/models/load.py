@@ -134,7 +134,7 @@ def _with_tokenizer(folder: Path, zoo_name: str | None) -> Path:
     donor, _ = source_folder(zoo_name)
     for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
         if (donor / name).is_file():
-            write_text_atomic(folder / name, (donor / name).read_text())
+            write_text_atomic(folder / name, (donor / name).read_text(encoding="utf-8"))
     return folder
 
 

@@ -169,7 +169,7 @@ def config_json(folder: Path) -> dict:
     """``folder``'s config.json as a mapping ({} where it cannot be read: skeleton() names what
     is wrong with it)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -211,7 +211,7 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor, block: list[int]) -> torch
 
 def _weight_map(index: Path) -> dict[str, str]:
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_text(encoding="utf-8"))
         weight_map = data["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LowbitError(f"{index} is not a valid shard index: {exc}") from None

@@ -102,7 +102,7 @@ class WorkFolder:
 
     def _check(self, fingerprint: dict[str, Any]) -> None:
         try:
-            saved = json.loads((self.path / FINGERPRINT).read_text())
+            saved = json.loads((self.path / FINGERPRINT).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             saved = {}
         if saved.get("sha256") != self.digest:
@@ -120,7 +120,7 @@ class WorkFolder:
         out = []
         while self._unit(len(out), "json").is_file():
             try:
-                out.append(json.loads(self._unit(len(out), "json").read_text()))
+                out.append(json.loads(self._unit(len(out), "json").read_text(encoding="utf-8")))
             except (OSError, ValueError):
                 break
         return out
@@ -199,7 +199,7 @@ class WorkFolder:
         if self.out.exists() and not overwrite:
             raise LowbitError(f"{self.out} already exists; choose another --out or pass "
                               f"--overwrite")  # fmt: skip
-        (self.path / PUBLISHED).write_text(str(self.out))
+        (self.path / PUBLISHED).write_text(str(self.out), encoding="utf-8")
         try:
             publish_dir(final, self.out, overwrite)
         except BaseException:

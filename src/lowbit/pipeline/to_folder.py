@@ -201,7 +201,8 @@ def parse_hidden_dtype(name: str) -> torch.dtype:
 def _identity(folder: Path, tensors: TensorSource) -> dict[str, Any]:
     """What identifies a source checkpoint without hashing its bytes: its files and sizes."""
     files = sorted({e.path for e in tensors.entries.values()})
-    return {"folder": str(folder.resolve()), "config": (folder / "config.json").read_text(),
+    config = (folder / "config.json").read_text(encoding="utf-8")
+    return {"folder": str(folder.resolve()), "config": config,
             "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}  # fmt: skip
 
 
