@@ -244,32 +244,41 @@ def _canary(args: argparse.Namespace, src: Any, metrics: Any) -> Any:
                        args.canary_tolerance)  # fmt: skip
 
 
-def check_port(host: str, number: int) -> None:
-    """A one-line error where ``host:number`` cannot be listened on (in use, or not an address
-    of this machine), bound as uvicorn binds (its address family, ``SO_REUSEADDR``)."""
+def bind(host: str, number: int) -> socket.socket:
+    """The server's socket, bound as uvicorn binds (its address family, ``SO_REUSEADDR``) and
+    before the model loads, so the port cannot be taken meanwhile and ``--port 0`` names the
+    port it got; a one-line error where ``host:number`` cannot be listened on (in use, or
+    not an address of this machine)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, number))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, number))
     except OSError as exc:
+        sock.close()
         why = exc.strerror or str(exc)
         raise LowbitError(f"cannot listen on {host}:{number} ({why}); choose another --port or "
                           f"--host") from None  # fmt: skip
+    return sock
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the server is reachable beyond this machine", args.host)
-    check_port(args.host, args.port)  # before the model loads (uvicorn's own error: exit 3)
-    app, engine = build_server(args)
-    import uvicorn
+    sock = bind(args.host, args.port)  # before the model loads (uvicorn's own error: exit 3)
+    with sock:
+        app, engine = build_server(args)
+        import uvicorn
 
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=5)  # fmt: skip
-    finally:
-        engine.close()  # an Engine, or an image model's ImageWorker
-        if engine.shadow is not None:
-            engine.shadow.close()
+        port = sock.getsockname()[1]
+        where = f"[{args.host}]" if ":" in args.host else args.host
+        log.info("listening on http://%s:%d (API under /v1, /health, /metrics)", where, port)
+        config = uvicorn.Config(app, host=args.host, port=port, log_level="warning",
+                                timeout_graceful_shutdown=5)  # fmt: skip
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            engine.close()  # an Engine, or an image model's ImageWorker
+            if engine.shadow is not None:
+                engine.shadow.close()
     return 0

@@ -6,6 +6,7 @@ import torch
 from helpers import tiny_family_model, tiny_llama
 from lowbit.errors import LowbitError
 from lowbit.runtime import Runtime, Sampling
+from lowbit.runtime.sampling import next_tokens
 
 
 def hf_greedy(model, prompt, n):
@@ -88,3 +89,16 @@ def test_per_row_limits_cancellation_and_the_logits_hook():
     cancel = rt.generate(prompts, 8, on_tokens=lambda new: [0] if new[0] is not None else None)
     assert cancel.finish == ["cancelled", "length"]
     assert len(cancel.tokens[0]) == 1 and cancel.tokens[1] == rt.generate([prompts[1]], 8).tokens[0]
+
+
+@pytest.mark.parametrize("kw", [
+    {"temperature": 1.5e-39}, {"temperature": 1e-300}, {"temperature": 5e-324},
+    {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1e-40, "top_p": 1e-45, "top_k": 3},
+])  # fmt: skip
+def test_extreme_but_valid_settings_draw_the_most_likely_token(kw):
+    """A temperature or top_p near 0 (any a client may send) is a draw of the best token, never
+    inf / NaN probabilities (it failed in torch.multinomial, and in a server's batch every row)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 30
+    sampling = Sampling(seed=1, **kw)
+    drawn = next_tokens(logits, sampling, sampling.generator())
+    assert drawn.tolist() == logits.argmax(-1).tolist()

@@ -173,7 +173,7 @@ def test_a_quantized_mixture_decodes_each_token_in_one_call(kind, monkeypatch):
     monkeypatch.undo()
     seen = []  # a hook on a block sends the token through the per-op loop and the block
     hook = model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(1))
-    with torch.inference_mode():
+    with torch_threads(2), torch.inference_mode():  # (as above, whatever OMP_NUM_THREADS says)
         hooked, _ = decode_steps(LlamaForward(model), prompt, follow)
         assert len(seen) == 1 + 5 and torch.equal(hooked, native)  # the prompt, each token
         hook.remove()

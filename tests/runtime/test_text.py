@@ -1,10 +1,12 @@
 """Text in and out of the decode loop: prompts, chat templates, streamed text, stop texts."""
 
+import random
+
 import pytest
 from transformers import AutoTokenizer
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.text import StopText, TextStream, chat_ids, text_ids
+from lowbit.runtime.text import StopText, TextStream, _overlap, chat_ids, text_ids
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,14 @@ def test_text_that_is_not_unicode_or_a_template_refusal_is_a_lowbit_error(byte_t
         chat_ids(byte_tokenizer, [{"role": "user", "content": "hi"}])
     with pytest.raises(LowbitError, match="not valid Unicode"):
         chat_ids(byte_tokenizer, [{"role": "user", "content": "\ud800"}])
+
+
+def test_the_held_back_end_is_the_longest_start_of_a_stop():
+    """_overlap against its definition (k < len(stop), text ends with stop[:k]) on random
+    short texts over a small alphabet, where overlaps are common."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choices("ab", k=rng.randint(0, 9)))
+        stop = "".join(rng.choices("ab", k=rng.randint(1, 6)))
+        want = max((k for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        assert _overlap(text, stop) == want, (text, stop)

@@ -28,11 +28,13 @@ def test_openai_client_streams_a_chat_completion(serve, chat_folder):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret")
     stream = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "the quick brown fox"}],
-        max_tokens=8, temperature=0, stream=True,
+        max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
     )  # fmt: skip
-    chunks = list(stream)
+    *chunks, last = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length" and text.strip()
+    assert all(c.usage is None for c in chunks) and last.choices == []
+    assert last.usage.completion_tokens == 8 and last.usage.total_tokens > 8
     whole = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "the quick brown fox"}],
         max_tokens=8, temperature=0)  # fmt: skip

@@ -42,10 +42,14 @@ class Sampling:
 
 
 def next_tokens(logits: Tensor, sampling: Sampling, gen: torch.Generator | None) -> Tensor:
-    """logits (B, vocab) -> token ids (B,)."""
+    """logits (B, vocab) -> token ids (B,). Any temperature > 0 and top_p in (0, 1] give a
+    valid draw: the scores are shifted so that the best is 0 and kept in float64 (a tiny
+    temperature sends the others to -inf rather than the best to inf, and a tiny top_p still
+    keeps the first token), so no request's settings can make the draw fail."""
     if sampling.greedy:
         return logits.argmax(-1)
-    scores = logits.float() / sampling.temperature
+    scores = logits.double()
+    scores = (scores - scores.amax(-1, keepdim=True)) / sampling.temperature
     if sampling.top_k and sampling.top_k < scores.shape[-1]:
         kth = scores.topk(sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -53,6 +57,7 @@ def next_tokens(logits: Tensor, sampling: Sampling, gen: torch.Generator | None)
         ordered, order = scores.sort(dim=-1, descending=True)
         cum = ordered.softmax(-1).cumsum(-1)
         drop = cum - ordered.softmax(-1) >= sampling.top_p  # keep the first token past top_p
+        drop[:, 0] = False  # (the most likely one always stays)
         scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

@@ -109,7 +109,18 @@ class StopText:
         if ends:
             self.stopped, self.held = True, ""
             return held[: min(ends)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if held.endswith(s[:k])),
-                   default=0)  # fmt: skip
+        keep = max((_overlap(held, s) for s in self.stops), default=0)
         self.held = held[len(held) - keep :] if keep else ""
         return held[: len(held) - keep]
+
+
+def _overlap(text: str, stop: str) -> int:
+    """The longest k < len(stop) with text ending in stop[:k] (0: none): the first position in
+    text's last len(stop) - 1 characters from which the rest of text begins stop. Linear in
+    those characters' count times stop's length at worst, never in stop's length squared."""
+    i = max(0, len(text) - len(stop) + 1)
+    while (i := text.find(stop[0], i)) >= 0:
+        if stop.startswith(text[i:]):
+            return len(text) - i
+        i += 1
+    return 0

@@ -111,7 +111,8 @@ class _Api:
         except QueueFull as exc:
             return JSONResponse(error_body(str(exc), "rate_limit_error", "queue_full"), 429,
                                 headers={"Retry-After": "1"})  # fmt: skip
-        shape = _Shape(self.settings.model_name, chat, len(ids))
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        shape = _Shape(self.settings.model_name, chat, len(ids), usage)
         pieces = self._pieces(pieces_out)
         if body.stream:
             return StreamingResponse(self._events(job, pieces, shape),
@@ -141,6 +142,8 @@ class _Api:
                 yield shape.sse(error_body(job.error or "generation failed", "server_error"))
                 return
             yield shape.sse(shape.chunk("", finish=_reason(job)))
+            if shape.usage_chunks:  # OpenAI's stream_options.include_usage
+                yield shape.sse({**shape.chunk(""), "choices": [], "usage": shape.usage(job)})
             yield "data: [DONE]\n\n"
         finally:
             if not job.cancelled.is_set():
@@ -175,17 +178,22 @@ def _reason(job: Job) -> str:
 class _Shape:
     """OpenAI's response objects for one request."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
+    def __init__(self, model: str, chat: bool, prompt_tokens: int,
+                 usage_chunks: bool = False) -> None:  # fmt: skip
         self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.usage_chunks = usage_chunks  # every chunk has "usage" (null until the last one)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
+    def usage(self, job: Job) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(job.tokens),
+                "total_tokens": self.prompt_tokens + len(job.tokens)}  # fmt: skip
+
     def whole(self, text: str, job: Job) -> dict:
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(job.tokens),
-                 "total_tokens": self.prompt_tokens + len(job.tokens)}  # fmt: skip
+        usage = self.usage(job)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": _reason(job)}  # fmt: skip
@@ -198,9 +206,11 @@ class _Shape:
             delta = {"role": "assistant", "content": ""} if first else (
                 {} if finish else {"content": piece})  # fmt: skip
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
-        return {**self._head("text_completion"), "choices": [choice]}
+            out = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+            out = {**self._head("text_completion"), "choices": [choice]}
+        return {**out, "usage": None} if self.usage_chunks else out
 
     @staticmethod
     def sse(obj: dict) -> str:

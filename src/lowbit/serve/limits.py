@@ -28,7 +28,7 @@ class Counted:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500  # an exception before any answer: the server's error
+        status = 499  # no answer started and nothing raised: the client left (nginx's 499)
 
         async def counting_send(message) -> None:
             nonlocal status
@@ -36,9 +36,13 @@ class Counted:
                 status = message["status"]
             await send(message)
 
+        started = False
         try:
             await self.app(scope, receive, counting_send)
+            started = True
         finally:
+            if not started and status == 499:
+                status = 500  # an exception before any answer: the server's error
             path = scope["path"]
             self.count(path if path in self.routes else "other", status)
 
@@ -57,8 +61,8 @@ class Guard:
             return
         headers = dict(scope.get("headers") or [])
         if self.api_key and scope["path"].startswith("/v1/"):
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            given = headers.get(b"authorization", b"")  # the bytes as sent (UTF-8 by clients)
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 body = error_body("missing or wrong API key (Authorization: Bearer KEY)",
                                   "invalid_request_error", "invalid_api_key")  # fmt: skip
                 await JSONResponse(body, status_code=401)(scope, receive, send)
