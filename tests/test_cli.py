@@ -140,6 +140,11 @@ def test_calibrated_quantize_records_calibration_and_refuses_overlapping_eval(
     copy.write_text(text_file.read_text())
     code, _, err = run(capsys, "eval", str(out), "--corpus", str(copy), "--seqlen", "32")
     assert code == 2 and "calibrated on this text" in err
+    calibrated = text_file.read_text()  # the same name, another text (the name decided)
+    text_file.write_text(" ".join(reversed(calibrated.split())))
+    code, _, err = run(capsys, "eval", str(out), "--corpus", str(text_file), "--seqlen", "32")
+    assert code == 0, err
+    text_file.write_text(calibrated)
     code, _, err = run(
         capsys, "quantize", str(tiny_folder), "--recipe", "w4-gptq-g64", "--out",
         str(tmp_path / "g2"), "--calib", str(text_file), "--eval", "--eval-corpus", str(copy),

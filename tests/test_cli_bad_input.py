@@ -60,8 +60,8 @@ def test_quantize_input_errors(tiny_folder, tmp_path, capsys):
                                       "--out", out, "-q"], "group_size 48 does not divide"),
         "--out below a file": (["quantize", str(tiny_folder), *RTN, "--out",
                                 str(tmp_path / "a-file" / "o")], "not a writable"),
-        "--threads -1": (["--threads", "-1", *q], "positive integer"),
-        "--threads 0": (["--threads", "0", *q], "positive integer"),
+        "--threads -1": (["--threads", "-1", *q], "threads are in [1, 1024]"),
+        "--threads 0": (["--threads", "0", *q], "threads are in [1, 1024]"),
         "--calib-samples 0": ([*q[:-1], "--calib-samples", "0"], "positive integer"),
         "--eval-tokens below a window": ([*q, "--eval", "--eval-tokens", "100",
                                           "--eval-seqlen", "512"],
@@ -214,6 +214,19 @@ def test_a_short_calibration_file_leaves_nothing_in_the_cache(tiny_folder, tmp_p
     assert not tokens.exists() or not list(tokens.iterdir())
 
 
+def test_a_tokenizer_that_cannot_be_read_is_an_error_not_a_missing_one(tiny_folder, tmp_path,
+                                                                         capsys):  # fmt: skip
+    """A corrupt tokenizer.json was taken for none: quantize warned, wrote a folder without a
+    tokenizer and exited 0."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    (broken / "tokenizer.json").write_text('{"truncated": ')
+    out = tmp_path / "o"
+    says = run(capsys, ["quantize", str(broken), *RTN, "--out", str(out)])
+    assert "cannot read the tokenizer in" in says and "tokenizer.json" in says
+    assert not out.exists()
+
+
 def test_copying_a_folder_keeps_it_loadable(quantized, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(quantized, copy)
@@ -242,6 +255,24 @@ def test_other_commands_refuse_what_they_cannot_use(quantized, tiny_folder, tmp_
                           "positive integer"),
         "windows past the context": (["eval", str(quantized), "--seqlen", "1000", "--tokens",
                                       "2000", "-q"], "q's context of 256 positions"),
+        "diff windows past the context": (["diff", str(tiny_folder), str(quantized), "--seqlen",
+                                           "1000", "--tokens", "2000"],
+                                          "--seqlen 1000 exceeds the model's context of 256"),
+        "--eval windows past the context (found before quantizing)": (
+            ["quantize", str(tiny_folder), *RTN, "--out", out, "--eval", "--eval-seqlen", "1000",
+             "--eval-tokens", "2000"], "--eval-seqlen 1000 exceeds the model's context"),
+        "a NaN canary tolerance": (["serve", str(quantized), "--canary-tolerance", "nan"],
+                                   "--canary-tolerance is a number >= 0"),
+        "a negative --alert-kl": (["serve", str(quantized), "--ref", str(tiny_folder),
+                                   "--alert-kl", "-1"], "--alert-kl is a number >= 0"),
+        "--shadow-rate without --ref": (["serve", str(quantized), "--shadow-rate", "0.5"],
+                                        "--shadow-rate needs --ref"),
+        "an infinite learning rate": (["qat", str(tiny_folder), *RTN, "--train", "wiki", "--lr",
+                                       "inf", "--out", out], "lr in (0, 1]"),
+        "--candidates without a target": (["quantize", str(tiny_folder), *RTN, "--out", out,
+                                          "--candidates", "4", "8"], "--candidates choose"),
+        "--threads past any machine": (["--threads", "100000", "inspect", str(quantized)],
+                                       "threads are in [1, 1024]"),
     }  # fmt: skip
     for name, (args, says) in cases.items():
         assert says in run(capsys, args), name

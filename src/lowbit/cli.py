@@ -22,6 +22,7 @@ from lowbit.cli_args import (
     positive_float,
     refuse_attention,
     seed,
+    threads,
     tokens,
 )
 from lowbit.cli_dist import joined, peer_failure, rank_label
@@ -162,7 +163,7 @@ def _global_options(p: argparse.ArgumentParser, default: object) -> None:
     )
     p.add_argument(
         "--threads",
-        type=positive,
+        type=threads,
         default=default,
         help="torch CPU threads (default: torch's choice)",
     )
@@ -307,9 +308,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.data import load_corpus
 
     calib = (src.manifest or {}).get("calibration") or {}
-    same = calib.get("corpus") == args.corpus or (  # older folders: the name only
-        "text_sha256" in calib and calib["text_sha256"] == load_corpus(args.corpus).sha256
-    )
+    if "text_sha256" in calib:  # the text itself (another file of the same name is another)
+        same = calib["text_sha256"] == load_corpus(args.corpus).sha256
+    else:  # older folders: the name only
+        same = calib.get("corpus") == args.corpus
     if same:
         raise LowbitError(f"{args.model} was calibrated on this text ({calib['corpus']}); "
                           f"evaluate on another --corpus")  # fmt: skip

@@ -168,6 +168,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     check_window(args.tokens, args.seqlen)
     fp = api.load_model(args.fp, kernels=False)
+    check_context(args.seqlen, fp.model.config, "--seqlen")
     q = api.load(args.q, kernels=False)
     if q.kind != "lowbit":
         raise LowbitError(f"{args.q} is not a quantized lowbit folder")

@@ -25,6 +25,11 @@ def positive(value: str) -> int:
     return _integer(value, 1, None, "expected a positive integer", "a positive integer")
 
 
+def threads(value: str) -> int:
+    """A thread count (torch crashes or overflows far past any machine's cores)."""
+    return _integer(value, 1, 1024, "threads are in [1, 1024]", "a number of threads")
+
+
 def positive_float(value: str) -> float:
     try:
         x = float(value)

@@ -34,7 +34,7 @@ What maps exactly (anything else is an error naming the layer, or for GGUF --req
                       (float16 scales); LiteRT quantizes activations to int8 on the fly
                       (dynamic FULLY_CONNECTED, XNNPACK). One .tflite with the tokenizer inside:
                       `forward` (scoring windows of --seqlen), with --kv-cache also `prefill`
-                      (chunks of --prefill tokens) and `decode` over a --cache-slot KV cache
+                      (chunks of --prefill tokens) and `decode` over a KV cache of --cache slots
                       (Llama, Mistral, Qwen2, Qwen3, Phi-3, and families with Llama's
                       arithmetic). Needs pip install 'lowbit[litert]'.
 

@@ -75,6 +75,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
         raise LowbitError(f"{args.model} is already quantized; start from the float model")
     _need_tokenizer(src, "training on --train text")
     check_context(args.seqlen, src.model.config, "--seqlen")
+    if args.eval:
+        check_context(args.eval_seqlen, src.model.config, "--eval-seqlen")
     train = api.calibration_set(src.tokenizer, args.train, args.steps * args.batch_size,
                                 args.seqlen, args.seed,
                                 "--steps x --batch-size or --seqlen")  # fmt: skip

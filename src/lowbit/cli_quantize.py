@@ -160,6 +160,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if Path(args.model).suffix == ".tflite":
         raise LowbitError(f"{args.model} is an exported LiteRT file; quantize the float model "
                           f"it was exported from")  # fmt: skip
+    untargeted = args.target_bits is None and args.target_size is None
+    if untargeted and (extra := given(args, "candidates", "analysis_samples")):  # (do nothing)
+        raise LowbitError(f"{', '.join(extra)} choose each layer's format for --target-bits "
+                          f"or --target-size; give one, or leave them out")  # fmt: skip
     torch.manual_seed(args.seed)
     if Group.current().main:
         drop_published(args.out)  # a run stopped right after it published --out
@@ -252,10 +256,12 @@ def _check_eval_text(args: argparse.Namespace, folder: Path) -> None:
     the run left a folder without its figures)."""
     from lowbit.data import corpus_ids, eval_windows, load_corpus
     from lowbit.models.load import source_tokenizer
+    from lowbit.models.source import config_json
 
     tokenizer = source_tokenizer(folder)
     if tokenizer is None:
         raise LowbitError(f"{args.model} has no tokenizer; --eval needs one")
+    check_context(args.eval_seqlen, config_json(folder), "--eval-seqlen")
     try:
         eval_windows(corpus_ids(load_corpus(args.eval_corpus), tokenizer), args.eval_seqlen,
                      args.eval_tokens)  # fmt: skip

@@ -37,6 +37,9 @@ compressed-tensors and serve with vLLM.
 """
 
 
+SHADOW_RATE = 0.05  # --shadow-rate's default
+
+
 def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "serve", parents=[common], help="an OpenAI-compatible HTTP server for MODEL",
@@ -73,7 +76,7 @@ def add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="reference model (the float one) to re-score served requests against: "
                    "KL(ref || served) and top-1 in /metrics (an image model: the PSNR of the "
                    "served images against the reference's)")  # fmt: skip
-    p.add_argument("--shadow-rate", type=float, default=0.05,
+    p.add_argument("--shadow-rate", type=float, default=SHADOW_RATE,
                    help="with --ref: fraction of requests re-scored (0.05), each on its "
                    "first steps (its served logits kept up to 32 MiB)")  # fmt: skip
     p.add_argument("--alert-kl", type=float,
@@ -214,6 +217,16 @@ def check_serve_options(args: argparse.Namespace) -> None:
                           "option out to serve without one")  # fmt: skip
     if not args.canary_every >= 0 or args.canary_every == float("inf"):
         raise LowbitError(f"--canary-every is a number of minutes >= 0, got {args.canary_every}")
+    for flag, value in (
+        ("--canary-tolerance", args.canary_tolerance),
+        ("--alert-kl", args.alert_kl),
+        ("--alert-psnr", args.alert_psnr),
+    ):
+        if value is not None and not 0 <= value < float("inf"):  # (NaN: degraded for ever)
+            raise LowbitError(f"{flag} is a number >= 0, got {value}")
+    if args.ref is None and args.shadow_rate != SHADOW_RATE:
+        raise LowbitError("--shadow-rate needs --ref (the model the served requests are "
+                          "re-scored against)")  # fmt: skip
 
 
 def _shadow(args: argparse.Namespace, metrics: Any) -> Any:

@@ -87,10 +87,14 @@ def recipe_variants(variants: list[str]) -> dict[str, Recipe | None]:
     if len(set(variants)) != len(variants):
         raise LowbitError("a variant is named twice")
     out: dict[str, Recipe | None] = {}
+    given: dict[str, str] = {}
     for name in variants:
-        out[Path(name).stem if name.endswith((".yaml", ".yml")) else name] = (
-            None if name == FLOAT else api.load_recipe(name)
-        )
+        key = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+        if key in given:  # (a variant's row, folder and grid are named by it)
+            raise LowbitError(f"variants {given[key]} and {name} would both be named {key!r}; "
+                              f"rename one of the files")  # fmt: skip
+        given[key] = name
+        out[key] = None if name == FLOAT else api.load_recipe(name)
     if FLOAT not in out:
         out = {FLOAT: None, **out}  # the reference every ratio and KL is taken against
     return out

@@ -54,6 +54,22 @@ def test_packed_model_matches_the_fake_quant_model_exactly(tiny_model):
         assert torch.equal(tiny_model(x).logits, fake_logits)
 
 
+def test_weights_a_last_step_sent_past_float32_are_not_packed(tiny_model):
+    """The last update is checked by no later loss: a huge (finite) learned scale became inf
+    in its 16-bit stored form, a saved folder and exit 0; packing refuses it, and a learning
+    rate past 1 is refused."""
+    rec = make_recipe({"bits": 4, "group_size": 32})
+    fakes = fake_quantize_model(tiny_model, rec)
+    name, fake = next(iter(fakes.items()))
+    with torch.no_grad():
+        fake.scale.view(-1)[0] = 1e30  # float32 holds it, the stored float16 does not
+        with pytest.raises(LowbitError, match=f"qat: {name}'s trained weights or scales"):
+            pack_model(tiny_model, fakes, rec)
+    for lr in (1e30, float("inf"), float("nan"), 0.0):
+        with pytest.raises(LowbitError, match=r"lr in \(0, 1\]"):
+            QATOptions(lr=lr)
+
+
 def test_calibrated_recipes_and_short_training_text_are_clear_errors(tiny_model):
     rec = api.load_recipe("w4-gptq-g64")
     with pytest.raises(LowbitError, match="RTN weight-only recipe"):

@@ -174,12 +174,19 @@ def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
     return model.eval(), source_tokenizer(folder)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def source_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        present = [f for f in TOKENIZER_FILES if (Path(folder) / f).is_file()]
+        if present:  # a tokenizer that cannot be read is not a model without one
+            raise LowbitError(f"cannot read the tokenizer in {folder} ({', '.join(present)}): "
+                              f"{reason(exc)}") from None  # fmt: skip
         log.warning("no tokenizer in %s; text evaluation will not be possible", folder)
         return None
 

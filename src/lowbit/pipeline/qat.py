@@ -30,6 +30,7 @@ from lowbit.nn.fake_linear import FakeQuantLinear
 from lowbit.pipeline.plan import plan_model
 from lowbit.pipeline.report import LayerReport, QuantizeReport
 from lowbit.primitives import sqnr_db
+from lowbit.primitives.metrics import all_finite
 from lowbit.recipes import Recipe
 from lowbit.sysinfo import peak_rss_mb
 
@@ -46,8 +47,11 @@ class QATOptions:
     learn_scales: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise LowbitError("qat: steps and batch size must be >= 1 and lr > 0")
+        if self.steps < 1 or self.batch_size < 1 or not 0 < self.lr <= 1:
+            raise LowbitError(
+                "qat: steps and batch size must be >= 1 and lr in (0, 1] "
+                f"(AdamW's step moves each weight by about lr), got lr {self.lr}"
+            )
         if self.loss not in LOSSES:
             raise LowbitError(f"qat: loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
 
@@ -88,10 +92,14 @@ def pack_model(model: nn.Module, fakes: dict, recipe: Recipe) -> QuantizeReport:
     report = QuantizeReport(recipe)
     for name, fake in fakes.items():
         qw = fake.to_quantized()
+        dequantized = qw.dequantize()
+        if not all_finite(dequantized):  # (the last step's update is checked by no later loss)
+            raise LowbitError(f"qat: {name}'s trained weights or scales are not finite; "
+                              f"lower --lr")  # fmt: skip
         layer = QuantLinear.from_quantized(qw, fake.bias, name)
         report.layers[name] = LayerReport(
             qw.spec, fake.in_features, fake.out_features, fake.bias is not None,
-            layer.bits_per_weight(), sqnr_db(fake.weight.detach(), qw.dequantize()),
+            layer.bits_per_weight(), sqnr_db(fake.weight.detach(), dequantized),
         )  # fmt: skip
         set_module(model, name, layer)
     return report
