@@ -127,3 +127,21 @@ def test_linear_subclasses_are_exported_with_a_warning_that_transformers_cannot_
     with caplog.at_level("WARNING"):
         export(folder, "compressed-tensors", tmp_path / "ct")
     assert "were FalconLinear" in caplog.text and (tmp_path / "ct" / "config.json").exists()
+
+
+def test_a_sharded_folder_exports_only_its_new_weights(tiny_folder, tmp_path, monkeypatch):
+    """lowbit's packed shards and their index stayed beside the export's model.safetensors: a
+    loader that follows the index (vLLM's) would read them."""
+    from lowbit import api
+
+    monkeypatch.setattr("lowbit.models.checkpoint.MAX_SHARD_BYTES", 20_000)
+    recipe = make_recipe({"bits": 4, "group_size": 32, "symmetric": True})
+    folder, _ = api.quantize_to(str(tiny_folder), recipe, tmp_path / "q", progress=False)
+    assert (folder / "model.safetensors.index.json").is_file()
+    out = export(folder, "compressed-tensors", tmp_path / "ct").path
+    weights = sorted(p.name for p in out.iterdir() if "safetensors" in p.name)
+    assert weights == ["model.safetensors"] and (out / "tokenizer.json").is_file()
+    x = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        ours = api.load(folder, kernels=False).model(x).logits
+    assert torch.allclose(_transformers_logits(out, x), ours, atol=1e-5, rtol=0)

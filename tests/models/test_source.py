@@ -31,6 +31,51 @@ def test_tied_output_embedding_follows_the_input_embedding(tiny_folder):
     assert not model.lm_head.weight.is_meta
 
 
+@pytest.mark.parametrize("layout", ["head alone", "both, equal", "both, different"])
+def test_tied_pairs_are_read_as_transformers_reads_them(tiny_folder, tmp_path, layout):
+    """config.json ties the head to the embedding; checkpoints store the pair in other forms
+    too. The streamed run and the in-memory one (transformers' load) write the same folder,
+    whose model computes what transformers' does: the head alone was refused, an equal copy
+    was written twice, and a different head was replaced by the embedding (silently)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import make_recipe
+    from lowbit import api
+
+    folder = tmp_path / "src"
+    shutil.copytree(tiny_folder, folder)
+    state = load_file(folder / "model.safetensors")
+    embed = state["model.embed_tokens.weight"]
+    if layout == "head alone":
+        state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    else:
+        other = torch.randn(embed.shape, generator=torch.Generator().manual_seed(1)) * 0.05
+        state["lm_head.weight"] = embed.clone() if layout == "both, equal" else other
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    recipe = make_recipe({"bits": 8, "group_size": -1, "symmetric": True})
+    streamed, _ = api.quantize_to(str(folder), recipe, tmp_path / "s", progress=False)
+    src = api.load_model(str(folder))
+    memory = api.save(src.model, tmp_path / "m", api.quantize(src.model, recipe, progress=False),
+                      source=src)  # fmt: skip
+    names = {d: sorted(k for k in load_file(d / "model.safetensors") if "layers" not in k)
+             for d in (streamed, memory)}  # fmt: skip
+    assert names[streamed] == names[memory]
+    assert ("lm_head.weight" in names[memory]) == (layout == "both, different")
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(folder).lm_head.weight
+        for out in (streamed, memory):
+            model = api.load(out, kernels=False).model
+            assert torch.equal(model.lm_head.weight, want)
+            assert (model.lm_head.weight is model.model.embed_tokens.weight) == (
+                layout != "both, different")  # fmt: skip
+        logits = [api.load(d, kernels=False).model(ids).logits for d in (streamed, memory)]
+    assert torch.equal(*logits)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_checkpoints_saved_without_the_models_prefix_stream(family, tmp_path):
     """GPT-2's and OPT's own hub checkpoints name their tensors from the base model

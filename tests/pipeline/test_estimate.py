@@ -32,6 +32,24 @@ def test_output_bytes_are_what_the_run_writes(tiny_folder, tmp_path, rotate):
     assert plan["disk_bytes"] >= 2 * plan["output_bytes"]
 
 
+def test_tensors_the_run_leaves_out_are_not_counted(tiny_folder, tmp_path):
+    """A checkpoint's tensors outside the model (GPT-2 hub files' causal masks, old rotary
+    tables) are dropped by the run; the estimate (and the disk check on it) counted them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "extras"
+    shutil.copytree(tiny_folder, folder)
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
+    state["model.layers.1.attn.bias"] = torch.ones(1, 1, 256, 256)
+    state["causal_mask"] = torch.ones(256, 256)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    plan = api.estimate(str(folder), RTN, None, progress=False, canary=False)
+    out, _ = api.quantize_to(str(folder), RTN, tmp_path / "q", progress=False, canary=False)
+    assert plan["output_bytes"] == written_bytes(out)
+
+
 def test_bits_per_weight_are_counted_as_the_run_counts_them(tmp_path):
     """BLOOM's layers have biases: they are written, but not part of bits/weight."""
     from helpers import tiny_family_model

@@ -182,10 +182,15 @@ def write_compressed_tensors(model: nn.Module, folder: Path, tmp: Path) -> None:
 
 
 def copy_side_files(folder: Path, tmp: Path) -> None:
-    """Tokenizer and generation files travel with every HF-style export."""
+    """Tokenizer and generation files travel with every HF-style export; lowbit's own files
+    do not: its config and manifest, and its weights in any form (a sharded folder's shards
+    and index too: a loader that follows an index, as vLLM's does, would read them instead of
+    the export's weights)."""
     import shutil
 
     for path in folder.iterdir():
-        if path.name in ("config.json", "model.safetensors", "lowbit.json") or path.is_dir():
+        name = path.name
+        if (name in ("config.json", "lowbit.json") or name.startswith(".") or path.is_dir()
+                or name.endswith((".safetensors", ".safetensors.index.json"))):  # fmt: skip
             continue
         shutil.copy2(path, tmp / path.name)

@@ -171,7 +171,19 @@ def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
                                                      use_safetensors=True)  # fmt: skip
     except CONFIG_ERRORS as exc:
         raise LowbitError(f"cannot load the model in {folder}: {reason(exc)}") from None
+    _untied_as_loaded(model)
     return model.eval(), source_tokenizer(folder)
+
+
+def _untied_as_loaded(model: nn.Module) -> None:
+    """A config that ties the head to the embedding while the checkpoint holds another head:
+    transformers keeps that head (untied), so the config must say so too, or a saved folder
+    would be tied again when loaded (:func:`lowbit.models.source.TensorSource.check` does the
+    same for streamed runs)."""
+    config, head = model.config, model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and head is not None and (
+            head.weight is not model.get_input_embeddings().weight):  # fmt: skip
+        config.tie_word_embeddings = False
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

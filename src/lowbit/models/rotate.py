@@ -44,7 +44,7 @@ from lowbit.models.rotate_fit import (
     name_of,
     norm_layout,
 )
-from lowbit.models.source import tied_names
+from lowbit.models.source import tied_names, untie_head
 from lowbit.models.twin import tiny_twin, twin_logits
 from lowbit.nn.online import install_online, install_stream
 from lowbit.primitives.hadamard import has_hadamard, online_block, online_matrix
@@ -322,16 +322,6 @@ def fitted_rotation(options: RotateOptions | None, model: nn.Module) -> RotateOp
         return fit
     log.warning("rotate skipped (the recipe's if_possible): %s", reason)
     return None
-
-
-def untie_head(model: nn.Module) -> None:
-    """Give a tied output head its own weight tensor, left for the caller to fill (the
-    rotated head: in memory, or read through :class:`RotatedSource`; meta stays meta)."""
-    if not tied_names(model):
-        return
-    model.config.tie_word_embeddings = False
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    head.weight = nn.Parameter(torch.empty_like(embed.weight), requires_grad=False)
 
 
 def install_online_rotations(model: nn.Module, options: RotateOptions | None) -> None:

@@ -99,6 +99,7 @@ class TensorSource:
         Names saved without the model's prefix are read under the model's names from then on."""
         self._adopt_prefix(model)
         self._adopt_renamed(model)
+        self._settle_tied(model)
         tied = tied_names(model)
         for name, t in _tensors(model).items():
             entry = self.entries.get(name)
@@ -155,6 +156,61 @@ class TensorSource:
                 self.entries[name] = self.entries.pop(stored)
                 if stored in self.weight_map:
                     self.weight_map[name] = self.weight_map.pop(stored)
+
+    def _settle_tied(self, model: nn.Module) -> None:
+        """A tied pair (config.json's ``tie_word_embeddings``) as checkpoints store it: the
+        embedding alone (the usual form); the head alone (read as the embedding: transformers
+        ties it the other way); both, equal (Qwen3-0.6B's files: the head's copy dropped, so
+        the table is written once, as the in-memory path writes it); or both, different (a
+        fine-tuned head, which transformers keeps as its own: so does this, the skeleton's head
+        untied, and config.json written untied)."""
+        tied = [n for n in tied_names(model) if n in self.entries]
+        if not tied:
+            return
+        embedding = model.get_input_embeddings()
+        embed = next(f"{n}.weight" for n, m in model.named_modules() if m is embedding)
+        head = tied[0]
+        if embed not in self.entries:
+            self.entries[embed] = self.entries.pop(head)
+            if head in self.weight_map:
+                self.weight_map[embed] = self.weight_map.pop(head)
+        elif _same_values(self.entries[head], self.entries[embed], head, embed):
+            del self.entries[head]
+            self.weight_map.pop(head, None)
+        else:
+            log.info("%s: config.json ties %s to %s, but the checkpoint holds another %s; it is "
+                     "kept as its own (as transformers keeps it)", self.folder, head, embed,
+                     head)  # fmt: skip
+            untie_head(model)
+
+
+def _same_values(a: Entry, b: Entry, a_name: str, b_name: str) -> bool:
+    """Whether two stored tensors hold the same values: their bytes compared in 64 MiB
+    pieces where both are stored alike (no whole table in memory), else their values."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype != b.dtype:
+        return torch.equal(_read(a, a_name).float(), _read(b, b_name).float())
+    piece = 64 << 20
+    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+        for offset in range(0, a.nbytes, piece):
+            fa.seek(a.start + offset)
+            fb.seek(b.start + offset)
+            size = min(piece, a.nbytes - offset)
+            if fa.read(size) != fb.read(size):
+                return False
+    return True
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give a tied output head its own weight tensor, left for the caller to fill (a rotated
+    head: in memory, or read through :class:`lowbit.models.rotate_source.RotatedSource`; a
+    checkpoint's own head; meta stays meta), and mark the model untied."""
+    if not tied_names(model):
+        return
+    model.config.tie_word_embeddings = False
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    head.weight = nn.Parameter(torch.empty_like(embed.weight), requires_grad=False)
 
 
 def _read(entry: Entry, name: str) -> torch.Tensor:

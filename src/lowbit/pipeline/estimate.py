@@ -97,7 +97,7 @@ def estimate(
     plan = plan_model(recipe, model)[1]
     prefix, blocks = find_blocks(model)
     formats, qbytes, weights = _formats(model, plan)
-    copied, copied_bytes, output = _output(folder, tensors, recipe, plan, prefix, qbytes)
+    copied, copied_bytes, output = _output(folder, model, tensors, recipe, plan, prefix, qbytes)
     prelude = time.perf_counter() - begin
     shapes = _block_shapes(tensors, prefix, len(blocks))
     firsts = {shape: i for i, shape in reversed(list(enumerate(shapes)))}
@@ -158,7 +158,7 @@ def disk_bytes(
     """The disk a streamed run of ``model`` (its skeleton, linears as planned) needs beside
     ``--out`` at its end: the work folder's units and hidden states and the assembled folder."""
     prefix, _ = find_blocks(model)
-    output = _output(folder, tensors, recipe, plan, prefix, _formats(model, plan)[1])[2]
+    output = _output(folder, model, tensors, recipe, plan, prefix, _formats(model, plan)[1])[2]
     return _disk(output, model, calibration, hidden_dtype)
 
 
@@ -168,12 +168,15 @@ def _disk(output: int, model: nn.Module, calibration: CalibrationSet | None,
     return 2 * output + _hidden_bytes(model, calibration, dtype)
 
 
-def _output(folder: Path, tensors: TensorSource, recipe: Recipe, plan: dict, prefix: str,
-            qbytes: int) -> tuple[list[str], int, int]:  # fmt: skip
-    """The tensors copied from the source, their bytes, and the output's bytes."""
+def _output(folder: Path, model: nn.Module, tensors: TensorSource, recipe: Recipe, plan: dict,
+            prefix: str, qbytes: int) -> tuple[list[str], int, int]:  # fmt: skip
+    """The tensors copied from the source, their bytes, and the output's bytes: of the model's
+    own tensors only (a checkpoint's others, e.g. GPT-2's causal masks or rotary tables, are
+    left out by the run, so by its estimate too)."""
+    own = set(model.state_dict())
     in_blocks = {n for n in tensors.entries if n.startswith(prefix + ".")}
     planned = {f"{n}.{part}" for n in plan for part in ("weight", "bias")}  # a quantized
-    kept = [n for n in tensors.entries if n not in planned]  # layer's file holds its bias
+    kept = [n for n in tensors.entries if n in own and n not in planned]  # layer's file: bias
     block_float = sum(tensors.entries[n].numel * 4 for n in kept if n in in_blocks)
     copied = [n for n in kept if n not in in_blocks]  # copied byte for byte from the source
     copied_bytes = _copied_bytes(folder, tensors, recipe, copied, planned)

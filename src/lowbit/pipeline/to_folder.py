@@ -25,14 +25,9 @@ from lowbit.eval.size import SizeReport
 from lowbit.models.checkpoint import write_extras, write_manifest
 from lowbit.models.load import source_folder, source_tokenizer
 from lowbit.models.normalize import conv1d_to_linear
-from lowbit.models.rotate import (
-    Rotator,
-    fitted_rotation,
-    install_online_rotations,
-    untie_head,
-)
+from lowbit.models.rotate import Rotator, fitted_rotation, install_online_rotations
 from lowbit.models.rotate_source import RotatedSource
-from lowbit.models.source import TensorSource, skeleton
+from lowbit.models.source import TensorSource, skeleton, untie_head
 from lowbit.models.workdir import WorkFolder, drop_published, work_path
 from lowbit.nn.attention import check_attention
 from lowbit.pipeline.estimate import disk_bytes
