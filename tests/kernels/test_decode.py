@@ -40,6 +40,14 @@ def test_silu_mul_at_extreme_gates():
     want = torch.nn.functional.silu(gate) * up
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.allclose(got.nan_to_num(), want.nan_to_num(), rtol=1e-6, atol=1e-30)
+    # gates near float32's largest, 8 at a time and in the tail (gave -1.816 for -3e38)
+    gate = torch.tensor([-1e36, -1e38, -3e38, float("-inf"), -89, -1e30, float("inf"), 1e38,
+                         -3e38])  # fmt: skip
+    up = torch.full_like(gate, 2.0)
+    got = torch.ops.lowbit_cpu.silu_mul(torch.cat([gate, up]).view(1, -1))[0]
+    want = torch.nn.functional.silu(gate) * up
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -92,6 +100,32 @@ def _attention_case(b, heads, kv, dim, pos, qk_norm, seed=0):
     norms = [torch.rand(dim, generator=g) + 0.5 for _ in range(2)] if qk_norm else [
         torch.empty(0), torch.empty(0)]  # fmt: skip
     return [qkv, kc, vc, cos, sin, pad, pos, heads, kv, dim**-0.5, *norms, 1e-6]
+
+
+@needs_native
+def test_decode_attention_refuses_what_it_cannot_read():
+    """Padding past the slot or before the cache, a padding per row missing, norms of another
+    size, tables of another width: errors (a negative padding segfaulted, the rest read past
+    their tensors)."""
+    import re
+
+    def call(change):
+        args = _attention_case(3, 4, 2, 16, 7, True)
+        change(args)
+        torch.ops.lowbit_cpu.decode_attention(*args)
+
+    cases = {
+        "has no slot to attend to": [lambda a: a.__setitem__(5, torch.tensor([0, -3, 1])),
+                                     lambda a: a.__setitem__(5, torch.tensor([0, 8, 1]))],
+        "(B) padding": [lambda a: a.__setitem__(5, torch.tensor([0]))],
+        "norms of D weights": [lambda a: a.__setitem__(10, torch.ones(1))],
+        "(T, D) cos and sin": [lambda a: a.__setitem__(3, a[3][:, :8].contiguous())],
+    }  # fmt: skip
+    for says, changes in cases.items():
+        for change in changes:
+            with pytest.raises(RuntimeError, match=re.escape(says)):
+                call(change)
+    call(lambda a: a.__setitem__(5, torch.tensor([0, 7, 1])))  # one slot: attended to
 
 
 @needs_native

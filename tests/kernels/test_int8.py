@@ -100,6 +100,20 @@ def test_full_range_codes_do_not_saturate(kernel, monkeypatch):
     assert torch.equal(y, exact)
 
 
+def test_layers_wider_than_int32_sums_hold_keep_the_reference():
+    """Past 132,104 inputs a full-range int32 sum wraps (a kernel gave -16,038,640 for
+    +17,780,000): such layers keep the reference's exact sums (none in today's models)."""
+    k = int8.INT32_EXACT_K + 1
+    codes = torch.full((2, k), 127, dtype=torch.int8)
+    weight = int8.prepare_int8(codes, torch.ones(2))
+    assert weight.panels is None and not weight.mm
+    x = torch.ones(1, k)
+    q, sx = int8.quantize_tokens(x)
+    exact = (q.long() @ codes.long().T).double() * sx.double()
+    assert torch.equal(int8.int8_linear(x, weight), exact.float()) and exact.min() > 0
+    assert 127 * 127 * int8.INT32_EXACT_K < 2**31 <= 128 * 127 * (int8.INT32_EXACT_K + 1)
+
+
 def test_reference_sums_are_exact_beyond_float32s_integers():
     """K = 3000 full-range products exceed float32's exact integers: the reference still sums
     exactly (compared with int64 arithmetic)."""

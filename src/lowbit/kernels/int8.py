@@ -36,6 +36,9 @@ from lowbit.kernels.affine import quantize_rows_act8
 from lowbit.kernels.build import kernel_isa_env, native_ops
 
 PANEL, STEP = 8, 4  # the kernel's panels: 8 weight rows, inputs in steps of 4 (int8_gemm.cpp)
+# The widest input the kernels' int32 sums hold exactly (|code · code| <= 128 · 127); wider
+# layers (none in today's models) keep the reference's chunked sums rather than wrap around.
+INT32_EXACT_K = (2**31 - 1) // (128 * 127)
 # Inputs per exact float32 partial sum in the reference: 1024 · 127 · 128 < 2^24.
 EXACT_CHUNK = 1024
 
@@ -139,7 +142,7 @@ def prepare_int8(codes: Tensor, scale: Tensor) -> Int8Weight:
     codes = codes.to(torch.int8).contiguous()
     scale = scale.float().reshape(-1).contiguous()
     k = codes.shape[1]
-    if not native_ops():
+    if not native_ops() or k > INT32_EXACT_K:
         return Int8Weight(codes, scale, k)
     # oneDNN's int8 matmul misreads a weight of one input (its transpose then looks contiguous:
     # results change from call to call, torch 2.13); layers that narrow take the panels

@@ -70,9 +70,12 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   const float* g = gu.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // exp8 (decode_part.h) 8 at a time: a libm call per element cost more than the rest of the
-  // op. Its input is kept under 88 (e^88 is finite): there gate / (1 + e^-gate) is ~0 anyway.
+  // op. Its input is kept under 88 (e^88 is finite); below a gate of -88 the result is gate · 0
+  // (-0, or NaN at -inf), what the scalar tail and torch give (e^-gate overflows there), since
+  // gate / (1 + e^88) is not ~0 for gates near float32's largest.
   at::parallel_for(0, M, row_grain(2 * n), [&](int64_t m0, int64_t m1) {
     const __m256 one = _mm256_set1_ps(1.f), cap = _mm256_set1_ps(88.f), sign = _mm256_set1_ps(-0.f);
+    const __m256 low = _mm256_set1_ps(-88.f), zero = _mm256_setzero_ps();
     for (int64_t m = m0; m < m1; ++m) {
       const float *gate = g + m * 2 * n, *up = gate + n;
       float* out = yp + m * n;
@@ -80,8 +83,9 @@ at::Tensor silu_mul(const at::Tensor& gu) {
       for (; i + 8 <= n; i += 8) {
         const __m256 a = _mm256_loadu_ps(gate + i);
         const __m256 e = lowbit_kernels::exp8(_mm256_min_ps(cap, _mm256_xor_ps(a, sign)));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)),
-                                                _mm256_loadu_ps(up + i)));
+        const __m256 s = _mm256_blendv_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)),
+                                          _mm256_mul_ps(a, zero), _mm256_cmp_ps(a, low, _CMP_LT_OQ));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
       }
       for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
     }
@@ -265,17 +269,30 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& v
                             const at::Tensor& q_norm, const at::Tensor& k_norm, double eps) {
   const int64_t B = qkv.size(0), T = kc.size(2), D = kc.size(3);
   TORCH_CHECK(qkv.is_contiguous() && kc.is_contiguous() && vc.is_contiguous() &&
-                  cos.is_contiguous() && sin.is_contiguous() && pad.is_contiguous(),
+                  cos.is_contiguous() && sin.is_contiguous() && pad.is_contiguous() &&
+                  q_norm.is_contiguous() && k_norm.is_contiguous(),
               "lowbit::decode_attention: contiguous tensors only");
   const bool half = kc.scalar_type() == at::kHalf;
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && (half || kc.scalar_type() == at::kFloat) &&
                   vc.scalar_type() == kc.scalar_type() && pad.scalar_type() == at::kLong,
               "lowbit::decode_attention: float32 q/k/v, float32 or float16 caches, int64 padding");
-  TORCH_CHECK(qkv.size(-1) == (H + 2 * Hkv) * D && kc.size(0) == B && kc.size(1) == Hkv &&
-                  vc.sizes() == kc.sizes() && D % 2 == 0 && D <= 512 && H % Hkv == 0,
+  TORCH_CHECK(qkv.dim() == 2 && kc.dim() == 4 && Hkv > 0 && qkv.size(-1) == (H + 2 * Hkv) * D &&
+                  kc.size(0) == B && kc.size(1) == Hkv && vc.sizes() == kc.sizes() &&
+                  D % 2 == 0 && D <= 512 && H % Hkv == 0,
               "lowbit::decode_attention: shapes do not match");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) == D &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "lowbit::decode_attention: float32 (T, D) cos and sin tables");
+  for (const at::Tensor* norm : {&q_norm, &k_norm})
+    TORCH_CHECK(norm->numel() == 0 || (norm->numel() == D && norm->scalar_type() == at::kFloat),
+                "lowbit::decode_attention: float32 norms of D weights, or empty");
   TORCH_CHECK(pos >= 0 && pos < T && cos.size(0) >= T, "lowbit::decode_attention: slot ", pos,
               " outside the cache");
+  TORCH_CHECK(pad.numel() == B, "lowbit::decode_attention: int64 (B) padding");
+  const int64_t* pd = pad.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pd[b] >= 0 && pd[b] <= pos, "lowbit::decode_attention: row ", b,
+                " has no slot to attend to");
   if (half)
     return attention_over(qkv, reinterpret_cast<uint16_t*>(kc.data_ptr<at::Half>()),
                           reinterpret_cast<uint16_t*>(vc.data_ptr<at::Half>()), T, D, cos, sin,
