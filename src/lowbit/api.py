@@ -42,7 +42,7 @@ from lowbit.models import LoadedModel, load_model, save_folder
 from lowbit.models.checkpoint import MANIFEST, read_manifest
 from lowbit.models.experts import experts_to_linears
 from lowbit.models.load import source_folder
-from lowbit.models.modules import context_limit
+from lowbit.models.modules import context_limit, evaluating
 from lowbit.models.normalize import conv1d_to_linear, fold_batchnorm
 from lowbit.models.rotate import fitted_rotation, rotate_model
 from lowbit.nn.attention import check_attention
@@ -112,17 +112,18 @@ def quantize(
         check_tune(recipe, plan_model(recipe, model, warn=False)[1], calibration)
     if recipe.attention is not None:  # not only per block, after a learned rotation trained
         check_attention(model, recipe.attention)
-    teacher = copy.deepcopy(model).eval() if recipe.tune is not None else None
-    if recipe.rotate is not None:  # folded into the float weights first (learned: trained first)
-        rotate_model(
-            model, recipe.rotate, *(learned_matrix(model, recipe, calibration, progress) or ())
-        )
-    report = quantize_weights(model, recipe, calibration, progress=progress,
-                              hidden_dtype=parse_hidden_dtype(hidden_dtype))  # fmt: skip
-    if teacher is not None:  # the scales, end to end, towards the float model
-        report.tune = tune_model(model, teacher, recipe.tune, calibration, progress)
-        report.seconds += report.tune["seconds"]
-        report.peak_rss_mb = max(report.peak_rss_mb or 0.0, report.tune["peak_rss_mb"] or 0.0)
+    with evaluating(model):  # (its BatchNorm statistics read, never updated)
+        teacher = copy.deepcopy(model) if recipe.tune is not None else None
+        if recipe.rotate is not None:  # folded into the float weights first (learned: trained)
+            rotate_model(
+                model, recipe.rotate, *(learned_matrix(model, recipe, calibration, progress) or ())
+            )
+        report = quantize_weights(model, recipe, calibration, progress=progress,
+                                  hidden_dtype=parse_hidden_dtype(hidden_dtype))  # fmt: skip
+        if teacher is not None:  # the scales, end to end, towards the float model
+            report.tune = tune_model(model, teacher, recipe.tune, calibration, progress)
+            report.seconds += report.tune["seconds"]
+            report.peak_rss_mb = max(report.peak_rss_mb or 0.0, report.tune["peak_rss_mb"] or 0.0)
     return report
 
 
@@ -169,15 +170,16 @@ def analyze(
         raise LowbitError("the recipe has no default weights to take the candidates' grid from")
     conv1d_to_linear(model)
     experts_to_linears(model)
-    whole = quantized_whole(model)
-    if whole:
-        fold_batchnorm(model)
-    layers, plan = plan_model(recipe, model, convs=whole)
-    specs = candidate_specs(recipe.weights, list(candidates))
-    chosen = {n: m for n, m in layers if n in plan}
-    check_candidates(chosen, specs, recipe)
-    return measure_sensitivity(model, chosen, specs, calibration.windows, progress=progress,
-                               output_range=output_range)  # fmt: skip
+    with evaluating(model):
+        whole = quantized_whole(model)
+        if whole:
+            fold_batchnorm(model)
+        layers, plan = plan_model(recipe, model, convs=whole)
+        specs = candidate_specs(recipe.weights, list(candidates))
+        chosen = {n: m for n, m in layers if n in plan}
+        check_candidates(chosen, specs, recipe)
+        return measure_sensitivity(model, chosen, specs, calibration.windows,
+                                   progress=progress, output_range=output_range)  # fmt: skip
 
 
 def mixed_recipe(
@@ -252,7 +254,8 @@ def evaluate(
     text = load_corpus(corpus)
     windows = eval_windows(corpus_ids(text, tokenizer), seqlen, tokens)
     check_vocabulary(models, windows)
-    scores, seconds = score_models(models, windows, ref, progress)
+    with evaluating(*models.values(), ref):  # (dropout off: the model's own figures)
+        scores, seconds = score_models(models, windows, ref, progress)
     n, length = windows.shape
     return {
         name: EvalResult(

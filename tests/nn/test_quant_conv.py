@@ -69,12 +69,13 @@ def test_unfit_groups_and_unsupported_convs_are_named():
     with pytest.raises(LowbitError, match="0"):  # 3 * 9 = 27 inputs per channel: no group of 16
         api.quantize(convnet(), make_recipe({"bits": 4, "group_size": 16}, ignore=()),
                      progress=False)  # fmt: skip
-    grouped = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2))
-    with pytest.raises(LowbitError, match="grouped transposed"):
-        ConvGeometry.of(grouped[0], "0")
-    same = nn.Conv2d(3, 4, 3, padding="same")
-    with pytest.raises(LowbitError, match="padding"):
-        ConvGeometry.of(same, "c")
+    w8 = make_recipe({"bits": 8, "group_size": -1}, ignore=())
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ConvTranspose2d(4, 4, 3, groups=2))
+    with pytest.raises(LowbitError, match="^1: grouped transposed"):  # (the name was empty)
+        api.quantize(grouped, w8, progress=False)
+    same = nn.Sequential(nn.Identity(), nn.Conv2d(3, 4, 3, padding="same"))
+    with pytest.raises(LowbitError, match="^1: padding 'same'"):
+        api.quantize(same, w8, progress=False)
 
 
 def test_static_per_tensor_ranges_calibrate_on_images():

@@ -8,9 +8,10 @@ from lowbit.models.experts import RouterLinear
 from lowbit.models.families import family_of, find_blocks
 from lowbit.models.modules import set_module
 from lowbit.nn import AffineKernelLinear, Int8KernelLinear, QuantConv, QuantLinear, kernel_module
+from lowbit.nn.fused import fuse_activations
 from lowbit.nn.kernel_conv import affine_conv_module
 from lowbit.nn.kernel_linear import HalfKernelLinear
-from lowbit.nn.kernel_tensor import Int8TensorKernel, tensor_kernel_module
+from lowbit.nn.kernel_tensor import tensor_kernel_module
 from lowbit.nn.shared_input import share_input
 
 
@@ -36,31 +37,6 @@ def use_kernels(model: nn.Module) -> dict[str, int]:
     if fused:
         counts["fused activations"] = fused
     return counts
-
-
-def fuse_activations(model: nn.Module) -> int:
-    """In each ``nn.Sequential``, a ReLU or LeakyReLU (slope 0 to 1) that follows a layer on
-    lowbit's AVX2 integer kernel (directly, or past ``nn.Identity`` modules such as a folded
-    BatchNorm leaves) runs in that kernel's epilogue (its module becomes an ``nn.Identity``):
-    one pass over the float output less, as oneDNN's and LiteRT's fused activations do. The
-    number fused. waifu2x-upconv7's four LeakyReLUs after such layers took 46 of 511 ms per
-    256x256 image on them (2 threads, AVX2, one measurement)."""
-    fused = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i, layer in enumerate(seq):
-            if not (isinstance(layer, Int8TensorKernel) and layer.panels and layer.slope is None):
-                continue
-            j = i + 1
-            while j < len(seq) and isinstance(seq[j], nn.Identity):
-                j += 1
-            act = seq[j] if j < len(seq) else None
-            slope = 0.0 if type(act) is nn.ReLU else None
-            if isinstance(act, nn.LeakyReLU) and 0.0 <= act.negative_slope <= 1.0:
-                slope = float(act.negative_slope)
-            if slope is not None:
-                layer.slope, seq[j] = slope, nn.Identity()
-                fused += 1
-    return fused
 
 
 # Mixture families whose attention is a llama block's (q/k/v read the normed input, which

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,6 +19,23 @@ from lowbit.nn.steps import select_step
 
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 log = logging.getLogger("lowbit")
+
+
+@contextlib.contextmanager
+def evaluating(*models: nn.Module | None) -> Iterator[None]:
+    """The models in eval mode while the block runs (BatchNorm on its running statistics,
+    dropout off), each module's own mode restored after. A model built in Python starts in
+    training mode: calibration or evaluation forwards then updated its BatchNorm statistics
+    and took their figures from batch statistics."""
+    modes = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    for model in models:
+        if model is not None:
+            model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def quantizable_layers(model: nn.Module, convs: bool = False) -> list[tuple[str, nn.Module]]:

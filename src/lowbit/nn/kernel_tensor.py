@@ -60,9 +60,6 @@ class Int8TensorKernel(nn.Module):
         self.geometry, self.act = geometry, act
         self.weight_int8 = weight  # not a buffer: oneDNN's packed copy is an opaque tensor
         self.panels = isinstance(weight, PanelConv)
-        # a following LeakyReLU's slope (0: ReLU) applied in the kernel's epilogue, set by
-        # lowbit.models.kernels.fuse_activations (the AVX2 kernel only)
-        self.slope: float | None = None
         self.register_buffer("act_scale", None if static is None else static.scale.clone())
         zero = None if static is None or static.zero is None else static.zero.clone()
         self.register_buffer("act_zero", zero)
@@ -90,7 +87,12 @@ class Int8TensorKernel(nn.Module):
         kind = "w8a8-linear-tensor" if self.geometry is None else "w8a8-conv"
         return f"{kind}-avx2" if self.panels else kind
 
-    def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C', H', W'); (..., in)
+    def forward(self, x: Tensor, slope: float | None = None) -> Tensor:
+        """(N, C, H, W) -> (N, C', H', W'), or (..., in) -> (..., out); with ``slope`` (the
+        AVX2 kernel only: :class:`lowbit.nn.fused.FusedSequential`), leaky_relu(slope) of it
+        (0: ReLU) in the kernel's epilogue."""
+        if slope is not None and not self.panels:
+            raise LowbitError("only the AVX2 kernel applies an activation in its epilogue")
         g = self.geometry
         static = None
         if self.act_scale is not None:
@@ -102,23 +104,22 @@ class Int8TensorKernel(nn.Module):
                                   f"{tuple(x.shape)}")  # fmt: skip
             qp = tensor_qparams(x, self.act, static)
             if self.panels:
-                return panel_linear(x, qp, self.act, self.weight_int8, self.slope).to(x.dtype)
+                return panel_linear(x, qp, self.act, self.weight_int8, slope).to(x.dtype)
             return int8_tensor_linear(x, qp, self.act, self.weight_int8).to(x.dtype)
         if x.dim() != 4 or x.shape[1] != g.in_channels:
             raise LowbitError(f"expected (N, {g.in_channels}, H, W), got a tensor of shape "
                               f"{tuple(x.shape)}")  # fmt: skip
         qp = tensor_qparams(x, self.act, static)
         if self.panels:
-            return panel_conv(x, qp, self.act, self.weight_int8, self.slope).to(x.dtype)
+            return panel_conv(x, qp, self.act, self.weight_int8, slope).to(x.dtype)
         return int8_conv(x, qp, self.act, self.weight_int8).to(x.dtype)
 
     def extra_repr(self) -> str:
         g = self.geometry
-        fused = "" if self.slope is None else f", then leaky_relu({self.slope:g})"
         if g is None:
-            return f"{self.in_features}, {self.out_features}, {self.kind}{fused}"
+            return f"{self.in_features}, {self.out_features}, {self.kind}"
         return (f"{g.in_channels}, {g.out_channels}, kernel={g.kernel_size}, stride={g.stride}, "
-                f"{self.kind}{fused}")  # fmt: skip
+                f"{self.kind}")  # fmt: skip
 
 
 def tensor_eligible(layer: QuantLinear) -> bool:

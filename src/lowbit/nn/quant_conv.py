@@ -218,11 +218,12 @@ def is_conv(module: nn.Module) -> bool:
     return type(module) in CONVS
 
 
-def layer_dims(module: nn.Module) -> tuple[int, int]:
+def layer_dims(module: nn.Module, name: str = "") -> tuple[int, int]:
     """(out, in) of the matrix a layer's weight is quantized as: a linear's own; a
-    convolution's output channels by its inputs per output channel."""
+    convolution's output channels by its inputs per output channel (``name``: the layer's,
+    for the error where a convolution cannot be quantized)."""
     if is_conv(module):
-        return ConvGeometry.of(module).shape
+        return ConvGeometry.of(module, name).shape
     return module.out_features, module.in_features
 
 

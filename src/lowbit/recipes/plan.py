@@ -36,7 +36,7 @@ def plan_layers(
         spec = recipe.spec_for(name, alias=HEAD if name == head and name != HEAD else None)
         if spec is None:
             continue
-        dims = layer_dims(module)
+        dims = layer_dims(module, name)
         weight_block(spec, *dims, name)  # raises if unfit
         if spec.lorc_rank >= min(dims):
             raise LowbitError(f"{name}: lorc_rank {spec.lorc_rank} is not below the layer's "
