@@ -28,6 +28,9 @@ def _mixture(kind: str, **extra):
                                         num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
         "mixtral": lambda: tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=4,
                                             num_experts_per_tok=2),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**common, moe_intermediate_size=64,
+                                               shared_expert_intermediate_size=64, num_experts=4,
+                                               num_experts_per_tok=2),
     }  # fmt: skip
     config = configs[kind]()
     for key, value in extra.items():
@@ -95,3 +98,13 @@ def test_a_block_of_experts_in_two_formats_is_a_clear_error(tmp_path):
     folder, _ = _folder(_mixture("mixtral"), tmp_path, ignore=ignore)
     with pytest.raises(LowbitError, match="its experts are stored as .*one format"):
         export(folder, "gguf", tmp_path / "m.gguf")
+
+
+def test_the_shared_experts_gate_is_a_vector(tmp_path):
+    """Qwen2-MoE's shared-expert gate (1, hidden) is written as llama.cpp's files hold it, a
+    vector (transformers' GGUF reader refused the 2-D form)."""
+    folder, _ = _folder(_mixture("qwen2_moe"), tmp_path)
+    path = export(folder, "gguf", tmp_path / "m.gguf").path
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    gate = tensors["blk.1.ffn_gate_inp_shexp.weight"]
+    assert gate.tensor_type.name == "F32" and list(gate.shape) == [64]

@@ -21,6 +21,18 @@ def test_the_build_folder_is_the_same_before_and_after_loading():
     assert build_dir() == before
 
 
+def test_a_second_copy_of_the_sources_builds_in_its_own_folder(tmp_path, monkeypatch):
+    """The compile commands name the sources' place: two installs of one lowbit sharing a
+    folder took turns rebuilding every kernel (ninja reads a changed command as stale)."""
+    import shutil
+
+    here = build_dir()
+    copy = tmp_path / "csrc"
+    shutil.copytree(build.CSRC, copy)
+    monkeypatch.setattr(build, "CSRC", copy)
+    assert build_dir() != here and build_dir().parent == here.parent
+
+
 def test_a_misspelt_kernel_isa_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNEL_ISA", "AVX512")
     with pytest.raises(LowbitError, match="LOWBIT_KERNEL_ISA='AVX512': expected avx2 or avxvnni"):

@@ -227,3 +227,15 @@ def test_a_post_norm_family_runs_compact():
     forward = LlamaForward(model)
     assert forward.layers[0].post is not None
     assert forward._step is not None or not native_ops()
+
+
+def test_a_model_whose_linears_hold_no_weight_keeps_its_own_forward():
+    """transformers runs a compressed-tensors folder with its layers compressed (no weight
+    tensor): generate and bench crashed reading one in the compact loop."""
+    from helpers import tiny_llama
+    from lowbit.runtime.llama_twin import unsupported_reason
+
+    model = tiny_llama()
+    assert unsupported_reason(model, 32) is None
+    del model.model.layers[1].mlp.down_proj._parameters["weight"]
+    assert "model.layers.1.mlp.down_proj holds no weight" in unsupported_reason(model, 32)

@@ -274,6 +274,8 @@ def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, float_type:
         t = tensor.detach().float()
         if rows_perm is not None:
             t = t[rows_perm]
+        if gname.endswith("ffn_gate_inp_shexp.weight"):  # (1, hidden): a vector, as llama.cpp
+            t = t.reshape(-1)  # writes it and other readers (transformers') expect it
         yield gname, *_float(t, "f32" if gname.endswith(ROUTERS) else float_type)
     for name, parts in experts.items():
         gname = names.get_name(f"{name}.weight", try_suffixes=(".weight",))

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sys
+import sysconfig
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -58,13 +59,17 @@ def cpu_supported() -> bool:
 
 
 def build_dir() -> Path:
-    """Per source, flags and torch version, so an upgrade rebuilds instead of crashing; under
-    ``$LOWBIT_KERNEL_DIR`` if set, else the cache folder's ``kernels/``."""
+    """Per source, flags and torch version, so an upgrade rebuilds instead of crashing, and per
+    place of the sources and Python's headers, which the compile commands name: two installs
+    of the same lowbit (two environments, a checkout beside an installed copy) sharing one
+    folder each read the other's commands as changed and rebuilt every kernel whenever the
+    other had run; under ``$LOWBIT_KERNEL_DIR`` if set, else the cache folder's ``kernels/``."""
     files = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))  # sources and headers
     key = hashlib.sha256(
         b"".join(f.read_bytes() for f in files) + " ".join(FLAGS + LDFLAGS).encode()
     )
     key.update(torch.__version__.encode())
+    key.update(f"{CSRC.resolve()}\0{sysconfig.get_paths()['include']}".encode())
     root = os.environ.get("LOWBIT_KERNEL_DIR")
     return (Path(root) if root else cache_dir() / "kernels") / key.hexdigest()[:16]
 

@@ -54,6 +54,10 @@ def family_reason(model: nn.Module) -> str | None:
     """None when the compact forward computes ``model``'s function (a family it names, or one
     whose twin agrees); else why not, for the log line of the fallback."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
+    held = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                 and not isinstance(getattr(m, "weight", None), torch.Tensor)), None)  # fmt: skip
+    if held is not None:  # e.g. a compressed-tensors folder, as transformers runs it
+        return f"its layer {held} holds no weight tensor (kept compressed by its loader)"
     if kind in FAMILIES:
         return None
     why = parts_missing(model)
