@@ -186,7 +186,8 @@ def _untied_as_loaded(model: nn.Module) -> None:
         config.tie_word_embeddings = False
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# files whose presence says the folder has a tokenizer (one that then fails to load is an error)
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def source_tokenizer(folder: Path) -> Any:
@@ -195,7 +196,7 @@ def source_tokenizer(folder: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        present = [f for f in TOKENIZER_FILES if (Path(folder) / f).is_file()]
+        present = [f for f in _TOKENIZER_MARKERS if (Path(folder) / f).is_file()]
         if present:  # a tokenizer that cannot be read is not a model without one
             raise LowbitError(f"cannot read the tokenizer in {folder} ({', '.join(present)}): "
                               f"{reason(exc)}") from None  # fmt: skip
