@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.assets import hidden_stem
 from lowbit.calibration.group import Group, init_from_env, shutdown
 from lowbit.errors import LowbitError
 
@@ -76,7 +77,7 @@ def require_shared(folder: Path, why: str) -> None:
     group = Group.current()
     if not group.distributed:
         return
-    probe = folder.parent / f".{folder.name}.lowbit-probe"
+    probe = folder.parent / f"{hidden_stem(folder)}.lowbit-probe"
     token = secrets.randbits(62)  # not torch's generator: seeded runs stay as they were
     if group.main:
         try:

@@ -99,3 +99,22 @@ def test_a_file_in_the_way_of_the_path_is_named(tmp_path):
     with atomic_file(tmp_path / "g.txt") as tmp:
         tmp.write_text("x")
     assert (tmp_path / "g.txt").read_text() == "x"
+
+
+def test_a_destination_with_a_name_near_the_limit_is_written_and_swept(tmp_path):
+    """A file name holds 255 bytes: the temporaries' tags must not push one past it."""
+    from lowbit.assets.atomic import hidden_stem
+    from lowbit.models.workdir import work_path
+
+    name = "é" + "m" * 250  # 252 bytes
+    with atomic_file(tmp_path / name) as tmp:
+        tmp.write_text("x")
+    with atomic_dir(tmp_path / (name[:-1] + "d")) as tmp:
+        (tmp / "f").write_text("y")
+    assert (tmp_path / name).read_text() == "x" and (tmp_path / (name[:-1] + "d") / "f").exists()
+    assert len(work_path(tmp_path / name).name.encode()) <= 255
+    assert hidden_stem(tmp_path / name) != hidden_stem(tmp_path / (name[:-1] + "d"))
+    stale = tmp_path / f"{hidden_stem(tmp_path / name)}.{dead_pid()}.abcd1234.tmp"
+    stale.mkdir()
+    assert sweep_stale(tmp_path / name) == [stale]
+    assert hidden_stem(tmp_path / "short") == ".short"  # ordinary names as before

@@ -1,7 +1,8 @@
 """How lowbit writes what it outputs: completely or not at all, never over a user's files.
 
 Every file and folder is first written under a temporary name beside its destination,
-``.<name>.<pid>.<random>.tmp``, and renamed into place once complete. A process killed mid-write
+``.<name>.<pid>.<random>.tmp`` (a name too long to take those tags is cut, see
+:func:`hidden_stem`), and renamed into place once complete. A process killed mid-write
 (``kill -9``, out of memory) leaves only such a temporary; the next write to the same
 destination removes those whose process is gone (:func:`sweep_stale`). Replacing an existing
 folder (``--overwrite``) is allowed only for an empty folder or one lowbit wrote
@@ -11,6 +12,7 @@ folder (``--overwrite``) is allowed only for an empty folder or one lowbit wrote
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -28,6 +30,7 @@ from lowbit.errors import LowbitError
 # "lowbit_version"); a file of the same name written by anything else does not count.
 RECORDS = ("lowbit.json", "report.json", "lowbit_onnx.json", "lowbit_export.json",
            "lowbit_images.json")  # fmt: skip
+NAME_ROOM = 180  # bytes of a destination's name kept in its temporaries' (255 in all)
 PRODUCER = {"producer": "lowbit"}  # what every record but the manifest holds
 
 
@@ -159,7 +162,7 @@ def sweep_stale(path: Path) -> list[Path]:
     """Remove the temporaries that writes of ``path`` by processes now gone left beside it;
     returns what was removed."""
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[a-z0-9_]{8}\.tmp(\.old)?$")
+    pattern = re.compile(re.escape(f"{hidden_stem(path)}.") + r"(\d+)\.[a-z0-9_]{8}\.tmp(\.old)?$")
     removed = []
     with contextlib.suppress(OSError):
         for sibling in path.parent.iterdir():
@@ -174,8 +177,20 @@ def sweep_stale(path: Path) -> list[Path]:
     return removed
 
 
+def hidden_stem(path: Path) -> str:
+    """``.NAME``: how the hidden files and folders lowbit keeps beside ``path`` begin. A name
+    too long to take their tags within a file name's 255 bytes is cut, and a digest of the
+    whole name keeps two such destinations apart."""
+    name = Path(path).name
+    raw = name.encode()
+    if len(raw) <= NAME_ROOM:
+        return f".{name}"
+    tag = hashlib.blake2b(raw, digest_size=6).hexdigest()
+    return f".{raw[: NAME_ROOM - 13].decode(errors='ignore')}~{tag}"
+
+
 def _prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}."
+    return f"{hidden_stem(path)}.{os.getpid()}."
 
 
 def _alive(pid: int) -> bool:

@@ -1,7 +1,9 @@
 """lowbit's codes and scales written into a converted LiteRT flatbuffer, exactly.
 
 The converter sees each quantized layer as a float weight (its dequantized values), so every
-FULLY_CONNECTED weight in the file is found by its bytes and replaced by the layer's own codes:
+FULLY_CONNECTED weight in the file is found by its bytes (or, where the converter folded a
+multiplier into it, as a multiple of them: :mod:`lowbit.export.litert_unfold`) and replaced by
+the layer's own codes:
 
   int8 symmetric, per channel    INT8, per-channel float32 scales, zero points 0
   int4 symmetric, per channel    INT4 (two codes per byte, element 2k in the low nibble)
@@ -33,6 +35,8 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.export.litert_flat import add_buffer, builtin, opcode
+from lowbit.export.litert_unfold import FoldIndex, restore_multiplier
 from lowbit.nn import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -174,47 +178,69 @@ def digest(weight: Tensor | np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8), digest_size=16).hexdigest()
 
 
-def write_codes(model, encoded: dict[str, tuple[str, Encoded]],
-                weight_only: bool = False) -> dict[str, str]:  # fmt: skip
+def write_codes(model, encoded: dict[str, tuple[str, Encoded]], weight_only: bool = False,
+                biases: dict[str, np.ndarray] | None = None) -> dict[str, str]:  # fmt: skip
     """Replace, in the flatbuffer object ``model`` (``ModelT``), every FULLY_CONNECTED,
     CONV_2D or TRANSPOSE_CONV weight whose float32 bytes have a digest in ``encoded`` (digest ->
     (layer, encoding), the codes in the file's weight layout) by the layer's codes; returns
     layer -> encoding kind. With ``weight_only`` every weight is a DEQUANTIZE op's output (the
     op computes in float32 with exactly these weights), else only those with zero points.
-    Float buffers no longer used are emptied."""
+    A FULLY_CONNECTED weight the converter multiplied by the constant after the layer is found
+    too and gets that multiplication back as a MUL (:mod:`lowbit.export.litert_unfold`), its
+    bias taken from ``biases`` (layer -> float32 bias). Float buffers no longer used are
+    emptied."""
     from ai_edge_litert import schema_py_generated as fb
 
+    by_layer = dict(encoded.values())  # the folded search: layers of one form (linears)
+    folds = FoldIndex({n: (e.codes.shape, lambda e=e: dequantize(e).numpy())
+                       for n, e in by_layer.items()})  # fmt: skip
     written: dict[str, str] = {}
-    codes_buffer: dict[str, int] = {}
-    scales_buffer: dict[str, int] = {}
+    buffers: dict[tuple[str, str], int] = {}  # (layer, codes | scales | factor | bias) -> index
     replaced: set[int] = set()
-    for sg, tensor in _weights(model):
+    for sg, op, tensor in _weights(model):
         data = model.buffers[tensor.buffer].data
         if tensor.type != fb.TensorType.FLOAT32 or data is None or not len(data):
             continue
-        key = digest(np.asarray(data))
-        if key not in encoded:
+        raw = np.asarray(data)
+        layer, enc = encoded.get(digest(raw), (None, None))
+        if layer is None and builtin(model, op) == fb.BuiltinOperator.FULLY_CONNECTED:
+            found = folds.find(raw.view(np.float32).reshape(tensor.shape))
+            if found is not None:
+                layer, enc = found.layer, by_layer[found.layer]
+                replaced.update(_restore(model, sg, op, found, biases or {}, buffers))
+        if layer is None:
             continue
-        layer, enc = encoded[key]
-        if layer not in codes_buffer:
-            codes_buffer[layer] = _add_buffer(model, _packed(enc))
+        if (layer, "codes") not in buffers:
+            buffers[layer, "codes"] = add_buffer(model, _packed(enc))
         replaced.add(tensor.buffer)
         if weight_only or enc.zeros is not None:  # DEQUANTIZE(codes) feeds the float weight
             tensor = _dequantized_input(model, sg, tensor)
-        tensor.buffer = codes_buffer[layer]
+        tensor.buffer = buffers[layer, "codes"]
         tensor.type = fb.TensorType.INT8 if enc.bits == 8 else fb.TensorType.INT4
-        tensor.quantization = _params(model, sg, tensor, enc, layer, scales_buffer)
+        tensor.quantization = _params(model, sg, tensor, enc, layer, buffers)
         written[layer] = enc.kind
     used = {t.buffer for sg in model.subgraphs for t in sg.tensors}
     for index in replaced - used:
         model.buffers[index].data = None
-    missing = sorted({layer for layer, _ in encoded.values()} - set(written))
+    missing = sorted(set(by_layer) - set(written))
     if missing:
         raise LowbitError(
             f"{missing[0]}: the converted graph holds this layer in a form the exporter does "
-            "not recognise (no FULLY_CONNECTED, CONV_2D or TRANSPOSE_CONV with its weight)"
+            "not recognise (no FULLY_CONNECTED, CONV_2D or TRANSPOSE_CONV with its weight, or "
+            "with that weight times a constant)"
         )
     return written
+
+
+def _restore(model, sg, op, found, biases: dict[str, np.ndarray], buffers: dict) -> list[int]:
+    """Undo a folded multiplier on ``op`` (shared buffers per layer); returns freed buffers."""
+    layer = found.layer
+    if (layer, "factor") not in buffers:
+        buffers[layer, "factor"] = add_buffer(model, found.factor)
+        if layer in biases:
+            buffers[layer, "bias"] = add_buffer(model, biases[layer].astype(np.float32))
+    log.debug("%s: the converter folded a multiplier into it; restored as a MUL", layer)
+    return restore_multiplier(model, sg, op, buffers[layer, "factor"], buffers.get((layer, "bias")))
 
 
 def _packed(enc: Encoded) -> np.ndarray:
@@ -226,16 +252,7 @@ def _packed(enc: Encoded) -> np.ndarray:
     return pack_data(4, raw)  # two per byte, element 2k in the low nibble
 
 
-def _add_buffer(model, data: np.ndarray) -> int:
-    from ai_edge_litert import schema_py_generated as fb
-
-    buf = fb.BufferT()
-    buf.data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-    model.buffers.append(buf)
-    return len(model.buffers) - 1
-
-
-def _params(model, sg, tensor, enc: Encoded, layer: str, scales_buffer: dict[str, int]):
+def _params(model, sg, tensor, enc: Encoded, layer: str, buffers: dict):
     from ai_edge_litert import schema_py_generated as fb
 
     q = fb.QuantizationParametersT()
@@ -245,13 +262,13 @@ def _params(model, sg, tensor, enc: Encoded, layer: str, scales_buffer: dict[str
         zeros = np.zeros(len(enc.scales)) if enc.zeros is None else enc.zeros
         q.zeroPoint = zeros.astype(np.int64)
         return q
-    if layer not in scales_buffer:
-        scales_buffer[layer] = _add_buffer(model, enc.scales.astype(np.float16))
+    if (layer, "scales") not in buffers:
+        buffers[layer, "scales"] = add_buffer(model, enc.scales.astype(np.float16))
     scales = fb.TensorT()
     scales.name = tensor.name + b"_scales"
     scales.shape = list(enc.scales.shape)
     scales.type = fb.TensorType.FLOAT16
-    scales.buffer = scales_buffer[layer]
+    scales.buffer = buffers[layer, "scales"]
     sg.tensors.append(scales)
     details = fb.BlockwiseQuantizationT()
     details.scales = len(sg.tensors) - 1
@@ -269,7 +286,7 @@ def read_codes(model) -> dict[bytes, Encoded]:
     from ai_edge_litert import schema_py_generated as fb
 
     out: dict[bytes, Encoded] = {}
-    for sg, t in _weights(model):
+    for sg, _, t in _weights(model):
         t = _producer_input(model, sg, t)
         if t.type not in (fb.TensorType.INT8, fb.TensorType.INT4):
             continue
@@ -304,7 +321,7 @@ def _dequantized_input(model, sg, weight):
     sg.tensors.append(codes)
     weight.buffer = 0  # now computed: no data
     op = fb.OperatorT()
-    op.opcodeIndex = _opcode(model, fb.BuiltinOperator.DEQUANTIZE)
+    op.opcodeIndex = opcode(model, fb.BuiltinOperator.DEQUANTIZE)
     op.inputs, op.outputs = [len(sg.tensors) - 1], [sg.tensors.index(weight)]
     sg.operators.insert(0, op)
     return codes
@@ -316,27 +333,13 @@ def _producer_input(model, sg, tensor):
 
     index = sg.tensors.index(tensor)
     for op in sg.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-        if builtin == fb.BuiltinOperator.DEQUANTIZE and list(op.outputs) == [index]:
+        if builtin(model, op) == fb.BuiltinOperator.DEQUANTIZE and list(op.outputs) == [index]:
             return sg.tensors[op.inputs[0]]
     return tensor
 
 
-def _opcode(model, builtin: int) -> int:
-    from ai_edge_litert import schema_py_generated as fb
-
-    for i, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
-            return i
-    code = fb.OperatorCodeT()
-    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
-
-
 def _weights(model):
-    """(subgraph, weight tensor) of every FULLY_CONNECTED, CONV_2D and TRANSPOSE_CONV op of a
+    """(subgraph, op, weight tensor) of every FULLY_CONNECTED, CONV_2D and TRANSPOSE_CONV op of a
     flatbuffer object (the weight is input 1 of each; a copy of the list: DEQUANTIZE ops may be
     added while it is walked)."""
     from ai_edge_litert import schema_py_generated as fb
@@ -345,6 +348,5 @@ def _weights(model):
            fb.BuiltinOperator.TRANSPOSE_CONV)  # fmt: skip
     for sg in model.subgraphs:
         for op in list(sg.operators):
-            code = model.operatorCodes[op.opcodeIndex]
-            if max(code.builtinCode, code.deprecatedBuiltinCode) in ops:
-                yield sg, sg.tensors[op.inputs[1]]
+            if builtin(model, op) in ops:
+                yield sg, op, sg.tensors[op.inputs[1]]

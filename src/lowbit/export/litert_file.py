@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.assets import hidden_stem
 from lowbit.errors import LowbitError
 from lowbit.export.litert_codes import (
     REQUANTIZE,
@@ -28,6 +29,7 @@ from lowbit.export.litert_codes import (
     requantized,
     write_codes,
 )
+from lowbit.export.litert_flat import add_metadata
 from lowbit.export.litert_graph import CachedStep, Forward, cache_reason
 from lowbit.models import set_module
 from lowbit.nn import QuantLinear
@@ -56,7 +58,6 @@ def write_litert(
     returns each quantized layer's LiteRT encoding."""
     try:
         import litert_torch
-        from ai_edge_litert import schema_py_generated as fb
         from ai_edge_litert.tools import flatbuffer_utils
     except ImportError:
         raise LowbitError(
@@ -80,19 +81,23 @@ def write_litert(
     log.info("converting %s with litert-torch (minutes for a large model)", ", ".join(signatures))
     quiet_litert_torch()
     # the float flatbuffer is written beside the output (same disk), removed on any exit
-    work_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    work_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{hidden_stem(out)}.",
+                                           suffix=".tmp")  # fmt: skip
     with work_dir as work, torch.no_grad():
         raw = Path(work) / "float.tflite"
         converter.convert().export(str(raw))
         _check_forward(raw, Forward(model).eval(), seqlen, model.config)
         flat = flatbuffer_utils.read_model(str(raw))
-    written = write_codes(flat, {k: v for k, v in encoded.items() if v[1] is not None})
+    biases = {name: m.bias.detach().float().numpy() for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and m.bias is not None}  # fmt: skip
+    written = write_codes(flat, {k: v for k, v in encoded.items() if v[1] is not None},
+                          biases=biases)  # fmt: skip
     info = {
         "producer": "lowbit", "config": model.config.to_dict(), "signatures": signatures,
         "layers": written, "requantize": requantize,
     }  # fmt: skip
-    add_metadata(flat, fb, INFO_KEY, json.dumps(info).encode())
-    add_metadata(flat, fb, TOKENIZER_KEY, json.dumps(_tokenizer_files(folder)).encode())
+    add_metadata(flat, INFO_KEY, json.dumps(info).encode())
+    add_metadata(flat, TOKENIZER_KEY, json.dumps(_tokenizer_files(folder)).encode())
     flatbuffer_utils.write_model(flat, str(out))
     return written
 
@@ -191,14 +196,3 @@ def _tokenizer_files(folder: Path) -> dict[str, str]:
         for n in TOKENIZER_FILES
         if (folder / n).is_file()
     }
-
-
-def add_metadata(flat, fb, name: bytes, data: bytes) -> None:
-    import numpy as np
-
-    buf = fb.BufferT()
-    buf.data = np.frombuffer(data, dtype=np.uint8).copy()
-    flat.buffers.append(buf)
-    meta = fb.MetadataT()
-    meta.name, meta.buffer = name, len(flat.buffers) - 1
-    flat.metadata = [*(flat.metadata or []), meta]

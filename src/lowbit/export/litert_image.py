@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lowbit.assets import hidden_stem
 from lowbit.errors import LowbitError
 from lowbit.export.litert_codes import (
     Encoded,
@@ -39,6 +40,7 @@ from lowbit.export.litert_codes import (
     exact_reason,
     write_codes,
 )
+from lowbit.export.litert_flat import add_metadata
 from lowbit.models import set_module
 from lowbit.nn import QuantLinear
 from lowbit.nn.quant_conv import QuantConv
@@ -75,10 +77,11 @@ def write_litert_image(model: nn.Module, example: Tensor, name: str, out: Path) 
             "LiteRT export needs litert-torch and ai-edge-litert: pip install 'lowbit[litert]'"
         ) from None
     encoded = _swap_layers(model)
-    from lowbit.export.litert_file import add_metadata, quiet_litert_torch
+    from lowbit.export.litert_file import quiet_litert_torch
 
     quiet_litert_torch()
-    work_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    work_dir = tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{hidden_stem(out)}.",
+                                           suffix=".tmp")  # fmt: skip
     with work_dir as work, torch.no_grad():
         raw = Path(work) / "float.tflite"
         log.info("converting %s with litert-torch at input shape %s", name,
@@ -86,10 +89,8 @@ def write_litert_image(model: nn.Module, example: Tensor, name: str, out: Path) 
         litert_torch.convert(model.eval(), (example.float(),)).export(str(raw))
         flat = flatbuffer_utils.read_model(str(raw))
     written = write_codes(flat, encoded, weight_only=True)
-    from ai_edge_litert import schema_py_generated as fb
-
     info = {"producer": "lowbit", "model": name, "input": list(example.shape), "layers": written}
-    add_metadata(flat, fb, INFO_KEY, json.dumps(info).encode())
+    add_metadata(flat, INFO_KEY, json.dumps(info).encode())
     flatbuffer_utils.write_model(flat, str(out))
     return written
 

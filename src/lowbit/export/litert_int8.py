@@ -50,8 +50,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lowbit.assets import hidden_stem
 from lowbit.errors import LowbitError
 from lowbit.export.litert_codes import digest, exact_reason
+from lowbit.export.litert_flat import add_metadata
 from lowbit.export.litert_image import INFO_KEY, float_layer
 from lowbit.export.litert_int8_graph import Int8Graph, qsv_range
 from lowbit.models import set_module
@@ -105,10 +107,10 @@ def write_litert_int8(model: nn.Module, example: Tensor, calibration: Tensor, na
                 raise LowbitError(f"{lname} and {weights[key][0]} hold identical weights; the "
                                   f"export tells layers apart by their weights")  # fmt: skip
             weights[key] = (lname, enc, layer)
-    from lowbit.export.litert_file import add_metadata, quiet_litert_torch
+    from lowbit.export.litert_file import quiet_litert_torch
 
     quiet_litert_torch()
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{hidden_stem(out)}.") as work:
         raw = Path(work) / "float.tflite"
         litert_torch.convert(model.eval(), (example.float(),)).export(str(raw))
         graph = Int8Graph(flatbuffer_utils.read_model(str(raw)), fb)
@@ -137,7 +139,7 @@ def write_litert_int8(model: nn.Module, example: Tensor, calibration: Tensor, na
         flat.check_integer()
         info = {"producer": "lowbit", "model": name, "input": list(example.shape),
                 "layers": written, "integer": True}  # fmt: skip
-        add_metadata(flat.model, fb, INFO_KEY, json.dumps(info).encode())
+        add_metadata(flat.model, INFO_KEY, json.dumps(info).encode())
         flatbuffer_utils.write_model(flat.model, str(out))
     _log_agreement(out, example, reference)
     return written

@@ -12,7 +12,8 @@ import numpy as np
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.litert_codes import _add_buffer, digest
+from lowbit.export.litert_codes import digest
+from lowbit.export.litert_flat import add_buffer
 
 LAYER_OPS = ("CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED")
 ACTIVATION_OPS = ("RELU", "LEAKY_RELU")
@@ -240,7 +241,7 @@ class Int8Graph:
             # a channel of zero codes is zero at any scale: 1 keeps its bias in int32
             scales = np.where((codes.reshape(len(codes), -1) == 0).all(1), np.float32(1),
                               enc.scales.astype(np.float32))  # fmt: skip
-            W.buffer = _add_buffer(self.model, codes.astype(np.int8))
+            W.buffer = add_buffer(self.model, codes.astype(np.int8))
             W.type = self.fb.TensorType.INT8
             W.quantization = self._params(scales)
             if b >= 0:
@@ -255,7 +256,7 @@ class Int8Graph:
                                       f"weight scales; quantize with a weight-only recipe (w8-rtn) "
                                       f"and export that folder")  # fmt: skip
                 B = self.sg.tensors[b]
-                B.buffer = _add_buffer(self.model, ints.astype(np.int32))
+                B.buffer = add_buffer(self.model, ints.astype(np.int32))
                 B.type = self.fb.TensorType.INT32
                 B.quantization = self._params(bias_scale)
             written[lname] = "int8-channel-a8"

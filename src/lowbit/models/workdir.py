@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.assets import atomic_file, publish_dir, write_text_atomic
+from lowbit.assets import atomic_file, hidden_stem, publish_dir, write_text_atomic
 from lowbit.errors import LowbitError
 from lowbit.models.checkpoint import write_shards
 from lowbit.models.tensorfile import Entry, Item, read_header, write_file
@@ -42,7 +42,7 @@ PUBLISHED = "published"  # written just before the finished folder is renamed to
 
 
 def work_path(out: Path) -> Path:
-    return Path(out).parent / f".{Path(out).name}.lowbit-work"
+    return Path(out).parent / f"{hidden_stem(out)}.lowbit-work"
 
 
 def drop_published(out: Path) -> bool:
