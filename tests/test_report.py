@@ -27,3 +27,9 @@ def test_two_files_of_one_stem_are_refused(tmp_path):
         recipe_variants([FLOAT, a, b])
     with pytest.raises(LowbitError, match="named twice"):
         recipe_variants([a, a])
+
+
+def test_a_recipe_file_named_fp32_is_refused(tmp_path):
+    """Its row would pass for the float model every ratio is taken against."""
+    with pytest.raises(LowbitError, match="may not be named 'fp32'"):
+        recipe_variants([_recipe(tmp_path / "fp32.yaml", 4), "w8-rtn"])

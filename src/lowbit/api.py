@@ -262,7 +262,8 @@ def evaluate(
             model=name, corpus=corpus, corpus_sha256=text.sha256, seqlen=length, windows=n,
             tokens=n * length, predicted=s.count, ppl=s.ppl,
             kl=s.mean_kl if _compared(models[name], ref) else None,
-            top1=s.top1_rate if _compared(models[name], ref) else None, seconds=seconds,
+            top1=s.top1_rate if _compared(models[name], ref) else None,
+            seconds=seconds[name],
         )
         for name, s in scores.items()
     }  # fmt: skip

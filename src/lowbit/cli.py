@@ -305,7 +305,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     src = api.load_model(args.model)
     _need_tokenizer(src)
     apply_attention(src.model, args)  # --kv-bits: MODEL's cache rounded (not --ref's)
-    from lowbit.data import load_corpus
+    from lowbit.data import calibration_text, check_disjoint, load_corpus
 
     calib = (src.manifest or {}).get("calibration") or {}
     if "text_sha256" in calib:  # the text itself (another file of the same name is another)
@@ -315,6 +315,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if same:
         raise LowbitError(f"{args.model} was calibrated on this text ({calib['corpus']}); "
                           f"evaluate on another --corpus")  # fmt: skip
+    train = calibration_text(calib)  # read again where it can be: a part of it is refused too
+    if train is not None:
+        check_disjoint(train, load_corpus(args.corpus),
+                       f"{args.model} was calibrated on {calib['corpus']}; --corpus")  # fmt: skip
     models = {args.model: src.model}
     ref, ref_name = None, args.ref
     if args.ref:
@@ -354,7 +358,8 @@ def _print_eval_table(results: dict, sizes: dict) -> None:
     for name, r in results.items():
         size = sizes[name]
         bpw = size.bits_per_weight if size.quantized_weights else None
-        rows.append([name, bpw, round(size.total_bytes / 1e6, 1), r.ppl, r.kl, r.top1])
+        scores = ["nan" if v is not None and v != v else v for v in (r.ppl, r.kl, r.top1)]
+        rows.append([name, bpw, size.total_bytes / 1e6, *scores])  # NaN: not "-"
     print(
         format_table(
             ["model", "bits/w (quantized layers)", "weights MB", "ppl", "KL", "top-1"], rows

@@ -107,7 +107,7 @@ def render_bench(results: dict, summary: dict, machine: dict) -> str:
     for name, r in results.items():
         j = r.speed.joules_per_token
         rows.append([name, round(r.speed.prefill_tps, 1), round(r.speed.decode_tps, 2),
-                     round(r.speed.ttft_s, 3), round(r.weight_bytes / 1e6, 1),
+                     round(r.speed.ttft_s, 3), r.weight_bytes / 1e6,
                      None if r.peak_rss_mb is None else round(r.peak_rss_mb),
                      _kib(r.speed.kv_bytes_per_token), round(r.bound_decode_tps, 1),
                      f"{100 * r.bound_fraction:.0f}%",

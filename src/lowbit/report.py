@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval import model_size
 from lowbit.eval.bench import bench_models
 from lowbit.eval.report_render import report_markdown, write_plots
+from lowbit.json_out import json_text
 from lowbit.models.load import source_folder
 from lowbit.models.zoo import zoo_caveat
 from lowbit.recipes import Recipe
@@ -90,6 +90,9 @@ def recipe_variants(variants: list[str]) -> dict[str, Recipe | None]:
     given: dict[str, str] = {}
     for name in variants:
         key = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+        if key == FLOAT and name != FLOAT:  # its row would pass for the float reference
+            raise LowbitError(f"{name}: a recipe file may not be named {FLOAT!r}, the float "
+                              f"model's row; rename the file")  # fmt: skip
         if key in given:  # (a variant's row, folder and grid are named by it)
             raise LowbitError(f"variants {given[key]} and {name} would both be named {key!r}; "
                               f"rename one of the files")  # fmt: skip
@@ -182,7 +185,7 @@ def _measure(src, models: dict[str, nn.Module], folders, options, progress) -> d
 
 def _write(folder: Path, data: dict[str, Any]) -> None:
     (folder / "report.json").write_text(
-        json.dumps(PRODUCER | data, indent=1, default=str), encoding="utf-8"
+        json_text(PRODUCER | data, indent=1, default=str), encoding="utf-8"
     )
     (folder / "report.md").write_text(report_markdown(data["rows"], data), encoding="utf-8")
     write_plots(data["rows"], folder, f"lowbit report: {data['model']}")

@@ -10,7 +10,6 @@ scored on the same inputs. Orchestration only, over :mod:`api`.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from lowbit.eval.image import evaluate_image, evaluate_pairs, outputs
 from lowbit.eval.image_grid import save_grid
 from lowbit.eval.machine import thread_settings
 from lowbit.eval.report_render import IMAGE_COLUMNS, IMAGE_PANELS, report_markdown, write_plots
+from lowbit.json_out import json_text
 from lowbit.models.images.data import image_calibration_of, named_images
 from lowbit.models.images.tiles import upscaler
 from lowbit.report import FLOAT, quantize_variants, recipe_variants
@@ -128,7 +128,7 @@ def _notes(calibration: Any) -> list[str]:
 
 def _write(folder: Path, data: dict[str, Any]) -> None:
     (folder / "report.json").write_text(
-        json.dumps(PRODUCER | data, indent=1, default=str), encoding="utf-8"
+        json_text(PRODUCER | data, indent=1, default=str), encoding="utf-8"
     )
     md = report_markdown(data["rows"], data, IMAGE_COLUMNS, IMAGE_PANELS)
     grids = [f"![{r['variant']}]({r['grid']})" for r in data["rows"] if "grid" in r]

@@ -39,3 +39,8 @@ def test_bad_learning_options_are_refused():
         RotateOptions(kind="learned", steps=0)
     with pytest.raises(LowbitError, match="kind"):
         RotateOptions(kind="spin")
+    with pytest.raises(LowbitError, match="rotate.seed must be"):  # torch takes 64-bit seeds
+        RotateOptions(seed=2**62)
+    from lowbit.algorithms.rotate import orthogonal
+
+    assert orthogonal(8, RotateOptions(kind="random", seed=-(2**39))).shape == (8, 8)

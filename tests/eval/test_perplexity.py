@@ -60,3 +60,26 @@ def test_a_reference_with_another_vocabulary_is_one_line():
         score_models({"q": model}, windows, ref=ref, progress=False)
     with pytest.raises(LowbitError, match="do not share a vocabulary"):
         mean_kl(model, windows, reference_logprobs(ref, windows))
+
+
+def test_a_broken_models_figures_are_inf_and_nan_not_a_crash():
+    from lowbit.eval.perplexity import Scores
+
+    assert Scores(nll=800.0 * 10, count=10).ppl == math.inf  # exp(800) overflows a float
+    assert Scores(kl=-2e-9, count=10).mean_kl == 0.0  # rounding below 0: identical models
+    assert math.isnan(Scores(kl=math.nan, count=10).mean_kl)  # NaN stays NaN
+    windows = torch.randint(0, 3, (2, 9))
+    huge = Fixed(torch.tensor([0.0, -3000.0, 3000.0]))  # every target but one ~6000 nats off
+    scores, _ = score_models({"h": huge}, windows, progress=True)
+    assert scores["h"].ppl == math.inf
+
+
+def test_each_model_has_its_own_seconds_and_small_kl_keeps_its_digits():
+    from lowbit.eval.perplexity import EvalResult
+
+    ref, other = Fixed(torch.zeros(3)), Fixed(torch.tensor([0.0, 0.0, 1e-3]))
+    windows = torch.randint(0, 3, (2, 9))
+    _, seconds = score_models({"ref": ref, "q": other}, windows, ref=ref, progress=False)
+    assert set(seconds) == {"ref", "q"} and all(s > 0 for s in seconds.values())
+    result = EvalResult("q", "c", "x", 9, 2, 18, 16, 3.0, 5.4312e-7, 1.0, 0.5)
+    assert result.to_dict()["kl"] == 5.4312e-7  # not rounded to 1e-06

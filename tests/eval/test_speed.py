@@ -1,6 +1,7 @@
 """Speed runs on a tiny model: shapes of the result, alternation, medians, and the bench data."""
 
 import pytest
+import torch
 
 from helpers import tiny_llama
 from lowbit import api
@@ -43,8 +44,23 @@ def test_models_alternate_and_medians_are_reported(monkeypatch):
 def test_bad_speed_arguments_are_refused():
     with pytest.raises(LowbitError, match="new_tokens"):
         speed.measure_speed({"a": tiny_llama()}, new_tokens=1)
-    with pytest.raises(LowbitError, match="exceed the model's 256 positions"):
+    with pytest.raises(LowbitError, match="exceed a's 256 positions"):
         speed.measure_speed({"a": tiny_llama()}, prompt_tokens=250, new_tokens=10)
+
+
+def test_every_model_takes_the_one_prompt(monkeypatch):
+    """A --ref with fewer token ids or a shorter context than MODEL: the prompt is drawn from
+    ids every model knows, and a context too short for it is an error naming that model."""
+    small = tiny_llama(vocab=48)
+    small.config.max_position_embeddings = 64
+    drawn = []
+    zeros = lambda v, n: drawn.append(v) or torch.zeros(1, n, dtype=torch.long)  # noqa: E731
+    monkeypatch.setattr(speed, "random_prompt", zeros)
+    speed.measure_speed({"a": tiny_llama(), "b": small}, prompt_tokens=8, new_tokens=3,
+                        repeats=1, progress=False)  # fmt: skip
+    assert drawn == [48]
+    with pytest.raises(LowbitError, match="exceed b's 64 positions"):
+        speed.measure_speed({"a": tiny_llama(), "b": small}, prompt_tokens=60, new_tokens=10)
 
 
 @pytest.mark.parametrize("moved", [False, True])

@@ -325,3 +325,23 @@ def test_quantized_output_head_streams_tied_or_not(tie, tmp_path):
     out, streamed = api.quantize_to(str(tmp_path / "src"), recipe, tmp_path / "q", progress=False)
     assert "lm_head" in streamed.layers and files(out) == files(mem)
     assert_canary_is_the_float_models(out, tmp_path / "src")  # a float head, tied or not
+
+
+def test_gpt2s_float_conv1d_layers_save_in_their_own_layout(tmp_path):
+    """GPT-2's Conv1D weights are (in, out) on disk: those left in float (here both c_proj,
+    one of them square, which a wrong layout would load silently transposed) are written back
+    so, in memory and streamed, and the folders reload to the same logits."""
+    src_folder = tmp_path / "gpt2"
+    tiny_family_model("gpt2").save_pretrained(src_folder)
+    floats = ("lm_head", "re:.*attn\\.c_proj$", "re:.*mlp\\.c_proj$")
+    recipe = make_recipe({"bits": 4, "group_size": 32}, ignore=floats)
+    src = api.load_model(str(src_folder))
+    report = api.quantize(src.model, recipe, progress=False)
+    mem = api.save(src.model, tmp_path / "mem", report, source=src)
+    out, _ = api.quantize_to(str(src_folder), recipe, tmp_path / "stream", progress=False)
+    assert files(mem) == files(out)
+    x = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        want = src.model(x).logits
+        for folder in (mem, out):
+            assert torch.equal(api.load(folder, kernels=False).model(x).logits, want)

@@ -24,6 +24,7 @@ from lowbit.primitives.hadamard import hadamard, has_hadamard, online_matrix
 
 ONLINE = ("down_proj",)  # the inputs an online rotation can turn
 KINDS = ("hadamard", "random", "learned")
+SEED_LIMIT = 2**40
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class RotateOptions:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise LowbitError(f"rotate.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not -SEED_LIMIT < self.seed < SEED_LIMIT:  # seed·1,000,003 + n seeds torch: int64
+            raise LowbitError(f"rotate.seed must be an integer between -2**40 and 2**40, got "
+                              f"{self.seed}")  # fmt: skip
         if self.steps < 1 or not self.lr > 0:
             raise LowbitError(f"rotate: steps must be >= 1 and lr > 0 (got steps {self.steps}, "
                               f"lr {self.lr})")  # fmt: skip

@@ -30,6 +30,7 @@ from lowbit.assets.atomic import write_text_atomic
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
+HUB_CORPORA = ("wikitext2", "c4")  # named corpora read through the hub (a network)
 
 
 @dataclass(frozen=True)
@@ -155,14 +156,6 @@ def corpus_sources() -> dict[str, CorpusSource]:
             ),
         )
     }
-
-
-def disjoint_texts(first: str, second: str, flags: str) -> None:
-    """A one-line error when two corpus names or files (``flags`` names the options) hold the
-    same text: compared by content, so "calib.txt" and "./calib.txt" are one text."""
-    if first == second or load_corpus(first).sha256 == load_corpus(second).sha256:
-        raise LowbitError(f"{flags}: the same text; calibration (or training) and evaluation "
-                          f"text must differ")  # fmt: skip
 
 
 def load_corpus(name: str) -> Corpus:

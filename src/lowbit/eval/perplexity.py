@@ -35,11 +35,20 @@ class Scores:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll / self.count) if self.count else float("nan")
+        if not self.count:
+            return float("nan")
+        try:
+            return math.exp(self.nll / self.count)
+        except OverflowError:  # a mean loss past ~709 nats: a broken model, not an error
+            return float("inf")
 
     @property
     def mean_kl(self) -> float:
-        return self.kl / self.count if self.count else float("nan")
+        """The mean KL; a sum rounded below 0 (identical models) is 0, NaN stays NaN."""
+        if not self.count:
+            return float("nan")
+        kl = self.kl / self.count
+        return 0.0 if kl < 0 else kl
 
     @property
     def top1_rate(self) -> float:
@@ -59,7 +68,7 @@ def kl_top1(ref_logp: Tensor, logp: Tensor) -> tuple[float, float]:
     kl = top1 = 0.0
     for i in range(0, logp.shape[0], _CHUNK):
         r, q = ref_logp[i : i + _CHUNK], logp[i : i + _CHUNK]
-        kl += (r.exp() * (r - q)).sum().item()
+        kl += (r.exp() * (r - q)).sum(dtype=torch.float64).item()  # terms of both signs
         top1 += (r.argmax(-1) == q.argmax(-1)).sum().item()
     return kl, top1
 
@@ -84,31 +93,36 @@ def score_models(
     ref: nn.Module | None = None,
     progress: bool = True,
     group: Group | None = None,
-) -> tuple[dict[str, Scores], float]:
+) -> tuple[dict[str, Scores], dict[str, float]]:
     """Score every model on every window (the reference's pass is shared); returns the scores
-    and the wall time. A model that *is* the reference reuses its log-probabilities. Under a
-    process ``group`` (default: the initialised one, if any) each rank scores every world-th
-    window and the per-window sums are gathered and added in window order: the figures equal
-    one process's."""
+    and each model's own seconds (its passes and scoring; the shared reference pass counts
+    only for the model that is the reference). A model that *is* the reference reuses its
+    log-probabilities. Under a process ``group`` (default: the initialised one, if any) each
+    rank scores every world-th window and the per-window sums are gathered and added in window
+    order: the figures equal one process's."""
     group = group or Group.current()
     rows = {name: torch.zeros(len(windows), 4, dtype=torch.float64) for name in models}
-    start = time.perf_counter()
+    spent = dict.fromkeys(models, 0.0)
     mine = group.mine(len(windows))
     bar = tqdm(mine, desc="evaluate", unit="window", disable=not progress)
     for k in bar:
         window = windows[k]
         targets = window[1:]
+        start = time.perf_counter()
         ref_logp = _log_probs(ref, window) if ref is not None else None
+        shared = time.perf_counter() - start
         for name, model in models.items():
+            start = time.perf_counter()
             logp = ref_logp if model is ref else _log_probs(model, window)
             if ref_logp is not None and logp.shape[-1] != ref_logp.shape[-1]:
                 raise LowbitError(f"{name} scores {logp.shape[-1]} tokens and the reference "
                                   f"{ref_logp.shape[-1]}: they do not share a vocabulary (is "
                                   f"it a quantized form of the reference?)")  # fmt: skip
             rows[name][k] = torch.tensor(_window(logp, targets, ref_logp), dtype=torch.float64)
+            spent[name] += time.perf_counter() - start + (shared if model is ref else 0.0)
         bar.set_postfix({n: f"{_scores(r).ppl:.2f}" for n, r in rows.items()})
     scores = {name: _scores(group.sum(r)) for name, r in rows.items()}
-    return scores, time.perf_counter() - start
+    return scores, spent
 
 
 @dataclass
@@ -125,11 +139,11 @@ class EvalResult:
     ppl: float
     kl: float | None
     top1: float | None
-    seconds: float
+    seconds: float  # this model's own scoring time
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
         for key in ("ppl", "kl", "top1", "seconds"):
-            if out[key] is not None:
-                out[key] = round(out[key], 6)
+            if out[key] is not None:  # significant digits: a KL of 5e-7 is not 1e-6
+                out[key] = float(f"{out[key]:.7g}")
         return out

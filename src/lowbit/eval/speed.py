@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.eval.machine import EnergyMeter
+from lowbit.models.modules import context_limit
 from lowbit.runtime import Runtime
 
 
@@ -117,13 +118,14 @@ def measure_speed(
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
         raise LowbitError("need new_tokens >= 2, prompt_tokens >= 1 and repeats >= 1")
     first = next(iter(models.values()))
-    vocab = first.config.vocab_size
-    limit = getattr(first.config, "max_position_embeddings", None)
-    if limit and prompt_tokens + new_tokens > limit:
-        raise LowbitError(
-            f"prompt + new tokens = {prompt_tokens + new_tokens} exceed the model's "
-            f"{limit} positions; use a shorter --prompt-tokens or --new-tokens"
-        )
+    for name, model in models.items():  # every model runs the one prompt: each must take it
+        limit = context_limit(model.config)
+        if limit and prompt_tokens + new_tokens > limit:
+            raise LowbitError(
+                f"prompt + new tokens = {prompt_tokens + new_tokens} exceed {name}'s {limit} "
+                f"positions; use a shorter --prompt-tokens or --new-tokens"
+            )
+    vocab = min(model.config.vocab_size for model in models.values())  # ids all of them know
     device = next(first.parameters()).device
     prompt = random_prompt(vocab, prompt_tokens)
     meter = EnergyMeter(device.type)

@@ -28,6 +28,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.arena import move_into_arena
 from lowbit.models.families import find_blocks
 from lowbit.models.modules import set_module
+from lowbit.models.normalize import checkpoint_state
 from lowbit.models.rotate import install_online_rotations
 from lowbit.models.source import skeleton as hf_skeleton
 from lowbit.models.tensorfile import Entry, Item, read_header, write_file
@@ -65,7 +66,7 @@ def save_folder(
 def model_units(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     """The model's tensors split as a streamed run writes them: one unit per decoder block, in
     order, then everything else (a model without blocks is one unit)."""
-    state = _unique_tensors(model.state_dict())
+    state = _unique_tensors(checkpoint_state(model))
     try:
         prefix, blocks = find_blocks(model)
     except LowbitError:

@@ -34,6 +34,18 @@ def conv1d_to_linear(model: nn.Module) -> int:
     return replaced
 
 
+def checkpoint_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as the model's own checkpoints hold it: a float linear made from
+    a Conv1D (``stored_transposed``) gives its weight back as (in, out), so a saved folder loads
+    into the model's own classes (quantized layers are rebuilt from their codes instead)."""
+    state = module.state_dict()
+    for name, sub in module.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if type(sub) is nn.Linear and getattr(sub, "stored_transposed", False) and key in state:
+            state[key] = state[key].t().contiguous()
+    return state
+
+
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` or
     ``ConvTranspose2d`` in an ``nn.Sequential`` into that convolution (torch's

@@ -21,6 +21,7 @@ from lowbit.calibration.canary import CanaryProbe
 from lowbit.calibration.group import Group
 from lowbit.errors import LowbitError
 from lowbit.models.families import find_blocks
+from lowbit.models.normalize import checkpoint_state
 from lowbit.models.source import TensorSource, materialize, release, tied_names
 from lowbit.models.workdir import WorkFolder
 from lowbit.pipeline.report import QuantizeReport
@@ -85,7 +86,8 @@ class StreamStore(BlockStore):
               hidden: HiddenStates | None,
               probe: dict[str, Tensor] | None = None) -> None:  # fmt: skip
         self.work.started = True  # a block is done (see WorkFolder.discard_if_unused)
-        tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+        state = checkpoint_state(block)  # (GPT-2's float Conv1D weights as (in, out))
+        tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in state.items()}
         spilled = isinstance(hidden, SpilledStates)
         folder = hidden.folder if spilled else None
         if hidden is not None and not spilled:
@@ -110,7 +112,7 @@ class StreamStore(BlockStore):
         yield
         tensors: dict[str, Any] = {}
         for layer in layers:
-            for k, v in model.get_submodule(layer).state_dict().items():
+            for k, v in checkpoint_state(model.get_submodule(layer)).items():
                 tensors[f"{layer}.{k}"] = v.detach().contiguous()
         owned = {f"{n}." for n in layers}
         for name in self._outside_names(skip_output=False):
