@@ -64,6 +64,39 @@ def test_a_budget_below_the_narrowest_candidates_is_a_clear_error(tmp_path, tiny
     assert not (tmp_path / "x").exists()
 
 
+def test_budgets_are_checked_before_the_analysis(tmp_path, tiny_folder, text_file, capsys):
+    """A malformed size, or K-means (whose codebooks the candidates' costs leave out), fails
+    at once: the analysis it would follow can take hours."""
+    base = ["quantize", str(tiny_folder), "--out", str(tmp_path / "x"), "--calib", str(text_file),
+            *CALIB]  # fmt: skip
+    code, _, err = run(capsys, *base, "--recipe", "w4-rtn-g64", "--target-size", "12XB")
+    assert code == 2 and "expected a size like 60MB" in err and "sensitivity" not in err
+    code, _, err = run(capsys, *base, "--recipe", "w3-kmeans-channel", "--target-bits", "4.2")
+    assert code == 2 and "K-means layers also store a codebook" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_target_size_counts_the_embedding_a_quantized_tied_head_leaves_in_float(tmp_path,
+                                                                               capsys):  # fmt: skip
+    """The head becomes its own quantized tensor; the embedding keeps its float table."""
+    from helpers import TEXT, make_tokenizer, tiny_llama
+
+    src = tmp_path / "tied"
+    tiny_llama(tie=True).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    recipe = tmp_path / "head.yaml"
+    recipe.write_text('{"version": 1, "weights": {"bits": 4, "group_size": 32}, "ignore": []}')
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 4)
+    code, stdout, err = run(
+        capsys, "quantize", str(src), "--recipe", str(recipe), "--out", str(tmp_path / "q"),
+        "--calib", str(text), *CALIB, "--target-size", "60kB", "--candidates", "2", "4", "8",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(stdout)["size"]["total_bytes"] <= 60_000
+
+
 def test_diff_names_the_planted_broken_layer(tmp_path, tiny_folder, text_file, capsys):
     out = tmp_path / "w8"
     code, _, err = run(capsys, "quantize", str(tiny_folder), "--recipe", "w8-rtn",

@@ -109,10 +109,42 @@ def test_ranks_started_with_different_arguments_are_refused_at_once(tiny_folder,
                             node_1=["--seed", "7"])  # fmt: skip
     assert time.monotonic() - start < 60
     assert all(code != 0 for code in codes)
-    said = "rank 1 started with other arguments than rank 0 (calibration, seed)"
+    said = "rank 1 started with other arguments than rank 0 (seed)"
     assert said in outs[0][1] and said in outs[1][1], outs[1][1][-3000:]
     assert not (tmp_path / "nodes").exists()
     assert not (tmp_path / ".nodes.lowbit-work").exists()
+
+
+def test_eval_ranks_with_other_windows_or_only_one_eval_flag_are_refused_at_once(
+    tiny_folder, tmp_path, corpora
+):
+    """Ranks that disagree would add up sums of different windows (figures of no text, exit 0)
+    or wait in different collectives until --dist-timeout: every command is compared first."""
+    calib, held = corpora
+    ev = ["-q", "eval", str(tiny_folder), "--corpus", str(held), "--seqlen", "32", "--tokens",
+          "320"]  # fmt: skip
+    start = time.monotonic()
+    codes, outs = two_nodes(ev, node_1=["--tokens", "256"])
+    assert all(code != 0 for code in codes), outs[1][1][-3000:]
+    assert "rank 1 started with other arguments than rank 0 (tokens)" in outs[0][1]
+    args = quantize_args(tiny_folder, calib, tmp_path / "q")
+    codes, outs = two_nodes(args, node_1=["--dry-run"])
+    assert all(code != 0 for code in codes) and "(dry_run)" in outs[1][1], outs[1][1][-3000:]
+    assert time.monotonic() - start < 90
+    assert [p.name for p in tmp_path.iterdir() if "q" in p.name] == []
+
+
+def test_a_command_that_does_not_split_its_work_is_refused_under_torchrun(
+    tiny_folder, tmp_path, monkeypatch, capsys
+):
+    """Every rank would run it whole and race on its output."""
+    from lowbit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code = main(["export", str(tiny_folder), "--format", "onnx", "--out", str(tmp_path / "o")])
+    assert code == 2 and "lowbit export runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_eval_with_an_out_folder_the_hosts_do_not_share_is_refused_before_any_work(

@@ -182,6 +182,15 @@ def analyze(
                                    progress=progress, output_range=output_range)  # fmt: skip
 
 
+def check_budget_recipe(recipe: Recipe) -> None:
+    """Refuse a recipe whose layers a bits or size budget cannot price: K-means layers keep a
+    codebook per row that the candidates' costs (integer grids) leave out."""
+    if "kmeans" in recipe.algorithm:
+        raise LowbitError("--target-bits / --target-size price integer grids, and K-means layers "
+                          "also store a codebook per row: budget an integer recipe (e.g. "
+                          "w4-gptq-g64), or run K-means without a budget")  # fmt: skip
+
+
 def mixed_recipe(
     model: nn.Module,
     recipe: Recipe,
@@ -192,6 +201,7 @@ def mixed_recipe(
     """The recipe whose per-layer formats minimise the summed KL within an average of
     ``target_bits`` bits per weight (overhead included) over the analysed layers, or within
     ``target_bytes`` for the whole model in memory. Returns (recipe, summary)."""
+    check_budget_recipe(recipe)
     weights = sum(sens.layers.values())
     if (target_bits is None) == (target_bytes is None):
         raise LowbitError("give one of --target-bits or --target-size")
@@ -213,8 +223,15 @@ def mixed_recipe(
 
 
 def _bytes_outside(model: nn.Module, layers: set[str]) -> int:
-    """Bytes of everything but the weights of ``layers`` (tied tensors counted once)."""
-    return held_bytes(model, {id(m.weight) for n, m in model.named_modules() if n in layers})
+    """Bytes of everything but the weights of ``layers`` (tied tensors counted once). A weight
+    another module also holds stays counted: a quantized head tied to the input embedding is
+    untied, and the embedding keeps its float table in the output."""
+    owners: dict[int, set[str]] = {}
+    for n, m in model.named_modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), set()).add(n)
+    return held_bytes(model, {key for key, names in owners.items() if names <= layers})
 
 
 def needs_calibration(recipe: Recipe) -> bool:

@@ -30,13 +30,30 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+DIST_COMMANDS = ("quantize", "eval", "analyze")  # the commands that split their work
+PER_PROCESS = ("func", "threads", "quiet", "verbose", "dist_timeout")  # may differ by rank
+
+
 @contextlib.contextmanager
 def joined(args: argparse.Namespace) -> Iterator[Group]:
-    """The process group the environment describes, joined for the command's lifetime."""
+    """The process group the environment describes, joined for the command's lifetime. Before
+    anything else every rank checks that the command splits its work over processes (any
+    other one would run N times and race on its output) and that all ranks were started with
+    the same arguments (ranks that disagree would wait in different collectives until the
+    timeout, or add up figures of different windows)."""
     if not launched():
         yield Group()
         return
+    command = args.func.__name__.removeprefix("cmd_")
+    if command not in DIST_COMMANDS:
+        raise LowbitError(f"lowbit {command} runs in one process; run it without torchrun "
+                          f"(under torchrun: {', '.join(DIST_COMMANDS)})")  # fmt: skip
     group = init_from_env(timeout_s=args.dist_timeout)
+    try:
+        group.check_same({k: v for k, v in vars(args).items() if k not in PER_PROCESS})
+    except LowbitError:
+        shutdown()
+        raise
     devnull = None
     if not group.main:
         args.quiet = True
@@ -93,9 +110,11 @@ def require_shared(folder: Path, why: str) -> None:
         seen = probe.read_text(encoding="utf-8") == str(token)
     except OSError:
         seen = False
-    everywhere = group.min_int(int(seen))
-    if group.main:
-        probe.unlink(missing_ok=True)
+    try:
+        everywhere = group.min_int(int(seen))
+    finally:
+        if group.main:
+            probe.unlink(missing_ok=True)
     if not everywhere:
         raise LowbitError(f"{why} under torchrun reads {folder} on every host, and not every "
                           f"rank sees rank 0's files there: put it on a file system all hosts "

@@ -151,7 +151,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit import api
     from lowbit.calibration.group import Group
     from lowbit.cli import _need_tokenizer, row_name
-    from lowbit.cli_dist import require_shared
+    from lowbit.cli_dist import peer_failure, require_shared
     from lowbit.cli_image import image_entry, quantize_image
     from lowbit.models.load import source_folder, source_tokenizer
     from lowbit.models.source import config_json
@@ -194,6 +194,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, rotate=rotate)
     if args.max_memory:
         _limit_mb(args.max_memory)  # a malformed size fails before any work
+    if args.target_size:  # (before the analysis, which can take hours)
+        from lowbit.analysis import parse_size
+
+        parse_size(args.target_size)
+    if args.target_size or args.target_bits is not None:
+        api.check_budget_recipe(recipe)
     folder, _ = source_folder(args.model)
     if args.eval:
         _check_eval_text(args, folder)
@@ -238,10 +244,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         _need_tokenizer(src)
         quantized = api.load(out, kernels=False).model
         name = row_name(args, recipe)
-        results = api.evaluate(
-            {"float": src.model, name: quantized}, src.tokenizer, args.eval_corpus,
-            args.eval_seqlen, args.eval_tokens, ref=src.model, progress=not args.quiet,
-        )  # fmt: skip
+        try:
+            results = api.evaluate(
+                {"float": src.model, name: quantized}, src.tokenizer, args.eval_corpus,
+                args.eval_seqlen, args.eval_tokens, ref=src.model, progress=not args.quiet,
+            )  # fmt: skip
+        except RuntimeError as exc:  # a peer lost here: the folder is written, not resumable
+            if not peer_failure(exc):
+                raise
+            raise LowbitError(f"another process of the job failed while evaluating; {out} is "
+                              f"written, without its figures: run lowbit eval {out} --ref "
+                              f"{args.model} for them") from None  # fmt: skip
         metrics = {"eval": results[name].to_dict(), "reference_eval": results["float"].to_dict()}
         sizes = {"float": api.model_size(src.model), name: api.model_size(quantized)}
         if Group.current().main:  # under torchrun every rank evaluates, rank 0 writes

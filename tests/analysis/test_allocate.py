@@ -76,8 +76,21 @@ def test_the_choice_becomes_a_readable_recipe():
     recipe = allocation_recipe(base, sens, {"l0": "int2", "l1": "int4", "l2": "float"})
     assert recipe.spec_for("l0").bits == 2 and recipe.spec_for("l1") == BASE
     assert recipe.spec_for("l2").format == "fp16" and recipe.spec_for("lm_head") is None
-    assert [o.match for o in recipe.overrides] == ["l2", "l0"]  # the default layer needs none
+    assert [o.match for o in recipe.overrides] == ["l0", "l1", "l2"]
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_the_base_recipes_overrides_and_lorc_do_not_take_a_choice_back():
+    """Priced as chosen: a base override matching a layer left at the default grid (8-bit
+    down_proj) and the default's LoRC rank (the candidates have none) must not apply to it."""
+    sens = synthetic(2)
+    lorc = {**BASE.to_dict(), "lorc_rank": 8}
+    eight = [{"match": "re:l.*", "weights": {"bits": 8}}]
+    base = Recipe.from_dict({"version": 1, "name": "b", "weights": lorc, "overrides": eight})
+    recipe = allocation_recipe(base, sens, {"l0": "int2", "l1": "int4"})
+    assert recipe.spec_for("l0") == sens.candidates["int2"]
+    assert recipe.spec_for("l1") == BASE and recipe.spec_for("l1").lorc_rank == 0
+    assert recipe.spec_for("l9").bits == 8  # layers outside the choice: the base's rules
 
 
 def test_sizes_and_candidates_parse_with_clear_errors():

@@ -45,6 +45,15 @@ def test_another_fingerprint_is_refused_until_restart(tmp_path):
     assert WorkFolder(tmp_path / "out", {"recipe": "b", "seed": 0}, restart=True).records() == []
 
 
+def test_another_process_count_is_named_and_another_ranks_folder_leaves_nothing(tmp_path):
+    WorkFolder(tmp_path / "out", {"recipe": "a", "world_size": 2}).write_unit(0, {}, {"n": 0})
+    with pytest.raises(LowbitError, match=r"number of processes \(saved 2, now 1\); pass"):
+        WorkFolder(tmp_path / "out", {"recipe": "a"})  # (one process records no world_size)
+    other = tmp_path / "elsewhere"  # a host that does not share --out: rank 1's folder alone
+    WorkFolder(other / "out", {"recipe": "a"}, rank=1).remove()
+    assert list(other.iterdir()) == []
+
+
 def test_finish_publishes_shards_and_removes_the_work_folder(tmp_path):
     work = WorkFolder(tmp_path / "out", {})
     work.write_unit(0, {"a": torch.ones(3)}, {})

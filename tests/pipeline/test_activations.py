@@ -81,6 +81,17 @@ def test_lkd_never_raises_a_blocks_error_and_repacks_the_trained_grid(algorithm)
     assert not torch.equal(layer.dequantized_weight(), start.dequantized_weight())  # repacked
 
 
+def test_lkd_keeps_the_layers_it_cannot_train_as_they_are():
+    """A mixed plan's fp16 or integer-zero layers: kept, the others trained (it failed)."""
+    model = tiny_family_model("llama")
+    odd = [{"match": "re:.*v_proj", "weights": {"format": "fp16"}},
+           {"match": "re:.*o_proj", "weights": {"bits": 4, "zero_point": "int"}}]  # fmt: skip
+    lkd = recipe(W4, {"bits": 8}, lkd={"steps": 4, "lr": 1e-4, "batch_size": 2}, overrides=odd)
+    report = quantize_weights(model, lkd, calib(vocab=64), progress=False)
+    assert len(report.lkd) == 2
+    assert report.layers["model.layers.0.self_attn.v_proj"].spec.format == "fp16"
+
+
 def test_w4a8_layers_round_their_inputs():
     model = tiny_family_model("llama")
     quantize_weights(model, recipe(W4, {"bits": 8}), None, progress=False)

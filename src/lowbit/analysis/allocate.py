@@ -127,13 +127,14 @@ def allocate(sens: Sensitivity, budget_bits: float, resolution: int = 20000) -> 
 
 
 def allocation_recipe(base: Recipe, sens: Sensitivity, choice: dict[str, str]) -> Recipe:
-    """``base`` with one exact-name override per layer whose format differs from the default."""
-    overrides = [o for o in base.to_dict()["overrides"]]
-    default = base.weights.to_dict() if base.weights is not None else None
-    for layer, cname in choice.items():
-        spec = sens.candidates[cname].to_dict()
-        if spec != default:
-            overrides.insert(0, {"match": layer, "weights": spec})
+    """``base`` with one exact-name override per allocated layer, first: every key given (the
+    chosen spec, not merged over the default's LoRC rank), even where it is the default (a
+    base override matching the layer, e.g. ``re:.*down_proj`` -> 8 bits, would take it back
+    and break the budget the choice was priced at)."""
+    chosen = [{"match": layer, "weights": {**sens.candidates[c].to_dict(),
+                                           "lorc_rank": sens.candidates[c].lorc_rank}}
+              for layer, c in choice.items()]  # fmt: skip
+    overrides = [*chosen, *base.to_dict()["overrides"]]
     data = base.to_dict() | {"overrides": overrides}
     data["name"] = f"{base.name or 'recipe'}-mixed"
     return Recipe.from_dict(data)

@@ -9,6 +9,7 @@ the fraction of positions where both models' most likely next token agree.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -101,6 +102,9 @@ def score_models(
     rank scores every world-th window and the per-window sums are gathered and added in window
     order: the figures equal one process's."""
     group = group or Group.current()
+    if group.distributed:  # ranks adding up sums of different windows would print nonsense
+        digest = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes())
+        group.check_same({"windows": digest.hexdigest()}, "evaluation windows")
     rows = {name: torch.zeros(len(windows), 4, dtype=torch.float64) for name in models}
     spent = dict.fromkeys(models, 0.0)
     mine = group.mine(len(windows))

@@ -17,6 +17,7 @@ the inputs of the block before its last as well, and the rerun starts where all 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -55,6 +56,13 @@ def drop_published(out: Path) -> bool:
     log.info("removing %s, left by a run that published %s and was stopped", work, out)
     shutil.rmtree(work, ignore_errors=True)
     return True
+
+
+def _named(key: str, saved: Any, now: Any) -> str:
+    """How a fingerprint field that changed is named in the error."""
+    if key == "world_size":  # (a one-process run records none)
+        return f"number of processes (saved {saved or 1}, now {now or 1})"
+    return key
 
 
 class WorkFolder:
@@ -106,11 +114,12 @@ class WorkFolder:
         except (OSError, ValueError):
             saved = {}
         if saved.get("sha256") != self.digest:
-            differ = [k for k in fingerprint if saved.get(k) != fingerprint[k]] or ["the run"]
-            raise LowbitError(
-                f"{self.path} holds an unfinished run of another {', '.join(differ)}; "
-                f"pass --restart to discard it, or choose another --out"
-            )
+            keys = sorted((set(saved) | set(fingerprint)) - {"sha256"})
+            differ = [_named(k, saved.get(k), fingerprint.get(k)) for k in keys
+                      if saved.get(k) != fingerprint.get(k)]  # fmt: skip
+            what = f"another {', '.join(differ)}" if differ else "another run"
+            raise LowbitError(f"{self.path} holds an unfinished run of {what}; pass --restart "
+                              f"to discard it, or choose another --out")  # fmt: skip
 
     def _unit(self, index: int, suffix: str) -> Path:
         return self.path / "units" / f"{index:05d}.{suffix}"
@@ -219,3 +228,7 @@ class WorkFolder:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         self._lock.close()
+        if self.path.parent.name == "ranks":  # another rank's: its parents, once empty
+            for folder in (self.path.parent, self.path.parent.parent):
+                with contextlib.suppress(OSError):  # not empty: rank 0's, or another rank's
+                    folder.rmdir()

@@ -31,13 +31,19 @@ def _ste(x: Tensor, y: Tensor) -> Tensor:
     return x + (y - x).detach()
 
 
+def trains(spec: WeightSpec) -> bool:
+    """Whether a layer of ``spec`` has a grid the fake-quantized twin trains: an integer one,
+    symmetric or with float offsets."""
+    return spec.qtype.kind == "int" and (bool(spec.symmetric) or spec.zero_point == "float")
+
+
 class FakeQuantLinear(nn.Module):
     """A float linear whose forward pass runs on ``spec``'s integer grid (see module docstring)."""
 
     def __init__(self, linear: nn.Linear, spec: WeightSpec, layer: str = "",
                  learn_scales: bool = True, act: ActivationSpec | None = None) -> None:  # fmt: skip
         super().__init__()
-        if spec.qtype.kind != "int" or (not spec.symmetric and spec.zero_point != "float"):
+        if not trains(spec):
             raise LowbitError(f"{layer}: QAT trains integer grids, symmetric or with float "
                               f"offsets (zero_point: float), not {spec.short()}")  # fmt: skip
         self.spec, self.layer, self.act = spec, layer, act

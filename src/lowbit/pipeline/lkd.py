@@ -11,6 +11,7 @@ trained grid's weights, whose packed codes replace the algorithm's.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
@@ -21,9 +22,11 @@ from lowbit.calibration import BlockContext, block_output
 from lowbit.calibration.group import Group
 from lowbit.formats.spec import ActivationSpec
 from lowbit.models.modules import set_module
-from lowbit.nn.fake_linear import FakeQuantLinear
+from lowbit.nn.fake_linear import FakeQuantLinear, trains
 from lowbit.pipeline.calibrated import share_weight
 from lowbit.primitives import QuantizedWeight
+
+log = logging.getLogger(__name__)
 
 
 def lkd_block(
@@ -39,6 +42,11 @@ def lkd_block(
     Returns the relative output loss before and after."""
     prefix = ctx.name + "."
     local = {n[len(prefix) :]: qw for n, qw in results.items() if n.startswith(prefix)}
+    kept = [n for n, qw in local.items() if not trains(qw.spec) or qw.lorc is not None]
+    if kept:  # fp16 / nf4 / integer-zero / LoRC layers (a mixed plan's): left as quantized
+        log.info("lkd %s: %d of %d layers kept as they are (no grid it trains: %s)", ctx.name,
+                 len(kept), len(local), ", ".join(kept))  # fmt: skip
+        local = {n: qw for n, qw in local.items() if n not in kept}
 
     def make(name: str, linear: nn.Linear) -> FakeQuantLinear:
         return FakeQuantLinear.from_quantized(linear, local[name], prefix + name, act)
