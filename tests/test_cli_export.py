@@ -41,6 +41,7 @@ def test_export_onnx_prints_json_and_writes_the_folder(w4g32, tmp_path, capsys):
         (["--format", "onnx", "--requantize", "q8_0"], "--requantize applies to GGUF"),
         (["--format", "litert", "--requantize", "q4_0"], "not a litert choice"),
         (["--format", "gguf", "--requantize", "int8"], "not a gguf choice"),
+        (["--format", "litert", "--cache", "64"], "--cache sizes the KV-cache signatures"),
     ],
 )
 def test_bad_export_is_one_line_and_writes_nothing(w4g32, tmp_path, capsys, args, message):
@@ -83,3 +84,7 @@ def test_eval_of_a_tflite_lowbit_did_not_write_is_one_line(tmp_path, capsys):
     bad.write_bytes(b"\x00" * 64)
     code, _, err = run(capsys, "eval", str(bad), "--seqlen", "16", "--tokens", "32")
     assert code == 2 and err.count("\n") == 1 and "other.tflite" in err
+    for size in (0, 8):  # empty, or cut short (the interpreter's verifier refused it raw)
+        bad.write_bytes(bad.read_bytes()[:size])
+        code, _, err = run(capsys, "eval", str(bad), "--seqlen", "16", "--tokens", "32")
+        assert code == 2 and err.count("\n") == 1 and "other.tflite" in err, err

@@ -102,7 +102,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     for flag, (set_, only) in given.items():
         if set_ and args.format != only:
             raise LowbitError(f"{flag} is for {only} export, not {args.format}")
-    opts = LiteRTOptions(args.seqlen, args.kv_cache, args.prefill or 128, args.cache)
+    lone = "--prefill" if args.prefill is not None else "--cache" if args.cache else None
+    if lone and not args.kv_cache:
+        raise LowbitError(f"{lone} sizes the KV-cache signatures: add --kv-cache")
+    prefill = args.prefill or min(128, args.cache or 128)  # (a small --cache: chunks fit it)
+    opts = LiteRTOptions(args.seqlen, args.kv_cache, prefill, args.cache)
     result = export(args.folder, args.format, args.out, args.overwrite, args.float_type or "f16",
                     args.requantize, litert=opts)  # fmt: skip
     if args.json:

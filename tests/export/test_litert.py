@@ -161,6 +161,19 @@ def _forward_and_steps_match(result, model):
     np.testing.assert_allclose(steps.numpy(), theirs[4:].numpy(), atol=1e-4, rtol=0)
 
 
+def test_the_file_generates_within_its_cache_and_stops_where_its_folder_does(cached_export):
+    """Its KV cache (32 slots), not the model's context (256), bounds a generation (chat's
+    trimming and the server's room read it); its end-of-sequence ids are the folder's."""
+    from lowbit.models.litert import LiteRTModel
+    from lowbit.runtime import Runtime
+    from lowbit.runtime.text import stop_ids
+
+    result, model = cached_export
+    lite = LiteRTModel(result.path)
+    assert Runtime(lite).context == 32 and Runtime(model).context == 256
+    assert stop_ids(None, lite) == stop_ids(None, model) != []
+
+
 def test_generate_on_the_tflite_follows_lowbit(cached_export):
     from lowbit.models.litert import LiteRTModel
     from lowbit.runtime import Runtime

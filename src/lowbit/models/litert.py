@@ -32,6 +32,8 @@ def read_metadata(path: Path) -> dict[str, bytes]:
         raise LowbitError(
             "running a .tflite needs ai-edge-litert: pip install 'lowbit[litert]'"
         ) from None
+    if Path(path).stat().st_size == 0:
+        raise LowbitError(f"{path}: an empty file, not a LiteRT flatbuffer")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         try:
             model = fb.Model.GetRootAs(data, 0)
@@ -46,6 +48,17 @@ def read_metadata(path: Path) -> dict[str, bytes]:
     return out
 
 
+def open_interpreter(path: Path, threads: int | None = None) -> Any:
+    """LiteRT's interpreter on the file ``path`` (a truncated file is a one-line error: the
+    interpreter's verifier refuses it with a ValueError)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        return Interpreter(model_path=str(path), num_threads=threads or torch.get_num_threads())
+    except ValueError as exc:
+        raise LowbitError(f"{path}: not a readable LiteRT flatbuffer ({exc})") from None
+
+
 class LiteRTModel(nn.Module):
     """The model in a lowbit ``.tflite``: ``forward(input_ids)`` -> ``.logits``."""
 
@@ -56,7 +69,6 @@ class LiteRTModel(nn.Module):
         if INFO_KEY not in meta:
             raise LowbitError(f"{path} was not written by lowbit export (no lowbit metadata); "
                               "score files lowbit exported")  # fmt: skip
-        from ai_edge_litert.interpreter import Interpreter
         from transformers import AutoConfig
 
         try:  # the file is the user's: its metadata is data, checked, never code
@@ -64,11 +76,13 @@ class LiteRTModel(nn.Module):
             cfg = dict(self.info["config"])
             self.config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
             self.seqlen = int(self.info["signatures"]["forward"]["seqlen"])
+            decode = self.info["signatures"].get("decode")  # generation ends at the cache's end
+            self.generation_limit = int(decode["cache"]) if decode else None
             self.tokenizer_files: dict[str, str] = json.loads(meta.get(TOKENIZER_KEY, b"{}"))
         except (ValueError, KeyError, TypeError) as exc:
             raise LowbitError(f"{path}: its lowbit metadata is damaged ({exc!r})") from None
-        self.interpreter = Interpreter(model_path=str(self.path),
-                                       num_threads=threads or torch.get_num_threads())  # fmt: skip
+        self.interpreter = open_interpreter(self.path, threads)
+        self.generation_config = _generation_config(self.tokenizer_files, self.config)
         # no torch weights: a zero-size parameter tells device-probing callers "cpu"
         self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 
@@ -98,3 +112,15 @@ class LiteRTModel(nn.Module):
             for name, text in self.tokenizer_files.items():
                 (Path(tmp) / name).write_text(text, encoding="utf-8")
             return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+
+
+def _generation_config(files: dict[str, str], config: Any) -> Any:
+    """The exported folder's generation settings (its end-of-turn ids), else the config's."""
+    from transformers import GenerationConfig
+
+    if "generation_config.json" in files:
+        try:
+            return GenerationConfig.from_dict(json.loads(files["generation_config.json"]))
+        except (ValueError, TypeError):
+            pass  # damaged: the config's own ids below
+    return GenerationConfig.from_model_config(config)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.litert import INFO_KEY, read_metadata
+from lowbit.models.litert import INFO_KEY, open_interpreter, read_metadata
 
 
 def image_info(path: Path) -> dict | None:
@@ -41,12 +41,9 @@ class LiteRTImageModel(nn.Module):
 
     def __init__(self, path: str | Path, info: dict, threads: int | None = None) -> None:
         super().__init__()
-        from ai_edge_litert.interpreter import Interpreter
-
         self.path, self.name = Path(path), info["model"]
         self.input_shape = tuple(info["input"][1:])
-        self.interpreter = Interpreter(model_path=str(self.path),
-                                       num_threads=threads or torch.get_num_threads())  # fmt: skip
+        self.interpreter = open_interpreter(self.path, threads)
         self.runner = self.interpreter.get_signature_runner()
         (self.input_name,) = self.interpreter.get_signature_list()["serving_default"]["inputs"]
         # no torch weights: a zero-size parameter tells device-probing callers "cpu"

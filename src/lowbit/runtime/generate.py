@@ -62,7 +62,8 @@ class Runtime:
 
     def __init__(self, model: nn.Module, compact: bool = True) -> None:
         self.model = model
-        self.limit = getattr(model.config, "max_position_embeddings", None)
+        self.limit = (getattr(model, "generation_limit", None)  # a LiteRT file's cache
+                      or getattr(model.config, "max_position_embeddings", None))  # fmt: skip
         self.compact = compact
         self._forwards: dict[str, object] = {}
 
