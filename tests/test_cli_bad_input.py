@@ -147,6 +147,22 @@ def test_overwrite_never_replaces_a_file_with_a_folder(tiny_folder, tmp_path, ca
     assert notes.read_text() == "keep me"
 
 
+def test_a_checkpoint_with_an_integer_weight_is_one_line(tiny_folder, tmp_path, capsys):
+    """transformers casts it silently; the streamed quantization crashed in its first block."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ints"
+    shutil.copytree(tiny_folder, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    state[name] = state[name].to(torch.int32)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    line = run(capsys, ["quantize", str(folder), *RTN, "--out", str(tmp_path / "q")])
+    assert f"tensor '{name}' is stored as I32; the model holds it as a float" in line
+    assert not (tmp_path / "q").exists()
+
+
 def halve(q: Path) -> None:
     path = q / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -200,6 +216,21 @@ def test_inspect_verify_recomputes_the_hashes(quantized, capsys):
     assert main(["inspect", str(quantized)]) == 0  # the structure is intact
     line = run(capsys, ["inspect", str(quantized), "--verify"])
     assert "model.safetensors does not match the sha256 lowbit.json recorded" in line
+
+
+def test_inspect_verify_refuses_a_weight_file_the_manifest_does_not_record(quantized, capsys):
+    """A shard index naming one more file (here zeroing a norm): a load reads it, so a check
+    of the recorded files alone passed a destroyed model."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.norm.weight": torch.zeros(64)}, str(quantized / "zz-extra.safetensors"))
+    names = json.loads((quantized / "lowbit.json").read_text())["files"]
+    weight_map = {"model.norm.weight": "zz-extra.safetensors",
+                  **{f"x{i}": n for i, n in enumerate(names)}}  # fmt: skip
+    (quantized / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    line = run(capsys, ["inspect", str(quantized), "--verify"])
+    assert "zz-extra.safetensors is loaded (the shard index lists it) but lowbit.json" in line
 
 
 def test_a_short_calibration_file_leaves_nothing_in_the_cache(tiny_folder, tmp_path, capsys):

@@ -25,7 +25,7 @@ def inspect_folder(folder: Path, verify: bool = False) -> dict[str, Any]:
     for path in files:  # every shard's header, checked against its size (truncation)
         entries.update(read_header(path)[0])
     check_tensors(plans, entries)
-    verified = verify_hashes(Path(folder), manifest) if verify else None
+    verified = verify_hashes(Path(folder), manifest, weight_files(folder)) if verify else None
     header = {n: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
               for n, e in entries.items()}  # fmt: skip
     layers, qweights, qbytes = {}, 0, 0

@@ -118,6 +118,10 @@ class TensorSource:
                     f"{entry.path.name}: tensor {name!r} has shape {list(entry.shape)}, "
                     f"config.json implies {list(t.shape)}"
                 )
+            if t.is_floating_point() and not entry.dtype.startswith(("F", "BF")):
+                raise LowbitError(f"{entry.path.name}: tensor {name!r} is stored as "
+                                  f"{entry.dtype}; the model holds it as a float (F32, F16, BF16 "
+                                  f"or F8)")  # fmt: skip
         known = set(_tensors(model)) | set(self.scales)
         extra = [n for n in self.entries if n not in known and not n.endswith(".inv_freq")]
         if extra:  # e.g. num_hidden_layers lowered by hand: the rest would silently go missing

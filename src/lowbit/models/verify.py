@@ -116,12 +116,23 @@ def file_hashes(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def verify_hashes(folder: Path, manifest: dict[str, Any]) -> int:
-    """Recompute the weight files' sha256 against the manifest; returns the files checked."""
+def verify_hashes(folder: Path, manifest: dict[str, Any], loaded: list[Path]) -> int:
+    """Recompute the weight files' sha256 against the manifest, which must record exactly the
+    files a load reads (``loaded``: the index's shards, or the one file); returns the files
+    checked."""
     recorded = manifest.get("files")
     if not isinstance(recorded, dict) or not recorded:
         raise LowbitError(f"{folder}/{MANIFEST} records no file hashes (saved by an older "
                           f"lowbit); nothing to verify against")  # fmt: skip
+    unrecorded = sorted({p.name for p in loaded} - set(recorded))
+    if unrecorded:  # read at load (the index names it), yet checked against nothing
+        raise LowbitError(f"{Path(folder) / unrecorded[0]} is loaded (the shard index lists "
+                          f"it) but {MANIFEST} records no sha256 for it: the folder was "
+                          f"changed after it was saved")  # fmt: skip
+    unread = sorted(set(recorded) - {p.name for p in loaded})
+    if unread:
+        raise LowbitError(f"{MANIFEST} records {unread[0]}, which the shard index does not "
+                          f"list: the folder was changed after it was saved")  # fmt: skip
     for name, info in recorded.items():
         path = Path(folder) / name
         if Path(name).name != name or not path.is_file():
