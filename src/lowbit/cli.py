@@ -304,6 +304,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_window(args.tokens, args.seqlen)
     src = api.load_model(args.model)
     _need_tokenizer(src)
+    window = getattr(src.model, "seqlen", None) if src.kind == "litert" else None
+    if window is not None and args.seqlen != window:  # (before the context check's advice)
+        raise LowbitError(f"{args.model} scores windows of {window} tokens (its export's "
+                          f"--seqlen); evaluate with --seqlen {window}")  # fmt: skip
     apply_attention(src.model, args)  # --kv-bits: MODEL's cache rounded (not --ref's)
     from lowbit.data import calibration_text, check_disjoint, load_corpus
 

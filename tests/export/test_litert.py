@@ -174,6 +174,18 @@ def test_the_file_generates_within_its_cache_and_stops_where_its_folder_does(cac
     assert stop_ids(None, lite) == stop_ids(None, model) != []
 
 
+def test_eval_names_the_files_window_first(cached_export, capsys):
+    """A window other than the export's is refused with the one that works (the model's
+    context check came first and told the user to lower --seqlen, then to raise it)."""
+    from lowbit.cli import main
+
+    result, _ = cached_export
+    assert main(["eval", str(result.path), "--seqlen", "2048"]) == 2
+    assert "scores windows of 16 tokens (its export's --seqlen); evaluate with --seqlen 16" in (
+        capsys.readouterr().err
+    )
+
+
 def test_generate_on_the_tflite_follows_lowbit(cached_export):
     from lowbit.models.litert import LiteRTModel
     from lowbit.runtime import Runtime
