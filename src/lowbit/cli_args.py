@@ -137,7 +137,13 @@ def apply_attention(model: Any, args: argparse.Namespace) -> None:
     """Install the flags' AttentionSpec on ``model`` (a transformers model), if any."""
     spec = attention_override(args)
     if spec is not None:
+        from lowbit.models.litert import LiteRTModel
         from lowbit.nn.attention import has_key_centers, install_attention
+
+        if isinstance(model, LiteRTModel):
+            raise LowbitError("a .tflite runs the float KV cache its export wrote: the attention "
+                              "flags (--kv-bits, ...) apply to lowbit folders and hub models; "
+                              "drop them")  # fmt: skip
 
         if spec.center_keys and not has_key_centers(model):
             raise LowbitError("--kv-center needs key centres measured on calibration text: "

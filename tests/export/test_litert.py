@@ -184,6 +184,8 @@ def test_eval_names_the_files_window_first(cached_export, capsys):
     assert "scores windows of 16 tokens (its export's --seqlen); evaluate with --seqlen 16" in (
         capsys.readouterr().err
     )
+    assert main(["eval", str(result.path), "--seqlen", "16", "--kv-bits", "8"]) == 2
+    assert "a .tflite runs the float KV cache its export wrote" in capsys.readouterr().err
 
 
 def test_generate_on_the_tflite_follows_lowbit(cached_export):
