@@ -312,8 +312,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.data import calibration_text, check_disjoint, load_corpus
 
     calib = (src.manifest or {}).get("calibration") or {}
+    evaluation = load_corpus(args.corpus)
     if "text_sha256" in calib:  # the text itself (another file of the same name is another)
-        same = calib["text_sha256"] == load_corpus(args.corpus).sha256
+        same = calib["text_sha256"] == evaluation.sha256
     else:  # older folders: the name only
         same = calib.get("corpus") == args.corpus
     if same:
@@ -321,7 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           f"evaluate on another --corpus")  # fmt: skip
     train = calibration_text(calib)  # read again where it can be: a part of it is refused too
     if train is not None:
-        check_disjoint(train, load_corpus(args.corpus),
+        check_disjoint(train, evaluation,
                        f"{args.model} was calibrated on {calib['corpus']}; --corpus")  # fmt: skip
     models = {args.model: src.model}
     ref, ref_name = None, args.ref

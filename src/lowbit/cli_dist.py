@@ -31,7 +31,7 @@ def launched() -> bool:
 
 
 DIST_COMMANDS = ("quantize", "eval", "analyze")  # the commands that split their work
-PER_PROCESS = ("func", "threads", "quiet", "verbose", "dist_timeout")  # may differ by rank
+PER_PROCESS = ("func", "parser", "threads", "quiet", "verbose", "dist_timeout")  # not compared
 
 
 @contextlib.contextmanager

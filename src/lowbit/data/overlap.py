@@ -56,8 +56,8 @@ def shared_fraction(train: Corpus, evaluation: Corpus) -> float:
         return 0.0
     found = np.flatnonzero(np.isin(_hashes(ours, 1), np.unique(_hashes(_bytes(train), STRIDE))))
     covered = np.zeros(len(ours) + 1, np.int64)  # each found window covers SPAN bytes
-    np.add.at(covered, found, 1)
-    np.add.at(covered, found + SPAN, -1)
+    covered[found] += 1  # (found holds each position once)
+    covered[found + SPAN] -= 1
     return float((np.cumsum(covered[:-1]) > 0).mean())
 
 
@@ -73,7 +73,7 @@ def check_disjoint(train: Corpus, evaluation: Corpus, what: str) -> None:
                           f"also in {train.name}; calibration (or training) and evaluation text "
                           f"must not overlap")  # fmt: skip
     if share > 0:
-        log.warning("%s: %.2f%% of the evaluation text's lines are also in %s (below the "
+        log.warning("%s: %.2f%% of the evaluation text is also in %s (below the "
                     "%.0f%% that is refused)", what, 100 * share, train.name,
                     100 * MAX_SHARED)  # fmt: skip
 
